@@ -1,0 +1,34 @@
+"""GiVA: Gradient-Informed Bases for Vector-Based Adaptation, as a PEFT method.
+
+``import giva`` registers the method with PEFT; then::
+
+    model = peft.get_peft_model(base_model, giva.GivaConfig(r=8, target_modules=["query", "value"]))
+    giva.initialize(model, train_dataloader)   # bases from the loss gradient (k = 1 batch)
+"""
+
+from .bases import GRADIENT_VARIANTS, VARIANTS
+from .config import GivaConfig
+from .gradients import GradientInitError, InitReport, bases_initialized, initialize
+from .integrations.trainer import GivaInitCallback
+from .layer import BasesNotInitializedError, GivaLayer
+from .model import GivaModel
+from .peft_compat import GIVA_PEFT_TYPE, register
+
+__version__ = "0.1.0"
+
+register(GivaConfig, GivaModel)
+
+__all__ = [
+    "GIVA_PEFT_TYPE",
+    "GRADIENT_VARIANTS",
+    "VARIANTS",
+    "BasesNotInitializedError",
+    "GivaConfig",
+    "GivaInitCallback",
+    "GivaLayer",
+    "GivaModel",
+    "GradientInitError",
+    "InitReport",
+    "bases_initialized",
+    "initialize",
+]

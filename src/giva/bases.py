@@ -1,0 +1,147 @@
+"""Pure functions that turn a matrix into frozen GiVA bases.
+
+Nothing here knows about models or PEFT: every function takes tensors (and a seeded
+``torch.Generator``) and returns tensors, so the maths can be tested on its own.
+
+Shapes, for one adapted (block of a) linear map ``W`` of shape ``out x in``:
+
+* ``A``: ``r x in``, rows orthonormal (the input basis),
+* ``B``: ``out x r`` (the output basis).
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Literal, get_args
+
+import torch
+
+Variant = Literal["Vr", "VrUr", "VrU2r", "VrUrand", "random", "weight"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
+GRADIENT_VARIANTS: tuple[str, ...] = ("Vr", "VrUr", "VrU2r", "VrUrand")
+# Variants whose B (and, for `random`, A) is a function of the seed and the layer name only,
+# so a checkpoint does not need to store it.
+SEEDED_B_VARIANTS: tuple[str, ...] = ("Vr", "VrUrand", "random")
+SvdMethod = Literal["auto", "exact", "randomized"]
+SVD_METHODS: tuple[str, ...] = get_args(SvdMethod)
+# Above this smaller dimension `svd="auto"` switches to randomized SVD.
+AUTO_RANDOMIZED_MIN_DIM = 2048
+
+
+def layer_generator(seed: int, layer_name: str, block: int = 0) -> torch.Generator:
+    """A CPU generator whose stream depends only on (seed, layer name, block index).
+
+    The adapter name is deliberately not part of the key: an adapter loaded under another
+    name must regenerate the very same seeded bases.
+    """
+    key = zlib.crc32(f"{layer_name}#{block}".encode())
+    return torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + key) % (2**63 - 1))
+
+
+def max_rank(variant: str, out_features: int, in_features: int) -> int:
+    """Largest rank a variant supports for an ``out x in`` block (VrU2r needs 2r singular vectors)."""
+    smallest = min(out_features, in_features)
+    return smallest // 2 if variant == "VrU2r" else smallest
+
+
+def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
+    """A ``rows x cols`` matrix with orthonormal columns (``rows >= cols``), Gaussian then QR, fp32 CPU."""
+    gaussian = torch.randn(rows, cols, generator=generator, dtype=torch.float32)
+    q, r = torch.linalg.qr(gaussian)
+    # Fix the sign freedom of QR so the result is a function of the Gaussian draw only.
+    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+
+
+def seeded_output_basis(variant: str, out_features: int, r: int, generator: torch.Generator) -> torch.Tensor:
+    """The data-independent B (``out x r``) of the `Vr`, `VrUrand` and `random` variants."""
+    if variant == "VrUrand":
+        return torch.randn(out_features, r, generator=generator, dtype=torch.float32)
+    if variant in ("Vr", "random"):
+        return random_orthonormal(out_features, r, generator)
+    raise ValueError(f"variant {variant!r} has no seeded output basis; expected one of {SEEDED_B_VARIANTS}")
+
+
+def _canonical_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair so the largest-magnitude entry of each column of ``v`` is positive.
+
+    Singular vectors are defined up to a joint sign; fixing it makes the bases reproducible
+    across SVD backends (exact vs randomized, CPU vs GPU) up to rounding.
+    """
+    idx = v.abs().argmax(dim=0)
+    signs = torch.sign(v[idx, torch.arange(v.shape[1])])
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return u * signs, v * signs
+
+
+def top_singular_vectors(
+    matrix: torch.Tensor, k: int, method: str = "auto", seed: int = 0, niter: int = 4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` singular triplets of ``matrix`` (``m x n``) in fp32: ``U (m x k), S (k), V (n x k)``.
+
+    ``method="randomized"`` uses ``torch.svd_lowrank`` with oversampling ``q = min(4k, min(m, n))``
+    and ``niter`` power iterations, drawing its test matrix from a generator seeded with ``seed``.
+    """
+    if method not in SVD_METHODS:
+        raise ValueError(f"svd method must be one of {SVD_METHODS}, got {method!r}")
+    matrix = matrix.detach().to(torch.float32)
+    smallest = min(matrix.shape)
+    if k > smallest:
+        raise ValueError(f"cannot take {k} singular vectors of a {tuple(matrix.shape)} matrix")
+    randomized = method == "randomized" or (method == "auto" and smallest >= AUTO_RANDOMIZED_MIN_DIM)
+    if randomized:
+        q = min(4 * k, smallest)
+        devices = [matrix.device] if matrix.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            u, s, v = torch.svd_lowrank(matrix, q=q, niter=niter)
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        v = vh.mT
+    u, v = _canonical_signs(u[:, :k], v[:, :k])
+    return u, s[:k], v
+
+
+def bases_from_gradient(
+    gradient: torch.Tensor,
+    r: int,
+    variant: str,
+    generator: torch.Generator,
+    svd: str = "auto",
+    svd_seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GiVA bases from the loss gradient ``G = dL/dW`` (``out x in``); returns fp32 ``(A, B)`` on CPU.
+
+    ``A = V[:, :r]^T`` for every variant; B is seeded random orthonormal (`Vr`), ``U[:, :r]``
+    (`VrUr`), ``U[:, r:2r]`` (`VrU2r`, as in LoRA-GA) or seeded unnormalised Gaussian (`VrUrand`).
+    """
+    if variant not in GRADIENT_VARIANTS:
+        raise ValueError(f"variant must be one of {GRADIENT_VARIANTS} for gradient bases, got {variant!r}")
+    out_features, in_features = gradient.shape
+    if r < 1 or r > max_rank(variant, out_features, in_features):
+        raise ValueError(
+            f"rank {r} is not in [1, {max_rank(variant, out_features, in_features)}] for variant {variant!r} "
+            f"and a {out_features} x {in_features} gradient"
+        )
+    k = 2 * r if variant == "VrU2r" else r
+    u, _, v = top_singular_vectors(gradient, k, method=svd, seed=svd_seed)
+    a = v[:, :r].mT.contiguous().cpu()
+    if variant == "VrUr":
+        b = u[:, :r]
+    elif variant == "VrU2r":
+        b = u[:, r : 2 * r]
+    else:
+        b = seeded_output_basis(variant, out_features, r, generator)
+    return a, b.contiguous().cpu()
+
+
+def random_bases(out_features: int, in_features: int, r: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free ablation: seeded orthonormal ``A`` (rows) and ``B`` (columns), i.e. VeRA with per-layer bases."""
+    a = random_orthonormal(in_features, r, generator).mT.contiguous()
+    b = seeded_output_basis("random", out_features, r, generator)
+    return a, b
+
+
+def bases_from_weight(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free OSoRA-style bases from the SVD of ``W`` (``out x in``): ``A = V_r^T``, ``B = U_r``."""
+    u, _, v = top_singular_vectors(weight, r, method="exact")
+    return v.mT.contiguous().cpu(), u.contiguous().cpu()

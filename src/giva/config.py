@@ -1,0 +1,144 @@
+"""`GivaConfig`: the PEFT config of a GiVA adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+from .bases import SVD_METHODS, VARIANTS
+from .peft_compat import GIVA_PEFT_TYPE
+
+BIAS_CHOICES = ("none", "all", "giva_only")
+
+
+@dataclass
+class GivaConfig(PeftConfig):
+    """Configuration of a GiVA adapter (Gradient-Informed bases for Vector-based Adaptation).
+
+    Each targeted linear map ``W`` (``out x in``) gets frozen bases ``A`` (``r x in``) and ``B``
+    (``out x r``) and two trainable vectors ``lambda_s`` (``r``) and ``lambda_o`` (``out``):
+    ``y = W x + lambda_o * (B (lambda_s * (A x)))``. With the gradient variants, ``A`` comes from
+    the SVD of ``dL/dW`` at the pretrained checkpoint: call :func:`giva.initialize` (or use
+    :class:`giva.GivaInitCallback`) before training.
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of the frozen bases (per block for fused layers)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Names (or a regex) of the modules to adapt, e.g. ['query', 'value'], or 'all-linear'. nn.Linear and "
+                "transformers' Conv1D are supported. If None, the architecture's default (as for VeRA) is used."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Names (or a regex) of modules not to adapt."}
+    )
+    variant: str = field(
+        default="Vr",
+        metadata={
+            "help": (
+                "How the bases are made. Gradient variants (A = top-r right singular vectors of dL/dW): 'Vr' (B seeded "
+                "random orthonormal, the default), 'VrUr' (B = top-r left singular vectors), 'VrU2r' (B = left singular "
+                "vectors r..2r, as LoRA-GA), 'VrUrand' (B seeded unnormalised Gaussian). Data-free ablations: 'random' "
+                "(A and B seeded orthonormal: VeRA with per-layer bases) and 'weight' (SVD of W itself, as OSoRA)."
+            )
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the random bases; each layer draws from its own stream (seed, layer name)."}
+    )
+    svd: str = field(
+        default="auto",
+        metadata={
+            "help": "SVD of the gradient: 'exact', 'randomized' (torch.svd_lowrank) or 'auto' (randomized for large layers)."
+        },
+    )
+    lambda_s_init: float = field(default=1.0, metadata={"help": "Initial value of every entry of lambda_s."})
+    giva_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input (not the base path)."})
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "True if the target stores its weight as (in, out), as GPT-2's Conv1D. Set automatically."},
+    )
+    block_sizes: dict[str, Union[int, list[int]]] = field(
+        default_factory=dict,
+        metadata={
+            "help": (
+                "Fused projections: map a module name (suffix) to its output block sizes, e.g. {'qkv_proj': [3072, 1024, "
+                "1024]}, or to a number of equal blocks, e.g. {'c_attn': 3}. Each block gets its own bases. GPT-2 c_attn, "
+                "qkv_proj and gate_up_proj are recognised without this; map a name to 1 to treat it as one matrix."
+            )
+        },
+    )
+    adapt_blocks: dict[str, list[int]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Fused projections: map a module name (suffix) to the indices of the blocks to adapt, e.g. "
+            "{'c_attn': [0, 2]} for Q and V only. Default: all blocks."
+        },
+    )
+    bias: str = field(default="none", metadata={"help": "Biases to train: 'none', 'all' or 'giva_only'."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Modules besides the GiVA layers to train and save, e.g. the freshly initialised classifier head."
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "True: lambda_o = 0, so the adapted model equals the base model at init. False (testing only): random "
+                "bases and non-zero vectors, so the adapter is not an identity."
+            )
+        },
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Indices of the layers to adapt (requires a recognisable layer list)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the nn.ModuleList holding the layers, used with layers_to_transform."}
+    )
+    bases_info: Optional[dict[str, Any]] = field(
+        default=None,
+        metadata={
+            "help": "Written by giva.initialize: how the bases were made (variant, batches, seed, svd, dtype). Do not set."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = GIVA_PEFT_TYPE
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"GivaConfig.r must be a positive integer, got {self.r!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"GivaConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"GivaConfig.svd must be one of {SVD_METHODS}, got {self.svd!r}")
+        if not 0.0 <= self.giva_dropout < 1.0:
+            raise ValueError(f"GivaConfig.giva_dropout must be in [0, 1), got {self.giva_dropout!r}")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"GivaConfig.bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("GivaConfig.layers_pattern is only used with layers_to_transform, which is None")
+        for name, sizes in self.block_sizes.items():
+            valid = (isinstance(sizes, int) and sizes >= 1) or (
+                isinstance(sizes, list) and sizes and all(isinstance(s, int) and s >= 1 for s in sizes)
+            )
+            if not valid:
+                raise ValueError(
+                    f"GivaConfig.block_sizes[{name!r}] must be a positive int or a non-empty list of positive ints, "
+                    f"got {sizes!r}"
+                )
+        for name, blocks in self.adapt_blocks.items():
+            if not (isinstance(blocks, list) and blocks and all(isinstance(b, int) and b >= 0 for b in blocks)):
+                raise ValueError(
+                    f"GivaConfig.adapt_blocks[{name!r}] must be a non-empty list of block indices, got {blocks!r}"
+                )

@@ -1,0 +1,1 @@
+"""Glue between GiVA and training loops (transformers Trainer, TRL, Accelerate)."""

@@ -1,0 +1,49 @@
+"""`GivaInitCallback`: initialise GiVA bases inside a transformers `Trainer` (or TRL's `SFTTrainer`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..gradients import InitReport, LossFn, bases_initialized, giva_configs, initialize
+
+logger = logging.getLogger(__name__)
+
+
+class GivaInitCallback(TrainerCallback):
+    """Fills the GiVA bases from the Trainer's own train dataloader before the first optimizer step.
+
+    Bases are buffers and the adapter is an identity at init (lambda_o = 0), so this runs in
+    ``on_train_begin``, after the optimizer and LR schedule exist, without disturbing either.
+    Adapters whose bases are already set (resumed from a checkpoint) are left alone.
+
+    Example::
+
+        trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[giva.GivaInitCallback()])
+    """
+
+    def __init__(self, num_batches: int = 1, loss_fn: Optional[LossFn] = None, progress: bool = True) -> None:
+        self.num_batches = num_batches
+        self.loss_fn = loss_fn
+        self.progress = progress
+        self.report: Optional[InitReport] = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: Any = None,
+        train_dataloader: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None or train_dataloader is None:
+            raise ValueError("GivaInitCallback needs the Trainer's model and train_dataloader")
+        pending = [name for name in giva_configs(model) if not bases_initialized(model, name)]
+        for name in pending:
+            self.report = initialize(
+                model, train_dataloader, self.num_batches, self.loss_fn, adapter_name=name, progress=self.progress
+            )
+            logger.info("GiVA init of %r took %.2fs", name, self.report.total_seconds)

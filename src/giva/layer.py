@@ -1,0 +1,322 @@
+"""The GiVA adapter maths on one linear map (nn.Linear or transformers' Conv1D, fused or not).
+
+For every adapted output block ``j`` of ``W`` (``out_j x in``)::
+
+    y_j = W_j x + lambda_o_j * (B_j (lambda_s_j * (A_j dropout(x))))
+    delta_W_j = diag(lambda_o_j) B_j diag(lambda_s_j) A_j
+
+The blocks of one adapter are stored stacked: ``A`` is ``R x in`` (the ``A_j`` one under
+another, ``R = sum r_j``), ``B`` is ``O x R`` block-diagonal (``O = sum out_j``), ``lambda_s``
+has ``R`` entries and ``lambda_o`` has ``O``. A plain linear layer is the one-block case. When
+only some blocks of a fused layer are adapted, ``giva_out_index`` lists the ``O`` output rows
+they occupy in ``W``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import nn
+
+from .bases import (
+    bases_from_weight,
+    layer_generator,
+    max_rank,
+    random_bases,
+    seeded_output_basis,
+)
+from .config import GivaConfig
+
+
+class BasesNotInitializedError(RuntimeError):
+    """Raised when a GiVA adapter with gradient bases is trained before `giva.initialize` filled them."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """One adapted output block of a (possibly fused) layer."""
+
+    index: int  # position among the layer's blocks (0 for a plain layer)
+    out_start: int  # first output row of the block in W
+    out_size: int
+    rank: int
+    rank_offset: int  # first row of this block in the stacked A
+    row_offset: int  # first row of this block in the stacked B / lambda_o
+
+
+class GivaLayer(BaseTunerLayer):
+    """State and maths shared by the GiVA layer types; every tensor of the method starts with ``giva_``."""
+
+    adapter_layer_names: tuple[str, ...] = ("giva_lambda_s", "giva_lambda_o")
+    # The bases are absent here on purpose: PEFT would cast them to a half-precision base
+    # layer's dtype, and bases rounded through bf16 are no longer orthonormal.
+    other_param_names: tuple[str, ...] = ("giva_out_index", "giva_dropout", "r", "blocks")
+    basis_names: tuple[str, ...] = ("giva_A", "giva_B")
+
+    def __init__(self, base_layer: nn.Module, layer_name: str) -> None:
+        self.base_layer = base_layer
+        self.layer_name = layer_name
+        self.quantization_backend = None
+        self.r: dict[str, int] = {}
+        self.blocks: dict[str, list[Block]] = {}
+        self.giva_A = BufferDict({}, persistent=True)
+        self.giva_B = BufferDict({}, persistent=True)
+        self.giva_out_index = BufferDict({}, persistent=False)
+        self.giva_lambda_s = nn.ParameterDict({})
+        self.giva_lambda_o = nn.ParameterDict({})
+        self.giva_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._bases_verified: set[str] = set()
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"GiVA cannot adapt layer {layer_name!r} of type {type(self.get_base_layer()).__name__}")
+        self.in_features: int = in_features
+        self.out_features: int = out_features
+
+    def base_weight_matrix(self) -> torch.Tensor:
+        """``W`` as an ``out x in`` matrix, whatever the storage layout."""
+        return transpose(self.get_base_weight(), self.fan_in_fan_out)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        block_sizes: list[int],
+        adapt_blocks: list[int],
+        config: GivaConfig,
+        inference_mode: bool = False,
+    ) -> None:
+        """Create adapter ``adapter_name`` with one set of bases per adapted output block."""
+        if sum(block_sizes) != self.out_features:
+            raise ValueError(
+                f"block sizes {block_sizes} of layer {self.layer_name!r} sum to {sum(block_sizes)}, but the layer has "
+                f"{self.out_features} outputs"
+            )
+        if any(b >= len(block_sizes) for b in adapt_blocks):
+            raise ValueError(
+                f"adapt_blocks {adapt_blocks} of layer {self.layer_name!r} name a block >= {len(block_sizes)}"
+            )
+        starts = [sum(block_sizes[:i]) for i in range(len(block_sizes))]
+        blocks, rank_offset, row_offset = [], 0, 0
+        for index in sorted(set(adapt_blocks)):
+            size = block_sizes[index]
+            rank = min(config.r, max_rank(config.variant, size, self.in_features))
+            if rank < config.r:
+                warnings.warn(
+                    f"GiVA rank r={config.r} exceeds what layer {self.layer_name!r} (block {index}: {size} x "
+                    f"{self.in_features}, variant {config.variant!r}) allows; clipped to {rank}."
+                )
+            if rank < 1:
+                raise ValueError(f"layer {self.layer_name!r} block {index} is too small for variant {config.variant!r}")
+            blocks.append(Block(index, starts[index], size, rank, rank_offset, row_offset))
+            rank_offset += rank
+            row_offset += size
+        self.blocks[adapter_name] = blocks
+        self.r[adapter_name] = rank_offset
+
+        device = self.get_base_weight().device
+        a, b = self._initial_bases(blocks, config)
+        self.giva_A[adapter_name] = a.to(device)
+        self.giva_B[adapter_name] = b.to(device)
+        if row_offset != self.out_features:
+            rows = torch.cat([torch.arange(blk.out_start, blk.out_start + blk.out_size) for blk in blocks])
+            self.giva_out_index[adapter_name] = rows.to(device)
+        self.giva_lambda_s[adapter_name] = nn.Parameter(torch.full((rank_offset,), float(config.lambda_s_init)))
+        self.giva_lambda_o[adapter_name] = nn.Parameter(torch.zeros(row_offset))
+        if not config.init_weights:
+            generator = layer_generator(config.seed + 1, self.layer_name, -1)
+            with torch.no_grad():
+                self.giva_lambda_s[adapter_name].uniform_(0.5, 1.5, generator=generator)
+                self.giva_lambda_o[adapter_name].normal_(0.0, 0.1, generator=generator)
+        self.giva_dropout[adapter_name] = nn.Dropout(config.giva_dropout) if config.giva_dropout > 0 else nn.Identity()
+        self._bases_verified.discard(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _initial_bases(self, blocks: list[Block], config: GivaConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked fp32 ``(A, B)`` as far as they are known before seeing data (zeros where data is needed)."""
+        total_rank = sum(blk.rank for blk in blocks)
+        a = torch.zeros(total_rank, self.in_features)
+        b = torch.zeros(sum(blk.out_size for blk in blocks), total_rank)
+        weight = self.base_weight_matrix() if config.variant == "weight" else None
+        for blk in blocks:
+            generator = layer_generator(config.seed, self.layer_name, blk.index)
+            a_j: Optional[torch.Tensor] = None
+            b_j: Optional[torch.Tensor] = None
+            if config.variant in ("Vr", "VrUrand"):
+                b_j = seeded_output_basis(config.variant, blk.out_size, blk.rank, generator)
+            elif config.variant == "random":
+                a_j, b_j = random_bases(blk.out_size, self.in_features, blk.rank, generator)
+            elif config.variant == "weight":
+                a_j, b_j = bases_from_weight(weight[blk.out_start : blk.out_start + blk.out_size].float(), blk.rank)
+            if not config.init_weights and a_j is None:
+                # Test mode: stand-in random bases so the adapter is not an identity.
+                a_j, b_rand = random_bases(blk.out_size, self.in_features, blk.rank, generator)
+                b_j = b_rand if b_j is None else b_j
+            rank_rows = slice(blk.rank_offset, blk.rank_offset + blk.rank)
+            out_rows = slice(blk.row_offset, blk.row_offset + blk.out_size)
+            if a_j is not None:
+                a[rank_rows] = a_j
+            if b_j is not None:
+                b[out_rows, rank_rows] = b_j
+        return a, b
+
+    def set_block_bases(self, adapter_name: str, block: Block, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Write the bases of one block in place (fp32, kept out of autograd and of any optimizer)."""
+        expected_a, expected_b = (block.rank, self.in_features), (block.out_size, block.rank)
+        if tuple(a.shape) != expected_a or tuple(b.shape) != expected_b:
+            raise ValueError(
+                f"bases for layer {self.layer_name!r} block {block.index} must be A {expected_a} and B {expected_b}, "
+                f"got {tuple(a.shape)} and {tuple(b.shape)}"
+            )
+        rank_rows = slice(block.rank_offset, block.rank_offset + block.rank)
+        out_rows = slice(block.row_offset, block.row_offset + block.out_size)
+        with torch.no_grad():
+            self.giva_A[adapter_name][rank_rows].copy_(a)
+            self.giva_B[adapter_name][out_rows, rank_rows].copy_(b)
+        self._bases_verified.discard(adapter_name)
+
+    def bases_initialized(self, adapter_name: str) -> bool:
+        """True once A holds bases (a never-initialised gradient adapter has A == 0)."""
+        return bool(self.giva_A[adapter_name].any())
+
+    def _check_bases(self, adapter_name: str) -> None:
+        # Only training needs bases; the check syncs with the device once per adapter, then is cached.
+        if adapter_name in self._bases_verified or not (self.training and torch.is_grad_enabled()):
+            return
+        if not self.bases_initialized(adapter_name):
+            raise BasesNotInitializedError(
+                f"GiVA adapter {adapter_name!r} on layer {self.layer_name!r} is being trained before its bases were "
+                "initialised. Call giva.initialize(peft_model, train_dataloader) once before training, or pass "
+                "callbacks=[giva.GivaInitCallback()] to your transformers Trainer."
+            )
+        self._bases_verified.add(adapter_name)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device)
+        target = device if device is not None else self.get_base_weight().device
+        for name in self.basis_names:
+            buffers = getattr(self, name)
+            if adapter_name in buffers and buffers[adapter_name].device != torch.device("meta"):
+                buffers[adapter_name] = buffers[adapter_name].to(target)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        for name in self.basis_names:
+            getattr(self, name).pop(adapter_name, None)
+        self._bases_verified.discard(adapter_name)
+        super().delete_adapter(adapter_name)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``delta_W`` of one adapter in fp32, in the base weight's layout (``in x out`` for Conv1D)."""
+        a = self.giva_A[adapter_name].float()  # R x in
+        b = self.giva_B[adapter_name].float()  # O x R
+        lambda_s = self.giva_lambda_s[adapter_name].float().to(a.device)
+        lambda_o = self.giva_lambda_o[adapter_name].float().to(a.device)
+        delta = (lambda_o[:, None] * b) @ (lambda_s[:, None] * a)  # O x in
+        if adapter_name in self.giva_out_index:
+            full = delta.new_zeros(self.out_features, self.in_features)
+            delta = full.index_copy_(0, self.giva_out_index[adapter_name], delta)
+        return transpose(delta, self.fan_in_fan_out)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """PEFT's name for :meth:`delta_weight`, in the base weight's dtype."""
+        return self.delta_weight(adapter_name).to(self.get_base_weight().dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add delta_W of the given (default: active) adapters to W, in fp32 then cast back.
+
+        With ``safe_merge`` the merged weight is checked for NaN/inf before it replaces W, so a broken
+        adapter leaves the base weight untouched.
+        """
+        for name in check_adapters_to_merge(self, adapter_names):
+            if name not in self.giva_lambda_o:
+                continue
+            weight = self.get_base_weight()
+            merged = weight.float() + self.delta_weight(name).to(weight.device)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights of layer {self.layer_name!r}: adapter {name!r} seems broken")
+            self.set_base_weight(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.giva_lambda_o:
+                weight = self.get_base_weight()
+                self.set_base_weight((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``lambda_o * B (lambda_s * A dropout(x))``: shape ``(..., O)``."""
+        self._check_bases(adapter_name)
+        lambda_s, lambda_o = self.giva_lambda_s[adapter_name], self.giva_lambda_o[adapter_name]
+        x = self._cast_input_dtype(x, lambda_s.dtype)
+        a, b = self.giva_A[adapter_name].to(x.dtype), self.giva_B[adapter_name].to(x.dtype)
+        return lambda_o * F.linear(lambda_s * F.linear(self.giva_dropout[adapter_name](x), a), b)
+
+    def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self._adapter_output(x, adapter_name).to(result.dtype)
+        if adapter_name in self.giva_out_index:
+            return result.index_add(-1, self.giva_out_index[adapter_name], delta)
+        return result + delta
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in sorted(set(adapter_names)):
+            if adapter not in self.giva_lambda_o:  # includes "__base__"
+                continue
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter]
+            result[rows] = self._add_adapter_output(result[rows], x[rows], adapter)
+        return result
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        for adapter in self.active_adapters:
+            if adapter in self.giva_lambda_o:
+                result = self._add_adapter_output(result, x, adapter)
+        return result
+
+    def __repr__(self) -> str:
+        return "giva." + super().__repr__()
+
+
+class Linear(nn.Module, GivaLayer):
+    """GiVA on an ``nn.Linear`` or a transformers ``Conv1D`` (``fan_in_fan_out``)."""
+
+    # nn.Module comes first in the MRO (as in PEFT's layers), so point it at GivaLayer's versions.
+    forward = GivaLayer.forward
+    __repr__ = GivaLayer.__repr__
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        layer_name: str,
+        block_sizes: list[int],
+        adapt_blocks: list[int],
+        config: GivaConfig,
+        fan_in_fan_out: bool,
+    ) -> None:
+        super().__init__()
+        GivaLayer.__init__(self, base_layer, layer_name)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, block_sizes, adapt_blocks, config)
