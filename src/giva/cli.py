@@ -59,12 +59,18 @@ def _fetch_data(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_benchmark
+
     try:
-        from benchmarks.runner import main as bench_main
-    except ImportError:
-        print("giva bench runs from a source checkout (the benchmarks/ folder); see the README", file=sys.stderr)
+        results = run_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir)
+    except FileNotFoundError as err:
+        print(f"giva bench: {err}", file=sys.stderr)
         return 2
-    return bench_main(args)
+    print("\n".join(results["headlines"]))
+    print(f"results: {results['output_dir']}/results.md ({results['n_runs']} runs, {len(results['ran'])} new)")
+    for problem in results["problems"]:
+        print(f"PROBLEM: {problem}", file=sys.stderr)
+    return 1 if results["problems"] else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -209,7 +209,8 @@ class GivaLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         for name in self.basis_names:
-            getattr(self, name).pop(adapter_name, None)
+            if adapter_name in getattr(self, name):
+                del getattr(self, name)[adapter_name]
         self._bases_verified.discard(adapter_name)
         super().delete_adapter(adapter_name)
 

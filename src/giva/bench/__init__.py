@@ -1,0 +1,66 @@
+"""`giva bench`: side-by-side comparison of GiVA with its baselines, runs differing only in the adapter.
+
+Method and suite configs are JSON files in the repository's benchmarks/ folder (read, never
+imported). ``run_benchmark("full")`` runs (or resumes) a suite and writes, under
+``benchmarks/results/<suite>/``, one JSON per run in runs/, then results.json, results.md and the plots.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from .report import PLOTS, write_report
+from .runner import load_runs, run_suite
+from .schema import validate_run
+from .spec import benchmarks_dir, load_suite
+
+logger = logging.getLogger(__name__)
+
+QUICK_SUITE = "quick"
+
+__all__ = ["PLOTS", "QUICK_SUITE", "check_outputs", "run_benchmark", "validate_run"]
+
+
+def check_outputs(output_dir: Path) -> list[str]:
+    """Problems with a finished suite's outputs: run schema, table rows, plots (empty list if none)."""
+    problems = []
+    runs = load_runs(output_dir / "runs")
+    if not runs:
+        problems.append(f"no run JSONs in {output_dir / 'runs'}")
+    for record in runs:
+        problems += validate_run(record)
+    table = output_dir / "results.md"
+    if not table.exists() or not table.stat().st_size:
+        problems.append(f"{table} is missing or empty")
+    else:
+        text = table.read_text()
+        for method in {r["method"]["name"] for r in runs if r.get("kind") == "train"}:
+            if f"| {method} |" not in text:
+                problems.append(f"{table} has no row for method {method!r}")
+    for name in PLOTS:
+        path = output_dir / name
+        if not path.exists() or path.stat().st_size < 1000 or path.read_bytes()[:4] != b"\x89PNG":
+            problems.append(f"plot {path} is missing or not a PNG")
+    return problems
+
+
+def run_benchmark(
+    suite: str = "full", quick: bool = False, output_dir: Optional[str | Path] = None,
+    root: Optional[Path] = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Run (or resume) a suite, then write its report; ``quick`` runs the tiny CI suite and checks the outputs.
+
+    Returns the results dict (see report.write_report) with a ``problems`` list added.
+    """
+    root = root or benchmarks_dir()
+    name = QUICK_SUITE if quick else suite
+    spec = load_suite(root, name)
+    out = Path(output_dir) if output_dir else root / "results" / name
+    ran = run_suite(spec, root, out, progress=progress)
+    results = write_report(out, spec.name, spec.headline_task)
+    results["problems"] = check_outputs(out) if quick else []
+    results["ran"] = ran
+    results["output_dir"] = str(out)
+    return results

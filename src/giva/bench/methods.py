@@ -1,0 +1,139 @@
+"""Build the model of one benchmark method: linear probe, full fine-tuning, stock PEFT, GiVA or OSoRA.
+
+Every method starts from the same pretrained weights and the same freshly initialised head
+(``torch.manual_seed(seed)`` right before loading); only the adapter differs. Initialisation work
+that a method needs before its first step (GiVA's gradient + SVD, LoRA-GA's gradient, PiSSA's and
+OSoRA's SVD of W) is timed separately from training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from peft import LoraConfig, VeraConfig, get_peft_model
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from ..config import GivaConfig
+from ..gradients import initialize
+from ..layer import GivaLayer
+from .spec import MethodSpec
+from .tasks import TaskData
+
+GIVA_GRADIENT_VARIANTS = ("Vr", "VrUr", "VrU2r", "VrUrand")
+
+
+@dataclass
+class BuiltModel:
+    model: nn.Module
+    init_seconds: float = 0.0  # everything before the first step that a plain LoRA does not do
+    gradient_seconds: float = 0.0
+    svd_seconds: float = 0.0
+
+
+def load_base(task: TaskData, seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # the fresh classification head: identical for every method of a seed
+    if task.spec.kind == "clm":
+        model = AutoModelForCausalLM.from_pretrained(task.model_path)
+        model.config.pad_token_id = task.tokenizer.pad_token_id
+        return model
+    model = AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = task.tokenizer.pad_token_id
+    return model
+
+
+def _task_type(task: TaskData) -> str:
+    return "CAUSAL_LM" if task.spec.kind == "clm" else "SEQ_CLS"
+
+
+def peft_config(method: MethodSpec, task: TaskData, seed: int) -> Any:
+    kwargs = dict(method.peft_kwargs)
+    kwargs.setdefault("target_modules", list(task.spec.target_modules))
+    common = {"task_type": _task_type(task)}
+    if method.peft_type == "LORA":
+        if "lora_ga_config" in kwargs:
+            from peft.tuners.lora.config import LoraGAConfig
+
+            kwargs["lora_ga_config"] = LoraGAConfig(**kwargs["lora_ga_config"])
+        return LoraConfig(**kwargs, **common)
+    if method.peft_type == "VERA":
+        return VeraConfig(**{"projection_prng_key": seed, **kwargs}, **common)
+    if method.peft_type == "GIVA":
+        return GivaConfig(**{"seed": seed, **kwargs}, **common)
+    raise ValueError(f"method {method.name!r}: unknown peft_type {method.peft_type!r}")
+
+
+def build_model(method: MethodSpec, task: TaskData, seed: int, calibration: DataLoader) -> BuiltModel:
+    """The model of ``method`` ready for its first training step (``calibration``: a loader used only for init)."""
+    base = load_base(task, seed)
+    if method.kind == "probe":
+        for name, param in base.named_parameters():
+            param.requires_grad = name.split(".")[0] in ("classifier", "score")
+        return BuiltModel(base)
+    if method.kind == "full":
+        for param in base.parameters():
+            param.requires_grad = True
+        return BuiltModel(base)
+    if method.kind == "osora":
+        return _build_osora(method, task, base, seed)
+    config = peft_config(method, task, seed)
+    start = time.perf_counter()
+    if method.peft_type == "LORA" and getattr(config, "init_lora_weights", True) == "lora_ga":
+        from peft.tuners.lora.loraga import preprocess_loraga
+
+        batches = int(method.init.get("loraga_batches", 1))
+
+        def train_step() -> None:
+            for batch in islice(iter(calibration), batches):
+                base(**batch).loss.backward()
+
+        preprocess_loraga(base, config, train_step)
+        gradient_seconds = time.perf_counter() - start
+        model = get_peft_model(base, config)
+        total = time.perf_counter() - start
+        return BuiltModel(model, total, gradient_seconds, total - gradient_seconds)
+    model = get_peft_model(base, config)
+    built = BuiltModel(model, time.perf_counter() - start)
+    if method.peft_type == "LORA" and str(getattr(config, "init_lora_weights", "")).startswith("pissa"):
+        built.svd_seconds = built.init_seconds  # PiSSA's SVD of W happens inside get_peft_model
+        return built
+    built.init_seconds = 0.0  # plain wrapping is not initialisation work
+    if method.peft_type == "GIVA" and config.variant in GIVA_GRADIENT_VARIANTS:
+        report = initialize(model, calibration, num_batches=int(method.init.get("num_batches", 1)), progress=False)
+        built.gradient_seconds, built.svd_seconds = report.gradient_seconds, report.svd_seconds
+        built.init_seconds = report.total_seconds
+    return built
+
+
+@torch.no_grad()
+def _build_osora(method: MethodSpec, task: TaskData, base: nn.Module, seed: int) -> BuiltModel:
+    """OSoRA (arXiv 2505.14350) on GiVA's `weight` bases: ``W = W_res + diag(o) U_r diag(s) V_r^T``.
+
+    ``U_r, V_r`` (top-r singular vectors of W) are frozen, ``s`` starts at the top-r singular
+    values and ``o`` at ones (both trained), and W is replaced by its residual, so the adapted
+    model equals the pretrained one at step 0.
+    """
+    kwargs = {**method.peft_kwargs, "variant": "weight"}
+    start = time.perf_counter()
+    model = get_peft_model(base, GivaConfig(**{"seed": seed, **kwargs}, target_modules=list(task.spec.target_modules),
+                                            task_type=_task_type(task)))
+    for module in model.modules():
+        if not isinstance(module, GivaLayer):
+            continue
+        for adapter in module.giva_A.keys():
+            weight = module.base_weight_matrix()
+            a, b = module.giva_A[adapter], module.giva_B[adapter]
+            singular = torch.linalg.svdvals(weight.float())[: a.shape[0]]
+            module.giva_lambda_s[adapter].copy_(singular)
+            module.giva_lambda_o[adapter].fill_(1.0)
+            principal = b @ (singular[:, None] * a)  # out x in, equals U_r S_r V_r^T
+            residual = weight.float() - principal
+            residual = residual.T if module.fan_in_fan_out else residual  # back to the stored layout
+            module.get_base_layer().weight.copy_(residual.to(weight.dtype))
+    return BuiltModel(model, time.perf_counter() - start, 0.0, time.perf_counter() - start)

@@ -1,0 +1,267 @@
+"""Aggregate the run JSONs of a suite into results.json, a markdown table, headline lines and PNG plots.
+
+LR selection: for every (task, method, ablation) the LR with the best VALIDATION accuracy on seed
+0 is chosen; the table reports the TEST accuracy of that LR, as mean ± std over the seeds run at it.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+from .runner import best_lr, load_runs, write_json_atomically
+
+PLOTS = ("acc_vs_params.png", "acc_vs_rank.png", "step_time.png", "loss_curves.png")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, method, ablation): the chosen LR and the test accuracy over its seeds."""
+    groups: dict[tuple[str, str, Optional[str]], list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if r.get("kind") == "train":
+            groups[(r["task"]["name"], r["method"]["name"], r["ablation"])].append(r)
+    rows = []
+    for (task, method, ablation), group in groups.items():
+        lr = best_lr(group, task, method, ablation)
+        if lr is None:  # no seed-0 run: take the LR the group ran at
+            lr = group[0]["lr"]
+        chosen = sorted((r for r in group if r["lr"] == lr), key=lambda r: r["seed"])
+        tests = [r["metrics"]["test_accuracy"] for r in chosen]
+        mean, std = _mean_std(tests)
+        first = chosen[0]
+        rows.append({
+            "task": task,
+            "model": first["task"]["model"],
+            "method": method,
+            "family": first["method"]["family"],
+            "kind": first["method"]["kind"],
+            "rank": first["method"]["rank"],
+            "variant": first["method"]["peft_kwargs"].get("variant"),
+            "ablation": ablation,
+            "overrides": first.get("overrides", {}),
+            "lr": lr,
+            "lrs_tried": sorted({r["lr"] for r in group if r["seed"] == 0}),
+            "val_by_lr": {f"{r['lr']:g}": r["metrics"]["val_accuracy"] for r in group if r["seed"] == 0},
+            "seeds": [r["seed"] for r in chosen],
+            "test_accuracy": tests,
+            "test_mean": mean,
+            "test_std": std,
+            "val_accuracy": first["metrics"]["val_accuracy"],
+            "trainable_adapter": first["parameters"]["trainable_adapter"],
+            "trainable": first["parameters"]["trainable"],
+            "adapter_bytes": first["adapter_bytes"],
+            "trainable_state_bytes": first["trainable_state_bytes"],
+            "median_step_seconds": statistics.median(r["timing"]["median_step_seconds"] for r in chosen),
+            "init_seconds": statistics.median(r["timing"]["init_seconds"] for r in chosen),
+            "train_seconds": statistics.median(r["timing"]["train_seconds"] for r in chosen),
+            "total_seconds_all_runs": sum(r["timing"]["total_seconds"] for r in group),
+            "peak_rss_mib": max(r["memory"]["peak_rss_bytes"] for r in chosen) / 2**20,
+            "epochs": first["train_config"]["epochs"],
+            "steps": first["timing"]["steps"],
+        })
+    rows.sort(key=lambda row: (row["task"], row["ablation"] is not None, row["family"], row["method"], row["ablation"] or ""))
+    return rows
+
+
+def _find(rows: list[dict[str, Any]], task: str, method: str, ablation: Optional[str] = None) -> Optional[dict[str, Any]]:
+    return next((r for r in rows if r["task"] == task and r["method"] == method and r["ablation"] == ablation), None)
+
+
+def _paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, int]:
+    """Mean ± std of per-seed (a - b) test-accuracy differences over the seeds both ran."""
+    sa, sb = dict(zip(a["seeds"], a["test_accuracy"])), dict(zip(b["seeds"], b["test_accuracy"]))
+    diffs = [sa[s] - sb[s] for s in sorted(set(sa) & set(sb))]
+    mean, std = _mean_std(diffs)
+    return mean, std, len(diffs)
+
+
+def headlines(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], task: str) -> list[str]:
+    lines = []
+    for giva, vera in (("giva-r8", "vera-r64"), ("giva-r32", "vera-r256")):
+        a, b = _find(rows, task, giva), _find(rows, task, vera)
+        if a and b:
+            mean, std, n = _paired_difference(a, b)
+            lines.append(
+                f"rank reduction ({task}): {giva} {a['test_mean']:.2%} vs {vera} {b['test_mean']:.2%}: "
+                f"{mean * 100:+.2f} ± {std * 100:.2f} points (paired over {n} seed(s), LR chosen on validation)"
+            )
+    for speed in speeds:
+        m = speed["methods"]
+        parts = [f"{n}/LoRA {e['ratio_to_lora']:.2f}x" for n, e in m.items() if e["family"] != "lora" and e["ratio_to_lora"]]
+        lora = next((n for n, e in m.items() if e["family"] == "lora"), None)
+        init = [f"{n} init {e['init_seconds']:.2f} s = {e['init_in_steps']:.1f} steps" for n, e in m.items() if e["family"] == "giva"]
+        if lora:
+            lines.append(
+                f"speed ({speed['phase']}, {speed['task']['model']}, interleaved, median of {speed['steps'] - speed['warmup_steps']} "
+                f"steady steps): LoRA {m[lora]['median_step_seconds'] * 1000:.0f} ms/step; " + ", ".join(parts)
+                + ("; " + ", ".join(init) if init else "")
+            )
+    sizes = [r for r in rows if r["task"] == task and r["ablation"] is None and r["method"] in ("giva-r8", "giva-r32", "lora-r8", "vera-r64", "vera-r256")]
+    if sizes:
+        lines.append(
+            "size (" + task + ", adapter + head, safetensors as saved / trainable state): "
+            + ", ".join(f"{r['method']} {r['adapter_bytes'] / 1024:.0f} KiB / {r['trainable_state_bytes'] / 1024:.1f} KiB" for r in sizes)
+        )
+    return lines
+
+
+def _fmt_lr(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: list[str], suite: str) -> str:
+    out = [f"# giva bench results: suite `{suite}`", ""]
+    out += ["LR chosen per method by validation accuracy on seed 0 (LRs tried in brackets); test accuracy of that LR, "
+            "mean ± std over the seeds listed. Trainable = adapter only (the classification head is trained in every "
+            "method and counted separately in results.json).", ""]
+    out += ["## Headlines", ""] + [f"- {line}" for line in lines] + [""]
+    for task in sorted({r["task"] for r in rows}):
+        for title, selected in (("methods", [r for r in rows if r["task"] == task and r["ablation"] is None]),
+                                ("ablations", [r for r in rows if r["task"] == task and r["ablation"] is not None])):
+            if not selected:
+                continue
+            first = selected[0]
+            out += [f"## {task} ({first['model']}): {title}", ""]
+            out += ["| method | ablation | rank | LR [tried] | seeds | test acc | trainable | adapter bytes | step (ms) | init (s) |",
+                    "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in selected:
+                acc = f"{r['test_mean']:.2%} ± {r['test_std']:.2%}" if len(r["seeds"]) > 1 else f"{r['test_mean']:.2%}"
+                tried = ", ".join(_fmt_lr(x) for x in r["lrs_tried"])
+                out.append(
+                    f"| {r['method']} | {r['ablation'] or ''} | {r['rank'] if r['rank'] is not None else '-'} | "
+                    f"{_fmt_lr(r['lr'])} [{tried}] | {len(r['seeds'])} | {acc} | {r['trainable_adapter']:,} | "
+                    f"{r['adapter_bytes']:,} | {r['median_step_seconds'] * 1000:.0f} | {r['init_seconds']:.2f} |"
+                )
+            out.append("")
+    for speed in speeds:
+        out += [f"## speed: {speed['phase']} ({speed['task']['model']}, targets {', '.join(speed['task']['target_modules'])})", "",
+                "| method | median step (ms) | ratio to LoRA | init (s) | init in steps | trainable |", "|---|---|---|---|---|---|"]
+        for name, e in speed["methods"].items():
+            ratio = f"{e['ratio_to_lora']:.3f}" if e["ratio_to_lora"] else "-"
+            out.append(f"| {name} | {e['median_step_seconds'] * 1000:.0f} | {ratio} | {e['init_seconds']:.2f} | "
+                       f"{e['init_in_steps']:.2f} | {e['trainable_adapter']:,} |")
+        out.append("")
+    out += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS] + [""]
+    return "\n".join(out)
+
+
+def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], speeds: list[dict[str, Any]], task: str, folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    main = [r for r in rows if r["task"] == task and r["ablation"] is None]
+    colours = {"giva": "tab:red", "giva-random": "tab:orange", "vera": "tab:blue", "lora": "tab:green",
+               "osora": "tab:purple", "probe": "grey", "full": "black"}
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in main:
+        x = max(r["trainable_adapter"], 1)
+        ax.errorbar(x, r["test_mean"] * 100, yerr=r["test_std"] * 100, fmt="o", color=colours.get(r["family"], "k"), capsize=3)
+        ax.annotate(r["method"], (x, r["test_mean"] * 100), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable adapter parameters (log; head not counted, probe plotted at 1)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{task}: accuracy vs trainable parameters")
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, folder / PLOTS[0]))
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    by_family: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    for r in rows:
+        if r["task"] != task or r["rank"] is None or r["family"] not in ("giva", "giva-random", "vera", "osora"):
+            continue
+        if r["ablation"] is not None and not r["ablation"].startswith("r"):
+            continue
+        if r["family"] == "giva" and (r["variant"] or "Vr") != "Vr":
+            continue
+        by_family[r["family"]].append((r["rank"], r["test_mean"] * 100, r["test_std"] * 100))
+    for family, points in by_family.items():
+        points.sort()
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
+                    color=colours.get(family), label=family, capsize=3)
+    for r in main:
+        if r["family"] in ("lora", "probe", "full"):
+            ax.axhline(r["test_mean"] * 100, color=colours.get(r["family"]), ls="--", lw=0.8, label=r["method"])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{task}: accuracy vs rank (gradient vs random bases, VeRA, OSoRA)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, folder / PLOTS[1]))
+
+    fig, axes = plt.subplots(1, max(1, len(speeds)) + 1, figsize=(5 * (len(speeds) + 1), 4.5), squeeze=False)
+    ax = axes[0][0]
+    ordered = sorted(main, key=lambda r: r["median_step_seconds"])
+    ax.barh([r["method"] for r in ordered], [r["median_step_seconds"] * 1000 for r in ordered],
+            color=[colours.get(r["family"], "k") for r in ordered])
+    ax.set_xlabel("median step (ms), separate runs")
+    ax.set_title(f"{task}: training runs")
+    for ax, speed in zip(axes[0][1:], speeds):
+        names = list(speed["methods"])
+        ax.barh(names, [speed["methods"][n]["median_step_seconds"] * 1000 for n in names],
+                color=[colours.get(speed["methods"][n]["family"], "k") for n in names])
+        ax.set_xlabel("median step (ms), interleaved")
+        ax.set_title(f"{speed['phase']} ({speed['task']['model']})")
+    fig.tight_layout()
+    paths.append(_save(fig, folder / PLOTS[2]))
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r in main:
+        run = next((x for x in runs if x.get("kind") == "train" and x["task"]["name"] == task and x["method"]["name"] == r["method"]
+                    and x["ablation"] is None and x["lr"] == r["lr"] and x["seed"] == r["seeds"][0]), None)
+        if run is None:
+            continue
+        loss = run["train_loss"]
+        window = max(1, len(loss) // 20)
+        smooth = [statistics.fmean(loss[max(0, i - window + 1): i + 1]) for i in range(len(loss))]
+        ax.plot(smooth, color=colours.get(r["family"]), alpha=0.8, lw=1, label=r["method"])
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"train loss (moving average)")
+    ax.set_title(f"{task}: training loss, chosen LR, first seed")
+    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, folder / PLOTS[3]))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def write_report(output_dir: Path, suite: str, headline_task: str) -> dict[str, Any]:
+    """Write results.json, results.md and the plots next to the runs/ folder; returns the results dict."""
+    runs = load_runs(output_dir / "runs")
+    rows = aggregate(runs)
+    speeds = [r for r in runs if r.get("kind") == "speed"]
+    lines = headlines(rows, speeds, headline_task)
+    results = {
+        "suite": suite,
+        "headline_task": headline_task,
+        "headlines": lines,
+        "rows": rows,
+        "speed": [{k: v for k, v in s.items()} for s in speeds],
+        "n_runs": len(runs),
+        "total_run_seconds": sum(r["timing"]["total_seconds"] for r in runs if r.get("kind") == "train"),
+    }
+    write_json_atomically(output_dir / "results.json", results)
+    (output_dir / "results.md").write_text(markdown(rows, speeds, lines, suite))
+    if rows:
+        plot(rows, runs, speeds, headline_task, output_dir)
+    return results

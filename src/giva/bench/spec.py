@@ -1,0 +1,163 @@
+"""Method, task and suite specifications of `giva bench`, read from the JSON files under benchmarks/.
+
+A *method* is one named, versioned adapter config (benchmarks/methods/<name>.json); a *suite*
+(benchmarks/suites/<name>.json) names the tasks and the phases to run. Everything that is not
+the adapter config (model, split, tokenisation, batch size, epochs, schedule, seeds) lives in
+the suite and is shared by every method in it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+METHOD_KINDS = ("probe", "full", "peft", "osora")
+PHASE_KINDS = ("train", "speed")
+LR_RULES = ("sweep", "best", "default")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One adapter config. ``kind``: 'probe' (head only), 'full', 'peft' (stock PEFT or GiVA) or 'osora'."""
+
+    name: str
+    version: int
+    family: str
+    kind: str
+    lr: float
+    lr_sweep: tuple[float, ...]
+    peft_type: Optional[str] = None  # LORA, VERA or GIVA for kind 'peft'; GIVA ('weight' bases) for 'osora'
+    peft_kwargs: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)  # num_batches (GiVA k), loraga_batches
+    rank: Optional[int] = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in METHOD_KINDS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {METHOD_KINDS}, got {self.kind!r}")
+        if self.kind in ("peft", "osora") and not self.peft_type:
+            raise ValueError(f"method {self.name!r}: kind {self.kind!r} needs a peft_type")
+        if self.lr <= 0 or any(lr <= 0 for lr in self.lr_sweep) or not self.lr_sweep:
+            raise ValueError(f"method {self.name!r}: lr and a non-empty lr_sweep of positive values are required")
+
+    def with_overrides(self, peft: dict[str, Any], init: dict[str, Any]) -> "MethodSpec":
+        """The same method with some PEFT / initialisation settings replaced (an ablation)."""
+        kwargs = {**copy.deepcopy(self.peft_kwargs), **peft}
+        rank = kwargs.get("r", self.rank)
+        return MethodSpec(
+            self.name, self.version, self.family, self.kind, self.lr, self.lr_sweep, self.peft_type, kwargs,
+            {**self.init, **init}, rank, self.description,
+        )
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Model + data + fixed split + tokenisation: everything a run shares except the adapter."""
+
+    name: str
+    model: str
+    data: str
+    kind: str = "classification"  # or 'clm' (instruction -> label, causal LM loss)
+    target_modules: tuple[str, ...] = ("query", "value")
+    test_size: int = 1000
+    val_size: int = 400
+    max_train_samples: Optional[int] = None
+    max_length: int = 64
+    batch_size: int = 16
+    split_seed: int = 0
+    prompt: str = "Review: {text}\nSentiment:"
+
+
+@dataclass(frozen=True)
+class Ablation:
+    tag: str
+    peft: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A block of runs: methods x seeds x LRs (``lr``: 'sweep', 'best' from the seed-0 sweep, or 'default')."""
+
+    name: str
+    task: str
+    methods: tuple[str, ...]
+    kind: str = "train"
+    seeds: tuple[int, ...] = (0,)
+    lr: str = "sweep"
+    ablations: tuple[Ablation, ...] = ()
+    steps: int = 30  # speed phases
+    warmup_steps: int = 5
+
+    def __post_init__(self) -> None:
+        if self.kind not in PHASE_KINDS:
+            raise ValueError(f"phase {self.name!r}: kind must be one of {PHASE_KINDS}, got {self.kind!r}")
+        if self.lr not in LR_RULES:
+            raise ValueError(f"phase {self.name!r}: lr must be one of {LR_RULES}, got {self.lr!r}")
+
+
+@dataclass(frozen=True)
+class SuiteSpec:
+    name: str
+    version: int
+    description: str
+    tasks: dict[str, TaskSpec]
+    train: dict[str, Any]  # shared TrainConfig fields (epochs, warmup_ratio, weight_decay, head_lr rule ...)
+    phases: tuple[Phase, ...]
+    headline_task: str
+    threads: int = 2
+
+
+def benchmarks_dir(start: Optional[Path] = None) -> Path:
+    """The benchmarks/ folder: ``$GIVA_BENCH_DIR``, else the first ``benchmarks/suites`` above the cwd."""
+    if os.environ.get("GIVA_BENCH_DIR"):
+        return Path(os.environ["GIVA_BENCH_DIR"])
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "benchmarks" / "suites").is_dir():
+            return folder / "benchmarks"
+    raise FileNotFoundError(
+        "no benchmarks/suites folder found above the current directory; run from a source checkout or set GIVA_BENCH_DIR"
+    )
+
+
+def load_method(root: Path, name: str) -> MethodSpec:
+    path = root / "methods" / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in (root / "methods").glob("*.json"))
+        raise FileNotFoundError(f"no method config {path}; known methods: {known}")
+    raw = json.loads(path.read_text())
+    raw["lr_sweep"] = tuple(raw.get("lr_sweep", [raw["lr"]]))
+    raw.setdefault("rank", raw.get("peft_kwargs", {}).get("r"))
+    return MethodSpec(**raw)
+
+
+def load_suite(root: Path, name: str) -> SuiteSpec:
+    path = root / "suites" / f"{name}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in (root / "suites").glob("*.json"))
+        raise FileNotFoundError(f"no suite {path}; known suites: {known}")
+    raw = json.loads(path.read_text())
+    tasks = {
+        key: TaskSpec(name=key, **{**t, "target_modules": tuple(t.get("target_modules", ("query", "value")))})
+        for key, t in raw["tasks"].items()
+    }
+    phases = []
+    for p in raw["phases"]:
+        ablations = tuple(Ablation(**a) for a in p.get("ablations", ()))
+        phases.append(
+            Phase(**{**p, "methods": tuple(p["methods"]), "seeds": tuple(p.get("seeds", (0,))), "ablations": ablations})
+        )
+    for phase in phases:
+        if phase.task not in tasks:
+            raise ValueError(f"suite {name!r}: phase {phase.name!r} names unknown task {phase.task!r}")
+    return SuiteSpec(
+        name=raw["name"], version=raw["version"], description=raw.get("description", ""), tasks=tasks,
+        train=raw.get("train", {}), phases=tuple(phases), headline_task=raw.get("headline_task", next(iter(tasks))),
+        threads=raw.get("threads", 2),
+    )
