@@ -1,0 +1,208 @@
+"""giva.initialize: the gradient it captures, what it leaves behind, and its errors."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from peft import get_peft_model
+from torch import nn
+
+import giva
+from giva import GivaConfig
+from giva.gradients import GradientInitError, compute_gradients, giva_layers
+from tiny_models import text_batches, tiny_bert, tiny_gpt2
+
+
+def _autograd_weight_gradients(model: nn.Module, batches: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
+    """Reference dL/dW (out x in) by plain autograd on the weights, averaged over the batches."""
+    weights = {name: model.get_submodule(name).weight for name in names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    grads = {name: torch.zeros_like(w) for name, w in weights.items()}
+    for batch in batches:
+        loss = model(**batch).loss
+        for name, g in zip(weights, torch.autograd.grad(loss, list(weights.values()))):
+            grads[name] += g / len(batches)
+    return grads
+
+
+@pytest.mark.parametrize(
+    ("factory", "targets", "labels", "conv1d"),
+    [(tiny_bert, ["query", "value", "dense"], "cls", False), (tiny_gpt2, ["c_attn", "c_fc"], "lm", True)],
+)
+def test_hook_gradient_equals_autograd_weight_gradient(factory, targets, labels, conv1d):
+    batches = text_batches(n=2, labels=labels)
+    reference_model = factory()
+    model = get_peft_model(factory(), GivaConfig(r=2, target_modules=targets))
+    layers = giva_layers(model)
+    with model.disable_adapter():
+        hooked, _ = compute_gradients(model, layers, batches, num_batches=2, progress=False)
+    reference = _autograd_weight_gradients(reference_model, batches, list(layers))
+    for name, g in hooked.items():
+        expected = reference[name].T if conv1d else reference[name]  # Conv1D stores W as (in, out)
+        torch.testing.assert_close(g, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_nothing_is_left_behind_and_modes_and_flags_are_restored(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model.train()
+    model.base_model.model.bert.embeddings.eval()  # a mixed train/eval state must survive as it was
+    modes = {name: m.training for name, m in model.named_modules()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    attributes = {name: set(vars(m)) for name, m in model.named_modules()}
+    giva.initialize(model, batches, progress=False)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
+
+
+def test_same_model_data_and_seed_give_identical_bases(batches):
+    def bases():
+        model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], seed=7))
+        giva.initialize(model, batches, progress=False)
+        return {n: (m.giva_A["default"].clone(), m.giva_B["default"].clone()) for n, m in giva_layers(model).items()}
+
+    first, second = bases(), bases()
+    assert all(torch.equal(first[n][0], second[n][0]) and torch.equal(first[n][1], second[n][1]) for n in first)
+
+
+def test_uses_exactly_k_batches_averaged(batches):
+    consumed = []
+
+    def loader():
+        for i, batch in enumerate(batches):
+            consumed.append(i)
+            yield batch
+
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    report = giva.initialize(model, loader(), num_batches=2, progress=False)
+    assert consumed == [0, 1] and len(report.losses) == 2
+    assert model.peft_config["default"].bases_info["num_batches"] == 2
+    with pytest.raises(GradientInitError, match="gave 3 batches but num_batches=5"):
+        giva.initialize(model, batches, num_batches=5, progress=False)
+
+
+def test_initialise_after_the_optimizer_exists_then_train(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    params_before = [id(p) for group in optimizer.param_groups for p in group["params"]]
+    giva.initialize(model, batches, progress=False)
+    assert [id(p) for group in optimizer.param_groups for p in group["params"]] == params_before
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = model(**batches[0]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_training_before_initialisation_is_an_error_but_inference_is_not(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    model.eval()
+    model(**batches[0])
+    model.train()
+    with torch.no_grad():
+        model(**batches[0])
+    with pytest.raises(giva.BasesNotInitializedError, match=r"giva.initialize\(peft_model, train_dataloader\)"):
+        model(**batches[0])
+
+
+def test_data_free_variants_need_no_initialisation(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], variant="random"))
+    assert giva.bases_initialized(model)
+    report = giva.initialize(model, batches, progress=False)
+    assert report.adapters == []
+    model.train()
+    model(**batches[0]).loss.backward()
+
+
+def test_gradient_is_taken_at_the_pretrained_checkpoint(batches):
+    """A second adapter added after training the first gets the same bases as on a fresh model."""
+    config = dict(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")
+    fresh = get_peft_model(tiny_bert(), GivaConfig(**config))
+    giva.initialize(fresh, batches, progress=False)
+
+    model = get_peft_model(tiny_bert(), GivaConfig(**config))
+    giva.initialize(model, batches, progress=False)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        model(**batches[0]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.add_adapter("second", GivaConfig(**config))
+    giva.initialize(model, batches, adapter_name="second", progress=False)
+    for name, layer in giva_layers(model).items():
+        torch.testing.assert_close(layer.giva_A["second"], giva_layers(fresh)[name].giva_A["default"])
+
+
+def test_non_finite_loss_names_the_batch(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        loss = m(**batch).loss
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    with pytest.raises(GradientInitError, match="calibration batch 1 gave a non-finite loss"):
+        giva.initialize(model, batches, num_batches=2, loss_fn=loss_fn, progress=False)
+    assert not giva.bases_initialized(model)  # nothing half-written
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(8, 8)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_layer_off_the_loss_path_is_named():
+    torch.manual_seed(0)
+    model = get_peft_model(_TwoBranches(), GivaConfig(r=2, target_modules=["used", "unused"]))
+    data = [torch.randn(4, 8)]
+    with pytest.raises(GradientInitError, match=r"\['unused'\] received no gradient"):
+        giva.initialize(model, data, loss_fn=lambda m, x: m(x).pow(2).mean(), progress=False)
+
+
+def test_missing_loss_is_explained(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    unlabeled = [{"input_ids": batches[0]["input_ids"]}]
+    with pytest.raises(GradientInitError, match="returned no .loss: include labels"):
+        giva.initialize(model, unlabeled, progress=False)
+    with pytest.raises(ValueError, match="no GiVA adapter named 'x'"):
+        giva.initialize(model, batches, adapter_name="x", progress=False)
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        batches = text_batches(n=2)
+        model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"]))
+        giva.initialize(model, [batches[rank]], num_batches=1, progress=False)
+        torch.save({n: m.giva_A["default"] for n, m in giva_layers(model).items()}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_ranks_get_identical_bases_from_the_summed_gradient(tmp_path):
+    mp.spawn(_distributed_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    # Two ranks with one batch each == one process averaging both batches.
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"]))
+    giva.initialize(model, text_batches(n=2), num_batches=2, progress=False)
+    for name, layer in giva_layers(model).items():
+        torch.testing.assert_close(rank0[name], layer.giva_A["default"], atol=1e-4, rtol=1e-4)
