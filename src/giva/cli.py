@@ -14,6 +14,13 @@ from .config import GivaConfig
 from .finetune import TrainConfig, finetune
 
 
+def _count_or_fraction(value: str) -> int | float:
+    number = float(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return number if number < 1 else int(number)
+
+
 def _finetune(args: argparse.Namespace) -> int:
     targets = args.target_modules.split(",") if args.target_modules != "all-linear" else "all-linear"
     giva_config = GivaConfig(
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", default="pang-lee", help="'pang-lee', 'conll2010-uncertainty', a CSV/JSONL file or a datasets name")
     ft.add_argument("--text-column", default="text")
     ft.add_argument("--label-column", default="label")
-    ft.add_argument("--test-size", type=float, default=1000, help="held-out rows (count, or fraction if < 1)")
+    ft.add_argument("--test-size", type=_count_or_fraction, default=1000, help="held-out rows (count, or fraction if < 1)")
     ft.add_argument("--max-train-samples", type=int, default=None)
     ft.add_argument("--r", type=int, default=8, help="GiVA rank")
     ft.add_argument("--variant", default="Vr", choices=VARIANTS)

@@ -238,7 +238,7 @@ def expand_phase(phase: Phase, root: Path, runs: list[dict[str, Any]]) -> list[R
             if phase.lr == "sweep":
                 lrs = list(method.lr_sweep)
             elif phase.lr == "best":
-                chosen = best_lr(runs, phase.task, method_name)
+                chosen = best_lr(runs, phase.lr_from_task or phase.task, method_name)
                 if chosen is None:
                     logger.warning("no LR sweep of %s on %s yet: using its default LR %g", method_name, phase.task, method.lr)
                 lrs = [chosen if chosen is not None else method.lr]
@@ -246,6 +246,15 @@ def expand_phase(phase: Phase, root: Path, runs: list[dict[str, Any]]) -> list[R
                 lrs = [method.lr]
             specs += [RunSpec(phase.name, phase.task, method_name, s, lr, ablation) for lr in lrs for s in phase.seeds]
     return specs
+
+
+def _record_failure(output_dir: Path, run_id: str) -> None:
+    import traceback
+
+    path = output_dir / "failures" / f"{run_id}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(traceback.format_exc())
+    logger.error("run %s failed (traceback in %s); continuing", run_id, path)
 
 
 def run_suite(suite: SuiteSpec, root: Path, output_dir: Path, progress: bool = True) -> list[str]:
@@ -267,7 +276,11 @@ def run_suite(suite: SuiteSpec, root: Path, output_dir: Path, progress: bool = T
                 logger.info("skip %s (done)", path.stem)
                 continue
             logger.info("speed phase %s", phase.name)
-            record = run_speed_phase(suite, phase, task, root)
+            try:
+                record = run_speed_phase(suite, phase, task, root)
+            except Exception:
+                _record_failure(output_dir, path.stem)
+                continue
             write_json_atomically(path, record)
             ran.append(path.stem)
             continue
@@ -277,7 +290,11 @@ def run_suite(suite: SuiteSpec, root: Path, output_dir: Path, progress: bool = T
                 logger.info("skip %s (done)", run.run_id)
                 continue
             logger.info("run %s", run.run_id)
-            record = execute_run(suite, task, load_method(root, run.method), run, progress)
+            try:
+                record = execute_run(suite, task, load_method(root, run.method), run, progress)
+            except Exception:  # one broken method must not stop a long suite; the error is kept and logged
+                _record_failure(output_dir, run.run_id)
+                continue
             write_json_atomically(path, record)
             logger.info(
                 "done %s: val %.4f test %.4f in %.0f s", run.run_id, record["metrics"]["val_accuracy"],

@@ -91,6 +91,7 @@ class Phase:
     seeds: tuple[int, ...] = (0,)
     lr: str = "sweep"
     ablations: tuple[Ablation, ...] = ()
+    lr_from_task: Optional[str] = None  # 'best' LR taken from this task's sweep (default: the phase's task)
     steps: int = 30  # speed phases
     warmup_steps: int = 5
 

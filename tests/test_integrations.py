@@ -1,0 +1,117 @@
+"""GiVA inside the loops people use: transformers Trainer, TRL SFTTrainer, Accelerate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import giva
+from giva import GivaConfig
+from tiny_models import VOCAB, tiny_bert, tiny_llama
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int = 32, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.rows = [
+            {"input_ids": torch.randint(0, VOCAB, (10,), generator=g), "labels": torch.randint(0, 2, (), generator=g)}
+            for _ in range(n)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+class _StepProbe(TrainerCallback):
+    """Records, at the first step, whether the bases were already there and what the LR was."""
+
+    def __init__(self) -> None:
+        self.initialized_at_first_step = None
+        self.first_lr = None
+
+    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.initialized_at_first_step is None:
+            self.initialized_at_first_step = giva.bases_initialized(model)
+            self.first_lr = optimizer.param_groups[0]["lr"]
+
+
+def _args(tmp_path, **kwargs) -> TrainingArguments:
+    defaults = dict(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=8, learning_rate=1e-2, warmup_steps=2,
+        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, seed=0, disable_tqdm=True,
+    )
+    return TrainingArguments(**{**defaults, **kwargs})
+
+
+def test_trainer_callback_initialises_before_the_first_step(tmp_path):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    callback, probe = giva.GivaInitCallback(num_batches=2, progress=False), _StepProbe()
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_ListDataset(), callbacks=[callback, probe])
+    trainer.train()
+    assert probe.initialized_at_first_step is True
+    assert probe.first_lr == pytest.approx(0.0)  # warmup starts at 0: the schedule was not shifted
+    assert callback.report.num_batches == 2 and trainer.state.global_step == 6
+    lambda_o = model.base_model.model.bert.encoder.layer[0].attention.self.query.giva_lambda_o["default"]
+    assert lambda_o.abs().sum() > 0  # it trained
+
+
+def test_trainer_callback_leaves_already_initialised_bases_alone(tmp_path, batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    giva.initialize(model, batches[1:], progress=False)
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    before = layer.giva_A["default"].clone()
+    callback = giva.GivaInitCallback(progress=False)
+    Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_ListDataset(), callbacks=[callback]).train()
+    assert callback.report is None and torch.equal(layer.giva_A["default"], before)
+
+
+def test_trl_sft_trainer_takes_the_same_callback(tmp_path):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from giva.assets import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())  # any offline tokenizer will do
+    tokenizer.eos_token = tokenizer.sep_token
+    torch.manual_seed(0)
+    model = tiny_llama()
+    model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    data = Dataset.from_dict({"text": [f"review {i}: the film was {'good' if i % 2 else 'bad'}" for i in range(32)]})
+    peft_model = get_peft_model(model, GivaConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    callback = giva.GivaInitCallback(progress=False)
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2, report_to=[],
+        save_strategy="no", use_cpu=True, max_length=32, disable_tqdm=True, logging_steps=1,
+    )
+    trainer = SFTTrainer(model=peft_model, args=args, train_dataset=data, processing_class=tokenizer, callbacks=[callback])
+    trainer.train()
+    assert callback.report is not None and giva.bases_initialized(peft_model)
+    assert trainer.state.global_step == 4
+
+
+def test_accelerate_loop_pattern(batches):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    loader = torch.utils.data.DataLoader(_ListDataset(), batch_size=8)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    giva.initialize(accelerator.unwrap_model(model), loader, num_batches=1, progress=False)
+    model.train()
+    first_batch = next(iter(loader))
+    losses = []
+    for _ in range(8):
+        loss = model(**first_batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
