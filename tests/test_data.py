@@ -14,7 +14,7 @@ def test_csv_and_jsonl_files(tmp_path):
     assert data.texts == ["good film", "bad film", "fine"] and data.label_names == ["neg", "pos"]
     assert data.labels == [1, 0, 1]
     jsonl = tmp_path / "d.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"text": t, "label": l}) for t, l in [("a", -1), ("b", 1), ("c", 10)]))
+    jsonl.write_text("\n".join(json.dumps({"text": t, "label": y}) for t, y in [("a", -1), ("b", 1), ("c", 10)]))
     assert load_file(jsonl).label_names == ["-1", "1", "10"]  # numeric labels sort as numbers
 
 

@@ -8,12 +8,11 @@ import textwrap
 
 import pytest
 import torch
-from peft import AutoPeftModelForSequenceClassification, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import giva
 from giva import GivaConfig
-
 from tiny_models import text_batches, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 
 

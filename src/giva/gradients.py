@@ -8,11 +8,11 @@ no weight ever needs ``requires_grad`` and no full-model gradient is ever materi
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from typing import Any, Optional
 
@@ -88,7 +88,7 @@ class _GradientRecorder:
         probe = torch.zeros((), device=output.device, dtype=output.dtype, requires_grad=True)
         self.probes.append(probe)
         output = output + probe
-        output.register_hook(partial_accumulate(self, name, x))
+        output.register_hook(partial(self.accumulate, name, x))
         return output
 
     def accumulate(self, name: str, x: torch.Tensor, grad_y: torch.Tensor) -> None:
@@ -101,22 +101,12 @@ class _GradientRecorder:
 
     @contextmanager
     def attached(self) -> Iterator[None]:
-        handles = [
-            layer.register_forward_hook(lambda m, a, o, name=name: self._forward_hook(name, m, a, o))
-            for name, layer in self.layers.items()
-        ]
+        handles = [layer.register_forward_hook(partial(self._forward_hook, name)) for name, layer in self.layers.items()]
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-
-
-def partial_accumulate(recorder: _GradientRecorder, name: str, x: torch.Tensor) -> Callable[[torch.Tensor], None]:
-    def hook(grad_y: torch.Tensor) -> None:
-        recorder.accumulate(name, x, grad_y)
-
-    return hook
 
 
 @contextmanager
