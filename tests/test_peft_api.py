@@ -289,3 +289,15 @@ def test_init_weights_false_makes_a_non_identity_adapter(batches):
     reference = _logits(base, batches[0])
     model = get_peft_model(base, GivaConfig(r=4, target_modules=["query"], init_weights=False))
     assert not torch.allclose(_logits(model, batches[0]), reference)
+
+
+def test_load_adapter_under_another_name_and_with_low_cpu_mem_usage(tmp_path, batches):
+    model = _trained(_giva_bert(batches), batches)
+    expected = _logits(model, batches[0])
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path, low_cpu_mem_usage=True).eval()
+    assert torch.equal(_logits(loaded, batches[0]), expected)
+    # Seeded B depends on (seed, layer name), not on the adapter name, so it regenerates under any name.
+    loaded.load_adapter(tmp_path, adapter_name="renamed")
+    loaded.set_adapter("renamed")
+    assert torch.equal(_logits(loaded, batches[0]), expected)
