@@ -85,3 +85,12 @@ def test_rank_limits():
         bases_from_gradient(_gradient(), 9, "VrU2r", layer_generator(0, "l"))
     with pytest.raises(ValueError, match="variant must be one of"):
         bases_from_gradient(_gradient(), 4, "random", layer_generator(0, "l"))
+
+
+def test_auto_svd_is_exact_for_small_layers_and_randomized_for_large_ones():
+    g = _gradient(600, 520, seed=2)
+    exact = top_singular_vectors(g, 4, method="exact")[2]
+    assert torch.equal(top_singular_vectors(g, 4, method="auto")[2], top_singular_vectors(g, 4, method="randomized")[2])
+    assert not torch.equal(top_singular_vectors(g, 4, method="auto")[2], exact)
+    small = _gradient(384, 384, seed=2)
+    assert torch.equal(top_singular_vectors(small, 4, method="auto")[2], top_singular_vectors(small, 4, method="exact")[2])

@@ -54,7 +54,7 @@ class GivaConfig(PeftConfig):
     svd: str = field(
         default="auto",
         metadata={
-            "help": "SVD of the gradient: 'exact', 'randomized' (torch.svd_lowrank) or 'auto' (randomized for large layers)."
+            "help": "SVD of the gradient: 'exact', 'randomized' (torch.svd_lowrank) or 'auto' (randomized when the layer's smaller side is >= 512)."
         },
     )
     lambda_s_init: float = field(default=1.0, metadata={"help": "Initial value of every entry of lambda_s."})
