@@ -62,7 +62,7 @@ def test_trainer_callback_initialises_before_the_first_step(tmp_path):
 
 def test_trainer_callback_leaves_already_initialised_bases_alone(tmp_path, batches):
     model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
-    giva.initialize(model, batches[1:], progress=False)
+    giva.initialize(model, batches[1:], num_batches=2, progress=False)
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
     before = layer.giva_A["default"].clone()
     callback = giva.GivaInitCallback(progress=False)

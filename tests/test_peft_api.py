@@ -64,7 +64,7 @@ def test_vit_image_classifier():
     model = get_peft_model(tiny_vit(), GivaConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]))
     pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     batch = {"pixel_values": pixels, "labels": torch.tensor([0, 1, 2, 0])}
-    giva.initialize(model, [batch], progress=False)
+    giva.initialize(model, [batch], num_batches=1, progress=False)
     layer = model.base_model.model.vit.layers[0].attention.q_proj
     a = layer.giva_A["default"]
     assert torch.allclose(a @ a.mT, torch.eye(4), atol=1e-5)
@@ -115,7 +115,7 @@ def test_save_load_reproduces_outputs_and_omits_seeded_b(tmp_path, batches):
     assert any(k.endswith("giva_A") for k in saved)
     assert not any(k.endswith("giva_B") for k in saved)  # seeded: regenerated bit-exactly on load
     config = GivaConfig.from_pretrained(tmp_path)
-    assert config.bases_info["source"] == "gradient" and config.bases_info["num_batches"] == 1
+    assert config.bases_info["source"] == "gradient" and config.bases_info["num_batches"] == 4
 
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
     assert torch.equal(_logits(loaded, batches[0]), expected)

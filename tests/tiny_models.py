@@ -52,7 +52,7 @@ def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     return ViTForImageClassification(config).eval()
 
 
-def text_batches(n: int = 3, batch: int = 4, length: int = 10, labels: str = "cls", seed: int = 0) -> list[dict]:
+def text_batches(n: int = 4, batch: int = 4, length: int = 10, labels: str = "cls", seed: int = 0) -> list[dict]:
     """Seeded token batches; ``labels`` is 'cls' (class ids) or 'lm' (the inputs, for causal LMs)."""
     generator = torch.Generator().manual_seed(seed)
     out = []

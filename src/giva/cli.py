@@ -11,7 +11,8 @@ from typing import Optional
 
 from .bases import VARIANTS
 from .config import GivaConfig
-from .finetune import TrainConfig, finetune
+from .finetune import DEFAULT_TARGETS, TrainConfig, finetune
+from .gradients import DEFAULT_NUM_BATCHES
 
 
 def _count_or_fraction(value: str) -> int | float:
@@ -93,11 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--max-train-samples", type=int, default=None)
     ft.add_argument("--r", type=int, default=8, help="GiVA rank")
     ft.add_argument("--variant", default="Vr", choices=VARIANTS)
-    ft.add_argument("--target-modules", default="query,value", help="comma-separated module names, or all-linear")
-    ft.add_argument("--num-batches", type=int, default=1, help="calibration batches k for the gradient")
+    ft.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS), help="comma-separated module names, or all-linear")
+    ft.add_argument("--num-batches", type=int, default=DEFAULT_NUM_BATCHES, help="calibration batches k for the gradient")
     ft.add_argument("--dropout", type=float, default=0.0)
     ft.add_argument("--epochs", type=float, default=2.0)
-    ft.add_argument("--lr", type=float, default=1e-2)
+    ft.add_argument("--lr", type=float, default=TrainConfig.lr)
     ft.add_argument("--head-lr", type=float, default=None, help="classifier head LR (default: --lr)")
     ft.add_argument("--batch-size", type=int, default=16)
     ft.add_argument("--max-length", type=int, default=64)

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..gradients import InitReport, LossFn, bases_initialized, giva_configs, initialize
+from ..gradients import DEFAULT_NUM_BATCHES, InitReport, LossFn, bases_initialized, giva_configs, initialize
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,7 @@ class GivaInitCallback(TrainerCallback):
         trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[giva.GivaInitCallback()])
     """
 
-    def __init__(self, num_batches: int = 1, loss_fn: Optional[LossFn] = None, progress: bool = True) -> None:
+    def __init__(self, num_batches: int = DEFAULT_NUM_BATCHES, loss_fn: Optional[LossFn] = None, progress: bool = True) -> None:
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.progress = progress
