@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Optional
 
 from .bases import VARIANTS
@@ -55,7 +56,7 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     if args.json:
-        print(json.dumps({k: v for k, v in vars(result).items()}, indent=2))
+        print(json.dumps(asdict(result), indent=2))
     return 0
 
 

@@ -188,11 +188,6 @@ def compute_gradients(
     return gradients, losses
 
 
-def _broadcast_(tensors: list[torch.Tensor]) -> None:
-    for tensor in tensors:
-        dist.broadcast(tensor, src=0)
-
-
 def bases_for_layer(
     layer: GivaLayer, adapter_name: str, gradient: torch.Tensor, config: GivaConfig
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -301,7 +296,8 @@ def initialize(
             if _distributed():
                 device = gradients[key].device
                 pairs = [(a.to(device).contiguous(), b.to(device).contiguous()) for a, b in pairs]
-                _broadcast_([t for pair in pairs for t in pair])
+                for tensor in (t for pair in pairs for t in pair):
+                    dist.broadcast(tensor, src=0)
             for blk, (a, b) in zip(blocks, pairs):
                 layer.set_block_bases(name, blk, a, b)
         cfg.bases_info = {

@@ -108,13 +108,13 @@ class GivaLayer(BaseTunerLayer):
         for index in sorted(set(adapt_blocks)):
             size = block_sizes[index]
             rank = min(config.r, max_rank(config.variant, size, self.in_features))
+            if rank < 1:
+                raise ValueError(f"layer {self.layer_name!r} block {index} is too small for variant {config.variant!r}")
             if rank < config.r:
                 warnings.warn(
                     f"GiVA rank r={config.r} exceeds what layer {self.layer_name!r} (block {index}: {size} x "
                     f"{self.in_features}, variant {config.variant!r}) allows; clipped to {rank}."
                 )
-            if rank < 1:
-                raise ValueError(f"layer {self.layer_name!r} block {index} is too small for variant {config.variant!r}")
             blocks.append(Block(index, starts[index], size, rank, rank_offset, row_offset))
             rank_offset += rank
             row_offset += size

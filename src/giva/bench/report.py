@@ -229,7 +229,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], speeds: list[di
         smooth = [statistics.fmean(loss[max(0, i - window + 1): i + 1]) for i in range(len(loss))]
         ax.plot(smooth, color=colours.get(r["family"]), alpha=0.8, lw=1, label=r["method"])
     ax.set_xlabel("step")
-    ax.set_ylabel(f"train loss (moving average)")
+    ax.set_ylabel("train loss (moving average)")
     ax.set_title(f"{task}: training loss, chosen LR, first seed")
     ax.legend(fontsize=6, ncol=2)
     ax.grid(alpha=0.3)

@@ -16,7 +16,9 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -163,7 +165,7 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
     val_loader, test_loader = task.eval_loader("val"), task.eval_loader("test")
     stats = train(
         model, task.train_loader(run.seed), config, progress=progress, desc=run.run_id,
-        on_epoch_end=lambda epoch: evaluate(model, val_loader),
+        on_epoch_end=lambda epoch, m=model: evaluate(m, val_loader),
     )
     test_accuracy = evaluate(model, test_loader)
     total_seconds = time.perf_counter() - wall
@@ -257,6 +259,22 @@ def _record_failure(output_dir: Path, run_id: str) -> None:
     logger.error("run %s failed (traceback in %s); continuing", run_id, path)
 
 
+def _run_once(path: Path, output_dir: Path, compute: Callable[[], dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """Compute and write one record unless ``path`` exists; a failure is logged and kept, never raised,
+    so one broken method cannot stop a long suite. Returns the new record, or None."""
+    if path.exists():
+        logger.info("skip %s (done)", path.stem)
+        return None
+    logger.info("run %s", path.stem)
+    try:
+        record = compute()
+    except Exception:
+        _record_failure(output_dir, path.stem)
+        return None
+    write_json_atomically(path, record)
+    return record
+
+
 def run_suite(suite: SuiteSpec, root: Path, output_dir: Path, progress: bool = True) -> list[str]:
     """Run every phase of ``suite`` in order, skipping finished runs; returns the ids of the runs it ran."""
     from .speed import run_speed_phase
@@ -272,33 +290,17 @@ def run_suite(suite: SuiteSpec, root: Path, output_dir: Path, progress: bool = T
         task = tasks[phase.task]
         if phase.kind == "speed":
             path = runs_dir / f"speed__{phase.name}.json"
-            if path.exists():
-                logger.info("skip %s (done)", path.stem)
-                continue
-            logger.info("speed phase %s", phase.name)
-            try:
-                record = run_speed_phase(suite, phase, task, root)
-            except Exception:
-                _record_failure(output_dir, path.stem)
-                continue
-            write_json_atomically(path, record)
-            ran.append(path.stem)
+            if _run_once(path, output_dir, lambda: run_speed_phase(suite, phase, task, root)):
+                ran.append(path.stem)
             continue
         for run in expand_phase(phase, root, load_runs(runs_dir)):
             path = runs_dir / f"{run.run_id}.json"
-            if path.exists():
-                logger.info("skip %s (done)", run.run_id)
-                continue
-            logger.info("run %s", run.run_id)
-            try:
-                record = execute_run(suite, task, load_method(root, run.method), run, progress)
-            except Exception:  # one broken method must not stop a long suite; the error is kept and logged
-                _record_failure(output_dir, run.run_id)
-                continue
-            write_json_atomically(path, record)
-            logger.info(
-                "done %s: val %.4f test %.4f in %.0f s", run.run_id, record["metrics"]["val_accuracy"],
-                record["metrics"]["test_accuracy"], record["timing"]["total_seconds"],
-            )
-            ran.append(run.run_id)
+            compute = partial(execute_run, suite, task, load_method(root, run.method), run, progress)
+            record = _run_once(path, output_dir, compute)
+            if record:
+                logger.info(
+                    "done %s: val %.4f test %.4f in %.0f s", run.run_id, record["metrics"]["val_accuracy"],
+                    record["metrics"]["test_accuracy"], record["timing"]["total_seconds"],
+                )
+                ran.append(run.run_id)
     return ran

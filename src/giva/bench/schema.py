@@ -8,13 +8,16 @@ SCHEMA_VERSION = 1
 Number = (int, float)
 
 # dotted key -> allowed type(s); every key is required.
-RUN_SCHEMA: dict[str, Any] = {
+_HEADER: dict[str, Any] = {
     "schema_version": int,
     "kind": str,
     "run_id": str,
     "suite": str,
     "phase": str,
     "task": dict,
+}
+RUN_SCHEMA: dict[str, Any] = {
+    **_HEADER,
     "task.name": str,
     "task.model": str,
     "method": dict,
@@ -55,12 +58,7 @@ RUN_SCHEMA: dict[str, Any] = {
 }
 
 SPEED_SCHEMA: dict[str, Any] = {
-    "schema_version": int,
-    "kind": str,
-    "run_id": str,
-    "suite": str,
-    "phase": str,
-    "task": dict,
+    **_HEADER,
     "versions": dict,
     "steps": int,
     "warmup_steps": int,

@@ -127,23 +127,24 @@ def benchmarks_dir(start: Optional[Path] = None) -> Path:
     )
 
 
-def load_method(root: Path, name: str) -> MethodSpec:
-    path = root / "methods" / f"{name}.json"
+def _read_config(root: Path, folder: str, name: str) -> dict[str, Any]:
+    """``root/folder/name.json``; a missing file names the folder's known configs."""
+    path = root / folder / f"{name}.json"
     if not path.exists():
-        known = sorted(p.stem for p in (root / "methods").glob("*.json"))
-        raise FileNotFoundError(f"no method config {path}; known methods: {known}")
-    raw = json.loads(path.read_text())
+        known = sorted(p.stem for p in (root / folder).glob("*.json"))
+        raise FileNotFoundError(f"no {folder} config {path}; known {folder}: {known}")
+    return json.loads(path.read_text())
+
+
+def load_method(root: Path, name: str) -> MethodSpec:
+    raw = _read_config(root, "methods", name)
     raw["lr_sweep"] = tuple(raw.get("lr_sweep", [raw["lr"]]))
     raw.setdefault("rank", raw.get("peft_kwargs", {}).get("r"))
     return MethodSpec(**raw)
 
 
 def load_suite(root: Path, name: str) -> SuiteSpec:
-    path = root / "suites" / f"{name}.json"
-    if not path.exists():
-        known = sorted(p.stem for p in (root / "suites").glob("*.json"))
-        raise FileNotFoundError(f"no suite {path}; known suites: {known}")
-    raw = json.loads(path.read_text())
+    raw = _read_config(root, "suites", name)
     tasks = {
         key: TaskSpec(name=key, **{**t, "target_modules": tuple(t.get("target_modules", ("query", "value")))})
         for key, t in raw["tasks"].items()
