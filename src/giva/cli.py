@@ -71,8 +71,9 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmark
 
     try:
-        results = run_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir)
-    except FileNotFoundError as err:
+        phases = [p for p in args.phases.split(",") if p] if args.phases else None
+        results = run_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases)
+    except (FileNotFoundError, ValueError) as err:
         print(f"giva bench: {err}", file=sys.stderr)
         return 2
     print("\n".join(results["headlines"]))
@@ -117,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", default="quick")
     bench.add_argument("--quick", action="store_true", help="tiny run that checks the outputs (used by CI)")
     bench.add_argument("--output-dir", default=None)
+    bench.add_argument("--phases", default=None, help="comma-separated phase names to run (default: all, in suite order)")
     bench.set_defaults(func=_bench)
     return parser
 

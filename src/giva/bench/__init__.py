@@ -8,6 +8,7 @@ imported). ``run_benchmark("full")`` runs (or resumes) a suite and writes, under
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,9 +49,11 @@ def check_outputs(output_dir: Path) -> list[str]:
 
 def run_benchmark(
     suite: str = "full", quick: bool = False, output_dir: Optional[str | Path] = None,
-    root: Optional[Path] = None, progress: bool = True,
+    root: Optional[Path] = None, progress: bool = True, phases: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
     """Run (or resume) a suite, then write its report; ``quick`` runs the tiny CI suite and checks the outputs.
+
+    ``phases`` limits the run to the named phases (the report still covers every finished run).
 
     Returns the results dict (see report.write_report) with a ``problems`` list added.
     """
@@ -58,8 +61,8 @@ def run_benchmark(
     name = QUICK_SUITE if quick else suite
     spec = load_suite(root, name)
     out = Path(output_dir) if output_dir else root / "results" / name
-    ran = run_suite(spec, root, out, progress=progress)
-    results = write_report(out, spec.name, spec.headline_task)
+    ran = run_suite(spec, root, out, progress=progress, phases=phases)
+    results = write_report(out, spec)
     results["problems"] = check_outputs(out) if quick else []
     results["ran"] = ran
     results["output_dir"] = str(out)

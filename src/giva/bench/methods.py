@@ -72,6 +72,10 @@ def peft_config(method: MethodSpec, task: TaskData, seed: int) -> Any:
 def build_model(method: MethodSpec, task: TaskData, seed: int, calibration: DataLoader) -> BuiltModel:
     """The model of ``method`` ready for its first training step (``calibration``: a loader used only for init)."""
     base = load_base(task, seed)
+    if method.kind == "none":
+        for param in base.parameters():
+            param.requires_grad = False
+        return BuiltModel(base)
     if method.kind == "probe":
         for name, param in base.named_parameters():
             param.requires_grad = name.split(".")[0] in ("classifier", "score")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 from .runner import best_lr, load_runs, write_json_atomically
+from .spec import DEFAULT_HEADLINE_PAIRS, DEFAULT_HEADLINE_SIZES, SuiteSpec
 
 PLOTS = ("acc_vs_params.png", "acc_vs_rank.png", "step_time.png", "loss_curves.png")
 
@@ -41,6 +43,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "task": task,
             "model": first["task"]["model"],
+            "task_kind": first["task"].get("kind", "classification"),
             "method": method,
             "family": first["method"]["family"],
             "kind": first["method"]["kind"],
@@ -65,7 +68,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "train_seconds": statistics.median(r["timing"]["train_seconds"] for r in chosen),
             "total_seconds_all_runs": sum(r["timing"]["total_seconds"] for r in group),
             "peak_rss_mib": max(r["memory"]["peak_rss_bytes"] for r in chosen) / 2**20,
-            "epochs": first["train_config"]["epochs"],
+            "epochs": first["train_config"].get("epochs", 0),
             "steps": first["timing"]["steps"],
         })
     rows.sort(key=lambda row: (row["task"], row["ablation"] is not None, row["family"], row["method"], row["ablation"] or ""))
@@ -84,14 +87,18 @@ def _paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, flo
     return mean, std, len(diffs)
 
 
-def headlines(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], task: str) -> list[str]:
+def headlines(
+    rows: list[dict[str, Any]], speeds: list[dict[str, Any]], task: str,
+    pairs: Sequence[tuple[str, str]] = DEFAULT_HEADLINE_PAIRS, sizes: Sequence[str] = DEFAULT_HEADLINE_SIZES,
+) -> list[str]:
     lines = []
-    for giva, vera in (("giva-r8", "vera-r64"), ("giva-r32", "vera-r256")):
-        a, b = _find(rows, task, giva), _find(rows, task, vera)
+    for first, second in pairs:
+        a, b = _find(rows, task, first), _find(rows, task, second)
         if a and b:
             mean, std, n = _paired_difference(a, b)
+            what = "rank reduction" if b["family"] == "vera" else f"vs {b['family']}"
             lines.append(
-                f"rank reduction ({task}): {giva} {a['test_mean']:.2%} vs {vera} {b['test_mean']:.2%}: "
+                f"{what} ({task}): {first} {a['test_mean']:.2%} vs {second} {b['test_mean']:.2%}: "
                 f"{mean * 100:+.2f} ± {std * 100:.2f} points (paired over {n} seed(s), LR chosen on validation)"
             )
     for speed in speeds:
@@ -105,11 +112,11 @@ def headlines(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], task: st
                 f"steady steps): LoRA {m[lora]['median_step_seconds'] * 1000:.0f} ms/step; " + ", ".join(parts)
                 + ("; " + ", ".join(init) if init else "")
             )
-    sizes = [r for r in rows if r["task"] == task and r["ablation"] is None and r["method"] in ("giva-r8", "giva-r32", "lora-r8", "vera-r64", "vera-r256")]
-    if sizes:
+    sized = [r for name in sizes if (r := _find(rows, task, name))]
+    if sized:
         lines.append(
             "size (" + task + ", adapter + head, safetensors as saved / trainable state): "
-            + ", ".join(f"{r['method']} {r['adapter_bytes'] / 1024:.0f} KiB / {r['trainable_state_bytes'] / 1024:.1f} KiB" for r in sizes)
+            + ", ".join(f"{r['method']} {r['adapter_bytes'] / 1024:.0f} KiB / {r['trainable_state_bytes'] / 1024:.1f} KiB" for r in sized)
         )
     return lines
 
@@ -130,7 +137,8 @@ def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: li
             if not selected:
                 continue
             first = selected[0]
-            out += [f"## {task} ({first['model']}): {title}", ""]
+            metric = "exact match of the generated label" if first["task_kind"] == "clm" else "test accuracy"
+            out += [f"## {task} ({first['model']}): {title} ({metric})", ""]
             out += ["| method | ablation | rank | LR [tried] | seeds | test acc | trainable | adapter bytes | step (ms) | init (s) |",
                     "|---|---|---|---|---|---|---|---|---|---|"]
             for r in selected:
@@ -138,7 +146,7 @@ def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: li
                 tried = ", ".join(_fmt_lr(x) for x in r["lrs_tried"])
                 out.append(
                     f"| {r['method']} | {r['ablation'] or ''} | {r['rank'] if r['rank'] is not None else '-'} | "
-                    f"{_fmt_lr(r['lr'])} [{tried}] | {len(r['seeds'])} | {acc} | {r['trainable_adapter']:,} | "
+                    f"{_fmt_lr(r['lr']) + f' [{tried}]' if r['kind'] != 'none' else '-'} | {len(r['seeds'])} | {acc} | {r['trainable_adapter']:,} | "
                     f"{r['adapter_bytes']:,} | {r['median_step_seconds'] * 1000:.0f} | {r['init_seconds']:.2f} |"
                 )
             out.append("")
@@ -162,7 +170,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], speeds: list[di
 
     main = [r for r in rows if r["task"] == task and r["ablation"] is None]
     colours = {"giva": "tab:red", "giva-random": "tab:orange", "vera": "tab:blue", "lora": "tab:green",
-               "osora": "tab:purple", "probe": "grey", "full": "black"}
+               "osora": "tab:purple", "probe": "grey", "zero-shot": "grey", "full": "black"}
     paths = []
 
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -192,7 +200,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], speeds: list[di
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
                     color=colours.get(family), label=family, capsize=3)
     for r in main:
-        if r["family"] in ("lora", "probe", "full"):
+        if r["family"] in ("lora", "probe", "zero-shot", "full"):
             ax.axhline(r["test_mean"] * 100, color=colours.get(r["family"]), ls="--", lw=0.8, label=r["method"])
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
@@ -245,12 +253,13 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_report(output_dir: Path, suite: str, headline_task: str) -> dict[str, Any]:
+def write_report(output_dir: Path, spec: SuiteSpec) -> dict[str, Any]:
     """Write results.json, results.md and the plots next to the runs/ folder; returns the results dict."""
+    suite, headline_task = spec.name, spec.headline_task
     runs = load_runs(output_dir / "runs")
     rows = aggregate(runs)
     speeds = [r for r in runs if r.get("kind") == "speed"]
-    lines = headlines(rows, speeds, headline_task)
+    lines = headlines(rows, speeds, headline_task, spec.headline_pairs, spec.headline_sizes)
     results = {
         "suite": suite,
         "headline_task": headline_task,

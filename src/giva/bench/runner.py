@@ -16,7 +16,7 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..finetune import TrainConfig, evaluate, is_head_parameter, train
+from ..finetune import TrainConfig, TrainStats, is_head_parameter, train
 from .methods import build_model
 from .schema import SCHEMA_VERSION
 from .spec import Ablation, MethodSpec, Phase, SuiteSpec, load_method
@@ -155,19 +155,22 @@ def train_config_for(suite: SuiteSpec, task: TaskData, run: RunSpec) -> TrainCon
 def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSpec, progress: bool) -> dict[str, Any]:
     if run.ablation:
         method = method.with_overrides(run.ablation.peft, run.ablation.init)
-    config = train_config_for(suite, task, run)
+    config = None if method.kind == "none" else train_config_for(suite, task, run)
     gc.collect()
     memory_how = reset_peak_rss()
     started = time.time()
     wall = time.perf_counter()
     built = build_model(method, task, run.seed, calibration=task.train_loader(run.seed))
     model = built.model
-    val_loader, test_loader = task.eval_loader("val"), task.eval_loader("test")
-    stats = train(
-        model, task.train_loader(run.seed), config, progress=progress, desc=run.run_id,
-        on_epoch_end=lambda epoch, m=model: evaluate(m, val_loader),
-    )
-    test_accuracy = evaluate(model, test_loader)
+    if method.kind == "none":  # the pretrained model as it is: evaluated, never trained
+        stats = TrainStats(epoch_metrics=[task.evaluate(model, "val")])
+    else:
+        assert config is not None
+        stats = train(
+            model, task.train_loader(run.seed), config, progress=progress, desc=run.run_id,
+            on_epoch_end=lambda epoch, m=model: task.evaluate(m, "val"),
+        )
+    test_accuracy = task.evaluate(model, "test")
     total_seconds = time.perf_counter() - wall
     peak = peak_rss_bytes()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -186,8 +189,8 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
         "overrides": asdict(run.ablation) if run.ablation else {},
         "seed": run.seed,
         "lr": run.lr,
-        "head_lr": config.head_lr if config.head_lr is not None else run.lr,
-        "train_config": asdict(config),
+        "head_lr": config.head_lr if config and config.head_lr is not None else run.lr,
+        "train_config": asdict(config) if config else {},
         "versions": versions(),
         "metrics": {
             "val_accuracy_per_epoch": stats.epoch_metrics,
@@ -200,7 +203,7 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
             "gradient_seconds": built.gradient_seconds,
             "svd_seconds": built.svd_seconds,
             "train_seconds": stats.seconds,
-            "median_step_seconds": statistics.median(steady),
+            "median_step_seconds": statistics.median(steady) if steady else 0.0,
             "total_seconds": total_seconds,
             "steps": len(stats.losses),
         },
@@ -237,15 +240,18 @@ def expand_phase(phase: Phase, root: Path, runs: list[dict[str, Any]]) -> list[R
     for method_name in phase.methods:
         method = load_method(root, method_name)
         for ablation in ablations:
-            if phase.lr == "sweep":
+            if method.kind == "none":
+                lrs = [0.0]
+            elif phase.lr == "sweep":
                 lrs = list(method.lr_sweep)
             elif phase.lr == "best":
                 chosen = best_lr(runs, phase.lr_from_task or phase.task, method_name)
                 if chosen is None:
                     logger.warning("no LR sweep of %s on %s yet: using its default LR %g", method_name, phase.task, method.lr)
-                lrs = [chosen if chosen is not None else method.lr]
+                base = chosen if chosen is not None else method.lr
+                lrs = [float(f"{base * factor:.6g}") for factor in phase.lr_factors]
             else:
-                lrs = [method.lr]
+                lrs = [float(f"{method.lr * factor:.6g}") for factor in phase.lr_factors]
             specs += [RunSpec(phase.name, phase.task, method_name, s, lr, ablation) for lr in lrs for s in phase.seeds]
     return specs
 
@@ -275,16 +281,31 @@ def _run_once(path: Path, output_dir: Path, compute: Callable[[], dict[str, Any]
     return record
 
 
-def run_suite(suite: SuiteSpec, root: Path, output_dir: Path, progress: bool = True) -> list[str]:
-    """Run every phase of ``suite`` in order, skipping finished runs; returns the ids of the runs it ran."""
+def select_phases(suite: SuiteSpec, names: Optional[Sequence[str]]) -> tuple[Phase, ...]:
+    """The phases named in ``names`` (suite order kept), or all of them; an unknown name raises ValueError."""
+    if not names:
+        return suite.phases
+    known = [p.name for p in suite.phases]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"suite {suite.name!r} has no phase(s) {unknown}; its phases are {known}")
+    return tuple(p for p in suite.phases if p.name in names)
+
+
+def run_suite(
+    suite: SuiteSpec, root: Path, output_dir: Path, progress: bool = True, phases: Optional[Sequence[str]] = None,
+) -> list[str]:
+    """Run the phases of ``suite`` in order (all, or those named in ``phases``), skipping finished runs;
+    returns the ids of the runs it ran."""
     from .speed import run_speed_phase
 
+    selected = select_phases(suite, phases)
     torch.set_num_threads(suite.threads)
     runs_dir = output_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     tasks: dict[str, TaskData] = {}
     ran: list[str] = []
-    for phase in suite.phases:
+    for phase in selected:
         if phase.task not in tasks:
             tasks[phase.task] = load_task(suite.tasks[phase.task])
         task = tasks[phase.task]

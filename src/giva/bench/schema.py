@@ -103,8 +103,9 @@ def validate_run(record: dict[str, Any]) -> list[str]:
         return errors
     errors = _check(record, RUN_SCHEMA, where)
     if not errors:
-        if not record["train_loss"] or not all(isinstance(x, Number) for x in record["train_loss"]):
-            errors.append(f"{where}: train_loss must be a non-empty list of numbers")
+        untrained = record["method"].get("kind") == "none"
+        if (not record["train_loss"] and not untrained) or not all(isinstance(x, Number) for x in record["train_loss"]):
+            errors.append(f"{where}: train_loss must be a non-empty list of numbers (empty only for kind 'none')")
         if not 0.0 <= record["metrics"]["test_accuracy"] <= 1.0:
             errors.append(f"{where}: test_accuracy {record['metrics']['test_accuracy']} is not in [0, 1]")
     return errors

@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-METHOD_KINDS = ("probe", "full", "peft", "osora")
+METHOD_KINDS = ("none", "probe", "full", "peft", "osora")
 PHASE_KINDS = ("train", "speed")
 LR_RULES = ("sweep", "best", "default")
+DEFAULT_HEADLINE_PAIRS = (("giva-r8", "vera-r64"), ("giva-r32", "vera-r256"))
+DEFAULT_HEADLINE_SIZES = ("giva-r8", "giva-r32", "lora-r8", "vera-r64", "vera-r256")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """One adapter config. ``kind``: 'probe' (head only), 'full', 'peft' (stock PEFT or GiVA) or 'osora'."""
+    """One adapter config. ``kind``: 'none' (the pretrained model, evaluated untrained: the floor of a
+    generative task), 'probe' (head only), 'full', 'peft' (stock PEFT or GiVA) or 'osora'."""
 
     name: str
     version: int
@@ -41,7 +44,7 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: kind must be one of {METHOD_KINDS}, got {self.kind!r}")
         if self.kind in ("peft", "osora") and not self.peft_type:
             raise ValueError(f"method {self.name!r}: kind {self.kind!r} needs a peft_type")
-        if self.lr <= 0 or any(lr <= 0 for lr in self.lr_sweep) or not self.lr_sweep:
+        if self.kind != "none" and (self.lr <= 0 or any(lr <= 0 for lr in self.lr_sweep) or not self.lr_sweep):
             raise ValueError(f"method {self.name!r}: lr and a non-empty lr_sweep of positive values are required")
 
     def with_overrides(self, peft: dict[str, Any], init: dict[str, Any]) -> "MethodSpec":
@@ -92,6 +95,7 @@ class Phase:
     lr: str = "sweep"
     ablations: tuple[Ablation, ...] = ()
     lr_from_task: Optional[str] = None  # 'best' LR taken from this task's sweep (default: the phase's task)
+    lr_factors: tuple[float, ...] = (1.0,)  # with lr 'best' or 'default': run that LR times each factor
     steps: int = 30  # speed phases
     warmup_steps: int = 5
 
@@ -100,6 +104,10 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: kind must be one of {PHASE_KINDS}, got {self.kind!r}")
         if self.lr not in LR_RULES:
             raise ValueError(f"phase {self.name!r}: lr must be one of {LR_RULES}, got {self.lr!r}")
+        if not self.lr_factors or any(f <= 0 for f in self.lr_factors):
+            raise ValueError(f"phase {self.name!r}: lr_factors must be positive numbers, got {self.lr_factors!r}")
+        if self.lr == "sweep" and tuple(self.lr_factors) != (1.0,):
+            raise ValueError(f"phase {self.name!r}: lr_factors apply to lr 'best' or 'default', not 'sweep'")
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,9 @@ class SuiteSpec:
     phases: tuple[Phase, ...]
     headline_task: str
     threads: int = 2
+    # (a, b) method pairs compared in the headline lines (paired per-seed test-accuracy difference a - b)
+    headline_pairs: tuple[tuple[str, str], ...] = DEFAULT_HEADLINE_PAIRS
+    headline_sizes: tuple[str, ...] = DEFAULT_HEADLINE_SIZES
 
 
 def benchmarks_dir(start: Optional[Path] = None) -> Path:
@@ -138,6 +149,7 @@ def _read_config(root: Path, folder: str, name: str) -> dict[str, Any]:
 
 def load_method(root: Path, name: str) -> MethodSpec:
     raw = _read_config(root, "methods", name)
+    raw.setdefault("lr", 0.0)  # kind 'none' trains nothing
     raw["lr_sweep"] = tuple(raw.get("lr_sweep", [raw["lr"]]))
     raw.setdefault("rank", raw.get("peft_kwargs", {}).get("r"))
     return MethodSpec(**raw)
@@ -153,7 +165,8 @@ def load_suite(root: Path, name: str) -> SuiteSpec:
     for p in raw["phases"]:
         ablations = tuple(Ablation(**a) for a in p.get("ablations", ()))
         phases.append(
-            Phase(**{**p, "methods": tuple(p["methods"]), "seeds": tuple(p.get("seeds", (0,))), "ablations": ablations})
+            Phase(**{**p, "methods": tuple(p["methods"]), "seeds": tuple(p.get("seeds", (0,))), "ablations": ablations,
+                     "lr_factors": tuple(float(f) for f in p.get("lr_factors", (1.0,)))})
         )
     for phase in phases:
         if phase.task not in tasks:
@@ -162,4 +175,6 @@ def load_suite(root: Path, name: str) -> SuiteSpec:
         name=raw["name"], version=raw["version"], description=raw.get("description", ""), tasks=tasks,
         train=raw.get("train", {}), phases=tuple(phases), headline_task=raw.get("headline_task", next(iter(tasks))),
         threads=raw.get("threads", 2),
+        headline_pairs=tuple(tuple(pair) for pair in raw.get("headline_pairs", DEFAULT_HEADLINE_PAIRS)),
+        headline_sizes=tuple(raw.get("headline_sizes", DEFAULT_HEADLINE_SIZES)),
     )

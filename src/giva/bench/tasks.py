@@ -6,15 +6,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from ..assets import resolve_model
 from ..data import TextDataset, load_text_classification, split_dataset
-from ..finetune import make_loader
+from ..finetune import evaluate, make_loader
 from .spec import TaskSpec
 
 EVAL_BATCH_SIZE = 64
+CLM_ANSWER_ROOM = 4  # tokens kept free after a causal-LM prompt for ' positive' / ' negative' + eos
 
 
 @dataclass
@@ -42,6 +44,14 @@ class TaskData:
         data = {"val": self.val, "test": self.test}[part]
         return make_loader(self.tokenizer, data, EVAL_BATCH_SIZE, self.spec.max_length, False)
 
+    def evaluate(self, model: nn.Module, part: str) -> float:
+        """Accuracy on ``part`` ('val' or 'test'): argmax of the classifier, or, for a causal-LM task,
+        exact match of the greedily generated label word."""
+        if self.spec.kind == "clm":
+            data = {"val": self.val, "test": self.test}[part]
+            return exact_match(model, self.tokenizer, data, self.spec)
+        return evaluate(model, self.eval_loader(part))
+
 
 def load_task(spec: TaskSpec) -> TaskData:
     dataset = load_text_classification(spec.data)
@@ -55,14 +65,29 @@ def load_task(spec: TaskSpec) -> TaskData:
     return TaskData(spec, path, tokenizer, train, val, test)
 
 
+def label_word(data: TextDataset, label: int) -> str:
+    """The answer a causal-LM task trains on and scores: 'positive' or 'negative'."""
+    return "positive" if data.label_names[label] in ("1", "positive") else "negative"
+
+
+def encode_prompts(tokenizer: Any, texts: list[str], spec: TaskSpec) -> list[list[int]]:
+    """Token ids of ``spec.prompt`` per text; a long text loses its START, so the prompt's cue
+    (e.g. 'Sentiment:') always survives truncation. Room is left for the answer tokens."""
+    prompts = [spec.prompt.format(text=text) for text in texts]
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        return tokenizer(prompts, truncation=True, max_length=spec.max_length - CLM_ANSWER_ROOM)["input_ids"]
+    finally:
+        tokenizer.truncation_side = side
+
+
 def clm_loader(tokenizer: Any, data: TextDataset, spec: TaskSpec, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Instruction -> label as causal-LM text (``prompt + ' ' + label``); the loss covers the label tokens only."""
+    """Instruction -> label as causal-LM text (``prompt + ' ' + label + eos``); the loss covers the answer only."""
     rows = []
-    for text, label in zip(data.texts, data.labels):
-        prompt = spec.prompt.format(text=text)
-        answer = " " + ("positive" if data.label_names[label] in ("1", "positive") else "negative")
-        prompt_ids = tokenizer(prompt, truncation=True, max_length=spec.max_length - 4)["input_ids"]
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for prompt_ids, label in zip(encode_prompts(tokenizer, data.texts, spec), data.labels):
+        answer_ids = tokenizer(" " + label_word(data, label), add_special_tokens=False)["input_ids"]
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
         rows.append((prompt_ids + answer_ids, len(prompt_ids)))
 
     def collate(batch: list[tuple[list[int], int]]) -> dict[str, torch.Tensor]:
@@ -78,3 +103,37 @@ def clm_loader(tokenizer: Any, data: TextDataset, spec: TaskSpec, shuffle: bool,
 
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(rows, batch_size=spec.batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
+
+
+@torch.no_grad()
+def exact_match(model: nn.Module, tokenizer: Any, data: TextDataset, spec: TaskSpec, batch_size: int = EVAL_BATCH_SIZE) -> float:
+    """Share of examples whose greedy continuation of the prompt, stripped, equals the label word.
+
+    Prompts are left-padded; generation stops after the longest answer plus one token (the eos a
+    trained model emits), so an answer followed by anything but whitespace does not match.
+    """
+    answers = [label_word(data, label) for label in data.labels]
+    words = sorted(set(answers) | {"positive", "negative"})
+    max_new = max(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words) + 1
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        prompt_ids = encode_prompts(tokenizer, data.texts, spec)
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = prompt_ids[start : start + batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), tokenizer.pad_token_id)
+            attention = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, ids in enumerate(batch):  # left padding: the next token follows the prompt directly
+                input_ids[i, width - len(ids) :] = torch.tensor(ids)
+                attention[i, width - len(ids) :] = 1
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention, max_new_tokens=max_new, do_sample=False,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            )
+            texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            correct += sum(t.strip() == a for t, a in zip(texts, answers[start : start + batch_size]))
+    finally:
+        model.train(was_training)
+    return correct / len(prompt_ids)
