@@ -109,11 +109,16 @@ def test_headline_pairs_come_from_the_suite_and_name_the_family_compared() -> No
     for seed, (g, lo) in enumerate([(0.80, 0.81), (0.78, 0.80)]):
         runs.append(fake_run("giva-default-r8", "giva", 0.08, seed, 0.8, g))
         runs.append(fake_run("lora-r8-all", "lora", 0.002, seed, 0.8, lo))
-    lines = headlines(aggregate(runs), [], "t", pairs=[("giva-default-r8", "lora-r8-all"), ("giva-r8", "vera-r64")],
-                      sizes=["lora-r8-all"])
+    longer = fake_run("giva-default-r8", "giva", 0.08, 0, 0.8, 0.85), fake_run("vera-r64-all", "vera", 0.08, 0, 0.8, 0.84)
+    for record in longer:
+        record["ablation"] = "epochs-2"
+    runs += longer
+    pairs = [("giva-default-r8", "lora-r8-all"), ("giva-r8", "vera-r64"), ("giva-default-r8:epochs-2", "vera-r64-all:epochs-2")]
+    lines = headlines(aggregate(runs), [], "t", pairs=pairs, sizes=["lora-r8-all"])
     assert lines[0].startswith("vs lora (t): giva-default-r8 79.00% vs lora-r8-all 80.50%")
     assert "-1.50 ± 0.71 points" in lines[0] and "2 seed(s)" in lines[0]
-    assert not any("vera-r64" in line for line in lines)  # a pair with no runs is left out, not invented
+    assert lines[1].startswith("rank reduction (t): giva-default-r8:epochs-2 85.00% vs vera-r64-all:epochs-2 84.00%: +1.00")
+    assert not any("vera-r64 " in line for line in lines)  # a pair with no runs is left out, not invented
     assert lines[-1].startswith("size (t") and "lora-r8-all" in lines[-1] and "giva-default-r8" not in lines[-1]
 
 

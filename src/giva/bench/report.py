@@ -79,6 +79,12 @@ def _find(rows: list[dict[str, Any]], task: str, method: str, ablation: Optional
     return next((r for r in rows if r["task"] == task and r["method"] == method and r["ablation"] == ablation), None)
 
 
+def _split_tag(name: str) -> tuple[str, Optional[str]]:
+    """'method' or 'method:ablation' (a headline pair may compare ablation rows, e.g. 'giva-r8:epochs-2')."""
+    method, _, tag = name.partition(":")
+    return method, tag or None
+
+
 def _paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float, int]:
     """Mean ± std of per-seed (a - b) test-accuracy differences over the seeds both ran."""
     sa, sb = dict(zip(a["seeds"], a["test_accuracy"])), dict(zip(b["seeds"], b["test_accuracy"]))
@@ -93,7 +99,7 @@ def headlines(
 ) -> list[str]:
     lines = []
     for first, second in pairs:
-        a, b = _find(rows, task, first), _find(rows, task, second)
+        a, b = _find(rows, task, *_split_tag(first)), _find(rows, task, *_split_tag(second))
         if a and b:
             mean, std, n = _paired_difference(a, b)
             what = "rank reduction" if b["family"] == "vera" else f"vs {b['family']}"
