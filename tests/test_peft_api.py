@@ -301,3 +301,18 @@ def test_load_adapter_under_another_name_and_with_low_cpu_mem_usage(tmp_path, ba
     loaded.load_adapter(tmp_path, adapter_name="renamed")
     loaded.set_adapter("renamed")
     assert torch.equal(_logits(loaded, batches[0]), expected)
+
+
+@pytest.mark.parametrize(
+    ("factory", "task_type", "head"),
+    [(tiny_bert, "SEQ_CLS", "classifier"), (tiny_llama, "CAUSAL_LM", "lm_head"), (tiny_gpt2, "CAUSAL_LM", "lm_head")],
+)
+def test_default_targets_are_every_linear_layer_but_the_head(factory, task_type, head):
+    from transformers.pytorch_utils import Conv1D
+
+    base = factory()
+    linear = {n for n, m in base.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and not n.startswith(head)}
+    model = get_peft_model(base, GivaConfig(r=2, task_type=task_type))
+    adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, giva.GivaLayer)}
+    assert adapted == linear and len(adapted) >= 8
+    assert model.peft_config["default"].target_modules is not None  # resolved, and saved as resolved

@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--max-train-samples", type=int, default=None)
     ft.add_argument("--r", type=int, default=8, help="GiVA rank")
     ft.add_argument("--variant", default="Vr", choices=VARIANTS)
-    ft.add_argument("--target-modules", default=",".join(DEFAULT_TARGETS), help="comma-separated module names, or all-linear")
+    ft.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated module names, or all-linear (default)")
     ft.add_argument("--num-batches", type=int, default=DEFAULT_NUM_BATCHES, help="calibration batches k for the gradient")
     ft.add_argument("--dropout", type=float, default=0.0)
     ft.add_argument("--epochs", type=float, default=2.0)
