@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from giva.bench import PLOTS, check_outputs, run_benchmark, validate_run
-from giva.bench.report import aggregate, headlines, markdown
+from giva.bench.report import aggregate, headlines, markdown, rank_series
 from giva.bench.runner import best_lr, expand_phase, select_phases, write_json_atomically
 from giva.bench.schema import RUN_SCHEMA
 from giva.bench.spec import Phase, TaskSpec, load_method, load_suite
@@ -120,6 +120,11 @@ def test_headline_pairs_come_from_the_suite_and_name_the_family_compared() -> No
     assert lines[1].startswith("rank reduction (t): giva-default-r8:epochs-2 85.00% vs vera-r64-all:epochs-2 84.00%: +1.00")
     assert not any("vera-r64 " in line for line in lines)  # a pair with no runs is left out, not invented
     assert lines[-1].startswith("size (t") and "lora-r8-all" in lines[-1] and "giva-default-r8" not in lines[-1]
+
+
+def test_rank_plot_joins_rows_that_differ_only_in_rank() -> None:
+    assert rank_series("giva-default-r32") == rank_series("giva-default-r8") == "giva-default"
+    assert rank_series("vera-r64-all") == "vera-all" != rank_series("vera-r64")
 
 
 def test_phase_selection_keeps_suite_order_and_names_unknown_phases() -> None:

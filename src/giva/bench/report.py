@@ -7,6 +7,7 @@ LR selection: for every (task, method, ablation) the LR with the best VALIDATION
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -192,19 +193,20 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], speeds: list[di
     paths.append(_save(fig, folder / PLOTS[0]))
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    by_family: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
+    by_series: dict[str, list[tuple[int, float, float]]] = defaultdict(list)
     for r in rows:
         if r["task"] != task or r["rank"] is None or r["family"] not in ("giva", "giva-random", "vera", "osora"):
             continue
-        if r["ablation"] is not None and not r["ablation"].startswith("r"):
+        if r["ablation"] is not None and not re.fullmatch(r"r\d+", r["ablation"]):  # rank ablations only
             continue
         if r["family"] == "giva" and (r["variant"] or "Vr") != "Vr":
             continue
-        by_family[r["family"]].append((r["rank"], r["test_mean"] * 100, r["test_std"] * 100))
-    for family, points in by_family.items():
+        by_series[rank_series(r["method"])].append((r["rank"], r["test_mean"] * 100, r["test_std"] * 100))
+    for series, points in by_series.items():
         points.sort()
+        family = next(f for f in sorted(colours, key=len, reverse=True) if series.startswith(f))
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                    color=colours.get(family), label=family, capsize=3)
+                    color=colours.get(family), label=series, capsize=3, ls="--" if series.endswith("-all") else "-")
     for r in main:
         if r["family"] in ("lora", "probe", "zero-shot", "full"):
             ax.axhline(r["test_mean"] * 100, color=colours.get(r["family"]), ls="--", lw=0.8, label=r["method"])
@@ -249,6 +251,12 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], speeds: list[di
     ax.grid(alpha=0.3)
     paths.append(_save(fig, folder / PLOTS[3]))
     return paths
+
+
+def rank_series(method: str) -> str:
+    """The line a method's row joins in the accuracy-vs-rank plot: its name without the rank
+    ('giva-default-r32' -> 'giva-default', 'vera-r64-all' -> 'vera-all')."""
+    return re.sub(r"-r\d+", "", method)
 
 
 def _save(fig: Any, path: Path) -> Path:
