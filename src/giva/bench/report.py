@@ -206,7 +206,7 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], speeds: list[di
         points.sort()
         family = next(f for f in sorted(colours, key=len, reverse=True) if series.startswith(f))
         ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                    color=colours.get(family), label=series, capsize=3, ls="--" if series.endswith("-all") else "-")
+                    color=colours.get(family), label=series, capsize=3, ls=_all_layers_style(series))
     for r in main:
         if r["family"] in ("lora", "probe", "zero-shot", "full"):
             ax.axhline(r["test_mean"] * 100, color=colours.get(r["family"]), ls="--", lw=0.8, label=r["method"])
@@ -251,6 +251,11 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], speeds: list[di
     ax.grid(alpha=0.3)
     paths.append(_save(fig, folder / PLOTS[3]))
     return paths
+
+
+def _all_layers_style(series: str) -> str:
+    """Dashed: adapters on every linear layer (the library default, and LoRA/VeRA on the same layers)."""
+    return "--" if series.endswith("-all") or "-default" in series else "-"
 
 
 def rank_series(method: str) -> str:
