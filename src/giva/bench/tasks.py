@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ class TaskData:
     train: TextDataset
     val: TextDataset
     test: TextDataset
+    _eval_loaders: dict[str, DataLoader] = field(default_factory=dict, repr=False)
 
     @property
     def num_labels(self) -> int:
@@ -41,8 +42,11 @@ class TaskData:
         return make_loader(self.tokenizer, self.train, self.spec.batch_size, self.spec.max_length, True, seed)
 
     def eval_loader(self, part: str) -> DataLoader:
-        data = {"val": self.val, "test": self.test}[part]
-        return make_loader(self.tokenizer, data, EVAL_BATCH_SIZE, self.spec.max_length, False)
+        """The unshuffled loader of 'val' or 'test', tokenised once per task."""
+        if part not in self._eval_loaders:
+            data = {"val": self.val, "test": self.test}[part]
+            self._eval_loaders[part] = make_loader(self.tokenizer, data, EVAL_BATCH_SIZE, self.spec.max_length, False)
+        return self._eval_loaders[part]
 
     def evaluate(self, model: nn.Module, part: str) -> float:
         """Accuracy on ``part`` ('val' or 'test'): argmax of the classifier, or, for a causal-LM task,
@@ -65,9 +69,12 @@ def load_task(spec: TaskSpec) -> TaskData:
     return TaskData(spec, path, tokenizer, train, val, test)
 
 
+LABEL_WORDS = ("negative", "positive")
+
+
 def label_word(data: TextDataset, label: int) -> str:
     """The answer a causal-LM task trains on and scores: 'positive' or 'negative'."""
-    return "positive" if data.label_names[label] in ("1", "positive") else "negative"
+    return LABEL_WORDS[int(data.label_names[label] in ("1", "positive"))]
 
 
 def encode_prompts(tokenizer: Any, texts: list[str], spec: TaskSpec) -> list[list[int]]:
@@ -113,8 +120,7 @@ def exact_match(model: nn.Module, tokenizer: Any, data: TextDataset, spec: TaskS
     trained model emits), so an answer followed by anything but whitespace does not match.
     """
     answers = [label_word(data, label) for label in data.labels]
-    words = sorted(set(answers) | {"positive", "negative"})
-    max_new = max(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words) + 1
+    max_new = max(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in LABEL_WORDS) + 1
     was_training = model.training
     model.eval()
     correct = 0
