@@ -244,14 +244,14 @@ def expand_phase(phase: Phase, root: Path, runs: list[dict[str, Any]]) -> list[R
                 lrs = [0.0]
             elif phase.lr == "sweep":
                 lrs = list(method.lr_sweep)
-            elif phase.lr == "best":
-                chosen = best_lr(runs, phase.lr_from_task or phase.task, method_name)
-                if chosen is None:
-                    logger.warning("no LR sweep of %s on %s yet: using its default LR %g", method_name, phase.task, method.lr)
-                base = chosen if chosen is not None else method.lr
-                lrs = [float(f"{base * factor:.6g}") for factor in phase.lr_factors]
             else:
-                lrs = [float(f"{method.lr * factor:.6g}") for factor in phase.lr_factors]
+                base = method.lr
+                if phase.lr == "best":
+                    chosen = best_lr(runs, phase.lr_from_task or phase.task, method_name)
+                    if chosen is None:
+                        logger.warning("no LR sweep of %s on %s yet: using its default LR %g", method_name, phase.task, method.lr)
+                    base = chosen if chosen is not None else base
+                lrs = [float(f"{base * factor:.6g}") for factor in phase.lr_factors]  # 6 digits: stable run ids
             specs += [RunSpec(phase.name, phase.task, method_name, s, lr, ablation) for lr in lrs for s in phase.seeds]
     return specs
 
