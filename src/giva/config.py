@@ -9,6 +9,7 @@ from peft.config import PeftConfig
 
 from .bases import SVD_METHODS, VARIANTS
 from .peft_compat import GIVA_PEFT_TYPE
+from .serving import BASES_DTYPES
 
 BIAS_CHOICES = ("none", "all", "giva_only")
 DEFAULT_TARGET_MODULES = "all-linear"  # what target_modules=None means (see GivaModel._prepare_adapter_config)
@@ -57,6 +58,16 @@ class GivaConfig(PeftConfig):
         default="auto",
         metadata={
             "help": "SVD of the gradient: 'exact', 'randomized' (torch.svd_lowrank) or 'auto' (randomized when the layer's smaller side is >= 512)."
+        },
+    )
+    bases_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": (
+                "Storage dtype of the input basis A: 'float32' or 'bfloat16' (halves what each extra adapter holds; A "
+                "is rounded once when computed and training, saving and reloading use exactly those values, so reload "
+                "stays bit-exact; its rows are then orthonormal to ~1e-3 instead of ~1e-7). B stays float32."
+            )
         },
     )
     lambda_s_init: float = field(default=1.0, metadata={"help": "Initial value of every entry of lambda_s."})
@@ -124,6 +135,8 @@ class GivaConfig(PeftConfig):
             raise ValueError(f"GivaConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.svd not in SVD_METHODS:
             raise ValueError(f"GivaConfig.svd must be one of {SVD_METHODS}, got {self.svd!r}")
+        if self.bases_dtype not in BASES_DTYPES:
+            raise ValueError(f"GivaConfig.bases_dtype must be one of {tuple(BASES_DTYPES)}, got {self.bases_dtype!r}")
         if not 0.0 <= self.giva_dropout < 1.0:
             raise ValueError(f"GivaConfig.giva_dropout must be in [0, 1), got {self.giva_dropout!r}")
         if self.bias not in BIAS_CHOICES:

@@ -33,6 +33,7 @@ from .bases import (
     seeded_output_basis,
 )
 from .config import GivaConfig
+from .serving import SharedBufferDict, basis_storage_dtype, check_mixed_batch_args, is_shareable, mixed_batch_forward
 
 
 class BasesNotInitializedError(RuntimeError):
@@ -66,8 +67,9 @@ class GivaLayer(BaseTunerLayer):
         self.quantization_backend = None
         self.r: dict[str, int] = {}
         self.blocks: dict[str, list[Block]] = {}
-        self.giva_A = BufferDict({}, persistent=True)
-        self.giva_B = BufferDict({}, persistent=True)
+        # Adapters whose bases are data-independent share one tensor per layer (giva.serving).
+        self.giva_A = SharedBufferDict({}, persistent=True)
+        self.giva_B = SharedBufferDict({}, persistent=True)
         self.giva_out_index = BufferDict({}, persistent=False)
         self.giva_lambda_s = nn.ParameterDict({})
         self.giva_lambda_o = nn.ParameterDict({})
@@ -123,8 +125,9 @@ class GivaLayer(BaseTunerLayer):
 
         device = self.get_base_weight().device
         a, b = self._initial_bases(blocks, config)
-        self.giva_A[adapter_name] = a.to(device)
-        self.giva_B[adapter_name] = b.to(device)
+        for name, basis in (("giva_A", a), ("giva_B", b)):
+            storage = basis.to(device, basis_storage_dtype(config, name))
+            getattr(self, name).add(adapter_name, storage, share=is_shareable(config, name))
         if row_offset != self.out_features:
             rows = torch.cat([torch.arange(blk.out_start, blk.out_start + blk.out_size) for blk in blocks])
             self.giva_out_index[adapter_name] = rows.to(device)
@@ -178,6 +181,8 @@ class GivaLayer(BaseTunerLayer):
             )
         rank_rows = slice(block.rank_offset, block.rank_offset + block.rank)
         out_rows = slice(block.row_offset, block.row_offset + block.out_size)
+        self.giva_A.unshare(adapter_name)
+        self.giva_B.unshare(adapter_name)
         with torch.no_grad():
             self.giva_A[adapter_name][rank_rows].copy_(a)
             self.giva_B[adapter_name][out_rows, rank_rows].copy_(b)
@@ -270,23 +275,16 @@ class GivaLayer(BaseTunerLayer):
             return result.index_add(-1, self.giva_out_index[adapter_name], delta)
         return result + delta
 
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter in sorted(set(adapter_names)):
-            if adapter not in self.giva_lambda_o:  # includes "__base__"
-                continue
-            rows = [i for i, name in enumerate(adapter_names) if name == adapter]
-            result[rows] = self._add_adapter_output(result[rows], x[rows], adapter)
-        return result
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            check_mixed_batch_args(self, x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+            return mixed_batch_forward(self, self.base_layer(x, *args, **kwargs), x, adapter_names)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
             return result

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import partial
 from typing import Any, Optional
 
 import torch
@@ -17,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from .bases import SEEDED_B_VARIANTS
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .layer import GivaLayer, Linear
+from .serving import mixed_batch_hooks
 
 # Fused projections recognised without `block_sizes` (name -> how to split the outputs).
 _EQUAL_SPLIT_FUSED = {"gate_up_proj": 2}
@@ -60,11 +60,6 @@ def fused_block_sizes(
                 return sizes
         return _equal_blocks(3, out_features, module_key)
     return [out_features]
-
-
-def _adapter_names_pre_forward_hook(target: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    kwargs["adapter_names"] = adapter_names
-    return args, kwargs
 
 
 class GivaModel(BaseTuner):
@@ -141,22 +136,10 @@ class GivaModel(BaseTuner):
         if adapter_names is None:
             yield
             return
-        if self.training:
-            raise ValueError("adapter_names (mixed-adapter batches) is for inference; call model.eval() first")
         known = {name for _, layer in self.giva_layers() for name in layer.giva_lambda_o}
-        unknown = {name for name in adapter_names if name != "__base__"} - known
-        if unknown:
-            raise ValueError(f"adapter_names names adapter(s) that do not exist: {', '.join(sorted(unknown))}")
-        handles = []
-        for module in self.modules():
-            if isinstance(module, (GivaLayer, AuxiliaryTrainingWrapper)):
-                hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        try:
+        hooked = (GivaLayer, AuxiliaryTrainingWrapper)
+        with mixed_batch_hooks(self, adapter_names, known, hooked, num_beams=kwargs.get("num_beams")):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @staticmethod
     def _regenerable_bases(config: GivaConfig) -> tuple[str, ...]:

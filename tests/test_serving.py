@@ -1,0 +1,177 @@
+"""Serving many adapters: shared bases, bases stored in bf16, and the batched mixed-adapter forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import giva
+from giva import GivaConfig, serving
+from giva.layer import GivaLayer
+from tiny_models import text_batches, tiny_bert, tiny_gpt2, tiny_llama
+
+CASES = {
+    "bert": (tiny_bert, ["query", "value", "dense"], {}),
+    "gpt2-fused": (tiny_gpt2, ["c_attn", "c_proj", "c_fc"], {"c_attn": [0, 2]}),  # Conv1D, Q and V blocks only
+    "llama": (tiny_llama, ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], {}),
+}
+
+
+def _multi_adapter_model(case: str, ranks: dict[str, int], variant: str = "Vr"):
+    factory, targets, adapt_blocks = CASES[case]
+    torch.manual_seed(0)
+    model = None
+    for name, r in ranks.items():
+        # init_weights=False: stand-in A and non-zero vectors, so every adapter changes the outputs differently.
+        config = GivaConfig(r=r, target_modules=targets, adapt_blocks=adapt_blocks, variant=variant, init_weights=False)
+        if model is None:
+            model = get_peft_model(factory(), config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    return model.eval()
+
+
+def _logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
+
+
+def _one_at_a_time(model, ids, names):
+    expected = []
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                expected.append(_logits(model, ids)[row])
+        else:
+            model.set_adapter(name)
+            expected.append(_logits(model, ids)[row])
+    return torch.stack(expected)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mixed_batch_is_batched_and_equals_one_adapter_at_a_time(case, monkeypatch):
+    model = _multi_adapter_model(case, {"t0": 4, "t1": 4, "t2": 4})
+    ids = text_batches(batch=6)[0]["input_ids"]
+    names = ["t1", "t0", "__base__", "t2", "t0", "t1"]
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("adapters of one layout must take the gathered path")
+
+    monkeypatch.setattr(serving, "_grouped_forward", no_fallback)
+    mixed = _logits(model, ids, adapter_names=names)
+    monkeypatch.undo()
+    assert torch.allclose(mixed, _one_at_a_time(model, ids, names), atol=1e-5)
+
+
+def test_mixed_batch_with_adapters_of_different_layouts():
+    model = _multi_adapter_model("gpt2-fused", {"t0": 4, "t1": 2})
+    ids = text_batches(batch=4)[0]["input_ids"]
+    names = ["t1", "t0", "__base__", "t1"]
+    assert torch.allclose(_logits(model, ids, adapter_names=names), _one_at_a_time(model, ids, names), atol=1e-5)
+
+
+def test_seeded_bases_are_one_tensor_per_layer_and_stay_shared_under_casts():
+    model = _multi_adapter_model("llama", {"t0": 4, "t1": 4, "t2": 4})
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    for layer in layers:
+        assert layer.giva_B["t0"] is layer.giva_B["t1"] is layer.giva_B["t2"]
+        assert layer.giva_A["t0"] is not layer.giva_A["t1"]  # A is data-dependent, per adapter
+    ids = text_batches(batch=2)[0]["input_ids"]
+    before = _logits(model, ids)
+    model.to(torch.float64).to(torch.float32)
+    for layer in layers:
+        assert layer.giva_B["t0"] is layer.giva_B["t1"] is layer.giva_B["t2"]
+    assert torch.allclose(_logits(model, ids), before, atol=1e-6)
+
+    random_variant = _multi_adapter_model("bert", {"t0": 4, "t1": 4}, variant="random")
+    data_dependent = _multi_adapter_model("bert", {"t0": 4, "t1": 4}, variant="VrUr")
+    for layer in (m for m in random_variant.modules() if isinstance(m, GivaLayer)):
+        assert layer.giva_A["t0"] is layer.giva_A["t1"] and layer.giva_B["t0"] is layer.giva_B["t1"]
+    for layer in (m for m in data_dependent.modules() if isinstance(m, GivaLayer)):
+        assert layer.giva_B["t0"] is not layer.giva_B["t1"]
+
+
+def test_writing_or_loading_other_bases_into_a_shared_tensor_unshares_it_first():
+    model = _multi_adapter_model("bert", {"t0": 4, "t1": 4})
+    layer = next(m for m in model.modules() if isinstance(m, GivaLayer))
+    b_of_b = layer.giva_B["t1"].clone()
+    block = layer.blocks["t0"][0]
+    layer.set_block_bases("t0", block, torch.randn(block.rank, layer.in_features), torch.randn(block.out_size, block.rank))
+    assert layer.giva_B["t0"] is not layer.giva_B["t1"] and torch.equal(layer.giva_B["t1"], b_of_b)
+
+    other = next(m for m in model.modules() if isinstance(m, GivaLayer) and m is not layer)
+    assert other.giva_B["t0"] is other.giva_B["t1"]
+    kept = other.giva_B["t1"].clone()
+    other.giva_B.load_state_dict({"t0": torch.ones_like(kept), "t1": kept}, strict=False)
+    assert torch.equal(other.giva_B["t0"], torch.ones_like(kept)) and torch.equal(other.giva_B["t1"], kept)
+
+
+def test_several_adapters_with_shared_bases_save_and_reload_bit_exactly(tmp_path):
+    model = _multi_adapter_model("gpt2-fused", {"t0": 4, "t1": 4})
+    ids = text_batches(batch=3)[0]["input_ids"]
+    names = ["t0", "t1", "__base__"]
+    before = _logits(model, ids, adapter_names=names)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "t0", adapter_name="t0")
+    loaded.load_adapter(tmp_path / "t1", adapter_name="t1")
+    loaded.eval()
+    assert torch.equal(_logits(loaded, ids, adapter_names=names), before)
+    for layer in (m for m in loaded.modules() if isinstance(m, GivaLayer)):
+        assert layer.giva_B["t0"] is layer.giva_B["t1"]
+
+
+def test_bf16_input_basis_is_stored_trained_and_reloaded_as_is(tmp_path):
+    batches = text_batches()
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], bases_dtype="bfloat16"))
+    layer = next(m for m in model.modules() if isinstance(m, GivaLayer))
+    assert layer.giva_A["default"].dtype == torch.bfloat16 and layer.giva_B["default"].dtype == torch.float32
+    giva.initialize(model, batches, progress=False)
+    a = layer.giva_A["default"]
+    assert a.dtype == torch.bfloat16
+    error = (a.float() @ a.float().T - torch.eye(a.shape[0])).abs().max().item()
+    assert 1e-6 < error < 1e-2  # bf16 rounding: orthonormal to ~1e-3, not ~1e-7
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for batch in batches[:2]:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    before = _logits(model, batches[0]["input_ids"])
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    assert next(m for m in loaded.modules() if isinstance(m, GivaLayer)).giva_A["default"].dtype == torch.bfloat16
+    assert torch.equal(_logits(loaded, batches[0]["input_ids"]), before)
+
+
+def test_mixed_batch_arguments_are_checked_like_lora():
+    model = _multi_adapter_model("bert", {"t0": 4, "t1": 4})
+    ids = text_batches(batch=4)[0]["input_ids"]
+    with pytest.raises(ValueError, match="Length of `adapter_names`"):
+        _logits(model, ids, adapter_names=["t0", "t1"])
+    with pytest.raises(TypeError, match="list of adapter names"):
+        _logits(model, ids, adapter_names="a")
+    model.train()
+    with pytest.raises(ValueError, match="training mode"):
+        model(input_ids=ids, adapter_names=["t0"] * 4)
+    model.eval()
+    model.set_adapter("t0")
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged adapters"):
+        _logits(model, ids, adapter_names=["t0", "t1", "t0", "__base__"])
+    model.unmerge_adapter()
+    _logits(model, ids, adapter_names=["t0", "t1", "t0", "__base__"])
+
+
+def test_generate_with_num_beams_expands_adapter_names_like_lora():
+    model = _multi_adapter_model("llama", {"t0": 4, "t1": 4})
+    ids = text_batches(batch=2)[0]["input_ids"]
+    settings = {"max_new_tokens": 4, "num_beams": 2, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=["t1", "t0"], **settings)
+        expected = []
+        for row, name in enumerate(["t1", "t0"]):
+            model.set_adapter(name)
+            expected.append(model.generate(input_ids=ids[row : row + 1], **settings)[0])
+    assert torch.equal(mixed, torch.stack(expected))
