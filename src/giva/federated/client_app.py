@@ -1,0 +1,130 @@
+"""The Flower ClientApp: a client answers the setup round from its own shard, then trains locally.
+
+Handlers (message types in :mod:`.messages`):
+
+* ``query.statistics``: GiVA gradient statistics of the client's calibration batches (sketch or dense),
+  already multiplied by its example counts, plus ``num-examples``.
+* ``query.bases``: store the agreed ``A`` (GiVA) or VeRA's projections in the node's persistent
+  ``context.state``; later rounds read them from there.
+* ``train``: load the global trainable tensors, take ``local-steps`` AdamW steps on the shard, send
+  the trainable tensors back with ``num-examples``.
+
+The client's shard is ``partition-id`` of ``num-partitions`` from the node config (set by the
+simulation engine, or ``flower-supernode --node-config "partition-id=0 num-partitions=4"``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from . import messages
+from .statistics import apply_bases, client_statistics
+from .task import (
+    FederatedConfig,
+    Task,
+    build_model,
+    cached_task,
+    load_projection_state,
+    load_trainable_state,
+    local_train,
+    trainable_state,
+)
+
+logger = logging.getLogger(__name__)
+
+STATE_KEY = "giva-setup"  # the node's context.state record holding what the setup round delivered
+
+TaskFactory = Callable[[FederatedConfig], Task]
+
+
+def default_task(config: FederatedConfig) -> Task:
+    return cached_task(tuple(sorted(vars(config).items())))
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"the node config has no {err.args[0]!r}: start the SuperNode with "
+            "--node-config \"partition-id=<i> num-partitions=<n>\""
+        ) from err
+
+
+class _ModelCache:
+    """One model per process and config; every call reloads bases and trainable tensors, so the
+    virtual clients sharing a simulation worker never see each other's state."""
+
+    def __init__(self) -> None:
+        self.key: Optional[tuple] = None
+        self.model: Optional[torch.nn.Module] = None
+
+    def get(self, task: Task, config: FederatedConfig) -> torch.nn.Module:
+        key = (id(task), tuple(sorted(vars(config).items())))
+        if self.key != key:
+            self.model, self.key = build_model(task, config), key
+        return self.model
+
+
+def make_client_app(
+    task_factory: TaskFactory = default_task, config: Optional[FederatedConfig] = None
+) -> ClientApp:
+    """A ClientApp for ``config`` (default: read from the run config, as ``flwr run`` passes it)."""
+    app = ClientApp()
+    cache = _ModelCache()
+
+    def setup(context: Context) -> tuple[FederatedConfig, Task, int, int]:
+        cfg = config or FederatedConfig.from_flat(dict(context.run_config))
+        partition, num_partitions = _partition(context)
+        return cfg, task_factory(cfg), partition, num_partitions
+
+    def prepared_model(context: Context, cfg: FederatedConfig, task: Task) -> torch.nn.Module:
+        model = cache.get(task, cfg)
+        if STATE_KEY in context.state:
+            stored = messages.record_tensors(context.state[STATE_KEY])
+            if cfg.method == "giva":
+                apply_bases(model, stored)
+            elif cfg.method == "vera":
+                load_projection_state(model, stored)
+        elif cfg.method == "giva":
+            raise RuntimeError("a GiVA client was asked to train before the setup round delivered its bases")
+        return model
+
+    @app.query("statistics")
+    def statistics(msg: Message, context: Context) -> Message:
+        cfg, task, partition, num_partitions = setup(context)
+        request = msg.content[messages.CONFIG]
+        model = cache.get(task, cfg)
+        batches = task.calibration_batches(partition, num_partitions, int(request["num-batches"]))
+        stats, count = client_statistics(model, batches, str(request["mode"]), int(request["seed"]),
+                                         int(request["oversample"]))
+        logger.info("client %d: %s statistics of %d examples", partition, request["mode"], count)
+        return Message(messages.make_content(stats, metrics={"num-examples": count}), reply_to=msg)
+
+    @app.query("bases")
+    def bases(msg: Message, context: Context) -> Message:
+        record = msg.content[messages.ARRAYS]
+        context.state[STATE_KEY] = record
+        return Message(messages.make_content(metrics={"num-stored": len(record)}), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg, task, partition, num_partitions = setup(context)
+        request = msg.content[messages.CONFIG]
+        model = prepared_model(context, cfg, task)
+        load_trainable_state(model, messages.record_tensors(msg.content[messages.ARRAYS]))
+        batches = task.train_batches(partition, num_partitions, int(request["round"]))
+        losses = local_train(model, batches, int(request["local-steps"]), float(request["lr"]))
+        metrics = {"num-examples": task.shard_size(partition, num_partitions), "train-loss": sum(losses) / len(losses)}
+        return Message(messages.make_content(trainable_state(model), metrics=metrics), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

@@ -1,0 +1,109 @@
+"""What the server and the clients send each other, and how many bytes it takes on the wire.
+
+Every exchange is a Flower ``Message`` whose content is a ``RecordDict``:
+
+====================  ==========  ====================================================================
+message type          direction   content
+====================  ==========  ====================================================================
+``query.statistics``  down        config: the pass to run (sketch / dense), calibration batches, seed
+``query.statistics``  up          arrays: one summed statistic per adapted block (``key#block``);
+                                  metrics: ``num-examples`` (the weight of this client's sums)
+``query.bases``       down        arrays: the agreed input bases ``A`` (GiVA) or VeRA's projections;
+                                  B never travels (regenerated from the seed)
+``query.bases``       up          metrics: ``num-stored`` (acknowledgement)
+``train``             down        arrays: the global trainable tensors; config: round, steps, LR
+``train``             up          arrays: the client's trainable tensors after local steps;
+                                  metrics: ``num-examples``, ``train-loss``
+====================  ==========  ====================================================================
+
+The byte count of a message is what Flower actually ships: Flower deflates a message into a
+tree of objects (the message, its ``RecordDict``, each record, each array and the array's chunks),
+each serialised once with its header, and identical objects are sent once. :func:`message_bytes`
+sums ``len(obj.deflate())`` over that de-duplicated tree, i.e. the bytes pushed for the message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+STATISTICS = "query.statistics"
+BASES = "query.bases"
+TRAIN = "train"
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+
+def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
+    """An ``ArrayRecord`` holding CPU copies of ``tensors`` (their dtype is kept: fp32 stays fp32)."""
+    return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+
+
+def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """The tensors of an ``ArrayRecord`` as writable torch tensors."""
+    return {name: t.clone() for name, t in record.to_torch_state_dict().items()}
+
+
+def make_content(
+    tensors: dict[str, torch.Tensor] | None = None,
+    config: dict[str, int | float | str | bool] | None = None,
+    metrics: dict[str, int | float] | None = None,
+) -> RecordDict:
+    """A ``RecordDict`` with the optional ``arrays`` / ``config`` / ``metrics`` records."""
+    content = RecordDict()
+    if tensors is not None:
+        content[ARRAYS] = tensors_record(tensors)
+    if config is not None:
+        content[CONFIG] = ConfigRecord(dict(config))
+    if metrics is not None:
+        content[METRICS] = MetricRecord(dict(metrics))
+    return content
+
+
+def message_bytes(message: Message) -> int:
+    """Bytes Flower pushes for ``message``: every object of its tree serialised once (identical ones once)."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(message).values())
+
+
+def payload_bytes(message: Message) -> int:
+    """Raw bytes of the tensors in the message's ``arrays`` record (no headers): a lower bound."""
+    if not message.has_content() or ARRAYS not in message.content:
+        return 0
+    return sum(t.numel() * t.element_size() for t in message.content[ARRAYS].to_torch_state_dict().values())
+
+
+def roundtrip(message: Message) -> tuple[Message, int]:
+    """Serialise ``message`` as Flower does and rebuild it from those bytes; returns the copy and the byte count.
+
+    The in-process engine sends every message through this, so a client never sees the server's
+    objects, only what the bytes carried.
+    """
+    objects = get_all_nested_objects(message)
+    contents = {object_id: obj.deflate() for object_id, obj in objects.items()}
+    size = sum(len(c) for c in contents.values())
+    copy = inflate_object_from_contents(message.object_id, contents, keep_object_contents=False)
+    assert isinstance(copy, Message)
+    return copy, size
+
+
+@dataclass
+class Traffic:
+    """Bytes of one round: per client, down (server -> client) and up (client -> server)."""
+
+    phase: str  # "setup" or "train"
+    round: int
+    down: list[int] = field(default_factory=list)
+    up: list[int] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(self.down) + sum(self.up)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}

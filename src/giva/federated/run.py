@@ -1,0 +1,362 @@
+"""Running the Flower app here: Flower's simulation engine (Ray) or an in-process grid, the centralised
+baseline, and the results files (JSON, markdown table, accuracy-vs-megabytes plot).
+
+The in-process grid delivers each message to the ClientApp in this process after a full round trip
+through Flower's serialization (the client only sees what the bytes carried); it is what the tests and
+quick runs use. ``engine="simulation"`` runs the same ServerApp / ClientApp under
+``flwr.simulation.run_simulation`` with one Ray worker per CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from . import messages
+from .client_app import TaskFactory, default_task, make_client_app
+from .server_app import make_server_app, run_server
+from .task import FederatedConfig, accuracy, build_model, cached_task
+
+logger = logging.getLogger(__name__)
+
+ENGINES: tuple[str, ...] = ("inprocess", "simulation")
+SERVER_NODE_ID = 1
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are ClientApp calls in this process, one persistent ``Context`` per node.
+
+    Every message and reply goes through ``messages.roundtrip`` (deflate to bytes, inflate back);
+    ``sent`` records ``(message_type, dst, down_bytes, up_bytes)`` for each exchange, and with
+    ``keep_log`` ``log`` keeps the delivered ``(message, reply)`` copies (for tests).
+    """
+
+    def __init__(
+        self, client_app: ClientApp, num_nodes: int, run_config: Optional[dict[str, Any]] = None, keep_log: bool = False
+    ) -> None:
+        self._run = Run.create_empty(run_id=1)
+        self.client_app = client_app
+        self.contexts = {
+            1000 + i: Context(
+                run_id=1,
+                node_id=1000 + i,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config=dict(run_config or {}),
+            )
+            for i in range(num_nodes)
+        }
+        self._replies: dict[str, Message] = {}
+        self.sent: list[tuple[str, int, int, int]] = []
+        self.keep_log = keep_log
+        self.log: list[tuple[Message, Message]] = []
+        self._counter = 0
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: Optional[float] = None
+    ) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages_: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages_:
+            dst = message.metadata.dst_node_id
+            if dst not in self.contexts:
+                raise ValueError(f"no node {dst}; the nodes are {sorted(self.contexts)}")
+            self._counter += 1
+            key = f"m{self._counter}"  # a local handle; Flower's message ids are the SuperLink's business
+            delivered, down = messages.roundtrip(message)
+            reply = self.client_app(delivered, self.contexts[dst])
+            returned, up = messages.roundtrip(reply)
+            self.sent.append((message.metadata.message_type, dst, down, up))
+            self._replies[key] = returned
+            if self.keep_log:
+                self.log.append((delivered, returned))
+            ids.append(key)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in message_ids if i in self._replies]
+
+    def send_and_receive(self, messages_: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages_))
+
+
+class _ServerIdentity:
+    """Flower stamps outgoing messages with the running task's identity; set it for an in-process server."""
+
+    def __enter__(self) -> None:
+        self.saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+        TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, SERVER_NODE_ID
+
+    def __exit__(self, *exc: Any) -> None:
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = self.saved
+
+
+def run_inprocess(
+    cfg: FederatedConfig, task_factory: TaskFactory = default_task, keep_log: bool = False
+) -> tuple[dict[str, Any], InProcessGrid]:
+    """The ServerApp logic against an :class:`InProcessGrid` of ``cfg.clients`` ClientApps."""
+    grid = InProcessGrid(make_client_app(task_factory, cfg), cfg.clients, keep_log=keep_log)
+    with _ServerIdentity():
+        results = run_server(grid, cfg, task_factory)
+    return results, grid
+
+
+def run_simulation(cfg: FederatedConfig, task_factory: TaskFactory = default_task, num_cpus: int = 2) -> dict[str, Any]:
+    """The same apps under Flower's simulation engine (Ray); one worker per CPU, one thread each."""
+    from flwr.simulation import run_simulation as flwr_run_simulation
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the Ray workers
+    results: list[dict[str, Any]] = []
+    server = make_server_app(cfg, task_factory, sink=results.append)
+    client = make_client_app(task_factory, cfg)
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": num_cpus}}
+    flwr_run_simulation(server, client, num_supernodes=cfg.clients, backend_config=backend)
+    if not results:
+        raise RuntimeError("the Flower simulation ended without results; its log above says why")
+    return results[0]
+
+
+def run_federated(cfg: FederatedConfig, engine: str = "inprocess", task_factory: TaskFactory = default_task) -> dict[str, Any]:
+    """One federated run on ``engine``; returns the results dict (see :func:`giva.federated.server_app.run_server`)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine == "simulation":
+        results = run_simulation(cfg, task_factory)
+    else:
+        results, _ = run_inprocess(cfg, task_factory)
+    results["engine"] = engine
+    return results
+
+
+def run_centralised(cfg: FederatedConfig, task_factory: TaskFactory = default_task) -> dict[str, Any]:
+    """GiVA trained in one process on the pooled shards with the federated run's total steps.
+
+    Initialisation is ``giva.initialize`` (dense gradient) over ``clients x num_batches`` pooled
+    calibration batches; training takes ``rounds x clients x local_steps`` AdamW steps with a linear
+    decay; accuracy is recorded every ``clients x local_steps`` steps (one federated round's worth).
+    """
+    from ..gradients import initialize
+
+    start = time.perf_counter()
+    task = task_factory(cfg)
+    if not hasattr(task, "pooled_batches"):
+        raise ValueError("the centralised baseline needs a task with pooled_batches()")
+    model = build_model(task, replace(cfg, method="giva"))
+    calibration = task.pooled_batches(round_index=-1)
+    initialize(model, [next(calibration) for _ in range(cfg.clients * cfg.num_batches)],
+               num_batches=cfg.clients * cfg.num_batches, progress=False)
+    test = task.test_batches()
+    per_round = cfg.clients * cfg.local_steps
+    total = cfg.rounds * per_round
+    from ..finetune import parameter_groups
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg.peak_lr, None, 0.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    batches = task.pooled_batches(round_index=0)
+    rounds = [{"round": 0, "accuracy": accuracy(model, test)}]
+    model.train()
+    for step in range(1, total + 1):
+        loss = model(**next(batches)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % per_round == 0:
+            model.eval()
+            rounds.append({"round": step // per_round, "accuracy": accuracy(model, test), "steps": step})
+            model.train()
+    model.eval()
+    return {"config": asdict(cfg), "method": "giva-centralised", "rounds": rounds, "steps": total,
+            "seconds": time.perf_counter() - start}
+
+
+# --------------------------------------------------------------------------------------------- reports
+
+
+def write_json(data: Any, path: str) -> None:
+    """Write ``data`` as indented JSON atomically (a temporary sibling, then a rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, target)
+
+
+def summarise(run: dict[str, Any], label: str, setup_bytes: Optional[int] = None) -> dict[str, Any]:
+    """Per-run figures: bytes per client per round, setup and total bytes, accuracy per round, cumulative MB."""
+    setup = run["setup_bytes"] if setup_bytes is None else setup_bytes
+    rounds = run["rounds"]
+    train = [r["traffic"] for r in rounds[1:]]
+    clients = run["config"]["clients"]
+    cumulative = [setup]
+    for t in train:
+        cumulative.append(cumulative[-1] + t["total"])
+    return {
+        "label": label,
+        "method": run["config"]["method"],
+        "split": run["config"]["split"],
+        "trainable_parameters": run["trainable_parameters"],
+        "down_per_client_round": train[0]["down"][0] if train else 0,
+        "up_per_client_round": train[0]["up"][0] if train else 0,
+        "setup_bytes": setup,
+        "setup_per_client": setup / clients,
+        "total_bytes": cumulative[-1],
+        "cumulative_bytes": cumulative,
+        "accuracy": [r["accuracy"] for r in rounds],
+        "final_accuracy": rounds[-1]["accuracy"],
+        "best_accuracy": max(r["accuracy"] for r in rounds),
+        "seconds": run.get("seconds"),
+    }
+
+
+def to_target(summary: dict[str, Any], target: float) -> tuple[Optional[int], Optional[int]]:
+    """First round whose accuracy is >= ``target`` and the total bytes sent up to its end (None: never)."""
+    for index, acc in enumerate(summary["accuracy"]):
+        if index > 0 and acc >= target:
+            return index, summary["cumulative_bytes"][index]
+    return None, None
+
+
+def _mb(n: Optional[float]) -> str:
+    return "-" if n is None else f"{n / 1e6:.3f}"
+
+
+def markdown_table(summaries: list[dict[str, Any]], targets: list[float], centralised: Optional[dict] = None) -> str:
+    """The results table (bytes in MB = 10^6 bytes, accuracy on the held-out split)."""
+    head = ("| method | split | trainable | down / client / round (MB) | up / client / round (MB) | setup total (MB) "
+            "| total (MB) | final acc. | best acc. | " + " | ".join(f"rounds (MB) to {t:.1%}" for t in targets) + " |")
+    lines = [head, "|" + "---|" * (10 + len(targets))]
+    for s in summaries:
+        reach = []
+        for t in targets:
+            r, b = to_target(s, t)
+            reach.append("not reached" if r is None else f"{r} ({_mb(b)})")
+        lines.append(
+            f"| {s['label']} | {s['split']} | {s['trainable_parameters']:,} | {_mb(s['down_per_client_round'])} | "
+            f"{_mb(s['up_per_client_round'])} | {_mb(s['setup_bytes'])} | {_mb(s['total_bytes'])} | "
+            f"{s['final_accuracy']:.2%} | {s['best_accuracy']:.2%} | " + " | ".join(reach) + " |"
+        )
+    if centralised is not None:
+        accs = [r["accuracy"] for r in centralised["rounds"]]
+        lines.append(
+            f"| giva, centralised ({centralised['steps']} steps, pooled data) | - | - | - | - | - | - | "
+            f"{accs[-1]:.2%} | {max(accs):.2%} | " + " | ".join("-" for _ in targets) + " |"
+        )
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_mb(summaries: list[dict[str, Any]], path: str, title: str = "") -> None:
+    """Accuracy after each round against the cumulative megabytes sent (setup included), log x-axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for s in summaries:
+        xs = [max(b, 1) / 1e6 for b in s["cumulative_bytes"]]
+        ax.plot(xs, [100 * a for a in s["accuracy"]], marker="o", markersize=3, label=f"{s['label']} ({s['split']})")
+    ax.set_xscale("log")
+    ax.set_xlabel("total megabytes sent, all clients, up + down (setup included; log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_comparison(
+    base: FederatedConfig,
+    output_dir: str,
+    methods: tuple[str, ...] = ("giva", "lora", "vera"),
+    engine: str = "inprocess",
+    centralised: bool = True,
+    targets: Optional[list[float]] = None,
+) -> dict[str, Any]:
+    """Every method on ``base`` (same shards, rounds, steps), VeRA's two setups, and the centralised
+    GiVA baseline; writes ``results.json``, ``results.md`` and ``accuracy_vs_mb.png`` to ``output_dir``.
+
+    VeRA without projections is the VeRA run's training with its setup message left out: the clients
+    regenerate the very same projections from the PRNG key, so only the setup bytes differ.
+    """
+    runs: dict[str, Any] = {}
+    summaries = []
+    for method in methods:
+        cfg = replace(base, method=method, vera_projections=True)
+        logger.info("federated %s: %d clients, %d rounds, %s", method, cfg.clients, cfg.rounds, cfg.split)
+        runs[method] = run_federated(cfg, engine)
+        label = {"giva": f"giva r={cfg.giva_r} ({cfg.init_mode})", "lora": f"lora r={cfg.lora_r}",
+                 "vera": f"vera r={cfg.vera_r}, projections sent"}[method]
+        summaries.append(summarise(runs[method], label))
+        if method == "vera":
+            summaries.append(summarise(runs[method], f"vera r={cfg.vera_r}, seed only", setup_bytes=0))
+        write_json({"runs": runs}, str(Path(output_dir) / "results.json"))  # partial results survive a crash
+    central = run_centralised(base) if centralised and "giva" in methods else None
+    if targets is None:
+        targets = [0.70, 0.75]
+        if "lora" in runs:
+            targets.append(math.floor(1000 * (runs["lora"]["rounds"][-1]["accuracy"] - 0.01)) / 1000)
+    table = markdown_table(summaries, targets, central)
+    out = {"runs": runs, "summaries": summaries, "centralised": central, "targets": targets, "table": table,
+           "versions": _versions()}
+    write_json(out, str(Path(output_dir) / "results.json"))
+    Path(output_dir, "results.md").write_text(table + "\n")
+    plot_accuracy_vs_mb(summaries, str(Path(output_dir) / "accuracy_vs_mb.png"),
+                        f"{base.clients} clients, {base.rounds} rounds x {base.local_steps} local steps, {base.split}")
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import flwr
+    import peft
+    import transformers
+
+    return {"flwr": flwr.__version__, "torch": torch.__version__, "peft": peft.__version__,
+            "transformers": transformers.__version__}
+
+
+__all__ = [
+    "ENGINES",
+    "InProcessGrid",
+    "cached_task",
+    "markdown_table",
+    "plot_accuracy_vs_mb",
+    "run_centralised",
+    "run_comparison",
+    "run_federated",
+    "run_inprocess",
+    "run_simulation",
+    "summarise",
+    "write_json",
+]

@@ -1,0 +1,169 @@
+"""The Flower ServerApp: one setup round that agrees on the frozen bases, then FedAvg of the trainable tensors.
+
+Setup (before round 1):
+
+* GiVA: ``query.statistics`` to every client -> each returns its shard's summed sketch (or dense
+  gradient) and example count -> the server adds them up (exactly what one process computes over the
+  union of the shards), takes the SVD, and sends every client ``A`` in ``query.bases``. ``B`` is
+  seeded, so it never travels.
+* VeRA with ``vera-projections``: the shared random projections in ``query.bases``; without, nothing
+  (clients regenerate them from the PRNG key).
+* LoRA: nothing (its initial factors travel with round 1's global state).
+
+Rounds ``1..R``: ``train`` sends the global trainable tensors (GiVA: ``lambda_s``, ``lambda_o`` and the
+head; LoRA: A, B and the head; VeRA: ``lambda_b``, ``lambda_d`` and the head); every client returns
+its tensors after ``local-steps`` steps; the server replaces the global ones by their example-weighted
+mean (FedAvg) and evaluates on the held-out split. Every message's serialized size is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, Optional
+
+from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from . import messages
+from .client_app import TaskFactory, default_task
+from .statistics import apply_bases, bases_from_statistics, block_specs, combine_statistics
+from .task import (
+    FederatedConfig,
+    accuracy,
+    build_model,
+    fedavg,
+    load_trainable_state,
+    peft_config,
+    projection_state,
+    trainable_state,
+)
+
+logger = logging.getLogger(__name__)
+
+ResultSink = Callable[[dict[str, Any]], None]
+NODE_WAIT_SECONDS = 600.0
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float = NODE_WAIT_SECONDS) -> list[int]:
+    """The first ``count`` connected node ids (sorted), waiting up to ``timeout`` seconds for them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= count:
+            return nodes[:count]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(nodes)} of {count} clients connected within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def exchange(
+    grid: Grid, nodes: list[int], message_type: str, content: RecordDict, group: str
+) -> tuple[list[Message], messages.Traffic]:
+    """Send ``content`` to every node and collect the replies, in node order, with their byte counts."""
+    phase, _, round_index = group.partition("-")
+    traffic = messages.Traffic(phase=phase, round=int(round_index or 0))
+    outgoing = [Message(content, dst_node_id=node, message_type=message_type, group_id=group) for node in nodes]
+    traffic.down = [messages.message_bytes(m) for m in outgoing]
+    replies = {reply.metadata.src_node_id: reply for reply in grid.send_and_receive(outgoing)}
+    missing = [node for node in nodes if node not in replies]
+    if missing:
+        raise RuntimeError(f"{message_type} ({group}): no reply from node(s) {missing}")
+    failed = {node: replies[node].error.reason for node in nodes if replies[node].has_error()}
+    if failed:
+        raise RuntimeError(f"{message_type} ({group}): client error(s) {failed}")
+    ordered = [replies[node] for node in nodes]
+    traffic.up = [messages.message_bytes(r) for r in ordered]
+    return ordered, traffic
+
+
+def run_server(grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = default_task) -> dict[str, Any]:
+    """The whole federated run on ``grid``; returns the results (accuracy and bytes per round)."""
+    start = time.perf_counter()
+    task = task_factory(cfg)
+    nodes = wait_for_nodes(grid, cfg.clients)
+    model = build_model(task, cfg)
+    test = task.test_batches()
+    setup: list[messages.Traffic] = []
+    setup_info: dict[str, Any] = {}
+
+    if cfg.method == "giva":
+        request = messages.make_content(config={
+            "mode": cfg.init_mode, "num-batches": cfg.num_batches, "seed": cfg.seed, "oversample": cfg.oversample,
+        })
+        replies, traffic = exchange(grid, nodes, messages.STATISTICS, request, "setup-1")
+        setup.append(traffic)
+        parts = [
+            (messages.record_tensors(r.content[messages.ARRAYS]), int(r.content[messages.METRICS]["num-examples"]))
+            for r in replies
+        ]
+        stats, count = combine_statistics(parts)
+        bases = bases_from_statistics(block_specs(model), stats, count, cfg.init_mode, peft_config(cfg))
+        apply_bases(model, bases)
+        _, traffic = exchange(grid, nodes, messages.BASES, messages.make_content(bases), "setup-2")
+        setup.append(traffic)
+        setup_info = {"mode": cfg.init_mode, "calibration_examples": count, "blocks": len(bases)}
+    elif cfg.method == "vera" and cfg.vera_projections:
+        _, traffic = exchange(grid, nodes, messages.BASES, messages.make_content(projection_state(model)), "setup-1")
+        setup.append(traffic)
+
+    rounds = [{"round": 0, "accuracy": accuracy(model, test), "train_loss": None, "traffic": None}]
+    logger.info("%s: accuracy before training %.4f", cfg.method, rounds[0]["accuracy"])
+    for r in range(1, cfg.rounds + 1):
+        config = {"round": r, "local-steps": cfg.local_steps, "lr": cfg.round_lr(r)}
+        content = messages.make_content(trainable_state(model), config=config)
+        replies, traffic = exchange(grid, nodes, messages.TRAIN, content, f"train-{r}")
+        states = [messages.record_tensors(reply.content[messages.ARRAYS]) for reply in replies]
+        weights = [int(reply.content[messages.METRICS]["num-examples"]) for reply in replies]
+        load_trainable_state(model, fedavg(states, weights))
+        losses = [float(reply.content[messages.METRICS]["train-loss"]) for reply in replies]
+        rounds.append({
+            "round": r,
+            "accuracy": accuracy(model, test),
+            "train_loss": sum(w * x for w, x in zip(weights, losses)) / sum(weights),
+            "traffic": traffic.as_dict(),
+        })
+        logger.info("%s round %d: accuracy %.4f, %d bytes", cfg.method, r, rounds[-1]["accuracy"], traffic.total)
+
+    trainable = trainable_state(model)
+    return {
+        "config": asdict(cfg),
+        "nodes": nodes,
+        "setup": [t.as_dict() for t in setup],
+        "setup_info": setup_info,
+        "setup_bytes": sum(t.total for t in setup),
+        "rounds": rounds,
+        "trainable_tensors": len(trainable),
+        "trainable_parameters": sum(t.numel() for t in trainable.values()),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def make_server_app(
+    config: Optional[FederatedConfig] = None,
+    task_factory: TaskFactory = default_task,
+    sink: Optional[ResultSink] = None,
+) -> ServerApp:
+    """A ServerApp for ``config`` (default: the run config of ``flwr run``); results go to ``sink``
+    or, under ``flwr run``, to the JSON file named by the run-config key ``results-path`` if set."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_config = dict(context.run_config)
+        results_path = run_config.pop("results-path", None)
+        cfg = config or FederatedConfig.from_flat(run_config)
+        results = run_server(grid, cfg, task_factory)
+        if sink is not None:
+            sink(results)
+        if results_path:
+            from .run import write_json
+
+            write_json(results, str(results_path))
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,224 @@
+"""Federated GiVA on Flower: the setup round agrees on the one-process bases, FedAvg is the
+example-weighted mean, and the reported bytes are the serialized messages' sizes.
+
+Runs the real ServerApp / ClientApp handlers with Flower's Message objects through an in-process
+grid (every message is deflated to bytes and inflated back); no Ray, tiny seeded BERT, 3 clients.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+
+from giva.federated import messages  # noqa: E402
+from giva.federated.client_app import STATE_KEY  # noqa: E402
+from giva.federated.run import run_inprocess  # noqa: E402
+from giva.federated.statistics import block_specs, one_process_bases  # noqa: E402
+from giva.federated.task import (  # noqa: E402
+    FederatedConfig,
+    build_model,
+    fedavg,
+    peft_config,
+    shard_indices,
+)
+from giva.gradients import initialize  # noqa: E402
+from tiny_models import text_batches, tiny_bert  # noqa: E402
+
+CLIENTS = 3
+TARGETS = "query,value,intermediate.dense"
+
+
+class TinyTask:
+    """Token batches on a tiny BERT; client ``p`` holds ``4 * (p + 1)`` batches of 4 (unequal shards)."""
+
+    num_labels = 2
+
+    def __init__(self, cfg: FederatedConfig) -> None:
+        self.cfg = cfg
+
+    def base_model(self) -> torch.nn.Module:
+        return tiny_bert(seed=self.cfg.seed)
+
+    def shard_size(self, partition: int, num_partitions: int) -> int:
+        return 16 * (partition + 1)
+
+    def _shard(self, partition: int) -> list[dict]:
+        return text_batches(n=4 * (partition + 1), batch=4, length=8, seed=100 + partition)
+
+    def train_batches(self, partition: int, num_partitions: int, round_index: int):
+        shard = self._shard(partition)
+        return iter(shard[round_index % len(shard) :] + shard * 4)
+
+    def calibration_batches(self, partition: int, num_partitions: int, num_batches: int) -> list[dict]:
+        return self._shard(partition)[:num_batches]
+
+    def test_batches(self) -> list[dict]:
+        return text_batches(n=2, batch=8, length=8, seed=999)
+
+
+def config(**overrides) -> FederatedConfig:
+    base = dict(clients=CLIENTS, rounds=2, local_steps=2, giva_r=4, vera_r=8, lora_r=2, target_modules=TARGETS,
+                num_batches=2, oversample=4)
+    return FederatedConfig(**{**base, **overrides})
+
+
+def union_batches(cfg: FederatedConfig, order: list[int]) -> list[dict]:
+    task = TinyTask(cfg)
+    return [b for p in order for b in task.calibration_batches(p, CLIENTS, cfg.num_batches)]
+
+
+def client_bases(grid) -> list[dict[str, torch.Tensor]]:
+    return [messages.record_tensors(ctx.state[STATE_KEY]) for ctx in grid.contexts.values()]
+
+
+def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosines of the principal angles between the row spaces of two orthonormal-row matrices."""
+    return torch.linalg.svdvals(a.double() @ b.double().mT)
+
+
+@pytest.fixture(scope="module")
+def dense_run():
+    cfg = config(init_mode="dense")
+    return cfg, *run_inprocess(cfg, TinyTask, keep_log=True)
+
+
+@pytest.fixture(scope="module")
+def sketch_run():
+    cfg = config(init_mode="sketch", rounds=1, local_steps=1)
+    return cfg, *run_inprocess(cfg, TinyTask, keep_log=True)
+
+
+def test_dense_setup_gives_every_client_the_one_process_bases_bit_for_bit(dense_run):
+    cfg, results, grid = dense_run
+    held = client_bases(grid)
+    assert len(held) == CLIENTS
+    for other in held[1:]:
+        assert other.keys() == held[0].keys()
+        assert all(torch.equal(other[k], held[0][k]) for k in held[0])
+    # One process over the union of the shards, in two different orders: the same bits.
+    model = build_model(TinyTask(cfg), cfg)
+    for order in ([0, 1, 2], [2, 0, 1]):
+        reference = one_process_bases(model, union_batches(cfg, order), "dense", peft_config(cfg))
+        assert reference.keys() == held[0].keys()
+        assert all(torch.equal(reference[k], held[0][k]) for k in reference)
+    # ... and the library's own single-process initialisation over the same batches (a mean of equal-size
+    # batch gradients in float32, so equal up to rounding).
+    initialize(model, union_batches(cfg, [0, 1, 2]), num_batches=CLIENTS * cfg.num_batches, progress=False)
+    layers = {name: m for name, m in model.named_modules() if hasattr(m, "giva_A")}
+    for key, spec in block_specs(model).items():
+        a = next(m for m in layers.values() if m.layer_name == spec.layer_name).giva_A["default"]
+        assert principal_cosines(a, held[0][key]).min() > 0.9999
+    assert results["setup_info"] == {"mode": "dense", "calibration_examples": 4 * cfg.num_batches * CLIENTS,
+                                     "blocks": len(held[0])}
+
+
+def test_sketch_setup_matches_a_one_process_sketch_of_the_union(sketch_run):
+    cfg, results, grid = sketch_run
+    held = client_bases(grid)
+    for other in held[1:]:
+        assert all(torch.equal(other[k], held[0][k]) for k in held[0])
+    model = build_model(TinyTask(cfg), cfg)
+    reference = one_process_bases(model, union_batches(cfg, [0, 1, 2]), "sketch", peft_config(cfg), cfg.oversample)
+    for key in reference:
+        cosines = principal_cosines(reference[key], held[0][key])
+        assert cosines.min() > 0.999, (key, cosines)
+        assert torch.allclose(held[0][key] @ held[0][key].mT, torch.eye(cfg.giva_r), atol=1e-5)  # orthonormal rows
+    # A sketch is (in x k) per block, far smaller than the dense out x in gradient it stands for.
+    statistics_up = results["setup"][0]["up"][0]
+    dense_floats = sum(s.shape[0] * s.shape[1] for s in block_specs(model).values())
+    assert statistics_up < 4 * dense_floats
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    generator = torch.Generator().manual_seed(0)
+    states = [{"v": torch.randn(5, generator=generator), "h": torch.randn(2, 3, generator=generator)} for _ in range(3)]
+    weights = [16, 32, 48]
+    averaged = fedavg(states, weights)
+    for name in ("v", "h"):
+        expected = sum(w * s[name].double() for w, s in zip(weights, states)) / sum(weights)
+        assert torch.allclose(averaged[name].double(), expected, atol=1e-7)
+    with pytest.raises(ValueError, match="positive"):
+        fedavg(states, [1, 0, 2])
+
+
+def test_server_applies_fedavg_of_the_client_replies(dense_run):
+    cfg, results, grid = dense_run
+    train = [(m, r) for m, r in grid.log if m.metadata.message_type == messages.TRAIN]
+    round1 = [r for m, r in train if m.content[messages.CONFIG]["round"] == 1]
+    round2_sent = [m for m, r in train if m.content[messages.CONFIG]["round"] == 2]
+    weights = [int(r.content[messages.METRICS]["num-examples"]) for r in round1]
+    assert sorted(weights) == [16, 32, 48]  # unequal shards, so the weights matter
+    expected = fedavg([messages.record_tensors(r.content[messages.ARRAYS]) for r in round1], weights)
+    for sent in round2_sent:
+        got = messages.record_tensors(sent.content[messages.ARRAYS])
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in got)
+    unweighted = fedavg([messages.record_tensors(r.content[messages.ARRAYS]) for r in round1], [1, 1, 1])
+    assert any(not torch.allclose(unweighted[k], expected[k]) for k in expected)
+
+
+def test_giva_rounds_send_only_the_vectors_and_the_head(dense_run):
+    _, _, grid = dense_run
+    sent = next(m for m, _ in grid.log if m.metadata.message_type == messages.TRAIN)
+    names = list(messages.record_tensors(sent.content[messages.ARRAYS]))
+    assert names and all(("giva_lambda_" in n) or ("classifier" in n) for n in names)
+    assert any("classifier" in n for n in names)
+    bases_msg = next(m for m, _ in grid.log if m.metadata.message_type == messages.BASES)
+    assert all(t.shape[0] == 4 for t in messages.record_tensors(bases_msg.content[messages.ARRAYS]).values())  # A: r x in
+
+
+def test_reported_bytes_are_the_serialized_message_sizes(dense_run):
+    _, results, grid = dense_run
+    reported = [t for t in results["setup"]] + [r["traffic"] for r in results["rounds"][1:]]
+    measured = [(d, u) for _, _, d, u in grid.sent]  # sizes of the bytes the grid actually shipped
+    flat = [(d, u) for t in reported for d, u in zip(t["down"], t["up"])]
+    assert flat == measured
+    for message, reply in grid.log:  # the tensors plus headers: never less, and a bounded overhead per array
+        for m in (message, reply):
+            arrays = len(m.content[messages.ARRAYS]) if messages.ARRAYS in m.content else 0
+            assert messages.payload_bytes(m) <= messages.message_bytes(m) <= messages.payload_bytes(m) + 2048 + 600 * arrays
+
+
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_baselines_run_and_vera_projections_are_the_only_setup(method):
+    cfg = config(method=method, rounds=1, local_steps=1)
+    results, grid = run_inprocess(cfg, TinyTask)
+    kinds = {t for t, *_ in grid.sent}
+    if method == "lora":
+        assert kinds == {messages.TRAIN} and results["setup_bytes"] == 0
+    else:
+        assert kinds == {messages.TRAIN, messages.BASES} and results["setup_bytes"] > 0
+        without = run_inprocess(config(method=method, rounds=1, local_steps=1, vera_projections=False), TinyTask)[0]
+        assert without["setup_bytes"] == 0
+        assert without["rounds"][-1]["accuracy"] == results["rounds"][-1]["accuracy"]
+
+
+def test_label_skew_shards_are_disjoint_equal_and_skewed():
+    labels = [i % 2 for i in range(400)]
+    shards = shard_indices(labels, 4, "label-skew", seed=0, skew=0.8)
+    flat = [i for s in shards for i in s]
+    assert sorted(flat) == list(range(400)) and all(len(s) == 100 for s in shards)
+    for c, shard in enumerate(shards):
+        assert sum(labels[i] == c % 2 for i in shard) >= 80
+    iid = shard_indices(labels, 4, "iid", seed=0)
+    assert all(40 <= sum(labels[i] for i in s) <= 60 for s in iid)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [("split", "dirichlet", "split"), ("method", "adapter", "method"), ("clients", 0, "clients"),
+     ("init_mode", "exact", "init_mode"), ("skew", 1.5, "skew")],
+)
+def test_bad_config_names_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        FederatedConfig(**{field: value})
+
+
+def test_run_config_round_trip_and_unknown_keys():
+    cfg = config(method="vera", split="label-skew")
+    assert FederatedConfig.from_flat({**cfg.to_flat(), "results-path": "x.json"}) == cfg
+    with pytest.raises(ValueError, match="unknown federated config key"):
+        FederatedConfig.from_flat({"num-rounds": 3})
