@@ -85,7 +85,7 @@ def test_uses_exactly_k_batches_averaged(batches):
     assert consumed == [0, 1] and len(report.losses) == 2
     assert model.peft_config["default"].bases_info["num_batches"] == 2
     with pytest.raises(GradientInitError, match="gave 4 batches but num_batches=5"):
-        giva.initialize(model, batches, num_batches=5, progress=False)
+        giva.initialize(model, batches, num_batches=5, progress=False, force=True)
 
 
 def test_initialise_after_the_optimizer_exists_then_train(batches):
@@ -108,7 +108,8 @@ def test_initialise_after_the_optimizer_exists_then_train(batches):
 def test_training_before_initialisation_is_an_error_but_inference_is_not(batches):
     model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
     model.eval()
-    model(**batches[0])
+    with torch.no_grad():
+        model(**batches[0])
     model.train()
     with torch.no_grad():
         model(**batches[0])

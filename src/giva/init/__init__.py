@@ -1,0 +1,288 @@
+"""`giva.initialize`: bases from the loss gradient at the pretrained checkpoint, exact or sketched.
+
+The work is split by concern: ``capture.py`` (hooks giving ``(x, dL/dy)``), ``exact.py`` (dense
+gradient then SVD), ``sketch.py`` (pure streaming range finder that never forms the gradient),
+``session.py`` (the pass-based protocol shared by one process, torch.distributed and federated
+clients), ``distributed.py`` (the collectives) and ``accumulate.py`` (one pass over the batches).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Literal, Optional
+
+import torch
+from torch import nn
+
+from ..bases import GRADIENT_VARIANTS
+from ..config import GivaConfig
+from .accumulate import accumulate, check_num_batches, run_pass
+from .capture import LossFn, giva_layers, unwrap
+from .distributed import Collective, DistributedInitError, collective
+from .session import GradientInitError, InitSession, Partial, Request, RequestItem, Target
+from .sketch import DEFAULT_OVERSAMPLING, DEFAULT_PASSES
+
+logger = logging.getLogger(__name__)
+
+# Calibration batches averaged into the gradient. The paper uses 1; on MiniLM / Pang & Lee, 4
+# batches gave 75.2 % vs 72.0 % test accuracy (benchmarks/results/full, ablation k4), and the
+# combined default recipe of `giva finetune` 79.6 % vs 75.5 % (README).
+DEFAULT_NUM_BATCHES = 4
+# mode="auto" takes the exact path while the dense fp32 gradients of all targets fit in this
+# many bytes: one pass instead of DEFAULT_PASSES, and the memory is small next to any model that
+# size (MiniLM on every linear layer: 84 MB); beyond it, the sketch.
+AUTO_EXACT_MAX_BYTES = 256 * 2**20
+
+InitMode = Literal["auto", "sketch", "exact"]
+
+__all__ = [
+    "AUTO_EXACT_MAX_BYTES",
+    "DEFAULT_NUM_BATCHES",
+    "DEFAULT_OVERSAMPLING",
+    "DEFAULT_PASSES",
+    "DistributedInitError",
+    "GradientInitError",
+    "InitReport",
+    "InitSession",
+    "Partial",
+    "Request",
+    "RequestItem",
+    "Target",
+    "accumulate",
+    "bases_initialized",
+    "choose_mode",
+    "compute_gradients",
+    "giva_configs",
+    "giva_layers",
+    "initialize",
+    "targets_of",
+    "write_bases",
+]
+
+
+@dataclass
+class InitReport:
+    """What `initialize` did and how long it took (seconds)."""
+
+    adapters: list[str]
+    layers: int
+    num_batches: int
+    gradient_seconds: float = 0.0
+    svd_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    mode: str = "exact"
+    passes: int = 1
+    sums_bytes: int = 0  # per pass: what each process holds and all-reduces (dense G in exact mode)
+
+    @property
+    def total_seconds(self) -> float:
+        return self.gradient_seconds + self.svd_seconds
+
+
+def giva_configs(model: nn.Module) -> dict[str, GivaConfig]:
+    configs = getattr(unwrap(model), "peft_config", {}) or {}
+    return {name: cfg for name, cfg in configs.items() if isinstance(cfg, GivaConfig)}
+
+
+def bases_initialized(model: nn.Module, adapter_name: str = "default") -> bool:
+    """True if every GiVA layer of ``adapter_name`` holds bases (data-free variants always do)."""
+    layers = [layer for layer in giva_layers(unwrap(model)).values() if adapter_name in layer.giva_A]
+    if not layers:
+        raise ValueError(f"the model has no GiVA adapter named {adapter_name!r}")
+    return all(layer.bases_initialized(adapter_name) for layer in layers)
+
+
+def targets_of(model: nn.Module, configs: dict[str, GivaConfig]) -> list[Target]:
+    """One :class:`Target` per adapted block of every GiVA layer of the given gradient-variant adapters."""
+    targets = []
+    for layer in giva_layers(unwrap(model)).values():
+        for name, cfg in configs.items():
+            for blk in layer.blocks.get(name, ()):
+                targets.append(
+                    Target(name, layer.layer_name, blk.index, blk.out_start, blk.out_size, layer.in_features,
+                           blk.rank, cfg.variant, cfg.seed, cfg.svd)
+                )
+    return targets
+
+
+def choose_mode(mode: str, targets: Iterable[Target]) -> str:
+    """``mode="auto"``: exact while the dense fp32 gradients fit in AUTO_EXACT_MAX_BYTES, else sketch."""
+    if mode != "auto":
+        return mode
+    dense = sum(4 * t.out_size * t.in_features for t in targets)
+    return "exact" if dense <= AUTO_EXACT_MAX_BYTES else "sketch"
+
+
+def write_bases(model: nn.Module, session: InitSession) -> None:
+    """Copy a finished session's bases into the GiVA layers (in place, fp32)."""
+    layers = giva_layers(unwrap(model))
+    for key, (a, b) in session.bases().items():
+        target = session.targets[key]
+        layer = layers[target.layer]
+        block = next(blk for blk in layer.blocks[target.adapter] if blk.index == target.block)
+        layer.set_block_bases(target.adapter, block, a, b)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP2 shards are DTensors
+
+
+def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
+    layers = giva_layers(model).values()
+    return [
+        name for name in names
+        if any(name in layer.giva_A and (layer.bases_initialized(name) or bool(_local(layer.giva_lambda_o[name]).any()))
+               for layer in layers)
+    ]
+
+
+def _batches(dataloader: Iterable[Any], num_batches: int, keep: bool) -> Iterator[Iterator[Any]]:
+    """An iterator over the same ``num_batches`` batches for every pass (kept after the first if ``keep``)."""
+    if not keep:
+        yield iter(dataloader)
+        return
+    kept: list[Any] = []
+
+    def first() -> Iterator[Any]:
+        for batch in islice(iter(dataloader), num_batches):
+            kept.append(batch)
+            yield batch
+
+    yield first()
+    while True:
+        yield iter(kept)
+
+
+def initialize(
+    peft_model: nn.Module,
+    dataloader: Iterable[Any],
+    num_batches: int = DEFAULT_NUM_BATCHES,
+    loss_fn: Optional[LossFn] = None,
+    adapter_name: Optional[str] = None,
+    progress: bool = True,
+    *,
+    mode: InitMode = "auto",
+    passes: int = DEFAULT_PASSES,
+    oversampling: Optional[int] = DEFAULT_OVERSAMPLING,
+    force: bool = False,
+) -> InitReport:
+    """Fill the bases of GiVA adapters from the loss gradient at the pretrained checkpoint.
+
+    Args:
+        peft_model: the model returned by ``get_peft_model`` (or any model holding GiVA layers), also
+            wrapped by DDP, or sharded by FSDP2 ``fully_shard``.
+        dataloader: calibration batches, e.g. the training dataloader; the first ``num_batches`` are used.
+        num_batches: k, the number of batches whose gradients are averaged (default 4; the paper used 1).
+        loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
+        adapter_name: initialise only this adapter; default every GiVA adapter with gradient bases.
+        progress: show a progress bar.
+        mode: ``"exact"`` accumulates each targeted layer's dense fp32 gradient ``G`` (``out x in``,
+            4 bytes per targeted weight) in one pass, then takes its SVD. ``"sketch"`` never forms
+            ``G``: a randomized range finder accumulates ``G^T M`` / ``G M`` products of
+            ``(in + out) * l`` numbers per layer (``l = k + oversampling``, k = r, or 2r for VrU2r)
+            over ``passes`` passes of the same k batches (kept in memory as the loader gave them),
+            then an exact SVD of the small product. ``"auto"`` (default): exact when the dense
+            gradients of all targeted layers take at most ``AUTO_EXACT_MAX_BYTES`` (256 MiB),
+            sketch otherwise. Memory never grows with k.
+        passes: sketch passes (>= 2; default 3: range, co-range, one power iteration).
+        oversampling: extra sketch columns beyond k (default ``max(k, 8)``).
+        force: re-initialise adapters that already hold bases or trained vectors (the new bases
+            replace the old under the trained vectors); without it that is a ``ValueError``.
+
+    The gradient is taken with all adapters disabled (the pretrained model) and dropout off; train/eval
+    flags and every ``requires_grad`` flag are restored, and layers with activation checkpointing keep
+    it. Bases are written in place, so this can run before or after the optimizer is built.
+    Same data and seed give the same bases. In a torch.distributed run every rank calls this with its
+    own batches: the sums are all-reduced (k batches per rank), the QR/SVD work is split across ranks
+    and the bases broadcast, so every rank gets bit-identical bases; a failure on any rank makes every
+    rank raise the same :class:`DistributedInitError`. Data-free variants (``random``, ``weight``) need no call.
+    """
+    check_num_batches(num_batches)
+    if mode not in ("auto", "sketch", "exact"):
+        raise ValueError(f"mode must be 'auto', 'sketch' or 'exact', got {mode!r}")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
+        raise ValueError(f"passes must be an int >= 2, got {passes!r}")
+    if oversampling is not None and (isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0):
+        raise ValueError(f"oversampling must be None or an int >= 0, got {oversampling!r}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("giva.initialize needs autograd: call it outside torch.inference_mode()")
+    model = unwrap(peft_model)
+    configs = giva_configs(model)
+    if adapter_name is not None:
+        if adapter_name not in configs:
+            raise ValueError(f"no GiVA adapter named {adapter_name!r}; the model has {sorted(configs)}")
+        configs = {adapter_name: configs[adapter_name]}
+    if not configs:
+        raise ValueError("the model has no GiVA adapter: wrap it with peft.get_peft_model(model, giva.GivaConfig(...))")
+    to_init = {name: cfg for name, cfg in configs.items() if cfg.variant in GRADIENT_VARIANTS}
+    targets = targets_of(model, to_init)
+    report = InitReport(adapters=sorted(to_init), layers=len({t.layer for t in targets}), num_batches=num_batches)
+    if not to_init:
+        logger.info("GiVA adapters %s use data-free bases; nothing to initialise", sorted(configs))
+        return report
+    comm = collective(next(model.parameters()).device)
+    trained = [] if force else _already_initialised(model, to_init)
+    comm.agree(
+        ValueError(
+            f"GiVA adapter(s) {trained} already hold bases or trained vectors; initialize would replace the bases "
+            "under them. Pass force=True to re-initialise."
+        ) if trained else None
+    )
+    report.mode = choose_mode(mode, targets)
+    session = InitSession(targets, report.mode, passes, oversampling)
+    report.passes = session.passes
+    sources = _batches(dataloader, num_batches, keep=session.passes > 1)
+    while not session.done:
+        start = time.perf_counter()
+        partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress)
+        report.losses = report.losses or partial.losses
+        report.sums_bytes = max(report.sums_bytes, partial.nbytes())
+        partial = comm.sum_partial(partial, list(session.targets))
+        middle = time.perf_counter()
+        comm.finish_pass(session, partial)
+        report.gradient_seconds += middle - start
+        report.svd_seconds += time.perf_counter() - middle
+    write_bases(model, session)
+    for name, cfg in to_init.items():
+        cfg.bases_info = {
+            "source": "gradient",
+            "variant": cfg.variant,
+            "num_batches": num_batches,
+            "seed": cfg.seed,
+            "svd": cfg.svd if report.mode == "exact" else "sketch",
+            "mode": report.mode,
+            **({"passes": session.passes, "oversampling": oversampling} if report.mode == "sketch" else {}),
+            "world_size": comm.world,
+            "dtype": "float32",
+            "calibration_loss": [round(x, 6) for x in report.losses],
+        }
+    logger.info(
+        "GiVA bases (%s) for %s on %d layers: gradient %.2fs, SVD %.2fs",
+        report.mode, report.adapters, report.layers, report.gradient_seconds, report.svd_seconds,
+    )
+    return report
+
+
+def compute_gradients(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    dataloader: Iterable[Any],
+    num_batches: int = DEFAULT_NUM_BATCHES,
+    loss_fn: Optional[LossFn] = None,
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """Mean over ``num_batches`` batches of ``dL/dW`` (``out x in``, fp32) of each named GiVA layer, in this process.
+
+    The dense gradients themselves (for tests and baselines such as LoRA-GA); adapters are disabled.
+    """
+    check_num_batches(num_batches)
+    items = {name: RequestItem(name, 0, layer.out_features, "dense") for name, layer in layers.items()}
+    partial = run_pass(model, iter(dataloader), Request(0, 1, items), num_batches, loss_fn, Collective(), progress)
+    missing = [name for name in layers if name not in partial.sums]
+    if missing:
+        raise GradientInitError(f"GiVA layer(s) {missing[:5]} received no gradient (not on the path from inputs to loss)")
+    return {name: total / partial.batches for name, total in partial.sums.items()}, partial.losses

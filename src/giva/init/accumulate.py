@@ -1,0 +1,125 @@
+"""One pass over calibration batches: capture ``(x, dL/dy)`` and add what a request asks for into sums."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from itertools import count
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import exact, sketch
+from .capture import Capture, LossFn, adapters_disabled, calibration_mode, giva_layers, to_device, unwrap
+from .distributed import Collective
+from .session import GradientInitError, Partial, Request, RequestItem
+
+
+class _Sums:
+    """The sink: for each hooked layer's ``(x, g)``, the products each request item asks for."""
+
+    def __init__(self, request: Request) -> None:
+        self.items: dict[str, list[tuple[str, RequestItem]]] = {}
+        for key, item in request.items.items():
+            self.items.setdefault(item.layer, []).append((key, item))
+        self.first_layer = next(iter(self.items))
+        self.matrices: dict[str, torch.Tensor] = {}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = 0
+
+    def __call__(self, layer: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        if layer == self.first_layer:
+            self.tokens += x.shape[0]
+        for key, item in self.items.get(layer, ()):
+            rows = g[:, item.out_start : item.out_start + item.out_size]
+            total = self.sums.get(key)
+            if item.kind == "dense":
+                self.sums[key] = exact.accumulate_dense(total, x, rows)
+                continue
+            if key not in self.matrices:
+                self.matrices[key] = item.matrix.to(x.device, torch.float32)
+            accumulate = sketch.accumulate_gt if item.kind == "gt" else sketch.accumulate_g
+            self.sums[key] = accumulate(total, x, rows, self.matrices[key])
+
+    def non_finite(self, batch_index: int) -> Optional[GradientInitError]:
+        """An error naming the first layer whose sums turned NaN/inf in this batch (one device sync)."""
+        if not self.sums or bool(torch.stack([torch.isfinite(s).all() for s in self.sums.values()]).all()):
+            return None
+        key = next(k for k, s in self.sums.items() if not torch.isfinite(s).all())
+        item = next(item for k, item in (p for pairs in self.items.values() for p in pairs) if k == key)
+        return GradientInitError(
+            f"GiVA layer {item.layer!r} received a non-finite (NaN/inf) gradient in calibration batch {batch_index} "
+            "although the loss was finite; check the model's dtype and that batch's inputs"
+        )
+
+
+def run_pass(
+    model: nn.Module,
+    batches: Iterator[Any],
+    request: Request,
+    num_batches: Optional[int],
+    loss_fn: Optional[LossFn],
+    comm: Collective,
+    progress: bool = False,
+) -> Partial:
+    """Sums over the next ``num_batches`` batches (all of them if None) of what ``request`` asks for.
+
+    Ranks agree before each batch (one was too few) and after it (a failed batch), so that all stop together.
+    """
+    model = unwrap(model)
+    layers = giva_layers(model)
+    sums = _Sums(request)
+    unknown = sorted(set(sums.items) - set(layers))
+    if unknown:
+        raise ValueError(f"the request names layers the model does not have as GiVA layers: {unknown[:5]}")
+    device = next(model.parameters()).device
+    capture = Capture({name: layers[name] for name in sums.items}, sums)
+    losses: list[float] = []
+    desc = f"GiVA pass {request.pass_index + 1}/{request.passes}"
+    bar = tqdm(total=num_batches, desc=desc, disable=not progress)
+    with adapters_disabled(model), calibration_mode(model), capture.attached(), bar:
+        for index in count() if num_batches is None else range(num_batches):
+            error: Optional[BaseException] = None
+            try:
+                batch = next(batches)
+            except StopIteration:
+                if num_batches is None:
+                    break
+                error = GradientInitError(f"the dataloader gave {index} batches but num_batches={num_batches} were asked for")
+            comm.agree(error)
+            try:
+                losses.append(capture.run_batch(model, to_device(batch, device), loss_fn, index))
+                error = sums.non_finite(index)
+            except Exception as exc:  # noqa: BLE001  every rank must hear of it before the next collective
+                error = exc
+            comm.agree(error)
+            bar.update()
+    return Partial(request.pass_index, sums.sums, batches=len(losses), tokens=sums.tokens, losses=losses)
+
+
+def accumulate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    request: Request,
+    num_batches: Optional[int] = None,
+    loss_fn: Optional[LossFn] = None,
+    progress: bool = False,
+) -> Partial:
+    """This process's sums for one pass of a session (e.g. on a federated client).
+
+    Runs the first ``num_batches`` batches (default: all) through ``model`` with its GiVA adapters
+    disabled, in calibration mode (no dropout), and returns what ``request`` asks for summed over
+    them, with the batch and token counts; partials of several processes add up (``a + b``).
+    Flags and modes of the model are restored. ``request`` comes from :meth:`InitSession.next_request`.
+    """
+    if num_batches is not None:
+        check_num_batches(num_batches)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("GiVA initialisation needs autograd: run it outside torch.inference_mode()")
+    return run_pass(model, iter(batches), request, num_batches, loss_fn, Collective(), progress)
+
+
+def check_num_batches(num_batches: Any) -> None:
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive int (the number of calibration batches k), got {num_batches!r}")

@@ -1,0 +1,160 @@
+"""Hooks that hand ``(layer, x, dL/dy)`` of the GiVA-targeted layers to a sink, batch by batch; no maths.
+
+For ``y = W x`` the weight gradient is ``sum over tokens of (dL/dy)^T x``, so a forward hook (``x``)
+and a tensor hook on the layer's output (``dL/dy``) are all that is needed: no weight needs
+``requires_grad`` and no weight gradient is ever materialised. Also here: the contexts that put a
+model in its calibration state (adapters off, dropout off, checkpointing kept) and give it back as
+it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..layer import GivaLayer
+from .session import GradientInitError
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+# Receives one layer's input and output gradient for one batch, as 2-D ``T x in`` and ``T x out``.
+Sink = Callable[[str, torch.Tensor, torch.Tensor], None]
+
+
+def giva_layers(model: nn.Module) -> dict[str, GivaLayer]:
+    return {module.layer_name: module for module in model.modules() if isinstance(module, GivaLayer)}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP / DeepSpeed engine wrapper (FSDP2 modules are not wrappers)."""
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or type(model).__name__ == "DeepSpeedEngine":
+        model = model.module
+    return model
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    if not isinstance(batch, Mapping):
+        raise GradientInitError(
+            f"batches are {type(batch).__name__}, not dicts of model inputs: pass loss_fn(model, batch) -> loss"
+        )
+    loss = getattr(model(**batch), "loss", None)
+    if loss is None:
+        raise GradientInitError(
+            "the model returned no .loss: include labels in the batches or pass loss_fn(model, batch) -> loss"
+        )
+    return loss
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the pretrained model: switch every PEFT tuner layer and modules_to_save wrapper off.
+
+    The private flag is set directly because PEFT's ``enable_adapters(True)`` / ``disable_adapter()``
+    re-mark the active adapters trainable, which would unfreeze tensors a user froze.
+    """
+    switches = [m for m in model.modules() if hasattr(m, "_disable_adapters")]
+    states = [m._disable_adapters for m in switches]
+    try:
+        for module in switches:
+            module._disable_adapters = True
+        yield
+    finally:
+        for module, state in zip(switches, states):
+            module._disable_adapters = state
+
+
+@contextmanager
+def calibration_mode(model: nn.Module) -> Iterator[None]:
+    """Deterministic calibration that keeps the model's activation checkpointing.
+
+    Every module goes to eval mode (no dropout) except those with activation checkpointing on
+    (transformers only checkpoints layers in training mode); their own float ``*dropout``
+    attributes, read in their forward, are zeroed meanwhile. Everything is restored afterwards.
+    """
+    modes = {module: module.training for module in model.modules()}
+    rates: list[tuple[nn.Module, str, float]] = []
+    model.eval()
+    try:
+        for module in model.modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                module.training = True
+                for name, value in vars(module).items():
+                    if name.endswith("dropout") and isinstance(value, float) and value > 0:
+                        rates.append((module, name, value))
+        for module, name, _ in rates:
+            setattr(module, name, 0.0)
+        yield
+    finally:
+        for module, name, value in rates:
+            setattr(module, name, value)
+        for module, training in modes.items():
+            module.training = training
+
+
+class Capture:
+    """While attached, each backward through a hooked layer calls ``sink(layer_name, x, dL/dy)``."""
+
+    def __init__(self, layers: dict[str, nn.Module], sink: Sink) -> None:
+        self.layers = layers
+        self.sink = sink
+        self.probes: list[torch.Tensor] = []
+
+    def _forward_hook(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0].detach()
+        # The zero probe makes the output part of the graph even when nothing upstream requires grad
+        # (frozen model, adapters disabled); autograd.grad over the probes then reaches every target.
+        # Under activation checkpointing the recomputed forward adds probes off the backward graph:
+        # their hooks never fire, so each batch reaches the sink once per layer.
+        probe = torch.zeros((), device=output.device, dtype=output.dtype, requires_grad=True)
+        self.probes.append(probe)
+        output = output + probe
+        output.register_hook(partial(self._backward_hook, name, x))
+        return output
+
+    def _backward_hook(self, name: str, x: torch.Tensor, grad_y: torch.Tensor) -> None:
+        self.sink(name, x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1]))
+
+    @contextmanager
+    def attached(self) -> Iterator["Capture"]:
+        handles = [layer.register_forward_hook(partial(self._forward_hook, name)) for name, layer in self.layers.items()]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.probes.clear()
+
+    def run_batch(self, model: nn.Module, batch: Any, loss_fn: Optional[LossFn], index: int) -> float:
+        """Forward and backward of one batch (the sink sees every hooked layer); returns the loss."""
+        self.probes.clear()
+        with torch.enable_grad():
+            loss = (loss_fn or default_loss)(model, batch)
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise GradientInitError(f"the loss of calibration batch {index} is not a scalar tensor: {loss!r}")
+            if not loss.requires_grad:
+                raise GradientInitError("the loss does not depend on any GiVA-targeted layer: check target_modules and loss_fn")
+            value = loss.item()
+            # The backward runs even for a non-finite loss, so that every rank of a sharded model
+            # (FSDP) enters the same collectives before they agree to stop.
+            torch.autograd.grad(loss, self.probes, allow_unused=True)
+        self.probes.clear()
+        if value != value or value in (float("inf"), float("-inf")):
+            raise GradientInitError(
+                f"calibration batch {index} gave a non-finite loss ({value}); check that batch's inputs "
+                "and labels, or the model's dtype"
+            )
+        return value
