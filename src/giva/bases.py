@@ -126,13 +126,23 @@ def bases_from_gradient(
         )
     k = 2 * r if variant == "VrU2r" else r
     u, _, v = top_singular_vectors(gradient, k, method=svd, seed=svd_seed)
+    return bases_from_singular_vectors(u, v, r, variant, generator)
+
+
+def bases_from_singular_vectors(
+    u: torch.Tensor, v: torch.Tensor, r: int, variant: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` from the top singular vectors of a gradient (``U: out x k``, ``V: in x k``, k >= r or 2r).
+
+    Shared by the exact SVD above and the streaming sketch (``giva.init.sketch``), which never forms G.
+    """
     a = v[:, :r].mT.contiguous().cpu()
     if variant == "VrUr":
         b = u[:, :r]
     elif variant == "VrU2r":
         b = u[:, r : 2 * r]
     else:
-        b = seeded_output_basis(variant, out_features, r, generator)
+        b = seeded_output_basis(variant, u.shape[0], r, generator)
     return a, b.contiguous().cpu()
 
 
