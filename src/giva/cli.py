@@ -83,6 +83,27 @@ def _bench(args: argparse.Namespace) -> int:
     return 1 if results["problems"] else 0
 
 
+def _federated(args: argparse.Namespace) -> int:
+    from .federated.task import FederatedConfig
+
+    try:  # every option is checked before Flower, the model or the data load
+        config = FederatedConfig(
+            clients=args.clients, rounds=args.rounds, split=args.split, method="giva" if args.method == "all" else args.method,
+            local_steps=args.local_steps, seed=args.seed, lr=args.lr, init_mode=args.init_mode, model=args.model,
+            data=args.data, max_train_samples=args.max_train_samples, test_size=args.test_size,
+        )
+    except ValueError as err:
+        print(f"giva federated: {err}", file=sys.stderr)
+        return 2
+    from .federated.run import run_comparison
+
+    methods = ("giva", "lora", "vera") if args.method == "all" else (args.method,)
+    out = run_comparison(config, args.output_dir, methods, engine=args.engine, centralised=args.method == "all")
+    print(out["table"])
+    print(f"results: {args.output_dir}/results.json, results.md, accuracy_vs_mb.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="giva", description="GiVA adapters for Hugging Face PEFT")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-dir", default=None)
     bench.add_argument("--phases", default=None, help="comma-separated phase names to run (default: all, in suite order)")
     bench.set_defaults(func=_bench)
+
+    fl = sub.add_parser("federated", help="federated fine-tuning on Flower: GiVA vs LoRA / VeRA (needs giva[federated])")
+    fl.add_argument("--clients", type=int, default=4, help="simulated clients, each with a private shard")
+    fl.add_argument("--rounds", type=int, default=10, help="training rounds after the setup round")
+    fl.add_argument("--split", default="iid", choices=["iid", "label-skew"])
+    fl.add_argument("--method", default="giva", choices=["giva", "lora", "vera", "all"],
+                    help="'all': the three methods on the same shards plus centralised GiVA")
+    fl.add_argument("--local-steps", type=int, default=5, help="optimizer steps per client per round")
+    fl.add_argument("--seed", type=int, default=0)
+    fl.add_argument("--lr", type=float, default=None, help="peak LR (default: the method's, see giva.federated.task)")
+    fl.add_argument("--init-mode", default="sketch", choices=["sketch", "dense"], help="GiVA setup statistics")
+    fl.add_argument("--engine", default="simulation", choices=["simulation", "inprocess"],
+                    help="Flower's simulation engine (Ray) or an in-process grid (same apps and messages)")
+    fl.add_argument("--model", default="minilm")
+    fl.add_argument("--data", default="pang-lee")
+    fl.add_argument("--test-size", type=int, default=1000)
+    fl.add_argument("--max-train-samples", type=int, default=None)
+    fl.add_argument("--output-dir", default="outputs/giva-federated")
+    fl.set_defaults(func=_federated)
     return parser
 
 

@@ -134,10 +134,10 @@ class GivaLayer(BaseTunerLayer):
         self.giva_lambda_s[adapter_name] = nn.Parameter(torch.full((rank_offset,), float(config.lambda_s_init)))
         self.giva_lambda_o[adapter_name] = nn.Parameter(torch.zeros(row_offset))
         if not config.init_weights:
-            generator = layer_generator(config.seed + 1, self.layer_name, -1)
+            # Test mode draws from the global RNG (as PEFT's other methods do), so two adapters of one config differ.
             with torch.no_grad():
-                self.giva_lambda_s[adapter_name].uniform_(0.5, 1.5, generator=generator)
-                self.giva_lambda_o[adapter_name].normal_(0.0, 0.1, generator=generator)
+                self.giva_lambda_s[adapter_name].uniform_(0.5, 1.5)
+                self.giva_lambda_o[adapter_name].normal_(0.0, 0.1)
         self.giva_dropout[adapter_name] = nn.Dropout(config.giva_dropout) if config.giva_dropout > 0 else nn.Identity()
         self._bases_verified.discard(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -160,8 +160,10 @@ class GivaLayer(BaseTunerLayer):
             elif config.variant == "weight":
                 a_j, b_j = bases_from_weight(weight[blk.out_start : blk.out_start + blk.out_size].float(), blk.rank)
             if not config.init_weights and a_j is None:
-                # Test mode: stand-in random bases so the adapter is not an identity.
-                a_j, b_rand = random_bases(blk.out_size, self.in_features, blk.rank, generator)
+                # Test mode: stand-in random bases so the adapter is not an identity, drawn from the global RNG
+                # (they are saved with the adapter, unlike the seeded ones).
+                stand_in = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
+                a_j, b_rand = random_bases(blk.out_size, self.in_features, blk.rank, stand_in)
                 b_j = b_rand if b_j is None else b_j
             rank_rows = slice(blk.rank_offset, blk.rank_offset + blk.rank)
             out_rows = slice(blk.row_offset, blk.row_offset + blk.out_size)
