@@ -6,17 +6,19 @@
     giva.initialize(model, train_dataloader)   # bases from the loss gradient (k = 1 batch)
 """
 
+from . import export
 from .bases import GRADIENT_VARIANTS, VARIANTS
 from .config import GivaConfig
 from .gradients import GradientInitError, InitReport, bases_initialized, initialize
 from .integrations.trainer import GivaInitCallback
 from .layer import BasesNotInitializedError, GivaLayer
 from .model import GivaModel
-from .peft_compat import GIVA_PEFT_TYPE, register
+from .peft_compat import GIVA_PEFT_TYPE, install_lora_conversion, register
 
 __version__ = "0.1.0"
 
 register(GivaConfig, GivaModel)
+install_lora_conversion(export.convert_module)
 
 __all__ = [
     "GIVA_PEFT_TYPE",

