@@ -12,6 +12,8 @@ Shapes, for one adapted (block of a) linear map ``W`` of shape ``out x in``:
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, get_args
 
 import torch
@@ -46,18 +48,52 @@ def max_rank(variant: str, out_features: int, in_features: int) -> int:
     return smallest // 2 if variant == "VrU2r" else smallest
 
 
+@contextmanager
+def _single_thread() -> Iterator[None]:
+    """Run torch CPU ops on one thread (restored after), so reductions add up in one fixed order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _gram_schmidt_twice(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal columns spanning those of ``x`` (``rows x cols``, float64), by Gram-Schmidt applied twice.
+
+    Written with elementwise products and sums instead of LAPACK's QR: threaded LAPACK changes the
+    rounding with the thread count (r=64 on 768 rows: 1.5e-7 between 1 and 2 threads), and so would
+    change a seeded basis between the run that saved an adapter and the one that reloads it. The
+    column signs are those of a QR with a positive diagonal in R.
+    """
+    q = x.clone()
+    for j in range(q.shape[1]):
+        v = q[:, j]
+        for _ in range(2):  # "twice is enough": the second pass removes what rounding left of the first
+            previous = q[:, :j]  # rows x j
+            v = v - (previous * (previous * v[:, None]).sum(0)).sum(1)
+        q[:, j] = v / v.square().sum().sqrt()
+    return q
+
+
 def random_orthonormal(rows: int, cols: int, generator: torch.Generator) -> torch.Tensor:
-    """A ``rows x cols`` matrix with orthonormal columns (``rows >= cols``), Gaussian then QR, fp32 CPU."""
-    gaussian = torch.randn(rows, cols, generator=generator, dtype=torch.float32)
-    q, r = torch.linalg.qr(gaussian)
-    # Fix the sign freedom of QR so the result is a function of the Gaussian draw only.
-    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
+    """A ``rows x cols`` matrix with orthonormal columns (``rows >= cols``), fp32 CPU, bit-exact on any thread count.
+
+    A float64 Gaussian draw (float32 draws take a CPU-specific vectorised path), orthonormalised in
+    float64 on one thread, then rounded to float32: the float64 rounding noise (~1e-16) stays far
+    below float32's resolution, so the result also matches across machines in all but rare ties.
+    """
+    with _single_thread():
+        gaussian = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+        return _gram_schmidt_twice(gaussian).to(torch.float32)
 
 
 def seeded_output_basis(variant: str, out_features: int, r: int, generator: torch.Generator) -> torch.Tensor:
     """The data-independent B (``out x r``) of the `Vr`, `VrUrand` and `random` variants."""
     if variant == "VrUrand":
-        return torch.randn(out_features, r, generator=generator, dtype=torch.float32)
+        with _single_thread():
+            return torch.randn(out_features, r, generator=generator, dtype=torch.float64).to(torch.float32)
     if variant in ("Vr", "random"):
         return random_orthonormal(out_features, r, generator)
     raise ValueError(f"variant {variant!r} has no seeded output basis; expected one of {SEEDED_B_VARIANTS}")

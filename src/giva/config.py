@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -13,6 +14,14 @@ from .serving import BASES_DTYPES
 
 BIAS_CHOICES = ("none", "all", "giva_only")
 DEFAULT_TARGET_MODULES = "all-linear"  # what target_modules=None means (see GivaModel._prepare_adapter_config)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -121,6 +130,13 @@ class GivaConfig(PeftConfig):
             "help": "Written by giva.initialize: how the bases were made (variant, batches, seed, svd, dtype). Do not set."
         },
     )
+    weights_sha256: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Written into adapter_config.json by save_pretrained: sha256 of the weights file saved with it, "
+            "checked at load (giva.checkpoint). Not kept in memory. Do not set."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,8 +145,17 @@ class GivaConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+        if not _is_int(self.r) or self.r < 1:
             raise ValueError(f"GivaConfig.r must be a positive integer, got {self.r!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"GivaConfig.seed must be an integer, got {self.seed!r}")
+        if not _is_real(self.lambda_s_init) or not math.isfinite(self.lambda_s_init):
+            raise ValueError(f"GivaConfig.lambda_s_init must be a finite number, got {self.lambda_s_init!r}")
+        if not _is_real(self.giva_dropout):
+            raise ValueError(f"GivaConfig.giva_dropout must be a number in [0, 1), got {self.giva_dropout!r}")
+        for flag in ("fan_in_fan_out", "init_weights"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"GivaConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"GivaConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.svd not in SVD_METHODS:
@@ -143,9 +168,31 @@ class GivaConfig(PeftConfig):
             raise ValueError(f"GivaConfig.bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("GivaConfig.layers_pattern is only used with layers_to_transform, which is None")
+        layers = self.layers_to_transform
+        if layers is not None:
+            if not ((_is_int(layers) and layers >= 0) or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers))):
+                raise ValueError(
+                    f"GivaConfig.layers_to_transform must be a layer index or a list of layer indices (ints >= 0), got {layers!r}"
+                )
+            if isinstance(self.target_modules, str) and self.target_modules != DEFAULT_TARGET_MODULES:
+                # As LoRA: a regex target is matched as a whole, so the layer filter would be ignored.
+                raise ValueError(
+                    "GivaConfig.layers_to_transform cannot be used when target_modules is a regex string "
+                    f"({self.target_modules!r}); list the module names instead"
+                )
+        pattern = self.layers_pattern
+        if pattern is not None and not (
+            isinstance(pattern, str) or (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern))
+        ):
+            raise ValueError(f"GivaConfig.layers_pattern must be a string or a list of strings, got {pattern!r}")
+        for option in ("block_sizes", "adapt_blocks"):
+            if not isinstance(getattr(self, option), dict):
+                raise ValueError(f"GivaConfig.{option} must be a dict of module name -> value, got {getattr(self, option)!r}")
+        if self.bases_info is not None and not isinstance(self.bases_info, dict):
+            raise ValueError(f"GivaConfig.bases_info is written by giva.initialize (a dict); got {self.bases_info!r}")
         for name, sizes in self.block_sizes.items():
-            valid = (isinstance(sizes, int) and sizes >= 1) or (
-                isinstance(sizes, list) and sizes and all(isinstance(s, int) and s >= 1 for s in sizes)
+            valid = (_is_int(sizes) and sizes >= 1) or (
+                isinstance(sizes, list) and sizes and all(_is_int(s) and s >= 1 for s in sizes)
             )
             if not valid:
                 raise ValueError(
@@ -153,7 +200,7 @@ class GivaConfig(PeftConfig):
                     f"got {sizes!r}"
                 )
         for name, blocks in self.adapt_blocks.items():
-            if not (isinstance(blocks, list) and blocks and all(isinstance(b, int) and b >= 0 for b in blocks)):
+            if not (isinstance(blocks, list) and blocks and all(_is_int(b) and b >= 0 for b in blocks)):
                 raise ValueError(
                     f"GivaConfig.adapt_blocks[{name!r}] must be a non-empty list of block indices, got {blocks!r}"
                 )

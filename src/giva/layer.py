@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,9 @@ class GivaLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._bases_verified: set[str] = set()
+        # `weight` adapters built for loading (inference_mode): their bases come from the checkpoint, so the
+        # SVD of W is deferred to first use and skipped when the checkpoint filled them.
+        self._deferred_weight_bases: set[str] = set()
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         if in_features is None or out_features is None:
             raise TypeError(f"GiVA cannot adapt layer {layer_name!r} of type {type(self.get_base_layer()).__name__}")
@@ -87,6 +90,18 @@ class GivaLayer(BaseTunerLayer):
         """``W`` as an ``out x in`` matrix, whatever the storage layout."""
         return transpose(self.get_base_weight(), self.fan_in_fan_out)
 
+    def _full_weight_matrix(self) -> torch.Tensor:
+        """``W`` (``out x in``) for the `weight` variant, refusing a DeepSpeed ZeRO-3 partitioned (empty) weight."""
+        weight = self.get_base_weight()
+        if weight.numel() != self.in_features * self.out_features:
+            raise ValueError(
+                f"GiVA variant 'weight' needs the full weight of layer {self.layer_name!r}, but it holds "
+                f"{weight.numel()} of its {self.out_features} x {self.in_features} entries (partitioned, e.g. by DeepSpeed "
+                "ZeRO-3). Wrap the model with get_peft_model before ZeRO-3 partitions it, or inside "
+                "deepspeed.zero.GatheredParameters(model.parameters()), or use another variant."
+            )
+        return self.base_weight_matrix()
+
     def update_layer(
         self,
         adapter_name: str,
@@ -95,7 +110,12 @@ class GivaLayer(BaseTunerLayer):
         config: GivaConfig,
         inference_mode: bool = False,
     ) -> None:
-        """Create adapter ``adapter_name`` with one set of bases per adapted output block."""
+        """Create adapter ``adapter_name`` with one set of bases per adapted output block.
+
+        ``inference_mode`` (or ``config.inference_mode``, as PEFT's ``from_pretrained`` sets it) freezes the vectors
+        and, for the `weight` variant, defers the SVD of W: the checkpoint being loaded holds the bases.
+        """
+        inference_mode = inference_mode or config.inference_mode
         if sum(block_sizes) != self.out_features:
             raise ValueError(
                 f"block sizes {block_sizes} of layer {self.layer_name!r} sum to {sum(block_sizes)}, but the layer has "
@@ -124,7 +144,7 @@ class GivaLayer(BaseTunerLayer):
         self.r[adapter_name] = rank_offset
 
         device = self.get_base_weight().device
-        a, b = self._initial_bases(blocks, config)
+        a, b = self._initial_bases(blocks, config, from_checkpoint=inference_mode and config.variant == "weight")
         for name, basis in (("giva_A", a), ("giva_B", b)):
             storage = basis.to(device, basis_storage_dtype(config, name))
             getattr(self, name).add(adapter_name, storage, share=is_shareable(config, name))
@@ -140,15 +160,24 @@ class GivaLayer(BaseTunerLayer):
                 self.giva_lambda_o[adapter_name].normal_(0.0, 0.1)
         self.giva_dropout[adapter_name] = nn.Dropout(config.giva_dropout) if config.giva_dropout > 0 else nn.Identity()
         self._bases_verified.discard(adapter_name)
+        if inference_mode and config.variant == "weight":
+            self._deferred_weight_bases.add(adapter_name)
+        else:
+            self._deferred_weight_bases.discard(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _initial_bases(self, blocks: list[Block], config: GivaConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stacked fp32 ``(A, B)`` as far as they are known before seeing data (zeros where data is needed)."""
+    def _initial_bases(
+        self, blocks: list[Block], config: GivaConfig, from_checkpoint: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked fp32 ``(A, B)`` as far as they are known before seeing data (zeros where data is needed).
+
+        With ``from_checkpoint``, the `weight` variant's SVD is skipped: a checkpoint is about to fill them.
+        """
         total_rank = sum(blk.rank for blk in blocks)
         a = torch.zeros(total_rank, self.in_features)
         b = torch.zeros(sum(blk.out_size for blk in blocks), total_rank)
-        weight = self.base_weight_matrix() if config.variant == "weight" else None
+        weight = self._full_weight_matrix() if config.variant == "weight" and not from_checkpoint else None
         for blk in blocks:
             generator = layer_generator(config.seed, self.layer_name, blk.index)
             a_j: Optional[torch.Tensor] = None
@@ -157,7 +186,7 @@ class GivaLayer(BaseTunerLayer):
                 b_j = seeded_output_basis(config.variant, blk.out_size, blk.rank, generator)
             elif config.variant == "random":
                 a_j, b_j = random_bases(blk.out_size, self.in_features, blk.rank, generator)
-            elif config.variant == "weight":
+            elif weight is not None:
                 a_j, b_j = bases_from_weight(weight[blk.out_start : blk.out_start + blk.out_size].float(), blk.rank)
             if not config.init_weights and a_j is None:
                 # Test mode: stand-in random bases so the adapter is not an identity, drawn from the global RNG
@@ -191,20 +220,67 @@ class GivaLayer(BaseTunerLayer):
         self._bases_verified.discard(adapter_name)
 
     def bases_initialized(self, adapter_name: str) -> bool:
-        """True once A holds bases (a never-initialised gradient adapter has A == 0)."""
-        return bool(self.giva_A[adapter_name].any())
+        """True once A and B hold bases (never-initialised gradient adapters have A == 0, and B == 0 for VrUr/VrU2r)."""
+        return bool(self.giva_A[adapter_name].any()) and bool(self.giva_B[adapter_name].any())
+
+    def _fill_deferred_bases(self, adapter_name: str) -> None:
+        """Compute the `weight` variant's bases at first use, unless a checkpoint already filled them."""
+        if adapter_name not in self._deferred_weight_bases:
+            return
+        if not self.bases_initialized(adapter_name):
+            if self.merged:
+                raise RuntimeError(
+                    f"GiVA adapter {adapter_name!r} on layer {self.layer_name!r} (variant 'weight', built for loading) "
+                    "has no bases yet and W is merged with other adapters; load its checkpoint before merging"
+                )
+            weight = self._full_weight_matrix()
+            for blk in self.blocks[adapter_name]:
+                a, b = bases_from_weight(weight[blk.out_start : blk.out_start + blk.out_size].float(), blk.rank)
+                self.set_block_bases(adapter_name, blk, a, b)
+        self._deferred_weight_bases.discard(adapter_name)
 
     def _check_bases(self, adapter_name: str) -> None:
-        # Only training needs bases; the check syncs with the device once per adapter, then is cached.
-        if adapter_name in self._bases_verified or not (self.training and torch.is_grad_enabled()):
+        """Refuse any forward that could train the vectors while the bases are still zero.
+
+        That is a forward with gradients enabled and a trainable vector, in train or eval mode (eval-mode
+        training would otherwise give exactly zero gradients, silently). Inference (``torch.no_grad()``,
+        ``torch.inference_mode()``, frozen vectors) is allowed: the adapter is an identity until then. The
+        check syncs with the device once per adapter, then is cached.
+        """
+        if adapter_name in self._bases_verified or not torch.is_grad_enabled():
+            return
+        if not (self.giva_lambda_s[adapter_name].requires_grad or self.giva_lambda_o[adapter_name].requires_grad):
             return
         if not self.bases_initialized(adapter_name):
             raise BasesNotInitializedError(
-                f"GiVA adapter {adapter_name!r} on layer {self.layer_name!r} is being trained before its bases were "
-                "initialised. Call giva.initialize(peft_model, train_dataloader) once before training, or pass "
-                "callbacks=[giva.GivaInitCallback()] to your transformers Trainer."
+                f"GiVA adapter {adapter_name!r} on layer {self.layer_name!r} is being trained (a forward with gradients "
+                "enabled and trainable vectors) before its bases were initialised. Call giva.initialize(peft_model, "
+                "train_dataloader) once before training, or pass callbacks=[giva.GivaInitCallback()] to your "
+                "transformers Trainer; for inference before that, run under torch.no_grad()."
             )
         self._bases_verified.add(adapter_name)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()``...) that moves the bases but keeps their dtype.
+
+        Casting the model (``model.to(torch.bfloat16)``, DeepSpeed / accelerate half precision) must not round
+        the bases: rows rounded through bf16 are no longer orthonormal (2e-3 instead of 5e-7). A basis whose
+        dtype the cast changed is replaced by its original tensor moved to the new device; the forward casts
+        the bases to the input's dtype at use. Each distinct tensor is converted once, so shared bases stay shared.
+        """
+        before = {name: dict(getattr(self, name)._buffers) for name in self.basis_names}
+        nn.Module._apply(self, fn, recurse)
+        kept: dict[int, torch.Tensor] = {}
+        for name, entries in before.items():
+            buffers = getattr(self, name)
+            for key, old in entries.items():
+                new = buffers._buffers.get(key)
+                if old is None or new is None or new.dtype == old.dtype:
+                    continue
+                if id(old) not in kept:
+                    kept[id(old)] = old.to(device=new.device)
+                buffers._buffers[key] = kept[id(old)]
+        return self
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
@@ -219,10 +295,12 @@ class GivaLayer(BaseTunerLayer):
             if adapter_name in getattr(self, name):
                 del getattr(self, name)[adapter_name]
         self._bases_verified.discard(adapter_name)
+        self._deferred_weight_bases.discard(adapter_name)
         super().delete_adapter(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``delta_W`` of one adapter in fp32, in the base weight's layout (``in x out`` for Conv1D)."""
+        self._fill_deferred_bases(adapter_name)
         a = self.giva_A[adapter_name].float()  # R x in
         b = self.giva_B[adapter_name].float()  # O x R
         lambda_s = self.giva_lambda_s[adapter_name].float().to(a.device)
@@ -269,6 +347,7 @@ class GivaLayer(BaseTunerLayer):
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``lambda_o * B (lambda_s * A dropout(x))``: shape ``(..., O)``."""
+        self._fill_deferred_bases(adapter_name)
         self._check_bases(adapter_name)
         lambda_s, lambda_o = self.giva_lambda_s[adapter_name], self.giva_lambda_o[adapter_name]
         x = self._cast_input_dtype(x, lambda_s.dtype)
@@ -308,6 +387,7 @@ class Linear(nn.Module, GivaLayer):
 
     # nn.Module comes first in the MRO (as in PEFT's layers), so point it at GivaLayer's versions.
     forward = GivaLayer.forward
+    _apply = GivaLayer._apply
     __repr__ = GivaLayer.__repr__
 
     def __init__(

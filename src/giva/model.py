@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -20,6 +23,11 @@ from .serving import mixed_batch_hooks
 
 # Fused projections recognised without `block_sizes` (name -> how to split the outputs).
 _EQUAL_SPLIT_FUSED = {"gate_up_proj": 2}
+# Every tensor a GiVA layer saves, per adapter.
+_GIVA_TENSORS = ("giva_A", "giva_B", "giva_lambda_s", "giva_lambda_o")
+# Checkpoint entry (one int64 per layer) holding the CRC32 of the bases a checkpoint omits because they are
+# regenerated from (seed, layer name): a different regeneration is caught at load instead of changing outputs.
+SEEDED_CHECKSUM = "giva_seeded_crc32"
 
 
 def _lookup(mapping: dict[str, Any], module_key: str) -> Optional[Any]:
@@ -30,16 +38,47 @@ def _lookup(mapping: dict[str, Any], module_key: str) -> Optional[Any]:
     return None
 
 
+def _block_sizes_hint(module_key: str) -> str:
+    leaf = module_key.rsplit(".", 1)[-1]
+    return (
+        f"pass GivaConfig(block_sizes={{{leaf!r}: [size, ...]}}) with the output size of each fused matrix, or "
+        f"block_sizes={{{leaf!r}: 1}} to treat the layer as one matrix"
+    )
+
+
 def _equal_blocks(n_blocks: int, out_features: int, module_key: str) -> list[int]:
     if out_features % n_blocks:
-        raise ValueError(f"cannot split the {out_features} outputs of {module_key!r} into {n_blocks} equal blocks")
+        raise ValueError(
+            f"cannot split the {out_features} outputs of {module_key!r} into {n_blocks} equal blocks; "
+            + _block_sizes_hint(module_key)
+        )
     return [out_features // n_blocks] * n_blocks
 
 
+def _qkv_sizes(model_config: Any) -> Optional[list[int]]:
+    """``[q, k, v]`` output sizes of a fused ``qkv_proj`` from the model config (grouped-query attention included)."""
+    heads = getattr(model_config, "num_attention_heads", None)
+    hidden = getattr(model_config, "hidden_size", None)
+    if not heads or not hidden:
+        return None
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    return [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+
+
 def fused_block_sizes(
-    module_key: str, base_layer: nn.Module, out_features: int, config: GivaConfig, model_config: Any
+    module_key: str,
+    base_layer: nn.Module,
+    out_features: int,
+    config: GivaConfig,
+    model_config: Any,
+    parent: Optional[nn.Module] = None,
 ) -> list[int]:
-    """Output block sizes of a layer: from ``config.block_sizes``, else known fused names, else one block."""
+    """Output block sizes of a layer: from ``config.block_sizes``, else known fused names, else one block.
+
+    A known fused name whose blocks cannot be derived from the module's role (its parent module, the model
+    config) is an error asking for ``block_sizes``, never a guess.
+    """
     explicit = _lookup(config.block_sizes, module_key)
     if isinstance(explicit, list):
         return list(explicit)
@@ -47,19 +86,63 @@ def fused_block_sizes(
         return _equal_blocks(explicit, out_features, module_key)
     leaf = module_key.rsplit(".", 1)[-1]
     if leaf == "c_attn" and isinstance(base_layer, Conv1D):
-        return _equal_blocks(3, out_features, module_key)
+        # GPT-2: self-attention's c_attn stacks Q, K, V; cross-attention's (is_cross_attention) only K, V, its Q
+        # being the separate q_attn.
+        n_blocks = 2 if getattr(parent, "is_cross_attention", False) else 3
+        in_features = _get_in_out_features(base_layer)[0]
+        if out_features != n_blocks * in_features:
+            raise ValueError(
+                f"{module_key!r} looks like GPT-2's fused c_attn ({n_blocks} blocks of {in_features}), but it has "
+                f"{out_features} outputs; " + _block_sizes_hint(module_key)
+            )
+        return [in_features] * n_blocks
     if leaf in _EQUAL_SPLIT_FUSED:
         return _equal_blocks(_EQUAL_SPLIT_FUSED[leaf], out_features, module_key)
-    if leaf == "qkv_proj" and model_config is not None:
-        heads = getattr(model_config, "num_attention_heads", None)
-        if heads:
-            kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
-            head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-            sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
-            if sum(sizes) == out_features:
-                return sizes
-        return _equal_blocks(3, out_features, module_key)
+    if leaf == "qkv_proj":
+        sizes = _qkv_sizes(model_config)
+        if sizes is None or sum(sizes) != out_features:
+            raise ValueError(
+                f"cannot tell the Q, K, V blocks of fused layer {module_key!r}: it has {out_features} outputs, but the "
+                f"model config gives {sizes if sizes else 'no attention sizes'} (num_attention_heads, "
+                "num_key_value_heads, head_dim); " + _block_sizes_hint(module_key)
+            )
+        return sizes
     return [out_features]
+
+
+def _layer_index(key: str, layers_pattern: Any) -> Optional[int]:
+    """The layer number ``layers_to_transform`` reads from a module key (the same rule as PEFT's)."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    regexes = [rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\." for pattern in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    for regex in regexes:
+        match = re.match(regex, key)
+        if match is not None:
+            return int(match["idx"])
+    return None
+
+
+def _wanted_layers(config: GivaConfig) -> list[int]:
+    layers = config.layers_to_transform
+    return [] if layers is None else [layers] if isinstance(layers, int) else list(layers)
+
+
+def _checkpoint_layer(key: str) -> str:
+    """The base-model module name in a state-dict key of a GiVA tensor (for error messages)."""
+    return key.removeprefix("base_model.model.").split(".giva_", 1)[0]
+
+
+def _summarise(items: list[str], limit: int = 8) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def seeded_bases_checksum(layer: GivaLayer, adapter_name: str, names: tuple[str, ...]) -> int:
+    """CRC32 of the bytes of a layer's regenerated bases (fp32, in ``names`` order)."""
+    crc = 0
+    for name in names:
+        tensor = getattr(layer, name)[adapter_name].detach().to("cpu", torch.float32).contiguous()
+        crc = zlib.crc32(tensor.numpy().tobytes(), crc)
+    return crc
 
 
 class GivaModel(BaseTuner):
@@ -78,7 +161,52 @@ class GivaModel(BaseTuner):
         GiVA r=8 74.5 % against 71.9 % for query/value (3 seeds each, benchmarks/README.md)."""
         if peft_config.target_modules is None:
             peft_config.target_modules = DEFAULT_TARGET_MODULES
+        self._check_options_match_the_model(peft_config)
         return peft_config
+
+    def _check_options_match_the_model(self, config: GivaConfig) -> None:
+        """Before any layer is replaced: ``layers_to_transform`` names layers the model has, and every key of
+        ``block_sizes`` / ``adapt_blocks`` names a module that can be targeted (a typo would be silently ignored)."""
+        keys = [key for key, _ in self.model.named_modules()]
+        wanted = _wanted_layers(config)
+        if wanted:
+            present = {index for index in (_layer_index(key, config.layers_pattern) for key in keys) if index is not None}
+            missing = sorted(set(wanted) - present)
+            if missing:
+                has = f"layers {min(present)}..{max(present)}" if present else "no numbered layer list"
+                raise ValueError(
+                    f"GivaConfig.layers_to_transform={config.layers_to_transform} names layer(s) {missing} that this "
+                    f"model does not have (it has {has}"
+                    + (f" under {config.layers_pattern!r}" if config.layers_pattern else "")
+                    + ")"
+                )
+        candidates = [
+            key for key, module in self.model.named_modules() if isinstance(module, (nn.Linear, Conv1D, GivaLayer))
+        ]
+        if not isinstance(config.target_modules, str):  # a regex or 'all-linear' is resolved later
+            candidates = [key for key in candidates if self._check_target_module_exists(config, key)]
+        for option in ("block_sizes", "adapt_blocks"):
+            unknown = [
+                name
+                for name in getattr(config, option)
+                if not any(key == name or key.endswith("." + name) for key in candidates)
+            ]
+            if unknown:
+                raise ValueError(
+                    f"GivaConfig.{option} names module(s) {unknown} that match no targeted linear layer of this model; "
+                    "keys are module names or their dotted suffixes (e.g. 'c_attn' or 'h.0.attn.c_attn')"
+                )
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: GivaConfig, key: str) -> Any:
+        """PEFT's matching, plus ``layers_to_transform`` for targets named exactly (as 'all-linear' expands to),
+        which PEFT would adapt in every layer."""
+        result = check_target_module_exists(peft_config, key)
+        wanted = _wanted_layers(peft_config)
+        targets = peft_config.target_modules
+        if result and wanted and isinstance(targets, (set, list)) and key in targets:
+            return _layer_index(key, peft_config.layers_pattern) in wanted
+        return result
 
     def _create_and_replace(
         self,
@@ -98,9 +226,10 @@ class GivaModel(BaseTuner):
                 f"GiVA can adapt torch.nn.Linear and transformers Conv1D layers; {current_key!r} is a "
                 f"{type(base_layer).__name__}. Adjust target_modules."
             )
-        out_features = base_layer.weight.shape[1] if isinstance(base_layer, Conv1D) else base_layer.out_features
+        # PEFT's reading of the sizes also covers a DeepSpeed ZeRO-3 partitioned Conv1D (empty weight, `ds_shape`).
+        _, out_features = _get_in_out_features(base_layer)
         model_config = getattr(self.model, "config", None)
-        block_sizes = fused_block_sizes(current_key, base_layer, out_features, peft_config, model_config)
+        block_sizes = fused_block_sizes(current_key, base_layer, out_features, peft_config, model_config, parent)
         adapt_blocks = _lookup(peft_config.adapt_blocks, current_key)
         adapt_blocks = list(range(len(block_sizes))) if adapt_blocks is None else list(adapt_blocks)
 
@@ -158,15 +287,26 @@ class GivaModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        dropped = tuple(f".{name}.{adapter_name}" for name in cls._regenerable_bases(config))
-        return {k: v for k, v in to_return.items() if not k.endswith(dropped)}
+        regenerable = cls._regenerable_bases(config)
+        dropped = tuple(f".{name}.{adapter_name}" for name in regenerable)
+        to_return = {k: v for k, v in to_return.items() if not k.endswith(dropped)}
+        if regenerable:
+            for name, module in model.named_modules():
+                if isinstance(module, GivaLayer) and adapter_name in module.giva_A:
+                    crc = seeded_bases_checksum(module, adapter_name, regenerable)
+                    to_return[f"{name}.{SEEDED_CHECKSUM}.{adapter_name}"] = torch.tensor(crc, dtype=torch.int64)
+        return to_return
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: GivaConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
+        suffix = "." + SEEDED_CHECKSUM
+        checksums = {k.removesuffix(suffix): int(v) for k, v in state_dict.items() if k.endswith(suffix)}
+        state_dict = {k: v for k, v in state_dict.items() if not k.endswith(suffix)}
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         own = model.state_dict()
+        cls._check_checkpoint_covers_the_model(model, config, adapter_name, remapped, own)
         for key, value in remapped.items():
             if key in own and own[key].shape != value.shape:
                 layer = key.rsplit(".giva_", 1)[0].removeprefix("base_model.model.")
@@ -180,4 +320,93 @@ class GivaModel(BaseTuner):
         for key, value in own.items():
             if key.endswith(regenerated) and key not in remapped:
                 remapped[key] = value
+        cls._verify_seeded_bases(model, config, adapter_name, checksums)
         return remapped
+
+    @classmethod
+    def _check_checkpoint_covers_the_model(
+        cls,
+        model: nn.Module,
+        config: GivaConfig,
+        adapter_name: str,
+        remapped: dict[str, torch.Tensor],
+        own: dict[str, torch.Tensor],
+    ) -> None:
+        """The checkpoint holds every GiVA tensor of this adapter the model has, and none for layers it lacks.
+
+        PEFT would only warn about missing keys (a missing basis stays zero and outputs change) and drop
+        unexpected ones (an adapter for a deeper model loads into a shallower one, silently).
+        """
+        stored = tuple(name for name in _GIVA_TENSORS if name not in cls._regenerable_bases(config))
+        expected = [
+            key for key in own if key.count(".") >= 2 and key.rsplit(".", 2)[1] in stored and key.endswith("." + adapter_name)
+        ]
+        extra = sorted(
+            {
+                _checkpoint_layer(key)
+                for key in remapped
+                if key not in own and any(f".{name}" in key for name in _GIVA_TENSORS)
+            }
+        )
+        if extra:
+            raise ValueError(
+                f"GiVA checkpoint of adapter {adapter_name!r} holds tensors for layer(s) this model does not have: "
+                f"{_summarise(extra)}. It was saved from another base model (another depth or architecture); load it "
+                "into that one."
+            )
+        missing = [key for key in expected if key not in remapped]
+        if missing:
+            by_layer: dict[str, list[str]] = {}
+            for key in missing:
+                by_layer.setdefault(_checkpoint_layer(key), []).append(key.rsplit(".", 2)[-2])
+            described = [f"{layer} ({', '.join(names)})" for layer, names in by_layer.items()]
+            raise ValueError(
+                f"GiVA checkpoint of adapter {adapter_name!r} lacks tensors this model needs: {_summarise(described)}. "
+                "The checkpoint is incomplete, or was saved from another base model / config (e.g. fewer layers)."
+            )
+        unadapted = sorted(
+            key.removeprefix("base_model.model.")
+            for key, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D))
+            and not isinstance(module, GivaLayer)
+            and not key.endswith(".base_layer")
+            and cls._check_target_module_exists(config, key.removeprefix("base_model.model."))
+        )
+        if unadapted:
+            raise ValueError(
+                f"GiVA adapter {adapter_name!r} targets layer(s) of this model that the checkpoint does not adapt: "
+                f"{_summarise(unadapted)}. It was saved from another base model (e.g. fewer layers)."
+            )
+
+    @classmethod
+    def _verify_seeded_bases(
+        cls, model: nn.Module, config: GivaConfig, adapter_name: str, checksums: dict[str, int]
+    ) -> None:
+        """Compare the regenerated seeded bases with the checksums the saving run recorded."""
+        regenerable = cls._regenerable_bases(config)
+        if not regenerable:
+            return
+        layers = {
+            name.removeprefix("base_model.model."): module
+            for name, module in model.named_modules()
+            if isinstance(module, GivaLayer) and adapter_name in module.giva_A
+        }
+        recorded = {key.removeprefix("base_model.model."): crc for key, crc in checksums.items()}
+        if not recorded:
+            warnings.warn(
+                f"GiVA checkpoint of adapter {adapter_name!r} records no checksum of its seeded bases (saved by an "
+                "older giva): their regeneration cannot be verified."
+            )
+            return
+        differing = [
+            name
+            for name, layer in layers.items()
+            if name in recorded and seeded_bases_checksum(layer, adapter_name, regenerable) != recorded[name]
+        ]
+        if differing:
+            raise ValueError(
+                f"GiVA adapter {adapter_name!r}: the seeded bases ({', '.join(regenerable)}, seed {config.seed}) of "
+                f"layer(s) {_summarise(differing)} regenerate differently here than in the run that saved the "
+                "checkpoint (checksum mismatch), so its outputs would change. Load it with the giva version that saved "
+                "it."
+            )
