@@ -6,18 +6,20 @@
     giva.initialize(model, train_dataloader)   # bases from the loss gradient (k = 1 batch)
 """
 
-from . import export
+from . import checkpoint, export
 from .bases import GRADIENT_VARIANTS, VARIANTS
+from .checkpoint import CheckpointError
 from .config import GivaConfig
 from .gradients import GradientInitError, InitReport, bases_initialized, initialize
 from .integrations.trainer import GivaInitCallback
 from .layer import BasesNotInitializedError, GivaLayer
 from .model import GivaModel
-from .peft_compat import GIVA_PEFT_TYPE, install_lora_conversion, register
+from .peft_compat import GIVA_PEFT_TYPE, install_checkpoint_hooks, install_lora_conversion, register
 
 __version__ = "0.1.0"
 
 register(GivaConfig, GivaModel)
+install_checkpoint_hooks(checkpoint.save_pretrained, checkpoint.checked_load, checkpoint.forget_checksum)
 install_lora_conversion(export.convert_module)
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "GRADIENT_VARIANTS",
     "VARIANTS",
     "BasesNotInitializedError",
+    "CheckpointError",
     "GivaConfig",
     "GivaInitCallback",
     "GivaLayer",

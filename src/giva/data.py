@@ -142,6 +142,29 @@ def load_text_classification(source: str, text_column: str = "text", label_colum
     return load_hub(source, text_column, label_column)
 
 
+def normalise_text(text: str) -> str:
+    """The key under which two sentences count as the same: case-folded, whitespace collapsed."""
+    return " ".join(text.casefold().split())
+
+
+def deduplicate(data: TextDataset) -> TextDataset:
+    """The first occurrence of every sentence (compared by :func:`normalise_text`), in the original order.
+
+    Split after this, so that no sentence can sit in both the training and the test split (CoNLL-2010
+    holds 43 such repeats; Pang & Lee none).
+    """
+    seen: set[str] = set()
+    keep = []
+    for i, text in enumerate(data.texts):
+        key = normalise_text(text)
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    if len(keep) < len(data):
+        logger.info("dropped %d repeated sentences of %d", len(data) - len(keep), len(data))
+    return data.subset(keep)
+
+
 def split_dataset(
     data: TextDataset, test_size: int | float = 0.25, val_size: int | float = 0.0, seed: int = 0
 ) -> tuple[TextDataset, TextDataset, TextDataset]:

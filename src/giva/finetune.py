@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,8 +22,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 
 from .assets import resolve_model
+from .checkpoint import atomic_directory
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
-from .data import TextDataset, load_text_classification, split_dataset
+from .data import TextDataset, deduplicate, load_text_classification, split_dataset
 from .gradients import DEFAULT_NUM_BATCHES, initialize
 
 logger = logging.getLogger(__name__)
@@ -164,17 +163,13 @@ def train(
 
 
 def save_atomically(output_dir: str | Path, write: Callable[[str], Any]) -> None:
-    """Let ``write`` fill a temporary sibling folder, then move each file into ``output_dir``.
+    """Let ``write`` fill a temporary sibling folder, then swap it with ``output_dir`` in one step.
 
-    An interrupted save leaves the previous files of ``output_dir`` intact, never half-written ones.
+    An interrupted save leaves ``output_dir`` as it was, never a mix of old and new files
+    (:func:`giva.checkpoint.atomic_directory`).
     """
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir.parent, prefix=f".{output_dir.name}.") as tmp:
-        write(tmp)
-        output_dir.mkdir(exist_ok=True)
-        for item in Path(tmp).iterdir():
-            os.replace(item, output_dir / item.name)
+    with atomic_directory(output_dir) as tmp:
+        write(str(tmp))
 
 
 def directory_bytes(path: str | Path, suffix: str = ".safetensors") -> int:
@@ -200,7 +195,8 @@ class FinetuneResult:
             [
                 f"model              {self.model}",
                 f"data               {self.data}",
-                f"accuracy           {self.accuracy_before:.2%} -> {self.accuracy_after:.2%} (held-out test split)",
+                f"accuracy           {self.accuracy_before:.2%} -> {self.accuracy_after:.2%} (validation split; "
+                "the test split is held out and never scored)",
                 f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,} "
                 f"({self.trainable_parameters / self.total_parameters:.3%})",
                 f"adapter size       {self.adapter_bytes / 1024:.1f} KiB ({self.output_dir})",
@@ -217,6 +213,7 @@ def finetune(
     train_config: Optional[TrainConfig] = None,
     num_batches: int = DEFAULT_NUM_BATCHES,
     test_size: int | float = 1000,
+    val_size: int | float = 400,
     max_train_samples: Optional[int] = None,
     text_column: str = "text",
     label_column: str = "label",
@@ -227,7 +224,9 @@ def finetune(
     giva_config = giva_config or GivaConfig(r=8, target_modules=DEFAULT_TARGETS, task_type="SEQ_CLS")
     train_config = train_config or TrainConfig()
     dataset = load_text_classification(data, text_column, label_column)
-    train_set, _, test_set = split_dataset(dataset, test_size=test_size, seed=0)
+    # The same split as `giva bench` (repeats dropped, seed 0): the test rows are set aside and never scored
+    # here, so nothing tuned on this command's accuracy can leak into the benchmark's test table.
+    train_set, val_set, test_set = split_dataset(deduplicate(dataset), test_size=test_size, val_size=val_size, seed=0)
     if max_train_samples is not None:
         train_set = train_set.subset(list(range(min(max_train_samples, len(train_set)))))
     path = resolve_model(model)
@@ -237,13 +236,13 @@ def finetune(
     base.config.id2label = dict(enumerate(dataset.label_names))
     base.config.label2id = {name: i for i, name in enumerate(dataset.label_names)}
     train_loader = make_loader(tokenizer, train_set, train_config.batch_size, train_config.max_length, True, train_config.seed)
-    test_loader = make_loader(tokenizer, test_set, 64, train_config.max_length, False)
+    val_loader = make_loader(tokenizer, val_set, 64, train_config.max_length, False)
 
-    accuracy_before = evaluate(base, test_loader, progress)
+    accuracy_before = evaluate(base, val_loader, progress)
     peft_model = get_peft_model(base, giva_config)
     report = initialize(peft_model, train_loader, num_batches=num_batches, progress=progress)
     stats = train(peft_model, train_loader, train_config, progress, desc="giva finetune")
-    accuracy_after = evaluate(peft_model, test_loader, progress)
+    accuracy_after = evaluate(peft_model, val_loader, progress)
 
     save_atomically(output_dir, lambda tmp: (peft_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -258,5 +257,6 @@ def finetune(
         init_seconds=report.total_seconds,
         train_seconds=stats.seconds,
         output_dir=output_dir,
-        config={"train": asdict(train_config), "num_batches": num_batches, "n_train": len(train_set), "n_test": len(test_set)},
+        config={"train": asdict(train_config), "num_batches": num_batches, "n_train": len(train_set), "n_val": len(val_set),
+                "n_test_unscored": len(test_set)},
     )

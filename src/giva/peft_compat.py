@@ -1,9 +1,11 @@
-"""The one place that touches PEFT internals: adding GIVA to `PeftType` and registering the method."""
+"""The one place that touches PEFT internals: adding GIVA to `PeftType`, registering the method, and hooking
+GiVA checkpoints into `PeftModel` saving/loading (the logic lives in `giva.checkpoint`)."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, Optional
 
 from peft.utils.peft_types import PeftType, register_peft_method
@@ -37,6 +39,52 @@ def register(config_cls: type, model_cls: type) -> None:
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(GIVA_PEFT_TYPE) is config_cls:
         return
     register_peft_method(name="giva", config_cls=config_cls, model_cls=model_cls, prefix="giva_")
+
+
+def install_checkpoint_hooks(
+    save: Callable[..., None],
+    checked_load: Callable[[Any, Optional[str]], AbstractContextManager],
+    forget_checksum: Callable[[Any, str], None],
+) -> None:
+    """Route ``PeftModel`` saving and loading of GiVA adapters through :mod:`giva.checkpoint` (idempotent).
+
+    ``save_pretrained`` of a model holding a GiVA adapter calls ``save(original, model, directory, ...)``;
+    models of other methods (LoRA, ...) keep PEFT's own save. ``from_pretrained`` and ``load_adapter`` run
+    inside ``checked_load(model_id, subfolder)``, which only acts on local folders and GiVA configs.
+    """
+    from peft import PeftModel
+
+    if getattr(PeftModel.save_pretrained, "_giva_hook", False):
+        return
+    original_save = PeftModel.save_pretrained
+    original_from_pretrained = PeftModel.from_pretrained.__func__  # type: ignore[attr-defined]
+    original_load_adapter = PeftModel.load_adapter
+
+    @functools.wraps(original_save)
+    def save_pretrained(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+        if not any(config.peft_type == GIVA_PEFT_TYPE for config in self.peft_config.values()):
+            return original_save(self, save_directory, *args, **kwargs)
+        return save(original_save, self, save_directory, *args, **kwargs)
+
+    @functools.wraps(original_from_pretrained)
+    def from_pretrained(cls: type, model: Any, model_id: Any, adapter_name: str = "default", *args: Any, **kwargs: Any):
+        with checked_load(model_id, kwargs.get("subfolder")):
+            peft_model = original_from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
+        forget_checksum(peft_model, adapter_name)
+        return peft_model
+
+    @functools.wraps(original_load_adapter)
+    def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
+        with checked_load(model_id, kwargs.get("subfolder")):
+            result = original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        forget_checksum(self, adapter_name)
+        return result
+
+    for hook in (save_pretrained, from_pretrained, load_adapter):
+        hook._giva_hook = True  # type: ignore[attr-defined]
+    PeftModel.save_pretrained = save_pretrained
+    PeftModel.from_pretrained = classmethod(from_pretrained)
+    PeftModel.load_adapter = load_adapter
 
 
 def install_lora_conversion(convert: Callable[[Any, Any, str], Optional[tuple]]) -> None:

@@ -1,0 +1,179 @@
+"""Atomic saving, the weights checksum and the checks before loading a GiVA adapter folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_child import adapter_model, labels_for, set_vectors
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from giva import CheckpointError, checkpoint
+from tiny_models import text_batches, tiny_bert
+
+CHILD = Path(__file__).with_name("ckpt_child.py")
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    return model(input_ids=text_batches(n=1)[0]["input_ids"]).logits
+
+
+def reload(folder: Path) -> torch.Tensor:
+    return logits(PeftModel.from_pretrained(tiny_bert(), str(folder)).eval())
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}.giva-"))
+
+
+def test_save_reload_is_exact_and_records_the_checksum(tmp_path):
+    model = adapter_model(1).eval()
+    folder = tmp_path / "adapter"
+    model.save_pretrained(str(folder))
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["weights_sha256"] == checkpoint.sha256_file(folder / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(tiny_bert(), str(folder))
+    assert torch.equal(logits(loaded), logits(model))
+    assert loaded.peft_config["default"].weights_sha256 is None  # describes the files, not the model in memory
+    assert model.peft_config["default"].weights_sha256 is None
+    assert leftovers(folder) == []
+
+
+def test_save_keeps_the_files_it_does_not_rewrite(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{}")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "a.txt").write_text("kept")
+    adapter_model(1).save_pretrained(str(folder))
+    assert (folder / "tokenizer.json").read_text() == "{}" and (folder / "notes" / "a.txt").read_text() == "kept"
+    assert (folder / "adapter_model.safetensors").exists()
+
+
+def test_a_failing_save_leaves_the_folder_unchanged(tmp_path, monkeypatch):
+    folder = tmp_path / "adapter"
+    adapter_model(1).save_pretrained(str(folder))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("peft.peft_model.safe_save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        adapter_model(2).save_pretrained(str(folder))
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert leftovers(folder) == []
+
+
+def test_lora_models_keep_peft_own_save(tmp_path):
+    model = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query"]))
+    model.save_pretrained(str(tmp_path / "lora"))
+    assert "weights_sha256" not in json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+
+
+def test_weights_of_another_save_are_detected_at_load(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    adapter_model(1).save_pretrained(str(first))
+    adapter_model(2).save_pretrained(str(second))
+    (first / "adapter_model.safetensors").write_bytes((second / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"first/adapter_model.safetensors does not match .*adapter_config.json"):
+        PeftModel.from_pretrained(tiny_bert(), str(first))
+
+
+def test_missing_weights_or_folder_name_the_folder_and_the_file(tmp_path):
+    folder = tmp_path / "adapter"
+    adapter_model(1).save_pretrained(str(folder))
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"adapter folder .*adapter has adapter_config.json but no adapter_model"):
+        PeftModel.from_pretrained(tiny_bert(), str(folder))
+    with pytest.raises(CheckpointError, match="no such adapter folder: .*nope"):
+        PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty holds no adapter_config.json"):
+        PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "empty"))
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="adapter_config.json is not a valid adapter config"):
+        PeftModel.from_pretrained(tiny_bert(), str(folder))
+
+
+def test_an_interrupted_fallback_swap_is_put_back_on_load(tmp_path):
+    folder = tmp_path / "adapter"
+    model = adapter_model(1).eval()
+    model.save_pretrained(str(folder))
+    # The state after the fallback's first rename, with the saver dead (pid 999999999 does not run).
+    folder.rename(tmp_path / ".adapter.giva-old-999999999-abcd")
+    (tmp_path / ".adapter.giva-tmp-999999999-ef01").mkdir()
+    assert torch.equal(reload(folder), logits(model))
+    assert leftovers(folder) == []  # and the dead saver's temp folder is gone
+
+
+def test_saving_into_a_file_says_so(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="it is a file"):
+        with checkpoint.atomic_directory(tmp_path / "f"):
+            pass
+
+
+def _run_kill_trials(folder: Path, how: str, n_trials: int, rng: random.Random) -> dict[str, int]:
+    """SIGKILL a saver at spread-out points of ``n_trials`` saves; after each, the folder is the old or the new adapter."""
+    adapter_model(1).save_pretrained(str(folder))
+    if how == "cli":
+        (folder / "labels.json").write_text(json.dumps(labels_for(1)))
+    current, references, probe = 1, {}, adapter_model(0).eval()
+
+    def reference(seed: int) -> torch.Tensor:
+        if seed not in references:
+            set_vectors(probe, seed)
+            references[seed] = logits(probe)
+        return references[seed]
+
+    child = subprocess.Popen(
+        [sys.executable, str(CHILD), str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=CHILD.parent,
+    )
+    counts = {"old": 0, "new": 0}
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.stdin.write(f"save 1000 {how} 5\n")  # one uninterrupted save: how long a save takes here
+        child.stdin.flush()
+        outcome, seconds = child.stdout.readline().split()
+        assert outcome == "completed"
+        duration, current = float(seconds), 1000
+        for trial in range(n_trials):
+            seed = 2000 + trial
+            delay = duration * 1.3 * (trial + rng.random()) / n_trials  # spread over the whole save
+            child.stdin.write(f"save {seed} {how} {delay:.4f}\n")
+            child.stdin.flush()
+            outcome, _ = child.stdout.readline().split()
+            got = reload(folder)
+            is_new = torch.equal(got, reference(seed))
+            assert is_new or torch.equal(got, reference(current)), f"trial {trial}: the folder matches neither adapter"
+            assert is_new or outcome == "killed"
+            if how == "cli":
+                assert json.loads((folder / "labels.json").read_text()) == labels_for(seed if is_new else current)
+            counts["new" if is_new else "old"] += 1
+            current = seed if is_new else current
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    adapter_model(3).save_pretrained(str(folder))  # the next save cleans what the killed savers left
+    assert leftovers(folder) == []
+    return counts
+
+
+@pytest.mark.parametrize("how, n_trials", [("peft", 25), ("cli", 6), ("fallback", 6)])
+def test_sigkill_at_any_point_of_a_save_leaves_the_old_or_the_new_adapter(tmp_path, how, n_trials):
+    counts = _run_kill_trials(tmp_path / "adapter", how, n_trials, random.Random(0))
+    assert counts["old"] >= 1 and counts["new"] >= 1, counts  # the kills landed before and after the swap
+    assert sum(counts.values()) == n_trials
+
+
+def test_the_child_script_is_not_collected():
+    assert not os.path.basename(CHILD).startswith("test_")
