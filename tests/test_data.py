@@ -1,10 +1,12 @@
 """Loading user data: CSV / JSONL with text and label columns, clear errors, fixed splits."""
 
 import json
+import time
 
 import pytest
 
-from giva.data import load_file, load_text_classification, split_dataset
+from giva import data as data_module
+from giva.data import DataError, load_file, load_text_classification, normalise_label, split_dataset
 
 
 def test_csv_and_jsonl_files(tmp_path):
@@ -39,3 +41,94 @@ def test_split_is_fixed_and_disjoint(tmp_path):
     again = split_dataset(data, test_size=20, val_size=0.1, seed=0)[2]
     assert again.texts == test.texts
     assert not set(train.texts) & set(test.texts) and not set(val.texts) & set(test.texts)
+
+
+def write_jsonl(path, records):
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    return path
+
+
+def test_an_integer_is_one_class_however_it_is_written(tmp_path):
+    labels = [1, 1.0, "1", " 1.0 ", 0, "0", 0.0, True, False]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": y} for i, y in enumerate(labels[:7])])
+    data = load_file(path)
+    assert data.label_names == ["0", "1"] and data.labels == [1, 1, 1, 1, 0, 0, 0]
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("text,label\na,1\nb,1.0\nc, 1 \nd,2\n")
+    assert load_file(csv_path).label_names == ["1", "2"]
+    assert normalise_label(True, "x") == "true" and normalise_label(" pos ", "x") == "pos"
+
+
+@pytest.mark.parametrize(
+    "records, message",
+    [
+        ([{"text": "a", "label": 1}, {"text": "b", "label": None}], r"d.jsonl:2: the label is missing"),
+        ([{"text": "a", "label": 1}, {"text": "b"}], r"d.jsonl:2: the label is missing"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": 0.5}], r"d.jsonl:2: label 0.5 is not a class"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": "nan"}], r"d.jsonl:2: label 'nan' is a name but .* is a number"),
+        ([{"text": "a", "label": "pos"}, {"text": "b", "label": 2}], r"d.jsonl:2: label '2' is a number but .*'pos' is a name"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": [1]}], r"d.jsonl:2: label \[1\] is a list"),
+        ([{"text": "a", "label": 1}, {"text": None, "label": 0}], r"d.jsonl:2: the text is missing"),
+        ([{"text": "a", "label": 1}, {"text": "  ", "label": 0}], r"d.jsonl:2: the text is empty"),
+    ],
+)
+def test_bad_labels_and_texts_name_the_file_line_and_value(tmp_path, records, message):
+    with pytest.raises(DataError, match=message):
+        load_file(write_jsonl(tmp_path / "d.jsonl", records))
+
+
+def test_csv_errors_name_the_line_where_the_row_starts(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"two\nlines",1\nok,0\nempty,\n')
+    with pytest.raises(DataError, match=r"d.csv:5: the label is empty"):
+        load_file(path)
+    path.write_text("text,label\na,1\nb, with a comma,0\n")
+    with pytest.raises(DataError, match=r"d.csv:3: 3 cells but the header has 2 \(text, label\)"):
+        load_file(path)
+    path.write_text("")
+    with pytest.raises(DataError, match="d.csv: empty file"):
+        load_file(path)
+
+
+def test_malformed_jsonl_and_non_utf8_name_the_right_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n{"text": "c", "label": 0\n')
+    with pytest.raises(DataError, match=r"d.jsonl:4: not valid JSON"):
+        load_file(path)
+    path.write_text('{"text": "a", "label": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: expected a JSON object"):
+        load_file(path)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ngood,1\ncaf\u00e9,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv:3: not UTF-8 text \(byte 0xe9\)"):
+        load_file(latin)
+
+
+def test_tsv_json_array_and_files_without_extension(tmp_path):
+    (tmp_path / "d.tsv").write_text("text\tlabel\na, b\tx\nc\ty\n")
+    assert load_file(tmp_path / "d.tsv").texts == ["a, b", "c"]
+    (tmp_path / "d.json").write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]))
+    assert load_file(tmp_path / "d.json").label_names == ["x", "y"]
+    (tmp_path / "noext").write_text("text,label\na,x\nb,y\n")
+    assert len(load_text_classification(str(tmp_path / "noext"))) == 2
+    with pytest.raises(DataError, match="is a folder"):
+        load_text_classification(str(tmp_path))
+
+
+def test_a_missing_local_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(data_module, "load_hub", no_hub)
+    for source in [str(tmp_path / "train"), "./train", "~/nope/train", "data/sub/train", "train.csv"]:
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            load_text_classification(source)
+
+
+def test_a_hub_name_offline_says_so_at_once(monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE is set"):
+        load_text_classification("someone/some-dataset")
+    assert time.perf_counter() - start < 2

@@ -6,9 +6,15 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
+
+from .checkpoint import looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +102,84 @@ def mpnet_path() -> str:
 MODEL_ALIASES: dict[str, Callable[[], str]] = {"minilm": minilm_path, "smollm2": smollm2_path, "mpnet": mpnet_path}
 
 
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> Optional[str]:
+    """Why the Hugging Face hub cannot be used right now (offline mode, no connection), or None.
+
+    Answers within ``timeout_s`` instead of the 27-50 s that a download takes to fail offline.
+    """
+    for variable in _OFFLINE_VARIABLES:
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes", "on"):
+            return f"{variable} is set (offline mode)"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # the proxy decides; a direct probe would say nothing
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    outcome: dict[str, Any] = {}
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            outcome["ok"] = True
+        except OSError as err:
+            outcome["error"] = err
+
+    thread = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    thread.start()
+    thread.join(timeout_s)
+    if outcome.get("ok"):
+        return None
+    return f"the hub ({host}) cannot be reached ({outcome.get('error') or f'no answer within {timeout_s:g} s'})"
+
+
+def _cached_snapshot(repo_id: str) -> Optional[str]:
+    """The local snapshot folder of a hub model already in the Hugging Face cache, if any."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an invalid repo id, or no cache: not cached
+        return None
+    return str(Path(config).parent) if isinstance(config, str) else None
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        from huggingface_hub.utils import validate_repo_id
+
+        validate_repo_id(name)
+    except Exception:
+        return False
+    return True
+
+
 def resolve_model(name_or_path: str) -> str:
-    """An alias from :data:`MODEL_ALIASES`, an existing local folder, or a hub id (returned unchanged)."""
+    """An alias from :data:`MODEL_ALIASES`, an existing local model folder, or a hub id.
+
+    Checked before anything is loaded: a path-like name that does not exist is reported as a missing folder
+    (never sent to the hub), a folder must hold ``config.json``, and a hub id needs the hub to be reachable
+    or the model to be in the Hugging Face cache (then the cached folder is returned).
+    """
     if name_or_path in MODEL_ALIASES:
         return MODEL_ALIASES[name_or_path]()
-    if Path(name_or_path).exists():
-        return str(Path(name_or_path))
-    return name_or_path
+    path = Path(os.path.expanduser(name_or_path))
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"model {name_or_path!r} is a file; expected a model folder (with config.json) or a hub id")
+        if not (path / "config.json").is_file():
+            raise ValueError(f"model folder {str(path)!r} has no config.json: not a saved transformers model")
+        return str(path)
+    if looks_local(name_or_path) or not _is_repo_id(name_or_path):
+        raise FileNotFoundError(f"model {name_or_path!r}: no such folder")
+    problem = hub_unreachable()
+    if problem is None:
+        return name_or_path
+    cached = _cached_snapshot(name_or_path)
+    if cached is not None:
+        return cached
+    raise ValueError(
+        f"model {name_or_path!r} is not a local folder or an alias ({', '.join(MODEL_ALIASES)}), and it is not in the "
+        f"Hugging Face cache; as a hub id: {problem}"
+    )

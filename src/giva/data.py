@@ -8,10 +8,13 @@ downloads it once into the cache directory; nothing is redistributed with this p
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +22,10 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from .assets import hub_unreachable
+from .checkpoint import looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -78,37 +85,153 @@ class TextDataset:
         return TextDataset([self.texts[i] for i in indices], [self.labels[i] for i in indices], self.label_names)
 
 
-def _encode_labels(texts: list[str], raw_labels: list[str], source: str) -> TextDataset:
-    if not texts:
-        raise ValueError(f"{source}: no rows found")
-    names = sorted(set(raw_labels))
-    if all(name.lstrip("-").isdigit() for name in names):  # numeric labels sort as numbers: -1 < 1 < 10
-        names.sort(key=int)
+class DataError(ValueError):
+    """Data the loader cannot use as it is; the message names the file and line, the value, and what was expected."""
+
+
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
+
+
+def normalise_label(value: Any, where: str) -> str:
+    """The class name of one label cell, or a :class:`DataError` saying why it is not one.
+
+    Labels are class names or integers. An integer is the same class however it is written: ``1``,
+    ``1.0``, ``"1"`` and ``" 1.0 "`` are all class ``"1"``. A fraction (``0.5``), ``NaN``, ``null``,
+    an empty cell or a list is an error. Names are taken as written (case-sensitive), without surrounding
+    spaces; JSON ``true`` / ``false`` become the names ``"true"`` / ``"false"``.
+    """
+    if value is None:
+        raise DataError(f"{where}: the label is missing (null or absent)")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise DataError(f"{where}: the label is empty")
+        if not _NUMBER.fullmatch(text):
+            return text
+        value = float(text)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value) or not value.is_integer():
+            raise DataError(
+                f"{where}: label {value!r} is not a class; labels must be class names or integers (1 and 1.0 are the same "
+                "class), not fractions"
+            )
+        return str(int(value))
+    raise DataError(f"{where}: label {value!r} is a {type(value).__name__}; expected a class name or an integer")
+
+
+def _text(value: Any, where: str) -> str:
+    if value is None:
+        raise DataError(f"{where}: the text is missing (null or absent)")
+    if isinstance(value, (dict, list)):
+        raise DataError(f"{where}: the text is a {type(value).__name__}; expected a string")
+    text = str(value).strip()
+    if not text:
+        raise DataError(f"{where}: the text is empty")
+    return text
+
+
+def _encode_labels(rows: list[tuple[str, Any, Any]], source: str) -> TextDataset:
+    """``rows`` of (where, text, label) -> a dataset; labels normalised by :func:`normalise_label`."""
+    if not rows:
+        raise DataError(f"{source}: no rows found")
+    texts = [_text(text, where) for where, text, _ in rows]
+    raw_labels = [normalise_label(label, where) for where, _, label in rows]
+    numeric = [bool(_NUMBER.fullmatch(name)) for name in raw_labels]
+    if any(numeric) and not all(numeric):
+        i = numeric.index(not numeric[0])
+        raise DataError(
+            f"{rows[i][0]}: label {raw_labels[i]!r} is a {'number' if numeric[i] else 'name'} but the first row's "
+            f"label {raw_labels[0]!r} is a {'number' if numeric[0] else 'name'}; use class names or integers, not both"
+        )
+    names = sorted(set(raw_labels), key=int) if all(numeric) else sorted(set(raw_labels))  # -1 < 1 < 10
     if len(names) < 2:
-        raise ValueError(f"{source}: the label column has a single value {names}; need at least two classes")
+        raise DataError(f"{source}: the label column has a single value {names}; need at least two classes")
     index = {name: i for i, name in enumerate(names)}
     return TextDataset(texts, [index[v] for v in raw_labels], names)
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
-    if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return list(csv.DictReader(f))
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8"
+        ) from None
+
+
+def _read_json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    """JSON Lines (one object per line), or for ``.json`` also one array of objects."""
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+        rows = [(f"{path}: record {i + 1}", record) for i, record in enumerate(records)]
+    else:
+        rows = []
+        for line_number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((f"{path}:{line_number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{line_number}: not valid JSON ({err.msg}, column {err.colno}); expected one JSON object per line"
+                ) from None
+    for where, record in rows:
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object with the text and label columns, got {type(record).__name__}")
+    return rows
+
+
+def _read_csv_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    header = next(reader, None)
+    if not header:
+        raise DataError(f"{path}: empty file; expected a header row naming the columns, then one row per example")
+    header = [name.strip() for name in header]
+    rows, line_number = [], reader.line_num + 1
+    for cells in reader:
+        where, line_number = f"{path}:{line_number}", reader.line_num + 1
+        if not cells:
+            continue
+        if len(cells) != len(header):
+            raise DataError(
+                f"{where}: {len(cells)} cells but the header has {len(header)} ({', '.join(header)}); quote a text "
+                "that holds the delimiter"
+            )
+        rows.append((where, dict(zip(header, cells))))
+    return rows
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(where, row) pairs; ``where`` is ``file:line`` for the error messages."""
+    text = _decode(path)
+    return _read_json_rows(path, text) if path.suffix in (".jsonl", ".json") else _read_csv_rows(path, text)
 
 
 def load_file(path: str | Path, text_column: str = "text", label_column: str = "label") -> TextDataset:
-    """A CSV (with a header row) or JSONL file with a text and a label column."""
+    """A CSV (with a header row; ``.tsv``: tab-separated) or JSONL file with a text and a label column.
+
+    Any other extension is read as CSV. Errors name the file, the line and the value (:class:`DataError`).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a folder; expected a CSV or JSONL file")
     rows = _read_rows(path)
     for column in (text_column, label_column):
-        if rows and column not in rows[0]:
-            raise ValueError(f"{path}: no column {column!r}; the columns are {sorted(rows[0])}")
-    texts = [str(row[text_column]).strip() for row in rows]
-    return _encode_labels(texts, [str(row[label_column]).strip() for row in rows], str(path))
+        if rows and column not in rows[0][1]:
+            raise DataError(f"{path}: no column {column!r}; the columns are {sorted(rows[0][1])}")
+    return _encode_labels([(where, row.get(text_column), row.get(label_column)) for where, row in rows], str(path))
 
 
 def load_bundled(name: str) -> TextDataset:
@@ -119,26 +242,48 @@ def load_bundled(name: str) -> TextDataset:
             f"corpus {name!r} is not at {path}; run `giva fetch-data` (or scripts/setup.sh) once to download it"
         )
     with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = [row for row in csv.reader(f) if len(row) == 2]
-    return _encode_labels([text.strip() for _, text in rows], [label.strip() for label, _ in rows], str(path))
+        rows = [(f"{path}:{i}", row[1], row[0]) for i, row in enumerate(csv.reader(f), start=1) if len(row) == 2]
+    return _encode_labels(rows, str(path))
 
 
 def load_hub(name: str, text_column: str, label_column: str, split: str = "train") -> TextDataset:
     """A dataset from the Hugging Face hub (needs the `datasets` package and internet access)."""
+    datasets = _hub_datasets_module(name)
+    ds = datasets.load_dataset(name, split=split)
+    for column in (text_column, label_column):
+        if column not in ds.column_names:
+            raise DataError(f"dataset {name!r}: no column {column!r}; the columns are {sorted(ds.column_names)}")
+    return _encode_labels(
+        [(f"dataset {name!r} row {i}", t, v) for i, (t, v) in enumerate(zip(ds[text_column], ds[label_column]))], name
+    )
+
+
+def _hub_datasets_module(name: str) -> Any:
+    """`datasets`, once it is clear that ``name`` can be looked up on the hub (installed, online)."""
     try:
         import datasets
-    except ImportError as err:
-        raise ImportError("loading a hub dataset needs `pip install datasets`") from err
-    ds = datasets.load_dataset(name, split=split)
-    return _encode_labels([str(t) for t in ds[text_column]], [str(v) for v in ds[label_column]], name)
+    except ImportError:
+        raise DataError(
+            f"data {name!r} is not a local file or a bundled corpus ({', '.join(BUNDLED)}); as a hub dataset name it "
+            "needs `pip install datasets`"
+        ) from None
+    problem = hub_unreachable()
+    if problem:
+        raise DataError(f"data {name!r} is not a local file or a bundled corpus, and as a hub dataset name: {problem}")
+    return datasets
 
 
 def load_text_classification(source: str, text_column: str = "text", label_column: str = "label") -> TextDataset:
-    """A bundled corpus name, a local CSV/JSONL path, or a `datasets` hub name, in that order."""
+    """A bundled corpus name, a local CSV/JSONL path, or a `datasets` hub name, in that order.
+
+    A name that can only be a path (it exists, starts with ``.``, ``~`` or ``/``, or ends in a data extension)
+    is never sent to the hub: a missing file is reported as missing.
+    """
     if source in BUNDLED:
         return load_bundled(source)
-    if Path(source).suffix in (".csv", ".jsonl", ".json") or Path(source).exists():
-        return load_file(source, text_column, label_column)
+    path = Path(os.path.expanduser(source))
+    if path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source):
+        return load_file(path, text_column, label_column)
     return load_hub(source, text_column, label_column)
 
 
