@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from giva.federated import messages  # noqa: E402
 from giva.federated.client_app import STATE_KEY  # noqa: E402
 from giva.federated.run import run_inprocess  # noqa: E402
-from giva.federated.statistics import block_specs, one_process_bases  # noqa: E402
+from giva.federated.statistics import block_specs, one_process_dense_bases, read_bases  # noqa: E402
 from giva.federated.task import (  # noqa: E402
     FederatedConfig,
     build_model,
@@ -24,7 +24,7 @@ from giva.federated.task import (  # noqa: E402
     peft_config,
     shard_indices,
 )
-from giva.gradients import initialize  # noqa: E402
+from giva.init import initialize  # noqa: E402
 from tiny_models import text_batches, tiny_bert  # noqa: E402
 
 CLIENTS = 3
@@ -61,7 +61,7 @@ class TinyTask:
 
 def config(**overrides) -> FederatedConfig:
     base = dict(clients=CLIENTS, rounds=2, local_steps=2, giva_r=4, vera_r=8, lora_r=2, target_modules=TARGETS,
-                num_batches=2, oversample=4)
+                num_batches=2, oversample=4, batch_size=4)
     return FederatedConfig(**{**base, **overrides})
 
 
@@ -87,7 +87,7 @@ def dense_run():
 
 @pytest.fixture(scope="module")
 def sketch_run():
-    cfg = config(init_mode="sketch", rounds=1, local_steps=1)
+    cfg = config(init_mode="sketch", rounds=1, local_steps=1, passes=3)
     return cfg, *run_inprocess(cfg, TinyTask, keep_log=True)
 
 
@@ -101,18 +101,18 @@ def test_dense_setup_gives_every_client_the_one_process_bases_bit_for_bit(dense_
     # One process over the union of the shards, in two different orders: the same bits.
     model = build_model(TinyTask(cfg), cfg)
     for order in ([0, 1, 2], [2, 0, 1]):
-        reference = one_process_bases(model, union_batches(cfg, order), "dense", peft_config(cfg))
+        reference = one_process_dense_bases(model, union_batches(cfg, order), peft_config(cfg))
         assert reference.keys() == held[0].keys()
         assert all(torch.equal(reference[k], held[0][k]) for k in reference)
     # ... and the library's own single-process initialisation over the same batches (a mean of equal-size
     # batch gradients in float32, so equal up to rounding).
-    initialize(model, union_batches(cfg, [0, 1, 2]), num_batches=CLIENTS * cfg.num_batches, progress=False)
-    layers = {name: m for name, m in model.named_modules() if hasattr(m, "giva_A")}
-    for key, spec in block_specs(model).items():
-        a = next(m for m in layers.values() if m.layer_name == spec.layer_name).giva_A["default"]
-        assert principal_cosines(a, held[0][key]).min() > 0.9999
+    initialize(model, union_batches(cfg, [0, 1, 2]), num_batches=CLIENTS * cfg.num_batches, progress=False,
+               mode="exact")
+    library = read_bases(model)
+    for key in held[0]:
+        assert principal_cosines(library[key], held[0][key]).min() > 0.9999
     assert results["setup_info"] == {"mode": "dense", "calibration_examples": 4 * cfg.num_batches * CLIENTS,
-                                     "blocks": len(held[0])}
+                                     "blocks": len(held[0]), "passes": 1}
 
 
 def test_sketch_setup_matches_a_one_process_sketch_of_the_union(sketch_run):
@@ -120,16 +120,27 @@ def test_sketch_setup_matches_a_one_process_sketch_of_the_union(sketch_run):
     held = client_bases(grid)
     for other in held[1:]:
         assert all(torch.equal(other[k], held[0][k]) for k in held[0])
+    # The library's single-process sketched initialisation (giva.init) over the union of the shards.
     model = build_model(TinyTask(cfg), cfg)
-    reference = one_process_bases(model, union_batches(cfg, [0, 1, 2]), "sketch", peft_config(cfg), cfg.oversample)
+    initialize(model, union_batches(cfg, [0, 1, 2]), num_batches=CLIENTS * cfg.num_batches, progress=False,
+               mode="sketch", passes=cfg.passes, oversampling=cfg.oversample)
+    reference, seeded_b = read_bases(model), read_bases(model, "giva_B")
+    client_model = build_model(TinyTask(cfg), cfg)  # a fresh client's own B, never sent
+    client_b = read_bases(client_model, "giva_B")
+    assert reference.keys() == held[0].keys()
     for key in reference:
         cosines = principal_cosines(reference[key], held[0][key])
         assert cosines.min() > 0.999, (key, cosines)
         assert torch.allclose(held[0][key] @ held[0][key].mT, torch.eye(cfg.giva_r), atol=1e-5)  # orthonormal rows
-    # A sketch is (in x k) per block, far smaller than the dense out x in gradient it stands for.
-    statistics_up = results["setup"][0]["up"][0]
-    dense_floats = sum(s.shape[0] * s.shape[1] for s in block_specs(model).values())
-    assert statistics_up < 4 * dense_floats
+        assert torch.equal(seeded_b[key], client_b[key])  # B regenerates bit for bit, so only A travels
+    # passes statistics exchanges, then A; the first pass sends no matrix down (seeded on the clients).
+    assert [t["round"] for t in results["setup"]] == list(range(1, cfg.passes + 2))
+    first, second = grid.log[0][0], grid.log[CLIENTS][0]
+    assert messages.ARRAYS not in first.content and messages.ARRAYS in second.content
+    # A sketch is (in + out) x l per block, far smaller than the dense out x in gradient it stands for.
+    sketch_up = sum(t["up"][0] for t in results["setup"][: cfg.passes])
+    dense_bytes = 4 * sum(s.shape[0] * s.shape[1] for s in block_specs(model).values())
+    assert sketch_up < dense_bytes
 
 
 def test_fedavg_is_the_example_weighted_mean():

@@ -23,8 +23,9 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from ..init import Partial, accumulate
 from . import messages
-from .statistics import apply_bases, client_statistics
+from .statistics import apply_bases, client_request, dense_statistics, sketch_session
 from .task import (
     FederatedConfig,
     Task,
@@ -101,11 +102,21 @@ def make_client_app(
         cfg, task, partition, num_partitions = setup(context)
         request = msg.content[messages.CONFIG]
         model = cache.get(task, cfg)
+        # The same batches on every pass of a session (the task's calibration batches are seeded).
         batches = task.calibration_batches(partition, num_partitions, int(request["num-batches"]))
-        stats, count = client_statistics(model, batches, str(request["mode"]), int(request["seed"]),
-                                         int(request["oversample"]))
-        logger.info("client %d: %s statistics of %d examples", partition, request["mode"], count)
-        return Message(messages.make_content(stats, metrics={"num-examples": count}), reply_to=msg)
+        examples = sum(int(b["labels"].shape[0]) for b in batches)
+        if request["mode"] == "dense":
+            sums, count = dense_statistics(model, batches)
+            metrics = {"num-examples": count}
+        else:
+            session = sketch_session(model, int(request["passes"]), int(request["oversampling"]))
+            matrices = messages.record_tensors(msg.content[messages.ARRAYS]) if messages.ARRAYS in msg.content else {}
+            work = client_request(session, int(request["pass-index"]), str(request["kind"]), matrices)
+            partial: Partial = accumulate(model, batches, work)
+            sums = partial.sums
+            metrics = {"num-examples": examples, "batches": partial.batches, "tokens": partial.tokens}
+        logger.info("client %d: %s statistics of %d examples", partition, request["mode"], examples)
+        return Message(messages.make_content(sums, metrics=metrics), reply_to=msg)
 
     @app.query("bases")
     def bases(msg: Message, context: Context) -> Message:

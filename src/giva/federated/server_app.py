@@ -27,9 +27,18 @@ from typing import Any, Optional
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from ..init import Partial, write_bases
 from . import messages
 from .client_app import TaskFactory, default_task
-from .statistics import apply_bases, bases_from_statistics, block_specs, combine_statistics
+from .statistics import (
+    add_partials,
+    apply_bases,
+    block_specs,
+    combine_statistics,
+    dense_bases,
+    read_bases,
+    sketch_session,
+)
 from .task import (
     FederatedConfig,
     accuracy,
@@ -79,6 +88,49 @@ def exchange(
     return ordered, traffic
 
 
+def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -> tuple[list[messages.Traffic], dict]:
+    """The GiVA setup: statistics pass(es), then ``A`` to every client; the bases are written into ``model``."""
+    traffic: list[messages.Traffic] = []
+    common = {"mode": cfg.init_mode, "num-batches": cfg.num_batches, "passes": cfg.passes, "oversampling": cfg.oversample}
+    if cfg.init_mode == "dense":
+        request = messages.make_content(config=common)
+        replies, t = exchange(grid, nodes, messages.STATISTICS, request, "setup-1")
+        traffic.append(t)
+        parts = [
+            (messages.record_tensors(r.content[messages.ARRAYS]), int(r.content[messages.METRICS]["num-examples"]))
+            for r in replies
+        ]
+        stats, count = combine_statistics(parts)
+        bases = dense_bases(block_specs(model), stats, count, peft_config(cfg))
+        apply_bases(model, bases)
+    else:
+        session = sketch_session(model, cfg.passes, cfg.oversample)
+        count = 0
+        while not session.done:
+            request = session.next_request()
+            kinds = {item.kind for item in request.items.values()}
+            # Pass 0's test matrices are seeded: every client builds them itself. Later ones depend on the data.
+            matrices = None if request.pass_index == 0 else {k: item.matrix for k, item in request.items.items()}
+            content = messages.make_content(matrices, config={**common, "pass-index": request.pass_index,
+                                                              "kind": kinds.pop()})
+            replies, t = exchange(grid, nodes, messages.STATISTICS, content, f"setup-{len(traffic) + 1}")
+            traffic.append(t)
+            parts = [
+                Partial(request.pass_index, messages.record_tensors(r.content[messages.ARRAYS]),
+                        batches=int(r.content[messages.METRICS]["batches"]), tokens=int(r.content[messages.METRICS]["tokens"]))
+                for r in replies
+            ]
+            count = sum(int(r.content[messages.METRICS]["num-examples"]) for r in replies)
+            session.receive(add_partials(parts))
+        write_bases(model, session)
+        bases = read_bases(model)
+    _, t = exchange(grid, nodes, messages.BASES, messages.make_content(bases), f"setup-{len(traffic) + 1}")
+    traffic.append(t)
+    info = {"mode": cfg.init_mode, "calibration_examples": count, "blocks": len(bases),
+            "passes": 1 if cfg.init_mode == "dense" else cfg.passes}
+    return traffic, info
+
+
 def run_server(grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = default_task) -> dict[str, Any]:
     """The whole federated run on ``grid``; returns the results (accuracy and bytes per round)."""
     start = time.perf_counter()
@@ -90,21 +142,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = def
     setup_info: dict[str, Any] = {}
 
     if cfg.method == "giva":
-        request = messages.make_content(config={
-            "mode": cfg.init_mode, "num-batches": cfg.num_batches, "seed": cfg.seed, "oversample": cfg.oversample,
-        })
-        replies, traffic = exchange(grid, nodes, messages.STATISTICS, request, "setup-1")
-        setup.append(traffic)
-        parts = [
-            (messages.record_tensors(r.content[messages.ARRAYS]), int(r.content[messages.METRICS]["num-examples"]))
-            for r in replies
-        ]
-        stats, count = combine_statistics(parts)
-        bases = bases_from_statistics(block_specs(model), stats, count, cfg.init_mode, peft_config(cfg))
-        apply_bases(model, bases)
-        _, traffic = exchange(grid, nodes, messages.BASES, messages.make_content(bases), "setup-2")
-        setup.append(traffic)
-        setup_info = {"mode": cfg.init_mode, "calibration_examples": count, "blocks": len(bases)}
+        setup, setup_info = setup_giva(grid, nodes, model, cfg)
     elif cfg.method == "vera" and cfg.vera_projections:
         _, traffic = exchange(grid, nodes, messages.BASES, messages.make_content(projection_state(model)), "setup-1")
         setup.append(traffic)

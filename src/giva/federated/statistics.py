@@ -1,23 +1,22 @@
 """The setup round's maths: a client's gradient statistics of its shard, and the bases they add up to.
 
-For one adapted block ``W_j`` (``out x in``) and calibration batch ``b`` of ``n_b`` examples, let
-``G_b = dL_b/dW_j`` be the gradient of the batch's mean loss at the pretrained model. A client
-holding batches ``b in c`` sends, per block, either
+Two modes, both additive across clients so the server's sum is what one process computes over the
+union of the shards:
 
-* ``dense``:  ``S_c = sum_b n_b G_b`` (``out x in``, float64), or
-* ``sketch``: ``Y_c = S_c^T Omega_j`` (``in x k``, float32), with ``Omega_j`` (``out x k``) a Gaussian
-  test matrix drawn from (seed, layer, block), so every client draws the same one,
+* ``sketch`` (default): H3's pass-based protocol (:mod:`giva.init`). The server holds an
+  ``InitSession``; each pass it asks for ``G^T M`` (``in x l``) or ``G M`` (``out x l``) summed over the
+  client's calibration batches (:func:`giva.init.accumulate`), adds the clients' ``Partial`` sums and
+  feeds the total to ``session.receive``. The first pass's test matrices are seeded by (seed, target),
+  so the clients build them themselves; later passes' matrices depend on the data and are sent.
+  ``receive`` averages over batches; the calibration batches are all full (``batch_size`` examples),
+  so weighting by batches is weighting by examples.
+* ``dense``: per block ``S_c = sum_b n_b G_b`` (``out x in``, float64), with ``G_b`` the gradient of
+  batch ``b``'s mean loss and ``n_b`` its examples; the server takes ``G = sum_c S_c / sum_c n_c`` and
+  its SVD. Float64 sums of a handful of float32 gradients are exact, so the bases are the
+  one-process ones bit for bit whatever order the clients' sums arrive in (the float32 sums of
+  ``giva.init``'s exact mode would differ in the last bits).
 
-and its example count ``n_c = sum_b n_b``. Both are linear in ``S``, so the server's sums
-``sum_c S_c`` and ``sum_c Y_c`` are exactly what one process would compute over the union of the
-shards, and ``G = sum_c S_c / sum_c n_c`` is the gradient of the mean loss over all calibration
-examples. The server then takes ``A`` = the top-``r`` right singular vectors of ``G`` (dense) or the
-top-``r`` left singular vectors of ``Y = G^T Omega`` (sketch: one pass, the range of ``G^T`` seen
-through ``k = r + oversample`` random directions). ``B`` is seeded (variants ``Vr`` / ``VrUrand``),
-so only ``A`` goes back to the clients.
-
-Float64 sums of float32 gradients are exact for a handful of terms, so the dense path gives the
-one-process bases bit for bit whatever the order the clients' sums arrive in.
+``B`` is seeded (variants ``Vr`` / ``VrUrand``), so only ``A`` goes back to the clients.
 """
 
 from __future__ import annotations
@@ -29,23 +28,21 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..bases import SEEDED_B_VARIANTS, bases_from_gradient, layer_generator, top_singular_vectors
+from ..bases import SEEDED_B_VARIANTS, bases_from_gradient, layer_generator
 from ..config import GivaConfig
-from ..gradients import compute_gradients, giva_layers
+from ..init import InitSession, Partial, Request, RequestItem, compute_gradients, giva_configs, giva_layers, targets_of
 from ..layer import Block, GivaLayer
 
 Mode = Literal["sketch", "dense"]
 MODES: tuple[str, ...] = ("sketch", "dense")
 ADAPTER = "default"
-# Offset of the sketch's seed so Omega never reuses the stream that draws B.
-SKETCH_SEED_OFFSET = 7_919
 
 
 @dataclass(frozen=True)
 class BlockSpec:
     """Where one adapted block sits: its layer, block, shape and rank."""
 
-    key: str  # "<layer name>#<block index>", the name the block's tensors travel under
+    key: str  # "default:<layer name>#<block index>" (giva.init's Target.key), the name its tensors travel under
     layer_name: str
     block: Block
     in_features: int
@@ -56,25 +53,15 @@ class BlockSpec:
 
 
 def block_specs(model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, BlockSpec]:
-    """Every adapted block of the model's GiVA layers, keyed ``layer#block``, in module order."""
+    """Every adapted block of the model's GiVA layers, keyed like ``giva.init.Target.key``, in module order."""
     specs: dict[str, BlockSpec] = {}
     for name, layer in giva_layers(model).items():
         for blk in layer.blocks.get(adapter_name, []):
-            specs[f"{name}#{blk.index}"] = BlockSpec(f"{name}#{blk.index}", name, blk, layer.in_features)
+            key = f"{adapter_name}:{name}#{blk.index}"
+            specs[key] = BlockSpec(key, name, blk, layer.in_features)
     if not specs:
         raise ValueError(f"the model has no GiVA adapter {adapter_name!r}")
     return specs
-
-
-def sketch_width(spec: BlockSpec, oversample: int) -> int:
-    """Columns ``k`` of the test matrix: ``r + oversample``, at most the block's smaller side."""
-    return min(spec.block.rank + oversample, *spec.shape)
-
-
-def test_matrix(spec: BlockSpec, seed: int, oversample: int) -> torch.Tensor:
-    """``Omega_j`` (``out x k``, float64 Gaussian): a function of (seed, layer, block) only."""
-    generator = layer_generator(seed + SKETCH_SEED_OFFSET, spec.layer_name, spec.block.index)
-    return torch.randn(spec.block.out_size, sketch_width(spec, oversample), generator=generator, dtype=torch.float64)
 
 
 def _batch_size(batch: Any) -> int:
@@ -85,21 +72,11 @@ def _batch_size(batch: Any) -> int:
     raise ValueError("calibration batches must be dicts with 'labels' or 'input_ids' to count their examples")
 
 
-def client_statistics(
-    peft_model: nn.Module,
-    batches: Iterable[Any],
-    mode: str,
-    seed: int,
-    oversample: int = 8,
-) -> tuple[dict[str, torch.Tensor], int]:
-    """One client's summed statistics of its calibration batches, and its example count.
+def dense_statistics(peft_model: nn.Module, batches: Iterable[Any]) -> tuple[dict[str, torch.Tensor], int]:
+    """One client's ``sum_b n_b G_b`` per block (``out x in``, float64) and its example count ``sum_b n_b``.
 
-    The gradient is taken at the pretrained model (adapters disabled), one batch at a time;
-    ``dense`` returns ``sum_b n_b G_b`` per block (float64), ``sketch`` ``(sum_b n_b G_b)^T Omega``
-    (``in x k``, float32).
+    Each ``G_b`` is taken at the pretrained model (adapters disabled), one batch at a time.
     """
-    if mode not in MODES:
-        raise ValueError(f"statistics mode must be one of {MODES}, got {mode!r}")
     specs = block_specs(peft_model)
     layers: dict[str, GivaLayer] = {s.layer_name: giva_layers(peft_model)[s.layer_name] for s in specs.values()}
     sums: dict[str, torch.Tensor] = {}
@@ -115,13 +92,11 @@ def client_statistics(
             count += n_b
     if count == 0:
         raise ValueError("the client has no calibration batches")
-    if mode == "dense":
-        return sums, count
-    return {key: (s.mT @ test_matrix(specs[key], seed, oversample)).float() for key, s in sums.items()}, count
+    return sums, count
 
 
 def combine_statistics(parts: list[tuple[dict[str, torch.Tensor], int]]) -> tuple[dict[str, torch.Tensor], int]:
-    """Add the clients' statistics (each already weighted by its examples) and their counts."""
+    """Add the clients' dense statistics (each already weighted by its examples) and their counts."""
     if not parts:
         raise ValueError("no client statistics to combine")
     keys = set(parts[0][0])
@@ -134,28 +109,59 @@ def combine_statistics(parts: list[tuple[dict[str, torch.Tensor], int]]) -> tupl
     return total, sum(count for _, count in parts)
 
 
-def bases_from_statistics(
-    specs: dict[str, BlockSpec], statistics: dict[str, torch.Tensor], count: int, mode: str, config: GivaConfig
-) -> dict[str, torch.Tensor]:
-    """The input basis ``A_j`` (``r x in``, float32) of every block from the combined statistics."""
+def _check_seeded(config: GivaConfig) -> None:
     if config.variant not in SEEDED_B_VARIANTS or config.variant == "random":
         raise ValueError(
             f"federated GiVA sends only A, so B must be seeded: GivaConfig.variant must be 'Vr' or 'VrUrand', "
             f"got {config.variant!r}"
         )
+
+
+def dense_bases(
+    specs: dict[str, BlockSpec], statistics: dict[str, torch.Tensor], count: int, config: GivaConfig
+) -> dict[str, torch.Tensor]:
+    """The input basis ``A_j`` (``r x in``, float32) of every block from the summed dense statistics."""
+    _check_seeded(config)
     bases: dict[str, torch.Tensor] = {}
     for key, spec in specs.items():
-        stat = statistics[key]
-        if mode == "dense":
-            gradient = (stat / count).float()  # out x in: the mean-loss gradient over the union
-            generator = layer_generator(config.seed, spec.layer_name, spec.block.index)
-            a, _ = bases_from_gradient(gradient, spec.block.rank, config.variant, generator, svd=config.svd, svd_seed=config.seed)
-        else:
-            # stat = G^T Omega (in x k); its top-r left singular vectors span G's top row space.
-            _, _, v = top_singular_vectors(stat.float().mT, spec.block.rank, method="exact")
-            a = v.mT.contiguous()
-        bases[key] = a
+        gradient = (statistics[key] / count).float()  # out x in: the mean-loss gradient over the union
+        generator = layer_generator(config.seed, spec.layer_name, spec.block.index)
+        bases[key], _ = bases_from_gradient(
+            gradient, spec.block.rank, config.variant, generator, svd=config.svd, svd_seed=config.seed
+        )
     return bases
+
+
+def sketch_session(peft_model: nn.Module, passes: int, oversampling: int) -> InitSession:
+    """The sketch session of the model's GiVA adapter; the same requests in every process with the same model."""
+    configs = giva_configs(peft_model)
+    for config in configs.values():
+        _check_seeded(config)
+    return InitSession(targets_of(peft_model, configs), mode="sketch", passes=passes, oversampling=oversampling)
+
+
+def client_request(session: InitSession, pass_index: int, kind: str, matrices: dict[str, torch.Tensor]) -> Request:
+    """The request of pass ``pass_index`` on a client: its own seeded first pass, else the server's matrices."""
+    if pass_index == 0:
+        return session.next_request()
+    missing = sorted(set(session.targets) - set(matrices))
+    if missing:
+        raise ValueError(f"the server's pass {pass_index} request has no test matrix for {missing[:3]}")
+    items = {
+        key: RequestItem(t.layer, t.out_start, t.out_size, kind, matrices[key])  # type: ignore[arg-type]
+        for key, t in session.targets.items()
+    }
+    return Request(pass_index, session.passes, items)
+
+
+def add_partials(parts: list[Partial]) -> Partial:
+    """The clients' partial sums of one pass, added (sums, batch and token counts)."""
+    if not parts:
+        raise ValueError("no client partials to add")
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return total
 
 
 def apply_bases(peft_model: nn.Module, bases: dict[str, torch.Tensor]) -> None:
@@ -172,20 +178,20 @@ def apply_bases(peft_model: nn.Module, bases: dict[str, torch.Tensor]) -> None:
         layer.set_block_bases(ADAPTER, blk, bases[key].to(b.device), b.clone())
 
 
-def read_bases(peft_model: nn.Module) -> dict[str, torch.Tensor]:
-    """Each block's current ``A`` (what a client holds), keyed like :func:`block_specs`."""
+def read_bases(peft_model: nn.Module, name: str = "giva_A") -> dict[str, torch.Tensor]:
+    """Each block's current ``A`` (or ``B`` with ``name="giva_B"``), keyed like :func:`block_specs`."""
     layers = giva_layers(peft_model)
-    return {
-        key: layers[spec.layer_name].giva_A[ADAPTER][spec.block.rank_offset : spec.block.rank_offset + spec.block.rank]
-        .detach()
-        .clone()
-        for key, spec in block_specs(peft_model).items()
-    }
+    out = {}
+    for key, spec in block_specs(peft_model).items():
+        blk = spec.block
+        full = getattr(layers[spec.layer_name], name)[ADAPTER]
+        ranks = slice(blk.rank_offset, blk.rank_offset + blk.rank)
+        out[key] = (full[ranks] if name == "giva_A" else full[blk.row_offset : blk.row_offset + blk.out_size, ranks])
+        out[key] = out[key].detach().clone()
+    return out
 
 
-def one_process_bases(
-    peft_model: nn.Module, batches: Iterable[Any], mode: str, config: GivaConfig, oversample: int = 8
-) -> dict[str, torch.Tensor]:
-    """The bases a single process computes from all ``batches`` (the union of the shards): the reference."""
-    stats, count = client_statistics(peft_model, batches, mode, config.seed, oversample)
-    return bases_from_statistics(block_specs(peft_model), stats, count, mode, config)
+def one_process_dense_bases(peft_model: nn.Module, batches: Iterable[Any], config: GivaConfig) -> dict[str, torch.Tensor]:
+    """The dense-mode bases a single process computes from all ``batches`` (the union of the shards)."""
+    stats, count = dense_statistics(peft_model, batches)
+    return dense_bases(block_specs(peft_model), stats, count, config)

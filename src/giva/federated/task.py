@@ -54,7 +54,11 @@ class FederatedConfig:
     vera_r: int = field(default=64, metadata={"help": "VeRA rank."})
     target_modules: str = field(default="all-linear", metadata={"help": "Layers every method adapts."})
     init_mode: str = field(default="sketch", metadata={"help": "GiVA setup statistics: 'sketch' or 'dense' gradients."})
-    oversample: int = field(default=8, metadata={"help": "Sketch columns beyond r (k = r + oversample)."})
+    oversample: int = field(default=8, metadata={"help": "Sketch columns beyond r (l = r + oversample)."})
+    passes: int = field(
+        default=2,
+        metadata={"help": "Sketch passes (>= 2; each is one setup exchange; 2 = range + co-range, the fewest bytes)."},
+    )
     num_batches: int = field(default=4, metadata={"help": "Calibration batches per client in the setup round."})
     vera_projections: bool = field(
         default=True, metadata={"help": "VeRA: the setup message carries the shared projections (else only the seed)."}
@@ -66,6 +70,8 @@ class FederatedConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FederatedConfig.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 2:
+            raise ValueError(f"FederatedConfig.passes must be an integer >= 2, got {self.passes!r}")
         if self.oversample < 0:
             raise ValueError(f"FederatedConfig.oversample must be >= 0, got {self.oversample!r}")
         if self.split not in SPLITS:
