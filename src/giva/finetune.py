@@ -6,20 +6,25 @@ training loader, then train as with any PEFT adapter.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers.utils import logging as hf_logging
 
 from .assets import resolve_model
 from .checkpoint import atomic_directory
@@ -50,13 +55,26 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "lr", "batch_size", "max_length"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.head_lr is not None and self.head_lr <= 0:
-            raise ValueError(f"TrainConfig.head_lr must be > 0 or None, got {self.head_lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
+        for name in ("batch_size", "max_length", "seed"):
+            value, minimum = getattr(self, name), 0 if name == "seed" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
+        for name in ("epochs", "lr", "max_grad_norm") + (("head_lr",) if self.head_lr is not None else ()):
+            value = getattr(self, name)
+            if not _is_real(value) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {value!r}")
+        if not _is_real(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if not _is_real(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite during training."""
 
 
 @dataclass
@@ -128,8 +146,13 @@ def train(
     progress: bool = True,
     desc: str = "train",
     on_epoch_end: Optional[Callable[[int], float]] = None,
+    stop_if_diverged: bool = False,
 ) -> TrainStats:
-    """AdamW + linear schedule over ``config.epochs`` epochs (fractional epochs stop early)."""
+    """AdamW + linear schedule over ``config.epochs`` epochs (fractional epochs stop early).
+
+    ``stop_if_diverged``: raise :class:`TrainingDiverged` at the first NaN/inf loss instead of going on
+    (and saving NaN weights); the benchmarks keep going and record the poor result.
+    """
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(parameter_groups(model, config.lr, config.head_lr, config.weight_decay))
     total_steps = max(1, math.ceil(len(loader) * config.epochs))
@@ -144,6 +167,11 @@ def train(
             for batch in loader:
                 step_start = time.perf_counter()
                 loss = model(**batch).loss
+                if stop_if_diverged and not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the training loss is {loss.item()} at step {len(stats.losses) + 1}; nothing was saved. "
+                        f"Try a smaller learning rate (lr={config.lr}, head_lr={config.head_lr})"
+                    )
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
@@ -206,6 +234,83 @@ class FinetuneResult:
         )
 
 
+LABELS_FILE = "labels.json"
+
+
+@contextmanager
+def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own bars ("Loading weights") follow ``progress``; the global switch is restored after."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled and not enabled:
+            hf_logging.enable_progress_bar()
+
+
+def check_output_dir(output_dir: str | os.PathLike) -> Path:
+    """Fail at once, before any work, if the adapter could not be saved in ``output_dir``; returns the path.
+
+    A missing folder is fine (the save creates it); a file, a path under a file, or a parent folder this
+    process cannot write in (the save writes a temporary sibling there) is not.
+    """
+    path = Path(os.path.expanduser(os.fspath(output_dir)))
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output_dir {str(output_dir)!r} is a file; expected a folder (created if missing)")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"output_dir {str(output_dir)!r} cannot be created: {str(ancestor)!r} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=".giva-write-check-"))
+    except OSError as err:
+        raise PermissionError(f"output_dir {str(output_dir)!r}: cannot write in {str(ancestor)!r} ({err.strerror})") from None
+    return path
+
+
+def _check_size(name: str, value: Any, fraction_allowed: bool = True) -> None:
+    is_count = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    is_fraction = fraction_allowed and isinstance(value, float) and 0 < value < 1
+    if not (is_count or is_fraction):
+        allowed = "a row count >= 1 or a fraction in (0, 1)" if fraction_allowed else "a row count >= 1"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def save_labels(folder: str | Path, label_names: list[str], text_column: str, label_column: str) -> None:
+    """``labels.json``: the class names in index order, so a reloaded classifier maps logits back to labels."""
+    record = {
+        "id2label": {str(i): name for i, name in enumerate(label_names)},
+        "label2id": {name: i for i, name in enumerate(label_names)},
+        "text_column": text_column,
+        "label_column": label_column,
+    }
+    Path(folder, LABELS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def load_finetuned(output_dir: str | os.PathLike, model: Optional[str] = None) -> tuple[nn.Module, Any]:
+    """Reload what `giva finetune` saved: (the classifier with its GiVA adapter, in eval mode; the tokenizer).
+
+    The class names come from ``labels.json`` (``model.config.id2label``); the base model from ``model``
+    (alias, folder or hub id) or else the path recorded in the adapter config.
+    """
+    folder = Path(os.path.expanduser(os.fspath(output_dir)))
+    labels_file = folder / LABELS_FILE
+    if not labels_file.is_file():
+        raise FileNotFoundError(f"{folder} holds no {LABELS_FILE}: not a folder saved by `giva finetune`")
+    labels = json.loads(labels_file.read_text(encoding="utf-8"))
+    id2label = {int(i): name for i, name in labels["id2label"].items()}
+    if model is None:
+        adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        model = adapter_config.get("base_model_name_or_path") or "minilm"
+    base = AutoModelForSequenceClassification.from_pretrained(
+        resolve_model(model), num_labels=len(id2label), id2label=id2label, label2id=labels["label2id"]
+    )
+    return PeftModel.from_pretrained(base, str(folder)).eval(), AutoTokenizer.from_pretrained(folder)
+
+
 def finetune(
     model: str = "minilm",
     data: str = "pang-lee",
@@ -220,19 +325,40 @@ def finetune(
     output_dir: str = "outputs/giva-finetune",
     progress: bool = True,
 ) -> FinetuneResult:
-    """Fine-tune a sequence classifier with GiVA and save the adapter; the whole `giva finetune` job."""
+    """Fine-tune a sequence classifier with GiVA and save the adapter; the whole `giva finetune` job.
+
+    Every argument, the output folder, the model path and the data are checked before the model is loaded;
+    the saved folder holds the adapter, the tokenizer and ``labels.json`` (reload with :func:`load_finetuned`).
+    """
     giva_config = giva_config or GivaConfig(r=8, target_modules=DEFAULT_TARGETS, task_type="SEQ_CLS")
     train_config = train_config or TrainConfig()
+    _check_size("test_size", test_size)
+    _check_size("val_size", val_size)
+    if max_train_samples is not None:
+        _check_size("max_train_samples", max_train_samples, fraction_allowed=False)
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
+    check_output_dir(output_dir)
+    path = resolve_model(model)
     dataset = load_text_classification(data, text_column, label_column)
     # The same split as `giva bench` (repeats dropped, seed 0): the test rows are set aside and never scored
     # here, so nothing tuned on this command's accuracy can leak into the benchmark's test table.
     train_set, val_set, test_set = split_dataset(deduplicate(dataset), test_size=test_size, val_size=val_size, seed=0)
+    if not val_set:
+        raise ValueError(f"val_size={val_size!r} leaves no validation rows out of {len(dataset)}")
     if max_train_samples is not None:
         train_set = train_set.subset(list(range(min(max_train_samples, len(train_set)))))
-    path = resolve_model(model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(train_config.seed)  # the fresh classifier head
-    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=dataset.num_labels)
+    n_batches = math.ceil(len(train_set) / train_config.batch_size)
+    if num_batches > n_batches:
+        raise ValueError(
+            f"num_batches={num_batches} calibration batches, but the {len(train_set)} training rows make only {n_batches} "
+            f"batch(es) of {train_config.batch_size}"
+        )
+
+    with _transformers_progress_bars(progress):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        torch.manual_seed(train_config.seed)  # the fresh classifier head
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=dataset.num_labels)
     base.config.id2label = dict(enumerate(dataset.label_names))
     base.config.label2id = {name: i for i, name in enumerate(dataset.label_names)}
     train_loader = make_loader(tokenizer, train_set, train_config.batch_size, train_config.max_length, True, train_config.seed)
@@ -241,10 +367,15 @@ def finetune(
     accuracy_before = evaluate(base, val_loader, progress)
     peft_model = get_peft_model(base, giva_config)
     report = initialize(peft_model, train_loader, num_batches=num_batches, progress=progress)
-    stats = train(peft_model, train_loader, train_config, progress, desc="giva finetune")
+    stats = train(peft_model, train_loader, train_config, progress, desc="giva finetune", stop_if_diverged=True)
     accuracy_after = evaluate(peft_model, val_loader, progress)
 
-    save_atomically(output_dir, lambda tmp: (peft_model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    def write(tmp: str) -> None:
+        peft_model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        save_labels(tmp, dataset.label_names, text_column, label_column)
+
+    save_atomically(output_dir, write)
     trainable, total = peft_model.get_nb_trainable_parameters()
     return FinetuneResult(
         model=model,

@@ -1,0 +1,174 @@
+"""`giva finetune` end to end on a tiny local model, and one clear line (exit 2) for every bad input, before any loading."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import torch
+from transformers import BertTokenizer
+
+import giva.finetune
+from giva.cli import main
+from giva.finetune import load_finetuned
+from tiny_models import VOCAB, tiny_bert
+
+WORDS = ["good", "bad", "film", "plot", "great", "awful", "fine", "dull"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert().save_pretrained(folder)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def data_csv(tmp_path):
+    rows = [(f"{'good great' if i % 2 else 'bad awful'} film w{i}", "pos" if i % 2 else "neg") for i in range(40)]
+    path = tmp_path / "reviews.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return path
+
+
+def args(model_dir, data, out, *extra):
+    return [
+        "finetune", "--model", str(model_dir), "--data", str(data), "--output-dir", str(out), "--test-size", "4",
+        "--val-size", "4", "--epochs", "1", "--batch-size", "8", "--num-batches", "1", "--r", "2",
+        "--target-modules", "query,value", "--no-progress", *extra,
+    ]
+
+
+def test_finetune_saves_an_adapter_that_reloads_with_its_label_names(model_dir, data_csv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(args(model_dir, data_csv, out)) == 0
+    assert "accuracy" in capsys.readouterr().out
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["id2label"] == {"0": "neg", "1": "pos"} and labels["label2id"] == {"neg": 0, "pos": 1}
+    model, tokenizer = load_finetuned(out)
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    batch = tokenizer(["good great film", "bad awful film"], return_tensors="pt")
+    with torch.no_grad():
+        first = model(**batch).logits
+        again = load_finetuned(out)[0](**batch).logits
+    assert torch.equal(first, again) and torch.isfinite(first).all()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Validation must fail before any model or tokenizer is loaded."""
+
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(giva.finetune.AutoModelForSequenceClassification, "from_pretrained", loaded)
+    monkeypatch.setattr(giva.finetune.AutoTokenizer, "from_pretrained", loaded)
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("giva finetune: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--lr", "nan", "argument --lr: must be a finite number"),
+        ("--lr", "inf", "argument --lr: must be a finite number"),
+        ("--lr", "0", "argument --lr: must be > 0"),
+        ("--lr", "-1", "argument --lr: must be > 0"),
+        ("--lr", "abc", "argument --lr: expected a number"),
+        ("--head-lr", "nan", "argument --head-lr: must be a finite number"),
+        ("--head-lr", "-0.1", "argument --head-lr: must be > 0"),
+        ("--epochs", "0", "argument --epochs: must be > 0"),
+        ("--epochs", "inf", "argument --epochs: must be a finite number"),
+        ("--batch-size", "0", "argument --batch-size: must be >= 1"),
+        ("--batch-size", "2.5", "argument --batch-size: expected a whole number"),
+        ("--max-length", "2", "argument --max-length: must be >= 3"),
+        ("--r", "0", "argument --r: must be >= 1"),
+        ("--num-batches", "0", "argument --num-batches: must be >= 1"),
+        ("--dropout", "1", r"argument --dropout: must be in \[0, 1\)"),
+        ("--dropout", "nan", "argument --dropout: must be a finite number"),
+        ("--test-size", "0", "argument --test-size: expected a row count >= 1 or a fraction"),
+        ("--test-size", "1.5", "argument --test-size: expected a row count >= 1 or a fraction"),
+        ("--val-size", "-1", "argument --val-size: expected a row count >= 1 or a fraction"),
+        ("--max-train-samples", "0", "argument --max-train-samples: must be >= 1"),
+        ("--seed", "-1", "argument --seed: must be >= 0"),
+        ("--variant", "nope", "argument --variant: invalid choice"),
+        ("--label-column", "text", "--text-column and --label-column are both 'text'"),
+        ("--target-modules", "query,,value", "--target-modules has an empty name"),
+        ("--num-batches", "9", "num_batches=9 calibration batches, but the 32 training rows make only 4 batch"),
+        ("--test-size", "40", r"test_size \(40 rows\) \+ val_size \(4 rows\) leave no training rows out of the 40"),
+        ("--text-column", "sentence", r"reviews.csv: no column 'sentence'; the columns are \['label', 'text'\]"),
+    ],
+)
+def test_bad_options_get_one_line_before_the_model_loads(
+    model_dir, data_csv, tmp_path, capsys, no_model_loading, option, value, message
+):
+    assert main([*args(model_dir, data_csv, tmp_path / "out"), option, value]) == 2
+    assert re.search(message, one_error_line(capsys))
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_paths_get_one_line_before_the_model_loads(model_dir, data_csv, tmp_path, capsys, no_model_loading, monkeypatch):
+    (tmp_path / "a-file").write_text("x")
+    cases = [
+        (args(model_dir, data_csv, tmp_path / "a-file"), "output_dir .*a-file' is a file"),
+        (args(model_dir, data_csv, tmp_path / "a-file" / "out"), "output_dir .* cannot be created: .*a-file' is a file"),
+        (args(tmp_path / "no-model", data_csv, tmp_path / "out"), "model .*no-model': no such folder"),
+        (args("./no/such/model", data_csv, tmp_path / "out"), "model './no/such/model': no such folder"),
+        (args(tmp_path, data_csv, tmp_path / "out"), "model folder .* has no config.json"),
+        (args(model_dir, tmp_path / "train", tmp_path / "out"), "data file .*train' does not exist"),
+        (args(model_dir, "./data/train.jsonl", tmp_path / "out"), "data file 'data/train.jsonl' does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        line = one_error_line(capsys)
+        assert re.search(message, line), line
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "a", "label": 1}\n{"text": "b", "label": 1.0}\n{"text": "c", "label": null}\n', r"d.jsonl:3: the label is missing"),
+        ('{"text": "a", "label": 1}\n{"text": "b", "label": "x"}\n', r"d.jsonl:2: label 'x' is a name but"),
+        ('{"text": "a", "label": 1}\n{"text": "b", "label": 0\n', r"d.jsonl:2: not valid JSON"),
+    ],
+)
+def test_bad_data_gets_one_line_naming_file_and_line(model_dir, tmp_path, capsys, no_model_loading, content, message):
+    (tmp_path / "d.jsonl").write_text(content)
+    assert main(args(model_dir, tmp_path / "d.jsonl", tmp_path / "out")) == 2
+    assert re.search(message, one_error_line(capsys))
+
+
+def test_a_hub_id_offline_fails_at_once(data_csv, tmp_path, capsys, no_model_loading, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    assert main(args("some-org/some-model", data_csv, tmp_path / "out")) == 2
+    assert time.perf_counter() - start < 3
+    assert "HF_HUB_OFFLINE is set" in one_error_line(capsys)
+
+
+def test_a_diverging_run_stops_and_saves_nothing(model_dir, data_csv, tmp_path, capsys):
+    assert main(args(model_dir, data_csv, tmp_path / "out", "--lr", "1e30")) == 2
+    assert "the training loss is nan" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_output_parent_is_reported_before_loading(model_dir, data_csv, tmp_path, capsys, no_model_loading, monkeypatch):
+    def refused(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(giva.finetune.tempfile, "mkdtemp", refused)  # root may write anywhere; a refusal stands in
+    assert main(args(model_dir, data_csv, tmp_path / "out")) == 2
+    assert re.search(r"output_dir .*out': cannot write in .* \(Permission denied\)", one_error_line(capsys))
