@@ -175,3 +175,15 @@ def test_generate_with_num_beams_expands_adapter_names_like_lora():
             model.set_adapter(name)
             expected.append(model.generate(input_ids=ids[row : row + 1], **settings)[0])
     assert torch.equal(mixed, torch.stack(expected))
+
+
+def test_serve_benchmark_writes_rows_table_and_plot_and_giva_adds_less_memory_than_lora(tmp_path):
+    from giva.bench.serve import ServeModel, ServeSettings, run_serve
+
+    tiny = ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100)
+    results = run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), reps=1, r=4), progress=False)
+    assert (tmp_path / "results.md").read_text().count("| tiny-llama |") == len(results["ran"]) == 2 + 3 * 2
+    assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
+    extra = {r["method"]: r["bytes_per_extra_adapter"] for r in results["ran"] if r["n_adapters"] == 3}
+    # Per extra adapter: GiVA holds A (R x in) and the two vectors, LoRA holds A and B (out x R).
+    assert extra["GiVA r=4 (A bf16)"] < extra["GiVA r=4"] < extra["LoRA r=4"]

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from .report import PLOTS, write_report
 from .runner import load_runs, run_suite
 from .schema import validate_run
+from .serve import DEFAULT_MODELS, SERVE_SUITE, ServeSettings, run_serve
 from .spec import benchmarks_dir, load_suite
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def run_benchmark(
     Returns the results dict (see report.write_report) with a ``problems`` list added.
     """
     root = root or benchmarks_dir()
+    if suite == SERVE_SUITE and not quick:
+        return run_serve(output_dir or root / "results" / SERVE_SUITE, progress=progress)
     name = QUICK_SUITE if quick else suite
     spec = load_suite(root, name)
     out = Path(output_dir) if output_dir else root / "results" / name
