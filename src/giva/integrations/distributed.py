@@ -1,0 +1,100 @@
+"""GiVA under the distributed engines people run: torchrun DDP, Trainer, Accelerate, FSDP2.
+
+Three small tools, each safe to call in a one-process run too:
+
+* :func:`unwrap_model` strips DDP / Accelerate / ``torch.compile`` wrappers so GiVA code sees the
+  ``PeftModel`` (``peft_config``, ``disable_adapter``, ``save_pretrained``).
+* :func:`full_state_dict` gathers FSDP2's sharded DTensors into plain tensors (a collective:
+  every rank calls it), so rank 0 can save an adapter that reloads in one process.
+* :func:`replication_mismatches` gathers every GiVA tensor from every rank and lists those that
+  are not bit-identical (a collective): the check that data-parallel training kept the
+  replicas in step.
+
+gloo scrambles non-contiguous tensors in collectives, so everything sent here is made
+contiguous first.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+GIVA_PREFIX = "giva_"
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP (``.module``), ``torch.compile`` (``._orig_mod``) and similar wrappers.
+
+    FSDP2 (``fully_shard``) does not wrap: it changes the module's class in place, so the model is
+    returned as it is.
+    """
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
+            "DataParallel", "DeepSpeedEngine",
+        ):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+    return model
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A plain tensor holding the whole value (FSDP2 DTensors are gathered: a collective)."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    if full_tensor is not None:
+        tensor = full_tensor()
+    return tensor.detach()
+
+
+def full_state_dict(model: nn.Module, prefix: Optional[str] = GIVA_PREFIX) -> dict[str, torch.Tensor]:
+    """The state dict with every DTensor gathered (every rank must call this; all get the same dict).
+
+    ``prefix`` keeps only the keys with that name part (default: GiVA's tensors, enough for
+    ``PeftModel.save_pretrained(path, state_dict=...)``); ``None`` keeps everything. The keys are
+    those of ``unwrap_model(model).state_dict()``.
+    """
+    state = unwrap_model(model).state_dict()
+    return {
+        name: _local(tensor).cpu()
+        for name, tensor in state.items()
+        if prefix is None or prefix in name
+    }
+
+
+def replication_mismatches(model: nn.Module, prefix: str = GIVA_PREFIX) -> list[str]:
+    """Names of the GiVA tensors (vectors and bases) that differ bitwise between ranks; [] if all match.
+
+    A collective: every rank must call it. In a one-process run it returns []. Names are checked
+    too: a rank holding a different set of GiVA tensors is reported as ``"<tensor names>"``.
+    """
+    state = full_state_dict(model, prefix)
+    if not is_distributed():
+        return []
+    names = sorted(state)
+    world = dist.get_world_size()
+    all_names: list[Optional[list[str]]] = [None] * world
+    dist.all_gather_object(all_names, names)
+    if any(other != names for other in all_names):
+        return ["<tensor names>"]
+    mismatches = []
+    for name in names:
+        # Compare the raw bytes: NaN != NaN and -0.0 == 0.0 would fool a float comparison.
+        local = state[name].contiguous().view(-1).view(torch.uint8)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        if any(not torch.equal(other, local) for other in gathered):
+            mismatches.append(name)
+    return mismatches

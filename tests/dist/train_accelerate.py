@@ -1,0 +1,40 @@
+"""An Accelerate training script, launched with torchrun (``accelerate launch --cpu
+--num_processes 2`` silently runs one process).
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist/train_accelerate.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from train_common import STEPS, finish, giva_model, rank_batches
+
+import giva
+
+
+def main() -> None:
+    accelerator = Accelerator(cpu=True)
+    if accelerator.distributed_type != DistributedType.MULTI_CPU or accelerator.num_processes != 2:
+        raise RuntimeError(f"expected 2 CPU processes, got {accelerator.distributed_type} x {accelerator.num_processes}")
+    model = giva_model()
+    batches = rank_batches(accelerator.process_index)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    # initialize needs the PeftModel, not the DDP wrapper prepare() returned.
+    report = giva.initialize(accelerator.unwrap_model(model), batches, num_batches=2, progress=False)
+    model.train()
+    losses = []
+    for step in range(STEPS):
+        loss = model(**batches[step]).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    finish(model, losses, {"calibration_loss": report.losses})
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
