@@ -245,7 +245,14 @@ def run_serve(
     out = Path(output_dir) if output_dir else benchmarks_dir() / "results" / SERVE_SUITE
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    rows = [row for spec in models for row in measure_model(spec, settings, progress)]
+    rows: list[dict[str, Any]] = []
+    for index, spec in enumerate(models):
+        rows += measure_model(spec, settings, progress)
+        _write(out, rows, settings, models[: index + 1], started)  # a model's rows survive a later interruption
+    return _summary(out, rows, settings, models)
+
+
+def _write(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...], started: float) -> None:
     meta = {
         "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
         "models": [{"name": m.name, "target_modules": m.target_modules, "batch_size": m.batch_size, "seq_len": m.seq_len} for m in models],
@@ -257,6 +264,9 @@ def run_serve(
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     (out / "results.md").write_text(_table(rows, settings, models))
     _plot(rows, out / PLOT_NAME)
+
+
+def _summary(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...]) -> dict[str, Any]:
     headlines = []
     for spec in models:
         for n in settings.ns:
