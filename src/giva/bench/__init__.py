@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from .report import PLOTS, write_report
 from .runner import load_runs, run_suite
+from .scale import SCALE_SUITE, run_scale
 from .schema import validate_run
 from .serve import DEFAULT_MODELS, SERVE_SUITE, ServeSettings, run_serve
 from .spec import benchmarks_dir, load_suite
@@ -61,6 +62,8 @@ def run_benchmark(
     root = root or benchmarks_dir()
     if suite == SERVE_SUITE and not quick:
         return run_serve(output_dir or root / "results" / SERVE_SUITE, progress=progress)
+    if suite == SCALE_SUITE and not quick:
+        return run_scale(Path(output_dir) if output_dir else root / "results" / SCALE_SUITE)
     name = QUICK_SUITE if quick else suite
     spec = load_suite(root, name)
     out = Path(output_dir) if output_dir else root / "results" / name

@@ -1,0 +1,49 @@
+"""GiVA in an Accelerate training script. Launch it with torchrun on CPU:
+
+    OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/accelerate_torchrun.py --model tiny
+
+(``accelerate launch --cpu --num_processes 2`` silently runs ONE process; on GPUs
+``accelerate launch --num_processes 2`` works.) The script stops if it finds a single process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from common import Sentences, giva_model, parse_args
+from torch.utils.data import DataLoader
+
+import giva
+from giva.integrations.distributed import replication_mismatches
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    accelerator = Accelerator()
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        raise RuntimeError(f"the launcher started {expected} processes but Accelerate sees {accelerator.num_processes}")
+    model = giva_model(args.model)
+    loader = DataLoader(Sentences(), batch_size=args.batch_size, shuffle=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # the loader is now per rank
+    giva.initialize(accelerator.unwrap_model(model), loader, progress=accelerator.is_main_process)
+    model.train()
+    for step, batch in zip(range(args.steps), loader):
+        loss = model(**batch).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if accelerator.is_main_process and step % 5 == 0:
+            print(f"step {step}: loss {loss.item():.3f}")
+    assert not replication_mismatches(model), "GiVA tensors differ across ranks"
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(args.output_dir)
+        print(f"world size {accelerator.num_processes}; adapter saved to {args.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

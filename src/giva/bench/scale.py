@@ -1,0 +1,530 @@
+"""`giva bench --suite scale`: peak memory and time of GiVA initialisation as models grow.
+
+For each model and each measurement a fresh subprocess (peak RSS only ever grows, so two
+measurements in one process would hide each other) builds the model, resets the kernel's peak-RSS
+counter (``/proc/self/clear_refs``), runs one thing and reports its wall time, the RSS before it
+and the peak RSS during it:
+
+* ``exact``        ``giva.initialize(mode="exact")``: dense fp32 ``out x in`` gradient per layer
+* ``exact_legacy`` the same through the implementation before the giva.init package
+                   (``src/giva/gradients.py`` at :data:`LEGACY_COMMIT`, read with ``git show``)
+* ``sketch``       ``giva.initialize(mode="sketch")``: randomized range finder, no dense gradient
+* ``loraga``       PEFT's ``preprocess_loraga`` + ``get_peft_model`` (LoRA-GA) on the same batches
+* ``train_step``   GiVA training steps (forward, backward, AdamW) on one batch of the same size
+* ``init_1rank`` / ``init_2rank``  ``mode="sketch"`` init of the same k batches by 1 process, or by
+                   2 gloo ranks under torchrun (k/2 batches each)
+
+Every model gets the same recipe: GiVA r=8 on all 7 Llama projections, k calibration batches of
+random token ids. The runner is resumable: measurements already in ``results.json`` are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# The last commit whose giva.initialize was the original single-module implementation.
+LEGACY_COMMIT = "8b4bbd0"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RANK = 8
+KINDS = ("train_step", "exact_legacy", "exact", "sketch", "loraga")
+RANK_KINDS = ("init_1rank", "init_2rank")
+GIB = 1024**3
+SCALE_SUITE = "scale"
+
+
+@dataclass(frozen=True)
+class ScaleModel:
+    """One model of the suite: the real SmolLM2-135M, or a randomly initialised Llama-style config."""
+
+    name: str
+    dtype: str  # weights' dtype
+    num_batches: int  # k
+    batch_size: int
+    seq_len: int
+    timeout_s: int  # per measurement
+    hidden: int = 0  # 0: the real SmolLM2 checkpoint
+    intermediate: int = 0
+    layers: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    vocab: int = 32000
+    kinds: tuple[str, ...] = KINDS
+
+
+# Token counts are small because this shared 2-core machine (no AVX-512/AMX: bf16 matmuls run ~4x
+# slower than fp32 here) does one forward+backward of a 1B model on 64 tokens in about a minute;
+# memory ratios do not depend on it. fp32 weights everywhere for the same reason.
+MODELS: dict[str, ScaleModel] = {
+    m.name: m
+    for m in (
+        ScaleModel("smollm2-135m", "float32", 4, 2, 64, 900, kinds=KINDS + RANK_KINDS),
+        ScaleModel("llama-0.5b", "float32", 2, 1, 64, 1500, 1280, 3456, 24, 20, 4),
+        ScaleModel("llama-1.1b", "float32", 2, 1, 32, 1800, 2048, 5632, 22, 32, 4),
+        # The largest here: 3B fp32 weights (12 GB) fit the 24 GB machine with the sketch; the exact
+        # path would add 11 GB of fp32 gradients, more than is free next to the other jobs.
+        ScaleModel("llama-3b", "float32", 2, 1, 32, 1800, 3072, 8192, 28, 24, 8, kinds=("train_step", "sketch", "exact")),
+    )
+}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def build_base(spec: ScaleModel) -> torch.nn.Module:
+    """The base causal LM (weights in ``spec.dtype``), seeded; random configs never go through fp32."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if not spec.hidden:
+        from ..assets import smollm2_path
+
+        return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=_dtype(spec.dtype))
+    config = LlamaConfig(
+        vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=max(spec.seq_len, 256), tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(_dtype(spec.dtype))
+    try:
+        return LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def batches(spec: ScaleModel, vocab: int, count: Optional[int] = None, offset: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` (default k) seeded batches of random token ids, labels = inputs; batch i is the same everywhere."""
+    out = []
+    for i in range(offset, offset + (spec.num_batches if count is None else count)):
+        generator = torch.Generator().manual_seed(1000 + i)
+        ids = torch.randint(0, vocab, (spec.batch_size, spec.seq_len), generator=generator)
+        out.append({"input_ids": ids, "labels": ids.clone()})
+    return out
+
+
+def estimated_gib(spec: ScaleModel, kind: str) -> float:
+    """A generous guess of a measurement's peak RSS, to skip what cannot fit in the free memory."""
+    params, targeted = parameter_counts(spec)
+    weights = params * (4 if spec.dtype == "float32" else 2)
+    extra = {
+        "exact": 4 * targeted, "exact_legacy": 4 * targeted, "loraga": 2 * targeted * (4 if spec.dtype == "float32" else 2),
+        "init_2rank": weights + 4 * targeted,
+    }.get(kind, 0.25 * weights)
+    return (weights + extra) / GIB + 1.5
+
+
+def parameter_counts(spec: ScaleModel) -> tuple[int, int]:
+    """(all parameters, parameters of the targeted projections), from the config alone."""
+    if not spec.hidden:
+        return 134_515_008, 106_168_320  # SmolLM2-135M (tied embeddings), 30 layers x 7 projections
+    head_dim = spec.hidden // spec.heads
+    kv = spec.kv_heads * head_dim
+    attention = 2 * spec.hidden * spec.hidden + 2 * spec.hidden * kv
+    mlp = 3 * spec.hidden * spec.intermediate
+    targeted = spec.layers * (attention + mlp)
+    return targeted + 2 * spec.vocab * spec.hidden + (2 * spec.layers + 1) * spec.hidden, targeted
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement (runs in the child process)
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    gc.collect()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _giva_model(base: torch.nn.Module, variant: str = "Vr") -> torch.nn.Module:
+    from peft import get_peft_model
+
+    from .. import GivaConfig
+
+    return get_peft_model(base, GivaConfig(r=RANK, target_modules=TARGETS, variant=variant, task_type="CAUSAL_LM", seed=0))
+
+
+def _legacy_initialize() -> Any:
+    """``initialize`` of the pre-giva.init implementation, loaded from git as a module of the giva package."""
+    root = Path(__file__).resolve().parents[3]
+    source = subprocess.run(
+        ["git", "-C", str(root), "show", f"{LEGACY_COMMIT}:src/giva/gradients.py"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"giva_legacy_gradients_{LEGACY_COMMIT}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("giva._legacy_gradients", path)
+    module = importlib.util.module_from_spec(spec)
+    module.__package__ = "giva"
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.initialize
+
+
+def _distributed_rank() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def measure(spec: ScaleModel, kind: str) -> dict[str, Any]:
+    """Run one measurement in this process and return its record (time in s, memory in bytes)."""
+    if kind not in KINDS + RANK_KINDS:
+        raise ValueError(f"unknown measurement {kind!r}; known: {list(KINDS + RANK_KINDS)}")
+    rank, world = _distributed_rank() if kind == "init_2rank" else (0, 1)
+    torch.manual_seed(0)
+    base = build_base(spec)
+    vocab = base.config.vocab_size
+    record: dict[str, Any] = {"model": spec.name, "kind": kind, "world_size": world}
+    record["parameters"] = sum(p.numel() for p in base.parameters())
+    record["targeted_parameters"] = sum(
+        m.weight.numel() for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in TARGETS
+    )
+    if kind == "loraga":
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora.config import LoraGAConfig
+        from peft.tuners.lora.loraga import preprocess_loraga
+
+        data = batches(spec, vocab)
+        config = LoraConfig(
+            r=RANK, target_modules=TARGETS, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(),
+            task_type="CAUSAL_LM",
+        )
+
+        def train_step() -> None:
+            for batch in data:
+                base(**batch).loss.backward()
+
+        record["rss_before"], record["peak_reset"] = _rss_bytes("VmRSS"), _reset_peak()
+        start = time.perf_counter()
+        preprocess_loraga(base, config, train_step)
+        record["gradient_seconds"] = time.perf_counter() - start
+        get_peft_model(base, config)
+        record["seconds"] = time.perf_counter() - start
+    elif kind == "train_step":
+        model = _giva_model(base, variant="random")  # bases of the same shapes, no data needed
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        batch = batches(spec, vocab, count=1)[0]
+        record["rss_before"], record["peak_reset"] = _rss_bytes("VmRSS"), _reset_peak()
+        step_seconds, fwd_bwd_seconds = [], []
+        for _ in range(2):
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            fwd_bwd_seconds.append(time.perf_counter() - start)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step_seconds.append(time.perf_counter() - start)
+        record["step_seconds"] = step_seconds
+        record["seconds"] = step_seconds[-1]  # the first step also allocates AdamW's state
+        record["fwd_bwd_seconds"] = fwd_bwd_seconds[-1]
+    else:
+        model = _giva_model(base)
+        if kind == "init_2rank":
+            per_rank = spec.num_batches // world
+            data = batches(spec, vocab, count=per_rank, offset=rank * per_rank)
+        else:
+            data = batches(spec, vocab)
+        mode = "exact" if kind.startswith("exact") else "sketch"
+        record["rss_before"], record["peak_reset"] = _rss_bytes("VmRSS"), _reset_peak()
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        start = time.perf_counter()
+        if kind == "exact_legacy":
+            report = _legacy_initialize()(model, data, num_batches=len(data), progress=False)
+        else:
+            from .. import initialize
+
+            report = initialize(model, data, num_batches=len(data), progress=False, mode=mode)
+            record["passes"] = getattr(report, "passes", None)
+            record["sums_bytes"] = getattr(report, "sums_bytes", None)
+        record["seconds"] = time.perf_counter() - start
+        record["mode"] = mode
+        record["gradient_seconds"] = report.gradient_seconds
+        record["svd_seconds"] = report.svd_seconds
+        record["bases_checksum"] = float(
+            sum(layer.giva_A["default"].double().abs().sum() for layer in _giva_layers(model))
+        )
+    record["peak_rss"] = _rss_bytes("VmHWM")
+    record["peak_rss_ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    record["torch_threads"] = torch.get_num_threads()
+    record["load_average"] = os.getloadavg()  # other jobs share the machine: times are only as good as this
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, {k: record[k] for k in ("seconds", "peak_rss", "bases_checksum")})
+        record["seconds"] = max(g["seconds"] for g in gathered)  # init ends when the slowest rank ends
+        record["per_rank"] = gathered
+        dist.destroy_process_group()
+    return record
+
+
+def _giva_layers(model: torch.nn.Module) -> Iterable[Any]:
+    from ..layer import GivaLayer
+
+    return [m for m in model.modules() if isinstance(m, GivaLayer)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner (parent process)
+
+
+def _free_gib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / GIB
+
+
+def _child_command(model: str, kind: str, out: Path) -> tuple[list[str], dict[str, str]]:
+    """The child's command line; it inherits the runner's niceness (run the runner with ``nice -n 10``)."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    module = ["-m", "giva.bench.scale", "measure", model, kind, str(out)]
+    if kind == "init_2rank":
+        env["OMP_NUM_THREADS"] = "1"  # one core per rank on the 2-core machine
+        torchrun = str(Path(sys.executable).parent / "torchrun")
+        return [torchrun, "--standalone", "--nproc_per_node", "2", *module], env
+    env["OMP_NUM_THREADS"] = str(os.cpu_count() or 1)
+    return [sys.executable, *module], env
+
+
+def run_one(model: str, kind: str, scratch: Path) -> dict[str, Any]:
+    """One measurement in its own subprocess (killed at the model's timeout)."""
+    spec = MODELS[model]
+    out = scratch / f"{model}.{kind}.json"
+    out.unlink(missing_ok=True)
+    cmd, env = _child_command(model, kind, out)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=spec.timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        output, _ = proc.communicate()
+        return {"model": model, "kind": kind, "status": "timeout", "timeout_s": spec.timeout_s, "log_tail": output[-2000:]}
+    if proc.returncode != 0 or not out.exists():
+        return {"model": model, "kind": kind, "status": "failed", "returncode": proc.returncode, "log_tail": output[-3000:]}
+    record = json.loads(out.read_text())
+    record.update(status="ok", wall_seconds=time.perf_counter() - start)
+    return record
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+
+def run_scale(
+    output_dir: Path, models: Optional[Sequence[str]] = None, kinds: Optional[Sequence[str]] = None,
+    min_free_gib: float = 3.0,
+) -> dict[str, Any]:
+    """Run (or resume) the scale suite into ``output_dir``; write results.json, results.md and the plot."""
+    from .runner import versions
+
+    unknown = [m for m in models or [] if m not in MODELS]
+    if unknown:
+        raise ValueError(f"unknown scale model(s) {unknown}; known: {sorted(MODELS)}")
+    bad_kinds = [k for k in kinds or [] if k not in KINDS + RANK_KINDS]
+    if bad_kinds:
+        raise ValueError(f"unknown measurement(s) {bad_kinds}; known: {list(KINDS + RANK_KINDS)}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results_path = output_dir / "results.json"
+    results = _load(results_path)
+    results["versions"] = versions()
+    results["models"] = {name: asdict(spec) | {"parameters_estimate": parameter_counts(spec)[0]} for name, spec in MODELS.items()}
+    scratch = output_dir / ".scratch"
+    scratch.mkdir(exist_ok=True)
+    ran = []
+    for name in models or list(MODELS):
+        spec = MODELS[name]
+        for kind in spec.kinds:
+            if kinds and kind not in kinds:
+                continue
+            key = f"{name}/{kind}"
+            if results["runs"].get(key, {}).get("status") == "ok":
+                continue
+            need, free = estimated_gib(spec, kind), _free_gib()
+            if free - need < min_free_gib:
+                logger.warning("skipping %s: needs ~%.1f GiB, %.1f GiB free", key, need, free)
+                results["runs"][key] = {"model": name, "kind": kind, "status": "skipped_memory", "needed_gib": need, "free_gib": free}
+                continue
+            logger.info("measuring %s (needs ~%.1f GiB, %.1f GiB free)", key, need, free)
+            record = run_one(name, kind, scratch)
+            record["free_gib_before"] = free
+            ran.append(key)
+            results["runs"][key] = record
+            results_path.write_text(json.dumps(results, indent=1))
+            logger.info("%s: %s", key, {k: record.get(k) for k in ("status", "seconds", "peak_rss")})
+    results_path.write_text(json.dumps(results, indent=1))
+    write_scale_report(output_dir, results)
+    # The keys `giva bench` prints.
+    headlines = [
+        f"{r['model']}: sketch init peak {_ratio(r.get('sketch_peak_over_train'))}x a training step's, "
+        f"exact {_ratio(r.get('exact_peak_over_train'))}x"
+        for r in summary_rows(results)
+    ]
+    problems = [f"{key}: {run['status']}" for key, run in results["runs"].items() if run.get("status") != "ok"]
+    return {**results, "headlines": headlines, "n_runs": len(results["runs"]), "ran": ran, "problems": problems,
+            "output_dir": str(output_dir)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _gb(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value / 1e9:.2f}"
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model: peaks, times and the target ratios (None where a measurement is missing)."""
+    rows = []
+    names = list(dict.fromkeys(key.split("/", 1)[0] for key in results["runs"]))
+    for name in sorted(names, key=lambda n: list(MODELS).index(n) if n in MODELS else len(MODELS)):
+        spec = results.get("models", {}).get(name) or asdict(MODELS[name])
+        runs = {k.split("/", 1)[1]: r for k, r in results["runs"].items() if k.startswith(name + "/") and r.get("status") == "ok"}
+        if not runs:
+            continue
+        row: dict[str, Any] = {"model": name, "dtype": spec["dtype"]}
+        row["parameters"] = next(iter(runs.values())).get("parameters")
+        for kind, run in runs.items():
+            row[f"{kind}_peak"] = run.get("peak_rss")
+            row[f"{kind}_seconds"] = run.get("seconds")
+        train, sketch, exact, legacy = (runs.get(k) for k in ("train_step", "sketch", "exact", "exact_legacy"))
+        if train and sketch:
+            row["sketch_peak_over_train"] = sketch["peak_rss"] / train["peak_rss"]
+            k = spec["num_batches"]
+            row["sketch_time_over_k_fwd_bwd"] = sketch["seconds"] / (k * train["fwd_bwd_seconds"])
+            passes = sketch.get("passes") or 1
+            row["sketch_time_over_passes_k_fwd_bwd"] = sketch["seconds"] / (passes * k * train["fwd_bwd_seconds"])
+        if train and exact:
+            row["exact_peak_over_train"] = exact["peak_rss"] / train["peak_rss"]
+        if exact and legacy:
+            row["exact_time_over_legacy"] = exact["seconds"] / legacy["seconds"]
+        if "init_1rank" in runs and "init_2rank" in runs:
+            row["two_rank_speedup"] = runs["init_1rank"]["seconds"] / runs["init_2rank"]["seconds"]
+        rows.append(row)
+    return rows
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
+    rows = summary_rows(results)
+    lines = [
+        "# Scale suite: peak RSS (GB) and time (s) per measurement, each in its own process",
+        "",
+        f"GiVA r={RANK} on {', '.join(TARGETS)}; k calibration batches of random tokens (see results.json `models`).",
+        "",
+        "| model | params | weights | train step | exact (legacy) | exact | sketch | LoRA-GA | sketch/train peak | "
+        "exact/train peak | sketch time / k fwd+bwd | sketch time / passes*k fwd+bwd | exact time / legacy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        def cell(kind: str) -> str:
+            peak, secs = r.get(f"{kind}_peak"), r.get(f"{kind}_seconds")
+            return "-" if peak is None else f"{_gb(peak)} GB, {secs:.1f} s"
+
+        lines.append(
+            f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {r['dtype']} | {cell('train_step')} | {cell('exact_legacy')} | "
+            f"{cell('exact')} | {cell('sketch')} | {cell('loraga')} | {_ratio(r.get('sketch_peak_over_train'))} | "
+            f"{_ratio(r.get('exact_peak_over_train'))} | {_ratio(r.get('sketch_time_over_k_fwd_bwd'))} | "
+            f"{_ratio(r.get('sketch_time_over_passes_k_fwd_bwd'))} | {_ratio(r.get('exact_time_over_legacy'))} |"
+        )
+    ranks = [r for r in rows if r.get("two_rank_speedup")]
+    if ranks:
+        lines += ["", "| model | sketch init, 1 process (2 threads) | 2 gloo ranks (1 thread each) | speed-up |", "|---|---|---|---|"]
+        for r in ranks:
+            lines.append(
+                f"| {r['model']} | {r['init_1rank_seconds']:.1f} s | {r['init_2rank_seconds']:.1f} s | {r['two_rank_speedup']:.2f}x |"
+            )
+    problems = [f"- {key}: {run['status']}" for key, run in results["runs"].items() if run.get("status") != "ok"]
+    if problems:
+        lines += ["", "Not measured:", *problems]
+    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
+    _plot(output_dir / "memory_vs_parameters.png", rows)
+
+
+def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for kind, label, style in (
+        ("train_step", "GiVA training step", "k-o"), ("exact_legacy", "exact init (before giva.init)", "C3:x"),
+        ("exact", "exact init", "C3-s"), ("sketch", "sketch init", "C0-^"), ("loraga", "PEFT LoRA-GA preprocess", "C2--d"),
+    ):
+        points = sorted((r["parameters"] / 1e9, r[f"{kind}_peak"] / 1e9) for r in rows if r.get(f"{kind}_peak"))
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("model parameters (billions)")
+    ax.set_ylabel("peak RSS (GB)")
+    ax.set_title("Peak memory per measurement (one process each)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m giva.bench.scale")
+    sub = parser.add_subparsers(dest="command", required=True)
+    one = sub.add_parser("measure", help="one measurement in this process (the runner's child)")
+    one.add_argument("model", choices=sorted(MODELS))
+    one.add_argument("kind", choices=KINDS + RANK_KINDS)
+    one.add_argument("out")
+    run = sub.add_parser("run", help="run or resume the suite")
+    run.add_argument("--output-dir", default="benchmarks/results/scale")
+    run.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    run.add_argument("--kinds", default=None, help="comma-separated subset of " + ",".join(KINDS + RANK_KINDS))
+    args = parser.parse_args(argv)
+    if args.command == "measure":
+        record = measure(MODELS[args.model], args.kind)
+        if int(os.environ.get("RANK", "0")) == 0:
+            Path(args.out).write_text(json.dumps(record, indent=1))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    split = lambda s: s.split(",") if s else None  # noqa: E731
+    run_scale(Path(args.output_dir), split(args.models), split(args.kinds))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
