@@ -16,13 +16,14 @@ import torch  # noqa: E402
 from giva.federated import messages  # noqa: E402
 from giva.federated.client_app import STATE_KEY  # noqa: E402
 from giva.federated.run import run_inprocess  # noqa: E402
-from giva.federated.statistics import block_specs, one_process_dense_bases, read_bases  # noqa: E402
+from giva.federated.statistics import bases_layout, block_specs, one_process_dense_bases, read_bases  # noqa: E402
 from giva.federated.task import (  # noqa: E402
     FederatedConfig,
     build_model,
     fedavg,
     peft_config,
     shard_indices,
+    trainable_state,
 )
 from giva.init import initialize  # noqa: E402
 from tiny_models import text_batches, tiny_bert  # noqa: E402
@@ -70,8 +71,13 @@ def union_batches(cfg: FederatedConfig, order: list[int]) -> list[dict]:
     return [b for p in order for b in task.calibration_batches(p, CLIENTS, cfg.num_batches)]
 
 
-def client_bases(grid) -> list[dict[str, torch.Tensor]]:
-    return [messages.record_tensors(ctx.state[STATE_KEY]) for ctx in grid.contexts.values()]
+def client_bases(grid, cfg: FederatedConfig) -> list[dict[str, torch.Tensor]]:
+    layout = bases_layout(build_model(TinyTask(cfg), cfg))
+    return [messages.record_tensors(ctx.state[STATE_KEY], layout) for ctx in grid.contexts.values()]
+
+
+def train_layout(cfg: FederatedConfig):
+    return messages.layout_of(trainable_state(build_model(TinyTask(cfg), cfg)))
 
 
 def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -93,7 +99,7 @@ def sketch_run():
 
 def test_dense_setup_gives_every_client_the_one_process_bases_bit_for_bit(dense_run):
     cfg, results, grid = dense_run
-    held = client_bases(grid)
+    held = client_bases(grid, cfg)
     assert len(held) == CLIENTS
     for other in held[1:]:
         assert other.keys() == held[0].keys()
@@ -117,7 +123,7 @@ def test_dense_setup_gives_every_client_the_one_process_bases_bit_for_bit(dense_
 
 def test_sketch_setup_matches_a_one_process_sketch_of_the_union(sketch_run):
     cfg, results, grid = sketch_run
-    held = client_bases(grid)
+    held = client_bases(grid, cfg)
     for other in held[1:]:
         assert all(torch.equal(other[k], held[0][k]) for k in held[0])
     # The library's single-process sketched initialisation (giva.init) over the union of the shards.
@@ -162,23 +168,38 @@ def test_server_applies_fedavg_of_the_client_replies(dense_run):
     round2_sent = [m for m, r in train if m.content[messages.CONFIG]["round"] == 2]
     weights = [int(r.content[messages.METRICS]["num-examples"]) for r in round1]
     assert sorted(weights) == [16, 32, 48]  # unequal shards, so the weights matter
-    expected = fedavg([messages.record_tensors(r.content[messages.ARRAYS]) for r in round1], weights)
+    layout = train_layout(cfg)
+    expected = fedavg([messages.record_tensors(r.content[messages.ARRAYS], layout) for r in round1], weights)
     for sent in round2_sent:
-        got = messages.record_tensors(sent.content[messages.ARRAYS])
+        got = messages.record_tensors(sent.content[messages.ARRAYS], layout)
         assert got.keys() == expected.keys()
         assert all(torch.equal(got[k], expected[k]) for k in got)
-    unweighted = fedavg([messages.record_tensors(r.content[messages.ARRAYS]) for r in round1], [1, 1, 1])
+    unweighted = fedavg([messages.record_tensors(r.content[messages.ARRAYS], layout) for r in round1], [1, 1, 1])
     assert any(not torch.allclose(unweighted[k], expected[k]) for k in expected)
 
 
 def test_giva_rounds_send_only_the_vectors_and_the_head(dense_run):
-    _, _, grid = dense_run
-    sent = next(m for m, _ in grid.log if m.metadata.message_type == messages.TRAIN)
-    names = list(messages.record_tensors(sent.content[messages.ARRAYS]))
+    cfg, _, grid = dense_run
+    layout = train_layout(cfg)
+    names = [name for name, _ in layout]
     assert names and all(("giva_lambda_" in n) or ("classifier" in n) for n in names)
     assert any("classifier" in n for n in names)
+    sent = next(m for m, _ in grid.log if m.metadata.message_type == messages.TRAIN)
+    (flat,) = sent.content[messages.ARRAYS].to_torch_state_dict().values()  # one packed array
+    assert flat.numel() == sum(torch.Size(shape).numel() for _, shape in layout)
     bases_msg = next(m for m, _ in grid.log if m.metadata.message_type == messages.BASES)
-    assert all(t.shape[0] == 4 for t in messages.record_tensors(bases_msg.content[messages.ARRAYS]).values())  # A: r x in
+    model = build_model(TinyTask(cfg), cfg)
+    (a_flat,) = bases_msg.content[messages.ARRAYS].to_torch_state_dict().values()
+    assert a_flat.numel() == sum(cfg.giva_r * s.in_features for s in block_specs(model).values())  # A only, r x in
+
+
+def test_packed_tensors_need_the_receivers_layout():
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4)}
+    record = messages.tensors_record(tensors)
+    back = messages.record_tensors(record, messages.layout_of(tensors))
+    assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    with pytest.raises(ValueError, match="same model"):
+        messages.record_tensors(record, [("a", (2, 3))])
 
 
 def test_reported_bytes_are_the_serialized_message_sizes(dense_run):

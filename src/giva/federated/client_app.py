@@ -25,7 +25,14 @@ from flwr.clientapp import ClientApp
 
 from ..init import Partial, accumulate
 from . import messages
-from .statistics import apply_bases, client_request, dense_statistics, sketch_session
+from .statistics import (
+    apply_bases,
+    bases_layout,
+    client_request,
+    dense_statistics,
+    matrix_layout,
+    sketch_session,
+)
 from .task import (
     FederatedConfig,
     Task,
@@ -34,6 +41,7 @@ from .task import (
     load_projection_state,
     load_trainable_state,
     local_train,
+    projection_state,
     trainable_state,
 )
 
@@ -88,11 +96,11 @@ def make_client_app(
     def prepared_model(context: Context, cfg: FederatedConfig, task: Task) -> torch.nn.Module:
         model = cache.get(task, cfg)
         if STATE_KEY in context.state:
-            stored = messages.record_tensors(context.state[STATE_KEY])
+            record = context.state[STATE_KEY]
             if cfg.method == "giva":
-                apply_bases(model, stored)
+                apply_bases(model, messages.record_tensors(record, bases_layout(model)))
             elif cfg.method == "vera":
-                load_projection_state(model, stored)
+                load_projection_state(model, messages.record_tensors(record, messages.layout_of(projection_state(model))))
         elif cfg.method == "giva":
             raise RuntimeError("a GiVA client was asked to train before the setup round delivered its bases")
         return model
@@ -110,10 +118,13 @@ def make_client_app(
             metrics = {"num-examples": count}
         else:
             session = sketch_session(model, int(request["passes"]), int(request["oversampling"]))
-            matrices = messages.record_tensors(msg.content[messages.ARRAYS]) if messages.ARRAYS in msg.content else {}
-            work = client_request(session, int(request["pass-index"]), str(request["kind"]), matrices)
+            kind = str(request["kind"])
+            matrices = {}
+            if messages.ARRAYS in msg.content:
+                matrices = messages.record_tensors(msg.content[messages.ARRAYS], matrix_layout(session, kind))
+            work = client_request(session, int(request["pass-index"]), kind, matrices)
             partial: Partial = accumulate(model, batches, work)
-            sums = partial.sums
+            sums = {key: partial.sums[key] for key in session.targets}  # packed in the order the server unpacks
             metrics = {"num-examples": examples, "batches": partial.batches, "tokens": partial.tokens}
         logger.info("client %d: %s statistics of %d examples", partition, request["mode"], examples)
         return Message(messages.make_content(sums, metrics=metrics), reply_to=msg)
@@ -129,7 +140,8 @@ def make_client_app(
         cfg, task, partition, num_partitions = setup(context)
         request = msg.content[messages.CONFIG]
         model = prepared_model(context, cfg, task)
-        load_trainable_state(model, messages.record_tensors(msg.content[messages.ARRAYS]))
+        layout = messages.layout_of(trainable_state(model))
+        load_trainable_state(model, messages.record_tensors(msg.content[messages.ARRAYS], layout))
         batches = task.train_batches(partition, num_partitions, int(request["round"]))
         losses = local_train(model, batches, int(request["local-steps"]), float(request["lr"]))
         metrics = {"num-examples": task.shard_size(partition, num_partitions), "train-loss": sum(losses) / len(losses)}

@@ -6,7 +6,7 @@ Every exchange is a Flower ``Message`` whose content is a ``RecordDict``:
 message type          direction   content
 ====================  ==========  ====================================================================
 ``query.statistics``  down        config: the pass to run (sketch / dense), calibration batches, seed
-``query.statistics``  up          arrays: one summed statistic per adapted block (``key#block``);
+``query.statistics``  up          arrays: one summed statistic per adapted block;
                                   metrics: ``num-examples`` (the weight of this client's sums)
 ``query.bases``       down        arrays: the agreed input bases ``A`` (GiVA) or VeRA's projections;
                                   B never travels (regenerated from the seed)
@@ -16,6 +16,10 @@ message type          direction   content
                                   metrics: ``num-examples``, ``train-loss``
 ====================  ==========  ====================================================================
 
+Tensors travel packed: one flat array per message, in an order both sides derive from their own
+copy of the model (its trainable parameters, its adapted blocks), so no names or per-tensor headers
+are sent; :func:`unpack` checks the sizes against the receiver's layout.
+
 The byte count of a message is what Flower actually ships: Flower deflates a message into a
 tree of objects (the message, its ``RecordDict``, each record, each array and the array's chunks),
 each serialised once with its header, and identical objects are sent once. :func:`message_bytes`
@@ -24,6 +28,7 @@ sums ``len(obj.deflate())`` over that de-duplicated tree, i.e. the bytes pushed 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -40,14 +45,47 @@ CONFIG = "config"
 METRICS = "metrics"
 
 
+Layout = list[tuple[str, tuple[int, ...]]]
+PACKED = "packed"
+
+
+def layout_of(tensors: dict[str, torch.Tensor]) -> Layout:
+    """Names and shapes, in order: what a receiver needs to unpack a flat array."""
+    return [(name, tuple(t.shape)) for name, t in tensors.items()]
+
+
+def pack(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """All tensors flattened into one 1-D CPU tensor, in dict order (one dtype for all)."""
+    dtypes = {t.dtype for t in tensors.values()}
+    if len(dtypes) != 1:
+        raise ValueError(f"packed tensors must share one dtype, got {sorted(map(str, dtypes))}")
+    return torch.cat([t.detach().reshape(-1).cpu() for t in tensors.values()])
+
+
+def unpack(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`pack` for the receiver's ``layout``; a size mismatch is an error."""
+    expected = sum(math.prod(shape) for _, shape in layout)
+    if flat.numel() != expected:
+        raise ValueError(
+            f"a packed message holds {flat.numel()} numbers but this side's layout expects {expected} "
+            f"({len(layout)} tensors): the server and the client do not hold the same model / adapter config"
+        )
+    out, offset = {}, 0
+    for name, shape in layout:
+        size = math.prod(shape)
+        out[name] = flat[offset : offset + size].reshape(shape).clone()
+        offset += size
+    return out
+
+
 def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An ``ArrayRecord`` holding CPU copies of ``tensors`` (their dtype is kept: fp32 stays fp32)."""
-    return ArrayRecord({name: t.detach().cpu().contiguous() for name, t in tensors.items()})
+    """An ``ArrayRecord`` with the tensors packed into one array (their dtype is kept)."""
+    return ArrayRecord({PACKED: pack(tensors)})
 
 
-def record_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """The tensors of an ``ArrayRecord`` as writable torch tensors."""
-    return {name: t.clone() for name, t in record.to_torch_state_dict().items()}
+def record_tensors(record: ArrayRecord, layout: Layout) -> dict[str, torch.Tensor]:
+    """The tensors of a packed ``ArrayRecord``, named and shaped by ``layout``."""
+    return unpack(record.to_torch_state_dict()[PACKED], layout)
 
 
 def make_content(

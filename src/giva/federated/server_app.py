@@ -36,8 +36,10 @@ from .statistics import (
     block_specs,
     combine_statistics,
     dense_bases,
+    dense_layout,
     read_bases,
     sketch_session,
+    sums_layout,
 )
 from .task import (
     FederatedConfig,
@@ -97,7 +99,8 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
         replies, t = exchange(grid, nodes, messages.STATISTICS, request, "setup-1")
         traffic.append(t)
         parts = [
-            (messages.record_tensors(r.content[messages.ARRAYS]), int(r.content[messages.METRICS]["num-examples"]))
+            (messages.record_tensors(r.content[messages.ARRAYS], dense_layout(model)),
+             int(r.content[messages.METRICS]["num-examples"]))
             for r in replies
         ]
         stats, count = combine_statistics(parts)
@@ -109,14 +112,14 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
         while not session.done:
             request = session.next_request()
             kinds = {item.kind for item in request.items.values()}
+            kind = kinds.pop()
             # Pass 0's test matrices are seeded: every client builds them itself. Later ones depend on the data.
             matrices = None if request.pass_index == 0 else {k: item.matrix for k, item in request.items.items()}
-            content = messages.make_content(matrices, config={**common, "pass-index": request.pass_index,
-                                                              "kind": kinds.pop()})
+            content = messages.make_content(matrices, config={**common, "pass-index": request.pass_index, "kind": kind})
             replies, t = exchange(grid, nodes, messages.STATISTICS, content, f"setup-{len(traffic) + 1}")
             traffic.append(t)
             parts = [
-                Partial(request.pass_index, messages.record_tensors(r.content[messages.ARRAYS]),
+                Partial(request.pass_index, messages.record_tensors(r.content[messages.ARRAYS], sums_layout(session, kind)),
                         batches=int(r.content[messages.METRICS]["batches"]), tokens=int(r.content[messages.METRICS]["tokens"]))
                 for r in replies
             ]
@@ -153,7 +156,8 @@ def run_server(grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = def
         config = {"round": r, "local-steps": cfg.local_steps, "lr": cfg.round_lr(r)}
         content = messages.make_content(trainable_state(model), config=config)
         replies, traffic = exchange(grid, nodes, messages.TRAIN, content, f"train-{r}")
-        states = [messages.record_tensors(reply.content[messages.ARRAYS]) for reply in replies]
+        layout = messages.layout_of(trainable_state(model))
+        states = [messages.record_tensors(reply.content[messages.ARRAYS], layout) for reply in replies]
         weights = [int(reply.content[messages.METRICS]["num-examples"]) for reply in replies]
         load_trainable_state(model, fedavg(states, weights))
         losses = [float(reply.content[messages.METRICS]["train-loss"]) for reply in replies]

@@ -64,6 +64,26 @@ def block_specs(model: nn.Module, adapter_name: str = ADAPTER) -> dict[str, Bloc
     return specs
 
 
+def bases_layout(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """How the ``A`` of every block is packed: ``(key, (r, in))`` in block order."""
+    return [(key, (s.block.rank, s.in_features)) for key, s in block_specs(model).items()]
+
+
+def dense_layout(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """How dense statistics are packed: ``(key, (out, in))`` in block order."""
+    return [(key, s.shape) for key, s in block_specs(model).items()]
+
+
+def matrix_layout(session: InitSession, kind: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Shapes of a pass's test matrices: ``M`` is ``out x l`` for ``G^T M`` (kind ``gt``), ``in x l`` for ``G M``."""
+    return [(k, (t.out_size if kind == "gt" else t.in_features, session.width(k))) for k, t in session.targets.items()]
+
+
+def sums_layout(session: InitSession, kind: str) -> list[tuple[str, tuple[int, ...]]]:
+    """Shapes of a pass's sums: ``in x l`` for ``G^T M``, ``out x l`` for ``G M``."""
+    return [(k, (t.in_features if kind == "gt" else t.out_size, session.width(k))) for k, t in session.targets.items()]
+
+
 def _batch_size(batch: Any) -> int:
     if isinstance(batch, Mapping) and "labels" in batch:
         return int(batch["labels"].shape[0])
