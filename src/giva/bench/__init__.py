@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .report import PLOTS, write_report
-from .runner import load_runs, run_suite
+from .runner import dry_run, load_runs, run_suite
 from .scale import SCALE_SUITE, run_scale
 from .schema import validate_run
 from .serve import DEFAULT_MODELS, SERVE_SUITE, ServeSettings, run_serve
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 QUICK_SUITE = "quick"
 
-__all__ = ["PLOTS", "QUICK_SUITE", "check_outputs", "run_benchmark", "validate_run"]
+__all__ = ["PLOTS", "QUICK_SUITE", "check_outputs", "plan_benchmark", "run_benchmark", "validate_run"]
 
 
 def check_outputs(output_dir: Path) -> list[str]:
@@ -47,6 +47,22 @@ def check_outputs(output_dir: Path) -> list[str]:
         if not path.exists() or path.stat().st_size < 1000 or path.read_bytes()[:4] != b"\x89PNG":
             problems.append(f"plot {path} is missing or not a PNG")
     return problems
+
+
+def plan_benchmark(
+    suite: str = "full", quick: bool = False, output_dir: Optional[str | Path] = None,
+    root: Optional[Path] = None, phases: Optional[Sequence[str]] = None,
+) -> dict[str, Any]:
+    """What ``run_benchmark`` with the same arguments would run now (``giva bench --dry-run``), running nothing:
+    {'runs': run ids, 'waiting': rows waiting on another sweep, 'output_dir'}."""
+    root = root or benchmarks_dir()
+    if suite == SERVE_SUITE and not quick:
+        out = Path(output_dir) if output_dir else root / "results" / SERVE_SUITE
+        return {"runs": [f"serve: {m.name} x {ServeSettings().methods} x N={ServeSettings().ns}" for m in DEFAULT_MODELS],
+                "waiting": [], "output_dir": str(out)}
+    name = QUICK_SUITE if quick else suite
+    out = Path(output_dir) if output_dir else root / "results" / name
+    return {**dry_run(load_suite(root, name), root, out, phases), "output_dir": str(out)}
 
 
 def run_benchmark(

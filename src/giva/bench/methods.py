@@ -72,6 +72,8 @@ def peft_config(method: MethodSpec, task: TaskData, seed: int) -> Any:
 def build_model(method: MethodSpec, task: TaskData, seed: int, calibration: DataLoader) -> BuiltModel:
     """The model of ``method`` ready for its first training step (``calibration``: a loader used only for init)."""
     base = load_base(task, seed)
+    if method.kind == "floor":
+        return BuiltModel(_floor_model(base))
     if method.kind == "none":
         for param in base.parameters():
             param.requires_grad = False
@@ -113,6 +115,15 @@ def build_model(method: MethodSpec, task: TaskData, seed: int, calibration: Data
         built.gradient_seconds, built.svd_seconds = report.gradient_seconds, report.svd_seconds
         built.init_seconds = report.total_seconds
     return built
+
+
+def _floor_model(base: nn.Module) -> nn.Module:
+    """The speed floor: every weight frozen, but the input embeddings' output requires grad, so a backward
+    pass still runs through every layer to the inputs. No adapter can train in less time than this."""
+    for param in base.parameters():
+        param.requires_grad = False
+    base.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    return base
 
 
 @torch.no_grad()

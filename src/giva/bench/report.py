@@ -1,7 +1,10 @@
 """Aggregate the run JSONs of a suite into results.json, a markdown table, headline lines and PNG plots.
 
-LR selection: for every (task, method, ablation) the LR with the best VALIDATION accuracy on seed
-0 is chosen; the table reports the TEST accuracy of that LR, as mean ± std over the seeds run at it.
+LR selection: for every (task, method, ablation) the LR with the best MEAN VALIDATION accuracy over
+the seeds that every tried LR ran (seed 0 alone for a sweep run on seed 0 only) is chosen; the table
+reports the TEST accuracy of that LR, as mean ± std over the seeds run at it. The suite's claims get
+paired bootstrap intervals over seeds and test examples (stats.py). Everything here is computed from
+the run JSONs alone.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from .runner import best_lr, load_runs, write_json_atomically
+from .runner import choose_lr, load_runs, validation_by_lr, write_json_atomically
 from .spec import DEFAULT_HEADLINE_PAIRS, DEFAULT_HEADLINE_SIZES, SuiteSpec
+from .stats import MIN_SEEDS, PARITY_MARGIN, SPEED_MARGIN, evaluate_claims
 
 PLOTS = ("acc_vs_params.png", "acc_vs_rank.png", "step_time.png", "loss_curves.png")
 
@@ -34,10 +38,12 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             groups[(r["task"]["name"], r["method"]["name"], r["ablation"])].append(r)
     rows = []
     for (task, method, ablation), group in groups.items():
-        lr = best_lr(group, task, method, ablation)
-        if lr is None:  # no seed-0 run: take the LR the group ran at
+        vals = validation_by_lr(group)
+        lr = choose_lr(vals)
+        if lr is None:  # no seed common to the LRs and no seed 0: take the LR the group ran at
             lr = group[0]["lr"]
-        chosen = sorted((r for r in group if r["lr"] == lr), key=lambda r: r["seed"])
+        common = sorted(set.intersection(*(set(v) for v in vals.values())))
+        chosen = sorted((r for r in group if float(f"{r['lr']:.6g}") == float(f"{lr:.6g}")), key=lambda r: r["seed"])
         tests = [r["metrics"]["test_accuracy"] for r in chosen]
         mean, std = _mean_std(tests)
         first = chosen[0]
@@ -55,6 +61,11 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "lr": lr,
             "lrs_tried": sorted({r["lr"] for r in group if r["seed"] == 0}),
             "val_by_lr": {f"{r['lr']:g}": r["metrics"]["val_accuracy"] for r in group if r["seed"] == 0},
+            "val_mean_by_lr": {f"{x:g}": statistics.fmean(v[s] for s in common) for x, v in sorted(vals.items())} if common else {},
+            "lr_chosen_on_seeds": common,
+            "head_lr": first.get("head_lr"),
+            "test_correct_by_seed": {r["seed"]: r["metrics"]["test_correct"] for r in chosen if "test_correct" in r["metrics"]},
+            "test_sha256_by_seed": {r["seed"]: r["data"].get("test_sha256") for r in chosen},
             "seeds": [r["seed"] for r in chosen],
             "test_accuracy": tests,
             "test_mean": mean,
@@ -132,11 +143,47 @@ def _fmt_lr(lr: float) -> str:
     return f"{lr:g}"
 
 
-def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: list[str], suite: str) -> str:
+def _fmt_pair(pair: dict[str, Any]) -> str:
+    """A claim pair's estimate and interval: points of accuracy, a step-time ratio, or bytes."""
+    if "estimate" not in pair:
+        return "-"
+    if pair["test"] in ("speed-parity", "slower"):
+        return f"{pair['estimate']:.3f}x [{pair['low']:.3f}, {pair['high']:.3f}]"
+    if pair["test"] == "smaller":
+        return f"{pair['a_value'] / 1024:.0f} KiB vs {pair['b_value'] / 1024:.0f} KiB"
+    return f"{pair['estimate'] * 100:+.2f} [{pair['low'] * 100:+.2f}, {pair['high'] * 100:+.2f}] points"
+
+
+def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
+    """The claims table: each pair's estimate, 95% interval, what was resampled, and verdict."""
+    if not claims:
+        return []
+    out = ["## Claims", "",
+           f"Paired bootstrap 95% intervals (10,000 draws over seeds and test examples; speed: over interleaved steps). "
+           f"'parity': supported inside ±{PARITY_MARGIN * 100:g} point or above 0; speed parity: inside 1 ± {SPEED_MARGIN:g} "
+           f"or faster; 'pending': fewer than {MIN_SEEDS} paired seeds, or a row not run yet. A claim's verdict is its "
+           "first pair's; the other pairs follow it.", "",
+           "| claim | verdict | pair (a vs b) | a - b (or a / b) [95% CI] | seeds x examples | pair verdict |",
+           "|---|---|---|---|---|---|"]
+    for claim in claims:
+        for i, pair in enumerate(claim["pairs"]):
+            sizes = f"{pair.get('n_seeds', 0)} x {pair.get('n_examples', 0)}" if "estimate" in pair else pair.get("why", "")
+            if pair["test"] in ("speed-parity", "slower") and "estimate" in pair:
+                sizes = f"{pair['n_examples']} steps"
+            if pair["test"] == "smaller":
+                sizes = "-"
+            head = f"{claim['claim']} | **{claim['verdict']}**" if i == 0 else " | "
+            out.append(f"| {head} | {pair['a']} vs {pair['b']} | {_fmt_pair(pair)} | {sizes} | {pair['verdict']} |")
+    return out + [""]
+
+
+def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: list[str], suite: str,
+             claims: Optional[list[dict[str, Any]]] = None) -> str:
     out = [f"# giva bench results: suite `{suite}`", ""]
-    out += ["LR chosen per method by validation accuracy on seed 0 (LRs tried in brackets); test accuracy of that LR, "
-            "mean ± std over the seeds listed. Trainable = adapter only (the classification head is trained in every "
-            "method and counted separately in results.json).", ""]
+    out += ["LR chosen per row by the mean validation accuracy over the seeds every tried LR ran (LRs tried in brackets); "
+            "test accuracy of that LR, mean ± std over the seeds listed. Trainable = adapter only (the classification head "
+            "is trained in every method and counted separately in results.json). Generated from the run JSONs only.", ""]
+    out += claims_markdown(claims or [])
     out += ["## Headlines", ""] + [f"- {line}" for line in lines] + [""]
     for task in sorted({r["task"] for r in rows}):
         for title, selected in (("methods", [r for r in rows if r["task"] == task and r["ablation"] is None]),
@@ -159,11 +206,14 @@ def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: li
             out.append("")
     for speed in speeds:
         out += [f"## speed: {speed['phase']} ({speed['task']['model']}, targets {', '.join(speed['task']['target_modules'])})", "",
-                "| method | median step (ms) | ratio to LoRA | init (s) | init in steps | trainable |", "|---|---|---|---|---|---|"]
+                "| method | median step (ms) | ratio to LoRA | overhead above floor | init (s) | init in LoRA steps | trainable |",
+                "|---|---|---|---|---|---|---|"]
         for name, e in speed["methods"].items():
             ratio = f"{e['ratio_to_lora']:.3f}" if e["ratio_to_lora"] else "-"
-            out.append(f"| {name} | {e['median_step_seconds'] * 1000:.0f} | {ratio} | {e['init_seconds']:.2f} | "
-                       f"{e['init_in_steps']:.2f} | {e['trainable_adapter']:,} |")
+            floor = f"{e['overhead_above_floor']:+.1%}" if e.get("overhead_above_floor") is not None else "-"
+            init_steps = e.get("init_in_lora_steps", e["init_in_steps"])
+            out.append(f"| {name} | {e['median_step_seconds'] * 1000:.0f} | {ratio} | {floor} | {e['init_seconds']:.2f} | "
+                       f"{init_steps:.2f} | {e['trainable_adapter']:,} |")
         out.append("")
     out += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS] + [""]
     return "\n".join(out)
@@ -279,17 +329,20 @@ def write_report(output_dir: Path, spec: SuiteSpec) -> dict[str, Any]:
     rows = aggregate(runs)
     speeds = [r for r in runs if r.get("kind") == "speed"]
     lines = headlines(rows, speeds, headline_task, spec.headline_pairs, spec.headline_sizes)
+    claims = evaluate_claims(spec.claims, rows, speeds)
+    per_example = ("test_correct_by_seed", "test_sha256_by_seed")  # in the run JSONs; kept out of the summary
     results = {
         "suite": suite,
         "headline_task": headline_task,
         "headlines": lines,
-        "rows": rows,
+        "claims": claims,
+        "rows": [{k: v for k, v in row.items() if k not in per_example} for row in rows],
         "speed": [{k: v for k, v in s.items()} for s in speeds],
         "n_runs": len(runs),
         "total_run_seconds": sum(r["timing"]["total_seconds"] for r in runs if r.get("kind") == "train"),
     }
     write_json_atomically(output_dir / "results.json", results)
-    (output_dir / "results.md").write_text(markdown(rows, speeds, lines, suite))
+    (output_dir / "results.md").write_text(markdown(rows, speeds, lines, suite, claims))
     if rows:
         plot(rows, runs, speeds, headline_task, output_dir)
     return results

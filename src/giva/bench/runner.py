@@ -17,7 +17,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
@@ -28,7 +28,7 @@ from torch import nn
 from ..finetune import TrainConfig, TrainStats, is_head_parameter, train
 from .methods import build_model
 from .schema import SCHEMA_VERSION
-from .spec import Ablation, MethodSpec, Phase, SuiteSpec, load_method
+from .spec import UNTRAINED_KINDS, Ablation, MethodSpec, Phase, SuiteSpec, load_method
 from .tasks import TaskData, load_task
 
 logger = logging.getLogger(__name__)
@@ -44,11 +44,13 @@ class RunSpec:
     seed: int
     lr: float
     ablation: Optional[Ablation] = None
+    head_lr: Optional[float] = None  # a head LR shared by every method ('probe' rule); None: the suite's rule
 
     @property
     def run_id(self) -> str:
         tag = f"__{self.ablation.tag}" if self.ablation else ""
-        return f"{self.task}__{self.method}{tag}__lr{self.lr:g}__s{self.seed}"
+        head = f"__h{self.head_lr:g}" if self.head_lr is not None else ""
+        return f"{self.task}__{self.method}{tag}__lr{self.lr:g}{head}__s{self.seed}"
 
 
 def versions() -> dict[str, str]:
@@ -82,6 +84,64 @@ def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
 
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+
+
+def lr_key(lr: float) -> float:
+    """An LR rounded to 6 significant digits: the form run ids and comparisons use."""
+    return float(f"{lr:.6g}")
+
+
+def validation_by_lr(group: list[dict[str, Any]]) -> dict[float, dict[int, float]]:
+    """LR -> seed -> validation accuracy of one row's runs."""
+    table: dict[float, dict[int, float]] = {}
+    for r in group:
+        table.setdefault(lr_key(r["lr"]), {})[r["seed"]] = r["metrics"]["val_accuracy"]
+    return table
+
+
+def choose_lr(vals: dict[float, dict[int, float]]) -> Optional[float]:
+    """The LR with the best MEAN validation accuracy over the seeds that every LR tried ran (ties: the
+    smaller LR); with no seed common to all LRs, seed 0's (the old rule). None if nothing ran.
+
+    Test accuracy never enters the choice.
+    """
+    if not vals:
+        return None
+    common = set.intersection(*(set(seeds) for seeds in vals.values()))
+    if not common:
+        with_zero = {lr: v for lr, v in vals.items() if 0 in v}
+        if not with_zero:
+            return None
+        vals, common = with_zero, {0}
+    return max(vals, key=lambda lr: (statistics.fmean(vals[lr][s] for s in common), -lr))
+
+
+def adaptive_plan(
+    initial: Sequence[float], sweep_seeds: Sequence[int], seeds: Sequence[int], vals: dict[float, dict[int, float]],
+    step: float = 2.0, max_extensions: int = 4,
+) -> tuple[list[tuple[float, int]], Optional[float]]:
+    """The (LR, seed) runs one row needs next, and its chosen LR once the sweep has settled (else None).
+
+    Every LR of ``initial`` and every LR added so far runs on ``sweep_seeds``; the LR with the best mean
+    validation accuracy over those seeds (ties: the smaller) is chosen. While it is STRICTLY better than
+    every other LR and sits at the low or high edge, one more LR (edge / step or edge x step) is added, at
+    most ``max_extensions`` in all. Then the chosen LR runs on every seed of ``seeds``. Pure: ``vals`` is
+    LR -> seed -> validation accuracy of the runs finished so far.
+    """
+    grid = sorted({lr_key(x) for x in initial})
+    grid += [lr for lr in vals if lr not in grid and any(s in vals[lr] for s in sweep_seeds)]
+    grid.sort()
+    missing = [(lr, s) for lr in grid for s in sweep_seeds if s not in vals.get(lr, {})]
+    if missing:
+        return missing, None
+    means = {lr: statistics.fmean(vals[lr][s] for s in sweep_seeds) for lr in grid}
+    best = max(grid, key=lambda lr: (means[lr], -lr))
+    strictly = all(means[best] > means[lr] for lr in grid if lr != best)
+    added = len([lr for lr in grid if lr not in {lr_key(x) for x in initial}])
+    if len(grid) > 1 and strictly and added < max_extensions and best in (grid[0], grid[-1]):
+        new = lr_key(best / step if best == grid[0] else best * step)
+        return [(new, s) for s in sweep_seeds], None
+    return [(best, s) for s in seeds if s not in vals[best]], best
 
 
 def best_lr(runs: list[dict[str, Any]], task: str, method: str, ablation: Optional[str] = None) -> Optional[float]:
@@ -140,8 +200,13 @@ def saved_bytes(model: nn.Module, method: MethodSpec) -> int:
 
 
 def train_config_for(suite: SuiteSpec, task: TaskData, run: RunSpec) -> TrainConfig:
-    shared = {**suite.train, **(run.ablation.train if run.ablation else {})}
+    epochs = {"epochs": task.spec.epochs} if task.spec.epochs else {}
+    shared = {**suite.train, **epochs, **(run.ablation.train if run.ablation else {})}
     head_lr = shared.pop("head_lr", "same")
+    if run.head_lr is not None:
+        head_lr = run.head_lr
+    elif head_lr == "probe":  # the probe itself, or a task without a head
+        head_lr = "same"
     return TrainConfig(
         lr=run.lr,
         head_lr=None if head_lr == "same" else float(head_lr),
@@ -155,6 +220,8 @@ def train_config_for(suite: SuiteSpec, task: TaskData, run: RunSpec) -> TrainCon
 def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSpec, progress: bool) -> dict[str, Any]:
     if run.ablation:
         method = method.with_overrides(run.ablation.peft, run.ablation.init)
+    if method.kind == "floor":
+        raise ValueError(f"method {method.name!r}: kind 'floor' is a speed-phase reference and cannot be trained")
     config = None if method.kind == "none" else train_config_for(suite, task, run)
     gc.collect()
     memory_how = reset_peak_rss()
@@ -170,7 +237,9 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
             model, task.train_loader(run.seed), config, progress=progress, desc=run.run_id,
             on_epoch_end=lambda epoch, m=model: task.evaluate(m, "val"),
         )
-    test_accuracy = task.evaluate(model, "test")
+    test_predictions = task.predict(model, "test")
+    test_labels = task.test.labels
+    test_accuracy = sum(p == y for p, y in zip(test_predictions, test_labels)) / len(test_labels)
     total_seconds = time.perf_counter() - wall
     peak = peak_rss_bytes()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -196,6 +265,9 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
             "val_accuracy_per_epoch": stats.epoch_metrics,
             "val_accuracy": stats.epoch_metrics[-1],
             "test_accuracy": test_accuracy,
+            # one character per test example, in split order: the predicted label ('-': no label word) and 0/1
+            "test_predictions": encode_predictions(test_predictions),
+            "test_correct": "".join("1" if p == y else "0" for p, y in zip(test_predictions, test_labels)),
         },
         "train_loss": [round(x, 5) for x in stats.losses],
         "timing": {
@@ -215,12 +287,20 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
         },
         "adapter_bytes": saved_bytes(model, method),
         "trainable_state_bytes": sum(p.numel() * p.element_size() for _, p in trainable),
-        "data": {"n_train": len(task.train), "n_val": len(task.val), "n_test": len(task.test)},
+        "data": {"n_train": len(task.train), "n_val": len(task.val), "n_test": len(task.test),
+                 "test_sha256": task.fingerprint("test")},
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(started)),
     }
     del model, built
     gc.collect()
     return record
+
+
+def encode_predictions(predictions: list[int]) -> str | list[int]:
+    """Label indices as one digit each ('-' for -1), or the plain list when a label needs two digits."""
+    if all(-1 <= p <= 9 for p in predictions):
+        return "".join("-" if p < 0 else str(p) for p in predictions)
+    return predictions
 
 
 def _strip_peft_prefix(name: str) -> str:
@@ -292,6 +372,111 @@ def select_phases(suite: SuiteSpec, names: Optional[Sequence[str]]) -> tuple[Pha
     return tuple(p for p in suite.phases if p.name in names)
 
 
+def _row_runs(runs: list[dict[str, Any]], task: str, method: str, ablation: Optional[str]) -> list[dict[str, Any]]:
+    return [
+        r for r in runs
+        if r.get("kind") == "train" and r["task"]["name"] == task and r["method"]["name"] == method and r["ablation"] == ablation
+    ]
+
+
+def shared_head_lr(suite: SuiteSpec, root: Path, runs: list[dict[str, Any]], task: str, method: MethodSpec) -> tuple[Optional[float], str]:
+    """The head LR a run of ``method`` on ``task`` gets under the suite's 'probe' rule (one value for every
+    method: the LR the linear probe settled on, chosen on validation), and why it is not known yet ('' if it is).
+
+    (None, '') when the rule does not apply: another rule, the probe itself, an untrained model, or a
+    causal-LM task (no new head).
+    """
+    if suite.train.get("head_lr", "same") != "probe" or method.kind in ("probe", *UNTRAINED_KINDS):
+        return None, ""
+    if suite.tasks[task].kind == "clm":
+        return None, ""
+    chosen = settled_lr(suite, root, runs, task, "probe")
+    if chosen is None:
+        return None, f"the probe's LR sweep on {task} (it sets the head LR shared by every method) has not settled"
+    return chosen, ""
+
+
+def adaptive_row(
+    suite: SuiteSpec, root: Path, phase: Phase, runs: list[dict[str, Any]], method_name: str, ablation: Optional[Ablation],
+) -> tuple[list[RunSpec], Optional[float], str]:
+    """One row of an 'adaptive' phase: (the runs it needs next, its chosen LR or None while the sweep is
+    open, why it cannot be planned yet or '')."""
+    method = load_method(root, method_name)
+    tag = ablation.tag if ablation else None
+    if method.kind in UNTRAINED_KINDS:
+        done = {r["seed"] for r in _row_runs(runs, phase.task, method_name, tag)}
+        return [RunSpec(phase.name, phase.task, method_name, s, 0.0, ablation) for s in phase.seeds if s not in done], 0.0, ""
+    head_lr, why = shared_head_lr(suite, root, runs, phase.task, method)
+    if why:
+        return [], None, why
+    centre: Optional[float] = method.lr
+    if phase.lr_from_task:
+        centre = settled_lr(suite, root, runs, phase.lr_from_task, method_name)
+        if centre is None:
+            return [], None, f"{method_name} has no settled LR on {phase.lr_from_task} yet"
+    group = _row_runs(runs, phase.task, method_name, tag)
+    if head_lr is not None:
+        group = [r for r in group if lr_key(r["head_lr"]) == head_lr]
+    todo, chosen = adaptive_plan(
+        [centre * f for f in phase.lr_factors], phase.sweep_seeds, phase.seeds, validation_by_lr(group),
+        phase.lr_step, phase.max_lr_extensions,
+    )
+    return [RunSpec(phase.name, phase.task, method_name, s, lr, ablation, head_lr) for lr, s in todo], chosen, ""
+
+
+def settled_lr(suite: SuiteSpec, root: Path, runs: list[dict[str, Any]], task: str, method: str) -> Optional[float]:
+    """The LR the suite's 'adaptive' phase of ``method`` on ``task`` settled on (no ablation); None while open."""
+    for phase in suite.phases:
+        if phase.lr == "adaptive" and phase.task == task and method in phase.methods:
+            return adaptive_row(suite, root, phase, runs, method, None)[1]
+    return None
+
+
+def pending_runs(
+    suite: SuiteSpec, root: Path, phase: Phase, runs: list[dict[str, Any]],
+) -> tuple[list[RunSpec], list[str]]:
+    """The runs of a training phase that can be named now and have not run, seed by seed (every row's first
+    seed first), and the rows that wait on another sweep. An 'adaptive' phase may name more once these finish."""
+    done = {r["run_id"] for r in runs}
+    specs: list[RunSpec] = []
+    waiting: list[str] = []
+    if phase.lr != "adaptive":
+        for spec in expand_phase(phase, root, runs):
+            head_lr, why = shared_head_lr(suite, root, runs, phase.task, load_method(root, spec.method))
+            if why:
+                waiting.append(f"{phase.name}/{spec.method}: waits: {why}")
+            elif (spec := replace(spec, head_lr=head_lr)).run_id not in done:
+                specs.append(spec)
+        return specs, list(dict.fromkeys(waiting))
+    for method in phase.methods:
+        for ablation in phase.ablations or (None,):
+            todo, _, why = adaptive_row(suite, root, phase, runs, method, ablation)
+            specs += [s for s in todo if s.run_id not in done]
+            if why:
+                waiting.append(f"{phase.name}/{method}: waits: {why}")
+    order = {seed: i for i, seed in enumerate(dict.fromkeys([*phase.sweep_seeds, *phase.seeds]))}
+    specs.sort(key=lambda s: order.get(s.seed, len(order)))  # stable: rows keep suite order within a seed
+    return specs, waiting
+
+
+def dry_run(suite: SuiteSpec, root: Path, output_dir: Path, phases: Optional[Sequence[str]] = None) -> dict[str, list[str]]:
+    """What ``run_suite`` would run now, without running it: {'runs': run ids, 'waiting': rows that wait on
+    another sweep}. Both empty for a finished suite. An 'adaptive' phase may add runs once these finish
+    (an LR beyond an edge, then the remaining seeds)."""
+    runs = load_runs(output_dir / "runs")
+    names: list[str] = []
+    waiting: list[str] = []
+    for phase in select_phases(suite, phases):
+        if phase.kind == "speed":
+            if not (output_dir / "runs" / f"speed__{phase.name}.json").exists():
+                names.append(f"speed__{phase.name}")
+            continue
+        todo, wait = pending_runs(suite, root, phase, runs)
+        names += [s.run_id for s in todo]
+        waiting += wait
+    return {"runs": names, "waiting": waiting}
+
+
 def run_suite(
     suite: SuiteSpec, root: Path, output_dir: Path, progress: bool = True, phases: Optional[Sequence[str]] = None,
 ) -> list[str]:
@@ -314,14 +499,26 @@ def run_suite(
             if _run_once(path, output_dir, lambda: run_speed_phase(suite, phase, task, root)):
                 ran.append(path.stem)
             continue
-        for run in expand_phase(phase, root, load_runs(runs_dir)):
-            path = runs_dir / f"{run.run_id}.json"
-            compute = partial(execute_run, suite, task, load_method(root, run.method), run, progress)
-            record = _run_once(path, output_dir, compute)
-            if record:
-                logger.info(
-                    "done %s: val %.4f test %.4f in %.0f s", run.run_id, record["metrics"]["val_accuracy"],
-                    record["metrics"]["test_accuracy"], record["timing"]["total_seconds"],
-                )
-                ran.append(run.run_id)
+        failed: set[str] = set()
+        while True:  # an 'adaptive' phase names its next runs only once the previous ones finished
+            todo, waiting = pending_runs(suite, root, phase, load_runs(runs_dir))
+            todo = [run for run in todo if run.run_id not in failed]
+            for line in waiting if not todo else ():
+                logger.warning("%s", line)
+            if not todo:
+                break
+            for run in todo:
+                path = runs_dir / f"{run.run_id}.json"
+                compute = partial(execute_run, suite, task, load_method(root, run.method), run, progress)
+                record = _run_once(path, output_dir, compute)
+                if record:
+                    logger.info(
+                        "done %s: val %.4f test %.4f in %.0f s", run.run_id, record["metrics"]["val_accuracy"],
+                        record["metrics"]["test_accuracy"], record["timing"]["total_seconds"],
+                    )
+                    ran.append(run.run_id)
+                elif not path.exists():
+                    failed.add(run.run_id)
+            if phase.lr != "adaptive":
+                break
     return ran

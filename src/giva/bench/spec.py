@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-METHOD_KINDS = ("none", "probe", "full", "peft", "osora")
+METHOD_KINDS = ("none", "floor", "probe", "full", "peft", "osora")
+UNTRAINED_KINDS = ("none", "floor")
 PHASE_KINDS = ("train", "speed")
-LR_RULES = ("sweep", "best", "default")
+LR_RULES = ("sweep", "best", "default", "adaptive")
+HEAD_LR_RULES = ("same", "probe")  # or a number: one head LR shared by every method
 DEFAULT_HEADLINE_PAIRS = (("giva-r8", "vera-r64"), ("giva-r32", "vera-r256"))
 DEFAULT_HEADLINE_SIZES = ("giva-r8", "giva-r32", "lora-r8", "vera-r64", "vera-r256")
 
@@ -25,7 +27,9 @@ DEFAULT_HEADLINE_SIZES = ("giva-r8", "giva-r32", "lora-r8", "vera-r64", "vera-r2
 @dataclass(frozen=True)
 class MethodSpec:
     """One adapter config. ``kind``: 'none' (the pretrained model, evaluated untrained: the floor of a
-    generative task), 'probe' (head only), 'full', 'peft' (stock PEFT or GiVA) or 'osora'."""
+    generative task), 'floor' (speed phases only: the frozen model with a full backward to its inputs and
+    no adapter, a step time no adapter can beat), 'probe' (head only), 'full', 'peft' (stock PEFT or
+    GiVA) or 'osora'."""
 
     name: str
     version: int
@@ -44,7 +48,7 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: kind must be one of {METHOD_KINDS}, got {self.kind!r}")
         if self.kind in ("peft", "osora") and not self.peft_type:
             raise ValueError(f"method {self.name!r}: kind {self.kind!r} needs a peft_type")
-        if self.kind != "none" and (self.lr <= 0 or any(lr <= 0 for lr in self.lr_sweep) or not self.lr_sweep):
+        if self.kind not in UNTRAINED_KINDS and (self.lr <= 0 or any(lr <= 0 for lr in self.lr_sweep) or not self.lr_sweep):
             raise ValueError(f"method {self.name!r}: lr and a non-empty lr_sweep of positive values are required")
 
     def with_overrides(self, peft: dict[str, Any], init: dict[str, Any]) -> "MethodSpec":
@@ -73,6 +77,8 @@ class TaskSpec:
     batch_size: int = 16
     split_seed: int = 0
     prompt: str = "Review: {text}\nSentiment:"
+    dedupe: bool = True  # drop repeated sentences (case-folded, whitespace collapsed) before splitting
+    epochs: Optional[float] = None  # overrides the suite's training epochs for this task (a longer schedule)
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,14 @@ class Ablation:
 
 @dataclass(frozen=True)
 class Phase:
-    """A block of runs: methods x seeds x LRs (``lr``: 'sweep', 'best' from the seed-0 sweep, or 'default')."""
+    """A block of runs: methods x seeds x LRs.
+
+    ``lr``: 'sweep' (every LR of the method's lr_sweep), 'best' (from the seed-0 sweep), 'default', or
+    'adaptive': each row sweeps ``centre x lr_factors`` on ``sweep_seeds`` (centre: the method's LR, or
+    the LR chosen on ``lr_from_task``), keeps adding ``centre / lr_step`` or ``x lr_step`` while the best
+    mean validation accuracy sits strictly at an edge (at most ``max_lr_extensions`` times), then runs
+    the chosen LR on every seed of ``seeds``.
+    """
 
     name: str
     task: str
@@ -96,6 +109,9 @@ class Phase:
     ablations: tuple[Ablation, ...] = ()
     lr_from_task: Optional[str] = None  # 'best' LR taken from this task's sweep (default: the phase's task)
     lr_factors: tuple[float, ...] = (1.0,)  # with lr 'best' or 'default': run that LR times each factor
+    sweep_seeds: tuple[int, ...] = (0,)  # 'adaptive': the seeds every LR runs (chosen on their mean)
+    lr_step: float = 2.0  # 'adaptive': the factor of each extension beyond an edge
+    max_lr_extensions: int = 4  # 'adaptive': at most this many LRs added per row
     steps: int = 30  # speed phases
     warmup_steps: int = 5
 
@@ -106,6 +122,8 @@ class Phase:
             raise ValueError(f"phase {self.name!r}: lr must be one of {LR_RULES}, got {self.lr!r}")
         if not self.lr_factors or any(f <= 0 for f in self.lr_factors):
             raise ValueError(f"phase {self.name!r}: lr_factors must be positive numbers, got {self.lr_factors!r}")
+        if self.lr == "adaptive" and (self.lr_step <= 1 or not self.sweep_seeds or self.max_lr_extensions < 0):
+            raise ValueError(f"phase {self.name!r}: 'adaptive' needs lr_step > 1, sweep_seeds and max_lr_extensions >= 0")
         if self.lr == "sweep" and tuple(self.lr_factors) != (1.0,):
             raise ValueError(f"phase {self.name!r}: lr_factors apply to lr 'best' or 'default', not 'sweep'")
 
@@ -123,6 +141,12 @@ class SuiteSpec:
     # (a, b) method pairs compared in the headline lines (paired per-seed test-accuracy difference a - b)
     headline_pairs: tuple[tuple[str, str], ...] = DEFAULT_HEADLINE_PAIRS
     headline_sizes: tuple[str, ...] = DEFAULT_HEADLINE_SIZES
+    claims: tuple[dict[str, Any], ...] = ()  # the paper's claims and the row pairs that decide them (see stats.py)
+
+    def __post_init__(self) -> None:
+        head_lr = self.train.get("head_lr", "same")
+        if not (head_lr in HEAD_LR_RULES or (isinstance(head_lr, (int, float)) and head_lr > 0)):
+            raise ValueError(f"suite {self.name!r}: train.head_lr must be one of {HEAD_LR_RULES} or a positive number, got {head_lr!r}")
 
 
 def benchmarks_dir(start: Optional[Path] = None) -> Path:
@@ -166,7 +190,8 @@ def load_suite(root: Path, name: str) -> SuiteSpec:
         ablations = tuple(Ablation(**a) for a in p.get("ablations", ()))
         phases.append(
             Phase(**{**p, "methods": tuple(p["methods"]), "seeds": tuple(p.get("seeds", (0,))), "ablations": ablations,
-                     "lr_factors": tuple(float(f) for f in p.get("lr_factors", (1.0,)))})
+                     "lr_factors": tuple(float(f) for f in p.get("lr_factors", (1.0,))),
+                     "sweep_seeds": tuple(p.get("sweep_seeds", (0,)))})
         )
     for phase in phases:
         if phase.task not in tasks:
@@ -177,4 +202,5 @@ def load_suite(root: Path, name: str) -> SuiteSpec:
         threads=raw.get("threads", 2),
         headline_pairs=tuple(tuple(pair) for pair in raw.get("headline_pairs", DEFAULT_HEADLINE_PAIRS)),
         headline_sizes=tuple(raw.get("headline_sizes", DEFAULT_HEADLINE_SIZES)),
+        claims=tuple(raw.get("claims", ())),
     )

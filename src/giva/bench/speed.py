@@ -33,8 +33,8 @@ def run_speed_phase(suite: SuiteSpec, phase: Phase, task: TaskData, root: Any) -
         built = build_model(method, task, seed, calibration=task.train_loader(seed))
         model = built.model
         model.train()
-        optimizer = torch.optim.AdamW(parameter_groups(model, method.lr, None, 0.0))
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        optimizer = None if method.kind == "floor" else torch.optim.AdamW(parameter_groups(model, method.lr, None, 0.0))
+        params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         entries[name] = {
             "model": model,
@@ -56,11 +56,13 @@ def run_speed_phase(suite: SuiteSpec, phase: Phase, task: TaskData, root: Any) -
             start = time.perf_counter()
             loss = e["model"](**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(e["params"], 1.0)
-            e["optimizer"].step()
-            e["optimizer"].zero_grad(set_to_none=True)
+            if e["optimizer"] is not None:  # the floor has no parameters to update
+                torch.nn.utils.clip_grad_norm_(e["params"], 1.0)
+                e["optimizer"].step()
+                e["optimizer"].zero_grad(set_to_none=True)
             e["times"].append(time.perf_counter() - start)
     lora = next((n for n in names if entries[n]["family"] == "lora"), None)
+    floor = next((n for n in names if entries[n]["family"] == "floor"), None)
     medians = {n: statistics.median(entries[n]["times"][phase.warmup_steps:]) for n in names}
     methods = {}
     for n in names:
@@ -74,6 +76,9 @@ def run_speed_phase(suite: SuiteSpec, phase: Phase, task: TaskData, root: Any) -
             "gradient_seconds": e["gradient_seconds"],
             "svd_seconds": e["svd_seconds"],
             "init_in_steps": e["init_seconds"] / medians[n],
+            "init_in_lora_steps": e["init_seconds"] / medians[lora] if lora else None,
+            # step time above the frozen model's own forward + backward, relative to that floor
+            "overhead_above_floor": (medians[n] - medians[floor]) / medians[floor] if floor else None,
             "trainable_adapter": e["trainable_adapter"],
             "ratio_to_lora": medians[n] / medians[lora] if lora else None,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,8 +12,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from ..assets import resolve_model
-from ..data import TextDataset, load_text_classification, split_dataset
-from ..finetune import evaluate, make_loader
+from ..data import TextDataset, deduplicate, load_text_classification, split_dataset
+from ..finetune import make_loader
 from .spec import TaskSpec
 
 EVAL_BATCH_SIZE = 64
@@ -48,17 +49,52 @@ class TaskData:
             self._eval_loaders[part] = make_loader(self.tokenizer, data, EVAL_BATCH_SIZE, self.spec.max_length, False)
         return self._eval_loaders[part]
 
-    def evaluate(self, model: nn.Module, part: str) -> float:
-        """Accuracy on ``part`` ('val' or 'test'): argmax of the classifier, or, for a causal-LM task,
-        exact match of the greedily generated label word."""
+    def part(self, part: str) -> TextDataset:
+        return {"val": self.val, "test": self.test}[part]
+
+    def predict(self, model: nn.Module, part: str) -> list[int]:
+        """The predicted label index of every example of ``part`` ('val' or 'test'), in order: argmax of
+        the classifier, or, for a causal-LM task, the label whose word was generated (-1: no label word)."""
         if self.spec.kind == "clm":
-            data = {"val": self.val, "test": self.test}[part]
-            return exact_match(model, self.tokenizer, data, self.spec)
-        return evaluate(model, self.eval_loader(part))
+            return generated_labels(model, self.tokenizer, self.part(part), self.spec)
+        return classifier_predictions(model, self.eval_loader(part))
+
+    def evaluate(self, model: nn.Module, part: str) -> float:
+        """Accuracy on ``part``: argmax of the classifier, or exact match of the generated label word."""
+        return accuracy(self.predict(model, part), self.part(part).labels)
+
+    def fingerprint(self, part: str) -> str:
+        """sha256 of the texts and labels of ``part``: paired comparisons check they share the examples."""
+        data = self.part(part)
+        digest = hashlib.sha256()
+        for text, label in zip(data.texts, data.labels):
+            digest.update(f"{label}\t{text}\n".encode())
+        return digest.hexdigest()
+
+
+def accuracy(predictions: list[int], labels: list[int]) -> float:
+    return sum(p == y for p, y in zip(predictions, labels)) / len(labels)
+
+
+@torch.no_grad()
+def classifier_predictions(model: nn.Module, loader: DataLoader) -> list[int]:
+    """``argmax(logits)`` per example, in loader order (the model's train/eval flag is restored)."""
+    was_training = model.training
+    model.eval()
+    predictions: list[int] = []
+    try:
+        for batch in loader:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            predictions += logits.argmax(-1).tolist()
+    finally:
+        model.train(was_training)
+    return predictions
 
 
 def load_task(spec: TaskSpec) -> TaskData:
     dataset = load_text_classification(spec.data)
+    if spec.dedupe:
+        dataset = deduplicate(dataset)
     train, val, test = split_dataset(dataset, test_size=spec.test_size, val_size=spec.val_size, seed=spec.split_seed)
     if spec.max_train_samples is not None:
         train = train.subset(list(range(min(spec.max_train_samples, len(train)))))
@@ -112,18 +148,23 @@ def clm_loader(tokenizer: Any, data: TextDataset, spec: TaskSpec, shuffle: bool,
     return DataLoader(rows, batch_size=spec.batch_size, shuffle=shuffle, collate_fn=collate, generator=generator)
 
 
-@torch.no_grad()
 def exact_match(model: nn.Module, tokenizer: Any, data: TextDataset, spec: TaskSpec, batch_size: int = EVAL_BATCH_SIZE) -> float:
-    """Share of examples whose greedy continuation of the prompt, stripped, equals the label word.
+    """Share of examples whose greedy continuation of the prompt, stripped, equals the label word."""
+    return accuracy(generated_labels(model, tokenizer, data, spec, batch_size), data.labels)
+
+
+@torch.no_grad()
+def generated_labels(model: nn.Module, tokenizer: Any, data: TextDataset, spec: TaskSpec, batch_size: int = EVAL_BATCH_SIZE) -> list[int]:
+    """The label whose word the greedy continuation of each prompt is, stripped; -1 when it is no label word.
 
     Prompts are left-padded; generation stops after the longest answer plus one token (the eos a
     trained model emits), so an answer followed by anything but whitespace does not match.
     """
-    answers = [label_word(data, label) for label in data.labels]
+    by_word = {label_word(data, label): label for label in range(data.num_labels)}
     max_new = max(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in LABEL_WORDS) + 1
     was_training = model.training
     model.eval()
-    correct = 0
+    predictions: list[int] = []
     try:
         prompt_ids = encode_prompts(tokenizer, data.texts, spec)
         for start in range(0, len(prompt_ids), batch_size):
@@ -139,7 +180,7 @@ def exact_match(model: nn.Module, tokenizer: Any, data: TextDataset, spec: TaskS
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             )
             texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            correct += sum(t.strip() == a for t, a in zip(texts, answers[start : start + batch_size]))
+            predictions += [by_word.get(t.strip(), -1) for t in texts]
     finally:
         model.train(was_training)
-    return correct / len(prompt_ids)
+    return predictions

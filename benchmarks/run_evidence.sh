@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Continue `giva bench --suite evidence` in the background, phase by phase (each phase is a fresh process,
+# so it runs the code as it is when the phase starts); finished runs are skipped, so rerunning continues.
+# Every COMMIT_EVERY seconds (0: never) the finished run JSONs and the report text are committed, and
+# nothing else: `git commit -- <paths>` leaves other staged changes alone. Usage, from anywhere:
+#   nohup benchmarks/run_evidence.sh > /tmp/giva-evidence.log 2>&1 &
+set -u
+cd "$(dirname "$0")/.."
+COMMIT_EVERY=${COMMIT_EVERY:-1200}
+OUT=benchmarks/results/evidence
+GIVA=${GIVA:-.venv/bin/giva}
+
+commit_results() {
+    [ -d "$OUT/runs" ] || return 0
+    for attempt in 1 2 3 4 5; do
+        if [ ! -e .git/index.lock ]; then
+            paths=()
+            for p in "$OUT/runs" "$OUT/results.md" "$OUT/results.json"; do [ -e "$p" ] && paths+=("$p"); done
+            git add -- "${paths[@]}"
+            n=$(ls "$OUT/runs" | wc -l)
+            git commit -q -m "bench evidence: partial results ($n run files so far; resumable)" -- "${paths[@]}" \
+                && echo "committed $n run files at $(date -u +%H:%M)"
+            return 0
+        fi
+        sleep 5
+    done
+}
+
+committer() {
+    while sleep "$COMMIT_EVERY"; do commit_results; done
+}
+
+if [ "$COMMIT_EVERY" -gt 0 ]; then committer & COMMITTER=$!; fi
+phases=$(.venv/bin/python -c "import json; print(' '.join(p['name'] for p in json.load(open('benchmarks/suites/evidence.json'))['phases']))")
+for phase in $phases; do
+    echo "=== phase $phase ($(date -u +%H:%M))"
+    nice -n 19 "$GIVA" bench --suite evidence --phases "$phase"
+done
+if [ "$COMMIT_EVERY" -gt 0 ]; then kill "$COMMITTER"; commit_results; fi
+echo "=== done ($(date -u +%H:%M)); giva bench --suite evidence --dry-run lists what is left"
