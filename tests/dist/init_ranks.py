@@ -1,0 +1,122 @@
+"""2-rank GiVA initialisation scenarios, one torchrun launch (tests/test_distributed_init.py checks the files).
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/dist/init_ranks.py OUT_DIR
+
+Each rank writes ``<out>/<scenario>_rank<r>.pt`` (its bases after init on its own batches) for the
+plain, DDP-wrapped and FSDP2-sharded models, and ``<out>/failures_rank<r>.json`` (what each injected
+one-rank failure made this rank raise, and how long it took).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from peft import get_peft_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
+
+import giva  # noqa: E402
+from giva import GivaConfig  # noqa: E402
+from giva.init import giva_layers  # noqa: E402
+from tiny_models import text_batches, tiny_llama  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+NUM_BATCHES = 2
+
+
+def model(variant: str = "VrUr"):
+    return get_peft_model(tiny_llama(seed=0), GivaConfig(r=4, target_modules=TARGETS, variant=variant, seed=3))
+
+
+def rank_batches(rank: int) -> list[dict]:
+    return text_batches(n=NUM_BATCHES, batch=4, length=12, labels="lm", seed=100 + rank)
+
+
+def bases_of(m) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in giva_layers(m).items():
+        out[f"{name}.A"] = layer.giva_A["default"].detach().cpu().clone()
+        out[f"{name}.B"] = layer.giva_B["default"].detach().cpu().clone()
+    return out
+
+
+def save(out: Path, scenario: str, rank: int, m, report) -> None:
+    torch.save({"bases": bases_of(m), "mode": report.mode, "sums_bytes": report.sums_bytes}, out / f"{scenario}_rank{rank}.pt")
+
+
+def failure_cases(rank: int) -> dict[str, dict]:
+    """Each case breaks rank 1 only (the all-zero case: every rank); kwargs for giva.initialize."""
+    batches = rank_batches(rank)
+
+    def nan_on_rank1(m, batch, calls=[]):  # noqa: B006  counts calls across batches
+        calls.append(1)
+        loss = m(**batch).loss
+        return loss * float("nan") if rank == 1 and len(calls) == 2 else loss
+
+    def shallow_on_rank1(m, batch):  # rank 1's loss stops at the first decoder layer
+        if rank == 1:
+            return m(**batch, output_hidden_states=True).hidden_states[1].pow(2).mean()
+        return m(**batch).loss
+
+    return {
+        "nan_loss": dict(dataloader=batches, loss_fn=nan_on_rank1),
+        "too_few_batches": dict(dataloader=batches[:1] if rank == 1 else batches),
+        "layer_without_gradient": dict(dataloader=batches, loss_fn=shallow_on_rank1),
+        "all_zero_gradient": dict(dataloader=batches, loss_fn=lambda m, b: m(**b).loss * 0.0),
+        "svd_failure": dict(dataloader=batches, mode="exact"),
+    }
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    batches = rank_batches(rank)
+
+    for mode in ("exact", "sketch"):
+        m = model()
+        save(out, f"plain_{mode}", rank, m, giva.initialize(m, batches, num_batches=NUM_BATCHES, progress=False, mode=mode))
+
+    ddp = torch.nn.parallel.DistributedDataParallel(model())
+    save(out, "ddp_sketch", rank, ddp.module, giva.initialize(ddp, batches, num_batches=NUM_BATCHES, progress=False, mode="sketch"))
+
+    from torch.distributed.fsdp import fully_shard
+
+    for mode in ("exact", "sketch"):
+        m = model()
+        for layer in m.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(m)
+        assert any(type(p.data).__name__ == "DTensor" for p in m.parameters())
+        save(out, f"fsdp2_{mode}", rank, m, giva.initialize(m, batches, num_batches=NUM_BATCHES, progress=False, mode=mode))
+
+    results = {}
+    for case, kwargs in failure_cases(rank).items():
+        m = model()
+        original_svd = torch.linalg.svd
+        if case == "svd_failure" and rank == 1:
+            def broken_svd(*args, **kw):
+                raise torch.linalg.LinAlgError("injected SVD failure")
+            torch.linalg.svd = broken_svd
+        start = time.perf_counter()
+        try:
+            giva.initialize(m, num_batches=NUM_BATCHES, progress=False, **kwargs)
+            results[case] = {"raised": None, "message": "", "seconds": time.perf_counter() - start}
+        except Exception as exc:  # noqa: BLE001  recorded for the test to judge
+            results[case] = {"raised": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - start}
+        finally:
+            torch.linalg.svd = original_svd
+        dist.barrier()
+    (out / f"failures_rank{rank}.json").write_text(json.dumps(results, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

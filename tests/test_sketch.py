@@ -1,0 +1,158 @@
+"""The streaming sketch (giva.init.sketch) and the pass protocol (giva.init.InitSession) on their own, no model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from giva.bases import bases_from_gradient, layer_generator
+from giva.init import GradientInitError, InitSession, Partial, Request, Target
+from giva.init.exact import accumulate_dense
+from giva.init.sketch import accumulate_g, accumulate_gt, principal_cosines, sketch_width
+
+OUT, IN = 96, 80
+
+
+def _token_blocks(n_blocks: int = 4, tokens: int = 48, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(x: T x in, g: T x out) blocks whose summed gradient G = sum g^T x has a decaying (1/j) spectrum plus noise,
+    like a real layer gradient (see benchmarks/results/sketch_accuracy.md)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(OUT, OUT, generator=gen))[0]
+    v = torch.linalg.qr(torch.randn(IN, IN, generator=gen))[0]
+    scale = (1.0 / torch.arange(1, IN + 1, dtype=torch.float32)).sqrt()
+    blocks = []
+    for _ in range(n_blocks):
+        coef = torch.randn(tokens, IN, generator=gen) * scale
+        x = coef @ v.mT + 0.01 * torch.randn(tokens, IN, generator=gen)
+        g = coef @ u[:, :IN].mT + 0.01 * torch.randn(tokens, OUT, generator=gen)
+        blocks.append((x, g))
+    return blocks
+
+
+def _target(rank: int = 6, variant: str = "VrUr", seed: int = 0, out_start: int = 0, out_size: int = OUT, block: int = 0) -> Target:
+    return Target("default", "layer", block, out_start, out_size, IN, rank, variant, seed)
+
+
+def _run(session: InitSession, blocks, split: int | None = None) -> None:
+    """Drive a session over the blocks; ``split``: two 'processes' each summing part of them, then added."""
+    while not session.done:
+        request = session.next_request()
+        parts = [blocks] if split is None else [blocks[:split], blocks[split:]]
+        partials = []
+        for part in parts:
+            sums = {}
+            for key, item in request.items.items():
+                total = None
+                for x, g in part:
+                    rows = g[:, item.out_start : item.out_start + item.out_size]
+                    if item.kind == "dense":
+                        total = accumulate_dense(total, x, rows)
+                    elif item.kind == "gt":
+                        total = accumulate_gt(total, x, rows, item.matrix)
+                    else:
+                        total = accumulate_g(total, x, rows, item.matrix)
+                sums[key] = total
+            partials.append(Partial(request.pass_index, sums, batches=len(part)))
+        total = partials[0]
+        for partial in partials[1:]:
+            total = total + partial
+        session.receive(total)
+
+
+def _dense(blocks) -> torch.Tensor:
+    total = None
+    for x, g in blocks:
+        total = accumulate_dense(total, x, g)
+    return total / len(blocks)
+
+
+@pytest.mark.parametrize("variant", ["Vr", "VrUr", "VrU2r"])
+def test_sketch_matches_the_exact_svd_without_forming_the_gradient(variant):
+    blocks = _token_blocks()
+    target = _target(variant=variant)
+    session = InitSession([target], mode="sketch")
+    _run(session, blocks)
+    a, b = session.bases()[target.key]
+    a_exact, b_exact = bases_from_gradient(_dense(blocks), 6, variant, layer_generator(0, "layer", 0), svd="exact")
+    assert principal_cosines(a, a_exact).mean() >= 0.99
+    assert torch.allclose(a @ a.mT, torch.eye(6), atol=1e-5)
+    if variant == "Vr":
+        assert torch.equal(b, b_exact)  # the same seeded B
+    else:  # B from the sketch's left singular vectors (U[:, :r], or U[:, r:2r] for VrU2r)
+        assert principal_cosines(b.mT, b_exact.mT).mean() >= 0.99
+
+
+def test_memory_is_independent_of_the_number_of_batches_and_smaller_than_dense():
+    target = _target(rank=4)
+    sizes = set()
+    for n_blocks in (1, 3, 6):
+        session = InitSession([target], mode="sketch")
+        while not session.done:
+            request = session.next_request()
+            before = session.nbytes()
+            sums = {}
+            item = request.items[target.key]
+            for x, g in _token_blocks(n_blocks):
+                add = accumulate_gt if item.kind == "gt" else accumulate_g
+                sums[target.key] = add(sums.get(target.key), x, g, item.matrix)
+            partial = Partial(request.pass_index, sums, batches=n_blocks)
+            sizes.add((request.pass_index, before, partial.nbytes()))
+            session.receive(partial)
+    assert len(sizes) == session.passes  # the same bytes per pass whatever the number of batches
+    width = sketch_width(4, OUT, IN)
+    assert all(nbytes <= 4 * max(OUT, IN) * width < 4 * OUT * IN for _, _, nbytes in sizes)
+
+
+def test_partials_from_several_processes_add_up():
+    blocks = _token_blocks(n_blocks=6)
+    for mode in ("exact", "sketch"):
+        one, two = InitSession([_target()], mode=mode), InitSession([_target()], mode=mode)
+        _run(one, blocks)
+        _run(two, blocks, split=2)
+        (a1, b1), (a2, b2) = one.bases()["default:layer#0"], two.bases()["default:layer#0"]
+        assert principal_cosines(a1, a2).min() > 0.9999
+        torch.testing.assert_close(a1, a2, atol=1e-4, rtol=0)
+        torch.testing.assert_close(b1, b2, atol=1e-4, rtol=0)
+
+
+def test_requests_depend_only_on_seed_and_target():
+    first = InitSession([_target(seed=1)]).next_request()
+    second = InitSession([_target(seed=1)]).next_request()
+    other = InitSession([_target(seed=2)]).next_request()
+    key = _target().key
+    assert torch.equal(first.items[key].matrix, second.items[key].matrix)
+    assert not torch.equal(first.items[key].matrix, other.items[key].matrix)
+    state = torch.random.get_rng_state()
+    InitSession([_target(seed=1)])
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is not touched
+
+
+def test_blocks_of_a_fused_layer_are_separate_targets():
+    blocks = _token_blocks()
+    targets = [_target(out_start=0, out_size=48, block=0), _target(out_start=48, out_size=48, block=1)]
+    session = InitSession(targets, mode="sketch")
+    _run(session, blocks)
+    dense = _dense(blocks)
+    for t in targets:
+        a, _ = session.bases()[t.key]
+        a_exact, _ = bases_from_gradient(dense[t.out_start : t.out_start + t.out_size], 6, "VrUr", layer_generator(0, "l"), svd="exact")
+        assert principal_cosines(a, a_exact).mean() >= 0.99
+
+
+def test_unusable_sums_are_named_errors():
+    target = _target()
+    session = InitSession([target], mode="sketch")
+    request: Request = session.next_request()
+    shape = (IN, request.items[target.key].matrix.shape[1])
+    with pytest.raises(GradientInitError, match=r"\['layer'\] received no gradient"):
+        session.receive(Partial(0, {}, batches=1))
+    with pytest.raises(GradientInitError, match="'layer' .*all-zero gradient"):
+        session.receive(Partial(0, {target.key: torch.zeros(shape)}, batches=1))
+    with pytest.raises(GradientInitError, match="'layer' .*non-finite"):
+        session.receive(Partial(0, {target.key: torch.full(shape, float("nan"))}, batches=1))
+    with pytest.raises(ValueError, match="partial of pass 1"):
+        session.receive(Partial(1, {target.key: torch.ones(shape)}, batches=1))
+    with pytest.raises(ValueError, match="passes must be an int >= 2"):
+        InitSession([target], mode="sketch", passes=1)
+    with pytest.raises(ValueError, match="rank 99 does not fit"):
+        _target(rank=99)
