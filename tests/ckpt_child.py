@@ -1,7 +1,7 @@
 """Child process for tests/test_checkpoint.py: saves GiVA adapters and is SIGKILLed in the middle of saves.
 
-Run as a script it reads commands from stdin, one per line: ``save <seed> <how> <delay_s>``. For each
-it forks a saver that writes the adapter of ``seed`` into the folder (argv[1]) with a short sleep at
+Run as a script it reads commands from stdin, one per line: ``save <folder> <seed> <how> <delay_s>``. For
+each it forks a saver that writes the adapter of ``seed`` into ``folder`` with a short sleep at
 every step of the save, sends it SIGKILL after ``delay_s`` seconds, and answers ``killed <seconds>`` or
 ``completed <seconds>``. ``how`` is ``peft`` (``PeftModel.save_pretrained``), ``cli`` (``giva finetune``'s
 ``save_atomically``, adapter and labels.json) or ``fallback`` (``save_pretrained`` without the atomic exchange).
@@ -26,8 +26,10 @@ STEP_SLEEP_S = 0.002
 
 
 def adapter_model(seed: int) -> PeftModel:
-    """The tiny BERT with a GiVA adapter whose vectors are drawn from ``seed`` (so every seed has its own outputs)."""
-    model = get_peft_model(tiny_bert(), giva.GivaConfig(r=4, target_modules=["query", "value"], variant="random"))
+    """The tiny BERT with a GiVA adapter of its own: bases seeded by ``seed`` (regenerated from the config's seed at
+    load, so new weights beside an old config load without error but match neither adapter) and vectors drawn from it."""
+    config = giva.GivaConfig(r=4, target_modules=["query", "value"], variant="random", seed=seed)
+    model = get_peft_model(tiny_bert(), config)
     set_vectors(model, seed)
     return model
 
@@ -81,6 +83,9 @@ def save(model: PeftModel, folder: str, seed: int, how: str) -> None:
 
     if how == "fallback":
         checkpoint._exchange = lambda a, b: False
+    if how == "plain":  # PEFT's own save, without giva.checkpoint (the negative control, not used by the tests)
+        PeftModel.save_pretrained.__wrapped__(model, folder)
+        return
     if how == "cli":
 
         def write(tmp: str) -> None:
@@ -94,13 +99,12 @@ def save(model: PeftModel, folder: str, seed: int, how: str) -> None:
 
 def main() -> None:
     torch.set_num_threads(1)  # no thread pool exists when the savers are forked
-    folder = sys.argv[1]
-    model = adapter_model(0)
+    adapter_model(0)
     import giva.finetune  # noqa: F401  (imported once here, not in every saver)
     print("ready", flush=True)
     for line in sys.stdin:
-        _, seed, how, delay = line.split()
-        set_vectors(model, int(seed))
+        _, folder, seed, how, delay = line.split()
+        model = adapter_model(int(seed))
         start = time.perf_counter()
         pid = os.fork()
         if pid == 0:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_child import adapter_model, labels_for, set_vectors
+from ckpt_child import adapter_model, labels_for
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from giva import CheckpointError, checkpoint
@@ -121,58 +121,57 @@ def test_saving_into_a_file_says_so(tmp_path):
             pass
 
 
-def _run_kill_trials(folder: Path, how: str, n_trials: int, rng: random.Random) -> dict[str, int]:
-    """SIGKILL a saver at spread-out points of ``n_trials`` saves; after each, the folder is the old or the new adapter."""
-    adapter_model(1).save_pretrained(str(folder))
-    if how == "cli":
-        (folder / "labels.json").write_text(json.dumps(labels_for(1)))
-    current, references, probe = 1, {}, adapter_model(0).eval()
-
-    def reference(seed: int) -> torch.Tensor:
-        if seed not in references:
-            set_vectors(probe, seed)
-            references[seed] = logits(probe)
-        return references[seed]
-
+@pytest.fixture(scope="module")
+def saver():
+    """One child process (imports once) that forks a saver per command and SIGKILLs it after the given delay."""
     child = subprocess.Popen(
-        [sys.executable, str(CHILD), str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        cwd=CHILD.parent,
+        [sys.executable, str(CHILD)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=CHILD.parent
     )
-    counts = {"old": 0, "new": 0}
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        child.stdin.write(f"save 1000 {how} 5\n")  # one uninterrupted save: how long a save takes here
+    assert child.stdout.readline().strip() == "ready"
+
+    def command(folder: Path, seed: int, how: str, delay: float) -> tuple[str, float]:
+        child.stdin.write(f"save {folder} {seed} {how} {delay:.4f}\n")
         child.stdin.flush()
         outcome, seconds = child.stdout.readline().split()
-        assert outcome == "completed"
-        duration, current = float(seconds), 1000
-        for trial in range(n_trials):
-            seed = 2000 + trial
-            delay = duration * 1.3 * (trial + rng.random()) / n_trials  # spread over the whole save
-            child.stdin.write(f"save {seed} {how} {delay:.4f}\n")
-            child.stdin.flush()
-            outcome, _ = child.stdout.readline().split()
-            got = reload(folder)
-            is_new = torch.equal(got, reference(seed))
-            assert is_new or torch.equal(got, reference(current)), f"trial {trial}: the folder matches neither adapter"
-            assert is_new or outcome == "killed"
-            if how == "cli":
-                assert json.loads((folder / "labels.json").read_text()) == labels_for(seed if is_new else current)
-            counts["new" if is_new else "old"] += 1
-            current = seed if is_new else current
-    finally:
-        child.stdin.close()
-        child.wait(timeout=30)
-    adapter_model(3).save_pretrained(str(folder))  # the next save cleans what the killed savers left
-    assert leftovers(folder) == []
-    return counts
+        return outcome, float(seconds)
+
+    yield command
+    child.stdin.close()
+    child.wait(timeout=60)
 
 
 @pytest.mark.parametrize("how, n_trials", [("peft", 25), ("cli", 6), ("fallback", 6)])
-def test_sigkill_at_any_point_of_a_save_leaves_the_old_or_the_new_adapter(tmp_path, how, n_trials):
-    counts = _run_kill_trials(tmp_path / "adapter", how, n_trials, random.Random(0))
+def test_sigkill_at_any_point_of_a_save_leaves_the_old_or_the_new_adapter(tmp_path, saver, how, n_trials):
+    """Kill a saver at spread-out points of ``n_trials`` saves; after each, the folder is the old or the new adapter."""
+    folder, rng = tmp_path / "adapter", random.Random(0)
+    adapter_model(1).save_pretrained(str(folder))
+    if how == "cli":
+        (folder / "labels.json").write_text(json.dumps(labels_for(1)))
+    references = {}
+
+    def reference(seed: int) -> torch.Tensor:
+        if seed not in references:
+            references[seed] = logits(adapter_model(seed).eval())
+        return references[seed]
+
+    outcome, duration = saver(folder, 1000, how, 30.0)  # one uninterrupted save: how long a save takes here
+    assert outcome == "completed" and torch.equal(reload(folder), reference(1000))
+    current, counts = 1000, {"old": 0, "new": 0}
+    for trial in range(n_trials):
+        seed = 2000 + trial
+        delay = duration * 1.3 * (trial + rng.random()) / n_trials  # spread over the whole save
+        outcome, _ = saver(folder, seed, how, delay)
+        got = reload(folder)
+        is_new = torch.equal(got, reference(seed))
+        assert is_new or torch.equal(got, reference(current)), f"trial {trial}: the folder matches neither adapter"
+        assert is_new or outcome == "killed"
+        if how == "cli":
+            assert json.loads((folder / "labels.json").read_text()) == labels_for(seed if is_new else current)
+        counts["new" if is_new else "old"] += 1
+        current = seed if is_new else current
+    adapter_model(3).save_pretrained(str(folder))  # the next save cleans what the killed savers left
+    assert leftovers(folder) == []
     assert counts["old"] >= 1 and counts["new"] >= 1, counts  # the kills landed before and after the swap
-    assert sum(counts.values()) == n_trials
 
 
 def test_the_child_script_is_not_collected():
