@@ -92,6 +92,18 @@ def test_seeded_bases_are_one_tensor_per_layer_and_stay_shared_under_casts():
         assert layer.giva_B["t0"] is not layer.giva_B["t1"]
 
 
+def test_initialising_several_adapters_keeps_their_seeded_output_basis_shared():
+    batches = text_batches()
+    config = {"r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"}
+    model = get_peft_model(tiny_bert(), GivaConfig(**config), adapter_name="t0")
+    model.add_adapter("t1", GivaConfig(**config))
+    for name in ("t0", "t1"):
+        giva.initialize(model, batches, adapter_name=name, progress=False)
+    for layer in (m for m in model.modules() if isinstance(m, GivaLayer)):
+        assert layer.giva_B["t0"] is layer.giva_B["t1"] and layer.bases_initialized("t1")
+        assert not torch.equal(layer.giva_A["t0"], torch.zeros_like(layer.giva_A["t0"]))
+
+
 def test_writing_or_loading_other_bases_into_a_shared_tensor_unshares_it_first():
     model = _multi_adapter_model("bert", {"t0": 4, "t1": 4})
     layer = next(m for m in model.modules() if isinstance(m, GivaLayer))

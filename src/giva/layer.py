@@ -212,11 +212,8 @@ class GivaLayer(BaseTunerLayer):
             )
         rank_rows = slice(block.rank_offset, block.rank_offset + block.rank)
         out_rows = slice(block.row_offset, block.row_offset + block.out_size)
-        self.giva_A.unshare(adapter_name)
-        self.giva_B.unshare(adapter_name)
-        with torch.no_grad():
-            self.giva_A[adapter_name][rank_rows].copy_(a)
-            self.giva_B[adapter_name][out_rows, rank_rows].copy_(b)
+        self.giva_A.write(adapter_name, (rank_rows,), a)
+        self.giva_B.write(adapter_name, (out_rows, rank_rows), b)
         self._bases_verified.discard(adapter_name)
 
     def bases_initialized(self, adapter_name: str) -> bool:

@@ -100,6 +100,15 @@ class SharedBufferDict(BufferDict):
         if key in self._buffers and self.is_shared(key):
             self._buffers[key] = self._buffers[key].clone()
 
+    def write(self, key: str, index: tuple, value: torch.Tensor) -> None:
+        """``self[key][index] = value`` in place, outside autograd; a shared entry is un-shared first unless the
+        values are already there (re-initialising a seeded ``B`` keeps it shared)."""
+        target = self._buffers[key]
+        if self.is_shared(key) and not torch.equal(target[index], value.to(target)):
+            self.unshare(key)
+        with torch.no_grad():
+            self._buffers[key][index].copy_(value)
+
     def distinct_tensors(self) -> list[torch.Tensor]:
         seen: dict[int, torch.Tensor] = {}
         for tensor in self._buffers.values():
