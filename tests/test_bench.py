@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -480,3 +481,47 @@ def test_claims_are_pending_below_five_seeds_decided_at_five_and_refuse_unpaired
     runs[0]["data"]["test_sha256"] = "other"
     with pytest.raises(ValueError, match="different test examples"):
         evaluate_claims(claims, aggregate(runs), [])
+
+
+# --- every benchmark number in the READMEs comes from a generated results file ----------------------------
+
+# Which parts of which files hold benchmark numbers: (file, heading that starts the part, or None for all).
+README_SECTIONS = (("README.md", "## Benchmarks"), ("benchmarks/README.md", None))
+# A benchmark number: a decimal next to '%', 'x' (a ratio), 'points', or after '±' / a sign; counts, ranks,
+# steps and LRs are configuration, not results, and are not checked.
+BENCH_NUMBER = re.compile(r"(\d+\.\d+)(?=\s*(?:%|x\b|±|points))|(?:±\s?|(?<![\w.])[+-])(\d+\.\d+)")
+# Numbers a README may state without a generated source, and why.
+EXEMPT: dict[str, str] = {"2.5": "the paper's own figure (VeRA at high rank ~2.5x slower), quoted as the claim under test"}
+
+
+def _section(text: str, heading: str | None) -> str:
+    if heading is None:
+        return text
+    start = text.find("\n" + heading)
+    if start < 0:
+        return ""
+    end = text.find("\n## ", start + len(heading) + 1)
+    return text[start: end if end > 0 else len(text)]
+
+
+def _found(number: str, sources: list[float]) -> bool:
+    decimals = len(number.split(".")[1])
+    value = float(number)
+    return any(abs(abs(s) - value) <= 0.5 * 10**-decimals + 1e-9 for s in sources)
+
+
+def test_every_benchmark_number_in_the_readmes_appears_in_a_generated_results_file() -> None:
+    sources = [
+        float(x) for path in sorted((BENCH / "results").glob("*/*.md"))
+        for x in re.findall(r"\d+\.\d+", path.read_text())
+    ]
+    missing = []
+    for name, heading in README_SECTIONS:
+        part = _section((REPO / name).read_text(), heading)
+        assert part, f"{name}: no section {heading!r}"
+        for line in part.splitlines():
+            for match in BENCH_NUMBER.finditer(line):
+                number = match.group(1) or match.group(2)
+                if number not in EXEMPT and not _found(number, sources):
+                    missing.append(f"{name}: {number} in {line.strip()[:100]!r}")
+    assert not missing, "numbers with no generated source (benchmarks/results/*/*.md):\n" + "\n".join(missing)
