@@ -8,13 +8,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 import giva
 from giva import GivaConfig
 from giva.gradients import GradientInitError, compute_gradients, giva_layers
-from tiny_models import text_batches, tiny_bert, tiny_gpt2
+from tiny_models import text_batches, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _autograd_weight_gradients(model: nn.Module, batches: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
@@ -207,3 +207,118 @@ def test_distributed_ranks_get_identical_bases_from_the_summed_gradient(tmp_path
     giva.initialize(model, text_batches(n=2), num_batches=2, progress=False)
     for name, layer in giva_layers(model).items():
         torch.testing.assert_close(rank0[name], layer.giva_A["default"], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [2.5, True, 0, -1, "4"])
+def test_bad_num_batches_is_a_value_error_naming_it(batches, bad):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    with pytest.raises(ValueError, match="num_batches must be a positive int"):
+        giva.initialize(model, batches, num_batches=bad, progress=False)
+
+
+def test_bad_mode_and_sketch_settings_are_named(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    with pytest.raises(ValueError, match="mode must be 'auto', 'sketch' or 'exact', got 'fast'"):
+        giva.initialize(model, batches, mode="fast", progress=False)
+    with pytest.raises(ValueError, match="passes must be an int >= 2, got 1"):
+        giva.initialize(model, batches, mode="sketch", passes=1, progress=False)
+    with pytest.raises(ValueError, match="oversampling must be None or an int >= 0"):
+        giva.initialize(model, batches, mode="sketch", oversampling=-3, progress=False)
+
+
+def test_inference_mode_is_a_clear_error(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):
+        giva.initialize(model, batches, progress=False)
+    assert not giva.bases_initialized(model)
+
+
+def test_reinitialising_bases_or_trained_vectors_needs_force(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    giva.initialize(model, batches, progress=False)
+    before = {n: m.giva_A["default"].clone() for n, m in giva_layers(model).items()}
+    with pytest.raises(ValueError, match=r"\['default'\] already hold bases .* force=True"):
+        giva.initialize(model, batches, num_batches=1, progress=False)
+    assert all(torch.equal(before[n], m.giva_A["default"]) for n, m in giva_layers(model).items())
+    giva.initialize(model, batches, num_batches=1, progress=False, force=True)
+    assert not all(torch.equal(before[n], m.giva_A["default"]) for n, m in giva_layers(model).items())
+    # Trained vectors with bases that were never set from data (e.g. loaded over zero bases) count too.
+    fresh = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    with torch.no_grad():
+        next(iter(giva_layers(fresh).values())).giva_lambda_o["default"].fill_(0.1)
+    with pytest.raises(ValueError, match="force=True"):
+        giva.initialize(fresh, batches, progress=False)
+
+
+def test_requires_grad_flags_survive_initialisation(batches, tmp_path):
+    """A tensor the user froze stays frozen, and an adapter loaded for inference stays non-trainable."""
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    frozen = next(iter(giva_layers(model).values())).giva_lambda_s["default"]
+    frozen.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    giva.initialize(model, batches, progress=False)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert not frozen.requires_grad
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "adapter")  # is_trainable=False
+    loaded.add_adapter("second", GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    flags = {name: p.requires_grad for name, p in loaded.named_parameters()}
+    assert not any(flags[name] for name in flags if ".default" in name)
+    giva.initialize(loaded, batches, adapter_name="second", progress=False)
+    giva.initialize(loaded, batches, adapter_name="default", progress=False, force=True)
+    assert {name: p.requires_grad for name, p in loaded.named_parameters()} == flags
+
+
+def test_non_finite_gradient_with_a_finite_loss_names_the_layer_and_batch(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        logits = m(**batch).logits
+        if len(calls) == 2:  # sqrt at 0: a finite loss (0) whose gradient is inf
+            return torch.sqrt(logits - logits.detach()).sum()
+        return torch.nn.functional.cross_entropy(logits, batch["labels"])
+
+    with pytest.raises(GradientInitError, match=r"layer '.*query' received a non-finite .* calibration batch 1"):
+        giva.initialize(model, batches, num_batches=2, loss_fn=loss_fn, progress=False)
+    assert not giva.bases_initialized(model)
+
+
+def test_calibration_keeps_activation_checkpointing(batches):
+    """With gradient checkpointing on, each checkpointed layer is recomputed in the backward (its GiVA layers
+    run twice per batch), and the bases equal those of the same model without checkpointing."""
+    data = text_batches(n=2, labels="lm")
+    plain = get_peft_model(tiny_llama(), GivaConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    giva.initialize(plain, data, num_batches=2, progress=False, mode="exact")
+
+    base = tiny_llama()
+    base.gradient_checkpointing_enable()
+    model = get_peft_model(base, GivaConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    model.train()
+    calls = []
+    layer = giva_layers(model)["model.layers.0.self_attn.q_proj"]
+    handle = layer.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        giva.initialize(model, data, num_batches=2, progress=False, mode="exact")
+    finally:
+        handle.remove()
+    assert len(calls) == 4  # 2 batches x (forward + recomputation)
+    assert all(m.training for m in model.modules())  # modes restored
+    for name, layer in giva_layers(model).items():
+        torch.testing.assert_close(layer.giva_A["default"], giva_layers(plain)[name].giva_A["default"], atol=1e-5, rtol=0)
+
+
+def test_sketch_mode_is_deterministic_and_auto_picks_exact_for_small_models(batches, monkeypatch):
+    def run(mode):
+        model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], variant="VrUr", seed=5))
+        report = giva.initialize(model, batches, progress=False, mode=mode)
+        return report, {n: (m.giva_A["default"].clone(), m.giva_B["default"].clone()) for n, m in giva_layers(model).items()}
+
+    (report, first), (_, second) = run("sketch"), run("sketch")
+    assert report.mode == "sketch" and report.passes == 3
+    assert all(torch.equal(first[n][0], second[n][0]) and torch.equal(first[n][1], second[n][1]) for n in first)
+    assert run("auto")[0].mode == "exact"
+    monkeypatch.setattr(giva.init, "AUTO_EXACT_MAX_BYTES", 0)
+    assert run("auto")[0].mode == "sketch"
