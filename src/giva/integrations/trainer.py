@@ -7,7 +7,8 @@ from typing import Any, Optional
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..gradients import DEFAULT_NUM_BATCHES, InitReport, LossFn, bases_initialized, giva_configs, initialize
+from ..init import DEFAULT_NUM_BATCHES, InitMode, InitReport, bases_initialized, giva_configs, initialize
+from ..init.capture import LossFn
 
 logger = logging.getLogger(__name__)
 
@@ -17,17 +18,26 @@ class GivaInitCallback(TrainerCallback):
 
     Bases are buffers and the adapter is an identity at init (lambda_o = 0), so this runs in
     ``on_train_begin``, after the optimizer and LR schedule exist, without disturbing either.
-    Adapters whose bases are already set (resumed from a checkpoint) are left alone.
+    Adapters whose bases are already set (resumed from a checkpoint) are left alone. ``mode`` is
+    :func:`giva.initialize`'s (``"auto"``, ``"sketch"``, ``"exact"``). Under torchrun every rank
+    runs it on its own batches and gets the same bases.
 
     Example::
 
         trainer = Trainer(model=peft_model, args=args, train_dataset=ds, callbacks=[giva.GivaInitCallback()])
     """
 
-    def __init__(self, num_batches: int = DEFAULT_NUM_BATCHES, loss_fn: Optional[LossFn] = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        num_batches: int = DEFAULT_NUM_BATCHES,
+        loss_fn: Optional[LossFn] = None,
+        progress: bool = True,
+        mode: InitMode = "auto",
+    ) -> None:
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.progress = progress
+        self.mode = mode
         self.report: Optional[InitReport] = None
 
     def on_train_begin(
@@ -44,6 +54,7 @@ class GivaInitCallback(TrainerCallback):
         pending = [name for name in giva_configs(model) if not bases_initialized(model, name)]
         for name in pending:
             self.report = initialize(
-                model, train_dataloader, self.num_batches, self.loss_fn, adapter_name=name, progress=self.progress
+                model, train_dataloader, self.num_batches, self.loss_fn, adapter_name=name, progress=self.progress,
+                mode=self.mode,
             )
             logger.info("GiVA init of %r took %.2fs", name, self.report.total_seconds)
