@@ -66,6 +66,11 @@ def test_schema_accepts_a_complete_record_and_names_what_is_missing_or_mistyped(
     broken["metrics"]["test_accuracy"] = True  # a bool is not an accuracy
     errors = validate_run(broken)
     assert any("timing.median_step_seconds" in e for e in errors)
+    per_example = copy.deepcopy(record)
+    per_example["metrics"]["test_correct"] = "11110"  # 5 examples, 80 %: n_test is 5 but the accuracy says 79 %
+    assert any("test_correct" in e for e in validate_run(per_example))
+    per_example["metrics"]["test_accuracy"] = 0.8
+    assert validate_run(per_example) == []
     assert any("adapter_bytes" in e for e in errors)
     assert any("metrics.test_accuracy" in e for e in errors)
     assert len(RUN_SCHEMA) > 30
@@ -258,6 +263,17 @@ def test_quick_suite_writes_valid_runs_table_and_plots(quick_outputs: tuple[Path
         assert validate_run(record) == [], record["run_id"]
     for record in train:
         assert record["adapter_bytes"] > 0 and len(record["train_loss"]) == record["timing"]["steps"]
+        correct = record["metrics"]["test_correct"]  # per-example test results, for the paired bootstrap
+        assert len(correct) == len(record["metrics"]["test_predictions"]) == record["data"]["n_test"]
+        assert correct.count("1") / len(correct) == pytest.approx(record["metrics"]["test_accuracy"])
+    heads = {r["head_lr"] for r in train if r["task"]["kind"] != "clm" and r["method"]["kind"] not in ("probe", "none")}
+    probe_lr = next(r["lr"] for r in train if r["method"]["kind"] == "probe")
+    assert heads == {probe_lr}  # one head LR for every method: the probe's
+    speed = next(r for r in runs if r["kind"] == "speed")
+    floor = speed["methods"]["floor"]
+    assert floor["trainable_adapter"] == 0 and floor["overhead_above_floor"] == 0.0
+    assert all(e["overhead_above_floor"] is not None for e in speed["methods"].values())
+    for record in train:
         assert (record["parameters"]["trainable"] > 0) == (record["method"]["kind"] != "none")
     families = {r["method"]["family"] for r in train}
     assert {"giva", "lora", "vera", "probe", "osora", "zero-shot"} <= families
@@ -276,12 +292,17 @@ def test_quick_suite_writes_valid_runs_table_and_plots(quick_outputs: tuple[Path
         assert (out / name).read_bytes()[:4] == b"\x89PNG" and (out / name).stat().st_size > 1000
     stored = json.loads((out / "results.json").read_text())
     assert stored["n_runs"] == len(runs) and stored["headlines"]
+    assert [c["claim"] for c in stored["claims"]] == ["smoke: GiVA vs LoRA", "smoke: speed"]
+    assert stored["claims"][0]["verdict"] == "pending"  # one seed: never a verdict
+    assert stored["claims"][1]["verdict"] in ("supported", "contradicted", "undecided")
+    assert "## Claims" in table
 
 
 @pytest.mark.bench
 @pytest.mark.real
 def test_quick_suite_resumes_without_rerunning_and_flags_a_broken_run(quick_outputs: tuple[Path, dict]) -> None:
     out, _ = quick_outputs
+    assert plan_benchmark(quick=True, output_dir=out, root=BENCH) == {"runs": [], "waiting": [], "output_dir": str(out)}
     again = run_benchmark(quick=True, output_dir=out, root=BENCH, progress=False)
     assert again["ran"] == [] and again["problems"] == []
     victim = next((out / "runs").glob("sst-tiny__giva-r8__*.json"))

@@ -108,4 +108,10 @@ def validate_run(record: dict[str, Any]) -> list[str]:
             errors.append(f"{where}: train_loss must be a non-empty list of numbers (empty only for kind 'none')")
         if not 0.0 <= record["metrics"]["test_accuracy"] <= 1.0:
             errors.append(f"{where}: test_accuracy {record['metrics']['test_accuracy']} is not in [0, 1]")
+        correct = record["metrics"].get("test_correct")  # per-example results (runs since issue 11)
+        if correct is not None and (
+            not isinstance(correct, str) or set(correct) - {"0", "1"} or len(correct) != record["data"]["n_test"]
+            or abs(correct.count("1") / max(len(correct), 1) - record["metrics"]["test_accuracy"]) > 1e-9
+        ):
+            errors.append(f"{where}: metrics.test_correct must be one '0'/'1' per test example, agreeing with test_accuracy")
     return errors
