@@ -3,12 +3,11 @@
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 examples/accelerate_torchrun.py --model tiny
 
 (``accelerate launch --cpu --num_processes 2`` silently runs ONE process; on GPUs
-``accelerate launch --num_processes 2`` works.) The script stops if it finds a single process.
+``accelerate launch --num_processes 2`` works.) The script stops if Accelerate sees fewer processes
+than the launcher started.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from accelerate import Accelerator
@@ -16,15 +15,16 @@ from common import Sentences, giva_model, parse_args
 from torch.utils.data import DataLoader
 
 import giva
-from giva.integrations.distributed import replication_mismatches
+from giva.integrations.distributed import launcher_mismatch, replication_mismatches
 
 
 def main() -> None:
     args = parse_args(__doc__)
-    accelerator = Accelerator()
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != expected:
-        raise RuntimeError(f"the launcher started {expected} processes but Accelerate sees {accelerator.num_processes}")
+    # On a machine without GPUs, Accelerator() without cpu=True also sees one process under torchrun.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    problem = launcher_mismatch(accelerator.num_processes, "Accelerate")
+    if problem:
+        raise RuntimeError(problem)
     model = giva_model(args.model)
     loader = DataLoader(Sentences(), batch_size=args.batch_size, shuffle=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)

@@ -8,12 +8,13 @@ before the first step; the sums are all-reduced, so every rank gets the same bas
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from common import Sentences, giva_model, parse_args
 from transformers import Trainer, TrainingArguments
 
 import giva
-from giva.integrations.distributed import replication_mismatches
+from giva.integrations.distributed import launcher_mismatch, replication_mismatches
 
 
 def main() -> None:
@@ -21,7 +22,12 @@ def main() -> None:
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         learning_rate=args.lr, logging_steps=5, save_strategy="no", report_to=[], seed=0,
+        # Without use_cpu=True on a machine with no GPU, torchrun's processes each train alone.
+        use_cpu=not torch.cuda.is_available(),
     )
+    problem = launcher_mismatch(training_args.world_size, "the Trainer")
+    if problem:
+        raise RuntimeError(problem)
     model = giva_model(args.model)
     trainer = Trainer(model=model, args=training_args, train_dataset=Sentences(), callbacks=[giva.GivaInitCallback()])
     trainer.train()

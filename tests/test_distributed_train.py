@@ -104,3 +104,23 @@ def test_two_rank_training_keeps_replicas_identical_and_reloads(script, tmp_path
     assert trained.keys() == reference.keys() and len(trained) > 0
     for name, value in reference.items():
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_launcher_mismatch_names_the_silent_one_process_cases(monkeypatch):
+    from giva.integrations.distributed import launcher_mismatch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message = launcher_mismatch(1, "the Trainer")
+    assert message is not None and "WORLD_SIZE=2" in message and "use_cpu=True" in message
+    assert launcher_mismatch(2, "the Trainer") is None
+    monkeypatch.delenv("WORLD_SIZE")
+    assert launcher_mismatch(1, "the Trainer") is None
+
+
+def test_one_process_helpers_keep_giva_tensors_only_and_find_no_mismatch():
+    from giva.integrations.distributed import full_state_dict, replication_mismatches, unwrap_model
+
+    model = giva_model()
+    state = full_state_dict(model)
+    assert state and all("giva_" in name for name in state)
+    assert replication_mismatches(model) == []

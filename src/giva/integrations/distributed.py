@@ -6,6 +6,8 @@ Three small tools, each safe to call in a one-process run too:
   ``PeftModel`` (``peft_config``, ``disable_adapter``, ``save_pretrained``).
 * :func:`full_state_dict` gathers FSDP2's sharded DTensors into plain tensors (a collective:
   every rank calls it), so rank 0 can save an adapter that reloads in one process.
+* :func:`launcher_mismatch` says when the training loop sees fewer processes than torchrun
+  started (the Trainer on CPU without ``use_cpu=True``): each process would train on its own.
 * :func:`replication_mismatches` gathers every GiVA tensor from every rank and lists those that
   are not bit-identical (a collective): the check that data-parallel training kept the
   replicas in step.
@@ -17,6 +19,7 @@ contiguous first.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -98,3 +101,20 @@ def replication_mismatches(model: nn.Module, prefix: str = GIVA_PREFIX) -> list[
         if any(not torch.equal(other, local) for other in gathered):
             mismatches.append(name)
     return mismatches
+
+
+def launcher_mismatch(world_size_seen: int, who: str) -> Optional[str]:
+    """A message if ``who`` sees fewer processes than the launcher started (``WORLD_SIZE``), else None.
+
+    Under ``torchrun`` on a machine without GPUs, ``TrainingArguments()`` without ``use_cpu=True``
+    reports world size 1: every process then trains its own full replica on all the data, and
+    nothing fails. ``accelerate launch --cpu --num_processes 2`` starts one process only.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size_seen == launched:
+        return None
+    return (
+        f"{who} sees {world_size_seen} process(es) but the launcher started WORLD_SIZE={launched}: each process "
+        "would train on its own. On CPU pass TrainingArguments(use_cpu=True) (the Trainer then uses gloo); "
+        "launch Accelerate CPU scripts with torchrun."
+    )

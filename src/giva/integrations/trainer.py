@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Optional
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..init import DEFAULT_NUM_BATCHES, InitMode, InitReport, bases_initialized, giva_configs, initialize
 from ..init.capture import LossFn
+from .distributed import launcher_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ class GivaInitCallback(TrainerCallback):
     ) -> None:
         if model is None or train_dataloader is None:
             raise ValueError("GivaInitCallback needs the Trainer's model and train_dataloader")
+        mismatch = launcher_mismatch(args.world_size, "the Trainer")
+        if mismatch:
+            warnings.warn(mismatch, stacklevel=2)
         pending = [name for name in giva_configs(model) if not bases_initialized(model, name)]
         for name in pending:
             self.report = initialize(
