@@ -77,27 +77,24 @@ def test_bad_labels_and_texts_name_the_file_line_and_value(tmp_path, records, me
         load_file(write_jsonl(tmp_path / "d.jsonl", records))
 
 
-def test_csv_errors_name_the_line_where_the_row_starts(tmp_path):
-    path = tmp_path / "d.csv"
-    path.write_text('text,label\n"two\nlines",1\nok,0\nempty,\n')
-    with pytest.raises(DataError, match=r"d.csv:5: the label is empty"):
-        load_file(path)
-    path.write_text("text,label\na,1\nb, with a comma,0\n")
-    with pytest.raises(DataError, match=r"d.csv:3: 3 cells but the header has 2 \(text, label\)"):
-        load_file(path)
-    path.write_text("")
-    with pytest.raises(DataError, match="d.csv: empty file"):
-        load_file(path)
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("d.csv", 'text,label\n"two\nlines",1\nok,0\nempty,\n', r"d.csv:5: the label is empty"),  # row starts at 5
+        ("d.csv", "text,label\na,1\nb, with a comma,0\n", r"d.csv:3: 3 cells but the header has 2 \(text, label\)"),
+        ("d.csv", "", "d.csv: empty file"),
+        ("d.jsonl", '{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n{"text": "c", "label": 0\n', r"d.jsonl:4: not valid JSON"),
+        ("d.jsonl", '{"text": "a", "label": 1}\n[1, 2]\n', r"d.jsonl:2: expected a JSON object"),
+        ("d.json", '[{"text": "a", "label": 1},\n {"text": "b" "label": 0}]', r"d.json:2: not valid JSON"),
+    ],
+)
+def test_malformed_files_name_the_line_where_the_row_starts(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_file(tmp_path / name)
 
 
-def test_malformed_jsonl_and_non_utf8_name_the_right_line(tmp_path):
-    path = tmp_path / "d.jsonl"
-    path.write_text('{"text": "a", "label": 1}\n\n{"text": "b", "label": 0}\n{"text": "c", "label": 0\n')
-    with pytest.raises(DataError, match=r"d.jsonl:4: not valid JSON"):
-        load_file(path)
-    path.write_text('{"text": "a", "label": 1}\n[1, 2]\n')
-    with pytest.raises(DataError, match=r"d.jsonl:2: expected a JSON object"):
-        load_file(path)
+def test_non_utf8_names_the_line(tmp_path):
     latin = tmp_path / "latin.csv"
     latin.write_bytes("text,label\ngood,1\ncaf\u00e9,0\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin.csv:3: not UTF-8 text \(byte 0xe9\)"):
