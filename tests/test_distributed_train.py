@@ -1,4 +1,4 @@
-"""GiVA trains under torchrun DDP, the HF Trainer, Accelerate and FSDP2 (2 gloo ranks on CPU).
+"""GiVA trains under torchrun DDP, the HF Trainer, Accelerate, FSDP2 and DeepSpeed ZeRO-3 (2 gloo ranks on CPU).
 
 Each test launches one tests/dist/train_*.py script with ``torchrun --nproc_per_node 2``; the
 ranks see different data. Afterwards every rank must hold bit-identical GiVA tensors, the world
@@ -8,6 +8,7 @@ reproduce rank 0's logits on a probe batch.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -92,13 +93,20 @@ def _one_process_reference() -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if "giva_lambda" in n}
 
 
-@pytest.mark.parametrize("script", ["train_ddp.py", "train_trainer.py", "train_accelerate.py", "train_fsdp2.py"])
+_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (extra 'distributed')")
+
+
+@pytest.mark.parametrize(
+    "script",
+    ["train_ddp.py", "train_trainer.py", "train_accelerate.py", "train_fsdp2.py", pytest.param("train_deepspeed.py", marks=_DEEPSPEED)],
+)
 def test_two_rank_training_keeps_replicas_identical_and_reloads(script, tmp_path):
     out = tmp_path / script.removesuffix(".py")
     reloaded = _check(_launch(script, out), out)
     if script == "train_trainer.py":
         return  # the Trainer shuffles its rows: no hand-made reference batches to compare with
-    # Data parallelism averaged the ranks' gradients: the result is the one-process run on both ranks' data.
+    # Data parallelism averaged the ranks' gradients (DDP, FSDP2's reduce-scatter, ZeRO-3's partitioned
+    # reduction): the result is the one-process run on both ranks' data.
     trained = {n: p.detach() for n, p in reloaded.named_parameters() if "giva_lambda" in n}
     reference = _one_process_reference()
     assert trained.keys() == reference.keys() and len(trained) > 0
@@ -124,3 +132,4 @@ def test_one_process_helpers_keep_giva_tensors_only_and_find_no_mismatch():
     state = full_state_dict(model)
     assert state and all("giva_" in name for name in state)
     assert replication_mismatches(model) == []
+    assert unwrap_model(torch.compile(model)) is model  # compiling is lazy: nothing runs here

@@ -1,0 +1,57 @@
+"""DeepSpeed ZeRO-3 on CPU (gloo): base weights and GiVA vectors partitioned over the ranks.
+
+    DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist/train_deepspeed.py OUT_DIR
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import sys  # noqa: E402
+
+import deepspeed  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from train_common import STEPS, finish, giva_model, rank_batches  # noqa: E402
+
+import giva  # noqa: E402
+
+CONFIG = {
+    "train_micro_batch_size_per_gpu": 4,
+    "gradient_accumulation_steps": 1,
+    "optimizer": {"type": "AdamW", "params": {"lr": 5e-2, "torch_adam": True}},
+    "zero_optimization": {"stage": 3},
+    "steps_per_print": 1000,
+}
+
+
+def main() -> None:
+    # DeepSpeed JIT-compiles a shared-memory CPU collective with ninja on first use (minutes on 2 busy
+    # cores, and a killed compile leaves a lock every later run waits on forever); gloo is enough here.
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # deepspeed.comm.torch is torch itself
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank = dist.get_rank()
+    model = giva_model()
+    batches = rank_batches(rank)
+    report = giva.initialize(model, batches, num_batches=2, progress=False)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=CONFIG
+    )
+    engine.train()
+    losses = []
+    for step in range(STEPS):
+        loss = engine(**batches[step]).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    params = list(engine.module.parameters())
+    finish(
+        engine, losses, {"calibration_loss": report.losses, "zero_stage": engine.zero_optimization_stage()},
+        gathered=lambda: deepspeed.zero.GatheredParameters(params, modifier_rank=None),
+    )
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
