@@ -176,3 +176,22 @@ def test_sigkill_at_any_point_of_a_save_leaves_the_old_or_the_new_adapter(tmp_pa
 
 def test_the_child_script_is_not_collected():
     assert not os.path.basename(CHILD).startswith("test_")
+
+
+def test_saving_into_the_working_directory_keeps_it_usable(tmp_path, monkeypatch):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    model = adapter_model(1).eval()
+    model.save_pretrained(".")
+    assert Path.cwd() == folder and Path("adapter_model.safetensors").is_file()  # the cwd follows the swapped folder
+    assert torch.equal(reload(folder), logits(model))
+
+
+def test_a_symlinked_folder_stays_a_link(tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    adapter_model(1).save_pretrained(str(real))
+    link.symlink_to(real, target_is_directory=True)
+    model = adapter_model(2).eval()
+    model.save_pretrained(str(link))
+    assert link.is_symlink() and torch.equal(reload(real), logits(model))
