@@ -149,7 +149,12 @@ def recover(target: str | os.PathLike) -> None:
         if _owner_alive(stale):
             continue
         if _OLD_TAG in stale.name and not target.exists():
-            os.rename(stale, target)
+            try:
+                os.rename(stale, target)
+            except OSError as err:  # e.g. a read-only location: load from the moved-aside copy's name instead
+                raise CheckpointError(
+                    f"{target} was moved aside to {stale} by an interrupted save and cannot be put back ({err.strerror})"
+                ) from None
             logger.warning("restored %s from %s, left by a save that was interrupted", target, stale.name)
         else:
             shutil.rmtree(stale, ignore_errors=True)
