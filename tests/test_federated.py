@@ -7,6 +7,8 @@ grid (every message is deflated to bytes and inflated back); no Ray, tiny seeded
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 pytest.importorskip("flwr")
@@ -254,3 +256,22 @@ def test_run_config_round_trip_and_unknown_keys():
     assert FederatedConfig.from_flat({**cfg.to_flat(), "results-path": "x.json"}) == cfg
     with pytest.raises(ValueError, match="unknown federated config key"):
         FederatedConfig.from_flat({"num-rounds": 3})
+
+
+def test_flower_app_config_names_real_apps_and_valid_options():
+    import importlib
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib" if sys.version_info >= (3, 11) else "tomli")
+
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
+
+    import giva.federated
+
+    app_toml = Path(giva.federated.__file__).parent / "flower_app" / "pyproject.toml"
+    tool = tomllib.loads(app_toml.read_text())["tool"]["flwr"]["app"]
+    FederatedConfig.from_flat(tool["config"])  # every key is a FederatedConfig field with a valid value
+    for key, kind in (("serverapp", ServerApp), ("clientapp", ClientApp)):
+        module, attr = tool["components"][key].split(":")
+        assert isinstance(getattr(importlib.import_module(module), attr), kind)

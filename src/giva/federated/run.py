@@ -198,6 +198,86 @@ def run_centralised(cfg: FederatedConfig, task_factory: TaskFactory = default_ta
             "seconds": time.perf_counter() - start}
 
 
+def wire_sizes(cfg: FederatedConfig, task_factory: TaskFactory = default_task) -> dict[str, Any]:
+    """Bytes per client of every message ``cfg`` would exchange, without training: the same Flower messages
+    built from the real model's layouts, filled with random values (so no chunk is de-duplicated, as after
+    training). Per client: the setup messages (down / up) and one training round (down / up)."""
+    from .server_app import STATISTICS_REPLY_METRICS
+    from .statistics import bases_layout, dense_layout, matrix_layout, sketch_session, sums_layout
+    from .task import projection_state, trainable_state
+
+    generator = torch.Generator().manual_seed(0)
+
+    def filled(layout: list, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        return {name: torch.randn(shape, generator=generator, dtype=dtype) for name, shape in layout}
+
+    def pair(down: RecordDict, up: RecordDict, message_type: str) -> tuple[int, int]:
+        message = Message(down, dst_node_id=1000, message_type=message_type, group_id="sizes")
+        return messages.message_bytes(message), messages.message_bytes(Message(up, reply_to=message))
+
+    task = task_factory(cfg)
+    model = build_model(task, cfg)
+    setup: list[tuple[int, int]] = []
+    with _ServerIdentity():
+        if cfg.method == "giva":
+            common = {"mode": cfg.init_mode, "num-batches": cfg.num_batches, "passes": cfg.passes,
+                      "oversampling": cfg.oversample}
+            metrics = {key: 1 for key in STATISTICS_REPLY_METRICS}
+            if cfg.init_mode == "dense":
+                setup.append(pair(messages.make_content(config=common),
+                                  messages.make_content(filled(dense_layout(model), torch.float64), metrics=metrics),
+                                  messages.STATISTICS))
+            else:
+                session = sketch_session(model, cfg.passes, cfg.oversample)
+                for index in range(cfg.passes):
+                    kind = "gt" if index % 2 == 0 else "g"
+                    matrices = None if index == 0 else filled(matrix_layout(session, kind))
+                    setup.append(pair(
+                        messages.make_content(matrices, config={**common, "pass-index": index, "kind": kind}),
+                        messages.make_content(filled(sums_layout(session, kind)), metrics=metrics),
+                        messages.STATISTICS))
+            setup.append(pair(messages.make_content(filled(bases_layout(model))),
+                              messages.make_content(metrics={"num-stored": 1}), messages.BASES))
+        elif cfg.method == "vera" and cfg.vera_projections:
+            setup.append(pair(messages.make_content(projection_state(model)),
+                              messages.make_content(metrics={"num-stored": 1}), messages.BASES))
+        layout = messages.layout_of(trainable_state(model))
+        train = pair(messages.make_content(filled(layout), config={"round": 1, "local-steps": cfg.local_steps, "lr": 0.1}),
+                     messages.make_content(filled(layout), metrics={"num-examples": 1, "train-loss": 0.5}),
+                     messages.TRAIN)
+    trainable = sum(torch.Size(shape).numel() for _, shape in layout)
+    return {"method": cfg.method, "setup": setup, "setup_down": sum(d for d, _ in setup),
+            "setup_up": sum(u for _, u in setup), "round_down": train[0], "round_up": train[1],
+            "trainable_parameters": trainable}
+
+
+def bytes_table(cfg: FederatedConfig, rounds: list[int], task_factory: TaskFactory = default_task) -> tuple[str, list]:
+    """Markdown table of :func:`wire_sizes` for GiVA (sketch and dense setup), LoRA and VeRA (with / without
+    projections): per client per round, setup total, and totals for ``cfg.clients`` clients after each of ``rounds``."""
+    rows = []
+    variants = [("giva", {"init_mode": "sketch"}, f"giva r={cfg.giva_r}, sketch setup ({cfg.passes} passes)"),
+                ("giva", {"init_mode": "dense"}, f"giva r={cfg.giva_r}, dense setup"),
+                ("lora", {}, f"lora r={cfg.lora_r}"),
+                ("vera", {"vera_projections": True}, f"vera r={cfg.vera_r}, projections sent"),
+                ("vera", {"vera_projections": False}, f"vera r={cfg.vera_r}, seed only")]
+    for method, overrides, label in variants:
+        sizes = wire_sizes(replace(cfg, method=method, **overrides), task_factory)
+        per_round = cfg.clients * (sizes["round_down"] + sizes["round_up"])
+        setup_total = cfg.clients * (sizes["setup_down"] + sizes["setup_up"])
+        rows.append({**sizes, "label": label, "setup_total": setup_total,
+                     "totals": {r: setup_total + r * per_round for r in rounds}})
+    lora = next(r for r in rows if r["method"] == "lora")
+    head = ("| method | trainable | down / client / round | up / client / round | setup, per client (down + up) | "
+            + " | ".join(f"total after {r} rounds ({cfg.clients} clients)" for r in rounds) + " |")
+    lines = [head, "|" + "---|" * (5 + len(rounds))]
+    for row in rows:
+        totals = " | ".join(f"{_mb(row['totals'][r])} MB (LoRA / this: {lora['totals'][r] / row['totals'][r]:.1f})"
+                            if row is not lora else f"{_mb(row['totals'][r])} MB" for r in rounds)
+        lines.append(f"| {row['label']} | {row['trainable_parameters']:,} | {row['round_down'] / 1e3:.1f} kB | "
+                     f"{row['round_up'] / 1e3:.1f} kB | {(row['setup_down'] + row['setup_up']) / 1e6:.3f} MB | {totals} |")
+    return "\n".join(lines), rows
+
+
 # --------------------------------------------------------------------------------------------- reports
 
 
@@ -224,8 +304,10 @@ def summarise(run: dict[str, Any], label: str, setup_bytes: Optional[int] = None
         "method": run["config"]["method"],
         "split": run["config"]["split"],
         "trainable_parameters": run["trainable_parameters"],
-        "down_per_client_round": train[0]["down"][0] if train else 0,
-        "up_per_client_round": train[0]["up"][0] if train else 0,
+        # Mean over rounds and clients: round 1's download can be smaller (Flower sends identical chunks once,
+        # and freshly initialised vectors are mostly identical values).
+        "down_per_client_round": sum(sum(t["down"]) for t in train) / max(1, clients * len(train)),
+        "up_per_client_round": sum(sum(t["up"]) for t in train) / max(1, clients * len(train)),
         "setup_bytes": setup,
         "setup_per_client": setup / clients,
         "total_bytes": cumulative[-1],
@@ -253,7 +335,7 @@ def markdown_table(summaries: list[dict[str, Any]], targets: list[float], centra
     """The results table (bytes in MB = 10^6 bytes, accuracy on the held-out split)."""
     head = ("| method | split | trainable | down / client / round (MB) | up / client / round (MB) | setup total (MB) "
             "| total (MB) | final acc. | best acc. | " + " | ".join(f"rounds (MB) to {t:.1%}" for t in targets) + " |")
-    lines = [head, "|" + "---|" * (10 + len(targets))]
+    lines = [head, "|" + "---|" * (9 + len(targets))]
     for s in summaries:
         reach = []
         for t in targets:
@@ -266,9 +348,10 @@ def markdown_table(summaries: list[dict[str, Any]], targets: list[float], centra
         )
     if centralised is not None:
         accs = [r["accuracy"] for r in centralised["rounds"]]
+        reach = [next((f"{i} (-)" for i, a in enumerate(accs) if i > 0 and a >= t), "not reached") for t in targets]
         lines.append(
-            f"| giva, centralised ({centralised['steps']} steps, pooled data) | - | - | - | - | - | - | "
-            f"{accs[-1]:.2%} | {max(accs):.2%} | " + " | ".join("-" for _ in targets) + " |"
+            f"| giva, centralised ({centralised['steps']} steps on the pooled data) | - | - | - | - | - | - | "
+            f"{accs[-1]:.2%} | {max(accs):.2%} | " + " | ".join(reach) + " |"
         )
     return "\n".join(lines)
 
@@ -303,6 +386,7 @@ def run_comparison(
     engine: str = "inprocess",
     centralised: bool = True,
     targets: Optional[list[float]] = None,
+    task_factory: TaskFactory = default_task,
 ) -> dict[str, Any]:
     """Every method on ``base`` (same shards, rounds, steps), VeRA's two setups, and the centralised
     GiVA baseline; writes ``results.json``, ``results.md`` and ``accuracy_vs_mb.png`` to ``output_dir``.
@@ -315,25 +399,42 @@ def run_comparison(
     for method in methods:
         cfg = replace(base, method=method, vera_projections=True)
         logger.info("federated %s: %d clients, %d rounds, %s", method, cfg.clients, cfg.rounds, cfg.split)
-        runs[method] = run_federated(cfg, engine)
+        runs[method] = run_federated(cfg, engine, task_factory)
         label = {"giva": f"giva r={cfg.giva_r} ({cfg.init_mode})", "lora": f"lora r={cfg.lora_r}",
                  "vera": f"vera r={cfg.vera_r}, projections sent"}[method]
         summaries.append(summarise(runs[method], label))
         if method == "vera":
             summaries.append(summarise(runs[method], f"vera r={cfg.vera_r}, seed only", setup_bytes=0))
         write_json({"runs": runs}, str(Path(output_dir) / "results.json"))  # partial results survive a crash
-    central = run_centralised(base) if centralised and "giva" in methods else None
+    central = run_centralised(base, task_factory) if centralised and "giva" in methods else None
+    write_json({"runs": runs, "centralised": central}, str(Path(output_dir) / "results.json"))
     if targets is None:
         targets = [0.70, 0.75]
         if "lora" in runs:
             targets.append(math.floor(1000 * (runs["lora"]["rounds"][-1]["accuracy"] - 0.01)) / 1000)
     table = markdown_table(summaries, targets, central)
     out = {"runs": runs, "summaries": summaries, "centralised": central, "targets": targets, "table": table,
-           "versions": _versions()}
+           "headline": headline(summaries, central), "versions": _versions()}
     write_json(out, str(Path(output_dir) / "results.json"))
     Path(output_dir, "results.md").write_text(table + "\n")
     plot_accuracy_vs_mb(summaries, str(Path(output_dir) / "accuracy_vs_mb.png"),
                         f"{base.clients} clients, {base.rounds} rounds x {base.local_steps} local steps, {base.split}")
+    return out
+
+
+def headline(summaries: list[dict[str, Any]], central: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """GiVA against LoRA (accuracy points, total-bytes ratio, setup included) and against centralised GiVA."""
+    by_method = {s["method"]: s for s in summaries}
+    out: dict[str, Any] = {}
+    if "giva" in by_method and "lora" in by_method:
+        giva, lora = by_method["giva"], by_method["lora"]
+        out["giva_minus_lora_final_points"] = round(100 * (giva["final_accuracy"] - lora["final_accuracy"]), 2)
+        out["giva_minus_lora_best_points"] = round(100 * (giva["best_accuracy"] - lora["best_accuracy"]), 2)
+        out["lora_over_giva_total_bytes"] = round(lora["total_bytes"] / giva["total_bytes"], 2)
+        out["target_met"] = out["giva_minus_lora_final_points"] >= -1.0 and out["lora_over_giva_total_bytes"] >= 10
+    if "giva" in by_method and central is not None:
+        out["giva_federated_minus_centralised_points"] = round(
+            100 * (by_method["giva"]["final_accuracy"] - central["rounds"][-1]["accuracy"]), 2)
     return out
 
 

@@ -55,6 +55,8 @@ from .task import (
 logger = logging.getLogger(__name__)
 
 ResultSink = Callable[[dict[str, Any]], None]
+# What a client's statistics reply reports besides its sums (sketch mode; dense sends num-examples only).
+STATISTICS_REPLY_METRICS = ("num-examples", "batches", "tokens")
 NODE_WAIT_SECONDS = 600.0
 
 
