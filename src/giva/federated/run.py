@@ -461,3 +461,38 @@ __all__ = [
     "summarise",
     "write_json",
 ]
+
+
+# The two measurements committed under benchmarks/results/federated/ (README, "Federated fine-tuning"):
+#   python -m giva.federated.run bytes benchmarks/results/federated
+#   python -m giva.federated.run accuracy benchmarks/results/federated/small-run
+BYTES_CONFIG = FederatedConfig(clients=4, rounds=10, test_size=100, max_train_samples=64, passes=2)
+ACCURACY_CONFIG = FederatedConfig(clients=4, rounds=3, local_steps=2, batch_size=8, max_length=32, test_size=200,
+                                  num_batches=1, passes=2, split="iid", seed=0)
+
+
+def _main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("bytes", "accuracy"):
+        print("usage: python -m giva.federated.run bytes|accuracy OUTPUT_DIR")
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    kind, output_dir = argv
+    if kind == "bytes":
+        rounds = [1, 10, 30, 100]
+        table, rows = bytes_table(BYTES_CONFIG, rounds)
+        three = wire_sizes(replace(BYTES_CONFIG, passes=3))
+        write_json({"config": asdict(BYTES_CONFIG), "rounds": rounds, "rows": rows, "giva_sketch_3_passes": three,
+                    "table": table, "versions": _versions()}, str(Path(output_dir) / "bytes.json"))
+        Path(output_dir, "bytes.md").write_text(table + "\n")
+        print(table)
+    else:
+        out = run_comparison(ACCURACY_CONFIG, output_dir, methods=("giva", "lora"), engine="inprocess")
+        print(out["table"])
+        print(out["headline"])
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))
