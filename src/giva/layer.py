@@ -220,8 +220,12 @@ class GivaLayer(BaseTunerLayer):
         """True once A and B hold bases (never-initialised gradient adapters have A == 0, and B == 0 for VrUr/VrU2r)."""
         return bool(self.giva_A[adapter_name].any()) and bool(self.giva_B[adapter_name].any())
 
-    def _fill_deferred_bases(self, adapter_name: str) -> None:
-        """Compute the `weight` variant's bases at first use, unless a checkpoint already filled them."""
+    def ensure_bases(self, adapter_name: str) -> None:
+        """Compute the `weight` variant's bases at first use, unless a checkpoint already filled them.
+
+        Only adapters built with ``inference_mode`` (for loading) defer them; anything that reads ``giva_A`` /
+        ``giva_B`` directly (mixed batches, export) calls this first. A no-op otherwise.
+        """
         if adapter_name not in self._deferred_weight_bases:
             return
         if not self.bases_initialized(adapter_name):
@@ -297,7 +301,7 @@ class GivaLayer(BaseTunerLayer):
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``delta_W`` of one adapter in fp32, in the base weight's layout (``in x out`` for Conv1D)."""
-        self._fill_deferred_bases(adapter_name)
+        self.ensure_bases(adapter_name)
         a = self.giva_A[adapter_name].float()  # R x in
         b = self.giva_B[adapter_name].float()  # O x R
         lambda_s = self.giva_lambda_s[adapter_name].float().to(a.device)
@@ -344,7 +348,7 @@ class GivaLayer(BaseTunerLayer):
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``lambda_o * B (lambda_s * A dropout(x))``: shape ``(..., O)``."""
-        self._fill_deferred_bases(adapter_name)
+        self.ensure_bases(adapter_name)
         self._check_bases(adapter_name)
         lambda_s, lambda_o = self.giva_lambda_s[adapter_name], self.giva_lambda_o[adapter_name]
         x = self._cast_input_dtype(x, lambda_s.dtype)
