@@ -11,6 +11,7 @@ import torch
 from transformers import BertTokenizer
 
 import giva.finetune
+from giva.assets import resolve_model
 from giva.cli import main
 from giva.finetune import load_finetuned
 from tiny_models import VOCAB, tiny_bert
@@ -172,3 +173,16 @@ def test_an_unwritable_output_parent_is_reported_before_loading(model_dir, data_
     monkeypatch.setattr(giva.finetune.tempfile, "mkdtemp", refused)  # root may write anywhere; a refusal stands in
     assert main(args(model_dir, data_csv, tmp_path / "out")) == 2
     assert re.search(r"output_dir .*out': cannot write in .* \(Permission denied\)", one_error_line(capsys))
+
+
+def test_a_cached_hub_model_is_used_from_the_cache_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--some-org--some-model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "hub" / "models--some-org--some-model" / "refs").mkdir()
+    (tmp_path / "hub" / "models--some-org--some-model" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("some-org/some-model") == str(snapshot)
