@@ -156,3 +156,40 @@ def test_unusable_sums_are_named_errors():
         InitSession([target], mode="sketch", passes=1)
     with pytest.raises(ValueError, match="rank 99 does not fit"):
         _target(rank=99)
+
+
+@pytest.mark.real
+def test_sketch_matches_exact_on_real_minilm_gradients():
+    """The streaming sketch through giva.initialize vs the SVD of the dense gradient, real model and sentences."""
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import giva
+    from giva import GivaConfig
+    from giva.assets import minilm_path
+    from giva.data import load_bundled
+    from giva.init import compute_gradients, giva_layers
+
+    path = minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = load_bundled("pang-lee")
+    batches = []
+    for i in range(2):
+        enc = tokenizer(data.texts[16 * i : 16 * (i + 1)], padding=True, truncation=True, max_length=48, return_tensors="pt")
+        batches.append({**enc, "labels": torch.tensor(data.labels[16 * i : 16 * (i + 1)])})
+
+    def fresh():
+        torch.manual_seed(0)
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+        return get_peft_model(base, GivaConfig(r=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+    reference = fresh()
+    dense, _ = compute_gradients(reference, giva_layers(reference), batches, num_batches=2, progress=False)
+    model = fresh()
+    report = giva.initialize(model, batches, num_batches=2, progress=False, mode="sketch")
+    assert report.mode == "sketch" and report.sums_bytes < sum(4 * g.numel() for g in dense.values()) / 4
+    cosines = []
+    for name, layer in giva_layers(model).items():
+        exact_v = torch.linalg.svd(dense[name], full_matrices=False)[2][:8]
+        cosines.append(principal_cosines(exact_v, layer.giva_A["default"]).mean())
+    assert len(cosines) == 12 and torch.stack(cosines).mean() >= 0.99
