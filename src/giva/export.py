@@ -57,6 +57,7 @@ def lora_factors(layer: GivaLayer, adapter_name: str, rank: Optional[int] = None
             f"GiVA adapter {adapter_name!r} is merged into layer {layer.layer_name!r}; call unmerge_adapter() before "
             "exporting it, or the LoRA would apply it a second time"
         )
+    layer.ensure_bases(adapter_name)
     a = layer.giva_A[adapter_name].float()  # R x in
     b = layer.giva_B[adapter_name].float()  # O x R
     lambda_s = layer.giva_lambda_s[adapter_name].detach().float().to(a.device)

@@ -188,6 +188,8 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
     present = [name for name in unique if name in layer.giva_lambda_o]
     if not present:
         return result
+    for name in present:
+        layer.ensure_bases(name)  # `weight` adapters built for loading compute their bases at first use
     if layer.training or not _uniform(layer, present):
         return _grouped_forward(layer, result, x, unique, positions, present)
 
