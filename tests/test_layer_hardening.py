@@ -192,6 +192,18 @@ def test_weight_variant_does_no_svd_at_load(tmp_path, batches, monkeypatch):
         assert torch.equal(layer.giva_A["default"], _layers(eager)[name].giva_A["default"])
 
 
+def test_weight_variant_built_for_inference_saves_its_bases(tmp_path, batches):
+    # Saved before any forward: the deferred SVD must run at save time, not leave zero bases in the file.
+    lazy = get_peft_model(_bert(), _config(variant="weight", inference_mode=True))
+    lazy.save_pretrained(tmp_path)
+    eager = get_peft_model(_bert(), _config(variant="weight"))
+    loaded = PeftModel.from_pretrained(_bert(), tmp_path)
+    for name, layer in _layers(loaded).items():
+        assert layer.giva_A["default"].any()
+        assert torch.equal(layer.giva_A["default"], _layers(eager)[name].giva_A["default"])
+        assert torch.equal(layer.giva_B["default"], _layers(eager)[name].giva_B["default"])
+
+
 def _zero3_partitioned(model: torch.nn.Module) -> torch.nn.Module:
     """Fake DeepSpeed ZeRO-3: every weight is an empty tensor with its full shape in `ds_shape`."""
     for module in model.modules():

@@ -287,6 +287,15 @@ class GivaModel(BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if config.variant == "weight":
+            # An adapter built for loading defers its SVD to first use; saving before that must not write zeros.
+            for name, module in model.named_modules():
+                if isinstance(module, GivaLayer) and adapter_name in module.giva_A:
+                    module.ensure_bases(adapter_name)
+                    for basis in module.basis_names:
+                        key = f"{name}.{basis}.{adapter_name}"
+                        if key in to_return:
+                            to_return[key] = getattr(module, basis)[adapter_name].detach()
         regenerable = cls._regenerable_bases(config)
         dropped = tuple(f".{name}.{adapter_name}" for name in regenerable)
         to_return = {k: v for k, v in to_return.items() if not k.endswith(dropped)}
