@@ -12,7 +12,7 @@ and the peak RSS during it:
 * ``loraga``       PEFT's ``preprocess_loraga`` + ``get_peft_model`` (LoRA-GA) on the same batches
 * ``train_step``   GiVA training steps (forward, backward, AdamW) on one batch of the same size
 * ``init_1rank`` / ``init_2rank``  ``mode="sketch"`` init of the same k batches by 1 process, or by
-                   2 gloo ranks under torchrun (k/2 batches each)
+                   2 gloo ranks under torchrun (k/2 batches each), one OpenMP thread per process
 
 Every model gets the same recipe: GiVA r=8 on all 7 Llama projections, k calibration batches of
 random token ids. The runner is resumable: measurements already in ``results.json`` are skipped.
@@ -437,6 +437,9 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
             row["exact_time_over_legacy"] = exact["seconds"] / legacy["seconds"]
         if "init_1rank" in runs and "init_2rank" in runs:
             row["two_rank_speedup"] = runs["init_1rank"]["seconds"] / runs["init_2rank"]["seconds"]
+            # sum |A| over every layer, equal to fp64 round-off when both runs produced the same bases
+            one, two = runs["init_1rank"]["bases_checksum"], runs["init_2rank"]["bases_checksum"]
+            row["two_rank_same_bases"] = "yes" if abs(one - two) <= 1e-6 * abs(one) else f"no ({one:.4f} vs {two:.4f})"
         rows.append(row)
     return rows
 
@@ -469,10 +472,11 @@ def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
         )
     ranks = [r for r in rows if r.get("two_rank_speedup")]
     if ranks:
-        lines += ["", "| model | sketch init, 1 process (2 threads) | 2 gloo ranks (1 thread each) | speed-up |", "|---|---|---|---|"]
+        lines += ["", "| model | sketch init, 1 process (1 thread) | 2 gloo ranks (1 thread each) | speed-up | same bases |", "|---|---|---|---|---|"]
         for r in ranks:
             lines.append(
-                f"| {r['model']} | {r['init_1rank_seconds']:.1f} s | {r['init_2rank_seconds']:.1f} s | {r['two_rank_speedup']:.2f}x |"
+                f"| {r['model']} | {r['init_1rank_seconds']:.1f} s | {r['init_2rank_seconds']:.1f} s | "
+                f"{r['two_rank_speedup']:.2f}x | {r['two_rank_same_bases']} |"
             )
     problems = [f"- {key}: {run['status']}" for key, run in results["runs"].items() if run.get("status") != "ok"]
     if problems:
