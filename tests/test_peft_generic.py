@@ -130,12 +130,12 @@ def _get_peft_model_then_initialize(model: torch.nn.Module, peft_config: Any, *a
 
     Training a gradient variant before its bases exist raises ``BasesNotInitializedError`` by design; with
     ``init_weights=False`` (most generic tests) stand-in random bases are drawn instead and this is a no-op.
-    Only the two models whose forward the upstream tests run are calibrated, in fp32: upstream's ``MLP``
-    casts its input to fp32 whatever its weights' dtype, and ``DeepMLP.forward`` cannot run at all, so
-    the tests that build those never call a forward.
+    Only models whose forward can run are calibrated: upstream's ``MLP`` casts its input to its ``dtype``
+    attribute (fp32 unless a test sets it along with the weights' dtype), and ``DeepMLP.forward`` cannot run
+    at all, so the tests that build those never call a forward.
     """
-    calibratable = isinstance(model, (upstream.MLP, upstream.ModelEmbConv1D)) and all(
-        p.dtype == torch.float32 for p in model.parameters()
+    calibratable = isinstance(model, upstream.ModelEmbConv1D) or (
+        isinstance(model, upstream.MLP) and all(p.dtype == model.dtype for p in model.parameters())
     )
     peft_model = get_peft_model(model, peft_config, *args, **kwargs)
     needs_data = (
@@ -147,7 +147,7 @@ def _get_peft_model_then_initialize(model: torch.nn.Module, peft_config: Any, *a
     if needs_data:
         device = next(peft_model.parameters()).device
         batch = {"X": torch.arange(90).view(9, 10).to(device), "y": torch.arange(9).remainder(2).to(device)}
-        giva.initialize(peft_model, [batch], num_batches=1, loss_fn=lambda m, b: F.nll_loss(m(X=b["X"]), b["y"]), progress=False)
+        giva.initialize(peft_model, [batch], num_batches=1, loss_fn=lambda m, b: F.nll_loss(m(X=b["X"]).float(), b["y"]), progress=False)
     return peft_model
 
 
