@@ -206,6 +206,10 @@ TestGivaMixedAdapterBatches = type(
     "TestGivaMixedAdapterBatches", (upstream.TestMixedAdapterBatches,), _giva_class(upstream.TestMixedAdapterBatches)
 )
 
+TestGivaFsdpStateDict = type(
+    "TestGivaFsdpStateDict", (upstream.TestPeftFsdpStateDict,), _giva_class(upstream.TestPeftFsdpStateDict)
+)
+
 
 class TestGivaRequiresGrad(upstream.TestRequiresGrad):
     """Upstream's generic requires-grad tests on GiVA, plus the same/different-targets pair PEFT writes per method."""
