@@ -478,7 +478,11 @@ def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
                 f"| {r['model']} | {r['init_1rank_seconds']:.1f} s | {r['init_2rank_seconds']:.1f} s | "
                 f"{r['two_rank_speedup']:.2f}x | {r['two_rank_same_bases']} |"
             )
-    problems = [f"- {key}: {run['status']}" for key, run in results["runs"].items() if run.get("status") != "ok"]
+    problems = [
+        f"- {key}: {run['status']}"
+        + (f" (needs ~{run['needed_gib']:.1f} GiB, {run['free_gib']:.1f} GiB was free)" if "needed_gib" in run else "")
+        for key, run in results["runs"].items() if run.get("status") != "ok"
+    ]
     if problems:
         lines += ["", "Not measured:", *problems]
     (output_dir / "results.md").write_text("\n".join(lines) + "\n")
