@@ -10,6 +10,7 @@ whole file runs in well under a minute on 2 cores.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -81,6 +82,19 @@ def cases(draw: st.DrawFn, variant: str) -> Case:
     )
 
 
+def over_cases(check: Callable[[Case], None]) -> Callable[..., None]:
+    """The test running ``check(case)`` on SETTINGS' examples of every variant."""
+
+    @pytest.mark.parametrize("variant", giva.VARIANTS)
+    @SETTINGS
+    @given(data=st.data())
+    def test(variant: str, data: st.DataObject) -> None:
+        check(data.draw(cases(variant)))
+
+    test.__name__, test.__qualname__, test.__doc__ = check.__name__, check.__qualname__, check.__doc__
+    return test
+
+
 class OneLayer(nn.Module):
     def __init__(self, case: Case) -> None:
         super().__init__()
@@ -130,11 +144,8 @@ def _output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-@pytest.mark.parametrize("variant", giva.VARIANTS)
-@SETTINGS
-@given(data=st.data())
-def test_identity_at_creation(variant: str, data: st.DataObject) -> None:
-    case = data.draw(cases(variant))
+@over_cases
+def test_identity_at_creation(case: Case) -> None:
     base = _base(case)
     x, _ = _data(case)
     expected = _output(base, x)
@@ -143,11 +154,8 @@ def test_identity_at_creation(variant: str, data: st.DataObject) -> None:
     assert set(layer.giva_lambda_o) == {"default"} and not layer.giva_lambda_o["default"].any()
 
 
-@pytest.mark.parametrize("variant", giva.VARIANTS)
-@SETTINGS
-@given(data=st.data())
-def test_merge_equals_the_unmerged_forward_and_unmerge_restores_the_weight(variant: str, data: st.DataObject) -> None:
-    case = data.draw(cases(variant))
+@over_cases
+def test_merge_equals_the_unmerged_forward_and_unmerge_restores_the_weight(case: Case) -> None:
     model, layer = _wrapped(case)
     _with_trained_vectors(case, layer)
     x, _ = _data(case)
@@ -167,11 +175,8 @@ def test_merge_equals_the_unmerged_forward_and_unmerge_restores_the_weight(varia
     assert (restored.float() - weight.float()).abs().max().item() <= weight_tolerance
 
 
-@pytest.mark.parametrize("variant", giva.VARIANTS)
-@SETTINGS
-@given(data=st.data())
-def test_save_and_reload_is_bit_identical(variant: str, data: st.DataObject) -> None:
-    case = data.draw(cases(variant))
+@over_cases
+def test_save_and_reload_is_bit_identical(case: Case) -> None:
     model, layer = _wrapped(case)
     _with_trained_vectors(case, layer)
     x, _ = _data(case)
@@ -187,11 +192,8 @@ def test_save_and_reload_is_bit_identical(variant: str, data: st.DataObject) -> 
     assert torch.equal(_output(loaded, x), expected)
 
 
-@pytest.mark.parametrize("variant", giva.VARIANTS)
-@SETTINGS
-@given(data=st.data())
-def test_bases_are_orthonormal_per_block(variant: str, data: st.DataObject) -> None:
-    case = data.draw(cases(variant))
+@over_cases
+def test_bases_are_orthonormal_per_block(case: Case) -> None:
     _, layer = _wrapped(case)
     a_all, b_all = layer.giva_A["default"].float(), layer.giva_B["default"].float()
     assert a_all.dtype == torch.float32
@@ -207,11 +209,8 @@ def test_bases_are_orthonormal_per_block(variant: str, data: st.DataObject) -> N
         assert not b_all[:, ranks].index_fill(0, torch.arange(rows.start, rows.stop), 0).any()
 
 
-@pytest.mark.parametrize("variant", giva.VARIANTS)
-@SETTINGS
-@given(data=st.data())
-def test_initialisation_is_deterministic(variant: str, data: st.DataObject) -> None:
-    case = data.draw(cases(variant))
+@over_cases
+def test_initialisation_is_deterministic(case: Case) -> None:
     _, first = _wrapped(case)
     _, second = _wrapped(case)
     assert torch.equal(first.giva_A["default"], second.giva_A["default"])
