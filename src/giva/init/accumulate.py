@@ -26,11 +26,15 @@ class _Sums:
         self.first_layer = next(iter(self.items))
         self.matrices: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}
+        # Per layer: were its x and dL/dy finite? O(tokens * (in + out)), far cheaper than checking the sums.
+        self.finite: dict[str, torch.Tensor] = {}
         self.tokens = 0
 
     def __call__(self, layer: str, x: torch.Tensor, g: torch.Tensor) -> None:
         if layer == self.first_layer:
             self.tokens += x.shape[0]
+        finite = torch.isfinite(g).all() & torch.isfinite(x).all()
+        self.finite[layer] = finite & self.finite[layer] if layer in self.finite else finite
         for key, item in self.items.get(layer, ()):
             rows = g[:, item.out_start : item.out_start + item.out_size]
             total = self.sums.get(key)
@@ -43,13 +47,12 @@ class _Sums:
             self.sums[key] = accumulate(total, x, rows, self.matrices[key])
 
     def non_finite(self, batch_index: int) -> Optional[GradientInitError]:
-        """An error naming the first layer whose sums turned NaN/inf in this batch (one device sync)."""
-        if not self.sums or bool(torch.stack([torch.isfinite(s).all() for s in self.sums.values()]).all()):
+        """An error naming the first layer whose input or output gradient was NaN/inf in this batch (one sync)."""
+        if not self.finite or bool(torch.stack(list(self.finite.values())).all()):
             return None
-        key = next(k for k, s in self.sums.items() if not torch.isfinite(s).all())
-        item = next(item for k, item in (p for pairs in self.items.values() for p in pairs) if k == key)
+        layer = next(name for name, finite in self.finite.items() if not finite)
         return GradientInitError(
-            f"GiVA layer {item.layer!r} received a non-finite (NaN/inf) gradient in calibration batch {batch_index} "
+            f"GiVA layer {layer!r} received a non-finite (NaN/inf) gradient in calibration batch {batch_index} "
             "although the loss was finite; check the model's dtype and that batch's inputs"
         )
 
