@@ -365,8 +365,9 @@ def plot_accuracy_vs_mb(summaries: list[dict[str, Any]], path: str, title: str =
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in summaries:
-        xs = [max(b, 1) / 1e6 for b in s["cumulative_bytes"]]
-        ax.plot(xs, [100 * a for a in s["accuracy"]], marker="o", markersize=3, label=f"{s['label']} ({s['split']})")
+        # A log axis cannot show 0 bytes: points before anything was sent (LoRA's round 0) are left out.
+        points = [(b / 1e6, 100 * a) for b, a in zip(s["cumulative_bytes"], s["accuracy"]) if b > 0]
+        ax.plot(*zip(*points), marker="o", markersize=3, label=f"{s['label']} ({s['split']})")
     ax.set_xscale("log")
     ax.set_xlabel("total megabytes sent, all clients, up + down (setup included; log scale)")
     ax.set_ylabel("test accuracy (%)")
