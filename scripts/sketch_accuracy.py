@@ -27,7 +27,7 @@ from giva import GivaConfig
 from giva.assets import minilm_path, smollm2_path
 from giva.data import load_bundled
 from giva.init import compute_gradients, giva_layers
-from giva.init.sketch import principal_cosines
+from giva.init.sketch import MIN_OVERSAMPLING, principal_cosines
 
 # Singular directions below this fraction of the largest are numerically absent (a layer whose
 # gradient has rank < r, e.g. the last layer of an encoder read at one token per example): the
@@ -74,11 +74,22 @@ def reference(base, data, task_type: str) -> tuple[dict, float, int]:
     return out, time.perf_counter() - start, dense_bytes
 
 
-def sketched(base, data, r: int, task_type: str) -> tuple[dict, giva.InitReport, float]:
+def setting(text: str) -> tuple[int, int | None]:
+    """``"P"`` or ``"P:O"``: sketch passes and oversampling (omitted: the library default)."""
+    passes, _, oversampling = text.partition(":")
+    try:
+        return int(passes), (int(oversampling) if oversampling else None)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sketch expects PASSES or PASSES:OVERSAMPLING, got {text!r}") from None
+
+
+def sketched(base, data, r: int, task_type: str, passes: int, oversampling: int | None) -> tuple[dict, giva.InitReport, float]:
     config = GivaConfig(r=r, target_modules=None, variant="VrUr", task_type=task_type)
     model = get_peft_model(copy.deepcopy(base), config)
     start = time.perf_counter()
-    report = giva.initialize(model, data, num_batches=len(data), progress=False, mode="sketch")
+    report = giva.initialize(
+        model, data, num_batches=len(data), progress=False, mode="sketch", passes=passes, oversampling=oversampling
+    )
     seconds = time.perf_counter() - start
     return {n: (m.giva_A["default"].clone(), m.giva_B["default"].clone()) for n, m in giva_layers(model).items()}, report, seconds
 
@@ -90,11 +101,19 @@ def main() -> None:
     parser.add_argument("--num-batches", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument(
+        "--sketch",
+        nargs="+",
+        type=setting,
+        default=[(giva.init.DEFAULT_PASSES, giva.init.DEFAULT_OVERSAMPLING)],
+        help="sketch settings PASSES[:OVERSAMPLING] to measure (default: the library defaults)",
+    )
     parser.add_argument("--out", default=None, help="also write the table (markdown) here")
     args = parser.parse_args()
     lines = [
-        "| model | r | layers | mean cos A (V) | min cos A | mean cos B (U) | min cos B | exact s | sketch s | exact MB | sketch MB/pass |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | r | passes | l | layers | mean cos A (V) | min cos A | mean cos B (U) | min cos B | exact s | sketch s "
+        "| exact MB | sketch MB/pass |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print(lines[0], flush=True)
     for name in args.models:
@@ -102,16 +121,17 @@ def main() -> None:
         data = batches(tokenizer, args.num_batches, args.batch_size, args.max_length, causal)
         task_type = "CAUSAL_LM" if causal else "SEQ_CLS"
         exact, exact_s, dense_bytes = reference(base, data, task_type)
-        for r in args.ranks:
-            sketch, report, sketch_s = sketched(base, data, r, task_type)
+        for r, (passes, oversampling) in ((r, s) for r in args.ranks for s in args.sketch):
+            sketch, report, sketch_s = sketched(base, data, r, task_type, passes, oversampling)
             cos_a, cos_b = [], []
             for n, (u, vh, rank) in exact.items():
                 k = min(r, rank, sketch[n][0].shape[0])
                 cos_a.append(principal_cosines(vh[:k], sketch[n][0][:k]).mean())
                 cos_b.append(principal_cosines(u[:, :k].mT, sketch[n][1][:, :k].mT).mean())
             cos_a, cos_b = torch.stack(cos_a), torch.stack(cos_b)
+            width = r + (max(2 * r, MIN_OVERSAMPLING) if oversampling is None else oversampling)
             line = (
-                f"| {name} | {r} | {len(exact)} | {cos_a.mean():.4f} | {cos_a.min():.4f} | {cos_b.mean():.4f} | "
+                f"| {name} | {r} | {report.passes} | {width} | {len(exact)} | {cos_a.mean():.4f} | {cos_a.min():.4f} | {cos_b.mean():.4f} | "
                 f"{cos_b.min():.4f} | {exact_s:.1f} | {sketch_s:.1f} | {dense_bytes / 2**20:.1f} | "
                 f"{report.sums_bytes / 2**20:.1f} |"
             )
@@ -125,8 +145,8 @@ def main() -> None:
             "",
             f"k = {args.num_batches} batches of {args.batch_size} Pang & Lee sentences (max length {args.max_length}); "
             "every linear layer but the head; variant VrUr. Exact: the dense mean gradient of each layer and its full "
-            "LAPACK SVD (exact s: that pass plus the SVDs). Sketch: `giva.initialize(mode='sketch')` with its defaults "
-            f"(passes={giva.init.DEFAULT_PASSES}, l = k + max(2k, 16)). cos: mean of the top-min(r, rank) principal "
+            "LAPACK SVD (exact s: that pass plus the SVDs). Sketch: `giva.initialize(mode='sketch')` with the passes "
+            f"and l of each row (library default: passes={giva.init.DEFAULT_PASSES}, l = k + max(2k, {MIN_OVERSAMPLING})). cos: mean of the top-min(r, rank) principal "
             f"cosines of one layer (rank: singular values above {RANK_TOL} of the largest), then mean / min over "
             "layers. MB: the dense gradients one process holds (exact) / the sums of one pass (sketch), which are "
             f"what a distributed run all-reduces. torch {torch.__version__}, {platform.machine()}, "

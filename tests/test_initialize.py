@@ -317,7 +317,7 @@ def test_sketch_mode_is_deterministic_and_auto_picks_exact_for_small_models(batc
         return report, {n: (m.giva_A["default"].clone(), m.giva_B["default"].clone()) for n, m in giva_layers(model).items()}
 
     (report, first), (_, second) = run("sketch"), run("sketch")
-    assert report.mode == "sketch" and report.passes == 3
+    assert report.mode == "sketch" and report.passes == giva.init.DEFAULT_PASSES
     assert all(torch.equal(first[n][0], second[n][0]) and torch.equal(first[n][1], second[n][1]) for n in first)
     assert run("auto")[0].mode == "exact"
     monkeypatch.setattr(giva.init, "AUTO_EXACT_MAX_BYTES", 0)

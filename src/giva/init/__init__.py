@@ -189,7 +189,7 @@ def initialize(
             gradients of all targeted layers take at most ``AUTO_EXACT_MAX_BYTES`` (256 MiB),
             sketch otherwise. Memory never grows with k.
         passes: sketch passes (>= 2; default 3: range, co-range, one power iteration).
-        oversampling: extra sketch columns beyond k (default ``max(2k, 16)``).
+        oversampling: extra sketch columns beyond k (default ``max(2k, 32)``).
         force: re-initialise adapters that already hold bases or trained vectors (the new bases
             replace the old under the trained vectors); without it that is a ``ValueError``.
 

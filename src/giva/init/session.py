@@ -126,7 +126,7 @@ class InitSession:
         mode: ``"exact"`` (one pass, dense ``out x in`` sums) or ``"sketch"`` (``passes`` passes,
             ``(in + out) * l`` numbers per target).
         passes: sketch passes, >= 2 (2: range + co-range; each extra pass is one power iteration).
-        oversampling: extra sketch columns beyond the k singular vectors; None: ``max(2k, 16)``.
+        oversampling: extra sketch columns beyond the k singular vectors; None: ``max(2k, 32)``.
 
     Same targets and seeds give the same requests and, for the same sums, the same bases, in any process.
     """

@@ -26,14 +26,16 @@ import torch
 
 from ..bases import _canonical_signs
 
-# Default settings: 3 passes (range, co-range, one power iteration) and l = k + max(2k, 16)
+# Default settings: 3 passes (range, co-range, one power iteration) and l = k + max(2k, 32)
 # columns. Real gradients have flat spectra (sigma_8 / sigma_9 ~ 1.02-1.3 on MiniLM), so the
-# sketch needs width more than passes: on MiniLM's dense gradients, 3 passes with l = 2k gave a
-# mean top-r principal cosine of 0.980 (r=8), with l = 3k 0.997 (r=8), 0.999 (r=32), 1.000 (r=64)
+# sketch needs width more than passes. Mean top-r principal cosine of A on SmolLM2-135M's real
+# gradients at r=8: 3 passes l=24 0.980, 4 passes l=24 0.990, 5 passes l=24 0.999, 3 passes
+# l=40 0.996 (the cheapest: no extra pass over the batches); for k >= 16 the floor of 32 extra
+# columns changes nothing (l = 3k: 0.996 at r=32, 0.9995 at r=64 on SmolLM2)
 # (benchmarks/results/sketch_accuracy.md, scripts/sketch_accuracy.py).
 DEFAULT_PASSES = 3
-DEFAULT_OVERSAMPLING = None  # None: max(2k, 16) extra columns
-MIN_OVERSAMPLING = 16
+DEFAULT_OVERSAMPLING = None  # None: max(2k, MIN_OVERSAMPLING) extra columns
+MIN_OVERSAMPLING = 32
 
 
 def sketch_width(k: int, rows: int, cols: int, oversampling: int | None = DEFAULT_OVERSAMPLING) -> int:
