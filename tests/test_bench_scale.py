@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -11,9 +13,20 @@ from giva.bench import scale
 TINY = scale.ScaleModel("llama-tiny", "float32", 2, 2, 8, 120, 32, 64, 2, 4, 2, vocab=100)
 
 
+# The pre-package implementation is read from git history, which a shallow clone (some CI checkouts) lacks.
+LEGACY_IN_HISTORY = (
+    subprocess.run(
+        ["git", "-C", str(Path(scale.__file__).resolve().parents[3]), "cat-file", "-e", f"{scale.LEGACY_COMMIT}^{{commit}}"],
+        capture_output=True,
+    ).returncode
+    == 0
+)
+
+
 @pytest.fixture(scope="module")
 def records() -> dict[str, dict]:
-    return {kind: scale.measure(TINY, kind) for kind in scale.KINDS}
+    kinds = [k for k in scale.KINDS if LEGACY_IN_HISTORY or k != "exact_legacy"]
+    return {kind: scale.measure(TINY, kind) for kind in kinds}
 
 
 def test_each_measurement_reports_time_and_a_peak_above_its_starting_rss(records):
@@ -25,6 +38,7 @@ def test_each_measurement_reports_time_and_a_peak_above_its_starting_rss(records
     assert records["sketch"]["passes"] >= 2 and records["exact"]["passes"] == 1
 
 
+@pytest.mark.skipif(not LEGACY_IN_HISTORY, reason=f"commit {scale.LEGACY_COMMIT} is not in this clone's history (shallow)")
 def test_exact_bases_match_the_pre_package_implementation(records):
     # The legacy module is today's code at LEGACY_COMMIT, loaded from git: same data, same bases.
     assert records["exact"]["bases_checksum"] == pytest.approx(records["exact_legacy"]["bases_checksum"], rel=1e-6)
@@ -44,7 +58,8 @@ def test_runner_resumes_and_writes_table_and_plot(records, tmp_path, monkeypatch
     assert set(results["runs"]) == set(runs)
     row = scale.summary_rows(results)[0]
     assert row["sketch_peak_over_train"] == pytest.approx(records["sketch"]["peak_rss"] / records["train_step"]["peak_rss"])
-    assert row["exact_time_over_legacy"] > 0
+    if LEGACY_IN_HISTORY:
+        assert row["exact_time_over_legacy"] > 0
     table = (tmp_path / "results.md").read_text()
     assert f"| {TINY.name} |" in table
     assert (tmp_path / "memory_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
