@@ -227,7 +227,7 @@ def measure(spec: ScaleModel, kind: str) -> dict[str, Any]:
             for batch in data:
                 base(**batch).loss.backward()
 
-        record["rss_before"], record["peak_reset"] = _rss_bytes("VmRSS"), _reset_peak()
+        record["peak_reset"], record["rss_before"] = _reset_peak(), _rss_bytes("VmRSS")  # reset first: the peak counts from here
         start = time.perf_counter()
         preprocess_loraga(base, config, train_step)
         record["gradient_seconds"] = time.perf_counter() - start
@@ -238,7 +238,7 @@ def measure(spec: ScaleModel, kind: str) -> dict[str, Any]:
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         batch = batches(spec, vocab, count=1)[0]
-        record["rss_before"], record["peak_reset"] = _rss_bytes("VmRSS"), _reset_peak()
+        record["peak_reset"], record["rss_before"] = _reset_peak(), _rss_bytes("VmRSS")  # reset first: the peak counts from here
         step_seconds, fwd_bwd_seconds = [], []
         for _ in range(2):
             start = time.perf_counter()
@@ -258,7 +258,7 @@ def measure(spec: ScaleModel, kind: str) -> dict[str, Any]:
         else:
             data = batches(spec, vocab)
         mode = "exact" if kind.startswith("exact") else "sketch"
-        record["rss_before"], record["peak_reset"] = _rss_bytes("VmRSS"), _reset_peak()
+        record["peak_reset"], record["rss_before"] = _reset_peak(), _rss_bytes("VmRSS")  # reset first: the peak counts from here
         if world > 1:
             import torch.distributed as dist
 
