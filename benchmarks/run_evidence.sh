@@ -4,6 +4,7 @@
 # Every COMMIT_EVERY seconds (0: never) the finished run JSONs and the report text are committed, and
 # nothing else: `git commit -- <paths>` leaves other staged changes alone. Usage, from anywhere:
 #   nohup benchmarks/run_evidence.sh > /tmp/giva-evidence.log 2>&1 &
+# SKIP_PHASES="speed-defaults speed-smollm2-defaults" leaves those phases for a quiet machine (timings).
 set -u
 cd "$(dirname "$0")/.."
 COMMIT_EVERY=${COMMIT_EVERY:-1200}
@@ -33,6 +34,7 @@ committer() {
 if [ "$COMMIT_EVERY" -gt 0 ]; then committer & COMMITTER=$!; fi
 phases=$(.venv/bin/python -c "import json; print(' '.join(p['name'] for p in json.load(open('benchmarks/suites/evidence.json'))['phases']))")
 for phase in $phases; do
+    case " ${SKIP_PHASES:-} " in *" $phase "*) echo "=== phase $phase skipped (SKIP_PHASES)"; continue;; esac
     echo "=== phase $phase ($(date -u +%H:%M))"
     nice -n 19 "$GIVA" bench --suite evidence --phases "$phase"
 done
