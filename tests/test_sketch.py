@@ -193,3 +193,57 @@ def test_sketch_matches_exact_on_real_minilm_gradients():
         exact_v = torch.linalg.svd(dense[name], full_matrices=False)[2][:8]
         cosines.append(principal_cosines(exact_v, layer.giva_A["default"]).mean())
     assert len(cosines) == 12 and torch.stack(cosines).mean() >= 0.99
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_receive_takes_the_sums_without_copying_and_the_bases_ignore_their_scale(mode, monkeypatch):
+    blocks = _token_blocks()
+    target = _target()
+    reference = InitSession([target], mode=mode)
+    _run(reference, blocks)
+    a_ref, b_ref = reference.bases()[target.key]
+    seen = []
+    advance = InitSession._advance
+
+    def spy(self, t, total, final):
+        seen.append(total)
+        return advance(self, t, total, final)
+
+    monkeypatch.setattr(InitSession, "_advance", spy)
+    for factor in (4.0, 3.0):  # a power of two scales every float exactly; 3 rounds
+        session = InitSession([target], mode=mode)
+        while not session.done:
+            request = session.next_request()
+            sums = {}
+            for key, item in request.items.items():
+                total = None
+                for x, g in blocks:
+                    if item.kind == "dense":
+                        total = accumulate_dense(total, x, g)
+                    elif item.kind == "gt":
+                        total = accumulate_gt(total, x, g, item.matrix)
+                    else:
+                        total = accumulate_g(total, x, g, item.matrix)
+                sums[key] = total * factor
+            kept = {key: value.clone() for key, value in sums.items()}
+            seen.clear()
+            session.receive(Partial(request.pass_index, sums, batches=len(blocks)))
+            # the session read the partial's own tensor (no mean copied out of it) and left it as it was
+            assert [t.data_ptr() for t in seen] == [sums[target.key].data_ptr()]
+            assert torch.equal(sums[target.key], kept[target.key])
+        a, b = session.bases()[target.key]
+        if factor == 4.0:
+            assert torch.equal(a, a_ref) and torch.equal(b, b_ref)
+        else:
+            torch.testing.assert_close(a, a_ref, atol=1e-4, rtol=0)
+            torch.testing.assert_close(b, b_ref, atol=1e-4, rtol=0)
+
+
+def test_non_finite_check_tells_an_overflowing_sum_from_a_non_finite_entry():
+    target = _target()
+    session = InitSession([target], mode="exact")
+    huge = torch.full((OUT, IN), 3e38)  # every entry finite, their fp32 sum is not
+    session.check(Partial(0, {target.key: huge}, batches=1))
+    huge[5, 7] = float("inf")
+    with pytest.raises(GradientInitError, match="'layer' .*non-finite"):
+        session.check(Partial(0, {target.key: huge}, batches=1))

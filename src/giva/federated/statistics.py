@@ -8,8 +8,8 @@ union of the shards:
   client's calibration batches (:func:`giva.init.accumulate`), adds the clients' ``Partial`` sums and
   feeds the total to ``session.receive``. The first pass's test matrices are seeded by (seed, target),
   so the clients build them themselves; later passes' matrices depend on the data and are sent.
-  ``receive`` averages over batches; the calibration batches are all full (``batch_size`` examples),
-  so weighting by batches is weighting by examples.
+  ``receive`` uses the sum over batches (the bases ignore its scale); the calibration batches are all
+  full (``batch_size`` examples), so weighting by batches is weighting by examples.
 * ``dense``: per block ``S_c = sum_b n_b G_b`` (``out x in``, float64), with ``G_b`` the gradient of
   batch ``b``'s mean loss and ``n_b`` its examples; the server takes ``G = sum_c S_c / sum_c n_c`` and
   its SVD. Float64 sums of a handful of float32 gradients are exact, so the bases are the

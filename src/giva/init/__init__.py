@@ -285,4 +285,4 @@ def compute_gradients(
     missing = [name for name in layers if name not in partial.sums]
     if missing:
         raise GradientInitError(f"GiVA layer(s) {missing[:5]} received no gradient (not on the path from inputs to loss)")
-    return {name: total / partial.batches for name, total in partial.sums.items()}, partial.losses
+    return {name: total.div_(partial.batches) for name, total in partial.sums.items()}, partial.losses  # own sums: in place

@@ -21,5 +21,5 @@ def accumulate_dense(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tenso
 def bases_from_dense(
     gradient: torch.Tensor, rank: int, variant: str, generator: torch.Generator, svd: str, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` from the mean block gradient (``out x in``) by its SVD (``svd``: GivaConfig.svd)."""
+    """``(A, B)`` from the block gradient (``out x in``; any positive multiple: a sum or a mean) by its SVD (``svd``: GivaConfig.svd)."""
     return bases_from_gradient(gradient, rank, variant, generator, svd=svd, svd_seed=seed)
