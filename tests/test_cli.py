@@ -62,6 +62,19 @@ def test_finetune_saves_an_adapter_that_reloads_with_its_label_names(model_dir, 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
 
 
+def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
+    for mode, used, passes in (("sketch", "sketch", 3), ("exact", "exact", 1), ("auto", "exact", 1)):  # auto: tiny -> exact
+        assert main([*args(model_dir, data_csv, tmp_path / mode), "--init-mode", mode, "--json"]) == 0
+        out = capsys.readouterr().out
+        config = json.loads(out[out.index("{"):])["config"]
+        assert (config["init_mode"], config["init_mode_used"], config["init_passes"]) == (mode, used, passes)
+        assert f"mode {used})" in out
+        assert json.loads((tmp_path / mode / "adapter_config.json").read_text())["bases_info"]["mode"] == used
+    with pytest.raises(ValueError, match=r"init_mode must be one of \['auto', 'sketch', 'exact'\], got 'fast'"):
+        giva.finetune.finetune(model=str(model_dir), data=str(data_csv), init_mode="fast", output_dir=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Validation must fail before any model or tokenizer is loaded."""
@@ -106,6 +119,7 @@ def one_error_line(capsys) -> str:
         ("--max-train-samples", "0", "argument --max-train-samples: must be >= 1"),
         ("--seed", "-1", "argument --seed: must be >= 0"),
         ("--variant", "nope", "argument --variant: invalid choice"),
+        ("--init-mode", "fast", r"argument --init-mode: invalid choice: 'fast' \(choose from 'auto', 'sketch', 'exact'\)"),
         ("--label-column", "text", "--text-column and --label-column are both 'text'"),
         ("--target-modules", "query,,value", "--target-modules has an empty name"),
         ("--num-batches", "9", "num_batches=9 calibration batches, but the 32 training rows make only 4 batch"),

@@ -123,6 +123,7 @@ def _finetune(args: argparse.Namespace) -> int:
         label_column=args.label_column,
         output_dir=args.output_dir,
         progress=not args.no_progress,
+        init_mode=args.init_mode,
     )
     print(result.summary())
     if args.json:
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--variant", default="Vr", choices=VARIANTS)
     ft.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated module names, or all-linear (default)")
     ft.add_argument("--num-batches", type=_positive_int, default=DEFAULT_NUM_BATCHES, help="calibration batches k for the gradient")
+    ft.add_argument("--init-mode", default="auto", choices=["auto", "sketch", "exact"],
+                    help="giva.initialize mode: exact (dense gradient + SVD), sketch (streaming), auto (exact while small)")
     ft.add_argument("--dropout", type=_unit_interval, default=0.0, help="GiVA dropout, in [0, 1)")
     ft.add_argument("--epochs", type=_positive_float, default=2.0, help="may be fractional")
     ft.add_argument("--lr", type=_positive_float, default=TrainConfig.lr)

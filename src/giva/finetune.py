@@ -228,13 +228,14 @@ class FinetuneResult:
                 f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,} "
                 f"({self.trainable_parameters / self.total_parameters:.3%})",
                 f"adapter size       {self.adapter_bytes / 1024:.1f} KiB ({self.output_dir})",
-                f"init time          {self.init_seconds:.2f} s (gradient + SVD)",
+                f"init time          {self.init_seconds:.2f} s (gradient + SVD, mode {self.config.get('init_mode_used', '?')})",
                 f"train time         {self.train_seconds:.1f} s",
             ]
         )
 
 
 LABELS_FILE = "labels.json"
+INIT_MODES = ("auto", "sketch", "exact")  # giva.initialize(mode=...)
 
 
 @contextmanager
@@ -324,11 +325,14 @@ def finetune(
     label_column: str = "label",
     output_dir: str = "outputs/giva-finetune",
     progress: bool = True,
+    init_mode: str = "auto",
 ) -> FinetuneResult:
     """Fine-tune a sequence classifier with GiVA and save the adapter; the whole `giva finetune` job.
 
     Every argument, the output folder, the model path and the data are checked before the model is loaded;
     the saved folder holds the adapter, the tokenizer and ``labels.json`` (reload with :func:`load_finetuned`).
+    ``init_mode`` is ``giva.initialize``'s ``mode`` (``"auto"``, ``"sketch"`` or ``"exact"``); the result's
+    config records it and the mode ``"auto"`` chose.
     """
     giva_config = giva_config or GivaConfig(r=8, target_modules=DEFAULT_TARGETS, task_type="SEQ_CLS")
     train_config = train_config or TrainConfig()
@@ -338,6 +342,8 @@ def finetune(
         _check_size("max_train_samples", max_train_samples, fraction_allowed=False)
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
+    if init_mode not in INIT_MODES:
+        raise ValueError(f"init_mode must be one of {list(INIT_MODES)}, got {init_mode!r}")
     check_output_dir(output_dir)
     path = resolve_model(model)
     dataset = load_text_classification(data, text_column, label_column)
@@ -366,7 +372,7 @@ def finetune(
 
     accuracy_before = evaluate(base, val_loader, progress)
     peft_model = get_peft_model(base, giva_config)
-    report = initialize(peft_model, train_loader, num_batches=num_batches, progress=progress)
+    report = initialize(peft_model, train_loader, num_batches=num_batches, progress=progress, mode=init_mode)
     stats = train(peft_model, train_loader, train_config, progress, desc="giva finetune", stop_if_diverged=True)
     accuracy_after = evaluate(peft_model, val_loader, progress)
 
@@ -389,5 +395,6 @@ def finetune(
         train_seconds=stats.seconds,
         output_dir=output_dir,
         config={"train": asdict(train_config), "num_batches": num_batches, "n_train": len(train_set), "n_val": len(val_set),
-                "n_test_unscored": len(test_set)},
+                "n_test_unscored": len(test_set), "init_mode": init_mode, "init_mode_used": report.mode,
+                "init_passes": report.passes},
     )
