@@ -189,13 +189,52 @@ def test_generate_with_num_beams_expands_adapter_names_like_lora():
     assert torch.equal(mixed, torch.stack(expected))
 
 
-def test_serve_benchmark_writes_rows_table_and_plot_and_giva_adds_less_memory_than_lora(tmp_path):
+def test_interleaved_timing_rotates_the_order_every_round():
+    from giva.bench.serve import time_interleaved
+
+    calls: list[str] = []
+    times = time_interleaved({k: (lambda k=k: calls.append(k)) for k in "abc"}, rounds=4)
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab") + list("abc")  # warm-up round, then rotated
+    assert all(len(v) == 4 and min(v) >= 0 for v in times.values())
+
+
+def test_serve_benchmark_writes_rows_table_and_plot_and_giva_adds_less_memory_than_lora(tmp_path, monkeypatch):
     from giva.bench.serve import ServeModel, ServeSettings, run_serve
 
     tiny = ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100)
-    results = run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), reps=1, r=4), progress=False)
-    assert (tmp_path / "results.md").read_text().count("| tiny-llama |") == len(results["ran"]) == 2 + 3 * 2
+    results = run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=2, r=4), progress=False)
+    rows = results["ran"]
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| tiny-llama | 1 |") == table.count("| tiny-llama | 3 |") == 2  # throughput and memory rows
     assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
-    extra = {r["method"]: r["bytes_per_extra_adapter"] for r in results["ran"] if r["n_adapters"] == 3}
+    for n in (1, 3):
+        timed = {r["method"]: r for r in rows if r["n_adapters"] == n and r.get("tokens_per_s") is not None}
+        assert set(timed) == {"base model", "one merged adapter", "GiVA r=4", "LoRA r=4"}
+        assert all(len(r["seconds_per_round"]) == 2 for r in timed.values())
+        ratio = next(r for r in rows if r["n_adapters"] == n and r["method"] == "GiVA / LoRA")
+        expected = [t_lora / t_giva for t_giva, t_lora in zip(timed["GiVA r=4"]["seconds_per_round"], timed["LoRA r=4"]["seconds_per_round"])]
+        assert ratio["per_round_ratio"] == pytest.approx(expected)
+        assert ratio["ratio_min"] <= ratio["ratio_median"] <= ratio["ratio_max"]
+    extra = {r["method"]: r["bytes_per_extra_adapter"] for r in rows if r["n_adapters"] == 3 and "adapter_bytes_total" in r}
     # Per extra adapter: GiVA holds A (R x in) and the two vectors, LoRA holds A and B (out x R).
     assert extra["GiVA r=4 (A bf16)"] < extra["GiVA r=4"] < extra["LoRA r=4"]
+
+    # A second run with the same settings resumes: the finished model is not measured again.
+    import giva.bench.serve as serve
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("a finished model was measured again")
+
+    monkeypatch.setattr(serve, "measure_model", measured_again)
+    assert run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=2, r=4), progress=False)["ran"] == rows
+    with pytest.raises(AssertionError, match="measured again"):  # other settings: measured afresh
+        run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=3, r=4), progress=False)
+
+
+def test_serve_settings_reject_bad_values():
+    from giva.bench.serve import ServeSettings
+
+    with pytest.raises(ValueError, match="ServeSettings.ns"):
+        ServeSettings(ns=(8, 1))
+    with pytest.raises(ValueError, match="ServeSettings.rounds"):
+        ServeSettings(rounds=0)

@@ -190,6 +190,8 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
         return result
     for name in present:
         layer.ensure_bases(name)  # `weight` adapters built for loading compute their bases at first use
+    if len(unique) == 1:  # every row uses one adapter: the plain single-adapter forward, no gather
+        return layer._add_adapter_output(result, x, present[0])
     if layer.training or not _uniform(layer, present):
         return _grouped_forward(layer, result, x, unique, positions, present)
 

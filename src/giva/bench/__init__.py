@@ -16,7 +16,7 @@ from .report import PLOTS, write_report
 from .runner import dry_run, load_runs, run_suite
 from .scale import SCALE_SUITE, run_scale
 from .schema import validate_run
-from .serve import DEFAULT_MODELS, SERVE_SUITE, ServeSettings, run_serve
+from .serve import ADAPTER_METHODS, DEFAULT_MODELS, SERVE_SUITE, ServeSettings, run_serve
 from .spec import benchmarks_dir, load_suite
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def plan_benchmark(
     root = root or benchmarks_dir()
     if suite == SERVE_SUITE and not quick:
         out = Path(output_dir) if output_dir else root / "results" / SERVE_SUITE
-        return {"runs": [f"serve: {m.name} x {ServeSettings().methods} x N={ServeSettings().ns}" for m in DEFAULT_MODELS],
+        return {"runs": [f"serve: {m.name} x {('base model', 'one merged adapter') + ADAPTER_METHODS} x N={ServeSettings().ns}" for m in DEFAULT_MODELS],
                 "waiting": [], "output_dir": str(out)}
     name = QUICK_SUITE if quick else suite
     out = Path(output_dir) if output_dir else root / "results" / name

@@ -1,9 +1,14 @@
 """`giva bench --suite serve`: many adapters in one model, mixed batches (each row a random adapter).
 
 For N = 1, 8, 32, 128 adapters on the same layers, per model: bytes each extra adapter adds in memory
-(distinct tensors of the method, so shared bases count once) and forward throughput (tokens/s) of a
-mixed batch, for GiVA r=8 (A in fp32, and A in bf16), PEFT LoRA r=8, the base model alone and one
-merged GiVA adapter. Writes results.json, results.md and serve.png under benchmarks/results/serve/.
+(distinct tensors of the method, so shared bases count once; GiVA with A in fp32 and in bf16, PEFT LoRA r=8)
+and forward throughput (tokens/s) of one mixed batch (each row a random adapter among N; the same rows for
+GiVA and LoRA) against the base model alone and one merged GiVA adapter.
+
+Timings are interleaved: at each N every timed model runs once per round, in an order rotated from round
+to round, so a slow spell of a shared machine hits all methods alike; each method's throughput is the median
+over rounds and the GiVA / LoRA ratio is reported per round (median, min, max). Writes results.json,
+results.md and serve.png under benchmarks/results/serve/.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import logging
 import platform
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 SERVE_SUITE = "serve"
 PLOT_NAME = "serve.png"
+BASE, MERGED = "base model", "one merged adapter"
 
 
 @dataclass(frozen=True)
@@ -41,13 +48,29 @@ class ServeModel:
 
 @dataclass(frozen=True)
 class ServeSettings:
-    ns: tuple[int, ...] = (1, 8, 32, 128)
+    """What `giva bench --suite serve` measures; the defaults are the committed run's settings."""
+
+    ns: tuple[int, ...] = (1, 8, 32, 128)  # adapters in memory
     r: int = 8
-    reps: int = 2  # timed forwards per point (median), after one warm-up
+    rounds: int = 7  # interleaved rounds per N: each times every model once (after one untimed warm-up round)
     seed: int = 0
-    methods: tuple[str, ...] = ("giva", "giva-bf16", "lora")
-    memory_only: tuple[str, ...] = ("giva-bf16",)  # same compute as "giva" (A is cast at use): sizes only
-    extra: dict[str, Any] = field(default_factory=dict)
+    threads: Optional[int] = 1  # torch threads while timing (None: leave torch's setting); 1 is the least load-sensitive
+
+    def __post_init__(self) -> None:
+        if not self.ns or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in self.ns):
+            raise ValueError(f"ServeSettings.ns must be adapter counts >= 1, got {self.ns!r}")
+        if list(self.ns) != sorted(set(self.ns)):
+            raise ValueError(f"ServeSettings.ns must be increasing without repeats, got {self.ns!r}")
+        for name, minimum in (("r", 1), ("rounds", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"ServeSettings.{name} must be an integer >= {minimum}, got {value!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"ServeSettings.threads must be None or an integer >= 1, got {self.threads!r}")
+
+
+ADAPTER_METHODS: tuple[str, ...] = ("giva", "giva-bf16", "lora")
+TIMED_ADAPTER_METHODS: tuple[str, ...] = ("giva", "lora")  # "giva-bf16" has GiVA's compute (A cast at use): memory only
 
 
 def _minilm() -> nn.Module:
@@ -99,17 +122,6 @@ def _label(method: str, r: int) -> str:
     return {"giva": f"GiVA r={r}", "giva-bf16": f"GiVA r={r} (A bf16)", "lora": f"LoRA r={r}"}[method]
 
 
-def _time(fn: Callable[[], Any], reps: int) -> float:
-    """Median wall time of ``reps`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _forward(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Callable[[], Any]:
     def run() -> Any:
         with torch.inference_mode():
@@ -118,78 +130,170 @@ def _forward(model: nn.Module, ids: torch.Tensor, **kwargs: Any) -> Callable[[],
     return run
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``rounds`` times, alternating them: round k starts at function k mod m.
+
+    One untimed warm-up round first. Interleaving makes a slow spell of the machine hit every function alike,
+    so per-round ratios between functions are far steadier than ratios of separately timed medians.
+    """
+    names = list(fns)
+    for name in names:
+        fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for k in range(rounds):
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@contextmanager
+def _threads(n: Optional[int]) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _merged(spec: ServeModel, settings: ServeSettings) -> nn.Module:
+    """The base model with one GiVA adapter merged into its weights (what single-tenant serving runs)."""
+    from peft import get_peft_model
+
+    torch.manual_seed(settings.seed)
+    model = get_peft_model(spec.load().eval(), _config("giva", spec.target_modules, settings.r))
+    return model.merge_and_unload().eval()
+
+
 def measure_model(spec: ServeModel, settings: ServeSettings, progress: bool = True) -> list[dict[str, Any]]:
-    """All rows of one model: base, merged, and per method and N the memory and the mixed-batch throughput."""
+    """One row per (N, method): memory of the adapters (adapter methods) and the interleaved throughput (timed ones)."""
     from peft import get_peft_model
 
     generator = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(0, spec.vocab_size, (spec.batch_size, spec.seq_len), generator=generator)
     tokens = ids.numel()
-    rows: list[dict[str, Any]] = []
-    torch.manual_seed(settings.seed)
-    base = spec.load().eval()
-    seconds = _time(_forward(base, ids), settings.reps)
-    rows.append({"model": spec.name, "method": "base model", "n_adapters": 0, "tokens_per_s": tokens / seconds})
-    for method in settings.methods:
+    plain = {BASE: spec.load().eval(), MERGED: _merged(spec, settings)}
+    models: dict[str, nn.Module] = {}
+    for method in ADAPTER_METHODS:
         torch.manual_seed(settings.seed)
-        model = get_peft_model(spec.load().eval(), _config(method, spec.target_modules, settings.r), adapter_name="t0")
-        model.eval()
-        prefix = "lora_" if method == "lora" else "giva_"
-        if method == "giva":
-            model.merge_adapter()
-            seconds = _time(_forward(model, ids), settings.reps)
-            rows.append({"model": spec.name, "method": "one merged adapter", "n_adapters": 1, "tokens_per_s": tokens / seconds})
-            model.unmerge_adapter()
-        one = adapter_bytes(model, prefix)
-        count = 1
-        for n in settings.ns:
-            while count < n:
+        models[method] = get_peft_model(spec.load().eval(), _config(method, spec.target_modules, settings.r), adapter_name="t0")
+    first = {m: adapter_bytes(model, _prefix(m)) for m, model in models.items()}
+    rows: list[dict[str, Any]] = []
+    count = 1
+    for n in settings.ns:
+        while count < n:
+            for method, model in models.items():
                 model.add_adapter(f"t{count}", _config(method, spec.target_modules, settings.r))
-                count += 1
-            model.eval()
-            total = adapter_bytes(model, prefix)
-            pick = torch.randint(0, n, (spec.batch_size,), generator=generator).tolist()
-            names = [f"t{i}" for i in pick]
-            timed = method not in settings.memory_only
-            seconds = _time(_forward(model, ids, adapter_names=names), settings.reps) if timed else None
-            row = {
-                "model": spec.name,
-                "method": _label(method, settings.r),
-                "n_adapters": n,
-                "distinct_adapters_in_batch": len(set(names)),
-                "tokens_per_s": tokens / seconds if seconds else None,
-                "adapter_bytes_total": total,
-                "bytes_first_adapter": one,
-                "bytes_per_extra_adapter": (total - one) / (n - 1) if n > 1 else None,
-            }
-            rows.append(row)
-            if progress:
-                logger.info("serve %s %s N=%d: %s tokens/s, %d adapter bytes", spec.name, row["method"], n, row["tokens_per_s"], total)
-        del model
+            count += 1
+        names = [f"t{i}" for i in torch.randint(0, n, (spec.batch_size,), generator=generator).tolist()]
+        fns = {label: _forward(model, ids) for label, model in plain.items()}
+        for method in TIMED_ADAPTER_METHODS:
+            models[method].eval()
+            fns[_label(method, settings.r)] = _forward(models[method], ids, adapter_names=names)
+        times = time_interleaved(fns, settings.rounds)
+        giva, lora = _label("giva", settings.r), _label("lora", settings.r)
+        ratios = [t_lora / t_giva for t_giva, t_lora in zip(times[giva], times[lora])]
+        for label in fns:
+            rows.append(_timing_row(spec, n, label, names, times[label], tokens))
+        for method, model in models.items():
+            total = adapter_bytes(model, _prefix(method))
+            row = next((r for r in rows if r["n_adapters"] == n and r["method"] == _label(method, settings.r)), None)
+            if row is None:
+                row = {"model": spec.name, "method": _label(method, settings.r), "n_adapters": n, "tokens_per_s": None}
+                rows.append(row)
+            row.update(
+                adapter_bytes_total=total,
+                bytes_first_adapter=first[method],
+                bytes_per_extra_adapter=(total - first[method]) / (n - 1) if n > 1 else None,
+            )
+        rows.append({
+            "model": spec.name, "method": "GiVA / LoRA", "n_adapters": n, "per_round_ratio": ratios,
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+        })
+        if progress:
+            logger.info(
+                "serve %s N=%d: %s tokens/s; GiVA/LoRA per round %.2f (%.2f-%.2f)", spec.name, n,
+                {k: round(tokens / statistics.median(v)) for k, v in times.items()},
+                statistics.median(ratios), min(ratios), max(ratios),
+            )
     return rows
 
 
+def _prefix(method: str) -> str:
+    return "lora_" if method == "lora" else "giva_"
+
+
+def _timing_row(spec: ServeModel, n: int, label: str, names: list[str], seconds: list[float], tokens: int) -> dict[str, Any]:
+    per_s = [tokens / s for s in seconds]
+    return {
+        "model": spec.name,
+        "method": label,
+        "n_adapters": n,
+        "distinct_adapters_in_batch": len(set(names)) if label not in (BASE, MERGED) else None,
+        "tokens_per_s": statistics.median(per_s),
+        "tokens_per_s_min": min(per_s),
+        "tokens_per_s_max": max(per_s),
+        "seconds_per_round": seconds,
+    }
+
+
+def _find(rows: list[dict[str, Any]], model: str, n: int, method: str) -> Optional[dict[str, Any]]:
+    return next((r for r in rows if r["model"] == model and r["n_adapters"] == n and r["method"] == method), None)
+
+
 def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...]) -> str:
+    r = settings.r
+    giva, bf16, lora = _label("giva", r), _label("giva-bf16", r), _label("lora", r)
     lines = [
         "# Serving many adapters: mixed batches",
         "",
-        "Each row of a batch uses a random adapter among N (`adapter_names=[...]`); forward throughput, median of "
-        f"{settings.reps} timed forwards after a warm-up (torch {torch.__version__}, {torch.get_num_threads()} threads); "
-        "memory = distinct adapter tensors (shared bases counted once). `A bf16` has the compute of `GiVA` (A cast at "
-        "use), so only its memory is measured.",
+        "Command: `giva bench --suite serve`. Each row of the batch uses a random adapter among N "
+        "(`adapter_names=[...]`, the same rows for GiVA and LoRA). Throughput: tokens/s, median over "
+        f"{settings.rounds} interleaved rounds (each round times every model once, the order rotated per round, "
+        f"after one warm-up round); torch {torch.__version__}, {settings.threads or torch.get_num_threads()} thread(s). "
+        "GiVA / LoRA: the ratio of the two throughputs within each round, median (min-max over rounds).",
         "Batch shapes: " + ", ".join(f"{m.name} {m.batch_size} x {m.seq_len} tokens, `{m.target_modules}`" for m in models) + ".",
         "",
-        "| model | method | N adapters | distinct in batch | tokens/s | bytes per extra adapter | all adapters (MiB) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        f"| model | N | distinct in batch | base model | one merged adapter | {giva} | {lora} | GiVA / LoRA per round | GiVA / base |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in rows:
-        extra = row.get("bytes_per_extra_adapter")
-        total = row.get("adapter_bytes_total")
-        lines.append(
-            f"| {row['model']} | {row['method']} | {row['n_adapters']} | {row.get('distinct_adapters_in_batch', '')} | "
-            f"{'' if row['tokens_per_s'] is None else format(row['tokens_per_s'], '.0f')} | {'' if extra is None else f'{extra:,.0f}'} | "
-            f"{'' if total is None else f'{total / 2**20:.1f}'} |"
-        )
+    for spec in models:
+        for n in settings.ns:
+            cells = {m: _find(rows, spec.name, n, m) for m in (BASE, MERGED, giva, lora, "GiVA / LoRA")}
+            if any(c is None for c in cells.values()):
+                continue
+            ratio = cells["GiVA / LoRA"]
+            lines.append(
+                f"| {spec.name} | {n} | {cells[giva]['distinct_adapters_in_batch']} | {cells[BASE]['tokens_per_s']:.0f} | "
+                f"{cells[MERGED]['tokens_per_s']:.0f} | {cells[giva]['tokens_per_s']:.0f} | {cells[lora]['tokens_per_s']:.0f} | "
+                f"{ratio['ratio_median']:.2f} ({ratio['ratio_min']:.2f}-{ratio['ratio_max']:.2f}) | "
+                f"{cells[giva]['tokens_per_s'] / cells[BASE]['tokens_per_s']:.2f} |"
+            )
+    lines += [
+        "",
+        "Memory of the adapters (distinct tensors, shared bases counted once); `A bf16` is `bases_dtype=\"bfloat16\"`, "
+        "whose compute is GiVA's (A cast at use), so it is not timed.",
+        "",
+        f"| model | N | {giva}: all adapters (MiB) | per extra adapter (B) | {bf16}: all (MiB) | per extra (B) | "
+        f"{lora}: all (MiB) | per extra (B) | GiVA / LoRA per extra (A fp32, A bf16) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for spec in models:
+        for n in settings.ns:
+            cells = {m: _find(rows, spec.name, n, m) for m in (giva, bf16, lora)}
+            if any(c is None for c in cells.values()):
+                continue
+            extra = {m: c["bytes_per_extra_adapter"] for m, c in cells.items()}
+            mib = {m: c["adapter_bytes_total"] / 2**20 for m, c in cells.items()}
+            ratio = "" if extra[lora] is None else f"{extra[giva] / extra[lora]:.2f}, {extra[bf16] / extra[lora]:.2f}"
+            lines.append(
+                f"| {spec.name} | {n} | " + " | ".join(
+                    f"{mib[m]:.1f} | {'' if extra[m] is None else f'{extra[m]:,.0f}'}" for m in (giva, bf16, lora)
+                ) + f" | {ratio} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -204,21 +308,22 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     for col, model in enumerate(models):
         mine = [r for r in rows if r["model"] == model]
         ax = axes[0][col]
-        for method in dict.fromkeys(r["method"] for r in mine if r.get("adapter_bytes_total") is not None):
-            pts = [r for r in mine if r["method"] == method and r["tokens_per_s"] is not None]
-            if pts:
-                ax.plot([r["n_adapters"] for r in pts], [r["tokens_per_s"] for r in pts], marker="o", label=method)
-        for r in mine:
-            if r.get("adapter_bytes_total") is None:
-                ax.axhline(r["tokens_per_s"], linestyle="--", linewidth=1, color="grey" if r["method"] == "base model" else "black", label=r["method"])
+        for method in dict.fromkeys(r["method"] for r in mine if r.get("tokens_per_s") is not None):
+            pts = [r for r in mine if r["method"] == method and r.get("tokens_per_s") is not None]
+            dashed = method in (BASE, MERGED)
+            ax.errorbar(
+                [r["n_adapters"] for r in pts], [r["tokens_per_s"] for r in pts],
+                yerr=[[r["tokens_per_s"] - r["tokens_per_s_min"] for r in pts], [r["tokens_per_s_max"] - r["tokens_per_s"] for r in pts]],
+                marker="o", capsize=3, linestyle="--" if dashed else "-", linewidth=1 if dashed else 1.5, label=method,
+            )
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{model}: mixed-batch throughput")
+        ax.set_title(f"{model}: mixed-batch throughput (median, min-max)")
         ax.set_xlabel("adapters in memory (N)")
         ax.set_ylabel("tokens / s")
         ax.legend(fontsize=8)
         ax = axes[1][col]
         for method in dict.fromkeys(r["method"] for r in mine if r.get("adapter_bytes_total") is not None):
-            pts = [r for r in mine if r["method"] == method]
+            pts = [r for r in mine if r["method"] == method and r.get("adapter_bytes_total") is not None]
             ax.plot([r["n_adapters"] for r in pts], [r["adapter_bytes_total"] / 2**20 for r in pts], marker="o", label=method)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -245,20 +350,46 @@ def run_serve(
     out = Path(output_dir) if output_dir else benchmarks_dir() / "results" / SERVE_SUITE
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    rows: list[dict[str, Any]] = []
-    for index, spec in enumerate(models):
-        rows += measure_model(spec, settings, progress)
-        _write(out, rows, settings, models[: index + 1], started)  # a model's rows survive a later interruption
+    rows = _finished_rows(out, settings, models)
+    with _threads(settings.threads):
+        for index, spec in enumerate(models):
+            if any(r["model"] == spec.name for r in rows):
+                logger.info("serve %s: already measured with these settings in %s (resumed)", spec.name, out)
+                continue
+            rows += measure_model(spec, settings, progress)
+            _write(out, rows, settings, models[: index + 1], started)  # a model's rows survive a later interruption
     return _summary(out, rows, settings, models)
+
+
+def _finished_rows(out: Path, settings: ServeSettings, models: tuple[ServeModel, ...]) -> list[dict[str, Any]]:
+    """Rows of a previous, interrupted run in ``out`` with the same settings, for the models it finished (resume)."""
+    path = out / "results.json"
+    if not path.is_file():
+        return []
+    try:
+        previous = json.loads(path.read_text())
+        meta = previous["meta"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return []
+    if meta.get("settings") != json.loads(json.dumps(asdict(settings))):
+        return []
+    shapes = {m["name"]: m for m in meta.get("models", [])}
+    done = {m.name for m in models if shapes.get(m.name) == _model_meta(m)}
+    return [r for r in previous.get("rows", []) if r.get("model") in done]
+
+
+def _model_meta(spec: ServeModel) -> dict[str, Any]:
+    return {"name": spec.name, "target_modules": spec.target_modules, "batch_size": spec.batch_size, "seq_len": spec.seq_len}
 
 
 def _write(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...], started: float) -> None:
     meta = {
-        "settings": {k: v for k, v in asdict(settings).items() if k != "extra"},
-        "models": [{"name": m.name, "target_modules": m.target_modules, "batch_size": m.batch_size, "seq_len": m.seq_len} for m in models],
+        "settings": asdict(settings),
+        "models": [_model_meta(m) for m in models],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.platform(),
+        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
@@ -267,12 +398,9 @@ def _write(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, model
 
 
 def _summary(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...]) -> dict[str, Any]:
-    headlines = []
-    for spec in models:
-        for n in settings.ns:
-            by = {r["method"]: r for r in rows if r["model"] == spec.name and r["n_adapters"] == n and "adapter_bytes_total" in r}
-            giva, lora = _label("giva", settings.r), _label("lora", settings.r)
-            if giva in by and lora in by:
-                ratio = by[giva]["tokens_per_s"] / by[lora]["tokens_per_s"]
-                headlines.append(f"{spec.name} N={n}: GiVA/LoRA mixed-batch throughput x{ratio:.2f}")
+    headlines = [
+        f"{r['model']} N={r['n_adapters']}: GiVA/LoRA mixed-batch throughput x{r['ratio_median']:.2f} "
+        f"per round (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f})"
+        for r in rows if r["method"] == "GiVA / LoRA"
+    ]
     return {"headlines": headlines, "output_dir": str(out), "n_runs": len(rows), "ran": rows, "problems": []}
