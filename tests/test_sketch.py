@@ -33,26 +33,29 @@ def _target(rank: int = 6, variant: str = "VrUr", seed: int = 0, out_start: int 
     return Target("default", "layer", block, out_start, out_size, IN, rank, variant, seed)
 
 
+def _sums(request: Request, blocks) -> dict[str, torch.Tensor]:
+    """What ``request`` asks for, summed over the ``(x, g)`` blocks."""
+    sums = {}
+    for key, item in request.items.items():
+        total = None
+        for x, g in blocks:
+            rows = g[:, item.out_start : item.out_start + item.out_size]
+            if item.kind == "dense":
+                total = accumulate_dense(total, x, rows)
+            elif item.kind == "gt":
+                total = accumulate_gt(total, x, rows, item.matrix)
+            else:
+                total = accumulate_g(total, x, rows, item.matrix)
+        sums[key] = total
+    return sums
+
+
 def _run(session: InitSession, blocks, split: int | None = None) -> None:
     """Drive a session over the blocks; ``split``: two 'processes' each summing part of them, then added."""
     while not session.done:
         request = session.next_request()
         parts = [blocks] if split is None else [blocks[:split], blocks[split:]]
-        partials = []
-        for part in parts:
-            sums = {}
-            for key, item in request.items.items():
-                total = None
-                for x, g in part:
-                    rows = g[:, item.out_start : item.out_start + item.out_size]
-                    if item.kind == "dense":
-                        total = accumulate_dense(total, x, rows)
-                    elif item.kind == "gt":
-                        total = accumulate_gt(total, x, rows, item.matrix)
-                    else:
-                        total = accumulate_g(total, x, rows, item.matrix)
-                sums[key] = total
-            partials.append(Partial(request.pass_index, sums, batches=len(part)))
+        partials = [Partial(request.pass_index, _sums(request, part), batches=len(part)) for part in parts]
         total = partials[0]
         for partial in partials[1:]:
             total = total + partial
@@ -214,17 +217,7 @@ def test_receive_takes_the_sums_without_copying_and_the_bases_ignore_their_scale
         session = InitSession([target], mode=mode)
         while not session.done:
             request = session.next_request()
-            sums = {}
-            for key, item in request.items.items():
-                total = None
-                for x, g in blocks:
-                    if item.kind == "dense":
-                        total = accumulate_dense(total, x, g)
-                    elif item.kind == "gt":
-                        total = accumulate_gt(total, x, g, item.matrix)
-                    else:
-                        total = accumulate_g(total, x, g, item.matrix)
-                sums[key] = total * factor
+            sums = {key: total * factor for key, total in _sums(request, blocks).items()}
             kept = {key: value.clone() for key, value in sums.items()}
             seen.clear()
             session.receive(Partial(request.pass_index, sums, batches=len(blocks)))
