@@ -65,3 +65,26 @@ def test_runner_resumes_and_writes_table_and_plot(records, tmp_path, monkeypatch
     assert (tmp_path / "memory_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="unknown scale model"):
         scale.run_scale(tmp_path, models=["llama-70b"])
+
+
+def test_compare_alternates_fresh_processes_resumes_and_reports_the_ratio(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run_one(model, kind, scratch):
+        calls.append(kind)
+        seconds = 2.0 if kind == "exact" else 4.0
+        return {"model": model, "kind": kind, "status": "ok", "seconds": seconds, "gradient_seconds": 1.0,
+                "svd_seconds": seconds - 1.0, "peak_rss": 2e9 if kind == "exact" else 1e9, "load_average": [1.0, 1.0, 1.0]}
+
+    monkeypatch.setattr(scale, "run_one", fake_run_one)
+    results = scale.compare("llama-0.5b", ["exact", "exact_legacy"], 2, tmp_path, "cmd")
+    assert calls == ["exact", "exact_legacy", "exact_legacy", "exact"]  # ABBA
+    assert results["summary"]["time_ratio"] == pytest.approx(0.5)
+    assert results["summary"]["paired_time_ratios"] == [pytest.approx(0.5)] * 2
+    table = (tmp_path / "compare.md").read_text()
+    assert "Time exact / exact_legacy: 0.500" in table and "Peak exact / exact_legacy: 2.000" in table
+    scale.compare("llama-0.5b", ["exact", "exact_legacy"], 3, tmp_path)  # resumes: only the third pair runs
+    assert calls[4:] == ["exact", "exact_legacy"]
+    assert json.loads((tmp_path / "compare.json").read_text())["command"] == "cmd"
+    with pytest.raises(ValueError, match="two measurements"):
+        scale.compare("llama-0.5b", ["exact", "nope"], 1, tmp_path)

@@ -513,6 +513,94 @@ def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------
+# Side-by-side comparison of two measurements (alternating fresh processes, one run)
+
+
+def compare(model: str, kinds: Sequence[str], pairs: int, output_dir: Path, command: str = "") -> dict[str, Any]:
+    """Run ``kinds`` alternately ``pairs`` times on ``model`` (each in its own process, as :func:`run_one`).
+
+    Alternating puts the same machine load on both sides. Resumable: rounds already in
+    ``compare.json`` are kept. Writes ``compare.json`` and ``compare.md`` (every run, means, ratio).
+    """
+    if model not in MODELS:
+        raise ValueError(f"unknown scale model {model!r}; known: {sorted(MODELS)}")
+    bad = [k for k in kinds if k not in KINDS]
+    if len(kinds) != 2 or bad:
+        raise ValueError(f"compare needs two measurements out of {list(KINDS)}, got {list(kinds)}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "compare.json"
+    from .runner import versions
+
+    results = _load(path) if path.exists() else {}
+    results.update(model=model, kinds=list(kinds), command=command or results.get("command", ""), versions=versions())
+    runs: list[dict[str, Any]] = results.setdefault("runs", [])
+    scratch = output_dir / ".scratch"
+    scratch.mkdir(exist_ok=True)
+    for index in range(pairs):
+        for kind in kinds if index % 2 == 0 else list(reversed(kinds)):  # ABBA: neither side always runs first
+            if any(r["pair"] == index and r["kind"] == kind and r.get("status") == "ok" for r in runs):
+                continue
+            record = run_one(model, kind, scratch)
+            record["pair"] = index
+            runs[:] = [r for r in runs if not (r["pair"] == index and r["kind"] == kind)] + [record]
+            path.write_text(json.dumps(results, indent=1))
+            logger.info("%s pair %d: %s", kind, index, {k: record.get(k) for k in ("status", "seconds", "peak_rss")})
+    path.write_text(json.dumps(results, indent=1))
+    _write_compare(output_dir, results)
+    return results
+
+
+def _write_compare(output_dir: Path, results: dict[str, Any]) -> None:
+    kinds = results["kinds"]
+    ok = [r for r in results["runs"] if r.get("status") == "ok"]
+    lines = [
+        f"# {results['model']}: {kinds[0]} against {kinds[1]}, side by side",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        "Each row is one fresh process (`python -m giva.bench.scale measure`, one OpenMP thread), run in the "
+        "order listed, alternating the two (ABBA), so both sides share the machine's load. Times in s, "
+        "peak RSS in GB (including the model).",
+        "",
+        "| order | pair | kind | s | gradient s | SVD s | peak RSS GB | load average (1 min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(ok):
+        lines.append(
+            f"| {i + 1} | {r['pair']} | {r['kind']} | {r['seconds']:.2f} | {r.get('gradient_seconds', 0):.2f} | "
+            f"{r.get('svd_seconds', 0):.2f} | {_gb(r['peak_rss'])} | {r['load_average'][0]:.1f} |"
+        )
+    means = {}
+    for kind in kinds:
+        mine = [r for r in ok if r["kind"] == kind]
+        if mine:
+            means[kind] = {f: sum(r.get(f, 0) for r in mine) / len(mine) for f in ("seconds", "gradient_seconds", "svd_seconds", "peak_rss")}
+            means[kind]["n"] = len(mine)
+    lines += ["", "| kind | runs | mean s | mean gradient s | mean SVD s | mean peak RSS GB |", "|---|---|---|---|---|---|"]
+    for kind, m in means.items():
+        lines.append(
+            f"| {kind} | {m['n']} | {m['seconds']:.2f} | {m['gradient_seconds']:.2f} | {m['svd_seconds']:.2f} | {_gb(m['peak_rss'])} |"
+        )
+    if len(means) == 2:
+        a, b = (means[k] for k in kinds)
+        pairs = sorted({r["pair"] for r in ok})
+        paired = [
+            next(r["seconds"] for r in ok if r["pair"] == p and r["kind"] == kinds[0])
+            / next(r["seconds"] for r in ok if r["pair"] == p and r["kind"] == kinds[1])
+            for p in pairs if {r["kind"] for r in ok if r["pair"] == p} == set(kinds)
+        ]
+        results["summary"] = {"means": means, "time_ratio": a["seconds"] / b["seconds"], "paired_time_ratios": paired}
+        lines += [
+            "",
+            f"Time {kinds[0]} / {kinds[1]}: {a['seconds'] / b['seconds']:.3f} (means); per pair: "
+            + ", ".join(f"{x:.3f}" for x in paired)
+            + f". Peak {kinds[0]} / {kinds[1]}: {a['peak_rss'] / b['peak_rss']:.3f}.",
+        ]
+        (output_dir / "compare.json").write_text(json.dumps(results, indent=1))
+    (output_dir / "compare.md").write_text("\n".join(lines) + "\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m giva.bench.scale")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -524,6 +612,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--output-dir", default="benchmarks/results/scale")
     run.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     run.add_argument("--kinds", default=None, help="comma-separated subset of " + ",".join(KINDS + RANK_KINDS))
+    cmp_ = sub.add_parser("compare", help="two measurements side by side, alternating fresh processes")
+    cmp_.add_argument("model", choices=sorted(MODELS))
+    cmp_.add_argument("kinds", nargs=2, choices=KINDS)
+    cmp_.add_argument("--pairs", type=int, default=3)
+    cmp_.add_argument("--output-dir", required=True)
     args = parser.parse_args(argv)
     if args.command == "measure":
         record = measure(MODELS[args.model], args.kind)
@@ -531,6 +624,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             Path(args.out).write_text(json.dumps(record, indent=1))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.command == "compare":
+        command = " ".join(["python -m giva.bench.scale", *(argv if argv is not None else sys.argv[1:])])
+        compare(args.model, args.kinds, args.pairs, Path(args.output_dir), command)
+        return 0
     split = lambda s: s.split(",") if s else None  # noqa: E731
     run_scale(Path(args.output_dir), split(args.models), split(args.kinds))
     return 0
