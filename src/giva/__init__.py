@@ -15,12 +15,19 @@ from .gradients import GradientInitError, InitReport, bases_initialized, initial
 from .integrations.trainer import GivaInitCallback
 from .layer import BasesNotInitializedError, GivaLayer
 from .model import GivaModel
-from .peft_compat import GIVA_PEFT_TYPE, install_checkpoint_hooks, install_lora_conversion, register
+from .peft_compat import (
+    GIVA_PEFT_TYPE,
+    install_checkpoint_hooks,
+    install_lora_conversion,
+    install_transformers_load_hook,
+    register,
+)
 
 __version__ = "0.1.0"
 
 register(GivaConfig, GivaModel)
 install_checkpoint_hooks(checkpoint.save_pretrained, checkpoint.checked_load, checkpoint.forget_checksum)
+install_transformers_load_hook(checkpoint.transformers_load_adapter)
 install_lora_conversion(export.convert_module)
 
 __all__ = [

@@ -310,3 +310,66 @@ def forget_checksum(model: Any, adapter_name: str) -> None:
     config = getattr(model, "peft_config", {}).get(adapter_name)
     if config is not None and getattr(config, CHECKSUM_KEY, None) is not None:
         setattr(config, CHECKSUM_KEY, None)
+
+
+# ------------------------------------------------------------- transformers' load_adapter entry point
+
+
+def transformers_load_adapter(original: Callable[..., Any], model: Any, *args: Any, **kwargs: Any) -> Any:
+    """transformers' ``PreTrainedModel.load_adapter`` (``PeftAdapterMixin``) with the checks of ``PeftModel`` loading.
+
+    transformers reads an adapter folder with its own loader, which only logs a report of missing and
+    unexpected keys: a GiVA folder that mixes two saves, lacks a basis, or was saved from a model of
+    another depth would load with changed outputs. For a local folder this runs
+    :func:`check_adapter_folder` first (weights checksum), then, once transformers has injected a GiVA
+    adapter, loads the folder's weights again through PEFT's ``set_peft_model_state_dict``, whose GiVA
+    hook raises on missing tensors, tensors for layers the model lacks and differently regenerated
+    seeded bases. On such an error the new adapter is deleted again (as ``model.delete_adapter`` does)
+before the error propagates, so the model computes what it computed before the call.
+    Hub ids and state dicts passed in memory load unchecked, as with ``PeftModel.from_pretrained``.
+    ``AutoModel*.from_pretrained(adapter_folder)`` goes through here too.
+    """
+    arguments = inspect.signature(original).bind(model, *args, **kwargs).arguments
+    load_config = arguments.get("load_config")
+    model_id = arguments.get("peft_model_id") or getattr(load_config, "pretrained_model_name_or_path", None)
+    if model_id is None or arguments.get("adapter_state_dict") is not None or not looks_local(model_id):
+        return original(model, *args, **kwargs)
+    download = (arguments.get("kwargs") or {}).get("download_kwargs") or getattr(load_config, "download_kwargs", None) or {}
+    subfolder = download.get("subfolder") or None
+    adapter_name = arguments.get("adapter_name") or "default"
+    existed = adapter_name in (getattr(model, "peft_config", None) or {})
+    with checked_load(model_id, subfolder):
+        result = original(model, *args, **kwargs)
+    config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+    if config is None or config.peft_type != GIVA_TYPE:
+        return result
+    folder = Path(os.path.expanduser(os.fspath(model_id)))
+    folder = folder / subfolder if subfolder else folder
+    try:
+        _reload_through_peft(model, folder, adapter_name)
+    except Exception:
+        if not existed:
+            _delete_adapter(model, adapter_name)
+        raise
+    forget_checksum(model, adapter_name)
+    return result
+
+
+def _reload_through_peft(model: Any, folder: Path, adapter_name: str) -> None:
+    """Load ``folder``'s weights into ``model``'s adapter with PEFT's loader (the same values transformers wrote),
+    so that GiVA's load checks run; they raise ``ValueError`` naming the layers."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"), adapter_name=adapter_name)
+
+
+def _delete_adapter(model: Any, adapter_name: str) -> None:
+    """What transformers' ``model.delete_adapter`` does (it asks for PEFT >= 0.22, GiVA works from 0.21):
+    the adapter's tensors leave every layer and its config leaves the model; the emptied wrappers pass through."""
+    from peft.functional import delete_adapter
+
+    delete_adapter(model, adapter_name=adapter_name, prefix=f"{GIVA_TYPE.lower()}_")  # as transformers names it
+    model.peft_config.pop(adapter_name, None)
+    if not model.peft_config:
+        del model.peft_config
+        model._hf_peft_config_loaded = False

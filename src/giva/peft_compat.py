@@ -1,5 +1,6 @@
 """The one place that touches PEFT internals: adding GIVA to `PeftType`, registering the method, and hooking
-GiVA checkpoints into `PeftModel` saving/loading (the logic lives in `giva.checkpoint`)."""
+GiVA checkpoints into `PeftModel` saving/loading and transformers' `load_adapter` (the logic lives in
+`giva.checkpoint`)."""
 
 from __future__ import annotations
 
@@ -104,6 +105,27 @@ def install_checkpoint_hooks(
     PeftModel.save_pretrained = save_pretrained
     PeftModel.from_pretrained = classmethod(from_pretrained)
     PeftModel.load_adapter = load_adapter
+
+
+def install_transformers_load_hook(load_adapter: Callable[..., Any]) -> None:
+    """Route transformers' ``PreTrainedModel.load_adapter`` (its ``PeftAdapterMixin``, also used by
+    ``AutoModel*.from_pretrained`` of an adapter folder) through ``load_adapter(original, model, ...)`` (idempotent).
+
+    transformers loads adapter weights with its own loader, not PEFT's, so the ``PeftModel`` hooks above
+    do not see those loads.
+    """
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    original = PeftAdapterMixin.load_adapter
+    if getattr(original, "_giva_hook", False):
+        return
+
+    @functools.wraps(original)
+    def hooked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return load_adapter(original, self, *args, **kwargs)
+
+    hooked._giva_hook = True  # type: ignore[attr-defined]
+    PeftAdapterMixin.load_adapter = hooked
 
 
 def install_lora_conversion(convert: Callable[[Any, Any, str], Optional[tuple]]) -> None:

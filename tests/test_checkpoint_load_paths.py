@@ -1,0 +1,150 @@
+"""GiVA checkpoints loaded through transformers' ``model.load_adapter`` (PeftAdapterMixin) and through
+``PeftMixedModel`` get the checks ``PeftModel.from_pretrained`` gets, or are refused: never a silent load.
+
+transformers' own loader only logs a "LOAD REPORT" for missing and unexpected keys, so without the
+hook a folder that mixes two saves, lacks a basis or comes from a model of another depth loads
+with changed outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftMixedModel, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+import giva
+import giva.layer
+from giva import CheckpointError, GivaConfig
+from tiny_models import text_batches, tiny_llama
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+def _llama(layers: int = 2) -> LlamaForCausalLM:
+    config = tiny_llama().config
+    config.num_hidden_layers = layers
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def _batch() -> dict:
+    return text_batches(n=1, batch=2, length=8, labels="lm")[0]
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    return model.eval()(input_ids=_batch()["input_ids"]).logits
+
+
+def _adapter(seed: int, layers: int = 2, variant: str = "VrUr") -> PeftModel:
+    """A GiVA adapter with gradient bases and non-zero vectors (so outputs show what was loaded)."""
+    config = GivaConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", variant=variant, seed=seed)
+    model = get_peft_model(_llama(layers), config)
+    giva.initialize(model, [_batch()], num_batches=1, progress=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "giva_lambda" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    folder = tmp_path_factory.mktemp("load_paths") / "adapter"
+    model = _adapter(seed=1)
+    model.save_pretrained(str(folder))
+    return folder, _logits(model)
+
+
+def _copy(folder: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for name in (CONFIG, WEIGHTS):
+        (dest / name).write_bytes((folder / name).read_bytes())
+    return dest
+
+
+def _drop_checksum(folder: Path) -> None:
+    config = json.loads((folder / CONFIG).read_text())
+    del config["weights_sha256"]
+    (folder / CONFIG).write_text(json.dumps(config))
+
+
+def test_a_clean_folder_loads_through_transformers_and_reproduces_the_outputs(saved):
+    folder, expected = saved
+    base = _llama()
+    base.load_adapter(str(folder))
+    torch.testing.assert_close(_logits(base), expected, rtol=0, atol=0)
+    assert base.peft_config["default"].weights_sha256 is None  # describes the files, not the model in memory
+
+
+def test_weights_of_another_save_are_refused_by_transformers_load_adapter(saved, tmp_path):
+    folder = _copy(saved[0], tmp_path / "mixed")
+    other = tmp_path / "other"
+    _adapter(seed=2).save_pretrained(str(other))
+    (folder / WEIGHTS).write_bytes((other / WEIGHTS).read_bytes())
+    base = _llama()
+    with pytest.raises(CheckpointError, match=r"mixed/adapter_model.safetensors does not match .*adapter_config.json"):
+        base.load_adapter(str(folder))
+    assert not getattr(base, "peft_config", {})  # nothing was injected
+
+
+def test_a_missing_basis_is_refused_by_transformers_load_adapter_naming_the_layer(saved, tmp_path):
+    folder = _copy(saved[0], tmp_path / "missing")
+    state = load_file(folder / WEIGHTS)
+    del state["base_model.model.model.layers.1.self_attn.v_proj.giva_A"]
+    save_file(state, folder / WEIGHTS, metadata={"format": "pt"})
+    _drop_checksum(folder)  # else the checksum catches it first
+    base = _llama()
+    before = _logits(base)
+    with pytest.raises(ValueError, match=r"lacks tensors .*model\.layers\.1\.self_attn\.v_proj \(giva_A\)"):
+        base.load_adapter(str(folder))
+    # The rejected adapter was deleted again: the model computes what it did, and a good folder loads into it.
+    assert not getattr(base, "peft_config", {}) and not any("giva_" in n for n, _ in base.named_parameters())
+    torch.testing.assert_close(_logits(base), before, rtol=0, atol=0)
+    base.load_adapter(str(saved[0]))
+    torch.testing.assert_close(_logits(base), saved[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("layers", "message"), [
+    (1, r"layer\(s\) this model does not have: model\.layers\.1\.self_attn"),
+    (3, r"lacks tensors this model needs: model\.layers\.2\.self_attn\.q_proj"),
+])
+def test_a_base_model_of_another_depth_is_refused_by_transformers_load_adapter(saved, layers, message):
+    base = _llama(layers)
+    with pytest.raises(ValueError, match=message):
+        base.load_adapter(str(saved[0]))
+    assert not getattr(base, "peft_config", {})
+
+
+def test_a_seeded_basis_that_regenerates_differently_is_refused_by_transformers_load_adapter(tmp_path, monkeypatch):
+    _adapter(seed=1, variant="Vr").save_pretrained(str(tmp_path / "vr"))
+    original = giva.layer.seeded_output_basis
+    monkeypatch.setattr(giva.layer, "seeded_output_basis", lambda *args: -original(*args))
+    with pytest.raises(ValueError, match=r"layer\(s\) model\.layers\.0\.self_attn\.q_proj.* regenerate differently"):
+        _llama().load_adapter(str(tmp_path / "vr"))
+
+
+def test_auto_model_from_pretrained_of_an_adapter_folder_is_checked_too(tmp_path):
+    base_dir = tmp_path / "base"
+    _llama().save_pretrained(str(base_dir))
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(str(base_dir)), _adapter(seed=1).peft_config["default"])
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(str(adapter))
+    assert json.loads((adapter / CONFIG).read_text())["base_model_name_or_path"] == str(base_dir)
+    other = tmp_path / "other"
+    _adapter(seed=2).save_pretrained(str(other))
+    (adapter / WEIGHTS).write_bytes((other / WEIGHTS).read_bytes())
+    with pytest.raises(CheckpointError, match="does not match"):
+        AutoModelForCausalLM.from_pretrained(str(adapter))
+
+
+def test_peft_mixed_model_refuses_giva_adapters(saved):
+    with pytest.raises(ValueError, match="GIVA is not supported for mixed models"):
+        PeftMixedModel.from_pretrained(_llama(), str(saved[0]))
