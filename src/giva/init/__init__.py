@@ -128,7 +128,10 @@ def write_bases(model: nn.Module, session: InitSession) -> None:
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor  # FSDP2 shards are DTensors
+    """This process's share of a parameter: an FSDP2 DTensor's local shard, a ZeRO-3 parameter's partition."""
+    if hasattr(tensor, "ds_tensor"):  # DeepSpeed ZeRO-3: the parameter itself is empty outside its gather
+        return tensor.ds_tensor
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
@@ -174,7 +177,9 @@ def initialize(
 
     Args:
         peft_model: the model returned by ``get_peft_model`` (or any model holding GiVA layers), also
-            wrapped by DDP, or sharded by FSDP2 ``fully_shard``.
+            wrapped by DDP, sharded by FSDP2 ``fully_shard``, or a DeepSpeed ZeRO-3 engine (weights stay
+            partitioned: the hooks need only activations and output gradients, sizes come from the
+            layers, which PEFT read from ``ds_shape`` under ``zero.Init``).
         dataloader: calibration batches, e.g. the training dataloader; the first ``num_batches`` are used.
         num_batches: k, the number of batches whose gradients are averaged (default 4; the paper used 1).
         loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
