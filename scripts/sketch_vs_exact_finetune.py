@@ -108,7 +108,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no run that would end past this many seconds (judged by the runs so far); rerun to resume")
     args = parser.parse_args(own)
+    started = time.perf_counter()
     results = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
     if results.get("extra", extra) != extra:
         raise SystemExit(f"{args.out} holds runs with extra arguments {results['extra']}, not {extra}: use another --out")
@@ -118,6 +121,10 @@ def main() -> None:
         for mode in MODES:
             if any(r["mode"] == mode and r["seed"] == seed for r in results["runs"]):
                 continue
+            walls = [r["wall_seconds"] for r in results["runs"]]
+            if args.budget_s and walls and time.perf_counter() - started + max(walls) > args.budget_s:
+                print(f"stopping: the next run would pass --budget-s {args.budget_s:.0f}; rerun to resume", flush=True)
+                break
             record = run(mode, seed, extra)
             results["runs"].append(record)
             results["summary"] = summarise(results)
