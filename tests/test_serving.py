@@ -231,6 +231,30 @@ def test_serve_benchmark_writes_rows_table_and_plot_and_giva_adds_less_memory_th
         run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=3, r=4), progress=False)
 
 
+def test_serve_benchmark_resumes_at_the_first_unfinished_n(tmp_path, monkeypatch):
+    import json
+
+    import giva.bench.serve as serve
+
+    tiny = serve.ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100)
+    settings = serve.ServeSettings(ns=(1, 3), rounds=1, r=4)
+    full = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)["ran"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    saved["rows"] = [r for r in saved["rows"] if r["n_adapters"] == 1]  # as if interrupted during N = 3
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    timed: list[int] = []
+    real = serve.time_interleaved
+    monkeypatch.setattr(serve, "time_interleaved", lambda fns, rounds: timed.append(1) or real(fns, rounds))
+    resumed = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)["ran"]
+    assert len(timed) == 1  # only N = 3 was timed again
+    assert [r for r in resumed if r["n_adapters"] == 1] == [r for r in full if r["n_adapters"] == 1]
+    # N = 3 is rebuilt as in a full run: the same batch rows and the same adapter memory
+    key = ("distinct_adapters_in_batch", "adapter_bytes_total", "bytes_per_extra_adapter")
+    assert [[r.get(k) for k in key] for r in resumed if r["n_adapters"] == 3] == [
+        [r.get(k) for k in key] for r in full if r["n_adapters"] == 3
+    ]
+
+
 def test_serve_settings_reject_bad_values():
     from giva.bench.serve import ServeSettings
 

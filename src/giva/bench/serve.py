@@ -44,6 +44,7 @@ class ServeModel:
     batch_size: int
     seq_len: int
     vocab_size: int
+    rounds: Optional[int] = None  # interleaved rounds for this model (None: ServeSettings.rounds)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def _smollm2() -> nn.Module:
 
 DEFAULT_MODELS: tuple[ServeModel, ...] = (
     ServeModel("MiniLM-L6", _minilm, "all-linear", batch_size=16, seq_len=32, vocab_size=30522),
-    ServeModel("SmolLM2-135M", _smollm2, "all-linear", batch_size=16, seq_len=16, vocab_size=49152),
+    # 5 rounds: a SmolLM2 round takes ~4x a MiniLM one on this 2-core CPU; N = 1..128 then fits one ~12-minute run.
+    ServeModel("SmolLM2-135M", _smollm2, "all-linear", batch_size=16, seq_len=16, vocab_size=49152, rounds=5),
 )
 
 
@@ -168,8 +170,19 @@ def _merged(spec: ServeModel, settings: ServeSettings) -> nn.Module:
     return model.merge_and_unload().eval()
 
 
-def measure_model(spec: ServeModel, settings: ServeSettings, progress: bool = True) -> list[dict[str, Any]]:
-    """One row per (N, method): memory of the adapters (adapter methods) and the interleaved throughput (timed ones)."""
+def measure_model(
+    spec: ServeModel,
+    settings: ServeSettings,
+    progress: bool = True,
+    done: Optional[list[dict[str, Any]]] = None,
+    on_point: Optional[Callable[[list[dict[str, Any]]], None]] = None,
+) -> list[dict[str, Any]]:
+    """One row per (N, method): memory of the adapters (adapter methods) and the interleaved throughput (timed ones).
+
+    ``done``: rows of this model from an interrupted run with the same settings; an N they complete is kept, not
+    measured again (the adapters are still added, and the batch's rows drawn, exactly as in a full run).
+    ``on_point(rows)`` is called after each N with the rows so far (to save progress).
+    """
     from peft import get_peft_model
 
     generator = torch.Generator().manual_seed(settings.seed)
@@ -189,11 +202,14 @@ def measure_model(spec: ServeModel, settings: ServeSettings, progress: bool = Tr
                 model.add_adapter(f"t{count}", _config(method, spec.target_modules, settings.r))
             count += 1
         names = [f"t{i}" for i in torch.randint(0, n, (spec.batch_size,), generator=generator).tolist()]
+        if _point_done(done or [], spec.name, n):
+            rows += [r for r in done or [] if r["n_adapters"] == n]
+            continue
         fns = {label: _forward(model, ids) for label, model in plain.items()}
         for method in TIMED_ADAPTER_METHODS:
             models[method].eval()
             fns[_label(method, settings.r)] = _forward(models[method], ids, adapter_names=names)
-        times = time_interleaved(fns, settings.rounds)
+        times = time_interleaved(fns, spec.rounds or settings.rounds)
         giva, lora = _label("giva", settings.r), _label("lora", settings.r)
         ratios = [t_lora / t_giva for t_giva, t_lora in zip(times[giva], times[lora])]
         for label in fns:
@@ -219,7 +235,14 @@ def measure_model(spec: ServeModel, settings: ServeSettings, progress: bool = Tr
                 {k: round(tokens / statistics.median(v)) for k, v in times.items()},
                 statistics.median(ratios), min(ratios), max(ratios),
             )
+        if on_point is not None:
+            on_point(rows)
     return rows
+
+
+def _point_done(rows: list[dict[str, Any]], model: str, n: int) -> bool:
+    """True if ``rows`` hold the finished point (model, N): its GiVA / LoRA row is written last."""
+    return _find(rows, model, n, "GiVA / LoRA") is not None
 
 
 def _prefix(method: str) -> str:
@@ -252,10 +275,12 @@ def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[Se
         "",
         "Command: `giva bench --suite serve`. Each row of the batch uses a random adapter among N "
         "(`adapter_names=[...]`, the same rows for GiVA and LoRA). Throughput: tokens/s, median over "
-        f"{settings.rounds} interleaved rounds (each round times every model once, the order rotated per round, "
-        f"after one warm-up round); torch {torch.__version__}, {settings.threads or torch.get_num_threads()} thread(s). "
+        "interleaved rounds (each round times every model once, the order rotated per round, after one warm-up "
+        f"round); torch {torch.__version__}, {settings.threads or torch.get_num_threads()} thread(s). "
         "GiVA / LoRA: the ratio of the two throughputs within each round, median (min-max over rounds).",
-        "Batch shapes: " + ", ".join(f"{m.name} {m.batch_size} x {m.seq_len} tokens, `{m.target_modules}`" for m in models) + ".",
+        "Per model: " + ", ".join(
+            f"{m.name} {m.batch_size} x {m.seq_len} tokens, `{m.target_modules}`, {m.rounds or settings.rounds} rounds" for m in models
+        ) + ".",
         "",
         f"| model | N | distinct in batch | base model | one merged adapter | {giva} | {lora} | GiVA / LoRA per round | GiVA / base |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -353,16 +378,21 @@ def run_serve(
     rows = _finished_rows(out, settings, models)
     with _threads(settings.threads):
         for index, spec in enumerate(models):
-            if any(r["model"] == spec.name for r in rows):
+            if all(_point_done(rows, spec.name, n) for n in settings.ns):
                 logger.info("serve %s: already measured with these settings in %s (resumed)", spec.name, out)
                 continue
-            rows += measure_model(spec, settings, progress)
-            _write(out, rows, settings, models[: index + 1], started)  # a model's rows survive a later interruption
+            earlier = [r for r in rows if r["model"] != spec.name]
+            done = [r for r in rows if r["model"] == spec.name]
+
+            def save(mine: list[dict[str, Any]], earlier: list[dict[str, Any]] = earlier, upto: int = index + 1) -> None:
+                _write(out, earlier + mine, settings, models[:upto], started)  # each finished N survives an interruption
+
+            rows = earlier + measure_model(spec, settings, progress, done=done, on_point=save)
     return _summary(out, rows, settings, models)
 
 
 def _finished_rows(out: Path, settings: ServeSettings, models: tuple[ServeModel, ...]) -> list[dict[str, Any]]:
-    """Rows of a previous, interrupted run in ``out`` with the same settings, for the models it finished (resume)."""
+    """Rows of a previous, interrupted run in ``out`` with the same settings and batch shapes (to resume from)."""
     path = out / "results.json"
     if not path.is_file():
         return []
@@ -379,7 +409,8 @@ def _finished_rows(out: Path, settings: ServeSettings, models: tuple[ServeModel,
 
 
 def _model_meta(spec: ServeModel) -> dict[str, Any]:
-    return {"name": spec.name, "target_modules": spec.target_modules, "batch_size": spec.batch_size, "seq_len": spec.seq_len}
+    meta = {"name": spec.name, "target_modules": spec.target_modules, "batch_size": spec.batch_size, "seq_len": spec.seq_len}
+    return meta if spec.rounds is None else {**meta, "rounds": spec.rounds}
 
 
 def _write(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...], started: float) -> None:
