@@ -20,7 +20,9 @@ from giva.federated.client_app import STATE_KEY  # noqa: E402
 from giva.federated.run import run_inprocess  # noqa: E402
 from giva.federated.statistics import bases_layout, block_specs, one_process_dense_bases, read_bases  # noqa: E402
 from giva.federated.task import (  # noqa: E402
+    CANDIDATES,
     FederatedConfig,
+    accuracy,
     build_model,
     fedavg,
     peft_config,
@@ -28,7 +30,7 @@ from giva.federated.task import (  # noqa: E402
     trainable_state,
 )
 from giva.init import initialize  # noqa: E402
-from tiny_models import text_batches, tiny_bert  # noqa: E402
+from tiny_models import VOCAB, text_batches, tiny_bert, tiny_llama  # noqa: E402
 
 CLIENTS = 3
 TARGETS = "query,value,intermediate.dense"
@@ -131,7 +133,7 @@ def test_sketch_setup_matches_a_one_process_sketch_of_the_union(sketch_run):
     # The library's single-process sketched initialisation (giva.init) over the union of the shards.
     model = build_model(TinyTask(cfg), cfg)
     initialize(model, union_batches(cfg, [0, 1, 2]), num_batches=CLIENTS * cfg.num_batches, progress=False,
-               mode="sketch", passes=cfg.passes, oversampling=cfg.oversample)
+               mode="sketch", passes=cfg.passes, oversampling=cfg.sketch_oversampling)
     reference, seeded_b = read_bases(model), read_bases(model, "giva_B")
     client_model = build_model(TinyTask(cfg), cfg)  # a fresh client's own B, never sent
     client_b = read_bases(client_model, "giva_B")
@@ -149,6 +151,63 @@ def test_sketch_setup_matches_a_one_process_sketch_of_the_union(sketch_run):
     sketch_up = sum(t["up"][0] for t in results["setup"][: cfg.passes])
     dense_bytes = 4 * sum(s.shape[0] * s.shape[1] for s in block_specs(model).values())
     assert sketch_up < dense_bytes
+
+
+def test_bfloat16_sketch_transport_halves_the_setup_and_keeps_the_bases(sketch_run):
+    cfg32, results32, _ = sketch_run
+    cfg = config(init_mode="sketch", rounds=1, local_steps=1, passes=3, sketch_dtype="bfloat16")
+    results, grid = run_inprocess(cfg, TinyTask, keep_log=True)
+    held = client_bases(grid, cfg)
+    for other in held[1:]:
+        assert all(torch.equal(other[k], held[0][k]) for k in held[0])
+    statistics = [(m, r) for m, r in grid.log if m.metadata.message_type == messages.STATISTICS]
+    for message, reply in statistics:  # sums up and test matrices down travel in bfloat16 (2 bytes a number)
+        for m in (message, reply):
+            if messages.ARRAYS in m.content:
+                (name,) = m.content[messages.ARRAYS].keys()
+                assert name == messages.PACKED_BF16
+    up16 = sum(t["up"][0] for t in results["setup"][: cfg.passes])
+    up32 = sum(t["up"][0] for t in results32["setup"][: cfg.passes])
+    assert 0.45 * up32 < up16 < 0.6 * up32
+    assert results["setup"][-1]["down"] == results32["setup"][-1]["down"]  # A itself is sent as the model stores it
+    model = build_model(TinyTask(cfg), cfg)
+    initialize(model, union_batches(cfg, [0, 1, 2]), num_batches=CLIENTS * cfg.num_batches, progress=False,
+               mode="sketch", passes=cfg.passes, oversampling=cfg.sketch_oversampling)
+    reference = read_bases(model)
+    for key in reference:
+        assert principal_cosines(reference[key], held[0][key]).min() > 0.99, key
+        assert torch.allclose(held[0][key] @ held[0][key].mT, torch.eye(cfg.giva_r), atol=1e-5)
+
+
+class FailingTask(TinyTask):
+    """Fails the first time any client trains round ``fail_at`` (a killed run)."""
+
+    fail_at = 2
+    failed = False
+
+    def train_batches(self, partition: int, num_partitions: int, round_index: int):
+        if round_index == self.fail_at and not FailingTask.failed:
+            FailingTask.failed = True
+            raise RuntimeError("killed")
+        return super().train_batches(partition, num_partitions, round_index)
+
+
+@pytest.mark.parametrize("method", ["giva", "vera"])
+def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(method, tmp_path):
+    cfg = config(method=method, rounds=3, local_steps=1, init_mode="dense")  # dense: the cheaper GiVA setup
+    whole, _ = run_inprocess(cfg, TinyTask)
+    checkpoint = str(tmp_path / "run.pt")
+    FailingTask.failed = False
+    with pytest.raises(RuntimeError, match="killed"):
+        run_inprocess(cfg, FailingTask, checkpoint=checkpoint)
+    resumed, grid = run_inprocess(cfg, FailingTask, checkpoint=checkpoint)
+    assert [r["accuracy"] for r in resumed["rounds"]] == [r["accuracy"] for r in whole["rounds"]]
+    assert [r["traffic"] for r in resumed["rounds"]] == [r["traffic"] for r in whole["rounds"]]
+    assert resumed["setup"] == whole["setup"]
+    # The resumed run trained only the missing rounds; the setup's result was sent again but not counted.
+    assert sum(t == messages.TRAIN for t, *_ in grid.sent) == CLIENTS * (cfg.rounds - FailingTask.fail_at + 1)
+    with pytest.raises(ValueError, match="another run config"):
+        run_inprocess(config(method=method, rounds=4, local_steps=1, init_mode="dense"), TinyTask, checkpoint=checkpoint)
 
 
 def test_fedavg_is_the_example_weighted_mean():
@@ -200,6 +259,9 @@ def test_packed_tensors_need_the_receivers_layout():
     record = messages.tensors_record(tensors)
     back = messages.record_tensors(record, messages.layout_of(tensors))
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
+    halves = {k: (v / 3).bfloat16() for k, v in tensors.items()}  # bfloat16 survives Flower's numpy arrays bit for bit
+    back = messages.record_tensors(messages.tensors_record(halves), messages.layout_of(halves))
+    assert all(back[k].dtype == torch.bfloat16 and torch.equal(back[k], halves[k]) for k in halves)
     with pytest.raises(ValueError, match="same model"):
         messages.record_tensors(record, [("a", (2, 3))])
 
@@ -244,7 +306,8 @@ def test_label_skew_shards_are_disjoint_equal_and_skewed():
 @pytest.mark.parametrize(
     "field,value,match",
     [("split", "dirichlet", "split"), ("method", "adapter", "method"), ("clients", 0, "clients"),
-     ("init_mode", "exact", "init_mode"), ("skew", 1.5, "skew")],
+     ("init_mode", "exact", "init_mode"), ("skew", 1.5, "skew"), ("sketch_dtype", "float16", "sketch_dtype"),
+     ("oversample", -2, "oversample"), ("val_size", -1, "val_size")],
 )
 def test_bad_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -275,3 +338,51 @@ def test_flower_app_config_names_real_apps_and_valid_options():
     for key, kind in (("serverapp", ServerApp), ("clientapp", ClientApp)):
         module, attr = tool["components"][key].split(":")
         assert isinstance(getattr(importlib.import_module(module), attr), kind)
+
+
+class TinyCausalTask(TinyTask):
+    """The causal-LM variant on a tiny Llama: language-model batches, prompts scored by two candidate tokens."""
+
+    def base_model(self) -> torch.nn.Module:
+        return tiny_llama(seed=self.cfg.seed)
+
+    def _shard(self, partition: int) -> list[dict]:
+        return text_batches(n=4 * (partition + 1), batch=4, length=8, labels="lm", seed=100 + partition)
+
+    def test_batches(self) -> list[dict]:
+        generator = torch.Generator().manual_seed(999)
+        ids = torch.randint(0, VOCAB, (6, 8), generator=generator)
+        mask = torch.ones_like(ids)
+        mask[::2, 5:] = 0  # right padding on every other prompt
+        labels = torch.randint(0, 2, (6,), generator=generator)
+        return [{"input_ids": ids, "attention_mask": mask, "labels": labels, CANDIDATES: torch.tensor([5, 7])}]
+
+
+def test_causal_lm_variant_runs_setup_and_a_round_sending_only_the_vectors():
+    cfg = config(task="causal-lm", target_modules="q_proj,v_proj,up_proj", rounds=1, local_steps=1)
+    results, grid = run_inprocess(cfg, TinyCausalTask, keep_log=True)
+    held = [messages.record_tensors(ctx.state[STATE_KEY], bases_layout(build_model(TinyCausalTask(cfg), cfg)))
+            for ctx in grid.contexts.values()]
+    assert all(torch.equal(other[k], held[0][k]) for other in held[1:] for k in held[0])
+    assert [t for t, *_ in grid.sent].count(messages.STATISTICS) == CLIENTS * cfg.passes
+    model = build_model(TinyCausalTask(cfg), cfg)
+    names = [name for name, _ in messages.layout_of(trainable_state(model))]
+    assert names and all("giva_lambda_" in n for n in names)  # a causal LM has no head to send
+    assert len(results["rounds"]) == 2 and 0.0 <= results["rounds"][-1]["accuracy"] <= 1.0
+    sent = [m for m, _ in grid.log if m.metadata.message_type == messages.TRAIN][0]
+    assert messages.payload_bytes(sent) == 4 * sum(torch.Size(s).numel() for _, s in messages.layout_of(trainable_state(model)))
+
+
+def test_candidate_accuracy_scores_the_label_words_after_each_prompts_last_token():
+    cfg = config(task="causal-lm", target_modules="q_proj,v_proj")
+    model = TinyCausalTask(cfg).base_model()
+    (batch,) = TinyCausalTask(cfg).test_batches()
+    expected = []
+    with torch.no_grad():
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            prompt = ids[: int(mask.sum())].unsqueeze(0)  # unpadded, alone
+            expected.append(int(model(input_ids=prompt).logits[0, -1, batch[CANDIDATES]].argmax()))
+    expected = torch.tensor(expected)
+    assert accuracy(model, [batch]) == pytest.approx(float((expected == batch["labels"]).float().mean()))
+    flipped = {**batch, "labels": 1 - expected}
+    assert accuracy(model, [flipped]) == 0.0 and accuracy(model, [{**batch, "labels": expected}]) == 1.0

@@ -34,6 +34,7 @@ from .statistics import (
     sketch_session,
 )
 from .task import (
+    SKETCH_DTYPES,
     FederatedConfig,
     Task,
     build_model,
@@ -117,14 +118,18 @@ def make_client_app(
             sums, count = dense_statistics(model, batches)
             metrics = {"num-examples": count}
         else:
-            session = sketch_session(model, int(request["passes"]), int(request["oversampling"]))
+            oversampling = int(request["oversampling"])
+            session = sketch_session(model, int(request["passes"]), None if oversampling == -1 else oversampling)
             kind = str(request["kind"])
+            dtype = SKETCH_DTYPES[str(request["sketch-dtype"])]
             matrices = {}
             if messages.ARRAYS in msg.content:
-                matrices = messages.record_tensors(msg.content[messages.ARRAYS], matrix_layout(session, kind))
+                layout = matrix_layout(session, kind)
+                matrices = {k: m.float() for k, m in messages.record_tensors(msg.content[messages.ARRAYS], layout).items()}
             work = client_request(session, int(request["pass-index"]), kind, matrices)
             partial: Partial = accumulate(model, batches, work)
-            sums = {key: partial.sums[key] for key in session.targets}  # packed in the order the server unpacks
+            # Packed in the order the server unpacks, in the run's transport dtype.
+            sums = {key: partial.sums[key].to(dtype) for key in session.targets}
             metrics = {"num-examples": examples, "batches": partial.batches, "tokens": partial.tokens}
         logger.info("client %d: %s statistics of %d examples", partition, request["mode"], examples)
         return Message(messages.make_content(sums, metrics=metrics), reply_to=msg)

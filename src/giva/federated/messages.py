@@ -78,14 +78,25 @@ def unpack(flat: torch.Tensor, layout: Layout) -> dict[str, torch.Tensor]:
     return out
 
 
+# Flower's arrays go through numpy, which has no bfloat16: such a packed array travels as its int16 bit
+# pattern under this name (the same 2 bytes a number).
+PACKED_BF16 = "packed-bfloat16"
+
+
 def tensors_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
-    """An ``ArrayRecord`` with the tensors packed into one array (their dtype is kept)."""
-    return ArrayRecord({PACKED: pack(tensors)})
+    """An ``ArrayRecord`` with the tensors packed into one array (their dtype is kept, bfloat16 included)."""
+    flat = pack(tensors)
+    if flat.dtype == torch.bfloat16:
+        return ArrayRecord({PACKED_BF16: flat.view(torch.int16)})
+    return ArrayRecord({PACKED: flat})
 
 
 def record_tensors(record: ArrayRecord, layout: Layout) -> dict[str, torch.Tensor]:
     """The tensors of a packed ``ArrayRecord``, named and shaped by ``layout``."""
-    return unpack(record.to_torch_state_dict()[PACKED], layout)
+    arrays = record.to_torch_state_dict()
+    if PACKED_BF16 in arrays:
+        return unpack(arrays[PACKED_BF16].view(torch.bfloat16), layout)
+    return unpack(arrays[PACKED], layout)
 
 
 def make_content(

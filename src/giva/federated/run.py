@@ -28,8 +28,9 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from . import messages
 from .client_app import TaskFactory, default_task, make_client_app
-from .server_app import make_server_app, run_server
-from .task import FederatedConfig, accuracy, build_model, cached_task
+from .server_app import make_server_app, run_server, write_checkpoint
+from .statistics import sketch_session
+from .task import FederatedConfig, accuracy, build_model, cached_task, load_trainable_state, trainable_state
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +119,14 @@ class _ServerIdentity:
 
 
 def run_inprocess(
-    cfg: FederatedConfig, task_factory: TaskFactory = default_task, keep_log: bool = False
+    cfg: FederatedConfig, task_factory: TaskFactory = default_task, keep_log: bool = False,
+    checkpoint: Optional[str] = None,
 ) -> tuple[dict[str, Any], InProcessGrid]:
-    """The ServerApp logic against an :class:`InProcessGrid` of ``cfg.clients`` ClientApps."""
+    """The ServerApp logic against an :class:`InProcessGrid` of ``cfg.clients`` ClientApps (resumable from
+    ``checkpoint``, see :func:`giva.federated.server_app.run_server`)."""
     grid = InProcessGrid(make_client_app(task_factory, cfg), cfg.clients, keep_log=keep_log)
     with _ServerIdentity():
-        results = run_server(grid, cfg, task_factory)
+        results = run_server(grid, cfg, task_factory, checkpoint)
     return results, grid
 
 
@@ -142,47 +145,67 @@ def run_simulation(cfg: FederatedConfig, task_factory: TaskFactory = default_tas
     return results[0]
 
 
-def run_federated(cfg: FederatedConfig, engine: str = "inprocess", task_factory: TaskFactory = default_task) -> dict[str, Any]:
-    """One federated run on ``engine``; returns the results dict (see :func:`giva.federated.server_app.run_server`)."""
+def run_federated(
+    cfg: FederatedConfig, engine: str = "inprocess", task_factory: TaskFactory = default_task,
+    checkpoint: Optional[str] = None,
+) -> dict[str, Any]:
+    """One federated run on ``engine``; returns the results dict (see :func:`giva.federated.server_app.run_server`).
+
+    ``checkpoint`` (in-process engine only): resume from / save to this file after every round.
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "simulation":
         results = run_simulation(cfg, task_factory)
     else:
-        results, _ = run_inprocess(cfg, task_factory)
+        results, _ = run_inprocess(cfg, task_factory, checkpoint=checkpoint)
     results["engine"] = engine
     return results
 
 
-def run_centralised(cfg: FederatedConfig, task_factory: TaskFactory = default_task) -> dict[str, Any]:
+def run_centralised(
+    cfg: FederatedConfig, task_factory: TaskFactory = default_task, checkpoint: Optional[str] = None
+) -> dict[str, Any]:
     """GiVA trained in one process on the pooled shards with the federated run's total steps.
 
     Initialisation is ``giva.initialize`` (dense gradient) over ``clients x num_batches`` pooled
     calibration batches; training takes ``rounds x clients x local_steps`` AdamW steps with a linear
     decay; accuracy is recorded every ``clients x local_steps`` steps (one federated round's worth).
+    ``checkpoint``: saved every such round (model, optimizer, scheduler, results), resumed from if it exists.
     """
+    from ..finetune import parameter_groups
     from ..gradients import initialize
 
     start = time.perf_counter()
+    cfg = replace(cfg, method="giva")
     task = task_factory(cfg)
     if not hasattr(task, "pooled_batches"):
         raise ValueError("the centralised baseline needs a task with pooled_batches()")
-    model = build_model(task, replace(cfg, method="giva"))
+    model = build_model(task, cfg)
     calibration = task.pooled_batches(round_index=-1)
     initialize(model, [next(calibration) for _ in range(cfg.clients * cfg.num_batches)],
                num_batches=cfg.clients * cfg.num_batches, progress=False)
     test = task.test_batches()
     per_round = cfg.clients * cfg.local_steps
     total = cfg.rounds * per_round
-    from ..finetune import parameter_groups
-
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg.peak_lr, None, 0.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total)
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    batches = task.pooled_batches(round_index=0)
-    rounds = [{"round": 0, "accuracy": accuracy(model, test)}]
+    saved = torch.load(checkpoint, weights_only=False) if checkpoint and Path(checkpoint).exists() else None
+    if saved is not None:
+        if saved["config"] != asdict(cfg):
+            raise ValueError(f"checkpoint {checkpoint} is of another run config; delete it or use another output folder")
+        load_trainable_state(model, saved["trainable"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        rounds, elapsed = saved["rounds"], saved["seconds"]
+        logger.info("centralised: resuming after round %d from %s", len(rounds) - 1, checkpoint)
+    else:
+        rounds, elapsed = [{"round": 0, "accuracy": accuracy(model, test)}], 0.0
+    done = (len(rounds) - 1) * per_round
+    batches = task.pooled_batches(round_index=0, skip=done)
     model.train()
-    for step in range(1, total + 1):
+    for step in range(done + 1, total + 1):
         loss = model(**next(batches)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -192,10 +215,16 @@ def run_centralised(cfg: FederatedConfig, task_factory: TaskFactory = default_ta
         if step % per_round == 0:
             model.eval()
             rounds.append({"round": step // per_round, "accuracy": accuracy(model, test), "steps": step})
+            logger.info("centralised round %d: accuracy %.4f", rounds[-1]["round"], rounds[-1]["accuracy"])
             model.train()
+            if checkpoint:
+                write_checkpoint(checkpoint, {
+                    "config": asdict(cfg), "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rounds": rounds,
+                    "seconds": elapsed + time.perf_counter() - start})
     model.eval()
     return {"config": asdict(cfg), "method": "giva-centralised", "rounds": rounds, "steps": total,
-            "seconds": time.perf_counter() - start}
+            "seconds": elapsed + time.perf_counter() - start}
 
 
 def wire_sizes(cfg: FederatedConfig, task_factory: TaskFactory = default_task) -> dict[str, Any]:
@@ -221,20 +250,21 @@ def wire_sizes(cfg: FederatedConfig, task_factory: TaskFactory = default_task) -
     with _ServerIdentity():
         if cfg.method == "giva":
             common = {"mode": cfg.init_mode, "num-batches": cfg.num_batches, "passes": cfg.passes,
-                      "oversampling": cfg.oversample}
+                      "oversampling": cfg.oversample, "sketch-dtype": cfg.sketch_dtype}
             metrics = {key: 1 for key in STATISTICS_REPLY_METRICS}
             if cfg.init_mode == "dense":
                 setup.append(pair(messages.make_content(config=common),
                                   messages.make_content(filled(dense_layout(model), torch.float64), metrics=metrics),
                                   messages.STATISTICS))
             else:
-                session = sketch_session(model, cfg.passes, cfg.oversample)
+                session = sketch_session(model, cfg.passes, cfg.sketch_oversampling)
+                dtype = cfg.transport_dtype
                 for index in range(cfg.passes):
                     kind = "gt" if index % 2 == 0 else "g"
-                    matrices = None if index == 0 else filled(matrix_layout(session, kind))
+                    matrices = None if index == 0 else filled(matrix_layout(session, kind), dtype)
                     setup.append(pair(
                         messages.make_content(matrices, config={**common, "pass-index": index, "kind": kind}),
-                        messages.make_content(filled(sums_layout(session, kind)), metrics=metrics),
+                        messages.make_content(filled(sums_layout(session, kind), dtype), metrics=metrics),
                         messages.STATISTICS))
             setup.append(pair(messages.make_content(filled(bases_layout(model))),
                               messages.make_content(metrics={"num-stored": 1}), messages.BASES))
@@ -255,7 +285,12 @@ def bytes_table(cfg: FederatedConfig, rounds: list[int], task_factory: TaskFacto
     """Markdown table of :func:`wire_sizes` for GiVA (sketch and dense setup), LoRA and VeRA (with / without
     projections): per client per round, setup total, and totals for ``cfg.clients`` clients after each of ``rounds``."""
     rows = []
-    variants = [("giva", {"init_mode": "sketch"}, f"giva r={cfg.giva_r}, sketch setup ({cfg.passes} passes)"),
+    session = sketch_session(build_model(task_factory(cfg), replace(cfg, method="giva")), cfg.passes,
+                             cfg.sketch_oversampling)
+    sketch = f"{cfg.passes} passes, l={session.width(next(iter(session.targets)))}, sent as {cfg.sketch_dtype}"
+    variants = [("giva", {"init_mode": "sketch"}, f"giva r={cfg.giva_r}, sketch setup ({sketch})"),
+                ("giva", {"init_mode": "sketch", "passes": 2, "oversample": 8, "sketch_dtype": "float32"},
+                 f"giva r={cfg.giva_r}, sketch setup (before: 2 passes, l={cfg.giva_r + 8}, float32)"),
                 ("giva", {"init_mode": "dense"}, f"giva r={cfg.giva_r}, dense setup"),
                 ("lora", {}, f"lora r={cfg.lora_r}"),
                 ("vera", {"vera_projections": True}, f"vera r={cfg.vera_r}, projections sent"),
@@ -276,6 +311,66 @@ def bytes_table(cfg: FederatedConfig, rounds: list[int], task_factory: TaskFacto
         lines.append(f"| {row['label']} | {row['trainable_parameters']:,} | {row['round_down'] / 1e3:.1f} kB | "
                      f"{row['round_up'] / 1e3:.1f} kB | {(row['setup_down'] + row['setup_up']) / 1e6:.3f} MB | {totals} |")
     return "\n".join(lines), rows
+
+
+def sketch_accuracy(
+    base: FederatedConfig, settings: list[tuple[int, int, str]], task_factory: TaskFactory = default_task
+) -> dict[str, Any]:
+    """Bases of the federated sketch setup against the dense path, for each ``(passes, oversample, sketch_dtype)``.
+
+    Each setting runs the real setup exchanges (in-process grid, ``base.clients`` clients, their calibration
+    batches) and compares every block's ``A`` with the dense path's (the exact SVD of the mean gradient
+    over the union of the same batches): the mean top-min(r, rank) principal cosine of each block, then the
+    mean and the minimum over blocks (rank: singular values above 1e-3 of the largest). Bytes are those of
+    the setup messages of one client (down + up).
+    """
+    from .server_app import setup_giva, wait_for_nodes
+    from .statistics import block_specs, dense_statistics, read_bases
+
+    task = task_factory(base)
+    model = build_model(task, replace(base, method="giva"))
+    union = [b for p in range(base.clients) for b in task.calibration_batches(p, base.clients, base.num_batches)]
+    start = time.perf_counter()
+    stats, count = dense_statistics(model, union)
+    exact = {}
+    for key, spec in block_specs(model).items():
+        _, s, vh = torch.linalg.svd((stats[key] / count).float(), full_matrices=False)
+        exact[key] = (vh, int((s > s[0] * 1e-3).sum()))
+    dense_seconds = time.perf_counter() - start
+    rows = []
+    for passes, oversample, dtype in settings:
+        cfg = replace(base, method="giva", init_mode="sketch", passes=passes, oversample=oversample, sketch_dtype=dtype)
+        grid = InProcessGrid(make_client_app(task_factory, cfg), cfg.clients)
+        fresh = build_model(task, cfg)
+        start = time.perf_counter()
+        with _ServerIdentity():
+            traffic, _ = setup_giva(grid, wait_for_nodes(grid, cfg.clients), fresh, cfg)
+        seconds = time.perf_counter() - start
+        bases = read_bases(fresh)
+        cosines = []
+        for key, (vh, rank) in exact.items():
+            k = min(cfg.giva_r, rank)
+            cosines.append(float(torch.linalg.svdvals(vh[:k].double() @ bases[key][:k].double().mT).clamp(max=1).mean()))
+        session = sketch_session(fresh, passes, cfg.sketch_oversampling)
+        rows.append({"passes": passes, "oversample": oversample, "sketch_dtype": dtype,
+                     "l": session.width(next(iter(session.targets))),
+                     "mean_cos": sum(cosines) / len(cosines), "min_cos": min(cosines), "blocks": len(cosines),
+                     "setup_bytes_per_client": sum(t.down[0] + t.up[0] for t in traffic),
+                     "setup_messages": [{"down": t.down[0], "up": t.up[0]} for t in traffic],
+                     "seconds": seconds})
+        logger.info("sketch passes=%d l=%d %s: mean cos %.4f, min %.4f, %.3f MB per client", passes, rows[-1]["l"], dtype,
+                    rows[-1]["mean_cos"], rows[-1]["min_cos"], rows[-1]["setup_bytes_per_client"] / 1e6)
+    return {"config": asdict(base), "calibration_examples": count, "dense_seconds": dense_seconds, "rows": rows}
+
+
+def sketch_table(result: dict[str, Any]) -> str:
+    lines = ["| passes | l | sums / test matrices sent as | mean cos A | min cos A | setup per client (MB, down + up) "
+             "| messages (down / up kB) |", "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        msgs = ", ".join(f"{m['down'] / 1e3:.0f} / {m['up'] / 1e3:.0f}" for m in row["setup_messages"])
+        lines.append(f"| {row['passes']} | {row['l']} | {row['sketch_dtype']} | {row['mean_cos']:.4f} | "
+                     f"{row['min_cos']:.4f} | {row['setup_bytes_per_client'] / 1e6:.3f} | {msgs} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- reports
@@ -314,7 +409,7 @@ def summarise(run: dict[str, Any], label: str, setup_bytes: Optional[int] = None
         "cumulative_bytes": cumulative,
         "accuracy": [r["accuracy"] for r in rounds],
         "final_accuracy": rounds[-1]["accuracy"],
-        "best_accuracy": max(r["accuracy"] for r in rounds),
+        "best_accuracy": max(r["accuracy"] for r in rounds[1:]) if len(rounds) > 1 else rounds[0]["accuracy"],
         "seconds": run.get("seconds"),
     }
 
@@ -351,7 +446,7 @@ def markdown_table(summaries: list[dict[str, Any]], targets: list[float], centra
         reach = [next((f"{i} (-)" for i, a in enumerate(accs) if i > 0 and a >= t), "not reached") for t in targets]
         lines.append(
             f"| giva, centralised ({centralised['steps']} steps on the pooled data) | - | - | - | - | - | - | "
-            f"{accs[-1]:.2%} | {max(accs):.2%} | " + " | ".join(reach) + " |"
+            f"{accs[-1]:.2%} | {max(accs[1:] or accs):.2%} | " + " | ".join(reach) + " |"
         )
     return "\n".join(lines)
 
@@ -388,26 +483,32 @@ def run_comparison(
     centralised: bool = True,
     targets: Optional[list[float]] = None,
     task_factory: TaskFactory = default_task,
+    checkpoint_dir: Optional[str] = None,
 ) -> dict[str, Any]:
     """Every method on ``base`` (same shards, rounds, steps), VeRA's two setups, and the centralised
     GiVA baseline; writes ``results.json``, ``results.md`` and ``accuracy_vs_mb.png`` to ``output_dir``.
 
     VeRA without projections is the VeRA run's training with its setup message left out: the clients
     regenerate the very same projections from the PRNG key, so only the setup bytes differ.
+    ``checkpoint_dir`` (in-process engine): each run saves ``<method>.pt`` there after every round and a
+    repeated call goes on from there.
     """
+    def checkpoint(name: str) -> Optional[str]:
+        return str(Path(checkpoint_dir) / f"{name}.pt") if checkpoint_dir else None
+
     runs: dict[str, Any] = {}
     summaries = []
     for method in methods:
         cfg = replace(base, method=method, vera_projections=True)
         logger.info("federated %s: %d clients, %d rounds, %s", method, cfg.clients, cfg.rounds, cfg.split)
-        runs[method] = run_federated(cfg, engine, task_factory)
+        runs[method] = run_federated(cfg, engine, task_factory, checkpoint=checkpoint(method))
         label = {"giva": f"giva r={cfg.giva_r} ({cfg.init_mode})", "lora": f"lora r={cfg.lora_r}",
                  "vera": f"vera r={cfg.vera_r}, projections sent"}[method]
         summaries.append(summarise(runs[method], label))
         if method == "vera":
             summaries.append(summarise(runs[method], f"vera r={cfg.vera_r}, seed only", setup_bytes=0))
         write_json({"runs": runs}, str(Path(output_dir) / "results.json"))  # partial results survive a crash
-    central = run_centralised(base, task_factory) if centralised and "giva" in methods else None
+    central = run_centralised(base, task_factory, checkpoint("centralised")) if centralised and "giva" in methods else None
     write_json({"runs": runs, "centralised": central}, str(Path(output_dir) / "results.json"))
     if targets is None:
         targets = [0.70, 0.75]
@@ -464,30 +565,60 @@ __all__ = [
 ]
 
 
-# The two measurements committed under benchmarks/results/federated/ (README, "Federated fine-tuning"):
+# The measurements committed under benchmarks/results/federated/ (README, "Federated fine-tuning"):
 #   python -m giva.federated.run bytes benchmarks/results/federated
-#   python -m giva.federated.run accuracy benchmarks/results/federated/small-run
-BYTES_CONFIG = FederatedConfig(clients=4, rounds=10, test_size=100, max_train_samples=64, passes=2)
-ACCURACY_CONFIG = FederatedConfig(clients=4, rounds=3, local_steps=2, batch_size=8, max_length=32, test_size=200,
-                                  num_batches=1, passes=2, split="iid", seed=0)
+#   python -m giva.federated.run sketch benchmarks/results/federated
+#   python -m giva.federated.run accuracy benchmarks/results/federated/iid
+#   python -m giva.federated.run label-skew benchmarks/results/federated/label-skew
+# accuracy / label-skew take FederatedConfig overrides (key=value, kebab-case) and methods=giva,lora,vera;
+# they keep checkpoints in OUTPUT_DIR/.checkpoints, so a killed run goes on where it stopped when rerun.
+BYTES_CONFIG = FederatedConfig(clients=4, rounds=10, test_size=100, max_train_samples=64)
+SKETCH_CONFIG = FederatedConfig(clients=4)  # the setup of the accuracy runs: 4 x 4 calibration batches of 16
+# (passes, oversample, sketch dtype); oversample -1: the library default max(2r, 32)
+SKETCH_SETTINGS = [(3, -1, "float32"), (2, -1, "float32"), (2, 8, "float32"), (2, -1, "bfloat16"), (3, -1, "bfloat16")]
+SKETCH_MIN_MEAN_COSINE = 0.99  # the cheapest setting above this mean principal cosine (vs the dense path) is chosen
+ACCURACY_CONFIG = FederatedConfig(clients=4, rounds=10, local_steps=5, split="iid", seed=0)
+LABEL_SKEW_CONFIG = replace(ACCURACY_CONFIG, rounds=5, split="label-skew")
+
+
+def choose_sketch(rows: list[dict[str, Any]], threshold: float = SKETCH_MIN_MEAN_COSINE) -> Optional[dict[str, Any]]:
+    """The setting with the fewest setup bytes whose mean principal cosine is >= ``threshold`` (None: none is)."""
+    good = [row for row in rows if row["mean_cos"] >= threshold]
+    return min(good, key=lambda row: row["setup_bytes_per_client"]) if good else None
 
 
 def _main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("bytes", "accuracy"):
-        print("usage: python -m giva.federated.run bytes|accuracy OUTPUT_DIR")
+    from .local_deployment import parse_overrides
+
+    kinds = ("bytes", "sketch", "accuracy", "label-skew")
+    if len(argv) < 2 or argv[0] not in kinds:
+        print(f"usage: python -m giva.federated.run {'|'.join(kinds)} OUTPUT_DIR [key=value ...]")
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    kind, output_dir = argv
+    kind, output_dir = argv[:2]
+    overrides = {k.replace("-", "_"): v for k, v in parse_overrides(argv[2:]).items()}
     if kind == "bytes":
         rounds = [1, 10, 30, 100]
-        table, rows = bytes_table(BYTES_CONFIG, rounds)
-        three = wire_sizes(replace(BYTES_CONFIG, passes=3))
-        write_json({"config": asdict(BYTES_CONFIG), "rounds": rounds, "rows": rows, "giva_sketch_3_passes": three,
-                    "table": table, "versions": _versions()}, str(Path(output_dir) / "bytes.json"))
+        cfg = replace(BYTES_CONFIG, **overrides)
+        table, rows = bytes_table(cfg, rounds)
+        write_json({"config": asdict(cfg), "rounds": rounds, "rows": rows, "table": table,
+                    "versions": _versions()}, str(Path(output_dir) / "bytes.json"))
         Path(output_dir, "bytes.md").write_text(table + "\n")
         print(table)
+    elif kind == "sketch":
+        result = sketch_accuracy(replace(SKETCH_CONFIG, **overrides), SKETCH_SETTINGS)
+        result["choice"] = choose_sketch(result["rows"])
+        table = sketch_table(result)
+        write_json({**result, "threshold": SKETCH_MIN_MEAN_COSINE, "table": table, "versions": _versions()},
+                   str(Path(output_dir) / "sketch.json"))
+        Path(output_dir, "sketch.md").write_text(table + "\n")
+        print(table)
+        print("chosen:", result["choice"])
     else:
-        out = run_comparison(ACCURACY_CONFIG, output_dir, methods=("giva", "lora"), engine="inprocess")
+        methods = tuple(str(overrides.pop("methods", "giva,lora")).split(","))
+        cfg = replace(ACCURACY_CONFIG if kind == "accuracy" else LABEL_SKEW_CONFIG, **overrides)
+        out = run_comparison(cfg, output_dir, methods=methods, engine="inprocess", centralised=kind == "accuracy",
+                             checkpoint_dir=str(Path(output_dir) / ".checkpoints"))
         print(out["table"])
         print(out["headline"])
     return 0

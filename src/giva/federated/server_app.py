@@ -19,11 +19,14 @@ mean (FedAvg) and evaluates on the held-out split. Every message's serialized si
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -95,7 +98,8 @@ def exchange(
 def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -> tuple[list[messages.Traffic], dict]:
     """The GiVA setup: statistics pass(es), then ``A`` to every client; the bases are written into ``model``."""
     traffic: list[messages.Traffic] = []
-    common = {"mode": cfg.init_mode, "num-batches": cfg.num_batches, "passes": cfg.passes, "oversampling": cfg.oversample}
+    common = {"mode": cfg.init_mode, "num-batches": cfg.num_batches, "passes": cfg.passes, "oversampling": cfg.oversample,
+              "sketch-dtype": cfg.sketch_dtype}
     if cfg.init_mode == "dense":
         request = messages.make_content(config=common)
         replies, t = exchange(grid, nodes, messages.STATISTICS, request, "setup-1")
@@ -109,19 +113,26 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
         bases = dense_bases(block_specs(model), stats, count, peft_config(cfg))
         apply_bases(model, bases)
     else:
-        session = sketch_session(model, cfg.passes, cfg.oversample)
+        session = sketch_session(model, cfg.passes, cfg.sketch_oversampling)
+        dtype = cfg.transport_dtype
         count = 0
         while not session.done:
             request = session.next_request()
             kinds = {item.kind for item in request.items.values()}
             kind = kinds.pop()
             # Pass 0's test matrices are seeded: every client builds them itself. Later ones depend on the data.
-            matrices = None if request.pass_index == 0 else {k: item.matrix for k, item in request.items.items()}
+            matrices = None
+            if request.pass_index > 0:
+                matrices = {k: item.matrix.to(dtype) for k, item in request.items.items()}
+                for key, matrix in matrices.items():  # the server finishes with exactly the matrices the clients used
+                    session.set_state(key, (matrix.float(),))
             content = messages.make_content(matrices, config={**common, "pass-index": request.pass_index, "kind": kind})
             replies, t = exchange(grid, nodes, messages.STATISTICS, content, f"setup-{len(traffic) + 1}")
             traffic.append(t)
             parts = [
-                Partial(request.pass_index, messages.record_tensors(r.content[messages.ARRAYS], sums_layout(session, kind)),
+                Partial(request.pass_index,
+                        {k: v.float() for k, v in
+                         messages.record_tensors(r.content[messages.ARRAYS], sums_layout(session, kind)).items()},
                         batches=int(r.content[messages.METRICS]["batches"]), tokens=int(r.content[messages.METRICS]["tokens"]))
                 for r in replies
             ]
@@ -136,8 +147,35 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
     return traffic, info
 
 
-def run_server(grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = default_task) -> dict[str, Any]:
-    """The whole federated run on ``grid``; returns the results (accuracy and bytes per round)."""
+def _load_checkpoint(path: Optional[str], cfg: FederatedConfig) -> Optional[dict[str, Any]]:
+    if not path or not Path(path).exists():
+        return None
+    saved = torch.load(path, weights_only=False)
+    if saved["config"] != asdict(cfg):
+        raise ValueError(f"checkpoint {path} is of another run config; delete it or use another output folder")
+    return saved
+
+
+def write_checkpoint(path: Optional[str], state: dict[str, Any]) -> None:
+    """``torch.save`` to ``path`` atomically (a temporary sibling, then a rename); nothing if ``path`` is empty."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+
+def run_server(
+    grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = default_task, checkpoint: Optional[str] = None
+) -> dict[str, Any]:
+    """The whole federated run on ``grid``; returns the results (accuracy and bytes per round).
+
+    ``checkpoint``: a file written after the setup and after every round (the global state, what the
+    setup delivered, the results so far). A run given an existing checkpoint of the same config goes on
+    from its last round: it sends the setup's result (``A`` / VeRA's projections) to the clients again
+    without counting those bytes (the run already paid them once) and continues exactly (the clients'
+    optimizers start afresh every round and their batches are seeded by the round).
+    """
     start = time.perf_counter()
     task = task_factory(cfg)
     nodes = wait_for_nodes(grid, cfg.clients)
@@ -145,16 +183,38 @@ def run_server(grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = def
     test = task.test_batches()
     setup: list[messages.Traffic] = []
     setup_info: dict[str, Any] = {}
+    saved = _load_checkpoint(checkpoint, cfg)
+    delivered: Optional[dict[str, torch.Tensor]] = None  # what the setup sent the clients (A / projections)
 
-    if cfg.method == "giva":
-        setup, setup_info = setup_giva(grid, nodes, model, cfg)
-    elif cfg.method == "vera" and cfg.vera_projections:
-        _, traffic = exchange(grid, nodes, messages.BASES, messages.make_content(projection_state(model)), "setup-1")
-        setup.append(traffic)
+    if saved is not None:
+        setup, setup_info, delivered = [messages.Traffic(**t) for t in saved["setup"]], saved["setup_info"], saved["delivered"]
+        if delivered is not None:
+            if cfg.method == "giva":
+                apply_bases(model, delivered)
+            exchange(grid, nodes, messages.BASES, messages.make_content(delivered), "setup-0")  # round 0: a resent setup message, not counted
+        load_trainable_state(model, saved["trainable"])
+        rounds = saved["rounds"]
+        logger.info("%s: resuming after round %d from %s", cfg.method, len(rounds) - 1, checkpoint)
+    else:
+        if cfg.method == "giva":
+            setup, setup_info = setup_giva(grid, nodes, model, cfg)
+            delivered = read_bases(model)
+        elif cfg.method == "vera" and cfg.vera_projections:
+            delivered = projection_state(model)
+            _, traffic = exchange(grid, nodes, messages.BASES, messages.make_content(delivered), "setup-1")
+            setup.append(traffic)
+        rounds = [{"round": 0, "accuracy": accuracy(model, test), "train_loss": None, "traffic": None}]
+        logger.info("%s: accuracy before training %.4f", cfg.method, rounds[0]["accuracy"])
+    elapsed = saved["seconds"] if saved is not None else 0.0
 
-    rounds = [{"round": 0, "accuracy": accuracy(model, test), "train_loss": None, "traffic": None}]
-    logger.info("%s: accuracy before training %.4f", cfg.method, rounds[0]["accuracy"])
-    for r in range(1, cfg.rounds + 1):
+    def save() -> None:
+        write_checkpoint(checkpoint, {
+            "config": asdict(cfg), "setup": [asdict(t) for t in setup], "setup_info": setup_info,
+            "delivered": delivered, "trainable": trainable_state(model), "rounds": rounds,
+            "seconds": elapsed + time.perf_counter() - start})
+
+    save()
+    for r in range(len(rounds), cfg.rounds + 1):
         config = {"round": r, "local-steps": cfg.local_steps, "lr": cfg.round_lr(r)}
         content = messages.make_content(trainable_state(model), config=config)
         replies, traffic = exchange(grid, nodes, messages.TRAIN, content, f"train-{r}")
@@ -170,6 +230,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = def
             "traffic": traffic.as_dict(),
         })
         logger.info("%s round %d: accuracy %.4f, %d bytes", cfg.method, r, rounds[-1]["accuracy"], traffic.total)
+        save()
 
     trainable = trainable_state(model)
     return {
@@ -181,7 +242,7 @@ def run_server(grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = def
         "rounds": rounds,
         "trainable_tensors": len(trainable),
         "trainable_parameters": sum(t.numel() for t in trainable.values()),
-        "seconds": time.perf_counter() - start,
+        "seconds": elapsed + time.perf_counter() - start,
     }
 
 

@@ -18,15 +18,24 @@ from torch import nn
 from ..config import GivaConfig
 from ..data import TextDataset
 from ..finetune import evaluate, parameter_groups
+from ..init import DEFAULT_PASSES
 
 METHODS: tuple[str, ...] = ("giva", "lora", "vera")
 SPLITS: tuple[str, ...] = ("iid", "label-skew")
+TASKS: tuple[str, ...] = ("classification", "causal-lm")
 INIT_MODES: tuple[str, ...] = ("sketch", "dense")
 # Learning rates chosen on validation in the centralised benchmark (benchmarks/README.md, task 1,
 # all-linear rows): GiVA r=8 and VeRA r=64 0.08, LoRA r=8 0.001.
 DEFAULT_LR = {"giva": 0.08, "lora": 0.001, "vera": 0.08}
+# The setup's sketch (see benchmarks/results/federated/sketch.md, README "Federated fine-tuning"):
+# placeholders until measured.
+SKETCH_PASSES = DEFAULT_PASSES
+SKETCH_OVERSAMPLE = -1
+SKETCH_DTYPE = "float32"
+SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Run-config keys that are not part of the experiment (where the server writes its results).
 RUN_ONLY_KEYS = ("results-path",)
+OPTIONAL_KEYS = ("lr", "max_train_samples")
 
 
 @dataclass
@@ -46,18 +55,31 @@ class FederatedConfig:
     batch_size: int = field(default=16, metadata={"help": "Local batch size."})
     max_length: int = field(default=64, metadata={"help": "Tokens per sentence."})
     model: str = field(default="minilm", metadata={"help": "Model alias, folder or hub id (sequence classifier)."})
+    task: str = field(
+        default="classification",
+        metadata={"help": "'classification' (a sequence classifier and its head) or 'causal-lm' (e.g. model=smollm2: "
+                          "language-model loss on '<sentence> Sentiment: <label word>', scored by the label word)."},
+    )
     data: str = field(default="pang-lee", metadata={"help": "Dataset (see giva.data.load_text_classification)."})
     test_size: int = field(default=1000, metadata={"help": "Held-out sentences the server evaluates on."})
+    val_size: int = field(default=400, metadata={"help": "Validation sentences left out of every shard (unused here)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap on the pooled training sentences."})
     giva_r: int = field(default=8, metadata={"help": "GiVA rank."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (alpha = 2r)."})
     vera_r: int = field(default=64, metadata={"help": "VeRA rank."})
     target_modules: str = field(default="all-linear", metadata={"help": "Layers every method adapts."})
     init_mode: str = field(default="sketch", metadata={"help": "GiVA setup statistics: 'sketch' or 'dense' gradients."})
-    oversample: int = field(default=8, metadata={"help": "Sketch columns beyond r (l = r + oversample)."})
+    oversample: int = field(
+        default=SKETCH_OVERSAMPLE,
+        metadata={"help": "Sketch columns beyond r (l = r + oversample); -1: the library default max(2r, 32)."},
+    )
     passes: int = field(
-        default=2,
+        default=SKETCH_PASSES,
         metadata={"help": "Sketch passes (>= 2; each is one setup exchange; 2 = range + co-range, the fewest bytes)."},
+    )
+    sketch_dtype: str = field(
+        default=SKETCH_DTYPE,
+        metadata={"help": "dtype the sketch sums and test matrices travel in: 'float32' or 'bfloat16' (A keeps its own)."},
     )
     num_batches: int = field(default=4, metadata={"help": "Calibration batches per client in the setup round."})
     vera_projections: bool = field(
@@ -70,10 +92,16 @@ class FederatedConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"FederatedConfig.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 0:
+            raise ValueError(f"FederatedConfig.val_size must be an integer >= 0, got {self.val_size!r}")
         if isinstance(self.passes, bool) or not isinstance(self.passes, int) or self.passes < 2:
             raise ValueError(f"FederatedConfig.passes must be an integer >= 2, got {self.passes!r}")
-        if self.oversample < 0:
-            raise ValueError(f"FederatedConfig.oversample must be >= 0, got {self.oversample!r}")
+        if isinstance(self.oversample, bool) or not isinstance(self.oversample, int) or self.oversample < -1:
+            raise ValueError(f"FederatedConfig.oversample must be an integer >= 0 (or -1: library default), got {self.oversample!r}")
+        if self.sketch_dtype not in SKETCH_DTYPES:
+            raise ValueError(f"FederatedConfig.sketch_dtype must be one of {tuple(SKETCH_DTYPES)}, got {self.sketch_dtype!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"FederatedConfig.task must be one of {TASKS}, got {self.task!r}")
         if self.split not in SPLITS:
             raise ValueError(f"FederatedConfig.split must be one of {SPLITS}, got {self.split!r}")
         if self.method not in METHODS:
@@ -89,6 +117,15 @@ class FederatedConfig:
                 f"FederatedConfig.max_train_samples ({self.max_train_samples}) leaves fewer sentences than clients "
                 f"({self.clients})"
             )
+
+    @property
+    def sketch_oversampling(self) -> Optional[int]:
+        """The oversampling given to ``giva.init.InitSession`` (None: the library default)."""
+        return None if self.oversample == -1 else self.oversample
+
+    @property
+    def transport_dtype(self) -> torch.dtype:
+        return SKETCH_DTYPES[self.sketch_dtype]
 
     @property
     def peak_lr(self) -> float:
@@ -107,6 +144,9 @@ class FederatedConfig:
         """From Flower's run config (kebab-case keys; unknown keys are an error naming them)."""
         known = {f.name for f in fields(cls)}
         kwargs = {k.replace("-", "_"): v for k, v in values.items() if k not in RUN_ONLY_KEYS}
+        for key in OPTIONAL_KEYS:  # TOML has no null: 0 stands for None (all sentences, the default LR)
+            if kwargs.get(key) == 0:
+                kwargs[key] = None
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown federated config key(s) {unknown}; known: {sorted(known)}")
@@ -181,11 +221,13 @@ class TextClassificationTask:
         from transformers import AutoTokenizer
 
         from ..assets import resolve_model
-        from ..data import load_text_classification, split_dataset
+        from ..data import deduplicate, load_text_classification, split_dataset
 
         self.config = config
         dataset = load_text_classification(config.data)
-        train, _, test = split_dataset(dataset, test_size=config.test_size, seed=0)
+        # The partition of `giva finetune` (deduplicated; 2600 / 400 / 1000 on Pang & Lee at the defaults): the
+        # validation rows are left out, nothing is chosen on the evaluation split the server scores.
+        train, _, test = split_dataset(deduplicate(dataset), test_size=config.test_size, val_size=config.val_size, seed=0)
         if config.max_train_samples is not None:
             train = train.subset(list(range(min(config.max_train_samples, len(train)))))
         self.train_set: TextDataset = train
@@ -224,10 +266,12 @@ class TextClassificationTask:
         batches = self.train_batches(partition, num_partitions, round_index=0)
         return [next(batches) for _ in range(num_batches)]
 
-    def pooled_batches(self, round_index: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """The union of the shards as one loader: the centralised baseline."""
-        for rows in cycle_batches(list(range(len(self.train_set))), self.config.batch_size, self.config.seed + round_index):
-            yield self._collate(rows)
+    def pooled_batches(self, round_index: int = 0, skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """The union of the shards as one loader (the centralised baseline), from its ``skip``-th batch on."""
+        rows_iter = cycle_batches(list(range(len(self.train_set))), self.config.batch_size, self.config.seed + round_index)
+        for index, rows in enumerate(rows_iter):
+            if index >= skip:
+                yield self._collate(rows)
 
     def test_batches(self) -> list[dict[str, torch.Tensor]]:
         encoded = self.tokenizer(self.test_set.texts, truncation=True, max_length=self.config.max_length)
@@ -239,24 +283,84 @@ class TextClassificationTask:
         return out
 
 
+CANDIDATES = "candidates"
+LABEL_WORDS = {"pang-lee": ("negative", "positive")}
+
+
+class CausalLMTask(TextClassificationTask):
+    """The same shards as a causal-LM task: each client trains on ``"<sentence> Sentiment: <word>"`` with
+    the language-model loss on every token (no head: only GiVA's vectors travel), and the server scores the
+    held-out prompts ``"<sentence> Sentiment:"`` by which label word's first token the model ranks higher."""
+
+    def __init__(self, config: FederatedConfig) -> None:
+        super().__init__(config)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"
+        words = LABEL_WORDS.get(config.data, tuple(str(i) for i in range(self.num_labels)))
+        self.candidates = torch.tensor([self.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words])
+        if len(set(self.candidates.tolist())) != len(words):
+            raise ValueError(f"the label words {words} share their first token under this tokenizer")
+        texts = [f"{t} Sentiment: {words[y]}" for t, y in zip(self.train_set.texts, self.train_set.labels)]
+        self._encoded = self.tokenizer(texts, truncation=True, max_length=config.max_length)
+        self._words = words
+
+    def _collate(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        features = [{k: self._encoded[k][i] for k in ("input_ids", "attention_mask")} for i in rows]
+        padded = self.tokenizer.pad(features, return_tensors="pt")
+        return {**padded, "labels": padded["input_ids"].masked_fill(padded["attention_mask"] == 0, -100)}
+
+    def base_model(self) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).eval()
+
+    def test_batches(self) -> list[dict[str, torch.Tensor]]:
+        prompts = [f"{t} Sentiment:" for t in self.test_set.texts]
+        encoded = self.tokenizer(prompts, truncation=True, max_length=self.config.max_length)
+        out = []
+        for start in range(0, len(prompts), 64):
+            rows = range(start, min(start + 64, len(prompts)))
+            padded = self.tokenizer.pad([{k: encoded[k][i] for k in ("input_ids", "attention_mask")} for i in rows],
+                                        return_tensors="pt")
+            out.append({**padded, "labels": torch.tensor([self.test_set.labels[i] for i in rows]),
+                        CANDIDATES: self.candidates})
+        return out
+
+
+def _candidate_accuracy(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    correct = total = 0
+    with torch.no_grad():
+        for batch in batches:
+            mask = batch["attention_mask"]
+            logits = model(input_ids=batch["input_ids"], attention_mask=mask).logits
+            last = logits[torch.arange(len(mask)), mask.sum(-1) - 1]  # right padding: the prompt's last token
+            picked = last[:, batch[CANDIDATES]].argmax(-1)
+            correct += int((picked == batch["labels"]).sum())
+            total += len(mask)
+    return correct / total
+
+
 @lru_cache(maxsize=2)
 def cached_task(config_items: tuple[tuple[str, Any], ...]) -> TextClassificationTask:
     """One task per process and config: a simulated client keeps its tokenised shard between rounds."""
-    return TextClassificationTask(FederatedConfig(**dict(config_items)))
+    config = FederatedConfig(**dict(config_items))
+    return CausalLMTask(config) if config.task == "causal-lm" else TextClassificationTask(config)
 
 
 def peft_config(config: FederatedConfig, method: Optional[str] = None) -> Any:
     """The adapter of ``method`` on ``config.target_modules`` (the same layers for every method)."""
     method = method or config.method
+    task_type = "CAUSAL_LM" if config.task == "causal-lm" else "SEQ_CLS"
     targets = config.target_modules if config.target_modules == "all-linear" else config.target_modules.split(",")
     if method == "giva":
-        return GivaConfig(r=config.giva_r, target_modules=targets, seed=config.seed, task_type="SEQ_CLS")
+        return GivaConfig(r=config.giva_r, target_modules=targets, seed=config.seed, task_type=task_type)
     if method == "lora":
         return LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0, target_modules=targets,
-                          task_type="SEQ_CLS")
+                          task_type=task_type)
     if method == "vera":
         return VeraConfig(r=config.vera_r, target_modules=targets, projection_prng_key=config.seed, d_initial=0.1,
-                          vera_dropout=0.0, save_projection=config.vera_projections, task_type="SEQ_CLS")
+                          vera_dropout=0.0, save_projection=config.vera_projections, task_type=task_type)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -325,6 +429,11 @@ def local_train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], st
 
 
 def accuracy(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Share of correct labels: ``argmax`` of a classifier's logits, or, for batches with ``candidates``
+    (the first token of each label word, causal LMs), the candidate with the larger next-token logit
+    after each prompt's last token."""
+    if batches and CANDIDATES in batches[0]:
+        return _candidate_accuracy(model, batches)
     return evaluate(model, batches)
 
 
