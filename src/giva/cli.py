@@ -179,7 +179,7 @@ def _federated(args: argparse.Namespace) -> int:
         config = FederatedConfig(
             clients=args.clients, rounds=args.rounds, split=args.split, method="giva" if args.method == "all" else args.method,
             local_steps=args.local_steps, seed=args.seed, lr=args.lr, init_mode=args.init_mode, model=args.model,
-            data=args.data, max_train_samples=args.max_train_samples, test_size=args.test_size,
+            data=args.data, max_train_samples=args.max_train_samples, test_size=args.test_size, task=args.task,
         )
     except ValueError as err:
         print(f"giva federated: {err}", file=sys.stderr)
@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--engine", default="simulation", choices=["simulation", "inprocess"],
                     help="Flower's simulation engine (Ray) or an in-process grid (same apps and messages)")
     fl.add_argument("--model", default="minilm")
+    fl.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
+                    help="'causal-lm': language-model loss, scored by the label word (e.g. --model smollm2)")
     fl.add_argument("--data", default="pang-lee")
     fl.add_argument("--test-size", type=int, default=1000)
     fl.add_argument("--max-train-samples", type=int, default=None)
