@@ -8,6 +8,7 @@ grid (every message is deflated to bytes and inflated back); no Ray, tiny seeded
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -386,3 +387,30 @@ def test_candidate_accuracy_scores_the_label_words_after_each_prompts_last_token
     assert accuracy(model, [batch]) == pytest.approx(float((expected == batch["labels"]).float().mean()))
     flipped = {**batch, "labels": 1 - expected}
     assert accuracy(model, [flipped]) == 0.0 and accuracy(model, [{**batch, "labels": expected}]) == 1.0
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="reads /proc (Linux)")
+def test_local_deployment_stops_every_process_it_started_even_in_their_own_sessions():
+    import subprocess
+    import time
+
+    from giva.federated.local_deployment import descendants, parse_overrides, stop
+
+    # A parent that starts a grandchild in a session of its own, as Flower's SuperExec does.
+    script = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+              "start_new_session=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not descendants([parent.pid]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    (child,) = descendants([parent.pid])
+    stop([parent], grace=5)
+    assert parent.poll() is not None
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    assert parse_overrides(["rounds=2", "lr=0.5", "method=lora", "vera-projections=false"]) == {
+        "rounds": 2, "lr": 0.5, "method": "lora", "vera-projections": False}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["rounds"])
