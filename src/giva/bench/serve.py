@@ -282,8 +282,9 @@ def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[Se
             f"{m.name} {m.batch_size} x {m.seq_len} tokens, `{m.target_modules}`, {m.rounds or settings.rounds} rounds" for m in models
         ) + ".",
         "",
-        f"| model | N | distinct in batch | base model | one merged adapter | {giva} | {lora} | GiVA / LoRA per round | GiVA / base |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | N | distinct in batch | base model | one merged adapter | {giva} | {lora} | GiVA / LoRA per round | "
+        "rounds GiVA >= LoRA | GiVA / base |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for spec in models:
         for n in settings.ns:
@@ -295,6 +296,7 @@ def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[Se
                 f"| {spec.name} | {n} | {cells[giva]['distinct_adapters_in_batch']} | {cells[BASE]['tokens_per_s']:.0f} | "
                 f"{cells[MERGED]['tokens_per_s']:.0f} | {cells[giva]['tokens_per_s']:.0f} | {cells[lora]['tokens_per_s']:.0f} | "
                 f"{ratio['ratio_median']:.2f} ({ratio['ratio_min']:.2f}-{ratio['ratio_max']:.2f}) | "
+                f"{sum(x >= 1 for x in ratio['per_round_ratio'])} of {len(ratio['per_round_ratio'])} | "
                 f"{cells[giva]['tokens_per_s'] / cells[BASE]['tokens_per_s']:.2f} |"
             )
     lines += [
