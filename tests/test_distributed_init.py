@@ -1,15 +1,11 @@
 """giva.initialize on 2 gloo ranks (torchrun): identical bases, equal to one process over the union of the
-ranks' batches; DDP- and FSDP2-wrapped models; and every rank raising the same named error, promptly, when
+ranks' batches, and before that identical all-reduced sums, equal to one process's; DDP- and FSDP2-wrapped models; and every rank raising the same named error, promptly, when
 one rank fails. One launch of tests/dist/init_ranks.py runs every scenario; this file checks what the
 ranks wrote."""
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,37 +13,24 @@ import pytest
 import torch
 
 import giva
+from giva.init import accumulate
+from giva.init.session import Request, RequestItem
 from giva.init.sketch import principal_cosines
 
-DIST = Path(__file__).parent / "dist"
-sys.path.insert(0, str(DIST))
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from init_ranks import NUM_BATCHES, bases_of, model, rank_batches  # noqa: E402
-
-TORCHRUN = Path(sys.executable).parent / "torchrun"
-TIMEOUT_S = 240
+from launch import TORCHRUN, Ranks, run_torchrun  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 
 
 @pytest.fixture(scope="module")
-def ranks_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("init_ranks")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(DIST / "init_ranks.py"), str(out)]
-    # Own session: on a timeout the whole group (torchrun and both ranks) is killed, no orphans.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"init_ranks.py did not finish in {TIMEOUT_S}s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"init_ranks.py failed (rc {proc.returncode}):\n{output[-6000:]}"
-    return out
+def ranks(tmp_path_factory) -> Ranks:
+    return run_torchrun("init_ranks.py", tmp_path_factory.mktemp("init_ranks"))
 
 
-def _load(out: Path, scenario: str) -> list[dict]:
-    return [torch.load(out / f"{scenario}_rank{r}.pt") for r in range(2)]
+def _load(ranks: Ranks, scenario: str) -> list[dict]:
+    return ranks.tensors(f"{scenario}_rank{{rank}}.pt")
 
 
 def _one_process(mode: str) -> dict[str, torch.Tensor]:
@@ -57,9 +40,12 @@ def _one_process(mode: str) -> dict[str, torch.Tensor]:
     return bases_of(m)
 
 
-@pytest.mark.parametrize("scenario", ["plain_exact", "plain_sketch", "ddp_sketch", "fsdp2_exact", "fsdp2_sketch"])
-def test_ranks_get_bit_identical_bases_equal_to_one_process_over_all_batches(ranks_dir, scenario):
-    rank0, rank1 = _load(ranks_dir, scenario)
+SCENARIOS = ["plain_exact", "plain_sketch", "ddp_sketch", "fsdp2_exact", "fsdp2_sketch"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_ranks_get_bit_identical_bases_equal_to_one_process_over_all_batches(ranks, scenario):
+    rank0, rank1 = _load(ranks, scenario)
     mode = scenario.split("_")[1]
     assert rank0["mode"] == rank1["mode"] == mode
     assert rank0["bases"].keys() == rank1["bases"].keys() and len(rank0["bases"]) == 16
@@ -73,8 +59,33 @@ def test_ranks_get_bit_identical_bases_equal_to_one_process_over_all_batches(ran
             assert principal_cosines(a, b).min() > 0.999, key
 
 
-def test_sketch_all_reduces_only_small_sums(ranks_dir):
-    exact, sketch = _load(ranks_dir, "plain_exact")[0], _load(ranks_dir, "plain_sketch")[0]
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_every_rank_holds_the_same_all_reduced_sums_equal_to_one_process_over_all_batches(ranks, scenario):
+    """Each pass's sums as the session receives them (after the all-reduce, before the QR/SVD and broadcast)."""
+    rank0, rank1 = (record["passes"] for record in _load(ranks, scenario))
+    assert len(rank0) == len(rank1) == (1 if scenario.endswith("exact") else 3)
+    union = rank_batches(0) + rank_batches(1)
+    for seen0, seen1 in zip(rank0, rank1):
+        where = f"pass {seen0['pass_index']}"
+        # Both ranks accumulated for the same request: the same targets and bit-identical test matrices.
+        assert seen0["items"].keys() == seen1["items"].keys() and len(seen0["items"]) == 8, where
+        for key, (*item0, matrix0) in seen0["items"].items():
+            *item1, matrix1 = seen1["items"][key]
+            assert item0 == item1 and (matrix0 is None) == (matrix1 is None), (where, key)
+            assert matrix0 is None or torch.equal(matrix0, matrix1), (where, key)
+        assert seen0["sums"].keys() == seen1["sums"].keys() == seen0["items"].keys(), where
+        assert all(torch.equal(seen0["sums"][k], seen1["sums"][k]) for k in seen0["sums"]), where
+        assert seen0["batches"] == seen1["batches"] == 2 * NUM_BATCHES, where
+        request = Request(seen0["pass_index"], seen0["passes"], {k: RequestItem(*i) for k, i in seen0["items"].items()})
+        reference = accumulate(model(), union, request, num_batches=len(union))
+        assert seen0["tokens"] == reference.tokens, where
+        for key, total in reference.sums.items():
+            error = (seen0["sums"][key] - total).norm() / total.norm()
+            assert error < 1e-5, (where, key, float(error))
+
+
+def test_sketch_all_reduces_only_small_sums(ranks):
+    exact, sketch = _load(ranks, "plain_exact")[0], _load(ranks, "plain_sketch")[0]
     assert 0 < sketch["sums_bytes"] < exact["sums_bytes"]  # per pass, what each rank holds and all-reduces
 
 
@@ -88,8 +99,8 @@ CAUSES = {
 
 
 @pytest.mark.parametrize("case", sorted(CAUSES))
-def test_a_failure_on_one_rank_raises_the_same_named_error_on_every_rank_promptly(ranks_dir, case):
-    records = [json.loads((ranks_dir / f"failures_rank{r}.json").read_text())[case] for r in range(2)]
+def test_a_failure_on_one_rank_raises_the_same_named_error_on_every_rank_promptly(ranks, case):
+    records = [record[case] for record in ranks.json("failures_rank{rank}.json")]
     failing_rank, cause = CAUSES[case]
     assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"]
     assert records[0]["message"] == records[1]["message"]

@@ -2,9 +2,11 @@
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/dist/init_ranks.py OUT_DIR
 
-Each rank writes ``<out>/<scenario>_rank<r>.pt`` (its bases after init on its own batches) for the
-plain, DDP-wrapped and FSDP2-sharded models, and ``<out>/failures_rank<r>.json`` (what each injected
-one-rank failure made this rank raise, and how long it took).
+Each rank writes ``<out>/<scenario>_rank<r>.pt`` for the plain, DDP-wrapped and FSDP2-sharded models:
+its bases after init on its own batches, and per pass the request it accumulated for and the sums
+its session received (after the all-reduce, before any QR/SVD or broadcast). It also writes
+``<out>/failures_rank<r>.json``: what each injected one-rank failure made this rank raise, and how
+long it took.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny
 import giva  # noqa: E402
 from giva import GivaConfig  # noqa: E402
 from giva.init import giva_layers  # noqa: E402
+from giva.init.distributed import TorchCollective  # noqa: E402
+from giva.init.session import InitSession  # noqa: E402
 from tiny_models import text_batches, tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -45,8 +51,41 @@ def bases_of(m) -> dict[str, torch.Tensor]:
     return out
 
 
-def save(out: Path, scenario: str, rank: int, m, report) -> None:
-    torch.save({"bases": bases_of(m), "mode": report.mode, "sums_bytes": report.sums_bytes}, out / f"{scenario}_rank{rank}.pt")
+@contextmanager
+def recording_passes() -> Iterator[list[dict]]:
+    """Per pass: the request this rank accumulated for, and the summed partial its session received.
+
+    The sums are taken where ``TorchCollective.finish_pass`` gets them: after the all-reduce, before
+    the owners' QR/SVD and the broadcast, so they show what each rank holds, not what it was sent.
+    """
+    passes: list[dict] = []
+    next_request, finish_pass = InitSession.next_request, TorchCollective.finish_pass
+
+    def recording_request(session: InitSession):
+        request = next_request(session)
+        items = {key: (i.layer, i.out_start, i.out_size, i.kind, i.matrix) for key, i in request.items.items()}
+        passes.append({"pass_index": request.pass_index, "passes": request.passes, "items": items})
+        return request
+
+    def recording_finish(comm: TorchCollective, session: InitSession, partial) -> None:
+        sums = {key: total.detach().cpu().clone() for key, total in partial.sums.items()}
+        passes[-1].update(sums=sums, batches=partial.batches, tokens=partial.tokens)
+        finish_pass(comm, session, partial)
+
+    InitSession.next_request, TorchCollective.finish_pass = recording_request, recording_finish
+    try:
+        yield passes
+    finally:
+        InitSession.next_request, TorchCollective.finish_pass = next_request, finish_pass
+
+
+def init_and_save(out: Path, scenario: str, rank: int, m, batches: list[dict], mode: str) -> None:
+    """giva.initialize on this rank's batches; writes the bases and the recorded passes."""
+    with recording_passes() as passes:
+        report = giva.initialize(m, batches, num_batches=NUM_BATCHES, progress=False, mode=mode)
+    inner = m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
+    record = {"bases": bases_of(inner), "mode": report.mode, "sums_bytes": report.sums_bytes, "passes": passes}
+    torch.save(record, out / f"{scenario}_rank{rank}.pt")
 
 
 def failure_cases(rank: int) -> dict[str, dict]:
@@ -80,11 +119,9 @@ def main() -> None:
     batches = rank_batches(rank)
 
     for mode in ("exact", "sketch"):
-        m = model()
-        save(out, f"plain_{mode}", rank, m, giva.initialize(m, batches, num_batches=NUM_BATCHES, progress=False, mode=mode))
+        init_and_save(out, f"plain_{mode}", rank, model(), batches, mode)
 
-    ddp = torch.nn.parallel.DistributedDataParallel(model())
-    save(out, "ddp_sketch", rank, ddp.module, giva.initialize(ddp, batches, num_batches=NUM_BATCHES, progress=False, mode="sketch"))
+    init_and_save(out, "ddp_sketch", rank, torch.nn.parallel.DistributedDataParallel(model()), batches, "sketch")
 
     from torch.distributed.fsdp import fully_shard
 
@@ -94,7 +131,7 @@ def main() -> None:
             fully_shard(layer)
         fully_shard(m)
         assert any(type(p.data).__name__ == "DTensor" for p in m.parameters())
-        save(out, f"fsdp2_{mode}", rank, m, giva.initialize(m, batches, num_batches=NUM_BATCHES, progress=False, mode=mode))
+        init_and_save(out, f"fsdp2_{mode}", rank, m, batches, mode)
 
     results = {}
     for case, kwargs in failure_cases(rank).items():
