@@ -9,10 +9,6 @@ reproduce rank 0's logits on a probe batch.
 from __future__ import annotations
 
 import importlib.util
-import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,40 +19,14 @@ from peft import PeftModel
 import giva
 from tiny_models import text_batches, tiny_llama
 
-DIST = Path(__file__).parent / "dist"
-sys.path.insert(0, str(DIST))
-from train_common import STEPS, giva_model, rank_batches  # noqa: E402
-
-TORCHRUN = Path(sys.executable).parent / "torchrun"
-TIMEOUT_S = 240  # ~30-60 s each on an idle 2-core machine; 4x that at load average 25
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from launch import TORCHRUN, run_torchrun  # noqa: E402
+from train_common import CALIBRATION_BATCHES, STEPS, adamw, giva_model, rank_batches  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 
 
-def _launch(script: str, out: Path) -> list[dict]:
-    env = {
-        **os.environ,
-        # One thread per rank: two ranks on two cores, and no oversubscription stalls.
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(DIST), os.environ.get("PYTHONPATH", "")]),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    # --standalone picks a free port, so parallel or leftover runs cannot collide.
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(DIST / script), str(out)]
-    # Own session: on a timeout the whole group (torchrun and both ranks) is killed, no orphans.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        pytest.fail(f"{script} did not finish in {TIMEOUT_S}s:\n{output[-4000:]}")
-    assert proc.returncode == 0, f"{script} failed (rc {proc.returncode}):\n{output[-6000:]}"
-    records = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return records
-
-
-def _check(records: list[dict], out: Path) -> None:
+def _check(records: list[dict], out: Path) -> PeftModel:
     assert [r["rank"] for r in records] == [0, 1]
     for record in records:
         assert record["world_size"] == 2 and record["env_world_size"] == 2
@@ -82,9 +52,10 @@ def _one_process_reference() -> dict[str, torch.Tensor]:
     """GiVA vectors after the same training in one process, on the mean loss of both ranks' batches."""
     model = giva_model()
     ranks = [rank_batches(0), rank_batches(1)]
-    giva.initialize(model, [ranks[r][i] for i in range(2) for r in range(2)], num_batches=4, progress=False)
+    calibration = [ranks[r][i] for i in range(CALIBRATION_BATCHES) for r in range(2)]
+    giva.initialize(model, calibration, num_batches=len(calibration), progress=False)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    optimizer = adamw(model)
     for step in range(STEPS):
         loss = (model(**ranks[0][step]).loss + model(**ranks[1][step]).loss) / 2
         loss.backward()
@@ -102,7 +73,7 @@ _DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, r
 )
 def test_two_rank_training_keeps_replicas_identical_and_reloads(script, tmp_path):
     out = tmp_path / script.removesuffix(".py")
-    reloaded = _check(_launch(script, out), out)
+    reloaded = _check(run_torchrun(script, out).json(), out)
     if script == "train_trainer.py":
         return  # the Trainer shuffles its rows: no hand-made reference batches to compare with
     # Data parallelism averaged the ranks' gradients (DDP, FSDP2's reduce-scatter, ZeRO-3's partitioned

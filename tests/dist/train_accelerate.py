@@ -6,10 +6,9 @@
 
 from __future__ import annotations
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
-from train_common import STEPS, finish, giva_model, rank_batches
+from train_common import CALIBRATION_BATCHES, adamw, finish, giva_model, optimizer_step, rank_batches, train
 
 import giva
 
@@ -20,18 +19,10 @@ def main() -> None:
         raise RuntimeError(f"expected 2 CPU processes, got {accelerator.distributed_type} x {accelerator.num_processes}")
     model = giva_model()
     batches = rank_batches(accelerator.process_index)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = accelerator.prepare(model, adamw(model))
     # initialize needs the PeftModel, not the DDP wrapper prepare() returned.
-    report = giva.initialize(accelerator.unwrap_model(model), batches, num_batches=2, progress=False)
-    model.train()
-    losses = []
-    for step in range(STEPS):
-        loss = model(**batches[step]).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    report = giva.initialize(accelerator.unwrap_model(model), batches, num_batches=CALIBRATION_BATCHES, progress=False)
+    losses = train(model, batches, optimizer_step(optimizer), backward=accelerator.backward)
     finish(model, losses, {"calibration_loss": report.losses})
     accelerator.end_training()
 

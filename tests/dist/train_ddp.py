@@ -5,31 +5,16 @@
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from train_common import STEPS, finish, giva_model, rank_batches
-
-import giva
+from train_common import adamw, finish, initialized_model, optimizer_step, train
 
 
 def main() -> None:
     dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    model = giva_model()
-    batches = rank_batches(rank)
-    # Bases from the gradient summed over every rank's batches (all-reduced inside initialize).
-    report = giva.initialize(model, batches, num_batches=2, progress=False)
+    model, batches, report = initialized_model(dist.get_rank())
     ddp = DistributedDataParallel(model)
-    ddp.train()
-    optimizer = torch.optim.AdamW([p for p in ddp.parameters() if p.requires_grad], lr=5e-2)
-    losses = []
-    for step in range(STEPS):
-        loss = ddp(**batches[step]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train(ddp, batches, optimizer_step(adamw(ddp)))
     finish(ddp, losses, {"calibration_loss": report.losses})
     dist.destroy_process_group()
 

@@ -13,14 +13,12 @@ import sys  # noqa: E402
 
 import deepspeed  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from train_common import STEPS, finish, giva_model, rank_batches  # noqa: E402
-
-import giva  # noqa: E402
+from train_common import LR, finish, initialized_model, train  # noqa: E402
 
 CONFIG = {
     "train_micro_batch_size_per_gpu": 4,
     "gradient_accumulation_steps": 1,
-    "optimizer": {"type": "AdamW", "params": {"lr": 5e-2, "torch_adam": True}},
+    "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}},
     "zero_optimization": {"stage": 3},
     "steps_per_print": 1000,
 }
@@ -31,20 +29,11 @@ def main() -> None:
     # cores, and a killed compile leaves a lock every later run waits on forever); gloo is enough here.
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # deepspeed.comm.torch is torch itself
     deepspeed.init_distributed(dist_backend="gloo")
-    rank = dist.get_rank()
-    model = giva_model()
-    batches = rank_batches(rank)
-    report = giva.initialize(model, batches, num_batches=2, progress=False)
+    model, batches, report = initialized_model(dist.get_rank())
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=CONFIG
     )
-    engine.train()
-    losses = []
-    for step in range(STEPS):
-        loss = engine(**batches[step]).loss
-        engine.backward(loss)
-        engine.step()
-        losses.append(loss.item())
+    losses = train(engine, batches, engine.step, backward=engine.backward)
     params = list(engine.module.parameters())
     finish(
         engine, losses, {"calibration_loss": report.losses, "zero_stage": engine.zero_optimization_stage()},

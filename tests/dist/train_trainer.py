@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from train_common import STEPS, finish, giva_model, out_dir, rank_batches
+from train_common import CALIBRATION_BATCHES, LR, STEPS, finish, giva_model, out_dir, rank_batches
 from transformers import Trainer, TrainingArguments
 
 import giva
@@ -46,11 +46,11 @@ class _LossRecordingTrainer(Trainer):
 
 def main() -> None:
     args = TrainingArguments(
-        output_dir=str(out_dir() / "trainer"), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=5e-2,
+        output_dir=str(out_dir() / "trainer"), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=LR,
         report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, ddp_backend="gloo", seed=0,
         disable_tqdm=True, dataloader_num_workers=0,
     )
-    callback = giva.GivaInitCallback(num_batches=2, progress=False)
+    callback = giva.GivaInitCallback(num_batches=CALIBRATION_BATCHES, progress=False)
     trainer = _LossRecordingTrainer(model=giva_model(), args=args, train_dataset=_Rows(), callbacks=[callback])
     trainer.train()
     assert dist.is_initialized(), "the Trainer did not start a process group"
