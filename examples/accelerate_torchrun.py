@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
-from common import Sentences, giva_model, parse_args
+from common import Sentences, giva_model, parse_args, train
 from torch.utils.data import DataLoader
 
 import giva
@@ -30,14 +30,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)  # the loader is now per rank
     giva.initialize(accelerator.unwrap_model(model), loader, progress=accelerator.is_main_process)
-    model.train()
-    for step, batch in zip(range(args.steps), loader):
-        loss = model(**batch).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if accelerator.is_main_process and step % 5 == 0:
-            print(f"step {step}: loss {loss.item():.3f}")
+    train(model, loader, optimizer, args.steps, backward=accelerator.backward, verbose=accelerator.is_main_process)
     assert not replication_mismatches(model), "GiVA tensors differ across ranks"
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(args.output_dir)
