@@ -471,6 +471,14 @@ def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
             f"{_ratio(r.get('exact_peak_over_train'))} | {_ratio(r.get('sketch_time_over_k_fwd_bwd'))} | "
             f"{_ratio(r.get('sketch_time_over_passes_k_fwd_bwd'))} | {_ratio(r.get('exact_time_over_legacy'))} |"
         )
+    # Cells of one table may come from runs at very different machine loads (the runner resumes): say so.
+    loads = [
+        f"{key} {run['load_average'][0]:.1f}" for key, run in results["runs"].items()
+        if run.get("status") == "ok" and run.get("load_average")
+    ]
+    if loads:
+        lines += ["", "Load average (1 min) when each measurement ran (times are only comparable at similar loads): "
+                  + ", ".join(loads) + "."]
     ranks = [r for r in rows if r.get("two_rank_speedup")]
     if ranks:
         lines += ["", "| model | sketch init, 1 process (1 thread) | 2 gloo ranks (1 thread each) | speed-up | same bases |", "|---|---|---|---|---|"]
