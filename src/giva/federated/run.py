@@ -292,7 +292,12 @@ def bytes_table(cfg: FederatedConfig, rounds: list[int], task_factory: TaskFacto
     session = sketch_session(build_model(task_factory(cfg), replace(cfg, method="giva")), cfg.passes,
                              cfg.sketch_oversampling)
     sketch = f"{cfg.passes} passes, l={session.width(next(iter(session.targets)))}, sent as {cfg.sketch_dtype}"
+    other = "bfloat16" if cfg.sketch_dtype == "float32" else "float32"
     variants = [("giva", {"init_mode": "sketch"}, f"giva r={cfg.giva_r}, sketch setup ({sketch})"),
+                ("giva", {"init_mode": "sketch", "sketch_dtype": other},
+                 f"giva r={cfg.giva_r}, sketch setup ({cfg.passes} passes, same l, sent as {other})"),
+                ("giva", {"init_mode": "sketch", "passes": 2, "sketch_dtype": "bfloat16"},
+                 f"giva r={cfg.giva_r}, sketch setup (2 passes, same l, sent as bfloat16)"),
                 ("giva", {"init_mode": "sketch", "passes": 2, "oversample": 8, "sketch_dtype": "float32"},
                  f"giva r={cfg.giva_r}, sketch setup (before: 2 passes, l={cfg.giva_r + 8}, float32)"),
                 ("giva", {"init_mode": "dense"}, f"giva r={cfg.giva_r}, dense setup"),
