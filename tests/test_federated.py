@@ -98,7 +98,7 @@ def dense_run():
 
 @pytest.fixture(scope="module")
 def sketch_run():
-    cfg = config(init_mode="sketch", rounds=1, local_steps=1, passes=3)
+    cfg = config(init_mode="sketch", rounds=1, local_steps=1, passes=3, sketch_dtype="float32")
     return cfg, *run_inprocess(cfg, TinyTask, keep_log=True)
 
 
