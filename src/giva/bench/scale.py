@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -557,6 +558,7 @@ def compare(model: str, kinds: Sequence[str], pairs: int, output_dir: Path, comm
             logger.info("%s pair %d: %s", kind, index, {k: record.get(k) for k in ("status", "seconds", "peak_rss")})
     path.write_text(json.dumps(results, indent=1))
     _write_compare(output_dir, results)
+    shutil.rmtree(scratch, ignore_errors=True)  # the children's records are in compare.json
     return results
 
 
