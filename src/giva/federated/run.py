@@ -538,6 +538,55 @@ def run_comparison(
     return out
 
 
+def report_checkpoints(output_dir: str, targets: Optional[list[float]] = None) -> dict[str, Any]:
+    """The table, headline and plot of whatever runs ``OUTPUT_DIR/.checkpoints`` holds, finished or not
+    (a run cut by its time limit reports the rounds it finished; ``complete`` says which)."""
+    folder = Path(output_dir) / ".checkpoints"
+    runs: dict[str, Any] = {}
+    summaries = []
+    for method in ("giva", "lora", "vera"):
+        path = folder / f"{method}.pt"
+        if not path.exists():
+            continue
+        saved = torch.load(path, weights_only=False)
+        cfg = saved["config"]
+        runs[method] = {"config": cfg, "setup": saved["setup"], "setup_info": saved["setup_info"],
+                        "setup_bytes": sum(sum(t["down"]) + sum(t["up"]) for t in saved["setup"]),
+                        "rounds": saved["rounds"], "trainable_tensors": len(saved["trainable"]),
+                        "trainable_parameters": sum(t.numel() for t in saved["trainable"].values()),
+                        "seconds": saved["seconds"], "complete": len(saved["rounds"]) == cfg["rounds"] + 1}
+        label = {"giva": f"giva r={cfg['giva_r']} ({cfg['init_mode']})", "lora": f"lora r={cfg['lora_r']}",
+                 "vera": f"vera r={cfg['vera_r']}, projections sent"}[method]
+        if not runs[method]["complete"]:
+            label += f", stopped after round {len(saved['rounds']) - 1}"
+        summaries.append(summarise(runs[method], label))
+    central = None
+    if (folder / "centralised.pt").exists():
+        saved = torch.load(folder / "centralised.pt", weights_only=False)
+        per_round = saved["config"]["clients"] * saved["config"]["local_steps"]
+        central = {"config": saved["config"], "method": "giva-centralised", "rounds": saved["rounds"],
+                   "steps": (len(saved["rounds"]) - 1) * per_round, "seconds": saved["seconds"],
+                   "complete": len(saved["rounds"]) == saved["config"]["rounds"] + 1}
+        if central["rounds"][-1]["accuracy"] is None:
+            central = None  # scored only at its last round, which it did not reach
+    if not summaries:
+        raise FileNotFoundError(f"no checkpoints in {folder}")
+    if targets is None:
+        targets = [0.70, 0.75]
+        if "lora" in runs:
+            targets.append(math.floor(1000 * (runs["lora"]["rounds"][-1]["accuracy"] - 0.01)) / 1000)
+    table = markdown_table(summaries, targets, central)
+    out = {"runs": runs, "summaries": summaries, "centralised": central, "targets": targets, "table": table,
+           "headline": headline(summaries, central), "versions": _versions()}
+    write_json(out, str(Path(output_dir) / "results.json"))
+    Path(output_dir, "results.md").write_text(table + "\n")
+    first = next(iter(runs.values()))["config"]
+    plot_accuracy_vs_mb(summaries, str(Path(output_dir) / "accuracy_vs_mb.png"),
+                        f"{first['clients']} clients, up to {first['rounds']} rounds x {first['local_steps']} local steps, "
+                        f"{first['split']}")
+    return out
+
+
 def headline(summaries: list[dict[str, Any]], central: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """GiVA against LoRA (accuracy points, total-bytes ratio, setup included) and against centralised GiVA."""
     by_method = {s["method"]: s for s in summaries}
@@ -584,6 +633,7 @@ __all__ = [
 #   python -m giva.federated.run sketch benchmarks/results/federated
 #   python -m giva.federated.run accuracy benchmarks/results/federated/iid
 #   python -m giva.federated.run label-skew benchmarks/results/federated/label-skew
+#   python -m giva.federated.run report OUTPUT_DIR    # the table / plot of the checkpoints there, finished or not
 # accuracy / label-skew take FederatedConfig overrides (key=value, kebab-case) and methods=giva,lora,vera;
 # they keep checkpoints in OUTPUT_DIR/.checkpoints, so a killed run goes on where it stopped when rerun.
 BYTES_CONFIG = FederatedConfig(clients=4, rounds=10, test_size=100, max_train_samples=64)
@@ -604,7 +654,7 @@ def choose_sketch(rows: list[dict[str, Any]], threshold: float = SKETCH_MIN_MEAN
 def _main(argv: list[str]) -> int:
     from .local_deployment import parse_overrides
 
-    kinds = ("bytes", "sketch", "accuracy", "label-skew")
+    kinds = ("bytes", "sketch", "accuracy", "label-skew", "report")
     if len(argv) < 2 or argv[0] not in kinds:
         print(f"usage: python -m giva.federated.run {'|'.join(kinds)} OUTPUT_DIR [key=value ...]")
         return 2
@@ -619,6 +669,10 @@ def _main(argv: list[str]) -> int:
                     "versions": _versions()}, str(Path(output_dir) / "bytes.json"))
         Path(output_dir, "bytes.md").write_text(table + "\n")
         print(table)
+    elif kind == "report":
+        out = report_checkpoints(output_dir)
+        print(out["table"])
+        print(out["headline"])
     elif kind == "sketch":
         result = sketch_accuracy(replace(SKETCH_CONFIG, **overrides), SKETCH_SETTINGS)
         result["choice"] = choose_sketch(result["rows"])
