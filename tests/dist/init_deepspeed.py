@@ -28,7 +28,7 @@ from pathlib import Path  # noqa: E402
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from init_ranks import NUM_BATCHES, TARGETS, model, rank_batches, save  # noqa: E402
+from init_ranks import NUM_BATCHES, TARGETS, bases_of, model, rank_batches  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 
 import giva  # noqa: E402
@@ -85,10 +85,8 @@ def main() -> None:
             inner = engine.module
             held = partitioned_weights(inner)
             report = giva.initialize(engine, batches, num_batches=NUM_BATCHES, progress=False, mode=mode)
-            save(out, f"{scenario}_{mode}", rank, inner, report)
-            record = torch.load(out / f"{scenario}_{mode}_rank{rank}.pt")
-            record["partitioned_weights"] = held
-            record["layers"] = len(giva_layers(inner))
+            record = {"bases": bases_of(inner), "mode": report.mode, "sums_bytes": report.sums_bytes,
+                      "partitioned_weights": held, "layers": len(giva_layers(inner))}
             torch.save(record, out / f"{scenario}_{mode}_rank{rank}.pt")
             dist.barrier()
     # Trained vectors live only in the ranks' partitions: initialize must still see them and refuse.

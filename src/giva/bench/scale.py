@@ -281,7 +281,9 @@ def measure(spec: ScaleModel, kind: str) -> dict[str, Any]:
         record["bases_checksum"] = float(
             sum(layer.giva_A["default"].double().abs().sum() for layer in _giva_layers(model))
         )
-    record["peak_rss"] = _rss_bytes("VmHWM")
+    # Linux batches each thread's RSS updates (SPLIT_RSS_COUNTING), so VmHWM can trail the VmRSS read just
+    # after the reset by a few hundred KB: the peak is at least every RSS this process was seen at.
+    record["peak_rss"] = max(_rss_bytes("VmHWM"), _rss_bytes("VmRSS"), record.get("rss_before", 0))
     record["peak_rss_ru_maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     record["torch_threads"] = torch.get_num_threads()
     record["load_average"] = os.getloadavg()  # other jobs share the machine: times are only as good as this
