@@ -524,6 +524,14 @@ def run_comparison(
     if centralised and "giva" in methods:
         central = run_centralised(base, task_factory, checkpoint("centralised"), central_eval_every)
     write_json({"runs": runs, "centralised": central}, str(Path(output_dir) / "results.json"))
+    return write_report(output_dir, runs, summaries, central, targets,
+                        f"{base.clients} clients, {base.rounds} rounds x {base.local_steps} local steps, {base.split}")
+
+
+def write_report(output_dir: str, runs: dict[str, Any], summaries: list[dict[str, Any]],
+                 central: Optional[dict[str, Any]], targets: Optional[list[float]], title: str) -> dict[str, Any]:
+    """results.json, results.md and accuracy_vs_mb.png of finished or checkpointed runs. ``targets``
+    (accuracies to reach) default to 70 %, 75 % and LoRA's last accuracy minus one point."""
     if targets is None:
         targets = [0.70, 0.75]
         if "lora" in runs:
@@ -533,8 +541,7 @@ def run_comparison(
            "headline": headline(summaries, central), "versions": _versions()}
     write_json(out, str(Path(output_dir) / "results.json"))
     Path(output_dir, "results.md").write_text(table + "\n")
-    plot_accuracy_vs_mb(summaries, str(Path(output_dir) / "accuracy_vs_mb.png"),
-                        f"{base.clients} clients, {base.rounds} rounds x {base.local_steps} local steps, {base.split}")
+    plot_accuracy_vs_mb(summaries, str(Path(output_dir) / "accuracy_vs_mb.png"), title)
     return out
 
 
@@ -571,20 +578,10 @@ def report_checkpoints(output_dir: str, targets: Optional[list[float]] = None) -
             central = None  # scored only at its last round, which it did not reach
     if not summaries:
         raise FileNotFoundError(f"no checkpoints in {folder}")
-    if targets is None:
-        targets = [0.70, 0.75]
-        if "lora" in runs:
-            targets.append(math.floor(1000 * (runs["lora"]["rounds"][-1]["accuracy"] - 0.01)) / 1000)
-    table = markdown_table(summaries, targets, central)
-    out = {"runs": runs, "summaries": summaries, "centralised": central, "targets": targets, "table": table,
-           "headline": headline(summaries, central), "versions": _versions()}
-    write_json(out, str(Path(output_dir) / "results.json"))
-    Path(output_dir, "results.md").write_text(table + "\n")
     first = next(iter(runs.values()))["config"]
-    plot_accuracy_vs_mb(summaries, str(Path(output_dir) / "accuracy_vs_mb.png"),
+    return write_report(output_dir, runs, summaries, central, targets,
                         f"{first['clients']} clients, up to {first['rounds']} rounds x {first['local_steps']} local steps, "
                         f"{first['split']}")
-    return out
 
 
 def headline(summaries: list[dict[str, Any]], central: Optional[dict[str, Any]] = None) -> dict[str, Any]:
