@@ -13,9 +13,18 @@ from ..bases import bases_from_gradient
 
 
 def accumulate_dense(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``total + g^T x``: x ``T x in``, g ``T x out`` -> ``out x in`` (fp32)."""
-    product = g.float().mT @ x.float()
-    return product if total is None else total.add_(product)
+    """``total + g^T x``: x ``T x in``, g ``T x out`` -> ``out x in`` (fp32), in place into ``total``.
+
+    The first batch's product becomes the sum; every later batch is added by the matrix multiply
+    itself (``addmm_``: GEMM with beta=1 writes into ``total``), so no ``out x in`` temporary is ever
+    formed next to the sums. A per-batch product (``total.add_(g^T x)``, as before) was freed after
+    each layer, and glibc did not reuse those blocks: on the 0.5B Llama the heap's free space grew
+    by ~1.1 GB over the second batch (peak RSS 5.4 against 4.3 GB before giva.init). Only the
+    ``T``-row inputs are cast to fp32 (a copy only when they are not fp32 already).
+    """
+    if total is None:
+        return g.float().mT @ x.float()
+    return total.addmm_(g.float().mT, x.float())
 
 
 def bases_from_dense(
