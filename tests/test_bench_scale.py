@@ -88,3 +88,30 @@ def test_compare_alternates_fresh_processes_resumes_and_reports_the_ratio(tmp_pa
     assert json.loads((tmp_path / "compare.json").read_text())["command"] == "cmd"
     with pytest.raises(ValueError, match="two measurements"):
         scale.compare("llama-0.5b", ["exact", "nope"], 1, tmp_path)
+
+
+def test_remeasure_replaces_only_the_selected_records_and_keeps_the_others(tmp_path, monkeypatch):
+    monkeypatch.setitem(scale.MODELS, TINY.name, TINY)
+    old = {"status": "ok", "seconds": 9.0, "fwd_bwd_seconds": 4.0, "peak_rss": 3e9, "parameters": 1e6,
+           "load_average": [20.0, 20.0, 20.0]}
+    runs = {f"{TINY.name}/{kind}": {"model": TINY.name, "kind": kind, **old} for kind in TINY.kinds}
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    calls = []
+
+    def fake_run_one(model, kind, scratch):
+        calls.append(kind)
+        return {"model": model, "kind": kind, "status": "ok", "seconds": 1.0, "peak_rss": 2e9, "parameters": 1e6,
+                "load_average": [1.0, 1.0, 1.0]}
+
+    monkeypatch.setattr(scale, "run_one", fake_run_one)
+    scale.run_scale(tmp_path, models=[TINY.name], kinds=["exact"])  # resumes: nothing to do
+    assert calls == []
+    scale.run_scale(tmp_path, models=[TINY.name], kinds=["exact", "loraga"], remeasure=True)
+    assert calls == ["exact", "loraga"]
+    saved = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert set(saved) == set(runs)
+    for key, run in saved.items():
+        fresh = key.endswith(("/exact", "/loraga"))
+        assert run["seconds"] == (1.0 if fresh else 9.0), key
+        assert ("commit" in run) == fresh and (not fresh or run["commit"] == scale.commit())
+    assert f"{TINY.name}/exact 1.0 ({scale.commit()})" in (tmp_path / "results.md").read_text()

@@ -348,15 +348,28 @@ def run_one(model: str, kind: str, scratch: Path) -> dict[str, Any]:
     return record
 
 
+def commit() -> str:
+    """The checkout's short commit, with ``+dirty`` if src/giva has uncommitted changes (what a record was measured with)."""
+    root = Path(__file__).resolve().parents[3]
+    git = ["git", "-C", str(root)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "src/giva"], capture_output=True, text=True).stdout.strip()
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
 def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
 def run_scale(
     output_dir: Path, models: Optional[Sequence[str]] = None, kinds: Optional[Sequence[str]] = None,
-    min_free_gib: float = 3.0,
+    min_free_gib: float = 3.0, remeasure: bool = False,
 ) -> dict[str, Any]:
-    """Run (or resume) the scale suite into ``output_dir``; write results.json, results.md and the plot."""
+    """Run (or resume) the scale suite into ``output_dir``; write results.json, results.md and the plot.
+
+    ``remeasure``: measure the selected models x kinds again even where results.json has them (the new
+    records replace those; every other record is kept), e.g. after a code change or a run on a loaded machine.
+    """
     from .runner import versions
 
     unknown = [m for m in models or [] if m not in MODELS]
@@ -379,7 +392,7 @@ def run_scale(
             if kinds and kind not in kinds:
                 continue
             key = f"{name}/{kind}"
-            if results["runs"].get(key, {}).get("status") == "ok":
+            if results["runs"].get(key, {}).get("status") == "ok" and not remeasure:
                 continue
             need, free = estimated_gib(spec, kind), _free_gib()
             if free - need < min_free_gib:
@@ -389,6 +402,7 @@ def run_scale(
             logger.info("measuring %s (needs ~%.1f GiB, %.1f GiB free)", key, need, free)
             record = run_one(name, kind, scratch)
             record["free_gib_before"] = free
+            record["commit"] = commit()
             ran.append(key)
             results["runs"][key] = record
             results_path.write_text(json.dumps(results, indent=1))
@@ -476,12 +490,12 @@ def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
         )
     # Cells of one table may come from runs at very different machine loads (the runner resumes): say so.
     loads = [
-        f"{key} {run['load_average'][0]:.1f}" for key, run in results["runs"].items()
-        if run.get("status") == "ok" and run.get("load_average")
+        f"{key} {run['load_average'][0]:.1f}" + (f" ({run['commit']})" if run.get("commit") else "")
+        for key, run in results["runs"].items() if run.get("status") == "ok" and run.get("load_average")
     ]
     if loads:
-        lines += ["", "Load average (1 min) when each measurement ran (times are only comparable at similar loads): "
-                  + ", ".join(loads) + "."]
+        lines += ["", "Load average (1 min) when each measurement ran, and the commit it measured where recorded "
+                  "(times are only comparable at similar loads): " + ", ".join(loads) + "."]
     ranks = [r for r in rows if r.get("two_rank_speedup")]
     if ranks:
         lines += ["", "| model | sketch init, 1 process (1 thread) | 2 gloo ranks (1 thread each) | speed-up | same bases |", "|---|---|---|---|---|"]
@@ -555,6 +569,7 @@ def compare(model: str, kinds: Sequence[str], pairs: int, output_dir: Path, comm
                 continue
             record = run_one(model, kind, scratch)
             record["pair"] = index
+            record["commit"] = commit()
             runs[:] = [r for r in runs if not (r["pair"] == index and r["kind"] == kind)] + [record]
             path.write_text(json.dumps(results, indent=1))
             logger.info("%s pair %d: %s", kind, index, {k: record.get(k) for k in ("status", "seconds", "peak_rss")})
@@ -625,6 +640,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run.add_argument("--output-dir", default="benchmarks/results/scale")
     run.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     run.add_argument("--kinds", default=None, help="comma-separated subset of " + ",".join(KINDS + RANK_KINDS))
+    run.add_argument("--remeasure", action="store_true",
+                     help="measure the selected models x kinds again even where results.json has them (others are kept)")
     cmp_ = sub.add_parser("compare", help="two measurements side by side, alternating fresh processes")
     cmp_.add_argument("model", choices=sorted(MODELS))
     cmp_.add_argument("kinds", nargs=2, choices=KINDS)
@@ -642,7 +659,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         compare(args.model, args.kinds, args.pairs, Path(args.output_dir), command)
         return 0
     split = lambda s: s.split(",") if s else None  # noqa: E731
-    run_scale(Path(args.output_dir), split(args.models), split(args.kinds))
+    run_scale(Path(args.output_dir), split(args.models), split(args.kinds), remeasure=args.remeasure)
     return 0
 
 
