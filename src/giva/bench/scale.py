@@ -351,10 +351,15 @@ def run_one(model: str, kind: str, scratch: Path) -> dict[str, Any]:
 def commit() -> str:
     """The checkout's short commit, with ``+dirty`` if src/giva has uncommitted changes (what a record was measured with)."""
     root = Path(__file__).resolve().parents[3]
-    git = ["git", "-C", str(root)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", "src/giva"], capture_output=True, text=True).stdout.strip()
-    return (head or "unknown") + ("+dirty" if dirty else "")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return (head or "unknown") + ("+dirty" if uncommitted() else "")
+
+
+def uncommitted() -> list[str]:
+    """Files under src/giva with uncommitted changes when a record was measured (``+dirty`` in :func:`commit`)."""
+    root = Path(__file__).resolve().parents[3]
+    status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "src/giva"], capture_output=True, text=True)
+    return [line[3:] for line in status.stdout.splitlines()]
 
 
 def _load(path: Path) -> dict[str, Any]:
@@ -402,7 +407,7 @@ def run_scale(
             logger.info("measuring %s (needs ~%.1f GiB, %.1f GiB free)", key, need, free)
             record = run_one(name, kind, scratch)
             record["free_gib_before"] = free
-            record["commit"] = commit()
+            record["commit"], record["uncommitted"] = commit(), uncommitted()
             ran.append(key)
             results["runs"][key] = record
             results_path.write_text(json.dumps(results, indent=1))
@@ -569,7 +574,7 @@ def compare(model: str, kinds: Sequence[str], pairs: int, output_dir: Path, comm
                 continue
             record = run_one(model, kind, scratch)
             record["pair"] = index
-            record["commit"] = commit()
+            record["commit"], record["uncommitted"] = commit(), uncommitted()
             runs[:] = [r for r in runs if not (r["pair"] == index and r["kind"] == kind)] + [record]
             path.write_text(json.dumps(results, indent=1))
             logger.info("%s pair %d: %s", kind, index, {k: record.get(k) for k in ("status", "seconds", "peak_rss")})
