@@ -8,6 +8,7 @@ grid (every message is deflated to bytes and inflated back); no Ray, tiny seeded
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,14 @@ import torch  # noqa: E402
 
 from giva.federated import messages  # noqa: E402
 from giva.federated.client_app import STATE_KEY  # noqa: E402
-from giva.federated.run import run_inprocess  # noqa: E402
-from giva.federated.statistics import bases_layout, block_specs, one_process_dense_bases, read_bases  # noqa: E402
+from giva.federated.run import rounds_to_fewer_bytes, run_inprocess, wire_sizes  # noqa: E402
+from giva.federated.statistics import (  # noqa: E402
+    apply_bases,
+    bases_layout,
+    block_specs,
+    one_process_dense_bases,
+    read_bases,
+)
 from giva.federated.task import (  # noqa: E402
     CANDIDATES,
     FederatedConfig,
@@ -180,6 +187,52 @@ def test_bfloat16_sketch_transport_halves_the_setup_and_keeps_the_bases(sketch_r
         assert torch.allclose(held[0][key] @ held[0][key].mT, torch.eye(cfg.giva_r), atol=1e-5)
 
 
+@pytest.mark.parametrize("init_mode", ["dense", "sketch"])
+def test_bfloat16_bases_travel_as_the_model_stores_them(init_mode, dense_run, sketch_run, tmp_path):
+    """``bases_dtype="bfloat16"``: A is sent in bfloat16 (half its float32 bytes), every client holds the
+    server's A bit for bit, and the bytes reported are the serialized sizes."""
+    cfg32, results32, grid32 = dense_run if init_mode == "dense" else sketch_run
+    cfg = config(init_mode=init_mode, rounds=1, local_steps=1, bases_dtype="bfloat16",
+                 **({"passes": 3, "sketch_dtype": "float32"} if init_mode == "sketch" else {}))
+    checkpoint = tmp_path / "run.pt"
+    results, grid = run_inprocess(cfg, TinyTask, keep_log=True, checkpoint=str(checkpoint))
+    server = torch.load(checkpoint, weights_only=False)["delivered"]  # the server model's A, read after the setup
+    model = build_model(TinyTask(cfg), cfg)
+    assert all(a.dtype == torch.bfloat16 for a in server.values())
+    for held in client_bases(grid, cfg):
+        assert held.keys() == server.keys()
+        assert all(held[k].dtype == torch.bfloat16 and torch.equal(held[k], server[k]) for k in server)
+        apply_bases(model, held)  # a client's model stores exactly what it received
+        assert all(torch.equal(a, server[k]) for k, a in read_bases(model).items())
+    if init_mode == "dense":  # the one-process bases over the union, rounded once to bfloat16
+        reference = one_process_dense_bases(model, union_batches(cfg, [0, 1, 2]), peft_config(cfg))
+        assert all(torch.equal(reference[k].bfloat16(), server[k]) for k in server)
+    bases_messages = [m for m, _ in grid.log if m.metadata.message_type == messages.BASES]
+    numbers = sum(cfg.giva_r * spec.in_features for spec in block_specs(model).values())
+    assert len(bases_messages) == CLIENTS
+    for message in bases_messages:  # one packed bfloat16 array of A's numbers, 2 bytes each
+        assert list(message.content[messages.ARRAYS].keys()) == [messages.PACKED_BF16]
+        assert messages.payload_bytes(message) == 2 * numbers
+    down, down32 = results["setup"][-1]["down"], results32["setup"][-1]["down"]
+    # The 2 bytes a number saved, less a few header bytes (the bfloat16 array's longer name)
+    assert all(2 * numbers - 16 <= d32 - d <= 2 * numbers for d, d32 in zip(down, down32))
+    assert results["setup"][:-1] == results32["setup"][:-1]  # the statistics exchanges do not change
+    reported = results["setup"] + [r["traffic"] for r in results["rounds"][1:]]
+    assert [(d, u) for t in reported for d, u in zip(t["down"], t["up"])] == [(d, u) for _, _, d, u in grid.sent]
+    # The bytes table's A message (random values in the model's layout) is the run's, up to metadata (README: 30 bytes).
+    table_down, table_up = wire_sizes(cfg, TinyTask)["setup"][-1]
+    assert abs(table_down - down[0]) <= 30 and abs(table_up - results["setup"][-1]["up"][0]) <= 30
+
+
+def test_a_checkpoint_from_before_a_new_config_field_resumes_at_its_default():
+    cfg = config()
+    saved = asdict(cfg)
+    del saved["bases_dtype"]  # written before the field existed
+    assert cfg.same_run(saved) and cfg.same_run(asdict(cfg))
+    assert not config(bases_dtype="bfloat16").same_run(saved)
+    assert not config(rounds=3).same_run(asdict(cfg))
+
+
 class FailingTask(TinyTask):
     """Fails the first time any client trains round ``fail_at`` (a killed run)."""
 
@@ -223,6 +276,18 @@ def test_fedavg_is_the_example_weighted_mean():
         assert torch.allclose(averaged[name].double(), expected, atol=1e-7)
     with pytest.raises(ValueError, match="positive"):
         fedavg(states, [1, 0, 2])
+
+
+def test_rounds_until_tenfold_fewer_bytes_measured_or_extrapolated():
+    def run(setup: int, per_round: int, rounds: int) -> dict:
+        return {"cumulative_bytes": [setup + n * per_round for n in range(rounds + 1)]}
+
+    lora = run(0, 100, 10)
+    # 10 (S + n g) <= n l: S = 300, g = 5, l = 100 -> n >= 3000 / 50 = 60 (beyond the 10 rounds measured)
+    assert rounds_to_fewer_bytes(run(300, 5, 10), lora) == (60, False)
+    assert rounds_to_fewer_bytes(run(20, 5, 10), lora) == (4, True)  # 10 * 40 = 400 <= 400, measured
+    assert rounds_to_fewer_bytes(run(0, 10, 10), lora) == (1, True)
+    assert rounds_to_fewer_bytes(run(300, 10, 10), lora) == (None, False)  # a round costs 1/10 of LoRA's: never
 
 
 def test_server_applies_fedavg_of_the_client_replies(dense_run):
@@ -310,7 +375,7 @@ def test_label_skew_shards_are_disjoint_equal_and_skewed():
     "field,value,match",
     [("split", "dirichlet", "split"), ("method", "adapter", "method"), ("clients", 0, "clients"),
      ("init_mode", "exact", "init_mode"), ("skew", 1.5, "skew"), ("sketch_dtype", "float16", "sketch_dtype"),
-     ("oversample", -2, "oversample"), ("val_size", -1, "val_size")],
+     ("oversample", -2, "oversample"), ("val_size", -1, "val_size"), ("bases_dtype", "float16", "bases_dtype")],
 )
 def test_bad_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):

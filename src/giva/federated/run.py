@@ -195,7 +195,7 @@ def run_centralised(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     saved = torch.load(checkpoint, weights_only=False) if checkpoint and Path(checkpoint).exists() else None
     if saved is not None:
-        if saved["config"] != asdict(cfg):
+        if not cfg.same_run(saved["config"]):
             raise ValueError(f"checkpoint {checkpoint} is of another run config; delete it or use another output folder")
         load_trainable_state(model, saved["trainable"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -236,7 +236,7 @@ def wire_sizes(cfg: FederatedConfig, task_factory: TaskFactory = default_task) -
     built from the real model's layouts, filled with random values (so no chunk is de-duplicated, as after
     training). Per client: the setup messages (down / up) and one training round (down / up)."""
     from .server_app import STATISTICS_REPLY_METRICS
-    from .statistics import bases_layout, dense_layout, matrix_layout, sketch_session, sums_layout
+    from .statistics import bases_layout, dense_layout, matrix_layout, read_bases, sketch_session, sums_layout
     from .task import projection_state, trainable_state
 
     generator = torch.Generator().manual_seed(0)
@@ -270,7 +270,8 @@ def wire_sizes(cfg: FederatedConfig, task_factory: TaskFactory = default_task) -
                         messages.make_content(matrices, config={**common, "pass-index": index, "kind": kind}),
                         messages.make_content(filled(sums_layout(session, kind), dtype), metrics=metrics),
                         messages.STATISTICS))
-            setup.append(pair(messages.make_content(filled(bases_layout(model))),
+            a_dtype = next(iter(read_bases(model).values())).dtype  # A travels as the model stores it
+            setup.append(pair(messages.make_content(filled(bases_layout(model), a_dtype)),
                               messages.make_content(metrics={"num-stored": 1}), messages.BASES))
         elif cfg.method == "vera" and cfg.vera_projections:
             setup.append(pair(messages.make_content(projection_state(model)),
@@ -294,6 +295,8 @@ def bytes_table(cfg: FederatedConfig, rounds: list[int], task_factory: TaskFacto
     sketch = f"{cfg.passes} passes, l={session.width(next(iter(session.targets)))}, sent as {cfg.sketch_dtype}"
     other = "bfloat16" if cfg.sketch_dtype == "float32" else "float32"
     variants = [("giva", {"init_mode": "sketch"}, f"giva r={cfg.giva_r}, sketch setup ({sketch})"),
+                ("giva", {"init_mode": "sketch", "bases_dtype": "bfloat16"},
+                 f"giva r={cfg.giva_r}, sketch setup ({sketch}), A stored and sent as bfloat16"),
                 ("giva", {"init_mode": "sketch", "sketch_dtype": other},
                  f"giva r={cfg.giva_r}, sketch setup ({cfg.passes} passes, same l, sent as {other})"),
                 ("giva", {"init_mode": "sketch", "passes": 2, "sketch_dtype": "bfloat16"},
@@ -431,24 +434,50 @@ def to_target(summary: dict[str, Any], target: float) -> tuple[Optional[int], Op
     return None, None
 
 
+def rounds_to_fewer_bytes(summary: dict[str, Any], reference: dict[str, Any], factor: float = 10.0
+                          ) -> tuple[Optional[int], bool]:
+    """The first round after which ``summary``'s cumulative bytes (setup included) are ``factor`` times below
+    ``reference``'s, and whether that round was measured (else it is extrapolated from each run's setup
+    bytes and its mean measured bytes per round). ``(None, False)``: never (a round of ``summary`` costs
+    more than ``1 / factor`` of a round of ``reference``)."""
+    ours, theirs = summary["cumulative_bytes"], reference["cumulative_bytes"]
+    for index in range(1, min(len(ours), len(theirs))):
+        if factor * ours[index] <= theirs[index]:
+            return index, True
+    if len(ours) < 2 or len(theirs) < 2:
+        return None, False
+    per_ours = (ours[-1] - ours[0]) / (len(ours) - 1)
+    per_theirs = (theirs[-1] - theirs[0]) / (len(theirs) - 1)
+    if per_theirs <= factor * per_ours:
+        return None, False
+    # factor * (S + n g) <= S' + n g'  <=>  n >= (factor S - S') / (g' - factor g)
+    return max(1, math.ceil((factor * ours[0] - theirs[0]) / (per_theirs - factor * per_ours))), False
+
+
 def _mb(n: Optional[float]) -> str:
     return "-" if n is None else f"{n / 1e6:.3f}"
 
 
 def markdown_table(summaries: list[dict[str, Any]], targets: list[float], centralised: Optional[dict] = None) -> str:
     """The results table (bytes in MB = 10^6 bytes, accuracy on the held-out split)."""
+    lora = next((s for s in summaries if s["method"] == "lora"), None)
     head = ("| method | split | trainable | down / client / round (MB) | up / client / round (MB) | setup total (MB) "
-            "| total (MB) | final acc. | best acc. | " + " | ".join(f"rounds (MB) to {t:.1%}" for t in targets) + " |")
-    lines = [head, "|" + "---|" * (9 + len(targets))]
+            "| total (MB) | final acc. | best acc. | " + " | ".join(f"rounds (MB) to {t:.1%}" for t in targets)
+            + " | rounds until 10x fewer bytes than LoRA |")
+    lines = [head, "|" + "---|" * (10 + len(targets))]
     for s in summaries:
         reach = []
         for t in targets:
             r, b = to_target(s, t)
             reach.append("not reached" if r is None else f"{r} ({_mb(b)})")
+        tenfold = "-"
+        if lora is not None and s is not lora:
+            n, measured = rounds_to_fewer_bytes(s, lora)
+            tenfold = "never" if n is None else f"{n}" + ("" if measured else " (extrapolated)")
         lines.append(
             f"| {s['label']} | {s['split']} | {s['trainable_parameters']:,} | {_mb(s['down_per_client_round'])} | "
             f"{_mb(s['up_per_client_round'])} | {_mb(s['setup_bytes'])} | {_mb(s['total_bytes'])} | "
-            f"{s['final_accuracy']:.2%} | {s['best_accuracy']:.2%} | " + " | ".join(reach) + " |"
+            f"{s['final_accuracy']:.2%} | {s['best_accuracy']:.2%} | " + " | ".join(reach) + f" | {tenfold} |"
         )
     if centralised is not None:
         accs = [r["accuracy"] for r in centralised["rounds"]]
@@ -457,7 +486,7 @@ def markdown_table(summaries: list[dict[str, Any]], targets: list[float], centra
         accs = [a for a in accs if a is not None]
         lines.append(
             f"| giva, centralised ({centralised['steps']} steps on the pooled data) | - | - | - | - | - | - | "
-            f"{accs[-1]:.2%} | {max(accs[1:] or accs):.2%} | " + " | ".join(reach) + " |"
+            f"{accs[-1]:.2%} | {max(accs[1:] or accs):.2%} | " + " | ".join(reach) + " | - |"
         )
     return "\n".join(lines)
 
@@ -594,6 +623,9 @@ def headline(summaries: list[dict[str, Any]], central: Optional[dict[str, Any]] 
         out["giva_minus_lora_best_points"] = round(100 * (giva["best_accuracy"] - lora["best_accuracy"]), 2)
         out["lora_over_giva_total_bytes"] = round(lora["total_bytes"] / giva["total_bytes"], 2)
         out["target_met"] = out["giva_minus_lora_final_points"] >= -1.0 and out["lora_over_giva_total_bytes"] >= 10
+        rounds, measured = rounds_to_fewer_bytes(giva, lora)
+        out["rounds_until_10x_fewer_bytes_than_lora"] = rounds
+        out["rounds_until_10x_measured"] = measured
     if "giva" in by_method and central is not None:
         out["giva_federated_minus_centralised_points"] = round(
             100 * (by_method["giva"]["final_accuracy"] - central["rounds"][-1]["accuracy"]), 2)

@@ -4,8 +4,8 @@ Setup (before round 1):
 
 * GiVA: ``query.statistics`` to every client -> each returns its shard's summed sketch (or dense
   gradient) and example count -> the server adds them up (exactly what one process computes over the
-  union of the shards), takes the SVD, and sends every client ``A`` in ``query.bases``. ``B`` is
-  seeded, so it never travels.
+  union of the shards), takes the SVD, and sends every client ``A`` in ``query.bases``, in the dtype the
+  model stores it (``bases_dtype``: float32, or bfloat16 at half the bytes). ``B`` is seeded, so it never travels.
 * VeRA with ``vera-projections``: the shared random projections in ``query.bases``; without, nothing
   (clients regenerate them from the PRNG key).
 * LoRA: nothing (its initial factors travel with round 1's global state).
@@ -110,8 +110,8 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
             for r in replies
         ]
         stats, count = combine_statistics(parts)
-        bases = dense_bases(block_specs(model), stats, count, peft_config(cfg))
-        apply_bases(model, bases)
+        apply_bases(model, dense_bases(block_specs(model), stats, count, peft_config(cfg)))
+        bases = read_bases(model)  # A as the model stores it (GivaConfig.bases_dtype): what travels
     else:
         session = sketch_session(model, cfg.passes, cfg.sketch_oversampling)
         dtype = cfg.transport_dtype
@@ -139,7 +139,7 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
             count = sum(int(r.content[messages.METRICS]["num-examples"]) for r in replies)
             session.receive(add_partials(parts))
         write_bases(model, session)
-        bases = read_bases(model)
+        bases = read_bases(model)  # A as the model stores it (GivaConfig.bases_dtype): what travels
     _, t = exchange(grid, nodes, messages.BASES, messages.make_content(bases), f"setup-{len(traffic) + 1}")
     traffic.append(t)
     info = {"mode": cfg.init_mode, "calibration_examples": count, "blocks": len(bases),
@@ -151,7 +151,7 @@ def _load_checkpoint(path: Optional[str], cfg: FederatedConfig) -> Optional[dict
     if not path or not Path(path).exists():
         return None
     saved = torch.load(path, weights_only=False)
-    if saved["config"] != asdict(cfg):
+    if not cfg.same_run(saved["config"]):
         raise ValueError(f"checkpoint {path} is of another run config; delete it or use another output folder")
     return saved
 

@@ -19,6 +19,7 @@ from ..config import GivaConfig
 from ..data import TextDataset
 from ..finetune import evaluate, parameter_groups
 from ..init import DEFAULT_PASSES
+from ..serving import BASES_DTYPES
 
 METHODS: tuple[str, ...] = ("giva", "lora", "vera")
 SPLITS: tuple[str, ...] = ("iid", "label-skew")
@@ -82,6 +83,11 @@ class FederatedConfig:
         default=SKETCH_DTYPE,
         metadata={"help": "dtype the sketch sums and test matrices travel in: 'float32' or 'bfloat16' (A keeps its own)."},
     )
+    bases_dtype: str = field(
+        default="float32",
+        metadata={"help": "GiVA: the dtype the model stores A in (GivaConfig.bases_dtype), which is also the dtype A "
+                          "travels in: 'float32' or 'bfloat16' (half the bytes of A down)."},
+    )
     num_batches: int = field(default=4, metadata={"help": "Calibration batches per client in the setup round."})
     vera_projections: bool = field(
         default=True, metadata={"help": "VeRA: the setup message carries the shared projections (else only the seed)."}
@@ -101,6 +107,8 @@ class FederatedConfig:
             raise ValueError(f"FederatedConfig.oversample must be an integer >= 0 (or -1: library default), got {self.oversample!r}")
         if self.sketch_dtype not in SKETCH_DTYPES:
             raise ValueError(f"FederatedConfig.sketch_dtype must be one of {tuple(SKETCH_DTYPES)}, got {self.sketch_dtype!r}")
+        if self.bases_dtype not in BASES_DTYPES:
+            raise ValueError(f"FederatedConfig.bases_dtype must be one of {tuple(BASES_DTYPES)}, got {self.bases_dtype!r}")
         if self.task not in TASKS:
             raise ValueError(f"FederatedConfig.task must be one of {TASKS}, got {self.task!r}")
         if self.split not in SPLITS:
@@ -139,6 +147,12 @@ class FederatedConfig:
     def to_flat(self) -> dict[str, Any]:
         """The config as Flower run-config values (kebab-case keys; None left out)."""
         return {k.replace("_", "-"): v for k, v in asdict(self).items() if v is not None}
+
+    def same_run(self, saved: dict[str, Any]) -> bool:
+        """True if ``saved`` (the ``asdict`` of a checkpointed run's config) is this config. A field the saved
+        config lacks (added to this class after the checkpoint was written) counts as its default."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return {**defaults, **saved} == asdict(self)
 
     @classmethod
     def from_flat(cls, values: dict[str, Any]) -> "FederatedConfig":
@@ -355,7 +369,8 @@ def peft_config(config: FederatedConfig, method: Optional[str] = None) -> Any:
     task_type = "CAUSAL_LM" if config.task == "causal-lm" else "SEQ_CLS"
     targets = config.target_modules if config.target_modules == "all-linear" else config.target_modules.split(",")
     if method == "giva":
-        return GivaConfig(r=config.giva_r, target_modules=targets, seed=config.seed, task_type=task_type)
+        return GivaConfig(r=config.giva_r, target_modules=targets, seed=config.seed, task_type=task_type,
+                          bases_dtype=config.bases_dtype)
     if method == "lora":
         return LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0, target_modules=targets,
                           task_type=task_type)
