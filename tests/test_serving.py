@@ -71,6 +71,74 @@ def test_mixed_batch_with_adapters_of_different_layouts():
     assert torch.allclose(_logits(model, ids, adapter_names=names), _one_at_a_time(model, ids, names), atol=1e-5)
 
 
+@pytest.mark.parametrize("case", ["bert", "gpt2-fused"])
+def test_mixed_batch_reuses_its_stacked_adapters_until_any_of_them_changes(case, monkeypatch):
+    model = _multi_adapter_model(case, {"t0": 4, "t1": 4, "t2": 4})
+    ids = text_batches(batch=5)[0]["input_ids"]
+    names = ["t1", "t0", "__base__", "t2", "t1"]
+    builds: list[int] = []
+    real_build = serving._build_stacked
+    monkeypatch.setattr(serving, "_build_stacked", lambda *args: builds.append(1) or real_build(*args))
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+
+    def check(change: str, rebuilt: int = len(layers)) -> None:
+        builds.clear()
+        mixed = _logits(model, ids, adapter_names=names)
+        assert len(builds) == rebuilt, f"after {change}: the changed layers, and only they, rebuild their stack"
+        assert torch.allclose(mixed, _one_at_a_time(model, ids, names), atol=1e-5), change
+
+    serving.clear_mixed_batch_cache()
+    builds.clear()
+    with torch.inference_mode():
+        first = model(input_ids=ids, adapter_names=names).logits
+    assert len(builds) == len(layers)
+    builds.clear()
+    again = _logits(model, ids, adapter_names=names)
+    assert not builds and torch.equal(again, first)  # nothing changed: every layer reuses its stack
+    assert torch.allclose(again, _one_at_a_time(model, ids, names), atol=1e-5)
+
+    with torch.no_grad():  # an in-place write PyTorch counts (as an optimizer step or load_state_dict)
+        for layer in layers:
+            layer.giva_lambda_o["t1"].mul_(-2.0)
+    check("an in-place write to lambda_o")
+    model.load_state_dict({k: v + 0.5 for k, v in model.state_dict().items() if "giva_lambda_s.t0" in k}, strict=False)
+    check("load_state_dict into lambda_s")
+    for layer in layers:  # a swapped storage (how nn.Module.to moves parameters), which bumps no version
+        layer.giva_lambda_s["t2"].data = layer.giva_lambda_s["t2"].data * 3.0
+    check("a parameter's .data replaced")
+    layer = layers[0]
+    block = layer.blocks["t0"][0]
+    layer.set_block_bases("t0", block, torch.randn(block.rank, layer.in_features), torch.randn(block.out_size, block.rank))
+    check("bases written in place", rebuilt=1)
+    factory, targets, adapt_blocks = CASES[case]
+    model.delete_adapter("t1")
+    model.add_adapter("t1", GivaConfig(r=4, target_modules=targets, adapt_blocks=adapt_blocks, init_weights=False))
+    model.eval()
+    check("an adapter deleted and added again under the same name")
+    model.double()
+    check("a cast of the model")
+
+
+def test_mixed_batch_gives_vectors_their_gradients_in_eval_mode(monkeypatch):
+    model = _multi_adapter_model("llama", {"t0": 4, "t1": 4})
+    ids = text_batches(batch=4)[0]["input_ids"]
+    names = ["t1", "t0", "__base__", "t1"]
+    vectors = [p.requires_grad_() for n, p in model.named_parameters() if "giva_lambda" in n]  # t1's too
+
+    def grads() -> list[torch.Tensor]:
+        for p in vectors:
+            p.grad = None
+        model(input_ids=ids, adapter_names=names).logits.square().sum().backward()
+        return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in vectors]
+
+    _logits(model, ids, adapter_names=names)  # a no-grad forward leaves stacks in the cache
+    batched = grads()
+    monkeypatch.setattr(serving, "_stacked", lambda *args: None)  # reference: one pass per adapter over its rows
+    grouped = grads()
+    assert sum(bool(g.any()) for g in batched) == len(vectors)  # t0 and t1 both in the batch: every vector
+    assert all(torch.allclose(b, g, rtol=1e-4, atol=1e-6) for b, g in zip(batched, grouped))
+
+
 def test_seeded_bases_are_one_tensor_per_layer_and_stay_shared_under_casts():
     model = _multi_adapter_model("llama", {"t0": 4, "t1": 4, "t2": 4})
     layers = [m for m in model.modules() if isinstance(m, GivaLayer)]

@@ -16,12 +16,13 @@ Nothing here imports the layer module (the layer imports this one).
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
@@ -163,7 +164,7 @@ def _batch_plan(names: tuple[str, ...]) -> tuple[tuple[str, ...], torch.Tensor]:
     return unique, torch.tensor([position[name] for name in names], dtype=torch.long)
 
 
-def _uniform(layer: Any, adapters: list[str]) -> bool:
+def _uniform(layer: Any, adapters: Sequence[str]) -> bool:
     """True if the adapters have bases of one shape on the same output rows (so they can be stacked)."""
     first = adapters[0]
     a_shape, b_shape = layer.giva_A[first].shape, layer.giva_B[first].shape
@@ -181,50 +182,153 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
     """Add each row's adapter output to the base output ``result`` (``(batch, ..., out)``); ``x`` is ``(batch, ..., in)``.
 
     Rows whose name is ``"__base__"`` or an adapter this layer does not hold get nothing. For adapters of one
-    layout, per row: ``h = (A_row x) * lambda_s_row`` by one ``bmm`` over gathered ``A`` (``batch x R x in``), then
-    ``lambda_o_row * (B h)``, one matmul when the adapters share ``B`` (seeded variants), else a ``bmm``.
+    layout, per row ``b``: ``h_b = (lambda_s_b * A_b) x_b`` by one ``bmm`` over the gathered, pre-scaled ``A``
+    (``batch x R x in``), then ``result_b += h_b (lambda_o_b * B_b)^T`` by one ``baddbmm``, so the output is
+    read and written once (no separate passes to scale by ``lambda_o`` and to add). The stacked per-adapter
+    tensors are reused across forwards without autograd (see :func:`clear_mixed_batch_cache`).
     """
     unique, positions = _batch_plan(tuple(adapter_names))
-    present = [name for name in unique if name in layer.giva_lambda_o]
+    held = layer.giva_lambda_o._parameters  # the dict itself: this runs for every layer of every forward
+    present = tuple(name for name in unique if name in held)
     if not present:
         return result
     for name in present:
         layer.ensure_bases(name)  # `weight` adapters built for loading compute their bases at first use
     if len(unique) == 1:  # every row uses one adapter: the plain single-adapter forward, no gather
         return layer._add_adapter_output(result, x, present[0])
-    if layer.training or not _uniform(layer, present):
+    if layer.training:
         return _grouped_forward(layer, result, x, unique, positions, present)
+    dtype = layer.giva_lambda_s[present[0]].dtype
+    xb = layer._cast_input_dtype(x, dtype).reshape(x.shape[0], -1, x.shape[-1])  # batch x seq x in
+    stacked = _stacked(layer, present, xb.device, xb.dtype)
+    if stacked is None:  # adapters of different ranks / block layouts in this layer
+        return _grouped_forward(layer, result, x, unique, positions, present)
+    rows = _row_slots(unique, present, positions).to(xb.device)  # batch: 0 = no adapter in this layer
+    # batch x seq x R; A x^T is the faster bmm layout for a rank this small
+    h = torch.bmm(stacked.a.index_select(0, rows), xb.transpose(1, 2)).transpose(1, 2)
+    if stacked.b is None:  # one B shared by every adapter: scale it per row, batch x O x R
+        b = stacked.lambda_o.index_select(0, rows).unsqueeze(2) * stacked.shared_b
+    else:
+        b = stacked.b.index_select(0, rows)
+    if stacked.out_index is None and result.dtype == h.dtype:
+        result3 = result.reshape(x.shape[0], -1, result.shape[-1])
+        if torch.is_grad_enabled() and (result.requires_grad or h.requires_grad or b.requires_grad):
+            return torch.baddbmm(result3, h, b.transpose(1, 2)).reshape(result.shape)
+        # In place: `result` is the base layer's fresh output and autograd does not need it.
+        return result3.baddbmm_(h, b.transpose(1, 2)).reshape(result.shape)
+    delta = torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], -1).to(result.dtype)
+    if stacked.out_index is not None:
+        return result.index_add(-1, stacked.out_index, delta)
+    return result + delta
 
+
+@dataclass(frozen=True)
+class _Stacked:
+    """The present adapters' tensors of one layer in compute dtype; slot 0 is all zeros (rows without an adapter)."""
+
+    a: torch.Tensor  # (P + 1) x R x in: lambda_s-scaled A
+    lambda_o: torch.Tensor  # (P + 1) x O
+    shared_b: Optional[torch.Tensor]  # O x R when every adapter holds the same B, else None
+    b: Optional[torch.Tensor]  # (P + 1) x O x R: lambda_o-scaled B, when the adapters' B differ
+    out_index: Optional[torch.Tensor]  # the O output rows of a partly adapted fused layer, else None
+
+
+@dataclass(frozen=True)
+class _CacheEntry:
+    key: tuple  # (present adapters, device, dtype)
+    sources: tuple[weakref.ref, ...]  # the tensors the stack was built from
+    states: tuple[tuple, ...]  # their (data_ptr, version, dtype, device, shape) at build time
+    stacked: _Stacked
+
+
+# One entry per layer: the stack of the last batch's adapters (autoregressive decoding repeats it every step).
+_STACK_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def clear_mixed_batch_cache(model: Optional[nn.Module] = None) -> None:
+    """Drop the stacked adapter tensors kept between mixed-batch forwards (of ``model``'s layers, or of all).
+
+    The cache notices adapters added, deleted or replaced, moved or cast, and every in-place write that
+    PyTorch counts (optimizer steps, ``load_state_dict``, writes under ``torch.no_grad()``); a write through
+    ``param.data`` bypasses PyTorch's version counter, so call this after one. It also frees the memory.
+    """
+    if model is None:
+        _STACK_CACHE.clear()
+        return
+    for module in model.modules():
+        _STACK_CACHE.pop(module, None)
+
+
+def _sources(layer: Any, present: tuple[str, ...]) -> list[torch.Tensor]:
+    """The tensors a stack is built from. Reads the containers' dicts directly: this runs every forward."""
+    a, b, index = layer.giva_A._buffers, layer.giva_B._buffers, layer.giva_out_index._buffers
+    lambda_s, lambda_o = layer.giva_lambda_s._parameters, layer.giva_lambda_o._parameters
+    sources = []
+    for name in present:
+        sources += (a[name], b[name], lambda_s[name], lambda_o[name])
+        if name in index:
+            sources.append(index[name])
+    return sources
+
+
+def _state(tensor: torch.Tensor) -> tuple:
+    # data_ptr: `.data = ...` (how nn.Module.to moves parameters) swaps the storage without a version bump
+    return (tensor.data_ptr(), tensor._version, tensor.shape)
+
+
+def _stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> Optional[_Stacked]:
+    """The present adapters' stacked tensors (None if their layouts differ): cached when autograd is off.
+
+    With autograd on, they are built from the live vectors every time, so gradients reach them.
+    """
+    if torch.is_grad_enabled():
+        return _build_stacked(layer, present, device, dtype)
+    key = (present, device, dtype)
+    sources = _sources(layer, present)
+    entry = _STACK_CACHE.get(layer)
+    try:
+        states = tuple(_state(t) for t in sources)
+    except RuntimeError:  # inference tensors (created under torch.inference_mode) have no version counter
+        return _build_stacked(layer, present, device, dtype)
+    if (
+        entry is not None
+        and entry.key == key
+        and len(entry.sources) == len(sources)
+        and all(ref() is t for ref, t in zip(entry.sources, sources))
+        and entry.states == states
+    ):
+        return entry.stacked
+    stacked = _build_stacked(layer, present, device, dtype)
+    if stacked is None:
+        _STACK_CACHE.pop(layer, None)
+    else:
+        _STACK_CACHE[layer] = _CacheEntry(key, tuple(weakref.ref(t) for t in sources), states, stacked)
+    return stacked
+
+
+def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> Optional[_Stacked]:
+    if not _uniform(layer, present):
+        return None
     first = present[0]
-    lambda_dtype = layer.giva_lambda_s[first].dtype
-    xb = layer._cast_input_dtype(x, lambda_dtype).reshape(x.shape[0], -1, x.shape[-1])  # batch x seq x in
-    device, dtype = xb.device, xb.dtype
-    # Slot 0 stands for rows without an adapter in this layer: zero vectors, so their delta is exactly 0.
+    a_rows = [layer.giva_lambda_s[n].to(device, dtype).unsqueeze(1) * layer.giva_A[n].to(device, dtype) for n in present]
+    a = torch.stack([torch.zeros_like(a_rows[0])] + a_rows)
+    lambda_o_rows = [layer.giva_lambda_o[n].to(device, dtype) for n in present]
+    lambda_o = torch.stack([torch.zeros_like(lambda_o_rows[0])] + lambda_o_rows)
+    out_index = layer.giva_out_index[first].to(device) if first in layer.giva_out_index else None
+    b_first = layer.giva_B[first]
+    if all(layer.giva_B[n] is b_first for n in present):
+        return _Stacked(a, lambda_o, b_first.to(device, dtype), None, out_index)
+    b_rows = [lo.unsqueeze(1) * layer.giva_B[n].to(device, dtype) for n, lo in zip(present, lambda_o_rows)]
+    return _Stacked(a, lambda_o, None, torch.stack([torch.zeros_like(b_rows[0])] + b_rows), out_index)
+
+
+@functools.lru_cache(maxsize=256)
+def _row_slots(unique: tuple[str, ...], present: tuple[str, ...], positions: torch.Tensor) -> torch.Tensor:
+    """Per row, the slot of its adapter in :func:`_stacked` (1..P), or 0 when this layer does not hold it."""
     slot_of_unique = torch.zeros(len(unique), dtype=torch.long)
     for slot, name in enumerate(present, start=1):
         slot_of_unique[unique.index(name)] = slot
-    rows = slot_of_unique[positions].to(device)  # batch
-
-    a_first = layer.giva_A[first]
-    a = torch.stack([a_first.new_zeros(a_first.shape)] + [layer.giva_A[n] for n in present]).to(device, dtype)
-    lambda_s = torch.stack(
-        [layer.giva_lambda_s[first].new_zeros(a_first.shape[0])] + [layer.giva_lambda_s[n] for n in present]
-    ).to(device, dtype)
-    lambda_o_first = layer.giva_lambda_o[first]
-    lambda_o = torch.stack([lambda_o_first.new_zeros(lambda_o_first.shape)] + [layer.giva_lambda_o[n] for n in present])
-    lambda_o = lambda_o.to(device, dtype)
-
-    h = torch.bmm(xb, a[rows].transpose(1, 2)) * lambda_s[rows].unsqueeze(1)  # batch x seq x R
-    b_first = layer.giva_B[first]
-    if all(layer.giva_B[n] is b_first for n in present):
-        delta = F.linear(h, b_first.to(device, dtype))  # batch x seq x O: one matmul for every row
-    else:
-        b = torch.stack([b_first.new_zeros(b_first.shape)] + [layer.giva_B[n] for n in present]).to(device, dtype)
-        delta = torch.bmm(h, b[rows].transpose(1, 2))
-    delta = (delta * lambda_o[rows].unsqueeze(1)).reshape(*x.shape[:-1], -1).to(result.dtype)
-    if first in layer.giva_out_index:
-        return result.index_add(-1, layer.giva_out_index[first], delta)
-    return result + delta
+    return slot_of_unique[positions]
 
 
 def _grouped_forward(
@@ -233,7 +337,7 @@ def _grouped_forward(
     x: torch.Tensor,
     unique: tuple[str, ...],
     positions: torch.Tensor,
-    present: list[str],
+    present: Sequence[str],
 ) -> torch.Tensor:
     """Fallback for adapters of different layouts (or training): one pass per adapter over its rows."""
     positions = positions.to(x.device)
