@@ -70,3 +70,24 @@ def test_a_calibration_pass_allocates_each_dense_sum_once_whatever_the_number_of
         counts.append(sum(1 for shape, dtype in seen.shapes if shape in shapes and dtype == torch.float32))
     # one allocation per sum (the first batch's product becomes it); later batches add to it in place
     assert counts == [len(layers), len(layers)]
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf", "zero"])
+@pytest.mark.parametrize("position", [0, 37, -1])
+def test_the_sums_check_finds_any_non_finite_entry_and_an_all_zero_sum_with_one_reduction(bad, position):
+    from giva.init import GradientInitError, InitSession, Partial, Target
+
+    target = Target("default", "layer", 0, 0, 48, 40, 4, "Vr", 0)
+    session = InitSession([target], mode="exact")
+    total = torch.zeros(48, 40)
+    total.view(-1)[position] = -1e-30  # one tiny non-zero entry anywhere is enough
+    with _NewTensors() as seen:
+        session.check(Partial(0, {target.key: total}, batches=1))
+    assert all(shape != (48, 40) for shape, _ in seen.shapes)  # no sums-sized temporary
+    if bad == "zero":
+        total.zero_()
+        total.view(-1)[position] = -0.0
+    else:
+        total.normal_().view(-1)[position] = float(bad)
+    with pytest.raises(GradientInitError, match="all-zero" if bad == "zero" else "non-finite"):
+        session.check(Partial(0, {target.key: total}, batches=1))
