@@ -323,6 +323,28 @@ def test_serve_benchmark_resumes_at_the_first_unfinished_n(tmp_path, monkeypatch
     ]
 
 
+def test_serve_benchmark_stand_in_adapters_are_random_keep_their_dtype_and_share_b(tmp_path):
+    from giva.bench.serve import ServeModel, ServeSettings, _config, fill_stand_in, run_serve, stand_in_shapes
+
+    model = get_peft_model(tiny_llama(), _config("giva-bf16", "all-linear", 4, stand_in=False), adapter_name="t0")
+    model.add_adapter("t1", _config("giva-bf16", "all-linear", 4, stand_in=False))
+    shapes = stand_in_shapes(model, "t0")
+    for name in ("t0", "t1"):
+        fill_stand_in(model, name, shapes)
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    assert len(shapes) == 3 * len(layers)
+    for layer in layers:
+        assert layer.giva_A["t1"].dtype == torch.bfloat16 and layer.giva_B["t0"] is layer.giva_B["t1"]
+        assert not torch.equal(layer.giva_A["t0"], layer.giva_A["t1"]) and bool(layer.giva_A["t1"].any())
+        assert bool(layer.giva_lambda_o["t1"].any()) and not torch.equal(layer.giva_lambda_s["t0"], layer.giva_lambda_s["t1"])
+
+    tiny = ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100, methods=("giva", "lora"))
+    rows = run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=1, r=4), progress=False)["ran"]
+    assert {r["method"] for r in rows} == {"base model", "one merged adapter", "GiVA r=4", "LoRA r=4", "GiVA / LoRA"}
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| tiny-llama | 3 | ") == 2 and table.count("not built") == 3  # bf16 cells of N = 1 and 3
+
+
 def test_serve_settings_reject_bad_values():
     from giva.bench.serve import ServeSettings
 

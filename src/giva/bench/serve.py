@@ -45,6 +45,7 @@ class ServeModel:
     seq_len: int
     vocab_size: int
     rounds: Optional[int] = None  # interleaved rounds for this model (None: ServeSettings.rounds)
+    methods: Optional[tuple[str, ...]] = None  # adapter methods built (None: ADAPTER_METHODS); timed ones must be in it
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,12 @@ def _smollm2() -> nn.Module:
 
 DEFAULT_MODELS: tuple[ServeModel, ...] = (
     ServeModel("MiniLM-L6", _minilm, "all-linear", batch_size=16, seq_len=32, vocab_size=30522),
-    # 5 rounds: a SmolLM2 round takes ~4x a MiniLM one on this 2-core CPU; N = 1..128 then fits one ~12-minute run.
-    ServeModel("SmolLM2-135M", _smollm2, "all-linear", batch_size=16, seq_len=16, vocab_size=49152, rounds=5),
+    # 5 rounds: a SmolLM2 round takes ~4x a MiniLM one on this 2-core CPU. Building 128 adapters dominates its
+    # run (PEFT's add_adapter scans every module, the earlier adapters' included, so its time grows with N), so
+    # the memory-only "giva-bf16" is not built here (its bytes per adapter: scripts/serving_memory.py).
+    ServeModel(
+        "SmolLM2-135M", _smollm2, "all-linear", batch_size=16, seq_len=16, vocab_size=49152, rounds=5, methods=("giva", "lora")
+    ),
 )
 
 
@@ -108,7 +113,9 @@ def adapter_bytes(model: nn.Module, prefix: str) -> int:
     return sum(seen.values())
 
 
-def _config(method: str, target_modules: Any, r: int) -> Any:
+def _config(method: str, target_modules: Any, r: int, stand_in: bool = True) -> Any:
+    """The adapter config of a method. ``stand_in=False`` (GiVA): seeded B, zero A and vectors, for
+    :func:`fill_stand_in` to fill, which is ~3x cheaper than GiVA's own stand-in bases (3 Gram-Schmidt per layer)."""
     if method == "lora":
         from peft import LoraConfig
 
@@ -117,7 +124,34 @@ def _config(method: str, target_modules: Any, r: int) -> Any:
 
     # init_weights=False: non-zero stand-in A and vectors (timing and sizes do not depend on the values).
     dtype = "bfloat16" if method == "giva-bf16" else "float32"
-    return GivaConfig(r=r, target_modules=target_modules, init_weights=False, bases_dtype=dtype)
+    return GivaConfig(r=r, target_modules=target_modules, init_weights=not stand_in, bases_dtype=dtype)
+
+
+def stand_in_shapes(model: nn.Module, adapter_name: str) -> dict[str, torch.Size]:
+    """The state-dict keys (``adapter_name`` replaced by ``{}``) and shapes of a GiVA adapter's A and vectors."""
+    kinds = ("giva_A", "giva_lambda_s", "giva_lambda_o")
+    return {
+        name[: -len(adapter_name)] + "{}": tensor.shape for name, tensor in model.state_dict().items()
+        if name.endswith(f".{adapter_name}") and any(f".{kind}." in name for kind in kinds)
+    }
+
+
+def fill_stand_in(model: nn.Module, adapter_name: str, shapes: dict[str, torch.Size]) -> None:
+    """Give a GiVA adapter made with ``_config(..., stand_in=False)`` random A (Gaussian) and vectors (as GiVA's test mode).
+
+    ``shapes``: from :func:`stand_in_shapes`. Through ``load_state_dict``, so the stored dtypes (``bases_dtype``)
+    and the shared B stay as they are.
+    """
+    values = {}
+    for key, shape in shapes.items():
+        if ".giva_A." in key:
+            value = torch.randn(shape) / shape[-1] ** 0.5
+        elif ".giva_lambda_s." in key:
+            value = torch.empty(shape).uniform_(0.5, 1.5)
+        else:
+            value = torch.empty(shape).normal_(0.0, 0.1)
+        values[key.format(adapter_name)] = value
+    model.load_state_dict(values, strict=False)
 
 
 def _label(method: str, r: int) -> str:
@@ -190,16 +224,21 @@ def measure_model(
     tokens = ids.numel()
     plain = {BASE: spec.load().eval(), MERGED: _merged(spec, settings)}
     models: dict[str, nn.Module] = {}
-    for method in ADAPTER_METHODS:
+    for method in spec.methods or ADAPTER_METHODS:
         torch.manual_seed(settings.seed)
-        models[method] = get_peft_model(spec.load().eval(), _config(method, spec.target_modules, settings.r), adapter_name="t0")
+        models[method] = get_peft_model(spec.load().eval(), _config(method, spec.target_modules, settings.r, False), adapter_name="t0")
+    shapes = {m: stand_in_shapes(model, "t0") for m, model in models.items() if m != "lora"}
+    for method, keys in shapes.items():
+        fill_stand_in(models[method], "t0", keys)
     first = {m: adapter_bytes(model, _prefix(m)) for m, model in models.items()}
     rows: list[dict[str, Any]] = []
     count = 1
     for n in settings.ns:
         while count < n:
             for method, model in models.items():
-                model.add_adapter(f"t{count}", _config(method, spec.target_modules, settings.r))
+                model.add_adapter(f"t{count}", _config(method, spec.target_modules, settings.r, False))
+                if method in shapes:
+                    fill_stand_in(model, f"t{count}", shapes[method])
             count += 1
         names = [f"t{i}" for i in torch.randint(0, n, (spec.batch_size,), generator=generator).tolist()]
         if _point_done(done or [], spec.name, n):
@@ -311,14 +350,17 @@ def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[Se
     for spec in models:
         for n in settings.ns:
             cells = {m: _find(rows, spec.name, n, m) for m in (giva, bf16, lora)}
-            if any(c is None for c in cells.values()):
+            if cells[giva] is None or cells[lora] is None:
                 continue
-            extra = {m: c["bytes_per_extra_adapter"] for m, c in cells.items()}
-            mib = {m: c["adapter_bytes_total"] / 2**20 for m, c in cells.items()}
-            ratio = "" if extra[lora] is None else f"{extra[giva] / extra[lora]:.2f}, {extra[bf16] / extra[lora]:.2f}"
+            extra = {m: c and c["bytes_per_extra_adapter"] for m, c in cells.items()}
+            mib = {m: c and c["adapter_bytes_total"] / 2**20 for m, c in cells.items()}
+            ratio = "" if extra[lora] is None else (
+                f"{extra[giva] / extra[lora]:.2f}, " + ("not built" if cells[bf16] is None else f"{extra[bf16] / extra[lora]:.2f}")
+            )
             lines.append(
                 f"| {spec.name} | {n} | " + " | ".join(
-                    f"{mib[m]:.1f} | {'' if extra[m] is None else f'{extra[m]:,.0f}'}" for m in (giva, bf16, lora)
+                    "not built | " if cells[m] is None else f"{mib[m]:.1f} | {'' if extra[m] is None else f'{extra[m]:,.0f}'}"
+                    for m in (giva, bf16, lora)
                 ) + f" | {ratio} |"
             )
     return "\n".join(lines) + "\n"
@@ -412,7 +454,11 @@ def _finished_rows(out: Path, settings: ServeSettings, models: tuple[ServeModel,
 
 def _model_meta(spec: ServeModel) -> dict[str, Any]:
     meta = {"name": spec.name, "target_modules": spec.target_modules, "batch_size": spec.batch_size, "seq_len": spec.seq_len}
-    return meta if spec.rounds is None else {**meta, "rounds": spec.rounds}
+    if spec.rounds is not None:
+        meta["rounds"] = spec.rounds
+    if spec.methods is not None:
+        meta["methods"] = list(spec.methods)
+    return meta
 
 
 def _write(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...], started: float) -> None:
