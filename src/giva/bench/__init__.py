@@ -58,7 +58,7 @@ def plan_benchmark(
     root = root or benchmarks_dir()
     if suite == SERVE_SUITE and not quick:
         out = Path(output_dir) if output_dir else root / "results" / SERVE_SUITE
-        return {"runs": [f"serve: {m.name} x {('base model', 'one merged adapter') + ADAPTER_METHODS} x N={ServeSettings().ns}" for m in DEFAULT_MODELS],
+        return {"runs": [f"serve: {m.name} x {('base model', 'one merged adapter') + (m.methods or ADAPTER_METHODS)} x N={ServeSettings().ns}" for m in DEFAULT_MODELS],
                 "waiting": [], "output_dir": str(out)}
     name = QUICK_SUITE if quick else suite
     out = Path(output_dir) if output_dir else root / "results" / name
