@@ -593,9 +593,10 @@ def report_checkpoints(output_dir: str, targets: Optional[list[float]] = None) -
                         "seconds": saved["seconds"], "complete": len(saved["rounds"]) == cfg["rounds"] + 1}
         label = {"giva": f"giva r={cfg['giva_r']} ({cfg['init_mode']})", "lora": f"lora r={cfg['lora_r']}",
                  "vera": f"vera r={cfg['vera_r']}, projections sent"}[method]
-        if not runs[method]["complete"]:
-            label += f", stopped after round {len(saved['rounds']) - 1}"
-        summaries.append(summarise(runs[method], label))
+        stopped = "" if runs[method]["complete"] else f", stopped after round {len(saved['rounds']) - 1}"
+        summaries.append(summarise(runs[method], label + stopped))
+        if method == "vera":  # as run_comparison: the same run without its setup message
+            summaries.append(summarise(runs[method], f"vera r={cfg['vera_r']}, seed only{stopped}", setup_bytes=0))
     central = None
     if (folder / "centralised.pt").exists():
         saved = torch.load(folder / "centralised.pt", weights_only=False)
