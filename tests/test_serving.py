@@ -345,6 +345,29 @@ def test_serve_benchmark_stand_in_adapters_are_random_keep_their_dtype_and_share
     assert table.count("| tiny-llama | 3 | ") == 2 and table.count("not built") == 3  # bf16 cells of N = 1 and 3
 
 
+@pytest.mark.parametrize("method", ["giva", "lora"])
+def test_serve_benchmark_adds_adapters_exactly_as_add_adapter_does(method):
+    from giva.bench.serve import _config, adapter_bytes, add_adapter_to_layers, tuner_layers
+
+    built = []
+    for fast in (False, True):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_llama(), _config(method, "all-linear", 4, stand_in=False), adapter_name="t0")
+        layers = tuner_layers(model)
+        for name in ("t1", "t2"):
+            config = _config(method, "all-linear", 4, stand_in=False)
+            add_adapter_to_layers(model, name, config, layers) if fast else model.add_adapter(name, config)
+        built.append(model)
+    slow, fast = (m.state_dict() for m in built)
+    assert slow.keys() == fast.keys() and all(torch.equal(slow[k], fast[k]) for k in slow)  # RNG draws included
+    assert set(built[1].peft_config) == {"t0", "t1", "t2"}
+    prefix = "lora_" if method == "lora" else "giva_"
+    assert adapter_bytes(built[0], prefix) == adapter_bytes(built[1], prefix)  # shared B still shared
+    ids = text_batches(batch=3)[0]["input_ids"]
+    names = ["t2", "t0", "t1"]
+    assert torch.equal(_logits(built[0].eval(), ids, adapter_names=names), _logits(built[1].eval(), ids, adapter_names=names))
+
+
 def test_serve_settings_reject_bad_values():
     from giva.bench.serve import ServeSettings
 
