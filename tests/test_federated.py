@@ -360,6 +360,27 @@ def test_baselines_run_and_vera_projections_are_the_only_setup(method):
         assert without["rounds"][-1]["accuracy"] == results["rounds"][-1]["accuracy"]
 
 
+def test_report_from_checkpoints_rebuilds_the_runs_table(tmp_path):
+    from giva.federated.run import report_checkpoints
+
+    runs = {}
+    for method in ("lora", "vera"):
+        cfg = config(method=method, rounds=1, local_steps=1)
+        runs[method], _ = run_inprocess(cfg, TinyTask, checkpoint=str(tmp_path / ".checkpoints" / f"{method}.pt"))
+    out = report_checkpoints(str(tmp_path), targets=[0.5])
+    labels = [s["label"] for s in out["summaries"]]
+    assert labels == ["lora r=2", "vera r=8, projections sent", "vera r=8, seed only"]
+    lora, vera, seed_only = out["summaries"]
+    assert vera["setup_bytes"] == runs["vera"]["setup_bytes"] > 0 and seed_only["setup_bytes"] == 0
+    assert vera["accuracy"] == seed_only["accuracy"] == [r["accuracy"] for r in runs["vera"]["rounds"]]
+    rows = out["table"].splitlines()
+    assert rows[0].endswith("| rounds until 10x fewer bytes than LoRA |")
+    expected = [rounds_to_fewer_bytes(s, lora) for s in (vera, seed_only)]
+    for row, (n, measured) in zip(rows[3:], expected):
+        assert row.endswith("| never |" if n is None else f"| {n}{'' if measured else ' (extrapolated)'} |")
+    assert (tmp_path / "results.md").read_text().strip() == out["table"]
+
+
 def test_label_skew_shards_are_disjoint_equal_and_skewed():
     labels = [i % 2 for i in range(400)]
     shards = shard_indices(labels, 4, "label-skew", seed=0, skew=0.8)
