@@ -200,3 +200,24 @@ def test_a_cached_hub_model_is_used_from_the_cache_offline(tmp_path, monkeypatch
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve_model("some-org/some-model") == str(snapshot)
+
+
+def test_federated_dtype_options_reach_the_config_and_bad_ones_fail_before_any_work(monkeypatch, capsys):
+    pytest.importorskip("flwr")
+    import giva.federated.run as federated_run
+
+    seen = {}
+
+    def fake_run_comparison(config, output_dir, methods, **kwargs):
+        seen["config"] = config
+        return {"table": ""}
+
+    monkeypatch.setattr(federated_run, "run_comparison", fake_run_comparison)
+    assert main(["federated", "--bases-dtype", "bfloat16", "--sketch-dtype", "float32"]) == 0
+    assert (seen["config"].bases_dtype, seen["config"].sketch_dtype) == ("bfloat16", "float32")
+    assert main(["federated"]) == 0  # unset: FederatedConfig's own defaults
+    assert (seen["config"].bases_dtype, seen["config"].sketch_dtype) == ("float32", "bfloat16")
+
+    seen.clear()
+    assert main(["federated", "--bases-dtype", "float16"]) == 2
+    assert "bases_dtype" in capsys.readouterr().err and not seen

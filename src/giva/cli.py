@@ -180,6 +180,7 @@ def _federated(args: argparse.Namespace) -> int:
             clients=args.clients, rounds=args.rounds, split=args.split, method="giva" if args.method == "all" else args.method,
             local_steps=args.local_steps, seed=args.seed, lr=args.lr, init_mode=args.init_mode, model=args.model,
             data=args.data, max_train_samples=args.max_train_samples, test_size=args.test_size, task=args.task,
+            **{name: value for name in ("sketch_dtype", "bases_dtype") if (value := getattr(args, name)) is not None},
         )
     except ValueError as err:
         print(f"giva federated: {err}", file=sys.stderr)
@@ -252,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--seed", type=int, default=0)
     fl.add_argument("--lr", type=float, default=None, help="peak LR (default: the method's, see giva.federated.task)")
     fl.add_argument("--init-mode", default="sketch", choices=["sketch", "dense"], help="GiVA setup statistics")
+    fl.add_argument("--sketch-dtype", default=None,
+                    help="dtype the setup sketches travel in: float32 or bfloat16 (default: FederatedConfig's, bfloat16)")
+    fl.add_argument("--bases-dtype", default=None,
+                    help="dtype GiVA stores A in and sends it in: float32 (default) or bfloat16 (half the bytes of A down)")
     fl.add_argument("--engine", default="simulation", choices=["simulation", "inprocess"],
                     help="Flower's simulation engine (Ray) or an in-process grid (same apps and messages)")
     fl.add_argument("--model", default="minilm")
