@@ -115,3 +115,12 @@ def test_remeasure_replaces_only_the_selected_records_and_keeps_the_others(tmp_p
         assert run["seconds"] == (1.0 if fresh else 9.0), key
         assert ("commit" in run) == fresh and (not fresh or run["commit"] == scale.commit())
     assert f"{TINY.name}/exact 1.0 ({scale.commit()})" in (tmp_path / "results.md").read_text()
+
+
+def test_cpu_contention_times_each_kernel_alone_and_two_at_once(tmp_path):
+    results = scale.cpu_contention(tmp_path, scale_repeats=0.01, kernels=["matmul256"])  # 3 processes
+    assert [r["kernel"] for r in results["rows"]] == ["matmul256"]
+    for row in results["rows"]:
+        assert row["alone_seconds"] > 0 and len(row["together_seconds"]) == 2 and row["slowdown"] > 0
+    assert "| matmul256 |" in (tmp_path / "cpu_contention.md").read_text()
+    assert json.loads((tmp_path / "cpu_contention.json").read_text())["rows"] == results["rows"]

@@ -634,6 +634,63 @@ def _write_compare(output_dir: Path, results: dict[str, Any]) -> None:
     (output_dir / "compare.md").write_text("\n".join(lines) + "\n")
 
 
+# ---------------------------------------------------------------------------------------------
+# Can two processes run at once here? (what bounds the 2-rank speed-up)
+
+CPU_KERNELS = {"matmul256": 2000, "gemm64x576x1536": 3000}  # kernel: repetitions (a few seconds each alone)
+# The child imports torch only (importing giva takes longer than the kernels in CI): single-thread fp32
+# matmuls, 256^3 (fits in cache) or 64 tokens through a SmolLM2-MLP-sized weight; prints its seconds.
+_KERNEL_CHILD = """
+import sys, time, torch
+torch.set_num_threads(1)
+name, repeats = sys.argv[1], int(sys.argv[2])
+a, b = (torch.randn(256, 256), torch.randn(256, 256)) if name == "matmul256" else (torch.randn(64, 576), torch.randn(576, 1536))
+a @ b
+start = time.perf_counter()
+for _ in range(repeats):
+    a @ b
+print(time.perf_counter() - start)
+"""
+
+
+def cpu_contention(output_dir: Path, scale_repeats: float = 1.0, kernels: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    """Each kernel alone in one process, then in two processes at once; writes cpu_contention.{json,md}.
+
+    A slowdown near 1 means two ranks can run side by side; near 2, the machine gives two processes no
+    more compute than one (shared physical core, host oversubscription), and no 2-rank speed-up is possible.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(name: str, repeats: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", _KERNEL_CHILD, name, str(repeats)], env=env, stdout=subprocess.PIPE, text=True)
+
+    rows = []
+    for name in kernels or list(CPU_KERNELS):
+        repeats = max(1, int(CPU_KERNELS[name] * scale_repeats))
+        alone = float(launch(name, repeats).communicate()[0])
+        pair = [launch(name, repeats) for _ in range(2)]
+        together = [float(proc.communicate()[0]) for proc in pair]
+        rows.append({"kernel": name, "repeats": repeats, "alone_seconds": alone, "together_seconds": together,
+                     "slowdown": sum(together) / len(together) / alone})
+    results = {"cpu_count": os.cpu_count(), "load_average": os.getloadavg(), "rows": rows, "commit": commit()}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "cpu_contention.json").write_text(json.dumps(results, indent=1))
+    lines = [
+        "# Two single-thread processes at once against one alone (python -m giva.bench.scale cpu-contention)",
+        "",
+        f"{os.cpu_count()} CPUs; load average {results['load_average'][0]:.1f}. Slowdown = mean time of the two "
+        "processes run together / time alone (1: they run side by side; 2: together they get one process's compute).",
+        "",
+        "| kernel | repetitions | alone s | two at once s | slowdown |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['kernel']} | {r['repeats']} | {r['alone_seconds']:.2f} | "
+                     f"{', '.join(f'{t:.2f}' for t in r['together_seconds'])} | {r['slowdown']:.2f} |")
+    (output_dir / "cpu_contention.md").write_text("\n".join(lines) + "\n")
+    return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m giva.bench.scale")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -652,7 +709,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmp_.add_argument("kinds", nargs=2, choices=KINDS)
     cmp_.add_argument("--pairs", type=int, default=3)
     cmp_.add_argument("--output-dir", required=True)
+    cpu = sub.add_parser("cpu-contention", help="two single-thread processes at once against one alone")
+    cpu.add_argument("--output-dir", default="benchmarks/results/scale")
     args = parser.parse_args(argv)
+    if args.command == "cpu-contention":
+        cpu_contention(Path(args.output_dir))
+        return 0
     if args.command == "measure":
         record = measure(MODELS[args.model], args.kind)
         if int(os.environ.get("RANK", "0")) == 0:
