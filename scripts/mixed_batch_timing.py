@@ -32,9 +32,11 @@ from giva.bench.serve import (
     _config,
     _forward,
     _threads,
+    add_adapter_to_layers,
     fill_stand_in,
     stand_in_shapes,
     time_interleaved,
+    tuner_layers,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +98,14 @@ def main() -> None:
         torch.manual_seed(0)
         models[method] = get_peft_model(spec.load().eval(), _config(method, spec.target_modules, 8, False), adapter_name="t0")
     shapes = stand_in_shapes(models["giva"], "t0")
+    layers = {method: tuner_layers(model) for method, model in models.items()}
     fill_stand_in(models["giva"], "t0", shapes)
     rows, count = [], 1
     with _threads(1):
         for n in args.ns:
             while count < n:
                 for method, model in models.items():
-                    model.add_adapter(f"t{count}", _config(method, spec.target_modules, 8, False))
+                    add_adapter_to_layers(model, f"t{count}", _config(method, spec.target_modules, 8, False), layers[method])
                 fill_stand_in(models["giva"], f"t{count}", shapes)
                 count += 1
             names = [f"t{i}" for i in torch.randint(0, n, (spec.batch_size,), generator=generator).tolist()]
