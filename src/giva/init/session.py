@@ -209,7 +209,7 @@ class InitSession:
             low, high = torch.aminmax(total)
             if not bool(torch.isfinite(low) & torch.isfinite(high)):
                 raise GradientInitError(f"GiVA layer {t.layer!r} (block {t.block}) has a non-finite gradient sum")
-            if not bool(low != 0) and not bool(high != 0):
+            if low == 0 and high == 0:
                 raise GradientInitError(
                     f"GiVA layer {t.layer!r} (block {t.block}) received an all-zero gradient; "
                     "it does not affect the loss on the calibration data"
