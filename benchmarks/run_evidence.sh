@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Continue `giva bench --suite evidence` in the background, phase by phase (each phase is a fresh process,
 # so it runs the code as it is when the phase starts); finished runs are skipped, so rerunning continues.
-# Every COMMIT_EVERY seconds (0: never) the finished run JSONs and the report text are committed, and
+# Every COMMIT_EVERY seconds (0: never) the report is rewritten from the finished runs
+# (`giva bench --report-only`) and the run JSONs, the report and its plots are committed, and
 # nothing else: `git commit -- <paths>` leaves other staged changes alone. Usage, from anywhere:
 #   nohup benchmarks/run_evidence.sh > /tmp/giva-evidence.log 2>&1 &
 # SKIP_PHASES="speed-defaults speed-smollm2-defaults" leaves those phases for a quiet machine (timings).
@@ -13,10 +14,11 @@ GIVA=${GIVA:-.venv/bin/giva}
 
 commit_results() {
     [ -d "$OUT/runs" ] || return 0
+    nice -n 19 "$GIVA" bench --suite evidence --report-only > /dev/null 2>&1 || echo "report not rewritten"
     for attempt in 1 2 3 4 5; do
         if [ ! -e .git/index.lock ]; then
             paths=()
-            for p in "$OUT/runs" "$OUT/results.md" "$OUT/results.json"; do [ -e "$p" ] && paths+=("$p"); done
+            for p in "$OUT/runs" "$OUT/results.md" "$OUT/results.json" "$OUT"/*.png; do [ -e "$p" ] && paths+=("$p"); done
             git add -- "${paths[@]}"
             n=$(ls "$OUT/runs" | wc -l)
             git commit -q -m "bench evidence: partial results ($n run files so far; resumable)" -- "${paths[@]}" \

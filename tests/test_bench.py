@@ -314,6 +314,34 @@ def test_quick_suite_resumes_without_rerunning_and_flags_a_broken_run(quick_outp
     assert any("timing" in p for p in problems) and any(PLOTS[0] in p for p in problems)
 
 
+@pytest.mark.bench
+@pytest.mark.real
+def test_report_only_rewrites_the_report_from_the_runs_there_and_runs_nothing(
+    quick_outputs: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from giva.cli import main
+
+    src, _ = quick_outputs
+    out = tmp_path / "interrupted"
+    (out / "runs").mkdir(parents=True)
+    kept = sorted(p for p in (src / "runs").glob("*.json") if "osora-r64" not in p.name)  # as if stopped midway
+    for p in kept:
+        (out / "runs" / p.name).write_bytes(p.read_bytes())
+    assert main(["bench", "--quick", "--report-only", "--output-dir", str(out)]) == 0
+    assert sorted(p.name for p in (out / "runs").glob("*.json")) == [p.name for p in kept]  # nothing ran
+    stored = json.loads((out / "results.json").read_text())
+    assert stored["n_runs"] == len(kept)
+    table = (out / "results.md").read_text()
+    assert "| osora-r64 |" not in table and "| lora-r8 |" in table and "| giva-r8 |" in table
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["bench", "--quick", "--report-only", "--output-dir", str(tmp_path / "none")]) == 2
+    assert "no run JSONs in" in capsys.readouterr().err and not (tmp_path / "none" / "results.md").exists()
+    assert main(["bench", "--quick", "--report-only", "--dry-run", "--output-dir", str(out)]) == 2
+    assert "--report-only runs nothing" in capsys.readouterr().err
+
+
 # --- issue 11: test discipline, adaptive LR sweeps, dry runs, statistics --------------------------------------
 
 

@@ -155,13 +155,16 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         phases = [p for p in args.phases.split(",") if p] if args.phases else None
+        if args.report_only and (args.dry_run or phases):
+            raise ValueError("--report-only runs nothing: it takes neither --dry-run nor --phases")
         if args.dry_run:
             plan = plan_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases)
             print("\n".join([*plan["runs"], *plan["waiting"]]))
             print(f"giva bench --dry-run: {len(plan['runs'])} run(s) to add now, {len(plan['waiting'])} row(s) waiting "
                   f"({plan['output_dir']}); adaptive LR sweeps may add more once these finish")
             return 0
-        results = run_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases)
+        results = run_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases,
+                                report_only=args.report_only)
     except (FileNotFoundError, ValueError) as err:
         print(f"giva bench: {err}", file=sys.stderr)
         return 2
@@ -241,6 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output-dir", default=None)
     bench.add_argument("--phases", default=None, help="comma-separated phase names to run (default: all, in suite order)")
     bench.add_argument("--dry-run", action="store_true", help="list the runs a rerun would add now, run nothing")
+    bench.add_argument("--report-only", action="store_true",
+                       help="run nothing; rewrite results.md / results.json / plots from the run JSONs already there")
     bench.set_defaults(func=_bench)
 
     fl = sub.add_parser("federated", help="federated fine-tuning on Flower: GiVA vs LoRA / VeRA (needs giva[federated])")

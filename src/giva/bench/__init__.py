@@ -68,14 +68,19 @@ def plan_benchmark(
 def run_benchmark(
     suite: str = "full", quick: bool = False, output_dir: Optional[str | Path] = None,
     root: Optional[Path] = None, progress: bool = True, phases: Optional[Sequence[str]] = None,
+    report_only: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a suite, then write its report; ``quick`` runs the tiny CI suite and checks the outputs.
 
     ``phases`` limits the run to the named phases (the report still covers every finished run).
+    ``report_only`` runs nothing: it rewrites results.md / results.json / the plots from the run JSONs
+    already in the output folder (after an interrupted run, or to refresh a report mid-suite).
 
     Returns the results dict (see report.write_report) with a ``problems`` list added.
     """
     root = root or benchmarks_dir()
+    if report_only and suite in (SERVE_SUITE, SCALE_SUITE) and not quick:
+        raise ValueError(f"--report-only applies to training suites; the {suite!r} suite writes its report as it runs")
     if suite == SERVE_SUITE and not quick:
         return run_serve(output_dir or root / "results" / SERVE_SUITE, progress=progress)
     if suite == SCALE_SUITE and not quick:
@@ -83,7 +88,9 @@ def run_benchmark(
     name = QUICK_SUITE if quick else suite
     spec = load_suite(root, name)
     out = Path(output_dir) if output_dir else root / "results" / name
-    ran = run_suite(spec, root, out, progress=progress, phases=phases)
+    if report_only and not load_runs(out / "runs"):
+        raise FileNotFoundError(f"--report-only: no run JSONs in {out / 'runs'} to report on")
+    ran = [] if report_only else run_suite(spec, root, out, progress=progress, phases=phases)
     results = write_report(out, spec)
     results["problems"] = check_outputs(out) if quick else []
     results["ran"] = ran
