@@ -39,6 +39,7 @@ from .task import (
     Task,
     build_model,
     cached_task,
+    client_seed,
     load_projection_state,
     load_trainable_state,
     local_train,
@@ -73,12 +74,13 @@ class _ModelCache:
 
     def __init__(self) -> None:
         self.key: Optional[tuple] = None
+        self.task: Optional[Task] = None  # held, so that its id() cannot be reused by another object
         self.model: Optional[torch.nn.Module] = None
 
     def get(self, task: Task, config: FederatedConfig) -> torch.nn.Module:
         key = (id(task), tuple(sorted(vars(config).items())))
         if self.key != key:
-            self.model, self.key = build_model(task, config), key
+            self.model, self.key, self.task = build_model(task, config), key, task
         return self.model
 
 
@@ -147,8 +149,10 @@ def make_client_app(
         model = prepared_model(context, cfg, task)
         layout = messages.layout_of(trainable_state(model))
         load_trainable_state(model, messages.record_tensors(msg.content[messages.ARRAYS], layout))
-        batches = task.train_batches(partition, num_partitions, int(request["round"]))
-        losses = local_train(model, batches, int(request["local-steps"]), float(request["lr"]))
+        round_index = int(request["round"])
+        batches = task.train_batches(partition, num_partitions, round_index)  # seeded by the round
+        losses = local_train(model, batches, int(request["local-steps"]), float(request["lr"]),
+                             seed=client_seed(cfg.seed, round_index, partition))
         metrics = {"num-examples": task.shard_size(partition, num_partitions), "train-loss": sum(losses) / len(losses)}
         return Message(messages.make_content(trainable_state(model), metrics=metrics), reply_to=msg)
 

@@ -30,11 +30,20 @@ from . import messages
 from .client_app import TaskFactory, default_task, make_client_app
 from .server_app import make_server_app, run_server, write_checkpoint
 from .statistics import sketch_session
-from .task import FederatedConfig, accuracy, build_model, cached_task, load_trainable_state, trainable_state
+from .task import (
+    FederatedConfig,
+    accuracy,
+    build_model,
+    cached_task,
+    client_seed,
+    load_trainable_state,
+    trainable_state,
+)
 
 logger = logging.getLogger(__name__)
 
 ENGINES: tuple[str, ...] = ("inprocess", "simulation")
+CENTRAL_PARTITION = -1  # the centralised baseline's dropout seeds: client_seed(seed, round, -1)
 SERVER_NODE_ID = 1
 
 
@@ -207,25 +216,28 @@ def run_centralised(
     done = (len(rounds) - 1) * per_round
     batches = task.pooled_batches(round_index=0, skip=done)
     model.train()
-    for step in range(done + 1, total + 1):
-        loss = model(**next(batches)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % per_round == 0:
-            index = step // per_round
-            scored = index % eval_every == 0 or index == cfg.rounds
-            model.eval()
-            rounds.append({"round": index, "accuracy": accuracy(model, test) if scored else None, "steps": step})
-            logger.info("centralised round %d: accuracy %s", index, rounds[-1]["accuracy"])
-            model.train()
-            if checkpoint:
-                write_checkpoint(checkpoint, {
-                    "config": asdict(cfg), "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rounds": rounds,
-                    "seconds": elapsed + time.perf_counter() - start})
+    with torch.random.fork_rng(devices=[]):  # dropout reseeded every round: a resumed run continues exactly
+        for step in range(done + 1, total + 1):
+            if (step - 1) % per_round == 0:
+                torch.manual_seed(client_seed(cfg.seed, (step - 1) // per_round + 1, CENTRAL_PARTITION))
+            loss = model(**next(batches)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if step % per_round == 0:
+                index = step // per_round
+                scored = index % eval_every == 0 or index == cfg.rounds
+                model.eval()
+                rounds.append({"round": index, "accuracy": accuracy(model, test) if scored else None, "steps": step})
+                logger.info("centralised round %d: accuracy %s", index, rounds[-1]["accuracy"])
+                model.train()
+                if checkpoint:
+                    write_checkpoint(checkpoint, {
+                        "config": asdict(cfg), "trainable": trainable_state(model), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "rounds": rounds,
+                        "seconds": elapsed + time.perf_counter() - start})
     model.eval()
     return {"config": asdict(cfg), "method": "giva-centralised", "rounds": rounds, "steps": total,
             "seconds": elapsed + time.perf_counter() - start}

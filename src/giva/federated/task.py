@@ -381,10 +381,11 @@ def peft_config(config: FederatedConfig, method: Optional[str] = None) -> Any:
 
 
 def build_model(task: Task, config: FederatedConfig) -> PeftModel:
-    """The base model with ``config.method``'s adapter; LoRA's A is seeded so server and clients agree."""
-    torch.manual_seed(config.seed)
-    model = get_peft_model(task.base_model(), peft_config(config))
-    return model
+    """The base model with ``config.method``'s adapter; LoRA's A is seeded so server and clients agree
+    (in a forked RNG state: the caller's random stream is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return get_peft_model(task.base_model(), peft_config(config))
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -423,24 +424,40 @@ def load_projection_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
             buffers[name].copy_(value)
 
 
-def local_train(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float) -> list[float]:
-    """``steps`` AdamW steps (fresh optimizer, constant LR, grad-norm clip 1) on the client's batches."""
+def client_seed(seed: int, round_index: int, partition: int) -> int:
+    """The seed of one client's local training in one round (its dropout masks), from the run seed alone."""
+    return (seed * 1_000_003 + round_index) * 1_000_003 + partition
+
+
+def local_train(
+    model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float, seed: Optional[int] = None
+) -> list[float]:
+    """``steps`` AdamW steps (fresh optimizer, constant LR, grad-norm clip 1) on the client's batches.
+
+    ``seed`` seeds the random draws of training (dropout) inside a forked RNG state, so a client's round
+    is a function of its inputs, not of what else ran in the process before it (the other virtual
+    clients of a simulation worker, a resumed run's fresh process) and the caller's RNG is left as it was.
+    """
     optimizer = torch.optim.AdamW(parameter_groups(model, lr, None, 0.0))
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     losses = []
-    model.train()
-    try:
-        for _ in range(steps):
-            loss = model(**next(batches)).loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"local training diverged: loss {loss.item()}")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    finally:
-        model.eval()
+    with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model.train()
+        try:
+            for _ in range(steps):
+                loss = model(**next(batches)).loss
+                if not math.isfinite(loss.item()):
+                    raise FloatingPointError(f"local training diverged: loss {loss.item()}")
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+        finally:
+            model.eval()
     return losses
 
 
