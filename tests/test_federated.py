@@ -7,6 +7,7 @@ grid (every message is deflated to bytes and inflated back); no Ray, tiny seeded
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch  # noqa: E402
 
 from giva.federated import messages  # noqa: E402
 from giva.federated.client_app import STATE_KEY  # noqa: E402
-from giva.federated.run import rounds_to_fewer_bytes, run_inprocess, wire_sizes  # noqa: E402
+from giva.federated.run import rounds_to_fewer_bytes, run_comparison, run_inprocess, wire_sizes  # noqa: E402
 from giva.federated.statistics import (  # noqa: E402
     apply_bases,
     bases_layout,
@@ -523,3 +524,22 @@ def test_local_deployment_stops_every_process_it_started_even_in_their_own_sessi
         "rounds": 2, "lr": 0.5, "method": "lora", "vera-projections": False}
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["rounds"])
+
+
+def test_a_comparison_trains_each_method_and_the_centralised_baseline_at_its_own_lr(tmp_path):
+    pytest.importorskip("matplotlib")
+    cfg = config(rounds=1, local_steps=1, init_mode="dense")
+    with pytest.raises(ValueError, match=r"lrs: unknown method\(s\) \['giva2'\]"):
+        run_comparison(cfg, str(tmp_path), methods=("giva",), task_factory=TinyTask, lrs={"giva2": 0.1})
+    assert not (tmp_path / "results.json").exists()  # refused before any run
+
+    class PooledTinyTask(TinyTask):  # the centralised baseline trains on pooled batches
+        def pooled_batches(self, round_index: int, skip: int = 0):
+            return iter(text_batches(n=40, batch=4, length=8, seed=7)[skip:])
+
+    out = run_comparison(cfg, str(tmp_path), methods=("giva", "lora"), task_factory=PooledTinyTask,
+                         lrs={"giva": 0.02, "lora": 0.004})
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["runs"]["giva"]["config"]["lr"] == 0.02 and stored["runs"]["lora"]["config"]["lr"] == 0.004
+    assert stored["centralised"]["config"]["lr"] == 0.02
+    assert out["table"]

@@ -31,6 +31,7 @@ from .client_app import TaskFactory, default_task, make_client_app
 from .server_app import make_server_app, run_server, write_checkpoint
 from .statistics import sketch_session
 from .task import (
+    METHODS,
     FederatedConfig,
     accuracy,
     build_model,
@@ -537,9 +538,13 @@ def run_comparison(
     task_factory: TaskFactory = default_task,
     checkpoint_dir: Optional[str] = None,
     central_eval_every: int = 1,
+    lrs: Optional[dict[str, float]] = None,
 ) -> dict[str, Any]:
     """Every method on ``base`` (same shards, rounds, steps), VeRA's two setups, and the centralised
     GiVA baseline; writes ``results.json``, ``results.md`` and ``accuracy_vs_mb.png`` to ``output_dir``.
+
+    ``lrs``: a peak LR per method (``{"giva": 0.02}``), else ``base.lr`` or the method's default; the
+    centralised baseline trains at GiVA's.
 
     VeRA without projections is the VeRA run's training with its setup message left out: the clients
     regenerate the very same projections from the PRNG key, so only the setup bytes differ.
@@ -549,10 +554,14 @@ def run_comparison(
     def checkpoint(name: str) -> Optional[str]:
         return str(Path(checkpoint_dir) / f"{name}.pt") if checkpoint_dir else None
 
+    lrs = dict(lrs or {})
+    unknown = sorted(set(lrs) - set(METHODS))
+    if unknown:
+        raise ValueError(f"lrs: unknown method(s) {unknown}; expected some of {list(METHODS)}")
     runs: dict[str, Any] = {}
     summaries = []
     for method in methods:
-        cfg = replace(base, method=method, vera_projections=True)
+        cfg = replace(base, method=method, vera_projections=True, lr=lrs.get(method, base.lr))
         logger.info("federated %s: %d clients, %d rounds, %s", method, cfg.clients, cfg.rounds, cfg.split)
         runs[method] = run_federated(cfg, engine, task_factory, checkpoint=checkpoint(method))
         label = {"giva": f"giva r={cfg.giva_r} ({cfg.init_mode})", "lora": f"lora r={cfg.lora_r}",
@@ -563,7 +572,8 @@ def run_comparison(
         write_json({"runs": runs}, str(Path(output_dir) / "results.json"))  # partial results survive a crash
     central = None
     if centralised and "giva" in methods:
-        central = run_centralised(base, task_factory, checkpoint("centralised"), central_eval_every)
+        central = run_centralised(replace(base, lr=lrs.get("giva", base.lr)), task_factory, checkpoint("centralised"),
+                                  central_eval_every)
     write_json({"runs": runs, "centralised": central}, str(Path(output_dir) / "results.json"))
     return write_report(output_dir, runs, summaries, central, targets,
                         f"{base.clients} clients, {base.rounds} rounds x {base.local_steps} local steps, {base.split}")
@@ -676,7 +686,11 @@ __all__ = [
 #   python -m giva.federated.run accuracy benchmarks/results/federated/iid
 #   python -m giva.federated.run label-skew benchmarks/results/federated/label-skew
 #   python -m giva.federated.run report OUTPUT_DIR    # the table / plot of the checkpoints there, finished or not
-# accuracy / label-skew take FederatedConfig overrides (key=value, kebab-case) and methods=giva,lora,vera;
+#   python -m giva.federated.run bytes benchmarks/results/federated/smollm2 task=causal-lm model=smollm2
+#   python -m giva.federated.run accuracy benchmarks/results/federated/smollm2 task=causal-lm model=smollm2 \
+#       methods=giva,lora rounds=5 test-size=400 lr-giva=0.02 lr-lora=0.001
+# accuracy / label-skew take FederatedConfig overrides (key=value, kebab-case), methods=giva,lora,vera and
+# per-method peak LRs lr-giva= / lr-lora= / lr-vera=;
 # they keep checkpoints in OUTPUT_DIR/.checkpoints, so a killed run goes on where it stopped when rerun.
 BYTES_CONFIG = FederatedConfig(clients=4, rounds=10, test_size=100, max_train_samples=64)
 SKETCH_CONFIG = FederatedConfig(clients=4)  # the setup of the accuracy runs: 4 x 4 calibration batches of 16
@@ -726,9 +740,11 @@ def _main(argv: list[str]) -> int:
         print("chosen:", result["choice"])
     else:
         methods = tuple(str(overrides.pop("methods", "giva,lora")).split(","))
+        lrs = {key[3:]: float(overrides.pop(key)) for key in list(overrides) if key.startswith("lr_")}  # lr-giva=0.02
         cfg = replace(ACCURACY_CONFIG if kind == "accuracy" else LABEL_SKEW_CONFIG, **overrides)
         out = run_comparison(cfg, output_dir, methods=methods, engine="inprocess", centralised=kind == "accuracy",
-                             checkpoint_dir=str(Path(output_dir) / ".checkpoints"), central_eval_every=cfg.rounds)
+                             checkpoint_dir=str(Path(output_dir) / ".checkpoints"), central_eval_every=cfg.rounds,
+                             lrs=lrs)
         print(out["table"])
         print(out["headline"])
     return 0
