@@ -272,6 +272,7 @@ def test_quick_suite_writes_valid_runs_table_and_plots(quick_outputs: tuple[Path
     speed = next(r for r in runs if r["kind"] == "speed")
     floor = speed["methods"]["floor"]
     assert floor["trainable_adapter"] == 0 and floor["overhead_above_floor"] == 0.0
+    assert floor["target_modules"] == [] and speed["methods"]["giva-r8"]["target_modules"] == ["query", "value"]
     assert all(e["overhead_above_floor"] is not None for e in speed["methods"].values())
     for record in train:
         assert (record["parameters"]["trainable"] > 0) == (record["method"]["kind"] != "none")
@@ -340,6 +341,20 @@ def test_report_only_rewrites_the_report_from_the_runs_there_and_runs_nothing(
     assert "no run JSONs in" in capsys.readouterr().err and not (tmp_path / "none" / "results.md").exists()
     assert main(["bench", "--quick", "--report-only", "--dry-run", "--output-dir", str(out)]) == 2
     assert "--report-only runs nothing" in capsys.readouterr().err
+
+
+def test_speed_table_names_each_methods_own_targets_not_the_tasks_default() -> None:
+    from giva.bench.report import _speed_targets
+
+    task_default = ["query", "value"]
+    assert load_method(BENCH, "giva-default-r8").targets(task_default) == "all-linear"
+    assert load_method(BENCH, "giva-r8").targets(task_default) == task_default
+    assert load_method(BENCH, "floor").targets(task_default) == []
+    # A record from before entries named their targets: the method's definition decides, not the task.
+    assert _speed_targets("vera-r1024-all", {"median_step_seconds": 1.0}, task_default) == "all-linear"
+    assert _speed_targets("giva-r8", {}, task_default) == "query, value"
+    assert _speed_targets("floor", {"target_modules": []}, task_default) == "-"
+    assert _speed_targets("no-such-method", {}, task_default) == "?"
 
 
 # --- issue 11: test discipline, adaptive LR sweeps, dry runs, statistics --------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .runner import choose_lr, load_runs, validation_by_lr, write_json_atomically
-from .spec import DEFAULT_HEADLINE_PAIRS, DEFAULT_HEADLINE_SIZES, SuiteSpec
+from .spec import DEFAULT_HEADLINE_PAIRS, DEFAULT_HEADLINE_SIZES, SuiteSpec, benchmarks_dir, load_method
 from .stats import MIN_SEEDS, PARITY_MARGIN, SPEED_MARGIN, evaluate_claims
 
 PLOTS = ("acc_vs_params.png", "acc_vs_rank.png", "step_time.png", "loss_curves.png")
@@ -205,18 +205,34 @@ def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: li
                 )
             out.append("")
     for speed in speeds:
-        out += [f"## speed: {speed['phase']} ({speed['task']['model']}, targets {', '.join(speed['task']['target_modules'])})", "",
-                "| method | median step (ms) | ratio to LoRA | overhead above floor | init (s) | init in LoRA steps | trainable |",
-                "|---|---|---|---|---|---|---|"]
+        out += [f"## speed: {speed['phase']} ({speed['task']['model']})", "",
+                "| method | targets | median step (ms) | ratio to LoRA | overhead above floor | init (s) | init in LoRA steps | trainable |",
+                "|---|---|---|---|---|---|---|---|"]
         for name, e in speed["methods"].items():
             ratio = f"{e['ratio_to_lora']:.3f}" if e["ratio_to_lora"] else "-"
             floor = f"{e['overhead_above_floor']:+.1%}" if e.get("overhead_above_floor") is not None else "-"
             init_steps = e.get("init_in_lora_steps", e["init_in_steps"])
-            out.append(f"| {name} | {e['median_step_seconds'] * 1000:.0f} | {ratio} | {floor} | {e['init_seconds']:.2f} | "
+            targets = _speed_targets(name, e, speed["task"]["target_modules"])
+            out.append(f"| {name} | {targets} | {e['median_step_seconds'] * 1000:.0f} | {ratio} | {floor} | {e['init_seconds']:.2f} | "
                        f"{init_steps:.2f} | {e['trainable_adapter']:,} |")
         out.append("")
     out += ["## Plots", ""] + [f"![{p}]({p})" for p in PLOTS] + [""]
     return "\n".join(out)
+
+
+def _speed_targets(name: str, entry: dict[str, Any], task_default: Sequence[str]) -> str:
+    """A speed entry's adapted layers as text. Records written before entries named their targets get
+    them from the method's definition in benchmarks/methods/ (the task's default only names the layers
+    of methods without their own)."""
+    targets = entry.get("target_modules")
+    if targets is None:
+        try:
+            targets = load_method(benchmarks_dir(), name).targets(task_default)
+        except (FileNotFoundError, ValueError):
+            return "?"
+    if isinstance(targets, str):
+        return targets
+    return ", ".join(targets) if targets else "-"
 
 
 def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], speeds: list[dict[str, Any]], task: str, folder: Path) -> list[Path]:

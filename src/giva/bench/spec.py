@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -42,6 +43,14 @@ class MethodSpec:
     init: dict[str, Any] = field(default_factory=dict)  # num_batches (GiVA k), loraga_batches
     rank: Optional[int] = None
     description: str = ""
+
+    def targets(self, task_default: Sequence[str]) -> list[str] | str:
+        """The layers this method adapts: its own ``target_modules`` (a list, or 'all-linear'), else the
+        task's default; none for the kinds that add no adapter."""
+        if self.kind not in ("peft", "osora"):
+            return []
+        own = self.peft_kwargs.get("target_modules")
+        return list(task_default) if own is None else own if isinstance(own, str) else list(own)
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:

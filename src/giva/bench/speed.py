@@ -47,6 +47,7 @@ def run_speed_phase(suite: SuiteSpec, phase: Phase, task: TaskData, root: Any) -
             "trainable_adapter": sum(p.numel() for n, p in trainable if not is_head_parameter(n.replace("base_model.model.", ""))),
             "rank": method.rank,
             "family": method.family,
+            "target_modules": method.targets(task.spec.target_modules),
         }
     names = list(entries)
     for step, batch in enumerate(batches):
@@ -80,6 +81,7 @@ def run_speed_phase(suite: SuiteSpec, phase: Phase, task: TaskData, root: Any) -
             # step time above the frozen model's own forward + backward, relative to that floor
             "overhead_above_floor": (medians[n] - medians[floor]) / medians[floor] if floor else None,
             "trainable_adapter": e["trainable_adapter"],
+            "target_modules": e["target_modules"],
             "ratio_to_lora": medians[n] / medians[lora] if lora else None,
         }
     from .runner import versions
