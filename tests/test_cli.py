@@ -209,7 +209,7 @@ def test_federated_dtype_options_reach_the_config_and_bad_ones_fail_before_any_w
     seen = {}
 
     def fake_run_comparison(config, output_dir, methods, **kwargs):
-        seen["config"] = config
+        seen["config"], seen["lrs"] = config, kwargs.get("lrs")
         return {"table": ""}
 
     monkeypatch.setattr(federated_run, "run_comparison", fake_run_comparison)
@@ -218,6 +218,12 @@ def test_federated_dtype_options_reach_the_config_and_bad_ones_fail_before_any_w
     assert main(["federated"]) == 0  # unset: FederatedConfig's own defaults
     assert (seen["config"].bases_dtype, seen["config"].sketch_dtype) == ("float32", "bfloat16")
 
+    assert seen["lrs"] == {}
+    assert main(["federated", "--method", "all", "--lr-giva", "0.02", "--lr-lora", "1e-3"]) == 0
+    assert seen["lrs"] == {"giva": 0.02, "lora": 0.001} and seen["config"].lr is None
+
     seen.clear()
     assert main(["federated", "--bases-dtype", "float16"]) == 2
     assert "bases_dtype" in capsys.readouterr().err and not seen
+    assert main(["federated", "--lr-vera", "-1"]) == 2
+    assert "--lr-vera" in capsys.readouterr().err and not seen

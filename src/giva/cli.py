@@ -191,7 +191,8 @@ def _federated(args: argparse.Namespace) -> int:
     from .federated.run import run_comparison
 
     methods = ("giva", "lora", "vera") if args.method == "all" else (args.method,)
-    out = run_comparison(config, args.output_dir, methods, engine=args.engine, centralised=args.method == "all")
+    lrs = {m: lr for m in ("giva", "lora", "vera") if (lr := getattr(args, f"lr_{m}")) is not None}
+    out = run_comparison(config, args.output_dir, methods, engine=args.engine, centralised=args.method == "all", lrs=lrs)
     print(out["table"])
     print(f"results: {args.output_dir}/results.json, results.md, accuracy_vs_mb.png")
     return 0
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--local-steps", type=int, default=5, help="optimizer steps per client per round")
     fl.add_argument("--seed", type=int, default=0)
     fl.add_argument("--lr", type=float, default=None, help="peak LR (default: the method's, see giva.federated.task)")
+    for method in ("giva", "lora", "vera"):
+        fl.add_argument(f"--lr-{method}", type=_positive_float, default=None,
+                        help=f"peak LR of the {method} run only (overrides --lr for it; with --method all)")
     fl.add_argument("--init-mode", default="sketch", choices=["sketch", "dense"], help="GiVA setup statistics")
     fl.add_argument("--sketch-dtype", default=None,
                     help="dtype the setup sketches travel in: float32 or bfloat16 (default: FederatedConfig's, bfloat16)")
