@@ -426,7 +426,7 @@ def load_projection_state(model: nn.Module, state: dict[str, torch.Tensor]) -> N
 
 def client_seed(seed: int, round_index: int, partition: int) -> int:
     """The seed of one client's local training in one round (its dropout masks), from the run seed alone."""
-    return (seed * 1_000_003 + round_index) * 1_000_003 + partition
+    return ((seed * 1_000_003 + round_index) * 1_000_003 + partition) % 2**63  # in torch.manual_seed's range
 
 
 def local_train(
