@@ -71,6 +71,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "test_mean": mean,
             "test_std": std,
             "val_accuracy": first["metrics"]["val_accuracy"],
+            "val_mean": statistics.fmean(r["metrics"]["val_accuracy"] for r in chosen),  # what chose LRs and defaults
             "trainable_adapter": first["parameters"]["trainable_adapter"],
             "trainable": first["parameters"]["trainable"],
             "adapter_bytes": first["adapter_bytes"],
@@ -193,14 +194,15 @@ def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: li
             first = selected[0]
             metric = "exact match of the generated label" if first["task_kind"] == "clm" else "test accuracy"
             out += [f"## {task} ({first['model']}): {title} ({metric})", ""]
-            out += ["| method | ablation | rank | LR [tried] | seeds | test acc | trainable | adapter bytes | step (ms) | init (s) |",
-                    "|---|---|---|---|---|---|---|---|---|---|"]
+            out += ["| method | ablation | rank | LR [tried] | seeds | val acc | test acc | trainable | adapter bytes | step (ms) | init (s) |",
+                    "|---|---|---|---|---|---|---|---|---|---|---|"]
             for r in selected:
                 acc = f"{r['test_mean']:.2%} ± {r['test_std']:.2%}" if len(r["seeds"]) > 1 else f"{r['test_mean']:.2%}"
                 tried = ", ".join(_fmt_lr(x) for x in r["lrs_tried"])
                 out.append(
                     f"| {r['method']} | {r['ablation'] or ''} | {r['rank'] if r['rank'] is not None else '-'} | "
-                    f"{_fmt_lr(r['lr']) + f' [{tried}]' if r['kind'] != 'none' else '-'} | {len(r['seeds'])} | {acc} | {r['trainable_adapter']:,} | "
+                    f"{_fmt_lr(r['lr']) + f' [{tried}]' if r['kind'] != 'none' else '-'} | {len(r['seeds'])} | "
+                    f"{r['val_mean']:.2%} | {acc} | {r['trainable_adapter']:,} | "
                     f"{r['adapter_bytes']:,} | {r['median_step_seconds'] * 1000:.0f} | {r['init_seconds']:.2f} |"
                 )
             out.append("")
