@@ -88,8 +88,14 @@ def run_benchmark(
     name = QUICK_SUITE if quick else suite
     spec = load_suite(root, name)
     out = Path(output_dir) if output_dir else root / "results" / name
-    if report_only and not load_runs(out / "runs"):
-        raise FileNotFoundError(f"--report-only: no run JSONs in {out / 'runs'} to report on")
+    if report_only:
+        existing = load_runs(out / "runs")
+        if not existing:
+            raise FileNotFoundError(f"--report-only: no run JSONs in {out / 'runs'} to report on")
+        broken = [problem for record in existing for problem in validate_run(record)]
+        if broken:
+            raise ValueError(f"--report-only: {len(broken)} problem(s) in the run JSONs of {out / 'runs'}: "
+                             + "; ".join(broken[:5]))
     ran = [] if report_only else run_suite(spec, root, out, progress=progress, phases=phases)
     results = write_report(out, spec)
     results["problems"] = check_outputs(out) if quick else []
