@@ -20,7 +20,13 @@ import torch  # noqa: E402
 
 from giva.federated import messages  # noqa: E402
 from giva.federated.client_app import STATE_KEY  # noqa: E402
-from giva.federated.run import rounds_to_fewer_bytes, run_comparison, run_inprocess, wire_sizes  # noqa: E402
+from giva.federated.run import (  # noqa: E402
+    rounds_to_fewer_bytes,
+    run_centralised,
+    run_comparison,
+    run_inprocess,
+    wire_sizes,
+)
 from giva.federated.statistics import (  # noqa: E402
     apply_bases,
     bases_layout,
@@ -533,13 +539,57 @@ def test_a_comparison_trains_each_method_and_the_centralised_baseline_at_its_own
         run_comparison(cfg, str(tmp_path), methods=("giva",), task_factory=TinyTask, lrs={"giva2": 0.1})
     assert not (tmp_path / "results.json").exists()  # refused before any run
 
-    class PooledTinyTask(TinyTask):  # the centralised baseline trains on pooled batches
-        def pooled_batches(self, round_index: int, skip: int = 0):
-            return iter(text_batches(n=40, batch=4, length=8, seed=7)[skip:])
-
     out = run_comparison(cfg, str(tmp_path), methods=("giva", "lora"), task_factory=PooledTinyTask,
                          lrs={"giva": 0.02, "lora": 0.004})
     stored = json.loads((tmp_path / "results.json").read_text())
     assert stored["runs"]["giva"]["config"]["lr"] == 0.02 and stored["runs"]["lora"]["config"]["lr"] == 0.004
     assert stored["centralised"]["config"]["lr"] == 0.02
     assert out["table"]
+
+
+class PooledTinyTask(TinyTask):
+    """TinyTask with the pooled batches the centralised baseline trains on."""
+
+    def pooled_batches(self, round_index: int = 0, skip: int = 0):
+        return iter(text_batches(n=40, batch=4, length=8, seed=7)[skip:])
+
+
+class KilledPooledTask(PooledTinyTask):
+    """The first training loader dies after ``kill_after`` batches (a killed run)."""
+
+    kill_after = 4
+    killed = False
+
+    def pooled_batches(self, round_index: int = 0, skip: int = 0):
+        batches = super().pooled_batches(round_index, skip)
+        if round_index != 0 or KilledPooledTask.killed:  # round -1: the calibration batches
+            return batches
+        KilledPooledTask.killed = True
+
+        def cut():
+            for index, batch in enumerate(batches):
+                if index == self.kill_after:
+                    raise RuntimeError("killed")
+                yield batch
+
+        return cut()
+
+
+def test_the_centralised_baseline_resumes_exactly_and_leaves_the_callers_rng_alone(tmp_path):
+    # 3 rounds of 3 steps; the killed run checkpoints round 1 and dies in round 2. Dropout is reseeded per
+    # round, so the resumed run must end with the uninterrupted run's trainable tensors, bit for bit.
+    cfg = config(rounds=3, local_steps=1, init_mode="dense")
+    whole_path, cut_path = str(tmp_path / "whole.pt"), str(tmp_path / "cut.pt")
+    state = torch.random.get_rng_state()
+    whole = run_centralised(cfg, PooledTinyTask, whole_path)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    KilledPooledTask.killed = False
+    with pytest.raises(RuntimeError, match="killed"):
+        run_centralised(cfg, KilledPooledTask, cut_path)
+    assert len(torch.load(cut_path, weights_only=False)["rounds"]) == 2  # round 0 and round 1 were saved
+    torch.rand(123)  # the caller's random stream moved on
+    resumed = run_centralised(cfg, KilledPooledTask, cut_path)
+    assert [r["accuracy"] for r in resumed["rounds"]] == [r["accuracy"] for r in whole["rounds"]]
+    ends = [torch.load(path, weights_only=False)["trainable"] for path in (whole_path, cut_path)]
+    assert ends[0].keys() == ends[1].keys()
+    assert all(torch.equal(ends[0][name], ends[1][name]) for name in ends[0])

@@ -53,8 +53,7 @@ def _task_type(task: TaskData) -> str:
 
 
 def peft_config(method: MethodSpec, task: TaskData, seed: int) -> Any:
-    kwargs = dict(method.peft_kwargs)
-    kwargs.setdefault("target_modules", list(task.spec.target_modules))
+    kwargs = {**method.peft_kwargs, "target_modules": method.targets(task.spec.target_modules)}
     common = {"task_type": _task_type(task)}
     if method.peft_type == "LORA":
         if "lora_ga_config" in kwargs:
@@ -134,10 +133,9 @@ def _build_osora(method: MethodSpec, task: TaskData, base: nn.Module, seed: int)
     values and ``o`` at ones (both trained), and W is replaced by its residual, so the adapted
     model equals the pretrained one at step 0.
     """
-    kwargs = {**method.peft_kwargs, "variant": "weight"}
+    kwargs = {**method.peft_kwargs, "variant": "weight", "target_modules": method.targets(task.spec.target_modules)}
     start = time.perf_counter()
-    model = get_peft_model(base, GivaConfig(**{"seed": seed, **kwargs}, target_modules=list(task.spec.target_modules),
-                                            task_type=_task_type(task)))
+    model = get_peft_model(base, GivaConfig(**{"seed": seed, **kwargs}, task_type=_task_type(task)))
     for module in model.modules():
         if not isinstance(module, GivaLayer):
             continue

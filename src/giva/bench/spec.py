@@ -50,7 +50,9 @@ class MethodSpec:
         if self.kind not in ("peft", "osora"):
             return []
         own = self.peft_kwargs.get("target_modules")
-        return list(task_default) if own is None else own if isinstance(own, str) else list(own)
+        if own is None:
+            return list(task_default)
+        return own if isinstance(own, str) else list(own)
 
     def __post_init__(self) -> None:
         if self.kind not in METHOD_KINDS:

@@ -73,14 +73,13 @@ class _ModelCache:
     virtual clients sharing a simulation worker never see each other's state."""
 
     def __init__(self) -> None:
-        self.key: Optional[tuple] = None
-        self.task: Optional[Task] = None  # held, so that its id() cannot be reused by another object
+        self.task: Optional[Task] = None
+        self.config: Optional[FederatedConfig] = None
         self.model: Optional[torch.nn.Module] = None
 
     def get(self, task: Task, config: FederatedConfig) -> torch.nn.Module:
-        key = (id(task), tuple(sorted(vars(config).items())))
-        if self.key != key:
-            self.model, self.key, self.task = build_model(task, config), key, task
+        if self.task is not task or self.config != config:
+            self.model, self.task, self.config = build_model(task, config), task, config
         return self.model
 
 

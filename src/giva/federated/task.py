@@ -430,7 +430,7 @@ def client_seed(seed: int, round_index: int, partition: int) -> int:
 
 
 def local_train(
-    model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float, seed: Optional[int] = None
+    model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], steps: int, lr: float, seed: int
 ) -> list[float]:
     """``steps`` AdamW steps (fresh optimizer, constant LR, grad-norm clip 1) on the client's batches.
 
@@ -442,9 +442,8 @@ def local_train(
     params = [p for group in optimizer.param_groups for p in group["params"]]
     cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     losses = []
-    with torch.random.fork_rng(devices=cuda, enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
         model.train()
         try:
             for _ in range(steps):
