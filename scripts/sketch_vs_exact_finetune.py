@@ -15,35 +15,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from finetune_cli import giva_finetune
 
 MODES = ("sketch", "exact")
 OUT = Path("benchmarks/results/scale/sketch_vs_exact_finetune.json")
 
 
 def run(mode: str, seed: int, extra: list[str]) -> dict:
-    giva = Path(sys.executable).parent / "giva"
-    folder = tempfile.mkdtemp(prefix="giva-sve-")
-    cmd = [str(giva), "finetune", "--no-progress", "--json", "--init-mode", mode, "--seed", str(seed),
-           "--output-dir", str(Path(folder) / "out"), *extra]
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    result, wall = giva_finetune("--init-mode", mode, "--seed", str(seed), *extra)
     return {
         "mode": mode, "seed": seed, "accuracy_before": result["accuracy_before"], "val_accuracy": result["accuracy_after"],
         "init_seconds": result["init_seconds"], "train_seconds": result["train_seconds"],
-        "wall_seconds": time.perf_counter() - start, "init_mode_used": result["config"]["init_mode_used"],
+        "wall_seconds": wall, "init_mode_used": result["config"]["init_mode_used"],
         "init_passes": result["config"]["init_passes"], "config": result["config"], "load_average": os.getloadavg()[0],
     }
 

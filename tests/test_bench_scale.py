@@ -60,8 +60,11 @@ def test_runner_resumes_and_writes_table_and_plot(records, tmp_path, monkeypatch
     assert row["sketch_peak_over_train"] == pytest.approx(records["sketch"]["peak_rss"] / records["train_step"]["peak_rss"])
     if LEGACY_IN_HISTORY:
         assert row["exact_time_over_legacy"] > 0
+    loraga = records["loraga"]["peak_rss"] / records["train_step"]["peak_rss"]
+    assert row["loraga_peak_over_train"] == pytest.approx(loraga)
     table = (tmp_path / "results.md").read_text()
-    assert f"| {TINY.name} |" in table
+    header, _, line = (next(x for x in table.splitlines() if x.startswith(p)) for p in ("| model |", "|---", f"| {TINY.name} |"))
+    assert dict(zip(header.split(" | "), line.split(" | ")))["LoRA-GA/train peak"] == f"{loraga:.2f}"
     assert (tmp_path / "memory_vs_parameters.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="unknown scale model"):
         scale.run_scale(tmp_path, models=["llama-70b"])

@@ -406,7 +406,13 @@ def test_report_from_checkpoints_rebuilds_the_runs_table(tmp_path):
     expected = [rounds_to_fewer_bytes(s, lora) for s in (vera, seed_only)]
     for row, (n, measured) in zip(rows[3:], expected):
         assert row.endswith("| never |" if n is None else f"| {n}{'' if measured else ' (extrapolated)'} |")
-    assert (tmp_path / "results.md").read_text().strip() == out["table"]
+    table, per_round = (tmp_path / "results.md").read_text().strip().split("\n\n")
+    assert table == out["table"]
+    rows = {row.split(" | ")[0].lstrip("| "): row.strip("| ").split(" | ")[1:] for row in per_round.splitlines()[2:]}
+    for s in out["summaries"]:  # every round's accuracy and cumulative MB, as the summaries hold them
+        assert rows[f"{s['label']}: accuracy %"] == [f"{100 * a:.2f}" for a in s["accuracy"]]
+        assert [float(x) for x in rows[f"{s['label']}: MB sent so far"]] == pytest.approx(
+            [b / 1e6 for b in s["cumulative_bytes"]], abs=5e-4)
 
 
 def test_label_skew_shards_are_disjoint_equal_and_skewed():

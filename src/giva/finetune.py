@@ -45,7 +45,7 @@ class TrainConfig:
     """Optimisation settings shared by every method (AdamW, linear warmup then linear decay)."""
 
     epochs: float = 2.0
-    lr: float = 2e-2
+    lr: float = 1e-2  # chosen on validation: benchmarks/results/finetune/lr_sweep.md
     head_lr: Optional[float] = None  # None: the head trains at `lr` like the adapter
     batch_size: int = 16
     max_length: int = 64

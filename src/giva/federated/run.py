@@ -579,6 +579,22 @@ def run_comparison(
                         f"{base.clients} clients, {base.rounds} rounds x {base.local_steps} local steps, {base.split}")
 
 
+def rounds_table(summaries: list[dict[str, Any]], centralised: Optional[dict] = None) -> str:
+    """Accuracy (%) and cumulative MB sent (setup included) after every round, one row pair per run."""
+    rounds = max(len(s["accuracy"]) for s in summaries)
+    pad = [""] * rounds
+    lines = ["| round | " + " | ".join(str(i) for i in range(rounds)) + " |", "|---|" + "---|" * rounds]
+    for s in summaries:
+        acc = [f"{100 * a:.2f}" for a in s["accuracy"]]
+        lines.append(f"| {s['label']}: accuracy % | " + " | ".join((acc + pad)[:rounds]) + " |")
+        mb = [_mb(b) for b in s["cumulative_bytes"]]
+        lines.append(f"| {s['label']}: MB sent so far | " + " | ".join((mb + pad)[:rounds]) + " |")
+    if centralised is not None:
+        acc = ["-" if r["accuracy"] is None else f"{100 * r['accuracy']:.2f}" for r in centralised["rounds"]]
+        lines.append("| giva, centralised: accuracy % | " + " | ".join((acc + pad)[:rounds]) + " |")
+    return "\n".join(lines)
+
+
 def write_report(output_dir: str, runs: dict[str, Any], summaries: list[dict[str, Any]],
                  central: Optional[dict[str, Any]], targets: Optional[list[float]], title: str) -> dict[str, Any]:
     """results.json, results.md and accuracy_vs_mb.png of finished or checkpointed runs. ``targets``
@@ -591,7 +607,7 @@ def write_report(output_dir: str, runs: dict[str, Any], summaries: list[dict[str
     out = {"runs": runs, "summaries": summaries, "centralised": central, "targets": targets, "table": table,
            "headline": headline(summaries, central), "versions": _versions()}
     write_json(out, str(Path(output_dir) / "results.json"))
-    Path(output_dir, "results.md").write_text(table + "\n")
+    Path(output_dir, "results.md").write_text(f"{table}\n\n{rounds_table(summaries, central)}\n")
     plot_accuracy_vs_mb(summaries, str(Path(output_dir) / "accuracy_vs_mb.png"), title)
     return out
 
