@@ -50,6 +50,7 @@ def table(runs: list[dict[str, Any]]) -> dict[float, dict[int, float]]:
 def write_md(path: Path, results: dict[str, Any]) -> None:
     vals = table(results["runs"])
     sweep_seeds, seeds, chosen = results["sweep_seeds"], results["seeds"], results.get("chosen_lr")
+    all_seeds = sorted({s for v in vals.values() for s in v})
     lines = [
         "# `giva finetune`: the default LR, chosen on validation",
         "",
@@ -62,10 +63,9 @@ def write_md(path: Path, results: dict[str, Any]) -> None:
         f"over seeds {sweep_seeds} (ties: the smaller LR), the grid extended x2 while the best sits strictly at an "
         f"edge; then the chosen LR on seeds {seeds}.",
         "",
-        "| LR | " + " | ".join(f"seed {s}" for s in sorted({s for v in vals.values() for s in v})) + " | mean over sweep seeds |",
-        "|---|" + "---|" * (len({s for v in vals.values() for s in v}) + 1),
+        "| LR | " + " | ".join(f"seed {s}" for s in all_seeds) + " | mean over sweep seeds |",
+        "|---|" + "---|" * (len(all_seeds) + 1),
     ]
-    all_seeds = sorted({s for v in vals.values() for s in v})
     for lr in sorted(vals):
         cells = [f"{100 * vals[lr][s]:.2f}" if s in vals[lr] else "-" for s in all_seeds]
         sweep = [vals[lr][s] for s in sweep_seeds if s in vals[lr]]
