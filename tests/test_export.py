@@ -94,6 +94,23 @@ def test_cli_export_errors_are_one_line(tmp_path, capsys):
     assert "not a GiVA one" in capsys.readouterr().err
 
 
+def test_export_never_overwrites_another_adapter_and_replaces_an_earlier_lora_export(tmp_path, capsys):
+    model = _random_adapter(tiny_llama, target_modules=["q_proj", "v_proj"])
+    model.save_pretrained(tmp_path / "giva")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "giva").iterdir()}
+    # The adapter's own folder as the output: refused before the base model is loaded, nothing touched.
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "giva")]) == 2
+    assert "belongs to a 'GIVA' adapter" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="belongs to a 'GIVA' adapter"):
+        export_lora(model, tmp_path / "giva")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "giva").iterdir()} == before
+    # An earlier LoRA export is replaced, with no staging folder left behind.
+    export_lora(model, tmp_path / "lora", rank=8)
+    export_lora(model, tmp_path / "lora")
+    assert sorted(f.name for f in (tmp_path / "lora").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 4
+
+
 _CHILD = textwrap.dedent(
     """
     import json, sys

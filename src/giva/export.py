@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -138,16 +141,46 @@ def to_lora(model: PeftModel, adapter_name: str = "default", rank: Optional[int]
     return lora_config, state_dict
 
 
-def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str = "default", rank: Optional[int] = None) -> LoraConfig:
-    """Write GiVA adapter ``adapter_name`` as a stock PEFT LoRA folder (``adapter_config.json`` + safetensors)."""
-    out = Path(out_dir)
+def _check_output(out: Path) -> None:
+    """Refuse an output that is a file or holds an adapter other than LoRA (a GiVA adapter would be lost)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a folder")
-    lora_config, state_dict = to_lora(model, adapter_name, rank)
+    config_file = out / CONFIG_NAME
+    if config_file.exists():
+        try:
+            peft_type = json.loads(config_file.read_text()).get("peft_type")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            peft_type = "unreadable"
+        if peft_type != "LORA":
+            raise ExportError(
+                f"{config_file} belongs to a {peft_type!r} adapter, which the export would overwrite; write the LoRA "
+                "to a new folder (only an earlier LoRA export is replaced)"
+            )
+
+
+def _write_lora(out: Path, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write both files next to their targets first, then move them in: a failed export leaves ``out`` as it was."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, out / SAFETENSORS_WEIGHTS_NAME)
-    lora_config.save_pretrained(str(out))
-    logger.info("exported GiVA adapter %r as LoRA r=%d (%d layers) to %s", adapter_name, lora_config.r, len(state_dict) // 2, out)
+    staging = Path(tempfile.mkdtemp(prefix=".giva-export-", dir=out))
+    try:
+        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, staging / SAFETENSORS_WEIGHTS_NAME)
+        lora_config.save_pretrained(str(staging))
+        for name in (SAFETENSORS_WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("exported LoRA r=%d (%d layers) to %s", lora_config.r, len(state_dict) // 2, out)
+
+
+def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str = "default", rank: Optional[int] = None) -> LoraConfig:
+    """Write GiVA adapter ``adapter_name`` as a stock PEFT LoRA folder (``adapter_config.json`` + safetensors).
+
+    ``out_dir`` is created if needed; it may hold an earlier LoRA export (replaced), never another adapter.
+    """
+    out = Path(out_dir)
+    _check_output(out)
+    lora_config, state_dict = to_lora(model, adapter_name, rank)
+    _write_lora(out, lora_config, state_dict)
     return lora_config
 
 
@@ -195,8 +228,7 @@ def export_lora_dir(
 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     config = _read_adapter_folder(adapter_dir)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output {out} exists and is not a folder")
+    _check_output(out)
     base_name = base_model or config.get("base_model_name_or_path")
     if not base_name:
         raise ExportError(f"{adapter_dir / CONFIG_NAME} names no base_model_name_or_path; pass --base-model")
@@ -215,7 +247,7 @@ def export_lora_dir(
     else:
         model = AutoModel.from_pretrained(path)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    lora_config = export_lora(peft_model, out, rank=rank)
+    lora_config, state_dict = to_lora(peft_model, rank=rank)
     lora_config.base_model_name_or_path = config.get("base_model_name_or_path") or base_name
-    lora_config.save_pretrained(str(out))
+    _write_lora(out, lora_config, state_dict)
     return lora_config
