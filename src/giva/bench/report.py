@@ -155,6 +155,17 @@ def _fmt_pair(pair: dict[str, Any]) -> str:
     return f"{pair['estimate'] * 100:+.2f} [{pair['low'] * 100:+.2f}, {pair['high'] * 100:+.2f}] points"
 
 
+def _fmt_family(pair: dict[str, Any]) -> str:
+    """A decided pair's family-wise (Bonferroni) interval, in the units of :func:`_fmt_pair`."""
+    if "family_low" not in pair or pair["test"] == "smaller":
+        return "-"
+    if pair["test"] in ("speed-parity", "slower"):
+        interval = f"[{pair['family_low']:.3f}, {pair['family_high']:.3f}]"
+    else:
+        interval = f"[{pair['family_low'] * 100:+.2f}, {pair['family_high'] * 100:+.2f}]"
+    return f"{interval} (m={pair['family_size']})"
+
+
 def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
     """The claims table: each pair's estimate, 95% interval, what was resampled, and verdict."""
     if not claims:
@@ -163,9 +174,12 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
            f"Paired bootstrap 95% intervals (10,000 draws over seeds and test examples; speed: over interleaved steps). "
            f"'parity': supported inside ±{PARITY_MARGIN * 100:g} point or above 0; speed parity: inside 1 ± {SPEED_MARGIN:g} "
            f"or faster; 'pending': fewer than {MIN_SEEDS} paired seeds, or a row not run yet. A claim's verdict is its "
-           "first pair's; the other pairs follow it.", "",
-           "| claim | verdict | pair (a vs b) | a - b (or a / b) [95% CI] | seeds x examples | pair verdict |",
-           "|---|---|---|---|---|---|"]
+           "first pair's, declared in advance; the other pairs follow it. Family-wise: the same draws at the Bonferroni "
+           "level 1 - 0.05/m for the claim's m pairs (every planned pair counts, run or not), the interval to read "
+           "when one pair among several is singled out.", "",
+           "| claim | verdict | pair (a vs b) | a - b (or a / b) [95% CI] | seeds x examples | pair verdict "
+           "| family-wise CI | family-wise verdict |",
+           "|---|---|---|---|---|---|---|---|"]
     for claim in claims:
         for i, pair in enumerate(claim["pairs"]):
             sizes = f"{pair.get('n_seeds', 0)} x {pair.get('n_examples', 0)}" if "estimate" in pair else pair.get("why", "")
@@ -174,7 +188,8 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
             if pair["test"] == "smaller":
                 sizes = "-"
             head = f"{claim['claim']} | **{claim['verdict']}**" if i == 0 else " | "
-            out.append(f"| {head} | {pair['a']} vs {pair['b']} | {_fmt_pair(pair)} | {sizes} | {pair['verdict']} |")
+            out.append(f"| {head} | {pair['a']} vs {pair['b']} | {_fmt_pair(pair)} | {sizes} | {pair['verdict']} "
+                       f"| {_fmt_family(pair)} | {pair.get('family_verdict', '-')} |")
     return out + [""]
 
 

@@ -16,6 +16,11 @@ Verdicts (``test`` of a claim, ``a`` the row the claim is about):
 - 'slower' (ratio a / b): supported when the interval lies above 1, contradicted when below 1;
 - 'smaller' (bytes on disk, no sampling): supported when a < b, contradicted when a > b;
 otherwise 'undecided'. A pair with fewer than MIN_SEEDS seeds gets 'pending' (still running).
+
+A claim is tested on several pairs (ranks, tasks, models). Its first pair is the one declared in advance
+and decides the claim at 95%; every pair also gets a family-wise interval from the same bootstrap draws at
+the Bonferroni level ``1 - 0.05 / m`` for the claim's m pairs (all m planned pairs count, run or not), so
+that picking the one pair of m that came out decided is not mistaken for evidence.
 """
 
 from __future__ import annotations
@@ -46,10 +51,26 @@ class Interval:
     n_examples: int = 0
 
 
-def paired_bootstrap(
-    a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, confidence: float = CONFIDENCE, seed: int = 0, chunk: int = 2000,
-) -> Interval:
-    """Interval of ``mean(a) - mean(b)`` for 0/1 correctness matrices of shape (seeds, examples).
+def family_confidence(m: int, confidence: float = CONFIDENCE) -> float:
+    """Bonferroni: the per-pair confidence that keeps the chance of any of ``m`` intervals missing at 1 - confidence."""
+    if m < 1:
+        raise ValueError(f"a family needs at least one pair, got m={m}")
+    return 1 - (1 - confidence) / m
+
+
+def _intervals(estimate: float, draws: np.ndarray, confidences: Sequence[float], n_seeds: int, n_examples: int) -> list[Interval]:
+    out = []
+    for confidence in confidences:
+        low, high = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
+        out.append(Interval(estimate, float(low), float(high), n_seeds, n_examples))
+    return out
+
+
+def paired_bootstrap_intervals(
+    a: np.ndarray, b: np.ndarray, confidences: Sequence[float], n_boot: int = N_BOOT, seed: int = 0, chunk: int = 2000,
+) -> list[Interval]:
+    """Intervals of ``mean(a) - mean(b)`` at each of ``confidences``, all from the same draws (so nested), for
+    0/1 correctness matrices of shape (seeds, examples).
 
     Row i of ``a`` and of ``b`` come from the same seed, column j is the same test example. Every draw
     resamples seeds and examples with replacement, identically for both rows.
@@ -66,22 +87,35 @@ def paired_bootstrap(
         seed_weights = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=size) / n_seeds  # (B, S)
         example_weights = rng.multinomial(n_examples, np.full(n_examples, 1 / n_examples), size=size) / n_examples  # (B, N)
         draws.append(((seed_weights @ diff) * example_weights).sum(axis=1))  # (B,)
-    low, high = np.quantile(np.concatenate(draws), [(1 - confidence) / 2, (1 + confidence) / 2])
-    return Interval(float(diff.mean()), float(low), float(high), n_seeds, n_examples)
+    return _intervals(float(diff.mean()), np.concatenate(draws), confidences, n_seeds, n_examples)
 
 
-def paired_ratio_bootstrap(
-    a: Sequence[float], b: Sequence[float], n_boot: int = N_BOOT, confidence: float = CONFIDENCE, seed: int = 0,
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, confidence: float = CONFIDENCE, seed: int = 0, chunk: int = 2000,
 ) -> Interval:
-    """Interval of ``median(a) / median(b)`` for step times paired by step (resampled together)."""
+    """Interval of ``mean(a) - mean(b)`` (see :func:`paired_bootstrap_intervals`) at one confidence level."""
+    return paired_bootstrap_intervals(a, b, [confidence], n_boot, seed, chunk)[0]
+
+
+def paired_ratio_bootstrap_intervals(
+    a: Sequence[float], b: Sequence[float], confidences: Sequence[float], n_boot: int = N_BOOT, seed: int = 0,
+) -> list[Interval]:
+    """Intervals of ``median(a) / median(b)`` at each of ``confidences``, for step times paired by step
+    (resampled together), all from the same draws."""
     a_arr, b_arr = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a_arr.shape != b_arr.shape or a_arr.ndim != 1 or len(a_arr) < 2:
         raise ValueError(f"paired_ratio_bootstrap needs two equal-length series of >= 2 steps, got {a_arr.shape} and {b_arr.shape}")
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(a_arr), size=(n_boot, len(a_arr)))
     ratios = np.median(a_arr[idx], axis=1) / np.median(b_arr[idx], axis=1)
-    low, high = np.quantile(ratios, [(1 - confidence) / 2, (1 + confidence) / 2])
-    return Interval(float(np.median(a_arr) / np.median(b_arr)), float(low), float(high), 0, len(a_arr))
+    return _intervals(float(np.median(a_arr) / np.median(b_arr)), ratios, confidences, 0, len(a_arr))
+
+
+def paired_ratio_bootstrap(
+    a: Sequence[float], b: Sequence[float], n_boot: int = N_BOOT, confidence: float = CONFIDENCE, seed: int = 0,
+) -> Interval:
+    """Interval of ``median(a) / median(b)`` (see :func:`paired_ratio_bootstrap_intervals`) at one level."""
+    return paired_ratio_bootstrap_intervals(a, b, [confidence], n_boot, seed)[0]
 
 
 def verdict(test: str, interval: Interval) -> str:
@@ -125,7 +159,13 @@ def correctness_by_seed(rows: list[dict[str, Any]], ref: str) -> tuple[dict[int,
     return row.get("test_correct_by_seed", {}), row.get("test_sha256_by_seed", {}), row
 
 
-def _accuracy_pair(rows: list[dict[str, Any]], test: str, a_ref: str, b_ref: str) -> dict[str, Any]:
+def _with_family(result: dict[str, Any], test: str, family: Interval, m: int) -> dict[str, Any]:
+    """A decided pair's family-wise interval and verdict (see the module docstring)."""
+    return {**result, "family_size": m, "family_confidence": family_confidence(m), "family_low": family.low,
+            "family_high": family.high, "family_verdict": verdict(test, family)}
+
+
+def _accuracy_pair(rows: list[dict[str, Any]], test: str, a_ref: str, b_ref: str, m: int = 1) -> dict[str, Any]:
     a_correct, a_hash, a_row = correctness_by_seed(rows, a_ref)
     b_correct, b_hash, b_row = correctness_by_seed(rows, b_ref)
     out: dict[str, Any] = {"a": a_ref, "b": b_ref, "test": test}
@@ -133,23 +173,26 @@ def _accuracy_pair(rows: list[dict[str, Any]], test: str, a_ref: str, b_ref: str
         if a_row is None or b_row is None:
             return {**out, "verdict": "pending", "why": "a row has not run yet"}
         diff = float(a_row["adapter_bytes"] - b_row["adapter_bytes"])
-        return {**out, **asdict(Interval(diff, diff, diff)), "a_value": a_row["adapter_bytes"], "b_value": b_row["adapter_bytes"],
-                "verdict": verdict(test, Interval(diff, diff, diff))}
+        exact = Interval(diff, diff, diff)  # bytes: no sampling, so the family changes nothing
+        result = {**out, **asdict(exact), "a_value": a_row["adapter_bytes"], "b_value": b_row["adapter_bytes"],
+                  "verdict": verdict(test, exact)}
+        return _with_family(result, test, exact, m)
     seeds = sorted(set(a_correct) & set(b_correct), key=int)
     if any(a_hash.get(s) != b_hash.get(s) for s in seeds):
         raise ValueError(f"{a_ref} and {b_ref} were scored on different test examples: they cannot be paired")
     if len(seeds) < 2:
         return {**out, "n_seeds": len(seeds), "verdict": "pending", "why": f"{len(seeds)} paired seed(s) with test predictions"}
-    interval = paired_bootstrap(
+    interval, family = paired_bootstrap_intervals(
         np.array([[c == "1" for c in a_correct[s]] for s in seeds]), np.array([[c == "1" for c in b_correct[s]] for s in seeds]),
+        [CONFIDENCE, family_confidence(m)],
     )
     result = {**out, **asdict(interval), "a_value": a_row["test_mean"] if a_row else None, "b_value": b_row["test_mean"] if b_row else None}
     if len(seeds) < MIN_SEEDS:
         return {**result, "verdict": "pending", "why": f"{len(seeds)} of {MIN_SEEDS} seeds"}
-    return {**result, "verdict": verdict(test, interval)}
+    return _with_family({**result, "verdict": verdict(test, interval)}, test, family, m)
 
 
-def _speed_pair(speeds: list[dict[str, Any]], test: str, a_ref: str, b_ref: str) -> dict[str, Any]:
+def _speed_pair(speeds: list[dict[str, Any]], test: str, a_ref: str, b_ref: str, m: int = 1) -> dict[str, Any]:
     out: dict[str, Any] = {"a": a_ref, "b": b_ref, "test": test}
     (phase_a, a, _), (phase_b, b, _) = _split_ref(a_ref), _split_ref(b_ref)
     if phase_a != phase_b:
@@ -158,24 +201,27 @@ def _speed_pair(speeds: list[dict[str, Any]], test: str, a_ref: str, b_ref: str)
     if record is None or a not in record["methods"] or b not in record["methods"]:
         return {**out, "verdict": "pending", "why": f"speed phase {phase_a} has not run"}
     skip = record["warmup_steps"]
-    interval = paired_ratio_bootstrap(record["methods"][a]["step_seconds"][skip:], record["methods"][b]["step_seconds"][skip:])
-    return {**out, **asdict(interval), "verdict": verdict(test, interval)}
+    interval, family = paired_ratio_bootstrap_intervals(
+        record["methods"][a]["step_seconds"][skip:], record["methods"][b]["step_seconds"][skip:], [CONFIDENCE, family_confidence(m)],
+    )
+    return _with_family({**out, **asdict(interval), "verdict": verdict(test, interval)}, test, family, m)
 
 
 def evaluate_claims(claims: Sequence[dict[str, Any]], rows: list[dict[str, Any]], speeds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each claim with the interval and verdict of every pair; the claim's verdict is its first (primary)
-    pair's, the others are listed beside it."""
+    """Each claim with the interval and verdict of every pair, at 95% and family-wise (Bonferroni over the
+    claim's pairs); the claim's verdict is its first (primary) pair's at 95%, the others are listed beside it."""
     results = []
     for claim in claims:
         test = claim["test"]
         if test not in TESTS:
             raise ValueError(f"claim {claim.get('claim')!r}: test must be one of {TESTS}, got {test!r}")
         pairs = []
+        m = len(claim["pairs"])
         for a_ref, b_ref in claim["pairs"]:
             if test in ("speed-parity", "slower"):
-                pairs.append(_speed_pair(speeds, test, a_ref, b_ref))
+                pairs.append(_speed_pair(speeds, test, a_ref, b_ref, m))
             else:
-                pairs.append(_accuracy_pair(rows, test, a_ref, b_ref))
+                pairs.append(_accuracy_pair(rows, test, a_ref, b_ref, m))
         counts = {v: sum(p["verdict"] == v for p in pairs) for v in VERDICTS}
         results.append({"claim": claim["claim"], "test": test, "verdict": pairs[0]["verdict"] if pairs else "pending",
                         "counts": counts, "pairs": pairs})
