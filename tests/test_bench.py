@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import statistics
 from pathlib import Path
 
 import numpy as np
@@ -415,6 +416,16 @@ def test_lr_is_chosen_on_the_mean_validation_over_the_seeds_every_lr_ran() -> No
     assert choose_lr({0.01: {0: 0.8, 1: 0.8}, 0.02: {0: 0.8, 1: 0.8}}) == 0.01  # a tie: the smaller LR
     assert choose_lr({0.01: {1: 0.9}, 0.02: {0: 0.7}}) == 0.02  # nothing in common: seed 0's (the old rule)
     assert choose_lr({}) is None
+
+
+def test_equal_mean_validation_accuracies_tie_whatever_the_float_rounding() -> None:
+    # CoNLL-2010, GiVA r=8: 0.6925 + 0.695 and 0.68 + 0.7075 are the same 555/400 correct, but their float
+    # means differ in the last bit; the declared tie rule (the smaller LR) must decide, not the rounding.
+    vals = {0.02: {0: 0.6925, 1: 0.695}, 0.04: {0: 0.68, 1: 0.7075}}
+    assert statistics.fmean(vals[0.02].values()) != statistics.fmean(vals[0.04].values())
+    assert choose_lr(vals) == 0.02
+    todo, chosen = adaptive_plan([0.02, 0.04], [0, 1], [0, 1, 2], vals)
+    assert chosen == 0.02 and todo == [(0.02, 2)]  # a tie at the edge is not strictly best: no extension
 
 
 def test_adaptive_plan_extends_past_an_edge_then_runs_the_chosen_lr_on_every_seed() -> None:

@@ -16,7 +16,7 @@ import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -99,6 +99,16 @@ def validation_by_lr(group: list[dict[str, Any]]) -> dict[float, dict[int, float
     return table
 
 
+def mean_validation(by_seed: dict[int, float], seeds: Iterable[int]) -> float:
+    """Mean validation accuracy over ``seeds``, rounded to 9 decimals so that equal accuracies tie exactly.
+
+    Accuracies are counts over a fixed validation set, so two LRs often have the same mean; unrounded,
+    float summation order (0.6925 + 0.695 against 0.68 + 0.7075) would break the tie instead of the
+    declared rule (the smaller LR).
+    """
+    return round(statistics.fmean(by_seed[s] for s in seeds), 9)
+
+
 def choose_lr(vals: dict[float, dict[int, float]]) -> Optional[float]:
     """The LR with the best MEAN validation accuracy over the seeds that every LR tried ran (ties: the
     smaller LR); with no seed common to all LRs, seed 0's (the old rule). None if nothing ran.
@@ -113,7 +123,7 @@ def choose_lr(vals: dict[float, dict[int, float]]) -> Optional[float]:
         if not with_zero:
             return None
         vals, common = with_zero, {0}
-    return max(vals, key=lambda lr: (statistics.fmean(vals[lr][s] for s in common), -lr))
+    return max(vals, key=lambda lr: (mean_validation(vals[lr], common), -lr))
 
 
 def adaptive_plan(
@@ -134,7 +144,7 @@ def adaptive_plan(
     missing = [(lr, s) for lr in grid for s in sweep_seeds if s not in vals.get(lr, {})]
     if missing:
         return missing, None
-    means = {lr: statistics.fmean(vals[lr][s] for s in sweep_seeds) for lr in grid}
+    means = {lr: mean_validation(vals[lr], sweep_seeds) for lr in grid}
     best = max(grid, key=lambda lr: (means[lr], -lr))
     strictly = all(means[best] > means[lr] for lr in grid if lr != best)
     added = len([lr for lr in grid if lr not in {lr_key(x) for x in initial}])
