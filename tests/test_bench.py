@@ -32,6 +32,7 @@ from giva.bench.runner import (
 from giva.bench.schema import RUN_SCHEMA
 from giva.bench.spec import Phase, SuiteSpec, TaskSpec, load_method, load_suite
 from giva.bench.stats import (
+    MIN_SEEDS,
     Interval,
     evaluate_claims,
     family_confidence,
@@ -123,6 +124,19 @@ def test_every_method_and_suite_config_loads() -> None:
         for phase in spec.phases:
             for method in phase.methods:
                 load_method(BENCH, method)
+
+
+def test_every_accuracy_claim_row_of_the_evidence_suite_plans_enough_seeds_for_a_verdict() -> None:
+    # A row planned with fewer than MIN_SEEDS seeds leaves its claim pairs 'pending' for good (task 2 and
+    # SmolLM2 were once planned at 3). Speed pairs are 'phase/method' and size pairs need no seeds.
+    suite = load_suite(BENCH, "evidence")
+    planned = {(p.task, m): len(p.seeds) for p in suite.phases if p.kind == "train" for m in p.methods}
+    for claim in suite.claims:
+        if claim["test"] not in ("better", "parity"):
+            continue
+        for ref in (ref for pair in claim["pairs"] for ref in pair):
+            task, _, method = ref.partition("/")
+            assert planned.get((task, method), 0) >= MIN_SEEDS, f"{claim['claim']}: {ref} plans {planned.get((task, method))} seeds"
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path: Path) -> None:
