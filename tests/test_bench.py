@@ -326,7 +326,7 @@ def test_quick_suite_writes_valid_runs_table_and_plots(quick_outputs: tuple[Path
 @pytest.mark.real
 def test_quick_suite_resumes_without_rerunning_and_flags_a_broken_run(quick_outputs: tuple[Path, dict]) -> None:
     out, _ = quick_outputs
-    assert plan_benchmark(quick=True, output_dir=out, root=BENCH) == {"runs": [], "waiting": [], "output_dir": str(out)}
+    assert plan_benchmark(quick=True, output_dir=out, root=BENCH) == {"runs": [], "waiting": [], "estimate": {}, "output_dir": str(out)}
     again = run_benchmark(quick=True, output_dir=out, root=BENCH, progress=False)
     assert again["ran"] == [] and again["problems"] == []
     victim = next((out / "runs").glob("sst-tiny__giva-r8__*.json"))
@@ -481,7 +481,8 @@ def _simulate(suite: SuiteSpec, out: Path, peaks: dict[str, float]) -> list[str]
         for spec in todo:
             val = 0.9 - abs(np.log2(spec.lr / peaks[spec.method])) * 0.05 + 0.001 * spec.seed
             record = fake_run(spec.method, "giva", spec.lr, spec.seed, val, 0.5)
-            record.update(run_id=spec.run_id, head_lr=spec.head_lr if spec.head_lr is not None else spec.lr)
+            record.update(run_id=spec.run_id, phase=spec.phase,
+                          head_lr=spec.head_lr if spec.head_lr is not None else spec.lr)
             write_json_atomically(out / "runs" / f"{spec.run_id}.json", record)
             ran.append(spec.run_id)
     raise AssertionError("the adaptive sweep did not settle")
@@ -500,7 +501,32 @@ def test_adaptive_suite_settles_shares_the_probe_head_lr_and_its_dry_run_ends_em
     assert heads == {0.12}  # one head LR for every method, the probe's
     assert all("__h0.12__" in run_id for run_id in ran if "probe" not in run_id)
     assert {r["seed"] for r in runs if r["method"]["name"] == "giva-r8" and r["lr"] == 0.08} == {0, 1, 2, 3, 4}
-    assert dry_run(suite, BENCH, tmp_path) == {"runs": [], "waiting": []}
+    assert dry_run(suite, BENCH, tmp_path) == {"runs": [], "waiting": [], "estimate": {}}
+
+
+def test_dry_run_estimates_the_listed_runs_from_the_median_time_of_finished_runs(tmp_path: Path) -> None:
+    suite = _simulated_suite()
+    assert dry_run(suite, BENCH, tmp_path)["estimate"] == {  # nothing finished: nothing to go by
+        "probe": {"runs": 6, "basis": None, "finished": 0, "median_seconds": None, "seconds": None}}
+    _simulate(suite, tmp_path, {"probe": 0.12, "giva-r8": 0.08, "lora-r8": 1.25e-4})
+    seconds = {}
+    for i, path in enumerate(sorted((tmp_path / "runs").glob("*.json"))):  # every run a different time
+        record = json.loads(path.read_text())
+        record["timing"]["total_seconds"] = seconds[path] = (10.0 if record["phase"] == "probe" else 1000.0) + i
+        write_json_atomically(path, record)
+    probes = sorted(p for p in seconds if "__probe__" in p.name)
+    for path in probes[:3]:
+        path.unlink()  # three probe runs to redo: their phase's median goes by the others
+    kept = [seconds[p] for p in probes[3:]]
+    assert dry_run(suite, BENCH, tmp_path)["estimate"]["probe"] == {
+        "runs": 3, "basis": "phase", "finished": len(kept), "median_seconds": statistics.median(kept),
+        "seconds": 3 * statistics.median(kept)}
+    for path in probes[3:]:
+        path.unlink()  # no probe run left: the task's finished runs (the grid's) are the guide
+    grid = [t for p, t in seconds.items() if "__probe__" not in p.name]
+    assert dry_run(suite, BENCH, tmp_path)["estimate"]["probe"] == {
+        "runs": 6, "basis": "task", "finished": len(grid), "median_seconds": statistics.median(grid),
+        "seconds": 6 * statistics.median(grid)}
 
 
 def test_dry_run_of_a_committed_suite_lists_only_what_is_missing(tmp_path: Path) -> None:

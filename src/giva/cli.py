@@ -160,8 +160,20 @@ def _bench(args: argparse.Namespace) -> int:
         if args.dry_run:
             plan = plan_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases)
             print("\n".join([*plan["runs"], *plan["waiting"]]))
+            for name, est in plan["estimate"].items():
+                if est["median_seconds"] is None:
+                    print(f"estimate {name}: {est['runs']} run(s), no finished run of its phase or task to go by")
+                else:
+                    print(f"estimate {name}: {est['runs']} run(s) x {est['median_seconds']:.0f} s (median of {est['finished']} "
+                          f"finished run(s) of its {est['basis']}) = {est['seconds'] / 3600:.2f} h")
+            known = [e["seconds"] for e in plan["estimate"].values() if e["seconds"] is not None]
+            unknown = sum(e["runs"] for e in plan["estimate"].values() if e["seconds"] is None)
             print(f"giva bench --dry-run: {len(plan['runs'])} run(s) to add now, {len(plan['waiting'])} row(s) waiting "
                   f"({plan['output_dir']}); adaptive LR sweeps may add more once these finish")
+            if plan["estimate"]:
+                print(f"estimated run time of the listed training runs: {sum(known) / 3600:.1f} h"
+                      + (f", plus {unknown} run(s) with nothing to go by" if unknown else "")
+                      + "; not counted: the runs adaptive sweeps add later and the speed phases")
             return 0
         results = run_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases,
                                 report_only=args.report_only)

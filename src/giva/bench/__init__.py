@@ -54,12 +54,12 @@ def plan_benchmark(
     root: Optional[Path] = None, phases: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
     """What ``run_benchmark`` with the same arguments would run now (``giva bench --dry-run``), running nothing:
-    {'runs': run ids, 'waiting': rows waiting on another sweep, 'output_dir'}."""
+    {'runs': run ids, 'waiting': rows waiting on another sweep, 'estimate': run time by phase, 'output_dir'}."""
     root = root or benchmarks_dir()
     if suite == SERVE_SUITE and not quick:
         out = Path(output_dir) if output_dir else root / "results" / SERVE_SUITE
         return {"runs": [f"serve: {m.name} x {('base model', 'one merged adapter') + (m.methods or ADAPTER_METHODS)} x N={ServeSettings().ns}" for m in DEFAULT_MODELS],
-                "waiting": [], "output_dir": str(out)}
+                "waiting": [], "estimate": {}, "output_dir": str(out)}
     name = QUICK_SUITE if quick else suite
     out = Path(output_dir) if output_dir else root / "results" / name
     return {**dry_run(load_suite(root, name), root, out, phases), "output_dir": str(out)}

@@ -469,13 +469,30 @@ def pending_runs(
     return specs, waiting
 
 
-def dry_run(suite: SuiteSpec, root: Path, output_dir: Path, phases: Optional[Sequence[str]] = None) -> dict[str, list[str]]:
+def run_time_estimate(runs: list[dict[str, Any]], phase: Phase, n_runs: int) -> dict[str, Any]:
+    """What ``n_runs`` more runs of ``phase`` should take, from the finished training runs: their median
+    ``timing.total_seconds`` in the same phase, else in the same task; ``median_seconds`` None when neither
+    has a run. Only a guide: it ignores rows slower than their phase's median (VeRA r=1024)."""
+    finished = [r for r in runs if r.get("kind") == "train" and "total_seconds" in r.get("timing", {})]
+    for basis, same in (("phase", lambda r: r.get("phase") == phase.name),
+                        ("task", lambda r: r.get("task", {}).get("name") == phase.task)):
+        seconds = [r["timing"]["total_seconds"] for r in finished if same(r)]
+        if seconds:
+            median = statistics.median(seconds)
+            return {"runs": n_runs, "basis": basis, "finished": len(seconds), "median_seconds": median,
+                    "seconds": median * n_runs}
+    return {"runs": n_runs, "basis": None, "finished": 0, "median_seconds": None, "seconds": None}
+
+
+def dry_run(suite: SuiteSpec, root: Path, output_dir: Path, phases: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """What ``run_suite`` would run now, without running it: {'runs': run ids, 'waiting': rows that wait on
-    another sweep}. Both empty for a finished suite. An 'adaptive' phase may add runs once these finish
-    (an LR beyond an edge, then the remaining seeds)."""
+    another sweep, 'estimate': phase name -> :func:`run_time_estimate` of its listed training runs}. All
+    empty for a finished suite. An 'adaptive' phase may add runs once these finish (an LR beyond an edge,
+    then the remaining seeds), which no estimate counts."""
     runs = load_runs(output_dir / "runs")
     names: list[str] = []
     waiting: list[str] = []
+    estimate: dict[str, dict[str, Any]] = {}
     for phase in select_phases(suite, phases):
         if phase.kind == "speed":
             if not (output_dir / "runs" / f"speed__{phase.name}.json").exists():
@@ -484,7 +501,9 @@ def dry_run(suite: SuiteSpec, root: Path, output_dir: Path, phases: Optional[Seq
         todo, wait = pending_runs(suite, root, phase, runs)
         names += [s.run_id for s in todo]
         waiting += wait
-    return {"runs": names, "waiting": waiting}
+        if todo:
+            estimate[phase.name] = run_time_estimate(runs, phase, len(todo))
+    return {"runs": names, "waiting": waiting, "estimate": estimate}
 
 
 def run_suite(
