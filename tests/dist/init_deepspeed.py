@@ -26,6 +26,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import deepspeed  # noqa: E402
+import teardown  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from init_ranks import NUM_BATCHES, TARGETS, bases_of, model, rank_batches  # noqa: E402
@@ -101,7 +102,7 @@ def main() -> None:
         refused = f"{type(exc).__name__}: {exc}"
     torch.save({"refused": refused}, out / f"trained_rank{rank}.pt")
     dist.barrier()
-    dist.destroy_process_group()
+    teardown.end()  # every output is written: leave without finalisation (see teardown.py)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import teardown
 import torch
 import torch.distributed as dist
 from peft import get_peft_model
@@ -152,7 +153,7 @@ def main() -> None:
         dist.barrier()
     (out / f"failures_rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
-    dist.destroy_process_group()
+    teardown.end()  # every output is written: leave without finalisation (see teardown.py)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import teardown
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from train_common import adamw, finish, initialized_model, optimizer_step, train
@@ -16,7 +17,7 @@ def main() -> None:
     ddp = DistributedDataParallel(model)
     losses = train(ddp, batches, optimizer_step(adamw(ddp)))
     finish(ddp, losses, {"calibration_loss": report.losses})
-    dist.destroy_process_group()
+    teardown.end()  # every output is written: leave without finalisation (see teardown.py)
 
 
 if __name__ == "__main__":

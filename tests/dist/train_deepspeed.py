@@ -12,6 +12,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import sys  # noqa: E402
 
 import deepspeed  # noqa: E402
+import teardown  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from train_common import LR, finish, initialized_model, train  # noqa: E402
 
@@ -39,7 +40,7 @@ def main() -> None:
         engine, losses, {"calibration_loss": report.losses, "zero_stage": engine.zero_optimization_stage()},
         gathered=lambda: deepspeed.zero.GatheredParameters(params, modifier_rank=None),
     )
-    dist.destroy_process_group()
+    teardown.end()  # every output is written: leave without finalisation (see teardown.py)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import teardown
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from train_common import adamw, finish, initialized_model, optimizer_step, train
@@ -20,7 +21,7 @@ def main() -> None:
     sharded = sum(1 for p in model.parameters() if type(p.data).__name__ == "DTensor")
     losses = train(model, batches, optimizer_step(adamw(model)))
     finish(model, losses, {"calibration_loss": report.losses, "dtensor_parameters": sharded})
-    dist.destroy_process_group()
+    teardown.end()  # every output is written: leave without finalisation (see teardown.py)
 
 
 if __name__ == "__main__":

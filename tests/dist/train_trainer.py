@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import teardown
 import torch
 import torch.distributed as dist
 from train_common import CALIBRATION_BATCHES, LR, STEPS, finish, giva_model, out_dir, rank_batches
@@ -55,7 +56,7 @@ def main() -> None:
     trainer.train()
     assert dist.is_initialized(), "the Trainer did not start a process group"
     finish(trainer.model_wrapped, trainer.rank_losses, {"calibration_loss": callback.report.losses})
-    dist.destroy_process_group()
+    teardown.end()  # every output is written: leave without finalisation (see teardown.py)
 
 
 if __name__ == "__main__":
