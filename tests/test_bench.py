@@ -106,6 +106,8 @@ def test_report_has_one_row_per_method_and_paired_rank_reduction_headline() -> N
     rows = aggregate(runs)
     lines = headlines(rows, [], "t")
     table = markdown(rows, [], lines, "unit")
+    assert "Cost:" not in table  # stated only when the caller passes it (write_report does)
+    assert "Cost: 7 runs; the training runs took 5,580 s (1.6 hours)" in markdown(rows, [], lines, "unit", cost=(7, 5580.0))
     for method in ("giva-r8", "vera-r64", "lora-r8"):
         assert sum(line.startswith(f"| {method} |") for line in table.splitlines()) == 1
     rank_line = next(line for line in lines if line.startswith("rank reduction"))
@@ -359,6 +361,8 @@ def test_report_only_rewrites_the_report_from_the_runs_there_and_runs_nothing(
     stored = json.loads((out / "results.json").read_text())
     assert stored["n_runs"] == len(kept)
     table = (out / "results.md").read_text()
+    seconds = stored["total_run_seconds"]
+    assert f"Cost: {len(kept)} runs; the training runs took {seconds:,.0f} s ({seconds / 3600:.1f} hours)" in table
     assert "| osora-r64 |" not in table and "| lora-r8 |" in table and "| giva-r8 |" in table
     for name in PLOTS:
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
@@ -653,9 +657,9 @@ def test_family_wise_intervals_nest_the_95_percent_ones_and_can_undo_a_singled_o
 
 # Which parts of which files hold benchmark numbers: (file, heading that starts the part, or None for all).
 README_SECTIONS = (("README.md", None), ("benchmarks/README.md", None))
-# A benchmark number: a decimal next to '%', 'x' (a ratio), 'points', or after '±' / a sign; counts, ranks,
-# steps and LRs are configuration, not results, and are not checked.
-BENCH_NUMBER = re.compile(r"(\d+\.\d+)(?=\s*(?:%|x\b|±|points))|(?:±\s?|(?<![\w.])[+-])(\d+\.\d+)")
+# A benchmark number: a decimal next to '%', 'x' (a ratio), 'points', 'hours' (a suite's cost), or after '±' / a
+# sign; counts, ranks, steps and LRs are configuration, not results, and are not checked.
+BENCH_NUMBER = re.compile(r"(\d+\.\d+)(?=\s*(?:%|x\b|±|points|hours))|(?:±\s?|(?<![\w.])[+-])(\d+\.\d+)")
 # Numbers a README may state without a generated source, and why.
 EXEMPT: dict[str, str] = {
     "2.5": "the paper's own figure (VeRA at high rank ~2.5x slower), quoted as the claim under test",

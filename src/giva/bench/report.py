@@ -194,8 +194,11 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: list[str], suite: str,
-             claims: Optional[list[dict[str, Any]]] = None) -> str:
+             claims: Optional[list[dict[str, Any]]] = None, cost: Optional[tuple[int, float]] = None) -> str:
     out = [f"# giva bench results: suite `{suite}`", ""]
+    if cost is not None:
+        n_runs, seconds = cost
+        out += [f"Cost: {n_runs} runs; the training runs took {seconds:,.0f} s ({seconds / 3600:.1f} hours) of wall time.", ""]
     out += ["LR chosen per row by the mean validation accuracy over the seeds every tried LR ran (LRs tried in brackets); "
             "test accuracy of that LR, mean ± std over the seeds listed. Trainable = adapter only (the classification head "
             "is trained in every method and counted separately in results.json). Generated from the run JSONs only.", ""]
@@ -375,7 +378,8 @@ def write_report(output_dir: Path, spec: SuiteSpec) -> dict[str, Any]:
         "total_run_seconds": sum(r["timing"]["total_seconds"] for r in runs if r.get("kind") == "train"),
     }
     write_json_atomically(output_dir / "results.json", results)
-    (output_dir / "results.md").write_text(markdown(rows, speeds, lines, suite, claims))
+    cost = (results["n_runs"], results["total_run_seconds"])
+    (output_dir / "results.md").write_text(markdown(rows, speeds, lines, suite, claims, cost))
     if rows:
         plot(rows, runs, speeds, headline_task, output_dir)
     return results
