@@ -3,7 +3,8 @@
 In one full-suite run, rank 0 of ``init_ranks.py`` aborted after ``destroy_process_group()``. It had
 already written every output, and it printed "terminate called without an active exception" (SIGABRT).
 So C++ threads of the gloo backend were still being torn down while the interpreter finalised: a race
-in torch's teardown, not in the code under test (pytorch/pytorch#179291 describes it). The abort
+in torch's teardown, not in the code under test (pytorch/pytorch pull request #179291, closed
+unmerged, describes a related one: gloo worker threads crashing at finalisation). The abort
 failed the test module although every rank had finished. It did not recur in 10 standalone runs.
 
 A rank that reaches ``end()`` has written and closed all its outputs, so skipping finalisation loses
