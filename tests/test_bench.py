@@ -698,3 +698,30 @@ def test_every_benchmark_number_in_the_readmes_appears_in_a_generated_results_fi
                 if number not in EXEMPT and not _found(number, sources):
                     missing.append(f"{name}: {number} in {line.strip()[:100]!r}")
     assert not missing, "numbers with no generated source (benchmarks/results/**/*.md):\n" + "\n".join(missing)
+
+
+# An interval as the reports print it, with its estimate where one precedes it: "+0.50 [-0.94, +1.98]",
+# "0.928x [0.868, 0.986]", or a bare family-wise "[-3.52, +0.16]". Checked as one string, so an estimate
+# cannot be paired with another row's interval, nor an interval kept after its row moved.
+INTERVAL = re.compile(r"(?:[+-]?\d+\.\d+x? )?\[[+-]?\d+\.\d+, [+-]?\d+\.\d+\]")
+
+
+def _unsourced_intervals(text: str, sources: str) -> list[str]:
+    return [m.group(0) for m in INTERVAL.finditer(text) if m.group(0) not in sources]
+
+
+def test_unsourced_intervals_catches_a_stale_or_mismatched_interval() -> None:
+    sources = "| a vs b | +0.50 [-0.94, +1.98] points | [-1.54, +2.65] (m=9) |"
+    assert _unsourced_intervals("is +0.50 [-0.94, +1.98] points, family-wise [-1.54, +2.65]", sources) == []
+    assert _unsourced_intervals("is +0.46 [-0.94, +1.98] points", sources) == ["+0.46 [-0.94, +1.98]"]
+    assert _unsourced_intervals("family-wise [-1.54, +2.66]", sources) == ["[-1.54, +2.66]"]
+
+
+def test_every_interval_in_the_readmes_appears_verbatim_in_a_generated_results_file() -> None:
+    sources = "\n".join(path.read_text() for path in sorted((BENCH / "results").rglob("*.md")))
+    missing = [
+        f"{name}: {interval}"
+        for name, heading in README_SECTIONS
+        for interval in _unsourced_intervals(_section((REPO / name).read_text(), heading), sources)
+    ]
+    assert not missing, "intervals not in any benchmarks/results/**/*.md, as printed there:\n" + "\n".join(missing)
