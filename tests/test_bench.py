@@ -683,11 +683,13 @@ def _found(number: str, sources: list[float]) -> bool:
     return any(abs(abs(s) - value) <= 0.5 * 10**-decimals + 1e-9 for s in sources)
 
 
+def _generated_reports() -> str:
+    """Every generated results file (`benchmarks/results/**/*.md`), concatenated."""
+    return "\n".join(path.read_text() for path in sorted((BENCH / "results").rglob("*.md")))
+
+
 def test_every_benchmark_number_in_the_readmes_appears_in_a_generated_results_file() -> None:
-    sources = [
-        float(x) for path in sorted((BENCH / "results").rglob("*.md"))
-        for x in re.findall(r"\d+\.\d+", path.read_text())
-    ]
+    sources = [float(x) for x in re.findall(r"\d+\.\d+", _generated_reports())]
     missing = []
     for name, heading in README_SECTIONS:
         part = _section((REPO / name).read_text(), heading)
@@ -718,7 +720,7 @@ def test_unsourced_intervals_catches_a_stale_or_mismatched_interval() -> None:
 
 
 def test_every_interval_in_the_readmes_appears_verbatim_in_a_generated_results_file() -> None:
-    sources = "\n".join(path.read_text() for path in sorted((BENCH / "results").rglob("*.md")))
+    sources = _generated_reports()
     missing = [
         f"{name}: {interval}"
         for name, heading in README_SECTIONS
