@@ -7,6 +7,7 @@ reproduce the GiVA model's outputs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ import textwrap
 import peft
 import pytest
 import torch
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
 import giva
@@ -107,7 +108,7 @@ def test_export_never_overwrites_another_adapter_and_replaces_an_earlier_lora_ex
     # An earlier LoRA export is replaced, with no staging folder left behind.
     export_lora(model, tmp_path / "lora", rank=8)
     export_lora(model, tmp_path / "lora")
-    assert sorted(f.name for f in (tmp_path / "lora").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(f.name for f in (tmp_path / "lora").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["r"] == 4
 
 
@@ -186,3 +187,232 @@ def test_exported_lora_reproduces_giva_outputs_in_a_process_without_giva(tmp_pat
         assert torch.allclose(got, reference, atol=1e-5), (name, (got - reference).abs().max())
     for name, factory in [("bert", tiny_bert), ("gpt2", tiny_gpt2), ("llama", tiny_llama)]:
         assert not torch.allclose(_logits(factory(), ids), expected[name], atol=1e-3)  # the adapters do something
+
+
+# ------------------------------------------------------------------ several adapters, heads (issue 24, items 1-2)
+
+
+def test_an_adapter_on_fewer_layers_than_another_exports_only_its_layers(tmp_path):
+    model = _random_adapter(tiny_llama, target_modules=["q_proj", "v_proj"])
+    model.add_adapter("b", GivaConfig(r=2, init_weights=False, target_modules=["q_proj"]))
+    lora_config, state_dict = to_lora(model, adapter_name="b")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, GivaLayer) and "b" in m.giva_lambda_o}
+    assert {k.rsplit(".lora_", 1)[0] for k in state_dict} == set(layers) and all("q_proj" in k for k in state_dict)
+    for name, layer in layers.items():
+        delta = state_dict[f"{name}.lora_B.weight"] @ state_dict[f"{name}.lora_A.weight"]
+        assert torch.allclose(delta, layer.delta_weight("b"), atol=1e-6, rtol=0)
+    assert lora_config.r == 2 and lora_config.target_modules == ["q_proj"]
+    _, peft_state = peft.convert_to_lora(model, rank=2, adapter_name="b")
+    assert peft_state.keys() == state_dict.keys()
+    peft.save_as_lora(tmp_path / "b", model, rank=2, adapter_name="b")
+    assert (tmp_path / "b" / "adapter_model.safetensors").is_file()
+    _, default_state = to_lora(model)  # the larger adapter still covers both projections
+    assert sum("v_proj" in k for k in default_state) == 4
+
+
+def tiny_roberta(seed: int = 0):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = RobertaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=70, num_labels=3, pad_token_id=1,
+    )
+    return RobertaForSequenceClassification(config).eval()
+
+
+def tiny_llama_classifier(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_labels=3, pad_token_id=0,
+    )
+    return LlamaForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("factory", "targets"),
+    [(tiny_roberta, ["query", "value"]), (tiny_bert, ["query", "value"]), (tiny_llama_classifier, ["q_proj", "v_proj"])],
+)
+def test_exported_heads_reproduce_each_adapter_through_plain_peft(tmp_path, factory, targets):
+    """RoBERTa's two-module head (dense + out_proj), BERT's and Llama's single head; two SEQ_CLS adapters with heads
+    of their own: each exported LoRA, loaded by PeftModel.from_pretrained, gives its GiVA adapter's logits."""
+    factory().save_pretrained(tmp_path / "base")
+    model = _random_adapter(factory, target_modules=targets, task_type="SEQ_CLS")
+    model.add_adapter("b", GivaConfig(r=2, init_weights=False, target_modules=targets[:1], task_type="SEQ_CLS"))
+    generator = torch.Generator().manual_seed(5)
+    for module in model.modules():
+        if isinstance(module, peft.utils.other.ModulesToSaveWrapper):
+            for head in module.modules_to_save.values():  # each adapter's head differs from the base and the other
+                for param in head.parameters():
+                    param.data += torch.randn(param.shape, generator=generator)
+    ids = text_batches(batch=3)[0]["input_ids"]
+    from transformers import AutoModelForSequenceClassification
+
+    for name in ("default", "b"):
+        model.set_adapter(name)
+        expected = _logits(model, ids)
+        export_lora(model, tmp_path / name, adapter_name=name)
+        lora = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tmp_path / "base"), tmp_path / name)
+        assert type(lora.peft_config["default"]).__name__ == "LoraConfig"
+        got = _logits(lora.eval(), ids)
+        assert torch.allclose(got, expected, atol=1e-5), (name, (got - expected).abs().max())
+    assert not torch.allclose(_logits(factory(), ids), expected, atol=1e-3)
+
+
+# ---------------------------------------------------------------------- bad input (issue 24, item 8)
+
+
+@pytest.mark.parametrize(
+    ("rank", "message"),
+    [(-1, "int >= 1 or a float"), ("8", "int >= 1 or a float"), (True, "int >= 1 or a float"), (1.5, "float in")],
+)
+def test_peft_conversion_refuses_bad_ranks_before_work(tmp_path, rank, message):
+    model = _random_adapter(tiny_llama, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=message):
+        peft.convert_to_lora(model, rank=rank)
+    with pytest.raises(ValueError, match=message):
+        peft.save_as_lora(tmp_path / "out", model, rank=rank)
+    assert not (tmp_path / "out").exists()
+
+
+def test_peft_conversion_names_a_missing_adapter_and_refuses_files_and_giva_folders(tmp_path):
+    model = _random_adapter(tiny_llama, target_modules=["q_proj"])
+    with pytest.raises(ExportError, match=r"no GiVA adapter named 'nosuch' \(it holds: default\)"):
+        peft.convert_to_lora(model, rank=4, adapter_name="nosuch")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="exists and is not a folder"):
+        peft.save_as_lora(tmp_path / "file", model, rank=4)
+    model.save_pretrained(tmp_path / "giva")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "giva").iterdir()}
+    with pytest.raises(ExportError, match="belongs to a 'GIVA' adapter"):
+        peft.save_as_lora(tmp_path / "giva", model, rank=4)
+    assert {f.name: f.read_bytes() for f in (tmp_path / "giva").iterdir()} == before
+
+
+def test_an_interrupted_re_export_leaves_the_old_or_the_new_lora_and_the_rerun_cleans_up(tmp_path, monkeypatch):
+    model = _random_adapter(tiny_llama, target_modules=["q_proj", "v_proj"])
+    out = tmp_path / "lora"
+    export_lora(model, out, rank=8)
+    (out / ".giva-export-abc123").mkdir()  # what an export of an older giva, killed mid-way, left
+    (out / ".giva-export-abc123" / "adapter_model.safetensors").write_text("partial")
+    real_replace, real_rename, calls = os.replace, os.rename, []
+
+    def interrupted(src, dst, *args, **kwargs):
+        calls.append(dst)
+        if len(calls) == 2:  # between the two file moves of a non-atomic export
+            raise KeyboardInterrupt
+        return (real_replace if kind == "replace" else real_rename)(src, dst)
+
+    for kind in ("replace", "rename"):
+        calls.clear()
+        monkeypatch.setattr(os, kind, interrupted)
+        try:
+            export_lora(model, out, rank=16)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(os, kind, real_replace if kind == "replace" else real_rename)
+        config = json.loads((out / "adapter_config.json").read_text())
+        from safetensors.torch import load_file
+
+        ranks = {v.shape[0] for k, v in load_file(out / "adapter_model.safetensors").items() if k.endswith("lora_A.weight")}
+        assert ranks == {config["r"]}, (kind, ranks, config["r"])  # weights and config of the same export
+    export_lora(model, out, rank=16)
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".lora.giva-")] == []
+
+
+@pytest.fixture
+def saved_classifier(tmp_path):
+    """A saved GiVA classifier as `giva finetune` leaves it (adapter, tokenizer files, labels.json) and its base."""
+    tiny_bert().save_pretrained(tmp_path / "base")
+    model = _random_adapter(tiny_bert, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model.save_pretrained(tmp_path / "giva")
+    (tmp_path / "giva" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    (tmp_path / "giva" / "vocab.txt").write_text("\n".join(f"t{i}" for i in range(100)))
+    labels = {"id2label": {"0": "neg", "1": "pos"}, "label2id": {"neg": 0, "pos": 1}}
+    (tmp_path / "giva" / "labels.json").write_text(json.dumps(labels))
+    return model, tmp_path
+
+
+def test_export_lora_cli_carries_tokenizer_labels_and_a_loading_snippet(saved_classifier):
+    model, root = saved_classifier
+    assert main(["export-lora", str(root / "giva"), str(root / "lora"), "--base-model", str(root / "base")]) == 0
+    out = root / "lora"
+    assert {"tokenizer_config.json", "vocab.txt", "labels.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert (out / "labels.json").read_text() == (root / "giva" / "labels.json").read_text()
+    readme = (out / "README.md").read_text()
+    assert f"PeftModel.from_pretrained(base, {str(out)!r})" in readme and "AutoTokenizer.from_pretrained" in readme
+    assert (out / "vocab.txt").read_bytes() == (root / "giva" / "vocab.txt").read_bytes()
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0].replace("'<the base model>'", repr(str(root / "base")))
+    code = "\n".join(line for line in code.splitlines() if "AutoTokenizer.from_pretrained" not in line)  # a stand-in tokenizer
+    namespace: dict = {}
+    exec(code, namespace)  # the snippet, as a user would paste it, with this test's base model folder
+    lora = namespace["model"]
+    assert lora.config.id2label == {0: "neg", 1: "pos"}
+    ids = text_batches(batch=3)[0]["input_ids"]
+    assert torch.allclose(_logits(lora, ids), _logits(model, ids), atol=1e-5)
+
+
+def _refuse_loading(monkeypatch):
+    from transformers import AutoModelForSequenceClassification
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the base model's weights were loaded before the error")
+
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", loaded)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--rank", "0"], "rank must be an int >= 4 .* got 0"),
+        (["--rank", "-1"], "rank must be an int >= 4 .* got -1"),
+        (["--rank", "2"], "rank must be an int >= 4 .* got 2"),
+        (["--base-model", "{root}/small"], "base model .*small' does not match the adapter: layer 'bert.encoder.layer.0.attention.self.query' is 48 -> 48"),
+    ],
+    ids=["rank-0", "rank-negative", "rank-below", "other-base"],
+)
+def test_export_lora_cli_refuses_bad_options_before_the_model_loads(saved_classifier, monkeypatch, capsys, args, message):
+    _, root = saved_classifier
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, max_position_embeddings=64)).save_pretrained(root / "small")
+    _refuse_loading(monkeypatch)
+    capsys.readouterr()
+    args = [a.format(root=root) for a in args]
+    base = [] if "--base-model" in args else ["--base-model", str(root / "base")]
+    assert main(["export-lora", str(root / "giva"), str(root / "lora"), *base, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("giva export-lora: "), err
+    assert pytest.importorskip("re").search(message, err), err
+    assert not (root / "lora").exists()
+
+
+def test_export_lora_cli_refuses_unusable_outputs_and_unreadable_weights_before_the_model_loads(saved_classifier, monkeypatch, capsys):
+    _, root = saved_classifier
+    _refuse_loading(monkeypatch)
+    base = ["--base-model", str(root / "base")]
+    (root / "file").write_text("x")
+    assert main(["export-lora", str(root / "giva"), str(root / "file"), *base]) == 2
+    assert "output " + str(root / "file") + " exists and is not a folder" in capsys.readouterr().err
+    (root / "readonly").mkdir()
+    (root / "readonly").chmod(0o555)
+    try:
+        assert main(["export-lora", str(root / "giva"), str(root / "readonly"), *base]) == 2
+        assert f"output folder {root / 'readonly'} is read-only" in capsys.readouterr().err
+    finally:
+        (root / "readonly").chmod(0o755)
+    config = json.loads((root / "giva" / "adapter_config.json").read_text())
+    del config["weights_sha256"]  # a folder of an older giva: nothing to check the file against
+    (root / "giva" / "adapter_config.json").write_text(json.dumps(config))
+    data = (root / "giva" / "adapter_model.safetensors").read_bytes()
+    for content in (b"", data[: len(data) // 2]):
+        (root / "giva" / "adapter_model.safetensors").write_bytes(content)
+        assert main(["export-lora", str(root / "giva"), str(root / "lora"), *base]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "adapter_model.safetensors cannot be read" in err and "truncated" in err, err
+    assert not (root / "lora").exists()

@@ -26,9 +26,11 @@ from .peft_compat import (
 __version__ = "0.1.0"
 
 register(GivaConfig, GivaModel)
-install_checkpoint_hooks(checkpoint.save_pretrained, checkpoint.checked_load, checkpoint.forget_checksum)
+install_checkpoint_hooks(
+    checkpoint.save_pretrained, checkpoint.checked_load, checkpoint.forget_checksum, checkpoint.load_peft_weights
+)
 install_transformers_load_hook(checkpoint.transformers_load_adapter)
-install_lora_conversion(export.convert_module)
+install_lora_conversion(export.convert_module, export.convert_to_lora, export.save_as_lora)
 
 __all__ = [
     "GIVA_PEFT_TYPE",

@@ -23,6 +23,8 @@ import logging
 import os
 import secrets
 import shutil
+import socket
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -35,12 +37,14 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # in PEFT's order of preference
 CHECKSUM_KEY = "weights_sha256"
 GIVA_TYPE = "GIVA"
-_TMP_TAG = ".giva-tmp-"  # .<name>.giva-tmp-<pid>-<token>: a save in progress (or the old copy being removed)
-_OLD_TAG = ".giva-old-"  # .<name>.giva-old-<pid>-<token>: the old folder moved aside by the fallback swap
+_TMP_TAG = ".giva-tmp-"  # .<name>.giva-tmp-<host>-<pid>-<token>: a save in progress (or the old copy being removed)
+_OLD_TAG = ".giva-old-"  # .<name>.giva-old-<host>-<pid>-<token>: the old folder moved aside by the fallback swap
+_EXPORT_TAG = ".giva-export-"  # staging folders of giva < 0.2 LoRA exports, inside the output folder
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 _checking: ContextVar[bool] = ContextVar("giva_checkpoint_checking", default=False)
+_verified: ContextVar[Optional[Path]] = ContextVar("giva_checkpoint_verified", default=None)
 
 
 class CheckpointError(ValueError):
@@ -104,13 +108,20 @@ def _fsync_tree(root: Path) -> None:
 
 
 def _keep_unwritten(old: Path, new: Path) -> None:
-    """Hard-link (else copy) into ``new`` every file of ``old`` the save did not write, as an in-place save keeps them."""
-    for folder, _, files in os.walk(old):
+    """Hard-link (else copy) into ``new`` every file of ``old`` the save did not write, as an in-place save keeps them.
+
+    Not kept: an adapter weights file of the other format beside the one the save wrote (``adapter_model.bin``
+    after a safetensors save, or the reverse), which the new config's checksum does not cover and PEFT would
+    read first; and staging folders an interrupted LoRA export of an older giva left.
+    """
+    for folder, dirs, files in os.walk(old):
+        dirs[:] = [name for name in dirs if not name.startswith(_EXPORT_TAG)]
         relative = Path(folder).relative_to(old)
         (new / relative).mkdir(exist_ok=True)
+        rewrote_weights = any((new / relative / name).exists() for name in WEIGHTS_NAMES)
         for name in files:
             source, dest = Path(folder) / name, new / relative / name
-            if dest.exists() or dest.is_symlink():
+            if dest.exists() or dest.is_symlink() or (rewrote_weights and name in WEIGHTS_NAMES):
                 continue
             if source.is_symlink():
                 os.symlink(os.readlink(source), dest)
@@ -121,11 +132,31 @@ def _keep_unwritten(old: Path, new: Path) -> None:
                 shutil.copy2(source, dest)
 
 
+def _host_tag() -> str:
+    """This machine in temp-folder names: a short digest of the host name (no dashes, so names parse back)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:12]
+
+
+def _owner_tag() -> str:
+    return f"{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
 def _owner_alive(stale: Path) -> bool:
-    """Whether the process named in a temp folder's name (``...-<pid>-<token>``) still runs on this machine."""
+    """Whether the save that named a temp folder (``...-<host>-<pid>-<token>``) may still run.
+
+    A PID means something only on the machine that wrote it: on a shared file system a folder of another
+    host is treated as in use (its process cannot be seen from here), so a load here never deletes or
+    restores another machine's save in progress. Names without a host (older giva) are judged by PID alone.
+    """
+    parts = stale.name.rsplit("-", 3)
+    host, pid_text = (parts[-3], parts[-2]) if len(parts) == 4 and parts[-3].isalnum() and len(parts[-3]) == 12 else (None, None)
+    if host is None:
+        host, pid_text = _host_tag(), stale.name.rsplit("-", 2)[-2] if stale.name.count("-") >= 2 else ""
+    if host != _host_tag():
+        return True
     try:
-        pid = int(stale.name.rsplit("-", 2)[-2])
-    except (IndexError, ValueError):
+        pid = int(pid_text)
+    except ValueError:
         return False
     try:
         os.kill(pid, 0)
@@ -147,6 +178,11 @@ def recover(target: str | os.PathLike) -> None:
     pattern = f".{glob.escape(target.name)}.giva-*"
     for stale in sorted(target.parent.glob(pattern)):
         if _owner_alive(stale):
+            if _OLD_TAG in stale.name and not target.exists():
+                raise CheckpointError(
+                    f"{target} is moved aside to {stale} by a save that is still running (or ran on another machine "
+                    "sharing this folder); retry when it ends, or rename the folder back if no save runs"
+                )
             continue
         if _OLD_TAG in stale.name and not target.exists():
             try:
@@ -167,7 +203,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
         return
     if _exchange(tmp, target):
         return
-    backup = target.parent / f".{target.name}{_OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    backup = target.parent / f".{target.name}{_OLD_TAG}{_owner_tag()}"
     os.rename(target, backup)
     os.rename(tmp, target)  # killed before this line: the next save or load renames `backup` back
     os.rename(backup, tmp)  # `tmp` now names the old copy, removed by the caller
@@ -185,7 +221,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise NotADirectoryError(f"cannot save into {target}: it is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
-    tmp = target.parent / f".{target.name}{_TMP_TAG}{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = target.parent / f".{target.name}{_TMP_TAG}{_owner_tag()}"
     os.mkdir(tmp)
     try:
         yield tmp
@@ -240,13 +276,17 @@ def record_checksums(root: str | os.PathLike) -> None:
             f.write(json.dumps(config, indent=2, sort_keys=True))  # PEFT's own layout
 
 
-def check_adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str] = None) -> None:
-    """Raise a clear error before PEFT loads a local GiVA folder that is incomplete or mixes two saves.
+def check_adapter_folder(
+    model_id: str | os.PathLike, subfolder: Optional[str] = None, model: Any = None
+) -> Optional[Path]:
+    """Raise a clear error before PEFT loads a local GiVA folder that is incomplete, edited or mixes two saves.
 
-    Hub ids and folders of other PEFT methods pass through unchanged (PEFT reports on those).
+    Returns the weights file the config's checksum covers (``None`` for folders this does not check). Hub ids
+    and folders of other PEFT methods pass through unchanged (PEFT reports on those). ``model``, when given,
+    is the base model the adapter is loaded into (its class is checked against the config's ``task_type``).
     """
     if not looks_local(model_id):
-        return
+        return None
     folder = Path(os.path.expanduser(os.fspath(model_id)))
     folder = folder / subfolder if subfolder else folder
     recover(folder)
@@ -258,18 +298,110 @@ def check_adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str] =
     if not config_file.is_file():
         raise CheckpointError(f"{folder} holds no {CONFIG_NAME}: not a saved adapter folder")
     config = _read_config(config_file)
+    if "peft_type" not in config:
+        raise CheckpointError(f"{config_file} has no peft_type field: not a PEFT adapter config (edited or truncated?)")
     if config.get("peft_type") != GIVA_TYPE:
-        return
-    weights = _weights_file(folder)
-    if weights is None:
+        return None
+    present = [folder / name for name in WEIGHTS_NAMES if (folder / name).is_file()]
+    if not present:
         raise CheckpointError(
             f"GiVA adapter folder {folder} has {CONFIG_NAME} but no {WEIGHTS_NAMES[0]}: the weights file is missing"
         )
     expected = config.get(CHECKSUM_KEY)
-    if expected is not None and sha256_file(weights) != expected:
+    if expected is None:
+        weights = present[0]
+        warnings.warn(
+            f"{config_file} records no {CHECKSUM_KEY}, so {weights.name} is loaded unchecked (saved by an older giva, "
+            "or the field was deleted): an edited or mixed folder would not be detected. Save the adapter again to record it.",
+            stacklevel=5,  # the caller of PeftModel.from_pretrained / load_adapter
+        )
+    else:
+        weights = next((path for path in present if sha256_file(path) == expected), None)
+        if weights is None:
+            raise CheckpointError(
+                f"{present[0]} does not match {config_file} (sha256 differs from the recorded {CHECKSUM_KEY}): the folder "
+                "mixes files of two different saves; save the adapter again"
+            )
+        if weights != present[0]:
+            logger.warning(
+                "%s is left from an earlier save (the checksum in %s covers %s): loading %s; saving the adapter again "
+                "removes it", present[0], CONFIG_NAME, weights.name, weights.name,
+            )
+    check_contents(config_file, config, weights)
+    if model is not None:
+        _check_task_type(config_file, config, model)
+    return weights
+
+
+# Per-layer tensors a GiVA checkpoint holds (keys ``base_model.model.<layer>.<name>``).
+_BASES, _VECTORS, _SEEDED_CRC = ("giva_A", "giva_B"), ("giva_lambda_s", "giva_lambda_o"), "giva_seeded_crc32"
+
+
+def read_weights(weights: Path) -> dict[str, Any]:
+    """All tensors of an adapter weights file (on CPU); a truncated, empty or corrupt file is a one-line error."""
+    import torch
+
+    try:
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(weights), device="cpu")
+        tensors = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors' and pickle's errors have no common base class
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(
-            f"{weights} does not match {config_file} (sha256 differs from the recorded {CHECKSUM_KEY}): the folder "
-            "mixes files of two different saves; save the adapter again"
+            f"{weights} cannot be read ({os.path.getsize(weights)} bytes: {detail}): the file is truncated or corrupt; "
+            "save the adapter again"
+        ) from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise CheckpointError(f"{weights} is not an adapter weights file: expected a dict of tensors")
+    return tensors
+
+
+def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> dict[str, Any]:
+    """The fields and tensors of a GiVA folder are what a save writes: one-line errors naming the file and field.
+
+    Returns the tensors. Checked: ``r`` present and positive; bases stored in the config's ``bases_dtype``;
+    vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones and ``modules_to_save``.
+    """
+    r = config.get("r")
+    if "r" not in config:
+        raise CheckpointError(f"{config_file} has no field 'r' (the GiVA rank): the config was edited or truncated")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise CheckpointError(f"{config_file}: field 'r' must be an int >= 1, got {r!r}")
+    bases_dtype = config.get("bases_dtype", "float32")
+    tensors = read_weights(weights)
+    heads = set(config.get("modules_to_save") or [])
+    for key, tensor in tensors.items():
+        kind = key.rsplit(".", 1)[-1]
+        if kind in _BASES and str(tensor.dtype) != f"torch.{bases_dtype}":
+            raise CheckpointError(
+                f"{weights}: {key} is stored as {str(tensor.dtype).removeprefix('torch.')}, but {config_file} says "
+                f"bases_dtype={bases_dtype!r}; one of the two was edited: save the adapter again"
+            )
+        if kind in _VECTORS and not tensor.is_floating_point():
+            raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected a floating-point vector")
+        if kind not in (*_BASES, *_VECTORS, _SEEDED_CRC) and not heads.intersection(key.split(".")):
+            raise CheckpointError(
+                f"{weights} holds a tensor that is not part of a GiVA adapter: {key!r} (expected per-layer "
+                f"{', '.join((*_BASES, *_VECTORS))} or a module of modules_to_save={sorted(heads)} from {config_file})"
+            )
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise CheckpointError(f"{weights}: {key} holds NaN or inf values; the adapter cannot be loaded exactly")
+    return tensors
+
+
+# task_type -> what the model it is loaded into must have (PEFT's task wrappers call these).
+_TASK_NEEDS = {"CAUSAL_LM": "prepare_inputs_for_generation", "SEQ_2_SEQ_LM": "prepare_inputs_for_generation"}
+
+
+def _check_task_type(config_file: Path, config: dict[str, Any], model: Any) -> None:
+    task_type = config.get("task_type")
+    needed = _TASK_NEEDS.get(task_type or "")
+    if needed and not callable(getattr(model, needed, None)):
+        raise CheckpointError(
+            f"{config_file}: task_type={task_type!r} needs a generative model, but the base model is a "
+            f"{type(model).__name__}; load it into the model class it was saved from, or fix task_type"
         )
 
 
@@ -292,17 +424,43 @@ def save_pretrained(original: Callable[..., None], model: Any, save_directory: s
 
 
 @contextmanager
-def checked_load(model_id: str | os.PathLike, subfolder: Optional[str] = None) -> Iterator[None]:
-    """Check the folder before PEFT reads it, once per load (``from_pretrained`` calls ``load_adapter`` inside)."""
+def checked_load(model_id: str | os.PathLike, subfolder: Optional[str] = None, model: Any = None) -> Iterator[None]:
+    """Check the folder before PEFT reads it, once per load (``from_pretrained`` calls ``load_adapter`` inside).
+
+    Inside the block, PEFT's ``load_peft_weights`` of this folder reads the weights file the checksum covers
+    (see :func:`load_peft_weights`), also where a file of the other format from an earlier save lies beside it.
+    """
     if _checking.get():
         yield
         return
-    check_adapter_folder(model_id, subfolder)
+    weights = check_adapter_folder(model_id, subfolder, model)
     token = _checking.set(True)
+    override = _verified.set(weights)
     try:
         yield
     finally:
+        _verified.reset(override)
         _checking.reset(token)
+
+
+def load_peft_weights(original: Callable[..., dict], model_id: Any, *args: Any, **kwargs: Any) -> dict:
+    """PEFT's ``load_peft_weights``, reading the checked weights file where PEFT would pick another one.
+
+    PEFT prefers ``adapter_model.safetensors`` whenever it exists; when the checksum covers the ``.bin`` beside it,
+    PEFT is pointed at a private folder holding only a link to the ``.bin``.
+    """
+    weights = _verified.get()
+    if weights is None or weights.name == WEIGHTS_NAMES[0] or not looks_local(model_id):
+        return original(model_id, *args, **kwargs)
+    folder = Path(os.path.expanduser(os.fspath(model_id)))
+    folder = folder / kwargs["subfolder"] if kwargs.get("subfolder") else folder
+    if folder.resolve() != weights.parent.resolve():
+        return original(model_id, *args, **kwargs)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="giva-load-") as view:
+        os.symlink(weights.resolve(), Path(view) / weights.name)
+        return original(view, *args, **{k: v for k, v in kwargs.items() if k != "subfolder"})
 
 
 def forget_checksum(model: Any, adapter_name: str) -> None:
@@ -338,19 +496,19 @@ before the error propagates, so the model computes what it computed before the c
     subfolder = download.get("subfolder") or None
     adapter_name = arguments.get("adapter_name") or "default"
     existed = adapter_name in (getattr(model, "peft_config", None) or {})
-    with checked_load(model_id, subfolder):
+    with checked_load(model_id, subfolder, model):
         result = original(model, *args, **kwargs)
-    config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
-    if config is None or config.peft_type != GIVA_TYPE:
-        return result
-    folder = Path(os.path.expanduser(os.fspath(model_id)))
-    folder = folder / subfolder if subfolder else folder
-    try:
-        _reload_through_peft(model, folder, adapter_name)
-    except Exception:
-        if not existed:
-            _delete_adapter(model, adapter_name)
-        raise
+        config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+        if config is None or config.peft_type != GIVA_TYPE:
+            return result
+        folder = Path(os.path.expanduser(os.fspath(model_id)))
+        folder = folder / subfolder if subfolder else folder
+        try:
+            _reload_through_peft(model, folder, adapter_name)
+        except Exception:
+            if not existed:
+                _delete_adapter(model, adapter_name)
+            raise
     forget_checksum(model, adapter_name)
     return result
 
@@ -358,9 +516,11 @@ before the error propagates, so the model computes what it computed before the c
 def _reload_through_peft(model: Any, folder: Path, adapter_name: str) -> None:
     """Load ``folder``'s weights into ``model``'s adapter with PEFT's loader (the same values transformers wrote),
     so that GiVA's load checks run; they raise ``ValueError`` naming the layers."""
-    from peft.utils import load_peft_weights, set_peft_model_state_dict
+    from peft.utils import load_peft_weights as peft_load_peft_weights
+    from peft.utils import set_peft_model_state_dict
 
-    set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"), adapter_name=adapter_name)
+    weights = load_peft_weights(peft_load_peft_weights, str(folder), device="cpu")
+    set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
 
 
 def _delete_adapter(model: Any, adapter_name: str) -> None:

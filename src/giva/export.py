@@ -16,6 +16,12 @@ PEFT's own ``peft.convert_to_lora`` / ``peft.save_as_lora`` use these factors fo
 :func:`giva.peft_compat.install_lora_conversion`). :func:`export_lora` also writes a config every LoRA
 server reads: one rank for every layer (smaller layers zero-padded), ``lora_alpha = r``, and the
 exported layers as ``target_modules``.
+
+``modules_to_save`` (a classification head) is exported under the names PEFT's LoRA loader expects, module by
+module (``classifier.dense.weight`` and ``classifier.out_proj.weight`` of a RoBERTa head stay two modules), and
+only the exported adapter's own copy: PEFT's generic conversion flattens nested heads and takes whichever
+adapter's head comes last. Both are fixed by :func:`convert_to_lora`, which PEFT's ``convert_to_lora`` /
+``save_as_lora`` call for models holding GiVA adapters.
 """
 
 from __future__ import annotations
@@ -24,18 +30,20 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from peft import LoraConfig, PeftModel, convert_to_lora
+from peft import LoraConfig, PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
-from safetensors import safe_open
+from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .checkpoint import CheckpointError, atomic_directory, check_adapter_folder, read_weights
 from .layer import GivaLayer
 
 logger = logging.getLogger(__name__)
@@ -89,6 +97,10 @@ def convert_module(module: nn.Module, rank: Union[int, float], adapter_name: str
     """
     if not isinstance(module, GivaLayer):
         return None
+    if adapter_name not in module.giva_lambda_o:
+        # A layer that only other adapters adapt: rank 0, which PEFT records in ``exclude_modules``.
+        empty = module.giva_lambda_o[next(iter(module.giva_lambda_o))].new_zeros(0)
+        return empty.new_zeros(0, module.in_features), empty.new_zeros(module.out_features, 0), 0
     exact = module.giva_A[adapter_name].shape[0]
     target = rank if isinstance(rank, int) and rank >= exact else exact
     lora_a, lora_b = lora_factors(module, adapter_name, target)
@@ -116,35 +128,113 @@ def _target_modules(model: nn.Module, exported: set[str]) -> list[str]:
     return sorted(leaves) if selected == exported else sorted(exported)
 
 
+def _holds_giva(model: nn.Module) -> bool:
+    return any(isinstance(module, GivaLayer) for module in model.modules())
+
+
+def _adapter_names(model: nn.Module) -> list[str]:
+    return sorted({name for module in model.modules() if isinstance(module, GivaLayer) for name in module.giva_lambda_o})
+
+
+def _check_adapter(model: nn.Module, adapter_name: str) -> dict[str, GivaLayer]:
+    layers = _giva_layers(model, adapter_name)
+    if not layers:
+        raise ExportError(
+            f"the model holds no GiVA adapter named {adapter_name!r} (it holds: {', '.join(_adapter_names(model)) or 'none'})"
+        )
+    return layers
+
+
+def _check_rank(rank: Any, needed: int, adapter_name: str) -> int:
+    """The one LoRA rank of an export: an int at least the largest GiVA rank (exact factors need it)."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < max(needed, 1):
+        raise ExportError(
+            f"rank must be an int >= {needed} (the largest GiVA rank of adapter {adapter_name!r}), got {rank!r}"
+        )
+    return rank
+
+
+def _heads(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``adapter_name``'s copy of every ``modules_to_save`` module, keyed as PEFT's LoRA loader expects.
+
+    PEFT saves ``<wrapper>.modules_to_save.<adapter>.<path in the module>`` as ``<wrapper>.<path in the module>``;
+    the path keeps nested submodules (``classifier.dense.weight``).
+    """
+    heads = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for key, value in module.modules_to_save[adapter_name].state_dict().items():
+                heads[f"{name}.{key}"] = value.detach()
+    return heads
+
+
+def convert_to_lora(
+    original: Callable[..., tuple[LoraConfig, dict[str, torch.Tensor]]],
+    model: nn.Module,
+    rank: Union[int, float],
+    adapter_name: str = "default",
+    progressbar: bool = False,
+    compile_kwargs: Optional[dict] = None,
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """PEFT's ``convert_to_lora`` for a model holding GiVA adapters (``original`` is PEFT's own function).
+
+    Checked before any work: ``adapter_name`` exists, ``rank`` is an int >= 1 or a float in (0, 1] (PEFT's
+    meanings; every layer keeps its exact GiVA factors either way). Layers that only other adapters adapt are
+    skipped, and the state dict holds this adapter's own ``modules_to_save`` with their nested names.
+    """
+    if not _holds_giva(model):
+        return original(model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs)
+    _check_adapter(model, adapter_name)
+    if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not (rank >= 1 if isinstance(rank, int) else 0 < rank <= 1):
+        raise ExportError(f"rank must be an int >= 1 or a float in (0, 1] (an energy threshold), got {rank!r}")
+    lora_config, state_dict = original(
+        model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs
+    )
+    state_dict = {k: v for k, v in state_dict.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+    heads = _heads(model, adapter_name)
+    state_dict.update(heads)
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    lora_config.modules_to_save = list(config.modules_to_save or []) if heads and config is not None else None
+    if config is not None:
+        lora_config.task_type = config.task_type
+    return lora_config, state_dict
+
+
+def _peft_convert_to_lora(model: nn.Module, rank: Union[int, float], adapter_name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """PEFT's ``convert_to_lora`` as installed (with GiVA's hooks), looked up at call time."""
+    from peft.tuners.lora import conversion
+
+    return conversion.convert_to_lora(model, rank=rank, adapter_name=adapter_name)
+
+
 def to_lora(model: PeftModel, adapter_name: str = "default", rank: Optional[int] = None) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The LoRA config and state dict of GiVA adapter ``adapter_name`` (exact factors, one rank for every layer).
 
     ``rank`` defaults to the largest per-layer GiVA rank (``r``, or ``sum r_j`` on fused layers); every layer is
     zero-padded to it, so servers that take a single rank (vLLM's ``max_lora_rank``) accept the result.
     """
-    layers = _giva_layers(model, adapter_name)
-    if not layers:
-        raise ExportError(f"the model holds no GiVA adapter named {adapter_name!r}")
+    layers = _check_adapter(model, adapter_name)
     needed = max(layer.giva_A[adapter_name].shape[0] for layer in layers.values())
-    if rank is None:
-        rank = needed
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < needed:
-        raise ExportError(f"rank must be an int >= {needed} (the largest GiVA rank of adapter {adapter_name!r}), got {rank!r}")
-    lora_config, state_dict = convert_to_lora(model, rank=rank, adapter_name=adapter_name)
+    rank = _check_rank(needed if rank is None else rank, needed, adapter_name)
+    lora_config, state_dict = _peft_convert_to_lora(model, rank, adapter_name)
     lora_config.target_modules = _target_modules(model, set(layers))
     lora_config.rank_pattern, lora_config.alpha_pattern = {}, {}
     lora_config.layers_to_transform, lora_config.layers_pattern = None, None
     lora_config.exclude_modules = None
     lora_config.fan_in_fan_out = all(isinstance(layer.get_base_layer(), Conv1D) for layer in layers.values())
-    giva_config = model.peft_config[adapter_name]
-    lora_config.task_type = giva_config.task_type
     return lora_config, state_dict
 
 
 def _check_output(out: Path) -> None:
-    """Refuse an output that is a file or holds an adapter other than LoRA (a GiVA adapter would be lost)."""
+    """Refuse, before any work, an output that is a file, read-only, or holds an adapter other than LoRA
+    (a GiVA adapter would be lost)."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a folder")
+    if out.is_dir() and (not stat.S_IMODE(out.stat().st_mode) & 0o222 or not os.access(out, os.W_OK)):
+        raise ExportError(f"output folder {out} is read-only; make it writable or write the LoRA to another folder")
+    existing = next((folder for folder in (out.absolute(), *out.absolute().parents) if folder.exists()), None)
+    if existing is not None and existing != out.absolute() and not os.access(existing, os.W_OK):
+        raise ExportError(f"cannot create output folder {out}: {existing} is not writable")
     config_file = out / CONFIG_NAME
     if config_file.exists():
         try:
@@ -158,33 +248,91 @@ def _check_output(out: Path) -> None:
             )
 
 
-def _write_lora(out: Path, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
-    """Write both files next to their targets first, then move them in: a failed export leaves ``out`` as it was."""
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".giva-export-", dir=out))
-    try:
-        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, staging / SAFETENSORS_WEIGHTS_NAME)
-        lora_config.save_pretrained(str(staging))
-        for name in (SAFETENSORS_WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(staging / name, out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("exported LoRA r=%d (%d layers) to %s", lora_config.r, len(state_dict) // 2, out)
+_README = """# LoRA export of a GiVA adapter
+
+Written by giva's exact export: `lora_B @ lora_A` equals the GiVA adapter's `delta_W` on every layer
+(r={r}, lora_alpha={r}, so LoRA's scaling is 1). It is a stock PEFT LoRA; loading it needs no giva:
+
+```python
+{code}
+```
+"""
+
+
+def _loading_snippet(out: Path, lora_config: LoraConfig, labels: Optional[dict] = None, tokenizer: bool = False) -> str:
+    auto = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM"}.get(
+        str(lora_config.task_type), "AutoModel"
+    )
+    base = lora_config.base_model_name_or_path or "<the base model>"
+    lines = ["from peft import PeftModel", f"from transformers import {auto}" + (", AutoTokenizer" if tokenizer else "")]
+    if labels:
+        lines += ["", "import json", f"labels = json.load(open({str(out / 'labels.json')!r}))",
+                  f"base = {auto}.from_pretrained(", f"    {base!r},",
+                  "    id2label={int(i): name for i, name in labels['id2label'].items()}, label2id=labels['label2id'],", ")"]
+    else:
+        lines += ["", f"base = {auto}.from_pretrained({base!r})"]
+    lines.append(f"model = PeftModel.from_pretrained(base, {str(out)!r}).eval()")
+    if tokenizer:
+        lines.append(f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})")
+    return _README.format(r=lora_config.r, code="\n".join(lines))
+
+
+def _write_lora(
+    out: Path, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor], extra: Optional[Callable[[Path], None]] = None
+) -> None:
+    """Write the LoRA folder beside ``out`` and swap it in whole (:func:`giva.checkpoint.atomic_directory`).
+
+    An export killed at any point leaves ``out`` as it was or as the new export, never new weights beside an
+    old config; files of ``out`` the export does not write are kept, except a weights file of the other format.
+    """
+    with atomic_directory(out) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp / SAFETENSORS_WEIGHTS_NAME)
+        lora_config.save_pretrained(str(tmp))
+        if extra is not None:
+            extra(tmp)
+    logger.info("exported LoRA r=%d (%d layers) to %s", lora_config.r, sum(k.endswith(".lora_A.weight") for k in state_dict), out)
 
 
 def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str = "default", rank: Optional[int] = None) -> LoraConfig:
-    """Write GiVA adapter ``adapter_name`` as a stock PEFT LoRA folder (``adapter_config.json`` + safetensors).
+    """Write GiVA adapter ``adapter_name`` as a stock PEFT LoRA folder (``adapter_config.json`` + safetensors +
+    a ``README.md`` with the loading code).
 
     ``out_dir`` is created if needed; it may hold an earlier LoRA export (replaced), never another adapter.
     """
     out = Path(out_dir)
     _check_output(out)
     lora_config, state_dict = to_lora(model, adapter_name, rank)
-    _write_lora(out, lora_config, state_dict)
+    readme = _loading_snippet(out, lora_config)
+    _write_lora(out, lora_config, state_dict, lambda tmp: (tmp / "README.md").write_text(readme, encoding="utf-8"))
     return lora_config
 
 
-def _read_adapter_folder(adapter_dir: Path) -> dict[str, Any]:
+def save_as_lora(
+    original: Callable[..., None],
+    path: Union[str, os.PathLike],
+    model: nn.Module,
+    rank: Union[int, float],
+    adapter_name: str = "default",
+    progressbar: bool = False,
+    compile_kwargs: Optional[dict] = None,
+) -> None:
+    """PEFT's ``save_as_lora`` for a model holding GiVA adapters: the same checks as ``giva export-lora`` before
+    any work (``path`` not a file, not read-only, not another adapter's folder), then one atomic write."""
+    if not _holds_giva(model):
+        return original(path, model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs)
+    out = Path(path)
+    _check_output(out)
+    from peft.tuners.lora import conversion
+
+    lora_config, state_dict = conversion.convert_to_lora(
+        model, rank=rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs
+    )
+    _write_lora(out, lora_config, state_dict)
+    return None
+
+
+def _read_adapter_folder(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The config and tensors of a saved GiVA folder, checked as loading checks them (checksum, fields, tensors)."""
     config_file = adapter_dir / CONFIG_NAME
     if not adapter_dir.is_dir():
         raise ExportError(f"adapter folder {adapter_dir} does not exist")
@@ -194,21 +342,84 @@ def _read_adapter_folder(adapter_dir: Path) -> dict[str, Any]:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ExportError(f"{config_file} is not valid JSON: {error}") from error
-    if config.get("peft_type") != "GIVA":
-        raise ExportError(f"{config_file} is a {config.get('peft_type')!r} adapter, not a GiVA one")
-    if not (adapter_dir / SAFETENSORS_WEIGHTS_NAME).is_file():
-        raise ExportError(f"{adapter_dir} holds no {SAFETENSORS_WEIGHTS_NAME}")
-    return config
+    if not isinstance(config, dict) or config.get("peft_type") != "GIVA":
+        peft_type = config.get("peft_type") if isinstance(config, dict) else None
+        raise ExportError(f"{config_file} is a {peft_type!r} adapter, not a GiVA one")
+    try:
+        weights = check_adapter_folder(adapter_dir.absolute())
+        assert weights is not None  # a local GiVA folder always has one
+        tensors = read_weights(weights)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
+    return config, tensors
 
 
-def _num_labels(adapter_dir: Path, modules_to_save: list[str]) -> Optional[int]:
-    """Number of classes of a classification adapter, from the saved head's weight."""
-    with safe_open(str(adapter_dir / SAFETENSORS_WEIGHTS_NAME), framework="pt") as weights:
-        for key in weights.keys():
-            module = key.removesuffix(".weight")
-            if key.endswith(".weight") and any(module.endswith(name) or f".{name}." in key for name in modules_to_save):
-                return int(weights.get_slice(key).get_shape()[0])
-    return None
+def _layer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """GiVA tensors by layer name in the base model (``bert.encoder.layer.0.attention.self.query``)."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        layer, _, kind = key.removeprefix(_PEFT_PREFIX).rpartition(".")
+        if kind.startswith("giva_"):
+            layers.setdefault(layer, {})[kind] = value
+    return layers
+
+
+def _labels(adapter_dir: Path) -> Optional[dict[str, Any]]:
+    """``labels.json`` as ``giva finetune`` writes it (``id2label``, ``label2id``), if the folder has a valid one."""
+    path = adapter_dir / "labels.json"
+    if not path.is_file():
+        return None
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ExportError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(labels, dict) or not isinstance(labels.get("id2label"), dict) or not labels["id2label"]:
+        raise ExportError(f"{path} has no id2label mapping (expected what giva finetune writes)")
+    return labels
+
+
+def _num_labels(tensors: dict[str, torch.Tensor], modules_to_save: list[str]) -> Optional[int]:
+    """Classes of a classification head, from the saved head: the output size of its last projection (the
+    smallest out dimension of its matrices: a RoBERTa head holds ``dense`` (H x H) and ``out_proj`` (C x H))."""
+    sizes = [
+        value.shape[0]
+        for key, value in tensors.items()
+        if key.endswith(".weight") and value.dim() == 2 and set(modules_to_save).intersection(key.split("."))
+    ]
+    return min(sizes) if sizes else None
+
+
+def _check_base_matches(model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], base_name: str) -> None:
+    """Every adapted layer exists in the base model as a linear layer of the saved shapes (``model`` on meta)."""
+    modules = dict(model.named_modules())
+    for name, saved in sorted(layers.items()):
+        module = modules.get(name)
+        if not isinstance(module, (nn.Linear, Conv1D)):
+            raise ExportError(
+                f"base model {base_name!r} does not match the adapter: it has no linear layer {name!r}; pass the base "
+                "model the adapter was trained on (--base-model)"
+            )
+        in_features, out_features = (module.in_features, module.out_features) if isinstance(module, nn.Linear) else module.weight.shape
+        a, lambda_o = saved.get("giva_A"), saved.get("giva_lambda_o")
+        if (a is not None and a.shape[1] != in_features) or (lambda_o is not None and lambda_o.shape[0] > out_features):
+            raise ExportError(
+                f"base model {base_name!r} does not match the adapter: layer {name!r} is {in_features} -> {out_features} "
+                f"there, but the adapter was saved from a layer of other size; pass the right --base-model"
+            )
+
+
+_TOKENIZER_FILES = (
+    "vocab.txt", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja",
+)
+
+
+def _side_files(adapter_dir: Path) -> list[Path]:
+    """Tokenizer files and labels.json that travel with the exported LoRA."""
+    return sorted(
+        path for path in adapter_dir.iterdir()
+        if path.is_file() and (path.name.startswith("tokenizer") or path.name in (*_TOKENIZER_FILES, "labels.json"))
+    )
 
 
 def export_lora_dir(
@@ -219,16 +430,25 @@ def export_lora_dir(
 ) -> LoraConfig:
     """Load a saved GiVA adapter onto its base model and write it as a LoRA folder (``giva export-lora``).
 
+    Everything that can be checked is checked before the base model's weights load: the adapter folder (as
+    loading checks it), the output folder, ``rank``, and that the base model has every adapted layer in the
+    saved shapes. The tokenizer files and ``labels.json`` of the adapter folder are copied, the class names go
+    into the base model's config, and a ``README.md`` holds the plain-PEFT code that loads the export.
     The base model defaults to ``base_model_name_or_path`` of the adapter's config; it must be a local folder
     or one of :data:`giva.assets.MODEL_ALIASES`.
     """
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from .assets import MODEL_ALIASES, resolve_model
 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
-    config = _read_adapter_folder(adapter_dir)
+    config, tensors = _read_adapter_folder(adapter_dir)
     _check_output(out)
+    layers = _layer_tensors(tensors)
+    needed = max((saved["giva_lambda_s"].shape[0] for saved in layers.values() if "giva_lambda_s" in saved), default=0)
+    if rank is not None:
+        _check_rank(rank, needed, "default")
+    labels = _labels(adapter_dir)
     base_name = base_model or config.get("base_model_name_or_path")
     if not base_name:
         raise ExportError(f"{adapter_dir / CONFIG_NAME} names no base_model_name_or_path; pass --base-model")
@@ -238,16 +458,40 @@ def export_lora_dir(
         )
     path = resolve_model(base_name)
     task_type = config.get("task_type")
+    extra: dict[str, Any] = {}
     if task_type == "SEQ_CLS":
-        num_labels = _num_labels(adapter_dir, list(config.get("modules_to_save") or ["classifier", "score"]))
-        extra = {} if num_labels is None else {"num_labels": num_labels}
-        model = AutoModelForSequenceClassification.from_pretrained(path, **extra)
-    elif task_type == "CAUSAL_LM":
-        model = AutoModelForCausalLM.from_pretrained(path)
+        auto: Any = AutoModelForSequenceClassification
+        if labels is not None:
+            extra = {
+                "id2label": {int(i): name for i, name in labels["id2label"].items()},
+                "label2id": labels.get("label2id") or {name: int(i) for i, name in labels["id2label"].items()},
+            }
+        else:
+            num_labels = _num_labels(tensors, list(config.get("modules_to_save") or ["classifier", "score"]))
+            extra = {} if num_labels is None else {"num_labels": num_labels}
     else:
-        model = AutoModel.from_pretrained(path)
+        auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModel
+    try:
+        model_config = AutoConfig.from_pretrained(path, **extra)
+        with torch.device("meta"):
+            skeleton = auto.from_config(model_config)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"base model {base_name!r} cannot be read as a {auto.__name__}: {error}") from None
+    _check_base_matches(skeleton, layers, base_name)
+    del skeleton
+    model = auto.from_pretrained(path, **extra)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     lora_config, state_dict = to_lora(peft_model, rank=rank)
     lora_config.base_model_name_or_path = config.get("base_model_name_or_path") or base_name
-    _write_lora(out, lora_config, state_dict)
+    side_files = _side_files(adapter_dir)
+    readme = _loading_snippet(
+        out, lora_config, labels, tokenizer=any(p.name != "labels.json" for p in side_files)
+    )
+
+    def extras(tmp: Path) -> None:
+        for source in side_files:
+            shutil.copy2(source, tmp / source.name)
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+
+    _write_lora(out, lora_config, state_dict, extras)
     return lora_config

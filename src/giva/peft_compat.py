@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import sys
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Optional
@@ -63,16 +64,18 @@ def register(config_cls: type, model_cls: type) -> None:
 
 def install_checkpoint_hooks(
     save: Callable[..., None],
-    checked_load: Callable[[Any, Optional[str]], AbstractContextManager],
+    checked_load: Callable[[Any, Optional[str], Any], AbstractContextManager],
     forget_checksum: Callable[[Any, str], None],
+    load_weights: Callable[..., dict],
 ) -> None:
     """Route ``PeftModel`` saving and loading of GiVA adapters through :mod:`giva.checkpoint` (idempotent).
 
     ``save_pretrained`` of a model holding a GiVA adapter calls ``save(original, model, directory, ...)``;
     models of other methods (LoRA, ...) keep PEFT's own save. ``from_pretrained`` and ``load_adapter`` run
-    inside ``checked_load(model_id, subfolder)``, which only acts on local folders and GiVA configs.
+    inside ``checked_load(model_id, subfolder, base_model)``, which only acts on local folders and GiVA configs;
+    PEFT's ``load_peft_weights`` there is ``load_weights(original, model_id, ...)`` (it picks the checked file).
     """
-    from peft import PeftModel
+    from peft import PeftModel, peft_model
 
     if getattr(PeftModel.save_pretrained, "_giva_hook", False):
         return
@@ -88,20 +91,27 @@ def install_checkpoint_hooks(
 
     @functools.wraps(original_from_pretrained)
     def from_pretrained(cls: type, model: Any, model_id: Any, adapter_name: str = "default", *args: Any, **kwargs: Any):
-        with checked_load(model_id, kwargs.get("subfolder")):
-            peft_model = original_from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
-        forget_checksum(peft_model, adapter_name)
-        return peft_model
+        with checked_load(model_id, kwargs.get("subfolder"), model):
+            loaded = original_from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
+        forget_checksum(loaded, adapter_name)
+        return loaded
 
     @functools.wraps(original_load_adapter)
     def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
-        with checked_load(model_id, kwargs.get("subfolder")):
+        with checked_load(model_id, kwargs.get("subfolder"), self.get_base_model()):
             result = original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
         forget_checksum(self, adapter_name)
         return result
 
-    for hook in (save_pretrained, from_pretrained, load_adapter):
+    original_load_weights = peft_model.load_peft_weights
+
+    @functools.wraps(original_load_weights)
+    def load_peft_weights(model_id: Any, *args: Any, **kwargs: Any) -> dict:
+        return load_weights(original_load_weights, model_id, *args, **kwargs)
+
+    for hook in (save_pretrained, from_pretrained, load_adapter, load_peft_weights):
         hook._giva_hook = True  # type: ignore[attr-defined]
+    peft_model.load_peft_weights = load_peft_weights
     PeftModel.save_pretrained = save_pretrained
     PeftModel.from_pretrained = classmethod(from_pretrained)
     PeftModel.load_adapter = load_adapter
@@ -128,12 +138,18 @@ def install_transformers_load_hook(load_adapter: Callable[..., Any]) -> None:
     PeftAdapterMixin.load_adapter = hooked
 
 
-def install_lora_conversion(convert: Callable[[Any, Any, str], Optional[tuple]]) -> None:
-    """Make ``peft.convert_to_lora`` / ``peft.save_as_lora`` take GiVA layers' factors from ``convert`` (idempotent).
+def install_lora_conversion(
+    convert: Callable[[Any, Any, str], Optional[tuple]],
+    convert_model: Callable[..., tuple],
+    save_as_lora: Callable[..., None],
+) -> None:
+    """Make ``peft.convert_to_lora`` / ``peft.save_as_lora`` exact for GiVA models (idempotent).
 
     PEFT has no per-method hook for this: its module-level ``_convert_module_to_lora`` SVDs ``get_delta_weight``
     for every method but MiSS. The wrapper asks ``convert(module, rank, adapter_name)`` first (exact factors for
-    GiVA layers, ``None`` for others) and falls back to PEFT's own conversion. No-op on PEFT without conversion.
+    GiVA layers, ``None`` for others) and falls back to PEFT's own conversion. ``convert_to_lora`` and
+    ``save_as_lora`` themselves become ``convert_model(original, ...)`` / ``save_as_lora(original, ...)`` (which
+    call PEFT's own for models without GiVA layers), wherever PEFT exports them. No-op on PEFT without conversion.
     """
     try:
         from peft.tuners.lora import conversion
@@ -148,5 +164,22 @@ def install_lora_conversion(convert: Callable[[Any, Any, str], Optional[tuple]])
         converted = convert(module, rank, adapter_name)
         return original(module, rank, adapter_name) if converted is None else converted
 
-    convert_module_to_lora._giva_hook = True  # type: ignore[attr-defined]
+    original_convert, original_save = conversion.convert_to_lora, conversion.save_as_lora
+
+    @functools.wraps(original_convert)
+    def convert_to_lora(model: Any, rank: Any, *args: Any, **kwargs: Any) -> tuple:
+        return convert_model(original_convert, model, rank, *args, **kwargs)
+
+    @functools.wraps(original_save)
+    def save_as_lora_hooked(path: Any, model: Any, rank: Any, *args: Any, **kwargs: Any) -> None:
+        return save_as_lora(original_save, path, model, rank, *args, **kwargs)
+
+    for hook in (convert_module_to_lora, convert_to_lora, save_as_lora_hooked):
+        hook._giva_hook = True  # type: ignore[attr-defined]
     conversion._convert_module_to_lora = convert_module_to_lora
+    for name in ("peft", "peft.tuners", "peft.tuners.lora", "peft.tuners.lora.conversion"):
+        namespace = sys.modules.get(name)
+        if getattr(namespace, "convert_to_lora", None) is original_convert:
+            namespace.convert_to_lora = convert_to_lora  # type: ignore[union-attr]
+        if getattr(namespace, "save_as_lora", None) is original_save:
+            namespace.save_as_lora = save_as_lora_hooked  # type: ignore[union-attr]

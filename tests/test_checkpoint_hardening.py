@@ -1,0 +1,172 @@
+"""Hand-edited, mixed and foreign-host adapter folders (issue 24, items 3 and 8, and the shared-file-system
+ownership of interrupted saves): each is loaded exactly, or refused in one line naming the file and field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from ckpt_child import adapter_model
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+from giva import CheckpointError, GivaConfig, checkpoint
+from tiny_models import text_batches, tiny_bert
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module) -> torch.Tensor:
+    return model(input_ids=text_batches(n=1)[0]["input_ids"]).logits
+
+
+def load(folder: Path) -> torch.Tensor:
+    return logits(PeftModel.from_pretrained(tiny_bert(), str(folder)).eval())
+
+
+# --------------------------------------------------------------- item 3: saves of both weights formats
+
+
+def test_switching_safe_serialization_leaves_only_the_new_weights_file(tmp_path):
+    folder = tmp_path / "adapter"
+    adapter_model(1).save_pretrained(str(folder))
+    second = adapter_model(2).eval()
+    second.save_pretrained(str(folder), safe_serialization=False)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("adapter_model")) == ["adapter_model.bin"]
+    assert torch.equal(load(folder), logits(second))
+    third = adapter_model(3).eval()
+    third.save_pretrained(str(folder))
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith("adapter_model")) == ["adapter_model.safetensors"]
+    assert torch.equal(load(folder), logits(third))
+
+
+def test_a_stale_weights_file_is_not_read_and_the_next_save_removes_it(tmp_path):
+    """A folder an older giva left: the checksum covers the .bin, a safetensors of an earlier save lies beside it."""
+    folder, old = tmp_path / "adapter", tmp_path / "old"
+    adapter_model(1).save_pretrained(str(old))
+    second = adapter_model(2).eval()
+    second.save_pretrained(str(folder), safe_serialization=False)
+    shutil.copy2(old / "adapter_model.safetensors", folder / "adapter_model.safetensors")
+    assert torch.equal(load(folder), logits(second))  # PEFT alone would read the safetensors (adapter 1)
+    second.save_pretrained(str(folder), safe_serialization=False)
+    assert not (folder / "adapter_model.safetensors").exists()
+    assert torch.equal(load(folder), logits(second))
+
+
+# ------------------------------------------------------- recover(): saves of other hosts on a shared folder
+
+
+def test_a_load_never_touches_an_interrupted_or_running_save_of_another_host(tmp_path, monkeypatch):
+    folder = tmp_path / "adapter"
+    model = adapter_model(1).eval()
+    model.save_pretrained(str(folder))
+    other_host = "0123456789ab"
+    assert checkpoint._host_tag() != other_host
+    # Another machine's save in progress: its temp folder (a PID that means nothing here) beside the target.
+    running = tmp_path / f".adapter.giva-tmp-{other_host}-999999999-ef01"
+    running.mkdir()
+    (running / "adapter_model.safetensors").write_text("being written")
+    assert torch.equal(load(folder), logits(model))
+    assert running.is_dir() and (running / "adapter_model.safetensors").read_text() == "being written"
+    # The same machine between the two renames of the fallback swap: the target is moved aside.
+    aside = tmp_path / f".adapter.giva-old-{other_host}-999999999-abcd"
+    folder.rename(aside)
+    with pytest.raises(CheckpointError, match="moved aside to .*giva-old-0123456789ab.* still running .*another machine"):
+        load(folder)
+    assert aside.is_dir() and not folder.exists()
+    # Once that host is this one (its save really died here), the folder is put back and the leftovers go.
+    monkeypatch.setattr(checkpoint, "_host_tag", lambda: other_host)
+    assert torch.equal(load(folder), logits(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_this_hosts_names_record_the_host_and_a_dead_pid_is_recovered(tmp_path):
+    folder = tmp_path / "adapter"
+    model = adapter_model(1).eval()
+    model.save_pretrained(str(folder))
+    folder.rename(tmp_path / f".adapter.giva-old-{checkpoint._host_tag()}-999999999-abcd")
+    assert torch.equal(load(folder), logits(model))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+# ------------------------------------------------------------------------ item 8: hand-edited folders
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    """A Vr adapter (A stored, B seeded) with a classifier head, saved once."""
+    torch.manual_seed(0)
+    config = GivaConfig(r=4, target_modules=["query", "value"], init_weights=False, task_type="SEQ_CLS")
+    folder = tmp_path_factory.mktemp("saved") / "adapter"
+    get_peft_model(tiny_bert(), config).save_pretrained(str(folder))
+    return folder
+
+
+def _edited(saved: Path, tmp_path: Path, config=None, tensors=None, keep_checksum: bool = False) -> Path:
+    folder = tmp_path / "edited"
+    shutil.copytree(saved, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    if tensors is not None:
+        state = load_file(folder / "adapter_model.safetensors")
+        tensors(state)
+        save_file(state, folder / "adapter_model.safetensors")
+    if not keep_checksum:
+        cfg.pop("weights_sha256")
+    (folder / "adapter_config.json").write_text(json.dumps(config(cfg) if config else cfg))
+    return folder
+
+
+A = "base_model.model.bert.encoder.layer.0.attention.self.query.giva_A"
+LAMBDA_O = "base_model.model.bert.encoder.layer.1.attention.self.value.giva_lambda_o"
+
+
+def _nan(state):
+    state[LAMBDA_O] = state[LAMBDA_O].clone()
+    state[LAMBDA_O][3] = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "message"),
+    [
+        (lambda c: {}, None, "adapter_config.json has no peft_type field"),
+        (lambda c: {k: v for k, v in c.items() if k != "r"}, None, "adapter_config.json has no field 'r'"),
+        (lambda c: {**c, "r": "4"}, None, "adapter_config.json: field 'r' must be an int >= 1, got '4'"),
+        (lambda c: {**c, "task_type": "CAUSAL_LM"}, None,
+         "adapter_config.json: task_type='CAUSAL_LM' needs a generative model, but the base model is a BertForSequence"),
+        (lambda c: {**c, "bases_dtype": "bfloat16"}, None,
+         "adapter_model.safetensors: .*giva_A is stored as float32, but .*adapter_config.json says bases_dtype='bfloat16'"),
+        (None, lambda s: s.update({A: (s[A] * 100).to(torch.int32)}),
+         "adapter_model.safetensors: .*query.giva_A is stored as int32, but .*bases_dtype='float32'"),
+        (None, _nan, "adapter_model.safetensors: .*layer.1.attention.self.value.giva_lambda_o holds NaN or inf"),
+        (None, lambda s: s.update({"base_model.model.extra.weight": torch.zeros(2)}),
+         "adapter_model.safetensors holds a tensor that is not part of a GiVA adapter: 'base_model.model.extra.weight'"),
+    ],
+    ids=["empty-config", "r-missing", "r-string", "task-type", "bases-dtype", "A-int32", "nan-lambda", "extra-tensor"],
+)
+def test_a_hand_edited_folder_is_refused_in_one_line_naming_the_file(saved, tmp_path, config, tensors, message):
+    folder = _edited(saved, tmp_path, config, tensors)
+    with pytest.raises(CheckpointError, match=message) as error:
+        PeftModel.from_pretrained(tiny_bert(), str(folder))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"truncated"], ids=["empty", "truncated"])
+def test_a_truncated_weights_file_without_a_checksum_is_named(saved, tmp_path, content):
+    folder = _edited(saved, tmp_path)
+    data = (saved / "adapter_model.safetensors").read_bytes()
+    (folder / "adapter_model.safetensors").write_bytes(data[: len(data) // 2] if content else content)
+    with pytest.raises(CheckpointError, match=r"edited/adapter_model.safetensors cannot be read \(\d+ bytes: .*truncated"):
+        PeftModel.from_pretrained(tiny_bert(), str(folder))
+
+
+def test_a_deleted_checksum_warns_like_a_missing_seeded_basis_checksum(saved, tmp_path):
+    folder = _edited(saved, tmp_path, tensors=lambda s: s.update({A: s[A] + 0.5}))
+    with pytest.warns(UserWarning, match=r"adapter_config.json records no weights_sha256, so adapter_model.safetensors is loaded unchecked"):
+        PeftModel.from_pretrained(tiny_bert(), str(folder))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        PeftModel.from_pretrained(tiny_bert(), str(saved))  # an intact folder loads without it
