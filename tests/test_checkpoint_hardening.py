@@ -170,3 +170,15 @@ def test_a_deleted_checksum_warns_like_a_missing_seeded_basis_checksum(saved, tm
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         PeftModel.from_pretrained(tiny_bert(), str(saved))  # an intact folder loads without it
+
+
+@pytest.mark.parametrize(
+    "options", [{"bias": "all"}, {"bias": "giva_only"}, {"modules_to_save": ["bert.pooler.dense"]}],
+    ids=["bias-all", "bias-giva-only", "dotted-modules-to-save"],
+)
+def test_folders_with_biases_or_dotted_heads_still_load_exactly(tmp_path, options):
+    """The tensor check knows every tensor a save writes: biases (``bias`` other than "none") and heads named by path."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], init_weights=False, **options))
+    model.save_pretrained(str(tmp_path / "adapter"))
+    assert torch.equal(load(tmp_path / "adapter"), logits(model.eval()))

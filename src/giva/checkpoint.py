@@ -362,7 +362,8 @@ def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> 
     """The fields and tensors of a GiVA folder are what a save writes: one-line errors naming the file and field.
 
     Returns the tensors. Checked: ``r`` present and positive; bases stored in the config's ``bases_dtype``;
-    vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones and ``modules_to_save``.
+    vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones, ``modules_to_save`` and
+    (with ``bias`` other than ``"none"``) biases.
     """
     r = config.get("r")
     if "r" not in config:
@@ -381,7 +382,8 @@ def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> 
             )
         if kind in _VECTORS and not tensor.is_floating_point():
             raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected a floating-point vector")
-        if kind not in (*_BASES, *_VECTORS, _SEEDED_CRC) and not heads.intersection(key.split(".")):
+        known = kind in (*_BASES, *_VECTORS, _SEEDED_CRC) or (kind == "bias" and config.get("bias", "none") != "none")
+        if not known and not any(f".{head}." in f".{key}" for head in heads):  # a module name or a dotted path
             raise CheckpointError(
                 f"{weights} holds a tensor that is not part of a GiVA adapter: {key!r} (expected per-layer "
                 f"{', '.join((*_BASES, *_VECTORS))} or a module of modules_to_save={sorted(heads)} from {config_file})"
