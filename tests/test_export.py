@@ -176,7 +176,19 @@ def test_exported_lora_reproduces_giva_outputs_in_a_process_without_giva(tmp_pat
     peft.save_as_lora(tmp_path / "llama-lora", model, rank=4)
     cases.append({"kind": "lm", "base": str(tmp_path / "llama-base"), "lora": str(tmp_path / "llama-lora")})
 
-    for case, name in zip(cases, ["bert", "gpt2", "llama"]):
+    # RoBERTa's two-module head, with a second SEQ_CLS adapter whose head differs: `default` is exported.
+    tiny_roberta().save_pretrained(tmp_path / "roberta-base")
+    model = _random_adapter(tiny_roberta, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model.add_adapter("other", GivaConfig(r=2, init_weights=False, target_modules=["query"], task_type="SEQ_CLS"))
+    head = model.base_model.model.classifier.modules_to_save
+    with torch.no_grad():
+        head["default"].out_proj.weight.add_(1.0)
+        head["other"].dense.weight.add_(-1.0)
+    expected["roberta"] = _logits(model, ids)
+    export_lora(model, tmp_path / "roberta-lora")
+    cases.append({"kind": "cls", "base": str(tmp_path / "roberta-base"), "lora": str(tmp_path / "roberta-lora")})
+
+    for case, name in zip(cases, ["bert", "gpt2", "llama", "roberta"]):
         case.update(ids=str(tmp_path / "ids.pt"), out=str(tmp_path / f"{name}-out.pt"))
     child = subprocess.run(
         [sys.executable, "-c", _CHILD, json.dumps(cases)], capture_output=True, text=True, timeout=300
@@ -185,7 +197,7 @@ def test_exported_lora_reproduces_giva_outputs_in_a_process_without_giva(tmp_pat
     for name, reference in expected.items():
         got = torch.load(tmp_path / f"{name}-out.pt")
         assert torch.allclose(got, reference, atol=1e-5), (name, (got - reference).abs().max())
-    for name, factory in [("bert", tiny_bert), ("gpt2", tiny_gpt2), ("llama", tiny_llama)]:
+    for name, factory in [("bert", tiny_bert), ("gpt2", tiny_gpt2), ("llama", tiny_llama), ("roberta", tiny_roberta)]:
         assert not torch.allclose(_logits(factory(), ids), expected[name], atol=1e-3)  # the adapters do something
 
 
