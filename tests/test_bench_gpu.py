@@ -118,6 +118,23 @@ def test_dry_run_lists_the_rows(capsys):
     assert listed[: len(plan(FULL))] == [f"{shape}/{row}" for shape, row in plan(FULL)]
 
 
+def test_giva_bench_runs_the_tiny_shapes_with_quick_and_refuses_report_only(tmp_path, monkeypatch, capsys):
+    import giva.bench
+    from giva.cli import main
+
+    calls = []
+
+    def fake_run_gpu(out, settings, command=""):
+        calls.append((out, settings, command))
+        return {"headlines": ["tiny-a: ..."], "output_dir": str(out), "n_runs": 0, "ran": [], "problems": []}
+
+    monkeypatch.setattr(giva.bench, "run_gpu", fake_run_gpu)
+    assert main(["bench", "--suite", "gpu", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert calls == [(tmp_path, TINY, "giva bench --suite gpu --quick")]
+    assert main(["bench", "--suite", "gpu", "--report-only"]) == 2
+    assert "--report-only applies to training suites; the 'gpu' suite writes its report as it runs" in capsys.readouterr().err
+
+
 def test_time_budget_skips_rows_and_still_writes_everything(tmp_path):
     results = run_gpu(tmp_path, replace(TINY, budget_s=0.0), device="cpu")
     assert [(r["shape"], r["row"]) for r in results["rows"]] == plan(TINY)
