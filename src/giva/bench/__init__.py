@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from .gpu import FULL, GPU_SUITE, TINY, plan, run_gpu
 from .report import PLOTS, write_report
 from .runner import dry_run, load_runs, run_suite
 from .scale import SCALE_SUITE, run_scale
@@ -24,6 +25,10 @@ logger = logging.getLogger(__name__)
 QUICK_SUITE = "quick"
 
 __all__ = ["PLOTS", "QUICK_SUITE", "check_outputs", "plan_benchmark", "run_benchmark", "validate_run"]
+
+
+def _gpu_folder(quick: bool) -> str:
+    return f"{GPU_SUITE}-tiny" if quick else GPU_SUITE
 
 
 def check_outputs(output_dir: Path) -> list[str]:
@@ -56,6 +61,10 @@ def plan_benchmark(
     """What ``run_benchmark`` with the same arguments would run now (``giva bench --dry-run``), running nothing:
     {'runs': run ids, 'waiting': rows waiting on another sweep, 'estimate': run time by phase, 'output_dir'}."""
     root = root or benchmarks_dir()
+    if suite == GPU_SUITE:
+        out = Path(output_dir) if output_dir else root / "results" / _gpu_folder(quick)
+        return {"runs": [f"{shape}/{row}" for shape, row in plan(TINY if quick else FULL)], "waiting": [], "estimate": {},
+                "output_dir": str(out)}
     if suite == SERVE_SUITE and not quick:
         out = Path(output_dir) if output_dir else root / "results" / SERVE_SUITE
         return {"runs": [f"serve: {m.name} x {('base model', 'one merged adapter') + (m.methods or ADAPTER_METHODS)} x N={ServeSettings().ns}" for m in DEFAULT_MODELS],
@@ -79,8 +88,11 @@ def run_benchmark(
     Returns the results dict (see report.write_report) with a ``problems`` list added.
     """
     root = root or benchmarks_dir()
-    if report_only and suite in (SERVE_SUITE, SCALE_SUITE) and not quick:
+    if report_only and (suite == GPU_SUITE or suite in (SERVE_SUITE, SCALE_SUITE) and not quick):
         raise ValueError(f"--report-only applies to training suites; the {suite!r} suite writes its report as it runs")
+    if suite == GPU_SUITE:  # --quick: the tiny shapes, on CPU when there is no GPU
+        out = Path(output_dir) if output_dir else root / "results" / _gpu_folder(quick)
+        return run_gpu(out, TINY if quick else FULL, command=f"giva bench --suite gpu{' --quick' if quick else ''}")
     if suite == SERVE_SUITE and not quick:
         return run_serve(output_dir or root / "results" / SERVE_SUITE, progress=progress)
     if suite == SCALE_SUITE and not quick:

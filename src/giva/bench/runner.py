@@ -11,7 +11,6 @@ import gc
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -29,7 +28,9 @@ from ..finetune import TrainConfig, TrainStats, is_head_parameter, train
 from .methods import build_model
 from .schema import SCHEMA_VERSION
 from .spec import UNTRAINED_KINDS, Ablation, MethodSpec, Phase, SuiteSpec, load_method
+from .speed import run_speed_phase
 from .tasks import TaskData, load_task
+from .versions import versions
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +52,6 @@ class RunSpec:
         tag = f"__{self.ablation.tag}" if self.ablation else ""
         head = f"__h{self.head_lr:g}" if self.head_lr is not None else ""
         return f"{self.task}__{self.method}{tag}__lr{self.lr:g}{head}__s{self.seed}"
-
-
-def versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    from .. import __version__
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "giva": __version__,
-        "platform": platform.platform(),
-        "cpu_threads": str(torch.get_num_threads()),
-    }
 
 
 def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
@@ -511,8 +495,6 @@ def run_suite(
 ) -> list[str]:
     """Run the phases of ``suite`` in order (all, or those named in ``phases``), skipping finished runs;
     returns the ids of the runs it ran."""
-    from .speed import run_speed_phase
-
     selected = select_phases(suite, phases)
     torch.set_num_threads(suite.threads)
     runs_dir = output_dir / "runs"

@@ -18,6 +18,7 @@ from .methods import build_model
 from .schema import SCHEMA_VERSION
 from .spec import Phase, SuiteSpec, load_method
 from .tasks import TaskData
+from .versions import versions
 
 
 def run_speed_phase(suite: SuiteSpec, phase: Phase, task: TaskData, root: Any) -> dict[str, Any]:
@@ -84,8 +85,6 @@ def run_speed_phase(suite: SuiteSpec, phase: Phase, task: TaskData, root: Any) -
             "target_modules": e["target_modules"],
             "ratio_to_lora": medians[n] / medians[lora] if lora else None,
         }
-    from .runner import versions
-
     shapes = [tuple(b["input_ids"].shape) for b in batches]
     return {
         "schema_version": SCHEMA_VERSION,

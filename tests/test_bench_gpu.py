@@ -1,0 +1,187 @@
+"""`giva bench --suite gpu`: the row plan, launch counting, the ratios, and the tiny suite end to end on CPU."""
+
+from __future__ import annotations
+
+import ast
+import json
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.autograd import DeviceType
+
+from giva.bench import gpu
+from giva.bench.gpu import FULL, ROWS, TINY, count_launches, plan, run_gpu, shape_ratios
+
+BENCH_SRC = Path(gpu.__file__).parent
+
+
+def _imports_of(path: Path) -> set[str]:
+    """giva.bench modules ``path`` imports, at any depth (function-level imports too)."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                out.add(node.module.split(".")[0])
+            else:
+                out.update(alias.name for alias in node.names)
+    return out
+
+
+def test_bench_modules_have_no_import_cycle():
+    graph = {p.stem: _imports_of(p) & {q.stem for q in BENCH_SRC.glob("*.py")} for p in BENCH_SRC.glob("*.py")}
+    graph["__init__"] = set()  # the package re-exports; a cycle through it is not a module cycle
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for nxt in graph.get(start, ()):
+            if nxt == target or (nxt not in seen and reaches(nxt, target, seen | {nxt})):
+                return True
+        return False
+
+    cycles = sorted(m for m in graph if reaches(m, m, {m}))
+    assert cycles == []
+
+
+def test_plan_runs_every_step_row_before_compile_init_and_4bit():
+    order = plan(FULL)
+    kinds = [gpu.STEP_ROWS, gpu.COMPILE_ROWS, gpu.INIT_ROWS, gpu.QUANT_ROWS]
+    group = [next(i for i, rows in enumerate(kinds) if row in rows) for _, row in order]
+    assert group == sorted(group)
+    assert [row for shape, row in order if shape == "8B"] == list(ROWS[:-2])  # 4-bit rows: the 1B base only
+    assert [row for shape, row in order if shape == "1B"] == list(ROWS)
+    assert {(s.name, s.hidden, s.intermediate, s.layers) for s in FULL.shapes} == {("1B", 2048, 5632, 22), ("8B", 4096, 14336, 32)}
+    assert (FULL.rank, FULL.vera_rank, FULL.batch_size, FULL.seq_len, FULL.dtype) == (8, 256, 4, 1024, "bfloat16")
+
+
+def test_settings_reject_unknown_rows():
+    with pytest.raises(ValueError, match=r"GpuSettings.rows: unknown row\(s\) \['lora-r16'\]"):
+        replace(TINY, rows=("floor", "lora-r16"))
+
+
+def _event(name: str, device: DeviceType = DeviceType.CPU) -> SimpleNamespace:
+    return SimpleNamespace(name=name, device_type=device)
+
+
+def test_count_launches_counts_runtime_launch_calls_and_kernels():
+    events = [_event("aten::mm"), _event("cudaLaunchKernel"), _event("cuLaunchKernelEx"), _event("cudaMemcpyAsync"),
+              _event("cudaLaunchKernelExC_v11060"), _event("cudaLaunchHostFunc"),
+              _event("aten::add_"), _event("sm90_xmma_gemm", DeviceType.CUDA), _event("elementwise_kernel", DeviceType.CUDA)]
+    assert count_launches(events) == {"kernel_launches": 3, "gpu_kernels": 2, "aten_ops": 2}
+    assert count_launches([_event("aten::mm")]) == {"kernel_launches": None, "gpu_kernels": None, "aten_ops": 1}
+
+
+def test_shape_ratios():
+    def ok(**values):
+        return {"status": "ok", **values}
+
+    rows = {
+        "floor": ok(median_step_seconds=0.2, peak_bytes=10),
+        "lora": ok(median_step_seconds=0.5, peak_bytes=20),
+        "lora-bf16": ok(median_step_seconds=0.4, peak_bytes=18),
+        "giva": ok(median_step_seconds=0.35, peak_bytes=16),
+        "giva-compiled": {"status": "failed", "error": "boom"},
+        "init-sketch": ok(seconds=0.7, peak_bytes=8),
+        "loraga": ok(seconds=1.4, peak_bytes=12),
+    }
+    r = shape_ratios(rows)
+    assert r["giva_over_lora"] == pytest.approx(0.7)
+    assert r["giva_over_lora_bf16"] == pytest.approx(0.875)
+    assert r["giva_overhead_over_lora_bf16_overhead"] == pytest.approx(0.75)  # (0.35-0.2)/(0.4-0.2)
+    assert r["init_sketch_peak_over_giva_step"] == pytest.approx(0.5)
+    assert r["init_sketch_seconds_over_giva_step"] == pytest.approx(2.0)
+    assert r["loraga_peak_over_giva_step"] == pytest.approx(0.75)
+    for missing in ("giva-compiled_over_lora", "vera_over_lora", "init_exact_peak_over_giva_step", "giva_4bit_over_qlora_peak"):
+        assert r[missing] is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_full_shapes_on_cpu_fail_before_any_work(tmp_path, capsys):
+    from giva.cli import main
+
+    out = tmp_path / "gpu"
+    with pytest.raises(ValueError, match=r"need a CUDA device; on CPU run the tiny shapes \(--tiny, or giva bench --suite gpu --quick\)"):
+        run_gpu(out, FULL)
+    assert main(["bench", "--suite", "gpu", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "giva bench: the gpu suite's full shapes (1B and 8B) need a CUDA device; on CPU run the tiny shapes "
+        "(--tiny, or giva bench --suite gpu --quick)")
+    assert not out.exists()
+
+
+def test_dry_run_lists_the_rows(capsys):
+    from giva.cli import main
+
+    assert main(["bench", "--suite", "gpu", "--dry-run"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert listed[: len(plan(FULL))] == [f"{shape}/{row}" for shape, row in plan(FULL)]
+
+
+def test_giva_bench_runs_the_tiny_shapes_with_quick_and_refuses_report_only(tmp_path, monkeypatch, capsys):
+    import giva.bench
+    from giva.cli import main
+
+    calls = []
+
+    def fake_run_gpu(out, settings, command=""):
+        calls.append((out, settings, command))
+        return {"headlines": ["tiny-a: ..."], "output_dir": str(out), "n_runs": 0, "ran": [], "problems": []}
+
+    monkeypatch.setattr(giva.bench, "run_gpu", fake_run_gpu)
+    assert main(["bench", "--suite", "gpu", "--quick", "--output-dir", str(tmp_path)]) == 0
+    assert calls == [(tmp_path, TINY, "giva bench --suite gpu --quick")]
+    assert main(["bench", "--suite", "gpu", "--report-only"]) == 2
+    assert "--report-only applies to training suites; the 'gpu' suite writes its report as it runs" in capsys.readouterr().err
+
+
+def test_time_budget_skips_rows_and_still_writes_everything(tmp_path):
+    results = run_gpu(tmp_path, replace(TINY, budget_s=0.0), device="cpu")
+    assert [(r["shape"], r["row"]) for r in results["rows"]] == plan(TINY)
+    assert {r["status"] for r in results["rows"]} == {"skipped"}
+    assert all(r["reason"].startswith("time budget of 0 s spent") for r in results["rows"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is True and len(saved["rows"]) == len(plan(TINY))
+    assert "Not measured:" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.bench
+def test_tiny_suite_end_to_end(tmp_path):
+    settings = replace(TINY, shapes=TINY.shapes[:1], steps=2, init_batches=1)
+    results = run_gpu(tmp_path, settings, device="cpu", command="test")
+    assert results["problems"] == []
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for key, kind in {"schema_version": int, "settings": dict, "environment": dict, "rows": list, "ratios": dict,
+                      "elapsed_seconds": float, "complete": bool}.items():
+        assert isinstance(saved[key], kind), key
+    assert saved["complete"] is True
+    for key in ("torch", "transformers", "peft", "giva", "cuda", "gpu", "bitsandbytes"):
+        assert key in saved["environment"]
+    rows = {r["row"]: r for r in saved["rows"]}
+    assert list(rows) == list(ROWS)
+    quant_skipped = gpu.bitsandbytes_problem()
+    for name, record in rows.items():
+        if name in gpu.QUANT_ROWS and quant_skipped:
+            assert record["status"] == "skipped" and record["reason"] == quant_skipped
+            continue
+        assert record["status"] == "ok", record
+        assert record["peak_bytes"] > 0
+        if name in gpu.INIT_ROWS:
+            assert record["seconds"] > 0
+        else:
+            assert record["median_step_seconds"] > 0 and len(record["step_seconds"]) == settings.steps
+            assert record["aten_ops"] > 0 and record["kernel_launches"] is None  # no CUDA here
+    assert rows["floor"]["trainable_parameters"] == 0
+    assert rows["lora"]["trainable_dtypes"] == ["float32"] and rows["lora-bf16"]["trainable_dtypes"] == ["bfloat16"]
+    assert rows["giva-compiled"]["compiled_blocks"] == settings.shapes[0].layers
+    assert rows["giva-compiled"]["dynamo_unique_graphs"] >= 1  # dynamo traced the blocks
+    ratios = saved["ratios"][settings.shapes[0].name]
+    expected_none = {k for k in ratios if "4bit" in k} if quant_skipped else set()
+    assert {k for k, v in ratios.items() if v is None} == expected_none
+    assert ratios["giva_over_lora"] == pytest.approx(rows["giva"]["median_step_seconds"] / rows["lora"]["median_step_seconds"])
+    table = (tmp_path / "results.md").read_text()
+    for name in ROWS:
+        assert f"| {gpu.ROW_LABELS[name]} |" in table
+    assert f"torch {torch.__version__}" in table and f"PEFT {saved['environment']['peft']}" in table
+    assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
