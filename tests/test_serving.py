@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import Optional
 
@@ -587,3 +588,57 @@ def test_serve_settings_reject_bad_values():
         ServeSettings(ns=(8, 1))
     with pytest.raises(ValueError, match="ServeSettings.rounds"):
         ServeSettings(rounds=0)
+
+
+def test_accelerator_serve_benchmark_dry_runs_on_the_cpu_with_tiny_shapes(tmp_path):
+    from giva.bench.serve import GPU_METHODS, GpuServeSettings, run_serve_gpu
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 64}
+    settings = GpuServeSettings(ns=(1, 3), rows=4, tokens=(1, 5), r=4, rounds=2, device="cpu", shape=tuple(shape.items()))
+    result = run_serve_gpu(tmp_path, settings, progress=False)
+    rows = result["ran"]
+    labels = [GPU_METHODS[m].format(r=4) for m in settings.methods]
+    for n in (1, 3):
+        for tokens in (1, 5):
+            point = {r["method"]: r for r in rows if r["n_adapters"] == n and r["tokens"] == tokens}
+            assert set(point) == {"base model", *labels, *(f"{label} / base model" for label in labels)}
+            for label in labels:
+                assert len(point[label]["seconds_per_round"]) == 2 and point[label]["distinct_adapters_in_batch"] <= n
+                expected = [t / b for t, b in zip(point[label]["seconds_per_round"], point["base model"]["seconds_per_round"])]
+                assert point[f"{label} / base model"]["per_round_ratio"] == pytest.approx(expected)
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| 3 | 5 |") == 1 and table.count("\n| 1 | 1 |") == 1
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["settings"]["device"] == "cpu"
+
+
+def test_accelerator_serve_benchmark_builds_adapters_that_change_every_row():
+    from giva.bench.serve import GpuServeSettings, _add_gpu_adapter, _llama, tuner_layers
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 64}
+    settings = GpuServeSettings(device="cpu", dtype="bfloat16", shape=tuple(shape.items()))
+    ids = torch.randint(0, 100, (3, 4))
+    base = _logits(_llama(settings), ids)
+    for method in settings.methods:
+        generator = torch.Generator().manual_seed(0)
+        model = _add_gpu_adapter(_llama(settings), method, "t0", 4, generator=generator)
+        _add_gpu_adapter(model, method, "t1", 4, tuner_layers(model), generator)
+        model.eval()
+        mixed = _logits(model, ids, adapter_names=["t0", "t1", "__base__"])
+        assert torch.equal(mixed[2], base[2])
+        assert not torch.allclose(mixed[0], base[0]) and not torch.allclose(mixed[0], mixed[1])
+        for name in ("t0", "t1"):  # PEFT's default keeps adapter weights in fp32; "lora" keeps LoRA's in the model's bf16
+            dtypes = {p.dtype for n, p in model.named_parameters() if f".{name}." in n or n.endswith(f".{name}")}
+            assert dtypes == {torch.bfloat16 if method == "lora" else torch.float32}, (method, name)
+
+
+def test_accelerator_serve_settings_reject_bad_values():
+    from giva.bench.serve import GpuServeSettings
+
+    with pytest.raises(ValueError, match="GpuServeSettings.tokens"):
+        GpuServeSettings(tokens=(0,))
+    with pytest.raises(ValueError, match="GpuServeSettings.methods"):
+        GpuServeSettings(methods=("nosuch",))
+    with pytest.raises(ValueError, match="^GpuServeSettings.ns"):
+        GpuServeSettings(ns=(8, 1))
