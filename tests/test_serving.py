@@ -146,18 +146,19 @@ def _record_mixed_forwards(monkeypatch, model, ids, names):
     return records
 
 
+@pytest.mark.parametrize("tokens", [1, 6], ids=["decode", "prefill"])
 @pytest.mark.parametrize("layout", ["shared B", "ranks and B differ", "blocks differ"])
-def test_mixed_batch_kernels_do_not_grow_with_the_adapters_and_nothing_crosses_to_the_host(layout, monkeypatch):
-    """Decoding-shaped batches (one token per row): per layer, the same aten ops whether the batch holds 2 or 8
-    distinct adapters, no host <-> device copy or sync once the stacks are built, and no temporary larger than
-    tokens x max(in, out) (what LoRA's mixed batch forms: its sub-batches of x and their outputs)."""
+def test_mixed_batch_kernels_do_not_grow_with_the_adapters_and_nothing_crosses_to_the_host(layout, tokens, monkeypatch):
+    """Per layer, the same aten ops whether the batch holds 3 or 8 distinct adapters, no host <-> device copy or
+    sync once the stacks are built, and no temporary larger than tokens x max(in, out) (what LoRA's mixed batch
+    forms: its sub-batches of x and their outputs), for rows of one token (decoding) and of more than r."""
     n = 8
     settings = LAYOUTS[layout]
     ranks = {f"t{i}": list(settings["ranks"].values())[i % 3] for i in range(n)}
     variants = {f"t{i}": settings.get("variants", {}).get(f"t{i % 3}", "Vr") for i in range(n)}
     blocks = {f"t{i}": settings["blocks"][f"t{i % 3}"] for i in range(n) if f"t{i % 3}" in settings.get("blocks", {})}
     model = _multi_adapter_model("gpt2-fused" if layout == "blocks differ" else "llama", ranks, variants=variants, blocks=blocks)
-    ids = text_batches(batch=n)[0]["input_ids"][:, :1]
+    ids = text_batches(batch=n)[0]["input_ids"][:, :tokens]
     few = ["t0", "t1", "t0", "t2", "__base__", "t0", "t1", "t0"]
     many = [f"t{i}" for i in range(n)]
     per_batch = {}
@@ -171,6 +172,7 @@ def test_mixed_batch_kernels_do_not_grow_with_the_adapters_and_nothing_crosses_t
         assert largest <= bound
         assert host == []
     assert len(per_batch["8 distinct"]) == sum(isinstance(m, GivaLayer) for m in model.modules())
+    torch.testing.assert_close(_logits(model, ids, adapter_names=few), _one_at_a_time(model, ids, few), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["bert", "gpt2-fused"])
@@ -244,8 +246,8 @@ def test_mixed_batch_reuses_index_tensors_and_stacks_across_layers_and_forwards(
     real = serving._to_device
     monkeypatch.setattr(serving, "_to_device", lambda values, *args: built.append(1) or real(values, *args))
     first = _logits(model, ids, adapter_names=names)
-    assert len(built) == 2  # slots and columns, once for every layer (one layout)
-    assert torch.equal(_logits(model, ids, adapter_names=names), first) and len(built) == 2
+    assert len(built) == 3  # slots, their gather form and columns, once for every layer (one layout)
+    assert torch.equal(_logits(model, ids, adapter_names=names), first) and len(built) == 3
 
 
 @pytest.mark.parametrize("case,layout", [("llama", "shared B"), ("gpt2-fused", "blocks differ"), ("bert", "ranks and B differ")])
@@ -334,10 +336,12 @@ def test_mixed_batch_stacks_used_on_another_stream_are_recorded_on_it(monkeypatc
     ids = text_batches(batch=3)[0]["input_ids"].cuda()
     names = ["t1", "t0", "t2"]
     serving.clear_mixed_batch_cache()
-    first = _logits(model, ids, adapter_names=names)  # built on the default stream
     recorded: list[torch.cuda.Stream] = []
     real = torch.Tensor.record_stream
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(stream) or real(self, stream))
+    first = _logits(model, ids, adapter_names=names)  # built on the default stream (recorded on it: a no-op)
+    assert recorded and all(s == torch.cuda.current_stream() for s in recorded)
+    recorded.clear()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -178,24 +178,25 @@ class _OnDevice:
     """Tensors built once and reused by forwards on any CUDA stream of their device.
 
     A tensor freed while a kernel queued on another stream still reads it could be handed to a new allocation of
-    its own stream; ``record_stream`` on each stream that uses it (once per stream) makes the allocator wait.
+    the stream it was allocated on; ``record_stream`` on each stream that uses it (once per stream; on its own
+    stream it is a no-op) makes the allocator wait for that stream's work first.
     """
 
     def __init__(self, *tensors: Optional[torch.Tensor]) -> None:
         self.tensors = tuple(t for t in tensors if t is not None)
-        self._streams: set[int] = set()
-        device = self.tensors[0].device if self.tensors else torch.device("cpu")
-        self._home: Optional[int] = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else None
+        self._cuda = bool(self.tensors) and self.tensors[0].device.type == "cuda"
+        self._streams: set[tuple[int, int]] = set()
 
     def used_here(self) -> None:
-        """Call before each use: records the current CUDA stream on the tensors if it is not the one they were built on."""
-        if self._home is None:
+        """Call before each use: records the current CUDA stream on the tensors the first time it uses them."""
+        if not self._cuda:
             return
         stream = torch.cuda.current_stream(self.tensors[0].device)
-        if stream.stream_id != self._home and stream.stream_id not in self._streams:
+        key = (stream.device_index, stream.stream_id)
+        if key not in self._streams:
             for tensor in self.tensors:
                 tensor.record_stream(stream)
-            self._streams.add(stream.stream_id)
+            self._streams.add(key)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -211,6 +212,7 @@ class _Rows:
     """Per-row index tensors of one batch (adapter names) for one stack layout, on the stack's device."""
 
     slots: torch.Tensor  # batch: the row's adapter among the present ones, 1..P, or 0 (no adapter in this layer)
+    gather: torch.Tensor  # batch: slots - 1, 0 for rows without an adapter (their lambda_s rows are zero)
     columns: torch.Tensor  # batch x sumR: 1 + the stacked column, on the row's adapter's columns; 0 elsewhere
     keep: Optional[torch.Tensor]  # batch x 2: 1 - dropout p of the row's adapter, 1 / (1 - p) (0 for p = 1); None: no dropout
     guard: _OnDevice
@@ -237,14 +239,25 @@ def _rows(
         p = [dropout[s - 1] if s else 0.0 for s in slots]
         keep = _to_device([[1.0 - q, 1.0 / (1.0 - q) if q < 1 else 0.0] for q in p], torch.float32, device)
     slot_tensor = _to_device(slots, torch.long, device)
+    gather_tensor = _to_device([max(slot - 1, 0) for slot in slots], torch.long, device)
     column_tensor = _to_device(columns, torch.long, device)
-    return _Rows(slot_tensor, column_tensor, keep, _OnDevice(slot_tensor, column_tensor, keep))
+    return _Rows(slot_tensor, gather_tensor, column_tensor, keep, _OnDevice(slot_tensor, gather_tensor, column_tensor, keep))
 
 
 @functools.lru_cache(maxsize=1024)
 def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A constant index tensor on ``device``, built once (the stacks that use it record their streams on it)."""
     return _to_device(list(values), torch.long, device)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What one batch (adapter names) reads from a stack, per row."""
+
+    selector: torch.Tensor  # batch x sumR: lambda_s on the columns of the row's adapter, zeros elsewhere
+    lambda_s: Optional[torch.Tensor]  # batch x R with a shared B: the row's lambda_s (zeros: no adapter)
+    lambda_o: Optional[torch.Tensor]  # batch x O with a shared B: the row's lambda_o (zeros: no adapter)
+    guard: _OnDevice
 
 
 @dataclass
@@ -259,21 +272,23 @@ class _Stacked:
     b: Optional[torch.Tensor]  # O x sumR without shared_b: lambda_o_p * B_p on each adapter's columns and rows
     out_index: Optional[torch.Tensor]  # the O output rows of W the adapters write, None for all of them
     guard: _OnDevice
-    per_batch: dict = field(default_factory=dict)  # names -> (S, lambda_o rows): cached with the stack, no autograd
+    per_batch: dict = field(default_factory=dict)  # names -> _Batch: cached with the stack (no autograd)
 
-    def selectors(self, rows: _Rows, names: tuple[str, ...], cache: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """S (batch x sumR: lambda_s on the columns of each row's adapter) and, with a shared B, lambda_o per row."""
+    def for_batch(self, rows: _Rows, names: tuple[str, ...], cache: bool) -> _Batch:
         found = self.per_batch.get(names) if cache else None
         if found is not None:
             return found
         selector = self.lambda_s[rows.columns]
-        lambda_o = None if self.lambda_o is None else self.lambda_o.index_select(0, rows.slots)
+        lambda_s = lambda_o = None
+        if self.shared_b is not None:  # one rank R: each row's lambda_s is its only non-zero slot of S
+            lambda_s = selector.view(len(selector), len(self.ranks), -1).sum(1)
+            lambda_o = self.lambda_o.index_select(0, rows.slots)
+        made = _Batch(selector, lambda_s, lambda_o, _OnDevice(selector, lambda_s, lambda_o))
         if cache:
             if len(self.per_batch) >= 64:  # a server cycling through many batches: keep the newest
                 self.per_batch.pop(next(iter(self.per_batch)))
-            self.per_batch[names] = (selector, lambda_o)
-            self.guard = _OnDevice(*self.guard.tensors, selector, lambda_o)
-        return selector, lambda_o
+            self.per_batch[names] = made
+        return made
 
 
 def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
@@ -299,16 +314,25 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
     stacked = _stacked(layer, present, x.device, x.dtype) if cache else _build_stacked(layer, present, x.device, x.dtype)
     dropout = tuple(float(getattr(layer.giva_dropout[n], "p", 0.0)) for n in present) if layer.training else ()
     rows = _rows(names, present, stacked.ranks, dropout, x.device)
-    selector, lambda_o = stacked.selectors(rows, names, cache)
-    stacked.guard.used_here()
-    rows.guard.used_here()
+    per_row = stacked.for_batch(rows, names, cache)
+    for guard in (stacked.guard, rows.guard, per_row.guard):
+        guard.used_here()
 
     batch, out = x.shape[0], result.shape[-1]
     x3 = x.reshape(batch, -1, x.shape[-1])  # batch x seq x in
     if rows.keep is not None:  # each row with its adapter's dropout
         keep = rows.keep.to(x.dtype)[:, None, :]
         x3 = x3 * torch.bernoulli(keep[..., :1].expand_as(x3)) * keep[..., 1:]
-    h = torch.matmul(x3, stacked.a.T) * selector[:, None, :]  # batch x seq x sumR, zero off each row's adapter
+    shared = stacked.shared_b is not None
+    if shared and x3.shape[1] >= stacked.ranks[0]:
+        # Rows of at least R tokens (a prefill): gather each row's A, batch x R x in (no larger than x itself), and
+        # skip the other adapters' columns: tokens x in x R instead of tokens x in x sumR.
+        a_rows = stacked.a.view(len(stacked.ranks), -1, stacked.a.shape[-1]).index_select(0, rows.gather)
+        h = torch.bmm(x3, a_rows.transpose(1, 2)) * per_row.lambda_s[:, None, :]  # batch x seq x R
+    else:
+        h = torch.matmul(x3, stacked.a.T) * per_row.selector[:, None, :]  # batch x seq x sumR, zero off each row's adapter
+        if shared:
+            h = h.reshape(*h.shape[:2], len(stacked.ranks), -1).sum(2)  # batch x seq x R: each row's one non-zero slot
     # In place into `result` (the base layer's fresh output) when autograd does not need it.
     in_place = (
         result.dtype == x.dtype
@@ -316,13 +340,12 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
         and not (torch.is_grad_enabled() and (result.requires_grad or h.requires_grad))
     )
     result3 = result.view(batch, -1, out) if result.is_contiguous() else result.reshape(batch, -1, out)
-    if stacked.shared_b is not None:
-        h = h.reshape(*h.shape[:2], len(stacked.ranks), -1).sum(2)  # batch x seq x R: each row's one non-zero slot
+    if shared:
         z = torch.matmul(h, stacked.shared_b.T)  # batch x seq x O
         if stacked.out_index is None and in_place:
-            result3.addcmul_(z, lambda_o[:, None, :])
+            result3.addcmul_(z, per_row.lambda_o[:, None, :])
             return result
-        delta = z * lambda_o[:, None, :]
+        delta = z * per_row.lambda_o[:, None, :]
     else:
         if stacked.out_index is None and in_place:
             result.view(-1, out).addmm_(h.reshape(-1, h.shape[-1]), stacked.b.T)
