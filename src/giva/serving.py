@@ -363,7 +363,7 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
 class _CacheEntry:
     key: tuple  # (present adapters, device, dtype)
     sources: tuple[weakref.ref, ...]  # the tensors the stack was built from
-    states: tuple[tuple, ...]  # their (data_ptr, version, dtype, device, shape) at build time
+    states: list[tuple[int, int]]  # their (data_ptr, version) at build time
     stacked: _Stacked
 
 
@@ -386,21 +386,19 @@ def clear_mixed_batch_cache(model: Optional[nn.Module] = None) -> None:
 
 
 def _sources(layer: Any, present: tuple[str, ...]) -> list[torch.Tensor]:
-    """The tensors a stack is built from. Reads the containers' dicts directly: this runs every forward."""
-    a, b, index = layer.giva_A._buffers, layer.giva_B._buffers, layer.giva_out_index._buffers
+    """The tensors a stack is built from (a B shared by consecutive adapters once; ``giva_out_index`` only changes
+    with a new adapter, hence new vectors). Reads the containers' dicts directly: this runs every forward, for
+    every layer, so it checks as few tensors as it can (a decoding step on a GPU waits for the host)."""
+    a, b = layer.giva_A._buffers, layer.giva_B._buffers
     lambda_s, lambda_o = layer.giva_lambda_s._parameters, layer.giva_lambda_o._parameters
     sources = []
+    last_b = None
     for name in present:
-        sources += (a[name], b[name], lambda_s[name], lambda_o[name])
-        if name in index:
-            sources.append(index[name])
+        sources += (a[name], lambda_s[name], lambda_o[name])
+        if b[name] is not last_b:
+            last_b = b[name]
+            sources.append(last_b)
     return sources
-
-
-def _state(tensor: torch.Tensor) -> tuple:
-    # data_ptr: `.data = ...` (how nn.Module.to moves parameters) swaps the storage without a version bump; the same
-    # address can hold another dtype (a `.data = t.view(dtype)`) or belong to another device's memory.
-    return (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tensor.shape)
 
 
 def _stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> _Stacked:
@@ -409,7 +407,9 @@ def _stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: 
     sources = _sources(layer, present)
     entry = _STACK_CACHE.get(layer)
     try:
-        states = tuple(_state(t) for t in sources)
+        # data_ptr: `.data = ...` swaps the storage without a version bump. A move or cast of the model also
+        # changes the key's compute dtype / device (the input's).
+        states = [(t.data_ptr(), t._version) for t in sources]
     except RuntimeError:  # inference tensors (created under torch.inference_mode) have no version counter
         return _build_stacked(layer, present, device, dtype)
     if (
@@ -465,6 +465,22 @@ def _adapter_names_pre_forward_hook(target: nn.Module, args: tuple, kwargs: dict
     return args, kwargs
 
 
+def _layers_of(root: nn.Module, types: tuple[type, ...]) -> list[nn.Module]:
+    """The modules of ``types`` under ``root``, without walking inside them: a GiVA layer holds a submodule per
+    adapter (its dropout), so ``root.modules()`` would visit ~N per layer, and this runs every forward."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, types):
+            found.append(module)
+        else:
+            stack.extend(child for child in module._modules.values() if child is not None)
+    return found
+
+
 def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
     """The encoder of an encoder-decoder model (it sees the un-expanded batch under beam search), else None."""
     get_encoder = getattr(model, "get_encoder", None)
@@ -499,16 +515,14 @@ def mixed_batch_hooks(
         expanded = [name for name in original for _ in range(num_beams)]
     handles = []
     try:
-        for module in tuner.modules():
-            if isinstance(module, hooked_types):
-                hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=expanded)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        for module in _layers_of(tuner, hooked_types):
+            hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=expanded)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         encoder = _get_encoder(getattr(tuner, "model", tuner))
         if expanded is not original and encoder is not None:
-            for module in encoder.modules():
-                if isinstance(module, hooked_types):
-                    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=original)
-                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            for module in _layers_of(encoder, hooked_types):
+                hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=original)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:
         for handle in handles:
