@@ -633,3 +633,15 @@ def test_accelerator_serve_settings_reject_bad_values():
         GpuServeSettings(methods=("nosuch",))
     with pytest.raises(ValueError, match="^GpuServeSettings.ns"):
         GpuServeSettings(ns=(8, 1))
+
+
+def test_serve_plan_lists_what_this_machine_would_measure(monkeypatch):
+    from giva.bench.serve import serve_plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serve_plan() == [
+        "serve (gpu): Llama 1B-shaped bfloat16 x ('base model', 'GiVA r=8', 'LoRA r=8 (bf16 adapters)', "
+        "'LoRA r=8 (PEFT default: fp32 adapters)') x N=(1, 8, 32, 128) x tokens per row=(1, 256), 32 rows"
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [line.split(" x ")[0] for line in serve_plan()] == ["serve: MiniLM-L6", "serve: SmolLM2-135M"]

@@ -710,6 +710,17 @@ def _gpu_table(rows: list[dict[str, Any]], settings: GpuServeSettings, device_na
     return "\n".join(lines) + "\n"
 
 
+def serve_plan() -> list[str]:
+    """What `giva bench --suite serve` would measure on this machine (``--dry-run``): one line per model or setting."""
+    if torch.cuda.is_available():
+        gpu = GpuServeSettings()
+        methods = ("base model",) + tuple(GPU_METHODS[m].format(r=gpu.r) for m in gpu.methods)
+        return [f"serve (gpu): Llama 1B-shaped {gpu.dtype} x {methods} x N={gpu.ns} x tokens per row={gpu.tokens}, {gpu.rows} rows"]
+    return [
+        f"serve: {m.name} x {(BASE, MERGED) + (m.methods or ADAPTER_METHODS)} x N={ServeSettings().ns}" for m in DEFAULT_MODELS
+    ]
+
+
 def run_serve_gpu(output_dir: str | Path, settings: Optional[GpuServeSettings] = None, progress: bool = True) -> dict[str, Any]:
     """Run the accelerator serve benchmark and write results.json and results.md into ``output_dir``."""
     settings = settings or GpuServeSettings()
