@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from typing import Optional
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import giva
+import giva.layer
 from giva import GivaConfig, serving
 from giva.layer import GivaLayer
 from tiny_models import text_batches, tiny_bert, tiny_gpt2, tiny_llama
@@ -18,13 +25,18 @@ CASES = {
 }
 
 
-def _multi_adapter_model(case: str, ranks: dict[str, int], variant: str = "Vr"):
+def _multi_adapter_model(case: str, ranks: dict[str, int], variant: str = "Vr", variants: Optional[dict[str, str]] = None,
+                         blocks: Optional[dict[str, dict]] = None):
+    """A tiny model with one GiVA adapter per entry of ``ranks`` (``variants`` / ``blocks``: per-adapter overrides)."""
     factory, targets, adapt_blocks = CASES[case]
     torch.manual_seed(0)
     model = None
     for name, r in ranks.items():
         # init_weights=False: stand-in A and non-zero vectors, so every adapter changes the outputs differently.
-        config = GivaConfig(r=r, target_modules=targets, adapt_blocks=adapt_blocks, variant=variant, init_weights=False)
+        config = GivaConfig(
+            r=r, target_modules=targets, adapt_blocks=(blocks or {}).get(name, adapt_blocks),
+            variant=(variants or {}).get(name, variant), init_weights=False,
+        )
         if model is None:
             model = get_peft_model(factory(), config, adapter_name=name)
         else:
@@ -49,26 +61,118 @@ def _one_at_a_time(model, ids, names):
     return torch.stack(expected)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_mixed_batch_is_batched_and_equals_one_adapter_at_a_time(case, monkeypatch):
-    model = _multi_adapter_model(case, {"t0": 4, "t1": 4, "t2": 4})
+# Adapter sets of a mixed batch: one seeded B shared by all (`Vr`, one rank); per-adapter B (`VrUr`) of different
+# ranks; and, on GPT-2's fused c_attn, adapters on different blocks (Q and V, K only, all three).
+LAYOUTS = {
+    "shared B": {"ranks": {"t0": 4, "t1": 4, "t2": 4}},
+    "ranks and B differ": {"ranks": {"t0": 4, "t1": 2, "t2": 3}, "variants": {"t0": "VrUr", "t2": "VrUr"}},
+    "blocks differ": {"ranks": {"t0": 4, "t1": 2, "t2": 4}, "blocks": {"t1": {"c_attn": [1]}, "t2": {"c_attn": [0, 1, 2]}}},
+}
+MIXED_CASES = [(case, layout) for case in CASES for layout in LAYOUTS if layout != "blocks differ" or case == "gpt2-fused"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case,layout", MIXED_CASES)
+def test_mixed_batch_equals_each_row_run_alone_with_its_adapter(case, layout, dtype):
+    model = _multi_adapter_model(case, **LAYOUTS[layout]).to(dtype)
     ids = text_batches(batch=6)[0]["input_ids"]
     names = ["t1", "t0", "__base__", "t2", "t0", "t1"]
-
-    def no_fallback(*args, **kwargs):
-        raise AssertionError("adapters of one layout must take the gathered path")
-
-    monkeypatch.setattr(serving, "_grouped_forward", no_fallback)
     mixed = _logits(model, ids, adapter_names=names)
+    again = _logits(model, ids, adapter_names=names)  # from the cached stacks
+    expected = _one_at_a_time(model, ids, names)
+    assert mixed.dtype == dtype and torch.equal(again, mixed)
+    if dtype == torch.float32:
+        torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+    else:  # bf16 maths in both, rounded in different places: within a few bf16 steps of the logits' scale
+        torch.testing.assert_close(mixed.float(), expected.float(), atol=0.05 * expected.float().abs().max().item(), rtol=0)
+    with model.disable_adapter():
+        base = _logits(model, ids)
+    assert torch.equal(mixed[2], base[2])  # a "__base__" row gets nothing at all
+
+
+VIEW_OPS = {"view", "_unsafe_view", "permute", "unsqueeze", "expand", "t", "transpose", "reshape", "slice", "select", "alias"}
+
+
+class _Recorder(TorchDispatchMode):
+    """Counts the aten ops of a region and the largest tensor any of them allocates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: Counter = Counter()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        self.ops[name] += 1
+        for tensor in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(tensor, torch.Tensor) and name.split(".")[-1] not in VIEW_OPS:  # a view allocates nothing
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+class _HostCalls(TorchFunctionMode):
+    """Records the torch calls of a region that move data between host and device or wait on the device."""
+
+    WATCHED = {"to", "cuda", "cpu", "tensor", "as_tensor", "nonzero", "item", "tolist", "unique", "pin_memory"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.WATCHED:
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _record_mixed_forwards(monkeypatch, model, ids, names):
+    """Per GiVA layer call of one forward: (aten op counts, largest returned numel, tokens x max(in, out), host calls)."""
+    records = []
+    real = giva.layer.mixed_batch_forward
+
+    def recorded(layer, result, x, adapter_names):
+        ops, host = _Recorder(), _HostCalls()
+        with ops, host:
+            out = real(layer, result, x, adapter_names)
+        tokens = x.numel() // x.shape[-1]
+        records.append((ops.ops, ops.largest, tokens * max(layer.in_features, layer.out_features), host.calls))
+        return out
+
+    monkeypatch.setattr(giva.layer, "mixed_batch_forward", recorded)
+    _logits(model, ids, adapter_names=names)
     monkeypatch.undo()
-    assert torch.allclose(mixed, _one_at_a_time(model, ids, names), atol=1e-5)
+    return records
 
 
-def test_mixed_batch_with_adapters_of_different_layouts():
-    model = _multi_adapter_model("gpt2-fused", {"t0": 4, "t1": 2})
-    ids = text_batches(batch=4)[0]["input_ids"]
-    names = ["t1", "t0", "__base__", "t1"]
-    assert torch.allclose(_logits(model, ids, adapter_names=names), _one_at_a_time(model, ids, names), atol=1e-5)
+@pytest.mark.parametrize("tokens", [1, 6], ids=["decode", "prefill"])
+@pytest.mark.parametrize("layout", ["shared B", "ranks and B differ", "blocks differ"])
+def test_mixed_batch_kernels_do_not_grow_with_the_adapters_and_nothing_crosses_to_the_host(layout, tokens, monkeypatch):
+    """Per layer, the same aten ops whether the batch holds 3 or 8 distinct adapters, no host <-> device copy or
+    sync once the stacks are built, and no temporary larger than tokens x max(in, out) (what LoRA's mixed batch
+    forms: its sub-batches of x and their outputs), for rows of one token (decoding) and of more than r."""
+    n = 8
+    settings = LAYOUTS[layout]
+    ranks = {f"t{i}": list(settings["ranks"].values())[i % 3] for i in range(n)}
+    variants = {f"t{i}": settings.get("variants", {}).get(f"t{i % 3}", "Vr") for i in range(n)}
+    blocks = {f"t{i}": settings["blocks"][f"t{i % 3}"] for i in range(n) if f"t{i % 3}" in settings.get("blocks", {})}
+    model = _multi_adapter_model("gpt2-fused" if layout == "blocks differ" else "llama", ranks, variants=variants, blocks=blocks)
+    ids = text_batches(batch=n)[0]["input_ids"][:, :tokens]
+    few = ["t0", "t1", "t0", "t2", "__base__", "t0", "t1", "t0"]
+    many = [f"t{i}" for i in range(n)]
+    per_batch = {}
+    for label, names in (("3 distinct", few), ("8 distinct", many)):
+        _logits(model, ids, adapter_names=names)  # builds the stacks and index tensors
+        per_batch[label] = _record_mixed_forwards(monkeypatch, model, ids, names)
+    for (ops_few, *_), (ops_many, largest, bound, host) in zip(per_batch["3 distinct"], per_batch["8 distinct"]):
+        assert ops_many == ops_few, "the kernels of a layer must not depend on the adapters in the batch"
+        kernels = sum(count for op, count in ops_many.items() if op.split(".")[-1] not in VIEW_OPS)
+        assert kernels <= 6, ops_many  # two matmuls, the selector, the sum over slots, lambda_o, the add
+        assert largest <= bound
+        assert host == []
+    assert len(per_batch["8 distinct"]) == sum(isinstance(m, GivaLayer) for m in model.modules())
+    torch.testing.assert_close(_logits(model, ids, adapter_names=few), _one_at_a_time(model, ids, few), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["bert", "gpt2-fused"])
@@ -119,24 +223,124 @@ def test_mixed_batch_reuses_its_stacked_adapters_until_any_of_them_changes(case,
     check("a cast of the model")
 
 
-def test_mixed_batch_gives_vectors_their_gradients_in_eval_mode(monkeypatch):
-    model = _multi_adapter_model("llama", {"t0": 4, "t1": 4})
-    ids = text_batches(batch=4)[0]["input_ids"]
-    names = ["t1", "t0", "__base__", "t1"]
-    vectors = [p.requires_grad_() for n, p in model.named_parameters() if "giva_lambda" in n]  # t1's too
+def test_mixed_batch_reuses_index_tensors_and_stacks_across_layers_and_forwards(monkeypatch):
+    model = _multi_adapter_model("llama", {"t0": 4, "t1": 4, "t2": 4})
+    ids = text_batches(batch=5)[0]["input_ids"]
+    names = ["t1", "t0", "__base__", "t2", "t1"]
+    serving.clear_mixed_batch_cache()
+    serving._rows.cache_clear()
+    built: list[tuple] = []
+    real = serving._to_device
+    monkeypatch.setattr(serving, "_to_device", lambda values, *args: built.append(1) or real(values, *args))
+    first = _logits(model, ids, adapter_names=names)
+    assert len(built) == 3  # slots, their gather form and columns, once for every layer (one layout)
+    assert torch.equal(_logits(model, ids, adapter_names=names), first) and len(built) == 3
 
-    def grads() -> list[torch.Tensor]:
+
+@pytest.mark.parametrize("case,layout", [("llama", "shared B"), ("gpt2-fused", "blocks differ"), ("bert", "ranks and B differ")])
+def test_mixed_batch_gives_each_vector_the_gradient_of_its_rows(case, layout):
+    model = _multi_adapter_model(case, **LAYOUTS[layout])
+    ids = text_batches(batch=5)[0]["input_ids"]
+    names = ["t1", "t0", "__base__", "t2", "t1"]
+    vectors = [p.requires_grad_() for n, p in model.named_parameters() if "giva_lambda" in n]
+
+    def grads(run) -> list[torch.Tensor]:
         for p in vectors:
             p.grad = None
-        model(input_ids=ids, adapter_names=names).logits.square().sum().backward()
+        run()
         return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in vectors]
 
-    _logits(model, ids, adapter_names=names)  # a no-grad forward leaves stacks in the cache
-    batched = grads()
-    monkeypatch.setattr(serving, "_stacked", lambda *args: None)  # reference: one pass per adapter over its rows
-    grouped = grads()
-    assert sum(bool(g.any()) for g in batched) == len(vectors)  # t0 and t1 both in the batch: every vector
-    assert all(torch.allclose(b, g, rtol=1e-4, atol=1e-6) for b, g in zip(batched, grouped))
+    def square_sum(logits: torch.Tensor) -> torch.Tensor:
+        return logits.square().sum()
+
+    _logits(model, ids, adapter_names=names)  # a no-grad forward leaves stacks in the cache: not used with autograd
+    batched = grads(lambda: square_sum(model(input_ids=ids, adapter_names=names).logits).backward())
+    # Reference: each row alone, through the single-adapter forward.
+    rows = [(i, n) for i, n in enumerate(names) if n != "__base__"]
+    alone = grads(lambda: sum(square_sum(model(input_ids=ids[i : i + 1], adapter_names=[n]).logits) for i, n in rows).backward())
+    assert sum(bool(g.any()) for g in batched) == len(vectors)  # every adapter is in the batch: every vector
+    for b, a in zip(batched, alone):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_batch_in_training_mode_applies_each_rows_dropout():
+    model = _multi_adapter_model("llama", {"t0": 4, "t1": 4})
+    for layer in (m for m in model.modules() if isinstance(m, GivaLayer)):
+        layer.giva_dropout["t1"] = torch.nn.Dropout(1.0)  # t1's rows lose all of their adapter input
+        layer.giva_dropout["t0"] = torch.nn.Dropout(0.5)
+    ids = text_batches(batch=4)[0]["input_ids"]
+    names = ["t1", "t0", "__base__", "t1"]
+    eval_mixed = _logits(model, ids, adapter_names=names)
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    for layer in layers:
+        layer.train()
+    torch.manual_seed(0)
+    train_mixed = _logits(model, ids, adapter_names=names)
+    with model.disable_adapter():
+        base = _logits(model, ids)
+    assert torch.equal(train_mixed[2], base[2])
+    assert torch.allclose(train_mixed[0], base[0], atol=1e-6) and torch.allclose(train_mixed[3], base[3], atol=1e-6)
+    assert not torch.allclose(train_mixed[1], eval_mixed[1], atol=1e-3)  # t0's rows: half their input dropped
+    assert not torch.allclose(train_mixed[1], base[1], atol=1e-3)
+    assert not torch.allclose(eval_mixed[0], base[0], atol=1e-3)  # without dropout, t1 changes its rows
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("case,layout", MIXED_CASES)
+def test_mixed_batch_on_cuda_never_synchronises_the_host(case, layout):
+    model = _multi_adapter_model(case, **LAYOUTS[layout]).to("cuda", torch.bfloat16)
+    ids = text_batches(batch=6)[0]["input_ids"].cuda()
+    names = ["t1", "t0", "__base__", "t2", "t0", "t1"]
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    serving.clear_mixed_batch_cache()
+    serving._rows.cache_clear()
+    inputs = [torch.randn(6, 5, layer.in_features, device="cuda", dtype=torch.bfloat16) for layer in layers]
+    expected = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.no_grad():
+            for _ in range(2):  # the first builds the stacks and index tensors, the second reuses them
+                expected = [layer(x, adapter_names=names) for layer, x in zip(layers, inputs)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for layer, x, out in zip(layers, inputs, expected):
+        rows = []
+        for i, name in enumerate(names):
+            with torch.no_grad():
+                rows.append(layer(x[i : i + 1], adapter_names=[name])[0])
+        torch.testing.assert_close(out.float(), torch.stack(rows).float(), atol=0.05 * out.float().abs().max().item(), rtol=0)
+    torch.testing.assert_close(
+        _logits(model, ids, adapter_names=names).float(), _one_at_a_time(model, ids, names).float(), atol=0.1, rtol=0.05
+    )
+
+
+@cuda
+def test_mixed_batch_stacks_used_on_another_stream_are_recorded_on_it(monkeypatch):
+    model = _multi_adapter_model("llama", {"t0": 4, "t1": 2, "t2": 4}).to("cuda")
+    ids = text_batches(batch=3)[0]["input_ids"].cuda()
+    names = ["t1", "t0", "t2"]
+    serving.clear_mixed_batch_cache()
+    recorded: list[torch.cuda.Stream] = []
+    real = torch.Tensor.record_stream
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(stream) or real(self, stream))
+    first = _logits(model, ids, adapter_names=names)  # built on the default stream (recorded on it: a no-op)
+    assert recorded and all(s == torch.cuda.current_stream() for s in recorded)
+    recorded.clear()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        other = _logits(model, ids, adapter_names=names)
+    torch.cuda.current_stream().wait_stream(side)
+    assert recorded and all(s == side for s in recorded)
+    count = len(recorded)
+    with torch.cuda.stream(side):
+        _logits(model, ids, adapter_names=names)
+    assert len(recorded) == count  # once per stream
+    serving.clear_mixed_batch_cache()  # freeing them now is safe: the allocator waits for the side stream
+    torch.testing.assert_close(other, first)
 
 
 def test_seeded_bases_are_one_tensor_per_layer_and_stay_shared_under_casts():
@@ -375,3 +579,69 @@ def test_serve_settings_reject_bad_values():
         ServeSettings(ns=(8, 1))
     with pytest.raises(ValueError, match="ServeSettings.rounds"):
         ServeSettings(rounds=0)
+
+
+def test_accelerator_serve_benchmark_dry_runs_on_the_cpu_with_tiny_shapes(tmp_path):
+    from giva.bench.serve import GPU_METHODS, GpuServeSettings, run_serve_gpu
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 64}
+    settings = GpuServeSettings(ns=(1, 3), rows=4, tokens=(1, 5), r=4, rounds=2, device="cpu", shape=tuple(shape.items()))
+    result = run_serve_gpu(tmp_path, settings, progress=False)
+    rows = result["ran"]
+    labels = [GPU_METHODS[m].format(r=4) for m in settings.methods]
+    for n in (1, 3):
+        for tokens in (1, 5):
+            point = {r["method"]: r for r in rows if r["n_adapters"] == n and r["tokens"] == tokens}
+            assert set(point) == {"base model", *labels, *(f"{label} / base model" for label in labels)}
+            for label in labels:
+                assert len(point[label]["seconds_per_round"]) == 2 and point[label]["distinct_adapters_in_batch"] <= n
+                expected = [t / b for t, b in zip(point[label]["seconds_per_round"], point["base model"]["seconds_per_round"])]
+                assert point[f"{label} / base model"]["per_round_ratio"] == pytest.approx(expected)
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| 3 | 5 |") == 1 and table.count("\n| 1 | 1 |") == 1
+    assert json.loads((tmp_path / "results.json").read_text())["meta"]["settings"]["device"] == "cpu"
+
+
+def test_accelerator_serve_benchmark_builds_adapters_that_change_every_row():
+    from giva.bench.serve import GpuServeSettings, _add_gpu_adapter, _llama, tuner_layers
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 64}
+    settings = GpuServeSettings(device="cpu", dtype="bfloat16", shape=tuple(shape.items()))
+    ids = torch.randint(0, 100, (3, 4))
+    base = _logits(_llama(settings), ids)
+    for method in settings.methods:
+        generator = torch.Generator().manual_seed(0)
+        model = _add_gpu_adapter(_llama(settings), method, "t0", 4, generator=generator)
+        _add_gpu_adapter(model, method, "t1", 4, tuner_layers(model), generator)
+        model.eval()
+        mixed = _logits(model, ids, adapter_names=["t0", "t1", "__base__"])
+        assert torch.equal(mixed[2], base[2])
+        assert not torch.allclose(mixed[0], base[0]) and not torch.allclose(mixed[0], mixed[1])
+        for name in ("t0", "t1"):  # PEFT's default keeps adapter weights in fp32; "lora" keeps LoRA's in the model's bf16
+            dtypes = {p.dtype for n, p in model.named_parameters() if f".{name}." in n or n.endswith(f".{name}")}
+            assert dtypes == {torch.bfloat16 if method == "lora" else torch.float32}, (method, name)
+
+
+def test_accelerator_serve_settings_reject_bad_values():
+    from giva.bench.serve import GpuServeSettings
+
+    with pytest.raises(ValueError, match="GpuServeSettings.tokens"):
+        GpuServeSettings(tokens=(0,))
+    with pytest.raises(ValueError, match="GpuServeSettings.methods"):
+        GpuServeSettings(methods=("nosuch",))
+    with pytest.raises(ValueError, match="^GpuServeSettings.ns"):
+        GpuServeSettings(ns=(8, 1))
+
+
+def test_serve_plan_lists_what_this_machine_would_measure(monkeypatch):
+    from giva.bench.serve import serve_plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serve_plan() == [
+        "serve (gpu): Llama 1B-shaped bfloat16 x ('base model', 'GiVA r=8', 'LoRA r=8 (bf16 adapters)', "
+        "'LoRA r=8 (PEFT default: fp32 adapters)') x N=(1, 8, 32, 128) x tokens per row=(1, 256), 32 rows"
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert [line.split(" x ")[0] for line in serve_plan()] == ["serve: MiniLM-L6", "serve: SmolLM2-135M"]

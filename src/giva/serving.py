@@ -19,7 +19,7 @@ import functools
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -141,6 +141,18 @@ class SharedBufferDict(BufferDict):
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Mixed-adapter batches
+#
+# For the P distinct adapters of a batch that a layer holds, the stack concatenates their A (``sumR x in``, every
+# rank and block layout alike) and, per row, a "selector" S (``batch x sumR``) holds lambda_s on the columns of the
+# row's adapter and zeros elsewhere. Then, with ``tokens = batch x seq``:
+#
+#     H = (x A_cat^T) * S                      tokens x sumR     (one GEMM for every adapter, one multiply)
+#     shared B:   out += lambda_o[row] * ((H summed over the P slots) B^T)      tokens x R, then tokens x O
+#     otherwise:  out += H B'_cat^T,  B'_cat = [lambda_o_p * B_p] (O x sumR, zero rows off an adapter's blocks)
+#
+# The kernels per layer do not depend on P, nothing is gathered per row but the small S and lambda_o rows, and the
+# largest per-call temporary is ``tokens x O`` (what LoRA's mixed batch also forms). Index tensors live on the
+# device, built once per (adapter names, device): no host-device copy or synchronisation in a forward.
 
 
 def check_mixed_batch_args(layer: Any, x: torch.Tensor, adapter_names: Sequence[str]) -> None:
@@ -156,88 +168,202 @@ def check_mixed_batch_args(layer: Any, x: torch.Tensor, adapter_names: Sequence[
         )
 
 
-@functools.lru_cache(maxsize=256)
-def _batch_plan(names: tuple[str, ...]) -> tuple[tuple[str, ...], torch.Tensor]:
-    """The distinct names of a batch (first-seen order) and, per row, the index of its name among them."""
-    unique = tuple(dict.fromkeys(names))
-    position = {name: i for i, name in enumerate(unique)}
-    return unique, torch.tensor([position[name] for name in names], dtype=torch.long)
+@functools.lru_cache(maxsize=1024)
+def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The distinct names of a batch, in first-seen order."""
+    return tuple(dict.fromkeys(names))
 
 
-def _uniform(layer: Any, adapters: Sequence[str]) -> bool:
-    """True if the adapters have bases of one shape on the same output rows (so they can be stacked)."""
-    first = adapters[0]
-    a_shape, b_shape = layer.giva_A[first].shape, layer.giva_B[first].shape
-    index = layer.giva_out_index[first] if first in layer.giva_out_index else None
-    for name in adapters[1:]:
-        if layer.giva_A[name].shape != a_shape or layer.giva_B[name].shape != b_shape:
-            return False
-        other = layer.giva_out_index[name] if name in layer.giva_out_index else None
-        if (index is None) != (other is None) or (index is not None and not torch.equal(index, other)):
-            return False
-    return True
+class _OnDevice:
+    """Tensors built once and reused by forwards on any CUDA stream of their device.
+
+    A tensor freed while a kernel queued on another stream still reads it could be handed to a new allocation of
+    the stream it was allocated on; ``record_stream`` on each stream that uses it (once per stream; on its own
+    stream it is a no-op) makes the allocator wait for that stream's work first.
+    """
+
+    def __init__(self, *tensors: Optional[torch.Tensor]) -> None:
+        self.tensors = tuple(t for t in tensors if t is not None)
+        self._cuda = bool(self.tensors) and self.tensors[0].device.type == "cuda"
+        self._streams: set[tuple[int, int]] = set()
+
+    def used_here(self) -> None:
+        """Call before each use: records the current CUDA stream on the tensors the first time it uses them."""
+        if not self._cuda:
+            return
+        stream = torch.cuda.current_stream(self.tensors[0].device)
+        key = (stream.device_index, stream.stream_id)
+        if key not in self._streams:
+            for tensor in self.tensors:
+                tensor.record_stream(stream)
+            self._streams.add(key)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor; to CUDA through pinned memory, asynchronously (the host does not wait)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Per-row index tensors of one batch (adapter names) for one stack layout, on the stack's device."""
+
+    slots: torch.Tensor  # batch: the row's adapter among the present ones, 1..P, or 0 (no adapter in this layer)
+    gather: torch.Tensor  # batch: slots - 1, 0 for rows without an adapter (their lambda_s rows are zero)
+    columns: torch.Tensor  # batch x sumR: 1 + the stacked column, on the row's adapter's columns; 0 elsewhere
+    keep: Optional[torch.Tensor]  # batch x 2: 1 - dropout p of the row's adapter, 1 / (1 - p) (0 for p = 1); None: no dropout
+    guard: _OnDevice
+
+
+@functools.lru_cache(maxsize=1024)
+def _rows(
+    names: tuple[str, ...], present: tuple[str, ...], ranks: tuple[int, ...], dropout: tuple[float, ...], device: torch.device
+) -> _Rows:
+    """Built once per (names, present adapters and their ranks and dropout, device), then reused by every layer alike."""
+    slot_of = {name: slot for slot, name in enumerate(present, start=1)}
+    offsets = [sum(ranks[:i]) for i in range(len(ranks))]
+    slots, columns = [], []
+    for name in names:
+        slot = slot_of.get(name, 0)
+        slots.append(slot)
+        row = [0] * sum(ranks)
+        if slot:
+            start = offsets[slot - 1]
+            row[start : start + ranks[slot - 1]] = range(start + 1, start + ranks[slot - 1] + 1)
+        columns.append(row)
+    keep = None
+    if any(dropout):
+        p = [dropout[s - 1] if s else 0.0 for s in slots]
+        keep = _to_device([[1.0 - q, 1.0 / (1.0 - q) if q < 1 else 0.0] for q in p], torch.float32, device)
+    slot_tensor = _to_device(slots, torch.long, device)
+    gather_tensor = _to_device([max(slot - 1, 0) for slot in slots], torch.long, device)
+    column_tensor = _to_device(columns, torch.long, device)
+    return _Rows(slot_tensor, gather_tensor, column_tensor, keep, _OnDevice(slot_tensor, gather_tensor, column_tensor, keep))
+
+
+@functools.lru_cache(maxsize=1024)
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A constant index tensor on ``device``, built once (the stacks that use it record their streams on it)."""
+    return _to_device(list(values), torch.long, device)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What one batch (adapter names) reads from a stack, per row."""
+
+    selector: torch.Tensor  # batch x sumR: lambda_s on the columns of the row's adapter, zeros elsewhere
+    lambda_s: Optional[torch.Tensor]  # batch x R with a shared B: the row's lambda_s (zeros: no adapter)
+    lambda_o: Optional[torch.Tensor]  # batch x O with a shared B: the row's lambda_o (zeros: no adapter)
+    guard: _OnDevice
+
+
+@dataclass
+class _Stacked:
+    """The present adapters of one layer in compute dtype and device (see the section comment for the maths)."""
+
+    a: torch.Tensor  # sumR x in: the adapters' A one under another (each its own rank and blocks)
+    lambda_s: torch.Tensor  # 1 + sumR: a zero, then the adapters' lambda_s (indexed by _Rows.columns)
+    ranks: tuple[int, ...]
+    shared_b: Optional[torch.Tensor]  # O x R when every adapter holds the same B on the same rows, else None
+    lambda_o: Optional[torch.Tensor]  # (1 + P) x O with shared_b: a zero row, then each adapter's lambda_o
+    b: Optional[torch.Tensor]  # O x sumR without shared_b: lambda_o_p * B_p on each adapter's columns and rows
+    out_index: Optional[torch.Tensor]  # the O output rows of W the adapters write, None for all of them
+    guard: _OnDevice
+    per_batch: dict = field(default_factory=dict)  # names -> _Batch: cached with the stack (no autograd)
+
+    def for_batch(self, rows: _Rows, names: tuple[str, ...], cache: bool) -> _Batch:
+        found = self.per_batch.get(names) if cache else None
+        if found is not None:
+            return found
+        selector = self.lambda_s[rows.columns]
+        lambda_s = lambda_o = None
+        if self.shared_b is not None:  # one rank R: each row's lambda_s is its only non-zero slot of S
+            lambda_s = selector.view(len(selector), len(self.ranks), -1).sum(1)
+            lambda_o = self.lambda_o.index_select(0, rows.slots)
+        made = _Batch(selector, lambda_s, lambda_o, _OnDevice(selector, lambda_s, lambda_o))
+        if cache:
+            if len(self.per_batch) >= 64:  # a server cycling through many batches: keep the newest
+                self.per_batch.pop(next(iter(self.per_batch)))
+            self.per_batch[names] = made
+        return made
 
 
 def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
     """Add each row's adapter output to the base output ``result`` (``(batch, ..., out)``); ``x`` is ``(batch, ..., in)``.
 
-    Rows whose name is ``"__base__"`` or an adapter this layer does not hold get nothing. For adapters of one
-    layout, per row ``b``: ``h_b = (lambda_s_b * A_b) x_b`` by one ``bmm`` over the gathered, pre-scaled ``A``
-    (``batch x R x in``), then ``result_b += h_b (lambda_o_b * B_b)^T`` by one ``baddbmm``, so the output is
-    read and written once (no separate passes to scale by ``lambda_o`` and to add). The stacked per-adapter
-    tensors are reused across forwards without autograd (see :func:`clear_mixed_batch_cache`).
+    Rows whose name is ``"__base__"`` or an adapter this layer does not hold get nothing. All adapters of a batch,
+    whatever their rank or block layout, go through the same few kernels (see the section comment), in ``x``'s
+    dtype; nothing waits on the device. The stacked adapter tensors are reused across forwards without autograd
+    (see :func:`clear_mixed_batch_cache`); with autograd on they are built from the live vectors, which get gradients.
     """
-    unique, positions = _batch_plan(tuple(adapter_names))
+    names = tuple(adapter_names)
+    unique = _unique(names)
     held = layer.giva_lambda_o._parameters  # the dict itself: this runs for every layer of every forward
     present = tuple(name for name in unique if name in held)
     if not present:
         return result
-    for name in present:
-        layer.ensure_bases(name)  # `weight` adapters built for loading compute their bases at first use
-    if len(unique) == 1:  # every row uses one adapter: the plain single-adapter forward, no gather
+    if layer._deferred_weight_bases:
+        for name in present:
+            layer.ensure_bases(name)  # `weight` adapters built for loading compute their bases at first use
+    if len(unique) == 1:  # every row uses one adapter: the plain single-adapter forward
         return layer._add_adapter_output(result, x, present[0])
-    if layer.training:
-        return _grouped_forward(layer, result, x, unique, positions, present)
-    dtype = layer.giva_lambda_s[present[0]].dtype
-    xb = layer._cast_input_dtype(x, dtype).reshape(x.shape[0], -1, x.shape[-1])  # batch x seq x in
-    stacked = _stacked(layer, present, xb.device, xb.dtype)
-    if stacked is None:  # adapters of different ranks / block layouts in this layer
-        return _grouped_forward(layer, result, x, unique, positions, present)
-    rows = _row_slots(unique, present, positions).to(xb.device)  # batch: 0 = no adapter in this layer
-    # batch x seq x R; A x^T is the faster bmm layout for a rank this small
-    h = torch.bmm(stacked.a.index_select(0, rows), xb.transpose(1, 2)).transpose(1, 2)
-    if stacked.b is None:  # one B shared by every adapter: scale it per row, batch x O x R
-        b = stacked.lambda_o.index_select(0, rows).unsqueeze(2) * stacked.shared_b
+    cache = not torch.is_grad_enabled()
+    stacked = _stacked(layer, present, x.device, x.dtype) if cache else _build_stacked(layer, present, x.device, x.dtype)
+    dropout = tuple(float(getattr(layer.giva_dropout[n], "p", 0.0)) for n in present) if layer.training else ()
+    rows = _rows(names, present, stacked.ranks, dropout, x.device)
+    per_row = stacked.for_batch(rows, names, cache)
+    for guard in (stacked.guard, rows.guard, per_row.guard):
+        guard.used_here()
+
+    batch, out = x.shape[0], result.shape[-1]
+    x3 = x.reshape(batch, -1, x.shape[-1])  # batch x seq x in
+    if rows.keep is not None:  # each row with its adapter's dropout
+        keep = rows.keep.to(x.dtype)[:, None, :]
+        x3 = x3 * torch.bernoulli(keep[..., :1].expand_as(x3)) * keep[..., 1:]
+    shared = stacked.shared_b is not None
+    if shared and x3.shape[1] >= stacked.ranks[0]:
+        # Rows of at least R tokens (a prefill): gather each row's A, batch x R x in (no larger than x itself), and
+        # skip the other adapters' columns: tokens x in x R instead of tokens x in x sumR.
+        a_rows = stacked.a.view(len(stacked.ranks), -1, stacked.a.shape[-1]).index_select(0, rows.gather)
+        h = torch.bmm(x3, a_rows.transpose(1, 2)) * per_row.lambda_s[:, None, :]  # batch x seq x R
     else:
-        b = stacked.b.index_select(0, rows)
-    if stacked.out_index is None and result.dtype == h.dtype:
-        result3 = result.reshape(x.shape[0], -1, result.shape[-1])
-        if torch.is_grad_enabled() and (result.requires_grad or h.requires_grad or b.requires_grad):
-            return torch.baddbmm(result3, h, b.transpose(1, 2)).reshape(result.shape)
-        # In place: `result` is the base layer's fresh output and autograd does not need it.
-        return result3.baddbmm_(h, b.transpose(1, 2)).reshape(result.shape)
-    delta = torch.bmm(h, b.transpose(1, 2)).reshape(*x.shape[:-1], -1).to(result.dtype)
-    if stacked.out_index is not None:
-        return result.index_add(-1, stacked.out_index, delta)
-    return result + delta
-
-
-@dataclass(frozen=True)
-class _Stacked:
-    """The present adapters' tensors of one layer in compute dtype; slot 0 is all zeros (rows without an adapter)."""
-
-    a: torch.Tensor  # (P + 1) x R x in: lambda_s-scaled A
-    lambda_o: torch.Tensor  # (P + 1) x O
-    shared_b: Optional[torch.Tensor]  # O x R when every adapter holds the same B, else None
-    b: Optional[torch.Tensor]  # (P + 1) x O x R: lambda_o-scaled B, when the adapters' B differ
-    out_index: Optional[torch.Tensor]  # the O output rows of a partly adapted fused layer, else None
+        h = torch.matmul(x3, stacked.a.T) * per_row.selector[:, None, :]  # batch x seq x sumR, zero off each row's adapter
+        if shared:
+            h = h.reshape(*h.shape[:2], len(stacked.ranks), -1).sum(2)  # batch x seq x R: each row's one non-zero slot
+    # In place into `result` (the base layer's fresh output) when autograd does not need it.
+    in_place = (
+        result.dtype == x.dtype
+        and result.is_contiguous()
+        and not (torch.is_grad_enabled() and (result.requires_grad or h.requires_grad))
+    )
+    result3 = result.view(batch, -1, out) if result.is_contiguous() else result.reshape(batch, -1, out)
+    if shared:
+        z = torch.matmul(h, stacked.shared_b.T)  # batch x seq x O
+        if stacked.out_index is None and in_place:
+            result3.addcmul_(z, per_row.lambda_o[:, None, :])
+            return result
+        delta = z * per_row.lambda_o[:, None, :]
+    else:
+        if stacked.out_index is None and in_place:
+            result.view(-1, out).addmm_(h.reshape(-1, h.shape[-1]), stacked.b.T)
+            return result
+        delta = torch.matmul(h, stacked.b.T)  # batch x seq x O
+    delta = delta.to(result.dtype)
+    if stacked.out_index is None:
+        return (result3 + delta).reshape(result.shape)
+    if in_place:
+        return result3.index_add_(-1, stacked.out_index, delta).reshape(result.shape)
+    return result3.index_add(-1, stacked.out_index, delta).reshape(result.shape)
 
 
 @dataclass(frozen=True)
 class _CacheEntry:
     key: tuple  # (present adapters, device, dtype)
     sources: tuple[weakref.ref, ...]  # the tensors the stack was built from
-    states: tuple[tuple, ...]  # their (data_ptr, version, dtype, device, shape) at build time
+    states: list[tuple[int, int]]  # their (data_ptr, version) at build time
     stacked: _Stacked
 
 
@@ -260,34 +386,30 @@ def clear_mixed_batch_cache(model: Optional[nn.Module] = None) -> None:
 
 
 def _sources(layer: Any, present: tuple[str, ...]) -> list[torch.Tensor]:
-    """The tensors a stack is built from. Reads the containers' dicts directly: this runs every forward."""
-    a, b, index = layer.giva_A._buffers, layer.giva_B._buffers, layer.giva_out_index._buffers
+    """The tensors a stack is built from (a B shared by consecutive adapters once; ``giva_out_index`` only changes
+    with a new adapter, hence new vectors). Reads the containers' dicts directly: this runs every forward, for
+    every layer, so it checks as few tensors as it can (a decoding step on a GPU waits for the host)."""
+    a, b = layer.giva_A._buffers, layer.giva_B._buffers
     lambda_s, lambda_o = layer.giva_lambda_s._parameters, layer.giva_lambda_o._parameters
     sources = []
+    last_b = None
     for name in present:
-        sources += (a[name], b[name], lambda_s[name], lambda_o[name])
-        if name in index:
-            sources.append(index[name])
+        sources += (a[name], lambda_s[name], lambda_o[name])
+        if b[name] is not last_b:
+            last_b = b[name]
+            sources.append(last_b)
     return sources
 
 
-def _state(tensor: torch.Tensor) -> tuple:
-    # data_ptr: `.data = ...` (how nn.Module.to moves parameters) swaps the storage without a version bump
-    return (tensor.data_ptr(), tensor._version, tensor.shape)
-
-
-def _stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> Optional[_Stacked]:
-    """The present adapters' stacked tensors (None if their layouts differ): cached when autograd is off.
-
-    With autograd on, they are built from the live vectors every time, so gradients reach them.
-    """
-    if torch.is_grad_enabled():
-        return _build_stacked(layer, present, device, dtype)
+def _stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> _Stacked:
+    """The present adapters' stacked tensors for a forward without autograd: built once, reused until any source changes."""
     key = (present, device, dtype)
     sources = _sources(layer, present)
     entry = _STACK_CACHE.get(layer)
     try:
-        states = tuple(_state(t) for t in sources)
+        # data_ptr: `.data = ...` swaps the storage without a version bump. A move or cast of the model also
+        # changes the key's compute dtype / device (the input's).
+        states = [(t.data_ptr(), t._version) for t in sources]
     except RuntimeError:  # inference tensors (created under torch.inference_mode) have no version counter
         return _build_stacked(layer, present, device, dtype)
     if (
@@ -299,58 +421,64 @@ def _stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: 
     ):
         return entry.stacked
     stacked = _build_stacked(layer, present, device, dtype)
-    if stacked is None:
-        _STACK_CACHE.pop(layer, None)
-    else:
-        _STACK_CACHE[layer] = _CacheEntry(key, tuple(weakref.ref(t) for t in sources), states, stacked)
+    _STACK_CACHE[layer] = _CacheEntry(key, tuple(weakref.ref(t) for t in sources), states, stacked)
     return stacked
 
 
-def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> Optional[_Stacked]:
-    if not _uniform(layer, present):
-        return None
-    first = present[0]
-    a_rows = [layer.giva_lambda_s[n].to(device, dtype).unsqueeze(1) * layer.giva_A[n].to(device, dtype) for n in present]
-    a = torch.stack([torch.zeros_like(a_rows[0])] + a_rows)
+def _out_rows(layer: Any, name: str) -> tuple[int, ...]:
+    """The output rows of W that adapter ``name``'s stacked B rows write, in order (from its blocks, on the host)."""
+    return tuple(row for blk in layer.blocks[name] for row in range(blk.out_start, blk.out_start + blk.out_size))
+
+
+def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> _Stacked:
+    a_list = [layer.giva_A[n] for n in present]
+    ranks = tuple(a.shape[0] for a in a_list)
+    a = torch.cat([t.to(device, dtype) for t in a_list])
+    lambda_s = torch.cat([torch.zeros(1, device=device, dtype=dtype)] + [layer.giva_lambda_s[n].to(device, dtype) for n in present])
     lambda_o_rows = [layer.giva_lambda_o[n].to(device, dtype) for n in present]
-    lambda_o = torch.stack([torch.zeros_like(lambda_o_rows[0])] + lambda_o_rows)
-    out_index = layer.giva_out_index[first].to(device) if first in layer.giva_out_index else None
-    b_first = layer.giva_B[first]
-    if all(layer.giva_B[n] is b_first for n in present):
-        return _Stacked(a, lambda_o, b_first.to(device, dtype), None, out_index)
-    b_rows = [lo.unsqueeze(1) * layer.giva_B[n].to(device, dtype) for n, lo in zip(present, lambda_o_rows)]
-    return _Stacked(a, lambda_o, None, torch.stack([torch.zeros_like(b_rows[0])] + b_rows), out_index)
-
-
-@functools.lru_cache(maxsize=256)
-def _row_slots(unique: tuple[str, ...], present: tuple[str, ...], positions: torch.Tensor) -> torch.Tensor:
-    """Per row, the slot of its adapter in :func:`_stacked` (1..P), or 0 when this layer does not hold it."""
-    slot_of_unique = torch.zeros(len(unique), dtype=torch.long)
-    for slot, name in enumerate(present, start=1):
-        slot_of_unique[unique.index(name)] = slot
-    return slot_of_unique[positions]
-
-
-def _grouped_forward(
-    layer: Any,
-    result: torch.Tensor,
-    x: torch.Tensor,
-    unique: tuple[str, ...],
-    positions: torch.Tensor,
-    present: Sequence[str],
-) -> torch.Tensor:
-    """Fallback for adapters of different layouts (or training): one pass per adapter over its rows."""
-    positions = positions.to(x.device)
-    for name in present:
-        rows = (positions == unique.index(name)).nonzero().squeeze(1)
-        updated = layer._add_adapter_output(result.index_select(0, rows), x.index_select(0, rows), name)
-        result = result.index_copy(0, rows, updated)
-    return result
+    layouts = [_out_rows(layer, n) for n in present]
+    first_b = layer.giva_B[present[0]]
+    if all(layer.giva_B[n] is first_b for n in present) and all(rows == layouts[0] for rows in layouts):
+        out_index = None
+        if layouts[0] != tuple(range(layer.out_features)):
+            out_index = _index(layouts[0], device)
+        lambda_o = torch.stack([torch.zeros_like(lambda_o_rows[0])] + lambda_o_rows)
+        shared_b = first_b.to(device, dtype)
+        guard = _OnDevice(a, lambda_s, shared_b, lambda_o, out_index)
+        return _Stacked(a, lambda_s, ranks, shared_b, lambda_o, None, out_index, guard)
+    union = tuple(sorted(set().union(*layouts)))
+    position = {row: i for i, row in enumerate(union)}
+    columns = []
+    for name, rows, lambda_o_p in zip(present, layouts, lambda_o_rows):
+        block = lambda_o_p[:, None] * layer.giva_B[name].to(device, dtype)  # O_p x R_p, lambda_o folded in
+        if rows != union:
+            index = _index(tuple(position[row] for row in rows), device)
+            block = block.new_zeros(len(union), block.shape[1]).index_copy(0, index, block)
+        columns.append(block)
+    b = torch.cat(columns, dim=1)
+    out_index = None if union == tuple(range(layer.out_features)) else _index(union, device)
+    return _Stacked(a, lambda_s, ranks, None, None, b, out_index, _OnDevice(a, lambda_s, b, out_index))
 
 
 def _adapter_names_pre_forward_hook(target: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
     kwargs["adapter_names"] = adapter_names
     return args, kwargs
+
+
+def _layers_of(root: nn.Module, types: tuple[type, ...]) -> list[nn.Module]:
+    """The modules of ``types`` under ``root``, without walking inside them: a GiVA layer holds a submodule per
+    adapter (its dropout), so ``root.modules()`` would visit ~N per layer, and this runs every forward."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, types):
+            found.append(module)
+        else:
+            stack.extend(child for child in module._modules.values() if child is not None)
+    return found
 
 
 def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
@@ -387,16 +515,14 @@ def mixed_batch_hooks(
         expanded = [name for name in original for _ in range(num_beams)]
     handles = []
     try:
-        for module in tuner.modules():
-            if isinstance(module, hooked_types):
-                hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=expanded)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        for module in _layers_of(tuner, hooked_types):
+            hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=expanded)
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         encoder = _get_encoder(getattr(tuner, "model", tuner))
         if expanded is not original and encoder is not None:
-            for module in encoder.modules():
-                if isinstance(module, hooked_types):
-                    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=original)
-                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            for module in _layers_of(encoder, hooked_types):
+                hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=original)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:
         for handle in handles:

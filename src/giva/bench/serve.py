@@ -9,6 +9,10 @@ Timings are interleaved: at each N every timed model runs once per round, in an 
 to round, so a slow spell of a shared machine hits all methods alike; each method's throughput is the median
 over rounds and the GiVA / LoRA ratio is reported per round (median, min, max). Writes results.json,
 results.md and serve.png under benchmarks/results/serve/.
+
+On a CUDA machine the suite times the mixed-batch forward of a 1B-shaped bf16 Llama instead (:func:`run_serve_gpu`):
+GiVA against PEFT LoRA's mixed batch and the base model alone, N = 1, 8, 32, 128 adapters, 32 rows of 1 and 256
+tokens, each timer closed by a device synchronisation; results under benchmarks/results/serve/gpu/.
 """
 
 from __future__ import annotations
@@ -440,12 +444,18 @@ def run_serve(
     settings: Optional[ServeSettings] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the serve benchmark and write results.json, results.md and serve.png into ``output_dir``."""
+    """Run the serve benchmark and write results.json, results.md and serve.png into ``output_dir``.
+
+    On a machine with CUDA and no explicit models or settings, it runs the accelerator benchmark instead
+    (:func:`run_serve_gpu`, into ``output_dir/gpu``).
+    """
     from .spec import benchmarks_dir
 
+    out = Path(output_dir) if output_dir else benchmarks_dir() / "results" / SERVE_SUITE
+    if models is None and settings is None and torch.cuda.is_available():
+        return run_serve_gpu(out / "gpu", progress=progress)
     models = models or DEFAULT_MODELS
     settings = settings or ServeSettings()
-    out = Path(output_dir) if output_dir else benchmarks_dir() / "results" / SERVE_SUITE
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = _finished_rows(out, settings, models)
@@ -510,5 +520,228 @@ def _summary(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, mod
         f"{r['model']} N={r['n_adapters']}: GiVA/LoRA mixed-batch throughput x{r['ratio_median']:.2f} "
         f"per round (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f})"
         for r in rows if r["method"] == "GiVA / LoRA"
+    ]
+    return {"headlines": headlines, "output_dir": str(out), "n_runs": len(rows), "ran": rows, "problems": []}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# On a CUDA machine: the mixed-batch forward of a 1B-shaped bf16 Llama against PEFT LoRA's and the base model's.
+
+# Llama 3.2 1B's shapes (random init: timing does not depend on the values).
+LLAMA_1B_SHAPE: dict[str, Any] = {
+    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
+GPU_METHODS: dict[str, str] = {
+    "giva": "GiVA r={r}",
+    "lora": "LoRA r={r} (bf16 adapters)",  # autocast_adapter_dtype=False: LoRA's maths in the model's dtype
+    "lora-fp32": "LoRA r={r} (PEFT default: fp32 adapters)",
+}
+
+
+@dataclass(frozen=True)
+class GpuServeSettings:
+    """What `giva bench --suite serve` measures on a CUDA machine (the defaults), or on the CPU with tiny shapes (CI)."""
+
+    ns: tuple[int, ...] = (1, 8, 32, 128)  # adapters in memory; each of the batch's rows uses a random one
+    rows: int = 32
+    tokens: tuple[int, ...] = (1, 256)  # tokens per row: a decoding step, a prefill
+    r: int = 8
+    rounds: int = 7  # interleaved timed rounds per point, after one warm-up round
+    seed: int = 0
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    methods: tuple[str, ...] = ("giva", "lora", "lora-fp32")
+    shape: tuple[tuple[str, Any], ...] = tuple(LLAMA_1B_SHAPE.items())  # LlamaConfig fields
+
+    def __post_init__(self) -> None:
+        try:
+            ServeSettings(ns=self.ns, r=self.r, rounds=self.rounds, seed=self.seed)  # the shared checks
+        except ValueError as err:
+            raise ValueError(str(err).replace("ServeSettings.", "GpuServeSettings.", 1)) from None
+        for name in ("rows",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GpuServeSettings.{name} must be an integer >= 1, got {value!r}")
+        if not self.tokens or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.tokens):
+            raise ValueError(f"GpuServeSettings.tokens must be token counts >= 1, got {self.tokens!r}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"GpuServeSettings.dtype must be 'bfloat16', 'float16' or 'float32', got {self.dtype!r}")
+        unknown = set(self.methods) - set(GPU_METHODS)
+        if not self.methods or unknown:
+            raise ValueError(f"GpuServeSettings.methods must be among {sorted(GPU_METHODS)}, got {self.methods!r}")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _llama(settings: GpuServeSettings) -> nn.Module:
+    """A random-init Llama of ``settings.shape`` in ``settings.dtype``, built on ``settings.device`` (same seed: same weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(settings.seed)
+    config = LlamaConfig(**dict(settings.shape))
+    with torch.device(settings.device):
+        model = LlamaForCausalLM(config).to(getattr(torch, settings.dtype))
+    return model.eval()
+
+
+def _fill_giva_stand_in(model: nn.Module, adapter_name: str, generator: torch.Generator) -> None:
+    """Random A (Gaussian) and vectors for one GiVA adapter, drawn on the model's device, written in place."""
+    from ..layer import GivaLayer
+
+    with torch.no_grad():
+        for layer in (m for m in model.modules() if isinstance(m, GivaLayer)):
+            a = layer.giva_A[adapter_name]
+            a.copy_(torch.randn(a.shape, generator=generator, device=a.device) / a.shape[-1] ** 0.5)
+            for vector, low, high in ((layer.giva_lambda_s[adapter_name], 0.5, 1.5), (layer.giva_lambda_o[adapter_name], -0.2, 0.2)):
+                vector.copy_(torch.rand(vector.shape, generator=generator, device=vector.device) * (high - low) + low)
+
+
+def _add_gpu_adapter(model: nn.Module, method: str, name: str, r: int, layers: Optional[list] = None, generator: Any = None) -> Any:
+    """Adapter ``name`` of ``method`` on every linear layer: through get_peft_model for the first, then per layer."""
+    from peft import get_peft_model
+    from peft.tuners.tuners_utils import cast_adapter_dtype
+
+    config = _config("giva" if method == "giva" else "lora", "all-linear", r, stand_in=False)
+    autocast = method != "lora"
+    if layers is None:
+        model = get_peft_model(model, config, adapter_name=name, autocast_adapter_dtype=autocast)
+    else:
+        add_adapter_to_layers(model, name, config, layers)
+        cast_adapter_dtype(model, name, autocast_adapter_dtype=autocast)
+    if method == "giva":
+        _fill_giva_stand_in(model, name, generator)
+    return model
+
+
+def measure_gpu(settings: GpuServeSettings, progress: bool = True) -> list[dict[str, Any]]:
+    """One row per (N, tokens, method) with the seconds of each timed forward, and per (N, tokens) the ratios.
+
+    Every forward ends with a device synchronisation, so each timer spans the device's work. The batch is
+    ``rows`` rows of ``tokens`` tokens; only the last position's logits are computed (as a server's step does).
+    """
+    device = torch.device(settings.device)
+    generator = torch.Generator().manual_seed(settings.seed)
+    device_generator = torch.Generator(device=device).manual_seed(settings.seed)
+    vocab = dict(settings.shape)["vocab_size"]
+    models: dict[str, nn.Module] = {"base model": _llama(settings)}
+    layers: dict[str, list] = {}
+    for method in settings.methods:
+        models[method] = _add_gpu_adapter(_llama(settings), method, "t0", settings.r, generator=device_generator)
+        layers[method] = tuner_layers(models[method])
+    rows: list[dict[str, Any]] = []
+    count = 1
+    for n in settings.ns:
+        while count < n:
+            for method in settings.methods:
+                _add_gpu_adapter(models[method], method, f"t{count}", settings.r, layers[method], device_generator)
+            count += 1
+        for model in models.values():
+            model.eval()
+        names = [f"t{i}" for i in torch.randint(0, n, (settings.rows,), generator=generator).tolist()]
+        for tokens in settings.tokens:
+            ids = torch.randint(0, vocab, (settings.rows, tokens), generator=generator).to(device)
+            fns = {}
+            for label, model in models.items():
+                kwargs = {} if label == "base model" else {"adapter_names": names}
+                fns[label] = _synced_forward(model, ids, device, **kwargs)
+            times = time_interleaved(fns, settings.rounds)
+            for label, seconds in times.items():
+                rows.append({
+                    "n_adapters": n, "tokens": tokens, "method": label if label == "base model" else GPU_METHODS[label].format(r=settings.r),
+                    "distinct_adapters_in_batch": None if label == "base model" else len(set(names)),
+                    "ms": statistics.median(seconds) * 1e3, "ms_min": min(seconds) * 1e3, "ms_max": max(seconds) * 1e3,
+                    "seconds_per_round": seconds,
+                })
+            for label in settings.methods:
+                ratios = [t / b for t, b in zip(times[label], times["base model"])]
+                rows.append({
+                    "n_adapters": n, "tokens": tokens, "method": f"{GPU_METHODS[label].format(r=settings.r)} / base model",
+                    "per_round_ratio": ratios, "ratio_median": statistics.median(ratios),
+                    "ratio_min": min(ratios), "ratio_max": max(ratios),
+                })
+            if progress:
+                logger.info("serve (%s) N=%d tokens=%d: %s ms", settings.device, n, tokens,
+                            {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items()})
+    return rows
+
+
+def _synced_forward(model: nn.Module, ids: torch.Tensor, device: torch.device, **kwargs: Any) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, logits_to_keep=1, **kwargs)
+        _synchronize(device)
+
+    return run
+
+
+def _gpu_table(rows: list[dict[str, Any]], settings: GpuServeSettings, device_name: str) -> str:
+    labels = [GPU_METHODS[m].format(r=settings.r) for m in settings.methods]
+    lines = [
+        "# Serving many adapters on one accelerator: mixed batches",
+        "",
+        f"Command: `giva bench --suite serve` on {device_name}. A random-init Llama of Llama 3.2 1B's shapes in "
+        f"{settings.dtype}, adapters r={settings.r} on every linear layer; {settings.rows} rows, each with a random adapter "
+        "among N (the same rows for every method); only the last position's logits. Milliseconds per forward: median over "
+        f"{settings.rounds} interleaved rounds (each round times every model once, the order rotated per round, after one "
+        "warm-up round), each timer closed by a device synchronisation. Ratio to the base model: per round, median (min-max).",
+        "",
+        "| N | tokens per row | distinct in batch | base model (ms) | " + " | ".join(f"{m} (ms) | {m} / base" for m in labels) + " |",
+        "|---:|---:|---:|---:|" + "---:|---:|" * len(labels),
+    ]
+    for n in settings.ns:
+        for tokens in settings.tokens:
+            point = [r for r in rows if r["n_adapters"] == n and r["tokens"] == tokens]
+            cells = {r["method"]: r for r in point}
+            if "base model" not in cells:
+                continue
+            distinct = next((r["distinct_adapters_in_batch"] for r in point if r.get("distinct_adapters_in_batch")), "")
+            parts = [f"| {n} | {tokens} | {distinct} | {cells['base model']['ms']:.2f} |"]
+            for label in labels:
+                ratio = cells[f"{label} / base model"]
+                parts.append(
+                    f" {cells[label]['ms']:.2f} | {ratio['ratio_median']:.2f} ({ratio['ratio_min']:.2f}-{ratio['ratio_max']:.2f}) |"
+                )
+            lines.append("".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def serve_plan() -> list[str]:
+    """What `giva bench --suite serve` would measure on this machine (``--dry-run``): one line per model or setting."""
+    if torch.cuda.is_available():
+        gpu = GpuServeSettings()
+        methods = ("base model",) + tuple(GPU_METHODS[m].format(r=gpu.r) for m in gpu.methods)
+        return [f"serve (gpu): Llama 1B-shaped {gpu.dtype} x {methods} x N={gpu.ns} x tokens per row={gpu.tokens}, {gpu.rows} rows"]
+    return [
+        f"serve: {m.name} x {(BASE, MERGED) + (m.methods or ADAPTER_METHODS)} x N={ServeSettings().ns}" for m in DEFAULT_MODELS
+    ]
+
+
+def run_serve_gpu(output_dir: str | Path, settings: Optional[GpuServeSettings] = None, progress: bool = True) -> dict[str, Any]:
+    """Run the accelerator serve benchmark and write results.json and results.md into ``output_dir``."""
+    settings = settings or GpuServeSettings()
+    device = torch.device(settings.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("GpuServeSettings.device is 'cuda' but torch sees no CUDA device")
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"serve output folder {out} is a file")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    rows = measure_gpu(settings, progress)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    meta = {
+        "settings": json.loads(json.dumps(asdict(settings))), "device": device_name, "torch": torch.__version__,
+        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)), "seconds": round(time.time() - started, 1),
+    }
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (out / "results.md").write_text(_gpu_table(rows, settings, device_name))
+    headlines = [
+        f"N={r['n_adapters']} tokens={r['tokens']}: {r['method']} x{r['ratio_median']:.2f}"
+        for r in rows if "ratio_median" in r
     ]
     return {"headlines": headlines, "output_dir": str(out), "n_runs": len(rows), "ran": rows, "problems": []}
