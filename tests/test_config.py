@@ -18,6 +18,11 @@ from giva import GIVA_PEFT_TYPE, GivaConfig
         ({"layers_pattern": "layer"}, "layers_pattern is only used with layers_to_transform"),
         ({"block_sizes": {"c_attn": [3, 0]}}, "GivaConfig.block_sizes\\['c_attn'\\] must be"),
         ({"adapt_blocks": {"c_attn": []}}, "GivaConfig.adapt_blocks\\['c_attn'\\] must be"),
+        ({"layers_to_transform": []}, "GivaConfig.layers_to_transform must be .*non-empty list.*got \\[\\]"),
+        ({"target_modules": "query("}, "GivaConfig.target_modules 'query\\(' is not a valid regular expression"),
+        ({"target_modules": ["query", 123]}, "GivaConfig.target_modules must list module names .*'123'"),
+        ({"target_modules": 5}, "GivaConfig.target_modules must be a module-name regex string or a list"),
+        ({"exclude_modules": ["key", ""]}, "GivaConfig.exclude_modules must list module names"),
     ],
 )
 def test_invalid_values_raise_clear_errors(kwargs, message):

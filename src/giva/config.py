@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -141,6 +142,8 @@ class GivaConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = GIVA_PEFT_TYPE
+        _check_modules("target_modules", self.target_modules)
+        _check_modules("exclude_modules", self.exclude_modules)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -170,9 +173,10 @@ class GivaConfig(PeftConfig):
             raise ValueError("GivaConfig.layers_pattern is only used with layers_to_transform, which is None")
         layers = self.layers_to_transform
         if layers is not None:
-            if not ((_is_int(layers) and layers >= 0) or (isinstance(layers, list) and all(_is_int(i) and i >= 0 for i in layers))):
+            if not ((_is_int(layers) and layers >= 0) or (isinstance(layers, list) and layers and all(_is_int(i) and i >= 0 for i in layers))):
                 raise ValueError(
-                    f"GivaConfig.layers_to_transform must be a layer index or a list of layer indices (ints >= 0), got {layers!r}"
+                    f"GivaConfig.layers_to_transform must be a layer index or a non-empty list of layer indices (ints >= 0), "
+                    f"got {layers!r} (None adapts every layer)"
                 )
             if isinstance(self.target_modules, str) and self.target_modules != DEFAULT_TARGET_MODULES:
                 # As LoRA: a regex target is matched as a whole, so the layer filter would be ignored.
@@ -204,3 +208,21 @@ class GivaConfig(PeftConfig):
                 raise ValueError(
                     f"GivaConfig.adapt_blocks[{name!r}] must be a non-empty list of block indices, got {blocks!r}"
                 )
+
+
+def _check_modules(option: str, value: Any) -> None:
+    """``target_modules`` / ``exclude_modules``: None, a valid regex string, or a list (set) of module-name strings."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"GivaConfig.{option} {value!r} is not a valid regular expression: {error}") from None
+        return
+    if isinstance(value, (list, set, tuple)):
+        bad = [v for v in value if not isinstance(v, str) or not v]
+        if bad:
+            raise ValueError(f"GivaConfig.{option} must list module names (non-empty strings), got {sorted(map(repr, bad))}")
+        return
+    raise ValueError(f"GivaConfig.{option} must be a module-name regex string or a list of names, got {value!r}")

@@ -12,19 +12,24 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from .gpu import FULL, GPU_SUITE, TINY, plan, run_gpu
 from .report import PLOTS, write_report
-from .runner import dry_run, load_runs, run_suite
-from .scale import SCALE_SUITE, run_scale
+from .runner import dry_run, load_runs, run_suite, select_phases
+from .scale import SCALE_SUITE, plan_scale, run_scale
 from .schema import validate_run
-from .serve import ADAPTER_METHODS, DEFAULT_MODELS, SERVE_SUITE, ServeSettings, run_serve
+from .serve import SERVE_SUITE, plan_serve, run_serve, serve_plan
 from .spec import benchmarks_dir, load_suite
 
 logger = logging.getLogger(__name__)
 
 QUICK_SUITE = "quick"
+DEFAULT_SUITE = "full"  # what the library's run_benchmark() / plan_benchmark() run without a suite (the CLI: quick)
 
-__all__ = ["PLOTS", "QUICK_SUITE", "check_outputs", "plan_benchmark", "run_benchmark", "validate_run"]
+__all__ = [
+    "PLOTS", "QUICK_SUITE", "check_outputs", "check_request", "plan_benchmark", "run_benchmark", "suite_names", "validate_run",
+]
 
 
 def _gpu_folder(quick: bool) -> str:
@@ -54,28 +59,60 @@ def check_outputs(output_dir: Path) -> list[str]:
     return problems
 
 
+def suite_names(root: Optional[Path] = None) -> list[str]:
+    """Every suite ``giva bench --suite`` accepts: the training suites of benchmarks/suites, then serve, scale and gpu."""
+    root = root or benchmarks_dir()
+    return sorted(p.stem for p in (root / "suites").glob("*.json")) + [SERVE_SUITE, SCALE_SUITE, GPU_SUITE]
+
+
+def check_request(
+    suite: Optional[str], quick: bool = False, output_dir: Optional[str | Path] = None,
+    phases: Optional[Sequence[str]] = None, root: Optional[Path] = None,
+) -> None:
+    """Refuse a request that would be ignored or misread, before anything is loaded or run (``ValueError``)."""
+    root = root or benchmarks_dir()
+    known = suite_names(root)
+    if quick and suite not in (None, QUICK_SUITE, GPU_SUITE):
+        raise ValueError(
+            f"--quick runs the {QUICK_SUITE!r} suite (or the gpu suite's tiny shapes); it cannot be combined with --suite {suite}"
+        )
+    suite = suite if quick and suite == GPU_SUITE else QUICK_SUITE if quick else suite or DEFAULT_SUITE
+    if suite not in known:
+        raise ValueError(f"no suite {suite!r}; the suites are {known}")
+    if phases is not None:
+        if suite in (SERVE_SUITE, SCALE_SUITE, GPU_SUITE):
+            raise ValueError(f"--phases: the {suite!r} suite has no phases")
+        if not phases:
+            raise ValueError("--phases names no phase; give comma-separated phase names")
+        select_phases(load_suite(root, suite), phases)  # an unknown name raises, listing the suite's phases
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
+
+
 def plan_benchmark(
-    suite: str = "full", quick: bool = False, output_dir: Optional[str | Path] = None,
+    suite: Optional[str] = None, quick: bool = False, output_dir: Optional[str | Path] = None,
     root: Optional[Path] = None, phases: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
     """What ``run_benchmark`` with the same arguments would run now (``giva bench --dry-run``), running nothing:
     {'runs': run ids, 'waiting': rows waiting on another sweep, 'estimate': run time by phase, 'output_dir'}."""
     root = root or benchmarks_dir()
+    check_request(suite, quick, output_dir, phases, root)
     if suite == GPU_SUITE:
         out = Path(output_dir) if output_dir else root / "results" / _gpu_folder(quick)
         return {"runs": [f"{shape}/{row}" for shape, row in plan(TINY if quick else FULL)], "waiting": [], "estimate": {},
                 "output_dir": str(out)}
-    if suite == SERVE_SUITE and not quick:
-        out = Path(output_dir) if output_dir else root / "results" / SERVE_SUITE
-        return {"runs": [f"serve: {m.name} x {('base model', 'one merged adapter') + (m.methods or ADAPTER_METHODS)} x N={ServeSettings().ns}" for m in DEFAULT_MODELS],
-                "waiting": [], "estimate": {}, "output_dir": str(out)}
-    name = QUICK_SUITE if quick else suite
+    name = QUICK_SUITE if quick else suite or DEFAULT_SUITE
     out = Path(output_dir) if output_dir else root / "results" / name
+    if name == SERVE_SUITE:  # on a CUDA machine the accelerator settings (serve_plan), else the CPU points left to measure
+        runs = serve_plan() if torch.cuda.is_available() else plan_serve(out)
+        return {"runs": runs, "waiting": [], "estimate": {}, "output_dir": str(out)}
+    if name == SCALE_SUITE:
+        return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
     return {**dry_run(load_suite(root, name), root, out, phases), "output_dir": str(out)}
 
 
 def run_benchmark(
-    suite: str = "full", quick: bool = False, output_dir: Optional[str | Path] = None,
+    suite: Optional[str] = None, quick: bool = False, output_dir: Optional[str | Path] = None,
     root: Optional[Path] = None, progress: bool = True, phases: Optional[Sequence[str]] = None,
     report_only: bool = False,
 ) -> dict[str, Any]:
@@ -88,6 +125,8 @@ def run_benchmark(
     Returns the results dict (see report.write_report) with a ``problems`` list added.
     """
     root = root or benchmarks_dir()
+    check_request(suite, quick, output_dir, phases, root)
+    suite = suite or DEFAULT_SUITE
     if report_only and (suite == GPU_SUITE or suite in (SERVE_SUITE, SCALE_SUITE) and not quick):
         raise ValueError(f"--report-only applies to training suites; the {suite!r} suite writes its report as it runs")
     if suite == GPU_SUITE:  # --quick: the tiny shapes, on CPU when there is no GPU

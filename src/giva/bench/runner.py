@@ -67,7 +67,17 @@ def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
 
 
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+    """Every run JSON in ``runs_dir``; a file that is not a run record is a ``ValueError`` naming it."""
+    runs = []
+    for path in sorted(runs_dir.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON ({error}); delete it to rerun that run") from None
+        if not isinstance(record, dict) or not {"run_id", "method", "metrics"} <= record.keys():
+            raise ValueError(f"{path} is not a run record (no run_id, method or metrics); delete it to rerun that run")
+        runs.append(record)
+    return runs
 
 
 def lr_key(lr: float) -> float:

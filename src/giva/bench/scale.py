@@ -366,6 +366,15 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
+def plan_scale(output_dir: Path) -> list[str]:
+    """The ``model/measurement`` records :func:`run_scale` (all models and kinds) would measure now."""
+    runs = _load(output_dir / "results.json")["runs"]
+    return [
+        f"scale: {name}/{kind}" for name, spec in MODELS.items() for kind in spec.kinds
+        if runs.get(f"{name}/{kind}", {}).get("status") != "ok"
+    ]
+
+
 def run_scale(
     output_dir: Path, models: Optional[Sequence[str]] = None, kinds: Optional[Sequence[str]] = None,
     min_free_gib: float = 3.0, remeasure: bool = False,

@@ -474,6 +474,17 @@ def run_serve(
     return _summary(out, rows, settings, models)
 
 
+def plan_serve(output_dir: Path, models: Optional[tuple[ServeModel, ...]] = None, settings: Optional[ServeSettings] = None) -> list[str]:
+    """The (model, N) points :func:`run_serve` would measure now into ``output_dir`` (finished ones are kept)."""
+    models = models or DEFAULT_MODELS
+    settings = settings or ServeSettings()
+    rows = _finished_rows(output_dir, settings, models)
+    return [
+        f"serve: {m.name} N={n}: base model, one merged adapter, mixed batches of {', '.join(m.methods or ADAPTER_METHODS)}"
+        for m in models for n in settings.ns if not _point_done(rows, m.name, n)
+    ]
+
+
 def _finished_rows(out: Path, settings: ServeSettings, models: tuple[ServeModel, ...]) -> list[dict[str, Any]]:
     """Rows of a previous, interrupted run in ``out`` with the same settings and batch shapes (to resume from)."""
     path = out / "results.json"

@@ -1,0 +1,82 @@
+"""`giva bench` requests that used to be ignored or misread get one clear error before anything runs, and a dry run
+of the serve and scale suites lists what a real run would measure (issue 24, item 8)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from giva.bench import plan_benchmark, suite_names
+from giva.bench.runner import load_runs
+from giva.bench.scale import MODELS, plan_scale
+from giva.bench.serve import DEFAULT_MODELS, ServeSettings, plan_serve
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"suite": "nosuch"}, r"no suite 'nosuch'; the suites are \[.*'evidence'.*'serve', 'scale', 'gpu'\]"),
+        ({"suite": "evidence", "quick": True}, r"--quick runs the 'quick' suite \(or the gpu suite's tiny shapes\); it cannot be combined with --suite evidence"),
+        ({"suite": "evidence", "phases": ["nosuch"]}, r"suite 'evidence' has no phase\(s\) \['nosuch'\]; its phases are"),
+        ({"suite": "evidence", "phases": []}, "--phases names no phase"),
+        ({"suite": "serve", "phases": ["x"]}, "--phases: the 'serve' suite has no phases"),
+        ({"suite": "scale", "phases": ["x"]}, "--phases: the 'scale' suite has no phases"),
+    ],
+)
+def test_requests_that_would_be_ignored_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan_benchmark(root=BENCH, **kwargs)
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_planning(tmp_path: Path) -> None:
+    target = tmp_path / "results"
+    target.write_text("not a folder")
+    for suite in ("evidence", "serve", "scale"):
+        with pytest.raises(ValueError, match=f"--output-dir {target} is a file, not a folder"):
+            plan_benchmark(suite, output_dir=target, root=BENCH)
+
+
+def test_suite_names_are_the_json_suites_then_serve_scale_and_gpu() -> None:
+    names = suite_names(BENCH)
+    assert names[-3:] == ["serve", "scale", "gpu"]
+    assert set(names[:-3]) == {p.stem for p in (BENCH / "suites").glob("*.json")}
+
+
+def test_serve_dry_run_lists_every_point_of_an_empty_folder_and_none_of_a_finished_one(tmp_path: Path) -> None:
+    planned = plan_serve(tmp_path)
+    assert len(planned) == len(DEFAULT_MODELS) * len(ServeSettings().ns)
+    assert plan_benchmark("serve", output_dir=tmp_path, root=BENCH)["runs"] == planned
+    assert plan_serve(BENCH / "results" / "serve") == []  # the committed results are complete
+
+
+def test_scale_dry_run_lists_only_the_records_not_measured_ok(tmp_path: Path) -> None:
+    everything = [f"scale: {name}/{kind}" for name, spec in MODELS.items() for kind in spec.kinds]
+    assert plan_scale(tmp_path) == everything
+    (tmp_path / "results.json").write_text(json.dumps({"runs": {"smollm2-135m/exact": {"status": "ok"},
+                                                                "llama-3b/exact": {"status": "skipped_memory"}}}))
+    planned = plan_scale(tmp_path)
+    assert "scale: smollm2-135m/exact" not in planned and "scale: llama-3b/exact" in planned
+    assert len(planned) == len(everything) - 1
+
+
+@pytest.mark.parametrize(("content", "message"), [("{}", "is not a run record"), ('{"run_id": "a", "met', "is not valid JSON")])
+def test_a_broken_run_json_is_named(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "good.json").write_text(json.dumps({"run_id": "a", "method": {}, "metrics": {}}))
+    (tmp_path / "broken.json").write_text(content)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'broken.json'} {message}"):
+        load_runs(tmp_path)
+
+
+def test_cli_reports_a_bad_request_in_one_line_with_exit_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "giva.cli", "bench", "--suite", "evidence", "--phases", ",", "--dry-run"],
+        capture_output=True, text=True, cwd=BENCH.parent, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "giva bench: --phases names no phase; give comma-separated phase names"
