@@ -14,6 +14,7 @@ from .peft_compat import GIVA_PEFT_TYPE
 from .serving import BASES_DTYPES
 
 BIAS_CHOICES = ("none", "all", "giva_only")
+COMPUTE_DTYPES = ("input", "float32")  # the adapter maths: in the input's dtype, or in fp32 (PEFT's autocast_adapter_dtype)
 DEFAULT_TARGET_MODULES = "all-linear"  # what target_modules=None means (see GivaModel._prepare_adapter_config)
 
 
@@ -77,6 +78,19 @@ class GivaConfig(PeftConfig):
                 "Storage dtype of the input basis A: 'float32' or 'bfloat16' (halves what each extra adapter holds; A "
                 "is rounded once when computed and training, saving and reloading use exactly those values, so reload "
                 "stays bit-exact; its rows are then orthonormal to ~1e-3 instead of ~1e-7). B stays float32."
+            )
+        },
+    )
+    compute_dtype: str = field(
+        default="input",
+        metadata={
+            "help": (
+                "dtype of the adapter maths in the forward. 'input' (the default): the input's dtype (bf16/fp16 on a "
+                "half-precision model, fp32 on CPU), lambda_o folded into B, nothing of size tokens x out formed but the "
+                "add into the base output; as fast as LoRA with autocast_adapter_dtype=False. 'float32': x cast to fp32, "
+                "the adapter maths in fp32, the result cast back to the output's dtype, as PEFT LoRA's default "
+                "(autocast_adapter_dtype=True). Both give the same result on an fp32 model. The vectors keep their own dtype "
+                "either way (fp32 under PEFT's default autocast_adapter_dtype=True) and are cast at use."
             )
         },
     )
@@ -165,6 +179,8 @@ class GivaConfig(PeftConfig):
             raise ValueError(f"GivaConfig.svd must be one of {SVD_METHODS}, got {self.svd!r}")
         if self.bases_dtype not in BASES_DTYPES:
             raise ValueError(f"GivaConfig.bases_dtype must be one of {tuple(BASES_DTYPES)}, got {self.bases_dtype!r}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"GivaConfig.compute_dtype must be one of {COMPUTE_DTYPES}, got {self.compute_dtype!r}")
         if not 0.0 <= self.giva_dropout < 1.0:
             raise ValueError(f"GivaConfig.giva_dropout must be in [0, 1), got {self.giva_dropout!r}")
         if self.bias not in BIAS_CHOICES:

@@ -36,6 +36,14 @@ from .config import GivaConfig
 from .serving import SharedBufferDict, basis_storage_dtype, check_mixed_batch_args, is_shareable, mixed_batch_forward
 
 
+def _tensor_state(tensor: torch.Tensor) -> Optional[tuple]:
+    """What changes when a tensor's values are replaced or written in place (None: untracked, an inference tensor)."""
+    try:
+        return (tensor.data_ptr(), tensor._version)
+    except RuntimeError:
+        return None
+
+
 class BasesNotInitializedError(RuntimeError):
     """Raised when a GiVA adapter with gradient bases is trained before `giva.initialize` filled them."""
 
@@ -58,7 +66,7 @@ class GivaLayer(BaseTunerLayer):
     adapter_layer_names: tuple[str, ...] = ("giva_lambda_s", "giva_lambda_o")
     # The bases are absent here on purpose: PEFT would cast them to a half-precision base
     # layer's dtype, and bases rounded through bf16 are no longer orthonormal.
-    other_param_names: tuple[str, ...] = ("giva_out_index", "giva_dropout", "r", "blocks")
+    other_param_names: tuple[str, ...] = ("giva_out_index", "giva_dropout", "r", "blocks", "giva_compute_dtype")
     basis_names: tuple[str, ...] = ("giva_A", "giva_B")
 
     def __init__(self, base_layer: nn.Module, layer_name: str) -> None:
@@ -74,12 +82,19 @@ class GivaLayer(BaseTunerLayer):
         self.giva_lambda_s = nn.ParameterDict({})
         self.giva_lambda_o = nn.ParameterDict({})
         self.giva_dropout = nn.ModuleDict({})
+        # Per adapter: "input" (the adapter maths in the input's dtype) or "float32" (GivaConfig.compute_dtype).
+        self.giva_compute_dtype: dict[str, str] = {}
+        # PEFT's switch (peft.helpers.disable_input_dtype_casting): False leaves x in its dtype under "float32".
+        self.cast_input_dtype_enabled = True
+        # A cast to another dtype / device, per (adapter, dtype, device): (source, its state, cast copy). See _input_basis.
+        self._giva_cast_bases: dict[tuple, tuple[torch.Tensor, Optional[tuple], torch.Tensor]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._bases_verified: set[str] = set()
         # `weight` adapters built for loading (inference_mode): their bases come from the checkpoint, so the
         # SVD of W is deferred to first use and skipped when the checkpoint filled them.
         self._deferred_weight_bases: set[str] = set()
+        self.register_load_state_dict_post_hook(GivaLayer._verify_loaded_bases)
         in_features, out_features = _get_in_out_features(self.get_base_layer())
         if in_features is None or out_features is None:
             raise TypeError(f"GiVA cannot adapt layer {layer_name!r} of type {type(self.get_base_layer()).__name__}")
@@ -159,7 +174,11 @@ class GivaLayer(BaseTunerLayer):
                 self.giva_lambda_s[adapter_name].uniform_(0.5, 1.5)
                 self.giva_lambda_o[adapter_name].normal_(0.0, 0.1)
         self.giva_dropout[adapter_name] = nn.Dropout(config.giva_dropout) if config.giva_dropout > 0 else nn.Identity()
+        self.giva_compute_dtype[adapter_name] = config.compute_dtype
         self._bases_verified.discard(adapter_name)
+        if bool(a.any()) and bool(b.any()):  # checked here on the CPU copies: no device sync in the forward
+            self._bases_verified.add(adapter_name)
+        self._forget_cast_bases(adapter_name)
         if inference_mode and config.variant == "weight":
             self._deferred_weight_bases.add(adapter_name)
         else:
@@ -214,7 +233,12 @@ class GivaLayer(BaseTunerLayer):
         out_rows = slice(block.row_offset, block.row_offset + block.out_size)
         self.giva_A.write(adapter_name, (rank_rows,), a)
         self.giva_B.write(adapter_name, (out_rows, rank_rows), b)
-        self._bases_verified.discard(adapter_name)
+        self._forget_cast_bases(adapter_name)
+        # Checked here, once the last block is written, so a (compiled) forward needs no device sync for it.
+        if self.bases_initialized(adapter_name):
+            self._bases_verified.add(adapter_name)
+        else:
+            self._bases_verified.discard(adapter_name)
 
     def bases_initialized(self, adapter_name: str) -> bool:
         """True once A and B hold bases (never-initialised gradient adapters have A == 0, and B == 0 for VrUr/VrU2r)."""
@@ -270,6 +294,7 @@ class GivaLayer(BaseTunerLayer):
         the bases to the input's dtype at use. Each distinct tensor is converted once, so shared bases stay shared.
         """
         before = {name: dict(getattr(self, name)._buffers) for name in self.basis_names}
+        self._giva_cast_bases.clear()
         nn.Module._apply(self, fn, recurse)
         kept: dict[int, torch.Tensor] = {}
         for name, entries in before.items():
@@ -297,6 +322,7 @@ class GivaLayer(BaseTunerLayer):
                 del getattr(self, name)[adapter_name]
         self._bases_verified.discard(adapter_name)
         self._deferred_weight_bases.discard(adapter_name)
+        self._forget_cast_bases(adapter_name)
         super().delete_adapter(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -346,16 +372,74 @@ class GivaLayer(BaseTunerLayer):
                 weight = self.get_base_weight()
                 self.set_base_weight((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
 
+    def _forget_cast_bases(self, adapter_name: Optional[str] = None) -> None:
+        """Drop the cast copies of ``A`` (of one adapter, or all): its values, dtype or device changed."""
+        for key in [k for k in self._giva_cast_bases if adapter_name is None or k[0] == adapter_name]:
+            del self._giva_cast_bases[key]
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._forget_cast_bases()  # the bases below this layer are about to be overwritten in place
+        self._bases_verified.clear()  # checked again once loaded (_verify_loaded_bases)
+        nn.Module._load_from_state_dict(self, state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _verify_loaded_bases(layer: nn.Module, incompatible_keys: Any) -> None:
+        """After a load, mark the adapters whose bases are filled, so the forward needs no device sync for it."""
+        for name, a in layer.giva_A._buffers.items():
+            b = layer.giva_B._buffers.get(name)
+            if a is not None and b is not None and a.device.type != "meta" and b.device.type != "meta":
+                if layer.bases_initialized(name):
+                    layer._bases_verified.add(name)
+
+    def _input_basis(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """``A`` in the compute dtype and device, outside autograd: the stored tensor when it already is, else a
+        copy cast once and reused until ``A`` changes (``set_block_bases``, a load, ``.to()``, or any in-place
+        write PyTorch counts), so no forward casts a basis."""
+        a = self.giva_A._buffers[adapter_name]
+        if a.dtype == dtype and a.device == device:
+            return a
+        key = (adapter_name, dtype, device)
+        entry = self._giva_cast_bases.get(key)
+        if torch.compiler.is_compiling():  # the explicit invalidations above recompile; no version counter here
+            if entry is not None and entry[0] is a:
+                return entry[2]
+            state = None
+        else:
+            state = _tensor_state(a)
+            if entry is not None and entry[0] is a and state is not None and entry[1] == state:
+                return entry[2]
+        with torch.no_grad():
+            cast = a.to(device=device, dtype=dtype)
+        self._giva_cast_bases[key] = (a, state, cast)
+        return cast
+
+    def _compute_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``x`` in the dtype the adapter maths run in: its own, or float32 for ``compute_dtype="float32"`` (unless
+        ``cast_input_dtype_enabled`` is off, as under ``peft.helpers.disable_input_dtype_casting``)."""
+        if self.giva_compute_dtype.get(adapter_name, "input") == "float32":
+            return self._cast_input_dtype(x, torch.float32)
+        return x
+
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``lambda_o * B (lambda_s * A dropout(x))``: shape ``(..., O)``."""
+        """``lambda_o * B (lambda_s * A dropout(x))``, shape ``(..., O)``, folded: ``h = A dropout(x)`` in the
+        compute dtype (tokens x R), ``lambda_s`` on that thin ``h``, ``lambda_o`` folded into ``B' = lambda_o * B``
+        (O x R, formed in float32 and rounded once), then one ``F.linear(h, B')``.
+
+        ``A`` is a frozen buffer, so autograd forms no ``R x in`` gradient; the vectors keep their dtype and
+        their gradients flow through the small casts. Nothing of size tokens x O is formed but the output.
+        """
         self.ensure_bases(adapter_name)
         self._check_bases(adapter_name)
+        x = self._compute_input(x, adapter_name)
+        dtype = x.dtype
+        a = self._input_basis(adapter_name, dtype, x.device)
         lambda_s, lambda_o = self.giva_lambda_s[adapter_name], self.giva_lambda_o[adapter_name]
-        x = self._cast_input_dtype(x, lambda_s.dtype)
-        a, b = self.giva_A[adapter_name].to(x.dtype), self.giva_B[adapter_name].to(x.dtype)
-        return lambda_o * F.linear(lambda_s * F.linear(self.giva_dropout[adapter_name](x), a), b)
+        b = self.giva_B._buffers[adapter_name]
+        h = F.linear(self.giva_dropout[adapter_name](x), a) * lambda_s.to(dtype)
+        return F.linear(h, (lambda_o.unsqueeze(1) * b).to(dtype))
 
     def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``result`` (the base output) plus the adapter's output: one add, or ``index_add`` for partial fused blocks."""
         delta = self._adapter_output(x, adapter_name).to(result.dtype)
         if adapter_name in self.giva_out_index:
             return result.index_add(-1, self.giva_out_index[adapter_name], delta)
@@ -389,6 +473,7 @@ class Linear(nn.Module, GivaLayer):
     # nn.Module comes first in the MRO (as in PEFT's layers), so point it at GivaLayer's versions.
     forward = GivaLayer.forward
     _apply = GivaLayer._apply
+    _load_from_state_dict = GivaLayer._load_from_state_dict
     __repr__ = GivaLayer.__repr__
 
     def __init__(

@@ -1,0 +1,486 @@
+"""The folded adapter forward (issue 23 item 1) and PEFT's input-dtype switch (issue 24 item 5).
+
+The layer computes ``h = A dropout(x)`` in the compute dtype, ``lambda_s`` on the thin ``h`` and ``lambda_o``
+folded into ``B' = lambda_o * B``; :func:`reference_forward` keeps the formula it replaced (x cast to the
+vectors' dtype, ``lambda_o`` applied to the ``tokens x out`` product) so every test compares the two.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.helpers import disable_input_dtype_casting
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers.pytorch_utils import Conv1D
+
+import giva
+from giva import GivaConfig, GivaLayer
+from tiny_models import text_batches, tiny_llama
+
+IN, OUT, R = 24, 30, 4
+# Relative (in norm) to float64 maths, for outputs and vector gradients: about 8 units of the dtype's last place.
+# The folded maths in bf16 measured up to 1.3e-2 on the gradients here (the fp32-maths formula: 6e-3).
+HALF_TOLERANCE = {torch.bfloat16: 2**-5, torch.float16: 2**-7}
+TOKENS = (3, 7)  # batch x sequence
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers: one-layer models, the reference formula, an op recorder
+
+
+class OneLayer(nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.proj = Conv1D(OUT, IN) if kind == "conv1d" else nn.Linear(IN, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+# kind -> (base layer, block_sizes, adapt_blocks): "fused" adapts blocks 0 and 2 of three (index_add)
+LAYOUTS = {
+    "linear": ("linear", {}, {}),
+    "conv1d": ("conv1d", {}, {}),
+    "fused": ("conv1d", {"proj": [10, 12, 8]}, {"proj": [0, 2]}),
+    "fused-linear": ("linear", {"proj": [10, 12, 8]}, {"proj": [1]}),
+}
+
+
+def _config(layout: str, variant: str = "Vr", **kwargs) -> GivaConfig:
+    _, block_sizes, adapt_blocks = LAYOUTS[layout]
+    return GivaConfig(
+        r=R, target_modules=["proj"], variant=variant, block_sizes=block_sizes, adapt_blocks=adapt_blocks,
+        init_weights=False, **kwargs,
+    )
+
+
+def _model(layout: str, dtype: torch.dtype = torch.float32, variant: str = "Vr", **kwargs) -> tuple[nn.Module, GivaLayer]:
+    torch.manual_seed(0)
+    base = OneLayer(LAYOUTS[layout][0]).to(dtype)
+    model = get_peft_model(base, _config(layout, variant, **kwargs))
+    return model, model.base_model.model.proj
+
+
+def reference_delta(layer: GivaLayer, x: torch.Tensor, name: str) -> torch.Tensor:
+    """The forward this change replaced: x cast to the vectors' dtype, lambda_o on the tokens x O product."""
+    lambda_s, lambda_o = layer.giva_lambda_s[name], layer.giva_lambda_o[name]
+    x = x.to(lambda_s.dtype)
+    a, b = layer.giva_A[name].to(x.dtype), layer.giva_B[name].to(x.dtype)
+    return lambda_o * F.linear(lambda_s * F.linear(layer.giva_dropout[name](x), a), b)
+
+
+def reference_forward(layer: GivaLayer, x: torch.Tensor) -> torch.Tensor:
+    result = layer.base_layer(x)
+    if layer.merged:
+        return result
+    for name in layer.active_adapters:
+        delta = reference_delta(layer, x, name).to(result.dtype)
+        if name in layer.giva_out_index:
+            result = result.index_add(-1, layer.giva_out_index[name], delta)
+        else:
+            result = result + delta
+    return result
+
+
+def _vectors(layer: GivaLayer) -> list[torch.Tensor]:
+    return [p for name in layer.active_adapters for p in (layer.giva_lambda_s[name], layer.giva_lambda_o[name])]
+
+
+def _output_and_grads(forward, layer: GivaLayer, x: torch.Tensor, seed: int = 0):
+    torch.manual_seed(seed)  # the same dropout masks in both forwards
+    out = forward(x)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    grads = torch.autograd.grad((out * weight).float().sum(), _vectors(layer))
+    return out.detach(), grads
+
+
+def _relative(new: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((new.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "expand", "unsqueeze", "squeeze", "reshape", "alias", "detach",
+         "as_strided", "permute", "slice", "select", "unbind"}  # no data of their own
+
+
+class OpRecorder(TorchDispatchMode):
+    """Every aten op run under it that computes data (views left out), with its first output's shape and dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, tuple[int, ...], torch.dtype]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out
+        if isinstance(first, torch.Tensor) and func.overloadpacket.__name__ not in VIEWS:
+            self.ops.append((str(func.overloadpacket.__name__), tuple(first.shape), first.dtype))
+        return out
+
+
+@contextmanager
+def recording() -> Iterator[OpRecorder]:
+    recorder = OpRecorder()
+    with recorder:
+        yield recorder
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Equal to the replaced formula: outputs and vector gradients, every layout, variant, dropout, dtype
+
+
+def _float64_truth(layer: GivaLayer, x: torch.Tensor, seed: int = 0):
+    """The layer's output and vector gradients in float64, on the same inputs and dropout masks (drawn in x's dtype)."""
+    torch.manual_seed(seed)
+    base = copy.deepcopy(layer.base_layer).double()
+    result = base(x.double())
+    vectors = []
+    for name in layer.active_adapters:
+        lambda_s = layer.giva_lambda_s[name].detach().double().requires_grad_()
+        lambda_o = layer.giva_lambda_o[name].detach().double().requires_grad_()
+        vectors += [lambda_s, lambda_o]
+        xd = layer.giva_dropout[name](x).double()
+        a, b = layer.giva_A[name].double(), layer.giva_B[name].double()
+        delta = lambda_o * F.linear(lambda_s * F.linear(xd, a), b)
+        if name in layer.giva_out_index:
+            result = result.index_add(-1, layer.giva_out_index[name], delta)
+        else:
+            result = result + delta
+    weight = torch.randn(result.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype).double()
+    return result.detach(), torch.autograd.grad((result * weight).sum(), vectors)
+
+
+def _check_against_reference_and_truth(layer: GivaLayer, x: torch.Tensor, tolerance: float) -> None:
+    """Outputs and vector gradients within ``tolerance`` (relative, in norm) of the replaced formula; where the two
+    disagree by more, the folded forward must be the closer one to float64 maths (the replaced formula's own
+    rounding is then the difference), and within ``tolerance`` of it."""
+    out, grads = _output_and_grads(layer, layer, x)
+    ref_out, ref_grads = _output_and_grads(lambda t: reference_forward(layer, t), layer, x)
+    true_out, true_grads = _float64_truth(layer, x)
+    assert out.dtype == x.dtype
+    for what, new, ref, truth in [("output", out, ref_out, true_out)] + [
+        (f"gradient {i}", g, r, t) for i, (g, r, t) in enumerate(zip(grads, ref_grads, true_grads))
+    ]:
+        assert new.dtype == ref.dtype, what
+        error, ref_error = _relative(new, truth), _relative(ref, truth)
+        assert error < tolerance, (what, error)
+        assert _relative(new, ref) < tolerance or error <= ref_error, (what, _relative(new, ref), error, ref_error)
+
+
+@pytest.mark.parametrize("variant", giva.VARIANTS)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fp32_outputs_and_vector_gradients_match_the_replaced_formula(layout, variant, dropout):
+    model, layer = _model(layout, variant=variant, giva_dropout=dropout)
+    model.train()
+    _check_against_reference_and_truth(layer, torch.randn(*TOKENS, IN), 1e-6)
+
+
+@pytest.mark.parametrize("variant", giva.VARIANTS)
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize(("dtype", "dropout"), [(torch.bfloat16, 0.0), (torch.bfloat16, 0.3), (torch.float16, 0.0)])
+def test_half_precision_outputs_and_gradients_within_its_tolerance(layout, variant, dtype, dropout):
+    """The folded maths run in the input's dtype; the vectors (and their gradients) stay fp32."""
+    model, layer = _model(layout, dtype, variant=variant, giva_dropout=dropout)
+    model.train()
+    assert layer.giva_lambda_s["default"].dtype == torch.float32  # PEFT's default autocast_adapter_dtype
+    _check_against_reference_and_truth(layer, torch.randn(*TOKENS, IN).to(dtype), HALF_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("layout", ["linear", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_active_adapters_sum_their_outputs(layout, dtype):
+    model, layer = _model(layout, dtype)
+    model.add_adapter("second", _config(layout, "VrUr", giva_dropout=0.2))
+    model.base_model.set_adapter(["default", "second"])
+    model.train()
+    assert layer.active_adapters == ["default", "second"] and len(_vectors(layer)) == 4
+    _check_against_reference_and_truth(layer, torch.randn(*TOKENS, IN).to(dtype), HALF_TOLERANCE.get(dtype, 1e-6))
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_merged_adapter_equals_the_unmerged_forward(layout):
+    model, layer = _model(layout)
+    model.eval()
+    x = torch.randn(*TOKENS, IN)
+    with torch.no_grad():
+        unmerged = layer(x)
+        assert _relative(unmerged, reference_forward(layer, x)) < 1e-6
+        layer.merge()
+        assert _relative(layer(x), unmerged) < 1e-5
+        layer.unmerge()
+        assert _relative(layer(x), unmerged) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. What the forward forms: no tokens x out op but the matmul and the add, no cast of x, A cast once
+
+
+def _adapter_ops(layer: GivaLayer, x: torch.Tensor) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """The ops of the layer's forward that the base layer's forward does not run."""
+    with torch.no_grad(), recording() as base:
+        layer.base_layer(x)
+    with torch.no_grad(), recording() as full:
+        layer(x)
+    ops = list(full.ops)
+    for op in base.ops:
+        ops.remove(op)
+    return ops
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_forms_nothing_of_size_tokens_x_out_but_the_product_and_the_add(layout, dtype):
+    model, layer = _model(layout, dtype)
+    model.eval()
+    x = torch.randn(*TOKENS, IN).to(dtype)
+    layer(x)  # any one-time cast of A happens here
+    ops = _adapter_ops(layer, x)
+    tokens = _numel(TOKENS)
+    wide = [op for op in ops if _numel(op[1]) == tokens * OUT]
+    assert len(wide) == 2, ops  # F.linear(h, B') and the add into the base output
+    assert all(op[2] == dtype for op in wide), ops  # in the input's dtype: no fp32 detour
+    assert not [op for op in ops if _numel(op[1]) == tokens * IN], ops  # no cast (or copy) of x
+    assert not [op for op in ops if _numel(op[1]) == R * IN], ops  # no per-call cast of A
+
+
+def test_bfloat16_stored_a_is_cast_once_not_per_call():
+    model, layer = _model("linear", bases_dtype="bfloat16")
+    x = torch.randn(*TOKENS, IN)
+    assert layer.giva_A["default"].dtype == torch.bfloat16
+    with torch.no_grad():
+        first = layer(x)
+        ops = _adapter_ops(layer, x)
+        assert torch.equal(layer(x), first)
+    assert not [op for op in ops if _numel(op[1]) == R * IN], ops
+
+
+@pytest.mark.parametrize("layout", ["linear", "fused"])
+def test_backward_forms_no_gradient_for_a(layout):
+    model, layer = _model(layout, torch.bfloat16)
+    model.train()
+    x = torch.randn(*TOKENS, IN, dtype=torch.bfloat16, requires_grad=True)
+    out = layer(x)
+    with recording() as rec:
+        out.float().square().sum().backward()
+    rank = layer.giva_A["default"].shape[0]
+    assert not [op for op in rec.ops if sorted(op[1]) == sorted((rank, IN))], rec.ops
+    assert x.grad is not None and all(p.grad is not None for p in _vectors(layer))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. The fp32 switch (GivaConfig.compute_dtype) and PEFT's disable_input_dtype_casting
+
+
+def test_compute_dtype_is_validated_and_defaults_to_the_input_dtype():
+    assert GivaConfig().compute_dtype == "input"
+    with pytest.raises(ValueError, match=r"^GivaConfig\.compute_dtype must be one of \('input', 'float32'\), got 'bf16'$"):
+        GivaConfig(compute_dtype="bf16")
+
+
+def test_float32_compute_runs_the_adapter_maths_in_fp32_and_casts_back():
+    model, layer = _model("linear", torch.bfloat16, compute_dtype="float32")
+    model.eval()
+    x = torch.randn(*TOKENS, IN).to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+        ops = _adapter_ops(layer, x)
+    assert out.dtype == torch.bfloat16
+    tokens = _numel(TOKENS)
+    assert [op[2] for op in ops if op[1] == (*TOKENS, IN)] == [torch.float32]  # x cast to fp32 once
+    assert {op[2] for op in ops if op[1][-1] == R} == {torch.float32}  # h in fp32
+    # The fp32 result cast back, then added: PEFT LoRA's default semantics.
+    assert [op[2] for op in ops if _numel(op[1]) == tokens * OUT] == [torch.float32, torch.bfloat16, torch.bfloat16]
+    # Same numbers as the replaced formula (which also ran in fp32 here), to the bf16 rounding of the add.
+    assert torch.equal(out, reference_forward(layer, x))
+
+
+def test_compute_dtype_is_saved_and_honoured_on_load(tmp_path):
+    model, layer = _model("fused", torch.bfloat16, compute_dtype="float32")
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["compute_dtype"] == "float32"
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(OneLayer("conv1d").to(torch.bfloat16), tmp_path)
+    loaded_layer = loaded.base_model.model.proj
+    assert loaded_layer.giva_compute_dtype == {"default": "float32"}
+    x = torch.randn(*TOKENS, IN).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        assert torch.equal(loaded(x), reference_forward(layer, x))  # fp32 maths, as the replaced formula
+
+
+def test_a_config_saved_before_the_switch_loads_with_the_default(tmp_path):
+    model, _ = _model("linear")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    del saved["compute_dtype"]
+    path.write_text(json.dumps(saved))
+    torch.manual_seed(0)
+    loaded = PeftModel.from_pretrained(OneLayer("linear"), tmp_path)
+    assert loaded.base_model.model.proj.giva_compute_dtype == {"default": "input"}
+
+
+@pytest.mark.parametrize("compute_dtype", ["input", "float32"])
+def test_disable_input_dtype_casting_keeps_x_in_its_dtype(compute_dtype):
+    """PEFT's helper (issue 24 item 5): honoured as LoRA does, and a bf16 model never mixes dtypes in F.linear."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), GivaConfig(r=4, init_weights=False, compute_dtype=compute_dtype))
+    batch = text_batches(labels="lm")[0]
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    assert all(layer.cast_input_dtype_enabled for layer in layers)
+    with torch.no_grad():
+        expected = model(**batch).logits
+        with disable_input_dtype_casting(model):
+            assert not any(layer.cast_input_dtype_enabled for layer in layers)
+            with recording() as rec:
+                logits = model(**batch).logits
+        assert all(layer.cast_input_dtype_enabled for layer in layers)
+    assert logits.dtype == torch.bfloat16
+    assert not [op for op in rec.ops if op[0] in ("mm", "addmm", "bmm") and op[2] == torch.float32]
+    # Without the cast, the "float32" maths run in bf16 and agree with them to bf16 rounding.
+    assert _relative(logits, expected) < 2e-2
+    if compute_dtype == "input":
+        assert torch.equal(logits, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. The cast copy of A follows the bases
+
+
+def _bf16_layer_after_one_forward() -> tuple[nn.Module, GivaLayer, torch.Tensor]:
+    model, layer = _model("linear", torch.bfloat16)
+    model.eval()
+    x = torch.randn(*TOKENS, IN).to(torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+    assert len(layer._giva_cast_bases) == 1  # A (fp32) cast once to bf16
+    return model, layer, x
+
+
+def _assert_uses_current_bases(layer: GivaLayer, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        fresh = F.linear(x, layer.giva_A["default"].to(x.dtype))
+        cached = layer._input_basis("default", x.dtype, x.device)
+        assert torch.equal(F.linear(x, cached), fresh)
+        assert _relative(layer(x), reference_forward(layer, x)) < 1e-2
+
+
+def test_cast_a_follows_set_block_bases():
+    _, layer, x = _bf16_layer_after_one_forward()
+    block = layer.blocks["default"][0]
+    a, _ = torch.linalg.qr(torch.randn(IN, R))
+    layer.set_block_bases("default", block, a.T.contiguous(), layer.giva_B["default"].clone())
+    _assert_uses_current_bases(layer, x)
+
+
+def test_cast_a_follows_a_load():
+    model, layer, x = _bf16_layer_after_one_forward()
+    other, _ = _model("linear", torch.bfloat16)
+    torch.manual_seed(5)
+    other.add_adapter("other", _config("linear"))  # fresh random bases
+    state = {k.replace(".other", ".default"): v for k, v in other.state_dict().items() if ".other" in k}
+    assert not torch.equal(state["base_model.model.proj.giva_A.default"], layer.giva_A["default"])
+    set_peft_model_state_dict(model, state)
+    assert torch.equal(layer.giva_A["default"], state["base_model.model.proj.giva_A.default"])
+    _assert_uses_current_bases(layer, x)
+
+
+def test_cast_a_follows_initialize():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), GivaConfig(r=4, init_weights=False))
+    batches = text_batches(labels="lm")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 5, layer.in_features).to(torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+    before = layer.giva_A["default"].clone()
+    giva.initialize(model, batches, num_batches=1, progress=False, force=True)
+    assert not torch.equal(layer.giva_A["default"], before)
+    _assert_uses_current_bases(layer, x)
+
+
+def test_cast_a_follows_to_and_in_place_writes():
+    model, layer, x = _bf16_layer_after_one_forward()
+    model.to(torch.float16)
+    assert layer._giva_cast_bases == {}  # dropped: memory freed, device or dtype may have changed
+    assert layer.giva_A["default"].dtype == torch.float32
+    _assert_uses_current_bases(layer, x.to(torch.float16))
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        layer(x)
+        layer.giva_A["default"].mul_(-1)  # an in-place write outside every GiVA method (PyTorch counts it)
+    _assert_uses_current_bases(layer, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. torch.compile: no graph break in the layer, trains and matches eager
+
+
+def _initialised_llama() -> nn.Module:
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), GivaConfig(r=4, giva_dropout=0.0))
+    giva.initialize(model, text_batches(labels="lm"), num_batches=1, progress=False)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_graph_break_inside_the_layer_forward(dtype):
+    model = _initialised_llama().to(dtype)
+    model.train()
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    fused = copy.deepcopy(layers[0])
+    fused.update_layer("second", [16, 16], [1], _config("linear"))  # a partial block: the index_add path
+    fused.set_adapter(["default", "second"])
+    torch._dynamo.reset()
+    for layer in (layers[0], fused):
+        x = torch.randn(2, 5, layer.in_features).to(dtype)
+        explanation = torch._dynamo.explain(layer)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        assert explanation.graph_count == 1
+    torch._dynamo.reset()
+    batch = text_batches(labels="lm")[0]
+    explanation = torch._dynamo.explain(lambda **kw: model(**kw).loss)(**batch)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def _train(model: nn.Module, step, steps: int = 3) -> tuple[list[float], dict[str, torch.Tensor]]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for batch in text_batches(n=steps, labels="lm", seed=3):
+        loss = step(**batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_compiled_model_trains_and_matches_eager():
+    eager = _initialised_llama()
+    compiled = copy.deepcopy(eager)
+    eager.train()
+    compiled.train()
+    torch._dynamo.reset()
+    step = torch.compile(lambda **kw: compiled(**kw).loss, backend="aot_eager")
+    eager_losses, eager_vectors = _train(eager, lambda **kw: eager(**kw).loss)
+    compiled_losses, compiled_vectors = _train(compiled, step)
+    assert eager_losses[-1] < eager_losses[0]  # it trains
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-5)
+    assert eager_vectors.keys() == compiled_vectors.keys() and eager_vectors
+    for name, value in eager_vectors.items():
+        assert torch.allclose(compiled_vectors[name], value, rtol=1e-4, atol=1e-6), name
