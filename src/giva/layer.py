@@ -55,7 +55,7 @@ class Block:
 class GivaLayer(BaseTunerLayer):
     """State and maths shared by the GiVA layer types; every tensor of the method starts with ``giva_``."""
 
-    adapter_layer_names: tuple[str, ...] = ("giva_lambda_s", "giva_lambda_o")
+    adapter_layer_names: tuple[str, ...] = ("giva_lambda_s", "giva_lambda_o", "giva_core")
     # The bases are absent here on purpose: PEFT would cast them to a half-precision base
     # layer's dtype, and bases rounded through bf16 are no longer orthonormal.
     other_param_names: tuple[str, ...] = ("giva_out_index", "giva_dropout", "r", "blocks")
@@ -73,6 +73,7 @@ class GivaLayer(BaseTunerLayer):
         self.giva_out_index = BufferDict({}, persistent=False)
         self.giva_lambda_s = nn.ParameterDict({})
         self.giva_lambda_o = nn.ParameterDict({})
+        self.giva_core = nn.ParameterDict({})  # only adapters with GivaConfig.core: an R x R matrix
         self.giva_dropout = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -152,7 +153,11 @@ class GivaLayer(BaseTunerLayer):
             rows = torch.cat([torch.arange(blk.out_start, blk.out_start + blk.out_size) for blk in blocks])
             self.giva_out_index[adapter_name] = rows.to(device)
         self.giva_lambda_s[adapter_name] = nn.Parameter(torch.full((rank_offset,), float(config.lambda_s_init)))
-        self.giva_lambda_o[adapter_name] = nn.Parameter(torch.zeros(row_offset))
+        self.giva_lambda_o[adapter_name] = nn.Parameter(torch.full((row_offset,), float(config.lambda_o_init)))
+        if config.core:
+            self.giva_core[adapter_name] = nn.Parameter(torch.eye(rank_offset))
+        elif adapter_name in self.giva_core:
+            del self.giva_core[adapter_name]
         if not config.init_weights:
             # Test mode draws from the global RNG (as PEFT's other methods do), so two adapters of one config differ.
             with torch.no_grad():
@@ -306,6 +311,8 @@ class GivaLayer(BaseTunerLayer):
         b = self.giva_B[adapter_name].float()  # O x R
         lambda_s = self.giva_lambda_s[adapter_name].float().to(a.device)
         lambda_o = self.giva_lambda_o[adapter_name].float().to(a.device)
+        if adapter_name in self.giva_core:
+            b = b @ self.giva_core[adapter_name].float().to(a.device)  # O x R
         delta = (lambda_o[:, None] * b) @ (lambda_s[:, None] * a)  # O x in
         if adapter_name in self.giva_out_index:
             full = delta.new_zeros(self.out_features, self.in_features)
@@ -353,7 +360,10 @@ class GivaLayer(BaseTunerLayer):
         lambda_s, lambda_o = self.giva_lambda_s[adapter_name], self.giva_lambda_o[adapter_name]
         x = self._cast_input_dtype(x, lambda_s.dtype)
         a, b = self.giva_A[adapter_name].to(x.dtype), self.giva_B[adapter_name].to(x.dtype)
-        return lambda_o * F.linear(lambda_s * F.linear(self.giva_dropout[adapter_name](x), a), b)
+        h = lambda_s * F.linear(self.giva_dropout[adapter_name](x), a)  # ... x R
+        if adapter_name in self.giva_core:
+            h = F.linear(h, self.giva_core[adapter_name].to(x.dtype))  # ... x R
+        return lambda_o * F.linear(h, b)
 
     def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         delta = self._adapter_output(x, adapter_name).to(result.dtype)
