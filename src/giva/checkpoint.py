@@ -334,7 +334,8 @@ def check_adapter_folder(
 
 
 # Per-layer tensors a GiVA checkpoint holds (keys ``base_model.model.<layer>.<name>``).
-_BASES, _VECTORS, _SEEDED_CRC = ("giva_A", "giva_B"), ("giva_lambda_s", "giva_lambda_o"), "giva_seeded_crc32"
+# giva_core: the r x r core of adapters made with GivaConfig.core (trained, like the vectors).
+_BASES, _VECTORS, _SEEDED_CRC = ("giva_A", "giva_B"), ("giva_lambda_s", "giva_lambda_o", "giva_core"), "giva_seeded_crc32"
 
 
 def read_weights(weights: Path) -> dict[str, Any]:
@@ -381,7 +382,7 @@ def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> 
                 f"bases_dtype={bases_dtype!r}; one of the two was edited: save the adapter again"
             )
         if kind in _VECTORS and not tensor.is_floating_point():
-            raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected a floating-point vector")
+            raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected floating point")
         known = kind in (*_BASES, *_VECTORS, _SEEDED_CRC) or (kind == "bias" and config.get("bias", "none") != "none")
         if not known and not any(f".{head}." in f".{key}" for head in heads):  # a module name or a dotted path
             raise CheckpointError(

@@ -95,6 +95,25 @@ class GivaConfig(PeftConfig):
         },
     )
     lambda_s_init: float = field(default=1.0, metadata={"help": "Initial value of every entry of lambda_s."})
+    lambda_o_init: float = field(
+        default=0.0,
+        metadata={
+            "help": (
+                "Initial value of every entry of lambda_o. Non-zero only with lambda_s_init = 0 (and no core), so that "
+                "delta_W = 0 at init and the adapted model equals the base model (giva.initialize relies on it)."
+            )
+        },
+    )
+    core: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Opt-in variant (not the paper's): a trainable r x r core C between the bases, "
+                "delta_W = diag(lambda_o) B C diag(lambda_s) A, C initialised to the identity (r^2 more trainable "
+                "parameters per layer; in the spirit of LoRA-XS / LoRA-SB)."
+            )
+        },
+    )
     giva_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input (not the base path)."})
     fan_in_fan_out: bool = field(
         default=False,
@@ -168,6 +187,17 @@ class GivaConfig(PeftConfig):
             raise ValueError(f"GivaConfig.seed must be an integer, got {self.seed!r}")
         if not _is_real(self.lambda_s_init) or not math.isfinite(self.lambda_s_init):
             raise ValueError(f"GivaConfig.lambda_s_init must be a finite number, got {self.lambda_s_init!r}")
+        if not _is_real(self.lambda_o_init) or not math.isfinite(self.lambda_o_init):
+            raise ValueError(f"GivaConfig.lambda_o_init must be a finite number, got {self.lambda_o_init!r}")
+        if self.lambda_o_init != 0 and self.lambda_s_init != 0:
+            raise ValueError(
+                f"GivaConfig.lambda_o_init={self.lambda_o_init!r} needs lambda_s_init=0 (got {self.lambda_s_init!r}): "
+                "one of the two vectors must start at 0 so that the adapter is an identity at init"
+            )
+        if not isinstance(self.core, bool):
+            raise ValueError(f"GivaConfig.core must be True or False, got {self.core!r}")
+        if self.core and self.lambda_o_init != 0:
+            raise ValueError("GivaConfig.core=True needs lambda_o_init=0 (the core starts at the identity)")
         if not _is_real(self.giva_dropout):
             raise ValueError(f"GivaConfig.giva_dropout must be a number in [0, 1), got {self.giva_dropout!r}")
         for flag in ("fan_in_fan_out", "init_weights"):

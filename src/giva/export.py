@@ -4,7 +4,7 @@ For every adapted block ``delta_W = diag(lambda_o) B diag(lambda_s) A`` already 
 product, so no SVD is needed::
 
     lora_A = diag(lambda_s) A      (R x in)
-    lora_B = diag(lambda_o) B      (out x R, zero rows for outputs no block adapts)
+    lora_B = diag(lambda_o) B (C)  (out x R, zero rows for outputs no block adapts; C: the opt-in core)
     lora_alpha = r                 (LoRA scaling alpha / r = 1)
 
 A fused layer (GPT-2 ``c_attn``, ``qkv_proj``) with several adapted blocks becomes one LoRA of rank
@@ -70,11 +70,9 @@ def lora_factors(layer: GivaLayer, adapter_name: str, rank: Optional[int] = None
         )
     layer.ensure_bases(adapter_name)
     a = layer.giva_A[adapter_name].float()  # R x in
-    b = layer.giva_B[adapter_name].float()  # O x R
     lambda_s = layer.giva_lambda_s[adapter_name].detach().float().to(a.device)
-    lambda_o = layer.giva_lambda_o[adapter_name].detach().float().to(a.device)
     lora_a = lambda_s[:, None] * a  # R x in
-    lora_b = lambda_o[:, None] * b  # O x R
+    lora_b = layer.output_factor(adapter_name).detach().to(a.device)  # O x R: diag(lambda_o) B (C)
     if adapter_name in layer.giva_out_index:
         # Outputs of blocks this adapter does not touch get zero rows.
         full = lora_b.new_zeros(layer.out_features, lora_b.shape[1])

@@ -53,6 +53,9 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     seed: int = 0
+    # Multiply the LR of the adapter parameters whose name contains a key, e.g. {"giva_lambda_s": 10.0}
+    # (the evidence suite's separate-LR candidate); the head is not affected.
+    lr_scales: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_length", "seed"):
@@ -67,6 +70,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not _is_real(self.warmup_ratio) or not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if not isinstance(self.lr_scales, dict) or not all(
+            isinstance(k, str) and k and _is_real(v) and math.isfinite(v) and v > 0 for k, v in self.lr_scales.items()
+        ):
+            raise ValueError(
+                f"TrainConfig.lr_scales must map parameter-name parts to finite numbers > 0, got {self.lr_scales!r}"
+            )
 
 
 def _is_real(value: Any) -> bool:
@@ -109,13 +118,24 @@ def is_head_parameter(name: str) -> bool:
     return "modules_to_save" in parts or parts[0] in HEAD_NAMES
 
 
-def parameter_groups(model: nn.Module, lr: float, head_lr: Optional[float], weight_decay: float) -> list[dict]:
+def parameter_groups(
+    model: nn.Module,
+    lr: float,
+    head_lr: Optional[float],
+    weight_decay: float,
+    lr_scales: Optional[dict[str, float]] = None,
+) -> list[dict]:
+    """AdamW groups: the adapter at ``lr`` (times ``lr_scales[key]`` for names containing ``key``), the head at ``head_lr``."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ValueError("the model has no trainable parameters")
     head = [p for n, p in trainable if is_head_parameter(n)]
-    body = [p for n, p in trainable if not is_head_parameter(n)]
-    groups = [{"params": body, "lr": lr}] if body else []
+    body = [(n, p) for n, p in trainable if not is_head_parameter(n)]
+    scaled: dict[float, list[nn.Parameter]] = {}
+    for name, param in body:
+        scale = next((s for key, s in (lr_scales or {}).items() if key in name), 1.0)
+        scaled.setdefault(scale, []).append(param)
+    groups = [{"params": params, "lr": lr * scale} for scale, params in scaled.items()]
     if head:
         groups.append({"params": head, "lr": head_lr if head_lr is not None else lr})
     for group in groups:
@@ -154,7 +174,9 @@ def train(
     (and saving NaN weights); the benchmarks keep going and record the poor result.
     """
     torch.manual_seed(config.seed)
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.lr, config.head_lr, config.weight_decay))
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.lr, config.head_lr, config.weight_decay, config.lr_scales)
+    )
     total_steps = max(1, math.ceil(len(loader) * config.epochs))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]

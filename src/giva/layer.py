@@ -63,7 +63,7 @@ class Block:
 class GivaLayer(BaseTunerLayer):
     """State and maths shared by the GiVA layer types; every tensor of the method starts with ``giva_``."""
 
-    adapter_layer_names: tuple[str, ...] = ("giva_lambda_s", "giva_lambda_o")
+    adapter_layer_names: tuple[str, ...] = ("giva_lambda_s", "giva_lambda_o", "giva_core")
     # The bases are absent here on purpose: PEFT would cast them to a half-precision base
     # layer's dtype, and bases rounded through bf16 are no longer orthonormal.
     other_param_names: tuple[str, ...] = ("giva_out_index", "giva_dropout", "r", "blocks", "giva_compute_dtype")
@@ -81,6 +81,7 @@ class GivaLayer(BaseTunerLayer):
         self.giva_out_index = BufferDict({}, persistent=False)
         self.giva_lambda_s = nn.ParameterDict({})
         self.giva_lambda_o = nn.ParameterDict({})
+        self.giva_core = nn.ParameterDict({})  # only adapters with GivaConfig.core: an R x R matrix
         self.giva_dropout = nn.ModuleDict({})
         # Per adapter: "input" (the adapter maths in the input's dtype) or "float32" (GivaConfig.compute_dtype).
         self.giva_compute_dtype: dict[str, str] = {}
@@ -167,7 +168,11 @@ class GivaLayer(BaseTunerLayer):
             rows = torch.cat([torch.arange(blk.out_start, blk.out_start + blk.out_size) for blk in blocks])
             self.giva_out_index[adapter_name] = rows.to(device)
         self.giva_lambda_s[adapter_name] = nn.Parameter(torch.full((rank_offset,), float(config.lambda_s_init)))
-        self.giva_lambda_o[adapter_name] = nn.Parameter(torch.zeros(row_offset))
+        self.giva_lambda_o[adapter_name] = nn.Parameter(torch.full((row_offset,), float(config.lambda_o_init)))
+        if config.core:
+            self.giva_core[adapter_name] = nn.Parameter(torch.eye(rank_offset))
+        elif adapter_name in self.giva_core:
+            del self.giva_core[adapter_name]
         if not config.init_weights:
             # Test mode draws from the global RNG (as PEFT's other methods do), so two adapters of one config differ.
             with torch.no_grad():
@@ -325,14 +330,22 @@ class GivaLayer(BaseTunerLayer):
         self._forget_cast_bases(adapter_name)
         super().delete_adapter(adapter_name)
 
+    def output_factor(self, adapter_name: str) -> torch.Tensor:
+        """``B' = diag(lambda_o) B C`` (``O x R``, float32; ``C`` only with ``GivaConfig.core``): everything of
+        delta_W after ``diag(lambda_s) A``. The one place it is formed, for the forward, merge and export."""
+        lambda_o = self.giva_lambda_o[adapter_name]
+        b = self.giva_B._buffers[adapter_name].to(lambda_o.device)
+        folded = lambda_o.float().unsqueeze(1) * b.float()  # O x R
+        if adapter_name in self.giva_core:
+            folded = folded @ self.giva_core[adapter_name].float()  # O x R
+        return folded
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``delta_W`` of one adapter in fp32, in the base weight's layout (``in x out`` for Conv1D)."""
         self.ensure_bases(adapter_name)
         a = self.giva_A[adapter_name].float()  # R x in
-        b = self.giva_B[adapter_name].float()  # O x R
         lambda_s = self.giva_lambda_s[adapter_name].float().to(a.device)
-        lambda_o = self.giva_lambda_o[adapter_name].float().to(a.device)
-        delta = (lambda_o[:, None] * b) @ (lambda_s[:, None] * a)  # O x in
+        delta = self.output_factor(adapter_name).float().to(a.device) @ (lambda_s[:, None] * a)  # O x in
         if adapter_name in self.giva_out_index:
             full = delta.new_zeros(self.out_features, self.in_features)
             delta = full.index_copy_(0, self.giva_out_index[adapter_name], delta)
@@ -422,8 +435,9 @@ class GivaLayer(BaseTunerLayer):
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``lambda_o * B (lambda_s * A dropout(x))``, shape ``(..., O)``, folded: ``h = A dropout(x)`` in the
-        compute dtype (tokens x R), ``lambda_s`` on that thin ``h``, ``lambda_o`` folded into ``B' = lambda_o * B``
-        (O x R, formed in float32 and rounded once), then one ``F.linear(h, B')``.
+        compute dtype (tokens x R), ``lambda_s`` on that thin ``h``, ``lambda_o`` (and the core ``C``, if any) folded
+        into ``B' = diag(lambda_o) B C`` (O x R, :meth:`output_factor`, formed in float32 and rounded once), then one
+        ``F.linear(h, B')``.
 
         ``A`` is a frozen buffer, so autograd forms no ``R x in`` gradient; the vectors keep their dtype and
         their gradients flow through the small casts. Nothing of size tokens x O is formed but the output.
@@ -433,10 +447,9 @@ class GivaLayer(BaseTunerLayer):
         x = self._compute_input(x, adapter_name)
         dtype = x.dtype
         a = self._input_basis(adapter_name, dtype, x.device)
-        lambda_s, lambda_o = self.giva_lambda_s[adapter_name], self.giva_lambda_o[adapter_name]
-        b = self.giva_B._buffers[adapter_name]
-        h = F.linear(self.giva_dropout[adapter_name](x), a) * lambda_s.to(dtype)
-        return F.linear(h, (lambda_o.unsqueeze(1) * b).to(dtype))
+        lambda_s = self.giva_lambda_s[adapter_name]
+        h = F.linear(self.giva_dropout[adapter_name](x), a) * lambda_s.to(dtype)  # tokens x R
+        return F.linear(h, self.output_factor(adapter_name).to(dtype))  # tokens x O
 
     def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``result`` (the base output) plus the adapter's output: one add, or ``index_add`` for partial fused blocks."""

@@ -393,8 +393,11 @@ def _sources(layer: Any, present: tuple[str, ...]) -> list[torch.Tensor]:
     lambda_s, lambda_o = layer.giva_lambda_s._parameters, layer.giva_lambda_o._parameters
     sources = []
     last_b = None
+    core = layer.giva_core._parameters
     for name in present:
         sources += (a[name], lambda_s[name], lambda_o[name])
+        if name in core:
+            sources.append(core[name])
         if b[name] is not last_b:
             last_b = b[name]
             sources.append(last_b)
@@ -438,7 +441,8 @@ def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, d
     lambda_o_rows = [layer.giva_lambda_o[n].to(device, dtype) for n in present]
     layouts = [_out_rows(layer, n) for n in present]
     first_b = layer.giva_B[present[0]]
-    if all(layer.giva_B[n] is first_b for n in present) and all(rows == layouts[0] for rows in layouts):
+    shareable = not any(n in layer.giva_core._parameters for n in present)  # a core makes each B' its own
+    if shareable and all(layer.giva_B[n] is first_b for n in present) and all(rows == layouts[0] for rows in layouts):
         out_index = None
         if layouts[0] != tuple(range(layer.out_features)):
             out_index = _index(layouts[0], device)
@@ -449,8 +453,8 @@ def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, d
     union = tuple(sorted(set().union(*layouts)))
     position = {row: i for i, row in enumerate(union)}
     columns = []
-    for name, rows, lambda_o_p in zip(present, layouts, lambda_o_rows):
-        block = lambda_o_p[:, None] * layer.giva_B[name].to(device, dtype)  # O_p x R_p, lambda_o folded in
+    for name, rows in zip(present, layouts):
+        block = layer.output_factor(name).to(device, dtype)  # O_p x R_p: diag(lambda_o) B (C), rounded once
         if rows != union:
             index = _index(tuple(position[row] for row in rows), device)
             block = block.new_zeros(len(union), block.shape[1]).index_copy(0, index, block)

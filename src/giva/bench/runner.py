@@ -203,9 +203,9 @@ def saved_bytes(model: nn.Module, method: MethodSpec) -> int:
         return sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
 
 
-def train_config_for(suite: SuiteSpec, task: TaskData, run: RunSpec) -> TrainConfig:
+def train_config_for(suite: SuiteSpec, task: TaskData, run: RunSpec, method_train: Optional[dict[str, Any]] = None) -> TrainConfig:
     epochs = {"epochs": task.spec.epochs} if task.spec.epochs else {}
-    shared = {**suite.train, **epochs, **(run.ablation.train if run.ablation else {})}
+    shared = {**suite.train, **epochs, **(method_train or {}), **(run.ablation.train if run.ablation else {})}
     head_lr = shared.pop("head_lr", "same")
     if run.head_lr is not None:
         head_lr = run.head_lr
@@ -226,7 +226,7 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
         method = method.with_overrides(run.ablation.peft, run.ablation.init)
     if method.kind == "floor":
         raise ValueError(f"method {method.name!r}: kind 'floor' is a speed-phase reference and cannot be trained")
-    config = None if method.kind == "none" else train_config_for(suite, task, run)
+    config = None if method.kind == "none" else train_config_for(suite, task, run, method.train)
     gc.collect()
     memory_how = reset_peak_rss()
     started = time.time()

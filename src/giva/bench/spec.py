@@ -41,6 +41,7 @@ class MethodSpec:
     peft_type: Optional[str] = None  # LORA, VERA or GIVA for kind 'peft'; GIVA ('weight' bases) for 'osora'
     peft_kwargs: dict[str, Any] = field(default_factory=dict)
     init: dict[str, Any] = field(default_factory=dict)  # num_batches (GiVA k), loraga_batches
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields of this method (e.g. lr_scales)
     rank: Optional[int] = None
     description: str = ""
 
@@ -68,7 +69,7 @@ class MethodSpec:
         rank = kwargs.get("r", self.rank)
         return MethodSpec(
             self.name, self.version, self.family, self.kind, self.lr, self.lr_sweep, self.peft_type, kwargs,
-            {**self.init, **init}, rank, self.description,
+            {**self.init, **init}, self.train, rank, self.description,
         )
 
 

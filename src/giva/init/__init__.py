@@ -134,12 +134,16 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
+def _trained(layer: Any, name: str) -> bool:
+    """The vectors are no longer an identity pair: both are non-zero somewhere (at init one of them is all zero)."""
+    return bool(_local(layer.giva_lambda_o[name]).any()) and bool(_local(layer.giva_lambda_s[name]).any())
+
+
 def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
     layers = giva_layers(model).values()
     return [
         name for name in names
-        if any(name in layer.giva_A and (layer.bases_initialized(name) or bool(_local(layer.giva_lambda_o[name]).any()))
-               for layer in layers)
+        if any(name in layer.giva_A and (layer.bases_initialized(name) or _trained(layer, name)) for layer in layers)
     ]
 
 

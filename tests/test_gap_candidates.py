@@ -1,0 +1,176 @@
+"""The opt-in configurations of issue 25's gap study: the r x r core, the flipped vector initialisation,
+per-parameter LR scales. Each keeps GiVA's properties: an identity at init, merge == forward, exact reload."""
+
+from __future__ import annotations
+
+from tempfile import TemporaryDirectory
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+import giva
+from giva import GivaConfig, GivaLayer
+from giva.finetune import TrainConfig, parameter_groups
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama
+
+TARGETS = {tiny_llama: ["q_proj", "v_proj", "gate_proj"], tiny_gpt2: ["c_attn", "c_fc"]}
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def _perturbed_core_model(make) -> torch.nn.Module:
+    model = get_peft_model(make(), GivaConfig(r=4, core=True, init_weights=False, target_modules=TARGETS[make]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "giva_core" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["linear", "conv1d-fused"])
+def test_core_forward_equals_merged_delta_and_reloads_exactly(make) -> None:
+    torch.manual_seed(0)
+    model = _perturbed_core_model(make)
+    ids = _ids()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits
+        model.merge_adapter()
+        merged = model(input_ids=ids).logits
+        model.unmerge_adapter()
+    assert torch.allclose(out, merged, atol=1e-5)
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    assert layers and all(tuple(m.giva_core["default"].shape) == (m.r["default"],) * 2 for m in layers)
+    with TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        reloaded = PeftModel.from_pretrained(make(), folder)
+        with torch.no_grad():
+            assert torch.equal(reloaded(input_ids=ids).logits, out)
+
+
+def test_core_delta_is_diag_lo_b_core_diag_ls_a() -> None:
+    torch.manual_seed(0)
+    model = _perturbed_core_model(tiny_llama)
+    layer = next(m for m in model.modules() if isinstance(m, GivaLayer))
+    a, b = layer.giva_A["default"], layer.giva_B["default"]
+    ls, lo, core = (p["default"].detach() for p in (layer.giva_lambda_s, layer.giva_lambda_o, layer.giva_core))
+    expected = torch.diag(lo) @ b @ core @ torch.diag(ls) @ a
+    assert torch.allclose(layer.delta_weight("default"), expected, atol=1e-6)
+    assert not torch.allclose(core, torch.eye(core.shape[0]))  # the core is really used
+
+
+def test_core_adds_r_squared_trainable_parameters_and_starts_as_identity(batches) -> None:
+    from tiny_models import tiny_bert
+
+    plain = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"]))
+    cored = get_peft_model(tiny_bert(), GivaConfig(r=4, core=True, target_modules=["query", "value"]))
+    count = lambda m: sum(p.numel() for n, p in m.named_parameters() if p.requires_grad and "giva_" in n)  # noqa: E731
+    layers = sum(isinstance(m, GivaLayer) for m in cored.modules())
+    assert count(cored) - count(plain) == layers * 4 * 4
+    giva.initialize(cored, batches, num_batches=2)
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad(), cored.disable_adapter():
+        base = cored(**batch).logits
+    with torch.no_grad():
+        assert torch.equal(cored(**batch).logits, base)
+
+
+def test_flipped_vectors_are_an_identity_at_init_and_train_lambda_s_first(batches) -> None:
+    from tiny_models import tiny_bert
+
+    model = get_peft_model(
+        tiny_bert(), GivaConfig(r=4, lambda_s_init=0.0, lambda_o_init=1.0, target_modules=["query", "value"])
+    )
+    giva.initialize(model, batches, num_batches=2)
+    batch = {k: v for k, v in batches[0].items() if k != "labels"}
+    with torch.no_grad(), model.disable_adapter():
+        base = model(**batch).logits
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, base)
+    model(**batches[0]).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "giva_lambda" in n}
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lambda_s" in n)
+    assert all(g.abs().sum() == 0 for n, g in grads.items() if "lambda_o" in n)  # lambda_s = 0 blocks it at step 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lambda_o_init": 1.0}, "GivaConfig.lambda_o_init=1.0 needs lambda_s_init=0"),
+        ({"lambda_o_init": float("nan"), "lambda_s_init": 0.0}, "GivaConfig.lambda_o_init must be a finite number"),
+        ({"core": "yes"}, "GivaConfig.core must be True or False"),
+        ({"core": True, "lambda_s_init": 0.0, "lambda_o_init": 1.0}, "GivaConfig.core=True needs lambda_o_init=0"),
+    ],
+)
+def test_bad_gap_options_name_the_field(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        GivaConfig(**kwargs)
+
+
+def test_lr_scales_give_lambda_s_its_own_learning_rate() -> None:
+    model = get_peft_model(tiny_llama(), GivaConfig(r=4, target_modules=["q_proj"]))
+    groups = parameter_groups(model, 0.01, None, 0.0, {"giva_lambda_s": 10.0})
+    by_lr = {g["lr"]: g["params"] for g in groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert set(by_lr) == {0.01, 0.1}
+    assert all("giva_lambda_s" in names[id(p)] for p in by_lr[0.1])
+    assert all("giva_lambda_o" in names[id(p)] for p in by_lr[0.01])
+    with pytest.raises(ValueError, match="TrainConfig.lr_scales must map"):
+        TrainConfig(lr_scales={"giva_lambda_s": -1.0})
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2], ids=["linear", "conv1d-fused"])
+def test_core_adapter_exports_to_an_exact_lora(make, tmp_path) -> None:
+    from giva.export import export_lora
+
+    torch.manual_seed(0)
+    model = _perturbed_core_model(make)
+    ids = _ids()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    export_lora(model, tmp_path / "lora")
+    lora = PeftModel.from_pretrained(make(), tmp_path / "lora")
+    with torch.no_grad():
+        assert torch.allclose(lora(input_ids=ids).logits, expected, atol=1e-5)
+
+
+def test_core_adapters_in_a_mixed_batch_match_each_row_run_alone() -> None:
+    torch.manual_seed(0)
+    model = _perturbed_core_model(tiny_llama)
+    model.add_adapter("plain", GivaConfig(r=2, init_weights=False, target_modules=TARGETS[tiny_llama]))
+    model.add_adapter("cored", GivaConfig(r=4, core=True, init_weights=False, target_modules=TARGETS[tiny_llama]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "giva_core.cored" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    ids = torch.randint(0, VOCAB, (4, 7), generator=torch.Generator().manual_seed(1))
+    names = ["default", "plain", "cored", "__base__"]
+    model.eval()
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[row : row + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[row : row + 1]).logits
+            assert torch.allclose(mixed[row : row + 1], alone, atol=1e-5), name
+
+
+def test_a_federated_round_sends_the_core_with_the_vectors() -> None:
+    from giva.federated.task import load_trainable_state, trainable_state
+
+    torch.manual_seed(0)
+    model = _perturbed_core_model(tiny_llama)
+    state = trainable_state(model)
+    cores = [name for name in state if "giva_core" in name]
+    assert cores and all(state[name].shape == (4, 4) for name in cores)
+    assert all("giva_lambda" in name or "giva_core" in name for name in state)  # nothing but vectors and cores
+    other = _perturbed_core_model(tiny_llama)
+    load_trainable_state(other, state)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).logits, model(input_ids=ids).logits)
