@@ -7,8 +7,10 @@ examples with replacement and recomputes ``mean(a) - mean(b)`` on the same draw 
 interval is the 2.5th to 97.5th percentile of the draws. A step-time ratio is resampled over the
 interleaved steps (paired: both methods trained on the same batch at about the same moment).
 
-Verdicts (``test`` of a claim, ``a`` the row the claim is about), one rule per kind of claim, fixed before any
-result was read (:data:`RULES` holds the text that results.md prints above the claims table):
+Verdicts (``test`` of a claim, ``a`` the row the claim is about), one rule per kind of claim (:data:`RULES` holds
+the text that results.md prints above the claims table). They replaced, after the evidence suite's results were
+known (issue 25), a rule that asked an accuracy pair to lie inside +-1 point and called any interval below 0
+contradicted, which no interval 1.5 points wide could pass and which overruled the margin it set:
 - 'non-inferior' (accuracy, "matches VeRA at 8x the rank", "close to LoRA"; suites may still call it
   'parity'): supported when the lower bound of a - b lies above -MARGIN, contradicted when the upper bound
   lies below -MARGIN, else undecided;
