@@ -29,6 +29,7 @@ COMPARISONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("k=1 against k=4 calibration batches (phase `defaults`, every linear layer, r=8)",
      ("sst/giva-default-k1-r8",), ("sst/giva-default-r8",)),
     ("query/value only against every linear layer (phase `defaults`, k=4, r=8)", ("sst/giva-k4-r8",), ("sst/giva-default-r8",)),
+    ("GiVA r=32 against GiVA r=8 (every linear layer)", ("sst/giva-default-r32",), ("sst/giva-default-r8",)),
     ("GiVA r=256 against GiVA r=1 (every linear layer)", ("sst/giva-default-r256",), ("sst/giva-default-r1",)),
     ("change in GiVA r=8's gap to LoRA r=8 from `sst` (1600 sentences, 100 steps) to `sst-long` (2600, 3 epochs)",
      ("sst-long/giva-default-r8", "sst/lora-r8-all"), ("sst-long/lora-r8-all", "sst/giva-default-r8")),
