@@ -215,6 +215,9 @@ def test_devices_and_quantisation_that_are_not_there(chat_model, pc_jsonl, tmp_p
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec: not installed
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--load-in-4bit")) == 2
     assert "--load-in-4bit needs bitsandbytes: pip install" in one_error_line(capsys)
+    monkeypatch.setitem(sys.modules, "trl", None)
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
+    assert "giva sft needs trl: pip install 'giva[sft]'" in one_error_line(capsys)
 
 
 @pytest.mark.parametrize(
@@ -259,3 +262,14 @@ def test_bad_paths_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp
         assert message in one_error_line(capsys), argv
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()) == {"peft_type": "GIVA"}
+
+
+def test_a_4bit_base_trains_through_sft(chat_model, pc_jsonl, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+
+    result, model, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", load_in_4bit=True, bf16=True, max_steps=2))
+    assert (result.quantization, result.precision, result.steps) == ("nf4", "bf16", 2)
+    assert torch.isfinite(torch.tensor(result.val_loss_after)) and result.val_loss_after != result.val_loss_before
+    base_layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(base_layer, Linear4bit) and (tmp_path / "out" / "adapter_config.json").exists()

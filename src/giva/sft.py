@@ -167,10 +167,16 @@ def resolve_device(options: SFTOptions) -> str:
     return device
 
 
+def check_packages() -> None:
+    for package in ("trl", "datasets"):
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"giva sft needs {package}: pip install 'giva[sft]' (TRL >= 1.16 and datasets)")
+
+
 def check_quantization(options: SFTOptions) -> None:
     if (options.load_in_4bit or options.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
         flag = "--load-in-4bit" if options.load_in_4bit else "--load-in-8bit"
-        raise ImportError(f"{flag} needs bitsandbytes: pip install 'bitsandbytes>=0.45' (or pip install giva[quant])")
+        raise ImportError(f"{flag} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
 
 
 def check_output_dirs(options: SFTOptions) -> None:
@@ -197,6 +203,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
 
     from .assets import resolve_model
 
+    check_packages()
     device = resolve_device(options)
     check_quantization(options)
     check_output_dirs(options)
