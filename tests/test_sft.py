@@ -273,3 +273,9 @@ def test_a_4bit_base_trains_through_sft(chat_model, pc_jsonl, tmp_path):
     assert torch.isfinite(torch.tensor(result.val_loss_after)) and result.val_loss_after != result.val_loss_before
     base_layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(base_layer, Linear4bit) and (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_a_max_length_that_cuts_off_every_completion_is_refused(chat_model, pc_jsonl, tmp_path, capsys):
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--max-length", "8")) == 2
+    assert "--max-length 8 cuts off the whole completion of 8 of the 8 validation rows; raise --max-length" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()

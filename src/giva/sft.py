@@ -337,6 +337,18 @@ def run_sft(options: SFTOptions) -> SFTResult:
     return train_sft(options)[0]
 
 
+def check_truncation(options: SFTOptions, train_kept: int, train_rows: int, val_kept: int, val_rows: int) -> None:
+    """TRL drops the rows whose completion ``--max-length`` cuts off entirely: refuse if that empties training or
+    touches the validation split (its scores would then cover other rows than the reference answers)."""
+    if val_kept < val_rows or train_kept == 0:
+        split, lost, total = ("validation", val_rows - val_kept, val_rows) if val_kept < val_rows else ("training", train_rows, train_rows)
+        raise ValueError(f"--max-length {options.max_length} cuts off the whole completion of {lost} of the {total} "
+                         f"{split} rows; raise --max-length")
+    if train_kept < train_rows:
+        logger.warning("--max-length %d cuts off the whole completion of %d of the %d training rows; they are skipped",
+                       options.max_length, train_rows - train_kept, train_rows)
+
+
 def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData, scratch: str) -> Any:
     """TRL's SFTTrainer over a freshly loaded model, with the GiVA config and :class:`giva.GivaInitCallback`."""
     from datasets import Dataset
@@ -373,6 +385,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
 
     with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
         trainer = make_trainer(options, device, path, tokenizer, data, scratch)
+        check_truncation(options, len(trainer.train_dataset), len(data.train), len(trainer.eval_dataset), len(data.validation))
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
         peft_model = trainer.model
         prompts = prompt_ids(trainer.eval_dataset)
