@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -227,3 +231,42 @@ def test_federated_dtype_options_reach_the_config_and_bad_ones_fail_before_any_w
     assert "bases_dtype" in capsys.readouterr().err and not seen
     assert main(["federated", "--lr-vera", "-1"]) == 2
     assert "--lr-vera" in capsys.readouterr().err and not seen
+
+
+HEAVY = ("torch", "peft", "transformers")
+
+
+def python_c(code: str) -> str:
+    """Run ``code`` in a fresh interpreter that imports giva from this checkout; its stdout."""
+    src = str(Path(giva.finetune.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+
+
+def test_help_imports_neither_torch_nor_peft():
+    code = ("import sys, giva.cli; giva.cli.build_parser(); print(sorted(m for m in {heavy} if m in sys.modules))\n"
+            "try:\n    giva.cli.main(['sft', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in {heavy} if m in sys.modules))").format(heavy=HEAVY)
+    out = python_c(code).splitlines()
+    assert out[0] == "[]" and out[-1] == "[]" and "--load-in-4bit" in "\n".join(out)
+    # any other import of giva still loads everything and registers GiVA with PEFT, as before
+    assert python_c("import giva, peft.mapping as m; print(m.PEFT_TYPE_TO_CONFIG_MAPPING['GIVA'].__name__)").strip() == "GivaConfig"
+
+
+def test_cli_defaults_mirror_the_library():
+    from giva import bench, cli
+    from giva.bases import VARIANTS
+    from giva.finetune import DEFAULT_TARGETS, TrainConfig
+    from giva.init import DEFAULT_NUM_BATCHES
+
+    assert cli.VARIANTS == VARIANTS and cli.DEFAULT_TARGETS == DEFAULT_TARGETS
+    assert cli.DEFAULT_NUM_BATCHES == DEFAULT_NUM_BATCHES and cli.DEFAULT_FINETUNE_LR == TrainConfig.lr
+    assert set(cli.CODE_SUITES) == {bench.SCALE_SUITE, bench.SERVE_SUITE}
+
+
+def test_bench_help_lists_the_suites(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    suites = sorted(p.stem for p in (Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.json"))
+    assert suites and f"one of: {', '.join(suites)}, scale, serve" in help_text

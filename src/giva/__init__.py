@@ -6,31 +6,12 @@
     giva.initialize(model, train_dataloader)   # bases from the loss gradient (k = 1 batch)
 """
 
-from . import peft_compat  # noqa: F401, I001  (first: refuses a too-old PEFT before anything imports its internals)
-from . import checkpoint, export
-from .bases import GRADIENT_VARIANTS, VARIANTS
-from .checkpoint import CheckpointError
-from .config import GivaConfig
-from .gradients import GradientInitError, InitReport, bases_initialized, initialize
-from .integrations.trainer import GivaInitCallback
-from .layer import BasesNotInitializedError, GivaLayer
-from .model import GivaModel
-from .peft_compat import (
-    GIVA_PEFT_TYPE,
-    install_checkpoint_hooks,
-    install_lora_conversion,
-    install_transformers_load_hook,
-    register,
-)
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-
-register(GivaConfig, GivaModel)
-install_checkpoint_hooks(
-    checkpoint.save_pretrained, checkpoint.checked_load, checkpoint.forget_checksum, checkpoint.load_peft_weights
-)
-install_transformers_load_hook(checkpoint.transformers_load_adapter)
-install_lora_conversion(export.convert_module, export.convert_to_lora, export.save_as_lora)
 
 __all__ = [
     "GIVA_PEFT_TYPE",
@@ -47,3 +28,71 @@ __all__ = [
     "bases_initialized",
     "initialize",
 ]
+
+if TYPE_CHECKING:
+    from .bases import GRADIENT_VARIANTS, VARIANTS
+    from .checkpoint import CheckpointError
+    from .config import GivaConfig
+    from .init import GradientInitError, InitReport, bases_initialized, initialize
+    from .integrations.trainer import GivaInitCallback
+    from .layer import BasesNotInitializedError, GivaLayer
+    from .model import GivaModel
+    from .peft_compat import GIVA_PEFT_TYPE
+
+
+def load() -> None:
+    """Import the library (torch, transformers, PEFT) and register GiVA with PEFT; idempotent.
+
+    ``import giva`` calls it, except when the package is imported for its command line (``giva.cli``), which
+    calls it once a command, not ``--help``, runs.
+    """
+    from . import (
+        checkpoint,
+        export,
+        peft_compat,  # first: refuses a too-old PEFT before anything imports its internals
+    )
+    from .bases import GRADIENT_VARIANTS, VARIANTS
+    from .checkpoint import CheckpointError
+    from .config import GivaConfig
+    from .init import GradientInitError, InitReport, bases_initialized, initialize
+    from .integrations.trainer import GivaInitCallback
+    from .layer import BasesNotInitializedError, GivaLayer
+    from .model import GivaModel
+
+    peft_compat.register(GivaConfig, GivaModel)
+    peft_compat.install_checkpoint_hooks(
+        checkpoint.save_pretrained, checkpoint.checked_load, checkpoint.forget_checksum, checkpoint.load_peft_weights
+    )
+    peft_compat.install_transformers_load_hook(checkpoint.transformers_load_adapter)
+    peft_compat.install_lora_conversion(export.convert_module, export.convert_to_lora, export.save_as_lora)
+    globals().update(
+        GIVA_PEFT_TYPE=peft_compat.GIVA_PEFT_TYPE, GRADIENT_VARIANTS=GRADIENT_VARIANTS, VARIANTS=VARIANTS,
+        BasesNotInitializedError=BasesNotInitializedError, CheckpointError=CheckpointError, GivaConfig=GivaConfig,
+        GivaInitCallback=GivaInitCallback, GivaLayer=GivaLayer, GivaModel=GivaModel, GradientInitError=GradientInitError,
+        InitReport=InitReport, bases_initialized=bases_initialized, initialize=initialize,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        load()
+        return globals()[name]
+    raise AttributeError(f"module 'giva' has no attribute {name!r}")
+
+
+def _imported_for_cli() -> bool:
+    """True when this package is being imported as the parent of ``giva.cli`` (``from giva.cli import main``).
+
+    The import system's own frames name the module being imported; any other import of ``giva`` (or an
+    interpreter whose import system looks different) loads everything at once, as before.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib") and frame.f_locals.get("name") == "giva.cli":
+            return True
+        frame = frame.f_back
+    return False
+
+
+if not _imported_for_cli():
+    load()

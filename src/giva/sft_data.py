@@ -1,0 +1,182 @@
+"""The rows `giva sft` trains on: prompt/completion or chat messages, checked line by line; no torch here.
+
+Every row becomes TRL's prompt/completion form (strings, or lists of ``{"role", "content"}`` messages),
+so that TRL's ``SFTTrainer`` masks the prompt out of the loss. A ``messages`` row is split before its last
+message, which must be the assistant's: the loss covers that reply only.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .checkpoint import looks_local
+from .data import BUNDLED, DATA_SUFFIXES, DataError, _decode, _hub_datasets_module, _read_json_rows, load_bundled
+
+Row = dict[str, Any]  # {"prompt": str | list[message], "completion": str | list[message]}
+
+# The instruction each bundled corpus becomes: the sentence in a question, the class name as a one-word answer.
+INSTRUCTIONS: dict[str, tuple[str, dict[str, str]]] = {
+    "pang-lee": ("Review: {text}\nIs this review positive or negative? Answer with one word.", {"1": "positive", "-1": "negative"}),
+    "conll2010-uncertainty": (
+        "Sentence: {text}\nIs this statement certain or uncertain? Answer with one word.",
+        {"0": "certain", "1": "uncertain"},
+    ),
+}
+ROLES = ("system", "user", "assistant")
+# Completions count as single labels (scored by exact match) when every one is a short single line and few
+# distinct values repeat across the rows.
+MAX_LABEL_WORDS = 3
+MAX_LABELS = 50
+
+
+@dataclass
+class SFTData:
+    """Training and validation rows in TRL's prompt/completion form, and where they came from."""
+
+    train: list[Row]
+    validation: list[Row]
+    source: str
+    labels: Optional[list[str]]  # the label set when completions are single labels (exact match is reported)
+
+
+def completion_text(row: Row) -> str:
+    """The completion as plain text (the assistant message's content for chat rows)."""
+    completion = row["completion"]
+    return completion if isinstance(completion, str) else completion[-1]["content"]
+
+
+def bundled_rows(name: str) -> list[Row]:
+    """A bundled corpus (``pang-lee``, ``conll2010-uncertainty``) as instruction rows with a one-word answer."""
+    template, words = INSTRUCTIONS[name]
+    data = load_bundled(name)
+    return [{"prompt": template.format(text=text), "completion": words[data.label_names[label]]}
+            for text, label in zip(data.texts, data.labels)]
+
+
+def _messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: {field!r} must be a non-empty list of {{\"role\", \"content\"}} messages, got {value!r:.80}")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise DataError(
+                f"{where}: {field}[{i}] must be {{\"role\": one of {list(ROLES)}, \"content\": a string}}, got {message!r:.80}"
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _text(value: Any, where: str, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{where}: {field!r} must be a non-empty string (or a list of messages), got {value!r:.80}")
+    return value
+
+
+def parse_row(record: Any, where: str) -> Row:
+    """One record -> a prompt/completion row, or a :class:`DataError` naming ``where`` and the missing field."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        messages = _messages(record["messages"], where, "messages")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise DataError(f"{where}: 'messages' must end with an assistant message that follows at least one other message")
+        return {"prompt": messages[:-1], "completion": messages[-1:]}
+    if "prompt" not in record or "completion" not in record:
+        raise DataError(
+            f"{where}: needs 'prompt' and 'completion', or 'messages'; the row has {sorted(record)}"
+        )
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, list) or isinstance(completion, list):
+        return {"prompt": _messages(prompt, where, "prompt"), "completion": _messages(completion, where, "completion")}
+    return {"prompt": _text(prompt, where, "prompt"), "completion": _text(completion, where, "completion")}
+
+
+def parse_rows(records: Iterable[tuple[str, Any]], source: str) -> list[Row]:
+    """Every (where, record) parsed; all rows must be plain text or all chat messages."""
+    rows = [(where, parse_row(record, where)) for where, record in records]
+    if not rows:
+        raise DataError(f"{source}: no rows found")
+    chat = [isinstance(row["prompt"], list) for _, row in rows]
+    if not all(chat) and any(chat):
+        where = rows[chat.index(not chat[0])][0]
+        raise DataError(f"{where}: a {'chat' if not chat[0] else 'plain-text'} row after {'plain-text' if not chat[0] else 'chat'} "
+                        "rows; use one format for the whole file")
+    return [row for _, row in rows]
+
+
+def read_file(path: Path) -> list[Row]:
+    """A JSON Lines file (``.json``: also one array) of prompt/completion or messages rows."""
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise DataError(f"data file {str(path)!r} is a folder; expected a JSONL file")
+    if path.suffix not in (".jsonl", ".json"):
+        raise DataError(f"data file {str(path)!r}: expected JSON Lines (.jsonl or .json) with prompt/completion or messages")
+    return parse_rows(_read_json_rows(path, _decode(path)), str(path))
+
+
+def read_hub(name: str) -> list[Row]:
+    """The ``train`` split of a `datasets` hub dataset with prompt/completion or messages columns."""
+    datasets = _hub_datasets_module(name)
+    ds = datasets.load_dataset(name, split="train")
+    if "messages" not in ds.column_names and not {"prompt", "completion"} <= set(ds.column_names):
+        raise DataError(f"dataset {name!r}: needs 'prompt' and 'completion' columns, or 'messages'; it has {sorted(ds.column_names)}")
+    return parse_rows(((f"dataset {name!r} row {i}", dict(record)) for i, record in enumerate(ds)), name)
+
+
+def read_rows(source: str) -> list[Row]:
+    """A bundled corpus name, a local JSONL path, or a `datasets` hub name, in that order."""
+    if source in INSTRUCTIONS:
+        return bundled_rows(source)
+    path = Path(os.path.expanduser(source))
+    if path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source):
+        return read_file(path)
+    if source in BUNDLED:
+        raise DataError(f"corpus {source!r} has no instruction form; `giva sft` offers {list(INSTRUCTIONS)}")
+    return read_hub(source)
+
+
+def label_set(rows: list[Row]) -> Optional[list[str]]:
+    """The distinct completions when they are single labels (short single lines, few values), else None."""
+    texts = [completion_text(row).strip() for row in rows]
+    values = sorted(set(texts))
+    if len(values) > min(MAX_LABELS, len(texts) // 2) or any("\n" in t or len(t.split()) > MAX_LABEL_WORDS for t in values):
+        return None
+    return values
+
+
+def as_chat(row: Row) -> Row:
+    """A plain-text row as one user turn and one assistant turn (for a tokenizer with a chat template)."""
+    if isinstance(row["prompt"], list):
+        return row
+    return {"prompt": [{"role": "user", "content": row["prompt"]}],
+            "completion": [{"role": "assistant", "content": row["completion"]}]}
+
+
+def split_rows(rows: list[Row], val_size: int | float, seed: int, max_train_samples: Optional[int] = None) -> tuple[list[Row], list[Row]]:
+    """A fixed (train, validation) split from a seeded shuffle; ``val_size`` is a count or a fraction in (0, 1)."""
+    n_val = int(round(val_size * len(rows))) if isinstance(val_size, float) else val_size
+    if n_val < 1 or n_val >= len(rows):
+        raise DataError(
+            f"--val-size {val_size} gives {n_val} validation rows of the {len(rows)} rows; it must leave at least one row "
+            "for each of validation and training"
+        )
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    train = [rows[i] for i in order[n_val:]]
+    return train[:max_train_samples] if max_train_samples else train, [rows[i] for i in order[:n_val]]
+
+
+def load_sft_data(
+    source: str, val_size: int | float, seed: int, max_train_samples: Optional[int] = None, chat: bool = False
+) -> SFTData:
+    """Read, check and split ``source``; ``chat`` turns plain-text rows into chat turns."""
+    rows = read_rows(source)
+    labels = label_set(rows)
+    if chat:
+        rows = [as_chat(row) for row in rows]
+    train, validation = split_rows(rows, val_size, seed, max_train_samples)
+    return SFTData(train, validation, source, labels)

@@ -1,0 +1,281 @@
+"""`giva sft` end to end on a tiny random Llama with a tiny word-level tokenizer, and one line (exit 2) for bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import giva.sft
+from giva.cli import main
+from giva.sft import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
+from tiny_models import tiny_llama
+
+WORDS = "the film plot is good great bad awful . review positive or negative ? answer one word".split()
+SPECIAL = ["<pad>", "<eos>", "<unk>", "<system>", "<user>", "<assistant>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + ' <eos> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(SPECIAL + WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-chat")
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer(chat=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def plain_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-llama-plain")
+    tiny_llama().save_pretrained(folder)
+    tiny_tokenizer(chat=False).save_pretrained(folder)
+    return folder
+
+
+def review(rng: random.Random) -> tuple[str, str]:
+    label = rng.choice(["positive", "negative"])
+    words = "good great" if label == "positive" else "bad awful"
+    return f"the film is {words} . positive or negative ?", label
+
+
+@pytest.fixture
+def pc_jsonl(tmp_path):
+    rng = random.Random(0)
+    path = tmp_path / "pc.jsonl"
+    rows = [review(rng) for _ in range(40)]  # plain-text rows are joined as they are: the completion brings its space
+    path.write_text("".join(json.dumps({"prompt": prompt, "completion": " " + label}) + "\n" for prompt, label in rows))
+    return path
+
+
+@pytest.fixture
+def messages_jsonl(tmp_path):
+    rng = random.Random(1)
+    rows = []
+    for _ in range(40):
+        prompt, label = review(rng)
+        rows.append({"messages": [{"role": "system", "content": "answer one word"}, {"role": "user", "content": prompt},
+                                  {"role": "assistant", "content": label}]})
+    path = tmp_path / "messages.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def options(model, data, out, **extra) -> SFTOptions:
+    settings = dict(model=str(model), data=str(data), output_dir=str(out), val_size=8, max_steps=4, batch_size=4, r=2,
+                    progress=False, device="cpu")
+    return SFTOptions(**{**settings, **extra})
+
+
+def cli(model, data, out, *extra) -> list[str]:
+    return ["sft", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--val-size", "8",
+            "--max-steps", "4", "--batch-size", "4", "--r", "2", "--device", "cpu", "--no-progress", *extra]
+
+
+def test_sft_trains_reports_and_saves_an_adapter_that_reloads_bit_identically(chat_model, pc_jsonl, tmp_path):
+    out = tmp_path / "out"
+    result, model, tokenizer = train_sft(options(chat_model, pc_jsonl, out, export_lora=str(tmp_path / "lora")))
+    assert result.steps == 4 and (result.train_rows, result.validation_rows) == (32, 8)
+    assert all(map(torch.isfinite, torch.tensor([result.val_loss_before, result.val_loss_after])))
+    assert result.val_loss_after != result.val_loss_before  # training moved the model
+    assert result.exact_match_before is not None and 0 <= result.exact_match_after <= 1  # one-word labels: scored
+    assert result.trainable_parameters > 0 and result.adapter_bytes > 0
+    saved = json.loads((out / "sft_result.json").read_text())
+    assert saved["val_loss_after"] == result.val_loss_after and saved["options"]["r"] == 2
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    reloaded, _ = load_sft_adapter(str(out))
+    batch = tokenizer(["the film is good . positive or negative ?"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, reloaded(**batch).logits)
+        with model.disable_adapter():  # the adapter changed the model: the check above compares trained weights
+            assert not torch.equal(model(**batch).logits, reloaded(**batch).logits)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
+
+
+def labelled_text(trainer, tokenizer, row: int) -> tuple[str, int]:
+    """The text of the tokens that carry a label, and how many prompt tokens come first (all must be -100)."""
+    example = trainer.train_dataset[row]
+    labels, ids = example["labels"], example["input_ids"]
+    first = next(i for i, label in enumerate(labels) if label != -100)
+    assert all(label == -100 for label in labels[:first])
+    assert labels[first:] == ids[first:]
+    return tokenizer.decode(ids[first:]), first
+
+
+@pytest.mark.parametrize("model_name, data_name, expected_prompt",
+                         [("chat_model", "pc_jsonl", "<user> {p} <eos> <assistant>"),
+                          ("plain_model", "pc_jsonl", "{p}"),
+                          ("chat_model", "messages_jsonl", "<system> answer one word <eos> <user> {p} <eos> <assistant>")])
+def test_only_the_completion_carries_labels(model_name, data_name, expected_prompt, request, tmp_path):
+    model, data = request.getfixturevalue(model_name), request.getfixturevalue(data_name)
+    opts = options(model, data, tmp_path / "out")
+    device, path, tokenizer, sft_data = preflight(opts)
+    trainer = make_trainer(opts, device, path, tokenizer, sft_data, str(tmp_path / "scratch"))
+    for row in range(len(sft_data.train)):
+        text, prompt_len = labelled_text(trainer, tokenizer, row)
+        source = sft_data.train[row]
+        completion = source["completion"] if isinstance(source["completion"], str) else source["completion"][0]["content"]
+        assert text.split() == [completion.strip(), "<eos>"]
+        prompt = source["prompt"] if isinstance(source["prompt"], str) else source["prompt"][-1]["content"]
+        tokens = tokenizer.convert_ids_to_tokens(trainer.train_dataset[row]["input_ids"][:prompt_len])
+        assert tokens == expected_prompt.format(p=prompt).split()
+
+
+def test_the_cli_prints_the_summary_and_json(chat_model, messages_jsonl, tmp_path, capsys):
+    assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--json")) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out[out.index("{"):])
+    assert "validation loss" in out and "exact match" in out
+    assert record["steps"] == 4 and record["data"] == str(messages_jsonl)
+    assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--overwrite")) == 0  # replaces its own adapter
+
+
+def test_no_progress_hides_the_transformers_load_report(chat_model, pc_jsonl, tmp_path, caplog):
+    broken = tmp_path / "model"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((chat_model / name).read_bytes())
+    weights = load_file(chat_model / "model.safetensors")
+    weights.pop("model.norm.weight")  # a missing key: transformers prints its LOAD REPORT
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    assert main(cli(broken, pc_jsonl, tmp_path / "quiet")) == 0
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]
+    assert main([a for a in cli(broken, pc_jsonl, tmp_path / "loud") if a != "--no-progress"]) == 0
+    assert [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]  # the check above can fail
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(giva.sft, "_load_model", loaded)
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith("giva sft: error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--lr", "nan"], "argument --lr: must be a finite number"),
+        (["--lr", "0"], "argument --lr: must be > 0"),
+        (["--max-steps", "0"], "argument --max-steps: must be >= 1"),
+        (["--epochs", "-1"], "argument --epochs: must be > 0"),
+        (["--r", "0"], "argument --r: must be >= 1"),
+        (["--batch-size", "2.5"], "argument --batch-size: expected a whole number"),
+        (["--max-length", "4"], "argument --max-length: must be >= 8"),
+        (["--val-size", "0"], "argument --val-size: expected a row count >= 1 or a fraction"),
+        (["--seed", "-1"], "argument --seed: must be >= 0"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["--init-mode", "fast"], "argument --init-mode: invalid choice: 'fast'"),
+        (["--bf16", "--fp16"], "argument --fp16: not allowed with argument --bf16"),
+        (["--load-in-4bit", "--load-in-8bit"], "argument --load-in-8bit: not allowed with argument --load-in-4bit"),
+        (["--fp16"], "--fp16 needs a GPU"),
+        (["--target-modules", "q_proj,,v_proj"], "--target-modules has an empty name"),
+        (["--val-size", "40"], "--val-size 40 gives 40 validation rows of the 40 rows"),
+    ],
+)
+def test_bad_options_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading,
+                                                          extra, message):
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", *extra)) == 2
+    assert message in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_devices_and_quantisation_that_are_not_there(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, monkeypatch):
+    if not torch.cuda.is_available():
+        assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--device", "cuda")) == 2
+        assert "--device cuda: no CUDA device is visible" in one_error_line(capsys)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # find_spec: not installed
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--load-in-4bit")) == 2
+    assert "--load-in-4bit needs bitsandbytes: pip install" in one_error_line(capsys)
+    monkeypatch.setitem(sys.modules, "trl", None)
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
+    assert "giva sft needs trl: pip install 'giva[sft]'" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a"}\n', "bad.jsonl:1: needs 'prompt' and 'completion', or 'messages'; the row has ['prompt']"),
+        ('{"prompt": "a", "completion": "b"}\n{"text": "c"}\n', "bad.jsonl:2: needs 'prompt' and 'completion'"),
+        ('{"prompt": "a", "completion": ""}\n', "bad.jsonl:1: 'completion' must be a non-empty string"),
+        ('{"prompt": "a", "completion": "b"}\nnot json\n', "bad.jsonl:2: not valid JSON"),
+        ('{"messages": [{"role": "user", "content": "a"}]}\n', "bad.jsonl:1: 'messages' must end with an assistant message"),
+        ('{"messages": [{"role": "bot", "content": "a"}]}\n', "bad.jsonl:1: messages[0] must be {\"role\": one of"),
+        ('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "a"}, '
+         '{"role": "assistant", "content": "b"}]}\n', "bad.jsonl:2: a chat row after plain-text rows"),
+        ("", "bad.jsonl: no rows found"),
+    ],
+)
+def test_bad_data_gets_one_line_naming_file_and_line(chat_model, tmp_path, capsys, no_model_loading, content, message):
+    (tmp_path / "bad.jsonl").write_text(content)
+    assert main(cli(chat_model, tmp_path / "bad.jsonl", tmp_path / "out")) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_bad_paths_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "GIVA"}))
+    cases = [
+        (cli(chat_model, pc_jsonl, a_file), "is a file; expected a folder"),
+        (cli(chat_model, pc_jsonl, tmp_path / "other"), "is a non-empty folder that holds no adapter"),
+        (cli(chat_model, pc_jsonl, tmp_path / "adapter"), "already holds an adapter; pass --overwrite"),
+        (cli(chat_model, pc_jsonl, tmp_path / "out", "--export-lora", str(tmp_path / "out")), "the LoRA export needs its own folder"),
+        (cli(chat_model, pc_jsonl, tmp_path / "out", "--export-lora", str(tmp_path / "adapter")), "belongs to a 'GIVA' adapter"),
+        (cli(tmp_path / "missing-model", pc_jsonl, tmp_path / "out"), "no such folder"),
+        (cli(chat_model, tmp_path / "missing.jsonl", tmp_path / "out"), "does not exist"),
+        (cli(chat_model, a_file, tmp_path / "out"), "expected JSON Lines (.jsonl or .json)"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in one_error_line(capsys), argv
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()) == {"peft_type": "GIVA"}
+
+
+def test_a_4bit_base_trains_through_sft(chat_model, pc_jsonl, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+
+    result, model, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", load_in_4bit=True, bf16=True, max_steps=2))
+    assert (result.quantization, result.precision, result.steps) == ("nf4", "bf16", 2)
+    assert torch.isfinite(torch.tensor(result.val_loss_after)) and result.val_loss_after != result.val_loss_before
+    base_layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(base_layer, Linear4bit) and (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_a_max_length_that_cuts_off_every_completion_is_refused(chat_model, pc_jsonl, tmp_path, capsys):
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--max-length", "8")) == 2
+    assert "--max-length 8 cuts off the whole completion of 8 of the 8 validation rows; raise --max-length" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
