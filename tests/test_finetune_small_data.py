@@ -41,7 +41,9 @@ def test_a_60_row_csv_trains_with_every_default(model_dir, small_csv, tmp_path, 
 
 
 def test_default_sizes_keep_the_benchmark_split_on_large_data_and_fit_small_data():
-    assert split_sizes(10_662, None, None) == (1000, 400)  # Pang & Lee: as `giva bench`
+    assert split_sizes(4000, None, None) == (1000, 400)  # Pang & Lee: as `giva bench`
+    assert split_sizes(2957, None, None) == (1000, 400)  # CoNLL-2010 (repeats dropped): as `giva bench`
+    assert split_sizes(2799, None, None) == (560, 280)  # 1000 + 400 would be over half the rows
     assert split_sizes(60, None, None) == (12, 6)
     assert split_sizes(3, None, None) == (1, 1)
     assert split_sizes(60, 0.5, None) == (0.5, 6)  # a given size is kept as given

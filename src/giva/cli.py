@@ -220,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--text-column", default="text")
     ft.add_argument("--label-column", default="label")
     ft.add_argument("--test-size", type=_count_or_fraction, default=None,
-                    help="test rows set aside, never scored (count, or fraction if < 1; default: 20%% of the rows, at most 1000)")
+                    help="test rows set aside, never scored (count, or fraction if < 1; default: 1000, or 20%% of the rows when 1000 + 400 is over half of them)")
     ft.add_argument("--val-size", type=_count_or_fraction, default=None,
-                    help="validation rows the accuracy is reported on (default: 10%% of the rows, at most 400)")
+                    help="validation rows the accuracy is reported on (default: 400, or 10%% of the rows on such small data)")
     ft.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training rows")
     ft.add_argument("--r", type=_positive_int, default=8, help="GiVA rank")
     ft.add_argument("--variant", default="Vr", choices=VARIANTS)

@@ -284,7 +284,8 @@ def _check_size(name: str, value: Any, fraction_allowed: bool = True) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-DEFAULT_TEST_SIZE, DEFAULT_VAL_SIZE = 1000, 400  # the benchmark's Pang & Lee split; capped at 20 % / 10 % of smaller data
+DEFAULT_TEST_SIZE, DEFAULT_VAL_SIZE = 1000, 400  # the benchmark's split of the bundled corpora
+SMALL_DATA_TEST_FRACTION, SMALL_DATA_VAL_FRACTION = 0.2, 0.1  # when 1000 + 400 would take over half the rows
 
 
 def split_sizes(
@@ -292,13 +293,15 @@ def split_sizes(
 ) -> tuple[int | float, int | float]:
     """The (test, validation) sizes for ``n_rows`` distinct rows; ``None`` takes a default that fits the data.
 
-    A default is 20 % (test) or 10 % (validation) of the rows, at least 1 and at most 1000 / 400. Sizes that
-    leave no training row raise a ``ValueError`` naming the flags to change and the row count.
+    The defaults are 1000 (test) and 400 (validation) rows, as `giva bench` splits the bundled corpora, unless
+    together they would take more than half of the rows: then 20 % and 10 % of the rows (at least 1 each).
+    Sizes that leave no training row raise a ``ValueError`` naming the flags to change and the row count.
     """
+    small = 2 * (DEFAULT_TEST_SIZE + DEFAULT_VAL_SIZE) > n_rows
     if test_size is None:
-        test_size = max(1, min(DEFAULT_TEST_SIZE, round(0.2 * n_rows)))
+        test_size = max(1, round(SMALL_DATA_TEST_FRACTION * n_rows)) if small else DEFAULT_TEST_SIZE
     if val_size is None:
-        val_size = max(1, min(DEFAULT_VAL_SIZE, round(0.1 * n_rows)))
+        val_size = max(1, round(SMALL_DATA_VAL_FRACTION * n_rows)) if small else DEFAULT_VAL_SIZE
 
     def count(size: int | float) -> int:  # as split_dataset counts
         return int(round(size * n_rows)) if isinstance(size, float) else int(size)
@@ -366,9 +369,9 @@ def finetune(
     ``init_mode`` is ``giva.initialize``'s ``mode`` (``"auto"``, ``"sketch"`` or ``"exact"``); the result's
     config records it and the mode ``"auto"`` chose.
 
-    Left at ``None``, the sizes fit the data: ``test_size`` / ``val_size`` are 20 % / 10 % of the rows (at most
-    1000 / 400, the benchmark's split of Pang & Lee) and ``num_batches`` is 4, or fewer if the training rows
-    make fewer batches.
+    Left at ``None``, the sizes fit the data: ``test_size`` / ``val_size`` are 1000 / 400 rows (the benchmark's
+    split) or, when that would take over half of the rows, 20 % / 10 % (:func:`split_sizes`); ``num_batches`` is
+    4, or fewer if the training rows make fewer batches.
     """
     giva_config = giva_config or GivaConfig(r=8, target_modules=DEFAULT_TARGETS, task_type="SEQ_CLS")
     train_config = train_config or TrainConfig()
