@@ -11,7 +11,7 @@ from . import checkpoint, export
 from .bases import GRADIENT_VARIANTS, VARIANTS
 from .checkpoint import CheckpointError
 from .config import GivaConfig
-from .gradients import GradientInitError, InitReport, bases_initialized, initialize
+from .init import GradientInitError, InitReport, bases_initialized, initialize
 from .integrations.trainer import GivaInitCallback
 from .layer import BasesNotInitializedError, GivaLayer
 from .model import GivaModel

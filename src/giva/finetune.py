@@ -30,7 +30,7 @@ from .assets import resolve_model
 from .checkpoint import atomic_directory
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .data import TextDataset, deduplicate, load_text_classification, split_dataset
-from .gradients import DEFAULT_NUM_BATCHES, initialize
+from .init import DEFAULT_NUM_BATCHES, initialize
 
 logger = logging.getLogger(__name__)
 
