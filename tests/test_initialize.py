@@ -13,7 +13,7 @@ from torch import nn
 
 import giva
 from giva import GivaConfig
-from giva.gradients import GradientInitError, compute_gradients, giva_layers
+from giva.init import GradientInitError, compute_gradients, giva_layers
 from tiny_models import text_batches, tiny_bert, tiny_gpt2, tiny_llama
 
 

@@ -15,7 +15,7 @@ from giva import GivaConfig
 from giva.assets import minilm_path
 from giva.data import load_bundled, split_dataset
 from giva.finetune import make_loader
-from giva.gradients import giva_layers
+from giva.init import giva_layers
 
 pytestmark = pytest.mark.real
 

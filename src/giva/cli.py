@@ -124,6 +124,7 @@ def _finetune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         seed=args.seed,
+        max_steps=args.max_steps,
     )
     result = finetune(
         model=args.model,
@@ -263,17 +264,22 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--data", default="pang-lee", help="'pang-lee', 'conll2010-uncertainty', a CSV/JSONL file or a datasets name")
     ft.add_argument("--text-column", default="text")
     ft.add_argument("--label-column", default="label")
-    ft.add_argument("--test-size", type=_count_or_fraction, default=1000, help="test rows set aside, never scored (count, or fraction if < 1)")
-    ft.add_argument("--val-size", type=_count_or_fraction, default=400, help="validation rows the accuracy is reported on")
+    ft.add_argument("--test-size", type=_count_or_fraction, default=None,
+                    help="test rows set aside, never scored (count, or fraction if < 1; default: 1000, or 20%% of the rows when 1000 + 400 is over half of them)")
+    ft.add_argument("--val-size", type=_count_or_fraction, default=None,
+                    help="validation rows the accuracy is reported on (default: 400, or 10%% of the rows on such small data)")
     ft.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training rows")
     ft.add_argument("--r", type=_positive_int, default=8, help="GiVA rank")
     ft.add_argument("--variant", default="Vr", choices=VARIANTS)
     ft.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated module names, or all-linear (default)")
-    ft.add_argument("--num-batches", type=_positive_int, default=DEFAULT_NUM_BATCHES, help="calibration batches k for the gradient")
+    ft.add_argument("--num-batches", type=_positive_int, default=None,
+                    help="calibration batches k for the gradient (default: 4, fewer if the training rows make fewer)")
     ft.add_argument("--init-mode", default="auto", choices=["auto", "sketch", "exact"],
                     help="giva.initialize mode: exact (dense gradient + SVD), sketch (streaming), auto (exact while small)")
     ft.add_argument("--dropout", type=_unit_interval, default=0.0, help="GiVA dropout, in [0, 1)")
     ft.add_argument("--epochs", type=_positive_float, default=2.0, help="may be fractional")
+    ft.add_argument("--max-steps", type=_positive_int, default=None,
+                    help="stop after N optimizer steps (overrides --epochs; warmup and decay are sized to N)")
     ft.add_argument("--lr", type=_positive_float, default=DEFAULT_FINETUNE_LR)
     ft.add_argument("--head-lr", type=_positive_float, default=None, help="classifier head LR (default: --lr)")
     ft.add_argument("--batch-size", type=_positive_int, default=16)

@@ -30,7 +30,7 @@ from .assets import resolve_model
 from .checkpoint import atomic_directory
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .data import TextDataset, deduplicate, load_text_classification, split_dataset
-from .gradients import DEFAULT_NUM_BATCHES, initialize
+from .init import DEFAULT_NUM_BATCHES, initialize
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,10 @@ class TrainConfig:
     # Multiply the LR of the adapter parameters whose name contains a key, e.g. {"giva_lambda_s": 10.0}
     # (the evidence suite's separate-LR candidate); the head is not affected.
     lr_scales: dict[str, float] = field(default_factory=dict)
+    max_steps: Optional[int] = None  # stop after this many optimizer steps (overrides `epochs`; the schedule fits it)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_length", "seed"):
+        for name in ("batch_size", "max_length", "seed") + (("max_steps",) if self.max_steps is not None else ()):
             value, minimum = getattr(self, name), 0 if name == "seed" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= {minimum}, got {value!r}")
@@ -170,6 +171,9 @@ def train(
 ) -> TrainStats:
     """AdamW + linear schedule over ``config.epochs`` epochs (fractional epochs stop early).
 
+    With ``config.max_steps`` set, exactly that many optimizer steps instead (cycling through the loader
+    as often as needed), and the warmup and decay are sized to them.
+
     ``stop_if_diverged``: raise :class:`TrainingDiverged` at the first NaN/inf loss instead of going on
     (and saving NaN weights); the benchmarks keep going and record the poor result.
     """
@@ -177,7 +181,7 @@ def train(
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.lr, config.head_lr, config.weight_decay, config.lr_scales)
     )
-    total_steps = max(1, math.ceil(len(loader) * config.epochs))
+    total_steps = config.max_steps or max(1, math.ceil(len(loader) * config.epochs))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stats = TrainStats()
@@ -302,6 +306,37 @@ def _check_size(name: str, value: Any, fraction_allowed: bool = True) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
+DEFAULT_TEST_SIZE, DEFAULT_VAL_SIZE = 1000, 400  # the benchmark's split of the bundled corpora
+SMALL_DATA_TEST_FRACTION, SMALL_DATA_VAL_FRACTION = 0.2, 0.1  # when 1000 + 400 would take over half the rows
+
+
+def split_sizes(
+    n_rows: int, test_size: Optional[int | float], val_size: Optional[int | float], data: str = "the data"
+) -> tuple[int | float, int | float]:
+    """The (test, validation) sizes for ``n_rows`` distinct rows; ``None`` takes a default that fits the data.
+
+    The defaults are 1000 (test) and 400 (validation) rows, as `giva bench` splits the bundled corpora, unless
+    together they would take more than half of the rows: then 20 % and 10 % of the rows (at least 1 each).
+    Sizes that leave no training row raise a ``ValueError`` naming the flags to change and the row count.
+    """
+    small = 2 * (DEFAULT_TEST_SIZE + DEFAULT_VAL_SIZE) > n_rows
+    if test_size is None:
+        test_size = max(1, round(SMALL_DATA_TEST_FRACTION * n_rows)) if small else DEFAULT_TEST_SIZE
+    if val_size is None:
+        val_size = max(1, round(SMALL_DATA_VAL_FRACTION * n_rows)) if small else DEFAULT_VAL_SIZE
+
+    def count(size: int | float) -> int:  # as split_dataset counts
+        return int(round(size * n_rows)) if isinstance(size, float) else int(size)
+
+    n_test, n_val = count(test_size), count(val_size)
+    if n_test + n_val >= n_rows:
+        raise ValueError(
+            f"test_size ({n_test} rows) + val_size ({n_val} rows) leave no training rows out of the {n_rows} rows of "
+            f"{data} (repeats dropped); set --test-size and --val-size (row counts, or fractions such as 0.2 and 0.1)"
+        )
+    return test_size, val_size
+
+
 def save_labels(folder: str | Path, label_names: list[str], text_column: str, label_column: str) -> None:
     """``labels.json``: the class names in index order, so a reloaded classifier maps logits back to labels."""
     record = {
@@ -339,9 +374,9 @@ def finetune(
     data: str = "pang-lee",
     giva_config: Optional[GivaConfig] = None,
     train_config: Optional[TrainConfig] = None,
-    num_batches: int = DEFAULT_NUM_BATCHES,
-    test_size: int | float = 1000,
-    val_size: int | float = 400,
+    num_batches: Optional[int] = None,
+    test_size: Optional[int | float] = None,
+    val_size: Optional[int | float] = None,
     max_train_samples: Optional[int] = None,
     text_column: str = "text",
     label_column: str = "label",
@@ -355,14 +390,19 @@ def finetune(
     the saved folder holds the adapter, the tokenizer and ``labels.json`` (reload with :func:`load_finetuned`).
     ``init_mode`` is ``giva.initialize``'s ``mode`` (``"auto"``, ``"sketch"`` or ``"exact"``); the result's
     config records it and the mode ``"auto"`` chose.
+
+    Left at ``None``, the sizes fit the data: ``test_size`` / ``val_size`` are 1000 / 400 rows (the benchmark's
+    split) or, when that would take over half of the rows, 20 % / 10 % (:func:`split_sizes`); ``num_batches`` is
+    4, or fewer if the training rows make fewer batches.
     """
     giva_config = giva_config or GivaConfig(r=8, target_modules=DEFAULT_TARGETS, task_type="SEQ_CLS")
     train_config = train_config or TrainConfig()
-    _check_size("test_size", test_size)
-    _check_size("val_size", val_size)
+    for name, size in (("test_size", test_size), ("val_size", val_size)):
+        if size is not None:
+            _check_size(name, size)
     if max_train_samples is not None:
         _check_size("max_train_samples", max_train_samples, fraction_allowed=False)
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1):
         raise ValueError(f"num_batches must be an integer >= 1, got {num_batches!r}")
     if init_mode not in INIT_MODES:
         raise ValueError(f"init_mode must be one of {list(INIT_MODES)}, got {init_mode!r}")
@@ -371,16 +411,23 @@ def finetune(
     dataset = load_text_classification(data, text_column, label_column)
     # The same split as `giva bench` (repeats dropped, seed 0): the test rows are set aside and never scored
     # here, so nothing tuned on this command's accuracy can leak into the benchmark's test table.
-    train_set, val_set, test_set = split_dataset(deduplicate(dataset), test_size=test_size, val_size=val_size, seed=0)
+    unique = deduplicate(dataset)
+    test_size, val_size = split_sizes(len(unique), test_size, val_size, data)
+    train_set, val_set, test_set = split_dataset(unique, test_size=test_size, val_size=val_size, seed=0)
     if not val_set:
-        raise ValueError(f"val_size={val_size!r} leaves no validation rows out of {len(dataset)}")
+        raise ValueError(
+            f"val_size={val_size!r} leaves no validation rows out of the {len(unique)} rows of {data}; "
+            "set --val-size (a row count, or a larger fraction)"
+        )
     if max_train_samples is not None:
         train_set = train_set.subset(list(range(min(max_train_samples, len(train_set)))))
     n_batches = math.ceil(len(train_set) / train_config.batch_size)
-    if num_batches > n_batches:
+    if num_batches is None:
+        num_batches = min(DEFAULT_NUM_BATCHES, n_batches)
+    elif num_batches > n_batches:
         raise ValueError(
             f"num_batches={num_batches} calibration batches, but the {len(train_set)} training rows make only {n_batches} "
-            f"batch(es) of {train_config.batch_size}"
+            f"batch(es) of {train_config.batch_size}; set --num-batches {n_batches} or less, or a smaller --batch-size"
         )
 
     with _transformers_progress_bars(progress):
@@ -417,6 +464,6 @@ def finetune(
         train_seconds=stats.seconds,
         output_dir=output_dir,
         config={"train": asdict(train_config), "num_batches": num_batches, "n_train": len(train_set), "n_val": len(val_set),
-                "n_test_unscored": len(test_set), "init_mode": init_mode, "init_mode_used": report.mode,
+                "n_test_unscored": len(test_set), "train_steps": len(stats.losses), "init_mode": init_mode, "init_mode_used": report.mode,
                 "init_passes": report.passes},
     )

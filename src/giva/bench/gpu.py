@@ -406,7 +406,7 @@ def measure_init(row: str, shape: GpuShape, settings: GpuSettings, device: torch
             preprocess_loraga(base, config, train_step)
             get_peft_model(base, config)
     else:
-        from ..gradients import initialize
+        from ..init import initialize
 
         model = adapt_for_init(base, settings)
         mode = row.removeprefix("init-")

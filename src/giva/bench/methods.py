@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ..config import GivaConfig
-from ..gradients import initialize
+from ..init import initialize
 from ..layer import GivaLayer
 from .spec import MethodSpec
 from .tasks import TaskData

@@ -186,7 +186,7 @@ def run_centralised(
     ``eval_every``: score every that many rounds (and the last); the others have accuracy None.
     """
     from ..finetune import parameter_groups
-    from ..gradients import initialize
+    from ..init import initialize
 
     start = time.perf_counter()
     cfg = replace(cfg, method="giva")

@@ -1,7 +1,7 @@
 """Cost per element of the checks a dense fp32 sum can get (one thread): the old Tensor.any, the pre-package
 torch.any(g != 0), and torch.aminmax (giva.init.session.InitSession.check since 0e7ee39).
 
-    OMP_NUM_THREADS=1 python benchmarks/results/scale/exact_peak_diagnosis/check_cost.py > check_cost.txt
+    OMP_NUM_THREADS=1 python scripts/scale_check_cost.py > benchmarks/results/scale/exact_peak_diagnosis/check_cost.txt
 """
 import time
 

@@ -2,8 +2,8 @@
 0.5B Llama (the first argument picks giva.initialize(mode="exact") or the pre-package code; the second the
 number of layers, 24 for the suite's model).
 
-    OMP_NUM_THREADS=1 python benchmarks/results/scale/exact_peak_diagnosis/heap_trace.py exact 24
-    OMP_NUM_THREADS=1 python benchmarks/results/scale/exact_peak_diagnosis/heap_trace.py legacy 24
+    OMP_NUM_THREADS=1 python scripts/scale_heap_trace.py exact 24
+    OMP_NUM_THREADS=1 python scripts/scale_heap_trace.py legacy 24
 
 Memory only (the times it prints were taken at nice 19 on a loaded machine and mean nothing).
 """

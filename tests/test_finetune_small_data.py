@@ -1,0 +1,95 @@
+"""`giva finetune` on a small CSV: the default split and calibration sizes fit the data, `--max-steps` bounds the run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from test_cli import model_dir, no_model_loading, one_error_line  # noqa: F401  (fixtures)
+
+import giva.finetune
+from giva.cli import main
+from giva.finetune import TrainConfig, split_sizes, train
+from tiny_models import text_batches, tiny_bert
+
+ROWS = 60
+
+
+@pytest.fixture
+def small_csv(tmp_path):
+    rows = [(f"{'good great' if i % 2 else 'bad awful'} film w{i}", "pos" if i % 2 else "neg") for i in range(ROWS)]
+    path = tmp_path / "my.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return path
+
+
+def run_json(argv: list[str], capsys) -> dict:
+    assert main([*argv, "--no-progress", "--json"]) == 0
+    out = capsys.readouterr().out
+    return json.loads(out[out.index("{"):])
+
+
+def test_a_60_row_csv_trains_with_every_default(model_dir, small_csv, tmp_path, capsys):  # noqa: F811
+    result = run_json(["finetune", "--model", str(model_dir), "--data", str(small_csv), "--output-dir", str(tmp_path / "o")], capsys)
+    config = result["config"]
+    # 20 % test, 10 % validation; the 42 training rows make 3 batches of 16, so 3 calibration batches (not 4)
+    assert (config["n_test_unscored"], config["n_val"], config["n_train"], config["num_batches"]) == (12, 6, 42, 3)
+    assert config["train_steps"] == 2 * 3  # 2 epochs
+    assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+def test_default_sizes_keep_the_benchmark_split_on_large_data_and_fit_small_data():
+    assert split_sizes(4000, None, None) == (1000, 400)  # Pang & Lee: as `giva bench`
+    assert split_sizes(2957, None, None) == (1000, 400)  # CoNLL-2010 (repeats dropped): as `giva bench`
+    assert split_sizes(2799, None, None) == (560, 280)  # 1000 + 400 would be over half the rows
+    assert split_sizes(60, None, None) == (12, 6)
+    assert split_sizes(3, None, None) == (1, 1)
+    assert split_sizes(60, 0.5, None) == (0.5, 6)  # a given size is kept as given
+    with pytest.raises(ValueError, match=r"out of the 2 rows of the data \(repeats dropped\); set --test-size and --val-size"):
+        split_sizes(2, None, None)
+
+
+def test_sizes_that_do_not_fit_name_the_flags_and_the_row_count(model_dir, small_csv, tmp_path, capsys, no_model_loading):  # noqa: F811
+    base = ["finetune", "--model", str(model_dir), "--data", str(small_csv), "--output-dir", str(tmp_path / "o"), "--no-progress"]
+    cases = [
+        (["--test-size", "1000", "--val-size", "400"],
+         r"test_size \(1000 rows\) \+ val_size \(400 rows\) leave no training rows out of the 60 rows of .*my.csv "
+         r"\(repeats dropped\); set --test-size and --val-size \(row counts, or fractions such as 0.2 and 0.1\)$"),
+        (["--test-size", "54"], r"test_size \(54 rows\) \+ val_size \(6 rows\) leave no training rows out of the 60 rows"),
+        (["--val-size", "0.001"], r"val_size=0.001 leaves no validation rows out of the 60 rows of .*; set --val-size"),
+        (["--num-batches", "4"], r"num_batches=4 calibration batches, but the 42 training rows make only 3 batch\(es\) of 16; "
+                                 r"set --num-batches 3 or less, or a smaller --batch-size$"),
+        (["--max-steps", "0"], r"argument --max-steps: must be >= 1"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        line = one_error_line(capsys)
+        assert re.search(message, line), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_steps_overrides_epochs_and_sizes_the_schedule(model_dir, small_csv, tmp_path, capsys, monkeypatch):  # noqa: F811
+    argv = ["finetune", "--model", str(model_dir), "--data", str(small_csv), "--output-dir", str(tmp_path / "o")]
+    assert run_json([*argv, "--max-steps", "7", "--epochs", "1"], capsys)["config"]["train_steps"] == 7  # > 1 epoch of 3
+    assert run_json([*argv, "--max-steps", "2"], capsys)["config"]["train_steps"] == 2  # < 2 epochs of 3
+
+    model = tiny_bert()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.classifier.weight.requires_grad_(True)
+    loader = text_batches(n=3)
+    scheduled: list[tuple[int, int]] = []
+    schedule = giva.finetune.get_linear_schedule_with_warmup
+
+    def recorded(optimizer, warmup, total):
+        scheduled.append((warmup, total))
+        return schedule(optimizer, warmup, total)
+
+    monkeypatch.setattr(giva.finetune, "get_linear_schedule_with_warmup", recorded)
+    stats = train(model, loader, TrainConfig(epochs=1.0, max_steps=10, warmup_ratio=0.2), progress=False)
+    assert len(stats.losses) == 10 and scheduled == [(2, 10)]
+    with pytest.raises(ValueError, match=r"TrainConfig.max_steps must be an integer >= 1, got 0"):
+        TrainConfig(max_steps=0)
+    assert torch.isfinite(torch.tensor(stats.losses)).all()
