@@ -265,8 +265,10 @@ def test_cli_defaults_mirror_the_library():
 
 
 def test_bench_help_lists_the_suites(capsys):
+    from giva.cli import CODE_SUITES
+
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     suites = sorted(p.stem for p in (Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.json"))
-    assert suites and f"one of: {', '.join(suites)}, scale, serve" in help_text
+    assert suites and f"one of: {', '.join([*suites, *CODE_SUITES])}" in help_text
