@@ -67,7 +67,7 @@ def test_scale_dry_run_lists_only_the_records_not_measured_ok(tmp_path: Path) ->
 
 @pytest.mark.parametrize(("content", "message"), [("{}", "is not a run record"), ('{"run_id": "a", "met', "is not valid JSON")])
 def test_a_broken_run_json_is_named(tmp_path: Path, content: str, message: str) -> None:
-    (tmp_path / "good.json").write_text(json.dumps({"run_id": "a", "method": {}, "metrics": {}}))
+    (tmp_path / "good.json").write_text(json.dumps({"run_id": "a", "kind": "train"}))
     (tmp_path / "broken.json").write_text(content)
     with pytest.raises(ValueError, match=f"{tmp_path / 'broken.json'} {message}"):
         load_runs(tmp_path)

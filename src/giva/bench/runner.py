@@ -74,8 +74,8 @@ def load_runs(runs_dir: Path) -> list[dict[str, Any]]:
             record = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{path} is not valid JSON ({error}); delete it to rerun that run") from None
-        if not isinstance(record, dict) or not {"run_id", "method", "metrics"} <= record.keys():
-            raise ValueError(f"{path} is not a run record (no run_id, method or metrics); delete it to rerun that run")
+        if not isinstance(record, dict) or not {"run_id", "kind"} <= record.keys():
+            raise ValueError(f"{path} is not a run record (no run_id or kind); delete it to rerun that run")
         runs.append(record)
     return runs
 
