@@ -21,10 +21,10 @@ from giva.export import export_lora
 from giva.quant import SUPPORTED_BACKENDS, QuantLinear
 from tiny_models import text_batches, tiny_llama
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("bitsandbytes") is None,
-    reason="bitsandbytes is not installed (pip install 'giva[quant]')",
+needs_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install 'giva[quant]')"
 )
+needs_hqq = pytest.mark.skipif(importlib.util.find_spec("hqq") is None, reason="hqq is not installed (pip install 'giva[quant]')")
 
 QUANT_CONFIGS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
@@ -76,6 +76,7 @@ def giva_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items() if ".giva_" in k}
 
 
+@needs_bnb
 def test_giva_commands_never_import_bitsandbytes() -> None:
     """`giva --help` (and every command's help) neither imports bitsandbytes nor prints its CPU-kernel line;
     PEFT's own reference to it imports it at first use."""
@@ -99,6 +100,7 @@ def test_giva_commands_never_import_bitsandbytes() -> None:
     assert "Failed to load CPU gemm_4bit_forward" not in done.stdout + done.stderr
 
 
+@needs_bnb
 @pytest.mark.parametrize("kind", list(QUANT_CONFIGS))
 def test_merge_and_unmerge_requantise_through_the_backend(tiny_dir: Path, kind: str) -> None:
     model = get_peft_model(load(tiny_dir, kind), giva.GivaConfig(r=4, init_weights=False))
@@ -129,6 +131,7 @@ def logits_without_adapter(model: PeftModel, batch: dict) -> torch.Tensor:
         return logits(model, batch)
 
 
+@needs_bnb
 def test_weight_variant_uses_the_dequantised_weight(tiny_dir: Path) -> None:
     model = get_peft_model(load(tiny_dir, "nf4"), giva.GivaConfig(r=4, variant="weight"))
     for layer in giva_layers(model).values():
@@ -137,6 +140,7 @@ def test_weight_variant_uses_the_dequantised_weight(tiny_dir: Path) -> None:
         torch.testing.assert_close(layer.giva_B["default"], b)
 
 
+@needs_bnb
 @pytest.mark.parametrize("mode", ["exact", "sketch"])
 def test_initialize_on_4bit_gives_the_bases_of_the_dequantised_model(tiny_dir: Path, mode: str) -> None:
     """The hooks need only activations and output gradients: on the 4-bit model they see what the fp32 model
@@ -155,6 +159,7 @@ def test_initialize_on_4bit_gives_the_bases_of_the_dequantised_model(tiny_dir: P
         torch.testing.assert_close(a_q.T @ a_q, a_p.T @ a_p, atol=2e-3, rtol=0)
 
 
+@needs_bnb
 def test_train_save_and_reload_onto_4bit_fp32_and_bf16_bases(tiny_dir: Path, tmp_path: Path) -> None:
     """An adapter trained on a 4-bit base: only the vectors move (W stays byte-identical); it reloads bit-identically
     onto the 4-bit base (same outputs) and onto unquantised bases (fp32 holding the dequantised weights: the same
@@ -195,6 +200,7 @@ def test_train_save_and_reload_onto_4bit_fp32_and_bf16_bases(tiny_dir: Path, tmp
     assert torch.isfinite(logits(on_bf16, batch)).all()
 
 
+@needs_bnb
 def test_lora_export_matches_on_the_4bit_base(tiny_dir: Path, tmp_path: Path) -> None:
     model = get_peft_model(load(tiny_dir, "nf4"), giva.GivaConfig(r=4, init_weights=False))
     batch = text_batches(1, labels="lm")[0]
@@ -203,6 +209,29 @@ def test_lora_export_matches_on_the_4bit_base(tiny_dir: Path, tmp_path: Path) ->
     lora = PeftModel.from_pretrained(load(tiny_dir, "nf4"), tmp_path / "lora")
     assert type(lora.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # PEFT's bnb LoRA
     torch.testing.assert_close(logits(lora, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_hqq
+def test_hqq_layers_train_and_merge_through_the_backend() -> None:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    model = tiny_llama()
+    for block in model.model.layers:
+        for name in ("q_proj", "v_proj"):
+            linear = getattr(block.self_attn, name)
+            setattr(block.self_attn, name, HQQLinear(linear, BaseQuantizeConfig(nbits=4, group_size=32),
+                                                     compute_dtype=torch.float32, device="cpu"))
+    model = get_peft_model(model, giva.GivaConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"]))
+    layer = giva_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert isinstance(layer, QuantLinear) and "quantization_backend='hqq'" in repr(layer)
+    batch = text_batches(1, labels="lm")[0]
+    unmerged, effect = logits(model, batch), (logits(model, batch) - logits_without_adapter(model, batch)).abs().max()
+    expected = layer.get_base_weight().float() + layer.delta_weight("default")
+    with pytest.warns(UserWarning, match="^Merge giva module to hqq linear may get different generations"):
+        model.merge_adapter()
+    assert type(layer.get_base_layer()).__name__ == "HQQLinear"
+    assert (layer.get_base_weight().float() - expected).abs().max() <= 0.2 * expected.abs().max()
+    assert (logits(model, batch) - unmerged).abs().max() < 0.5 * effect
 
 
 class UnknownQuantLinear(nn.Module):
@@ -245,3 +274,31 @@ def test_merge_on_a_forward_only_backend_is_refused_before_touching_w() -> None:
     with pytest.raises(ValueError, match="^GiVA variant 'weight' needs the weight of layer 'proj', but its 'gptq' "):
         QuantLinear(base, "default", "proj", [16], [0], giva.GivaConfig(r=4, variant="weight"),
                     backend=ForwardOnlyQuantizationBackend("gptq"))
+
+
+@needs_bnb
+@pytest.mark.real
+def test_smollm2_4bit_initialise_train_and_merge() -> None:
+    """The offline SmolLM2-135M in NF4 (double quant): sketch initialisation, one step, merge through the backend."""
+    from giva.assets import smollm2_path
+
+    config = giva.GivaConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[0, 1])
+    model = get_peft_model(load(Path(smollm2_path()), "nf4-double"), config)
+    layers = giva_layers(model)
+    assert len(layers) == 6 and all(isinstance(layer, QuantLinear) for layer in layers.values())
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    report = giva.initialize(model, [batch], num_batches=1, mode="sketch", progress=False)
+    assert report.mode == "sketch" and giva.bases_initialized(model)
+    model.train()
+    model(**batch).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    model.eval()
+    unmerged, without = logits(model, batch), logits_without_adapter(model, batch)
+    effect = (unmerged - without).abs().max()
+    assert effect > 0
+    layer = layers["model.layers.0.self_attn.q_proj"]
+    expected = layer.get_base_weight().float() + layer.delta_weight("default")
+    model.merge_adapter()
+    assert (layer.get_base_weight().float() - expected).abs().max() <= QUANT_STEP["nf4"] * expected.abs().max()
+    assert torch.isfinite(logits(model, batch)).all()
