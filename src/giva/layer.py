@@ -359,15 +359,32 @@ class GivaLayer(BaseTunerLayer):
         """PEFT's name for :meth:`delta_weight`, in the base weight's dtype."""
         return self.delta_weight(adapter_name).to(self.get_base_weight().dtype)
 
+    def _check_mergeable(self, action: str) -> None:
+        """Refuse a merge PEFT's quantisation backend cannot do; warn, as PEFT's LoRA does, that it rounds."""
+        backend = self.quantization_backend
+        if backend is None:
+            return
+        if not backend.supports_merge:
+            raise TypeError(
+                f"cannot {action} GiVA on layer {self.layer_name!r}: its base layer is quantised with "
+                f"{backend.backend_name!r}, whose PEFT backend cannot dequantise and re-quantise the weight"
+            )
+        warnings.warn(
+            f"{action.capitalize()} giva module to {backend.backend_name} linear may get different generations due to "
+            "rounding errors."
+        )
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add delta_W of the given (default: active) adapters to W, in fp32 then cast back.
 
         With ``safe_merge`` the merged weight is checked for NaN/inf before it replaces W, so a broken
-        adapter leaves the base weight untouched.
+        adapter leaves the base weight untouched. A quantised W is dequantised, changed and re-quantised by
+        the layer's ``quantization_backend`` (so unmerge restores it only up to the quantisation error).
         """
-        for name in check_adapters_to_merge(self, adapter_names):
-            if name not in self.giva_lambda_o:
-                continue
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.giva_lambda_o]
+        if names:
+            self._check_mergeable("merge")
+        for name in names:
             weight = self.get_base_weight()
             merged = weight.float() + self.delta_weight(name).to(weight.device)
             if safe_merge and not torch.isfinite(merged).all():
@@ -379,6 +396,7 @@ class GivaLayer(BaseTunerLayer):
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
+        self._check_mergeable("unmerge")
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.giva_lambda_o:

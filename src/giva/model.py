@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from .bases import SEEDED_B_VARIANTS
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .layer import GivaLayer, Linear
+from .quant import QuantLinear, quantization_backend
 from .serving import mixed_batch_hooks
 
 # Fused projections recognised without `block_sizes` (name -> how to split the outputs).
@@ -221,11 +222,8 @@ class GivaModel(BaseTuner):
         if current_key is None:
             raise ValueError("GiVA needs the module key of every target")
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base_layer, (nn.Linear, Conv1D)):
-            raise TypeError(
-                f"GiVA can adapt torch.nn.Linear and transformers Conv1D layers; {current_key!r} is a "
-                f"{type(base_layer).__name__}. Adjust target_modules."
-            )
+        # Before anything is built: refuses a layer that is neither linear nor a quantised linear layer PEFT covers.
+        backend = quantization_backend(base_layer, current_key, self.model)
         # PEFT's reading of the sizes also covers a DeepSpeed ZeRO-3 partitioned Conv1D (empty weight, `ds_shape`).
         _, out_features = _get_in_out_features(base_layer)
         model_config = getattr(self.model, "config", None)
@@ -238,15 +236,20 @@ class GivaModel(BaseTuner):
             return
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"{current_key!r} already holds a {type(target).__name__} adapter of another method")
-        new_module = Linear(
-            target,
-            adapter_name,
-            layer_name=current_key,
-            block_sizes=block_sizes,
-            adapt_blocks=adapt_blocks,
-            config=peft_config,
-            fan_in_fan_out=isinstance(base_layer, Conv1D),
-        )
+        if backend is not None:
+            new_module: Linear = QuantLinear(
+                target, adapter_name, current_key, block_sizes, adapt_blocks, peft_config, backend=backend
+            )
+        else:
+            new_module = Linear(
+                target,
+                adapter_name,
+                layer_name=current_key,
+                block_sizes=block_sizes,
+                adapt_blocks=adapt_blocks,
+                config=peft_config,
+                fan_in_fan_out=isinstance(base_layer, Conv1D),
+            )
         new_module.train(target.training)  # a fresh module would otherwise be in train mode in an eval model
         if adapter_name not in self.active_adapters:
             # An additional adapter is not trainable until it is made active.

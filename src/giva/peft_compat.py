@@ -5,10 +5,13 @@ GiVA checkpoints into `PeftModel` saving/loading and transformers' `load_adapter
 from __future__ import annotations
 
 import functools
+import importlib.abc
 import importlib.metadata
+import importlib.util
 import sys
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+import types
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Optional
 
 from packaging.version import Version
@@ -31,7 +34,45 @@ def check_peft_version(installed: Optional[str] = None) -> None:
 
 check_peft_version()  # before PEFT's internals are imported, so a too-old PEFT fails here with a clear message
 
-from peft.utils.peft_types import PeftType, register_peft_method  # noqa: E402
+
+class _LazyBitsandbytes(types.ModuleType):
+    """Stands for ``bitsandbytes`` in ``peft.helpers``, importing it at the first attribute read."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module("bitsandbytes"), name)
+
+
+class _RefuseBitsandbytes(importlib.abc.MetaPathFinder):
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "bitsandbytes" or name.startswith("bitsandbytes."):
+            raise ModuleNotFoundError(f"{name} deferred by giva while PEFT imports", name=name)
+
+
+@contextmanager
+def bitsandbytes_deferred() -> Iterator[None]:
+    """Import PEFT without importing bitsandbytes, which ``peft.helpers`` tries eagerly.
+
+    bitsandbytes costs seconds of import (it loads torch's inductor) and, on CPUs with AVX512-BF16, logs "Failed
+    to load CPU gemm_4bit_forward from kernels-community" on import: GiVA imports it only when a quantised model
+    is asked for (PEFT's quantisation backends import it then). ``peft.helpers.bnb`` gets a stand-in that imports
+    the real module at first use. A no-op when bitsandbytes is already imported or not installed.
+    """
+    if "bitsandbytes" in sys.modules or "peft" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
+        yield
+        return
+    finder = _RefuseBitsandbytes()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
+        helpers = sys.modules.get("peft.helpers")
+        if helpers is not None and getattr(helpers, "bnb", None) is None:
+            helpers.bnb = _LazyBitsandbytes("bitsandbytes")
+
+
+with bitsandbytes_deferred():
+    from peft.utils.peft_types import PeftType, register_peft_method  # noqa: E402
 
 
 def _extend_peft_type(name: str) -> PeftType:

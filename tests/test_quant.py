@@ -1,0 +1,304 @@
+"""GiVA on quantised bases (bitsandbytes 4-bit / 8-bit through PEFT's resolve_quantization_backend), on its CPU backend."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from peft.utils.quantization_utils import ForwardOnlyQuantizationBackend
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+import giva
+from giva.bases import bases_from_weight
+from giva.export import export_lora
+from giva.quant import SUPPORTED_BACKENDS, QuantLinear
+from tiny_models import text_batches, tiny_llama
+
+needs_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install 'giva[quant]')"
+)
+needs_hqq = pytest.mark.skipif(importlib.util.find_spec("hqq") is None, reason="hqq is not installed (pip install 'giva[quant]')")
+
+QUANT_CONFIGS = {
+    "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4"),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4"),
+    "nf4-double": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True),
+    "int8": dict(load_in_8bit=True),
+}
+# Largest |error| of one re-quantisation relative to the largest |weight| (4-bit: half the widest gap between
+# NF4/FP4 levels; 8-bit: half a step of 1/127, per row).
+QUANT_STEP = {"nf4": 0.2, "fp4": 0.3, "nf4-double": 0.2, "int8": 0.01}
+MERGE_WARNING = "Merge giva module to bnb {} linear may get different generations due to rounding errors."
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+def load(path: Path, kind: str) -> nn.Module:
+    config = BitsAndBytesConfig(**QUANT_CONFIGS[kind], bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=config, dtype=torch.float32).eval()
+
+
+def dequantized_copy(quantized: nn.Module, path: Path) -> nn.Module:
+    """The fp32 model whose linear weights are the quantised model's dequantised weights."""
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    modules = dict(plain.named_modules())
+    with torch.no_grad():
+        for name, module in quantized.named_modules():
+            if isinstance(module, QuantLinear):
+                modules[name.removeprefix("base_model.model.")].weight.copy_(
+                    module.get_base_weight().float()
+                )
+    return plain
+
+
+def giva_layers(model: nn.Module) -> dict[str, giva.GivaLayer]:
+    return {name.removeprefix("base_model.model."): m for name, m in model.named_modules() if isinstance(m, giva.GivaLayer)}
+
+
+def logits(model: nn.Module, batch: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"]).logits
+
+
+def giva_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if ".giva_" in k}
+
+
+@needs_bnb
+def test_giva_commands_never_import_bitsandbytes() -> None:
+    """`giva --help` (and every command's help) neither imports bitsandbytes nor prints its CPU-kernel line;
+    PEFT's own reference to it imports it at first use."""
+    code = (
+        "import sys\n"
+        "from giva.cli import main\n"
+        "for argv in (['--help'], ['finetune', '--help'], ['bench', '--help'], ['export-lora', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "print('bitsandbytes imported:', 'bitsandbytes' in sys.modules)\n"
+        "import peft.helpers\n"
+        "print('peft sees:', peft.helpers.bnb.nn.Linear4bit.__module__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage: giva" in done.stdout
+    assert "bitsandbytes imported: False" in done.stdout
+    assert "peft sees: bitsandbytes.nn.modules" in done.stdout
+    assert "Failed to load CPU gemm_4bit_forward" not in done.stdout + done.stderr
+
+
+@needs_bnb
+@pytest.mark.parametrize("kind", list(QUANT_CONFIGS))
+def test_merge_and_unmerge_requantise_through_the_backend(tiny_dir: Path, kind: str) -> None:
+    model = get_peft_model(load(tiny_dir, kind), giva.GivaConfig(r=4, init_weights=False))
+    layer = giva_layers(model)["model.layers.0.self_attn.q_proj"]
+    bits = "8bit" if kind == "int8" else "4bit"
+    assert isinstance(layer, QuantLinear) and f"quantization_backend='bnb {bits}'" in repr(layer)
+    batch = text_batches(1, labels="lm")[0]
+    before = layer.get_base_weight().float()
+    expected = before + layer.delta_weight("default")
+    unmerged = logits(model, batch)
+    effect = (unmerged - logits_without_adapter(model, batch)).abs().max()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.merge_adapter()
+    assert MERGE_WARNING.format(bits) in [str(w.message) for w in caught]
+    # W stays quantised, and holds W + delta_W up to one re-quantisation.
+    assert type(layer.get_base_layer().weight).__name__ == ("Int8Params" if kind == "int8" else "Params4bit")
+    merged_weight = layer.get_base_weight().float()
+    assert (merged_weight - expected).abs().max() <= QUANT_STEP[kind] * expected.abs().max()
+    merged = logits(model, batch)
+    assert (merged - unmerged).abs().max() < 0.5 * effect
+    model.unmerge_adapter()
+    assert (layer.get_base_weight().float() - before).abs().max() <= 2 * QUANT_STEP[kind] * before.abs().max()
+
+
+def logits_without_adapter(model: PeftModel, batch: dict) -> torch.Tensor:
+    with model.disable_adapter():
+        return logits(model, batch)
+
+
+@needs_bnb
+def test_weight_variant_uses_the_dequantised_weight(tiny_dir: Path) -> None:
+    model = get_peft_model(load(tiny_dir, "nf4"), giva.GivaConfig(r=4, variant="weight"))
+    for layer in giva_layers(model).values():
+        a, b = bases_from_weight(layer.get_base_weight().float(), 4)
+        torch.testing.assert_close(layer.giva_A["default"], a)
+        torch.testing.assert_close(layer.giva_B["default"], b)
+
+
+@needs_bnb
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_initialize_on_4bit_gives_the_bases_of_the_dequantised_model(tiny_dir: Path, mode: str) -> None:
+    """The hooks need only activations and output gradients: on the 4-bit model they see what the fp32 model
+    holding its dequantised weights sees, so both get the same bases."""
+    q_model = get_peft_model(load(tiny_dir, "nf4"), giva.GivaConfig(r=4))
+    p_model = get_peft_model(dequantized_copy(q_model, tiny_dir), giva.GivaConfig(r=4))
+    batches = text_batches(2, labels="lm")
+    for model in (q_model, p_model):
+        giva.initialize(model, batches, num_batches=2, mode=mode, progress=False)
+    q_layers, p_layers = giva_layers(q_model), giva_layers(p_model)
+    assert q_layers.keys() == p_layers.keys()
+    for name, layer in q_layers.items():
+        a_q, a_p = layer.giva_A["default"], p_layers[name].giva_A["default"]
+        torch.testing.assert_close(a_q @ a_q.T, torch.eye(4), atol=1e-5, rtol=0)
+        # Row subspaces agree (the signs of singular vectors are arbitrary).
+        torch.testing.assert_close(a_q.T @ a_q, a_p.T @ a_p, atol=2e-3, rtol=0)
+
+
+@needs_bnb
+def test_train_save_and_reload_onto_4bit_fp32_and_bf16_bases(tiny_dir: Path, tmp_path: Path) -> None:
+    """An adapter trained on a 4-bit base: only the vectors move (W stays byte-identical); it reloads bit-identically
+    onto the 4-bit base (same outputs) and onto unquantised bases (fp32 holding the dequantised weights: the same
+    outputs up to fp32 rounding; the original fp32 and bf16 bases: the same adapter state)."""
+    model = get_peft_model(load(tiny_dir, "nf4"), giva.GivaConfig(r=4))
+    batches = text_batches(4, labels="lm")
+    giva.initialize(model, batches, num_batches=2, progress=False)
+    packed = {k: v.clone() for k, v in model.state_dict().items() if "giva_" not in k}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for batch in batches * 3:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    assert losses[-4:] < losses[:4] or sum(losses[-4:]) < sum(losses[:4])
+    for key, value in model.state_dict().items():
+        if key in packed:
+            assert torch.equal(value, packed[key]), key
+    trained, batch = giva_state(model), batches[0]
+    expected = logits(model, batch)
+    model.save_pretrained(tmp_path / "adapter")
+
+    plain = dequantized_copy(model, tiny_dir)
+    reloaded_4bit = PeftModel.from_pretrained(load(tiny_dir, "nf4"), tmp_path / "adapter")
+    assert torch.equal(logits(reloaded_4bit, batch), expected)
+    on_dequantised = PeftModel.from_pretrained(plain, tmp_path / "adapter")
+    torch.testing.assert_close(logits(on_dequantised, batch), expected, atol=1e-4, rtol=1e-4)
+    original_bf16 = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16).eval()
+    on_bf16 = PeftModel.from_pretrained(original_bf16, tmp_path / "adapter")
+    for reloaded in (reloaded_4bit, on_dequantised, on_bf16):
+        state = giva_state(reloaded)
+        assert state.keys() == trained.keys()
+        assert all(torch.equal(state[k], trained[k]) for k in trained)
+    assert torch.isfinite(logits(on_bf16, batch)).all()
+
+
+@needs_bnb
+def test_lora_export_matches_on_the_4bit_base(tiny_dir: Path, tmp_path: Path) -> None:
+    model = get_peft_model(load(tiny_dir, "nf4"), giva.GivaConfig(r=4, init_weights=False))
+    batch = text_batches(1, labels="lm")[0]
+    expected = logits(model, batch)
+    export_lora(model, tmp_path / "lora")
+    lora = PeftModel.from_pretrained(load(tiny_dir, "nf4"), tmp_path / "lora")
+    assert type(lora.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # PEFT's bnb LoRA
+    torch.testing.assert_close(logits(lora, batch), expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_hqq
+def test_hqq_layers_train_and_merge_through_the_backend() -> None:
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    model = tiny_llama()
+    for block in model.model.layers:
+        for name in ("q_proj", "v_proj"):
+            linear = getattr(block.self_attn, name)
+            setattr(block.self_attn, name, HQQLinear(linear, BaseQuantizeConfig(nbits=4, group_size=32),
+                                                     compute_dtype=torch.float32, device="cpu"))
+    model = get_peft_model(model, giva.GivaConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"]))
+    layer = giva_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert isinstance(layer, QuantLinear) and "quantization_backend='hqq'" in repr(layer)
+    batch = text_batches(1, labels="lm")[0]
+    unmerged, effect = logits(model, batch), (logits(model, batch) - logits_without_adapter(model, batch)).abs().max()
+    expected = layer.get_base_weight().float() + layer.delta_weight("default")
+    with pytest.warns(UserWarning, match="^Merge giva module to hqq linear may get different generations"):
+        model.merge_adapter()
+    assert type(layer.get_base_layer()).__name__ == "HQQLinear"
+    assert (layer.get_base_weight().float() - expected).abs().max() <= 0.2 * expected.abs().max()
+    assert (logits(model, batch) - unmerged).abs().max() < 0.5 * effect
+
+
+class UnknownQuantLinear(nn.Module):
+    """A quantised linear layer of a library no PEFT backend covers."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def test_a_quantised_layer_no_backend_covers_is_refused_by_name() -> None:
+    model = tiny_llama()
+    model.model.layers[0].self_attn.q_proj = UnknownQuantLinear(32, 32)
+    with pytest.raises(TypeError) as raised:
+        get_peft_model(model, giva.GivaConfig(r=4, target_modules=["q_proj"]))
+    assert str(raised.value) == (
+        "GiVA cannot adapt layer 'model.layers.0.self_attn.q_proj': it is a test_quant.UnknownQuantLinear and no "
+        "backend of PEFT's resolve_quantization_backend covers it. GiVA adapts torch.nn.Linear, transformers Conv1D "
+        f"and the quantised linear layers of these backends: {SUPPORTED_BACKENDS}. Adjust target_modules."
+    )
+    assert "bitsandbytes Linear8bitLt and Linear4bit" in SUPPORTED_BACKENDS
+
+
+def test_merge_on_a_forward_only_backend_is_refused_before_touching_w() -> None:
+    """GPTQ / AWQ / AQLM... layers train and infer (the forward calls the base layer) but cannot merge."""
+    base = nn.Linear(32, 16)
+    weight = base.weight.detach().clone()
+    layer = QuantLinear(base, "default", "proj", [16], [0], giva.GivaConfig(r=4, init_weights=False),
+                        backend=ForwardOnlyQuantizationBackend("gptq"))
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer(x), base(x) + layer._adapter_output(x, "default"))
+    with pytest.raises(TypeError, match="^cannot merge GiVA on layer 'proj': its base layer is quantised with 'gptq', "
+                       "whose PEFT backend cannot dequantise and re-quantise the weight$"):
+        layer.merge()
+    assert torch.equal(base.weight, weight) and not layer.merged
+    with pytest.raises(ValueError, match="^GiVA variant 'weight' needs the weight of layer 'proj', but its 'gptq' "):
+        QuantLinear(base, "default", "proj", [16], [0], giva.GivaConfig(r=4, variant="weight"),
+                    backend=ForwardOnlyQuantizationBackend("gptq"))
+
+
+@needs_bnb
+@pytest.mark.real
+def test_smollm2_4bit_initialise_train_and_merge() -> None:
+    """The offline SmolLM2-135M in NF4 (double quant): sketch initialisation, one step, merge through the backend."""
+    from giva.assets import smollm2_path
+
+    config = giva.GivaConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[0, 1])
+    model = get_peft_model(load(Path(smollm2_path()), "nf4-double"), config)
+    layers = giva_layers(model)
+    assert len(layers) == 6 and all(isinstance(layer, QuantLinear) for layer in layers.values())
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids}
+    report = giva.initialize(model, [batch], num_batches=1, mode="sketch", progress=False)
+    assert report.mode == "sketch" and giva.bases_initialized(model)
+    model.train()
+    model(**batch).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    model.eval()
+    unmerged, without = logits(model, batch), logits_without_adapter(model, batch)
+    effect = (unmerged - without).abs().max()
+    assert effect > 0
+    layer = layers["model.layers.0.self_attn.q_proj"]
+    expected = layer.get_base_weight().float() + layer.delta_weight("default")
+    model.merge_adapter()
+    assert (layer.get_base_weight().float() - expected).abs().max() <= QUANT_STEP["nf4"] * expected.abs().max()
+    assert torch.isfinite(logits(model, batch)).all()
