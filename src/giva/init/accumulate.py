@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import exact, sketch
 from .capture import Capture, LossFn, adapters_disabled, calibration_mode, giva_layers, to_device, unwrap
-from .distributed import Collective
+from .distributed import Collective, DistributedInitError
 from .session import GradientInitError, Partial, Request, RequestItem
 
 
@@ -87,22 +87,41 @@ def run_pass(
     losses: list[float] = []
     desc = f"GiVA pass {request.pass_index + 1}/{request.passes}"
     bar = tqdm(total=num_batches, desc=desc, disable=not progress)
-    with adapters_disabled(model), calibration_mode(model), capture.attached(), bar:
+    with adapters_disabled(model), calibration_mode(model), capture.attached(), comm.watching(), bar:
         for index in count() if num_batches is None else range(num_batches):
             error: Optional[BaseException] = None
             try:
-                batch = next(batches)
+                batch = to_device(next(batches), device)
             except StopIteration:
                 if num_batches is None:
                     break
                 error = GradientInitError(f"the dataloader gave {index} batches but num_batches={num_batches} were asked for")
+            except Exception as exc:  # noqa: BLE001  a broken loader: every rank must hear of it
+                error = GradientInitError(f"the dataloader raised {type(exc).__name__} for calibration batch {index}: {exc}")
+                error.__cause__ = exc
             comm.agree(error)
+            # Three agreement points per batch (after the loader, the forward and the backward): no rank
+            # starts a backward, whose collectives a sharded model needs every rank to join, after another
+            # rank's forward failed. A failure inside a sharded forward/backward goes through comm.computing.
             try:
-                losses.append(capture.run_batch(model, to_device(batch, device), loss_fn, index))
-                error = sums.non_finite(index)
+                with comm.computing():
+                    loss, value = capture.forward(model, batch, loss_fn, index)
+            except DistributedInitError:  # already agreed through the store
+                raise
             except Exception as exc:  # noqa: BLE001  every rank must hear of it before the next collective
                 error = exc
             comm.agree(error)
+            try:
+                with comm.computing():
+                    capture.backward(loss)
+                error = sums.non_finite(index)
+            except DistributedInitError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+            comm.agree(error)
+            losses.append(value)
+            del loss
             bar.update()
     return Partial(request.pass_index, sums.sums, batches=len(losses), tokens=sums.tokens, losses=losses)
 
