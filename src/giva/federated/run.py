@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from ..bases import cuda_indices, seed_devices
 from . import messages
 from .client_app import TaskFactory, default_task, make_client_app
 from .server_app import make_server_app, run_server, write_checkpoint
@@ -217,10 +218,11 @@ def run_centralised(
     done = (len(rounds) - 1) * per_round
     batches = task.pooled_batches(round_index=0, skip=done)
     model.train()
-    with torch.random.fork_rng(devices=[]):  # dropout reseeded every round: a resumed run continues exactly
+    devices = tuple({p.device for p in params})
+    with torch.random.fork_rng(devices=cuda_indices(devices)):  # dropout reseeded every round: a resumed run continues exactly
         for step in range(done + 1, total + 1):
             if (step - 1) % per_round == 0:
-                torch.manual_seed(client_seed(cfg.seed, (step - 1) // per_round + 1, CENTRAL_PARTITION))
+                seed_devices(client_seed(cfg.seed, (step - 1) // per_round + 1, CENTRAL_PARTITION), devices)
             loss = model(**next(batches)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

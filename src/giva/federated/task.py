@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from torch import nn
 
+from ..bases import seeded_rng
 from ..config import GivaConfig
 from ..data import TextDataset
 from ..finetune import evaluate, parameter_groups
@@ -383,8 +384,7 @@ def peft_config(config: FederatedConfig, method: Optional[str] = None) -> Any:
 def build_model(task: Task, config: FederatedConfig) -> PeftModel:
     """The base model with ``config.method``'s adapter; LoRA's A is seeded so server and clients agree
     (in a forked RNG state: the caller's random stream is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with seeded_rng(config.seed):
         return get_peft_model(task.base_model(), peft_config(config))
 
 
@@ -440,10 +440,8 @@ def local_train(
     """
     optimizer = torch.optim.AdamW(parameter_groups(model, lr, None, 0.0))
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     losses = []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, tuple({p.device for p in params})):
         model.train()
         try:
             for _ in range(steps):
