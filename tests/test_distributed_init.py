@@ -121,3 +121,13 @@ def test_a_failure_inside_one_ranks_sharded_forward_or_backward_raises_on_every_
     assert records[0]["message"] == records[1]["message"]
     assert records[0]["message"] == f"GiVA initialisation failed on rank 1 of 2: ValueError: injected {case} failure"
     assert max(r["seconds"] for r in records) < 30
+
+
+def test_a_nan_loss_on_one_rank_of_a_sharded_model_is_agreed_on_and_the_group_stays_usable(tmp_path):
+    """A non-finite loss is checked after the forward, outside the sharded model's collectives: the ordinary
+    agreement step, not the store and an abort."""
+    records = run_torchrun("init_fsdp_failure.py", tmp_path, args=["nan_loss"]).json()
+    assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"], records
+    assert records[0]["message"] == records[1]["message"]
+    assert records[0]["message"].startswith("GiVA initialisation failed on rank 1 of 2: calibration batch 0 gave a non-finite loss")
+    assert [r["group_sum"] for r in records] == [2.0, 2.0]

@@ -3,9 +3,10 @@
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/dist/init_fsdp_failure.py OUT_DIR CASE
 
 CASE is ``forward`` (rank 1 raises inside the second decoder layer, while rank 0 waits in that
-layer's parameter all-gather), ``loss_fn`` (rank 1's loss_fn raises after the forward) or
-``backward`` (rank 1 raises in the backward). Each rank writes ``<out>/rank<r>.json``: what it raised,
-the message and how long it took. The process group is aborted by the failure: one case per launch.
+layer's parameter all-gather), ``loss_fn`` (rank 1's loss_fn raises after the forward),
+``backward`` (rank 1 raises in the backward) or ``nan_loss`` (rank 1's loss is NaN: an ordinary
+agreement, after which the process group still works). Each rank writes ``<out>/rank<r>.json``: what it raised,
+the message and how long it took. The process group is aborted by an exception: one case per launch.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def main() -> None:
         def loss_fn(mm, batch):
             mm(**batch)
             raise ValueError("injected loss_fn failure")
+    elif rank == 1 and case == "nan_loss":
+        def loss_fn(mm, batch):
+            return mm(**batch).loss * float("nan")
     elif rank == 1 and case == "backward":
         def loss_fn(mm, batch):
             def broken(grad):
@@ -57,6 +61,10 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001  recorded for the test to judge
         record = {"raised": type(exc).__name__, "message": str(exc)}
     record["seconds"] = time.perf_counter() - start
+    if case == "nan_loss":  # agreed on at the step after the forward: the process group still works
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        record["group_sum"] = float(total)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -154,6 +155,9 @@ def quiet_libraries() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # Their deprecation notices (transformers' is_gradient_checkpointing, once per model) are not the user's to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 
 

@@ -105,7 +105,8 @@ def run_pass(
             # rank's forward failed. A failure inside a sharded forward/backward goes through comm.computing.
             try:
                 with comm.computing():
-                    loss, value = capture.forward(model, batch, loss_fn, index)
+                    loss = capture.forward(model, batch, loss_fn)
+                value = capture.check_loss(loss, index)  # outside: a NaN loss is agreed on, the group stays usable
             except DistributedInitError:  # already agreed through the store
                 raise
             except Exception as exc:  # noqa: BLE001  every rank must hear of it before the next collective

@@ -138,12 +138,16 @@ class Capture:
                 handle.remove()
             self.probes.clear()
 
-    def forward(self, model: nn.Module, batch: Any, loss_fn: Optional[LossFn], index: int) -> tuple[torch.Tensor, float]:
-        """The loss of one batch and its value, checked (a finite scalar on the targets' path); the backward
-        is separate so that the ranks of a distributed run can agree in between."""
+    def forward(self, model: nn.Module, batch: Any, loss_fn: Optional[LossFn]) -> Any:
+        """The loss of one batch, unchecked (see :meth:`check_loss`); the backward is separate so that the
+        ranks of a distributed run can agree in between."""
         self.probes.clear()
         with torch.enable_grad():
-            loss = (loss_fn or default_loss)(model, batch)
+            return (loss_fn or default_loss)(model, batch)
+
+    @staticmethod
+    def check_loss(loss: Any, index: int) -> float:
+        """The value of :meth:`forward`'s loss; a GradientInitError unless it is a finite scalar on the targets' path."""
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise GradientInitError(f"the loss of calibration batch {index} is not a scalar tensor: {loss!r}")
         if not loss.requires_grad:
@@ -154,7 +158,7 @@ class Capture:
                 f"calibration batch {index} gave a non-finite loss ({value}); check that batch's inputs "
                 "and labels, or the model's dtype"
             )
-        return loss, value
+        return value
 
     def backward(self, loss: torch.Tensor) -> None:
         """The backward of :meth:`forward`'s loss: the sink sees every hooked layer."""

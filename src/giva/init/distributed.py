@@ -104,8 +104,10 @@ def _missing_keys(partial: Partial, keys: list[str]) -> Optional[GradientInitErr
 
 # Every rank creates its collectives in the same order, so the n-th one has the same store keys everywhere.
 _SESSIONS = count()
-# How often the watchdog looks for a failure another rank posted (seconds).
-WATCHDOG_POLL_S = 0.05
+# How often the watchdog looks for a failure another rank posted (seconds): one store request per rank each
+# time, only while a sharded model runs its calibration batches. gloo peers do not wait for it (the failing
+# rank's abort closes their connections); NCCL peers wake within this delay.
+WATCHDOG_POLL_S = 0.25
 
 
 class TorchCollective(Collective):
