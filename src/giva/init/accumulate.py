@@ -74,7 +74,8 @@ def run_pass(
 ) -> Partial:
     """Sums over the next ``num_batches`` batches (all of them if None) of what ``request`` asks for.
 
-    Ranks agree before each batch (one was too few) and after it (a failed batch), so that all stop together.
+    Ranks agree after fetching each batch (a loader that ran out or raised), after its forward and after its
+    backward, so that all stop together; see :mod:`giva.init.distributed` for failures inside a sharded model.
     """
     model = unwrap(model)
     layers = giva_layers(model)
@@ -97,8 +98,10 @@ def run_pass(
                     break
                 error = GradientInitError(f"the dataloader gave {index} batches but num_batches={num_batches} were asked for")
             except Exception as exc:  # noqa: BLE001  a broken loader: every rank must hear of it
-                error = GradientInitError(f"the dataloader raised {type(exc).__name__} for calibration batch {index}: {exc}")
-                error.__cause__ = exc
+                error = exc  # one process: the loader's own exception, as it was
+                if comm.world > 1:
+                    error = GradientInitError(f"the dataloader raised {type(exc).__name__} for calibration batch {index}: {exc}")
+                    error.__cause__ = exc
             comm.agree(error)
             # Three agreement points per batch (after the loader, the forward and the backward): no rank
             # starts a backward, whose collectives a sharded model needs every rank to join, after another
