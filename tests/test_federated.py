@@ -743,3 +743,15 @@ def test_the_server_app_does_not_import_the_runner():
     tree = ast.parse(Path(server_app.__file__).read_text())
     imported = {(node.level, node.module) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert (1, "run") not in imported and (0, "giva.federated.run") not in imported
+
+
+@pytest.mark.parametrize("bases_dtype", ["float32", "bfloat16"])
+def test_a_client_model_records_the_dtype_its_bases_are_stored_in(bases_dtype):
+    cfg = config(bases_dtype=bases_dtype)
+    model = build_model(TinyTask(cfg), cfg)
+    received = {k: torch.linalg.qr(torch.randn(a.shape[1], a.shape[0]))[0].mT.to(a.dtype)
+                for k, a in read_bases(model).items()}
+    apply_bases(model, received)
+    info = model.peft_config["default"].bases_info
+    assert info["dtype"] == bases_dtype and info["setup"] == "federated"
+    assert all(a.dtype == getattr(torch, bases_dtype) for a in read_bases(model).values())

@@ -41,6 +41,7 @@ from .statistics import (
     dense_bases,
     dense_layout,
     read_bases,
+    record_bases_info,
     sketch_session,
     sums_layout,
 )
@@ -139,6 +140,7 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
             count = sum(int(r.content[messages.METRICS]["num-examples"]) for r in replies)
             session.receive(add_partials(parts))
         write_bases(model, session)
+        record_bases_info(model)
         bases = read_bases(model)  # A as the model stores it (GivaConfig.bases_dtype): what travels
     _, t = exchange(grid, nodes, messages.BASES, messages.make_content(bases), f"setup-{len(traffic) + 1}")
     traffic.append(t)
