@@ -630,8 +630,9 @@ def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
         (["--lr", "nan"], "giva federated: error: argument --lr: must be a finite number, got 'nan'"),
         (["--seed", "-1"], "giva federated: error: argument --seed: must be >= 0, got '-1'"),
         (["--clients", "40", "--max-train-samples", "64"],
-         "giva federated: --max-train-samples: 64 training sentences give each of 40 clients 1, fewer than its 4 "
-         "calibration batches of 16 (64); use fewer clients, more training data, or a smaller num_batches / batch_size"),
+         "giva federated: --max-train-samples 64 with --clients 40 gives a client 1 training sentences, fewer than "
+         "its 4 calibration batches of 16 (64); use fewer clients, more training data, or a smaller --num-batches / "
+         "--batch-size"),
         (["--text-column", ""], "giva federated: FederatedConfig.text_column must be a non-empty column name, got ''"),
     ],
 )
@@ -755,3 +756,14 @@ def test_a_client_model_records_the_dtype_its_bases_are_stored_in(bases_dtype):
     info = model.peft_config["default"].bases_info
     assert info["dtype"] == bases_dtype and info["setup"] == "federated"
     assert all(a.dtype == getattr(torch, bases_dtype) for a in read_bases(model).values())
+
+
+def test_a_shard_too_small_for_its_calibration_batches_stops_the_run_before_the_model_loads(monkeypatch):
+    cfg = config(num_batches=5)  # 5 batches of 4 = 20 sentences; the smallest TinyTask shard holds 16
+    monkeypatch.setattr("giva.federated.server_app.build_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(ValueError) as raised:
+        run_inprocess(cfg, TinyTask)
+    assert str(raised.value) == (
+        "data 'pang-lee' split over 3 clients gives a client 16 training sentences, fewer than its 5 calibration "
+        "batches of 4 (20); use fewer clients, more training data, or a smaller --num-batches / --batch-size"
+    )

@@ -202,7 +202,8 @@ def _federated(args: argparse.Namespace) -> int:
             **{name: value for name in ("sketch_dtype", "bases_dtype") if (value := getattr(args, name)) is not None},
         )
         if args.max_train_samples is not None:
-            check_shards(args.max_train_samples, config, "--max-train-samples")
+            check_shards(args.max_train_samples // args.clients, config,
+                         f"--max-train-samples {args.max_train_samples} with --clients {args.clients}")
         output_dir = check_output_dir(args.output_dir, methods)
     except ValueError as err:
         print(f"giva federated: {err}", file=sys.stderr)
@@ -211,11 +212,8 @@ def _federated(args: argparse.Namespace) -> int:
         from .federated.run import quiet_libraries
 
         quiet_libraries()
-    from .federated.client_app import default_task
     from .federated.run import run_comparison
 
-    task = default_task(config)  # data, tokenizer and model config: a bad --data / --task fails here, before any run
-    check_shards(len(task.train_set), config, f"--data {args.data}")
     lrs = {m: lr for m in ("giva", "lora", "vera") if (lr := getattr(args, f"lr_{m}")) is not None}
     out = run_comparison(config, str(output_dir), methods, engine=args.engine, centralised=args.method == "all", lrs=lrs,
                          checkpoint_dir=str(output_dir / CHECKPOINTS), quiet=not args.verbose)

@@ -49,6 +49,7 @@ from .task import (
     FederatedConfig,
     accuracy,
     build_model,
+    check_shards,
     fedavg,
     load_trainable_state,
     peft_config,
@@ -171,6 +172,9 @@ def run_server(
     """
     start = time.perf_counter()
     task = task_factory(cfg)
+    if cfg.method == "giva":  # before the model loads: every shard must hold its calibration batches
+        smallest = min(task.shard_size(p, cfg.clients) for p in range(cfg.clients))
+        check_shards(smallest, cfg, f"data {cfg.data!r} split over {cfg.clients} clients")
     nodes = wait_for_nodes(grid, cfg.clients)
     model = build_model(task, cfg)
     test = task.test_batches()

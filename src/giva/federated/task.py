@@ -182,16 +182,14 @@ class FederatedConfig:
         return cls(**kwargs)
 
 
-def check_shards(train_rows: int, config: FederatedConfig, what: str) -> None:
-    """A ValueError unless ``train_rows`` sentences give every client at least its calibration batches' worth
-    (fewer would repeat the same sentences as several calibration batches). ``giva federated`` checks this;
-    the library leaves it to the caller (the bytes measurement runs 16 sentences a client on purpose)."""
-    per_client = train_rows // config.clients
+def check_shards(per_client: int, config: FederatedConfig, what: str) -> None:
+    """A ValueError unless a client's ``per_client`` training sentences hold its GiVA calibration batches
+    (fewer would feed the same sentences to the setup as several calibration batches)."""
     if per_client < config.calibration_rows:
         raise ValueError(
-            f"{what}: {train_rows} training sentences give each of {config.clients} clients {per_client}, fewer than "
-            f"its {config.num_batches} calibration batches of {config.batch_size} ({config.calibration_rows}); use "
-            f"fewer clients, more training data, or a smaller num_batches / batch_size"
+            f"{what} gives a client {per_client} training sentences, fewer than its {config.num_batches} calibration "
+            f"batches of {config.batch_size} ({config.calibration_rows}); use fewer clients, more training data, or "
+            "a smaller --num-batches / --batch-size"
         )
 
 
