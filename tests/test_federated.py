@@ -679,7 +679,7 @@ def test_causal_lm_task_with_an_encoder_is_refused_before_the_weights_load(capsy
     capsys.readouterr()
     code, err = _cli(capsys, "--task", "causal-lm", "--model", str(folder), "--output-dir", str(tmp_path / "out"))
     assert code == 2 and err == [
-        f"giva federated: error: task 'causal-lm' needs a causal language model, but model {str(folder)!r} is "
+        f"giva federated: task 'causal-lm' needs a causal language model, but model {str(folder)!r} is "
         "['BertForSequenceClassification'] (an encoder would train a random LM head); use e.g. --model smollm2, "
         "or --task classification"
     ]

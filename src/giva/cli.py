@@ -189,7 +189,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _federated(args: argparse.Namespace) -> int:
     from .federated.files import CHECKPOINTS, check_output_dir
-    from .federated.task import FederatedConfig, check_shards
+    from .federated.task import FederatedConfig, check_causal_lm, check_shards
 
     methods = ("giva", "lora", "vera") if args.method == "all" else (args.method,)
     try:  # every option is checked before Flower, the model or the data load
@@ -204,6 +204,8 @@ def _federated(args: argparse.Namespace) -> int:
         if args.max_train_samples is not None:
             check_shards(args.max_train_samples // args.clients, config,
                          f"--max-train-samples {args.max_train_samples} with --clients {args.clients}")
+        if config.task == "causal-lm":
+            check_causal_lm(config.model)  # reads the model's config only
         output_dir = check_output_dir(args.output_dir, methods)
     except ValueError as err:
         print(f"giva federated: {err}", file=sys.stderr)
