@@ -90,6 +90,9 @@ def test_sketch_all_reduces_only_small_sums(ranks):
 
 
 CAUSES = {
+    "dataloader_error": (1, "the dataloader raised OSError for calibration batch 1: injected loader failure"),
+    "loss_fn_error": (1, "KeyError: 'injected loss_fn failure'"),
+    "forward_error": (1, "IndexError: index out of range"),
     "nan_loss": (1, "calibration batch 1 gave a non-finite loss"),
     "too_few_batches": (1, "the dataloader gave 1 batches but num_batches=2"),
     "layer_without_gradient": (1, "model.layers.1.mlp.down_proj'.* received no gradient"),
@@ -107,3 +110,24 @@ def test_a_failure_on_one_rank_raises_the_same_named_error_on_every_rank_promptl
     assert f"failed on rank {failing_rank} of 2" in records[0]["message"]
     assert re.search(cause, records[0]["message"]), records[0]["message"]
     assert max(r["seconds"] for r in records) < 30  # not a collective timeout
+
+
+@pytest.mark.parametrize("case", ["forward", "loss_fn", "backward"])
+def test_a_failure_inside_one_ranks_sharded_forward_or_backward_raises_on_every_rank_promptly(tmp_path, case):
+    """FSDP2: rank 1 raises where rank 0 waits in a parameter all-gather (or is about to); both raise the
+    same DistributedInitError within seconds, not a transport error at the group's timeout (60 s here)."""
+    records = run_torchrun("init_fsdp_failure.py", tmp_path, args=[case]).json()
+    assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"], records
+    assert records[0]["message"] == records[1]["message"]
+    assert records[0]["message"] == f"GiVA initialisation failed on rank 1 of 2: ValueError: injected {case} failure"
+    assert max(r["seconds"] for r in records) < 30
+
+
+def test_a_nan_loss_on_one_rank_of_a_sharded_model_is_agreed_on_and_the_group_stays_usable(tmp_path):
+    """A non-finite loss is checked after the forward, outside the sharded model's collectives: the ordinary
+    agreement step, not the store and an abort."""
+    records = run_torchrun("init_fsdp_failure.py", tmp_path, args=["nan_loss"]).json()
+    assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"], records
+    assert records[0]["message"] == records[1]["message"]
+    assert records[0]["message"].startswith("GiVA initialisation failed on rank 1 of 2: calibration batch 0 gave a non-finite loss")
+    assert [r["group_sum"] for r in records] == [2.0, 2.0]

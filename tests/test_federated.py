@@ -8,6 +8,7 @@ grid (every message is deflated to bytes and inflated back); no Ray, tiny seeded
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -599,3 +600,170 @@ def test_the_centralised_baseline_resumes_exactly_and_leaves_the_callers_rng_alo
     ends = [torch.load(path, weights_only=False)["trainable"] for path in (whole_path, cut_path)]
     assert ends[0].keys() == ends[1].keys()
     assert all(torch.equal(ends[0][name], ends[1][name]) for name in ends[0])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `giva federated` on the command line: bad input is one line before any work; small CSVs; resumable output folder.
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fail the test if the command gets as far as training anything."""
+    import giva.federated.run as run_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("run_comparison was called: the bad input was not caught before the work")
+
+    monkeypatch.setattr(run_module, "run_comparison", refuse)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    from giva.cli import main
+
+    code = main(["federated", *argv])
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lr", "nan"], "giva federated: error: argument --lr: must be a finite number, got 'nan'"),
+        (["--seed", "-1"], "giva federated: error: argument --seed: must be >= 0, got '-1'"),
+        (["--clients", "40", "--max-train-samples", "64"],
+         "giva federated: --max-train-samples 64 with --clients 40 gives a client 1 training sentences, fewer than "
+         "its 4 calibration batches of 16 (64); use fewer clients, more training data, or a smaller --num-batches / "
+         "--batch-size"),
+        (["--text-column", ""], "giva federated: FederatedConfig.text_column must be a non-empty column name, got ''"),
+    ],
+)
+def test_bad_federated_options_are_one_line_before_any_work(capsys, no_run, tmp_path, argv, message):
+    code, err = _cli(capsys, *argv, "--output-dir", str(tmp_path / "out"))
+    assert code == 2 and err == [message]
+
+
+def test_an_output_dir_that_is_a_file_or_read_only_is_refused_before_any_work(capsys, no_run, tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("keep me")
+    code, err = _cli(capsys, "--output-dir", str(file))
+    assert code == 2 and err == [f"giva federated: --output-dir {str(file)!r} is a file, not a folder"]
+    assert file.read_text() == "keep me"
+    below = file / "out"  # cannot be created: one OSError path that even root meets
+    code, err = _cli(capsys, "--output-dir", str(below))
+    assert code == 2 and err == [f"giva federated: --output-dir {str(below)!r} is not writable: Not a directory"]
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that can write into read-only folders (root)")
+        code, err = _cli(capsys, "--output-dir", str(locked / "out"))
+        assert code == 2 and len(err) == 1 and err[0].startswith(f"giva federated: --output-dir {str(locked / 'out')!r} is not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_a_folder_with_other_methods_results_is_not_replaced(capsys, no_run, tmp_path):
+    earlier = {"runs": {"giva": {"rounds": []}}}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    code, err = _cli(capsys, "--method", "vera", "--output-dir", str(tmp_path))
+    assert code == 2 and err == [
+        f"giva federated: {tmp_path / 'results.json'} holds results of method(s) ['giva'], which this run (['vera']) "
+        "would replace; use another --output-dir (or move that folder away)"
+    ]
+    assert json.loads((tmp_path / "results.json").read_text()) == earlier
+
+
+def test_causal_lm_task_with_an_encoder_is_refused_before_the_weights_load(capsys, no_run, tmp_path):
+    folder = tmp_path / "encoder"
+    tiny_bert().save_pretrained(folder)
+    capsys.readouterr()
+    code, err = _cli(capsys, "--task", "causal-lm", "--model", str(folder), "--output-dir", str(tmp_path / "out"))
+    assert code == 2 and err == [
+        f"giva federated: task 'causal-lm' needs a causal language model, but model {str(folder)!r} is "
+        "['BertForSequenceClassification'] (an encoder would train a random LM head); use e.g. --model smollm2, "
+        "or --task classification"
+    ]
+
+
+def test_nan_never_reaches_a_results_file(tmp_path):
+    from giva.federated.files import write_json
+
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        write_json({"lr": float("nan")}, str(tmp_path / "results.json"))
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_help_shows_every_default(capsys):
+    from giva.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["federated", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 4)", "(default: 10)", "(default: iid)", "(default: minilm)", "(default: 400)",
+                  "(default: outputs/giva-federated)", "(default: text)", "(default: label)"):
+        assert shown in text, shown
+
+
+def test_the_cli_passes_a_checkpoint_folder_and_quiets_libraries_unless_verbose(capsys, tmp_path, monkeypatch):
+    """A small CSV with its own column names runs (--val-size 0, --text-column, --label-column); the runs get
+    OUTPUT_DIR/.checkpoints, so Ctrl-C leaves a checkpoint and a rerun resumes (tested on the library in
+    test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result)."""
+    import logging
+
+    import giva.federated.run as run_module
+
+    csv = tmp_path / "small.csv"
+    rows = [f"a {'good' if i % 2 else 'bad'} sentence number {i}" for i in range(60)]
+    csv.write_text("sentence,y\n" + "".join(f"{t},{i % 2}\n" for i, t in enumerate(rows)))
+    seen = {}
+
+    def fake_run(config, output_dir, methods, **kwargs):
+        from giva.federated.client_app import default_task
+
+        seen.update(config=config, output_dir=output_dir, kwargs=kwargs, train=len(default_task(config).train_set))
+        return {"table": "| table |"}
+
+    monkeypatch.setattr(run_module, "run_comparison", fake_run)
+    monkeypatch.setattr(logging.getLogger("flwr"), "level", logging.NOTSET)
+    code, err = _cli(capsys, "--data", str(csv), "--text-column", "sentence", "--label-column", "y", "--val-size", "0",
+                     "--test-size", "20", "--clients", "2", "--num-batches", "1", "--batch-size", "4",
+                     "--output-dir", str(tmp_path / "out"))
+    assert code == 0, err
+    assert seen["train"] == 40 and seen["config"].val_size == 0 and seen["config"].text_column == "sentence"
+    assert seen["kwargs"]["checkpoint_dir"] == str(tmp_path / "out" / ".checkpoints")
+    assert seen["kwargs"]["quiet"] is True
+    assert logging.getLogger("flwr").getEffectiveLevel() == logging.WARNING
+
+
+def test_the_server_app_does_not_import_the_runner():
+    """federated/run.py imports server_app.py; the reverse (for write_json) was an import cycle."""
+    import ast
+
+    import giva.federated.server_app as server_app
+
+    tree = ast.parse(Path(server_app.__file__).read_text())
+    imported = {(node.level, node.module) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert (1, "run") not in imported and (0, "giva.federated.run") not in imported
+
+
+@pytest.mark.parametrize("bases_dtype", ["float32", "bfloat16"])
+def test_a_client_model_records_the_dtype_its_bases_are_stored_in(bases_dtype):
+    cfg = config(bases_dtype=bases_dtype)
+    model = build_model(TinyTask(cfg), cfg)
+    received = {k: torch.linalg.qr(torch.randn(a.shape[1], a.shape[0]))[0].mT.to(a.dtype)
+                for k, a in read_bases(model).items()}
+    apply_bases(model, received)
+    info = model.peft_config["default"].bases_info
+    assert info["dtype"] == bases_dtype and info["setup"] == "federated"
+    assert all(a.dtype == getattr(torch, bases_dtype) for a in read_bases(model).values())
+
+
+def test_a_shard_too_small_for_its_calibration_batches_stops_the_run_before_the_model_loads(monkeypatch):
+    cfg = config(num_batches=5)  # 5 batches of 4 = 20 sentences; the smallest TinyTask shard holds 16
+    monkeypatch.setattr("giva.federated.server_app.build_model", lambda *a: pytest.fail("the model was built"))
+    with pytest.raises(ValueError) as raised:
+        run_inprocess(cfg, TinyTask)
+    assert str(raised.value) == (
+        "data 'pang-lee' split over 3 clients gives a client 16 training sentences, fewer than its 5 calibration "
+        "batches of 4 (20); use fewer clients, more training data, or a smaller --num-batches / --batch-size"
+    )

@@ -13,10 +13,11 @@ from peft import get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+import giva
 from giva import GivaConfig
 from giva.init import Request, RequestItem, accumulate, giva_layers
 from giva.init.exact import accumulate_dense
-from tiny_models import text_batches, tiny_llama
+from tiny_models import text_batches, tiny_bert, tiny_llama
 
 
 class _NewTensors(TorchDispatchMode):
@@ -91,3 +92,27 @@ def test_the_sums_check_finds_any_non_finite_entry_and_an_all_zero_sum_with_one_
         total.normal_().view(-1)[position] = float(bad)
     with pytest.raises(GradientInitError, match="all-zero" if bad == "zero" else "non-finite"):
         session.check(Partial(0, {target.key: total}, batches=1))
+
+
+@pytest.mark.parametrize("bases_dtype", ["float32", "bfloat16"])
+def test_bases_info_reports_the_dtype_a_is_stored_in(bases_dtype):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], bases_dtype=bases_dtype))
+    giva.initialize(model, text_batches(n=1), num_batches=1, progress=False)
+    a = next(layer.giva_A["default"] for layer in giva_layers(model).values())
+    assert model.peft_config["default"].bases_info["dtype"] == bases_dtype == str(a.dtype).removeprefix("torch.")
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_in_one_process_a_failing_loader_raises_its_own_exception_and_leaves_the_model_as_it_was(mode):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    model.train()
+    batches = text_batches(n=2)
+
+    def loader():
+        yield batches[0]
+        raise OSError("disk gone")
+
+    with pytest.raises(OSError, match="^disk gone$"):
+        giva.initialize(model, loader(), num_batches=2, progress=False, mode=mode)
+    assert all(module.training for module in model.modules())
+    assert not giva.init.bases_initialized(model)

@@ -240,3 +240,29 @@ def test_non_finite_check_tells_an_overflowing_sum_from_a_non_finite_entry():
     huge[5, 7] = float("inf")
     with pytest.raises(GradientInitError, match="'layer' .*non-finite"):
         session.check(Partial(0, {target.key: huge}, batches=1))
+
+
+@pytest.mark.parametrize("passes", [2, 3, 4])
+@pytest.mark.parametrize("variant", ["VrUr", "VrU2r"])
+def test_bases_stay_orthonormal_when_the_test_matrices_travel_in_bfloat16(passes, variant):
+    """The federated server sends every later pass's test matrix in bfloat16 and finishes with exactly the
+    rounded matrix the clients used (server_app.setup_giva): A (and U-based B) must still be orthonormal to
+    fp32 rounding, for an even last pass (G M) as for an odd one (G^T M)."""
+    blocks = _token_blocks()
+    session = InitSession([_target(rank=6, variant=variant)], mode="sketch", passes=passes)
+    while not session.done:
+        request = session.next_request()
+        if request.pass_index > 0:  # as server_app does: round to bfloat16, keep what travelled
+            rounded = {k: item.matrix.bfloat16().float() for k, item in request.items.items()}
+            for key, matrix in rounded.items():
+                session.set_state(key, (matrix,))
+            request = session.next_request()
+            assert all(torch.equal(item.matrix, rounded[k]) for k, item in request.items.items())
+        session.receive(Partial(request.pass_index, _sums(request, blocks), batches=len(blocks)))
+    (a, b), = session.bases().values()
+    assert (a @ a.mT - torch.eye(6)).abs().max() < 2e-6
+    assert (b.mT @ b - torch.eye(6)).abs().max() < 2e-6
+    fp32 = InitSession([_target(rank=6, variant=variant)], mode="sketch", passes=passes)
+    _run(fp32, blocks)
+    (reference, _), = fp32.bases().values()
+    assert principal_cosines(a, reference).min() > 0.999  # the row space float32 transport finds

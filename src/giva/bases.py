@@ -59,6 +59,29 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def seeded_rng(seed: int, devices: tuple[torch.device, ...] = ()) -> Iterator[None]:
+    """Seed the global RNG of the CPU and of the given CUDA devices only; all of them are restored after.
+
+    ``torch.manual_seed`` would reseed every GPU while ``fork_rng`` restores only the devices it is
+    given: in a ``device_map`` run the other GPUs' streams would be left reset to ``seed``.
+    """
+    with torch.random.fork_rng(devices=cuda_indices(devices)):
+        seed_devices(seed, devices)
+        yield
+
+
+def cuda_indices(devices: tuple[torch.device, ...]) -> list[int]:
+    return sorted({torch.cuda.current_device() if d.index is None else d.index for d in devices if d.type == "cuda"})
+
+
+def seed_devices(seed: int, devices: tuple[torch.device, ...] = ()) -> None:
+    """Seed the CPU's global RNG and those of the given CUDA devices (not every GPU, as torch.manual_seed does)."""
+    torch.default_generator.manual_seed(seed)
+    for index in cuda_indices(devices):
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
 def _gram_schmidt_twice(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal columns spanning those of ``x`` (``rows x cols``, float64), by Gram-Schmidt applied twice.
 
@@ -128,9 +151,7 @@ def top_singular_vectors(
     randomized = method == "randomized" or (method == "auto" and smallest >= AUTO_RANDOMIZED_MIN_DIM)
     if randomized:
         q = min(4 * k, smallest)
-        devices = [matrix.device] if matrix.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded_rng(seed, (matrix.device,)):
             u, s, v = torch.svd_lowrank(matrix, q=q, niter=niter)
     else:
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)

@@ -223,25 +223,39 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _federated(args: argparse.Namespace) -> int:
-    from .federated.task import FederatedConfig
+    from .federated.files import CHECKPOINTS, check_output_dir
+    from .federated.task import FederatedConfig, check_causal_lm, check_shards
 
+    methods = ("giva", "lora", "vera") if args.method == "all" else (args.method,)
     try:  # every option is checked before Flower, the model or the data load
         config = FederatedConfig(
             clients=args.clients, rounds=args.rounds, split=args.split, method="giva" if args.method == "all" else args.method,
             local_steps=args.local_steps, seed=args.seed, lr=args.lr, init_mode=args.init_mode, model=args.model,
             data=args.data, max_train_samples=args.max_train_samples, test_size=args.test_size, task=args.task,
+            val_size=args.val_size, text_column=args.text_column, label_column=args.label_column,
+            num_batches=args.num_batches, batch_size=args.batch_size,
             **{name: value for name in ("sketch_dtype", "bases_dtype") if (value := getattr(args, name)) is not None},
         )
+        if args.max_train_samples is not None:
+            check_shards(args.max_train_samples // args.clients, config,
+                         f"--max-train-samples {args.max_train_samples} with --clients {args.clients}")
+        if config.task == "causal-lm":
+            check_causal_lm(config.model)  # reads the model's config only
+        output_dir = check_output_dir(args.output_dir, methods)
     except ValueError as err:
         print(f"giva federated: {err}", file=sys.stderr)
         return 2
+    if not args.verbose:
+        from .federated.run import quiet_libraries
+
+        quiet_libraries()
     from .federated.run import run_comparison
 
-    methods = ("giva", "lora", "vera") if args.method == "all" else (args.method,)
     lrs = {m: lr for m in ("giva", "lora", "vera") if (lr := getattr(args, f"lr_{m}")) is not None}
-    out = run_comparison(config, args.output_dir, methods, engine=args.engine, centralised=args.method == "all", lrs=lrs)
+    out = run_comparison(config, str(output_dir), methods, engine=args.engine, centralised=args.method == "all", lrs=lrs,
+                         checkpoint_dir=str(output_dir / CHECKPOINTS), quiet=not args.verbose)
     print(out["table"])
-    print(f"results: {args.output_dir}/results.json, results.md, accuracy_vs_mb.png")
+    print(f"results: {output_dir}/results.json, results.md, accuracy_vs_mb.png")
     return 0
 
 
@@ -253,6 +267,16 @@ def _bench_suites() -> str:
     files = sorted(p.stem for p in (root / "suites").glob("*.json")) if root is not None else []
     listed = ", ".join(files) if files else "the suites of benchmarks/suites/*.json (run from a source checkout)"
     return f"{listed}, {', '.join(CODE_SUITES)}"
+
+
+def _seed(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value!r}")
+    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -343,15 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run nothing; rewrite results.md / results.json / plots from the run JSONs already there")
     bench.set_defaults(func=_bench)
 
-    fl = sub.add_parser("federated", help="federated fine-tuning on Flower: GiVA vs LoRA / VeRA (needs giva[federated])")
+    fl = sub.add_parser("federated", help="federated fine-tuning on Flower: GiVA vs LoRA / VeRA (needs giva[federated])",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="A rerun into the same --output-dir resumes each run from OUTPUT_DIR/.checkpoints.")
     fl.add_argument("--clients", type=int, default=4, help="simulated clients, each with a private shard")
     fl.add_argument("--rounds", type=int, default=10, help="training rounds after the setup round")
-    fl.add_argument("--split", default="iid", choices=["iid", "label-skew"])
+    fl.add_argument("--split", default="iid", choices=["iid", "label-skew"], help="how the shards are drawn")
     fl.add_argument("--method", default="giva", choices=["giva", "lora", "vera", "all"],
                     help="'all': the three methods on the same shards plus centralised GiVA")
     fl.add_argument("--local-steps", type=int, default=5, help="optimizer steps per client per round")
-    fl.add_argument("--seed", type=int, default=0)
-    fl.add_argument("--lr", type=float, default=None, help="peak LR (default: the method's, see giva.federated.task)")
+    fl.add_argument("--seed", type=_seed, default=0, help="seed of the shards, the head, the bases and the sketches")
+    fl.add_argument("--lr", type=_positive_float, default=None,
+                    help="peak LR (default: the method's, see giva.federated.task.DEFAULT_LR)")
     for method in ("giva", "lora", "vera"):
         fl.add_argument(f"--lr-{method}", type=_positive_float, default=None,
                         help=f"peak LR of the {method} run only (overrides --lr for it; with --method all)")
@@ -359,16 +386,23 @@ def build_parser() -> argparse.ArgumentParser:
     fl.add_argument("--sketch-dtype", default=None,
                     help="dtype the setup sketches travel in: float32 or bfloat16 (default: FederatedConfig's, bfloat16)")
     fl.add_argument("--bases-dtype", default=None,
-                    help="dtype GiVA stores A in and sends it in: float32 (default) or bfloat16 (half the bytes of A down)")
+                    help="dtype GiVA stores A in and sends it in: float32 or bfloat16 (half the bytes of A down); "
+                         "default: float32")
     fl.add_argument("--engine", default="simulation", choices=["simulation", "inprocess"],
                     help="Flower's simulation engine (Ray) or an in-process grid (same apps and messages)")
-    fl.add_argument("--model", default="minilm")
+    fl.add_argument("--model", default="minilm", help="model name (see giva.assets) or a local HF folder")
     fl.add_argument("--task", default="classification", choices=["classification", "causal-lm"],
-                    help="'causal-lm': language-model loss, scored by the label word (e.g. --model smollm2)")
-    fl.add_argument("--data", default="pang-lee")
-    fl.add_argument("--test-size", type=int, default=1000)
-    fl.add_argument("--max-train-samples", type=int, default=None)
-    fl.add_argument("--output-dir", default="outputs/giva-federated")
+                    help="'causal-lm': language-model loss, scored by the label word (needs a causal LM, e.g. --model smollm2)")
+    fl.add_argument("--data", default="pang-lee", help="a bundled corpus, a CSV/JSONL file or a hub dataset")
+    fl.add_argument("--text-column", default="text", help="text column of a CSV/JSONL file or hub dataset")
+    fl.add_argument("--label-column", default="label", help="label column of a CSV/JSONL file or hub dataset")
+    fl.add_argument("--test-size", type=int, default=1000, help="held-out sentences the server evaluates on")
+    fl.add_argument("--val-size", type=int, default=400, help="validation sentences left out of every shard (0: none)")
+    fl.add_argument("--max-train-samples", type=int, default=None, help="cap on the pooled training sentences")
+    fl.add_argument("--num-batches", type=int, default=4, help="GiVA calibration batches per client in the setup")
+    fl.add_argument("--batch-size", type=int, default=16, help="local batch size (training and calibration)")
+    fl.add_argument("--output-dir", default="outputs/giva-federated", help="results and resumable checkpoints")
+    fl.add_argument("--verbose", action="store_true", help="show Flower's, Ray's and transformers' own logs")
     fl.set_defaults(func=_federated)
     return parser
 

@@ -103,7 +103,27 @@ def failure_cases(rank: int) -> dict[str, dict]:
             return m(**batch, output_hidden_states=True).hidden_states[1].pow(2).mean()
         return m(**batch).loss
 
+    def loader_failing_on_rank1():
+        yield batches[0]
+        if rank == 1:
+            raise OSError("injected loader failure")
+        yield from batches[1:]
+
+    def loss_fn_failing_on_rank1(m, batch):
+        loss = m(**batch).loss
+        if rank == 1:
+            raise KeyError("injected loss_fn failure")
+        return loss
+
+    def forward_failing_on_rank1(m, batch):
+        if rank == 1:
+            batch = {**batch, "input_ids": batch["input_ids"] + 1000}  # past the vocabulary: the embedding raises
+        return m(**batch).loss
+
     return {
+        "dataloader_error": dict(dataloader=loader_failing_on_rank1()),
+        "loss_fn_error": dict(dataloader=batches, loss_fn=loss_fn_failing_on_rank1),
+        "forward_error": dict(dataloader=batches, loss_fn=forward_failing_on_rank1),
         "nan_loss": dict(dataloader=batches, loss_fn=nan_on_rank1),
         "too_few_batches": dict(dataloader=batches[:1] if rank == 1 else batches),
         "layer_without_gradient": dict(dataloader=batches, loss_fn=shallow_on_rank1),

@@ -9,11 +9,11 @@ quick runs use. ``engine="simulation"`` runs the same ServerApp / ClientApp unde
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -26,9 +26,11 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from ..bases import cuda_indices, seed_devices
 from . import messages
 from .client_app import TaskFactory, default_task, make_client_app
-from .server_app import make_server_app, run_server, write_checkpoint
+from .files import write_checkpoint, write_json
+from .server_app import make_server_app, run_server
 from .statistics import sketch_session
 from .task import (
     METHODS,
@@ -140,15 +142,41 @@ def run_inprocess(
     return results, grid
 
 
-def run_simulation(cfg: FederatedConfig, task_factory: TaskFactory = default_task, num_cpus: int = 2) -> dict[str, Any]:
-    """The same apps under Flower's simulation engine (Ray); one worker per CPU, one thread each."""
+# Loggers of the libraries a run drives: their INFO lines (Flower's per-round messages, transformers' load
+# reports) drown the run's own output; --verbose keeps them.
+LIBRARY_LOGGERS = ("flwr", "ray", "transformers", "datasets", "httpx", "urllib3", "filelock")
+
+
+def quiet_libraries() -> None:
+    """Show only warnings and errors of Flower, Ray, transformers and the like (giva's own INFO lines stay)."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    # Their deprecation notices (transformers' is_gradient_checkpointing, once per model) are not the user's to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+
+
+def run_simulation(
+    cfg: FederatedConfig, task_factory: TaskFactory = default_task, num_cpus: int = 2, checkpoint: Optional[str] = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """The same apps under Flower's simulation engine (Ray); one worker per CPU, one thread each.
+    The server runs in this process: ``checkpoint`` as in :func:`giva.federated.server_app.run_server`."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the Ray workers
     results: list[dict[str, Any]] = []
-    server = make_server_app(cfg, task_factory, sink=results.append)
+    server = make_server_app(cfg, task_factory, sink=results.append, checkpoint=checkpoint)
     client = make_client_app(task_factory, cfg)
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": {"num_cpus": num_cpus}}
+    init_args: dict[str, Any] = {"num_cpus": num_cpus}
+    if quiet:  # the workers' own log lines stay in Ray's session folder
+        init_args.update(log_to_driver=False, logging_level=logging.WARNING)
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
     flwr_run_simulation(server, client, num_supernodes=cfg.clients, backend_config=backend)
     if not results:
         raise RuntimeError("the Flower simulation ended without results; its log above says why")
@@ -157,16 +185,16 @@ def run_simulation(cfg: FederatedConfig, task_factory: TaskFactory = default_tas
 
 def run_federated(
     cfg: FederatedConfig, engine: str = "inprocess", task_factory: TaskFactory = default_task,
-    checkpoint: Optional[str] = None,
+    checkpoint: Optional[str] = None, quiet: bool = False,
 ) -> dict[str, Any]:
     """One federated run on ``engine``; returns the results dict (see :func:`giva.federated.server_app.run_server`).
 
-    ``checkpoint`` (in-process engine only): resume from / save to this file after every round.
+    ``checkpoint``: resume from / save to this file after every round (either engine: the server runs here).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine == "simulation":
-        results = run_simulation(cfg, task_factory)
+        results = run_simulation(cfg, task_factory, checkpoint=checkpoint, quiet=quiet)
     else:
         results, _ = run_inprocess(cfg, task_factory, checkpoint=checkpoint)
     results["engine"] = engine
@@ -217,10 +245,11 @@ def run_centralised(
     done = (len(rounds) - 1) * per_round
     batches = task.pooled_batches(round_index=0, skip=done)
     model.train()
-    with torch.random.fork_rng(devices=[]):  # dropout reseeded every round: a resumed run continues exactly
+    devices = tuple({p.device for p in params})
+    with torch.random.fork_rng(devices=cuda_indices(devices)):  # dropout reseeded every round: a resumed run continues exactly
         for step in range(done + 1, total + 1):
             if (step - 1) % per_round == 0:
-                torch.manual_seed(client_seed(cfg.seed, (step - 1) // per_round + 1, CENTRAL_PARTITION))
+                seed_devices(client_seed(cfg.seed, (step - 1) // per_round + 1, CENTRAL_PARTITION), devices)
             loss = model(**next(batches)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -401,15 +430,6 @@ def sketch_table(result: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- reports
 
 
-def write_json(data: Any, path: str) -> None:
-    """Write ``data`` as indented JSON atomically (a temporary sibling, then a rename)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, target)
-
-
 def summarise(run: dict[str, Any], label: str, setup_bytes: Optional[int] = None) -> dict[str, Any]:
     """Per-run figures: bytes per client per round, setup and total bytes, accuracy per round, cumulative MB."""
     setup = run["setup_bytes"] if setup_bytes is None else setup_bytes
@@ -539,6 +559,7 @@ def run_comparison(
     checkpoint_dir: Optional[str] = None,
     central_eval_every: int = 1,
     lrs: Optional[dict[str, float]] = None,
+    quiet: bool = False,
 ) -> dict[str, Any]:
     """Every method on ``base`` (same shards, rounds, steps), VeRA's two setups, and the centralised
     GiVA baseline; writes ``results.json``, ``results.md`` and ``accuracy_vs_mb.png`` to ``output_dir``.
@@ -548,7 +569,8 @@ def run_comparison(
 
     VeRA without projections is the VeRA run's training with its setup message left out: the clients
     regenerate the very same projections from the PRNG key, so only the setup bytes differ.
-    ``checkpoint_dir`` (in-process engine): each run saves ``<method>.pt`` there after every round and a
+    ``quiet``: Ray's workers do not print to this process (see :func:`quiet_libraries` for the rest).
+    ``checkpoint_dir``: each run saves ``<method>.pt`` there after every round and a
     repeated call goes on from there.
     """
     def checkpoint(name: str) -> Optional[str]:
@@ -563,7 +585,7 @@ def run_comparison(
     for method in methods:
         cfg = replace(base, method=method, vera_projections=True, lr=lrs.get(method, base.lr))
         logger.info("federated %s: %d clients, %d rounds, %s", method, cfg.clients, cfg.rounds, cfg.split)
-        runs[method] = run_federated(cfg, engine, task_factory, checkpoint=checkpoint(method))
+        runs[method] = run_federated(cfg, engine, task_factory, checkpoint=checkpoint(method), quiet=quiet)
         label = {"giva": f"giva r={cfg.giva_r} ({cfg.init_mode})", "lora": f"lora r={cfg.lora_r}",
                  "vera": f"vera r={cfg.vera_r}, projections sent"}[method]
         summaries.append(summarise(runs[method], label))

@@ -19,7 +19,6 @@ mean (FedAvg) and evaluates on the held-out split. Every message's serialized si
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -33,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from ..init import Partial, write_bases
 from . import messages
 from .client_app import TaskFactory, default_task
+from .files import write_checkpoint, write_json
 from .statistics import (
     add_partials,
     apply_bases,
@@ -41,6 +41,7 @@ from .statistics import (
     dense_bases,
     dense_layout,
     read_bases,
+    record_bases_info,
     sketch_session,
     sums_layout,
 )
@@ -48,6 +49,7 @@ from .task import (
     FederatedConfig,
     accuracy,
     build_model,
+    check_shards,
     fedavg,
     load_trainable_state,
     peft_config,
@@ -139,6 +141,7 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
             count = sum(int(r.content[messages.METRICS]["num-examples"]) for r in replies)
             session.receive(add_partials(parts))
         write_bases(model, session)
+        record_bases_info(model)
         bases = read_bases(model)  # A as the model stores it (GivaConfig.bases_dtype): what travels
     _, t = exchange(grid, nodes, messages.BASES, messages.make_content(bases), f"setup-{len(traffic) + 1}")
     traffic.append(t)
@@ -156,15 +159,6 @@ def _load_checkpoint(path: Optional[str], cfg: FederatedConfig) -> Optional[dict
     return saved
 
 
-def write_checkpoint(path: Optional[str], state: dict[str, Any]) -> None:
-    """``torch.save`` to ``path`` atomically (a temporary sibling, then a rename); nothing if ``path`` is empty."""
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-
-
 def run_server(
     grid: Grid, cfg: FederatedConfig, task_factory: TaskFactory = default_task, checkpoint: Optional[str] = None
 ) -> dict[str, Any]:
@@ -178,6 +172,9 @@ def run_server(
     """
     start = time.perf_counter()
     task = task_factory(cfg)
+    if cfg.method == "giva":  # before the model loads: every shard must hold its calibration batches
+        smallest = min(task.shard_size(p, cfg.clients) for p in range(cfg.clients))
+        check_shards(smallest, cfg, f"data {cfg.data!r} split over {cfg.clients} clients")
     nodes = wait_for_nodes(grid, cfg.clients)
     model = build_model(task, cfg)
     test = task.test_batches()
@@ -250,22 +247,23 @@ def make_server_app(
     config: Optional[FederatedConfig] = None,
     task_factory: TaskFactory = default_task,
     sink: Optional[ResultSink] = None,
+    checkpoint: Optional[str] = None,
 ) -> ServerApp:
     """A ServerApp for ``config`` (default: the run config of ``flwr run``); results go to ``sink``
-    or, under ``flwr run``, to the JSON file named by the run-config key ``results-path`` if set."""
+    or, under ``flwr run``, to the JSON file named by the run-config key ``results-path`` if set.
+    ``checkpoint`` (or the run-config key ``checkpoint-path``): see :func:`run_server`."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_config = dict(context.run_config)
         results_path = run_config.pop("results-path", None)
+        checkpoint_path = run_config.pop("checkpoint-path", None) or checkpoint
         cfg = config or FederatedConfig.from_flat(run_config)
-        results = run_server(grid, cfg, task_factory)
+        results = run_server(grid, cfg, task_factory, checkpoint_path)
         if sink is not None:
             sink(results)
         if results_path:
-            from .run import write_json
-
             write_json(results, str(results_path))
 
     return app

@@ -196,6 +196,16 @@ def apply_bases(peft_model: nn.Module, bases: dict[str, torch.Tensor]) -> None:
         blk = spec.block
         b = layer.giva_B[ADAPTER][blk.row_offset : blk.row_offset + blk.out_size, blk.rank_offset : blk.rank_offset + blk.rank]
         layer.set_block_bases(ADAPTER, blk, bases[key].to(b.device), b.clone())
+    record_bases_info(peft_model)
+
+
+def record_bases_info(peft_model: nn.Module) -> None:
+    """Note in the adapter's config that its bases came from a federated setup, with the dtype ``A`` is stored in."""
+    stored = {str(layer.giva_A[ADAPTER].dtype).removeprefix("torch.") for layer in giva_layers(peft_model).values()
+              if ADAPTER in layer.giva_A}
+    config = giva_configs(peft_model)[ADAPTER]
+    config.bases_info = {"source": "gradient", "setup": "federated", "variant": config.variant, "seed": config.seed,
+                         "dtype": "/".join(sorted(stored))}
 
 
 def read_bases(peft_model: nn.Module, name: str = "giva_A") -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from torch import nn
 
+from ..bases import seeded_rng
 from ..config import GivaConfig
 from ..data import TextDataset
 from ..finetune import evaluate, parameter_groups
@@ -36,7 +37,7 @@ SKETCH_OVERSAMPLE = -1
 SKETCH_DTYPE = "bfloat16"
 SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Run-config keys that are not part of the experiment (where the server writes its results).
-RUN_ONLY_KEYS = ("results-path",)
+RUN_ONLY_KEYS = ("results-path", "checkpoint-path")
 OPTIONAL_KEYS = ("lr", "max_train_samples")
 
 
@@ -63,6 +64,8 @@ class FederatedConfig:
                           "language-model loss on '<sentence> Sentiment: <label word>', scored by the label word)."},
     )
     data: str = field(default="pang-lee", metadata={"help": "Dataset (see giva.data.load_text_classification)."})
+    text_column: str = field(default="text", metadata={"help": "Text column of a CSV/JSONL or hub dataset."})
+    label_column: str = field(default="label", metadata={"help": "Label column of a CSV/JSONL or hub dataset."})
     test_size: int = field(default=1000, metadata={"help": "Held-out sentences the server evaluates on."})
     val_size: int = field(default=400, metadata={"help": "Validation sentences left out of every shard (unused here)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Cap on the pooled training sentences."})
@@ -119,13 +122,24 @@ class FederatedConfig:
             raise ValueError(f"FederatedConfig.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
         if not 0.0 < self.skew <= 1.0:
             raise ValueError(f"FederatedConfig.skew must be in (0, 1], got {self.skew!r}")
-        if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"FederatedConfig.lr must be > 0 or None, got {self.lr!r}")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not math.isfinite(self.lr) or self.lr <= 0):
+            raise ValueError(f"FederatedConfig.lr must be a finite number > 0 or None, got {self.lr!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"FederatedConfig.seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("text_column", "label_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(f"FederatedConfig.{name} must be a non-empty column name, got {getattr(self, name)!r}")
         if self.max_train_samples is not None and self.max_train_samples < self.clients:
             raise ValueError(
                 f"FederatedConfig.max_train_samples ({self.max_train_samples}) leaves fewer sentences than clients "
                 f"({self.clients})"
             )
+
+    @property
+    def calibration_rows(self) -> int:
+        """Sentences each client's setup reads: ``num_batches`` batches of ``batch_size``."""
+        return self.num_batches * self.batch_size
 
     @property
     def sketch_oversampling(self) -> Optional[int]:
@@ -166,6 +180,17 @@ class FederatedConfig:
         if unknown:
             raise ValueError(f"unknown federated config key(s) {unknown}; known: {sorted(known)}")
         return cls(**kwargs)
+
+
+def check_shards(per_client: int, config: FederatedConfig, what: str) -> None:
+    """A ValueError unless a client's ``per_client`` training sentences hold its GiVA calibration batches
+    (fewer would feed the same sentences to the setup as several calibration batches)."""
+    if per_client < config.calibration_rows:
+        raise ValueError(
+            f"{what} gives a client {per_client} training sentences, fewer than its {config.num_batches} calibration "
+            f"batches of {config.batch_size} ({config.calibration_rows}); use fewer clients, more training data, or "
+            "a smaller --num-batches / --batch-size"
+        )
 
 
 def shard_indices(labels: list[int], clients: int, split: str, seed: int, skew: float = 0.8) -> list[list[int]]:
@@ -239,7 +264,7 @@ class TextClassificationTask:
         from ..data import deduplicate, load_text_classification, split_dataset
 
         self.config = config
-        dataset = load_text_classification(config.data)
+        dataset = load_text_classification(config.data, config.text_column, config.label_column)
         # The partition of `giva finetune` (deduplicated; 2600 / 400 / 1000 on Pang & Lee at the defaults): the
         # validation rows are left out, nothing is chosen on the evaluation split the server scores.
         train, _, test = split_dataset(deduplicate(dataset), test_size=config.test_size, val_size=config.val_size, seed=0)
@@ -299,6 +324,21 @@ class TextClassificationTask:
 
 
 CANDIDATES = "candidates"
+
+
+def check_causal_lm(model: str) -> None:
+    """A ValueError unless ``model``'s config names a causal-LM architecture (reads the config, not the weights):
+    an encoder would get a freshly initialised LM head and train it from nothing."""
+    from transformers import AutoConfig
+
+    from ..assets import resolve_model
+
+    architectures = getattr(AutoConfig.from_pretrained(resolve_model(model)), "architectures", None) or []
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ValueError(
+            f"task 'causal-lm' needs a causal language model, but model {model!r} is {architectures or 'of no known architecture'} "
+            "(an encoder would train a random LM head); use e.g. --model smollm2, or --task classification"
+        )
 LABEL_WORDS = {"pang-lee": ("negative", "positive")}
 
 
@@ -308,6 +348,7 @@ class CausalLMTask(TextClassificationTask):
     held-out prompts ``"<sentence> Sentiment:"`` by which label word's first token the model ranks higher."""
 
     def __init__(self, config: FederatedConfig) -> None:
+        check_causal_lm(config.model)
         super().__init__(config)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -383,8 +424,7 @@ def peft_config(config: FederatedConfig, method: Optional[str] = None) -> Any:
 def build_model(task: Task, config: FederatedConfig) -> PeftModel:
     """The base model with ``config.method``'s adapter; LoRA's A is seeded so server and clients agree
     (in a forked RNG state: the caller's random stream is left as it was)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with seeded_rng(config.seed):
         return get_peft_model(task.base_model(), peft_config(config))
 
 
@@ -440,10 +480,8 @@ def local_train(
     """
     optimizer = torch.optim.AdamW(parameter_groups(model, lr, None, 0.0))
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    cuda = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     losses = []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, tuple({p.device for p in params})):
         model.train()
         try:
             for _ in range(steps):

@@ -139,6 +139,13 @@ def _trained(layer: Any, name: str) -> bool:
     return bool(_local(layer.giva_lambda_o[name]).any()) and bool(_local(layer.giva_lambda_s[name]).any())
 
 
+def _sharded(model: nn.Module) -> bool:
+    """True if the model's forward runs collectives of its own (FSDP2 DTensors, FSDP1 flat parameters, ZeRO-3)."""
+    return any(
+        hasattr(p, "ds_tensor") or type(p).__name__ in ("DTensor", "FlatParameter") for p in model.parameters()
+    )
+
+
 def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
     layers = giva_layers(model).values()
     return [
@@ -149,13 +156,16 @@ def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
 
 def _batches(dataloader: Iterable[Any], num_batches: int, keep: bool) -> Iterator[Iterator[Any]]:
     """An iterator over the same ``num_batches`` batches for every pass (kept after the first if ``keep``)."""
+    def lazy() -> Iterator[Any]:  # iter() runs at the first next(), where run_pass catches a failing loader
+        yield from dataloader
+
     if not keep:
-        yield iter(dataloader)
+        yield lazy()
         return
     kept: list[Any] = []
 
     def first() -> Iterator[Any]:
-        for batch in islice(iter(dataloader), num_batches):
+        for batch in islice(lazy(), num_batches):
             kept.append(batch)
             yield batch
 
@@ -233,7 +243,7 @@ def initialize(
     if not to_init:
         logger.info("GiVA adapters %s use data-free bases; nothing to initialise", sorted(configs))
         return report
-    comm = collective(next(model.parameters()).device)
+    comm = collective(next(model.parameters()).device, sharded=_sharded(model))
     trained = [] if force else _already_initialised(model, to_init)
     comm.agree(
         ValueError(
@@ -266,7 +276,7 @@ def initialize(
             "mode": report.mode,
             **({"passes": session.passes, "oversampling": oversampling} if report.mode == "sketch" else {}),
             "world_size": comm.world,
-            "dtype": "float32",
+            "dtype": cfg.bases_dtype,  # A as stored (computed in fp32, rounded once if bfloat16)
             "calibration_loss": [round(x, 6) for x in report.losses],
         }
     logger.info(

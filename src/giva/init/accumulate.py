@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import exact, sketch
 from .capture import Capture, LossFn, adapters_disabled, calibration_mode, giva_layers, to_device, unwrap
-from .distributed import Collective
+from .distributed import Collective, DistributedInitError
 from .session import GradientInitError, Partial, Request, RequestItem
 
 
@@ -74,7 +74,8 @@ def run_pass(
 ) -> Partial:
     """Sums over the next ``num_batches`` batches (all of them if None) of what ``request`` asks for.
 
-    Ranks agree before each batch (one was too few) and after it (a failed batch), so that all stop together.
+    Ranks agree after fetching each batch (a loader that ran out or raised), after its forward and after its
+    backward, so that all stop together; see :mod:`giva.init.distributed` for failures inside a sharded model.
     """
     model = unwrap(model)
     layers = giva_layers(model)
@@ -87,22 +88,44 @@ def run_pass(
     losses: list[float] = []
     desc = f"GiVA pass {request.pass_index + 1}/{request.passes}"
     bar = tqdm(total=num_batches, desc=desc, disable=not progress)
-    with adapters_disabled(model), calibration_mode(model), capture.attached(), bar:
+    with adapters_disabled(model), calibration_mode(model), capture.attached(), comm.watching(), bar:
         for index in count() if num_batches is None else range(num_batches):
             error: Optional[BaseException] = None
             try:
-                batch = next(batches)
+                batch = to_device(next(batches), device)
             except StopIteration:
                 if num_batches is None:
                     break
                 error = GradientInitError(f"the dataloader gave {index} batches but num_batches={num_batches} were asked for")
+            except Exception as exc:  # noqa: BLE001  a broken loader: every rank must hear of it
+                error = exc  # one process: the loader's own exception, as it was
+                if comm.world > 1:
+                    error = GradientInitError(f"the dataloader raised {type(exc).__name__} for calibration batch {index}: {exc}")
+                    error.__cause__ = exc
             comm.agree(error)
+            # Three agreement points per batch (after the loader, the forward and the backward): no rank
+            # starts a backward, whose collectives a sharded model needs every rank to join, after another
+            # rank's forward failed. A failure inside a sharded forward/backward goes through comm.computing.
             try:
-                losses.append(capture.run_batch(model, to_device(batch, device), loss_fn, index))
-                error = sums.non_finite(index)
+                with comm.computing():
+                    loss = capture.forward(model, batch, loss_fn)
+                value = capture.check_loss(loss, index)  # outside: a NaN loss is agreed on, the group stays usable
+            except DistributedInitError:  # already agreed through the store
+                raise
             except Exception as exc:  # noqa: BLE001  every rank must hear of it before the next collective
                 error = exc
             comm.agree(error)
+            try:
+                with comm.computing():
+                    capture.backward(loss)
+                error = sums.non_finite(index)
+            except DistributedInitError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+            comm.agree(error)
+            losses.append(value)
+            del loss
             bar.update()
     return Partial(request.pass_index, sums.sums, batches=len(losses), tokens=sums.tokens, losses=losses)
 

@@ -138,23 +138,31 @@ class Capture:
                 handle.remove()
             self.probes.clear()
 
-    def run_batch(self, model: nn.Module, batch: Any, loss_fn: Optional[LossFn], index: int) -> float:
-        """Forward and backward of one batch (the sink sees every hooked layer); returns the loss."""
+    def forward(self, model: nn.Module, batch: Any, loss_fn: Optional[LossFn]) -> Any:
+        """The loss of one batch, unchecked (see :meth:`check_loss`); the backward is separate so that the
+        ranks of a distributed run can agree in between."""
         self.probes.clear()
         with torch.enable_grad():
-            loss = (loss_fn or default_loss)(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-                raise GradientInitError(f"the loss of calibration batch {index} is not a scalar tensor: {loss!r}")
-            if not loss.requires_grad:
-                raise GradientInitError("the loss does not depend on any GiVA-targeted layer: check target_modules and loss_fn")
-            value = loss.item()
-            # The backward runs even for a non-finite loss, so that every rank of a sharded model
-            # (FSDP) enters the same collectives before they agree to stop.
-            torch.autograd.grad(loss, self.probes, allow_unused=True)
-        self.probes.clear()
+            return (loss_fn or default_loss)(model, batch)
+
+    @staticmethod
+    def check_loss(loss: Any, index: int) -> float:
+        """The value of :meth:`forward`'s loss; a GradientInitError unless it is a finite scalar on the targets' path."""
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise GradientInitError(f"the loss of calibration batch {index} is not a scalar tensor: {loss!r}")
+        if not loss.requires_grad:
+            raise GradientInitError("the loss does not depend on any GiVA-targeted layer: check target_modules and loss_fn")
+        value = loss.item()
         if value != value or value in (float("inf"), float("-inf")):
             raise GradientInitError(
                 f"calibration batch {index} gave a non-finite loss ({value}); check that batch's inputs "
                 "and labels, or the model's dtype"
             )
         return value
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward of :meth:`forward`'s loss: the sink sees every hooked layer."""
+        try:
+            torch.autograd.grad(loss, self.probes, allow_unused=True)
+        finally:
+            self.probes.clear()

@@ -9,11 +9,24 @@ session are all-reduced (small sketches in ``mode="sketch"``, the dense block gr
 ``mode="exact"``); the per-target QR/SVD work is split (target ``i`` on rank ``i mod world``) and
 the results are broadcast, so every rank ends with bit-identical bases.
 gloo scrambles non-contiguous tensors: everything is made contiguous before a collective.
+
+A sharded model (FSDP, DeepSpeed ZeRO-3) runs collectives inside its own forward and backward, so
+a rank that raises there cannot meet the others at an agreement point: they wait in a parameter
+all-gather it will never join. :meth:`TorchCollective.computing` handles that case through the
+process group's key-value store instead: the failing rank writes its reason there and aborts the
+process group (which wakes its gloo peers), and a watchdog thread on every rank
+(:meth:`TorchCollective.watching`) aborts its own process group when it sees a failure posted (which
+wakes NCCL peers). Every rank then raises the same :class:`DistributedInitError` read from the
+store. The process group is unusable afterwards: the run is over anyway.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from itertools import count
+from typing import ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -38,6 +51,21 @@ def _describe(error: BaseException) -> str:
     return str(error) if isinstance(error, GradientInitError) else f"{type(error).__name__}: {error}"
 
 
+def collective_device(backend: str, model_device: torch.device) -> torch.device:
+    """Where the collectives of a process group run: the model's device, which must be a GPU for NCCL.
+
+    The model's device, not ``torch.cuda.current_device()``: a launcher that does not call
+    ``torch.cuda.set_device`` leaves the current device at 0 on every rank while each rank's model
+    sits on its own GPU.
+    """
+    if backend == "nccl" and model_device.type != "cuda":
+        raise ValueError(
+            f"the process group uses NCCL, which needs CUDA tensors, but the model's parameters are on "
+            f"{model_device}: move the model to this rank's GPU (model.to(f'cuda:{{LOCAL_RANK}}')) or use gloo"
+        )
+    return model_device
+
+
 class Collective:
     """One process: agreeing is raising, sums are already total, this process owns every target."""
 
@@ -47,6 +75,14 @@ class Collective:
     def agree(self, error: Optional[BaseException]) -> None:
         if error is not None:
             raise error
+
+    def watching(self) -> ContextManager[None]:
+        """Around a pass over the batches (the sharded case's watchdog; nothing in one process)."""
+        return nullcontext()
+
+    def computing(self) -> ContextManager[None]:
+        """Around a forward or backward that may run collectives of its own (nothing in one process)."""
+        return nullcontext()
 
     def sum_partial(self, partial: Partial, keys: list[str]) -> Partial:
         self.agree(_missing_keys(partial, keys))
@@ -66,17 +102,99 @@ def _missing_keys(partial: Partial, keys: list[str]) -> Optional[GradientInitErr
     )
 
 
-class TorchCollective(Collective):
-    """The default process group; collectives run on ``device`` (CUDA for NCCL, CPU for gloo)."""
+# Every rank creates its collectives in the same order, so the n-th one has the same store keys everywhere.
+_SESSIONS = count()
+# How often the watchdog looks for a failure another rank posted (seconds): one store request per rank each
+# time, only while a sharded model runs its calibration batches. gloo peers do not wait for it (the failing
+# rank's abort closes their connections); NCCL peers wake within this delay.
+WATCHDOG_POLL_S = 0.25
 
-    def __init__(self, device: torch.device) -> None:
+
+class TorchCollective(Collective):
+    """The default process group; collectives run on the model's ``device`` (see :func:`collective_device`).
+
+    ``sharded``: the model runs collectives in its forward/backward (FSDP, ZeRO-3), so a failure there
+    goes through the store (see the module docstring).
+    """
+
+    def __init__(self, device: torch.device, sharded: bool = False) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else device
+        self.device = collective_device(dist.get_backend(), device)
+        self.sharded = sharded
+        self.prefix = f"giva/init/{next(_SESSIONS)}"
+        self._aborted = threading.Lock()
+        # Kept: aborting the group unregisters it, and the store is still needed to read why.
+        self.store = dist.distributed_c10d._get_default_store() if sharded else None
+
+    def _abort(self) -> None:
+        """Abort the process group once (from the failing rank or a watchdog); later calls do nothing."""
+        if self._aborted.acquire(blocking=False) and dist.is_initialized():
+            dist.distributed_c10d._abort_process_group()
+
+    def _posted(self) -> Optional[DistributedInitError]:
+        """The error every rank raises when some rank posted a failure to the store, else None."""
+        store = self.store
+        if store is None or not store.check([f"{self.prefix}/failed"]):
+            return None
+        failed = sorted({int(r) for r in store.get(f"{self.prefix}/failed").decode().split(",") if r})
+        reason = store.get(f"{self.prefix}/reason/{failed[0]}").decode()
+        return DistributedInitError(failed[0], self.world, reason, failed[1:])
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        """While a sharded model runs its batches: abort this rank's process group when another rank posts a failure."""
+        if not self.sharded:
+            yield
+            return
+        stop = threading.Event()
+        store = self.store
+
+        def watch() -> None:
+            while not stop.wait(WATCHDOG_POLL_S):
+                if store.check([f"{self.prefix}/failed"]):
+                    self._abort()
+                    return
+
+        thread = threading.Thread(target=watch, name="giva-init-watchdog", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+    @contextmanager
+    def computing(self) -> Iterator[None]:
+        """Around a sharded model's forward or backward: an exception makes every rank raise, via the store.
+
+        An exception caused by another rank's abort (a closed connection, a destroyed group) becomes
+        that rank's :class:`DistributedInitError`; any other exception is posted, then the group aborted.
+        """
+        if not self.sharded:
+            yield
+            return
+        try:
+            yield
+        except Exception as exc:
+            posted = self._posted()
+            if posted is None:
+                store = self.store
+                store.set(f"{self.prefix}/reason/{self.rank}", _describe(exc))
+                store.append(f"{self.prefix}/failed", f"{self.rank},")
+                self._abort()
+                posted = self._posted()
+            raise posted from exc
 
     def agree(self, error: Optional[BaseException]) -> None:
         flags = torch.zeros(self.world, dtype=torch.int32, device=self.device)
         flags[self.rank] = int(error is not None)
-        dist.all_reduce(flags)
+        try:
+            dist.all_reduce(flags)
+        except Exception as exc:  # the group was aborted: some rank posted why
+            posted = self._posted()
+            if posted is None:
+                raise
+            raise posted from exc
         if not bool(flags.any()):
             return
         reasons: list[Optional[str]] = [None] * self.world
@@ -130,6 +248,6 @@ def _numel(shape: tuple[int, ...]) -> int:
     return result
 
 
-def collective(device: torch.device) -> Collective:
+def collective(device: torch.device, sharded: bool = False) -> Collective:
     """The collective of the current run: torch.distributed's when initialised with > 1 rank."""
-    return TorchCollective(device) if is_distributed() else Collective()
+    return TorchCollective(device, sharded) if is_distributed() else Collective()

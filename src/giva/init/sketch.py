@@ -81,12 +81,20 @@ def singular_vectors_from_sketch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` ``(U: out x k, V: in x k)`` of ``G`` from the last pass, canonical signs.
 
-    ``product_is_gt``: ``product = G^T M`` (``in x l``, M ``out x l`` orthonormal) else
-    ``product = G M`` (``out x l``, M ``in x l`` orthonormal). The SVD is exact, of an ``l``-column matrix.
+    ``product_is_gt``: ``product = G^T M`` (``in x l``, M ``out x l``) else ``product = G M`` (``out x l``,
+    M ``in x l``). The SVD is exact, of an ``l``-column matrix.
+
+    ``M`` need not be orthonormal: a test matrix that travelled in bfloat16 (federated setup) is not, and
+    would leave ``U M`` / ``M V`` with rows off orthonormal by ~1e-3. With ``M = Q R`` (fp32 QR),
+    ``G Q = (G M) R^-1`` (and ``G^T Q = (G^T M) R^-1``) projects ``G`` onto exactly the span of the ``M``
+    the sums were taken with, and ``Q`` is orthonormal to fp32 rounding, so both factors are too.
     """
     if product.shape[1] < k:
         raise ValueError(f"a sketch of width {product.shape[1]} cannot give {k} singular vectors")
-    left, _, right_h = torch.linalg.svd(product.float(), full_matrices=False)
+    q, r = torch.linalg.qr(test_matrix.float())
+    test_matrix = q
+    product = torch.linalg.solve_triangular(r, product.float(), upper=True, left=False)  # product R^-1
+    left, _, right_h = torch.linalg.svd(product, full_matrices=False)
     if product_is_gt:  # G ~ M Y^T = M (Uy S Vy^T)^T: V = Uy, U = M Vy
         u, v = test_matrix @ right_h.mT[:, :k], left[:, :k]
     else:  # G ~ Z M^T = Uz S (M Vz)^T: U = Uz, V = M Vz

@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from ..init.distributed import collective_device
 
 logger = logging.getLogger(__name__)
 
@@ -86,16 +89,22 @@ def replication_mismatches(model: nn.Module, prefix: str = GIVA_PREFIX) -> list[
     state = full_state_dict(model, prefix)
     if not is_distributed():
         return []
+    # NCCL cannot gather CPU tensors: compare on the model's device (a clear error for a CPU model under NCCL).
+    params = [p for p in unwrap_model(model).parameters()]
+    device = collective_device(dist.get_backend(), params[0].device if params else torch.device("cpu"))
     names = sorted(state)
     world = dist.get_world_size()
-    all_names: list[Optional[list[str]]] = [None] * world
-    dist.all_gather_object(all_names, names)
-    if any(other != names for other in all_names):
+    # A checksum of the names, not all_gather_object: under NCCL that would run on torch.cuda.current_device(),
+    # GPU 0 on every rank when the launcher did not call set_device.
+    digest = torch.tensor([zlib.crc32("\n".join(names).encode())], dtype=torch.int64, device=device)
+    digests = [torch.empty_like(digest) for _ in range(world)]
+    dist.all_gather(digests, digest)
+    if any(not torch.equal(other, digest) for other in digests):
         return ["<tensor names>"]
     mismatches = []
     for name in names:
         # Compare the raw bytes: NaN != NaN and -0.0 == 0.0 would fool a float comparison.
-        local = state[name].contiguous().view(-1).view(torch.uint8)
+        local = state[name].to(device).contiguous().view(-1).view(torch.uint8)
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local)
         if any(not torch.equal(other, local) for other in gathered):

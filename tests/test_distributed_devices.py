@@ -1,0 +1,89 @@
+"""Where the distributed collectives run, and whose RNG a seeded step touches, checked without GPUs.
+
+This machine has no GPU, so the NCCL cases run against a mocked ``torch.distributed`` (backend name,
+rank, world and the collectives are replaced; nothing is sent). The real gloo paths run in
+tests/test_distributed_init.py and tests/test_distributed_train.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from peft import get_peft_model
+
+from giva import GivaConfig
+from giva.bases import top_singular_vectors
+from giva.init.distributed import TorchCollective, collective_device
+from giva.integrations import distributed as integration
+from tiny_models import tiny_llama
+
+
+@pytest.fixture
+def nccl(monkeypatch):
+    """A 2-rank NCCL group as torch.distributed reports it; every collective recorded, none run."""
+    calls: list[tuple[str, list[torch.device]]] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda *a, **k: 1)
+    monkeypatch.setattr(dist, "get_backend", lambda *a, **k: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # a launcher that never called set_device
+
+    def gather(outputs, tensor, *a, **k):
+        calls.append(("all_gather", [tensor.device]))
+        for out in outputs:
+            out.copy_(tensor)
+
+    def gather_object(outputs, obj, *a, **k):
+        calls.append(("all_gather_object", [torch.device("cuda", torch.cuda.current_device())]))
+        outputs[:] = [obj] * len(outputs)
+
+    monkeypatch.setattr(dist, "all_gather", gather)
+    monkeypatch.setattr(dist, "all_gather_object", gather_object)
+    return calls
+
+
+def test_nccl_collectives_run_on_the_models_gpu_not_the_current_device(nccl):
+    comm = TorchCollective(torch.device("cuda", 1))
+    assert comm.device == torch.device("cuda", 1)  # was cuda:0 on every rank (torch.cuda.current_device())
+
+
+def test_nccl_with_a_cpu_model_is_a_clear_error_before_any_collective(nccl):
+    with pytest.raises(ValueError, match=r"^the process group uses NCCL, which needs CUDA tensors, but the model's "
+                                         r"parameters are on cpu: move the model"):
+        TorchCollective(torch.device("cpu"))
+    model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="the process group uses NCCL"):
+        integration.replication_mismatches(model)
+    assert nccl == []  # nothing was sent: CPU tensors never reach an NCCL all-gather
+
+
+def test_replication_check_gathers_on_the_device_collectives_run_on(nccl, monkeypatch):
+    """What ``replication_mismatches`` sends goes where :func:`collective_device` says (the model's GPU under
+    NCCL); with a mocked device choice the CPU-only machine can see it: no CPU tensor, no all_gather_object."""
+    model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"]))
+    monkeypatch.setattr(integration, "collective_device", lambda backend, device: torch.device("meta"))
+    monkeypatch.setattr(torch, "equal", lambda a, b: True)  # meta tensors hold no values to compare
+    assert integration.replication_mismatches(model) == []
+    assert nccl and all(kind == "all_gather" and devices == [torch.device("meta")] for kind, devices in nccl)
+
+
+def test_collective_device_keeps_the_models_device_for_gloo():
+    assert collective_device("gloo", torch.device("cpu")) == torch.device("cpu")
+    assert collective_device("nccl", torch.device("cuda", 3)) == torch.device("cuda", 3)
+
+
+def test_the_seeded_randomized_svd_reseeds_no_gpu_and_restores_the_cpu_stream(monkeypatch):
+    """``torch.manual_seed`` reseeds every GPU; fork_rng restored only the matrix's device, so in a device_map
+    run the other GPUs' streams were left reset. Only the CPU (and the matrix's GPU) may be seeded."""
+    reseeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    matrix = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(123)
+    reseeded.clear()
+    state = torch.get_rng_state()
+    first = top_singular_vectors(matrix, 3, method="randomized", seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = top_singular_vectors(matrix, 3, method="randomized", seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert reseeded == []
