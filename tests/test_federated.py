@@ -767,3 +767,20 @@ def test_a_shard_too_small_for_its_calibration_batches_stops_the_run_before_the_
         "data 'pang-lee' split over 3 clients gives a client 16 training sentences, fewer than its 5 calibration "
         "batches of 4 (20); use fewer clients, more training data, or a smaller --num-batches / --batch-size"
     )
+
+
+def test_quiet_libraries_restores_the_callers_logging_afterwards():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from giva.federated.run import LIBRARY_LOGGERS, quiet_libraries
+
+    before = ({name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}, hf_logging.get_verbosity(),
+              hf_logging.is_progress_bar_enabled())
+    with quiet_libraries():
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        assert all(logging.getLogger(name).level >= logging.WARNING for name in LIBRARY_LOGGERS)
+    after = ({name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}, hf_logging.get_verbosity(),
+             hf_logging.is_progress_bar_enabled())
+    assert after == before

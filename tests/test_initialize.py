@@ -224,6 +224,9 @@ def test_bad_mode_and_sketch_settings_are_named(batches):
         giva.initialize(model, batches, mode="sketch", passes=1, progress=False)
     with pytest.raises(ValueError, match="oversampling must be None or an int >= 0"):
         giva.initialize(model, batches, mode="sketch", oversampling=-3, progress=False)
+    for settings in ({"passes": 5}, {"oversampling": 5}, {"passes": 5, "oversampling": 5}):
+        with pytest.raises(ValueError, match="set the sketch; mode='exact' takes one pass"):
+            giva.initialize(model, batches, mode="exact", progress=False, **settings)
 
 
 def test_inference_mode_is_a_clear_error(batches):

@@ -268,7 +268,7 @@ def test_eval_mode_training_before_initialize_raises_but_inference_is_allowed(ba
         ({"giva_dropout": math.nan}, r"GivaConfig.giva_dropout must be in \[0, 1\)"),
         ({"giva_dropout": -0.1}, r"GivaConfig.giva_dropout must be in \[0, 1\)"),
         ({"init_weights": "yes"}, r"GivaConfig.init_weights must be True or False"),
-        ({"layers_to_transform": [-1]}, r"GivaConfig.layers_to_transform must be a layer index or a list"),
+        ({"layers_to_transform": [-1]}, r"GivaConfig.layers_to_transform must be a layer index or a non-empty list"),
         ({"layers_to_transform": [True]}, r"GivaConfig.layers_to_transform must be"),
         ({"layers_to_transform": "1"}, r"GivaConfig.layers_to_transform must be"),
         ({"layers_to_transform": [0], "target_modules": ".*query"}, r"cannot be used when target_modules is a regex"),

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -245,15 +245,12 @@ def _federated(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"giva federated: {err}", file=sys.stderr)
         return 2
-    if not args.verbose:
-        from .federated.run import quiet_libraries
-
-        quiet_libraries()
-    from .federated.run import run_comparison
+    from .federated.run import quiet_libraries, run_comparison
 
     lrs = {m: lr for m in ("giva", "lora", "vera") if (lr := getattr(args, f"lr_{m}")) is not None}
-    out = run_comparison(config, str(output_dir), methods, engine=args.engine, centralised=args.method == "all", lrs=lrs,
-                         checkpoint_dir=str(output_dir / CHECKPOINTS), quiet=not args.verbose)
+    with quiet_libraries() if not args.verbose else nullcontext():
+        out = run_comparison(config, str(output_dir), methods, engine=args.engine, centralised=args.method == "all",
+                             lrs=lrs, checkpoint_dir=str(output_dir / CHECKPOINTS), quiet=not args.verbose)
     print(out["table"])
     print(f"results: {output_dir}/results.json, results.md, accuracy_vs_mb.png")
     return 0

@@ -14,7 +14,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -147,18 +148,32 @@ def run_inprocess(
 LIBRARY_LOGGERS = ("flwr", "ray", "transformers", "datasets", "httpx", "urllib3", "filelock")
 
 
-def quiet_libraries() -> None:
-    """Show only warnings and errors of Flower, Ray, transformers and the like (giva's own INFO lines stay)."""
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
+@contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Show only warnings and errors of Flower, Ray, transformers and the like (giva's own INFO lines stay),
+    for the duration of the block: every logger level, transformers' verbosity and progress bar and the
+    warning filters are restored afterwards (a command run in-process leaves the caller's logging as it was)."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    # Their deprecation notices (transformers' is_gradient_checkpointing, once per model) are not the user's to fix.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
-    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        for name in LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        # Their deprecation notices (transformers' is_gradient_checkpointing, once per model) are not the user's to fix.
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
+        os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 def run_simulation(

@@ -227,6 +227,11 @@ def initialize(
         raise ValueError(f"passes must be an int >= 2, got {passes!r}")
     if oversampling is not None and (isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0):
         raise ValueError(f"oversampling must be None or an int >= 0, got {oversampling!r}")
+    if mode == "exact" and (passes != DEFAULT_PASSES or oversampling != DEFAULT_OVERSAMPLING):
+        raise ValueError(
+            f"passes={passes!r} and oversampling={oversampling!r} set the sketch; mode='exact' takes one pass and forms "
+            "the dense gradient, so it uses neither: drop them, or use mode='sketch' (or 'auto')"
+        )
     if torch.is_inference_mode_enabled():
         raise RuntimeError("giva.initialize needs autograd: call it outside torch.inference_mode()")
     model = unwrap(peft_model)
