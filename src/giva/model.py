@@ -268,7 +268,9 @@ class GivaModel(BaseTuner):
         if adapter_names is None:
             yield
             return
-        known = {name for _, layer in self.giva_layers() for name in layer.giva_lambda_o}
+        # The model's adapters (each has GiVA layers: PEFT refuses one that matches none); walking every layer's
+        # adapters here would cost layers x adapters per forward, which a decoding step waits for.
+        known = set(self.peft_config)
         hooked = (GivaLayer, AuxiliaryTrainingWrapper)
         with mixed_batch_hooks(self, adapter_names, known, hooked, num_beams=kwargs.get("num_beams")):
             yield
