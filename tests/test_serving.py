@@ -645,3 +645,13 @@ def test_serve_plan_lists_what_this_machine_would_measure(monkeypatch):
     ]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert [line.split(" x ")[0] for line in serve_plan()] == ["serve: MiniLM-L6", "serve: SmolLM2-135M"]
+
+
+def test_mixed_batch_names_an_adapter_the_model_does_not_have():
+    model = get_peft_model(tiny_llama(), GivaConfig(r=2, init_weights=False, target_modules=["q_proj"]))
+    model.add_adapter("other", GivaConfig(r=2, init_weights=False, target_modules=["v_proj"]))
+    model.eval()
+    ids = torch.randint(0, 100, (3, 5), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="adapter_names names adapter\\(s\\) that do not exist: nosuch"):
+        _logits(model, ids, adapter_names=["default", "other", "nosuch"])
+    _logits(model, ids, adapter_names=["default", "other", "__base__"])  # adapters on disjoint layers are all known
