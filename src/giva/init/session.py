@@ -204,8 +204,7 @@ class InitSession:
             t = self.targets[key]
             # One reduction, no temporary the size of the sums (a dense exact-mode sum is out x in): min and
             # max are NaN if any entry is, +-inf if any entry is, both 0 only if every entry is 0, and never
-            # overflow. (Tensor.any on floats is ~11x slower on CPU: ~1.1 s over the sums of a 0.5B Llama;
-            # benchmarks/results/scale/exact_peak_diagnosis/check_cost.txt.)
+            # overflow. (Tensor.any on floats takes several times longer on CPU.)
             low, high = torch.aminmax(total)
             if not bool(torch.isfinite(low) & torch.isfinite(high)):
                 raise GradientInitError(f"GiVA layer {t.layer!r} (block {t.block}) has a non-finite gradient sum")
