@@ -302,3 +302,56 @@ def test_smollm2_4bit_initialise_train_and_merge() -> None:
     model.merge_adapter()
     assert (layer.get_base_weight().float() - expected).abs().max() <= QUANT_STEP["nf4"] * expected.abs().max()
     assert torch.isfinite(logits(model, batch)).all()
+
+
+def test_a_benchmark_task_names_its_unknown_quantization() -> None:
+    from giva.bench.spec import TaskSpec
+
+    with pytest.raises(ValueError, match=r"task 'sst-q': quantization must be one of \[None, 'nf4'\], got 'int3'"):
+        TaskSpec(name="sst-q", model="smollm2", data="pang-lee", quantization="int3")
+
+
+@needs_bnb
+def test_a_benchmark_task_with_nf4_loads_the_base_as_qlora_does(tiny_dir: Path) -> None:
+    """The evidence suite's 4-bit rows: every linear layer 4-bit NF4 with double quantisation, fp32 compute."""
+    from types import SimpleNamespace
+
+    import bitsandbytes as bnb
+
+    from giva.bench.methods import load_base
+    from giva.bench.spec import TaskSpec
+
+    spec = TaskSpec(name="clm-q", model="tiny", data="pang-lee", kind="clm", quantization="nf4")
+    task = SimpleNamespace(spec=spec, model_path=str(tiny_dir), tokenizer=SimpleNamespace(pad_token_id=0))
+    model = load_base(task, seed=0)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 7 * model.config.num_hidden_layers  # q k v o gate up down
+    state = layers[0].weight.quant_state
+    assert state.quant_type == "nf4" and state.nested and layers[0].compute_dtype == torch.float32
+    plain = load_base(SimpleNamespace(spec=TaskSpec(name="clm", model="tiny", data="pang-lee", kind="clm"),
+                                      model_path=str(tiny_dir), tokenizer=task.tokenizer), seed=0)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
+
+
+def test_a_4bit_suite_without_bitsandbytes_fails_before_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from giva.bench import runner
+    from giva.bench.spec import benchmarks_dir, load_suite
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(runner, "load_task", lambda spec: pytest.fail("a task was loaded before the check"))
+    suite = load_suite(benchmarks_dir(), "evidence")
+    with pytest.raises(ImportError, match=r"quantization 'nf4' needs bitsandbytes: pip install -e '\.\[quant\]'"):
+        runner.run_suite(suite, benchmarks_dir(), tmp_path, progress=False, phases=["clm-nf4"])
+    assert not (tmp_path / "runs").exists()
+
+
+@needs_bnb
+def test_wrapping_a_4bit_model_never_dequantises_a_weight(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the adapter and moving it to the base layer's device read the device, not the dequantised W."""
+    calls = []
+    real = QuantLinear.get_base_weight
+    monkeypatch.setattr(QuantLinear, "get_base_weight", lambda self: calls.append(self.layer_name) or real(self))
+    model = get_peft_model(load(tiny_dir, "nf4"), giva.GivaConfig(r=4))
+    model.add_adapter("second", giva.GivaConfig(r=4))
+    assert giva_layers(model) and calls == []

@@ -14,6 +14,7 @@ they occupy in ``W``.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -102,6 +103,12 @@ class GivaLayer(BaseTunerLayer):
         self.in_features: int = in_features
         self.out_features: int = out_features
 
+    def _base_device(self) -> torch.device:
+        """The base layer's device, read off its first tensor: never dequantises a quantised weight."""
+        base_layer = self.get_base_layer()
+        tensor = next(itertools.chain(base_layer.parameters(), base_layer.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
     def base_weight_matrix(self) -> torch.Tensor:
         """``W`` as an ``out x in`` matrix, whatever the storage layout."""
         return transpose(self.get_base_weight(), self.fan_in_fan_out)
@@ -159,7 +166,7 @@ class GivaLayer(BaseTunerLayer):
         self.blocks[adapter_name] = blocks
         self.r[adapter_name] = rank_offset
 
-        device = self.get_base_weight().device
+        device = self._base_device()
         a, b = self._initial_bases(blocks, config, from_checkpoint=inference_mode and config.variant == "weight")
         for name, basis in (("giva_A", a), ("giva_B", b)):
             storage = basis.to(device, basis_storage_dtype(config, name))
@@ -315,7 +322,7 @@ class GivaLayer(BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         super()._move_adapter_to_device_of_base_layer(adapter_name, device)
-        target = device if device is not None else self.get_base_weight().device
+        target = device if device is not None else self._base_device()
         for name in self.basis_names:
             buffers = getattr(self, name)
             if adapter_name in buffers and buffers[adapter_name].device != torch.device("meta"):

@@ -8,10 +8,11 @@ OSoRA's SVD of W) is timed separately from training.
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from peft import LoraConfig, VeraConfig, get_peft_model
@@ -36,13 +37,33 @@ class BuiltModel:
     svd_seconds: float = 0.0
 
 
+def quantization_config(quantization: Optional[str]) -> Any:
+    """The ``BitsAndBytesConfig`` of a task's ``quantization`` (``None``: load the weights as stored).
+
+    ``'nf4'`` is QLoRA's base: 4-bit NormalFloat with double quantisation; the matmuls run in float32 (the
+    benchmark's dtype, so a 4-bit row differs from its unquantised twin by the quantisation alone). LoRA on this
+    base is QLoRA; GiVA on it is GiVA on the same frozen 4-bit weights.
+    """
+    if quantization is None:
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"quantization {quantization!r} needs bitsandbytes: pip install -e '.[quant]'")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32,
+    )
+
+
 def load_base(task: TaskData, seed: int) -> nn.Module:
     torch.manual_seed(seed)  # the fresh classification head: identical for every method of a seed
+    quantized = quantization_config(task.spec.quantization)
+    kwargs = {"quantization_config": quantized} if quantized is not None else {}
     if task.spec.kind == "clm":
-        model = AutoModelForCausalLM.from_pretrained(task.model_path)
+        model = AutoModelForCausalLM.from_pretrained(task.model_path, **kwargs)
         model.config.pad_token_id = task.tokenizer.pad_token_id
         return model
-    model = AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels)
+    model = AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels, **kwargs)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = task.tokenizer.pad_token_id
     return model

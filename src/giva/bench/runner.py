@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..finetune import TrainConfig, TrainStats, is_head_parameter, train
-from .methods import build_model
+from .methods import build_model, quantization_config
 from .schema import SCHEMA_VERSION
 from .spec import UNTRAINED_KINDS, Ablation, MethodSpec, Phase, SuiteSpec, load_method
 from .speed import run_speed_phase
@@ -506,6 +506,8 @@ def run_suite(
     """Run the phases of ``suite`` in order (all, or those named in ``phases``), skipping finished runs;
     returns the ids of the runs it ran."""
     selected = select_phases(suite, phases)
+    for phase in selected:  # a missing quantisation package fails now, not after the phases before it ran
+        quantization_config(suite.tasks[phase.task].quantization)
     torch.set_num_threads(suite.threads)
     runs_dir = output_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,9 @@ class MethodSpec:
         )
 
 
+QUANTIZATIONS = (None, "nf4")  # a task's base model: as stored, or 4-bit NF4 through bitsandbytes
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """Model + data + fixed split + tokenisation: everything a run shares except the adapter."""
@@ -91,6 +94,13 @@ class TaskSpec:
     prompt: str = "Review: {text}\nSentiment:"
     dedupe: bool = True  # drop repeated sentences (case-folded, whitespace collapsed) before splitting
     epochs: Optional[float] = None  # overrides the suite's training epochs for this task (a longer schedule)
+    quantization: Optional[str] = None  # 'nf4': the base loaded in 4-bit (QLoRA's recipe; see methods.load_base)
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"task {self.name!r}: quantization must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}"
+            )
 
 
 @dataclass(frozen=True)
