@@ -314,3 +314,12 @@ def test_initialize_still_works_on_every_tiny_model_family():
     bert = get_peft_model(tiny_bert(), _config())
     giva.initialize(bert, text_batches(), num_batches=1, progress=False)
     assert giva.bases_initialized(bert)
+
+
+def test_a_giva_layer_prints_its_module_tree_as_peft_layers_do():
+    """repr names the base layer and the adapter's parts (it printed `giva.<giva.layer.Linear object at 0x...>`)."""
+    model = get_peft_model(tiny_gpt2(), GivaConfig(r=4, target_modules=["c_attn"], init_weights=False))
+    layer = next(m for m in model.modules() if isinstance(m, giva.GivaLayer))
+    text = repr(layer)
+    assert text.startswith("giva.Linear(") and "(base_layer): Conv1D(" in text and "object at 0x" not in text
+    assert "giva.Linear(" in repr(model)

@@ -502,7 +502,7 @@ class GivaLayer(BaseTunerLayer):
         return result
 
     def __repr__(self) -> str:
-        return "giva." + super().__repr__()
+        return "giva." + nn.Module.__repr__(self)  # the module tree, as PEFT's "lora." layers print it
 
 
 class Linear(nn.Module, GivaLayer):
