@@ -14,6 +14,7 @@ from giva.bench import plan_benchmark, suite_names
 from giva.bench.runner import load_runs
 from giva.bench.scale import MODELS, plan_scale
 from giva.bench.serve import DEFAULT_MODELS, ServeSettings, plan_serve
+from giva.bench.serve_memory import plan_adapter_memory
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -50,7 +51,9 @@ def test_suite_names_are_the_json_suites_then_serve_scale_and_gpu() -> None:
 
 def test_serve_dry_run_lists_every_point_of_an_empty_folder_and_none_of_a_finished_one(tmp_path: Path) -> None:
     planned = plan_serve(tmp_path)
-    assert len(planned) == len(DEFAULT_MODELS) * len(ServeSettings().ns)
+    memory = plan_adapter_memory(tmp_path)  # first the byte counts (adapter_memory.json): two models, then one with its head
+    assert len(memory) == 3 and planned[:3] == memory
+    assert len(planned) == 3 + len(DEFAULT_MODELS) * len(ServeSettings().ns)
     assert plan_benchmark("serve", output_dir=tmp_path, root=BENCH)["runs"] == planned
     assert plan_serve(BENCH / "results" / "serve") == []  # the committed results are complete
 

@@ -104,7 +104,7 @@ def plan_benchmark(
     name = QUICK_SUITE if quick else suite or DEFAULT_SUITE
     out = Path(output_dir) if output_dir else root / "results" / name
     if name == SERVE_SUITE:  # on a CUDA machine the accelerator settings (serve_plan), else the CPU points left to measure
-        runs = serve_plan() if torch.cuda.is_available() else plan_serve(out)
+        runs = serve_plan(out) if torch.cuda.is_available() else plan_serve(out)
         return {"runs": runs, "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SCALE_SUITE:
         return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
