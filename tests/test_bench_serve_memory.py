@@ -142,3 +142,16 @@ def test_an_output_folder_that_is_a_file_is_refused_before_any_model_loads(tmp_p
     with pytest.raises(NotADirectoryError, match=f"serve output folder {target} is a file"):
         run_serve(target, memory=tables)
     assert target.read_text() == "not a folder"
+
+
+def test_on_a_cuda_machine_the_dry_run_also_lists_the_missing_byte_counts_first(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from giva.bench import plan_benchmark
+    from giva.bench.serve import serve_plan
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    planned = plan_benchmark("serve", output_dir=tmp_path, root=SERVE.parents[1])["runs"]
+    assert planned[:3] == memory.plan_adapter_memory(tmp_path) and planned[3:] == serve_plan()
+    assert planned[3].startswith("serve (gpu): Llama 1B-shaped")
+    assert plan_benchmark("serve", output_dir=SERVE, root=SERVE.parents[1])["runs"] == serve_plan()  # recorded: none

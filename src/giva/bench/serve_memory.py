@@ -13,7 +13,7 @@ sum(r*in + r + out) / sum(r*(in + out)) (9/16 on a square layer at r=8).
 Table 2: the adapter files (``*.safetensors`` of ``save_pretrained``) of GiVA (``Vr``, ``VrUr``), LoRA and VeRA
 on MiniLM-L6's ``query,value`` with its 2-class head, and their trainable parameters.
 
-Byte counting only (deterministic, about half a minute on a CPU). A rerun keeps every model already recorded
+Byte counting only (deterministic; about 40 s for the default tables on a shared 2-core CPU). A rerun keeps every model already recorded
 with the same settings and measures only the missing ones (:func:`plan_adapter_memory` lists them).
 """
 
