@@ -129,27 +129,28 @@ ADAPTERS: dict[str, Adapter] = {
 }
 LORA_FP32, LORA_BF16 = "LoRA r=8, fp32", "LoRA r=8, bf16"
 
-# Table 2: the adapter files with the classifier head (configs: _file_config).
-FILE_ADAPTERS: tuple[str, ...] = (
-    "GiVA r=8 (Vr: B regenerated from seed)", "GiVA r=8 (VrUr: B stored)", "LoRA r=8",
-    "VeRA r=256 (projections saved)", "VeRA r=1024 (projections saved)",
-)
-GIVA_VR_FILE = FILE_ADAPTERS[0]
+def _with_head(method: str, **fields: Any) -> Callable[[Any], Any]:
+    """A factory of one table-2 config: ``method``'s config with ``fields``, on the given targets, for SEQ_CLS."""
+    def make(targets: Any) -> Any:
+        from peft import LoraConfig, VeraConfig
+
+        from ..config import GivaConfig
+
+        config = {"giva": GivaConfig, "lora": LoraConfig, "vera": VeraConfig}[method]
+        return config(target_modules=targets if isinstance(targets, str) else list(targets), task_type="SEQ_CLS", **fields)
+
+    return make
 
 
-def _file_config(name: str, targets: Any) -> Any:
-    from peft import LoraConfig, VeraConfig
-
-    from ..config import GivaConfig
-
-    targets = list(targets) if isinstance(targets, (tuple, list)) else targets
-    return {
-        FILE_ADAPTERS[0]: lambda: GivaConfig(r=R, target_modules=targets, task_type="SEQ_CLS"),
-        FILE_ADAPTERS[1]: lambda: GivaConfig(r=R, variant="VrUr", target_modules=targets, task_type="SEQ_CLS"),
-        FILE_ADAPTERS[2]: lambda: LoraConfig(r=R, lora_alpha=2 * R, target_modules=targets, task_type="SEQ_CLS"),
-        FILE_ADAPTERS[3]: lambda: VeraConfig(r=256, target_modules=targets, task_type="SEQ_CLS"),
-        FILE_ADAPTERS[4]: lambda: VeraConfig(r=1024, target_modules=targets, task_type="SEQ_CLS"),
-    }[name]()
+# Table 2: the adapter files with the classifier head (row name -> config factory of the targets).
+FILE_ADAPTERS: dict[str, Callable[[Any], Any]] = {
+    "GiVA r=8 (Vr: B regenerated from seed)": _with_head("giva", r=R),
+    "GiVA r=8 (VrUr: B stored)": _with_head("giva", r=R, variant="VrUr"),
+    "LoRA r=8": _with_head("lora", r=R, lora_alpha=2 * R),
+    "VeRA r=256 (projections saved)": _with_head("vera", r=256),
+    "VeRA r=1024 (projections saved)": _with_head("vera", r=1024),
+}
+GIVA_VR_FILE = "GiVA r=8 (Vr: B regenerated from seed)"
 
 
 DEFAULT_MEMORY_MODELS: tuple[MemoryModel, ...] = (MemoryModel("MiniLM-L6", load_minilm), MemoryModel("SmolLM2-135M", load_smollm2))
@@ -233,7 +234,7 @@ def measure_file(spec: MemoryModel, name: str) -> dict[str, Any]:
     from ..layer import GivaLayer
 
     torch.manual_seed(0)
-    config = _file_config(name, spec.target_modules)
+    config = FILE_ADAPTERS[name](spec.target_modules)
     model = get_peft_model(spec.load(), config)
     if getattr(config, "variant", None) == "VrUr":
         with torch.no_grad():
