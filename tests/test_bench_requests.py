@@ -14,6 +14,7 @@ from giva.bench import plan_benchmark, suite_names
 from giva.bench.runner import load_runs
 from giva.bench.scale import MODELS, plan_scale
 from giva.bench.serve import DEFAULT_MODELS, ServeSettings, plan_serve
+from giva.bench.serve_memory import plan_adapter_memory
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -21,12 +22,13 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"suite": "nosuch"}, r"no suite 'nosuch'; the suites are \[.*'evidence'.*'serve', 'scale', 'gpu'\]"),
+        ({"suite": "nosuch"}, r"no suite 'nosuch'; the suites are \[.*'evidence'.*'serve', 'scale', 'gpu', 'sketch'\]"),
         ({"suite": "evidence", "quick": True}, r"--quick runs the 'quick' suite \(or the gpu suite's tiny shapes\); it cannot be combined with --suite evidence"),
         ({"suite": "evidence", "phases": ["nosuch"]}, r"suite 'evidence' has no phase\(s\) \['nosuch'\]; its phases are"),
         ({"suite": "evidence", "phases": []}, "--phases names no phase"),
         ({"suite": "serve", "phases": ["x"]}, "--phases: the 'serve' suite has no phases"),
         ({"suite": "scale", "phases": ["x"]}, "--phases: the 'scale' suite has no phases"),
+        ({"suite": "sketch", "phases": ["x"]}, "--phases: the 'sketch' suite has no phases"),
     ],
 )
 def test_requests_that_would_be_ignored_are_refused(kwargs: dict, message: str) -> None:
@@ -37,20 +39,22 @@ def test_requests_that_would_be_ignored_are_refused(kwargs: dict, message: str) 
 def test_an_output_dir_that_is_a_file_is_refused_before_planning(tmp_path: Path) -> None:
     target = tmp_path / "results"
     target.write_text("not a folder")
-    for suite in ("evidence", "serve", "scale"):
+    for suite in ("evidence", "serve", "scale", "sketch"):
         with pytest.raises(ValueError, match=f"--output-dir {target} is a file, not a folder"):
             plan_benchmark(suite, output_dir=target, root=BENCH)
 
 
-def test_suite_names_are_the_json_suites_then_serve_scale_and_gpu() -> None:
+def test_suite_names_are_the_json_suites_then_serve_scale_gpu_and_sketch() -> None:
     names = suite_names(BENCH)
-    assert names[-3:] == ["serve", "scale", "gpu"]
-    assert set(names[:-3]) == {p.stem for p in (BENCH / "suites").glob("*.json")}
+    assert names[-4:] == ["serve", "scale", "gpu", "sketch"]
+    assert set(names[:-4]) == {p.stem for p in (BENCH / "suites").glob("*.json")}
 
 
 def test_serve_dry_run_lists_every_point_of_an_empty_folder_and_none_of_a_finished_one(tmp_path: Path) -> None:
     planned = plan_serve(tmp_path)
-    assert len(planned) == len(DEFAULT_MODELS) * len(ServeSettings().ns)
+    memory = plan_adapter_memory(tmp_path)  # first the byte counts (adapter_memory.json): two models, then one with its head
+    assert len(memory) == 3 and planned[:3] == memory
+    assert len(planned) == 3 + len(DEFAULT_MODELS) * len(ServeSettings().ns)
     assert plan_benchmark("serve", output_dir=tmp_path, root=BENCH)["runs"] == planned
     assert plan_serve(BENCH / "results" / "serve") == []  # the committed results are complete
 

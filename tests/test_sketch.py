@@ -15,7 +15,7 @@ OUT, IN = 96, 80
 
 def _token_blocks(n_blocks: int = 4, tokens: int = 48, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(x: T x in, g: T x out) blocks whose summed gradient G = sum g^T x has a decaying (1/j) spectrum plus noise,
-    like a real layer gradient (see benchmarks/results/sketch_accuracy.md)."""
+    like a real layer gradient (see benchmarks/results/sketch/sketch_accuracy.md)."""
     gen = torch.Generator().manual_seed(seed)
     u = torch.linalg.qr(torch.randn(OUT, OUT, generator=gen))[0]
     v = torch.linalg.qr(torch.randn(IN, IN, generator=gen))[0]

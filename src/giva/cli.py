@@ -23,7 +23,7 @@ VARIANTS = ("Vr", "VrUr", "VrU2r", "VrUrand", "random", "weight")  # giva.bases.
 DEFAULT_TARGETS = "all-linear"  # giva.finetune.DEFAULT_TARGETS
 DEFAULT_NUM_BATCHES = 4  # giva.init.DEFAULT_NUM_BATCHES
 DEFAULT_FINETUNE_LR = 1e-2  # giva.finetune.TrainConfig.lr
-CODE_SUITES = ("serve", "scale", "gpu")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
+CODE_SUITES = ("serve", "scale", "gpu", "sketch")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
 
 
 class UsageError(Exception):
@@ -216,7 +216,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"giva bench: {err}", file=sys.stderr)
         return 2
     print("\n".join(results["headlines"]))
-    print(f"results: {results['output_dir']}/results.md ({results['n_runs']} runs, {len(results['ran'])} new)")
+    report = results.get("report", f"{results['output_dir']}/results.md")
+    print(f"results: {report} ({results['n_runs']} runs, {len(results['ran'])} new)")
     for problem in results["problems"]:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     return 1 if results["problems"] else 0

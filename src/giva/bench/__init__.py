@@ -20,6 +20,7 @@ from .runner import dry_run, load_runs, run_suite, select_phases
 from .scale import SCALE_SUITE, plan_scale, run_scale
 from .schema import validate_run
 from .serve import SERVE_SUITE, plan_serve, run_serve, serve_plan
+from .sketch import SKETCH_SUITE, plan_sketch, run_sketch
 from .spec import benchmarks_dir, load_suite
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,9 @@ def check_outputs(output_dir: Path) -> list[str]:
 
 
 def suite_names(root: Optional[Path] = None) -> list[str]:
-    """Every suite ``giva bench --suite`` accepts: the training suites of benchmarks/suites, then serve, scale and gpu."""
+    """Every suite ``giva bench --suite`` accepts: the training suites of benchmarks/suites, then serve, scale, gpu and sketch."""
     root = root or benchmarks_dir()
-    return sorted(p.stem for p in (root / "suites").glob("*.json")) + [SERVE_SUITE, SCALE_SUITE, GPU_SUITE]
+    return sorted(p.stem for p in (root / "suites").glob("*.json")) + [SERVE_SUITE, SCALE_SUITE, GPU_SUITE, SKETCH_SUITE]
 
 
 def check_request(
@@ -80,7 +81,7 @@ def check_request(
     if suite not in known:
         raise ValueError(f"no suite {suite!r}; the suites are {known}")
     if phases is not None:
-        if suite in (SERVE_SUITE, SCALE_SUITE, GPU_SUITE):
+        if suite in (SERVE_SUITE, SCALE_SUITE, GPU_SUITE, SKETCH_SUITE):
             raise ValueError(f"--phases: the {suite!r} suite has no phases")
         if not phases:
             raise ValueError("--phases names no phase; give comma-separated phase names")
@@ -104,10 +105,12 @@ def plan_benchmark(
     name = QUICK_SUITE if quick else suite or DEFAULT_SUITE
     out = Path(output_dir) if output_dir else root / "results" / name
     if name == SERVE_SUITE:  # on a CUDA machine the accelerator settings (serve_plan), else the CPU points left to measure
-        runs = serve_plan() if torch.cuda.is_available() else plan_serve(out)
+        runs = serve_plan(out) if torch.cuda.is_available() else plan_serve(out)
         return {"runs": runs, "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SCALE_SUITE:
         return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
+    if name == SKETCH_SUITE:
+        return {"runs": plan_sketch(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
     return {**dry_run(load_suite(root, name), root, out, phases), "output_dir": str(out)}
 
 
@@ -127,7 +130,7 @@ def run_benchmark(
     root = root or benchmarks_dir()
     check_request(suite, quick, output_dir, phases, root)
     suite = suite or DEFAULT_SUITE
-    if report_only and (suite == GPU_SUITE or suite in (SERVE_SUITE, SCALE_SUITE) and not quick):
+    if report_only and (suite in (GPU_SUITE, SKETCH_SUITE) or suite in (SERVE_SUITE, SCALE_SUITE) and not quick):
         raise ValueError(f"--report-only applies to training suites; the {suite!r} suite writes its report as it runs")
     if suite == GPU_SUITE:  # --quick: the tiny shapes, on CPU when there is no GPU
         out = Path(output_dir) if output_dir else root / "results" / _gpu_folder(quick)
@@ -136,6 +139,8 @@ def run_benchmark(
         return run_serve(output_dir or root / "results" / SERVE_SUITE, progress=progress)
     if suite == SCALE_SUITE and not quick:
         return run_scale(Path(output_dir) if output_dir else root / "results" / SCALE_SUITE)
+    if suite == SKETCH_SUITE:
+        return run_sketch(Path(output_dir) if output_dir else root / "results" / SKETCH_SUITE)
     name = QUICK_SUITE if quick else suite
     spec = load_suite(root, name)
     out = Path(output_dir) if output_dir else root / "results" / name

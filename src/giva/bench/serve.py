@@ -8,7 +8,8 @@ GiVA and LoRA) against the base model alone and one merged GiVA adapter.
 Timings are interleaved: at each N every timed model runs once per round, in an order rotated from round
 to round, so a slow spell of a shared machine hits all methods alike; each method's throughput is the median
 over rounds and the GiVA / LoRA ratio is reported per round (median, min, max). Writes results.json,
-results.md and serve.png under benchmarks/results/serve/.
+results.md and serve.png under benchmarks/results/serve/, and beside them adapter_memory.json and .md: the
+bytes one extra adapter costs in memory and on disk, by method and dtype (:mod:`.serve_memory`).
 
 On a CUDA machine the suite times the mixed-batch forward of a 1B-shaped bf16 Llama instead (:func:`run_serve_gpu`):
 GiVA against PEFT LoRA's mixed batch and the base model alone, N = 1, 8, 32, 128 adapters, 32 rows of 1 and 256
@@ -30,6 +31,15 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from .serve_memory import (
+    MemoryTables,
+    adapter_bytes,
+    load_minilm,
+    load_smollm2,
+    plan_adapter_memory,
+    run_adapter_memory,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,42 +89,15 @@ ADAPTER_METHODS: tuple[str, ...] = ("giva", "giva-bf16", "lora")
 TIMED_ADAPTER_METHODS: tuple[str, ...] = ("giva", "lora")  # "giva-bf16" has GiVA's compute (A cast at use): memory only
 
 
-def _minilm() -> nn.Module:
-    from transformers import AutoModel
-
-    from ..assets import minilm_path
-
-    return AutoModel.from_pretrained(minilm_path())
-
-
-def _smollm2() -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    from ..assets import smollm2_path
-
-    return AutoModelForCausalLM.from_pretrained(smollm2_path())
-
-
 DEFAULT_MODELS: tuple[ServeModel, ...] = (
-    ServeModel("MiniLM-L6", _minilm, "all-linear", batch_size=16, seq_len=32, vocab_size=30522),
+    ServeModel("MiniLM-L6", load_minilm, "all-linear", batch_size=16, seq_len=32, vocab_size=30522),
     # 5 rounds: a SmolLM2 round takes ~4x a MiniLM one on this 2-core CPU. Building 128 adapters dominates its
     # run (PEFT's add_adapter scans every module, the earlier adapters' included, so its time grows with N), so
-    # the memory-only "giva-bf16" is not built here (its bytes per adapter: scripts/serving_memory.py).
+    # the memory-only "giva-bf16" is not built here (its bytes per adapter: adapter_memory.md, serve_memory.py).
     ServeModel(
-        "SmolLM2-135M", _smollm2, "all-linear", batch_size=16, seq_len=16, vocab_size=49152, rounds=5, methods=("giva", "lora")
+        "SmolLM2-135M", load_smollm2, "all-linear", batch_size=16, seq_len=16, vocab_size=49152, rounds=5, methods=("giva", "lora")
     ),
 )
-
-
-def adapter_bytes(model: nn.Module, prefix: str) -> int:
-    """Bytes of the distinct tensors (parameters and buffers) whose name contains ``prefix`` (shared ones once)."""
-    seen: dict[tuple[int, int], int] = {}
-    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for name, tensor in tensors:
-        if prefix in name:
-            storage = tensor.untyped_storage()
-            seen[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
-    return sum(seen.values())
 
 
 def _config(method: str, target_modules: Any, r: int, stand_in: bool = True) -> Any:
@@ -438,22 +421,34 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _memory_tables(models: Optional[tuple[ServeModel, ...]], memory: Optional[MemoryTables]) -> Optional[MemoryTables]:
+    """The adapter-memory tables a serve run writes: ``memory``, or by default the suite's own when ``models`` is None."""
+    return memory if memory is not None else MemoryTables() if models is None else None
+
+
 def run_serve(
     output_dir: Optional[str | Path] = None,
     models: Optional[tuple[ServeModel, ...]] = None,
     settings: Optional[ServeSettings] = None,
     progress: bool = True,
+    memory: Optional[MemoryTables] = None,
 ) -> dict[str, Any]:
     """Run the serve benchmark and write results.json, results.md and serve.png into ``output_dir``.
 
-    On a machine with CUDA and no explicit models or settings, it runs the accelerator benchmark instead
+    First the byte counts of :mod:`.serve_memory` (adapter_memory.json and .md, only the models not yet
+    recorded there) for ``memory``, by default (None) for the suite's own models when ``models`` is None too.
+    On a machine with CUDA and no explicit models or settings, the timings are the accelerator benchmark
     (:func:`run_serve_gpu`, into ``output_dir/gpu``).
     """
     from .spec import benchmarks_dir
 
     out = Path(output_dir) if output_dir else benchmarks_dir() / "results" / SERVE_SUITE
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"serve output folder {out} is a file")
+    tables = _memory_tables(models, memory)
+    memory_ran = [] if tables is None else run_adapter_memory(out, tables)["ran"]
     if models is None and settings is None and torch.cuda.is_available():
-        return run_serve_gpu(out / "gpu", progress=progress)
+        return {**run_serve_gpu(out / "gpu", progress=progress), "memory_ran": memory_ran}
     models = models or DEFAULT_MODELS
     settings = settings or ServeSettings()
     out.mkdir(parents=True, exist_ok=True)
@@ -471,15 +466,20 @@ def run_serve(
                 _write(out, earlier + mine, settings, models[:upto], started)  # each finished N survives an interruption
 
             rows = earlier + measure_model(spec, settings, progress, done=done, on_point=save)
-    return _summary(out, rows, settings, models)
+    return {**_summary(out, rows, settings, models), "memory_ran": memory_ran}
 
 
-def plan_serve(output_dir: Path, models: Optional[tuple[ServeModel, ...]] = None, settings: Optional[ServeSettings] = None) -> list[str]:
-    """The (model, N) points :func:`run_serve` would measure now into ``output_dir`` (finished ones are kept)."""
+def plan_serve(
+    output_dir: Path, models: Optional[tuple[ServeModel, ...]] = None, settings: Optional[ServeSettings] = None,
+    memory: Optional[MemoryTables] = None,
+) -> list[str]:
+    """What :func:`run_serve` would measure now into ``output_dir``: the byte counts not recorded in
+    adapter_memory.json (``memory`` as in :func:`run_serve`), then the (model, N) points (finished ones are kept)."""
+    tables = _memory_tables(models, memory)
     models = models or DEFAULT_MODELS
     settings = settings or ServeSettings()
     rows = _finished_rows(output_dir, settings, models)
-    return [
+    return ([] if tables is None else plan_adapter_memory(output_dir, tables)) + [
         f"serve: {m.name} N={n}: base model, one merged adapter, mixed batches of {', '.join(m.methods or ADAPTER_METHODS)}"
         for m in models for n in settings.ns if not _point_done(rows, m.name, n)
     ]
@@ -721,13 +721,17 @@ def _gpu_table(rows: list[dict[str, Any]], settings: GpuServeSettings, device_na
     return "\n".join(lines) + "\n"
 
 
-def serve_plan() -> list[str]:
-    """What `giva bench --suite serve` would measure on this machine (``--dry-run``): one line per model or setting."""
+def serve_plan(output_dir: Optional[Path] = None) -> list[str]:
+    """What `giva bench --suite serve` would measure on this machine (``--dry-run``): one line per model or setting,
+    after the byte counts missing from ``output_dir``'s adapter_memory.json (when a folder is given)."""
+    memory = [] if output_dir is None else plan_adapter_memory(output_dir)
     if torch.cuda.is_available():
         gpu = GpuServeSettings()
         methods = ("base model",) + tuple(GPU_METHODS[m].format(r=gpu.r) for m in gpu.methods)
-        return [f"serve (gpu): Llama 1B-shaped {gpu.dtype} x {methods} x N={gpu.ns} x tokens per row={gpu.tokens}, {gpu.rows} rows"]
-    return [
+        return memory + [
+            f"serve (gpu): Llama 1B-shaped {gpu.dtype} x {methods} x N={gpu.ns} x tokens per row={gpu.tokens}, {gpu.rows} rows"
+        ]
+    return memory + [
         f"serve: {m.name} x {(BASE, MERGED) + (m.methods or ADAPTER_METHODS)} x N={ServeSettings().ns}" for m in DEFAULT_MODELS
     ]
 

@@ -32,7 +32,7 @@ from ..bases import _canonical_signs
 # gradients at r=8: 3 passes l=24 0.980, 4 passes l=24 0.990, 5 passes l=24 0.999, 3 passes
 # l=40 0.996 (the cheapest: no extra pass over the batches); for k >= 16 the floor of 32 extra
 # columns changes nothing (l = 3k: 0.996 at r=32, 0.9995 at r=64 on SmolLM2)
-# (benchmarks/results/sketch_accuracy.md, scripts/sketch_accuracy.py).
+# (benchmarks/results/sketch/sketch_accuracy.md, `giva bench --suite sketch`).
 DEFAULT_PASSES = 3
 DEFAULT_OVERSAMPLING = None  # None: max(2k, MIN_OVERSAMPLING) extra columns
 MIN_OVERSAMPLING = 32

@@ -1,0 +1,117 @@
+"""`giva bench --suite sketch` (giva.bench.sketch, issue 24): the dry run lists the (model, r, setting) records the
+JSON lacks, a rerun measures only those, the committed table is what the committed records give, and bad input is
+refused in one line before any model loads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import giva.bench.sketch as sketch
+from giva.bench import plan_benchmark, run_benchmark
+from giva.bench.sketch import SketchRequest, plan_sketch, run_sketch
+from tiny_models import text_batches, tiny_bert
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+COMMITTED = BENCH / "results" / "sketch"
+ALL = [f"sketch: {m}/r{r}/p3/odefault" for m in ("minilm", "smollm2") for r in (8, 32, 64)]
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded")
+
+
+@pytest.fixture
+def committed(tmp_path: Path) -> Path:
+    out = tmp_path / "sketch"
+    shutil.copytree(COMMITTED, out)
+    return out
+
+
+def test_the_dry_run_lists_every_record_of_an_empty_folder_and_none_of_the_committed_one(tmp_path: Path) -> None:
+    assert plan_sketch(tmp_path) == ALL
+    assert plan_benchmark("sketch", output_dir=tmp_path, root=BENCH)["runs"] == ALL
+    assert plan_sketch(COMMITTED) == []
+    other = SketchRequest(models=("smollm2",), ranks=(8,), settings=((4, 16), (3, None)))
+    assert plan_sketch(COMMITTED, other) == ["sketch: smollm2/r8/p4/o16"]
+
+
+def test_the_committed_table_is_what_the_committed_records_give() -> None:
+    records = json.loads((COMMITTED / "sketch_accuracy.json").read_text())
+    assert sketch.sketch_report(records) == (COMMITTED / "sketch_accuracy.md").read_text()
+
+
+def test_a_rerun_with_every_record_measures_nothing_and_rewrites_the_same_files(committed: Path, monkeypatch) -> None:
+    before = {p.name: p.read_bytes() for p in committed.iterdir()}
+    monkeypatch.setattr(sketch, "load", _no_model)
+    result = run_benchmark("sketch", output_dir=committed, root=BENCH)
+    assert result["ran"] == [] and result["n_runs"] == 6 and result["report"] == str(committed / "sketch_accuracy.md")
+    assert {p.name: p.read_bytes() for p in committed.iterdir()} == before
+    assert result["headlines"][0] == "sketch minilm r=8: mean cos A 0.9997 (min 0.9987; target 0.99)"
+
+
+def test_a_missing_record_is_measured_alone_and_the_others_are_kept(committed: Path, monkeypatch) -> None:
+    path = committed / "sketch_accuracy.json"
+    records = json.loads(path.read_text())
+    del records["rows"]["minilm/r8/p3/odefault"]
+    path.write_text(json.dumps(records, indent=1))
+    assert plan_sketch(committed) == ["sketch: minilm/r8/p3/odefault"]
+    # a tiny BERT stands in for MiniLM: each layer's gradient has rank <= 32 (its smaller side), below the default
+    # sketch's l = 8 + 32 = 40 columns, so the sketch spans its whole range and must find the exact singular vectors
+    monkeypatch.setattr(sketch, "load", lambda name: (tiny_bert(), None, False))
+    monkeypatch.setattr(sketch, "batches", lambda tokenizer, n, size, length, causal: text_batches(n=n, batch=size))
+    result = run_sketch(committed)
+    assert result["ran"] == ["minilm/r8/p3/odefault"]
+    after = json.loads(path.read_text())
+    row = after["rows"]["minilm/r8/p3/odefault"]
+    assert row["default"] and row["width"] == 40 and row["layers"] == 13
+    assert row["min_cos_a"] > 0.9999 and row["min_cos_b"] > 0.9999
+    assert {k: v for k, v in after["rows"].items() if k != "minilm/r8/p3/odefault"} == records["rows"]
+    assert after["commands"] == [*records["commands"], "giva bench --suite sketch"]
+    assert plan_sketch(committed) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"models": ("llama",)}, r"SketchRequest.models must be among \['minilm', 'smollm2'\], got \['llama'\]"),
+        ({"ranks": (8, 0)}, r"SketchRequest.ranks must be integers >= 1, got \[8, 0\]"),
+        ({"settings": ((1, None),)}, "SketchRequest.settings: passes must be an integer >= 2, got 1"),
+        ({"settings": ((3, -1),)}, "SketchRequest.settings: oversampling must be None or an integer >= 0, got -1"),
+        ({"batch_size": 0}, "SketchRequest.batch_size must be an integer >= 1, got 0"),
+    ],
+)
+def test_a_bad_request_is_refused_in_one_line(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SketchRequest(**kwargs)
+
+
+def test_records_of_other_data_or_a_broken_file_are_refused_before_any_model_loads(committed: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sketch, "load", _no_model)
+    path = committed / "sketch_accuracy.json"
+    text = path.read_text()
+    with pytest.raises(ValueError, match=rf"{path} holds records for \{{'num_batches': 4, 'batch_size': 8, 'max_length': 64\}}, "
+                                         r"not \{'num_batches': 1, .*\}: use another output folder"):
+        run_sketch(committed, SketchRequest(num_batches=1))
+    path.write_text('{"rows": {"a"')
+    with pytest.raises(ValueError, match=rf"{path} is not a sketch-accuracy record file \(JSON with 'rows'\)"):
+        plan_sketch(committed)
+    (committed / "file").write_text("x")
+    with pytest.raises(ValueError, match=f"sketch output folder {committed / 'file'} is a file, not a folder"):
+        run_sketch(committed / "file")
+    path.write_text(text)
+
+
+def test_the_command_line_refuses_bad_options_with_exit_2(capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(sketch, "load", _no_model)
+    assert sketch.main(["--ranks", "0", "--output-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "python -m giva.bench.sketch: SketchRequest.ranks must be integers >= 1, got [0]"
+    with pytest.raises(SystemExit) as stop:
+        sketch.main(["--sketch", "3:x"])
+    assert stop.value.code == 2 and "--sketch expects PASSES or PASSES:OVERSAMPLING, got '3:x'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--report-only applies to training suites; the 'sketch' suite writes its report as it runs"):
+        run_benchmark("sketch", output_dir=tmp_path, root=BENCH, report_only=True)
+    assert list(tmp_path.iterdir()) == []
