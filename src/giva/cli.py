@@ -23,6 +23,7 @@ VARIANTS = ("Vr", "VrUr", "VrU2r", "VrUrand", "random", "weight")  # giva.bases.
 DEFAULT_TARGETS = "all-linear"  # giva.finetune.DEFAULT_TARGETS
 DEFAULT_NUM_BATCHES = 4  # giva.init.DEFAULT_NUM_BATCHES
 DEFAULT_FINETUNE_LR = 1e-2  # giva.finetune.TrainConfig.lr
+BASES_DTYPES = ("float32", "bfloat16")  # giva.serving.BASES_DTYPES
 CODE_SUITES = ("serve", "scale", "gpu")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
 
 
@@ -115,6 +116,7 @@ def _finetune(args: argparse.Namespace) -> int:
         target_modules=targets,
         giva_dropout=args.dropout,
         seed=args.seed,
+        bases_dtype=args.bases_dtype,
         task_type="SEQ_CLS",
     )
     train_config = TrainConfig(
@@ -298,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--init-mode", default="auto", choices=["auto", "sketch", "exact"],
                     help="giva.initialize mode: exact (dense gradient + SVD), sketch (streaming), auto (exact while small)")
     ft.add_argument("--dropout", type=_unit_interval, default=0.0, help="GiVA dropout, in [0, 1)")
+    ft.add_argument("--bases-dtype", default="float32", choices=BASES_DTYPES,
+                    help="dtype GiVA stores A in (GivaConfig.bases_dtype; bfloat16 halves A's bytes)")
     ft.add_argument("--epochs", type=_positive_float, default=2.0, help="may be fractional")
     ft.add_argument("--max-steps", type=_positive_int, default=None,
                     help="stop after N optimizer steps (overrides --epochs; warmup and decay are sized to N)")
