@@ -24,7 +24,7 @@ DEFAULT_TARGETS = "all-linear"  # giva.finetune.DEFAULT_TARGETS
 DEFAULT_NUM_BATCHES = 4  # giva.init.DEFAULT_NUM_BATCHES
 DEFAULT_FINETUNE_LR = 1e-2  # giva.finetune.TrainConfig.lr
 BASES_DTYPES = ("float32", "bfloat16")  # giva.serving.BASES_DTYPES
-CODE_SUITES = ("serve", "scale", "gpu")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
+CODE_SUITES = ("serve", "scale", "gpu", "finetune")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
 
 
 class UsageError(Exception):
@@ -218,7 +218,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"giva bench: {err}", file=sys.stderr)
         return 2
     print("\n".join(results["headlines"]))
-    print(f"results: {results['output_dir']}/results.md ({results['n_runs']} runs, {len(results['ran'])} new)")
+    reports = ", ".join(results.get("reports", [f"{results['output_dir']}/results.md"]))
+    print(f"results: {reports} ({results['n_runs']} runs, {len(results['ran'])} new)")
     for problem in results["problems"]:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     return 1 if results["problems"] else 0
