@@ -79,6 +79,20 @@ def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_p
     assert not (tmp_path / "x").exists()
 
 
+def test_bases_dtype_reaches_the_config_and_the_saved_bases(model_dir, data_csv, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    for dtype, torch_dtype in (("bfloat16", torch.bfloat16), ("float32", torch.float32)):
+        assert main([*args(model_dir, data_csv, tmp_path / dtype), "--bases-dtype", dtype]) == 0
+        assert json.loads((tmp_path / dtype / "adapter_config.json").read_text())["bases_dtype"] == dtype
+        bases = [t for name, t in load_file(tmp_path / dtype / "adapter_model.safetensors").items() if "giva_A" in name]
+        assert bases and all(t.dtype == torch_dtype for t in bases)
+    capsys.readouterr()
+    assert main([*args(model_dir, data_csv, tmp_path / "f16"), "--bases-dtype", "float16"]) == 2
+    assert "argument --bases-dtype: invalid choice: 'float16'" in one_error_line(capsys)
+    assert not (tmp_path / "f16").exists()
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Validation must fail before any model or tokenizer is loaded."""
@@ -258,10 +272,12 @@ def test_cli_defaults_mirror_the_library():
     from giva.bases import VARIANTS
     from giva.finetune import DEFAULT_TARGETS, TrainConfig
     from giva.init import DEFAULT_NUM_BATCHES
+    from giva.serving import BASES_DTYPES
 
     assert cli.VARIANTS == VARIANTS and cli.DEFAULT_TARGETS == DEFAULT_TARGETS
     assert cli.DEFAULT_NUM_BATCHES == DEFAULT_NUM_BATCHES and cli.DEFAULT_FINETUNE_LR == TrainConfig.lr
-    assert set(cli.CODE_SUITES) == {bench.SCALE_SUITE, bench.SERVE_SUITE, bench.GPU_SUITE, bench.SKETCH_SUITE}
+    assert set(cli.CODE_SUITES) == {bench.SCALE_SUITE, bench.SERVE_SUITE, bench.GPU_SUITE, bench.SKETCH_SUITE, bench.FINETUNE_SUITE}
+    assert cli.BASES_DTYPES == tuple(BASES_DTYPES)
 
 
 def test_bench_help_lists_the_suites(capsys):

@@ -23,7 +23,8 @@ VARIANTS = ("Vr", "VrUr", "VrU2r", "VrUrand", "random", "weight")  # giva.bases.
 DEFAULT_TARGETS = "all-linear"  # giva.finetune.DEFAULT_TARGETS
 DEFAULT_NUM_BATCHES = 4  # giva.init.DEFAULT_NUM_BATCHES
 DEFAULT_FINETUNE_LR = 1e-2  # giva.finetune.TrainConfig.lr
-CODE_SUITES = ("serve", "scale", "gpu", "sketch")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
+BASES_DTYPES = ("float32", "bfloat16")  # giva.serving.BASES_DTYPES
+CODE_SUITES = ("serve", "scale", "gpu", "sketch", "finetune")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
 
 
 class UsageError(Exception):
@@ -115,6 +116,7 @@ def _finetune(args: argparse.Namespace) -> int:
         target_modules=targets,
         giva_dropout=args.dropout,
         seed=args.seed,
+        bases_dtype=args.bases_dtype,
         task_type="SEQ_CLS",
     )
     train_config = TrainConfig(
@@ -216,8 +218,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"giva bench: {err}", file=sys.stderr)
         return 2
     print("\n".join(results["headlines"]))
-    report = results.get("report", f"{results['output_dir']}/results.md")
-    print(f"results: {report} ({results['n_runs']} runs, {len(results['ran'])} new)")
+    reports = ", ".join(results.get("reports") or [results.get("report", f"{results['output_dir']}/results.md")])
+    print(f"results: {reports} ({results['n_runs']} runs, {len(results['ran'])} new)")
     for problem in results["problems"]:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     return 1 if results["problems"] else 0
@@ -299,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--init-mode", default="auto", choices=["auto", "sketch", "exact"],
                     help="giva.initialize mode: exact (dense gradient + SVD), sketch (streaming), auto (exact while small)")
     ft.add_argument("--dropout", type=_unit_interval, default=0.0, help="GiVA dropout, in [0, 1)")
+    ft.add_argument("--bases-dtype", default="float32", choices=BASES_DTYPES,
+                    help="dtype GiVA stores A in (GivaConfig.bases_dtype; bfloat16 halves A's bytes)")
     ft.add_argument("--epochs", type=_positive_float, default=2.0, help="may be fractional")
     ft.add_argument("--max-steps", type=_positive_int, default=None,
                     help="stop after N optimizer steps (overrides --epochs; warmup and decay are sized to N)")

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import torch
 
+from .finetune import FINETUNE_SUITE, plan_finetune, run_finetune_suite, select_studies
 from .gpu import FULL, GPU_SUITE, TINY, plan, run_gpu
 from .report import PLOTS, write_report
 from .runner import dry_run, load_runs, run_suite, select_phases
@@ -61,9 +62,12 @@ def check_outputs(output_dir: Path) -> list[str]:
 
 
 def suite_names(root: Optional[Path] = None) -> list[str]:
-    """Every suite ``giva bench --suite`` accepts: the training suites of benchmarks/suites, then serve, scale, gpu and sketch."""
+    """Every suite ``giva bench --suite`` accepts: the training suites of benchmarks/suites, then serve, scale, gpu,
+    sketch and finetune."""
     root = root or benchmarks_dir()
-    return sorted(p.stem for p in (root / "suites").glob("*.json")) + [SERVE_SUITE, SCALE_SUITE, GPU_SUITE, SKETCH_SUITE]
+    return sorted(p.stem for p in (root / "suites").glob("*.json")) + [
+        SERVE_SUITE, SCALE_SUITE, GPU_SUITE, SKETCH_SUITE, FINETUNE_SUITE,
+    ]
 
 
 def check_request(
@@ -85,7 +89,10 @@ def check_request(
             raise ValueError(f"--phases: the {suite!r} suite has no phases")
         if not phases:
             raise ValueError("--phases names no phase; give comma-separated phase names")
-        select_phases(load_suite(root, suite), phases)  # an unknown name raises, listing the suite's phases
+        if suite == FINETUNE_SUITE:  # its phases are its studies
+            select_studies(phases)
+        else:
+            select_phases(load_suite(root, suite), phases)  # an unknown name raises, listing the suite's phases
     if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
         raise ValueError(f"--output-dir {output_dir} is a file, not a folder")
 
@@ -111,6 +118,8 @@ def plan_benchmark(
         return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SKETCH_SUITE:
         return {"runs": plan_sketch(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
+    if name == FINETUNE_SUITE:
+        return {**plan_finetune(out, phases), "estimate": {}, "output_dir": str(out)}
     return {**dry_run(load_suite(root, name), root, out, phases), "output_dir": str(out)}
 
 
@@ -123,13 +132,17 @@ def run_benchmark(
 
     ``phases`` limits the run to the named phases (the report still covers every finished run).
     ``report_only`` runs nothing: it rewrites results.md / results.json / the plots from the run JSONs
-    already in the output folder (after an interrupted run, or to refresh a report mid-suite).
+    already in the output folder (after an interrupted run, or to refresh a report mid-suite); for the
+    finetune suite, each study's report from its records.
 
     Returns the results dict (see report.write_report) with a ``problems`` list added.
     """
     root = root or benchmarks_dir()
     check_request(suite, quick, output_dir, phases, root)
     suite = suite or DEFAULT_SUITE
+    if suite == FINETUNE_SUITE:
+        out = Path(output_dir) if output_dir else root / "results" / FINETUNE_SUITE
+        return run_finetune_suite(out, phases, report_only=report_only, progress=progress)
     if report_only and (suite in (GPU_SUITE, SKETCH_SUITE) or suite in (SERVE_SUITE, SCALE_SUITE) and not quick):
         raise ValueError(f"--report-only applies to training suites; the {suite!r} suite writes its report as it runs")
     if suite == GPU_SUITE:  # --quick: the tiny shapes, on CPU when there is no GPU
