@@ -475,7 +475,7 @@ def test_serve_benchmark_writes_rows_table_and_plot_and_giva_adds_less_memory_th
 
     tiny = ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100)
     results = run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=2, r=4), progress=False)
-    rows = results["ran"]
+    rows = results["rows"]
     table = (tmp_path / "results.md").read_text()
     assert table.count("| tiny-llama | 1 |") == table.count("| tiny-llama | 3 |") == 2  # throughput and memory rows
     assert (tmp_path / "serve.png").read_bytes()[:4] == b"\x89PNG"
@@ -498,7 +498,7 @@ def test_serve_benchmark_writes_rows_table_and_plot_and_giva_adds_less_memory_th
         raise AssertionError("a finished model was measured again")
 
     monkeypatch.setattr(serve, "measure_model", measured_again)
-    assert run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=2, r=4), progress=False)["ran"] == rows
+    assert run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=2, r=4), progress=False)["rows"] == rows
     with pytest.raises(AssertionError, match="measured again"):  # other settings: measured afresh
         run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=3, r=4), progress=False)
 
@@ -510,15 +510,18 @@ def test_serve_benchmark_resumes_at_the_first_unfinished_n(tmp_path, monkeypatch
 
     tiny = serve.ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100)
     settings = serve.ServeSettings(ns=(1, 3), rounds=1, r=4)
-    full = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)["ran"]
+    full = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)["rows"]
     saved = json.loads((tmp_path / "results.json").read_text())
     saved["rows"] = [r for r in saved["rows"] if r["n_adapters"] == 1]  # as if interrupted during N = 3
     (tmp_path / "results.json").write_text(json.dumps(saved))
     timed: list[int] = []
     real = serve.time_interleaved
     monkeypatch.setattr(serve, "time_interleaved", lambda fns, rounds: timed.append(1) or real(fns, rounds))
-    resumed = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)["ran"]
-    assert len(timed) == 1  # only N = 3 was timed again
+    result = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)
+    resumed = result["rows"]
+    assert len(timed) == 1 and result["ran"] == ["tiny-llama N=3"]  # only N = 3 was timed again, and said so
+    again = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)
+    assert len(timed) == 1 and again["ran"] == [] and again["rows"] == resumed  # nothing left: nothing measured
     assert [r for r in resumed if r["n_adapters"] == 1] == [r for r in full if r["n_adapters"] == 1]
     # N = 3 is rebuilt as in a full run: the same batch rows and the same adapter memory
     key = ("distinct_adapters_in_batch", "adapter_bytes_total", "bytes_per_extra_adapter")
@@ -543,7 +546,7 @@ def test_serve_benchmark_stand_in_adapters_are_random_keep_their_dtype_and_share
         assert bool(layer.giva_lambda_o["t1"].any()) and not torch.equal(layer.giva_lambda_s["t0"], layer.giva_lambda_s["t1"])
 
     tiny = ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100, methods=("giva", "lora"))
-    rows = run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=1, r=4), progress=False)["ran"]
+    rows = run_serve(tmp_path, models=(tiny,), settings=ServeSettings(ns=(1, 3), rounds=1, r=4), progress=False)["rows"]
     assert {r["method"] for r in rows} == {"base model", "one merged adapter", "GiVA r=4", "LoRA r=4", "GiVA / LoRA"}
     table = (tmp_path / "results.md").read_text()
     assert table.count("| tiny-llama | 3 | ") == 2 and table.count("not built") == 3  # bf16 cells of N = 1 and 3
@@ -588,7 +591,7 @@ def test_accelerator_serve_benchmark_dry_runs_on_the_cpu_with_tiny_shapes(tmp_pa
              "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 64}
     settings = GpuServeSettings(ns=(1, 3), rows=4, tokens=(1, 5), r=4, rounds=2, device="cpu", shape=tuple(shape.items()))
     result = run_serve_gpu(tmp_path, settings, progress=False)
-    rows = result["ran"]
+    rows = result["rows"]
     labels = [GPU_METHODS[m].format(r=4) for m in settings.methods]
     for n in (1, 3):
         for tokens in (1, 5):

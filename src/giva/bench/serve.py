@@ -448,12 +448,14 @@ def run_serve(
     tables = _memory_tables(models, memory)
     memory_ran = [] if tables is None else run_adapter_memory(out, tables)["ran"]
     if models is None and settings is None and torch.cuda.is_available():
-        return {**run_serve_gpu(out / "gpu", progress=progress), "memory_ran": memory_ran}
+        gpu = run_serve_gpu(out / "gpu", progress=progress)
+        return {**gpu, "memory_ran": memory_ran, "ran": memory_ran + gpu["ran"]}
     models = models or DEFAULT_MODELS
     settings = settings or ServeSettings()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     rows = _finished_rows(out, settings, models)
+    before = {(r["model"], r["n_adapters"]) for r in rows}
     with _threads(settings.threads):
         for index, spec in enumerate(models):
             if all(_point_done(rows, spec.name, n) for n in settings.ns):
@@ -466,7 +468,9 @@ def run_serve(
                 _write(out, earlier + mine, settings, models[:upto], started)  # each finished N survives an interruption
 
             rows = earlier + measure_model(spec, settings, progress, done=done, on_point=save)
-    return {**_summary(out, rows, settings, models), "memory_ran": memory_ran}
+    measured = sorted({(r["model"], r["n_adapters"]) for r in rows} - before)
+    ran = memory_ran + [f"{model} N={n}" for model, n in measured]  # what this call measured (none when resumed in full)
+    return {**_summary(out, rows, settings, models), "memory_ran": memory_ran, "ran": ran}
 
 
 def plan_serve(
@@ -532,7 +536,7 @@ def _summary(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, mod
         f"per round (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f})"
         for r in rows if r["method"] == "GiVA / LoRA"
     ]
-    return {"headlines": headlines, "output_dir": str(out), "n_runs": len(rows), "ran": rows, "problems": []}
+    return {"headlines": headlines, "output_dir": str(out), "n_runs": len(rows), "rows": rows, "ran": [], "problems": []}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -759,4 +763,5 @@ def run_serve_gpu(output_dir: str | Path, settings: Optional[GpuServeSettings] =
         f"N={r['n_adapters']} tokens={r['tokens']}: {r['method']} x{r['ratio_median']:.2f}"
         for r in rows if "ratio_median" in r
     ]
-    return {"headlines": headlines, "output_dir": str(out), "n_runs": len(rows), "ran": rows, "problems": []}
+    ran = sorted({f"N={r['n_adapters']} tokens={r['tokens']}" for r in rows})  # the GPU timings always run in full
+    return {"headlines": headlines, "output_dir": str(out), "n_runs": len(rows), "rows": rows, "ran": ran, "problems": []}
