@@ -88,3 +88,20 @@ def test_cli_reports_a_bad_request_in_one_line_with_exit_2() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "giva bench: --phases names no phase; give comma-separated phase names"
+
+
+def test_cli_names_a_missing_quantisation_package_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """`giva bench --phases clm-nf4` without bitsandbytes: one line and exit 2, before any task loads."""
+    import importlib.util
+
+    from giva import cli
+    from giva.bench import runner
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(runner, "load_task", lambda spec: pytest.fail("a task was loaded before the check"))
+    monkeypatch.chdir(BENCH.parent)
+    assert cli.main(["bench", "--suite", "evidence", "--phases", "clm-nf4"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "giva bench: quantization 'nf4' needs bitsandbytes: pip install -e '.[quant]'"
+    )

@@ -214,7 +214,7 @@ def _bench(args: argparse.Namespace) -> int:
             return 0
         results = run_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases,
                                 report_only=args.report_only)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ImportError, ValueError) as err:  # bad input or a missing extra: one line, exit 2
         print(f"giva bench: {err}", file=sys.stderr)
         return 2
     print("\n".join(results["headlines"]))
