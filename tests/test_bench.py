@@ -10,6 +10,7 @@ import copy
 import json
 import re
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -911,3 +912,16 @@ def test_every_comparison_with_a_number_in_the_readmes_carries_a_generated_inter
             text = text.replace(part, "") if part else text
         unbacked += [f"{name}: {s[:160]}" for s in _unbacked_comparisons(text, sources)]
     assert not unbacked, "comparisons stated without an interval from a generated results.md:\n" + "\n".join(unbacked)
+
+
+def test_a_methods_calibration_takes_every_batch_with_all_and_names_a_bad_count() -> None:
+    """`init.num_batches: "all"` is the whole training set, whatever its size (k=100 failed on a 98-batch task)."""
+    from giva.bench.methods import calibration_batches
+
+    loader = torch.utils.data.DataLoader(list(range(98 * 16)), batch_size=16)
+    method = load_method(BENCH, "giva-k100-r8")
+    assert method.init["num_batches"] == "all" and calibration_batches(method, loader) == 98
+    assert calibration_batches(load_method(BENCH, "giva-default-r8"), loader) == 4
+    for bad in (0, "some", 2.5, True):
+        with pytest.raises(ValueError, match=rf"method 'giva-default-r8': init.num_batches must be a positive integer or 'all', got {bad!r}"):
+            calibration_batches(replace(load_method(BENCH, "giva-default-r8"), init={"num_batches": bad}), loader)

@@ -131,10 +131,20 @@ def build_model(method: MethodSpec, task: TaskData, seed: int, calibration: Data
         return built
     built.init_seconds = 0.0  # plain wrapping is not initialisation work
     if method.peft_type == "GIVA" and config.variant in GIVA_GRADIENT_VARIANTS:
-        report = initialize(model, calibration, num_batches=int(method.init.get("num_batches", 1)), progress=False)
+        report = initialize(model, calibration, num_batches=calibration_batches(method, calibration), progress=False)
         built.gradient_seconds, built.svd_seconds = report.gradient_seconds, report.svd_seconds
         built.init_seconds = report.total_seconds
     return built
+
+
+def calibration_batches(method: MethodSpec, calibration: DataLoader) -> int:
+    """k of a GiVA method: its ``init.num_batches`` (default 1), or every batch of the training set for ``"all"``."""
+    k = method.init.get("num_batches", 1)
+    if k == "all":
+        return len(calibration)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"method {method.name!r}: init.num_batches must be a positive integer or 'all', got {k!r}")
+    return k
 
 
 def _floor_model(base: nn.Module) -> nn.Module:
