@@ -38,6 +38,16 @@ COMPARISONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("VeRA r=64: `sst-long` against `sst`", ("sst-long/vera-r64-all",), ("sst/vera-r64-all",)),
     ("LoRA r=8: `sst-long` against `sst`", ("sst-long/lora-r8-all",), ("sst/lora-r8-all",)),
 )
+# Issue 25's gap study: what each candidate change does to GiVA r=8 itself, on both tasks (which change moves it at all).
+GAP_CANDIDATES = (
+    ("giva-core-r8", "the trainable r x r core"), ("giva-vrur-r8-all", "B from the gradient (VrUr)"),
+    ("giva-vru2r-r8-all", "B from the gradient (VrU2r)"), ("giva-k100-r8", "calibration on the whole training set"),
+    ("giva-flip-r8", "lambda_s = 0, lambda_o = 1 at init"), ("giva-lslr10-r8", "lambda_s at 10x the LR"),
+)
+COMPARISONS += tuple(
+    (f"gap study, `{task}`: {label} against the default GiVA r=8", (f"{task}/{method}",), (f"{task}/giva-default-r8",))
+    for task in ("sst", "uncertainty") for method, label in GAP_CANDIDATES
+)
 # End to end (initialisation + training) per task: GiVA r=8 against LoRA r=8 on the same layers.
 END_TO_END = ("giva-default-r8", "lora-r8-all")
 
