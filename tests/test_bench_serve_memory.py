@@ -155,3 +155,24 @@ def test_on_a_cuda_machine_the_dry_run_also_lists_the_missing_byte_counts_first(
     assert planned[:3] == memory.plan_adapter_memory(tmp_path) and planned[3:] == serve_plan()
     assert planned[3].startswith("serve (gpu): Llama 1B-shaped")
     assert plan_benchmark("serve", output_dir=SERVE, root=SERVE.parents[1])["runs"] == serve_plan()  # recorded: none
+
+
+def test_an_interrupted_rewrite_keeps_the_records_whole(tmp_path: Path, monkeypatch) -> None:
+    """A kill while the records are rewritten (here: at the rename) leaves the previous file as it was, and no
+    temporary file: a rerun resumes from intact records instead of a truncated JSON."""
+    import shutil
+
+    import giva.bench.runner as runner
+
+    for name in ("adapter_memory.json", "adapter_memory.md"):
+        shutil.copy(SERVE / name, tmp_path / name)
+    before = (tmp_path / "adapter_memory.json").read_bytes()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        memory.run_adapter_memory(tmp_path)  # every model recorded: measures nothing, rewrites both files
+    assert (tmp_path / "adapter_memory.json").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_memory.json", "adapter_memory.md"]

@@ -48,7 +48,7 @@ def test_a_rerun_with_every_record_measures_nothing_and_rewrites_the_same_files(
     before = {p.name: p.read_bytes() for p in committed.iterdir()}
     monkeypatch.setattr(sketch, "load", _no_model)
     result = run_benchmark("sketch", output_dir=committed, root=BENCH)
-    assert result["ran"] == [] and result["n_runs"] == 6 and result["report"] == str(committed / "sketch_accuracy.md")
+    assert result["ran"] == [] and result["n_runs"] == 6 and result["reports"] == [str(committed / "sketch_accuracy.md")]
     assert {p.name: p.read_bytes() for p in committed.iterdir()} == before
     assert result["headlines"][0] == "sketch minilm r=8: mean cos A 0.9997 (min 0.9987; target 0.99)"
 

@@ -218,7 +218,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"giva bench: {err}", file=sys.stderr)
         return 2
     print("\n".join(results["headlines"]))
-    reports = ", ".join(results.get("reports") or [results.get("report", f"{results['output_dir']}/results.md")])
+    reports = ", ".join(results.get("reports", [f"{results['output_dir']}/results.md"]))
     print(f"results: {reports} ({results['n_runs']} runs, {len(results['ran'])} new)")
     for problem in results["problems"]:
         print(f"PROBLEM: {problem}", file=sys.stderr)

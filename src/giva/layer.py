@@ -103,10 +103,14 @@ class GivaLayer(BaseTunerLayer):
         self.in_features: int = in_features
         self.out_features: int = out_features
 
+    def _base_tensor(self) -> Optional[torch.Tensor]:
+        """The base layer's first stored tensor (a quantised layer's packed weight as it is, never dequantised)."""
+        base_layer = self.get_base_layer()
+        return next(itertools.chain(base_layer.parameters(), base_layer.buffers()), None)
+
     def _base_device(self) -> torch.device:
         """The base layer's device, read off its first tensor: never dequantises a quantised weight."""
-        base_layer = self.get_base_layer()
-        tensor = next(itertools.chain(base_layer.parameters(), base_layer.buffers()), None)
+        tensor = self._base_tensor()
         return tensor.device if tensor is not None else torch.device("cpu")
 
     def base_weight_matrix(self) -> torch.Tensor:

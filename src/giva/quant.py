@@ -11,7 +11,6 @@ This module never imports bitsandbytes itself: PEFT's backend does, and only for
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Optional
 
 import torch
@@ -97,10 +96,9 @@ class QuantLinear(Linear):
         A forward-only backend (GPTQ, AWQ...) cannot dequantise: the layer's stored (packed) tensor stands in, as
         only its device is ever read then (merging and the `weight` variant are refused before W is needed).
         """
-        base_layer = self.get_base_layer()
         if not self._giva_backend.supports_merge:
-            return next(itertools.chain(base_layer.parameters(), base_layer.buffers()))
-        return self._giva_backend.get_base_weight(base_layer)
+            return self._base_tensor()
+        return self._giva_backend.get_base_weight(self.get_base_layer())
 
     def set_base_weight(self, weight_data: torch.Tensor) -> None:
         """Re-quantise ``weight_data`` into the base layer (HQQ replaces the base layer)."""

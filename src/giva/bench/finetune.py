@@ -31,7 +31,8 @@ from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
-from .runner import adaptive_plan, lr_key
+from .report import mean_std
+from .runner import adaptive_plan, lr_key, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ class Run:
     @property
     def name(self) -> str:
         return f"{FINETUNE_SUITE}: {self.study}/{self.arm}/seed {self.seed}"
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def paired(by_arm: dict[str, dict[int, float]], a: str, b: str) -> dict[str, list]:
@@ -112,7 +109,7 @@ class Study:
         diffs = summary["paired"]["differences"]
         if not diffs:
             return f"{self.name}: no seed has both {a} and {b} yet"
-        mean, std = _mean_std(diffs)
+        mean, std = mean_std(diffs)
         return f"{self.name}: {a} - {b} {100 * mean:+.2f} ± {100 * std:.2f} points of validation accuracy (n={len(diffs)})"
 
     def render(self, doc: dict[str, Any]) -> list[str]:
@@ -180,7 +177,7 @@ class LrStudy(Study):
         chosen = summary["chosen_lr"]
         if chosen is None:
             return f"{self.name}: the sweep has not settled yet"
-        mean, std = _mean_std(list(summary["validation"][f"{chosen:g}"].values()))
+        mean, std = mean_std(list(summary["validation"][f"{chosen:g}"].values()))
         return f"{self.name}: chosen LR {chosen:g}, validation accuracy {100 * mean:.2f} % ± {100 * std:.2f}"
 
     def render(self, doc: dict[str, Any]) -> list[str]:
@@ -206,7 +203,7 @@ class LrStudy(Study):
             lines += ["", "The sweep has not settled yet; rerun the command to continue it."]
         else:
             final = list(vals[chosen].values())
-            mean, std = _mean_std(final)
+            mean, std = mean_std(final)
             lines += ["", f"Chosen LR: **{chosen:g}**, validation accuracy {100 * mean:.2f} % ± {100 * std:.2f} "
                       f"(mean ± std over {len(final)} seeds)."]
             lines += ["", "Each LR minus the chosen one, paired by seed (points of validation accuracy):", ""]
@@ -235,7 +232,7 @@ class InitModeStudy(Study):
         def cell(values: Sequence[float], unit: str = "") -> str:
             if not values:
                 return "-"
-            mean, std = _mean_std(values)
+            mean, std = mean_std(values)
             return f"{100 * mean:.2f} ± {100 * std:.2f}{unit}"
 
         summary = doc["summary"]
@@ -288,8 +285,8 @@ class BasesDtypeStudy(Study):
                 f"{rd['val_accuracy_A_rounded_to_bf16']:.2%} |"
             )
         if "rounding" in summary:
-            (fa, fs), (ba, bs) = (_mean_std(list(summary["validation"][d].values())) for d in (fp32_arm, bf16_arm))
-            dm, ds = _mean_std(summary["paired"]["differences"])
+            (fa, fs), (ba, bs) = (mean_std(list(summary["validation"][d].values())) for d in (fp32_arm, bf16_arm))
+            dm, ds = mean_std(summary["paired"]["differences"])
             rd = summary["rounding"]
             lines += [
                 "",
@@ -437,11 +434,8 @@ def write_study(output_dir: Path, study: Study, doc: dict[str, Any]) -> Path:
     """Rewrite the study's JSON (summary recomputed) and its report, each through a temporary file."""
     doc.update(description=DESCRIPTIONS[study.name], summary=study.summary(doc["runs"]))
     path = study_path(output_dir, study)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for target, text in ((path, json.dumps(doc, indent=1) + "\n"), (path.with_suffix(".md"), "\n".join(study.render(doc)) + "\n")):
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, target)
+    write_text_atomically(path, json.dumps(doc, indent=1) + "\n")
+    write_text_atomically(path.with_suffix(".md"), "\n".join(study.render(doc)) + "\n")
     return path.with_suffix(".md")
 
 

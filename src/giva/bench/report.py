@@ -52,7 +52,8 @@ COMPARISONS += tuple(
 END_TO_END = ("giva-default-r8", "lora-r8-all")
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value, NaN for none)."""
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -74,7 +75,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         runner_up = _runner_up(vals, lr)
         chosen = sorted((r for r in group if float(f"{r['lr']:.6g}") == float(f"{lr:.6g}")), key=lambda r: r["seed"])
         tests = [r["metrics"]["test_accuracy"] for r in chosen]
-        mean, std = _mean_std(tests)
+        mean, std = mean_std(tests)
         first = chosen[0]
         rows.append({
             "task": task,
@@ -157,7 +158,7 @@ def _paired_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, flo
     """Mean ± std of per-seed (a - b) test-accuracy differences over the seeds both ran."""
     sa, sb = dict(zip(a["seeds"], a["test_accuracy"])), dict(zip(b["seeds"], b["test_accuracy"]))
     diffs = [sa[s] - sb[s] for s in sorted(set(sa) & set(sb))]
-    mean, std = _mean_std(diffs)
+    mean, std = mean_std(diffs)
     return mean, std, len(diffs)
 
 

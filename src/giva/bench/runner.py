@@ -54,16 +54,22 @@ class RunSpec:
         return f"{self.task}__{self.method}{tag}__lr{self.lr:g}{head}__s{self.seed}"
 
 
-def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``: a reader (or a rerun after a kill)
+    sees the old file or the new one, never half of one; no temporary file is left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
+            f.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomically(path: Path, record: dict[str, Any]) -> None:
+    write_text_atomically(path, json.dumps(record, indent=1))
 
 
 def load_runs(runs_dir: Path) -> list[dict[str, Any]]:

@@ -30,6 +30,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .runner import write_text_atomically
+
 logger = logging.getLogger(__name__)
 
 MEMORY_FILE = "adapter_memory"  # adapter_memory.json and adapter_memory.md in the serve suite's folder
@@ -320,9 +322,8 @@ def run_adapter_memory(output_dir: Path, tables: Optional[MemoryTables] = None) 
         ran += [f"{spec.name}/{name} (file)" for name in FILE_ADAPTERS]
     if ran:
         results["meta"]["versions"] = versions()
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{MEMORY_FILE}.md").write_text(memory_report(results))
+    write_text_atomically(path, json.dumps(results, indent=2) + "\n")
+    write_text_atomically(out / f"{MEMORY_FILE}.md", memory_report(results))
     return {**results, "ran": ran}
 
 

@@ -32,6 +32,8 @@ from typing import Any, Optional
 
 import torch
 
+from .runner import write_json_atomically, write_text_atomically
+
 logger = logging.getLogger(__name__)
 
 SKETCH_SUITE = "sketch"
@@ -310,19 +312,16 @@ def run_sketch(
             key = row_key(name, r, passes, oversampling)
             results["rows"][key] = row
             ran.append(key)
-            path.write_text(json.dumps(results, indent=1))
-            (out / f"{RESULTS_NAME}.md").write_text(sketch_report(results))
+            write_json_atomically(path, results)  # each record survives an interruption; the .md follows from it
             logger.info("sketch %s: %s", key, json.dumps(row))
-    if ran:
-        path.write_text(json.dumps(results, indent=1))
     if results["rows"]:
-        (out / f"{RESULTS_NAME}.md").write_text(sketch_report(results))
+        write_text_atomically(out / f"{RESULTS_NAME}.md", sketch_report(results))
     headlines = [
         f"sketch {x['model']} r={x['r']}: mean cos A {x['mean_cos_a']:.4f} (min {x['min_cos_a']:.4f}; target {TARGET})"
         for x in results["rows"].values() if x["default"]
     ]
     return {"headlines": headlines, "ran": ran, "n_runs": len(results["rows"]), "problems": [], "output_dir": str(out),
-            "report": str(out / f"{RESULTS_NAME}.md")}
+            "reports": [str(out / f"{RESULTS_NAME}.md")]}
 
 
 def _setting(text: str) -> tuple[int, Optional[int]]:
