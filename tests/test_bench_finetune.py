@@ -63,7 +63,7 @@ def test_dry_run_lists_the_missing_runs_then_none_once_they_are_recorded(tmp_pat
     assert len(plan["waiting"]) == 1 and "the chosen LR on seeds [0, 1, 2]" in plan["waiting"][0]
     results = run_benchmark("finetune", output_dir=tmp_path, root=BENCH, phases=["init-mode"], progress=False)
     assert results["ran"] == names([(m, s) for s in (0, 1, 2) for m in ("sketch", "exact")], "init-mode")
-    assert [list(c) for c in fake.calls] == [["--init-mode", m, "--seed", str(s), "--epochs", "1", "--lr", "0.02"]
+    assert [list(c) for c in fake.calls] == [["--init-mode", m, "--seed", str(s), "--epochs", "1", "--lr", "0.02", "--num-batches", "4"]
                                              for s in (0, 1, 2) for m in ("sketch", "exact")]
     assert plan_benchmark("finetune", output_dir=tmp_path, root=BENCH, phases=["init-mode"])["runs"] == []
     assert plan_benchmark("finetune", output_dir=tmp_path, root=BENCH, phases=["bases-dtype"])["runs"] == names(
@@ -130,11 +130,11 @@ def test_paired_differences_use_only_the_seeds_both_arms_have() -> None:
 
 
 def test_unknown_phases_are_refused_with_the_list_before_anything_runs(tmp_path: Path, fake: FakeFinetune, capsys) -> None:
-    with pytest.raises(ValueError, match=r"^suite 'finetune' has no phase\(s\) \['sketch'\]; its phases are \['lr', 'init-mode', 'bases-dtype'\]$"):
+    with pytest.raises(ValueError, match=r"^suite 'finetune' has no phase\(s\) \['sketch'\]; its phases are \['lr', 'calibration', 'init-mode', 'bases-dtype'\]$"):
         run_benchmark("finetune", output_dir=tmp_path, root=BENCH, phases=["lr", "sketch"])
     assert main(["bench", "--suite", "finetune", "--phases", "lr,nope", "--output-dir", str(tmp_path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["giva bench: suite 'finetune' has no phase(s) ['nope']; its phases are ['lr', 'init-mode', 'bases-dtype']"]
+    assert err == ["giva bench: suite 'finetune' has no phase(s) ['nope']; its phases are ['lr', 'calibration', 'init-mode', 'bases-dtype']"]
     assert fake.calls == [] and list(tmp_path.iterdir()) == []
 
 
@@ -170,6 +170,20 @@ def test_report_only_needs_records(tmp_path: Path, fake: FakeFinetune) -> None:
     with pytest.raises(FileNotFoundError, match=r"^--report-only: no records to report on in .*lr_sweep.json"):
         run_benchmark("finetune", output_dir=tmp_path, root=BENCH, report_only=True)
     assert list(tmp_path.iterdir()) == []
+    # a study without records yet (one just added) is skipped; the others are rewritten
+    shutil.copy(COMMITTED / "lr_sweep.json", tmp_path)
+    results = run_benchmark("finetune", output_dir=tmp_path, root=BENCH, report_only=True)
+    assert results["reports"] == [str(tmp_path / "lr_sweep.md")] and fake.calls == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lr_sweep.json", "lr_sweep.md"]
+
+
+def test_the_calibration_study_is_the_default_recipe_with_k_all_or_4(tmp_path: Path, fake: FakeFinetune) -> None:
+    fake.accuracy = lambda flags: 0.78 if flag(flags, "--num-batches") == "all" else 0.77
+    results = run_benchmark("finetune", output_dir=tmp_path, root=BENCH, phases=["calibration"], progress=False)
+    assert [list(c) for c in fake.calls] == [["--num-batches", k, "--seed", str(s)] for s in (0, 1, 2) for k in ("all", "4")]
+    assert results["headlines"] == ["calibration: all - 4 +1.00 ± 0.00 points of validation accuracy (n=3)"]
+    report = (tmp_path / "calibration.md").read_text()
+    assert "| all - 4, paired by seed | 1.00 ± 0.00 points (n=3; +1.00, +1.00, +1.00) | |" in report
 
 
 def test_one_study_end_to_end_through_giva_finetune_on_the_tiny_model(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811

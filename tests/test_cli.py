@@ -128,7 +128,8 @@ def one_error_line(capsys) -> str:
         ("--batch-size", "2.5", "argument --batch-size: expected a whole number"),
         ("--max-length", "2", "argument --max-length: must be >= 3"),
         ("--r", "0", "argument --r: must be >= 1"),
-        ("--num-batches", "0", "argument --num-batches: must be >= 1"),
+        ("--num-batches", "0", "argument --num-batches: expected a whole number >= 1 or 'all', got '0'"),
+        ("--num-batches", "most", "argument --num-batches: expected a whole number >= 1 or 'all', got 'most'"),
         ("--dropout", "1", r"argument --dropout: must be in \[0, 1\)"),
         ("--dropout", "nan", "argument --dropout: must be a finite number"),
         ("--test-size", "0", "argument --test-size: expected a row count >= 1 or a fraction"),
@@ -271,11 +272,10 @@ def test_cli_defaults_mirror_the_library():
     from giva import bench, cli
     from giva.bases import VARIANTS
     from giva.finetune import DEFAULT_TARGETS, TrainConfig
-    from giva.init import DEFAULT_NUM_BATCHES
     from giva.serving import BASES_DTYPES
 
     assert cli.VARIANTS == VARIANTS and cli.DEFAULT_TARGETS == DEFAULT_TARGETS
-    assert cli.DEFAULT_NUM_BATCHES == DEFAULT_NUM_BATCHES and cli.DEFAULT_FINETUNE_LR == TrainConfig.lr
+    assert cli.DEFAULT_FINETUNE_LR == TrainConfig.lr
     assert set(cli.CODE_SUITES) == {bench.SCALE_SUITE, bench.SERVE_SUITE, bench.GPU_SUITE, bench.SKETCH_SUITE, bench.FINETUNE_SUITE}
     assert cli.BASES_DTYPES == tuple(BASES_DTYPES)
 

@@ -40,7 +40,7 @@ def _one_process(mode: str) -> dict[str, torch.Tensor]:
     return bases_of(m)
 
 
-SCENARIOS = ["plain_exact", "plain_sketch", "ddp_sketch", "fsdp2_exact", "fsdp2_sketch"]
+SCENARIOS = ["plain_exact", "plain_sketch", "all_exact", "ddp_sketch", "fsdp2_exact", "fsdp2_sketch"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -98,7 +98,22 @@ CAUSES = {
     "layer_without_gradient": (1, "model.layers.1.mlp.down_proj'.* received no gradient"),
     "all_zero_gradient": (0, "all-zero gradient"),
     "svd_failure": (1, "injected SVD failure"),
+    "all_without_len": (1, r"num_batches='all' averages every batch of the dataloader, but list_iterator has no len\(\)"),
 }
+
+
+def test_num_batches_all_is_every_batch_of_each_ranks_loader_bit_for_bit(ranks):
+    """num_batches="all" on loaders of NUM_BATCHES batches gives the bases of num_batches=NUM_BATCHES, on every rank."""
+    for all_batches, counted in zip(_load(ranks, "all_exact"), _load(ranks, "plain_exact")):
+        assert all_batches["bases"].keys() == counted["bases"].keys()
+        assert all(torch.equal(all_batches["bases"][k], counted["bases"][k]) for k in counted["bases"])
+
+
+def test_num_batches_all_with_unequal_loader_lengths_raises_the_same_error_on_every_rank(ranks):
+    records = [record["all_unequal_lengths"] for record in ranks.json("failures_rank{rank}.json")]
+    assert [r["raised"] for r in records] == ["GradientInitError", "GradientInitError"]
+    assert records[0]["message"] == records[1]["message"]
+    assert "the ranks' dataloaders have [2, 1] batches (rank order)" in records[0]["message"]
 
 
 @pytest.mark.parametrize("case", sorted(CAUSES))

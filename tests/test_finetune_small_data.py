@@ -34,10 +34,19 @@ def run_json(argv: list[str], capsys) -> dict:
 def test_a_60_row_csv_trains_with_every_default(model_dir, small_csv, tmp_path, capsys):  # noqa: F811
     result = run_json(["finetune", "--model", str(model_dir), "--data", str(small_csv), "--output-dir", str(tmp_path / "o")], capsys)
     config = result["config"]
-    # 20 % test, 10 % validation; the 42 training rows make 3 batches of 16, so 3 calibration batches (not 4)
+    # 20 % test, 10 % validation; the 42 training rows make 3 batches of 16, all of them calibration batches
     assert (config["n_test_unscored"], config["n_val"], config["n_train"], config["num_batches"]) == (12, 6, 42, 3)
     assert config["train_steps"] == 2 * 3  # 2 epochs
     assert (tmp_path / "o" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], 11), (["--num-batches", "all"], 11), (["--num-batches", "2"], 2)])
+def test_calibration_defaults_to_every_training_batch(model_dir, small_csv, tmp_path, capsys, flags, expected):  # noqa: F811
+    """42 training rows in batches of 4 make 11 batches: the default ('all') reads all of them, an int its k."""
+    argv = ["finetune", "--model", str(model_dir), "--data", str(small_csv), "--output-dir", str(tmp_path / "o"),
+            "--batch-size", "4", "--max-steps", "1", *flags]
+    result = run_json(argv, capsys)
+    assert result["config"]["num_batches"] == expected
 
 
 def test_default_sizes_keep_the_benchmark_split_on_large_data_and_fit_small_data():

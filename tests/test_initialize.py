@@ -216,6 +216,40 @@ def test_bad_num_batches_is_a_value_error_naming_it(batches, bad):
         giva.initialize(model, batches, num_batches=bad, progress=False)
 
 
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_num_batches_all_is_every_batch_of_the_loader_bit_for_bit(batches, mode):
+    every, counted = (get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"])) for _ in range(2))
+    report = giva.initialize(every, batches, num_batches="all", progress=False, mode=mode)
+    giva.initialize(counted, batches, num_batches=len(batches), progress=False, mode=mode)
+    assert report.num_batches == len(batches) == 4
+    assert every.peft_config["default"].bases_info["num_batches"] == len(batches)
+    pairs = [(giva_layers(every)[n], layer) for n, layer in giva_layers(counted).items()]
+    assert all(torch.equal(a.giva_A["default"], b.giva_A["default"]) for a, b in pairs)
+    # fewer batches give other bases: "all" really read past the default k of the batches it was given
+    fewer = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"]))
+    giva.initialize(fewer, batches, num_batches=2, progress=False, mode=mode)
+    assert not torch.equal(giva_layers(fewer)[pairs[0][1].layer_name].giva_A["default"], pairs[0][1].giva_A["default"])
+
+
+def test_num_batches_all_needs_a_loader_with_a_length_and_a_batch(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    with pytest.raises(ValueError, match=r"num_batches='all' averages every batch of the dataloader, but generator has no len\(\)"):
+        giva.initialize(model, (b for b in batches), num_batches="all", progress=False)
+    with pytest.raises(ValueError, match=r"num_batches='all': the dataloader is empty"):
+        giva.initialize(model, [], num_batches="all", progress=False)
+    with pytest.raises(ValueError, match=r"num_batches must be a positive int .* or 'all' .*, got 'every'"):
+        giva.initialize(model, batches, num_batches="every", progress=False)
+    assert not giva.bases_initialized(model)
+
+
+def test_compute_gradients_takes_num_batches_all(batches):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    layers = giva_layers(model)
+    every, losses = compute_gradients(model, layers, batches, num_batches="all", progress=False)
+    counted, _ = compute_gradients(model, layers, batches, num_batches=len(batches), progress=False)
+    assert len(losses) == len(batches) and all(torch.equal(every[n], counted[n]) for n in counted)
+
+
 def test_bad_mode_and_sketch_settings_are_named(batches):
     model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
     with pytest.raises(ValueError, match="mode must be 'auto', 'sketch' or 'exact', got 'fast'"):

@@ -60,6 +60,19 @@ def test_trainer_callback_initialises_before_the_first_step(tmp_path):
     assert lambda_o.abs().sum() > 0  # it trained
 
 
+def test_trainer_callback_with_num_batches_all_reads_every_batch_of_the_trainers_loader(tmp_path):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    callback = giva.GivaInitCallback(num_batches="all", progress=False)
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_ListDataset(n=40), callbacks=[callback])
+    trainer.train()
+    assert callback.report.num_batches == 5  # 40 rows, batches of 8
+
+
+def test_trainer_callback_refuses_a_bad_num_batches_when_built():
+    with pytest.raises(ValueError, match=r"num_batches must be a positive int .* or 'all'"):
+        giva.GivaInitCallback(num_batches=0)
+
+
 def test_trainer_callback_leaves_already_initialised_bases_alone(tmp_path, batches):
     model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
     giva.initialize(model, batches[1:], num_batches=2, progress=False)

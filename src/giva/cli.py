@@ -21,7 +21,6 @@ from . import load
 # checks that they agree).
 VARIANTS = ("Vr", "VrUr", "VrU2r", "VrUrand", "random", "weight")  # giva.bases.VARIANTS
 DEFAULT_TARGETS = "all-linear"  # giva.finetune.DEFAULT_TARGETS
-DEFAULT_NUM_BATCHES = 4  # giva.init.DEFAULT_NUM_BATCHES
 DEFAULT_FINETUNE_LR = 1e-2  # giva.finetune.TrainConfig.lr
 BASES_DTYPES = ("float32", "bfloat16")  # giva.serving.BASES_DTYPES
 CODE_SUITES = ("serve", "scale", "gpu", "sketch", "finetune")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
@@ -74,6 +73,16 @@ def _integer(value: str, minimum: int) -> int:
 
 def _positive_int(value: str) -> int:
     return _integer(value, 1)
+
+
+def _num_batches(value: str) -> int | str:
+    """Calibration batches: a whole number >= 1, or 'all' (every batch of the training data)."""
+    if value == "all":
+        return value
+    try:
+        return _integer(value, 1)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1 or 'all', got {value!r}") from None
 
 
 def _max_length(value: str) -> int:
@@ -296,8 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--r", type=_positive_int, default=8, help="GiVA rank")
     ft.add_argument("--variant", default="Vr", choices=VARIANTS)
     ft.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated module names, or all-linear (default)")
-    ft.add_argument("--num-batches", type=_positive_int, default=None,
-                    help="calibration batches k for the gradient (default: 4, fewer if the training rows make fewer)")
+    ft.add_argument("--num-batches", type=_num_batches, default="all",
+                    help="calibration batches k for the gradient, or 'all' (default): every training batch, one forward "
+                         "and backward over the training rows before training")
     ft.add_argument("--init-mode", default="auto", choices=["auto", "sketch", "exact"],
                     help="giva.initialize mode: exact (dense gradient + SVD), sketch (streaming), auto (exact while small)")
     ft.add_argument("--dropout", type=_unit_interval, default=0.0, help="GiVA dropout, in [0, 1)")
@@ -339,7 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--r", type=_positive_int, default=8, help="GiVA rank")
     sf.add_argument("--target-modules", default=DEFAULT_TARGETS, help="comma-separated module names, or all-linear")
     sf.add_argument("--init-mode", default="auto", choices=["auto", "sketch", "exact"], help="giva.initialize mode")
-    sf.add_argument("--num-batches", type=_positive_int, default=1, help="calibration batches k for the gradient")
+    sf.add_argument("--num-batches", type=_num_batches, default=1,
+                    help="calibration batches k for the gradient, or 'all' (every training batch; a whole epoch's "
+                         "forward and backward on a large set)")
     sf.add_argument("--seed", type=_seed, default=0, help="training order, validation split and the seeded bases")
     sf.add_argument("--output-dir", default="outputs/giva-sft", help="adapter, tokenizer and sft_result.json")
     sf.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output-dir")

@@ -65,7 +65,7 @@ class SFTOptions:
     r: int = 8
     target_modules: str | list[str] = "all-linear"
     init_mode: str = "auto"
-    num_batches: int = 1  # k calibration batches (the paper's default)
+    num_batches: int | str = 1  # k calibration batches (the paper's default), or "all": every training batch
     seed: int = 0
     output_dir: str = "outputs/giva-sft"
     export_lora: Optional[str] = None
@@ -74,7 +74,8 @@ class SFTOptions:
 
     def __post_init__(self) -> None:
         for name in ("r", "batch_size", "num_batches"):
-            _whole(name, getattr(self, name), 1)
+            if not (name == "num_batches" and self.num_batches == "all"):
+                _whole(name, getattr(self, name), 1)
         _whole("max_length", self.max_length, 8)
         _whole("seed", self.seed, 0)
         for name in ("max_steps", "max_train_samples"):

@@ -80,10 +80,10 @@ def recording_passes() -> Iterator[list[dict]]:
         InitSession.next_request, TorchCollective.finish_pass = next_request, finish_pass
 
 
-def init_and_save(out: Path, scenario: str, rank: int, m, batches: list[dict], mode: str) -> None:
+def init_and_save(out: Path, scenario: str, rank: int, m, batches: list[dict], mode: str, num_batches=NUM_BATCHES) -> None:
     """giva.initialize on this rank's batches; writes the bases and the recorded passes."""
     with recording_passes() as passes:
-        report = giva.initialize(m, batches, num_batches=NUM_BATCHES, progress=False, mode=mode)
+        report = giva.initialize(m, batches, num_batches=num_batches, progress=False, mode=mode)
     inner = m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
     record = {"bases": bases_of(inner), "mode": report.mode, "sums_bytes": report.sums_bytes, "passes": passes}
     torch.save(record, out / f"{scenario}_rank{rank}.pt")
@@ -129,6 +129,8 @@ def failure_cases(rank: int) -> dict[str, dict]:
         "layer_without_gradient": dict(dataloader=batches, loss_fn=shallow_on_rank1),
         "all_zero_gradient": dict(dataloader=batches, loss_fn=lambda m, b: m(**b).loss * 0.0),
         "svd_failure": dict(dataloader=batches, mode="exact"),
+        "all_without_len": dict(dataloader=iter(batches) if rank == 1 else batches, num_batches="all"),
+        "all_unequal_lengths": dict(dataloader=batches[:1] if rank == 1 else batches, num_batches="all"),
     }
 
 
@@ -142,6 +144,7 @@ def main() -> None:
     for mode in ("exact", "sketch"):
         init_and_save(out, f"plain_{mode}", rank, model(), batches, mode)
 
+    init_and_save(out, "all_exact", rank, model(), batches, "exact", num_batches="all")  # len(batches) == NUM_BATCHES
     init_and_save(out, "ddp_sketch", rank, torch.nn.parallel.DistributedDataParallel(model()), batches, "sketch")
 
     from torch.distributed.fsdp import fully_shard
@@ -164,7 +167,7 @@ def main() -> None:
             torch.linalg.svd = broken_svd
         start = time.perf_counter()
         try:
-            giva.initialize(m, num_batches=NUM_BATCHES, progress=False, **kwargs)
+            giva.initialize(m, progress=False, **{"num_batches": NUM_BATCHES, **kwargs})
             results[case] = {"raised": None, "message": "", "seconds": time.perf_counter() - start}
         except Exception as exc:  # noqa: BLE001  recorded for the test to judge
             results[case] = {"raised": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - start}

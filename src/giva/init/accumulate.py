@@ -152,6 +152,24 @@ def accumulate(
     return run_pass(model, iter(batches), request, num_batches, loss_fn, Collective(), progress)
 
 
-def check_num_batches(num_batches: Any) -> None:
+def check_num_batches(num_batches: Any, allow_all: bool = False) -> None:
+    """``num_batches`` is a positive int, or (where ``allow_all``) ``"all"``: every batch of the dataloader."""
+    if allow_all and num_batches == "all":
+        return
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive int (the number of calibration batches k), got {num_batches!r}")
+        also = " or 'all' (every batch of the dataloader)" if allow_all else ""
+        raise ValueError(f"num_batches must be a positive int (the number of calibration batches k){also}, got {num_batches!r}")
+
+
+def loader_length(dataloader: Any) -> tuple[int, Optional[ValueError]]:
+    """The number of batches ``num_batches="all"`` stands for: ``len(dataloader)``, or the error saying why it has none."""
+    try:
+        n = len(dataloader)
+    except TypeError:
+        return 0, ValueError(
+            f"num_batches='all' averages every batch of the dataloader, but {type(dataloader).__name__} has no len() "
+            "(an iterable-style loader); pass the number of calibration batches as an int"
+        )
+    if n < 1:
+        return 0, ValueError("num_batches='all': the dataloader is empty (len() is 0); it must give at least one batch")
+    return n, None

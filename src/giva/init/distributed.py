@@ -84,6 +84,10 @@ class Collective:
         """Around a forward or backward that may run collectives of its own (nothing in one process)."""
         return nullcontext()
 
+    def gather_int(self, value: int) -> list[int]:
+        """Every rank's ``value``, in rank order."""
+        return [value]
+
     def sum_partial(self, partial: Partial, keys: list[str]) -> Partial:
         self.agree(_missing_keys(partial, keys))
         return partial
@@ -201,6 +205,12 @@ class TorchCollective(Collective):
         dist.all_gather_object(reasons, None if error is None else _describe(error))
         failed = [r for r in range(self.world) if flags[r]]
         raise DistributedInitError(failed[0], self.world, str(reasons[failed[0]]), failed[1:]) from error
+
+    def gather_int(self, value: int) -> list[int]:
+        values = torch.zeros(self.world, dtype=torch.int64, device=self.device)
+        values[self.rank] = value
+        dist.all_reduce(values)
+        return [int(v) for v in values.tolist()]
 
     def sum_partial(self, partial: Partial, keys: list[str]) -> Partial:
         """All-reduce (sum) the partial's tensors and counts; every rank gets the same total."""

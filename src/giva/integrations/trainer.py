@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..init import DEFAULT_NUM_BATCHES, InitMode, InitReport, bases_initialized, giva_configs, initialize
+from ..init import DEFAULT_NUM_BATCHES, InitMode, InitReport, NumBatches, bases_initialized, giva_configs, initialize
+from ..init.accumulate import check_num_batches
 from ..init.capture import LossFn
 from .distributed import launcher_mismatch
 
@@ -21,7 +22,8 @@ class GivaInitCallback(TrainerCallback):
     Bases are buffers and the adapter is an identity at init (lambda_o = 0), so this runs in
     ``on_train_begin``, after the optimizer and LR schedule exist, without disturbing either.
     Adapters whose bases are already set (resumed from a checkpoint) are left alone. ``mode`` is
-    :func:`giva.initialize`'s (``"auto"``, ``"sketch"``, ``"exact"``). Under torchrun every rank
+    :func:`giva.initialize`'s (``"auto"``, ``"sketch"``, ``"exact"``); ``num_batches="all"`` averages every
+    batch of the train dataloader (one pass over the training set before training). Under torchrun every rank
     runs it on its own batches and gets the same bases.
 
     Example::
@@ -31,11 +33,12 @@ class GivaInitCallback(TrainerCallback):
 
     def __init__(
         self,
-        num_batches: int = DEFAULT_NUM_BATCHES,
+        num_batches: NumBatches = DEFAULT_NUM_BATCHES,
         loss_fn: Optional[LossFn] = None,
         progress: bool = True,
         mode: InitMode = "auto",
     ) -> None:
+        check_num_batches(num_batches, allow_all=True)  # here, not at on_train_begin after the model loaded
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.progress = progress
