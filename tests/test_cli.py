@@ -276,7 +276,7 @@ def test_cli_defaults_mirror_the_library():
 
     assert cli.VARIANTS == VARIANTS and cli.DEFAULT_TARGETS == DEFAULT_TARGETS
     assert cli.DEFAULT_FINETUNE_LR == TrainConfig.lr
-    assert set(cli.CODE_SUITES) == {bench.SCALE_SUITE, bench.SERVE_SUITE, bench.GPU_SUITE, bench.SKETCH_SUITE, bench.FINETUNE_SUITE}
+    assert set(cli.CODE_SUITES) == {bench.SCALE_SUITE, bench.SERVE_SUITE, bench.GPU_SUITE, bench.SKETCH_SUITE, bench.FINETUNE_SUITE, bench.QLORA_SUITE}
     assert cli.BASES_DTYPES == tuple(BASES_DTYPES)
 
 

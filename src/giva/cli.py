@@ -23,7 +23,7 @@ VARIANTS = ("Vr", "VrUr", "VrU2r", "VrUrand", "random", "weight")  # giva.bases.
 DEFAULT_TARGETS = "all-linear"  # giva.finetune.DEFAULT_TARGETS
 DEFAULT_FINETUNE_LR = 1e-2  # giva.finetune.TrainConfig.lr
 BASES_DTYPES = ("float32", "bfloat16")  # giva.serving.BASES_DTYPES
-CODE_SUITES = ("serve", "scale", "gpu", "sketch", "finetune")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
+CODE_SUITES = ("serve", "scale", "gpu", "sketch", "finetune", "qlora")  # suites built into giva.bench (the rest are benchmarks/suites/*.json)
 
 
 class UsageError(Exception):

@@ -21,6 +21,7 @@ from .runner import dry_run, load_runs, run_suite, select_phases
 from .scale import SCALE_SUITE, plan_scale, run_scale
 from .schema import validate_run
 from .serve import SERVE_SUITE, plan_serve, run_serve, serve_plan
+from .qlora import QLORA_SUITE, plan_qlora, run_qlora
 from .sketch import SKETCH_SUITE, plan_sketch, run_sketch
 from .spec import benchmarks_dir, load_suite
 
@@ -63,10 +64,10 @@ def check_outputs(output_dir: Path) -> list[str]:
 
 def suite_names(root: Optional[Path] = None) -> list[str]:
     """Every suite ``giva bench --suite`` accepts: the training suites of benchmarks/suites, then serve, scale, gpu,
-    sketch and finetune."""
+    sketch, finetune and qlora."""
     root = root or benchmarks_dir()
     return sorted(p.stem for p in (root / "suites").glob("*.json")) + [
-        SERVE_SUITE, SCALE_SUITE, GPU_SUITE, SKETCH_SUITE, FINETUNE_SUITE,
+        SERVE_SUITE, SCALE_SUITE, GPU_SUITE, SKETCH_SUITE, FINETUNE_SUITE, QLORA_SUITE,
     ]
 
 
@@ -85,7 +86,7 @@ def check_request(
     if suite not in known:
         raise ValueError(f"no suite {suite!r}; the suites are {known}")
     if phases is not None:
-        if suite in (SERVE_SUITE, SCALE_SUITE, GPU_SUITE, SKETCH_SUITE):
+        if suite in (SERVE_SUITE, SCALE_SUITE, GPU_SUITE, SKETCH_SUITE, QLORA_SUITE):
             raise ValueError(f"--phases: the {suite!r} suite has no phases")
         if not phases:
             raise ValueError("--phases names no phase; give comma-separated phase names")
@@ -116,6 +117,8 @@ def plan_benchmark(
         return {"runs": runs, "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SCALE_SUITE:
         return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
+    if name == QLORA_SUITE:
+        return {"runs": plan_qlora(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SKETCH_SUITE:
         return {"runs": plan_sketch(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == FINETUNE_SUITE:
@@ -143,7 +146,7 @@ def run_benchmark(
     if suite == FINETUNE_SUITE:
         out = Path(output_dir) if output_dir else root / "results" / FINETUNE_SUITE
         return run_finetune_suite(out, phases, report_only=report_only, progress=progress)
-    if report_only and (suite in (GPU_SUITE, SKETCH_SUITE) or suite in (SERVE_SUITE, SCALE_SUITE) and not quick):
+    if report_only and (suite in (GPU_SUITE, SKETCH_SUITE, QLORA_SUITE) or suite in (SERVE_SUITE, SCALE_SUITE) and not quick):
         raise ValueError(f"--report-only applies to training suites; the {suite!r} suite writes its report as it runs")
     if suite == GPU_SUITE:  # --quick: the tiny shapes, on CPU when there is no GPU
         out = Path(output_dir) if output_dir else root / "results" / _gpu_folder(quick)
@@ -152,6 +155,8 @@ def run_benchmark(
         return run_serve(output_dir or root / "results" / SERVE_SUITE, progress=progress)
     if suite == SCALE_SUITE and not quick:
         return run_scale(Path(output_dir) if output_dir else root / "results" / SCALE_SUITE)
+    if suite == QLORA_SUITE:
+        return run_qlora(Path(output_dir) if output_dir else root / "results" / QLORA_SUITE, progress=progress)
     if suite == SKETCH_SUITE:
         return run_sketch(Path(output_dir) if output_dir else root / "results" / SKETCH_SUITE)
     name = QUICK_SUITE if quick else suite

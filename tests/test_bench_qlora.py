@@ -1,0 +1,96 @@
+"""`giva bench --suite qlora`: GiVA against QLoRA on the same NF4 base, one process per measurement (issue 23)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig
+
+import giva.bench.qlora as ql
+from giva.bench import plan_benchmark, run_benchmark
+from tiny_models import tiny_llama
+
+needs_bnb = pytest.mark.skipif(
+    importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install 'giva[quant]')"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    return path
+
+
+def tiny_settings(tiny_dir: Path) -> ql.QloraSettings:
+    return ql.QloraSettings(model=str(tiny_dir), targets=("q_proj", "v_proj"), rank=2, batch_size=2, seq_len=8,
+                            init_batches=2, warmup_steps=1, steps=2, repeats=1)
+
+
+@needs_bnb
+def test_each_method_is_measured_in_its_own_process_on_the_4bit_base(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    settings = tiny_settings(tiny_dir)
+    assert ql.plan_qlora(tmp_path, settings) == ["repeat 0: giva", "repeat 0: qlora"]
+    results = ql.run_qlora(tmp_path, settings, progress=False)
+    assert results["ran"] == ["repeat 0: giva", "repeat 0: qlora"] and results["problems"] == []
+    records = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["records"]}
+    config = AutoConfig.from_pretrained(tiny_dir)
+    hidden, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    layers = config.num_hidden_layers
+    # every linear layer of the blocks is 4-bit (7 per block); the adapters train only their own parameters
+    assert records["giva"]["quantized_layers"] == records["qlora"]["quantized_layers"] == 7 * layers
+    assert records["giva"]["trainable"] == layers * ((2 + hidden) + (2 + kv))  # lambda_s (r) + lambda_o (out)
+    assert records["qlora"]["trainable"] == layers * (2 * (hidden + hidden) + 2 * (hidden + kv))  # r * (in + out)
+    for r in records.values():
+        assert r["peak_bytes"] >= max(r["train_peak_bytes"], r["loaded_bytes"]) > 0
+        assert len(r["step_seconds"]) == 2 and r["median_step_seconds"] > 0
+    assert records["giva"]["init_seconds"] > 0 and records["qlora"]["init_seconds"] == 0
+    report = (tmp_path / "results.md").read_text()
+    assert "| 0 | giva |" in report and "| 0 | qlora |" in report and "Target of issue 23, GiVA's peak <= QLoRA's" in report
+    # a rerun with the same settings measures nothing; other settings do not count the old records
+    monkeypatch.setattr(ql, "measure_in_subprocess", lambda *a: pytest.fail("measured again"))
+    assert ql.run_qlora(tmp_path, settings, progress=False)["ran"] == []
+    assert ql.plan_qlora(tmp_path, ql.QloraSettings(**{**settings.__dict__, "steps": 3})) == ["repeat 0: giva", "repeat 0: qlora"]
+
+
+def _record(rep: int, method: str, peak: float, loaded: float = 100.0, step: float = 1.0) -> dict:
+    return {"repeat": rep, "method": method, "peak_bytes": peak, "loaded_bytes": loaded, "train_peak_bytes": peak,
+            "median_step_seconds": step}
+
+
+def test_the_summary_pairs_repeats_and_checks_the_peak_target_in_each() -> None:
+    records = [_record(0, "giva", 150), _record(0, "qlora", 200, step=2.0), _record(1, "giva", 210), _record(1, "qlora", 200),
+               _record(2, "giva", 120)]  # repeat 2 has no QLoRA measurement: left out of the ratios
+    summary = ql.summarize(records)
+    assert summary["repeats"] == [0, 1]
+    assert summary["ratio"]["peak_bytes"]["by_repeat"] == [0.75, 1.05]
+    assert summary["ratio"]["above_loaded_bytes"]["by_repeat"] == [0.5, pytest.approx(110 / 100)]
+    assert summary["ratio"]["median_step_seconds"]["by_repeat"] == [0.5, 1.0]
+    assert summary["target_met"] is False  # repeat 1: GiVA's peak above QLoRA's
+    assert ql.summarize(records[:2])["target_met"] is True
+    assert ql.summarize([])["headline"] == "qlora: no paired repeat yet"
+
+
+def test_repeats_alternate_which_method_runs_first() -> None:
+    assert ql._order(ql.QloraSettings(repeats=3)) == [(0, "giva"), (0, "qlora"), (1, "qlora"), (1, "giva"), (2, "giva"), (2, "qlora")]
+
+
+def test_bad_settings_and_a_missing_bitsandbytes_fail_before_any_process(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(ValueError, match=r"QloraSettings.repeats must be an int >= 1, got 0"):
+        ql.QloraSettings(repeats=0)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(ql, "measure_in_subprocess", lambda *a: pytest.fail("a process started"))
+    with pytest.raises(ImportError, match=r"quantization 'nf4' needs bitsandbytes"):
+        run_benchmark("qlora", output_dir=tmp_path)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_the_suite_is_listed_and_planned_without_phases(tmp_path: Path) -> None:
+    assert plan_benchmark("qlora", output_dir=tmp_path)["runs"] == [
+        f"repeat {rep}: {m}" for rep, m in ql._order(ql.QloraSettings())]
+    with pytest.raises(ValueError, match="the 'qlora' suite has no phases"):
+        plan_benchmark("qlora", output_dir=tmp_path, phases=["x"])
