@@ -70,6 +70,7 @@ def test_the_summary_pairs_repeats_and_checks_the_peak_target_in_each() -> None:
     assert summary["ratio"]["above_loaded_bytes"]["by_repeat"] == [0.5, pytest.approx(110 / 100)]
     assert summary["ratio"]["median_step_seconds"]["by_repeat"] == [0.5, 1.0]
     assert summary["target_met"] is False  # repeat 1: GiVA's peak above QLoRA's
+    assert summary["repeats_met"] == {"peak_bytes": 1, "above_loaded_bytes": 1, "train_peak_bytes": 1}
     assert ql.summarize(records[:2])["target_met"] is True
     assert ql.summarize([])["headline"] == "qlora: no paired repeat yet"
 
