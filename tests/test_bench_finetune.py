@@ -33,7 +33,7 @@ class FakeFinetune:
 
     def __call__(self, flags: list[str], output_dir: Path) -> dict[str, Any]:
         if len(self.calls) == self.fail_at:
-            raise RuntimeError("giva finetune failed (exit 1): killed")
+            raise ft.RunFailedError("giva finetune failed (exit 1): killed")
         self.calls.append(tuple(flags))
         seed = int(flag(list(flags), "--seed"))
         return {"accuracy_before": 0.5, "accuracy_after": self.accuracy(list(flags)), "init_seconds": 1.0, "train_seconds": 2.0,
@@ -87,6 +87,19 @@ def test_an_interrupted_study_resumes_without_rerunning_a_recorded_run(tmp_path:
     assert len(fake.calls) == 3 and not set(fake.calls) & set(first)
     assert len(results["ran"]) == 3 and results["n_runs"] == 6
     assert results["headlines"] == ["bases-dtype: bfloat16 - float32 +0.00 ± 0.00 points of validation accuracy (n=3)"]
+
+
+def test_a_failed_run_is_two_lines_and_exit_1_from_the_cli_with_the_records_kept(tmp_path: Path, fake: FakeFinetune,
+                                                                                   capsys) -> None:
+    fake.fail_at = 1
+    argv = ["bench", "--suite", "finetune", "--phases", "bases-dtype", "--output-dir", str(tmp_path)]
+    assert main(argv) == 1
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    err = [line for line in stderr.strip().splitlines() if line.startswith("giva bench")]  # not the progress bar
+    assert err == ["giva bench: giva finetune failed (exit 1): killed",
+                   "giva bench: the records made before it are kept; rerun the same command to resume"]
+    assert len(json.loads((tmp_path / "bases_dtype.json").read_text())["runs"]) == 1
 
 
 def test_a_record_made_with_other_flags_is_kept_but_not_counted(tmp_path: Path, fake: FakeFinetune) -> None:

@@ -45,8 +45,14 @@ def test_calibration_defaults_to_every_training_batch(model_dir, small_csv, tmp_
     """42 training rows in batches of 4 make 11 batches: the default ('all') reads all of them, an int its k."""
     argv = ["finetune", "--model", str(model_dir), "--data", str(small_csv), "--output-dir", str(tmp_path / "o"),
             "--batch-size", "4", "--max-steps", "1", *flags]
-    result = run_json(argv, capsys)
+    assert main([*argv, "--no-progress", "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
     assert result["config"]["num_batches"] == expected
+    every = flags != ["--num-batches", "2"]
+    assert result["config"]["calibration"] == ("all" if every else "first")
+    init_line = next(line for line in out.splitlines() if line.startswith("init time"))
+    assert f"gradient over {expected} calibration batches{', every training batch' if every else ''} + SVD" in init_line
 
 
 def test_default_sizes_keep_the_benchmark_split_on_large_data_and_fit_small_data():

@@ -198,6 +198,7 @@ def _export_lora(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from .bench import plan_benchmark, run_benchmark
+    from .bench.runner import RunFailedError
 
     try:
         phases = [p for p in args.phases.split(",") if p] if args.phases else None
@@ -226,6 +227,10 @@ def _bench(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ImportError, ValueError) as err:  # bad input or a missing extra: one line, exit 2
         print(f"giva bench: {err}", file=sys.stderr)
         return 2
+    except RunFailedError as err:  # a child run failed: what it printed, no traceback of ours; the records stay
+        print(f"giva bench: {err}\ngiva bench: the records made before it are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 1
     print("\n".join(results["headlines"]))
     reports = ", ".join(results.get("reports", [f"{results['output_dir']}/results.md"]))
     print(f"results: {reports} ({results['n_runs']} runs, {len(results['ran'])} new)")

@@ -255,10 +255,17 @@ class FinetuneResult:
                 f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,} "
                 f"({self.trainable_parameters / self.total_parameters:.3%})",
                 f"adapter size       {self.adapter_bytes / 1024:.1f} KiB ({self.output_dir})",
-                f"init time          {self.init_seconds:.2f} s (gradient + SVD, mode {self.config.get('init_mode_used', '?')})",
+                f"init time          {self.init_seconds:.2f} s (gradient over {self._calibration()} + SVD, mode "
+                f"{self.config.get('init_mode_used', '?')})",
                 f"train time         {self.train_seconds:.1f} s",
             ]
         )
+
+
+    def _calibration(self) -> str:
+        k = self.config.get("num_batches", "?")
+        every = ", every training batch" if self.config.get("calibration") == "all" else ""
+        return f"{k} calibration batch{'' if k == 1 else 'es'}{every}"
 
 
 LABELS_FILE = "labels.json"
@@ -425,7 +432,8 @@ def finetune(
     if max_train_samples is not None:
         train_set = train_set.subset(list(range(min(max_train_samples, len(train_set)))))
     n_batches = math.ceil(len(train_set) / train_config.batch_size)
-    if num_batches is None or num_batches == "all":
+    calibration = "all" if num_batches is None or num_batches == "all" else "first"
+    if calibration == "all":
         num_batches = n_batches
     elif num_batches > n_batches:
         raise ValueError(
@@ -466,7 +474,7 @@ def finetune(
         init_seconds=report.total_seconds,
         train_seconds=stats.seconds,
         output_dir=output_dir,
-        config={"train": asdict(train_config), "num_batches": num_batches, "n_train": len(train_set), "n_val": len(val_set),
+        config={"train": asdict(train_config), "num_batches": num_batches, "calibration": calibration, "n_train": len(train_set), "n_val": len(val_set),
                 "n_test_unscored": len(test_set), "train_steps": len(stats.losses), "init_mode": init_mode, "init_mode_used": report.mode,
                 "init_passes": report.passes},
     )

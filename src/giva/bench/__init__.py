@@ -16,12 +16,12 @@ import torch
 
 from .finetune import FINETUNE_SUITE, plan_finetune, run_finetune_suite, select_studies
 from .gpu import FULL, GPU_SUITE, TINY, plan, run_gpu
+from .qlora import QLORA_SUITE, plan_qlora, run_qlora
 from .report import PLOTS, write_report
 from .runner import dry_run, load_runs, run_suite, select_phases
 from .scale import SCALE_SUITE, plan_scale, run_scale
 from .schema import validate_run
 from .serve import SERVE_SUITE, plan_serve, run_serve, serve_plan
-from .qlora import QLORA_SUITE, plan_qlora, run_qlora
 from .sketch import SKETCH_SUITE, plan_sketch, run_sketch
 from .spec import benchmarks_dir, load_suite
 

@@ -33,7 +33,7 @@ from typing import Any, Optional
 from tqdm.auto import tqdm
 
 from .report import mean_std
-from .runner import adaptive_plan, lr_key, write_text_atomically
+from .runner import RunFailedError, adaptive_plan, lr_key, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -369,12 +369,12 @@ def select_studies(phases: Optional[Sequence[str]]) -> tuple[Study, ...]:
 
 def run_finetune(flags: Sequence[str], output_dir: Path) -> dict[str, Any]:
     """The JSON that ``giva finetune --no-progress --json FLAGS --output-dir OUTPUT_DIR`` prints, run in a fresh
-    process, with its wall seconds added; a failed run raises ``RuntimeError`` with the command and its stderr."""
+    process, with its wall seconds added; a failed run raises :class:`RunFailedError` with the command and its stderr."""
     cmd = [sys.executable, "-m", "giva.cli", "finetune", "--no-progress", "--json", *flags, "--output-dir", str(output_dir)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
+        raise RunFailedError(f"{' '.join(cmd)} failed (exit {proc.returncode}): {proc.stderr[-3000:]}")
     return {**json.loads(proc.stdout[proc.stdout.index("{"):]), "wall_seconds": time.perf_counter() - start}
 
 

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .runner import peak_rss_bytes, reset_peak_rss, write_json_atomically, write_text_atomically
+from .runner import RunFailedError, peak_rss_bytes, reset_peak_rss, write_json_atomically, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -132,11 +132,11 @@ def measure(method: str, settings: QloraSettings) -> dict[str, Any]:
 
 def measure_in_subprocess(method: str, settings: QloraSettings) -> dict[str, Any]:
     """:func:`measure` in a fresh ``python -m giva.bench.qlora --one METHOD`` process; a failure raises
-    ``RuntimeError`` with the command and the end of its stderr."""
+    :class:`RunFailedError` with the command and the end of its stderr."""
     cmd = [sys.executable, "-m", "giva.bench.qlora", "--one", method, "--settings", json.dumps(asdict(settings))]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:5])} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+        raise RunFailedError(f"{' '.join(cmd[:5])} failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

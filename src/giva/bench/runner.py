@@ -54,6 +54,11 @@ class RunSpec:
         return f"{self.task}__{self.method}{tag}__lr{self.lr:g}{head}__s{self.seed}"
 
 
+class RunFailedError(RuntimeError):
+    """A benchmark's child process (one `giva finetune` run, one qlora measurement) exited with an error; the
+    message names the command and ends with its stderr. Records made before it are kept, so a rerun resumes."""
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``: a reader (or a rerun after a kill)
     sees the old file or the new one, never half of one; no temporary file is left behind."""
