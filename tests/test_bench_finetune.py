@@ -163,13 +163,16 @@ def test_the_reports_regenerate_from_the_committed_records_unchanged(tmp_path: P
         shutil.copy(COMMITTED / f"{study.stem}.json", tmp_path)
     assert main(["bench", "--suite", "finetune", "--output-dir", str(tmp_path), "--report-only"]) == 0
     assert fake.calls == []
-    assert "(21 runs, 0 new)" in capsys.readouterr().out
+    assert "(27 runs, 0 new)" in capsys.readouterr().out
     for study in ft.STUDIES:
         assert (tmp_path / f"{study.stem}.md").read_text() == (COMMITTED / f"{study.stem}.md").read_text(), study.name
         assert json.loads((tmp_path / f"{study.stem}.json").read_text()) == json.loads((COMMITTED / f"{study.stem}.json").read_text())
     # The figures the docs cite, as the replaced scripts printed them.
     assert "| 0.01 (chosen) | 77.75 | 78.25 | 78.00 | 78.00 |" in (tmp_path / "lr_sweep.md").read_text()
     assert "Chosen LR: **0.01**, validation accuracy 78.00 % ± 0.25 (mean ± std over 3 seeds)." in (tmp_path / "lr_sweep.md").read_text()
+    calibration = (tmp_path / "calibration.md").read_text()
+    assert "| all | 78.50 ± 0.87 (n=3) | 200.5 |" in calibration and "| 4 | 78.00 ± 0.25 (n=3) | 9.9 |" in calibration
+    assert "| all - 4, paired by seed | 0.50 ± 0.66 points (n=3; -0.25, +0.75, +1.00) | |" in calibration
     sketch = (tmp_path / "sketch_vs_exact.md").read_text()
     assert "| sketch | 77.08 ± 2.04 (n=3) |" in sketch and "| exact | 76.92 ± 2.31 (n=3) |" in sketch
     assert "| sketch - exact, paired by seed | 0.17 ± 0.38 points (n=3; -0.25, +0.25, +0.50) |" in sketch
