@@ -22,7 +22,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"suite": "nosuch"}, r"no suite 'nosuch'; the suites are \[.*'evidence'.*'serve', 'scale', 'gpu', 'sketch', 'finetune'\]"),
+        ({"suite": "nosuch"}, r"no suite 'nosuch'; the suites are \[.*'evidence'.*'serve', 'scale', 'gpu', 'sketch', 'finetune', 'qlora'\]"),
         ({"suite": "evidence", "quick": True}, r"--quick runs the 'quick' suite \(or the gpu suite's tiny shapes\); it cannot be combined with --suite evidence"),
         ({"suite": "evidence", "phases": ["nosuch"]}, r"suite 'evidence' has no phase\(s\) \['nosuch'\]; its phases are"),
         ({"suite": "evidence", "phases": []}, "--phases names no phase"),
@@ -30,7 +30,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
         ({"suite": "scale", "phases": ["x"]}, "--phases: the 'scale' suite has no phases"),
         ({"suite": "sketch", "phases": ["x"]}, "--phases: the 'sketch' suite has no phases"),
         ({"suite": "finetune", "phases": ["lr", "nosuch"]},
-         r"suite 'finetune' has no phase\(s\) \['nosuch'\]; its phases are \['lr', 'init-mode', 'bases-dtype'\]$"),
+         r"suite 'finetune' has no phase\(s\) \['nosuch'\]; its phases are \['lr', 'calibration', 'init-mode', 'bases-dtype'\]$"),
         ({"suite": "finetune", "phases": []}, "--phases names no phase"),
         ({"suite": "finetune", "quick": True}, "--quick runs the 'quick' suite .*; it cannot be combined with --suite finetune"),
     ],
@@ -43,15 +43,15 @@ def test_requests_that_would_be_ignored_are_refused(kwargs: dict, message: str) 
 def test_an_output_dir_that_is_a_file_is_refused_before_planning(tmp_path: Path) -> None:
     target = tmp_path / "results"
     target.write_text("not a folder")
-    for suite in ("evidence", "serve", "scale", "sketch", "finetune"):
+    for suite in ("evidence", "serve", "scale", "sketch", "finetune", "qlora"):
         with pytest.raises(ValueError, match=f"--output-dir {target} is a file, not a folder"):
             plan_benchmark(suite, output_dir=target, root=BENCH)
 
 
-def test_suite_names_are_the_json_suites_then_serve_scale_gpu_sketch_and_finetune() -> None:
+def test_suite_names_are_the_json_suites_then_serve_scale_gpu_sketch_finetune_and_qlora() -> None:
     names = suite_names(BENCH)
-    assert names[-5:] == ["serve", "scale", "gpu", "sketch", "finetune"]
-    assert set(names[:-5]) == {p.stem for p in (BENCH / "suites").glob("*.json")}
+    assert names[-6:] == ["serve", "scale", "gpu", "sketch", "finetune", "qlora"]
+    assert set(names[:-6]) == {p.stem for p in (BENCH / "suites").glob("*.json")}
 
 
 def test_serve_dry_run_lists_every_point_of_an_empty_folder_and_none_of_a_finished_one(tmp_path: Path) -> None:
