@@ -109,11 +109,14 @@ def test_num_batches_all_is_every_batch_of_each_ranks_loader_bit_for_bit(ranks):
         assert all(torch.equal(all_batches["bases"][k], counted["bases"][k]) for k in counted["bases"])
 
 
-def test_num_batches_all_with_unequal_loader_lengths_raises_the_same_error_on_every_rank(ranks):
-    records = [record["all_unequal_lengths"] for record in ranks.json("failures_rank{rank}.json")]
+@pytest.mark.parametrize(("case", "requested"), [("all_unequal_lengths", ("'all'", "'all'")), ("unequal_num_batches", ("2", "1"))])
+def test_ranks_that_would_run_unequal_batch_counts_raise_together_before_any_batch(ranks, case, requested):
+    """Unequal loader lengths under num_batches='all', or unequal ints: every rank raises the same counts, promptly."""
+    records = [record[case] for record in ranks.json("failures_rank{rank}.json")]
     assert [r["raised"] for r in records] == ["GradientInitError", "GradientInitError"]
-    assert records[0]["message"] == records[1]["message"]
-    assert "the ranks' dataloaders have [2, 1] batches (rank order)" in records[0]["message"]
+    for record, asked in zip(records, requested):
+        assert f"the ranks would run [2, 1] calibration batches (rank order, num_batches={asked} here)" in record["message"]
+    assert max(r["seconds"] for r in records) < 30
 
 
 @pytest.mark.parametrize("case", sorted(CAUSES))

@@ -131,6 +131,7 @@ def failure_cases(rank: int) -> dict[str, dict]:
         "svd_failure": dict(dataloader=batches, mode="exact"),
         "all_without_len": dict(dataloader=iter(batches) if rank == 1 else batches, num_batches="all"),
         "all_unequal_lengths": dict(dataloader=batches[:1] if rank == 1 else batches, num_batches="all"),
+        "unequal_num_batches": dict(dataloader=batches, num_batches=1 if rank == 1 else 2),
     }
 
 

@@ -301,16 +301,19 @@ def initialize(
 
 
 def _calibration_count(comm: Collective, num_batches: NumBatches, dataloader: Iterable[Any]) -> int:
-    """k as a count, the same on every rank: ``num_batches``, or ``len(dataloader)`` for ``"all"``."""
-    if num_batches != "all":
-        return int(num_batches)
-    count, error = loader_length(dataloader)
+    """k as a count, the same on every rank: ``num_batches``, or ``len(dataloader)`` for ``"all"``.
+
+    Every rank takes part in both collectives whatever it was given, so ranks that disagree (one passed "all",
+    another an int; unequal loader lengths; unequal ints) all raise here instead of pairing up the per-batch
+    collectives of :func:`run_pass` wrongly.
+    """
+    count, error = loader_length(dataloader) if num_batches == "all" else (int(num_batches), None)
     comm.agree(error)
     counts = comm.gather_int(count)
     if len(set(counts)) > 1:  # every rank sees the same counts, so every rank raises
         raise GradientInitError(
-            f"num_batches='all': the ranks' dataloaders have {counts} batches (rank order); every rank must run the same "
-            "number of calibration batches (a DistributedSampler gives every rank the same length), or pass an int"
+            f"the ranks would run {counts} calibration batches (rank order, num_batches={num_batches!r} here); every rank "
+            "must run the same number (with num_batches='all', a DistributedSampler gives every rank the same length)"
         )
     return count
 
