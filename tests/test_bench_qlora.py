@@ -34,7 +34,7 @@ def tiny_settings(tiny_dir: Path) -> ql.QloraSettings:
 def test_each_method_is_measured_in_its_own_process_on_the_4bit_base(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     settings = tiny_settings(tiny_dir)
     assert ql.plan_qlora(tmp_path, settings) == ["repeat 0: giva", "repeat 0: qlora"]
-    results = ql.run_qlora(tmp_path, settings, progress=False)
+    results = ql.run_qlora(tmp_path, settings)
     assert results["ran"] == ["repeat 0: giva", "repeat 0: qlora"] and results["problems"] == []
     records = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["records"]}
     config = AutoConfig.from_pretrained(tiny_dir)
@@ -44,6 +44,10 @@ def test_each_method_is_measured_in_its_own_process_on_the_4bit_base(tiny_dir: P
     assert records["giva"]["quantized_layers"] == records["qlora"]["quantized_layers"] == 7 * layers
     assert records["giva"]["trainable"] == layers * ((2 + hidden) + (2 + kv))  # lambda_s (r) + lambda_o (out)
     assert records["qlora"]["trainable"] == layers * (2 * (hidden + hidden) + 2 * (hidden + kv))  # r * (in + out)
+    # the evidence suite's method settings, on this suite's layers and rank
+    assert records["qlora"]["peft_kwargs"] == {"r": 2, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"],
+                                               "task_type": "CAUSAL_LM"}
+    assert records["giva"]["peft_kwargs"] == {"r": 2, "variant": "Vr", "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
     for r in records.values():
         assert r["peak_bytes"] >= max(r["train_peak_bytes"], r["loaded_bytes"]) > 0
         assert len(r["step_seconds"]) == 2 and r["median_step_seconds"] > 0
@@ -52,7 +56,7 @@ def test_each_method_is_measured_in_its_own_process_on_the_4bit_base(tiny_dir: P
     assert "| 0 | giva |" in report and "| 0 | qlora |" in report and "Target of issue 23, GiVA's peak <= QLoRA's" in report
     # a rerun with the same settings measures nothing; other settings do not count the old records
     monkeypatch.setattr(ql, "measure_in_subprocess", lambda *a: pytest.fail("measured again"))
-    assert ql.run_qlora(tmp_path, settings, progress=False)["ran"] == []
+    assert ql.run_qlora(tmp_path, settings)["ran"] == []
     assert ql.plan_qlora(tmp_path, ql.QloraSettings(**{**settings.__dict__, "steps": 3})) == ["repeat 0: giva", "repeat 0: qlora"]
 
 

@@ -156,7 +156,7 @@ def run_benchmark(
     if suite == SCALE_SUITE and not quick:
         return run_scale(Path(output_dir) if output_dir else root / "results" / SCALE_SUITE)
     if suite == QLORA_SUITE:
-        return run_qlora(Path(output_dir) if output_dir else root / "results" / QLORA_SUITE, progress=progress)
+        return run_qlora(Path(output_dir) if output_dir else root / "results" / QLORA_SUITE)
     if suite == SKETCH_SUITE:
         return run_sketch(Path(output_dir) if output_dir else root / "results" / SKETCH_SUITE)
     name = QUICK_SUITE if quick else suite

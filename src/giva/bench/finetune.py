@@ -250,7 +250,7 @@ class PairedStudy(Study):
             "| | validation accuracy, % (mean ± std over seeds) | init s (mean) |",
             "|---|---|---|",
             *[f"| {m} | {cell(list(summary['validation'][m].values()))} (n={len(summary['validation'][m])}) | "
-              f"{statistics.fmean(times[m]) if times[m] else float('nan'):.1f} |" for m in self.arms],
+              f"{f'{statistics.fmean(times[m]):.1f}' if times[m] else '-'} |" for m in self.arms],
             f"| {a} - {b}, paired by seed | {cell(diffs, ' points')} (n={len(diffs)}; "
             + ", ".join(f"{100 * d:+.2f}" for d in diffs) + ") | |",
         ]

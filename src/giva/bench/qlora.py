@@ -7,7 +7,7 @@ model in NF4 (double quantisation, fp32 compute: QLoRA's base, as the evidence t
 GiVA r=8 or LoRA r=8 (the evidence suite's ``giva-default-r8`` / ``lora-r8-all`` settings) on the task's
 layers, runs GiVA's ``initialize`` on ``init_batches`` batches (LoRA needs none), then AdamW steps on
 ``batch_size x seq_len`` random tokens (the causal-LM loss: the step does not depend on the tokens). It reports
-its peak resident memory (VmHWM) overall, above the loaded 4-bit model, and during training only (the peak
+its peak resident memory (VmHWM, :func:`giva.bench.runner.peak_rss_bytes`) overall, above the loaded 4-bit model, and during training only (the peak
 is reset after initialisation), and the median step time.
 
 ``results.json`` keeps one record per (repeat, method), appended as each process finishes, so a rerun measures
@@ -28,12 +28,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .runner import RunFailedError, peak_rss_bytes, reset_peak_rss, write_json_atomically, write_text_atomically
+from .runner import (
+    RunFailedError,
+    peak_rss_bytes,
+    proc_status_bytes,
+    reset_peak_rss,
+    write_json_atomically,
+    write_text_atomically,
+)
 
 logger = logging.getLogger(__name__)
 
 QLORA_SUITE = "qlora"
 METHODS = ("giva", "qlora")
+METHOD_FILES = {"giva": "giva-default-r8", "qlora": "lora-r8-all"}  # benchmarks/methods/*.json: their peft_kwargs
 LABELS = {"giva": "GiVA r=8 (giva-default-r8)", "qlora": "QLoRA: PEFT LoRA r=8 (lora-r8-all)"}
 SCHEMA = 1
 
@@ -60,14 +68,6 @@ class QloraSettings:
                 raise ValueError(f"QloraSettings.{name} must be an int >= 1, got {value!r}")
 
 
-def _vm_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def measure(method: str, settings: QloraSettings) -> dict[str, Any]:
     """One measurement in this process (meant to be a fresh one: see the module docstring)."""
     import torch
@@ -78,19 +78,18 @@ def measure(method: str, settings: QloraSettings) -> dict[str, Any]:
 
     from ..assets import resolve_model
     from .methods import quantization_config
+    from .spec import benchmarks_dir, load_method
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    # The evidence suite's settings of the method, on this suite's layers and rank (every other field as there).
+    kwargs = {**load_method(benchmarks_dir(), METHOD_FILES[method]).peft_kwargs, "r": settings.rank,
+              "target_modules": list(settings.targets), "task_type": "CAUSAL_LM"}
     reset_peak_rss()
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(resolve_model(settings.model), quantization_config=quantization_config("nf4"))
-    loaded = _vm_rss_bytes()
-    targets = list(settings.targets)
-    if method == "giva":
-        model = get_peft_model(base, giva.GivaConfig(r=settings.rank, target_modules=targets, task_type="CAUSAL_LM"))
-    else:
-        model = get_peft_model(base, LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, lora_dropout=0.0,
-                                                target_modules=targets, task_type="CAUSAL_LM"))
+    loaded = proc_status_bytes("VmRSS") or 0
+    model = get_peft_model(base, giva.GivaConfig(**kwargs) if method == "giva" else LoraConfig(**kwargs))
     vocab = base.config.vocab_size
     generator = torch.Generator().manual_seed(1)
 
@@ -119,7 +118,7 @@ def measure(method: str, settings: QloraSettings) -> dict[str, Any]:
             times.append(time.perf_counter() - start)
     train_peak = peak_rss_bytes()
     return {
-        "method": method, "peak_bytes": max(peak_to_init, train_peak), "loaded_bytes": loaded,
+        "method": method, "peft_kwargs": kwargs, "peak_bytes": max(peak_to_init, train_peak), "loaded_bytes": loaded,
         "train_peak_bytes": train_peak, "init_peak_bytes": peak_to_init, "init_seconds": init_seconds,
         "median_step_seconds": statistics.median(times), "step_seconds": times,
         "trainable": sum(p.numel() for p in trainable),
@@ -171,7 +170,7 @@ def _load(output_dir: Path, settings: QloraSettings) -> dict[str, Any]:
     return doc
 
 
-def run_qlora(output_dir: Path, settings: Optional[QloraSettings] = None, progress: bool = True) -> dict[str, Any]:
+def run_qlora(output_dir: Path, settings: Optional[QloraSettings] = None) -> dict[str, Any]:
     """Measure what is missing (one subprocess each), rewriting results.json / results.md after every one."""
     from .methods import quantization_config
     from .scale import commit
@@ -213,9 +212,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         ratios = [value(by[rep, "giva"]) / value(by[rep, "qlora"]) for rep in repeats]
         out["ratio"][key] = {"by_repeat": ratios, "median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)} if ratios else None
     peak = out["ratio"]["peak_bytes"]
-    out["target_met"] = None if peak is None else all(by[rep, "giva"]["peak_bytes"] <= by[rep, "qlora"]["peak_bytes"] for rep in repeats)
-    out["repeats_met"] = {key: sum(out["ratio"][key]["by_repeat"][i] <= 1 for i in range(len(repeats))) if repeats else 0
+    out["repeats_met"] = {key: sum(ratio <= 1 for ratio in out["ratio"][key]["by_repeat"]) if repeats else 0
                           for key in ("peak_bytes", "above_loaded_bytes", "train_peak_bytes")}
+    out["target_met"] = None if peak is None else out["repeats_met"]["peak_bytes"] == len(repeats)
     out["headline"] = ("qlora: no paired repeat yet" if peak is None else
                        f"qlora: GiVA / QLoRA peak {peak['median']:.3f}x (repeats {peak['min']:.3f}-{peak['max']:.3f}), "
                        f"step {out['ratio']['median_step_seconds']['median']:.3f}x over {len(repeats)} paired repeats")
@@ -245,12 +244,14 @@ def render(records: list[dict[str, Any]], summary: dict[str, Any], settings: Qlo
         f"the 4-bit model loaded. {settings.repeats} repeats, alternating which method runs first; a shared 2-core "
         "machine (load average per record).",
         "",
-        "| repeat | method | peak (MiB) | above the 4-bit model (MiB) | training peak (MiB) | median step (ms) | init (s) | trainable | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| repeat | method | peak (MiB) | the 4-bit model loaded (MiB) | above the 4-bit model (MiB) | training peak (MiB) | "
+        "median step (ms) | init (s) | trainable | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(records, key=lambda r: (r["repeat"], r["method"])):
         lines.append(
-            f"| {r['repeat']} | {r['method']} | {r['peak_bytes'] / mib:.1f} | {(r['peak_bytes'] - r['loaded_bytes']) / mib:.1f} | "
+            f"| {r['repeat']} | {r['method']} | {r['peak_bytes'] / mib:.1f} | {r['loaded_bytes'] / mib:.1f} | "
+            f"{(r['peak_bytes'] - r['loaded_bytes']) / mib:.1f} | "
             f"{r['train_peak_bytes'] / mib:.1f} | {r['median_step_seconds'] * 1000:.0f} | {r['init_seconds']:.1f} | "
             f"{r['trainable']:,} | {r['load_average']:.1f} |"
         )

@@ -187,15 +187,25 @@ def reset_peak_rss() -> str:
         return PEAK_RSS_FALLBACK
 
 
-def peak_rss_bytes() -> int:
+def proc_status_bytes(field: str) -> Optional[int]:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None where there is no such file or field."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss_bytes() -> int:
+    """VmHWM, or VmRSS where it is higher (Linux folds each thread's RSS updates in late, so the high-water mark can
+    trail the current size), else ``ru_maxrss``."""
+    hwm, rss = proc_status_bytes("VmHWM"), proc_status_bytes("VmRSS")
+    if hwm is None:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(hwm, rss or 0)
 
 
 # --- one training run ------------------------------------------------------------------------------------

@@ -38,6 +38,8 @@ from typing import Any, Optional
 
 import torch
 
+from .runner import proc_status_bytes
+
 logger = logging.getLogger(__name__)
 
 # The last commit whose giva.initialize was the original single-module implementation.
@@ -151,10 +153,10 @@ def parameter_counts(spec: ScaleModel) -> tuple[int, int]:
 
 
 def _rss_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    value = proc_status_bytes(field)
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return value
 
 
 def _reset_peak() -> bool:
