@@ -244,7 +244,7 @@ def _adapter_ops(layer: GivaLayer, x: torch.Tensor) -> list[tuple[str, tuple[int
 
 @pytest.mark.parametrize("layout", ["linear", "conv1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_forms_nothing_of_size_tokens_x_out_but_the_product_and_the_add(layout, dtype):
+def test_forward_forms_nothing_of_size_tokens_x_out_but_the_fused_product_and_add(layout, dtype):
     model, layer = _model(layout, dtype)
     model.eval()
     x = torch.randn(*TOKENS, IN).to(dtype)
@@ -252,10 +252,33 @@ def test_forward_forms_nothing_of_size_tokens_x_out_but_the_product_and_the_add(
     ops = _adapter_ops(layer, x)
     tokens = _numel(TOKENS)
     wide = [op for op in ops if _numel(op[1]) == tokens * OUT]
-    assert len(wide) == 2, ops  # F.linear(h, B') and the add into the base output
-    assert all(op[2] == dtype for op in wide), ops  # in the input's dtype: no fp32 detour
+    assert wide == [("addmm", (tokens, OUT), dtype)], ops  # F.linear(h, F) and the add in one op, in the input's dtype
     assert not [op for op in ops if _numel(op[1]) == tokens * IN], ops  # no cast (or copy) of x
     assert not [op for op in ops if _numel(op[1]) == R * IN], ops  # no per-call cast of A
+    thin = [op for op in ops if _numel(op[1]) == tokens * R]
+    assert [op[0] for op in thin] == ["mm"], ops  # h = A x, nothing scales it: lambda_s is folded into F
+
+
+GEMMS = {"mm", "addmm", "bmm", "matmul", "linear"}
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_training_step_runs_nothing_per_token_but_matmuls(layout, dtype):
+    """Forward and backward: every op on a tokens x R or tokens x out tensor is a matmul (LoRA scales its
+    tokens x out product and its gradient; the folded GiVA layer scales only O x R factors)."""
+    model, layer = _model(layout, dtype)
+    model.train()
+    x = torch.randn(*TOKENS, IN, dtype=dtype)
+    weight = torch.randn(*TOKENS, OUT, dtype=dtype)
+    layer(x)
+    with recording() as rec:
+        (layer(x) * weight).sum().backward()
+    tokens = _numel(TOKENS)
+    per_token = [op for op in rec.ops if _numel(op[1]) in (tokens * R, tokens * OUT) and op[0] not in GEMMS]
+    loss_ops = [("mul", (*TOKENS, OUT), dtype)] * 2  # the test's own loss (out * weight) and its backward
+    assert per_token == loss_ops, rec.ops
+    assert all(p.grad is not None for p in _vectors(layer))
 
 
 def test_bfloat16_stored_a_is_cast_once_not_per_call():
@@ -351,7 +374,9 @@ def test_disable_input_dtype_casting_keeps_x_in_its_dtype(compute_dtype):
                 logits = model(**batch).logits
         assert all(layer.cast_input_dtype_enabled for layer in layers)
     assert logits.dtype == torch.bfloat16
-    assert not [op for op in rec.ops if op[0] in ("mm", "addmm", "bmm") and op[2] == torch.float32]
+    # The only fp32 matmuls: lambda_o lambda_s^T of each layer (O x R, the vectors stay fp32).
+    factors = {(layer.giva_lambda_o["default"].numel(), layer.giva_lambda_s["default"].numel()) for layer in layers}
+    assert not [op for op in rec.ops if op[0] in ("mm", "addmm", "bmm") and op[2] == torch.float32 and op[1] not in factors]
     # Without the cast, the "float32" maths run in bf16 and agree with them to bf16 rounding.
     assert _relative(logits, expected) < 2e-2
     if compute_dtype == "input":

@@ -341,15 +341,27 @@ class GivaLayer(BaseTunerLayer):
         self._forget_cast_bases(adapter_name)
         super().delete_adapter(adapter_name)
 
-    def output_factor(self, adapter_name: str) -> torch.Tensor:
-        """``B' = diag(lambda_o) B C`` (``O x R``, float32; ``C`` only with ``GivaConfig.core``): everything of
-        delta_W after ``diag(lambda_s) A``. The one place it is formed, for the forward, merge and export."""
-        lambda_o = self.giva_lambda_o[adapter_name]
-        b = self.giva_B._buffers[adapter_name].to(lambda_o.device)
-        folded = lambda_o.float().unsqueeze(1) * b.float()  # O x R
+    def _output_basis(self, adapter_name: str) -> torch.Tensor:
+        """``B C`` (``O x R``, float32; ``C`` only with ``GivaConfig.core``), on the vectors' device."""
+        b = self.giva_B._buffers[adapter_name].to(self.giva_lambda_o[adapter_name].device).float()
         if adapter_name in self.giva_core:
-            folded = folded @ self.giva_core[adapter_name].float()  # O x R
-        return folded
+            b = b @ self.giva_core[adapter_name].float()  # O x R
+        return b
+
+    def output_factor(self, adapter_name: str) -> torch.Tensor:
+        """``B' = diag(lambda_o) B C`` (``O x R``, float32): everything of delta_W after ``diag(lambda_s) A``, for
+        merge, export and mixed batches (the forward folds ``lambda_s`` in too: :meth:`adapter_factor`)."""
+        return self.giva_lambda_o[adapter_name].float().unsqueeze(1) * self._output_basis(adapter_name)
+
+    def adapter_factor(self, adapter_name: str) -> torch.Tensor:
+        """``F = diag(lambda_o) B C diag(lambda_s)`` (``O x R``, float32), so that ``delta_W = F A``.
+
+        Formed as ``B C * (lambda_o lambda_s^T)``, the outer product as a (k=1) matmul: autograd then gives both
+        vectors' gradients from ``F``'s with one elementwise op and two small matmuls, no reductions.
+        """
+        lambda_o = self.giva_lambda_o[adapter_name].float()
+        lambda_s = self.giva_lambda_s[adapter_name].float().to(lambda_o.device)
+        return self._output_basis(adapter_name) * (lambda_o.unsqueeze(1) @ lambda_s.unsqueeze(0))
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``delta_W`` of one adapter in fp32, in the base weight's layout (``in x out`` for Conv1D)."""
@@ -462,30 +474,44 @@ class GivaLayer(BaseTunerLayer):
             return self._cast_input_dtype(x, torch.float32)
         return x
 
-    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``lambda_o * B (lambda_s * A dropout(x))``, shape ``(..., O)``, folded: ``h = A dropout(x)`` in the
-        compute dtype (tokens x R), ``lambda_s`` on that thin ``h``, ``lambda_o`` (and the core ``C``, if any) folded
-        into ``B' = diag(lambda_o) B C`` (O x R, :meth:`output_factor`, formed in float32 and rounded once), then one
-        ``F.linear(h, B')``.
+    def _thin_activation_and_factor(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(h, F)`` with ``lambda_o * B (lambda_s * A dropout(x)) = F.linear(h, F)``: ``h = A dropout(x)`` (tokens x R)
+        in the compute dtype, and both vectors (and the core ``C``, if any) folded into
+        ``F = diag(lambda_o) B C diag(lambda_s)`` (O x R, :meth:`adapter_factor`): formed in float32, rounded once to
+        the compute dtype.
 
-        ``A`` is a frozen buffer, so autograd forms no ``R x in`` gradient; the vectors keep their dtype and
-        their gradients flow through the small casts. Nothing of size tokens x O is formed but the output.
+        ``A`` is a frozen buffer, so autograd forms no ``R x in`` gradient; the vectors' gradients come from
+        ``F``'s (an ``O x R`` product over the tokens, the one ``lambda_o`` needs anyway) through small ``O x R``
+        ops, so nothing of size tokens x R or tokens x O is scaled, cast or copied.
         """
         self.ensure_bases(adapter_name)
         self._check_bases(adapter_name)
         x = self._compute_input(x, adapter_name)
         dtype = x.dtype
         a = self._input_basis(adapter_name, dtype, x.device)
-        lambda_s = self.giva_lambda_s[adapter_name]
-        h = F.linear(self.giva_dropout[adapter_name](x), a) * lambda_s.to(dtype)  # tokens x R
-        return F.linear(h, self.output_factor(adapter_name).to(dtype))  # tokens x O
+        h = F.linear(self.giva_dropout[adapter_name](x), a)  # tokens x R
+        return h, self.adapter_factor(adapter_name).to(device=h.device, dtype=dtype)
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``lambda_o * B (lambda_s * A dropout(x))``, shape ``(..., O)``: one ``F.linear(h, F)`` over the thin ``h``
+        (see :meth:`_thin_activation_and_factor`)."""
+        h, factor = self._thin_activation_and_factor(x, adapter_name)
+        return F.linear(h, factor)  # tokens x O
 
     def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``result`` (the base output) plus the adapter's output: one add, or ``index_add`` for partial fused blocks."""
-        delta = self._adapter_output(x, adapter_name).to(result.dtype)
+        """``result`` (the base output) plus the adapter's output.
+
+        When the adapter maths run in ``result``'s dtype, one ``addmm`` (the add fused into the product: no tokens x O
+        temporary, no elementwise pass over the output); ``index_add`` for partial fused blocks; else a product, its
+        cast to ``result``'s dtype and an add (``compute_dtype="float32"`` on a half-precision base).
+        """
+        h, factor = self._thin_activation_and_factor(x, adapter_name)
         if adapter_name in self.giva_out_index:
-            return result.index_add(-1, self.giva_out_index[adapter_name], delta)
-        return result + delta
+            return result.index_add(-1, self.giva_out_index[adapter_name], F.linear(h, factor).to(result.dtype))
+        if h.dtype == result.dtype and result.is_contiguous():
+            fused = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), factor.t())
+            return fused.view(result.shape)
+        return result + F.linear(h, factor).to(result.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
