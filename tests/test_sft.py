@@ -279,3 +279,11 @@ def test_a_max_length_that_cuts_off_every_completion_is_refused(chat_model, pc_j
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--max-length", "8")) == 2
     assert "--max-length 8 cuts off the whole completion of 8 of the 8 validation rows; raise --max-length" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", [0, 2.5, "some", True])
+def test_sft_options_name_both_kinds_of_num_batches(value):
+    """The library's SFTOptions refuses what the CLI's --num-batches refuses, naming ints and 'all'."""
+    with pytest.raises(ValueError, match=r"^SFTOptions\.num_batches must be a whole number >= 1 or 'all', got "):
+        SFTOptions(num_batches=value)
+    assert SFTOptions(num_batches="all").num_batches == "all" and SFTOptions(num_batches=3).num_batches == 3

@@ -73,9 +73,15 @@ class SFTOptions:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("r", "batch_size", "num_batches"):
-            if not (name == "num_batches" and self.num_batches == "all"):
-                _whole(name, getattr(self, name), 1)
+        for name in ("r", "batch_size"):
+            _whole(name, getattr(self, name), 1)
+        if self.num_batches != "all":
+            try:
+                _whole("num_batches", self.num_batches, 1)
+            except ValueError:
+                raise ValueError(
+                    f"SFTOptions.num_batches must be a whole number >= 1 or 'all', got {self.num_batches!r}"
+                ) from None
         _whole("max_length", self.max_length, 8)
         _whole("seed", self.seed, 0)
         for name in ("max_steps", "max_train_samples"):

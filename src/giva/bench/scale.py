@@ -38,7 +38,7 @@ from typing import Any, Optional
 
 import torch
 
-from .runner import proc_status_bytes
+from .runner import PEAK_RSS_HOW, proc_status_bytes, reset_peak_rss
 
 logger = logging.getLogger(__name__)
 
@@ -160,13 +160,9 @@ def _rss_bytes(field: str) -> int:
 
 
 def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    """Collect garbage, then reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
     gc.collect()
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
+    return reset_peak_rss() == PEAK_RSS_HOW
 
 
 def _giva_model(base: torch.nn.Module, variant: str = "Vr") -> torch.nn.Module:
