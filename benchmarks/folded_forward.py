@@ -14,6 +14,10 @@
    forward it replaced (commit 995c396: ``lambda_s`` on the thin ``h``, ``lambda_o`` folded into ``B``, then a
    separate add; kept below as :func:`previous_add_adapter_output`), in one process, on the same batches,
    steps interleaved A B B A; the ratio of medians with a paired bootstrap interval.
+4. Per-layer dispatch time: forward and backward of the one-layer bf16 model with tiny tensors, so the time is
+   the host's work per layer (Python, dispatch, autograd), the cost that bounds a step when kernel launches do
+   (issue 23's 1B shape); GiVA (this forward and the previous one), PEFT LoRA (both settings) and the frozen
+   layer alone, rounds interleaved, the fastest round of each (1 thread).
 
     python benchmarks/folded_forward.py     # writes benchmarks/results/folded/forward.{json,md}; CPU, about 2 min
 """
@@ -178,6 +182,41 @@ def cpu_step(pairs: int = 40, warmup: int = 8) -> dict:
     }
 
 
+def dispatch_time(rounds: int = 7, calls: int = 2000) -> dict:
+    """Microseconds per forward + backward of one tiny adapted bf16 layer (the fastest of ``rounds`` rounds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    dtype = torch.bfloat16
+    x = torch.randn(*t.TOKENS, t.IN, dtype=dtype, requires_grad=True)
+    torch.manual_seed(0)
+    giva_model = get_peft_model(t.OneLayer("linear").to(dtype), GivaConfig(r=t.R, target_modules=["proj"], init_weights=False))
+    lora = {kind: get_peft_model(t.OneLayer("linear").to(dtype), LoraConfig(r=t.R, target_modules=["proj"]),
+                                 autocast_adapter_dtype=kind == "lora") for kind in ("lora", "lora-bf16")}
+    layer = giva_model.base_model.model.proj
+    current = GivaLayer._add_adapter_output
+    arms = {
+        "giva": (layer, current), "giva-995c396": (layer, previous_add_adapter_output),
+        "lora": (lora["lora"].base_model.model.proj, None), "lora-bf16": (lora["lora-bf16"].base_model.model.proj, None),
+        "frozen layer": (layer.base_layer, None),
+    }
+    best = {name: float("inf") for name in arms}
+    try:
+        for _ in range(rounds):
+            for name, (module, add) in arms.items():
+                if add is not None:
+                    GivaLayer._add_adapter_output = add
+                for _ in range(calls // 10):  # warm
+                    module(x).sum().backward()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    module(x).sum().backward()
+                best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+    finally:
+        GivaLayer._add_adapter_output = current
+        torch.set_num_threads(threads)
+    return {"us": best, "above_frozen_us": {n: v - best["frozen layer"] for n, v in best.items() if n != "frozen layer"}}
+
+
 def write(results: dict) -> None:
     OUTPUT.mkdir(parents=True, exist_ok=True)
     (OUTPUT / "forward.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -228,6 +267,21 @@ def write(results: dict) -> None:
         "|---:|---:|---|",
         f"| {c['previous_median_ms']:.1f} | {c['this_median_ms']:.1f} | {c['ratio']:.3f}x [{c['low']:.3f}, {c['high']:.3f}] |",
     ]
+    d = results["dispatch"]
+    lines += [
+        "",
+        "## Per-layer dispatch time (host work, tiny bf16 layer)",
+        "",
+        "Forward and backward of the one-layer bf16 model, 1 thread, the fastest of 7 interleaved rounds of 2000 calls: "
+        "with tensors this small the time is Python, dispatch and autograd, which is what bounds a step when kernel "
+        "launches do.",
+        "",
+        "| adapter | us per call | above the frozen layer's (us) |",
+        "|---|---:|---:|",
+    ]
+    for name, value in d["us"].items():
+        above = d["above_frozen_us"].get(name)
+        lines.append(f"| {name} | {value:.1f} | {'-' if above is None else f'{above:.1f}'} |")
     (OUTPUT / "forward.md").write_text("\n".join(lines) + "\n")
 
 
@@ -238,6 +292,7 @@ def main() -> None:
         "precision": precision(),
         "operators": operators(),
         "cpu_step": cpu_step(),
+        "dispatch": dispatch_time(),
     }
     write(results)
     print((OUTPUT / "forward.md").read_text())

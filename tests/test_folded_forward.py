@@ -259,6 +259,24 @@ def test_forward_forms_nothing_of_size_tokens_x_out_but_the_fused_product_and_ad
     assert [op[0] for op in thin] == ["mm"], ops  # h = A x, nothing scales it: lambda_s is folded into F
 
 
+def test_under_autocast_the_add_is_fused_too_and_the_output_within_bf16_tolerance():
+    """An fp32 model under torch.autocast(bf16), as Trainer(bf16=True) runs one: the adapter's product and add
+    run as autocast's one bf16 addmm, and the output stays within bf16 rounding of the fp32 forward."""
+    model, layer = _model("linear")
+    model.eval()
+    x = torch.randn(*TOKENS, IN)
+    with torch.no_grad():
+        expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+        ops = _adapter_ops(layer, x)
+        with torch.no_grad():
+            out = layer(x)
+    wide = [op for op in ops if _numel(op[1]) == _numel(TOKENS) * OUT]
+    assert wide == [("addmm", (_numel(TOKENS), OUT), torch.bfloat16)], ops
+    assert out.dtype == torch.bfloat16 and _relative(out, expected) < HALF_TOLERANCE[torch.bfloat16]
+
+
 GEMMS = {"mm", "addmm", "bmm", "matmul", "linear"}
 
 

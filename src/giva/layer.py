@@ -45,6 +45,13 @@ def _tensor_state(tensor: torch.Tensor) -> Optional[tuple]:
         return None
 
 
+def _as_float32(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` as float32 on ``device``: itself when it already is (no dispatch: this runs per layer per forward)."""
+    if tensor.dtype == torch.float32 and tensor.device == device:
+        return tensor
+    return tensor.to(device=device, dtype=torch.float32)
+
+
 class BasesNotInitializedError(RuntimeError):
     """Raised when a GiVA adapter with gradient bases is trained before `giva.initialize` filled them."""
 
@@ -343,10 +350,9 @@ class GivaLayer(BaseTunerLayer):
 
     def _output_basis(self, adapter_name: str) -> torch.Tensor:
         """``B C`` (``O x R``, float32; ``C`` only with ``GivaConfig.core``), on the vectors' device."""
-        b = self.giva_B._buffers[adapter_name].to(self.giva_lambda_o[adapter_name].device).float()
-        if adapter_name in self.giva_core:
-            b = b @ self.giva_core[adapter_name].float()  # O x R
-        return b
+        b = _as_float32(self.giva_B._buffers[adapter_name], self.giva_lambda_o._parameters[adapter_name].device)
+        core = self.giva_core._parameters.get(adapter_name)
+        return b if core is None else b @ core.float()  # O x R
 
     def output_factor(self, adapter_name: str) -> torch.Tensor:
         """``B' = diag(lambda_o) B C`` (``O x R``, float32): everything of delta_W after ``diag(lambda_s) A``, for
@@ -359,8 +365,9 @@ class GivaLayer(BaseTunerLayer):
         Formed as ``B C * (lambda_o lambda_s^T)``, the outer product as a (k=1) matmul: autograd then gives both
         vectors' gradients from ``F``'s with one elementwise op and two small matmuls, no reductions.
         """
-        lambda_o = self.giva_lambda_o[adapter_name].float()
-        lambda_s = self.giva_lambda_s[adapter_name].float().to(lambda_o.device)
+        lambda_o = self.giva_lambda_o._parameters[adapter_name]
+        lambda_o = _as_float32(lambda_o, lambda_o.device)
+        lambda_s = _as_float32(self.giva_lambda_s._parameters[adapter_name], lambda_o.device)
         return self._output_basis(adapter_name) * (lambda_o.unsqueeze(1) @ lambda_s.unsqueeze(0))
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -474,44 +481,49 @@ class GivaLayer(BaseTunerLayer):
             return self._cast_input_dtype(x, torch.float32)
         return x
 
+    def _prepare_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Check the bases (computing deferred `weight` ones), then ``x`` in the compute dtype, dropout applied."""
+        self.ensure_bases(adapter_name)
+        self._check_bases(adapter_name)
+        x = self._compute_input(x, adapter_name)
+        dropout = self.giva_dropout._modules[adapter_name]
+        return x if type(dropout) is nn.Identity else dropout(x)  # no module call for the no-op
+
     def _thin_activation_and_factor(self, x: torch.Tensor, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(h, F)`` with ``lambda_o * B (lambda_s * A dropout(x)) = F.linear(h, F)``: ``h = A dropout(x)`` (tokens x R)
-        in the compute dtype, and both vectors (and the core ``C``, if any) folded into
+        """``(h, F)`` with ``lambda_o * B (lambda_s * A x) = F.linear(h, F)``, for ``x`` from :meth:`_prepare_input`:
+        ``h = A x`` (tokens x R) in ``x``'s dtype, and both vectors (and the core ``C``, if any) folded into
         ``F = diag(lambda_o) B C diag(lambda_s)`` (O x R, :meth:`adapter_factor`): formed in float32, rounded once to
-        the compute dtype.
+        that dtype.
 
         ``A`` is a frozen buffer, so autograd forms no ``R x in`` gradient; the vectors' gradients come from
         ``F``'s (an ``O x R`` product over the tokens, the one ``lambda_o`` needs anyway) through small ``O x R``
         ops, so nothing of size tokens x R or tokens x O is scaled, cast or copied.
         """
-        self.ensure_bases(adapter_name)
-        self._check_bases(adapter_name)
-        x = self._compute_input(x, adapter_name)
-        dtype = x.dtype
-        a = self._input_basis(adapter_name, dtype, x.device)
-        h = F.linear(self.giva_dropout[adapter_name](x), a)  # tokens x R
-        return h, self.adapter_factor(adapter_name).to(device=h.device, dtype=dtype)
+        h = F.linear(x, self._input_basis(adapter_name, x.dtype, x.device))  # tokens x R
+        return h, self.adapter_factor(adapter_name).to(device=h.device, dtype=x.dtype)
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``lambda_o * B (lambda_s * A dropout(x))``, shape ``(..., O)``: one ``F.linear(h, F)`` over the thin ``h``
         (see :meth:`_thin_activation_and_factor`)."""
-        h, factor = self._thin_activation_and_factor(x, adapter_name)
+        h, factor = self._thin_activation_and_factor(self._prepare_input(x, adapter_name), adapter_name)
         return F.linear(h, factor)  # tokens x O
 
     def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``result`` (the base output) plus the adapter's output.
 
-        When the adapter maths run in ``result``'s dtype, one ``addmm`` (the add fused into the product: no tokens x O
-        temporary, no elementwise pass over the output); ``index_add`` for partial fused blocks; else a product, its
-        cast to ``result``'s dtype and an add (``compute_dtype="float32"`` on a half-precision base).
+        When the adapter maths run in ``result``'s dtype, one ``addmm`` on the 2-D views of the tokens (the add
+        fused into the product: no tokens x O temporary, no elementwise pass over the output); ``index_add`` for
+        partial fused blocks; else a product, its cast to ``result``'s dtype and an add (``compute_dtype="float32"``
+        on a half-precision base).
         """
-        h, factor = self._thin_activation_and_factor(x, adapter_name)
-        if adapter_name in self.giva_out_index:
+        x = self._prepare_input(x, adapter_name)
+        if adapter_name in self.giva_out_index._buffers:
+            h, factor = self._thin_activation_and_factor(x, adapter_name)
             return result.index_add(-1, self.giva_out_index[adapter_name], F.linear(h, factor).to(result.dtype))
-        if h.dtype == result.dtype and result.is_contiguous():
-            fused = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), factor.t())
-            return fused.view(result.shape)
-        return result + F.linear(h, factor).to(result.dtype)
+        h, factor = self._thin_activation_and_factor(x.reshape(-1, x.shape[-1]), adapter_name)  # tokens x R
+        if h.dtype == result.dtype and result.is_contiguous():  # (under autocast h has its dtype already)
+            return torch.addmm(result.view(-1, self.out_features), h, factor.t()).view(result.shape)
+        return result + F.linear(h, factor).to(result.dtype).view(result.shape)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
