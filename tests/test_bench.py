@@ -133,6 +133,26 @@ def test_every_method_and_suite_config_loads() -> None:
                 load_method(BENCH, method)
 
 
+def test_comparisons_and_end_to_end_come_from_the_suite_and_name_bad_rows() -> None:
+    """The report's side comparisons live in the suite JSON (none in code): every row a comparison names is a
+    row some phase of the suite runs, and a malformed one is refused naming the comparison and the row."""
+    from giva.bench.spec import Comparison
+
+    evidence = load_suite(BENCH, "evidence")
+    assert evidence.end_to_end == ("giva-default-r8", "lora-r8-all") and len(evidence.comparisons) >= 20
+    planned = {(p.task, m, a.tag if a else None) for p in evidence.phases for m in p.methods for a in p.ablations or (None,)}
+    for comparison in evidence.comparisons:
+        for ref in (*comparison.plus, *comparison.minus):
+            task, _, rest = ref.partition("/")
+            method, _, tag = rest.partition(":")
+            assert (task, method, tag or None) in planned, (comparison.what, ref)
+    assert load_suite(BENCH, "full").comparisons == () and load_suite(BENCH, "full").end_to_end is None
+    with pytest.raises(ValueError, match=r"^comparison 'x': row 'sst-giva' must be 'task/method' or 'task/method:ablation'$"):
+        Comparison("x", ("sst-giva",), ("sst/lora",))
+    with pytest.raises(ValueError, match=r"^comparison 'x' needs rows in both 'plus' and 'minus'$"):
+        Comparison("x", ("sst/giva",), ())
+
+
 def test_every_accuracy_claim_row_of_the_evidence_suite_plans_enough_seeds_for_a_verdict() -> None:
     # A row planned with fewer than MIN_SEEDS seeds leaves its claim pairs 'pending' for good (task 2 and
     # SmolLM2 were once planned at 3). Speed pairs are 'phase/method' and size pairs need no seeds.

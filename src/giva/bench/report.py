@@ -25,33 +25,6 @@ PLOTS = ("acc_vs_params.png", "acc_vs_rank.png", "step_time.png", "loss_curves.p
 
 # Comparisons the README states beside the claims, each as (what, rows added, rows subtracted); a suite without
 # the rows gets none of them. Every row at its chosen LR, paired over the seeds all its rows ran.
-COMPARISONS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
-    ("k=1 against k=4 calibration batches (phase `defaults`, every linear layer, r=8)",
-     ("sst/giva-default-k1-r8",), ("sst/giva-default-r8",)),
-    ("query/value only against every linear layer (phase `defaults`, k=4, r=8)", ("sst/giva-k4-r8",), ("sst/giva-default-r8",)),
-    ("GiVA r=32 against GiVA r=8 (every linear layer)", ("sst/giva-default-r32",), ("sst/giva-default-r8",)),
-    ("GiVA r=256 against GiVA r=1 (every linear layer)", ("sst/giva-default-r256",), ("sst/giva-default-r1",)),
-    ("change in GiVA r=8's gap to LoRA r=8 from `sst` (1600 sentences, 100 steps) to `sst-long` (2600, 3 epochs)",
-     ("sst-long/giva-default-r8", "sst/lora-r8-all"), ("sst-long/lora-r8-all", "sst/giva-default-r8")),
-    ("GiVA r=8: `sst-long` (2600 sentences, 3 epochs) against `sst` (1600 sentences, 100 steps)",
-     ("sst-long/giva-default-r8",), ("sst/giva-default-r8",)),
-    ("VeRA r=64: `sst-long` against `sst`", ("sst-long/vera-r64-all",), ("sst/vera-r64-all",)),
-    ("LoRA r=8: `sst-long` against `sst`", ("sst-long/lora-r8-all",), ("sst/lora-r8-all",)),
-)
-# Issue 25's gap study: what each candidate change does to GiVA r=8 itself, on both tasks (which change moves it at all).
-GAP_CANDIDATES = (
-    ("giva-core-r8", "the trainable r x r core"), ("giva-vrur-r8-all", "B from the gradient (VrUr)"),
-    ("giva-vru2r-r8-all", "B from the gradient (VrU2r)"), ("giva-k100-r8", "calibration on the whole training set"),
-    ("giva-flip-r8", "lambda_s = 0, lambda_o = 1 at init"), ("giva-lslr10-r8", "lambda_s at 10x the LR"),
-)
-COMPARISONS += tuple(
-    (f"gap study, `{task}`: {label} against the default GiVA r=8", (f"{task}/{method}",), (f"{task}/giva-default-r8",))
-    for task in ("sst", "uncertainty") for method, label in GAP_CANDIDATES
-)
-# End to end (initialisation + training) per task: GiVA r=8 against LoRA r=8 on the same layers.
-END_TO_END = ("giva-default-r8", "lora-r8-all")
-
-
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value, NaN for none)."""
     if not values:
@@ -517,11 +490,12 @@ def write_report(output_dir: Path, spec: SuiteSpec) -> dict[str, Any]:
     speeds = [r for r in runs if r.get("kind") == "speed"]
     lines = headlines(rows, speeds, headline_task, spec.headline_pairs, spec.headline_sizes)
     claims = evaluate_claims(spec.claims, rows, speeds)
-    comparisons = [{"what": what, **combination(rows, plus, minus)} for what, plus, minus in COMPARISONS
-                   if all(_find(rows, *split_ref(ref)) for ref in (*plus, *minus))]
-    end_to_end = [{"task": task, "steps": _find(rows, task, END_TO_END[0])["steps"],
-                   **end_to_end_ratio(rows, *(f"{task}/{m}" for m in END_TO_END))}
-                  for task in sorted({r["task"] for r in rows}) if all(_find(rows, task, m) for m in END_TO_END)]
+    comparisons = [{"what": c.what, **combination(rows, c.plus, c.minus)} for c in spec.comparisons
+                   if all(_find(rows, *split_ref(ref)) for ref in (*c.plus, *c.minus))]
+    pair = spec.end_to_end
+    end_to_end = [{"task": task, "steps": _find(rows, task, pair[0])["steps"],
+                   **end_to_end_ratio(rows, *(f"{task}/{m}" for m in pair))}
+                  for task in sorted({r["task"] for r in rows}) if pair and all(_find(rows, task, m) for m in pair)]
     per_example = ("test_correct_by_seed", "test_sha256_by_seed", "test_correct_by_lr", "test_sha256_by_lr")  # in the run JSONs; kept out of the summary
     results = {
         "suite": suite,

@@ -151,6 +151,24 @@ class Phase:
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """A difference the report states beside the claims: the paired interval of sum(``plus`` rows) - sum(``minus``
+    rows) test accuracy, each row ``'task/method'`` or ``'task/method:ablation'`` at its chosen LR."""
+
+    what: str
+    plus: tuple[str, ...]
+    minus: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        for ref in (*self.plus, *self.minus):
+            where, sep, rest = ref.partition("/")
+            if not (where and sep and rest and rest.partition(":")[0]):
+                raise ValueError(f"comparison {self.what!r}: row {ref!r} must be 'task/method' or 'task/method:ablation'")
+        if not self.plus or not self.minus:
+            raise ValueError(f"comparison {self.what!r} needs rows in both 'plus' and 'minus'")
+
+
+@dataclass(frozen=True)
 class SuiteSpec:
     name: str
     version: int
@@ -164,6 +182,8 @@ class SuiteSpec:
     headline_pairs: tuple[tuple[str, str], ...] = DEFAULT_HEADLINE_PAIRS
     headline_sizes: tuple[str, ...] = DEFAULT_HEADLINE_SIZES
     claims: tuple[dict[str, Any], ...] = ()  # the paper's claims and the row pairs that decide them (see stats.py)
+    comparisons: tuple[Comparison, ...] = ()  # further differences the report states, with their intervals
+    end_to_end: Optional[tuple[str, str]] = None  # (a, b) methods: a's init + training time over b's, per task
 
     def __post_init__(self) -> None:
         head_lr = self.train.get("head_lr", "same")
@@ -225,4 +245,8 @@ def load_suite(root: Path, name: str) -> SuiteSpec:
         headline_pairs=tuple(tuple(pair) for pair in raw.get("headline_pairs", DEFAULT_HEADLINE_PAIRS)),
         headline_sizes=tuple(raw.get("headline_sizes", DEFAULT_HEADLINE_SIZES)),
         claims=tuple(raw.get("claims", ())),
+        comparisons=tuple(
+            Comparison(c["what"], tuple(c["plus"]), tuple(c["minus"])) for c in raw.get("comparisons", ())
+        ),
+        end_to_end=tuple(raw["end_to_end"]) if raw.get("end_to_end") else None,
     )
