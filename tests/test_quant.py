@@ -333,6 +333,41 @@ def test_a_benchmark_task_with_nf4_loads_the_base_as_qlora_does(tiny_dir: Path) 
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())
 
 
+@needs_bnb
+def test_a_benchmark_method_can_take_its_bases_from_the_unquantised_weights(tiny_dir: Path) -> None:
+    """``init.bases_from = "unquantised"`` (the exploratory phase clm-nf4-bases): the 4-bit model trains on the bases
+    that the same weights, loaded without quantisation, give on the same batches; a bad value is refused by name."""
+    from types import SimpleNamespace
+
+    from giva.bench.methods import build_model
+    from giva.bench.spec import MethodSpec, TaskSpec
+
+    def method(**init) -> MethodSpec:
+        return MethodSpec(name="g", version=1, family="giva", kind="peft", lr=0.01, lr_sweep=(0.01,), peft_type="GIVA",
+                          peft_kwargs={"r": 2, "target_modules": ["q_proj", "v_proj"]}, init=init)
+
+    spec = TaskSpec(name="clm-q", model="tiny", data="pang-lee", kind="clm", quantization="nf4")
+    task = SimpleNamespace(spec=spec, model_path=str(tiny_dir), tokenizer=SimpleNamespace(pad_token_id=0))
+    plain_task = SimpleNamespace(spec=TaskSpec(name="clm", model="tiny", data="pang-lee", kind="clm"),
+                                 model_path=str(tiny_dir), tokenizer=task.tokenizer)
+    batches = text_batches(labels="lm")
+
+    def bases(model: nn.Module) -> dict[str, torch.Tensor]:
+        return {n: t.clone() for n, t in model.state_dict().items() if ".giva_A." in n or ".giva_B." in n}
+
+    twin = build_model(method(), plain_task, 0, batches)
+    from_task = build_model(method(), task, 0, batches)
+    unquantised = build_model(method(bases_from="unquantised"), task, 0, batches)
+    expected, got, own = bases(twin.model), bases(unquantised.model), bases(from_task.model)
+    assert expected.keys() == got.keys() == own.keys() and expected
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert any(not torch.equal(own[k], got[k]) for k in own if ".giva_A." in k)  # the 4-bit gradient differs
+    assert unquantised.model.peft_config["default"].bases_info["source"] == "gradient of the unquantised weights"
+    assert unquantised.init_seconds > 0 and any(isinstance(m, QuantLinear) for m in unquantised.model.modules())
+    with pytest.raises(ValueError, match=r"^method 'g': init.bases_from must be one of \('task', 'unquantised'\), got 'bf16'$"):
+        method(bases_from="bf16")
+
+
 def test_a_4bit_suite_without_bitsandbytes_fails_before_any_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from giva.bench import runner
     from giva.bench.spec import benchmarks_dir, load_suite

@@ -55,9 +55,10 @@ def quantization_config(quantization: Optional[str]) -> Any:
     )
 
 
-def load_base(task: TaskData, seed: int) -> nn.Module:
+def load_base(task: TaskData, seed: int, quantize: bool = True) -> nn.Module:
+    """The task's pretrained model (quantised as the task says, unless ``quantize`` is False)."""
     torch.manual_seed(seed)  # the fresh classification head: identical for every method of a seed
-    quantized = quantization_config(task.spec.quantization)
+    quantized = quantization_config(task.spec.quantization) if quantize else None
     kwargs = {"quantization_config": quantized} if quantized is not None else {}
     if task.spec.kind == "clm":
         model = AutoModelForCausalLM.from_pretrained(task.model_path, **kwargs)
@@ -131,10 +132,38 @@ def build_model(method: MethodSpec, task: TaskData, seed: int, calibration: Data
         return built
     built.init_seconds = 0.0  # plain wrapping is not initialisation work
     if method.peft_type == "GIVA" and config.variant in GIVA_GRADIENT_VARIANTS:
-        report = initialize(model, calibration, num_batches=calibration_batches(method, calibration), progress=False)
+        if method.init.get("bases_from") == "unquantised" and task.spec.quantization is not None:
+            start = time.perf_counter()
+            with torch.random.fork_rng(devices=[]):  # loading the twin reseeds the global RNG: keep training's draws
+                report = _bases_from_unquantised(model, method, task, seed, calibration)
+            built.init_seconds = time.perf_counter() - start  # loading the unquantised twin included
+        else:
+            report = initialize(model, calibration, num_batches=calibration_batches(method, calibration), progress=False)
+            built.init_seconds = report.total_seconds
         built.gradient_seconds, built.svd_seconds = report.gradient_seconds, report.svd_seconds
-        built.init_seconds = report.total_seconds
     return built
+
+
+def _bases_from_unquantised(model: nn.Module, method: MethodSpec, task: TaskData, seed: int, calibration: DataLoader) -> Any:
+    """GiVA's bases from the gradient of the same weights loaded without quantisation (same seed, same batches),
+    written into the quantised ``model``; the unquantised copy is dropped. Returns its ``initialize`` report."""
+    twin = get_peft_model(load_base(task, seed, quantize=False), peft_config(method, task, seed))
+    report = initialize(twin, calibration, num_batches=calibration_batches(method, calibration), progress=False)
+    sources = {name: m for name, m in twin.named_modules() if isinstance(m, GivaLayer)}
+    targets = {name: m for name, m in model.named_modules() if isinstance(m, GivaLayer)}
+    if sources.keys() != targets.keys():
+        raise RuntimeError(f"the unquantised and the quantised model adapt different layers: {sorted(sources.keys() ^ targets.keys())}")
+    for name, layer in targets.items():
+        for adapter, blocks in layer.blocks.items():
+            a, b = sources[name].giva_A[adapter], sources[name].giva_B[adapter]
+            for blk in blocks:
+                ranks = slice(blk.rank_offset, blk.rank_offset + blk.rank)
+                rows = slice(blk.row_offset, blk.row_offset + blk.out_size)
+                layer.set_block_bases(adapter, blk, a[ranks].float(), b[rows, ranks].float())
+    for adapter, config in twin.peft_config.items():
+        model.peft_config[adapter].bases_info = {**config.bases_info, "source": "gradient of the unquantised weights"}
+    del twin
+    return report
 
 
 def calibration_batches(method: MethodSpec, calibration: DataLoader) -> int:

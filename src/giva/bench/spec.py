@@ -20,6 +20,9 @@ METHOD_KINDS = ("none", "floor", "probe", "full", "peft", "osora")
 UNTRAINED_KINDS = ("none", "floor")
 PHASE_KINDS = ("train", "speed")
 LR_RULES = ("sweep", "best", "default", "adaptive")
+# GiVA's gradient: taken on the model as the task loads it, or ("unquantised") on the same weights loaded without
+# the task's quantisation, the bases then copied onto the quantised model that trains
+BASES_FROM = ("task", "unquantised")
 HEAD_LR_RULES = ("same", "probe")  # or a number: one head LR shared by every method
 DEFAULT_HEADLINE_PAIRS = (("giva-r8", "vera-r64"), ("giva-r32", "vera-r256"))
 DEFAULT_HEADLINE_SIZES = ("giva-r8", "giva-r32", "lora-r8", "vera-r64", "vera-r256")
@@ -40,7 +43,7 @@ class MethodSpec:
     lr_sweep: tuple[float, ...]
     peft_type: Optional[str] = None  # LORA, VERA or GIVA for kind 'peft'; GIVA ('weight' bases) for 'osora'
     peft_kwargs: dict[str, Any] = field(default_factory=dict)
-    init: dict[str, Any] = field(default_factory=dict)  # num_batches (GiVA k), loraga_batches
+    init: dict[str, Any] = field(default_factory=dict)  # num_batches (GiVA k), bases_from (GiVA), loraga_batches
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields of this method (e.g. lr_scales)
     rank: Optional[int] = None
     description: str = ""
@@ -62,6 +65,8 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: kind {self.kind!r} needs a peft_type")
         if self.kind not in UNTRAINED_KINDS and (self.lr <= 0 or any(lr <= 0 for lr in self.lr_sweep) or not self.lr_sweep):
             raise ValueError(f"method {self.name!r}: lr and a non-empty lr_sweep of positive values are required")
+        if self.init.get("bases_from", BASES_FROM[0]) not in BASES_FROM:
+            raise ValueError(f"method {self.name!r}: init.bases_from must be one of {BASES_FROM}, got {self.init['bases_from']!r}")
 
     def with_overrides(self, peft: dict[str, Any], init: dict[str, Any]) -> "MethodSpec":
         """The same method with some PEFT / initialisation settings replaced (an ablation)."""
