@@ -137,18 +137,18 @@ def test_comparisons_and_end_to_end_come_from_the_suite_and_name_bad_rows() -> N
     """The report's side comparisons live in the suite JSON (none in code): every row a comparison names is a
     row some phase of the suite runs, and a malformed one is refused naming the comparison and the row."""
     from giva.bench.spec import Comparison
+    from giva.bench.stats import split_ref
 
     evidence = load_suite(BENCH, "evidence")
     assert evidence.end_to_end == ("giva-default-r8", "lora-r8-all") and len(evidence.comparisons) >= 20
     planned = {(p.task, m, a.tag if a else None) for p in evidence.phases for m in p.methods for a in p.ablations or (None,)}
     for comparison in evidence.comparisons:
         for ref in (*comparison.plus, *comparison.minus):
-            task, _, rest = ref.partition("/")
-            method, _, tag = rest.partition(":")
-            assert (task, method, tag or None) in planned, (comparison.what, ref)
+            assert split_ref(ref) in planned, (comparison.what, ref)
     assert load_suite(BENCH, "full").comparisons == () and load_suite(BENCH, "full").end_to_end is None
-    with pytest.raises(ValueError, match=r"^comparison 'x': row 'sst-giva' must be 'task/method' or 'task/method:ablation'$"):
-        Comparison("x", ("sst-giva",), ("sst/lora",))
+    for bad in ("sst-giva", "sst/", "sst/:r8", "/giva"):
+        with pytest.raises(ValueError, match=rf"^comparison 'x': row '{bad}' must be 'task/method' or 'task/method:ablation'$"):
+            Comparison("x", (bad,), ("sst/lora",))
     with pytest.raises(ValueError, match=r"^comparison 'x' needs rows in both 'plus' and 'minus'$"):
         Comparison("x", ("sst/giva",), ())
 

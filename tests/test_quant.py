@@ -364,6 +364,9 @@ def test_a_benchmark_method_can_take_its_bases_from_the_unquantised_weights(tiny
     assert any(not torch.equal(own[k], got[k]) for k in own if ".giva_A." in k)  # the 4-bit gradient differs
     assert unquantised.model.peft_config["default"].bases_info["source"] == "gradient of the unquantised weights"
     assert unquantised.init_seconds > 0 and any(isinstance(m, QuantLinear) for m in unquantised.model.modules())
+    unquantised.model.train()
+    unquantised.model(**batches[0]).loss.backward()  # the loaded bases count as initialised: it trains
+    assert all(p.grad is not None for p in unquantised.model.parameters() if p.requires_grad)
     with pytest.raises(ValueError, match=r"^method 'g': init.bases_from must be one of \('task', 'unquantised'\), got 'bf16'$"):
         method(bases_from="bf16")
 

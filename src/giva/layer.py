@@ -348,16 +348,17 @@ class GivaLayer(BaseTunerLayer):
         self._forget_cast_bases(adapter_name)
         super().delete_adapter(adapter_name)
 
-    def _output_basis(self, adapter_name: str) -> torch.Tensor:
-        """``B C`` (``O x R``, float32; ``C`` only with ``GivaConfig.core``), on the vectors' device."""
-        b = _as_float32(self.giva_B._buffers[adapter_name], self.giva_lambda_o._parameters[adapter_name].device)
+    def _output_basis(self, adapter_name: str, device: torch.device) -> torch.Tensor:
+        """``B C`` (``O x R``, float32; ``C`` only with ``GivaConfig.core``) on ``device`` (the vectors')."""
+        b = _as_float32(self.giva_B._buffers[adapter_name], device)
         core = self.giva_core._parameters.get(adapter_name)
         return b if core is None else b @ core.float()  # O x R
 
     def output_factor(self, adapter_name: str) -> torch.Tensor:
         """``B' = diag(lambda_o) B C`` (``O x R``, float32): everything of delta_W after ``diag(lambda_s) A``, for
         merge, export and mixed batches (the forward folds ``lambda_s`` in too: :meth:`adapter_factor`)."""
-        return self.giva_lambda_o[adapter_name].float().unsqueeze(1) * self._output_basis(adapter_name)
+        lambda_o = self.giva_lambda_o[adapter_name]
+        return lambda_o.float().unsqueeze(1) * self._output_basis(adapter_name, lambda_o.device)
 
     def adapter_factor(self, adapter_name: str) -> torch.Tensor:
         """``F = diag(lambda_o) B C diag(lambda_s)`` (``O x R``, float32), so that ``delta_W = F A``.
@@ -368,7 +369,7 @@ class GivaLayer(BaseTunerLayer):
         lambda_o = self.giva_lambda_o._parameters[adapter_name]
         lambda_o = _as_float32(lambda_o, lambda_o.device)
         lambda_s = _as_float32(self.giva_lambda_s._parameters[adapter_name], lambda_o.device)
-        return self._output_basis(adapter_name) * (lambda_o.unsqueeze(1) @ lambda_s.unsqueeze(0))
+        return self._output_basis(adapter_name, lambda_o.device) * (lambda_o.unsqueeze(1) @ lambda_s.unsqueeze(0))
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``delta_W`` of one adapter in fp32, in the base weight's layout (``in x out`` for Conv1D)."""

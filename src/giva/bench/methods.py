@@ -146,23 +146,15 @@ def build_model(method: MethodSpec, task: TaskData, seed: int, calibration: Data
 
 def _bases_from_unquantised(model: nn.Module, method: MethodSpec, task: TaskData, seed: int, calibration: DataLoader) -> Any:
     """GiVA's bases from the gradient of the same weights loaded without quantisation (same seed, same batches),
-    written into the quantised ``model``; the unquantised copy is dropped. Returns its ``initialize`` report."""
+    loaded into the quantised ``model`` as a checkpoint's bases would be. Returns the twin's ``initialize`` report."""
     twin = get_peft_model(load_base(task, seed, quantize=False), peft_config(method, task, seed))
     report = initialize(twin, calibration, num_batches=calibration_batches(method, calibration), progress=False)
-    sources = {name: m for name, m in twin.named_modules() if isinstance(m, GivaLayer)}
-    targets = {name: m for name, m in model.named_modules() if isinstance(m, GivaLayer)}
-    if sources.keys() != targets.keys():
-        raise RuntimeError(f"the unquantised and the quantised model adapt different layers: {sorted(sources.keys() ^ targets.keys())}")
-    for name, layer in targets.items():
-        for adapter, blocks in layer.blocks.items():
-            a, b = sources[name].giva_A[adapter], sources[name].giva_B[adapter]
-            for blk in blocks:
-                ranks = slice(blk.rank_offset, blk.rank_offset + blk.rank)
-                rows = slice(blk.row_offset, blk.row_offset + blk.out_size)
-                layer.set_block_bases(adapter, blk, a[ranks].float(), b[rows, ranks].float())
+    bases = {key: value for key, value in twin.state_dict().items() if ".giva_A." in key or ".giva_B." in key}
+    unexpected = model.load_state_dict(bases, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"the quantised model has no GiVA bases named {unexpected[:3]} (the unquantised twin has)")
     for adapter, config in twin.peft_config.items():
         model.peft_config[adapter].bases_info = {**config.bases_info, "source": "gradient of the unquantised weights"}
-    del twin
     return report
 
 

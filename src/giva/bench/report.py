@@ -23,8 +23,7 @@ from .stats import CONFIDENCE, MIN_SEEDS, RULES, combination, end_to_end_ratio, 
 
 PLOTS = ("acc_vs_params.png", "acc_vs_rank.png", "step_time.png", "loss_curves.png")
 
-# Comparisons the README states beside the claims, each as (what, rows added, rows subtracted); a suite without
-# the rows gets none of them. Every row at its chosen LR, paired over the seeds all its rows ran.
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value, NaN for none)."""
     if not values:

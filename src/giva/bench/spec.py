@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from .stats import split_ref
+
 METHOD_KINDS = ("none", "floor", "probe", "full", "peft", "osora")
 UNTRAINED_KINDS = ("none", "floor")
 PHASE_KINDS = ("train", "speed")
@@ -166,9 +168,10 @@ class Comparison:
 
     def __post_init__(self) -> None:
         for ref in (*self.plus, *self.minus):
-            where, sep, rest = ref.partition("/")
-            if not (where and sep and rest and rest.partition(":")[0]):
-                raise ValueError(f"comparison {self.what!r}: row {ref!r} must be 'task/method' or 'task/method:ablation'")
+            try:
+                split_ref(ref)
+            except ValueError as error:
+                raise ValueError(f"comparison {self.what!r}: {error}") from None
         if not self.plus or not self.minus:
             raise ValueError(f"comparison {self.what!r} needs rows in both 'plus' and 'minus'")
 

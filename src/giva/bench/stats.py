@@ -171,10 +171,10 @@ def verdict(test: str, interval: Interval) -> str:
 
 def split_ref(ref: str) -> tuple[str, str, Optional[str]]:
     """'task/method' or 'task/method:ablation' (for speed claims: 'phase/method')."""
-    where, sep, rest = ref.partition("/")
-    if not sep or not rest:
-        raise ValueError(f"claim row {ref!r} must be 'task/method' or 'task/method:ablation'")
+    where, _, rest = ref.partition("/")
     method, _, tag = rest.partition(":")
+    if not where or not method:
+        raise ValueError(f"row {ref!r} must be 'task/method' or 'task/method:ablation'")
     return where, method, tag or None
 
 
