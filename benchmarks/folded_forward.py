@@ -3,16 +3,17 @@
 1. Precision: on the one-layer models of ``tests/test_folded_forward.py`` (Linear, Conv1D, fused with
    ``index_add``; every variant; dropout 0 and 0.3), the largest relative error (in norm, against float64
    maths on the same inputs and dropout masks) of the outputs and of the vector gradients, for the folded
-   forward (``compute_dtype="input"``) and for the formula it replaced (x cast to the vectors' fp32, the
+   forward (``compute_dtype="input"``; this one and the first one, commit 995c396, kept below as
+   :func:`previous_add_adapter_output`) and for the formula they replaced (x cast to the vectors' fp32, the
    ``tokens x out`` product scaled by ``lambda_o``: ``reference_forward`` there); in fp32, the largest
    relative difference between the two.
 2. Operators: every aten op of one training step (forward and backward) of one adapted layer that the
    frozen base layer's step does not run, counted with the tests' dispatch recorder (views left out),
-   for GiVA and PEFT LoRA r=4 in both dtype settings, split into ops on ``tokens x *`` tensors and on
+   for GiVA (this forward, 995c396's, and ``compute_dtype="float32"``) and PEFT LoRA r=4 in both dtype settings, split into ops on ``tokens x *`` tensors and on
    small (weight- or factor-sized) ones. On a GPU each op is (at least) one kernel launch.
 3. CPU fp32 step: MiniLM, every linear layer, GiVA r=8, batch 16 x 64, AdamW: this forward against the folded
-   forward it replaced (commit 995c396: ``lambda_s`` on the thin ``h``, ``lambda_o`` folded into ``B``, then a
-   separate add; kept below as :func:`previous_add_adapter_output`), in one process, on the same batches,
+   forward it replaced (995c396: ``lambda_s`` on the thin ``h``, ``lambda_o`` folded into ``B``, then a
+   separate add), in one process, on the same batches,
    steps interleaved A B B A; the ratio of medians with a paired bootstrap interval.
 4. Per-layer dispatch time: forward and backward of the one-layer bf16 model with tiny tensors, so the time is
    the host's work per layer (Python, dispatch, autograd), the cost that bounds a step when kernel launches do
@@ -24,11 +25,12 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import peft
@@ -43,10 +45,39 @@ import test_folded_forward as t  # noqa: E402
 
 import giva  # noqa: E402
 from giva import GivaConfig, GivaLayer  # noqa: E402
+from giva.bench.runner import write_json_atomically, write_text_atomically  # noqa: E402
 from giva.bench.stats import paired_ratio_bootstrap  # noqa: E402
 
 OUTPUT = HERE / "results" / "folded"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def previous_add_adapter_output(self: GivaLayer, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    """The adapter add of commit 995c396: ``lambda_s`` applied to the thin ``h``, ``lambda_o`` folded into ``B``,
+    the ``tokens x out`` product formed, then added."""
+    self.ensure_bases(adapter_name)
+    self._check_bases(adapter_name)
+    x = self._compute_input(x, adapter_name)
+    a = self._input_basis(adapter_name, x.dtype, x.device)
+    h = F.linear(self.giva_dropout[adapter_name](x), a) * self.giva_lambda_s[adapter_name].to(x.dtype)
+    delta = F.linear(h, self.output_factor(adapter_name).to(x.dtype)).to(result.dtype)
+    if adapter_name in self.giva_out_index:
+        return result.index_add(-1, self.giva_out_index[adapter_name], delta)
+    return result + delta
+
+
+CURRENT = GivaLayer._add_adapter_output
+FORWARDS: dict[str, Callable] = {"this": CURRENT, "995c396": previous_add_adapter_output}
+
+
+@contextmanager
+def giva_forward(name: str) -> Iterator[None]:
+    """Run GiVA layers with forward ``name`` of :data:`FORWARDS` ("this": the layer's own)."""
+    GivaLayer._add_adapter_output = FORWARDS[name]
+    try:
+        yield
+    finally:
+        GivaLayer._add_adapter_output = CURRENT
 
 
 def errors(layer: giva.GivaLayer, x: torch.Tensor) -> dict[str, float]:
@@ -64,19 +95,23 @@ def errors(layer: giva.GivaLayer, x: torch.Tensor) -> dict[str, float]:
     }
 
 
-def precision() -> dict[str, dict[str, float]]:
-    table: dict[str, dict[str, float]] = {}
+def precision() -> dict[str, dict[str, dict[str, float]]]:
+    """dtype -> forward -> the largest of each error of :func:`errors` over every layout, variant and dropout."""
+    table: dict[str, dict[str, dict[str, float]]] = {}
     for name, dtype in DTYPES.items():
-        worst: dict[str, float] = {}
-        for layout in sorted(t.LAYOUTS):
-            for variant in giva.VARIANTS:
-                for dropout in (0.0, 0.3) if dtype != torch.float16 else (0.0,):
-                    model, layer = t._model(layout, dtype, variant=variant, giva_dropout=dropout)
-                    model.train()
-                    x = torch.randn(*t.TOKENS, t.IN, generator=torch.Generator().manual_seed(2)).to(dtype)
-                    for key, value in errors(layer, x).items():
-                        worst[key] = max(worst.get(key, 0.0), value)
-        table[name] = worst
+        table[name] = {}
+        for forward in FORWARDS:
+            worst: dict[str, float] = {}
+            for layout in sorted(t.LAYOUTS):
+                for variant in giva.VARIANTS:
+                    for dropout in (0.0, 0.3) if dtype != torch.float16 else (0.0,):
+                        model, layer = t._model(layout, dtype, variant=variant, giva_dropout=dropout)
+                        model.train()
+                        x = torch.randn(*t.TOKENS, t.IN, generator=torch.Generator().manual_seed(2)).to(dtype)
+                        with giva_forward(forward):
+                            for key, value in errors(layer, x).items():
+                                worst[key] = max(worst.get(key, 0.0), value)
+            table[name][forward] = worst
     return table
 
 
@@ -99,9 +134,10 @@ def step_ops(kind: str, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], 
         for p in (x, *module.parameters()):
             p.grad = None  # as optimizer.zero_grad(set_to_none=True)
 
-    step(layer)
-    with t.recording() as full:
+    with giva_forward("995c396" if kind == "giva-995c396" else "this"):
         step(layer)
+        with t.recording() as full:
+            step(layer)
     with t.recording() as base:
         step(layer.base_layer)
     ops = list(full.ops)
@@ -115,7 +151,7 @@ def operators() -> dict[str, dict[str, dict]]:
     table: dict[str, dict[str, dict]] = {}
     for name in ("bfloat16", "float32"):
         table[name] = {}
-        for kind in ("giva", "giva-fp32-maths", "lora", "lora-bf16"):
+        for kind in ("giva", "giva-995c396", "giva-fp32-maths", "lora", "lora-bf16"):
             if name == "float32" and kind in ("giva-fp32-maths", "lora-bf16"):
                 continue  # the same computation as its neighbour in fp32
             ops = step_ops(kind, DTYPES[name])
@@ -127,20 +163,6 @@ def operators() -> dict[str, dict[str, dict]]:
                 "sequence": [f"{op[0]}{list(op[1])}" for op in ops],
             }
     return table
-
-
-def previous_add_adapter_output(self: GivaLayer, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-    """The adapter add of commit 995c396: ``lambda_s`` applied to the thin ``h``, ``lambda_o`` folded into ``B``,
-    the ``tokens x out`` product formed, then added."""
-    self.ensure_bases(adapter_name)
-    self._check_bases(adapter_name)
-    x = self._compute_input(x, adapter_name)
-    a = self._input_basis(adapter_name, x.dtype, x.device)
-    h = F.linear(self.giva_dropout[adapter_name](x), a) * self.giva_lambda_s[adapter_name].to(x.dtype)
-    delta = F.linear(h, self.output_factor(adapter_name).to(x.dtype)).to(result.dtype)
-    if adapter_name in self.giva_out_index:
-        return result.index_add(-1, self.giva_out_index[adapter_name], delta)
-    return result + delta
 
 
 def cpu_step(pairs: int = 40, warmup: int = 8) -> dict:
@@ -158,20 +180,16 @@ def cpu_step(pairs: int = 40, warmup: int = 8) -> dict:
     generator = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(1000, 20000, (16, 64), generator=generator),
                 "labels": torch.randint(0, 2, (16,), generator=generator)} for _ in range(4)]
-    current = GivaLayer._add_adapter_output
-    arms = {"A": previous_add_adapter_output, "B": current}
+    arms = {"A": "995c396", "B": "this"}
     times: dict[str, list[float]] = {"A": [], "B": []}
-    try:
-        for i, arm in enumerate("ABBA" * ((warmup + 2 * pairs + 3) // 4)):
-            GivaLayer._add_adapter_output = arms[arm]
+    for i, arm in enumerate("ABBA" * ((warmup + 2 * pairs + 3) // 4)):
+        with giva_forward(arms[arm]):
             start = time.perf_counter()
             model(**batches[i % len(batches)]).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if i >= warmup:
                 times[arm].append(time.perf_counter() - start)
-    finally:
-        GivaLayer._add_adapter_output = current
     n = min(len(times["A"]), len(times["B"]))
     interval = paired_ratio_bootstrap(times["B"][:n], times["A"][:n])
     return {
@@ -193,33 +211,29 @@ def dispatch_time(rounds: int = 7, calls: int = 2000) -> dict:
     lora = {kind: get_peft_model(t.OneLayer("linear").to(dtype), LoraConfig(r=t.R, target_modules=["proj"]),
                                  autocast_adapter_dtype=kind == "lora") for kind in ("lora", "lora-bf16")}
     layer = giva_model.base_model.model.proj
-    current = GivaLayer._add_adapter_output
-    arms = {
-        "giva": (layer, current), "giva-995c396": (layer, previous_add_adapter_output),
-        "lora": (lora["lora"].base_model.model.proj, None), "lora-bf16": (lora["lora-bf16"].base_model.model.proj, None),
-        "frozen layer": (layer.base_layer, None),
+    arms = {  # name: (module, GiVA forward)
+        "giva": (layer, "this"), "giva-995c396": (layer, "995c396"),
+        "lora": (lora["lora"].base_model.model.proj, "this"), "lora-bf16": (lora["lora-bf16"].base_model.model.proj, "this"),
+        "frozen layer": (layer.base_layer, "this"),
     }
     best = {name: float("inf") for name in arms}
     try:
         for _ in range(rounds):
-            for name, (module, add) in arms.items():
-                if add is not None:
-                    GivaLayer._add_adapter_output = add
-                for _ in range(calls // 10):  # warm
-                    module(x).sum().backward()
-                start = time.perf_counter()
-                for _ in range(calls):
-                    module(x).sum().backward()
-                best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
+            for name, (module, forward) in arms.items():
+                with giva_forward(forward):
+                    for _ in range(calls // 10):  # warm
+                        module(x).sum().backward()
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        module(x).sum().backward()
+                    best[name] = min(best[name], (time.perf_counter() - start) / calls * 1e6)
     finally:
-        GivaLayer._add_adapter_output = current
         torch.set_num_threads(threads)
     return {"us": best, "above_frozen_us": {n: v - best["frozen layer"] for n, v in best.items() if n != "frozen layer"}}
 
 
 def write(results: dict) -> None:
-    OUTPUT.mkdir(parents=True, exist_ok=True)
-    (OUTPUT / "forward.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_json_atomically(OUTPUT / "forward.json", results)
     lines = [
         "# The folded GiVA forward, per layer",
         "",
@@ -229,17 +243,19 @@ def write(results: dict) -> None:
         "",
         "## Precision: largest relative error (in norm) against float64 maths",
         "",
-        "Over Linear, Conv1D and fused layouts, every variant, dropout 0 and 0.3 (fp16: 0 only). 'replaced': the "
-        "formula before the folding (x cast to fp32, lambda_o on the tokens x out product).",
+        "Over Linear, Conv1D and fused layouts, every variant, dropout 0 and 0.3 (fp16: 0 only). 'folded': the forward "
+        "named in the second column (this one, or the first folded forward of commit 995c396); 'replaced': the formula "
+        "before the folding (x cast to fp32, lambda_o on the tokens x out product).",
         "",
-        "| dtype | folded output | replaced output | folded vector grads | replaced vector grads | folded vs replaced (out / grads) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| dtype | forward | folded output | replaced output | folded vector grads | replaced vector grads | folded vs replaced (out / grads) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
-    for name, e in results["precision"].items():
-        lines.append(
-            f"| {name} | {e['folded_output']:.1e} | {e['replaced_output']:.1e} | {e['folded_gradient']:.1e} | "
-            f"{e['replaced_gradient']:.1e} | {e['folded_vs_replaced_output']:.1e} / {e['folded_vs_replaced_gradient']:.1e} |"
-        )
+    for name, forwards in results["precision"].items():
+        for forward, e in forwards.items():
+            lines.append(
+                f"| {name} | {forward} | {e['folded_output']:.1e} | {e['replaced_output']:.1e} | {e['folded_gradient']:.1e} | "
+                f"{e['replaced_gradient']:.1e} | {e['folded_vs_replaced_output']:.1e} / {e['folded_vs_replaced_gradient']:.1e} |"
+            )
     lines += [
         "",
         "## Operators of one training step, beyond the frozen layer's own",
@@ -282,7 +298,7 @@ def write(results: dict) -> None:
     for name, value in d["us"].items():
         above = d["above_frozen_us"].get(name)
         lines.append(f"| {name} | {value:.1f} | {'-' if above is None else f'{above:.1f}'} |")
-    (OUTPUT / "forward.md").write_text("\n".join(lines) + "\n")
+    write_text_atomically(OUTPUT / "forward.md", "\n".join(lines) + "\n")
 
 
 def main() -> None:
