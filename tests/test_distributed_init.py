@@ -99,7 +99,13 @@ CAUSES = {
     "all_zero_gradient": (0, "all-zero gradient"),
     "svd_failure": (1, "injected SVD failure"),
     "all_without_len": (1, r"num_batches='all' averages every batch of the dataloader, but list_iterator has no len\(\)"),
+    "invalid_mode_on_one_rank": (1, r"ValueError: mode must be 'auto', 'sketch' or 'exact', got 'dense'"),
+    "unknown_adapter_on_one_rank": (1, r"ValueError: no GiVA adapter named 'other'; the model has \['default'\]"),
+    "invalid_num_batches_on_one_rank": (1, r"ValueError: num_batches must be a positive int .*got 0"),
 }
+# Causes that are a ValueError on the failing rank: every rank raises DistributedValueError, which is both a
+# DistributedInitError and a ValueError (``except ValueError`` works as in one process).
+VALUE_ERRORS = {"all_without_len", "invalid_mode_on_one_rank", "unknown_adapter_on_one_rank", "invalid_num_batches_on_one_rank"}
 
 
 def test_num_batches_all_is_every_batch_of_each_ranks_loader_bit_for_bit(ranks):
@@ -123,7 +129,9 @@ def test_ranks_that_would_run_unequal_batch_counts_raise_together_before_any_bat
 def test_a_failure_on_one_rank_raises_the_same_named_error_on_every_rank_promptly(ranks, case):
     records = [record[case] for record in ranks.json("failures_rank{rank}.json")]
     failing_rank, cause = CAUSES[case]
-    assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"]
+    kind = "DistributedValueError" if case in VALUE_ERRORS else "DistributedInitError"
+    assert [r["raised"] for r in records] == [kind, kind]
+    assert [r["value_error"] for r in records] == [case in VALUE_ERRORS] * 2
     assert records[0]["message"] == records[1]["message"]
     assert f"failed on rank {failing_rank} of 2" in records[0]["message"]
     assert re.search(cause, records[0]["message"]), records[0]["message"]

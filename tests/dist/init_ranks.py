@@ -132,6 +132,10 @@ def failure_cases(rank: int) -> dict[str, dict]:
         "all_without_len": dict(dataloader=iter(batches) if rank == 1 else batches, num_batches="all"),
         "all_unequal_lengths": dict(dataloader=batches[:1] if rank == 1 else batches, num_batches="all"),
         "unequal_num_batches": dict(dataloader=batches, num_batches=1 if rank == 1 else 2),
+        # Arguments invalid on rank 1 only: rank 0 would wait in the first collective without the agreement.
+        "invalid_mode_on_one_rank": dict(dataloader=batches, mode="dense" if rank == 1 else "exact"),
+        "unknown_adapter_on_one_rank": dict(dataloader=batches, adapter_name="other" if rank == 1 else None),
+        "invalid_num_batches_on_one_rank": dict(dataloader=batches, num_batches=0 if rank == 1 else 2),
     }
 
 
@@ -171,7 +175,10 @@ def main() -> None:
             giva.initialize(m, progress=False, **{"num_batches": NUM_BATCHES, **kwargs})
             results[case] = {"raised": None, "message": "", "seconds": time.perf_counter() - start}
         except Exception as exc:  # noqa: BLE001  recorded for the test to judge
-            results[case] = {"raised": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - start}
+            results[case] = {
+                "raised": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - start,
+                "value_error": isinstance(exc, ValueError),
+            }
         finally:
             torch.linalg.svd = original_svd
         dist.barrier()

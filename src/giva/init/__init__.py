@@ -22,7 +22,7 @@ from ..bases import GRADIENT_VARIANTS
 from ..config import GivaConfig
 from .accumulate import accumulate, check_num_batches, loader_length, run_pass
 from .capture import LossFn, giva_layers, unwrap
-from .distributed import Collective, DistributedInitError, collective
+from .distributed import Collective, DistributedInitError, DistributedValueError, collective
 from .session import GradientInitError, InitSession, Partial, Request, RequestItem, Target
 from .sketch import DEFAULT_OVERSAMPLING, DEFAULT_PASSES
 
@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_OVERSAMPLING",
     "DEFAULT_PASSES",
     "DistributedInitError",
+    "DistributedValueError",
     "GradientInitError",
     "InitReport",
     "InitSession",
@@ -226,44 +227,34 @@ def initialize(
     Same data and seed give the same bases. In a torch.distributed run every rank calls this with its
     own batches: the sums are all-reduced (k batches per rank), the QR/SVD work is split across ranks
     and the bases broadcast, so every rank gets bit-identical bases; a failure on any rank makes every
-    rank raise the same :class:`DistributedInitError`. Data-free variants (``random``, ``weight``) need no call.
+    rank raise the same :class:`DistributedInitError` (:class:`DistributedValueError`, also a ``ValueError``, when
+    the cause was one, such as an argument invalid on one rank only). Data-free variants (``random``, ``weight``) need no call.
     """
-    check_num_batches(num_batches, allow_all=True)
-    if mode not in ("auto", "sketch", "exact"):
-        raise ValueError(f"mode must be 'auto', 'sketch' or 'exact', got {mode!r}")
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
-        raise ValueError(f"passes must be an int >= 2, got {passes!r}")
-    if oversampling is not None and (isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0):
-        raise ValueError(f"oversampling must be None or an int >= 0, got {oversampling!r}")
-    if mode == "exact" and (passes != DEFAULT_PASSES or oversampling != DEFAULT_OVERSAMPLING):
-        raise ValueError(
-            f"passes={passes!r} and oversampling={oversampling!r} set the sketch; mode='exact' takes one pass and forms "
-            "the dense gradient, so it uses neither: drop them, or use mode='sketch' (or 'auto')"
-        )
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("giva.initialize needs autograd: call it outside torch.inference_mode()")
     model = unwrap(peft_model)
-    configs = giva_configs(model)
-    if adapter_name is not None:
-        if adapter_name not in configs:
-            raise ValueError(f"no GiVA adapter named {adapter_name!r}; the model has {sorted(configs)}")
-        configs = {adapter_name: configs[adapter_name]}
-    if not configs:
-        raise ValueError("the model has no GiVA adapter: wrap it with peft.get_peft_model(model, giva.GivaConfig(...))")
-    to_init = {name: cfg for name, cfg in configs.items() if cfg.variant in GRADIENT_VARIANTS}
-    targets = targets_of(model, to_init)
+    # Every check that needs no collective runs first, on every rank, and the ranks agree on the outcome in the
+    # first collective: a rank given different arguments (or a model without the adapter) makes every rank raise
+    # instead of leaving the others waiting in that collective until the process group's timeout.
+    error: Optional[Exception] = None
+    to_init: dict[str, GivaConfig] = {}
+    targets: list[Target] = []
+    try:
+        _check_arguments(num_batches, mode, passes, oversampling)
+        to_init = _gradient_adapters(model, adapter_name)
+        targets = targets_of(model, to_init)
+        trained = [] if force else _already_initialised(model, to_init)
+        if trained:
+            raise ValueError(
+                f"GiVA adapter(s) {trained} already hold bases or trained vectors; initialize would replace the bases "
+                "under them. Pass force=True to re-initialise."
+            )
+    except (ValueError, RuntimeError) as exc:
+        error = exc
     report = InitReport(adapters=sorted(to_init), layers=len({t.layer for t in targets}), num_batches=0)
-    if not to_init:
-        logger.info("GiVA adapters %s use data-free bases; nothing to initialise", sorted(configs))
+    if error is None and not to_init:
+        logger.info("GiVA adapters %s use data-free bases; nothing to initialise", sorted(giva_configs(model)))
         return report
     comm = collective(next(model.parameters()).device, sharded=_sharded(model))
-    trained = [] if force else _already_initialised(model, to_init)
-    comm.agree(
-        ValueError(
-            f"GiVA adapter(s) {trained} already hold bases or trained vectors; initialize would replace the bases "
-            "under them. Pass force=True to re-initialise."
-        ) if trained else None
-    )
+    comm.agree(error)
     num_batches = report.num_batches = _calibration_count(comm, num_batches, dataloader)
     report.mode = choose_mode(mode, targets)
     session = InitSession(targets, report.mode, passes, oversampling)
@@ -298,6 +289,36 @@ def initialize(
         report.mode, report.adapters, report.layers, report.gradient_seconds, report.svd_seconds,
     )
     return report
+
+
+def _check_arguments(num_batches: Any, mode: Any, passes: Any, oversampling: Any) -> None:
+    """``initialize``'s arguments, checked before anything runs (``ValueError`` naming the argument)."""
+    check_num_batches(num_batches, allow_all=True)
+    if mode not in ("auto", "sketch", "exact"):
+        raise ValueError(f"mode must be 'auto', 'sketch' or 'exact', got {mode!r}")
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
+        raise ValueError(f"passes must be an int >= 2, got {passes!r}")
+    if oversampling is not None and (isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0):
+        raise ValueError(f"oversampling must be None or an int >= 0, got {oversampling!r}")
+    if mode == "exact" and (passes != DEFAULT_PASSES or oversampling != DEFAULT_OVERSAMPLING):
+        raise ValueError(
+            f"passes={passes!r} and oversampling={oversampling!r} set the sketch; mode='exact' takes one pass and forms "
+            "the dense gradient, so it uses neither: drop them, or use mode='sketch' (or 'auto')"
+        )
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("giva.initialize needs autograd: call it outside torch.inference_mode()")
+
+
+def _gradient_adapters(model: nn.Module, adapter_name: Optional[str]) -> dict[str, GivaConfig]:
+    """The GiVA adapters ``initialize`` fills: ``adapter_name``'s or all, less the data-free variants."""
+    configs = giva_configs(model)
+    if adapter_name is not None:
+        if adapter_name not in configs:
+            raise ValueError(f"no GiVA adapter named {adapter_name!r}; the model has {sorted(configs)}")
+        configs = {adapter_name: configs[adapter_name]}
+    if not configs:
+        raise ValueError("the model has no GiVA adapter: wrap it with peft.get_peft_model(model, giva.GivaConfig(...))")
+    return {name: cfg for name, cfg in configs.items() if cfg.variant in GRADIENT_VARIANTS}
 
 
 def _calibration_count(comm: Collective, num_batches: NumBatches, dataloader: Iterable[Any]) -> int:

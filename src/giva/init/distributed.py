@@ -43,6 +43,12 @@ class DistributedInitError(GradientInitError):
         super().__init__(f"GiVA initialisation failed on rank {rank} of {world}: {reason}{also}")
 
 
+class DistributedValueError(DistributedInitError, ValueError):
+    """A :class:`DistributedInitError` whose cause on the failing rank was a ``ValueError`` (an invalid argument,
+    a loader without ``len()``): ``except ValueError`` catches it on every rank, as it catches the cause in one
+    process."""
+
+
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -201,10 +207,12 @@ class TorchCollective(Collective):
             raise posted from exc
         if not bool(flags.any()):
             return
-        reasons: list[Optional[str]] = [None] * self.world
-        dist.all_gather_object(reasons, None if error is None else _describe(error))
+        reasons: list[Optional[tuple[str, bool]]] = [None] * self.world
+        dist.all_gather_object(reasons, None if error is None else (_describe(error), isinstance(error, ValueError)))
         failed = [r for r in range(self.world) if flags[r]]
-        raise DistributedInitError(failed[0], self.world, str(reasons[failed[0]]), failed[1:]) from error
+        reason, value_error = reasons[failed[0]]
+        kind = DistributedValueError if value_error else DistributedInitError
+        raise kind(failed[0], self.world, reason, failed[1:]) from error
 
     def gather_int(self, value: int) -> list[int]:
         values = torch.zeros(self.world, dtype=torch.int64, device=self.device)
