@@ -97,7 +97,7 @@ def _vectors(layer: GivaLayer) -> list[torch.Tensor]:
 def _output_and_grads(forward, layer: GivaLayer, x: torch.Tensor, seed: int = 0):
     torch.manual_seed(seed)  # the same dropout masks in both forwards
     out = forward(x)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     grads = torch.autograd.grad((out * weight).float().sum(), _vectors(layer))
     return out.detach(), grads
 
@@ -160,7 +160,7 @@ def _float64_truth(layer: GivaLayer, x: torch.Tensor, seed: int = 0):
             result = result.index_add(-1, layer.giva_out_index[name], delta)
         else:
             result = result + delta
-    weight = torch.randn(result.shape, generator=torch.Generator().manual_seed(1)).to(x.dtype).double()
+    weight = torch.randn(result.shape, generator=torch.Generator().manual_seed(1)).to(x.device, x.dtype).double()
     return result.detach(), torch.autograd.grad((result * weight).sum(), vectors)
 
 
@@ -199,6 +199,21 @@ def test_half_precision_outputs_and_gradients_within_its_tolerance(layout, varia
     model.train()
     assert layer.giva_lambda_s["default"].dtype == torch.float32  # PEFT's default autocast_adapter_dtype
     _check_against_reference_and_truth(layer, torch.randn(*TOKENS, IN).to(dtype), HALF_TOLERANCE[dtype])
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
+
+
+@cuda
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize(("dtype", "dropout"), [(torch.float32, 0.0), (torch.bfloat16, 0.0), (torch.bfloat16, 0.3), (torch.float16, 0.0)])
+def test_on_cuda_outputs_and_gradients_within_the_dtypes_tolerance(layout, dtype, dropout):
+    """The same checks on a GPU (cuBLAS, CUDA dropout masks): 1e-6 in fp32 (TF32 off, PyTorch's default)."""
+    model, layer = _model(layout, dtype, giva_dropout=dropout)
+    model.to("cuda").train()
+    x = torch.randn(*TOKENS, IN).to("cuda", dtype)
+    _check_against_reference_and_truth(layer, x, HALF_TOLERANCE.get(dtype, 1e-6))
 
 
 @pytest.mark.parametrize("layout", ["linear", "fused"])
@@ -242,12 +257,13 @@ def _adapter_ops(layer: GivaLayer, x: torch.Tensor) -> list[tuple[str, tuple[int
     return ops
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["linear", "conv1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_forms_nothing_of_size_tokens_x_out_but_the_fused_product_and_add(layout, dtype):
+def test_forward_forms_nothing_of_size_tokens_x_out_but_the_fused_product_and_add(layout, dtype, device):
     model, layer = _model(layout, dtype)
-    model.eval()
-    x = torch.randn(*TOKENS, IN).to(dtype)
+    model.to(device).eval()
+    x = torch.randn(*TOKENS, IN).to(device, dtype)
     layer(x)  # any one-time cast of A happens here
     ops = _adapter_ops(layer, x)
     tokens = _numel(TOKENS)
@@ -280,15 +296,16 @@ def test_under_autocast_the_add_is_fused_too_and_the_output_within_bf16_toleranc
 GEMMS = {"mm", "addmm", "bmm", "matmul", "linear"}
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["linear", "conv1d"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_training_step_runs_nothing_per_token_but_matmuls(layout, dtype):
+def test_training_step_runs_nothing_per_token_but_matmuls(layout, dtype, device):
     """Forward and backward: every op on a tokens x R or tokens x out tensor is a matmul (LoRA scales its
     tokens x out product and its gradient; the folded GiVA layer scales only O x R factors)."""
     model, layer = _model(layout, dtype)
-    model.train()
-    x = torch.randn(*TOKENS, IN, dtype=dtype)
-    weight = torch.randn(*TOKENS, OUT, dtype=dtype)
+    model.to(device).train()
+    x = torch.randn(*TOKENS, IN, dtype=dtype, device=device)
+    weight = torch.randn(*TOKENS, OUT, dtype=dtype, device=device)
     layer(x)
     with recording() as rec:
         (layer(x) * weight).sum().backward()

@@ -24,6 +24,7 @@ from tiny_models import text_batches, tiny_llama
 needs_bnb = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install 'giva[quant]')"
 )
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 needs_hqq = pytest.mark.skipif(importlib.util.find_spec("hqq") is None, reason="hqq is not installed (pip install 'giva[quant]')")
 
 QUANT_CONFIGS = {
@@ -393,3 +394,43 @@ def test_wrapping_a_4bit_model_never_dequantises_a_weight(tiny_dir: Path, monkey
     model = get_peft_model(load(tiny_dir, "nf4"), giva.GivaConfig(r=4))
     model.add_adapter("second", giva.GivaConfig(r=4))
     assert giva_layers(model) and calls == []
+
+
+@needs_bnb
+@cuda
+def test_nf4_on_cuda_with_bf16_compute_initialises_trains_merges_and_reloads(tiny_dir: Path, tmp_path: Path) -> None:
+    """The QLoRA setting on a GPU (NF4, double quantisation, bf16 compute): initialise, train the fp32 vectors,
+    merge and unmerge through the backend, reload onto a fresh 4-bit base with the same outputs."""
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+
+    def base() -> nn.Module:
+        return AutoModelForCausalLM.from_pretrained(tiny_dir, quantization_config=config, dtype=torch.bfloat16, device_map={"": 0})
+
+    model = get_peft_model(base(), giva.GivaConfig(r=4))
+    batches = [{k: v.cuda() for k, v in b.items()} for b in text_batches(4, labels="lm")]
+    giva.initialize(model, batches, num_batches=2, progress=False)
+    layer = giva_layers(model)["model.layers.0.self_attn.q_proj"]
+    assert type(layer.get_base_layer().weight).__name__ == "Params4bit" and layer.giva_lambda_o["default"].dtype == torch.float32
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for batch in batches * 2:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert layer.giva_lambda_o["default"].abs().max() > 0
+    batch = batches[0]
+    unmerged = logits(model, batch)
+    effect = (unmerged.float() - logits_without_adapter(model, batch).float()).abs().max()
+    assert effect > 0
+    model.save_pretrained(tmp_path / "adapter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT's rounding warning, checked on CPU
+        model.merge_adapter()
+        merged = logits(model, batch)
+        model.unmerge_adapter()
+    assert (merged.float() - unmerged.float()).abs().max() < 0.5 * effect
+    reloaded = PeftModel.from_pretrained(base(), tmp_path / "adapter").eval()
+    assert torch.equal(logits(reloaded, batch), unmerged)

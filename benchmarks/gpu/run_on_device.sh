@@ -9,7 +9,11 @@
 #            --python-version 3.12 --only-binary=:all: -d benchmarks/gpu/wheels
 # 2. Through the device tool, from the repository root:
 #        run(command="bash benchmarks/gpu/run_on_device.sh", carry=["benchmarks/gpu/wheels"], timeout_s=480)
-#    $OUT then holds results.json, results.md, steps.png and run.log (4 files, well under the tool's limits).
+#    $OUT then holds results.json, results.md, steps.png and run.log (4 files, well under the tool's limits),
+#    then tests.log (the CUDA tests, when pytest imports: carry its wheels too, `pip download --no-deps pytest
+#    pluggy iniconfig pygments`) and serve/ (the accelerator serve benchmark, N = 1, 8, 32 adapters).
+#    STAGES picks and orders the stages (default "gpu tests serve"); each later stage has its own time limit
+#    (TESTS_TIMEOUT_S, default 150; SERVE_TIMEOUT_S, default 200) and a failing stage does not stop the next.
 # Dry run on CPU with the tiny shapes (what this machine allows):
 #        OUT=/tmp/gpu-dry PYTHON=.venv/bin/python bash benchmarks/gpu/run_on_device.sh --tiny
 # Further arguments go to `python -m giva.bench.gpu` (--tiny, --shapes 1B, --rows floor,giva, --budget-s 200).
@@ -28,20 +32,22 @@ if [ "${#wheels[@]}" -ne 1 ]; then
          "python3 -m pip download --no-deps peft==0.21.2 -d benchmarks/gpu/wheels" | tee "$LOG" >&2
     exit 2
 fi
-# An optional bitsandbytes wheel: with it the 4-bit rows run, without it they are skipped with the reason.
+# Optional wheels: bitsandbytes (with it the 4-bit rows and tests run, without it they are skipped with the
+# reason) and pytest's (pytest, pluggy, iniconfig, pygments: the tests stage).
 extra=(benchmarks/gpu/wheels/bitsandbytes-*.whl)
 if [ "${#extra[@]}" -gt 1 ]; then
     echo "run_on_device.sh: expected at most one bitsandbytes wheel in benchmarks/gpu/wheels, found ${#extra[@]}" | tee "$LOG" >&2
     exit 2
 fi
+others=(benchmarks/gpu/wheels/pytest-*.whl benchmarks/gpu/wheels/pluggy-*.whl benchmarks/gpu/wheels/iniconfig-*.whl benchmarks/gpu/wheels/pygments-*.whl)
 # PEFT (and bitsandbytes) from the carried wheels and giva from this checkout, without dependencies (the
 # machine has the rest), into a folder of their own that shadows the machine's older PEFT.
 PIP=("$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$SITE")
 SOURCE=""
-if ! "${PIP[@]}" "${wheels[0]}" "${extra[@]}" . 2>&1 | tee "$LOG"; then
+if ! "${PIP[@]}" "${wheels[0]}" "${extra[@]}" "${others[@]}" . 2>&1 | tee "$LOG"; then
     # the machine's setuptools could not build this checkout: import giva from src/ instead (the log says so)
     echo "run_on_device.sh: pip could not install giva from this checkout; importing it from src/" | tee -a "$LOG"
-    "${PIP[@]}" "${wheels[0]}" "${extra[@]}" 2>&1 | tee -a "$LOG"
+    "${PIP[@]}" "${wheels[0]}" "${extra[@]}" "${others[@]}" 2>&1 | tee -a "$LOG"
     SOURCE=":$PWD/src"
 fi
 export PYTHONPATH="$SITE$SOURCE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -61,4 +67,37 @@ for wheel in sys.argv[2:]:  # a carried bitsandbytes must be the one imported (t
     if bitsandbytes.__version__ != carried:
         sys.exit(f"run_on_device.sh: imported bitsandbytes {bitsandbytes.__version__}, not the carried {carried}")
 PY
-"$PYTHON" -m giva.bench.gpu --output-dir "$OUT" "$@" 2>&1 | tee -a "$LOG"
+TINY=""
+for arg in "$@"; do [ "$arg" = "--tiny" ] && TINY="--tiny"; done
+for stage in ${STAGES:-gpu tests serve}; do
+    echo "run_on_device.sh: stage $stage" | tee -a "$LOG"
+    case "$stage" in
+    gpu)
+        "$PYTHON" -m giva.bench.gpu --output-dir "$OUT" "$@" 2>&1 | tee -a "$LOG" || echo "run_on_device.sh: stage gpu exited $?" | tee -a "$LOG" ;;
+    tests)  # the CUDA tests (skipped, and so reported, without a GPU); pytest only if it imports
+        if "$PYTHON" -c "import pytest" 2>/dev/null; then
+            timeout "${TESTS_TIMEOUT_S:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k "cuda or device" \
+                tests/test_folded_forward.py tests/test_quant.py tests/test_serving.py > "$OUT/tests.log" 2>&1 \
+                || echo "run_on_device.sh: stage tests exited $?" | tee -a "$LOG"
+            tail -3 "$OUT/tests.log" | tee -a "$LOG"
+        else
+            echo "run_on_device.sh: pytest does not import; carry its wheels to run the tests stage" | tee -a "$LOG"
+        fi ;;
+    serve)  # the accelerator serve benchmark (tiny shapes on the CPU for a dry run)
+        timeout "${SERVE_TIMEOUT_S:-200}" "$PYTHON" - "$OUT/serve" $TINY <<'PY' 2>&1 | tee -a "$LOG" || echo "run_on_device.sh: stage serve exited $?" | tee -a "$LOG"
+import sys
+from giva.bench.serve import GpuServeSettings, run_serve_gpu
+if "--tiny" in sys.argv:
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 64}
+    settings = GpuServeSettings(ns=(1, 3), rows=4, tokens=(1, 5), r=4, rounds=2, device="cpu", shape=tuple(shape.items()))
+else:
+    settings = GpuServeSettings(ns=(1, 8, 32))
+run_serve_gpu(sys.argv[1], settings)
+PY
+        ;;
+    *)
+        echo "run_on_device.sh: unknown stage $stage (stages: gpu tests serve)" | tee -a "$LOG" >&2
+        exit 2 ;;
+    esac
+done
