@@ -125,6 +125,14 @@ def test_ranks_that_would_run_unequal_batch_counts_raise_together_before_any_bat
     assert max(r["seconds"] for r in records) < 30
 
 
+def test_ranks_whose_models_adapt_other_blocks_raise_together_before_any_batch(ranks):
+    records = [record["different_targets_on_one_rank"] for record in ranks.json("failures_rank{rank}.json")]
+    assert [r["raised"] for r in records] == ["GradientInitError", "GradientInitError"]
+    assert "rank(s) [1] would initialise other GiVA blocks than rank 0 (8 blocks here)" in records[0]["message"]
+    assert "rank(s) [1] would initialise other GiVA blocks than rank 0 (2 blocks here)" in records[1]["message"]
+    assert max(r["seconds"] for r in records) < 30
+
+
 @pytest.mark.parametrize("case", sorted(CAUSES))
 def test_a_failure_on_one_rank_raises_the_same_named_error_on_every_rank_promptly(ranks, case):
     records = [record[case] for record in ranks.json("failures_rank{rank}.json")]

@@ -136,6 +136,11 @@ def failure_cases(rank: int) -> dict[str, dict]:
         "invalid_mode_on_one_rank": dict(dataloader=batches, mode="dense" if rank == 1 else "exact"),
         "unknown_adapter_on_one_rank": dict(dataloader=batches, adapter_name="other" if rank == 1 else None),
         "invalid_num_batches_on_one_rank": dict(dataloader=batches, num_batches=0 if rank == 1 else 2),
+        # Rank 1's model adapts other layers: the ranks' sums would not line up.
+        "different_targets_on_one_rank": dict(dataloader=batches, model=(
+            get_peft_model(tiny_llama(seed=0), GivaConfig(r=4, target_modules=["q_proj"], variant="VrUr", seed=3))
+            if rank == 1 else None
+        )),
     }
 
 
@@ -164,7 +169,7 @@ def main() -> None:
 
     results = {}
     for case, kwargs in failure_cases(rank).items():
-        m = model()
+        m = kwargs.pop("model", None) or model()
         original_svd = torch.linalg.svd
         if case == "svd_failure" and rank == 1:
             def broken_svd(*args, **kw):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -250,11 +251,12 @@ def initialize(
     except (ValueError, RuntimeError) as exc:
         error = exc
     report = InitReport(adapters=sorted(to_init), layers=len({t.layer for t in targets}), num_batches=0)
-    if error is None and not to_init:
-        logger.info("GiVA adapters %s use data-free bases; nothing to initialise", sorted(giva_configs(model)))
-        return report
     comm = collective(next(model.parameters()).device, sharded=_sharded(model))
     comm.agree(error)
+    _check_same_targets(comm, targets)
+    if not to_init:
+        logger.info("GiVA adapters %s use data-free bases; nothing to initialise", sorted(giva_configs(model)))
+        return report
     num_batches = report.num_batches = _calibration_count(comm, num_batches, dataloader)
     report.mode = choose_mode(mode, targets)
     session = InitSession(targets, report.mode, passes, oversampling)
@@ -319,6 +321,22 @@ def _gradient_adapters(model: nn.Module, adapter_name: Optional[str]) -> dict[st
     if not configs:
         raise ValueError("the model has no GiVA adapter: wrap it with peft.get_peft_model(model, giva.GivaConfig(...))")
     return {name: cfg for name, cfg in configs.items() if cfg.variant in GRADIENT_VARIANTS}
+
+
+def _check_same_targets(comm: Collective, targets: list[Target]) -> None:
+    """Every rank must initialise the same blocks (adapters, layers, shapes, ranks, variants, seeds), or the sums of
+    the later collectives would not line up: the ranks compare a checksum of their targets, and on a mismatch every
+    rank raises (a rank whose adapters are all data-free takes part with no targets, then returns)."""
+    if comm.world == 1:
+        return
+    checksum = zlib.crc32("\n".join(repr(t) for t in targets).encode())  # Target: a frozen dataclass, every field
+    checksums = comm.gather_int(checksum)
+    if len(set(checksums)) > 1:  # every rank sees the same checksums, so every rank raises
+        differ = [rank for rank, value in enumerate(checksums) if value != checksums[0]]
+        raise GradientInitError(
+            f"rank(s) {differ} would initialise other GiVA blocks than rank 0 ({len(targets)} blocks here): every rank "
+            "must call initialize on the same model (the same GivaConfig) with the same adapter_name"
+        )
 
 
 def _calibration_count(comm: Collective, num_batches: NumBatches, dataloader: Iterable[Any]) -> int:
