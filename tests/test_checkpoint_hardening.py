@@ -182,3 +182,22 @@ def test_folders_with_biases_or_dotted_heads_still_load_exactly(tmp_path, option
     model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], init_weights=False, **options))
     model.save_pretrained(str(tmp_path / "adapter"))
     assert torch.equal(load(tmp_path / "adapter"), logits(model.eval()))
+
+
+def test_atomic_file_replaces_the_target_at_once_and_leaves_it_untouched_on_error(tmp_path: Path) -> None:
+    """The one writer of single files (run records, federated results and checkpoints): the old content until the
+    block ends, the new content after, and no temporary file either way."""
+    target = tmp_path / "sub" / "results.json"
+    with checkpoint.atomic_file(target) as tmp:
+        tmp.write_text("old")
+    assert target.read_text() == "old"
+    with pytest.raises(RuntimeError, match="killed mid-write"):
+        with checkpoint.atomic_file(target) as tmp:
+            tmp.write_text("half")
+            assert target.read_text() == "old"  # not visible before the block ends
+            raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old"
+    with checkpoint.atomic_file(target) as tmp:
+        torch.save({"w": torch.ones(2)}, tmp)
+    assert torch.equal(torch.load(target)["w"], torch.ones(2))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"]

@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import socket
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -236,6 +237,23 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             os.chdir(target / cwd.relative_to(target) if (target / cwd.relative_to(target)).is_dir() else target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary path beside ``target`` to write; when the block ends normally it replaces ``target``
+    at once (``os.replace``). A reader, or a rerun after a kill, sees the old file or the new one, never half of one;
+    if the block raises, ``target`` is untouched, and no temporary file is left behind either way."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------ checksums

@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..checkpoint import atomic_file
 from ..finetune import TrainConfig, TrainStats, is_head_parameter, train
 from .methods import build_model, quantization_config
 from .schema import SCHEMA_VERSION
@@ -62,15 +63,8 @@ class RunFailedError(RuntimeError):
 def write_text_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``: a reader (or a rerun after a kill)
     sees the old file or the new one, never half of one; no temporary file is left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomically(path: Path, record: dict[str, Any]) -> None:

@@ -9,6 +9,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..checkpoint import atomic_file
+
 
 def write_json(data: Any, path: str) -> None:
     """Write ``data`` as indented JSON atomically (a temporary sibling, then a rename).
@@ -17,20 +19,15 @@ def write_json(data: Any, path: str) -> None:
     not JSON that other tools can read.
     """
     text = json.dumps(data, indent=2, allow_nan=False)
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_checkpoint(path: Optional[str], state: dict[str, Any]) -> None:
     """``torch.save`` to ``path`` atomically (a temporary sibling, then a rename); nothing if ``path`` is empty."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_name(f".{Path(path).name}.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            torch.save(state, tmp)
 
 
 RESULTS = "results.json"
