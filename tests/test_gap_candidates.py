@@ -174,3 +174,62 @@ def test_a_federated_round_sends_the_core_with_the_vectors() -> None:
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(other(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# --- candidate (e): the task head warmed up before the gradient (LP-FT's first stage) ---------------------------
+
+
+def _bert_with_giva(seed: int = 0) -> torch.nn.Module:
+    from tiny_models import tiny_bert
+
+    return get_peft_model(tiny_bert(seed), GivaConfig(r=2, task_type="SEQ_CLS", seed=seed))
+
+
+def test_head_warmup_trains_the_head_alone_and_the_gradient_then_sees_the_warmed_head(batches) -> None:
+    from giva.bench.methods import strip_peft_prefix, warm_up_head
+    from giva.finetune import is_head_parameter
+
+    model = _bert_with_giva()
+    model.eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    seconds = warm_up_head(model, batches, epochs=2, lr=5e-2)
+    assert seconds > 0 and not model.training  # the mode is restored
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(is_head_parameter(strip_peft_prefix(n)) for n in moved), moved  # the head, nothing else
+    assert all(not layer.disable_adapters for layer in model.modules() if isinstance(layer, GivaLayer))
+    assert not giva.bases_initialized(model)
+
+    giva.initialize(model, batches, num_batches=2, progress=False)
+    cold = _bert_with_giva()
+    giva.initialize(cold, batches, num_batches=2, progress=False)
+    a = {n: b for n, b in model.named_buffers() if "giva_A" in n}
+    a_cold = dict((n, b) for n, b in cold.named_buffers() if "giva_A" in n)
+    assert a.keys() == a_cold.keys() and any(not torch.allclose(a[n], a_cold[n]) for n in a)  # another gradient
+
+
+def test_head_warmup_refuses_a_model_without_head_or_lr(batches) -> None:
+    from giva.bench.methods import warm_up_head
+
+    with pytest.raises(ValueError, match="needs the task head's LR"):
+        warm_up_head(_bert_with_giva(), batches, epochs=1, lr=None)
+    llama = get_peft_model(tiny_llama(), GivaConfig(r=2, task_type="CAUSAL_LM"))
+    with pytest.raises(ValueError, match="no trainable task head"):
+        warm_up_head(llama, batches, epochs=1, lr=1e-2)
+
+
+@pytest.mark.parametrize(
+    ("init", "message"),
+    [
+        ({"head_warmup_epochs": 0}, "init.head_warmup_epochs must be a positive integer, got 0"),
+        ({"head_warmup_epochs": True}, "init.head_warmup_epochs must be a positive integer, got True"),
+        ({"bases_before_warmup": True}, "init.bases_before_warmup must be true or false, and needs init.head_warmup_epochs"),
+        ({"head_warmup_epochs": 1, "bases_before_warmup": "yes"}, "init.bases_before_warmup must be true or false"),
+    ],
+)
+def test_bad_head_warmup_settings_name_the_field(init, message) -> None:
+    from giva.bench.spec import MethodSpec
+
+    with pytest.raises(ValueError, match=message):
+        MethodSpec("m", 1, "giva", "peft", 0.01, [0.01], "GIVA", {"r": 8}, init)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ..config import GivaConfig
+from ..finetune import is_head_parameter
 from ..init import initialize
 from ..layer import GivaLayer
 from .spec import MethodSpec
@@ -90,8 +91,11 @@ def peft_config(method: MethodSpec, task: TaskData, seed: int) -> Any:
     raise ValueError(f"method {method.name!r}: unknown peft_type {method.peft_type!r}")
 
 
-def build_model(method: MethodSpec, task: TaskData, seed: int, calibration: DataLoader) -> BuiltModel:
-    """The model of ``method`` ready for its first training step (``calibration``: a loader used only for init)."""
+def build_model(
+    method: MethodSpec, task: TaskData, seed: int, calibration: DataLoader, head_lr: Optional[float] = None,
+) -> BuiltModel:
+    """The model of ``method`` ready for its first training step (``calibration``: a loader used only for init;
+    ``head_lr``: the task head's LR, for a GiVA method's ``init.head_warmup_epochs``)."""
     base = load_base(task, seed)
     if method.kind == "floor":
         return BuiltModel(_floor_model(base))
@@ -138,10 +142,68 @@ def build_model(method: MethodSpec, task: TaskData, seed: int, calibration: Data
                 report = _bases_from_unquantised(model, method, task, seed, calibration)
             built.init_seconds = time.perf_counter() - start  # loading the unquantised twin included
         else:
+            warmup, bases_first = method.init.get("head_warmup_epochs"), method.init.get("bases_before_warmup", False)
+            warmup_seconds = 0.0
+            if warmup and not bases_first:
+                warmup_seconds = warm_up_head(model, calibration, warmup, head_lr)
             report = initialize(model, calibration, num_batches=calibration_batches(method, calibration), progress=False)
-            built.init_seconds = report.total_seconds
+            if warmup and bases_first:
+                warmup_seconds = warm_up_head(model, calibration, warmup, head_lr)
+            built.init_seconds = report.total_seconds + warmup_seconds
         built.gradient_seconds, built.svd_seconds = report.gradient_seconds, report.svd_seconds
     return built
+
+
+def strip_peft_prefix(name: str) -> str:
+    """A parameter name without PEFT's ``base_model.model.`` prefix (as :func:`is_head_parameter` reads it)."""
+    for prefix in ("base_model.model.", "base_model."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def warm_up_head(model: nn.Module, loader: DataLoader, epochs: int, lr: Optional[float]) -> float:
+    """LP-FT's first stage: ``epochs`` passes of AdamW over the task head alone, the GiVA layers switched off (their
+    bases may not exist yet; at init their output is zero anyway), at the head's ``lr``. Every ``requires_grad`` flag
+    and the train/eval mode are restored. ``giva.initialize`` takes its gradient with PEFT's ``modules_to_save``
+    wrappers switched off (the pretrained model), so the warmed head is also written into each wrapper's original
+    module, the one the gradient then sees. Returns the seconds it took."""
+    if lr is None:
+        raise ValueError("init.head_warmup_epochs needs the task head's LR (a classification task with a head)")
+    head = [p for name, p in model.named_parameters() if p.requires_grad and is_head_parameter(strip_peft_prefix(name))]
+    if not head:
+        raise ValueError("init.head_warmup_epochs: the model has no trainable task head (classifier / score) to warm up")
+    start = time.perf_counter()
+    flags = {param: param.requires_grad for param in model.parameters()}
+    training = model.training
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    chosen = {id(p) for p in head}
+    try:
+        for layer in layers:
+            layer.enable_adapters(False)
+        for param in model.parameters():
+            param.requires_grad = id(param) in chosen
+        optimizer = torch.optim.AdamW(head, lr=lr)
+        model.train()
+        for _ in range(epochs):
+            for batch in loader:
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in flags.items():
+            param.requires_grad = flag
+        model.train(training)
+    with torch.no_grad():
+        for wrapper in model.modules():
+            copies = getattr(wrapper, "modules_to_save", None)
+            if copies is not None and hasattr(wrapper, "original_module"):
+                if len(copies) != 1:
+                    raise ValueError(f"init.head_warmup_epochs: a head with {len(copies)} adapters' copies; warm up one")
+                wrapper.original_module.load_state_dict(next(iter(copies.values())).state_dict())
+    return time.perf_counter() - start
 
 
 def _bases_from_unquantised(model: nn.Module, method: MethodSpec, task: TaskData, seed: int, calibration: DataLoader) -> Any:

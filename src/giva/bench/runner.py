@@ -26,7 +26,7 @@ from torch import nn
 
 from ..checkpoint import atomic_file
 from ..finetune import TrainConfig, TrainStats, is_head_parameter, train
-from .methods import build_model, quantization_config
+from .methods import build_model, quantization_config, strip_peft_prefix
 from .schema import SCHEMA_VERSION
 from .spec import UNTRAINED_KINDS, Ablation, MethodSpec, Phase, SuiteSpec, load_method
 from .speed import run_speed_phase
@@ -246,7 +246,7 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
     memory_how = reset_peak_rss()
     started = time.time()
     wall = time.perf_counter()
-    built = build_model(method, task, run.seed, calibration=task.train_loader(run.seed))
+    built = build_model(method, task, run.seed, calibration=task.train_loader(run.seed), head_lr=(config.lr if config.head_lr is None else config.head_lr) if config else None)
     model = built.model
     if method.kind == "none":  # the pretrained model as it is: evaluated, never trained
         stats = TrainStats(epoch_metrics=[task.evaluate(model, "val")])
@@ -263,7 +263,7 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
     peak = peak_rss_bytes()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for _, p in trainable)
-    n_adapter = sum(p.numel() for n, p in trainable if not is_head_parameter(_strip_peft_prefix(n)))
+    n_adapter = sum(p.numel() for n, p in trainable if not is_head_parameter(strip_peft_prefix(n)))
     steady = stats.step_seconds[STEADY_STATE_SKIP:] or stats.step_seconds
     record = {
         "schema_version": SCHEMA_VERSION,
@@ -320,13 +320,6 @@ def encode_predictions(predictions: list[int]) -> str | list[int]:
     if all(-1 <= p <= 9 for p in predictions):
         return "".join("-" if p < 0 else str(p) for p in predictions)
     return predictions
-
-
-def _strip_peft_prefix(name: str) -> str:
-    for prefix in ("base_model.model.", "base_model."):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
 
 
 # --- the suite ---------------------------------------------------------------------------------------------

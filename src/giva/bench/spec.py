@@ -30,6 +30,17 @@ DEFAULT_HEADLINE_PAIRS = (("giva-r8", "vera-r64"), ("giva-r32", "vera-r256"))
 DEFAULT_HEADLINE_SIZES = ("giva-r8", "giva-r32", "lora-r8", "vera-r64", "vera-r256")
 
 
+def _check_head_warmup(where: str, init: dict[str, Any]) -> None:
+    """``init.head_warmup_epochs`` (GiVA: passes of head-only training before the gradient, LP-FT's first stage) must
+    be a positive int; ``init.bases_before_warmup`` (the control: the gradient first, then the same warm-up) a bool."""
+    epochs = init.get("head_warmup_epochs")
+    if epochs is not None and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"{where}: init.head_warmup_epochs must be a positive integer, got {epochs!r}")
+    before = init.get("bases_before_warmup", False)
+    if not isinstance(before, bool) or (before and epochs is None):
+        raise ValueError(f"{where}: init.bases_before_warmup must be true or false, and needs init.head_warmup_epochs, got {before!r}")
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One adapter config. ``kind``: 'none' (the pretrained model, evaluated untrained: the floor of a
@@ -69,6 +80,7 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: lr and a non-empty lr_sweep of positive values are required")
         if self.init.get("bases_from", BASES_FROM[0]) not in BASES_FROM:
             raise ValueError(f"method {self.name!r}: init.bases_from must be one of {BASES_FROM}, got {self.init['bases_from']!r}")
+        _check_head_warmup(f"method {self.name!r}", self.init)
 
     def with_overrides(self, peft: dict[str, Any], init: dict[str, Any]) -> "MethodSpec":
         """The same method with some PEFT / initialisation settings replaced (an ablation)."""
