@@ -7,13 +7,15 @@
 #    and, for the two 4-bit rows (the machine has no bitsandbytes; this wheel, 43 MB, holds its CUDA 13 library):
 #        python3 -m pip download --no-deps bitsandbytes==0.50.2 --platform manylinux_2_24_x86_64 \
 #            --python-version 3.12 --only-binary=:all: -d benchmarks/gpu/wheels
-# 2. Through the device tool, from the repository root:
-#        run(command="bash benchmarks/gpu/run_on_device.sh", carry=["benchmarks/gpu/wheels"], timeout_s=480)
+# 2. Through the device tool, from the repository root (a session has 15 minutes of device time, the machine's
+#    start included; the suite takes at most about 5 minutes, so the serve stage gets a call of its own):
+#        run(command="STAGES='gpu tests' bash benchmarks/gpu/run_on_device.sh", carry=["benchmarks/gpu/wheels"], timeout_s=480)
+#        run(command="STAGES=serve bash benchmarks/gpu/run_on_device.sh", carry=["benchmarks/gpu/wheels"], timeout_s=240)
 #    $OUT then holds results.json, results.md, steps.png and run.log (4 files, well under the tool's limits),
 #    then tests.log (the CUDA tests, when pytest imports: carry its wheels too, `pip download --no-deps pytest
 #    pluggy iniconfig pygments`) and serve/ (the accelerator serve benchmark, N = 1, 8, 32 adapters).
 #    STAGES picks and orders the stages (default "gpu tests serve"); each later stage has its own time limit
-#    (TESTS_TIMEOUT_S, default 150; SERVE_TIMEOUT_S, default 200) and a failing stage does not stop the next.
+#    (TESTS_TIMEOUT_S, default 90; SERVE_TIMEOUT_S, default 150) and a failing stage does not stop the next.
 # Dry run on CPU with the tiny shapes (what this machine allows):
 #        OUT=/tmp/gpu-dry PYTHON=.venv/bin/python bash benchmarks/gpu/run_on_device.sh --tiny
 # Further arguments go to `python -m giva.bench.gpu` (--tiny, --shapes 1B, --rows floor,giva, --budget-s 200).
@@ -76,7 +78,7 @@ for stage in ${STAGES:-gpu tests serve}; do
         "$PYTHON" -m giva.bench.gpu --output-dir "$OUT" "$@" 2>&1 | tee -a "$LOG" || echo "run_on_device.sh: stage gpu exited $?" | tee -a "$LOG" ;;
     tests)  # the CUDA tests (skipped, and so reported, without a GPU); pytest only if it imports
         if "$PYTHON" -c "import pytest" 2>/dev/null; then
-            timeout "${TESTS_TIMEOUT_S:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k "cuda or device" \
+            timeout "${TESTS_TIMEOUT_S:-90}" "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k "cuda or device" \
                 tests/test_folded_forward.py tests/test_quant.py tests/test_serving.py > "$OUT/tests.log" 2>&1 \
                 || echo "run_on_device.sh: stage tests exited $?" | tee -a "$LOG"
             tail -3 "$OUT/tests.log" | tee -a "$LOG"
@@ -84,7 +86,7 @@ for stage in ${STAGES:-gpu tests serve}; do
             echo "run_on_device.sh: pytest does not import; carry its wheels to run the tests stage" | tee -a "$LOG"
         fi ;;
     serve)  # the accelerator serve benchmark (tiny shapes on the CPU for a dry run)
-        timeout "${SERVE_TIMEOUT_S:-200}" "$PYTHON" - "$OUT/serve" $TINY <<'PY' 2>&1 | tee -a "$LOG" || echo "run_on_device.sh: stage serve exited $?" | tee -a "$LOG"
+        timeout "${SERVE_TIMEOUT_S:-150}" "$PYTHON" - "$OUT/serve" $TINY <<'PY' 2>&1 | tee -a "$LOG" || echo "run_on_device.sh: stage serve exited $?" | tee -a "$LOG"
 import sys
 from giva.bench.serve import GpuServeSettings, run_serve_gpu
 if "--tiny" in sys.argv:
