@@ -176,7 +176,7 @@ def warm_up_head(model: nn.Module, loader: DataLoader, epochs: int, lr: Optional
     start = time.perf_counter()
     flags = {param: param.requires_grad for param in model.parameters()}
     training = model.training
-    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    layers = {m: m.disable_adapters for m in model.modules() if isinstance(m, GivaLayer)}  # each layer's own switch
     chosen = {id(p) for p in head}
     try:
         for layer in layers:
@@ -191,8 +191,8 @@ def warm_up_head(model: nn.Module, loader: DataLoader, epochs: int, lr: Optional
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        for layer, disabled in layers.items():
+            layer.enable_adapters(not disabled)
         for param, flag in flags.items():
             param.requires_grad = flag
         model.train(training)

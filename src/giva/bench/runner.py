@@ -246,7 +246,8 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
     memory_how = reset_peak_rss()
     started = time.time()
     wall = time.perf_counter()
-    built = build_model(method, task, run.seed, calibration=task.train_loader(run.seed), head_lr=(config.lr if config.head_lr is None else config.head_lr) if config else None)
+    head_lr = None if config is None else config.lr if config.head_lr is None else config.head_lr  # 'same': the adapter's
+    built = build_model(method, task, run.seed, calibration=task.train_loader(run.seed), head_lr=head_lr)
     model = built.model
     if method.kind == "none":  # the pretrained model as it is: evaluated, never trained
         stats = TrainStats(epoch_metrics=[task.evaluate(model, "val")])
@@ -277,7 +278,7 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
         "overrides": asdict(run.ablation) if run.ablation else {},
         "seed": run.seed,
         "lr": run.lr,
-        "head_lr": config.head_lr if config and config.head_lr is not None else run.lr,
+        "head_lr": run.lr if head_lr is None else head_lr,
         "train_config": asdict(config) if config else {},
         "versions": versions(),
         "metrics": {
