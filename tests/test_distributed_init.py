@@ -33,14 +33,16 @@ def _load(ranks: Ranks, scenario: str) -> list[dict]:
     return ranks.tensors(f"{scenario}_rank{{rank}}.pt")
 
 
-def _one_process(mode: str) -> dict[str, torch.Tensor]:
+def _one_process(mode: str, statistic: str = "mean") -> dict[str, torch.Tensor]:
     """One process over the union of both ranks' batches."""
-    m = model()
-    giva.initialize(m, rank_batches(0) + rank_batches(1), num_batches=2 * NUM_BATCHES, progress=False, mode=mode)
+    m = model("Vr" if statistic == "second-moment" else "VrUr")
+    union = rank_batches(0) + rank_batches(1)
+    giva.initialize(m, union, num_batches=2 * NUM_BATCHES, progress=False, mode=mode, statistic=statistic)
     return bases_of(m)
 
 
-SCENARIOS = ["plain_exact", "plain_sketch", "all_exact", "ddp_sketch", "fsdp2_exact", "fsdp2_sketch"]
+SCENARIOS = ["plain_exact", "plain_sketch", "all_exact", "ddp_sketch", "fsdp2_exact", "fsdp2_sketch",
+             "moment_exact", "moment_sketch"]
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -50,7 +52,7 @@ def test_ranks_get_bit_identical_bases_equal_to_one_process_over_all_batches(ran
     assert rank0["mode"] == rank1["mode"] == mode
     assert rank0["bases"].keys() == rank1["bases"].keys() and len(rank0["bases"]) == 16
     assert all(torch.equal(rank0["bases"][k], rank1["bases"][k]) for k in rank0["bases"])
-    reference = _one_process(mode)
+    reference = _one_process(mode, "second-moment" if scenario.startswith("moment") else "mean")
     for key, tensor in rank0["bases"].items():
         if mode == "exact":
             torch.testing.assert_close(tensor, reference[key], atol=2e-4, rtol=0)
@@ -77,7 +79,7 @@ def test_every_rank_holds_the_same_all_reduced_sums_equal_to_one_process_over_al
         assert all(torch.equal(seen0["sums"][k], seen1["sums"][k]) for k in seen0["sums"]), where
         assert seen0["batches"] == seen1["batches"] == 2 * NUM_BATCHES, where
         request = Request(seen0["pass_index"], seen0["passes"], {k: RequestItem(*i) for k, i in seen0["items"].items()})
-        reference = accumulate(model(), union, request, num_batches=len(union))
+        reference = accumulate(model(), union, request, num_batches=len(union))  # the request names the kind of sum
         assert seen0["tokens"] == reference.tokens, where
         for key, total in reference.sums.items():
             error = (seen0["sums"][key] - total).norm() / total.norm()
@@ -128,8 +130,16 @@ def test_ranks_that_would_run_unequal_batch_counts_raise_together_before_any_bat
 def test_ranks_whose_models_adapt_other_blocks_raise_together_before_any_batch(ranks):
     records = [record["different_targets_on_one_rank"] for record in ranks.json("failures_rank{rank}.json")]
     assert [r["raised"] for r in records] == ["GradientInitError", "GradientInitError"]
-    assert "rank(s) [1] would initialise other GiVA blocks than rank 0 (8 blocks here)" in records[0]["message"]
-    assert "rank(s) [1] would initialise other GiVA blocks than rank 0 (2 blocks here)" in records[1]["message"]
+    assert "rank(s) [1] would initialise other GiVA blocks, or with other settings, than rank 0 (8 blocks here" in records[0]["message"]
+    assert "rank(s) [1] would initialise other GiVA blocks, or with other settings, than rank 0 (2 blocks here" in records[1]["message"]
+    assert max(r["seconds"] for r in records) < 30
+
+
+def test_ranks_asked_for_another_statistic_raise_together_before_any_batch(ranks):
+    records = [record["different_statistic_on_one_rank"] for record in ranks.json("failures_rank{rank}.json")]
+    assert [r["raised"] for r in records] == ["GradientInitError", "GradientInitError"]
+    assert "rank(s) [1] would initialise other GiVA blocks, or with other settings" in records[0]["message"]
+    assert "'exact', 3, None, 'mean')" in records[0]["message"] and "'second-moment')" in records[1]["message"]
     assert max(r["seconds"] for r in records) < 30
 
 

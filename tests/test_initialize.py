@@ -263,6 +263,44 @@ def test_bad_mode_and_sketch_settings_are_named(batches):
             giva.initialize(model, batches, mode="exact", progress=False, **settings)
 
 
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_second_moment_statistic_takes_a_from_the_per_batch_autograd_gradients(batches, mode):
+    """A = top-r eigenvectors of sum_b G_b^T G_b, G_b each batch's dL/dW by plain autograd; B the seeded one."""
+    from giva.bases import top_eigenvectors
+    from giva.init.sketch import principal_cosines
+
+    config = dict(r=3, target_modules=["query", "value"], variant="Vr")
+    model = get_peft_model(tiny_bert(), GivaConfig(**config))
+    report = giva.initialize(model, batches, num_batches=3, progress=False, mode=mode, statistic="second-moment",
+                             **({"passes": 5} if mode == "sketch" else {}))
+    assert report.mode == mode and model.peft_config["default"].bases_info["statistic"] == "second-moment"
+    reference_model = tiny_bert()
+    mean_model = get_peft_model(tiny_bert(), GivaConfig(**config))
+    giva.initialize(mean_model, batches, num_batches=3, progress=False, mode="exact")
+    mean_layers = giva_layers(mean_model)
+    for name, layer in giva_layers(model).items():
+        per_batch = [_autograd_weight_gradients(reference_model, [batch], [name])[name] for batch in batches[:3]]
+        moment = sum(g.double().mT @ g.double() for g in per_batch)
+        expected = top_eigenvectors(moment, 3).mT
+        a = layer.giva_A["default"]
+        assert principal_cosines(a, expected).min() > (0.9999 if mode == "exact" else 0.999), name
+        assert torch.equal(layer.giva_B["default"], mean_layers[name].giva_B["default"])  # the seeded B
+        assert principal_cosines(a, mean_layers[name].giva_A["default"]).min() < 0.99  # not the mean's A
+
+
+def test_second_moment_statistic_is_checked_before_any_batch(batches):
+    def untouchable():
+        raise AssertionError("a batch was drawn before the arguments were checked")
+        yield
+
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], variant="VrUr"))
+    with pytest.raises(ValueError, match=r"statistic='second-moment' gives A only .*\['VrUr'\]"):
+        giva.initialize(model, untouchable(), statistic="second-moment", progress=False)
+    with pytest.raises(ValueError, match="statistic must be one of \\('mean', 'second-moment'\\), got 'var'"):
+        giva.initialize(model, untouchable(), statistic="var", progress=False)
+    assert "statistic" not in (model.peft_config["default"].bases_info or {})
+
+
 def test_inference_mode_is_a_clear_error(batches):
     model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
     with torch.inference_mode(), pytest.raises(RuntimeError, match="outside torch.inference_mode"):

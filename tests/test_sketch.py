@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from giva.bases import bases_from_gradient, layer_generator
+from giva.bases import bases_from_gradient, layer_generator, top_eigenvectors
 from giva.init import GradientInitError, InitSession, Partial, Request, Target
-from giva.init.exact import accumulate_dense
+from giva.init.exact import accumulate_dense, accumulate_gram
 from giva.init.sketch import accumulate_g, accumulate_gt, principal_cosines, sketch_width
+from giva.init.sketch import accumulate_gram as accumulate_gram_m
 
 OUT, IN = 96, 80
 
@@ -42,6 +43,10 @@ def _sums(request: Request, blocks) -> dict[str, torch.Tensor]:
             rows = g[:, item.out_start : item.out_start + item.out_size]
             if item.kind == "dense":
                 total = accumulate_dense(total, x, rows)
+            elif item.kind == "gram":
+                total = accumulate_gram(total, x, rows)
+            elif item.kind == "gram_m":
+                total = accumulate_gram_m(total, x, rows, item.matrix)
             elif item.kind == "gt":
                 total = accumulate_gt(total, x, rows, item.matrix)
             else:
@@ -266,3 +271,74 @@ def test_bases_stay_orthonormal_when_the_test_matrices_travel_in_bfloat16(passes
     _run(fp32, blocks)
     (reference, _), = fp32.bases().values()
     assert principal_cosines(a, reference).min() > 0.999  # the row space float32 transport finds
+
+
+def _second_moment(blocks) -> torch.Tensor:
+    """sum_b G_b^T G_b with each block's gradient G_b = g^T x formed densely (the reference)."""
+    return sum((g.double().mT @ x.double()).mT @ (g.double().mT @ x.double()) for x, g in blocks)
+
+
+def _sign_cancelling_blocks() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Blocks whose gradients point along input directions 0-1 with alternating signs (they cancel in the sum)
+    while a weaker direction 2 keeps its sign: the mean and the second moment then disagree on purpose."""
+    gen = torch.Generator().manual_seed(3)
+    blocks = []
+    for index in range(6):
+        sign = 1.0 if index % 2 == 0 else -1.0
+        x = torch.zeros(8, IN)
+        x[:, 0], x[:, 1], x[:, 2] = 3.0 * sign, 2.0 * sign, 0.5
+        x = x + 0.01 * torch.randn(8, IN, generator=gen)
+        g = torch.ones(8, OUT) + 0.01 * torch.randn(8, OUT, generator=gen)
+        blocks.append((x, g))
+    return blocks
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_second_moment_statistic_gives_the_top_eigenvectors_of_the_summed_batch_grams(mode):
+    blocks = _token_blocks(n_blocks=5)
+    target = _target(rank=4, variant="Vr")
+    session = InitSession([target], mode=mode, passes=4, statistic="second-moment")
+    _run(session, blocks, split=2)  # two processes' partials add up, as for the mean
+    a, b = session.bases()[target.key]
+    expected = top_eigenvectors(_second_moment(blocks), 4).mT
+    assert torch.allclose(a @ a.mT, torch.eye(4), atol=1e-5)
+    assert principal_cosines(a, expected).min() > (0.9999 if mode == "exact" else 0.99)
+    _, b_mean = bases_from_gradient(_dense(blocks), 4, "Vr", layer_generator(0, "layer", 0), svd="exact")
+    assert torch.equal(b, b_mean)  # B stays the seeded one: the statistic changes A only
+
+
+def test_second_moment_keeps_directions_whose_signs_cancel_across_batches():
+    blocks = _sign_cancelling_blocks()
+    means, moments = InitSession([_target(rank=1, variant="Vr")], mode="exact"), InitSession(
+        [_target(rank=1, variant="Vr")], mode="exact", statistic="second-moment"
+    )
+    _run(means, blocks)
+    _run(moments, blocks)
+    (a_mean, _), (a_moment, _) = means.bases()["default:layer#0"], moments.bases()["default:layer#0"]
+    assert a_mean[0, 2].abs() > 0.9  # the sum keeps only the direction whose sign never changes
+    assert a_moment[0, :2].norm() > 0.99  # the batches' own gradients live on directions 0-1
+
+
+def test_second_moment_of_one_batch_is_the_mean_gradients_right_subspace():
+    blocks = _token_blocks(n_blocks=1)
+    means = InitSession([_target(rank=5, variant="Vr")], mode="exact")
+    moments = InitSession([_target(rank=5, variant="Vr")], mode="exact", statistic="second-moment")
+    _run(means, blocks)
+    _run(moments, blocks)
+    (a1, b1), (a2, b2) = means.bases()["default:layer#0"], moments.bases()["default:layer#0"]
+    torch.testing.assert_close(a1, a2, atol=1e-4, rtol=0)  # G^T G's eigenvectors are G's right singular vectors
+    assert torch.equal(b1, b2)
+
+
+def test_second_moment_state_has_the_input_shape_and_a_gradient_b_is_refused():
+    target = _target(rank=4, variant="Vr", out_size=OUT)
+    session = InitSession([target], mode="sketch", statistic="second-moment")
+    request = session.next_request()
+    assert request.items[target.key].kind == "gram_m" and request.items[target.key].matrix.shape[0] == IN
+    session.receive(Partial(0, _sums(request, _token_blocks()), batches=4))
+    assert session.state_shapes(target.key) == [(IN, session.width(target.key))] == [tuple(session.state(target.key)[0].shape)]
+    for variant in ("VrUr", "VrU2r"):
+        with pytest.raises(ValueError, match=f"statistic='second-moment'.*{variant}"):
+            InitSession([_target(variant=variant)], mode="exact", statistic="second-moment")
+    with pytest.raises(ValueError, match="statistic must be one of"):
+        InitSession([_target()], statistic="variance")

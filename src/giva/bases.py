@@ -203,6 +203,29 @@ def bases_from_singular_vectors(
     return a, b.contiguous().cpu()
 
 
+def bases_from_input_vectors(
+    v: torch.Tensor, out_features: int, r: int, variant: str, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` from input directions alone (``V: in x k``, k >= r), for the variants whose B is seeded.
+
+    The second-moment statistic (``giva.initialize(statistic="second-moment")``) gives right vectors only:
+    ``A = V[:, :r]^T`` and B as :func:`seeded_output_basis` draws it.
+    """
+    if variant not in SEEDED_B_VARIANTS:
+        raise ValueError(f"variant {variant!r} takes B from the gradient's left singular vectors; expected one of {SEEDED_B_VARIANTS}")
+    return v[:, :r].mT.contiguous().cpu(), seeded_output_basis(variant, out_features, r, generator).contiguous().cpu()
+
+
+def top_eigenvectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` eigenvectors (``n x k``, fp32, canonical signs) of a symmetric ``n x n`` matrix (exact ``eigh``, float64)."""
+    if k > matrix.shape[0]:
+        raise ValueError(f"cannot take {k} eigenvectors of a {tuple(matrix.shape)} matrix")
+    symmetric = matrix.detach().double()
+    _, vectors = torch.linalg.eigh((symmetric + symmetric.mT) / 2)  # ascending eigenvalues
+    v = vectors[:, -k:].flip(-1).float()
+    return _canonical_signs(v, v)[1]
+
+
 def random_bases(out_features: int, in_features: int, r: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-free ablation: seeded orthonormal ``A`` (rows) and ``B`` (columns), i.e. VeRA with per-layer bases."""
     a = random_orthonormal(in_features, r, generator).mT.contiguous()

@@ -80,10 +80,12 @@ def recording_passes() -> Iterator[list[dict]]:
         InitSession.next_request, TorchCollective.finish_pass = next_request, finish_pass
 
 
-def init_and_save(out: Path, scenario: str, rank: int, m, batches: list[dict], mode: str, num_batches=NUM_BATCHES) -> None:
+def init_and_save(
+    out: Path, scenario: str, rank: int, m, batches: list[dict], mode: str, num_batches=NUM_BATCHES, statistic: str = "mean"
+) -> None:
     """giva.initialize on this rank's batches; writes the bases and the recorded passes."""
     with recording_passes() as passes:
-        report = giva.initialize(m, batches, num_batches=num_batches, progress=False, mode=mode)
+        report = giva.initialize(m, batches, num_batches=num_batches, progress=False, mode=mode, statistic=statistic)
     inner = m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
     record = {"bases": bases_of(inner), "mode": report.mode, "sums_bytes": report.sums_bytes, "passes": passes}
     torch.save(record, out / f"{scenario}_rank{rank}.pt")
@@ -136,6 +138,9 @@ def failure_cases(rank: int) -> dict[str, dict]:
         "invalid_mode_on_one_rank": dict(dataloader=batches, mode="dense" if rank == 1 else "exact"),
         "unknown_adapter_on_one_rank": dict(dataloader=batches, adapter_name="other" if rank == 1 else None),
         "invalid_num_batches_on_one_rank": dict(dataloader=batches, num_batches=0 if rank == 1 else 2),
+        # Valid on each rank, but the ranks' sums would have other shapes (in x in against out x in).
+        "different_statistic_on_one_rank": dict(dataloader=batches, mode="exact", model=model("Vr"),
+                                                statistic="second-moment" if rank == 1 else "mean"),
         # Rank 1's model adapts other layers: the ranks' sums would not line up.
         "different_targets_on_one_rank": dict(dataloader=batches, model=(
             get_peft_model(tiny_llama(seed=0), GivaConfig(r=4, target_modules=["q_proj"], variant="VrUr", seed=3))
@@ -156,6 +161,8 @@ def main() -> None:
 
     init_and_save(out, "all_exact", rank, model(), batches, "exact", num_batches="all")  # len(batches) == NUM_BATCHES
     init_and_save(out, "ddp_sketch", rank, torch.nn.parallel.DistributedDataParallel(model()), batches, "sketch")
+    for mode in ("exact", "sketch"):  # the second moment sums per-batch products: each rank's own batches
+        init_and_save(out, f"moment_{mode}", rank, model("Vr"), batches, mode, statistic="second-moment")
 
     from torch.distributed.fsdp import fully_shard
 

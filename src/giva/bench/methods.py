@@ -146,7 +146,10 @@ def build_model(
             warmup_seconds = 0.0
             if warmup and not bases_first:
                 warmup_seconds = warm_up_head(model, calibration, warmup, head_lr)
-            report = initialize(model, calibration, num_batches=calibration_batches(method, calibration), progress=False)
+            report = initialize(
+                model, calibration, num_batches=calibration_batches(method, calibration), progress=False,
+                statistic=method.init.get("statistic", "mean"),
+            )
             if warmup and bases_first:
                 warmup_seconds = warm_up_head(model, calibration, warmup, head_lr)
             built.init_seconds = report.total_seconds + warmup_seconds

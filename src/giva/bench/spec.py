@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..init.session import STATISTICS  # GiVA's init.statistic: what A is taken from
 from .stats import split_ref
 
 METHOD_KINDS = ("none", "floor", "probe", "full", "peft", "osora")
@@ -81,6 +82,8 @@ class MethodSpec:
         if self.init.get("bases_from", BASES_FROM[0]) not in BASES_FROM:
             raise ValueError(f"method {self.name!r}: init.bases_from must be one of {BASES_FROM}, got {self.init['bases_from']!r}")
         _check_head_warmup(f"method {self.name!r}", self.init)
+        if self.init.get("statistic", "mean") not in STATISTICS:
+            raise ValueError(f"method {self.name!r}: init.statistic must be one of {STATISTICS}, got {self.init['statistic']!r}")
 
     def with_overrides(self, peft: dict[str, Any], init: dict[str, Any]) -> "MethodSpec":
         """The same method with some PEFT / initialisation settings replaced (an ablation)."""

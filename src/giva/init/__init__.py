@@ -24,7 +24,17 @@ from ..config import GivaConfig
 from .accumulate import accumulate, check_num_batches, loader_length, run_pass
 from .capture import LossFn, giva_layers, unwrap
 from .distributed import Collective, DistributedInitError, DistributedValueError, collective
-from .session import GradientInitError, InitSession, Partial, Request, RequestItem, Target
+from .session import (
+    STATISTICS,
+    GradientInitError,
+    InitSession,
+    Partial,
+    Request,
+    RequestItem,
+    Statistic,
+    Target,
+    check_statistic,
+)
 from .sketch import DEFAULT_OVERSAMPLING, DEFAULT_PASSES
 
 logger = logging.getLogger(__name__)
@@ -58,6 +68,8 @@ __all__ = [
     "Partial",
     "Request",
     "RequestItem",
+    "STATISTICS",
+    "Statistic",
     "Target",
     "accumulate",
     "bases_initialized",
@@ -116,11 +128,12 @@ def targets_of(model: nn.Module, configs: dict[str, GivaConfig]) -> list[Target]
     return targets
 
 
-def choose_mode(mode: str, targets: Iterable[Target]) -> str:
-    """``mode="auto"``: exact while the dense fp32 gradients fit in AUTO_EXACT_MAX_BYTES, else sketch."""
+def choose_mode(mode: str, targets: Iterable[Target], statistic: str = "mean") -> str:
+    """``mode="auto"``: exact while the dense fp32 sums (``out x in`` gradients, or ``in x in`` second moments)
+    fit in AUTO_EXACT_MAX_BYTES, else sketch."""
     if mode != "auto":
         return mode
-    dense = sum(4 * t.out_size * t.in_features for t in targets)
+    dense = sum(4 * (t.in_features if statistic == "second-moment" else t.out_size) * t.in_features for t in targets)
     return "exact" if dense <= AUTO_EXACT_MAX_BYTES else "sketch"
 
 
@@ -192,6 +205,7 @@ def initialize(
     mode: InitMode = "auto",
     passes: int = DEFAULT_PASSES,
     oversampling: Optional[int] = DEFAULT_OVERSAMPLING,
+    statistic: Statistic = "mean",
     force: bool = False,
 ) -> InitReport:
     """Fill the bases of GiVA adapters from the loss gradient at the pretrained checkpoint.
@@ -219,6 +233,12 @@ def initialize(
             sketch otherwise. Memory never grows with k.
         passes: sketch passes (>= 2; default 3: range, co-range, one power iteration).
         oversampling: extra sketch columns beyond k (default ``max(2k, 32)``).
+        statistic: what A is taken from. ``"mean"`` (default, the paper's GiVA): the top-r right singular vectors
+            of the gradient summed over the k batches. ``"second-moment"``: the top-r eigenvectors of
+            ``sum_b G_b^T G_b`` over the k batch gradients ``G_b`` (``in x in`` per target in exact mode; sketched
+            as ``S M`` products of ``in x l`` otherwise), the input directions the batches' gradients use most even
+            where their signs cancel in the sum; for the variants whose B is seeded (``Vr``, ``VrUrand``). A batch is
+            what one process's loader gives. The evidence for it: README, "Closing the gap to LoRA".
         force: re-initialise adapters that already hold bases or trained vectors (the new bases
             replace the old under the trained vectors); without it that is a ``ValueError``.
 
@@ -239,9 +259,10 @@ def initialize(
     to_init: dict[str, GivaConfig] = {}
     targets: list[Target] = []
     try:
-        _check_arguments(num_batches, mode, passes, oversampling)
+        _check_arguments(num_batches, mode, passes, oversampling, statistic)
         to_init = _gradient_adapters(model, adapter_name)
         targets = targets_of(model, to_init)
+        check_statistic(statistic, targets)
         trained = [] if force else _already_initialised(model, to_init)
         if trained:
             raise ValueError(
@@ -253,13 +274,13 @@ def initialize(
     report = InitReport(adapters=sorted(to_init), layers=len({t.layer for t in targets}), num_batches=0)
     comm = collective(next(model.parameters()).device, sharded=_sharded(model))
     comm.agree(error)
-    _check_same_targets(comm, targets)
+    _check_same_targets(comm, targets, (mode, passes, oversampling, statistic))
     if not to_init:
         logger.info("GiVA adapters %s use data-free bases; nothing to initialise", sorted(giva_configs(model)))
         return report
     num_batches = report.num_batches = _calibration_count(comm, num_batches, dataloader)
-    report.mode = choose_mode(mode, targets)
-    session = InitSession(targets, report.mode, passes, oversampling)
+    report.mode = choose_mode(mode, targets, statistic)
+    session = InitSession(targets, report.mode, passes, oversampling, statistic)
     report.passes = session.passes
     sources = _batches(dataloader, num_batches, keep=session.passes > 1)
     while not session.done:
@@ -282,6 +303,7 @@ def initialize(
             "svd": cfg.svd if report.mode == "exact" else "sketch",
             "mode": report.mode,
             **({"passes": session.passes, "oversampling": oversampling} if report.mode == "sketch" else {}),
+            **({"statistic": statistic} if statistic != "mean" else {}),  # older checkpoints: the mean
             "world_size": comm.world,
             "dtype": cfg.bases_dtype,  # A as stored (computed in fp32, rounded once if bfloat16)
             "calibration_loss": [round(x, 6) for x in report.losses],
@@ -293,9 +315,11 @@ def initialize(
     return report
 
 
-def _check_arguments(num_batches: Any, mode: Any, passes: Any, oversampling: Any) -> None:
+def _check_arguments(num_batches: Any, mode: Any, passes: Any, oversampling: Any, statistic: Any = "mean") -> None:
     """``initialize``'s arguments, checked before anything runs (``ValueError`` naming the argument)."""
     check_num_batches(num_batches, allow_all=True)
+    if statistic not in STATISTICS:  # the variants are checked once the targets are known
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if mode not in ("auto", "sketch", "exact"):
         raise ValueError(f"mode must be 'auto', 'sketch' or 'exact', got {mode!r}")
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
@@ -323,19 +347,21 @@ def _gradient_adapters(model: nn.Module, adapter_name: Optional[str]) -> dict[st
     return {name: cfg for name, cfg in configs.items() if cfg.variant in GRADIENT_VARIANTS}
 
 
-def _check_same_targets(comm: Collective, targets: list[Target]) -> None:
-    """Every rank must initialise the same blocks (adapters, layers, shapes, ranks, variants, seeds), or the sums of
-    the later collectives would not line up: the ranks compare a checksum of their targets, and on a mismatch every
-    rank raises (a rank whose adapters are all data-free takes part with no targets, then returns)."""
+def _check_same_targets(comm: Collective, targets: list[Target], settings: tuple[Any, ...] = ()) -> None:
+    """Every rank must initialise the same blocks (adapters, layers, shapes, ranks, variants, seeds) the same way
+    (``settings``: mode, passes, oversampling, statistic), or the sums of the later collectives would not line up: the
+    ranks compare a checksum of both, and on a mismatch every rank raises (a rank whose adapters are all data-free
+    takes part with no targets, then returns)."""
     if comm.world == 1:
         return
-    checksum = zlib.crc32("\n".join(repr(t) for t in targets).encode())  # Target: a frozen dataclass, every field
-    checksums = comm.gather_int(checksum)
+    text = "\n".join([repr(settings), *(repr(t) for t in targets)])  # Target: a frozen dataclass, every field
+    checksums = comm.gather_int(zlib.crc32(text.encode()))
     if len(set(checksums)) > 1:  # every rank sees the same checksums, so every rank raises
         differ = [rank for rank, value in enumerate(checksums) if value != checksums[0]]
         raise GradientInitError(
-            f"rank(s) {differ} would initialise other GiVA blocks than rank 0 ({len(targets)} blocks here): every rank "
-            "must call initialize on the same model (the same GivaConfig) with the same adapter_name"
+            f"rank(s) {differ} would initialise other GiVA blocks, or with other settings, than rank 0 ({len(targets)} "
+            f"blocks here; mode, passes, oversampling, statistic = {settings}): every rank must call initialize on the "
+            "same model (the same GivaConfig) with the same adapter_name and arguments"
         )
 
 

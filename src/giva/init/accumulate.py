@@ -44,12 +44,13 @@ class _Sums:
         for key, item in self.items.get(layer, ()):
             rows = g[:, item.out_start : item.out_start + item.out_size]
             total = self.sums.get(key)
-            if item.kind == "dense":
-                self.sums[key] = exact.accumulate_dense(total, x, rows)
+            if item.kind in ("dense", "gram"):
+                dense = exact.accumulate_dense if item.kind == "dense" else exact.accumulate_gram
+                self.sums[key] = dense(total, x, rows)
                 continue
             if key not in self.matrices:
                 self.matrices[key] = item.matrix.to(x.device, torch.float32)
-            accumulate = sketch.accumulate_gt if item.kind == "gt" else sketch.accumulate_g
+            accumulate = {"gt": sketch.accumulate_gt, "g": sketch.accumulate_g, "gram_m": sketch.accumulate_gram}[item.kind]
             self.sums[key] = accumulate(total, x, rows, self.matrices[key])
 
     def non_finite(self, batch_index: int) -> Optional[GradientInitError]:

@@ -27,6 +27,19 @@ def accumulate_dense(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tenso
     return total.addmm_(g.float().mT, x.float())
 
 
+def accumulate_gram(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``total + G_b^T G_b`` with ``G_b = g^T x`` (this batch's gradient): ``in x in`` (fp32), in place into ``total``.
+
+    The second moment of the batch gradients (``statistic="second-moment"``): its top eigenvectors are the input
+    directions the per-batch gradients use most, whether or not their signs agree across batches. ``G_b`` (``out x
+    in``) is formed once per layer per batch, next to the ``in x in`` sum.
+    """
+    batch = g.float().mT @ x.float()
+    if total is None:
+        return batch.mT @ batch
+    return total.addmm_(batch.mT, batch)
+
+
 def bases_from_dense(
     gradient: torch.Tensor, rank: int, variant: str, generator: torch.Generator, svd: str, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

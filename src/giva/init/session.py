@@ -16,6 +16,8 @@ drive the same session::
 
 ``mode="exact"`` asks for the dense block gradient in one pass (``out x in`` per target);
 ``mode="sketch"`` for ``G^T M`` / ``G M`` products of ``in x l`` / ``out x l`` (see ``sketch.py``).
+``statistic="second-moment"`` replaces the summed gradient ``G = sum_b G_b`` by the second moment of the
+batch gradients ``S = sum_b G_b^T G_b`` (``in x in``; sketched as ``S M``), whose top eigenvectors give A.
 """
 
 from __future__ import annotations
@@ -25,11 +27,24 @@ from typing import Iterable, Literal, Optional
 
 import torch
 
-from ..bases import GRADIENT_VARIANTS, bases_from_singular_vectors, layer_generator, max_rank
+from ..bases import (
+    GRADIENT_VARIANTS,
+    SEEDED_B_VARIANTS,
+    bases_from_input_vectors,
+    bases_from_singular_vectors,
+    layer_generator,
+    max_rank,
+    top_eigenvectors,
+)
 from . import exact, sketch
 
 Mode = Literal["exact", "sketch"]
-Kind = Literal["dense", "gt", "g"]
+Kind = Literal["dense", "gt", "g", "gram", "gram_m"]
+# What the input basis A is taken from: "mean", the top right singular vectors of the gradient summed over the
+# calibration batches (the paper's GiVA); "second-moment", the top eigenvectors of sum_b G_b^T G_b over the batch
+# gradients G_b, the input directions each batch's gradient uses most even where their signs cancel in the sum.
+Statistic = Literal["mean", "second-moment"]
+STATISTICS: tuple[str, ...] = ("mean", "second-moment")
 
 
 class GradientInitError(RuntimeError):
@@ -73,7 +88,8 @@ class Target:
 @dataclass(frozen=True)
 class RequestItem:
     """Accumulate, over the batches, for rows ``out_start:out_start+out_size`` of ``layer``'s gradient G:
-    ``dense``: G (``out x in``); ``gt``: G^T M (M ``out x l``); ``g``: G M (M ``in x l``)."""
+    ``dense``: G (``out x in``); ``gt``: G^T M (M ``out x l``); ``g``: G M (M ``in x l``); with ``G_b`` one batch's
+    gradient, ``gram``: sum_b G_b^T G_b (``in x in``); ``gram_m``: sum_b G_b^T G_b M (M ``in x l``)."""
 
     layer: str
     out_start: int
@@ -118,6 +134,19 @@ class Partial:
         return sum(t.numel() * t.element_size() for t in self.sums.values())
 
 
+def check_statistic(statistic: object, targets: Iterable[Target]) -> None:
+    """``ValueError`` unless ``statistic`` is known and, for ``"second-moment"``, every target's B is seeded."""
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+    if statistic == "second-moment":
+        wrong = sorted({t.variant for t in targets} - set(SEEDED_B_VARIANTS))
+        if wrong:
+            raise ValueError(
+                f"statistic='second-moment' gives A only (input directions); variant(s) {wrong} take B from the "
+                f"gradient's left singular vectors: use statistic='mean' or a variant in {SEEDED_B_VARIANTS}"
+            )
+
+
 class InitSession:
     """Drives the passes for a set of targets; holds only small per-target state (no model, no rank).
 
@@ -127,6 +156,8 @@ class InitSession:
             ``(in + out) * l`` numbers per target).
         passes: sketch passes, >= 2 (2: range + co-range; each extra pass is one power iteration).
         oversampling: extra sketch columns beyond the k singular vectors; None: ``max(2k, 32)``.
+        statistic: ``"mean"`` (A from the summed gradient) or ``"second-moment"`` (A from ``sum_b G_b^T G_b``;
+            only for variants whose B is seeded, ``Vr`` and ``VrUrand``).
 
     Same targets and seeds give the same requests and, for the same sums, the same bases, in any process.
     """
@@ -137,6 +168,7 @@ class InitSession:
         mode: Mode = "sketch",
         passes: int = sketch.DEFAULT_PASSES,
         oversampling: Optional[int] = sketch.DEFAULT_OVERSAMPLING,
+        statistic: Statistic = "mean",
     ) -> None:
         self.targets: dict[str, Target] = {}
         for target in targets:
@@ -149,7 +181,9 @@ class InitSession:
             raise ValueError(f"mode must be 'exact' or 'sketch', got {mode!r}")
         if mode == "sketch" and (isinstance(passes, bool) or not isinstance(passes, int) or passes < 2):
             raise ValueError(f"passes must be an int >= 2 for mode='sketch', got {passes!r}")
+        check_statistic(statistic, self.targets.values())
         self.mode: Mode = mode
+        self.statistic: Statistic = statistic
         self.passes = 1 if mode == "exact" else passes
         self.oversampling = oversampling
         self.pass_index = 0
@@ -158,8 +192,8 @@ class InitSession:
         self._state: dict[str, Optional[tuple[torch.Tensor, ...]]] = {}
         for key, t in self.targets.items():
             if mode == "sketch":
-                width = sketch.sketch_width(t.singular_vectors, t.out_size, t.in_features, oversampling)
-                self._state[key] = (sketch.gaussian_test_matrix(t.out_size, width, t.seed, t.key),)
+                rows = t.in_features if statistic == "second-moment" else t.out_size
+                self._state[key] = (sketch.gaussian_test_matrix(rows, self.width(key), t.seed, t.key),)
 
     @property
     def done(self) -> bool:
@@ -168,9 +202,10 @@ class InitSession:
     def width(self, key: str) -> int:
         """Sketch columns ``l`` of a target (its full smaller dimension in exact mode)."""
         t = self.targets[key]
+        rows = t.in_features if self.statistic == "second-moment" else t.out_size
         if self.mode == "exact":
-            return min(t.out_size, t.in_features)
-        return sketch.sketch_width(t.singular_vectors, t.out_size, t.in_features, self.oversampling)
+            return min(rows, t.in_features)
+        return sketch.sketch_width(t.singular_vectors, rows, t.in_features, self.oversampling)
 
     def next_request(self) -> Request:
         """What to accumulate in the next pass (the same in every process for the same targets and seeds)."""
@@ -182,9 +217,9 @@ class InitSession:
         items = {}
         for key, t in self.targets.items():
             if self.mode == "exact":
-                items[key] = RequestItem(t.layer, t.out_start, t.out_size, "dense")
+                items[key] = RequestItem(t.layer, t.out_start, t.out_size, "gram" if self.statistic == "second-moment" else "dense")
             else:
-                kind: Kind = "gt" if self.pass_index % 2 == 0 else "g"
+                kind: Kind = "gram_m" if self.statistic == "second-moment" else "gt" if self.pass_index % 2 == 0 else "g"
                 items[key] = RequestItem(t.layer, t.out_start, t.out_size, kind, self._state[key][0])
         return Request(self.pass_index, self.passes, items)
 
@@ -235,6 +270,14 @@ class InitSession:
 
     def _advance(self, t: Target, total: torch.Tensor, final: bool) -> tuple[torch.Tensor, ...]:
         generator = layer_generator(t.seed, t.layer, t.block)
+        if self.statistic == "second-moment":
+            if self.mode == "exact":
+                v = top_eigenvectors(total, t.rank)
+            elif not final:
+                return (sketch.orthonormal_columns(total),)
+            else:
+                v = sketch.eigenvectors_from_sketch(total, self._state[t.key][0].to(total.device), t.rank)
+            return bases_from_input_vectors(v, t.out_size, t.rank, t.variant, generator)
         if self.mode == "exact":
             return exact.bases_from_dense(total, t.rank, t.variant, generator, t.svd, t.seed)
         if not final:
@@ -248,7 +291,7 @@ class InitSession:
         t = self.targets[key]
         if self.pass_index == self.passes:
             return [(t.rank, t.in_features), (t.out_size, t.rank)]
-        rows = t.out_size if self.pass_index % 2 == 0 else t.in_features
+        rows = t.out_size if self.pass_index % 2 == 0 and self.statistic == "mean" else t.in_features
         return [(rows, self.width(key))]
 
     def state(self, key: str) -> tuple[torch.Tensor, ...]:

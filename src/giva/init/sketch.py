@@ -69,6 +69,19 @@ def accumulate_g(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor, m
     return product if total is None else total.add_(product)
 
 
+def accumulate_gram(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``total + G_b^T G_b M`` with ``G_b = g^T x`` never formed: x ``T x in``, g ``T x out``, M ``in x l`` -> ``in x l``.
+
+    One batch's product with the second moment ``S = sum_b G_b^T G_b`` (``statistic="second-moment"``): both
+    factors of ``G_b`` are in hand within a batch, so ``S M`` streams like ``G^T M``, in ``T x l`` and ``out x l``
+    temporaries.
+    """
+    x = x.float()
+    g = g.float()
+    product = x.mT @ (g @ (g.mT @ (x @ m)))  # G_b M (out x l), back through G_b^T
+    return product if total is None else total.add_(product)
+
+
 def orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of the columns of ``y`` (``n x l``, ``n >= l``), Householder QR with fixed signs."""
     q, r = torch.linalg.qr(y.float())
@@ -100,6 +113,23 @@ def singular_vectors_from_sketch(
     else:  # G ~ Z M^T = Uz S (M Vz)^T: U = Uz, V = M Vz
         u, v = left[:, :k], test_matrix @ right_h.mT[:, :k]
     return _canonical_signs(u, v)
+
+
+def eigenvectors_from_sketch(product: torch.Tensor, test_matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` eigenvectors (``in x k``, canonical signs) of a symmetric PSD ``S`` from ``product = S M``.
+
+    ``M = Q R`` (fp32 QR, as in :func:`singular_vectors_from_sketch`, so an ``M`` that travelled in bfloat16 is
+    handled): ``S Q = (S M) R^-1``, and the eigenvectors of the small ``Q^T S Q`` (``l x l``, symmetrised), mapped
+    back by ``Q``, are the Rayleigh-Ritz approximation of the top eigenvectors of ``S`` on the span of ``M``.
+    """
+    if product.shape[1] < k:
+        raise ValueError(f"a sketch of width {product.shape[1]} cannot give {k} eigenvectors")
+    q, r = torch.linalg.qr(test_matrix.float())
+    product = torch.linalg.solve_triangular(r, product.float(), upper=True, left=False)
+    small = q.mT @ product
+    _, vectors = torch.linalg.eigh((small + small.mT) / 2)  # ascending eigenvalues
+    v = q @ vectors[:, -k:].flip(-1)
+    return _canonical_signs(v, v)[1]
 
 
 def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
