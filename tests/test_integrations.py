@@ -71,6 +71,16 @@ def test_trainer_callback_with_num_batches_all_reads_every_batch_of_the_trainers
 def test_trainer_callback_refuses_a_bad_num_batches_when_built():
     with pytest.raises(ValueError, match=r"num_batches must be a positive int .* or 'all'"):
         giva.GivaInitCallback(num_batches=0)
+    with pytest.raises(ValueError, match=r"statistic must be one of \('mean', 'second-moment'\), got 'moment'"):
+        giva.GivaInitCallback(statistic="moment")
+
+
+def test_trainer_callback_passes_the_statistic_to_initialize(tmp_path):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    callback = giva.GivaInitCallback(num_batches=3, progress=False, statistic="second-moment")
+    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=1), train_dataset=_ListDataset(n=24), callbacks=[callback])
+    trainer.train()
+    assert model.peft_config["default"].bases_info["statistic"] == "second-moment"
 
 
 def test_trainer_callback_leaves_already_initialised_bases_alone(tmp_path, batches):

@@ -8,7 +8,17 @@ from typing import Any, Optional
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ..init import DEFAULT_NUM_BATCHES, InitMode, InitReport, NumBatches, bases_initialized, giva_configs, initialize
+from ..init import (
+    DEFAULT_NUM_BATCHES,
+    STATISTICS,
+    InitMode,
+    InitReport,
+    NumBatches,
+    Statistic,
+    bases_initialized,
+    giva_configs,
+    initialize,
+)
 from ..init.accumulate import check_num_batches
 from ..init.capture import LossFn
 from .distributed import launcher_mismatch
@@ -22,7 +32,8 @@ class GivaInitCallback(TrainerCallback):
     Bases are buffers and the adapter is an identity at init (lambda_o = 0), so this runs in
     ``on_train_begin``, after the optimizer and LR schedule exist, without disturbing either.
     Adapters whose bases are already set (resumed from a checkpoint) are left alone. ``mode`` is
-    :func:`giva.initialize`'s (``"auto"``, ``"sketch"``, ``"exact"``); ``num_batches="all"`` averages every
+    :func:`giva.initialize`'s (``"auto"``, ``"sketch"``, ``"exact"``), and so is ``statistic`` (``"mean"``, or
+    ``"second-moment"``); ``num_batches="all"`` averages every
     batch of the train dataloader (one pass over the training set before training). Under torchrun every rank
     runs it on its own batches and gets the same bases.
 
@@ -37,12 +48,16 @@ class GivaInitCallback(TrainerCallback):
         loss_fn: Optional[LossFn] = None,
         progress: bool = True,
         mode: InitMode = "auto",
+        statistic: Statistic = "mean",
     ) -> None:
         check_num_batches(num_batches, allow_all=True)  # here, not at on_train_begin after the model loaded
+        if statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.progress = progress
         self.mode = mode
+        self.statistic = statistic
         self.report: Optional[InitReport] = None
 
     def on_train_begin(
@@ -63,6 +78,6 @@ class GivaInitCallback(TrainerCallback):
         for name in pending:
             self.report = initialize(
                 model, train_dataloader, self.num_batches, self.loss_fn, adapter_name=name, progress=self.progress,
-                mode=self.mode,
+                mode=self.mode, statistic=self.statistic,
             )
             logger.info("GiVA init of %r took %.2fs", name, self.report.total_seconds)
