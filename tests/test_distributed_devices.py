@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from peft import get_peft_model
 
+import giva
 from giva import GivaConfig
 from giva.bases import top_singular_vectors
 from giva.init.distributed import TorchCollective, collective_device
@@ -56,6 +57,27 @@ def test_nccl_with_a_cpu_model_is_a_clear_error_before_any_collective(nccl):
     with pytest.raises(ValueError, match="the process group uses NCCL"):
         integration.replication_mismatches(model)
     assert nccl == []  # nothing was sent: CPU tensors never reach an NCCL all-gather
+
+
+def test_nccl_with_a_cpu_model_on_a_rank_with_a_gpu_is_agreed_on_so_every_rank_raises(nccl, monkeypatch):
+    """Rank 1's model was left on the CPU while rank 0's is on its GPU: raising alone would leave rank 0 waiting in
+    the first collective. With a GPU visible, the agreement runs there and carries the error to every rank."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    comm = TorchCollective(torch.device("cpu"))
+    assert comm.device == torch.device("cuda", 0)
+    assert isinstance(comm.setup_error, ValueError) and "the process group uses NCCL" in str(comm.setup_error)
+    agreed: list[object] = []
+
+    def agree(self, error):
+        agreed.append(error)
+        if error is not None:
+            raise RuntimeError("every rank raises")
+
+    monkeypatch.setattr(TorchCollective, "agree", agree)
+    model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(RuntimeError, match="every rank raises"):
+        giva.initialize(model, [], progress=False)
+    assert len(agreed) == 1 and "the process group uses NCCL" in str(agreed[0])  # the first collective carried it
 
 
 def test_replication_check_gathers_on_the_device_collectives_run_on(nccl, monkeypatch):

@@ -77,6 +77,7 @@ class Collective:
 
     rank = 0
     world = 1
+    setup_error: Optional[ValueError] = None  # a problem found while setting up, to agree on (see TorchCollective)
 
     def agree(self, error: Optional[BaseException]) -> None:
         if error is not None:
@@ -129,7 +130,15 @@ class TorchCollective(Collective):
 
     def __init__(self, device: torch.device, sharded: bool = False) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = collective_device(dist.get_backend(), device)
+        # A model this rank cannot run NCCL collectives from (on the CPU) is an error every rank must hear: while
+        # this process sees a GPU, the agreement runs there (``setup_error``, which ``initialize`` agrees on before
+        # anything else); without one it cannot take part in any NCCL collective and raises here.
+        try:
+            self.device = collective_device(dist.get_backend(), device)
+        except ValueError as exc:
+            if not torch.cuda.is_available():
+                raise
+            self.device, self.setup_error = torch.device("cuda", torch.cuda.current_device()), exc
         self.sharded = sharded
         self.prefix = f"giva/init/{next(_SESSIONS)}"
         self._aborted = threading.Lock()
