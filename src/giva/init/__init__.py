@@ -260,10 +260,10 @@ def initialize(
     to_init: dict[str, GivaConfig] = {}
     targets: list[Target] = []
     try:
-        _check_arguments(num_batches, mode, passes, oversampling, statistic)
+        _check_arguments(num_batches, mode, passes, oversampling)
         to_init = _gradient_adapters(model, adapter_name)
         targets = targets_of(model, to_init)
-        check_statistic(statistic, targets)
+        check_statistic(statistic, targets)  # the name, and the variants it needs
         trained = [] if force else _already_initialised(model, to_init)
         if trained:
             raise ValueError(
@@ -316,11 +316,9 @@ def initialize(
     return report
 
 
-def _check_arguments(num_batches: Any, mode: Any, passes: Any, oversampling: Any, statistic: Any = "mean") -> None:
+def _check_arguments(num_batches: Any, mode: Any, passes: Any, oversampling: Any) -> None:
     """``initialize``'s arguments, checked before anything runs (``ValueError`` naming the argument)."""
     check_num_batches(num_batches, allow_all=True)
-    if statistic not in STATISTICS:  # the variants are checked once the targets are known
-        raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
     if mode not in ("auto", "sketch", "exact"):
         raise ValueError(f"mode must be 'auto', 'sketch' or 'exact', got {mode!r}")
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:

@@ -10,7 +10,6 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..init import (
     DEFAULT_NUM_BATCHES,
-    STATISTICS,
     InitMode,
     InitReport,
     NumBatches,
@@ -21,6 +20,7 @@ from ..init import (
 )
 from ..init.accumulate import check_num_batches
 from ..init.capture import LossFn
+from ..init.session import check_statistic
 from .distributed import launcher_mismatch
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,7 @@ class GivaInitCallback(TrainerCallback):
         statistic: Statistic = "mean",
     ) -> None:
         check_num_batches(num_batches, allow_all=True)  # here, not at on_train_begin after the model loaded
-        if statistic not in STATISTICS:
-            raise ValueError(f"statistic must be one of {STATISTICS}, got {statistic!r}")
+        check_statistic(statistic, ())  # the name; the variants once the model is known
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.progress = progress
