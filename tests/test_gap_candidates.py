@@ -233,3 +233,119 @@ def test_bad_head_warmup_settings_name_the_field(init, message) -> None:
 
     with pytest.raises(ValueError, match=message):
         MethodSpec("m", 1, "giva", "peft", 0.01, [0.01], "GIVA", {"r": 8}, init)
+
+
+# --- candidate (h): rows of A held back, then grown from the gradient of the adapted model ---------------------
+
+
+def _bert_grow(batches, rows: int = 2, r: int = 4) -> torch.nn.Module:
+    from giva.bench.grow import hold_back_rows
+    from tiny_models import tiny_bert
+
+    model = get_peft_model(tiny_bert(0), GivaConfig(r=r, task_type="SEQ_CLS", seed=0))
+    giva.initialize(model, batches, num_batches=2, progress=False)
+    hold_back_rows(model, rows)
+    return model
+
+
+def test_held_back_rows_are_inert_until_grown(batches) -> None:
+    model = _bert_grow(batches)
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    assert layers and all(not m.giva_A["default"][2:].any() and m.giva_A["default"][:2].any() for m in layers)
+    with torch.no_grad():
+        for layer in layers:  # lambda_o as after some training (at init its 0 gives lambda_s no gradient at all)
+            layer.giva_lambda_o["default"].normal_(0.0, 0.1)
+    model.train()
+    model(**batches[0]).loss.backward()
+    for layer in layers:
+        grad = layer.giva_lambda_s["default"].grad
+        assert torch.equal(grad[2:], torch.zeros(2)) and grad[:2].abs().sum() > 0
+        assert torch.equal(layer.giva_lambda_s["default"].detach()[2:], torch.zeros(2))
+
+
+def test_grown_rows_are_the_top_singular_vectors_of_the_deflated_gradient_and_change_nothing_else(batches) -> None:
+    from giva.bench.grow import grow_bases
+
+    model = _bert_grow(batches)
+    with torch.no_grad():  # an adapted model: trained-looking vectors and head
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+        for layer in model.modules():
+            if isinstance(layer, GivaLayer):
+                layer.giva_lambda_s["default"][2:] = 0.0
+    model.train()
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    weights = [m.get_base_layer().weight for m in layers]
+    # the reference: dense dL/dW summed over the batches, dropout off, adapters on
+    model.eval()
+    for w in weights:
+        w.requires_grad_(True)
+    sums = [torch.zeros_like(w) for w in weights]
+    for batch in batches:
+        for total, grad in zip(sums, torch.autograd.grad(model(**batch).loss, weights)):
+            total += grad
+    for w in weights:
+        w.requires_grad_(False)
+    model.train()
+    with torch.no_grad():
+        before = model.eval()(**batches[0]).logits
+    model.train()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    rng = torch.get_rng_state()
+    seconds = grow_bases(model, batches, rows=2)
+    assert seconds > 0 and model.training and torch.equal(torch.get_rng_state(), rng)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    for layer, gradient in zip(layers, sums):
+        a = layer.giva_A["default"]
+        assert torch.allclose(a @ a.T, torch.eye(4), atol=1e-5)  # the grown rows orthonormal, and to the used ones
+        used = a[:2]
+        rest = gradient - (gradient @ used.T) @ used
+        expected = torch.linalg.svd(rest, full_matrices=False).Vh[:2]
+        assert torch.allclose((a[2:] @ expected.T).abs(), torch.eye(2), atol=1e-4)  # the same vectors up to sign
+    with torch.no_grad():
+        assert torch.equal(model.eval()(**batches[0]).logits, before)  # lambda_s of the new rows is 0: same function
+    model.train()
+    model(**batches[0]).loss.backward()
+    assert all(layer.giva_lambda_s["default"].grad[2:].abs().sum() > 0 for layer in layers)  # and they now train
+
+
+def test_train_grows_once_at_the_set_step_and_the_runner_builds_the_hook(batches) -> None:
+    from giva.bench.runner import grow_hook
+    from giva.bench.spec import MethodSpec
+    from giva.finetune import train
+
+    model = _bert_grow(batches)
+    method = MethodSpec("m", 1, "giva", "peft", 0.01, [0.01], "GIVA", {"r": 4}, {"grow_rows": 2, "grow_at": 0.5})
+    config = TrainConfig(lr=1e-2, epochs=2.0)
+    hook = grow_hook(method, model, config, len(batches), lambda: batches)
+    assert hook is not None and hook.step == len(batches)  # half of 2 epochs
+    calls = []
+    real = hook.__call__
+
+    def spy(step: int) -> None:
+        calls.append(step)
+        real(step)
+
+    stats = train(model, batches, config, progress=False, on_step_end=spy)
+    assert calls == list(range(1, len(stats.losses) + 1)) and hook.seconds is not None
+    assert all(m.giva_A["default"][2:].any() for m in model.modules() if isinstance(m, GivaLayer))
+    plain = MethodSpec("p", 1, "giva", "peft", 0.01, [0.01], "GIVA", {"r": 4})
+    assert grow_hook(plain, model, config, len(batches), lambda: batches) is None
+
+
+@pytest.mark.parametrize(
+    ("peft", "init", "message"),
+    [
+        ({"r": 8}, {"grow_rows": 8, "grow_at": 0.5}, r"init.grow_rows must be an integer in \[1, r - 1\] = \[1, 7\], got 8"),
+        ({"r": 8}, {"grow_rows": 4}, r"init.grow_at must be a fraction of the training steps in \(0, 1\), got None"),
+        ({"r": 8}, {"grow_rows": 4, "grow_at": 1.0}, r"init.grow_at must be a fraction .* got 1.0"),
+        ({"r": 8, "variant": "VrUr"}, {"grow_rows": 4, "grow_at": 0.5}, "init.grow_rows needs a GiVA method with a seeded B"),
+    ],
+)
+def test_bad_grow_settings_name_the_field(peft, init, message) -> None:
+    from giva.bench.spec import MethodSpec
+
+    with pytest.raises(ValueError, match=message):
+        MethodSpec("m", 1, "giva", "peft", 0.01, [0.01], "GIVA", peft, init)

@@ -169,6 +169,7 @@ def train(
     desc: str = "train",
     on_epoch_end: Optional[Callable[[int], float]] = None,
     stop_if_diverged: bool = False,
+    on_step_end: Optional[Callable[[int], None]] = None,
 ) -> TrainStats:
     """AdamW + linear schedule over ``config.epochs`` epochs (fractional epochs stop early).
 
@@ -177,6 +178,8 @@ def train(
 
     ``stop_if_diverged``: raise :class:`TrainingDiverged` at the first NaN/inf loss instead of going on
     (and saving NaN weights); the benchmarks keep going and record the poor result.
+
+    ``on_step_end(step)``: called after each optimizer step (``step`` counts from 1), outside its timing.
     """
     torch.manual_seed(config.seed)
     optimizer = torch.optim.AdamW(
@@ -208,6 +211,8 @@ def train(
                 stats.losses.append(loss.item())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
+                if on_step_end is not None:
+                    on_step_end(len(stats.losses))
                 if len(stats.losses) >= total_steps:
                     break
             epoch += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import os
 import resource
 import statistics
@@ -26,9 +27,10 @@ from torch import nn
 
 from ..checkpoint import atomic_file
 from ..finetune import TrainConfig, TrainStats, is_head_parameter, train
+from .grow import GrowHook
 from .methods import build_model, quantization_config, strip_peft_prefix
 from .schema import SCHEMA_VERSION
-from .spec import UNTRAINED_KINDS, Ablation, MethodSpec, Phase, SuiteSpec, load_method
+from .spec import UNTRAINED_KINDS, Ablation, MethodSpec, Phase, SuiteSpec, grow_settings, load_method
 from .speed import run_speed_phase
 from .tasks import TaskData, load_task
 from .versions import versions
@@ -236,6 +238,17 @@ def train_config_for(suite: SuiteSpec, task: TaskData, run: RunSpec, method_trai
     )
 
 
+def grow_hook(
+    method: MethodSpec, model: nn.Module, config: TrainConfig, steps_per_epoch: int, loader_factory: Callable[[], Any],
+) -> Optional[GrowHook]:
+    """The hook that grows a GiVA method's held-back rows mid-training (gap candidate (h)); None for other methods."""
+    settings = grow_settings(method.init, int(method.peft_kwargs.get("r", 0))) if method.peft_type == "GIVA" else None
+    if settings is None:
+        return None
+    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
+    return GrowHook(model, loader_factory, *settings, total_steps)
+
+
 def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSpec, progress: bool) -> dict[str, Any]:
     if run.ablation:
         method = method.with_overrides(run.ablation.peft, run.ablation.init)
@@ -247,15 +260,18 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
     started = time.time()
     wall = time.perf_counter()
     head_lr = None if config is None else config.lr if config.head_lr is None else config.head_lr  # 'same': the adapter's
+    grow: Optional[GrowHook] = None
     built = build_model(method, task, run.seed, calibration=task.train_loader(run.seed), head_lr=head_lr)
     model = built.model
     if method.kind == "none":  # the pretrained model as it is: evaluated, never trained
         stats = TrainStats(epoch_metrics=[task.evaluate(model, "val")])
     else:
         assert config is not None
+        loader = task.train_loader(run.seed)
+        grow = grow_hook(method, model, config, len(loader), lambda: task.train_loader(run.seed))
         stats = train(
-            model, task.train_loader(run.seed), config, progress=progress, desc=run.run_id,
-            on_epoch_end=lambda epoch, m=model: task.evaluate(m, "val"),
+            model, loader, config, progress=progress, desc=run.run_id,
+            on_epoch_end=lambda epoch, m=model: task.evaluate(m, "val"), on_step_end=grow,
         )
     test_predictions = task.predict(model, "test")
     test_labels = task.test.labels
@@ -298,6 +314,7 @@ def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSp
             "median_step_seconds": statistics.median(steady) if steady else 0.0,
             "total_seconds": total_seconds,
             "steps": len(stats.losses),
+            **({"grow_seconds": grow.seconds} if grow is not None else {}),  # inside train_seconds, outside step times
         },
         "memory": {"peak_rss_bytes": peak, "how": memory_how},
         "parameters": {

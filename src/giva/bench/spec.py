@@ -42,6 +42,19 @@ def _check_head_warmup(where: str, init: dict[str, Any]) -> None:
         raise ValueError(f"{where}: init.bases_before_warmup must be true or false, and needs init.head_warmup_epochs, got {before!r}")
 
 
+def grow_settings(init: dict[str, Any], rank: int) -> Optional[tuple[int, float]]:
+    """``(rows, at)`` of a method's ``init.grow_rows`` / ``init.grow_at`` (None without them), checked: ``rows`` an
+    integer in [1, rank - 1], ``at`` a fraction in (0, 1)."""
+    rows, at = init.get("grow_rows"), init.get("grow_at")
+    if rows is None and at is None:
+        return None
+    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows < rank:
+        raise ValueError(f"init.grow_rows must be an integer in [1, r - 1] = [1, {rank - 1}], got {rows!r}")
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 < at < 1:
+        raise ValueError(f"init.grow_at must be a fraction of the training steps in (0, 1), got {at!r}")
+    return rows, float(at)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One adapter config. ``kind``: 'none' (the pretrained model, evaluated untrained: the floor of a
@@ -84,6 +97,13 @@ class MethodSpec:
         _check_head_warmup(f"method {self.name!r}", self.init)
         if self.init.get("statistic", "mean") not in STATISTICS:
             raise ValueError(f"method {self.name!r}: init.statistic must be one of {STATISTICS}, got {self.init['statistic']!r}")
+        if "grow_rows" in self.init or "grow_at" in self.init:
+            if self.peft_type != "GIVA" or self.peft_kwargs.get("variant", "Vr") not in ("Vr", "VrUrand"):
+                raise ValueError(f"method {self.name!r}: init.grow_rows needs a GiVA method with a seeded B (Vr, VrUrand)")
+            try:
+                grow_settings(self.init, int(self.peft_kwargs.get("r", 8)))
+            except ValueError as err:
+                raise ValueError(f"method {self.name!r}: {err}") from None
 
     def with_overrides(self, peft: dict[str, Any], init: dict[str, Any]) -> "MethodSpec":
         """The same method with some PEFT / initialisation settings replaced (an ablation)."""
