@@ -122,16 +122,26 @@ def seeded_output_basis(variant: str, out_features: int, r: int, generator: torc
     raise ValueError(f"variant {variant!r} has no seeded output basis; expected one of {SEEDED_B_VARIANTS}")
 
 
+def _column_signs(v: torch.Tensor) -> torch.Tensor:
+    """+-1 per column of ``v``: the sign of its largest-magnitude entry (+1 for an all-zero column)."""
+    idx = v.abs().argmax(dim=0)
+    signs = torch.sign(v[idx, torch.arange(v.shape[1])])
+    return torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
 def _canonical_signs(u: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Flip each singular pair so the largest-magnitude entry of each column of ``v`` is positive.
 
     Singular vectors are defined up to a joint sign; fixing it makes the bases reproducible
     across SVD backends (exact vs randomized, CPU vs GPU) up to rounding.
     """
-    idx = v.abs().argmax(dim=0)
-    signs = torch.sign(v[idx, torch.arange(v.shape[1])])
-    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    signs = _column_signs(v)
     return u * signs, v * signs
+
+
+def canonical_column_signs(v: torch.Tensor) -> torch.Tensor:
+    """``v`` with each column flipped so its largest-magnitude entry is positive (eigenvectors' sign convention)."""
+    return v * _column_signs(v)
 
 
 def top_singular_vectors(
@@ -222,8 +232,7 @@ def top_eigenvectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"cannot take {k} eigenvectors of a {tuple(matrix.shape)} matrix")
     symmetric = matrix.detach().double()
     _, vectors = torch.linalg.eigh((symmetric + symmetric.mT) / 2)  # ascending eigenvalues
-    v = vectors[:, -k:].flip(-1).float()
-    return _canonical_signs(v, v)[1]
+    return canonical_column_signs(vectors[:, -k:].flip(-1).float())
 
 
 def random_bases(out_features: int, in_features: int, r: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

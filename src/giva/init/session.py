@@ -192,8 +192,7 @@ class InitSession:
         self._state: dict[str, Optional[tuple[torch.Tensor, ...]]] = {}
         for key, t in self.targets.items():
             if mode == "sketch":
-                rows = t.in_features if statistic == "second-moment" else t.out_size
-                self._state[key] = (sketch.gaussian_test_matrix(rows, self.width(key), t.seed, t.key),)
+                self._state[key] = (sketch.gaussian_test_matrix(self._test_rows(t, 0), self.width(key), t.seed, t.key),)
 
     @property
     def done(self) -> bool:
@@ -202,10 +201,15 @@ class InitSession:
     def width(self, key: str) -> int:
         """Sketch columns ``l`` of a target (its full smaller dimension in exact mode)."""
         t = self.targets[key]
-        rows = t.in_features if self.statistic == "second-moment" else t.out_size
+        rows = self._test_rows(t, 0)
         if self.mode == "exact":
             return min(rows, t.in_features)
         return sketch.sketch_width(t.singular_vectors, rows, t.in_features, self.oversampling)
+
+    def _test_rows(self, t: Target, pass_index: int) -> int:
+        """Rows of the test matrix ``M`` of a sketch pass: the mean's passes alternate ``G^T M`` (``M``: ``out x l``,
+        even passes) and ``G M`` (``M``: ``in x l``); the second moment's are all ``S M`` (``S``: ``in x in``)."""
+        return t.out_size if self.statistic == "mean" and pass_index % 2 == 0 else t.in_features
 
     def next_request(self) -> Request:
         """What to accumulate in the next pass (the same in every process for the same targets and seeds)."""
@@ -291,8 +295,7 @@ class InitSession:
         t = self.targets[key]
         if self.pass_index == self.passes:
             return [(t.rank, t.in_features), (t.out_size, t.rank)]
-        rows = t.out_size if self.pass_index % 2 == 0 and self.statistic == "mean" else t.in_features
-        return [(rows, self.width(key))]
+        return [(self._test_rows(t, self.pass_index), self.width(key))]
 
     def state(self, key: str) -> tuple[torch.Tensor, ...]:
         value = self._state.get(key)

@@ -24,7 +24,7 @@ import zlib
 
 import torch
 
-from ..bases import _canonical_signs
+from ..bases import _canonical_signs, canonical_column_signs, top_eigenvectors
 
 # Default settings: 3 passes (range, co-range, one power iteration) and l = k + max(2k, 32)
 # columns. Real gradients have flat spectra (sigma_8 / sigma_9 ~ 1.02-1.3 on MiniLM), so the
@@ -119,17 +119,14 @@ def eigenvectors_from_sketch(product: torch.Tensor, test_matrix: torch.Tensor, k
     """Top-``k`` eigenvectors (``in x k``, canonical signs) of a symmetric PSD ``S`` from ``product = S M``.
 
     ``M = Q R`` (fp32 QR, as in :func:`singular_vectors_from_sketch`, so an ``M`` that travelled in bfloat16 is
-    handled): ``S Q = (S M) R^-1``, and the eigenvectors of the small ``Q^T S Q`` (``l x l``, symmetrised), mapped
+    handled): ``S Q = (S M) R^-1``, and the eigenvectors of the small ``Q^T S Q`` (``l x l``, symmetrised, :func:`~giva.bases.top_eigenvectors`), mapped
     back by ``Q``, are the Rayleigh-Ritz approximation of the top eigenvectors of ``S`` on the span of ``M``.
     """
     if product.shape[1] < k:
         raise ValueError(f"a sketch of width {product.shape[1]} cannot give {k} eigenvectors")
     q, r = torch.linalg.qr(test_matrix.float())
     product = torch.linalg.solve_triangular(r, product.float(), upper=True, left=False)
-    small = q.mT @ product
-    _, vectors = torch.linalg.eigh((small + small.mT) / 2)  # ascending eigenvalues
-    v = q @ vectors[:, -k:].flip(-1)
-    return _canonical_signs(v, v)[1]
+    return canonical_column_signs(q @ top_eigenvectors(q.mT @ product, k))
 
 
 def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
