@@ -44,12 +44,10 @@ def hold_back_rows(model: nn.Module, rows: int, adapter: str = "default") -> Non
         layer._forget_cast_bases(adapter)
 
 
-def grow_bases(model: nn.Module, loader: DataLoader, rows: int, adapter: str = "default") -> float:
-    """Fill the ``rows`` held-back rows of every layer's ``A`` from the gradient at the current model; returns the
-    seconds it took. The global RNG, every ``requires_grad`` flag, every ``.grad`` and the train/eval modes are as
-    before (the gradient goes to the base weights only, through ``backward(inputs=...)``)."""
-    start = time.perf_counter()
-    layers = _layers(model, adapter)
+def adapted_gradients(model: nn.Module, loader: DataLoader, layers: list[GivaLayer]) -> list[torch.Tensor]:
+    """The loss gradient with respect to each layer's base ``W`` at the current model (adapters on), summed over
+    ``loader``'s batches, dropout off, fp32. The global RNG, every ``requires_grad`` flag, every ``.grad`` and the
+    train/eval modes are as before (the gradient goes to the base weights only, through ``autograd.grad``)."""
     weights = [layer.get_base_layer().weight for layer in layers]
     flags = [w.requires_grad for w in weights]
     sums = [torch.zeros(w.shape, dtype=torch.float32, device=w.device) for w in weights]
@@ -64,6 +62,15 @@ def grow_bases(model: nn.Module, loader: DataLoader, rows: int, adapter: str = "
     finally:
         for w, flag in zip(weights, flags):
             w.requires_grad_(flag)
+    return sums
+
+
+def grow_bases(model: nn.Module, loader: DataLoader, rows: int, adapter: str = "default") -> float:
+    """Fill the ``rows`` held-back rows of every layer's ``A`` from :func:`adapted_gradients` (the component in the
+    span of the rows in use removed); returns the seconds it took. Nothing else changes."""
+    start = time.perf_counter()
+    layers = _layers(model, adapter)
+    sums = adapted_gradients(model, loader, layers)
     with torch.no_grad():
         for layer, gradient in zip(layers, sums):
             rank = layer.r[adapter]
