@@ -62,22 +62,26 @@ def test_nccl_with_a_cpu_model_is_a_clear_error_before_any_collective(nccl):
 def test_nccl_with_a_cpu_model_on_a_rank_with_a_gpu_is_agreed_on_so_every_rank_raises(nccl, monkeypatch):
     """Rank 1's model was left on the CPU while rank 0's is on its GPU: raising alone would leave rank 0 waiting in
     the first collective. With a GPU visible, the agreement runs there and carries the error to every rank."""
+    from giva.init.distributed import DistributedValueError
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     comm = TorchCollective(torch.device("cpu"))
-    assert comm.device == torch.device("cuda", 0)
-    assert isinstance(comm.setup_error, ValueError) and "the process group uses NCCL" in str(comm.setup_error)
-    agreed: list[object] = []
+    assert comm.device == torch.device("cuda", 0) and "the process group uses NCCL" in str(comm.setup_error)
 
-    def agree(self, error):
-        agreed.append(error)
-        if error is not None:
-            raise RuntimeError("every rank raises")
+    # The real agreement, its tensors on the CPU (no GPU here), in a group where the other rank has no error.
+    build = TorchCollective.__init__
 
-    monkeypatch.setattr(TorchCollective, "agree", agree)
+    def on_cpu(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.device = torch.device("cpu")
+
+    reduced: list[list[int]] = []
+    monkeypatch.setattr(TorchCollective, "__init__", on_cpu)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: reduced.append(tensor.tolist()))
     model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(RuntimeError, match="every rank raises"):
+    with pytest.raises(DistributedValueError, match=r"failed on rank 1 of 2: ValueError: the process group uses NCCL"):
         giva.initialize(model, [], progress=False)
-    assert len(agreed) == 1 and "the process group uses NCCL" in str(agreed[0])  # the first collective carried it
+    assert reduced == [[0, 1]]  # the first collective, the agreement, carried it; nothing ran before it
 
 
 def test_replication_check_gathers_on_the_device_collectives_run_on(nccl, monkeypatch):

@@ -274,7 +274,7 @@ def initialize(
         error = exc
     report = InitReport(adapters=sorted(to_init), layers=len({t.layer for t in targets}), num_batches=0)
     comm = collective(next(model.parameters()).device, sharded=_sharded(model))
-    comm.agree(error or comm.setup_error)
+    comm.agree(error)  # a collective's own setup error too (TorchCollective.agree)
     _check_same_targets(comm, targets, (mode, passes, oversampling, statistic))
     if not to_init:
         logger.info("GiVA adapters %s use data-free bases; nothing to initialise", sorted(giva_configs(model)))

@@ -77,7 +77,6 @@ class Collective:
 
     rank = 0
     world = 1
-    setup_error: Optional[ValueError] = None  # a problem found while setting up, to agree on (see TorchCollective)
 
     def agree(self, error: Optional[BaseException]) -> None:
         if error is not None:
@@ -131,8 +130,9 @@ class TorchCollective(Collective):
     def __init__(self, device: torch.device, sharded: bool = False) -> None:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         # A model this rank cannot run NCCL collectives from (on the CPU) is an error every rank must hear: while
-        # this process sees a GPU, the agreement runs there (``setup_error``, which ``initialize`` agrees on before
-        # anything else); without one it cannot take part in any NCCL collective and raises here.
+        # this process sees a GPU, the agreements run there and the first one carries it (``agree``); without one
+        # it cannot take part in any NCCL collective and raises here.
+        self.setup_error: Optional[ValueError] = None
         try:
             self.device = collective_device(dist.get_backend(), device)
         except ValueError as exc:
@@ -205,6 +205,9 @@ class TorchCollective(Collective):
             raise posted from exc
 
     def agree(self, error: Optional[BaseException]) -> None:
+        """Every rank raises (one error naming the first failed rank) if any rank has an ``error`` or a setup error."""
+        if error is None:
+            error = self.setup_error
         flags = torch.zeros(self.world, dtype=torch.int32, device=self.device)
         flags[self.rank] = int(error is not None)
         try:
