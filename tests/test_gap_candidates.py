@@ -341,7 +341,7 @@ def test_train_grows_once_at_the_set_step_and_the_runner_builds_the_hook(batches
         ({"r": 8}, {"grow_rows": 8, "grow_at": 0.5}, r"init.grow_rows must be an integer in \[1, r - 1\] = \[1, 7\], got 8"),
         ({"r": 8}, {"grow_rows": 4}, r"init.grow_at must be a fraction of the training steps in \(0, 1\), got None"),
         ({"r": 8}, {"grow_rows": 4, "grow_at": 1.0}, r"init.grow_at must be a fraction .* got 1.0"),
-        ({"r": 8, "variant": "VrUr"}, {"grow_rows": 4, "grow_at": 0.5}, "init.grow_rows needs a GiVA method with a seeded B"),
+        ({"r": 8, "variant": "VrUr"}, {"grow_rows": 4, "grow_at": 0.5}, r"init.grow_rows needs a GiVA method with a variant in \('Vr', 'VrUrand'\)"),
     ],
 )
 def test_bad_grow_settings_name_the_field(peft, init, message) -> None:

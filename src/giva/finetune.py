@@ -80,6 +80,11 @@ class TrainConfig:
             )
 
 
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of a run over a loader of ``steps_per_epoch`` batches: ``max_steps``, else the epochs'."""
+        return self.max_steps or max(1, math.ceil(steps_per_epoch * self.epochs))
+
+
 def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -185,7 +190,7 @@ def train(
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.lr, config.head_lr, config.weight_decay, config.lr_scales)
     )
-    total_steps = config.max_steps or max(1, math.ceil(len(loader) * config.epochs))
+    total_steps = config.total_steps(len(loader))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     stats = TrainStats()

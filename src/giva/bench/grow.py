@@ -34,14 +34,20 @@ def _layers(model: nn.Module, adapter: str) -> list[GivaLayer]:
     return layers
 
 
+def _write_rows(layer: GivaLayer, adapter: str, rows: torch.Tensor) -> None:
+    """The last ``len(rows)`` rows of the layer's (single-block) ``A`` replaced, through ``set_block_bases``."""
+    (block,) = layer.blocks[adapter]
+    a = layer.giva_A[adapter].float().clone()
+    a[-len(rows):] = rows
+    layer.set_block_bases(adapter, block, a, layer.giva_B[adapter].float())
+
+
 @torch.no_grad()
 def hold_back_rows(model: nn.Module, rows: int, adapter: str = "default") -> None:
     """Zero the last ``rows`` rows of every layer's ``A`` and their ``lambda_s`` entries (inert until grown)."""
     for layer in _layers(model, adapter):
-        rank = layer.r[adapter]
-        layer.giva_A.write(adapter, (slice(rank - rows, rank),), torch.zeros(rows, layer.in_features))
-        layer.giva_lambda_s[adapter][rank - rows:] = 0.0
-        layer._forget_cast_bases(adapter)
+        _write_rows(layer, adapter, torch.zeros(rows, layer.in_features))
+        layer.giva_lambda_s[adapter][-rows:] = 0.0
 
 
 def adapted_gradients(model: nn.Module, loader: DataLoader, layers: list[GivaLayer]) -> list[torch.Tensor]:
@@ -73,17 +79,15 @@ def grow_bases(model: nn.Module, loader: DataLoader, rows: int, adapter: str = "
     sums = adapted_gradients(model, loader, layers)
     with torch.no_grad():
         for layer, gradient in zip(layers, sums):
-            rank = layer.r[adapter]
-            used = layer.giva_A[adapter][: rank - rows].float()  # (r - rows) x in, orthonormal rows
+            used = layer.giva_A[adapter][:-rows].float()  # (r - rows) x in, orthonormal rows
             rest = gradient - (gradient @ used.T) @ used
-            new = torch.linalg.svd(rest, full_matrices=False).Vh[:rows]
-            layer.giva_A.write(adapter, (slice(rank - rows, rank),), new)
-            layer._forget_cast_bases(adapter)
+            _write_rows(layer, adapter, torch.linalg.svd(rest, full_matrices=False).Vh[:rows])
     return time.perf_counter() - start
 
 
 class GrowHook:
-    """``train``'s ``on_step_end``: grows the bases once, after step ``ceil(at * total_steps)``."""
+    """``train``'s ``on_step_end``: grows the bases once, after step ``round(at * total_steps)`` (at least 1, at most
+    the last step but one)."""
 
     def __init__(self, model: nn.Module, loader_factory: Callable[[], DataLoader], rows: int, at: float, total_steps: int):
         self.model, self.loader_factory, self.rows = model, loader_factory, rows

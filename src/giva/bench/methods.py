@@ -25,7 +25,7 @@ from ..finetune import is_head_parameter
 from ..init import initialize
 from ..layer import GivaLayer
 from .grow import hold_back_rows
-from .spec import MethodSpec, grow_settings
+from .spec import MethodSpec
 from .tasks import TaskData
 
 GIVA_GRADIENT_VARIANTS = ("Vr", "VrUr", "VrU2r", "VrUrand")
@@ -154,7 +154,7 @@ def build_model(
             if warmup and bases_first:
                 warmup_seconds = warm_up_head(model, calibration, warmup, head_lr)
             built.init_seconds = report.total_seconds + warmup_seconds
-            grow = grow_settings(method.init, config.r)
+            grow = method.grow()
             if grow is not None:
                 hold_back_rows(model, grow[0])  # grown mid-training (runner.grow_hook)
         built.gradient_seconds, built.svd_seconds = report.gradient_seconds, report.svd_seconds

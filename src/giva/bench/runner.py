@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import math
 import os
 import resource
 import statistics
@@ -30,7 +29,7 @@ from ..finetune import TrainConfig, TrainStats, is_head_parameter, train
 from .grow import GrowHook
 from .methods import build_model, quantization_config, strip_peft_prefix
 from .schema import SCHEMA_VERSION
-from .spec import UNTRAINED_KINDS, Ablation, MethodSpec, Phase, SuiteSpec, grow_settings, load_method
+from .spec import UNTRAINED_KINDS, Ablation, MethodSpec, Phase, SuiteSpec, load_method
 from .speed import run_speed_phase
 from .tasks import TaskData, load_task
 from .versions import versions
@@ -242,11 +241,10 @@ def grow_hook(
     method: MethodSpec, model: nn.Module, config: TrainConfig, steps_per_epoch: int, loader_factory: Callable[[], Any],
 ) -> Optional[GrowHook]:
     """The hook that grows a GiVA method's held-back rows mid-training (gap candidate (h)); None for other methods."""
-    settings = grow_settings(method.init, int(method.peft_kwargs.get("r", 0))) if method.peft_type == "GIVA" else None
+    settings = method.grow()
     if settings is None:
         return None
-    total_steps = config.max_steps or max(1, math.ceil(steps_per_epoch * config.epochs))
-    return GrowHook(model, loader_factory, *settings, total_steps)
+    return GrowHook(model, loader_factory, *settings, config.total_steps(steps_per_epoch))
 
 
 def execute_run(suite: SuiteSpec, task: TaskData, method: MethodSpec, run: RunSpec, progress: bool) -> dict[str, Any]:

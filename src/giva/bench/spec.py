@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..bases import GRADIENT_VARIANTS, SEEDED_B_VARIANTS
 from ..init.session import STATISTICS  # GiVA's init.statistic: what A is taken from
 from .stats import split_ref
 
@@ -27,6 +28,8 @@ LR_RULES = ("sweep", "best", "default", "adaptive")
 # the task's quantisation, the bases then copied onto the quantised model that trains
 BASES_FROM = ("task", "unquantised")
 HEAD_LR_RULES = ("same", "probe")  # or a number: one head LR shared by every method
+# init.grow_rows: A from the gradient (held back, then grown) and B seeded (nothing of B to grow)
+GROWABLE_VARIANTS = tuple(v for v in GRADIENT_VARIANTS if v in SEEDED_B_VARIANTS)
 DEFAULT_HEADLINE_PAIRS = (("giva-r8", "vera-r64"), ("giva-r32", "vera-r256"))
 DEFAULT_HEADLINE_SIZES = ("giva-r8", "giva-r32", "lora-r8", "vera-r64", "vera-r256")
 
@@ -40,19 +43,6 @@ def _check_head_warmup(where: str, init: dict[str, Any]) -> None:
     before = init.get("bases_before_warmup", False)
     if not isinstance(before, bool) or (before and epochs is None):
         raise ValueError(f"{where}: init.bases_before_warmup must be true or false, and needs init.head_warmup_epochs, got {before!r}")
-
-
-def grow_settings(init: dict[str, Any], rank: int) -> Optional[tuple[int, float]]:
-    """``(rows, at)`` of a method's ``init.grow_rows`` / ``init.grow_at`` (None without them), checked: ``rows`` an
-    integer in [1, rank - 1], ``at`` a fraction in (0, 1)."""
-    rows, at = init.get("grow_rows"), init.get("grow_at")
-    if rows is None and at is None:
-        return None
-    if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows < rank:
-        raise ValueError(f"init.grow_rows must be an integer in [1, r - 1] = [1, {rank - 1}], got {rows!r}")
-    if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 < at < 1:
-        raise ValueError(f"init.grow_at must be a fraction of the training steps in (0, 1), got {at!r}")
-    return rows, float(at)
 
 
 @dataclass(frozen=True)
@@ -97,13 +87,23 @@ class MethodSpec:
         _check_head_warmup(f"method {self.name!r}", self.init)
         if self.init.get("statistic", "mean") not in STATISTICS:
             raise ValueError(f"method {self.name!r}: init.statistic must be one of {STATISTICS}, got {self.init['statistic']!r}")
-        if "grow_rows" in self.init or "grow_at" in self.init:
-            if self.peft_type != "GIVA" or self.peft_kwargs.get("variant", "Vr") not in ("Vr", "VrUrand"):
-                raise ValueError(f"method {self.name!r}: init.grow_rows needs a GiVA method with a seeded B (Vr, VrUrand)")
-            try:
-                grow_settings(self.init, int(self.peft_kwargs.get("r", 8)))
-            except ValueError as err:
-                raise ValueError(f"method {self.name!r}: {err}") from None
+        self.grow()
+
+    def grow(self) -> Optional[tuple[int, float]]:
+        """``(rows, at)`` of ``init.grow_rows`` / ``init.grow_at`` (gap candidate (h): that many rows of A held back at
+        initialisation and grown after that fraction of the training steps, :mod:`giva.bench.grow`), or None without
+        them. ``ValueError`` naming the field: ``rows`` an integer in [1, r - 1], ``at`` a fraction in (0, 1)."""
+        rows, at = self.init.get("grow_rows"), self.init.get("grow_at")
+        if rows is None and at is None:
+            return None
+        if self.peft_type != "GIVA" or self.peft_kwargs.get("variant", "Vr") not in GROWABLE_VARIANTS:
+            raise ValueError(f"method {self.name!r}: init.grow_rows needs a GiVA method with a variant in {GROWABLE_VARIANTS}")
+        rank = int(self.peft_kwargs.get("r", 8))  # GivaConfig's default r
+        if isinstance(rows, bool) or not isinstance(rows, int) or not 1 <= rows < rank:
+            raise ValueError(f"method {self.name!r}: init.grow_rows must be an integer in [1, r - 1] = [1, {rank - 1}], got {rows!r}")
+        if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 < at < 1:
+            raise ValueError(f"method {self.name!r}: init.grow_at must be a fraction of the training steps in (0, 1), got {at!r}")
+        return rows, float(at)
 
     def with_overrides(self, peft: dict[str, Any], init: dict[str, Any]) -> "MethodSpec":
         """The same method with some PEFT / initialisation settings replaced (an ablation)."""
