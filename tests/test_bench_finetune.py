@@ -147,7 +147,7 @@ def test_unknown_phases_are_refused_with_the_list_before_anything_runs(tmp_path:
         run_benchmark("finetune", output_dir=tmp_path, root=BENCH, phases=["lr", "sketch"])
     assert main(["bench", "--suite", "finetune", "--phases", "lr,nope", "--output-dir", str(tmp_path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["giva bench: suite 'finetune' has no phase(s) ['nope']; its phases are ['lr', 'calibration', 'init-mode', 'bases-dtype']"]
+    assert err == ["giva bench: suite 'finetune' has no phase(s) ['nope']; its phases are ['lr', 'calibration', 'init-mode', 'rank-conll', 'bases-dtype']"]
     assert fake.calls == [] and list(tmp_path.iterdir()) == []
 
 
