@@ -143,7 +143,7 @@ def test_paired_differences_use_only_the_seeds_both_arms_have() -> None:
 
 
 def test_unknown_phases_are_refused_with_the_list_before_anything_runs(tmp_path: Path, fake: FakeFinetune, capsys) -> None:
-    with pytest.raises(ValueError, match=r"^suite 'finetune' has no phase\(s\) \['sketch'\]; its phases are \['lr', 'calibration', 'init-mode', 'bases-dtype'\]$"):
+    with pytest.raises(ValueError, match=r"^suite 'finetune' has no phase\(s\) \['sketch'\]; its phases are \['lr', 'calibration', 'init-mode', 'rank-conll', 'bases-dtype'\]$"):
         run_benchmark("finetune", output_dir=tmp_path, root=BENCH, phases=["lr", "sketch"])
     assert main(["bench", "--suite", "finetune", "--phases", "lr,nope", "--output-dir", str(tmp_path), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -163,7 +163,7 @@ def test_the_reports_regenerate_from_the_committed_records_unchanged(tmp_path: P
         shutil.copy(COMMITTED / f"{study.stem}.json", tmp_path)
     assert main(["bench", "--suite", "finetune", "--output-dir", str(tmp_path), "--report-only"]) == 0
     assert fake.calls == []
-    assert "(27 runs, 0 new)" in capsys.readouterr().out
+    assert "(33 runs, 0 new)" in capsys.readouterr().out
     for study in ft.STUDIES:
         assert (tmp_path / f"{study.stem}.md").read_text() == (COMMITTED / f"{study.stem}.md").read_text(), study.name
         assert json.loads((tmp_path / f"{study.stem}.json").read_text()) == json.loads((COMMITTED / f"{study.stem}.json").read_text())
@@ -176,6 +176,7 @@ def test_the_reports_regenerate_from_the_committed_records_unchanged(tmp_path: P
     sketch = (tmp_path / "sketch_vs_exact.md").read_text()
     assert "| sketch | 77.08 ± 2.04 (n=3) |" in sketch and "| exact | 76.92 ± 2.31 (n=3) |" in sketch
     assert "| sketch - exact, paired by seed | 0.17 ± 0.38 points (n=3; -0.25, +0.25, +0.50) |" in sketch
+    assert "| 32 - 8, paired by seed | 0.42 ± 0.72 points (n=3; +1.25, +0.00, +0.00) | |" in (tmp_path / "rank_conll.md").read_text()
     bases = (tmp_path / "bases_dtype.md").read_text()
     assert "| 0 | 60.75% | 60.75% | +0.00 pt | 2.84e-04 / 1.62e-04 (0.10) | 0 of 400 | 60.75% |" in bases
     assert ("validation accuracy A fp32 61.42% ± 6.28%, A bf16 61.42% ± 6.28% (mean ± std); paired difference bf16 - fp32 "
