@@ -30,7 +30,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
         ({"suite": "scale", "phases": ["x"]}, "--phases: the 'scale' suite has no phases"),
         ({"suite": "sketch", "phases": ["x"]}, "--phases: the 'sketch' suite has no phases"),
         ({"suite": "finetune", "phases": ["lr", "nosuch"]},
-         r"suite 'finetune' has no phase\(s\) \['nosuch'\]; its phases are \['lr', 'calibration', 'init-mode', 'bases-dtype'\]$"),
+         r"suite 'finetune' has no phase\(s\) \['nosuch'\]; its phases are \['lr', 'calibration', 'init-mode', 'rank-conll', 'bases-dtype'\]$"),
         ({"suite": "finetune", "phases": []}, "--phases names no phase"),
         ({"suite": "finetune", "quick": True}, "--quick runs the 'quick' suite .*; it cannot be combined with --suite finetune"),
     ],
