@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -46,11 +47,10 @@ def load() -> None:
     ``import giva`` calls it, except when the package is imported for its command line (``giva.cli``), which
     calls it once a command, not ``--help``, runs.
     """
-    from . import (
-        checkpoint,
-        export,
-        peft_compat,  # first: refuses a too-old PEFT before anything imports its internals
-    )
+    # peft_compat first, by name so that no import sorter can move it: it refuses a too-old PEFT before anything
+    # imports PEFT's internals, and imports PEFT with bitsandbytes deferred (export imports PEFT too).
+    peft_compat = importlib.import_module(f"{__name__}.peft_compat")
+    from . import checkpoint, export
     from .bases import GRADIENT_VARIANTS, VARIANTS
     from .checkpoint import CheckpointError
     from .config import GivaConfig
