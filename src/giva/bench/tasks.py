@@ -98,6 +98,11 @@ def load_task(spec: TaskSpec) -> TaskData:
     train, val, test = split_dataset(dataset, test_size=spec.test_size, val_size=spec.val_size, seed=spec.split_seed)
     if spec.max_train_samples is not None:
         train = train.subset(list(range(min(spec.max_train_samples, len(train)))))
+    if spec.kind == "clm" and len(spec.label_words) != dataset.num_labels:
+        raise ValueError(
+            f"task {spec.name!r}: label_words {list(spec.label_words)!r} has {len(spec.label_words)} words, but "
+            f"data {spec.data!r} has {dataset.num_labels} labels {dataset.label_names!r} (one word per label, in that order)"
+        )
     path = resolve_model(spec.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
@@ -105,12 +110,10 @@ def load_task(spec: TaskSpec) -> TaskData:
     return TaskData(spec, path, tokenizer, train, val, test)
 
 
-LABEL_WORDS = ("negative", "positive")
-
-
-def label_word(data: TextDataset, label: int) -> str:
-    """The answer a causal-LM task trains on and scores: 'positive' or 'negative'."""
-    return LABEL_WORDS[int(data.label_names[label] in ("1", "positive"))]
+def label_word(spec: TaskSpec, label: int) -> str:
+    """The answer a causal-LM task trains on and scores for ``label``: ``spec.label_words[label]``
+    (labels are indices into the data's sorted label names, e.g. Pang & Lee's -1, 1)."""
+    return spec.label_words[label]
 
 
 def encode_prompts(tokenizer: Any, texts: list[str], spec: TaskSpec) -> list[list[int]]:
@@ -129,7 +132,7 @@ def clm_loader(tokenizer: Any, data: TextDataset, spec: TaskSpec, shuffle: bool,
     """Instruction -> label as causal-LM text (``prompt + ' ' + label + eos``); the loss covers the answer only."""
     rows = []
     for prompt_ids, label in zip(encode_prompts(tokenizer, data.texts, spec), data.labels):
-        answer_ids = tokenizer(" " + label_word(data, label), add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(" " + label_word(spec, label), add_special_tokens=False)["input_ids"]
         answer_ids = answer_ids + [tokenizer.eos_token_id]
         rows.append((prompt_ids + answer_ids, len(prompt_ids)))
 
@@ -160,8 +163,8 @@ def generated_labels(model: nn.Module, tokenizer: Any, data: TextDataset, spec: 
     Prompts are left-padded; generation stops after the longest answer plus one token (the eos a
     trained model emits), so an answer followed by anything but whitespace does not match.
     """
-    by_word = {label_word(data, label): label for label in range(data.num_labels)}
-    max_new = max(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in LABEL_WORDS) + 1
+    by_word = {label_word(spec, label): label for label in range(data.num_labels)}
+    max_new = max(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in spec.label_words) + 1
     was_training = model.training
     model.eval()
     predictions: list[int] = []
