@@ -11,7 +11,7 @@ from transformers import AutoConfig
 
 import giva.bench.qlora as ql
 from giva.bench import plan_benchmark, run_benchmark
-from tiny_models import tiny_llama
+from tiny_models import QUANTISABLE, tiny_llama
 
 needs_bnb = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install 'giva[quant]')"
@@ -21,7 +21,7 @@ needs_bnb = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(path)
+    tiny_llama(**QUANTISABLE).save_pretrained(path)
     return path
 
 

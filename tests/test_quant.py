@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 import giva
 from giva.bases import bases_from_weight
 from giva.export import export_lora
-from giva.quant import SUPPORTED_BACKENDS, QuantLinear
-from tiny_models import text_batches, tiny_llama
+from giva.quant import SUPPORTED_BACKENDS, QuantLinear, keep_4bit_layers_trainable
+from tiny_models import QUANTISABLE, text_batches, tiny_llama
 
 needs_bnb = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install 'giva[quant]')"
@@ -42,7 +42,7 @@ MERGE_WARNING = "Merge giva module to bnb {} linear may get different generation
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama().save_pretrained(path)
+    tiny_llama(**QUANTISABLE).save_pretrained(path)
     return path
 
 
@@ -207,6 +207,47 @@ def test_train_save_and_reload_onto_4bit_fp32_and_bf16_bases(tiny_dir: Path, tmp
     assert torch.isfinite(logits(on_bf16, batch)).all()
 
 
+def vector_grads(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+@needs_bnb
+@pytest.mark.parametrize("evaluated_before_wrapping", [False, True])
+def test_an_evaluation_pass_leaves_4bit_training_and_merging_intact(tiny_dir: Path, evaluated_before_wrapping: bool) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight at its first eval-mode forward without gradients and
+    then computes it with a kernel that has no backward (no gradient below it) and a layout PEFT's dequantisation
+    misreads. GiVA keeps every 4-bit layer of the model in the standard layout; on other CPUs this holds trivially."""
+    import bitsandbytes as bnb
+
+    base = load(tiny_dir, "nf4")
+    batch = text_batches(1, labels="lm")[0]
+    if evaluated_before_wrapping:
+        logits(base, batch)  # may repack every layer now
+    torch.manual_seed(0)
+    model = get_peft_model(base, giva.GivaConfig(r=4, init_weights=False))
+    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit)
+    trained = vector_grads(model, batch)
+    assert len(trained) == sum(p.requires_grad for p in model.parameters())  # every vector gets a gradient
+    model.eval()
+    before_merge = logits(model, batch)
+    model.generate(input_ids=batch["input_ids"][:, :4], max_new_tokens=2, do_sample=False)
+    again = vector_grads(model, batch)
+    assert again.keys() == trained.keys()
+    for name, grad in trained.items():
+        torch.testing.assert_close(again[name], grad, rtol=0, atol=0, msg=name)
+    model.eval()
+    effect = (before_merge - logits_without_adapter(model, batch)).abs().max()
+    model.merge_adapter()
+    assert (logits(model, batch) - before_merge).abs().max() < 0.5 * effect  # one re-quantisation, not garbage
+
+
 @needs_bnb
 def test_lora_export_matches_on_the_4bit_base(tiny_dir: Path, tmp_path: Path) -> None:
     model = get_peft_model(load(tiny_dir, "nf4"), giva.GivaConfig(r=4, init_weights=False))
@@ -215,6 +256,9 @@ def test_lora_export_matches_on_the_4bit_base(tiny_dir: Path, tmp_path: Path) ->
     export_lora(model, tmp_path / "lora")
     lora = PeftModel.from_pretrained(load(tiny_dir, "nf4"), tmp_path / "lora")
     assert type(lora.base_model.model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"  # PEFT's bnb LoRA
+    # The same bitsandbytes kernel on both sides: on AVX512-BF16 CPUs its eval-mode kernel (which GiVA turns off)
+    # rounds the absmax to bf16 and moves these logits by about 2e-3.
+    keep_4bit_layers_trainable(lora)
     torch.testing.assert_close(logits(lora, batch), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 import giva.sft
 from giva.cli import main
 from giva.sft import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
-from tiny_models import tiny_llama
+from tiny_models import QUANTISABLE, tiny_llama
 
 WORDS = "the film plot is good great bad awful . review positive or negative ? answer one word".split()
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<system>", "<user>", "<assistant>"]
@@ -38,7 +38,7 @@ def tiny_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-chat")
-    tiny_llama().save_pretrained(folder)
+    tiny_llama(**QUANTISABLE).save_pretrained(folder)  # also loaded in 4-bit
     tiny_tokenizer(chat=True).save_pretrained(folder)
     return folder
 

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from .bases import SEEDED_B_VARIANTS
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .layer import GivaLayer, Linear
-from .quant import QuantLinear, quantization_backend
+from .quant import QuantLinear, keep_4bit_layers_trainable, quantization_backend
 from .serving import mixed_batch_hooks
 
 # Fused projections recognised without `block_sizes` (name -> how to split the outputs).
@@ -237,6 +237,7 @@ class GivaModel(BaseTuner):
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"{current_key!r} already holds a {type(target).__name__} adapter of another method")
         if backend is not None:
+            keep_4bit_layers_trainable(self.model)  # idempotent; bitsandbytes' CPU repacking has no backward
             new_module: Linear = QuantLinear(
                 target, adapter_name, current_key, block_sizes, adapt_blocks, peft_config, backend=backend
             )

@@ -66,6 +66,33 @@ def quantization_backend(
     return backend
 
 
+def keep_4bit_layers_trainable(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer of ``model``, and undo it where it ran.
+
+    On a CPU with AVX512-BF16, a bitsandbytes ``Linear4bit`` (0.50) repacks its weight in place the first time it
+    runs in eval mode without gradients, and from then on computes with a kernel that has no backward. After one
+    evaluation (``giva sft``'s "before" scores, a Trainer's eval loop, a generate call) no gradient would reach any
+    layer below a repacked one, silently, and PEFT's dequantisation (merge, the `weight` variant) would read the
+    repacked bytes in the standard layout. GiVA wraps a 4-bit model only to train or merge it, so every
+    ``Linear4bit`` of the model (adapted or not: gradients pass through all of them) keeps bitsandbytes' standard
+    layout and kernels; a weight already repacked is restored with bitsandbytes' own inverse (the one its
+    ``state_dict`` uses, which keeps the absmax it rounded to bf16). Other backends and GPUs are unaffected.
+    Returns the number of layers whose flag was on.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):  # bitsandbytes sets it from a C call: 1 or 0
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+        weight = getattr(module, "weight", None)
+        state = getattr(weight, "quant_state", None)
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+    return changed
+
+
 class QuantLinear(Linear):
     """GiVA on a quantised linear layer: W is read (dequantised) and written (re-quantised) by PEFT's backend."""
 
