@@ -379,6 +379,8 @@ def test_a_benchmark_task_with_nf4_loads_the_base_as_qlora_does(tiny_dir: Path) 
     assert len(layers) == 7 * model.config.num_hidden_layers  # q k v o gate up down
     state = layers[0].weight.quant_state
     assert state.quant_type == "nf4" and state.nested and layers[0].compute_dtype == torch.float32
+    # every method (QLoRA's rows too) on bitsandbytes' standard kernels, as GiVA's rows are
+    assert not any(m.support_avx512bf16_for_cpu for m in layers)
     plain = load_base(SimpleNamespace(spec=TaskSpec(name="clm", model="tiny", data="pang-lee", kind="clm"),
                                       model_path=str(tiny_dir), tokenizer=task.tokenizer), seed=0)
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in plain.modules())

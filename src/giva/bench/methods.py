@@ -24,6 +24,7 @@ from ..config import GivaConfig
 from ..finetune import is_head_parameter
 from ..init import initialize
 from ..layer import GivaLayer
+from ..quant import keep_4bit_layers_trainable
 from .grow import hold_back_rows
 from .spec import MethodSpec
 from .tasks import TaskData
@@ -65,10 +66,14 @@ def load_base(task: TaskData, seed: int, quantize: bool = True) -> nn.Module:
     if task.spec.kind == "clm":
         model = AutoModelForCausalLM.from_pretrained(task.model_path, **kwargs)
         model.config.pad_token_id = task.tokenizer.pad_token_id
-        return model
-    model = AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels, **kwargs)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = task.tokenizer.pad_token_id
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels, **kwargs)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = task.tokenizer.pad_token_id
+    if quantized is not None:
+        # Every method on the same bitsandbytes kernels: GiVA turns off the AVX512-BF16 CPUs' inference repacking
+        # when it wraps the model (docs/quantization.md); QLoRA's rows would otherwise evaluate on it.
+        keep_4bit_layers_trainable(model)
     return model
 
 
