@@ -216,23 +216,42 @@ def vector_grads(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
     return grads
 
 
-@needs_bnb
-@pytest.mark.parametrize("evaluated_before_wrapping", [False, True])
-def test_an_evaluation_pass_leaves_4bit_training_and_merging_intact(tiny_dir: Path, evaluated_before_wrapping: bool) -> None:
-    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight at its first eval-mode forward without gradients and
-    then computes it with a kernel that has no backward (no gradient below it) and a layout PEFT's dequantisation
-    misreads. GiVA keeps every 4-bit layer of the model in the standard layout; on other CPUs this holds trivially."""
-    import bitsandbytes as bnb
+@pytest.fixture
+def avx512bf16_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """4-bit layers built from here on carry bitsandbytes' AVX512-BF16 flag, as on such a CPU, whatever this one is."""
+    import bitsandbytes.nn.modules
 
-    base = load(tiny_dir, "nf4")
+    monkeypatch.setattr(bitsandbytes.nn.modules, "has_avx512bf16", lambda: 1)
+
+
+@needs_bnb
+@pytest.mark.parametrize(("kind", "repacked_before_wrapping"), [("nf4", False), ("nf4", True), ("nf4-double", True)])
+def test_an_evaluation_pass_leaves_4bit_training_and_merging_intact(
+    tiny_dir: Path, avx512bf16_cpu: None, kind: str, repacked_before_wrapping: bool
+) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight at its first eval-mode forward without gradients and
+    then computes it with a kernel that passes no gradient back and a layout PEFT's dequantisation misreads. GiVA
+    turns that off on every 4-bit layer of the model, and restores a weight repacked before it wrapped the model."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    base = load(tiny_dir, kind)
+    four_bit = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert four_bit and all(m.support_avx512bf16_for_cpu for m in four_bit)
+    dequantised = [bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state) for m in four_bit]
+    if repacked_before_wrapping:  # what each layer's first eval-mode forward does on such a CPU
+        for m in four_bit:
+            m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
     batch = text_batches(1, labels="lm")[0]
-    if evaluated_before_wrapping:
-        logits(base, batch)  # may repack every layer now
     torch.manual_seed(0)
     model = get_peft_model(base, giva.GivaConfig(r=4, init_weights=False))
-    four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert four_bit and not any(m.support_avx512bf16_for_cpu for m in four_bit)
+    assert not any(m.support_avx512bf16_for_cpu for m in four_bit)
     assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in four_bit)
+    # restored: the same weight, its absmax rounded to bf16 (and, double-quantised, quantised to 8 bits again)
+    bound = 2**-6 if kind == "nf4-double" else 2**-8
+    for m, before in zip(four_bit, dequantised):
+        after = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        assert (after - before).abs().max() <= bound * before.abs().max()
     trained = vector_grads(model, batch)
     assert len(trained) == sum(p.requires_grad for p in model.parameters())  # every vector gets a gradient
     model.eval()
@@ -363,7 +382,7 @@ def test_a_benchmark_task_names_its_unknown_quantization() -> None:
 
 
 @needs_bnb
-def test_a_benchmark_task_with_nf4_loads_the_base_as_qlora_does(tiny_dir: Path) -> None:
+def test_a_benchmark_task_with_nf4_loads_the_base_as_qlora_does(tiny_dir: Path, avx512bf16_cpu: None) -> None:
     """The evidence suite's 4-bit rows: every linear layer 4-bit NF4 with double quantisation, fp32 compute."""
     from types import SimpleNamespace
 

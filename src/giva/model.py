@@ -165,6 +165,11 @@ class GivaModel(BaseTuner):
         self._check_options_match_the_model(peft_config)
         return peft_config
 
+    def _prepare_model(self, peft_config: GivaConfig, model: nn.Module) -> None:
+        """Before any layer is wrapped: every bitsandbytes 4-bit layer keeps kernels that pass gradients back
+        (``giva.quant.keep_4bit_layers_trainable``); a model without one is walked once and left alone."""
+        keep_4bit_layers_trainable(model)
+
     def _check_options_match_the_model(self, config: GivaConfig) -> None:
         """Before any layer is replaced: ``layers_to_transform`` names layers the model has, and every key of
         ``block_sizes`` / ``adapt_blocks`` names a module that can be targeted (a typo would be silently ignored)."""
@@ -237,7 +242,6 @@ class GivaModel(BaseTuner):
         if isinstance(target, BaseTunerLayer):
             raise TypeError(f"{current_key!r} already holds a {type(target).__name__} adapter of another method")
         if backend is not None:
-            keep_4bit_layers_trainable(self.model)  # idempotent; bitsandbytes' CPU repacking has no backward
             new_module: Linear = QuantLinear(
                 target, adapter_name, current_key, block_sizes, adapt_blocks, peft_config, backend=backend
             )

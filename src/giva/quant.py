@@ -66,7 +66,7 @@ def quantization_backend(
     return backend
 
 
-def keep_4bit_layers_trainable(model: nn.Module) -> int:
+def keep_4bit_layers_trainable(model: nn.Module) -> None:
     """Turn off bitsandbytes' CPU inference repacking on every 4-bit layer of ``model``, and undo it where it ran.
 
     On a CPU with AVX512-BF16, a bitsandbytes ``Linear4bit`` (0.50) repacks its weight in place the first time it
@@ -76,21 +76,21 @@ def keep_4bit_layers_trainable(model: nn.Module) -> int:
     repacked bytes in the standard layout. GiVA wraps a 4-bit model only to train or merge it, so every
     ``Linear4bit`` of the model (adapted or not: gradients pass through all of them) keeps bitsandbytes' standard
     layout and kernels; a weight already repacked is restored with bitsandbytes' own inverse (the one its
-    ``state_dict`` uses, which keeps the absmax it rounded to bf16). Other backends and GPUs are unaffected.
-    Returns the number of layers whose flag was on.
+    ``state_dict`` uses, which keeps the absmax it rounded to bf16), whose absmax layout is mended where it leaves
+    it wrong (a state without double quantisation). Other backends and GPUs are unaffected.
     """
-    changed = 0
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):  # bitsandbytes sets it from a C call: 1 or 0
             module.support_avx512bf16_for_cpu = False
-            changed += 1
         weight = getattr(module, "weight", None)
         state = getattr(weight, "quant_state", None)
         if getattr(state, "packing_format_for_cpu", False):
             from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
+            nested = state.original_nested
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-    return changed
+            if not nested:  # bitsandbytes 0.50's inverse restores a nested absmax only; this one stays (in/block x out)
+                weight.quant_state.absmax = weight.quant_state.absmax.T.reshape(-1).float()
 
 
 class QuantLinear(Linear):
