@@ -303,6 +303,12 @@ def test_a_clm_task_trains_and_scores_its_own_label_words() -> None:
     assert exact_match(model, tok, CLM_DATA, spec, batch_size=4) == pytest.approx(0.5)
 
 
+def test_the_evidence_suite_names_its_causal_lm_tasks_label_words() -> None:
+    tasks = load_suite(BENCH, "evidence").tasks
+    assert tasks["uncertainty-clm"].label_words == ("uncertain", "certain")  # a tuple, from the JSON's list
+    assert tasks["sst-clm"].label_words == ("negative", "positive")  # the default: Pang & Lee's -1, 1
+
+
 @pytest.mark.parametrize("words", [("certain", "certain"), ("certain", " uncertain"), ("certain", "")])
 def test_clm_label_words_must_be_distinct_words(words: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match=r"task 't': label_words must be distinct non-empty words"):

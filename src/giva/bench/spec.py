@@ -140,6 +140,7 @@ class TaskSpec:
     quantization: Optional[str] = None  # 'nf4': the base loaded in 4-bit (QLoRA's recipe; see methods.load_base)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "label_words", tuple(self.label_words))  # a suite JSON gives a list
         if self.kind == "clm" and (len(set(self.label_words)) != len(self.label_words) or not all(
             isinstance(w, str) and w.strip() == w and w for w in self.label_words
         )):
@@ -275,8 +276,7 @@ def load_method(root: Path, name: str) -> MethodSpec:
 def load_suite(root: Path, name: str) -> SuiteSpec:
     raw = _read_config(root, "suites", name)
     tasks = {
-        key: TaskSpec(name=key, **{**t, "target_modules": tuple(t.get("target_modules", ("query", "value"))),
-                                   **({"label_words": tuple(t["label_words"])} if "label_words" in t else {})})
+        key: TaskSpec(name=key, **{**t, "target_modules": tuple(t.get("target_modules", ("query", "value")))})
         for key, t in raw["tasks"].items()
     }
     phases = []

@@ -110,12 +110,6 @@ def load_task(spec: TaskSpec) -> TaskData:
     return TaskData(spec, path, tokenizer, train, val, test)
 
 
-def label_word(spec: TaskSpec, label: int) -> str:
-    """The answer a causal-LM task trains on and scores for ``label``: ``spec.label_words[label]``
-    (labels are indices into the data's sorted label names, e.g. Pang & Lee's -1, 1)."""
-    return spec.label_words[label]
-
-
 def encode_prompts(tokenizer: Any, texts: list[str], spec: TaskSpec) -> list[list[int]]:
     """Token ids of ``spec.prompt`` per text; a long text loses its START, so the prompt's cue
     (e.g. 'Sentiment:') always survives truncation. Room is left for the answer tokens."""
@@ -132,7 +126,7 @@ def clm_loader(tokenizer: Any, data: TextDataset, spec: TaskSpec, shuffle: bool,
     """Instruction -> label as causal-LM text (``prompt + ' ' + label + eos``); the loss covers the answer only."""
     rows = []
     for prompt_ids, label in zip(encode_prompts(tokenizer, data.texts, spec), data.labels):
-        answer_ids = tokenizer(" " + label_word(spec, label), add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(" " + spec.label_words[label], add_special_tokens=False)["input_ids"]
         answer_ids = answer_ids + [tokenizer.eos_token_id]
         rows.append((prompt_ids + answer_ids, len(prompt_ids)))
 
@@ -163,7 +157,7 @@ def generated_labels(model: nn.Module, tokenizer: Any, data: TextDataset, spec: 
     Prompts are left-padded; generation stops after the longest answer plus one token (the eos a
     trained model emits), so an answer followed by anything but whitespace does not match.
     """
-    by_word = {label_word(spec, label): label for label in range(data.num_labels)}
+    by_word = {word: label for label, word in enumerate(spec.label_words)}
     max_new = max(len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in spec.label_words) + 1
     was_training = model.training
     model.eval()
