@@ -93,6 +93,37 @@ def test_trainer_callback_leaves_already_initialised_bases_alone(tmp_path, batch
     assert callback.report is None and torch.equal(layer.giva_A["default"], before)
 
 
+def test_trainer_resume_from_checkpoint_loads_the_bases_and_continues_bit_identically(tmp_path):
+    """The Trainer's checkpoint holds the bases (buffers) with the vectors; on resume the callback leaves them be."""
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+        callback = giva.GivaInitCallback(num_batches=2, progress=False)
+        args = _args(out, max_steps=8, save_strategy="steps", save_steps=4)
+        Trainer(model=model, args=args, train_dataset=_ListDataset(n=64), callbacks=[callback]).train(resume_from_checkpoint=resume)
+        return callback, {k: v.detach().clone() for k, v in model.state_dict().items() if "giva_" in k}
+
+    _, whole = run(tmp_path / "whole")
+    callback, resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-4"))
+    assert callback.report is None  # the bases came from the checkpoint, not from a new gradient
+    assert whole.keys() == resumed.keys() and any("giva_A" in k for k in whole)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_upcast_vectors_touches_only_the_half_precision_vectors_of_a_quantised_model():
+    from giva.integrations.trainer import upcast_vectors
+
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model.to(torch.bfloat16)
+    vectors = [p for n, p in model.named_parameters() if "giva_lambda" in n]
+    assert upcast_vectors(model) == 0 and {p.dtype for p in vectors} == {torch.bfloat16}  # a user's own cast stays
+    model.base_model.model.is_loaded_in_4bit = True  # as transformers marks a bitsandbytes model (TRL's test)
+    assert upcast_vectors(model) == len(vectors) == 8 and {p.dtype for p in vectors} == {torch.float32}
+    others = {p.dtype for n, p in model.named_parameters() if "giva_" not in n}
+    assert others == {torch.bfloat16}  # the head and the frozen weights are not the callback's business
+    assert upcast_vectors(model) == 0
+
+
 def test_trl_sft_trainer_takes_the_same_callback(tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer

@@ -6,6 +6,7 @@ import logging
 import warnings
 from typing import Any, Optional
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..init import (
@@ -19,11 +20,39 @@ from ..init import (
     initialize,
 )
 from ..init.accumulate import check_num_batches
-from ..init.capture import LossFn
+from ..init.capture import LossFn, giva_layers, unwrap
 from ..init.session import check_statistic
+from ..layer import GivaLayer
 from .distributed import launcher_mismatch
 
 logger = logging.getLogger(__name__)
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _quantised(model: Any) -> bool:
+    """TRL's test for a quantised model (``is_loaded_in_4bit`` / ``is_loaded_in_8bit``; a PeftModel forwards both)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def upcast_vectors(model: Any) -> int:
+    """Put GiVA's trainable vectors (and the opt-in core) of a quantised model back in fp32; returns how many tensors.
+
+    TRL's ``SFTTrainer`` casts every trainable parameter of a quantised model to bf16 (its QLoRA rule; it spares only
+    DoRA's magnitude vector, for the reason that applies here too). ``lambda_s`` starts at 1, where bf16's step is
+    2**-7: an AdamW update below 0.004 rounds away, so at a QLoRA learning rate such as 2e-4 it never moves, and
+    ``lambda_o`` keeps 8 bits of precision. GiVA computes in the input's dtype either way (the folded forward), so
+    fp32 vectors cost nothing per token. Sharded parameters (FSDP, ZeRO-3) are left as they are."""
+    if not _quantised(model):
+        return 0
+    upcast = 0
+    for layer in giva_layers(unwrap(model)).values():
+        for attr in GivaLayer.adapter_layer_names:
+            for param in getattr(layer, attr).values():
+                sharded = hasattr(param, "ds_id") or type(param.data) is not torch.Tensor
+                if param.requires_grad and param.dtype in _HALF and not sharded:
+                    param.data = param.data.float()
+                    upcast += 1
+    return upcast
 
 
 class GivaInitCallback(TrainerCallback):
@@ -31,7 +60,9 @@ class GivaInitCallback(TrainerCallback):
 
     Bases are buffers and the adapter is an identity at init (lambda_o = 0), so this runs in
     ``on_train_begin``, after the optimizer and LR schedule exist, without disturbing either.
-    Adapters whose bases are already set (resumed from a checkpoint) are left alone. ``mode`` is
+    Adapters whose bases are already set (resumed from a checkpoint) are left alone. On a quantised model it also
+    puts the vectors back in fp32 when the trainer is built (:func:`upcast_vectors`: TRL casts them to bf16, where
+    ``lambda_s`` cannot move at small learning rates); pass the callback to the trainer's constructor for that. ``mode`` is
     :func:`giva.initialize`'s (``"auto"``, ``"sketch"``, ``"exact"``), and so is ``statistic`` (``"mean"``, or
     ``"second-moment"``); ``num_batches="all"`` averages every
     batch of the train dataloader (one pass over the training set before training). Under torchrun every rank
@@ -58,6 +89,14 @@ class GivaInitCallback(TrainerCallback):
         self.mode = mode
         self.statistic = statistic
         self.report: Optional[InitReport] = None
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None,
+                    **kwargs: Any) -> None:
+        # After SFTTrainer's bf16 cast, before the optimizer and any DDP wrapper exist.
+        upcast = 0 if model is None else upcast_vectors(model)
+        if upcast:
+            logger.info("GiVA: %d vector tensors of the quantised model were in half precision (TRL's QLoRA cast); "
+                        "back in fp32, where lambda_s can take small steps", upcast)
 
     def on_train_begin(
         self,
