@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,9 @@ import giva.sft
 from giva.cli import main
 from giva.sft import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
 from tiny_models import QUANTISABLE, tiny_llama
+
+sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from launch import TORCHRUN, run_torchrun  # noqa: E402
 
 WORDS = "the film plot is good great bad awful . review positive or negative ? answer one word".split()
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<system>", "<user>", "<assistant>"]
@@ -199,6 +203,10 @@ def one_error_line(capsys) -> str:
         (["--fp16"], "--fp16 needs a GPU"),
         (["--target-modules", "q_proj,,v_proj"], "--target-modules has an empty name"),
         (["--val-size", "40"], "--val-size 40 gives 40 validation rows of the 40 rows"),
+        (["--micro-batch-size", "3"], "--batch-size 4 is not a multiple of --micro-batch-size 3; give a --micro-batch-size"),
+        (["--micro-batch-size", "0"], "argument --micro-batch-size: must be >= 1"),
+        (["--save-steps", "0"], "argument --save-steps: must be >= 1"),
+        (["--resume"], "-checkpoints' holds no checkpoint-N folder of a giva sft run; run without --resume"),
     ],
 )
 def test_bad_options_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading,
@@ -275,6 +283,19 @@ def test_a_4bit_base_trains_through_sft(chat_model, pc_jsonl, tmp_path):
     assert isinstance(base_layer, Linear4bit) and (tmp_path / "out" / "adapter_config.json").exists()
 
 
+def test_giva_vectors_on_a_4bit_base_stay_fp32_and_lambda_s_moves_at_a_qlora_learning_rate(chat_model, pc_jsonl, tmp_path):
+    """TRL casts a quantised model's trainable parameters to bf16, where lambda_s (init 1, step 2**-7) cannot take
+    AdamW's steps at lr 1e-3: before GivaInitCallback put them back in fp32, 0 of its 28 entries moved."""
+    pytest.importorskip("bitsandbytes")
+    _, model, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", load_in_4bit=True, lr=1e-3, max_steps=4))
+    vectors = {n: p for n, p in model.named_parameters() if "giva_lambda" in n}
+    assert vectors and {p.dtype for p in vectors.values()} == {torch.float32}
+    lambda_s = torch.cat([p.detach().flatten() for n, p in vectors.items() if "lambda_s" in n])
+    assert lambda_s.numel() == 28 and bool((lambda_s != 1).all())
+    saved = adapter_tensors(tmp_path / "out")
+    assert {v.dtype for k, v in saved.items() if "lambda" in k} == {torch.float32}
+
+
 def test_a_max_length_that_cuts_off_every_completion_is_refused(chat_model, pc_jsonl, tmp_path, capsys):
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--max-length", "8")) == 2
     assert "--max-length 8 cuts off the whole completion of 8 of the 8 validation rows; raise --max-length" in one_error_line(capsys)
@@ -287,3 +308,111 @@ def test_sft_options_name_both_kinds_of_num_batches(value):
     with pytest.raises(ValueError, match=r"^SFTOptions\.num_batches must be a whole number >= 1 or 'all', got "):
         SFTOptions(num_batches=value)
     assert SFTOptions(num_batches="all").num_batches == "all" and SFTOptions(num_batches=3).num_batches == 3
+
+
+# ------------------------------------------------------------------ micro-batches, checkpoints and --resume
+
+
+def adapter_tensors(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture
+def varied_jsonl(tmp_path):
+    """Rows that differ from each other (pc_jsonl has two prompts): a gradient over 4 rows is not one over 16."""
+    rng = random.Random(2)
+    path = tmp_path / "varied.jsonl"
+    rows = [(" ".join(rng.choices(WORDS[:9], k=rng.randint(3, 8))) + " ?", rng.choice(["positive", "negative"]))
+            for _ in range(40)]
+    path.write_text("".join(json.dumps({"prompt": prompt, "completion": " " + label}) + "\n" for prompt, label in rows))
+    return path
+
+
+def test_micro_batches_accumulate_to_the_same_optimizer_step(chat_model, varied_jsonl, tmp_path):
+    """--micro-batch-size splits each --batch-size step into accumulated forwards: the calibration still reads
+    --num-batches batches of --batch-size rows, and training takes the same steps (equal up to float sums)."""
+    whole, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "whole", batch_size=8, num_batches=2))
+    split, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "split", batch_size=8, micro_batch_size=2,
+                                    num_batches=2))
+    assert (whole.steps, split.steps) == (4, 4) and split.options["micro_batch_size"] == 2
+    a, b = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "split")
+    for key in a:
+        if "giva_A" in key:  # the bases: the gradient over the same 16 rows
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+        elif "lambda" in key:  # four AdamW steps on the same rows: only the order of float sums differs
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+    assert whole.val_loss_after == pytest.approx(split.val_loss_after, rel=1e-5)
+
+
+class _Preempted(Exception):
+    pass
+
+
+def test_a_run_cut_off_after_a_checkpoint_resumes_to_the_same_adapter(chat_model, pc_jsonl, tmp_path, monkeypatch, capsys):
+    from transformers import TrainerCallback
+
+    whole, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "whole", save_steps=2))
+    assert sorted(p.name for p in (tmp_path / "whole-checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    class CutOff(TrainerCallback):  # the job is killed during step 3, after checkpoint-2 was written
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise _Preempted
+
+    build = giva.sft.make_trainer
+
+    def preempted(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(CutOff())
+        return trainer
+
+    out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
+    monkeypatch.setattr(giva.sft, "make_trainer", preempted)
+    with pytest.raises(_Preempted):
+        train_sft(options(chat_model, pc_jsonl, out, save_steps=2))
+    monkeypatch.undo()
+    assert not out.exists() and [p.name for p in checkpoints.glob("checkpoint-*")] == ["checkpoint-2"]
+
+    assert main(cli(chat_model, pc_jsonl, out, "--save-steps", "2")) == 2  # a fresh run would mix its checkpoints in
+    assert "holds an earlier run's files; pass --resume to continue that run" in one_error_line(capsys)
+    assert main(cli(chat_model, pc_jsonl, out, "--resume", "--lr", "0.02", "--r", "3")) == 2
+    assert ("flags differ from the run in" in (line := one_error_line(capsys))
+            and "--lr 0.01 -> 0.02; --r 2 -> 3" in line)
+
+    resumed, _, _ = train_sft(options(chat_model, pc_jsonl, out, resume=True))  # --save-steps kept from the run
+    assert resumed.resumed_from == str(checkpoints / "checkpoint-2") and resumed.steps == 4
+    assert (checkpoints / "checkpoint-4").is_dir() and resumed.init_seconds == 0.0  # the bases came with checkpoint-2
+    a, b = adapter_tensors(tmp_path / "whole"), adapter_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert resumed.val_loss_after == whole.val_loss_after
+
+
+def test_checkpoints_need_a_folder_of_their_own(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
+    for flag in ("--output-dir", "--export-lora"):
+        argv = cli(chat_model, pc_jsonl, tmp_path / "out", "--export-lora", str(tmp_path / "lora"), "--save-steps", "2",
+                   "--checkpoint-dir", str(tmp_path / ("out" if flag == "--output-dir" else "lora")))
+        assert main(argv) == 2
+        assert "is also an output folder; checkpoints need their own" in one_error_line(capsys)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_model, varied_jsonl, tmp_path):
+    """Two gloo processes, 4 rows each per step: --batch-size stays the rows per optimizer step, the bases come from
+    the same 16 rows as in one process, only rank 0 prints and writes, and exact match sums both halves."""
+    flags = ("--batch-size", "8", "--micro-batch-size", "2", "--num-batches", "2")
+    single, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "single", batch_size=8, num_batches=2))
+    records = run_torchrun("sft_cli.py", tmp_path / "launch", args=cli(chat_model, varied_jsonl, tmp_path / "two",
+                                                                        *flags, "--json")).json()
+    assert [r["code"] for r in records] == [0, 0]
+    assert "adapter " not in records[1]["stdout"] and "{" not in records[1]["stdout"]  # (DeepSpeed logs to stdout)
+    printed = records[0]["stdout"]
+    assert printed.count("\nadapter ") == 1 and "4 (final training loss" in printed and ", 2 processes" in printed
+    result = json.loads(printed[printed.index("\n{") :])
+    assert (result["processes"], result["steps"], result["train_rows"]) == (2, single.steps, single.train_rows)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["launch", "single", "two", "varied.jsonl"]  # no temp folders
+    a, b = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "two")
+    bases = [k for k in a if "giva_A" in k]
+    assert bases and all(torch.allclose(b[k], a[k], rtol=0, atol=1e-5) for k in bases)
+    assert [r["exact_match"] for r in records] == [records[0]["expected"]] * 2 == [4 / 7] * 2
+    reloaded, _ = load_sft_adapter(str(tmp_path / "two"))  # what rank 0 saved loads in one process
+    assert sum(p.numel() for n, p in reloaded.named_parameters() if "giva_lambda" in n) == result["trainable_parameters"]

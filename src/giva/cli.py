@@ -159,21 +159,23 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from .sft import SFTOptions, run_sft
+    from .sft import SFTOptions, launch, run_sft
 
     options = SFTOptions(
         model=args.model, data=args.data, device=args.device, bf16=args.bf16, fp16=args.fp16,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, gradient_checkpointing=args.gradient_checkpointing,
-        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
+        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        micro_batch_size=args.micro_batch_size, max_length=args.max_length,
         val_size=args.val_size, max_train_samples=args.max_train_samples, r=args.r,
         target_modules=_target_modules(args.target_modules, "sft"), init_mode=args.init_mode, num_batches=args.num_batches,
         seed=args.seed, output_dir=args.output_dir, export_lora=args.export_lora, overwrite=args.overwrite,
-        progress=not args.no_progress,
+        save_steps=args.save_steps, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=not args.no_progress,
     )
     result = run_sft(options)
-    print(result.summary())
-    if args.json:
-        print(json.dumps(asdict(result), indent=2))
+    if launch()[0] == 0:  # under torchrun the first process speaks for the launch
+        print(result.summary())
+        if args.json:
+            print(json.dumps(asdict(result), indent=2))
     return 0
 
 
@@ -347,7 +349,11 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
     sf.add_argument("--epochs", type=_positive_float, default=1.0, help="may be fractional")
     sf.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate (linear warmup 6%%, linear decay)")
-    sf.add_argument("--batch-size", type=_positive_int, default=8, help="rows per optimizer step")
+    sf.add_argument("--batch-size", type=_positive_int, default=8,
+                    help="rows per optimizer step (over all processes under torchrun)")
+    sf.add_argument("--micro-batch-size", type=_positive_int, default=None,
+                    help="rows per forward on each process; the rest of --batch-size is gradient accumulation "
+                         "(default: --batch-size / processes)")
     sf.add_argument("--max-length", type=lambda v: _integer(v, 8), default=256, help="tokens per row (TRL truncates), >= 8")
     sf.add_argument("--val-size", type=_count_or_fraction, default=200, help="validation rows (count, or fraction if < 1)")
     sf.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training rows")
@@ -361,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--output-dir", default="outputs/giva-sft", help="adapter, tokenizer and sft_result.json")
     sf.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output-dir")
     sf.add_argument("--export-lora", default=None, metavar="DIR", help="also write the adapter as a stock PEFT LoRA in DIR")
+    sf.add_argument("--save-steps", type=_positive_int, default=None, metavar="N",
+                    help="write a resumable checkpoint (adapter, optimizer, schedule, RNG) every N optimizer steps")
+    sf.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                    help="where the checkpoints go (default: '<output-dir>-checkpoints')")
+    sf.add_argument("--resume", action="store_true",
+                    help="continue the run in --checkpoint-dir from its newest checkpoint (same flags)")
     sf.add_argument("--no-progress", action="store_true", help="no progress bars, no transformers warnings")
     sf.add_argument("--json", action="store_true", help="also print the result as JSON")
     sf.set_defaults(func=_sft)

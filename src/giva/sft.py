@@ -4,7 +4,9 @@ A thin layer: :class:`SFTOptions` (the command's flags, checked in ``__post_init
 :class:`giva.GivaConfig` and a TRL ``SFTConfig``; both go to ``SFTTrainer`` with
 :class:`giva.GivaInitCallback`, which fills the bases from the trainer's own first batches. TRL owns the
 data formatting (prompt/completion rows, chat templates, the completion-only loss mask); this module
-adds the checks that run before the model loads, the before/after validation, and the atomic save.
+adds the checks that run before the model loads, the before/after validation, the atomic save, resumable
+checkpoints (``--save-steps``, ``--resume``: the Trainer's own) and the bookkeeping of a torchrun launch (one
+process writes, the exact-match scoring is split over the processes).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +32,11 @@ logger = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INIT_MODES = ("auto", "sketch", "exact")
 RESULT_FILE = "sft_result.json"
+OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: what --resume checks the new flags against
+# Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device and the split of
+# a batch into micro-batches (same rows per optimizer step). Every other flag changes what is trained.
+RESUMABLE_CHANGES = frozenset({"device", "gradient_checkpointing", "micro_batch_size", "output_dir", "export_lora",
+                               "overwrite", "progress", "save_steps", "checkpoint_dir", "resume"})
 
 
 def _finite(name: str, value: Any, minimum: float, inclusive: bool = False) -> None:
@@ -58,7 +65,8 @@ class SFTOptions:
     max_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps; overrides epochs"})
     epochs: float = 1.0
     lr: float = 1e-2  # the GiVA paper's learning rate for its LLM runs (GIVA_SPEC.md section 5)
-    batch_size: int = 8
+    batch_size: int = 8  # rows per optimizer step, over all processes of a torchrun launch
+    micro_batch_size: Optional[int] = field(default=None, metadata={"help": "rows per forward on each process"})
     max_length: int = 256
     val_size: int | float = 200
     max_train_samples: Optional[int] = None
@@ -70,6 +78,9 @@ class SFTOptions:
     output_dir: str = "outputs/giva-sft"
     export_lora: Optional[str] = None
     overwrite: bool = False
+    save_steps: Optional[int] = field(default=None, metadata={"help": "a resumable checkpoint every N optimizer steps"})
+    checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "default: '<output-dir>-checkpoints'"})
+    resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in checkpoint_dir"})
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -84,7 +95,7 @@ class SFTOptions:
                 ) from None
         _whole("max_length", self.max_length, 8)
         _whole("seed", self.seed, 0)
-        for name in ("max_steps", "max_train_samples"):
+        for name in ("max_steps", "max_train_samples", "micro_batch_size", "save_steps"):
             if getattr(self, name) is not None:
                 _whole(name, getattr(self, name), 1)
         _finite("epochs", self.epochs, 0)
@@ -104,6 +115,28 @@ class SFTOptions:
             raise ValueError(f"SFTOptions.target_modules has an empty module name: {self.target_modules!r}")
         if self.export_lora is not None and _same_path(self.export_lora, self.output_dir):
             raise ValueError(f"--export-lora {self.export_lora!r} is the --output-dir; the LoRA export needs its own folder")
+        for other in (self.output_dir, self.export_lora):
+            if other is not None and _same_path(self.checkpoints, other):
+                raise ValueError(f"--checkpoint-dir {self.checkpoints!r} is also an output folder; checkpoints need their own")
+
+    @property
+    def checkpoints(self) -> str:
+        """The checkpoint folder: ``checkpoint_dir``, else ``<output_dir>-checkpoints``."""
+        return self.checkpoint_dir or os.path.normpath(os.path.expanduser(self.output_dir)) + "-checkpoints"
+
+    def batch_layout(self, world_size: int) -> tuple[int, int]:
+        """(rows per forward on each process, gradient accumulation steps) for ``batch_size`` rows per optimizer step
+        over ``world_size`` processes; a ValueError naming the flags if the rows do not split evenly."""
+        per_process, left = divmod(self.batch_size, world_size)
+        if left or not per_process:
+            raise ValueError(f"--batch-size {self.batch_size} (rows per optimizer step) does not split evenly over "
+                             f"{world_size} processes; give a multiple of {world_size}")
+        micro = self.micro_batch_size or per_process
+        if per_process % micro:
+            over = f" x {world_size} processes" if world_size > 1 else ""
+            raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size {micro}{over}; "
+                             f"give a --micro-batch-size that divides {per_process}")
+        return micro, per_process // micro
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -134,6 +167,8 @@ class SFTResult:
     lora_dir: Optional[str]
     options: dict[str, Any]
     versions: dict[str, str]
+    processes: int = 1
+    resumed_from: Optional[str] = None
 
     def summary(self) -> str:
         em = ("" if self.exact_match_before is None else
@@ -144,7 +179,9 @@ class SFTResult:
             f"data               {self.data}: {self.train_rows} training rows, {self.validation_rows} validation rows\n"
             f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} (completion tokens only){em}\n"
             f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
-            f"steps              {self.steps} (final training loss {self.train_loss:.4f})\n"
+            f"steps              {self.steps} (final training loss {self.train_loss:.4f})"
+            f"{f', resumed from {self.resumed_from}' if self.resumed_from else ''}"
+            f"{f', {self.processes} processes' if self.processes > 1 else ''}\n"
             f"init / train time  {self.init_seconds:.1f} s / {self.train_seconds:.1f} s\n"
             f"adapter            {self.adapter_bytes / 1024:.1f} KiB in {self.output_dir}"
             + (f"\nLoRA export        {self.lora_dir}" if self.lora_dir else "")
@@ -204,6 +241,51 @@ def check_output_dirs(options: SFTOptions) -> None:
         _check_output(check_output_dir(options.export_lora))
 
 
+def launch() -> tuple[int, int]:
+    """(this process's rank, the number of processes): torchrun's ``RANK`` / ``WORLD_SIZE``, else (0, 1)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _comparable(options: SFTOptions) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(options)))  # tuples become lists, as in the stored file
+
+
+def check_checkpoints(options: SFTOptions) -> tuple[SFTOptions, Optional[str]]:
+    """(the options to run with, the checkpoint to resume from or None). Refuses a ``--resume`` with nothing to
+    resume or with flags that would train something else than the stored run, and a fresh run that would mix
+    its checkpoints with an earlier run's. A resumed run without ``--save-steps`` keeps the stored cadence."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .finetune import check_output_dir
+
+    folder = Path(os.path.expanduser(options.checkpoints))
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--checkpoint-dir {options.checkpoints!r} is a file; expected a folder")
+    if not options.resume:
+        if options.save_steps is not None:
+            if folder.is_dir() and any(folder.iterdir()):
+                raise FileExistsError(f"--checkpoint-dir {options.checkpoints!r} holds an earlier run's files; pass "
+                                      "--resume to continue that run, or remove the folder to start over")
+            check_output_dir(folder)
+        return options, None
+    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
+    stored_file = folder / OPTIONS_FILE
+    if last is None or not stored_file.is_file():
+        missing = "no checkpoint-N folder" if last is None else f"no {OPTIONS_FILE}"
+        raise FileNotFoundError(f"--resume: {options.checkpoints!r} holds {missing} of a giva sft run; run without "
+                                "--resume (with --save-steps N to write checkpoints)")
+    stored, now = json.loads(stored_file.read_text(encoding="utf-8")), _comparable(options)
+    changed = [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {v!r}" for k, v in now.items()
+               if k not in RESUMABLE_CHANGES and stored.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume: flags differ from the run in {options.checkpoints!r} (stored -> given): "
+                         f"{'; '.join(changed)}; resume it with its own flags, or start a new run with another "
+                         "--checkpoint-dir")
+    if options.save_steps is None:
+        options = replace(options, save_steps=stored.get("save_steps"))
+    return options, last
+
+
 def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     """Every check that needs no model weights: (device, model path, tokenizer, data). Loads nothing big."""
     from transformers import AutoTokenizer
@@ -211,6 +293,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     from .assets import resolve_model
 
     check_packages()
+    options.batch_layout(launch()[1])
     device = resolve_device(options)
     check_quantization(options)
     check_output_dirs(options)
@@ -260,24 +343,32 @@ def _load_model(path: str, options: SFTOptions, device: str) -> Any:
                                bnb_4bit_compute_dtype=compute)
             if options.load_in_4bit else BitsAndBytesConfig(load_in_8bit=True)
         )
-        kwargs["device_map"] = {"": device}
+        local = f"{device}:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device  # torchrun: its own GPU
+        kwargs["device_map"] = {"": local}
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) -> Any:
-    """TRL's SFTConfig for these options (TRL's own defaults of bf16 and gradient checkpointing overridden)."""
+    """TRL's SFTConfig for these options (TRL's own defaults of bf16 and gradient checkpointing overridden).
+
+    ``--batch-size`` rows per optimizer step over every process: each process runs ``micro`` rows per forward and
+    accumulates ``accumulation`` of them. With ``--save-steps`` the Trainer writes its checkpoints (adapter,
+    optimizer, schedule, RNG states) into the checkpoint folder, else into ``scratch``, which the run deletes."""
     from trl import SFTConfig
 
+    micro, accumulation = options.batch_layout(launch()[1])
     steps = options.max_steps or math.ceil(math.ceil(train_rows / options.batch_size) * options.epochs)
+    saving = options.save_steps is not None
     return SFTConfig(
-        output_dir=scratch,
+        output_dir=options.checkpoints if saving else scratch,
         max_steps=options.max_steps or -1,
         num_train_epochs=options.epochs,
         learning_rate=options.lr,
         lr_scheduler_type="linear",
         warmup_steps=int(0.06 * steps),
-        per_device_train_batch_size=options.batch_size,
-        per_device_eval_batch_size=options.batch_size,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accumulation,
+        per_device_eval_batch_size=micro,
         max_length=options.max_length,
         completion_only_loss=True,
         bf16=options.bf16,
@@ -287,7 +378,9 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
         seed=options.seed,
         data_seed=options.seed,
         logging_steps=max(1, steps // 20),
-        save_strategy="no",
+        save_strategy="steps" if saving else "no",
+        save_steps=options.save_steps or 500,
+        save_total_limit=2,  # the newest, and the one before it in case the newest was cut off mid-write
         eval_strategy="no",
         report_to="none",
         disable_tqdm=not options.progress,
@@ -303,14 +396,20 @@ def prompt_ids(dataset: Any) -> list[list[int]]:
 
 def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references: list[str], batch_size: int,
                 progress: bool = False) -> float:
-    """Share of greedy answers equal to the reference (special tokens dropped, surrounding spaces stripped)."""
+    """Share of greedy answers equal to the reference (special tokens dropped, surrounding spaces stripped).
+
+    Under torchrun each process answers every ``world``-th prompt and the hits are summed over the processes."""
     import torch
+    import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)  # same on all
+    total = len(prompts)
+    prompts, references = prompts[rank::world], references[rank::world]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(p for p in model.parameters()).device
-    was_training, hits = model.training, 0
+    was_training, hits, error = model.training, 0, None
     model.eval()
     try:
         for start in tqdm(range(0, len(prompts), batch_size), desc="exact match", disable=not progress, leave=False):
@@ -323,9 +422,21 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references
                                      pad_token_id=pad)
             answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
             hits += sum(a.strip() == r.strip() for a, r in zip(answers, references[start : start + batch_size]))
+    except Exception as err:  # under torchrun: to the sum first, so that no process waits for this one
+        if world == 1:
+            raise
+        error = err
     finally:
         model.train(was_training)
-    return hits / len(prompts)
+    if world > 1:
+        summed = torch.tensor([hits, error is not None], device=device)
+        dist.all_reduce(summed)
+        if error is not None:
+            raise error
+        if summed[1]:
+            raise RuntimeError("exact match failed on another process of the launch; its error is in that process's log")
+        hits = int(summed[0].item())
+    return hits / total
 
 
 def _versions() -> dict[str, str]:
@@ -366,6 +477,9 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     from .integrations.trainer import GivaInitCallback
 
     giva_config = GivaConfig(r=options.r, target_modules=options.target_modules, seed=options.seed, task_type="CAUSAL_LM")
+    # k calibration batches of --batch-size rows: k x accumulation micro-batches on each process, summed over them
+    _, accumulation = options.batch_layout(launch()[1])
+    calibration = options.num_batches if options.num_batches == "all" else options.num_batches * accumulation
     trainer = SFTTrainer(
         model=_load_model(path, options, device),
         args=sft_config(options, device, scratch, len(data.train)),
@@ -373,7 +487,7 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
         eval_dataset=Dataset.from_list(data.validation),
         processing_class=tokenizer,
         peft_config=giva_config,
-        callbacks=[GivaInitCallback(num_batches=options.num_batches, progress=options.progress, mode=options.init_mode)],
+        callbacks=[GivaInitCallback(num_batches=calibration, progress=options.progress, mode=options.init_mode)],
     )
     trainer.remove_callback(PrinterCallback)  # without a progress bar it prints every log dict to stdout
     return trainer
@@ -382,16 +496,51 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
 def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
     """:func:`run_sft`, also returning the trained PEFT model and the tokenizer."""
     device, path, tokenizer, data = preflight(options)
+    options, resume_from = check_checkpoints(options)
     with quiet_transformers(not options.progress):
-        return _train(options, device, path, tokenizer, data)
+        return _train(options, device, path, tokenizer, data, resume_from)
 
 
-def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData) -> tuple[SFTResult, Any, Any]:
+def on_main_process(trainer: Any, work: Any) -> None:
+    """``work()`` on the first process of a launch only (on the only one otherwise); the others wait for it, and
+    every process raises if it failed, so none is left waiting for a process that has gone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        work()
+        return
+    failure: list[Optional[str]] = [None]
+    error: Optional[BaseException] = None
+    if trainer.is_world_process_zero():
+        try:
+            work()
+        except Exception as err:
+            error, failure[0] = err, f"{type(err).__name__}: {err}"
+    dist.broadcast_object_list(failure, src=0)
+    if error is not None:
+        raise error
+    if failure[0] is not None:
+        raise RuntimeError(f"the first process of the launch failed to write the results: {failure[0]}")
+
+
+def _write_options(options: SFTOptions) -> None:
+    from .checkpoint import atomic_file
+
+    folder = Path(os.path.expanduser(options.checkpoints))
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_file(folder / OPTIONS_FILE) as tmp:
+        tmp.write_text(json.dumps(_comparable(options), indent=2) + "\n", encoding="utf-8")
+
+
+def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData,
+           resume_from: Optional[str] = None) -> tuple[SFTResult, Any, Any]:
     from .finetune import directory_bytes, save_atomically
     from .integrations.trainer import GivaInitCallback
 
     with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
         trainer = make_trainer(options, device, path, tokenizer, data, scratch)
+        if options.save_steps is not None and resume_from is None:
+            on_main_process(trainer, lambda: _write_options(options))
         check_truncation(options, len(trainer.train_dataset), len(data.train), len(trainer.eval_dataset), len(data.validation))
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
         peft_model = trainer.model
@@ -401,13 +550,14 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         def evaluate() -> tuple[float, Optional[float]]:
             loss = trainer.evaluate()["eval_loss"]
             em = None if data.labels is None else exact_match(
-                peft_model, tokenizer, prompts, references, options.batch_size * 4, options.progress)
+                peft_model, tokenizer, prompts, references, 4 * trainer.args.per_device_eval_batch_size,
+                options.progress)
             return loss, em
 
         with peft_model.disable_adapter():  # lambda_o = 0 makes the adapted model the base model; its bases are unset yet
             loss_before, em_before = evaluate()
         start = time.perf_counter()
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=resume_from)  # the adapter's bases come with the checkpoint
         train_seconds = time.perf_counter() - start
         loss_after, em_after = evaluate()
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -420,7 +570,8 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         train_loss=output.training_loss, trainable_parameters=trainable, total_parameters=total, adapter_bytes=0,
         init_seconds=callback.report.total_seconds if callback.report else 0.0,
         train_seconds=train_seconds, output_dir=options.output_dir, lora_dir=options.export_lora,
-        options=asdict(options), versions=_versions(),
+        options=asdict(options), versions=_versions(), processes=trainer.args.world_size,
+        resumed_from=resume_from,
     )
 
     def write(folder: str) -> None:
@@ -429,11 +580,14 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         result.adapter_bytes = directory_bytes(folder)
         Path(folder, RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
 
-    save_atomically(options.output_dir, write)
-    if options.export_lora is not None:
-        from .export import export_lora
+    def write_all() -> None:
+        save_atomically(options.output_dir, write)
+        if options.export_lora is not None:
+            from .export import export_lora
 
-        export_lora(peft_model, options.export_lora)
+            export_lora(peft_model, options.export_lora)
+
+    on_main_process(trainer, write_all)
     return result, peft_model, tokenizer
 
 

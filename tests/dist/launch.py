@@ -69,10 +69,11 @@ def run_torchrun(
         "TOKENIZERS_PARALLELISM": "false",
     }
     # --standalone picks a free port, so parallel or leftover runs cannot collide; --redirects 3 keeps
-    # each rank's stdout and stderr in its own file under the log folder.
+    # each rank's stdout and stderr in its own file under the log folder; "--" keeps the script's flags from
+    # torchrun's parser, which matches prefixes (`giva sft --r 8` is otherwise "ambiguous option: --r").
     cmd = [
         str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), "--log-dir", str(out / LOG_DIR), "--redirects", "3",
-        str(path), str(out), *args,
+        "--", str(path), str(out), *args,
     ]
     # Own session, so that killing its group cannot reach pytest itself.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
