@@ -397,3 +397,31 @@ def test_sketch_mode_is_deterministic_and_auto_picks_exact_for_small_models(batc
     assert run("auto")[0].mode == "exact"
     monkeypatch.setattr(giva.init, "AUTO_EXACT_MAX_BYTES", 0)
     assert run("auto")[0].mode == "sketch"
+
+
+def test_initialize_warns_when_the_vectors_it_prepares_for_training_are_half_precision():
+    """With autocast_adapter_dtype=False a bf16 model's vectors are bf16, where lambda_s (init 1) cannot take AdamW
+    steps below 0.004: at lr 1e-3 none of its entries moves in 8 steps on a tiny Llama. initialize says so."""
+    import warnings
+
+    def train(autocast: bool) -> tuple[list[str], int, int]:
+        torch.manual_seed(0)
+        config = GivaConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+        model = get_peft_model(tiny_llama().to(torch.bfloat16), config, autocast_adapter_dtype=autocast)
+        batches = text_batches(8, labels="lm")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            giva.initialize(model, batches, num_batches=1, progress=False)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        for batch in batches:
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        lambda_s = torch.cat([p.detach().flatten() for n, p in model.named_parameters() if "lambda_s" in n])
+        messages = [str(w.message) for w in seen if "keep trainable vectors" in str(w.message)]
+        return messages, int((lambda_s != 1).sum()), lambda_s.numel()
+
+    messages, moved, total = train(autocast=False)
+    assert len(messages) == 1 and messages[0].startswith("GiVA adapter(s) ['default'] keep trainable vectors in bfloat16")
+    assert (moved, total) == (0, 16)  # what the warning is about
+    assert train(autocast=True) == ([], 16, 16)  # PEFT's default: fp32 vectors on the bf16 model, no warning

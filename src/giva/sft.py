@@ -309,10 +309,13 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
 
 @contextmanager
 def quiet_transformers(enabled: bool) -> Iterator[None]:
-    """With ``enabled``: transformers' and datasets' progress bars and info/warning logs off (restored after)."""
+    """With ``enabled``: transformers' and datasets' progress bars, info/warning logs and the libraries' deprecation
+    notices (not the user's to fix) off; restored after."""
     if not enabled:
         yield
         return
+    import warnings
+
     import datasets
     from transformers.utils import logging as hf_logging
 
@@ -322,7 +325,10 @@ def quiet_transformers(enabled: bool) -> Iterator[None]:
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
     try:
-        yield
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"(transformers|trl|peft|accelerate)(\.|$)")
+            yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:

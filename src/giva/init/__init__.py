@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -279,6 +280,7 @@ def initialize(
     if not to_init:
         logger.info("GiVA adapters %s use data-free bases; nothing to initialise", sorted(giva_configs(model)))
         return report
+    _warn_half_precision_vectors(model, to_init)
     num_batches = report.num_batches = _calibration_count(comm, num_batches, dataloader)
     report.mode = choose_mode(mode, targets, statistic)
     session = InitSession(targets, report.mode, passes, oversampling, statistic)
@@ -314,6 +316,22 @@ def initialize(
         report.mode, report.adapters, report.layers, report.gradient_seconds, report.svd_seconds,
     )
     return report
+
+
+def _warn_half_precision_vectors(model: nn.Module, configs: dict[str, GivaConfig]) -> None:
+    """Warn when an adapter about to be trained keeps trainable vectors in fp16/bf16: ``lambda_s`` starts at 1, where
+    bf16's step is 2**-7, so an optimizer update below 0.004 rounds away (at lr 1e-3 it never moves)."""
+    half = {str(p.dtype).removeprefix("torch.") for layer in giva_layers(model).values() for attr in ("giva_lambda_s", "giva_lambda_o")
+            for name, p in getattr(layer, attr).items() if name in configs and p.requires_grad
+            and p.dtype in (torch.float16, torch.bfloat16)}
+    if half:
+        warnings.warn(
+            f"GiVA adapter(s) {sorted(configs)} keep trainable vectors in {'/'.join(sorted(half))} (get_peft_model(..., "
+            "autocast_adapter_dtype=False) or a cast of the model): lambda_s starts at 1, where bf16 cannot hold an "
+            "update below 0.004 and fp16 one below 0.0005, so it may never move. Train with fp32 vectors (PEFT's "
+            "default); the adapter maths run in the input's dtype either way (GivaConfig.compute_dtype).",
+            stacklevel=3,
+        )
 
 
 def _check_arguments(num_batches: Any, mode: Any, passes: Any, oversampling: Any) -> None:
