@@ -395,6 +395,16 @@ def test_a_run_cut_off_after_a_checkpoint_resumes_to_the_same_adapter(chat_model
     assert ("flags differ from the run in" in (line := one_error_line(capsys))
             and "--lr 0.01 -> 0.02; --r 2 -> 3" in line)
 
+    edited = tmp_path / "edited.jsonl"  # the same file name's rows changed between the two runs
+    edited.write_text(pc_jsonl.read_text().replace("great", "good"))
+    assert main(cli(chat_model, edited, out, "--resume", "--checkpoint-dir", str(checkpoints))) == 2
+    assert "flags differ" in one_error_line(capsys)  # --data names another file
+    pc_jsonl.rename(tmp_path / "original.jsonl")
+    edited.rename(pc_jsonl)
+    assert main(cli(chat_model, pc_jsonl, out, "--resume")) == 2
+    assert "are not those of the run in" in one_error_line(capsys) and not out.exists()
+    pc_jsonl.write_bytes((tmp_path / "original.jsonl").read_bytes())
+
     resumed, _, _ = train_sft(options(chat_model, pc_jsonl, out, resume=True))  # --save-steps kept from the run
     assert resumed.resumed_from == str(checkpoints / "checkpoint-2") and resumed.steps == 4
     assert (checkpoints / "checkpoint-4").is_dir() and resumed.init_seconds == 0.0  # the bases came with checkpoint-2

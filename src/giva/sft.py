@@ -11,6 +11,7 @@ process writes, the exact-match scoring is split over the processes).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INIT_MODES = ("auto", "sketch", "exact")
 RESULT_FILE = "sft_result.json"
-OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: what --resume checks the new flags against
+OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: the flags and rows --resume checks the new ones against
 # Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device and the split of
 # a batch into micro-batches (same rows per optimizer step). Every other flag changes what is trained.
 RESUMABLE_CHANGES = frozenset({"device", "gradient_checkpointing", "micro_batch_size", "output_dir", "export_lora",
@@ -246,14 +247,17 @@ def launch() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _comparable(options: SFTOptions) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(options)))  # tuples become lists, as in the stored file
+def run_record(options: SFTOptions, data: SFTData) -> dict[str, Any]:
+    """What a run's checkpoint folder keeps of it for ``--resume`` to compare: the flags, and a SHA-256 of the rows
+    (a data file edited in place between the two runs changes it). Tuples become lists, as in the stored file."""
+    rows = json.dumps([data.train, data.validation], sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return {"options": json.loads(json.dumps(asdict(options))), "data_sha256": hashlib.sha256(rows).hexdigest()}
 
 
-def check_checkpoints(options: SFTOptions) -> tuple[SFTOptions, Optional[str]]:
+def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, Optional[str]]:
     """(the options to run with, the checkpoint to resume from or None). Refuses a ``--resume`` with nothing to
-    resume or with flags that would train something else than the stored run, and a fresh run that would mix
-    its checkpoints with an earlier run's. A resumed run without ``--save-steps`` keeps the stored cadence."""
+    resume or with flags or rows that would train something else than the stored run, and a fresh run that would
+    mix its checkpoints with an earlier run's. A resumed run without ``--save-steps`` keeps the stored cadence."""
     from transformers.trainer_utils import get_last_checkpoint
 
     from .finetune import check_output_dir
@@ -274,13 +278,18 @@ def check_checkpoints(options: SFTOptions) -> tuple[SFTOptions, Optional[str]]:
         missing = "no checkpoint-N folder" if last is None else f"no {OPTIONS_FILE}"
         raise FileNotFoundError(f"--resume: {options.checkpoints!r} holds {missing} of a giva sft run; run without "
                                 "--resume (with --save-steps N to write checkpoints)")
-    stored, now = json.loads(stored_file.read_text(encoding="utf-8")), _comparable(options)
-    changed = [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {v!r}" for k, v in now.items()
+    record, now = json.loads(stored_file.read_text(encoding="utf-8")), run_record(options, data)
+    stored = record.get("options", {})
+    changed = [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {v!r}" for k, v in now["options"].items()
                if k not in RESUMABLE_CHANGES and stored.get(k) != v]
     if changed:
         raise ValueError(f"--resume: flags differ from the run in {options.checkpoints!r} (stored -> given): "
                          f"{'; '.join(changed)}; resume it with its own flags, or start a new run with another "
                          "--checkpoint-dir")
+    if record.get("data_sha256") != now["data_sha256"]:
+        raise ValueError(f"--resume: the training and validation rows of --data {options.data!r} are not those of the "
+                         f"run in {options.checkpoints!r} (another SHA-256; was the file changed?); resume it on its "
+                         "own data, or start a new run with another --checkpoint-dir")
     if options.save_steps is None:
         options = replace(options, save_steps=stored.get("save_steps"))
     return options, last
@@ -502,7 +511,7 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
 def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
     """:func:`run_sft`, also returning the trained PEFT model and the tokenizer."""
     device, path, tokenizer, data = preflight(options)
-    options, resume_from = check_checkpoints(options)
+    options, resume_from = check_checkpoints(options, data)
     with quiet_transformers(not options.progress):
         return _train(options, device, path, tokenizer, data, resume_from)
 
@@ -529,13 +538,13 @@ def on_main_process(trainer: Any, work: Any) -> None:
         raise RuntimeError(f"the first process of the launch failed to write the results: {failure[0]}")
 
 
-def _write_options(options: SFTOptions) -> None:
+def _write_record(options: SFTOptions, data: SFTData) -> None:
     from .checkpoint import atomic_file
 
     folder = Path(os.path.expanduser(options.checkpoints))
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_file(folder / OPTIONS_FILE) as tmp:
-        tmp.write_text(json.dumps(_comparable(options), indent=2) + "\n", encoding="utf-8")
+        tmp.write_text(json.dumps(run_record(options, data), indent=2) + "\n", encoding="utf-8")
 
 
 def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData,
@@ -546,7 +555,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
     with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
         trainer = make_trainer(options, device, path, tokenizer, data, scratch)
         if options.save_steps is not None and resume_from is None:
-            on_main_process(trainer, lambda: _write_options(options))
+            on_main_process(trainer, lambda: _write_record(options, data))
         check_truncation(options, len(trainer.train_dataset), len(data.train), len(trainer.eval_dataset), len(data.validation))
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
         peft_model = trainer.model
