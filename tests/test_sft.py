@@ -216,7 +216,7 @@ def one_error_line(capsys) -> str:
         (["--micro-batch-size", "3"], "--batch-size 4 is not a multiple of --micro-batch-size 3; give a --micro-batch-size"),
         (["--micro-batch-size", "0"], "argument --micro-batch-size: must be >= 1"),
         (["--save-steps", "0"], "argument --save-steps: must be >= 1"),
-        (["--resume"], "-checkpoints' holds no checkpoint-N folder of a giva sft run; run without --resume"),
+        (["--checkpoint-dir", "ck"], "--checkpoint-dir 'ck' is used with --save-steps N or --resume; give one"),
     ],
 )
 def test_bad_options_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading,
@@ -335,44 +335,46 @@ def adapter_tensors(folder) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def varied_jsonl(tmp_path):
-    """Rows that differ from each other (pc_jsonl has two prompts): a gradient over 4 rows is not one over 16."""
+    """Rows that differ from each other (pc_jsonl has two prompts: a gradient over 4 rows is not one over 16), with
+    completions of 1 to 3 words, so that a mean loss per micro-batch would weigh their tokens unequally."""
     rng = random.Random(2)
     path = tmp_path / "varied.jsonl"
-    rows = [(" ".join(rng.choices(WORDS[:9], k=rng.randint(3, 8))) + " ?", rng.choice(["positive", "negative"]))
-            for _ in range(40)]
+    answers = ["positive", "negative", "positive good", "negative bad", "positive good great", "negative bad awful"]
+    rows = [(" ".join(rng.choices(WORDS[:9], k=rng.randint(3, 8))) + " ?", rng.choice(answers)) for _ in range(40)]
     path.write_text("".join(json.dumps({"prompt": prompt, "completion": " " + label}) + "\n" for prompt, label in rows))
     return path
 
 
 def test_micro_batches_accumulate_to_the_same_optimizer_step(chat_model, varied_jsonl, tmp_path):
     """--micro-batch-size splits each --batch-size step into accumulated forwards: the calibration still reads
-    --num-batches batches of --batch-size rows, and training takes the same steps (equal up to float sums)."""
-    whole, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "whole", batch_size=8, num_batches=2))
+    --num-batches batches of --batch-size rows (every completion token weighed alike), and training takes the same
+    steps (equal up to float sums)."""
+    whole, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "whole", batch_size=8, num_batches=2,
+                                    max_steps=None))
     split, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "split", batch_size=8, micro_batch_size=2,
-                                    num_batches=2))
-    assert (whole.steps, split.steps) == (4, 4) and split.options["micro_batch_size"] == 2
+                                    num_batches=2, max_steps=None))
+    assert (whole.steps, split.steps) == (4, 4) and split.options["micro_batch_size"] == 2  # one epoch of 32 rows
     a, b = adapter_tensors(tmp_path / "whole"), adapter_tensors(tmp_path / "split")
     for key in a:
         if "giva_A" in key:  # the bases: the gradient over the same 16 rows
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
-        elif "lambda" in key:  # four AdamW steps on the same rows: only the order of float sums differs
-            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
-    assert whole.val_loss_after == pytest.approx(split.val_loss_after, rel=1e-5)
+        elif "lambda" in key:  # four AdamW steps on the same rows, float sums in another order (Adam amplifies them)
+            torch.testing.assert_close(b[key], a[key], rtol=1e-2, atol=1e-4, msg=key)
+    assert split.train_loss == pytest.approx(whole.train_loss, rel=1e-6)  # the same loss at every step
+    # (the validation loss is the Trainer's mean over evaluation batches of micro-batch size: not compared)
 
 
 class _Preempted(Exception):
     pass
 
 
-def test_a_run_cut_off_after_a_checkpoint_resumes_to_the_same_adapter(chat_model, pc_jsonl, tmp_path, monkeypatch, capsys):
+def cut_off_at(step: int, monkeypatch) -> None:
+    """Make the next train_sft raise _Preempted at the end of optimizer step ``step`` (a job killed then)."""
     from transformers import TrainerCallback
 
-    whole, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "whole", save_steps=2))
-    assert sorted(p.name for p in (tmp_path / "whole-checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-
-    class CutOff(TrainerCallback):  # the job is killed during step 3, after checkpoint-2 was written
+    class CutOff(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
+            if state.global_step == step:
                 raise _Preempted
 
     build = giva.sft.make_trainer
@@ -382,63 +384,106 @@ def test_a_run_cut_off_after_a_checkpoint_resumes_to_the_same_adapter(chat_model
         trainer.add_callback(CutOff())
         return trainer
 
-    out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
     monkeypatch.setattr(giva.sft, "make_trainer", preempted)
+
+
+def test_a_run_cut_off_after_a_checkpoint_resumes_to_the_same_adapter(chat_model, pc_jsonl, tmp_path, monkeypatch, capsys,
+                                                                      caplog):
+    whole, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "whole", save_steps=2))
+    assert sorted(p.name for p in (tmp_path / "whole-checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
+    cut_off_at(3, monkeypatch)  # during step 4, after checkpoint-2 was written
     with pytest.raises(_Preempted):
         train_sft(options(chat_model, pc_jsonl, out, save_steps=2))
     monkeypatch.undo()
     assert not out.exists() and [p.name for p in checkpoints.glob("checkpoint-*")] == ["checkpoint-2"]
+    (checkpoints / "checkpoint-4").mkdir()  # killed while writing checkpoint-4: the Trainer writes trainer_state.json last
+    (checkpoints / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"")
 
     assert main(cli(chat_model, pc_jsonl, out, "--save-steps", "2")) == 2  # a fresh run would mix its checkpoints in
-    assert "holds an earlier run's files; pass --resume to continue that run" in one_error_line(capsys)
+    assert "holds an earlier run's checkpoints; pass --resume to continue that run" in one_error_line(capsys)
     assert main(cli(chat_model, pc_jsonl, out, "--resume", "--lr", "0.02", "--r", "3")) == 2
     assert ("flags differ from the run in" in (line := one_error_line(capsys))
             and "--lr 0.01 -> 0.02; --r 2 -> 3" in line)
-
-    edited = tmp_path / "edited.jsonl"  # the same file name's rows changed between the two runs
+    edited = tmp_path / "edited.jsonl"  # the rows changed (under any name)
     edited.write_text(pc_jsonl.read_text().replace("great", "good"))
-    assert main(cli(chat_model, edited, out, "--resume", "--checkpoint-dir", str(checkpoints))) == 2
-    assert "flags differ" in one_error_line(capsys)  # --data names another file
-    pc_jsonl.rename(tmp_path / "original.jsonl")
-    edited.rename(pc_jsonl)
-    assert main(cli(chat_model, pc_jsonl, out, "--resume")) == 2
+    assert main(cli(chat_model, edited, out, "--resume")) == 2
     assert "are not those of the run in" in one_error_line(capsys) and not out.exists()
-    pc_jsonl.write_bytes((tmp_path / "original.jsonl").read_bytes())
 
-    resumed, _, _ = train_sft(options(chat_model, pc_jsonl, out, resume=True))  # --save-steps kept from the run
+    moved = tmp_path / "moved.jsonl"  # the same rows elsewhere: --data may change
+    moved.write_bytes(pc_jsonl.read_bytes())
+    resumed, _, _ = train_sft(options(chat_model, moved, out, resume=True))  # --save-steps kept from the run
     assert resumed.resumed_from == str(checkpoints / "checkpoint-2") and resumed.steps == 4
-    assert (checkpoints / "checkpoint-4").is_dir() and resumed.init_seconds == 0.0  # the bases came with checkpoint-2
+    assert "checkpoint-4 has no trainer_state.json" in caplog.text
+    assert (checkpoints / "checkpoint-4" / "trainer_state.json").is_file() and resumed.init_seconds == 0.0
     a, b = adapter_tensors(tmp_path / "whole"), adapter_tensors(out)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     assert resumed.val_loss_after == whole.val_loss_after
 
+    assert main(cli(chat_model, pc_jsonl, out, "--resume", "--overwrite")) == 2
+    assert "finished (step 4) and its adapter is in --output-dir" in one_error_line(capsys)
+
+
+def test_a_run_cut_off_before_its_first_checkpoint_starts_again(chat_model, pc_jsonl, tmp_path, monkeypatch, caplog):
+    """Nothing to resume yet: the folder holds only the run's record. A rerun, with or without --resume (so a
+    job script can always pass it), starts from the first step."""
+    whole, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "whole"))
+    out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
+    cut_off_at(1, monkeypatch)
+    with pytest.raises(_Preempted):
+        train_sft(options(chat_model, pc_jsonl, out, save_steps=2))
+    monkeypatch.undo()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["giva_sft_options.json"]
+    again, _, _ = train_sft(options(chat_model, pc_jsonl, out, resume=True))
+    assert again.resumed_from is None and again.steps == 4 and "holds no finished checkpoint yet" in caplog.text
+    assert (checkpoints / "checkpoint-4").is_dir()  # the stored --save-steps 2
+    a, b = adapter_tensors(tmp_path / "whole"), adapter_tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
 
 def test_checkpoints_need_a_folder_of_their_own(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
-    for flag in ("--output-dir", "--export-lora"):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    cases = [
+        (["--checkpoint-dir", str(tmp_path / "out")], "and --output-dir"),
+        (["--checkpoint-dir", str(tmp_path / "out" / "ckpt")], "are the same folder or one holds the other"),
+        (["--checkpoint-dir", str(tmp_path / "lora")], "and --export-lora"),
+        (["--checkpoint-dir", str(tmp_path)], "and --output-dir"),  # it would hold the output folder
+        (["--checkpoint-dir", str(tmp_path / "notes")], "is a non-empty folder that holds no giva sft run"),
+    ]
+    for extra, message in cases:
         argv = cli(chat_model, pc_jsonl, tmp_path / "out", "--export-lora", str(tmp_path / "lora"), "--save-steps", "2",
-                   "--checkpoint-dir", str(tmp_path / ("out" if flag == "--output-dir" else "lora")))
-        assert main(argv) == 2
-        assert "is also an output folder; checkpoints need their own" in one_error_line(capsys)
+                   *extra)
+        assert main(argv) == 2, extra
+        assert message in one_error_line(capsys), extra
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    # without --save-steps / --resume no checkpoint folder is used, so the default path cannot clash
+    options(chat_model, pc_jsonl, tmp_path / "o", export_lora=str(tmp_path / "o-checkpoints"))
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_model, varied_jsonl, tmp_path):
-    """Two gloo processes, 4 rows each per step: --batch-size stays the rows per optimizer step, the bases come from
-    the same 16 rows as in one process, only rank 0 prints and writes, and exact match sums both halves."""
+    """Two gloo processes, 2 rows per forward: --batch-size stays the rows per optimizer step, the bases come from
+    the same 16 rows as in one process (completion tokens weighed alike), only rank 0 prints and saves, a failed
+    save makes both raise, exact match sums both halves, and the process group is closed at the end."""
     flags = ("--batch-size", "8", "--micro-batch-size", "2", "--num-batches", "2")
     single, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "single", batch_size=8, num_batches=2))
     records = run_torchrun("sft_cli.py", tmp_path / "launch", args=cli(chat_model, varied_jsonl, tmp_path / "two",
                                                                         *flags, "--json")).json()
-    assert [r["code"] for r in records] == [0, 0]
+    assert [r["code"] for r in records] == [0, 0] and [r["group_left_open"] for r in records] == [False, False]
+    assert [len(r["saves"]) for r in records] == [1, 0]
     assert "adapter " not in records[1]["stdout"] and "{" not in records[1]["stdout"]  # (DeepSpeed logs to stdout)
     printed = records[0]["stdout"]
     assert printed.count("\nadapter ") == 1 and "4 (final training loss" in printed and ", 2 processes" in printed
     result = json.loads(printed[printed.index("\n{") :])
     assert (result["processes"], result["steps"], result["train_rows"]) == (2, single.steps, single.train_rows)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["launch", "single", "two", "varied.jsonl"]  # no temp folders
     a, b = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "two")
     bases = [k for k in a if "giva_A" in k]
     assert bases and all(torch.allclose(b[k], a[k], rtol=0, atol=1e-5) for k in bases)
     assert [r["exact_match"] for r in records] == [records[0]["expected"]] * 2 == [4 / 7] * 2
+    assert records[0]["raised"] == "OSError: No space left on device"
+    assert records[1]["raised"] == ("RuntimeError: the first process of the launch failed to write the results: "
+                                    "OSError: No space left on device")
     reloaded, _ = load_sft_adapter(str(tmp_path / "two"))  # what rank 0 saved loads in one process
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "giva_lambda" in n) == result["trainable_parameters"]

@@ -176,6 +176,10 @@ def _sft(args: argparse.Namespace) -> int:
         print(result.summary())
         if args.json:
             print(json.dumps(asdict(result), indent=2))
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # the Trainer's process group, left open by it
+        dist.destroy_process_group()
     return 0
 
 

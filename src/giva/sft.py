@@ -36,8 +36,9 @@ RESULT_FILE = "sft_result.json"
 OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: the flags and rows --resume checks the new ones against
 # Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device and the split of
 # a batch into micro-batches (same rows per optimizer step). Every other flag changes what is trained.
+# (--data may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
 RESUMABLE_CHANGES = frozenset({"device", "gradient_checkpointing", "micro_batch_size", "output_dir", "export_lora",
-                               "overwrite", "progress", "save_steps", "checkpoint_dir", "resume"})
+                               "overwrite", "progress", "save_steps", "checkpoint_dir", "resume", "data"})
 
 
 def _finite(name: str, value: Any, minimum: float, inclusive: bool = False) -> None:
@@ -116,14 +117,21 @@ class SFTOptions:
             raise ValueError(f"SFTOptions.target_modules has an empty module name: {self.target_modules!r}")
         if self.export_lora is not None and _same_path(self.export_lora, self.output_dir):
             raise ValueError(f"--export-lora {self.export_lora!r} is the --output-dir; the LoRA export needs its own folder")
-        for other in (self.output_dir, self.export_lora):
-            if other is not None and _same_path(self.checkpoints, other):
-                raise ValueError(f"--checkpoint-dir {self.checkpoints!r} is also an output folder; checkpoints need their own")
+        if self.checkpoint_dir is not None and self.save_steps is None and not self.resume:
+            raise ValueError(f"--checkpoint-dir {self.checkpoint_dir!r} is used with --save-steps N or --resume; "
+                             "give one of them, or drop --checkpoint-dir")
+        if self.save_steps is not None or self.resume:
+            for flag, other in (("--output-dir", self.output_dir), ("--export-lora", self.export_lora)):
+                if other is not None and _overlap(self.checkpoints, other):
+                    raise ValueError(f"--checkpoint-dir {self.checkpoints!r} and {flag} {other!r} are the same folder or "
+                                     "one holds the other; checkpoints need a folder of their own")
 
     @property
     def checkpoints(self) -> str:
-        """The checkpoint folder: ``checkpoint_dir``, else ``<output_dir>-checkpoints``."""
-        return self.checkpoint_dir or os.path.normpath(os.path.expanduser(self.output_dir)) + "-checkpoints"
+        """The checkpoint folder, expanded: ``checkpoint_dir``, else ``<output_dir>-checkpoints`` beside it."""
+        if self.checkpoint_dir is not None:
+            return os.path.abspath(os.path.expanduser(self.checkpoint_dir))
+        return os.path.abspath(os.path.expanduser(self.output_dir)) + "-checkpoints"  # abspath: 'out/' and '.' too
 
     def batch_layout(self, world_size: int) -> tuple[int, int]:
         """(rows per forward on each process, gradient accumulation steps) for ``batch_size`` rows per optimizer step
@@ -142,6 +150,12 @@ class SFTOptions:
 
 def _same_path(a: str, b: str) -> bool:
     return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
+
+
+def _overlap(a: str, b: str) -> bool:
+    """``a`` and ``b`` are one folder, or one lies inside the other."""
+    a, b = (Path(os.path.abspath(os.path.expanduser(x))) for x in (a, b))
+    return a == b or a in b.parents or b in a.parents
 
 
 @dataclass
@@ -254,34 +268,64 @@ def run_record(options: SFTOptions, data: SFTData) -> dict[str, Any]:
     return {"options": json.loads(json.dumps(asdict(options))), "data_sha256": hashlib.sha256(rows).hexdigest()}
 
 
-def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, Optional[str]]:
-    """(the options to run with, the checkpoint to resume from or None). Refuses a ``--resume`` with nothing to
-    resume or with flags or rows that would train something else than the stored run, and a fresh run that would
-    mix its checkpoints with an earlier run's. A resumed run without ``--save-steps`` keeps the stored cadence."""
-    from transformers.trainer_utils import get_last_checkpoint
+def finished_checkpoints(folder: Path) -> list[Path]:
+    """The ``checkpoint-N`` folders the Trainer finished writing (``trainer_state.json`` is its last file), by step."""
+    steps = [(int(p.name[11:]), p) for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and p.is_dir()]
+    return [p for _, p in sorted(steps) if (p / "trainer_state.json").is_file()]
 
+
+def _compared(key: str, value: Any) -> Any:
+    """A flag's value as ``--resume`` compares it: module lists as sets, a local model folder as its absolute path."""
+    if key == "target_modules" and isinstance(value, list):
+        return sorted(value)
+    if key == "model" and isinstance(value, str) and os.path.isdir(os.path.expanduser(value)):
+        return os.path.abspath(os.path.expanduser(value))
+    return value
+
+
+def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, Optional[str]]:
+    """(the options to run with, the checkpoint to resume from or None), for ``--save-steps`` / ``--resume``.
+
+    A fresh run refuses a folder with an earlier run's checkpoints or with files of something else; a run stopped
+    before its first checkpoint left only its record, and starts again. ``--resume`` continues from the newest
+    checkpoint the Trainer finished writing, after checking that the flags (those in :data:`RESUMABLE_CHANGES` may
+    change) and the rows are the stored run's; with nothing to resume yet it starts the run (so a job script can
+    always pass it), and without ``--save-steps`` it keeps the stored cadence."""
     from .finetune import check_output_dir
 
-    folder = Path(os.path.expanduser(options.checkpoints))
+    folder = Path(options.checkpoints)
+    if options.save_steps is None and not options.resume:
+        return options, None
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"--checkpoint-dir {options.checkpoints!r} is a file; expected a folder")
+    contents = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    record_file = folder / OPTIONS_FILE
+    ours = OPTIONS_FILE in contents or any(name.startswith("checkpoint-") for name in contents)
+    if contents and not ours:
+        raise FileExistsError(f"--checkpoint-dir {options.checkpoints!r} is a non-empty folder that holds no giva sft "
+                              "run; give a new or empty folder")
+    done = finished_checkpoints(folder) if folder.is_dir() else []
     if not options.resume:
-        if options.save_steps is not None:
-            if folder.is_dir() and any(folder.iterdir()):
-                raise FileExistsError(f"--checkpoint-dir {options.checkpoints!r} holds an earlier run's files; pass "
-                                      "--resume to continue that run, or remove the folder to start over")
-            check_output_dir(folder)
+        if any(name.startswith("checkpoint-") for name in contents):
+            raise FileExistsError(f"--checkpoint-dir {options.checkpoints!r} holds an earlier run's checkpoints; pass "
+                                  "--resume to continue that run, or remove the folder to start over")
+        check_output_dir(folder)
         return options, None
-    last = get_last_checkpoint(str(folder)) if folder.is_dir() else None
-    stored_file = folder / OPTIONS_FILE
-    if last is None or not stored_file.is_file():
-        missing = "no checkpoint-N folder" if last is None else f"no {OPTIONS_FILE}"
-        raise FileNotFoundError(f"--resume: {options.checkpoints!r} holds {missing} of a giva sft run; run without "
-                                "--resume (with --save-steps N to write checkpoints)")
-    record, now = json.loads(stored_file.read_text(encoding="utf-8")), run_record(options, data)
-    stored = record.get("options", {})
-    changed = [f"--{k.replace('_', '-')} {stored.get(k)!r} -> {v!r}" for k, v in now["options"].items()
-               if k not in RESUMABLE_CHANGES and stored.get(k) != v]
+    if done and not record_file.is_file():
+        raise FileNotFoundError(f"--resume: {options.checkpoints!r} holds checkpoints but no {OPTIONS_FILE}: not the "
+                                "folder of a giva sft run")
+    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    stored, now = record.get("options", {}), run_record(options, data)
+    if options.save_steps is None and stored.get("save_steps") is not None:
+        options = replace(options, save_steps=stored["save_steps"])
+    if not done:
+        logger.warning("--resume: %s holds no finished checkpoint yet; starting the run from its first step",
+                       options.checkpoints)
+        check_output_dir(folder)
+        return options, None
+    defaults = run_record(SFTOptions(), data)["options"]
+    changed = [f"--{k.replace('_', '-')} {stored.get(k, defaults[k])!r} -> {v!r}" for k, v in now["options"].items()
+               if k not in RESUMABLE_CHANGES and _compared(k, stored.get(k, defaults[k])) != _compared(k, v)]
     if changed:
         raise ValueError(f"--resume: flags differ from the run in {options.checkpoints!r} (stored -> given): "
                          f"{'; '.join(changed)}; resume it with its own flags, or start a new run with another "
@@ -290,9 +334,15 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
         raise ValueError(f"--resume: the training and validation rows of --data {options.data!r} are not those of the "
                          f"run in {options.checkpoints!r} (another SHA-256; was the file changed?); resume it on its "
                          "own data, or start a new run with another --checkpoint-dir")
-    if options.save_steps is None:
-        options = replace(options, save_steps=stored.get("save_steps"))
-    return options, last
+    state = json.loads((done[-1] / "trainer_state.json").read_text(encoding="utf-8"))
+    if state.get("global_step", 0) >= state.get("max_steps", float("inf")) and (Path(options.output_dir).expanduser() / RESULT_FILE).exists():
+        raise ValueError(f"--resume: the run in {options.checkpoints!r} finished (step {state['global_step']}) and its "
+                         f"adapter is in --output-dir {options.output_dir!r}; nothing to resume")
+    incomplete = [p.name for p in folder.glob("checkpoint-*") if p.is_dir() and p not in done]
+    if incomplete:
+        logger.warning("--resume: %s has no trainer_state.json (cut off while being written); resuming from %s",
+                       ", ".join(sorted(incomplete)), done[-1].name)
+    return options, str(done[-1])
 
 
 def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
@@ -418,7 +468,9 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references
     import torch.distributed as dist
     from tqdm.auto import tqdm
 
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    from .integrations.distributed import is_distributed
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)  # same on all
     total = len(prompts)
     prompts, references = prompts[rank::world], references[rank::world]
@@ -427,7 +479,8 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references
     was_training, hits, error = model.training, 0, None
     model.eval()
     try:
-        for start in tqdm(range(0, len(prompts), batch_size), desc="exact match", disable=not progress, leave=False):
+        bars = tqdm(range(0, len(prompts), batch_size), desc="exact match", disable=not progress or rank > 0, leave=False)
+        for start in bars:
             batch = prompts[start : start + batch_size]
             width = max(map(len, batch))
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # left padding
@@ -482,6 +535,15 @@ def check_truncation(options: SFTOptions, train_kept: int, train_rows: int, val_
                        options.max_length, train_rows - train_kept, train_rows)
 
 
+def completion_token_loss(model: Any, batch: Any) -> Any:
+    """The calibration loss summed over the completion tokens (the model's mean times their count): every token
+    weighs the same in the gradient however the rows are split into micro-batches and processes. The bases do not
+    depend on the gradient's scale, so with one batch they are those of the mean loss."""
+    from .init.capture import default_loss
+
+    return default_loss(model, batch) * (batch["labels"][..., 1:] != -100).sum()  # the tokens the model's shift scores
+
+
 def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData, scratch: str) -> Any:
     """TRL's SFTTrainer over a freshly loaded model, with the GiVA config and :class:`giva.GivaInitCallback`."""
     from datasets import Dataset
@@ -502,7 +564,8 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
         eval_dataset=Dataset.from_list(data.validation),
         processing_class=tokenizer,
         peft_config=giva_config,
-        callbacks=[GivaInitCallback(num_batches=calibration, progress=options.progress, mode=options.init_mode)],
+        callbacks=[GivaInitCallback(num_batches=calibration, loss_fn=completion_token_loss, progress=options.progress,
+                                    mode=options.init_mode)],
     )
     trainer.remove_callback(PrinterCallback)  # without a progress bar it prints every log dict to stdout
     return trainer
@@ -521,7 +584,9 @@ def on_main_process(trainer: Any, work: Any) -> None:
     every process raises if it failed, so none is left waiting for a process that has gone."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    from .integrations.distributed import is_distributed
+
+    if not is_distributed():
         work()
         return
     failure: list[Optional[str]] = [None]
@@ -529,7 +594,7 @@ def on_main_process(trainer: Any, work: Any) -> None:
     if trainer.is_world_process_zero():
         try:
             work()
-        except Exception as err:
+        except BaseException as err:  # Ctrl-C or a kill's SystemExit too: the others must not wait for this one
             error, failure[0] = err, f"{type(err).__name__}: {err}"
     dist.broadcast_object_list(failure, src=0)
     if error is not None:
@@ -541,9 +606,7 @@ def on_main_process(trainer: Any, work: Any) -> None:
 def _write_record(options: SFTOptions, data: SFTData) -> None:
     from .checkpoint import atomic_file
 
-    folder = Path(os.path.expanduser(options.checkpoints))
-    folder.mkdir(parents=True, exist_ok=True)
-    with atomic_file(folder / OPTIONS_FILE) as tmp:
+    with atomic_file(Path(options.checkpoints) / OPTIONS_FILE) as tmp:
         tmp.write_text(json.dumps(run_record(options, data), indent=2) + "\n", encoding="utf-8")
 
 
@@ -573,6 +636,8 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
             loss_before, em_before = evaluate()
         start = time.perf_counter()
         output = trainer.train(resume_from_checkpoint=resume_from)  # the adapter's bases come with the checkpoint
+        resumed_at = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
+        train_loss = output.training_loss if output.global_step > resumed_at else float("nan")  # no step, no loss
         train_seconds = time.perf_counter() - start
         loss_after, em_after = evaluate()
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -582,7 +647,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         quantization="nf4" if options.load_in_4bit else "int8" if options.load_in_8bit else None,
         train_rows=len(data.train), validation_rows=len(data.validation), steps=trainer.state.global_step,
         val_loss_before=loss_before, val_loss_after=loss_after, exact_match_before=em_before, exact_match_after=em_after,
-        train_loss=output.training_loss, trainable_parameters=trainable, total_parameters=total, adapter_bytes=0,
+        train_loss=train_loss, trainable_parameters=trainable, total_parameters=total, adapter_bytes=0,
         init_seconds=callback.report.total_seconds if callback.report else 0.0,
         train_seconds=train_seconds, output_dir=options.output_dir, lora_dir=options.export_lora,
         options=asdict(options), versions=_versions(), processes=trainer.args.world_size,

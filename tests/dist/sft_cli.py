@@ -1,9 +1,10 @@
-"""`giva sft` as a user launches it under torchrun, then exact match split over the processes.
+"""`giva sft` as a user launches it under torchrun, with checks of its two collectives before it.
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist/sft_cli.py OUT_DIR SFT_ARGS...
 
-Each rank writes rank<r>.json: the CLI's exit code and what it printed, and the exact match that
-``giva.sft.exact_match`` reports on every rank for a stub model whose right answers are known.
+Each rank writes rank<r>.json: what ``giva.sft.exact_match`` reports for a stub model whose right answers are
+known, what ``giva.sft.on_main_process`` raised on this rank when the first process failed, then the CLI's exit
+code, what it printed, how many times this rank saved the adapter, and whether the process group was left open.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
-import teardown
 import torch
+import torch.distributed as dist
 from transformers import AutoTokenizer
 
+import giva.finetune
 from giva.cli import main
-from giva.sft import exact_match
+from giva.sft import exact_match, on_main_process
 
 
 class _Echo(torch.nn.Module):
@@ -34,20 +36,47 @@ class _Echo(torch.nn.Module):
         return torch.cat([input_ids, input_ids[:, -1:]], dim=1)
 
 
+class _Trainer:
+    def is_world_process_zero(self) -> bool:
+        return dist.get_rank() == 0
+
+
+def _failing_save() -> None:
+    raise OSError("No space left on device")
+
+
 def run() -> None:
     out, argv = Path(sys.argv[1]), sys.argv[2:]
-    printed = io.StringIO()
-    with redirect_stdout(printed):
-        code = main(argv)
+    dist.init_process_group("gloo")  # the Trainer reuses it, as it would torchrun's own
+    rank = dist.get_rank()
     tokenizer = AutoTokenizer.from_pretrained(argv[argv.index("--model") + 1])
     words = ["good", "bad", "great", "awful", "film", "plot", "review"]  # 7 prompts: the two ranks get 4 and 3
     references = [w if i % 3 else "positive" for i, w in enumerate(words)]  # right on 4 of 7
     prompts = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
-    score = exact_match(_Echo(), tokenizer, prompts, references, batch_size=2)
-    record = {"rank": int(os.environ["RANK"]), "code": code, "stdout": printed.getvalue(), "exact_match": score,
+    record = {"rank": rank, "exact_match": exact_match(_Echo(), tokenizer, prompts, references, batch_size=2),
               "expected": sum(w == r for w, r in zip(words, references)) / len(words)}
-    (out / f"rank{record['rank']}.json").write_text(json.dumps(record))
-    teardown.end()
+    try:
+        on_main_process(_Trainer(), _failing_save)
+        record["raised"] = None
+    except BaseException as err:  # noqa: BLE001 - the record says what it was
+        record["raised"] = f"{type(err).__name__}: {err}"
+
+    saves = []
+    real_save = giva.finetune.save_atomically
+
+    def counted_save(*args, **kwargs):
+        saves.append(str(args[0]))
+        return real_save(*args, **kwargs)
+
+    giva.finetune.save_atomically = counted_save
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        record["code"] = main(argv)
+    record.update(stdout=printed.getvalue(), saves=saves, group_left_open=dist.is_initialized())
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # the CLI closed the process group; skip finalisation as tests/dist/teardown.py explains
 
 
 if __name__ == "__main__":

@@ -41,7 +41,8 @@ def upcast_vectors(model: Any) -> int:
     DoRA's magnitude vector, for the reason that applies here too). ``lambda_s`` starts at 1, where bf16's step is
     2**-7: an AdamW update below 0.004 rounds away, so at a QLoRA learning rate such as 2e-4 it never moves, and
     ``lambda_o`` keeps 8 bits of precision. GiVA computes in the input's dtype either way (the folded forward), so
-    fp32 vectors cost nothing per token. Sharded parameters (FSDP, ZeRO-3) are left as they are."""
+    fp32 vectors cost nothing per token. Parameters already partitioned (ZeRO-3's ``zero.Init``, DTensors) are left
+    as they are; for FSDP and DeepSpeed, whose flat parameters need one dtype, the callback does not call this."""
     if not _quantised(model):
         return 0
     upcast = 0
@@ -92,8 +93,12 @@ class GivaInitCallback(TrainerCallback):
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: Any = None,
                     **kwargs: Any) -> None:
-        # After SFTTrainer's bf16 cast, before the optimizer and any DDP wrapper exist.
-        upcast = 0 if model is None else upcast_vectors(model)
+        # After SFTTrainer's bf16 cast, before the optimizer and any DDP wrapper exist. FSDP (1) flattens parameters
+        # of one dtype only, and TRL's cast is what gives it one: left as it is there, and under DeepSpeed.
+        sharded = bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None))
+        if model is not None and sharded and _quantised(model):
+            logger.info("GiVA: FSDP/DeepSpeed run, the vectors keep the dtype the trainer gave them")
+        upcast = 0 if model is None or sharded else upcast_vectors(model)
         if upcast:
             logger.info("GiVA: %d vector tensors of the quantised model were in half precision (TRL's QLoRA cast); "
                         "back in fp32, where lambda_s can take small steps", upcast)
