@@ -124,6 +124,24 @@ def test_upcast_vectors_touches_only_the_half_precision_vectors_of_a_quantised_m
     assert upcast_vectors(model) == 0
 
 
+def test_the_callback_leaves_the_vectors_dtype_to_fsdp_and_deepspeed(monkeypatch):
+    """Their flat parameters need one dtype (TRL's bf16 cast gives it); set in the arguments or by the launcher."""
+    from types import SimpleNamespace
+
+    def vectors_after_init_end(**args) -> set:
+        model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+        model.to(torch.bfloat16)
+        model.base_model.model.is_loaded_in_4bit = True
+        giva.GivaInitCallback().on_init_end(SimpleNamespace(**args), None, None, model=model)
+        return {p.dtype for n, p in model.named_parameters() if "giva_lambda" in n}
+
+    assert vectors_after_init_end(fsdp="", deepspeed=None) == {torch.float32}
+    assert vectors_after_init_end(fsdp="full_shard", deepspeed=None) == {torch.bfloat16}
+    assert vectors_after_init_end(fsdp="", deepspeed="ds_config.json") == {torch.bfloat16}
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp
+    assert vectors_after_init_end(fsdp="", deepspeed=None) == {torch.bfloat16}
+
+
 def test_trl_sft_trainer_takes_the_same_callback(tmp_path):
     from datasets import Dataset
     from transformers import AutoTokenizer

@@ -6,6 +6,7 @@ import json
 import random
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -421,8 +422,70 @@ def test_a_run_cut_off_after_a_checkpoint_resumes_to_the_same_adapter(chat_model
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     assert resumed.val_loss_after == whole.val_loss_after
 
-    assert main(cli(chat_model, pc_jsonl, out, "--resume", "--overwrite")) == 2
+
+def test_a_save_steps_given_with_resume_replaces_the_stored_one(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
+    cut_off_at(3, monkeypatch)
+    with pytest.raises(_Preempted):
+        train_sft(options(chat_model, pc_jsonl, out, save_steps=2, max_steps=6))
+    monkeypatch.undo()
+    train_sft(options(chat_model, pc_jsonl, out, save_steps=1, max_steps=6, resume=True))
+    # every step from the resumed one on (the newest two kept); the Trainer alone would have kept the stored 2: 4, 6
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+
+
+def test_a_finished_run_whose_save_failed_is_saved_again_without_training(chat_model, pc_jsonl, tmp_path, capsys):
+    out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
+    first, _, _ = train_sft(options(chat_model, pc_jsonl, out, save_steps=3))  # the Trainer saves the last step too
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    (tmp_path / "kept").mkdir()
+    (out / "adapter_model.safetensors").rename(tmp_path / "kept" / "adapter_model.safetensors")
+    for leftover in out.iterdir():  # as if the final save had failed
+        leftover.unlink()
+    out.rmdir()
+    again, _, _ = train_sft(options(chat_model, pc_jsonl, out, resume=True))
+    assert (again.steps, again.train_loss, again.resumed_from) == (4, None, str(checkpoints / "checkpoint-4"))
+    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]  # no step 5
+    a, b = adapter_tensors(tmp_path / "kept"), adapter_tensors(out)
+    assert all(torch.equal(a[k], b[k]) for k in a) and again.val_loss_after == first.val_loss_after
+    assert json.loads((out / "sft_result.json").read_text())["train_loss"] is None  # strict JSON: null, not NaN
+    assert main(cli(chat_model, pc_jsonl, out, "--resume", "--overwrite")) == 2  # now saved: nothing to resume
     assert "finished (step 4) and its adapter is in --output-dir" in one_error_line(capsys)
+
+
+def record_folder(tmp_path, chat_model, data, **stored_options) -> Path:
+    """A checkpoint folder as a run leaves it after checkpoint-2 of 4, its record holding ``stored_options``."""
+    folder = tmp_path / "out-checkpoints"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
+    record = giva.sft.run_record(options(chat_model, "rows.jsonl", tmp_path / "out", save_steps=2, **stored_options), data)
+    (folder / "giva_sft_options.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_resume_compares_what_changes_training_and_nothing_else(chat_model, tmp_path, monkeypatch):
+    from giva.sft import SFTData, check_checkpoints
+
+    data = SFTData(train=[{"prompt": "a", "completion": "b"}], validation=[{"prompt": "c", "completion": "d"}],
+                   source="rows", labels=None)
+    folder = record_folder(tmp_path, chat_model, data, target_modules=["q_proj", "v_proj"])
+    monkeypatch.chdir(chat_model.parent)  # the model as a relative path, from another folder than the record's
+    given = options(chat_model.name, "moved.jsonl", tmp_path / "out", resume=True, target_modules=["v_proj", "q_proj"],
+                    micro_batch_size=2, device="cpu")
+    resumed_options, checkpoint = check_checkpoints(given, data)  # module order, the model's spelling, --data: fine
+    assert checkpoint == str(folder / "checkpoint-2") and resumed_options.save_steps == 2  # the stored cadence
+    record = json.loads((folder / "giva_sft_options.json").read_text())
+    del record["options"]["init_mode"]  # a record from before that flag existed: compared with its default
+    (folder / "giva_sft_options.json").write_text(json.dumps(record))
+    assert check_checkpoints(given, data)[1] == checkpoint
+    with pytest.raises(ValueError, match=r"--init-mode 'auto' -> 'exact'"):
+        check_checkpoints(replace(given, init_mode="exact"), data)
+    (folder / "giva_sft_options.json").unlink()
+    with pytest.raises(FileNotFoundError, match="holds checkpoints but no giva_sft_options.json"):
+        check_checkpoints(given, data)
+    empty = options(chat_model, "rows.jsonl", tmp_path / "new", resume=True)  # nothing to resume, nothing to save
+    with pytest.raises(ValueError, match="without --save-steps N this run would write no checkpoint"):
+        check_checkpoints(empty, data)
 
 
 def test_a_run_cut_off_before_its_first_checkpoint_starts_again(chat_model, pc_jsonl, tmp_path, monkeypatch, caplog):

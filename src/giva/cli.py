@@ -171,15 +171,17 @@ def _sft(args: argparse.Namespace) -> int:
         seed=args.seed, output_dir=args.output_dir, export_lora=args.export_lora, overwrite=args.overwrite,
         save_steps=args.save_steps, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=not args.no_progress,
     )
-    result = run_sft(options)
+    import torch.distributed as dist
+
+    try:
+        result = run_sft(options)
+    finally:
+        if dist.is_available() and dist.is_initialized():  # the Trainer's process group, which it leaves open
+            dist.destroy_process_group()
     if launch()[0] == 0:  # under torchrun the first process speaks for the launch
         print(result.summary())
         if args.json:
             print(json.dumps(asdict(result), indent=2))
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():  # the Trainer's process group, left open by it
-        dist.destroy_process_group()
     return 0
 
 

@@ -172,7 +172,7 @@ class SFTResult:
     val_loss_after: float
     exact_match_before: Optional[float]
     exact_match_after: Optional[float]
-    train_loss: float
+    train_loss: Optional[float]  # None when a resumed run had no step left
     trainable_parameters: int
     total_parameters: int
     adapter_bytes: int
@@ -194,7 +194,8 @@ class SFTResult:
             f"data               {self.data}: {self.train_rows} training rows, {self.validation_rows} validation rows\n"
             f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} (completion tokens only){em}\n"
             f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
-            f"steps              {self.steps} (final training loss {self.train_loss:.4f})"
+            f"steps              {self.steps} "
+            f"({'no step left to train' if self.train_loss is None else f'final training loss {self.train_loss:.4f}'})"
             f"{f', resumed from {self.resumed_from}' if self.resumed_from else ''}"
             f"{f', {self.processes} processes' if self.processes > 1 else ''}\n"
             f"init / train time  {self.init_seconds:.1f} s / {self.train_seconds:.1f} s\n"
@@ -265,7 +266,25 @@ def run_record(options: SFTOptions, data: SFTData) -> dict[str, Any]:
     """What a run's checkpoint folder keeps of it for ``--resume`` to compare: the flags, and a SHA-256 of the rows
     (a data file edited in place between the two runs changes it). Tuples become lists, as in the stored file."""
     rows = json.dumps([data.train, data.validation], sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return {"options": json.loads(json.dumps(asdict(options))), "data_sha256": hashlib.sha256(rows).hexdigest()}
+    flags = {key: _compared(key, value) for key, value in json.loads(json.dumps(asdict(options))).items()}
+    return {"options": flags, "data_sha256": hashlib.sha256(rows).hexdigest()}
+
+
+def flag_changes(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
+    """``--flag stored -> given`` for each flag that changes what is trained (a flag the stored record lacks, from an
+    older version, compares as its default)."""
+    defaults = json.loads(json.dumps(asdict(SFTOptions())))
+    return [f"--{k.replace('_', '-')} {stored.get(k, defaults[k])!r} -> {v!r}" for k, v in given.items()
+            if k not in RESUMABLE_CHANGES and _compared(k, stored.get(k, defaults[k])) != _compared(k, v)]
+
+
+def checkpoint_state(checkpoint: str | Path) -> dict[str, Any]:
+    """The Trainer's ``trainer_state.json`` of a checkpoint."""
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def is_finished(state: dict[str, Any]) -> bool:
+    return state.get("global_step", 0) >= state.get("max_steps", float("inf"))
 
 
 def finished_checkpoints(folder: Path) -> list[Path]:
@@ -319,13 +338,14 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
     if options.save_steps is None and stored.get("save_steps") is not None:
         options = replace(options, save_steps=stored["save_steps"])
     if not done:
+        if options.save_steps is None:
+            raise ValueError(f"--resume: {options.checkpoints!r} holds no run to resume, and without --save-steps N this "
+                             "run would write no checkpoint to resume later; add --save-steps N")
         logger.warning("--resume: %s holds no finished checkpoint yet; starting the run from its first step",
                        options.checkpoints)
         check_output_dir(folder)
         return options, None
-    defaults = run_record(SFTOptions(), data)["options"]
-    changed = [f"--{k.replace('_', '-')} {stored.get(k, defaults[k])!r} -> {v!r}" for k, v in now["options"].items()
-               if k not in RESUMABLE_CHANGES and _compared(k, stored.get(k, defaults[k])) != _compared(k, v)]
+    changed = flag_changes(stored, now["options"])
     if changed:
         raise ValueError(f"--resume: flags differ from the run in {options.checkpoints!r} (stored -> given): "
                          f"{'; '.join(changed)}; resume it with its own flags, or start a new run with another "
@@ -334,8 +354,11 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
         raise ValueError(f"--resume: the training and validation rows of --data {options.data!r} are not those of the "
                          f"run in {options.checkpoints!r} (another SHA-256; was the file changed?); resume it on its "
                          "own data, or start a new run with another --checkpoint-dir")
-    state = json.loads((done[-1] / "trainer_state.json").read_text(encoding="utf-8"))
-    if state.get("global_step", 0) >= state.get("max_steps", float("inf")) and (Path(options.output_dir).expanduser() / RESULT_FILE).exists():
+    state = checkpoint_state(done[-1])
+    saved_file = Path(options.output_dir).expanduser() / RESULT_FILE
+    saved = json.loads(saved_file.read_text(encoding="utf-8")) if saved_file.is_file() else None
+    if is_finished(state) and saved and saved.get("steps") == state["global_step"] and not flag_changes(
+            saved.get("options", {}), now["options"]):
         raise ValueError(f"--resume: the run in {options.checkpoints!r} finished (step {state['global_step']}) and its "
                          f"adapter is in --output-dir {options.output_dir!r}; nothing to resume")
     incomplete = [p.name for p in folder.glob("checkpoint-*") if p.is_dir() and p not in done]
@@ -568,7 +591,20 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
                                     mode=options.init_mode)],
     )
     trainer.remove_callback(PrinterCallback)  # without a progress bar it prints every log dict to stdout
+    trainer.add_callback(_save_cadence())
     return trainer
+
+
+def _save_cadence() -> Any:
+    """A callback: a resumed Trainer takes ``save_steps`` from the checkpoint's ``trainer_state.json``, so a
+    ``--save-steps`` given with ``--resume`` would be ignored; this puts the run's own back."""
+    from transformers import TrainerCallback
+
+    class SaveCadence(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            state.save_steps = args.save_steps
+
+    return SaveCadence()
 
 
 def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
@@ -635,9 +671,12 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         with peft_model.disable_adapter():  # lambda_o = 0 makes the adapted model the base model; its bases are unset yet
             loss_before, em_before = evaluate()
         start = time.perf_counter()
-        output = trainer.train(resume_from_checkpoint=resume_from)  # the adapter's bases come with the checkpoint
-        resumed_at = int(Path(resume_from).name.split("-")[-1]) if resume_from else 0
-        train_loss = output.training_loss if output.global_step > resumed_at else float("nan")  # no step, no loss
+        train_loss: Optional[float] = None
+        if resume_from and is_finished(checkpoint_state(resume_from)):  # trained to the end, not saved: no more steps
+            peft_model.load_adapter(resume_from, adapter_name=peft_model.active_adapter, is_trainable=True)
+            trainer.state.global_step = checkpoint_state(resume_from)["global_step"]
+        else:
+            train_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss  # bases from the checkpoint
         train_seconds = time.perf_counter() - start
         loss_after, em_after = evaluate()
     trainable, total = peft_model.get_nb_trainable_parameters()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from typing import Any, Optional
 
@@ -32,6 +33,13 @@ _HALF = (torch.float16, torch.bfloat16)
 def _quantised(model: Any) -> bool:
     """TRL's test for a quantised model (``is_loaded_in_4bit`` / ``is_loaded_in_8bit``; a PeftModel forwards both)."""
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def sharded_run(args: Any) -> bool:
+    """FSDP or DeepSpeed, set in the TrainingArguments or by ``accelerate launch`` (its environment variables)."""
+    launcher = any(os.environ.get(f"ACCELERATE_USE_{name}", "").lower() in ("1", "true") for name in ("FSDP", "DEEPSPEED"))
+    return launcher or bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None)) \
+        or getattr(args, "deepspeed_plugin", None) is not None
 
 
 def upcast_vectors(model: Any) -> int:
@@ -95,7 +103,7 @@ class GivaInitCallback(TrainerCallback):
                     **kwargs: Any) -> None:
         # After SFTTrainer's bf16 cast, before the optimizer and any DDP wrapper exist. FSDP (1) flattens parameters
         # of one dtype only, and TRL's cast is what gives it one: left as it is there, and under DeepSpeed.
-        sharded = bool(getattr(args, "fsdp", None)) or bool(getattr(args, "deepspeed", None))
+        sharded = sharded_run(args)
         if model is not None and sharded and _quantised(model):
             logger.info("GiVA: FSDP/DeepSpeed run, the vectors keep the dtype the trainer gave them")
         upcast = 0 if model is None or sharded else upcast_vectors(model)
