@@ -289,7 +289,8 @@ def is_finished(state: dict[str, Any]) -> bool:
 
 def finished_checkpoints(folder: Path) -> list[Path]:
     """The ``checkpoint-N`` folders the Trainer finished writing (``trainer_state.json`` is its last file), by step."""
-    steps = [(int(p.name[11:]), p) for p in folder.glob("checkpoint-*") if p.name[11:].isdigit() and p.is_dir()]
+    steps = [(int(p.name.removeprefix("checkpoint-")), p) for p in folder.glob("checkpoint-*")
+             if p.name.removeprefix("checkpoint-").isdigit() and p.is_dir()]
     return [p for _, p in sorted(steps) if (p / "trainer_state.json").is_file()]
 
 
@@ -334,7 +335,7 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
         raise FileNotFoundError(f"--resume: {options.checkpoints!r} holds checkpoints but no {OPTIONS_FILE}: not the "
                                 "folder of a giva sft run")
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
-    stored, now = record.get("options", {}), run_record(options, data)
+    stored = record.get("options", {})
     if options.save_steps is None and stored.get("save_steps") is not None:
         options = replace(options, save_steps=stored["save_steps"])
     if not done:
@@ -345,6 +346,7 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
                        options.checkpoints)
         check_output_dir(folder)
         return options, None
+    now = run_record(options, data)
     changed = flag_changes(stored, now["options"])
     if changed:
         raise ValueError(f"--resume: flags differ from the run in {options.checkpoints!r} (stored -> given): "
@@ -577,12 +579,13 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     from .integrations.trainer import GivaInitCallback
 
     giva_config = GivaConfig(r=options.r, target_modules=options.target_modules, seed=options.seed, task_type="CAUSAL_LM")
+    args = sft_config(options, device, scratch, len(data.train))
     # k calibration batches of --batch-size rows: k x accumulation micro-batches on each process, summed over them
-    _, accumulation = options.batch_layout(launch()[1])
-    calibration = options.num_batches if options.num_batches == "all" else options.num_batches * accumulation
+    k = options.num_batches
+    calibration = k if k == "all" else k * args.gradient_accumulation_steps
     trainer = SFTTrainer(
         model=_load_model(path, options, device),
-        args=sft_config(options, device, scratch, len(data.train)),
+        args=args,
         train_dataset=Dataset.from_list(data.train),
         eval_dataset=Dataset.from_list(data.validation),
         processing_class=tokenizer,
@@ -672,9 +675,10 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
             loss_before, em_before = evaluate()
         start = time.perf_counter()
         train_loss: Optional[float] = None
-        if resume_from and is_finished(checkpoint_state(resume_from)):  # trained to the end, not saved: no more steps
+        resumed = checkpoint_state(resume_from) if resume_from else {}
+        if is_finished(resumed):  # trained to the end but not saved: no step left
             peft_model.load_adapter(resume_from, adapter_name=peft_model.active_adapter, is_trainable=True)
-            trainer.state.global_step = checkpoint_state(resume_from)["global_step"]
+            trainer.state.global_step = resumed["global_step"]
         else:
             train_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss  # bases from the checkpoint
         train_seconds = time.perf_counter() - start

@@ -23,7 +23,7 @@ from torch import nn
 from ..bases import GRADIENT_VARIANTS
 from ..config import GivaConfig
 from .accumulate import accumulate, check_num_batches, loader_length, run_pass
-from .capture import LossFn, giva_layers, unwrap
+from .capture import LossFn, giva_layers, half_precision_vectors, unwrap
 from .distributed import Collective, DistributedInitError, DistributedValueError, collective
 from .session import (
     STATISTICS,
@@ -321,9 +321,7 @@ def initialize(
 def _warn_half_precision_vectors(model: nn.Module, configs: dict[str, GivaConfig]) -> None:
     """Warn when an adapter about to be trained keeps trainable vectors in fp16/bf16: ``lambda_s`` starts at 1, where
     bf16's step is 2**-7, so an optimizer update below 0.004 rounds away (at lr 1e-3 it never moves)."""
-    half = {str(p.dtype).removeprefix("torch.") for layer in giva_layers(model).values() for attr in ("giva_lambda_s", "giva_lambda_o")
-            for name, p in getattr(layer, attr).items() if name in configs and p.requires_grad
-            and p.dtype in (torch.float16, torch.bfloat16)}
+    half = {str(p.dtype).removeprefix("torch.") for p in half_precision_vectors(model, configs)}
     if half:
         warnings.warn(
             f"GiVA adapter(s) {sorted(configs)} keep trainable vectors in {'/'.join(sorted(half))} (get_peft_model(..., "

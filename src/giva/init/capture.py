@@ -9,7 +9,7 @@ it was.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Optional
@@ -27,6 +27,15 @@ Sink = Callable[[str, torch.Tensor, torch.Tensor], None]
 
 def giva_layers(model: nn.Module) -> dict[str, GivaLayer]:
     return {module.layer_name: module for module in model.modules() if isinstance(module, GivaLayer)}
+
+
+def half_precision_vectors(model: nn.Module, adapter_names: Optional[Iterable[str]] = None) -> list[nn.Parameter]:
+    """The trainable GiVA parameters (the vectors, and the opt-in core) held in fp16/bf16, of ``adapter_names``
+    (default: every adapter). ``lambda_s`` starts at 1, where bf16 cannot hold an update below 0.004."""
+    names = None if adapter_names is None else set(adapter_names)
+    return [param for layer in giva_layers(model).values() for attr in GivaLayer.adapter_layer_names
+            for name, param in getattr(layer, attr).items()
+            if (names is None or name in names) and param.requires_grad and param.dtype in (torch.float16, torch.bfloat16)]
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -21,13 +21,11 @@ from ..init import (
     initialize,
 )
 from ..init.accumulate import check_num_batches
-from ..init.capture import LossFn, giva_layers, unwrap
+from ..init.capture import LossFn, half_precision_vectors, unwrap
 from ..init.session import check_statistic
-from ..layer import GivaLayer
 from .distributed import launcher_mismatch
 
 logger = logging.getLogger(__name__)
-_HALF = (torch.float16, torch.bfloat16)
 
 
 def _quantised(model: Any) -> bool:
@@ -53,15 +51,10 @@ def upcast_vectors(model: Any) -> int:
     as they are; for FSDP and DeepSpeed, whose flat parameters need one dtype, the callback does not call this."""
     if not _quantised(model):
         return 0
-    upcast = 0
-    for layer in giva_layers(unwrap(model)).values():
-        for attr in GivaLayer.adapter_layer_names:
-            for param in getattr(layer, attr).values():
-                sharded = hasattr(param, "ds_id") or type(param.data) is not torch.Tensor
-                if param.requires_grad and param.dtype in _HALF and not sharded:
-                    param.data = param.data.float()
-                    upcast += 1
-    return upcast
+    upcast = [p for p in half_precision_vectors(unwrap(model)) if not hasattr(p, "ds_id") and type(p.data) is torch.Tensor]
+    for param in upcast:
+        param.data = param.data.float()
+    return len(upcast)
 
 
 class GivaInitCallback(TrainerCallback):
