@@ -529,7 +529,8 @@ def test_checkpoints_need_a_folder_of_their_own(chat_model, pc_jsonl, tmp_path, 
 def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_model, varied_jsonl, tmp_path):
     """Two gloo processes, 2 rows per forward: --batch-size stays the rows per optimizer step, the bases come from
     the same 16 rows as in one process (completion tokens weighed alike), only rank 0 prints and saves, a failed
-    save makes both raise, exact match sums both halves, and the process group is closed at the end."""
+    save makes both raise, so does a load that fails on rank 1 only, exact match sums both halves, and the process
+    group is closed at the end."""
     flags = ("--batch-size", "8", "--micro-batch-size", "2", "--num-batches", "2")
     single, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "single", batch_size=8, num_batches=2))
     records = run_torchrun("sft_cli.py", tmp_path / "launch", args=cli(chat_model, varied_jsonl, tmp_path / "two",
@@ -548,5 +549,7 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     assert records[0]["raised"] == "OSError: No space left on device"
     assert records[1]["raised"] == ("RuntimeError: the first process of the launch failed to write the results: "
                                     "OSError: No space left on device")
+    assert records[1]["raised_every"] == "KeyError: 'missing adapter weights'"  # rank 0 did not wait at a collective
+    assert records[0]["raised_every"] == "RuntimeError: loading failed (process 1): KeyError: 'missing adapter weights'"
     reloaded, _ = load_sft_adapter(str(tmp_path / "two"))  # what rank 0 saved loads in one process
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "giva_lambda" in n) == result["trainable_parameters"]

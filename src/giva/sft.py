@@ -621,6 +621,16 @@ def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
 def on_main_process(trainer: Any, work: Any) -> None:
     """``work()`` on the first process of a launch only (on the only one otherwise); the others wait for it, and
     every process raises if it failed, so none is left waiting for a process that has gone."""
+    _agreed(work, trainer.is_world_process_zero(), "the first process of the launch failed to write the results")
+
+
+def on_every_process(work: Any, what: str) -> None:
+    """``work()`` on every process of a launch; if it fails on any, every process raises (naming the first that
+    failed), so none goes on to a collective that a failed process will never reach."""
+    _agreed(work, True, what)
+
+
+def _agreed(work: Any, run_here: bool, what: str) -> None:
     import torch.distributed as dist
 
     from .integrations.distributed import is_distributed
@@ -628,18 +638,22 @@ def on_main_process(trainer: Any, work: Any) -> None:
     if not is_distributed():
         work()
         return
-    failure: list[Optional[str]] = [None]
+    failure: Optional[str] = None
     error: Optional[BaseException] = None
-    if trainer.is_world_process_zero():
+    if run_here:
         try:
             work()
         except BaseException as err:  # Ctrl-C or a kill's SystemExit too: the others must not wait for this one
-            error, failure[0] = err, f"{type(err).__name__}: {err}"
-    dist.broadcast_object_list(failure, src=0)
+            error, failure = err, f"{type(err).__name__}: {err}"
+    failures: list[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
     if error is not None:
         raise error
-    if failure[0] is not None:
-        raise RuntimeError(f"the first process of the launch failed to write the results: {failure[0]}")
+    failed = [(rank, message) for rank, message in enumerate(failures) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        where = "" if not run_here else f" (process {rank})"
+        raise RuntimeError(f"{what}{where}: {message}")
 
 
 def _write_record(options: SFTOptions, data: SFTData) -> None:
@@ -677,7 +691,9 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         train_loss: Optional[float] = None
         resumed = checkpoint_state(resume_from) if resume_from else {}
         if is_finished(resumed):  # trained to the end but not saved: no step left
-            peft_model.load_adapter(resume_from, adapter_name=peft_model.active_adapter, is_trainable=True)
+            on_every_process(lambda: peft_model.load_adapter(
+                resume_from, adapter_name=peft_model.active_adapter, is_trainable=True),
+                f"--resume: loading the adapter of {resume_from} failed on a process of the launch")
             trainer.state.global_step = resumed["global_step"]
         else:
             train_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss  # bases from the checkpoint

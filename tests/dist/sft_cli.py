@@ -3,7 +3,8 @@
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist/sft_cli.py OUT_DIR SFT_ARGS...
 
 Each rank writes rank<r>.json: what ``giva.sft.exact_match`` reports for a stub model whose right answers are
-known, what ``giva.sft.on_main_process`` raised on this rank when the first process failed, then the CLI's exit
+known, what ``giva.sft.on_main_process`` raised on this rank when the first process failed and what
+``giva.sft.on_every_process`` raised when only the second one did, then the CLI's exit
 code, what it printed, how many times this rank saved the adapter, and whether the process group was left open.
 """
 
@@ -22,7 +23,7 @@ from transformers import AutoTokenizer
 
 import giva.finetune
 from giva.cli import main
-from giva.sft import exact_match, on_main_process
+from giva.sft import exact_match, on_every_process, on_main_process
 
 
 class _Echo(torch.nn.Module):
@@ -60,6 +61,16 @@ def run() -> None:
         record["raised"] = None
     except BaseException as err:  # noqa: BLE001 - the record says what it was
         record["raised"] = f"{type(err).__name__}: {err}"
+
+    def _fails_on_rank_1() -> None:
+        if rank == 1:
+            raise KeyError("missing adapter weights")
+
+    try:
+        on_every_process(_fails_on_rank_1, "loading failed")
+        record["raised_every"] = None
+    except BaseException as err:  # noqa: BLE001
+        record["raised_every"] = f"{type(err).__name__}: {err}"
 
     saves = []
     real_save = giva.finetune.save_atomically
