@@ -323,3 +323,42 @@ def test_a_giva_layer_prints_its_module_tree_as_peft_layers_do():
     text = repr(layer)
     assert text.startswith("giva.Linear(") and "(base_layer): Conv1D(" in text and "object at 0x" not in text
     assert "giva.Linear(" in repr(model)
+
+
+@pytest.mark.parametrize("setting", ["bf16 model", "bf16 bases"])
+def test_an_evaluation_under_inference_mode_does_not_stop_training(batches, setting):
+    """``A`` cast to the compute dtype is cached; cast first under ``torch.inference_mode()`` (an evaluation, a
+    pipeline) the copy must still serve the next training step, which gets the same gradients as without it."""
+    kwargs = {"bases_dtype": "bfloat16"} if setting == "bf16 bases" else {}
+
+    def model():
+        m = get_peft_model(_bert(), _config(init_weights=False, **kwargs))
+        return m.to(torch.bfloat16) if setting == "bf16 model" else m
+
+    def step(m):
+        m.train()
+        m(input_ids=batches[0]["input_ids"]).logits.float().square().sum().backward()
+        return {n: p.grad for n, p in m.named_parameters() if "giva_lambda" in n}
+
+    evaluated = model()
+    with torch.inference_mode():
+        evaluated(input_ids=batches[0]["input_ids"])
+    after_eval, fresh = step(evaluated), step(model())
+    assert after_eval and after_eval.keys() == fresh.keys()
+    assert all(torch.equal(after_eval[n], fresh[n]) for n in fresh)
+
+
+def test_weight_adapters_first_used_under_inference_mode_keep_ordinary_bases(batches):
+    """Two deferred `weight` adapters share their zero bases until first use; un-sharing them under
+    ``torch.inference_mode()`` must not leave an inference tensor as an adapter's stored ``A`` (a later
+    ``load_state_dict`` into it would fail)."""
+    lazy = get_peft_model(_bert(), _config(variant="weight", inference_mode=True), adapter_name="a")
+    lazy.add_adapter("b", _config(variant="weight", inference_mode=True))
+    lazy.eval()
+    with torch.inference_mode():
+        lazy(input_ids=batches[0]["input_ids"], adapter_names=["a", "b"] * (len(batches[0]["input_ids"]) // 2))
+    stored = [layer.giva_A[name] for layer in _layers(lazy).values() for name in ("a", "b")]
+    assert stored and not any(a.is_inference() for a in stored)
+    state = {k: v.clone() + 1.0 for k, v in lazy.state_dict().items() if "giva_A.a" in k}
+    lazy.load_state_dict(state, strict=False)
+    assert all(torch.equal(layer.giva_A["a"], state[f"base_model.model.{n}.giva_A.a"]) for n, layer in _layers(lazy).items())

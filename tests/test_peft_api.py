@@ -197,6 +197,20 @@ def test_safe_merge_refuses_a_broken_adapter_and_keeps_the_weight(batches):
     assert torch.equal(layer.base_layer.weight, before)
 
 
+def test_safe_merge_refuses_a_delta_that_overflows_an_fp16_weight(batches):
+    """The sum is formed in fp32 and cast back: the finite check must see the fp16 result, where the sum overflows."""
+    model = _giva_bert(batches).half()
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    before = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.giva_lambda_o["default"].fill_(6e4)
+        layer.giva_lambda_s["default"].fill_(100.0)
+    assert torch.isfinite(layer.delta_weight("default")).all()  # finite in fp32, beyond fp16's 65504 once added
+    with pytest.raises(ValueError, match="NaNs detected .*attention.self.query"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before) and not layer.merged_adapters
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_base_model_merges_on_cpu_and_keeps_fp32_bases(batches, dtype):
     base = tiny_bert().to(dtype)

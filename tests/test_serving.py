@@ -658,3 +658,41 @@ def test_mixed_batch_names_an_adapter_the_model_does_not_have():
     with pytest.raises(ValueError, match="adapter_names names adapter\\(s\\) that do not exist: nosuch"):
         _logits(model, ids, adapter_names=["default", "other", "nosuch"])
     _logits(model, ids, adapter_names=["default", "other", "__base__"])  # adapters on disjoint layers are all known
+
+
+@pytest.mark.parametrize("layout", ["shared B", "ranks and B differ"])
+def test_a_mixed_batch_under_inference_mode_leaves_the_caches_usable_for_training(layout):
+    """The per-row index tensors are cached across forwards: built under ``torch.inference_mode()`` (a serving
+    pass) they must still serve a later mixed batch with autograd on, whose vectors get their own rows' gradients."""
+    case = "llama" if layout == "shared B" else "bert"
+    model = _multi_adapter_model(case, **LAYOUTS[layout])
+    ids = text_batches(batch=5)[0]["input_ids"]
+    names = ["t1", "t0", "__base__", "t2", "t1"]
+    serving.clear_mixed_batch_cache()
+    serving._rows.cache_clear()
+    serving._index.cache_clear()
+    with torch.inference_mode():
+        served = model(input_ids=ids, adapter_names=names).logits
+    vectors = [p.requires_grad_() for n, p in model.named_parameters() if "giva_lambda" in n]
+    trained = model(input_ids=ids, adapter_names=names).logits
+    trained.square().sum().backward()
+    assert torch.allclose(trained.detach(), served, atol=1e-6)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vectors)
+
+
+def test_a_mixed_batch_that_could_train_refuses_uninitialised_gradient_bases():
+    """Every adapter of a mixed batch gets the one-adapter forward's guard: with autograd on and trainable vectors,
+    zero gradient bases would give every vector a zero gradient, silently."""
+    torch.manual_seed(0)
+    targets = CASES["llama"][1]
+    model = get_peft_model(tiny_llama(), GivaConfig(r=4, target_modules=targets), adapter_name="a")
+    model.add_adapter("b", GivaConfig(r=4, target_modules=targets))
+    model.base_model.set_adapter(["a", "b"])  # both trainable
+    model.eval()  # mixed batches are an eval-mode API; eval-mode training is the silent case
+    ids = text_batches(batch=2)[0]["input_ids"]
+    for names in (["a", "a"], ["a", "b"], ["__base__", "b"]):
+        with pytest.raises(giva.BasesNotInitializedError, match="before its bases were initialised"):
+            model(input_ids=ids, adapter_names=names)
+    with torch.no_grad():  # inference stays allowed: the adapters are identities until initialised
+        assert torch.equal(model(input_ids=ids, adapter_names=["a", "b"]).logits,
+                           model(input_ids=ids, adapter_names=["__base__", "__base__"]).logits)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -34,7 +35,14 @@ from .bases import (
     seeded_output_basis,
 )
 from .config import GivaConfig
-from .serving import SharedBufferDict, basis_storage_dtype, check_mixed_batch_args, is_shareable, mixed_batch_forward
+from .serving import (
+    SharedBufferDict,
+    basis_storage_dtype,
+    check_mixed_batch_args,
+    is_shareable,
+    mixed_batch_forward,
+    outside_inference_mode,
+)
 
 
 def _tensor_state(tensor: torch.Tensor) -> Optional[tuple]:
@@ -417,10 +425,10 @@ class GivaLayer(BaseTunerLayer):
             self._check_mergeable("merge")
         for name in names:
             weight = self.get_base_weight()
-            merged = weight.float() + self.delta_weight(name).to(weight.device)
-            if safe_merge and not torch.isfinite(merged).all():
+            merged = (weight.float() + self.delta_weight(name).to(weight.device)).to(weight.dtype)
+            if safe_merge and not torch.isfinite(merged).all():  # after the cast: an fp16 weight can overflow in it
                 raise ValueError(f"NaNs detected in the merged weights of layer {self.layer_name!r}: adapter {name!r} seems broken")
-            self.set_base_weight(merged.to(weight.dtype))
+            self.set_base_weight(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -462,7 +470,8 @@ class GivaLayer(BaseTunerLayer):
             return a
         key = (adapter_name, dtype, device)
         entry = self._giva_cast_bases.get(key)
-        if torch.compiler.is_compiling():  # the explicit invalidations above recompile; no version counter here
+        compiling = torch.compiler.is_compiling()
+        if compiling:  # the explicit invalidations above recompile; no version counter here
             if entry is not None and entry[0] is a:
                 return entry[2]
             state = None
@@ -470,7 +479,9 @@ class GivaLayer(BaseTunerLayer):
             state = _tensor_state(a)
             if entry is not None and entry[0] is a and state is not None and entry[1] == state:
                 return entry[2]
-        with torch.no_grad():
+        # Cached, so never an inference tensor, which no later forward with autograd could use (dynamo cannot trace the
+        # mode test; an eager forward never reuses a copy cached while compiling: its state is None).
+        with torch.no_grad(), nullcontext() if compiling else outside_inference_mode():
             cast = a.to(device=device, dtype=dtype)
         self._giva_cast_bases[key] = (a, state, cast)
         return cast

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -99,7 +99,8 @@ class SharedBufferDict(BufferDict):
     def unshare(self, key: str) -> None:
         """Give ``key`` its own copy (before an in-place write that must not reach the other adapters)."""
         if key in self._buffers and self.is_shared(key):
-            self._buffers[key] = self._buffers[key].clone()
+            with outside_inference_mode():  # the adapter's own buffer from now on
+                self._buffers[key] = self._buffers[key].clone()
 
     def write(self, key: str, index: tuple, value: torch.Tensor) -> None:
         """``self[key][index] = value`` in place, outside autograd; a shared entry is un-shared first unless the
@@ -199,6 +200,12 @@ class _OnDevice:
             self._streams.add(key)
 
 
+def outside_inference_mode() -> AbstractContextManager:
+    """Around a tensor that is cached for later forwards: made under ``torch.inference_mode()`` it would be an
+    inference tensor, which no later forward with autograd on may use (it could never train again)."""
+    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
+
+
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a device tensor; to CUDA through pinned memory, asynchronously (the host does not wait)."""
     host = torch.tensor(values, dtype=dtype)
@@ -222,7 +229,15 @@ class _Rows:
 def _rows(
     names: tuple[str, ...], present: tuple[str, ...], ranks: tuple[int, ...], dropout: tuple[float, ...], device: torch.device
 ) -> _Rows:
-    """Built once per (names, present adapters and their ranks and dropout, device), then reused by every layer alike."""
+    """Built once per (names, present adapters and their ranks and dropout, device), then reused by every layer alike
+    (with autograd on or off)."""
+    with outside_inference_mode():
+        return _build_rows(names, present, ranks, dropout, device)
+
+
+def _build_rows(
+    names: tuple[str, ...], present: tuple[str, ...], ranks: tuple[int, ...], dropout: tuple[float, ...], device: torch.device
+) -> _Rows:
     slot_of = {name: slot for slot, name in enumerate(present, start=1)}
     offsets = [sum(ranks[:i]) for i in range(len(ranks))]
     slots, columns = [], []
@@ -247,7 +262,8 @@ def _rows(
 @functools.lru_cache(maxsize=1024)
 def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """A constant index tensor on ``device``, built once (the stacks that use it record their streams on it)."""
-    return _to_device(list(values), torch.long, device)
+    with outside_inference_mode():
+        return _to_device(list(values), torch.long, device)
 
 
 @dataclass(frozen=True)
@@ -311,6 +327,9 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
     if len(unique) == 1:  # every row uses one adapter: the plain single-adapter forward
         return layer._add_adapter_output(result, x, present[0])
     cache = not torch.is_grad_enabled()
+    if not cache:  # a forward that could train: refuse zero gradient bases, as the one-adapter forward does
+        for name in present:
+            layer._check_bases(name)
     stacked = _stacked(layer, present, x.device, x.dtype) if cache else _build_stacked(layer, present, x.device, x.dtype)
     dropout = tuple(float(getattr(layer.giva_dropout[n], "p", 0.0)) for n in present) if layer.training else ()
     rows = _rows(names, present, stacked.ranks, dropout, x.device)
