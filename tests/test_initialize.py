@@ -361,15 +361,18 @@ def test_non_finite_gradient_with_a_finite_loss_names_the_layer_and_batch(batche
     assert not giva.bases_initialized(model)
 
 
-def test_calibration_keeps_activation_checkpointing(batches):
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_calibration_keeps_activation_checkpointing(batches, reentrant):
     """With gradient checkpointing on, each checkpointed layer is recomputed in the backward (its GiVA layers
-    run twice per batch), and the bases equal those of the same model without checkpointing."""
+    run twice per batch), and the bases equal those of the same model without checkpointing. Reentrant
+    checkpointing (TRL's choice under ZeRO-3) runs non-reentrantly during calibration and is given back."""
     data = text_batches(n=2, labels="lm")
     plain = get_peft_model(tiny_llama(), GivaConfig(r=4, target_modules=["q_proj", "down_proj"]))
     giva.initialize(plain, data, num_batches=2, progress=False, mode="exact")
 
     base = tiny_llama()
-    base.gradient_checkpointing_enable()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    functions = {m: m._gradient_checkpointing_func for m in base.modules() if getattr(m, "gradient_checkpointing", 0)}
     model = get_peft_model(base, GivaConfig(r=4, target_modules=["q_proj", "down_proj"]))
     model.train()
     calls = []
@@ -381,8 +384,22 @@ def test_calibration_keeps_activation_checkpointing(batches):
         handle.remove()
     assert len(calls) == 4  # 2 batches x (forward + recomputation)
     assert all(m.training for m in model.modules())  # modes restored
+    assert functions and all(m._gradient_checkpointing_func is f for m, f in functions.items())
     for name, layer in giva_layers(model).items():
         torch.testing.assert_close(layer.giva_A["default"], giva_layers(plain)[name].giva_A["default"], atol=1e-5, rtol=0)
+
+
+def test_a_layer_run_without_autograd_in_calibration_is_a_clear_error():
+    """Checkpointing giva cannot switch (a model's own torch.utils.checkpoint(use_reentrant=True)) runs the
+    first forward with autograd off: the error names the layer and the fix, not PyTorch's hook error."""
+    model = get_peft_model(tiny_llama(), GivaConfig(r=4, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0]
+    forward = layer.forward
+    layer.forward = lambda *args, **kwargs: torch.utils.checkpoint.checkpoint(
+        lambda *a: forward(*a, **kwargs), *args, use_reentrant=True)
+    with pytest.raises(GradientInitError, match=r"layer 'model.layers.0.self_attn.q_proj' .* use_reentrant=False"):
+        giva.initialize(model, text_batches(n=1, labels="lm"), num_batches=1, progress=False)
+    assert not giva.bases_initialized(model)
 
 
 def test_sketch_mode_is_deterministic_and_auto_picks_exact_for_small_models(batches, monkeypatch):

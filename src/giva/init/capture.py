@@ -92,10 +92,14 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
 
     Every module goes to eval mode (no dropout) except those with activation checkpointing on
     (transformers only checkpoints layers in training mode); their own float ``*dropout``
-    attributes, read in their forward, are zeroed meanwhile. Everything is restored afterwards.
+    attributes, read in their forward, are zeroed meanwhile. Reentrant checkpointing
+    (``use_reentrant=True``, which TRL asks for under DeepSpeed ZeRO-3) runs the first forward with
+    autograd off and supports no ``torch.autograd.grad``: those layers checkpoint non-reentrantly
+    meanwhile, which keeps the same activations. Everything is restored afterwards.
     """
     modes = {module: module.training for module in model.modules()}
     rates: list[tuple[nn.Module, str, float]] = []
+    functions: dict[nn.Module, Any] = {}
     model.eval()
     try:
         for module in model.modules():
@@ -104,10 +108,18 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
                 for name, value in vars(module).items():
                     if name.endswith("dropout") and isinstance(value, float) and value > 0:
                         rates.append((module, name, value))
+                function = getattr(module, "_gradient_checkpointing_func", None)
+                if isinstance(function, partial) and function.keywords.get("use_reentrant") is True:
+                    functions[module] = function
         for module, name, _ in rates:
             setattr(module, name, 0.0)
+        for module, function in functions.items():
+            module._gradient_checkpointing_func = partial(function.func, *function.args,
+                                                          **{**function.keywords, "use_reentrant": False})
         yield
     finally:
+        for module, function in functions.items():
+            module._gradient_checkpointing_func = function
         for module, name, value in rates:
             setattr(module, name, value)
         for module, training in modes.items():
@@ -128,6 +140,12 @@ class Capture:
         # (frozen model, adapters disabled); autograd.grad over the probes then reaches every target.
         # Under activation checkpointing the recomputed forward adds probes off the backward graph:
         # their hooks never fire, so each batch reaches the sink once per layer.
+        if not torch.is_grad_enabled():  # calibration runs under enable_grad: something in the model turned it off
+            raise GradientInitError(
+                f"GiVA layer {name!r} ran its calibration forward with autograd off, so its output gradient cannot be "
+                "captured; reentrant activation checkpointing does this (torch.utils.checkpoint with use_reentrant=True): "
+                "use use_reentrant=False, e.g. gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
         probe = torch.zeros((), device=output.device, dtype=output.dtype, requires_grad=True)
         self.probes.append(probe)
         output = output + probe
