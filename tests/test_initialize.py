@@ -288,6 +288,43 @@ def test_second_moment_statistic_takes_a_from_the_per_batch_autograd_gradients(b
         assert principal_cosines(a, mean_layers[name].giva_A["default"]).min() < 0.99  # not the mean's A
 
 
+class _SharedLayer(torch.nn.Module):
+    """``lin`` runs twice per forward (shared weights, as in ALBERT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.lin, self.head = torch.nn.Linear(6, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 1)
+
+    def forward(self, x, y):
+        u = torch.tanh(self.emb(x))
+        h = torch.tanh(self.lin(u) + self.lin(-0.9 * u))
+        return ((self.head(h).squeeze(-1) - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_second_moment_refuses_a_layer_that_runs_twice_in_a_batch(mode):
+    """sum_b G_b^T G_b needs each batch's whole G_b = sum over the layer's calls: squaring per call drops the cross
+    terms (principal cosines down to 0.28 against autograd's), so such a layer is refused, naming it; the mean,
+    linear in G_b, stays right."""
+    generator = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(8, 6, generator=generator), "y": torch.randn(8, generator=generator)} for _ in range(2)]
+    config = GivaConfig(r=3, target_modules=["lin"], variant="Vr")
+    model = get_peft_model(_SharedLayer(), config)
+    with pytest.raises(GradientInitError, match=r"layer 'lin' ran more than once in calibration batch 0 .*'mean'"):
+        giva.initialize(model, data, num_batches=2, loss_fn=lambda m, b: m(**b), progress=False, mode=mode,
+                        statistic="second-moment", **({"passes": 3} if mode == "sketch" else {}))
+    assert not giva.bases_initialized(model)
+    giva.initialize(model, data, num_batches=2, loss_fn=lambda m, b: m(**b), progress=False, mode="exact")
+    reference = _SharedLayer()
+    for batch in data:
+        reference(**batch).backward()
+    expected = torch.linalg.svd(reference.lin.weight.grad.double())[2][:3]
+    from giva.init.sketch import principal_cosines
+
+    assert principal_cosines(giva_layers(model)["lin"].giva_A["default"], expected).min() > 0.9999
+
+
 def test_second_moment_statistic_is_checked_before_any_batch(batches):
     def untouchable():
         raise AssertionError("a batch was drawn before the arguments were checked")

@@ -33,10 +33,20 @@ class _Sums:
         self.layer_index = {layer: i for i, layer in enumerate(self.items)}
         self.finite: Optional[torch.Tensor] = None
         self.tokens = 0
+        # The second moment needs each batch's whole gradient G_b before squaring it: a layer that runs twice in a
+        # batch (shared weights) would give sum_calls G_c^T G_c, without the cross terms. Such layers are refused.
+        self.squared = {item.layer for item in request.items.values() if item.kind in ("gram", "gram_m")}
+        self.seen: set[str] = set()
+        self.repeated: Optional[str] = None
 
     def __call__(self, layer: str, x: torch.Tensor, g: torch.Tensor) -> None:
         if layer == self.first_layer:
             self.tokens += x.shape[0]
+        if layer in self.squared:
+            if layer in self.seen:
+                self.repeated = self.repeated or layer
+                return
+            self.seen.add(layer)
         if self.finite is None:
             self.finite = torch.ones(len(self.layer_index), dtype=torch.bool, device=x.device)
         index = self.layer_index[layer]
@@ -53,8 +63,16 @@ class _Sums:
             accumulate = {"gt": sketch.accumulate_gt, "g": sketch.accumulate_g, "gram_m": sketch.accumulate_gram}[item.kind]
             self.sums[key] = accumulate(total, x, rows, self.matrices[key])
 
-    def non_finite(self, batch_index: int) -> Optional[GradientInitError]:
-        """An error naming the first layer whose input or output gradient was NaN/inf in this batch (one sync)."""
+    def batch_error(self, batch_index: int) -> Optional[GradientInitError]:
+        """After a batch's backward: an error naming a layer the second moment cannot square (it ran more than once
+        in the batch), or the first layer whose input or output gradient was NaN/inf (one sync); None if neither."""
+        repeated, self.repeated = self.repeated, None
+        self.seen.clear()
+        if repeated is not None:
+            return GradientInitError(
+                f"GiVA layer {repeated!r} ran more than once in calibration batch {batch_index} (shared weights?): "
+                "statistic='second-moment' needs each batch's whole gradient of a layer; use statistic='mean'"
+            )
         if self.finite is None or bool(self.finite.all()):
             return None
         layer = next(name for name, i in self.layer_index.items() if not self.finite[i])
@@ -119,7 +137,7 @@ def run_pass(
             try:
                 with comm.computing():
                     capture.backward(loss)
-                error = sums.non_finite(index)
+                error = sums.batch_error(index)
             except DistributedInitError:
                 raise
             except Exception as exc:  # noqa: BLE001
