@@ -73,6 +73,10 @@ def test_trainer_callback_refuses_a_bad_num_batches_when_built():
         giva.GivaInitCallback(num_batches=0)
     with pytest.raises(ValueError, match=r"statistic must be one of \('mean', 'second-moment'\), got 'moment'"):
         giva.GivaInitCallback(statistic="moment")
+    with pytest.raises(ValueError, match="mode must be 'auto', 'sketch' or 'exact', got 'fast'"):
+        giva.GivaInitCallback(mode="fast")
+    with pytest.raises(ValueError, match="loss_fn must be callable"):
+        giva.GivaInitCallback(loss_fn="cross_entropy")
 
 
 def test_trainer_callback_passes_the_statistic_to_initialize(tmp_path):

@@ -211,6 +211,24 @@ def test_safe_merge_refuses_a_delta_that_overflows_an_fp16_weight(batches):
     assert torch.equal(layer.base_layer.weight, before) and not layer.merged_adapters
 
 
+def test_an_unmerge_that_fails_keeps_the_adapter_recorded_as_merged(batches, monkeypatch):
+    """W still holds the delta when computing it fails: the layer must go on saying so (a later unmerge can
+    still take it out), not forget the adapter while W keeps it."""
+    model = _giva_bert(batches)
+    layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
+    before = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    merged = layer.base_layer.weight.detach().clone()
+    real = type(layer).delta_weight
+    monkeypatch.setattr(type(layer), "delta_weight", lambda self, name: (_ for _ in ()).throw(MemoryError("no room")))
+    with pytest.raises(MemoryError):
+        layer.unmerge()
+    assert layer.merged_adapters == ["default"] and torch.equal(layer.base_layer.weight, merged)
+    monkeypatch.setattr(type(layer), "delta_weight", real)
+    layer.unmerge()
+    assert not layer.merged and torch.allclose(layer.base_layer.weight, before, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_base_model_merges_on_cpu_and_keeps_fp32_bases(batches, dtype):
     base = tiny_bert().to(dtype)

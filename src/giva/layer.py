@@ -437,10 +437,11 @@ class GivaLayer(BaseTunerLayer):
             return
         self._check_mergeable("unmerge")
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
+            name = self.merged_adapters[-1]
             if name in self.giva_lambda_o:
                 weight = self.get_base_weight()
                 self.set_base_weight((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+            self.merged_adapters.pop()  # only once W no longer holds it: a failure above leaves the record true
 
     def _forget_cast_bases(self, adapter_name: Optional[str] = None) -> None:
         """Drop the cast copies of ``A`` (of one adapter, or all): its values, dtype or device changed."""

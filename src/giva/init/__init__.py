@@ -332,11 +332,16 @@ def _warn_half_precision_vectors(model: nn.Module, configs: dict[str, GivaConfig
         )
 
 
+def check_mode(mode: Any) -> None:
+    """``ValueError`` unless ``mode`` is one of ``initialize``'s modes."""
+    if mode not in ("auto", "sketch", "exact"):
+        raise ValueError(f"mode must be 'auto', 'sketch' or 'exact', got {mode!r}")
+
+
 def _check_arguments(num_batches: Any, mode: Any, passes: Any, oversampling: Any) -> None:
     """``initialize``'s arguments, checked before anything runs (``ValueError`` naming the argument)."""
     check_num_batches(num_batches, allow_all=True)
-    if mode not in ("auto", "sketch", "exact"):
-        raise ValueError(f"mode must be 'auto', 'sketch' or 'exact', got {mode!r}")
+    check_mode(mode)
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 2:
         raise ValueError(f"passes must be an int >= 2, got {passes!r}")
     if oversampling is not None and (isinstance(oversampling, bool) or not isinstance(oversampling, int) or oversampling < 0):

@@ -17,6 +17,7 @@ from ..init import (
     NumBatches,
     Statistic,
     bases_initialized,
+    check_mode,
     giva_configs,
     initialize,
 )
@@ -85,6 +86,9 @@ class GivaInitCallback(TrainerCallback):
     ) -> None:
         check_num_batches(num_batches, allow_all=True)  # here, not at on_train_begin after the model loaded
         check_statistic(statistic, ())  # the name; the variants once the model is known
+        check_mode(mode)
+        if loss_fn is not None and not callable(loss_fn):
+            raise ValueError(f"GivaInitCallback's loss_fn must be callable (model, batch) -> loss, got {loss_fn!r}")
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.progress = progress
