@@ -696,3 +696,31 @@ def test_a_mixed_batch_that_could_train_refuses_uninitialised_gradient_bases():
     with torch.no_grad():  # inference stays allowed: the adapters are identities until initialised
         assert torch.equal(model(input_ids=ids, adapter_names=["a", "b"]).logits,
                            model(input_ids=ids, adapter_names=["__base__", "__base__"]).logits)
+
+
+def test_a_mixed_batch_runs_in_fp32_when_an_adapter_asks_for_fp32_adapter_maths():
+    """``compute_dtype="float32"`` holds in mixed batches too: on a bf16 model every product of the adapter maths is
+    fp32 (only the base layer's is bf16), and each row matches its adapter alone."""
+    torch.manual_seed(0)
+    config = dict(r=4, target_modules=["q_proj"], init_weights=False)
+    model = get_peft_model(tiny_llama(), GivaConfig(**config, compute_dtype="float32"), adapter_name="a")
+    model.add_adapter("b", GivaConfig(**config))
+    model = model.to(torch.bfloat16).eval()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(3, 5, layer.in_features, dtype=torch.bfloat16)
+
+    class _Products(TorchDispatchMode):
+        dtypes: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket).split(".")[-1] in ("mm", "bmm", "addmm", "matmul"):
+                self.dtypes.append(next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), _Products() as products:
+        mixed = layer(x, adapter_names=["a", "b", "a"])
+    assert products.dtypes.count(torch.bfloat16) == 1 and products.dtypes.count(torch.float32) >= 2  # base: bf16
+    with torch.no_grad():
+        for row, name in enumerate(["a", "b", "a"]):
+            layer.set_adapter(name)
+            torch.testing.assert_close(mixed[row], layer(x)[row], atol=2e-3, rtol=1e-2)  # bf16 outputs

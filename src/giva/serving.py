@@ -326,6 +326,9 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
             layer.ensure_bases(name)  # `weight` adapters built for loading compute their bases at first use
     if len(unique) == 1:  # every row uses one adapter: the plain single-adapter forward
         return layer._add_adapter_output(result, x, present[0])
+    fp32 = next((name for name in present if layer.giva_compute_dtype.get(name, "input") == "float32"), None)
+    if fp32 is not None:  # an adapter asks for fp32 adapter maths: the whole batch's run in it
+        x = layer._compute_input(x, fp32)
     cache = not torch.is_grad_enabled()
     if not cache:  # a forward that could train: refuse zero gradient bases, as the one-adapter forward does
         for name in present:
