@@ -93,6 +93,20 @@ def test_bases_dtype_reaches_the_config_and_the_saved_bases(model_dir, data_csv,
     assert not (tmp_path / "f16").exists()
 
 
+def test_a_max_length_beyond_the_models_positions_is_refused_before_it_loads(model_dir, data_csv, tmp_path, capsys,
+                                                                             monkeypatch):
+    """tiny_bert takes 64 positions: --max-length 128 would crash in the embeddings once a row is long enough."""
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(giva.finetune.AutoModelForSequenceClassification, "from_pretrained", loaded)
+    out = tmp_path / "out"
+    assert main([*args(model_dir, data_csv, out), "--max-length", "128"]) == 2
+    assert re.search(r"max_length=128 tokens exceeds the 64 positions the model in .* takes .*; set --max-length 64 or "
+                     r"less$", one_error_line(capsys))
+    assert not out.exists()
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Validation must fail before any model or tokenizer is loaded."""

@@ -74,6 +74,7 @@ def test_sizes_that_do_not_fit_name_the_flags_and_the_row_count(model_dir, small
          r"\(repeats dropped\); set --test-size and --val-size \(row counts, or fractions such as 0.2 and 0.1\)$"),
         (["--test-size", "54"], r"test_size \(54 rows\) \+ val_size \(6 rows\) leave no training rows out of the 60 rows"),
         (["--val-size", "0.001"], r"val_size=0.001 leaves no validation rows out of the 60 rows of .*; set --val-size"),
+        (["--test-size", "0.001"], r"test_size=0.001 leaves no test rows out of the 60 rows of .*; set --test-size"),
         (["--num-batches", "4"], r"num_batches=4 calibration batches, but the 42 training rows make only 3 batch\(es\) of 16; "
                                  r"set --num-batches 3 or less, or a smaller --batch-size$"),
         (["--max-steps", "0"], r"argument --max-steps: must be >= 1"),

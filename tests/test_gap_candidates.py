@@ -101,6 +101,8 @@ def test_flipped_vectors_are_an_identity_at_init_and_train_lambda_s_first(batche
         ({"lambda_o_init": 1.0}, "GivaConfig.lambda_o_init=1.0 needs lambda_s_init=0"),
         ({"lambda_o_init": float("nan"), "lambda_s_init": 0.0}, "GivaConfig.lambda_o_init must be a finite number"),
         ({"core": "yes"}, "GivaConfig.core must be True or False"),
+        ({"lambda_s_init": 0.0}, "GivaConfig.lambda_s_init and lambda_o_init are both 0"),
+        ({"lambda_s_init": 0.0, "core": True}, "GivaConfig.lambda_s_init and lambda_o_init are both 0"),
         ({"core": True, "lambda_s_init": 0.0, "lambda_o_init": 1.0}, "GivaConfig.core=True needs lambda_o_init=0"),
     ],
 )

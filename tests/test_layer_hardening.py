@@ -362,3 +362,20 @@ def test_weight_adapters_first_used_under_inference_mode_keep_ordinary_bases(bat
     state = {k: v.clone() + 1.0 for k, v in lazy.state_dict().items() if "giva_A.a" in k}
     lazy.load_state_dict(state, strict=False)
     assert all(torch.equal(layer.giva_A["a"], state[f"base_model.model.{n}.giva_A.a"]) for n, layer in _layers(lazy).items())
+
+
+def test_a_weight_adapter_is_not_added_over_a_merged_w(batches):
+    """The `weight` variant's bases are the SVD of W: with another adapter merged into W they would be that sum's.
+    Refused with the merged adapters named, and nothing of the new adapter is left behind; unmerged, it adds and
+    gets the pristine W's bases."""
+    model = get_peft_model(_bert(), _config(init_weights=False))
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match=r"variant 'weight'.*adapters \['default'\] merged into W: unmerge them"):
+        model.add_adapter("w", _config(variant="weight"))
+    assert "w" not in model.peft_config and all("w" not in layer.giva_A for layer in _layers(model).values())
+    model.unmerge_adapter()
+    model.add_adapter("w", _config(variant="weight"))
+    pristine = get_peft_model(_bert(), _config(variant="weight"))
+    for name, layer in _layers(model).items():
+        # unmerge restores W to float round-off, hence not bit for bit (merged, A was 0.66 away)
+        torch.testing.assert_close(layer.giva_A["w"], _layers(pristine)[name].giva_A["default"], atol=1e-4, rtol=0)

@@ -194,6 +194,11 @@ class GivaConfig(PeftConfig):
                 f"GivaConfig.lambda_o_init={self.lambda_o_init!r} needs lambda_s_init=0 (got {self.lambda_s_init!r}): "
                 "one of the two vectors must start at 0 so that the adapter is an identity at init"
             )
+        if self.lambda_o_init == 0 and self.lambda_s_init == 0:
+            raise ValueError(
+                "GivaConfig.lambda_s_init and lambda_o_init are both 0: every gradient of the vectors is then 0 and the "
+                "adapter never trains; exactly one of the two must start at 0 (the default: lambda_s_init=1, lambda_o_init=0)"
+            )
         if not isinstance(self.core, bool):
             raise ValueError(f"GivaConfig.core must be True or False, got {self.core!r}")
         if self.core and self.lambda_o_init != 0:

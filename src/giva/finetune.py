@@ -23,7 +23,7 @@ from peft import PeftModel, get_peft_model
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
 from transformers.utils import logging as hf_logging
 
 from .assets import resolve_model
@@ -295,6 +295,20 @@ def _transformers_progress_bars(enabled: bool) -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def check_max_length(max_length: int, path: str, tokenizer: Any) -> None:
+    """``ValueError`` before the model loads when ``max_length`` tokens exceed the positions the model takes (its
+    config's ``max_position_embeddings`` / ``n_positions``, or the tokenizer's ``model_max_length`` if lower)."""
+    config = AutoConfig.from_pretrained(path)
+    limits = [getattr(config, name, None) for name in ("max_position_embeddings", "n_positions")]
+    limits.append(getattr(tokenizer, "model_max_length", None))
+    known = [int(limit) for limit in limits if isinstance(limit, int) and 0 < limit < 1_000_000]
+    if known and max_length > min(known):
+        raise ValueError(
+            f"max_length={max_length} tokens exceeds the {min(known)} positions the model in {path} takes (its "
+            f"config.json / tokenizer); set --max-length {min(known)} or less"
+        )
+
+
 def check_output_dir(output_dir: str | os.PathLike) -> Path:
     """Fail at once, before any work, if the adapter could not be saved in ``output_dir``; returns the path.
 
@@ -434,11 +448,12 @@ def finetune(
     unique = deduplicate(dataset)
     test_size, val_size = split_sizes(len(unique), test_size, val_size, data)
     train_set, val_set, test_set = split_dataset(unique, test_size=test_size, val_size=val_size, seed=0)
-    if not val_set:
-        raise ValueError(
-            f"val_size={val_size!r} leaves no validation rows out of the {len(unique)} rows of {data}; "
-            "set --val-size (a row count, or a larger fraction)"
-        )
+    for name, rows, size in (("val_size", val_set, val_size), ("test_size", test_set, test_size)):
+        if not rows:
+            raise ValueError(
+                f"{name}={size!r} leaves no {'validation' if name == 'val_size' else 'test'} rows out of the "
+                f"{len(unique)} rows of {data}; set --{name.replace('_', '-')} (a row count, or a larger fraction)"
+            )
     if max_train_samples is not None:
         train_set = train_set.subset(list(range(min(max_train_samples, len(train_set)))))
     n_batches = math.ceil(len(train_set) / train_config.batch_size)
@@ -453,6 +468,7 @@ def finetune(
 
     with _transformers_progress_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(path)
+        check_max_length(train_config.max_length, path, tokenizer)
         torch.manual_seed(train_config.seed)  # the fresh classifier head
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=dataset.num_labels)
     base.config.id2label = dict(enumerate(dataset.label_names))

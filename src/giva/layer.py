@@ -158,6 +158,11 @@ class GivaLayer(BaseTunerLayer):
         and, for the `weight` variant, defers the SVD of W: the checkpoint being loaded holds the bases.
         """
         inference_mode = inference_mode or config.inference_mode
+        if config.variant == "weight" and not inference_mode and self.merged:
+            raise RuntimeError(
+                f"GiVA adapter {adapter_name!r} (variant 'weight') takes its bases from the SVD of W, but layer "
+                f"{self.layer_name!r} has adapters {self.merged_adapters} merged into W: unmerge them first"
+            )
         if sum(block_sizes) != self.out_features:
             raise ValueError(
                 f"block sizes {block_sizes} of layer {self.layer_name!r} sum to {sum(block_sizes)}, but the layer has "
