@@ -536,11 +536,17 @@ before the error propagates, so the model computes what it computed before the c
 
 def _reload_through_peft(model: Any, folder: Path, adapter_name: str) -> None:
     """Load ``folder``'s weights into ``model``'s adapter with PEFT's loader (the same values transformers wrote),
-    so that GiVA's load checks run; they raise ``ValueError`` naming the layers."""
+    so that GiVA's load checks run; they raise ``ValueError`` naming the layers.
+
+    The saved keys carry ``PeftModel``'s ``base_model.model.`` prefix, which the bare transformers model lacks:
+    it is stripped first, as transformers' own PEFT integration does before ``set_peft_model_state_dict``
+    (PEFT looks up a ``modules_to_save`` head's tensors under the model's module names, e.g. ``classifier.weight``).
+    """
     from peft.utils import load_peft_weights as peft_load_peft_weights
     from peft.utils import set_peft_model_state_dict
 
     weights = load_peft_weights(peft_load_peft_weights, str(folder), device="cpu")
+    weights = {key.removeprefix("base_model.model."): value for key, value in weights.items()}
     set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
 
 
