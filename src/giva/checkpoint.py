@@ -104,23 +104,27 @@ def _fsync_path(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync_path(Path(folder) / name)
+            # A link is an entry of its folder (synced below); its target, dangling or not, is no part of the save.
+            if not (Path(folder) / name).is_symlink():
+                _fsync_path(Path(folder) / name)
         _fsync_path(Path(folder))
 
 
 def _keep_unwritten(old: Path, new: Path) -> None:
     """Hard-link (else copy) into ``new`` every file of ``old`` the save did not write, as an in-place save keeps them.
 
-    Not kept: an adapter weights file of the other format beside the one the save wrote (``adapter_model.bin``
-    after a safetensors save, or the reverse), which the new config's checksum does not cover and PEFT would
-    read first; and staging folders an interrupted LoRA export of an older giva left.
+    Symbolic links stay links to the same target, links to folders included (``os.walk`` lists those among the
+    folders without entering them). Not kept: an adapter weights file of the other format beside the one the save
+    wrote (``adapter_model.bin`` after a safetensors save, or the reverse), which the new config's checksum does
+    not cover and PEFT would read first; and staging folders an interrupted LoRA export of an older giva left.
     """
     for folder, dirs, files in os.walk(old):
-        dirs[:] = [name for name in dirs if not name.startswith(_EXPORT_TAG)]
+        linked = [name for name in dirs if (Path(folder) / name).is_symlink()]
+        dirs[:] = [name for name in dirs if not name.startswith(_EXPORT_TAG) and name not in linked]
         relative = Path(folder).relative_to(old)
         (new / relative).mkdir(exist_ok=True)
         rewrote_weights = any((new / relative / name).exists() for name in WEIGHTS_NAMES)
-        for name in files:
+        for name in [*files, *linked]:
             source, dest = Path(folder) / name, new / relative / name
             if dest.exists() or dest.is_symlink() or (rewrote_weights and name in WEIGHTS_NAMES):
                 continue
