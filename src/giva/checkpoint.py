@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import socket
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,7 +121,9 @@ def _keep_unwritten(old: Path, new: Path) -> None:
         linked = [name for name in dirs if (Path(folder) / name).is_symlink()]
         dirs[:] = [name for name in dirs if not name.startswith(_EXPORT_TAG) and name not in linked]
         relative = Path(folder).relative_to(old)
-        (new / relative).mkdir(exist_ok=True)
+        if not (new / relative).exists():  # a folder the save did not write keeps its mode, as in an in-place save
+            (new / relative).mkdir()
+            (new / relative).chmod(Path(folder).stat().st_mode & 0o7777)
         rewrote_weights = any((new / relative / name).exists() for name in WEIGHTS_NAMES)
         for name in [*files, *linked]:
             source, dest = Path(folder) / name, new / relative / name
@@ -247,15 +248,21 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``target`` to write; when the block ends normally it replaces ``target``
     at once (``os.replace``). A reader, or a rerun after a kill, sees the old file or the new one, never half of one;
-    if the block raises, ``target`` is untouched, and no temporary file is left behind either way."""
+    if the block raises, ``target`` is untouched, and no temporary file is left behind either way.
+
+    The file gets the mode ``open(target, "w")`` gives: an existing target's, else 0666 less the umask (readable
+    by the group on a shared cluster, where ``mkstemp``'s 0600 was not). It is fsynced before the rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
     try:
+        if target.is_file():
+            tmp.chmod(target.stat().st_mode & 0o777)
         yield tmp
+        _fsync_path(tmp)
         os.replace(tmp, target)
+        _fsync_path(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
