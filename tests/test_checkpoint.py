@@ -57,6 +57,25 @@ def test_save_keeps_the_files_it_does_not_rewrite(tmp_path):
     assert (folder / "adapter_model.safetensors").exists()
 
 
+def test_save_keeps_symbolic_links_as_links_to_the_same_target(tmp_path):
+    """Links to folders too (``os.walk`` lists them among the folders without entering them), and dangling ones."""
+    shared = tmp_path / "shared_tokenizer"
+    shared.mkdir()
+    (shared / "vocab.txt").write_text("a\nb\n")
+    folder = tmp_path / "adapter"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "tokenizer").symlink_to(shared, target_is_directory=True)
+    (folder / "notes" / "relative").symlink_to(Path("..", "..", "shared_tokenizer"), target_is_directory=True)
+    (folder / "vocab.txt").symlink_to(shared / "vocab.txt")
+    (folder / "dangling").symlink_to(tmp_path / "nowhere")
+    links = ("tokenizer", "notes/relative", "vocab.txt", "dangling")
+    before = {name: os.readlink(folder / name) for name in links}
+    adapter_model(1).save_pretrained(str(folder))
+    assert {name: os.readlink(folder / name) for name in links} == before  # readlink raises for a non-link
+    assert (folder / "notes" / "relative" / "vocab.txt").read_text() == "a\nb\n"
+    assert sorted(p.name for p in shared.iterdir()) == ["vocab.txt"]  # the targets are not touched
+
+
 def test_a_failing_save_leaves_the_folder_unchanged(tmp_path, monkeypatch):
     folder = tmp_path / "adapter"
     adapter_model(1).save_pretrained(str(folder))

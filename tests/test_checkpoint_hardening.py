@@ -4,7 +4,9 @@ ownership of interrupted saves): each is loaded exactly, or refused in one line 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import warnings
 from pathlib import Path
 
@@ -201,3 +203,42 @@ def test_atomic_file_replaces_the_target_at_once_and_leaves_it_untouched_on_erro
         torch.save({"w": torch.ones(2)}, tmp)
     assert torch.equal(torch.load(target)["w"], torch.ones(2))
     assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"]
+
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_atomic_writes_give_the_modes_open_gives(tmp_path):
+    """0666 less the umask for a new file (mkstemp's 0600 hid results from the group on a shared cluster) and an
+    existing file's own mode, as ``open(path, "w")`` keeps it; a saved adapter's files and kept sub-folders alike."""
+    private, folder = tmp_path / "private.json", tmp_path / "adapter"
+    private.write_text("{}")
+    private.chmod(0o640)
+    (folder / "notes").mkdir(parents=True)
+    (folder / "notes").chmod(0o750)
+    previous = os.umask(0o002)  # a cluster's group-writable default
+    try:
+        (tmp_path / "plain.json").write_text("{}")
+        for target in (tmp_path / "results.json", private):
+            with checkpoint.atomic_file(target) as tmp:
+                tmp.write_text("{}")
+        adapter_model(1).save_pretrained(str(folder))
+    finally:
+        os.umask(previous)
+    assert _mode(tmp_path / "results.json") == _mode(tmp_path / "plain.json") == 0o664
+    assert _mode(private) == 0o640
+    # (Not adapter_model.safetensors: safetensors >= 0.8 writes it through its own temp file, 0600 in any folder.)
+    assert _mode(folder / "adapter_config.json") == _mode(folder / "README.md") == 0o664
+    assert _mode(folder / "notes") == 0o750
+
+
+def test_atomic_file_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
+    target, synced = tmp_path / "results.json", []
+    target.write_text("old")
+    fsync_path = checkpoint._fsync_path
+    monkeypatch.setattr(checkpoint, "_fsync_path", lambda path: (synced.append((path, target.read_text())), fsync_path(path)))
+    with checkpoint.atomic_file(target) as tmp:
+        tmp.write_text("new")
+    assert (tmp, "old") in synced and (tmp_path, "new") in synced  # the file before the rename, the folder after

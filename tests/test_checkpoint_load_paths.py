@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftMixedModel, PeftModel, get_peft_model
+from peft.functional import set_adapter
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaForCausalLM
 
 import giva
 import giva.layer
 from giva import CheckpointError, GivaConfig
-from tiny_models import text_batches, tiny_llama
+from tiny_models import text_batches, tiny_bert, tiny_llama
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -143,6 +144,39 @@ def test_auto_model_from_pretrained_of_an_adapter_folder_is_checked_too(tmp_path
     (adapter / WEIGHTS).write_bytes((other / WEIGHTS).read_bytes())
     with pytest.raises(CheckpointError, match="does not match"):
         AutoModelForCausalLM.from_pretrained(str(adapter))
+
+
+def _classifier(base: torch.nn.Module, seed: int) -> PeftModel:
+    """A SEQ_CLS GiVA adapter: random vectors, and a classifier head (``modules_to_save``) moved away from the base's."""
+    torch.manual_seed(seed)
+    config = GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_weights=False, seed=seed)
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["default", "other"])
+def test_two_adapters_with_a_trained_head_load_through_transformers_under_any_name(tmp_path, name):
+    """Saved keys carry PeftModel's ``base_model.model.`` prefix; the head's must lose it to load into a bare model."""
+    first, second = _classifier(tiny_bert(), seed=1), _classifier(tiny_bert(), seed=2)
+    first.save_pretrained(str(tmp_path / "first"))
+    second.save_pretrained(str(tmp_path / "second"))
+    base = tiny_bert()
+    base.load_adapter(str(tmp_path / "first"), adapter_name=name)
+    base.load_adapter(str(tmp_path / "second"), adapter_name="second")
+    set_adapter(base, name, inference_mode=True)  # transformers' model.set_adapter asks for PEFT >= 0.22
+    torch.testing.assert_close(_logits(base), _logits(first), rtol=0, atol=0)
+    set_adapter(base, "second", inference_mode=True)
+    torch.testing.assert_close(_logits(base), _logits(second), rtol=0, atol=0)
+
+
+def test_auto_model_from_pretrained_of_an_adapter_with_a_trained_head_reproduces_its_outputs(tmp_path):
+    tiny_bert().save_pretrained(str(tmp_path / "base"))
+    model = _classifier(AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "base")), seed=1)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    loaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "adapter"))
+    torch.testing.assert_close(_logits(loaded), _logits(model), rtol=0, atol=0)
 
 
 def test_peft_mixed_model_refuses_giva_adapters(saved):

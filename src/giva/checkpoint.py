@@ -24,7 +24,6 @@ import os
 import secrets
 import shutil
 import socket
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -104,23 +103,29 @@ def _fsync_path(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     for folder, _, files in os.walk(root):
         for name in files:
-            _fsync_path(Path(folder) / name)
+            # A link is an entry of its folder (synced below); its target, dangling or not, is no part of the save.
+            if not (Path(folder) / name).is_symlink():
+                _fsync_path(Path(folder) / name)
         _fsync_path(Path(folder))
 
 
 def _keep_unwritten(old: Path, new: Path) -> None:
     """Hard-link (else copy) into ``new`` every file of ``old`` the save did not write, as an in-place save keeps them.
 
-    Not kept: an adapter weights file of the other format beside the one the save wrote (``adapter_model.bin``
-    after a safetensors save, or the reverse), which the new config's checksum does not cover and PEFT would
-    read first; and staging folders an interrupted LoRA export of an older giva left.
+    Symbolic links stay links to the same target, links to folders included (``os.walk`` lists those among the
+    folders without entering them). Not kept: an adapter weights file of the other format beside the one the save
+    wrote (``adapter_model.bin`` after a safetensors save, or the reverse), which the new config's checksum does
+    not cover and PEFT would read first; and staging folders an interrupted LoRA export of an older giva left.
     """
     for folder, dirs, files in os.walk(old):
-        dirs[:] = [name for name in dirs if not name.startswith(_EXPORT_TAG)]
+        linked = [name for name in dirs if (Path(folder) / name).is_symlink()]
+        dirs[:] = [name for name in dirs if not name.startswith(_EXPORT_TAG) and name not in linked]
         relative = Path(folder).relative_to(old)
-        (new / relative).mkdir(exist_ok=True)
+        if not (new / relative).exists():  # a folder the save did not write keeps its mode, as in an in-place save
+            (new / relative).mkdir()
+            (new / relative).chmod(Path(folder).stat().st_mode & 0o7777)
         rewrote_weights = any((new / relative / name).exists() for name in WEIGHTS_NAMES)
-        for name in files:
+        for name in [*files, *linked]:
             source, dest = Path(folder) / name, new / relative / name
             if dest.exists() or dest.is_symlink() or (rewrote_weights and name in WEIGHTS_NAMES):
                 continue
@@ -243,15 +248,21 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary path beside ``target`` to write; when the block ends normally it replaces ``target``
     at once (``os.replace``). A reader, or a rerun after a kill, sees the old file or the new one, never half of one;
-    if the block raises, ``target`` is untouched, and no temporary file is left behind either way."""
+    if the block raises, ``target`` is untouched, and no temporary file is left behind either way.
+
+    The file gets the mode ``open(target, "w")`` gives: an existing target's, else 0666 less the umask (readable
+    by the group on a shared cluster, where ``mkstemp``'s 0600 was not). It is fsynced before the rename."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = target.parent / f".{target.name}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for open()
     try:
+        if target.is_file():
+            tmp.chmod(target.stat().st_mode & 0o777)
         yield tmp
+        _fsync_path(tmp)
         os.replace(tmp, target)
+        _fsync_path(target.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -536,11 +547,17 @@ before the error propagates, so the model computes what it computed before the c
 
 def _reload_through_peft(model: Any, folder: Path, adapter_name: str) -> None:
     """Load ``folder``'s weights into ``model``'s adapter with PEFT's loader (the same values transformers wrote),
-    so that GiVA's load checks run; they raise ``ValueError`` naming the layers."""
+    so that GiVA's load checks run; they raise ``ValueError`` naming the layers.
+
+    The saved keys carry ``PeftModel``'s ``base_model.model.`` prefix, which the bare transformers model lacks:
+    it is stripped first, as transformers' own PEFT integration does before ``set_peft_model_state_dict``
+    (PEFT looks up a ``modules_to_save`` head's tensors under the model's module names, e.g. ``classifier.weight``).
+    """
     from peft.utils import load_peft_weights as peft_load_peft_weights
     from peft.utils import set_peft_model_state_dict
 
     weights = load_peft_weights(peft_load_peft_weights, str(folder), device="cpu")
+    weights = {key.removeprefix("base_model.model."): value for key, value in weights.items()}
     set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
 
 

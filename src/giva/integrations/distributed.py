@@ -4,8 +4,9 @@ Three small tools, each safe to call in a one-process run too:
 
 * :func:`unwrap_model` strips DDP / Accelerate / ``torch.compile`` wrappers so GiVA code sees the
   ``PeftModel`` (``peft_config``, ``disable_adapter``, ``save_pretrained``).
-* :func:`full_state_dict` gathers FSDP2's sharded DTensors into plain tensors (a collective:
-  every rank calls it), so rank 0 can save an adapter that reloads in one process.
+* :func:`full_state_dict` gathers FSDP2's sharded DTensors of the adapters (GiVA's tensors, a
+  trained head, trained biases) into plain tensors (a collective: every rank calls it), so rank 0
+  can save an adapter that reloads in one process.
 * :func:`launcher_mismatch` says when the training loop sees fewer processes than torchrun
   started (the Trainer on CPU without ``use_cpu=True``): each process would train on its own.
 * :func:`replication_mismatches` gathers every GiVA tensor from every rank and lists those that
@@ -25,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..init.distributed import collective_device
@@ -68,20 +70,45 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 def full_state_dict(model: nn.Module, prefix: Optional[str] = GIVA_PREFIX) -> dict[str, torch.Tensor]:
     """The state dict with every DTensor gathered (every rank must call this; all get the same dict).
 
-    ``prefix`` keeps only the keys with that name part (default: GiVA's tensors, enough for
-    ``PeftModel.save_pretrained(path, state_dict=...)``); ``None`` keeps everything. The keys are
+    ``prefix`` keeps the keys with that name part, and the other tensors PEFT's save of the adapters
+    reads (see :func:`_trained_besides`): by default GiVA's tensors and those, enough for
+    ``PeftModel.save_pretrained(path, state_dict=...)``. ``None`` keeps everything. The keys are
     those of ``unwrap_model(model).state_dict()``.
     """
-    state = unwrap_model(model).state_dict()
+    inner = unwrap_model(model)
+    state = inner.state_dict()
+    besides = _trained_besides(inner, state) if prefix is not None else set()
     return {
         name: _local(tensor).cpu()
         for name, tensor in state.items()
-        if prefix is None or prefix in name
+        if prefix is None or prefix in name or name in besides
     }
 
 
+def _trained_besides(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
+    """Keys of ``state`` that PEFT's save of the model's adapters reads besides their layers' tensors.
+
+    Each adapter's trained copy of a ``modules_to_save`` module (the classifier head of a SEQ_CLS model) or its
+    trainable tokens, as the wrapper maps them for loading, and every bias when a config trains biases
+    (``bias`` other than ``"none"``). Without them the save raises ``KeyError`` (a head) or writes an adapter
+    that reloads with other outputs (biases).
+    """
+    configs = getattr(model, "peft_config", None) or {}
+    keys = {
+        f"{module_name}.{key}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, AuxiliaryTrainingWrapper)
+        for adapter_name in configs
+        for key in module.adapter_state_dict_load_map(adapter_name).values()
+    }
+    if any(getattr(config, "bias", "none") != "none" for config in configs.values()):
+        keys.update(name for name in state if name.endswith(".bias"))
+    return keys
+
+
 def replication_mismatches(model: nn.Module, prefix: str = GIVA_PREFIX) -> list[str]:
-    """Names of the GiVA tensors (vectors and bases) that differ bitwise between ranks; [] if all match.
+    """Names of the adapter tensors (GiVA's vectors and bases, a trained head or biases: those of
+    :func:`full_state_dict`) that differ bitwise between ranks; [] if all match.
 
     A collective: every rank must call it. In a one-process run it returns []. Names are checked
     too: a rank holding a different set of GiVA tensors is reported as ``"<tensor names>"``.
