@@ -142,11 +142,14 @@ def _nan(state):
          "adapter_model.safetensors: .*giva_A is stored as float32, but .*adapter_config.json says bases_dtype='bfloat16'"),
         (None, lambda s: s.update({A: (s[A] * 100).to(torch.int32)}),
          "adapter_model.safetensors: .*query.giva_A is stored as int32, but .*bases_dtype='float32'"),
+        (None, lambda s: s.update({A.replace("giva_A", "giva_B"): torch.zeros(32, 4, dtype=torch.bfloat16)}),
+         "adapter_model.safetensors: .*query.giva_B is stored as bfloat16, but GiVA saves B in float32"),
         (None, _nan, "adapter_model.safetensors: .*layer.1.attention.self.value.giva_lambda_o holds NaN or inf"),
         (None, lambda s: s.update({"base_model.model.extra.weight": torch.zeros(2)}),
          "adapter_model.safetensors holds a tensor that is not part of a GiVA adapter: 'base_model.model.extra.weight'"),
     ],
-    ids=["empty-config", "r-missing", "r-string", "task-type", "bases-dtype", "A-int32", "nan-lambda", "extra-tensor"],
+    ids=["empty-config", "r-missing", "r-string", "task-type", "bases-dtype", "A-int32", "B-bf16", "nan-lambda",
+         "extra-tensor"],
 )
 def test_a_hand_edited_folder_is_refused_in_one_line_naming_the_file(saved, tmp_path, config, tensors, message):
     folder = _edited(saved, tmp_path, config, tensors)
@@ -242,3 +245,27 @@ def test_atomic_file_fsyncs_the_file_before_the_rename(tmp_path, monkeypatch):
     with checkpoint.atomic_file(target) as tmp:
         tmp.write_text("new")
     assert (tmp, "old") in synced and (tmp_path, "new") in synced  # the file before the rename, the folder after
+
+
+@pytest.mark.parametrize("variant", ["Vr", "VrUr", "VrU2r", "weight"])
+def test_bf16_bases_of_every_variant_reload_and_export_exactly(tmp_path, variant):
+    """``bases_dtype="bfloat16"`` stores A in bf16 and B (stored by VrUr, VrU2r, weight) in fp32: the load check
+    must expect each in its own dtype (it refused every folder with a stored B); reload is bit-exact and the LoRA
+    export of the folder matches."""
+    from giva.export import export_lora
+
+    torch.manual_seed(1)
+    config = GivaConfig(r=4, init_weights=False, variant=variant, bases_dtype="bfloat16",
+                        target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = get_peft_model(tiny_bert(), config).eval()
+    ids = text_batches(batch=3)[0]["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "a")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+    export_lora(loaded, tmp_path / "lora")
+    lora = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "lora")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=ids).logits, expected, atol=1e-5, rtol=0)

@@ -391,7 +391,7 @@ def read_weights(weights: Path) -> dict[str, Any]:
 def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> dict[str, Any]:
     """The fields and tensors of a GiVA folder are what a save writes: one-line errors naming the file and field.
 
-    Returns the tensors. Checked: ``r`` present and positive; bases stored in the config's ``bases_dtype``;
+    Returns the tensors. Checked: ``r`` present and positive; ``A`` stored in the config's ``bases_dtype``, ``B`` in fp32;
     vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones, ``modules_to_save`` and
     (with ``bias`` other than ``"none"``) biases.
     """
@@ -405,10 +405,14 @@ def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> 
     heads = set(config.get("modules_to_save") or [])
     for key, tensor in tensors.items():
         kind = key.rsplit(".", 1)[-1]
-        if kind in _BASES and str(tensor.dtype) != f"torch.{bases_dtype}":
+        expected = bases_dtype if kind == "giva_A" else "float32"  # bases_dtype is A's; B is always stored in fp32
+        if kind in _BASES and str(tensor.dtype) != f"torch.{expected}":
+            stored = str(tensor.dtype).removeprefix("torch.")
             raise CheckpointError(
-                f"{weights}: {key} is stored as {str(tensor.dtype).removeprefix('torch.')}, but {config_file} says "
-                f"bases_dtype={bases_dtype!r}; one of the two was edited: save the adapter again"
+                f"{weights}: {key} is stored as {stored}, but {config_file} says bases_dtype={bases_dtype!r}; one of the "
+                "two was edited: save the adapter again" if kind == "giva_A" else
+                f"{weights}: {key} is stored as {stored}, but GiVA saves B in float32 (bases_dtype sets A's dtype only); "
+                "the file was edited: save the adapter again"
             )
         if kind in _VECTORS and not tensor.is_floating_point():
             raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected floating point")
