@@ -368,6 +368,22 @@ def test_export_lora_cli_carries_tokenizer_labels_and_a_loading_snippet(saved_cl
     assert torch.allclose(_logits(lora, ids), _logits(model, ids), atol=1e-5)
 
 
+def test_re_exporting_into_a_lora_folder_drops_the_earlier_exports_labels_and_tokenizer(saved_classifier):
+    """A new export replaces an earlier one's side files: a labels.json or tokenizer left from another adapter would
+    describe the wrong model. Files no export writes (a user's notes) are kept."""
+    _, root = saved_classifier
+    out = root / "lora"
+    assert main(["export-lora", str(root / "giva"), str(out), "--base-model", str(root / "base")]) == 0
+    (out / "NOTES.md").write_text("mine")
+    other = _random_adapter(tiny_bert, target_modules=["query"], task_type="SEQ_CLS")
+    export_lora(other, out)
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "README.md", "adapter_config.json",
+                                                     "adapter_model.safetensors"]
+    ids = text_batches(batch=3)[0]["input_ids"]
+    lora = PeftModel.from_pretrained(tiny_bert(), str(out))
+    assert torch.allclose(_logits(lora, ids), _logits(other, ids), atol=1e-5)
+
+
 def _refuse_loading(monkeypatch):
     from transformers import AutoModelForSequenceClassification
 

@@ -109,13 +109,14 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(folder))
 
 
-def _keep_unwritten(old: Path, new: Path) -> None:
+def _keep_unwritten(old: Path, new: Path, replaced: Optional[Callable[[str], bool]] = None) -> None:
     """Hard-link (else copy) into ``new`` every file of ``old`` the save did not write, as an in-place save keeps them.
 
     Symbolic links stay links to the same target, links to folders included (``os.walk`` lists those among the
     folders without entering them). Not kept: an adapter weights file of the other format beside the one the save
     wrote (``adapter_model.bin`` after a safetensors save, or the reverse), which the new config's checksum does
-    not cover and PEFT would read first; and staging folders an interrupted LoRA export of an older giva left.
+    not cover and PEFT would read first; staging folders an interrupted LoRA export of an older giva left; and the
+    top-level files whose name ``replaced`` accepts (files the writer owns that the save did not write this time).
     """
     for folder, dirs, files in os.walk(old):
         linked = [name for name in dirs if (Path(folder) / name).is_symlink()]
@@ -128,6 +129,8 @@ def _keep_unwritten(old: Path, new: Path) -> None:
         for name in [*files, *linked]:
             source, dest = Path(folder) / name, new / relative / name
             if dest.exists() or dest.is_symlink() or (rewrote_weights and name in WEIGHTS_NAMES):
+                continue
+            if replaced is not None and folder == os.fspath(old) and replaced(name):
                 continue
             if source.is_symlink():
                 os.symlink(os.readlink(source), dest)
@@ -216,10 +219,11 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+def atomic_directory(target: str | os.PathLike, replaced: Optional[Callable[[str], bool]] = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; when the block ends normally it replaces ``target`` at once.
 
-    Files already in ``target`` that the block did not write are kept (as an in-place save would). If the
+    Files already in ``target`` that the block did not write are kept (as an in-place save would), except top-level
+    files whose name ``replaced`` accepts (an earlier export's side files, say). If the
     block raises, ``target`` is untouched. A symlinked target keeps its link: the folder it points to is swapped.
     """
     target = Path(os.path.realpath(os.path.expanduser(os.fspath(target))))
@@ -233,7 +237,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if target.is_dir():
             tmp.chmod(target.stat().st_mode & 0o7777)
-            _keep_unwritten(target, tmp)
+            _keep_unwritten(target, tmp, replaced)
         _fsync_tree(tmp)
         cwd = Path.cwd().resolve() if os.path.isdir(".") else None
         _swap_in(tmp, target)

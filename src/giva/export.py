@@ -281,9 +281,11 @@ def _write_lora(
     """Write the LoRA folder beside ``out`` and swap it in whole (:func:`giva.checkpoint.atomic_directory`).
 
     An export killed at any point leaves ``out`` as it was or as the new export, never new weights beside an
-    old config; files of ``out`` the export does not write are kept, except a weights file of the other format.
+    old config. An earlier export's side files (labels, tokenizer) that this one does not write are dropped with
+    it, so they never describe another adapter; other files of ``out`` are kept, except a weights file of the
+    other format.
     """
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, replaced=_is_side_file) as tmp:
         save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp / SAFETENSORS_WEIGHTS_NAME)
         lora_config.save_pretrained(str(tmp))
         if extra is not None:
@@ -412,12 +414,14 @@ _TOKENIZER_FILES = (
 )
 
 
+def _is_side_file(name: str) -> bool:
+    """A tokenizer file or labels.json: what travels with an exported LoRA besides its weights, config and README."""
+    return name.startswith("tokenizer") or name in (*_TOKENIZER_FILES, "labels.json")
+
+
 def _side_files(adapter_dir: Path) -> list[Path]:
     """Tokenizer files and labels.json that travel with the exported LoRA."""
-    return sorted(
-        path for path in adapter_dir.iterdir()
-        if path.is_file() and (path.name.startswith("tokenizer") or path.name in (*_TOKENIZER_FILES, "labels.json"))
-    )
+    return sorted(path for path in adapter_dir.iterdir() if path.is_file() and _is_side_file(path.name))
 
 
 def export_lora_dir(
