@@ -976,3 +976,40 @@ def test_a_methods_calibration_takes_every_batch_with_all_and_names_a_bad_count(
     for bad in (0, "some", 2.5, True):
         with pytest.raises(ValueError, match=rf"method 'giva-default-r8': init.num_batches must be a positive integer or 'all', got {bad!r}"):
             calibration_batches(replace(load_method(BENCH, "giva-default-r8"), init={"num_batches": bad}), loader)
+
+
+def test_a_row_counts_only_runs_at_the_probes_head_lr_and_never_a_seed_twice() -> None:
+    """The runner trains every head at the linear probe's chosen LR; a run left at another head LR (from before
+    the probe settled elsewhere) sits in runs/ under its own id and must not join the row (it counted seed 0 twice
+    and moved the mean). Two runs of one (LR, seed) are an error naming the row."""
+    probe = [fake_run("probe", "probe", lr, 0, val, 0.6) for lr, val in ((0.1, 0.7), (0.2, 0.75))]
+    for run in probe:
+        run["method"]["kind"] = "probe"
+    giva_runs = [fake_run("giva-r8", "giva", 1e-2, s, 0.8, 0.8) for s in range(3)]
+    for run in giva_runs:
+        run["head_lr"] = 0.2
+    stray = fake_run("giva-r8", "giva", 1e-2, 0, 0.9, 0.2)
+    stray["head_lr"], stray["run_id"] = 0.1, "t__giva-r8__lr0.01__h0.1__s0"
+    row = next(r for r in aggregate(probe + giva_runs + [stray]) if r["method"] == "giva-r8")
+    assert row["seeds"] == [0, 1, 2] and row["test_mean"] == pytest.approx(0.8) and row["head_lr"] == 0.2
+    twice = copy.deepcopy(giva_runs[1])
+    twice["run_id"] = "t__giva-r8__lr0.01__s1-copy"
+    with pytest.raises(ValueError, match=r"row t/giva-r8 has two runs at LR 0.01, seed 1 \(one is 't__giva-r8__lr0.01__s1"):
+        aggregate(probe + giva_runs + [twice])
+
+
+def test_records_name_the_source_commit_they_were_measured_with(monkeypatch) -> None:
+    """giva's version string does not change between commits; each record also names the git commit (dirty when
+    src/giva had uncommitted changes), so rows measured by different code can be told apart."""
+    import subprocess
+
+    from giva.bench import versions as versions_module
+
+    versions_module.source_commit.cache_clear()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(versions_module.__file__).parent)
+    commit = versions_module.versions()["giva_commit"]
+    assert commit.removesuffix("-dirty") == head.stdout.strip() if head.returncode == 0 else commit == "unknown"
+    versions_module.source_commit.cache_clear()
+    monkeypatch.setattr(versions_module.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
+    assert versions_module.versions()["giva_commit"] == "unknown"
+    versions_module.source_commit.cache_clear()

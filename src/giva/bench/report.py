@@ -31,6 +31,31 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _at_shared_head_lr(groups: dict[tuple, list[dict[str, Any]]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Each row's runs as the runner counts them: on a task with a linear probe (the suite's 'probe' rule) only the
+    runs whose head trained at the probe's chosen LR (a run left from an earlier head LR is not the row's), and
+    never two runs of one (LR, seed), which would count a seed twice (``ValueError`` naming the row)."""
+    probe_lr = {
+        task: choose_lr(validation_by_lr(group))
+        for (task, _, ablation), group in groups.items() if ablation is None and group[0]["method"]["kind"] == "probe"
+    }
+    kept = {}
+    for key, group in groups.items():
+        shared = probe_lr.get(key[0])
+        if shared is not None and group[0]["method"]["kind"] != "probe":
+            group = [r for r in group if float(f"{r['head_lr']:.6g}") == float(f"{shared:.6g}")]
+        seen: set[tuple[float, int]] = set()
+        for r in group:
+            run = (float(f"{r['lr']:.6g}"), r["seed"])
+            if run in seen:
+                raise ValueError(f"row {'/'.join(k for k in key if k)} has two runs at LR {run[0]:g}, seed {run[1]} "
+                                 f"(one is {r.get('run_id')!r}): remove the one that is not the row's")
+            seen.add(run)
+        if group:
+            kept[key] = group
+    return kept
+
+
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, method, ablation): the chosen LR and the test accuracy over its seeds."""
     groups: dict[tuple[str, str, Optional[str]], list[dict[str, Any]]] = defaultdict(list)
@@ -38,7 +63,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("kind") == "train":
             groups[(r["task"]["name"], r["method"]["name"], r["ablation"])].append(r)
     rows = []
-    for (task, method, ablation), group in groups.items():
+    for (task, method, ablation), group in _at_shared_head_lr(groups).items():
         vals = validation_by_lr(group)
         lr = choose_lr(vals)
         if lr is None:  # no seed common to the LRs and no seed 0: take the LR the group ran at

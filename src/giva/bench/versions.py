@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import platform
+import subprocess
+from pathlib import Path
 
 import torch
 
 
 def versions() -> dict[str, str]:
-    """Python, torch, transformers, PEFT and giva versions, the platform and torch's CPU thread count."""
+    """Python, torch, transformers, PEFT and giva versions (with the source's git commit), the platform and torch's
+    CPU thread count."""
     import peft
     import transformers
 
@@ -20,6 +24,25 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "giva": __version__,
+        "giva_commit": source_commit(),
         "platform": platform.platform(),
         "cpu_threads": str(torch.get_num_threads()),
     }
+
+
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str:
+    """The git commit giva's source was at when this process first asked (close to when it imported the code it
+    runs), ``-dirty`` when ``src/giva`` had uncommitted changes; ``"unknown"`` outside a git checkout. A record made
+    by changed code can then be told from the others (the package version does not change between commits)."""
+    source = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10, check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        dirty = git("status", "--porcelain", "--", str(source)).strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
