@@ -44,7 +44,8 @@ class GivaConfig(PeftConfig):
             "help": (
                 "Names (or a regex) of the modules to adapt, e.g. ['query', 'value'], or 'all-linear'. nn.Linear and "
                 "transformers' Conv1D are supported. If None (the default): 'all-linear', every linear layer except "
-                "the output / classification head, which beat query+value in the benchmarks."
+                "the output / classification head, which beat query+value in the benchmarks (PEFT knows a "
+                "classifier head from task_type='SEQ_CLS'; without it the classifier is adapted too)."
             )
         },
     )
