@@ -184,8 +184,8 @@ class GivaConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if not _is_int(self.r) or self.r < 1:
             raise ValueError(f"GivaConfig.r must be a positive integer, got {self.r!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"GivaConfig.seed must be an integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63:  # the SVD's generator takes a signed 64-bit seed
+            raise ValueError(f"GivaConfig.seed must be a signed 64-bit integer, got {self.seed!r}")
         if not _is_real(self.lambda_s_init) or not math.isfinite(self.lambda_s_init):
             raise ValueError(f"GivaConfig.lambda_s_init must be a finite number, got {self.lambda_s_init!r}")
         if not _is_real(self.lambda_o_init) or not math.isfinite(self.lambda_o_init):
