@@ -990,12 +990,15 @@ def test_a_row_counts_only_runs_at_the_probes_head_lr_and_never_a_seed_twice() -
         run["head_lr"] = 0.2
     stray = fake_run("giva-r8", "giva", 1e-2, 0, 0.9, 0.2)
     stray["head_lr"], stray["run_id"] = 0.1, "t__giva-r8__lr0.01__h0.1__s0"
-    row = next(r for r in aggregate(probe + giva_runs + [stray]) if r["method"] == "giva-r8")
+    row = next(r for r in aggregate(probe + giva_runs + [stray], probe_rule=True) if r["method"] == "giva-r8")
     assert row["seeds"] == [0, 1, 2] and row["test_mean"] == pytest.approx(0.8) and row["head_lr"] == 0.2
+    # Under the 'same' rule every run's head trains at its own LR: nothing is filtered (the stray is then a duplicate)
+    same = [fake_run("giva-r8", "giva", lr, 0, 0.8, 0.8) for lr in (1e-2, 2e-2)]
+    assert len(next(r for r in aggregate(probe + same) if r["method"] == "giva-r8")["val_by_lr"]) == 2
     twice = copy.deepcopy(giva_runs[1])
     twice["run_id"] = "t__giva-r8__lr0.01__s1-copy"
     with pytest.raises(ValueError, match=r"row t/giva-r8 has two runs at LR 0.01, seed 1 \(one is 't__giva-r8__lr0.01__s1"):
-        aggregate(probe + giva_runs + [twice])
+        aggregate(probe + giva_runs + [twice], probe_rule=True)
 
 
 def test_records_name_the_source_commit_they_were_measured_with(monkeypatch) -> None:
@@ -1013,3 +1016,29 @@ def test_records_name_the_source_commit_they_were_measured_with(monkeypatch) -> 
     monkeypatch.setattr(versions_module.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
     assert versions_module.versions()["giva_commit"] == "unknown"
     versions_module.source_commit.cache_clear()
+
+
+def test_an_installed_giva_inside_another_repository_names_no_commit(tmp_path) -> None:
+    """A giva installed in a virtual environment inside some other project's checkout must not report that
+    project's commit as its own: only a checkout that tracks giva's source names one."""
+    import importlib.util
+    import shutil
+    import subprocess
+
+    from giva.bench import versions as versions_module
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / ".gitignore").write_text(".venv\n")
+    git("add", ".gitignore")
+    git("commit", "-qm", "a project")
+    installed = tmp_path / ".venv" / "site-packages" / "giva" / "bench" / "versions.py"
+    installed.parent.mkdir(parents=True)
+    shutil.copy(versions_module.__file__, installed)
+    spec = importlib.util.spec_from_file_location("installed_versions", installed)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.source_commit() == "unknown"

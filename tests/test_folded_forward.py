@@ -7,6 +7,7 @@ vectors' dtype, ``lambda_o`` applied to the ``tokens x out`` product) so every t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from contextlib import contextmanager
@@ -521,6 +522,16 @@ def test_no_graph_break_inside_the_layer_forward(dtype):
         assert explanation.graph_break_count == 0, explanation.break_reasons
         assert explanation.graph_count == 1
     torch._dynamo.reset()
+    mixed = copy.deepcopy(layers[0])  # a mixed batch, with autograd on and off, as a server or an eval loop runs it
+    mixed.update_layer("second", [mixed.out_features], [0], _config("linear"))
+    mixed.eval()
+    # (under torch.inference_mode the stack cache's data-pointer test still breaks the graph, as before this test)
+    for context in (contextlib.nullcontext, torch.no_grad):
+        with context():
+            x = torch.randn(3, 5, mixed.in_features).to(dtype)
+            explanation = torch._dynamo.explain(mixed)(x, adapter_names=["default", "second", "__base__"])
+        assert explanation.graph_break_count == 0, (context.__name__, explanation.break_reasons)
+        torch._dynamo.reset()
     batch = text_batches(labels="lm")[0]
     explanation = torch._dynamo.explain(lambda **kw: model(**kw).loss)(**batch)
     assert explanation.graph_break_count == 0, explanation.break_reasons

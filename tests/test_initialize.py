@@ -398,7 +398,7 @@ def test_non_finite_gradient_with_a_finite_loss_names_the_layer_and_batch(batche
     assert not giva.bases_initialized(model)
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True, None])
 def test_calibration_keeps_activation_checkpointing(batches, reentrant):
     """With gradient checkpointing on, each checkpointed layer is recomputed in the backward (its GiVA layers
     run twice per batch), and the bases equal those of the same model without checkpointing. Reentrant
@@ -408,7 +408,8 @@ def test_calibration_keeps_activation_checkpointing(batches, reentrant):
     giva.initialize(plain, data, num_batches=2, progress=False, mode="exact")
 
     base = tiny_llama()
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    # None: not given, so torch's checkpoint runs reentrantly by its own default
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={} if reentrant is None else {"use_reentrant": reentrant})
     functions = {m: m._gradient_checkpointing_func for m in base.modules() if getattr(m, "gradient_checkpointing", 0)}
     model = get_peft_model(base, GivaConfig(r=4, target_modules=["q_proj", "down_proj"]))
     model.train()

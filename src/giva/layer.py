@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -476,8 +475,7 @@ class GivaLayer(BaseTunerLayer):
             return a
         key = (adapter_name, dtype, device)
         entry = self._giva_cast_bases.get(key)
-        compiling = torch.compiler.is_compiling()
-        if compiling:  # the explicit invalidations above recompile; no version counter here
+        if torch.compiler.is_compiling():  # the explicit invalidations above recompile; no version counter here
             if entry is not None and entry[0] is a:
                 return entry[2]
             state = None
@@ -485,9 +483,9 @@ class GivaLayer(BaseTunerLayer):
             state = _tensor_state(a)
             if entry is not None and entry[0] is a and state is not None and entry[1] == state:
                 return entry[2]
-        # Cached, so never an inference tensor, which no later forward with autograd could use (dynamo cannot trace the
-        # mode test; an eager forward never reuses a copy cached while compiling: its state is None).
-        with torch.no_grad(), nullcontext() if compiling else outside_inference_mode():
+        # Cached, so never an inference tensor, which no later forward with autograd could use (an eager forward never
+        # reuses a copy cached while compiling: its state is None).
+        with torch.no_grad(), outside_inference_mode():
             cast = a.to(device=device, dtype=dtype)
         self._giva_cast_bases[key] = (a, state, cast)
         return cast

@@ -202,8 +202,11 @@ class _OnDevice:
 
 def outside_inference_mode() -> AbstractContextManager:
     """Around a tensor that is cached for later forwards: made under ``torch.inference_mode()`` it would be an
-    inference tensor, which no later forward with autograd on may use (it could never train again)."""
-    return torch.inference_mode(False) if torch.is_inference_mode_enabled() else nullcontext()
+    inference tensor, which no later forward with autograd on may use (it could never train again). Nothing while
+    dynamo traces: it cannot trace the mode test (a graph break), and a compiled graph's tensors are its own."""
+    if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
+        return nullcontext()
+    return torch.inference_mode(False)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -17,8 +17,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from .runner import choose_lr, load_runs, mean_validation, validation_by_lr, write_json_atomically
-from .spec import DEFAULT_HEADLINE_PAIRS, DEFAULT_HEADLINE_SIZES, SuiteSpec, benchmarks_dir, load_method
+from .runner import choose_lr, load_runs, lr_key, mean_validation, validation_by_lr, write_json_atomically
+from .spec import (
+    DEFAULT_HEADLINE_PAIRS,
+    DEFAULT_HEADLINE_SIZES,
+    UNTRAINED_KINDS,
+    SuiteSpec,
+    benchmarks_dir,
+    load_method,
+)
 from .stats import CONFIDENCE, MIN_SEEDS, RULES, combination, end_to_end_ratio, evaluate_claims, split_ref
 
 PLOTS = ("acc_vs_params.png", "acc_vs_rank.png", "step_time.png", "loss_curves.png")
@@ -31,22 +38,24 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _at_shared_head_lr(groups: dict[tuple, list[dict[str, Any]]]) -> dict[tuple, list[dict[str, Any]]]:
-    """Each row's runs as the runner counts them: on a task with a linear probe (the suite's 'probe' rule) only the
-    runs whose head trained at the probe's chosen LR (a run left from an earlier head LR is not the row's), and
-    never two runs of one (LR, seed), which would count a seed twice (``ValueError`` naming the row)."""
+def _at_shared_head_lr(groups: dict[tuple, list[dict[str, Any]]], probe_rule: bool) -> dict[tuple, list[dict[str, Any]]]:
+    """Each row's runs as the runner counts them (:func:`giva.bench.runner.shared_head_lr`): under the suite's 'probe'
+    rule (``probe_rule``), a trained row of a task with a new head and a linear probe keeps only the runs whose head
+    trained at the probe's chosen LR (a run left from an earlier head LR is not the row's). Never two runs of one
+    (LR, seed), which would count a seed twice (``ValueError`` naming the row)."""
     probe_lr = {
         task: choose_lr(validation_by_lr(group))
         for (task, _, ablation), group in groups.items() if ablation is None and group[0]["method"]["kind"] == "probe"
-    }
+    } if probe_rule else {}
     kept = {}
     for key, group in groups.items():
-        shared = probe_lr.get(key[0])
-        if shared is not None and group[0]["method"]["kind"] != "probe":
-            group = [r for r in group if float(f"{r['head_lr']:.6g}") == float(f"{shared:.6g}")]
+        shared, first = probe_lr.get(key[0]), group[0]
+        if (shared is not None and first["method"]["kind"] not in ("probe", *UNTRAINED_KINDS)
+                and first["task"].get("kind", "classification") != "clm"):
+            group = [r for r in group if lr_key(r["head_lr"]) == lr_key(shared)]
         seen: set[tuple[float, int]] = set()
         for r in group:
-            run = (float(f"{r['lr']:.6g}"), r["seed"])
+            run = (lr_key(r["lr"]), r["seed"])
             if run in seen:
                 raise ValueError(f"row {'/'.join(k for k in key if k)} has two runs at LR {run[0]:g}, seed {run[1]} "
                                  f"(one is {r.get('run_id')!r}): remove the one that is not the row's")
@@ -56,21 +65,22 @@ def _at_shared_head_lr(groups: dict[tuple, list[dict[str, Any]]]) -> dict[tuple,
     return kept
 
 
-def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (task, method, ablation): the chosen LR and the test accuracy over its seeds."""
+def aggregate(runs: list[dict[str, Any]], probe_rule: bool = False) -> list[dict[str, Any]]:
+    """One row per (task, method, ablation): the chosen LR and the test accuracy over its seeds. ``probe_rule``: the
+    suite's heads train at the linear probe's LR (``train.head_lr == "probe"``), so a row counts those runs only."""
     groups: dict[tuple[str, str, Optional[str]], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
         if r.get("kind") == "train":
             groups[(r["task"]["name"], r["method"]["name"], r["ablation"])].append(r)
     rows = []
-    for (task, method, ablation), group in _at_shared_head_lr(groups).items():
+    for (task, method, ablation), group in _at_shared_head_lr(groups, probe_rule).items():
         vals = validation_by_lr(group)
         lr = choose_lr(vals)
         if lr is None:  # no seed common to the LRs and no seed 0: take the LR the group ran at
             lr = group[0]["lr"]
         common = sorted(set.intersection(*(set(v) for v in vals.values())))
         runner_up = _runner_up(vals, lr)
-        chosen = sorted((r for r in group if float(f"{r['lr']:.6g}") == float(f"{lr:.6g}")), key=lambda r: r["seed"])
+        chosen = sorted((r for r in group if lr_key(r["lr"]) == lr_key(lr)), key=lambda r: r["seed"])
         tests = [r["metrics"]["test_accuracy"] for r in chosen]
         mean, std = mean_std(tests)
         first = chosen[0]
@@ -510,7 +520,7 @@ def write_report(output_dir: Path, spec: SuiteSpec) -> dict[str, Any]:
     """Write results.json, results.md and the plots next to the runs/ folder; returns the results dict."""
     suite, headline_task = spec.name, spec.headline_task
     runs = load_runs(output_dir / "runs")
-    rows = aggregate(runs)
+    rows = aggregate(runs, probe_rule=spec.train.get("head_lr") == "probe")
     speeds = [r for r in runs if r.get("kind") == "speed"]
     lines = headlines(rows, speeds, headline_task, spec.headline_pairs, spec.headline_sizes)
     claims = evaluate_claims(spec.claims, rows, speeds)

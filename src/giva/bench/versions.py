@@ -33,7 +33,8 @@ def versions() -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def source_commit() -> str:
     """The git commit giva's source was at when this process first asked (close to when it imported the code it
-    runs), ``-dirty`` when ``src/giva`` had uncommitted changes; ``"unknown"`` outside a git checkout. A record made
+    runs), ``-dirty`` when ``src/giva`` had uncommitted changes; ``"unknown"`` when this file is not tracked by a git
+    checkout (an installed giva, even inside another project's repository). A record made
     by changed code can then be told from the others (the package version does not change between commits)."""
     source = Path(__file__).resolve().parents[1]
 
@@ -41,6 +42,7 @@ def source_commit() -> str:
         return subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10, check=True).stdout
 
     try:
+        git("ls-files", "--error-unmatch", str(Path(__file__).resolve()))  # giva's own checkout, not a project it is installed in
         commit = git("rev-parse", "HEAD").strip()
         dirty = git("status", "--porcelain", "--", str(source)).strip()
     except (OSError, subprocess.SubprocessError):

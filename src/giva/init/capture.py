@@ -15,6 +15,7 @@ from functools import partial
 from typing import Any, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..layer import GivaLayer
@@ -86,6 +87,13 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
             module._disable_adapters = state
 
 
+def _reentrant(function: partial) -> bool:
+    """Whether a checkpointing partial runs reentrantly: ``use_reentrant=True`` given, or not given to
+    ``torch.utils.checkpoint.checkpoint`` itself, whose default is reentrant."""
+    reentrant = function.keywords.get("use_reentrant")
+    return reentrant is True or (reentrant is None and function.func is torch.utils.checkpoint.checkpoint)
+
+
 @contextmanager
 def calibration_mode(model: nn.Module) -> Iterator[None]:
     """Deterministic calibration that keeps the model's activation checkpointing.
@@ -109,7 +117,7 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
                     if name.endswith("dropout") and isinstance(value, float) and value > 0:
                         rates.append((module, name, value))
                 function = getattr(module, "_gradient_checkpointing_func", None)
-                if isinstance(function, partial) and function.keywords.get("use_reentrant") is True:
+                if isinstance(function, partial) and _reentrant(function):
                     functions[module] = function
         for module, name, _ in rates:
             setattr(module, name, 0.0)
