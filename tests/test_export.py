@@ -375,10 +375,12 @@ def test_re_exporting_into_a_lora_folder_drops_the_earlier_exports_labels_and_to
     out = root / "lora"
     assert main(["export-lora", str(root / "giva"), str(out), "--base-model", str(root / "base")]) == 0
     (out / "NOTES.md").write_text("mine")
+    (out / "tokenizers").symlink_to(root / "giva", target_is_directory=True)  # a user's link: a folder, not a side file
     other = _random_adapter(tiny_bert, target_modules=["query"], task_type="SEQ_CLS")
     export_lora(other, out)
     assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "README.md", "adapter_config.json",
-                                                     "adapter_model.safetensors"]
+                                                     "adapter_model.safetensors", "tokenizers"]
+    assert (out / "tokenizers").is_symlink()
     ids = text_batches(batch=3)[0]["input_ids"]
     lora = PeftModel.from_pretrained(tiny_bert(), str(out))
     assert torch.allclose(_logits(lora, ids), _logits(other, ids), atol=1e-5)

@@ -130,7 +130,7 @@ def _keep_unwritten(old: Path, new: Path, replaced: Optional[Callable[[str], boo
             source, dest = Path(folder) / name, new / relative / name
             if dest.exists() or dest.is_symlink() or (rewrote_weights and name in WEIGHTS_NAMES):
                 continue
-            if replaced is not None and folder == os.fspath(old) and replaced(name):
+            if replaced is not None and folder == os.fspath(old) and name in files and replaced(name):
                 continue
             if source.is_symlink():
                 os.symlink(os.readlink(source), dest)
