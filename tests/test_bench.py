@@ -990,8 +990,12 @@ def test_a_row_counts_only_runs_at_the_probes_head_lr_and_never_a_seed_twice() -
         run["head_lr"] = 0.2
     stray = fake_run("giva-r8", "giva", 1e-2, 0, 0.9, 0.2)
     stray["head_lr"], stray["run_id"] = 0.1, "t__giva-r8__lr0.01__h0.1__s0"
-    row = next(r for r in aggregate(probe + giva_runs + [stray], probe_rule=True) if r["method"] == "giva-r8")
+    untrained = fake_run("zero-shot", "none", 0.0, 0, 0.5, 0.5)  # no head trained: its head_lr (0) is no probe's
+    untrained["method"]["kind"], untrained["head_lr"] = "none", 0.0
+    rows = aggregate(probe + giva_runs + [stray, untrained], probe_rule=True)
+    row = next(r for r in rows if r["method"] == "giva-r8")
     assert row["seeds"] == [0, 1, 2] and row["test_mean"] == pytest.approx(0.8) and row["head_lr"] == 0.2
+    assert [r["seeds"] for r in rows if r["method"] == "zero-shot"] == [[0]]
     # Under the 'same' rule every run's head trains at its own LR: nothing is filtered (the stray is then a duplicate)
     same = [fake_run("giva-r8", "giva", lr, 0, 0.8, 0.8) for lr in (1e-2, 2e-2)]
     assert len(next(r for r in aggregate(probe + same) if r["method"] == "giva-r8")["val_by_lr"]) == 2

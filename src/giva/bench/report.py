@@ -17,11 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from .runner import choose_lr, load_runs, lr_key, mean_validation, validation_by_lr, write_json_atomically
+from .runner import (
+    choose_lr,
+    load_runs,
+    lr_key,
+    mean_validation,
+    probe_rule_applies,
+    validation_by_lr,
+    write_json_atomically,
+)
 from .spec import (
     DEFAULT_HEADLINE_PAIRS,
     DEFAULT_HEADLINE_SIZES,
-    UNTRAINED_KINDS,
     SuiteSpec,
     benchmarks_dir,
     load_method,
@@ -50,8 +57,7 @@ def _at_shared_head_lr(groups: dict[tuple, list[dict[str, Any]]], probe_rule: bo
     kept = {}
     for key, group in groups.items():
         shared, first = probe_lr.get(key[0]), group[0]
-        if (shared is not None and first["method"]["kind"] not in ("probe", *UNTRAINED_KINDS)
-                and first["task"].get("kind", "classification") != "clm"):
+        if shared is not None and probe_rule_applies("probe", first["method"]["kind"], first["task"].get("kind", "classification")):
             group = [r for r in group if lr_key(r["head_lr"]) == lr_key(shared)]
         seen: set[tuple[float, int]] = set()
         for r in group:

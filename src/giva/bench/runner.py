@@ -407,6 +407,12 @@ def _row_runs(runs: list[dict[str, Any]], task: str, method: str, ablation: Opti
     ]
 
 
+def probe_rule_applies(head_lr_rule: Any, method_kind: str, task_kind: str) -> bool:
+    """Whether a row's head trains at the linear probe's LR: the suite's 'probe' rule, a trained method other than the
+    probe itself, and a task with a new head (a causal LM has none). The runner plans by it, the report counts by it."""
+    return head_lr_rule == "probe" and method_kind not in ("probe", *UNTRAINED_KINDS) and task_kind != "clm"
+
+
 def shared_head_lr(suite: SuiteSpec, root: Path, runs: list[dict[str, Any]], task: str, method: MethodSpec) -> tuple[Optional[float], str]:
     """The head LR a run of ``method`` on ``task`` gets under the suite's 'probe' rule (one value for every
     method: the LR the linear probe settled on, chosen on validation), and why it is not known yet ('' if it is).
@@ -414,9 +420,7 @@ def shared_head_lr(suite: SuiteSpec, root: Path, runs: list[dict[str, Any]], tas
     (None, '') when the rule does not apply: another rule, the probe itself, an untrained model, or a
     causal-LM task (no new head).
     """
-    if suite.train.get("head_lr", "same") != "probe" or method.kind in ("probe", *UNTRAINED_KINDS):
-        return None, ""
-    if suite.tasks[task].kind == "clm":
+    if not probe_rule_applies(suite.train.get("head_lr", "same"), method.kind, suite.tasks[task].kind):
         return None, ""
     chosen = settled_lr(suite, root, runs, task, "probe")
     if chosen is None:
