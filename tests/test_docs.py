@@ -35,7 +35,10 @@ def anchors(page: Path) -> set[str]:
 
 def test_slugs_follow_github():
     assert github_slug("The gap study's later candidates (e) to (h)") == "the-gap-studys-later-candidates-e-to-h"
-    assert github_slug("Suite `serve`: bytes per adapter (`adapter_memory.md`)") == "suite-serve-bytes-per-adapter-adapter_memorymd"
+    assert (
+        github_slug("Suite `serve`: bytes per adapter (`adapter_memory.md`)")
+        == "suite-serve-bytes-per-adapter-adapter_memorymd"
+    )
 
 
 @pytest.mark.parametrize("name", PAGES)
