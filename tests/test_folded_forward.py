@@ -525,12 +525,18 @@ def test_no_graph_break_inside_the_layer_forward(dtype):
     mixed = copy.deepcopy(layers[0])  # a mixed batch, with autograd on and off, as a server or an eval loop runs it
     mixed.update_layer("second", [mixed.out_features], [0], _config("linear"))
     mixed.eval()
-    # (under torch.inference_mode the stack cache's data-pointer test still breaks the graph, as before this test)
-    for context in (contextlib.nullcontext, torch.no_grad):
+    names = ["default", "second", "__base__"]
+    x = torch.randn(3, 5, mixed.in_features).to(dtype)
+    with torch.no_grad():
+        eager = mixed(x, adapter_names=names)  # a warm stack cache, as on a server that ran eagerly first
+    for context in (contextlib.nullcontext, torch.no_grad, torch.inference_mode):
         with context():
-            x = torch.randn(3, 5, mixed.in_features).to(dtype)
-            explanation = torch._dynamo.explain(mixed)(x, adapter_names=["default", "second", "__base__"])
+            explanation = torch._dynamo.explain(mixed)(x, adapter_names=names)
         assert explanation.graph_break_count == 0, (context.__name__, explanation.break_reasons)
+        torch._dynamo.reset()
+        with context():
+            compiled = torch.compile(mixed, backend="aot_eager", fullgraph=True)(x, adapter_names=names)
+        torch.testing.assert_close(compiled, eager)
         torch._dynamo.reset()
     batch = text_batches(labels="lm")[0]
     explanation = torch._dynamo.explain(lambda **kw: model(**kw).loss)(**batch)

@@ -332,8 +332,10 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
     fp32 = next((name for name in present if layer.giva_compute_dtype.get(name, "input") == "float32"), None)
     if fp32 is not None:  # an adapter asks for fp32 adapter maths: the whole batch's run in it
         x = layer._compute_input(x, fp32)
-    cache = not torch.is_grad_enabled()
-    if not cache:  # a forward that could train: refuse zero gradient bases, as the one-adapter forward does
+    # The stacks are reused across forwards without autograd; under torch.compile they are built inside the graph
+    # instead (the cache's data-pointer test breaks a graph, and the compiled graph is what is reused there).
+    cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+    if torch.is_grad_enabled():  # a forward that could train: refuse zero gradient bases, as the one-adapter forward does
         for name in present:
             layer._check_bases(name)
     stacked = _stacked(layer, present, x.device, x.dtype) if cache else _build_stacked(layer, present, x.device, x.dtype)
