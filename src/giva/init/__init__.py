@@ -291,7 +291,7 @@ def initialize(
         partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress)
         report.losses = report.losses or partial.losses
         report.sums_bytes = max(report.sums_bytes, partial.nbytes())
-        partial = comm.sum_partial(partial, list(session.targets))
+        partial = comm.sum_partial(partial, session)
         middle = time.perf_counter()
         comm.finish_pass(session, partial)
         report.gradient_seconds += middle - start

@@ -2,9 +2,11 @@
 
 Every rank enters every collective in the same order, or every rank raises: before each
 collective the ranks all-reduce a status flag (:meth:`Collective.agree`), so a failure on one rank
-(a NaN loss, a layer without gradient, too few batches, an SVD error) makes every rank raise the
+(a NaN loss, a layer no rank's batches reach, too few batches, an SVD error) makes every rank raise the
 same :class:`DistributedInitError` at once, naming the failing rank and the cause, instead of
-leaving the others blocked in an all-reduce until a timeout. Only the per-target sums of the
+leaving the others blocked in an all-reduce until a timeout. A layer that only some ranks' batches
+reach (an MoE expert, a multi-task head) is no failure: the other ranks add zeros in its place, and
+only a layer no rank reached is an error, on every rank. Only the per-target sums of the
 session are all-reduced (small sketches in ``mode="sketch"``, the dense block gradient in
 ``mode="exact"``); the per-target QR/SVD work is split (target ``i`` on rank ``i mod world``) and
 the results are broadcast, so every rank ends with bit-identical bases.
@@ -94,22 +96,19 @@ class Collective:
         """Every rank's ``value``, in rank order."""
         return [value]
 
-    def sum_partial(self, partial: Partial, keys: list[str]) -> Partial:
-        self.agree(_missing_keys(partial, keys))
+    def sum_partial(self, partial: Partial, session: InitSession) -> Partial:
+        """The sums over every process's batches (here: this process's); :meth:`InitSession.check` judges them."""
         return partial
 
     def finish_pass(self, session: InitSession, partial: Partial) -> None:
         session.receive(partial)
 
 
-def _missing_keys(partial: Partial, keys: list[str]) -> Optional[GradientInitError]:
-    missing = sorted({key.split(":", 1)[1].rsplit("#", 1)[0] for key in keys if key not in partial.sums})
-    if not missing:
-        return None
-    return GradientInitError(
-        f"GiVA layer(s) {missing[:5]} received no gradient (not on the path from inputs to loss); "
-        "remove them from target_modules"
-    )
+def _wrong_shapes(partial: Partial, session: InitSession) -> Optional[GradientInitError]:
+    """An error naming the sums whose shape is not the one every rank expects (:meth:`InitSession.sum_shape`)."""
+    wrong = [f"{key}: {tuple(total.shape)}, expected {session.sum_shape(key)}"
+             for key, total in partial.sums.items() if tuple(total.shape) != session.sum_shape(key)]
+    return GradientInitError(f"sums of unexpected shape: {wrong[:5]}") if wrong else None
 
 
 # Every rank creates its collectives in the same order, so the n-th one has the same store keys everywhere.
@@ -232,14 +231,29 @@ class TorchCollective(Collective):
         dist.all_reduce(values)
         return [int(v) for v in values.tolist()]
 
-    def sum_partial(self, partial: Partial, keys: list[str]) -> Partial:
-        """All-reduce (sum) the partial's tensors and counts; every rank gets the same total."""
-        self.agree(_missing_keys(partial, keys))
-        counts = torch.tensor([partial.batches, partial.tokens], dtype=torch.float64, device=self.device)
+    def sum_partial(self, partial: Partial, session: InitSession) -> Partial:
+        """All-reduce (sum) the partial's tensors and counts; every rank gets the same total.
+
+        A target this rank's batches never reached (an MoE expert given no tokens here, a head only other ranks'
+        batches use) adds zeros of the shape the session gives every rank, so the total is that of one process
+        over every rank's batches. The ranks count who reached each target in the same all-reduce as the batch
+        counts: a target no rank reached stays out of the total, and :meth:`InitSession.check` names it on
+        every rank, as it does in one process.
+        """
+        keys = list(session.targets)
+        self.agree(_wrong_shapes(partial, session))
+        counts = torch.tensor([partial.batches, partial.tokens, *(key in partial.sums for key in keys)],
+                              dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         sums = {}
-        for key in keys:  # one collective per target: the dense sums of mode="exact" are not copied twice
-            tensor = partial.sums[key].to(self.device).contiguous()
+        for key, reached in zip(keys, counts[2:].tolist()):
+            if not reached:
+                continue
+            local = partial.sums.get(key)
+            if local is None:
+                tensor = torch.zeros(session.sum_shape(key), dtype=torch.float32, device=self.device)
+            else:  # one collective per target: the dense sums of mode="exact" are not copied twice
+                tensor = local.to(self.device, torch.float32).contiguous()
             dist.all_reduce(tensor)
             sums[key] = tensor
         return Partial(partial.pass_index, sums, int(counts[0]), int(counts[1]), partial.losses)
