@@ -125,6 +125,16 @@ CAUSES = {
 VALUE_ERRORS = {"all_without_len", "invalid_mode_on_one_rank", "unknown_adapter_on_one_rank", "invalid_num_batches_on_one_rank"}
 
 
+def test_every_ranks_reason_reaches_every_rank_whatever_its_length(ranks):
+    """Both ranks fail, with reasons of other byte lengths (a long non-ASCII one, an empty one): each rank raises the
+    same error, naming rank 0's reason, and holds every failed rank's reason as it was."""
+    records = [record["reasons_of_other_lengths"] for record in ranks.json("failures_rank{rank}.json")]
+    reason = "KeyError: '" + "Grüße vom Rang 0, " * 20 + "'"
+    assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"], records
+    assert [r["message"] for r in records] == [f"GiVA initialisation failed on rank 0 of 2: {reason} (also failed: ranks [1])"] * 2
+    assert [r["reasons"] for r in records] == [{"0": reason, "1": ""}] * 2
+
+
 def test_num_batches_all_is_every_batch_of_each_ranks_loader_bit_for_bit(ranks):
     """num_batches="all" on loaders of NUM_BATCHES batches gives the bases of num_batches=NUM_BATCHES, on every rank."""
     for all_batches, counted in zip(_load(ranks, "all_exact"), _load(ranks, "plain_exact")):

@@ -146,6 +146,12 @@ def failure_cases(rank: int) -> dict[str, dict]:
             raise KeyError("injected loss_fn failure")
         return loss
 
+    def reasons_of_other_lengths(m, batch):  # both ranks fail: a long non-ASCII reason, and an empty one
+        m(**batch)
+        if rank == 0:
+            raise KeyError("Grüße vom Rang 0, " * 20)
+        raise GradientInitError("")
+
     def forward_failing_on_rank1(m, batch):
         if rank == 1:
             batch = {**batch, "input_ids": batch["input_ids"] + 1000}  # past the vocabulary: the embedding raises
@@ -156,6 +162,7 @@ def failure_cases(rank: int) -> dict[str, dict]:
         "loss_fn_error": dict(dataloader=batches, loss_fn=loss_fn_failing_on_rank1),
         "forward_error": dict(dataloader=batches, loss_fn=forward_failing_on_rank1),
         "nan_loss": dict(dataloader=batches, loss_fn=nan_on_rank1),
+        "reasons_of_other_lengths": dict(dataloader=batches, loss_fn=reasons_of_other_lengths),
         "too_few_batches": dict(dataloader=batches[:1] if rank == 1 else batches),
         "layer_without_gradient": dict(dataloader=batches, loss_fn=shallow),
         "all_zero_gradient": dict(dataloader=batches, loss_fn=lambda m, b: m(**b).loss * 0.0),
@@ -224,7 +231,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001  recorded for the test to judge
             results[case] = {
                 "raised": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - start,
-                "value_error": isinstance(exc, ValueError),
+                "value_error": isinstance(exc, ValueError), "reasons": getattr(exc, "reasons", None),
             }
         finally:
             torch.linalg.svd = original_svd

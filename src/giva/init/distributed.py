@@ -37,10 +37,14 @@ from .session import GradientInitError, InitSession, Partial
 
 
 class DistributedInitError(GradientInitError):
-    """Initialisation failed on one rank; every rank raises this, with the same message."""
+    """Initialisation failed on one rank; every rank raises this, with the same message.
 
-    def __init__(self, rank: int, world: int, reason: str, others: list[int]) -> None:
+    ``reasons``: every failed rank's reason, by rank (the message names the first).
+    """
+
+    def __init__(self, rank: int, world: int, reason: str, others: list[int], reasons: Optional[dict[int, str]] = None) -> None:
         self.rank, self.world, self.reason = rank, world, reason
+        self.reasons = reasons if reasons is not None else {rank: reason}
         also = f" (also failed: ranks {others})" if others else ""
         super().__init__(f"GiVA initialisation failed on rank {rank} of {world}: {reason}{also}")
 
@@ -155,8 +159,8 @@ class TorchCollective(Collective):
         if store is None or not store.check([f"{self.prefix}/failed"]):
             return None
         failed = sorted({int(r) for r in store.get(f"{self.prefix}/failed").decode().split(",") if r})
-        reason = store.get(f"{self.prefix}/reason/{failed[0]}").decode()
-        return DistributedInitError(failed[0], self.world, reason, failed[1:])
+        reasons = {r: store.get(f"{self.prefix}/reason/{r}").decode() for r in failed}
+        return DistributedInitError(failed[0], self.world, reasons[failed[0]], failed[1:], reasons)
 
     @contextmanager
     def watching(self) -> Iterator[None]:
@@ -204,26 +208,38 @@ class TorchCollective(Collective):
             raise posted from exc
 
     def agree(self, error: Optional[BaseException]) -> None:
-        """Every rank raises (one error naming the first failed rank) if any rank has an ``error`` or a setup error."""
+        """Every rank raises (one error naming the first failed rank) if any rank has an ``error`` or a setup error.
+
+        Each rank's failure goes as bytes (a ``ValueError`` flag, then the UTF-8 reason; none without an error): the
+        ranks all-reduce their lengths, and only when one is non-zero all-gather the bytes, padded to the longest.
+        Both run on this collective's device: ``all_gather_object`` would pickle, and under NCCL gather on
+        ``torch.cuda.current_device()`` (GPU 0 on every rank when the launcher never called ``set_device``).
+        """
         if error is None:
             error = self.setup_error
-        flags = torch.zeros(self.world, dtype=torch.int32, device=self.device)
-        flags[self.rank] = int(error is not None)
+        payload = b"" if error is None else bytes([isinstance(error, ValueError)]) + _describe(error).encode()
+        lengths = torch.zeros(self.world, dtype=torch.int64, device=self.device)
+        lengths[self.rank] = len(payload)
         try:
-            dist.all_reduce(flags)
+            dist.all_reduce(lengths)
         except Exception as exc:  # the group was aborted: some rank posted why
             posted = self._posted()
             if posted is None:
                 raise
             raise posted from exc
-        if not bool(flags.any()):
+        sizes = [int(n) for n in lengths.tolist()]
+        if not any(sizes):
             return
-        reasons: list[Optional[tuple[str, bool]]] = [None] * self.world
-        dist.all_gather_object(reasons, None if error is None else (_describe(error), isinstance(error, ValueError)))
-        failed = [r for r in range(self.world) if flags[r]]
-        reason, value_error = reasons[failed[0]]
-        kind = DistributedValueError if value_error else DistributedInitError
-        raise kind(failed[0], self.world, reason, failed[1:]) from error
+        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
+        if payload:
+            padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
+        gathered = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(gathered, padded)
+        payloads = {r: bytes(gathered[r][:n].cpu().tolist()) for r, n in enumerate(sizes) if n}
+        reasons = {r: data[1:].decode() for r, data in payloads.items()}
+        failed = sorted(payloads)
+        kind = DistributedValueError if payloads[failed[0]][0] else DistributedInitError
+        raise kind(failed[0], self.world, reasons[failed[0]], failed[1:], reasons) from error
 
     def gather_int(self, value: int) -> list[int]:
         values = torch.zeros(self.world, dtype=torch.int64, device=self.device)
