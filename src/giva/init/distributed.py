@@ -230,12 +230,7 @@ class TorchCollective(Collective):
         sizes = [int(n) for n in lengths.tolist()]
         if not any(sizes):
             return
-        padded = torch.zeros(max(sizes), dtype=torch.uint8, device=self.device)
-        if payload:
-            padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(self.device)
-        gathered = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(gathered, padded)
-        payloads = {r: bytes(gathered[r][:n].cpu().tolist()) for r, n in enumerate(sizes) if n}
+        payloads = {r: data for r, data in enumerate(gather_bytes(payload, sizes, self.device)) if data}
         reasons = {r: data[1:].decode() for r, data in payloads.items()}
         failed = sorted(payloads)
         kind = DistributedValueError if payloads[failed[0]][0] else DistributedInitError
@@ -299,6 +294,18 @@ class TorchCollective(Collective):
             pieces = iter(torch.split(flat, [_numel(s) for s in shapes]))
             for key in owned:
                 session.set_state(key, [next(pieces).reshape(s).clone() for s in session.state_shapes(key)])
+
+
+def gather_bytes(payload: bytes, sizes: list[int], device: torch.device) -> list[bytes]:
+    """Every rank's ``payload``, in rank order, given every rank's length (``sizes``, already agreed on): an all-gather of
+    ``uint8`` tensors on ``device``, padded to the longest. No pickling, and no object collective, which under NCCL
+    runs on ``torch.cuda.current_device()`` (GPU 0 on every rank when the launcher never called ``set_device``)."""
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    if payload:
+        padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return [bytes(tensor[:size].cpu().tolist()) for tensor, size in zip(gathered, sizes)]
 
 
 def _numel(shape: tuple[int, ...]) -> int:
