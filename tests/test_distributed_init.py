@@ -192,6 +192,16 @@ def test_a_failure_inside_one_ranks_sharded_forward_or_backward_raises_on_every_
     assert max(r["seconds"] for r in records) < 30
 
 
+def test_fsdp1_with_original_parameters_is_sharded_so_a_failure_before_a_layers_all_gather_reaches_every_rank(tmp_path):
+    """FSDP1 with use_orig_params=True (the Accelerate and Trainer default) shows plain Parameters: taken for an
+    unsharded model, rank 1's failure before its second layer's all-gather left rank 0 waiting there until the group's
+    timeout (60 s here), then gloo transport errors. Sharded, both raise the same DistributedInitError within seconds."""
+    records = run_torchrun("init_fsdp_failure.py", tmp_path, args=["forward", "fsdp1"], timeout_s=150).json()
+    assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"], records
+    assert records[0]["message"] == records[1]["message"] == "GiVA initialisation failed on rank 1 of 2: ValueError: injected forward failure"
+    assert max(r["seconds"] for r in records) < 30
+
+
 def test_a_nan_loss_on_one_rank_of_a_sharded_model_is_agreed_on_and_the_group_stays_usable(tmp_path):
     """A non-finite loss is checked after the forward, outside the sharded model's collectives: the ordinary
     agreement step, not the store and an abort."""

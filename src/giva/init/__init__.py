@@ -160,11 +160,18 @@ def _trained(layer: Any, name: str) -> bool:
     return bool(_local(layer.giva_lambda_o[name]).any()) and bool(_local(layer.giva_lambda_s[name]).any())
 
 
+# Modules whose forward gathers parameters (FSDP1's wrapper, FSDP2's fully_shard class), by class name: FSDP2's
+# FSDPModule moved between torch releases, and the check must not import torch.distributed where it is absent.
+_SHARDING_MODULES = ("FullyShardedDataParallel", "FSDPModule")
+
+
 def _sharded(model: nn.Module) -> bool:
-    """True if the model's forward runs collectives of its own (FSDP2 DTensors, FSDP1 flat parameters, ZeRO-3)."""
+    """True if the model's forward runs collectives of its own: an FSDP1 or FSDP2 module anywhere in it (FSDP1 with
+    ``use_orig_params=True``, the Accelerate and Trainer default, shows plain Parameters), FSDP2 DTensors, FSDP1 flat
+    parameters, ZeRO-3 partitioned parameters."""
     return any(
         hasattr(p, "ds_tensor") or type(p).__name__ in ("DTensor", "FlatParameter") for p in model.parameters()
-    )
+    ) or any(cls.__name__ in _SHARDING_MODULES for module in model.modules() for cls in type(module).__mro__)
 
 
 def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
