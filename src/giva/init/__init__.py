@@ -24,7 +24,7 @@ from ..bases import GRADIENT_VARIANTS
 from ..config import GivaConfig
 from .accumulate import accumulate, check_num_batches, loader_length, run_pass
 from .capture import LossFn, giva_layers, half_precision_vectors, unwrap
-from .distributed import Collective, DistributedInitError, DistributedValueError, collective
+from .distributed import Collective, DistributedInitError, DistributedValueError, collective, zero3_trace_reset
 from .session import (
     STATISTICS,
     GradientInitError,
@@ -293,16 +293,17 @@ def initialize(
     session = InitSession(targets, report.mode, passes, oversampling, statistic)
     report.passes = session.passes
     sources = _batches(dataloader, num_batches, keep=session.passes > 1)
-    while not session.done:
-        start = time.perf_counter()
-        partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress)
-        report.losses = report.losses or partial.losses
-        report.sums_bytes = max(report.sums_bytes, partial.nbytes())
-        partial = comm.sum_partial(partial, session)
-        middle = time.perf_counter()
-        comm.finish_pass(session, partial)
-        report.gradient_seconds += middle - start
-        report.svd_seconds += time.perf_counter() - middle
+    with zero3_trace_reset(peft_model):  # training must not prefetch by the calibration's parameter order
+        while not session.done:
+            start = time.perf_counter()
+            partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress)
+            report.losses = report.losses or partial.losses
+            report.sums_bytes = max(report.sums_bytes, partial.nbytes())
+            partial = comm.sum_partial(partial, session)
+            middle = time.perf_counter()
+            comm.finish_pass(session, partial)
+            report.gradient_seconds += middle - start
+            report.svd_seconds += time.perf_counter() - middle
     write_bases(model, session)
     for name, cfg in to_init.items():
         cfg.bases_info = {

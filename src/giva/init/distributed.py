@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from itertools import count
-from typing import ContextManager, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -313,6 +313,70 @@ def _numel(shape: tuple[int, ...]) -> int:
     for size in shape:
         result *= size
     return result
+
+
+def zero3_coordinators(model: Any) -> list[Any]:
+    """DeepSpeed ZeRO-3's parameter coordinators driving ``model`` (a ``DeepSpeedEngine``, or the module inside one);
+    [] for a model without ZeRO-3 parameters (``ds_tensor``), so nothing here touches DeepSpeed otherwise.
+
+    An engine holds its ``DeepSpeedZeRoOffload`` as ``engine.optimizer`` (no optimizer) or
+    ``engine.optimizer.parameter_offload``. A module (what the Trainer hands its callbacks) holds no reference to
+    it but through the hooks the offload registered on every submodule, whose closures hold it.
+    """
+    inner = getattr(model, "module", model) if type(model).__name__ == "DeepSpeedEngine" else model
+    if not any(hasattr(p, "ds_tensor") for p in inner.parameters()):
+        return []
+    if type(model).__name__ == "DeepSpeedEngine":
+        optimizer = getattr(model, "optimizer", None)
+        offload = getattr(optimizer, "parameter_offload", optimizer)
+        if hasattr(offload, "get_param_coordinator"):
+            return [offload.get_param_coordinator()]
+    found: dict[int, Any] = {}
+    for module in inner.modules():
+        for hook in module._forward_pre_hooks.values():
+            for offload in _closure_objects(hook):
+                if hasattr(offload, "get_param_coordinator"):
+                    found.setdefault(id(offload), offload.get_param_coordinator())
+        if found:
+            break
+    return list(found.values())
+
+
+def _closure_objects(function: Any, depth: int = 3) -> Iterator[Any]:
+    """The objects a function's closure holds, and those of the functions it wraps, ``depth`` levels deep."""
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        yield value
+        if depth > 1 and callable(value):
+            yield from _closure_objects(value, depth - 1)
+
+
+@contextmanager
+def zero3_trace_reset(model: Any) -> Iterator[None]:
+    """Around the calibration passes of a ZeRO-3 model: forget the parameter-fetch order they recorded.
+
+    ZeRO-3 records the order in which its first forward and backward fetch parameters, and prefetches by it from
+    then on. Calibration runs another model (eval mode, adapters off, ``autograd.grad`` to probes), so a recorded
+    calibration made the first training step fail ("tracing error at step 48 ... expected ... giva_lambda_o").
+    Invalidated, the trace is recorded again by the first training step, as on a fresh engine.
+    """
+    coordinators = zero3_coordinators(model)
+
+    def reset() -> None:
+        for coordinator in coordinators:
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()
+
+    try:
+        yield
+    except BaseException:
+        with suppress(Exception):  # the process group may be aborted: the original error is what matters
+            reset()
+        raise
+    reset()
 
 
 def collective(device: torch.device, sharded: bool = False) -> Collective:
