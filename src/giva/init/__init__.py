@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 # LRs, 5 seeds, test scored once) k=1 - k=4 is -0.63 [-1.93, +0.67] points, and every batch of the training
 # set ("all") - k=4 is +1.64 [+0.02, +3.36] (Pang & Lee) and +2.32 [+0.12, +4.52] (CoNLL-2010)
 # (benchmarks/results/evidence/results.md). "all" costs a forward and backward over the whole training
-# set, so the library keeps a bounded default and `giva finetune` (small classification sets) uses "all".
+# set per pass, so the library keeps a bounded default and `giva finetune` (small classification sets) uses "all".
 DEFAULT_NUM_BATCHES = 4
 
 NumBatches = Union[int, Literal["all"]]
@@ -183,7 +183,8 @@ def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
 
 
 def _batches(dataloader: Iterable[Any], num_batches: int, keep: bool) -> Iterator[Iterator[Any]]:
-    """An iterator over the same ``num_batches`` batches for every pass (kept after the first if ``keep``)."""
+    """An iterator over the same ``num_batches`` batches for every pass (kept after the first if ``keep``: the batch
+    objects as the loader gave them, all of them until the last pass)."""
     def lazy() -> Iterator[Any]:  # iter() runs at the first next(), where run_pass catches a failing loader
         yield from dataloader
 
@@ -227,7 +228,8 @@ def initialize(
         num_batches: k, the number of batches whose gradients are averaged (default 4; the paper used 1), or
             ``"all"``: every batch of ``dataloader`` (``len(dataloader)``; the same on every rank, or every rank
             raises). On MiniLM "all" beat k=4 by 1.6-2.3 points (README, "Closing the gap to LoRA") at the cost
-            of a forward and backward over the whole training set.
+            of a forward and backward over the whole training set per pass (one pass in exact mode, ``passes`` in
+            sketch mode, which also keeps every batch the loader gave until its last pass: see ``mode``).
         loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
         adapter_name: initialise only this adapter; default every GiVA adapter with gradient bases.
         progress: show a progress bar.
@@ -235,10 +237,13 @@ def initialize(
             4 bytes per targeted weight) in one pass, then takes its SVD. ``"sketch"`` never forms
             ``G``: a randomized range finder accumulates ``G^T M`` / ``G M`` products of
             ``(in + out) * l`` numbers per layer (``l = k + oversampling``, k = r, or 2r for VrU2r)
-            over ``passes`` passes of the same k batches (kept in memory as the loader gave them),
-            then an exact SVD of the small product. ``"auto"`` (default): exact when the dense
-            gradients of all targeted layers take at most ``AUTO_EXACT_MAX_BYTES`` (256 MiB),
-            sketch otherwise. Memory never grows with k.
+            over ``passes`` passes of the same k batches, then an exact SVD of the small product.
+            ``"auto"`` (default): exact when the dense gradients of all targeted layers take at most
+            ``AUTO_EXACT_MAX_BYTES`` (256 MiB), sketch otherwise. In both modes the sums and the state
+            held between passes do not grow with the number of batches, and no activation or gradient
+            outlives its batch; but the sketch keeps the batches themselves, as the loader gave them (their
+            inputs and labels, on the loader's device), from the first pass to the last so that every pass
+            sees the same ones: with ``num_batches="all"``, every batch of the training set.
         passes: sketch passes (>= 2; default 3: range, co-range, one power iteration).
         oversampling: extra sketch columns beyond k (default ``max(2k, 32)``).
         statistic: what A is taken from. ``"mean"`` (default, the paper's GiVA): the top-r right singular vectors
