@@ -5,6 +5,7 @@ equal to one process over the union of their batches."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
 
@@ -59,6 +60,21 @@ def test_zero3_ranks_get_bit_identical_bases_equal_to_one_process_over_all_batch
     for key, tensor in rank0["bases"].items():
         a, b = (tensor, reference[key]) if key.endswith(".A") else (tensor.mT, reference[key].mT)
         assert principal_cosines(a, b).min() > 0.999, key
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_zero3_engine_trains_after_initialising_on_it_as_after_initialising_before_it(ranks, mode):
+    """Calibrating on the engine (GivaInitCallback's order under the Trainer) must not leave its passes as ZeRO-3's
+    parameter-fetch trace: the first training step failed ("tracing error at step 48 ... giva_lambda_o"). The steps
+    give the losses of the documented order (initialize, then deepspeed.initialize), and a zero.Init model trains too."""
+    for rank, (after, before, zeroinit) in enumerate(zip(
+        *(ranks.tensors(f"{scenario}_{mode}_rank{{rank}}.pt") for scenario in ("engine", "before", "zeroinit"))
+    )):
+        assert "error" not in after["trained"], (rank, after["trained"])
+        assert "error" not in zeroinit["trained"], (rank, zeroinit["trained"])
+        assert len(after["trained"]["losses"]) == len(before["trained"]["losses"]) == 2  # init_deepspeed.TRAIN_STEPS
+        torch.testing.assert_close(after["trained"]["losses"], before["trained"]["losses"], rtol=1e-4, atol=0)
+        assert all(math.isfinite(loss) for loss in zeroinit["trained"]["losses"])
 
 
 def test_zero3_partitioned_trained_vectors_are_seen_and_not_overwritten(ranks):

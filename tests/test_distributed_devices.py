@@ -81,7 +81,25 @@ def test_nccl_with_a_cpu_model_on_a_rank_with_a_gpu_is_agreed_on_so_every_rank_r
     model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(DistributedValueError, match=r"failed on rank 1 of 2: ValueError: the process group uses NCCL"):
         giva.initialize(model, [], progress=False)
-    assert reduced == [[0, 1]]  # the first collective, the agreement, carried it; nothing ran before it
+    # The first collective, the agreement (each rank's reason length), carried it; nothing ran before it.
+    assert len(reduced) == 1 and reduced[0][0] == 0 and reduced[0][1] > 0
+
+
+def test_agreeing_on_a_failure_sends_the_reason_as_bytes_on_the_collective_device(nccl, monkeypatch):
+    """A rank's failure reaches the others through an all-reduce of lengths and an all-gather of bytes on the
+    collective's device, never through ``all_gather_object`` (pickles, and under NCCL gathers on
+    ``torch.cuda.current_device()``: GPU 0 of every rank when the launcher never called set_device)."""
+    from giva.init import distributed as init_distributed
+    from giva.init.distributed import DistributedValueError
+
+    # The CPU stands in for this rank's GPU (none here); the other rank (0) had no error.
+    monkeypatch.setattr(init_distributed, "collective_device", lambda backend, device: torch.device("cpu"))
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: nccl.append(("all_reduce", [tensor.device])))
+    comm = TorchCollective(torch.device("cuda", 1))
+    with pytest.raises(DistributedValueError, match=r"^GiVA initialisation failed on rank 1 of 2: ValueError: größer$") as info:
+        comm.agree(ValueError("größer"))
+    assert info.value.reasons == {1: "ValueError: größer"}
+    assert nccl == [("all_reduce", [torch.device("cpu")]), ("all_gather", [torch.device("cpu")])]
 
 
 def test_replication_check_gathers_on_the_device_collectives_run_on(nccl, monkeypatch):

@@ -18,7 +18,7 @@ from giva.init.session import Request, RequestItem
 from giva.init.sketch import principal_cosines
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from init_ranks import NUM_BATCHES, bases_of, model, rank_batches  # noqa: E402
+from init_ranks import NUM_BATCHES, bases_of, head_batches, head_loss, model, rank_batches, two_heads  # noqa: E402
 from launch import TORCHRUN, Ranks, run_torchrun  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
@@ -86,6 +86,21 @@ def test_every_rank_holds_the_same_all_reduced_sums_equal_to_one_process_over_al
             assert error < 1e-5, (where, key, float(error))
 
 
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_a_head_only_some_ranks_batches_reach_gets_the_bases_of_one_process_over_all_batches(ranks, mode):
+    """Rank 0's batches reach head_a only, rank 1's head_b only: each rank adds zeros for the head it never reached,
+    so both get bit-identical bases, those of one process over both ranks' batches (not an error on every rank)."""
+    rank0, rank1 = _load(ranks, f"heads_{mode}")
+    assert "error" not in rank0 and "error" not in rank1, rank0.get("error")
+    assert rank0["bases"].keys() == rank1["bases"].keys() and len(rank0["bases"]) == 6
+    assert all(torch.equal(rank0["bases"][k], rank1["bases"][k]) for k in rank0["bases"])
+    m = two_heads()
+    union = head_batches(0) + head_batches(1)
+    giva.initialize(m, union, num_batches=len(union), loss_fn=head_loss, progress=False, mode=mode)
+    for key, expected in bases_of(m).items():
+        torch.testing.assert_close(rank0["bases"][key], expected, atol=2e-4, rtol=0)
+
+
 def test_sketch_all_reduces_only_small_sums(ranks):
     exact, sketch = _load(ranks, "plain_exact")[0], _load(ranks, "plain_sketch")[0]
     assert 0 < sketch["sums_bytes"] < exact["sums_bytes"]  # per pass, what each rank holds and all-reduces
@@ -97,7 +112,7 @@ CAUSES = {
     "forward_error": (1, "IndexError: index out of range"),
     "nan_loss": (1, "calibration batch 1 gave a non-finite loss"),
     "too_few_batches": (1, "the dataloader gave 1 batches but num_batches=2"),
-    "layer_without_gradient": (1, "model.layers.1.mlp.down_proj'.* received no gradient"),
+    "layer_without_gradient": (0, r"model.layers.1.mlp.down_proj'.* received no gradient.*\(also failed: ranks \[1\]\)"),
     "all_zero_gradient": (0, "all-zero gradient"),
     "svd_failure": (1, "injected SVD failure"),
     "all_without_len": (1, r"num_batches='all' averages every batch of the dataloader, but list_iterator has no len\(\)"),
@@ -108,6 +123,16 @@ CAUSES = {
 # Causes that are a ValueError on the failing rank: every rank raises DistributedValueError, which is both a
 # DistributedInitError and a ValueError (``except ValueError`` works as in one process).
 VALUE_ERRORS = {"all_without_len", "invalid_mode_on_one_rank", "unknown_adapter_on_one_rank", "invalid_num_batches_on_one_rank"}
+
+
+def test_every_ranks_reason_reaches_every_rank_whatever_its_length(ranks):
+    """Both ranks fail, with reasons of other byte lengths (a long non-ASCII one, an empty one): each rank raises the
+    same error, naming rank 0's reason, and holds every failed rank's reason as it was."""
+    records = [record["reasons_of_other_lengths"] for record in ranks.json("failures_rank{rank}.json")]
+    reason = "KeyError: '" + "Grüße vom Rang 0, " * 20 + "'"
+    assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"], records
+    assert [r["message"] for r in records] == [f"GiVA initialisation failed on rank 0 of 2: {reason} (also failed: ranks [1])"] * 2
+    assert [r["reasons"] for r in records] == [{"0": reason, "1": ""}] * 2
 
 
 def test_num_batches_all_is_every_batch_of_each_ranks_loader_bit_for_bit(ranks):
@@ -164,6 +189,16 @@ def test_a_failure_inside_one_ranks_sharded_forward_or_backward_raises_on_every_
     assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"], records
     assert records[0]["message"] == records[1]["message"]
     assert records[0]["message"] == f"GiVA initialisation failed on rank 1 of 2: ValueError: injected {case} failure"
+    assert max(r["seconds"] for r in records) < 30
+
+
+def test_fsdp1_with_original_parameters_is_sharded_so_a_failure_before_a_layers_all_gather_reaches_every_rank(tmp_path):
+    """FSDP1 with use_orig_params=True (the Accelerate and Trainer default) shows plain Parameters: taken for an
+    unsharded model, rank 1's failure before its second layer's all-gather left rank 0 waiting there until the group's
+    timeout (60 s here), then gloo transport errors. Sharded, both raise the same DistributedInitError within seconds."""
+    records = run_torchrun("init_fsdp_failure.py", tmp_path, args=["forward", "fsdp1"], timeout_s=150).json()
+    assert [r["raised"] for r in records] == ["DistributedInitError", "DistributedInitError"], records
+    assert records[0]["message"] == records[1]["message"] == "GiVA initialisation failed on rank 1 of 2: ValueError: injected forward failure"
     assert max(r["seconds"] for r in records) < 30
 
 

@@ -21,6 +21,7 @@ from tiny_models import text_batches, tiny_bert, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from launch import TORCHRUN, run_torchrun  # noqa: E402
+from replication import cases  # noqa: E402
 from train_common import CALIBRATION_BATCHES, STEPS, adamw, giva_model, rank_batches  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
@@ -83,6 +84,29 @@ def test_two_rank_training_keeps_replicas_identical_and_reloads(script, tmp_path
     assert trained.keys() == reference.keys() and len(trained) > 0
     for name, value in reference.items():
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _differing(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
+    """The names two state dicts do not hold alike: on one side only, another shape or dtype, or other bytes."""
+    def alike(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+    return sorted(n for n in first.keys() | second.keys() if n not in first or n not in second or not alike(first[n], second[n]))
+
+
+def test_replication_check_names_tensors_of_other_shapes_dtypes_values_or_names_without_crashing(tmp_path):
+    """Ranks built with r=2 and r=4 hold the same names with other shapes: the per-tensor gathers had unequal sizes
+    (gloo aborted the process, NCCL hangs). Every rank must get the same list of what differs, promptly."""
+    from giva.integrations.distributed import full_state_dict
+
+    records = run_torchrun("replication.py", tmp_path, timeout_s=120).json()
+    expected = {case: _differing(full_state_dict(model), full_state_dict(cases(1)[case])) for case, model in cases(0).items()}
+    assert expected["alike"] == [] and all(expected[case] for case in ("rank", "altered", "names"))
+    assert len(expected["altered"]) == 2 and all(".q_proj." in name for name in expected["altered"])
+    assert all(".v_proj." in name for name in expected["names"])
+    for record in records:
+        assert {case: result.get("mismatches", result.get("raised")) for case, result in record.items()} == expected
+        assert max(result["seconds"] for result in record.values()) < 30
 
 
 def test_launcher_mismatch_names_the_silent_one_process_cases(monkeypatch):

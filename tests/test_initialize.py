@@ -480,3 +480,33 @@ def test_initialize_warns_when_the_vectors_it_prepares_for_training_are_half_pre
     assert len(messages) == 1 and messages[0].startswith("GiVA adapter(s) ['default'] keep trainable vectors in bfloat16")
     assert (moved, total) == (0, 16)  # what the warning is about
     assert train(autocast=True) == ([], 16, 16)  # PEFT's default: fp32 vectors on the bf16 model, no warning
+
+
+@pytest.mark.parametrize(("mode", "held"), [("exact", 1), ("sketch", 5)])
+def test_the_sketch_keeps_the_loaders_batches_until_its_last_pass_and_exact_keeps_none(mode, held):
+    """What the docs say about memory and k: the sketch's passes need the same batches, so it holds all k of them (as
+    the loader gave them) until its last pass; the exact path's single pass holds only the batch it runs. Neither
+    holds a batch once initialize returns."""
+    import gc
+    import weakref
+
+    alive: list[weakref.ref] = []
+    seen: list[int] = []
+
+    def loader():
+        for seed in range(5):  # made one at a time: nothing here holds the batches already given
+            batch = text_batches(n=1, labels="lm", seed=seed)[0]
+            alive.append(weakref.ref(batch["input_ids"]))
+            yield batch
+
+    def loss_fn(model, batch):
+        gc.collect()
+        seen.append(sum(ref() is not None for ref in alive))
+        return model(**batch).loss
+
+    model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"], variant="VrUr"))
+    report = giva.initialize(model, loader(), num_batches=5, loss_fn=loss_fn, progress=False, mode=mode)
+    assert report.passes == (1 if mode == "exact" else 3) and len(seen) == 5 * report.passes
+    assert max(seen) == held
+    gc.collect()
+    assert all(ref() is None for ref in alive)

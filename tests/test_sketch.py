@@ -123,6 +123,25 @@ def test_partials_from_several_processes_add_up():
         torch.testing.assert_close(b1, b2, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize(("mode", "statistic", "passes"), [("exact", "mean", 3), ("exact", "second-moment", 3),
+                                                         ("sketch", "mean", 4), ("sketch", "second-moment", 3)])
+def test_sum_shape_is_the_shape_of_every_pass_sums_known_before_any_batch(mode, statistic, passes):
+    """A rank whose batches never reached a target adds zeros of ``sum_shape`` (distributed.sum_partial): it must be
+    the shape the other ranks' accumulated sums have, in every pass, for blocks of a fused layer too."""
+    targets = [_target(variant="Vr", out_size=40), _target(variant="Vr", out_start=40, out_size=56, block=1)]
+    session = InitSession(targets, mode=mode, passes=passes, statistic=statistic)
+    seen = []
+    while not session.done:
+        request = session.next_request()
+        sums = _sums(request, _token_blocks(n_blocks=2))
+        seen.append({key: (tuple(total.shape), session.sum_shape(key)) for key, total in sums.items()})
+        session.receive(Partial(request.pass_index, sums, batches=2))
+    assert len(seen) == session.passes
+    assert all(actual == expected for shapes in seen for actual, expected in shapes.values()), seen
+    if statistic == "mean":  # the blocks' sums differ in shape (the second moment's are all in x in / in x l)
+        assert len({shapes for pass_shapes in seen for shapes in pass_shapes.values()}) > 1
+
+
 def test_requests_depend_only_on_seed_and_target():
     first = InitSession([_target(seed=1)]).next_request()
     second = InitSession([_target(seed=1)]).next_request()

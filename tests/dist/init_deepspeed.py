@@ -8,12 +8,16 @@ number of GiVA-layer weights it held whole while initialising):
 * ``engine_<mode>``: the GiVA model wrapped by ``deepspeed.initialize`` (ZeRO-3 partitions every
   parameter, base weights included), then ``giva.initialize(engine, ...)``;
 * ``zeroinit_<mode>``: the base model built inside ``deepspeed.zero.Init`` (weights partitioned from the
-  start, sizes only in ``ds_shape``), wrapped by ``get_peft_model``, then the engine as above;
+  start, sizes only in ``ds_shape``), wrapped by ``get_peft_model``, then the engine as above, and
+  ``giva.initialize(engine.module, ...)`` (the module, as the Trainer hands it to its callbacks);
+* ``before_<mode>``: ``giva.initialize`` on the model, then the engine (the order that never records a calibration
+  pass as ZeRO-3's parameter-fetch trace): the reference for training after ``engine_<mode>``;
 * ``trained``: an engine whose GiVA vectors are non-zero only in the ranks' partitions (``ds_tensor``):
   ``giva.initialize`` without ``force`` must refuse (``<out>/trained_rank<r>.pt`` holds the message).
 
 The hooks see whole activations; the weights stay partitioned throughout (only the engine's own
-forward/backward hooks gather them, layer by layer).
+forward/backward hooks gather them, layer by layer). After initialising, each engine trains TRAIN_STEPS steps;
+the record holds their losses, or the error the first failing step raised.
 """
 
 from __future__ import annotations
@@ -48,6 +52,24 @@ CONFIG = {
 def engine_of(m):
     engine, *_ = deepspeed.initialize(model=m, model_parameters=[p for p in m.parameters() if p.requires_grad], config=CONFIG)
     return engine
+
+
+TRAIN_STEPS = 2
+
+
+def train(engine, batches: list[dict]) -> dict:
+    """TRAIN_STEPS optimizer steps on the engine: {"losses": [...]}, or {"error": ...} from the step that failed."""
+    engine.train()
+    losses = []
+    try:
+        for step in range(TRAIN_STEPS):
+            loss = engine(**batches[step % len(batches)]).loss
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+    except Exception as exc:  # noqa: BLE001  recorded for the test to judge
+        return {"error": f"step {len(losses)}: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+    return {"losses": losses}
 
 
 def partitioned_weights(m) -> int:
@@ -88,8 +110,14 @@ def main() -> None:
             report = giva.initialize(engine, batches, num_batches=NUM_BATCHES, progress=False, mode=mode)
             record = {"bases": bases_of(inner), "mode": report.mode, "sums_bytes": report.sums_bytes,
                       "partitioned_weights": held, "layers": len(giva_layers(inner))}
+            record["trained"] = train(engine, batches)
             torch.save(record, out / f"{scenario}_{mode}_rank{rank}.pt")
             dist.barrier()
+    for mode in ("exact", "sketch"):
+        m = model()
+        giva.initialize(m, batches, num_batches=NUM_BATCHES, progress=False, mode=mode)
+        torch.save({"trained": train(engine_of(m), batches)}, out / f"before_{mode}_rank{rank}.pt")
+        dist.barrier()
     # Trained vectors live only in the ranks' partitions: initialize must still see them and refuse.
     engine = engine_of(model())
     for name, param in engine.module.named_parameters():

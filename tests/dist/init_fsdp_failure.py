@@ -1,12 +1,14 @@
 """One rank of an FSDP2-sharded model fails inside its forward, its loss_fn or its backward (tests/test_distributed_init.py).
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/dist/init_fsdp_failure.py OUT_DIR CASE
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/dist/init_fsdp_failure.py OUT_DIR CASE [fsdp1]
 
 CASE is ``forward`` (rank 1 raises inside the second decoder layer, while rank 0 waits in that
 layer's parameter all-gather), ``loss_fn`` (rank 1's loss_fn raises after the forward),
 ``backward`` (rank 1 raises in the backward) or ``nan_loss`` (rank 1's loss is NaN: an ordinary
 agreement, after which the process group still works). Each rank writes ``<out>/rank<r>.json``: what it raised,
 the message and how long it took. The process group is aborted by an exception: one case per launch.
+With ``fsdp1`` the model is wrapped by FSDP1 with ``use_orig_params=True`` (the Accelerate and Trainer default:
+plain Parameters, no flat parameter in sight) instead of FSDP2's ``fully_shard``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from init_ranks import NUM_BATCHES, model, rank_batches
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp import fully_shard
 
 import giva
@@ -28,18 +31,27 @@ import giva
 
 def main() -> None:
     out, case = Path(sys.argv[1]), sys.argv[2]
+    engine = sys.argv[3] if len(sys.argv) > 3 else "fsdp2"
     # A short group timeout: a rank left waiting fails the test in 60 s instead of 30 minutes.
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     m = model()
-    for layer in m.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(m)
+    layers = m.base_model.model.model.layers
+    if engine == "fsdp1":
+        for i, layer in enumerate(layers):
+            layers[i] = FSDP(layer, use_orig_params=True, device_id=torch.device("cpu"))
+        m = FSDP(m, use_orig_params=True, device_id=torch.device("cpu"))
+    else:
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(m)
     loss_fn = None
     if rank == 1 and case == "forward":
         def broken(module, args):
             raise ValueError("injected forward failure")
-        m.base_model.model.model.layers[1].mlp.register_forward_pre_hook(broken)
+        # FSDP1: on the second layer's wrapper, whose all-gather runs in its forward (after this hook), so rank 0
+        # waits in it; FSDP2: inside the second layer, after its all-gather.
+        (layers[1] if engine == "fsdp1" else layers[1].mlp).register_forward_pre_hook(broken)
     elif rank == 1 and case == "loss_fn":
         def loss_fn(mm, batch):
             mm(**batch)

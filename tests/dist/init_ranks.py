@@ -29,7 +29,7 @@ import giva  # noqa: E402
 from giva import GivaConfig  # noqa: E402
 from giva.init import giva_layers  # noqa: E402
 from giva.init.distributed import TorchCollective  # noqa: E402
-from giva.init.session import InitSession  # noqa: E402
+from giva.init.session import GradientInitError, InitSession  # noqa: E402
 from tiny_models import text_batches, tiny_llama  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
@@ -42,6 +42,35 @@ def model(variant: str = "VrUr"):
 
 def rank_batches(rank: int) -> list[dict]:
     return text_batches(n=NUM_BATCHES, batch=4, length=12, labels="lm", seed=100 + rank)
+
+
+class TwoHeads(torch.nn.Module):
+    """A body and two heads; each batch names the head it trains (a multi-task model, or an MoE expert's tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(16, 16)
+        self.head_a = torch.nn.Linear(16, 8)
+        self.head_b = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        return (self.head_a if task == "a" else self.head_b)(torch.tanh(self.body(x)))
+
+
+def two_heads():
+    return get_peft_model(TwoHeads(), GivaConfig(r=2, target_modules=["body", "head_a", "head_b"], variant="VrUr", seed=1))
+
+
+def head_batches(rank: int) -> list[dict]:
+    """Rank 0's batches reach head_a only, rank 1's head_b only."""
+    g = torch.Generator().manual_seed(10 + rank)
+    task = "a" if rank == 0 else "b"
+    return [{"x": torch.randn(4, 16, generator=g), "y": torch.randn(4, 8, generator=g), "task": task} for _ in range(NUM_BATCHES)]
+
+
+def head_loss(m, batch: dict) -> torch.Tensor:
+    return (m(batch["x"], batch["task"]) - batch["y"]).pow(2).mean()
 
 
 def bases_of(m) -> dict[str, torch.Tensor]:
@@ -81,18 +110,20 @@ def recording_passes() -> Iterator[list[dict]]:
 
 
 def init_and_save(
-    out: Path, scenario: str, rank: int, m, batches: list[dict], mode: str, num_batches=NUM_BATCHES, statistic: str = "mean"
+    out: Path, scenario: str, rank: int, m, batches: list[dict], mode: str, num_batches=NUM_BATCHES, statistic: str = "mean",
+    loss_fn=None,
 ) -> None:
     """giva.initialize on this rank's batches; writes the bases and the recorded passes."""
     with recording_passes() as passes:
-        report = giva.initialize(m, batches, num_batches=num_batches, progress=False, mode=mode, statistic=statistic)
+        report = giva.initialize(m, batches, num_batches=num_batches, progress=False, mode=mode, statistic=statistic,
+                                 loss_fn=loss_fn)
     inner = m.module if isinstance(m, torch.nn.parallel.DistributedDataParallel) else m
     record = {"bases": bases_of(inner), "mode": report.mode, "sums_bytes": report.sums_bytes, "passes": passes}
     torch.save(record, out / f"{scenario}_rank{rank}.pt")
 
 
 def failure_cases(rank: int) -> dict[str, dict]:
-    """Each case breaks rank 1 only (the all-zero case: every rank); kwargs for giva.initialize."""
+    """Each case breaks rank 1 only (the all-zero and no-gradient cases: every rank); kwargs for giva.initialize."""
     batches = rank_batches(rank)
 
     def nan_on_rank1(m, batch, calls=[]):  # noqa: B006  counts calls across batches
@@ -100,10 +131,8 @@ def failure_cases(rank: int) -> dict[str, dict]:
         loss = m(**batch).loss
         return loss * float("nan") if rank == 1 and len(calls) == 2 else loss
 
-    def shallow_on_rank1(m, batch):  # rank 1's loss stops at the first decoder layer
-        if rank == 1:
-            return m(**batch, output_hidden_states=True).hidden_states[1].pow(2).mean()
-        return m(**batch).loss
+    def shallow(m, batch):  # the loss stops at the first decoder layer: no rank reaches the second
+        return m(**batch, output_hidden_states=True).hidden_states[1].pow(2).mean()
 
     def loader_failing_on_rank1():
         yield batches[0]
@@ -117,6 +146,12 @@ def failure_cases(rank: int) -> dict[str, dict]:
             raise KeyError("injected loss_fn failure")
         return loss
 
+    def reasons_of_other_lengths(m, batch):  # both ranks fail: a long non-ASCII reason, and an empty one
+        m(**batch)
+        if rank == 0:
+            raise KeyError("Grüße vom Rang 0, " * 20)
+        raise GradientInitError("")
+
     def forward_failing_on_rank1(m, batch):
         if rank == 1:
             batch = {**batch, "input_ids": batch["input_ids"] + 1000}  # past the vocabulary: the embedding raises
@@ -127,8 +162,9 @@ def failure_cases(rank: int) -> dict[str, dict]:
         "loss_fn_error": dict(dataloader=batches, loss_fn=loss_fn_failing_on_rank1),
         "forward_error": dict(dataloader=batches, loss_fn=forward_failing_on_rank1),
         "nan_loss": dict(dataloader=batches, loss_fn=nan_on_rank1),
+        "reasons_of_other_lengths": dict(dataloader=batches, loss_fn=reasons_of_other_lengths),
         "too_few_batches": dict(dataloader=batches[:1] if rank == 1 else batches),
-        "layer_without_gradient": dict(dataloader=batches, loss_fn=shallow_on_rank1),
+        "layer_without_gradient": dict(dataloader=batches, loss_fn=shallow),
         "all_zero_gradient": dict(dataloader=batches, loss_fn=lambda m, b: m(**b).loss * 0.0),
         "svd_failure": dict(dataloader=batches, mode="exact"),
         "all_without_len": dict(dataloader=iter(batches) if rank == 1 else batches, num_batches="all"),
@@ -164,6 +200,12 @@ def main() -> None:
     for mode in ("exact", "sketch"):  # the second moment sums per-batch products: each rank's own batches
         init_and_save(out, f"moment_{mode}", rank, model("Vr"), batches, mode, statistic="second-moment")
 
+    for mode in ("exact", "sketch"):  # a head that only the other rank's batches reach
+        try:
+            init_and_save(out, f"heads_{mode}", rank, two_heads(), head_batches(rank), mode, loss_fn=head_loss)
+        except GradientInitError as exc:  # recorded for the test to judge
+            torch.save({"error": str(exc)}, out / f"heads_{mode}_rank{rank}.pt")
+
     from torch.distributed.fsdp import fully_shard
 
     for mode in ("exact", "sketch"):
@@ -189,7 +231,7 @@ def main() -> None:
         except Exception as exc:  # noqa: BLE001  recorded for the test to judge
             results[case] = {
                 "raised": type(exc).__name__, "message": str(exc), "seconds": time.perf_counter() - start,
-                "value_error": isinstance(exc, ValueError),
+                "value_error": isinstance(exc, ValueError), "reasons": getattr(exc, "reasons", None),
             }
         finally:
             torch.linalg.svd = original_svd

@@ -24,7 +24,7 @@ from ..bases import GRADIENT_VARIANTS
 from ..config import GivaConfig
 from .accumulate import accumulate, check_num_batches, loader_length, run_pass
 from .capture import LossFn, giva_layers, half_precision_vectors, unwrap
-from .distributed import Collective, DistributedInitError, DistributedValueError, collective
+from .distributed import Collective, DistributedInitError, DistributedValueError, collective, zero3_trace_reset
 from .session import (
     STATISTICS,
     GradientInitError,
@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 # LRs, 5 seeds, test scored once) k=1 - k=4 is -0.63 [-1.93, +0.67] points, and every batch of the training
 # set ("all") - k=4 is +1.64 [+0.02, +3.36] (Pang & Lee) and +2.32 [+0.12, +4.52] (CoNLL-2010)
 # (benchmarks/results/evidence/results.md). "all" costs a forward and backward over the whole training
-# set, so the library keeps a bounded default and `giva finetune` (small classification sets) uses "all".
+# set per pass, so the library keeps a bounded default and `giva finetune` (small classification sets) uses "all".
 DEFAULT_NUM_BATCHES = 4
 
 NumBatches = Union[int, Literal["all"]]
@@ -160,11 +160,18 @@ def _trained(layer: Any, name: str) -> bool:
     return bool(_local(layer.giva_lambda_o[name]).any()) and bool(_local(layer.giva_lambda_s[name]).any())
 
 
+# Modules whose forward gathers parameters (FSDP1's wrapper, FSDP2's fully_shard class), by class name: FSDP2's
+# FSDPModule moved between torch releases, and the check must not import torch.distributed where it is absent.
+_SHARDING_MODULES = ("FullyShardedDataParallel", "FSDPModule")
+
+
 def _sharded(model: nn.Module) -> bool:
-    """True if the model's forward runs collectives of its own (FSDP2 DTensors, FSDP1 flat parameters, ZeRO-3)."""
+    """True if the model's forward runs collectives of its own: an FSDP1 or FSDP2 module anywhere in it (FSDP1 with
+    ``use_orig_params=True``, the Accelerate and Trainer default, shows plain Parameters), FSDP2 DTensors, FSDP1 flat
+    parameters, ZeRO-3 partitioned parameters."""
     return any(
         hasattr(p, "ds_tensor") or type(p).__name__ in ("DTensor", "FlatParameter") for p in model.parameters()
-    )
+    ) or any(cls.__name__ in _SHARDING_MODULES for module in model.modules() for cls in type(module).__mro__)
 
 
 def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
@@ -176,7 +183,8 @@ def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
 
 
 def _batches(dataloader: Iterable[Any], num_batches: int, keep: bool) -> Iterator[Iterator[Any]]:
-    """An iterator over the same ``num_batches`` batches for every pass (kept after the first if ``keep``)."""
+    """An iterator over the same ``num_batches`` batches for every pass (kept after the first if ``keep``: the batch
+    objects as the loader gave them, all of them until the last pass)."""
     def lazy() -> Iterator[Any]:  # iter() runs at the first next(), where run_pass catches a failing loader
         yield from dataloader
 
@@ -220,7 +228,8 @@ def initialize(
         num_batches: k, the number of batches whose gradients are averaged (default 4; the paper used 1), or
             ``"all"``: every batch of ``dataloader`` (``len(dataloader)``; the same on every rank, or every rank
             raises). On MiniLM "all" beat k=4 by 1.6-2.3 points (README, "Closing the gap to LoRA") at the cost
-            of a forward and backward over the whole training set.
+            of a forward and backward over the whole training set per pass (one pass in exact mode, ``passes`` in
+            sketch mode, which also keeps every batch the loader gave until its last pass: see ``mode``).
         loss_fn: ``loss_fn(model, batch) -> scalar``; default ``model(**batch).loss``.
         adapter_name: initialise only this adapter; default every GiVA adapter with gradient bases.
         progress: show a progress bar.
@@ -228,10 +237,13 @@ def initialize(
             4 bytes per targeted weight) in one pass, then takes its SVD. ``"sketch"`` never forms
             ``G``: a randomized range finder accumulates ``G^T M`` / ``G M`` products of
             ``(in + out) * l`` numbers per layer (``l = k + oversampling``, k = r, or 2r for VrU2r)
-            over ``passes`` passes of the same k batches (kept in memory as the loader gave them),
-            then an exact SVD of the small product. ``"auto"`` (default): exact when the dense
-            gradients of all targeted layers take at most ``AUTO_EXACT_MAX_BYTES`` (256 MiB),
-            sketch otherwise. Memory never grows with k.
+            over ``passes`` passes of the same k batches, then an exact SVD of the small product.
+            ``"auto"`` (default): exact when the dense gradients of all targeted layers take at most
+            ``AUTO_EXACT_MAX_BYTES`` (256 MiB), sketch otherwise. In both modes the sums and the state
+            held between passes do not grow with the number of batches, and no activation or gradient
+            outlives its batch; but the sketch keeps the batches themselves, as the loader gave them (their
+            inputs and labels, on the loader's device), from the first pass to the last so that every pass
+            sees the same ones: with ``num_batches="all"``, every batch of the training set.
         passes: sketch passes (>= 2; default 3: range, co-range, one power iteration).
         oversampling: extra sketch columns beyond k (default ``max(2k, 32)``).
         statistic: what A is taken from. ``"mean"`` (default, the paper's GiVA): the top-r right singular vectors
@@ -286,16 +298,17 @@ def initialize(
     session = InitSession(targets, report.mode, passes, oversampling, statistic)
     report.passes = session.passes
     sources = _batches(dataloader, num_batches, keep=session.passes > 1)
-    while not session.done:
-        start = time.perf_counter()
-        partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress)
-        report.losses = report.losses or partial.losses
-        report.sums_bytes = max(report.sums_bytes, partial.nbytes())
-        partial = comm.sum_partial(partial, list(session.targets))
-        middle = time.perf_counter()
-        comm.finish_pass(session, partial)
-        report.gradient_seconds += middle - start
-        report.svd_seconds += time.perf_counter() - middle
+    with zero3_trace_reset(peft_model):  # training must not prefetch by the calibration's parameter order
+        while not session.done:
+            start = time.perf_counter()
+            partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress)
+            report.losses = report.losses or partial.losses
+            report.sums_bytes = max(report.sums_bytes, partial.nbytes())
+            partial = comm.sum_partial(partial, session)
+            middle = time.perf_counter()
+            comm.finish_pass(session, partial)
+            report.gradient_seconds += middle - start
+            report.svd_seconds += time.perf_counter() - middle
     write_bases(model, session)
     for name, cfg in to_init.items():
         cfg.bases_info = {

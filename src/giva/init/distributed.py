@@ -2,9 +2,11 @@
 
 Every rank enters every collective in the same order, or every rank raises: before each
 collective the ranks all-reduce a status flag (:meth:`Collective.agree`), so a failure on one rank
-(a NaN loss, a layer without gradient, too few batches, an SVD error) makes every rank raise the
+(a NaN loss, a layer no rank's batches reach, too few batches, an SVD error) makes every rank raise the
 same :class:`DistributedInitError` at once, naming the failing rank and the cause, instead of
-leaving the others blocked in an all-reduce until a timeout. Only the per-target sums of the
+leaving the others blocked in an all-reduce until a timeout. A layer that only some ranks' batches
+reach (an MoE expert, a multi-task head) is no failure: the other ranks add zeros in its place, and
+only a layer no rank reached is an error, on every rank. Only the per-target sums of the
 session are all-reduced (small sketches in ``mode="sketch"``, the dense block gradient in
 ``mode="exact"``); the per-target QR/SVD work is split (target ``i`` on rank ``i mod world``) and
 the results are broadcast, so every rank ends with bit-identical bases.
@@ -24,9 +26,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from itertools import count
-from typing import ContextManager, Optional
+from typing import Any, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,10 +37,14 @@ from .session import GradientInitError, InitSession, Partial
 
 
 class DistributedInitError(GradientInitError):
-    """Initialisation failed on one rank; every rank raises this, with the same message."""
+    """Initialisation failed on one rank; every rank raises this, with the same message.
 
-    def __init__(self, rank: int, world: int, reason: str, others: list[int]) -> None:
+    ``reasons``: every failed rank's reason, by rank (the message names the first).
+    """
+
+    def __init__(self, rank: int, world: int, reason: str, others: list[int], reasons: Optional[dict[int, str]] = None) -> None:
         self.rank, self.world, self.reason = rank, world, reason
+        self.reasons = reasons if reasons is not None else {rank: reason}
         also = f" (also failed: ranks {others})" if others else ""
         super().__init__(f"GiVA initialisation failed on rank {rank} of {world}: {reason}{also}")
 
@@ -94,22 +100,19 @@ class Collective:
         """Every rank's ``value``, in rank order."""
         return [value]
 
-    def sum_partial(self, partial: Partial, keys: list[str]) -> Partial:
-        self.agree(_missing_keys(partial, keys))
+    def sum_partial(self, partial: Partial, session: InitSession) -> Partial:
+        """The sums over every process's batches (here: this process's); :meth:`InitSession.check` judges them."""
         return partial
 
     def finish_pass(self, session: InitSession, partial: Partial) -> None:
         session.receive(partial)
 
 
-def _missing_keys(partial: Partial, keys: list[str]) -> Optional[GradientInitError]:
-    missing = sorted({key.split(":", 1)[1].rsplit("#", 1)[0] for key in keys if key not in partial.sums})
-    if not missing:
-        return None
-    return GradientInitError(
-        f"GiVA layer(s) {missing[:5]} received no gradient (not on the path from inputs to loss); "
-        "remove them from target_modules"
-    )
+def _wrong_shapes(partial: Partial, session: InitSession) -> Optional[GradientInitError]:
+    """An error naming the sums whose shape is not the one every rank expects (:meth:`InitSession.sum_shape`)."""
+    wrong = [f"{key}: {tuple(total.shape)}, expected {session.sum_shape(key)}"
+             for key, total in partial.sums.items() if tuple(total.shape) != session.sum_shape(key)]
+    return GradientInitError(f"sums of unexpected shape: {wrong[:5]}") if wrong else None
 
 
 # Every rank creates its collectives in the same order, so the n-th one has the same store keys everywhere.
@@ -156,8 +159,8 @@ class TorchCollective(Collective):
         if store is None or not store.check([f"{self.prefix}/failed"]):
             return None
         failed = sorted({int(r) for r in store.get(f"{self.prefix}/failed").decode().split(",") if r})
-        reason = store.get(f"{self.prefix}/reason/{failed[0]}").decode()
-        return DistributedInitError(failed[0], self.world, reason, failed[1:])
+        reasons = {r: store.get(f"{self.prefix}/reason/{r}").decode() for r in failed}
+        return DistributedInitError(failed[0], self.world, reasons[failed[0]], failed[1:], reasons)
 
     @contextmanager
     def watching(self) -> Iterator[None]:
@@ -205,26 +208,33 @@ class TorchCollective(Collective):
             raise posted from exc
 
     def agree(self, error: Optional[BaseException]) -> None:
-        """Every rank raises (one error naming the first failed rank) if any rank has an ``error`` or a setup error."""
+        """Every rank raises (one error naming the first failed rank) if any rank has an ``error`` or a setup error.
+
+        Each rank's failure goes as bytes (a ``ValueError`` flag, then the UTF-8 reason; none without an error): the
+        ranks all-reduce their lengths, and only when one is non-zero all-gather the bytes, padded to the longest.
+        Both run on this collective's device: ``all_gather_object`` would pickle, and under NCCL gather on
+        ``torch.cuda.current_device()`` (GPU 0 on every rank when the launcher never called ``set_device``).
+        """
         if error is None:
             error = self.setup_error
-        flags = torch.zeros(self.world, dtype=torch.int32, device=self.device)
-        flags[self.rank] = int(error is not None)
+        payload = b"" if error is None else bytes([isinstance(error, ValueError)]) + _describe(error).encode()
+        lengths = torch.zeros(self.world, dtype=torch.int64, device=self.device)
+        lengths[self.rank] = len(payload)
         try:
-            dist.all_reduce(flags)
+            dist.all_reduce(lengths)
         except Exception as exc:  # the group was aborted: some rank posted why
             posted = self._posted()
             if posted is None:
                 raise
             raise posted from exc
-        if not bool(flags.any()):
+        sizes = [int(n) for n in lengths.tolist()]
+        if not any(sizes):
             return
-        reasons: list[Optional[tuple[str, bool]]] = [None] * self.world
-        dist.all_gather_object(reasons, None if error is None else (_describe(error), isinstance(error, ValueError)))
-        failed = [r for r in range(self.world) if flags[r]]
-        reason, value_error = reasons[failed[0]]
-        kind = DistributedValueError if value_error else DistributedInitError
-        raise kind(failed[0], self.world, reason, failed[1:]) from error
+        payloads = {r: data for r, data in enumerate(gather_bytes(payload, sizes, self.device)) if data}
+        reasons = {r: data[1:].decode() for r, data in payloads.items()}
+        failed = sorted(payloads)
+        kind = DistributedValueError if payloads[failed[0]][0] else DistributedInitError
+        raise kind(failed[0], self.world, reasons[failed[0]], failed[1:], reasons) from error
 
     def gather_int(self, value: int) -> list[int]:
         values = torch.zeros(self.world, dtype=torch.int64, device=self.device)
@@ -232,14 +242,29 @@ class TorchCollective(Collective):
         dist.all_reduce(values)
         return [int(v) for v in values.tolist()]
 
-    def sum_partial(self, partial: Partial, keys: list[str]) -> Partial:
-        """All-reduce (sum) the partial's tensors and counts; every rank gets the same total."""
-        self.agree(_missing_keys(partial, keys))
-        counts = torch.tensor([partial.batches, partial.tokens], dtype=torch.float64, device=self.device)
+    def sum_partial(self, partial: Partial, session: InitSession) -> Partial:
+        """All-reduce (sum) the partial's tensors and counts; every rank gets the same total.
+
+        A target this rank's batches never reached (an MoE expert given no tokens here, a head only other ranks'
+        batches use) adds zeros of the shape the session gives every rank, so the total is that of one process
+        over every rank's batches. The ranks count who reached each target in the same all-reduce as the batch
+        counts: a target no rank reached stays out of the total, and :meth:`InitSession.check` names it on
+        every rank, as it does in one process.
+        """
+        keys = list(session.targets)
+        self.agree(_wrong_shapes(partial, session))
+        counts = torch.tensor([partial.batches, partial.tokens, *(key in partial.sums for key in keys)],
+                              dtype=torch.float64, device=self.device)
         dist.all_reduce(counts)
         sums = {}
-        for key in keys:  # one collective per target: the dense sums of mode="exact" are not copied twice
-            tensor = partial.sums[key].to(self.device).contiguous()
+        for key, reached in zip(keys, counts[2:].tolist()):
+            if not reached:
+                continue
+            local = partial.sums.get(key)
+            if local is None:
+                tensor = torch.zeros(session.sum_shape(key), dtype=torch.float32, device=self.device)
+            else:  # one collective per target: the dense sums of mode="exact" are not copied twice
+                tensor = local.to(self.device, torch.float32).contiguous()
             dist.all_reduce(tensor)
             sums[key] = tensor
         return Partial(partial.pass_index, sums, int(counts[0]), int(counts[1]), partial.losses)
@@ -271,11 +296,87 @@ class TorchCollective(Collective):
                 session.set_state(key, [next(pieces).reshape(s).clone() for s in session.state_shapes(key)])
 
 
+def gather_bytes(payload: bytes, sizes: list[int], device: torch.device) -> list[bytes]:
+    """Every rank's ``payload``, in rank order, given every rank's length (``sizes``, already agreed on): an all-gather of
+    ``uint8`` tensors on ``device``, padded to the longest. No pickling, and no object collective, which under NCCL
+    runs on ``torch.cuda.current_device()`` (GPU 0 on every rank when the launcher never called ``set_device``)."""
+    padded = torch.zeros(max(sizes), dtype=torch.uint8, device=device)
+    if payload:
+        padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8).to(device)
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return [bytes(tensor[:size].cpu().tolist()) for tensor, size in zip(gathered, sizes)]
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     result = 1
     for size in shape:
         result *= size
     return result
+
+
+def zero3_coordinators(model: Any) -> list[Any]:
+    """DeepSpeed ZeRO-3's parameter coordinators driving ``model`` (a ``DeepSpeedEngine``, or the module inside one);
+    [] for a model without ZeRO-3 parameters (``ds_tensor``), so nothing here touches DeepSpeed otherwise.
+
+    An engine holds its ``DeepSpeedZeRoOffload`` as ``engine.optimizer`` (no optimizer) or
+    ``engine.optimizer.parameter_offload``. A module (what the Trainer hands its callbacks) holds no reference to
+    it but through the hooks the offload registered on every submodule, whose closures hold it.
+    """
+    inner = getattr(model, "module", model) if type(model).__name__ == "DeepSpeedEngine" else model
+    if not any(hasattr(p, "ds_tensor") for p in inner.parameters()):
+        return []
+    if type(model).__name__ == "DeepSpeedEngine":
+        optimizer = getattr(model, "optimizer", None)
+        offload = getattr(optimizer, "parameter_offload", optimizer)
+        if hasattr(offload, "get_param_coordinator"):
+            return [offload.get_param_coordinator()]
+    found: dict[int, Any] = {}
+    for module in inner.modules():
+        for hook in module._forward_pre_hooks.values():
+            for offload in _closure_objects(hook):
+                if hasattr(offload, "get_param_coordinator"):
+                    found.setdefault(id(offload), offload.get_param_coordinator())
+        if found:
+            break
+    return list(found.values())
+
+
+def _closure_objects(function: Any, depth: int = 3) -> Iterator[Any]:
+    """The objects a function's closure holds, and those of the functions it wraps, ``depth`` levels deep."""
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        yield value
+        if depth > 1 and callable(value):
+            yield from _closure_objects(value, depth - 1)
+
+
+@contextmanager
+def zero3_trace_reset(model: Any) -> Iterator[None]:
+    """Around the calibration passes of a ZeRO-3 model: forget the parameter-fetch order they recorded.
+
+    ZeRO-3 records the order in which its first forward and backward fetch parameters, and prefetches by it from
+    then on. Calibration runs another model (eval mode, adapters off, ``autograd.grad`` to probes), so a recorded
+    calibration made the first training step fail ("tracing error at step 48 ... expected ... giva_lambda_o").
+    Invalidated, the trace is recorded again by the first training step, as on a fresh engine.
+    """
+    coordinators = zero3_coordinators(model)
+
+    def reset() -> None:
+        for coordinator in coordinators:
+            if not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()
+
+    try:
+        yield
+    except BaseException:
+        with suppress(Exception):  # the process group may be aborted: the original error is what matters
+            reset()
+        raise
+    reset()
 
 
 def collective(device: torch.device, sharded: bool = False) -> Collective:

@@ -227,6 +227,15 @@ class InitSession:
                 items[key] = RequestItem(t.layer, t.out_start, t.out_size, kind, self._state[key][0])
         return Request(self.pass_index, self.passes, items)
 
+    def sum_shape(self, key: str) -> tuple[int, int]:
+        """Shape of the sum the current pass asks for ``key``, known without any batch: ``out x in`` (exact) or ``in x in``
+        (exact second moment); ``in x l`` (``G^T M``, ``S M``) or ``out x l`` (``G M``) in a sketch pass."""
+        t = self.targets[key]
+        if self.mode == "exact":
+            return (t.in_features if self.statistic == "second-moment" else t.out_size, t.in_features)
+        rows = t.out_size if self.statistic == "mean" and self.pass_index % 2 == 1 else t.in_features
+        return (rows, self.width(key))
+
     def check(self, partial: Partial) -> None:
         """Raise :class:`GradientInitError` (naming the layer) if a summed partial cannot be used."""
         if partial.pass_index != self.pass_index:

@@ -9,9 +9,9 @@ Three small tools, each safe to call in a one-process run too:
   can save an adapter that reloads in one process.
 * :func:`launcher_mismatch` says when the training loop sees fewer processes than torchrun
   started (the Trainer on CPU without ``use_cpu=True``): each process would train on its own.
-* :func:`replication_mismatches` gathers every GiVA tensor from every rank and lists those that
-  are not bit-identical (a collective): the check that data-parallel training kept the
-  replicas in step.
+* :func:`replication_mismatches` compares every GiVA tensor across ranks (names, shapes and dtypes,
+  then the bytes of those alike) and lists those that are not bit-identical (a collective): the
+  check that data-parallel training kept the replicas in step.
 
 gloo scrambles non-contiguous tensors in collectives, so everything sent here is made
 contiguous first.
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
-from ..init.distributed import collective_device
+from ..init.distributed import collective_device, gather_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +108,11 @@ def _trained_besides(model: nn.Module, state: dict[str, torch.Tensor]) -> set[st
 
 def replication_mismatches(model: nn.Module, prefix: str = GIVA_PREFIX) -> list[str]:
     """Names of the adapter tensors (GiVA's vectors and bases, a trained head or biases: those of
-    :func:`full_state_dict`) that differ bitwise between ranks; [] if all match.
+    :func:`full_state_dict`) that differ between ranks, sorted; [] if all match.
 
-    A collective: every rank must call it. In a one-process run it returns []. Names are checked
-    too: a rank holding a different set of GiVA tensors is reported as ``"<tensor names>"``.
+    A collective: every rank must call it, and every rank gets the same list. In a one-process run it returns [].
+    A tensor that some rank lacks, or holds with another shape or dtype (a rank built with another ``r``), is
+    named without sending its values; the others are compared bitwise.
     """
     state = full_state_dict(model, prefix)
     if not is_distributed():
@@ -119,24 +120,27 @@ def replication_mismatches(model: nn.Module, prefix: str = GIVA_PREFIX) -> list[
     # NCCL cannot gather CPU tensors: compare on the model's device (a clear error for a CPU model under NCCL).
     params = [p for p in unwrap_model(model).parameters()]
     device = collective_device(dist.get_backend(), params[0].device if params else torch.device("cpu"))
-    names = sorted(state)
     world = dist.get_world_size()
-    # A checksum of the names, not all_gather_object: under NCCL that would run on torch.cuda.current_device(),
-    # GPU 0 on every rank when the launcher did not call set_device.
-    digest = torch.tensor([zlib.crc32("\n".join(names).encode())], dtype=torch.int64, device=device)
+    # Names, shapes and dtypes first: the per-tensor gathers below need the same size on every rank (gloo aborts
+    # the process, NCCL hangs, on unequal sizes). A checksum, then the text itself only when the checksums differ.
+    layout = "\n".join(f"{name}\t{tuple(state[name].shape)} {state[name].dtype}" for name in sorted(state)).encode()
+    digest = torch.tensor([zlib.crc32(layout), len(layout)], dtype=torch.int64, device=device)
     digests = [torch.empty_like(digest) for _ in range(world)]
     dist.all_gather(digests, digest)
+    differing: set[str] = set()
     if any(not torch.equal(other, digest) for other in digests):
-        return ["<tensor names>"]
-    mismatches = []
-    for name in names:
+        texts = gather_bytes(layout, [int(other[1]) for other in digests], device)
+        layouts = [dict(line.split("\t") for line in text.decode().splitlines()) for text in texts]
+        differing = {name for name in set().union(*layouts) if len({held.get(name) for held in layouts}) > 1}
+    mismatches = set(differing)
+    for name in sorted(set(state) - differing):  # held alike by every rank: the same names, in the same order
         # Compare the raw bytes: NaN != NaN and -0.0 == 0.0 would fool a float comparison.
         local = state[name].to(device).contiguous().view(-1).view(torch.uint8)
         gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local)
         if any(not torch.equal(other, local) for other in gathered):
-            mismatches.append(name)
-    return mismatches
+            mismatches.add(name)
+    return sorted(mismatches)
 
 
 def launcher_mismatch(world_size_seen: int, who: str) -> Optional[str]:

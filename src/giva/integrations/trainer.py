@@ -68,7 +68,9 @@ class GivaInitCallback(TrainerCallback):
     ``lambda_s`` cannot move at small learning rates); pass the callback to the trainer's constructor for that. ``mode`` is
     :func:`giva.initialize`'s (``"auto"``, ``"sketch"``, ``"exact"``), and so is ``statistic`` (``"mean"``, or
     ``"second-moment"``); ``num_batches="all"`` averages every
-    batch of the train dataloader (one pass over the training set before training). Under torchrun every rank
+    batch of the train dataloader: before training, one pass over the training set in exact mode, or in sketch
+    mode (``"auto"`` picks it for large models) ``giva.initialize``'s ``passes`` (3) passes, for which it keeps
+    every batch the loader gave (inputs and labels, not activations) until the last. Under torchrun every rank
     runs it on its own batches and gets the same bases.
 
     Example::
