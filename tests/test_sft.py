@@ -207,6 +207,7 @@ def one_error_line(capsys) -> str:
         (["--max-length", "4"], "argument --max-length: must be >= 8"),
         (["--val-size", "0"], "argument --val-size: expected a row count >= 1 or a fraction"),
         (["--seed", "-1"], "argument --seed: must be >= 0"),
+        (["--seed", str(2**32)], "argument --seed: must be <= 4294967295"),  # numpy's range (transformers' set_seed)
         (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         (["--init-mode", "fast"], "argument --init-mode: invalid choice: 'fast'"),
         (["--bf16", "--fp16"], "argument --fp16: not allowed with argument --bf16"),
@@ -325,6 +326,13 @@ def test_sft_options_name_both_kinds_of_num_batches(value):
     with pytest.raises(ValueError, match=r"^SFTOptions\.num_batches must be a whole number >= 1 or 'all', got "):
         SFTOptions(num_batches=value)
     assert SFTOptions(num_batches="all").num_batches == "all" and SFTOptions(num_batches=3).num_batches == 3
+
+
+def test_sft_options_refuse_a_seed_numpy_cannot_take():
+    """transformers' set_seed seeds numpy, which takes seeds below 2**32: a larger one failed after the model loaded."""
+    with pytest.raises(ValueError, match=r"^SFTOptions\.seed must be a whole number <= 4294967295 .*got 4294967296$"):
+        SFTOptions(seed=2**32)
+    assert SFTOptions(seed=2**32 - 1).seed == 2**32 - 1
 
 
 # ------------------------------------------------------------------ micro-batches, checkpoints and --resume

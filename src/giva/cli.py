@@ -301,6 +301,13 @@ def _seed(value: str) -> int:
     return number
 
 
+def _sft_seed(value: str) -> int:
+    number = _seed(value)
+    if number > 2**32 - 1:  # giva.sft.MAX_SEED: transformers' set_seed seeds numpy with it
+        raise argparse.ArgumentTypeError(f"must be <= {2**32 - 1} (2**32 - 1: transformers seeds numpy with it), got {value!r}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="giva", description="GiVA adapters for Hugging Face PEFT")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -369,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--num-batches", type=_num_batches, default=1,
                     help="calibration batches k for the gradient, or 'all' (every training batch; a whole epoch's "
                          "forward and backward on a large set)")
-    sf.add_argument("--seed", type=_seed, default=0, help="training order, validation split and the seeded bases")
+    sf.add_argument("--seed", type=_sft_seed, default=0, help="training order, validation split and the seeded bases")
     sf.add_argument("--output-dir", default="outputs/giva-sft", help="adapter, tokenizer and sft_result.json")
     sf.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output-dir")
     sf.add_argument("--export-lora", default=None, metavar="DIR", help="also write the adapter as a stock PEFT LoRA in DIR")

@@ -37,6 +37,7 @@ OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: the flags and row
 # Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device and the split of
 # a batch into micro-batches (same rows per optimizer step). Every other flag changes what is trained.
 # (--data may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
+MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no larger seed
 RESUMABLE_CHANGES = frozenset({"device", "gradient_checkpointing", "micro_batch_size", "output_dir", "export_lora",
                                "overwrite", "progress", "save_steps", "checkpoint_dir", "resume", "data"})
 
@@ -97,6 +98,9 @@ class SFTOptions:
                 ) from None
         _whole("max_length", self.max_length, 8)
         _whole("seed", self.seed, 0)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"SFTOptions.seed must be a whole number <= {MAX_SEED} (2**32 - 1: transformers seeds numpy "
+                             f"with it), got {self.seed!r}")
         for name in ("max_steps", "max_train_samples", "micro_batch_size", "save_steps"):
             if getattr(self, name) is not None:
                 _whole(name, getattr(self, name), 1)
