@@ -260,6 +260,14 @@ def test_bad_data_gets_one_line_naming_file_and_line(chat_model, tmp_path, capsy
     assert message in one_error_line(capsys)
 
 
+def test_chat_rows_need_a_tokenizer_with_a_chat_template(plain_model, messages_jsonl, tmp_path, capsys, no_model_loading):
+    """TRL refused them only after the model loaded, naming neither the file nor the flag."""
+    assert main(cli(plain_model, messages_jsonl, tmp_path / "out")) == 2
+    assert (f"--data {str(messages_jsonl)!r} has chat rows but the tokenizer of --model {str(plain_model)!r} has no chat "
+            "template") in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_paths_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")

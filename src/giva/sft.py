@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from .data import DataError
 from .sft_data import SFTData, completion_text, load_sft_data
 
 logger = logging.getLogger(__name__)
@@ -389,6 +390,9 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     chat = getattr(tokenizer, "chat_template", None) is not None
     data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat)
+    if not chat and isinstance(data.train[0]["prompt"], list):  # one format per file: the first row says which
+        raise DataError(f"--data {options.data!r} has chat rows but the tokenizer of --model {options.model!r} has no "
+                        "chat template; give a model whose tokenizer has one, or plain-text prompt/completion rows")
     return device, path, tokenizer, data
 
 
