@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 import sys
 import warnings
 from dataclasses import replace
@@ -265,6 +267,28 @@ def test_chat_rows_need_a_tokenizer_with_a_chat_template(plain_model, messages_j
     assert main(cli(plain_model, messages_jsonl, tmp_path / "out")) == 2
     assert (f"--data {str(messages_jsonl)!r} has chat rows but the tokenizer of --model {str(plain_model)!r} has no chat "
             "template") in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_template_that_refuses_a_row_is_named_with_file_and_line(chat_model, messages_jsonl, pc_jsonl, tmp_path,
+                                                                          capsys, no_model_loading):
+    """A template that raises (Mistral-style: no system role) failed inside SFTTrainer after the model loaded, as a
+    jinja2 traceback; it is a data error naming a row it refuses, before the model loads."""
+    strict = tmp_path / "strict-model"
+    shutil.copytree(chat_model, strict)
+    tokenizer = tiny_tokenizer(chat=True)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace(
+        "{% for m in messages %}",
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}")
+    tokenizer.save_pretrained(strict)
+    assert main(cli(strict, messages_jsonl, tmp_path / "out")) == 2
+    line = one_error_line(capsys)
+    match = re.search(rf"{re.escape(str(messages_jsonl))}:(\d+): the chat template of --model {re.escape(repr(str(strict)))} "
+                      r"fails on this row: System role not supported$", line)
+    assert match, line
+    named = json.loads(messages_jsonl.read_text().splitlines()[int(match.group(1)) - 1])
+    assert named["messages"][0]["role"] == "system"  # the line named is one the template refuses
+    giva.sft.preflight(options(strict, pc_jsonl, tmp_path / "out"))  # rows it renders pass
     assert not (tmp_path / "out").exists()
 
 

@@ -393,7 +393,23 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     if not chat and isinstance(data.train[0]["prompt"], list):  # one format per file: the first row says which
         raise DataError(f"--data {options.data!r} has chat rows but the tokenizer of --model {options.model!r} has no "
                         "chat template; give a model whose tokenizer has one, or plain-text prompt/completion rows")
+    if chat:
+        check_chat_template(tokenizer, data, options.model)
     return device, path, tokenizer, data
+
+
+def check_chat_template(tokenizer: Any, data: SFTData, model: str) -> None:
+    """Render the chat template on every row as TRL will (the prompt with the generation prompt, then prompt and
+    completion): a template that raises on a row (one that refuses a system message, as Mistral's early ones do) is a
+    DataError naming the row's file and line, here rather than inside SFTTrainer after the model has loaded."""
+    from jinja2.exceptions import TemplateError
+
+    for where, row in data.located():
+        try:
+            tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+            tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        except TemplateError as err:
+            raise DataError(f"{where}: the chat template of --model {model!r} fails on this row: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------ the run
