@@ -360,6 +360,56 @@ def test_sft_options_name_both_kinds_of_num_batches(value):
     assert SFTOptions(num_batches="all").num_batches == "all" and SFTOptions(num_batches=3).num_batches == 3
 
 
+@pytest.mark.parametrize("extra, available", [([], 8), (["--micro-batch-size", "2"], 7)])
+def test_more_calibration_batches_than_the_training_data_holds_are_refused_before_the_model_loads(
+        chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, extra, available):
+    """30 training rows: 8 batches of 4 (the last one of 2 rows), but with --micro-batch-size 2 the callback draws 2
+    micro-batches per calibration batch from 15, so 7. --num-batches beyond that failed in GivaInitCallback, after the
+    model loaded, with a traceback (GradientInitError)."""
+    flags = ["--max-train-samples", "30", *extra]
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", *flags, "--num-batches", str(available + 1))) == 2
+    assert (f"--num-batches {available + 1} asks for more calibration batches than the training data holds: its 30 "
+            f"training rows make {available} batch(es) of --batch-size 4; give --num-batches {available} or less, "
+            "or 'all'") in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_num_batches_check_counts_the_batches_the_callback_draws(chat_model, pc_jsonl, tmp_path):
+    """The bound is what GivaInitCallback can draw: the Trainer's loader on each process, in groups of the gradient
+    accumulation; under torchrun Accelerate gives every process ceil(batches / processes) of them."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    for micro in (None, 2, 1):
+        opts = options(chat_model, pc_jsonl, tmp_path / "out", max_train_samples=30, micro_batch_size=micro)
+        device, path, tokenizer, data = preflight(opts)
+        trainer = make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
+        drawn = len(trainer.get_train_dataloader()) // trainer.args.gradient_accumulation_steps
+        giva.sft.check_num_batches(replace(opts, num_batches=drawn), 30, 1)
+        with pytest.raises(ValueError, match=f"make {drawn} batch"):
+            giva.sft.check_num_batches(replace(opts, num_batches=drawn + 1), 30, 1)
+    for rows, micro, world, accumulation in ((30, 2, 2, 1), (31, 1, 4, 1), (7, 2, 2, 1), (30, 2, 2, 2)):
+        opts = SFTOptions(batch_size=micro * world * accumulation, micro_batch_size=micro)
+        shares = {len(BatchSamplerShard(BatchSampler(range(rows), micro, drop_last=False), world, rank))
+                  for rank in range(world)}
+        assert len(shares) == 1  # every process draws as many
+        drawn = shares.pop() // accumulation
+        giva.sft.check_num_batches(replace(opts, num_batches=drawn), rows, world)
+        with pytest.raises(ValueError, match=f"make {drawn} batch"):
+            giva.sft.check_num_batches(replace(opts, num_batches=drawn + 1), rows, world)
+
+
+def test_a_gradient_init_error_is_one_line(chat_model, pc_jsonl, tmp_path, capsys, monkeypatch):
+    from giva import GradientInitError
+
+    def fails(options):
+        raise GradientInitError("the dataloader gave 3 batches but num_batches=4 were asked for")
+
+    monkeypatch.setattr(giva.sft, "run_sft", fails)
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
+    assert one_error_line(capsys) == "giva sft: error: the dataloader gave 3 batches but num_batches=4 were asked for"
+
+
 def test_sft_options_refuse_a_seed_numpy_cannot_take():
     """transformers' set_seed seeds numpy, which takes seeds below 2**32: a larger one failed after the model loaded."""
     with pytest.raises(ValueError, match=r"^SFTOptions\.seed must be a whole number <= 4294967295 .*got 4294967296$"):

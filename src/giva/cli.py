@@ -471,6 +471,13 @@ def _quiet_libraries(enabled: bool) -> Iterator[None]:
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """USER_ERRORS, and giva's GradientInitError (too few calibration batches, a non-finite loss, layers the loss does
+    not reach) once a command has imported it: importing it here would load torch for `giva --help`."""
+    session = sys.modules.get("giva.init.session")
+    return USER_ERRORS + ((session.GradientInitError,) if session is not None else ())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -482,8 +489,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2
-    except USER_ERRORS as err:
-        if os.environ.get("GIVA_TRACEBACK"):
+    except Exception as err:
+        if not isinstance(err, _user_errors()) or os.environ.get("GIVA_TRACEBACK"):
             raise
         command = f"giva {args.command}" if "args" in locals() else "giva"
         print(f"{command}: error: {err}", file=sys.stderr)

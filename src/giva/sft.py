@@ -262,6 +262,21 @@ def check_output_dirs(options: SFTOptions) -> None:
         _check_output(check_output_dir(options.export_lora))
 
 
+def check_num_batches(options: SFTOptions, train_rows: int, world_size: int) -> None:
+    """``--num-batches k`` has :class:`giva.GivaInitCallback` draw ``k`` x (gradient accumulation) micro-batches from the
+    Trainer's loader on each process, which holds ``ceil(ceil(train_rows / micro) / processes)`` of them (Accelerate
+    gives every process the same count); a ValueError naming the flag if that is too few."""
+    if options.num_batches == "all":
+        return
+    micro, accumulation = options.batch_layout(world_size)
+    available = math.ceil(math.ceil(train_rows / micro) / world_size) // accumulation
+    if options.num_batches > available:
+        fix = f"give --num-batches {available} or less, or 'all'" if available else "give --num-batches all"
+        raise ValueError(f"--num-batches {options.num_batches} asks for more calibration batches than the training data "
+                         f"holds: its {train_rows} training rows make {available} batch(es) of --batch-size "
+                         f"{options.batch_size}; {fix}")
+
+
 def launch() -> tuple[int, int]:
     """(this process's rank, the number of processes): torchrun's ``RANK`` / ``WORLD_SIZE``, else (0, 1)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -390,6 +405,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     chat = getattr(tokenizer, "chat_template", None) is not None
     data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat)
+    check_num_batches(options, len(data.train), launch()[1])
     if not chat and isinstance(data.train[0]["prompt"], list):  # one format per file: the first row says which
         raise DataError(f"--data {options.data!r} has chat rows but the tokenizer of --model {options.model!r} has no "
                         "chat template; give a model whose tokenizer has one, or plain-text prompt/completion rows")
@@ -697,6 +713,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         if options.save_steps is not None and resume_from is None:
             on_main_process(trainer, lambda: _write_record(options, data))
         check_truncation(options, len(trainer.train_dataset), len(data.train), len(trainer.eval_dataset), len(data.validation))
+        check_num_batches(options, len(trainer.train_dataset), trainer.args.world_size)  # the rows TRL kept
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
         peft_model = trainer.model
         prompts = prompt_ids(trainer.eval_dataset)
