@@ -578,6 +578,24 @@ def test_resume_compares_what_changes_training_and_nothing_else(chat_model, tmp_
         check_checkpoints(empty, data)
 
 
+@pytest.mark.parametrize("content", ["", "{\"global_step\": 4, \"max_st", "[]", "{\"global_step\": \"4\"}", "\xff"])
+def test_a_checkpoint_whose_trainer_state_is_empty_or_invalid_counts_as_cut_off(chat_model, tmp_path, caplog, content):
+    """A machine that went down while the Trainer wrote trainer_state.json (its last file) leaves it empty or half
+    written: --resume failed on it with an unnamed JSON error; it warns, naming the file, and resumes from the
+    checkpoint before."""
+    from giva.sft import SFTData, check_checkpoints
+
+    data = SFTData(train=[{"prompt": "a", "completion": "b"}], validation=[{"prompt": "c", "completion": "d"}],
+                   source="rows", labels=None)
+    folder = record_folder(tmp_path, chat_model, data)
+    (folder / "checkpoint-4").mkdir()
+    (folder / "checkpoint-4" / "trainer_state.json").write_bytes(content.encode("latin-1"))
+    _, checkpoint = check_checkpoints(options(chat_model, "rows.jsonl", tmp_path / "out", resume=True), data)
+    assert checkpoint == str(folder / "checkpoint-2")
+    assert (f"--resume: {folder / 'checkpoint-4' / 'trainer_state.json'} is empty or invalid (cut off while being "
+            "written); resuming from checkpoint-2") in caplog.text
+
+
 def test_a_run_cut_off_before_its_first_checkpoint_starts_again(chat_model, pc_jsonl, tmp_path, monkeypatch, caplog):
     """Nothing to resume yet: the folder holds only the run's record. A rerun, with or without --resume (so a
     job script can always pass it), starts from the first step."""

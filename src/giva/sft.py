@@ -307,11 +307,21 @@ def is_finished(state: dict[str, Any]) -> bool:
     return state.get("global_step", 0) >= state.get("max_steps", float("inf"))
 
 
+def finished(checkpoint: Path) -> bool:
+    """The Trainer finished writing ``checkpoint``: its ``trainer_state.json`` (the last file it writes) holds the
+    Trainer's state. Missing, empty or invalid (a machine that went down during the save), it was cut off."""
+    try:
+        state = checkpoint_state(checkpoint)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get("global_step"), int)
+
+
 def finished_checkpoints(folder: Path) -> list[Path]:
-    """The ``checkpoint-N`` folders the Trainer finished writing (``trainer_state.json`` is its last file), by step."""
+    """The ``checkpoint-N`` folders the Trainer finished writing (see :func:`finished`), by step."""
     steps = [(int(p.name.removeprefix("checkpoint-")), p) for p in folder.glob("checkpoint-*")
              if p.name.removeprefix("checkpoint-").isdigit() and p.is_dir()]
-    return [p for _, p in sorted(steps) if (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(steps) if finished(p)]
 
 
 def _compared(key: str, value: Any) -> Any:
@@ -383,10 +393,10 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
             saved.get("options", {}), now["options"]):
         raise ValueError(f"--resume: the run in {options.checkpoints!r} finished (step {state['global_step']}) and its "
                          f"adapter is in --output-dir {options.output_dir!r}; nothing to resume")
-    incomplete = [p.name for p in folder.glob("checkpoint-*") if p.is_dir() and p not in done]
-    if incomplete:
-        logger.warning("--resume: %s has no trainer_state.json (cut off while being written); resuming from %s",
-                       ", ".join(sorted(incomplete)), done[-1].name)
+    for cut in sorted(p for p in folder.glob("checkpoint-*") if p.is_dir() and p not in done):
+        state_file = cut / "trainer_state.json"
+        what = f"{state_file} is empty or invalid" if state_file.exists() else f"{cut.name} has no trainer_state.json"
+        logger.warning("--resume: %s (cut off while being written); resuming from %s", what, done[-1].name)
     return options, str(done[-1])
 
 
