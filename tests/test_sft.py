@@ -316,6 +316,27 @@ def test_bad_paths_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()) == {"peft_type": "GIVA"}
 
 
+def test_export_lora_keeps_what_the_folder_holds(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
+    """--export-lora follows --output-dir's rule: a non-empty folder with no adapter is refused (the export replaced
+    its README.md), an earlier LoRA export is replaced only with --overwrite; both before the model loads."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--export-lora", str(notes))) == 2
+    assert (f"--export-lora {str(notes)!r}: output folder {notes} is not empty and holds no adapter; the export would "
+            "overwrite its files") in one_error_line(capsys)
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--export-lora", str(earlier))) == 2
+    assert (f"--export-lora {str(earlier)!r} already holds a LoRA export; pass --overwrite to replace it"
+            in one_error_line(capsys))
+    assert (notes / "README.md").read_text() == "my notes" and not (tmp_path / "out").exists()
+    preflight(options(chat_model, pc_jsonl, tmp_path / "out", export_lora=str(earlier), overwrite=True))
+    (tmp_path / "empty").mkdir()
+    preflight(options(chat_model, pc_jsonl, tmp_path / "out", export_lora=str(tmp_path / "empty")))
+
+
 def test_a_4bit_base_trains_through_sft(chat_model, pc_jsonl, tmp_path):
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit

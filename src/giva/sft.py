@@ -245,7 +245,8 @@ def check_quantization(options: SFTOptions) -> None:
 
 
 def check_output_dirs(options: SFTOptions) -> None:
-    """The adapter folder and the LoRA folder can be written, and hold nothing a run would lose."""
+    """The adapter folder and the LoRA folder can be written, and hold nothing a run would lose: each may be new or
+    empty, or hold an earlier run's adapter (the LoRA folder: a LoRA export), replaced only with ``--overwrite``."""
     from .finetune import check_output_dir
 
     out = check_output_dir(options.output_dir)
@@ -257,9 +258,16 @@ def check_output_dirs(options: SFTOptions) -> None:
             raise FileExistsError(f"--output-dir {options.output_dir!r} already holds an adapter; pass --overwrite to "
                                   "replace it, or give another folder")
     if options.export_lora is not None:
-        from .export import _check_output
+        from .export import ExportError, _check_output
 
-        _check_output(check_output_dir(options.export_lora))
+        lora = check_output_dir(options.export_lora)
+        try:
+            _check_output(lora)  # a file, read-only, another kind of adapter, or a non-empty folder with no adapter
+        except ExportError as err:
+            raise ExportError(f"--export-lora {options.export_lora!r}: {err}") from None
+        if (lora / "adapter_config.json").exists() and not options.overwrite:
+            raise FileExistsError(f"--export-lora {options.export_lora!r} already holds a LoRA export; pass --overwrite "
+                                  "to replace it, or give another folder")
 
 
 def check_num_batches(options: SFTOptions, train_rows: int, world_size: int) -> None:
