@@ -120,6 +120,19 @@ def test_sft_trains_reports_and_saves_an_adapter_that_reloads_bit_identically(ch
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
 
 
+def test_the_training_loss_reported_is_the_mean_over_the_steps(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """train_loss is the Trainer's training_loss, the mean of the per-step losses (4 steps, each one logged); the
+    summary called it the final training loss, which differs."""
+    trainers = []
+    build = giva.sft.make_trainer
+    monkeypatch.setattr(giva.sft, "make_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
+    result, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", lr=5e-2))
+    losses = [entry["loss"] for entry in trainers[0].state.log_history if "loss" in entry]
+    assert len(losses) == result.steps == 4 and result.train_loss == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert abs(losses[-1] - result.train_loss) > 1e-3  # the final step's loss is another number
+    assert f"(mean training loss {result.train_loss:.4f})" in result.summary() and "final" not in result.summary()
+
+
 def labelled_text(trainer, tokenizer, row: int) -> tuple[str, int]:
     """The text of the tokens that carry a label, and how many prompt tokens come first (all must be -100)."""
     example = trainer.train_dataset[row]
@@ -668,7 +681,7 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     assert [len(r["saves"]) for r in records] == [1, 0]
     assert "adapter " not in records[1]["stdout"] and "{" not in records[1]["stdout"]  # (DeepSpeed logs to stdout)
     printed = records[0]["stdout"]
-    assert printed.count("\nadapter ") == 1 and "4 (final training loss" in printed and ", 2 processes" in printed
+    assert printed.count("\nadapter ") == 1 and "4 (mean training loss" in printed and ", 2 processes" in printed
     result = json.loads(printed[printed.index("\n{") :])
     assert (result["processes"], result["steps"], result["train_rows"]) == (2, single.steps, single.train_rows)
     a, b = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "two")

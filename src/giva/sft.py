@@ -177,7 +177,7 @@ class SFTResult:
     val_loss_after: float
     exact_match_before: Optional[float]
     exact_match_after: Optional[float]
-    train_loss: Optional[float]  # None when a resumed run had no step left
+    train_loss: Optional[float]  # the Trainer's training_loss: the mean over the steps this run made (None: no step left)
     trainable_parameters: int
     total_parameters: int
     adapter_bytes: int
@@ -200,7 +200,7 @@ class SFTResult:
             f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} (completion tokens only){em}\n"
             f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
             f"steps              {self.steps} "
-            f"({'no step left to train' if self.train_loss is None else f'final training loss {self.train_loss:.4f}'})"
+            f"({'no step left to train' if self.train_loss is None else f'mean training loss {self.train_loss:.4f}'})"
             f"{f', resumed from {self.resumed_from}' if self.resumed_from else ''}"
             f"{f', {self.processes} processes' if self.processes > 1 else ''}\n"
             f"init / train time  {self.init_seconds:.1f} s / {self.train_seconds:.1f} s\n"
