@@ -255,6 +255,25 @@ def test_devices_and_quantisation_that_are_not_there(chat_model, pc_jsonl, tmp_p
     assert "giva sft needs trl: pip install 'giva[sft]'" in one_error_line(capsys)
 
 
+def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, monkeypatch):
+    """Outside torchrun the Trainer wraps the model in nn.DataParallel over every visible GPU: --batch-size rows on
+    each, a schedule sized for one. Refused before the model loads; torchrun (LOCAL_RANK) or one GPU is fine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for device in ("cuda", "auto"):
+        assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--device", device)) == 2
+        line = one_error_line(capsys)
+        assert f"--device {device}: 2 GPUs are visible and giva sft was not launched by torchrun" in line
+        assert "torchrun --nproc_per_node 2" in line and "CUDA_VISIBLE_DEVICES=0" in line
+    assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="cpu")) == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one process per GPU: each drives its own
+    assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="cuda")) == "cuda"
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="auto")) == "cuda"
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
