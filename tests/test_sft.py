@@ -162,6 +162,49 @@ def test_only_the_completion_carries_labels(model_name, data_name, expected_prom
         assert tokens == expected_prompt.format(p=prompt).split()
 
 
+@pytest.mark.parametrize("think", [False, True])
+@pytest.mark.parametrize("stops", [True, False])
+def test_exact_match_scores_a_model_that_writes_its_trained_completion(chat_model, pc_jsonl, tmp_path, monkeypatch,
+                                                                       think, stops):
+    """A model whose greedy answer is the completion it was trained on scores 1, one that goes on after it 0. With a
+    template that adds to the reply (Qwen3's empty think block, non-special tokens before the answer) the reference
+    was the raw answer and the budget too short for the block: 0 for a perfect model."""
+    model = chat_model
+    if think:
+        model = tmp_path / "think-model"
+        shutil.copytree(chat_model, model)
+        tokenizer = tiny_tokenizer(chat=True)
+        tokenizer.add_tokens(["<think>", "</think>"])
+        tokenizer.chat_template = CHAT_TEMPLATE.replace(
+            "'> ' + m['content']", "'> ' + ('<think> </think> ' if m['role'] == 'assistant' else '') + m['content']")
+        tokenizer.save_pretrained(model)
+    build = giva.sft.make_trainer
+    completions = []
+
+    def with_oracle(*args, **kwargs):  # greedy answers: the labelled tokens TRL built for the prompt
+        trainer = build(*args, **kwargs)
+        prompts = giva.sft.prompt_ids(trainer.eval_dataset)
+        gold = [ids[len(prompt):] for ids, prompt in zip(trainer.eval_dataset["input_ids"], prompts)]
+        completions.extend(gold)
+        word = trainer.processing_class.convert_tokens_to_ids("good")
+
+        def generate(input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs):
+            rows = []
+            for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+                answer = gold[prompts.index([t for t, m in zip(row, mask) if m])]
+                answer = (answer if stops else answer[:-1] + [word])[:max_new_tokens]  # the end token, or a word
+                rows.append(row + answer + [pad_token_id] * (max_new_tokens - len(answer)))
+            return torch.tensor(rows)
+
+        trainer.model.generate = generate
+        return trainer
+
+    monkeypatch.setattr(giva.sft, "make_trainer", with_oracle)
+    result, _, tokenizer = train_sft(options(model, pc_jsonl, tmp_path / "out", max_steps=1))
+    assert tokenizer.decode(completions[0]).startswith("<think> </think> ") == think
+    assert result.exact_match_before == result.exact_match_after == (1.0 if stops else 0.0)
+
+
 def test_the_cli_prints_the_summary_and_json(chat_model, messages_jsonl, tmp_path, capsys):
     assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--json")) == 0
     out = capsys.readouterr().out

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data import DataError
-from .sft_data import SFTData, completion_text, load_sft_data
+from .sft_data import SFTData, load_sft_data
 
 logger = logging.getLogger(__name__)
 
@@ -545,15 +545,29 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
     )
 
 
+def _first_label(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != -100), len(labels))
+
+
 def prompt_ids(dataset: Any) -> list[list[int]]:
     """The prompt of every row TRL processed: its ``input_ids`` up to the first token with a label (not -100)."""
-    return [ids[: next((i for i, label in enumerate(labels) if label != -100), len(ids))]
-            for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
+    return [ids[: _first_label(labels)] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
 
 
-def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references: list[str], batch_size: int,
+def completion_ids(dataset: Any) -> list[list[int]]:
+    """The completion of every row as TRL tokenized it: its ``input_ids`` from the first token with a label on. With a
+    chat template that is the template's rendering of the assistant turn, with whatever it adds to the reply (Qwen3's
+    empty ``<think>\n\n</think>\n\n`` block before it) and its end-of-turn tokens after it."""
+    return [ids[_first_label(labels):] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
+
+
+def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completions: list[list[int]], batch_size: int,
                 progress: bool = False) -> float:
-    """Share of greedy answers equal to the reference (special tokens dropped, surrounding spaces stripped).
+    """Share of greedy answers equal to the trained completion (:func:`completion_ids`), both decoded with special
+    tokens dropped and surrounding whitespace stripped; whatever the chat template adds to the reply is in the answer
+    and the reference alike. Each answer gets as many new tokens as the longest completion holds, its end-of-turn or
+    EOS token included, where generation stops (one more if it has no special token): a model that writes a completion
+    it was trained on has room for all of it, and one that does not stop after it is seen going on.
 
     Under torchrun each process answers every ``world``-th prompt and the hits are summed over the processes."""
     import torch
@@ -563,7 +577,9 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references
     from .integrations.distributed import is_distributed
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)  # same on all
+    references = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
+    special = set(tokenizer.all_special_ids)
+    longest = max(len(ids) + all(t not in special for t in ids) for ids in completions)  # the same on every process
     total = len(prompts)
     prompts, references = prompts[rank::world], references[rank::world]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -578,10 +594,10 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # left padding
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest + 2, do_sample=False,
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
                                      pad_token_id=pad)
             answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            hits += sum(a.strip() == r.strip() for a, r in zip(answers, references[start : start + batch_size]))
+            hits += sum(a.strip() == r for a, r in zip(answers, references[start : start + batch_size]))
     except Exception as err:  # under torchrun: to the sum first, so that no process waits for this one
         if world == 1:
             raise
@@ -743,13 +759,12 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         check_num_batches(options, len(trainer.train_dataset), trainer.args.world_size)  # the rows TRL kept
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
         peft_model = trainer.model
-        prompts = prompt_ids(trainer.eval_dataset)
-        references = [completion_text(row) for row in data.validation]
+        prompts, completions = prompt_ids(trainer.eval_dataset), completion_ids(trainer.eval_dataset)
 
         def evaluate() -> tuple[float, Optional[float]]:
             loss = trainer.evaluate()["eval_loss"]
             em = None if data.labels is None else exact_match(
-                peft_model, tokenizer, prompts, references, 4 * trainer.args.per_device_eval_batch_size,
+                peft_model, tokenizer, prompts, completions, 4 * trainer.args.per_device_eval_batch_size,
                 options.progress)
             return loss, em
 
