@@ -133,6 +133,30 @@ def test_the_training_loss_reported_is_the_mean_over_the_steps(chat_model, pc_js
     assert f"(mean training loss {result.train_loss:.4f})" in result.summary() and "final" not in result.summary()
 
 
+def test_a_bf16_run_reloads_bit_identically_through_the_same_forward(chat_model, pc_jsonl, tmp_path):
+    """With --bf16 the model train_sft returns still runs its forward under the Trainer's bf16 autocast (Accelerate
+    wrapped it), a bf16 reload without: their logits differ (by up to 0.0039 here), which is not the save. The saved
+    tensors are the trained ones, the reload under the same autocast matches the trained model, and the trained
+    model with Accelerate's wrapper removed matches the reload, bit for bit."""
+    from accelerate.utils import extract_model_from_parallel
+    from peft import get_peft_model_state_dict
+
+    out = tmp_path / "out"
+    _, model, tokenizer = train_sft(options(chat_model, pc_jsonl, out, bf16=True, lr=5e-2))
+    saved, trained = adapter_tensors(out), get_peft_model_state_dict(model)
+    assert saved.keys() == trained.keys()
+    assert all(saved[k].dtype == trained[k].dtype and torch.equal(saved[k], trained[k]) for k in saved)
+    reloaded, _ = load_sft_adapter(str(out), dtype=torch.bfloat16)
+    batch = tokenizer(["the film is good . positive or negative ?"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        wrapped, plain = model(**batch).logits, reloaded(**batch).logits
+        assert not torch.equal(wrapped, plain.float())  # the comparison that looked like a lossy save
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(reloaded(**batch).logits.float(), wrapped)
+        assert torch.equal(extract_model_from_parallel(model, keep_fp32_wrapper=False)(**batch).logits, plain)
+
+
 def labelled_text(trainer, tokenizer, row: int) -> tuple[str, int]:
     """The text of the tokens that carry a label, and how many prompt tokens come first (all must be -100)."""
     example = trainer.train_dataset[row]
