@@ -391,6 +391,22 @@ def test_a_chat_template_that_refuses_a_row_is_named_with_file_and_line(chat_mod
     assert not (tmp_path / "out").exists()
 
 
+def test_the_bundled_corpora_become_one_word_questions(tmp_path, monkeypatch):
+    """Both corpora label their rows 1 and -1 (the CoNLL-2010 file: 1 certain, -1 uncertain, as pattern's own test and
+    the evidence suite's label words read it); the CoNLL-2010 instruction mapped '0' and '1' and failed on '-1'."""
+    from giva.data import BUNDLED
+    from giva.sft_data import INSTRUCTIONS, load_sft_data
+
+    monkeypatch.setenv("GIVA_DATA_DIR", str(tmp_path))
+    for name, file in BUNDLED.items():
+        (tmp_path / file).write_text("".join(f'"{label}","sentence {i}"\n' for i, label in enumerate(["1", "-1"] * 4)))
+        data = load_sft_data(name, 2, 0)
+        words = {row["prompt"].split("\n")[0].split()[-1]: row["completion"] for row in data.train + data.validation}
+        assert len(words) == 8 and set(words.values()) == set(INSTRUCTIONS[name][1].values())
+        expected = {"pang-lee": ("positive", "negative"), "conll2010-uncertainty": ("certain", "uncertain")}[name]
+        assert (words["0"], words["1"]) == expected  # sentence 0 is labelled 1, sentence 1 is labelled -1
+
+
 def test_bad_paths_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")

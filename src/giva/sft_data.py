@@ -26,7 +26,7 @@ INSTRUCTIONS: dict[str, tuple[str, dict[str, str]]] = {
     "pang-lee": ("Review: {text}\nIs this review positive or negative? Answer with one word.", {"1": "positive", "-1": "negative"}),
     "conll2010-uncertainty": (
         "Sentence: {text}\nIs this statement certain or uncertain? Answer with one word.",
-        {"0": "certain", "1": "uncertain"},
+        {"1": "certain", "-1": "uncertain"},  # the corpus's labels: 1 certain, -1 uncertain (pattern's own test reads them so)
     ),
 }
 ROLES = ("system", "user", "assistant")
