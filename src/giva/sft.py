@@ -35,10 +35,10 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 INIT_MODES = ("auto", "sketch", "exact")
 RESULT_FILE = "sft_result.json"
 OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: the flags and rows --resume checks the new ones against
+MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no larger seed
 # Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device and the split of
 # a batch into micro-batches (same rows per optimizer step). Every other flag changes what is trained.
 # (--data may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
-MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no larger seed
 RESUMABLE_CHANGES = frozenset({"device", "gradient_checkpointing", "micro_batch_size", "output_dir", "export_lora",
                                "overwrite", "progress", "save_steps", "checkpoint_dir", "resume", "data"})
 
@@ -557,7 +557,7 @@ def prompt_ids(dataset: Any) -> list[list[int]]:
 def completion_ids(dataset: Any) -> list[list[int]]:
     """The completion of every row as TRL tokenized it: its ``input_ids`` from the first token with a label on. With a
     chat template that is the template's rendering of the assistant turn, with whatever it adds to the reply (Qwen3's
-    empty ``<think>\n\n</think>\n\n`` block before it) and its end-of-turn tokens after it."""
+    empty think block, ``<think>`` and ``</think>`` around blank lines, before it) and its end-of-turn tokens after it."""
     return [ids[_first_label(labels):] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
 
 
