@@ -386,6 +386,26 @@ def test_re_exporting_into_a_lora_folder_drops_the_earlier_exports_labels_and_to
     assert torch.allclose(_logits(lora, ids), _logits(other, ids), atol=1e-5)
 
 
+def test_export_refuses_a_non_empty_folder_that_holds_no_adapter(saved_classifier, capsys):
+    """A folder of the user's files was accepted by giva export-lora, export_lora and peft.save_as_lora, and its
+    README.md replaced by the export's; an empty folder, or one holding only an older giva's staging folder, is fine."""
+    model, root = saved_classifier
+    notes = root / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    assert main(["export-lora", str(root / "giva"), str(notes), "--base-model", str(root / "base")]) == 2
+    assert f"output folder {notes} is not empty and holds no adapter" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="is not empty and holds no adapter"):
+        export_lora(model, notes)
+    with pytest.raises(ExportError, match="is not empty and holds no adapter"):
+        peft.save_as_lora(notes, model, rank=4)
+    assert [(p.name, p.read_text()) for p in notes.iterdir()] == [("README.md", "my notes")]
+    (root / "staged" / ".giva-export-abc123").mkdir(parents=True)
+    export_lora(model, root / "staged")
+    assert sorted(p.name for p in (root / "staged").iterdir()) == ["README.md", "adapter_config.json",
+                                                                    "adapter_model.safetensors"]
+
+
 def _refuse_loading(monkeypatch):
     from transformers import AutoModelForSequenceClassification
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
 import sys
 import warnings
 from dataclasses import replace
@@ -118,6 +120,43 @@ def test_sft_trains_reports_and_saves_an_adapter_that_reloads_bit_identically(ch
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
 
 
+def test_the_training_loss_reported_is_the_mean_over_the_steps(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """train_loss is the Trainer's training_loss, the mean of the per-step losses (4 steps, each one logged); the
+    summary called it the final training loss, which differs."""
+    trainers = []
+    build = giva.sft.make_trainer
+    monkeypatch.setattr(giva.sft, "make_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
+    result, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", lr=5e-2))
+    losses = [entry["loss"] for entry in trainers[0].state.log_history if "loss" in entry]
+    assert len(losses) == result.steps == 4 and result.train_loss == pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert abs(losses[-1] - result.train_loss) > 1e-3  # the final step's loss is another number
+    assert f"(mean training loss {result.train_loss:.4f})" in result.summary() and "final" not in result.summary()
+
+
+def test_a_bf16_run_reloads_bit_identically_through_the_same_forward(chat_model, pc_jsonl, tmp_path):
+    """With --bf16 the model train_sft returns still runs its forward under the Trainer's bf16 autocast (Accelerate
+    wrapped it), a bf16 reload without: their logits differ (by up to 0.0039 here), which is not the save. The saved
+    tensors are the trained ones, the reload under the same autocast matches the trained model, and the trained
+    model with Accelerate's wrapper removed matches the reload, bit for bit."""
+    from accelerate.utils import extract_model_from_parallel
+    from peft import get_peft_model_state_dict
+
+    out = tmp_path / "out"
+    _, model, tokenizer = train_sft(options(chat_model, pc_jsonl, out, bf16=True, lr=5e-2))
+    saved, trained = adapter_tensors(out), get_peft_model_state_dict(model)
+    assert saved.keys() == trained.keys()
+    assert all(saved[k].dtype == trained[k].dtype and torch.equal(saved[k], trained[k]) for k in saved)
+    reloaded, _ = load_sft_adapter(str(out), dtype=torch.bfloat16)
+    batch = tokenizer(["the film is good . positive or negative ?"], return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        wrapped, plain = model(**batch).logits, reloaded(**batch).logits
+        assert not torch.equal(wrapped, plain.float())  # the comparison that looked like a lossy save
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(reloaded(**batch).logits.float(), wrapped)
+        assert torch.equal(extract_model_from_parallel(model, keep_fp32_wrapper=False)(**batch).logits, plain)
+
+
 def labelled_text(trainer, tokenizer, row: int) -> tuple[str, int]:
     """The text of the tokens that carry a label, and how many prompt tokens come first (all must be -100)."""
     example = trainer.train_dataset[row]
@@ -145,6 +184,49 @@ def test_only_the_completion_carries_labels(model_name, data_name, expected_prom
         prompt = source["prompt"] if isinstance(source["prompt"], str) else source["prompt"][-1]["content"]
         tokens = tokenizer.convert_ids_to_tokens(trainer.train_dataset[row]["input_ids"][:prompt_len])
         assert tokens == expected_prompt.format(p=prompt).split()
+
+
+@pytest.mark.parametrize("think", [False, True])
+@pytest.mark.parametrize("stops", [True, False])
+def test_exact_match_scores_a_model_that_writes_its_trained_completion(chat_model, pc_jsonl, tmp_path, monkeypatch,
+                                                                       think, stops):
+    """A model whose greedy answer is the completion it was trained on scores 1, one that goes on after it 0. With a
+    template that adds to the reply (Qwen3's empty think block, non-special tokens before the answer) the reference
+    was the raw answer and the budget too short for the block: 0 for a perfect model."""
+    model = chat_model
+    if think:
+        model = tmp_path / "think-model"
+        shutil.copytree(chat_model, model)
+        tokenizer = tiny_tokenizer(chat=True)
+        tokenizer.add_tokens(["<think>", "</think>"])
+        tokenizer.chat_template = CHAT_TEMPLATE.replace(
+            "'> ' + m['content']", "'> ' + ('<think> </think> ' if m['role'] == 'assistant' else '') + m['content']")
+        tokenizer.save_pretrained(model)
+    build = giva.sft.make_trainer
+    completions = []
+
+    def with_oracle(*args, **kwargs):  # greedy answers: the labelled tokens TRL built for the prompt
+        trainer = build(*args, **kwargs)
+        prompts = giva.sft.prompt_ids(trainer.eval_dataset)
+        gold = [ids[len(prompt):] for ids, prompt in zip(trainer.eval_dataset["input_ids"], prompts)]
+        completions.extend(gold)
+        word = trainer.processing_class.convert_tokens_to_ids("good")
+
+        def generate(input_ids, attention_mask, max_new_tokens, pad_token_id, **kwargs):
+            rows = []
+            for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+                answer = gold[prompts.index([t for t, m in zip(row, mask) if m])]
+                answer = (answer if stops else answer[:-1] + [word])[:max_new_tokens]  # the end token, or a word
+                rows.append(row + answer + [pad_token_id] * (max_new_tokens - len(answer)))
+            return torch.tensor(rows)
+
+        trainer.model.generate = generate
+        return trainer
+
+    monkeypatch.setattr(giva.sft, "make_trainer", with_oracle)
+    result, _, tokenizer = train_sft(options(model, pc_jsonl, tmp_path / "out", max_steps=1))
+    assert tokenizer.decode(completions[0]).startswith("<think> </think> ") == think
+    assert result.exact_match_before == result.exact_match_after == (1.0 if stops else 0.0)
 
 
 def test_the_cli_prints_the_summary_and_json(chat_model, messages_jsonl, tmp_path, capsys):
@@ -207,6 +289,7 @@ def one_error_line(capsys) -> str:
         (["--max-length", "4"], "argument --max-length: must be >= 8"),
         (["--val-size", "0"], "argument --val-size: expected a row count >= 1 or a fraction"),
         (["--seed", "-1"], "argument --seed: must be >= 0"),
+        (["--seed", str(2**32)], "argument --seed: must be <= 4294967295"),  # numpy's range (transformers' set_seed)
         (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         (["--init-mode", "fast"], "argument --init-mode: invalid choice: 'fast'"),
         (["--bf16", "--fp16"], "argument --fp16: not allowed with argument --bf16"),
@@ -239,6 +322,25 @@ def test_devices_and_quantisation_that_are_not_there(chat_model, pc_jsonl, tmp_p
     assert "giva sft needs trl: pip install 'giva[sft]'" in one_error_line(capsys)
 
 
+def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, monkeypatch):
+    """Outside torchrun the Trainer wraps the model in nn.DataParallel over every visible GPU: --batch-size rows on
+    each, a schedule sized for one. Refused before the model loads; torchrun (LOCAL_RANK) or one GPU is fine."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for device in ("cuda", "auto"):
+        assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--device", device)) == 2
+        line = one_error_line(capsys)
+        assert f"--device {device}: 2 GPUs are visible and giva sft was not launched by torchrun" in line
+        assert "torchrun --nproc_per_node 2" in line and "CUDA_VISIBLE_DEVICES=0" in line
+    assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="cpu")) == "cpu"
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one process per GPU: each drives its own
+    assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="cuda")) == "cuda"
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="auto")) == "cuda"
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -257,6 +359,52 @@ def test_bad_data_gets_one_line_naming_file_and_line(chat_model, tmp_path, capsy
     (tmp_path / "bad.jsonl").write_text(content)
     assert main(cli(chat_model, tmp_path / "bad.jsonl", tmp_path / "out")) == 2
     assert message in one_error_line(capsys)
+
+
+def test_chat_rows_need_a_tokenizer_with_a_chat_template(plain_model, messages_jsonl, tmp_path, capsys, no_model_loading):
+    """TRL refused them only after the model loaded, naming neither the file nor the flag."""
+    assert main(cli(plain_model, messages_jsonl, tmp_path / "out")) == 2
+    assert (f"--data {str(messages_jsonl)!r} has chat rows but the tokenizer of --model {str(plain_model)!r} has no chat "
+            "template") in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_template_that_refuses_a_row_is_named_with_file_and_line(chat_model, messages_jsonl, pc_jsonl, tmp_path,
+                                                                          capsys, no_model_loading):
+    """A template that raises (Mistral-style: no system role) failed inside SFTTrainer after the model loaded, as a
+    jinja2 traceback; it is a data error naming a row it refuses, before the model loads."""
+    strict = tmp_path / "strict-model"
+    shutil.copytree(chat_model, strict)
+    tokenizer = tiny_tokenizer(chat=True)
+    tokenizer.chat_template = CHAT_TEMPLATE.replace(
+        "{% for m in messages %}",
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}")
+    tokenizer.save_pretrained(strict)
+    assert main(cli(strict, messages_jsonl, tmp_path / "out")) == 2
+    line = one_error_line(capsys)
+    match = re.search(rf"{re.escape(str(messages_jsonl))}:(\d+): the chat template of --model {re.escape(repr(str(strict)))} "
+                      r"fails on this row: System role not supported$", line)
+    assert match, line
+    named = json.loads(messages_jsonl.read_text().splitlines()[int(match.group(1)) - 1])
+    assert named["messages"][0]["role"] == "system"  # the line named is one the template refuses
+    giva.sft.preflight(options(strict, pc_jsonl, tmp_path / "out"))  # rows it renders pass
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_bundled_corpora_become_one_word_questions(tmp_path, monkeypatch):
+    """Both corpora label their rows 1 and -1 (the CoNLL-2010 file: 1 certain, -1 uncertain, as pattern's own test and
+    the evidence suite's label words read it); the CoNLL-2010 instruction mapped '0' and '1' and failed on '-1'."""
+    from giva.data import BUNDLED
+    from giva.sft_data import INSTRUCTIONS, load_sft_data
+
+    monkeypatch.setenv("GIVA_DATA_DIR", str(tmp_path))
+    for name, file in BUNDLED.items():
+        (tmp_path / file).write_text("".join(f'"{label}","sentence {i}"\n' for i, label in enumerate(["1", "-1"] * 4)))
+        data = load_sft_data(name, 2, 0)
+        words = {row["prompt"].split("\n")[0].split()[-1]: row["completion"] for row in data.train + data.validation}
+        assert len(words) == 8 and set(words.values()) == set(INSTRUCTIONS[name][1].values())
+        expected = {"pang-lee": ("positive", "negative"), "conll2010-uncertainty": ("certain", "uncertain")}[name]
+        assert (words["0"], words["1"]) == expected  # sentence 0 is labelled 1, sentence 1 is labelled -1
 
 
 def test_bad_paths_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
@@ -281,6 +429,27 @@ def test_bad_paths_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp
         assert message in one_error_line(capsys), argv
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()) == {"peft_type": "GIVA"}
+
+
+def test_export_lora_keeps_what_the_folder_holds(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
+    """--export-lora follows --output-dir's rule: a non-empty folder with no adapter is refused (the export replaced
+    its README.md), an earlier LoRA export is replaced only with --overwrite; both before the model loads."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("my notes")
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--export-lora", str(notes))) == 2
+    assert (f"--export-lora {str(notes)!r}: output folder {notes} is not empty and holds no adapter; the export would "
+            "overwrite its files") in one_error_line(capsys)
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--export-lora", str(earlier))) == 2
+    assert (f"--export-lora {str(earlier)!r} already holds a LoRA export; pass --overwrite to replace it"
+            in one_error_line(capsys))
+    assert (notes / "README.md").read_text() == "my notes" and not (tmp_path / "out").exists()
+    preflight(options(chat_model, pc_jsonl, tmp_path / "out", export_lora=str(earlier), overwrite=True))
+    (tmp_path / "empty").mkdir()
+    preflight(options(chat_model, pc_jsonl, tmp_path / "out", export_lora=str(tmp_path / "empty")))
 
 
 def test_a_4bit_base_trains_through_sft(chat_model, pc_jsonl, tmp_path):
@@ -325,6 +494,63 @@ def test_sft_options_name_both_kinds_of_num_batches(value):
     with pytest.raises(ValueError, match=r"^SFTOptions\.num_batches must be a whole number >= 1 or 'all', got "):
         SFTOptions(num_batches=value)
     assert SFTOptions(num_batches="all").num_batches == "all" and SFTOptions(num_batches=3).num_batches == 3
+
+
+@pytest.mark.parametrize("extra, available", [([], 8), (["--micro-batch-size", "2"], 7)])
+def test_more_calibration_batches_than_the_training_data_holds_are_refused_before_the_model_loads(
+        chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, extra, available):
+    """30 training rows: 8 batches of 4 (the last one of 2 rows), but with --micro-batch-size 2 the callback draws 2
+    micro-batches per calibration batch from 15, so 7. --num-batches beyond that failed in GivaInitCallback, after the
+    model loaded, with a traceback (GradientInitError)."""
+    flags = ["--max-train-samples", "30", *extra]
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", *flags, "--num-batches", str(available + 1))) == 2
+    assert (f"--num-batches {available + 1} asks for more calibration batches than the training data holds: its 30 "
+            f"training rows make {available} batch(es) of --batch-size 4; give --num-batches {available} or less, "
+            "or 'all'") in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_num_batches_check_counts_the_batches_the_callback_draws(chat_model, pc_jsonl, tmp_path):
+    """The bound is what GivaInitCallback can draw: the Trainer's loader on each process, in groups of the gradient
+    accumulation; under torchrun Accelerate gives every process ceil(batches / processes) of them."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    for micro in (None, 2, 1):
+        opts = options(chat_model, pc_jsonl, tmp_path / "out", max_train_samples=30, micro_batch_size=micro)
+        device, path, tokenizer, data = preflight(opts)
+        trainer = make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
+        drawn = len(trainer.get_train_dataloader()) // trainer.args.gradient_accumulation_steps
+        giva.sft.check_num_batches(replace(opts, num_batches=drawn), 30, 1)
+        with pytest.raises(ValueError, match=f"make {drawn} batch"):
+            giva.sft.check_num_batches(replace(opts, num_batches=drawn + 1), 30, 1)
+    for rows, micro, world, accumulation in ((30, 2, 2, 1), (31, 1, 4, 1), (7, 2, 2, 1), (30, 2, 2, 2)):
+        opts = SFTOptions(batch_size=micro * world * accumulation, micro_batch_size=micro)
+        shares = {len(BatchSamplerShard(BatchSampler(range(rows), micro, drop_last=False), world, rank))
+                  for rank in range(world)}
+        assert len(shares) == 1  # every process draws as many
+        drawn = shares.pop() // accumulation
+        giva.sft.check_num_batches(replace(opts, num_batches=drawn), rows, world)
+        with pytest.raises(ValueError, match=f"make {drawn} batch"):
+            giva.sft.check_num_batches(replace(opts, num_batches=drawn + 1), rows, world)
+
+
+def test_a_gradient_init_error_is_one_line(chat_model, pc_jsonl, tmp_path, capsys, monkeypatch):
+    from giva import GradientInitError
+
+    def fails(options):
+        raise GradientInitError("the dataloader gave 3 batches but num_batches=4 were asked for")
+
+    monkeypatch.setattr(giva.sft, "run_sft", fails)
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
+    assert one_error_line(capsys) == "giva sft: error: the dataloader gave 3 batches but num_batches=4 were asked for"
+
+
+def test_sft_options_refuse_a_seed_numpy_cannot_take():
+    """transformers' set_seed seeds numpy, which takes seeds below 2**32: a larger one failed after the model loaded."""
+    with pytest.raises(ValueError, match=r"^SFTOptions\.seed must be a whole number <= 4294967295 .*got 4294967296$"):
+        SFTOptions(seed=2**32)
+    assert SFTOptions(seed=2**32 - 1).seed == 2**32 - 1
 
 
 # ------------------------------------------------------------------ micro-batches, checkpoints and --resume
@@ -488,6 +714,24 @@ def test_resume_compares_what_changes_training_and_nothing_else(chat_model, tmp_
         check_checkpoints(empty, data)
 
 
+@pytest.mark.parametrize("content", ["", "{\"global_step\": 4, \"max_st", "[]", "{\"global_step\": \"4\"}", "\xff"])
+def test_a_checkpoint_whose_trainer_state_is_empty_or_invalid_counts_as_cut_off(chat_model, tmp_path, caplog, content):
+    """A machine that went down while the Trainer wrote trainer_state.json (its last file) leaves it empty or half
+    written: --resume failed on it with an unnamed JSON error; it warns, naming the file, and resumes from the
+    checkpoint before."""
+    from giva.sft import SFTData, check_checkpoints
+
+    data = SFTData(train=[{"prompt": "a", "completion": "b"}], validation=[{"prompt": "c", "completion": "d"}],
+                   source="rows", labels=None)
+    folder = record_folder(tmp_path, chat_model, data)
+    (folder / "checkpoint-4").mkdir()
+    (folder / "checkpoint-4" / "trainer_state.json").write_bytes(content.encode("latin-1"))
+    _, checkpoint = check_checkpoints(options(chat_model, "rows.jsonl", tmp_path / "out", resume=True), data)
+    assert checkpoint == str(folder / "checkpoint-2")
+    assert (f"--resume: {folder / 'checkpoint-4' / 'trainer_state.json'} is empty or invalid (cut off while being "
+            "written); resuming from checkpoint-2") in caplog.text
+
+
 def test_a_run_cut_off_before_its_first_checkpoint_starts_again(chat_model, pc_jsonl, tmp_path, monkeypatch, caplog):
     """Nothing to resume yet: the folder holds only the run's record. A rerun, with or without --resume (so a
     job script can always pass it), starts from the first step."""
@@ -539,7 +783,7 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     assert [len(r["saves"]) for r in records] == [1, 0]
     assert "adapter " not in records[1]["stdout"] and "{" not in records[1]["stdout"]  # (DeepSpeed logs to stdout)
     printed = records[0]["stdout"]
-    assert printed.count("\nadapter ") == 1 and "4 (final training loss" in printed and ", 2 processes" in printed
+    assert printed.count("\nadapter ") == 1 and "4 (mean training loss" in printed and ", 2 processes" in printed
     result = json.loads(printed[printed.index("\n{") :])
     assert (result["processes"], result["steps"], result["train_rows"]) == (2, single.steps, single.train_rows)
     a, b = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "two")

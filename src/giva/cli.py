@@ -301,6 +301,13 @@ def _seed(value: str) -> int:
     return number
 
 
+def _sft_seed(value: str) -> int:
+    number = _seed(value)
+    if number > 2**32 - 1:  # giva.sft.MAX_SEED: transformers' set_seed seeds numpy with it
+        raise argparse.ArgumentTypeError(f"must be <= {2**32 - 1} (2**32 - 1: transformers seeds numpy with it), got {value!r}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="giva", description="GiVA adapters for Hugging Face PEFT")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -369,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--num-batches", type=_num_batches, default=1,
                     help="calibration batches k for the gradient, or 'all' (every training batch; a whole epoch's "
                          "forward and backward on a large set)")
-    sf.add_argument("--seed", type=_seed, default=0, help="training order, validation split and the seeded bases")
+    sf.add_argument("--seed", type=_sft_seed, default=0, help="training order, validation split and the seeded bases")
     sf.add_argument("--output-dir", default="outputs/giva-sft", help="adapter, tokenizer and sft_result.json")
     sf.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output-dir")
     sf.add_argument("--export-lora", default=None, metavar="DIR", help="also write the adapter as a stock PEFT LoRA in DIR")
@@ -464,6 +471,13 @@ def _quiet_libraries(enabled: bool) -> Iterator[None]:
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """USER_ERRORS, and giva's GradientInitError (too few calibration batches, a non-finite loss, layers the loss does
+    not reach) once a command has imported it: importing it here would load torch for `giva --help`."""
+    session = sys.modules.get("giva.init.session")
+    return USER_ERRORS + ((session.GradientInitError,) if session is not None else ())
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -475,8 +489,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2
-    except USER_ERRORS as err:
-        if os.environ.get("GIVA_TRACEBACK"):
+    except Exception as err:
+        if not isinstance(err, _user_errors()) or os.environ.get("GIVA_TRACEBACK"):
             raise
         command = f"giva {args.command}" if "args" in locals() else "giva"
         print(f"{command}: error: {err}", file=sys.stderr)

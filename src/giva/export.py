@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import CheckpointError, atomic_directory, check_adapter_folder, read_weights
+from .checkpoint import _EXPORT_TAG, CheckpointError, atomic_directory, check_adapter_folder, read_weights
 from .layer import GivaLayer
 
 logger = logging.getLogger(__name__)
@@ -224,8 +224,9 @@ def to_lora(model: PeftModel, adapter_name: str = "default", rank: Optional[int]
 
 
 def _check_output(out: Path) -> None:
-    """Refuse, before any work, an output that is a file, read-only, or holds an adapter other than LoRA
-    (a GiVA adapter would be lost)."""
+    """Refuse, before any work, an output that is a file, read-only, holds an adapter other than LoRA (a GiVA adapter
+    would be lost), or is a non-empty folder with no adapter at all (its README.md, tokenizer files or labels.json
+    would be replaced). An empty folder, or one holding only an older giva's staging folders, is fine."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a folder")
     if out.is_dir() and (not stat.S_IMODE(out.stat().st_mode) & 0o222 or not os.access(out, os.W_OK)):
@@ -234,6 +235,9 @@ def _check_output(out: Path) -> None:
     if existing is not None and existing != out.absolute() and not os.access(existing, os.W_OK):
         raise ExportError(f"cannot create output folder {out}: {existing} is not writable")
     config_file = out / CONFIG_NAME
+    if out.is_dir() and not config_file.exists() and any(not p.name.startswith(_EXPORT_TAG) for p in out.iterdir()):
+        raise ExportError(f"output folder {out} is not empty and holds no adapter; the export would overwrite its files "
+                          "(README.md among them): write the LoRA to a new or empty folder")
     if config_file.exists():
         try:
             peft_type = json.loads(config_file.read_text()).get("peft_type")

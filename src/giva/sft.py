@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .sft_data import SFTData, completion_text, load_sft_data
+from .data import DataError
+from .sft_data import SFTData, load_sft_data
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 INIT_MODES = ("auto", "sketch", "exact")
 RESULT_FILE = "sft_result.json"
 OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: the flags and rows --resume checks the new ones against
+MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no larger seed
 # Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device and the split of
 # a batch into micro-batches (same rows per optimizer step). Every other flag changes what is trained.
 # (--data may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
@@ -97,6 +99,9 @@ class SFTOptions:
                 ) from None
         _whole("max_length", self.max_length, 8)
         _whole("seed", self.seed, 0)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"SFTOptions.seed must be a whole number <= {MAX_SEED} (2**32 - 1: transformers seeds numpy "
+                             f"with it), got {self.seed!r}")
         for name in ("max_steps", "max_train_samples", "micro_batch_size", "save_steps"):
             if getattr(self, name) is not None:
                 _whole(name, getattr(self, name), 1)
@@ -172,7 +177,7 @@ class SFTResult:
     val_loss_after: float
     exact_match_before: Optional[float]
     exact_match_after: Optional[float]
-    train_loss: Optional[float]  # None when a resumed run had no step left
+    train_loss: Optional[float]  # the Trainer's training_loss: the mean over the steps this run made (None: no step left)
     trainable_parameters: int
     total_parameters: int
     adapter_bytes: int
@@ -195,7 +200,7 @@ class SFTResult:
             f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} (completion tokens only){em}\n"
             f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
             f"steps              {self.steps} "
-            f"({'no step left to train' if self.train_loss is None else f'final training loss {self.train_loss:.4f}'})"
+            f"({'no step left to train' if self.train_loss is None else f'mean training loss {self.train_loss:.4f}'})"
             f"{f', resumed from {self.resumed_from}' if self.resumed_from else ''}"
             f"{f', {self.processes} processes' if self.processes > 1 else ''}\n"
             f"init / train time  {self.init_seconds:.1f} s / {self.train_seconds:.1f} s\n"
@@ -208,7 +213,10 @@ class SFTResult:
 
 
 def resolve_device(options: SFTOptions) -> str:
-    """The device the run will use, or a ValueError if it, or the precision asked for, is not there."""
+    """The device the run will use, or a ValueError if it, or the precision asked for, is not there, or if several
+    GPUs would be driven by one process: outside torchrun (no ``LOCAL_RANK``, Accelerate's test) the Trainer wraps the
+    model in ``nn.DataParallel`` over every visible GPU, with ``--batch-size`` rows on each and a schedule sized for
+    one GPU's rows."""
     import torch
 
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
@@ -218,6 +226,12 @@ def resolve_device(options: SFTOptions) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: no CUDA device is visible to torch {torch.__version__} "
                          f"({'a CPU-only build' if torch.version.cuda is None else 'CUDA build'}); use --device cpu or auto")
+    gpus = torch.cuda.device_count() if device == "cuda" else 0
+    if gpus > 1 and int(os.environ.get("LOCAL_RANK", "-1")) == -1:
+        raise ValueError(f"--device {options.device}: {gpus} GPUs are visible and giva sft was not launched by torchrun, "
+                         f"so the Trainer would run nn.DataParallel over them ({gpus} x --batch-size rows per step, the "
+                         f"schedule sized for --batch-size); launch one process per GPU (torchrun --nproc_per_node "
+                         f"{gpus} -- $(which giva) sft ...) or pick one GPU (CUDA_VISIBLE_DEVICES=0 giva sft ...)")
     if device == "mps" and not mps:
         raise ValueError("--device mps: torch.backends.mps.is_available() is False; use --device cpu or auto")
     if options.bf16 and device == "cuda" and not torch.cuda.is_bf16_supported():
@@ -240,7 +254,8 @@ def check_quantization(options: SFTOptions) -> None:
 
 
 def check_output_dirs(options: SFTOptions) -> None:
-    """The adapter folder and the LoRA folder can be written, and hold nothing a run would lose."""
+    """The adapter folder and the LoRA folder can be written, and hold nothing a run would lose: each may be new or
+    empty, or hold an earlier run's adapter (the LoRA folder: a LoRA export), replaced only with ``--overwrite``."""
     from .finetune import check_output_dir
 
     out = check_output_dir(options.output_dir)
@@ -252,9 +267,31 @@ def check_output_dirs(options: SFTOptions) -> None:
             raise FileExistsError(f"--output-dir {options.output_dir!r} already holds an adapter; pass --overwrite to "
                                   "replace it, or give another folder")
     if options.export_lora is not None:
-        from .export import _check_output
+        from .export import ExportError, _check_output
 
-        _check_output(check_output_dir(options.export_lora))
+        lora = check_output_dir(options.export_lora)
+        try:
+            _check_output(lora)  # a file, read-only, another kind of adapter, or a non-empty folder with no adapter
+        except ExportError as err:
+            raise ExportError(f"--export-lora {options.export_lora!r}: {err}") from None
+        if (lora / "adapter_config.json").exists() and not options.overwrite:
+            raise FileExistsError(f"--export-lora {options.export_lora!r} already holds a LoRA export; pass --overwrite "
+                                  "to replace it, or give another folder")
+
+
+def check_num_batches(options: SFTOptions, train_rows: int, world_size: int) -> None:
+    """``--num-batches k`` has :class:`giva.GivaInitCallback` draw ``k`` x (gradient accumulation) micro-batches from the
+    Trainer's loader on each process, which holds ``ceil(ceil(train_rows / micro) / processes)`` of them (Accelerate
+    gives every process the same count); a ValueError naming the flag if that is too few."""
+    if options.num_batches == "all":
+        return
+    micro, accumulation = options.batch_layout(world_size)
+    available = math.ceil(math.ceil(train_rows / micro) / world_size) // accumulation
+    if options.num_batches > available:
+        fix = f"give --num-batches {available} or less, or 'all'" if available else "give --num-batches all"
+        raise ValueError(f"--num-batches {options.num_batches} asks for more calibration batches than the training data "
+                         f"holds: its {train_rows} training rows make {available} batch(es) of --batch-size "
+                         f"{options.batch_size}; {fix}")
 
 
 def launch() -> tuple[int, int]:
@@ -287,11 +324,21 @@ def is_finished(state: dict[str, Any]) -> bool:
     return state.get("global_step", 0) >= state.get("max_steps", float("inf"))
 
 
+def finished(checkpoint: Path) -> bool:
+    """The Trainer finished writing ``checkpoint``: its ``trainer_state.json`` (the last file it writes) holds the
+    Trainer's state. Missing, empty or invalid (a machine that went down during the save), it was cut off."""
+    try:
+        state = checkpoint_state(checkpoint)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(state, dict) and isinstance(state.get("global_step"), int)
+
+
 def finished_checkpoints(folder: Path) -> list[Path]:
-    """The ``checkpoint-N`` folders the Trainer finished writing (``trainer_state.json`` is its last file), by step."""
+    """The ``checkpoint-N`` folders the Trainer finished writing (see :func:`finished`), by step."""
     steps = [(int(p.name.removeprefix("checkpoint-")), p) for p in folder.glob("checkpoint-*")
              if p.name.removeprefix("checkpoint-").isdigit() and p.is_dir()]
-    return [p for _, p in sorted(steps) if (p / "trainer_state.json").is_file()]
+    return [p for _, p in sorted(steps) if finished(p)]
 
 
 def _compared(key: str, value: Any) -> Any:
@@ -363,10 +410,10 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
             saved.get("options", {}), now["options"]):
         raise ValueError(f"--resume: the run in {options.checkpoints!r} finished (step {state['global_step']}) and its "
                          f"adapter is in --output-dir {options.output_dir!r}; nothing to resume")
-    incomplete = [p.name for p in folder.glob("checkpoint-*") if p.is_dir() and p not in done]
-    if incomplete:
-        logger.warning("--resume: %s has no trainer_state.json (cut off while being written); resuming from %s",
-                       ", ".join(sorted(incomplete)), done[-1].name)
+    for cut in sorted(p for p in folder.glob("checkpoint-*") if p.is_dir() and p not in done):
+        state_file = cut / "trainer_state.json"
+        what = f"{state_file} is empty or invalid" if state_file.exists() else f"{cut.name} has no trainer_state.json"
+        logger.warning("--resume: %s (cut off while being written); resuming from %s", what, done[-1].name)
     return options, str(done[-1])
 
 
@@ -385,7 +432,27 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     chat = getattr(tokenizer, "chat_template", None) is not None
     data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat)
+    check_num_batches(options, len(data.train), launch()[1])
+    if not chat and isinstance(data.train[0]["prompt"], list):  # one format per file: the first row says which
+        raise DataError(f"--data {options.data!r} has chat rows but the tokenizer of --model {options.model!r} has no "
+                        "chat template; give a model whose tokenizer has one, or plain-text prompt/completion rows")
+    if chat:
+        check_chat_template(tokenizer, data, options.model)
     return device, path, tokenizer, data
+
+
+def check_chat_template(tokenizer: Any, data: SFTData, model: str) -> None:
+    """Render the chat template on every row as TRL will (the prompt with the generation prompt, then prompt and
+    completion): a template that raises on a row (one that refuses a system message, as Mistral's early ones do) is a
+    DataError naming the row's file and line, here rather than inside SFTTrainer after the model has loaded."""
+    from jinja2.exceptions import TemplateError
+
+    for where, row in data.located():
+        try:
+            tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
+            tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+        except TemplateError as err:
+            raise DataError(f"{where}: the chat template of --model {model!r} fails on this row: {err}") from None
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -478,15 +545,29 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
     )
 
 
+def _first_label(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != -100), len(labels))
+
+
 def prompt_ids(dataset: Any) -> list[list[int]]:
     """The prompt of every row TRL processed: its ``input_ids`` up to the first token with a label (not -100)."""
-    return [ids[: next((i for i, label in enumerate(labels) if label != -100), len(ids))]
-            for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
+    return [ids[: _first_label(labels)] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
 
 
-def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references: list[str], batch_size: int,
+def completion_ids(dataset: Any) -> list[list[int]]:
+    """The completion of every row as TRL tokenized it: its ``input_ids`` from the first token with a label on. With a
+    chat template that is the template's rendering of the assistant turn, with whatever it adds to the reply (Qwen3's
+    empty think block, ``<think>`` and ``</think>`` around blank lines, before it) and its end-of-turn tokens after it."""
+    return [ids[_first_label(labels):] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
+
+
+def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completions: list[list[int]], batch_size: int,
                 progress: bool = False) -> float:
-    """Share of greedy answers equal to the reference (special tokens dropped, surrounding spaces stripped).
+    """Share of greedy answers equal to the trained completion (:func:`completion_ids`), both decoded with special
+    tokens dropped and surrounding whitespace stripped; whatever the chat template adds to the reply is in the answer
+    and the reference alike. Each answer gets as many new tokens as the longest completion holds, its end-of-turn or
+    EOS token included, where generation stops (one more if it has no special token): a model that writes a completion
+    it was trained on has room for all of it, and one that does not stop after it is seen going on.
 
     Under torchrun each process answers every ``world``-th prompt and the hits are summed over the processes."""
     import torch
@@ -496,7 +577,9 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references
     from .integrations.distributed import is_distributed
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)  # same on all
+    references = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
+    special = set(tokenizer.all_special_ids)
+    longest = max(len(ids) + all(t not in special for t in ids) for ids in completions)  # the same on every process
     total = len(prompts)
     prompts, references = prompts[rank::world], references[rank::world]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -511,10 +594,10 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], references
             ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # left padding
             mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
             with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest + 2, do_sample=False,
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
                                      pad_token_id=pad)
             answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            hits += sum(a.strip() == r.strip() for a, r in zip(answers, references[start : start + batch_size]))
+            hits += sum(a.strip() == r for a, r in zip(answers, references[start : start + batch_size]))
     except Exception as err:  # under torchrun: to the sum first, so that no process waits for this one
         if world == 1:
             raise
@@ -673,15 +756,15 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         if options.save_steps is not None and resume_from is None:
             on_main_process(trainer, lambda: _write_record(options, data))
         check_truncation(options, len(trainer.train_dataset), len(data.train), len(trainer.eval_dataset), len(data.validation))
+        check_num_batches(options, len(trainer.train_dataset), trainer.args.world_size)  # the rows TRL kept
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
         peft_model = trainer.model
-        prompts = prompt_ids(trainer.eval_dataset)
-        references = [completion_text(row) for row in data.validation]
+        prompts, completions = prompt_ids(trainer.eval_dataset), completion_ids(trainer.eval_dataset)
 
         def evaluate() -> tuple[float, Optional[float]]:
             loss = trainer.evaluate()["eval_loss"]
             em = None if data.labels is None else exact_match(
-                peft_model, tokenizer, prompts, references, 4 * trainer.args.per_device_eval_batch_size,
+                peft_model, tokenizer, prompts, completions, 4 * trainer.args.per_device_eval_batch_size,
                 options.progress)
             return loss, em
 

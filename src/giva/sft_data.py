@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 from .checkpoint import looks_local
 from .data import BUNDLED, DATA_SUFFIXES, DataError, _decode, _hub_datasets_module, _read_json_rows, load_bundled
 
 Row = dict[str, Any]  # {"prompt": str | list[message], "completion": str | list[message]}
+Located = tuple[str, Row]  # (where the row came from, e.g. "my.jsonl:7"; the row)
+T = TypeVar("T")
 
 # The instruction each bundled corpus becomes: the sentence in a question, the class name as a one-word answer.
 INSTRUCTIONS: dict[str, tuple[str, dict[str, str]]] = {
     "pang-lee": ("Review: {text}\nIs this review positive or negative? Answer with one word.", {"1": "positive", "-1": "negative"}),
     "conll2010-uncertainty": (
         "Sentence: {text}\nIs this statement certain or uncertain? Answer with one word.",
-        {"0": "certain", "1": "uncertain"},
+        {"1": "certain", "-1": "uncertain"},  # the corpus's labels: 1 certain, -1 uncertain (pattern's own test reads them so)
     ),
 }
 ROLES = ("system", "user", "assistant")
@@ -42,6 +44,15 @@ class SFTData:
     validation: list[Row]
     source: str
     labels: Optional[list[str]]  # the label set when completions are single labels (exact match is reported)
+    train_where: list[str] = field(default_factory=list)  # where each training row came from ("my.jsonl:7")
+    validation_where: list[str] = field(default_factory=list)
+
+    def located(self) -> Iterator[Located]:
+        """(where, row) for every training row, then every validation row."""
+        for split, rows, places in (("training", self.train, self.train_where),
+                                    ("validation", self.validation, self.validation_where)):
+            for i, row in enumerate(rows):
+                yield (places[i] if i < len(places) else f"{self.source}: {split} row {i + 1}"), row
 
 
 def completion_text(row: Row) -> str:
@@ -50,12 +61,12 @@ def completion_text(row: Row) -> str:
     return completion if isinstance(completion, str) else completion[-1]["content"]
 
 
-def bundled_rows(name: str) -> list[Row]:
+def bundled_rows(name: str) -> list[Located]:
     """A bundled corpus (``pang-lee``, ``conll2010-uncertainty``) as instruction rows with a one-word answer."""
     template, words = INSTRUCTIONS[name]
     data = load_bundled(name)
-    return [{"prompt": template.format(text=text), "completion": words[data.label_names[label]]}
-            for text, label in zip(data.texts, data.labels)]
+    return [(f"{name} row {i + 1}", {"prompt": template.format(text=text), "completion": words[data.label_names[label]]})
+            for i, (text, label) in enumerate(zip(data.texts, data.labels))]
 
 
 def _messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
@@ -94,8 +105,8 @@ def parse_row(record: Any, where: str) -> Row:
     return {"prompt": _text(prompt, where, "prompt"), "completion": _text(completion, where, "completion")}
 
 
-def parse_rows(records: Iterable[tuple[str, Any]], source: str) -> list[Row]:
-    """Every (where, record) parsed; all rows must be plain text or all chat messages."""
+def parse_rows(records: Iterable[tuple[str, Any]], source: str) -> list[Located]:
+    """Every (where, record) parsed into (where, row); all rows must be plain text or all chat messages."""
     rows = [(where, parse_row(record, where)) for where, record in records]
     if not rows:
         raise DataError(f"{source}: no rows found")
@@ -104,10 +115,10 @@ def parse_rows(records: Iterable[tuple[str, Any]], source: str) -> list[Row]:
         where = rows[chat.index(not chat[0])][0]
         raise DataError(f"{where}: a {'chat' if not chat[0] else 'plain-text'} row after {'plain-text' if not chat[0] else 'chat'} "
                         "rows; use one format for the whole file")
-    return [row for _, row in rows]
+    return rows
 
 
-def read_file(path: Path) -> list[Row]:
+def read_file(path: Path) -> list[Located]:
     """A JSON Lines file (``.json``: also one array) of prompt/completion or messages rows."""
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -118,7 +129,7 @@ def read_file(path: Path) -> list[Row]:
     return parse_rows(_read_json_rows(path, _decode(path)), str(path))
 
 
-def read_hub(name: str) -> list[Row]:
+def read_hub(name: str) -> list[Located]:
     """The ``train`` split of a `datasets` hub dataset with prompt/completion or messages columns."""
     datasets = _hub_datasets_module(name)
     ds = datasets.load_dataset(name, split="train")
@@ -127,8 +138,8 @@ def read_hub(name: str) -> list[Row]:
     return parse_rows(((f"dataset {name!r} row {i}", dict(record)) for i, record in enumerate(ds)), name)
 
 
-def read_rows(source: str) -> list[Row]:
-    """A bundled corpus name, a local JSONL path, or a `datasets` hub name, in that order."""
+def read_rows(source: str) -> list[Located]:
+    """A bundled corpus name, a local JSONL path, or a `datasets` hub name, in that order; each row with its place."""
     if source in INSTRUCTIONS:
         return bundled_rows(source)
     path = Path(os.path.expanduser(source))
@@ -156,7 +167,7 @@ def as_chat(row: Row) -> Row:
             "completion": [{"role": "assistant", "content": row["completion"]}]}
 
 
-def split_rows(rows: list[Row], val_size: int | float, seed: int, max_train_samples: Optional[int] = None) -> tuple[list[Row], list[Row]]:
+def split_rows(rows: list[T], val_size: int | float, seed: int, max_train_samples: Optional[int] = None) -> tuple[list[T], list[T]]:
     """A fixed (train, validation) split from a seeded shuffle; ``val_size`` is a count or a fraction in (0, 1)."""
     n_val = int(round(val_size * len(rows))) if isinstance(val_size, float) else val_size
     if n_val < 1 or n_val >= len(rows):
@@ -174,9 +185,10 @@ def load_sft_data(
     source: str, val_size: int | float, seed: int, max_train_samples: Optional[int] = None, chat: bool = False
 ) -> SFTData:
     """Read, check and split ``source``; ``chat`` turns plain-text rows into chat turns."""
-    rows = read_rows(source)
-    labels = label_set(rows)
+    located = read_rows(source)
+    labels = label_set([row for _, row in located])
     if chat:
-        rows = [as_chat(row) for row in rows]
-    train, validation = split_rows(rows, val_size, seed, max_train_samples)
-    return SFTData(train, validation, source, labels)
+        located = [(where, as_chat(row)) for where, row in located]
+    train, validation = split_rows(located, val_size, seed, max_train_samples)
+    return SFTData([row for _, row in train], [row for _, row in validation], source, labels,
+                   [where for where, _ in train], [where for where, _ in validation])

@@ -54,7 +54,8 @@ def run() -> None:
     words = ["good", "bad", "great", "awful", "film", "plot", "review"]  # 7 prompts: the two ranks get 4 and 3
     references = [w if i % 3 else "positive" for i, w in enumerate(words)]  # right on 4 of 7
     prompts = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
-    record = {"rank": rank, "exact_match": exact_match(_Echo(), tokenizer, prompts, references, batch_size=2),
+    completions = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in references]
+    record = {"rank": rank, "exact_match": exact_match(_Echo(), tokenizer, prompts, completions, batch_size=2),
               "expected": sum(w == r for w, r in zip(words, references)) / len(words)}
     try:
         on_main_process(_Trainer(), _failing_save)
