@@ -66,6 +66,20 @@ def test_finetune_saves_an_adapter_that_reloads_with_its_label_names(model_dir, 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
 
 
+def test_a_tilde_output_dir_is_the_folder_saved_and_reported(model_dir, data_csv, tmp_path, capsys, monkeypatch):
+    """`--output-dir=~/ft` (bash leaves a `~` after `=` alone): the size and the path reported are the saved folder's."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main([*args(model_dir, data_csv, "~/ft"), "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    saved = home / "ft" / "adapter_model.safetensors"
+    assert result["output_dir"] == str(home / "ft") and result["adapter_bytes"] == saved.stat().st_size > 0
+    assert not (tmp_path / "~").exists()
+
+
 def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
     for mode, used, passes in (("sketch", "sketch", 3), ("exact", "exact", 1), ("auto", "exact", 1)):  # auto: tiny -> exact
         assert main([*args(model_dir, data_csv, tmp_path / mode), "--init-mode", mode, "--json"]) == 0

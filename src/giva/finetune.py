@@ -440,7 +440,7 @@ def finetune(
         check_num_batches(num_batches, allow_all=True)
     if init_mode not in INIT_MODES:
         raise ValueError(f"init_mode must be one of {list(INIT_MODES)}, got {init_mode!r}")
-    check_output_dir(output_dir)
+    output_path = check_output_dir(output_dir)  # `~` expanded: the save and the size below use this path
     path = resolve_model(model)
     dataset = load_text_classification(data, text_column, label_column)
     # The same split as `giva bench` (repeats dropped, seed 0): the test rows are set aside and never scored
@@ -487,7 +487,7 @@ def finetune(
         tokenizer.save_pretrained(tmp)
         save_labels(tmp, dataset.label_names, text_column, label_column)
 
-    save_atomically(output_dir, write)
+    save_atomically(output_path, write)
     trainable, total = peft_model.get_nb_trainable_parameters()
     return FinetuneResult(
         model=model,
@@ -496,10 +496,10 @@ def finetune(
         accuracy_after=accuracy_after,
         trainable_parameters=trainable,
         total_parameters=total,
-        adapter_bytes=directory_bytes(output_dir),
+        adapter_bytes=directory_bytes(output_path),
         init_seconds=report.total_seconds,
         train_seconds=stats.seconds,
-        output_dir=output_dir,
+        output_dir=str(output_path),
         config={"train": asdict(train_config), "num_batches": num_batches, "calibration": calibration, "n_train": len(train_set), "n_val": len(val_set),
                 "n_test_unscored": len(test_set), "train_steps": len(stats.losses), "init_mode": init_mode, "init_mode_used": report.mode,
                 "init_passes": report.passes},
