@@ -80,6 +80,25 @@ def test_a_tilde_output_dir_is_the_folder_saved_and_reported(model_dir, data_csv
     assert not (tmp_path / "~").exists()
 
 
+def test_a_saved_classifier_of_another_class_count_gets_a_new_head(model_dir, tmp_path, capsys, caplog):
+    """model_dir holds a 2-label classifier; 3-class data re-initialises the head only, and the result reloads."""
+    rows = [(f"{['bad awful', 'good great', 'fine plot'][i % 3]} film w{i}", ["neg", "pos", "mid"][i % 3]) for i in range(40)]
+    data = tmp_path / "three.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="giva.finetune"):
+        assert main(args(model_dir, data, out)) == 0
+    assert re.search(r"has 2 classes, the data 3: its head is re-initialised for 3 classes", caplog.text)
+    model, tokenizer = load_finetuned(out)
+    assert model.config.id2label == {0: "mid", 1: "neg", 2: "pos"}
+    body = model.get_base_model().bert.embeddings.word_embeddings.weight
+    assert torch.equal(body, tiny_bert().bert.embeddings.word_embeddings.weight)  # the saved body, not a fresh one
+    batch = tokenizer(["good great film", "fine plot"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, 3) and torch.equal(logits, load_finetuned(out)[0](**batch).logits)
+
+
 def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
     for mode, used, passes in (("sketch", "sketch", 3), ("exact", "exact", 1), ("auto", "exact", 1)):  # auto: tiny -> exact
         assert main([*args(model_dir, data_csv, tmp_path / mode), "--init-mode", mode, "--json"]) == 0

@@ -380,6 +380,25 @@ def save_labels(folder: str | Path, label_names: list[str], text_column: str, la
     Path(folder, LABELS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
+def load_classifier(path: str, num_labels: int, **kwargs: Any) -> nn.Module:
+    """The sequence classifier in ``path`` with a head for ``num_labels`` classes.
+
+    A classifier saved there for another class count keeps its body and gets a fresh head (transformers
+    refuses such a checkpoint unless told to re-initialise the mismatched tensors, and only those differ).
+    """
+    saved = AutoConfig.from_pretrained(path).num_labels
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, ignore_mismatched_sizes=saved != num_labels, **kwargs
+    )
+
+
+def saved_head_classes(path: str) -> Optional[int]:
+    """The class count of the classifier head saved in ``path`` (None if it holds a bare model, no head)."""
+    config = AutoConfig.from_pretrained(path)
+    heads = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
+    return config.num_labels if heads else None
+
+
 def load_finetuned(output_dir: str | os.PathLike, model: Optional[str] = None) -> tuple[nn.Module, Any]:
     """Reload what `giva finetune` saved: (the classifier with its GiVA adapter, in eval mode; the tokenizer).
 
@@ -395,9 +414,7 @@ def load_finetuned(output_dir: str | os.PathLike, model: Optional[str] = None) -
     if model is None:
         adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         model = adapter_config.get("base_model_name_or_path") or "minilm"
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(model), num_labels=len(id2label), id2label=id2label, label2id=labels["label2id"]
-    )
+    base = load_classifier(resolve_model(model), len(id2label), id2label=id2label, label2id=labels["label2id"])
     return PeftModel.from_pretrained(base, str(folder)).eval(), AutoTokenizer.from_pretrained(folder)
 
 
@@ -469,8 +486,14 @@ def finetune(
     with _transformers_progress_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(path)
         check_max_length(train_config.max_length, path, tokenizer)
+        saved_classes = saved_head_classes(path)
+        if saved_classes is not None and saved_classes != dataset.num_labels:
+            logger.warning(
+                "the classifier saved in %s has %d classes, the data %d: its head is re-initialised for %d classes "
+                "(the rest of the model is loaded as saved)", path, saved_classes, dataset.num_labels, dataset.num_labels
+            )
         torch.manual_seed(train_config.seed)  # the fresh classifier head
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=dataset.num_labels)
+        base = load_classifier(path, dataset.num_labels)
     base.config.id2label = dict(enumerate(dataset.label_names))
     base.config.label2id = {name: i for i, name in enumerate(dataset.label_names)}
     train_loader = make_loader(tokenizer, train_set, train_config.batch_size, train_config.max_length, True, train_config.seed)
