@@ -99,6 +99,49 @@ def test_a_saved_classifier_of_another_class_count_gets_a_new_head(model_dir, tm
     assert logits.shape == (2, 3) and torch.equal(logits, load_finetuned(out)[0](**batch).logits)
 
 
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    """A tiny Llama classifier whose tokenizer (word level) has an EOS token but no pad token, as GPT-2 / Llama ship."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    words = ["<unk>", "<s>", "</s>", *WORDS]
+    vocab = {word: i for i, word in enumerate(words + [f"w{i}" for i in range(VOCAB - len(words))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    assert tokenizer.pad_token is None
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, num_labels=2, pad_token_id=None)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_decoder_without_a_pad_token_trains_and_reloads(decoder_dir, data_csv, tmp_path):
+    """Batches are padded with EOS; the reloaded classifier gives each row in a padded batch its own logits."""
+    out = tmp_path / "out"
+    assert main([*args(decoder_dir, data_csv, out), "--target-modules", "q_proj,v_proj"]) == 0
+    model, tokenizer = load_finetuned(out)
+    texts = ["good great film w3 plot", "bad"]
+    with torch.no_grad():
+        batch = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits
+        alone = torch.cat([model(**tokenizer([text], return_tensors="pt")).logits for text in texts])
+    assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == tokenizer.eos_token_id
+    assert torch.allclose(batch, alone, atol=1e-5)
+
+
+def test_a_tokenizer_that_cannot_pad_is_named():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))
+    with pytest.raises(ValueError, match="the tokenizer of some/model has neither a pad token nor an EOS token"):
+        giva.finetune.ensure_pad_token(tokenizer, where="some/model")
+
+
 def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
     for mode, used, passes in (("sketch", "sketch", 3), ("exact", "exact", 1), ("auto", "exact", 1)):  # auto: tiny -> exact
         assert main([*args(model_dir, data_csv, tmp_path / mode), "--init-mode", mode, "--json"]) == 0

@@ -101,6 +101,25 @@ class TrainStats:
     epoch_metrics: list[float] = field(default_factory=list)
 
 
+def ensure_pad_token(tokenizer: Any, model: Optional[nn.Module] = None, where: str = "the model") -> Any:
+    """Let batches of a tokenizer without a pad token (GPT-2 / Llama style) be padded with its EOS token; returns it.
+
+    With ``model``, also its ``config.pad_token_id`` if unset: a decoder classifier reads the last token that is
+    not padding, and refuses batches of more than one row without knowing which that is.
+    A tokenizer with neither token raises a ``ValueError`` naming ``where`` the tokenizer comes from.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"the tokenizer of {where} has neither a pad token nor an EOS token to pad batches with; add a "
+                "pad_token to its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
+
+
 def make_loader(
     tokenizer: Any, data: TextDataset, batch_size: int, max_length: int, shuffle: bool, seed: int = 0
 ) -> DataLoader:
@@ -415,7 +434,8 @@ def load_finetuned(output_dir: str | os.PathLike, model: Optional[str] = None) -
         adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         model = adapter_config.get("base_model_name_or_path") or "minilm"
     base = load_classifier(resolve_model(model), len(id2label), id2label=id2label, label2id=labels["label2id"])
-    return PeftModel.from_pretrained(base, str(folder)).eval(), AutoTokenizer.from_pretrained(folder)
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder), base, str(folder))
+    return PeftModel.from_pretrained(base, str(folder)).eval(), tokenizer
 
 
 def finetune(
@@ -486,6 +506,7 @@ def finetune(
     with _transformers_progress_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(path)
         check_max_length(train_config.max_length, path, tokenizer)
+        ensure_pad_token(tokenizer, where=path)  # before the model loads: a tokenizer that cannot pad is an error
         saved_classes = saved_head_classes(path)
         if saved_classes is not None and saved_classes != dataset.num_labels:
             logger.warning(
@@ -494,6 +515,7 @@ def finetune(
             )
         torch.manual_seed(train_config.seed)  # the fresh classifier head
         base = load_classifier(path, dataset.num_labels)
+    ensure_pad_token(tokenizer, base)
     base.config.id2label = dict(enumerate(dataset.label_names))
     base.config.label2id = {name: i for i, name in enumerate(dataset.label_names)}
     train_loader = make_loader(tokenizer, train_set, train_config.batch_size, train_config.max_length, True, train_config.seed)
