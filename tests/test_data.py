@@ -94,6 +94,18 @@ def test_malformed_files_name_the_line_where_the_row_starts(tmp_path, name, cont
         load_file(tmp_path / name)
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 unescaped inside a string: still one line."""
+    texts = ["line one\u2028line two", "para\u2029graph", "caf\x85e", "plain"]
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": t, "label": i % 2}, ensure_ascii=False) for i, t in enumerate(texts)]
+    path.write_text("\r\n".join(lines[:2]) + "\r\n" + "\n".join(lines[2:]) + "\n", encoding="utf-8", newline="")
+    assert load_file(path).texts == texts
+    path.write_text("\n".join(lines) + '\n{"text": "a\u2028b", "label": 0\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.jsonl:5: not valid JSON"):  # line numbers count newlines only
+        load_file(path)
+
+
 def test_non_utf8_names_the_line(tmp_path):
     latin = tmp_path / "latin.csv"
     latin.write_bytes("text,label\ngood,1\ncaf\u00e9,0\n".encode("latin-1"))

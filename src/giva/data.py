@@ -179,7 +179,10 @@ def _read_json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
         rows = [(f"{path}: record {i + 1}", record) for i, record in enumerate(records)]
     else:
         rows = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" (or "\r\n") only: str.splitlines() would also split inside a text holding U+2028,
+        # U+2029 or U+0085, which json.dumps(ensure_ascii=False) writes unescaped.
+        for line_number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
