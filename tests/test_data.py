@@ -106,6 +106,20 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
         load_file(path)
 
 
+def test_a_csv_field_longer_than_the_csv_modules_default_limit_is_read(tmp_path, monkeypatch):
+    import csv
+
+    limit = csv.field_size_limit()
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nshort,pos\n" + "x" * 200_000 + ",neg\n")
+    assert [len(t) for t in load_file(path).texts] == [5, 200_000]
+    assert csv.field_size_limit() == limit  # the module's global setting is restored
+    monkeypatch.setattr(data_module, "CSV_FIELD_LIMIT", 1000)  # any csv.Error is a DataError naming the row's line
+    with pytest.raises(DataError, match=r"d.csv:3: not readable as CSV \(field larger than field limit \(1000\)\)"):
+        load_file(path)
+    assert csv.field_size_limit() == limit
+
+
 def test_non_utf8_names_the_line(tmp_path):
     latin = tmp_path / "latin.csv"
     latin.write_bytes("text,label\ngood,1\ncaf\u00e9,0\n".encode("latin-1"))

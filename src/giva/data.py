@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -197,23 +199,44 @@ def _read_json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+# The most the csv module takes as a field size on every platform (a C long; 32 bits on Windows).
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+@contextmanager
+def _csv_fields_up_to(size: int) -> Iterator[None]:
+    """Let the csv module read fields of ``size`` characters (its default stops at 131,072); restored after."""
+    previous = csv.field_size_limit()
+    csv.field_size_limit(min(max(previous, size), CSV_FIELD_LIMIT))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
 def _read_csv_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
-    header = next(reader, None)
-    if not header:
-        raise DataError(f"{path}: empty file; expected a header row naming the columns, then one row per example")
-    header = [name.strip() for name in header]
-    rows, line_number = [], reader.line_num + 1
-    for cells in reader:
-        where, line_number = f"{path}:{line_number}", reader.line_num + 1
-        if not cells:
-            continue
-        if len(cells) != len(header):
-            raise DataError(
-                f"{where}: {len(cells)} cells but the header has {len(header)} ({', '.join(header)}); quote a text "
-                "that holds the delimiter"
-            )
-        rows.append((where, dict(zip(header, cells))))
+    rows: list[tuple[str, dict[str, Any]]] = []
+    line_number = 1  # where the row being read starts
+    with _csv_fields_up_to(len(text)):  # no field is longer than the file
+        try:
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}: empty file; expected a header row naming the columns, then one row per example")
+            header = [name.strip() for name in header]
+            line_number = reader.line_num + 1
+            for cells in reader:
+                where, line_number = f"{path}:{line_number}", reader.line_num + 1
+                if not cells:
+                    continue
+                if len(cells) != len(header):
+                    raise DataError(
+                        f"{where}: {len(cells)} cells but the header has {len(header)} ({', '.join(header)}); quote a "
+                        "text that holds the delimiter"
+                    )
+                rows.append((where, dict(zip(header, cells))))
+        except csv.Error as err:
+            raise DataError(f"{path}:{line_number}: not readable as CSV ({err})") from None
     return rows
 
 
