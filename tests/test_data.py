@@ -59,12 +59,25 @@ def test_an_integer_is_one_class_however_it_is_written(tmp_path):
     assert normalise_label(True, "x") == "true" and normalise_label(" pos ", "x") == "pos"
 
 
+def test_integer_ids_above_2_to_the_53_stay_distinct_classes(tmp_path):
+    """float() would make 2**53 + 1 and 2**53 one class; a CSV id (also written `N.0`) is as exact as a JSON integer."""
+    big = 2**53
+    csv_path = tmp_path / "ids.csv"
+    csv_path.write_text(f"text,label\na,{big + 1}\nb,{big}\nc,1\nd,{big + 1}.0\n")
+    data = load_file(csv_path)
+    assert data.label_names == ["1", str(big), str(big + 1)] and data.labels == [2, 1, 0, 2]
+    jsonl = write_jsonl(tmp_path / "ids.jsonl", [{"text": "a", "label": big + 1}, {"text": "b", "label": big}])
+    assert load_file(jsonl).label_names == [str(big), str(big + 1)]
+
+
 @pytest.mark.parametrize(
     "records, message",
     [
         ([{"text": "a", "label": 1}, {"text": "b", "label": None}], r"d.jsonl:2: the label is missing"),
         ([{"text": "a", "label": 1}, {"text": "b"}], r"d.jsonl:2: the label is missing"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": 0.5}], r"d.jsonl:2: label 0.5 is not a class"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": " 2.50 "}], r"d.jsonl:2: label 2.50 is not a class"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": "1e5000"}], r"d.jsonl:2: label 1e5000... has over 4000 digits"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": "nan"}], r"d.jsonl:2: label 'nan' is a name but .* is a number"),
         ([{"text": "a", "label": "pos"}, {"text": "b", "label": 2}], r"d.jsonl:2: label '2' is a number but .*'pos' is a name"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": [1]}], r"d.jsonl:2: label \[1\] is a list"),

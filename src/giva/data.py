@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,13 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 
+_FRACTION = (
+    "{where}: label {label} is not a class; labels must be class names or integers (1 and 1.0 are the same class), not "
+    "fractions"
+)
+_MAX_DIGITS = 4000  # int <-> str conversions stop at 4300 digits (sys.get_int_max_str_digits)
+
+
 def normalise_label(value: Any, where: str) -> str:
     """The class name of one label cell, or a :class:`DataError` saying why it is not one.
 
@@ -116,15 +124,17 @@ def normalise_label(value: Any, where: str) -> str:
             raise DataError(f"{where}: the label is empty")
         if not _NUMBER.fullmatch(text):
             return text
-        value = float(text)
+        number = Decimal(text)  # exactly: float() would merge integer ids above 2**53 into one class
+        if number and number.adjusted() >= _MAX_DIGITS:
+            raise DataError(f"{where}: label {text[:20]}... has over {_MAX_DIGITS} digits; expected a class name or an integer")
+        if number != number.to_integral_value():
+            raise DataError(_FRACTION.format(where=where, label=text))
+        return str(int(number))
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
         if not math.isfinite(value) or not value.is_integer():
-            raise DataError(
-                f"{where}: label {value!r} is not a class; labels must be class names or integers (1 and 1.0 are the same "
-                "class), not fractions"
-            )
+            raise DataError(_FRACTION.format(where=where, label=repr(value)))
         return str(int(value))
     raise DataError(f"{where}: label {value!r} is a {type(value).__name__}; expected a class name or an integer")
 
