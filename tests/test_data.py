@@ -70,6 +70,23 @@ def test_integer_ids_above_2_to_the_53_stay_distinct_classes(tmp_path):
     assert load_file(jsonl).label_names == [str(big), str(big + 1)]
 
 
+@pytest.mark.parametrize("cell", ["NaN", "nan", "null", "NULL", "None", "n/a", "N/A", " NaN ", ""])
+@pytest.mark.parametrize("first", ["pos", "1"])
+def test_missing_value_cells_are_missing_labels_for_names_and_numbers(tmp_path, cell, first):
+    """Spreadsheet / pandas missing-value cells are never a class, whether the other labels are names or numbers."""
+    path = tmp_path / "d.csv"
+    path.write_text(f"text,label\na,{first}\nb,{'neg' if first == 'pos' else '0'}\nc,{cell}\n")
+    with pytest.raises(DataError, match=r"d.csv:4: the label is (missing|empty)"):
+        load_file(path)
+
+
+def test_a_json_nan_label_is_missing(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: the label is missing \(NaN\)"):
+        load_file(path)
+
+
 @pytest.mark.parametrize(
     "records, message",
     [
@@ -78,7 +95,7 @@ def test_integer_ids_above_2_to_the_53_stay_distinct_classes(tmp_path):
         ([{"text": "a", "label": 1}, {"text": "b", "label": 0.5}], r"d.jsonl:2: label 0.5 is not a class"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": " 2.50 "}], r"d.jsonl:2: label 2.50 is not a class"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": "1e5000"}], r"d.jsonl:2: label 1e5000... has over 4000 digits"),
-        ([{"text": "a", "label": 1}, {"text": "b", "label": "nan"}], r"d.jsonl:2: label 'nan' is a name but .* is a number"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": "nan"}], r"d.jsonl:2: the label is missing \('nan'\)"),
         ([{"text": "a", "label": "pos"}, {"text": "b", "label": 2}], r"d.jsonl:2: label '2' is a number but .*'pos' is a name"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": [1]}], r"d.jsonl:2: label \[1\] is a list"),
         ([{"text": "a", "label": 1}, {"text": None, "label": 0}], r"d.jsonl:2: the text is missing"),

@@ -103,6 +103,8 @@ _FRACTION = (
     "{where}: label {label} is not a class; labels must be class names or integers (1 and 1.0 are the same class), not "
     "fractions"
 )
+# Cells that spreadsheets and pandas write for a missing value (compared case-insensitively): never class names.
+MISSING_LABELS = ("nan", "null", "none", "n/a")
 _MAX_DIGITS = 4000  # int <-> str conversions stop at 4300 digits (sys.get_int_max_str_digits)
 
 
@@ -110,8 +112,9 @@ def normalise_label(value: Any, where: str) -> str:
     """The class name of one label cell, or a :class:`DataError` saying why it is not one.
 
     Labels are class names or integers. An integer is the same class however it is written: ``1``,
-    ``1.0``, ``"1"`` and ``" 1.0 "`` are all class ``"1"``. A fraction (``0.5``), ``NaN``, ``null``,
-    an empty cell or a list is an error. Names are taken as written (case-sensitive), without surrounding
+    ``1.0``, ``"1"`` and ``" 1.0 "`` are all class ``"1"``. A fraction (``0.5``), a missing value (JSON
+    ``null`` or ``NaN``, an empty cell, or a cell reading ``NaN``, ``null``, ``None`` or ``N/A`` in any case:
+    :data:`MISSING_LABELS`) or a list is an error. Names are taken as written (case-sensitive), without surrounding
     spaces; JSON ``true`` / ``false`` become the names ``"true"`` / ``"false"``.
     """
     if value is None:
@@ -122,6 +125,8 @@ def normalise_label(value: Any, where: str) -> str:
         text = value.strip()
         if not text:
             raise DataError(f"{where}: the label is empty")
+        if text.casefold() in MISSING_LABELS:
+            raise DataError(f"{where}: the label is missing ({text!r}); every row needs a class name or an integer")
         if not _NUMBER.fullmatch(text):
             return text
         number = Decimal(text)  # exactly: float() would merge integer ids above 2**53 into one class
@@ -133,6 +138,8 @@ def normalise_label(value: Any, where: str) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
+        if math.isnan(value):  # JSON NaN
+            raise DataError(f"{where}: the label is missing (NaN); every row needs a class name or an integer")
         if not math.isfinite(value) or not value.is_integer():
             raise DataError(_FRACTION.format(where=where, label=repr(value)))
         return str(int(value))
