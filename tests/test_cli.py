@@ -254,6 +254,8 @@ def test_bad_paths_get_one_line_before_the_model_loads(model_dir, data_csv, tmp_
         (args(tmp_path, data_csv, tmp_path / "out"), "model folder .* has no config.json"),
         (args(model_dir, tmp_path / "train", tmp_path / "out"), "data file .*train' does not exist"),
         (args(model_dir, "./data/train.jsonl", tmp_path / "out"), "data file 'data/train.jsonl' does not exist"),
+        ([*args(model_dir, "pang-lee", tmp_path / "out"), "--label-column", "y"],
+         "data 'pang-lee' is a bundled corpus with fixed columns; .* got 'text' / 'y': leave them unset"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

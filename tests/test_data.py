@@ -168,6 +168,13 @@ def test_tsv_json_array_and_files_without_extension(tmp_path):
         load_text_classification(str(tmp_path))
 
 
+def test_column_names_for_a_bundled_corpus_are_refused_before_it_is_read(monkeypatch):
+    monkeypatch.setattr(data_module, "load_bundled", lambda name: pytest.fail("the corpus was read"))
+    for columns in ({"text_column": "sentence"}, {"label_column": "y"}):
+        with pytest.raises(DataError, match=r"data 'pang-lee' is a bundled corpus with fixed columns; .* leave them unset"):
+            load_text_classification("pang-lee", **columns)
+
+
 def test_a_missing_local_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):
     def no_hub(*args, **kwargs):
         raise AssertionError("the hub was asked")

@@ -322,10 +322,18 @@ def _hub_datasets_module(name: str) -> Any:
 def load_text_classification(source: str, text_column: str = "text", label_column: str = "label") -> TextDataset:
     """A bundled corpus name, a local CSV/JSONL path, or a `datasets` hub name, in that order.
 
+    The bundled corpora have fixed columns: other ``text_column`` / ``label_column`` names are refused.
+
     A name that can only be a path (it exists, starts with ``.``, ``~`` or ``/``, or ends in a data extension)
     is never sent to the hub: a missing file is reported as missing.
     """
     if source in BUNDLED:
+        if (text_column, label_column) != ("text", "label"):  # they would be ignored, and recorded in labels.json
+            raise DataError(
+                f"data {source!r} is a bundled corpus with fixed columns; text_column / label_column (--text-column / "
+                f"--label-column) apply to files and hub datasets only, got {text_column!r} / {label_column!r}: leave "
+                "them unset"
+            )
         return load_bundled(source)
     path = Path(os.path.expanduser(source))
     if path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source):
