@@ -29,7 +29,7 @@ from transformers.utils import logging as hf_logging
 from .assets import resolve_model
 from .checkpoint import atomic_directory
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
-from .data import TextDataset, deduplicate, load_text_classification, split_dataset
+from .data import BUNDLED, TextDataset, deduplicate, load_text_classification, split_dataset
 from .init import NumBatches, initialize
 from .init.accumulate import check_num_batches
 
@@ -357,7 +357,7 @@ def _check_size(name: str, value: Any, fraction_allowed: bool = True) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-DEFAULT_TEST_SIZE, DEFAULT_VAL_SIZE = 1000, 400  # the benchmark's split of the bundled corpora
+DEFAULT_TEST_SIZE, DEFAULT_VAL_SIZE = 1000, 400  # the evidence suite's split of the bundled corpora
 SMALL_DATA_TEST_FRACTION, SMALL_DATA_VAL_FRACTION = 0.2, 0.1  # when 1000 + 400 would take over half the rows
 
 
@@ -464,7 +464,8 @@ def finetune(
     split) or, when that would take over half of the rows, 20 % / 10 % (:func:`split_sizes`); ``num_batches`` is
     ``"all"``: the gradient averaged over every training batch (the evidence suite's winner on validation, see
     the README's "Closing the gap to LoRA"; it costs one forward and backward over the training rows before
-    training), or an int k for the first k batches.
+    training), or an int k for the first k batches. On a bundled corpus ``test_size`` may not set aside fewer
+    than the evidence suite's 1000 test rows (a ``ValueError``): the others would be trained or validated on.
     """
     giva_config = giva_config or GivaConfig(r=8, target_modules=DEFAULT_TARGETS, task_type="SEQ_CLS")
     train_config = train_config or TrainConfig()
@@ -480,11 +481,18 @@ def finetune(
     output_path = check_output_dir(output_dir)  # `~` expanded: the save and the size below use this path
     path = resolve_model(model)
     dataset = load_text_classification(data, text_column, label_column)
-    # The same split as `giva bench` (repeats dropped, seed 0): the test rows are set aside and never scored
-    # here, so nothing tuned on this command's accuracy can leak into the benchmark's test table.
+    # On the bundled corpora, the evidence suite's split (repeats dropped, seed 0, its test rows first): the test
+    # rows are set aside and never scored here, so nothing tuned on this command's accuracy leaks into that suite's
+    # test table. (The legacy `full` suite keeps repeats, "dedupe": false: its CoNLL-2010 test split differs.)
     unique = deduplicate(dataset)
     test_size, val_size = split_sizes(len(unique), test_size, val_size, data)
     train_set, val_set, test_set = split_dataset(unique, test_size=test_size, val_size=val_size, seed=0)
+    if data in BUNDLED and len(test_set) < DEFAULT_TEST_SIZE:
+        raise ValueError(
+            f"test_size={test_size!r} sets aside {len(test_set)} rows of the bundled corpus {data!r}, fewer than the "
+            f"{DEFAULT_TEST_SIZE} rows of the benchmark's (evidence suite's) test split: the rest of them would be trained or validated on; "
+            f"leave --test-size unset, or set it to {DEFAULT_TEST_SIZE} rows or more"
+        )
     for name, rows, size in (("val_size", val_set, val_size), ("test_size", test_set, test_size)):
         if not rows:
             raise ValueError(
