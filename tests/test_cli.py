@@ -142,6 +142,18 @@ def test_a_tokenizer_that_cannot_pad_is_named():
         giva.finetune.ensure_pad_token(tokenizer, where="some/model")
 
 
+def test_a_readme_in_the_output_folder_is_updated_not_replaced(model_dir, data_csv, tmp_path):
+    """PEFT's in-place save updates an existing model card; the atomic save must do the same."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# my project notes\nimportant text\n")
+    (out / "notes.txt").write_text("kept\n")
+    assert main(args(model_dir, data_csv, out)) == 0
+    card = (out / "README.md").read_text()
+    assert "important text" in card and "library_name: peft" in card and "- PEFT " in card
+    assert (out / "notes.txt").read_text() == "kept\n"
+
+
 def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
     for mode, used, passes in (("sketch", "sketch", 3), ("exact", "exact", 1), ("auto", "exact", 1)):  # auto: tiny -> exact
         assert main([*args(model_dir, data_csv, tmp_path / mode), "--init-mode", mode, "--json"]) == 0

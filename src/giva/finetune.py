@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -246,13 +247,20 @@ def train(
     return stats
 
 
+MODEL_CARD = "README.md"
+
+
 def save_atomically(output_dir: str | Path, write: Callable[[str], Any]) -> None:
     """Let ``write`` fill a temporary sibling folder, then swap it with ``output_dir`` in one step.
 
     An interrupted save leaves ``output_dir`` as it was, never a mix of old and new files
-    (:func:`giva.checkpoint.atomic_directory`).
+    (:func:`giva.checkpoint.atomic_directory`). A ``README.md`` already in ``output_dir`` is copied in first, so
+    that PEFT's ``save_pretrained`` updates that model card (the user's notes kept), as its in-place save does.
     """
+    card = Path(os.path.expanduser(os.fspath(output_dir)), MODEL_CARD)
     with atomic_directory(output_dir) as tmp:
+        if card.is_file():
+            shutil.copy2(card, tmp / MODEL_CARD)
         write(str(tmp))
 
 
