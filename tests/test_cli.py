@@ -112,6 +112,7 @@ def decoder_dir(tmp_path_factory):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     assert tokenizer.pad_token is None
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # saved as chat_template.jinja
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -152,6 +153,21 @@ def test_a_readme_in_the_output_folder_is_updated_not_replaced(model_dir, data_c
     card = (out / "README.md").read_text()
     assert "important text" in card and "library_name: peft" in card and "- PEFT " in card
     assert (out / "notes.txt").read_text() == "kept\n"
+
+
+def test_a_rerun_into_the_same_folder_drops_the_earlier_runs_tokenizer_files(model_dir, decoder_dir, data_csv, tmp_path):
+    """A Llama-style run, then a BERT run into the same folder: the folder is what a fresh BERT run writes (plus the
+    user's own file), and the reloaded tokenizer is BERT's, without the decoder's chat template."""
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    assert main(args(model_dir, data_csv, fresh)) == 0
+    assert main([*args(decoder_dir, data_csv, out), "--target-modules", "q_proj,v_proj"]) == 0
+    assert (out / "chat_template.jinja").is_file()
+    (out / "notes.txt").write_text("mine\n")
+    assert main(args(model_dir, data_csv, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in fresh.iterdir()), "notes.txt"])
+    tokenizer = load_finetuned(out)[1]
+    assert tokenizer.chat_template is None
+    assert tokenizer("good film")["input_ids"] == load_finetuned(fresh)[1]("good film")["input_ids"]
 
 
 def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
