@@ -170,6 +170,14 @@ def test_a_rerun_into_the_same_folder_drops_the_earlier_runs_tokenizer_files(mod
     assert tokenizer("good film")["input_ids"] == load_finetuned(fresh)[1]("good film")["input_ids"]
 
 
+def test_the_reloaded_tokenizer_truncates_at_the_training_max_length(model_dir, data_csv, tmp_path):
+    out = tmp_path / "out"
+    assert main([*args(model_dir, data_csv, out), "--max-length", "8"]) == 0
+    tokenizer = load_finetuned(out)[1]
+    assert tokenizer.model_max_length == 8
+    assert len(tokenizer(" ".join(["good film"] * 20), truncation=True)["input_ids"]) == 8
+
+
 def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
     for mode, used, passes in (("sketch", "sketch", 3), ("exact", "exact", 1), ("auto", "exact", 1)):  # auto: tiny -> exact
         assert main([*args(model_dir, data_csv, tmp_path / mode), "--init-mode", mode, "--json"]) == 0

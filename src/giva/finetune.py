@@ -548,6 +548,7 @@ def finetune(
 
     def write(tmp: str) -> None:
         peft_model.save_pretrained(tmp)
+        tokenizer.model_max_length = train_config.max_length  # the reloaded tokenizer truncates as training did
         tokenizer.save_pretrained(tmp)
         save_labels(tmp, dataset.label_names, text_column, label_column)
 
