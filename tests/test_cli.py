@@ -178,6 +178,20 @@ def test_the_reloaded_tokenizer_truncates_at_the_training_max_length(model_dir, 
     assert len(tokenizer(" ".join(["good film"] * 20), truncation=True)["input_ids"]) == 8
 
 
+def test_a_relative_model_folder_is_recorded_as_an_absolute_path(model_dir, data_csv, tmp_path, monkeypatch):
+    """The adapter records its base model; a path relative to the training cwd would not reload from elsewhere."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(model_dir.parent)
+    out = tmp_path / "out"
+    assert main(args(model_dir.name, data_csv, out)) == 0
+    recorded = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == os.path.abspath(model_dir)
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = load_finetuned(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(**tokenizer(["good film"], return_tensors="pt")).logits).all()
+
+
 def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
     for mode, used, passes in (("sketch", "sketch", 3), ("exact", "exact", 1), ("auto", "exact", 1)):  # auto: tiny -> exact
         assert main([*args(model_dir, data_csv, tmp_path / mode), "--init-mode", mode, "--json"]) == 0
