@@ -281,6 +281,8 @@ def one_error_line(capsys) -> str:
         ("--init-mode", "fast", r"argument --init-mode: invalid choice: 'fast' \(choose from 'auto', 'sketch', 'exact'\)"),
         ("--label-column", "text", "--text-column and --label-column are both 'text'"),
         ("--target-modules", "query,,value", "--target-modules has an empty name"),
+        ("--target-modules", "qeury,value", r"GivaConfig.target_modules names module\(s\) \['qeury'\] that match no module "
+                                            r"of this model .*; its linear layers are named classifier, dense, key, query, value$"),
         ("--num-batches", "9", "num_batches=9 calibration batches, but the 32 training rows make only 4 batch"),
         ("--test-size", "40", r"test_size \(40 rows\) \+ val_size \(4 rows\) leave no training rows out of the 40"),
         ("--text-column", "sentence", r"reviews.csv: no column 'sentence'; the columns are \['label', 'text'\]"),

@@ -33,6 +33,7 @@ from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .data import BUNDLED, TextDataset, deduplicate, load_text_classification, split_dataset
 from .init import NumBatches, initialize
 from .init.accumulate import check_num_batches
+from .model import check_options_match_the_model
 
 logger = logging.getLogger(__name__)
 
@@ -410,6 +411,13 @@ def save_labels(folder: str | Path, label_names: list[str], text_column: str, la
     Path(folder, LABELS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
+def model_skeleton(path: str) -> nn.Module:
+    """The sequence classifier of ``path`` built from its config on the meta device: module names, no weights."""
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
 def load_classifier(path: str, num_labels: int, **kwargs: Any) -> nn.Module:
     """The sequence classifier in ``path`` with a head for ``num_labels`` classes.
 
@@ -522,6 +530,9 @@ def finetune(
             f"batch(es) of {train_config.batch_size}; set --num-batches {n_batches} or less, or a smaller --batch-size"
         )
 
+    # The adapter's options against the model's module names, on a weightless skeleton: a typo in
+    # --target-modules is refused before anything loads (PEFT alone refuses only when no name matches).
+    check_options_match_the_model(giva_config, model_skeleton(path))
     with _transformers_progress_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(path)
         check_max_length(train_config.max_length, path, tokenizer)
