@@ -6,9 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 
-if [ ! -x .venv/bin/python ]; then
-  "$PYTHON" -m venv .venv
-fi
+# Creates .venv, or repairs one that an earlier run left without pip (Debian/Ubuntu without python3-venv).
+PYTHON="$PYTHON" scripts/venv.sh .venv
 if [ ! -f .venv/.giva-setup-done ] || [ pyproject.toml -nt .venv/.giva-setup-done ]; then
   .venv/bin/pip install --quiet --upgrade pip
   # torch first and pinned: any other request pulls a multi-GB CUDA build.

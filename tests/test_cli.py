@@ -66,6 +66,132 @@ def test_finetune_saves_an_adapter_that_reloads_with_its_label_names(model_dir, 
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp folders left
 
 
+def test_a_tilde_output_dir_is_the_folder_saved_and_reported(model_dir, data_csv, tmp_path, capsys, monkeypatch):
+    """`--output-dir=~/ft` (bash leaves a `~` after `=` alone): the size and the path reported are the saved folder's."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main([*args(model_dir, data_csv, "~/ft"), "--json"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{"):])
+    saved = home / "ft" / "adapter_model.safetensors"
+    assert result["output_dir"] == str(home / "ft") and result["adapter_bytes"] == saved.stat().st_size > 0
+    assert not (tmp_path / "~").exists()
+
+
+def test_a_saved_classifier_of_another_class_count_gets_a_new_head(model_dir, tmp_path, capsys, caplog):
+    """model_dir holds a 2-label classifier; 3-class data re-initialises the head only, and the result reloads."""
+    rows = [(f"{['bad awful', 'good great', 'fine plot'][i % 3]} film w{i}", ["neg", "pos", "mid"][i % 3]) for i in range(40)]
+    data = tmp_path / "three.csv"
+    data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="giva.finetune"):
+        assert main(args(model_dir, data, out)) == 0
+    assert re.search(r"has 2 classes, the data 3: its head is re-initialised for 3 classes", caplog.text)
+    model, tokenizer = load_finetuned(out)
+    assert model.config.id2label == {0: "mid", 1: "neg", 2: "pos"}
+    body = model.get_base_model().bert.embeddings.word_embeddings.weight
+    assert torch.equal(body, tiny_bert().bert.embeddings.word_embeddings.weight)  # the saved body, not a fresh one
+    batch = tokenizer(["good great film", "fine plot"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, 3) and torch.equal(logits, load_finetuned(out)[0](**batch).logits)
+
+
+@pytest.fixture(scope="module")
+def decoder_dir(tmp_path_factory):
+    """A tiny Llama classifier whose tokenizer (word level) has an EOS token but no pad token, as GPT-2 / Llama ship."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    words = ["<unk>", "<s>", "</s>", *WORDS]
+    vocab = {word: i for i, word in enumerate(words + [f"w{i}" for i in range(VOCAB - len(words))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    assert tokenizer.pad_token is None
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # saved as chat_template.jinja
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, num_labels=2, pad_token_id=None)
+    LlamaForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def test_a_decoder_without_a_pad_token_trains_and_reloads(decoder_dir, data_csv, tmp_path):
+    """Batches are padded with EOS; the reloaded classifier gives each row in a padded batch its own logits."""
+    out = tmp_path / "out"
+    assert main([*args(decoder_dir, data_csv, out), "--target-modules", "q_proj,v_proj"]) == 0
+    model, tokenizer = load_finetuned(out)
+    texts = ["good great film w3 plot", "bad"]
+    with torch.no_grad():
+        batch = model(**tokenizer(texts, return_tensors="pt", padding=True)).logits
+        alone = torch.cat([model(**tokenizer([text], return_tensors="pt")).logits for text in texts])
+    assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == tokenizer.eos_token_id
+    assert torch.allclose(batch, alone, atol=1e-5)
+
+
+def test_a_tokenizer_that_cannot_pad_is_named():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))
+    with pytest.raises(ValueError, match="the tokenizer of some/model has neither a pad token nor an EOS token"):
+        giva.finetune.ensure_pad_token(tokenizer, where="some/model")
+
+
+def test_a_readme_in_the_output_folder_is_updated_not_replaced(model_dir, data_csv, tmp_path):
+    """PEFT's in-place save updates an existing model card; the atomic save must do the same."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("# my project notes\nimportant text\n")
+    (out / "notes.txt").write_text("kept\n")
+    assert main(args(model_dir, data_csv, out)) == 0
+    card = (out / "README.md").read_text()
+    assert "important text" in card and "library_name: peft" in card and "- PEFT " in card
+    assert (out / "notes.txt").read_text() == "kept\n"
+
+
+def test_a_rerun_into_the_same_folder_drops_the_earlier_runs_tokenizer_files(model_dir, decoder_dir, data_csv, tmp_path):
+    """A Llama-style run, then a BERT run into the same folder: the folder is what a fresh BERT run writes (plus the
+    user's own file), and the reloaded tokenizer is BERT's, without the decoder's chat template."""
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    assert main(args(model_dir, data_csv, fresh)) == 0
+    assert main([*args(decoder_dir, data_csv, out), "--target-modules", "q_proj,v_proj"]) == 0
+    assert (out / "chat_template.jinja").is_file()
+    (out / "notes.txt").write_text("mine\n")
+    assert main(args(model_dir, data_csv, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in fresh.iterdir()), "notes.txt"])
+    tokenizer = load_finetuned(out)[1]
+    assert tokenizer.chat_template is None
+    assert tokenizer("good film")["input_ids"] == load_finetuned(fresh)[1]("good film")["input_ids"]
+
+
+def test_the_reloaded_tokenizer_truncates_at_the_training_max_length(model_dir, data_csv, tmp_path):
+    out = tmp_path / "out"
+    assert main([*args(model_dir, data_csv, out), "--max-length", "8"]) == 0
+    tokenizer = load_finetuned(out)[1]
+    assert tokenizer.model_max_length == 8
+    assert len(tokenizer(" ".join(["good film"] * 20), truncation=True)["input_ids"]) == 8
+
+
+def test_a_relative_model_folder_is_recorded_as_an_absolute_path(model_dir, data_csv, tmp_path, monkeypatch):
+    """The adapter records its base model; a path relative to the training cwd would not reload from elsewhere."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(model_dir.parent)
+    out = tmp_path / "out"
+    assert main(args(model_dir.name, data_csv, out)) == 0
+    recorded = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == os.path.abspath(model_dir)
+    monkeypatch.chdir(tmp_path)
+    model, tokenizer = load_finetuned(out)
+    with torch.no_grad():
+        assert torch.isfinite(model(**tokenizer(["good film"], return_tensors="pt")).logits).all()
+
+
 def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
     for mode, used, passes in (("sketch", "sketch", 3), ("exact", "exact", 1), ("auto", "exact", 1)):  # auto: tiny -> exact
         assert main([*args(model_dir, data_csv, tmp_path / mode), "--init-mode", mode, "--json"]) == 0
@@ -155,6 +281,8 @@ def one_error_line(capsys) -> str:
         ("--init-mode", "fast", r"argument --init-mode: invalid choice: 'fast' \(choose from 'auto', 'sketch', 'exact'\)"),
         ("--label-column", "text", "--text-column and --label-column are both 'text'"),
         ("--target-modules", "query,,value", "--target-modules has an empty name"),
+        ("--target-modules", "qeury,value", r"GivaConfig.target_modules names module\(s\) \['qeury'\] that match no module "
+                                            r"of this model .*; its linear layers are named classifier, dense, key, query, value$"),
         ("--num-batches", "9", "num_batches=9 calibration batches, but the 32 training rows make only 4 batch"),
         ("--test-size", "40", r"test_size \(40 rows\) \+ val_size \(4 rows\) leave no training rows out of the 40"),
         ("--text-column", "sentence", r"reviews.csv: no column 'sentence'; the columns are \['label', 'text'\]"),
@@ -178,6 +306,8 @@ def test_bad_paths_get_one_line_before_the_model_loads(model_dir, data_csv, tmp_
         (args(tmp_path, data_csv, tmp_path / "out"), "model folder .* has no config.json"),
         (args(model_dir, tmp_path / "train", tmp_path / "out"), "data file .*train' does not exist"),
         (args(model_dir, "./data/train.jsonl", tmp_path / "out"), "data file 'data/train.jsonl' does not exist"),
+        ([*args(model_dir, "pang-lee", tmp_path / "out"), "--label-column", "y"],
+         "data 'pang-lee' is a bundled corpus with fixed columns; .* got 'text' / 'y': leave them unset"),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv

@@ -59,13 +59,43 @@ def test_an_integer_is_one_class_however_it_is_written(tmp_path):
     assert normalise_label(True, "x") == "true" and normalise_label(" pos ", "x") == "pos"
 
 
+def test_integer_ids_above_2_to_the_53_stay_distinct_classes(tmp_path):
+    """float() would make 2**53 + 1 and 2**53 one class; a CSV id (also written `N.0`) is as exact as a JSON integer."""
+    big = 2**53
+    csv_path = tmp_path / "ids.csv"
+    csv_path.write_text(f"text,label\na,{big + 1}\nb,{big}\nc,1\nd,{big + 1}.0\n")
+    data = load_file(csv_path)
+    assert data.label_names == ["1", str(big), str(big + 1)] and data.labels == [2, 1, 0, 2]
+    jsonl = write_jsonl(tmp_path / "ids.jsonl", [{"text": "a", "label": big + 1}, {"text": "b", "label": big}])
+    assert load_file(jsonl).label_names == [str(big), str(big + 1)]
+
+
+@pytest.mark.parametrize("cell", ["NaN", "nan", "null", "NULL", "None", "n/a", "N/A", " NaN ", ""])
+@pytest.mark.parametrize("first", ["pos", "1"])
+def test_missing_value_cells_are_missing_labels_for_names_and_numbers(tmp_path, cell, first):
+    """Spreadsheet / pandas missing-value cells are never a class, whether the other labels are names or numbers."""
+    path = tmp_path / "d.csv"
+    path.write_text(f"text,label\na,{first}\nb,{'neg' if first == 'pos' else '0'}\nc,{cell}\n")
+    with pytest.raises(DataError, match=r"d.csv:4: the label is (missing|empty)"):
+        load_file(path)
+
+
+def test_a_json_nan_label_is_missing(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n')
+    with pytest.raises(DataError, match=r"d.jsonl:2: the label is missing \(NaN\)"):
+        load_file(path)
+
+
 @pytest.mark.parametrize(
     "records, message",
     [
         ([{"text": "a", "label": 1}, {"text": "b", "label": None}], r"d.jsonl:2: the label is missing"),
         ([{"text": "a", "label": 1}, {"text": "b"}], r"d.jsonl:2: the label is missing"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": 0.5}], r"d.jsonl:2: label 0.5 is not a class"),
-        ([{"text": "a", "label": 1}, {"text": "b", "label": "nan"}], r"d.jsonl:2: label 'nan' is a name but .* is a number"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": " 2.50 "}], r"d.jsonl:2: label 2.50 is not a class"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": "1e5000"}], r"d.jsonl:2: label 1e5000... has over 4000 digits"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": "nan"}], r"d.jsonl:2: the label is missing \('nan'\)"),
         ([{"text": "a", "label": "pos"}, {"text": "b", "label": 2}], r"d.jsonl:2: label '2' is a number but .*'pos' is a name"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": [1]}], r"d.jsonl:2: label \[1\] is a list"),
         ([{"text": "a", "label": 1}, {"text": None, "label": 0}], r"d.jsonl:2: the text is missing"),
@@ -94,6 +124,32 @@ def test_malformed_files_name_the_line_where_the_row_starts(tmp_path, name, cont
         load_file(tmp_path / name)
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 unescaped inside a string: still one line."""
+    texts = ["line one\u2028line two", "para\u2029graph", "caf\x85e", "plain"]
+    path = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": t, "label": i % 2}, ensure_ascii=False) for i, t in enumerate(texts)]
+    path.write_text("\r\n".join(lines[:2]) + "\r\n" + "\n".join(lines[2:]) + "\n", encoding="utf-8", newline="")
+    assert load_file(path).texts == texts
+    path.write_text("\n".join(lines) + '\n{"text": "a\u2028b", "label": 0\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"d.jsonl:5: not valid JSON"):  # line numbers count newlines only
+        load_file(path)
+
+
+def test_a_csv_field_longer_than_the_csv_modules_default_limit_is_read(tmp_path, monkeypatch):
+    import csv
+
+    limit = csv.field_size_limit()
+    path = tmp_path / "d.csv"
+    path.write_text("text,label\nshort,pos\n" + "x" * 200_000 + ",neg\n")
+    assert [len(t) for t in load_file(path).texts] == [5, 200_000]
+    assert csv.field_size_limit() == limit  # the module's global setting is restored
+    monkeypatch.setattr(data_module, "CSV_FIELD_LIMIT", 1000)  # any csv.Error is a DataError naming the row's line
+    with pytest.raises(DataError, match=r"d.csv:3: not readable as CSV \(field larger than field limit \(1000\)\)"):
+        load_file(path)
+    assert csv.field_size_limit() == limit
+
+
 def test_non_utf8_names_the_line(tmp_path):
     latin = tmp_path / "latin.csv"
     latin.write_bytes("text,label\ngood,1\ncaf\u00e9,0\n".encode("latin-1"))
@@ -110,6 +166,13 @@ def test_tsv_json_array_and_files_without_extension(tmp_path):
     assert len(load_text_classification(str(tmp_path / "noext"))) == 2
     with pytest.raises(DataError, match="is a folder"):
         load_text_classification(str(tmp_path))
+
+
+def test_column_names_for_a_bundled_corpus_are_refused_before_it_is_read(monkeypatch):
+    monkeypatch.setattr(data_module, "load_bundled", lambda name: pytest.fail("the corpus was read"))
+    for columns in ({"text_column": "sentence"}, {"label_column": "y"}):
+        with pytest.raises(DataError, match=r"data 'pang-lee' is a bundled corpus with fixed columns; .* leave them unset"):
+            load_text_classification("pang-lee", **columns)
 
 
 def test_a_missing_local_path_is_never_looked_up_on_the_hub(tmp_path, monkeypatch):

@@ -109,3 +109,30 @@ def test_max_steps_overrides_epochs_and_sizes_the_schedule(model_dir, small_csv,
     with pytest.raises(ValueError, match=r"TrainConfig.max_steps must be an integer >= 1, got 0"):
         TrainConfig(max_steps=0)
     assert torch.isfinite(torch.tensor(stats.losses)).all()
+
+
+@pytest.fixture
+def bundled_corpus(tmp_path, monkeypatch):
+    """A stand-in for the fetched Pang & Lee corpus (label, text rows without a header), 3000 distinct rows."""
+    from giva.data import BUNDLED
+
+    monkeypatch.setenv("GIVA_DATA_DIR", str(tmp_path / "corpora"))
+    (tmp_path / "corpora").mkdir()
+    rows = "".join(f"{1 if i % 2 else -1},sentence number {i}\n" for i in range(3000))
+    (tmp_path / "corpora" / BUNDLED["pang-lee"]).write_text(rows, encoding="utf-8")
+    return "pang-lee"
+
+
+@pytest.mark.parametrize("test_size", ["999", "500", "0.1"])
+def test_a_bundled_corpus_keeps_the_benchmarks_test_rows_out_of_training(
+    model_dir, bundled_corpus, tmp_path, capsys, no_model_loading, test_size  # noqa: F811
+):
+    """Fewer test rows than the benchmark's 1000 would move some of its test rows into training or validation."""
+    argv = ["finetune", "--model", str(model_dir), "--data", bundled_corpus, "--output-dir", str(tmp_path / "o")]
+    assert main([*argv, "--test-size", test_size]) == 2
+    assert re.search(r"sets aside \d+ rows of the bundled corpus 'pang-lee', fewer than the 1000 rows of the "
+                     r"benchmark's \(evidence suite's\) test split: .*leave --test-size unset", one_error_line(capsys))
+    assert not (tmp_path / "o").exists()
+    for fine in (["--test-size", "1200"], ["--val-size", "100"], []):  # a superset of the test rows: the checks pass
+        with pytest.raises(AssertionError, match="the model was loaded"):
+            main([*argv, *fine])

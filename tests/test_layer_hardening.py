@@ -308,6 +308,20 @@ def test_block_options_naming_no_targeted_module_raise(option):
         get_peft_model(tiny_gpt2(), GivaConfig(r=2, target_modules=["c_attn"], **{option: value}))
 
 
+def test_target_module_names_matching_no_module_raise_naming_them():
+    """PEFT refuses target_modules only when no name matches: one typo among good names was silently ignored."""
+    with pytest.raises(ValueError, match=r"target_modules names module\(s\) \['qeury'\] that match no module .* its "
+                                         r"linear layers are named classifier, dense, key, query, value$"):
+        get_peft_model(tiny_bert(), GivaConfig(r=2, target_modules=["qeury", "value"]))
+    with pytest.raises(ValueError, match=r"\['c_atn', 'mlp.c_fcc'\]"):
+        get_peft_model(tiny_gpt2(), GivaConfig(r=2, target_modules=["c_atn", "c_proj", "mlp.c_fcc"]))
+    # PEFT's rule: a name matches a module's name or a dotted suffix of it; regex strings and 'all-linear' stand
+    model = get_peft_model(tiny_bert(), GivaConfig(r=2, target_modules=["attention.self.query", "bert.pooler.dense"]))
+    assert sorted(n for n, m in model.named_modules() if isinstance(m, giva.GivaLayer))[-1] == "base_model.model.bert.pooler.dense"
+    for targets in (r".*\.(query|value)", "all-linear"):
+        assert any(isinstance(m, giva.GivaLayer) for m in get_peft_model(tiny_bert(), GivaConfig(r=2, target_modules=targets)).modules())
+
+
 def test_initialize_still_works_on_every_tiny_model_family():
     model = get_peft_model(tiny_gpt2(), GivaConfig(r=2, target_modules=["c_attn", "c_proj"]))
     giva.initialize(model, text_batches(labels="lm"), num_batches=1, progress=False)

@@ -82,7 +82,7 @@ def test_real_training_steps_lower_the_loss_and_reload_is_identical(setup, tmp_p
 def test_giva_finetune_cli_end_to_end(tmp_path):
     out = tmp_path / "adapter"
     cmd = [
-        sys.executable, "-m", "giva.cli", "finetune", "--max-train-samples", "96", "--test-size", "64",
+        sys.executable, "-m", "giva.cli", "finetune", "--max-train-samples", "96", "--val-size", "64",
         "--epochs", "1", "--batch-size", "16", "--output-dir", str(out), "--no-progress",
     ]
     result = subprocess.run(cmd, capture_output=True, text=True)

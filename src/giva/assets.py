@@ -159,8 +159,9 @@ def resolve_model(name_or_path: str) -> str:
     """An alias from :data:`MODEL_ALIASES`, an existing local model folder, or a hub id.
 
     Checked before anything is loaded: a path-like name that does not exist is reported as a missing folder
-    (never sent to the hub), a folder must hold ``config.json``, and a hub id needs the hub to be reachable
-    or the model to be in the Hugging Face cache (then the cached folder is returned).
+    (never sent to the hub), a folder must hold ``config.json`` (its absolute path is returned, so that an
+    adapter's recorded ``base_model_name_or_path`` reloads from any working directory), and a hub id needs the
+    hub to be reachable or the model to be in the Hugging Face cache (then the cached folder is returned).
     """
     if name_or_path in MODEL_ALIASES:
         return MODEL_ALIASES[name_or_path]()
@@ -170,7 +171,7 @@ def resolve_model(name_or_path: str) -> str:
             raise ValueError(f"model {name_or_path!r} is a file; expected a model folder (with config.json) or a hub id")
         if not (path / "config.json").is_file():
             raise ValueError(f"model folder {str(path)!r} has no config.json: not a saved transformers model")
-        return str(path)
+        return os.path.abspath(path)  # what an adapter records as its base: it must not depend on the cwd
     if looks_local(name_or_path) or not _is_repo_id(name_or_path):
         raise FileNotFoundError(f"model {name_or_path!r}: no such folder")
     problem = hub_unreachable()

@@ -218,6 +218,20 @@ def _swap_in(tmp: Path, target: Path) -> None:
     os.rename(backup, tmp)  # `tmp` now names the old copy, removed by the caller
 
 
+_TOKENIZER_FILES = (
+    "vocab.txt", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model",
+    "sentencepiece.bpe.model", "chat_template.jinja",
+)
+
+
+def is_side_file(name: str) -> bool:
+    """A tokenizer file or labels.json: what an adapter folder holds besides its weights, config and README.
+
+    A save that writes these (`giva finetune`, a LoRA export) passes this as ``atomic_directory``'s ``replaced``,
+    so an earlier save's side files it did not write again (another model's chat template, say) are dropped."""
+    return name.startswith("tokenizer") or name in (*_TOKENIZER_FILES, "labels.json")
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike, replaced: Optional[Callable[[str], bool]] = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; when the block ends normally it replaces ``target`` at once.

@@ -315,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft = sub.add_parser("finetune", help="fine-tune a sequence classifier with GiVA (defaults: MiniLM on Pang & Lee)")
     ft.add_argument("--model", default="minilm", help="alias 'minilm', a local folder or a hub id")
     ft.add_argument("--data", default="pang-lee", help="'pang-lee', 'conll2010-uncertainty', a CSV/JSONL file or a datasets name")
-    ft.add_argument("--text-column", default="text")
-    ft.add_argument("--label-column", default="label")
+    ft.add_argument("--text-column", default="text", help="text column of a CSV/JSONL file or hub dataset (not for the bundled corpora)")
+    ft.add_argument("--label-column", default="label", help="label column of a CSV/JSONL file or hub dataset (not for the bundled corpora)")
     ft.add_argument("--test-size", type=_count_or_fraction, default=None,
                     help="test rows set aside, never scored (count, or fraction if < 1; default: 1000, or 20%% of the rows when 1000 + 400 is over half of them)")
     ft.add_argument("--val-size", type=_count_or_fraction, default=None,

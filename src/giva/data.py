@@ -20,7 +20,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -96,12 +99,22 @@ _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 
+_FRACTION = (
+    "{where}: label {label} is not a class; labels must be class names or integers (1 and 1.0 are the same class), not "
+    "fractions"
+)
+# Cells that spreadsheets and pandas write for a missing value (compared case-insensitively): never class names.
+MISSING_LABELS = ("nan", "null", "none", "n/a")
+_MAX_DIGITS = 4000  # int <-> str conversions stop at 4300 digits (sys.get_int_max_str_digits)
+
+
 def normalise_label(value: Any, where: str) -> str:
     """The class name of one label cell, or a :class:`DataError` saying why it is not one.
 
     Labels are class names or integers. An integer is the same class however it is written: ``1``,
-    ``1.0``, ``"1"`` and ``" 1.0 "`` are all class ``"1"``. A fraction (``0.5``), ``NaN``, ``null``,
-    an empty cell or a list is an error. Names are taken as written (case-sensitive), without surrounding
+    ``1.0``, ``"1"`` and ``" 1.0 "`` are all class ``"1"``. A fraction (``0.5``), a missing value (JSON
+    ``null`` or ``NaN``, an empty cell, or a cell reading ``NaN``, ``null``, ``None`` or ``N/A`` in any case:
+    :data:`MISSING_LABELS`) or a list is an error. Names are taken as written (case-sensitive), without surrounding
     spaces; JSON ``true`` / ``false`` become the names ``"true"`` / ``"false"``.
     """
     if value is None:
@@ -112,17 +125,23 @@ def normalise_label(value: Any, where: str) -> str:
         text = value.strip()
         if not text:
             raise DataError(f"{where}: the label is empty")
+        if text.casefold() in MISSING_LABELS:
+            raise DataError(f"{where}: the label is missing ({text!r}); every row needs a class name or an integer")
         if not _NUMBER.fullmatch(text):
             return text
-        value = float(text)
+        number = Decimal(text)  # exactly: float() would merge integer ids above 2**53 into one class
+        if number and number.adjusted() >= _MAX_DIGITS:
+            raise DataError(f"{where}: label {text[:20]}... has over {_MAX_DIGITS} digits; expected a class name or an integer")
+        if number != number.to_integral_value():
+            raise DataError(_FRACTION.format(where=where, label=text))
+        return str(int(number))
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
+        if math.isnan(value):  # JSON NaN
+            raise DataError(f"{where}: the label is missing (NaN); every row needs a class name or an integer")
         if not math.isfinite(value) or not value.is_integer():
-            raise DataError(
-                f"{where}: label {value!r} is not a class; labels must be class names or integers (1 and 1.0 are the same "
-                "class), not fractions"
-            )
+            raise DataError(_FRACTION.format(where=where, label=repr(value)))
         return str(int(value))
     raise DataError(f"{where}: label {value!r} is a {type(value).__name__}; expected a class name or an integer")
 
@@ -179,7 +198,10 @@ def _read_json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
         rows = [(f"{path}: record {i + 1}", record) for i, record in enumerate(records)]
     else:
         rows = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" (or "\r\n") only: str.splitlines() would also split inside a text holding U+2028,
+        # U+2029 or U+0085, which json.dumps(ensure_ascii=False) writes unescaped.
+        for line_number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -194,23 +216,44 @@ def _read_json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     return rows
 
 
+# The most the csv module takes as a field size on every platform (a C long; 32 bits on Windows).
+CSV_FIELD_LIMIT = 2**31 - 1
+
+
+@contextmanager
+def _csv_fields_up_to(size: int) -> Iterator[None]:
+    """Let the csv module read fields of ``size`` characters (its default stops at 131,072); restored after."""
+    previous = csv.field_size_limit()
+    csv.field_size_limit(min(max(previous, size), CSV_FIELD_LIMIT))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
 def _read_csv_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
-    header = next(reader, None)
-    if not header:
-        raise DataError(f"{path}: empty file; expected a header row naming the columns, then one row per example")
-    header = [name.strip() for name in header]
-    rows, line_number = [], reader.line_num + 1
-    for cells in reader:
-        where, line_number = f"{path}:{line_number}", reader.line_num + 1
-        if not cells:
-            continue
-        if len(cells) != len(header):
-            raise DataError(
-                f"{where}: {len(cells)} cells but the header has {len(header)} ({', '.join(header)}); quote a text "
-                "that holds the delimiter"
-            )
-        rows.append((where, dict(zip(header, cells))))
+    rows: list[tuple[str, dict[str, Any]]] = []
+    line_number = 1  # where the row being read starts
+    with _csv_fields_up_to(len(text)):  # no field is longer than the file
+        try:
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}: empty file; expected a header row naming the columns, then one row per example")
+            header = [name.strip() for name in header]
+            line_number = reader.line_num + 1
+            for cells in reader:
+                where, line_number = f"{path}:{line_number}", reader.line_num + 1
+                if not cells:
+                    continue
+                if len(cells) != len(header):
+                    raise DataError(
+                        f"{where}: {len(cells)} cells but the header has {len(header)} ({', '.join(header)}); quote a "
+                        "text that holds the delimiter"
+                    )
+                rows.append((where, dict(zip(header, cells))))
+        except csv.Error as err:
+            raise DataError(f"{path}:{line_number}: not readable as CSV ({err})") from None
     return rows
 
 
@@ -279,10 +322,18 @@ def _hub_datasets_module(name: str) -> Any:
 def load_text_classification(source: str, text_column: str = "text", label_column: str = "label") -> TextDataset:
     """A bundled corpus name, a local CSV/JSONL path, or a `datasets` hub name, in that order.
 
+    The bundled corpora have fixed columns: other ``text_column`` / ``label_column`` names are refused.
+
     A name that can only be a path (it exists, starts with ``.``, ``~`` or ``/``, or ends in a data extension)
     is never sent to the hub: a missing file is reported as missing.
     """
     if source in BUNDLED:
+        if (text_column, label_column) != ("text", "label"):  # they would be ignored, and recorded in labels.json
+            raise DataError(
+                f"data {source!r} is a bundled corpus with fixed columns; text_column / label_column (--text-column / "
+                f"--label-column) apply to files and hub datasets only, got {text_column!r} / {label_column!r}: leave "
+                "them unset"
+            )
         return load_bundled(source)
     path = Path(os.path.expanduser(source))
     if path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source):

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import _EXPORT_TAG, CheckpointError, atomic_directory, check_adapter_folder, read_weights
+from .checkpoint import _EXPORT_TAG, CheckpointError, atomic_directory, check_adapter_folder, is_side_file, read_weights
 from .layer import GivaLayer
 
 logger = logging.getLogger(__name__)
@@ -289,7 +289,7 @@ def _write_lora(
     it, so they never describe another adapter; other files of ``out`` are kept, except a weights file of the
     other format.
     """
-    with atomic_directory(out, replaced=_is_side_file) as tmp:
+    with atomic_directory(out, replaced=is_side_file) as tmp:
         save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp / SAFETENSORS_WEIGHTS_NAME)
         lora_config.save_pretrained(str(tmp))
         if extra is not None:
@@ -412,20 +412,9 @@ def _check_base_matches(model: nn.Module, layers: dict[str, dict[str, torch.Tens
             )
 
 
-_TOKENIZER_FILES = (
-    "vocab.txt", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.jinja",
-)
-
-
-def _is_side_file(name: str) -> bool:
-    """A tokenizer file or labels.json: what travels with an exported LoRA besides its weights, config and README."""
-    return name.startswith("tokenizer") or name in (*_TOKENIZER_FILES, "labels.json")
-
-
 def _side_files(adapter_dir: Path) -> list[Path]:
     """Tokenizer files and labels.json that travel with the exported LoRA."""
-    return sorted(path for path in adapter_dir.iterdir() if path.is_file() and _is_side_file(path.name))
+    return sorted(path for path in adapter_dir.iterdir() if path.is_file() and is_side_file(path.name))
 
 
 def export_lora_dir(

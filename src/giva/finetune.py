@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -27,11 +28,12 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from .assets import resolve_model
-from .checkpoint import atomic_directory
+from .checkpoint import atomic_directory, is_side_file
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
-from .data import TextDataset, deduplicate, load_text_classification, split_dataset
+from .data import BUNDLED, TextDataset, deduplicate, load_text_classification, split_dataset
 from .init import NumBatches, initialize
 from .init.accumulate import check_num_batches
+from .model import check_options_match_the_model
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,25 @@ class TrainStats:
     step_seconds: list[float] = field(default_factory=list)
     seconds: float = 0.0
     epoch_metrics: list[float] = field(default_factory=list)
+
+
+def ensure_pad_token(tokenizer: Any, model: Optional[nn.Module] = None, where: str = "the model") -> Any:
+    """Let batches of a tokenizer without a pad token (GPT-2 / Llama style) be padded with its EOS token; returns it.
+
+    With ``model``, also its ``config.pad_token_id`` if unset: a decoder classifier reads the last token that is
+    not padding, and refuses batches of more than one row without knowing which that is.
+    A tokenizer with neither token raises a ``ValueError`` naming ``where`` the tokenizer comes from.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"the tokenizer of {where} has neither a pad token nor an EOS token to pad batches with; add a "
+                "pad_token to its tokenizer_config.json"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer
 
 
 def make_loader(
@@ -227,13 +248,23 @@ def train(
     return stats
 
 
-def save_atomically(output_dir: str | Path, write: Callable[[str], Any]) -> None:
+MODEL_CARD = "README.md"
+
+
+def save_atomically(
+    output_dir: str | Path, write: Callable[[str], Any], replaced: Optional[Callable[[str], bool]] = None
+) -> None:
     """Let ``write`` fill a temporary sibling folder, then swap it with ``output_dir`` in one step.
 
     An interrupted save leaves ``output_dir`` as it was, never a mix of old and new files
-    (:func:`giva.checkpoint.atomic_directory`).
+    (:func:`giva.checkpoint.atomic_directory`); files of ``output_dir`` that ``write`` did not write are kept,
+    except top-level files whose name ``replaced`` accepts. A ``README.md`` already in ``output_dir`` is copied in first, so
+    that PEFT's ``save_pretrained`` updates that model card (the user's notes kept), as its in-place save does.
     """
-    with atomic_directory(output_dir) as tmp:
+    card = Path(os.path.expanduser(os.fspath(output_dir)), MODEL_CARD)
+    with atomic_directory(output_dir, replaced=replaced) as tmp:
+        if card.is_file():
+            shutil.copy2(card, tmp / MODEL_CARD)
         write(str(tmp))
 
 
@@ -338,7 +369,7 @@ def _check_size(name: str, value: Any, fraction_allowed: bool = True) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-DEFAULT_TEST_SIZE, DEFAULT_VAL_SIZE = 1000, 400  # the benchmark's split of the bundled corpora
+DEFAULT_TEST_SIZE, DEFAULT_VAL_SIZE = 1000, 400  # the evidence suite's split of the bundled corpora
 SMALL_DATA_TEST_FRACTION, SMALL_DATA_VAL_FRACTION = 0.2, 0.1  # when 1000 + 400 would take over half the rows
 
 
@@ -380,6 +411,32 @@ def save_labels(folder: str | Path, label_names: list[str], text_column: str, la
     Path(folder, LABELS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
+def model_skeleton(path: str) -> nn.Module:
+    """The sequence classifier of ``path`` built from its config on the meta device: module names, no weights."""
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
+def load_classifier(path: str, num_labels: int, **kwargs: Any) -> nn.Module:
+    """The sequence classifier in ``path`` with a head for ``num_labels`` classes.
+
+    A classifier saved there for another class count keeps its body and gets a fresh head (transformers
+    refuses such a checkpoint unless told to re-initialise the mismatched tensors, and only those differ).
+    """
+    saved = AutoConfig.from_pretrained(path).num_labels
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=num_labels, ignore_mismatched_sizes=saved != num_labels, **kwargs
+    )
+
+
+def saved_head_classes(path: str) -> Optional[int]:
+    """The class count of the classifier head saved in ``path`` (None if it holds a bare model, no head)."""
+    config = AutoConfig.from_pretrained(path)
+    heads = [name for name in config.architectures or [] if name.endswith("ForSequenceClassification")]
+    return config.num_labels if heads else None
+
+
 def load_finetuned(output_dir: str | os.PathLike, model: Optional[str] = None) -> tuple[nn.Module, Any]:
     """Reload what `giva finetune` saved: (the classifier with its GiVA adapter, in eval mode; the tokenizer).
 
@@ -395,10 +452,9 @@ def load_finetuned(output_dir: str | os.PathLike, model: Optional[str] = None) -
     if model is None:
         adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         model = adapter_config.get("base_model_name_or_path") or "minilm"
-    base = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(model), num_labels=len(id2label), id2label=id2label, label2id=labels["label2id"]
-    )
-    return PeftModel.from_pretrained(base, str(folder)).eval(), AutoTokenizer.from_pretrained(folder)
+    base = load_classifier(resolve_model(model), len(id2label), id2label=id2label, label2id=labels["label2id"])
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(folder), base, str(folder))
+    return PeftModel.from_pretrained(base, str(folder)).eval(), tokenizer
 
 
 def finetune(
@@ -427,7 +483,8 @@ def finetune(
     split) or, when that would take over half of the rows, 20 % / 10 % (:func:`split_sizes`); ``num_batches`` is
     ``"all"``: the gradient averaged over every training batch (the evidence suite's winner on validation, see
     the README's "Closing the gap to LoRA"; it costs one forward and backward over the training rows before
-    training), or an int k for the first k batches.
+    training), or an int k for the first k batches. On a bundled corpus ``test_size`` may not set aside fewer
+    than the evidence suite's 1000 test rows (a ``ValueError``): the others would be trained or validated on.
     """
     giva_config = giva_config or GivaConfig(r=8, target_modules=DEFAULT_TARGETS, task_type="SEQ_CLS")
     train_config = train_config or TrainConfig()
@@ -440,14 +497,21 @@ def finetune(
         check_num_batches(num_batches, allow_all=True)
     if init_mode not in INIT_MODES:
         raise ValueError(f"init_mode must be one of {list(INIT_MODES)}, got {init_mode!r}")
-    check_output_dir(output_dir)
+    output_path = check_output_dir(output_dir)  # `~` expanded: the save and the size below use this path
     path = resolve_model(model)
     dataset = load_text_classification(data, text_column, label_column)
-    # The same split as `giva bench` (repeats dropped, seed 0): the test rows are set aside and never scored
-    # here, so nothing tuned on this command's accuracy can leak into the benchmark's test table.
+    # On the bundled corpora, the evidence suite's split (repeats dropped, seed 0, its test rows first): the test
+    # rows are set aside and never scored here, so nothing tuned on this command's accuracy leaks into that suite's
+    # test table. (The legacy `full` suite keeps repeats, "dedupe": false: its CoNLL-2010 test split differs.)
     unique = deduplicate(dataset)
     test_size, val_size = split_sizes(len(unique), test_size, val_size, data)
     train_set, val_set, test_set = split_dataset(unique, test_size=test_size, val_size=val_size, seed=0)
+    if data in BUNDLED and len(test_set) < DEFAULT_TEST_SIZE:
+        raise ValueError(
+            f"test_size={test_size!r} sets aside {len(test_set)} rows of the bundled corpus {data!r}, fewer than the "
+            f"{DEFAULT_TEST_SIZE} rows of the benchmark's (evidence suite's) test split: the rest of them would be trained or validated on; "
+            f"leave --test-size unset, or set it to {DEFAULT_TEST_SIZE} rows or more"
+        )
     for name, rows, size in (("val_size", val_set, val_size), ("test_size", test_set, test_size)):
         if not rows:
             raise ValueError(
@@ -466,11 +530,22 @@ def finetune(
             f"batch(es) of {train_config.batch_size}; set --num-batches {n_batches} or less, or a smaller --batch-size"
         )
 
+    # The adapter's options against the model's module names, on a weightless skeleton: a typo in
+    # --target-modules is refused before anything loads (PEFT alone refuses only when no name matches).
+    check_options_match_the_model(giva_config, model_skeleton(path))
     with _transformers_progress_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(path)
         check_max_length(train_config.max_length, path, tokenizer)
+        ensure_pad_token(tokenizer, where=path)  # before the model loads: a tokenizer that cannot pad is an error
+        saved_classes = saved_head_classes(path)
+        if saved_classes is not None and saved_classes != dataset.num_labels:
+            logger.warning(
+                "the classifier saved in %s has %d classes, the data %d: its head is re-initialised for %d classes "
+                "(the rest of the model is loaded as saved)", path, saved_classes, dataset.num_labels, dataset.num_labels
+            )
         torch.manual_seed(train_config.seed)  # the fresh classifier head
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=dataset.num_labels)
+        base = load_classifier(path, dataset.num_labels)
+    ensure_pad_token(tokenizer, base)
     base.config.id2label = dict(enumerate(dataset.label_names))
     base.config.label2id = {name: i for i, name in enumerate(dataset.label_names)}
     train_loader = make_loader(tokenizer, train_set, train_config.batch_size, train_config.max_length, True, train_config.seed)
@@ -484,10 +559,11 @@ def finetune(
 
     def write(tmp: str) -> None:
         peft_model.save_pretrained(tmp)
+        tokenizer.model_max_length = train_config.max_length  # the reloaded tokenizer truncates as training did
         tokenizer.save_pretrained(tmp)
         save_labels(tmp, dataset.label_names, text_column, label_column)
 
-    save_atomically(output_dir, write)
+    save_atomically(output_path, write, replaced=is_side_file)  # an earlier run's tokenizer files go
     trainable, total = peft_model.get_nb_trainable_parameters()
     return FinetuneResult(
         model=model,
@@ -496,10 +572,10 @@ def finetune(
         accuracy_after=accuracy_after,
         trainable_parameters=trainable,
         total_parameters=total,
-        adapter_bytes=directory_bytes(output_dir),
+        adapter_bytes=directory_bytes(output_path),
         init_seconds=report.total_seconds,
         train_seconds=stats.seconds,
-        output_dir=output_dir,
+        output_dir=str(output_path),
         config={"train": asdict(train_config), "num_batches": num_batches, "calibration": calibration, "n_train": len(train_set), "n_val": len(val_set),
                 "n_test_unscored": len(test_set), "train_steps": len(stats.losses), "init_mode": init_mode, "init_mode_used": report.mode,
                 "init_passes": report.passes},

@@ -24,6 +24,8 @@ from .serving import mixed_batch_hooks
 
 # Fused projections recognised without `block_sizes` (name -> how to split the outputs).
 _EQUAL_SPLIT_FUSED = {"gate_up_proj": 2}
+# Module-name parts of PEFT's wrappers (a wrapped layer's base, a head's copies), not names a user targets.
+_WRAPPER_PARTS = {"base_layer", "original_module", "modules_to_save"}
 # Every tensor a GiVA layer saves, per adapter.
 _GIVA_TENSORS = ("giva_A", "giva_B", "giva_lambda_s", "giva_lambda_o")
 # Checkpoint entry (one int64 per layer) holding the CRC32 of the bases a checkpoint omits because they are
@@ -146,6 +148,54 @@ def seeded_bases_checksum(layer: GivaLayer, adapter_name: str, names: tuple[str,
     return crc
 
 
+def check_options_match_the_model(config: GivaConfig, model: nn.Module) -> None:
+    """Before any layer is replaced, options that would be silently ignored are refused, naming them.
+
+    Every name of a listed ``target_modules`` matches a module (PEFT's rule: the module's name or a dotted suffix
+    of it; PEFT itself only refuses when no name matches); ``layers_to_transform`` names layers the model has;
+    every key of ``block_sizes`` / ``adapt_blocks`` names a module that can be targeted. A regex string or
+    'all-linear' is not checked name by name. ``model`` may be a skeleton on the meta device (no weights loaded).
+    """
+    keys = [key for key, _ in model.named_modules()]
+    targets = config.target_modules
+    if targets is not None and not isinstance(targets, str):
+        unmatched = sorted(name for name in targets if not any(key == name or key.endswith("." + name) for key in keys))
+        if unmatched:
+            leaves = sorted(
+                {
+                    key.rsplit(".", 1)[-1]
+                    for key, module in model.named_modules()
+                    if isinstance(module, (nn.Linear, Conv1D)) and not _WRAPPER_PARTS & set(key.split("."))
+                }
+            )
+            raise ValueError(
+                f"GivaConfig.target_modules names module(s) {unmatched} that match no module of this model (a name "
+                f"matches a module's name or a dotted suffix of it); its linear layers are named {_summarise(leaves, 12)}"
+            )
+    wanted = _wanted_layers(config)
+    if wanted:
+        present = {index for index in (_layer_index(key, config.layers_pattern) for key in keys) if index is not None}
+        missing = sorted(set(wanted) - present)
+        if missing:
+            has = f"layers {min(present)}..{max(present)}" if present else "no numbered layer list"
+            raise ValueError(
+                f"GivaConfig.layers_to_transform={config.layers_to_transform} names layer(s) {missing} that this "
+                f"model does not have (it has {has}"
+                + (f" under {config.layers_pattern!r}" if config.layers_pattern else "")
+                + ")"
+            )
+    candidates = [key for key, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D, GivaLayer))]
+    if not isinstance(config.target_modules, str):  # a regex or 'all-linear' is resolved later
+        candidates = [key for key in candidates if GivaModel._check_target_module_exists(config, key)]
+    for option in ("block_sizes", "adapt_blocks"):
+        unknown = [name for name in getattr(config, option) if not any(key == name or key.endswith("." + name) for key in candidates)]
+        if unknown:
+            raise ValueError(
+                f"GivaConfig.{option} names module(s) {unknown} that match no targeted linear layer of this model; "
+                "keys are module names or their dotted suffixes (e.g. 'c_attn' or 'h.0.attn.c_attn')"
+            )
+
+
 class GivaModel(BaseTuner):
     """Wraps a transformers model so its targeted linear layers carry GiVA adapters.
 
@@ -171,37 +221,7 @@ class GivaModel(BaseTuner):
         keep_4bit_layers_trainable(model)
 
     def _check_options_match_the_model(self, config: GivaConfig) -> None:
-        """Before any layer is replaced: ``layers_to_transform`` names layers the model has, and every key of
-        ``block_sizes`` / ``adapt_blocks`` names a module that can be targeted (a typo would be silently ignored)."""
-        keys = [key for key, _ in self.model.named_modules()]
-        wanted = _wanted_layers(config)
-        if wanted:
-            present = {index for index in (_layer_index(key, config.layers_pattern) for key in keys) if index is not None}
-            missing = sorted(set(wanted) - present)
-            if missing:
-                has = f"layers {min(present)}..{max(present)}" if present else "no numbered layer list"
-                raise ValueError(
-                    f"GivaConfig.layers_to_transform={config.layers_to_transform} names layer(s) {missing} that this "
-                    f"model does not have (it has {has}"
-                    + (f" under {config.layers_pattern!r}" if config.layers_pattern else "")
-                    + ")"
-                )
-        candidates = [
-            key for key, module in self.model.named_modules() if isinstance(module, (nn.Linear, Conv1D, GivaLayer))
-        ]
-        if not isinstance(config.target_modules, str):  # a regex or 'all-linear' is resolved later
-            candidates = [key for key in candidates if self._check_target_module_exists(config, key)]
-        for option in ("block_sizes", "adapt_blocks"):
-            unknown = [
-                name
-                for name in getattr(config, option)
-                if not any(key == name or key.endswith("." + name) for key in candidates)
-            ]
-            if unknown:
-                raise ValueError(
-                    f"GivaConfig.{option} names module(s) {unknown} that match no targeted linear layer of this model; "
-                    "keys are module names or their dotted suffixes (e.g. 'c_attn' or 'h.0.attn.c_attn')"
-                )
+        check_options_match_the_model(config, self.model)
 
     @staticmethod
     def _check_target_module_exists(peft_config: GivaConfig, key: str) -> Any:

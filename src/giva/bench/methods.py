@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from ..config import GivaConfig
-from ..finetune import is_head_parameter
+from ..finetune import ensure_pad_token, is_head_parameter
 from ..init import initialize
 from ..layer import GivaLayer
 from ..quant import keep_4bit_layers_trainable
@@ -68,8 +68,7 @@ def load_base(task: TaskData, seed: int, quantize: bool = True) -> nn.Module:
         model.config.pad_token_id = task.tokenizer.pad_token_id
     else:
         model = AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels, **kwargs)
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = task.tokenizer.pad_token_id
+        ensure_pad_token(task.tokenizer, model)
     if quantized is not None:
         # Every method on the same bitsandbytes kernels: GiVA turns off the AVX512-BF16 CPUs' inference repacking
         # when it wraps the model (docs/quantization.md); QLoRA's rows would otherwise evaluate on it.

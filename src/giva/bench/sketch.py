@@ -152,15 +152,14 @@ def load(name: str) -> tuple[torch.nn.Module, Any, bool]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from ..assets import minilm_path, smollm2_path
+    from ..finetune import ensure_pad_token
 
     if name == "minilm":
         path = minilm_path()
         torch.manual_seed(0)  # the fresh classifier head
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).eval(), AutoTokenizer.from_pretrained(path), False
     path = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(path), where=path)
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), tokenizer, True
 
 

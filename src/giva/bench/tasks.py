@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from ..assets import resolve_model
 from ..data import TextDataset, deduplicate, load_text_classification, split_dataset
-from ..finetune import make_loader
+from ..finetune import ensure_pad_token, make_loader
 from .spec import TaskSpec
 
 EVAL_BATCH_SIZE = 64
@@ -104,9 +104,7 @@ def load_task(spec: TaskSpec) -> TaskData:
             f"data {spec.data!r} has {dataset.num_labels} labels {dataset.label_names!r} (one word per label, in that order)"
         )
     path = resolve_model(spec.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = ensure_pad_token(AutoTokenizer.from_pretrained(path), where=path)
     return TaskData(spec, path, tokenizer, train, val, test)
 
 

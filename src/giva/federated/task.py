@@ -18,7 +18,7 @@ from torch import nn
 from ..bases import seeded_rng
 from ..config import GivaConfig
 from ..data import TextDataset
-from ..finetune import evaluate, parameter_groups
+from ..finetune import ensure_pad_token, evaluate, parameter_groups
 from ..init import DEFAULT_PASSES
 from ..serving import BASES_DTYPES
 
@@ -350,8 +350,7 @@ class CausalLMTask(TextClassificationTask):
     def __init__(self, config: FederatedConfig) -> None:
         check_causal_lm(config.model)
         super().__init__(config)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_pad_token(self.tokenizer, where=config.model)
         self.tokenizer.padding_side = "right"
         words = LABEL_WORDS.get(config.data, tuple(str(i) for i in range(self.num_labels)))
         self.candidates = torch.tensor([self.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words])
