@@ -296,6 +296,7 @@ def one_error_line(capsys) -> str:
         (["--load-in-4bit", "--load-in-8bit"], "argument --load-in-8bit: not allowed with argument --load-in-4bit"),
         (["--fp16"], "--fp16 needs a GPU"),
         (["--target-modules", "q_proj,,v_proj"], "--target-modules has an empty name"),
+        (["--target-modules", "q_proj,v_projj"], "target_modules names module(s) ['v_projj'] that match no module"),
         (["--val-size", "40"], "--val-size 40 gives 40 validation rows of the 40 rows"),
         (["--micro-batch-size", "3"], "--batch-size 4 is not a multiple of --micro-batch-size 3; give a --micro-batch-size"),
         (["--micro-batch-size", "0"], "argument --micro-batch-size: must be >= 1"),

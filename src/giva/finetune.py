@@ -411,11 +411,12 @@ def save_labels(folder: str | Path, label_names: list[str], text_column: str, la
     Path(folder, LABELS_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def model_skeleton(path: str) -> nn.Module:
-    """The sequence classifier of ``path`` built from its config on the meta device: module names, no weights."""
+def model_skeleton(path: str, auto_class: Any = AutoModelForSequenceClassification) -> nn.Module:
+    """The model of ``path`` (a sequence classifier unless ``auto_class`` says otherwise) built from its config on the
+    meta device: module names, no weights."""
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return auto_class.from_config(config)
 
 
 def load_classifier(path: str, num_labels: int, **kwargs: Any) -> nn.Module:

@@ -419,9 +419,11 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
 
 def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     """Every check that needs no model weights: (device, model path, tokenizer, data). Loads nothing big."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import resolve_model
+    from .finetune import model_skeleton
+    from .model import check_options_match_the_model
 
     check_packages()
     options.batch_layout(launch()[1])
@@ -429,6 +431,9 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     check_quantization(options)
     check_output_dirs(options)
     path = resolve_model(options.model)
+    # --target-modules against the model's module names, on a weightless skeleton (PEFT alone refuses only when
+    # no name matches, and only once the weights have loaded)
+    check_options_match_the_model(giva_config_of(options), model_skeleton(path, AutoModelForCausalLM))
     tokenizer = AutoTokenizer.from_pretrained(path)
     chat = getattr(tokenizer, "chat_template", None) is not None
     data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat)
@@ -652,16 +657,22 @@ def completion_token_loss(model: Any, batch: Any) -> Any:
     return default_loss(model, batch) * (batch["labels"][..., 1:] != -100).sum()  # the tokens the model's shift scores
 
 
+def giva_config_of(options: SFTOptions) -> Any:
+    """The adapter's :class:`giva.GivaConfig` for these options."""
+    from .config import GivaConfig
+
+    return GivaConfig(r=options.r, target_modules=options.target_modules, seed=options.seed, task_type="CAUSAL_LM")
+
+
 def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData, scratch: str) -> Any:
     """TRL's SFTTrainer over a freshly loaded model, with the GiVA config and :class:`giva.GivaInitCallback`."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    from .config import GivaConfig
     from .integrations.trainer import GivaInitCallback
 
-    giva_config = GivaConfig(r=options.r, target_modules=options.target_modules, seed=options.seed, task_type="CAUSAL_LM")
+    giva_config = giva_config_of(options)
     args = sft_config(options, device, scratch, len(data.train))
     # k calibration batches of --batch-size rows: k x accumulation micro-batches on each process, summed over them
     k = options.num_batches
