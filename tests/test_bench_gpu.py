@@ -96,6 +96,18 @@ def test_shape_ratios():
         assert r[missing] is None
 
 
+def test_compiled_row_compiles_in_the_warm_ups_and_counts_every_graph(tmp_path):
+    """Two graphs (block 0's input needs no gradient, the other blocks' does), one recompilation for that, none after
+    the warm-ups; the counts are read after every warm-up step, not after the first."""
+    settings = replace(TINY, shapes=(gpu.GpuShape("t3", 64, 160, 3, 4, 2, vocab=256),), warmup_steps=2, steps=2)
+    record = gpu.run_row("giva-compiled", settings.shapes[0], settings, torch.device("cpu"), tmp_path)
+    assert record["compiled_blocks"] == 3
+    assert record["dynamo_unique_graphs"] == 2 and record["dynamo_graph_breaks"] == 0
+    assert record["dynamo_recompiles"] == 1 and "requires_grad" in record["dynamo_recompile_reasons"][0]
+    assert record["dynamo_frames_compiled_after_warmup"] == 0
+    assert len(record["warmup_step_seconds"]) == 2 and record["compile_seconds"] > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
 def test_full_shapes_on_cpu_fail_before_any_work(tmp_path, capsys):
     from giva.cli import main
@@ -175,7 +187,8 @@ def test_tiny_suite_end_to_end(tmp_path):
     assert rows["floor"]["trainable_parameters"] == 0
     assert rows["lora"]["trainable_dtypes"] == ["float32"] and rows["lora-bf16"]["trainable_dtypes"] == ["bfloat16"]
     assert rows["giva-compiled"]["compiled_blocks"] == settings.shapes[0].layers
-    assert rows["giva-compiled"]["dynamo_unique_graphs"] >= 1  # dynamo traced the blocks
+    assert rows["giva-compiled"]["dynamo_unique_graphs"] == 2  # block 0's graph and the other blocks'
+    assert rows["giva-compiled"]["dynamo_frames_compiled_after_warmup"] == 0
     ratios = saved["ratios"][settings.shapes[0].name]
     expected_none = {k for k in ratios if "4bit" in k} if quant_skipped else set()
     assert {k for k, v in ratios.items() if v is None} == expected_none
