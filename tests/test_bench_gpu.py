@@ -96,6 +96,28 @@ def test_shape_ratios():
         assert r[missing] is None
 
 
+def test_floor_does_no_work_that_the_adapter_rows_skip():
+    """The floor's backward starts where the adapters start it, so it computes no input gradient for the first
+    block's projections (their input, the embeddings, needs none in any adapter row). Hidden 512 and r=8 make
+    those three products (2 x tokens x 512 x 1024 FLOPs) larger than an adapter's own work, so a floor that
+    ran them cost more FLOPs than GiVA."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = gpu.GpuShape("wide", 512, 1024, 1, 4, 2, vocab=256)
+    settings = replace(TINY, shapes=(shape,))
+    batch = gpu.make_batches(shape, settings, torch.device("cpu"), 1)[0]
+    flops = {}
+    for row in ("floor", "giva", "lora-bf16"):
+        model = gpu.adapt(row, gpu.build_base(shape, settings, torch.device("cpu")), settings)
+        with FlopCounterMode(display=False) as counter:
+            model(**batch).loss.backward()
+        flops[row] = counter.get_total_flops()
+        if row == "floor":
+            assert not any(p.requires_grad for p in model.parameters())
+            assert model.model.embed_tokens.weight.grad is None
+    assert flops["floor"] < flops["giva"] and flops["floor"] < flops["lora-bf16"], flops
+
+
 def test_compiled_row_compiles_in_the_warm_ups_and_counts_every_graph(tmp_path):
     """Two graphs (block 0's input needs no gradient, the other blocks' does), one recompilation for that, none after
     the warm-ups; the counts are read after every warm-up step, not after the first."""

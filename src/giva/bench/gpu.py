@@ -4,8 +4,8 @@ Randomly initialised Llama shapes ("1B": hidden 2048, MLP 5632, 22 layers; "8B":
 built directly on the device in bf16, every linear projection of every block adapted, r=8, one
 batch of 4 x 1024 random tokens, AdamW. Rows, per shape:
 
-* ``floor``          no adapter, every weight frozen, backward to the input embeddings: no adapter's
-                     step can be shorter
+* ``floor``          no adapter, every weight frozen, the backward starting where the adapters start it
+                     (every targeted projection's output): no adapter's step can be shorter
 * ``lora``           PEFT LoRA r=8 as PEFT builds it by default (``autocast_adapter_dtype=True``:
                      fp32 adapter weights, so the adapter maths runs in fp32)
 * ``lora-bf16``      the same with ``autocast_adapter_dtype=False`` (adapter maths in bf16)
@@ -65,7 +65,7 @@ INIT_ROWS = ("init-sketch", "init-exact", "loraga")
 QUANT_ROWS = ("qlora-4bit", "giva-4bit")
 ROWS = STEP_ROWS + COMPILE_ROWS + INIT_ROWS + QUANT_ROWS
 ROW_LABELS = {
-    "floor": "frozen floor (no adapter, backward to the inputs)",
+    "floor": "frozen floor (no adapter, backward from every projection's output)",
     "lora": "PEFT LoRA r=8, default (fp32 adapter math)",
     "lora-bf16": "PEFT LoRA r=8, bf16 adapter math (autocast_adapter_dtype=False)",
     "giva": "GiVA r=8, eager",
@@ -288,7 +288,7 @@ def adapt(row: str, base: nn.Module, settings: GpuSettings) -> nn.Module:
     from .methods import _floor_model
 
     if row == "floor":
-        return _floor_model(base)
+        return _floor_model(base, TARGETS)
     targets = list(TARGETS)
     if row in ("lora", "lora-bf16", "qlora-4bit"):
         config = LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, target_modules=targets, task_type="CAUSAL_LM")
