@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import ast
 import json
+import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -220,3 +223,23 @@ def test_tiny_suite_end_to_end(tmp_path):
         assert f"| {gpu.ROW_LABELS[name]} |" in table
     assert f"torch {torch.__version__}" in table and f"PEFT {saved['environment']['peft']}" in table
     assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_device_script_selects_every_cuda_test():
+    """The tests stage runs ``pytest -m cuda`` over the files the script names: every test file with a ``cuda`` mark is
+    among them, and the selection holds the CUDA tests (the stream test too, whose mark is no keyword)."""
+    root = BENCH_SRC.parents[2]
+    script = (root / "benchmarks/gpu/run_on_device.sh").read_text()
+    files = re.search(r'^CUDA_TESTS="([^"]+)"$', script, re.M).group(1).split()
+    assert "-m cuda $CUDA_TESTS" in script
+    uses_mark = re.compile(r"pytest\.mark\.cuda\b")
+    marked = sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py") if uses_mark.search(p.read_text()))
+    assert marked == sorted(files)
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "cuda", *files],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    selected = [line for line in listed.stdout.splitlines() if "::" in line]
+    assert "tests/test_serving.py::test_mixed_batch_stacks_used_on_another_stream_are_recorded_on_it" in selected, listed.stdout[-2000:]
+    assert any("test_mixed_batch_on_cuda_never_synchronises_the_host" in t for t in selected)
+    assert any("test_nf4_on_cuda_with_bf16_compute" in t for t in selected)
+    assert any("test_training_step_runs_nothing_per_token_but_matmuls" in t and "cuda" in t for t in selected)
+    assert not any("test_training_step_runs_nothing_per_token_but_matmuls" in t and "cpu" in t for t in selected)

@@ -285,7 +285,7 @@ def test_mixed_batch_in_training_mode_applies_each_rows_dropout():
     assert not torch.allclose(eval_mixed[0], base[0], atol=1e-3)  # without dropout, t1 changes its rows
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py); the device script runs -m cuda
 
 
 @cuda

@@ -69,6 +69,8 @@ for wheel in sys.argv[2:]:  # a carried bitsandbytes must be the one imported (t
     if bitsandbytes.__version__ != carried:
         sys.exit(f"run_on_device.sh: imported bitsandbytes {bitsandbytes.__version__}, not the carried {carried}")
 PY
+# The test files holding the tests marked `cuda` (tests/test_bench_gpu.py checks that no other file has one).
+CUDA_TESTS="tests/test_folded_forward.py tests/test_quant.py tests/test_serving.py"
 TINY=""
 for arg in "$@"; do [ "$arg" = "--tiny" ] && TINY="--tiny"; done
 for stage in ${STAGES:-gpu tests serve}; do
@@ -78,8 +80,7 @@ for stage in ${STAGES:-gpu tests serve}; do
         "$PYTHON" -m giva.bench.gpu --output-dir "$OUT" "$@" 2>&1 | tee -a "$LOG" || echo "run_on_device.sh: stage gpu exited $?" | tee -a "$LOG" ;;
     tests)  # the CUDA tests (skipped, and so reported, without a GPU); pytest only if it imports
         if "$PYTHON" -c "import pytest" 2>/dev/null; then
-            timeout "${TESTS_TIMEOUT_S:-90}" "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k "cuda or device" \
-                tests/test_folded_forward.py tests/test_quant.py tests/test_serving.py > "$OUT/tests.log" 2>&1 \
+            timeout "${TESTS_TIMEOUT_S:-90}" "$PYTHON" -m pytest -q -p no:cacheprovider -rs -m cuda $CUDA_TESTS > "$OUT/tests.log" 2>&1 \
                 || echo "run_on_device.sh: stage tests exited $?" | tee -a "$LOG"
             tail -3 "$OUT/tests.log" | tee -a "$LOG"
         else
