@@ -88,15 +88,20 @@ for stage in ${STAGES:-gpu tests serve}; do
         fi ;;
     serve)  # the accelerator serve benchmark (tiny shapes on the CPU for a dry run)
         timeout "${SERVE_TIMEOUT_S:-150}" "$PYTHON" - "$OUT/serve" $TINY <<'PY' 2>&1 | tee -a "$LOG" || echo "run_on_device.sh: stage serve exited $?" | tee -a "$LOG"
-import sys
+import logging, pathlib, sys
 from giva.bench.serve import GpuServeSettings, run_serve_gpu
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # a line per point, in run.log as it runs
 if "--tiny" in sys.argv:
     shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 64}
     settings = GpuServeSettings(ns=(1, 3), rows=4, tokens=(1, 5), r=4, rounds=2, device="cpu", shape=tuple(shape.items()))
 else:
     settings = GpuServeSettings(ns=(1, 8, 32))
-run_serve_gpu(sys.argv[1], settings)
+try:
+    run_serve_gpu(sys.argv[1], settings)  # results.json and results.md rewritten after every point
+finally:  # the table so far, also when the time limit's SIGINT stopped it
+    table = pathlib.Path(sys.argv[1], "results.md")
+    print(table.read_text() if table.exists() else "serve: no point measured")
 PY
         ;;
     *)
