@@ -393,7 +393,8 @@ def compiled_frames() -> list[tuple[str, Optional[str]]]:
 
     metrics = utils.get_compilation_metrics()
     utils.clear_compilation_metrics()
-    return [(m.co_name, getattr(m, "recompile_reason", None)) for m in metrics if m.co_name]
+    # backward compilations carry no function name (some torch versions record them as another class)
+    return [(m.co_name, getattr(m, "recompile_reason", None)) for m in metrics if getattr(m, "co_name", None)]
 
 
 def compile_record(frames: list[tuple[str, Optional[str]]], warmup: list[float], median: float) -> dict[str, Any]:
