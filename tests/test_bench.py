@@ -1018,7 +1018,12 @@ def test_records_name_the_source_commit_they_were_measured_with(monkeypatch) -> 
     assert commit.removesuffix("-dirty") == head.stdout.strip() if head.returncode == 0 else commit == "unknown"
     versions_module.source_commit.cache_clear()
     monkeypatch.setattr(versions_module.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
+    monkeypatch.delenv("GIVA_COMMIT", raising=False)
     assert versions_module.versions()["giva_commit"] == "unknown"
+    versions_module.source_commit.cache_clear()
+    # no checkout (the device machine's copy of the tree): the commit its script passes in the environment
+    monkeypatch.setenv("GIVA_COMMIT", "0123abc-dirty")
+    assert versions_module.versions()["giva_commit"] == "0123abc-dirty"
     versions_module.source_commit.cache_clear()
 
 

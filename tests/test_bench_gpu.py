@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ast
 import json
+import re
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,13 +46,19 @@ def test_bench_modules_have_no_import_cycle():
     assert cycles == []
 
 
-def test_plan_runs_every_step_row_before_compile_init_and_4bit():
-    order = plan(FULL)
-    kinds = [gpu.STEP_ROWS, gpu.COMPILE_ROWS, gpu.INIT_ROWS, gpu.QUANT_ROWS]
-    group = [next(i for i, rows in enumerate(kinds) if row in rows) for _, row in order]
-    assert group == sorted(group)
-    assert [row for shape, row in order if shape == "8B"] == list(ROWS[:-2])  # 4-bit rows: the 1B base only
-    assert [row for shape, row in order if shape == "1B"] == list(ROWS)
+def test_plan_runs_the_key_numbers_first_and_the_compile_rows_after_the_cheap_ones():
+    assert plan(FULL) == [
+        ("8B", "floor"), ("8B", "lora"), ("8B", "lora-bf16"), ("8B", "giva"),
+        ("1B", "floor"), ("1B", "lora"), ("1B", "lora-bf16"), ("1B", "giva"),
+        ("1B", "init-sketch"), ("8B", "init-sketch"),
+        ("1B", "qlora-4bit"), ("1B", "giva-4bit"),  # 4-bit rows: the 1B base only
+        ("1B", "giva-compiled"), ("1B", "init-exact"), ("1B", "loraga"),
+        ("8B", "giva-compiled"),
+        ("8B", "vera"), ("1B", "vera"),
+        ("8B", "init-exact"), ("8B", "loraga"),
+    ]
+    assert sorted(plan(FULL)) == sorted({(s.name, r) for s in FULL.shapes for r in ROWS} - {("8B", r) for r in gpu.QUANT_ROWS})
+    assert plan(replace(FULL, rows=("giva", "vera"), shapes=FULL.shapes[:1])) == [("1B", "giva"), ("1B", "vera")]
     assert {(s.name, s.hidden, s.intermediate, s.layers) for s in FULL.shapes} == {("1B", 2048, 5632, 22), ("8B", 4096, 14336, 32)}
     assert (FULL.rank, FULL.vera_rank, FULL.batch_size, FULL.seq_len, FULL.dtype) == (8, 256, 4, 1024, "bfloat16")
 
@@ -60,16 +68,24 @@ def test_settings_reject_unknown_rows():
         replace(TINY, rows=("floor", "lora-r16"))
 
 
-def _event(name: str, device: DeviceType = DeviceType.CPU) -> SimpleNamespace:
-    return SimpleNamespace(name=name, device_type=device)
-
-
 def test_count_launches_counts_runtime_launch_calls_and_kernels():
-    events = [_event("aten::mm"), _event("cudaLaunchKernel"), _event("cuLaunchKernelEx"), _event("cudaMemcpyAsync"),
-              _event("cudaLaunchKernelExC_v11060"), _event("cudaLaunchHostFunc"),
-              _event("aten::add_"), _event("sm90_xmma_gemm", DeviceType.CUDA), _event("elementwise_kernel", DeviceType.CUDA)]
+    events = [("aten::mm", DeviceType.CPU), ("cudaLaunchKernel", DeviceType.CPU), ("cuLaunchKernelEx", DeviceType.CPU),
+              ("cudaMemcpyAsync", DeviceType.CPU), ("cudaLaunchKernelExC_v11060", DeviceType.CPU),
+              ("cudaLaunchHostFunc", DeviceType.CPU), ("aten::add_", DeviceType.CPU),
+              ("sm90_xmma_gemm", DeviceType.CUDA), ("elementwise_kernel", DeviceType.CUDA)]
     assert count_launches(events) == {"kernel_launches": 3, "gpu_kernels": 2, "aten_ops": 2}
-    assert count_launches([_event("aten::mm")]) == {"kernel_launches": None, "gpu_kernels": None, "aten_ops": 1}
+    assert count_launches([("aten::mm", DeviceType.CPU)]) == {"kernel_launches": None, "gpu_kernels": None, "aten_ops": 1}
+
+
+def test_profiler_events_reads_the_raw_results_as_prof_events_would():
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(8, 8)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        (x @ x).relu().sum()
+    raw = gpu.profiler_events(prof)
+    assert {"aten::mm", "aten::relu", "aten::sum"} <= {name for name, _ in raw}
+    assert {name for name, _ in raw} == {e.name for e in prof.events()}  # the same events, without building the tree
 
 
 def test_shape_ratios():
@@ -94,6 +110,40 @@ def test_shape_ratios():
     assert r["loraga_peak_over_giva_step"] == pytest.approx(0.75)
     for missing in ("giva-compiled_over_lora", "vera_over_lora", "init_exact_peak_over_giva_step", "giva_4bit_over_qlora_peak"):
         assert r[missing] is None
+
+
+def test_floor_does_no_work_that_the_adapter_rows_skip():
+    """The floor's backward starts where the adapters start it, so it computes no input gradient for the first
+    block's projections (their input, the embeddings, needs none in any adapter row). Hidden 512 and r=8 make
+    those three products (2 x tokens x 512 x 1024 FLOPs) larger than an adapter's own work, so a floor that
+    ran them cost more FLOPs than GiVA."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    shape = gpu.GpuShape("wide", 512, 1024, 1, 4, 2, vocab=256)
+    settings = replace(TINY, shapes=(shape,))
+    batch = gpu.make_batches(shape, settings, torch.device("cpu"), 1)[0]
+    flops = {}
+    for row in ("floor", "giva", "lora-bf16"):
+        model = gpu.adapt(row, gpu.build_base(shape, settings, torch.device("cpu")), settings)
+        with FlopCounterMode(display=False) as counter:
+            model(**batch).loss.backward()
+        flops[row] = counter.get_total_flops()
+        if row == "floor":
+            assert not any(p.requires_grad for p in model.parameters())
+            assert model.model.embed_tokens.weight.grad is None
+    assert flops["floor"] < flops["giva"] and flops["floor"] < flops["lora-bf16"], flops
+
+
+def test_compiled_row_compiles_in_the_warm_ups_and_counts_every_graph(tmp_path):
+    """Two graphs (block 0's input needs no gradient, the other blocks' does), one recompilation for that, none after
+    the warm-ups; the counts are read after every warm-up step, not after the first."""
+    settings = replace(TINY, shapes=(gpu.GpuShape("t3", 64, 160, 3, 4, 2, vocab=256),), warmup_steps=2, steps=2)
+    record = gpu.run_row("giva-compiled", settings.shapes[0], settings, torch.device("cpu"), tmp_path)
+    assert record["compiled_blocks"] == 3
+    assert record["dynamo_unique_graphs"] == 2 and record["dynamo_graph_breaks"] == 0
+    assert record["dynamo_recompiles"] == 1 and "requires_grad" in record["dynamo_recompile_reasons"][0]
+    assert record["dynamo_frames_compiled_after_warmup"] == 0
+    assert len(record["warmup_step_seconds"]) == 2 and record["compile_seconds"] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
@@ -139,11 +189,75 @@ def test_time_budget_skips_rows_and_still_writes_everything(tmp_path):
     results = run_gpu(tmp_path, replace(TINY, budget_s=0.0), device="cpu")
     assert [(r["shape"], r["row"]) for r in results["rows"]] == plan(TINY)
     assert {r["status"] for r in results["rows"]} == {"skipped"}
-    assert all(r["reason"].startswith("time budget of 0 s spent") for r in results["rows"])
+    assert all(re.fullmatch(r"time budget of 0 s: \d+ s spent, the row would take about \d+ s", r["reason"]) for r in results["rows"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["complete"] is True and len(saved["rows"]) == len(plan(TINY))
     assert "Not measured:" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_row_expected_to_pass_the_budget_is_skipped_and_cheaper_ones_still_run(tmp_path):
+    settings = replace(TINY, shapes=TINY.shapes[:1], rows=("floor", "giva-compiled", "vera"), steps=1, budget_s=600.0,
+                       expected_seconds=(("tiny-a", "compile", 1000.0),))
+    rows = {r["row"]: r for r in run_gpu(tmp_path, settings, device="cpu")["rows"]}
+    assert rows["floor"]["status"] == rows["vera"]["status"] == "ok"
+    assert rows["giva-compiled"]["status"] == "skipped"
+    assert rows["giva-compiled"]["reason"].endswith("s spent, the row would take about 1000 s")
+    assert rows["vera"]["expected_seconds"] == round(rows["floor"]["row_seconds"], 1)  # the measured step row's time
+
+
+def _fake_row(row, shape, settings, device, scratch):
+    return {"median_step_seconds": 0.1, "peak_bytes": 1000, "step_seconds": [0.1], "aten_ops": 1, "kernel_launches": None}
+
+
+def test_an_interrupt_keeps_every_row_measured_and_names_the_rest(tmp_path, monkeypatch, capsys):
+    """The device script stops a stage with SIGINT at its time limit: the rows measured so far stay in results.json,
+    results.md and steps.png, the row it stopped and the ones not reached are named, and main exits 130."""
+    calls = []
+
+    def stopped_in_the_second_row(*args):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _fake_row(*args)
+
+    monkeypatch.setattr(gpu, "run_row", stopped_in_the_second_row)
+    assert gpu.main(["--tiny", "--shapes", "tiny-a", "--rows", "floor,lora,giva", "--output-dir", str(tmp_path)]) == 130
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["complete"] is False
+    assert [(r["row"], r["status"]) for r in saved["rows"]] == [("floor", "ok"), ("lora", "interrupted"), ("giva", "skipped")]
+    assert saved["rows"][2]["reason"].startswith("not reached: interrupted at")
+    report = (tmp_path / "results.md").read_text()
+    assert "- tiny-a / lora: interrupted: interrupted (SIGINT)" in report and "(still running or cut short)" in report
+    assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
+    assert report in capsys.readouterr().out  # the table so far, in the log
+
+
+def test_results_are_written_after_every_row(tmp_path, monkeypatch):
+    seen = []
+
+    def record_what_is_on_disk(*args):
+        saved = tmp_path / "results.json"
+        seen.append((len(json.loads(saved.read_text())["rows"]) if saved.exists() else 0, (tmp_path / "steps.png").exists()))
+        return _fake_row(*args)
+
+    monkeypatch.setattr(gpu, "run_row", record_what_is_on_disk)
+    run_gpu(tmp_path, replace(TINY, rows=("floor", "lora", "giva")), device="cpu")
+    assert seen == [(0, False), (1, True), (2, True), (3, True), (4, True), (5, True)]
+
+
+def test_initialisation_rows_that_cannot_fit_in_free_memory_are_skipped_with_what_they_need(monkeypatch):
+    big = FULL.shapes[1]
+    targeted, total = gpu.shape_parameters(big)
+    assert (round(targeted / 1e9, 2), round(total / 1e9, 2)) == (6.98, 7.24)  # Llama 3 8B's, with a 32000 vocabulary
+    done = [{"shape": "8B", "row": "giva", "status": "ok", "peak_bytes": 45 * 2**30}]
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * 2**30, 80 * 2**30))
+    cuda = torch.device("cuda", 0)
+    assert gpu.memory_problem("init-exact", big, cuda, done) == (
+        "needs about 71 GiB (a GiVA step's peak 45 GiB + the fp32 gradient matrices G of the targeted weights), 60 GiB free")
+    assert gpu.memory_problem("loraga", big, cuda, done) is None  # 45 + 13 GiB
+    assert gpu.memory_problem("init-sketch", big, cuda, done) is None
+    assert gpu.memory_problem("init-exact", big, torch.device("cpu"), done) is None
 
 
 @pytest.mark.bench
@@ -159,7 +273,7 @@ def test_tiny_suite_end_to_end(tmp_path):
     for key in ("torch", "transformers", "peft", "giva", "cuda", "gpu", "bitsandbytes"):
         assert key in saved["environment"]
     rows = {r["row"]: r for r in saved["rows"]}
-    assert list(rows) == list(ROWS)
+    assert list(rows) == [row for _, row in plan(settings)] and set(rows) == set(ROWS)
     quant_skipped = gpu.bitsandbytes_problem()
     for name, record in rows.items():
         if name in gpu.QUANT_ROWS and quant_skipped:
@@ -175,7 +289,8 @@ def test_tiny_suite_end_to_end(tmp_path):
     assert rows["floor"]["trainable_parameters"] == 0
     assert rows["lora"]["trainable_dtypes"] == ["float32"] and rows["lora-bf16"]["trainable_dtypes"] == ["bfloat16"]
     assert rows["giva-compiled"]["compiled_blocks"] == settings.shapes[0].layers
-    assert rows["giva-compiled"]["dynamo_unique_graphs"] >= 1  # dynamo traced the blocks
+    assert rows["giva-compiled"]["dynamo_unique_graphs"] == 2  # block 0's graph and the other blocks'
+    assert rows["giva-compiled"]["dynamo_frames_compiled_after_warmup"] == 0
     ratios = saved["ratios"][settings.shapes[0].name]
     expected_none = {k for k in ratios if "4bit" in k} if quant_skipped else set()
     assert {k for k, v in ratios.items() if v is None} == expected_none
@@ -185,3 +300,23 @@ def test_tiny_suite_end_to_end(tmp_path):
         assert f"| {gpu.ROW_LABELS[name]} |" in table
     assert f"torch {torch.__version__}" in table and f"PEFT {saved['environment']['peft']}" in table
     assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_device_script_selects_every_cuda_test():
+    """The tests stage runs ``pytest -m cuda`` over the files the script names: every test file with a ``cuda`` mark is
+    among them, and the selection holds the CUDA tests (the stream test too, whose mark is no keyword)."""
+    root = BENCH_SRC.parents[2]
+    script = (root / "benchmarks/gpu/run_on_device.sh").read_text()
+    files = re.search(r'^CUDA_TESTS="([^"]+)"$', script, re.M).group(1).split()
+    assert "-m cuda $CUDA_TESTS" in script
+    uses_mark = re.compile(r"pytest\.mark\.cuda\b")
+    marked = sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py") if uses_mark.search(p.read_text()))
+    assert marked == sorted(files)
+    listed = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "cuda", *files],
+                            cwd=root, capture_output=True, text=True, timeout=300)
+    selected = [line for line in listed.stdout.splitlines() if "::" in line]
+    assert "tests/test_serving.py::test_mixed_batch_stacks_used_on_another_stream_are_recorded_on_it" in selected, listed.stdout[-2000:]
+    assert any("test_mixed_batch_on_cuda_never_synchronises_the_host" in t for t in selected)
+    assert any("test_nf4_on_cuda_with_bf16_compute" in t for t in selected)
+    assert any("test_training_step_runs_nothing_per_token_but_matmuls" in t and "cuda" in t for t in selected)
+    assert not any("test_training_step_runs_nothing_per_token_but_matmuls" in t and "cpu" in t for t in selected)

@@ -99,3 +99,26 @@ def test_the_suite_is_listed_and_planned_without_phases(tmp_path: Path) -> None:
         f"repeat {rep}: {m}" for rep, m in ql._order(ql.QloraSettings())]
     with pytest.raises(ValueError, match="the 'qlora' suite has no phases"):
         plan_benchmark("qlora", output_dir=tmp_path, phases=["x"])
+
+
+def test_the_4bit_base_is_loaded_on_the_cpu_also_on_a_cuda_host(tiny_dir: Path, monkeypatch) -> None:
+    """The suite measures host memory (VmHWM) and feeds CPU batches; transformers puts a 4-bit model on the GPU whenever
+    CUDA is available unless a device map says otherwise."""
+    import transformers
+
+    import giva.bench.methods
+
+    seen = {}
+
+    class Loaded(Exception):
+        pass
+
+    def from_pretrained(path, **kwargs):
+        seen.update(kwargs)
+        raise Loaded
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(giva.bench.methods, "quantization_config", lambda kind: "nf4-config")
+    with pytest.raises(Loaded):
+        ql.measure("qlora", ql.QloraSettings(model=str(tiny_dir)))
+    assert seen == {"quantization_config": "nf4-config", "device_map": {"": "cpu"}}

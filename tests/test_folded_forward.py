@@ -210,7 +210,7 @@ def test_half_precision_outputs_and_gradients_within_its_tolerance(layout, varia
     _check_against_reference_and_truth(layer, torch.randn(*TOKENS, IN).to(dtype), HALF_TOLERANCE[dtype])
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py); the device script runs -m cuda
 DEVICES = ["cpu", pytest.param("cuda", marks=cuda)]
 
 
@@ -569,3 +569,36 @@ def test_compiled_model_trains_and_matches_eager():
     assert eager_vectors.keys() == compiled_vectors.keys() and eager_vectors
     for name, value in eager_vectors.items():
         assert torch.allclose(compiled_vectors[name], value, rtol=1e-4, atol=1e-6), name
+
+
+def test_compiled_blocks_of_a_bf16_model_compile_once_while_training():
+    """Regional compilation as the GPU suite's `giva-compiled` row runs it: a bf16 base with fp32 bases, so every
+    layer casts A. Only the first step compiles (block 0, whose input needs no gradient, gets a graph of its own);
+    a cast cached while compiling broke the graphs' guards and every block compiled again on the second step."""
+    from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
+
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama().to(torch.bfloat16), GivaConfig(r=4, variant="random", giva_dropout=0.0))
+    layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
+    assert {layer.giva_A["default"].dtype for layer in layers} == {torch.float32}  # the cast path
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    blocks = model.base_model.model.model.layers
+    torch._dynamo.reset()
+    clear_compilation_metrics()
+    compiled_per_step = []
+    try:
+        for block in blocks:
+            block.compile(backend="aot_eager")
+        for batch in text_batches(n=3, labels="lm", seed=3):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            compiled_per_step.append([(m.co_name, m.recompile_reason) for m in get_compilation_metrics() if m.co_name])
+            clear_compilation_metrics()
+    finally:
+        torch._dynamo.reset()
+    first, *later = compiled_per_step
+    assert later == [[], []], later
+    assert len(first) == 2 and "requires_grad" in str(first[1][1]), first
+    assert not any(layer._giva_cast_bases for layer in layers)  # nothing cached while compiling

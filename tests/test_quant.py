@@ -24,7 +24,7 @@ from tiny_models import QUANTISABLE, text_batches, tiny_llama
 needs_bnb = pytest.mark.skipif(
     importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed (pip install 'giva[quant]')"
 )
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py); the device script runs -m cuda
 needs_hqq = pytest.mark.skipif(importlib.util.find_spec("hqq") is None, reason="hqq is not installed (pip install 'giva[quant]')")
 
 QUANT_CONFIGS = {

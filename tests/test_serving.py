@@ -285,7 +285,7 @@ def test_mixed_batch_in_training_mode_applies_each_rows_dropout():
     assert not torch.allclose(eval_mixed[0], base[0], atol=1e-3)  # without dropout, t1 changes its rows
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py); the device script runs -m cuda
 
 
 @cuda
@@ -603,7 +603,36 @@ def test_accelerator_serve_benchmark_dry_runs_on_the_cpu_with_tiny_shapes(tmp_pa
                 assert point[f"{label} / base model"]["per_round_ratio"] == pytest.approx(expected)
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n| 3 | 5 |") == 1 and table.count("\n| 1 | 1 |") == 1
-    assert json.loads((tmp_path / "results.json").read_text())["meta"]["settings"]["device"] == "cpu"
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["settings"]["device"] == "cpu" and meta["complete"] is True and "Cut short" not in table
+
+
+def test_accelerator_serve_benchmark_cut_short_keeps_the_points_it_measured(tmp_path, monkeypatch):
+    """Stopped in its second point (as by the device script's time limit, SIGINT), results.json and results.md
+    already hold the first point, marked incomplete."""
+    from giva.bench import serve
+    from giva.bench.serve import GpuServeSettings, run_serve_gpu
+
+    shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 64}
+    settings = GpuServeSettings(ns=(1, 3), rows=4, tokens=(1,), r=4, rounds=2, device="cpu", shape=tuple(shape.items()))
+    timed = serve.time_interleaved
+    calls = []
+
+    def stopped_in_the_second_point(fns, rounds):
+        calls.append(len(fns))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return timed(fns, rounds)
+
+    monkeypatch.setattr(serve, "time_interleaved", stopped_in_the_second_point)
+    with pytest.raises(KeyboardInterrupt):
+        run_serve_gpu(tmp_path, settings, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["meta"]["complete"] is False
+    assert {(r["n_adapters"], r["tokens"]) for r in saved["rows"]} == {(1, 1)}
+    table = (tmp_path / "results.md").read_text()
+    assert "\n| 1 | 1 |" in table and "\n| 3 |" not in table and "Cut short" in table
 
 
 def test_accelerator_serve_benchmark_builds_adapters_that_change_every_row():

@@ -1,65 +1,110 @@
 #!/usr/bin/env bash
-# `giva bench --suite gpu` on the device machine (one H200, Python 3.12, torch with CUDA, transformers
-# 5.17, an older PEFT, nothing downloadable), in one process, results under $OUT.
+# The GPU checks on the device machine in ONE call (one H100 or H200; Python 3.12, torch with CUDA, transformers
+# 5.17, pytest, an older PEFT, nothing downloadable): the gpu suite, the CUDA tests and the accelerator serve
+# benchmark, each under its own time limit, results under $OUT as they are measured.
 #
-# 1. Here, once: fetch the PEFT wheel the install needs (gitignored; it travels because `carry` names it):
+# 1. Here, once: the wheels the machine lacks (gitignored; they travel because `carry` names the folder):
 #        python3 -m pip download --no-deps peft==0.21.2 -d benchmarks/gpu/wheels
-#    and, for the two 4-bit rows (the machine has no bitsandbytes; this wheel, 43 MB, holds its CUDA 13 library):
 #        python3 -m pip download --no-deps bitsandbytes==0.50.2 --platform manylinux_2_24_x86_64 \
 #            --python-version 3.12 --only-binary=:all: -d benchmarks/gpu/wheels
-# 2. Through the device tool, from the repository root (a session has 15 minutes of device time, the machine's
-#    start included; the suite takes at most about 5 minutes, so the serve stage gets a call of its own):
-#        run(command="STAGES='gpu tests' bash benchmarks/gpu/run_on_device.sh", carry=["benchmarks/gpu/wheels"], timeout_s=480)
-#        run(command="STAGES=serve bash benchmarks/gpu/run_on_device.sh", carry=["benchmarks/gpu/wheels"], timeout_s=240)
-#    $OUT then holds results.json, results.md, steps.png and run.log (4 files, well under the tool's limits),
-#    then tests.log (the CUDA tests, when pytest imports: carry its wheels too, `pip download --no-deps pytest
-#    pluggy iniconfig pygments`) and serve/ (the accelerator serve benchmark, N = 1, 8, 32 adapters).
-#    STAGES picks and orders the stages (default "gpu tests serve"); each later stage has its own time limit
-#    (TESTS_TIMEOUT_S, default 90; SERVE_TIMEOUT_S, default 150) and a failing stage does not stop the next.
+#    (bitsandbytes, 43 MB with its CUDA 13 library, is optional: without it the two 4-bit rows and the NF4 test
+#    are skipped with that reason). Then, before EVERY call, stamp the commit (the tree travels without .git):
+#        bash benchmarks/gpu/run_on_device.sh --stamp
+# 2. Through the device tool, from the repository root:
+#        run(command="bash benchmarks/gpu/run_on_device.sh", carry=["benchmarks/gpu/wheels"], timeout_s=450)
+#    The script ends within DEADLINE_S (default 400 s, the machine's start not included), which leaves a
+#    session's 15 minutes of device time room for one more call.
+#
+# Stages (STAGES, default "gpu tests serve"), each under `timeout -s INT` (a Python stage saves what it measured
+# and prints its table on SIGINT; KILL 15 s later) and a failing stage does not stop the next:
+#    gpu    python -m giva.bench.gpu: results.json, results.md and steps.png, rewritten after every row;
+#           limit GPU_TIMEOUT_S (default: what DEADLINE_S leaves after reserving the later stages' limits), the
+#           suite's row budget 25 s less
+#    tests  pytest -m cuda over $CUDA_TESTS (the image's pytest), into tests.log; limit TESTS_TIMEOUT_S (60)
+#    serve  the accelerator serve benchmark, N = 1, 8, 32 adapters, into serve/; limit SERVE_TIMEOUT_S (90)
+# $OUT then holds results.json, results.md, steps.png, run.log, tests.log, serve/results.json and
+# serve/results.md (7 files; the tool returns 8 at most). Further arguments go to `python -m giva.bench.gpu`
+# (--shapes 1B, --rows giva-compiled,vera, --budget-s 150); a rerun of one stage: STAGES=serve.
 # Dry run on CPU with the tiny shapes (what this machine allows):
 #        OUT=/tmp/gpu-dry PYTHON=.venv/bin/python bash benchmarks/gpu/run_on_device.sh --tiny
-# Further arguments go to `python -m giva.bench.gpu` (--tiny, --shapes 1B, --rows floor,giva, --budget-s 200).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+WHEELS=benchmarks/gpu/wheels
+# The digest of src/ that --stamp records beside the commit, checked again where the tree arrives.
+source_digest() { find src -type f -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16; }
+if [ "${1:-}" = "--stamp" ]; then
+    mkdir -p "$WHEELS"
+    commit=$(git rev-parse HEAD)
+    git diff --quiet HEAD -- src || commit="$commit-dirty"
+    echo "$commit $(source_digest)" > "$WHEELS/COMMIT"
+    echo "run_on_device.sh: $WHEELS/COMMIT: $(cat "$WHEELS/COMMIT")"
+    exit 0
+fi
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/gpu}
+DEADLINE_S=${DEADLINE_S:-400}
 SITE=$(mktemp -d "${TMPDIR:-/tmp}/giva-site.XXXXXX")
+trap 'rm -rf "$SITE"' EXIT
 mkdir -p "$OUT"
 LOG="$OUT/run.log"
+: > "$LOG"
+log() { echo "run_on_device.sh: $*" | tee -a "$LOG"; }
+
+# The commit the records name (giva.bench.versions reads GIVA_COMMIT where the tree is no git checkout).
+if [ -z "${GIVA_COMMIT:-}" ]; then
+    if GIVA_COMMIT=$(git rev-parse HEAD 2>/dev/null); then
+        git diff --quiet HEAD -- src 2>/dev/null || GIVA_COMMIT="$GIVA_COMMIT-dirty"
+    elif [ -s "$WHEELS/COMMIT" ]; then
+        read -r stamped digest < "$WHEELS/COMMIT"
+        if [ "$digest" = "$(source_digest)" ]; then GIVA_COMMIT=$stamped; else GIVA_COMMIT="$stamped-stale"; fi
+    else
+        GIVA_COMMIT=unknown
+    fi
+fi
+export GIVA_COMMIT
+log "giva commit $GIVA_COMMIT ('-stale': src/ changed after --stamp; 'unknown': no stamp)"
+if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | sed 's/^/run_on_device.sh: device /' | tee -a "$LOG"
+fi
 
 shopt -s nullglob
-wheels=(benchmarks/gpu/wheels/peft-*.whl)
+wheels=("$WHEELS"/peft-*.whl)
 if [ "${#wheels[@]}" -ne 1 ]; then
-    echo "run_on_device.sh: expected one PEFT wheel in benchmarks/gpu/wheels, found ${#wheels[@]}; fetch it first:" \
-         "python3 -m pip download --no-deps peft==0.21.2 -d benchmarks/gpu/wheels" | tee "$LOG" >&2
+    log "expected one PEFT wheel in $WHEELS, found ${#wheels[@]}; fetch it first:" \
+        "python3 -m pip download --no-deps peft==0.21.2 -d $WHEELS" >&2
     exit 2
 fi
-# Optional wheels: bitsandbytes (with it the 4-bit rows and tests run, without it they are skipped with the
-# reason) and pytest's (pytest, pluggy, iniconfig, pygments: the tests stage).
-extra=(benchmarks/gpu/wheels/bitsandbytes-*.whl)
+# Optional: bitsandbytes (with it the 4-bit rows and the NF4 test run, without it they are skipped with the reason).
+extra=("$WHEELS"/bitsandbytes-*.whl)
 if [ "${#extra[@]}" -gt 1 ]; then
-    echo "run_on_device.sh: expected at most one bitsandbytes wheel in benchmarks/gpu/wheels, found ${#extra[@]}" | tee "$LOG" >&2
+    log "expected at most one bitsandbytes wheel in $WHEELS, found ${#extra[@]}" >&2
     exit 2
 fi
-others=(benchmarks/gpu/wheels/pytest-*.whl benchmarks/gpu/wheels/pluggy-*.whl benchmarks/gpu/wheels/iniconfig-*.whl benchmarks/gpu/wheels/pygments-*.whl)
 # PEFT (and bitsandbytes) from the carried wheels and giva from this checkout, without dependencies (the
-# machine has the rest), into a folder of their own that shadows the machine's older PEFT.
+# machine has the rest, pytest included), into a folder of their own that shadows the machine's older PEFT.
 PIP=("$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$SITE")
 SOURCE=""
-if ! "${PIP[@]}" "${wheels[0]}" "${extra[@]}" "${others[@]}" . 2>&1 | tee "$LOG"; then
+if ! "${PIP[@]}" "${wheels[0]}" "${extra[@]}" . 2>&1 | tee -a "$LOG"; then
     # the machine's setuptools could not build this checkout: import giva from src/ instead (the log says so)
-    echo "run_on_device.sh: pip could not install giva from this checkout; importing it from src/" | tee -a "$LOG"
-    "${PIP[@]}" "${wheels[0]}" "${extra[@]}" "${others[@]}" 2>&1 | tee -a "$LOG"
+    log "pip could not install giva from this checkout; importing it from src/"
+    "${PIP[@]}" "${wheels[0]}" "${extra[@]}" 2>&1 | tee -a "$LOG"
     SOURCE=":$PWD/src"
 fi
 export PYTHONPATH="$SITE$SOURCE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 "$PYTHON" - "${wheels[0]}" "${extra[@]}" <<'PY' 2>&1 | tee -a "$LOG"
 import sys
 import giva, peft, torch, transformers
+try:
+    import pytest  # the image's (the tests stage)
+    tests = f"pytest {pytest.__version__}"
+except ImportError:
+    tests = "no pytest: the tests stage will fail"
 wanted = sys.argv[1].split("/")[-1].split("-")[1]
+gpu = "none"
+if torch.cuda.is_available():
+    gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB"
 print(f"giva {giva.__file__}; peft {peft.__version__} ({peft.__file__}); torch {torch.__version__} "
-      f"(CUDA {torch.version.cuda}, GPU {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}); "
-      f"transformers {transformers.__version__}")
+      f"(CUDA {torch.version.cuda}, GPU {gpu}); transformers {transformers.__version__}; {tests}")
 if peft.__version__ != wanted:
     sys.exit(f"run_on_device.sh: imported PEFT {peft.__version__}, not the carried {wanted}")
 for wheel in sys.argv[2:]:  # a carried bitsandbytes must be the one imported (the suite imports it lazily)
@@ -69,37 +114,71 @@ for wheel in sys.argv[2:]:  # a carried bitsandbytes must be the one imported (t
     if bitsandbytes.__version__ != carried:
         sys.exit(f"run_on_device.sh: imported bitsandbytes {bitsandbytes.__version__}, not the carried {carried}")
 PY
+
+# The test files holding the tests marked `cuda` (tests/test_bench_gpu.py checks that no other file has one).
+CUDA_TESTS="tests/test_folded_forward.py tests/test_quant.py tests/test_serving.py"
 TINY=""
 for arg in "$@"; do [ "$arg" = "--tiny" ] && TINY="--tiny"; done
-for stage in ${STAGES:-gpu tests serve}; do
-    echo "run_on_device.sh: stage $stage" | tee -a "$LOG"
+STAGES=${STAGES:-gpu tests serve}
+own_limit() {  # a stage's own time limit (empty for gpu: the rest)
+    case "$1" in gpu) echo "${GPU_TIMEOUT_S:-}" ;; tests) echo "${TESTS_TIMEOUT_S:-60}" ;; serve) echo "${SERVE_TIMEOUT_S:-90}" ;; esac
+}
+summary=()
+failed=0
+remaining=" $STAGES "
+for stage in $STAGES; do
+    remaining=${remaining/ $stage / }
+    reserve=0  # the later stages' limits (a gpu stage without one: 120 s)
+    for later in $remaining; do
+        l=$(own_limit "$later"); reserve=$((reserve + ${l:-120}))
+    done
+    left=$((DEADLINE_S - SECONDS - reserve))
+    limit=$(own_limit "$stage"); limit=${limit:-$left}
+    if [ "$limit" -gt "$left" ]; then limit=$left; fi
+    if [ "$limit" -lt 20 ]; then
+        log "stage $stage skipped: $limit s left of DEADLINE_S=$DEADLINE_S ($SECONDS s spent, $reserve s reserved)"
+        summary+=("$stage skipped"); continue
+    fi
+    log "stage $stage, limit $limit s ($SECONDS s spent of $DEADLINE_S)"
+    began=$SECONDS
+    set +e
     case "$stage" in
-    gpu)
-        "$PYTHON" -m giva.bench.gpu --output-dir "$OUT" "$@" 2>&1 | tee -a "$LOG" || echo "run_on_device.sh: stage gpu exited $?" | tee -a "$LOG" ;;
-    tests)  # the CUDA tests (skipped, and so reported, without a GPU); pytest only if it imports
-        if "$PYTHON" -c "import pytest" 2>/dev/null; then
-            timeout "${TESTS_TIMEOUT_S:-90}" "$PYTHON" -m pytest -q -p no:cacheprovider -rs -k "cuda or device" \
-                tests/test_folded_forward.py tests/test_quant.py tests/test_serving.py > "$OUT/tests.log" 2>&1 \
-                || echo "run_on_device.sh: stage tests exited $?" | tee -a "$LOG"
-            tail -3 "$OUT/tests.log" | tee -a "$LOG"
-        else
-            echo "run_on_device.sh: pytest does not import; carry its wheels to run the tests stage" | tee -a "$LOG"
-        fi ;;
+    gpu)  # the suite's own budget ends its last row before the limit; "$@" after it may override it
+        timeout -s INT -k 15 "$limit" "$PYTHON" -m giva.bench.gpu --output-dir "$OUT" --budget-s $((limit - 25)) "$@" 2>&1 \
+            | tee -a "$LOG"
+        rc=${PIPESTATUS[0]} ;;
+    tests)  # the CUDA tests (skipped, and so reported, without a GPU)
+        timeout -s INT -k 10 "$limit" "$PYTHON" -m pytest -q -p no:cacheprovider -rs -m cuda $CUDA_TESTS > "$OUT/tests.log" 2>&1
+        rc=$?
+        tail -5 "$OUT/tests.log" | tee -a "$LOG" ;;
     serve)  # the accelerator serve benchmark (tiny shapes on the CPU for a dry run)
-        timeout "${SERVE_TIMEOUT_S:-150}" "$PYTHON" - "$OUT/serve" $TINY <<'PY' 2>&1 | tee -a "$LOG" || echo "run_on_device.sh: stage serve exited $?" | tee -a "$LOG"
-import sys
+        timeout -s INT -k 15 "$limit" "$PYTHON" - "$OUT/serve" $TINY <<'PY' 2>&1 | tee -a "$LOG"
+import logging, pathlib, sys
 from giva.bench.serve import GpuServeSettings, run_serve_gpu
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # a line per point, in run.log as it runs
 if "--tiny" in sys.argv:
     shape = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 100, "max_position_embeddings": 64}
     settings = GpuServeSettings(ns=(1, 3), rows=4, tokens=(1, 5), r=4, rounds=2, device="cpu", shape=tuple(shape.items()))
 else:
     settings = GpuServeSettings(ns=(1, 8, 32))
-run_serve_gpu(sys.argv[1], settings)
+try:
+    run_serve_gpu(sys.argv[1], settings)  # results.json and results.md rewritten after every point
+finally:  # the table so far, also when the time limit's SIGINT stopped it
+    table = pathlib.Path(sys.argv[1], "results.md")
+    print(table.read_text() if table.exists() else "serve: no point measured")
 PY
-        ;;
+        rc=${PIPESTATUS[0]} ;;
     *)
-        echo "run_on_device.sh: unknown stage $stage (stages: gpu tests serve)" | tee -a "$LOG" >&2
+        log "unknown stage $stage (stages: gpu tests serve)" >&2
         exit 2 ;;
     esac
+    set -e
+    took=$((SECONDS - began))
+    case "$rc" in 0) what="ok" ;; 124|137) what="stopped at its limit (exit $rc)" ;; *) what="exit $rc" ;; esac
+    [ "$rc" -eq 0 ] || failed=1
+    log "stage $stage: $what, $took s"
+    summary+=("$stage $what, $took s")
 done
+log "$(IFS=';'; echo "${summary[*]}"); $SECONDS s in all (DEADLINE_S=$DEADLINE_S); giva commit $GIVA_COMMIT"
+exit "$failed"

@@ -469,22 +469,20 @@ class GivaLayer(BaseTunerLayer):
     def _input_basis(self, adapter_name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """``A`` in the compute dtype and device, outside autograd: the stored tensor when it already is, else a
         copy cast once and reused until ``A`` changes (``set_block_bases``, a load, ``.to()``, or any in-place
-        write PyTorch counts), so no forward casts a basis."""
+        write PyTorch counts), so no eager forward casts a basis (a compiled graph casts it in the graph)."""
         a = self.giva_A._buffers[adapter_name]
         if a.dtype == dtype and a.device == device:
             return a
+        if torch.compiler.is_compiling():
+            # The cast inside the graph, the cache left alone: reading it guards the graph on the dict's keys and
+            # writing it breaks that guard, so every compiled region would compile again on its second call.
+            return a.to(device=device, dtype=dtype)
         key = (adapter_name, dtype, device)
         entry = self._giva_cast_bases.get(key)
-        if torch.compiler.is_compiling():  # the explicit invalidations above recompile; no version counter here
-            if entry is not None and entry[0] is a:
-                return entry[2]
-            state = None
-        else:
-            state = _tensor_state(a)
-            if entry is not None and entry[0] is a and state is not None and entry[1] == state:
-                return entry[2]
-        # Cached, so never an inference tensor, which no later forward with autograd could use (an eager forward never
-        # reuses a copy cached while compiling: its state is None).
+        state = _tensor_state(a)
+        if entry is not None and entry[0] is a and state is not None and entry[1] == state:
+            return entry[2]
+        # Cached, so never an inference tensor, which no later forward with autograd could use.
         with torch.no_grad(), outside_inference_mode():
             cast = a.to(device=device, dtype=dtype)
         self._giva_cast_bases[key] = (a, state, cast)

@@ -4,15 +4,17 @@ Randomly initialised Llama shapes ("1B": hidden 2048, MLP 5632, 22 layers; "8B":
 built directly on the device in bf16, every linear projection of every block adapted, r=8, one
 batch of 4 x 1024 random tokens, AdamW. Rows, per shape:
 
-* ``floor``          no adapter, every weight frozen, backward to the input embeddings: no adapter's
-                     step can be shorter
+* ``floor``          no adapter, every weight frozen, the backward starting where the adapters start it
+                     (every targeted projection's output): no adapter's step can be shorter
 * ``lora``           PEFT LoRA r=8 as PEFT builds it by default (``autocast_adapter_dtype=True``:
                      fp32 adapter weights, so the adapter maths runs in fp32)
 * ``lora-bf16``      the same with ``autocast_adapter_dtype=False`` (adapter maths in bf16)
 * ``giva``           GiVA r=8, eager (random orthonormal bases: the step does not depend on their values)
 * ``vera``           PEFT VeRA r=256
 * ``giva-compiled``  GiVA r=8 with every decoder block under ``torch.compile`` (regional compilation:
-                     one graph, reused by every block); its compile time is reported apart
+                     two graphs, one for block 0, whose input needs no gradient, and one reused by every
+                     other block); the compile time of the warm-up steps, the graphs and any
+                     recompilation are reported apart
 * ``init-sketch`` / ``init-exact``  ``giva.initialize`` on ``init_batches`` batches: time and peak
 * ``loraga``         PEFT's ``preprocess_loraga`` + ``get_peft_model`` on the same batches: its peak
                      is the anchor for GiVA's initialisation
@@ -22,9 +24,11 @@ batch of 4 x 1024 random tokens, AdamW. Rows, per shape:
 Each step row reports the median step time (CUDA events, or ``perf_counter`` on CPU), the peak
 memory (``torch.cuda.max_memory_allocated`` reset before the row; VmHWM on CPU) and, from one step
 under ``torch.profiler``, the kernel launches of a step (CUDA runtime launch calls) and the aten
-operators it ran. Rows run in priority order (every shape's step rows first, then compilation,
-initialisation and 4-bit), ``results.json`` and ``results.md`` are rewritten after every row, and a
-row that starts after ``budget_s`` is skipped with that reason, so a run cut short keeps what it measured.
+operators it ran. Rows run in priority order (:func:`plan`); ``results.json``, ``results.md`` and
+``steps.png`` are rewritten after every row; a row whose expected cost would end past ``budget_s`` is
+skipped with that reason (the next, cheaper ones still run), and so is an 8B initialisation row that
+would not fit in the GPU's free memory; an interrupt (the device script's time limit sends SIGINT) records
+the row it stopped and the rows not reached, so a run cut short keeps everything it measured.
 
 ``--tiny`` runs the same code on tiny shapes and a few steps (CPU, CI); there the compiled row uses
 the ``aot_eager`` backend (no C++ toolchain needed), and the figures mean nothing.
@@ -62,8 +66,11 @@ COMPILE_ROWS = ("giva-compiled",)
 INIT_ROWS = ("init-sketch", "init-exact", "loraga")
 QUANT_ROWS = ("qlora-4bit", "giva-4bit")
 ROWS = STEP_ROWS + COMPILE_ROWS + INIT_ROWS + QUANT_ROWS
+KEY_ROWS = ("floor", "lora", "lora-bf16", "giva")  # the step ratios the issue's targets use
+ROW_GROUPS = {**{r: "step" for r in STEP_ROWS}, **{r: "compile" for r in COMPILE_ROWS},
+              **{r: "init" for r in INIT_ROWS}, **{r: "quant" for r in QUANT_ROWS}}
 ROW_LABELS = {
-    "floor": "frozen floor (no adapter, backward to the inputs)",
+    "floor": "frozen floor (no adapter, backward from every projection's output)",
     "lora": "PEFT LoRA r=8, default (fp32 adapter math)",
     "lora-bf16": "PEFT LoRA r=8, bf16 adapter math (autocast_adapter_dtype=False)",
     "giva": "GiVA r=8, eager",
@@ -111,7 +118,10 @@ class GpuSettings:
     lr: float = 1e-4
     compile_backend: str = "inductor"
     quant_shapes: tuple[str, ...] = ("1B",)  # 4-bit rows (they write the base to disk and quantise it on load)
-    budget_s: float = 240.0  # a row that would start later than this is skipped (the last one still runs to its end)
+    budget_s: float = 240.0  # a row expected to end later than this is skipped
+    # (shape, row group, seconds): a row's expected cost (build, warm-up, timed and profiled steps) until a row of
+    # the same group has run on the shape, whose time then serves; a guess on the high side for one H100 / H200
+    expected_seconds: tuple[tuple[str, str, float], ...] = ()
     tiny: bool = False
     rows: tuple[str, ...] = ROWS
 
@@ -126,26 +136,84 @@ class GpuSettings:
                              f"{self.warmup_steps}, {self.steps}, {self.init_batches}")
 
 
-FULL = GpuSettings(shapes=(
-    GpuShape("1B", 2048, 5632, 22, 32, 4),
-    GpuShape("8B", 4096, 14336, 32, 32, 8),
-))
+FULL = GpuSettings(
+    shapes=(GpuShape("1B", 2048, 5632, 22, 32, 4), GpuShape("8B", 4096, 14336, 32, 32, 8)),
+    expected_seconds=(("1B", "step", 15.0), ("1B", "compile", 100.0), ("1B", "init", 20.0), ("1B", "quant", 45.0),
+                      ("8B", "step", 30.0), ("8B", "compile", 130.0), ("8B", "init", 45.0), ("8B", "quant", 90.0)),
+)
 TINY = GpuSettings(
     shapes=(GpuShape("tiny-a", 64, 160, 2, 4, 2, vocab=256), GpuShape("tiny-b", 96, 224, 3, 4, 2, vocab=256)),
     vera_rank=32, batch_size=2, seq_len=32, warmup_steps=1, steps=3, init_batches=2,
     compile_backend="aot_eager", quant_shapes=("tiny-a",), budget_s=1800.0, tiny=True,
+    expected_seconds=tuple((s, g, t) for s in ("tiny-a", "tiny-b")
+                           for g, t in (("step", 3.0), ("compile", 15.0), ("init", 5.0), ("quant", 10.0))),
 )
 
 
+def shape_parameters(shape: GpuShape) -> tuple[int, int]:
+    """(parameters of the targeted projections, all parameters) of the shape's model (norms left out)."""
+    kv = shape.kv_heads * (shape.hidden // shape.heads)
+    per_block = 2 * shape.hidden * shape.hidden + 2 * shape.hidden * kv + 3 * shape.hidden * shape.intermediate
+    targeted = shape.layers * per_block
+    return targeted, targeted + 2 * shape.vocab * shape.hidden  # untied embeddings and head
+
+
 def plan(settings: GpuSettings) -> list[tuple[str, str]]:
-    """(shape, row) in run order: every shape's step rows, then compilation, initialisation, 4-bit."""
+    """(shape, row) in priority order, so that a run cut short has the issue's key numbers first:
+
+    1. floor, LoRA (default and bf16) and eager GiVA, largest shape first: the step ratios (8B's overhead target);
+    2. ``init-sketch``, smallest shape first: GiVA's initialisation peak against a step (a few seconds);
+    3. the 4-bit pair: GiVA's peak against QLoRA's (tens of seconds);
+    4. ``giva-compiled`` on the smallest shape, whose step is bound by launches (where compiling should pay; a
+       minute or more of compilation), then ``init-exact`` and ``loraga`` there;
+    5. ``giva-compiled`` on the other shapes, VeRA, then the other shapes' ``init-exact`` and ``loraga`` (the
+       largest memory, guarded by the free memory).
+    """
+    by_size = sorted(settings.shapes, key=lambda s: shape_parameters(s)[1], reverse=True)
+    smallest, others = by_size[-1:], by_size[:-1]
+    phases: list[tuple[list[GpuShape], tuple[str, ...]]] = [
+        (by_size, KEY_ROWS),
+        (by_size[::-1], ("init-sketch",)),
+        ([s for s in settings.shapes if s.name in settings.quant_shapes], QUANT_ROWS),
+        (smallest, ("giva-compiled", "init-exact", "loraga")),
+        (others, ("giva-compiled",)),
+        (by_size, ("vera",)),
+        (others[::-1], ("init-exact", "loraga")),
+    ]
     order = []
-    for group in (STEP_ROWS, COMPILE_ROWS, INIT_ROWS, QUANT_ROWS):
-        for shape in settings.shapes:
-            for row in group:
-                if row in settings.rows and (row not in QUANT_ROWS or shape.name in settings.quant_shapes):
-                    order.append((shape.name, row))
+    for shapes, rows in phases:
+        for shape in shapes:
+            order += [(shape.name, row) for row in rows if row in settings.rows]
     return order
+
+
+def expected_seconds(settings: GpuSettings, shape: str, row: str, done: Sequence[dict[str, Any]]) -> float:
+    """What the row is expected to cost: the longest measured row of its group on the shape, else the settings'
+    guess (0 when it has none)."""
+    group = ROW_GROUPS[row]
+    measured = [r["row_seconds"] for r in done
+                if r["shape"] == shape and ROW_GROUPS[r["row"]] == group and r["status"] == "ok"]
+    if measured:
+        return max(measured)
+    return next((t for s, g, t in settings.expected_seconds if s == shape and g == group), 0.0)
+
+
+def memory_problem(row: str, shape: GpuShape, device: torch.device, done: Sequence[dict[str, Any]]) -> Optional[str]:
+    """Why an initialisation row cannot fit in the GPU's free memory (None if it may): a GiVA step's peak (the
+    weights and a batch's activations; three times the weights when no GiVA row was measured) plus, for
+    ``init-exact``, the dense fp32 gradient of every targeted weight, for ``loraga``, their bf16 gradients."""
+    if device.type != "cuda" or row not in ("init-exact", "loraga"):
+        return None
+    targeted, total = shape_parameters(shape)
+    step_peak = next((r["peak_bytes"] for r in done if r["shape"] == shape.name and r["row"] == "giva"
+                      and r["status"] == "ok"), 3 * 2 * total)
+    need = step_peak + targeted * (4 if row == "init-exact" else 2)
+    free, _ = torch.cuda.mem_get_info(device)
+    if need <= free:
+        return None
+    what = "fp32 gradient matrices G" if row == "init-exact" else "bf16 weight gradients"
+    return (f"needs about {need / 2**30:.0f} GiB (a GiVA step's peak {step_peak / 2**30:.0f} GiB + the {what} of the "
+            f"targeted weights), {free / 2**30:.0f} GiB free")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,18 +281,27 @@ def step_times(device: torch.device, step: Callable[[], None], n: int) -> list[f
     return [start.elapsed_time(end) / 1000 for start, end in events]
 
 
-def count_launches(events: Sequence[Any]) -> dict[str, Optional[int]]:
-    """From profiler events (``prof.events()``: name, device_type): CUDA launch calls, GPU kernels and aten
-    operators. Launches and kernels are None when no CUDA event was recorded (a CPU run)."""
+def count_launches(events: Sequence[tuple[str, Any]]) -> dict[str, Optional[int]]:
+    """From profiler events as (name, device type): CUDA launch calls, GPU kernels and aten operators. Launches
+    and kernels are None when no CUDA event was recorded (a CPU run)."""
     from torch.autograd import DeviceType
 
-    cuda = [e for e in events if e.device_type == DeviceType.CUDA]
-    launches = sum(1 for e in events if e.name.startswith(LAUNCH_PREFIXES))
+    cuda = [name for name, device_type in events if device_type == DeviceType.CUDA]
+    launches = sum(1 for name, _ in events if name.startswith(LAUNCH_PREFIXES))
     return {
         "kernel_launches": launches if cuda or launches else None,
         "gpu_kernels": len(cuda) if cuda else None,
-        "aten_ops": sum(1 for e in events if e.name.startswith("aten::")),
+        "aten_ops": sum(1 for name, _ in events if name.startswith("aten::")),
     }
+
+
+def profiler_events(prof: Any) -> list[tuple[str, Any]]:
+    """(name, device type) of every event a finished ``torch.profiler.profile`` recorded, read from its raw
+    results: building its FunctionEvent tree (``prof.events()``) took seconds for one 22-layer step."""
+    raw = getattr(getattr(prof, "profiler", None), "kineto_results", None)
+    if raw is None:
+        return [(e.name, e.device_type) for e in prof.events()]
+    return [(e.name(), e.device_type()) for e in raw.events()]
 
 
 def profile_step(device: torch.device, step: Callable[[], None]) -> dict[str, Optional[int]]:
@@ -236,7 +313,7 @@ def profile_step(device: torch.device, step: Callable[[], None]) -> dict[str, Op
     with profile(activities=activities) as prof:
         step()
         _synchronize(device)
-    return count_launches(prof.events())
+    return count_launches(profiler_events(prof))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,7 +363,7 @@ def adapt(row: str, base: nn.Module, settings: GpuSettings) -> nn.Module:
     from .methods import _floor_model
 
     if row == "floor":
-        return _floor_model(base)
+        return _floor_model(base, TARGETS)
     targets = list(TARGETS)
     if row in ("lora", "lora-bf16", "qlora-4bit"):
         config = LoraConfig(r=settings.rank, lora_alpha=2 * settings.rank, target_modules=targets, task_type="CAUSAL_LM")
@@ -303,10 +380,38 @@ def compile_blocks(model: nn.Module, backend: str) -> int:
     """``torch.compile`` every decoder block in place (regional compilation); returns how many."""
     torch._dynamo.reset()  # a graph compiled for another shape must not make this one's dynamic
     torch._dynamo.utils.counters.clear()
+    compiled_frames()  # from here on
     blocks = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)
+
+
+def compiled_frames() -> list[tuple[str, Optional[str]]]:
+    """(function, recompile reason or None) of each frame dynamo compiled since the last call (which clears them)."""
+    from torch._dynamo import utils
+
+    metrics = utils.get_compilation_metrics()
+    utils.clear_compilation_metrics()
+    # backward compilations carry no function name (some torch versions record them as another class)
+    return [(m.co_name, getattr(m, "recompile_reason", None)) for m in metrics if getattr(m, "co_name", None)]
+
+
+def compile_record(frames: list[tuple[str, Optional[str]]], warmup: list[float], median: float) -> dict[str, Any]:
+    """What compilation cost, read once the warm-up steps have run (a recompilation shows on the second call)."""
+    counters = torch._dynamo.utils.counters
+    reasons = [reason for _, reason in frames if reason]
+    return {
+        "first_step_seconds": warmup[0],
+        # every warm-up step's time above the median step: tracing, compilation of forward and backward, recompiles
+        "compile_seconds": sum(max(0.0, t - median) for t in warmup),
+        "dynamo_frames_compiled": len(frames),
+        "dynamo_unique_graphs": counters["stats"].get("unique_graphs", 0),
+        "dynamo_recompiles": len(reasons),
+        "dynamo_recompile_reasons": sorted(set(reasons))[:5],
+        "dynamo_graph_breaks": sum(counters["graph_break"].values()),
+        "dynamo_graph_break_reasons": sorted(counters["graph_break"])[:5],
+    }
 
 
 def quantized_base(shape: GpuShape, settings: GpuSettings, device: torch.device, scratch: Path) -> nn.Module:
@@ -366,18 +471,15 @@ def measure_step(row: str, model: nn.Module, batch: dict[str, Any], settings: Gp
     limit = torch._dynamo.config.patch(recompile_limit=256) if compile_backend is not None else nullcontext()
     with limit:
         with peak_memory(device) as memory:
-            warmup = settings.warmup_steps
             if compile_backend is not None:
                 record.update(compiled_blocks=compile_blocks(model, compile_backend), compile_backend=compile_backend)
-                record["first_step_seconds"] = timed(device, step)  # tracing and compilation, forward and backward
-                counters = torch._dynamo.utils.counters
-                record["dynamo_unique_graphs"] = counters["stats"].get("unique_graphs", 0)
-                record["dynamo_graph_breaks"] = sum(counters["graph_break"].values())
-                record["dynamo_graph_break_reasons"] = sorted(counters["graph_break"])[:5]
-                warmup -= 1
-            warm = step_times(device, step, warmup) if warmup else []
+            warm = step_times(device, step, settings.warmup_steps)
+            frames = compiled_frames() if compile_backend is not None else []
             times = step_times(device, step, settings.steps)
         record.update(profile_step(device, step))
+        if compile_backend is not None:
+            record.update(compile_record(frames, warm, statistics.median(times)))
+            record["dynamo_frames_compiled_after_warmup"] = len(compiled_frames())  # 0, or the median includes compiling
     record.update(
         median_step_seconds=statistics.median(times), step_seconds=[round(t, 6) for t in times],
         warmup_step_seconds=[round(t, 6) for t in warm], peak_bytes=memory["peak_bytes"], memory_how=memory["memory_how"],
@@ -483,6 +585,7 @@ def shape_ratios(rows: dict[str, dict[str, Any]]) -> dict[str, Optional[float]]:
 def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {**versions(), "device": str(device), "cuda": torch.version.cuda}
     env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     env["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32  # torch's default (False) is left alone: as a user runs
     try:
         from importlib.metadata import version
@@ -565,9 +668,11 @@ def write_report(output_dir: Path, results: dict[str, Any]) -> None:
             lines.append(f"| {key} | " + " | ".join(_x(results["ratios"].get(s, {}).get(key)) for s in shapes) + " |")
     compiled = [(s, by_shape[s]["giva-compiled"]) for s in shapes if by_shape[s].get("giva-compiled", {}).get("status") == "ok"]
     if compiled:
-        lines += ["", "Compilation (first compiled step, not in the median): " + ", ".join(
-            f"{s} {r['first_step_seconds']:.1f} s ({r['compiled_blocks']} blocks, backend {r['compile_backend']}, "
-            f"{r['dynamo_unique_graphs']} graphs, {r['dynamo_graph_breaks']} graph breaks)" for s, r in compiled) + "."]
+        lines += ["", "Compilation (the warm-up steps, not in the median): " + ", ".join(
+            f"{s} {r['compile_seconds']:.1f} s above the median step over {len(r['warmup_step_seconds'])} warm-up steps "
+            f"({r['compiled_blocks']} blocks, backend {r['compile_backend']}, {r['dynamo_unique_graphs']} graphs, "
+            f"{r['dynamo_recompiles']} recompiles, {r['dynamo_graph_breaks']} graph breaks, "
+            f"{r['dynamo_frames_compiled_after_warmup']} frames compiled after the warm-ups)" for s, r in compiled) + "."]
     notes = [f"- {r['shape']} / {r['row']}: {r['status']}: {r.get('reason') or r.get('error')}"
              for r in results["rows"] if r["status"] != "ok"]
     if notes:
@@ -635,38 +740,59 @@ def run_gpu(output_dir: Path, settings: Optional[GpuSettings] = None, device: Op
     }
     start = time.perf_counter()
 
-    def save() -> None:
+    def save(figure: bool = True) -> None:
         results["elapsed_seconds"] = time.perf_counter() - start
         for name in shapes:
             results["ratios"][name] = shape_ratios({r["row"]: r for r in results["rows"] if r["shape"] == name})
         write_json_atomically(output_dir / "results.json", results)
         write_report(output_dir, results)
+        if not figure:
+            return
+        try:  # about 0.2 s on a busy CPU: after every row that ran
+            plot(output_dir / "steps.png", results)
+        except Exception:  # the figure is a convenience: the tables hold every number
+            logger.exception("gpu suite: steps.png not written")
 
+    order = plan(settings)
     with tempfile.TemporaryDirectory(prefix="giva-gpu-") as scratch:
         try:
-            for shape_name, row in plan(settings):
+            for index, (shape_name, row) in enumerate(order):
                 record: dict[str, Any] = {"shape": shape_name, "row": row, "label": ROW_LABELS[row]}
                 elapsed = time.perf_counter() - start
-                if elapsed > settings.budget_s:
-                    record.update(status="skipped", reason=f"time budget of {settings.budget_s:.0f} s spent ({elapsed:.0f} s)")
+                expected = expected_seconds(settings, shape_name, row, results["rows"])
+                if elapsed + expected > settings.budget_s:
+                    record.update(status="skipped", reason=f"time budget of {settings.budget_s:.0f} s: {elapsed:.0f} s spent, "
+                                                           f"the row would take about {expected:.0f} s")
                 elif row in QUANT_ROWS and quant_problem:
                     record.update(status="skipped", reason=quant_problem)
+                elif problem := memory_problem(row, shapes[shape_name], dev, results["rows"]):
+                    record.update(status="skipped", reason=problem)
                 else:
-                    logger.info("gpu suite: %s / %s (%.0f s so far)", shape_name, row, elapsed)
+                    logger.info("gpu suite: %s / %s (%.0f s so far, about %.0f s expected)", shape_name, row, elapsed, expected)
+                    record["expected_seconds"] = round(expected, 1)  # against row_seconds: how good the guesses are
                     row_start = time.perf_counter()
                     try:
                         record.update(run_row(row, shapes[shape_name], settings, dev, Path(scratch)), status="ok")
+                    except KeyboardInterrupt:  # the device script's time limit (SIGINT): keep what was measured
+                        now = time.perf_counter()
+                        stopped = now - start
+                        logger.warning("gpu suite: interrupted in %s / %s at %.0f s", shape_name, row, stopped)
+                        record.update(status="interrupted", row_seconds=now - row_start,
+                                      reason=f"interrupted (SIGINT) {now - row_start:.0f} s into the row, {stopped:.0f} s into the run")
+                        results["rows"].append(record)
+                        results["rows"] += [{"shape": s, "row": r, "label": ROW_LABELS[r], "status": "skipped",
+                                             "reason": f"not reached: interrupted at {stopped:.0f} s"} for s, r in order[index + 1:]]
+                        raise
                     except Exception as err:  # one broken row must not cost the others
                         logger.exception("gpu suite: %s / %s failed", shape_name, row)
                         record.update(status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                     record["row_seconds"] = time.perf_counter() - row_start
                     _free(dev)
                 results["rows"].append(record)
-                save()
+                save(figure=record["status"] != "skipped")
             results["complete"] = True
         finally:
             save()
-            plot(output_dir / "steps.png", results)
     headlines = [
         f"{name}: GiVA step {_x(r.get('giva_over_lora'))} PEFT LoRA (default), {_x(r.get('giva_over_lora_bf16'))} LoRA bf16; "
         f"compiled {_x(r.get('giva-compiled_over_lora_bf16'))} LoRA bf16; sketch init peak {_x(r.get('init_sketch_peak_over_giva_step'))} a step's"
@@ -703,7 +829,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--shapes", default=None, help="comma-separated subset of the shapes")
     parser.add_argument("--rows", default=None, help="comma-separated subset of " + ",".join(ROWS))
-    parser.add_argument("--budget-s", type=float, default=None, help="skip the rows that would start later than this")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds: skip the rows expected to end later than this (default 240; --tiny 1800)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -714,6 +841,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         print(f"giva.bench.gpu: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # results.json, results.md and steps.png hold every row measured before it
+        report = out / "results.md"
+        print(report.read_text() if report.exists() else "giva.bench.gpu: interrupted before the first row")
+        print("giva.bench.gpu: interrupted", file=sys.stderr)
+        return 130
     print((out / "results.md").read_text())  # the whole table: on the device machine, the log is what comes back first
     print("\n".join(f"FAILED: {problem}" for problem in results["problems"]), file=sys.stderr)
     return 1 if results["problems"] else 0

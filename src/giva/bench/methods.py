@@ -241,13 +241,29 @@ def calibration_batches(method: MethodSpec, calibration: DataLoader) -> int:
     return k
 
 
-def _floor_model(base: nn.Module) -> nn.Module:
+def _floor_model(base: nn.Module, targets: Optional[tuple[str, ...]] = None) -> nn.Module:
     """The speed floor: every weight frozen, but the input embeddings' output requires grad, so a backward
-    pass still runs through every layer to the inputs. No adapter can train in less time than this."""
+    pass still runs through every layer to the inputs. No adapter can train in less time than this.
+
+    With ``targets`` (the names of the adapted modules, as in ``target_modules``) the backward starts at their
+    outputs instead, where an adapter on each of them starts it: the first block's targeted projections then compute
+    no input gradient, which no adapter row computes either (their input, the embeddings, needs none)."""
     for param in base.parameters():
         param.requires_grad = False
-    base.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+    if targets is None:
+        base.get_input_embeddings().register_forward_hook(lambda module, args, output: output.requires_grad_(True))
+        return base
+    modules = [m for name, m in base.named_modules() if name.rsplit(".", 1)[-1] in targets]
+    if not modules:
+        raise ValueError(f"floor: no module named any of {list(targets)}")
+    for module in modules:
+        module.register_forward_hook(_require_grad)
     return base
+
+
+def _require_grad(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+    if not output.requires_grad:  # an output that needs no gradient does not depend on one that does: a leaf
+        output.requires_grad_(True)
 
 
 @torch.no_grad()

@@ -3,7 +3,7 @@
 Issue 23's memory target is "GiVA's peak <= QLoRA's" on a 4-bit base. Each measurement is a fresh
 ``python -m giva.bench.qlora --one METHOD`` process (peak memory cannot be reset reliably inside one process on
 the CPU: freed memory stays resident), and the repeats alternate which method goes first. A process loads the
-model in NF4 (double quantisation, fp32 compute: QLoRA's base, as the evidence task ``sst-clm-nf4``), adds
+model on the CPU, also on a CUDA host, in NF4 (double quantisation, fp32 compute: QLoRA's base, as the evidence task ``sst-clm-nf4``), adds
 GiVA r=8 or LoRA r=8 (the evidence suite's ``giva-default-r8`` / ``lora-r8-all`` settings) on the task's
 layers, runs GiVA's ``initialize`` on ``init_batches`` batches (LoRA needs none), then AdamW steps on
 ``batch_size x seq_len`` random tokens (the causal-LM loss: the step does not depend on the tokens). It reports
@@ -87,7 +87,9 @@ def measure(method: str, settings: QloraSettings) -> dict[str, Any]:
               "target_modules": list(settings.targets), "task_type": "CAUSAL_LM"}
     reset_peak_rss()
     torch.manual_seed(0)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(settings.model), quantization_config=quantization_config("nf4"))
+    # On the CPU, where VmHWM measures it, also on a CUDA host (transformers puts a 4-bit model on the GPU there)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(settings.model), quantization_config=quantization_config("nf4"),
+                                                device_map={"": "cpu"})
     loaded = proc_status_bytes("VmRSS") or 0
     model = get_peft_model(base, giva.GivaConfig(**kwargs) if method == "giva" else LoraConfig(**kwargs))
     vocab = base.config.vocab_size

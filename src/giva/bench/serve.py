@@ -32,6 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .runner import write_json_atomically, write_text_atomically
 from .serve_memory import (
     MemoryTables,
     adapter_bytes,
@@ -633,8 +634,11 @@ def _add_gpu_adapter(model: nn.Module, method: str, name: str, r: int, layers: O
     return model
 
 
-def measure_gpu(settings: GpuServeSettings, progress: bool = True) -> list[dict[str, Any]]:
-    """One row per (N, tokens, method) with the seconds of each timed forward, and per (N, tokens) the ratios.
+def measure_gpu(
+    settings: GpuServeSettings, progress: bool = True, on_point: Optional[Callable[[list[dict[str, Any]]], None]] = None
+) -> list[dict[str, Any]]:
+    """One row per (N, tokens, method) with the seconds of each timed forward, and per (N, tokens) the ratios;
+    ``on_point`` gets the rows so far after each (N, tokens) point.
 
     Every forward ends with a device synchronisation, so each timer spans the device's work. The batch is
     ``rows`` rows of ``tokens`` tokens; only the last position's logits are computed (as a server's step does).
@@ -682,6 +686,8 @@ def measure_gpu(settings: GpuServeSettings, progress: bool = True) -> list[dict[
             if progress:
                 logger.info("serve (%s) N=%d tokens=%d: %s ms", settings.device, n, tokens,
                             {k: round(statistics.median(v) * 1e3, 2) for k, v in times.items()})
+            if on_point is not None:
+                on_point(rows)
     return rows
 
 
@@ -741,7 +747,8 @@ def serve_plan(output_dir: Optional[Path] = None) -> list[str]:
 
 
 def run_serve_gpu(output_dir: str | Path, settings: Optional[GpuServeSettings] = None, progress: bool = True) -> dict[str, Any]:
-    """Run the accelerator serve benchmark and write results.json and results.md into ``output_dir``."""
+    """Run the accelerator serve benchmark, writing results.json and results.md into ``output_dir`` after every
+    (N, tokens) point (``meta.complete`` false until the last), so a run cut short keeps what it measured."""
     settings = settings or GpuServeSettings()
     device = torch.device(settings.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -751,14 +758,20 @@ def run_serve_gpu(output_dir: str | Path, settings: Optional[GpuServeSettings] =
         raise NotADirectoryError(f"serve output folder {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    rows = measure_gpu(settings, progress)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    meta = {
-        "settings": json.loads(json.dumps(asdict(settings))), "device": device_name, "torch": torch.__version__,
-        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)), "seconds": round(time.time() - started, 1),
-    }
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (out / "results.md").write_text(_gpu_table(rows, settings, device_name))
+
+    def save(rows: list[dict[str, Any]], complete: bool) -> None:
+        meta = {
+            "settings": json.loads(json.dumps(asdict(settings))), "device": device_name, "torch": torch.__version__,
+            "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
+            "seconds": round(time.time() - started, 1), "complete": complete,
+        }
+        write_json_atomically(out / "results.json", {"meta": meta, "rows": rows})
+        write_text_atomically(out / "results.md", _gpu_table(rows, settings, device_name)
+                              + ("" if complete else "\nCut short or still running: the points above only.\n"))
+
+    rows = measure_gpu(settings, progress, on_point=lambda so_far: save(so_far, complete=False))
+    save(rows, complete=True)
     headlines = [
         f"N={r['n_adapters']} tokens={r['tokens']}: {r['method']} x{r['ratio_median']:.2f}"
         for r in rows if "ratio_median" in r

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -33,9 +34,11 @@ def versions() -> dict[str, str]:
 @functools.lru_cache(maxsize=1)
 def source_commit() -> str:
     """The git commit giva's source was at when this process first asked (close to when it imported the code it
-    runs), ``-dirty`` when ``src/giva`` had uncommitted changes; ``"unknown"`` when this file is not tracked by a git
-    checkout (an installed giva, even inside another project's repository). A record made
-    by changed code can then be told from the others (the package version does not change between commits)."""
+    runs), ``-dirty`` when ``src/giva`` had uncommitted changes. When this file is not tracked by a git checkout (an
+    installed giva, even inside another project's repository): the environment's ``GIVA_COMMIT`` (set by
+    ``benchmarks/gpu/run_on_device.sh`` on the device machine, whose copy of the tree has no git history), else
+    ``"unknown"``. A record made by changed code can then be told from the others (the package version does not
+    change between commits)."""
     source = Path(__file__).resolve().parents[1]
 
     def git(*args: str) -> str:
@@ -46,5 +49,5 @@ def source_commit() -> str:
         commit = git("rev-parse", "HEAD").strip()
         dirty = git("status", "--porcelain", "--", str(source)).strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("GIVA_COMMIT") or "unknown"
     return f"{commit}-dirty" if dirty else commit
