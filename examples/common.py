@@ -10,6 +10,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
+# giva before peft: PEFT imports bitsandbytes when it is installed (its "Failed to load CPU gemm_4bit_forward" line
+# on every rank); giva keeps it unimported until a quantised model is asked for.
+import giva  # noqa: F401
+
+# isort: split
 import torch
 import torch.distributed as dist
 from peft import get_peft_model
@@ -28,7 +33,7 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=8, help="per rank")
     parser.add_argument("--lr", type=float, default=2e-2)
-    parser.add_argument("--output-dir", default="giva-distributed-example")
+    parser.add_argument("--output-dir", default="outputs/giva-distributed-example")
     return parser.parse_args()
 
 

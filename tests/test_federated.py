@@ -784,3 +784,12 @@ def test_quiet_libraries_restores_the_callers_logging_afterwards():
     after = ({name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}, hf_logging.get_verbosity(),
              hf_logging.is_progress_bar_enabled())
     assert after == before
+
+
+def test_report_without_checkpoints_is_one_line_not_a_traceback(tmp_path, capsys):
+    """The committed result folders hold no checkpoints (they are local): `run report` says so, exit 2."""
+    from giva.federated.run import _main
+
+    assert _main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoints in" in err[0] and "not committed" in err[0]

@@ -3,7 +3,7 @@
 ``import giva`` registers the method with PEFT; then::
 
     model = peft.get_peft_model(base_model, giva.GivaConfig(r=8, target_modules=["query", "value"]))
-    giva.initialize(model, train_dataloader)   # bases from the loss gradient (k = 1 batch)
+    giva.initialize(model, train_dataloader)   # bases from the loss gradient (k = 4 batches)
 """
 
 from __future__ import annotations

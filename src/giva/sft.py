@@ -250,7 +250,7 @@ def check_packages() -> None:
 def check_quantization(options: SFTOptions) -> None:
     if (options.load_in_4bit or options.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
         flag = "--load-in-4bit" if options.load_in_4bit else "--load-in-8bit"
-        raise ImportError(f"{flag} needs bitsandbytes: pip install 'bitsandbytes>=0.45'")
+        raise ImportError(f"{flag} needs bitsandbytes: pip install 'giva[quant]' (bitsandbytes >= 0.50)")
 
 
 def check_output_dirs(options: SFTOptions) -> None:

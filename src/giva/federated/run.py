@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -779,6 +780,10 @@ def _main(argv: list[str]) -> int:
         Path(output_dir, "bytes.md").write_text(table + "\n")
         print(table)
     elif kind == "report":
+        if not any(Path(output_dir, ".checkpoints").glob("*.pt")):
+            print(f"report: no checkpoints in {Path(output_dir, '.checkpoints')} (a run's checkpoints are local and "
+                  "not committed; run the comparison there first)", file=sys.stderr)
+            return 2
         out = report_checkpoints(output_dir)
         print(out["table"])
         print(out["headline"])
