@@ -74,6 +74,19 @@ def test_a_missing_record_is_measured_alone_and_the_others_are_kept(committed: P
     assert plan_sketch(committed) == []
 
 
+def test_the_command_line_measures_and_names_its_report(capsys, tmp_path: Path, monkeypatch) -> None:
+    """`python -m giva.bench.sketch` ends by printing where the table is, exit 0 (it raised KeyError 'report' after
+    every record was measured)."""
+    monkeypatch.setattr(sketch, "load", lambda name: (tiny_bert(), None, False))
+    monkeypatch.setattr(sketch, "batches", lambda tokenizer, n, size, length, causal: text_batches(n=n, batch=size))
+    assert sketch.main(["--models", "minilm", "--ranks", "8", "--num-batches", "2", "--batch-size", "4",
+                        "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"results: {tmp_path / 'sketch_accuracy.md'} (1 records, 1 new)"
+    assert out[0].startswith("sketch minilm r=8: mean cos A ")
+    assert (tmp_path / "sketch_accuracy.md").exists()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -357,7 +357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"python -m giva.bench.sketch: {err}", file=sys.stderr)
         return 2
     print("\n".join(result["headlines"]))
-    print(f"results: {result['report']} ({result['n_runs']} records, {len(result['ran'])} new)")
+    print(f"results: {', '.join(result['reports'])} ({result['n_runs']} records, {len(result['ran'])} new)")
     return 0
 
 
