@@ -530,6 +530,46 @@ def test_serve_benchmark_resumes_at_the_first_unfinished_n(tmp_path, monkeypatch
     ]
 
 
+def test_serve_benchmark_re_measures_points_of_other_code_unless_told_to_keep_them(tmp_path, monkeypatch):
+    """Each point's rows name the code commit they timed and when; a rerun by other code re-measures them (the
+    dry run lists them), replacing a point's rows only once it is measured again; --keep-stale keeps them."""
+    import giva.bench.serve as serve
+
+    tiny = serve.ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100)
+    settings = serve.ServeSettings(ns=(1, 3), rounds=1, r=4)
+    old, new = "a" * 40, "b" * 40
+    monkeypatch.setattr(serve, "code_commit", lambda: old)
+    first = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)["rows"]
+    assert {r["commit"] for r in first} == {old} and all(r["started_utc"][:2] == "20" for r in first)
+    assert "| aaaaaaa, 20" in (tmp_path / "results.md").read_text()
+    assert serve.plan_serve(tmp_path, (tiny,), settings) == []
+
+    monkeypatch.setattr(serve, "code_commit", lambda: new)  # the code changed since
+    planned = serve.plan_serve(tmp_path, (tiny,), settings)
+    assert planned == [f"serve: tiny-llama N={n}: base model, one merged adapter, mixed batches of giva, giva-bf16, lora "
+                       "(recorded at commit aaaaaaa, the code is now bbbbbbb: stale)" for n in (1, 3)]
+    assert serve.plan_serve(tmp_path, (tiny,), settings, keep_stale=True) == []
+    timed: list[int] = []
+    monkeypatch.setattr(serve, "time_interleaved", lambda fns, rounds: timed.append(1) or pytest.fail("measured"))
+    kept = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False, keep_stale=True)
+    assert timed == [] and kept["ran"] == [] and kept["rows"] == first
+
+    def stop_at_the_second_point(fns, rounds):
+        timed.append(1)
+        if len(timed) == 2:
+            raise KeyboardInterrupt
+        return {name: [0.01] * rounds for name in fns}
+
+    monkeypatch.setattr(serve, "time_interleaved", stop_at_the_second_point)
+    with pytest.raises(KeyboardInterrupt):
+        serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["n_adapters"], r["commit"]) for r in saved} == {(1, new), (3, old)}  # N = 3 kept until re-measured
+    resumed = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)
+    assert resumed["ran"] == ["tiny-llama N=3"] and {r["commit"] for r in resumed["rows"]} == {new}
+    assert serve.plan_serve(tmp_path, (tiny,), settings) == []
+
+
 def test_serve_benchmark_stand_in_adapters_are_random_keep_their_dtype_and_share_b(tmp_path):
     from giva.bench.serve import ServeModel, ServeSettings, _config, fill_stand_in, run_serve, stand_in_shapes
 
