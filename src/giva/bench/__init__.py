@@ -128,7 +128,7 @@ def plan_benchmark(
     if name == QLORA_SUITE:
         return {"runs": plan_qlora(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SKETCH_SUITE:
-        return {"runs": plan_sketch(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
+        return {"runs": plan_sketch(out, keep_stale=keep_stale), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == FINETUNE_SUITE:
         return {**plan_finetune(out, phases), "estimate": {}, "output_dir": str(out)}
     return {**dry_run(load_suite(root, name), root, out, phases), "output_dir": str(out)}
@@ -168,7 +168,7 @@ def run_benchmark(
     if suite == QLORA_SUITE:
         return run_qlora(Path(output_dir) if output_dir else root / "results" / QLORA_SUITE)
     if suite == SKETCH_SUITE:
-        return run_sketch(Path(output_dir) if output_dir else root / "results" / SKETCH_SUITE)
+        return run_sketch(Path(output_dir) if output_dir else root / "results" / SKETCH_SUITE, keep_stale=keep_stale)
     name = QUICK_SUITE if quick else suite
     spec = load_suite(root, name)
     out = Path(output_dir) if output_dir else root / "results" / name
