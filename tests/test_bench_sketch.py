@@ -112,6 +112,48 @@ def test_a_missing_record_is_measured_alone_and_the_others_are_kept(committed: P
     assert plan_sketch(committed) == []
 
 
+def test_the_reference_is_timed_after_an_untimed_warm_up_pass(monkeypatch) -> None:
+    """The exact reference was timed as the process's first forward and backward (cold) while every sketch row ran
+    warm after it: a fake clock that charges 100 s to the first gradient pass and 1 s to each later one shows the
+    reference's time is a warm pass's (plus the SVDs, free on this clock)."""
+    import types
+
+    import giva.init
+
+    real = giva.init.compute_gradients
+    calls: list[int] = []
+    clock = [0.0]
+
+    def charged(*args, **kwargs):
+        clock[0] += 100.0 if not calls else 1.0
+        calls.append(kwargs["num_batches"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(giva.init, "compute_gradients", charged)
+    monkeypatch.setattr(sketch, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], time=lambda: 0.0))
+    data = text_batches(n=2, batch=4)
+    exact = sketch.reference(tiny_bert(), data, "SEQ_CLS")
+    assert calls == [2, 2]  # the warm-up pass, then the timed one, both over every batch
+    assert exact["seconds"] == 1.0
+
+
+def test_the_thread_count_is_set_while_measuring_recorded_and_given_back(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    real = sketch.reference
+    monkeypatch.setattr(sketch, "reference", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    monkeypatch.setattr(sketch, "load", lambda name: (tiny_bert(), None, False))
+    monkeypatch.setattr(sketch, "batches", lambda tokenizer, n, size, length, causal: text_batches(n=n, batch=size))
+    run_sketch(tmp_path, SketchRequest(models=("minilm",), ranks=(4,), num_batches=2, batch_size=4, threads=1))
+    row = json.loads((tmp_path / "sketch_accuracy.json").read_text())["rows"]["minilm/r4/p3/odefault"]
+    assert seen == [1] and row["threads"] == 1 and row["exact_warm"] and torch.get_num_threads() == before
+    assert "| 1 | ccccccc |" in (tmp_path / "sketch_accuracy.md").read_text()
+    with pytest.raises(ValueError, match="SketchRequest.threads must be None or an integer >= 1, got 0"):
+        SketchRequest(threads=0)
+
+
 def test_the_command_line_measures_and_names_its_report(capsys, tmp_path: Path, monkeypatch) -> None:
     """`python -m giva.bench.sketch` ends by printing where the table is, exit 0 (it raised KeyError 'report' after
     every record was measured)."""

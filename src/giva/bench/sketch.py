@@ -74,6 +74,7 @@ class SketchRequest:
     num_batches: int = 4
     batch_size: int = 8
     max_length: int = 64
+    threads: Optional[int] = None  # torch threads while measuring (None: torch's setting); every record keeps its count
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.models if m not in MODELS]
@@ -90,6 +91,8 @@ class SketchRequest:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SketchRequest.{name} must be an integer >= 1, got {value!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"SketchRequest.threads must be None or an integer >= 1, got {self.threads!r}")
 
     def sketch_settings(self) -> tuple[tuple[int, Optional[int]], ...]:
         return self.settings or (_default_setting(),)
@@ -187,13 +190,18 @@ def load(name: str) -> tuple[torch.nn.Module, Any, bool]:
 
 
 def reference(base: torch.nn.Module, data: list[dict], task_type: str) -> dict[str, Any]:
-    """Exact singular vectors and numerical rank of each layer's dense mean gradient (LAPACK SVD), its time and bytes."""
+    """Exact singular vectors and numerical rank of each layer's dense mean gradient (LAPACK SVD), its time (after an
+    untimed warm-up pass over the same batches) and bytes."""
     from peft import get_peft_model
 
     from ..config import GivaConfig
     from ..init import compute_gradients, giva_layers
 
     model = get_peft_model(copy.deepcopy(base), GivaConfig(r=1, target_modules=None, task_type=task_type))
+    # One untimed pass first: the process's first forward and backward pay one-off costs (allocator growth, kernel
+    # selection, page faults) that the sketch rows, all run after this one, never pay; timed cold, the reference's
+    # time was mostly those costs and not comparable with the rows' sketch times.
+    compute_gradients(model, giva_layers(model), data, num_batches=len(data), progress=False)
     start = time.perf_counter()
     grads, _ = compute_gradients(model, giva_layers(model), data, num_batches=len(data), progress=False)
     vectors = {}
@@ -241,7 +249,7 @@ def measure_row(name: str, r: int, passes: int, oversampling: Optional[int], exa
         "library_default": library_default(), "commit": code_commit(), "torch": torch.__version__,
         "layers": len(cos_a), "mean_cos_a": float(cos_a.mean()), "min_cos_a": float(cos_a.min()),
         "mean_cos_b": float(cos_b.mean()), "min_cos_b": float(cos_b.min()),
-        "exact_seconds": exact["seconds"], "sketch_seconds": sketch_s, "exact_mb": exact["bytes"] / 2**20,
+        "exact_seconds": exact["seconds"], "exact_warm": True, "sketch_seconds": sketch_s, "exact_mb": exact["bytes"] / 2**20,
         "sketch_mb_per_pass": report.sums_bytes / 2**20, "load_average": os.getloadavg()[0],
         "threads": torch.get_num_threads(), "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
     }
@@ -266,7 +274,10 @@ def sketch_report(results: dict[str, Any]) -> str:
         f"k = {setup['num_batches']} batches of {setup['batch_size']} Pang & Lee sentences (max length "
         f"{setup['max_length']}); MiniLM: sequence-classification loss, SmolLM2-135M: language-model loss on every "
         "token. Every linear layer but the head (MiniLM includes the pooler); variant VrUr. Exact: the dense mean "
-        "gradient of each layer (`compute_gradients`) and its full LAPACK SVD (exact s: that pass plus the SVDs). "
+        "gradient of each layer (`compute_gradients`) and its full LAPACK SVD (exact s: that pass plus the SVDs, timed "
+        "after an untimed warm-up pass over the same batches, as every sketch row runs after it; `(cold)`: a record "
+        "timed as the process's first forward and backward, before the warm-up existed, not comparable with its "
+        "sketch s). threads: torch's CPU threads. "
         "Sketch: `giva.initialize(mode='sketch')` with the passes and l = r + oversampling of each row (library "
         f"default: {DEFAULT_PASSES} passes, l = r + max(2r, {MIN_OVERSAMPLING})). cos: mean of the "
         f"top-min(r, rank) principal cosines of one layer (rank: singular values above {RANK_TOL} of the largest), "
@@ -279,15 +290,16 @@ def sketch_report(results: dict[str, Any]) -> str:
         "lists them as stale; `--keep-stale` keeps them).",
         "",
         "| model | r | passes | l | default | layers | mean cos A (V) | min cos A | mean cos B (U) | min cos B | exact s "
-        "| sketch s | exact MB | sketch MB/pass | load | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sketch s | exact MB | sketch MB/pass | load | threads | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for x in rows:
         lines.append(
             f"| {x['model']} | {x['r']} | {x['passes']} | {x['width']} | {'yes' if x['default'] else 'no'} | {x['layers']} | "
             f"{x['mean_cos_a']:.4f} | {x['min_cos_a']:.4f} | {x['mean_cos_b']:.4f} | {x['min_cos_b']:.4f} | "
-            f"{x['exact_seconds']:.1f} | {x['sketch_seconds']:.1f} | {x['exact_mb']:.1f} | {x['sketch_mb_per_pass']:.1f} | "
-            f"{x['load_average']:.1f} | {short_commit(x.get('commit'))} |"
+            f"{x['exact_seconds']:.1f}{'' if x.get('exact_warm') else ' (cold)'} | {x['sketch_seconds']:.1f} | "
+            f"{x['exact_mb']:.1f} | {x['sketch_mb_per_pass']:.1f} | {x['load_average']:.1f} | {x.get('threads', '?')} | "
+            f"{short_commit(x.get('commit'))} |"
         )
     lines += ["", f"Target: mean top-r principal cosine of A >= {TARGET} at the default settings.", *_verdict(rows)]
     return "\n".join(lines) + "\n"
@@ -317,7 +329,7 @@ def run_sketch(
     rewrite sketch_accuracy.md from the JSON. ``command`` is recorded with the records it measured.
 
     Returns ``headlines`` (the default rows against the target), ``ran`` (the keys measured now), ``n_runs``
-    (records in the JSON), ``problems`` (none), ``output_dir`` and ``report`` (the .md's path).
+    (records in the JSON), ``problems`` (none), ``output_dir`` and ``reports`` (the .md's path, in a list).
     """
     request = request or SketchRequest()
     out = Path(output_dir)
@@ -325,6 +337,26 @@ def run_sketch(
     path = results_path(out)
     missing = set(_wanted(request, results["rows"], redo, keep_stale))
     ran: list[str] = []
+    threads = torch.get_num_threads()
+    try:
+        if request.threads is not None:
+            torch.set_num_threads(request.threads)
+        _measure(request, results, path, out, missing, ran, command)
+    finally:
+        torch.set_num_threads(threads)
+    if results["rows"]:
+        write_text_atomically(out / f"{RESULTS_NAME}.md", sketch_report(results))
+    headlines = [
+        f"sketch {x['model']} r={x['r']}: mean cos A {x['mean_cos_a']:.4f} (min {x['min_cos_a']:.4f}; target {TARGET})"
+        for x in results["rows"].values() if x["default"]
+    ]
+    return {"headlines": headlines, "ran": ran, "n_runs": len(results["rows"]), "problems": [], "output_dir": str(out),
+            "reports": [str(out / f"{RESULTS_NAME}.md")]}
+
+
+def _measure(request: SketchRequest, results: dict[str, Any], path: Path, out: Path, missing: set[str], ran: list[str],
+             command: str) -> None:
+    """Measure the ``missing`` records of ``request`` into ``results``, saving the JSON after each (``ran``: their keys)."""
     for name in request.models:
         wanted = [(r, s) for r in request.ranks for s in request.sketch_settings() if row_key(name, r, *s) in missing]
         if not wanted:
@@ -344,14 +376,6 @@ def run_sketch(
             ran.append(key)
             write_json_atomically(path, results)  # each record survives an interruption; the .md follows from it
             logger.info("sketch %s: %s", key, json.dumps(row))
-    if results["rows"]:
-        write_text_atomically(out / f"{RESULTS_NAME}.md", sketch_report(results))
-    headlines = [
-        f"sketch {x['model']} r={x['r']}: mean cos A {x['mean_cos_a']:.4f} (min {x['min_cos_a']:.4f}; target {TARGET})"
-        for x in results["rows"].values() if x["default"]
-    ]
-    return {"headlines": headlines, "ran": ran, "n_runs": len(results["rows"]), "problems": [], "output_dir": str(out),
-            "reports": [str(out / f"{RESULTS_NAME}.md")]}
 
 
 def _setting(text: str) -> tuple[int, Optional[int]]:
@@ -374,6 +398,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="sketch settings PASSES[:OVERSAMPLING] to measure (default: the library default)")
     parser.add_argument("--output-dir", default=f"benchmarks/results/{SKETCH_SUITE}",
                         help=f"folder of {RESULTS_NAME}.json (resumed) and {RESULTS_NAME}.md")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads while measuring (default: torch's)")
     parser.add_argument("--redo", action="store_true", help="measure records already in the JSON again")
     parser.add_argument("--keep-stale", action="store_true",
                         help="keep records measured by other code (another commit of src/giva, or none recorded)")
@@ -381,7 +406,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         request = SketchRequest(
             models=tuple(args.models), ranks=tuple(args.ranks), settings=tuple(args.sketch) if args.sketch else None,
-            num_batches=args.num_batches, batch_size=args.batch_size, max_length=args.max_length,
+            num_batches=args.num_batches, batch_size=args.batch_size, max_length=args.max_length, threads=args.threads,
         )
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         command = " ".join(["python -m giva.bench.sketch", *(argv if argv is not None else sys.argv[1:])])
