@@ -1048,6 +1048,7 @@ def test_records_name_the_last_commit_that_changed_the_source_and_match_only_tha
     assert not same("0123456-dirty-aaaaaaaaaaaa", "0123456-dirty-bbbbbbbbbbbb")
     assert not same("0123456-dirty-aaaaaaaaaaaa", "0123456")
     assert versions_module.short_commit(None) == "unknown" and versions_module.short_commit("0123456789-dirty-ab") == "0123456-dirty"
+    assert versions_module.short_commit("9dcf287+dirty") == "9dcf287-dirty"
     versions_module.code_commit.cache_clear()
     monkeypatch.setattr(versions_module.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
     monkeypatch.setenv("GIVA_COMMIT", "0123abc")

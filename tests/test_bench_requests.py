@@ -12,7 +12,7 @@ import pytest
 
 from giva.bench import plan_benchmark, suite_names
 from giva.bench.runner import load_runs
-from giva.bench.scale import MODELS, plan_scale
+from giva.bench.scale import MODELS, plan_scale, shape
 from giva.bench.serve import DEFAULT_MODELS, ServeSettings, plan_serve
 from giva.bench.serve_memory import plan_adapter_memory
 from giva.bench.versions import code_commit, short_commit
@@ -79,10 +79,15 @@ def test_serve_dry_run_lists_every_point_of_an_empty_folder_and_every_stale_poin
 def test_scale_dry_run_lists_only_the_records_not_measured_ok(tmp_path: Path) -> None:
     everything = [f"scale: {name}/{kind}" for name, spec in MODELS.items() for kind in spec.kinds]
     assert plan_scale(tmp_path) == everything
-    (tmp_path / "results.json").write_text(json.dumps({"runs": {"smollm2-135m/exact": {"status": "ok"},
-                                                                "llama-3b/exact": {"status": "skipped_memory"}}}))
+    small = shape(MODELS["smollm2-135m"])
+    (tmp_path / "results.json").write_text(json.dumps({"runs": {
+        "smollm2-135m/exact": {"status": "ok", "shape": small},
+        "smollm2-135m/sketch": {"status": "ok", "shape": {**small, "seq_len": 128}},  # other shapes: measured again
+        "llama-3b/exact": {"status": "skipped_memory"},
+    }}))
     planned = plan_scale(tmp_path)
     assert "scale: smollm2-135m/exact" not in planned and "scale: llama-3b/exact" in planned
+    assert f"scale: smollm2-135m/sketch (measured with other shapes: {({**small, 'seq_len': 128})})" in planned
     assert len(planned) == len(everything) - 1
 
 

@@ -224,6 +224,8 @@ def _bench(args: argparse.Namespace) -> int:
                           f"finished run(s) of its {est['basis']}) = {est['seconds'] / 3600:.2f} h")
             known = [e["seconds"] for e in plan["estimate"].values() if e["seconds"] is not None]
             unknown = sum(e["runs"] for e in plan["estimate"].values() if e["seconds"] is None)
+            for note in plan.get("notes", []):  # kept, not run: records of other code the suite marks instead
+                print(note)
             print(f"giva bench --dry-run: {len(plan['runs'])} run(s) to add now, {len(plan['waiting'])} row(s) waiting "
                   f"({plan['output_dir']}); adaptive LR sweeps may add more once these finish")
             if plan["estimate"]:

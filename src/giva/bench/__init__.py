@@ -19,7 +19,7 @@ from .gpu import FULL, GPU_SUITE, TINY, plan, run_gpu
 from .qlora import QLORA_SUITE, plan_qlora, run_qlora
 from .report import PLOTS, write_report
 from .runner import dry_run, load_runs, run_suite, select_phases
-from .scale import SCALE_SUITE, plan_scale, run_scale
+from .scale import SCALE_SUITE, plan_scale, run_scale, scale_notes
 from .schema import validate_run
 from .serve import SERVE_SUITE, plan_serve, run_serve, serve_plan
 from .sketch import SKETCH_SUITE, plan_sketch, run_sketch
@@ -110,7 +110,8 @@ def plan_benchmark(
     root: Optional[Path] = None, phases: Optional[Sequence[str]] = None, keep_stale: bool = False,
 ) -> dict[str, Any]:
     """What ``run_benchmark`` with the same arguments would run now (``giva bench --dry-run``), running nothing:
-    {'runs': run ids, 'waiting': rows waiting on another sweep, 'estimate': run time by phase, 'output_dir'}.
+    {'runs': run ids, 'waiting': rows waiting on another sweep, 'estimate': run time by phase, 'output_dir'}, and for
+    the scale suite 'notes': the records a run keeps although other code measured them.
     ``keep_stale`` (serve, sketch): records measured by other code count as done."""
     root = root or benchmarks_dir()
     check_request(suite, quick, output_dir, phases, root, keep_stale)
@@ -124,7 +125,7 @@ def plan_benchmark(
         runs = serve_plan(out) if torch.cuda.is_available() else plan_serve(out, keep_stale=keep_stale)
         return {"runs": runs, "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SCALE_SUITE:
-        return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
+        return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out), "notes": scale_notes(out)}
     if name == QLORA_SUITE:
         return {"runs": plan_qlora(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SKETCH_SUITE:

@@ -101,8 +101,8 @@ def same_code(recorded: Optional[str], current: str) -> bool:
 
 
 def short_commit(commit: Optional[str]) -> str:
-    """A commit as a table prints it: 7 hex digits (``-dirty`` kept), or ``unknown``."""
+    """A commit as a table prints it: 7 hex digits, ``-dirty`` when it had uncommitted changes (``-dirty-<digest>``
+    here, ``+dirty`` in the scale suite's older records), or ``unknown``."""
     if not commit or commit == "unknown":
         return "unknown"
-    head, dirty, _ = commit.partition("-dirty")
-    return head[:7] + ("-dirty" if dirty else "")
+    return commit[:7] + ("-dirty" if "dirty" in commit else "")
