@@ -3,7 +3,8 @@
 For N = 1, 8, 32, 128 adapters on the same layers, per model: bytes each extra adapter adds in memory
 (distinct tensors of the method, so shared bases count once; GiVA with A in fp32 and in bf16, PEFT LoRA r=8)
 and forward throughput (tokens/s) of one mixed batch (each row a random adapter among N; the same rows for
-GiVA and LoRA) against the base model alone and one merged GiVA adapter.
+GiVA and LoRA) against the base model alone and one merged GiVA adapter. At N = 1 GiVA and LoRA both run their
+plain single-adapter forward (the adapter active, no ``adapter_names``), so like is timed against like.
 
 Timings are interleaved: at each N every timed model runs once per round, in an order rotated from round
 to round, so a slow spell of a shared machine hits all methods alike; each method's throughput is the median
@@ -48,6 +49,8 @@ logger = logging.getLogger(__name__)
 SERVE_SUITE = "serve"
 PLOT_NAME = "serve.png"
 BASE, MERGED = "base model", "one merged adapter"
+# How the adapter models were called: with the one adapter active (N = 1), or with adapter_names (a mixed batch).
+SINGLE, MIXED = "active adapter", "adapter_names"
 
 
 @dataclass(frozen=True)
@@ -267,14 +270,21 @@ def measure_model(
             continue
         started = time.time()
         fns = {label: _forward(model, ids) for label, model in plain.items()}
+        # At N = 1 both run their plain single-adapter forward (the one adapter active, no adapter_names): given
+        # adapter_names, GiVA takes its single-adapter path when the batch names one adapter and PEFT LoRA always its
+        # mixed-batch one, which timed two different code paths against each other.
+        forward = SINGLE if n == 1 else MIXED
         for method in TIMED_ADAPTER_METHODS:
             models[method].eval()
-            fns[_label(method, settings.r)] = _forward(models[method], ids, adapter_names=names)
+            kwargs = {} if n == 1 else {"adapter_names": names}
+            fns[_label(method, settings.r)] = _forward(models[method], ids, **kwargs)
         times = time_interleaved(fns, spec.rounds or settings.rounds)
         giva, lora = _label("giva", settings.r), _label("lora", settings.r)
         ratios = [t_lora / t_giva for t_giva, t_lora in zip(times[giva], times[lora])]
         for label in fns:
             rows.append(_timing_row(spec, n, label, names, times[label], tokens))
+            if label not in (BASE, MERGED):
+                rows[-1]["forward"] = forward
         for method, model in models.items():
             total = adapter_bytes(model, _prefix(method))
             row = next((r for r in rows if r["n_adapters"] == n and r["method"] == _label(method, settings.r)), None)
@@ -347,7 +357,10 @@ def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[Se
         "# Serving many adapters: mixed batches",
         "",
         "Command: `giva bench --suite serve`. Each row of the batch uses a random adapter among N "
-        "(`adapter_names=[...]`, the same rows for GiVA and LoRA). Throughput: tokens/s, median over "
+        "(`adapter_names=[...]`, the same rows for GiVA and LoRA); at N = 1 both run their plain single-adapter "
+        "forward instead (the adapter active, no `adapter_names`). A point marked `unlike for like` was timed "
+        "before that change, through `adapter_names` at N = 1 too, where GiVA took its single-adapter forward and "
+        "LoRA its mixed-batch one: it compares two different code paths. Throughput: tokens/s, median over "
         "interleaved rounds (each round times every model once, the order rotated per round, after one warm-up "
         f"round); torch {torch_version}, {settings.threads or torch.get_num_threads()} thread(s). "
         "GiVA / LoRA: the ratio of the two throughputs within each round, median (min-max over rounds).",
@@ -369,8 +382,10 @@ def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[Se
             if any(c is None for c in cells.values()):
                 continue
             ratio = cells["GiVA / LoRA"]
+            unlike = n == 1 and cells[giva].get("forward") != SINGLE
             lines.append(
-                f"| {spec.name} | {n} | {cells[giva]['distinct_adapters_in_batch']} | {cells[BASE]['tokens_per_s']:.0f} | "
+                f"| {spec.name} | {n}{' (unlike for like)' if unlike else ''} | {cells[giva]['distinct_adapters_in_batch']} | "
+                f"{cells[BASE]['tokens_per_s']:.0f} | "
                 f"{cells[MERGED]['tokens_per_s']:.0f} | {cells[giva]['tokens_per_s']:.0f} | {cells[lora]['tokens_per_s']:.0f} | "
                 f"{ratio['ratio_median']:.2f} ({ratio['ratio_min']:.2f}-{ratio['ratio_max']:.2f}) | "
                 f"{sum(x >= 1 for x in ratio['per_round_ratio'])} of {len(ratio['per_round_ratio'])} | "
@@ -598,8 +613,14 @@ def _write(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, model
 
 
 def _summary(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...]) -> dict[str, Any]:
+    def how(r: dict[str, Any]) -> str:
+        if r["n_adapters"] > 1:
+            return "mixed-batch"
+        giva = _find(rows, r["model"], 1, _label("giva", settings.r))
+        return "single-adapter" if giva and giva.get("forward") == SINGLE else "N=1 unlike-for-like"
+
     headlines = [
-        f"{r['model']} N={r['n_adapters']}: GiVA/LoRA mixed-batch throughput x{r['ratio_median']:.2f} "
+        f"{r['model']} N={r['n_adapters']}: GiVA/LoRA {how(r)} throughput x{r['ratio_median']:.2f} "
         f"per round (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f})"
         for r in rows if r["method"] == "GiVA / LoRA"
     ]
