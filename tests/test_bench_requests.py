@@ -108,6 +108,30 @@ def test_cli_reports_a_bad_request_in_one_line_with_exit_2() -> None:
     assert result.stderr.strip().splitlines()[-1] == "giva bench: --phases names no phase; give comma-separated phase names"
 
 
+@pytest.mark.parametrize(("suite", "adaptive"), [("serve", False), ("scale", False), ("sketch", False), ("qlora", False),
+                                               ("finetune", True), ("quick", True)])
+def test_the_dry_run_mentions_adaptive_sweeps_only_for_suites_that_have_them(suite: str, adaptive: bool, tmp_path: Path,
+                                                                             capsys, monkeypatch) -> None:
+    from giva import cli
+
+    monkeypatch.chdir(BENCH.parent)
+    assert cli.main(["bench", "--suite", suite, "--dry-run", "--output-dir", str(tmp_path / suite)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("giva bench --dry-run: "))
+    assert ("adaptive LR sweeps may add more" in line) == adaptive
+
+
+def test_cli_keeps_stale_records_only_when_told(capsys, monkeypatch) -> None:
+    from giva import cli
+
+    monkeypatch.chdir(BENCH.parent)
+    assert cli.main(["bench", "--suite", "sketch", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("giva bench --dry-run: 6 run(s) to add now")
+    assert cli.main(["bench", "--suite", "sketch", "--dry-run", "--keep-stale"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("giva bench --dry-run: 0 run(s) to add now")
+    assert cli.main(["bench", "--suite", "evidence", "--dry-run", "--keep-stale"]) == 2
+    assert "--keep-stale applies to the serve and sketch suites" in capsys.readouterr().err
+
+
 def test_cli_names_a_missing_quantisation_package_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """`giva bench --phases clm-nf4` without bitsandbytes: one line and exit 2, before any task loads."""
     import importlib.util

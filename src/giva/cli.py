@@ -226,8 +226,9 @@ def _bench(args: argparse.Namespace) -> int:
             unknown = sum(e["runs"] for e in plan["estimate"].values() if e["seconds"] is None)
             for note in plan.get("notes", []):  # kept, not run: records of other code the suite marks instead
                 print(note)
+            adaptive = args.suite == "finetune" or args.suite not in CODE_SUITES  # the suites whose LR sweeps extend
             print(f"giva bench --dry-run: {len(plan['runs'])} run(s) to add now, {len(plan['waiting'])} row(s) waiting "
-                  f"({plan['output_dir']}); adaptive LR sweeps may add more once these finish")
+                  f"({plan['output_dir']})" + ("; adaptive LR sweeps may add more once these finish" if adaptive else ""))
             if plan["estimate"]:
                 print(f"estimated run time of the listed training runs: {sum(known) / 3600:.1f} h"
                       + (f", plus {unknown} run(s) with nothing to go by" if unknown else "")
