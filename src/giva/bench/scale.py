@@ -360,7 +360,9 @@ def run_one(model: str, kind: str, scratch: Path) -> dict[str, Any]:
 
 
 def commit() -> str:
-    """The checkout's short commit, with ``+dirty`` if src/giva has uncommitted changes (what a record was measured with)."""
+    """The checkout's short HEAD commit, with ``+dirty`` if src/giva has uncommitted changes: what :func:`compare`,
+    :func:`cpu_contention` and the qlora and finetune suites record. :func:`run_scale`'s records name
+    :func:`~giva.bench.versions.code_commit` instead (the code, which committing results does not move)."""
     root = Path(__file__).resolve().parents[3]
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return (head or "unknown") + ("+dirty" if uncommitted() else "")
