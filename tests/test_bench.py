@@ -1027,6 +1027,35 @@ def test_records_name_the_source_commit_they_were_measured_with(monkeypatch) -> 
     versions_module.source_commit.cache_clear()
 
 
+def test_records_name_the_last_commit_that_changed_the_source_and_match_only_that_code(monkeypatch) -> None:
+    """code_commit is what the serve, sketch and scale suites resume by: committing results or docs leaves it as it
+    is (HEAD would move with them), uncommitted source changes give it a digest of those changes, and a record of
+    unknown or other code never matches."""
+    import subprocess
+
+    from giva.bench import versions as versions_module
+
+    versions_module.code_commit.cache_clear()
+    source = Path(versions_module.__file__).parents[1]
+    last = subprocess.run(["git", "log", "-1", "--format=%H", "--", str(source)], capture_output=True, text=True, cwd=source)
+    commit = versions_module.code_commit()
+    if last.returncode == 0 and last.stdout.strip():
+        head, _, digest = commit.partition("-dirty-")
+        assert head == last.stdout.strip() and (digest == "" or len(digest) == 12)
+    same = versions_module.same_code
+    assert same(commit, commit) and same("0123456789abcdef" * 2, "0123456") and same("0123456", "0123456789abcdef" * 2)
+    assert not same(None, commit) and not same("unknown", "unknown") and not same("0123456", "0123457" + "0" * 33)
+    assert not same("0123456-dirty-aaaaaaaaaaaa", "0123456-dirty-bbbbbbbbbbbb")
+    assert not same("0123456-dirty-aaaaaaaaaaaa", "0123456")
+    assert versions_module.short_commit(None) == "unknown" and versions_module.short_commit("0123456789-dirty-ab") == "0123456-dirty"
+    assert versions_module.short_commit("9dcf287+dirty") == "9dcf287-dirty"
+    versions_module.code_commit.cache_clear()
+    monkeypatch.setattr(versions_module.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(FileNotFoundError("git")))
+    monkeypatch.setenv("GIVA_COMMIT", "0123abc")
+    assert versions_module.code_commit() == "0123abc"
+    versions_module.code_commit.cache_clear()
+
+
 def test_an_installed_giva_inside_another_repository_names_no_commit(tmp_path) -> None:
     """A giva installed in a virtual environment inside some other project's checkout must not report that
     project's commit as its own: only a checkout that tracks giva's source names one."""

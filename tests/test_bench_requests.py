@@ -12,9 +12,10 @@ import pytest
 
 from giva.bench import plan_benchmark, suite_names
 from giva.bench.runner import load_runs
-from giva.bench.scale import MODELS, plan_scale
+from giva.bench.scale import MODELS, plan_scale, shape
 from giva.bench.serve import DEFAULT_MODELS, ServeSettings, plan_serve
 from giva.bench.serve_memory import plan_adapter_memory
+from giva.bench.versions import code_commit, short_commit
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -33,6 +34,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
          r"suite 'finetune' has no phase\(s\) \['nosuch'\]; its phases are \['lr', 'calibration', 'init-mode', 'rank-conll', 'bases-dtype'\]$"),
         ({"suite": "finetune", "phases": []}, "--phases names no phase"),
         ({"suite": "finetune", "quick": True}, "--quick runs the 'quick' suite .*; it cannot be combined with --suite finetune"),
+        ({"suite": "evidence", "keep_stale": True},
+         "--keep-stale applies to the serve and sketch suites .*; not to --suite evidence$"),
+        ({"suite": "scale", "keep_stale": True}, "not to --suite scale \\(it keeps records of other code and marks them"),
+        ({"quick": True, "keep_stale": True}, "not to --suite quick$"),
     ],
 )
 def test_requests_that_would_be_ignored_are_refused(kwargs: dict, message: str) -> None:
@@ -54,22 +59,35 @@ def test_suite_names_are_the_json_suites_then_serve_scale_gpu_sketch_finetune_an
     assert set(names[:-6]) == {p.stem for p in (BENCH / "suites").glob("*.json")}
 
 
-def test_serve_dry_run_lists_every_point_of_an_empty_folder_and_none_of_a_finished_one(tmp_path: Path) -> None:
+def test_serve_dry_run_lists_every_point_of_an_empty_folder_and_every_stale_point_of_the_committed_one(tmp_path: Path) -> None:
     planned = plan_serve(tmp_path)
     memory = plan_adapter_memory(tmp_path)  # first the byte counts (adapter_memory.json): two models, then one with its head
     assert len(memory) == 3 and planned[:3] == memory
     assert len(planned) == 3 + len(DEFAULT_MODELS) * len(ServeSettings().ns)
     assert plan_benchmark("serve", output_dir=tmp_path, root=BENCH)["runs"] == planned
-    assert plan_serve(BENCH / "results" / "serve") == []  # the committed results are complete
+    # The committed timings name no code commit (recorded before rows did): stale, every point is planned again
+    # (the byte counts are complete), unless --keep-stale keeps them.
+    committed = BENCH / "results" / "serve"
+    stale = plan_serve(committed)
+    assert [line.split(":")[1].strip() for line in stale] == [f"{m.name} N={n}" for m in DEFAULT_MODELS for n in ServeSettings().ns]
+    assert all(line.endswith(f"(recorded at commit unknown, the code is now {short_commit(code_commit())}: stale)") for line in stale)
+    assert plan_benchmark("serve", output_dir=committed, root=BENCH)["runs"] == stale
+    assert plan_serve(committed, keep_stale=True) == []
+    assert plan_benchmark("serve", output_dir=committed, root=BENCH, keep_stale=True)["runs"] == []
 
 
 def test_scale_dry_run_lists_only_the_records_not_measured_ok(tmp_path: Path) -> None:
     everything = [f"scale: {name}/{kind}" for name, spec in MODELS.items() for kind in spec.kinds]
     assert plan_scale(tmp_path) == everything
-    (tmp_path / "results.json").write_text(json.dumps({"runs": {"smollm2-135m/exact": {"status": "ok"},
-                                                                "llama-3b/exact": {"status": "skipped_memory"}}}))
+    small = shape(MODELS["smollm2-135m"])
+    (tmp_path / "results.json").write_text(json.dumps({"runs": {
+        "smollm2-135m/exact": {"status": "ok", "shape": small},
+        "smollm2-135m/sketch": {"status": "ok", "shape": {**small, "seq_len": 128}},  # other shapes: measured again
+        "llama-3b/exact": {"status": "skipped_memory"},
+    }}))
     planned = plan_scale(tmp_path)
     assert "scale: smollm2-135m/exact" not in planned and "scale: llama-3b/exact" in planned
+    assert f"scale: smollm2-135m/sketch (measured with other shapes: {({**small, 'seq_len': 128})})" in planned
     assert len(planned) == len(everything) - 1
 
 
@@ -88,6 +106,30 @@ def test_cli_reports_a_bad_request_in_one_line_with_exit_2() -> None:
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == "giva bench: --phases names no phase; give comma-separated phase names"
+
+
+@pytest.mark.parametrize(("suite", "adaptive"), [("serve", False), ("scale", False), ("sketch", False), ("qlora", False),
+                                               ("finetune", True), ("quick", True)])
+def test_the_dry_run_mentions_adaptive_sweeps_only_for_suites_that_have_them(suite: str, adaptive: bool, tmp_path: Path,
+                                                                             capsys, monkeypatch) -> None:
+    from giva import cli
+
+    monkeypatch.chdir(BENCH.parent)
+    assert cli.main(["bench", "--suite", suite, "--dry-run", "--output-dir", str(tmp_path / suite)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("giva bench --dry-run: "))
+    assert ("adaptive LR sweeps may add more" in line) == adaptive
+
+
+def test_cli_keeps_stale_records_only_when_told(capsys, monkeypatch) -> None:
+    from giva import cli
+
+    monkeypatch.chdir(BENCH.parent)
+    assert cli.main(["bench", "--suite", "sketch", "--dry-run"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("giva bench --dry-run: 6 run(s) to add now")
+    assert cli.main(["bench", "--suite", "sketch", "--dry-run", "--keep-stale"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("giva bench --dry-run: 0 run(s) to add now")
+    assert cli.main(["bench", "--suite", "evidence", "--dry-run", "--keep-stale"]) == 2
+    assert "--keep-stale applies to the serve and sketch suites" in capsys.readouterr().err
 
 
 def test_cli_names_a_missing_quantisation_package_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

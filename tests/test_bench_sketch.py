@@ -18,6 +18,20 @@ from tiny_models import text_batches, tiny_bert
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 COMMITTED = BENCH / "results" / "sketch"
 ALL = [f"sketch: {m}/r{r}/p3/odefault" for m in ("minilm", "smollm2") for r in (8, 32, 64)]
+NOW = "c" * 40  # the code commit the tests run as
+STALE = " (recorded at commit unknown, the code is now ccccccc: stale)"  # the committed records name no commit
+
+
+@pytest.fixture(autouse=True)
+def code_at_a_known_commit(monkeypatch) -> None:
+    monkeypatch.setattr(sketch, "code_commit", lambda: NOW, raising=False)
+
+
+def _stamp(path: Path, commit: str = NOW) -> dict:
+    """The records at ``path`` as if measured by the code at ``commit`` (returned as they were before)."""
+    records = json.loads(path.read_text())
+    path.write_text(json.dumps({**records, "rows": {k: {**v, "commit": commit} for k, v in records["rows"].items()}}))
+    return records
 
 
 def _no_model(*args, **kwargs):
@@ -31,12 +45,35 @@ def committed(tmp_path: Path) -> Path:
     return out
 
 
-def test_the_dry_run_lists_every_record_of_an_empty_folder_and_none_of_the_committed_one(tmp_path: Path) -> None:
+def test_the_dry_run_lists_every_record_of_an_empty_folder_and_every_stale_one_of_the_committed_one(tmp_path: Path) -> None:
     assert plan_sketch(tmp_path) == ALL
     assert plan_benchmark("sketch", output_dir=tmp_path, root=BENCH)["runs"] == ALL
-    assert plan_sketch(COMMITTED) == []
+    # the committed records were measured before records named their commit (d6d38f5, on code changed since)
+    assert plan_sketch(COMMITTED) == [key + STALE for key in ALL]
+    assert plan_benchmark("sketch", output_dir=COMMITTED, root=BENCH)["runs"] == [key + STALE for key in ALL]
+    assert plan_sketch(COMMITTED, keep_stale=True) == []
+    assert plan_benchmark("sketch", output_dir=COMMITTED, root=BENCH, keep_stale=True)["runs"] == []
     other = SketchRequest(models=("smollm2",), ranks=(8,), settings=((4, 16), (3, None)))
-    assert plan_sketch(COMMITTED, other) == ["sketch: smollm2/r8/p4/o16"]
+    assert plan_sketch(COMMITTED, other) == ["sketch: smollm2/r8/p4/o16", "sketch: smollm2/r8/p3/odefault" + STALE]
+    assert plan_sketch(COMMITTED, other, keep_stale=True) == ["sketch: smollm2/r8/p4/o16"]
+
+
+def test_records_of_other_code_are_measured_again_and_name_the_code_and_default_they_measured(committed: Path, monkeypatch) -> None:
+    path = committed / "sketch_accuracy.json"
+    before = _stamp(path, "d" * 40)
+    assert plan_sketch(committed) == [key + " (recorded at commit ddddddd, the code is now ccccccc: stale)" for key in ALL]
+    monkeypatch.setattr(sketch, "load", lambda name: (tiny_bert(), None, False))
+    monkeypatch.setattr(sketch, "batches", lambda tokenizer, n, size, length, causal: text_batches(n=n, batch=size))
+    result = run_sketch(committed, SketchRequest(models=("minilm",), ranks=(8,)))
+    assert result["ran"] == ["minilm/r8/p3/odefault"]
+    rows = json.loads(path.read_text())["rows"]
+    fresh = rows["minilm/r8/p3/odefault"]
+    assert fresh["commit"] == NOW and fresh["started_utc"][:2] == "20"
+    assert fresh["library_default"] == {"passes": 3, "oversampling": None, "min_oversampling": 32} and fresh["default"]
+    assert all(rows[k] == {**v, "commit": "d" * 40} for k, v in before["rows"].items() if k != "minilm/r8/p3/odefault")
+    table = (committed / "sketch_accuracy.md").read_text()
+    assert "| 0.9 | ccccccc |" not in table and table.count("| ddddddd |") == 5 and table.count(" | ccccccc |") == 1
+    assert plan_sketch(committed) == [key + " (recorded at commit ddddddd, the code is now ccccccc: stale)" for key in ALL[1:]]
 
 
 def test_the_committed_table_is_what_the_committed_records_give() -> None:
@@ -47,7 +84,7 @@ def test_the_committed_table_is_what_the_committed_records_give() -> None:
 def test_a_rerun_with_every_record_measures_nothing_and_rewrites_the_same_files(committed: Path, monkeypatch) -> None:
     before = {p.name: p.read_bytes() for p in committed.iterdir()}
     monkeypatch.setattr(sketch, "load", _no_model)
-    result = run_benchmark("sketch", output_dir=committed, root=BENCH)
+    result = run_benchmark("sketch", output_dir=committed, root=BENCH, keep_stale=True)  # the committed ones are stale
     assert result["ran"] == [] and result["n_runs"] == 6 and result["reports"] == [str(committed / "sketch_accuracy.md")]
     assert {p.name: p.read_bytes() for p in committed.iterdir()} == before
     assert result["headlines"][0] == "sketch minilm r=8: mean cos A 0.9997 (min 0.9987; target 0.99)"
@@ -55,6 +92,7 @@ def test_a_rerun_with_every_record_measures_nothing_and_rewrites_the_same_files(
 
 def test_a_missing_record_is_measured_alone_and_the_others_are_kept(committed: Path, monkeypatch) -> None:
     path = committed / "sketch_accuracy.json"
+    _stamp(path)  # as if measured by the code that runs
     records = json.loads(path.read_text())
     del records["rows"]["minilm/r8/p3/odefault"]
     path.write_text(json.dumps(records, indent=1))
@@ -72,6 +110,61 @@ def test_a_missing_record_is_measured_alone_and_the_others_are_kept(committed: P
     assert {k: v for k, v in after["rows"].items() if k != "minilm/r8/p3/odefault"} == records["rows"]
     assert after["commands"] == [*records["commands"], "giva bench --suite sketch"]
     assert plan_sketch(committed) == []
+
+
+def test_the_reference_is_timed_after_an_untimed_warm_up_pass(monkeypatch) -> None:
+    """The exact reference was timed as the process's first forward and backward (cold) while every sketch row ran
+    warm after it: a fake clock that charges 100 s to the first gradient pass and 1 s to each later one shows the
+    reference's time is a warm pass's (plus the SVDs, free on this clock)."""
+    import types
+
+    import giva.init
+
+    real = giva.init.compute_gradients
+    calls: list[int] = []
+    clock = [0.0]
+
+    def charged(*args, **kwargs):
+        clock[0] += 100.0 if not calls else 1.0
+        calls.append(kwargs["num_batches"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(giva.init, "compute_gradients", charged)
+    monkeypatch.setattr(sketch, "time", types.SimpleNamespace(perf_counter=lambda: clock[0], time=lambda: 0.0))
+    data = text_batches(n=2, batch=4)
+    exact = sketch.reference(tiny_bert(), data, "SEQ_CLS")
+    assert calls == [2, 2]  # the warm-up pass, then the timed one, both over every batch
+    assert exact["seconds"] == 1.0
+
+
+def test_the_thread_count_is_set_while_measuring_recorded_and_given_back(tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    real = sketch.reference
+    monkeypatch.setattr(sketch, "reference", lambda *a: seen.append(torch.get_num_threads()) or real(*a))
+    monkeypatch.setattr(sketch, "load", lambda name: (tiny_bert(), None, False))
+    monkeypatch.setattr(sketch, "batches", lambda tokenizer, n, size, length, causal: text_batches(n=n, batch=size))
+    run_sketch(tmp_path, SketchRequest(models=("minilm",), ranks=(4,), num_batches=2, batch_size=4, threads=1))
+    row = json.loads((tmp_path / "sketch_accuracy.json").read_text())["rows"]["minilm/r4/p3/odefault"]
+    assert seen == [1] and row["threads"] == 1 and row["exact_warm"] and torch.get_num_threads() == before
+    assert "| 1 | ccccccc |" in (tmp_path / "sketch_accuracy.md").read_text()
+    with pytest.raises(ValueError, match="SketchRequest.threads must be None or an integer >= 1, got 0"):
+        SketchRequest(threads=0)
+
+
+def test_the_command_line_measures_and_names_its_report(capsys, tmp_path: Path, monkeypatch) -> None:
+    """`python -m giva.bench.sketch` ends by printing where the table is, exit 0 (it raised KeyError 'report' after
+    every record was measured)."""
+    monkeypatch.setattr(sketch, "load", lambda name: (tiny_bert(), None, False))
+    monkeypatch.setattr(sketch, "batches", lambda tokenizer, n, size, length, causal: text_batches(n=n, batch=size))
+    assert sketch.main(["--models", "minilm", "--ranks", "8", "--num-batches", "2", "--batch-size", "4",
+                        "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == f"results: {tmp_path / 'sketch_accuracy.md'} (1 records, 1 new)"
+    assert out[0].startswith("sketch minilm r=8: mean cos A ")
+    assert (tmp_path / "sketch_accuracy.md").exists()
 
 
 @pytest.mark.parametrize(

@@ -530,6 +530,81 @@ def test_serve_benchmark_resumes_at_the_first_unfinished_n(tmp_path, monkeypatch
     ]
 
 
+def test_serve_benchmark_re_measures_points_of_other_code_unless_told_to_keep_them(tmp_path, monkeypatch):
+    """Each point's rows name the code commit they timed and when; a rerun by other code re-measures them (the
+    dry run lists them), replacing a point's rows only once it is measured again; --keep-stale keeps them."""
+    import giva.bench.serve as serve
+
+    tiny = serve.ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100)
+    settings = serve.ServeSettings(ns=(1, 3), rounds=1, r=4)
+    old, new = "a" * 40, "b" * 40
+    monkeypatch.setattr(serve, "code_commit", lambda: old)
+    first = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)["rows"]
+    assert {r["commit"] for r in first} == {old} and all(r["started_utc"][:2] == "20" for r in first)
+    assert "| aaaaaaa, 20" in (tmp_path / "results.md").read_text()
+    assert serve.plan_serve(tmp_path, (tiny,), settings) == []
+
+    monkeypatch.setattr(serve, "code_commit", lambda: new)  # the code changed since
+    planned = serve.plan_serve(tmp_path, (tiny,), settings)
+    assert planned == [f"serve: tiny-llama N={n}: base model, one merged adapter, mixed batches of giva, giva-bf16, lora "
+                       "(recorded at commit aaaaaaa, the code is now bbbbbbb: stale)" for n in (1, 3)]
+    assert serve.plan_serve(tmp_path, (tiny,), settings, keep_stale=True) == []
+    timed: list[int] = []
+    monkeypatch.setattr(serve, "time_interleaved", lambda fns, rounds: timed.append(1) or pytest.fail("measured"))
+    kept = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False, keep_stale=True)
+    assert timed == [] and kept["ran"] == [] and kept["rows"] == first
+
+    def stop_at_the_second_point(fns, rounds):
+        timed.append(1)
+        if len(timed) == 2:
+            raise KeyboardInterrupt
+        return {name: [0.01] * rounds for name in fns}
+
+    monkeypatch.setattr(serve, "time_interleaved", stop_at_the_second_point)
+    with pytest.raises(KeyboardInterrupt):
+        serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)
+    saved = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {(r["n_adapters"], r["commit"]) for r in saved} == {(1, new), (3, old)}  # N = 3 kept until re-measured
+    resumed = serve.run_serve(tmp_path, models=(tiny,), settings=settings, progress=False)
+    assert resumed["ran"] == ["tiny-llama N=3"] and {r["commit"] for r in resumed["rows"]} == {new}
+    assert serve.plan_serve(tmp_path, (tiny,), settings) == []
+
+
+def test_serve_benchmark_times_n_1_through_both_plain_single_adapter_forwards(tmp_path, monkeypatch):
+    """At N = 1 GiVA and LoRA are both called without adapter_names (their one adapter active): given adapter_names,
+    GiVA took its single-adapter path and PEFT LoRA its mixed-batch one. From N = 2 on both get adapter_names."""
+    import giva.bench.serve as serve
+
+    calls: list[tuple[int, str, tuple[str, ...]]] = []
+    real = serve._forward
+
+    def spy(model, ids, **kwargs):
+        if hasattr(model, "peft_config"):
+            kind = "lora" if "lora" in type(model.peft_config["t0"]).__name__.lower() else "giva"
+            calls.append((len(model.peft_config), kind, tuple(kwargs)))
+            assert model.active_adapter == "t0"
+        return real(model, ids, **kwargs)
+
+    monkeypatch.setattr(serve, "_forward", spy)
+    tiny = serve.ServeModel("tiny-llama", tiny_llama, "all-linear", batch_size=4, seq_len=6, vocab_size=100, methods=("giva", "lora"))
+    result = serve.run_serve(tmp_path, models=(tiny,), settings=serve.ServeSettings(ns=(1, 3), rounds=1, r=4), progress=False)
+    assert sorted(calls) == [(1, "giva", ()), (1, "lora", ()), (3, "giva", ("adapter_names",)), (3, "lora", ("adapter_names",))]
+    forwards = {(r["n_adapters"], r["method"]): r.get("forward") for r in result["rows"] if r.get("tokens_per_s") is not None}
+    assert forwards == {(n, m): None if m in ("base model", "one merged adapter") else ("active adapter" if n == 1 else "adapter_names")
+                        for n in (1, 3) for m in ("base model", "one merged adapter", "GiVA r=4", "LoRA r=4")}
+    table = (tmp_path / "results.md").read_text()
+    assert "| tiny-llama | 1 | 1 |" in table and "unlike for like) |" not in table
+    assert result["headlines"][0].startswith("tiny-llama N=1: GiVA/LoRA single-adapter throughput x")
+    # a point timed before the change (no 'forward' recorded) is marked as the unlike-for-like comparison it was
+    saved = json.loads((tmp_path / "results.json").read_text())
+    for row in saved["rows"]:
+        row.pop("forward", None)
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    again = serve.run_serve(tmp_path, models=(tiny,), settings=serve.ServeSettings(ns=(1, 3), rounds=1, r=4), progress=False)
+    assert "| tiny-llama | 1 (unlike for like) | 1 |" in (tmp_path / "results.md").read_text()
+    assert again["headlines"][0].startswith("tiny-llama N=1: GiVA/LoRA N=1 unlike-for-like throughput x")
+
+
 def test_serve_benchmark_stand_in_adapters_are_random_keep_their_dtype_and_share_b(tmp_path):
     from giva.bench.serve import ServeModel, ServeSettings, _config, fill_stand_in, run_serve, stand_in_shapes
 

@@ -213,7 +213,8 @@ def _bench(args: argparse.Namespace) -> int:
         if args.report_only and (args.dry_run or phases):
             raise ValueError("--report-only runs nothing: it takes neither --dry-run nor --phases")
         if args.dry_run:
-            plan = plan_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases)
+            plan = plan_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases,
+                                  keep_stale=args.keep_stale)
             print("\n".join([*plan["runs"], *plan["waiting"]]))
             for name, est in plan["estimate"].items():
                 if est["median_seconds"] is None:
@@ -223,15 +224,18 @@ def _bench(args: argparse.Namespace) -> int:
                           f"finished run(s) of its {est['basis']}) = {est['seconds'] / 3600:.2f} h")
             known = [e["seconds"] for e in plan["estimate"].values() if e["seconds"] is not None]
             unknown = sum(e["runs"] for e in plan["estimate"].values() if e["seconds"] is None)
+            for note in plan.get("notes", []):  # kept, not run: records of other code the suite marks instead
+                print(note)
+            adaptive = args.suite == "finetune" or args.suite not in CODE_SUITES  # the suites whose LR sweeps extend
             print(f"giva bench --dry-run: {len(plan['runs'])} run(s) to add now, {len(plan['waiting'])} row(s) waiting "
-                  f"({plan['output_dir']}); adaptive LR sweeps may add more once these finish")
+                  f"({plan['output_dir']})" + ("; adaptive LR sweeps may add more once these finish" if adaptive else ""))
             if plan["estimate"]:
                 print(f"estimated run time of the listed training runs: {sum(known) / 3600:.1f} h"
                       + (f", plus {unknown} run(s) with nothing to go by" if unknown else "")
                       + "; not counted: the runs adaptive sweeps add later and the speed phases")
             return 0
         results = run_benchmark(args.suite, quick=args.quick, output_dir=args.output_dir, phases=phases,
-                                report_only=args.report_only)
+                                report_only=args.report_only, keep_stale=args.keep_stale)
     except (FileNotFoundError, ImportError, ValueError) as err:  # bad input or a missing extra: one line, exit 2
         print(f"giva bench: {err}", file=sys.stderr)
         return 2
@@ -409,6 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dry-run", action="store_true", help="list the runs a rerun would add now, run nothing")
     bench.add_argument("--report-only", action="store_true",
                        help="run nothing; rewrite results.md / results.json / plots from the run JSONs already there")
+    bench.add_argument("--keep-stale", action="store_true",
+                       help="serve, sketch: keep records measured by other code (another commit of src/giva, or none "
+                            "recorded) instead of measuring them again")
     bench.set_defaults(func=_bench)
 
     fl = sub.add_parser("federated", help="federated fine-tuning on Flower: GiVA vs LoRA / VeRA (needs giva[federated])",

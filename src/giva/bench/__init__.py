@@ -19,7 +19,7 @@ from .gpu import FULL, GPU_SUITE, TINY, plan, run_gpu
 from .qlora import QLORA_SUITE, plan_qlora, run_qlora
 from .report import PLOTS, write_report
 from .runner import dry_run, load_runs, run_suite, select_phases
-from .scale import SCALE_SUITE, plan_scale, run_scale
+from .scale import SCALE_SUITE, plan_scale, run_scale, scale_notes
 from .schema import validate_run
 from .serve import SERVE_SUITE, plan_serve, run_serve, serve_plan
 from .sketch import SKETCH_SUITE, plan_sketch, run_sketch
@@ -28,6 +28,7 @@ from .spec import benchmarks_dir, load_suite
 logger = logging.getLogger(__name__)
 
 QUICK_SUITE = "quick"
+STALE_SUITES = (SERVE_SUITE, SKETCH_SUITE)  # suites whose records measured by other code are measured again
 DEFAULT_SUITE = "full"  # what the library's run_benchmark() / plan_benchmark() run without a suite (the CLI: quick)
 
 __all__ = [
@@ -73,11 +74,17 @@ def suite_names(root: Optional[Path] = None) -> list[str]:
 
 def check_request(
     suite: Optional[str], quick: bool = False, output_dir: Optional[str | Path] = None,
-    phases: Optional[Sequence[str]] = None, root: Optional[Path] = None,
+    phases: Optional[Sequence[str]] = None, root: Optional[Path] = None, keep_stale: bool = False,
 ) -> None:
     """Refuse a request that would be ignored or misread, before anything is loaded or run (``ValueError``)."""
     root = root or benchmarks_dir()
     known = suite_names(root)
+    if keep_stale and (quick or suite not in STALE_SUITES):
+        raise ValueError(
+            f"--keep-stale applies to the {' and '.join(STALE_SUITES)} suites (they re-measure records of other code); "
+            f"not to --suite {QUICK_SUITE if quick else suite or DEFAULT_SUITE}"
+            + (" (it keeps records of other code and marks them in results.md)" if suite == SCALE_SUITE else "")
+        )
     if quick and suite not in (None, QUICK_SUITE, GPU_SUITE):
         raise ValueError(
             f"--quick runs the {QUICK_SUITE!r} suite (or the gpu suite's tiny shapes); it cannot be combined with --suite {suite}"
@@ -100,12 +107,14 @@ def check_request(
 
 def plan_benchmark(
     suite: Optional[str] = None, quick: bool = False, output_dir: Optional[str | Path] = None,
-    root: Optional[Path] = None, phases: Optional[Sequence[str]] = None,
+    root: Optional[Path] = None, phases: Optional[Sequence[str]] = None, keep_stale: bool = False,
 ) -> dict[str, Any]:
     """What ``run_benchmark`` with the same arguments would run now (``giva bench --dry-run``), running nothing:
-    {'runs': run ids, 'waiting': rows waiting on another sweep, 'estimate': run time by phase, 'output_dir'}."""
+    {'runs': run ids, 'waiting': rows waiting on another sweep, 'estimate': run time by phase, 'output_dir'}, and for
+    the scale suite 'notes': the records a run keeps although other code measured them.
+    ``keep_stale`` (serve, sketch): records measured by other code count as done."""
     root = root or benchmarks_dir()
-    check_request(suite, quick, output_dir, phases, root)
+    check_request(suite, quick, output_dir, phases, root, keep_stale)
     if suite == GPU_SUITE:
         out = Path(output_dir) if output_dir else root / "results" / _gpu_folder(quick)
         return {"runs": [f"{shape}/{row}" for shape, row in plan(TINY if quick else FULL)], "waiting": [], "estimate": {},
@@ -113,14 +122,14 @@ def plan_benchmark(
     name = QUICK_SUITE if quick else suite or DEFAULT_SUITE
     out = Path(output_dir) if output_dir else root / "results" / name
     if name == SERVE_SUITE:  # on a CUDA machine the accelerator settings (serve_plan), else the CPU points left to measure
-        runs = serve_plan(out) if torch.cuda.is_available() else plan_serve(out)
+        runs = serve_plan(out) if torch.cuda.is_available() else plan_serve(out, keep_stale=keep_stale)
         return {"runs": runs, "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SCALE_SUITE:
-        return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
+        return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out), "notes": scale_notes(out)}
     if name == QLORA_SUITE:
         return {"runs": plan_qlora(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SKETCH_SUITE:
-        return {"runs": plan_sketch(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
+        return {"runs": plan_sketch(out, keep_stale=keep_stale), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == FINETUNE_SUITE:
         return {**plan_finetune(out, phases), "estimate": {}, "output_dir": str(out)}
     return {**dry_run(load_suite(root, name), root, out, phases), "output_dir": str(out)}
@@ -129,7 +138,7 @@ def plan_benchmark(
 def run_benchmark(
     suite: Optional[str] = None, quick: bool = False, output_dir: Optional[str | Path] = None,
     root: Optional[Path] = None, progress: bool = True, phases: Optional[Sequence[str]] = None,
-    report_only: bool = False,
+    report_only: bool = False, keep_stale: bool = False,
 ) -> dict[str, Any]:
     """Run (or resume) a suite, then write its report; ``quick`` runs the tiny CI suite and checks the outputs.
 
@@ -138,10 +147,12 @@ def run_benchmark(
     already in the output folder (after an interrupted run, or to refresh a report mid-suite); for the
     finetune suite, each study's report from its records.
 
+    ``keep_stale`` (serve, sketch): keep the records measured by other code instead of measuring them again.
+
     Returns the results dict (see report.write_report) with a ``problems`` list added.
     """
     root = root or benchmarks_dir()
-    check_request(suite, quick, output_dir, phases, root)
+    check_request(suite, quick, output_dir, phases, root, keep_stale)
     suite = suite or DEFAULT_SUITE
     if suite == FINETUNE_SUITE:
         out = Path(output_dir) if output_dir else root / "results" / FINETUNE_SUITE
@@ -152,13 +163,13 @@ def run_benchmark(
         out = Path(output_dir) if output_dir else root / "results" / _gpu_folder(quick)
         return run_gpu(out, TINY if quick else FULL, command=f"giva bench --suite gpu{' --quick' if quick else ''}")
     if suite == SERVE_SUITE and not quick:
-        return run_serve(output_dir or root / "results" / SERVE_SUITE, progress=progress)
+        return run_serve(output_dir or root / "results" / SERVE_SUITE, progress=progress, keep_stale=keep_stale)
     if suite == SCALE_SUITE and not quick:
         return run_scale(Path(output_dir) if output_dir else root / "results" / SCALE_SUITE)
     if suite == QLORA_SUITE:
         return run_qlora(Path(output_dir) if output_dir else root / "results" / QLORA_SUITE)
     if suite == SKETCH_SUITE:
-        return run_sketch(Path(output_dir) if output_dir else root / "results" / SKETCH_SUITE)
+        return run_sketch(Path(output_dir) if output_dir else root / "results" / SKETCH_SUITE, keep_stale=keep_stale)
     name = QUICK_SUITE if quick else suite
     spec = load_suite(root, name)
     out = Path(output_dir) if output_dir else root / "results" / name

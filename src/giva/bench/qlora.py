@@ -257,8 +257,10 @@ def render(records: list[dict[str, Any]], summary: dict[str, Any], settings: Qlo
             f"{r['train_peak_bytes'] / mib:.1f} | {r['median_step_seconds'] * 1000:.0f} | {r['init_seconds']:.1f} | "
             f"{r['trainable']:,} | {r['load_average']:.1f} |"
         )
-    lines += ["", "| | " + " | ".join(LABELS[m] for m in METHODS) + " | GiVA / QLoRA, median of the paired repeats (min-max) |",
-              "|---|---|---|---|"]
+    # Each method's column is the median of its own repeats, unpaired: it need not be the ratio's numerator or
+    # denominator (the ratio is the median over repeats of GiVA / QLoRA within each repeat).
+    lines += ["", "| | " + " | ".join(f"{LABELS[m]}: median of its own repeats (unpaired)" for m in METHODS)
+              + " | GiVA / QLoRA, median of the paired repeats' ratios (min-max) |", "|---|---|---|---|"]
     names = {"peak_bytes": "peak (MiB)", "above_loaded_bytes": "above the 4-bit model (MiB)",
              "train_peak_bytes": "training peak (MiB)", "median_step_seconds": "median step (ms)"}
     for key, name in names.items():

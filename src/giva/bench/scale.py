@@ -15,7 +15,11 @@ and the peak RSS during it:
                    2 gloo ranks under torchrun (k/2 batches each), one OpenMP thread per process
 
 Every model gets the same recipe: GiVA r=8 on all 7 Llama projections, k calibration batches of
-random token ids. The runner is resumable: measurements already in ``results.json`` are skipped.
+random token ids. The runner is resumable: a measurement already in ``results.json`` is skipped if it was
+made with the model's current shapes (each record keeps its :data:`SHAPE_FIELDS`; one of other shapes is
+measured again). Each record names the code it measured (``commit``, :func:`~giva.bench.versions.code_commit`);
+one of other or unrecorded code is kept, marked as such in results.md and listed by ``--dry-run`` (``run
+--remeasure`` measures it again: the 3B cells take long).
 """
 
 from __future__ import annotations
@@ -32,13 +36,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from .runner import PEAK_RSS_HOW, proc_status_bytes, reset_peak_rss
+from .versions import code_commit, same_code, short_commit
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +74,14 @@ class ScaleModel:
     kv_heads: int = 0
     vocab: int = 32000
     kinds: tuple[str, ...] = KINDS
+
+
+# What a record was measured on: a record of other values is of another measurement (timeout_s and kinds are not).
+SHAPE_FIELDS = ("dtype", "num_batches", "batch_size", "seq_len", "hidden", "intermediate", "layers", "heads", "kv_heads", "vocab")
+
+
+def shape(spec: ScaleModel) -> dict[str, Any]:
+    return {field: getattr(spec, field) for field in SHAPE_FIELDS}
 
 
 # Token counts are tiny because this 2-core machine is shared (load average 15-22 while these ran;
@@ -347,7 +360,9 @@ def run_one(model: str, kind: str, scratch: Path) -> dict[str, Any]:
 
 
 def commit() -> str:
-    """The checkout's short commit, with ``+dirty`` if src/giva has uncommitted changes (what a record was measured with)."""
+    """The checkout's short HEAD commit, with ``+dirty`` if src/giva has uncommitted changes: what :func:`compare`,
+    :func:`cpu_contention` and the qlora and finetune suites record. :func:`run_scale`'s records name
+    :func:`~giva.bench.versions.code_commit` instead (the code, which committing results does not move)."""
     root = Path(__file__).resolve().parents[3]
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     return (head or "unknown") + ("+dirty" if uncommitted() else "")
@@ -364,12 +379,48 @@ def _load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
+def record_shape(results: dict[str, Any], record: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The :data:`SHAPE_FIELDS` a record was measured with: its own ``shape``, or for a record made before records
+    kept it, the file's ``models`` table (written by every run until then; MODELS' shapes have not changed since
+    08fc54a, before the first committed record), else None."""
+    if record.get("shape"):
+        return record["shape"]
+    legacy = results.get("models", {}).get(record.get("model", ""))
+    return {field: legacy[field] for field in SHAPE_FIELDS if field in legacy} if legacy else None
+
+
+def _done(results: dict[str, Any], key: str, spec: ScaleModel) -> bool:
+    """A measurement that needs no new run: measured (status ok) with ``spec``'s current shapes, by any code."""
+    record = results["runs"].get(key, {})
+    return record.get("status") == "ok" and record_shape(results, record) == shape(spec)
+
+
 def plan_scale(output_dir: Path) -> list[str]:
-    """The ``model/measurement`` records :func:`run_scale` (all models and kinds) would measure now."""
-    runs = _load(output_dir / "results.json")["runs"]
+    """The ``model/measurement`` records :func:`run_scale` (all models and kinds) would measure now: those not
+    measured, and those measured with other shapes than the model's now."""
+    results = _load(output_dir / "results.json")
+    planned = []
+    for name, spec in MODELS.items():
+        for kind in spec.kinds:
+            key = f"{name}/{kind}"
+            if _done(results, key, spec):
+                continue
+            record = results["runs"].get(key, {})
+            other = record.get("status") == "ok"
+            planned.append(f"scale: {key}" + (f" (measured with other shapes: {record_shape(results, record)})" if other else ""))
+    return planned
+
+
+def scale_notes(output_dir: Path) -> list[str]:
+    """The records a run keeps although other code, or code not recorded, measured them (what ``--dry-run`` notes)."""
+    results = _load(output_dir / "results.json")
+    now = code_commit()
     return [
-        f"scale: {name}/{kind}" for name, spec in MODELS.items() for kind in spec.kinds
-        if runs.get(f"{name}/{kind}", {}).get("status") != "ok"
+        f"scale: kept {key}, measured at commit {short_commit(record.get('commit'))}, not the code now "
+        f"({short_commit(now)}); python -m giva.bench.scale run --models {key.split('/')[0]} --kinds {key.split('/')[1]} "
+        "--remeasure measures it again"
+        for key, record in results["runs"].items()
+        if record.get("model") in MODELS and _done(results, key, MODELS[record["model"]]) and not same_code(record.get("commit"), now)
     ]
 
 
@@ -379,8 +430,10 @@ def run_scale(
 ) -> dict[str, Any]:
     """Run (or resume) the scale suite into ``output_dir``; write results.json, results.md and the plot.
 
-    ``remeasure``: measure the selected models x kinds again even where results.json has them (the new
-    records replace those; every other record is kept), e.g. after a code change or a run on a loaded machine.
+    A measurement is skipped if results.json has it measured with the model's current shapes (the record's own
+    ``shape``); records of other code are kept and marked in results.md. ``remeasure``: measure the selected models
+    x kinds again even where results.json has them (the new records replace those; every other record is kept),
+    e.g. after a code change or a run on a loaded machine.
     """
     from .runner import versions
 
@@ -393,8 +446,7 @@ def run_scale(
     output_dir.mkdir(parents=True, exist_ok=True)
     results_path = output_dir / "results.json"
     results = _load(results_path)
-    results["versions"] = versions()
-    results["models"] = {name: asdict(spec) | {"parameters_estimate": parameter_counts(spec)[0]} for name, spec in MODELS.items()}
+    results["versions"] = versions()  # this call's; each record keeps its own shape and commit
     scratch = output_dir / ".scratch"
     scratch.mkdir(exist_ok=True)
     ran = []
@@ -404,17 +456,20 @@ def run_scale(
             if kinds and kind not in kinds:
                 continue
             key = f"{name}/{kind}"
-            if results["runs"].get(key, {}).get("status") == "ok" and not remeasure:
+            if _done(results, key, spec) and not remeasure:
                 continue
             need, free = estimated_gib(spec, kind), _free_gib()
             if free - need < min_free_gib:
                 logger.warning("skipping %s: needs ~%.1f GiB, %.1f GiB free", key, need, free)
-                results["runs"][key] = {"model": name, "kind": kind, "status": "skipped_memory", "needed_gib": need, "free_gib": free}
+                results["runs"][key] = {"model": name, "kind": kind, "status": "skipped_memory", "needed_gib": need, "free_gib": free,
+                                        "shape": shape(spec), "commit": code_commit()}
                 continue
             logger.info("measuring %s (needs ~%.1f GiB, %.1f GiB free)", key, need, free)
             record = run_one(name, kind, scratch)
             record["free_gib_before"] = free
-            record["commit"], record["uncommitted"] = commit(), uncommitted()
+            record["shape"], record["parameters_estimate"] = shape(spec), parameter_counts(spec)[0]
+            record["commit"], record["uncommitted"] = code_commit(), uncommitted()
+            record["started_utc"] = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - record.get("wall_seconds", 0)))
             ran.append(key)
             results["runs"][key] = record
             results_path.write_text(json.dumps(results, indent=1))
@@ -445,30 +500,35 @@ def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     names = list(dict.fromkeys(key.split("/", 1)[0] for key in results["runs"]))
     for name in sorted(names, key=lambda n: list(MODELS).index(n) if n in MODELS else len(MODELS)):
-        spec = results.get("models", {}).get(name) or asdict(MODELS[name])
         runs = {k.split("/", 1)[1]: r for k, r in results["runs"].items() if k.startswith(name + "/") and r.get("status") == "ok"}
         if not runs:
             continue
-        row: dict[str, Any] = {"model": name, "dtype": spec["dtype"]}
+        shapes = {kind: record_shape(results, run) or {} for kind, run in runs.items()}
+        row: dict[str, Any] = {"model": name, "dtype": next(iter(shapes.values())).get("dtype", "?")}
         row["parameters"] = next(iter(runs.values())).get("parameters")
         for kind, run in runs.items():
             row[f"{kind}_peak"] = run.get("peak_rss")
             row[f"{kind}_seconds"] = run.get("seconds")
+        row["commits"] = {kind: run.get("commit") for kind, run in runs.items()}
+
+        def paired(a: str, b: str) -> bool:  # both measured, on the same shapes: a ratio of the two means something
+            return a in runs and b in runs and bool(shapes[a]) and shapes[a] == shapes[b]
+
         train, sketch, exact, legacy, loraga = (
             runs.get(k) for k in ("train_step", "sketch", "exact", "exact_legacy", "loraga"))
-        if train and sketch:
+        if train and sketch and paired("train_step", "sketch"):
             row["sketch_peak_over_train"] = sketch["peak_rss"] / train["peak_rss"]
-            k = spec["num_batches"]
+            k = shapes["sketch"]["num_batches"]  # the record's own k, not today's
             row["sketch_time_over_k_fwd_bwd"] = sketch["seconds"] / (k * train["fwd_bwd_seconds"])
             passes = sketch.get("passes") or 1
             row["sketch_time_over_passes_k_fwd_bwd"] = sketch["seconds"] / (passes * k * train["fwd_bwd_seconds"])
-        if train and exact:
+        if train and exact and paired("train_step", "exact"):
             row["exact_peak_over_train"] = exact["peak_rss"] / train["peak_rss"]
-        if train and loraga:
+        if train and loraga and paired("train_step", "loraga"):
             row["loraga_peak_over_train"] = loraga["peak_rss"] / train["peak_rss"]
-        if exact and legacy:
+        if exact and legacy and paired("exact", "exact_legacy"):
             row["exact_time_over_legacy"] = exact["seconds"] / legacy["seconds"]
-        if "init_1rank" in runs and "init_2rank" in runs:
+        if paired("init_1rank", "init_2rank"):
             row["two_rank_speedup"] = runs["init_1rank"]["seconds"] / runs["init_2rank"]["seconds"]
             # sum |A| over every layer, equal to fp64 round-off when both runs produced the same bases
             one, two = runs["init_1rank"]["bases_checksum"], runs["init_2rank"]["bases_checksum"]
@@ -481,12 +541,22 @@ def _ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
+def write_scale_report(output_dir: Path, results: dict[str, Any], plot: bool = True) -> None:
+    """results.md (and, with ``plot``, memory_vs_parameters.png) from ``results`` alone."""
     rows = summary_rows(results)
+    marks = _commit_marks(rows)
     lines = [
         "# Scale suite: peak RSS (GB) and time (s) per measurement, each in its own process",
         "",
-        f"GiVA r={RANK} on {', '.join(TARGETS)}; k calibration batches of random tokens (see results.json `models`).",
+        f"GiVA r={RANK} on {', '.join(TARGETS)}; k calibration batches of random tokens (each record's `shape` in "
+        "results.json: k, batch size, sequence length, dtype and the model's sizes; ratios pair records of the same shape).",
+        "",
+        "Each cell ends with the code commit that measured it: " + "; ".join(
+            f"[{mark}] {'commit unknown (recorded before records named their commit)' if commit is None else commit}"
+            for commit, mark in marks.items()
+        ) + " (records older than their `shape` field name the checkout's HEAD then, later ones the last commit that "
+        "changed `src/giva`). Cells of different commits measured different code; a rerun keeps them (`--dry-run` lists those not "
+        "measured by the code it runs; `python -m giva.bench.scale run --models M --kinds K --remeasure` measures them again).",
         "",
         "| model | params | weights | train step | exact (legacy) | exact | sketch | LoRA-GA | sketch/train peak | "
         "exact/train peak | LoRA-GA/train peak | sketch time / k fwd+bwd | sketch time / passes*k fwd+bwd | "
@@ -494,9 +564,9 @@ def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        def cell(kind: str) -> str:
+        def cell(kind: str, r: dict[str, Any] = r) -> str:
             peak, secs = r.get(f"{kind}_peak"), r.get(f"{kind}_seconds")
-            return "-" if peak is None else f"{_gb(peak)} GB, {secs:.1f} s"
+            return "-" if peak is None else f"{_gb(peak)} GB, {secs:.1f} s [{marks[_cell_commit(r, kind)]}]"
 
         lines.append(
             f"| {r['model']} | {r['parameters'] / 1e6:.0f}M | {r['dtype']} | {cell('train_step')} | {cell('exact_legacy')} | "
@@ -507,7 +577,7 @@ def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
         )
     # Cells of one table may come from runs at very different machine loads (the runner resumes): say so.
     loads = [
-        f"{key} {run['load_average'][0]:.1f}" + (f" ({run['commit']})" if run.get("commit") else "")
+        f"{key} {run['load_average'][0]:.1f} ({short_commit(run['commit']) if run.get('commit') else 'commit unknown'})"
         for key, run in results["runs"].items() if run.get("status") == "ok" and run.get("load_average")
     ]
     if loads:
@@ -518,7 +588,8 @@ def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
         lines += ["", "| model | sketch init, 1 process (1 thread) | 2 gloo ranks (1 thread each) | speed-up | same bases |", "|---|---|---|---|---|"]
         for r in ranks:
             lines.append(
-                f"| {r['model']} | {r['init_1rank_seconds']:.1f} s | {r['init_2rank_seconds']:.1f} s | "
+                f"| {r['model']} | {r['init_1rank_seconds']:.1f} s [{marks[_cell_commit(r, 'init_1rank')]}] | "
+                f"{r['init_2rank_seconds']:.1f} s [{marks[_cell_commit(r, 'init_2rank')]}] | "
                 f"{r['two_rank_speedup']:.2f}x | {r['two_rank_same_bases']} |"
             )
     problems = [
@@ -529,7 +600,20 @@ def write_scale_report(output_dir: Path, results: dict[str, Any]) -> None:
     if problems:
         lines += ["", "Not measured:", *problems]
     (output_dir / "results.md").write_text("\n".join(lines) + "\n")
-    _plot(output_dir / "memory_vs_parameters.png", rows)
+    if plot:
+        _plot(output_dir / "memory_vs_parameters.png", rows)
+
+
+def _cell_commit(row: dict[str, Any], kind: str) -> Optional[str]:
+    commit = row["commits"].get(kind)
+    return short_commit(commit) if commit else None
+
+
+def _commit_marks(rows: list[dict[str, Any]]) -> dict[Optional[str], str]:
+    """A letter per commit of the table's cells in the order they appear (``?`` for cells with no commit)."""
+    commits = dict.fromkeys(_cell_commit(r, kind) for r in rows for kind in r["commits"])
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    return {commit: "?" if commit is None else next(letters) for commit in commits}
 
 
 def _plot(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -721,11 +805,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmp_.add_argument("kinds", nargs=2, choices=KINDS)
     cmp_.add_argument("--pairs", type=int, default=3)
     cmp_.add_argument("--output-dir", required=True)
+    report = sub.add_parser("report", help="rewrite results.md from results.json, measuring nothing")
+    report.add_argument("--output-dir", default="benchmarks/results/scale")
     cpu = sub.add_parser("cpu-contention", help="two single-thread processes at once against one alone")
     cpu.add_argument("--output-dir", default="benchmarks/results/scale")
     args = parser.parse_args(argv)
     if args.command == "cpu-contention":
         cpu_contention(Path(args.output_dir))
+        return 0
+    if args.command == "report":
+        write_scale_report(Path(args.output_dir), _load(Path(args.output_dir) / "results.json"), plot=False)
         return 0
     if args.command == "measure":
         record = measure(MODELS[args.model], args.kind)

@@ -3,7 +3,8 @@
 For N = 1, 8, 32, 128 adapters on the same layers, per model: bytes each extra adapter adds in memory
 (distinct tensors of the method, so shared bases count once; GiVA with A in fp32 and in bf16, PEFT LoRA r=8)
 and forward throughput (tokens/s) of one mixed batch (each row a random adapter among N; the same rows for
-GiVA and LoRA) against the base model alone and one merged GiVA adapter.
+GiVA and LoRA) against the base model alone and one merged GiVA adapter. At N = 1 GiVA and LoRA both run their
+plain single-adapter forward (the adapter active, no ``adapter_names``), so like is timed against like.
 
 Timings are interleaved: at each N every timed model runs once per round, in an order rotated from round
 to round, so a slow spell of a shared machine hits all methods alike; each method's throughput is the median
@@ -41,12 +42,15 @@ from .serve_memory import (
     plan_adapter_memory,
     run_adapter_memory,
 )
+from .versions import code_commit, same_code, short_commit
 
 logger = logging.getLogger(__name__)
 
 SERVE_SUITE = "serve"
 PLOT_NAME = "serve.png"
 BASE, MERGED = "base model", "one merged adapter"
+# How the adapter models were called: with the one adapter active (N = 1), or with adapter_names (a mixed batch).
+SINGLE, MIXED = "active adapter", "adapter_names"
 
 
 @dataclass(frozen=True)
@@ -229,12 +233,15 @@ def measure_model(
 ) -> list[dict[str, Any]]:
     """One row per (N, method): memory of the adapters (adapter methods) and the interleaved throughput (timed ones).
 
-    ``done``: rows of this model from an interrupted run with the same settings; an N they complete is kept, not
-    measured again (the adapters are still added, and the batch's rows drawn, exactly as in a full run).
+    ``done``: rows of this model from an interrupted run with the same settings and code; an N they complete is kept,
+    not measured again (the adapters are still added, and the batch's rows drawn, exactly as in a full run). Every
+    row of a point measured here names the code it timed (``commit``, :func:`~giva.bench.versions.code_commit`) and
+    when its timing started (``started_utc``).
     ``on_point(rows)`` is called after each N with the rows so far (to save progress).
     """
     from peft import get_peft_model
 
+    commit = code_commit()
     generator = torch.Generator().manual_seed(settings.seed)
     ids = torch.randint(0, spec.vocab_size, (spec.batch_size, spec.seq_len), generator=generator)
     tokens = ids.numel()
@@ -261,15 +268,23 @@ def measure_model(
         if _point_done(done or [], spec.name, n):
             rows += [r for r in done or [] if r["n_adapters"] == n]
             continue
+        started = time.time()
         fns = {label: _forward(model, ids) for label, model in plain.items()}
+        # At N = 1 both run their plain single-adapter forward (the one adapter active, no adapter_names): given
+        # adapter_names, GiVA takes its single-adapter path when the batch names one adapter and PEFT LoRA always its
+        # mixed-batch one, which timed two different code paths against each other.
+        forward = SINGLE if n == 1 else MIXED
         for method in TIMED_ADAPTER_METHODS:
             models[method].eval()
-            fns[_label(method, settings.r)] = _forward(models[method], ids, adapter_names=names)
+            kwargs = {} if n == 1 else {"adapter_names": names}
+            fns[_label(method, settings.r)] = _forward(models[method], ids, **kwargs)
         times = time_interleaved(fns, spec.rounds or settings.rounds)
         giva, lora = _label("giva", settings.r), _label("lora", settings.r)
         ratios = [t_lora / t_giva for t_giva, t_lora in zip(times[giva], times[lora])]
         for label in fns:
             rows.append(_timing_row(spec, n, label, names, times[label], tokens))
+            if label not in (BASE, MERGED):
+                rows[-1]["forward"] = forward
         for method, model in models.items():
             total = adapter_bytes(model, _prefix(method))
             row = next((r for r in rows if r["n_adapters"] == n and r["method"] == _label(method, settings.r)), None)
@@ -285,6 +300,9 @@ def measure_model(
             "model": spec.name, "method": "GiVA / LoRA", "n_adapters": n, "per_round_ratio": ratios,
             "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
         })
+        for row in rows:  # every row of this point: the code it timed, and when
+            if row["n_adapters"] == n:
+                row.update(commit=commit, started_utc=_utc(started))
         if progress:
             logger.info(
                 "serve %s N=%d: %s tokens/s; GiVA/LoRA per round %.2f (%.2f-%.2f)", spec.name, n,
@@ -323,24 +341,40 @@ def _find(rows: list[dict[str, Any]], model: str, n: int, method: str) -> Option
     return next((r for r in rows if r["model"] == model and r["n_adapters"] == n and r["method"] == method), None)
 
 
-def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...]) -> str:
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def _measured(row: dict[str, Any]) -> str:
+    """The table's cell for the code and start time a point was measured with."""
+    return short_commit(row.get("commit")) + (f", {row['started_utc']}" if row.get("started_utc") else "")
+
+
+def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...], torch_version: str) -> str:
     r = settings.r
     giva, bf16, lora = _label("giva", r), _label("giva-bf16", r), _label("lora", r)
     lines = [
         "# Serving many adapters: mixed batches",
         "",
         "Command: `giva bench --suite serve`. Each row of the batch uses a random adapter among N "
-        "(`adapter_names=[...]`, the same rows for GiVA and LoRA). Throughput: tokens/s, median over "
+        "(`adapter_names=[...]`, the same rows for GiVA and LoRA); at N = 1 both run their plain single-adapter "
+        "forward instead (the adapter active, no `adapter_names`). A point marked `unlike for like` was timed "
+        "before that change, through `adapter_names` at N = 1 too, where GiVA took its single-adapter forward and "
+        "LoRA its mixed-batch one: it compares two different code paths. Throughput: tokens/s, median over "
         "interleaved rounds (each round times every model once, the order rotated per round, after one warm-up "
-        f"round); torch {torch.__version__}, {settings.threads or torch.get_num_threads()} thread(s). "
+        f"round); torch {torch_version}, {settings.threads or torch.get_num_threads()} thread(s). "
         "GiVA / LoRA: the ratio of the two throughputs within each round, median (min-max over rounds).",
         "Per model: " + ", ".join(
             f"{m.name} {m.batch_size} x {m.seq_len} tokens, `{m.target_modules}`, {m.rounds or settings.rounds} rounds" for m in models
         ) + ".",
         "",
+        "Measured: the code commit each point timed (the last commit that changed `src/giva`) and when its timing "
+        "started (UTC); `unknown`: a point recorded before rows named their commit. A rerun re-measures every point "
+        "whose commit is not the code's (`--dry-run` lists them; `--keep-stale` keeps them).",
+        "",
         f"| model | N | distinct in batch | base model | one merged adapter | {giva} | {lora} | GiVA / LoRA per round | "
-        "rounds GiVA >= LoRA | GiVA / base |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "rounds GiVA >= LoRA | GiVA / base | measured |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for spec in models:
         for n in settings.ns:
@@ -348,12 +382,14 @@ def _table(rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[Se
             if any(c is None for c in cells.values()):
                 continue
             ratio = cells["GiVA / LoRA"]
+            unlike = n == 1 and cells[giva].get("forward") != SINGLE
             lines.append(
-                f"| {spec.name} | {n} | {cells[giva]['distinct_adapters_in_batch']} | {cells[BASE]['tokens_per_s']:.0f} | "
+                f"| {spec.name} | {n}{' (unlike for like)' if unlike else ''} | {cells[giva]['distinct_adapters_in_batch']} | "
+                f"{cells[BASE]['tokens_per_s']:.0f} | "
                 f"{cells[MERGED]['tokens_per_s']:.0f} | {cells[giva]['tokens_per_s']:.0f} | {cells[lora]['tokens_per_s']:.0f} | "
                 f"{ratio['ratio_median']:.2f} ({ratio['ratio_min']:.2f}-{ratio['ratio_max']:.2f}) | "
                 f"{sum(x >= 1 for x in ratio['per_round_ratio'])} of {len(ratio['per_round_ratio'])} | "
-                f"{cells[giva]['tokens_per_s'] / cells[BASE]['tokens_per_s']:.2f} |"
+                f"{cells[giva]['tokens_per_s'] / cells[BASE]['tokens_per_s']:.2f} | {_measured(ratio)} |"
             )
     lines += [
         "",
@@ -433,6 +469,7 @@ def run_serve(
     settings: Optional[ServeSettings] = None,
     progress: bool = True,
     memory: Optional[MemoryTables] = None,
+    keep_stale: bool = False,
 ) -> dict[str, Any]:
     """Run the serve benchmark and write results.json, results.md and serve.png into ``output_dir``.
 
@@ -440,6 +477,11 @@ def run_serve(
     recorded there) for ``memory``, by default (None) for the suite's own models when ``models`` is None too.
     On a machine with CUDA and no explicit models or settings, the timings are the accelerator benchmark
     (:func:`run_serve_gpu`, into ``output_dir/gpu``).
+
+    A (model, N) point already in results.json with the same settings and batch shapes is kept only if it was
+    measured by the code this process runs (its rows' ``commit``); a point of other or unrecorded code is measured
+    again (replacing its rows when it finishes), unless ``keep_stale``. With nothing to measure, results.md is
+    rewritten from results.json (the JSON and the plot are left as they are).
     """
     from .spec import benchmarks_dir
 
@@ -455,56 +497,93 @@ def run_serve(
     settings = settings or ServeSettings()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    rows = _finished_rows(out, settings, models)
-    before = {(r["model"], r["n_adapters"]) for r in rows}
+    rows, torch_version = _recorded_rows(out, settings, models)
+    current = _current_rows(rows, keep_stale)
+    measured: list[tuple[str, int]] = []
     with _threads(settings.threads):
-        for index, spec in enumerate(models):
-            if all(_point_done(rows, spec.name, n) for n in settings.ns):
-                logger.info("serve %s: already measured with these settings in %s (resumed)", spec.name, out)
+        for spec in models:
+            done = [r for r in current if r["model"] == spec.name]
+            if all(_point_done(done, spec.name, n) for n in settings.ns):
+                logger.info("serve %s: already measured with these settings and this code in %s (resumed)", spec.name, out)
                 continue
-            earlier = [r for r in rows if r["model"] != spec.name]
-            done = [r for r in rows if r["model"] == spec.name]
 
-            def save(mine: list[dict[str, Any]], earlier: list[dict[str, Any]] = earlier, upto: int = index + 1) -> None:
-                _write(out, earlier + mine, settings, models[:upto], started)  # each finished N survives an interruption
+            def save(mine: list[dict[str, Any]], before: list[dict[str, Any]] = rows) -> None:
+                # the recorded rows, each point measured now replacing its own: a point of older code stays until then
+                _write(out, _merge(before, mine, models, settings), settings, models, started)
 
-            rows = earlier + measure_model(spec, settings, progress, done=done, on_point=save)
-    measured = sorted({(r["model"], r["n_adapters"]) for r in rows} - before)
+            mine = measure_model(spec, settings, progress, done=done, on_point=save)
+            measured += sorted({(r["model"], r["n_adapters"]) for r in mine} - {(r["model"], r["n_adapters"]) for r in done})
+            rows = _merge(rows, mine, models, settings)
+    if not measured and rows:
+        write_text_atomically(out / "results.md", _table(rows, settings, _with_rows(models, rows), torch_version))
     ran = memory_ran + [f"{model} N={n}" for model, n in measured]  # what this call measured (none when resumed in full)
     return {**_summary(out, rows, settings, models), "memory_ran": memory_ran, "ran": ran}
 
 
 def plan_serve(
     output_dir: Path, models: Optional[tuple[ServeModel, ...]] = None, settings: Optional[ServeSettings] = None,
-    memory: Optional[MemoryTables] = None,
+    memory: Optional[MemoryTables] = None, keep_stale: bool = False,
 ) -> list[str]:
     """What :func:`run_serve` would measure now into ``output_dir``: the byte counts not recorded in
-    adapter_memory.json (``memory`` as in :func:`run_serve`), then the (model, N) points (finished ones are kept)."""
+    adapter_memory.json (``memory`` as in :func:`run_serve`), then the (model, N) points not recorded with these
+    settings by this code (those recorded by other or unrecorded code say so; ``keep_stale`` keeps them)."""
     tables = _memory_tables(models, memory)
     models = models or DEFAULT_MODELS
     settings = settings or ServeSettings()
-    rows = _finished_rows(output_dir, settings, models)
-    return ([] if tables is None else plan_adapter_memory(output_dir, tables)) + [
-        f"serve: {m.name} N={n}: base model, one merged adapter, mixed batches of {', '.join(m.methods or ADAPTER_METHODS)}"
-        for m in models for n in settings.ns if not _point_done(rows, m.name, n)
-    ]
+    rows, _ = _recorded_rows(output_dir, settings, models)
+    current = _current_rows(rows, keep_stale)
+    planned = []
+    for m in models:
+        for n in settings.ns:
+            if _point_done(current, m.name, n):
+                continue
+            stale = _find(rows, m.name, n, "GiVA / LoRA")
+            why = "" if stale is None else (
+                f" (recorded at commit {short_commit(stale.get('commit'))}, the code is now {short_commit(code_commit())}: stale)"
+            )
+            planned.append(f"serve: {m.name} N={n}: base model, one merged adapter, mixed batches of "
+                           f"{', '.join(m.methods or ADAPTER_METHODS)}{why}")
+    return ([] if tables is None else plan_adapter_memory(output_dir, tables)) + planned
 
 
-def _finished_rows(out: Path, settings: ServeSettings, models: tuple[ServeModel, ...]) -> list[dict[str, Any]]:
-    """Rows of a previous, interrupted run in ``out`` with the same settings and batch shapes (to resume from)."""
+def _current_rows(rows: list[dict[str, Any]], keep_stale: bool) -> list[dict[str, Any]]:
+    """The rows of the points measured by the code this process runs (every row, with ``keep_stale``)."""
+    if keep_stale:
+        return rows
+    commit = code_commit()
+    return [r for r in rows if same_code(r.get("commit"), commit)]
+
+
+def _merge(rows: list[dict[str, Any]], new: list[dict[str, Any]], models: tuple[ServeModel, ...],
+           settings: ServeSettings) -> list[dict[str, Any]]:
+    """``rows`` with each (model, N) point that ``new`` has replaced by ``new``'s rows, in model and N order."""
+    points = {(r["model"], r["n_adapters"]) for r in new}
+    merged = [r for r in rows if (r["model"], r["n_adapters"]) not in points] + new
+    order = {m.name: i for i, m in enumerate(models)}
+    return sorted(merged, key=lambda r: (order.get(r["model"], len(order)), r["n_adapters"]))
+
+
+def _with_rows(models: tuple[ServeModel, ...], rows: list[dict[str, Any]]) -> tuple[ServeModel, ...]:
+    names = {r["model"] for r in rows}
+    return tuple(m for m in models if m.name in names)
+
+
+def _recorded_rows(out: Path, settings: ServeSettings, models: tuple[ServeModel, ...]) -> tuple[list[dict[str, Any]], str]:
+    """Rows in ``out`` with the same settings and batch shapes, whatever code measured them, and the torch version
+    results.json names (this process's when there is none)."""
     path = out / "results.json"
     if not path.is_file():
-        return []
+        return [], torch.__version__
     try:
         previous = json.loads(path.read_text())
         meta = previous["meta"]
     except (json.JSONDecodeError, KeyError, TypeError):
-        return []
+        return [], torch.__version__
     if meta.get("settings") != json.loads(json.dumps(asdict(settings))):
-        return []
+        return [], torch.__version__
     shapes = {m["name"]: m for m in meta.get("models", [])}
     done = {m.name for m in models if shapes.get(m.name) == _model_meta(m)}
-    return [r for r in previous.get("rows", []) if r.get("model") in done]
+    return [r for r in previous.get("rows", []) if r.get("model") in done], meta.get("torch", torch.__version__)
 
 
 def _model_meta(spec: ServeModel) -> dict[str, Any]:
@@ -517,23 +596,31 @@ def _model_meta(spec: ServeModel) -> dict[str, Any]:
 
 
 def _write(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...], started: float) -> None:
+    models = _with_rows(models, rows)
     meta = {
         "settings": asdict(settings),
         "models": [_model_meta(m) for m in models],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.platform(),
-        "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(started)),
+        "started_utc": _utc(started),  # this call's; each point's own start and code are in its rows
         "seconds": round(time.time() - started, 1),
+        "commits": sorted({short_commit(r.get("commit")) for r in rows}),
     }
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (out / "results.md").write_text(_table(rows, settings, models))
+    (out / "results.md").write_text(_table(rows, settings, models, torch.__version__))
     _plot(rows, out / PLOT_NAME)
 
 
 def _summary(out: Path, rows: list[dict[str, Any]], settings: ServeSettings, models: tuple[ServeModel, ...]) -> dict[str, Any]:
+    def how(r: dict[str, Any]) -> str:
+        if r["n_adapters"] > 1:
+            return "mixed-batch"
+        giva = _find(rows, r["model"], 1, _label("giva", settings.r))
+        return "single-adapter" if giva and giva.get("forward") == SINGLE else "N=1 unlike-for-like"
+
     headlines = [
-        f"{r['model']} N={r['n_adapters']}: GiVA/LoRA mixed-batch throughput x{r['ratio_median']:.2f} "
+        f"{r['model']} N={r['n_adapters']}: GiVA/LoRA {how(r)} throughput x{r['ratio_median']:.2f} "
         f"per round (min {r['ratio_min']:.2f}, max {r['ratio_max']:.2f})"
         for r in rows if r["method"] == "GiVA / LoRA"
     ]

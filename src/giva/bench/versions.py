@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import platform
 import subprocess
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -31,6 +33,18 @@ def versions() -> dict[str, str]:
     }
 
 
+def _git(*args: str) -> str:
+    """``git args`` in giva's source folder (raises OSError / SubprocessError when there is no git or no checkout)."""
+    source = Path(__file__).resolve().parents[1]
+    return subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10, check=True).stdout
+
+
+def _tracked() -> None:
+    """Raise unless a git checkout tracks giva's own source (an installed giva inside another project's repository
+    must not report that project's commits)."""
+    _git("ls-files", "--error-unmatch", str(Path(__file__).resolve()))
+
+
 @functools.lru_cache(maxsize=1)
 def source_commit() -> str:
     """The git commit giva's source was at when this process first asked (close to when it imported the code it
@@ -40,14 +54,55 @@ def source_commit() -> str:
     ``"unknown"``. A record made by changed code can then be told from the others (the package version does not
     change between commits)."""
     source = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=source, capture_output=True, text=True, timeout=10, check=True).stdout
-
     try:
-        git("ls-files", "--error-unmatch", str(Path(__file__).resolve()))  # giva's own checkout, not a project it is installed in
-        commit = git("rev-parse", "HEAD").strip()
-        dirty = git("status", "--porcelain", "--", str(source)).strip()
+        _tracked()
+        commit = _git("rev-parse", "HEAD").strip()
+        dirty = _git("status", "--porcelain", "--", str(source)).strip()
     except (OSError, subprocess.SubprocessError):
         return os.environ.get("GIVA_COMMIT") or "unknown"
     return f"{commit}-dirty" if dirty else commit
+
+
+@functools.lru_cache(maxsize=1)
+def code_commit() -> str:
+    """The code a benchmark record measures: the last commit that changed giva's source (``src/giva``), then
+    ``-dirty-`` and 12 hex digits of a digest of the uncommitted changes there (tracked diffs and untracked files),
+    if any. Unlike :func:`source_commit` (HEAD), committing result files or docs leaves it unchanged, so a suite
+    that resumes can keep the records the code it would run now made and measure again those older code made.
+    Outside a checkout: ``GIVA_COMMIT``, else ``"unknown"`` (as :func:`source_commit`)."""
+    source = str(Path(__file__).resolve().parents[1])
+    try:
+        _tracked()
+        commit = _git("log", "-1", "--format=%H", "--", source).strip()
+        status = _git("status", "--porcelain", "--untracked-files=all", "--", source)
+        if not status.strip():
+            return commit
+        digest = hashlib.sha256(_git("diff", "HEAD", "--", source).encode())
+        root = Path(_git("rev-parse", "--show-toplevel").strip())
+        for line in sorted(status.splitlines()):
+            if line.startswith("??"):
+                path = root / line[3:]
+                digest.update(line.encode() + (path.read_bytes() if path.is_file() else b""))
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("GIVA_COMMIT") or "unknown"
+    return f"{commit}-dirty-{digest.hexdigest()[:12]}"
+
+
+def same_code(recorded: Optional[str], current: str) -> bool:
+    """Whether a record made at code commit ``recorded`` (None: not recorded) measured the code at ``current``
+    (both from :func:`code_commit`; a clean commit also matches its own abbreviation). ``"unknown"`` matches
+    nothing: the code it ran cannot be told."""
+    if not recorded or "unknown" in (recorded, current):
+        return False
+    if recorded == current:
+        return True
+    clean = "-" not in recorded and "-" not in current
+    return clean and min(len(recorded), len(current)) >= 7 and (recorded.startswith(current) or current.startswith(recorded))
+
+
+def short_commit(commit: Optional[str]) -> str:
+    """A commit as a table prints it: 7 hex digits, ``-dirty`` when it had uncommitted changes (``-dirty-<digest>``
+    here, ``+dirty`` in the scale suite's older records), or ``unknown``."""
+    if not commit or commit == "unknown":
+        return "unknown"
+    return commit[:7] + ("-dirty" if "dirty" in commit else "")
