@@ -320,3 +320,16 @@ def test_device_script_selects_every_cuda_test():
     assert any("test_nf4_on_cuda_with_bf16_compute" in t for t in selected)
     assert any("test_training_step_runs_nothing_per_token_but_matmuls" in t and "cuda" in t for t in selected)
     assert not any("test_training_step_runs_nothing_per_token_but_matmuls" in t and "cpu" in t for t in selected)
+
+
+def test_a_cheap_initialisation_row_does_not_vouch_for_the_dear_ones():
+    """init-sketch measured first must not lower the estimate of init-exact / loraga (dense gradients, an SVD each)
+    below their guess: they would start on an underestimate and run into the stage's time limit."""
+    from giva.bench.gpu import FULL, expected_seconds
+
+    done = [{"shape": "8B", "row": "init-sketch", "status": "ok", "row_seconds": 12.0}]
+    for row in ("init-exact", "loraga"):
+        assert expected_seconds(FULL, "8B", row, []) == expected_seconds(FULL, "8B", row, done) == 45.0
+    assert expected_seconds(FULL, "8B", "init-sketch", done) == 30.0  # never below its own guess either
+    slow = [{"shape": "8B", "row": "init-exact", "status": "ok", "row_seconds": 80.0}]
+    assert expected_seconds(FULL, "8B", "loraga", slow) == 80.0  # a measured row of the group above the guess wins

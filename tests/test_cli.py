@@ -163,8 +163,10 @@ def test_a_rerun_into_the_same_folder_drops_the_earlier_runs_tokenizer_files(mod
     assert main([*args(decoder_dir, data_csv, out), "--target-modules", "q_proj,v_proj"]) == 0
     assert (out / "chat_template.jinja").is_file()
     (out / "notes.txt").write_text("mine\n")
+    (out / "tokenizer_notes.md").write_text("mine too\n")  # side files are known by name, not by a prefix
     assert main(args(model_dir, data_csv, out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in fresh.iterdir()), "notes.txt"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in fresh.iterdir()), "notes.txt",
+                                                             "tokenizer_notes.md"])
     tokenizer = load_finetuned(out)[1]
     assert tokenizer.chat_template is None
     assert tokenizer("good film")["input_ids"] == load_finetuned(fresh)[1]("good film")["input_ids"]
@@ -432,3 +434,16 @@ def test_bench_help_lists_the_suites(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     suites = sorted(p.stem for p in (Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.json"))
     assert suites and f"one of: {', '.join([*suites, *CODE_SUITES])}" in help_text
+
+
+def test_a_folder_named_like_a_hub_id_is_recorded_as_the_hub_id(model_dir, tmp_path, monkeypatch):
+    """`huggingface-cli download org/name --local-dir org/name` leaves a folder named like the id: the adapter should
+    record the portable id, not this machine's absolute path; a plainly local name is made absolute."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(model_dir, tmp_path / "someorg" / "tiny-model")
+    assert resolve_model("someorg/tiny-model") == "someorg/tiny-model"
+    assert resolve_model("./someorg/tiny-model") == str(tmp_path / "someorg" / "tiny-model")
+    shutil.copytree(model_dir, tmp_path / "tiny-model")
+    assert resolve_model("tiny-model") == str(tmp_path / "tiny-model")

@@ -95,6 +95,8 @@ def test_a_json_nan_label_is_missing(tmp_path):
         ([{"text": "a", "label": 1}, {"text": "b", "label": 0.5}], r"d.jsonl:2: label 0.5 is not a class"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": " 2.50 "}], r"d.jsonl:2: label 2.50 is not a class"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": "1e5000"}], r"d.jsonl:2: label 1e5000... has over 4000 digits"),
+        ([{"text": "a", "label": 1}, {"text": "b", "label": "1e9999999999999999999999"}],
+         r"d.jsonl:2: label 1e9{18}\.\.\. has over 4000 digits"),  # beyond decimal's exponent range
         ([{"text": "a", "label": 1}, {"text": "b", "label": "nan"}], r"d.jsonl:2: the label is missing \('nan'\)"),
         ([{"text": "a", "label": "pos"}, {"text": "b", "label": 2}], r"d.jsonl:2: label '2' is a number but .*'pos' is a name"),
         ([{"text": "a", "label": 1}, {"text": "b", "label": [1]}], r"d.jsonl:2: label \[1\] is a list"),
@@ -130,6 +132,8 @@ def test_jsonl_lines_end_at_newlines_only(tmp_path):
     path = tmp_path / "d.jsonl"
     lines = [json.dumps({"text": t, "label": i % 2}, ensure_ascii=False) for i, t in enumerate(texts)]
     path.write_text("\r\n".join(lines[:2]) + "\r\n" + "\n".join(lines[2:]) + "\n", encoding="utf-8", newline="")
+    assert load_file(path).texts == texts
+    path.write_text("\r".join(lines) + "\r", encoding="utf-8", newline="")  # old Mac line ends: a JSON string holds no raw CR
     assert load_file(path).texts == texts
     path.write_text("\n".join(lines) + '\n{"text": "a\u2028b", "label": 0\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"d.jsonl:5: not valid JSON"):  # line numbers count newlines only

@@ -131,3 +131,46 @@ def test_the_seeded_randomized_svd_reseeds_no_gpu_and_restores_the_cpu_stream(mo
     second = top_singular_vectors(matrix, 3, method="randomized", seed=7)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     assert reseeded == []
+
+
+def test_a_reason_that_is_not_valid_unicode_still_reaches_the_collective(nccl, monkeypatch):
+    """A reason with a lone surrogate (a non-UTF-8 file name as Python decodes it) must not raise while encoding on the
+    failing rank only: the other ranks would wait in the all-reduce it never entered."""
+    from giva.init import distributed as init_distributed
+    from giva.init.distributed import DistributedValueError
+
+    monkeypatch.setattr(init_distributed, "collective_device", lambda backend, device: torch.device("cpu"))
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *a, **k: nccl.append(("all_reduce", [tensor.device])))
+    comm = TorchCollective(torch.device("cuda", 1))
+    with pytest.raises(DistributedValueError, match=r"cannot read /data/caf\\udce9\.jsonl"):
+        comm.agree(ValueError("cannot read /data/caf\udce9.jsonl"))
+    assert [kind for kind, _ in nccl] == ["all_reduce", "all_gather"]
+
+
+def test_the_zero3_trace_reset_degrades_to_a_warning_without_deepspeeds_private_method(caplog):
+    """The reset uses DeepSpeed's private _invalidate_trace; a DeepSpeed without it must not turn a calibration that
+    succeeded into an AttributeError: a warning says what to do instead."""
+    from torch import nn
+
+    from giva.init.distributed import zero3_trace_reset
+
+    class Coordinator:  # a later DeepSpeed's coordinator, its private method renamed
+        def is_invalid_trace(self) -> bool:
+            return False
+
+    class Offload:
+        def get_param_coordinator(self) -> Coordinator:
+            return Coordinator()
+
+    class DeepSpeedEngine(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(2, 2)
+            self.module.weight.ds_tensor = torch.zeros(1)  # a ZeRO-3 partitioned parameter
+            self.optimizer = type("Optimizer", (), {"parameter_offload": Offload()})()
+
+    calibrated = False
+    with caplog.at_level("WARNING", logger="giva.init.distributed"), zero3_trace_reset(DeepSpeedEngine()):
+        calibrated = True
+    assert calibrated
+    assert "could not reset DeepSpeed ZeRO-3's parameter-fetch trace" in caplog.text

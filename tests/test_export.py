@@ -404,6 +404,11 @@ def test_export_refuses_a_non_empty_folder_that_holds_no_adapter(saved_classifie
     export_lora(model, root / "staged")
     assert sorted(p.name for p in (root / "staged").iterdir()) == ["README.md", "adapter_config.json",
                                                                     "adapter_model.safetensors"]
+    (root / "kept").mkdir()  # hidden entries are a checkout's or a file browser's, not files the export would replace
+    for hidden in (".gitkeep", ".DS_Store"):
+        (root / "kept" / hidden).write_text("")
+    export_lora(model, root / "kept")
+    assert {".gitkeep", ".DS_Store", "adapter_config.json"} <= {p.name for p in (root / "kept").iterdir()}
 
 
 def _refuse_loading(monkeypatch):

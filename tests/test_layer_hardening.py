@@ -394,3 +394,14 @@ def test_a_weight_adapter_is_not_added_over_a_merged_w(batches):
     for name, layer in _layers(model).items():
         # unmerge restores W to float round-off, hence not bit for bit (merged, A was 0.66 away)
         torch.testing.assert_close(layer.giva_A["w"], _layers(pristine)[name].giva_A["default"], atol=1e-4, rtol=0)
+
+
+def test_the_options_check_takes_unset_target_modules_as_every_linear_layer():
+    """target_modules=None (the default) means 'all-linear'; the check, which giva finetune runs on a skeleton before
+    get_peft_model resolves None, crashed on it (PEFT's matcher needs the resolved config)."""
+    from giva.model import check_options_match_the_model
+
+    check_options_match_the_model(GivaConfig(r=2), tiny_bert())
+    check_options_match_the_model(GivaConfig(r=2, block_sizes={"query": 16}), tiny_bert())
+    with pytest.raises(ValueError, match=r"GivaConfig.block_sizes names module\(s\) \['nosuch'\]"):
+        check_options_match_the_model(GivaConfig(r=2, block_sizes={"nosuch": 16}), tiny_bert())

@@ -160,7 +160,8 @@ def resolve_model(name_or_path: str) -> str:
 
     Checked before anything is loaded: a path-like name that does not exist is reported as a missing folder
     (never sent to the hub), a folder must hold ``config.json`` (its absolute path is returned, so that an
-    adapter's recorded ``base_model_name_or_path`` reloads from any working directory), and a hub id needs the
+    adapter's recorded ``base_model_name_or_path`` reloads from any working directory; a folder named like a hub
+    id, "org/name", is returned as given, the id an adapter should record), and a hub id needs the
     hub to be reachable or the model to be in the Hugging Face cache (then the cached folder is returned).
     """
     if name_or_path in MODEL_ALIASES:
@@ -171,6 +172,11 @@ def resolve_model(name_or_path: str) -> str:
             raise ValueError(f"model {name_or_path!r} is a file; expected a model folder (with config.json) or a hub id")
         if not (path / "config.json").is_file():
             raise ValueError(f"model folder {str(path)!r} has no config.json: not a saved transformers model")
+        if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "~", "/")) and _is_repo_id(name_or_path):
+            # "org/name" is a hub id too (a folder of that name, e.g. from `huggingface-cli download --local-dir`):
+            # an adapter records it as given, so that it stays portable; transformers loads the local folder here.
+            logger.info("model %r: using the local folder of that name (recorded as the hub id)", name_or_path)
+            return name_or_path
         return os.path.abspath(path)  # what an adapter records as its base: it must not depend on the cwd
     if looks_local(name_or_path) or not _is_repo_id(name_or_path):
         raise FileNotFoundError(f"model {name_or_path!r}: no such folder")

@@ -220,7 +220,8 @@ def _swap_in(tmp: Path, target: Path) -> None:
 
 _TOKENIZER_FILES = (
     "vocab.txt", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json", "spiece.model",
-    "sentencepiece.bpe.model", "chat_template.jinja",
+    "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json", "tokenizer.json", "tokenizer_config.json",
+    "tokenizer.model",
 )
 
 
@@ -229,7 +230,7 @@ def is_side_file(name: str) -> bool:
 
     A save that writes these (`giva finetune`, a LoRA export) passes this as ``atomic_directory``'s ``replaced``,
     so an earlier save's side files it did not write again (another model's chat template, say) are dropped."""
-    return name.startswith("tokenizer") or name in (*_TOKENIZER_FILES, "labels.json")
+    return name in (*_TOKENIZER_FILES, "labels.json")  # by name: a user's tokenizer_notes.md is no side file
 
 
 @contextmanager

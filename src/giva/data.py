@@ -129,7 +129,10 @@ def normalise_label(value: Any, where: str) -> str:
             raise DataError(f"{where}: the label is missing ({text!r}); every row needs a class name or an integer")
         if not _NUMBER.fullmatch(text):
             return text
-        number = Decimal(text)  # exactly: float() would merge integer ids above 2**53 into one class
+        try:
+            number = Decimal(text)  # exactly: float() would merge integer ids above 2**53 into one class
+        except ArithmeticError:  # an exponent beyond the decimal context's range
+            number = Decimal(10) ** _MAX_DIGITS
         if number and number.adjusted() >= _MAX_DIGITS:
             raise DataError(f"{where}: label {text[:20]}... has over {_MAX_DIGITS} digits; expected a class name or an integer")
         if number != number.to_integral_value():
@@ -198,10 +201,9 @@ def _read_json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
         rows = [(f"{path}: record {i + 1}", record) for i, record in enumerate(records)]
     else:
         rows = []
-        # Lines end at "\n" (or "\r\n") only: str.splitlines() would also split inside a text holding U+2028,
-        # U+2029 or U+0085, which json.dumps(ensure_ascii=False) writes unescaped.
-        for line_number, line in enumerate(text.split("\n"), start=1):
-            line = line.removesuffix("\r")
+        # Lines end at "\n", "\r\n" or "\r" only (JSON strings hold neither raw): str.splitlines() would also split
+        # inside a text holding U+2028, U+2029 or U+0085, which json.dumps(ensure_ascii=False) writes unescaped.
+        for line_number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
             if not line.strip():
                 continue
             try:

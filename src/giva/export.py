@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import _EXPORT_TAG, CheckpointError, atomic_directory, check_adapter_folder, is_side_file, read_weights
+from .checkpoint import CheckpointError, atomic_directory, check_adapter_folder, is_side_file, read_weights
 from .layer import GivaLayer
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,8 @@ def _check_output(out: Path) -> None:
     if existing is not None and existing != out.absolute() and not os.access(existing, os.W_OK):
         raise ExportError(f"cannot create output folder {out}: {existing} is not writable")
     config_file = out / CONFIG_NAME
-    if out.is_dir() and not config_file.exists() and any(not p.name.startswith(_EXPORT_TAG) for p in out.iterdir()):
+    # hidden entries (.gitkeep, .DS_Store, .ipynb_checkpoints, an older giva's staging folder) are not the user's files
+    if out.is_dir() and not config_file.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise ExportError(f"output folder {out} is not empty and holds no adapter; the export would overwrite its files "
                           "(README.md among them): write the LoRA to a new or empty folder")
     if config_file.exists():

@@ -157,7 +157,7 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module) -> None:
     'all-linear' is not checked name by name. ``model`` may be a skeleton on the meta device (no weights loaded).
     """
     keys = [key for key, _ in model.named_modules()]
-    targets = config.target_modules
+    targets = DEFAULT_TARGET_MODULES if config.target_modules is None else config.target_modules
     if targets is not None and not isinstance(targets, str):
         unmatched = sorted(name for name in targets if not any(key == name or key.endswith("." + name) for key in keys))
         if unmatched:
@@ -185,7 +185,7 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module) -> None:
                 + ")"
             )
     candidates = [key for key, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D, GivaLayer))]
-    if not isinstance(config.target_modules, str):  # a regex or 'all-linear' is resolved later
+    if not isinstance(targets, str):  # a regex or 'all-linear' is resolved later
         candidates = [key for key in candidates if GivaModel._check_target_module_exists(config, key)]
     for option in ("block_sizes", "adapt_blocks"):
         unknown = [name for name in getattr(config, option) if not any(key == name or key.endswith("." + name) for key in candidates)]

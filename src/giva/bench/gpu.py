@@ -68,7 +68,7 @@ QUANT_ROWS = ("qlora-4bit", "giva-4bit")
 ROWS = STEP_ROWS + COMPILE_ROWS + INIT_ROWS + QUANT_ROWS
 KEY_ROWS = ("floor", "lora", "lora-bf16", "giva")  # the step ratios the issue's targets use
 ROW_GROUPS = {**{r: "step" for r in STEP_ROWS}, **{r: "compile" for r in COMPILE_ROWS},
-              **{r: "init" for r in INIT_ROWS}, **{r: "quant" for r in QUANT_ROWS}}
+              **{r: "init" for r in INIT_ROWS}, "init-sketch": "sketch", **{r: "quant" for r in QUANT_ROWS}}
 ROW_LABELS = {
     "floor": "frozen floor (no adapter, backward from every projection's output)",
     "lora": "PEFT LoRA r=8, default (fp32 adapter math)",
@@ -138,15 +138,17 @@ class GpuSettings:
 
 FULL = GpuSettings(
     shapes=(GpuShape("1B", 2048, 5632, 22, 32, 4), GpuShape("8B", 4096, 14336, 32, 32, 8)),
-    expected_seconds=(("1B", "step", 15.0), ("1B", "compile", 100.0), ("1B", "init", 20.0), ("1B", "quant", 45.0),
-                      ("8B", "step", 30.0), ("8B", "compile", 130.0), ("8B", "init", 45.0), ("8B", "quant", 90.0)),
+    expected_seconds=(("1B", "step", 15.0), ("1B", "compile", 100.0), ("1B", "init", 20.0), ("1B", "sketch", 15.0),
+                      ("1B", "quant", 45.0),
+                      ("8B", "step", 30.0), ("8B", "compile", 130.0), ("8B", "init", 45.0), ("8B", "sketch", 30.0),
+                      ("8B", "quant", 90.0)),
 )
 TINY = GpuSettings(
     shapes=(GpuShape("tiny-a", 64, 160, 2, 4, 2, vocab=256), GpuShape("tiny-b", 96, 224, 3, 4, 2, vocab=256)),
     vera_rank=32, batch_size=2, seq_len=32, warmup_steps=1, steps=3, init_batches=2,
     compile_backend="aot_eager", quant_shapes=("tiny-a",), budget_s=1800.0, tiny=True,
     expected_seconds=tuple((s, g, t) for s in ("tiny-a", "tiny-b")
-                           for g, t in (("step", 3.0), ("compile", 15.0), ("init", 5.0), ("quant", 10.0))),
+                           for g, t in (("step", 3.0), ("compile", 15.0), ("init", 5.0), ("sketch", 5.0), ("quant", 10.0))),
 )
 
 
@@ -188,14 +190,14 @@ def plan(settings: GpuSettings) -> list[tuple[str, str]]:
 
 
 def expected_seconds(settings: GpuSettings, shape: str, row: str, done: Sequence[dict[str, Any]]) -> float:
-    """What the row is expected to cost: the longest measured row of its group on the shape, else the settings'
-    guess (0 when it has none)."""
+    """What the row is expected to cost: the longer of the settings' guess for its group (0 when it has none) and
+    the longest measured row of its group on the shape. Never below the guess: a group's cheap row measured first
+    (``init-sketch``) must not vouch for its dearer ones (``init-exact``, ``loraga``: dense gradients, an SVD each)."""
     group = ROW_GROUPS[row]
     measured = [r["row_seconds"] for r in done
                 if r["shape"] == shape and ROW_GROUPS[r["row"]] == group and r["status"] == "ok"]
-    if measured:
-        return max(measured)
-    return next((t for s, g, t in settings.expected_seconds if s == shape and g == group), 0.0)
+    guess = next((t for s, g, t in settings.expected_seconds if s == shape and g == group), 0.0)
+    return max([guess, *measured])
 
 
 def memory_problem(row: str, shape: GpuShape, device: torch.device, done: Sequence[dict[str, Any]]) -> Optional[str]:

@@ -24,6 +24,7 @@ store. The process group is unusable afterwards: the run is over anyway.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
@@ -35,6 +36,7 @@ import torch.distributed as dist
 
 from .session import GradientInitError, InitSession, Partial
 
+logger = logging.getLogger(__name__)
 
 class DistributedInitError(GradientInitError):
     """Initialisation failed on one rank; every rank raises this, with the same message.
@@ -217,7 +219,7 @@ class TorchCollective(Collective):
         """
         if error is None:
             error = self.setup_error
-        payload = b"" if error is None else bytes([isinstance(error, ValueError)]) + _describe(error).encode()
+        payload = b"" if error is None else bytes([isinstance(error, ValueError)]) + _describe(error).encode("utf-8", "backslashreplace")
         lengths = torch.zeros(self.world, dtype=torch.int64, device=self.device)
         lengths[self.rank] = len(payload)
         try:
@@ -231,7 +233,7 @@ class TorchCollective(Collective):
         if not any(sizes):
             return
         payloads = {r: data for r, data in enumerate(gather_bytes(payload, sizes, self.device)) if data}
-        reasons = {r: data[1:].decode() for r, data in payloads.items()}
+        reasons = {r: data[1:].decode("utf-8", "replace") for r, data in payloads.items()}
         failed = sorted(payloads)
         kind = DistributedValueError if payloads[failed[0]][0] else DistributedInitError
         raise kind(failed[0], self.world, reasons[failed[0]], failed[1:], reasons) from error
@@ -367,8 +369,16 @@ def zero3_trace_reset(model: Any) -> Iterator[None]:
 
     def reset() -> None:
         for coordinator in coordinators:
-            if not coordinator.is_invalid_trace():
-                coordinator._invalidate_trace()
+            invalidate = getattr(coordinator, "_invalidate_trace", None)  # DeepSpeed's private API (0.19): may move
+            if invalidate is None:
+                logger.warning(
+                    "GiVA could not reset DeepSpeed ZeRO-3's parameter-fetch trace after calibration (this DeepSpeed "
+                    "has no %s._invalidate_trace); if the first training step fails with a tracing error, call "
+                    "giva.initialize before deepspeed.initialize", type(coordinator).__name__)
+                continue
+            is_invalid = getattr(coordinator, "is_invalid_trace", None)
+            if is_invalid is None or not is_invalid():
+                invalidate()
 
     try:
         yield
