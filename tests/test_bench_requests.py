@@ -121,9 +121,11 @@ def test_the_dry_run_mentions_adaptive_sweeps_only_for_suites_that_have_them(sui
 
 
 def test_cli_keeps_stale_records_only_when_told(capsys, monkeypatch) -> None:
+    import giva.bench.sketch
     from giva import cli
 
     monkeypatch.chdir(BENCH.parent)
+    monkeypatch.setattr(giva.bench.sketch, "code_commit", lambda: "c" * 40)  # code other than the records measured
     assert cli.main(["bench", "--suite", "sketch", "--dry-run"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("giva bench --dry-run: 6 run(s) to add now")
     assert cli.main(["bench", "--suite", "sketch", "--dry-run", "--keep-stale"]) == 0
