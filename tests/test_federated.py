@@ -793,3 +793,13 @@ def test_report_without_checkpoints_is_one_line_not_a_traceback(tmp_path, capsys
     assert _main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoints in" in err[0] and "not committed" in err[0]
+
+
+def test_report_of_a_folder_without_a_runs_checkpoint_is_one_line(tmp_path, capsys):
+    """What counts as a run's checkpoint is report_checkpoints' call (giva/lora/vera), not any *.pt file."""
+    from giva.federated.run import _main
+
+    (tmp_path / ".checkpoints").mkdir()
+    (tmp_path / ".checkpoints" / "notes.pt").write_bytes(b"")  # a .pt file that is no run's checkpoint
+    assert _main(["report", str(tmp_path)]) == 2
+    assert "no checkpoints in" in capsys.readouterr().err

@@ -129,12 +129,13 @@ def normalise_label(value: Any, where: str) -> str:
             raise DataError(f"{where}: the label is missing ({text!r}); every row needs a class name or an integer")
         if not _NUMBER.fullmatch(text):
             return text
+        too_long = DataError(f"{where}: label {text[:20]}... has over {_MAX_DIGITS} digits; expected a class name or an integer")
         try:
             number = Decimal(text)  # exactly: float() would merge integer ids above 2**53 into one class
         except ArithmeticError:  # an exponent beyond the decimal context's range
-            number = Decimal(10) ** _MAX_DIGITS
+            raise too_long from None
         if number and number.adjusted() >= _MAX_DIGITS:
-            raise DataError(f"{where}: label {text[:20]}... has over {_MAX_DIGITS} digits; expected a class name or an integer")
+            raise too_long
         if number != number.to_integral_value():
             raise DataError(_FRACTION.format(where=where, label=text))
         return str(int(number))

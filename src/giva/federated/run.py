@@ -780,11 +780,12 @@ def _main(argv: list[str]) -> int:
         Path(output_dir, "bytes.md").write_text(table + "\n")
         print(table)
     elif kind == "report":
-        if not any(Path(output_dir, ".checkpoints").glob("*.pt")):
-            print(f"report: no checkpoints in {Path(output_dir, '.checkpoints')} (a run's checkpoints are local and "
-                  "not committed; run the comparison there first)", file=sys.stderr)
+        try:
+            out = report_checkpoints(output_dir)
+        except FileNotFoundError as err:  # report_checkpoints decides what counts as a run's checkpoint
+            print(f"report: {err} (a run's checkpoints are local and not committed; run the comparison there first)",
+                  file=sys.stderr)
             return 2
-        out = report_checkpoints(output_dir)
         print(out["table"])
         print(out["headline"])
     elif kind == "sketch":
