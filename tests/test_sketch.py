@@ -361,3 +361,17 @@ def test_second_moment_state_has_the_input_shape_and_a_gradient_b_is_refused():
             InitSession([_target(variant=variant)], mode="exact", statistic="second-moment")
     with pytest.raises(ValueError, match="statistic must be one of"):
         InitSession([_target()], statistic="variance")
+
+
+def test_the_shape_check_before_the_agreement_names_bad_sums_and_never_raises():
+    """It runs on one rank before the ranks agree: raising there (a KeyError) would leave the others in the collective."""
+    from giva.init.distributed import _wrong_shapes
+
+    session = InitSession([_target(variant="Vr", out_size=40)], mode="exact")
+    request = session.next_request()
+    key = next(iter(request.items))
+    good = torch.zeros(session.sum_shape(key))
+    assert _wrong_shapes(Partial(0, {key: good}), session) is None
+    error = _wrong_shapes(Partial(0, {key: good[:1], "layer:nosuch#0": good}), session)
+    assert isinstance(error, GradientInitError)
+    assert f"{key}: (1, " in str(error) and "layer:nosuch#0" in str(error) and "no target" in str(error)

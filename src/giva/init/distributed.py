@@ -111,8 +111,9 @@ class Collective:
 
 
 def _wrong_shapes(partial: Partial, session: InitSession) -> Optional[GradientInitError]:
-    """An error naming the sums whose shape is not the one every rank expects (:meth:`InitSession.sum_shape`)."""
-    expected = {key: session.sum_shape(key) for key in partial.sums}
+    """An error naming the sums whose shape is not the one every rank expects (:meth:`InitSession.sum_shape`), or
+    whose key is no target of the session; never raises itself (it runs on one rank, before the agreement)."""
+    expected = {key: session.sum_shape(key) if key in session.targets else "no target" for key in partial.sums}
     wrong = [f"{key}: {tuple(total.shape)}, expected {expected[key]}"
              for key, total in partial.sums.items() if tuple(total.shape) != expected[key]]
     return GradientInitError(f"sums of unexpected shape: {wrong[:5]}") if wrong else None
