@@ -246,6 +246,19 @@ def test_results_are_written_after_every_row(tmp_path, monkeypatch):
     assert seen == [(0, False), (1, True), (2, True), (3, True), (4, True), (5, True)]
 
 
+def test_a_machine_without_matplotlib_gets_every_table_and_one_warning(tmp_path, monkeypatch, caplog):
+    """The device image may lack matplotlib: the rows and tables are written, and the missing figure is said once
+    (not a traceback after every row)."""
+    monkeypatch.setattr(gpu, "run_row", _fake_row)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    with caplog.at_level("WARNING", logger=gpu.logger.name):
+        run_gpu(tmp_path, replace(TINY, rows=("floor", "lora", "giva")), device="cpu")
+    assert len(json.loads((tmp_path / "results.json").read_text())["rows"]) == 6
+    assert (tmp_path / "results.md").exists() and not (tmp_path / "steps.png").exists()
+    said = [r for r in caplog.records if "steps.png not written" in r.getMessage()]
+    assert len(said) == 1 and said[0].exc_info is None and "matplotlib" in said[0].getMessage()
+
+
 def test_initialisation_rows_that_cannot_fit_in_free_memory_are_skipped_with_what_they_need(monkeypatch):
     big = FULL.shapes[1]
     targeted, total = gpu.shape_parameters(big)

@@ -185,7 +185,7 @@ class _OnDevice:
 
     def __init__(self, *tensors: Optional[torch.Tensor]) -> None:
         self.tensors = tuple(t for t in tensors if t is not None)
-        self._cuda = bool(self.tensors) and self.tensors[0].device.type == "cuda"
+        self._cuda = len(self.tensors) > 0 and self.tensors[0].device.type == "cuda"
         self._streams: set[tuple[int, int]] = set()
 
     def used_here(self) -> None:
