@@ -343,6 +343,73 @@ def test_mixed_batch_stacks_used_on_another_stream_are_recorded_on_it(monkeypatc
     torch.testing.assert_close(other, first)
 
 
+@cuda
+def test_mixed_batch_stacks_built_on_one_stream_are_ready_before_another_stream_reads_them():
+    """A server with a stream per request: the stacks and index tensors built on one stream are read by another
+    that never synchronised with it; that stream must wait (on the device) for their kernels to have run."""
+    model = _multi_adapter_model("gpt2-fused", **LAYOUTS["blocks differ"]).to("cuda")  # index tensors too
+    ids = text_batches(batch=3)[0]["input_ids"].cuda()
+    names = ["t1", "t0", "t2"]
+    expected = _one_at_a_time(model, ids, names)
+    serving.clear_mixed_batch_cache()
+    builder, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    builder.wait_stream(torch.cuda.current_stream())
+    reader.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(builder):
+        torch.cuda._sleep(200_000_000)  # about 0.1 s of device time queued before the caches' kernels
+        _logits(model, ids, adapter_names=names)  # builds the stacks and index tensors on `builder`
+    with torch.cuda.stream(reader):  # no wait_stream: only the caches' own events order the two
+        got = _logits(model, ids, adapter_names=names)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(got.float(), expected.float(), atol=1e-4, rtol=1e-4)
+
+
+class _FakeStream:
+    def __init__(self, stream_id: int) -> None:
+        self.device_index, self.stream_id, self.waited = 0, stream_id, []
+
+    def wait_event(self, event) -> None:
+        self.waited.append(event)
+
+
+def test_cached_device_tensors_make_a_new_stream_wait_for_their_build_once(monkeypatch):
+    """The logic of serving._OnDevice without a GPU: the building stream records an event and never waits on it;
+    every other stream waits on it (and is recorded on the tensors) the first time it uses them, once."""
+    streams = {"current": _FakeStream(1)}
+    recorded = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams["current"])
+    monkeypatch.setattr(torch.cuda, "Event", lambda: type("E", (), {"record": lambda self, stream: recorded.append(("event", stream))})())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(("tensor", stream)))
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    guard = serving._OnDevice(torch.zeros(2), torch.zeros(3))
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams["current"])
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(("tensor", stream)))
+    builder = streams["current"]
+    assert recorded == [("event", builder)]
+    guard.used_here()
+    assert builder.waited == [] and recorded == [("event", builder)]  # its own stream: neither a wait nor a record
+    other = streams["current"] = _FakeStream(2)
+    guard.used_here()
+    guard.used_here()
+    assert other.waited == [guard._ready]  # waited once, on the build's event
+    assert recorded[1:] == [("tensor", other), ("tensor", other)]
+
+
+def test_clearing_the_mixed_batch_cache_frees_the_per_batch_index_tensors_too():
+    """The index tensors are cached per batch composition for every model: clear_mixed_batch_cache drops them
+    (a long-running server that meets many compositions can free their memory)."""
+    model = _multi_adapter_model("gpt2-fused", **LAYOUTS["blocks differ"])  # partial blocks: index tensors too
+    ids = text_batches(batch=3)[0]["input_ids"]
+    with torch.no_grad():
+        before = model(input_ids=ids, adapter_names=["t1", "t0", "__base__"]).logits
+    assert serving._rows.cache_info().currsize > 0 and serving._guarded_index.cache_info().currsize > 0
+    serving.clear_mixed_batch_cache(model)
+    assert serving._rows.cache_info().currsize == 0 and serving._guarded_index.cache_info().currsize == 0
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, adapter_names=["t1", "t0", "__base__"]).logits, before)
+
+
 def test_seeded_bases_are_one_tensor_per_layer_and_stay_shared_under_casts():
     model = _multi_adapter_model("llama", {"t0": 4, "t1": 4, "t2": 4})
     layers = [m for m in model.modules() if isinstance(m, GivaLayer)]
@@ -773,8 +840,6 @@ def test_a_mixed_batch_under_inference_mode_leaves_the_caches_usable_for_trainin
     ids = text_batches(batch=5)[0]["input_ids"]
     names = ["t1", "t0", "__base__", "t2", "t1"]
     serving.clear_mixed_batch_cache()
-    serving._rows.cache_clear()
-    serving._index.cache_clear()
     with torch.inference_mode():
         served = model(input_ids=ids, adapter_names=names).logits
     vectors = [p.requires_grad_() for n, p in model.named_parameters() if "giva_lambda" in n]

@@ -178,23 +178,34 @@ def _unique(names: tuple[str, ...]) -> tuple[str, ...]:
 class _OnDevice:
     """Tensors built once and reused by forwards on any CUDA stream of their device.
 
-    A tensor freed while a kernel queued on another stream still reads it could be handed to a new allocation of
-    the stream it was allocated on; ``record_stream`` on each stream that uses it (once per stream; on its own
-    stream it is a no-op) makes the allocator wait for that stream's work first.
+    Built by kernels queued on one stream, they are not ready for another stream until that work has run: a stream
+    that uses them for the first time waits (on the device, not the host) for an event recorded where they were
+    built. And a tensor freed while a kernel queued on another stream still reads it could be handed to a new
+    allocation of the stream it was allocated on; ``record_stream`` on each stream that uses it (once per stream;
+    on its own stream it is a no-op) makes the allocator wait for that stream's work first.
     """
 
     def __init__(self, *tensors: Optional[torch.Tensor]) -> None:
         self.tensors = tuple(t for t in tensors if t is not None)
         self._cuda = len(self.tensors) > 0 and self.tensors[0].device.type == "cuda"
         self._streams: set[tuple[int, int]] = set()
+        self._ready: Optional[torch.cuda.Event] = None
+        if self._cuda and not torch.compiler.is_compiling():  # a compiled graph's tensors are its own
+            stream = torch.cuda.current_stream(self.tensors[0].device)
+            self._ready = torch.cuda.Event()
+            self._ready.record(stream)  # after the kernels that filled the tensors, on the stream that queued them
+            self._streams.add((stream.device_index, stream.stream_id))
 
     def used_here(self) -> None:
-        """Call before each use: records the current CUDA stream on the tensors the first time it uses them."""
+        """Call before each use: the first time the current CUDA stream uses the tensors, it waits for them to be
+        built and is recorded on them."""
         if not self._cuda:
             return
         stream = torch.cuda.current_stream(self.tensors[0].device)
         key = (stream.device_index, stream.stream_id)
         if key not in self._streams:
+            if self._ready is not None:
+                stream.wait_event(self._ready)
             for tensor in self.tensors:
                 tensor.record_stream(stream)
             self._streams.add(key)
@@ -263,10 +274,17 @@ def _build_rows(
 
 
 @functools.lru_cache(maxsize=1024)
-def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A constant index tensor on ``device``, built once (the stacks that use it record their streams on it)."""
+def _guarded_index(values: tuple[int, ...], device: torch.device) -> _OnDevice:
     with outside_inference_mode():
-        return _to_device(list(values), torch.long, device)
+        return _OnDevice(_to_device(list(values), torch.long, device))
+
+
+def _index(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A constant index tensor on ``device``, built once and ready on the current stream (the stacks that use it
+    record their streams on it)."""
+    guarded = _guarded_index(values, device)
+    guarded.used_here()
+    return guarded.tensors[0]
 
 
 @dataclass(frozen=True)
@@ -405,6 +423,8 @@ def clear_mixed_batch_cache(model: Optional[nn.Module] = None) -> None:
     PyTorch counts (optimizer steps, ``load_state_dict``, writes under ``torch.no_grad()``); a write through
     ``param.data`` bypasses PyTorch's version counter, so call this after one. It also frees the memory.
     """
+    _rows.cache_clear()  # the per-batch index tensors (small; shared by every model, rebuilt on the next forward)
+    _guarded_index.cache_clear()
     if model is None:
         _STACK_CACHE.clear()
         return
