@@ -609,3 +609,145 @@ def test_compiled_blocks_of_a_bf16_model_compile_once_while_training():
     assert later == [[], []], later
     assert len(first) == 2 and "requires_grad" in str(first[1][1]), first
     assert not any(layer._giva_cast_bases for layer in layers)  # nothing cached while compiling
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. Under torch.autocast (what Trainer(bf16=True / fp16=True) and `giva sft --bf16` run): the factors are formed
+# in fp32, compute_dtype="float32" keeps its fp32 maths, delta_W stays fp32
+
+
+def _bf16_autocast() -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _output_and_grads_exact_weights(layer: GivaLayer, x: torch.Tensor, autocast: bool = False, seed: int = 0):
+    """As :func:`_output_and_grads`, the forward under bf16 autocast or not, the backward outside it (as Trainer and
+    Accelerate run it), with loss weights that bf16 holds exactly: the gradient reaching a bf16 output under
+    autocast is then the same as the one reaching an fp32 output without it."""
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).float()
+    grads = torch.autograd.grad((out.float() * weight).sum(), _vectors(layer))
+    return out.detach(), grads
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "fused"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_under_autocast_float32_compute_keeps_the_adapter_maths_in_fp32(layout, dtype):
+    """The switch is not undone by autocast: every product of the adapter maths runs in fp32 (only the base layer's
+    is autocast's bf16), and the vectors' gradients are those of the same layer without autocast, to fp32 rounding
+    (autocast used to run them all in bf16: gradients bit-identical to compute_dtype="input", 5e-3 off)."""
+    model, layer = _model(layout, dtype, compute_dtype="float32", giva_dropout=0.2)
+    model.train()
+    x = torch.randn(*TOKENS, IN).to(dtype)
+    _, expected = _output_and_grads_exact_weights(layer, x)
+    with _bf16_autocast():
+        layer(x)
+        ops = _adapter_ops(layer, x)
+    out, grads = _output_and_grads_exact_weights(layer, x, autocast=True)
+    gemms = [op for op in ops if op[0] in GEMMS]
+    assert gemms and {op[2] for op in gemms} == {torch.float32}, ops
+    assert out.dtype == torch.bfloat16  # added to autocast's bf16 base output
+    for got, want in zip(grads, expected):
+        assert got.dtype == torch.float32 and _relative(got, want) < 1e-5, _relative(got, want)
+
+
+def _perturbed(layer: GivaLayer) -> GivaLayer:
+    """Vectors (and core) off the values bf16 holds: lambda_s near 1, as after a few small optimiser steps."""
+    with torch.no_grad():
+        layer.giva_lambda_s["default"].copy_(1 + 1e-3 * torch.randn(layer.giva_lambda_s["default"].shape))
+        if "default" in layer.giva_core:
+            layer.giva_core["default"].add_(0.01 * torch.randn(layer.giva_core["default"].shape))
+    return layer
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "fused"])
+@pytest.mark.parametrize("core", [False, True])
+def test_under_autocast_the_factors_and_delta_w_are_formed_in_fp32(layout, core):
+    """``adapter_factor``, ``output_factor`` and ``delta_weight`` (merge, unmerge, export) are the fp32 products
+    they are without autocast, bit for bit: autocast ran their matmuls in bf16, which rounded lambda_s (and B C)
+    to bf16 before the fold and gave merges a bf16 delta_W."""
+    extra = {"core": True, "lambda_o_init": 0.0} if core else {}
+    _, layer = _model(layout, **extra)
+    _perturbed(layer)
+    with torch.no_grad():
+        expected = (layer.adapter_factor("default"), layer.output_factor("default"), layer.delta_weight("default"))
+        with _bf16_autocast():
+            got = (layer.adapter_factor("default"), layer.output_factor("default"), layer.delta_weight("default"))
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float32 and torch.equal(g, e)
+
+
+def test_under_autocast_a_small_lambda_s_step_moves_the_output():
+    """The fp32 factor rounded once to bf16: a lambda_s step of 0.003 from 1 changes the adapter's output by about
+    that much (relative). With lambda_s rounded to bf16 before the fold (spacing 2^-7 at 1) it changed nothing."""
+    model, layer = _model("linear")
+    model.eval()
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()  # the output is the adapter's alone, rounded at its own scale
+        layer.base_layer.bias.zero_()
+    x = torch.randn(64, IN)
+
+    def output(value: float) -> torch.Tensor:
+        with torch.no_grad(), _bf16_autocast():
+            layer.giva_lambda_s["default"].fill_(value)
+            return layer(x).float()
+
+    before, after = output(1.0), output(1.003)
+    assert 1e-3 < _relative(after, before) < 2e-2, _relative(after, before)
+
+
+@pytest.mark.parametrize("layout", ["linear", "conv1d", "fused"])
+def test_a_merge_outside_autocast_and_an_unmerge_inside_it_restore_w(layout):
+    """Reference logits under autocast with the adapter disabled (the forward unmerges) must give W back: a bf16
+    delta_W left it up to 9e-5 off for good. A merge under autocast is the fp32 merge too."""
+    model, layer = _model(layout)
+    model.eval()
+    _perturbed(layer)
+    weight = layer.base_layer.weight
+    original = weight.detach().clone()
+    x = torch.randn(*TOKENS, IN)
+    with torch.no_grad():
+        layer.merge()
+        merged = weight.detach().clone()
+        with model.disable_adapter(), _bf16_autocast():
+            model(x)
+        assert not layer.merged
+        assert _relative(weight, original) < 1e-6, _relative(weight, original)
+        with _bf16_autocast():
+            layer.merge()
+        assert torch.equal(weight, merged)
+        with _bf16_autocast():
+            layer.unmerge()
+        assert _relative(weight, original) < 1e-6, _relative(weight, original)
+
+
+@pytest.mark.parametrize("compute_dtype", ["input", "float32"])
+def test_under_autocast_no_graph_break_inside_the_layer_forward(compute_dtype):
+    """The autocast test and the autocast-disabled regions trace into the graph: one graph, no break, for the
+    one-adapter forward, the index_add path and a mixed batch, and the compiled layer gives the eager numbers."""
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), GivaConfig(r=4, init_weights=False, compute_dtype=compute_dtype))
+    model.train()
+    layer = next(m for m in model.modules() if isinstance(m, GivaLayer))
+    fused = copy.deepcopy(layer)
+    fused.update_layer("second", [16, 16], [1], _config("linear", compute_dtype=compute_dtype))  # index_add
+    fused.set_adapter(["default", "second"])
+    mixed = copy.deepcopy(layer)
+    mixed.update_layer("second", [mixed.out_features], [0], _config("linear"))  # "input": the batch follows default
+    mixed.eval()
+    cases = [(layer, {}), (fused, {}), (mixed, {"adapter_names": ["default", "second", "__base__"]})]
+    for module, kwargs in cases:
+        x = torch.randn(3, 5, module.in_features)
+        torch._dynamo.reset()
+        with _bf16_autocast():
+            eager = module(x, **kwargs)
+            explanation = torch._dynamo.explain(module)(x, **kwargs)
+            assert explanation.graph_break_count == 0, explanation.break_reasons
+            assert explanation.graph_count == 1
+            torch._dynamo.reset()
+            compiled = torch.compile(module, backend="aot_eager", fullgraph=True)(x, **kwargs)
+        assert compiled.dtype == eager.dtype == torch.bfloat16
+        torch.testing.assert_close(compiled, eager)
+    torch._dynamo.reset()

@@ -893,3 +893,38 @@ def test_a_mixed_batch_runs_in_fp32_when_an_adapter_asks_for_fp32_adapter_maths(
         for row, name in enumerate(["a", "b", "a"]):
             layer.set_adapter(name)
             torch.testing.assert_close(mixed[row], layer(x)[row], atol=2e-3, rtol=1e-2)  # bf16 outputs
+
+
+def test_a_mixed_batch_under_autocast_keeps_the_fp32_adapter_maths():
+    """Under ``torch.autocast`` (Trainer's bf16 evaluation) an adapter that asks for ``compute_dtype="float32"`` still
+    gets fp32 products in a mixed batch (autocast ran them all in bf16), and the vectors' gradients are those of the
+    same batch without autocast, to fp32 rounding."""
+    torch.manual_seed(0)
+    config = dict(r=4, target_modules=["q_proj"], init_weights=False)
+    model = get_peft_model(tiny_llama(), GivaConfig(**config, compute_dtype="float32"), adapter_name="a")
+    model.add_adapter("b", GivaConfig(**config))
+    model.eval()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    vectors = [p.requires_grad_() for n, p in layer.named_parameters() if "giva_lambda" in n]
+    x = torch.randn(3, 5, layer.in_features)
+    weight = torch.randn(3, 5, layer.out_features).to(torch.bfloat16).float()  # held exactly by a bf16 output
+    names = ["a", "b", "a"]
+
+    class _Products(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dtypes: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func.overloadpacket).split(".")[-1] in ("mm", "bmm", "addmm", "matmul"):
+                self.dtypes.append(next(a.dtype for a in args if isinstance(a, torch.Tensor) and a.dim() >= 2))
+            return func(*args, **(kwargs or {}))
+
+    expected = torch.autograd.grad((layer(x, adapter_names=names).float() * weight).sum(), vectors)
+    with torch.autocast("cpu", dtype=torch.bfloat16), _Products() as products:
+        out = layer(x, adapter_names=names)
+    got = torch.autograd.grad((out.float() * weight).sum(), vectors)  # outside autocast, as Trainer runs it
+    assert out.dtype == torch.bfloat16
+    assert products.dtypes.count(torch.bfloat16) == 1 and products.dtypes.count(torch.float32) >= 2  # base: bf16
+    for g, e in zip(got, expected):
+        assert torch.allclose(g, e, rtol=1e-5, atol=1e-7), (g - e).abs().max()

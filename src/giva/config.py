@@ -90,7 +90,8 @@ class GivaConfig(PeftConfig):
                 "half-precision model, fp32 on CPU), lambda_o folded into B, nothing of size tokens x out formed but the "
                 "add into the base output; as fast as LoRA with autocast_adapter_dtype=False. 'float32': x cast to fp32, "
                 "the adapter maths in fp32, the result cast back to the output's dtype, as PEFT LoRA's default "
-                "(autocast_adapter_dtype=True). Both give the same result on an fp32 model. The vectors keep their own dtype "
+                "(autocast_adapter_dtype=True), under torch.autocast too (where 'input' follows autocast). Both give the "
+                "same result on an fp32 model without autocast. The vectors keep their own dtype "
                 "either way (fp32 under PEFT's default autocast_adapter_dtype=True) and are cast at use."
             )
         },

@@ -36,10 +36,12 @@ from .bases import (
 from .config import GivaConfig
 from .serving import (
     SharedBufferDict,
+    autocast_enabled,
     basis_storage_dtype,
     check_mixed_batch_args,
     is_shareable,
     mixed_batch_forward,
+    outside_autocast,
     outside_inference_mode,
 )
 
@@ -367,28 +369,41 @@ class GivaLayer(BaseTunerLayer):
         return b if core is None else b @ core.float()  # O x R
 
     def output_factor(self, adapter_name: str) -> torch.Tensor:
-        """``B' = diag(lambda_o) B C`` (``O x R``, float32): everything of delta_W after ``diag(lambda_s) A``, for
-        merge, export and mixed batches (the forward folds ``lambda_s`` in too: :meth:`adapter_factor`)."""
+        """``B' = diag(lambda_o) B C`` (``O x R``, float32, under ``torch.autocast`` too): everything of delta_W after
+        ``diag(lambda_s) A``, for merge, export and mixed batches (the forward folds ``lambda_s`` in too:
+        :meth:`adapter_factor`)."""
         lambda_o = self.giva_lambda_o[adapter_name]
-        return lambda_o.float().unsqueeze(1) * self._output_basis(adapter_name, lambda_o.device)
+        with outside_autocast(lambda_o.device.type):  # B C is a matmul: autocast would run it in bf16
+            return lambda_o.float().unsqueeze(1) * self._output_basis(adapter_name, lambda_o.device)
 
     def adapter_factor(self, adapter_name: str) -> torch.Tensor:
         """``F = diag(lambda_o) B C diag(lambda_s)`` (``O x R``, float32), so that ``delta_W = F A``.
 
         Formed as ``B C * (lambda_o lambda_s^T)``, the outer product as a (k=1) matmul: autograd then gives both
-        vectors' gradients from ``F``'s with one elementwise op and two small matmuls, no reductions.
+        vectors' gradients from ``F``'s with one elementwise op and two small matmuls, no reductions. Under
+        ``torch.autocast`` too: its bf16 matmul would round ``lambda_s`` (and ``B C``) before the fold, so that a
+        ``lambda_s`` step below bf16's spacing (2^-7 at 1) changed nothing; the forward rounds ``F`` once.
         """
+        device_type = self.giva_lambda_o._parameters[adapter_name].device.type
+        if autocast_enabled(device_type):  # no context entered on the common path
+            with torch.autocast(device_type, enabled=False):
+                return self._adapter_factor(adapter_name)
+        return self._adapter_factor(adapter_name)
+
+    def _adapter_factor(self, adapter_name: str) -> torch.Tensor:
         lambda_o = self.giva_lambda_o._parameters[adapter_name]
         lambda_o = _as_float32(lambda_o, lambda_o.device)
         lambda_s = _as_float32(self.giva_lambda_s._parameters[adapter_name], lambda_o.device)
         return self._output_basis(adapter_name, lambda_o.device) * (lambda_o.unsqueeze(1) @ lambda_s.unsqueeze(0))
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``delta_W`` of one adapter in fp32, in the base weight's layout (``in x out`` for Conv1D)."""
+        """``delta_W`` of one adapter in fp32 (under ``torch.autocast`` too, so that a merge outside it and an unmerge
+        inside it, or the other way round, give W back), in the base weight's layout (``in x out`` for Conv1D)."""
         self.ensure_bases(adapter_name)
         a = self.giva_A[adapter_name].float()  # R x in
         lambda_s = self.giva_lambda_s[adapter_name].float().to(a.device)
-        delta = self.output_factor(adapter_name).float().to(a.device) @ (lambda_s[:, None] * a)  # O x in
+        with outside_autocast(a.device.type):
+            delta = self.output_factor(adapter_name).float().to(a.device) @ (lambda_s[:, None] * a)  # O x in
         if adapter_name in self.giva_out_index:
             full = delta.new_zeros(self.out_features, self.in_features)
             delta = full.index_copy_(0, self.giva_out_index[adapter_name], delta)
@@ -519,17 +534,29 @@ class GivaLayer(BaseTunerLayer):
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``lambda_o * B (lambda_s * A dropout(x))``, shape ``(..., O)``: one ``F.linear(h, F)`` over the thin ``h``
         (see :meth:`_thin_activation_and_factor`)."""
+        if self._outside_autocast(x, adapter_name):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._adapter_output(x, adapter_name)
         h, factor = self._thin_activation_and_factor(self._prepare_input(x, adapter_name), adapter_name)
         return F.linear(h, factor)  # tokens x O
 
+    def _outside_autocast(self, x: torch.Tensor, adapter_name: str) -> bool:
+        """Whether the adapter maths must leave ``torch.autocast``: ``compute_dtype="float32"`` keeps them in fp32 under
+        it (their result cast to the base output's dtype, as without autocast). With ``"input"`` they follow autocast,
+        as PEFT LoRA's do; only the factor is formed in fp32 (:meth:`adapter_factor`)."""
+        return self.giva_compute_dtype.get(adapter_name, "input") == "float32" and autocast_enabled(x.device.type)
+
     def _add_adapter_output(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``result`` (the base output) plus the adapter's output.
+        """``result`` (the base output) plus the adapter's output (see :meth:`_outside_autocast` for autocast).
 
         When the adapter maths run in ``result``'s dtype, one ``addmm`` on the 2-D views of the tokens (the add
         fused into the product: no tokens x O temporary, no elementwise pass over the output); ``index_add`` for
         partial fused blocks; else a product, its cast to ``result``'s dtype and an add (``compute_dtype="float32"``
-        on a half-precision base).
+        on a half-precision base or under autocast).
         """
+        if self._outside_autocast(x, adapter_name):
+            with torch.autocast(x.device.type, enabled=False):
+                return self._add_adapter_output(result, x, adapter_name)  # once: autocast is off in there
         x = self._prepare_input(x, adapter_name)
         if adapter_name in self.giva_out_index._buffers:
             h, factor = self._thin_activation_and_factor(x, adapter_name)

@@ -220,6 +220,19 @@ def outside_inference_mode() -> AbstractContextManager:
     return torch.inference_mode(False)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type`` (False for a type autocast does not know, as "meta").
+    Dynamo traces it (and ``torch.autocast(..., enabled=False)``) without a graph break."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+def outside_autocast(device_type: str) -> AbstractContextManager:
+    """Around maths that must not follow ``torch.autocast`` (fp32 factors, ``delta_W``, ``compute_dtype="float32"``):
+    autocast disabled on ``device_type`` while it is on there, else nothing. (The per-forward paths of the layer
+    test :func:`autocast_enabled` themselves and enter no context at all without autocast.)"""
+    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else nullcontext()
+
+
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A host list as a device tensor; to CUDA through pinned memory, asynchronously (the host does not wait)."""
     host = torch.tensor(values, dtype=dtype)
@@ -348,8 +361,18 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
     if len(unique) == 1:  # every row uses one adapter: the plain single-adapter forward
         return layer._add_adapter_output(result, x, present[0])
     fp32 = next((name for name in present if layer.giva_compute_dtype.get(name, "input") == "float32"), None)
-    if fp32 is not None:  # an adapter asks for fp32 adapter maths: the whole batch's run in it
+    if fp32 is not None:  # an adapter asks for fp32 adapter maths: the whole batch's run in it, under autocast too
         x = layer._compute_input(x, fp32)
+        if autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
+                return _mixed_adapter_outputs(layer, result, x, names, present)
+    return _mixed_adapter_outputs(layer, result, x, names, present)
+
+
+def _mixed_adapter_outputs(
+    layer: Any, result: torch.Tensor, x: torch.Tensor, names: tuple[str, ...], present: tuple[str, ...]
+) -> torch.Tensor:
+    """:func:`mixed_batch_forward` from the stacks on: ``x`` in the compute dtype, ``present`` the adapters held."""
     # The stacks are reused across forwards without autograd; under torch.compile they are built inside the graph
     # instead (the cache's data-pointer test breaks a graph, and the compiled graph is what is reused there).
     cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
