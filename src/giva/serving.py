@@ -220,10 +220,19 @@ def outside_inference_mode() -> AbstractContextManager:
     return torch.inference_mode(False)
 
 
+# The device types autocast knows, read once: dynamo traces a membership test, but not (torch 2.11) the call
+# `torch.amp.is_autocast_available`, which it skips, breaking the graph.
+_AUTOCAST_TYPES = frozenset(
+    t
+    for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", torch._C._get_privateuse1_backend_name())
+    if torch.amp.is_autocast_available(t)
+)
+
+
 def autocast_enabled(device_type: str) -> bool:
     """Whether ``torch.autocast`` is on for ``device_type`` (False for a type autocast does not know, as "meta").
     Dynamo traces it (and ``torch.autocast(..., enabled=False)``) without a graph break."""
-    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+    return device_type in _AUTOCAST_TYPES and torch.is_autocast_enabled(device_type)
 
 
 def outside_autocast(device_type: str) -> AbstractContextManager:
