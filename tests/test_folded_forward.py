@@ -456,6 +456,41 @@ def _assert_uses_current_bases(layer: GivaLayer, x: torch.Tensor) -> None:
         assert _relative(layer(x), reference_forward(layer, x)) < 1e-2
 
 
+def test_the_cast_a_is_ready_on_every_stream_that_reads_it(monkeypatch):
+    """The cast copy is filled by a kernel on the stream of the forward that made it: every forward that reads it
+    goes through its stream guard (serving._OnDevice: another CUDA stream waits for the cast and is recorded on
+    it; a no-op on the CPU)."""
+    calls = []
+    real = giva.serving._OnDevice.used_here
+    monkeypatch.setattr(giva.serving._OnDevice, "used_here", lambda self: calls.append(self) or real(self))
+    _, layer, x = _bf16_layer_after_one_forward()
+    with torch.no_grad():
+        layer(x)
+    guards = [entry[2] for entry in layer._giva_cast_bases.values()]
+    assert len(guards) == 1 and calls == [guards[0], guards[0]]  # the forward that cast it, and the next
+
+
+@cuda
+def test_the_cast_a_built_behind_a_long_kernel_is_read_right_from_another_stream():
+    model, layer = _model("linear", torch.bfloat16)
+    model.eval().cuda()
+    x = torch.randn(*TOKENS, IN, device="cuda").to(torch.bfloat16)
+    with torch.no_grad():
+        expected = layer(x)
+    layer._giva_cast_bases.clear()
+    builder, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    builder.wait_stream(torch.cuda.current_stream())
+    reader.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad():
+        with torch.cuda.stream(builder):
+            torch.cuda._sleep(200_000_000)  # about 0.1 s of device time queued before the cast
+            layer(x)
+        with torch.cuda.stream(reader):  # no wait_stream: only the cast's own event orders the two
+            got = layer(x)
+    torch.cuda.synchronize()
+    assert torch.equal(got, expected)
+
+
 def test_cast_a_follows_set_block_bases():
     _, layer, x = _bf16_layer_after_one_forward()
     block = layer.blocks["default"][0]

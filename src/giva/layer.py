@@ -36,6 +36,7 @@ from .bases import (
 from .config import GivaConfig
 from .serving import (
     SharedBufferDict,
+    _OnDevice,
     autocast_enabled,
     basis_storage_dtype,
     check_mixed_batch_args,
@@ -105,7 +106,7 @@ class GivaLayer(BaseTunerLayer):
         # PEFT's switch (peft.helpers.disable_input_dtype_casting): False leaves x in its dtype under "float32".
         self.cast_input_dtype_enabled = True
         # A cast to another dtype / device, per (adapter, dtype, device): (source, its state, cast copy). See _input_basis.
-        self._giva_cast_bases: dict[tuple, tuple[torch.Tensor, Optional[tuple], torch.Tensor]] = {}
+        self._giva_cast_bases: dict[tuple, tuple[torch.Tensor, Optional[tuple], _OnDevice]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._bases_verified: set[str] = set()
@@ -496,12 +497,14 @@ class GivaLayer(BaseTunerLayer):
         entry = self._giva_cast_bases.get(key)
         state = _tensor_state(a)
         if entry is not None and entry[0] is a and state is not None and entry[1] == state:
-            return entry[2]
-        # Cached, so never an inference tensor, which no later forward with autograd could use.
-        with torch.no_grad(), outside_inference_mode():
-            cast = a.to(device=device, dtype=dtype)
-        self._giva_cast_bases[key] = (a, state, cast)
-        return cast
+            cast = entry[2]
+        else:
+            # Cached, so never an inference tensor, which no later forward with autograd could use.
+            with torch.no_grad(), outside_inference_mode():
+                cast = _OnDevice(a.to(device=device, dtype=dtype))
+            self._giva_cast_bases[key] = (a, state, cast)
+        cast.used_here()  # another CUDA stream waits for the cast and is recorded on it (its memory outlives its reads)
+        return cast.tensors[0]
 
     def _compute_input(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``x`` in the dtype the adapter maths run in: its own, or float32 for ``compute_dtype="float32"`` (unless
