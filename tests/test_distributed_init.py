@@ -11,14 +11,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import get_peft_model
 
 import giva
+from giva import GivaConfig
 from giva.init import accumulate
 from giva.init.session import Request, RequestItem
 from giva.init.sketch import principal_cosines
+from tiny_models import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from init_ranks import NUM_BATCHES, bases_of, head_batches, head_loss, model, rank_batches, two_heads  # noqa: E402
+from init_ranks import (  # noqa: E402
+    FP16_WEIGHT,
+    NUM_BATCHES,
+    TARGETS,
+    bases_of,
+    head_batches,
+    head_loss,
+    model,
+    rank_batches,
+    two_heads,
+)
 from launch import TORCHRUN, Ranks, run_torchrun  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
@@ -59,6 +72,32 @@ def test_ranks_get_bit_identical_bases_equal_to_one_process_over_all_batches(ran
         else:
             a, b = (tensor, reference[key]) if key.endswith(".A") else (tensor.mT, reference[key].mT)
             assert principal_cosines(a, b).min() > 0.999, key
+
+
+@pytest.mark.parametrize("scenario", ["fp16_exact", "fp16_sketch", "fp16fsdp2_exact"])
+def test_an_fp16_overflow_on_one_rank_runs_the_batch_again_on_every_rank_in_step(ranks, scenario):
+    """fp16 models; rank 1's loss is FP16_WEIGHT times larger, so only its gradients overflow at the first loss scale.
+    Every rank runs that batch again (the same number of forwards: the ranks stay in step through the collectives,
+    those of the FSDP2 forward too), each batch and token is counted once, and the bases are bit-identical on both
+    ranks and those of one fp32 process over both ranks' batches with the same weights."""
+    mode = scenario.split("_")[1]
+    rank0, rank1 = _load(ranks, scenario)
+    calls = ranks.json(f"{scenario}_calls_rank{{rank}}.json")
+    passes = 1 if mode == "exact" else 3
+    assert calls[0] == calls[1] > passes * NUM_BATCHES
+    assert all(torch.equal(rank0["bases"][k], rank1["bases"][k]) for k in rank0["bases"])
+    assert [(p["batches"], p["tokens"]) for p in rank0["passes"]] == [(2 * NUM_BATCHES, 2 * NUM_BATCHES * 4 * 12)] * passes
+    ones = rank_batches(1)
+
+    def weighted(m, batch):
+        loss = m(**batch).loss
+        return loss * FP16_WEIGHT if any(torch.equal(batch["input_ids"], b["input_ids"]) for b in ones) else loss
+
+    reference = get_peft_model(tiny_llama(seed=0).half().float(), GivaConfig(r=4, target_modules=TARGETS, variant="VrUr", seed=3))
+    giva.initialize(reference, rank_batches(0) + ones, num_batches=2 * NUM_BATCHES, progress=False, mode=mode, loss_fn=weighted)
+    for key, tensor in bases_of(reference).items():
+        a, b = (tensor, rank0["bases"][key]) if key.endswith(".A") else (tensor.mT, rank0["bases"][key].mT)
+        assert principal_cosines(a, b).min() > 0.99, key
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

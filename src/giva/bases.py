@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Literal, get_args
 
 import torch
@@ -57,6 +57,21 @@ def _single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def autocast_off(*devices: torch.device | str) -> Iterator[None]:
+    """Autocast switched off for the CPU and the device types of ``devices`` (where the caller had it on): the maths
+    inside run in their inputs' dtypes (fp32 sums, QR and SVD), whatever ``torch.autocast`` the caller opened.
+
+    Autocast is per thread, and CUDA runs backward hooks on autograd's own threads, so code a hook calls (the
+    statistic's sums) switches it off itself rather than relying on its caller.
+    """
+    with ExitStack() as stack:
+        for device_type in sorted({"cpu", *(torch.device(d).type for d in devices)}):
+            if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 @contextmanager
@@ -159,13 +174,14 @@ def top_singular_vectors(
     if k > smallest:
         raise ValueError(f"cannot take {k} singular vectors of a {tuple(matrix.shape)} matrix")
     randomized = method == "randomized" or (method == "auto" and smallest >= AUTO_RANDOMIZED_MIN_DIM)
-    if randomized:
-        q = min(4 * k, smallest)
-        with seeded_rng(seed, (matrix.device,)):
-            u, s, v = torch.svd_lowrank(matrix, q=q, niter=niter)
-    else:
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        v = vh.mT
+    with autocast_off(matrix.device):  # svd_lowrank's products under bf16 autocast left U, V orthonormal to ~5e-3
+        if randomized:
+            q = min(4 * k, smallest)
+            with seeded_rng(seed, (matrix.device,)):
+                u, s, v = torch.svd_lowrank(matrix, q=q, niter=niter)
+        else:
+            u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+            v = vh.mT
     u, v = _canonical_signs(u[:, :k], v[:, :k])
     return u, s[:k], v
 

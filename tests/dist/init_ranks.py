@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 tests/dist/init_ranks.py OUT_DIR
 
-Each rank writes ``<out>/<scenario>_rank<r>.pt`` for the plain, DDP-wrapped and FSDP2-sharded models:
+Each rank writes ``<out>/<scenario>_rank<r>.pt`` for the plain, DDP-wrapped and FSDP2-sharded models (and fp16 ones,
+whose forward calls go to ``<out>/<scenario>_calls_rank<r>.json``):
 its bases after init on its own batches, and per pass the request it accumulated for and the sums
 its session received (after the all-reduce, before any QR/SVD or broadcast). It also writes
 ``<out>/failures_rank<r>.json``: what each injected one-rank failure made this rank raise, and how
@@ -42,6 +43,24 @@ def model(variant: str = "VrUr"):
 
 def rank_batches(rank: int) -> list[dict]:
     return text_batches(n=NUM_BATCHES, batch=4, length=12, labels="lm", seed=100 + rank)
+
+
+# Rank 1's loss is this many times the model's: its fp16 output gradients overflow at the first loss scale (2**16),
+# rank 0's do not, so only rank 1 asks to run its batch again.
+FP16_WEIGHT = 2**12
+
+
+def fp16_model():
+    """``model()`` with its base weights in fp16."""
+    return get_peft_model(tiny_llama(seed=0).half(), GivaConfig(r=4, target_modules=TARGETS, variant="VrUr", seed=3))
+
+
+def fp16_weighted_loss(rank: int, calls: list):
+    def loss_fn(m, batch):
+        calls.append(1)
+        loss = m(**batch).loss
+        return loss * FP16_WEIGHT if rank == 1 else loss
+    return loss_fn
 
 
 class TwoHeads(torch.nn.Module):
@@ -215,6 +234,16 @@ def main() -> None:
         fully_shard(m)
         assert any(type(p.data).__name__ == "DTensor" for p in m.parameters())
         init_and_save(out, f"fsdp2_{mode}", rank, m, batches, mode)
+
+    for scenario in ("fp16_exact", "fp16_sketch", "fp16fsdp2_exact"):  # rank 1's batches overflow at the first scale
+        m = fp16_model()
+        if scenario.startswith("fp16fsdp2"):
+            for layer in m.base_model.model.model.layers:
+                fully_shard(layer)
+            fully_shard(m)
+        calls: list = []
+        init_and_save(out, scenario, rank, m, batches, scenario.split("_")[1], loss_fn=fp16_weighted_loss(rank, calls))
+        (out / f"{scenario}_calls_rank{rank}.json").write_text(json.dumps(len(calls)))
 
     results = {}
     for case, kwargs in failure_cases(rank).items():

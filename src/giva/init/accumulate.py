@@ -10,14 +10,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..bases import autocast_off
 from . import exact, sketch
 from .capture import Capture, LossFn, adapters_disabled, calibration_mode, giva_layers, to_device, unwrap
 from .distributed import Collective, DistributedInitError
 from .session import GradientInitError, Partial, Request, RequestItem
 
+# fp16 output gradients are taken from a scaled loss, as AMP's GradScaler does: with a realistic vocabulary
+# dL/dlogits = (p - y) / T is ~1e-8, below fp16's smallest subnormal (6e-8), and rounded to zero unscaled (the
+# smallest principal cosine to fp32's bases was 0.46 on a 32k-vocabulary Llama at 2048 tokens). The backward
+# starts from LOSS_SCALE instead of 1; a batch whose fp16 gradients overflow is run again at half the scale, down
+# to 1 (an unscaled backward), after which a non-finite gradient is the usual error. bf16 holds fp32's range and
+# fp32 needs nothing: both run unscaled, as before.
+LOSS_SCALE = 2.0**16
+FP16_LOSS_SCALE = 2.0**15  # a backward seeded at an fp16 loss: 2**16 is beyond fp16's largest finite number
+
 
 class _Sums:
-    """The sink: for each hooked layer's ``(x, g)``, the products each request item asks for."""
+    """The sink: for each hooked layer's ``(x, g)``, the products each request item asks for.
+
+    A batch may run more than once (an fp16 gradient that overflowed at the loss scale, on this rank or another):
+    each call of a layer within a batch adds its product to the sums once, in the first attempt where its input and
+    output gradient were finite. ``g`` arrives multiplied by :attr:`scale`; its fp32 copy is divided by it, so that
+    sums of batches run at other scales add up.
+    """
 
     def __init__(self, request: Request) -> None:
         self.items: dict[str, list[tuple[str, RequestItem]]] = {}
@@ -26,31 +42,47 @@ class _Sums:
         self.first_layer = next(iter(self.items))
         self.matrices: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}
-        # Per layer: were its x and dL/dy finite? O(tokens * (in + out)), far cheaper than checking the sums.
-        # One preallocated flag vector, updated in place, without a host sync: no small tensor kept per layer
-        # per batch. (The exact path's extra 1.1 GB of peak RSS on a 0.5B Llama came from the per-batch
-        # out x in products that glibc kept as heap free space; exact.accumulate_dense no longer forms them.)
-        self.layer_index = {layer: i for i, layer in enumerate(self.items)}
-        self.finite: Optional[torch.Tensor] = None
         self.tokens = 0
         # The second moment needs each batch's whole gradient G_b before squaring it: a layer that runs twice in a
         # batch (shared weights) would give sum_calls G_c^T G_c, without the cross terms. Such layers are refused.
         self.squared = {item.layer for item in request.items.values() if item.kind in ("gram", "gram_m")}
-        self.seen: set[str] = set()
         self.repeated: Optional[str] = None
+        # This attempt at a batch: its loss scale (1: unscaled), whether it may run again on an fp16 overflow (the
+        # overflowing calls' products then stay out of the sums), the calls of each layer so far, and per call
+        # (layer, n-th call) whose product was taken, whether its x and g were finite: 2-element bool tensors on
+        # the first call's device, read once after the backward (one host sync per attempt, none per layer).
+        self.fp16 = False  # a hooked output of this attempt's forward was fp16: its backward is loss-scaled
+        self.scale = 1.0
+        self.retrying = False
+        self.attempt = 0  # 0: the batch's first
+        self.calls: dict[str, int] = {}
+        self.taken: list[tuple[str, int]] = []
+        self.flags: list[torch.Tensor] = []
+        self.device: Optional[torch.device] = None
+        self.done: set[tuple[str, int]] = set()  # calls whose product is in the sums, this batch
 
     def __call__(self, layer: str, x: torch.Tensor, g: torch.Tensor) -> None:
-        if layer == self.first_layer:
+        call = self.calls[layer] = self.calls.get(layer, 0) + 1
+        if layer == self.first_layer and self.attempt == 0:
             self.tokens += x.shape[0]
-        if layer in self.squared:
-            if layer in self.seen:
-                self.repeated = self.repeated or layer
-                return
-            self.seen.add(layer)
-        if self.finite is None:
-            self.finite = torch.ones(len(self.layer_index), dtype=torch.bool, device=x.device)
-        index = self.layer_index[layer]
-        self.finite[index] &= torch.isfinite(g).all() & torch.isfinite(x).all()
+        if layer in self.squared and call > 1:
+            self.repeated = self.repeated or layer
+            return
+        if (layer, call) in self.done:  # added in an earlier attempt at this batch
+            return
+        # Under the caller's autocast (this thread's, or CUDA's autograd thread's) the fp32 products below would run
+        # in bf16/fp16: the first batch's sum in bf16, and every later addmm_ into it an error.
+        with autocast_off(x.device):
+            self._add(layer, call, x, g)
+
+    def _add(self, layer: str, call: int, x: torch.Tensor, g: torch.Tensor) -> None:
+        finite = torch.stack((torch.isfinite(x).all(), torch.isfinite(g).all()))
+        self.device = self.device or finite.device
+        self.taken.append((layer, call))
+        self.flags.append(finite.to(self.device))
+        if self.scale != 1.0 or self.retrying:
+            # An fp32 copy of g (never g itself: autograd passes it on), zero if it overflowed, the scale divided out.
+            g = g.to(torch.float32, copy=True).masked_fill_(~finite[1], 0.0).div_(self.scale)
         for key, item in self.items.get(layer, ()):
             rows = g[:, item.out_start : item.out_start + item.out_size]
             total = self.sums.get(key)
@@ -63,23 +95,40 @@ class _Sums:
             accumulate = {"gt": sketch.accumulate_gt, "g": sketch.accumulate_g, "gram_m": sketch.accumulate_gram}[item.kind]
             self.sums[key] = accumulate(total, x, rows, self.matrices[key])
 
-    def batch_error(self, batch_index: int) -> Optional[GradientInitError]:
-        """After a batch's backward: an error naming a layer the second moment cannot square (it ran more than once
-        in the batch), or the first layer whose input or output gradient was NaN/inf (one sync); None if neither."""
+    def attempt_error(self, batch_index: int) -> tuple[Optional[GradientInitError], bool]:
+        """After an attempt's backward: ``(error, again)``. The error names a layer the second moment cannot square
+        (it ran more than once in the batch), or the first layer whose input or output gradient was NaN/inf (one
+        sync); ``again``, without an error, says that an fp16 gradient overflowed at a loss scale above 1 and the
+        batch must run again at a smaller one."""
         repeated, self.repeated = self.repeated, None
-        self.seen.clear()
+        taken, self.taken, self.calls = self.taken, [], {}
+        flags, self.flags = self.flags, []
         if repeated is not None:
             return GradientInitError(
                 f"GiVA layer {repeated!r} ran more than once in calibration batch {batch_index} (shared weights?): "
                 "statistic='second-moment' needs each batch's whole gradient of a layer; use statistic='mean'"
-            )
-        if self.finite is None or bool(self.finite.all()):
-            return None
-        layer = next(name for name, i in self.layer_index.items() if not self.finite[i])
+            ), False
+        finite = torch.stack(flags).tolist() if flags else []
+        self.done.update(key for key, (x_ok, g_ok) in zip(taken, finite) if x_ok and g_ok)
+        # A non-finite input is the forward's: no loss scale changes it. The error names the first such layer in the
+        # request's (the model's) order, not the backward's.
+        order = {layer: i for i, layer in enumerate(self.items)}
+        inputs = {layer for (layer, _), (x_ok, _) in zip(taken, finite) if not x_ok}
+        gradients = {layer for (layer, _), (_, g_ok) in zip(taken, finite) if not g_ok}
+        if not inputs and not gradients:
+            return None, False
+        if not inputs and self.retrying:
+            return None, True
+        broken = min(inputs or gradients, key=order.__getitem__)
+        scaled = " (fp16, with the loss scale halved down to 1)" if self.fp16 and not inputs else ""
         return GradientInitError(
-            f"GiVA layer {layer!r} received a non-finite (NaN/inf) gradient in calibration batch {batch_index} "
-            "although the loss was finite; check the model's dtype and that batch's inputs"
-        )
+            f"GiVA layer {broken!r} received a non-finite (NaN/inf) gradient in calibration batch {batch_index} "
+            f"although the loss was finite{scaled}; check the model's dtype and that batch's inputs"
+        ), False
+
+    def next_batch(self) -> None:
+        self.attempt = 0
+        self.done.clear()
 
 
 def run_pass(
@@ -105,6 +154,7 @@ def run_pass(
     device = next(model.parameters()).device
     capture = Capture({name: layers[name] for name in sums.items}, sums)
     losses: list[float] = []
+    scale = LOSS_SCALE  # for fp16 output gradients only
     desc = f"GiVA pass {request.pass_index + 1}/{request.passes}"
     bar = tqdm(total=num_batches, desc=desc, disable=not progress)
     with adapters_disabled(model), calibration_mode(model), capture.attached(), comm.watching(), bar:
@@ -122,29 +172,45 @@ def run_pass(
                     error = GradientInitError(f"the dataloader raised {type(exc).__name__} for calibration batch {index}: {exc}")
                     error.__cause__ = exc
             comm.agree(error)
-            # Three agreement points per batch (after the loader, the forward and the backward): no rank
-            # starts a backward, whose collectives a sharded model needs every rank to join, after another
-            # rank's forward failed. A failure inside a sharded forward/backward goes through comm.computing.
-            try:
-                with comm.computing():
-                    loss = capture.forward(model, batch, loss_fn)
-                value = capture.check_loss(loss, index)  # outside: a NaN loss is agreed on, the group stays usable
-            except DistributedInitError:  # already agreed through the store
-                raise
-            except Exception as exc:  # noqa: BLE001  every rank must hear of it before the next collective
-                error = exc
-            comm.agree(error)
-            try:
-                with comm.computing():
-                    capture.backward(loss)
-                error = sums.batch_error(index)
-            except DistributedInitError:
-                raise
-            except Exception as exc:  # noqa: BLE001
-                error = exc
-            comm.agree(error)
+            sums.next_batch()
+            # Three agreement points per attempt at a batch (after the loader, the forward and the backward): no
+            # rank starts a backward, whose collectives a sharded model needs every rank to join, after another
+            # rank's forward failed. A failure inside a sharded forward/backward goes through comm.computing. The
+            # last agreement also carries whether any rank's fp16 gradients overflowed: then every rank runs the
+            # batch again (a rank whose products are all in its sums adds nothing), so that the ranks keep
+            # entering the same collectives, those of a sharded model's forward and backward included.
+            while True:
+                try:
+                    with comm.computing():
+                        loss = capture.forward(model, batch, loss_fn)
+                    value = capture.check_loss(loss, index)  # outside: a NaN loss is agreed on, the group stays usable
+                except DistributedInitError:  # already agreed through the store
+                    raise
+                except Exception as exc:  # noqa: BLE001  every rank must hear of it before the next collective
+                    error = exc
+                comm.agree(error)
+                sums.fp16 = capture.fp16_outputs()
+                if sums.fp16:
+                    if loss.dtype == torch.float16:
+                        scale = min(scale, FP16_LOSS_SCALE)
+                    sums.scale, sums.retrying = scale, scale > 1
+                else:
+                    sums.scale, sums.retrying = 1.0, False
+                again = False
+                try:
+                    with comm.computing():
+                        capture.backward(loss, sums.scale)
+                    error, again = sums.attempt_error(index)
+                except DistributedInitError:
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    error = exc
+                del loss
+                if not comm.agree(error, again):
+                    break
+                scale = max(scale / 2, 1.0)  # kept for the later batches, as GradScaler keeps it
+                sums.attempt += 1
             losses.append(value)
-            del loss
             bar.update()
     return Partial(request.pass_index, sums.sums, batches=len(losses), tokens=sums.tokens, losses=losses)
 

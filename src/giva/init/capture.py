@@ -195,9 +195,17 @@ class Capture:
             )
         return value
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """The backward of :meth:`forward`'s loss: the sink sees every hooked layer."""
+    def fp16_outputs(self) -> bool:
+        """Whether a hooked layer's output of the last :meth:`forward` was fp16 (an fp16 model, or fp16 autocast), so that
+        its output gradient, which the sink receives, is fp16 too: the loss needs scaling."""
+        return any(probe.dtype == torch.float16 for probe in self.probes)
+
+    def backward(self, loss: torch.Tensor, scale: float = 1.0) -> None:
+        """The backward of :meth:`forward`'s loss, seeded with ``scale`` (``d(scale * loss)``: the sink receives the output
+        gradients multiplied by it; the loss itself is not multiplied, so an fp16 loss does not overflow): the sink
+        sees every hooked layer."""
         try:
-            torch.autograd.grad(loss, self.probes, allow_unused=True)
+            seed = None if scale == 1.0 else torch.full_like(loss, scale)
+            torch.autograd.grad(loss, self.probes, grad_outputs=seed, allow_unused=True)
         finally:
             self.probes.clear()

@@ -86,9 +86,11 @@ class Collective:
     rank = 0
     world = 1
 
-    def agree(self, error: Optional[BaseException]) -> None:
+    def agree(self, error: Optional[BaseException], again: bool = False) -> bool:
+        """Raise ``error`` if there is one; else whether a batch must run again (``again``: here, this process's say)."""
         if error is not None:
             raise error
+        return again
 
     def watching(self) -> ContextManager[None]:
         """Around a pass over the batches (the sharded case's watchdog; nothing in one process)."""
@@ -211,19 +213,23 @@ class TorchCollective(Collective):
                 posted = self._posted()
             raise posted from exc
 
-    def agree(self, error: Optional[BaseException]) -> None:
-        """Every rank raises (one error naming the first failed rank) if any rank has an ``error`` or a setup error.
+    def agree(self, error: Optional[BaseException], again: bool = False) -> bool:
+        """Every rank raises (one error naming the first failed rank) if any rank has an ``error`` or a setup error;
+        else every rank returns whether any rank said ``again`` (its fp16 gradients overflowed: every rank runs the
+        batch again, so that all keep entering the same collectives).
 
         Each rank's failure goes as bytes (a ``ValueError`` flag, then the UTF-8 reason; none without an error): the
-        ranks all-reduce their lengths, and only when one is non-zero all-gather the bytes, padded to the longest.
+        ranks all-reduce their lengths (and, in one more entry, the ``again`` flags), and only when one is non-zero
+        all-gather the bytes, padded to the longest.
         Both run on this collective's device: ``all_gather_object`` would pickle, and under NCCL gather on
         ``torch.cuda.current_device()`` (GPU 0 on every rank when the launcher never called ``set_device``).
         """
         if error is None:
             error = self.setup_error
         payload = b"" if error is None else bytes([isinstance(error, ValueError)]) + _describe(error).encode("utf-8", "backslashreplace")
-        lengths = torch.zeros(self.world, dtype=torch.int64, device=self.device)
+        lengths = torch.zeros(self.world + 1, dtype=torch.int64, device=self.device)
         lengths[self.rank] = len(payload)
+        lengths[self.world] = int(again)
         try:
             dist.all_reduce(lengths)
         except Exception as exc:  # the group was aborted: some rank posted why
@@ -231,9 +237,9 @@ class TorchCollective(Collective):
             if posted is None:
                 raise
             raise posted from exc
-        sizes = [int(n) for n in lengths.tolist()]
+        *sizes, agains = (int(n) for n in lengths.tolist())
         if not any(sizes):
-            return
+            return agains > 0
         payloads = {r: data for r, data in enumerate(gather_bytes(payload, sizes, self.device)) if data}
         reasons = {r: data[1:].decode("utf-8", "replace") for r, data in payloads.items()}
         failed = sorted(payloads)

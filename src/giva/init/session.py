@@ -30,6 +30,7 @@ import torch
 from ..bases import (
     GRADIENT_VARIANTS,
     SEEDED_B_VARIANTS,
+    autocast_off,
     bases_from_input_vectors,
     bases_from_singular_vectors,
     layer_generator,
@@ -270,14 +271,16 @@ class InitSession:
         The sums are used as they are, not divided by the number of batches: the QR and SVD give the
         same orthonormal factors for any positive multiple of a matrix, and a mean would copy every
         dense exact-mode sum (1.6 GB on a 0.5B model). ``partial`` is read, never modified.
+        The QR, SVD and products run with autocast off (in fp32), also when called inside ``torch.autocast``.
         """
         self.check(partial)
         self.batches = partial.batches
         own = list(self.targets) if keys is None else list(keys)
         final = self.pass_index + 1 == self.passes
         new_state: dict[str, Optional[tuple[torch.Tensor, ...]]] = {key: None for key in self.targets}
-        for key in own:
-            new_state[key] = self._advance(self.targets[key], partial.sums[key], final)
+        with autocast_off(*{total.device for total in partial.sums.values()}):
+            for key in own:
+                new_state[key] = self._advance(self.targets[key], partial.sums[key], final)
         self._state = new_state
         self.pass_index += 1
 

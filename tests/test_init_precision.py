@@ -1,0 +1,212 @@
+"""giva.initialize in reduced precision: the fp16 calibration backward is loss-scaled (as AMP's GradScaler does),
+and the statistic sums, the sketch maths and the SVDs run outside any autocast the caller opened.
+
+fp16: with a realistic vocabulary, dL/dlogits = (p - y) / T (p ~ 1 / vocab, T tokens) is ~1.5e-8 here, below
+fp16's smallest subnormal (6e-8): unscaled, most of it rounded to zero and the bases of the layers it reaches
+were far from fp32's (smallest principal cosine 0.46 on k_proj). Autocast: a call inside
+``torch.autocast('cpu', dtype=torch.bfloat16)`` crashed (the first batch's sum in bf16, then an fp32 ``addmm_``
+into it) or gave bases orthonormal only to ~5e-3 (bf16 randomized SVD and sketch products).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import giva
+from giva import GivaConfig
+from giva.init import GradientInitError, accumulate, giva_layers
+from giva.init.session import Request, RequestItem
+from giva.init.sketch import principal_cosines
+from tiny_models import text_batches, tiny_llama
+
+LARGE_VOCAB, BATCH, LENGTH = 32_000, 4, 512
+
+
+def _large_vocab_llama(dtype: torch.dtype) -> LlamaForCausalLM:
+    """A 2-layer Llama with a 32k vocabulary, its weights rounded to fp16 whatever ``dtype`` (the same numbers in
+    the fp32 reference and the fp16 runs)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=LARGE_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=LENGTH,
+    )
+    return LlamaForCausalLM(config).to(torch.float16).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def long_batches() -> list[dict]:
+    ids = torch.randint(0, LARGE_VOCAB, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+    return [{"input_ids": ids, "labels": ids}]
+
+
+def _bases(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (layer.giva_A["default"].float(), layer.giva_B["default"].float()) for name, layer in giva_layers(model).items()}
+
+
+def _initialised(model, batches, variant: str = "VrUr", **kwargs) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    peft_model = get_peft_model(model, GivaConfig(r=4, variant=variant, **kwargs.pop("config", {})))
+    giva.initialize(peft_model, batches, num_batches=len(batches), progress=False, **kwargs)
+    return _bases(peft_model)
+
+
+def _worst_cosine(found: dict, reference: dict, which: int = 0) -> float:
+    """Smallest principal cosine between the row spaces of A (``which=0``) or the column spaces of B (1), over the layers."""
+    assert found.keys() == reference.keys() and found
+    pick = (lambda t: t) if which == 0 else (lambda t: t.mT)
+    return min(principal_cosines(pick(found[k][which]), pick(reference[k][which])).min().item() for k in found)
+
+
+def _orthonormality_error(bases: dict, which: int) -> float:
+    """max |A A^T - I| (``which=0``) or max |B^T B - I| (1), over the layers."""
+    errors = []
+    for a, b in bases.values():
+        rows = (a if which == 0 else b.mT).double()
+        errors.append((rows @ rows.mT - torch.eye(rows.shape[0], dtype=torch.float64)).abs().max().item())
+    return max(errors)
+
+
+def _fp16_autocast_loss(model, batch):
+    """The forward under fp16 autocast, as Accelerate wraps model.forward for Trainer(fp16=True) / `giva sft --fp16`."""
+    with torch.autocast("cpu", dtype=torch.float16):
+        return model(**batch).loss
+
+
+# ---------------------------------------------------------------------------------------------- fp16 loss scaling
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+@pytest.mark.parametrize("precision", ["fp16 weights", "fp32 weights, fp16 autocast"])
+def test_fp16_calibration_with_a_large_vocabulary_gives_the_bases_of_fp32(long_batches, precision, mode):
+    reference = _initialised(_large_vocab_llama(torch.float32), long_batches, mode=mode)
+    if precision == "fp16 weights":
+        found = _initialised(_large_vocab_llama(torch.float16), long_batches, mode=mode)
+    else:
+        found = _initialised(_large_vocab_llama(torch.float32), long_batches, mode=mode, loss_fn=_fp16_autocast_loss)
+    assert _worst_cosine(found, reference, 0) > 0.99  # was 0.46 (k_proj) unscaled
+    assert _worst_cosine(found, reference, 1) > 0.99
+
+
+def test_fp16_second_moment_statistic_gives_the_bases_of_fp32(long_batches):
+    reference = _initialised(_large_vocab_llama(torch.float32), long_batches, "Vr", mode="exact", statistic="second-moment")
+    found = _initialised(_large_vocab_llama(torch.float16), long_batches, "Vr", mode="exact", statistic="second-moment")
+    assert _worst_cosine(found, reference, 0) > 0.99
+
+
+def _overflowing_loss(calls: list):
+    """A loss 2**12 times the model's: at the first loss scale (2**16) its fp16 output gradients overflow to inf."""
+    def loss_fn(model, batch):
+        calls.append(1)
+        return model(**batch).loss * 2**12
+    return loss_fn
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_an_fp16_batch_that_overflows_is_redone_at_a_smaller_scale_and_counted_once(mode):
+    batches = text_batches(n=2, labels="lm")
+    reference = _initialised(tiny_llama().to(torch.float16).float(), batches, mode=mode)
+    calls: list = []
+    found = _initialised(tiny_llama().to(torch.float16), batches, mode=mode, loss_fn=_overflowing_loss(calls))
+    passes = 1 if mode == "exact" else 3
+    assert len(calls) > passes * len(batches)  # some batches ran again, at a smaller scale
+    assert _worst_cosine(found, reference, 0) > 0.99
+    assert _worst_cosine(found, reference, 1) > 0.99
+
+    # The partial sums: every batch and token counted once, equal (up to fp16 rounding) to the fp32 model's.
+    def sums(model, loss_fn=None):
+        peft_model = get_peft_model(model, GivaConfig(r=4, target_modules=["q_proj"]))
+        items = {name: RequestItem(name, 0, layer.out_features, "dense") for name, layer in giva_layers(peft_model).items()}
+        return accumulate(peft_model, batches, Request(0, 1, items), loss_fn=loss_fn)
+
+    fp16 = sums(tiny_llama().to(torch.float16), _overflowing_loss([]))
+    fp32 = sums(tiny_llama().to(torch.float16).float(), lambda model, batch: model(**batch).loss * 2**12)
+    assert (fp16.batches, fp16.tokens) == (fp32.batches, fp32.tokens) == (2, 2 * 4 * 10)
+    for key, total in fp32.sums.items():
+        assert torch.isfinite(fp16.sums[key]).all()
+        torch.testing.assert_close(fp16.sums[key], total, rtol=0.05, atol=0.05 * total.abs().max().item())
+
+
+def test_an_fp16_gradient_non_finite_at_every_scale_is_the_named_error_after_bounded_retries():
+    model = get_peft_model(tiny_llama().to(torch.float16), GivaConfig(r=4, target_modules=["q_proj"]))
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        output = m(**batch)
+        if len(calls) >= 2:  # sqrt at 0: a finite loss (0) whose gradient is inf at any scale
+            return torch.sqrt(output.logits - output.logits.detach()).sum()
+        return output.loss
+
+    with pytest.raises(GradientInitError, match=r"layer '.*layers\.0\.self_attn\.q_proj' received a non-finite .* calibration "
+                       r"batch 1 although the loss was finite \(fp16, with the loss scale halved down to 1\)"):
+        giva.initialize(model, text_batches(n=2, labels="lm"), num_batches=2, loss_fn=loss_fn, progress=False, mode="exact")
+    assert 2 < len(calls) <= 1 + 17  # batch 1 at the scales 2**16, 2**15, ..., 1, then the error
+    assert not giva.bases_initialized(model)
+
+
+def test_fp32_and_bf16_calibration_run_unscaled(monkeypatch):
+    """Only an fp16 output gradient is scaled: the fp32 and bf16 backwards are seeded with 1, as before."""
+    seeds = []
+    grad = torch.autograd.grad
+
+    def recording(outputs, inputs, grad_outputs=None, **kwargs):
+        seeds.append(None if grad_outputs is None else float(grad_outputs))
+        return grad(outputs, inputs, grad_outputs=grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", recording)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = get_peft_model(tiny_llama().to(dtype), GivaConfig(r=4, target_modules=["q_proj"]))
+        giva.initialize(model, text_batches(n=1, labels="lm"), num_batches=1, progress=False, mode="exact")
+    assert seeds[:2] in ([None, None], [1.0, 1.0]) and seeds[2] == 2.0**16
+
+
+# ------------------------------------------------------------------------------------- under the caller's autocast
+
+
+AUTOCAST_CASES = [
+    dict(mode="exact"),  # the default SVD (exact on these widths)
+    dict(mode="exact", config=dict(svd="randomized")),
+    dict(mode="sketch"),
+    dict(mode="exact", statistic="second-moment", variant="Vr"),
+    dict(mode="sketch", statistic="second-moment", variant="Vr"),
+]
+
+
+@pytest.mark.parametrize("case", AUTOCAST_CASES, ids=["exact", "exact-randomized-svd", "sketch", "exact-second-moment",
+                                                      "sketch-second-moment"])
+def test_initialize_inside_bf16_autocast_gives_orthonormal_bases_close_to_those_without(case):
+    batches = text_batches(n=4, labels="lm")
+    variant = case.get("variant", "VrUr")
+    kwargs = {k: v for k, v in case.items() if k != "variant"}
+    model = lambda: tiny_llama(hidden_size=64, intermediate_size=128)  # noqa: E731
+    reference = _initialised(model(), batches, variant, **dict(kwargs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        found = _initialised(model(), batches, variant, **dict(kwargs))
+    assert _orthonormality_error(found, 0) < 1e-5  # was 4.7e-3 (randomized SVD under autocast)
+    if variant == "VrUr":
+        assert _orthonormality_error(found, 1) < 1e-5  # was 5e-3 (sketch)
+    # Only the model's forward ran in bf16: the bases are those of a slightly different gradient.
+    assert _worst_cosine(found, reference, 0) > 0.98
+
+
+@pytest.mark.parametrize("kind", ["dense", "gram"])
+def test_the_sums_are_fp32_and_exact_under_the_callers_autocast(kind):
+    """The statistic's sums (the mean's ``G``, the second moment's ``sum_b G_b^T G_b``) under bf16 autocast equal those
+    of the same bf16-autocast forward accumulated outside it (the sink runs with autocast off), in fp32."""
+    batches = text_batches(n=2, labels="lm")
+    peft_model = get_peft_model(tiny_llama(), GivaConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    layers = giva_layers(peft_model)
+    items = {name: RequestItem(name, 0, layer.out_features, kind) for name, layer in layers.items()}
+
+    def bf16_forward(model, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**batch).loss
+
+    outside = accumulate(peft_model, batches, Request(0, 1, items), loss_fn=bf16_forward)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = accumulate(peft_model, batches, Request(0, 1, items))
+    for key, total in outside.sums.items():
+        assert inside.sums[key].dtype == torch.float32
+        torch.testing.assert_close(inside.sums[key], total, rtol=1e-5, atol=1e-6)
