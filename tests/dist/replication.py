@@ -14,7 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import teardown
-import torch
 import torch.distributed as dist
 from peft import get_peft_model
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+from teardown import end
 from train_common import CALIBRATION_BATCHES, adamw, finish, giva_model, optimizer_step, rank_batches, train
 
 import giva
@@ -25,6 +26,7 @@ def main() -> None:
     losses = train(model, batches, optimizer_step(optimizer), backward=accelerator.backward)
     finish(model, losses, {"calibration_loss": report.losses})
     accelerator.end_training()
+    end()
 
 
 if __name__ == "__main__":
