@@ -384,6 +384,7 @@ def check_adapter_folder(
 # Per-layer tensors a GiVA checkpoint holds (keys ``base_model.model.<layer>.<name>``).
 # giva_core: the r x r core of adapters made with GivaConfig.core (trained, like the vectors).
 _BASES, _VECTORS, _SEEDED_CRC = ("giva_A", "giva_B"), ("giva_lambda_s", "giva_lambda_o", "giva_core"), "giva_seeded_crc32"
+_TRAINABLE_TOKENS = ".token_adapter.trainable_tokens_delta"  # what PEFT saves of a trainable_token_indices layer
 
 
 def read_weights(weights: Path) -> dict[str, Any]:
@@ -411,8 +412,8 @@ def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> 
     """The fields and tensors of a GiVA folder are what a save writes: one-line errors naming the file and field.
 
     Returns the tensors. Checked: ``r`` present and positive; ``A`` stored in the config's ``bases_dtype``, ``B`` in fp32;
-    vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones, ``modules_to_save`` and
-    (with ``bias`` other than ``"none"``) biases.
+    vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones, ``modules_to_save``,
+    (with ``trainable_token_indices``) the trainable tokens' rows and (with ``bias`` other than ``"none"``) biases.
     """
     r = config.get("r")
     if "r" not in config:
@@ -422,6 +423,7 @@ def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> 
     bases_dtype = config.get("bases_dtype", "float32")
     tensors = read_weights(weights)
     heads = set(config.get("modules_to_save") or [])
+    tokens = config.get("trainable_token_indices") is not None
     for key, tensor in tensors.items():
         kind = key.rsplit(".", 1)[-1]
         expected = bases_dtype if kind == "giva_A" else "float32"  # bases_dtype is A's; B is always stored in fp32
@@ -436,10 +438,14 @@ def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> 
         if kind in _VECTORS and not tensor.is_floating_point():
             raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected floating point")
         known = kind in (*_BASES, *_VECTORS, _SEEDED_CRC) or (kind == "bias" and config.get("bias", "none") != "none")
+        # PEFT's trainable tokens (GivaConfig.trainable_token_indices): the trained rows of an embedding layer.
+        known = known or (tokens and key.endswith(_TRAINABLE_TOKENS))
         if not known and not any(f".{head}." in f".{key}" for head in heads):  # a module name or a dotted path
             raise CheckpointError(
                 f"{weights} holds a tensor that is not part of a GiVA adapter: {key!r} (expected per-layer "
-                f"{', '.join((*_BASES, *_VECTORS))} or a module of modules_to_save={sorted(heads)} from {config_file})"
+                f"{', '.join((*_BASES, *_VECTORS))}, a module of modules_to_save={sorted(heads)}"
+                + (f" or {_TRAINABLE_TOKENS.lstrip('.')} of trainable_token_indices" if tokens else "")
+                + f" from {config_file})"
             )
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise CheckpointError(f"{weights}: {key} holds NaN or inf values; the adapter cannot be loaded exactly")

@@ -145,6 +145,18 @@ class GivaConfig(PeftConfig):
             "help": "Modules besides the GiVA layers to train and save, e.g. the freshly initialised classifier head."
         },
     )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "As PEFT LoRA's (applied by PEFT to any method): token indices whose embedding rows are trained and "
+                "saved, not the whole matrix (peft.TrainableTokensModel). A list targets the model's input embedding "
+                "layer (or, if not found, `embed_tokens`); a dict maps embedding module names to their indices, e.g. "
+                "{'embed_tokens': [0, 1, ...]}. TRL's SFTTrainer sets it when chat_template_path adds tokens. FSDP needs "
+                "use_orig_params=True (non-uniform requires_grad)."
+            )
+        },
+    )
     init_weights: bool = field(
         default=True,
         metadata={

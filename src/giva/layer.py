@@ -14,6 +14,7 @@ they occupy in ``W``.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -223,6 +224,44 @@ class GivaLayer(BaseTunerLayer):
             self._deferred_weight_bases.discard(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def copy_adapter(self, source: str, target: str) -> None:
+        """Make adapter ``target`` (already built on this layer) an exact copy of ``source``: both bases, the vectors, the
+        core, and the per-adapter state (blocks, rank, output rows, dropout, compute dtype). Each tensor is a copy
+        of its own (``target`` trains or is re-initialised without touching ``source``); every parameter keeps its
+        ``requires_grad`` flag, so an inactive ``target`` stays frozen. (:meth:`GivaModel.inject_adapter` uses it for
+        TRL's reference adapter.)"""
+        self.ensure_bases(source)  # a `weight` adapter built for loading: its SVD now, so both hold the bases
+        with torch.no_grad(), outside_inference_mode():
+            for name in self.basis_names:
+                buffers = getattr(self, name)
+                buffers._storage_dtypes[target] = buffers._storage_dtypes.get(source, buffers[source].dtype)
+                buffers._buffers[target] = buffers._buffers[source].detach().clone()
+            for name in self.adapter_layer_names:
+                params = getattr(self, name)
+                if source not in params:
+                    if target in params:
+                        del params[target]
+                    continue
+                value = params[source].detach().clone()
+                if target in params:
+                    params[target].data = value  # the same Parameter (its requires_grad flag) with source's values
+                else:
+                    params[target] = nn.Parameter(value, requires_grad=False)
+            if source in self.giva_out_index:
+                self.giva_out_index[target] = self.giva_out_index[source].clone()
+            elif target in self.giva_out_index:
+                del self.giva_out_index[target]
+        self.blocks[target] = list(self.blocks[source])
+        self.r[target] = self.r[source]
+        self.giva_dropout[target] = copy.deepcopy(self.giva_dropout[source])
+        self.giva_compute_dtype[target] = self.giva_compute_dtype[source]
+        self._deferred_weight_bases.discard(target)
+        self._forget_cast_bases(target)
+        if source in self._bases_verified:
+            self._bases_verified.add(target)
+        else:
+            self._bases_verified.discard(target)
 
     def _initial_bases(
         self, blocks: list[Block], config: GivaConfig, from_checkpoint: bool = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 import zlib
@@ -31,6 +32,11 @@ _GIVA_TENSORS = ("giva_A", "giva_B", "giva_lambda_s", "giva_lambda_o")
 # Checkpoint entry (one int64 per layer) holding the CRC32 of the bases a checkpoint omits because they are
 # regenerated from (seed, layer name): a different regeneration is caught at load instead of changing outputs.
 SEEDED_CHECKSUM = "giva_seeded_crc32"
+# TRL's DPO/KTO/GRPO/RLOO trainers, given a PeftModel and no ref_model, call model.add_adapter(REFERENCE_ADAPTER,
+# model.peft_config[REFERENCE_SOURCE]) (the same config object) and copy the parameters named ".default." into it.
+REFERENCE_ADAPTER, REFERENCE_SOURCE = "ref", "default"
+
+logger = logging.getLogger(__name__)
 
 
 def _lookup(mapping: dict[str, Any], module_key: str) -> Optional[Any]:
@@ -280,6 +286,44 @@ class GivaModel(BaseTuner):
             # An additional adapter is not trainable until it is made active.
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        self._mirror_reference_adapter(adapter_name)
+
+    def _mirror_reference_adapter(self, adapter_name: str) -> None:
+        """TRL's reference adapter starts as an exact copy of "default" (the initial policy).
+
+        TRL's DPO/KTO/GRPO/RLOO trainers add ``"ref"`` with the very config object of ``"default"`` and then copy the
+        parameters whose names contain ``".default."``: GiVA's vectors (``...giva_lambda_o.default``) do not match, and
+        its bases are buffers, so without this the reference would be the base model. Only that pattern is mirrored
+        (the name ``"ref"`` and the identical config object); any other adapter, shared config or not, is fresh. A
+        ``"default"`` not yet initialised (zero bases, lambda_o = 0) gives an identity copy, which is the right
+        reference then: the initial policy is the base model (``GivaInitCallback`` leaves such a mirror alone).
+        """
+        source = self.peft_config.get(REFERENCE_SOURCE)
+        if adapter_name != REFERENCE_ADAPTER or source is None or self.peft_config.get(adapter_name) is not source:
+            return
+        layers = [layer for _, layer in self.giva_layers() if {REFERENCE_SOURCE, adapter_name} <= set(layer.giva_lambda_o)]
+        for layer in layers:
+            layer.copy_adapter(REFERENCE_SOURCE, adapter_name)
+        self.giva_mirrors[adapter_name] = REFERENCE_SOURCE
+        logger.info(
+            "GiVA: adapter %r was added with the config object of %r (TRL's frozen reference adapter): it starts as a "
+            "copy of %r on %d layers (bases, vectors, core)", adapter_name, REFERENCE_SOURCE, REFERENCE_SOURCE, len(layers),
+        )
+
+    @property
+    def giva_mirrors(self) -> dict[str, str]:
+        """Adapters made copies of another at creation (:meth:`_mirror_reference_adapter`): name -> source."""
+        mirrors = self.__dict__.get("_giva_mirrors")
+        if mirrors is None:
+            mirrors = self.__dict__["_giva_mirrors"] = {}
+        return mirrors
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.giva_mirrors.pop(adapter_name, None)
 
     def giva_layers(self) -> Iterator[tuple[str, GivaLayer]]:
         """All GiVA layers of the model with their module names."""

@@ -8,6 +8,7 @@ clients), ``distributed.py`` (the collectives) and ``accumulate.py`` (one pass o
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import warnings
@@ -26,6 +27,7 @@ from .accumulate import accumulate, check_num_batches, loader_length, run_pass
 from .capture import LossFn, giva_layers, half_precision_vectors, unwrap
 from .distributed import Collective, DistributedInitError, DistributedValueError, collective, zero3_trace_reset
 from .session import (
+    NO_GRADIENT_CAUSES,
     STATISTICS,
     GradientInitError,
     InitSession,
@@ -311,6 +313,7 @@ def initialize(
             report.svd_seconds += time.perf_counter() - middle
     write_bases(model, session)
     for name, cfg in to_init.items():
+        cfg = _own_config(model, name, cfg)
         cfg.bases_info = {
             "source": "gradient",
             "variant": cfg.variant,
@@ -329,6 +332,17 @@ def initialize(
         report.mode, report.adapters, report.layers, report.gradient_seconds, report.svd_seconds,
     )
     return report
+
+
+def _own_config(model: nn.Module, adapter_name: str, config: GivaConfig) -> GivaConfig:
+    """The config of ``adapter_name`` that ``bases_info`` is written on: ``config`` itself, or, when another adapter holds
+    the same config object (TRL's ``add_adapter("ref", model.peft_config["default"])``, or a user's), a copy put in its
+    place, so that one adapter's record does not land on the other's."""
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not any(other is config for name, other in configs.items() if name != adapter_name):
+        return config
+    configs[adapter_name] = own = copy.deepcopy(config)
+    return own
 
 
 def _warn_half_precision_vectors(model: nn.Module, configs: dict[str, GivaConfig]) -> None:
@@ -434,5 +448,5 @@ def compute_gradients(
     partial = run_pass(model, iter(dataloader), Request(0, 1, items), num_batches, loss_fn, Collective(), progress)
     missing = [name for name in layers if name not in partial.sums]
     if missing:
-        raise GradientInitError(f"GiVA layer(s) {missing[:5]} received no gradient (not on the path from inputs to loss)")
+        raise GradientInitError(f"GiVA layer(s) {missing[:5]} received no gradient ({NO_GRADIENT_CAUSES})")
     return {name: total.div_(partial.batches) for name, total in partial.sums.items()}, partial.losses  # own sums: in place

@@ -56,11 +56,33 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+# TRL's preference / completion batches: keys that are not model inputs (its DPO trainer drops the same).
+_TRL_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+RAW_ROWS_LOSS_FN = (
+    "def loss_fn(model, rows):\n"
+    "    enc = tokenizer([row['prompt'] for row in rows], return_tensors='pt', padding=True).to(model.device)\n"
+    "    return model(**enc, labels=enc['input_ids'].masked_fill(enc['attention_mask'] == 0, -100)).loss"
+)
+
+
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    """``model(**batch).loss``. A dict batch with ``completion_mask`` and no ``labels`` (TRL's DPO / KTO convention) is
+    taken with ``labels = input_ids`` masked to the completion (-100 elsewhere; the model shifts them), the mask itself
+    (and TRL's precomputed ``ref_*_logps``) left out of the model call: the negative log-likelihood of the completions."""
     if not isinstance(batch, Mapping):
+        if isinstance(batch, (list, tuple)) and batch and all(isinstance(row, Mapping) for row in batch):
+            raise GradientInitError(
+                f"batches are lists of raw rows (dicts with keys {sorted(batch[0])}, as TRL's GRPO / RLOO loaders give), "
+                "not dicts of model inputs: pass a loss_fn(model, batch) -> loss that tokenizes them, for instance\n"
+                + RAW_ROWS_LOSS_FN
+            )
         raise GradientInitError(
             f"batches are {type(batch).__name__}, not dicts of model inputs: pass loss_fn(model, batch) -> loss"
         )
+    if "labels" not in batch and "completion_mask" in batch and "input_ids" in batch:
+        labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+        inputs = {key: value for key, value in batch.items() if key not in _TRL_NON_MODEL_KEYS}
+        batch = {**inputs, "labels": labels}
     loss = getattr(model(**batch), "loss", None)
     if loss is None:
         raise GradientInitError(
@@ -78,6 +100,11 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """
     switches = [m for m in model.modules() if hasattr(m, "_disable_adapters")]
     states = [m._disable_adapters for m in switches]
+    # A loss_fn may toggle adapters itself (TRL's DPO loss runs its reference under PeftModel.disable_adapter(),
+    # which, finding them disabled here, freezes every adapter tensor and does not unfreeze it on exit): every
+    # requires_grad flag is given back as it was.
+    params = list(model.parameters())
+    trainable = [param.requires_grad for param in params]
     try:
         for module in switches:
             module._disable_adapters = True
@@ -85,6 +112,9 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for module, state in zip(switches, states):
             module._disable_adapters = state
+        for param, flag in zip(params, trainable):
+            if param.requires_grad != flag:
+                param.requires_grad_(flag)
 
 
 def _reentrant(function: partial) -> bool:
@@ -143,17 +173,16 @@ class Capture:
         self.probes: list[torch.Tensor] = []
 
     def _forward_hook(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        # A forward with autograd off cannot contribute a gradient: left alone. A loss_fn may run one on purpose (a
+        # reference or teacher forward under torch.no_grad()); if a layer only ever runs so (reentrant activation
+        # checkpointing, whose first forward is under no_grad), the "received no gradient" check names it.
+        if not torch.is_grad_enabled():
+            return output
         x = args[0].detach()
         # The zero probe makes the output part of the graph even when nothing upstream requires grad
         # (frozen model, adapters disabled); autograd.grad over the probes then reaches every target.
         # Under activation checkpointing the recomputed forward adds probes off the backward graph:
         # their hooks never fire, so each batch reaches the sink once per layer.
-        if not torch.is_grad_enabled():  # calibration runs under enable_grad: something in the model turned it off
-            raise GradientInitError(
-                f"GiVA layer {name!r} ran its calibration forward with autograd off, so its output gradient cannot be "
-                "captured; reentrant activation checkpointing does this (torch.utils.checkpoint with use_reentrant=True): "
-                "use use_reentrant=False, e.g. gradient_checkpointing_kwargs={'use_reentrant': False}"
-            )
         probe = torch.zeros((), device=output.device, dtype=output.dtype, requires_grad=True)
         self.probes.append(probe)
         output = output + probe

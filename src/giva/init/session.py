@@ -39,6 +39,13 @@ from ..bases import (
 )
 from . import exact, sketch
 
+# Why a layer can receive no gradient besides being off the loss's path (named in GradientInitError).
+NO_GRADIENT_CAUSES = (
+    "not on the path from inputs to loss, or run only with autograd off, as under reentrant activation checkpointing "
+    "(torch.utils.checkpoint with use_reentrant=True: use use_reentrant=False, e.g. "
+    "gradient_checkpointing_kwargs={'use_reentrant': False})"
+)
+
 Mode = Literal["exact", "sketch"]
 Kind = Literal["dense", "gt", "g", "gram", "gram_m"]
 # What the input basis A is taken from: "mean", the top right singular vectors of the gradient summed over the
@@ -246,8 +253,8 @@ class InitSession:
         missing = sorted({self.targets[key].layer for key in self.targets if key not in partial.sums})
         if missing:
             raise GradientInitError(
-                f"GiVA layer(s) {missing[:5]} received no gradient (not on the path from inputs to loss); "
-                "remove them from target_modules"
+                f"GiVA layer(s) {missing[:5]} received no gradient ({NO_GRADIENT_CAUSES}); if they are not on the "
+                "loss's path, remove them from target_modules"
             )
         for key, total in partial.sums.items():
             t = self.targets[key]

@@ -58,12 +58,23 @@ def upcast_vectors(model: Any) -> int:
     return len(upcast)
 
 
+def reference_mirrors(model: Any) -> dict[str, str]:
+    """GiVA adapters that were made copies of another when added (TRL's ``"ref"`` adapter: name -> source).
+
+    The copy is the reference policy, fixed at the start: a copy of an initialised adapter has its bases, and a copy
+    of a fresh one is an identity (the base model, which is the initial policy then), so it is never calibrated."""
+    tuner = getattr(unwrap(model), "base_model", None)
+    mirrors = getattr(tuner, "giva_mirrors", None)
+    return dict(mirrors) if isinstance(mirrors, dict) else {}
+
+
 class GivaInitCallback(TrainerCallback):
     """Fills the GiVA bases from the Trainer's own train dataloader before the first optimizer step.
 
     Bases are buffers and the adapter is an identity at init (lambda_o = 0), so this runs in
     ``on_train_begin``, after the optimizer and LR schedule exist, without disturbing either.
-    Adapters whose bases are already set (resumed from a checkpoint) are left alone. On a quantised model it also
+    Adapters whose bases are already set (resumed from a checkpoint) are left alone, and so is TRL's frozen ``"ref"``
+    adapter, a copy of ``"default"`` made when it was added (:func:`reference_mirrors`). On a quantised model it also
     puts the vectors back in fp32 when the trainer is built (:func:`upcast_vectors`: TRL casts them to bf16, where
     ``lambda_s`` cannot move at small learning rates); pass the callback to the trainer's constructor for that. ``mode`` is
     :func:`giva.initialize`'s (``"auto"``, ``"sketch"``, ``"exact"``), and so is ``statistic`` (``"mean"``, or
@@ -124,7 +135,11 @@ class GivaInitCallback(TrainerCallback):
         mismatch = launcher_mismatch(args.world_size, "the Trainer")
         if mismatch:
             warnings.warn(mismatch, stacklevel=2)
-        pending = [name for name in giva_configs(model) if not bases_initialized(model, name)]
+        mirrors = reference_mirrors(model)
+        if mirrors:
+            logger.info("GiVA: %s copied from %s when added (TRL's reference adapter): not initialised here",
+                        sorted(mirrors), sorted(set(mirrors.values())))
+        pending = [name for name in giva_configs(model) if name not in mirrors and not bases_initialized(model, name)]
         for name in pending:
             self.report = initialize(
                 model, train_dataloader, self.num_batches, self.loss_fn, adapter_name=name, progress=self.progress,
