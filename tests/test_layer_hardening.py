@@ -405,3 +405,54 @@ def test_the_options_check_takes_unset_target_modules_as_every_linear_layer():
     check_options_match_the_model(GivaConfig(r=2, block_sizes={"query": 16}), tiny_bert())
     with pytest.raises(ValueError, match=r"GivaConfig.block_sizes names module\(s\) \['nosuch'\]"):
         check_options_match_the_model(GivaConfig(r=2, block_sizes={"nosuch": 16}), tiny_bert())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fuzzing review: an added adapter's dropout follows the model's mode (F2); fp64 merges do not round W (F4)
+
+
+def test_an_adapter_added_to_a_wrapped_layer_of_an_eval_model_has_its_dropout_off():
+    torch.manual_seed(0)
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 8)).eval(),
+        GivaConfig(r=2, target_modules=["0"], variant="random", init_weights=False),
+    ).eval()
+    model.add_adapter("b", GivaConfig(r=2, target_modules=["0"], variant="random", init_weights=False, giva_dropout=0.3))
+    model.base_model.set_adapter(["b"])
+    layer = model.base_model.model[0]
+    assert not layer.giva_dropout["b"].training
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    model.train()  # and an adapter added in train mode trains with dropout
+    model.add_adapter("c", GivaConfig(r=2, target_modules=["0"], variant="random", init_weights=False, giva_dropout=0.3))
+    assert layer.giva_dropout["c"].training
+
+
+@pytest.mark.parametrize("core", [False, True])
+def test_merge_and_unmerge_of_a_float64_model_keep_float64_precision(core):
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 16)).double().eval()
+    w0 = base[0].weight.detach().clone()
+    model = get_peft_model(
+        base, GivaConfig(r=4, target_modules=["0"], variant="random", init_weights=False, core=core)
+    ).eval()
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        for name in ("giva_lambda_s", "giva_lambda_o"):
+            getattr(layer, name)["default"].mul_(1 + 1e-9)  # bits below fp32's precision
+        if core:
+            layer.giva_core["default"].add_(torch.randn(4, 4, dtype=layer.giva_core["default"].dtype) * 0.1)
+    x = torch.randn(5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        unmerged = model(x)
+    vectors = [getattr(layer, n)["default"].detach().double() for n in ("giva_lambda_o", "giva_lambda_s")]
+    a, b = layer.giva_A["default"].double(), layer.giva_B["default"].double()
+    c = layer.giva_core["default"].detach().double() if core else torch.eye(4, dtype=torch.float64)
+    reference = (vectors[0][:, None] * (b @ c)) @ (vectors[1][:, None] * a)
+    torch.testing.assert_close(layer.get_delta_weight("default"), reference, rtol=0, atol=1e-15)
+    model.base_model.merge_adapter()
+    with torch.no_grad():  # (the unmerged forward forms its factor F in fp32: equal to that precision only)
+        torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
+    model.base_model.unmerge_adapter()
+    assert (layer.get_base_layer().weight.detach() - w0).abs().max().item() < 1e-15

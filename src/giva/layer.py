@@ -181,7 +181,13 @@ class GivaLayer(BaseTunerLayer):
             size = block_sizes[index]
             rank = min(config.r, max_rank(config.variant, size, self.in_features))
             if rank < 1:
-                raise ValueError(f"layer {self.layer_name!r} block {index} is too small for variant {config.variant!r}")
+                per_rank = 2 if config.variant == "VrU2r" else 1  # VrU2r takes 2 r singular vectors
+                raise ValueError(
+                    f"layer {self.layer_name!r} block {index} ({size} x {self.in_features}) is too small for variant "
+                    f"{config.variant!r} at any rank: it needs min(out, in) >= {'2 r' if per_rank == 2 else 'r'}, so "
+                    f">= {per_rank} for r=1, but min(out, in) = {min(size, self.in_features)}; use another variant "
+                    "for it or leave it out of target_modules"
+                )
             if rank < config.r:
                 warnings.warn(
                     f"GiVA rank r={config.r} exceeds what layer {self.layer_name!r} (block {index}: {size} x "
@@ -213,6 +219,7 @@ class GivaLayer(BaseTunerLayer):
                 self.giva_lambda_s[adapter_name].uniform_(0.5, 1.5)
                 self.giva_lambda_o[adapter_name].normal_(0.0, 0.1)
         self.giva_dropout[adapter_name] = nn.Dropout(config.giva_dropout) if config.giva_dropout > 0 else nn.Identity()
+        self.giva_dropout[adapter_name].train(self.training)  # a new module is in train mode, an eval layer's must not be
         self.giva_compute_dtype[adapter_name] = config.compute_dtype
         self._bases_verified.discard(adapter_name)
         if bool(a.any()) and bool(b.any()):  # checked here on the CPU copies: no device sync in the forward
@@ -402,19 +409,20 @@ class GivaLayer(BaseTunerLayer):
         self._forget_cast_bases(adapter_name)
         super().delete_adapter(adapter_name)
 
-    def _output_basis(self, adapter_name: str, device: torch.device) -> torch.Tensor:
-        """``B C`` (``O x R``, float32; ``C`` only with ``GivaConfig.core``) on ``device`` (the vectors')."""
-        b = _as_float32(self.giva_B._buffers[adapter_name], device)
+    def _output_basis(self, adapter_name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``B C`` (``O x R``, float32 or ``dtype``; ``C`` only with ``GivaConfig.core``) on ``device`` (the vectors')."""
+        b = self.giva_B._buffers[adapter_name]
+        b = _as_float32(b, device) if dtype == torch.float32 else b.to(device=device, dtype=dtype)
         core = self.giva_core._parameters.get(adapter_name)
-        return b if core is None else b @ core.float()  # O x R
+        return b if core is None else b @ core.to(dtype)  # O x R
 
-    def output_factor(self, adapter_name: str) -> torch.Tensor:
-        """``B' = diag(lambda_o) B C`` (``O x R``, float32, under ``torch.autocast`` too): everything of delta_W after
-        ``diag(lambda_s) A``, for merge, export and mixed batches (the forward folds ``lambda_s`` in too:
+    def output_factor(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``B' = diag(lambda_o) B C`` (``O x R``, float32 or ``dtype``, under ``torch.autocast`` too): everything of
+        delta_W after ``diag(lambda_s) A``, for merge, export and mixed batches (the forward folds ``lambda_s`` in too:
         :meth:`adapter_factor`)."""
         lambda_o = self.giva_lambda_o[adapter_name]
         with outside_autocast(lambda_o.device.type):  # B C is a matmul: autocast would run it in bf16
-            return lambda_o.float().unsqueeze(1) * self._output_basis(adapter_name, lambda_o.device)
+            return lambda_o.to(dtype).unsqueeze(1) * self._output_basis(adapter_name, lambda_o.device, dtype)
 
     def adapter_factor(self, adapter_name: str) -> torch.Tensor:
         """``F = diag(lambda_o) B C diag(lambda_s)`` (``O x R``, float32), so that ``delta_W = F A``.
@@ -436,14 +444,22 @@ class GivaLayer(BaseTunerLayer):
         lambda_s = _as_float32(self.giva_lambda_s._parameters[adapter_name], lambda_o.device)
         return self._output_basis(adapter_name, lambda_o.device) * (lambda_o.unsqueeze(1) @ lambda_s.unsqueeze(0))
 
+    def _merge_dtype(self) -> torch.dtype:
+        """The dtype merges and :meth:`delta_weight` compute in: float64 for a float64 base weight (rounding W through
+        fp32 would lose its bits), float32 otherwise (half precision and quantised weights included)."""
+        tensor = self._base_tensor()
+        return torch.float64 if tensor is not None and tensor.dtype == torch.float64 else torch.float32
+
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``delta_W`` of one adapter in fp32 (under ``torch.autocast`` too, so that a merge outside it and an unmerge
-        inside it, or the other way round, give W back), in the base weight's layout (``in x out`` for Conv1D)."""
+        """``delta_W`` of one adapter in fp32 (fp64 for a float64 base weight; under ``torch.autocast`` too, so that a
+        merge outside it and an unmerge inside it, or the other way round, give W back), in the base weight's layout
+        (``in x out`` for Conv1D)."""
         self.ensure_bases(adapter_name)
-        a = self.giva_A[adapter_name].float()  # R x in
-        lambda_s = self.giva_lambda_s[adapter_name].float().to(a.device)
+        dtype = self._merge_dtype()
+        a = self.giva_A[adapter_name].to(dtype)  # R x in
+        lambda_s = self.giva_lambda_s[adapter_name].to(device=a.device, dtype=dtype)
         with outside_autocast(a.device.type):
-            delta = self.output_factor(adapter_name).float().to(a.device) @ (lambda_s[:, None] * a)  # O x in
+            delta = self.output_factor(adapter_name, dtype).to(a.device) @ (lambda_s[:, None] * a)  # O x in
         if adapter_name in self.giva_out_index:
             full = delta.new_zeros(self.out_features, self.in_features)
             delta = full.index_copy_(0, self.giva_out_index[adapter_name], delta)
@@ -473,7 +489,7 @@ class GivaLayer(BaseTunerLayer):
         )
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add delta_W of the given (default: active) adapters to W, in fp32 then cast back.
+        """Add delta_W of the given (default: active) adapters to W, in fp32 (fp64 for a float64 W) then cast back.
 
         With ``safe_merge`` the merged weight is checked for NaN/inf before it replaces W, so a broken
         adapter leaves the base weight untouched. A quantised W is dequantised, changed and re-quantised by
@@ -484,7 +500,8 @@ class GivaLayer(BaseTunerLayer):
             self._check_mergeable("merge")
         for name in names:
             weight = self.get_base_weight()
-            merged = (weight.float() + self.delta_weight(name).to(weight.device)).to(weight.dtype)
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            merged = (weight.to(dtype) + self.delta_weight(name).to(weight.device, dtype)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():  # after the cast: an fp16 weight can overflow in it
                 raise ValueError(f"NaNs detected in the merged weights of layer {self.layer_name!r}: adapter {name!r} seems broken")
             self.set_base_weight(merged)
@@ -499,7 +516,8 @@ class GivaLayer(BaseTunerLayer):
             name = self.merged_adapters[-1]
             if name in self.giva_lambda_o:
                 weight = self.get_base_weight()
-                self.set_base_weight((weight.float() - self.delta_weight(name).to(weight.device)).to(weight.dtype))
+                dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                self.set_base_weight((weight.to(dtype) - self.delta_weight(name).to(weight.device, dtype)).to(weight.dtype))
             self.merged_adapters.pop()  # only once W no longer holds it: a failure above leaves the record true
 
     def _forget_cast_bases(self, adapter_name: Optional[str] = None) -> None:
