@@ -348,3 +348,78 @@ def test_default_targets_are_every_linear_layer_but_the_head(factory, task_type,
     adapted = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, giva.GivaLayer)}
     assert adapted == linear and len(adapted) >= 8
     assert model.peft_config["default"].target_modules is not None  # resolved, and saved as resolved
+
+
+# ------------------------------------------------- an add_adapter refused part-way leaves nothing behind (F3)
+
+
+class _ThreeLayers(torch.nn.Module):
+    """``first`` and ``big`` can take any variant at r=2; ``tiny`` (one output) cannot take VrU2r."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.big, self.tiny = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)
+
+    def forward(self, x):
+        return torch.cat([self.first(x), self.big(x), self.tiny(x)], -1)
+
+
+def _refuse(model, case: str) -> None:
+    if case == "rank":
+        config = GivaConfig(r=2, target_modules=["first", "big", "tiny"], variant="VrU2r", init_weights=False)
+        match = r"layer 'tiny' block 0 \(1 x 8\) is too small for variant 'VrU2r' at any rank: it needs min\(out, in\) >= 2 r"
+    else:  # `weight` takes W's SVD: refused on big, whose W holds the merged "default" (after first was wrapped)
+        config = GivaConfig(r=2, target_modules=["first", "big"], variant="weight", init_weights=False)
+        match = r"layer 'big' has adapters \['default'\] merged into W"
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        model.add_adapter("bad", config)
+
+
+@pytest.mark.parametrize("case", ["rank", "merged"])
+def test_an_add_adapter_refused_part_way_leaves_no_trace(tmp_path, case):
+    """Layers already built for the refused adapter lose it again (a newly wrapped one is the original module
+    again), so the model, its state dict and the next save are as before the call."""
+    config = GivaConfig(r=2, target_modules=["big"], variant="random", init_weights=False)
+    model = get_peft_model(_ThreeLayers().eval(), config).eval()
+    if case == "merged":
+        model.base_model.merge_adapter()
+    first, tiny = model.base_model.model.first, model.base_model.model.tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    _refuse(model, case)
+    assert list(model.peft_config) == ["default"]
+    assert not [k for k in model.state_dict() if ".bad" in k]
+    assert model.base_model.model.first is first and type(first) is torch.nn.Linear  # unwrapped: the original module
+    assert model.base_model.model.tiny is tiny
+    big = model.base_model.model.big
+    assert set(big.giva_lambda_o) == set(big.giva_A) == set(big.giva_B) == set(big.giva_dropout) == set(big.r) == {"default"}
+    assert big.active_adapters == ["default"] and big.merged == (case == "merged")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    if case == "merged":
+        model.base_model.unmerge_adapter()
+    model.save_pretrained(str(tmp_path / "adapter"))
+    assert not [k for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors") if "bad" in k]
+    loaded = PeftModel.from_pretrained(_ThreeLayers().eval(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        if case == "rank":
+            assert torch.equal(loaded(x), expected)
+        else:  # merge + unmerge rounded W through fp32
+            torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=1e-6)
+    model.add_adapter("bad", GivaConfig(r=2, target_modules=["first", "big", "tiny"], variant="random"))  # name free
+
+
+def test_a_get_peft_model_refused_part_way_gives_the_base_modules_back():
+    base = _ThreeLayers().eval()
+    modules = dict(base.named_children())
+    with pytest.raises(ValueError, match="too small for variant 'VrU2r'"):
+        get_peft_model(base, GivaConfig(r=2, target_modules=["first", "big", "tiny"], variant="VrU2r"))
+    assert dict(base.named_children()) == modules
+    assert not [k for k in base.state_dict() if "giva" in k]

@@ -288,8 +288,37 @@ class GivaModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
-        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        existing = {id(module) for module in model.modules() if isinstance(module, GivaLayer)}
+        trainable = [(param, param.requires_grad) for param in model.parameters()]
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            self._withdraw_failed_adapter(model, adapter_name, existing, trainable)
+            raise
         self._mirror_reference_adapter(adapter_name)
+
+    @staticmethod
+    def _withdraw_failed_adapter(
+        model: nn.Module, adapter_name: str, existing: set[int], trainable: list[tuple[nn.Parameter, bool]]
+    ) -> None:
+        """Undo an injection refused part-way (a layer too small for the variant, a `weight` adapter on a merged
+        layer...): PEFT then only drops the config, so the layers already built would keep the adapter's tensors and
+        the next save of another adapter would write them. Each GiVA layer holding ``adapter_name`` loses it
+        (:meth:`GivaLayer.delete_adapter`: bases, shared-basis entries, vectors, caches); a layer wrapped by this
+        injection becomes the module it wrapped again; ``requires_grad`` flags are restored."""
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, GivaLayer):
+                continue
+            holds = adapter_name in module.r or any(
+                adapter_name in getattr(module, attr) for attr in (*module.basis_names, *module.adapter_layer_names)
+            )
+            if id(module) not in existing:
+                parent_name, _, child_name = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child_name, module.base_layer)
+            elif holds:
+                module.delete_adapter(adapter_name)
+        for param, requires_grad in trainable:
+            param.requires_grad_(requires_grad)
 
     def _mirror_reference_adapter(self, adapter_name: str) -> None:
         """TRL's reference adapter starts as an exact copy of "default" (the initial policy).
