@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import warnings
+import zlib
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,108 @@ def test_bf16_bases_of_every_variant_reload_and_export_exactly(tmp_path, variant
     lora = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "lora")).eval()
     with torch.no_grad():
         torch.testing.assert_close(lora(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------- seeded bases written after creation (fuzzing review, F1)
+
+
+def _seeded_adapter(variant: str) -> PeftModel:
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 5)).eval()
+    return get_peft_model(base, GivaConfig(r=2, target_modules=["0", "1"], variant=variant, init_weights=False)).eval()
+
+
+def _fresh_base() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 5)).eval()
+
+
+def _saved_keys(folder: Path) -> set[str]:
+    return set(load_file(folder / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("variant", "written"),
+    [("Vr", "giva_B"), ("VrUrand", "giva_B"), ("random", "giva_A"), ("random", "giva_B")],
+)
+def test_a_seeded_basis_written_after_creation_is_saved_and_reloads_exactly(tmp_path, variant, written):
+    """set_block_bases (or any write) over a basis that regenerates from (seed, layer name): the checkpoint keeps the
+    written basis of that layer (only that one), and the reload gives the same outputs bit for bit."""
+    model = _seeded_adapter(variant)
+    model.save_pretrained(str(tmp_path / "first"))  # found unmodified here: the write below must still be seen
+    layer = model.base_model.model[0]
+    block = layer.blocks["default"][0]
+    generator = torch.Generator().manual_seed(5)
+    a, b = layer.giva_A["default"].clone(), layer.giva_B["default"].clone()
+    if written == "giva_A":
+        a = torch.linalg.qr(torch.randn(8, 2, generator=generator))[0].T.contiguous()
+    else:
+        b = torch.linalg.qr(torch.randn(6, 2, generator=generator))[0]
+    layer.set_block_bases("default", block, a, b)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    keys = _saved_keys(tmp_path / "adapter")
+    assert f"base_model.model.0.{written}" in keys
+    assert not any(k.startswith("base_model.model.1.") and k.endswith(written) for k in keys)  # unmodified: omitted
+    loaded = PeftModel.from_pretrained(_fresh_base(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+    twin = loaded.base_model.model[0]
+    assert torch.equal(twin.giva_A["default"], layer.giva_A["default"])
+    assert torch.equal(twin.giva_B["default"], layer.giva_B["default"])
+
+
+def test_a_seeded_basis_loaded_from_a_state_dict_is_saved_and_reloads_exactly(tmp_path):
+    model = _seeded_adapter("Vr")
+    model.save_pretrained(str(tmp_path / "first"))
+    written = torch.linalg.qr(torch.randn(6, 2, dtype=torch.float64))[0].float()
+    model.load_state_dict({"base_model.model.0.giva_B.default": written}, strict=False)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    assert torch.equal(load_file(tmp_path / "adapter" / "adapter_model.safetensors")["base_model.model.0.giva_B"], written)
+    loaded = PeftModel.from_pretrained(_fresh_base(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expected)
+
+
+@pytest.mark.parametrize("variant", ["Vr", "random"])
+def test_an_unmodified_or_rewritten_seeded_basis_is_still_omitted(tmp_path, variant):
+    """Writing back the very seeded bases (as giva.initialize does with Vr's B) keeps the checkpoint as small."""
+    model = _seeded_adapter(variant)
+    model.save_pretrained(str(tmp_path / "before"))
+    for module in (model.base_model.model[0], model.base_model.model[1]):
+        for block in module.blocks["default"]:
+            rows = slice(block.rank_offset, block.rank_offset + block.rank)
+            outs = slice(block.row_offset, block.row_offset + block.out_size)
+            a = module.giva_A["default"][rows].clone()
+            b = module.giva_B["default"][outs, rows].clone()
+            module.set_block_bases("default", block, a, b)
+    model.save_pretrained(str(tmp_path / "after"))
+    omitted = ("giva_A", "giva_B") if variant == "random" else ("giva_B",)
+    for folder in ("before", "after"):
+        assert not any(k.endswith(omitted) for k in _saved_keys(tmp_path / folder))
+    assert _saved_keys(tmp_path / "before") == _saved_keys(tmp_path / "after")
+    sizes = {f: (tmp_path / f / "adapter_model.safetensors").stat().st_size for f in ("before", "after")}
+    assert sizes["before"] == sizes["after"]
+
+
+def test_a_checkpoint_of_an_older_giva_that_lost_a_written_basis_names_that_cause(tmp_path):
+    """Older givas omitted a written seeded basis and recorded its checksum: the load error says so."""
+    model = _seeded_adapter("Vr")
+    layer = model.base_model.model[0]
+    layer.set_block_bases(
+        "default", layer.blocks["default"][0], layer.giva_A["default"].clone(), torch.linalg.qr(torch.randn(6, 2))[0]
+    )
+    model.save_pretrained(str(tmp_path / "adapter"))
+
+    def as_older_giva_saved_it(state):  # the written B dropped, the CRC32 of its bytes recorded
+        written = state.pop("base_model.model.0.giva_B")
+        state["base_model.model.0.giva_seeded_crc32"] = torch.tensor(zlib.crc32(written.numpy().tobytes()))
+
+    folder = _edited(tmp_path / "adapter", tmp_path, tensors=as_older_giva_saved_it)
+    with pytest.raises(ValueError, match=r"regenerate differently.*saved by an older giva from an adapter whose seeded basis was modified after creation"):
+        PeftModel.from_pretrained(_fresh_base(), str(folder))

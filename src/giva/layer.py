@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import itertools
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -108,6 +109,8 @@ class GivaLayer(BaseTunerLayer):
         self.cast_input_dtype_enabled = True
         # A cast to another dtype / device, per (adapter, dtype, device): (source, its state, cast copy). See _input_basis.
         self._giva_cast_bases: dict[tuple, tuple[torch.Tensor, Optional[tuple], _OnDevice]] = {}
+        # (adapter, basis) -> (its tensor, version, seed) when last found equal to its regeneration (a seeded basis).
+        self._giva_seeded_unmodified: dict[tuple[str, str], tuple[Any, int, int]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._bases_verified: set[str] = set()
@@ -271,16 +274,19 @@ class GivaLayer(BaseTunerLayer):
             self._bases_verified.discard(target)
 
     def _initial_bases(
-        self, blocks: list[Block], config: GivaConfig, from_checkpoint: bool = False
+        self, blocks: list[Block], config: GivaConfig, from_checkpoint: bool = False, seeded_only: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked fp32 ``(A, B)`` as far as they are known before seeing data (zeros where data is needed).
 
-        With ``from_checkpoint``, the `weight` variant's SVD is skipped: a checkpoint is about to fill them.
+        With ``from_checkpoint``, the `weight` variant's SVD is skipped: a checkpoint is about to fill them. With
+        ``seeded_only``, only what (seed, layer name) gives: no SVD, no test-mode stand-in (nothing drawn from the
+        global RNG).
         """
         total_rank = sum(blk.rank for blk in blocks)
         a = torch.zeros(total_rank, self.in_features)
         b = torch.zeros(sum(blk.out_size for blk in blocks), total_rank)
-        weight = self._full_weight_matrix() if config.variant == "weight" and not from_checkpoint else None
+        wants_svd = config.variant == "weight" and not from_checkpoint and not seeded_only
+        weight = self._full_weight_matrix() if wants_svd else None
         for blk in blocks:
             generator = layer_generator(config.seed, self.layer_name, blk.index)
             a_j: Optional[torch.Tensor] = None
@@ -291,7 +297,7 @@ class GivaLayer(BaseTunerLayer):
                 a_j, b_j = random_bases(blk.out_size, self.in_features, blk.rank, generator)
             elif weight is not None:
                 a_j, b_j = bases_from_weight(weight[blk.out_start : blk.out_start + blk.out_size].float(), blk.rank)
-            if not config.init_weights and a_j is None:
+            if not config.init_weights and a_j is None and not seeded_only:
                 # Test mode: stand-in random bases so the adapter is not an identity, drawn from the global RNG
                 # (they are saved with the adapter, unlike the seeded ones).
                 stand_in = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ())))
@@ -304,6 +310,40 @@ class GivaLayer(BaseTunerLayer):
             if b_j is not None:
                 b[out_rows, rank_rows] = b_j
         return a, b
+
+    def regenerated_bases(self, adapter_name: str, config: GivaConfig, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The bases ``names`` of adapter ``adapter_name`` as a fresh build regenerates them from (seed, layer name)
+        (what a load of a checkpoint omitting them gives): on the CPU, in their storage dtype. Only meaningful for the
+        bases of ``config.variant`` that are seeded (``GivaModel._regenerable_bases``)."""
+        a, b = self._initial_bases(self.blocks[adapter_name], config, seeded_only=True)
+        fresh = {"giva_A": a, "giva_B": b}
+        return {name: fresh[name].to(basis_storage_dtype(config, name)) for name in names}
+
+    def unmodified_seeded_bases(self, adapter_name: str, config: GivaConfig, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Those of the seeded bases ``names`` that still hold what (seed, layer name) regenerates, bit for bit (a
+        checkpoint omits these; one written since, by ``set_block_bases``, a state-dict load or any in-place write, is
+        saved). Compared with a regeneration; a basis found equal is remembered with its tensor's version counter, so
+        a later save regenerates only what was written (or replaced, e.g. moved) since."""
+        unmodified, stale = [], []
+        for name in names:
+            stored = getattr(self, name)._buffers[adapter_name]
+            known = self._giva_seeded_unmodified.get((adapter_name, name))
+            state = _tensor_state(stored)
+            if known is not None and known[0]() is stored and state is not None and known[1:] == (state[1], config.seed):
+                unmodified.append(name)
+            else:
+                stale.append(name)
+        if stale:
+            fresh = self.regenerated_bases(adapter_name, config, tuple(stale))
+            for name in stale:
+                stored = getattr(self, name)._buffers[adapter_name]
+                expected = fresh[name]
+                if stored.dtype == expected.dtype and stored.shape == expected.shape and torch.equal(stored.detach().cpu(), expected):
+                    unmodified.append(name)
+                    state = _tensor_state(stored)
+                    if state is not None:
+                        self._giva_seeded_unmodified[(adapter_name, name)] = (weakref.ref(stored), state[1], config.seed)
+        return tuple(name for name in names if name in unmodified)
 
     def set_block_bases(self, adapter_name: str, block: Block, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write the bases of one block in place (fp32, kept out of autograd and of any optimizer)."""
@@ -407,6 +447,8 @@ class GivaLayer(BaseTunerLayer):
         self._bases_verified.discard(adapter_name)
         self._deferred_weight_bases.discard(adapter_name)
         self._forget_cast_bases(adapter_name)
+        for name in self.basis_names:
+            self._giva_seeded_unmodified.pop((adapter_name, name), None)
         super().delete_adapter(adapter_name)
 
     def _output_basis(self, adapter_name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -400,13 +400,17 @@ class GivaModel(BaseTuner):
                         if key in to_return:
                             to_return[key] = getattr(module, basis)[adapter_name].detach()
         regenerable = cls._regenerable_bases(config)
-        dropped = tuple(f".{name}.{adapter_name}" for name in regenerable)
-        to_return = {k: v for k, v in to_return.items() if not k.endswith(dropped)}
         if regenerable:
+            # A seeded basis is omitted (and its CRC32 recorded) only where it still is what regeneration gives: one
+            # written since (set_block_bases, a state-dict load) is saved like a data-dependent one, and a load uses it.
             for name, module in model.named_modules():
                 if isinstance(module, GivaLayer) and adapter_name in module.giva_A:
-                    crc = seeded_bases_checksum(module, adapter_name, regenerable)
-                    to_return[f"{name}.{SEEDED_CHECKSUM}.{adapter_name}"] = torch.tensor(crc, dtype=torch.int64)
+                    omitted = module.unmodified_seeded_bases(adapter_name, config, regenerable)
+                    for basis in omitted:
+                        to_return.pop(f"{name}.{basis}.{adapter_name}", None)
+                    if omitted:
+                        crc = seeded_bases_checksum(module, adapter_name, omitted)
+                        to_return[f"{name}.{SEEDED_CHECKSUM}.{adapter_name}"] = torch.tensor(crc, dtype=torch.int64)
         return to_return
 
     @classmethod
@@ -427,12 +431,19 @@ class GivaModel(BaseTuner):
                     f"{key.rsplit('.', 2)[-2]} of shape {tuple(own[key].shape)} here but {tuple(value.shape)} in the "
                     "checkpoint. Load it into the base model it was trained on."
                 )
-        # Seeded bases are not in the checkpoint; the freshly built layers already regenerated them.
-        regenerated = tuple(f".{name}.{adapter_name}" for name in cls._regenerable_bases(config))
+        # Seeded bases the checkpoint omits: the freshly built layers already regenerated them. One it holds (written
+        # after creation) is loaded as saved.
+        regenerable = cls._regenerable_bases(config)
+        omitted = {
+            name: (module, tuple(basis for basis in regenerable if f"{name}.{basis}.{adapter_name}" not in remapped))
+            for name, module in model.named_modules()
+            if isinstance(module, GivaLayer) and adapter_name in module.giva_A
+        }
+        regenerated = tuple(f".{name}.{adapter_name}" for name in regenerable)
         for key, value in own.items():
             if key.endswith(regenerated) and key not in remapped:
                 remapped[key] = value
-        cls._verify_seeded_bases(model, config, adapter_name, checksums)
+        cls._verify_seeded_bases(model, config, adapter_name, checksums, omitted)
         return remapped
 
     @classmethod
@@ -492,17 +503,30 @@ class GivaModel(BaseTuner):
 
     @classmethod
     def _verify_seeded_bases(
-        cls, model: nn.Module, config: GivaConfig, adapter_name: str, checksums: dict[str, int]
+        cls,
+        model: nn.Module,
+        config: GivaConfig,
+        adapter_name: str,
+        checksums: dict[str, int],
+        omitted: Optional[dict[str, tuple[GivaLayer, tuple[str, ...]]]] = None,
     ) -> None:
-        """Compare the regenerated seeded bases with the checksums the saving run recorded."""
+        """Compare the regenerated seeded bases with the checksums the saving run recorded.
+
+        ``omitted``: per layer (module name), the layer and the seeded bases the checkpoint lacks (default: all of
+        them); a basis the checkpoint holds is loaded as saved and not checked.
+        """
         regenerable = cls._regenerable_bases(config)
         if not regenerable:
             return
-        layers = {
-            name.removeprefix("base_model.model."): module
-            for name, module in model.named_modules()
-            if isinstance(module, GivaLayer) and adapter_name in module.giva_A
-        }
+        if omitted is None:
+            omitted = {
+                name: (module, regenerable)
+                for name, module in model.named_modules()
+                if isinstance(module, GivaLayer) and adapter_name in module.giva_A
+            }
+        layers = {name.removeprefix("base_model.model."): entry for name, entry in omitted.items() if entry[1]}
+        if not layers:
+            return  # the checkpoint holds every seeded basis: nothing is regenerated
         recorded = {key.removeprefix("base_model.model."): crc for key, crc in checksums.items()}
         if not recorded:
             warnings.warn(
@@ -512,13 +536,15 @@ class GivaModel(BaseTuner):
             return
         differing = [
             name
-            for name, layer in layers.items()
-            if name in recorded and seeded_bases_checksum(layer, adapter_name, regenerable) != recorded[name]
+            for name, (layer, names) in layers.items()
+            if name in recorded and seeded_bases_checksum(layer, adapter_name, names) != recorded[name]
         ]
         if differing:
             raise ValueError(
                 f"GiVA adapter {adapter_name!r}: the seeded bases ({', '.join(regenerable)}, seed {config.seed}) of "
                 f"layer(s) {_summarise(differing)} regenerate differently here than in the run that saved the "
-                "checkpoint (checksum mismatch), so its outputs would change. Load it with the giva version that saved "
-                "it."
+                "checkpoint (checksum mismatch), so its outputs would change. Either another giva version regenerates "
+                "them differently (load it with the giva version that saved it), or the checkpoint was saved by an "
+                "older giva from an adapter whose seeded basis was modified after creation (set_block_bases, a "
+                "state-dict load): that giva omitted the written basis, which is lost; train or initialise it again."
             )
