@@ -901,6 +901,7 @@ NO_INTERVAL: dict[str, str] = {
     "VeRA r=64 ends at 74.4 %":
         "federated run (benchmarks/results/federated): one run, one seed, its sampling error stated; not this owner's section",
     "a bf16 matmul ran about 4x slower than fp32": "a one-off matmul timing in the scale section, not a benchmark result",
+    "each took 2.25x (256^3, in cache)": "the scale section's CPU-contention diagnostic (one run each), not a claim",
 }
 # Parts that report a superseded suite as it was (no intervals, said so in their heading).
 NO_INTERVAL_SECTIONS = (("benchmarks/README.md", "## Suite `full`"),)
