@@ -376,24 +376,39 @@ def test_cached_device_tensors_make_a_new_stream_wait_for_their_build_once(monke
     """The logic of serving._OnDevice without a GPU: the building stream records an event and never waits on it;
     every other stream waits on it (and is recorded on the tensors) the first time it uses them, once."""
     streams = {"current": _FakeStream(1)}
-    recorded = []
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams["current"])
+    recorded, asked = [], []
+
+    def current_stream(device=None):
+        asked.append(streams["current"])
+        return streams["current"]
+
+    raw = lambda index: 1000 + streams["current"].stream_id  # noqa: E731  a stream's raw handle
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", raw, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(torch.cuda, "Event", lambda: type("E", (), {"record": lambda self, stream: recorded.append(("event", stream))})())
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(("tensor", stream)))
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
     guard = serving._OnDevice(torch.zeros(2), torch.zeros(3))
     monkeypatch.undo()
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams["current"])
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", raw, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: recorded.append(("tensor", stream)))
+    monkeypatch.setattr(guard, "tensors", tuple(t.to("meta") for t in guard.tensors))  # device.index: None, any device
     builder = streams["current"]
     assert recorded == [("event", builder)]
     guard.used_here()
     assert builder.waited == [] and recorded == [("event", builder)]  # its own stream: neither a wait nor a record
     other = streams["current"] = _FakeStream(2)
+    asked.clear()
+    guard.used_here()
     guard.used_here()
     guard.used_here()
     assert other.waited == [guard._ready]  # waited once, on the build's event
     assert recorded[1:] == [("tensor", other), ("tensor", other)]
+    assert asked == [other]  # later calls on the same stream read its raw handle only (no Stream object built)
+    streams["current"] = builder
+    guard.used_here()
+    assert builder.waited == [] and len(recorded) == 3  # back on the building stream: nothing to wait for or record
 
 
 def test_clearing_the_mixed_batch_cache_frees_the_per_batch_index_tensors_too():

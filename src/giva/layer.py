@@ -18,6 +18,7 @@ import copy
 import itertools
 import warnings
 import weakref
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -47,6 +48,11 @@ from .serving import (
     outside_autocast,
     outside_inference_mode,
 )
+
+
+def _crc32(tensor: torch.Tensor) -> int:
+    """CRC32 of a tensor's bytes (copied to the CPU), for telling a rewritten basis from the one remembered."""
+    return zlib.crc32(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def _tensor_state(tensor: torch.Tensor) -> Optional[tuple]:
@@ -110,7 +116,7 @@ class GivaLayer(BaseTunerLayer):
         # A cast to another dtype / device, per (adapter, dtype, device): (source, its state, cast copy). See _input_basis.
         self._giva_cast_bases: dict[tuple, tuple[torch.Tensor, Optional[tuple], _OnDevice]] = {}
         # (adapter, basis) -> (its tensor, version, seed) when last found equal to its regeneration (a seeded basis).
-        self._giva_seeded_unmodified: dict[tuple[str, str], tuple[Any, int, int]] = {}
+        self._giva_seeded_unmodified: dict[tuple[str, str], tuple[Any, int, int, int]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._bases_verified: set[str] = set()
@@ -321,15 +327,22 @@ class GivaLayer(BaseTunerLayer):
 
     def unmodified_seeded_bases(self, adapter_name: str, config: GivaConfig, names: tuple[str, ...]) -> tuple[str, ...]:
         """Those of the seeded bases ``names`` that still hold what (seed, layer name) regenerates, bit for bit (a
-        checkpoint omits these; one written since, by ``set_block_bases``, a state-dict load or any in-place write, is
-        saved). Compared with a regeneration; a basis found equal is remembered with its tensor's version counter, so
-        a later save regenerates only what was written (or replaced, e.g. moved) since."""
+        checkpoint omits these; one written since, by ``set_block_bases``, a state-dict load or any in-place write,
+        through ``.data`` included, is saved). Compared with a regeneration; a basis found equal is remembered with
+        its version counter and a CRC32 of its bytes, so a later save regenerates only a basis written (or replaced,
+        e.g. moved) since: one whose counter or bytes changed."""
         unmodified, stale = [], []
         for name in names:
             stored = getattr(self, name)._buffers[adapter_name]
             known = self._giva_seeded_unmodified.get((adapter_name, name))
             state = _tensor_state(stored)
-            if known is not None and known[0]() is stored and state is not None and known[1:] == (state[1], config.seed):
+            if (
+                known is not None
+                and known[0]() is stored
+                and state is not None
+                and known[1:3] == (state[1], config.seed)
+                and known[3] == _crc32(stored)  # a write through .data leaves the counter as it was
+            ):
                 unmodified.append(name)
             else:
                 stale.append(name)
@@ -342,7 +355,8 @@ class GivaLayer(BaseTunerLayer):
                     unmodified.append(name)
                     state = _tensor_state(stored)
                     if state is not None:
-                        self._giva_seeded_unmodified[(adapter_name, name)] = (weakref.ref(stored), state[1], config.seed)
+                        memo = (weakref.ref(stored), state[1], config.seed, _crc32(stored))
+                        self._giva_seeded_unmodified[(adapter_name, name)] = memo
         return tuple(name for name in names if name in unmodified)
 
     def set_block_bases(self, adapter_name: str, block: Block, a: torch.Tensor, b: torch.Tensor) -> None:

@@ -190,6 +190,7 @@ class _OnDevice:
         self._cuda = len(self.tensors) > 0 and self.tensors[0].device.type == "cuda"
         self._streams: set[tuple[int, int]] = set()
         self._ready: Optional[torch.cuda.Event] = None
+        self._last_raw: Optional[int] = None  # the raw handle of the stream that used them last (a cheap test)
         if self._cuda and not torch.compiler.is_compiling():  # a compiled graph's tensors are its own
             stream = torch.cuda.current_stream(self.tensors[0].device)
             self._ready = torch.cuda.Event()
@@ -198,10 +199,15 @@ class _OnDevice:
 
     def used_here(self) -> None:
         """Call before each use: the first time the current CUDA stream uses the tensors, it waits for them to be
-        built and is recorded on them."""
-        if not self._cuda:
+        built and is recorded on them. Per call, on the stream that used them last: one integer read (no Stream
+        object is built), as every layer's forward calls it."""
+        if not self._cuda or torch.compiler.is_compiling():  # under dynamo: the compiled graph orders its own reads
             return
-        stream = torch.cuda.current_stream(self.tensors[0].device)
+        device = self.tensors[0].device
+        raw = torch._C._cuda_getCurrentRawStream(device.index)
+        if raw == self._last_raw:
+            return
+        stream = torch.cuda.current_stream(device)
         key = (stream.device_index, stream.stream_id)
         if key not in self._streams:
             if self._ready is not None:
@@ -209,6 +215,7 @@ class _OnDevice:
             for tensor in self.tensors:
                 tensor.record_stream(stream)
             self._streams.add(key)
+        self._last_raw = raw
 
 
 def outside_inference_mode() -> AbstractContextManager:
