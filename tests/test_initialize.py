@@ -441,6 +441,41 @@ def test_a_layer_run_without_autograd_in_calibration_is_a_clear_error():
     assert not giva.bases_initialized(model)
 
 
+class _ReentrantNet(nn.Module):
+    """``a`` and ``b`` run inside the model's own torch.utils.checkpoint(use_reentrant=True), which giva cannot
+    switch; ``pre`` (when ``pre``) feeds the checkpoint an input that requires grad."""
+
+    def __init__(self, pre: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.pre, self.a, self.b, self.head = (nn.Linear(16, 16) if pre else nn.Identity()), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 2)
+
+    def forward(self, x, labels=None):
+        h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.b(torch.relu(self.a(t)))), self.pre(x),
+                                              use_reentrant=True)
+        return type("Out", (), {"loss": nn.functional.cross_entropy(self.head(h), labels)})()
+
+
+@pytest.mark.parametrize("pre", [False, True], ids=["loss-without-grad", "torch-grad-error"])
+def test_targets_inside_a_users_reentrant_checkpoint_are_a_clear_error(pre):
+    """Every target inside a reentrant checkpoint: its first forward runs with autograd off, so either the loss
+    needs no gradient at all (nothing before it requires grad) or torch refuses autograd.grad through it. Both are
+    GiVA's error naming the skipped layers and use_reentrant=False, not "check target_modules and loss_fn" or
+    torch's own RuntimeError."""
+    targets = ["pre", "a", "b", "head"] if pre else ["a", "b"]
+    model = get_peft_model(_ReentrantNet(pre), GivaConfig(r=2, target_modules=targets))
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"x": torch.randn(4, 16, generator=generator), "labels": torch.randint(0, 2, (4,), generator=generator)}]
+    match = r"reentrant activation checkpointing.*use_reentrant=False"
+    if not pre:
+        match = r"layer\(s\) \['a', 'b'\] ran only with autograd off.*" + match
+    with pytest.raises(GradientInitError, match=match) as caught:
+        giva.initialize(model, batches, num_batches=1, progress=False)
+    if pre:
+        assert isinstance(caught.value.__cause__, RuntimeError) and "use_reentrant=True" in str(caught.value.__cause__)
+    assert not giva.bases_initialized(model)
+
+
 def test_sketch_mode_is_deterministic_and_auto_picks_exact_for_small_models(batches, monkeypatch):
     def run(mode):
         model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], variant="VrUr", seed=5))

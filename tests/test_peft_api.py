@@ -416,6 +416,42 @@ def test_an_add_adapter_refused_part_way_leaves_no_trace(tmp_path, case):
     model.add_adapter("bad", GivaConfig(r=2, target_modules=["first", "big", "tiny"], variant="random"))  # name free
 
 
+@pytest.mark.parametrize("default_saves_head", [False, True])
+def test_an_add_adapter_refused_after_peft_wrapped_modules_to_save_leaves_no_trace(tmp_path, default_saves_head):
+    """PEFT wraps ``modules_to_save`` before ``trainable_token_indices`` and refuses a missing token target only then:
+    the wrapper built for the refused adapter goes (the head is the original module again, or the wrapper
+    "default" already had, without the refused adapter), and ``targeted_module_names`` is as before."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    extra = {"modules_to_save": ["lm_head"]} if default_saves_head else {}
+    model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"], variant="random",
+                                                    init_weights=False, **extra)).eval()
+    head = model.base_model.model.lm_head
+    assert isinstance(head, ModulesToSaveWrapper) == default_saves_head
+    targeted = list(model.base_model.targeted_module_names)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    expected = _logits(model, {"input_ids": ids})
+    with pytest.raises(ValueError, match="nonexistent_embed"):
+        model.add_adapter("bad", GivaConfig(r=2, target_modules=["q_proj", "k_proj"], variant="random",
+                                            modules_to_save=["lm_head"], trainable_token_indices={"nonexistent_embed": [1, 2]}))
+    assert list(model.peft_config) == ["default"]
+    assert model.base_model.model.lm_head is head
+    if default_saves_head:
+        assert set(head.modules_to_save) == {"default"} and head.active_adapters == ["default"]
+    assert not [k for k in model.state_dict() if "bad" in k]
+    assert model.base_model.targeted_module_names == targeted
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    state = model.state_dict()
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in before)
+    assert torch.equal(_logits(model, {"input_ids": ids}), expected)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    assert not [k for k in load_file(tmp_path / "adapter" / "adapter_model.safetensors") if "bad" in k]
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "adapter")).eval()
+    assert torch.equal(_logits(loaded, {"input_ids": ids}), expected)
+
+
 def test_a_get_peft_model_refused_part_way_gives_the_base_modules_back():
     base = _ThreeLayers().eval()
     modules = dict(base.named_children())

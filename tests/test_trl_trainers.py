@@ -239,6 +239,31 @@ def test_default_loss_takes_trl_completion_mask_batches_as_labels():
         torch.testing.assert_close(layer.giva_A["default"], giva_layers(reference)[name].giva_A["default"])
 
 
+def test_default_loss_leaves_out_kto_keys_for_a_model_without_kwargs():
+    """TRL's KTO batches also carry ``label``, ``ref_*`` and ``KL_*`` entries, which are not model inputs: the default
+    loss leaves them out, so a model whose forward takes no **kwargs runs on them."""
+    data = text_batches(n=1, labels="lm")[0]
+    ids = data["input_ids"]
+    mask = (torch.arange(ids.shape[1]) >= 4).long().expand_as(ids)
+    kto = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask,
+           "KL_input_ids": ids.flip(0), "KL_attention_mask": torch.ones_like(ids), "KL_completion_mask": mask,
+           "label": torch.tensor([True, False] * (ids.shape[0] // 2)), "ref_logps": torch.zeros(ids.shape[0]),
+           "ref_KL_logps": torch.zeros(ids.shape[0])}
+    base = tiny_llama()
+    forward = base.forward
+
+    def strict_forward(input_ids=None, attention_mask=None, labels=None):
+        return forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    base.forward = strict_forward
+    model = get_peft_model(base, GivaConfig(r=2, target_modules=TARGETS))
+    giva.initialize(model, [kto], num_batches=1, progress=False)
+    reference = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=TARGETS))
+    giva.initialize(reference, [{"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100)}], num_batches=1, progress=False)
+    for name, layer in giva_layers(model).items():
+        torch.testing.assert_close(layer.giva_A["default"], giva_layers(reference)[name].giva_A["default"])
+
+
 def test_batches_of_raw_rows_ask_for_a_loss_fn():
     model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=TARGETS))
     rows = [[{"prompt": "review 1 the film was"}, {"prompt": "review 2 the film was"}]]

@@ -289,23 +289,41 @@ class GivaModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
         existing = {id(module) for module in model.modules() if isinstance(module, GivaLayer)}
+        # PEFT wraps modules_to_save / trainable tokens last and may still refuse there (a missing token target).
+        wrappers = {id(module): list(module.active_adapters)
+                    for module in model.modules() if isinstance(module, AuxiliaryTrainingWrapper)}
+        targeted = list(self.targeted_module_names)
         trainable = [(param, param.requires_grad) for param in model.parameters()]
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+            self._mirror_reference_adapter(adapter_name)
         except Exception:
-            self._withdraw_failed_adapter(model, adapter_name, existing, trainable)
+            self._withdraw_failed_adapter(model, adapter_name, existing, trainable, wrappers)
+            self.targeted_module_names[:] = targeted
             raise
-        self._mirror_reference_adapter(adapter_name)
 
     @staticmethod
     def _withdraw_failed_adapter(
-        model: nn.Module, adapter_name: str, existing: set[int], trainable: list[tuple[nn.Parameter, bool]]
+        model: nn.Module, adapter_name: str, existing: set[int], trainable: list[tuple[nn.Parameter, bool]],
+        wrappers: Optional[dict[int, list[str]]] = None,
     ) -> None:
         """Undo an injection refused part-way (a layer too small for the variant, a `weight` adapter on a merged
-        layer...): PEFT then only drops the config, so the layers already built would keep the adapter's tensors and
-        the next save of another adapter would write them. Each GiVA layer holding ``adapter_name`` loses it
-        (:meth:`GivaLayer.delete_adapter`: bases, shared-basis entries, vectors, caches); a layer wrapped by this
-        injection becomes the module it wrapped again; ``requires_grad`` flags are restored."""
+        layer, a missing ``trainable_token_indices`` target...): PEFT then only drops the config, so the layers already
+        built would keep the adapter's tensors and the next save of another adapter would write them. Each GiVA layer
+        holding ``adapter_name`` loses it (:meth:`GivaLayer.delete_adapter`: bases, shared-basis entries, vectors,
+        caches); a layer wrapped by this injection becomes the module it wrapped again; so does each
+        modules_to_save / trainable-tokens wrapper created by it, and one that existed before (``wrappers``: id ->
+        its active adapters then) drops ``adapter_name``; ``requires_grad`` flags are restored."""
+        wrappers = wrappers or {}
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, AuxiliaryTrainingWrapper):
+                continue
+            if id(module) in wrappers:
+                if adapter_name in module._get_available_adapters():
+                    module.delete_adapter(adapter_name, wrappers[id(module)])
+            else:
+                parent_name, _, child_name = name.rpartition(".")
+                setattr(model.get_submodule(parent_name), child_name, module.original_module)
         for name, module in list(model.named_modules()):
             if not isinstance(module, GivaLayer):
                 continue

@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..layer import GivaLayer
-from .session import GradientInitError
+from .session import REENTRANT_CAUSE, GradientInitError
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 # Receives one layer's input and output gradient for one batch, as 2-D ``T x in`` and ``T x out``.
@@ -57,7 +57,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 # TRL's preference / completion batches: keys that are not model inputs (its DPO trainer drops the same).
-_TRL_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+# KTO's also carry ``label``, ``ref_*`` and its KL batch ``KL_*`` (prefixes).
+_TRL_NON_MODEL_KEYS = ("completion_mask", "label")
+_TRL_NON_MODEL_PREFIXES = ("ref_", "KL_")
 RAW_ROWS_LOSS_FN = (
     "def loss_fn(model, rows):\n"
     "    enc = tokenizer([row['prompt'] for row in rows], return_tensors='pt', padding=True).to(model.device)\n"
@@ -68,7 +70,7 @@ RAW_ROWS_LOSS_FN = (
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
     """``model(**batch).loss``. A dict batch with ``completion_mask`` and no ``labels`` (TRL's DPO / KTO convention) is
     taken with ``labels = input_ids`` masked to the completion (-100 elsewhere; the model shifts them), the mask itself
-    (and TRL's precomputed ``ref_*_logps``) left out of the model call: the negative log-likelihood of the completions."""
+    and TRL's other non-inputs (``label``, ``ref_*``, KTO's ``KL_*``) left out of the model call: the negative log-likelihood of the completions."""
     if not isinstance(batch, Mapping):
         if isinstance(batch, (list, tuple)) and batch and all(isinstance(row, Mapping) for row in batch):
             raise GradientInitError(
@@ -81,7 +83,8 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         )
     if "labels" not in batch and "completion_mask" in batch and "input_ids" in batch:
         labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
-        inputs = {key: value for key, value in batch.items() if key not in _TRL_NON_MODEL_KEYS}
+        inputs = {key: value for key, value in batch.items()
+                  if key not in _TRL_NON_MODEL_KEYS and not key.startswith(_TRL_NON_MODEL_PREFIXES)}
         batch = {**inputs, "labels": labels}
     loss = getattr(model(**batch), "loss", None)
     if loss is None:
@@ -171,13 +174,18 @@ class Capture:
         self.layers = layers
         self.sink = sink
         self.probes: list[torch.Tensor] = []
+        # Of the current batch: targets whose forward ran with autograd off (skipped), and with it on (hooked).
+        self.skipped: set[str] = set()
+        self.hooked: set[str] = set()
 
     def _forward_hook(self, name: str, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         # A forward with autograd off cannot contribute a gradient: left alone. A loss_fn may run one on purpose (a
         # reference or teacher forward under torch.no_grad()); if a layer only ever runs so (reentrant activation
         # checkpointing, whose first forward is under no_grad), the "received no gradient" check names it.
         if not torch.is_grad_enabled():
+            self.skipped.add(name)
             return output
+        self.hooked.add(name)
         x = args[0].detach()
         # The zero probe makes the output part of the graph even when nothing upstream requires grad
         # (frozen model, adapters disabled); autograd.grad over the probes then reaches every target.
@@ -201,20 +209,29 @@ class Capture:
             for handle in handles:
                 handle.remove()
             self.probes.clear()
+            self.skipped.clear()
+            self.hooked.clear()
 
     def forward(self, model: nn.Module, batch: Any, loss_fn: Optional[LossFn]) -> Any:
         """The loss of one batch, unchecked (see :meth:`check_loss`); the backward is separate so that the
         ranks of a distributed run can agree in between."""
         self.probes.clear()
+        self.skipped.clear()
+        self.hooked.clear()
         with torch.enable_grad():
             return (loss_fn or default_loss)(model, batch)
 
-    @staticmethod
-    def check_loss(loss: Any, index: int) -> float:
+    def check_loss(self, loss: Any, index: int) -> float:
         """The value of :meth:`forward`'s loss; a GradientInitError unless it is a finite scalar on the targets' path."""
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise GradientInitError(f"the loss of calibration batch {index} is not a scalar tensor: {loss!r}")
         if not loss.requires_grad:
+            only_off = sorted(self.skipped - self.hooked)
+            if only_off:
+                raise GradientInitError(
+                    f"GiVA layer(s) {only_off[:5]} ran only with autograd off in calibration batch {index}, so the loss "
+                    f"does not depend on any GiVA-targeted layer, as under {REENTRANT_CAUSE}"
+                )
             raise GradientInitError("the loss does not depend on any GiVA-targeted layer: check target_modules and loss_fn")
         value = loss.item()
         if value != value or value in (float("inf"), float("-inf")):
@@ -236,5 +253,11 @@ class Capture:
         try:
             seed = None if scale == 1.0 else torch.full_like(loss, scale)
             torch.autograd.grad(loss, self.probes, grad_outputs=seed, allow_unused=True)
+        except RuntimeError as exc:
+            if "use_reentrant=True" in str(exc) or "incompatible with .grad()" in str(exc):
+                raise GradientInitError(
+                    f"the calibration backward runs through {REENTRANT_CAUSE}, which supports no torch.autograd.grad"
+                ) from exc
+            raise
         finally:
             self.probes.clear()

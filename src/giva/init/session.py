@@ -40,11 +40,11 @@ from ..bases import (
 from . import exact, sketch
 
 # Why a layer can receive no gradient besides being off the loss's path (named in GradientInitError).
-NO_GRADIENT_CAUSES = (
-    "not on the path from inputs to loss, or run only with autograd off, as under reentrant activation checkpointing "
-    "(torch.utils.checkpoint with use_reentrant=True: use use_reentrant=False, e.g. "
+REENTRANT_CAUSE = (
+    "reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True: use use_reentrant=False, e.g. "
     "gradient_checkpointing_kwargs={'use_reentrant': False})"
 )
+NO_GRADIENT_CAUSES = "not on the path from inputs to loss, or run only with autograd off, as under " + REENTRANT_CAUSE
 
 Mode = Literal["exact", "sketch"]
 Kind = Literal["dense", "gt", "g", "gram", "gram_m"]
