@@ -182,3 +182,27 @@ def test_auto_model_from_pretrained_of_an_adapter_with_a_trained_head_reproduces
 def test_peft_mixed_model_refuses_giva_adapters(saved):
     with pytest.raises(ValueError, match="GIVA is not supported for mixed models"):
         PeftMixedModel.from_pretrained(_llama(), str(saved[0]))
+
+
+def test_a_refused_load_adapter_gives_the_model_back_as_it_was(tmp_path):
+    """PEFT adds the adapter before loading its weights: a load refused by GiVA's checks (a checkpoint of another
+    base model's shapes) left a fresh half-made adapter in the model, which the next save wrote."""
+    torch.manual_seed(0)
+    source = get_peft_model(tiny_llama(), GivaConfig(r=2, variant="Vr", target_modules=["q_proj"]))
+    giva.initialize(source, text_batches(1, labels="lm"), num_batches=1, progress=False)
+    source.save_pretrained(str(tmp_path / "narrow"))
+    model = get_peft_model(tiny_llama(hidden_size=64, intermediate_size=128), GivaConfig(r=2, variant="Vr", target_modules=["q_proj"]))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 100, (1, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match="does not fit this base model"):
+        model.load_adapter(str(tmp_path / "narrow"), adapter_name="other")
+    assert list(model.peft_config) == ["default"]
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+    model.save_pretrained(str(tmp_path / "default"))
+    assert not any(".other" in key for key in load_file(tmp_path / "default" / "adapter_model.safetensors"))

@@ -139,8 +139,20 @@ def install_checkpoint_hooks(
 
     @functools.wraps(original_load_adapter)
     def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
-        with checked_load(model_id, kwargs.get("subfolder"), self.get_base_model()):
-            result = original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        added = adapter_name not in self.peft_config
+        try:
+            with checked_load(model_id, kwargs.get("subfolder"), self.get_base_model()):
+                result = original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        except BaseException:
+            # PEFT adds the adapter before its weights load: a refused load (another base model's shapes, a
+            # checkpoint of another layout) would leave a fresh, half-made adapter behind, which the next save
+            # would write. The model is given back as it was.
+            if added and adapter_name in self.peft_config:
+                try:
+                    self.delete_adapter(adapter_name)
+                except Exception:  # noqa: BLE001  the load's own error is the one to report
+                    pass
+            raise
         forget_checksum(self, adapter_name)
         return result
 
