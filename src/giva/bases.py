@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Literal, get_args
 
 import torch
+
+from .precision import autocast_off
 
 Variant = Literal["Vr", "VrUr", "VrU2r", "VrUrand", "random", "weight"]
 VARIANTS: tuple[str, ...] = get_args(Variant)
@@ -57,21 +59,6 @@ def _single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-@contextmanager
-def autocast_off(*devices: torch.device | str) -> Iterator[None]:
-    """Autocast switched off for the CPU and the device types of ``devices`` (where the caller had it on): the maths
-    inside run in their inputs' dtypes (fp32 sums, QR and SVD), whatever ``torch.autocast`` the caller opened.
-
-    Autocast is per thread, and CUDA runs backward hooks on autograd's own threads, so code a hook calls (the
-    statistic's sums) switches it off itself rather than relying on its caller.
-    """
-    with ExitStack() as stack:
-        for device_type in sorted({"cpu", *(torch.device(d).type for d in devices)}):
-            if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-                stack.enter_context(torch.autocast(device_type, enabled=False))
-        yield
 
 
 @contextmanager

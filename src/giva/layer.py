@@ -37,15 +37,14 @@ from .bases import (
     seeded_output_basis,
 )
 from .config import GivaConfig
+from .precision import autocast_enabled, outside_autocast
 from .serving import (
     SharedBufferDict,
     _OnDevice,
-    autocast_enabled,
     basis_storage_dtype,
     check_mixed_batch_args,
     is_shareable,
     mixed_batch_forward,
-    outside_autocast,
     outside_inference_mode,
 )
 

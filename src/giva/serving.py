@@ -26,6 +26,8 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from torch import nn
 
+from .precision import autocast_enabled
+
 BASE_ADAPTER_NAME = "__base__"  # PEFT's row name for "no adapter"
 BASES_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # Bases that are data-independent for each variant, hence identical across the adapters of a layer.
@@ -225,28 +227,6 @@ def outside_inference_mode() -> AbstractContextManager:
     if torch.compiler.is_compiling() or not torch.is_inference_mode_enabled():
         return nullcontext()
     return torch.inference_mode(False)
-
-
-# The device types autocast knows, read once: dynamo traces a membership test, but not (torch 2.11) the call
-# `torch.amp.is_autocast_available`, which it skips, breaking the graph.
-_AUTOCAST_TYPES = frozenset(
-    t
-    for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", torch._C._get_privateuse1_backend_name())
-    if torch.amp.is_autocast_available(t)
-)
-
-
-def autocast_enabled(device_type: str) -> bool:
-    """Whether ``torch.autocast`` is on for ``device_type`` (False for a type autocast does not know, as "meta").
-    Dynamo traces it (and ``torch.autocast(..., enabled=False)``) without a graph break."""
-    return device_type in _AUTOCAST_TYPES and torch.is_autocast_enabled(device_type)
-
-
-def outside_autocast(device_type: str) -> AbstractContextManager:
-    """Around maths that must not follow ``torch.autocast`` (fp32 factors, ``delta_W``, ``compute_dtype="float32"``):
-    autocast disabled on ``device_type`` while it is on there, else nothing. (The per-forward paths of the layer
-    test :func:`autocast_enabled` themselves and enter no context at all without autocast.)"""
-    return torch.autocast(device_type, enabled=False) if autocast_enabled(device_type) else nullcontext()
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

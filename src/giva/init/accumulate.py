@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..bases import autocast_off
+from ..precision import autocast_off
 from . import exact, sketch
 from .capture import Capture, LossFn, adapters_disabled, calibration_mode, giva_layers, to_device, unwrap
 from .distributed import Collective, DistributedInitError

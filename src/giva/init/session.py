@@ -30,13 +30,13 @@ import torch
 from ..bases import (
     GRADIENT_VARIANTS,
     SEEDED_B_VARIANTS,
-    autocast_off,
     bases_from_input_vectors,
     bases_from_singular_vectors,
     layer_generator,
     max_rank,
     top_eigenvectors,
 )
+from ..precision import autocast_off
 from . import exact, sketch
 
 # Why a layer can receive no gradient besides being off the loss's path (named in GradientInitError).
