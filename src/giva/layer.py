@@ -114,8 +114,8 @@ class GivaLayer(BaseTunerLayer):
         self.cast_input_dtype_enabled = True
         # A cast to another dtype / device, per (adapter, dtype, device): (source, its state, cast copy). See _input_basis.
         self._giva_cast_bases: dict[tuple, tuple[torch.Tensor, Optional[tuple], _OnDevice]] = {}
-        # (adapter, basis) -> (its tensor, version, seed) when last found equal to its regeneration (a seeded basis).
-        self._giva_seeded_unmodified: dict[tuple[str, str], tuple[Any, int, int, int]] = {}
+        # (adapter, basis) -> (its tensor, seed, CRC32 of its bytes) when last found equal to its regeneration.
+        self._giva_seeded_unmodified: dict[tuple[str, str], tuple[Any, int, int]] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._bases_verified: set[str] = set()
@@ -328,20 +328,12 @@ class GivaLayer(BaseTunerLayer):
         """Those of the seeded bases ``names`` that still hold what (seed, layer name) regenerates, bit for bit (a
         checkpoint omits these; one written since, by ``set_block_bases``, a state-dict load or any in-place write,
         through ``.data`` included, is saved). Compared with a regeneration; a basis found equal is remembered with
-        its version counter and a CRC32 of its bytes, so a later save regenerates only a basis written (or replaced,
-        e.g. moved) since: one whose counter or bytes changed."""
+        a CRC32 of its bytes, so a later save regenerates only a basis whose tensor or bytes changed since."""
         unmodified, stale = [], []
         for name in names:
             stored = getattr(self, name)._buffers[adapter_name]
             known = self._giva_seeded_unmodified.get((adapter_name, name))
-            state = _tensor_state(stored)
-            if (
-                known is not None
-                and known[0]() is stored
-                and state is not None
-                and known[1:3] == (state[1], config.seed)
-                and known[3] == _crc32(stored)  # a write through .data leaves the counter as it was
-            ):
+            if known is not None and known[0]() is stored and known[1:] == (config.seed, _crc32(stored)):
                 unmodified.append(name)
             else:
                 stale.append(name)
@@ -352,10 +344,7 @@ class GivaLayer(BaseTunerLayer):
                 expected = fresh[name]
                 if stored.dtype == expected.dtype and stored.shape == expected.shape and torch.equal(stored.detach().cpu(), expected):
                     unmodified.append(name)
-                    state = _tensor_state(stored)
-                    if state is not None:
-                        memo = (weakref.ref(stored), state[1], config.seed, _crc32(stored))
-                        self._giva_seeded_unmodified[(adapter_name, name)] = memo
+                    self._giva_seeded_unmodified[(adapter_name, name)] = (weakref.ref(stored), config.seed, _crc32(stored))
         return tuple(name for name in names if name in unmodified)
 
     def set_block_bases(self, adapter_name: str, block: Block, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -555,7 +544,7 @@ class GivaLayer(BaseTunerLayer):
             self._check_mergeable("merge")
         for name in names:
             weight = self.get_base_weight()
-            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            dtype = self._merge_dtype()
             merged = (weight.to(dtype) + self.delta_weight(name).to(weight.device, dtype)).to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():  # after the cast: an fp16 weight can overflow in it
                 raise ValueError(f"NaNs detected in the merged weights of layer {self.layer_name!r}: adapter {name!r} seems broken")
@@ -571,7 +560,7 @@ class GivaLayer(BaseTunerLayer):
             name = self.merged_adapters[-1]
             if name in self.giva_lambda_o:
                 weight = self.get_base_weight()
-                dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+                dtype = self._merge_dtype()
                 self.set_base_weight((weight.to(dtype) - self.delta_weight(name).to(weight.device, dtype)).to(weight.dtype))
             self.merged_adapters.pop()  # only once W no longer holds it: a failure above leaves the record true
 
