@@ -154,3 +154,15 @@ def test_cli_names_a_missing_quantisation_package_in_one_line(monkeypatch: pytes
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "giva bench: quantization 'nf4' needs bitsandbytes: pip install -e '.[quant]'"
     )
+
+
+def test_suites_run_as_modules_without_a_second_copy():
+    """`python -m giva.bench.<suite>` (how the scale and qlora suites start each measurement) runs the module once:
+    the package does not import the suites run that way, so runpy neither warns nor executes a second copy."""
+    runnable = ["gpu", "scale", "sketch", "qlora"]
+    code = "import sys, giva.bench; print(sorted(m for m in sys.modules if m.startswith('giva.bench.')))"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert not [name for name in runnable if f"'giva.bench.{name}'" in imported], imported
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "giva.bench.qlora", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "found in sys.modules" not in result.stderr, result.stderr

@@ -14,16 +14,15 @@ from typing import Any, Optional
 
 import torch
 
-from .finetune import FINETUNE_SUITE, plan_finetune, run_finetune_suite, select_studies
-from .gpu import FULL, GPU_SUITE, TINY, plan, run_gpu
-from .qlora import QLORA_SUITE, plan_qlora, run_qlora
+from .finetune import plan_finetune, run_finetune_suite, select_studies
+from .names import FINETUNE_SUITE, GPU_SUITE, QLORA_SUITE, SCALE_SUITE, SERVE_SUITE, SKETCH_SUITE
 from .report import PLOTS, write_report
 from .runner import dry_run, load_runs, run_suite, select_phases
-from .scale import SCALE_SUITE, plan_scale, run_scale, scale_notes
 from .schema import validate_run
-from .serve import SERVE_SUITE, plan_serve, run_serve, serve_plan
-from .sketch import SKETCH_SUITE, plan_sketch, run_sketch
 from .spec import benchmarks_dir, load_suite
+
+# The suites that run as `python -m giva.bench.<suite>` (gpu, scale, sketch, qlora; serve with them) are imported
+# where a request reaches them, not here: a module the package imported already would run as a second copy.
 
 logger = logging.getLogger(__name__)
 
@@ -116,19 +115,29 @@ def plan_benchmark(
     root = root or benchmarks_dir()
     check_request(suite, quick, output_dir, phases, root, keep_stale)
     if suite == GPU_SUITE:
+        from .gpu import FULL, TINY, plan
+
         out = Path(output_dir) if output_dir else root / "results" / _gpu_folder(quick)
         return {"runs": [f"{shape}/{row}" for shape, row in plan(TINY if quick else FULL)], "waiting": [], "estimate": {},
                 "output_dir": str(out)}
     name = QUICK_SUITE if quick else suite or DEFAULT_SUITE
     out = Path(output_dir) if output_dir else root / "results" / name
     if name == SERVE_SUITE:  # on a CUDA machine the accelerator settings (serve_plan), else the CPU points left to measure
+        from .serve import plan_serve, serve_plan
+
         runs = serve_plan(out) if torch.cuda.is_available() else plan_serve(out, keep_stale=keep_stale)
         return {"runs": runs, "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SCALE_SUITE:
+        from .scale import plan_scale, scale_notes
+
         return {"runs": plan_scale(out), "waiting": [], "estimate": {}, "output_dir": str(out), "notes": scale_notes(out)}
     if name == QLORA_SUITE:
+        from .qlora import plan_qlora
+
         return {"runs": plan_qlora(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SKETCH_SUITE:
+        from .sketch import plan_sketch
+
         return {"runs": plan_sketch(out, keep_stale=keep_stale), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == FINETUNE_SUITE:
         return {**plan_finetune(out, phases), "estimate": {}, "output_dir": str(out)}
@@ -160,15 +169,25 @@ def run_benchmark(
     if report_only and (suite in (GPU_SUITE, SKETCH_SUITE, QLORA_SUITE) or suite in (SERVE_SUITE, SCALE_SUITE) and not quick):
         raise ValueError(f"--report-only applies to training suites; the {suite!r} suite writes its report as it runs")
     if suite == GPU_SUITE:  # --quick: the tiny shapes, on CPU when there is no GPU
+        from .gpu import FULL, TINY, run_gpu
+
         out = Path(output_dir) if output_dir else root / "results" / _gpu_folder(quick)
         return run_gpu(out, TINY if quick else FULL, command=f"giva bench --suite gpu{' --quick' if quick else ''}")
     if suite == SERVE_SUITE and not quick:
+        from .serve import run_serve
+
         return run_serve(output_dir or root / "results" / SERVE_SUITE, progress=progress, keep_stale=keep_stale)
     if suite == SCALE_SUITE and not quick:
+        from .scale import run_scale
+
         return run_scale(Path(output_dir) if output_dir else root / "results" / SCALE_SUITE)
     if suite == QLORA_SUITE:
+        from .qlora import run_qlora
+
         return run_qlora(Path(output_dir) if output_dir else root / "results" / QLORA_SUITE)
     if suite == SKETCH_SUITE:
+        from .sketch import run_sketch
+
         return run_sketch(Path(output_dir) if output_dir else root / "results" / SKETCH_SUITE, keep_stale=keep_stale)
     name = QUICK_SUITE if quick else suite
     spec = load_suite(root, name)

@@ -33,12 +33,12 @@ from typing import Any, Optional
 
 from tqdm.auto import tqdm
 
+from .names import FINETUNE_SUITE
 from .report import mean_std
 from .runner import RunFailedError, adaptive_plan, lr_key, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
-FINETUNE_SUITE = "finetune"
 RECORD_FIELDS = ("accuracy_before", "init_seconds", "train_seconds", "adapter_bytes", "config")
 
 

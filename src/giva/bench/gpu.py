@@ -53,12 +53,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .names import GPU_SUITE
 from .runner import peak_rss_bytes, reset_peak_rss, write_json_atomically
 from .versions import versions
 
 logger = logging.getLogger(__name__)
 
-GPU_SUITE = "gpu"
 SCHEMA = 1
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STEP_ROWS = ("floor", "lora", "lora-bf16", "giva", "vera")

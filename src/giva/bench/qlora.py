@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .names import QLORA_SUITE
 from .runner import (
     RunFailedError,
     peak_rss_bytes,
@@ -39,7 +40,6 @@ from .runner import (
 
 logger = logging.getLogger(__name__)
 
-QLORA_SUITE = "qlora"
 METHODS = ("giva", "qlora")
 METHOD_FILES = {"giva": "giva-default-r8", "qlora": "lora-r8-all"}  # benchmarks/methods/*.json: their peft_kwargs
 LABELS = {"giva": "GiVA r=8 (giva-default-r8)", "qlora": "QLoRA: PEFT LoRA r=8 (lora-r8-all)"}

@@ -54,7 +54,6 @@ RANK = 8
 KINDS = ("train_step", "sketch", "exact", "loraga", "exact_legacy")
 RANK_KINDS = ("init_1rank", "init_2rank")
 GIB = 1024**3
-SCALE_SUITE = "scale"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .names import SERVE_SUITE
 from .runner import write_json_atomically, write_text_atomically
 from .serve_memory import (
     MemoryTables,
@@ -46,7 +47,6 @@ from .versions import code_commit, same_code, short_commit
 
 logger = logging.getLogger(__name__)
 
-SERVE_SUITE = "serve"
 PLOT_NAME = "serve.png"
 BASE, MERGED = "base model", "one merged adapter"
 # How the adapter models were called: with the one adapter active (N = 1), or with adapter_names (a mixed batch).

@@ -34,12 +34,12 @@ from typing import Any, Optional
 
 import torch
 
+from .names import SKETCH_SUITE
 from .runner import write_json_atomically, write_text_atomically
 from .versions import code_commit, same_code, short_commit
 
 logger = logging.getLogger(__name__)
 
-SKETCH_SUITE = "sketch"
 RESULTS_NAME = "sketch_accuracy"  # sketch_accuracy.json and sketch_accuracy.md in the suite's folder
 MODELS = ("minilm", "smollm2")
 TARGET = 0.99  # issue 8: mean top-r principal cosine of A at the default sketch settings
