@@ -151,6 +151,8 @@ CAUSES = {
     "forward_error": (1, "IndexError: index out of range"),
     "nan_loss": (1, "calibration batch 1 gave a non-finite loss"),
     "too_few_batches": (1, "the dataloader gave 1 batches but num_batches=2"),
+    "too_few_sized_batches": (1, r"ValueError: num_batches=2 calibration batches were asked for, but the dataloader has 1 "
+                                 r"\(len\(dataloader\)\); pass num_batches=1 or fewer"),
     "layer_without_gradient": (0, r"model.layers.1.mlp.down_proj'.* received no gradient.*\(also failed: ranks \[1\]\)"),
     "all_zero_gradient": (0, "all-zero gradient"),
     "svd_failure": (1, "injected SVD failure"),
@@ -161,7 +163,7 @@ CAUSES = {
 }
 # Causes that are a ValueError on the failing rank: every rank raises DistributedValueError, which is both a
 # DistributedInitError and a ValueError (``except ValueError`` works as in one process).
-VALUE_ERRORS = {"all_without_len", "invalid_mode_on_one_rank", "unknown_adapter_on_one_rank", "invalid_num_batches_on_one_rank"}
+VALUE_ERRORS = {"all_without_len", "too_few_sized_batches", "invalid_mode_on_one_rank", "unknown_adapter_on_one_rank", "invalid_num_batches_on_one_rank"}
 
 
 def test_every_ranks_reason_reaches_every_rank_whatever_its_length(ranks):

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import transformers
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -62,6 +63,20 @@ def test_nothing_is_left_behind_and_modes_and_flags_are_restored(batches):
     assert {name: set(vars(m)) for name, m in model.named_modules()} == attributes
 
 
+def test_calibration_switches_modes_without_a_models_own_train_override(monkeypatch):
+    """transformers' PreTrainedModel.train re-kernelizes a model loaded with use_kernels=True for inference or
+    training: initialize flips the training flags only, so the model neither calibrates through inference kernels nor
+    is left kernelized for inference while in train mode."""
+    calls = []
+    monkeypatch.setattr(transformers.PreTrainedModel, "train",
+                        lambda self, mode=True: calls.append((type(self).__name__, mode)) or nn.Module.train(self, mode))
+    model = get_peft_model(tiny_llama(), GivaConfig(r=4, target_modules=["q_proj"]))
+    model.train()
+    calls.clear()
+    giva.initialize(model, text_batches(n=1, labels="lm"), num_batches=1, progress=False)
+    assert calls == [] and all(m.training for m in model.modules())
+
+
 def test_same_model_data_and_seed_give_identical_bases(batches):
     def bases():
         model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], seed=7))
@@ -84,8 +99,25 @@ def test_uses_exactly_k_batches_averaged(batches):
     report = giva.initialize(model, loader(), num_batches=2, progress=False)
     assert consumed == [0, 1] and len(report.losses) == 2
     assert model.peft_config["default"].bases_info["num_batches"] == 2
-    with pytest.raises(GradientInitError, match="gave 4 batches but num_batches=5"):
-        giva.initialize(model, batches, num_batches=5, progress=False, force=True)
+    consumed.clear()
+    with pytest.raises(GradientInitError, match="gave 4 batches but num_batches=5"):  # no len(): found as it runs out
+        giva.initialize(model, loader(), num_batches=5, progress=False, force=True)
+    assert consumed == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_a_sized_loader_shorter_than_num_batches_is_refused_before_any_batch(batches, mode):
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        return m(**batch).last_hidden_state.pow(2).mean()
+
+    with pytest.raises(ValueError, match=r"num_batches=5 calibration batches were asked for, but the dataloader has 4 "
+                                         r"\(len\(dataloader\)\); pass num_batches=4 or fewer, or num_batches='all'"):
+        giva.initialize(model, batches, num_batches=5, loss_fn=loss_fn, mode=mode, progress=False)
+    assert calls == []
 
 
 def test_initialise_after_the_optimizer_exists_then_train(batches):
@@ -182,7 +214,7 @@ def test_missing_loss_is_explained(batches):
     model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
     unlabeled = [{"input_ids": batches[0]["input_ids"]}]
     with pytest.raises(GradientInitError, match="returned no .loss: include labels"):
-        giva.initialize(model, unlabeled, progress=False)
+        giva.initialize(model, unlabeled, num_batches=1, progress=False)
     with pytest.raises(ValueError, match="no GiVA adapter named 'x'"):
         giva.initialize(model, batches, adapter_name="x", progress=False)
 
@@ -360,6 +392,22 @@ def test_reinitialising_bases_or_trained_vectors_needs_force(batches):
         next(iter(giva_layers(fresh).values())).giva_lambda_o["default"].fill_(0.1)
     with pytest.raises(ValueError, match="force=True"):
         giva.initialize(fresh, batches, progress=False)
+
+
+def test_a_new_adapter_beside_a_trained_one_is_named_in_the_refusal_not_force(batches):
+    """After add_adapter, initialize without adapter_name selects the trained adapter too: the refusal points to
+    adapter_name (force=True would recompute the trained adapter's bases under its vectors), and changes nothing."""
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    giva.initialize(model, batches, progress=False)
+    model.add_adapter("task2", GivaConfig(r=4, target_modules=["query"], task_type="SEQ_CLS"))
+    before = {n: m.giva_A["default"].clone() for n, m in giva_layers(model).items()}
+    with pytest.raises(ValueError, match=r"\['default'\] already hold bases .*\. To initialise only \['task2'\], pass "
+                                         r"adapter_name='task2'; force=True would recompute every selected adapter's bases"):
+        giva.initialize(model, batches, progress=False)
+    assert all(torch.equal(before[n], m.giva_A["default"]) for n, m in giva_layers(model).items())
+    assert not giva.bases_initialized(model, "task2")
+    giva.initialize(model, batches, adapter_name="task2", progress=False)
+    assert all(torch.equal(before[n], m.giva_A["default"]) for n, m in giva_layers(model).items())
 
 
 def test_requires_grad_flags_survive_initialisation(batches, tmp_path):

@@ -182,7 +182,8 @@ def failure_cases(rank: int) -> dict[str, dict]:
         "forward_error": dict(dataloader=batches, loss_fn=forward_failing_on_rank1),
         "nan_loss": dict(dataloader=batches, loss_fn=nan_on_rank1),
         "reasons_of_other_lengths": dict(dataloader=batches, loss_fn=reasons_of_other_lengths),
-        "too_few_batches": dict(dataloader=batches[:1] if rank == 1 else batches),
+        "too_few_batches": dict(dataloader=iter(batches[:1]) if rank == 1 else batches),  # no len(): found as it runs out
+        "too_few_sized_batches": dict(dataloader=batches[:1] if rank == 1 else batches),  # len() < k: before any batch
         "layer_without_gradient": dict(dataloader=batches, loss_fn=shallow),
         "all_zero_gradient": dict(dataloader=batches, loss_fn=lambda m, b: m(**b).loss * 0.0),
         "svd_failure": dict(dataloader=batches, mode="exact"),

@@ -184,6 +184,18 @@ def _already_initialised(model: nn.Module, names: Iterable[str]) -> list[str]:
     ]
 
 
+def _already_initialised_message(trained: list[str], selected: Iterable[str], adapter_name: Optional[str]) -> str:
+    """Why ``initialize`` refuses: force=True would recompute the bases under trained vectors, so when the call also
+    selected adapters still to initialise (``adapter_name`` left out after ``add_adapter``) the message names those."""
+    fresh = sorted(set(selected) - set(trained))
+    message = f"GiVA adapter(s) {trained} already hold bases or trained vectors; initialize would replace the bases under them"
+    if adapter_name is None and fresh:
+        return (f"{message}. To initialise only {fresh}, pass adapter_name={fresh[0]!r}"
+                + (" (once per adapter)" if len(fresh) > 1 else "")
+                + "; force=True would recompute every selected adapter's bases, the trained ones' too.")
+    return f"{message}. Pass force=True to re-initialise (the vectors trained on the old bases no longer fit the new ones)."
+
+
 def _batches(dataloader: Iterable[Any], num_batches: int, keep: bool) -> Iterator[Iterator[Any]]:
     """An iterator over the same ``num_batches`` batches for every pass (kept after the first if ``keep``: the batch
     objects as the loader gave them, all of them until the last pass)."""
@@ -281,10 +293,7 @@ def initialize(
         check_statistic(statistic, targets)  # the name, and the variants it needs
         trained = [] if force else _already_initialised(model, to_init)
         if trained:
-            raise ValueError(
-                f"GiVA adapter(s) {trained} already hold bases or trained vectors; initialize would replace the bases "
-                "under them. Pass force=True to re-initialise."
-            )
+            raise ValueError(_already_initialised_message(trained, to_init, adapter_name))
     except (ValueError, RuntimeError) as exc:
         error = exc
     report = InitReport(adapters=sorted(to_init), layers=len({t.layer for t in targets}), num_batches=0)
@@ -420,6 +429,16 @@ def _calibration_count(comm: Collective, num_batches: NumBatches, dataloader: It
     collectives of :func:`run_pass` wrongly.
     """
     count, error = loader_length(dataloader) if num_batches == "all" else (int(num_batches), None)
+    if error is None and num_batches != "all":  # a sized loader too short for k: said before any batch runs
+        try:
+            length = len(dataloader)  # type: ignore[arg-type]
+        except TypeError:  # no len(): an iterable-style loader, checked as its batches come
+            length = count
+        if length < count:
+            error = ValueError(
+                f"num_batches={count} calibration batches were asked for, but the dataloader has {length} "
+                f"(len(dataloader)); pass num_batches={length} or fewer, or num_batches='all'"
+            )
     comm.agree(error)
     counts = comm.gather_int(count)
     if len(set(counts)) > 1:  # every rank sees the same counts, so every rank raises

@@ -131,7 +131,8 @@ def _reentrant(function: partial) -> bool:
 def calibration_mode(model: nn.Module) -> Iterator[None]:
     """Deterministic calibration that keeps the model's activation checkpointing.
 
-    Every module goes to eval mode (no dropout) except those with activation checkpointing on
+    Every module goes to eval mode (no dropout; its ``training`` flag, as ``nn.Module.train`` sets it, without any
+    override's side effects, and restored the same way) except those with activation checkpointing on
     (transformers only checkpoints layers in training mode); their own float ``*dropout``
     attributes, read in their forward, are zeroed meanwhile. Reentrant checkpointing
     (``use_reentrant=True``, which TRL asks for under DeepSpeed ZeRO-3) runs the first forward with
@@ -141,7 +142,8 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
     modes = {module: module.training for module in model.modules()}
     rates: list[tuple[nn.Module, str, float]] = []
     functions: dict[nn.Module, Any] = {}
-    model.eval()
+    for module in modes:  # the flags only, not model.eval(): a train() override has side effects of its own
+        module.training = False  # (transformers' use_kernels would kernelize for inference, then calibrate through it)
     try:
         for module in model.modules():
             if getattr(module, "gradient_checkpointing", False) is True:
