@@ -206,3 +206,25 @@ def test_a_refused_load_adapter_gives_the_model_back_as_it_was(tmp_path):
         assert torch.equal(model(input_ids=ids).logits, expected)
     model.save_pretrained(str(tmp_path / "default"))
     assert not any(".other" in key for key in load_file(tmp_path / "default" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize(("built_with", "named"), [
+    ({"r": 4}, "r=4 here, 2 in the checkpoint"),
+    ({"target_modules": ["q_proj"]}, r"target_modules=\{'q_proj'\} here, \[.*'v_proj'.*\] in the checkpoint"),
+    ({"variant": "VrUr"}, "variant='VrUr' here, 'Vr' in the checkpoint"),
+])
+def test_a_load_into_an_adapter_built_with_another_config_names_the_difference(tmp_path, built_with, named):
+    """The Trainer's resume_from_checkpoint loads into the adapter the user built: one built with another r (target
+    modules, variant) than the checkpoint's was refused as 'another base model'; the refusal now names the field,
+    and the model is left as it was."""
+    source = get_peft_model(tiny_llama(), GivaConfig(r=2, variant="Vr", target_modules=["q_proj", "v_proj"]))
+    giva.initialize(source, text_batches(1, labels="lm"), num_batches=1, progress=False)
+    source.save_pretrained(str(tmp_path / "saved"))
+    model = get_peft_model(tiny_llama(), GivaConfig(**{"r": 2, "variant": "Vr", "target_modules": ["q_proj", "v_proj"],
+                                                      **built_with}))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"The adapter 'default' it was loaded into already existed, built with another "
+                                         f"GivaConfig than the checkpoint's \\({named}\\)"):
+        model.load_adapter(str(tmp_path / "saved"), adapter_name="default")
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

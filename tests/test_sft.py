@@ -238,6 +238,18 @@ def test_the_cli_prints_the_summary_and_json(chat_model, messages_jsonl, tmp_pat
     assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--overwrite")) == 0  # replaces its own adapter
 
 
+def test_overwrite_drops_an_earlier_runs_tokenizer_files(chat_model, plain_model, pc_jsonl, tmp_path):
+    """--overwrite with a model whose tokenizer has no chat template: the earlier run's chat_template.jinja goes with
+    the rest of its adapter (the reloaded tokenizer would format prompts as this adapter was never trained)."""
+    out = tmp_path / "out"
+    train_sft(options(chat_model, pc_jsonl, out, max_steps=1))
+    assert (out / "chat_template.jinja").exists()
+    (out / "my_notes.md").write_text("kept")  # a file of the user's, not a side file of a save
+    train_sft(options(plain_model, pc_jsonl, out, max_steps=1, overwrite=True))
+    assert not (out / "chat_template.jinja").exists() and (out / "my_notes.md").read_text() == "kept"
+    assert load_sft_adapter(str(out))[1].chat_template is None
+
+
 def test_no_progress_hides_the_transformers_load_report(chat_model, pc_jsonl, tmp_path, caplog):
     broken = tmp_path / "model"
     broken.mkdir()

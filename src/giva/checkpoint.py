@@ -524,6 +524,39 @@ def load_peft_weights(original: Callable[..., dict], model_id: Any, *args: Any, 
         return original(view, *args, **{k: v for k, v in kwargs.items() if k != "subfolder"})
 
 
+# The GivaConfig fields that decide which tensors an adapter has and their shapes.
+SHAPING_FIELDS = ("r", "variant", "core", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+                  "adapt_blocks", "block_sizes", "fan_in_fan_out")
+
+
+def _comparable(value: Any) -> Any:
+    return sorted(map(str, value)) if isinstance(value, (list, set, tuple)) else value  # a JSON list, a PEFT set
+
+
+def config_differences(model: Any, model_id: Any, subfolder: Optional[str], adapter_name: str) -> Optional[str]:
+    """Why loading a local GiVA folder into the *existing* adapter ``adapter_name`` may have been refused: the fields
+    of :data:`SHAPING_FIELDS` in which that adapter's config and the folder's differ, as a sentence (None if none).
+
+    PEFT loads into an adapter that exists (the Trainer's ``resume_from_checkpoint`` does) without reading the saved
+    config, so a model built with another ``r`` is refused by the shape check, whose message can only suspect another
+    base model."""
+    own = getattr(model, "peft_config", {}).get(adapter_name)
+    if getattr(own, "peft_type", None) != GIVA_TYPE or not looks_local(model_id):
+        return None
+    folder = Path(os.path.expanduser(os.fspath(model_id)))
+    try:
+        saved = _read_config((folder / subfolder if subfolder else folder) / CONFIG_NAME)
+    except (OSError, CheckpointError):
+        return None
+    differ = [f"{name}={getattr(own, name)!r} here, {saved[name]!r} in the checkpoint" for name in SHAPING_FIELDS
+              if name in saved and _comparable(getattr(own, name, None)) != _comparable(saved[name])]
+    if not differ:
+        return None
+    return (f"The adapter {adapter_name!r} it was loaded into already existed, built with another GivaConfig than the "
+            f"checkpoint's ({'; '.join(differ)}): build the model with the checkpoint's config "
+            f"(GivaConfig.from_pretrained of the folder), or load the folder with PeftModel.from_pretrained.")
+
+
 def forget_checksum(model: Any, adapter_name: str) -> None:
     """The checksum describes the files, not the model in memory; a later save writes a fresh one."""
     config = getattr(model, "peft_config", {}).get(adapter_name)

@@ -108,6 +108,7 @@ def install_checkpoint_hooks(
     checked_load: Callable[[Any, Optional[str], Any], AbstractContextManager],
     forget_checksum: Callable[[Any, str], None],
     load_weights: Callable[..., dict],
+    config_differences: Callable[[Any, Any, Optional[str], str], Optional[str]],
 ) -> None:
     """Route ``PeftModel`` saving and loading of GiVA adapters through :mod:`giva.checkpoint` (idempotent).
 
@@ -115,6 +116,8 @@ def install_checkpoint_hooks(
     models of other methods (LoRA, ...) keep PEFT's own save. ``from_pretrained`` and ``load_adapter`` run
     inside ``checked_load(model_id, subfolder, base_model)``, which only acts on local folders and GiVA configs;
     PEFT's ``load_peft_weights`` there is ``load_weights(original, model_id, ...)`` (it picks the checked file).
+    A ``ValueError`` of a load into an adapter that already existed gets ``config_differences(model, model_id,
+    subfolder, adapter_name)`` appended, where that names a difference.
     """
     from peft import PeftModel, peft_model
 
@@ -152,6 +155,11 @@ def install_checkpoint_hooks(
                     self.delete_adapter(adapter_name)
                 except Exception:  # noqa: BLE001  the load's own error is the one to report
                     pass
+            if not added:
+                explained = _explained(sys.exc_info()[1], config_differences(self, model_id, kwargs.get("subfolder"),
+                                                                             adapter_name))
+                if explained is not None:
+                    raise explained from sys.exc_info()[1]
             raise
         forget_checksum(self, adapter_name)
         return result
@@ -168,6 +176,16 @@ def install_checkpoint_hooks(
     PeftModel.save_pretrained = save_pretrained
     PeftModel.from_pretrained = classmethod(from_pretrained)
     PeftModel.load_adapter = load_adapter
+
+
+def _explained(error: Optional[BaseException], note: Optional[str]) -> Optional[ValueError]:
+    """``error`` (a ValueError) with ``note`` appended, as the same class where it takes one message; else None."""
+    if not isinstance(error, ValueError) or not note:
+        return None
+    try:
+        return type(error)(f"{error} {note}")
+    except TypeError:  # a class whose constructor takes other arguments
+        return ValueError(f"{error} {note}")
 
 
 def install_transformers_load_hook(load_adapter: Callable[..., Any]) -> None:
