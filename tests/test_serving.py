@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from contextlib import nullcontext
 from typing import Optional
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 
 import giva
 import giva.layer
@@ -530,17 +532,61 @@ def test_mixed_batch_arguments_are_checked_like_lora():
     _logits(model, ids, adapter_names=["t0", "t1", "t0", "__base__"])
 
 
-def test_generate_with_num_beams_expands_adapter_names_like_lora():
+def _generated_alone(model, ids, names, **settings):
+    """Each row generated on its own with its adapter set (``__base__``: adapters disabled), rows concatenated."""
+    rows = []
+    for row, name in enumerate(names):
+        with torch.no_grad(), model.disable_adapter() if name == "__base__" else nullcontext():
+            if name != "__base__":
+                model.set_adapter(name)
+            rows.append(model.generate(input_ids=ids[row : row + 1], **settings))
+    return rows
+
+
+@pytest.mark.parametrize("how", ["keywords", "generation_config", "model_generation_config"])
+def test_generate_expands_adapter_names_to_the_rows_generate_makes(how):
+    """generate repeats each input row max(num_beams, num_return_sequences) times, whether those come as keywords,
+    a generation_config or the model's own (was: only a num_beams keyword; the others raised a length mismatch, as
+    PEFT's LoRA does); each row matches that row generated alone."""
     model = _multi_adapter_model("llama", {"t0": 4, "t1": 4})
     ids = text_batches(batch=2)[0]["input_ids"]
-    settings = {"max_new_tokens": 4, "num_beams": 2, "do_sample": False, "pad_token_id": 0}
+    counts = {"num_beams": 2, "num_return_sequences": 2, "do_sample": False, "max_new_tokens": 4, "pad_token_id": 0}
+    settings = {"keywords": counts, "generation_config": {"generation_config": GenerationConfig(**counts)},
+                "model_generation_config": {}}[how]
+    defaults = model.generation_config.to_dict()
+    if how == "model_generation_config":
+        for key, value in counts.items():
+            setattr(model.generation_config, key, value)
+    try:
+        with torch.no_grad():
+            mixed = model.generate(input_ids=ids, adapter_names=["t1", "t0"], **settings)
+        alone = _generated_alone(model, ids, ["t1", "t0"], **settings)
+    finally:
+        model.generation_config.update(**defaults)
+    assert mixed.shape[0] == 4 and torch.equal(mixed, torch.cat(alone))
+
+
+def test_sampled_sequences_and_an_encoder_decoder_take_one_name_per_input_row():
+    model = _multi_adapter_model("llama", {"t0": 4, "t1": 4})
+    ids = text_batches(batch=2)[0]["input_ids"]
     with torch.no_grad():
-        mixed = model.generate(input_ids=ids, adapter_names=["t1", "t0"], **settings)
-        expected = []
-        for row, name in enumerate(["t1", "t0"]):
-            model.set_adapter(name)
-            expected.append(model.generate(input_ids=ids[row : row + 1], **settings)[0])
-    assert torch.equal(mixed, torch.stack(expected))
+        sampled = model.generate(input_ids=ids, adapter_names=["t1", "__base__"], do_sample=True, num_return_sequences=3,
+                                 max_new_tokens=3, pad_token_id=0)
+    assert sampled.shape == (6, ids.shape[1] + 3)
+    # T5 with beams from its generation config: the encoder sees the 3 input rows, the decoder 3 x 2 beams.
+    config = T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = get_peft_model(T5ForConditionalGeneration(config), GivaConfig(r=4, init_weights=False, target_modules=["q", "v", "wi"]),
+                           adapter_name="x")
+    model.add_adapter("y", GivaConfig(r=2, variant="VrUr", init_weights=False, target_modules=["q", "v"]))
+    model.eval()
+    model.generation_config.num_beams = 2
+    ids = torch.randint(2, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixed = model.generate(input_ids=ids, adapter_names=["x", "y", "__base__"], max_new_tokens=5)
+    for row, expected in enumerate(_generated_alone(model, ids, ["x", "y", "__base__"], max_new_tokens=5)):
+        assert torch.equal(mixed[row, : expected.shape[1]], expected[0]), row
 
 
 def test_interleaved_timing_rotates_the_order_every_round():

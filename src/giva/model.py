@@ -21,7 +21,7 @@ from .bases import SEEDED_B_VARIANTS
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .layer import GivaLayer, Linear
 from .quant import QuantLinear, keep_4bit_layers_trainable, quantization_backend
-from .serving import mixed_batch_hooks
+from .serving import generation_rows_per_input, mixed_batch_hooks
 
 # Fused projections recognised without `block_sizes` (name -> how to split the outputs).
 _EQUAL_SPLIT_FUSED = {"gate_up_proj": 2}
@@ -388,7 +388,9 @@ class GivaModel(BaseTuner):
         # adapters here would cost layers x adapters per forward, which a decoding step waits for.
         known = set(self.peft_config)
         hooked = (GivaLayer, AuxiliaryTrainingWrapper)
-        with mixed_batch_hooks(self, adapter_names, known, hooked, num_beams=kwargs.get("num_beams")):
+        # A forward's keywords or generate's: the names fit either layout (generation_rows_per_input).
+        rows_per_input = generation_rows_per_input(self.model, kwargs)
+        with mixed_batch_hooks(self, adapter_names, known, hooked, rows_per_input):
             yield
 
     @staticmethod

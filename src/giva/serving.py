@@ -530,8 +530,23 @@ def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, d
     return _Stacked(a, lambda_s, ranks, None, None, b, out_index, _OnDevice(a, lambda_s, b, out_index))
 
 
-def _adapter_names_pre_forward_hook(target: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    kwargs["adapter_names"] = adapter_names
+def generation_rows_per_input(model: nn.Module, kwargs: dict[str, Any]) -> int:
+    """How many rows transformers' ``generate`` makes of each input row: ``max(num_beams, num_return_sequences)`` of
+    the ``generation_config`` given (else the model's), each overridden by a keyword of that name, as ``generate``
+    resolves them (its ``_expand_inputs_for_generation``). 1 for a forward's keywords on a model without a
+    generation config."""
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    counts = [kwargs.get(key, getattr(config, key, None)) for key in ("num_beams", "num_return_sequences")]
+    return max([1, *(count for count in counts if isinstance(count, int))])
+
+
+def _adapter_names_pre_forward_hook(
+    target: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str], expanded: list[str]
+) -> tuple[tuple, dict]:
+    # Under generate the decoder sees each input row repeated (beams, returned sequences; ``expanded``), an encoder and
+    # a plain forward the rows as given: a layer takes the names whose count is its batch's.
+    rows = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else None
+    kwargs["adapter_names"] = expanded if rows == len(expanded) else adapter_names
     return args, kwargs
 
 
@@ -551,26 +566,19 @@ def _layers_of(root: nn.Module, types: tuple[type, ...]) -> list[nn.Module]:
     return found
 
 
-def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
-    """The encoder of an encoder-decoder model (it sees the un-expanded batch under beam search), else None."""
-    get_encoder = getattr(model, "get_encoder", None)
-    if callable(get_encoder) and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return get_encoder()
-    return None
-
-
 @contextmanager
 def mixed_batch_hooks(
     tuner: nn.Module,
     adapter_names: Any,
     known_adapters: set[str],
     hooked_types: tuple[type, ...],
-    num_beams: Any = None,
+    rows_per_input: int = 1,
 ) -> Iterator[None]:
     """Pass ``adapter_names`` to every GiVA layer for one forward / generate, as PEFT's LoRA does.
 
-    Raises in training mode and for unknown names; under beam search (``num_beams > 1``) each name is repeated
-    ``num_beams`` times, as generation repeats each input row (an encoder still sees the original rows).
+    Raises in training mode and for unknown names. ``generate`` runs the decoder on ``rows_per_input`` copies of each
+    input row (:func:`generation_rows_per_input`): a layer whose batch has that many rows per name gets each name
+    repeated so often; an encoder, which sees the original rows, gets them as given.
     """
     if tuner.training:
         raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval() first.")
@@ -579,20 +587,13 @@ def mixed_batch_hooks(
     unknown = {name for name in adapter_names if name != BASE_ADAPTER_NAME} - known_adapters
     if unknown:
         raise ValueError(f"adapter_names names adapter(s) that do not exist: {', '.join(sorted(unknown))}")
-    original = list(adapter_names)
-    expanded = original
-    if isinstance(num_beams, int) and num_beams > 1:
-        expanded = [name for name in original for _ in range(num_beams)]
+    names = list(adapter_names)
+    expanded = [name for name in names for _ in range(rows_per_input)] if rows_per_input > 1 else names
+    hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=names, expanded=expanded)
     handles = []
     try:
         for module in _layers_of(tuner, hooked_types):
-            hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=expanded)
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        encoder = _get_encoder(getattr(tuner, "model", tuner))
-        if expanded is not original and encoder is not None:
-            for module in _layers_of(encoder, hooked_types):
-                hook = functools.partial(_adapter_names_pre_forward_hook, adapter_names=original)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         yield
     finally:
         for handle in handles:
