@@ -769,6 +769,29 @@ def test_a_shard_too_small_for_its_calibration_batches_stops_the_run_before_the_
     )
 
 
+class RowsTask(TinyTask):
+    """TinyTask whose shard sizes are dealt from ``rows`` training sentences as the real task deals them."""
+
+    rows = 2
+
+    def shard_size(self, partition: int, num_partitions: int) -> int:
+        return len(shard_indices([0] * self.rows, num_partitions, self.cfg.split, self.cfg.seed)[partition])
+
+
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_more_clients_than_sentences_stops_every_method_before_the_model_loads(method, monkeypatch, tmp_path):
+    """LoRA and VeRA read no calibration batches, but a client still needs a sentence: refused before the model
+    loads and before any checkpoint exists (one written there blocked the corrected command in that folder)."""
+    cfg = config(method=method)  # 3 clients, 2 training sentences
+    monkeypatch.setattr("giva.federated.server_app.build_model", lambda *a: pytest.fail("the model was built"))
+    checkpoint = tmp_path / ".checkpoints" / f"{method}.pt"
+    with pytest.raises(ValueError) as raised:
+        run_inprocess(cfg, RowsTask, checkpoint=str(checkpoint))
+    assert str(raised.value) == (
+        "data 'pang-lee': 2 examples cannot be split over 3 clients; use fewer clients or more training data")
+    assert not checkpoint.exists()
+
+
 def test_quiet_libraries_restores_the_callers_logging_afterwards():
     import logging
 

@@ -47,6 +47,7 @@ from .statistics import (
 )
 from .task import (
     FederatedConfig,
+    Task,
     accuracy,
     build_model,
     check_shards,
@@ -150,6 +151,19 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
     return traffic, info
 
 
+def check_data(task: Task, cfg: FederatedConfig) -> None:
+    """A ValueError naming the data unless every client gets a shard it can work with: at least one training
+    sentence (every method), and for GiVA its calibration batches. Called before the model loads and before the
+    first checkpoint is written: a refused run leaves no checkpoint behind that would block the corrected command
+    in the same output folder ("of another run config")."""
+    try:
+        smallest = min(task.shard_size(p, cfg.clients) for p in range(cfg.clients))
+    except ValueError as err:  # shard_indices: fewer training sentences than clients
+        raise ValueError(f"data {cfg.data!r}: {err}; use fewer clients or more training data") from None
+    if cfg.method == "giva":
+        check_shards(smallest, cfg, f"data {cfg.data!r} split over {cfg.clients} clients")
+
+
 def _load_checkpoint(path: Optional[str], cfg: FederatedConfig) -> Optional[dict[str, Any]]:
     if not path or not Path(path).exists():
         return None
@@ -172,9 +186,7 @@ def run_server(
     """
     start = time.perf_counter()
     task = task_factory(cfg)
-    if cfg.method == "giva":  # before the model loads: every shard must hold its calibration batches
-        smallest = min(task.shard_size(p, cfg.clients) for p in range(cfg.clients))
-        check_shards(smallest, cfg, f"data {cfg.data!r} split over {cfg.clients} clients")
+    check_data(task, cfg)
     nodes = wait_for_nodes(grid, cfg.clients)
     model = build_model(task, cfg)
     test = task.test_batches()
