@@ -1,5 +1,9 @@
 """The Flower ServerApp: one setup round that agrees on the frozen bases, then FedAvg of the trainable tensors.
 
+Handshake (before the model loads): ``query.partition`` asks every node which shard its node config names;
+the run stops unless the nodes hold partition-ids ``0..clients-1`` once each, all of ``num-partitions ==
+clients``. Its bytes are reported apart (``handshake``), not in any method's totals: every method sends it.
+
 Setup (before round 1):
 
 * GiVA: ``query.statistics`` to every client -> each returns its shard's summed sketch (or dense
@@ -98,6 +102,37 @@ def exchange(
     return ordered, traffic
 
 
+def check_partitions(held: dict[int, tuple[int, int]], clients: int) -> None:
+    """A ValueError naming the nodes unless ``held`` (node -> (partition-id, num-partitions) of its node config)
+    covers partition-ids ``0..clients-1`` once each, all of ``num-partitions == clients``. SuperNodes started by
+    hand can repeat an id or name another count; the run would train on duplicated or missing shards unseen."""
+    ids = [partition for partition, _ in held.values()]
+    problems = [f"partition-id {p} is held by nodes {[n for n, (q, _) in held.items() if q == p]}"
+                for p in sorted(set(ids)) if ids.count(p) > 1]
+    missing = sorted(set(range(clients)) - set(ids))
+    if missing:
+        problems.append(f"no node holds partition-id(s) {missing}")
+    counts = {node: n for node, (_, n) in held.items() if n != clients}
+    if counts:
+        problems.append(f"node(s) {sorted(counts)} have num-partitions {sorted(set(counts.values()))}")
+    if problems:
+        nodes = ", ".join(f"{node} holds {p} of {n}" for node, (p, n) in sorted(held.items()))
+        raise ValueError(
+            f"the nodes' shards do not match the run's {clients} clients: {'; '.join(problems)} ({nodes}); expected "
+            f"partition-id 0..{clients - 1} once each and num-partitions {clients}: start each SuperNode with "
+            f"--node-config \"partition-id=<i> num-partitions={clients}\""
+        )
+
+
+def handshake(grid: Grid, nodes: list[int], clients: int) -> messages.Traffic:
+    """Ask every node for its shard (``query.partition``) and check them (:func:`check_partitions`)."""
+    replies, traffic = exchange(grid, nodes, messages.PARTITION, messages.make_content(), "handshake")
+    metrics = [reply.content[messages.METRICS] for reply in replies]
+    check_partitions({node: (int(m["partition-id"]), int(m["num-partitions"])) for node, m in zip(nodes, metrics)},
+                     clients)
+    return traffic
+
+
 def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -> tuple[list[messages.Traffic], dict]:
     """The GiVA setup: statistics pass(es), then ``A`` to every client; the bases are written into ``model``."""
     traffic: list[messages.Traffic] = []
@@ -188,6 +223,7 @@ def run_server(
     task = task_factory(cfg)
     check_data(task, cfg)
     nodes = wait_for_nodes(grid, cfg.clients)
+    shards = handshake(grid, nodes, cfg.clients)
     model = build_model(task, cfg)
     test = task.test_batches()
     setup: list[messages.Traffic] = []
@@ -245,6 +281,7 @@ def run_server(
     return {
         "config": asdict(cfg),
         "nodes": nodes,
+        "handshake": shards.as_dict(),
         "setup": [t.as_dict() for t in setup],
         "setup_info": setup_info,
         "setup_bytes": sum(t.total for t in setup),
