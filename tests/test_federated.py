@@ -836,6 +836,28 @@ def test_quiet_libraries_restores_the_callers_logging_afterwards():
     assert after == before
 
 
+def test_quiet_libraries_hides_alembic_info_and_flowers_deprecation_notice(caplog):
+    """The simulation engine printed alembic's INFO "setup plugin" lines and Flower's run_simulation deprecation
+    notice (twice: Flower's handler and the root one) though the docs say both are hidden. The filter sits on
+    the "flwr" logger, so no handler of any logger gets the notice; Flower's other warnings still show."""
+    import logging
+
+    from flwr.common.logger import warn_deprecated_feature
+
+    from giva.federated.run import quiet_libraries
+
+    caplog.set_level(logging.INFO)  # the CLI's root level (logging.basicConfig(level=logging.INFO))
+    flower = logging.getLogger("flwr")
+    filters = list(flower.filters)
+    with quiet_libraries():
+        logging.getLogger("alembic.runtime.plugins").info("setup plugin alembic.autogenerate.schemas")
+        warn_deprecated_feature("The `run_simulation` function is deprecated")
+        flower.warning("a warning of Flower's own")
+        logging.getLogger("giva.federated.run").info("giva's own line")
+    assert [r.getMessage() for r in caplog.records] == ["a warning of Flower's own", "giva's own line"]
+    assert flower.filters == filters  # the filter leaves with the block
+
+
 def test_report_without_checkpoints_is_one_line_not_a_traceback(tmp_path, capsys):
     """The committed result folders hold no checkpoints (they are local): `run report` says so, exit 2."""
     from giva.federated.run import _main

@@ -145,15 +145,26 @@ def run_inprocess(
 
 
 # Loggers of the libraries a run drives: their INFO lines (Flower's per-round messages, transformers' load
-# reports) drown the run's own output; --verbose keeps them.
-LIBRARY_LOGGERS = ("flwr", "ray", "transformers", "datasets", "httpx", "urllib3", "filelock")
+# reports, the "setup plugin" lines of alembic, which migrates the simulation engine's state database at every
+# start) drown the run's own output; --verbose keeps them.
+LIBRARY_LOGGERS = ("flwr", "ray", "alembic", "transformers", "datasets", "httpx", "urllib3", "filelock")
+# How Flower's deprecation notices begin: logged as WARNING on the "flwr" logger (giva's run_simulation calls
+# Flower's deprecated run_simulation for the user, who has nothing to change), printed by Flower's own handler
+# and again by the root one.
+FLOWER_DEPRECATION = "DEPRECATED FEATURE"
+
+
+def _not_flower_deprecation(record: logging.LogRecord) -> bool:
+    """A logger filter: False for Flower's deprecation notices, which then reach no handler at all."""
+    return not str(record.msg).startswith(FLOWER_DEPRECATION)
 
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Show only warnings and errors of Flower, Ray, transformers and the like (giva's own INFO lines stay),
-    for the duration of the block: every logger level, transformers' verbosity and progress bar and the
-    warning filters are restored afterwards (a command run in-process leaves the caller's logging as it was)."""
+    """Show only warnings and errors of Flower, Ray, transformers and the like (giva's own INFO lines stay), less
+    Flower's deprecation notices, for the duration of the block: every logger level, the filter, transformers'
+    verbosity and progress bar and the warning filters are restored afterwards (a command run in-process leaves
+    the caller's logging as it was)."""
     from transformers.utils import logging as hf_logging
 
     levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
@@ -161,6 +172,7 @@ def quiet_libraries() -> Iterator[None]:
     with warnings.catch_warnings():
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("flwr").addFilter(_not_flower_deprecation)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         # Their deprecation notices (transformers' is_gradient_checkpointing, once per model) are not the user's to fix.
@@ -172,6 +184,7 @@ def quiet_libraries() -> Iterator[None]:
         finally:
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
+            logging.getLogger("flwr").removeFilter(_not_flower_deprecation)
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
