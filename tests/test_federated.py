@@ -858,6 +858,17 @@ def test_quiet_libraries_hides_alembic_info_and_flowers_deprecation_notice(caplo
     assert flower.filters == filters  # the filter leaves with the block
 
 
+def test_the_committed_sampling_table_is_what_the_committed_results_give():
+    """docs/federated.md quotes each accuracy's 95 % sampling half-width, 1.96 sqrt(p (1 - p) / n) in points, from
+    benchmarks/results/federated/sampling.md: that file must be what the committed results.json files give."""
+    from giva.federated.run import sampling_half_width, sampling_rows, sampling_table
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "federated"
+    assert (folder / "sampling.md").read_text() == sampling_table(sampling_rows(str(folder))) + "\n"
+    assert sampling_half_width(0.76, 1000) == pytest.approx(2.647, abs=1e-3)
+    assert sampling_half_width(0.8175, 400) == pytest.approx(3.786, abs=1e-3)
+
+
 def test_report_without_checkpoints_is_one_line_not_a_traceback(tmp_path, capsys):
     """The committed result folders hold no checkpoints (they are local): `run report` says so, exit 2."""
     from giva.federated.run import _main

@@ -9,6 +9,7 @@ quick runs use. ``engine="simulation"`` runs the same ServerApp / ClientApp unde
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -456,6 +457,40 @@ def sketch_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+SAMPLING_Z = 1.96  # the normal quantile of a two-sided 95 % interval
+
+
+def sampling_half_width(accuracy: float, sentences: int) -> float:
+    """Half-width, in points, of the 95 % normal interval of an accuracy measured on ``sentences`` held-out
+    sentences: the test set's binomial sampling alone (one run, one seed: training noise is not in it). The one
+    definition of "sampling error" the federated docs use."""
+    return 100 * SAMPLING_Z * math.sqrt(accuracy * (1 - accuracy) / sentences)
+
+
+def sampling_rows(folder: str) -> list[dict[str, Any]]:
+    """The final accuracy of every run in ``folder/*/results.json`` (the centralised baseline included) with its
+    95 % half-width (:func:`sampling_half_width`); files without runs (the SuperLink record) are skipped."""
+    rows = []
+    for path in sorted(Path(folder).glob("*/results.json")):
+        saved = json.loads(path.read_text())
+        runs = dict(saved.get("runs", {}))
+        if saved.get("centralised"):
+            runs["giva-centralised"] = saved["centralised"]
+        for method, run in runs.items():
+            accuracy, sentences = run["rounds"][-1]["accuracy"], run["config"]["test_size"]
+            rows.append({"results": path.parent.name, "method": method, "test_sentences": sentences,
+                         "final_accuracy": accuracy, "half_width_points": sampling_half_width(accuracy, sentences)})
+    return rows
+
+
+def sampling_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| results | method | test sentences | final accuracy | 95 % sampling half-width (points) |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['results']} | {r['method']} | {r['test_sentences']} | {100 * r['final_accuracy']:.2f}% | "
+              f"±{r['half_width_points']:.2f} |" for r in rows]
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- reports
 
 
@@ -753,6 +788,7 @@ __all__ = [
 #   python -m giva.federated.run accuracy benchmarks/results/federated/iid
 #   python -m giva.federated.run label-skew benchmarks/results/federated/label-skew
 #   python -m giva.federated.run report OUTPUT_DIR    # the table / plot of the checkpoints there, finished or not
+#   python -m giva.federated.run sampling benchmarks/results/federated   # each run's 95 % sampling half-width
 #   python -m giva.federated.run bytes benchmarks/results/federated/smollm2 task=causal-lm model=smollm2
 #   python -m giva.federated.run accuracy benchmarks/results/federated/smollm2 task=causal-lm model=smollm2 \
 #       methods=giva,lora rounds=5 test-size=400 lr-giva=0.02 lr-lora=0.001
@@ -777,7 +813,7 @@ def choose_sketch(rows: list[dict[str, Any]], threshold: float = SKETCH_MIN_MEAN
 def _main(argv: list[str]) -> int:
     from .local_deployment import parse_overrides
 
-    kinds = ("bytes", "sketch", "accuracy", "label-skew", "report")
+    kinds = ("bytes", "sketch", "accuracy", "label-skew", "report", "sampling")
     if len(argv) < 2 or argv[0] not in kinds:
         print(f"usage: python -m giva.federated.run {'|'.join(kinds)} OUTPUT_DIR [key=value ...]")
         return 2
@@ -791,6 +827,12 @@ def _main(argv: list[str]) -> int:
         write_json({"config": asdict(cfg), "rounds": rounds, "rows": rows, "table": table,
                     "versions": _versions()}, str(Path(output_dir) / "bytes.json"))
         Path(output_dir, "bytes.md").write_text(table + "\n")
+        print(table)
+    elif kind == "sampling":
+        rows = sampling_rows(output_dir)
+        table = sampling_table(rows)
+        write_json({"z": SAMPLING_Z, "rows": rows, "table": table}, str(Path(output_dir) / "sampling.json"))
+        Path(output_dir, "sampling.md").write_text(table + "\n")
         print(table)
     elif kind == "report":
         try:
