@@ -20,14 +20,17 @@ pytest.importorskip("flwr")
 import torch  # noqa: E402
 
 from giva.federated import messages  # noqa: E402
-from giva.federated.client_app import STATE_KEY  # noqa: E402
+from giva.federated.client_app import STATE_KEY, make_client_app  # noqa: E402
 from giva.federated.run import (  # noqa: E402
+    InProcessGrid,
+    _ServerIdentity,
     rounds_to_fewer_bytes,
     run_centralised,
     run_comparison,
     run_inprocess,
     wire_sizes,
 )
+from giva.federated.server_app import run_server  # noqa: E402
 from giva.federated.statistics import (  # noqa: E402
     apply_bases,
     bases_layout,
@@ -161,7 +164,8 @@ def test_sketch_setup_matches_a_one_process_sketch_of_the_union(sketch_run):
         assert torch.equal(seeded_b[key], client_b[key])  # B regenerates bit for bit, so only A travels
     # passes statistics exchanges, then A; the first pass sends no matrix down (seeded on the clients).
     assert [t["round"] for t in results["setup"]] == list(range(1, cfg.passes + 2))
-    first, second = grid.log[0][0], grid.log[CLIENTS][0]
+    statistics = [m for m, _ in grid.log if m.metadata.message_type == messages.STATISTICS]
+    first, second = statistics[0], statistics[CLIENTS]
     assert messages.ARRAYS not in first.content and messages.ARRAYS in second.content
     # A sketch is (in + out) x l per block, far smaller than the dense out x in gradient it stands for.
     sketch_up = sum(t["up"][0] for t in results["setup"][: cfg.passes])
@@ -225,7 +229,7 @@ def test_bfloat16_bases_travel_as_the_model_stores_them(init_mode, dense_run, sk
     # The 2 bytes a number saved, less a few header bytes (the bfloat16 array's longer name)
     assert all(2 * numbers - 16 <= d32 - d <= 2 * numbers for d, d32 in zip(down, down32))
     assert results["setup"][:-1] == results32["setup"][:-1]  # the statistics exchanges do not change
-    reported = results["setup"] + [r["traffic"] for r in results["rounds"][1:]]
+    reported = [results["handshake"], *results["setup"]] + [r["traffic"] for r in results["rounds"][1:]]
     assert [(d, u) for t in reported for d, u in zip(t["down"], t["up"])] == [(d, u) for _, _, d, u in grid.sent]
     # The bytes table's A message (random values in the model's layout) is the run's, up to metadata (README: 30 bytes).
     table_down, table_up = wire_sizes(cfg, TinyTask)["setup"][-1]
@@ -293,6 +297,29 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(method, tmp
     assert sum(t == messages.TRAIN for t, *_ in grid.sent) == CLIENTS * (cfg.rounds - FailingTask.fail_at + 1)
     with pytest.raises(ValueError, match="another run config"):
         run_inprocess(config(method=method, rounds=4, local_steps=1, init_mode="dense"), TinyTask, checkpoint=checkpoint)
+
+
+@pytest.mark.parametrize("method,node_config,problems", [
+    ("giva", {1002: {"partition-id": 0}},  # `--node-config "partition-id=0 ..."` typed for two SuperNodes
+     "partition-id 0 is held by nodes [1000, 1002]; no node holds partition-id(s) [2] (1000 holds 0 of 3, 1001 "
+     "holds 1 of 3, 1002 holds 0 of 3)"),
+    ("lora", {node: {"num-partitions": 4} for node in (1000, 1001, 1002)},  # started as 4 shards for 3 clients
+     "node(s) [1000, 1001, 1002] have num-partitions [4] (1000 holds 0 of 4, 1001 holds 1 of 4, 1002 holds 2 of 4)"),
+])
+def test_nodes_holding_the_wrong_shards_stop_the_run_before_the_model_loads(method, node_config, problems, monkeypatch):
+    """Every node reports its node config's shard first; duplicated or missing ids, or another num-partitions,
+    stop the run before the model loads and before any setup or train message (they trained unseen before)."""
+    cfg = config(method=method, init_mode="dense", rounds=1, local_steps=1)
+    grid = InProcessGrid(make_client_app(TinyTask, cfg), CLIENTS)
+    for node, values in node_config.items():
+        grid.contexts[node].node_config.update(values)
+    monkeypatch.setattr("giva.federated.server_app.build_model", lambda *a: pytest.fail("the model was built"))
+    with _ServerIdentity(), pytest.raises(ValueError) as raised:
+        run_server(grid, cfg, TinyTask)
+    assert str(raised.value) == (
+        f"the nodes' shards do not match the run's 3 clients: {problems}; expected partition-id 0..2 once each and "
+        "num-partitions 3: start each SuperNode with --node-config \"partition-id=<i> num-partitions=3\"")
+    assert [kind for kind, *_ in grid.sent] == [messages.PARTITION] * CLIENTS
 
 
 def test_fedavg_is_the_example_weighted_mean():
@@ -365,7 +392,7 @@ def test_packed_tensors_need_the_receivers_layout():
 
 def test_reported_bytes_are_the_serialized_message_sizes(dense_run):
     _, results, grid = dense_run
-    reported = [t for t in results["setup"]] + [r["traffic"] for r in results["rounds"][1:]]
+    reported = [results["handshake"], *results["setup"]] + [r["traffic"] for r in results["rounds"][1:]]
     measured = [(d, u) for _, _, d, u in grid.sent]  # sizes of the bytes the grid actually shipped
     flat = [(d, u) for t in reported for d, u in zip(t["down"], t["up"])]
     assert flat == measured
@@ -381,9 +408,9 @@ def test_baselines_run_and_vera_projections_are_the_only_setup(method):
     results, grid = run_inprocess(cfg, TinyTask)
     kinds = {t for t, *_ in grid.sent}
     if method == "lora":
-        assert kinds == {messages.TRAIN} and results["setup_bytes"] == 0
+        assert kinds == {messages.PARTITION, messages.TRAIN} and results["setup_bytes"] == 0
     else:
-        assert kinds == {messages.TRAIN, messages.BASES} and results["setup_bytes"] > 0
+        assert kinds == {messages.PARTITION, messages.TRAIN, messages.BASES} and results["setup_bytes"] > 0
         without = run_inprocess(config(method=method, rounds=1, local_steps=1, vera_projections=False), TinyTask)[0]
         assert without["setup_bytes"] == 0
         assert without["rounds"][-1]["accuracy"] == results["rounds"][-1]["accuracy"]
@@ -769,6 +796,29 @@ def test_a_shard_too_small_for_its_calibration_batches_stops_the_run_before_the_
     )
 
 
+class RowsTask(TinyTask):
+    """TinyTask whose shard sizes are dealt from ``rows`` training sentences as the real task deals them."""
+
+    rows = 2
+
+    def shard_size(self, partition: int, num_partitions: int) -> int:
+        return len(shard_indices([0] * self.rows, num_partitions, self.cfg.split, self.cfg.seed)[partition])
+
+
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_more_clients_than_sentences_stops_every_method_before_the_model_loads(method, monkeypatch, tmp_path):
+    """LoRA and VeRA read no calibration batches, but a client still needs a sentence: refused before the model
+    loads and before any checkpoint exists (one written there blocked the corrected command in that folder)."""
+    cfg = config(method=method)  # 3 clients, 2 training sentences
+    monkeypatch.setattr("giva.federated.server_app.build_model", lambda *a: pytest.fail("the model was built"))
+    checkpoint = tmp_path / ".checkpoints" / f"{method}.pt"
+    with pytest.raises(ValueError) as raised:
+        run_inprocess(cfg, RowsTask, checkpoint=str(checkpoint))
+    assert str(raised.value) == (
+        "data 'pang-lee': 2 examples cannot be split over 3 clients; use fewer clients or more training data")
+    assert not checkpoint.exists()
+
+
 def test_quiet_libraries_restores_the_callers_logging_afterwards():
     import logging
 
@@ -784,6 +834,39 @@ def test_quiet_libraries_restores_the_callers_logging_afterwards():
     after = ({name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}, hf_logging.get_verbosity(),
              hf_logging.is_progress_bar_enabled())
     assert after == before
+
+
+def test_quiet_libraries_hides_alembic_info_and_flowers_deprecation_notice(caplog):
+    """The simulation engine printed alembic's INFO "setup plugin" lines and Flower's run_simulation deprecation
+    notice (twice: Flower's handler and the root one) though the docs say both are hidden. The filter sits on
+    the "flwr" logger, so no handler of any logger gets the notice; Flower's other warnings still show."""
+    import logging
+
+    from flwr.common.logger import warn_deprecated_feature
+
+    from giva.federated.run import quiet_libraries
+
+    caplog.set_level(logging.INFO)  # the CLI's root level (logging.basicConfig(level=logging.INFO))
+    flower = logging.getLogger("flwr")
+    filters = list(flower.filters)
+    with quiet_libraries():
+        logging.getLogger("alembic.runtime.plugins").info("setup plugin alembic.autogenerate.schemas")
+        warn_deprecated_feature("The `run_simulation` function is deprecated")
+        flower.warning("a warning of Flower's own")
+        logging.getLogger("giva.federated.run").info("giva's own line")
+    assert [r.getMessage() for r in caplog.records] == ["a warning of Flower's own", "giva's own line"]
+    assert flower.filters == filters  # the filter leaves with the block
+
+
+def test_the_committed_sampling_table_is_what_the_committed_results_give():
+    """docs/federated.md quotes each accuracy's 95 % sampling half-width, 1.96 sqrt(p (1 - p) / n) in points, from
+    benchmarks/results/federated/sampling.md: that file must be what the committed results.json files give."""
+    from giva.federated.run import sampling_half_width, sampling_rows, sampling_table
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "federated"
+    assert (folder / "sampling.md").read_text() == sampling_table(sampling_rows(str(folder))) + "\n"
+    assert sampling_half_width(0.76, 1000) == pytest.approx(2.647, abs=1e-3)
+    assert sampling_half_width(0.8175, 400) == pytest.approx(3.786, abs=1e-3)
 
 
 def test_report_without_checkpoints_is_one_line_not_a_traceback(tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 Handlers (message types in :mod:`.messages`):
 
+* ``query.partition``: the node's ``partition-id`` and ``num-partitions`` (nothing loads), so the server can
+  check that the nodes hold each shard of the run once before any work.
 * ``query.statistics``: GiVA gradient statistics of the client's calibration batches (sketch or dense),
   already multiplied by its example counts, plus ``num-examples``.
 * ``query.bases``: store the agreed ``A`` (GiVA) or VeRA's projections in the node's persistent
@@ -106,6 +108,12 @@ def make_client_app(
         elif cfg.method == "giva":
             raise RuntimeError("a GiVA client was asked to train before the setup round delivered its bases")
         return model
+
+    @app.query("partition")
+    def shard(msg: Message, context: Context) -> Message:
+        partition, num_partitions = _partition(context)
+        metrics = {"partition-id": partition, "num-partitions": num_partitions}
+        return Message(messages.make_content(metrics=metrics), reply_to=msg)
 
     @app.query("statistics")
     def statistics(msg: Message, context: Context) -> Message:

@@ -5,6 +5,8 @@ Every exchange is a Flower ``Message`` whose content is a ``RecordDict``:
 ====================  ==========  ====================================================================
 message type          direction   content
 ====================  ==========  ====================================================================
+``query.partition``   down        nothing: asked first, before the server loads the model
+``query.partition``   up          metrics: ``partition-id``, ``num-partitions`` (the node config's shard)
 ``query.statistics``  down        config: the pass to run (sketch / dense), calibration batches, seed
 ``query.statistics``  up          arrays: one summed statistic per adapted block;
                                   metrics: ``num-examples`` (the weight of this client's sums)
@@ -36,6 +38,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
+PARTITION = "query.partition"
 STATISTICS = "query.statistics"
 BASES = "query.bases"
 TRAIN = "train"

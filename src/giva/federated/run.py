@@ -9,6 +9,7 @@ quick runs use. ``engine="simulation"`` runs the same ServerApp / ClientApp unde
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -145,15 +146,26 @@ def run_inprocess(
 
 
 # Loggers of the libraries a run drives: their INFO lines (Flower's per-round messages, transformers' load
-# reports) drown the run's own output; --verbose keeps them.
-LIBRARY_LOGGERS = ("flwr", "ray", "transformers", "datasets", "httpx", "urllib3", "filelock")
+# reports, the "setup plugin" lines of alembic, which migrates the simulation engine's state database at every
+# start) drown the run's own output; --verbose keeps them.
+LIBRARY_LOGGERS = ("flwr", "ray", "alembic", "transformers", "datasets", "httpx", "urllib3", "filelock")
+# How Flower's deprecation notices begin: logged as WARNING on the "flwr" logger (giva's run_simulation calls
+# Flower's deprecated run_simulation for the user, who has nothing to change), printed by Flower's own handler
+# and again by the root one.
+FLOWER_DEPRECATION = "DEPRECATED FEATURE"
+
+
+def _not_flower_deprecation(record: logging.LogRecord) -> bool:
+    """A logger filter: False for Flower's deprecation notices, which then reach no handler at all."""
+    return not str(record.msg).startswith(FLOWER_DEPRECATION)
 
 
 @contextmanager
 def quiet_libraries() -> Iterator[None]:
-    """Show only warnings and errors of Flower, Ray, transformers and the like (giva's own INFO lines stay),
-    for the duration of the block: every logger level, transformers' verbosity and progress bar and the
-    warning filters are restored afterwards (a command run in-process leaves the caller's logging as it was)."""
+    """Show only warnings and errors of Flower, Ray, transformers and the like (giva's own INFO lines stay), less
+    Flower's deprecation notices, for the duration of the block: every logger level, the filter, transformers'
+    verbosity and progress bar and the warning filters are restored afterwards (a command run in-process leaves
+    the caller's logging as it was)."""
     from transformers.utils import logging as hf_logging
 
     levels = {name: logging.getLogger(name).level for name in LIBRARY_LOGGERS}
@@ -161,6 +173,7 @@ def quiet_libraries() -> Iterator[None]:
     with warnings.catch_warnings():
         for name in LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("flwr").addFilter(_not_flower_deprecation)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         # Their deprecation notices (transformers' is_gradient_checkpointing, once per model) are not the user's to fix.
@@ -172,6 +185,7 @@ def quiet_libraries() -> Iterator[None]:
         finally:
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
+            logging.getLogger("flwr").removeFilter(_not_flower_deprecation)
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
@@ -440,6 +454,40 @@ def sketch_table(result: dict[str, Any]) -> str:
         msgs = ", ".join(f"{m['down'] / 1e3:.0f} / {m['up'] / 1e3:.0f}" for m in row["setup_messages"])
         lines.append(f"| {row['passes']} | {row['l']} | {row['sketch_dtype']} | {row['mean_cos']:.4f} | "
                      f"{row['min_cos']:.4f} | {row['setup_bytes_per_client'] / 1e6:.3f} | {msgs} |")
+    return "\n".join(lines)
+
+
+SAMPLING_Z = 1.96  # the normal quantile of a two-sided 95 % interval
+
+
+def sampling_half_width(accuracy: float, sentences: int) -> float:
+    """Half-width, in points, of the 95 % normal interval of an accuracy measured on ``sentences`` held-out
+    sentences: the test set's binomial sampling alone (one run, one seed: training noise is not in it). The one
+    definition of "sampling error" the federated docs use."""
+    return 100 * SAMPLING_Z * math.sqrt(accuracy * (1 - accuracy) / sentences)
+
+
+def sampling_rows(folder: str) -> list[dict[str, Any]]:
+    """The final accuracy of every run in ``folder/*/results.json`` (the centralised baseline included) with its
+    95 % half-width (:func:`sampling_half_width`); files without runs (the SuperLink record) are skipped."""
+    rows = []
+    for path in sorted(Path(folder).glob("*/results.json")):
+        saved = json.loads(path.read_text())
+        runs = dict(saved.get("runs", {}))
+        if saved.get("centralised"):
+            runs["giva-centralised"] = saved["centralised"]
+        for method, run in runs.items():
+            accuracy, sentences = run["rounds"][-1]["accuracy"], run["config"]["test_size"]
+            rows.append({"results": path.parent.name, "method": method, "test_sentences": sentences,
+                         "final_accuracy": accuracy, "half_width_points": sampling_half_width(accuracy, sentences)})
+    return rows
+
+
+def sampling_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| results | method | test sentences | final accuracy | 95 % sampling half-width (points) |",
+             "|---|---|---:|---:|---:|"]
+    lines += [f"| {r['results']} | {r['method']} | {r['test_sentences']} | {100 * r['final_accuracy']:.2f}% | "
+              f"±{r['half_width_points']:.2f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -740,6 +788,7 @@ __all__ = [
 #   python -m giva.federated.run accuracy benchmarks/results/federated/iid
 #   python -m giva.federated.run label-skew benchmarks/results/federated/label-skew
 #   python -m giva.federated.run report OUTPUT_DIR    # the table / plot of the checkpoints there, finished or not
+#   python -m giva.federated.run sampling benchmarks/results/federated   # each run's 95 % sampling half-width
 #   python -m giva.federated.run bytes benchmarks/results/federated/smollm2 task=causal-lm model=smollm2
 #   python -m giva.federated.run accuracy benchmarks/results/federated/smollm2 task=causal-lm model=smollm2 \
 #       methods=giva,lora rounds=5 test-size=400 lr-giva=0.02 lr-lora=0.001
@@ -764,7 +813,7 @@ def choose_sketch(rows: list[dict[str, Any]], threshold: float = SKETCH_MIN_MEAN
 def _main(argv: list[str]) -> int:
     from .local_deployment import parse_overrides
 
-    kinds = ("bytes", "sketch", "accuracy", "label-skew", "report")
+    kinds = ("bytes", "sketch", "accuracy", "label-skew", "report", "sampling")
     if len(argv) < 2 or argv[0] not in kinds:
         print(f"usage: python -m giva.federated.run {'|'.join(kinds)} OUTPUT_DIR [key=value ...]")
         return 2
@@ -778,6 +827,12 @@ def _main(argv: list[str]) -> int:
         write_json({"config": asdict(cfg), "rounds": rounds, "rows": rows, "table": table,
                     "versions": _versions()}, str(Path(output_dir) / "bytes.json"))
         Path(output_dir, "bytes.md").write_text(table + "\n")
+        print(table)
+    elif kind == "sampling":
+        rows = sampling_rows(output_dir)
+        table = sampling_table(rows)
+        write_json({"z": SAMPLING_Z, "rows": rows, "table": table}, str(Path(output_dir) / "sampling.json"))
+        Path(output_dir, "sampling.md").write_text(table + "\n")
         print(table)
     elif kind == "report":
         try:

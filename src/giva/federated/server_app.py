@@ -1,5 +1,9 @@
 """The Flower ServerApp: one setup round that agrees on the frozen bases, then FedAvg of the trainable tensors.
 
+Handshake (before the model loads): ``query.partition`` asks every node which shard its node config names;
+the run stops unless the nodes hold partition-ids ``0..clients-1`` once each, all of ``num-partitions ==
+clients``. Its bytes are reported apart (``handshake``), not in any method's totals: every method sends it.
+
 Setup (before round 1):
 
 * GiVA: ``query.statistics`` to every client -> each returns its shard's summed sketch (or dense
@@ -47,6 +51,7 @@ from .statistics import (
 )
 from .task import (
     FederatedConfig,
+    Task,
     accuracy,
     build_model,
     check_shards,
@@ -95,6 +100,37 @@ def exchange(
     ordered = [replies[node] for node in nodes]
     traffic.up = [messages.message_bytes(r) for r in ordered]
     return ordered, traffic
+
+
+def check_partitions(held: dict[int, tuple[int, int]], clients: int) -> None:
+    """A ValueError naming the nodes unless ``held`` (node -> (partition-id, num-partitions) of its node config)
+    covers partition-ids ``0..clients-1`` once each, all of ``num-partitions == clients``. SuperNodes started by
+    hand can repeat an id or name another count; the run would train on duplicated or missing shards unseen."""
+    ids = [partition for partition, _ in held.values()]
+    problems = [f"partition-id {p} is held by nodes {[n for n, (q, _) in held.items() if q == p]}"
+                for p in sorted(set(ids)) if ids.count(p) > 1]
+    missing = sorted(set(range(clients)) - set(ids))
+    if missing:
+        problems.append(f"no node holds partition-id(s) {missing}")
+    counts = {node: n for node, (_, n) in held.items() if n != clients}
+    if counts:
+        problems.append(f"node(s) {sorted(counts)} have num-partitions {sorted(set(counts.values()))}")
+    if problems:
+        nodes = ", ".join(f"{node} holds {p} of {n}" for node, (p, n) in sorted(held.items()))
+        raise ValueError(
+            f"the nodes' shards do not match the run's {clients} clients: {'; '.join(problems)} ({nodes}); expected "
+            f"partition-id 0..{clients - 1} once each and num-partitions {clients}: start each SuperNode with "
+            f"--node-config \"partition-id=<i> num-partitions={clients}\""
+        )
+
+
+def handshake(grid: Grid, nodes: list[int], clients: int) -> messages.Traffic:
+    """Ask every node for its shard (``query.partition``) and check them (:func:`check_partitions`)."""
+    replies, traffic = exchange(grid, nodes, messages.PARTITION, messages.make_content(), "handshake")
+    metrics = [reply.content[messages.METRICS] for reply in replies]
+    check_partitions({node: (int(m["partition-id"]), int(m["num-partitions"])) for node, m in zip(nodes, metrics)},
+                     clients)
+    return traffic
 
 
 def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -> tuple[list[messages.Traffic], dict]:
@@ -150,6 +186,19 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
     return traffic, info
 
 
+def check_data(task: Task, cfg: FederatedConfig) -> None:
+    """A ValueError naming the data unless every client gets a shard it can work with: at least one training
+    sentence (every method), and for GiVA its calibration batches. Called before the model loads and before the
+    first checkpoint is written: a refused run leaves no checkpoint behind that would block the corrected command
+    in the same output folder ("of another run config")."""
+    try:
+        smallest = min(task.shard_size(p, cfg.clients) for p in range(cfg.clients))
+    except ValueError as err:  # shard_indices: fewer training sentences than clients
+        raise ValueError(f"data {cfg.data!r}: {err}; use fewer clients or more training data") from None
+    if cfg.method == "giva":
+        check_shards(smallest, cfg, f"data {cfg.data!r} split over {cfg.clients} clients")
+
+
 def _load_checkpoint(path: Optional[str], cfg: FederatedConfig) -> Optional[dict[str, Any]]:
     if not path or not Path(path).exists():
         return None
@@ -172,10 +221,9 @@ def run_server(
     """
     start = time.perf_counter()
     task = task_factory(cfg)
-    if cfg.method == "giva":  # before the model loads: every shard must hold its calibration batches
-        smallest = min(task.shard_size(p, cfg.clients) for p in range(cfg.clients))
-        check_shards(smallest, cfg, f"data {cfg.data!r} split over {cfg.clients} clients")
+    check_data(task, cfg)
     nodes = wait_for_nodes(grid, cfg.clients)
+    shards = handshake(grid, nodes, cfg.clients)
     model = build_model(task, cfg)
     test = task.test_batches()
     setup: list[messages.Traffic] = []
@@ -233,6 +281,7 @@ def run_server(
     return {
         "config": asdict(cfg),
         "nodes": nodes,
+        "handshake": shards.as_dict(),
         "setup": [t.as_dict() for t in setup],
         "setup_info": setup_info,
         "setup_bytes": sum(t.total for t in setup),
