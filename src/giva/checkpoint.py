@@ -375,7 +375,7 @@ def check_adapter_folder(
                 "%s is left from an earlier save (the checksum in %s covers %s): loading %s; saving the adapter again "
                 "removes it", present[0], CONFIG_NAME, weights.name, weights.name,
             )
-    check_contents(config_file, config, weights)
+    check_contents(config_file, config, weights, embedding_layers(model))
     if model is not None:
         _check_task_type(config_file, config, model)
     return weights
@@ -385,6 +385,42 @@ def check_adapter_folder(
 # giva_core: the r x r core of adapters made with GivaConfig.core (trained, like the vectors).
 _BASES, _VECTORS, _SEEDED_CRC = ("giva_A", "giva_B"), ("giva_lambda_s", "giva_lambda_o", "giva_core"), "giva_seeded_crc32"
 _TRAINABLE_TOKENS = ".token_adapter.trainable_tokens_delta"  # what PEFT saves of a trainable_token_indices layer
+_PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of every saved key
+
+
+def embedding_layers(model: Any) -> Optional[frozenset[str]]:
+    """The module names (in the base model) under which PEFT saves whole embedding layers; ``None`` without a model.
+
+    PEFT writes them with ``save_pretrained(save_embedding_layers=True)``, and by itself (with a warning) under the
+    default ``"auto"`` after ``resize_token_embeddings`` or when an embedding layer is targeted: every tensor of the
+    model's ``get_input_embeddings()`` and ``get_output_embeddings()`` modules, found by identity among the named
+    modules as PEFT's ``get_embedding_layer_name`` finds them (``model.embed_tokens``, ``lm_head``, GPT-2's
+    ``transformer.wte``, BERT's ``bert.embeddings.word_embeddings``). A load knows its model; a caller without one
+    gets ``None``, and :func:`check_contents` then falls back to PEFT's ``EMBEDDING_LAYER_NAMES``.
+    """
+    if model is None:
+        return None
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):  # not a transformers model, or one without that embedding
+            continue
+        if layer is not None:
+            layers.append(layer)
+    return frozenset(
+        name.removeprefix(_PEFT_PREFIX) for name, module in model.named_modules() if any(module is layer for layer in layers)
+    )
+
+
+def is_embedding_tensor(key: str, embeddings: Optional[frozenset[str]]) -> bool:
+    """Whether ``key`` is a tensor of an embedding layer PEFT saved (see :func:`embedding_layers`)."""
+    name = key.removeprefix(_PEFT_PREFIX)
+    if embeddings is None:
+        from peft.utils.other import EMBEDDING_LAYER_NAMES
+
+        return any(f".{leaf}." in f".{name}" for leaf in EMBEDDING_LAYER_NAMES)
+    return any(name.startswith(f"{module}.") for module in embeddings)
 
 
 def read_weights(weights: Path) -> dict[str, Any]:
@@ -408,12 +444,16 @@ def read_weights(weights: Path) -> dict[str, Any]:
     return tensors
 
 
-def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> dict[str, Any]:
+def check_contents(
+    config_file: Path, config: dict[str, Any], weights: Path, embeddings: Optional[frozenset[str]] = None
+) -> dict[str, Any]:
     """The fields and tensors of a GiVA folder are what a save writes: one-line errors naming the file and field.
 
     Returns the tensors. Checked: ``r`` present and positive; ``A`` stored in the config's ``bases_dtype``, ``B`` in fp32;
     vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones, ``modules_to_save``,
-    (with ``trainable_token_indices``) the trainable tokens' rows and (with ``bias`` other than ``"none"``) biases.
+    (with ``trainable_token_indices``) the trainable tokens' rows, (with ``bias`` other than ``"none"``) biases, and
+    the embedding layers PEFT saves whole: ``embeddings`` names them (:func:`embedding_layers` of the model the folder
+    is loaded into); ``None`` accepts those of PEFT's ``EMBEDDING_LAYER_NAMES`` (``embed_tokens``, ``lm_head``).
     """
     r = config.get("r")
     if "r" not in config:
@@ -439,13 +479,14 @@ def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> 
             raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected floating point")
         known = kind in (*_BASES, *_VECTORS, _SEEDED_CRC) or (kind == "bias" and config.get("bias", "none") != "none")
         # PEFT's trainable tokens (GivaConfig.trainable_token_indices): the trained rows of an embedding layer.
-        known = known or (tokens and key.endswith(_TRAINABLE_TOKENS))
+        known = known or (tokens and key.endswith(_TRAINABLE_TOKENS)) or is_embedding_tensor(key, embeddings)
         if not known and not any(f".{head}." in f".{key}" for head in heads):  # a module name or a dotted path
+            layers = sorted(embeddings) if embeddings is not None else "the model's embed_tokens / lm_head"
             raise CheckpointError(
                 f"{weights} holds a tensor that is not part of a GiVA adapter: {key!r} (expected per-layer "
                 f"{', '.join((*_BASES, *_VECTORS))}, a module of modules_to_save={sorted(heads)}"
-                + (f" or {_TRAINABLE_TOKENS.lstrip('.')} of trainable_token_indices" if tokens else "")
-                + f" from {config_file})"
+                + (f", {_TRAINABLE_TOKENS.lstrip('.')} of trainable_token_indices" if tokens else "")
+                + f" from {config_file}, or an embedding layer PEFT saves whole: {layers})"
             )
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise CheckpointError(f"{weights}: {key} holds NaN or inf values; the adapter cannot be loaded exactly")
@@ -586,7 +627,7 @@ def _reload_through_peft(model: Any, folder: Path, adapter_name: str) -> None:
     from peft.utils import set_peft_model_state_dict
 
     weights = load_peft_weights(peft_load_peft_weights, str(folder), device="cpu")
-    weights = {key.removeprefix("base_model.model."): value for key, value in weights.items()}
+    weights = {key.removeprefix(_PEFT_PREFIX): value for key, value in weights.items()}
     set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
 
 
