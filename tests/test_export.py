@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -471,3 +472,86 @@ def test_export_lora_cli_refuses_unusable_outputs_and_unreadable_weights_before_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "adapter_model.safetensors cannot be read" in err and "truncated" in err, err
     assert not (root / "lora").exists()
+
+
+# ------------------------------------------------- the base model's class, embedding layers, options LoRA lacks
+
+
+def tiny_bert_tagger(seed: int = 0):
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, num_labels=3)
+    return BertForTokenClassification(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("factory", "task_type", "targets", "loaded_as"),
+    [(tiny_llama, None, ["q_proj", "v_proj"], "LlamaForCausalLM"),
+     (tiny_bert_tagger, "TOKEN_CLS", ["query", "value"], "AutoModelForTokenClassification")],
+    ids=["llama-without-task-type", "bert-token-cls"],
+)
+def test_export_lora_cli_loads_the_base_model_class_the_adapter_was_trained_on(tmp_path, factory, task_type, targets, loaded_as):
+    """`giva export-lora` loaded the base model of every task_type but SEQ_CLS / CAUSAL_LM, task_type=None among them
+    (`get_peft_model(model, GivaConfig(...))`), as a headless AutoModel and said the base model does not match."""
+    factory().save_pretrained(tmp_path / "base")
+    base_class = type(factory())
+    torch.manual_seed(1)
+    config = GivaConfig(r=4, init_weights=False, target_modules=targets, task_type=task_type)
+    model = get_peft_model(base_class.from_pretrained(tmp_path / "base"), config).eval()
+    for module in model.modules():
+        if isinstance(module, peft.utils.other.ModulesToSaveWrapper):  # a trained head (TOKEN_CLS' classifier)
+            for param in module.modules_to_save["default"].parameters():
+                param.data += 0.5
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "giva")
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 0
+    lora = PeftModel.from_pretrained(base_class.from_pretrained(tmp_path / "base"), tmp_path / "lora").eval()
+    assert type(lora.peft_config["default"]).__name__ == "LoraConfig"
+    torch.testing.assert_close(_logits(lora, ids), expected, atol=1e-5, rtol=0)
+    assert f"from transformers import {loaded_as}" in (tmp_path / "lora" / "README.md").read_text()
+    if task_type is None:  # the export records the class as PEFT's own save does, so AutoPeftModel finds it
+        auto = peft.AutoPeftModel.from_pretrained(str(tmp_path / "lora")).eval()
+        torch.testing.assert_close(_logits(auto, ids), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(factory(), ids), expected, atol=1e-3)
+
+
+def test_export_lora_cli_carries_saved_embedding_layers_and_refuses_a_resized_vocabulary(tmp_path, monkeypatch, capsys):
+    """A folder saved with the embedding layers (save_embedding_layers=True) exports with them, as PEFT's LoRA saves
+    them; one saved after resize_token_embeddings is refused before the model loads: the LoRA cannot resize the
+    base model's vocabulary again."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"),
+                           GivaConfig(r=4, init_weights=False, target_modules=["c_attn"], task_type="CAUSAL_LM")).eval()
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "giva", save_embedding_layers=True)
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 0
+    from safetensors.torch import load_file
+
+    assert "base_model.model.transformer.wte.weight" in load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    lora = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), tmp_path / "lora").eval()
+    torch.testing.assert_close(_logits(lora, ids), expected, atol=1e-5, rtol=0)
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    base.resize_token_embeddings(110)
+    resized = get_peft_model(base, GivaConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    resized.save_pretrained(tmp_path / "resized")  # PEFT adds the embeddings itself ("auto")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _refuse)
+    capsys.readouterr()
+    assert main(["export-lora", str(tmp_path / "resized"), str(tmp_path / "lora2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the vocabulary was resized" in err, err
+    assert re.search(r"embedding layer '(lm_head|model.embed_tokens).weight' of shape \(110, 32\), but base model .* has "
+                     r"\(100, 32\)", err), err
+    assert not (tmp_path / "lora2").exists()
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the base model's weights were loaded before the error")
+

@@ -43,7 +43,15 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import CheckpointError, atomic_directory, check_adapter_folder, is_side_file, read_weights
+from .checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    check_adapter_folder,
+    embedding_layers,
+    is_embedding_tensor,
+    is_side_file,
+    read_weights,
+)
 from .layer import GivaLayer
 
 logger = logging.getLogger(__name__)
@@ -262,10 +270,24 @@ Written by giva's exact export: `lora_B @ lora_A` equals the GiVA adapter's `del
 """
 
 
-def _loading_snippet(out: Path, lora_config: LoraConfig, labels: Optional[dict] = None, tokenizer: bool = False) -> str:
-    auto = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM"}.get(
-        str(lora_config.task_type), "AutoModel"
-    )
+def _base_class_name(task_type: Optional[str], base_class: type) -> str:
+    """The transformers class the README's snippet loads the base model with: PEFT's auto class of ``task_type``,
+    else the base model's own class (``LlamaForCausalLM``) when transformers has it, else ``AutoModel``."""
+    classes = _task_classes()
+    if task_type in classes:
+        return classes[task_type].__name__
+    return base_class.__name__ if base_class.__module__.startswith("transformers") else "AutoModel"
+
+
+def _auto_mapping(lora_config: LoraConfig, base_class: type) -> Optional[dict[str, str]]:
+    """What PEFT's own ``save_pretrained`` records for an adapter without ``task_type``, so that ``AutoPeftModel``
+    finds the base model's class for the export as it does for the GiVA folder."""
+    if lora_config.task_type is not None:
+        return None
+    return {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+
+
+def _loading_snippet(out: Path, lora_config: LoraConfig, auto: str, labels: Optional[dict] = None, tokenizer: bool = False) -> str:
     base = lora_config.base_model_name_or_path or "<the base model>"
     lines = ["from peft import PeftModel", f"from transformers import {auto}" + (", AutoTokenizer" if tokenizer else "")]
     if labels:
@@ -281,7 +303,11 @@ def _loading_snippet(out: Path, lora_config: LoraConfig, labels: Optional[dict] 
 
 
 def _write_lora(
-    out: Path, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor], extra: Optional[Callable[[Path], None]] = None
+    out: Path,
+    lora_config: LoraConfig,
+    state_dict: dict[str, torch.Tensor],
+    extra: Optional[Callable[[Path], None]] = None,
+    auto_mapping: Optional[dict[str, str]] = None,
 ) -> None:
     """Write the LoRA folder beside ``out`` and swap it in whole (:func:`giva.checkpoint.atomic_directory`).
 
@@ -292,7 +318,7 @@ def _write_lora(
     """
     with atomic_directory(out, replaced=is_side_file) as tmp:
         save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp / SAFETENSORS_WEIGHTS_NAME)
-        lora_config.save_pretrained(str(tmp))
+        lora_config.save_pretrained(str(tmp), auto_mapping_dict=auto_mapping)
         if extra is not None:
             extra(tmp)
     logger.info("exported LoRA r=%d (%d layers) to %s", lora_config.r, sum(k.endswith(".lora_A.weight") for k in state_dict), out)
@@ -307,8 +333,10 @@ def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str =
     out = Path(out_dir)
     _check_output(out)
     lora_config, state_dict = to_lora(model, adapter_name, rank)
-    readme = _loading_snippet(out, lora_config)
-    _write_lora(out, lora_config, state_dict, lambda tmp: (tmp / "README.md").write_text(readme, encoding="utf-8"))
+    base_class = type(model.get_base_model() if isinstance(model, PeftModel) else model)
+    readme = _loading_snippet(out, lora_config, _base_class_name(lora_config.task_type, base_class))
+    _write_lora(out, lora_config, state_dict, lambda tmp: (tmp / "README.md").write_text(readme, encoding="utf-8"),
+                _auto_mapping(lora_config, base_class))
     return lora_config
 
 
@@ -336,8 +364,9 @@ def save_as_lora(
     return None
 
 
-def _read_adapter_folder(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config and tensors of a saved GiVA folder, checked as loading checks them (checksum, fields, tensors)."""
+def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """The config of a saved GiVA folder; anything else is a one-line error. The weights are checked once the base
+    model's skeleton is known (:func:`_read_adapter_tensors`)."""
     config_file = adapter_dir / CONFIG_NAME
     if not adapter_dir.is_dir():
         raise ExportError(f"adapter folder {adapter_dir} does not exist")
@@ -350,13 +379,18 @@ def _read_adapter_folder(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, t
     if not isinstance(config, dict) or config.get("peft_type") != "GIVA":
         peft_type = config.get("peft_type") if isinstance(config, dict) else None
         raise ExportError(f"{config_file} is a {peft_type!r} adapter, not a GiVA one")
+    return config
+
+
+def _read_adapter_tensors(adapter_dir: Path, skeleton: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of a saved GiVA folder, checked as loading it into ``skeleton`` checks them (checksum, fields,
+    tensors; the embedding layers PEFT may have saved are the skeleton's)."""
     try:
-        weights = check_adapter_folder(adapter_dir.absolute())
+        weights = check_adapter_folder(adapter_dir.absolute(), model=skeleton)
         assert weights is not None  # a local GiVA folder always has one
-        tensors = read_weights(weights)
+        return read_weights(weights)
     except CheckpointError as error:
         raise ExportError(str(error)) from None
-    return config, tensors
 
 
 def _layer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -413,6 +447,76 @@ def _check_base_matches(model: nn.Module, layers: dict[str, dict[str, torch.Tens
             )
 
 
+def _task_classes() -> dict[str, Any]:
+    """PEFT's task types and the transformers auto class each one's base model loads with: the targets of PEFT's
+    ``AutoPeftModelFor*`` classes (``TOKEN_CLS``: ``AutoModelForTokenClassification``, ``FEATURE_EXTRACTION``:
+    ``AutoModel``, ...)."""
+    from peft import auto
+
+    targets = {
+        value._target_peft_class: value._target_class
+        for value in vars(auto).values()
+        if isinstance(value, type) and getattr(value, "_target_class", None) is not None
+    }
+    return {task: targets[peft_class] for task, peft_class in auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items() if peft_class in targets}
+
+
+def _model_class(config: dict[str, Any], model_config: Any, config_file: Path) -> Any:
+    """The transformers class the adapter was trained on, as ``AutoPeftModel`` would pick it.
+
+    A ``task_type`` gives PEFT's auto class for it. Without one (``get_peft_model(model, GivaConfig(...))``, the
+    common case), the class PEFT recorded in ``auto_mapping`` when saving, else the base model's
+    ``architectures[0]``: either only if transformers has it and it takes the base model's config (another
+    ``--base-model`` then falls through). ``AutoModel`` (no head) is the last resort, and a model without the
+    adapted layers is refused by :func:`_check_base_matches`.
+    """
+    task_type = config.get("task_type")
+    if task_type is not None:
+        classes = _task_classes()
+        if task_type not in classes:
+            raise ExportError(f"{config_file}: task_type={task_type!r} is none of PEFT's task types ({', '.join(sorted(classes))})")
+        return classes[task_type]
+    import transformers
+
+    recorded = config.get("auto_mapping") if isinstance(config.get("auto_mapping"), dict) else {}
+    names = [recorded.get("base_model_class")] if str(recorded.get("parent_library", "")).startswith("transformers") else []
+    names += list(getattr(model_config, "architectures", None) or [])[:1]
+    for name in names:
+        found = getattr(transformers, str(name), None)
+        if isinstance(found, type) and isinstance(model_config, getattr(found, "config_class", None) or ()):
+            return found
+    return transformers.AutoModel
+
+
+def _skeleton(model_class: Any, model_config: Any) -> nn.Module:
+    """The base model on the ``meta`` device: its module names and shapes, no weights read."""
+    with torch.device("meta"):
+        if hasattr(model_class, "from_config"):  # an auto class
+            return model_class.from_config(model_config)
+        return model_class(model_config)
+
+
+def _embedding_tensors(tensors: dict[str, torch.Tensor], skeleton: nn.Module, base_name: str) -> dict[str, torch.Tensor]:
+    """The embedding layers PEFT saved whole in the adapter folder (``save_embedding_layers``), carried into the LoRA
+    as PEFT's LoRA saves them; refused when their shape is not the base model's (a vocabulary resized for training,
+    which the exported LoRA cannot resize again)."""
+    embeddings = embedding_layers(skeleton)
+    shapes = {name: tuple(param.shape) for name, param in skeleton.named_parameters(remove_duplicate=False)}
+    carried = {}
+    for key, value in tensors.items():
+        if not is_embedding_tensor(key, embeddings):
+            continue
+        name = key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")  # an embedding a GiVA layer wraps
+        if name in shapes and shapes[name] != tuple(value.shape):
+            raise ExportError(
+                f"the adapter holds the embedding layer {name!r} of shape {tuple(value.shape)}, but base model "
+                f"{base_name!r} has {shapes[name]}: the vocabulary was resized (resize_token_embeddings) for training, "
+                "which a LoRA export cannot carry; serve the GiVA adapter itself"
+            )
+        carried[key] = value
+    return carried
+
+
 def _side_files(adapter_dir: Path) -> list[Path]:
     """Tokenizer files and labels.json that travel with the exported LoRA."""
     return sorted(path for path in adapter_dir.iterdir() if path.is_file() and is_side_file(path.name))
@@ -426,24 +530,22 @@ def export_lora_dir(
 ) -> LoraConfig:
     """Load a saved GiVA adapter onto its base model and write it as a LoRA folder (``giva export-lora``).
 
-    Everything that can be checked is checked before the base model's weights load: the adapter folder (as
-    loading checks it), the output folder, ``rank``, and that the base model has every adapted layer in the
-    saved shapes. The tokenizer files and ``labels.json`` of the adapter folder are copied, the class names go
-    into the base model's config, and a ``README.md`` holds the plain-PEFT code that loads the export.
-    The base model defaults to ``base_model_name_or_path`` of the adapter's config; it must be a local folder
-    or one of :data:`giva.assets.MODEL_ALIASES`.
+    Everything that can be checked is checked before the base model's weights load: the adapter's config, the output
+    folder, the base model (built on the ``meta`` device as the class the adapter was trained on:
+    :func:`_model_class`), the adapter's weights as loading checks them, ``rank``, and that the base model has every
+    adapted layer in the saved shapes. The tokenizer files and
+    ``labels.json`` of the adapter folder are copied, the class names go into the base model's config, and a
+    ``README.md`` holds the plain-PEFT code that loads the export. Embedding layers PEFT saved whole in the adapter
+    folder are carried into the LoRA. The base model defaults to ``base_model_name_or_path`` of the adapter's
+    config; it must be a local folder or one of :data:`giva.assets.MODEL_ALIASES`.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from .assets import MODEL_ALIASES, resolve_model
 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
-    config, tensors = _read_adapter_folder(adapter_dir)
+    config = _read_adapter_config(adapter_dir)
     _check_output(out)
-    layers = _layer_tensors(tensors)
-    needed = max((saved["giva_lambda_s"].shape[0] for saved in layers.values() if "giva_lambda_s" in saved), default=0)
-    if rank is not None:
-        _check_rank(rank, needed, "default")
     labels = _labels(adapter_dir)
     base_name = base_model or config.get("base_model_name_or_path")
     if not base_name:
@@ -453,35 +555,40 @@ def export_lora_dir(
             f"base model {base_name!r} is neither a local folder nor one of {sorted(MODEL_ALIASES)}; pass --base-model"
         )
     path = resolve_model(base_name)
-    task_type = config.get("task_type")
     extra: dict[str, Any] = {}
-    if task_type == "SEQ_CLS":
-        auto: Any = AutoModelForSequenceClassification
-        if labels is not None:
-            extra = {
-                "id2label": {int(i): name for i, name in labels["id2label"].items()},
-                "label2id": labels.get("label2id") or {name: int(i) for i, name in labels["id2label"].items()},
-            }
-        else:
-            num_labels = _num_labels(tensors, list(config.get("modules_to_save") or ["classifier", "score"]))
-            extra = {} if num_labels is None else {"num_labels": num_labels}
-    else:
-        auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModel
+    if labels is not None and config.get("task_type") == "SEQ_CLS":
+        extra = {
+            "id2label": {int(i): name for i, name in labels["id2label"].items()},
+            "label2id": labels.get("label2id") or {name: int(i) for i, name in labels["id2label"].items()},
+        }
     try:
         model_config = AutoConfig.from_pretrained(path, **extra)
-        with torch.device("meta"):
-            skeleton = auto.from_config(model_config)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"base model {base_name!r} cannot be read: {error}") from None
+    auto = _model_class(config, model_config, adapter_dir / CONFIG_NAME)
+    try:
+        skeleton = _skeleton(auto, model_config)
     except (OSError, ValueError) as error:
         raise ExportError(f"base model {base_name!r} cannot be read as a {auto.__name__}: {error}") from None
+    tensors = _read_adapter_tensors(adapter_dir, skeleton)
+    layers = _layer_tensors(tensors)
+    needed = max((saved["giva_lambda_s"].shape[0] for saved in layers.values() if "giva_lambda_s" in saved), default=0)
+    if rank is not None:
+        _check_rank(rank, needed, "default")
     _check_base_matches(skeleton, layers, base_name)
+    embeddings = _embedding_tensors(tensors, skeleton, base_name)
     del skeleton
+    if config.get("task_type") == "SEQ_CLS" and labels is None:
+        num_labels = _num_labels(tensors, list(config.get("modules_to_save") or ["classifier", "score"]))
+        extra = {} if num_labels is None else {"num_labels": num_labels}
     model = auto.from_pretrained(path, **extra)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     lora_config, state_dict = to_lora(peft_model, rank=rank)
+    state_dict.update(embeddings)
     lora_config.base_model_name_or_path = config.get("base_model_name_or_path") or base_name
     side_files = _side_files(adapter_dir)
     readme = _loading_snippet(
-        out, lora_config, labels, tokenizer=any(p.name != "labels.json" for p in side_files)
+        out, lora_config, auto.__name__, labels, tokenizer=any(p.name != "labels.json" for p in side_files)
     )
 
     def extras(tmp: Path) -> None:
@@ -489,5 +596,5 @@ def export_lora_dir(
             shutil.copy2(source, tmp / source.name)
         (tmp / "README.md").write_text(readme, encoding="utf-8")
 
-    _write_lora(out, lora_config, state_dict, extras)
+    _write_lora(out, lora_config, state_dict, extras, _auto_mapping(lora_config, type(model)))
     return lora_config
