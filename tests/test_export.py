@@ -555,3 +555,33 @@ def test_export_lora_cli_carries_saved_embedding_layers_and_refuses_a_resized_vo
 def _refuse(*args, **kwargs):
     raise AssertionError("the base model's weights were loaded before the error")
 
+
+@pytest.mark.parametrize(
+    ("factory", "options", "message"),
+    [(tiny_bert, {"bias": "all"}, "sets bias='all': the trained biases"),
+     (tiny_bert, {"bias": "giva_only"}, "sets bias='giva_only': the trained biases"),
+     (tiny_llama, {"trainable_token_indices": [5, 6]}, r"sets trainable_token_indices=\[5, 6\]: the trained embedding rows")],
+    ids=["bias-all", "bias-giva-only", "trainable-tokens"],
+)
+def test_options_a_lora_cannot_carry_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, factory, options, message):
+    """bias other than "none" and trainable_token_indices train tensors that are no low-rank delta; PEFT's
+    convert_to_lora refuses them, but only after `giva export-lora` had loaded the base model, and its TypeError for
+    the trainable tokens came out of the CLI as a traceback."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    task_type = "SEQ_CLS" if factory is tiny_bert else "CAUSAL_LM"
+    factory().save_pretrained(tmp_path / "base")
+    model = get_peft_model(type(factory()).from_pretrained(tmp_path / "base"), GivaConfig(
+        r=4, init_weights=False, target_modules=["query", "value"] if factory is tiny_bert else ["q_proj"],
+        task_type=task_type, **options))
+    for export in (lambda: export_lora(model, tmp_path / "lora"), lambda: peft.save_as_lora(tmp_path / "lora", model, 4)):
+        with pytest.raises(ExportError, match=message):
+            export()
+    model.save_pretrained(tmp_path / "giva")
+    for auto in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        monkeypatch.setattr(auto, "from_pretrained", _refuse)
+    capsys.readouterr()
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("giva export-lora: ") and re.search(message, err), err
+    assert not (tmp_path / "lora").exists()

@@ -193,17 +193,44 @@ def convert_to_lora(
     _check_adapter(model, adapter_name)
     if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not (rank >= 1 if isinstance(rank, int) else 0 < rank <= 1):
         raise ExportError(f"rank must be an int >= 1 or a float in (0, 1] (an energy threshold), got {rank!r}")
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is not None:
+        _check_exportable(vars(config), f"GiVA adapter {adapter_name!r}")
     lora_config, state_dict = original(
         model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs
     )
     state_dict = {k: v for k, v in state_dict.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
     heads = _heads(model, adapter_name)
     state_dict.update(heads)
-    config = getattr(model, "peft_config", {}).get(adapter_name)
     lora_config.modules_to_save = list(config.modules_to_save or []) if heads and config is not None else None
     if config is not None:
         lora_config.task_type = config.task_type
     return lora_config, state_dict
+
+
+def _check_exportable(config: dict[str, Any], source: str) -> None:
+    """Refuse, before any work, the options whose trained state a LoRA export cannot carry (``source`` names the
+    adapter or its config file).
+
+    ``bias`` other than ``"none"`` trains the base model's biases and ``trainable_token_indices`` rows of an embedding
+    layer: neither is a low-rank delta. PEFT's ``convert_to_lora`` refuses both (a ``ValueError`` for the bias, a
+    ``TypeError`` naming ``TrainableTokensLayer``), but ``giva export-lora`` reached it only after loading the base
+    model, and the ``TypeError`` came out as a traceback.
+    """
+    bias = config.get("bias") or "none"
+    if bias != "none":
+        raise ExportError(
+            f"{source} sets bias={bias!r}: the trained biases of the base model are no low-rank delta, and PEFT's LoRA "
+            "conversion refuses them, so a LoRA export cannot reproduce this adapter; train with bias='none' to export "
+            "it, or serve the GiVA adapter itself"
+        )
+    tokens = config.get("trainable_token_indices")
+    if tokens is not None:
+        raise ExportError(
+            f"{source} sets trainable_token_indices={tokens!r}: the trained embedding rows are no low-rank delta, and "
+            "PEFT's LoRA conversion refuses them, so a LoRA export cannot reproduce this adapter; train without "
+            "trainable_token_indices to export it, or serve the GiVA adapter itself"
+        )
 
 
 def _peft_convert_to_lora(model: nn.Module, rank: Union[int, float], adapter_name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -530,10 +557,10 @@ def export_lora_dir(
 ) -> LoraConfig:
     """Load a saved GiVA adapter onto its base model and write it as a LoRA folder (``giva export-lora``).
 
-    Everything that can be checked is checked before the base model's weights load: the adapter's config, the output
-    folder, the base model (built on the ``meta`` device as the class the adapter was trained on:
-    :func:`_model_class`), the adapter's weights as loading checks them, ``rank``, and that the base model has every
-    adapted layer in the saved shapes. The tokenizer files and
+    Everything that can be checked is checked before the base model's weights load: the adapter's config (and
+    options a LoRA cannot carry: :func:`_check_exportable`), the output folder, the base model (built on the ``meta``
+    device as the class the adapter was trained on: :func:`_model_class`), the adapter's weights as loading checks
+    them, ``rank``, and that the base model has every adapted layer in the saved shapes. The tokenizer files and
     ``labels.json`` of the adapter folder are copied, the class names go into the base model's config, and a
     ``README.md`` holds the plain-PEFT code that loads the export. Embedding layers PEFT saved whole in the adapter
     folder are carried into the LoRA. The base model defaults to ``base_model_name_or_path`` of the adapter's
@@ -545,6 +572,7 @@ def export_lora_dir(
 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     config = _read_adapter_config(adapter_dir)
+    _check_exportable(config, str(adapter_dir / CONFIG_NAME))
     _check_output(out)
     labels = _labels(adapter_dir)
     base_name = base_model or config.get("base_model_name_or_path")
