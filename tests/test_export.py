@@ -585,3 +585,36 @@ def test_options_a_lora_cannot_carry_are_refused_before_the_model_loads(tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("giva export-lora: ") and re.search(message, err), err
     assert not (tmp_path / "lora").exists()
+
+
+def test_export_refuses_a_users_own_lora_and_replaces_only_an_earlier_export(tmp_path, monkeypatch, capsys):
+    """An export into a folder holding the user's own PEFT LoRA replaced its weights silently and deleted its vocab.txt
+    and labels.json. Only a folder an export wrote is replaced: its README.md starts with the line every export has
+    written (giva's earlier exports too); a peft.save_as_lora of a GiVA model now writes that README as well."""
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    torch.manual_seed(3)
+    lora_config = peft.LoraConfig(r=8, target_modules=["query"], task_type="SEQ_CLS", init_lora_weights=False)
+    mine = tmp_path / "mine"
+    get_peft_model(AutoModelForSequenceClassification.from_pretrained(tmp_path / "base"), lora_config).save_pretrained(mine)
+    (mine / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+    (mine / "labels.json").write_text('{"id2label": {"0": "neg", "1": "pos"}}')
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    model = _random_adapter(tiny_bert, target_modules=["value"], task_type="SEQ_CLS")
+    message = "adapter_config.json belongs to a LoRA adapter that no giva export wrote"
+    for export in (lambda: export_lora(model, mine), lambda: peft.save_as_lora(mine, model, rank=4)):
+        with pytest.raises(ExportError, match=message):
+            export()
+    model.save_pretrained(tmp_path / "giva")
+    _refuse_loading(monkeypatch)
+    capsys.readouterr()
+    assert main(["export-lora", str(tmp_path / "giva"), str(mine), "--base-model", str(tmp_path / "base")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    earlier = tmp_path / "earlier"
+    peft.save_as_lora(earlier, model, rank=8)
+    assert (earlier / "README.md").read_text().startswith("# LoRA export of a GiVA adapter\n")  # as giva 0.1 wrote it
+    export_lora(model, earlier)
+    assert json.loads((earlier / "adapter_config.json").read_text())["r"] == 4

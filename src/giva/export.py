@@ -258,10 +258,30 @@ def to_lora(model: PeftModel, adapter_name: str = "default", rank: Optional[int]
     return lora_config, state_dict
 
 
+# The first line of the README.md every export writes (giva 0.1 wrote it too): what marks a folder as an earlier
+# export, the one kind of adapter folder an export replaces.
+_EXPORT_MARK = "# LoRA export of a GiVA adapter"
+
+
+def _written_by_export(out: Path) -> bool:
+    """Whether ``out`` holds a LoRA a giva export wrote: its README.md starts with :data:`_EXPORT_MARK`.
+
+    A user's own LoRA (PEFT's ``save_pretrained`` writes a model card starting ``---``) is no export, and neither
+    is a folder whose README was replaced; both are refused rather than overwritten. A README is a marker servers
+    and the hub leave alone, unlike an extra field in ``adapter_config.json``, which PEFT warns about on every load.
+    """
+    try:
+        with open(out / "README.md", encoding="utf-8") as readme:
+            return readme.readline().rstrip("\r\n") == _EXPORT_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _check_output(out: Path) -> None:
-    """Refuse, before any work, an output that is a file, read-only, holds an adapter other than LoRA (a GiVA adapter
-    would be lost), or is a non-empty folder with no adapter at all (its README.md, tokenizer files or labels.json
-    would be replaced). An empty folder, or one holding only an older giva's staging folders, is fine."""
+    """Refuse, before any work, an output that is a file, read-only, holds an adapter other than an earlier export (a
+    GiVA adapter or the user's own LoRA would be lost, with its tokenizer files and labels.json), or is a non-empty
+    folder with no adapter at all (its README.md, tokenizer files or labels.json would be replaced). An empty folder,
+    or one holding only an older giva's staging folders, is fine."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a folder")
     if out.is_dir() and (not stat.S_IMODE(out.stat().st_mode) & 0o222 or not os.access(out, os.W_OK)):
@@ -284,12 +304,18 @@ def _check_output(out: Path) -> None:
                 f"{config_file} belongs to a {peft_type!r} adapter, which the export would overwrite; write the LoRA "
                 "to a new folder (only an earlier LoRA export is replaced)"
             )
+        if not _written_by_export(out):
+            raise ExportError(
+                f"{config_file} belongs to a LoRA adapter that no giva export wrote (its README.md does not start with "
+                f"{_EXPORT_MARK!r}), which the export would overwrite, dropping its tokenizer files and labels.json; "
+                "write the LoRA to a new folder (only an earlier LoRA export is replaced)"
+            )
 
 
-_README = """# LoRA export of a GiVA adapter
+_README = _EXPORT_MARK + """
 
 Written by giva's exact export: `lora_B @ lora_A` equals the GiVA adapter's `delta_W` on every layer
-(r={r}, lora_alpha={r}, so LoRA's scaling is 1). It is a stock PEFT LoRA; loading it needs no giva:
+({ranks}, so LoRA's scaling is 1). It is a stock PEFT LoRA; loading it needs no giva:
 
 ```python
 {code}
@@ -326,7 +352,9 @@ def _loading_snippet(out: Path, lora_config: LoraConfig, auto: str, labels: Opti
     lines.append(f"model = PeftModel.from_pretrained(base, {str(out)!r}).eval()")
     if tokenizer:
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})")
-    return _README.format(r=lora_config.r, code="\n".join(lines))
+    ranks = (f"r={lora_config.r}, lora_alpha={lora_config.r}" if not lora_config.rank_pattern  # peft.save_as_lora's
+             else "each layer's rank in rank_pattern, lora_alpha equal to it")                # float rank sets these
+    return _README.format(ranks=ranks, code="\n".join(lines))
 
 
 def _write_lora(
@@ -360,11 +388,17 @@ def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str =
     out = Path(out_dir)
     _check_output(out)
     lora_config, state_dict = to_lora(model, adapter_name, rank)
+    _write_model_export(out, model, lora_config, state_dict)
+    return lora_config
+
+
+def _write_model_export(out: Path, model: nn.Module, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write the export of a model in memory with its README.md (the loading code, and the mark of an export that a
+    later export may replace) and, without ``task_type``, the base model's class in ``auto_mapping``."""
     base_class = type(model.get_base_model() if isinstance(model, PeftModel) else model)
     readme = _loading_snippet(out, lora_config, _base_class_name(lora_config.task_type, base_class))
     _write_lora(out, lora_config, state_dict, lambda tmp: (tmp / "README.md").write_text(readme, encoding="utf-8"),
                 _auto_mapping(lora_config, base_class))
-    return lora_config
 
 
 def save_as_lora(
@@ -377,7 +411,8 @@ def save_as_lora(
     compile_kwargs: Optional[dict] = None,
 ) -> None:
     """PEFT's ``save_as_lora`` for a model holding GiVA adapters: the same checks as ``giva export-lora`` before
-    any work (``path`` not a file, not read-only, not another adapter's folder), then one atomic write."""
+    any work (``path`` not a file, not read-only, not another adapter's folder), then one atomic write, with the
+    README.md of :func:`export_lora` (so that a later export may replace the folder)."""
     if not _holds_giva(model):
         return original(path, model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs)
     out = Path(path)
@@ -387,7 +422,7 @@ def save_as_lora(
     lora_config, state_dict = conversion.convert_to_lora(
         model, rank=rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs
     )
-    _write_lora(out, lora_config, state_dict)
+    _write_model_export(out, model, lora_config, state_dict)
     return None
 
 
