@@ -618,3 +618,25 @@ def test_export_refuses_a_users_own_lora_and_replaces_only_an_earlier_export(tmp
     assert (earlier / "README.md").read_text().startswith("# LoRA export of a GiVA adapter\n")  # as giva 0.1 wrote it
     export_lora(model, earlier)
     assert json.loads((earlier / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize("how", ["parent-refuses-entries", "swap-ebusy"])
+def test_an_export_into_a_folder_that_cannot_be_swapped_replaces_its_files(tmp_path, monkeypatch, how):
+    """An export into a mount point (EBUSY from the swap) or a folder whose parent refuses new entries failed after
+    the work (PermissionError / OSError) where PEFT's own save succeeds; it now replaces the earlier export's files
+    one by one and loads as the export written the usual way does, bit for bit."""
+    from ckpt_child import refuse_swaps
+
+    model = _random_adapter(tiny_llama, target_modules=["q_proj", "v_proj"])
+    export_lora(model, tmp_path / "usual")
+    out = tmp_path / "out"
+    export_lora(model, out, rank=8)  # an earlier export, replaced
+    (out / "NOTES.md").write_text("mine")
+    refuse_swaps(monkeypatch, out, how)
+    export_lora(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "README.md", "adapter_config.json",
+                                                     "adapter_model.safetensors"]
+    ids = text_batches(batch=3)[0]["input_ids"]
+    usual = _logits(PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "usual")).eval(), ids)
+    assert torch.equal(_logits(PeftModel.from_pretrained(tiny_llama(), str(out)).eval(), ids), usual)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
