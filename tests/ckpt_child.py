@@ -9,17 +9,20 @@ every step of the save, sends it SIGKILL after ``delay_s`` seconds, and answers 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel, get_peft_model
 
 import giva
+from giva import checkpoint
 from tiny_models import tiny_bert
 
 STEP_SLEEP_S = 0.002
@@ -44,6 +47,31 @@ def set_vectors(model: PeftModel, seed: int) -> None:
 
 def labels_for(seed: int) -> dict[str, str]:
     return {"0": f"neg-{seed}", "1": f"pos-{seed}"}
+
+
+def refuse_swaps(monkeypatch: Any, folder: Path, how: str) -> None:
+    """Stand-ins for a folder that cannot be swapped whole: its parent refuses new entries (a user's folder under a
+    root-owned one: the staging folder beside it cannot be made), or it is a mount point (a container's /output
+    volume) that ``os.path.ismount`` sees (``mount-point``) or not (a bind mount of the same file system:
+    ``swap-ebusy``); renaming a mount point fails with EBUSY."""
+    if how == "parent-refuses-entries":
+        real_mkdir = os.mkdir
+
+        def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+            if Path(path).name.startswith(f".{folder.name}.giva-tmp-"):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real_mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "mkdir", mkdir)
+        return
+
+    def busy(*args: Any) -> None:
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+
+    monkeypatch.setattr(checkpoint, "_exchange", busy)
+    if how == "mount-point":
+        real_ismount = os.path.ismount
+        monkeypatch.setattr(os.path, "ismount", lambda path: Path(path) == folder or real_ismount(path))
 
 
 def _slowed(module: object, name: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ckpt_child import adapter_model, labels_for
+from ckpt_child import adapter_model, labels_for, refuse_swaps
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from giva import CheckpointError, checkpoint
@@ -214,3 +215,52 @@ def test_a_symlinked_folder_stays_a_link(tmp_path):
     model = adapter_model(2).eval()
     model.save_pretrained(str(link))
     assert link.is_symlink() and torch.equal(reload(real), logits(model))
+
+
+@pytest.mark.parametrize("how", ["parent-refuses-entries", "mount-point", "swap-ebusy"])
+def test_a_folder_that_cannot_be_swapped_is_saved_file_by_file(tmp_path, monkeypatch, caplog, how):
+    """Stock PEFT saves into a mount point or a folder whose parent refuses new entries; giva's atomic save failed
+    there (PermissionError making the staging folder, OSError EBUSY from the swap). It now replaces the files one by
+    one, with a warning: the user's files are kept, what a swap drops (the weights file of the other format) is
+    dropped, no staging folder is left, and the adapter reloads exactly."""
+    folder = tmp_path / "adapter"
+    adapter_model(1).save_pretrained(str(folder), safe_serialization=False)
+    (folder / "notes.txt").write_text("mine")
+    refuse_swaps(monkeypatch, folder, how)
+    model = adapter_model(2).eval()
+    with caplog.at_level(logging.WARNING, logger="giva.checkpoint"):
+        model.save_pretrained(str(folder))
+    reason = {"parent-refuses-entries": "refuses new entries", "mount-point": "is a mount point", "swap-ebusy": "busy"}
+    assert "cannot be swapped whole" in caplog.text and reason[how] in caplog.text, caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                        "notes.txt"]
+    assert (folder / "notes.txt").read_text() == "mine" and leftovers(folder) == []
+    assert torch.equal(reload(folder), logits(model))
+    third = adapter_model(3).eval()  # and a save into the fresh in-place folder again
+    third.save_pretrained(str(folder), safe_serialization=False)
+    assert torch.equal(reload(folder), logits(third)) and not (folder / "adapter_model.safetensors").exists()
+
+
+def test_an_in_place_save_cut_off_half_way_is_detected_and_its_staging_folder_removed(tmp_path, monkeypatch):
+    """Replacing files one by one is not atomic: a save killed between the weights and the config leaves new weights
+    beside the old config, which the weights checksum refuses; the staging folder of the dead saver is removed by the
+    next load."""
+    folder = tmp_path / "adapter"
+    adapter_model(1).save_pretrained(str(folder))
+    refuse_swaps(monkeypatch, folder, "swap-ebusy")
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "adapter_config.json":
+            raise KeyboardInterrupt  # killed before the config is in
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        adapter_model(2).save_pretrained(str(folder))
+    monkeypatch.setattr(os, "replace", real_replace)
+    dead = folder / ".giva-tmp-999999999-abcd"  # what a killed saver leaves (pid 999999999 does not run)
+    dead.mkdir()
+    with pytest.raises(CheckpointError, match="does not match .*adapter_config.json"):
+        PeftModel.from_pretrained(tiny_bert(), str(folder))
+    assert not dead.exists()

@@ -148,9 +148,12 @@ def _nan(state):
         (None, _nan, "adapter_model.safetensors: .*layer.1.attention.self.value.giva_lambda_o holds NaN or inf"),
         (None, lambda s: s.update({"base_model.model.extra.weight": torch.zeros(2)}),
          "adapter_model.safetensors holds a tensor that is not part of a GiVA adapter: 'base_model.model.extra.weight'"),
+        # An embedding name PEFT knows, but not one of this model (a BERT classifier has no lm_head): still foreign.
+        (None, lambda s: s.update({"base_model.model.lm_head.weight": torch.zeros(100, 32)}),
+         r"not part of a GiVA adapter: 'base_model.model.lm_head.weight' .*\['bert.embeddings.word_embeddings'\]"),
     ],
     ids=["empty-config", "r-missing", "r-string", "task-type", "bases-dtype", "A-int32", "B-bf16", "nan-lambda",
-         "extra-tensor"],
+         "extra-tensor", "foreign-lm-head"],
 )
 def test_a_hand_edited_folder_is_refused_in_one_line_naming_the_file(saved, tmp_path, config, tensors, message):
     folder = _edited(saved, tmp_path, config, tensors)
@@ -176,6 +179,53 @@ def test_a_deleted_checksum_warns_like_a_missing_seeded_basis_checksum(saved, tm
         warnings.simplefilter("error", UserWarning)
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
         PeftModel.from_pretrained(tiny_bert(), str(saved))  # an intact folder loads without it
+
+
+@pytest.mark.parametrize(
+    ("resized", "config", "save"),
+    [
+        (True, {}, {}),  # save_embedding_layers="auto": PEFT saves both embeddings itself, with a warning
+        (True, {"trainable_token_indices": [100, 105]}, {}),  # TRL's chat-template flow: new tokens, trained rows
+        (False, {}, {"save_embedding_layers": True}),
+        (False, {}, {"save_embedding_layers": True, "safe_serialization": False}),
+    ],
+    ids=["resized-auto", "resized-trainable-tokens", "save-embeddings", "save-embeddings-bin"],
+)
+def test_folders_with_the_embedding_layers_peft_saves_reload_exactly(tmp_path, resized, config, save):
+    """PEFT saves whole embedding layers (``lm_head.weight``, ``model.embed_tokens.weight``) with
+    ``save_embedding_layers=True``, or by itself after ``resize_token_embeddings``; the tensor check refused every
+    such folder as holding "a tensor that is not part of a GiVA adapter", so the adapter could never be loaded."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")  # PEFT's "auto" compares the vocabulary with the base's config
+
+    def base() -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        if resized:
+            model.resize_token_embeddings(110)  # new rows drawn at random: equal logits need the saved ones
+        return model
+
+    torch.manual_seed(2)
+    model = get_peft_model(base(), GivaConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"],
+                                              task_type="CAUSAL_LM", **config)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                param.add_(1.0)  # "trained" rows of the new tokens
+    ids = torch.tensor([[1, 2, 3, 4, 99] + ([100, 105, 107] if resized else [])])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PEFT's "Setting save_embedding_layers to True ..."
+        model.save_pretrained(tmp_path / "adapter", **save)
+    weights = next((tmp_path / "adapter").glob("adapter_model.*"))
+    saved = load_file(weights) if weights.suffix == ".safetensors" else torch.load(weights, weights_only=True)
+    assert "base_model.model.lm_head.weight" in saved  # the layers are there: the folder tests what it claims
+    loaded = PeftModel.from_pretrained(base(), str(tmp_path / "adapter")).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
 
 
 @pytest.mark.parametrize(

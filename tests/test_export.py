@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -471,3 +472,171 @@ def test_export_lora_cli_refuses_unusable_outputs_and_unreadable_weights_before_
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "adapter_model.safetensors cannot be read" in err and "truncated" in err, err
     assert not (root / "lora").exists()
+
+
+# ------------------------------------------------- the base model's class, embedding layers, options LoRA lacks
+
+
+def tiny_bert_tagger(seed: int = 0):
+    from transformers import BertConfig, BertForTokenClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, num_labels=3)
+    return BertForTokenClassification(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("factory", "task_type", "targets", "loaded_as"),
+    [(tiny_llama, None, ["q_proj", "v_proj"], "LlamaForCausalLM"),
+     (tiny_bert_tagger, "TOKEN_CLS", ["query", "value"], "AutoModelForTokenClassification")],
+    ids=["llama-without-task-type", "bert-token-cls"],
+)
+def test_export_lora_cli_loads_the_base_model_class_the_adapter_was_trained_on(tmp_path, factory, task_type, targets, loaded_as):
+    """`giva export-lora` loaded the base model of every task_type but SEQ_CLS / CAUSAL_LM, task_type=None among them
+    (`get_peft_model(model, GivaConfig(...))`), as a headless AutoModel and said the base model does not match."""
+    factory().save_pretrained(tmp_path / "base")
+    base_class = type(factory())
+    torch.manual_seed(1)
+    config = GivaConfig(r=4, init_weights=False, target_modules=targets, task_type=task_type)
+    model = get_peft_model(base_class.from_pretrained(tmp_path / "base"), config).eval()
+    for module in model.modules():
+        if isinstance(module, peft.utils.other.ModulesToSaveWrapper):  # a trained head (TOKEN_CLS' classifier)
+            for param in module.modules_to_save["default"].parameters():
+                param.data += 0.5
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "giva")
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 0
+    lora = PeftModel.from_pretrained(base_class.from_pretrained(tmp_path / "base"), tmp_path / "lora").eval()
+    assert type(lora.peft_config["default"]).__name__ == "LoraConfig"
+    torch.testing.assert_close(_logits(lora, ids), expected, atol=1e-5, rtol=0)
+    assert f"from transformers import {loaded_as}" in (tmp_path / "lora" / "README.md").read_text()
+    if task_type is None:  # the export records the class as PEFT's own save does, so AutoPeftModel finds it
+        auto = peft.AutoPeftModel.from_pretrained(str(tmp_path / "lora")).eval()
+        torch.testing.assert_close(_logits(auto, ids), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(factory(), ids), expected, atol=1e-3)
+
+
+def test_export_lora_cli_carries_saved_embedding_layers_and_refuses_a_resized_vocabulary(tmp_path, monkeypatch, capsys):
+    """A folder saved with the embedding layers (save_embedding_layers=True) exports with them, as PEFT's LoRA saves
+    them; one saved after resize_token_embeddings is refused before the model loads: the LoRA cannot resize the
+    base model's vocabulary again."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+    tiny_gpt2().save_pretrained(tmp_path / "gpt2")
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"),
+                           GivaConfig(r=4, init_weights=False, target_modules=["c_attn"], task_type="CAUSAL_LM")).eval()
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "giva", save_embedding_layers=True)
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 0
+    from safetensors.torch import load_file
+
+    assert "base_model.model.transformer.wte.weight" in load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    lora = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), tmp_path / "lora").eval()
+    torch.testing.assert_close(_logits(lora, ids), expected, atol=1e-5, rtol=0)
+
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    base.resize_token_embeddings(110)
+    resized = get_peft_model(base, GivaConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    resized.save_pretrained(tmp_path / "resized")  # PEFT adds the embeddings itself ("auto")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _refuse)
+    capsys.readouterr()
+    assert main(["export-lora", str(tmp_path / "resized"), str(tmp_path / "lora2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the vocabulary was resized" in err, err
+    assert re.search(r"embedding layer '(lm_head|model.embed_tokens).weight' of shape \(110, 32\), but base model .* has "
+                     r"\(100, 32\)", err), err
+    assert not (tmp_path / "lora2").exists()
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("the base model's weights were loaded before the error")
+
+
+@pytest.mark.parametrize(
+    ("factory", "options", "message"),
+    [(tiny_bert, {"bias": "all"}, "sets bias='all': the trained biases"),
+     (tiny_bert, {"bias": "giva_only"}, "sets bias='giva_only': the trained biases"),
+     (tiny_llama, {"trainable_token_indices": [5, 6]}, r"sets trainable_token_indices=\[5, 6\]: the trained embedding rows")],
+    ids=["bias-all", "bias-giva-only", "trainable-tokens"],
+)
+def test_options_a_lora_cannot_carry_are_refused_before_the_model_loads(tmp_path, monkeypatch, capsys, factory, options, message):
+    """bias other than "none" and trainable_token_indices train tensors that are no low-rank delta; PEFT's
+    convert_to_lora refuses them, but only after `giva export-lora` had loaded the base model, and its TypeError for
+    the trainable tokens came out of the CLI as a traceback."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    task_type = "SEQ_CLS" if factory is tiny_bert else "CAUSAL_LM"
+    factory().save_pretrained(tmp_path / "base")
+    model = get_peft_model(type(factory()).from_pretrained(tmp_path / "base"), GivaConfig(
+        r=4, init_weights=False, target_modules=["query", "value"] if factory is tiny_bert else ["q_proj"],
+        task_type=task_type, **options))
+    for export in (lambda: export_lora(model, tmp_path / "lora"), lambda: peft.save_as_lora(tmp_path / "lora", model, 4)):
+        with pytest.raises(ExportError, match=message):
+            export()
+    model.save_pretrained(tmp_path / "giva")
+    for auto in (AutoModelForCausalLM, AutoModelForSequenceClassification):
+        monkeypatch.setattr(auto, "from_pretrained", _refuse)
+    capsys.readouterr()
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("giva export-lora: ") and re.search(message, err), err
+    assert not (tmp_path / "lora").exists()
+
+
+def test_export_refuses_a_users_own_lora_and_replaces_only_an_earlier_export(tmp_path, monkeypatch, capsys):
+    """An export into a folder holding the user's own PEFT LoRA replaced its weights silently and deleted its vocab.txt
+    and labels.json. Only a folder an export wrote is replaced: its README.md starts with the line every export has
+    written (giva's earlier exports too); a peft.save_as_lora of a GiVA model now writes that README as well."""
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    torch.manual_seed(3)
+    lora_config = peft.LoraConfig(r=8, target_modules=["query"], task_type="SEQ_CLS", init_lora_weights=False)
+    mine = tmp_path / "mine"
+    get_peft_model(AutoModelForSequenceClassification.from_pretrained(tmp_path / "base"), lora_config).save_pretrained(mine)
+    (mine / "vocab.txt").write_text("[PAD]\n[UNK]\nhello\n")
+    (mine / "labels.json").write_text('{"id2label": {"0": "neg", "1": "pos"}}')
+    before = {p.name: p.read_bytes() for p in mine.iterdir()}
+    model = _random_adapter(tiny_bert, target_modules=["value"], task_type="SEQ_CLS")
+    message = "adapter_config.json belongs to a LoRA adapter that no giva export wrote"
+    for export in (lambda: export_lora(model, mine), lambda: peft.save_as_lora(mine, model, rank=4)):
+        with pytest.raises(ExportError, match=message):
+            export()
+    model.save_pretrained(tmp_path / "giva")
+    _refuse_loading(monkeypatch)
+    capsys.readouterr()
+    assert main(["export-lora", str(tmp_path / "giva"), str(mine), "--base-model", str(tmp_path / "base")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert {p.name: p.read_bytes() for p in mine.iterdir()} == before
+    earlier = tmp_path / "earlier"
+    peft.save_as_lora(earlier, model, rank=8)
+    assert (earlier / "README.md").read_text().startswith("# LoRA export of a GiVA adapter\n")  # as giva 0.1 wrote it
+    export_lora(model, earlier)
+    assert json.loads((earlier / "adapter_config.json").read_text())["r"] == 4
+
+
+@pytest.mark.parametrize("how", ["parent-refuses-entries", "swap-ebusy"])
+def test_an_export_into_a_folder_that_cannot_be_swapped_replaces_its_files(tmp_path, monkeypatch, how):
+    """An export into a mount point (EBUSY from the swap) or a folder whose parent refuses new entries failed after
+    the work (PermissionError / OSError) where PEFT's own save succeeds; it now replaces the earlier export's files
+    one by one and loads as the export written the usual way does, bit for bit."""
+    from ckpt_child import refuse_swaps
+
+    model = _random_adapter(tiny_llama, target_modules=["q_proj", "v_proj"])
+    export_lora(model, tmp_path / "usual")
+    out = tmp_path / "out"
+    export_lora(model, out, rank=8)  # an earlier export, replaced
+    (out / "NOTES.md").write_text("mine")
+    refuse_swaps(monkeypatch, out, how)
+    export_lora(model, out)
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md", "README.md", "adapter_config.json",
+                                                     "adapter_model.safetensors"]
+    ids = text_batches(batch=3)[0]["input_ids"]
+    usual = _logits(PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "usual")).eval(), ids)
+    assert torch.equal(_logits(PeftModel.from_pretrained(tiny_llama(), str(out)).eval(), ids), usual)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

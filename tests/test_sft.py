@@ -453,6 +453,7 @@ def test_export_lora_keeps_what_the_folder_holds(chat_model, pc_jsonl, tmp_path,
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (earlier / "README.md").write_text("# LoRA export of a GiVA adapter\n")  # what marks an export (a user's LoRA is refused)
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--export-lora", str(notes))) == 2
     assert (f"--export-lora {str(notes)!r}: output folder {notes} is not empty and holds no adapter; the export would "
             "overwrite its files") in one_error_line(capsys)

@@ -4,7 +4,10 @@ A save writes the complete adapter into a temporary sibling folder, flushes it t
 with the target folder in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so a process killed at any
 point leaves the target folder either as it was or as the new save, never a mix. Where the atomic
 exchange is unavailable (other systems, some file systems) the old folder is renamed aside first and
-put back by the next save or load if the process died between the two renames.
+put back by the next save or load if the process died between the two renames. Where the folder cannot
+be swapped at all (a mount point such as a container's ``/output`` volume, a parent folder that refuses
+new entries) the save is staged inside the folder and its files replace the old ones one by one, the
+config last: no longer atomic, but a cut-off save of a GiVA adapter fails its weights checksum at load.
 
 ``adapter_config.json`` records the sha256 of the weights file written with it (``weights_sha256``);
 loading a GiVA folder whose weights do not match, or lack, raises :class:`CheckpointError` naming the
@@ -37,8 +40,12 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")  # in PEFT's order of preference
 CHECKSUM_KEY = "weights_sha256"
 GIVA_TYPE = "GIVA"
-_TMP_TAG = ".giva-tmp-"  # .<name>.giva-tmp-<host>-<pid>-<token>: a save in progress (or the old copy being removed)
+_TMP_TAG = ".giva-tmp-"  # .<name>.giva-tmp-<host>-<pid>-<token>: a save in progress (or the old copy being removed);
+# .giva-tmp-<host>-<pid>-<token> inside the target: a save in progress that replaces the files one by one
 _OLD_TAG = ".giva-old-"  # .<name>.giva-old-<host>-<pid>-<token>: the old folder moved aside by the fallback swap
+# Errors of a swap that the folder's place refuses (a mount point: EBUSY; another file system: EXDEV; a parent
+# without write permission, or a sticky one of another owner: EACCES / EPERM): such a save replaces files in place.
+_IN_PLACE_ERRORS = (errno.EBUSY, errno.EXDEV, errno.EPERM, errno.EACCES)
 _EXPORT_TAG = ".giva-export-"  # staging folders of giva < 0.2 LoRA exports, inside the output folder
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -115,12 +122,13 @@ def _keep_unwritten(old: Path, new: Path, replaced: Optional[Callable[[str], boo
     Symbolic links stay links to the same target, links to folders included (``os.walk`` lists those among the
     folders without entering them). Not kept: an adapter weights file of the other format beside the one the save
     wrote (``adapter_model.bin`` after a safetensors save, or the reverse), which the new config's checksum does
-    not cover and PEFT would read first; staging folders an interrupted LoRA export of an older giva left; and the
-    top-level files whose name ``replaced`` accepts (files the writer owns that the save did not write this time).
+    not cover and PEFT would read first; staging folders an interrupted LoRA export of an older giva left, or an
+    in-place save (:func:`_replace_in_place`); and the top-level files whose name ``replaced`` accepts (files the
+    writer owns that the save did not write this time).
     """
     for folder, dirs, files in os.walk(old):
         linked = [name for name in dirs if (Path(folder) / name).is_symlink()]
-        dirs[:] = [name for name in dirs if not name.startswith(_EXPORT_TAG) and name not in linked]
+        dirs[:] = [name for name in dirs if not name.startswith((_EXPORT_TAG, _TMP_TAG)) and name not in linked]
         relative = Path(folder).relative_to(old)
         if not (new / relative).exists():  # a folder the save did not write keeps its mode, as in an in-place save
             (new / relative).mkdir()
@@ -177,13 +185,17 @@ def _owner_alive(stale: Path) -> bool:
 
 
 def recover(target: str | os.PathLike) -> None:
-    """Finish what an interrupted save left beside ``target``: put a moved-aside old folder back, delete temp folders.
+    """Finish what an interrupted save left beside ``target``: put a moved-aside old folder back, delete temp folders
+    (also the staging folder an in-place save left inside ``target``).
 
     Folders of a save still running (its process is alive) are left alone.
     """
     target = Path(target)
     if not target.parent.is_dir():
         return
+    for stale in target.glob(f"{_TMP_TAG}*") if target.is_dir() else ():  # staging of an in-place save
+        if not _owner_alive(stale):
+            shutil.rmtree(stale, ignore_errors=True)
     pattern = f".{glob.escape(target.name)}.giva-*"
     for stale in sorted(target.parent.glob(pattern)):
         if _owner_alive(stale):
@@ -214,7 +226,11 @@ def _swap_in(tmp: Path, target: Path) -> None:
         return
     backup = target.parent / f".{target.name}{_OLD_TAG}{_owner_tag()}"
     os.rename(target, backup)
-    os.rename(tmp, target)  # killed before this line: the next save or load renames `backup` back
+    try:
+        os.rename(tmp, target)  # killed before this line: the next save or load renames `backup` back
+    except OSError:
+        os.rename(backup, target)
+        raise
     os.rename(backup, tmp)  # `tmp` now names the old copy, removed by the caller
 
 
@@ -233,6 +249,81 @@ def is_side_file(name: str) -> bool:
     return name in (*_TOKENIZER_FILES, "labels.json")  # by name: a user's tokenizer_notes.md is no side file
 
 
+def _files(root: Path) -> list[Path]:
+    """The files and links under ``root``, relative to it; each folder's ``adapter_config.json`` last (see
+    :func:`_replace_in_place`)."""
+    found = []
+    for folder, dirs, files in os.walk(root):  # a link to a folder is listed among the folders, and not entered
+        links = [name for name in dirs if Path(folder, name).is_symlink()]
+        found += [Path(folder, name).relative_to(root) for name in [*files, *links]]
+    return sorted(found, key=lambda path: (path.name == CONFIG_NAME, str(path)))
+
+
+def _staging_folder(target: Path) -> Path:
+    """A new empty folder for a save into ``target``: beside it, to be swapped in whole, or inside an existing
+    ``target`` where nothing can be swapped with it (a mount point, or a parent folder that refuses new entries:
+    a volume mounted at ``/output``, a user's folder under a root-owned one), for :func:`_replace_in_place`."""
+    beside = target.parent / f".{target.name}{_TMP_TAG}{_owner_tag()}"
+    why = f"{target} is a mount point" if target.is_dir() and os.path.ismount(target) else None
+    if why is None:
+        try:
+            os.mkdir(beside)
+            return beside
+        except PermissionError as err:
+            if not target.is_dir():
+                raise
+            why = f"its folder {target.parent} refuses new entries ({err.strerror})"
+    inside = target / f"{_TMP_TAG}{_owner_tag()}"
+    os.mkdir(inside)
+    _warn_in_place(target, why)
+    return inside
+
+
+def _warn_in_place(target: Path, why: str) -> None:
+    logger.warning(
+        "%s cannot be swapped whole (%s): saving into it file by file, %s last; the save is not atomic (a GiVA "
+        "adapter cut off half-way fails its weights checksum at load)", target, why, CONFIG_NAME,
+    )
+
+
+def _replace_in_place(staged: Path, written: list[Path], final: Path, target: Path) -> None:
+    """Make ``target`` hold what the folder ``final`` holds, replacing files one by one (``os.replace``) where the
+    folder cannot be swapped whole.
+
+    ``staged`` is a folder inside ``target`` holding the files ``written`` (relative paths, each ``adapter_config.json``
+    last, as :func:`_files` orders them), ``final`` the complete new folder (the files kept from ``target`` included,
+    :func:`_keep_unwritten`). The old files stay until every new config is in place; then the entries of ``target``
+    that ``final`` lacks (files the save drops: a weights file of the other format, an earlier export's side files)
+    are removed. A save cut off half-way leaves new weights beside the old config, which a GiVA adapter's
+    ``weights_sha256`` refuses at load.
+    """
+    dropped = _dropped(target, final)
+    _fsync_tree(staged)
+    for relative in written:
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged / relative, target / relative)
+    for entry in dropped:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    for folder, dirs, _ in os.walk(target):
+        dirs[:] = [name for name in dirs if not name.startswith(_TMP_TAG)]
+        _fsync_path(Path(folder))
+
+
+def _dropped(target: Path, final: Path) -> list[Path]:
+    """The entries of ``target`` that the complete new folder ``final`` lacks (a folder once, not its contents);
+    staging folders of in-place saves are :func:`recover`'s business."""
+    dropped = []
+    for folder, dirs, files in os.walk(target):
+        relative = Path(folder).relative_to(target)
+        dirs[:] = [name for name in dirs if not name.startswith(_TMP_TAG)]
+        dropped += [Path(folder) / name for name in [*files, *dirs] if not os.path.lexists(final / relative / name)]
+        dirs[:] = [name for name in dirs if os.path.lexists(final / relative / name)]
+    return dropped
+
+
 @contextmanager
 def atomic_directory(target: str | os.PathLike, replaced: Optional[Callable[[str], bool]] = None) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``target``; when the block ends normally it replaces ``target`` at once.
@@ -240,27 +331,54 @@ def atomic_directory(target: str | os.PathLike, replaced: Optional[Callable[[str
     Files already in ``target`` that the block did not write are kept (as an in-place save would), except top-level
     files whose name ``replaced`` accepts (an earlier export's side files, say). If the
     block raises, ``target`` is untouched. A symlinked target keeps its link: the folder it points to is swapped.
+    Where ``target`` cannot be swapped (a mount point; a parent that refuses new entries, or a swap that fails with
+    EBUSY, EXDEV, EPERM or EACCES) the new files replace the old ones one by one instead, with a logged warning
+    (:func:`_replace_in_place`): stock PEFT saves there, so giva does too.
     """
     target = Path(os.path.realpath(os.path.expanduser(os.fspath(target))))
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"cannot save into {target}: it is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
-    tmp = target.parent / f".{target.name}{_TMP_TAG}{_owner_tag()}"
-    os.mkdir(tmp)
+    tmp = _staging_folder(target)
     try:
         yield tmp
+        written = _files(tmp)
         if target.is_dir():
-            tmp.chmod(target.stat().st_mode & 0o7777)
+            if tmp.parent != target:
+                tmp.chmod(target.stat().st_mode & 0o7777)
             _keep_unwritten(target, tmp, replaced)
-        _fsync_tree(tmp)
-        cwd = Path.cwd().resolve() if os.path.isdir(".") else None
-        _swap_in(tmp, target)
-        _fsync_path(target.parent)
-        if cwd is not None and (cwd == target or target in cwd.parents):
-            os.chdir(target / cwd.relative_to(target) if (target / cwd.relative_to(target)).is_dir() else target)
+        if tmp.parent == target:
+            _replace_in_place(tmp, written, tmp, target)
+        else:
+            _swap_or_replace(tmp, written, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_or_replace(tmp: Path, written: list[Path], target: Path) -> None:
+    """Swap the complete folder ``tmp`` in as ``target``; where the swap fails for the folder's place (a bind mount
+    :func:`os.path.ismount` cannot see, say) copy the written files into ``target`` and replace them there."""
+    _fsync_tree(tmp)
+    cwd = Path.cwd().resolve() if os.path.isdir(".") else None
+    try:
+        _swap_in(tmp, target)
+    except OSError as err:
+        if err.errno not in _IN_PLACE_ERRORS or not target.is_dir():
+            raise
+        _warn_in_place(target, f"the swap failed: {err.strerror}")
+        staged = target / f"{_TMP_TAG}{_owner_tag()}"
+        try:
+            for relative in written:  # copied: `tmp` may lie on another file system
+                (staged / relative).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(tmp / relative, staged / relative, follow_symlinks=False)
+            _replace_in_place(staged, written, tmp, target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return
+    _fsync_path(target.parent)
+    if cwd is not None and (cwd == target or target in cwd.parents):
+        os.chdir(target / cwd.relative_to(target) if (target / cwd.relative_to(target)).is_dir() else target)
 
 
 @contextmanager
@@ -375,7 +493,7 @@ def check_adapter_folder(
                 "%s is left from an earlier save (the checksum in %s covers %s): loading %s; saving the adapter again "
                 "removes it", present[0], CONFIG_NAME, weights.name, weights.name,
             )
-    check_contents(config_file, config, weights)
+    check_contents(config_file, config, weights, embedding_layers(model))
     if model is not None:
         _check_task_type(config_file, config, model)
     return weights
@@ -385,6 +503,42 @@ def check_adapter_folder(
 # giva_core: the r x r core of adapters made with GivaConfig.core (trained, like the vectors).
 _BASES, _VECTORS, _SEEDED_CRC = ("giva_A", "giva_B"), ("giva_lambda_s", "giva_lambda_o", "giva_core"), "giva_seeded_crc32"
 _TRAINABLE_TOKENS = ".token_adapter.trainable_tokens_delta"  # what PEFT saves of a trainable_token_indices layer
+_PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of every saved key
+
+
+def embedding_layers(model: Any) -> Optional[frozenset[str]]:
+    """The module names (in the base model) under which PEFT saves whole embedding layers; ``None`` without a model.
+
+    PEFT writes them with ``save_pretrained(save_embedding_layers=True)``, and by itself (with a warning) under the
+    default ``"auto"`` after ``resize_token_embeddings`` or when an embedding layer is targeted: every tensor of the
+    model's ``get_input_embeddings()`` and ``get_output_embeddings()`` modules, found by identity among the named
+    modules as PEFT's ``get_embedding_layer_name`` finds them (``model.embed_tokens``, ``lm_head``, GPT-2's
+    ``transformer.wte``, BERT's ``bert.embeddings.word_embeddings``). A load knows its model; a caller without one
+    gets ``None``, and :func:`check_contents` then falls back to PEFT's ``EMBEDDING_LAYER_NAMES``.
+    """
+    if model is None:
+        return None
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError):  # not a transformers model, or one without that embedding
+            continue
+        if layer is not None:
+            layers.append(layer)
+    return frozenset(
+        name.removeprefix(_PEFT_PREFIX) for name, module in model.named_modules() if any(module is layer for layer in layers)
+    )
+
+
+def is_embedding_tensor(key: str, embeddings: Optional[frozenset[str]]) -> bool:
+    """Whether ``key`` is a tensor of an embedding layer PEFT saved (see :func:`embedding_layers`)."""
+    name = key.removeprefix(_PEFT_PREFIX)
+    if embeddings is None:
+        from peft.utils.other import EMBEDDING_LAYER_NAMES
+
+        return any(f".{leaf}." in f".{name}" for leaf in EMBEDDING_LAYER_NAMES)
+    return any(name.startswith(f"{module}.") for module in embeddings)
 
 
 def read_weights(weights: Path) -> dict[str, Any]:
@@ -408,12 +562,16 @@ def read_weights(weights: Path) -> dict[str, Any]:
     return tensors
 
 
-def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> dict[str, Any]:
+def check_contents(
+    config_file: Path, config: dict[str, Any], weights: Path, embeddings: Optional[frozenset[str]] = None
+) -> dict[str, Any]:
     """The fields and tensors of a GiVA folder are what a save writes: one-line errors naming the file and field.
 
     Returns the tensors. Checked: ``r`` present and positive; ``A`` stored in the config's ``bases_dtype``, ``B`` in fp32;
     vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones, ``modules_to_save``,
-    (with ``trainable_token_indices``) the trainable tokens' rows and (with ``bias`` other than ``"none"``) biases.
+    (with ``trainable_token_indices``) the trainable tokens' rows, (with ``bias`` other than ``"none"``) biases, and
+    the embedding layers PEFT saves whole: ``embeddings`` names them (:func:`embedding_layers` of the model the folder
+    is loaded into); ``None`` accepts those of PEFT's ``EMBEDDING_LAYER_NAMES`` (``embed_tokens``, ``lm_head``).
     """
     r = config.get("r")
     if "r" not in config:
@@ -439,13 +597,14 @@ def check_contents(config_file: Path, config: dict[str, Any], weights: Path) -> 
             raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected floating point")
         known = kind in (*_BASES, *_VECTORS, _SEEDED_CRC) or (kind == "bias" and config.get("bias", "none") != "none")
         # PEFT's trainable tokens (GivaConfig.trainable_token_indices): the trained rows of an embedding layer.
-        known = known or (tokens and key.endswith(_TRAINABLE_TOKENS))
+        known = known or (tokens and key.endswith(_TRAINABLE_TOKENS)) or is_embedding_tensor(key, embeddings)
         if not known and not any(f".{head}." in f".{key}" for head in heads):  # a module name or a dotted path
+            layers = sorted(embeddings) if embeddings is not None else "the model's embed_tokens / lm_head"
             raise CheckpointError(
                 f"{weights} holds a tensor that is not part of a GiVA adapter: {key!r} (expected per-layer "
                 f"{', '.join((*_BASES, *_VECTORS))}, a module of modules_to_save={sorted(heads)}"
-                + (f" or {_TRAINABLE_TOKENS.lstrip('.')} of trainable_token_indices" if tokens else "")
-                + f" from {config_file})"
+                + (f", {_TRAINABLE_TOKENS.lstrip('.')} of trainable_token_indices" if tokens else "")
+                + f" from {config_file}, or an embedding layer PEFT saves whole: {layers})"
             )
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise CheckpointError(f"{weights}: {key} holds NaN or inf values; the adapter cannot be loaded exactly")
@@ -619,7 +778,7 @@ def _reload_through_peft(model: Any, folder: Path, adapter_name: str) -> None:
     from peft.utils import set_peft_model_state_dict
 
     weights = load_peft_weights(peft_load_peft_weights, str(folder), device="cpu")
-    weights = {key.removeprefix("base_model.model."): value for key, value in weights.items()}
+    weights = {key.removeprefix(_PEFT_PREFIX): value for key, value in weights.items()}
     set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
 
 

@@ -43,7 +43,15 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .checkpoint import CheckpointError, atomic_directory, check_adapter_folder, is_side_file, read_weights
+from .checkpoint import (
+    CheckpointError,
+    atomic_directory,
+    check_adapter_folder,
+    embedding_layers,
+    is_embedding_tensor,
+    is_side_file,
+    read_weights,
+)
 from .layer import GivaLayer
 
 logger = logging.getLogger(__name__)
@@ -185,17 +193,44 @@ def convert_to_lora(
     _check_adapter(model, adapter_name)
     if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not (rank >= 1 if isinstance(rank, int) else 0 < rank <= 1):
         raise ExportError(f"rank must be an int >= 1 or a float in (0, 1] (an energy threshold), got {rank!r}")
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is not None:
+        _check_exportable(vars(config), f"GiVA adapter {adapter_name!r}")
     lora_config, state_dict = original(
         model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs
     )
     state_dict = {k: v for k, v in state_dict.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
     heads = _heads(model, adapter_name)
     state_dict.update(heads)
-    config = getattr(model, "peft_config", {}).get(adapter_name)
     lora_config.modules_to_save = list(config.modules_to_save or []) if heads and config is not None else None
     if config is not None:
         lora_config.task_type = config.task_type
     return lora_config, state_dict
+
+
+def _check_exportable(config: dict[str, Any], source: str) -> None:
+    """Refuse, before any work, the options whose trained state a LoRA export cannot carry (``source`` names the
+    adapter or its config file).
+
+    ``bias`` other than ``"none"`` trains the base model's biases and ``trainable_token_indices`` rows of an embedding
+    layer: neither is a low-rank delta. PEFT's ``convert_to_lora`` refuses both (a ``ValueError`` for the bias, a
+    ``TypeError`` naming ``TrainableTokensLayer``), but ``giva export-lora`` reached it only after loading the base
+    model, and the ``TypeError`` came out as a traceback.
+    """
+    bias = config.get("bias") or "none"
+    if bias != "none":
+        raise ExportError(
+            f"{source} sets bias={bias!r}: the trained biases of the base model are no low-rank delta, and PEFT's LoRA "
+            "conversion refuses them, so a LoRA export cannot reproduce this adapter; train with bias='none' to export "
+            "it, or serve the GiVA adapter itself"
+        )
+    tokens = config.get("trainable_token_indices")
+    if tokens is not None:
+        raise ExportError(
+            f"{source} sets trainable_token_indices={tokens!r}: the trained embedding rows are no low-rank delta, and "
+            "PEFT's LoRA conversion refuses them, so a LoRA export cannot reproduce this adapter; train without "
+            "trainable_token_indices to export it, or serve the GiVA adapter itself"
+        )
 
 
 def _peft_convert_to_lora(model: nn.Module, rank: Union[int, float], adapter_name: str) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -223,10 +258,30 @@ def to_lora(model: PeftModel, adapter_name: str = "default", rank: Optional[int]
     return lora_config, state_dict
 
 
+# The first line of the README.md every export writes (giva 0.1 wrote it too): what marks a folder as an earlier
+# export, the one kind of adapter folder an export replaces.
+_EXPORT_MARK = "# LoRA export of a GiVA adapter"
+
+
+def _written_by_export(out: Path) -> bool:
+    """Whether ``out`` holds a LoRA a giva export wrote: its README.md starts with :data:`_EXPORT_MARK`.
+
+    A user's own LoRA (PEFT's ``save_pretrained`` writes a model card starting ``---``) is no export, and neither
+    is a folder whose README was replaced; both are refused rather than overwritten. A README is a marker servers
+    and the hub leave alone, unlike an extra field in ``adapter_config.json``, which PEFT warns about on every load.
+    """
+    try:
+        with open(out / "README.md", encoding="utf-8") as readme:
+            return readme.readline().rstrip("\r\n") == _EXPORT_MARK
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _check_output(out: Path) -> None:
-    """Refuse, before any work, an output that is a file, read-only, holds an adapter other than LoRA (a GiVA adapter
-    would be lost), or is a non-empty folder with no adapter at all (its README.md, tokenizer files or labels.json
-    would be replaced). An empty folder, or one holding only an older giva's staging folders, is fine."""
+    """Refuse, before any work, an output that is a file, read-only, holds an adapter other than an earlier export (a
+    GiVA adapter or the user's own LoRA would be lost, with its tokenizer files and labels.json), or is a non-empty
+    folder with no adapter at all (its README.md, tokenizer files or labels.json would be replaced). An empty folder,
+    or one holding only an older giva's staging folders, is fine."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"output {out} exists and is not a folder")
     if out.is_dir() and (not stat.S_IMODE(out.stat().st_mode) & 0o222 or not os.access(out, os.W_OK)):
@@ -249,12 +304,18 @@ def _check_output(out: Path) -> None:
                 f"{config_file} belongs to a {peft_type!r} adapter, which the export would overwrite; write the LoRA "
                 "to a new folder (only an earlier LoRA export is replaced)"
             )
+        if not _written_by_export(out):
+            raise ExportError(
+                f"{config_file} belongs to a LoRA adapter that no giva export wrote (its README.md does not start with "
+                f"{_EXPORT_MARK!r}), which the export would overwrite, dropping its tokenizer files and labels.json; "
+                "write the LoRA to a new folder (only an earlier LoRA export is replaced)"
+            )
 
 
-_README = """# LoRA export of a GiVA adapter
+_README = _EXPORT_MARK + """
 
 Written by giva's exact export: `lora_B @ lora_A` equals the GiVA adapter's `delta_W` on every layer
-(r={r}, lora_alpha={r}, so LoRA's scaling is 1). It is a stock PEFT LoRA; loading it needs no giva:
+({ranks}, so LoRA's scaling is 1). It is a stock PEFT LoRA; loading it needs no giva:
 
 ```python
 {code}
@@ -262,10 +323,24 @@ Written by giva's exact export: `lora_B @ lora_A` equals the GiVA adapter's `del
 """
 
 
-def _loading_snippet(out: Path, lora_config: LoraConfig, labels: Optional[dict] = None, tokenizer: bool = False) -> str:
-    auto = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM"}.get(
-        str(lora_config.task_type), "AutoModel"
-    )
+def _base_class_name(task_type: Optional[str], base_class: type) -> str:
+    """The transformers class the README's snippet loads the base model with: PEFT's auto class of ``task_type``,
+    else the base model's own class (``LlamaForCausalLM``) when transformers has it, else ``AutoModel``."""
+    classes = _task_classes()
+    if task_type in classes:
+        return classes[task_type].__name__
+    return base_class.__name__ if base_class.__module__.startswith("transformers") else "AutoModel"
+
+
+def _auto_mapping(lora_config: LoraConfig, base_class: type) -> Optional[dict[str, str]]:
+    """What PEFT's own ``save_pretrained`` records for an adapter without ``task_type``, so that ``AutoPeftModel``
+    finds the base model's class for the export as it does for the GiVA folder."""
+    if lora_config.task_type is not None:
+        return None
+    return {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
+
+
+def _loading_snippet(out: Path, lora_config: LoraConfig, auto: str, labels: Optional[dict] = None, tokenizer: bool = False) -> str:
     base = lora_config.base_model_name_or_path or "<the base model>"
     lines = ["from peft import PeftModel", f"from transformers import {auto}" + (", AutoTokenizer" if tokenizer else "")]
     if labels:
@@ -277,11 +352,17 @@ def _loading_snippet(out: Path, lora_config: LoraConfig, labels: Optional[dict] 
     lines.append(f"model = PeftModel.from_pretrained(base, {str(out)!r}).eval()")
     if tokenizer:
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})")
-    return _README.format(r=lora_config.r, code="\n".join(lines))
+    ranks = (f"r={lora_config.r}, lora_alpha={lora_config.r}" if not lora_config.rank_pattern  # peft.save_as_lora's
+             else "each layer's rank in rank_pattern, lora_alpha equal to it")                # float rank sets these
+    return _README.format(ranks=ranks, code="\n".join(lines))
 
 
 def _write_lora(
-    out: Path, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor], extra: Optional[Callable[[Path], None]] = None
+    out: Path,
+    lora_config: LoraConfig,
+    state_dict: dict[str, torch.Tensor],
+    extra: Optional[Callable[[Path], None]] = None,
+    auto_mapping: Optional[dict[str, str]] = None,
 ) -> None:
     """Write the LoRA folder beside ``out`` and swap it in whole (:func:`giva.checkpoint.atomic_directory`).
 
@@ -292,7 +373,7 @@ def _write_lora(
     """
     with atomic_directory(out, replaced=is_side_file) as tmp:
         save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, tmp / SAFETENSORS_WEIGHTS_NAME)
-        lora_config.save_pretrained(str(tmp))
+        lora_config.save_pretrained(str(tmp), auto_mapping_dict=auto_mapping)
         if extra is not None:
             extra(tmp)
     logger.info("exported LoRA r=%d (%d layers) to %s", lora_config.r, sum(k.endswith(".lora_A.weight") for k in state_dict), out)
@@ -307,9 +388,17 @@ def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str =
     out = Path(out_dir)
     _check_output(out)
     lora_config, state_dict = to_lora(model, adapter_name, rank)
-    readme = _loading_snippet(out, lora_config)
-    _write_lora(out, lora_config, state_dict, lambda tmp: (tmp / "README.md").write_text(readme, encoding="utf-8"))
+    _write_model_export(out, model, lora_config, state_dict)
     return lora_config
+
+
+def _write_model_export(out: Path, model: nn.Module, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
+    """Write the export of a model in memory with its README.md (the loading code, and the mark of an export that a
+    later export may replace) and, without ``task_type``, the base model's class in ``auto_mapping``."""
+    base_class = type(model.get_base_model() if isinstance(model, PeftModel) else model)
+    readme = _loading_snippet(out, lora_config, _base_class_name(lora_config.task_type, base_class))
+    _write_lora(out, lora_config, state_dict, lambda tmp: (tmp / "README.md").write_text(readme, encoding="utf-8"),
+                _auto_mapping(lora_config, base_class))
 
 
 def save_as_lora(
@@ -322,7 +411,8 @@ def save_as_lora(
     compile_kwargs: Optional[dict] = None,
 ) -> None:
     """PEFT's ``save_as_lora`` for a model holding GiVA adapters: the same checks as ``giva export-lora`` before
-    any work (``path`` not a file, not read-only, not another adapter's folder), then one atomic write."""
+    any work (``path`` not a file, not read-only, not another adapter's folder), then one atomic write, with the
+    README.md of :func:`export_lora` (so that a later export may replace the folder)."""
     if not _holds_giva(model):
         return original(path, model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs)
     out = Path(path)
@@ -332,12 +422,13 @@ def save_as_lora(
     lora_config, state_dict = conversion.convert_to_lora(
         model, rank=rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs
     )
-    _write_lora(out, lora_config, state_dict)
+    _write_model_export(out, model, lora_config, state_dict)
     return None
 
 
-def _read_adapter_folder(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The config and tensors of a saved GiVA folder, checked as loading checks them (checksum, fields, tensors)."""
+def _read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
+    """The config of a saved GiVA folder; anything else is a one-line error. The weights are checked once the base
+    model's skeleton is known (:func:`_read_adapter_tensors`)."""
     config_file = adapter_dir / CONFIG_NAME
     if not adapter_dir.is_dir():
         raise ExportError(f"adapter folder {adapter_dir} does not exist")
@@ -350,13 +441,18 @@ def _read_adapter_folder(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, t
     if not isinstance(config, dict) or config.get("peft_type") != "GIVA":
         peft_type = config.get("peft_type") if isinstance(config, dict) else None
         raise ExportError(f"{config_file} is a {peft_type!r} adapter, not a GiVA one")
+    return config
+
+
+def _read_adapter_tensors(adapter_dir: Path, skeleton: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of a saved GiVA folder, checked as loading it into ``skeleton`` checks them (checksum, fields,
+    tensors; the embedding layers PEFT may have saved are the skeleton's)."""
     try:
-        weights = check_adapter_folder(adapter_dir.absolute())
+        weights = check_adapter_folder(adapter_dir.absolute(), model=skeleton)
         assert weights is not None  # a local GiVA folder always has one
-        tensors = read_weights(weights)
+        return read_weights(weights)
     except CheckpointError as error:
         raise ExportError(str(error)) from None
-    return config, tensors
 
 
 def _layer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -413,6 +509,76 @@ def _check_base_matches(model: nn.Module, layers: dict[str, dict[str, torch.Tens
             )
 
 
+def _task_classes() -> dict[str, Any]:
+    """PEFT's task types and the transformers auto class each one's base model loads with: the targets of PEFT's
+    ``AutoPeftModelFor*`` classes (``TOKEN_CLS``: ``AutoModelForTokenClassification``, ``FEATURE_EXTRACTION``:
+    ``AutoModel``, ...)."""
+    from peft import auto
+
+    targets = {
+        value._target_peft_class: value._target_class
+        for value in vars(auto).values()
+        if isinstance(value, type) and getattr(value, "_target_class", None) is not None
+    }
+    return {task: targets[peft_class] for task, peft_class in auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items() if peft_class in targets}
+
+
+def _model_class(config: dict[str, Any], model_config: Any, config_file: Path) -> Any:
+    """The transformers class the adapter was trained on, as ``AutoPeftModel`` would pick it.
+
+    A ``task_type`` gives PEFT's auto class for it. Without one (``get_peft_model(model, GivaConfig(...))``, the
+    common case), the class PEFT recorded in ``auto_mapping`` when saving, else the base model's
+    ``architectures[0]``: either only if transformers has it and it takes the base model's config (another
+    ``--base-model`` then falls through). ``AutoModel`` (no head) is the last resort, and a model without the
+    adapted layers is refused by :func:`_check_base_matches`.
+    """
+    task_type = config.get("task_type")
+    if task_type is not None:
+        classes = _task_classes()
+        if task_type not in classes:
+            raise ExportError(f"{config_file}: task_type={task_type!r} is none of PEFT's task types ({', '.join(sorted(classes))})")
+        return classes[task_type]
+    import transformers
+
+    recorded = config.get("auto_mapping") if isinstance(config.get("auto_mapping"), dict) else {}
+    names = [recorded.get("base_model_class")] if str(recorded.get("parent_library", "")).startswith("transformers") else []
+    names += list(getattr(model_config, "architectures", None) or [])[:1]
+    for name in names:
+        found = getattr(transformers, str(name), None)
+        if isinstance(found, type) and isinstance(model_config, getattr(found, "config_class", None) or ()):
+            return found
+    return transformers.AutoModel
+
+
+def _skeleton(model_class: Any, model_config: Any) -> nn.Module:
+    """The base model on the ``meta`` device: its module names and shapes, no weights read."""
+    with torch.device("meta"):
+        if hasattr(model_class, "from_config"):  # an auto class
+            return model_class.from_config(model_config)
+        return model_class(model_config)
+
+
+def _embedding_tensors(tensors: dict[str, torch.Tensor], skeleton: nn.Module, base_name: str) -> dict[str, torch.Tensor]:
+    """The embedding layers PEFT saved whole in the adapter folder (``save_embedding_layers``), carried into the LoRA
+    as PEFT's LoRA saves them; refused when their shape is not the base model's (a vocabulary resized for training,
+    which the exported LoRA cannot resize again)."""
+    embeddings = embedding_layers(skeleton)
+    shapes = {name: tuple(param.shape) for name, param in skeleton.named_parameters(remove_duplicate=False)}
+    carried = {}
+    for key, value in tensors.items():
+        if not is_embedding_tensor(key, embeddings):
+            continue
+        name = key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")  # an embedding a GiVA layer wraps
+        if name in shapes and shapes[name] != tuple(value.shape):
+            raise ExportError(
+                f"the adapter holds the embedding layer {name!r} of shape {tuple(value.shape)}, but base model "
+                f"{base_name!r} has {shapes[name]}: the vocabulary was resized (resize_token_embeddings) for training, "
+                "which a LoRA export cannot carry; serve the GiVA adapter itself"
+            )
+        carried[key] = value
+    return carried
+
+
 def _side_files(adapter_dir: Path) -> list[Path]:
     """Tokenizer files and labels.json that travel with the exported LoRA."""
     return sorted(path for path in adapter_dir.iterdir() if path.is_file() and is_side_file(path.name))
@@ -426,24 +592,23 @@ def export_lora_dir(
 ) -> LoraConfig:
     """Load a saved GiVA adapter onto its base model and write it as a LoRA folder (``giva export-lora``).
 
-    Everything that can be checked is checked before the base model's weights load: the adapter folder (as
-    loading checks it), the output folder, ``rank``, and that the base model has every adapted layer in the
-    saved shapes. The tokenizer files and ``labels.json`` of the adapter folder are copied, the class names go
-    into the base model's config, and a ``README.md`` holds the plain-PEFT code that loads the export.
-    The base model defaults to ``base_model_name_or_path`` of the adapter's config; it must be a local folder
-    or one of :data:`giva.assets.MODEL_ALIASES`.
+    Everything that can be checked is checked before the base model's weights load: the adapter's config (and
+    options a LoRA cannot carry: :func:`_check_exportable`), the output folder, the base model (built on the ``meta``
+    device as the class the adapter was trained on: :func:`_model_class`), the adapter's weights as loading checks
+    them, ``rank``, and that the base model has every adapted layer in the saved shapes. The tokenizer files and
+    ``labels.json`` of the adapter folder are copied, the class names go into the base model's config, and a
+    ``README.md`` holds the plain-PEFT code that loads the export. Embedding layers PEFT saved whole in the adapter
+    folder are carried into the LoRA. The base model defaults to ``base_model_name_or_path`` of the adapter's
+    config; it must be a local folder or one of :data:`giva.assets.MODEL_ALIASES`.
     """
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from .assets import MODEL_ALIASES, resolve_model
 
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
-    config, tensors = _read_adapter_folder(adapter_dir)
+    config = _read_adapter_config(adapter_dir)
+    _check_exportable(config, str(adapter_dir / CONFIG_NAME))
     _check_output(out)
-    layers = _layer_tensors(tensors)
-    needed = max((saved["giva_lambda_s"].shape[0] for saved in layers.values() if "giva_lambda_s" in saved), default=0)
-    if rank is not None:
-        _check_rank(rank, needed, "default")
     labels = _labels(adapter_dir)
     base_name = base_model or config.get("base_model_name_or_path")
     if not base_name:
@@ -453,35 +618,40 @@ def export_lora_dir(
             f"base model {base_name!r} is neither a local folder nor one of {sorted(MODEL_ALIASES)}; pass --base-model"
         )
     path = resolve_model(base_name)
-    task_type = config.get("task_type")
     extra: dict[str, Any] = {}
-    if task_type == "SEQ_CLS":
-        auto: Any = AutoModelForSequenceClassification
-        if labels is not None:
-            extra = {
-                "id2label": {int(i): name for i, name in labels["id2label"].items()},
-                "label2id": labels.get("label2id") or {name: int(i) for i, name in labels["id2label"].items()},
-            }
-        else:
-            num_labels = _num_labels(tensors, list(config.get("modules_to_save") or ["classifier", "score"]))
-            extra = {} if num_labels is None else {"num_labels": num_labels}
-    else:
-        auto = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModel
+    if labels is not None and config.get("task_type") == "SEQ_CLS":
+        extra = {
+            "id2label": {int(i): name for i, name in labels["id2label"].items()},
+            "label2id": labels.get("label2id") or {name: int(i) for i, name in labels["id2label"].items()},
+        }
     try:
         model_config = AutoConfig.from_pretrained(path, **extra)
-        with torch.device("meta"):
-            skeleton = auto.from_config(model_config)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"base model {base_name!r} cannot be read: {error}") from None
+    auto = _model_class(config, model_config, adapter_dir / CONFIG_NAME)
+    try:
+        skeleton = _skeleton(auto, model_config)
     except (OSError, ValueError) as error:
         raise ExportError(f"base model {base_name!r} cannot be read as a {auto.__name__}: {error}") from None
+    tensors = _read_adapter_tensors(adapter_dir, skeleton)
+    layers = _layer_tensors(tensors)
+    needed = max((saved["giva_lambda_s"].shape[0] for saved in layers.values() if "giva_lambda_s" in saved), default=0)
+    if rank is not None:
+        _check_rank(rank, needed, "default")
     _check_base_matches(skeleton, layers, base_name)
+    embeddings = _embedding_tensors(tensors, skeleton, base_name)
     del skeleton
+    if config.get("task_type") == "SEQ_CLS" and labels is None:
+        num_labels = _num_labels(tensors, list(config.get("modules_to_save") or ["classifier", "score"]))
+        extra = {} if num_labels is None else {"num_labels": num_labels}
     model = auto.from_pretrained(path, **extra)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     lora_config, state_dict = to_lora(peft_model, rank=rank)
+    state_dict.update(embeddings)
     lora_config.base_model_name_or_path = config.get("base_model_name_or_path") or base_name
     side_files = _side_files(adapter_dir)
     readme = _loading_snippet(
-        out, lora_config, labels, tokenizer=any(p.name != "labels.json" for p in side_files)
+        out, lora_config, auto.__name__, labels, tokenizer=any(p.name != "labels.json" for p in side_files)
     )
 
     def extras(tmp: Path) -> None:
@@ -489,5 +659,5 @@ def export_lora_dir(
             shutil.copy2(source, tmp / source.name)
         (tmp / "README.md").write_text(readme, encoding="utf-8")
 
-    _write_lora(out, lora_config, state_dict, extras)
+    _write_lora(out, lora_config, state_dict, extras, _auto_mapping(lora_config, type(model)))
     return lora_config
