@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import peft_compat
 from .checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -326,7 +327,7 @@ Written by giva's exact export: `lora_B @ lora_A` equals the GiVA adapter's `del
 def _base_class_name(task_type: Optional[str], base_class: type) -> str:
     """The transformers class the README's snippet loads the base model with: PEFT's auto class of ``task_type``,
     else the base model's own class (``LlamaForCausalLM``) when transformers has it, else ``AutoModel``."""
-    classes = _task_classes()
+    classes = peft_compat.task_model_classes()
     if task_type in classes:
         return classes[task_type].__name__
     return base_class.__name__ if base_class.__module__.startswith("transformers") else "AutoModel"
@@ -509,20 +510,6 @@ def _check_base_matches(model: nn.Module, layers: dict[str, dict[str, torch.Tens
             )
 
 
-def _task_classes() -> dict[str, Any]:
-    """PEFT's task types and the transformers auto class each one's base model loads with: the targets of PEFT's
-    ``AutoPeftModelFor*`` classes (``TOKEN_CLS``: ``AutoModelForTokenClassification``, ``FEATURE_EXTRACTION``:
-    ``AutoModel``, ...)."""
-    from peft import auto
-
-    targets = {
-        value._target_peft_class: value._target_class
-        for value in vars(auto).values()
-        if isinstance(value, type) and getattr(value, "_target_class", None) is not None
-    }
-    return {task: targets[peft_class] for task, peft_class in auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items() if peft_class in targets}
-
-
 def _model_class(config: dict[str, Any], model_config: Any, config_file: Path) -> Any:
     """The transformers class the adapter was trained on, as ``AutoPeftModel`` would pick it.
 
@@ -534,7 +521,7 @@ def _model_class(config: dict[str, Any], model_config: Any, config_file: Path) -
     """
     task_type = config.get("task_type")
     if task_type is not None:
-        classes = _task_classes()
+        classes = peft_compat.task_model_classes()
         if task_type not in classes:
             raise ExportError(f"{config_file}: task_type={task_type!r} is none of PEFT's task types ({', '.join(sorted(classes))})")
         return classes[task_type]

@@ -254,3 +254,17 @@ def install_lora_conversion(
             namespace.convert_to_lora = convert_to_lora  # type: ignore[union-attr]
         if getattr(namespace, "save_as_lora", None) is original_save:
             namespace.save_as_lora = save_as_lora_hooked  # type: ignore[union-attr]
+
+
+def task_model_classes() -> dict[str, Any]:
+    """PEFT's task types and the transformers auto class each one's base model loads with: the targets of PEFT's
+    ``AutoPeftModelFor*`` classes (``TOKEN_CLS``: ``AutoModelForTokenClassification``, ``FEATURE_EXTRACTION``:
+    ``AutoModel``, ...)."""
+    from peft import auto
+
+    targets = {
+        value._target_peft_class: value._target_class
+        for value in vars(auto).values()
+        if isinstance(value, type) and getattr(value, "_target_class", None) is not None
+    }
+    return {task: targets[peft_class] for task, peft_class in auto.MODEL_TYPE_TO_PEFT_MODEL_MAPPING.items() if peft_class in targets}
