@@ -664,6 +664,40 @@ def test_non_inferiority_rule_on_hand_made_intervals(test: str) -> None:
     assert verdict(test, Interval(-0.02, -0.03, -0.01)) == "undecided"  # on the margin: neither bound clears it
 
 
+def _committed_correctness(task: str, method: str, lr: str, head: str = "0.24") -> np.ndarray:
+    """A committed evidence row's (seeds, examples) 0/1 test answers at one LR, seeds 0-4."""
+    runs = BENCH / "results" / "evidence" / "runs"
+    records = [json.loads((runs / f"{task}__{method}__lr{lr}__h{head}__s{s}.json").read_text()) for s in range(5)]
+    return np.array([[c == "1" for c in r["metrics"]["test_correct"]] for r in records], dtype=float)
+
+
+def test_a_bound_exactly_on_the_margin_is_the_margin_and_stays_undecided() -> None:
+    # The reviewer's case: committed sst/giva-default-r8 vs sst/vera-r64-all (chosen LR 0.04), GiVA's answer on the
+    # first example every seed got right set to wrong; bootstrap seed 42. In exact arithmetic the lower bound is
+    # -50 / 5000 = -1 point, which 'supported when the lower bound is above -1' does not support. Float draws
+    # (counts / S @ diff * counts / N) put it at -0.009999999999999998, which the strict '>' called supported.
+    a, b = _committed_correctness("sst", "giva-default-r8", "0.04"), _committed_correctness("sst", "vera-r64-all", "0.04")
+    a[:, np.flatnonzero(a.all(axis=0))[0]] = 0
+    (interval,) = paired_bootstrap_intervals(a, b, [0.95], seed=42)
+    assert interval.low == -0.01
+    assert verdict("non-inferior", interval) == "undecided"
+
+
+def test_bootstrap_draws_of_correctness_matrices_are_exact_fractions_of_seeds_times_examples() -> None:
+    from giva.bench.stats import paired_bootstrap_draws
+
+    rng = np.random.default_rng(7)
+    a, b = rng.random((5, 300)) < 0.75, rng.random((5, 300)) < 0.74
+    draws, scale = paired_bootstrap_draws(a, b, n_boot=3000)
+    assert scale == 5 * 300 and np.issubdtype(draws.dtype, np.integer)
+    values = draws / scale
+    assert np.array_equal(values, np.round(values * scale) / scale)  # every draw is k / (S N), rounded once
+    (interval,) = paired_bootstrap_intervals(a, b, [0.95], n_boot=3000)
+    assert [interval.low, interval.high] == list(np.quantile(draws, [(1 - 0.95) / 2, (1 + 0.95) / 2]) / scale)
+    scores, _ = paired_bootstrap_draws(np.full((2, 3), 0.9), np.full((2, 3), 0.8), n_boot=10)  # not integers: float draws
+    assert scores == pytest.approx(np.full(10, 0.1))
+
+
 def test_superiority_and_speed_rules_on_hand_made_intervals() -> None:
     assert verdict("better", Interval(0.02, 0.005, 0.03)) == "supported"
     assert verdict("better", Interval(-0.02, -0.03, -0.005)) == "contradicted"
