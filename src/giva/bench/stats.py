@@ -231,7 +231,8 @@ def _at_lr(row: dict[str, Any], lr: str) -> tuple[dict, dict]:
 def lr_variants(test: str, a_row: dict[str, Any], b_row: dict[str, Any]) -> list[dict[str, Any]]:
     """The pair again with one row at its runner-up validation LR (the other at its chosen one): how much of a
     verdict rests on the LR choice. A runner-up LR usually ran only the sweep seeds, so these intervals are
-    over fewer seeds than the declared pair's; the rule is applied to them all the same and the seeds named."""
+    over fewer seeds than the declared pair's; like a pair, a variant below MIN_SEEDS paired seeds gets no verdict
+    ('pending', its interval kept) and does not count towards the pair's LR robustness (:func:`lr_robust`)."""
     out = []
     for side, row in (("a", a_row), ("b", b_row)):
         runner_up = row.get("runner_up_lr")
@@ -243,9 +244,22 @@ def lr_variants(test: str, a_row: dict[str, Any], b_row: dict[str, Any]) -> list
         entry: dict[str, Any] = {"runner_up": side, "a_lr": a_lr, "b_lr": b_lr, "n_seeds": n_seeds,
                                  "val_gap": row["val_mean_by_lr"].get(row["lr_key"], np.nan) - row["val_mean_by_lr"].get(runner_up, np.nan)}
         if intervals:
-            entry.update({**asdict(intervals[0]), "verdict": verdict(test, intervals[0])})
+            entry.update(asdict(intervals[0]))
+        if n_seeds < MIN_SEEDS:
+            entry.update({"verdict": "pending", "why": f"{n_seeds} of {MIN_SEEDS} seeds"})
+        else:
+            entry["verdict"] = verdict(test, intervals[0])
         out.append(entry)
     return out
+
+
+def lr_robust(pair_verdict: str, variants: list[dict[str, Any]]) -> Optional[bool]:
+    """Whether every runner-up variant with MIN_SEEDS paired seeds keeps the pair's verdict; None when a variant
+    exists but none has them (a pending variant decides nothing). A row without a runner-up LR has no variant: True."""
+    decided = [v for v in variants if v["n_seeds"] >= MIN_SEEDS]
+    if variants and not decided:
+        return None
+    return all(v["verdict"] == pair_verdict for v in decided)
 
 
 def _accuracy_pair(rows: list[dict[str, Any]], test: str, a_ref: str, b_ref: str, m: int = 1) -> dict[str, Any]:
@@ -270,7 +284,7 @@ def _accuracy_pair(rows: list[dict[str, Any]], test: str, a_ref: str, b_ref: str
     result = _with_family({**result, "verdict": verdict(test, interval)}, test, family, m)
     variants = lr_variants(test, a_row, b_row) if a_row and b_row else []
     return {**result, "lr_variants": variants,
-            "lr_robust": all(v.get("verdict") == result["verdict"] for v in variants)}
+            "lr_robust": lr_robust(result["verdict"], variants)}
 
 
 def _speed_pair(speeds: list[dict[str, Any]], test: str, a_ref: str, b_ref: str, m: int = 1) -> dict[str, Any]:
