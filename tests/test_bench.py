@@ -664,6 +664,40 @@ def test_non_inferiority_rule_on_hand_made_intervals(test: str) -> None:
     assert verdict(test, Interval(-0.02, -0.03, -0.01)) == "undecided"  # on the margin: neither bound clears it
 
 
+def _committed_correctness(task: str, method: str, lr: str, head: str = "0.24") -> np.ndarray:
+    """A committed evidence row's (seeds, examples) 0/1 test answers at one LR, seeds 0-4."""
+    runs = BENCH / "results" / "evidence" / "runs"
+    records = [json.loads((runs / f"{task}__{method}__lr{lr}__h{head}__s{s}.json").read_text()) for s in range(5)]
+    return np.array([[c == "1" for c in r["metrics"]["test_correct"]] for r in records], dtype=float)
+
+
+def test_a_bound_exactly_on_the_margin_is_the_margin_and_stays_undecided() -> None:
+    # The reviewer's case: committed sst/giva-default-r8 vs sst/vera-r64-all (chosen LR 0.04), GiVA's answer on the
+    # first example every seed got right set to wrong; bootstrap seed 42. In exact arithmetic the lower bound is
+    # -50 / 5000 = -1 point, which 'supported when the lower bound is above -1' does not support. Float draws
+    # (counts / S @ diff * counts / N) put it at -0.009999999999999998, which the strict '>' called supported.
+    a, b = _committed_correctness("sst", "giva-default-r8", "0.04"), _committed_correctness("sst", "vera-r64-all", "0.04")
+    a[:, np.flatnonzero(a.all(axis=0))[0]] = 0
+    (interval,) = paired_bootstrap_intervals(a, b, [0.95], seed=42)
+    assert interval.low == -0.01
+    assert verdict("non-inferior", interval) == "undecided"
+
+
+def test_bootstrap_draws_of_correctness_matrices_are_exact_fractions_of_seeds_times_examples() -> None:
+    from giva.bench.stats import paired_bootstrap_draws
+
+    rng = np.random.default_rng(7)
+    a, b = rng.random((5, 300)) < 0.75, rng.random((5, 300)) < 0.74
+    draws, scale = paired_bootstrap_draws(a, b, n_boot=3000)
+    assert scale == 5 * 300 and np.issubdtype(draws.dtype, np.integer)
+    values = draws / scale
+    assert np.array_equal(values, np.round(values * scale) / scale)  # every draw is k / (S N), rounded once
+    (interval,) = paired_bootstrap_intervals(a, b, [0.95], n_boot=3000)
+    assert [interval.low, interval.high] == list(np.quantile(draws, [(1 - 0.95) / 2, (1 + 0.95) / 2]) / scale)
+    scores, _ = paired_bootstrap_draws(np.full((2, 3), 0.9), np.full((2, 3), 0.8), n_boot=10)  # not integers: float draws
+    assert scores == pytest.approx(np.full(10, 0.1))
+
+
 def test_superiority_and_speed_rules_on_hand_made_intervals() -> None:
     assert verdict("better", Interval(0.02, 0.005, 0.03)) == "supported"
     assert verdict("better", Interval(-0.02, -0.03, -0.005)) == "contradicted"
@@ -771,13 +805,51 @@ def test_each_decided_pair_is_reported_again_at_each_rows_runner_up_validation_l
     a_side, b_side = pair["lr_variants"]
     assert (a_side["a_lr"], a_side["b_lr"], a_side["n_seeds"]) == ("0.02", "0.1", 2)
     assert a_side["estimate"] == pytest.approx(0.15) and a_side["val_gap"] == pytest.approx(0.01)
+    assert a_side["verdict"] == "pending" and a_side["low"] > 0  # 2 seeds: no verdict, though the interval clears 0
     assert (b_side["a_lr"], b_side["b_lr"], b_side["n_seeds"], b_side["val_gap"]) == ("0.01", "0.2", 5, 0.0)
     assert b_side["estimate"] == 0.0 and b_side["verdict"] == "undecided"  # at the tied LR the advantage is gone
     assert pair["lr_robust"] is False
     table = "\n".join(claims_markdown(evaluate_claims(claim, rows, [])))
-    assert "| no: undecided with b at 0.2 (5 seeds) |" in table
+    assert "| no: undecided with b at 0.2 (5 seeds); not shown: a at 0.02 (2 seeds) |" in table
     assert "| t/giva-r8 vs t/random-r8 | t/random-r8 at 0.2 | 0.00 (tie) | 0.01 vs 0.2 | +0.00 [+0.00, +0.00] points | 5 | undecided | supported |" in table
     assert table.index("## Claims at the runner-up LR") > table.index("## Claims\n")
+
+
+def _decided_below_min_seeds(claims: list[dict]) -> list[tuple]:
+    """Every accuracy pair or runner-up variant with fewer than MIN_SEEDS paired seeds that carries a decided verdict
+    (speed and size pairs have no seeds)."""
+    found = []
+    for claim in claims:
+        for pair in claim["pairs"]:
+            if pair["test"] not in ("better", "non-inferior"):
+                continue
+            for entry in [pair, *pair.get("lr_variants", [])]:
+                if "n_seeds" in entry and entry["n_seeds"] < MIN_SEEDS and entry["verdict"] in ("supported", "contradicted"):
+                    found.append((pair["a"], pair["b"], entry.get("runner_up"), entry["n_seeds"], entry["verdict"]))
+    return found
+
+
+def test_no_pair_or_runner_up_variant_below_five_seeds_is_decided_nor_decides_lr_robustness() -> None:
+    good, fair, bad = "1" * 90 + "0" * 10, "1" * 75 + "0" * 25, "1" * 60 + "0" * 40
+    runs = [_at("giva-r8", "giva", 0.01, s, 0.80, good) for s in range(5)]
+    runs += [_at("giva-r8", "giva", 0.02, s, 0.79, bad) for s in range(2)]  # runner-up, 2 seeds: the rule would say contradicted
+    runs += [_at("random-r8", "giva-random", 0.1, s, 0.70, fair) for s in range(5)]
+    runs += [_at("random-r8", "giva-random", 0.2, s, 0.60, fair) for s in range(2)]
+    claim = [{"claim": "beats", "test": "better", "pairs": [["t/giva-r8", "t/random-r8"]]}]
+    (evaluated,) = evaluate_claims(claim, aggregate(runs), [])
+    pair = evaluated["pairs"][0]
+    assert pair["verdict"] == "supported" and [v["n_seeds"] for v in pair["lr_variants"]] == [2, 2]
+    a_side = pair["lr_variants"][0]
+    assert a_side["high"] < 0 and verdict("better", Interval(a_side["estimate"], a_side["low"], a_side["high"])) == "contradicted"
+    assert {v["verdict"] for v in pair["lr_variants"]} == {"pending"} and pair["lr_robust"] is None
+    assert _decided_below_min_seeds([evaluated]) == []
+    table = "\n".join(claims_markdown([evaluated]))
+    assert "| supported | not shown (2 seeds) |" in table and "| 2 | pending | supported |" in table
+    # The committed evidence report: 23 runner-up variants on 2 seeds carried a verdict (4 unlike the declared pair's).
+    committed = json.loads((BENCH / "results" / "evidence" / "results.json").read_text())
+    assert _decided_below_min_seeds(committed["claims"]) == []
+    assert all(p["lr_robust"] is not False or any(v["n_seeds"] >= MIN_SEEDS for v in p["lr_variants"])
+               for c in committed["claims"] for p in c["pairs"] if "lr_robust" in p)
 
 
 def test_comparisons_beside_the_claims_get_paired_intervals_and_end_to_end_time_a_ratio() -> None:

@@ -260,7 +260,8 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
             "first pair's, declared in advance; the other pairs follow it. Family-wise: the same draws at the Bonferroni "
             "level 1 - 0.05/m for the claim's m pairs (every planned pair counts, run or not), the interval to read "
             "when one pair among several is singled out. LR-robust: whether the pair keeps its verdict with either row at "
-            "its runner-up validation LR (next table).", "",
+            f"its runner-up validation LR (next table); a variant with fewer than {MIN_SEEDS} paired seeds is pending and "
+            "decides nothing ('not shown (2 seeds)' when no variant has them).", "",
             "| claim | verdict | pair (a vs b) | a - b (or a / b) [95% CI] | seeds x examples | pair verdict "
             "| family-wise CI | family-wise verdict | LR-robust |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -279,13 +280,19 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
 
 
 def _fmt_robust(pair: dict[str, Any]) -> str:
-    """'yes' when every runner-up variant of a pair keeps its verdict, else which variant reads what."""
+    """'yes' when every runner-up variant with MIN_SEEDS seeds keeps the pair's verdict, else which reads what;
+    variants below MIN_SEEDS decide nothing and are named as not shown."""
     if "lr_robust" not in pair:
         return "-"
-    if pair["lr_robust"]:
-        return "yes"
-    return "no: " + "; ".join(f"{v.get('verdict', 'pending')} with {v['runner_up']} at {v[v['runner_up'] + '_lr']} ({v['n_seeds']} seeds)"
-                              for v in pair["lr_variants"] if v.get("verdict") != pair["verdict"])
+    short = [v for v in pair["lr_variants"] if v["n_seeds"] < MIN_SEEDS]
+    if pair["lr_robust"] is None:
+        return f"not shown ({'/'.join(str(n) for n in sorted({v['n_seeds'] for v in short}))} seeds)"
+    text = "yes" if pair["lr_robust"] else "no: " + "; ".join(
+        f"{v['verdict']} with {v['runner_up']} at {v[v['runner_up'] + '_lr']} ({v['n_seeds']} seeds)"
+        for v in pair["lr_variants"] if v["n_seeds"] >= MIN_SEEDS and v["verdict"] != pair["verdict"])
+    if short:
+        text += "; not shown: " + ", ".join(f"{v['runner_up']} at {v[v['runner_up'] + '_lr']} ({v['n_seeds']} seeds)" for v in short)
+    return text
 
 
 def lr_variants_markdown(claims: list[dict[str, Any]]) -> list[str]:
@@ -305,8 +312,9 @@ def lr_variants_markdown(claims: list[dict[str, Any]]) -> list[str]:
             "Each decided accuracy pair again, with one of its rows at the LR that its validation choice ranked second "
             "(mean validation over the sweep seeds; ties go to the smaller LR, so a tied LR is the runner-up), the other "
             "at its chosen LR, over the seeds both ran: a runner-up LR usually ran only the 2 sweep seeds (0 and 1), so "
-            "its interval is wider for that alone and the verdict rule applied to it reads 'undecided' more often; a "
-            "verdict that turns over (supported against contradicted) is what the LR choice decides. The run JSONs hold "
+            f"its interval is wider for that alone, and below {MIN_SEEDS} paired seeds it is shown without a verdict "
+            "('pending', as for a pair): 2 seeds say too little of the seed-to-seed spread to decide. With "
+            f"{MIN_SEEDS} seeds, a verdict that turns over (supported against contradicted) is what the LR choice decides. The run JSONs hold "
             "validation accuracy, not per-example validation answers, so a bootstrap that redoes the choice on "
             "resampled validation examples cannot be computed from them.", "",
             "| pair (a vs b) | row at its runner-up LR | validation lead of the chosen LR (points) | LRs (a vs b) "

@@ -81,12 +81,40 @@ def family_confidence(m: int, confidence: float = CONFIDENCE) -> float:
     return 1 - (1 - confidence) / m
 
 
-def _intervals(estimate: float, draws: np.ndarray, confidences: Sequence[float], n_seeds: int, n_examples: int) -> list[Interval]:
+def _intervals(estimate: float, draws: np.ndarray, confidences: Sequence[float], n_seeds: int, n_examples: int,
+               scale: int = 1) -> list[Interval]:
+    """Percentile intervals of ``draws / scale``: the quantiles are taken on ``draws`` and divided once, so that
+    integer draws (numerators over ``scale``) give a bound that is on their grid exactly (e.g. -50 / 5000 is -0.01,
+    not -0.009999999999999998), and a verdict's strict comparison with the margin is not decided by rounding."""
     out = []
     for confidence in confidences:
         low, high = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
-        out.append(Interval(estimate, float(low), float(high), n_seeds, n_examples))
+        out.append(Interval(estimate, float(low) / scale, float(high) / scale, n_seeds, n_examples))
     return out
+
+
+def paired_bootstrap_draws(a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, chunk: int = 2000) -> tuple[np.ndarray, int]:
+    """The bootstrap draws of ``mean(a) - mean(b)`` as ``(numerators, denominator)``: draw k is
+    ``numerators[k] / denominator``. For integer-valued matrices (0/1 correctness, sums of them) the numerators are
+    exact integers over ``seeds * examples``: seed counts @ (a - b) times example counts, summed, so no draw carries
+    a rounding error. Other matrices (scores) give float draws over 1."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"paired_bootstrap needs two equal (seeds, examples) matrices, got {a.shape} and {b.shape}")
+    diff = a - b  # (S, N)
+    n_seeds, n_examples = diff.shape
+    exact = bool(np.all(diff == np.rint(diff)))
+    rng = np.random.default_rng(seed)
+    draws = []
+    for start in range(0, n_boot, chunk):
+        size = min(chunk, n_boot - start)
+        seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=size)  # (B, S)
+        example_counts = rng.multinomial(n_examples, np.full(n_examples, 1 / n_examples), size=size)  # (B, N)
+        if exact:
+            draws.append(((seed_counts @ np.rint(diff).astype(np.int64)) * example_counts).sum(axis=1))  # (B,) integers
+        else:
+            draws.append(((seed_counts / n_seeds @ diff) * (example_counts / n_examples)).sum(axis=1))
+    return np.concatenate(draws), n_seeds * n_examples if exact else 1
 
 
 def paired_bootstrap_intervals(
@@ -96,21 +124,11 @@ def paired_bootstrap_intervals(
     0/1 correctness matrices of shape (seeds, examples).
 
     Row i of ``a`` and of ``b`` come from the same seed, column j is the same test example. Every draw
-    resamples seeds and examples with replacement, identically for both rows.
+    resamples seeds and examples with replacement, identically for both rows (:func:`paired_bootstrap_draws`).
     """
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
-        raise ValueError(f"paired_bootstrap needs two equal (seeds, examples) matrices, got {a.shape} and {b.shape}")
-    diff = a - b  # (S, N)
-    n_seeds, n_examples = diff.shape
-    rng = np.random.default_rng(seed)
-    draws = []
-    for start in range(0, n_boot, chunk):
-        size = min(chunk, n_boot - start)
-        seed_weights = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=size) / n_seeds  # (B, S)
-        example_weights = rng.multinomial(n_examples, np.full(n_examples, 1 / n_examples), size=size) / n_examples  # (B, N)
-        draws.append(((seed_weights @ diff) * example_weights).sum(axis=1))  # (B,)
-    return _intervals(float(diff.mean()), np.concatenate(draws), confidences, n_seeds, n_examples)
+    draws, scale = paired_bootstrap_draws(a, b, n_boot, seed, chunk)
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    return _intervals(float(diff.mean()), draws, confidences, *diff.shape, scale=scale)
 
 
 def paired_bootstrap(
@@ -213,7 +231,8 @@ def _at_lr(row: dict[str, Any], lr: str) -> tuple[dict, dict]:
 def lr_variants(test: str, a_row: dict[str, Any], b_row: dict[str, Any]) -> list[dict[str, Any]]:
     """The pair again with one row at its runner-up validation LR (the other at its chosen one): how much of a
     verdict rests on the LR choice. A runner-up LR usually ran only the sweep seeds, so these intervals are
-    over fewer seeds than the declared pair's; the rule is applied to them all the same and the seeds named."""
+    over fewer seeds than the declared pair's; like a pair, a variant below MIN_SEEDS paired seeds gets no verdict
+    ('pending', its interval kept) and does not count towards the pair's LR robustness (:func:`lr_robust`)."""
     out = []
     for side, row in (("a", a_row), ("b", b_row)):
         runner_up = row.get("runner_up_lr")
@@ -225,9 +244,22 @@ def lr_variants(test: str, a_row: dict[str, Any], b_row: dict[str, Any]) -> list
         entry: dict[str, Any] = {"runner_up": side, "a_lr": a_lr, "b_lr": b_lr, "n_seeds": n_seeds,
                                  "val_gap": row["val_mean_by_lr"].get(row["lr_key"], np.nan) - row["val_mean_by_lr"].get(runner_up, np.nan)}
         if intervals:
-            entry.update({**asdict(intervals[0]), "verdict": verdict(test, intervals[0])})
+            entry.update(asdict(intervals[0]))
+        if n_seeds < MIN_SEEDS:
+            entry.update({"verdict": "pending", "why": f"{n_seeds} of {MIN_SEEDS} seeds"})
+        else:
+            entry["verdict"] = verdict(test, intervals[0])
         out.append(entry)
     return out
+
+
+def lr_robust(pair_verdict: str, variants: list[dict[str, Any]]) -> Optional[bool]:
+    """Whether every runner-up variant with MIN_SEEDS paired seeds keeps the pair's verdict; None when a variant
+    exists but none has them (a pending variant decides nothing). A row without a runner-up LR has no variant: True."""
+    decided = [v for v in variants if v["n_seeds"] >= MIN_SEEDS]
+    if variants and not decided:
+        return None
+    return all(v["verdict"] == pair_verdict for v in decided)
 
 
 def _accuracy_pair(rows: list[dict[str, Any]], test: str, a_ref: str, b_ref: str, m: int = 1) -> dict[str, Any]:
@@ -252,7 +284,7 @@ def _accuracy_pair(rows: list[dict[str, Any]], test: str, a_ref: str, b_ref: str
     result = _with_family({**result, "verdict": verdict(test, interval)}, test, family, m)
     variants = lr_variants(test, a_row, b_row) if a_row and b_row else []
     return {**result, "lr_variants": variants,
-            "lr_robust": all(v.get("verdict") == result["verdict"] for v in variants)}
+            "lr_robust": lr_robust(result["verdict"], variants)}
 
 
 def _speed_pair(speeds: list[dict[str, Any]], test: str, a_ref: str, b_ref: str, m: int = 1) -> dict[str, Any]:
