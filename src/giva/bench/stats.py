@@ -95,26 +95,22 @@ def _intervals(estimate: float, draws: np.ndarray, confidences: Sequence[float],
 
 def paired_bootstrap_draws(a: np.ndarray, b: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, chunk: int = 2000) -> tuple[np.ndarray, int]:
     """The bootstrap draws of ``mean(a) - mean(b)`` as ``(numerators, denominator)``: draw k is
-    ``numerators[k] / denominator``. For integer-valued matrices (0/1 correctness, sums of them) the numerators are
-    exact integers over ``seeds * examples``: seed counts @ (a - b) times example counts, summed, so no draw carries
-    a rounding error. Other matrices (scores) give float draws over 1."""
+    ``numerators[k] / (seeds * examples)``, the numerator being seed counts @ (a - b) times example counts, summed.
+    For integer-valued matrices (0/1 correctness, sums of them) every numerator is a whole number held exactly in
+    float64 (far below 2**53), so no draw carries a rounding error."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 2 or 0 in a.shape:
         raise ValueError(f"paired_bootstrap needs two equal (seeds, examples) matrices, got {a.shape} and {b.shape}")
     diff = a - b  # (S, N)
     n_seeds, n_examples = diff.shape
-    exact = bool(np.all(diff == np.rint(diff)))
     rng = np.random.default_rng(seed)
     draws = []
     for start in range(0, n_boot, chunk):
         size = min(chunk, n_boot - start)
         seed_counts = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=size)  # (B, S)
         example_counts = rng.multinomial(n_examples, np.full(n_examples, 1 / n_examples), size=size)  # (B, N)
-        if exact:
-            draws.append(((seed_counts @ np.rint(diff).astype(np.int64)) * example_counts).sum(axis=1))  # (B,) integers
-        else:
-            draws.append(((seed_counts / n_seeds @ diff) * (example_counts / n_examples)).sum(axis=1))
-    return np.concatenate(draws), n_seeds * n_examples if exact else 1
+        draws.append(((seed_counts @ diff) * example_counts).sum(axis=1))  # (B,)
+    return np.concatenate(draws), n_seeds * n_examples
 
 
 def paired_bootstrap_intervals(
