@@ -8,6 +8,7 @@ grid (every message is deflated to bytes and inflated back); no Ray, tiny seeded
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, replace
@@ -861,12 +862,15 @@ def test_quiet_libraries_hides_alembic_info_and_flowers_deprecation_notice(caplo
 def test_the_committed_sampling_table_is_what_the_committed_results_give():
     """docs/federated.md quotes each accuracy's 95 % sampling half-width, 1.96 sqrt(p (1 - p) / n) in points, from
     benchmarks/results/federated/sampling.md: that file must be what the committed results.json files give."""
-    from giva.federated.run import sampling_half_width, sampling_rows, sampling_table
+    from giva.federated.run import sampling_differences, sampling_half_width, sampling_rows, sampling_table
 
     folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "federated"
     assert (folder / "sampling.md").read_text() == sampling_table(sampling_rows(str(folder))) + "\n"
     assert sampling_half_width(0.76, 1000) == pytest.approx(2.647, abs=1e-3)
     assert sampling_half_width(0.8175, 400) == pytest.approx(3.786, abs=1e-3)
+    iid_lora = next(d for d in sampling_differences(sampling_rows(str(folder))) if d["results"] == "iid" and d["versus"] == "lora")
+    half = math.hypot(sampling_half_width(0.761, 1000), sampling_half_width(0.748, 1000))  # by hand: +1.3 +- 3.77
+    assert iid_lora["difference_points"] == pytest.approx(1.3) and iid_lora["low"] == pytest.approx(1.3 - half)
 
 
 def test_report_without_checkpoints_is_one_line_not_a_traceback(tmp_path, capsys):

@@ -483,11 +483,34 @@ def sampling_rows(folder: str) -> list[dict[str, Any]]:
     return rows
 
 
+def sampling_differences(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """GiVA's final accuracy minus each other method's in the same results folder, in points, with the 95 %
+    half-width of a difference of two independent sampling errors, ``sqrt(h_giva**2 + h_other**2)``. The runs score
+    the same sentences, so their errors are not independent: without per-sentence answers in results.json this is the
+    interval that can be formed, wider than a paired one where both methods get the same sentences wrong."""
+    giva = {r["results"]: r for r in rows if r["method"] == "giva"}
+    out = []
+    for row in rows:
+        own = giva.get(row["results"])
+        if own is None or row is own:
+            continue
+        estimate = 100 * (own["final_accuracy"] - row["final_accuracy"])
+        half = math.hypot(own["half_width_points"], row["half_width_points"])
+        out.append({"results": row["results"], "versus": row["method"], "difference_points": estimate,
+                    "low": estimate - half, "high": estimate + half})
+    return out
+
+
 def sampling_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| results | method | test sentences | final accuracy | 95 % sampling half-width (points) |",
              "|---|---|---:|---:|---:|"]
     lines += [f"| {r['results']} | {r['method']} | {r['test_sentences']} | {100 * r['final_accuracy']:.2f}% | "
               f"±{r['half_width_points']:.2f} |" for r in rows]
+    lines += ["", "GiVA minus each other method of the same results folder (one run each; the 95 % interval of a difference "
+              "of two independent sampling errors, sqrt(h1^2 + h2^2)):", "",
+              "| results | GiVA minus | difference (points) [95 %] |", "|---|---|---:|"]
+    lines += [f"| {d['results']} | {d['versus']} | {d['difference_points']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] |"
+              for d in sampling_differences(rows)]
     return "\n".join(lines)
 
 
@@ -831,7 +854,8 @@ def _main(argv: list[str]) -> int:
     elif kind == "sampling":
         rows = sampling_rows(output_dir)
         table = sampling_table(rows)
-        write_json({"z": SAMPLING_Z, "rows": rows, "table": table}, str(Path(output_dir) / "sampling.json"))
+        write_json({"z": SAMPLING_Z, "rows": rows, "differences": sampling_differences(rows), "table": table},
+                   str(Path(output_dir) / "sampling.json"))
         Path(output_dir, "sampling.md").write_text(table + "\n")
         print(table)
     elif kind == "report":
