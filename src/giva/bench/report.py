@@ -284,12 +284,12 @@ def _fmt_robust(pair: dict[str, Any]) -> str:
     variants below MIN_SEEDS decide nothing and are named as not shown."""
     if "lr_robust" not in pair:
         return "-"
-    short = [v for v in pair["lr_variants"] if v["n_seeds"] < MIN_SEEDS]
+    short = [v for v in pair["lr_variants"] if v["verdict"] == "pending"]
     if pair["lr_robust"] is None:
         return f"not shown ({'/'.join(str(n) for n in sorted({v['n_seeds'] for v in short}))} seeds)"
     text = "yes" if pair["lr_robust"] else "no: " + "; ".join(
         f"{v['verdict']} with {v['runner_up']} at {v[v['runner_up'] + '_lr']} ({v['n_seeds']} seeds)"
-        for v in pair["lr_variants"] if v["n_seeds"] >= MIN_SEEDS and v["verdict"] != pair["verdict"])
+        for v in pair["lr_variants"] if v["verdict"] not in ("pending", pair["verdict"]))
     if short:
         text += "; not shown: " + ", ".join(f"{v['runner_up']} at {v[v['runner_up'] + '_lr']} ({v['n_seeds']} seeds)" for v in short)
     return text

@@ -252,7 +252,7 @@ def lr_variants(test: str, a_row: dict[str, Any], b_row: dict[str, Any]) -> list
 def lr_robust(pair_verdict: str, variants: list[dict[str, Any]]) -> Optional[bool]:
     """Whether every runner-up variant with MIN_SEEDS paired seeds keeps the pair's verdict; None when a variant
     exists but none has them (a pending variant decides nothing). A row without a runner-up LR has no variant: True."""
-    decided = [v for v in variants if v["n_seeds"] >= MIN_SEEDS]
+    decided = [v for v in variants if v["verdict"] != "pending"]  # lr_variants: pending exactly below MIN_SEEDS
     if variants and not decided:
         return None
     return all(v["verdict"] == pair_verdict for v in decided)
