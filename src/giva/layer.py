@@ -242,16 +242,19 @@ class GivaLayer(BaseTunerLayer):
 
     def copy_adapter(self, source: str, target: str) -> None:
         """Make adapter ``target`` (already built on this layer) an exact copy of ``source``: both bases, the vectors, the
-        core, and the per-adapter state (blocks, rank, output rows, dropout, compute dtype). Each tensor is a copy
-        of its own (``target`` trains or is re-initialised without touching ``source``); every parameter keeps its
-        ``requires_grad`` flag, so an inactive ``target`` stays frozen. (:meth:`GivaModel.inject_adapter` uses it for
-        TRL's reference adapter.)"""
+        core, and the per-adapter state (blocks, rank, output rows, dropout, compute dtype). The bases are
+        ``source``'s tensors, shared (no second copy in memory; a mixed batch of both keeps the shared-``B`` path):
+        every write of a basis un-shares its entry first (:meth:`SharedBufferDict.write` under
+        :meth:`set_block_bases`, and a state-dict load), so re-initialising or loading either leaves the other's
+        values alone. The vectors and the core are copies of their own (``target`` trains without touching
+        ``source``); every parameter keeps its ``requires_grad`` flag, so an inactive ``target`` stays frozen.
+        (:meth:`GivaModel.inject_adapter` uses it for TRL's reference adapter.)"""
         self.ensure_bases(source)  # a `weight` adapter built for loading: its SVD now, so both hold the bases
+        for name in self.basis_names:
+            buffers = getattr(self, name)
+            buffers._storage_dtypes[target] = buffers._storage_dtypes.get(source, buffers[source].dtype)
+            buffers._buffers[target] = buffers._buffers[source]
         with torch.no_grad(), outside_inference_mode():
-            for name in self.basis_names:
-                buffers = getattr(self, name)
-                buffers._storage_dtypes[target] = buffers._storage_dtypes.get(source, buffers[source].dtype)
-                buffers._buffers[target] = buffers._buffers[source].detach().clone()
             for name in self.adapter_layer_names:
                 params = getattr(self, name)
                 if source not in params:
