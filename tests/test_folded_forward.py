@@ -538,6 +538,55 @@ def test_cast_a_follows_to_and_in_place_writes():
     _assert_uses_current_bases(layer, x)
 
 
+# Ops after which the host has read a device value (a scalar, or a data-dependent output size): on CUDA each waits
+# for every kernel queued before it, so one per layer per forward serialises the host with the GPU.
+HOST_SYNC_OPS = frozenset(
+    {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique_consecutive",
+     "_unique", "_unique2", "unique_dim"}
+)
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on the first aten op that makes the host read a device value (``bool(t)``, ``.item()``, ``t.any()`` in
+    an ``if``, ``torch.equal``, boolean-mask indexing...). On the CPU these cost nothing, so only this sees them."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_SYNC_OPS:
+            raise AssertionError(f"host synchronisation in a forward or backward: aten.{func.overloadpacket.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "case", ["bf16-model-fp32-bases", "bf16-model-under-autocast", "fp32-model-under-autocast", "mixed-batch-eval"]
+)
+def test_forward_and_backward_never_make_the_host_read_a_device_value(case):
+    """Not once per forward, from the first training forward on: neither the cast-A cache path (every bf16 model
+    with fp32 bases), nor autocast's, nor a mixed batch in eval (with autograd, and without: the stack cache). The
+    whole model runs under the mode: tiny Llama's own forward and backward read none either, so no exemption."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if case == "fp32-model-under-autocast" else torch.bfloat16
+    model = get_peft_model(tiny_llama().to(dtype), GivaConfig(r=4, init_weights=False))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.giva_A["default"].dtype == torch.float32  # the bases stay fp32: the forward reads A cast
+    kwargs = {}
+    if case == "mixed-batch-eval":
+        model.add_adapter("second", GivaConfig(r=4, init_weights=False))
+        model.eval()
+        kwargs["adapter_names"] = ["default", "second", "__base__", "default"]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled="autocast" in case)
+    batch = text_batches(labels="lm")[0]
+    for _ in range(2):  # the first forward builds the caches, the second reuses them
+        with autocast, NoHostSync():
+            model(**batch, **kwargs).loss.backward()
+    if case == "mixed-batch-eval":
+        for _ in range(2):
+            with torch.no_grad(), NoHostSync():
+                model(**batch, **kwargs)
+    else:
+        # The path meant was taken: A cast once to bf16 for a bf16 model; autocast's fp32 input reads A as stored.
+        assert len(layer._giva_cast_bases) == (0 if case == "fp32-model-under-autocast" else 1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 5. torch.compile: no graph break in the layer, trains and matches eager
 

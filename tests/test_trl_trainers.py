@@ -104,7 +104,10 @@ def test_dpo_reference_adapter_of_a_pretrained_giva_adapter_is_the_initial_polic
     assert ref.keys() == default.keys() and len(ref) == len(giva_layers(model)) * (5 if core else 4)
     for key, tensor in default.items():
         assert torch.equal(ref[key], tensor), key
-        assert ref[key] is not tensor and ref[key].data_ptr() != tensor.data_ptr()  # a copy, not the same storage
+        if ".giva_lambda" in key or ".giva_core" in key:  # trained: a copy, not the same storage
+            assert ref[key] is not tensor and ref[key].data_ptr() != tensor.data_ptr(), key
+        else:  # the frozen bases: shared until either is written (test_reference_adapter_shares_...)
+            assert ref[key] is tensor, key
     for layer in giva_layers(model).values():
         assert layer.giva_compute_dtype["ref"] == layer.giva_compute_dtype["default"]
         assert layer.blocks["ref"] == layer.blocks["default"] and layer.r["ref"] == layer.r["default"]
@@ -179,6 +182,52 @@ def test_ref_is_mirrored_only_when_it_shares_default_s_config_object():
     model = trained_default()
     model.add_adapter("ref", copy.deepcopy(model.peft_config["default"]))
     assert not giva.bases_initialized(model, "ref")
+
+
+def test_reference_adapter_shares_the_bases_until_either_is_written():
+    """The mirror holds default's basis tensors (no second copy; a mixed batch of both keeps the shared-B path), and
+    a write into either (set_block_bases, a state-dict load) gives the written one its own copy: the other keeps its
+    values. Its vectors are copies: training default leaves them alone."""
+    model = trained_default()
+    model.add_adapter("ref", model.peft_config["default"])  # TRL's pattern
+    layers = list(giva_layers(model).values())
+    for layer in layers:
+        for name in ("giva_A", "giva_B"):
+            assert getattr(layer, name)["ref"] is getattr(layer, name)["default"], name
+            assert getattr(layer, name).is_shared("ref")
+        assert layer.giva_lambda_o["ref"].data_ptr() != layer.giva_lambda_o["default"].data_ptr()
+    first = layers[0]
+    with torch.no_grad():
+        stacked = giva.serving._build_stacked(first, ("default", "ref"), torch.device("cpu"), torch.float32)
+    assert stacked.shared_b is not None  # one B GEMM for the batch of both
+    names = ["default", "ref"]
+    expected = torch.cat([logits(model, "default")[:1], logits(model, "ref")[1:]])
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(input_ids=IDS, adapter_names=names).logits, expected, atol=1e-5)
+
+    # set_block_bases into the reference: default keeps its values and tensor.
+    a_default, b_default = first.giva_A["default"].clone(), first.giva_B["default"].clone()
+    block = first.blocks["ref"][0]
+    a_new = torch.linalg.qr(torch.randn(first.in_features, block.rank))[0].T.contiguous()
+    first.set_block_bases("ref", block, a_new, first.giva_B["ref"][:, : block.rank].clone())
+    assert torch.equal(first.giva_A["ref"][: block.rank], a_new)
+    assert torch.equal(first.giva_A["default"], a_default) and torch.equal(first.giva_B["default"], b_default)
+    assert first.giva_A["ref"] is not first.giva_A["default"]
+    assert first.giva_B["ref"] is first.giva_B["default"]  # B written with its own values: still shared
+
+    # A state-dict load into the reference (another layer): default keeps its values.
+    second = layers[1]
+    a_default = second.giva_A["default"].clone()
+    key = next(k for k in model.state_dict() if k.endswith(".giva_A.ref") and "layers.0.self_attn.v_proj" in k)
+    assert second.giva_A["ref"] is second.giva_A["default"]
+    model.load_state_dict({key: torch.randn_like(a_default)}, strict=False)
+    assert torch.equal(second.giva_A["default"], a_default) and not torch.equal(second.giva_A["ref"], a_default)
+
+    # Re-initialising default (giva.initialize writes through set_block_bases): the reference keeps the old bases.
+    a_ref = layers[2].giva_A["ref"].clone()
+    giva.initialize(model, text_batches(n=2, labels="lm", seed=5), num_batches=2, adapter_name="default", progress=False,
+                    force=True)
+    assert not torch.equal(layers[2].giva_A["default"], a_ref) and torch.equal(layers[2].giva_A["ref"], a_ref)
 
 
 def test_initialize_keeps_bases_info_per_adapter_when_adapters_share_a_config():

@@ -49,9 +49,11 @@ from .serving import (
 )
 
 
-def _crc32(tensor: torch.Tensor) -> int:
-    """CRC32 of a tensor's bytes (copied to the CPU), for telling a rewritten basis from the one remembered."""
-    return zlib.crc32(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+def values_crc32(tensor: torch.Tensor, crc: int = 0) -> int:
+    """CRC32 of a tensor's values as float32 bytes (on the CPU; a CPU fp32 tensor is read as it is), chained onto
+    ``crc``: a checkpoint's checksum of the seeded bases it omits (in fp32, whatever their storage dtype), and what
+    :meth:`GivaLayer.unmodified_seeded_bases` remembers of them."""
+    return zlib.crc32(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), crc)
 
 
 def _tensor_state(tensor: torch.Tensor) -> Optional[tuple]:
@@ -242,16 +244,19 @@ class GivaLayer(BaseTunerLayer):
 
     def copy_adapter(self, source: str, target: str) -> None:
         """Make adapter ``target`` (already built on this layer) an exact copy of ``source``: both bases, the vectors, the
-        core, and the per-adapter state (blocks, rank, output rows, dropout, compute dtype). Each tensor is a copy
-        of its own (``target`` trains or is re-initialised without touching ``source``); every parameter keeps its
-        ``requires_grad`` flag, so an inactive ``target`` stays frozen. (:meth:`GivaModel.inject_adapter` uses it for
-        TRL's reference adapter.)"""
+        core, and the per-adapter state (blocks, rank, output rows, dropout, compute dtype). The bases are
+        ``source``'s tensors, shared (no second copy in memory; a mixed batch of both keeps the shared-``B`` path):
+        every write of a basis un-shares its entry first (:meth:`SharedBufferDict.write` under
+        :meth:`set_block_bases`, and a state-dict load), so re-initialising or loading either leaves the other's
+        values alone. The vectors and the core are copies of their own (``target`` trains without touching
+        ``source``); every parameter keeps its ``requires_grad`` flag, so an inactive ``target`` stays frozen.
+        (:meth:`GivaModel.inject_adapter` uses it for TRL's reference adapter.)"""
         self.ensure_bases(source)  # a `weight` adapter built for loading: its SVD now, so both hold the bases
+        for name in self.basis_names:
+            buffers = getattr(self, name)
+            buffers._storage_dtypes[target] = buffers._storage_dtypes.get(source, buffers[source].dtype)
+            buffers._buffers[target] = buffers._buffers[source]
         with torch.no_grad(), outside_inference_mode():
-            for name in self.basis_names:
-                buffers = getattr(self, name)
-                buffers._storage_dtypes[target] = buffers._storage_dtypes.get(source, buffers[source].dtype)
-                buffers._buffers[target] = buffers._buffers[source].detach().clone()
             for name in self.adapter_layer_names:
                 params = getattr(self, name)
                 if source not in params:
@@ -324,28 +329,33 @@ class GivaLayer(BaseTunerLayer):
         fresh = {"giva_A": a, "giva_B": b}
         return {name: fresh[name].to(basis_storage_dtype(config, name)) for name in names}
 
-    def unmodified_seeded_bases(self, adapter_name: str, config: GivaConfig, names: tuple[str, ...]) -> tuple[str, ...]:
+    def unmodified_seeded_bases(
+        self, adapter_name: str, config: GivaConfig, names: tuple[str, ...]
+    ) -> tuple[tuple[str, ...], int]:
         """Those of the seeded bases ``names`` that still hold what (seed, layer name) regenerates, bit for bit (a
         checkpoint omits these; one written since, by ``set_block_bases``, a state-dict load or any in-place write,
-        through ``.data`` included, is saved). Compared with a regeneration; a basis found equal is remembered with
-        a CRC32 of its bytes, so a later save regenerates only a basis whose tensor or bytes changed since."""
-        unmodified, stale = [], []
+        through ``.data`` included, is saved), and the CRC32 of their values chained in ``names`` order
+        (:func:`values_crc32`: the checksum the checkpoint records). Each basis is copied to the CPU once.
+
+        Compared with a regeneration; a basis found equal is remembered with its CRC (chained onto those of the
+        unmodified bases before it), so a later save regenerates only when a basis's tensor or bytes changed since.
+        """
+        unmodified, fresh, crc = [], None, 0
         for name in names:
             stored = getattr(self, name)._buffers[adapter_name]
+            host = stored.detach().cpu()
+            chained = values_crc32(host, crc)
             known = self._giva_seeded_unmodified.get((adapter_name, name))
-            if known is not None and known[0]() is stored and known[1:] == (config.seed, _crc32(stored)):
-                unmodified.append(name)
-            else:
-                stale.append(name)
-        if stale:
-            fresh = self.regenerated_bases(adapter_name, config, tuple(stale))
-            for name in stale:
-                stored = getattr(self, name)._buffers[adapter_name]
+            if not (known is not None and known[0]() is stored and known[1:] == (config.seed, chained)):
+                if fresh is None:
+                    fresh = self.regenerated_bases(adapter_name, config, names)
                 expected = fresh[name]
-                if stored.dtype == expected.dtype and stored.shape == expected.shape and torch.equal(stored.detach().cpu(), expected):
-                    unmodified.append(name)
-                    self._giva_seeded_unmodified[(adapter_name, name)] = (weakref.ref(stored), config.seed, _crc32(stored))
-        return tuple(name for name in names if name in unmodified)
+                if not (host.dtype == expected.dtype and host.shape == expected.shape and torch.equal(host, expected)):
+                    continue
+                self._giva_seeded_unmodified[(adapter_name, name)] = (weakref.ref(stored), config.seed, chained)
+            unmodified.append(name)
+            crc = chained
+        return tuple(unmodified), crc
 
     def set_block_bases(self, adapter_name: str, block: Block, a: torch.Tensor, b: torch.Tensor) -> None:
         """Write the bases of one block in place (fp32, kept out of autograd and of any optimizer)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Optional
@@ -19,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .bases import SEEDED_B_VARIANTS
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
-from .layer import GivaLayer, Linear
+from .layer import GivaLayer, Linear, values_crc32
 from .quant import QuantLinear, keep_4bit_layers_trainable, quantization_backend
 from .serving import generation_rows_per_input, mixed_batch_hooks
 
@@ -146,11 +145,11 @@ def _summarise(items: list[str], limit: int = 8) -> str:
 
 
 def seeded_bases_checksum(layer: GivaLayer, adapter_name: str, names: tuple[str, ...]) -> int:
-    """CRC32 of the bytes of a layer's regenerated bases (fp32, in ``names`` order)."""
+    """CRC32 of the bytes of a layer's regenerated bases (fp32, in ``names`` order), as a save records it
+    (:meth:`GivaLayer.unmodified_seeded_bases`)."""
     crc = 0
     for name in names:
-        tensor = getattr(layer, name)[adapter_name].detach().to("cpu", torch.float32).contiguous()
-        crc = zlib.crc32(tensor.numpy().tobytes(), crc)
+        crc = values_crc32(getattr(layer, name)._buffers[adapter_name], crc)
     return crc
 
 
@@ -425,11 +424,10 @@ class GivaModel(BaseTuner):
             # written since (set_block_bases, a state-dict load) is saved like a data-dependent one, and a load uses it.
             for name, module in model.named_modules():
                 if isinstance(module, GivaLayer) and adapter_name in module.giva_A:
-                    omitted = module.unmodified_seeded_bases(adapter_name, config, regenerable)
+                    omitted, crc = module.unmodified_seeded_bases(adapter_name, config, regenerable)
                     for basis in omitted:
                         to_return.pop(f"{name}.{basis}.{adapter_name}", None)
                     if omitted:
-                        crc = seeded_bases_checksum(module, adapter_name, omitted)
                         to_return[f"{name}.{SEEDED_CHECKSUM}.{adapter_name}"] = torch.tensor(crc, dtype=torch.int64)
         return to_return
 

@@ -375,7 +375,11 @@ def _mixed_adapter_outputs(
     if torch.is_grad_enabled():  # a forward that could train: refuse zero gradient bases, as the one-adapter forward does
         for name in present:
             layer._check_bases(name)
-    stacked = _stacked(layer, present, x.device, x.dtype) if cache else _build_stacked(layer, present, x.device, x.dtype)
+    # The compute dtype: autocast's where it is on (its matmuls run in it, and so does the base layer's output), so the
+    # stacks are in it and the add below stays one in-place op; else x's.
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else x.dtype
+    stacked = _stacked(layer, present, x.device, dtype) if cache else _build_stacked(layer, present, x.device, dtype)
     dropout = tuple(float(getattr(layer.giva_dropout[n], "p", 0.0)) for n in present) if layer.training else ()
     rows = _rows(names, present, stacked.ranks, dropout, x.device)
     per_row = stacked.for_batch(rows, names, cache)
@@ -399,7 +403,7 @@ def _mixed_adapter_outputs(
             h = h.reshape(*h.shape[:2], len(stacked.ranks), -1).sum(2)  # batch x seq x R: each row's one non-zero slot
     # In place into `result` (the base layer's fresh output) when autograd does not need it.
     in_place = (
-        result.dtype == x.dtype
+        result.dtype == dtype
         and result.is_contiguous()
         and not (torch.is_grad_enabled() and (result.requires_grad or h.requires_grad))
     )
