@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import giva
 from giva import GivaConfig
 from giva.init import GradientInitError, accumulate, giva_layers
+from giva.init.accumulate import _Sums
 from giva.init.session import Request, RequestItem
 from giva.init.sketch import principal_cosines
 from tiny_models import text_batches, tiny_llama
@@ -125,6 +126,54 @@ def test_an_fp16_batch_that_overflows_is_redone_at_a_smaller_scale_and_counted_o
     assert (fp16.batches, fp16.tokens) == (fp32.batches, fp32.tokens) == (2, 2 * 4 * 10)
     for key, total in fp32.sums.items():
         assert torch.isfinite(fp16.sums[key]).all()
+        torch.testing.assert_close(fp16.sums[key], total, rtol=0.05, atol=0.05 * total.abs().max().item())
+
+
+class _AmplifiedGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by 2**12: at the first loss scale (2**16) it overflows fp16."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2**12
+
+
+def test_an_fp16_rerun_after_some_layers_overflowed_adds_the_finite_layers_products_once(monkeypatch):
+    """Only layer 0's output gradients overflow (its MLP's output gradient is amplified): layer 1's products are in the
+    sums after the first attempt at batch 0, and the attempts at smaller scales must not add them again."""
+    batches = text_batches(n=2, labels="lm")
+    retried_with_some_done: list[int] = []
+    attempt_error = _Sums.attempt_error
+
+    def spy(self, batch_index):
+        error, again = attempt_error(self, batch_index)
+        if again:
+            retried_with_some_done.append(len(self.done))
+        return error, again
+
+    monkeypatch.setattr(_Sums, "attempt_error", spy)
+
+    def sums(model):
+        peft_model = get_peft_model(model, GivaConfig(r=4, target_modules=["q_proj", "down_proj"]))
+        peft_model.base_model.model.model.layers[0].mlp.register_forward_hook(
+            lambda module, args, output: _AmplifiedGradient.apply(output)
+        )
+        items = {name: RequestItem(name, 0, layer.out_features, "dense") for name, layer in giva_layers(peft_model).items()}
+        return accumulate(peft_model, batches, Request(0, 1, items))
+
+    fp16 = sums(tiny_llama().to(torch.float16))
+    # Batch 0 ran again at smaller scales, each time with layer 1's two products already added and layer 0's not.
+    assert retried_with_some_done and set(retried_with_some_done) == {2}
+    retried_with_some_done.clear()
+    fp32 = sums(tiny_llama().to(torch.float16).float())
+    assert not retried_with_some_done
+    assert (fp16.batches, fp16.tokens) == (fp32.batches, fp32.tokens) == (2, 2 * 4 * 10)
+    assert {key.split(".")[2] for key in fp32.sums} == {"0", "1"}
+    for key, total in fp32.sums.items():
+        # Layer 1's batch-0 products added at every attempt (2**16 down to 2**7) counted batch 0 ten times there.
         torch.testing.assert_close(fp16.sums[key], total, rtol=0.05, atol=0.05 * total.abs().max().item())
 
 
