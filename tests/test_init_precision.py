@@ -129,6 +129,23 @@ def test_an_fp16_batch_that_overflows_is_redone_at_a_smaller_scale_and_counted_o
         torch.testing.assert_close(fp16.sums[key], total, rtol=0.05, atol=0.05 * total.abs().max().item())
 
 
+def test_the_fp16_loss_scale_is_kept_from_pass_to_pass():
+    """As GradScaler keeps it: the sketch's later passes start at the scale where the first one settled, so only the
+    first pass runs batch 0 again (the exact path's one pass shows how many times)."""
+    batches = text_batches(n=2, labels="lm")
+    one_pass: list = []
+    three_passes: list = []
+    _initialised(tiny_llama().to(torch.float16), batches, mode="exact", loss_fn=_overflowing_loss(one_pass))
+    found = _initialised(tiny_llama().to(torch.float16), batches, mode="sketch", passes=3,
+                         loss_fn=_overflowing_loss(three_passes))
+    retries = len(one_pass) - len(batches)
+    assert retries > 0  # 9 here: 2**16 down to 2**8 overflowed
+    assert len(three_passes) == 3 * len(batches) + retries  # was 3 * (len(batches) + retries): 33 forwards
+    reference = _initialised(tiny_llama().to(torch.float16).float(), batches, mode="sketch", passes=3)
+    assert _worst_cosine(found, reference, 0) > 0.99
+    assert _worst_cosine(found, reference, 1) > 0.99
+
+
 class _AmplifiedGradient(torch.autograd.Function):
     """The identity, whose backward multiplies the gradient by 2**12: at the first loss scale (2**16) it overflows fp16."""
 

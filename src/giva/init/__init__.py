@@ -23,7 +23,7 @@ from torch import nn
 
 from ..bases import GRADIENT_VARIANTS
 from ..config import GivaConfig
-from .accumulate import accumulate, check_num_batches, loader_length, run_pass
+from .accumulate import LossScale, accumulate, check_num_batches, loader_length, run_pass
 from .capture import LossFn, giva_layers, half_precision_vectors, unwrap
 from .distributed import Collective, DistributedInitError, DistributedValueError, collective, zero3_trace_reset
 from .session import (
@@ -309,10 +309,11 @@ def initialize(
     session = InitSession(targets, report.mode, passes, oversampling, statistic)
     report.passes = session.passes
     sources = _batches(dataloader, num_batches, keep=session.passes > 1)
+    scale = LossScale()  # fp16: the scale the first pass settles on is where the next pass starts
     with zero3_trace_reset(peft_model):  # training must not prefetch by the calibration's parameter order
         while not session.done:
             start = time.perf_counter()
-            partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress)
+            partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress, scale)
             report.losses = report.losses or partial.losses
             report.sums_bytes = max(report.sums_bytes, partial.nbytes())
             partial = comm.sum_partial(partial, session)

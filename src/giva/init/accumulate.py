@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import count
 from typing import Any, Optional
 
@@ -24,6 +25,15 @@ from .session import GradientInitError, Partial, Request, RequestItem
 # fp32 needs nothing: both run unscaled, as before.
 LOSS_SCALE = 2.0**16
 FP16_LOSS_SCALE = 2.0**15  # a backward seeded at an fp16 loss: 2**16 is beyond fp16's largest finite number
+
+
+@dataclass
+class LossScale:
+    """The fp16 loss scale, kept from batch to batch and from pass to pass, as GradScaler keeps it: only the first
+    batch of the first pass runs again until its gradients are finite, the later ones start where it ended. Every
+    rank starts at the same value and halves it in step (they agree on any rank's overflow), so it stays equal."""
+
+    value: float = LOSS_SCALE
 
 
 class _Sums:
@@ -139,8 +149,12 @@ def run_pass(
     loss_fn: Optional[LossFn],
     comm: Collective,
     progress: bool = False,
+    scale: Optional[LossScale] = None,
 ) -> Partial:
     """Sums over the next ``num_batches`` batches (all of them if None) of what ``request`` asks for.
+
+    ``scale``: the fp16 loss scale to start from, left where the pass ended it (the passes of one session share one);
+    default a fresh one.
 
     Ranks agree after fetching each batch (a loader that ran out or raised), after its forward and after its
     backward, so that all stop together; see :mod:`giva.init.distributed` for failures inside a sharded model.
@@ -154,7 +168,7 @@ def run_pass(
     device = next(model.parameters()).device
     capture = Capture({name: layers[name] for name in sums.items}, sums)
     losses: list[float] = []
-    scale = LOSS_SCALE  # for fp16 output gradients only
+    scale = LossScale() if scale is None else scale  # for fp16 output gradients only
     desc = f"GiVA pass {request.pass_index + 1}/{request.passes}"
     bar = tqdm(total=num_batches, desc=desc, disable=not progress)
     with adapters_disabled(model), calibration_mode(model), capture.attached(), comm.watching(), bar:
@@ -192,8 +206,8 @@ def run_pass(
                 sums.fp16 = capture.fp16_outputs()
                 if sums.fp16:
                     if loss.dtype == torch.float16:
-                        scale = min(scale, FP16_LOSS_SCALE)
-                    sums.scale, sums.retrying = scale, scale > 1
+                        scale.value = min(scale.value, FP16_LOSS_SCALE)
+                    sums.scale, sums.retrying = scale.value, scale.value > 1
                 else:
                     sums.scale, sums.retrying = 1.0, False
                 again = False
@@ -208,7 +222,7 @@ def run_pass(
                 del loss
                 if not comm.agree(error, again):
                     break
-                scale = max(scale / 2, 1.0)  # kept for the later batches, as GradScaler keeps it
+                scale.value = max(scale.value / 2, 1.0)  # kept for the later batches and passes
                 sums.attempt += 1
             losses.append(value)
             bar.update()
