@@ -50,6 +50,7 @@ class _Sums:
         for key, item in request.items.items():
             self.items.setdefault(item.layer, []).append((key, item))
         self.first_layer = next(iter(self.items))
+        self.order = {layer: i for i, layer in enumerate(self.items)}  # the request's (the model's) order
         self.matrices: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
@@ -57,13 +58,12 @@ class _Sums:
         # batch (shared weights) would give sum_calls G_c^T G_c, without the cross terms. Such layers are refused.
         self.squared = {item.layer for item in request.items.values() if item.kind in ("gram", "gram_m")}
         self.repeated: Optional[str] = None
-        # This attempt at a batch: its loss scale (1: unscaled), whether it may run again on an fp16 overflow (the
-        # overflowing calls' products then stay out of the sums), the calls of each layer so far, and per call
+        # This attempt at a batch: its loss scale (1: unscaled; above 1 it may run again on an fp16 overflow, the
+        # overflowing calls' products then staying out of the sums), the calls of each layer so far, and per call
         # (layer, n-th call) whose product was taken, whether its x and g were finite: 2-element bool tensors on
         # the first call's device, read once after the backward (one host sync per attempt, none per layer).
         self.fp16 = False  # a hooked output of this attempt's forward was fp16: its backward is loss-scaled
         self.scale = 1.0
-        self.retrying = False
         self.attempt = 0  # 0: the batch's first
         self.calls: dict[str, int] = {}
         self.taken: list[tuple[str, int]] = []
@@ -90,7 +90,7 @@ class _Sums:
         self.device = self.device or finite.device
         self.taken.append((layer, call))
         self.flags.append(finite.to(self.device))
-        if self.scale != 1.0 or self.retrying:
+        if self.scale != 1.0:
             # An fp32 copy of g (never g itself: autograd passes it on), zero if it overflowed, the scale divided out.
             g = g.to(torch.float32, copy=True).masked_fill_(~finite[1], 0.0).div_(self.scale)
         for key, item in self.items.get(layer, ()):
@@ -122,14 +122,13 @@ class _Sums:
         self.done.update(key for key, (x_ok, g_ok) in zip(taken, finite) if x_ok and g_ok)
         # A non-finite input is the forward's: no loss scale changes it. The error names the first such layer in the
         # request's (the model's) order, not the backward's.
-        order = {layer: i for i, layer in enumerate(self.items)}
         inputs = {layer for (layer, _), (x_ok, _) in zip(taken, finite) if not x_ok}
         gradients = {layer for (layer, _), (_, g_ok) in zip(taken, finite) if not g_ok}
         if not inputs and not gradients:
             return None, False
-        if not inputs and self.retrying:
+        if not inputs and self.scale > 1:
             return None, True
-        broken = min(inputs or gradients, key=order.__getitem__)
+        broken = min(inputs or gradients, key=self.order.__getitem__)
         scaled = " (fp16, with the loss scale halved down to 1)" if self.fp16 and not inputs else ""
         return GradientInitError(
             f"GiVA layer {broken!r} received a non-finite (NaN/inf) gradient in calibration batch {batch_index} "
@@ -204,12 +203,9 @@ def run_pass(
                     error = exc
                 comm.agree(error)
                 sums.fp16 = capture.fp16_outputs()
-                if sums.fp16:
-                    if loss.dtype == torch.float16:
-                        scale.value = min(scale.value, FP16_LOSS_SCALE)
-                    sums.scale, sums.retrying = scale.value, scale.value > 1
-                else:
-                    sums.scale, sums.retrying = 1.0, False
+                if sums.fp16 and loss.dtype == torch.float16:
+                    scale.value = min(scale.value, FP16_LOSS_SCALE)
+                sums.scale = scale.value if sums.fp16 else 1.0
                 again = False
                 try:
                     with comm.computing():
