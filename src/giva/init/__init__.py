@@ -429,13 +429,12 @@ def _calibration_count(comm: Collective, num_batches: NumBatches, dataloader: It
     another an int; unequal loader lengths; unequal ints) all raise here instead of pairing up the per-batch
     collectives of :func:`run_pass` wrongly.
     """
-    count, error = loader_length(dataloader) if num_batches == "all" else (int(num_batches), None)
-    if error is None and num_batches != "all":  # a sized loader too short for k: said before any batch runs
-        try:
-            length = len(dataloader)  # type: ignore[arg-type]
-        except TypeError:  # no len(): an iterable-style loader, checked as its batches come
-            length = count
-        if length < count:
+    length, error = loader_length(dataloader)
+    if num_batches == "all":
+        count = length or 0
+    else:
+        count, error = int(num_batches), None
+        if length is not None and length < count:  # a sized loader too short for k: said before any batch runs
             error = ValueError(
                 f"num_batches={count} calibration batches were asked for, but the dataloader has {length} "
                 f"(len(dataloader)); pass num_batches={length} or fewer, or num_batches='all'"

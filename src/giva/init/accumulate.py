@@ -256,15 +256,16 @@ def check_num_batches(num_batches: Any, allow_all: bool = False) -> None:
         raise ValueError(f"num_batches must be a positive int (the number of calibration batches k){also}, got {num_batches!r}")
 
 
-def loader_length(dataloader: Any) -> tuple[int, Optional[ValueError]]:
-    """The number of batches ``num_batches="all"`` stands for: ``len(dataloader)``, or the error saying why it has none."""
+def loader_length(dataloader: Any) -> tuple[Optional[int], Optional[ValueError]]:
+    """``len(dataloader)``, or None for a loader without one (an iterable-style loader, whose batches are checked as
+    they come), and the error ``num_batches="all"`` raises on that loader: it has no len(), or is empty."""
     try:
         n = len(dataloader)
     except TypeError:
-        return 0, ValueError(
+        return None, ValueError(
             f"num_batches='all' averages every batch of the dataloader, but {type(dataloader).__name__} has no len() "
             "(an iterable-style loader); pass the number of calibration batches as an int"
         )
     if n < 1:
-        return 0, ValueError("num_batches='all': the dataloader is empty (len() is 0); it must give at least one batch")
+        return n, ValueError("num_batches='all': the dataloader is empty (len() is 0); it must give at least one batch")
     return n, None
