@@ -85,6 +85,9 @@ def test_an_fp16_overflow_on_one_rank_runs_the_batch_again_on_every_rank_in_step
     calls = ranks.json(f"{scenario}_calls_rank{{rank}}.json")
     passes = 1 if mode == "exact" else 3
     assert calls[0] == calls[1] > passes * NUM_BATCHES
+    if mode == "sketch":  # the loss scale is kept from pass to pass: the later passes run no batch again
+        retries = ranks.json("fp16_exact_calls_rank{rank}.json")[0] - NUM_BATCHES
+        assert calls[0] == passes * NUM_BATCHES + retries
     assert all(torch.equal(rank0["bases"][k], rank1["bases"][k]) for k in rank0["bases"])
     assert [(p["batches"], p["tokens"]) for p in rank0["passes"]] == [(2 * NUM_BATCHES, 2 * NUM_BATCHES * 4 * 12)] * passes
     ones = rank_batches(1)

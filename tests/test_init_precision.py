@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import giva
 from giva import GivaConfig
 from giva.init import GradientInitError, accumulate, giva_layers
+from giva.init.accumulate import _Sums
 from giva.init.session import Request, RequestItem
 from giva.init.sketch import principal_cosines
 from tiny_models import text_batches, tiny_llama
@@ -125,6 +126,71 @@ def test_an_fp16_batch_that_overflows_is_redone_at_a_smaller_scale_and_counted_o
     assert (fp16.batches, fp16.tokens) == (fp32.batches, fp32.tokens) == (2, 2 * 4 * 10)
     for key, total in fp32.sums.items():
         assert torch.isfinite(fp16.sums[key]).all()
+        torch.testing.assert_close(fp16.sums[key], total, rtol=0.05, atol=0.05 * total.abs().max().item())
+
+
+def test_the_fp16_loss_scale_is_kept_from_pass_to_pass():
+    """As GradScaler keeps it: the sketch's later passes start at the scale where the first one settled, so only the
+    first pass runs batch 0 again (the exact path's one pass shows how many times)."""
+    batches = text_batches(n=2, labels="lm")
+    one_pass: list = []
+    three_passes: list = []
+    _initialised(tiny_llama().to(torch.float16), batches, mode="exact", loss_fn=_overflowing_loss(one_pass))
+    found = _initialised(tiny_llama().to(torch.float16), batches, mode="sketch", passes=3,
+                         loss_fn=_overflowing_loss(three_passes))
+    retries = len(one_pass) - len(batches)
+    assert retries > 0  # 9 here: 2**16 down to 2**8 overflowed
+    assert len(three_passes) == 3 * len(batches) + retries  # was 3 * (len(batches) + retries): 33 forwards
+    reference = _initialised(tiny_llama().to(torch.float16).float(), batches, mode="sketch", passes=3)
+    assert _worst_cosine(found, reference, 0) > 0.99
+    assert _worst_cosine(found, reference, 1) > 0.99
+
+
+class _AmplifiedGradient(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by 2**12: at the first loss scale (2**16) it overflows fp16."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * 2**12
+
+
+def test_an_fp16_rerun_after_some_layers_overflowed_adds_the_finite_layers_products_once(monkeypatch):
+    """Only layer 0's output gradients overflow (its MLP's output gradient is amplified): layer 1's products are in the
+    sums after the first attempt at batch 0, and the attempts at smaller scales must not add them again."""
+    batches = text_batches(n=2, labels="lm")
+    retried_with_some_done: list[int] = []
+    attempt_error = _Sums.attempt_error
+
+    def spy(self, batch_index):
+        error, again = attempt_error(self, batch_index)
+        if again:
+            retried_with_some_done.append(len(self.done))
+        return error, again
+
+    monkeypatch.setattr(_Sums, "attempt_error", spy)
+
+    def sums(model):
+        peft_model = get_peft_model(model, GivaConfig(r=4, target_modules=["q_proj", "down_proj"]))
+        peft_model.base_model.model.model.layers[0].mlp.register_forward_hook(
+            lambda module, args, output: _AmplifiedGradient.apply(output)
+        )
+        items = {name: RequestItem(name, 0, layer.out_features, "dense") for name, layer in giva_layers(peft_model).items()}
+        return accumulate(peft_model, batches, Request(0, 1, items))
+
+    fp16 = sums(tiny_llama().to(torch.float16))
+    # Batch 0 ran again at smaller scales, each time with layer 1's two products already added and layer 0's not.
+    assert retried_with_some_done and set(retried_with_some_done) == {2}
+    retried_with_some_done.clear()
+    fp32 = sums(tiny_llama().to(torch.float16).float())
+    assert not retried_with_some_done
+    assert (fp16.batches, fp16.tokens) == (fp32.batches, fp32.tokens) == (2, 2 * 4 * 10)
+    assert {key.split(".")[2] for key in fp32.sums} == {"0", "1"}
+    for key, total in fp32.sums.items():
+        # Layer 1's batch-0 products added at every attempt (2**16 down to 2**7) counted batch 0 ten times there.
         torch.testing.assert_close(fp16.sums[key], total, rtol=0.05, atol=0.05 * total.abs().max().item())
 
 

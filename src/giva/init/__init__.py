@@ -23,7 +23,7 @@ from torch import nn
 
 from ..bases import GRADIENT_VARIANTS
 from ..config import GivaConfig
-from .accumulate import accumulate, check_num_batches, loader_length, run_pass
+from .accumulate import LossScale, accumulate, check_num_batches, loader_length, run_pass
 from .capture import LossFn, giva_layers, half_precision_vectors, unwrap
 from .distributed import Collective, DistributedInitError, DistributedValueError, collective, zero3_trace_reset
 from .session import (
@@ -309,10 +309,11 @@ def initialize(
     session = InitSession(targets, report.mode, passes, oversampling, statistic)
     report.passes = session.passes
     sources = _batches(dataloader, num_batches, keep=session.passes > 1)
+    scale = LossScale()  # fp16: the scale the first pass settles on is where the next pass starts
     with zero3_trace_reset(peft_model):  # training must not prefetch by the calibration's parameter order
         while not session.done:
             start = time.perf_counter()
-            partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress)
+            partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress, scale)
             report.losses = report.losses or partial.losses
             report.sums_bytes = max(report.sums_bytes, partial.nbytes())
             partial = comm.sum_partial(partial, session)
@@ -428,13 +429,12 @@ def _calibration_count(comm: Collective, num_batches: NumBatches, dataloader: It
     another an int; unequal loader lengths; unequal ints) all raise here instead of pairing up the per-batch
     collectives of :func:`run_pass` wrongly.
     """
-    count, error = loader_length(dataloader) if num_batches == "all" else (int(num_batches), None)
-    if error is None and num_batches != "all":  # a sized loader too short for k: said before any batch runs
-        try:
-            length = len(dataloader)  # type: ignore[arg-type]
-        except TypeError:  # no len(): an iterable-style loader, checked as its batches come
-            length = count
-        if length < count:
+    length, error = loader_length(dataloader)
+    if num_batches == "all":
+        count = length or 0
+    else:
+        count, error = int(num_batches), None
+        if length is not None and length < count:  # a sized loader too short for k: said before any batch runs
             error = ValueError(
                 f"num_batches={count} calibration batches were asked for, but the dataloader has {length} "
                 f"(len(dataloader)); pass num_batches={length} or fewer, or num_batches='all'"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from itertools import count
 from typing import Any, Optional
 
@@ -26,6 +27,15 @@ LOSS_SCALE = 2.0**16
 FP16_LOSS_SCALE = 2.0**15  # a backward seeded at an fp16 loss: 2**16 is beyond fp16's largest finite number
 
 
+@dataclass
+class LossScale:
+    """The fp16 loss scale, kept from batch to batch and from pass to pass, as GradScaler keeps it: only the first
+    batch of the first pass runs again until its gradients are finite, the later ones start where it ended. Every
+    rank starts at the same value and halves it in step (they agree on any rank's overflow), so it stays equal."""
+
+    value: float = LOSS_SCALE
+
+
 class _Sums:
     """The sink: for each hooked layer's ``(x, g)``, the products each request item asks for.
 
@@ -40,6 +50,7 @@ class _Sums:
         for key, item in request.items.items():
             self.items.setdefault(item.layer, []).append((key, item))
         self.first_layer = next(iter(self.items))
+        self.order = {layer: i for i, layer in enumerate(self.items)}  # the request's (the model's) order
         self.matrices: dict[str, torch.Tensor] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.tokens = 0
@@ -47,13 +58,12 @@ class _Sums:
         # batch (shared weights) would give sum_calls G_c^T G_c, without the cross terms. Such layers are refused.
         self.squared = {item.layer for item in request.items.values() if item.kind in ("gram", "gram_m")}
         self.repeated: Optional[str] = None
-        # This attempt at a batch: its loss scale (1: unscaled), whether it may run again on an fp16 overflow (the
-        # overflowing calls' products then stay out of the sums), the calls of each layer so far, and per call
+        # This attempt at a batch: its loss scale (1: unscaled; above 1 it may run again on an fp16 overflow, the
+        # overflowing calls' products then staying out of the sums), the calls of each layer so far, and per call
         # (layer, n-th call) whose product was taken, whether its x and g were finite: 2-element bool tensors on
         # the first call's device, read once after the backward (one host sync per attempt, none per layer).
         self.fp16 = False  # a hooked output of this attempt's forward was fp16: its backward is loss-scaled
         self.scale = 1.0
-        self.retrying = False
         self.attempt = 0  # 0: the batch's first
         self.calls: dict[str, int] = {}
         self.taken: list[tuple[str, int]] = []
@@ -80,7 +90,7 @@ class _Sums:
         self.device = self.device or finite.device
         self.taken.append((layer, call))
         self.flags.append(finite.to(self.device))
-        if self.scale != 1.0 or self.retrying:
+        if self.scale != 1.0:
             # An fp32 copy of g (never g itself: autograd passes it on), zero if it overflowed, the scale divided out.
             g = g.to(torch.float32, copy=True).masked_fill_(~finite[1], 0.0).div_(self.scale)
         for key, item in self.items.get(layer, ()):
@@ -112,14 +122,13 @@ class _Sums:
         self.done.update(key for key, (x_ok, g_ok) in zip(taken, finite) if x_ok and g_ok)
         # A non-finite input is the forward's: no loss scale changes it. The error names the first such layer in the
         # request's (the model's) order, not the backward's.
-        order = {layer: i for i, layer in enumerate(self.items)}
         inputs = {layer for (layer, _), (x_ok, _) in zip(taken, finite) if not x_ok}
         gradients = {layer for (layer, _), (_, g_ok) in zip(taken, finite) if not g_ok}
         if not inputs and not gradients:
             return None, False
-        if not inputs and self.retrying:
+        if not inputs and self.scale > 1:
             return None, True
-        broken = min(inputs or gradients, key=order.__getitem__)
+        broken = min(inputs or gradients, key=self.order.__getitem__)
         scaled = " (fp16, with the loss scale halved down to 1)" if self.fp16 and not inputs else ""
         return GradientInitError(
             f"GiVA layer {broken!r} received a non-finite (NaN/inf) gradient in calibration batch {batch_index} "
@@ -139,8 +148,12 @@ def run_pass(
     loss_fn: Optional[LossFn],
     comm: Collective,
     progress: bool = False,
+    scale: Optional[LossScale] = None,
 ) -> Partial:
     """Sums over the next ``num_batches`` batches (all of them if None) of what ``request`` asks for.
+
+    ``scale``: the fp16 loss scale to start from, left where the pass ended it (the passes of one session share one);
+    default a fresh one.
 
     Ranks agree after fetching each batch (a loader that ran out or raised), after its forward and after its
     backward, so that all stop together; see :mod:`giva.init.distributed` for failures inside a sharded model.
@@ -154,7 +167,7 @@ def run_pass(
     device = next(model.parameters()).device
     capture = Capture({name: layers[name] for name in sums.items}, sums)
     losses: list[float] = []
-    scale = LOSS_SCALE  # for fp16 output gradients only
+    scale = LossScale() if scale is None else scale  # for fp16 output gradients only
     desc = f"GiVA pass {request.pass_index + 1}/{request.passes}"
     bar = tqdm(total=num_batches, desc=desc, disable=not progress)
     with adapters_disabled(model), calibration_mode(model), capture.attached(), comm.watching(), bar:
@@ -190,12 +203,9 @@ def run_pass(
                     error = exc
                 comm.agree(error)
                 sums.fp16 = capture.fp16_outputs()
-                if sums.fp16:
-                    if loss.dtype == torch.float16:
-                        scale = min(scale, FP16_LOSS_SCALE)
-                    sums.scale, sums.retrying = scale, scale > 1
-                else:
-                    sums.scale, sums.retrying = 1.0, False
+                if sums.fp16 and loss.dtype == torch.float16:
+                    scale.value = min(scale.value, FP16_LOSS_SCALE)
+                sums.scale = scale.value if sums.fp16 else 1.0
                 again = False
                 try:
                     with comm.computing():
@@ -208,7 +218,7 @@ def run_pass(
                 del loss
                 if not comm.agree(error, again):
                     break
-                scale = max(scale / 2, 1.0)  # kept for the later batches, as GradScaler keeps it
+                scale.value = max(scale.value / 2, 1.0)  # kept for the later batches and passes
                 sums.attempt += 1
             losses.append(value)
             bar.update()
@@ -246,15 +256,16 @@ def check_num_batches(num_batches: Any, allow_all: bool = False) -> None:
         raise ValueError(f"num_batches must be a positive int (the number of calibration batches k){also}, got {num_batches!r}")
 
 
-def loader_length(dataloader: Any) -> tuple[int, Optional[ValueError]]:
-    """The number of batches ``num_batches="all"`` stands for: ``len(dataloader)``, or the error saying why it has none."""
+def loader_length(dataloader: Any) -> tuple[Optional[int], Optional[ValueError]]:
+    """``len(dataloader)``, or None for a loader without one (an iterable-style loader, whose batches are checked as
+    they come), and the error ``num_batches="all"`` raises on that loader: it has no len(), or is empty."""
     try:
         n = len(dataloader)
     except TypeError:
-        return 0, ValueError(
+        return None, ValueError(
             f"num_batches='all' averages every batch of the dataloader, but {type(dataloader).__name__} has no len() "
             "(an iterable-style loader); pass the number of calibration batches as an int"
         )
     if n < 1:
-        return 0, ValueError("num_batches='all': the dataloader is empty (len() is 0); it must give at least one batch")
+        return n, ValueError("num_batches='all': the dataloader is empty (len() is 0); it must give at least one batch")
     return n, None
