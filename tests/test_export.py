@@ -552,6 +552,33 @@ def test_export_lora_cli_carries_saved_embedding_layers_and_refuses_a_resized_vo
     assert not (tmp_path / "lora2").exists()
 
 
+
+def test_an_adapter_targeting_lm_head_exports_only_lora_tensors_and_the_embedding_itself(tmp_path):
+    """PEFT saves a targeted lm_head's own weight (``lm_head.base_layer.weight``) beside GiVA's tensors of that layer;
+    the export carried every ``lm_head.*`` key as "the embedding layer", GiVA's ``giva_A`` / ``giva_lambda_*`` /
+    ``giva_seeded_crc32`` included, into the stock LoRA file."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    base = tiny_llama()
+    base.config.tie_word_embeddings = False
+    base.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), GivaConfig(
+        r=4, init_weights=False, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")).eval()
+    ids = text_batches(batch=2)[0]["input_ids"]
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "giva")
+    assert "base_model.model.lm_head.giva_lambda_o" in load_file(tmp_path / "giva" / "adapter_model.safetensors")
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 0
+    keys = set(load_file(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert not [key for key in keys if "giva_" in key], sorted(keys)
+    assert {key for key in keys if "lm_head" in key} == {
+        f"base_model.model.lm_head.{name}" for name in ("base_layer.weight", "lora_A.weight", "lora_B.weight")}
+    lora = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "lora").eval()
+    torch.testing.assert_close(_logits(lora, ids), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(LlamaForCausalLM.from_pretrained(tmp_path / "base"), ids), expected, atol=1e-3)
+
 def _refuse(*args, **kwargs):
     raise AssertionError("the base model's weights were loaded before the error")
 

@@ -507,14 +507,17 @@ _PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of every saved key
 
 
 def embedding_layers(model: Any) -> Optional[frozenset[str]]:
-    """The module names (in the base model) under which PEFT saves whole embedding layers; ``None`` without a model.
+    """The parameters (names in the base model: ``lm_head.weight``) of the embedding layers PEFT saves whole;
+    ``None`` without a model.
 
     PEFT writes them with ``save_pretrained(save_embedding_layers=True)``, and by itself (with a warning) under the
-    default ``"auto"`` after ``resize_token_embeddings`` or when an embedding layer is targeted: every tensor of the
+    default ``"auto"`` after ``resize_token_embeddings`` or when an embedding layer is targeted: the parameters of the
     model's ``get_input_embeddings()`` and ``get_output_embeddings()`` modules, found by identity among the named
     modules as PEFT's ``get_embedding_layer_name`` finds them (``model.embed_tokens``, ``lm_head``, GPT-2's
-    ``transformer.wte``, BERT's ``bert.embeddings.word_embeddings``). A load knows its model; a caller without one
-    gets ``None``, and :func:`check_contents` then falls back to PEFT's ``EMBEDDING_LAYER_NAMES``.
+    ``transformer.wte``, BERT's ``bert.embeddings.word_embeddings``). Only the embedding's own parameters: a GiVA
+    layer wrapping it (a targeted ``lm_head``) adds tensors of its own, which are no embedding's. A load knows its
+    model; a caller without one gets ``None``, and :func:`check_contents` then falls back to PEFT's
+    ``EMBEDDING_LAYER_NAMES``.
     """
     if model is None:
         return None
@@ -527,18 +530,42 @@ def embedding_layers(model: Any) -> Optional[frozenset[str]]:
         if layer is not None:
             layers.append(layer)
     return frozenset(
-        name.removeprefix(_PEFT_PREFIX) for name, module in model.named_modules() if any(module is layer for layer in layers)
+        f"{name.removeprefix(_PEFT_PREFIX)}.{param}"
+        for name, module in model.named_modules() if any(module is layer for layer in layers)
+        for param, _ in _unwrapped(module).named_parameters(recurse=False)
     )
 
 
-def is_embedding_tensor(key: str, embeddings: Optional[frozenset[str]]) -> bool:
-    """Whether ``key`` is a tensor of an embedding layer PEFT saved (see :func:`embedding_layers`)."""
-    name = key.removeprefix(_PEFT_PREFIX)
+def _unwrapped(module: Any) -> Any:
+    """The embedding layer a PEFT layer or wrapper holds (a GiVA layer's ``base_layer``, the ``original_module`` of
+    trainable tokens or ``modules_to_save``), else ``module``."""
+    for attribute in ("base_layer", "original_module"):
+        inner = getattr(module, attribute, None)
+        if inner is not None and inner is not module and hasattr(inner, "named_parameters"):
+            return _unwrapped(inner)
+    return module
+
+
+# Where PEFT saves an embedding's parameters inside the layer wrapping it: a tuner layer targeting it (GiVA, LoRA),
+# trainable tokens (``trainable_token_indices``).
+_EMBEDDING_WRAPPERS = (".base_layer", ".token_adapter.base_layer")
+
+
+def embedding_parameter(key: str, embeddings: Optional[frozenset[str]]) -> Optional[str]:
+    """The embedding parameter (see :func:`embedding_layers`) whose values the saved tensor ``key`` holds, or ``None``.
+
+    ``<module>.weight`` of an embedding module, or ``<module>.base_layer.weight`` where a GiVA / PEFT layer wrapped
+    it at save time (``<module>.token_adapter.base_layer.weight`` under trainable tokens); any other tensor under the
+    module's name (a GiVA layer's ``lm_head.giva_A``) is none."""
+    module, _, param = key.removeprefix(_PEFT_PREFIX).rpartition(".")
     if embeddings is None:
         from peft.utils.other import EMBEDDING_LAYER_NAMES
 
-        return any(f".{leaf}." in f".{name}" for leaf in EMBEDDING_LAYER_NAMES)
-    return any(name.startswith(f"{module}.") for module in embeddings)
+        return module if any(f".{leaf}." in f".{module}." for leaf in EMBEDDING_LAYER_NAMES) else None
+    for wrapper in _EMBEDDING_WRAPPERS:
+        if module.endswith(wrapper) and f"{module.removesuffix(wrapper)}.{param}" in embeddings:
+            return f"{module.removesuffix(wrapper)}.{param}"
+    return f"{module}.{param}" if f"{module}.{param}" in embeddings else None
 
 
 def read_weights(weights: Path) -> dict[str, Any]:
@@ -570,8 +597,9 @@ def check_contents(
     Returns the tensors. Checked: ``r`` present and positive; ``A`` stored in the config's ``bases_dtype``, ``B`` in fp32;
     vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones, ``modules_to_save``,
     (with ``trainable_token_indices``) the trainable tokens' rows, (with ``bias`` other than ``"none"``) biases, and
-    the embedding layers PEFT saves whole: ``embeddings`` names them (:func:`embedding_layers` of the model the folder
-    is loaded into); ``None`` accepts those of PEFT's ``EMBEDDING_LAYER_NAMES`` (``embed_tokens``, ``lm_head``).
+    the parameters of the embedding layers PEFT saves whole: ``embeddings`` names them (:func:`embedding_layers` of
+    the model the folder is loaded into; :func:`embedding_parameter`); ``None`` accepts those of PEFT's
+    ``EMBEDDING_LAYER_NAMES`` (``embed_tokens``, ``lm_head``).
     """
     r = config.get("r")
     if "r" not in config:
@@ -597,7 +625,7 @@ def check_contents(
             raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected floating point")
         known = kind in (*_BASES, *_VECTORS, _SEEDED_CRC) or (kind == "bias" and config.get("bias", "none") != "none")
         # PEFT's trainable tokens (GivaConfig.trainable_token_indices): the trained rows of an embedding layer.
-        known = known or (tokens and key.endswith(_TRAINABLE_TOKENS)) or is_embedding_tensor(key, embeddings)
+        known = known or (tokens and key.endswith(_TRAINABLE_TOKENS)) or embedding_parameter(key, embeddings) is not None
         if not known and not any(f".{head}." in f".{key}" for head in heads):  # a module name or a dotted path
             layers = sorted(embeddings) if embeddings is not None else "the model's embed_tokens / lm_head"
             raise CheckpointError(

@@ -49,7 +49,7 @@ from .checkpoint import (
     atomic_directory,
     check_adapter_folder,
     embedding_layers,
-    is_embedding_tensor,
+    embedding_parameter,
     is_side_file,
     read_weights,
 )
@@ -553,10 +553,10 @@ def _embedding_tensors(tensors: dict[str, torch.Tensor], skeleton: nn.Module, ba
     shapes = {name: tuple(param.shape) for name, param in skeleton.named_parameters(remove_duplicate=False)}
     carried = {}
     for key, value in tensors.items():
-        if not is_embedding_tensor(key, embeddings):
+        name = embedding_parameter(key, embeddings)  # lm_head.weight also for lm_head.base_layer.weight, not lm_head.giva_A
+        if name is None:
             continue
-        name = key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")  # an embedding a GiVA layer wraps
-        if name in shapes and shapes[name] != tuple(value.shape):
+        if shapes[name] != tuple(value.shape):
             raise ExportError(
                 f"the adapter holds the embedding layer {name!r} of shape {tuple(value.shape)}, but base model "
                 f"{base_name!r} has {shapes[name]}: the vocabulary was resized (resize_token_embeddings) for training, "
