@@ -442,14 +442,13 @@ def record_checksums(root: str | os.PathLike) -> None:
             f.write(json.dumps(config, indent=2, sort_keys=True))  # PEFT's own layout
 
 
-def check_adapter_folder(
-    model_id: str | os.PathLike, subfolder: Optional[str] = None, model: Any = None
-) -> Optional[Path]:
+def check_adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str], model: Any) -> Optional[Path]:
     """Raise a clear error before PEFT loads a local GiVA folder that is incomplete, edited or mixes two saves.
 
     Returns the weights file the config's checksum covers (``None`` for folders this does not check). Hub ids
-    and folders of other PEFT methods pass through unchanged (PEFT reports on those). ``model``, when given,
-    is the base model the adapter is loaded into (its class is checked against the config's ``task_type``).
+    and folders of other PEFT methods pass through unchanged (PEFT reports on those). ``model`` is the base model the
+    adapter is loaded into (its class is checked against the config's ``task_type``, its embedding layers name the
+    tensors PEFT may have saved of them).
     """
     if not looks_local(model_id):
         return None
@@ -494,8 +493,7 @@ def check_adapter_folder(
                 "removes it", present[0], CONFIG_NAME, weights.name, weights.name,
             )
     check_contents(config_file, config, weights, embedding_layers(model))
-    if model is not None:
-        _check_task_type(config_file, config, model)
+    _check_task_type(config_file, config, model)
     return weights
 
 
@@ -506,21 +504,16 @@ _TRAINABLE_TOKENS = ".token_adapter.trainable_tokens_delta"  # what PEFT saves o
 _PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of every saved key
 
 
-def embedding_layers(model: Any) -> Optional[frozenset[str]]:
-    """The parameters (names in the base model: ``lm_head.weight``) of the embedding layers PEFT saves whole;
-    ``None`` without a model.
+def embedding_layers(model: Any) -> frozenset[str]:
+    """The parameters (names in the base model: ``lm_head.weight``) of the embedding layers PEFT saves whole.
 
     PEFT writes them with ``save_pretrained(save_embedding_layers=True)``, and by itself (with a warning) under the
     default ``"auto"`` after ``resize_token_embeddings`` or when an embedding layer is targeted: the parameters of the
     model's ``get_input_embeddings()`` and ``get_output_embeddings()`` modules, found by identity among the named
     modules as PEFT's ``get_embedding_layer_name`` finds them (``model.embed_tokens``, ``lm_head``, GPT-2's
     ``transformer.wte``, BERT's ``bert.embeddings.word_embeddings``). Only the embedding's own parameters: a GiVA
-    layer wrapping it (a targeted ``lm_head``) adds tensors of its own, which are no embedding's. A load knows its
-    model; a caller without one gets ``None``, and :func:`check_contents` then falls back to PEFT's
-    ``EMBEDDING_LAYER_NAMES``.
+    layer wrapping it (a targeted ``lm_head``) adds tensors of its own, which are no embedding's.
     """
-    if model is None:
-        return None
     layers = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         try:
@@ -551,17 +544,13 @@ def _unwrapped(module: Any) -> Any:
 _EMBEDDING_WRAPPERS = (".base_layer", ".token_adapter.base_layer")
 
 
-def embedding_parameter(key: str, embeddings: Optional[frozenset[str]]) -> Optional[str]:
+def embedding_parameter(key: str, embeddings: frozenset[str]) -> Optional[str]:
     """The embedding parameter (see :func:`embedding_layers`) whose values the saved tensor ``key`` holds, or ``None``.
 
     ``<module>.weight`` of an embedding module, or ``<module>.base_layer.weight`` where a GiVA / PEFT layer wrapped
     it at save time (``<module>.token_adapter.base_layer.weight`` under trainable tokens); any other tensor under the
     module's name (a GiVA layer's ``lm_head.giva_A``) is none."""
     module, _, param = key.removeprefix(_PEFT_PREFIX).rpartition(".")
-    if embeddings is None:
-        from peft.utils.other import EMBEDDING_LAYER_NAMES
-
-        return module if any(f".{leaf}." in f".{module}." for leaf in EMBEDDING_LAYER_NAMES) else None
     for wrapper in _EMBEDDING_WRAPPERS:
         if module.endswith(wrapper) and f"{module.removesuffix(wrapper)}.{param}" in embeddings:
             return f"{module.removesuffix(wrapper)}.{param}"
@@ -589,17 +578,14 @@ def read_weights(weights: Path) -> dict[str, Any]:
     return tensors
 
 
-def check_contents(
-    config_file: Path, config: dict[str, Any], weights: Path, embeddings: Optional[frozenset[str]] = None
-) -> dict[str, Any]:
+def check_contents(config_file: Path, config: dict[str, Any], weights: Path, embeddings: frozenset[str]) -> dict[str, Any]:
     """The fields and tensors of a GiVA folder are what a save writes: one-line errors naming the file and field.
 
     Returns the tensors. Checked: ``r`` present and positive; ``A`` stored in the config's ``bases_dtype``, ``B`` in fp32;
     vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones, ``modules_to_save``,
     (with ``trainable_token_indices``) the trainable tokens' rows, (with ``bias`` other than ``"none"``) biases, and
     the parameters of the embedding layers PEFT saves whole: ``embeddings`` names them (:func:`embedding_layers` of
-    the model the folder is loaded into; :func:`embedding_parameter`); ``None`` accepts those of PEFT's
-    ``EMBEDDING_LAYER_NAMES`` (``embed_tokens``, ``lm_head``).
+    the model the folder is loaded into; :func:`embedding_parameter`).
     """
     r = config.get("r")
     if "r" not in config:
@@ -627,12 +613,11 @@ def check_contents(
         # PEFT's trainable tokens (GivaConfig.trainable_token_indices): the trained rows of an embedding layer.
         known = known or (tokens and key.endswith(_TRAINABLE_TOKENS)) or embedding_parameter(key, embeddings) is not None
         if not known and not any(f".{head}." in f".{key}" for head in heads):  # a module name or a dotted path
-            layers = sorted(embeddings) if embeddings is not None else "the model's embed_tokens / lm_head"
             raise CheckpointError(
                 f"{weights} holds a tensor that is not part of a GiVA adapter: {key!r} (expected per-layer "
                 f"{', '.join((*_BASES, *_VECTORS))}, a module of modules_to_save={sorted(heads)}"
                 + (f", {_TRAINABLE_TOKENS.lstrip('.')} of trainable_token_indices" if tokens else "")
-                + f" from {config_file}, or an embedding layer PEFT saves whole: {layers})"
+                + f" from {config_file}, or an embedding layer PEFT saves whole: {sorted(embeddings)})"
             )
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise CheckpointError(f"{weights}: {key} holds NaN or inf values; the adapter cannot be loaded exactly")
@@ -672,7 +657,7 @@ def save_pretrained(original: Callable[..., None], model: Any, save_directory: s
 
 
 @contextmanager
-def checked_load(model_id: str | os.PathLike, subfolder: Optional[str] = None, model: Any = None) -> Iterator[None]:
+def checked_load(model_id: str | os.PathLike, subfolder: Optional[str], model: Any) -> Iterator[None]:
     """Check the folder before PEFT reads it, once per load (``from_pretrained`` calls ``load_adapter`` inside).
 
     Inside the block, PEFT's ``load_peft_weights`` of this folder reads the weights file the checksum covers

@@ -449,7 +449,7 @@ def _read_adapter_tensors(adapter_dir: Path, skeleton: nn.Module) -> dict[str, t
     """The tensors of a saved GiVA folder, checked as loading it into ``skeleton`` checks them (checksum, fields,
     tensors; the embedding layers PEFT may have saved are the skeleton's)."""
     try:
-        weights = check_adapter_folder(adapter_dir.absolute(), model=skeleton)
+        weights = check_adapter_folder(adapter_dir.absolute(), None, skeleton)
         assert weights is not None  # a local GiVA folder always has one
         return read_weights(weights)
     except CheckpointError as error:
