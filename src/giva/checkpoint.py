@@ -116,29 +116,46 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(folder))
 
 
-def _keep_unwritten(old: Path, new: Path, replaced: Optional[Callable[[str], bool]] = None) -> None:
-    """Hard-link (else copy) into ``new`` every file of ``old`` the save did not write, as an in-place save keeps them.
+def _kept(folder: Path, name: str, top: bool, wrote_weights: bool, replaced: Optional[Callable[[str], bool]]) -> bool:
+    """Whether the entry ``name`` of ``folder`` (in the old folder; ``top``: its top level), which the save did not
+    write, stays in the saved folder, as an in-place save keeps it.
+
+    Every file, link (to a folder too) and folder stays, except: staging folders an interrupted LoRA export of an
+    older giva left, or an in-place save (:func:`_replace_in_place`; :func:`recover` removes those); an adapter
+    weights file beside the one the save wrote in that folder (``wrote_weights``: ``adapter_model.bin`` after a
+    safetensors save, or the reverse), which the new config's checksum does not cover and PEFT would read first; and
+    the top-level files (not folders) whose name ``replaced`` accepts (files the writer owns that the save did not
+    write this time)."""
+    path = folder / name
+    if name.startswith((_EXPORT_TAG, _TMP_TAG)) and path.is_dir() and not path.is_symlink():
+        return False
+    if wrote_weights and name in WEIGHTS_NAMES:
+        return False
+    return not (top and replaced is not None and not path.is_dir() and replaced(name))
+
+
+def _wrote_weights(new: Path) -> bool:
+    return any((new / name).exists() for name in WEIGHTS_NAMES)
+
+
+def _keep_unwritten(old: Path, new: Path, replaced: Optional[Callable[[str], bool]]) -> None:
+    """Hard-link (else copy) into ``new`` every entry of ``old`` the save did not write and :func:`_kept` keeps, so
+    that ``new`` can be swapped in whole.
 
     Symbolic links stay links to the same target, links to folders included (``os.walk`` lists those among the
-    folders without entering them). Not kept: an adapter weights file of the other format beside the one the save
-    wrote (``adapter_model.bin`` after a safetensors save, or the reverse), which the new config's checksum does
-    not cover and PEFT would read first; staging folders an interrupted LoRA export of an older giva left, or an
-    in-place save (:func:`_replace_in_place`); and the top-level files whose name ``replaced`` accepts (files the
-    writer owns that the save did not write this time).
+    folders without entering them); a folder the save did not write keeps its mode.
     """
     for folder, dirs, files in os.walk(old):
-        linked = [name for name in dirs if (Path(folder) / name).is_symlink()]
-        dirs[:] = [name for name in dirs if not name.startswith((_EXPORT_TAG, _TMP_TAG)) and name not in linked]
         relative = Path(folder).relative_to(old)
-        if not (new / relative).exists():  # a folder the save did not write keeps its mode, as in an in-place save
+        if not (new / relative).exists():
             (new / relative).mkdir()
             (new / relative).chmod(Path(folder).stat().st_mode & 0o7777)
-        rewrote_weights = any((new / relative / name).exists() for name in WEIGHTS_NAMES)
+        top, wrote_weights = folder == os.fspath(old), _wrote_weights(new / relative)
+        linked = [name for name in dirs if (Path(folder) / name).is_symlink()]
+        dirs[:] = [name for name in dirs if name not in linked and _kept(Path(folder), name, top, wrote_weights, replaced)]
         for name in [*files, *linked]:
             source, dest = Path(folder) / name, new / relative / name
-            if dest.exists() or dest.is_symlink() or (rewrote_weights and name in WEIGHTS_NAMES):
-                continue
-            if replaced is not None and folder == os.fspath(old) and name in files and replaced(name):
+            if os.path.lexists(dest) or not _kept(Path(folder), name, top, wrote_weights, replaced):
                 continue
             if source.is_symlink():
                 os.symlink(os.readlink(source), dest)
@@ -259,16 +276,17 @@ def _files(root: Path) -> list[Path]:
     return sorted(found, key=lambda path: (path.name == CONFIG_NAME, str(path)))
 
 
-def _staging_folder(target: Path) -> Path:
-    """A new empty folder for a save into ``target``: beside it, to be swapped in whole, or inside an existing
-    ``target`` where nothing can be swapped with it (a mount point, or a parent folder that refuses new entries:
-    a volume mounted at ``/output``, a user's folder under a root-owned one), for :func:`_replace_in_place`."""
+def _staging_folder(target: Path) -> tuple[Path, bool]:
+    """A new empty folder for a save into ``target``, and whether the save goes in place: beside ``target``, to be
+    swapped in whole (``False``), or inside an existing ``target`` where nothing can be swapped with it (``True``: a
+    mount point, or a parent folder that refuses new entries: a volume mounted at ``/output``, a user's folder under
+    a root-owned one), for :func:`_replace_in_place`."""
     beside = target.parent / f".{target.name}{_TMP_TAG}{_owner_tag()}"
     why = f"{target} is a mount point" if target.is_dir() and os.path.ismount(target) else None
     if why is None:
         try:
             os.mkdir(beside)
-            return beside
+            return beside, False
         except PermissionError as err:
             if not target.is_dir():
                 raise
@@ -276,7 +294,7 @@ def _staging_folder(target: Path) -> Path:
     inside = target / f"{_TMP_TAG}{_owner_tag()}"
     os.mkdir(inside)
     _warn_in_place(target, why)
-    return inside
+    return inside, True
 
 
 def _warn_in_place(target: Path, why: str) -> None:
@@ -286,18 +304,16 @@ def _warn_in_place(target: Path, why: str) -> None:
     )
 
 
-def _replace_in_place(staged: Path, written: list[Path], final: Path, target: Path) -> None:
-    """Make ``target`` hold what the folder ``final`` holds, replacing files one by one (``os.replace``) where the
-    folder cannot be swapped whole.
+def _replace_in_place(staged: Path, written: list[Path], target: Path, replaced: Optional[Callable[[str], bool]]) -> None:
+    """Save into ``target`` file by file (``os.replace``) where the folder cannot be swapped whole.
 
     ``staged`` is a folder inside ``target`` holding the files ``written`` (relative paths, each ``adapter_config.json``
-    last, as :func:`_files` orders them), ``final`` the complete new folder (the files kept from ``target`` included,
-    :func:`_keep_unwritten`). The old files stay until every new config is in place; then the entries of ``target``
-    that ``final`` lacks (files the save drops: a weights file of the other format, an earlier export's side files)
-    are removed. A save cut off half-way leaves new weights beside the old config, which a GiVA adapter's
-    ``weights_sha256`` refuses at load.
+    last, as :func:`_files` orders them). The old files stay until every new config is in place; then the entries of
+    ``target`` that the save neither wrote nor keeps (:func:`_kept`: a weights file of the other format, an earlier
+    export's side files) are removed. Kept files are left where they are, untouched. A save cut off half-way leaves
+    new weights beside the old config, which a GiVA adapter's ``weights_sha256`` refuses at load.
     """
-    dropped = _dropped(target, final)
+    dropped = _dropped(target, staged, replaced)
     _fsync_tree(staged)
     for relative in written:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -312,15 +328,18 @@ def _replace_in_place(staged: Path, written: list[Path], final: Path, target: Pa
         _fsync_path(Path(folder))
 
 
-def _dropped(target: Path, final: Path) -> list[Path]:
-    """The entries of ``target`` that the complete new folder ``final`` lacks (a folder once, not its contents);
-    staging folders of in-place saves are :func:`recover`'s business."""
+def _dropped(target: Path, staged: Path, replaced: Optional[Callable[[str], bool]]) -> list[Path]:
+    """The entries of ``target`` that the save (its files in ``staged``) neither wrote nor keeps (:func:`_kept`), a
+    folder once, not its contents; staging folders of in-place saves are :func:`recover`'s business."""
     dropped = []
     for folder, dirs, files in os.walk(target):
         relative = Path(folder).relative_to(target)
         dirs[:] = [name for name in dirs if not name.startswith(_TMP_TAG)]
-        dropped += [Path(folder) / name for name in [*files, *dirs] if not os.path.lexists(final / relative / name)]
-        dirs[:] = [name for name in dirs if os.path.lexists(final / relative / name)]
+        top, wrote_weights = folder == os.fspath(target), _wrote_weights(staged / relative)
+        gone = [name for name in [*files, *dirs] if not os.path.lexists(staged / relative / name)
+                and not _kept(Path(folder), name, top, wrote_weights, replaced)]
+        dropped += [Path(folder) / name for name in gone]
+        dirs[:] = [name for name in dirs if name not in gone]
     return dropped
 
 
@@ -340,23 +359,22 @@ def atomic_directory(target: str | os.PathLike, replaced: Optional[Callable[[str
         raise NotADirectoryError(f"cannot save into {target}: it is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
-    tmp = _staging_folder(target)
+    tmp, in_place = _staging_folder(target)
     try:
         yield tmp
         written = _files(tmp)
-        if target.is_dir():
-            if tmp.parent != target:
-                tmp.chmod(target.stat().st_mode & 0o7777)
-            _keep_unwritten(target, tmp, replaced)
-        if tmp.parent == target:
-            _replace_in_place(tmp, written, tmp, target)
+        if in_place:
+            _replace_in_place(tmp, written, target, replaced)
         else:
-            _swap_or_replace(tmp, written, target)
+            if target.is_dir():
+                tmp.chmod(target.stat().st_mode & 0o7777)
+                _keep_unwritten(target, tmp, replaced)
+            _swap_or_replace(tmp, written, target, replaced)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _swap_or_replace(tmp: Path, written: list[Path], target: Path) -> None:
+def _swap_or_replace(tmp: Path, written: list[Path], target: Path, replaced: Optional[Callable[[str], bool]]) -> None:
     """Swap the complete folder ``tmp`` in as ``target``; where the swap fails for the folder's place (a bind mount
     :func:`os.path.ismount` cannot see, say) copy the written files into ``target`` and replace them there."""
     _fsync_tree(tmp)
@@ -372,7 +390,7 @@ def _swap_or_replace(tmp: Path, written: list[Path], target: Path) -> None:
             for relative in written:  # copied: `tmp` may lie on another file system
                 (staged / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(tmp / relative, staged / relative, follow_symlinks=False)
-            _replace_in_place(staged, written, tmp, target)
+            _replace_in_place(staged, written, target, replaced)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return
