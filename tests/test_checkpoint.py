@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -240,6 +241,34 @@ def test_a_folder_that_cannot_be_swapped_is_saved_file_by_file(tmp_path, monkeyp
     third.save_pretrained(str(folder), safe_serialization=False)
     assert torch.equal(reload(folder), logits(third)) and not (folder / "adapter_model.safetensors").exists()
 
+
+
+@pytest.mark.parametrize("how", ["parent-refuses-entries", "mount-point"])
+def test_an_in_place_save_leaves_the_kept_files_untouched(tmp_path, monkeypatch, how):
+    """A save into a folder that cannot be swapped hard-linked (or copied) every file it keeps into its staging folder,
+    only to learn what to delete: 50 links for a 50-file checkpoint folder. It now decides what to drop from the
+    folder itself: no link or copy of a kept file is made, kept files keep their inode and mtime, and what a swap
+    drops (the weights file of the other format) is still dropped."""
+    folder = tmp_path / "adapter"
+    adapter_model(1).save_pretrained(str(folder), safe_serialization=False)
+    (folder / "notes.txt").write_text("mine")
+    (folder / "checkpoint-500").mkdir()
+    for i in range(50):
+        (folder / "checkpoint-500" / f"f{i}").write_bytes(b"x" * 100)
+    kept = [folder / "notes.txt", *sorted((folder / "checkpoint-500").iterdir())]
+    before = {path: (path.stat().st_ino, path.stat().st_mtime_ns, path.stat().st_nlink) for path in kept}
+    refuse_swaps(monkeypatch, folder, how)
+    links, copies = [], []
+    real_link, real_copy2 = os.link, shutil.copy2
+    monkeypatch.setattr(os, "link", lambda src, dst, *a, **k: (links.append(src), real_link(src, dst, *a, **k))[1])
+    monkeypatch.setattr(shutil, "copy2", lambda src, dst, *a, **k: (copies.append(Path(src).name), real_copy2(src, dst, *a, **k))[1])
+    model = adapter_model(2).eval()
+    model.save_pretrained(str(folder))
+    assert links == [] and copies == ["README.md"], (links, copies)  # README.md: the model card PEFT updates
+    assert {path: (path.stat().st_ino, path.stat().st_mtime_ns, path.stat().st_nlink) for path in kept} == before
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                        "checkpoint-500", "notes.txt"]
+    assert leftovers(folder) == [] and torch.equal(reload(folder), logits(model))
 
 def test_an_in_place_save_cut_off_half_way_is_detected_and_its_staging_folder_removed(tmp_path, monkeypatch):
     """Replacing files one by one is not atomic: a save killed between the weights and the config leaves new weights

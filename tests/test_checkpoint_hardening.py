@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import warnings
@@ -150,10 +151,13 @@ def _nan(state):
          "adapter_model.safetensors holds a tensor that is not part of a GiVA adapter: 'base_model.model.extra.weight'"),
         # An embedding name PEFT knows, but not one of this model (a BERT classifier has no lm_head): still foreign.
         (None, lambda s: s.update({"base_model.model.lm_head.weight": torch.zeros(100, 32)}),
-         r"not part of a GiVA adapter: 'base_model.model.lm_head.weight' .*\['bert.embeddings.word_embeddings'\]"),
+         r"not part of a GiVA adapter: 'base_model.model.lm_head.weight' .*\['bert.embeddings.word_embeddings.weight'\]"),
+        # Under the embedding's name, but none of its parameters: a GiVA layer's own tensors were taken for it.
+        (None, lambda s: s.update({"base_model.model.bert.embeddings.word_embeddings.something_else": torch.zeros(2)}),
+         "not part of a GiVA adapter: 'base_model.model.bert.embeddings.word_embeddings.something_else'"),
     ],
     ids=["empty-config", "r-missing", "r-string", "task-type", "bases-dtype", "A-int32", "B-bf16", "nan-lambda",
-         "extra-tensor", "foreign-lm-head"],
+         "extra-tensor", "foreign-lm-head", "embedding-other-tensor"],
 )
 def test_a_hand_edited_folder_is_refused_in_one_line_naming_the_file(saved, tmp_path, config, tensors, message):
     folder = _edited(saved, tmp_path, config, tensors)
@@ -227,6 +231,34 @@ def test_folders_with_the_embedding_layers_peft_saves_reload_exactly(tmp_path, r
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, expected)
 
+
+def test_a_targeted_lm_head_loads_and_only_its_own_weight_counts_as_the_embedding(tmp_path):
+    """A folder of an adapter targeting ``lm_head`` holds GiVA's tensors of that layer and, from PEFT, the layer's own
+    ``lm_head.base_layer.weight``: it loads exactly. Any other tensor under ``lm_head`` is foreign; the check took
+    every ``lm_head.<anything>`` for the embedding layer's."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    torch.manual_seed(3)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), GivaConfig(
+        r=4, init_weights=False, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")).eval()
+    ids = torch.tensor([[1, 2, 3, 4, 99]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # PEFT's "Setting save_embedding_layers to True ..."
+        model.save_pretrained(tmp_path / "adapter")
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(input_ids=ids).logits, expected)
+    for extra in ("lm_head.something_else", "lm_head.lora_A.weight", "model.embed_tokens.extra.weight"):
+        shutil.rmtree(tmp_path / "edited", ignore_errors=True)
+        folder = _edited(tmp_path / "adapter", tmp_path, tensors=lambda s: s.update({f"base_model.model.{extra}": torch.zeros(2)}))
+        with pytest.raises(CheckpointError, match=rf"not part of a GiVA adapter: 'base_model.model.{re.escape(extra)}' "):
+            PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), str(folder))
 
 @pytest.mark.parametrize(
     "options", [{"bias": "all"}, {"bias": "giva_only"}, {"modules_to_save": ["bert.pooler.dense"]}],

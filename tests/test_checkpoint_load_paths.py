@@ -228,3 +228,31 @@ def test_a_load_into_an_adapter_built_with_another_config_names_the_difference(t
         model.load_adapter(str(tmp_path / "saved"), adapter_name="default")
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+@pytest.mark.parametrize("raised", [KeyboardInterrupt, RuntimeError])
+def test_a_load_into_an_existing_adapter_cut_off_by_other_than_a_refusal_reads_no_config(tmp_path, monkeypatch, raised):
+    """Only a ValueError (a refusal) of a load into an existing adapter gets the config differences appended; the
+    hook read the folder's config for every exception first, a KeyboardInterrupt included, then dropped the note."""
+    import peft.peft_model
+
+    from giva import checkpoint
+
+    source = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    source.save_pretrained(str(tmp_path / "saved"))
+    model = get_peft_model(tiny_llama(), GivaConfig(r=4, target_modules=["q_proj", "v_proj"]))  # differs: r
+    reads, cut = [], []
+    real_read = checkpoint._read_config
+    monkeypatch.setattr(checkpoint, "_read_config", lambda path: (reads.append((path, bool(cut))), real_read(path))[1])
+
+    def interrupted(*args, **kwargs):
+        cut.append(True)
+        raise raised("cut off")
+
+    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", interrupted)
+    with pytest.raises(raised, match="^cut off$"):
+        model.load_adapter(str(tmp_path / "saved"), adapter_name="default")
+    assert cut and reads and not [path for path, after in reads if after], reads  # read by the check, not after
+    monkeypatch.setattr(peft.peft_model, "set_peft_model_state_dict", lambda *a, **k: (_ for _ in ()).throw(ValueError("refused")))
+    with pytest.raises(ValueError, match=r"^refused The adapter 'default' it was loaded into already existed, .*r=4 here, 2"):
+        model.load_adapter(str(tmp_path / "saved"), adapter_name="default")

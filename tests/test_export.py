@@ -552,6 +552,56 @@ def test_export_lora_cli_carries_saved_embedding_layers_and_refuses_a_resized_vo
     assert not (tmp_path / "lora2").exists()
 
 
+
+def test_an_adapter_targeting_lm_head_exports_only_lora_tensors_and_the_embedding_itself(tmp_path):
+    """PEFT saves a targeted lm_head's own weight (``lm_head.base_layer.weight``) beside GiVA's tensors of that layer;
+    the export carried every ``lm_head.*`` key as "the embedding layer", GiVA's ``giva_A`` / ``giva_lambda_*`` /
+    ``giva_seeded_crc32`` included, into the stock LoRA file."""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    base = tiny_llama()
+    base.config.tie_word_embeddings = False
+    base.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), GivaConfig(
+        r=4, init_weights=False, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")).eval()
+    ids = text_batches(batch=2)[0]["input_ids"]
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "giva")
+    assert "base_model.model.lm_head.giva_lambda_o" in load_file(tmp_path / "giva" / "adapter_model.safetensors")
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 0
+    keys = set(load_file(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert not [key for key in keys if "giva_" in key], sorted(keys)
+    assert {key for key in keys if "lm_head" in key} == {
+        f"base_model.model.lm_head.{name}" for name in ("base_layer.weight", "lora_A.weight", "lora_B.weight")}
+    lora = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "lora").eval()
+    torch.testing.assert_close(_logits(lora, ids), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(_logits(LlamaForCausalLM.from_pretrained(tmp_path / "base"), ids), expected, atol=1e-3)
+
+
+def test_an_in_memory_export_of_a_resized_vocabulary_is_refused_as_the_cli_refuses_it(tmp_path):
+    """export_lora / peft.save_as_lora of a model after resize_token_embeddings wrote a LoRA with no embedding layer
+    and no warning (its logits differ from the model's on the base model), while `giva export-lora` of its folder
+    refuses it; both now refuse with the CLI's message before any work, writing nothing."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    base.resize_token_embeddings(110)
+    model = get_peft_model(base, GivaConfig(r=4, init_weights=False, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    message = (r"^the adapter holds the embedding layer '(lm_head|model.embed_tokens).weight' of shape \(110, 32\), but "
+               rf"base model '{re.escape(str(tmp_path / 'base'))}' has \(100, 32\): the vocabulary was resized "
+               r"\(resize_token_embeddings\) for training, which a LoRA export cannot carry; serve the GiVA adapter itself$")
+    for export in (lambda: export_lora(model, tmp_path / "lora"), lambda: peft.save_as_lora(tmp_path / "lora", model, 4)):
+        with pytest.raises(ExportError, match=message):
+            export()
+        assert not (tmp_path / "lora").exists() and sorted(os.listdir(tmp_path)) == ["base"]
+    unresized = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), GivaConfig(
+        r=4, init_weights=False, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    export_lora(unresized, tmp_path / "lora")  # the same base, not resized: exported
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
 def _refuse(*args, **kwargs):
     raise AssertionError("the base model's weights were loaded before the error")
 

@@ -116,29 +116,46 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(folder))
 
 
-def _keep_unwritten(old: Path, new: Path, replaced: Optional[Callable[[str], bool]] = None) -> None:
-    """Hard-link (else copy) into ``new`` every file of ``old`` the save did not write, as an in-place save keeps them.
+def _kept(folder: Path, name: str, top: bool, wrote_weights: bool, replaced: Optional[Callable[[str], bool]]) -> bool:
+    """Whether the entry ``name`` of ``folder`` (in the old folder; ``top``: its top level), which the save did not
+    write, stays in the saved folder, as an in-place save keeps it.
+
+    Every file, link (to a folder too) and folder stays, except: staging folders an interrupted LoRA export of an
+    older giva left, or an in-place save (:func:`_replace_in_place`; :func:`recover` removes those); an adapter
+    weights file beside the one the save wrote in that folder (``wrote_weights``: ``adapter_model.bin`` after a
+    safetensors save, or the reverse), which the new config's checksum does not cover and PEFT would read first; and
+    the top-level files (not folders) whose name ``replaced`` accepts (files the writer owns that the save did not
+    write this time)."""
+    path = folder / name
+    if name.startswith((_EXPORT_TAG, _TMP_TAG)) and path.is_dir() and not path.is_symlink():
+        return False
+    if wrote_weights and name in WEIGHTS_NAMES:
+        return False
+    return not (top and replaced is not None and not path.is_dir() and replaced(name))
+
+
+def _wrote_weights(new: Path) -> bool:
+    return any((new / name).exists() for name in WEIGHTS_NAMES)
+
+
+def _keep_unwritten(old: Path, new: Path, replaced: Optional[Callable[[str], bool]]) -> None:
+    """Hard-link (else copy) into ``new`` every entry of ``old`` the save did not write and :func:`_kept` keeps, so
+    that ``new`` can be swapped in whole.
 
     Symbolic links stay links to the same target, links to folders included (``os.walk`` lists those among the
-    folders without entering them). Not kept: an adapter weights file of the other format beside the one the save
-    wrote (``adapter_model.bin`` after a safetensors save, or the reverse), which the new config's checksum does
-    not cover and PEFT would read first; staging folders an interrupted LoRA export of an older giva left, or an
-    in-place save (:func:`_replace_in_place`); and the top-level files whose name ``replaced`` accepts (files the
-    writer owns that the save did not write this time).
+    folders without entering them); a folder the save did not write keeps its mode.
     """
     for folder, dirs, files in os.walk(old):
-        linked = [name for name in dirs if (Path(folder) / name).is_symlink()]
-        dirs[:] = [name for name in dirs if not name.startswith((_EXPORT_TAG, _TMP_TAG)) and name not in linked]
         relative = Path(folder).relative_to(old)
-        if not (new / relative).exists():  # a folder the save did not write keeps its mode, as in an in-place save
+        if not (new / relative).exists():
             (new / relative).mkdir()
             (new / relative).chmod(Path(folder).stat().st_mode & 0o7777)
-        rewrote_weights = any((new / relative / name).exists() for name in WEIGHTS_NAMES)
+        top, wrote_weights = folder == os.fspath(old), _wrote_weights(new / relative)
+        linked = [name for name in dirs if (Path(folder) / name).is_symlink()]
+        dirs[:] = [name for name in dirs if name not in linked and _kept(Path(folder), name, top, wrote_weights, replaced)]
         for name in [*files, *linked]:
             source, dest = Path(folder) / name, new / relative / name
-            if dest.exists() or dest.is_symlink() or (rewrote_weights and name in WEIGHTS_NAMES):
-                continue
-            if replaced is not None and folder == os.fspath(old) and name in files and replaced(name):
+            if os.path.lexists(dest) or not _kept(Path(folder), name, top, wrote_weights, replaced):
                 continue
             if source.is_symlink():
                 os.symlink(os.readlink(source), dest)
@@ -259,16 +276,17 @@ def _files(root: Path) -> list[Path]:
     return sorted(found, key=lambda path: (path.name == CONFIG_NAME, str(path)))
 
 
-def _staging_folder(target: Path) -> Path:
-    """A new empty folder for a save into ``target``: beside it, to be swapped in whole, or inside an existing
-    ``target`` where nothing can be swapped with it (a mount point, or a parent folder that refuses new entries:
-    a volume mounted at ``/output``, a user's folder under a root-owned one), for :func:`_replace_in_place`."""
+def _staging_folder(target: Path) -> tuple[Path, bool]:
+    """A new empty folder for a save into ``target``, and whether the save goes in place: beside ``target``, to be
+    swapped in whole (``False``), or inside an existing ``target`` where nothing can be swapped with it (``True``: a
+    mount point, or a parent folder that refuses new entries: a volume mounted at ``/output``, a user's folder under
+    a root-owned one), for :func:`_replace_in_place`."""
     beside = target.parent / f".{target.name}{_TMP_TAG}{_owner_tag()}"
     why = f"{target} is a mount point" if target.is_dir() and os.path.ismount(target) else None
     if why is None:
         try:
             os.mkdir(beside)
-            return beside
+            return beside, False
         except PermissionError as err:
             if not target.is_dir():
                 raise
@@ -276,7 +294,7 @@ def _staging_folder(target: Path) -> Path:
     inside = target / f"{_TMP_TAG}{_owner_tag()}"
     os.mkdir(inside)
     _warn_in_place(target, why)
-    return inside
+    return inside, True
 
 
 def _warn_in_place(target: Path, why: str) -> None:
@@ -286,18 +304,16 @@ def _warn_in_place(target: Path, why: str) -> None:
     )
 
 
-def _replace_in_place(staged: Path, written: list[Path], final: Path, target: Path) -> None:
-    """Make ``target`` hold what the folder ``final`` holds, replacing files one by one (``os.replace``) where the
-    folder cannot be swapped whole.
+def _replace_in_place(staged: Path, written: list[Path], target: Path, replaced: Optional[Callable[[str], bool]]) -> None:
+    """Save into ``target`` file by file (``os.replace``) where the folder cannot be swapped whole.
 
     ``staged`` is a folder inside ``target`` holding the files ``written`` (relative paths, each ``adapter_config.json``
-    last, as :func:`_files` orders them), ``final`` the complete new folder (the files kept from ``target`` included,
-    :func:`_keep_unwritten`). The old files stay until every new config is in place; then the entries of ``target``
-    that ``final`` lacks (files the save drops: a weights file of the other format, an earlier export's side files)
-    are removed. A save cut off half-way leaves new weights beside the old config, which a GiVA adapter's
-    ``weights_sha256`` refuses at load.
+    last, as :func:`_files` orders them). The old files stay until every new config is in place; then the entries of
+    ``target`` that the save neither wrote nor keeps (:func:`_kept`: a weights file of the other format, an earlier
+    export's side files) are removed. Kept files are left where they are, untouched. A save cut off half-way leaves
+    new weights beside the old config, which a GiVA adapter's ``weights_sha256`` refuses at load.
     """
-    dropped = _dropped(target, final)
+    dropped = _dropped(target, staged, replaced)
     _fsync_tree(staged)
     for relative in written:
         (target / relative).parent.mkdir(parents=True, exist_ok=True)
@@ -312,15 +328,18 @@ def _replace_in_place(staged: Path, written: list[Path], final: Path, target: Pa
         _fsync_path(Path(folder))
 
 
-def _dropped(target: Path, final: Path) -> list[Path]:
-    """The entries of ``target`` that the complete new folder ``final`` lacks (a folder once, not its contents);
-    staging folders of in-place saves are :func:`recover`'s business."""
+def _dropped(target: Path, staged: Path, replaced: Optional[Callable[[str], bool]]) -> list[Path]:
+    """The entries of ``target`` that the save (its files in ``staged``) neither wrote nor keeps (:func:`_kept`), a
+    folder once, not its contents; staging folders of in-place saves are :func:`recover`'s business."""
     dropped = []
     for folder, dirs, files in os.walk(target):
         relative = Path(folder).relative_to(target)
         dirs[:] = [name for name in dirs if not name.startswith(_TMP_TAG)]
-        dropped += [Path(folder) / name for name in [*files, *dirs] if not os.path.lexists(final / relative / name)]
-        dirs[:] = [name for name in dirs if os.path.lexists(final / relative / name)]
+        top, wrote_weights = folder == os.fspath(target), _wrote_weights(staged / relative)
+        gone = [name for name in [*files, *dirs] if not os.path.lexists(staged / relative / name)
+                and not _kept(Path(folder), name, top, wrote_weights, replaced)]
+        dropped += [Path(folder) / name for name in gone]
+        dirs[:] = [name for name in dirs if name not in gone]
     return dropped
 
 
@@ -340,23 +359,22 @@ def atomic_directory(target: str | os.PathLike, replaced: Optional[Callable[[str
         raise NotADirectoryError(f"cannot save into {target}: it is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
-    tmp = _staging_folder(target)
+    tmp, in_place = _staging_folder(target)
     try:
         yield tmp
         written = _files(tmp)
-        if target.is_dir():
-            if tmp.parent != target:
-                tmp.chmod(target.stat().st_mode & 0o7777)
-            _keep_unwritten(target, tmp, replaced)
-        if tmp.parent == target:
-            _replace_in_place(tmp, written, tmp, target)
+        if in_place:
+            _replace_in_place(tmp, written, target, replaced)
         else:
-            _swap_or_replace(tmp, written, target)
+            if target.is_dir():
+                tmp.chmod(target.stat().st_mode & 0o7777)
+                _keep_unwritten(target, tmp, replaced)
+            _swap_or_replace(tmp, written, target, replaced)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _swap_or_replace(tmp: Path, written: list[Path], target: Path) -> None:
+def _swap_or_replace(tmp: Path, written: list[Path], target: Path, replaced: Optional[Callable[[str], bool]]) -> None:
     """Swap the complete folder ``tmp`` in as ``target``; where the swap fails for the folder's place (a bind mount
     :func:`os.path.ismount` cannot see, say) copy the written files into ``target`` and replace them there."""
     _fsync_tree(tmp)
@@ -372,7 +390,7 @@ def _swap_or_replace(tmp: Path, written: list[Path], target: Path) -> None:
             for relative in written:  # copied: `tmp` may lie on another file system
                 (staged / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(tmp / relative, staged / relative, follow_symlinks=False)
-            _replace_in_place(staged, written, tmp, target)
+            _replace_in_place(staged, written, target, replaced)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return
@@ -442,14 +460,13 @@ def record_checksums(root: str | os.PathLike) -> None:
             f.write(json.dumps(config, indent=2, sort_keys=True))  # PEFT's own layout
 
 
-def check_adapter_folder(
-    model_id: str | os.PathLike, subfolder: Optional[str] = None, model: Any = None
-) -> Optional[Path]:
+def check_adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str], model: Any) -> Optional[Path]:
     """Raise a clear error before PEFT loads a local GiVA folder that is incomplete, edited or mixes two saves.
 
     Returns the weights file the config's checksum covers (``None`` for folders this does not check). Hub ids
-    and folders of other PEFT methods pass through unchanged (PEFT reports on those). ``model``, when given,
-    is the base model the adapter is loaded into (its class is checked against the config's ``task_type``).
+    and folders of other PEFT methods pass through unchanged (PEFT reports on those). ``model`` is the base model the
+    adapter is loaded into (its class is checked against the config's ``task_type``, its embedding layers name the
+    tensors PEFT may have saved of them).
     """
     if not looks_local(model_id):
         return None
@@ -494,8 +511,7 @@ def check_adapter_folder(
                 "removes it", present[0], CONFIG_NAME, weights.name, weights.name,
             )
     check_contents(config_file, config, weights, embedding_layers(model))
-    if model is not None:
-        _check_task_type(config_file, config, model)
+    _check_task_type(config_file, config, model)
     return weights
 
 
@@ -506,18 +522,16 @@ _TRAINABLE_TOKENS = ".token_adapter.trainable_tokens_delta"  # what PEFT saves o
 _PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of every saved key
 
 
-def embedding_layers(model: Any) -> Optional[frozenset[str]]:
-    """The module names (in the base model) under which PEFT saves whole embedding layers; ``None`` without a model.
+def embedding_layers(model: Any) -> frozenset[str]:
+    """The parameters (names in the base model: ``lm_head.weight``) of the embedding layers PEFT saves whole.
 
     PEFT writes them with ``save_pretrained(save_embedding_layers=True)``, and by itself (with a warning) under the
-    default ``"auto"`` after ``resize_token_embeddings`` or when an embedding layer is targeted: every tensor of the
+    default ``"auto"`` after ``resize_token_embeddings`` or when an embedding layer is targeted: the parameters of the
     model's ``get_input_embeddings()`` and ``get_output_embeddings()`` modules, found by identity among the named
     modules as PEFT's ``get_embedding_layer_name`` finds them (``model.embed_tokens``, ``lm_head``, GPT-2's
-    ``transformer.wte``, BERT's ``bert.embeddings.word_embeddings``). A load knows its model; a caller without one
-    gets ``None``, and :func:`check_contents` then falls back to PEFT's ``EMBEDDING_LAYER_NAMES``.
+    ``transformer.wte``, BERT's ``bert.embeddings.word_embeddings``). Only the embedding's own parameters: a GiVA
+    layer wrapping it (a targeted ``lm_head``) adds tensors of its own, which are no embedding's.
     """
-    if model is None:
-        return None
     layers = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
         try:
@@ -527,18 +541,38 @@ def embedding_layers(model: Any) -> Optional[frozenset[str]]:
         if layer is not None:
             layers.append(layer)
     return frozenset(
-        name.removeprefix(_PEFT_PREFIX) for name, module in model.named_modules() if any(module is layer for layer in layers)
+        f"{name.removeprefix(_PEFT_PREFIX)}.{param}"
+        for name, module in model.named_modules() if any(module is layer for layer in layers)
+        for param, _ in _unwrapped(module).named_parameters(recurse=False)
     )
 
 
-def is_embedding_tensor(key: str, embeddings: Optional[frozenset[str]]) -> bool:
-    """Whether ``key`` is a tensor of an embedding layer PEFT saved (see :func:`embedding_layers`)."""
-    name = key.removeprefix(_PEFT_PREFIX)
-    if embeddings is None:
-        from peft.utils.other import EMBEDDING_LAYER_NAMES
+def _unwrapped(module: Any) -> Any:
+    """The embedding layer a PEFT layer or wrapper holds (a GiVA layer's ``base_layer``, the ``original_module`` of
+    trainable tokens or ``modules_to_save``), else ``module``."""
+    for attribute in ("base_layer", "original_module"):
+        inner = getattr(module, attribute, None)
+        if inner is not None and inner is not module and hasattr(inner, "named_parameters"):
+            return _unwrapped(inner)
+    return module
 
-        return any(f".{leaf}." in f".{name}" for leaf in EMBEDDING_LAYER_NAMES)
-    return any(name.startswith(f"{module}.") for module in embeddings)
+
+# Where PEFT saves an embedding's parameters inside the layer wrapping it: a tuner layer targeting it (GiVA, LoRA),
+# trainable tokens (``trainable_token_indices``).
+_EMBEDDING_WRAPPERS = (".base_layer", ".token_adapter.base_layer")
+
+
+def embedding_parameter(key: str, embeddings: frozenset[str]) -> Optional[str]:
+    """The embedding parameter (see :func:`embedding_layers`) whose values the saved tensor ``key`` holds, or ``None``.
+
+    ``<module>.weight`` of an embedding module, or ``<module>.base_layer.weight`` where a GiVA / PEFT layer wrapped
+    it at save time (``<module>.token_adapter.base_layer.weight`` under trainable tokens); any other tensor under the
+    module's name (a GiVA layer's ``lm_head.giva_A``) is none."""
+    module, _, param = key.removeprefix(_PEFT_PREFIX).rpartition(".")
+    for wrapper in _EMBEDDING_WRAPPERS:
+        if module.endswith(wrapper) and f"{module.removesuffix(wrapper)}.{param}" in embeddings:
+            return f"{module.removesuffix(wrapper)}.{param}"
+    return f"{module}.{param}" if f"{module}.{param}" in embeddings else None
 
 
 def read_weights(weights: Path) -> dict[str, Any]:
@@ -562,16 +596,14 @@ def read_weights(weights: Path) -> dict[str, Any]:
     return tensors
 
 
-def check_contents(
-    config_file: Path, config: dict[str, Any], weights: Path, embeddings: Optional[frozenset[str]] = None
-) -> dict[str, Any]:
+def check_contents(config_file: Path, config: dict[str, Any], weights: Path, embeddings: frozenset[str]) -> dict[str, Any]:
     """The fields and tensors of a GiVA folder are what a save writes: one-line errors naming the file and field.
 
     Returns the tensors. Checked: ``r`` present and positive; ``A`` stored in the config's ``bases_dtype``, ``B`` in fp32;
     vectors in floating point; no NaN / inf; no tensor other than GiVA's per-layer ones, ``modules_to_save``,
     (with ``trainable_token_indices``) the trainable tokens' rows, (with ``bias`` other than ``"none"``) biases, and
-    the embedding layers PEFT saves whole: ``embeddings`` names them (:func:`embedding_layers` of the model the folder
-    is loaded into); ``None`` accepts those of PEFT's ``EMBEDDING_LAYER_NAMES`` (``embed_tokens``, ``lm_head``).
+    the parameters of the embedding layers PEFT saves whole: ``embeddings`` names them (:func:`embedding_layers` of
+    the model the folder is loaded into; :func:`embedding_parameter`).
     """
     r = config.get("r")
     if "r" not in config:
@@ -597,14 +629,13 @@ def check_contents(
             raise CheckpointError(f"{weights}: {key} is stored as {tensor.dtype}, expected floating point")
         known = kind in (*_BASES, *_VECTORS, _SEEDED_CRC) or (kind == "bias" and config.get("bias", "none") != "none")
         # PEFT's trainable tokens (GivaConfig.trainable_token_indices): the trained rows of an embedding layer.
-        known = known or (tokens and key.endswith(_TRAINABLE_TOKENS)) or is_embedding_tensor(key, embeddings)
+        known = known or (tokens and key.endswith(_TRAINABLE_TOKENS)) or embedding_parameter(key, embeddings) is not None
         if not known and not any(f".{head}." in f".{key}" for head in heads):  # a module name or a dotted path
-            layers = sorted(embeddings) if embeddings is not None else "the model's embed_tokens / lm_head"
             raise CheckpointError(
                 f"{weights} holds a tensor that is not part of a GiVA adapter: {key!r} (expected per-layer "
                 f"{', '.join((*_BASES, *_VECTORS))}, a module of modules_to_save={sorted(heads)}"
                 + (f", {_TRAINABLE_TOKENS.lstrip('.')} of trainable_token_indices" if tokens else "")
-                + f" from {config_file}, or an embedding layer PEFT saves whole: {layers})"
+                + f" from {config_file}, or an embedding layer PEFT saves whole: {sorted(embeddings)})"
             )
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise CheckpointError(f"{weights}: {key} holds NaN or inf values; the adapter cannot be loaded exactly")
@@ -644,7 +675,7 @@ def save_pretrained(original: Callable[..., None], model: Any, save_directory: s
 
 
 @contextmanager
-def checked_load(model_id: str | os.PathLike, subfolder: Optional[str] = None, model: Any = None) -> Iterator[None]:
+def checked_load(model_id: str | os.PathLike, subfolder: Optional[str], model: Any) -> Iterator[None]:
     """Check the folder before PEFT reads it, once per load (``from_pretrained`` calls ``load_adapter`` inside).
 
     Inside the block, PEFT's ``load_peft_weights`` of this folder reads the weights file the checksum covers

@@ -49,7 +49,7 @@ from .checkpoint import (
     atomic_directory,
     check_adapter_folder,
     embedding_layers,
-    is_embedding_tensor,
+    embedding_parameter,
     is_side_file,
     read_weights,
 )
@@ -384,10 +384,12 @@ def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str =
     """Write GiVA adapter ``adapter_name`` as a stock PEFT LoRA folder (``adapter_config.json`` + safetensors +
     a ``README.md`` with the loading code).
 
-    ``out_dir`` is created if needed; it may hold an earlier LoRA export (replaced), never another adapter.
+    ``out_dir`` is created if needed; it may hold an earlier LoRA export (replaced), never another adapter. A model
+    whose vocabulary was resized is refused (:func:`_check_model_vocabulary`).
     """
     out = Path(out_dir)
     _check_output(out)
+    _check_model_vocabulary(model, adapter_name)
     lora_config, state_dict = to_lora(model, adapter_name, rank)
     _write_model_export(out, model, lora_config, state_dict)
     return lora_config
@@ -418,6 +420,7 @@ def save_as_lora(
         return original(path, model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs)
     out = Path(path)
     _check_output(out)
+    _check_model_vocabulary(model, adapter_name)
     from peft.tuners.lora import conversion
 
     lora_config, state_dict = conversion.convert_to_lora(
@@ -449,7 +452,7 @@ def _read_adapter_tensors(adapter_dir: Path, skeleton: nn.Module) -> dict[str, t
     """The tensors of a saved GiVA folder, checked as loading it into ``skeleton`` checks them (checksum, fields,
     tensors; the embedding layers PEFT may have saved are the skeleton's)."""
     try:
-        weights = check_adapter_folder(adapter_dir.absolute(), model=skeleton)
+        weights = check_adapter_folder(adapter_dir.absolute(), None, skeleton)
         assert weights is not None  # a local GiVA folder always has one
         return read_weights(weights)
     except CheckpointError as error:
@@ -547,23 +550,47 @@ def _skeleton(model_class: Any, model_config: Any) -> nn.Module:
 
 def _embedding_tensors(tensors: dict[str, torch.Tensor], skeleton: nn.Module, base_name: str) -> dict[str, torch.Tensor]:
     """The embedding layers PEFT saved whole in the adapter folder (``save_embedding_layers``), carried into the LoRA
-    as PEFT's LoRA saves them; refused when their shape is not the base model's (a vocabulary resized for training,
-    which the exported LoRA cannot resize again)."""
+    as PEFT's LoRA saves them; refused when their shape is not the base model's (:func:`_check_vocabulary`)."""
+    embeddings = embedding_layers(skeleton)
+    carried = {key: value for key, value in tensors.items() if embedding_parameter(key, embeddings) is not None}
+    _check_vocabulary(carried, skeleton, base_name)
+    return carried
+
+
+def _check_vocabulary(tensors: dict[str, torch.Tensor], skeleton: nn.Module, base_name: str) -> None:
+    """Refuse embedding tensors among ``tensors`` (keyed as saved, or as the model in memory names them) whose shape
+    is not that of the base model ``skeleton``: a vocabulary resized for training, which a LoRA cannot resize again.
+    Other tensors are ignored."""
     embeddings = embedding_layers(skeleton)
     shapes = {name: tuple(param.shape) for name, param in skeleton.named_parameters(remove_duplicate=False)}
-    carried = {}
     for key, value in tensors.items():
-        if not is_embedding_tensor(key, embeddings):
-            continue
-        name = key.removeprefix(_PEFT_PREFIX).replace(".base_layer.", ".")  # an embedding a GiVA layer wraps
-        if name in shapes and shapes[name] != tuple(value.shape):
+        name = embedding_parameter(key, embeddings)  # lm_head.weight also for lm_head.base_layer.weight, not lm_head.giva_A
+        if name is not None and shapes[name] != tuple(value.shape):
             raise ExportError(
                 f"the adapter holds the embedding layer {name!r} of shape {tuple(value.shape)}, but base model "
                 f"{base_name!r} has {shapes[name]}: the vocabulary was resized (resize_token_embeddings) for training, "
                 "which a LoRA export cannot carry; serve the GiVA adapter itself"
             )
-        carried[key] = value
-    return carried
+
+
+def _check_model_vocabulary(model: nn.Module, adapter_name: str) -> None:
+    """Refuse the export of a model in memory whose embedding layers differ in shape from its base model's, as
+    ``giva export-lora`` refuses its folder (:func:`_check_vocabulary`); before any work.
+
+    The base model is found as PEFT's ``save_embedding_layers="auto"`` finds it: the config at the adapter's
+    ``base_model_name_or_path`` (else the model's ``name_or_path``), from a local folder or the hub cache, never
+    downloaded. Where there is none, nothing is refused: PEFT's own save would see no resize either."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    model_config = getattr(base, "config", None)
+    peft_config = getattr(model, "peft_config", {}).get(adapter_name)
+    base_name = getattr(peft_config, "base_model_name_or_path", None) or getattr(model_config, "_name_or_path", None)
+    if model_config is None or not base_name:
+        return
+    try:
+        skeleton = _skeleton(type(base), type(model_config).from_pretrained(base_name, local_files_only=True))
+    except (OSError, ValueError, TypeError):  # no such folder or cached config; a class not built from its config
+        return
+    _check_vocabulary(dict(base.named_parameters(remove_duplicate=False)), skeleton, base_name)
 
 
 def _side_files(adapter_dir: Path) -> list[Path]:

@@ -251,18 +251,17 @@ def train(
 MODEL_CARD = "README.md"
 
 
-def save_atomically(
-    output_dir: str | Path, write: Callable[[str], Any], replaced: Optional[Callable[[str], bool]] = None
-) -> None:
+def save_atomically(output_dir: str | Path, write: Callable[[str], Any]) -> None:
     """Let ``write`` fill a temporary sibling folder, then swap it with ``output_dir`` in one step.
 
     An interrupted save leaves ``output_dir`` as it was, never a mix of old and new files
-    (:func:`giva.checkpoint.atomic_directory`); files of ``output_dir`` that ``write`` did not write are kept,
-    except top-level files whose name ``replaced`` accepts. A ``README.md`` already in ``output_dir`` is copied in first, so
-    that PEFT's ``save_pretrained`` updates that model card (the user's notes kept), as its in-place save does.
+    (:func:`giva.checkpoint.atomic_directory`); files of ``output_dir`` that ``write`` did not write are kept, except
+    an earlier save's side files (tokenizer files, labels.json: :func:`giva.checkpoint.is_side_file`), which would
+    describe another run (another model's chat template, say). A ``README.md`` already in ``output_dir`` is copied in
+    first, so that PEFT's ``save_pretrained`` updates that model card (the user's notes kept), as its in-place save does.
     """
     card = Path(os.path.expanduser(os.fspath(output_dir)), MODEL_CARD)
-    with atomic_directory(output_dir, replaced=replaced) as tmp:
+    with atomic_directory(output_dir, replaced=is_side_file) as tmp:
         if card.is_file():
             shutil.copy2(card, tmp / MODEL_CARD)
         write(str(tmp))
@@ -564,7 +563,7 @@ def finetune(
         tokenizer.save_pretrained(tmp)
         save_labels(tmp, dataset.label_names, text_column, label_column)
 
-    save_atomically(output_path, write, replaced=is_side_file)  # an earlier run's tokenizer files go
+    save_atomically(output_path, write)  # an earlier run's tokenizer files go
     trainable, total = peft_model.get_nb_trainable_parameters()
     return FinetuneResult(
         model=model,

@@ -146,7 +146,7 @@ def install_checkpoint_hooks(
         try:
             with checked_load(model_id, kwargs.get("subfolder"), self.get_base_model()):
                 result = original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
-        except BaseException:
+        except BaseException as error:
             # PEFT adds the adapter before its weights load: a refused load (another base model's shapes, a
             # checkpoint of another layout) would leave a fresh, half-made adapter behind, which the next save
             # would write. The model is given back as it was.
@@ -155,11 +155,11 @@ def install_checkpoint_hooks(
                     self.delete_adapter(adapter_name)
                 except Exception:  # noqa: BLE001  the load's own error is the one to report
                     pass
-            if not added:
-                explained = _explained(sys.exc_info()[1], config_differences(self, model_id, kwargs.get("subfolder"),
-                                                                             adapter_name))
-                if explained is not None:
-                    raise explained from sys.exc_info()[1]
+            # Only a refusal is explained; the config is read for nothing else (not for a KeyboardInterrupt).
+            note = None if added or not isinstance(error, ValueError) else config_differences(
+                self, model_id, kwargs.get("subfolder"), adapter_name)
+            if note is not None:
+                raise _explained(error, note) from error
             raise
         forget_checksum(self, adapter_name)
         return result
@@ -178,10 +178,8 @@ def install_checkpoint_hooks(
     PeftModel.load_adapter = load_adapter
 
 
-def _explained(error: Optional[BaseException], note: Optional[str]) -> Optional[ValueError]:
-    """``error`` (a ValueError) with ``note`` appended, as the same class where it takes one message; else None."""
-    if not isinstance(error, ValueError) or not note:
-        return None
+def _explained(error: ValueError, note: str) -> ValueError:
+    """``error`` with ``note`` appended, as the same class where it takes one message."""
     try:
         return type(error)(f"{error} {note}")
     except TypeError:  # a class whose constructor takes other arguments

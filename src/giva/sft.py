@@ -759,7 +759,6 @@ def _write_record(options: SFTOptions, data: SFTData) -> None:
 
 def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData,
            resume_from: Optional[str] = None) -> tuple[SFTResult, Any, Any]:
-    from .checkpoint import is_side_file
     from .finetune import directory_bytes, save_atomically
     from .integrations.trainer import GivaInitCallback
 
@@ -815,7 +814,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         Path(folder, RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
 
     def write_all() -> None:
-        save_atomically(options.output_dir, write, replaced=is_side_file)  # an earlier run's chat template goes
+        save_atomically(options.output_dir, write)  # an earlier run's chat template goes
         if options.export_lora is not None:
             from .export import export_lora
 
