@@ -669,6 +669,30 @@ def test_bad_federated_options_are_one_line_before_any_work(capsys, no_run, tmp_
     assert code == 2 and err == [message]
 
 
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_max_train_samples_holds_giva_calibration_batches_only_for_giva(capsys, tmp_path, monkeypatch, method):
+    """LoRA and VeRA read no calibration batches: 64 sentences over 40 clients run (GiVA's 4 x 16 rule refused them);
+    fewer sentences than clients is still refused for any method."""
+    import giva.federated.run as run_module
+
+    seen = {}
+
+    def fake_run(config, output_dir, methods, **kwargs):
+        seen.update(config=config, methods=methods)
+        return {"table": "| table |"}
+
+    monkeypatch.setattr(run_module, "run_comparison", fake_run)
+    code, err = _cli(capsys, "--method", method, "--clients", "40", "--max-train-samples", "64",
+                     "--output-dir", str(tmp_path / "out"))
+    assert code == 0, err
+    assert seen["methods"] == (method,) and seen["config"].max_train_samples == 64
+    seen.clear()
+    code, err = _cli(capsys, "--method", method, "--clients", "40", "--max-train-samples", "30",
+                     "--output-dir", str(tmp_path / "out"))
+    assert code == 2 and not seen and err == [
+        "giva federated: FederatedConfig.max_train_samples (30) leaves fewer sentences than clients (40)"]
+
+
 def test_an_output_dir_that_is_a_file_or_read_only_is_refused_before_any_work(capsys, no_run, tmp_path):
     file = tmp_path / "a-file"
     file.write_text("keep me")

@@ -265,7 +265,7 @@ def _federated(args: argparse.Namespace) -> int:
             num_batches=args.num_batches, batch_size=args.batch_size,
             **{name: value for name in ("sketch_dtype", "bases_dtype") if (value := getattr(args, name)) is not None},
         )
-        if args.max_train_samples is not None:
+        if args.max_train_samples is not None and "giva" in methods:  # LoRA and VeRA read no calibration batches
             check_shards(args.max_train_samples // args.clients, config,
                          f"--max-train-samples {args.max_train_samples} with --clients {args.clients}")
         if config.task == "causal-lm":
