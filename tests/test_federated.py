@@ -844,6 +844,25 @@ def test_more_clients_than_sentences_stops_every_method_before_the_model_loads(m
     assert not checkpoint.exists()
 
 
+@pytest.mark.parametrize("method,task,message", [
+    ("giva", TinyTask, "data 'pang-lee' split over 3 clients gives a client 16 training sentences, fewer than its 5 "
+                       "calibration batches of 4 (20); use fewer clients, more training data, or a smaller "
+                       "--num-batches / --batch-size"),
+    ("lora", RowsTask, "data 'pang-lee': 2 examples cannot be split over 3 clients; use fewer clients or more training data"),
+], ids=["giva", "lora"])
+def test_data_too_small_is_refused_before_the_simulation_engine_starts(method, task, message, monkeypatch):
+    """Under the simulation engine the data-size check runs before Flower's run_simulation (and Ray) starts, not
+    only in the ServerApp inside it."""
+    import flwr.simulation
+
+    from giva.federated.run import run_federated
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda *a, **k: pytest.fail("the simulation started"))
+    with pytest.raises(ValueError) as raised:
+        run_federated(config(method=method, num_batches=5), engine="simulation", task_factory=task)
+    assert str(raised.value) == message
+
+
 def test_quiet_libraries_restores_the_callers_logging_afterwards():
     import logging
 

@@ -33,7 +33,7 @@ from ..bases import cuda_indices, seed_devices
 from . import messages
 from .client_app import TaskFactory, default_task, make_client_app
 from .files import write_checkpoint, write_json
-from .server_app import make_server_app, run_server
+from .server_app import check_data, make_server_app, run_server
 from .statistics import sketch_session
 from .task import (
     METHODS,
@@ -196,9 +196,13 @@ def run_simulation(
     quiet: bool = False,
 ) -> dict[str, Any]:
     """The same apps under Flower's simulation engine (Ray); one worker per CPU, one thread each.
-    The server runs in this process: ``checkpoint`` as in :func:`giva.federated.server_app.run_server`."""
+    The server runs in this process: ``checkpoint`` as in :func:`giva.federated.server_app.run_server`.
+    Data too small for the run is refused before Ray starts (the ServerApp checks again, as under ``flwr run``)."""
     from flwr.simulation import run_simulation as flwr_run_simulation
 
+    # The ServerApp's own check runs only once Ray has started; the server's task_factory(cfg) call then finds this
+    # task again (default_task caches it), so the data is read once in this process.
+    check_data(task_factory(cfg), cfg)
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the Ray workers
     results: list[dict[str, Any]] = []
     server = make_server_app(cfg, task_factory, sink=results.append, checkpoint=checkpoint)
