@@ -525,6 +525,40 @@ def test_causal_lm_variant_runs_setup_and_a_round_sending_only_the_vectors():
     assert messages.payload_bytes(sent) == 4 * sum(torch.Size(s).numel() for _, s in messages.layout_of(trainable_state(model)))
 
 
+class HalfCausalTask(TinyCausalTask):
+    """TinyCausalTask on an fp16 model: the clients' setup passes take loss-scaled fp16 output gradients."""
+
+    def base_model(self) -> torch.nn.Module:
+        return tiny_llama(seed=self.cfg.seed).to(torch.float16)
+
+
+def test_a_clients_fp16_loss_scale_is_kept_from_setup_pass_to_pass(monkeypatch):
+    """As in giva.init.initialize (test_init_precision::test_the_fp16_loss_scale_is_kept_from_pass_to_pass): a client's
+    later sketch passes, each its own message, start at the loss scale where its first pass settled, so only the
+    first pass runs a batch again after an fp16 overflow."""
+    import giva.federated.client_app as client_app
+
+    forwards: list[int] = []  # the pass index of every forward
+    accumulate = client_app.accumulate
+
+    def overflowing(model, batches, request, **kwargs):
+        def loss_fn(model, batch):  # 2**12 times the loss: at the first loss scale (2**16) its fp16 gradients overflow
+            forwards.append(request.pass_index)
+            return model(**batch).loss * 2**12
+
+        return accumulate(model, batches, request, loss_fn=loss_fn, **kwargs)
+
+    monkeypatch.setattr(client_app, "accumulate", overflowing)
+    cfg = config(task="causal-lm", target_modules="q_proj,v_proj", rounds=1, local_steps=1, passes=3)
+    _, grid = run_inprocess(cfg, HalfCausalTask)
+    calibration = CLIENTS * cfg.num_batches
+    assert forwards.count(0) > calibration  # the first pass ran batches again, at smaller scales
+    assert forwards.count(1) == forwards.count(2) == calibration  # were forwards.count(0) each: 36 here
+    layout = bases_layout(build_model(HalfCausalTask(cfg), cfg))
+    held = [messages.record_tensors(ctx.state[STATE_KEY], layout) for ctx in grid.contexts.values()]
+    assert all(torch.equal(other[k], held[0][k]) and torch.isfinite(held[0][k]).all() for other in held for k in held[0])
+
+
 def test_candidate_accuracy_scores_the_label_words_after_each_prompts_last_token():
     cfg = config(task="causal-lm", target_modules="q_proj,v_proj")
     model = TinyCausalTask(cfg).base_model()

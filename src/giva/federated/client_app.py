@@ -22,10 +22,10 @@ from collections.abc import Callable
 from typing import Optional
 
 import torch
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from ..init import Partial, accumulate
+from ..init import LossScale, Partial, accumulate
 from . import messages
 from .statistics import (
     apply_bases,
@@ -52,6 +52,9 @@ from .task import (
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "giva-setup"  # the node's context.state record holding what the setup round delivered
+# context.state: the fp16 loss scale where the client's last sketch pass left it. The passes of one setup share it,
+# as giva.init.initialize's do: only the first pass runs a batch again after an overflow.
+SCALE_KEY = "giva-loss-scale"
 
 TaskFactory = Callable[[FederatedConfig], Task]
 
@@ -135,8 +138,13 @@ def make_client_app(
             if messages.ARRAYS in msg.content:
                 layout = matrix_layout(session, kind)
                 matrices = {k: m.float() for k, m in messages.record_tensors(msg.content[messages.ARRAYS], layout).items()}
-            work = client_request(session, int(request["pass-index"]), kind, matrices)
-            partial: Partial = accumulate(model, batches, work)
+            pass_index = int(request["pass-index"])
+            work = client_request(session, pass_index, kind, matrices)
+            scale = LossScale()
+            if pass_index > 0 and SCALE_KEY in context.state:  # pass 0 starts a new setup
+                scale.value = float(context.state[SCALE_KEY]["value"])
+            partial: Partial = accumulate(model, batches, work, scale=scale)
+            context.state[SCALE_KEY] = ConfigRecord({"value": scale.value})
             # Packed in the order the server unpacks, in the run's transport dtype.
             sums = {key: partial.sums[key].to(dtype) for key in session.targets}
             metrics = {"num-examples": examples, "batches": partial.batches, "tokens": partial.tokens}

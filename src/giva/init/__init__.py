@@ -67,6 +67,7 @@ __all__ = [
     "GradientInitError",
     "InitReport",
     "InitSession",
+    "LossScale",
     "NumBatches",
     "Partial",
     "Request",

@@ -232,6 +232,7 @@ def accumulate(
     num_batches: Optional[int] = None,
     loss_fn: Optional[LossFn] = None,
     progress: bool = False,
+    scale: Optional[LossScale] = None,
 ) -> Partial:
     """This process's sums for one pass of a session (e.g. on a federated client).
 
@@ -239,12 +240,15 @@ def accumulate(
     disabled, in calibration mode (no dropout), and returns what ``request`` asks for summed over
     them, with the batch and token counts; partials of several processes add up (``a + b``).
     Flags and modes of the model are restored. ``request`` comes from :meth:`InitSession.next_request`.
+    ``scale``: the fp16 loss scale to start from, left where the pass ended it; give every pass of a session the
+    same one, as :func:`giva.init.initialize` does, so that only the first pass runs a batch again after an
+    overflow. Default: a fresh one (``LOSS_SCALE``).
     """
     if num_batches is not None:
         check_num_batches(num_batches)
     if torch.is_inference_mode_enabled():
         raise RuntimeError("GiVA initialisation needs autograd: run it outside torch.inference_mode()")
-    return run_pass(model, iter(batches), request, num_batches, loss_fn, Collective(), progress)
+    return run_pass(model, iter(batches), request, num_batches, loss_fn, Collective(), progress, scale)
 
 
 def check_num_batches(num_batches: Any, allow_all: bool = False) -> None:
