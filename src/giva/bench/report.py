@@ -3,7 +3,7 @@
 LR selection: for every (task, method, ablation) the LR with the best MEAN VALIDATION accuracy over
 the seeds that every tried LR ran (seed 0 alone for a sweep run on seed 0 only) is chosen; the table
 reports the TEST accuracy of that LR, as mean ± std over the seeds run at it. The suite's claims get
-paired bootstrap intervals over seeds and test examples (stats.py). Everything here is computed from
+paired intervals over seeds and test examples (stats.py). Everything here is computed from
 the run JSONs alone.
 """
 
@@ -241,7 +241,7 @@ def rules_markdown(tests: Sequence[str]) -> list[str]:
         return []
     return (["## Verdict rules", "",
              "One rule per kind of claim (`giva.bench.stats.RULES`), applied alike to every pair of that kind; a, b as in "
-             f"each pair, intervals paired bootstrap {CONFIDENCE:.0%} (family-wise: Bonferroni, below). These rules replaced, "
+             f"each pair, paired {CONFIDENCE:.0%} intervals (family-wise: Bonferroni, below). These rules replaced, "
              "after this suite's results were known (issue 25), one that asked an accuracy pair to lie inside ±1 point "
              "and called any interval below 0 contradicted; the margin is that rule's 1 point. It is 10 of the 1000 test "
              "sentences, below the sampling error of one run's accuracy on them (1.4 points at 75 %, sqrt(p (1 - p) / 1000)): "
@@ -255,9 +255,11 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
         return []
     out = rules_markdown([c["test"] for c in claims])
     out += ["## Claims", "",
-            f"Paired bootstrap 95% intervals (10,000 draws over seeds and test examples; speed: over interleaved steps). "
+            f"Paired 95% intervals: accuracy over seeds and test examples as crossed samples (t with Satterthwaite's degrees "
+            "of freedom, `giva.bench.stats.crossed_variance`; until stop 40 a percentile bootstrap, which under-covered with "
+            "5 seeds: docs/benchmarks.md); speed: bootstrap over interleaved steps (10,000 draws). "
             f"'pending': fewer than {MIN_SEEDS} paired seeds, or a row not run yet. A claim's verdict is its "
-            "first pair's, declared in advance; the other pairs follow it. Family-wise: the same draws at the Bonferroni "
+            "first pair's, declared in advance; the other pairs follow it. Family-wise: the same estimate and variance at the Bonferroni "
             "level 1 - 0.05/m for the claim's m pairs (every planned pair counts, run or not), the interval to read "
             "when one pair among several is singled out. LR-robust: whether the pair keeps its verdict with either row at "
             f"its runner-up validation LR (next table); a variant with fewer than {MIN_SEEDS} paired seeds is pending and "
@@ -315,7 +317,7 @@ def lr_variants_markdown(claims: list[dict[str, Any]]) -> list[str]:
             f"its interval is wider for that alone, and below {MIN_SEEDS} paired seeds it is shown without a verdict "
             "('pending', as for a pair): 2 seeds say too little of the seed-to-seed spread to decide. With "
             f"{MIN_SEEDS} seeds, a verdict that turns over (supported against contradicted) is what the LR choice decides. The run JSONs hold "
-            "validation accuracy, not per-example validation answers, so a bootstrap that redoes the choice on "
+            "validation accuracy, not per-example validation answers, so an interval that redoes the choice on "
             "resampled validation examples cannot be computed from them.", "",
             "| pair (a vs b) | row at its runner-up LR | validation lead of the chosen LR (points) | LRs (a vs b) "
             "| a - b [95% CI] | seeds | verdict by the rule | declared pair's verdict |",
@@ -332,7 +334,7 @@ def comparisons_markdown(comparisons: list[dict[str, Any]], end_to_end: list[dic
     if comparisons:
         out += ["## Comparisons beside the claims", "",
                 "Stated in the README; no claim of the paper, so no verdict. Test accuracy, every row at its chosen LR, "
-                "paired over the seeds all its rows ran (bootstrap 95% over seeds and test examples).", "",
+                "paired over the seeds all its rows ran (95% over seeds and test examples, as a claim pair).", "",
                 "| comparison | rows: + | rows: - | estimate [95% CI] | seeds x examples |", "|---|---|---|---|---|"]
         for c in comparisons:
             interval = f"{c['estimate'] * 100:+.2f} [{c['low'] * 100:+.2f}, {c['high'] * 100:+.2f}] points" if "estimate" in c else c["why"]
