@@ -602,6 +602,42 @@ def test_an_in_memory_export_of_a_resized_vocabulary_is_refused_as_the_cli_refus
     export_lora(unresized, tmp_path / "lora")  # the same base, not resized: exported
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
 
+@pytest.mark.parametrize("base", ["hub-id", "folder-without-config"])
+def test_an_export_whose_base_model_cannot_be_found_is_refused_before_writing(tmp_path, monkeypatch, capsys, base):
+    """A model with a resized vocabulary and an lm_head in modules_to_save, whose base model (base_model_name_or_path)
+    is a hub id not in the cache or a folder without config.json: export_lora / peft.save_as_lora compared nothing and
+    wrote a LoRA whose (110, 32) lm_head does not load onto that base; for a folder without config.json transformers
+    builds a default LlamaConfig, so even an unresized model was refused as "resized" to (32000, 4096). Both now refuse
+    naming the base model, and `giva export-lora` of the saved folder refuses it in one line; nothing is written."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    name = "giva-tests/no-such-model" if base == "hub-id" else str(tmp_path / "weights-only")
+    if base == "folder-without-config":
+        (tmp_path / "weights-only").mkdir()
+        (tmp_path / "weights-only" / "model.safetensors").write_bytes((tmp_path / "base" / "model.safetensors").read_bytes())
+    message = (rf"^base model '{re.escape(name)}' of GiVA adapter 'default' \(its base_model_name_or_path\) is neither a "
+               r"local folder with config.json nor in the Hugging Face cache, so the export cannot check")
+    for resize in (110, None):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        if resize:
+            model.resize_token_embeddings(resize)
+        model = get_peft_model(model, GivaConfig(r=4, init_weights=False, target_modules=["q_proj"],
+                                                 modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+        model.peft_config["default"].base_model_name_or_path = name
+        for export in (lambda: export_lora(model, tmp_path / "lora"), lambda: peft.save_as_lora(tmp_path / "lora", model, 4)):
+            with pytest.raises(ExportError, match=message):
+                export()
+            assert not (tmp_path / "lora").exists()
+    model.save_pretrained(tmp_path / "giva")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _refuse)
+    capsys.readouterr()
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"base model {name!r} " in err, err
+    assert not (tmp_path / "lora").exists()
+
+
 def _refuse(*args, **kwargs):
     raise AssertionError("the base model's weights were loaded before the error")
 
