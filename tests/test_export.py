@@ -638,6 +638,32 @@ def test_an_export_whose_base_model_cannot_be_found_is_refused_before_writing(tm
     assert not (tmp_path / "lora").exists()
 
 
+@pytest.mark.parametrize("num_labels", [3, 40])
+def test_export_lora_cli_builds_the_model_with_the_heads_class_count(tmp_path, num_labels):
+    """A SEQ_CLS adapter saved without labels.json on a headless base whose config says 2 labels: the export read the class
+    count off the head as its smallest matrix, the hidden size 32 of RoBERTa's classifier.dense once there are more
+    classes than that, and the base model failed to load after every check had passed (size mismatch traceback)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    body = tiny_roberta().roberta  # a headless checkpoint, as roberta-base is: the head is made for the task
+    body.config.num_labels = 2
+    body.save_pretrained(tmp_path / "base")
+    assert AutoConfig.from_pretrained(tmp_path / "base").num_labels == 2
+    torch.manual_seed(1)
+    model = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=num_labels),
+        GivaConfig(r=4, init_weights=False, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "giva")
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 0
+    lora = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=num_labels), tmp_path / "lora")
+    assert expected.shape[-1] == num_labels
+    torch.testing.assert_close(_logits(lora.eval(), ids), expected, atol=1e-5, rtol=0)
+
+
+
 def _refuse(*args, **kwargs):
     raise AssertionError("the base model's weights were loaded before the error")
 

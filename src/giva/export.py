@@ -483,15 +483,20 @@ def _labels(adapter_dir: Path) -> Optional[dict[str, Any]]:
     return labels
 
 
-def _num_labels(tensors: dict[str, torch.Tensor], modules_to_save: list[str]) -> Optional[int]:
-    """Classes of a classification head, from the saved head: the output size of its last projection (the
-    smallest out dimension of its matrices: a RoBERTa head holds ``dense`` (H x H) and ``out_proj`` (C x H))."""
-    sizes = [
+def _num_labels(tensors: dict[str, torch.Tensor], skeleton: nn.Module, modules_to_save: list[str]) -> Optional[int]:
+    """Classes of the saved classification head where they are not the base config's: the out size of the head's
+    matrix whose saved shape differs from ``skeleton``'s (built with the config's ``num_labels``), else ``None``.
+
+    The label projection is the one matrix whose size depends on the class count: a RoBERTa head holds ``dense``
+    (H x H) and ``out_proj`` (C x H), so the smallest out size, which this used to take, was H whenever C > H."""
+    shapes = {name: tuple(param.shape) for name, param in skeleton.named_parameters()}
+    sizes = {
         value.shape[0]
         for key, value in tensors.items()
-        if key.endswith(".weight") and value.dim() == 2 and set(modules_to_save).intersection(key.split("."))
-    ]
-    return min(sizes) if sizes else None
+        if (name := key.removeprefix(_PEFT_PREFIX)) in shapes and value.dim() == 2 and tuple(value.shape) != shapes[name]
+        and set(modules_to_save).intersection(name.split("."))
+    }
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _check_base_matches(model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], base_name: str) -> None:
@@ -672,10 +677,10 @@ def export_lora_dir(
         _check_rank(rank, needed, "default")
     _check_base_matches(skeleton, layers, base_name)
     embeddings = _embedding_tensors(tensors, skeleton, base_name)
-    del skeleton
     if config.get("task_type") == "SEQ_CLS" and labels is None:
-        num_labels = _num_labels(tensors, list(config.get("modules_to_save") or ["classifier", "score"]))
+        num_labels = _num_labels(tensors, skeleton, list(config.get("modules_to_save") or ["classifier", "score"]))
         extra = {} if num_labels is None else {"num_labels": num_labels}
+    del skeleton
     model = auto.from_pretrained(path, **extra)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     lora_config, state_dict = to_lora(peft_model, rank=rank)
