@@ -124,6 +124,30 @@ def test_a_base_model_of_another_depth_is_refused_by_transformers_load_adapter(s
     assert not getattr(base, "peft_config", {})
 
 
+def test_an_adapter_in_a_subfolder_loads_through_transformers_adapter_kwargs(saved, tmp_path):
+    """transformers takes a subfolder as ``load_adapter(folder, adapter_kwargs={"subfolder": ...})``; GiVA's hook
+    checked the folder above it and raised "holds no adapter_config.json", for a stock LoRA folder too. The folder is
+    checked where it is (a mixed save is still refused). ``subfolder=`` itself is transformers' own TypeError for
+    every PEFT method (LoadStateDictConfig has no such field), no longer hidden behind that misleading error."""
+    from peft import LoraConfig
+
+    _copy(saved[0], (tmp_path / "outer").mkdir() or tmp_path / "outer" / "giva")
+    torch.manual_seed(3)
+    lora = get_peft_model(_llama(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)).eval()
+    lora.save_pretrained(str(tmp_path / "outer" / "lora"))
+    for name, expected in (("giva", saved[1]), ("lora", _logits(lora))):
+        base = _llama()
+        base.load_adapter(str(tmp_path / "outer"), adapter_kwargs={"subfolder": name})
+        torch.testing.assert_close(_logits(base), expected, rtol=0, atol=0)
+        with pytest.raises(TypeError, match="unexpected keyword argument 'subfolder'"):
+            _llama().load_adapter(str(tmp_path / "outer"), subfolder=name)
+    other = tmp_path / "other"
+    _adapter(seed=2).save_pretrained(str(other))
+    (tmp_path / "outer" / "giva" / WEIGHTS).write_bytes((other / WEIGHTS).read_bytes())
+    with pytest.raises(CheckpointError, match="mixes files of two different saves"):
+        _llama().load_adapter(str(tmp_path / "outer"), adapter_kwargs={"subfolder": "giva"})
+
+
 def test_a_seeded_basis_that_regenerates_differently_is_refused_by_transformers_load_adapter(tmp_path, monkeypatch):
     _adapter(seed=1, variant="Vr").save_pretrained(str(tmp_path / "vr"))
     original = giva.layer.seeded_output_basis

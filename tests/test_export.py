@@ -602,6 +602,68 @@ def test_an_in_memory_export_of_a_resized_vocabulary_is_refused_as_the_cli_refus
     export_lora(unresized, tmp_path / "lora")  # the same base, not resized: exported
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
 
+@pytest.mark.parametrize("base", ["hub-id", "folder-without-config"])
+def test_an_export_whose_base_model_cannot_be_found_is_refused_before_writing(tmp_path, monkeypatch, capsys, base):
+    """A model with a resized vocabulary and an lm_head in modules_to_save, whose base model (base_model_name_or_path)
+    is a hub id not in the cache or a folder without config.json: export_lora / peft.save_as_lora compared nothing and
+    wrote a LoRA whose (110, 32) lm_head does not load onto that base; for a folder without config.json transformers
+    builds a default LlamaConfig, so even an unresized model was refused as "resized" to (32000, 4096). Both now refuse
+    naming the base model, and `giva export-lora` of the saved folder refuses it in one line; nothing is written."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    name = "giva-tests/no-such-model" if base == "hub-id" else str(tmp_path / "weights-only")
+    if base == "folder-without-config":
+        (tmp_path / "weights-only").mkdir()
+        (tmp_path / "weights-only" / "model.safetensors").write_bytes((tmp_path / "base" / "model.safetensors").read_bytes())
+    message = (rf"^base model '{re.escape(name)}' of GiVA adapter 'default' \(its base_model_name_or_path\) is neither a "
+               r"local folder with config.json nor in the Hugging Face cache, so the export cannot check")
+    for resize in (110, None):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+        if resize:
+            model.resize_token_embeddings(resize)
+        model = get_peft_model(model, GivaConfig(r=4, init_weights=False, target_modules=["q_proj"],
+                                                 modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
+        model.peft_config["default"].base_model_name_or_path = name
+        for export in (lambda: export_lora(model, tmp_path / "lora"), lambda: peft.save_as_lora(tmp_path / "lora", model, 4)):
+            with pytest.raises(ExportError, match=message):
+                export()
+            assert not (tmp_path / "lora").exists()
+    model.save_pretrained(tmp_path / "giva")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", _refuse)
+    capsys.readouterr()
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"base model {name!r} " in err, err
+    assert not (tmp_path / "lora").exists()
+
+
+@pytest.mark.parametrize("num_labels", [3, 40])
+def test_export_lora_cli_builds_the_model_with_the_heads_class_count(tmp_path, num_labels):
+    """A SEQ_CLS adapter saved without labels.json on a headless base whose config says 2 labels: the export read the class
+    count off the head as its smallest matrix, the hidden size 32 of RoBERTa's classifier.dense once there are more
+    classes than that, and the base model failed to load after every check had passed (size mismatch traceback)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    body = tiny_roberta().roberta  # a headless checkpoint, as roberta-base is: the head is made for the task
+    body.config.num_labels = 2
+    body.save_pretrained(tmp_path / "base")
+    assert AutoConfig.from_pretrained(tmp_path / "base").num_labels == 2
+    torch.manual_seed(1)
+    model = get_peft_model(
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=num_labels),
+        GivaConfig(r=4, init_weights=False, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "giva")
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 0
+    lora = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=num_labels), tmp_path / "lora")
+    assert expected.shape[-1] == num_labels
+    torch.testing.assert_close(_logits(lora.eval(), ids), expected, atol=1e-5, rtol=0)
+
+
+
 def _refuse(*args, **kwargs):
     raise AssertionError("the base model's weights were loaded before the error")
 

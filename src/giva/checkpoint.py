@@ -776,8 +776,13 @@ before the error propagates, so the model computes what it computed before the c
     model_id = arguments.get("peft_model_id") or getattr(load_config, "pretrained_model_name_or_path", None)
     if model_id is None or arguments.get("adapter_state_dict") is not None or not looks_local(model_id):
         return original(model, *args, **kwargs)
-    download = (arguments.get("kwargs") or {}).get("download_kwargs") or getattr(load_config, "download_kwargs", None) or {}
-    subfolder = download.get("subfolder") or None
+    extra = arguments.get("kwargs") or {}
+    download = extra.get("download_kwargs") or getattr(load_config, "download_kwargs", None) or {}
+    if arguments.get("peft_config") is None:  # transformers adds adapter_kwargs to the download kwargs then
+        download = {**download, **(arguments.get("adapter_kwargs") or {})}
+    # ``subfolder=`` itself is no LoadStateDictConfig field: transformers raises its TypeError (for every PEFT
+    # method) once this check of the folder it names has passed, not a missing config in the folder above it.
+    subfolder = extra.get("subfolder") or download.get("subfolder") or None
     adapter_name = arguments.get("adapter_name") or "default"
     existed = adapter_name in (getattr(model, "peft_config", None) or {})
     with checked_load(model_id, subfolder, model):

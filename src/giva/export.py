@@ -483,15 +483,20 @@ def _labels(adapter_dir: Path) -> Optional[dict[str, Any]]:
     return labels
 
 
-def _num_labels(tensors: dict[str, torch.Tensor], modules_to_save: list[str]) -> Optional[int]:
-    """Classes of a classification head, from the saved head: the output size of its last projection (the
-    smallest out dimension of its matrices: a RoBERTa head holds ``dense`` (H x H) and ``out_proj`` (C x H))."""
-    sizes = [
+def _num_labels(tensors: dict[str, torch.Tensor], skeleton: nn.Module, modules_to_save: list[str]) -> Optional[int]:
+    """Classes of the saved classification head where they are not the base config's: the out size of the head's
+    matrix whose saved shape differs from ``skeleton``'s (built with the config's ``num_labels``), else ``None``.
+
+    The label projection is the one matrix whose size depends on the class count: a RoBERTa head holds ``dense``
+    (H x H) and ``out_proj`` (C x H), so the smallest out size, which this used to take, was H whenever C > H."""
+    shapes = {name: tuple(param.shape) for name, param in skeleton.named_parameters()}
+    sizes = {
         value.shape[0]
         for key, value in tensors.items()
-        if key.endswith(".weight") and value.dim() == 2 and set(modules_to_save).intersection(key.split("."))
-    ]
-    return min(sizes) if sizes else None
+        if (name := key.removeprefix(_PEFT_PREFIX)) in shapes and value.dim() == 2 and tuple(value.shape) != shapes[name]
+        and set(modules_to_save).intersection(name.split("."))
+    }
+    return sizes.pop() if len(sizes) == 1 else None
 
 
 def _check_base_matches(model: nn.Module, layers: dict[str, dict[str, torch.Tensor]], base_name: str) -> None:
@@ -579,16 +584,31 @@ def _check_model_vocabulary(model: nn.Module, adapter_name: str) -> None:
 
     The base model is found as PEFT's ``save_embedding_layers="auto"`` finds it: the config at the adapter's
     ``base_model_name_or_path`` (else the model's ``name_or_path``), from a local folder or the hub cache, never
-    downloaded. Where there is none, nothing is refused: PEFT's own save would see no resize either."""
+    downloaded. A model that names no base (built from a config) is not compared; one whose named base cannot be
+    found so (a hub id not in the cache, a folder moved or without ``config.json``) is refused: a resized vocabulary
+    would go unnoticed, and the LoRA would not load (a vocabulary-sized head) or not reproduce the model."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     model_config = getattr(base, "config", None)
     peft_config = getattr(model, "peft_config", {}).get(adapter_name)
     base_name = getattr(peft_config, "base_model_name_or_path", None) or getattr(model_config, "_name_or_path", None)
     if model_config is None or not base_name:
         return
+    folder = Path(os.path.expanduser(base_name))
     try:
-        skeleton = _skeleton(type(base), type(model_config).from_pretrained(base_name, local_files_only=True))
-    except (OSError, ValueError, TypeError):  # no such folder or cached config; a class not built from its config
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            # transformers builds a default config (LlamaConfig: 32000 x 4096) for a folder without one
+            raise OSError(f"{folder} has no config.json")
+        base_config = type(model_config).from_pretrained(base_name, local_files_only=True)
+    except (OSError, ValueError):
+        raise ExportError(
+            f"base model {base_name!r} of GiVA adapter {adapter_name!r} (its base_model_name_or_path) is neither a local "
+            "folder with config.json nor in the Hugging Face cache, so the export cannot "
+            "check that the vocabulary was not resized (resize_token_embeddings), which a LoRA export cannot carry; set "
+            f"model.peft_config[{adapter_name!r}].base_model_name_or_path to the base model's folder"
+        ) from None
+    try:
+        skeleton = _skeleton(type(base), base_config)
+    except (OSError, ValueError, TypeError):  # a class not built from its config
         return
     _check_vocabulary(dict(base.named_parameters(remove_duplicate=False)), skeleton, base_name)
 
@@ -631,7 +651,10 @@ def export_lora_dir(
         raise ExportError(
             f"base model {base_name!r} is neither a local folder nor one of {sorted(MODEL_ALIASES)}; pass --base-model"
         )
-    path = resolve_model(base_name)
+    try:
+        path = resolve_model(base_name)
+    except (OSError, ValueError, ImportError) as error:  # a folder without config.json; an alias not installed
+        raise ExportError(f"base model {base_name!r} cannot be read: {error}") from None
     extra: dict[str, Any] = {}
     if labels is not None and config.get("task_type") == "SEQ_CLS":
         extra = {
@@ -654,10 +677,10 @@ def export_lora_dir(
         _check_rank(rank, needed, "default")
     _check_base_matches(skeleton, layers, base_name)
     embeddings = _embedding_tensors(tensors, skeleton, base_name)
-    del skeleton
     if config.get("task_type") == "SEQ_CLS" and labels is None:
-        num_labels = _num_labels(tensors, list(config.get("modules_to_save") or ["classifier", "score"]))
+        num_labels = _num_labels(tensors, skeleton, list(config.get("modules_to_save") or ["classifier", "score"]))
         extra = {} if num_labels is None else {"num_labels": num_labels}
+    del skeleton
     model = auto.from_pretrained(path, **extra)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
     lora_config, state_dict = to_lora(peft_model, rank=rank)
