@@ -868,6 +868,19 @@ def test_no_pair_or_runner_up_variant_below_five_seeds_is_decided_nor_decides_lr
                for c in committed["claims"] for p in c["pairs"] if "lr_robust" in p)
 
 
+def test_a_pair_without_a_runner_up_lr_is_not_called_lr_robust() -> None:
+    # Neither row has a runner-up LR (each ran one LR): nothing was tested, which the LR-robust column must not
+    # read as "yes" (the committed 4-bit GiVA vs QLoRA pair did).
+    good, fair = "1" * 90 + "0" * 10, "1" * 75 + "0" * 25
+    runs = [_at("giva-r8", "giva", 0.01, s, 0.80, good) for s in range(5)]
+    runs += [_at("random-r8", "giva-random", 0.1, s, 0.70, fair) for s in range(5)]
+    claim = [{"claim": "beats", "test": "better", "pairs": [["t/giva-r8", "t/random-r8"]]}]
+    (evaluated,) = evaluate_claims(claim, aggregate(runs), [])
+    pair = evaluated["pairs"][0]
+    assert pair["verdict"] == "supported" and pair["lr_variants"] == [] and pair["lr_robust"] is None
+    assert "| supported | not tested (no runner-up LR) |" in "\n".join(claims_markdown([evaluated]))
+
+
 def test_comparisons_beside_the_claims_get_paired_intervals_and_end_to_end_time_a_ratio() -> None:
     good, fair, bad = "1" * 90 + "0" * 10, "1" * 75 + "0" * 25, "1" * 60 + "0" * 40
     runs = [_at("giva-r8", "giva", 0.01, s, 0.8, fair, seconds=12.0 + s) for s in range(3)]

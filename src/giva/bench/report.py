@@ -283,10 +283,12 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
 
 def _fmt_robust(pair: dict[str, Any]) -> str:
     """'yes' when every runner-up variant with MIN_SEEDS seeds keeps the pair's verdict, else which reads what;
-    variants below MIN_SEEDS decide nothing and are named as not shown."""
+    variants below MIN_SEEDS decide nothing and are named as not shown; a pair with no variant was not tested."""
     if "lr_robust" not in pair:
         return "-"
     short = [v for v in pair["lr_variants"] if v["verdict"] == "pending"]
+    if not pair["lr_variants"]:
+        return "not tested (no runner-up LR)"
     if pair["lr_robust"] is None:
         return f"not shown ({'/'.join(str(n) for n in sorted({v['n_seeds'] for v in short}))} seeds)"
     text = "yes" if pair["lr_robust"] else "no: " + "; ".join(

@@ -272,10 +272,10 @@ def lr_variants(test: str, a_row: dict[str, Any], b_row: dict[str, Any]) -> list
 
 
 def lr_robust(pair_verdict: str, variants: list[dict[str, Any]]) -> Optional[bool]:
-    """Whether every runner-up variant with MIN_SEEDS paired seeds keeps the pair's verdict; None when a variant
-    exists but none has them (a pending variant decides nothing). A row without a runner-up LR has no variant: True."""
+    """Whether every runner-up variant with MIN_SEEDS paired seeds keeps the pair's verdict; None when none has
+    them (a pending variant decides nothing) or there is none (neither row has a runner-up LR: nothing was tested)."""
     decided = [v for v in variants if v["verdict"] != "pending"]  # lr_variants: pending exactly below MIN_SEEDS
-    if variants and not decided:
+    if not decided:
         return None
     return all(v["verdict"] == pair_verdict for v in decided)
 
