@@ -633,6 +633,16 @@ def test_with_no_example_effect_the_interval_is_the_t_interval_over_the_seed_mea
     assert (interval.low, interval.high) == pytest.approx((per_seed.mean() - half, per_seed.mean() + half), abs=1e-12)
 
 
+def test_variance_components_estimated_below_0_are_taken_as_0() -> None:
+    # Seeds and examples both agree less with each other than the residual: neither component is above 0, so the
+    # variance is the residual mean square's over S N, on (S - 1)(N - 1) degrees of freedom, never a zero width.
+    diff = np.eye(2)
+    assert crossed_variance(diff) == (pytest.approx(1 / 4), 1.0)
+    interval = paired_interval(diff, np.zeros_like(diff))
+    half = _t(0.975, 1) * 0.5
+    assert (interval.low, interval.high) == pytest.approx((0.5 - half, 0.5 + half))
+
+
 def test_the_variance_adds_the_seed_spread_to_the_example_sampling_error() -> None:
     rng = np.random.default_rng(1)
     a_row, b_row = rng.random(2000) < 0.80, rng.random(2000) < 0.70

@@ -33,6 +33,23 @@ def evaluate(rows: list, speeds: list, spec) -> tuple[list, list]:
     return claims, comparisons
 
 
+def untruncated_variance(diff):
+    """crossed_variance without taking a variance component estimated below 0 as 0: (MS_seeds + MS_examples -
+    MS_residual) / (S N) always, on Satterthwaite's degrees of freedom (the residual's alone where the sum is not
+    above 0). For the 'no truncation' columns: how much a verdict rests on the truncation."""
+    n_seeds, n_examples = diff.shape
+    mean, by_seed, by_example = diff.mean(), diff.mean(axis=1), diff.mean(axis=0)
+    ms_seeds = n_examples * float(((by_seed - mean) ** 2).sum()) / (n_seeds - 1)
+    ms_examples = n_seeds * float(((by_example - mean) ** 2).sum()) / (n_examples - 1)
+    ms_residual = float(((diff - by_seed[:, None] - by_example[None, :] + mean) ** 2).sum()) / ((n_seeds - 1) * (n_examples - 1))
+    combined = ms_seeds + ms_examples - ms_residual
+    if combined <= 0:
+        return ms_residual / diff.size, float((n_seeds - 1) * (n_examples - 1))
+    df = combined**2 / (ms_seeds**2 / (n_seeds - 1) + ms_examples**2 / (n_examples - 1)
+                        + ms_residual**2 / ((n_seeds - 1) * (n_examples - 1)))
+    return combined / diff.size, df
+
+
 def fmt(p: dict, low: str = "low", high: str = "high") -> str:
     return f"{p['estimate'] * 100:+.2f} [{p[low] * 100:+.2f}, {p[high] * 100:+.2f}]"
 
@@ -49,28 +66,37 @@ def main() -> None:
     new_claims, new_comparisons = evaluate(rows, speeds, spec)
     with mock.patch.object(stats, "paired_intervals", old_bootstrap_intervals):
         old_claims, old_comparisons = evaluate(rows, speeds, spec)
+    with mock.patch.object(stats, "crossed_variance", untruncated_variance):
+        raw_claims, _ = evaluate(rows, speeds, spec)
     lines = ["# The evidence report's accuracy intervals: the bootstrap used until stop 40 against today's interval", "",
              "Made by `python benchmarks/diagnostics/interval_change.py` from `benchmarks/results/evidence/runs/`. 'until stop 40': "
              "the percentile bootstrap over seeds and test examples (10,000 draws, seed 0); 'today': `giva.bench.stats.paired_intervals` "
              "(seeds and examples as crossed samples, t with Satterthwaite's degrees of freedom), which results.md uses. Why it "
-             "changed: `bootstrap_coverage.md` beside this file. Points; a - b.", "",
+             "changed: `bootstrap_coverage.md` beside this file. 'no truncation': today's interval without taking a variance "
+             "component estimated below 0 as 0 (`stats.crossed_variance`), shown where the two differ. Points; a - b.", "",
              "## Every claim pair", "",
-             "| claim | a vs b | until stop 40: 95 % | verdict | family-wise | verdict | today: 95 % | verdict | family-wise | verdict | moved |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| claim | a vs b | until stop 40: 95 % | verdict | family-wise | verdict | today: 95 % | verdict | family-wise | verdict | moved "
+             "| no truncation: 95 % | verdict | family-wise | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     moved = 0
-    for old, new in zip(old_claims, new_claims):
-        for po, pn in zip(old["pairs"], new["pairs"]):
+    truncated = 0
+    for old, new, raw in zip(old_claims, new_claims, raw_claims):
+        for po, pn, pr in zip(old["pairs"], new["pairs"], raw["pairs"]):
             if "low" not in pn or new["test"] not in ACCURACY:
                 continue
             changed = (po["verdict"], po.get("family_verdict")) != (pn["verdict"], pn.get("family_verdict"))
             moved += changed
             lines.append(f"| {new['claim']} | {pn['a']} vs {pn['b']} | {fmt(po)} | {po['verdict']} | "
                          f"{fmt(po, 'family_low', 'family_high')} (m={po['family_size']}) | {po['family_verdict']} | {fmt(pn)} | "
-                         f"{pn['verdict']} | {fmt(pn, 'family_low', 'family_high')} (m={pn['family_size']}) | {pn['family_verdict']} | {'**yes**' if changed else '-'} |")
+                         f"{pn['verdict']} | {fmt(pn, 'family_low', 'family_high')} (m={pn['family_size']}) | {pn['family_verdict']} | {'**yes**' if changed else '-'} | "
+                         + (f"{fmt(pr)} | {pr['verdict']} | {fmt(pr, 'family_low', 'family_high')} | {pr['family_verdict']} |"
+                            if (pr["low"], pr["family_low"]) != (pn["low"], pn["family_low"]) else "- | - | - | - |"))
+            truncated += (pr["low"], pr["family_low"]) != (pn["low"], pn["family_low"])
     pairs = sum("low" in p for c in new_claims if c["test"] in ACCURACY for p in c["pairs"])
     lines += ["", f"{moved} of {pairs} claim pairs with an interval changed a verdict; the claims' own verdicts (their first pairs' "
               "at 95 %): " + ", ".join(f"{n['verdict']}" + ("" if o["verdict"] == n["verdict"] else f" (was {o['verdict']})")
-                                       for o, n in zip(old_claims, new_claims)) + ".", "",
+                                       for o, n in zip(old_claims, new_claims)) + f". {truncated} of the {pairs} pairs "
+              "have a variance component estimated below 0 and taken as 0.", "",
               "## Runner-up-LR variants with 5 seeds whose verdict changed", "",
               "| a vs b | row at its runner-up LR | until stop 40 | verdict | today | verdict |", "|---|---|---|---|---|---|"]
     for old, new in zip(old_claims, new_claims):

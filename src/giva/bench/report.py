@@ -250,14 +250,14 @@ def rules_markdown(tests: Sequence[str]) -> list[str]:
 
 
 def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
-    """The verdict rules, then the claims table: each pair's estimate, 95% interval, what was resampled, and verdict."""
+    """The verdict rules, then the claims table: each pair's estimate, 95% interval, its seeds x examples, and verdict."""
     if not claims:
         return []
     out = rules_markdown([c["test"] for c in claims])
     out += ["## Claims", "",
             f"Paired 95% intervals: accuracy over seeds and test examples as crossed samples (t with Satterthwaite's degrees "
-            "of freedom, `giva.bench.stats.crossed_variance`; until stop 40 a percentile bootstrap, which under-covered with "
-            "5 seeds: docs/benchmarks.md); speed: bootstrap over interleaved steps (10,000 draws). "
+            "of freedom, `giva.bench.stats.crossed_variance`; until stop 40 a percentile bootstrap, which under-covered where "
+            "the 5 seeds disagree and over-covered where they agree: docs/benchmarks.md); speed: bootstrap over interleaved steps (10,000 draws). "
             f"'pending': fewer than {MIN_SEEDS} paired seeds, or a row not run yet. A claim's verdict is its "
             "first pair's, declared in advance; the other pairs follow it. Family-wise: the same estimate and variance at the Bonferroni "
             "level 1 - 0.05/m for the claim's m pairs (every planned pair counts, run or not), the interval to read "

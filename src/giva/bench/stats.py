@@ -110,9 +110,12 @@ def crossed_variance(diff: np.ndarray) -> tuple[float, float]:
     Seeds and examples are crossed random factors: ``diff[s, j] = mu + a_s + b_j + e_sj`` (a seed's shift, an
     example's own difference between the methods, and the rest). The mean varies by ``var(a) / S + var(b) / N +
     var(e) / (S N)``, estimated without bias by ``(MS_seeds + MS_examples - MS_residual) / (S N)`` from the two-way
-    mean squares, with Satterthwaite's degrees of freedom for that sum. Each of ``MS_seeds / (S N)`` and
-    ``MS_examples / (S N)`` alone estimates no more than the whole, so when the sum falls below one of them (sampling
-    noise in MS_residual) the larger one is used, with its own ``S - 1`` or ``N - 1`` degrees of freedom. With 5
+    mean squares, with Satterthwaite's degrees of freedom for that sum. A variance component estimated below 0
+    (``MS_seeds`` or ``MS_examples`` below ``MS_residual``) is taken as 0, the usual truncation: the estimate is then
+    ``MS_examples``, ``MS_seeds`` or, both below, ``MS_residual`` over ``S N``, on that mean square's own degrees of
+    freedom (``N - 1``, ``S - 1``, ``(S - 1)(N - 1)``). Truncating the seed component gives a narrower interval than
+    the untruncated sum would (with ``N - 1`` degrees of freedom, close to a normal quantile): it is the case where
+    the seeds agree more than the example noise alone predicts, and the coverage simulation below holds there. With 5
     seeds the seed term is estimated on 4 degrees of freedom, which a t quantile pays for and a percentile
     bootstrap over the seeds does not (``benchmarks/results/diagnostics/bootstrap_coverage.md``: 0.87 coverage of a
     95 % bootstrap interval when the seeds spread by 4.4 points, 0.94 for this one)."""
@@ -123,14 +126,18 @@ def crossed_variance(diff: np.ndarray) -> tuple[float, float]:
     ms_examples = n_seeds * float(((by_example - mean) ** 2).sum()) / (n_examples - 1)
     residual = diff - by_seed[:, None] - by_example[None, :] + mean
     ms_residual = float((residual**2).sum()) / ((n_seeds - 1) * (n_examples - 1))
-    combined = ms_seeds + ms_examples - ms_residual
-    if combined >= max(ms_seeds, ms_examples) and combined > 0:
+    cells = n_seeds * n_examples
+    seeds_own, examples_own = ms_seeds > ms_residual, ms_examples > ms_residual  # their variance components above 0
+    if seeds_own and examples_own:
+        combined = ms_seeds + ms_examples - ms_residual
         df = combined**2 / (ms_seeds**2 / (n_seeds - 1) + ms_examples**2 / (n_examples - 1)
                             + ms_residual**2 / ((n_seeds - 1) * (n_examples - 1)))
-        return combined / (n_seeds * n_examples), df
-    if ms_seeds >= ms_examples:
-        return ms_seeds / (n_seeds * n_examples), float(n_seeds - 1)
-    return ms_examples / (n_seeds * n_examples), float(n_examples - 1)
+        return combined / cells, df
+    if seeds_own:
+        return ms_seeds / cells, float(n_seeds - 1)
+    if examples_own:
+        return ms_examples / cells, float(n_examples - 1)
+    return ms_residual / cells, float((n_seeds - 1) * (n_examples - 1))
 
 
 def paired_intervals(a: np.ndarray, b: np.ndarray, confidences: Sequence[float]) -> list[Interval]:
@@ -348,7 +355,7 @@ def evaluate_claims(claims: Sequence[dict[str, Any]], rows: list[dict[str, Any]]
 def combination(rows: list[dict[str, Any]], plus: Sequence[str], minus: Sequence[str]) -> dict[str, Any]:
     """Paired interval of sum(plus rows) - sum(minus rows) test accuracy, each row at its chosen LR, over the
     seeds every row ran: a difference ('task/a' - 'task/b') or a change in one ('long/a' - 'long/b' -
-    ('short/a' - 'short/b')), resampled over seeds and test examples like a claim pair. Rows of different
+    ('short/a' - 'short/b')), with seeds and test examples as crossed samples like a claim pair (:func:`paired_interval`). Rows of different
     tasks pair only when they were scored on the same test examples."""
     refs = [*plus, *minus]
     found = [correctness_by_seed(rows, ref) for ref in refs]
