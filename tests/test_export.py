@@ -668,6 +668,41 @@ def _refuse(*args, **kwargs):
     raise AssertionError("the base model's weights were loaded before the error")
 
 
+@pytest.mark.parametrize(("head", "listed"), [(2, 3), (40, 2)], ids=["bert-2-listed-3", "headless-roberta-40-listed-2"])
+def test_a_labels_json_that_disagrees_with_the_saved_head_is_refused_before_the_model_loads(
+        tmp_path, monkeypatch, capsys, head, listed):
+    """labels.json (written by `giva finetune`) naming another class count than the saved head: the model was built
+    with labels.json's count and failed after loading, with transformers' size-mismatch traceback (a base checkpoint
+    with a head) or PEFT's (a headless base, when the adapter's head was loaded)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from giva.export import export_lora_dir
+
+    if head == 2:
+        tiny_bert().save_pretrained(tmp_path / "base")  # a 2-class head in the base checkpoint too
+        torch.manual_seed(1)
+        classifier = tiny_bert()
+    else:
+        tiny_roberta().roberta.save_pretrained(tmp_path / "base")  # headless: the head is made for the task
+        classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=head)
+    model = get_peft_model(classifier, GivaConfig(r=4, init_weights=False, target_modules=["query", "value"],
+                                                  task_type="SEQ_CLS"))
+    assert model.config.num_labels == head
+    model.save_pretrained(tmp_path / "giva")
+    labels = {"id2label": {str(i): f"c{i}" for i in range(listed)}, "label2id": {f"c{i}": i for i in range(listed)}}
+    (tmp_path / "giva" / "labels.json").write_text(json.dumps(labels))
+    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", _refuse)
+    message = (f"{tmp_path / 'giva' / 'labels.json'} names {listed} classes, but the adapter's saved classification "
+               f"head has {head}; fix or remove labels.json")
+    capsys.readouterr()
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora"), "--base-model", str(tmp_path / "base")]) == 2
+    assert capsys.readouterr().err == f"giva export-lora: {message}\n"
+    with pytest.raises(ExportError) as error:
+        export_lora_dir(tmp_path / "giva", tmp_path / "lora", base_model=str(tmp_path / "base"))
+    assert str(error.value) == message
+    assert not (tmp_path / "lora").exists()
+
+
 @pytest.mark.parametrize(
     ("factory", "options", "message"),
     [(tiny_bert, {"bias": "all"}, "sets bias='all': the trained biases"),

@@ -146,6 +146,44 @@ def test_the_fp16_loss_scale_is_kept_from_pass_to_pass():
     assert _worst_cosine(found, reference, 1) > 0.99
 
 
+def test_the_dense_statistics_keep_the_fp16_loss_scale_from_batch_to_batch(monkeypatch):
+    """The federated clients' dense statistics (``--init-mode dense``) take one compute_gradients call per batch; each
+    call started from a fresh loss scale, so every batch halved it down from 2**16 again. One scale for all the calls,
+    as the sketch's passes share one: only the first batch runs again, as many times as in one call over all of them.
+    The sums of an fp32 model are those of the per-batch calls bit for bit; an fp16 model's are finite and close."""
+    import giva.federated.statistics as statistics
+    from giva.init import compute_gradients
+
+    batches = text_batches(n=3, labels="lm")
+    forwards: list = []
+
+    def overflowing(*args, **kwargs):
+        return compute_gradients(*args, loss_fn=_overflowing_loss(forwards), **kwargs)
+
+    monkeypatch.setattr(statistics, "compute_gradients", overflowing)
+
+    def dense(dtype):
+        model = get_peft_model(tiny_llama().to(torch.float16).to(dtype), GivaConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        return model, statistics.dense_statistics(model, batches)
+
+    model, (fp16, count) = dense(torch.float16)
+    assert count == 3 * 4
+    one_call: list = []
+    compute_gradients(model, giva_layers(model), batches, num_batches=len(batches), loss_fn=_overflowing_loss(one_call),
+                      progress=False)
+    retries = len(one_call) - len(batches)
+    assert retries > 0  # 9 here: 2**16 down to 2**7
+    assert len(forwards) == len(batches) + retries  # was len(batches) * (1 + retries): 30 forwards
+    model, (fp32, _) = dense(torch.float32)
+    per_batch = [compute_gradients(model, giva_layers(model), [batch], num_batches=1, progress=False,  # fresh scales
+                                   loss_fn=lambda model, batch: model(**batch).loss * 2**12)[0] for batch in batches]
+    for key, total in fp32.items():
+        layer = key.split(":", 1)[1].rsplit("#", 1)[0]  # "default:<layer>#0": one block per layer here
+        assert torch.equal(total, sum(gradients[layer].double() * 4 for gradients in per_batch))
+        assert torch.isfinite(fp16[key]).all()
+        torch.testing.assert_close(fp16[key], total, rtol=0.05, atol=0.05 * total.abs().max().item())
+
+
 class _AmplifiedGradient(torch.autograd.Function):
     """The identity, whose backward multiplies the gradient by 2**12: at the first loss scale (2**16) it overflows fp16."""
 

@@ -629,11 +629,12 @@ def export_lora_dir(
     Everything that can be checked is checked before the base model's weights load: the adapter's config (and
     options a LoRA cannot carry: :func:`_check_exportable`), the output folder, the base model (built on the ``meta``
     device as the class the adapter was trained on: :func:`_model_class`), the adapter's weights as loading checks
-    them, ``rank``, and that the base model has every adapted layer in the saved shapes. The tokenizer files and
-    ``labels.json`` of the adapter folder are copied, the class names go into the base model's config, and a
-    ``README.md`` holds the plain-PEFT code that loads the export. Embedding layers PEFT saved whole in the adapter
-    folder are carried into the LoRA. The base model defaults to ``base_model_name_or_path`` of the adapter's
-    config; it must be a local folder or one of :data:`giva.assets.MODEL_ALIASES`.
+    them, ``rank``, that the base model has every adapted layer in the saved shapes, and that ``labels.json`` names
+    the saved classification head's class count. The tokenizer files and ``labels.json`` of the adapter folder are
+    copied, the class names go into the base model's config, and a ``README.md`` holds the plain-PEFT code that
+    loads the export. Embedding layers PEFT saved whole in the adapter folder are carried into the LoRA. The base
+    model defaults to ``base_model_name_or_path`` of the adapter's config; it must be a local folder or one of
+    :data:`giva.assets.MODEL_ALIASES`.
     """
     from transformers import AutoConfig
 
@@ -677,9 +678,15 @@ def export_lora_dir(
         _check_rank(rank, needed, "default")
     _check_base_matches(skeleton, layers, base_name)
     embeddings = _embedding_tensors(tensors, skeleton, base_name)
-    if config.get("task_type") == "SEQ_CLS" and labels is None:
+    if config.get("task_type") == "SEQ_CLS":
         num_labels = _num_labels(tensors, skeleton, list(config.get("modules_to_save") or ["classifier", "score"]))
-        extra = {} if num_labels is None else {"num_labels": num_labels}
+        if labels is None:
+            extra = {} if num_labels is None else {"num_labels": num_labels}
+        elif num_labels is not None:  # the skeleton was built with labels.json's classes: the saved head has others
+            raise ExportError(
+                f"{adapter_dir / 'labels.json'} names {len(labels['id2label'])} classes, but the adapter's saved "
+                f"classification head has {num_labels}; fix or remove labels.json"
+            )
     del skeleton
     model = auto.from_pretrained(path, **extra)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))

@@ -30,7 +30,17 @@ from torch import nn
 
 from ..bases import SEEDED_B_VARIANTS, bases_from_gradient, layer_generator
 from ..config import GivaConfig
-from ..init import InitSession, Partial, Request, RequestItem, compute_gradients, giva_configs, giva_layers, targets_of
+from ..init import (
+    InitSession,
+    LossScale,
+    Partial,
+    Request,
+    RequestItem,
+    compute_gradients,
+    giva_configs,
+    giva_layers,
+    targets_of,
+)
 from ..layer import Block, GivaLayer
 
 Mode = Literal["sketch", "dense"]
@@ -95,16 +105,19 @@ def _batch_size(batch: Any) -> int:
 def dense_statistics(peft_model: nn.Module, batches: Iterable[Any]) -> tuple[dict[str, torch.Tensor], int]:
     """One client's ``sum_b n_b G_b`` per block (``out x in``, float64) and its example count ``sum_b n_b``.
 
-    Each ``G_b`` is taken at the pretrained model (adapters disabled), one batch at a time.
+    Each ``G_b`` is taken at the pretrained model (adapters disabled), one batch at a time, all at one fp16 loss scale
+    (:class:`giva.init.LossScale`): a later batch starts where the earlier ones settled, as the sketch's passes do,
+    instead of halving it down from the start again.
     """
     specs = block_specs(peft_model)
     layers: dict[str, GivaLayer] = {s.layer_name: giva_layers(peft_model)[s.layer_name] for s in specs.values()}
     sums: dict[str, torch.Tensor] = {}
     count = 0
+    scale = LossScale()
     with peft_model.disable_adapter():
         for batch in batches:
             n_b = _batch_size(batch)
-            gradients, _ = compute_gradients(peft_model, layers, [batch], num_batches=1, progress=False)
+            gradients, _ = compute_gradients(peft_model, layers, [batch], num_batches=1, progress=False, scale=scale)
             for key, spec in specs.items():
                 rows = slice(spec.block.out_start, spec.block.out_start + spec.block.out_size)
                 term = gradients[spec.layer_name][rows].double() * n_b

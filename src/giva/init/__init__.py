@@ -457,15 +457,19 @@ def compute_gradients(
     num_batches: NumBatches = DEFAULT_NUM_BATCHES,
     loss_fn: Optional[LossFn] = None,
     progress: bool = True,
+    scale: Optional[LossScale] = None,
 ) -> tuple[dict[str, torch.Tensor], list[float]]:
     """Mean over ``num_batches`` batches of ``dL/dW`` (``out x in``, fp32) of each named GiVA layer, in this process.
 
-    The dense gradients themselves (for tests and baselines such as LoRA-GA); adapters are disabled.
+    The dense gradients themselves (for tests and baselines such as LoRA-GA); adapters are disabled. ``scale``: the
+    fp16 loss scale to start from, left where this call ended it; a caller that runs batch by batch (the federated
+    dense statistics) gives every call the same one, as :func:`accumulate` takes it, so that only its first batch
+    runs again after an overflow. Default: a fresh one.
     """
     check_num_batches(num_batches, allow_all=True)
     num_batches = _calibration_count(Collective(), num_batches, dataloader)
     items = {name: RequestItem(name, 0, layer.out_features, "dense") for name, layer in layers.items()}
-    partial = run_pass(model, iter(dataloader), Request(0, 1, items), num_batches, loss_fn, Collective(), progress)
+    partial = run_pass(model, iter(dataloader), Request(0, 1, items), num_batches, loss_fn, Collective(), progress, scale)
     missing = [name for name in layers if name not in partial.sums]
     if missing:
         raise GradientInitError(f"GiVA layer(s) {missing[:5]} received no gradient ({NO_GRADIENT_CAUSES})")
