@@ -661,6 +661,38 @@ def test_export_lora_cli_builds_the_model_with_the_heads_class_count(tmp_path, n
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=num_labels), tmp_path / "lora")
     assert expected.shape[-1] == num_labels
     torch.testing.assert_close(_logits(lora.eval(), ids), expected, atol=1e-5, rtol=0)
+    namespace: dict = {}
+    exec((tmp_path / "lora" / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0], namespace)
+    torch.testing.assert_close(_logits(namespace["model"], ids), expected, atol=1e-5, rtol=0)  # it named no class count
+
+
+@pytest.mark.parametrize("with_labels", [False, True], ids=["no-labels-json", "labels-json"])
+def test_an_adapter_whose_head_has_other_classes_than_the_base_checkpoints_exports_and_its_readme_loads_it(
+        tmp_path, with_labels):
+    """A 2-class BERT classifier fine-tuned to 3 classes, as `giva finetune` loads it (a new head, load_classifier's
+    ignore_mismatched_sizes): the export loaded the base with 3 classes and no ignore_mismatched_sizes, and transformers
+    raised its size-mismatch RuntimeError after every check had passed; the README's snippet would fail the same way."""
+    from giva.finetune import load_classifier
+
+    tiny_bert().save_pretrained(tmp_path / "base")  # a 2-class head in the base checkpoint
+    torch.manual_seed(1)
+    model = get_peft_model(load_classifier(str(tmp_path / "base"), num_labels=3),
+                           GivaConfig(r=4, init_weights=False, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    model.save_pretrained(tmp_path / "giva")
+    if with_labels:
+        labels = {"id2label": {"0": "a", "1": "b", "2": "c"}, "label2id": {"a": 0, "b": 1, "c": 2}}
+        (tmp_path / "giva" / "labels.json").write_text(json.dumps(labels))
+    assert main(["export-lora", str(tmp_path / "giva"), str(tmp_path / "lora")]) == 0
+    readme = (tmp_path / "lora" / "README.md").read_text()
+    assert "ignore_mismatched_sizes=True" in readme and ("num_labels=3" in readme) != with_labels
+    namespace: dict = {}
+    exec(readme.split("```python\n", 1)[1].split("```", 1)[0], namespace)  # the snippet, as a user would paste it
+    lora = namespace["model"]
+    assert lora.config.num_labels == 3 and (lora.config.id2label == {0: "a", 1: "b", 2: "c"}) == with_labels
+    assert expected.shape[-1] == 3
+    torch.testing.assert_close(_logits(lora, ids), expected, atol=1e-5, rtol=0)
 
 
 

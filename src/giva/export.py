@@ -341,15 +341,22 @@ def _auto_mapping(lora_config: LoraConfig, base_class: type) -> Optional[dict[st
     return {"base_model_class": base_class.__name__, "parent_library": base_class.__module__}
 
 
-def _loading_snippet(out: Path, lora_config: LoraConfig, auto: str, labels: Optional[dict] = None, tokenizer: bool = False) -> str:
+def _loading_snippet(out: Path, lora_config: LoraConfig, auto: str, labels: Optional[dict] = None, tokenizer: bool = False,
+                     num_labels: Optional[int] = None) -> str:
+    """The README's loading code. ``num_labels``: the saved head's class count where the base checkpoint's config has
+    another; the base then loads with a new head of that size (the adapter's saved head replaces it), as
+    ``giva finetune`` loaded it (:func:`giva.finetune.load_classifier`)."""
     base = lora_config.base_model_name_or_path or "<the base model>"
     lines = ["from peft import PeftModel", f"from transformers import {auto}" + (", AutoTokenizer" if tokenizer else "")]
     if labels:
         lines += ["", "import json", f"labels = json.load(open({str(out / 'labels.json')!r}))",
                   f"base = {auto}.from_pretrained(", f"    {base!r},",
-                  "    id2label={int(i): name for i, name in labels['id2label'].items()}, label2id=labels['label2id'],", ")"]
+                  "    id2label={int(i): name for i, name in labels['id2label'].items()}, label2id=labels['label2id'],"]
+        lines += ["    ignore_mismatched_sizes=True,"] if num_labels is not None else []
+        lines.append(")")
     else:
-        lines += ["", f"base = {auto}.from_pretrained({base!r})"]
+        head = "" if num_labels is None else f", num_labels={num_labels}, ignore_mismatched_sizes=True"
+        lines += ["", f"base = {auto}.from_pretrained({base!r}{head})"]
     lines.append(f"model = PeftModel.from_pretrained(base, {str(out)!r}).eval()")
     if tokenizer:
         lines.append(f"tokenizer = AutoTokenizer.from_pretrained({str(out)!r})")
@@ -630,9 +637,10 @@ def export_lora_dir(
     options a LoRA cannot carry: :func:`_check_exportable`), the output folder, the base model (built on the ``meta``
     device as the class the adapter was trained on: :func:`_model_class`), the adapter's weights as loading checks
     them, ``rank``, that the base model has every adapted layer in the saved shapes, and that ``labels.json`` names
-    the saved classification head's class count. The tokenizer files and ``labels.json`` of the adapter folder are
-    copied, the class names go into the base model's config, and a ``README.md`` holds the plain-PEFT code that
-    loads the export. Embedding layers PEFT saved whole in the adapter folder are carried into the LoRA. The base
+    the saved classification head's class count. A base checkpoint whose head has other classes than the saved one
+    loads as ``giva finetune`` loaded it (``ignore_mismatched_sizes``), and so does the README's code. The tokenizer
+    files and ``labels.json`` of the adapter folder are copied, the class names go into the base model's config, and
+    a ``README.md`` holds the plain-PEFT code that loads the export. Embedding layers PEFT saved whole in the adapter folder are carried into the LoRA. The base
     model defaults to ``base_model_name_or_path`` of the adapter's config; it must be a local folder or one of
     :data:`giva.assets.MODEL_ALIASES`.
     """
@@ -657,13 +665,15 @@ def export_lora_dir(
     except (OSError, ValueError, ImportError) as error:  # a folder without config.json; an alias not installed
         raise ExportError(f"base model {base_name!r} cannot be read: {error}") from None
     extra: dict[str, Any] = {}
+    head_classes: Optional[int] = None  # the saved head's class count where the base checkpoint's config has another
     if labels is not None and config.get("task_type") == "SEQ_CLS":
         extra = {
             "id2label": {int(i): name for i, name in labels["id2label"].items()},
             "label2id": labels.get("label2id") or {name: int(i) for i, name in labels["id2label"].items()},
         }
     try:
-        model_config = AutoConfig.from_pretrained(path, **extra)
+        base_config = AutoConfig.from_pretrained(path)
+        model_config = AutoConfig.from_pretrained(path, **extra) if extra else base_config
     except (OSError, ValueError) as error:
         raise ExportError(f"base model {base_name!r} cannot be read: {error}") from None
     auto = _model_class(config, model_config, adapter_dir / CONFIG_NAME)
@@ -687,6 +697,13 @@ def export_lora_dir(
                 f"{adapter_dir / 'labels.json'} names {len(labels['id2label'])} classes, but the adapter's saved "
                 f"classification head has {num_labels}; fix or remove labels.json"
             )
+        classes = num_labels if num_labels is not None else model_config.num_labels
+        if classes != base_config.num_labels:
+            # A base checkpoint with a head for other classes (a 2-class classifier fine-tuned to 3) is refused with
+            # a size mismatch unless its head is made anew, as giva finetune made it; the adapter's saved head
+            # replaces it.
+            extra["ignore_mismatched_sizes"] = True
+            head_classes = classes
     del skeleton
     model = auto.from_pretrained(path, **extra)
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
@@ -695,7 +712,8 @@ def export_lora_dir(
     lora_config.base_model_name_or_path = config.get("base_model_name_or_path") or base_name
     side_files = _side_files(adapter_dir)
     readme = _loading_snippet(
-        out, lora_config, auto.__name__, labels, tokenizer=any(p.name != "labels.json" for p in side_files)
+        out, lora_config, auto.__name__, labels, tokenizer=any(p.name != "labels.json" for p in side_files),
+        num_labels=head_classes,
     )
 
     def extras(tmp: Path) -> None:
