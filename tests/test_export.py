@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -625,6 +626,7 @@ def test_an_export_whose_base_model_cannot_be_found_is_refused_before_writing(tm
         model = get_peft_model(model, GivaConfig(r=4, init_weights=False, target_modules=["q_proj"],
                                                  modules_to_save=["lm_head"], task_type="CAUSAL_LM"))
         model.peft_config["default"].base_model_name_or_path = name
+        model.config.name_or_path = name  # loaded from there too (else the folder it was loaded from is compared)
         for export in (lambda: export_lora(model, tmp_path / "lora"), lambda: peft.save_as_lora(tmp_path / "lora", model, 4)):
             with pytest.raises(ExportError, match=message):
                 export()
@@ -636,6 +638,84 @@ def test_an_export_whose_base_model_cannot_be_found_is_refused_before_writing(tm
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"base model {name!r} " in err, err
     assert not (tmp_path / "lora").exists()
+
+
+def test_an_in_memory_export_finds_the_base_model_the_model_was_loaded_from_or_named_by_its_name_or_path(
+        tmp_path, monkeypatch):
+    """export_lora / peft.save_as_lora refused every model whose adapter's base_model_name_or_path was not found
+    locally: one loaded from a local folder and named by the hub id it is published under, and one loaded with
+    cache_dir= (whose hub id is not in the default cache), with a remedy that made the export record a local path.
+    The folder the model was loaded from is now compared, and the remedy, the model's name_or_path, which only the
+    check reads, works; the exports name the hub id, and a resized vocabulary is still refused."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--giva-tests--tiny"  # a hub cache where the user keeps it (cache_dir=)
+    tiny_llama().save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    resized = ("^the adapter holds the embedding layer '(lm_head|model.embed_tokens).weight' of shape \\(110, 32\\), but "
+               "base model '{}' has \\(100, 32\\): the vocabulary was resized")
+    for how in ("renamed", "cache-dir"):
+        for resize in (None, 110):
+            if how == "renamed":
+                model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+            else:
+                model = AutoModelForCausalLM.from_pretrained("giva-tests/tiny", cache_dir=str(tmp_path / "cache"))
+            if resize:
+                model.resize_token_embeddings(resize)
+            model = get_peft_model(model, GivaConfig(r=4, init_weights=False, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+            model.peft_config["default"].base_model_name_or_path = "giva-tests/tiny"
+            if how == "cache-dir":
+                with pytest.raises(ExportError, match=r"set model.config.name_or_path to the local folder holding the "
+                                                      r"base model's config.json \(for a model loaded with cache_dir="):
+                    export_lora(model, tmp_path / "lora")
+                model.config.name_or_path = str(repo / "snapshots" / commit)  # the remedy the message names
+            compared = str(tmp_path / "base") if how == "renamed" else model.config.name_or_path
+            for export in (lambda: export_lora(model, tmp_path / "lora"), lambda: peft.save_as_lora(tmp_path / "lora", model, 4)):
+                if resize:
+                    with pytest.raises(ExportError, match=resized.format(re.escape(compared))):
+                        export()
+                    assert not (tmp_path / "lora").exists()
+                else:
+                    export()
+                    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+                    assert config["base_model_name_or_path"] == "giva-tests/tiny"
+                    assert "from_pretrained('giva-tests/tiny')" in (tmp_path / "lora" / "README.md").read_text()
+                    shutil.rmtree(tmp_path / "lora")
+
+
+@pytest.mark.parametrize("export", ["export_lora", "save_as_lora"])
+def test_an_in_memory_export_of_a_classifier_with_other_classes_than_its_base_checkpoint_writes_a_readme_that_loads_it(
+        tmp_path, export):
+    """A 2-class BERT classifier fine-tuned to 3 classes (giva finetune's load_classifier, ignore_mismatched_sizes),
+    exported from memory: the README's snippet loaded the base with its 2-class head and PEFT's size mismatch
+    followed; it now passes num_labels=3 and ignore_mismatched_sizes=True, as `giva export-lora` writes it, and
+    reproduces the logits."""
+    from giva.finetune import load_classifier
+
+    tiny_bert().save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    model = get_peft_model(load_classifier(str(tmp_path / "base"), num_labels=3),
+                           GivaConfig(r=4, init_weights=False, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    if export == "export_lora":
+        export_lora(model, tmp_path / "lora")
+    else:
+        peft.save_as_lora(tmp_path / "lora", model, 4)
+    readme = (tmp_path / "lora" / "README.md").read_text()
+    assert "num_labels=3, ignore_mismatched_sizes=True" in readme
+    namespace: dict = {}
+    exec(readme.split("```python\n", 1)[1].split("```", 1)[0], namespace)  # the snippet, as a user would paste it
+    assert expected.shape[-1] == 3
+    torch.testing.assert_close(_logits(namespace["model"], ids), expected, atol=1e-5, rtol=0)
+    unchanged = get_peft_model(load_classifier(str(tmp_path / "base"), num_labels=2), GivaConfig(
+        r=4, init_weights=False, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    export_lora(unchanged, tmp_path / "lora")  # the base checkpoint's class count: no class count named
+    assert "from_pretrained(" + repr(str(tmp_path / "base")) + ")" in (tmp_path / "lora" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("num_labels", [3, 40])

@@ -396,19 +396,26 @@ def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str =
     """
     out = Path(out_dir)
     _check_output(out)
-    _check_model_vocabulary(model, adapter_name)
+    base_config = _check_model_vocabulary(model, adapter_name)
     lora_config, state_dict = to_lora(model, adapter_name, rank)
-    _write_model_export(out, model, lora_config, state_dict)
+    _write_model_export(out, model, lora_config, state_dict, base_config)
     return lora_config
 
 
-def _write_model_export(out: Path, model: nn.Module, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor]) -> None:
+def _write_model_export(out: Path, model: nn.Module, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor],
+                        base_config: Optional[Any] = None) -> None:
     """Write the export of a model in memory with its README.md (the loading code, and the mark of an export that a
-    later export may replace) and, without ``task_type``, the base model's class in ``auto_mapping``."""
-    base_class = type(model.get_base_model() if isinstance(model, PeftModel) else model)
-    readme = _loading_snippet(out, lora_config, _base_class_name(lora_config.task_type, base_class))
+    later export may replace) and, without ``task_type``, the base model's class in ``auto_mapping``. A SEQ_CLS
+    model whose class count is not that of its base checkpoint's config (``base_config``; a 2-class classifier
+    fine-tuned to 3 by :func:`giva.finetune.load_classifier`) gets loading code that names its class count, as
+    ``giva export-lora`` writes it."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    classes = getattr(getattr(base, "config", None), "num_labels", None)
+    head = lora_config.task_type == "SEQ_CLS" and base_config is not None and classes != base_config.num_labels
+    readme = _loading_snippet(out, lora_config, _base_class_name(lora_config.task_type, type(base)),
+                              num_labels=classes if head else None)
     _write_lora(out, lora_config, state_dict, lambda tmp: (tmp / "README.md").write_text(readme, encoding="utf-8"),
-                _auto_mapping(lora_config, base_class))
+                _auto_mapping(lora_config, type(base)))
 
 
 def save_as_lora(
@@ -427,13 +434,13 @@ def save_as_lora(
         return original(path, model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs)
     out = Path(path)
     _check_output(out)
-    _check_model_vocabulary(model, adapter_name)
+    base_config = _check_model_vocabulary(model, adapter_name)
     from peft.tuners.lora import conversion
 
     lora_config, state_dict = conversion.convert_to_lora(
         model, rank=rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs
     )
-    _write_model_export(out, model, lora_config, state_dict)
+    _write_model_export(out, model, lora_config, state_dict, base_config)
     return None
 
 
@@ -585,39 +592,59 @@ def _check_vocabulary(tensors: dict[str, torch.Tensor], skeleton: nn.Module, bas
             )
 
 
-def _check_model_vocabulary(model: nn.Module, adapter_name: str) -> None:
-    """Refuse the export of a model in memory whose embedding layers differ in shape from its base model's, as
-    ``giva export-lora`` refuses its folder (:func:`_check_vocabulary`); before any work.
+def _base_config(model: nn.Module, adapter_name: str) -> Optional[tuple[str, Any]]:
+    """The name and config of the base model of a model in memory, or ``None`` for a model that names none (built
+    from a config).
 
-    The base model is found as PEFT's ``save_embedding_layers="auto"`` finds it: the config at the adapter's
-    ``base_model_name_or_path`` (else the model's ``name_or_path``), from a local folder or the hub cache, never
-    downloaded. A model that names no base (built from a config) is not compared; one whose named base cannot be
-    found so (a hub id not in the cache, a folder moved or without ``config.json``) is refused: a resized vocabulary
-    would go unnoticed, and the LoRA would not load (a vocabulary-sized head) or not reproduce the model."""
+    Found as PEFT's ``save_embedding_layers="auto"`` finds it, never downloaded: a local folder with ``config.json``
+    or the hub cache, at the adapter's ``base_model_name_or_path``, else at the model's own ``name_or_path`` (the
+    folder it was loaded from, where the adapter names a hub id to publish under). One named but found at neither (a
+    hub id not in the cache, a moved folder or one without ``config.json``, a model loaded with ``cache_dir=`` or
+    ``subfolder=``) is refused: a resized vocabulary would go unnoticed, and the LoRA would not load (a
+    vocabulary-sized head) or not reproduce the model. The remedy names the model's ``name_or_path``, which only
+    this lookup reads, so the export still records the adapter's ``base_model_name_or_path``."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     model_config = getattr(base, "config", None)
     peft_config = getattr(model, "peft_config", {}).get(adapter_name)
-    base_name = getattr(peft_config, "base_model_name_or_path", None) or getattr(model_config, "_name_or_path", None)
-    if model_config is None or not base_name:
-        return
-    folder = Path(os.path.expanduser(base_name))
-    try:
+    named = getattr(peft_config, "base_model_name_or_path", None)
+    loaded_from = getattr(model_config, "_name_or_path", None)
+    names = list(dict.fromkeys(name for name in (named, loaded_from) if name))
+    if model_config is None or not names:
+        return None
+    for name in names:
+        folder = Path(os.path.expanduser(name))
         if folder.is_dir() and not (folder / "config.json").is_file():
-            # transformers builds a default config (LlamaConfig: 32000 x 4096) for a folder without one
-            raise OSError(f"{folder} has no config.json")
-        base_config = type(model_config).from_pretrained(base_name, local_files_only=True)
-    except (OSError, ValueError):
-        raise ExportError(
-            f"base model {base_name!r} of GiVA adapter {adapter_name!r} (its base_model_name_or_path) is neither a local "
-            "folder with config.json nor in the Hugging Face cache, so the export cannot "
-            "check that the vocabulary was not resized (resize_token_embeddings), which a LoRA export cannot carry; set "
-            f"model.peft_config[{adapter_name!r}].base_model_name_or_path to the base model's folder"
-        ) from None
+            continue  # transformers builds a default config (LlamaConfig: 32000 x 4096) for a folder without one
+        try:
+            return name, type(model_config).from_pretrained(name, local_files_only=True)
+        except (OSError, ValueError):
+            continue
+    source = "its base_model_name_or_path" + (f", the model loaded from {loaded_from!r}" if len(names) > 1 else "")
+    raise ExportError(
+        f"base model {names[0]!r} of GiVA adapter {adapter_name!r} ({source}) is neither a local "
+        "folder with config.json nor in the Hugging Face cache, so the export cannot "
+        "check that the vocabulary was not resized (resize_token_embeddings), which a LoRA export cannot carry; set "
+        "model.config.name_or_path to the local folder holding the base model's config.json (for a model loaded with "
+        "cache_dir= or subfolder=, the snapshot or subfolder there), which the export only reads, or "
+        f"model.peft_config[{adapter_name!r}].base_model_name_or_path, which the export also records"
+    )
+
+
+def _check_model_vocabulary(model: nn.Module, adapter_name: str) -> Optional[Any]:
+    """Refuse the export of a model in memory whose embedding layers differ in shape from its base model's, as
+    ``giva export-lora`` refuses its folder (:func:`_check_vocabulary`); before any work. The base model is found
+    by :func:`_base_config`, whose config this returns (``None`` for a model that names no base: not compared)."""
+    found = _base_config(model, adapter_name)
+    if found is None:
+        return None
+    base_name, base_config = found
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
     try:
         skeleton = _skeleton(type(base), base_config)
     except (OSError, ValueError, TypeError):  # a class not built from its config
-        return
+        return base_config
     _check_vocabulary(dict(base.named_parameters(remove_duplicate=False)), skeleton, base_name)
+    return base_config
 
 
 def _side_files(adapter_dir: Path) -> list[Path]:
