@@ -702,6 +702,8 @@ def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
          "giva federated: --max-train-samples 64 with --clients 40 gives a client 1 training sentences, fewer than "
          "its 4 calibration batches of 16 (64); use fewer clients, more training data, or a smaller --num-batches / "
          "--batch-size"),
+        (["--clients", "40", "--max-train-samples", "30"],  # named FederatedConfig.max_train_samples, the field, before
+         "giva federated: --max-train-samples 30 leaves fewer sentences than --clients 40"),
         (["--text-column", ""], "giva federated: FederatedConfig.text_column must be a non-empty column name, got ''"),
     ],
 )
@@ -730,8 +732,11 @@ def test_max_train_samples_holds_giva_calibration_batches_only_for_giva(capsys, 
     seen.clear()
     code, err = _cli(capsys, "--method", method, "--clients", "40", "--max-train-samples", "30",
                      "--output-dir", str(tmp_path / "out"))
-    assert code == 2 and not seen and err == [
-        "giva federated: FederatedConfig.max_train_samples (30) leaves fewer sentences than clients (40)"]
+    assert code == 2 and not seen and err == [  # the option, not the dataclass field FederatedConfig.max_train_samples
+        "giva federated: --max-train-samples 30 leaves fewer sentences than --clients 40"]
+    # The library, which has no options, names the field.
+    with pytest.raises(ValueError, match=r"^FederatedConfig.max_train_samples \(30\) leaves fewer sentences than clients \(40\)$"):
+        config(clients=40, max_train_samples=30)
 
 
 def test_an_output_dir_that_is_a_file_or_read_only_is_refused_before_any_work(capsys, no_run, tmp_path):
