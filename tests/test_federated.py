@@ -50,6 +50,7 @@ from giva.federated.task import (  # noqa: E402
     trainable_state,
 )
 from giva.init import initialize  # noqa: E402
+from giva.init.accumulate import GROWTH_INTERVAL  # noqa: E402
 from tiny_models import VOCAB, text_batches, tiny_bert, tiny_llama  # noqa: E402
 
 CLIENTS = 3
@@ -534,8 +535,9 @@ class HalfCausalTask(TinyCausalTask):
 
 def test_a_clients_fp16_loss_scale_is_kept_from_setup_pass_to_pass(monkeypatch):
     """As in giva.init.initialize (test_init_precision::test_the_fp16_loss_scale_is_kept_from_pass_to_pass): a client's
-    later sketch passes, each its own message, start at the loss scale where its first pass settled, so only the
-    first pass runs a batch again after an fp16 overflow."""
+    later sketch passes, each its own message, start at the loss scale (and the count of batches without an overflow)
+    where its first pass left it, so only the first pass halves it down from 2**16; then GROWTH_INTERVAL batches in a
+    row without an overflow double it once, which costs each client one more attempt in its last pass."""
     import giva.federated.client_app as client_app
 
     forwards: list[int] = []  # the pass index of every forward
@@ -553,7 +555,12 @@ def test_a_clients_fp16_loss_scale_is_kept_from_setup_pass_to_pass(monkeypatch):
     _, grid = run_inprocess(cfg, HalfCausalTask)
     calibration = CLIENTS * cfg.num_batches
     assert forwards.count(0) > calibration  # the first pass ran batches again, at smaller scales
-    assert forwards.count(1) == forwards.count(2) == calibration  # were forwards.count(0) each: 36 here
+    # Each client's clean re-run of batch 0 and batch 1 in pass 0 and its two batches in pass 1: GROWTH_INTERVAL (4)
+    # without an overflow double its scale, at which pass 2's first batch overflows once more. Were forwards.count(0)
+    # each (36 here) with a fresh scale per pass, calibration each with a scale that never grew back.
+    assert GROWTH_INTERVAL == 4 and cfg.num_batches == 2
+    assert forwards.count(1) == calibration
+    assert forwards.count(2) == calibration + CLIENTS
     layout = bases_layout(build_model(HalfCausalTask(cfg), cfg))
     held = [messages.record_tensors(ctx.state[STATE_KEY], layout) for ctx in grid.contexts.values()]
     assert all(torch.equal(other[k], held[0][k]) and torch.isfinite(held[0][k]).all() for other in held for k in held[0])
@@ -695,6 +702,8 @@ def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
          "giva federated: --max-train-samples 64 with --clients 40 gives a client 1 training sentences, fewer than "
          "its 4 calibration batches of 16 (64); use fewer clients, more training data, or a smaller --num-batches / "
          "--batch-size"),
+        (["--clients", "40", "--max-train-samples", "30"],  # named FederatedConfig.max_train_samples, the field, before
+         "giva federated: --max-train-samples 30 leaves fewer sentences than --clients 40"),
         (["--text-column", ""], "giva federated: FederatedConfig.text_column must be a non-empty column name, got ''"),
     ],
 )
@@ -723,8 +732,11 @@ def test_max_train_samples_holds_giva_calibration_batches_only_for_giva(capsys, 
     seen.clear()
     code, err = _cli(capsys, "--method", method, "--clients", "40", "--max-train-samples", "30",
                      "--output-dir", str(tmp_path / "out"))
-    assert code == 2 and not seen and err == [
-        "giva federated: FederatedConfig.max_train_samples (30) leaves fewer sentences than clients (40)"]
+    assert code == 2 and not seen and err == [  # the option, not the dataclass field FederatedConfig.max_train_samples
+        "giva federated: --max-train-samples 30 leaves fewer sentences than --clients 40"]
+    # The library, which has no options, names the field.
+    with pytest.raises(ValueError, match=r"^FederatedConfig.max_train_samples \(30\) leaves fewer sentences than clients \(40\)$"):
+        config(clients=40, max_train_samples=30)
 
 
 def test_an_output_dir_that_is_a_file_or_read_only_is_refused_before_any_work(capsys, no_run, tmp_path):

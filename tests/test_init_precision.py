@@ -10,6 +10,9 @@ into it) or gave bases orthonormal only to ~5e-3 (bf16 randomized SVD and sketch
 
 from __future__ import annotations
 
+import sys
+from functools import partial
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -17,8 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import giva
 from giva import GivaConfig
-from giva.init import GradientInitError, accumulate, giva_layers
-from giva.init.accumulate import _Sums
+from giva.init import GradientInitError, LossScale, accumulate, compute_gradients, giva_layers
+from giva.init.accumulate import GROWTH_INTERVAL, LOSS_SCALE, _Sums
 from giva.init.session import Request, RequestItem
 from giva.init.sketch import principal_cosines
 from tiny_models import text_batches, tiny_llama
@@ -131,7 +134,8 @@ def test_an_fp16_batch_that_overflows_is_redone_at_a_smaller_scale_and_counted_o
 
 def test_the_fp16_loss_scale_is_kept_from_pass_to_pass():
     """As GradScaler keeps it: the sketch's later passes start at the scale where the first one settled, so only the
-    first pass runs batch 0 again (the exact path's one pass shows how many times)."""
+    first pass halves it down from 2**16 (the exact path's one pass shows how many times); it is doubled once after
+    GROWTH_INTERVAL batches without an overflow, which costs this model one more attempt."""
     batches = text_batches(n=2, labels="lm")
     one_pass: list = []
     three_passes: list = []
@@ -140,7 +144,11 @@ def test_the_fp16_loss_scale_is_kept_from_pass_to_pass():
                          loss_fn=_overflowing_loss(three_passes))
     retries = len(one_pass) - len(batches)
     assert retries > 0  # 9 here: 2**16 down to 2**8 overflowed
-    assert len(three_passes) == 3 * len(batches) + retries  # was 3 * (len(batches) + retries): 33 forwards
+    # Batch 0's clean re-run at 2**7 and batch 1, then pass 1's two batches: GROWTH_INTERVAL (4) in a row without an
+    # overflow double the scale to 2**8, where pass 2's batch 0 overflows once more: 16 forwards. A fresh scale per
+    # pass took 3 * (len(batches) + retries) = 33; a scale that never grew back 15.
+    assert GROWTH_INTERVAL == 4
+    assert len(three_passes) == 3 * len(batches) + retries + 1
     reference = _initialised(tiny_llama().to(torch.float16).float(), batches, mode="sketch", passes=3)
     assert _worst_cosine(found, reference, 0) > 0.99
     assert _worst_cosine(found, reference, 1) > 0.99
@@ -149,7 +157,8 @@ def test_the_fp16_loss_scale_is_kept_from_pass_to_pass():
 def test_the_dense_statistics_keep_the_fp16_loss_scale_from_batch_to_batch(monkeypatch):
     """The federated clients' dense statistics (``--init-mode dense``) take one compute_gradients call per batch; each
     call started from a fresh loss scale, so every batch halved it down from 2**16 again. One scale for all the calls,
-    as the sketch's passes share one: only the first batch runs again, as many times as in one call over all of them.
+    as the sketch's passes share one: only the first batch runs again, as many times as in one call over all of them
+    (3 batches are fewer than GROWTH_INTERVAL: the scale is not doubled again here).
     The sums of an fp32 model are those of the per-batch calls bit for bit; an fp16 model's are finite and close."""
     import giva.federated.statistics as statistics
     from giva.init import compute_gradients
@@ -173,6 +182,7 @@ def test_the_dense_statistics_keep_the_fp16_loss_scale_from_batch_to_batch(monke
                       progress=False)
     retries = len(one_call) - len(batches)
     assert retries > 0  # 9 here: 2**16 down to 2**7
+    assert len(batches) < GROWTH_INTERVAL
     assert len(forwards) == len(batches) + retries  # was len(batches) * (1 + retries): 30 forwards
     model, (fp32, _) = dense(torch.float32)
     per_batch = [compute_gradients(model, giva_layers(model), [batch], num_batches=1, progress=False,  # fresh scales
@@ -182,6 +192,101 @@ def test_the_dense_statistics_keep_the_fp16_loss_scale_from_batch_to_batch(monke
         assert torch.equal(total, sum(gradients[layer].double() * 4 for gradients in per_batch))
         assert torch.isfinite(fp16[key]).all()
         torch.testing.assert_close(fp16[key], total, rtol=0.05, atol=0.05 * total.abs().max().item())
+
+
+def _spiked_loss(spike: dict, calls: list):
+    """Batch ``spike``'s loss times 2**12 (its fp16 gradients overflow at 2**16 down to 2**8: the scale settles at
+    2**7), every other batch's times 2**-16: small gradients, as a large vocabulary and many tokens give, which fp16
+    holds to ~0.2 % at 2**16 but not at 2**7 (60 % off)."""
+    def loss_fn(model, batch):
+        calls.append(1)
+        factor = 2.0**12 if torch.equal(batch["input_ids"], spike["input_ids"]) else 2.0**-16
+        return model(**batch).loss * factor
+    return loss_fn
+
+
+def _relative_errors(found: dict, reference: dict) -> dict[str, float]:
+    assert found.keys() == reference.keys() and found
+    return {k: ((found[k].double() - reference[k].double()).norm() / reference[k].double().norm()).item() for k in found}
+
+
+# Batch 0 halves the scale 9 times (2**16 -> 2**7); its clean re-run and the next 35 batches grow it back 9 times.
+SPIKE_RECOVERY = 9 * GROWTH_INTERVAL - 1
+
+
+def test_the_fp16_loss_scale_grows_back_after_one_overflowing_batch(monkeypatch):
+    """One batch that overflows halved the scale for every later batch and pass (it was never doubled again): later
+    batches with small gradients lost them to fp16's subnormals (relative error of their sums vs fp32 0.60 here, 0.002
+    at a fresh scale). As GradScaler does, GROWTH_INTERVAL batches in a row without an overflow double it, up to its
+    start: after the overflowing batch and SPIKE_RECOVERY small ones it is back at 2**16, and the sums of the next
+    batches are fp32's to ~0.2 %. Checked through compute_gradients (one scale over several calls, as the federated
+    dense statistics take it) and giva.initialize (the scale its passes share)."""
+    batches = text_batches(n=1 + SPIKE_RECOVERY + 2, labels="lm")
+    recovering, last = batches[: 1 + SPIKE_RECOVERY], batches[1 + SPIKE_RECOVERY :]
+
+    def gradients(dtype):
+        model = get_peft_model(tiny_llama().to(torch.float16).to(dtype), GivaConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        scale = LossScale()
+        calls: list = []
+        loss_fn = _spiked_loss(batches[0], calls)
+        compute_gradients(model, giva_layers(model), recovering, len(recovering), loss_fn, progress=False, scale=scale)
+        assert scale.value == LOSS_SCALE  # 2**7 before: kept low for every later batch
+        assert len(calls) == len(recovering) + (9 if dtype == torch.float16 else 0)
+        return compute_gradients(model, giva_layers(model), last, len(last), loss_fn, progress=False, scale=scale)[0]
+
+    errors = _relative_errors(gradients(torch.float16), gradients(torch.float32))
+    assert max(errors.values()) < 0.01, errors  # 0.002 (as at a fresh scale); 0.60 on q_proj before
+
+    # giva.initialize: its passes share one scale, which ends where compute_gradients's did.
+    init = sys.modules["giva.init"]
+    scales: list[LossScale] = []
+    monkeypatch.setattr(init, "LossScale", lambda: scales.append(LossScale()) or scales[-1])
+    _initialised(tiny_llama().to(torch.float16), recovering, mode="exact", loss_fn=_spiked_loss(batches[0], []))
+    assert [s.value for s in scales] == [LOSS_SCALE]
+
+
+def test_the_dense_statistics_loss_scale_grows_back_after_one_overflowing_batch(monkeypatch):
+    """The federated clients' dense statistics (one compute_gradients call per batch, one scale for all): after a batch
+    that overflows, the scale grows back, and the sums of the batches after SPIKE_RECOVERY are fp32's to ~0.2 % (they
+    were 0.60 off: the scale stayed at 2**7)."""
+    import giva.federated.statistics as statistics
+
+    batches = text_batches(n=1 + SPIKE_RECOVERY + 2, labels="lm")
+    scales: list[LossScale] = []
+    monkeypatch.setattr(statistics, "LossScale", lambda: scales.append(LossScale()) or scales[-1])
+    monkeypatch.setattr(statistics, "compute_gradients",
+                        partial(compute_gradients, loss_fn=_spiked_loss(batches[0], [])))
+
+    def last_sums(dtype):
+        model = get_peft_model(tiny_llama().to(torch.float16).to(dtype), GivaConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        every, _ = statistics.dense_statistics(model, batches)
+        first, _ = statistics.dense_statistics(model, batches[: 1 + SPIKE_RECOVERY])  # the same scales for these
+        return {key: every[key] - first[key] for key in every}
+
+    fp16 = last_sums(torch.float16)
+    assert scales[0].value == LOSS_SCALE  # back at 2**16 after batch SPIKE_RECOVERY (2**7 before)
+    errors = _relative_errors(fp16, last_sums(torch.float32))
+    assert max(errors.values()) < 0.01, errors  # 0.002 (as at a fresh scale); 0.60 on q_proj before
+
+
+def test_a_model_that_overflows_at_twice_its_settled_scale_pays_one_attempt_per_growth_interval():
+    """GradScaler's trade-off: the scale doubles after GROWTH_INTERVAL clean batches, even where the model overflows
+    there again: one extra attempt per GROWTH_INTERVAL batches, never more; and never above its start value."""
+    scale = LossScale()
+    attempts = 0
+    for _ in range(1 + 4 * GROWTH_INTERVAL):
+        while True:  # as run_pass does with the agreed flag: overflows above 2**7
+            attempts += 1
+            overflowed = scale.value > 2**7
+            scale.update(overflowed)
+            if not overflowed:
+                break
+    assert attempts == (1 + 4 * GROWTH_INTERVAL) + 9 + 4  # the batches, batch 0's 9 halvings, one per interval
+    assert scale.value == 2**7
+    scale = LossScale(value=2.0**15, limit=2.0**15)
+    for _ in range(2 * GROWTH_INTERVAL):
+        scale.update(False)
+    assert (scale.value, scale.clean) == (2.0**15, 0)  # capped at its start
 
 
 class _AmplifiedGradient(torch.autograd.Function):

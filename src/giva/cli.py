@@ -257,6 +257,9 @@ def _federated(args: argparse.Namespace) -> int:
 
     methods = ("giva", "lora", "vera") if args.method == "all" else (args.method,)
     try:  # every option is checked before Flower, the model or the data load
+        if args.max_train_samples is not None and args.max_train_samples < args.clients:  # named by option, not field
+            raise ValueError(f"--max-train-samples {args.max_train_samples} leaves fewer sentences than --clients "
+                             f"{args.clients}")
         config = FederatedConfig(
             clients=args.clients, rounds=args.rounds, split=args.split, method="giva" if args.method == "all" else args.method,
             local_steps=args.local_steps, seed=args.seed, lr=args.lr, init_mode=args.init_mode, model=args.model,

@@ -52,8 +52,9 @@ from .task import (
 logger = logging.getLogger(__name__)
 
 STATE_KEY = "giva-setup"  # the node's context.state record holding what the setup round delivered
-# context.state: the fp16 loss scale where the client's last sketch pass left it. The passes of one setup share it,
-# as giva.init.initialize's do: only the first pass runs a batch again after an overflow.
+# context.state: the fp16 loss scale where the client's last sketch pass left it (its value, limit and count of clean
+# batches). The passes of one setup share it, as giva.init.initialize's do: a later pass starts where the one before
+# settled instead of halving it down from the start again.
 SCALE_KEY = "giva-loss-scale"
 
 TaskFactory = Callable[[FederatedConfig], Task]
@@ -142,9 +143,10 @@ def make_client_app(
             work = client_request(session, pass_index, kind, matrices)
             scale = LossScale()
             if pass_index > 0 and SCALE_KEY in context.state:  # pass 0 starts a new setup
-                scale.value = float(context.state[SCALE_KEY]["value"])
+                kept = context.state[SCALE_KEY]
+                scale = LossScale(float(kept["value"]), float(kept["limit"]), int(kept["clean"]))
             partial: Partial = accumulate(model, batches, work, scale=scale)
-            context.state[SCALE_KEY] = ConfigRecord({"value": scale.value})
+            context.state[SCALE_KEY] = ConfigRecord({"value": scale.value, "limit": scale.limit, "clean": scale.clean})
             # Packed in the order the server unpacks, in the run's transport dtype.
             sums = {key: partial.sums[key].to(dtype) for key in session.targets}
             metrics = {"num-examples": examples, "batches": partial.batches, "tokens": partial.tokens}

@@ -12,9 +12,11 @@ union of the shards:
   full (``batch_size`` examples), so weighting by batches is weighting by examples.
 * ``dense``: per block ``S_c = sum_b n_b G_b`` (``out x in``, float64), with ``G_b`` the gradient of
   batch ``b``'s mean loss and ``n_b`` its examples; the server takes ``G = sum_c S_c / sum_c n_c`` and
-  its SVD. Float64 sums of a handful of float32 gradients are exact, so the bases are the
-  one-process ones bit for bit whatever order the clients' sums arrive in (the float32 sums of
-  ``giva.init``'s exact mode would differ in the last bits).
+  its SVD. Float64 sums of a handful of float32 gradients are exact, so the bases of a float32 or
+  bfloat16 model are the one-process ones bit for bit whatever order the clients' sums arrive in (the
+  float32 sums of ``giva.init``'s exact mode would differ in the last bits). An fp16 model's ``G_b``
+  depends on the loss scale its client's earlier batches left (:class:`giva.init.LossScale`): once a
+  batch overflows, they are equal to fp16 rounding only.
 
 ``B`` is seeded (variants ``Vr`` / ``VrUrand``), so only ``A`` goes back to the clients.
 """
@@ -105,9 +107,9 @@ def _batch_size(batch: Any) -> int:
 def dense_statistics(peft_model: nn.Module, batches: Iterable[Any]) -> tuple[dict[str, torch.Tensor], int]:
     """One client's ``sum_b n_b G_b`` per block (``out x in``, float64) and its example count ``sum_b n_b``.
 
-    Each ``G_b`` is taken at the pretrained model (adapters disabled), one batch at a time, all at one fp16 loss scale
-    (:class:`giva.init.LossScale`): a later batch starts where the earlier ones settled, as the sketch's passes do,
-    instead of halving it down from the start again.
+    Each ``G_b`` is taken at the pretrained model (adapters disabled), one batch at a time, all with one fp16 loss scale
+    (:class:`giva.init.LossScale`): a later batch starts where the earlier ones left it (halved on an overflow, grown
+    back after ``GROWTH_INTERVAL`` clean batches), as the sketch's passes do, instead of at the start again.
     """
     specs = block_specs(peft_model)
     layers: dict[str, GivaLayer] = {s.layer_name: giva_layers(peft_model)[s.layer_name] for s in specs.values()}

@@ -310,7 +310,7 @@ def initialize(
     session = InitSession(targets, report.mode, passes, oversampling, statistic)
     report.passes = session.passes
     sources = _batches(dataloader, num_batches, keep=session.passes > 1)
-    scale = LossScale()  # fp16: the scale the first pass settles on is where the next pass starts
+    scale = LossScale()  # fp16: where one pass leaves the scale (and its count of clean batches) the next starts
     with zero3_trace_reset(peft_model):  # training must not prefetch by the calibration's parameter order
         while not session.done:
             start = time.perf_counter()
@@ -463,8 +463,8 @@ def compute_gradients(
 
     The dense gradients themselves (for tests and baselines such as LoRA-GA); adapters are disabled. ``scale``: the
     fp16 loss scale to start from, left where this call ended it; a caller that runs batch by batch (the federated
-    dense statistics) gives every call the same one, as :func:`accumulate` takes it, so that only its first batch
-    runs again after an overflow. Default: a fresh one.
+    dense statistics) gives every call the same one, as :func:`accumulate` takes it, so that its halvings and
+    growth carry from call to call as within one call. Default: a fresh one.
     """
     check_num_batches(num_batches, allow_all=True)
     num_batches = _calibration_count(Collective(), num_batches, dataloader)

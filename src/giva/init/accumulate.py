@@ -21,19 +21,51 @@ from .session import GradientInitError, Partial, Request, RequestItem
 # dL/dlogits = (p - y) / T is ~1e-8, below fp16's smallest subnormal (6e-8), and rounded to zero unscaled (the
 # smallest principal cosine to fp32's bases was 0.46 on a 32k-vocabulary Llama at 2048 tokens). The backward
 # starts from LOSS_SCALE instead of 1; a batch whose fp16 gradients overflow is run again at half the scale, down
-# to 1 (an unscaled backward), after which a non-finite gradient is the usual error. bf16 holds fp32's range and
-# fp32 needs nothing: both run unscaled, as before.
+# to 1 (an unscaled backward), after which a non-finite gradient is the usual error; after GROWTH_INTERVAL batches
+# in a row without an overflow the scale doubles again, up to where it started. bf16 holds fp32's range and fp32
+# needs nothing: both run unscaled, as before.
 LOSS_SCALE = 2.0**16
 FP16_LOSS_SCALE = 2.0**15  # a backward seeded at an fp16 loss: 2**16 is beyond fp16's largest finite number
+# GROWTH_INTERVAL trades forwards for precision. GradScaler's 2000 suits training, where an overflow skips an
+# optimizer step; here it costs one more forward and backward of the batch, while a scale left low costs every later
+# batch its small gradients (scaled below fp16's subnormals: their sums 60 % off fp32's on a tiny Llama whose scale
+# stayed 2**9 too low, tests/test_init_precision.py). A model that overflows at twice its settled scale pays one
+# extra attempt per GROWTH_INTERVAL batches (at most 25 % more at 4; a tiny fp16 Llama whose loss x 2**12 settles
+# at 2**7 ran 86 forwards for 64 batches, 74 without growth, 79 at 8, 103 at 2); a scale halved k times by one
+# batch is back after k * GROWTH_INTERVAL batches (36 for 2**16 -> 2**7; 72 at 8, more than most calibrations run).
+GROWTH_INTERVAL = 4
 
 
 @dataclass
 class LossScale:
-    """The fp16 loss scale, kept from batch to batch and from pass to pass, as GradScaler keeps it: only the first
-    batch of the first pass runs again until its gradients are finite, the later ones start where it ended. Every
-    rank starts at the same value and halves it in step (they agree on any rank's overflow), so it stays equal."""
+    """The fp16 loss scale, kept from batch to batch and from pass to pass, as GradScaler keeps it.
+
+    A batch whose fp16 gradients overflow (on any rank) runs again at half the scale, down to 1; after
+    ``GROWTH_INTERVAL`` batches in a row that ran without an overflow on any rank (:attr:`clean` counts them, a
+    batch's clean re-run included) the scale doubles, up to :attr:`limit`, its start value; an overflow resets the
+    count. Every rank starts at the same value and updates it from the same all-reduced overflow flag, so value and
+    count stay equal on every rank. bf16 and fp32 backwards are not scaled and never overflow it.
+    """
 
     value: float = LOSS_SCALE
+    limit: float = LOSS_SCALE  # the largest value growth returns to: LOSS_SCALE, or FP16_LOSS_SCALE for an fp16 loss
+    clean: int = 0  # batches in a row since the last overflow
+
+    def cap(self, limit: float) -> None:
+        """Lower the start value (and the value) to at most ``limit``, for good."""
+        self.limit = min(self.limit, limit)
+        self.value = min(self.value, self.limit)
+
+    def update(self, overflowed: bool) -> None:
+        """After an attempt at a batch, from the overflow flag every rank agreed on."""
+        if overflowed:
+            self.value = max(self.value / 2, 1.0)
+            self.clean = 0
+            return
+        self.clean += 1
+        if self.clean >= GROWTH_INTERVAL:
+            self.value = min(self.value * 2, self.limit)
+            self.clean = 0
 
 
 class _Sums:
@@ -204,7 +236,7 @@ def run_pass(
                 comm.agree(error)
                 sums.fp16 = capture.fp16_outputs()
                 if sums.fp16 and loss.dtype == torch.float16:
-                    scale.value = min(scale.value, FP16_LOSS_SCALE)
+                    scale.cap(FP16_LOSS_SCALE)
                 sums.scale = scale.value if sums.fp16 else 1.0
                 again = False
                 try:
@@ -216,9 +248,11 @@ def run_pass(
                 except Exception as exc:  # noqa: BLE001
                     error = exc
                 del loss
-                if not comm.agree(error, again):
+                # Every rank updates the scale from the agreed flag: value and count stay equal on all of them.
+                again = comm.agree(error, again)
+                scale.update(overflowed=again)  # kept for the later batches and passes
+                if not again:
                     break
-                scale.value = max(scale.value / 2, 1.0)  # kept for the later batches and passes
                 sums.attempt += 1
             losses.append(value)
             bar.update()
@@ -241,8 +275,8 @@ def accumulate(
     them, with the batch and token counts; partials of several processes add up (``a + b``).
     Flags and modes of the model are restored. ``request`` comes from :meth:`InitSession.next_request`.
     ``scale``: the fp16 loss scale to start from, left where the pass ended it; give every pass of a session the
-    same one, as :func:`giva.init.initialize` does, so that only the first pass runs a batch again after an
-    overflow. Default: a fresh one (``LOSS_SCALE``).
+    same one, as :func:`giva.init.initialize` does, so that a later pass starts where the one before left it instead
+    of halving it down from ``LOSS_SCALE`` again. Default: a fresh one (``LOSS_SCALE``).
     """
     if num_batches is not None:
         check_num_batches(num_batches)
