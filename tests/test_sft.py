@@ -108,6 +108,7 @@ def test_sft_trains_reports_and_saves_an_adapter_that_reloads_bit_identically(ch
     assert result.trainable_parameters > 0 and result.adapter_bytes > 0
     saved = json.loads((out / "sft_result.json").read_text())
     assert saved["val_loss_after"] == result.val_loss_after and saved["options"]["r"] == 2
+    assert saved["lora_dir"] == result.lora_dir == str(tmp_path / "lora") and saved["adapter_bytes"] > 0
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
     reloaded, _ = load_sft_adapter(str(out))
@@ -442,6 +443,33 @@ def test_bad_paths_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp
         assert message in one_error_line(capsys), argv
     assert (tmp_path / "other" / "notes.txt").read_text() == "keep me"
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()) == {"peft_type": "GIVA"}
+
+
+def test_an_export_folder_that_holds_or_lies_in_the_output_folder_is_refused_before_the_model_loads(
+        chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
+    """--output-dir L/out --export-lora L trained, saved the adapter into L/out, then failed to export into the
+    non-empty L, leaving an sft_result.json that named L as the LoRA export."""
+    for out, lora in ((tmp_path / "L" / "out", tmp_path / "L"), (tmp_path / "M", tmp_path / "M" / "lora")):
+        assert main(cli(chat_model, pc_jsonl, out, "--export-lora", str(lora))) == 2
+        assert (f"--export-lora {str(lora)!r} and --output-dir {str(out)!r} are the same folder or one holds the other; "
+                "the LoRA export needs its own folder") in one_error_line(capsys)
+        assert not lora.exists() and not out.exists()
+
+
+def test_a_failed_lora_export_keeps_the_adapter_and_names_no_export(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """sft_result.json named --export-lora as written before the export ran; the adapter is saved first and the
+    result names the export only once it is written."""
+    import giva.export
+
+    def fails(model, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(giva.export, "export_lora", fails)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        train_sft(options(chat_model, pc_jsonl, out, max_steps=1, export_lora=str(tmp_path / "lora")))
+    assert json.loads((out / "sft_result.json").read_text())["lora_dir"] is None
+    assert (out / "adapter_config.json").exists() and not (tmp_path / "lora").exists()
 
 
 def test_export_lora_keeps_what_the_folder_holds(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):

@@ -120,8 +120,9 @@ class SFTOptions:
             raise ValueError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
         if isinstance(self.target_modules, list) and (not self.target_modules or not all(self.target_modules)):
             raise ValueError(f"SFTOptions.target_modules has an empty module name: {self.target_modules!r}")
-        if self.export_lora is not None and _same_path(self.export_lora, self.output_dir):
-            raise ValueError(f"--export-lora {self.export_lora!r} is the --output-dir; the LoRA export needs its own folder")
+        if self.export_lora is not None and _overlap(self.export_lora, self.output_dir):
+            raise ValueError(f"--export-lora {self.export_lora!r} and --output-dir {self.output_dir!r} are the same folder "
+                             "or one holds the other; the LoRA export needs its own folder")
         if self.checkpoint_dir is not None and self.save_steps is None and not self.resume:
             raise ValueError(f"--checkpoint-dir {self.checkpoint_dir!r} is used with --save-steps N or --resume; "
                              "give one of them, or drop --checkpoint-dir")
@@ -151,10 +152,6 @@ class SFTOptions:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size {micro}{over}; "
                              f"give a --micro-batch-size that divides {per_process}")
         return micro, per_process // micro
-
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -802,7 +799,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         val_loss_before=loss_before, val_loss_after=loss_after, exact_match_before=em_before, exact_match_after=em_after,
         train_loss=train_loss, trainable_parameters=trainable, total_parameters=total, adapter_bytes=0,
         init_seconds=callback.report.total_seconds if callback.report else 0.0,
-        train_seconds=train_seconds, output_dir=options.output_dir, lora_dir=options.export_lora,
+        train_seconds=train_seconds, output_dir=options.output_dir, lora_dir=None,  # set once the export is written
         options=asdict(options), versions=_versions(), processes=trainer.args.world_size,
         resumed_from=resume_from,
     )
@@ -815,12 +812,17 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
 
     def write_all() -> None:
         save_atomically(options.output_dir, write)  # an earlier run's chat template goes
-        if options.export_lora is not None:
+        if options.export_lora is not None:  # the adapter first: a failed export loses no training
+            from .checkpoint import atomic_file
             from .export import export_lora
 
             export_lora(peft_model, options.export_lora)
+            result.lora_dir = options.export_lora
+            with atomic_file(Path(options.output_dir).expanduser() / RESULT_FILE) as tmp:
+                tmp.write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
 
     on_main_process(trainer, write_all)
+    result.lora_dir = options.export_lora  # every process: on_main_process raised on all of them if the export failed
     return result, peft_model, tokenizer
 
 
