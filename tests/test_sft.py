@@ -46,7 +46,9 @@ def tiny_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-chat")
-    tiny_llama(**QUANTISABLE).save_pretrained(folder)  # also loaded in 4-bit
+    model = tiny_llama(**QUANTISABLE)  # also loaded in 4-bit
+    model.config.max_position_embeddings = 256  # rotary positions: the default --max-length 256 fits
+    model.save_pretrained(folder)
     tiny_tokenizer(chat=True).save_pretrained(folder)
     return folder
 
@@ -54,7 +56,9 @@ def chat_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plain_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-plain")
-    tiny_llama().save_pretrained(folder)
+    model = tiny_llama()
+    model.config.max_position_embeddings = 256
+    model.save_pretrained(folder)
     tiny_tokenizer(chat=False).save_pretrained(folder)
     return folder
 
@@ -527,6 +531,25 @@ def test_giva_vectors_on_a_4bit_base_stay_fp32_and_lambda_s_moves_at_a_qlora_lea
 def test_a_max_length_that_cuts_off_every_completion_is_refused(chat_model, pc_jsonl, tmp_path, capsys):
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--max-length", "8")) == 2
     assert "--max-length 8 cuts off the whole completion of 8 of the 8 validation rows; raise --max-length" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_before_the_model_loads(tmp_path, capsys, no_model_loading):
+    """GPT-2 learns its 64 positions: a row TRL cut at --max-length 128 failed in training with an IndexError after
+    the model loaded. giva finetune checked this; giva sft did not."""
+    from tiny_models import tiny_gpt2
+
+    folder = tmp_path / "gpt2"
+    tiny_gpt2().save_pretrained(folder)
+    tiny_tokenizer(chat=False).save_pretrained(folder)
+    positions = tiny_gpt2().config.n_positions
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "the film is " + "good " * 100 + "?", "completion": " positive"}) + "\n"
+                            for _ in range(20)))
+    capsys.readouterr()  # the save's progress bar
+    assert main(cli(folder, data, tmp_path / "out", "--max-length", str(2 * positions))) == 2
+    assert (f"max_length={2 * positions} tokens exceeds the {positions} positions the model in {folder} takes (its "
+            f"config.json / tokenizer); set --max-length {positions} or less") in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 

@@ -419,7 +419,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import resolve_model
-    from .finetune import model_skeleton
+    from .finetune import check_max_length, model_skeleton
     from .model import check_options_match_the_model
 
     check_packages()
@@ -432,6 +432,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     # no name matches, and only once the weights have loaded)
     check_options_match_the_model(giva_config_of(options), model_skeleton(path, AutoModelForCausalLM))
     tokenizer = AutoTokenizer.from_pretrained(path)
+    check_max_length(options.max_length, path, tokenizer)  # beyond GPT-2's learned positions: an IndexError in training
     chat = getattr(tokenizer, "chat_template", None) is not None
     data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat)
     check_num_batches(options, len(data.train), launch()[1])
