@@ -285,6 +285,11 @@ def one_error_line(capsys) -> str:
         ("--target-modules", "query,,value", "--target-modules has an empty name"),
         ("--target-modules", "qeury,value", r"GivaConfig.target_modules names module\(s\) \['qeury'\] that match no module "
                                             r"of this model .*; its linear layers are named classifier, dense, key, query, value$"),
+        ("--target-modules", "query,pooler", r"GivaConfig.target_modules matches 'bert.pooler', a transformers.models.bert."
+                                             r"modeling_bert.BertPooler, which GiVA cannot adapt: it adapts linear layers "
+                                             r".*; this model's linear layers are named classifier, dense, key, query, value$"),
+        ("--target-modules", "word_embeddings", r"matches 'bert.embeddings.word_embeddings', a torch.nn.modules.sparse."
+                                                r"Embedding, which GiVA cannot adapt"),
         ("--num-batches", "9", "num_batches=9 calibration batches, but the 32 training rows make only 4 batch"),
         ("--test-size", "40", r"test_size \(40 rows\) \+ val_size \(4 rows\) leave no training rows out of the 40"),
         ("--text-column", "sentence", r"reviews.csv: no column 'sentence'; the columns are \['label', 'text'\]"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import re
@@ -59,6 +60,17 @@ def plain_model(tmp_path_factory):
     model = tiny_llama()
     model.config.max_position_embeddings = 256
     model.save_pretrained(folder)
+    tiny_tokenizer(chat=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_model(tmp_path_factory):
+    """A tiny GPT-2 (Conv1D layers, 64 learned positions) with the plain tokenizer."""
+    from tiny_models import tiny_gpt2
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_gpt2().save_pretrained(folder)
     tiny_tokenizer(chat=False).save_pretrained(folder)
     return folder
 
@@ -313,7 +325,17 @@ def one_error_line(capsys) -> str:
         (["--load-in-4bit", "--load-in-8bit"], "argument --load-in-8bit: not allowed with argument --load-in-4bit"),
         (["--fp16"], "--fp16 needs a GPU"),
         (["--target-modules", "q_proj,,v_proj"], "--target-modules has an empty name"),
-        (["--target-modules", "q_proj,v_projj"], "target_modules names module(s) ['v_projj'] that match no module"),
+        (["--target-modules", "q_proj,v_projj"], "target_modules names module(s) ['v_projj'] that match no module of this "
+         "model (a name matches a module's name or a dotted suffix of it); its linear layers are named down_proj, "
+         "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),  # not lm_head, which TRL refuses
+        (["--target-modules", "q_proj,embed_tokens"], "target_modules matches 'model.embed_tokens', a "
+         "torch.nn.modules.sparse.Embedding, which GiVA cannot adapt: it adapts linear layers (torch.nn.Linear, "
+         "transformers Conv1D and quantised linear layers); this model's linear layers are named down_proj, gate_proj, "
+         "k_proj, o_proj, q_proj, up_proj, v_proj"),
+        (["--target-modules", "q_proj,lm_head"], "target_modules matches 'lm_head', the LM head, which TRL's SFTTrainer "
+         "does not adapt: it computes the log-probabilities from the head's weight directly, so an adapter there would "
+         "never be trained; leave it out (the other linear layers are named down_proj, gate_proj, k_proj, o_proj, "
+         "q_proj, up_proj, v_proj)"),
         (["--val-size", "40"], "--val-size 40 gives 40 validation rows of the 40 rows"),
         (["--micro-batch-size", "3"], "--batch-size 4 is not a multiple of --micro-batch-size 3; give a --micro-batch-size"),
         (["--micro-batch-size", "0"], "argument --micro-batch-size: must be >= 1"),
@@ -326,6 +348,26 @@ def test_bad_options_get_one_line_before_the_model_loads(chat_model, pc_jsonl, t
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", *extra)) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_target_check_before_loading_accepts_conv1d_and_layers_that_load_quantised(gpt2_model, chat_model,
+                                                                                         pc_jsonl, tmp_path):
+    """The module-type check runs on the weightless skeleton, where a layer that loads quantised is an nn.Linear; on
+    a model already quantised it asks PEFT's backends, as get_peft_model does."""
+    from giva import GivaConfig
+    from giva.model import check_targets_before_loading
+
+    preflight(options(gpt2_model, pc_jsonl, tmp_path / "out", target_modules=["c_attn", "c_fc"], max_length=64))
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        preflight(options(chat_model, pc_jsonl, tmp_path / "out", target_modules=["q_proj", "v_proj"], load_in_4bit=True))
+    if importlib.util.find_spec("hqq") is not None:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        model = tiny_llama(**QUANTISABLE)
+        attention = model.model.layers[0].self_attn
+        attention.q_proj = HQQLinear(attention.q_proj, BaseQuantizeConfig(nbits=4, group_size=32), compute_dtype=torch.float32,
+                                     device="cpu")
+        check_targets_before_loading(GivaConfig(r=2, target_modules=["q_proj"]), model)
 
 
 def test_devices_and_quantisation_that_are_not_there(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, monkeypatch):
@@ -534,19 +576,14 @@ def test_a_max_length_that_cuts_off_every_completion_is_refused(chat_model, pc_j
     assert not (tmp_path / "out").exists()
 
 
-def test_a_max_length_beyond_the_models_positions_is_refused_before_the_model_loads(tmp_path, capsys, no_model_loading):
+def test_a_max_length_beyond_the_models_positions_is_refused_before_the_model_loads(gpt2_model, tmp_path, capsys,
+                                                                                     no_model_loading):
     """GPT-2 learns its 64 positions: a row TRL cut at --max-length 128 failed in training with an IndexError after
     the model loaded. giva finetune checked this; giva sft did not."""
-    from tiny_models import tiny_gpt2
-
-    folder = tmp_path / "gpt2"
-    tiny_gpt2().save_pretrained(folder)
-    tiny_tokenizer(chat=False).save_pretrained(folder)
-    positions = tiny_gpt2().config.n_positions
+    folder, positions = gpt2_model, 64
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps({"prompt": "the film is " + "good " * 100 + "?", "completion": " positive"}) + "\n"
                             for _ in range(20)))
-    capsys.readouterr()  # the save's progress bar
     assert main(cli(folder, data, tmp_path / "out", "--max-length", str(2 * positions))) == 2
     assert (f"max_length={2 * positions} tokens exceeds the {positions} positions the model in {folder} takes (its "
             f"config.json / tokenizer); set --max-length {positions} or less") in one_error_line(capsys)

@@ -35,6 +35,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 INIT_MODES = ("auto", "sketch", "exact")
 RESULT_FILE = "sft_result.json"
 OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: the flags and rows --resume checks the new ones against
+# SFTTrainer refuses an adapter on the output layer (after the model has loaded): why, for the check before that
+TRL_LM_HEAD = ("the LM head, which TRL's SFTTrainer does not adapt: it computes the log-probabilities from the head's "
+               "weight directly, so an adapter there would never be trained")
 MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no larger seed
 # Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device and the split of
 # a batch into micro-batches (same rows per optimizer step). Every other flag changes what is trained.
@@ -420,7 +423,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
 
     from .assets import resolve_model
     from .finetune import check_max_length, model_skeleton
-    from .model import check_options_match_the_model
+    from .model import check_targets_before_loading
 
     check_packages()
     options.batch_layout(launch()[1])
@@ -428,9 +431,12 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     check_quantization(options)
     check_output_dirs(options)
     path = resolve_model(options.model)
-    # --target-modules against the model's module names, on a weightless skeleton (PEFT alone refuses only when
-    # no name matches, and only once the weights have loaded)
-    check_options_match_the_model(giva_config_of(options), model_skeleton(path, AutoModelForCausalLM))
+    # --target-modules against the model's module names and types, on a weightless skeleton (PEFT alone refuses only
+    # when no name matches, and only once the weights have loaded)
+    skeleton = model_skeleton(path, AutoModelForCausalLM)
+    head = skeleton.get_output_embeddings()
+    check_targets_before_loading(giva_config_of(options), skeleton,
+                                 {key: TRL_LM_HEAD for key, module in skeleton.named_modules() if module is head})
     tokenizer = AutoTokenizer.from_pretrained(path)
     check_max_length(options.max_length, path, tokenizer)  # beyond GPT-2's learned positions: an IndexError in training
     chat = getattr(tokenizer, "chat_template", None) is not None
