@@ -255,6 +255,30 @@ def test_the_cli_prints_the_summary_and_json(chat_model, messages_jsonl, tmp_pat
     assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--overwrite")) == 0  # replaces its own adapter
 
 
+def test_a_diverging_run_stops_and_saves_nothing(chat_model, pc_jsonl, tmp_path, capsys):
+    """--lr 1e30: the Trainer logged each NaN loss as the mean of the earlier ones (logging_nan_inf_filter), so the
+    run exited 0 with a finite mean training loss and saved NaN vectors. It stops as giva finetune does, and the
+    checkpoints written before hold finite vectors."""
+    out = tmp_path / "out"
+    assert main(cli(chat_model, pc_jsonl, out, "--lr", "1e30", "--save-steps", "1", "--export-lora", str(tmp_path / "lora"))) == 2
+    assert re.fullmatch(r"giva sft: error: the training loss is (nan|inf) at step \d+; nothing was saved\. Try a smaller "
+                        r"learning rate \(--lr 1e\+30\)", one_error_line(capsys))
+    assert not out.exists() and not (tmp_path / "lora").exists()
+    for checkpoint in (tmp_path / "out-checkpoints").glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in adapter_tensors(checkpoint).values()), checkpoint.name
+
+
+def test_the_json_output_writes_a_non_finite_number_as_null(chat_model, pc_jsonl, tmp_path, capsys, monkeypatch):
+    """A non-finite number in the result (a validation loss that overflowed) is null: json.dumps wrote NaN."""
+    result = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", max_steps=1))[0]
+    monkeypatch.setattr(giva.sft, "run_sft", lambda options: replace(result, val_loss_after=float("nan"),
+                                                                      train_loss=float("inf")))
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out2", "--json")) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out[out.index("{"):], parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert record["val_loss_after"] is None and record["train_loss"] is None and record["steps"] == 1
+
+
 def test_overwrite_drops_an_earlier_runs_tokenizer_files(chat_model, plain_model, pc_jsonl, tmp_path):
     """--overwrite with a model whose tokenizer has no chat template: the earlier run's chat_template.jinja goes with
     the rest of its adapter (the reloaded tokenizer would format prompts as this adapter was never trained)."""

@@ -112,6 +112,21 @@ def _target_modules(value: str, command: str) -> str | list[str]:
     return targets
 
 
+def _json(record: dict) -> str:
+    """``record`` as JSON with every non-finite number as null: ``json.dumps`` writes NaN, which is not JSON."""
+
+    def finite(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(record), indent=2, allow_nan=False)
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from .config import GivaConfig
     from .finetune import TrainConfig, finetune
@@ -154,7 +169,7 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     if args.json:
-        print(json.dumps(asdict(result), indent=2))
+        print(_json(asdict(result)))
     return 0
 
 
@@ -181,7 +196,7 @@ def _sft(args: argparse.Namespace) -> int:
     if launch()[0] == 0:  # under torchrun the first process speaks for the launch
         print(result.summary())
         if args.json:
-            print(json.dumps(asdict(result), indent=2))
+            print(_json(asdict(result)))
     return 0
 
 

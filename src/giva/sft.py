@@ -549,6 +549,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
         save_total_limit=2,  # the newest, and the one before it in case the newest was cut off mid-write
         eval_strategy="no",
         report_to="none",
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (not the mean of the earlier ones): see _divergence
         disable_tqdm=not options.progress,
         dataset_num_proc=None,
     )
@@ -693,6 +694,7 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     )
     trainer.remove_callback(PrinterCallback)  # without a progress bar it prints every log dict to stdout
     trainer.add_callback(_save_cadence())
+    trainer.add_callback(_divergence(options))
     return trainer
 
 
@@ -706,6 +708,40 @@ def _save_cadence() -> Any:
             state.save_steps = args.save_steps
 
     return SaveCadence()
+
+
+def _divergence(options: SFTOptions) -> Any:
+    """A callback: a non-finite logged training loss stops the run with giva finetune's :class:`TrainingDiverged`,
+    so nothing is saved (the Trainer itself logs on and saves NaN vectors). The steps that end training or write a
+    checkpoint are logged too, so every step is in a log before a checkpoint or the adapter is written; the logged
+    loss is gathered over the processes of a launch, so all of them stop together."""
+    from transformers import TrainerCallback
+
+    from .finetune import TrainingDiverged
+
+    class StopOnDivergence(TrainerCallback):
+        logged = 0  # the last step logged
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.logged = state.global_step  # a resumed run starts there
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if control.should_save or control.should_training_stop:
+                control.should_log = True
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict[str, Any]] = None,
+                   **kwargs: Any) -> None:
+            loss = (logs or {}).get("loss")
+            if loss is None:
+                return
+            if not math.isfinite(loss):
+                first, step = self.logged + 1, state.global_step
+                steps = f"step {step}" if first == step else f"steps {first}..{step}"
+                raise TrainingDiverged(f"the training loss is {loss} at {steps}; nothing was saved. Try a smaller "
+                                       f"learning rate (--lr {options.lr:g})")
+            self.logged = state.global_step
+
+    return StopOnDivergence()
 
 
 def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
