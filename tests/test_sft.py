@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import warnings
 from dataclasses import replace
@@ -247,11 +249,16 @@ def test_exact_match_scores_a_model_that_writes_its_trained_completion(chat_mode
 
 
 def test_the_cli_prints_the_summary_and_json(chat_model, messages_jsonl, tmp_path, capsys):
-    assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--json")) == 0
-    out = capsys.readouterr().out
-    record = json.loads(out[out.index("{"):])
-    assert "validation loss" in out and "exact match" in out
+    """With --json stdout is the one JSON document: the summary and the Trainer's log dicts (progress on, they were
+    printed to stdout) go to stderr."""
+    argv = [a for a in cli(chat_model, messages_jsonl, tmp_path / "out", "--json") if a != "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert "validation loss" in captured.err and "exact match" in captured.err and "'loss':" in captured.err
     assert record["steps"] == 4 and record["data"] == str(messages_jsonl)
+    assert main(cli(chat_model, messages_jsonl, tmp_path / "out2")) == 0
+    assert "validation loss" in capsys.readouterr().out  # without --json the summary is the output
     assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--overwrite")) == 0  # replaces its own adapter
 
 
@@ -277,6 +284,17 @@ def test_the_json_output_writes_a_non_finite_number_as_null(chat_model, pc_jsonl
     out = capsys.readouterr().out
     record = json.loads(out[out.index("{"):], parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
     assert record["val_loss_after"] is None and record["train_loss"] is None and record["steps"] == 1
+
+
+def test_json_is_all_a_fresh_process_prints_on_stdout(chat_model, pc_jsonl, tmp_path):
+    """In a fresh process accelerate imports DeepSpeed during the run, whose logger wrote "Setting accelerator to
+    CPU" to stdout, before the JSON."""
+    src = str(Path(giva.sft.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    argv = cli(chat_model, pc_jsonl, tmp_path / "out", "--json", "--max-steps", "1")
+    done = subprocess.run([sys.executable, "-m", "giva.cli", *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 1, done.stdout
 
 
 def test_overwrite_drops_an_earlier_runs_tokenizer_files(chat_model, plain_model, pc_jsonl, tmp_path):
