@@ -455,6 +455,8 @@ def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_pat
         ('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "a"}, '
          '{"role": "assistant", "content": "b"}]}\n', "bad.jsonl:2: a chat row after plain-text rows"),
         ("", "bad.jsonl: no rows found"),
+        ('{"prompt": "a", "completion": "b"}\n["a", "b"]\n',  # was finetune's "with the text and label columns"
+         "bad.jsonl:2: expected a JSON object with 'prompt' and 'completion', or 'messages', got list"),
     ],
 )
 def test_bad_data_gets_one_line_naming_file_and_line(chat_model, tmp_path, capsys, no_model_loading, content, message):
