@@ -441,6 +441,14 @@ def test_bench_help_lists_the_suites(capsys):
     assert suites and f"one of: {', '.join([*suites, *CODE_SUITES])}" in help_text
 
 
+def test_sft_help_says_what_overwrite_replaces(capsys):
+    """--overwrite also replaces an earlier LoRA export in --export-lora (docs/sft.md); the help named --output-dir only."""
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--overwrite replace an adapter already in --output-dir and an earlier LoRA export in --export-lora" in help_text
+
+
 def test_a_folder_named_like_a_hub_id_is_recorded_as_the_hub_id(model_dir, tmp_path, monkeypatch):
     """`huggingface-cli download org/name --local-dir org/name` leaves a folder named like the id: the adapter should
     record the portable id, not this machine's absolute path; a plainly local name is made absolute."""

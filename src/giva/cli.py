@@ -417,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "forward and backward on a large set)")
     sf.add_argument("--seed", type=_sft_seed, default=0, help="training order, validation split and the seeded bases")
     sf.add_argument("--output-dir", default="outputs/giva-sft", help="adapter, tokenizer and sft_result.json")
-    sf.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output-dir")
+    sf.add_argument("--overwrite", action="store_true",
+                    help="replace an adapter already in --output-dir and an earlier LoRA export in --export-lora")
     sf.add_argument("--export-lora", default=None, metavar="DIR", help="also write the adapter as a stock PEFT LoRA in DIR")
     sf.add_argument("--save-steps", type=_positive_int, default=None, metavar="N",
                     help="write a resumable checkpoint (adapter, optimizer, schedule, RNG) every N optimizer steps")
