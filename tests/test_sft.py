@@ -927,10 +927,10 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
                                                                         *flags, "--json")).json()
     assert [r["code"] for r in records] == [0, 0] and [r["group_left_open"] for r in records] == [False, False]
     assert [len(r["saves"]) for r in records] == [1, 0]
-    assert "adapter " not in records[1]["stdout"] and "{" not in records[1]["stdout"]  # (DeepSpeed logs to stdout)
-    printed = records[0]["stdout"]
-    assert printed.count("\nadapter ") == 1 and "4 (mean training loss" in printed and ", 2 processes" in printed
-    result = json.loads(printed[printed.index("\n{") :])
+    assert records[1]["stdout"] == "" and "\nadapter " not in records[1]["stderr"]
+    summary = records[0]["stderr"]  # --json: the summary goes to stderr, stdout is the JSON alone
+    assert summary.count("\nadapter ") == 1 and "4 (mean training loss" in summary and ", 2 processes" in summary
+    result = json.loads(records[0]["stdout"])
     assert (result["processes"], result["steps"], result["train_rows"]) == (2, single.steps, single.train_rows)
     a, b = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "two")
     bases = [k for k in a if "giva_A" in k]
