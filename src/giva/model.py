@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Optional
 
@@ -153,30 +153,44 @@ def seeded_bases_checksum(layer: GivaLayer, adapter_name: str, names: tuple[str,
     return crc
 
 
-def check_options_match_the_model(config: GivaConfig, model: nn.Module) -> None:
+def _linear_names(model: nn.Module, refused: Mapping[str, str]) -> str:
+    """The names (last dotted part) of the model's linear layers that may be targeted, for error messages."""
+    leaves = sorted(
+        {
+            key.rsplit(".", 1)[-1]
+            for key, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Conv1D)) and not _WRAPPER_PARTS & set(key.split(".")) and key not in refused
+        }
+    )
+    return _summarise(leaves, 12)
+
+
+def check_options_match_the_model(config: GivaConfig, model: nn.Module, refused: Optional[Mapping[str, str]] = None) -> None:
     """Before any layer is replaced, options that would be silently ignored are refused, naming them.
 
     Every name of a listed ``target_modules`` matches a module (PEFT's rule: the module's name or a dotted suffix
     of it; PEFT itself only refuses when no name matches); ``layers_to_transform`` names layers the model has;
     every key of ``block_sizes`` / ``adapt_blocks`` names a module that can be targeted. A regex string or
     'all-linear' is not checked name by name. ``model`` may be a skeleton on the meta device (no weights loaded).
+    ``refused`` maps module names the caller cannot adapt to why (the LM head under TRL's SFTTrainer): a target
+    matching one is refused with that reason, and they are not offered among the linear layers.
     """
+    refused = refused or {}
     keys = [key for key, _ in model.named_modules()]
     targets = DEFAULT_TARGET_MODULES if config.target_modules is None else config.target_modules
     if targets is not None and not isinstance(targets, str):
         unmatched = sorted(name for name in targets if not any(key == name or key.endswith("." + name) for key in keys))
         if unmatched:
-            leaves = sorted(
-                {
-                    key.rsplit(".", 1)[-1]
-                    for key, module in model.named_modules()
-                    if isinstance(module, (nn.Linear, Conv1D)) and not _WRAPPER_PARTS & set(key.split("."))
-                }
-            )
             raise ValueError(
                 f"GivaConfig.target_modules names module(s) {unmatched} that match no module of this model (a name "
-                f"matches a module's name or a dotted suffix of it); its linear layers are named {_summarise(leaves, 12)}"
+                f"matches a module's name or a dotted suffix of it); its linear layers are named "
+                f"{_linear_names(model, refused)}"
             )
+    if targets != DEFAULT_TARGET_MODULES:  # 'all-linear' leaves the output layer out
+        for key in refused:
+            if GivaModel._check_target_module_exists(config, key):
+                raise ValueError(f"GivaConfig.target_modules matches {key!r}, {refused[key]}; leave it out (the other "
+                                 f"linear layers are named {_linear_names(model, refused)})")
     wanted = _wanted_layers(config)
     if wanted:
         present = {index for index in (_layer_index(key, config.layers_pattern) for key in keys) if index is not None}
@@ -199,6 +213,30 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module) -> None:
                 f"GivaConfig.{option} names module(s) {unknown} that match no targeted linear layer of this model; "
                 "keys are module names or their dotted suffixes (e.g. 'c_attn' or 'h.0.attn.c_attn')"
             )
+
+
+def check_targets_before_loading(config: GivaConfig, skeleton: nn.Module, refused: Optional[Mapping[str, str]] = None) -> None:
+    """:func:`check_options_match_the_model` on the model built from its config without weights
+    (``giva.finetune.model_skeleton``), and every module the targets match is one GiVA can wrap: a linear layer,
+    Conv1D or a quantised linear layer (:func:`giva.quant.quantization_backend`, the test ``get_peft_model``
+    applies; in the skeleton a layer that loads quantised is still an ``nn.Linear``). Without it a module such as
+    an embedding or BERT's pooler was refused only once the weights had loaded, with a ``TypeError``."""
+    check_options_match_the_model(config, skeleton, refused)
+    targets = DEFAULT_TARGET_MODULES if config.target_modules is None else config.target_modules
+    if targets == DEFAULT_TARGET_MODULES:
+        return
+    for key, module in skeleton.named_modules():
+        if not key or not GivaModel._check_target_module_exists(config, key):
+            continue
+        try:
+            quantization_backend(module, key, skeleton)
+        except TypeError:
+            kind = type(module)
+            raise ValueError(
+                f"GivaConfig.target_modules matches {key!r}, a {kind.__module__}.{kind.__name__}, which GiVA cannot "
+                "adapt: it adapts linear layers (torch.nn.Linear, transformers Conv1D and quantised linear layers); "
+                f"this model's linear layers are named {_linear_names(skeleton, refused or {})}"
+            ) from None
 
 
 class GivaModel(BaseTuner):

@@ -35,6 +35,9 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 INIT_MODES = ("auto", "sketch", "exact")
 RESULT_FILE = "sft_result.json"
 OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: the flags and rows --resume checks the new ones against
+# SFTTrainer refuses an adapter on the output layer (after the model has loaded): why, for the check before that
+TRL_LM_HEAD = ("the LM head, which TRL's SFTTrainer does not adapt: it computes the log-probabilities from the head's "
+               "weight directly, so an adapter there would never be trained")
 MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no larger seed
 # Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device and the split of
 # a batch into micro-batches (same rows per optimizer step). Every other flag changes what is trained.
@@ -120,8 +123,9 @@ class SFTOptions:
             raise ValueError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
         if isinstance(self.target_modules, list) and (not self.target_modules or not all(self.target_modules)):
             raise ValueError(f"SFTOptions.target_modules has an empty module name: {self.target_modules!r}")
-        if self.export_lora is not None and _same_path(self.export_lora, self.output_dir):
-            raise ValueError(f"--export-lora {self.export_lora!r} is the --output-dir; the LoRA export needs its own folder")
+        if self.export_lora is not None and _overlap(self.export_lora, self.output_dir):
+            raise ValueError(f"--export-lora {self.export_lora!r} and --output-dir {self.output_dir!r} are the same folder "
+                             "or one holds the other; the LoRA export needs its own folder")
         if self.checkpoint_dir is not None and self.save_steps is None and not self.resume:
             raise ValueError(f"--checkpoint-dir {self.checkpoint_dir!r} is used with --save-steps N or --resume; "
                              "give one of them, or drop --checkpoint-dir")
@@ -151,10 +155,6 @@ class SFTOptions:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size {micro}{over}; "
                              f"give a --micro-batch-size that divides {per_process}")
         return micro, per_process // micro
-
-
-def _same_path(a: str, b: str) -> bool:
-    return os.path.abspath(os.path.expanduser(a)) == os.path.abspath(os.path.expanduser(b))
 
 
 def _overlap(a: str, b: str) -> bool:
@@ -422,8 +422,8 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .assets import resolve_model
-    from .finetune import model_skeleton
-    from .model import check_options_match_the_model
+    from .finetune import check_max_length, model_skeleton
+    from .model import check_targets_before_loading
 
     check_packages()
     options.batch_layout(launch()[1])
@@ -431,10 +431,14 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     check_quantization(options)
     check_output_dirs(options)
     path = resolve_model(options.model)
-    # --target-modules against the model's module names, on a weightless skeleton (PEFT alone refuses only when
-    # no name matches, and only once the weights have loaded)
-    check_options_match_the_model(giva_config_of(options), model_skeleton(path, AutoModelForCausalLM))
+    # --target-modules against the model's module names and types, on a weightless skeleton (PEFT alone refuses only
+    # when no name matches, and only once the weights have loaded)
+    skeleton = model_skeleton(path, AutoModelForCausalLM)
+    head = skeleton.get_output_embeddings()
+    check_targets_before_loading(giva_config_of(options), skeleton,
+                                 {key: TRL_LM_HEAD for key, module in skeleton.named_modules() if module is head})
     tokenizer = AutoTokenizer.from_pretrained(path)
+    check_max_length(options.max_length, path, tokenizer)  # beyond GPT-2's learned positions: an IndexError in training
     chat = getattr(tokenizer, "chat_template", None) is not None
     data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat)
     check_num_batches(options, len(data.train), launch()[1])
@@ -545,6 +549,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
         save_total_limit=2,  # the newest, and the one before it in case the newest was cut off mid-write
         eval_strategy="no",
         report_to="none",
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (not the mean of the earlier ones): see _divergence
         disable_tqdm=not options.progress,
         dataset_num_proc=None,
     )
@@ -689,6 +694,7 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     )
     trainer.remove_callback(PrinterCallback)  # without a progress bar it prints every log dict to stdout
     trainer.add_callback(_save_cadence())
+    trainer.add_callback(_divergence(options))
     return trainer
 
 
@@ -702,6 +708,40 @@ def _save_cadence() -> Any:
             state.save_steps = args.save_steps
 
     return SaveCadence()
+
+
+def _divergence(options: SFTOptions) -> Any:
+    """A callback: a non-finite logged training loss stops the run with giva finetune's :class:`TrainingDiverged`,
+    so nothing is saved (the Trainer itself logs on and saves NaN vectors). The steps that end training or write a
+    checkpoint are logged too, so every step is in a log before a checkpoint or the adapter is written; the logged
+    loss is gathered over the processes of a launch, so all of them stop together."""
+    from transformers import TrainerCallback
+
+    from .finetune import TrainingDiverged
+
+    class StopOnDivergence(TrainerCallback):
+        logged = 0  # the last step logged
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.logged = state.global_step  # a resumed run starts there
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if control.should_save or control.should_training_stop:
+                control.should_log = True
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Optional[dict[str, Any]] = None,
+                   **kwargs: Any) -> None:
+            loss = (logs or {}).get("loss")
+            if loss is None:
+                return
+            if not math.isfinite(loss):
+                first, step = self.logged + 1, state.global_step
+                steps = f"step {step}" if first == step else f"steps {first}..{step}"
+                raise TrainingDiverged(f"the training loss is {loss} at {steps}; nothing was saved. Try a smaller "
+                                       f"learning rate (--lr {options.lr:g})")
+            self.logged = state.global_step
+
+    return StopOnDivergence()
 
 
 def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
@@ -802,7 +842,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         val_loss_before=loss_before, val_loss_after=loss_after, exact_match_before=em_before, exact_match_after=em_after,
         train_loss=train_loss, trainable_parameters=trainable, total_parameters=total, adapter_bytes=0,
         init_seconds=callback.report.total_seconds if callback.report else 0.0,
-        train_seconds=train_seconds, output_dir=options.output_dir, lora_dir=options.export_lora,
+        train_seconds=train_seconds, output_dir=options.output_dir, lora_dir=None,  # set once the export is written
         options=asdict(options), versions=_versions(), processes=trainer.args.world_size,
         resumed_from=resume_from,
     )
@@ -815,12 +855,17 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
 
     def write_all() -> None:
         save_atomically(options.output_dir, write)  # an earlier run's chat template goes
-        if options.export_lora is not None:
+        if options.export_lora is not None:  # the adapter first: a failed export loses no training
+            from .checkpoint import atomic_file
             from .export import export_lora
 
             export_lora(peft_model, options.export_lora)
+            result.lora_dir = options.export_lora
+            with atomic_file(Path(options.output_dir).expanduser() / RESULT_FILE) as tmp:
+                tmp.write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
 
     on_main_process(trainer, write_all)
+    result.lora_dir = options.export_lora  # every process: on_main_process raised on all of them if the export failed
     return result, peft_model, tokenizer
 
 

@@ -30,6 +30,7 @@ INSTRUCTIONS: dict[str, tuple[str, dict[str, str]]] = {
     ),
 }
 ROLES = ("system", "user", "assistant")
+ROW_FIELDS = "'prompt' and 'completion', or 'messages'"  # what a row holds, for the messages about one that does not
 # Completions count as single labels (scored by exact match) when every one is a short single line and few
 # distinct values repeat across the rows.
 MAX_LABEL_WORDS = 3
@@ -89,7 +90,7 @@ def _text(value: Any, where: str, field: str) -> str:
 def parse_row(record: Any, where: str) -> Row:
     """One record -> a prompt/completion row, or a :class:`DataError` naming ``where`` and the missing field."""
     if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise DataError(f"{where}: expected a JSON object with {ROW_FIELDS}, got {type(record).__name__}")
     if "messages" in record:
         messages = _messages(record["messages"], where, "messages")
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
@@ -97,7 +98,7 @@ def parse_row(record: Any, where: str) -> Row:
         return {"prompt": messages[:-1], "completion": messages[-1:]}
     if "prompt" not in record or "completion" not in record:
         raise DataError(
-            f"{where}: needs 'prompt' and 'completion', or 'messages'; the row has {sorted(record)}"
+            f"{where}: needs {ROW_FIELDS}; the row has {sorted(record)}"
         )
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list) or isinstance(completion, list):
@@ -126,7 +127,7 @@ def read_file(path: Path) -> list[Located]:
         raise DataError(f"data file {str(path)!r} is a folder; expected a JSONL file")
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"data file {str(path)!r}: expected JSON Lines (.jsonl or .json) with prompt/completion or messages")
-    return parse_rows(_read_json_rows(path, _decode(path)), str(path))
+    return parse_rows(_read_json_rows(path, _decode(path), ROW_FIELDS), str(path))
 
 
 def read_hub(name: str) -> list[Located]:

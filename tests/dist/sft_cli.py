@@ -14,7 +14,7 @@ import io
 import json
 import os
 import sys
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import torch
@@ -81,10 +81,10 @@ def run() -> None:
         return real_save(*args, **kwargs)
 
     giva.finetune.save_atomically = counted_save
-    printed = io.StringIO()
-    with redirect_stdout(printed):
+    printed, logged = io.StringIO(), io.StringIO()
+    with redirect_stdout(printed), redirect_stderr(logged):
         record["code"] = main(argv)
-    record.update(stdout=printed.getvalue(), saves=saves, group_left_open=dist.is_initialized())
+    record.update(stdout=printed.getvalue(), stderr=logged.getvalue(), saves=saves, group_left_open=dist.is_initialized())
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     sys.stdout.flush()
     sys.stderr.flush()
