@@ -608,6 +608,134 @@ def test_local_deployment_stops_every_process_it_started_even_in_their_own_sessi
         parse_overrides(["rounds"])
 
 
+PROG = "python -m giva.federated.local_deployment"
+
+
+def _by_hand_commands() -> list[tuple[str, str, str]]:
+    """(where, command, line) of every flower-superlink / flower-supernode / flwr run line of the by-hand steps:
+    the comment atop the Flower app's pyproject.toml and the bash blocks of docs/federated.md."""
+    import re
+
+    import giva.federated
+
+    app_toml = Path(giva.federated.__file__).parent / "flower_app" / "pyproject.toml"
+    doc = Path(__file__).parents[1] / "docs" / "federated.md"
+    sources = {app_toml.name: [line.lstrip("#").strip() for line in app_toml.read_text().splitlines()
+                               if line.startswith("#")],
+               doc.name: [line.strip() for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S)
+                          for line in block.splitlines()]}
+    found = []
+    for where, lines in sources.items():
+        for line in lines:
+            words = line.split("  #")[0].split()
+            command = "flwr run" if words[:2] == ["flwr", "run"] else (words or [""])[0]
+            if command in ("flower-superlink", "flower-supernode", "flwr run"):
+                found.append((where, command, " ".join(words)))
+    return found
+
+
+def test_the_by_hand_superlink_steps_use_options_the_installed_flower_takes():
+    """The by-hand steps once told SuperNodes `--clientappio-api-address 127.0.0.1:9094`, which Flower 1.42 refuses
+    ("use --host and --port instead"), the same for every node. Every option of those lines must be one the --help of
+    the installed entry point lists, and every SuperNode has a --port of its own, as local_deployment starts them."""
+    import re
+    import subprocess
+
+    from giva.federated import local_deployment
+    from giva.federated.local_deployment import _bin
+
+    commands = _by_hand_commands()
+    assert {(where, command) for where, command, _ in commands} == {
+        (where, command) for where in ("pyproject.toml", "federated.md")
+        for command in ("flower-superlink", "flower-supernode", "flwr run")}
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "TERM": "dumb"}
+    listed = {}
+    for command in ("flower-superlink", "flower-supernode", "flwr run"):
+        binary, *sub = command.split()
+        shown = subprocess.run([_bin(binary), *sub, "--help"], capture_output=True, text=True, env=env, timeout=120)
+        listed[command] = set(re.findall(r"--[a-z][a-z0-9-]*", shown.stdout))
+        assert "--insecure" in listed[command] or command == "flwr run", shown
+    for where, command, line in commands:
+        for option in re.findall(r"(?<!\S)--[a-z][a-z0-9-]*", line):
+            assert option in listed[command], f"{where}: {command} {option} is not an option of the installed Flower"
+    for where in ("pyproject.toml", "federated.md"):
+        ports = [re.search(r"--port (\d+)", line).group(1) for w, command, line in commands
+                 if w == where and command == "flower-supernode"]
+        assert len(ports) >= 2 and len(set(ports)) == len(ports), (where, ports)
+    assert "README" not in local_deployment.__doc__ and "docs/federated.md" in local_deployment.__doc__
+
+
+def test_the_flower_app_declares_every_key_the_apps_read():
+    """A run-config key the app does not declare is refused by the SuperLink ("Invalid run configuration", code 15):
+    checkpoint-path (read by the ServerApp) and task / text-column / label-column were missing, so a resumable or
+    causal-LM `flwr run` was impossible. "" stands for no checkpoint."""
+    from dataclasses import fields
+
+    from flwr.common.config import flatten_dict, get_project_config
+
+    import giva.federated
+    from giva.federated.task import RUN_ONLY_KEYS
+
+    app = get_project_config(Path(giva.federated.__file__).parent / "flower_app")  # as Flower reads it
+    declared = flatten_dict(app["tool"]["flwr"]["app"]["config"])
+    read = {f.name.replace("_", "-") for f in fields(FederatedConfig)} | set(RUN_ONLY_KEYS)
+    assert sorted(read - set(declared)) == []
+    assert declared["checkpoint-path"] == ""
+
+
+@pytest.fixture
+def no_deployment(monkeypatch, tmp_path):
+    """local_deployment.main with TinyTask's data, no process started (the call is recorded), run in tmp_path."""
+    from giva.federated import local_deployment
+
+    calls = []
+
+    def fake(run_config, clients, workdir, **kwargs):
+        calls.append((run_config, clients))
+        return {"setup_bytes": 1, "rounds": [], "wall_seconds": 0.0, "flwr_run_output": ["done"]}
+
+    monkeypatch.setattr(local_deployment, "run_local_deployment", fake)
+    monkeypatch.setattr(local_deployment, "default_task", TinyTask, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return calls
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], None),
+    (["clients=2", "rounds=2"], None),  # OUTPUT_DIR left out: it once wrote into a folder named clients=2
+    (["out", "round=2"], "unknown run-config key(s) ['round']; "),
+    (["out", "rounds"], "run-config overrides are key=value, got 'rounds'"),
+    (["out", "clients=0"], "FederatedConfig.clients must be a positive integer, got 0"),
+    (["out", "clients=3", "max-train-samples=2"],
+     "FederatedConfig.max_train_samples (2) leaves fewer sentences than clients (3)"),
+    (["out", "clients=3", "num-batches=5", "batch-size=4"],  # TinyTask's smallest shard: 16 sentences
+     "data 'pang-lee' split over 3 clients gives a client 16 training sentences, fewer than its 5 calibration batches "
+     "of 4 (20); use fewer clients, more training data, or a smaller num-batches= / batch-size="),
+], ids=["nothing", "no-output-dir", "typo", "no-value", "bad-value", "samples", "data"])
+def test_local_deployment_refuses_bad_input_in_one_line_before_starting_anything(no_deployment, capsys, tmp_path,
+                                                                                 argv, message):
+    """Bad input once came back after ~24 s of starting a SuperLink and SuperNodes, as ~47 lines of nested traceback
+    (a typo key: "Invalid run configuration"; the ServerApp's ValueError wrapped in a RuntimeError)."""
+    from giva.federated.local_deployment import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    if message is None:
+        assert err[0] == f"usage: {PROG} OUTPUT_DIR [clients=N] [key=value ...]" and len(err) == 2 and err[1].startswith(f"{PROG}: error: the first argument is OUTPUT_DIR")
+    else:
+        assert len(err) == 1 and err[0].startswith(f"{PROG}: error: {message}"), err
+    assert no_deployment == [] and list(tmp_path.iterdir()) == []
+
+
+def test_local_deployment_runs_the_checked_config(no_deployment, capsys, tmp_path):
+    from giva.federated.local_deployment import main
+
+    assert main(["out", "clients=3", "num-batches=4", "batch-size=4", "rounds=2"]) == 0
+    assert no_deployment == [({"num-batches": 4, "batch-size": 4, "rounds": 2}, 3)]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["command"].endswith("local_deployment out clients=3 num-batches=4 batch-size=4 rounds=2")
+
+
 def test_a_comparison_trains_each_method_and_the_centralised_baseline_at_its_own_lr(tmp_path):
     pytest.importorskip("matplotlib")
     cfg = config(rounds=1, local_steps=1, init_mode="dense")

@@ -3,11 +3,14 @@ processes (``--insecure``, free local ports), the app in ``flower_app/`` submitt
 results read back from the JSON the ServerApp writes, and every process stopped at the end.
 
 The Flower configuration (the SuperLink connection ``flwr run`` uses) is written to a temporary
-``FLWR_HOME``, so the user's ``~/.flwr`` is not touched. The same steps by hand are in the README.
+``FLWR_HOME``, so the user's ``~/.flwr`` is not touched. The same steps by hand are in docs/federated.md
+("A real SuperLink") and in the comment atop ``flower_app/pyproject.toml``.
 
     python -m giva.federated.local_deployment OUTPUT_DIR [clients=N] [key=value ...]   # run-config overrides
 
 writes ``OUTPUT_DIR/results.json`` (the ServerApp's results, the cleaned ``flwr run`` log, the wall time).
+Before any process starts, the keys are checked against the app's declared config, the run config is built
+as the ServerApp builds it, and the data is read and checked as the ServerApp would (bad input: one line, exit 2).
 """
 
 from __future__ import annotations
@@ -26,8 +29,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from .client_app import default_task
+from .server_app import check_data
+from .task import RUN_CONFIG_BATCH_OPTIONS, FederatedConfig
+
 APP_DIR = Path(__file__).parent / "flower_app"
 CONNECTION = "giva-local"
+PROG = "python -m giva.federated.local_deployment"
+USAGE = f"usage: {PROG} OUTPUT_DIR [clients=N] [key=value ...]"
 
 
 def free_port() -> int:
@@ -200,6 +209,26 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def declared_config(app_dir: Path = APP_DIR) -> dict[str, Any]:
+    """The app's ``[tool.flwr.app.config]``, flattened as Flower reads it: the only keys a run may override."""
+    from flwr.common.config import flatten_dict, get_project_config
+
+    return dict(flatten_dict(get_project_config(app_dir)["tool"]["flwr"]["app"].get("config", {})))
+
+
+def check_run(overrides: dict[str, Any], clients: Any, app_dir: Path = APP_DIR) -> FederatedConfig:
+    """The run's FederatedConfig, built as the ServerApp builds it (the declared config fused with the overrides),
+    after the checks the ServerApp makes on its data; a ValueError unless the keys are declared (else the SuperLink
+    refuses the run, "Invalid run configuration"), the values valid and the data large enough for the run."""
+    declared = declared_config(app_dir)
+    unknown = sorted(set(overrides) - set(declared))
+    if unknown:
+        raise ValueError(f"unknown run-config key(s) {unknown}; {app_dir / 'pyproject.toml'} declares {sorted(declared)}")
+    cfg = FederatedConfig.from_flat({**declared, **overrides, "clients": clients})
+    check_data(default_task(cfg), cfg, RUN_CONFIG_BATCH_OPTIONS)
+    return cfg
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # so that run_local_deployment's cleanup runs
 
@@ -207,11 +236,17 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(__doc__)
+    if not argv or "=" in argv[0]:  # a key=value first: OUTPUT_DIR was left out
+        print(f"{USAGE}\n{PROG}: error: the first argument is OUTPUT_DIR, got {argv[0] if argv else 'nothing'!r}",
+              file=sys.stderr)
         return 2
-    overrides = parse_overrides(argv[1:])
-    clients = int(overrides.pop("clients", 2))
+    try:
+        overrides = parse_overrides(argv[1:])
+        clients = overrides.pop("clients", 2)
+        clients = check_run(overrides, clients).clients
+    except ValueError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     output = Path(argv[0])
     with tempfile.TemporaryDirectory(prefix="giva-superlink-") as work:  # the database, logs, Flower home
         try:

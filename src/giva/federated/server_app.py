@@ -50,6 +50,7 @@ from .statistics import (
     sums_layout,
 )
 from .task import (
+    CLI_BATCH_OPTIONS,
     FederatedConfig,
     Task,
     accuracy,
@@ -186,17 +187,17 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
     return traffic, info
 
 
-def check_data(task: Task, cfg: FederatedConfig) -> None:
+def check_data(task: Task, cfg: FederatedConfig, options: str = CLI_BATCH_OPTIONS) -> None:
     """A ValueError naming the data unless every client gets a shard it can work with: at least one training
     sentence (every method), and for GiVA its calibration batches. Called before the model loads and before the
     first checkpoint is written: a refused run leaves no checkpoint behind that would block the corrected command
-    in the same output folder ("of another run config")."""
+    in the same output folder ("of another run config"). ``options``: see :func:`check_shards`."""
     try:
         smallest = min(task.shard_size(p, cfg.clients) for p in range(cfg.clients))
     except ValueError as err:  # shard_indices: fewer training sentences than clients
         raise ValueError(f"data {cfg.data!r}: {err}; use fewer clients or more training data") from None
     if cfg.method == "giva":
-        check_shards(smallest, cfg, f"data {cfg.data!r} split over {cfg.clients} clients")
+        check_shards(smallest, cfg, f"data {cfg.data!r} split over {cfg.clients} clients", options)
 
 
 def _load_checkpoint(path: Optional[str], cfg: FederatedConfig) -> Optional[dict[str, Any]]:

@@ -36,9 +36,13 @@ SKETCH_PASSES = DEFAULT_PASSES
 SKETCH_OVERSAMPLE = -1
 SKETCH_DTYPE = "bfloat16"
 SKETCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Run-config keys that are not part of the experiment (where the server writes its results).
+# Run-config keys that are not part of the experiment (where the server writes its results and its checkpoint).
 RUN_ONLY_KEYS = ("results-path", "checkpoint-path")
 OPTIONAL_KEYS = ("lr", "max_train_samples")
+# How the sizes of the calibration batches are named to the user: the options of `giva federated`, the run-config
+# keys of `flwr run` / local_deployment.
+CLI_BATCH_OPTIONS = "--num-batches / --batch-size"
+RUN_CONFIG_BATCH_OPTIONS = "num-batches= / batch-size="
 
 
 @dataclass
@@ -182,14 +186,15 @@ class FederatedConfig:
         return cls(**kwargs)
 
 
-def check_shards(per_client: int, config: FederatedConfig, what: str) -> None:
+def check_shards(per_client: int, config: FederatedConfig, what: str, options: str = CLI_BATCH_OPTIONS) -> None:
     """A ValueError unless a client's ``per_client`` training sentences hold its GiVA calibration batches
-    (fewer would feed the same sentences to the setup as several calibration batches)."""
+    (fewer would feed the same sentences to the setup as several calibration batches). ``options``: what the
+    message tells the user to make smaller, in the terms of the tool they ran."""
     if per_client < config.calibration_rows:
         raise ValueError(
             f"{what} gives a client {per_client} training sentences, fewer than its {config.num_batches} calibration "
             f"batches of {config.batch_size} ({config.calibration_rows}); use fewer clients, more training data, or "
-            "a smaller --num-batches / --batch-size"
+            f"a smaller {options}"
         )
 
 
