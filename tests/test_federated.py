@@ -703,6 +703,7 @@ def no_deployment(monkeypatch, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     ([], None),
     (["clients=2", "rounds=2"], None),  # OUTPUT_DIR left out: it once wrote into a folder named clients=2
+    (["--out", "clients=2"], None),  # an option where OUTPUT_DIR goes: it once became the output folder
     (["out", "round=2"], "unknown run-config key(s) ['round']; "),
     (["out", "rounds"], "run-config overrides are key=value, got 'rounds'"),
     (["out", "clients=0"], "FederatedConfig.clients must be a positive integer, got 0"),
@@ -711,7 +712,7 @@ def no_deployment(monkeypatch, tmp_path):
     (["out", "clients=3", "num-batches=5", "batch-size=4"],  # TinyTask's smallest shard: 16 sentences
      "data 'pang-lee' split over 3 clients gives a client 16 training sentences, fewer than its 5 calibration batches "
      "of 4 (20); use fewer clients, more training data, or a smaller num-batches= / batch-size="),
-], ids=["nothing", "no-output-dir", "typo", "no-value", "bad-value", "samples", "data"])
+], ids=["nothing", "no-output-dir", "option", "typo", "no-value", "bad-value", "samples", "data"])
 def test_local_deployment_refuses_bad_input_in_one_line_before_starting_anything(no_deployment, capsys, tmp_path,
                                                                                  argv, message):
     """Bad input once came back after ~24 s of starting a SuperLink and SuperNodes, as ~47 lines of nested traceback
@@ -724,6 +725,17 @@ def test_local_deployment_refuses_bad_input_in_one_line_before_starting_anything
         assert err[0] == f"usage: {PROG} OUTPUT_DIR [clients=N] [key=value ...]" and len(err) == 2 and err[1].startswith(f"{PROG}: error: the first argument is OUTPUT_DIR")
     else:
         assert len(err) == 1 and err[0].startswith(f"{PROG}: error: {message}"), err
+    assert no_deployment == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_local_deployment_help_prints_the_usage_and_starts_nothing(no_deployment, capsys, tmp_path, flag):
+    # --help was once taken for OUTPUT_DIR: the data was checked and a SuperLink run started.
+    from giva.federated.local_deployment import main
+
+    assert main([flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: {PROG} OUTPUT_DIR [clients=N] [key=value ...]") and "SuperLink" in out
     assert no_deployment == [] and list(tmp_path.iterdir()) == []
 
 

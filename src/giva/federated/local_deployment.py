@@ -236,9 +236,12 @@ def _terminate(signum: int, frame: Any) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or "=" in argv[0]:  # a key=value first: OUTPUT_DIR was left out
-        print(f"{USAGE}\n{PROG}: error: the first argument is OUTPUT_DIR, got {argv[0] if argv else 'nothing'!r}",
-              file=sys.stderr)
+    if argv and argv[0] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return 0
+    if not argv or "=" in argv[0] or argv[0].startswith("-"):  # OUTPUT_DIR left out (a key=value or an option first)
+        got = repr(argv[0]) if argv else "nothing"
+        print(f"{USAGE}\n{PROG}: error: the first argument is OUTPUT_DIR, got {got}", file=sys.stderr)
         return 2
     try:
         overrides = parse_overrides(argv[1:])
