@@ -270,6 +270,27 @@ def test_an_in_place_save_leaves_the_kept_files_untouched(tmp_path, monkeypatch,
                                                         "checkpoint-500", "notes.txt"]
     assert leftovers(folder) == [] and torch.equal(reload(folder), logits(model))
 
+def test_a_folder_another_process_makes_during_a_save_is_replaced_not_an_error(tmp_path, monkeypatch):
+    """Two ranks saving the same new folder: the one that found no folder and then lost the rename raised
+    OSError ENOTEMPTY (a reviewer's torchrun run: 1 of 80 saves). Here another save makes the folder just before this
+    one's rename; this save replaces it (the last one wins, as PEFT's) and the folder loads as this model."""
+    folder = tmp_path / "adapter"
+    other = adapter_model(1).eval()
+    real_rename = os.rename
+    raced = []
+
+    def rename(src, dst, *args, **kwargs):
+        if Path(dst) == folder and not folder.exists() and not raced:
+            raced.append(dst)
+            other.save_pretrained(str(folder))  # the other rank wins the race to the new folder
+        return real_rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename)
+    model = adapter_model(2).eval()
+    model.save_pretrained(str(folder))
+    assert raced and leftovers(folder) == [] and torch.equal(reload(folder), logits(model))
+
+
 def test_an_in_place_save_cut_off_half_way_is_detected_and_its_staging_folder_removed(tmp_path, monkeypatch):
     """Replacing files one by one is not atomic: a save killed between the weights and the config leaves new weights
     beside the old config, which the weights checksum refuses; the staging folder of the dead saver is removed by the

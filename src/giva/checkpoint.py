@@ -235,10 +235,16 @@ def recover(target: str | os.PathLike) -> None:
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    """Make the complete folder ``tmp`` the new ``target``; on return ``tmp`` holds the old folder (or nothing)."""
+    """Make the complete folder ``tmp`` the new ``target``; on return ``tmp`` holds the old folder (or nothing).
+    Another process saving the same new folder (a second rank calling ``save_pretrained``) may make ``target``
+    between the check and the rename: that folder is then replaced like any other, the last save winning, as PEFT's."""
     if not target.exists():
-        os.rename(tmp, target)
-        return
+        try:
+            os.rename(tmp, target)
+            return
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
     if _exchange(tmp, target):
         return
     backup = target.parent / f".{target.name}{_OLD_TAG}{_owner_tag()}"
