@@ -10,6 +10,7 @@ or of -1 point (the thresholds the docs read them against). Nothing here feeds r
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from unittest import mock
 
@@ -33,23 +34,6 @@ def evaluate(rows: list, speeds: list, spec) -> tuple[list, list]:
     return claims, comparisons
 
 
-def untruncated_variance(diff):
-    """crossed_variance without taking a variance component estimated below 0 as 0: (MS_seeds + MS_examples -
-    MS_residual) / (S N) always, on Satterthwaite's degrees of freedom (the residual's alone where the sum is not
-    above 0). For the 'no truncation' columns: how much a verdict rests on the truncation."""
-    n_seeds, n_examples = diff.shape
-    mean, by_seed, by_example = diff.mean(), diff.mean(axis=1), diff.mean(axis=0)
-    ms_seeds = n_examples * float(((by_seed - mean) ** 2).sum()) / (n_seeds - 1)
-    ms_examples = n_seeds * float(((by_example - mean) ** 2).sum()) / (n_examples - 1)
-    ms_residual = float(((diff - by_seed[:, None] - by_example[None, :] + mean) ** 2).sum()) / ((n_seeds - 1) * (n_examples - 1))
-    combined = ms_seeds + ms_examples - ms_residual
-    if combined <= 0:
-        return ms_residual / diff.size, float((n_seeds - 1) * (n_examples - 1))
-    df = combined**2 / (ms_seeds**2 / (n_seeds - 1) + ms_examples**2 / (n_examples - 1)
-                        + ms_residual**2 / ((n_seeds - 1) * (n_examples - 1)))
-    return combined / diff.size, df
-
-
 def fmt(p: dict, low: str = "low", high: str = "high") -> str:
     return f"{p['estimate'] * 100:+.2f} [{p[low] * 100:+.2f}, {p[high] * 100:+.2f}]"
 
@@ -66,7 +50,7 @@ def main() -> None:
     new_claims, new_comparisons = evaluate(rows, speeds, spec)
     with mock.patch.object(stats, "paired_intervals", old_bootstrap_intervals):
         old_claims, old_comparisons = evaluate(rows, speeds, spec)
-    with mock.patch.object(stats, "crossed_variance", untruncated_variance):
+    with mock.patch.object(stats, "crossed_variance", partial(stats.crossed_variance, truncate=False)):
         raw_claims, _ = evaluate(rows, speeds, spec)
     lines = ["# The evidence report's accuracy intervals: the bootstrap used until stop 40 against today's interval", "",
              "Made by `python benchmarks/diagnostics/interval_change.py` from `benchmarks/results/evidence/runs/`. 'until stop 40': "

@@ -104,7 +104,7 @@ def t_quantile(p: float, df: float) -> float:
     return float(t.ppf(p, df))
 
 
-def crossed_variance(diff: np.ndarray) -> tuple[float, float]:
+def crossed_variance(diff: np.ndarray, truncate: bool = True) -> tuple[float, float]:
     """``(variance, degrees of freedom)`` of ``diff.mean()`` for a (seeds, examples) matrix of paired differences.
 
     Seeds and examples are crossed random factors: ``diff[s, j] = mu + a_s + b_j + e_sj`` (a seed's shift, an
@@ -115,7 +115,9 @@ def crossed_variance(diff: np.ndarray) -> tuple[float, float]:
     ``MS_examples``, ``MS_seeds`` or, both below, ``MS_residual`` over ``S N``, on that mean square's own degrees of
     freedom (``N - 1``, ``S - 1``, ``(S - 1)(N - 1)``). Truncating the seed component gives a narrower interval than
     the untruncated sum would (with ``N - 1`` degrees of freedom, close to a normal quantile): it is the case where
-    the seeds agree more than the example noise alone predicts, and the coverage simulation below holds there. With 5
+    the seeds agree more than the example noise alone predicts, and the coverage simulation below holds there.
+    ``truncate=False`` keeps the plain sum wherever it is above 0 (benchmarks/diagnostics/interval_change.py shows how
+    much a verdict rests on the truncation). With 5
     seeds the seed term is estimated on 4 degrees of freedom, which a t quantile pays for and a percentile
     bootstrap over the seeds does not (``benchmarks/results/diagnostics/bootstrap_coverage.md``: 0.87 coverage of a
     95 % bootstrap interval when the seeds spread by 4.4 points, 0.94 for this one)."""
@@ -128,6 +130,8 @@ def crossed_variance(diff: np.ndarray) -> tuple[float, float]:
     ms_residual = float((residual**2).sum()) / ((n_seeds - 1) * (n_examples - 1))
     cells = n_seeds * n_examples
     seeds_own, examples_own = ms_seeds > ms_residual, ms_examples > ms_residual  # their variance components above 0
+    if not truncate and ms_seeds + ms_examples > ms_residual:  # the plain sum, for interval_change's 'no truncation'
+        seeds_own = examples_own = True
     if seeds_own and examples_own:
         combined = ms_seeds + ms_examples - ms_residual
         df = combined**2 / (ms_seeds**2 / (n_seeds - 1) + ms_examples**2 / (n_examples - 1)
