@@ -193,6 +193,25 @@ def test_mixed_batch_kernels_do_not_grow_with_the_adapters_and_nothing_crosses_t
     torch.testing.assert_close(mixed, alone, **tolerance)
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
+def test_a_mixed_batch_forward_makes_no_stream_guard_once_its_tensors_are_built(grad, monkeypatch):
+    """A stream guard (on CUDA: an event recorded, later a stream wait) is for tensors cached across forwards. With
+    autograd on, each forward built its stacks and per-batch tensors afresh, and a guard for each, in every layer:
+    tensors made and read on one stream, freed after the forward. Counted on CPU, where the guards are made alike."""
+    import giva.serving as serving
+
+    model = _multi_adapter_model("llama", {"t0": 4, "t1": 4, "t2": 4})
+    ids = text_batches(batch=4)[0]["input_ids"]
+    names = ["t0", "t1", "__base__", "t2"]
+    with torch.set_grad_enabled(grad):
+        model(input_ids=ids, adapter_names=names)  # builds what is cached: the stacks (no_grad), the index tensors
+        made = []
+        real_init = serving._OnDevice.__init__
+        monkeypatch.setattr(serving._OnDevice, "__init__", lambda self, *t: (made.append(len(t)), real_init(self, *t))[1])
+        out = model(input_ids=ids, adapter_names=names).logits
+    assert out.requires_grad == grad and made == []
+
+
 @pytest.mark.parametrize("case", ["bert", "gpt2-fused"])
 def test_mixed_batch_reuses_its_stacked_adapters_until_any_of_them_changes(case, monkeypatch):
     model = _multi_adapter_model(case, {"t0": 4, "t1": 4, "t2": 4})

@@ -220,6 +220,15 @@ class _OnDevice:
         self._last_raw = raw
 
 
+# The guard of tensors built for one forward and freed after it (a forward with autograd on, inference tensors): they
+# are made and read on the same stream, so there is nothing to wait for and no CUDA event to record per layer.
+_UNGUARDED = _OnDevice()
+
+
+def _guard(cached: bool, *tensors: Optional[torch.Tensor]) -> _OnDevice:
+    return _OnDevice(*tensors) if cached else _UNGUARDED
+
+
 def outside_inference_mode() -> AbstractContextManager:
     """Around a tensor that is cached for later forwards: made under ``torch.inference_mode()`` it would be an
     inference tensor, which no later forward with autograd on may use (it could never train again). Nothing while
@@ -329,7 +338,7 @@ class _Stacked:
         if self.shared_b is not None:  # one rank R: each row's lambda_s is its only non-zero slot of S
             lambda_s = selector.view(len(selector), len(self.ranks), -1).sum(1)
             lambda_o = self.lambda_o.index_select(0, rows.slots)
-        made = _Batch(selector, lambda_s, lambda_o, _OnDevice(selector, lambda_s, lambda_o))
+        made = _Batch(selector, lambda_s, lambda_o, _guard(cache, selector, lambda_s, lambda_o))
         if cache:
             if len(self.per_batch) >= 64:  # a server cycling through many batches: keep the newest
                 self.per_batch.pop(next(iter(self.per_batch)))
@@ -379,7 +388,7 @@ def _mixed_adapter_outputs(
     # stacks are in it and the add below stays one in-place op; else x's.
     device_type = x.device.type
     dtype = torch.get_autocast_dtype(device_type) if autocast_enabled(device_type) else x.dtype
-    stacked = _stacked(layer, present, x.device, dtype) if cache else _build_stacked(layer, present, x.device, dtype)
+    stacked = _stacked(layer, present, x.device, dtype) if cache else _build_stacked(layer, present, x.device, dtype, cached=False)
     dropout = tuple(float(getattr(layer.giva_dropout[n], "p", 0.0)) for n in present) if layer.training else ()
     rows = _rows(names, present, stacked.ranks, dropout, x.device)
     per_row = stacked.for_batch(rows, names, cache)
@@ -484,7 +493,7 @@ def _stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: 
         # changes the key's compute dtype / device (the input's).
         states = [(t.data_ptr(), t._version) for t in sources]
     except RuntimeError:  # inference tensors (created under torch.inference_mode) have no version counter
-        return _build_stacked(layer, present, device, dtype)
+        return _build_stacked(layer, present, device, dtype, cached=False)
     if (
         entry is not None
         and entry.key == key
@@ -503,7 +512,7 @@ def _out_rows(layer: Any, name: str) -> tuple[int, ...]:
     return tuple(row for blk in layer.blocks[name] for row in range(blk.out_start, blk.out_start + blk.out_size))
 
 
-def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: torch.dtype) -> _Stacked:
+def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, dtype: torch.dtype, cached: bool = True) -> _Stacked:
     a_list = [layer.giva_A[n] for n in present]
     ranks = tuple(a.shape[0] for a in a_list)
     a = torch.cat([t.to(device, dtype) for t in a_list])
@@ -518,7 +527,7 @@ def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, d
             out_index = _index(layouts[0], device)
         lambda_o = torch.stack([torch.zeros_like(lambda_o_rows[0])] + lambda_o_rows)
         shared_b = first_b.to(device, dtype)
-        guard = _OnDevice(a, lambda_s, shared_b, lambda_o, out_index)
+        guard = _guard(cached, a, lambda_s, shared_b, lambda_o, out_index)
         return _Stacked(a, lambda_s, ranks, shared_b, lambda_o, None, out_index, guard)
     union = tuple(sorted(set().union(*layouts)))
     position = {row: i for i, row in enumerate(union)}
@@ -531,7 +540,7 @@ def _build_stacked(layer: Any, present: tuple[str, ...], device: torch.device, d
         columns.append(block)
     b = torch.cat(columns, dim=1)
     out_index = None if union == tuple(range(layer.out_features)) else _index(union, device)
-    return _Stacked(a, lambda_s, ranks, None, None, b, out_index, _OnDevice(a, lambda_s, b, out_index))
+    return _Stacked(a, lambda_s, ranks, None, None, b, out_index, _guard(cached, a, lambda_s, b, out_index))
 
 
 def generation_rows_per_input(model: nn.Module, kwargs: dict[str, Any]) -> int:
