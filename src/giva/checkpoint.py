@@ -23,6 +23,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -403,6 +404,22 @@ def _swap_or_replace(tmp: Path, written: list[Path], target: Path, replaced: Opt
     _fsync_path(target.parent)
     if cwd is not None and (cwd == target or target in cwd.parents):
         os.chdir(target / cwd.relative_to(target) if (target / cwd.relative_to(target)).is_dir() else target)
+
+
+def json_text(record: Any) -> str:
+    """``record`` as strict JSON text (indented), every non-finite number as null: ``json.dumps`` writes NaN and
+    Infinity, which are not JSON (``jq`` and strict parsers refuse them)."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {key: finite(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(item) for item in value]
+        return value
+
+    return json.dumps(finite(record), indent=2, allow_nan=False)
 
 
 @contextmanager

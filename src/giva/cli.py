@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -112,21 +111,6 @@ def _target_modules(value: str, command: str) -> str | list[str]:
     return targets
 
 
-def _json(record: dict) -> str:
-    """``record`` as JSON with every non-finite number as null: ``json.dumps`` writes NaN, which is not JSON."""
-
-    def finite(value: object) -> object:
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        if isinstance(value, dict):
-            return {key: finite(item) for key, item in value.items()}
-        if isinstance(value, (list, tuple)):
-            return [finite(item) for item in value]
-        return value
-
-    return json.dumps(finite(record), indent=2, allow_nan=False)
-
-
 def _finetune(args: argparse.Namespace) -> int:
     from .config import GivaConfig
     from .finetune import TrainConfig, finetune
@@ -169,7 +153,9 @@ def _finetune(args: argparse.Namespace) -> int:
     )
     print(result.summary())
     if args.json:
-        print(_json(asdict(result)))
+        from .checkpoint import json_text
+
+        print(json_text(asdict(result)))
     return 0
 
 
@@ -197,7 +183,9 @@ def _sft(args: argparse.Namespace) -> int:
     if launch()[0] == 0:  # under torchrun the first process speaks for the launch
         print(result.summary(), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the JSON alone
         if args.json:
-            print(_json(asdict(result)))
+            from .checkpoint import json_text
+
+            print(json_text(asdict(result)))
     return 0
 
 

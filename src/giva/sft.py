@@ -847,22 +847,23 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         resumed_from=resume_from,
     )
 
+    from .checkpoint import atomic_file, json_text
+
     def write(folder: str) -> None:
         peft_model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         result.adapter_bytes = directory_bytes(folder)
-        Path(folder, RESULT_FILE).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+        Path(folder, RESULT_FILE).write_text(json_text(asdict(result)) + "\n", encoding="utf-8")
 
     def write_all() -> None:
         save_atomically(options.output_dir, write)  # an earlier run's chat template goes
         if options.export_lora is not None:  # the adapter first: a failed export loses no training
-            from .checkpoint import atomic_file
             from .export import export_lora
 
             export_lora(peft_model, options.export_lora)
             result.lora_dir = options.export_lora
             with atomic_file(Path(options.output_dir).expanduser() / RESULT_FILE) as tmp:
-                tmp.write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+                tmp.write_text(json_text(asdict(result)) + "\n", encoding="utf-8")
 
     on_main_process(trainer, write_all)
     result.lora_dir = options.export_lora  # every process: on_main_process raised on all of them if the export failed
