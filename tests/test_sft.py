@@ -46,24 +46,28 @@ def tiny_tokenizer(chat: bool) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def _saved(tmp_path_factory, name: str, model, chat: bool) -> Path:
+    """``model`` and the tiny tokenizer saved in a fresh folder, as a --model folder."""
+    folder = tmp_path_factory.mktemp(name)
+    model.save_pretrained(folder)
+    tiny_tokenizer(chat=chat).save_pretrained(folder)
+    return folder
+
+
+def _llama(**kwargs):
+    model = tiny_llama(**kwargs)
+    model.config.max_position_embeddings = 256  # rotary positions: the default --max-length 256 fits
+    return model
+
+
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-chat")
-    model = tiny_llama(**QUANTISABLE)  # also loaded in 4-bit
-    model.config.max_position_embeddings = 256  # rotary positions: the default --max-length 256 fits
-    model.save_pretrained(folder)
-    tiny_tokenizer(chat=True).save_pretrained(folder)
-    return folder
+    return _saved(tmp_path_factory, "tiny-llama-chat", _llama(**QUANTISABLE), chat=True)  # also loaded in 4-bit
 
 
 @pytest.fixture(scope="module")
 def plain_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-llama-plain")
-    model = tiny_llama()
-    model.config.max_position_embeddings = 256
-    model.save_pretrained(folder)
-    tiny_tokenizer(chat=False).save_pretrained(folder)
-    return folder
+    return _saved(tmp_path_factory, "tiny-llama-plain", _llama(), chat=False)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +75,7 @@ def gpt2_model(tmp_path_factory):
     """A tiny GPT-2 (Conv1D layers, 64 learned positions) with the plain tokenizer."""
     from tiny_models import tiny_gpt2
 
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    tiny_gpt2().save_pretrained(folder)
-    tiny_tokenizer(chat=False).save_pretrained(folder)
-    return folder
+    return _saved(tmp_path_factory, "tiny-gpt2", tiny_gpt2(), chat=False)
 
 
 def review(rng: random.Random) -> tuple[str, str]:
@@ -281,9 +282,17 @@ def test_the_json_output_writes_a_non_finite_number_as_null(chat_model, pc_jsonl
     monkeypatch.setattr(giva.sft, "run_sft", lambda options: replace(result, val_loss_after=float("nan"),
                                                                       train_loss=float("inf")))
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out2", "--json")) == 0
-    out = capsys.readouterr().out
-    record = json.loads(out[out.index("{"):], parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    strict = {"parse_constant": lambda name: pytest.fail(f"{name} in the JSON")}
+    record = json.loads(capsys.readouterr().out, **strict)  # stdout is the JSON alone
     assert record["val_loss_after"] is None and record["train_loss"] is None and record["steps"] == 1
+    # The run's own sft_result.json as well (it was plain json.dumps: NaN). The Trainer's evaluation overflowing:
+    import trl
+
+    monkeypatch.undo()
+    monkeypatch.setattr(trl.SFTTrainer, "evaluate", lambda self, *args, **kwargs: {"eval_loss": float("nan")})
+    train_sft(options(chat_model, pc_jsonl, tmp_path / "out3", max_steps=1))
+    saved = json.loads((tmp_path / "out3" / "sft_result.json").read_text(), **strict)
+    assert saved["val_loss_before"] is None and saved["val_loss_after"] is None
 
 
 def test_json_is_all_a_fresh_process_prints_on_stdout(chat_model, pc_jsonl, tmp_path):
