@@ -11,7 +11,6 @@ into it) or gave bases orthonormal only to ~5e-3 (bf16 randomized SVD and sketch
 from __future__ import annotations
 
 import sys
-from functools import partial
 
 import pytest
 import torch
@@ -241,8 +240,13 @@ def test_the_fp16_loss_scale_grows_back_after_one_overflowing_batch(monkeypatch)
     init = sys.modules["giva.init"]
     scales: list[LossScale] = []
     monkeypatch.setattr(init, "LossScale", lambda: scales.append(LossScale()) or scales[-1])
-    _initialised(tiny_llama().to(torch.float16), recovering, mode="exact", loss_fn=_spiked_loss(batches[0], []))
-    assert [s.value for s in scales] == [LOSS_SCALE]
+    used: list = []
+    real_run_pass = init.run_pass
+    monkeypatch.setattr(init, "run_pass", lambda *args: used.append(args[-1]) or real_run_pass(*args))
+    calls = []
+    _initialised(tiny_llama().to(torch.float16), recovering, mode="exact", loss_fn=_spiked_loss(batches[0], calls))
+    assert [s.value for s in scales] == [LOSS_SCALE] and used == scales  # the one scale, handed to the pass
+    assert len(calls) == len(recovering) + 9
 
 
 def test_the_dense_statistics_loss_scale_grows_back_after_one_overflowing_batch(monkeypatch):
@@ -254,8 +258,6 @@ def test_the_dense_statistics_loss_scale_grows_back_after_one_overflowing_batch(
     batches = text_batches(n=1 + SPIKE_RECOVERY + 2, labels="lm")
     scales: list[LossScale] = []
     monkeypatch.setattr(statistics, "LossScale", lambda: scales.append(LossScale()) or scales[-1])
-    monkeypatch.setattr(statistics, "compute_gradients",
-                        partial(compute_gradients, loss_fn=_spiked_loss(batches[0], [])))
 
     def last_sums(dtype):
         model = get_peft_model(tiny_llama().to(torch.float16).to(dtype), GivaConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -263,8 +265,18 @@ def test_the_dense_statistics_loss_scale_grows_back_after_one_overflowing_batch(
         first, _ = statistics.dense_statistics(model, batches[: 1 + SPIKE_RECOVERY])  # the same scales for these
         return {key: every[key] - first[key] for key in every}
 
+    starts: list = []  # the scale each batch's call starts from, in the first (fp16, every batch) call
+
+    def recorded(*args, scale, **kwargs):
+        starts.append((id(scale), scale.value))
+        return compute_gradients(*args, scale=scale, loss_fn=_spiked_loss(batches[0], []), **kwargs)
+
+    monkeypatch.setattr(statistics, "compute_gradients", recorded)
     fp16 = last_sums(torch.float16)
-    assert scales[0].value == LOSS_SCALE  # back at 2**16 after batch SPIKE_RECOVERY (2**7 before)
+    first = starts[: len(batches)]
+    assert len({key for key, _ in first}) == 1  # one scale for every batch of the call
+    assert first[0][1] == LOSS_SCALE and first[1][1] == 2.0**7  # batch 0 settled it low, batch 1 starts there
+    assert scales[0].value == LOSS_SCALE  # and it grew back, to 2**16 after batch SPIKE_RECOVERY
     errors = _relative_errors(fp16, last_sums(torch.float32))
     assert max(errors.values()) < 0.01, errors  # 0.002 (as at a fresh scale); 0.60 on q_proj before
 

@@ -269,6 +269,17 @@ def test_num_batches_all_needs_a_loader_with_a_length_and_a_batch(batches):
         giva.initialize(model, (b for b in batches), num_batches="all", progress=False)
     with pytest.raises(ValueError, match=r"num_batches='all': the dataloader is empty"):
         giva.initialize(model, [], num_batches="all", progress=False)
+    # An empty sized loader with an int count: its own message (it advised "pass num_batches=0 or fewer, or 'all'").
+    with pytest.raises(ValueError, match=r"num_batches=2 calibration batches were asked for, but the dataloader is empty"):
+        giva.initialize(model, [], num_batches=2, progress=False)
+
+    class Unsized(list):  # a loader whose __len__ raises other than TypeError: treated as unsized, on every rank
+        def __len__(self):
+            raise NotImplementedError
+
+    giva.initialize(model, Unsized(batches), num_batches=2, progress=False)
+    assert giva.bases_initialized(model)
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query"]))
     with pytest.raises(ValueError, match=r"num_batches must be a positive int .* or 'all' .*, got 'every'"):
         giva.initialize(model, batches, num_batches="every", progress=False)
     assert not giva.bases_initialized(model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Optional
 
 import torch
@@ -143,10 +144,9 @@ def make_client_app(
             work = client_request(session, pass_index, kind, matrices)
             scale = LossScale()
             if pass_index > 0 and SCALE_KEY in context.state:  # pass 0 starts a new setup
-                kept = context.state[SCALE_KEY]
-                scale = LossScale(float(kept["value"]), float(kept["limit"]), int(kept["clean"]))
+                scale = LossScale(**context.state[SCALE_KEY])
             partial: Partial = accumulate(model, batches, work, scale=scale)
-            context.state[SCALE_KEY] = ConfigRecord({"value": scale.value, "limit": scale.limit, "clean": scale.clean})
+            context.state[SCALE_KEY] = ConfigRecord(asdict(scale))  # every field of it, whatever LossScale holds
             # Packed in the order the server unpacks, in the run's transport dtype.
             sums = {key: partial.sums[key].to(dtype) for key in session.targets}
             metrics = {"num-examples": examples, "batches": partial.batches, "tokens": partial.tokens}

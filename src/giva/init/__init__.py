@@ -435,7 +435,10 @@ def _calibration_count(comm: Collective, num_batches: NumBatches, dataloader: It
         count = length or 0
     else:
         count, error = int(num_batches), None
-        if length is not None and length < count:  # a sized loader too short for k: said before any batch runs
+        if length == 0:  # said before any batch runs, as a too-short loader
+            error = ValueError(f"num_batches={count} calibration batches were asked for, but the dataloader is empty "
+                               "(len() is 0); it must give at least one batch")
+        elif length is not None and length < count:  # a sized loader too short for k
             error = ValueError(
                 f"num_batches={count} calibration batches were asked for, but the dataloader has {length} "
                 f"(len(dataloader)); pass num_batches={length} or fewer, or num_batches='all'"

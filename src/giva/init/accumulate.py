@@ -299,7 +299,7 @@ def loader_length(dataloader: Any) -> tuple[Optional[int], Optional[ValueError]]
     they come), and the error ``num_batches="all"`` raises on that loader: it has no len(), or is empty."""
     try:
         n = len(dataloader)
-    except TypeError:
+    except Exception:  # TypeError: no __len__; a loader's own (NotImplementedError) alike, on every rank, not before agree
         return None, ValueError(
             f"num_batches='all' averages every batch of the dataloader, but {type(dataloader).__name__} has no len() "
             "(an iterable-style loader); pass the number of calibration batches as an int"
