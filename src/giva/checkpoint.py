@@ -491,8 +491,21 @@ def check_adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str], 
     adapter is loaded into (its class is checked against the config's ``task_type``, its embedding layers name the
     tensors PEFT may have saved of them).
     """
+    return _checked_folder(model_id, subfolder, model)[0]
+
+
+def checked_adapter_tensors(folder: str | os.PathLike, model: Any) -> dict[str, Any]:
+    """The tensors of a local GiVA adapter folder, checked as :func:`check_adapter_folder` checks them (read once)."""
+    weights, tensors = _checked_folder(folder, None, model)
+    if weights is None:
+        raise CheckpointError(f"{folder} is not a local GiVA adapter folder")
+    return tensors
+
+
+def _checked_folder(model_id: str | os.PathLike, subfolder: Optional[str], model: Any) -> tuple[Optional[Path], dict[str, Any]]:
+    """:func:`check_adapter_folder`'s checks: the weights file and the tensors read from it (none: not checked)."""
     if not looks_local(model_id):
-        return None
+        return None, {}
     folder = Path(os.path.expanduser(os.fspath(model_id)))
     folder = folder / subfolder if subfolder else folder
     recover(folder)
@@ -507,7 +520,7 @@ def check_adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str], 
     if "peft_type" not in config:
         raise CheckpointError(f"{config_file} has no peft_type field: not a PEFT adapter config (edited or truncated?)")
     if config.get("peft_type") != GIVA_TYPE:
-        return None
+        return None, {}
     present = [folder / name for name in WEIGHTS_NAMES if (folder / name).is_file()]
     if not present:
         raise CheckpointError(
@@ -533,16 +546,16 @@ def check_adapter_folder(model_id: str | os.PathLike, subfolder: Optional[str], 
                 "%s is left from an earlier save (the checksum in %s covers %s): loading %s; saving the adapter again "
                 "removes it", present[0], CONFIG_NAME, weights.name, weights.name,
             )
-    check_contents(config_file, config, weights, embedding_layers(model))
+    tensors = check_contents(config_file, config, weights, embedding_layers(model))
     _check_task_type(config_file, config, model)
-    return weights
+    return weights, tensors
 
 
 # Per-layer tensors a GiVA checkpoint holds (keys ``base_model.model.<layer>.<name>``).
 # giva_core: the r x r core of adapters made with GivaConfig.core (trained, like the vectors).
 _BASES, _VECTORS, _SEEDED_CRC = ("giva_A", "giva_B"), ("giva_lambda_s", "giva_lambda_o", "giva_core"), "giva_seeded_crc32"
 _TRAINABLE_TOKENS = ".token_adapter.trainable_tokens_delta"  # what PEFT saves of a trainable_token_indices layer
-_PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of every saved key
+PEFT_PREFIX = "base_model.model."  # PeftModel's prefix of every saved key
 
 
 def embedding_layers(model: Any) -> frozenset[str]:
@@ -564,7 +577,7 @@ def embedding_layers(model: Any) -> frozenset[str]:
         if layer is not None:
             layers.append(layer)
     return frozenset(
-        f"{name.removeprefix(_PEFT_PREFIX)}.{param}"
+        f"{name.removeprefix(PEFT_PREFIX)}.{param}"
         for name, module in model.named_modules() if any(module is layer for layer in layers)
         for param, _ in _unwrapped(module).named_parameters(recurse=False)
     )
@@ -591,7 +604,7 @@ def embedding_parameter(key: str, embeddings: frozenset[str]) -> Optional[str]:
     ``<module>.weight`` of an embedding module, or ``<module>.base_layer.weight`` where a GiVA / PEFT layer wrapped
     it at save time (``<module>.token_adapter.base_layer.weight`` under trainable tokens); any other tensor under the
     module's name (a GiVA layer's ``lm_head.giva_A``) is none."""
-    module, _, param = key.removeprefix(_PEFT_PREFIX).rpartition(".")
+    module, _, param = key.removeprefix(PEFT_PREFIX).rpartition(".")
     for wrapper in _EMBEDDING_WRAPPERS:
         if module.endswith(wrapper) and f"{module.removesuffix(wrapper)}.{param}" in embeddings:
             return f"{module.removesuffix(wrapper)}.{param}"
@@ -837,7 +850,7 @@ def _reload_through_peft(model: Any, folder: Path, adapter_name: str) -> None:
     from peft.utils import set_peft_model_state_dict
 
     weights = load_peft_weights(peft_load_peft_weights, str(folder), device="cpu")
-    weights = {key.removeprefix(_PEFT_PREFIX): value for key, value in weights.items()}
+    weights = {key.removeprefix(PEFT_PREFIX): value for key, value in weights.items()}
     set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
 
 

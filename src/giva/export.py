@@ -26,6 +26,7 @@ adapter's head comes last. Both are fixed by :func:`convert_to_lora`, which PEFT
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -45,18 +46,17 @@ from transformers.pytorch_utils import Conv1D
 
 from . import peft_compat
 from .checkpoint import (
+    PEFT_PREFIX,
     CheckpointError,
     atomic_directory,
-    check_adapter_folder,
+    checked_adapter_tensors,
     embedding_layers,
     embedding_parameter,
     is_side_file,
-    read_weights,
 )
 from .layer import GivaLayer
 
 logger = logging.getLogger(__name__)
-_PEFT_PREFIX = "base_model.model."
 
 
 class ExportError(ValueError):
@@ -119,7 +119,7 @@ def _giva_layers(model: nn.Module, adapter_name: str) -> dict[str, GivaLayer]:
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, GivaLayer) and adapter_name in module.giva_lambda_o:
-            layers[name.removeprefix(_PEFT_PREFIX)] = module
+            layers[name.removeprefix(PEFT_PREFIX)] = module
     return layers
 
 
@@ -466,9 +466,7 @@ def _read_adapter_tensors(adapter_dir: Path, skeleton: nn.Module) -> dict[str, t
     """The tensors of a saved GiVA folder, checked as loading it into ``skeleton`` checks them (checksum, fields,
     tensors; the embedding layers PEFT may have saved are the skeleton's)."""
     try:
-        weights = check_adapter_folder(adapter_dir.absolute(), None, skeleton)
-        assert weights is not None  # a local GiVA folder always has one
-        return read_weights(weights)
+        return checked_adapter_tensors(adapter_dir.absolute(), skeleton)
     except CheckpointError as error:
         raise ExportError(str(error)) from None
 
@@ -477,7 +475,7 @@ def _layer_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torc
     """GiVA tensors by layer name in the base model (``bert.encoder.layer.0.attention.self.query``)."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        layer, _, kind = key.removeprefix(_PEFT_PREFIX).rpartition(".")
+        layer, _, kind = key.removeprefix(PEFT_PREFIX).rpartition(".")
         if kind.startswith("giva_"):
             layers.setdefault(layer, {})[kind] = value
     return layers
@@ -507,7 +505,7 @@ def _num_labels(tensors: dict[str, torch.Tensor], skeleton: nn.Module, modules_t
     sizes = {
         value.shape[0]
         for key, value in tensors.items()
-        if (name := key.removeprefix(_PEFT_PREFIX)) in shapes and value.dim() == 2 and tuple(value.shape) != shapes[name]
+        if (name := key.removeprefix(PEFT_PREFIX)) in shapes and value.dim() == 2 and tuple(value.shape) != shapes[name]
         and set(modules_to_save).intersection(name.split("."))
     }
     return sizes.pop() if len(sizes) == 1 else None
@@ -700,9 +698,10 @@ def export_lora_dir(
         }
     try:
         base_config = AutoConfig.from_pretrained(path)
-        model_config = AutoConfig.from_pretrained(path, **extra) if extra else base_config
     except (OSError, ValueError) as error:
         raise ExportError(f"base model {base_name!r} cannot be read: {error}") from None
+    model_config = copy.deepcopy(base_config)  # with labels.json's classes: what from_pretrained(path, **extra) makes
+    model_config.update(extra)
     auto = _model_class(config, model_config, adapter_dir / CONFIG_NAME)
     try:
         skeleton = _skeleton(auto, model_config)
