@@ -237,15 +237,16 @@ def recover(target: str | os.PathLike) -> None:
 
 def _swap_in(tmp: Path, target: Path) -> None:
     """Make the complete folder ``tmp`` the new ``target``; on return ``tmp`` holds the old folder (or nothing).
-    Another process saving the same new folder (a second rank calling ``save_pretrained``) may make ``target``
-    between the check and the rename: that folder is then replaced like any other, the last save winning, as PEFT's."""
-    if not target.exists():
-        try:
-            os.rename(tmp, target)
-            return
-        except OSError as err:
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+    A plain rename first: it makes a new folder, and fails on an existing one (made by another process saving the
+    same folder, a second rank calling ``save_pretrained``, as well), which is then replaced, the last save winning,
+    as PEFT's. Without the exchange (a file system without ``renameat2``: NFS) two saves over one existing folder at
+    once can still fail (docs/checkpoints.md)."""
+    try:
+        os.rename(tmp, target)
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
     if _exchange(tmp, target):
         return
     backup = target.parent / f".{target.name}{_OLD_TAG}{_owner_tag()}"
