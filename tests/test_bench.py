@@ -18,7 +18,15 @@ import pytest
 import torch
 
 from giva.bench import PLOTS, check_outputs, plan_benchmark, run_benchmark, validate_run
-from giva.bench.report import aggregate, claims_markdown, comparisons_markdown, headlines, markdown, rank_series
+from giva.bench.report import (
+    aggregate,
+    claims_markdown,
+    comparisons_markdown,
+    headlines,
+    markdown,
+    rank_series,
+    second_look_markdown,
+)
 from giva.bench.runner import (
     adaptive_plan,
     best_lr,
@@ -31,7 +39,7 @@ from giva.bench.runner import (
     write_json_atomically,
 )
 from giva.bench.schema import RUN_SCHEMA
-from giva.bench.spec import Phase, SuiteSpec, TaskSpec, load_method, load_suite
+from giva.bench.spec import Phase, SecondLook, SuiteSpec, TaskSpec, load_method, load_suite
 from giva.bench.stats import (
     MIN_SEEDS,
     RULES,
@@ -40,10 +48,12 @@ from giva.bench.stats import (
     crossed_variance,
     end_to_end_ratio,
     evaluate_claims,
+    evaluate_second_look,
     family_confidence,
     paired_interval,
     paired_intervals,
     paired_ratio_bootstrap,
+    split_ref,
     unpaired_ratio_bootstrap,
     verdict,
 )
@@ -825,6 +835,89 @@ def test_family_wise_intervals_nest_the_95_percent_ones_and_can_undo_a_singled_o
     assert one_of_nine["verdict"] == "supported"  # the claim's verdict stays its declared first pair's at 95%
     table = "\n".join(claims_markdown([one_of_nine]))
     assert "(m=9) | undecided |" in table and "| family-wise CI | family-wise verdict |" in table
+
+
+def _tagged(record: dict, tag: str) -> dict:
+    """``record`` as a run of the ``tag`` ablation row (a second look's further seeds)."""
+    return {**record, "ablation": tag, "run_id": record["run_id"].replace("__lr", f"__{tag}__lr")}
+
+
+_LOOK = {"declared": "before its runs", "why": "undecided at 5 seeds", "seeds_tag": "more", "min_seeds": 10, "confidence": 0.975,
+         "claims": [{"claim": "a matches b, 10 seeds", "test": "non-inferior", "pairs": [["t/giva-r8", "t/lora-r8"]]}]}
+
+
+def test_a_second_look_joins_the_tagged_seeds_at_its_own_level_and_leaves_the_first_look_as_it_was() -> None:
+    rng = np.random.default_rng(11)
+
+    def correct(p: float) -> str:
+        return "".join("1" if x else "0" for x in rng.random(400) < p)
+
+    a = {s: correct(0.80) for s in range(10)}
+    b = {s: correct(0.78 if s % 2 else 0.70) for s in range(10)}  # a wide seed spread, as SmolLM2's LoRA rows
+    runs = [_predicted("giva-r8", "giva", s, a[s]) for s in range(5)] + [_predicted("lora-r8", "lora", s, b[s]) for s in range(5)]
+    first_look = [{"claim": "a matches b", "test": "non-inferior", "pairs": [["t/giva-r8", "t/lora-r8"]]}]
+    before = evaluate_claims(first_look, aggregate(runs), [])
+    runs += [_tagged(_predicted("giva-r8", "giva", s, a[s]), "more") for s in range(5, 10)]
+    runs += [_tagged(_predicted("lora-r8", "lora", s, b[s]), "more") for s in range(5, 9)]
+    rows = aggregate(runs)
+    assert evaluate_claims(first_look, rows, []) == before  # the tagged rows change no first-look claim
+    pending = evaluate_second_look(_LOOK, rows)[0]
+    assert pending["verdict"] == "pending" and pending["pairs"][0]["n_seeds"] == 9 and pending["pairs"][0]["why"] == "9 of 10 seeds"
+    runs.append(_tagged(_predicted("lora-r8", "lora", 9, b[9]), "more"))
+    look = evaluate_second_look(_LOOK, aggregate(runs))[0]
+    pair = look["pairs"][0]
+
+    def matrix(by_seed: dict[int, str]) -> np.ndarray:
+        return np.array([[c == "1" for c in by_seed[s]] for s in range(10)])
+
+    expected = paired_intervals(matrix(a), matrix(b), [0.975])[0]  # the 10 seeds as one sample, at the look's level
+    assert (pair["estimate"], pair["low"], pair["high"], pair["n_seeds"]) == (expected.estimate, expected.low, expected.high, 10)
+    assert look["verdict"] == pair["verdict"] == verdict("non-inferior", expected)
+    assert pair["family_confidence"] == pytest.approx(0.975) and pair["a_value"] == pytest.approx(np.mean([v.count("1") / 400 for v in a.values()]))
+    wider = paired_intervals(matrix(a), matrix(b), [0.95])[0]
+    assert pair["low"] < wider.low and pair["high"] > wider.high  # 97.5 %: the second look pays for the first
+    table = "\n".join(second_look_markdown(_LOOK, [look]))
+    assert "| a - b [97.5% CI] |" in table and "2.50% + 1.25% = 3.75%" in table and f"| **{look['verdict']}** |" in table
+    assert "9 of 10 seeds" in "\n".join(second_look_markdown(_LOOK, [pending]))
+
+
+def test_a_second_look_refuses_seeds_counted_twice_or_run_at_another_lr() -> None:
+    runs = [_predicted("giva-r8", "giva", s, "1100") for s in range(5)] + [_predicted("lora-r8", "lora", s, "1010") for s in range(10)]
+    twice = runs + [_tagged(_predicted("giva-r8", "giva", s, "1110"), "more") for s in range(4, 10)]
+    with pytest.raises(ValueError, match=r"t/giva-r8 and t/giva-r8:more both ran seed\(s\) \[4\]"):
+        evaluate_second_look(_LOOK, aggregate(twice))
+    other_lr = runs + [_tagged(fake_run("giva-r8", "giva", 0.02, s, 0.8, 0.5) | {"metrics": {
+        "val_accuracy": 0.8, "val_accuracy_per_epoch": [0.8], "test_accuracy": 0.5, "test_correct": "1100"}}, "more") for s in range(5, 10)]
+    for r in other_lr:
+        r.setdefault("data", {})["test_sha256"] = "x"
+    with pytest.raises(ValueError, match="t/giva-r8:more ran at LR 0.02, t/giva-r8 chose 0.01"):
+        evaluate_second_look(_LOOK, aggregate(other_lr))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"min_seeds": 5}, "min_seeds must be an integer above the first look's 5 seeds"),
+    ({"confidence": 0.9}, r"confidence must be a number in \[0.95, 1\)"),
+    ({"seeds_tag": ""}, "'seeds_tag' must be non-empty"),
+    ({"claims": ()}, "must name at least one claim"),
+    ({"claims": ({"claim": "c", "test": "equal", "pairs": [["t/a", "t/b"]]},)}, "claim 'c': unknown claim test 'equal'"),
+    ({"claims": ({"claim": "c", "test": "better", "pairs": [["t/a:more", "t/b"]]},)}, "row 't/a:more' names an ablation"),
+])
+def test_a_second_look_with_a_bad_field_is_refused_by_name(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SecondLook(**{**_LOOK, "claims": tuple(_LOOK["claims"]), **change})
+
+
+def test_the_evidence_suites_second_look_names_its_phases_tag_and_real_tasks() -> None:
+    suite = load_suite(BENCH, "evidence")
+    look = suite.second_look
+    assert look is not None and look.confidence == 0.975 and look.min_seeds == 10
+    tagged = [p for p in suite.phases for a in p.ablations if a.tag == look.seeds_tag]
+    assert {p.task for p in tagged} == {split_ref(ref)[0] for c in look.claims for pair in c["pairs"] for ref in pair}
+    assert all(set(p.seeds).isdisjoint(range(5)) and len(p.seeds) == look.min_seeds - 5 and p.lr_factors == (1.0,) for p in tagged)
+    with pytest.raises(ValueError, match="second_look.seeds_tag 'nope' is no phase's ablation tag"):
+        replace(suite, second_look=replace(look, seeds_tag="nope"))
+    with pytest.raises(ValueError, match="second_look row 'nowhere/giva-r8' names no task"):
+        replace(suite, second_look=replace(look, claims=({"claim": "c", "test": "better", "pairs": [["nowhere/giva-r8", "sst/lora-r8-all"]]},)))
 
 
 def _at(method: str, family: str, lr: float, seed: int, val: float, correct: str, seconds: float = 10.0) -> dict:

@@ -14,6 +14,7 @@ import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,7 +34,16 @@ from .spec import (
     benchmarks_dir,
     load_method,
 )
-from .stats import CONFIDENCE, MIN_SEEDS, RULES, combination, end_to_end_ratio, evaluate_claims, split_ref
+from .stats import (
+    CONFIDENCE,
+    MIN_SEEDS,
+    RULES,
+    combination,
+    end_to_end_ratio,
+    evaluate_claims,
+    evaluate_second_look,
+    split_ref,
+)
 
 PLOTS = ("acc_vs_params.png", "acc_vs_rank.png", "step_time.png", "loss_curves.png")
 
@@ -281,6 +291,32 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
     return out + [""] + lr_variants_markdown(claims)
 
 
+def second_look_markdown(look: Optional[dict[str, Any]], claims: list[dict[str, Any]]) -> list[str]:
+    """The declared second look (``look``: the suite's ``second_look``), then its claims table, as the claims table."""
+    if not look:
+        return []
+    level, one_sided = look["confidence"], (1 - CONFIDENCE) / 2 + (1 - look["confidence"]) / 2
+    out = ["## Second look: more seeds for undecided pairs", "",
+           f"Declared {look['declared']}. Why: {look['why']}. Each row's seeds at its chosen LR are joined with those of its "
+           f"`{look['seeds_tag']}` row (the same method at the same LR on further seeds), and each pair is decided at "
+           f"{level:.1%} over at least {look['min_seeds']} paired seeds, by the rules above. The first look (the claims "
+           f"table, 5 seeds at 95 %) already spent its error on these pairs, so a verdict of the two looks together errs "
+           f"on its side at most {(1 - CONFIDENCE) / 2:.2%} + {(1 - level) / 2:.2%} = {one_sided:.2%} of the time (one-sided, "
+           f"Bonferroni over the looks), against {(1 - CONFIDENCE) / 2:.2%} for one look. 'pending': fewer than "
+           f"{look['min_seeds']} paired seeds. No LR variants: the runner-up LRs ran the sweep seeds only.", "",
+           f"| claim | verdict | pair (a vs b) | a - b [{level:.1%} CI] | seeds x examples | pair verdict | family-wise CI "
+           "| family-wise verdict |", "|---|---|---|---|---|---|---|---|"]
+    for claim in claims:
+        for i, pair in enumerate(claim["pairs"]):
+            sizes = f"{pair['n_seeds']} x {pair['n_examples']}" if "estimate" in pair else "-"
+            if pair["verdict"] == "pending":
+                sizes += f" ({pair['why']})"
+            head = f"{claim['claim']} | **{claim['verdict']}**" if i == 0 else " | "
+            out.append(f"| {head} | {pair['a']} vs {pair['b']} | {_fmt_pair(pair)} | {sizes} | {pair['verdict']} "
+                       f"| {_fmt_family(pair)} | {pair.get('family_verdict', '-')} |")
+    return out + [""]
+
+
 def _fmt_robust(pair: dict[str, Any]) -> str:
     """'yes' when every runner-up variant with MIN_SEEDS seeds keeps the pair's verdict, else which reads what;
     variants below MIN_SEEDS decide nothing and are named as not shown; a pair with no variant was not tested."""
@@ -362,7 +398,8 @@ def comparisons_markdown(comparisons: list[dict[str, Any]], end_to_end: list[dic
 
 def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: list[str], suite: str,
              claims: Optional[list[dict[str, Any]]] = None, cost: Optional[tuple[int, float]] = None,
-             comparisons: Sequence[dict[str, Any]] = (), end_to_end: Sequence[dict[str, Any]] = ()) -> str:
+             comparisons: Sequence[dict[str, Any]] = (), end_to_end: Sequence[dict[str, Any]] = (),
+             second_look: Optional[dict[str, Any]] = None) -> str:
     out = [f"# giva bench results: suite `{suite}`", ""]
     if cost is not None:
         n_runs, seconds = cost
@@ -371,6 +408,7 @@ def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: li
             "test accuracy of that LR, mean ± std over the seeds listed. Trainable = adapter only (the classification head "
             "is trained in every method and counted separately in results.json). Generated from the run JSONs only.", ""]
     out += claims_markdown(claims or [])
+    out += second_look_markdown(second_look, (second_look or {}).get("claims", []))
     out += comparisons_markdown(list(comparisons), list(end_to_end))
     out += ["## Headlines", ""] + [f"- {line}" for line in lines] + [""]
     for task in sorted({r["task"] for r in rows}):
@@ -542,6 +580,8 @@ def write_report(output_dir: Path, spec: SuiteSpec) -> dict[str, Any]:
     speeds = [r for r in runs if r.get("kind") == "speed"]
     lines = headlines(rows, speeds, headline_task, spec.headline_pairs, spec.headline_sizes)
     claims = evaluate_claims(spec.claims, rows, speeds)
+    look = asdict(spec.second_look) if spec.second_look else None
+    second_look = {**look, "claims": evaluate_second_look(look, rows)} if look else None
     comparisons = [{"what": c.what, **combination(rows, c.plus, c.minus)} for c in spec.comparisons
                    if all(_find(rows, *split_ref(ref)) for ref in (*c.plus, *c.minus))]
     pair = spec.end_to_end
@@ -554,6 +594,7 @@ def write_report(output_dir: Path, spec: SuiteSpec) -> dict[str, Any]:
         "headline_task": headline_task,
         "headlines": lines,
         "claims": claims,
+        **({"second_look": second_look} if second_look else {}),
         "comparisons": comparisons,
         "end_to_end": end_to_end,
         "rows": [{k: v for k, v in row.items() if k not in per_example} for row in rows],
@@ -563,7 +604,7 @@ def write_report(output_dir: Path, spec: SuiteSpec) -> dict[str, Any]:
     }
     write_json_atomically(output_dir / "results.json", results)
     cost = (results["n_runs"], results["total_run_seconds"])
-    (output_dir / "results.md").write_text(markdown(rows, speeds, lines, suite, claims, cost, comparisons, end_to_end))
+    (output_dir / "results.md").write_text(markdown(rows, speeds, lines, suite, claims, cost, comparisons, end_to_end, second_look))
     if rows:
         plot(rows, runs, speeds, headline_task, output_dir)
     return results

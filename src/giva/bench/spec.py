@@ -9,6 +9,7 @@ the suite and is shared by every method in it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any, Optional
 
 from ..bases import GRADIENT_VARIANTS, SEEDED_B_VARIANTS
 from ..init.session import STATISTICS  # GiVA's init.statistic: what A is taken from
-from .stats import split_ref
+from .stats import CONFIDENCE, MIN_SEEDS, claim_test, split_ref
 
 METHOD_KINDS = ("none", "floor", "probe", "full", "peft", "osora")
 UNTRAINED_KINDS = ("none", "floor")
@@ -221,6 +222,43 @@ class Comparison:
 
 
 @dataclass(frozen=True)
+class SecondLook:
+    """More seeds for claims the first look (the suite's claims, 5 seeds) left undecided, declared before their runs:
+    each row of a pair joined with its ``seeds_tag`` ablation row (the same method at the same LR on further seeds),
+    decided at ``confidence`` over at least ``min_seeds`` seeds (:func:`giva.bench.stats.evaluate_second_look`)."""
+
+    declared: str  # when, and that it came before the runs
+    why: str
+    seeds_tag: str
+    min_seeds: int
+    confidence: float
+    claims: tuple[dict[str, Any], ...]
+
+    def __post_init__(self) -> None:
+        where = "second_look"
+        if not self.declared or not self.why or not self.seeds_tag:
+            raise ValueError(f"{where}: 'declared', 'why' and 'seeds_tag' must be non-empty")
+        if isinstance(self.min_seeds, bool) or not isinstance(self.min_seeds, int) or self.min_seeds <= MIN_SEEDS:
+            raise ValueError(f"{where}.min_seeds must be an integer above the first look's {MIN_SEEDS} seeds, got {self.min_seeds!r}")
+        if not isinstance(self.confidence, float) or not CONFIDENCE <= self.confidence < 1:
+            raise ValueError(f"{where}.confidence must be a number in [{CONFIDENCE}, 1), got {self.confidence!r}")
+        if not self.claims:
+            raise ValueError(f"{where}.claims must name at least one claim")
+        for claim in self.claims:
+            name = claim.get("claim")
+            try:
+                claim_test(claim.get("test", ""))
+            except ValueError as error:
+                raise ValueError(f"{where} claim {name!r}: {error}") from None
+            if not name or not claim.get("pairs") or any(len(pair) != 2 for pair in claim["pairs"]):
+                raise ValueError(f"{where} claim {name!r} needs a name and 'pairs' of two rows each")
+            for ref in (ref for pair in claim["pairs"] for ref in pair):
+                if split_ref(ref)[2] is not None:
+                    raise ValueError(f"{where} claim {name!r}: row {ref!r} names an ablation; name the first look's row, "
+                                     f"its {self.seeds_tag!r} row is joined to it")
+
+
+@dataclass(frozen=True)
 class SuiteSpec:
     name: str
     version: int
@@ -236,11 +274,20 @@ class SuiteSpec:
     claims: tuple[dict[str, Any], ...] = ()  # the paper's claims and the row pairs that decide them (see stats.py)
     comparisons: tuple[Comparison, ...] = ()  # further differences the report states, with their intervals
     end_to_end: Optional[tuple[str, str]] = None  # (a, b) methods: a's init + training time over b's, per task
+    second_look: Optional[SecondLook] = None  # more seeds for undecided claims, declared before their runs
 
     def __post_init__(self) -> None:
         head_lr = self.train.get("head_lr", "same")
         if not (head_lr in HEAD_LR_RULES or (isinstance(head_lr, (int, float)) and head_lr > 0)):
             raise ValueError(f"suite {self.name!r}: train.head_lr must be one of {HEAD_LR_RULES} or a positive number, got {head_lr!r}")
+        if self.second_look is not None:
+            tags = {a.tag for p in self.phases for a in p.ablations}
+            if self.second_look.seeds_tag not in tags:
+                raise ValueError(f"suite {self.name!r}: second_look.seeds_tag {self.second_look.seeds_tag!r} is no phase's "
+                                 f"ablation tag; the further seeds run as that ablation")
+            for ref in (ref for c in self.second_look.claims for pair in c["pairs"] for ref in pair):
+                if split_ref(ref)[0] not in self.tasks:
+                    raise ValueError(f"suite {self.name!r}: second_look row {ref!r} names no task of the suite ({sorted(self.tasks)})")
 
 
 def benchmarks_dir(start: Optional[Path] = None) -> Path:
@@ -301,4 +348,15 @@ def load_suite(root: Path, name: str) -> SuiteSpec:
             Comparison(c["what"], tuple(c["plus"]), tuple(c["minus"])) for c in raw.get("comparisons", ())
         ),
         end_to_end=tuple(raw["end_to_end"]) if raw.get("end_to_end") else None,
+        second_look=_second_look(raw.get("second_look")),
     )
+
+
+def _second_look(raw: Optional[dict[str, Any]]) -> Optional[SecondLook]:
+    if raw is None:
+        return None
+    fields = {f.name for f in dataclasses.fields(SecondLook)}
+    if not isinstance(raw, dict) or set(raw) != fields:
+        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"second_look must be an object with exactly the keys {sorted(fields)}, got {got}")
+    return SecondLook(**{**raw, "claims": tuple(raw["claims"])})

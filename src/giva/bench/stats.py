@@ -41,6 +41,7 @@ that picking the one pair of m that came out decided is not mistaken for evidenc
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
@@ -234,9 +235,9 @@ def correctness_by_seed(rows: list[dict[str, Any]], ref: str) -> tuple[dict[int,
     return row.get("test_correct_by_seed", {}), row.get("test_sha256_by_seed", {}), row
 
 
-def _with_family(result: dict[str, Any], test: str, family: Interval, m: int) -> dict[str, Any]:
+def _with_family(result: dict[str, Any], test: str, family: Interval, m: int, confidence: float = CONFIDENCE) -> dict[str, Any]:
     """A decided pair's family-wise interval and verdict (see the module docstring)."""
-    return {**result, "family_size": m, "family_confidence": family_confidence(m), "family_low": family.low,
+    return {**result, "family_size": m, "family_confidence": family_confidence(m, confidence), "family_low": family.low,
             "family_high": family.high, "family_verdict": verdict(test, family)}
 
 
@@ -347,6 +348,57 @@ def evaluate_claims(claims: Sequence[dict[str, Any]], rows: list[dict[str, Any]]
                 pairs.append(_speed_pair(speeds, test, a_ref, b_ref, m))
             else:
                 pairs.append(_accuracy_pair(rows, test, a_ref, b_ref, m))
+        counts = {v: sum(p["verdict"] == v for p in pairs) for v in VERDICTS}
+        results.append({"claim": claim["claim"], "test": test, "verdict": pairs[0]["verdict"] if pairs else "pending",
+                        "counts": counts, "pairs": pairs})
+    return results
+
+
+# --- a second look: more seeds for claims the first look left undecided ------------------------------------
+
+
+def pooled_seeds(rows: list[dict[str, Any]], ref: str, tag: str) -> tuple[dict[int, str], dict[int, str], Optional[dict[str, Any]]]:
+    """A row's seeds at its chosen LR joined with those of its ``ref:tag`` row (the same method at the same LR, on
+    seeds the row has not run): ``(seed -> test_correct, seed -> test hash, the row)`` as :func:`correctness_by_seed`.
+    The tagged row keeps the first look's row (and its claims) as it was; ``ValueError`` when the two rows ran at
+    different LRs or share a seed (then they are not one sample of seeds)."""
+    correct, hashes, row = correctness_by_seed(rows, ref)
+    more_correct, more_hashes, more = correctness_by_seed(rows, f"{ref}:{tag}")
+    if row is None or more is None:
+        return correct, hashes, row
+    if more["lr_key"] != row["lr_key"]:
+        raise ValueError(f"{ref}:{tag} ran at LR {more['lr_key']}, {ref} chose {row['lr_key']}: its seeds are not more of that row's")
+    shared = sorted(set(correct) & set(more_correct), key=int)
+    if shared:
+        raise ValueError(f"{ref} and {ref}:{tag} both ran seed(s) {shared}: a seed would count twice")
+    return {**correct, **more_correct}, {**hashes, **more_hashes}, row
+
+
+def evaluate_second_look(look: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The claims of a suite's declared second look (``look``: ``seeds_tag``, ``min_seeds``, ``confidence``,
+    ``claims``): each pair over the first look's seeds and the ``seeds_tag`` rows' together (:func:`pooled_seeds`), at
+    ``confidence`` (below 95 %'s error: the first look spent 5 % on these pairs, so the two looks together err on
+    a verdict's side at most 2.5 % + (1 - confidence) / 2, one-sided), family-wise at Bonferroni over the claim's pairs,
+    'pending' below ``min_seeds`` paired seeds. Verdicts by the same rules as the claims (:data:`RULES`). No LR variants:
+    the runner-up LRs ran the sweep seeds only."""
+    confidence, tag, min_seeds = look["confidence"], look["seeds_tag"], look["min_seeds"]
+    results = []
+    for claim in look["claims"]:
+        test, m, pairs = claim_test(claim["test"]), len(claim["pairs"]), []
+        for a_ref, b_ref in claim["pairs"]:
+            (a_correct, a_hash, _), (b_correct, b_hash, _) = pooled_seeds(rows, a_ref, tag), pooled_seeds(rows, b_ref, tag)
+            out: dict[str, Any] = {"a": a_ref, "b": b_ref, "test": test, "confidence": confidence}
+            intervals, n_seeds = _paired((a_correct, a_hash), (b_correct, b_hash), f"{a_ref} and {b_ref}",
+                                         [confidence, family_confidence(m, confidence)])
+            if n_seeds < min_seeds:
+                pairs.append({**out, **(asdict(intervals[0]) if intervals else {}), "n_seeds": n_seeds,
+                              "verdict": "pending", "why": f"{n_seeds} of {min_seeds} seeds"})
+                continue
+            interval, family = intervals
+            paired = set(a_correct) & set(b_correct)  # the seeds the interval is over
+            means = [statistics.fmean(correct[s].count("1") / len(correct[s]) for s in paired) for correct in (a_correct, b_correct)]
+            pairs.append(_with_family({**out, **asdict(interval), "a_value": means[0], "b_value": means[1],
+                                       "verdict": verdict(test, interval)}, test, family, m, confidence))
         counts = {v: sum(p["verdict"] == v for p in pairs) for v in VERDICTS}
         results.append({"claim": claim["claim"], "test": test, "verdict": pairs[0]["verdict"] if pairs else "pending",
                         "counts": counts, "pairs": pairs})
