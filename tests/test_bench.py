@@ -876,6 +876,13 @@ def test_a_second_look_joins_the_tagged_seeds_at_its_own_level_and_leaves_the_fi
     assert pair["family_confidence"] == pytest.approx(0.975) and pair["a_value"] == pytest.approx(np.mean([v.count("1") / 400 for v in a.values()]))
     wider = paired_intervals(matrix(a), matrix(b), [0.95])[0]
     assert pair["low"] < wider.low and pair["high"] > wider.high  # 97.5 %: the second look pays for the first
+    singled_out = evaluate_second_look(_LOOK, aggregate(runs), [{"claim": "first", "pairs": [["t/x", "t/y"]] * 4 + [["t/giva-r8", "t/lora-r8"]]}])
+    family = singled_out[0]["pairs"][0]  # the fifth pair of a first-look claim of 5 keeps its family of 5
+    assert family["family_size"] == 5 and family["family_confidence"] == pytest.approx(1 - 0.025 / 5)
+    widest = paired_intervals(matrix(a), matrix(b), [1 - 0.025 / 5])[0]
+    assert (family["family_low"], family["family_high"]) == (widest.low, widest.high) and family["low"] == pair["low"]
+    tagged = [row for row in aggregate(runs) if row["ablation"] == "more"]
+    assert [row["lrs_tried"] for row in tagged] == [[0.01], [0.01]]  # a row that ran seeds 5-9 only still names its LR
     table = "\n".join(second_look_markdown(_LOOK, [look]))
     assert "| a - b [97.5% CI] |" in table and "2.50% + 1.25% = 3.75%" in table and f"| **{look['verdict']}** |" in table
     assert "9 of 10 seeds" in "\n".join(second_look_markdown(_LOOK, [pending]))
@@ -901,6 +908,7 @@ def test_a_second_look_refuses_seeds_counted_twice_or_run_at_another_lr() -> Non
     ({"claims": ()}, "must name at least one claim"),
     ({"claims": ({"claim": "c", "test": "equal", "pairs": [["t/a", "t/b"]]},)}, "claim 'c': unknown claim test 'equal'"),
     ({"claims": ({"claim": "c", "test": "better", "pairs": [["t/a:more", "t/b"]]},)}, "row 't/a:more' names an ablation"),
+    ({"claims": ({"claim": "c", "test": "smaller", "pairs": [["t/a", "t/b"]]},)}, "claim 'c': test 'smaller' is not an accuracy test"),
 ])
 def test_a_second_look_with_a_bad_field_is_refused_by_name(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -918,6 +926,21 @@ def test_the_evidence_suites_second_look_names_its_phases_tag_and_real_tasks() -
         replace(suite, second_look=replace(look, seeds_tag="nope"))
     with pytest.raises(ValueError, match="second_look row 'nowhere/giva-r8' names no task"):
         replace(suite, second_look=replace(look, claims=({"claim": "c", "test": "better", "pairs": [["nowhere/giva-r8", "sst/lora-r8-all"]]},)))
+    # before any run: the tagged phase must exist for every row, run the first look's LR, and add seeds of its own
+    with pytest.raises(ValueError, match=r"row 'sst/lora-r8-all' needs one adaptive phase .* found 1 and 0"):
+        replace(suite, second_look=replace(look, claims=({"claim": "c", "test": "better", "pairs": [["sst-clm/giva-default-r8", "sst/lora-r8-all"]]},)))
+    phases = {p.name: p for p in suite.phases}
+
+    def with_phase(**change: object) -> SuiteSpec:
+        return replace(suite, phases=tuple(replace(p, **change) if p.name == "clm-seeds-5-9" else p for p in suite.phases))
+
+    with pytest.raises(ValueError, match="phase 'clm-seeds-5-9' must run sst-clm/giva-default-r8's first-look LR"):
+        with_phase(lr_factors=(2.0,))
+    with pytest.raises(ValueError, match=r"must run seeds that phase 'clm' did not \(\[0, 1, 2, 3, 4\]\), 10 with them; it runs \[4, 5"):
+        with_phase(seeds=(4, 5, 6, 7, 8, 9))
+    with pytest.raises(ValueError, match="10 with them; it runs \\[5, 6, 7, 8\\]"):
+        with_phase(seeds=(5, 6, 7, 8))
+    assert phases["clm-seeds-5-9"].lr_from_task == "sst-clm"
 
 
 def _at(method: str, family: str, lr: float, seed: int, val: float, correct: str, seconds: float = 10.0) -> dict:

@@ -221,6 +221,9 @@ class Comparison:
             raise ValueError(f"comparison {self.what!r} needs rows in both 'plus' and 'minus'")
 
 
+SECOND_LOOK_TESTS = ("non-inferior", "better")  # accuracy pairs: the ones more seeds can decide
+
+
 @dataclass(frozen=True)
 class SecondLook:
     """More seeds for claims the first look (the suite's claims, 5 seeds) left undecided, declared before their runs:
@@ -247,9 +250,12 @@ class SecondLook:
         for claim in self.claims:
             name = claim.get("claim")
             try:
-                claim_test(claim.get("test", ""))
+                test = claim_test(claim.get("test", ""))
             except ValueError as error:
                 raise ValueError(f"{where} claim {name!r}: {error}") from None
+            if test not in SECOND_LOOK_TESTS:
+                raise ValueError(f"{where} claim {name!r}: test {test!r} is not an accuracy test; a second look adds seeds "
+                                 f"to accuracy pairs only ({SECOND_LOOK_TESTS})")
             if not name or not claim.get("pairs") or any(len(pair) != 2 for pair in claim["pairs"]):
                 raise ValueError(f"{where} claim {name!r} needs a name and 'pairs' of two rows each")
             for ref in (ref for pair in claim["pairs"] for ref in pair):
@@ -285,9 +291,29 @@ class SuiteSpec:
             if self.second_look.seeds_tag not in tags:
                 raise ValueError(f"suite {self.name!r}: second_look.seeds_tag {self.second_look.seeds_tag!r} is no phase's "
                                  f"ablation tag; the further seeds run as that ablation")
-            for ref in (ref for c in self.second_look.claims for pair in c["pairs"] for ref in pair):
-                if split_ref(ref)[0] not in self.tasks:
-                    raise ValueError(f"suite {self.name!r}: second_look row {ref!r} names no task of the suite ({sorted(self.tasks)})")
+            for ref in dict.fromkeys(ref for c in self.second_look.claims for pair in c["pairs"] for ref in pair):
+                self._check_second_look_row(ref)
+
+    def _check_second_look_row(self, ref: str) -> None:
+        """Before any run: a second-look row has a first-look phase and one phase with the look's tag that runs it at
+        the first look's LR (``lr_factors`` [1.0] around ``lr_from_task`` = its own task, no extension) on seeds the
+        first look did not run, enough of them together for ``min_seeds``."""
+        look, (task, method, _) = self.second_look, split_ref(ref)
+        where = f"suite {self.name!r}: second_look row {ref!r}"
+        if task not in self.tasks:
+            raise ValueError(f"{where} names no task of the suite ({sorted(self.tasks)})")
+        first = next((p for p in self.phases if p.lr == "adaptive" and p.task == task and method in p.methods and not p.ablations), None)
+        tagged = [p for p in self.phases if p.task == task and method in p.methods and any(a.tag == look.seeds_tag for a in p.ablations)]
+        if first is None or len(tagged) != 1:
+            raise ValueError(f"{where} needs one adaptive phase that runs it and one phase with the ablation tag "
+                             f"{look.seeds_tag!r} that runs {method} on {task}; found {0 if first is None else 1} and {len(tagged)}")
+        more = tagged[0]
+        if more.lr != "adaptive" or more.lr_factors != (1.0,) or more.max_lr_extensions != 0 or more.lr_from_task != task:
+            raise ValueError(f"phase {more.name!r} must run {ref}'s first-look LR: lr 'adaptive', lr_factors [1.0], "
+                             f"max_lr_extensions 0 and lr_from_task {task!r}")
+        if set(more.seeds) & set(first.seeds) or len(set(more.seeds) | set(first.seeds)) < look.min_seeds:
+            raise ValueError(f"phase {more.name!r} must run seeds that phase {first.name!r} did not ({list(first.seeds)}), "
+                             f"{look.min_seeds} with them; it runs {list(more.seeds)}")
 
 
 def benchmarks_dir(start: Optional[Path] = None) -> Path:

@@ -374,18 +374,26 @@ def pooled_seeds(rows: list[dict[str, Any]], ref: str, tag: str) -> tuple[dict[i
     return {**correct, **more_correct}, {**hashes, **more_hashes}, row
 
 
-def evaluate_second_look(look: dict[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def first_look_family(first_claims: Sequence[dict[str, Any]], a_ref: str, b_ref: str) -> int:
+    """The number of pairs of the largest first-look claim that tested ``a_ref`` against ``b_ref`` (1 if none did)."""
+    return max((len(c["pairs"]) for c in first_claims if [a_ref, b_ref] in [list(p) for p in c["pairs"]]), default=1)
+
+
+def evaluate_second_look(look: dict[str, Any], rows: list[dict[str, Any]], first_claims: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     """The claims of a suite's declared second look (``look``: ``seeds_tag``, ``min_seeds``, ``confidence``,
     ``claims``): each pair over the first look's seeds and the ``seeds_tag`` rows' together (:func:`pooled_seeds`), at
-    ``confidence`` (below 95 %'s error: the first look spent 5 % on these pairs, so the two looks together err on
-    a verdict's side at most 2.5 % + (1 - confidence) / 2, one-sided), family-wise at Bonferroni over the claim's pairs,
-    'pending' below ``min_seeds`` paired seeds. Verdicts by the same rules as the claims (:data:`RULES`). No LR variants:
-    the runner-up LRs ran the sweep seeds only."""
+    ``confidence`` (above 95 %: the first look spent its 2.5 % a side on these pairs, so a pair's verdict over the two
+    looks errs on its side at most 2.5 % + (1 - confidence) / 2, one-sided, at the intervals' nominal coverage),
+    'pending' below ``min_seeds`` paired seeds. Family-wise: Bonferroni over the pairs of the family the pair was
+    first tested in (``first_claims``, the suite's claims: a pair singled out of a first-look claim of m pairs keeps
+    that m) or of its second-look claim, whichever is larger. Verdicts by the same rules as the claims (:data:`RULES`).
+    No LR variants: the runner-up LRs ran the sweep seeds only."""
     confidence, tag, min_seeds = look["confidence"], look["seeds_tag"], look["min_seeds"]
     results = []
     for claim in look["claims"]:
-        test, m, pairs = claim_test(claim["test"]), len(claim["pairs"]), []
+        test, pairs = claim_test(claim["test"]), []
         for a_ref, b_ref in claim["pairs"]:
+            m = max(len(claim["pairs"]), first_look_family(first_claims, a_ref, b_ref))
             (a_correct, a_hash, _), (b_correct, b_hash, _) = pooled_seeds(rows, a_ref, tag), pooled_seeds(rows, b_ref, tag)
             out: dict[str, Any] = {"a": a_ref, "b": b_ref, "test": test, "confidence": confidence}
             intervals, n_seeds = _paired((a_correct, a_hash), (b_correct, b_hash), f"{a_ref} and {b_ref}",
