@@ -67,14 +67,16 @@ def test_finetune_saves_an_adapter_that_reloads_with_its_label_names(model_dir, 
 
 
 def test_a_tilde_output_dir_is_the_folder_saved_and_reported(model_dir, data_csv, tmp_path, capsys, monkeypatch):
-    """`--output-dir=~/ft` (bash leaves a `~` after `=` alone): the size and the path reported are the saved folder's."""
+    """`--output-dir=~/ft` (bash leaves a `~` after `=` alone): the size and the path reported are the saved folder's.
+    With --json stdout is the JSON alone (`giva finetune --json | jq .`), the summary on stderr."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
     assert main([*args(model_dir, data_csv, "~/ft"), "--json"]) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out[out.index("{"):])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert "adapter size" in captured.err
     saved = home / "ft" / "adapter_model.safetensors"
     assert result["output_dir"] == str(home / "ft") and result["adapter_bytes"] == saved.stat().st_size > 0
     assert not (tmp_path / "~").exists()
@@ -197,10 +199,10 @@ def test_a_relative_model_folder_is_recorded_as_an_absolute_path(model_dir, data
 def test_init_mode_reaches_initialize_and_is_recorded(model_dir, data_csv, tmp_path, capsys):
     for mode, used, passes in (("sketch", "sketch", 3), ("exact", "exact", 1), ("auto", "exact", 1)):  # auto: tiny -> exact
         assert main([*args(model_dir, data_csv, tmp_path / mode), "--init-mode", mode, "--json"]) == 0
-        out = capsys.readouterr().out
-        config = json.loads(out[out.index("{"):])["config"]
+        captured = capsys.readouterr()
+        config = json.loads(captured.out)["config"]  # --json: stdout is the JSON alone, the summary on stderr
         assert (config["init_mode"], config["init_mode_used"], config["init_passes"]) == (mode, used, passes)
-        assert f"mode {used})" in out
+        assert f"mode {used})" in captured.err
         assert json.loads((tmp_path / mode / "adapter_config.json").read_text())["bases_info"]["mode"] == used
     with pytest.raises(ValueError, match=r"init_mode must be one of \['auto', 'sketch', 'exact'\], got 'fast'"):
         giva.finetune.finetune(model=str(model_dir), data=str(data_csv), init_mode="fast", output_dir=str(tmp_path / "x"))

@@ -27,8 +27,7 @@ def small_csv(tmp_path):
 
 def run_json(argv: list[str], capsys) -> dict:
     assert main([*argv, "--no-progress", "--json"]) == 0
-    out = capsys.readouterr().out
-    return json.loads(out[out.index("{"):])
+    return json.loads(capsys.readouterr().out)  # --json: stdout is the JSON alone
 
 
 def test_a_60_row_csv_trains_with_every_default(model_dir, small_csv, tmp_path, capsys):  # noqa: F811
@@ -46,12 +45,12 @@ def test_calibration_defaults_to_every_training_batch(model_dir, small_csv, tmp_
     argv = ["finetune", "--model", str(model_dir), "--data", str(small_csv), "--output-dir", str(tmp_path / "o"),
             "--batch-size", "4", "--max-steps", "1", *flags]
     assert main([*argv, "--no-progress", "--json"]) == 0
-    out = capsys.readouterr().out
-    result = json.loads(out[out.index("{"):])
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
     assert result["config"]["num_batches"] == expected
     every = flags != ["--num-batches", "2"]
     assert result["config"]["calibration"] == ("all" if every else "first")
-    init_line = next(line for line in out.splitlines() if line.startswith("init time"))
+    init_line = next(line for line in captured.err.splitlines() if line.startswith("init time"))  # the summary
     assert f"gradient over {expected} calibration batches{', every training batch' if every else ''} + SVD" in init_line
 
 

@@ -11,9 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import TYPE_CHECKING, NoReturn, Optional, Union
 
 from . import load
+
+if TYPE_CHECKING:
+    from .finetune import FinetuneResult
+    from .sft import SFTResult
 
 # Nothing heavy is imported here: torch, transformers and peft load inside the command that needs them, so that
 # `giva --help` and `giva <command> --help` answer at once. The defaults below mirror the library's (tests/test_cli.py
@@ -136,27 +140,25 @@ def _finetune(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_steps=args.max_steps,
     )
-    result = finetune(
-        model=args.model,
-        data=args.data,
-        giva_config=giva_config,
-        train_config=train_config,
-        num_batches=args.num_batches,
-        test_size=args.test_size,
-        val_size=args.val_size,
-        max_train_samples=args.max_train_samples,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        output_dir=args.output_dir,
-        progress=not args.no_progress,
-        init_mode=args.init_mode,
-    )
-    print(result.summary())
-    if args.json:
+    with _library_output_to_stderr():
+        result = finetune(
+            model=args.model, data=args.data, giva_config=giva_config, train_config=train_config,
+            num_batches=args.num_batches, test_size=args.test_size, val_size=args.val_size,
+            max_train_samples=args.max_train_samples, text_column=args.text_column, label_column=args.label_column,
+            output_dir=args.output_dir, progress=not args.no_progress, init_mode=args.init_mode,
+        )
+    _print_result(result, args.json)
+    return 0
+
+
+def _print_result(result: Union[FinetuneResult, SFTResult], as_json: bool) -> None:
+    """A run's result: its summary on stdout, or with --json the summary on stderr and stdout holding the result as
+    one JSON document alone (so that `giva ... --json | jq .` reads it)."""
+    print(result.summary(), file=sys.stderr if as_json else sys.stdout)
+    if as_json:
         from .checkpoint import json_text
 
         print(json_text(asdict(result)))
-    return 0
 
 
 def _sft(args: argparse.Namespace) -> int:
@@ -181,11 +183,7 @@ def _sft(args: argparse.Namespace) -> int:
         if dist.is_available() and dist.is_initialized():  # the Trainer's process group, which it leaves open
             dist.destroy_process_group()
     if launch()[0] == 0:  # under torchrun the first process speaks for the launch
-        print(result.summary(), file=sys.stderr if args.json else sys.stdout)  # --json: stdout is the JSON alone
-        if args.json:
-            from .checkpoint import json_text
-
-            print(json_text(asdict(result)))
+        _print_result(result, args.json)
     return 0
 
 
@@ -373,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--seed", type=_seed, default=0)
     ft.add_argument("--output-dir", default="outputs/giva-finetune")
     ft.add_argument("--no-progress", action="store_true")
-    ft.add_argument("--json", action="store_true", help="also print the result as JSON")
+    ft.add_argument("--json", action="store_true",
+                    help="print the result as one JSON document on stdout (the summary and all logs go to stderr)")
     ft.set_defaults(func=_finetune)
 
     sf = sub.add_parser("sft", help="supervised fine-tuning of a causal LM with GiVA through TRL's SFTTrainer (default: "
