@@ -728,6 +728,38 @@ def test_local_deployment_refuses_bad_input_in_one_line_before_starting_anything
     assert no_deployment == [] and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["file/out"], "OUTPUT_DIR 'file/out' cannot be created: Not a directory (file/out)"),
+    (["file"], "OUTPUT_DIR 'file' is a file, not a folder"),
+], ids=["under-a-file", "a-file"])
+def test_local_deployment_refuses_an_output_dir_it_cannot_make_before_starting_anything(no_deployment, capsys, tmp_path,
+                                                                                       argv, message):
+    """OUTPUT_DIR was once made only after the run, so a folder the results cannot go to failed after the whole
+    federated run, as a traceback."""
+    from giva.federated.local_deployment import main
+
+    (tmp_path / "file").write_text("a regular file")
+    assert main([*argv, "num-batches=1", "batch-size=4"]) == 2  # a config that passes every other check
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"{PROG}: error: {message}"]
+    assert no_deployment == [] and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_local_deployment_refuses_an_output_dir_it_cannot_write(no_deployment, capsys, tmp_path):
+    from giva.federated.local_deployment import main
+
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked").chmod(0o555)
+    try:
+        assert main(["locked/out", "num-batches=1", "batch-size=4"]) == 2
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert capsys.readouterr().err.splitlines() == [f"{PROG}: error: OUTPUT_DIR 'locked/out' cannot be created: "
+                                                    "Permission denied (locked/out)"]
+    assert no_deployment == []
+
+
 @pytest.mark.parametrize("flag", ["-h", "--help"])
 def test_local_deployment_help_prints_the_usage_and_starts_nothing(no_deployment, capsys, tmp_path, flag):
     # --help was once taken for OUTPUT_DIR: the data was checked and a SuperLink run started.

@@ -10,7 +10,8 @@ The Flower configuration (the SuperLink connection ``flwr run`` uses) is written
 
 writes ``OUTPUT_DIR/results.json`` (the ServerApp's results, the cleaned ``flwr run`` log, the wall time).
 Before any process starts, the keys are checked against the app's declared config, the run config is built
-as the ServerApp builds it, and the data is read and checked as the ServerApp would (bad input: one line, exit 2).
+as the ServerApp builds it, the data is read and checked as the ServerApp would, and then OUTPUT_DIR is created
+(bad input, or an OUTPUT_DIR that cannot be made or written: one line, exit 2).
 """
 
 from __future__ import annotations
@@ -229,6 +230,19 @@ def check_run(overrides: dict[str, Any], clients: Any, app_dir: Path = APP_DIR) 
     return cfg
 
 
+def make_output_dir(output: Path) -> None:
+    """Create ``output`` (and its parents) and check that it can be written, so that a folder the results cannot go
+    to is refused before the run rather than after it; a ValueError naming it otherwise."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"OUTPUT_DIR {str(output)!r} is a file, not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"OUTPUT_DIR {str(output)!r} cannot be created: {err.strerror} ({err.filename})") from None
+    if not os.access(output, os.W_OK | os.X_OK):
+        raise ValueError(f"OUTPUT_DIR {str(output)!r} is not writable")
+
+
 def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # so that run_local_deployment's cleanup runs
 
@@ -247,10 +261,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides = parse_overrides(argv[1:])
         clients = overrides.pop("clients", 2)
         clients = check_run(overrides, clients).clients
+        output = Path(argv[0])
+        make_output_dir(output)  # last: a run refused for another reason leaves no folder behind
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    output = Path(argv[0])
     with tempfile.TemporaryDirectory(prefix="giva-superlink-") as work:  # the database, logs, Flower home
         try:
             results = run_local_deployment(overrides, clients, work)
@@ -260,7 +275,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"the run failed; its logs are in {kept}", file=sys.stderr)
             raise
     results["command"] = " ".join(["python -m giva.federated.local_deployment", *argv])
-    output.mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)  # made before the run; again in case it was removed during it
     (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: results[k] for k in ("setup_bytes", "rounds", "wall_seconds")}, indent=1))
     print("\n".join(results["flwr_run_output"]))
