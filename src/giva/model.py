@@ -172,8 +172,8 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module, refused:
     of it; PEFT itself only refuses when no name matches); ``layers_to_transform`` names layers the model has;
     every key of ``block_sizes`` / ``adapt_blocks`` names a module that can be targeted. A regex string or
     'all-linear' is not checked name by name. ``model`` may be a skeleton on the meta device (no weights loaded).
-    ``refused`` maps module names the caller cannot adapt to why (the LM head under TRL's SFTTrainer): a target
-    matching one is refused with that reason, and they are not offered among the linear layers.
+    ``refused`` names modules the caller cannot adapt (:func:`check_targets_before_loading` refuses them): they are
+    not offered among the linear layers.
     """
     refused = refused or {}
     keys = [key for key, _ in model.named_modules()]
@@ -186,11 +186,6 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module, refused:
                 f"matches a module's name or a dotted suffix of it); its linear layers are named "
                 f"{_linear_names(model, refused)}"
             )
-    if targets != DEFAULT_TARGET_MODULES:  # 'all-linear' leaves the output layer out
-        for key in refused:
-            if GivaModel._check_target_module_exists(config, key):
-                raise ValueError(f"GivaConfig.target_modules matches {key!r}, {refused[key]}; leave it out (the other "
-                                 f"linear layers are named {_linear_names(model, refused)})")
     wanted = _wanted_layers(config)
     if wanted:
         present = {index for index in (_layer_index(key, config.layers_pattern) for key in keys) if index is not None}
@@ -220,14 +215,20 @@ def check_targets_before_loading(config: GivaConfig, skeleton: nn.Module, refuse
     (``giva.finetune.model_skeleton``), and every module the targets match is one GiVA can wrap: a linear layer,
     Conv1D or a quantised linear layer (:func:`giva.quant.quantization_backend`, the test ``get_peft_model``
     applies; in the skeleton a layer that loads quantised is still an ``nn.Linear``). Without it a module such as
-    an embedding or BERT's pooler was refused only once the weights had loaded, with a ``TypeError``."""
+    an embedding or BERT's pooler was refused only once the weights had loaded, with a ``TypeError``.
+    ``refused`` maps module names the caller cannot adapt to why (the LM head under TRL's SFTTrainer): a target
+    matching one is refused with that reason, and they are not offered among the linear layers."""
+    refused = refused or {}
     check_options_match_the_model(config, skeleton, refused)
     targets = DEFAULT_TARGET_MODULES if config.target_modules is None else config.target_modules
-    if targets == DEFAULT_TARGET_MODULES:
+    if targets == DEFAULT_TARGET_MODULES:  # 'all-linear' leaves the output layer out and matches only linear layers
         return
     for key, module in skeleton.named_modules():
         if not key or not GivaModel._check_target_module_exists(config, key):
             continue
+        if key in refused:
+            raise ValueError(f"GivaConfig.target_modules matches {key!r}, {refused[key]}; leave it out (the other "
+                             f"linear layers are named {_linear_names(skeleton, refused)})")
         try:
             quantization_backend(module, key, skeleton)
         except TypeError:
@@ -235,7 +236,7 @@ def check_targets_before_loading(config: GivaConfig, skeleton: nn.Module, refuse
             raise ValueError(
                 f"GivaConfig.target_modules matches {key!r}, a {kind.__module__}.{kind.__name__}, which GiVA cannot "
                 "adapt: it adapts linear layers (torch.nn.Linear, transformers Conv1D and quantised linear layers); "
-                f"this model's linear layers are named {_linear_names(skeleton, refused or {})}"
+                f"this model's linear layers are named {_linear_names(skeleton, refused)}"
             ) from None
 
 
