@@ -35,6 +35,21 @@ def _logits(model, ids):
         return model(input_ids=ids).logits
 
 
+def _export_in_memory(model, out, export):
+    """The two exports of a model in memory: ``export_lora``, or PEFT's ``save_as_lora`` (rank 4) after ``import giva``."""
+    if export == "export_lora":
+        export_lora(model, out)
+    else:
+        peft.save_as_lora(out, model, 4)
+
+
+def _readme_model(out):
+    """The model that the loading snippet of ``out``'s README.md makes, run as a user would paste it."""
+    namespace: dict = {}
+    exec((out / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0], namespace)
+    return namespace["model"]
+
+
 def _random_adapter(factory, **kwargs):
     torch.manual_seed(1)
     # init_weights=False: stand-in bases and non-zero vectors, an adapter that changes the outputs.
@@ -702,20 +717,40 @@ def test_an_in_memory_export_of_a_classifier_with_other_classes_than_its_base_ch
                            GivaConfig(r=4, init_weights=False, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
     ids = text_batches(batch=3)[0]["input_ids"]
     expected = _logits(model, ids)
-    if export == "export_lora":
-        export_lora(model, tmp_path / "lora")
-    else:
-        peft.save_as_lora(tmp_path / "lora", model, 4)
-    readme = (tmp_path / "lora" / "README.md").read_text()
-    assert "num_labels=3, ignore_mismatched_sizes=True" in readme
-    namespace: dict = {}
-    exec(readme.split("```python\n", 1)[1].split("```", 1)[0], namespace)  # the snippet, as a user would paste it
+    _export_in_memory(model, tmp_path / "lora", export)
+    assert "num_labels=3, ignore_mismatched_sizes=True" in (tmp_path / "lora" / "README.md").read_text()
     assert expected.shape[-1] == 3
-    torch.testing.assert_close(_logits(namespace["model"], ids), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(_logits(_readme_model(tmp_path / "lora"), ids), expected, atol=1e-5, rtol=0)
     unchanged = get_peft_model(load_classifier(str(tmp_path / "base"), num_labels=2), GivaConfig(
         r=4, init_weights=False, target_modules=["query", "value"], task_type="SEQ_CLS"))
     export_lora(unchanged, tmp_path / "lora")  # the base checkpoint's class count: no class count named
     assert "from_pretrained(" + repr(str(tmp_path / "base")) + ")" in (tmp_path / "lora" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("export", ["export_lora", "save_as_lora"])
+def test_an_in_memory_export_of_a_classifier_with_class_names_writes_a_readme_that_loads_them(tmp_path, export):
+    """A classifier whose config names its classes (as giva finetune sets them), exported from memory: the README's
+    snippet loaded the base with the base checkpoint's LABEL_0 / LABEL_1, so the loaded model predicted other label
+    names than the original; the export now writes labels.json and the snippet passes it, as `giva export-lora` does."""
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_bert().save_pretrained(tmp_path / "base")  # transformers' default names, LABEL_0 and LABEL_1
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    base.config.id2label, base.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    torch.manual_seed(1)
+    model = get_peft_model(base, GivaConfig(r=4, init_weights=False, target_modules=["query", "value"],
+                                            task_type="SEQ_CLS")).eval()
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    _export_in_memory(model, tmp_path / "lora", export)
+    loaded = _readme_model(tmp_path / "lora")
+    assert (loaded.config.id2label, loaded.config.label2id) == ({0: "neg", 1: "pos"}, {"neg": 0, "pos": 1})
+    torch.testing.assert_close(_logits(loaded, ids), expected, atol=1e-5, rtol=0)
+    unnamed = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tmp_path / "base"), GivaConfig(
+        r=4, init_weights=False, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    export_lora(unnamed, tmp_path / "lora")  # LABEL_0 / LABEL_1: no labels.json (the earlier export's is dropped)
+    assert sorted(p.name for p in (tmp_path / "lora").iterdir()) == ["README.md", "adapter_config.json",
+                                                                     "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("num_labels", [3, 40])

@@ -402,20 +402,37 @@ def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str =
     return lora_config
 
 
+def _model_labels(config: Any) -> Optional[dict[str, Any]]:
+    """A classifier's class names (``config.id2label`` / ``label2id``) as ``labels.json`` holds them, unless they are
+    transformers' defaults (``LABEL_0``, ``LABEL_1``, ...), which any load of the base model gives anyway."""
+    id2label = getattr(config, "id2label", None) or {}
+    if id2label == {i: f"LABEL_{i}" for i in range(len(id2label))}:
+        return None
+    return {"id2label": {str(i): name for i, name in id2label.items()}, "label2id": dict(config.label2id)}
+
+
 def _write_model_export(out: Path, model: nn.Module, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor],
                         base_config: Optional[Any] = None) -> None:
     """Write the export of a model in memory with its README.md (the loading code, and the mark of an export that a
     later export may replace) and, without ``task_type``, the base model's class in ``auto_mapping``. A SEQ_CLS
     model whose class count is not that of its base checkpoint's config (``base_config``; a 2-class classifier
-    fine-tuned to 3 by :func:`giva.finetune.load_classifier`) gets loading code that names its class count, as
-    ``giva export-lora`` writes it."""
+    fine-tuned to 3 by :func:`giva.finetune.load_classifier`) gets loading code that names its class count, and
+    one with class names of its own (``id2label`` not transformers' ``LABEL_i``) a ``labels.json`` that the
+    loading code passes on, so that the loaded model predicts the same named labels; both as ``giva export-lora``
+    writes them."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     classes = getattr(getattr(base, "config", None), "num_labels", None)
     head = lora_config.task_type == "SEQ_CLS" and base_config is not None and classes != base_config.num_labels
-    readme = _loading_snippet(out, lora_config, _base_class_name(lora_config.task_type, type(base)),
+    labels = _model_labels(getattr(base, "config", None)) if lora_config.task_type == "SEQ_CLS" else None
+    readme = _loading_snippet(out, lora_config, _base_class_name(lora_config.task_type, type(base)), labels,
                               num_labels=classes if head else None)
-    _write_lora(out, lora_config, state_dict, lambda tmp: (tmp / "README.md").write_text(readme, encoding="utf-8"),
-                _auto_mapping(lora_config, type(base)))
+
+    def extras(tmp: Path) -> None:
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+        if labels is not None:
+            (tmp / "labels.json").write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")
+
+    _write_lora(out, lora_config, state_dict, extras, _auto_mapping(lora_config, type(base)))
 
 
 def save_as_lora(
