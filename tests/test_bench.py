@@ -874,6 +874,7 @@ def test_a_second_look_joins_the_tagged_seeds_at_its_own_level_and_leaves_the_fi
     assert (pair["estimate"], pair["low"], pair["high"], pair["n_seeds"]) == (expected.estimate, expected.low, expected.high, 10)
     assert look["verdict"] == pair["verdict"] == verdict("non-inferior", expected)
     assert pair["family_confidence"] == pytest.approx(0.975) and pair["a_value"] == pytest.approx(np.mean([v.count("1") / 400 for v in a.values()]))
+    assert pair["b_std"] == pytest.approx(np.std([v.count("1") / 400 for v in b.values()], ddof=1))
     wider = paired_intervals(matrix(a), matrix(b), [0.95])[0]
     assert pair["low"] < wider.low and pair["high"] > wider.high  # 97.5 %: the second look pays for the first
     singled_out = evaluate_second_look(_LOOK, aggregate(runs), [{"claim": "first", "pairs": [["t/x", "t/y"]] * 4 + [["t/giva-r8", "t/lora-r8"]]}])

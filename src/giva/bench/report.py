@@ -307,15 +307,17 @@ def second_look_markdown(look: Optional[dict[str, Any]], claims: list[dict[str, 
            f"1 - {1 - level:.3g}/m, m the pairs of the first-look claim the pair was singled out of (or of its own claim, "
            f"if more). 'pending': fewer than {look['min_seeds']} paired seeds. No LR variants: the runner-up LRs ran the "
            "sweep seeds only.", "",
-           f"| claim | verdict | pair (a vs b) | a - b [{level:.1%} CI] | seeds x examples | pair verdict | family-wise CI "
-           "| family-wise verdict |", "|---|---|---|---|---|---|---|---|"]
+           f"| claim | verdict | pair (a vs b) | a vs b, test (mean ± std over the seeds) | a - b [{level:.1%} CI] | seeds x examples "
+           "| pair verdict | family-wise CI | family-wise verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for claim in claims:
         for i, pair in enumerate(claim["pairs"]):
             sizes = f"{pair['n_seeds']} x {pair['n_examples']}" if "estimate" in pair else "-"
             if pair["verdict"] == "pending":
                 sizes += f" ({pair['why']})"
             head = f"{claim['claim']} | **{claim['verdict']}**" if i == 0 else " | "
-            out.append(f"| {head} | {pair['a']} vs {pair['b']} | {_fmt_pair(pair)} | {sizes} | {pair['verdict']} "
+            means = (f"{pair['a_value']:.2%} ± {pair['a_std']:.2%} vs {pair['b_value']:.2%} ± {pair['b_std']:.2%}"
+                     if "a_std" in pair else "-")
+            out.append(f"| {head} | {pair['a']} vs {pair['b']} | {means} | {_fmt_pair(pair)} | {sizes} | {pair['verdict']} "
                        f"| {_fmt_family(pair)} | {pair.get('family_verdict', '-')} |")
     return out + [""]
 

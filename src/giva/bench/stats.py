@@ -404,9 +404,11 @@ def evaluate_second_look(look: dict[str, Any], rows: list[dict[str, Any]], first
                 continue
             interval, family = intervals
             paired = set(a_correct) & set(b_correct)  # the seeds the interval is over
-            means = [statistics.fmean(correct[s].count("1") / len(correct[s]) for s in paired) for correct in (a_correct, b_correct)]
-            pairs.append(_with_family({**out, **asdict(interval), "a_value": means[0], "b_value": means[1],
-                                       "verdict": verdict(test, interval)}, test, family, m, confidence))
+            accuracy = [[correct[s].count("1") / len(correct[s]) for s in paired] for correct in (a_correct, b_correct)]
+            pairs.append(_with_family({**out, **asdict(interval), "a_value": statistics.fmean(accuracy[0]),
+                                       "b_value": statistics.fmean(accuracy[1]), "a_std": statistics.stdev(accuracy[0]),
+                                       "b_std": statistics.stdev(accuracy[1]), "verdict": verdict(test, interval)},
+                                      test, family, m, confidence))
         counts = {v: sum(p["verdict"] == v for p in pairs) for v in VERDICTS}
         results.append({"claim": claim["claim"], "test": test, "verdict": pairs[0]["verdict"] if pairs else "pending",
                         "counts": counts, "pairs": pairs})
