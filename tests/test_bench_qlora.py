@@ -50,6 +50,8 @@ def test_each_method_is_measured_in_its_own_process_on_the_4bit_base(tiny_dir: P
     assert records["giva"]["peft_kwargs"] == {"r": 2, "variant": "Vr", "target_modules": ["q_proj", "v_proj"], "task_type": "CAUSAL_LM"}
     for r in records.values():
         assert r["peak_bytes"] >= max(r["train_peak_bytes"], r["loaded_bytes"]) > 0
+        assert r["loaded_bytes"] > r["loaded_anon_bytes"] > 0 and r["train_anon_sampled_max_bytes"] > 0
+        assert r["torch_threads"] == 1 and r["trim"] == ql.TRIMMED and r["peak_reset"]
         assert len(r["step_seconds"]) == 2 and r["median_step_seconds"] > 0
     assert records["giva"]["init_seconds"] > 0 and records["qlora"]["init_seconds"] == 0
     report = (tmp_path / "results.md").read_text()
@@ -85,11 +87,87 @@ def test_the_committed_table_is_what_the_committed_records_give_with_unpaired_me
     committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "qlora"
     doc = json.loads((committed / "results.json").read_text())
     settings = ql.QloraSettings()
-    records = [r for r in doc["records"] if ql._current(r, settings)]
+    records = ql._latest([r for r in doc["records"] if ql._current(r, settings, keep_stale=True)])
     assert "\n".join(ql.render(records, ql.summarize(records), settings)) + "\n" == (committed / "results.md").read_text()
     header = next(line for line in (committed / "results.md").read_text().splitlines() if line.startswith("| | "))
     assert header == ("| | GiVA r=8 (giva-default-r8): median of its own repeats (unpaired) | QLoRA: PEFT LoRA r=8 (lora-r8-all): "
-                      "median of its own repeats (unpaired) | GiVA / QLoRA, median of the paired repeats' ratios (min-max) |")
+                      f"median of its own repeats (unpaired) | GiVA / QLoRA: median of the paired repeats' ratios (range: min-max over "
+                      f"{len(ql.summarize(records)['repeats'])} paired repeats) |")
+
+
+def test_the_report_calls_the_bracket_a_range_over_the_paired_repeats_not_an_interval() -> None:
+    """README quoted "0.963x (0.933-1.012)", the min and max of 3 paired ratios, beside real confidence intervals."""
+    records = [{**_record(rep, method, peak), "loaded_anon_bytes": 50.0, "train_anon_sampled_max_bytes": 60.0, "init_seconds": 0.0,
+                "trainable": 1, "torch_threads": 1, "load_average": 1.0, "commit": "a" * 40, "trim": ql.TRIMMED}
+               for rep, method, peak in ((0, "giva", 150), (0, "qlora", 200), (1, "giva", 210), (1, "qlora", 200))]
+    lines = ql.render(records, ql.summarize(records), ql.QloraSettings(repeats=2))
+    assert any(line.endswith("GiVA / QLoRA: median of the paired repeats' ratios (range: min-max over 2 paired repeats) |") for line in lines)
+    assert "| peak (MiB) | 0.0 | 0.0 | 0.900x (range 0.750-1.050) |" in lines
+    assert ql.summarize(records)["headline"].startswith("qlora: GiVA / QLoRA peak 0.900x (range 0.750-1.050)")
+    assert any(f"returns freed heap to the system ({ql.TRIMMED})" in line for line in lines)
+
+
+def test_each_child_runs_one_thread_and_says_so(monkeypatch) -> None:
+    """OpenMP reads OMP_NUM_THREADS when the child starts; torch's own thread count is recorded and must match."""
+    seen = {}
+
+    def run(cmd, **kwargs):
+        seen.update(kwargs["env"])
+        return ql.subprocess.CompletedProcess(cmd, 0, stdout='{"torch_threads": 1}\n', stderr="")
+
+    monkeypatch.setattr(ql.subprocess, "run", run)
+    assert ql.measure_in_subprocess("giva", ql.QloraSettings())["torch_threads"] == 1
+    assert seen["OMP_NUM_THREADS"] == "1"
+    record = {"settings": ql._as_json(ql.QloraSettings()), "commit": ql.code_commit(), "repeat": 0, "method": "giva"}
+    assert not ql._current(record, ql.QloraSettings())  # no thread count recorded: not a record of these settings
+    assert ql._current({**record, "torch_threads": 1}, ql.QloraSettings())
+    assert not ql._current({**record, "torch_threads": 2}, ql.QloraSettings())
+
+
+def test_records_of_other_code_are_measured_again_unless_kept(tmp_path: Path) -> None:
+    """Records named HEAD and compared settings only, so results measured by older code never went stale."""
+    settings = ql.QloraSettings(repeats=1)
+
+    def write(commit: str) -> None:
+        records = [{"repeat": 0, "method": m, "settings": ql._as_json(settings), "torch_threads": 1, "commit": commit} for m in ql.METHODS]
+        (tmp_path / "results.json").write_text(json.dumps({"suite": "qlora", "schema_version": ql.SCHEMA, "records": records}))
+
+    write("0" * 40)
+    planned = ql.plan_qlora(tmp_path, settings)
+    assert [p.split(" (")[0] for p in planned] == ["repeat 0: giva", "repeat 0: qlora"]
+    assert all(p.endswith(f"(recorded at commit 0000000, the code is now {ql.short_commit(ql.code_commit())}: stale)") for p in planned)
+    assert ql.plan_qlora(tmp_path, settings, keep_stale=True) == []
+    assert plan_benchmark("qlora", output_dir=tmp_path, keep_stale=True)["output_dir"] == str(tmp_path)  # allowed for qlora
+    write(ql.code_commit())
+    assert ql.plan_qlora(tmp_path, settings) == []
+
+
+@needs_bnb
+def test_freed_heap_is_returned_before_every_reading_and_every_peak_reset(tiny_dir: Path, monkeypatch) -> None:
+    """Freed heap left by loading (0-250 MiB, differing between processes) sat inside the loaded reading and every peak."""
+    import torch
+
+    events = []
+
+    def spy(name, real):
+        def wrapped(*args):
+            events.append(name)
+            return real(*args)
+        return wrapped
+
+    for name in ("release_freed_memory", "reset_peak_rss", "_memory", "peak_rss_bytes"):
+        monkeypatch.setattr(ql, name, spy(name, getattr(ql, name)))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        record = ql.measure("giva", tiny_settings(tiny_dir))
+    finally:
+        torch.set_num_threads(threads)
+    assert record["torch_threads"] == 1 and record["trim"] == ql.TRIMMED
+    assert events == ["release_freed_memory", "reset_peak_rss",  # start
+                      "peak_rss_bytes", "release_freed_memory", "_memory", "reset_peak_rss",  # loaded
+                      "peak_rss_bytes", "release_freed_memory", "_memory", "reset_peak_rss",  # initialised
+                      "peak_rss_bytes"]  # trained
 
 
 def test_repeats_alternate_which_method_runs_first() -> None:

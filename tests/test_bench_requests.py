@@ -35,7 +35,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
         ({"suite": "finetune", "phases": []}, "--phases names no phase"),
         ({"suite": "finetune", "quick": True}, "--quick runs the 'quick' suite .*; it cannot be combined with --suite finetune"),
         ({"suite": "evidence", "keep_stale": True},
-         "--keep-stale applies to the serve and sketch suites .*; not to --suite evidence$"),
+         "--keep-stale applies to the serve, sketch and qlora suites .*; not to --suite evidence$"),
         ({"suite": "scale", "keep_stale": True}, "not to --suite scale \\(it keeps records of other code and marks them"),
         ({"quick": True, "keep_stale": True}, "not to --suite quick$"),
     ],
@@ -136,7 +136,7 @@ def test_cli_keeps_stale_records_only_when_told(capsys, monkeypatch) -> None:
     assert cli.main(["bench", "--suite", "sketch", "--dry-run", "--keep-stale"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("giva bench --dry-run: 0 run(s) to add now")
     assert cli.main(["bench", "--suite", "evidence", "--dry-run", "--keep-stale"]) == 2
-    assert "--keep-stale applies to the serve and sketch suites" in capsys.readouterr().err
+    assert "--keep-stale applies to the serve, sketch and qlora suites" in capsys.readouterr().err
 
 
 def test_cli_names_a_missing_quantisation_package_in_one_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:

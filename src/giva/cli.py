@@ -441,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--report-only", action="store_true",
                        help="run nothing; rewrite results.md / results.json / plots from the run JSONs already there")
     bench.add_argument("--keep-stale", action="store_true",
-                       help="serve, sketch: keep records measured by other code (another commit of src/giva, or none "
+                       help="serve, sketch, qlora: keep records measured by other code (another commit of src/giva, or none "
                             "recorded) instead of measuring them again")
     bench.set_defaults(func=_bench)
 

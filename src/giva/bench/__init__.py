@@ -27,7 +27,7 @@ from .spec import benchmarks_dir, load_suite
 logger = logging.getLogger(__name__)
 
 QUICK_SUITE = "quick"
-STALE_SUITES = (SERVE_SUITE, SKETCH_SUITE)  # suites whose records measured by other code are measured again
+STALE_SUITES = (SERVE_SUITE, SKETCH_SUITE, QLORA_SUITE)  # suites whose records measured by other code are measured again
 DEFAULT_SUITE = "full"  # what the library's run_benchmark() / plan_benchmark() run without a suite (the CLI: quick)
 
 __all__ = [
@@ -80,7 +80,7 @@ def check_request(
     known = suite_names(root)
     if keep_stale and (quick or suite not in STALE_SUITES):
         raise ValueError(
-            f"--keep-stale applies to the {' and '.join(STALE_SUITES)} suites (they re-measure records of other code); "
+            f"--keep-stale applies to the {', '.join(STALE_SUITES[:-1])} and {STALE_SUITES[-1]} suites (they re-measure records of other code); "
             f"not to --suite {QUICK_SUITE if quick else suite or DEFAULT_SUITE}"
             + (" (it keeps records of other code and marks them in results.md)" if suite == SCALE_SUITE else "")
         )
@@ -111,7 +111,7 @@ def plan_benchmark(
     """What ``run_benchmark`` with the same arguments would run now (``giva bench --dry-run``), running nothing:
     {'runs': run ids, 'waiting': rows waiting on another sweep, 'estimate': run time by phase, 'output_dir'}, and for
     the scale suite 'notes': the records a run keeps although other code measured them.
-    ``keep_stale`` (serve, sketch): records measured by other code count as done."""
+    ``keep_stale`` (serve, sketch, qlora): records measured by other code count as done."""
     root = root or benchmarks_dir()
     check_request(suite, quick, output_dir, phases, root, keep_stale)
     if suite == GPU_SUITE:
@@ -134,7 +134,7 @@ def plan_benchmark(
     if name == QLORA_SUITE:
         from .qlora import plan_qlora
 
-        return {"runs": plan_qlora(out), "waiting": [], "estimate": {}, "output_dir": str(out)}
+        return {"runs": plan_qlora(out, keep_stale=keep_stale), "waiting": [], "estimate": {}, "output_dir": str(out)}
     if name == SKETCH_SUITE:
         from .sketch import plan_sketch
 
@@ -156,7 +156,7 @@ def run_benchmark(
     already in the output folder (after an interrupted run, or to refresh a report mid-suite); for the
     finetune suite, each study's report from its records.
 
-    ``keep_stale`` (serve, sketch): keep the records measured by other code instead of measuring them again.
+    ``keep_stale`` (serve, sketch, qlora): keep the records measured by other code instead of measuring them again.
 
     Returns the results dict (see report.write_report) with a ``problems`` list added.
     """
@@ -184,7 +184,7 @@ def run_benchmark(
     if suite == QLORA_SUITE:
         from .qlora import run_qlora
 
-        return run_qlora(Path(output_dir) if output_dir else root / "results" / QLORA_SUITE)
+        return run_qlora(Path(output_dir) if output_dir else root / "results" / QLORA_SUITE, keep_stale=keep_stale)
     if suite == SKETCH_SUITE:
         from .sketch import run_sketch
 
