@@ -43,7 +43,8 @@ def main() -> int:
                      f"{old['metrics']['test_accuracy']:.2%} / {new['metrics']['test_accuracy']:.2%} | {'yes' if same else 'NO'} | "
                      f"{old['train_loss'][-1]} / {new['train_loss'][-1]} |")
     lines += ["", "Every rerun predicts as its committed record did." if same_everywhere else
-              "Some rerun differs from its committed record: the two looks' seeds are not one procedure.", ""]
+              "Some rerun differs from its committed record (NO above): for that row the two looks' seeds did not run the "
+              "same numerics.", ""]
     OUT.write_text("\n".join(lines))
     print(OUT.read_text())
     return 0 if same_everywhere else 1
