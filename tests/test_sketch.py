@@ -284,8 +284,9 @@ def test_bases_stay_orthonormal_when_the_test_matrices_travel_in_bfloat16(passes
             assert all(torch.equal(item.matrix, rounded[k]) for k, item in request.items.items())
         session.receive(Partial(request.pass_index, _sums(request, blocks), batches=len(blocks)))
     (a, b), = session.bases().values()
-    assert (a @ a.mT - torch.eye(6)).abs().max() < 2e-6
-    assert (b.mT @ b - torch.eye(6)).abs().max() < 2e-6
+    # fp32 rounding: about 40 ulps of 1 (2e-6 failed once on a clean CI clone at 2.03e-6, another BLAS path)
+    assert (a @ a.mT - torch.eye(6)).abs().max() < 5e-6
+    assert (b.mT @ b - torch.eye(6)).abs().max() < 5e-6
     fp32 = InitSession([_target(rank=6, variant=variant)], mode="sketch", passes=passes)
     _run(fp32, blocks)
     (reference, _), = fp32.bases().values()
