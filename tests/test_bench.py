@@ -812,6 +812,7 @@ def test_family_wise_intervals_nest_the_95_percent_ones_and_can_undo_a_singled_o
     rng = np.random.default_rng(3)
     a, b = rng.random((5, 1000)) < 0.76, rng.random((5, 1000)) < 0.74
     nominal, wide = paired_intervals(a, b, [0.95, family_confidence(9)])
+    assert nominal == paired_interval(a, b)  # the same estimate and variance: the 95% interval is unchanged
     assert nominal.estimate == wide.estimate
     assert wide.low < nominal.low <= nominal.estimate <= nominal.high < wide.high
     # A pair whose 95% interval just excludes 0 is decided on its own, not once it is one of 9 pairs
@@ -884,9 +885,9 @@ def test_a_second_look_joins_the_tagged_seeds_at_its_own_level_and_leaves_the_fi
     assert (family["family_low"], family["family_high"]) == (widest.low, widest.high) and family["low"] == pair["low"]
     tagged = [row for row in aggregate(runs) if row["ablation"] == "more"]
     assert [row["lrs_tried"] for row in tagged] == [[0.01], [0.01]]  # a row that ran seeds 5-9 only still names its LR
-    table = "\n".join(second_look_markdown(_LOOK, [look]))
+    table = "\n".join(second_look_markdown({**_LOOK, "claims": [look]}))
     assert "| a - b [97.5% CI] |" in table and "2.50% + 1.25% = 3.75%" in table and f"| **{look['verdict']}** |" in table
-    assert "9 of 10 seeds" in "\n".join(second_look_markdown(_LOOK, [pending]))
+    assert "9 of 10 seeds" in "\n".join(second_look_markdown({**_LOOK, "claims": [pending]}))
 
 
 def test_a_second_look_refuses_seeds_counted_twice_or_run_at_another_lr() -> None:

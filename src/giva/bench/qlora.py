@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import functools
 import gc
 import json
 import logging
@@ -53,7 +54,7 @@ from .runner import (
     write_json_atomically,
     write_text_atomically,
 )
-from .versions import code_commit, same_code, short_commit
+from .versions import code_commit, same_code, short_commit, stale_note
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ TRIMMED = "gc.collect() + malloc_trim(0)"
 UNTRIMMED = "gc.collect() only (no glibc malloc_trim here: freed heap may stay resident and count in the readings)"
 
 
+@functools.lru_cache(maxsize=1)  # find_library runs ldconfig: once per process, not before every reading
 def _malloc_trim() -> Optional[Callable[[int], int]]:
     """glibc's ``malloc_trim``, or None where the C library has none (musl, macOS, Windows)."""
     try:
@@ -214,9 +216,8 @@ def plan_qlora(output_dir: Path, settings: Optional[QloraSettings] = None, keep_
     records = _load(Path(output_dir), settings)["records"]
     done = {(r["repeat"], r["method"]) for r in records if _current(r, settings, keep_stale)}
     stale = {(r["repeat"], r["method"]): r.get("commit") for r in records if _current(r, settings, keep_stale=True)}
-    now = short_commit(code_commit())
-    return [f"repeat {rep}: {method}" + (f" (recorded at commit {short_commit(stale[rep, method])}, the code is now {now}: stale)"
-                                         if (rep, method) in stale else "")
+    now = code_commit()
+    return [f"repeat {rep}: {method}" + (stale_note(stale[rep, method], now) if (rep, method) in stale else "")
             for rep, method in _order(settings) if (rep, method) not in done]
 
 
@@ -315,7 +316,7 @@ def _write(output_dir: Path, doc: dict[str, Any], settings: QloraSettings, keep_
 
 def render(records: list[dict[str, Any]], summary: dict[str, Any], settings: QloraSettings) -> list[str]:
     mib = 2**20
-    trims = sorted({r.get("trim", "none") for r in records})
+    trims = sorted({r["trim"] for r in records})  # every current record has one (schema 2)
     n = len(summary["repeats"])
     lines = [
         "# GiVA against QLoRA on the same 4-bit base (CPU, one process per measurement)",

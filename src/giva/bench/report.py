@@ -291,10 +291,12 @@ def claims_markdown(claims: list[dict[str, Any]]) -> list[str]:
     return out + [""] + lr_variants_markdown(claims)
 
 
-def second_look_markdown(look: Optional[dict[str, Any]], claims: list[dict[str, Any]]) -> list[str]:
-    """The declared second look (``look``: the suite's ``second_look``), then its claims table, as the claims table."""
+def second_look_markdown(look: Optional[dict[str, Any]]) -> list[str]:
+    """The declared second look (``look``: the suite's ``second_look`` with its evaluated ``claims``), then its claims
+    table, as the claims table."""
     if not look:
         return []
+    claims = look["claims"]
     level, one_sided = look["confidence"], (1 - CONFIDENCE) / 2 + (1 - look["confidence"]) / 2
     out = ["## Second look: more seeds for undecided pairs", "",
            f"Declared {look['declared']}. Why: {look['why']}. Each row's seeds at its chosen LR are joined with those of its "
@@ -413,7 +415,7 @@ def markdown(rows: list[dict[str, Any]], speeds: list[dict[str, Any]], lines: li
             "test accuracy of that LR, mean ± std over the seeds listed. Trainable = adapter only (the classification head "
             "is trained in every method and counted separately in results.json). Generated from the run JSONs only.", ""]
     out += claims_markdown(claims or [])
-    out += second_look_markdown(second_look, (second_look or {}).get("claims", []))
+    out += second_look_markdown(second_look)
     out += comparisons_markdown(list(comparisons), list(end_to_end))
     out += ["## Headlines", ""] + [f"- {line}" for line in lines] + [""]
     for task in sorted({r["task"] for r in rows}):

@@ -43,7 +43,7 @@ from .serve_memory import (
     plan_adapter_memory,
     run_adapter_memory,
 )
-from .versions import code_commit, same_code, short_commit
+from .versions import code_commit, same_code, short_commit, stale_note
 
 logger = logging.getLogger(__name__)
 
@@ -538,9 +538,7 @@ def plan_serve(
             if _point_done(current, m.name, n):
                 continue
             stale = _find(rows, m.name, n, "GiVA / LoRA")
-            why = "" if stale is None else (
-                f" (recorded at commit {short_commit(stale.get('commit'))}, the code is now {short_commit(code_commit())}: stale)"
-            )
+            why = "" if stale is None else stale_note(stale.get("commit"), code_commit())
             planned.append(f"serve: {m.name} N={n}: base model, one merged adapter, mixed batches of "
                            f"{', '.join(m.methods or ADAPTER_METHODS)}{why}")
     return ([] if tables is None else plan_adapter_memory(output_dir, tables)) + planned

@@ -36,7 +36,7 @@ import torch
 
 from .names import SKETCH_SUITE
 from .runner import write_json_atomically, write_text_atomically
-from .versions import code_commit, same_code, short_commit
+from .versions import code_commit, same_code, short_commit, stale_note
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +135,9 @@ def plan_sketch(output_dir: str | Path, request: Optional[SketchRequest] = None,
     other code or with no commit recorded (stale; kept with ``keep_stale``)."""
     request = request or SketchRequest()
     rows = load_results(output_dir, request)["rows"]
-    now = short_commit(code_commit())
+    now = code_commit()
     return [
-        f"sketch: {key}" + ("" if key not in rows else
-                            f" (recorded at commit {short_commit(rows[key].get('commit'))}, the code is now {now}: stale)")
+        f"sketch: {key}" + ("" if key not in rows else stale_note(rows[key].get("commit"), now))
         for key in _wanted(request, rows, redo=False, keep_stale=keep_stale)
     ]
 

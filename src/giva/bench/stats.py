@@ -348,10 +348,15 @@ def evaluate_claims(claims: Sequence[dict[str, Any]], rows: list[dict[str, Any]]
                 pairs.append(_speed_pair(speeds, test, a_ref, b_ref, m))
             else:
                 pairs.append(_accuracy_pair(rows, test, a_ref, b_ref, m))
-        counts = {v: sum(p["verdict"] == v for p in pairs) for v in VERDICTS}
-        results.append({"claim": claim["claim"], "test": test, "verdict": pairs[0]["verdict"] if pairs else "pending",
-                        "counts": counts, "pairs": pairs})
+        results.append(_claim_result(claim, test, pairs))
     return results
+
+
+def _claim_result(claim: dict[str, Any], test: str, pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """A claim's verdict (its first, declared pair's), the count of each verdict among its pairs, and the pairs."""
+    counts = {v: sum(p["verdict"] == v for p in pairs) for v in VERDICTS}
+    return {"claim": claim["claim"], "test": test, "verdict": pairs[0]["verdict"] if pairs else "pending",
+            "counts": counts, "pairs": pairs}
 
 
 # --- a second look: more seeds for claims the first look left undecided ------------------------------------
@@ -409,9 +414,7 @@ def evaluate_second_look(look: dict[str, Any], rows: list[dict[str, Any]], first
                                        "b_value": statistics.fmean(accuracy[1]), "a_std": statistics.stdev(accuracy[0]),
                                        "b_std": statistics.stdev(accuracy[1]), "verdict": verdict(test, interval)},
                                       test, family, m, confidence))
-        counts = {v: sum(p["verdict"] == v for p in pairs) for v in VERDICTS}
-        results.append({"claim": claim["claim"], "test": test, "verdict": pairs[0]["verdict"] if pairs else "pending",
-                        "counts": counts, "pairs": pairs})
+        results.append(_claim_result(claim, test, pairs))
     return results
 
 

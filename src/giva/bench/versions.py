@@ -100,6 +100,12 @@ def same_code(recorded: Optional[str], current: str) -> bool:
     return clean and min(len(recorded), len(current)) >= 7 and (recorded.startswith(current) or current.startswith(recorded))
 
 
+def stale_note(recorded: Optional[str], current: str) -> str:
+    """What a dry run's line appends for a record measured by other code than ``current`` (the suite's
+    ``code_commit()``): ' (recorded at commit X, the code is now Y: stale)'."""
+    return f" (recorded at commit {short_commit(recorded)}, the code is now {short_commit(current)}: stale)"
+
+
 def short_commit(commit: Optional[str]) -> str:
     """A commit as a table prints it: 7 hex digits, ``-dirty`` when it had uncommitted changes (``-dirty-<digest>``
     here, ``+dirty`` in the scale suite's older records), or ``unknown``."""
