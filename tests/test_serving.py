@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from contextlib import nullcontext
+from functools import partial
 from typing import Optional
 
 import pytest
@@ -193,23 +194,28 @@ def test_mixed_batch_kernels_do_not_grow_with_the_adapters_and_nothing_crosses_t
     torch.testing.assert_close(mixed, alone, **tolerance)
 
 
-@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "autograd"])
-def test_a_mixed_batch_forward_makes_no_stream_guard_once_its_tensors_are_built(grad, monkeypatch):
+@pytest.mark.parametrize("layout", ["shared B", "ranks and B differ"])
+@pytest.mark.parametrize("mode", ["no_grad", "autograd", "inference"])
+def test_a_mixed_batch_forward_makes_no_stream_guard_once_its_tensors_are_built(mode, layout, monkeypatch):
     """A stream guard (on CUDA: an event recorded, later a stream wait) is for tensors cached across forwards. With
     autograd on, each forward built its stacks and per-batch tensors afresh, and a guard for each, in every layer:
-    tensors made and read on one stream, freed after the forward. Counted on CPU, where the guards are made alike."""
+    tensors made and read on one stream, freed after the forward; so did a model made under inference_mode (its
+    stacks cannot be cached, but its per-batch tensors were guarded and kept on the thrown-away stack). Counted on
+    CPU, where the guards are made alike; both ways of building the stacks (one shared B, B per adapter)."""
     import giva.serving as serving
 
-    model = _multi_adapter_model("llama", {"t0": 4, "t1": 4, "t2": 4})
+    context = torch.inference_mode if mode == "inference" else partial(torch.set_grad_enabled, mode == "autograd")
+    with context():
+        model = _multi_adapter_model("llama", **LAYOUTS[layout])
     ids = text_batches(batch=4)[0]["input_ids"]
     names = ["t0", "t1", "__base__", "t2"]
-    with torch.set_grad_enabled(grad):
+    with context():
         model(input_ids=ids, adapter_names=names)  # builds what is cached: the stacks (no_grad), the index tensors
         made = []
         real_init = serving._OnDevice.__init__
         monkeypatch.setattr(serving._OnDevice, "__init__", lambda self, *t: (made.append(len(t)), real_init(self, *t))[1])
         out = model(input_ids=ids, adapter_names=names).logits
-    assert out.requires_grad == grad and made == []
+    assert out.requires_grad == (mode == "autograd") and made == []
 
 
 @pytest.mark.parametrize("case", ["bert", "gpt2-fused"])

@@ -330,6 +330,7 @@ class _Stacked:
     per_batch: dict = field(default_factory=dict)  # names -> _Batch: cached with the stack (no autograd)
 
     def for_batch(self, rows: _Rows, names: tuple[str, ...], cache: bool) -> _Batch:
+        cache = cache and self.guard is not _UNGUARDED  # a stack built for one forward (inference tensors) keeps nothing
         found = self.per_batch.get(names) if cache else None
         if found is not None:
             return found
