@@ -695,7 +695,7 @@ def no_deployment(monkeypatch, tmp_path):
         return {"setup_bytes": 1, "rounds": [], "wall_seconds": 0.0, "flwr_run_output": ["done"]}
 
     monkeypatch.setattr(local_deployment, "run_local_deployment", fake)
-    monkeypatch.setattr(local_deployment, "default_task", TinyTask, raising=False)
+    monkeypatch.setattr(local_deployment, "default_task", TinyTask)
     monkeypatch.chdir(tmp_path)
     return calls
 
@@ -729,7 +729,7 @@ def test_local_deployment_refuses_bad_input_in_one_line_before_starting_anything
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["file/out"], "OUTPUT_DIR 'file/out' cannot be created: Not a directory (file/out)"),
+    (["file/out"], "OUTPUT_DIR 'file/out' is not writable: Not a directory"),
     (["file"], "OUTPUT_DIR 'file' is a file, not a folder"),
 ], ids=["under-a-file", "a-file"])
 def test_local_deployment_refuses_an_output_dir_it_cannot_make_before_starting_anything(no_deployment, capsys, tmp_path,
@@ -755,8 +755,7 @@ def test_local_deployment_refuses_an_output_dir_it_cannot_write(no_deployment, c
         assert main(["locked/out", "num-batches=1", "batch-size=4"]) == 2
     finally:
         (tmp_path / "locked").chmod(0o755)
-    assert capsys.readouterr().err.splitlines() == [f"{PROG}: error: OUTPUT_DIR 'locked/out' cannot be created: "
-                                                    "Permission denied (locked/out)"]
+    assert capsys.readouterr().err.splitlines() == [f"{PROG}: error: OUTPUT_DIR 'locked/out' is not writable: Permission denied"]
     assert no_deployment == []
 
 

@@ -34,22 +34,28 @@ RESULTS = "results.json"
 CHECKPOINTS = ".checkpoints"
 
 
-def check_output_dir(output_dir: str, methods: tuple[str, ...]) -> Path:
-    """The run's output folder, created and checked writable before any work; a ValueError naming it otherwise.
-
-    A folder whose ``results.json`` holds runs of other methods is refused (the new run would replace that
-    file); the same methods' results are a rerun, which resumes from ``.checkpoints/`` where it stopped.
-    """
-    folder = Path(output_dir)
+def writable_folder(folder: Path, label: str) -> Path:
+    """``folder``, created (with its parents) and shown writable by writing and removing a probe file; a ValueError
+    that names it as ``label`` (the option or argument it came from) otherwise."""
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"--output-dir {output_dir!r} is a file, not a folder")
+        raise ValueError(f"{label} {str(folder)!r} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".giva-write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise ValueError(f"--output-dir {output_dir!r} is not writable: {err.strerror or err}") from None
+        raise ValueError(f"{label} {str(folder)!r} is not writable: {err.strerror or err}") from None
+    return folder
+
+
+def check_output_dir(output_dir: str, methods: tuple[str, ...]) -> Path:
+    """The run's output folder, created and checked writable before any work; a ValueError naming it otherwise.
+
+    A folder whose ``results.json`` holds runs of other methods is refused (the new run would replace that
+    file); the same methods' results are a rerun, which resumes from ``.checkpoints/`` where it stopped.
+    """
+    folder = writable_folder(Path(output_dir), "--output-dir")
     results = folder / RESULTS
     if results.exists():
         try:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .client_app import default_task
+from .files import writable_folder
 from .server_app import check_data
 from .task import RUN_CONFIG_BATCH_OPTIONS, FederatedConfig
 
@@ -230,19 +231,6 @@ def check_run(overrides: dict[str, Any], clients: Any, app_dir: Path = APP_DIR) 
     return cfg
 
 
-def make_output_dir(output: Path) -> None:
-    """Create ``output`` (and its parents) and check that it can be written, so that a folder the results cannot go
-    to is refused before the run rather than after it; a ValueError naming it otherwise."""
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"OUTPUT_DIR {str(output)!r} is a file, not a folder")
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"OUTPUT_DIR {str(output)!r} cannot be created: {err.strerror} ({err.filename})") from None
-    if not os.access(output, os.W_OK | os.X_OK):
-        raise ValueError(f"OUTPUT_DIR {str(output)!r} is not writable")
-
-
 def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # so that run_local_deployment's cleanup runs
 
@@ -262,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         clients = overrides.pop("clients", 2)
         clients = check_run(overrides, clients).clients
         output = Path(argv[0])
-        make_output_dir(output)  # last: a run refused for another reason leaves no folder behind
+        writable_folder(output, "OUTPUT_DIR")  # last: a run refused for another reason leaves no folder behind
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
