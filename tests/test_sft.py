@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -269,10 +268,14 @@ def test_a_diverging_run_stops_and_saves_nothing(chat_model, pc_jsonl, tmp_path,
     checkpoints written before hold finite vectors."""
     out = tmp_path / "out"
     assert main(cli(chat_model, pc_jsonl, out, "--lr", "1e30", "--save-steps", "1", "--export-lora", str(tmp_path / "lora"))) == 2
-    assert re.fullmatch(r"giva sft: error: the training loss is (nan|inf) at step \d+; nothing was saved\. Try a smaller "
-                        r"learning rate \(--lr 1e\+30\)", one_error_line(capsys))
+    error = re.fullmatch(r"giva sft: error: the training loss is (nan|inf) at step (\d+); nothing was saved\. Try a "
+                         r"smaller learning rate \(--lr 1e\+30\)", one_error_line(capsys))
+    assert error is not None
     assert not out.exists() and not (tmp_path / "lora").exists()
-    for checkpoint in (tmp_path / "out-checkpoints").glob("checkpoint-*"):
+    checkpoints = sorted((tmp_path / "out-checkpoints").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    # every step before the non-finite loss saved one, and each holds finite vectors (none saved, nothing was checked)
+    assert [path.name for path in checkpoints] == [f"checkpoint-{step}" for step in range(1, int(error.group(2)))] != []
+    for checkpoint in checkpoints:
         assert all(torch.isfinite(t).all() for t in adapter_tensors(checkpoint).values()), checkpoint.name
 
 
@@ -401,24 +404,30 @@ def test_bad_options_get_one_line_before_the_model_loads(chat_model, pc_jsonl, t
     assert not (tmp_path / "out").exists()
 
 
-def test_the_target_check_before_loading_accepts_conv1d_and_layers_that_load_quantised(gpt2_model, chat_model,
-                                                                                         pc_jsonl, tmp_path):
-    """The module-type check runs on the weightless skeleton, where a layer that loads quantised is an nn.Linear; on
-    a model already quantised it asks PEFT's backends, as get_peft_model does."""
+def test_the_target_check_before_loading_accepts_conv1d(gpt2_model, pc_jsonl, tmp_path):
+    """The module-type check runs on the weightless skeleton: GPT-2's Conv1D projections are layers GiVA adapts."""
+    preflight(options(gpt2_model, pc_jsonl, tmp_path / "out", target_modules=["c_attn", "c_fc"], max_length=64))
+
+
+def test_the_target_check_before_loading_accepts_layers_that_load_in_4bit(chat_model, pc_jsonl, tmp_path):
+    """On the weightless skeleton a layer that loads quantised is still an nn.Linear."""
+    pytest.importorskip("bitsandbytes")
+    preflight(options(chat_model, pc_jsonl, tmp_path / "out", target_modules=["q_proj", "v_proj"], load_in_4bit=True))
+
+
+def test_the_target_check_accepts_a_model_already_quantised_by_hqq():
+    """On a model already quantised the check asks PEFT's backends, as get_peft_model does."""
+    pytest.importorskip("hqq")
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
     from giva import GivaConfig
     from giva.model import check_targets_before_loading
 
-    preflight(options(gpt2_model, pc_jsonl, tmp_path / "out", target_modules=["c_attn", "c_fc"], max_length=64))
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        preflight(options(chat_model, pc_jsonl, tmp_path / "out", target_modules=["q_proj", "v_proj"], load_in_4bit=True))
-    if importlib.util.find_spec("hqq") is not None:
-        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
-
-        model = tiny_llama(**QUANTISABLE)
-        attention = model.model.layers[0].self_attn
-        attention.q_proj = HQQLinear(attention.q_proj, BaseQuantizeConfig(nbits=4, group_size=32), compute_dtype=torch.float32,
-                                     device="cpu")
-        check_targets_before_loading(GivaConfig(r=2, target_modules=["q_proj"]), model)
+    model = tiny_llama(**QUANTISABLE)
+    attention = model.model.layers[0].self_attn
+    attention.q_proj = HQQLinear(attention.q_proj, BaseQuantizeConfig(nbits=4, group_size=32), compute_dtype=torch.float32,
+                                 device="cpu")
+    check_targets_before_loading(GivaConfig(r=2, target_modules=["q_proj"]), model)
 
 
 def test_devices_and_quantisation_that_are_not_there(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, monkeypatch):
