@@ -1329,3 +1329,27 @@ def test_an_installed_giva_inside_another_repository_names_no_commit(tmp_path) -
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     assert module.source_commit() == "unknown"
+
+
+def test_run_suite_gives_the_callers_thread_count_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It set torch's thread count to the suite's and left it there for the rest of the process (a test session, a
+    notebook); now the caller's count comes back after the runs, and after a run that raised."""
+    from giva.bench import runner
+    from giva.bench.spec import load_suite
+
+    suite = replace(load_suite(BENCH, "evidence"), threads=1)
+    seen = []
+
+    def phases(*args):
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("a run failed")
+
+    monkeypatch.setattr(runner, "_run_phases", phases)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="a run failed"):
+            runner.run_suite(suite, BENCH, tmp_path, progress=False, phases=["headline-r8"])
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -536,7 +536,16 @@ def run_suite(
     selected = select_phases(suite, phases)
     for phase in selected:  # a missing quantisation package fails now, not after the phases before it ran
         quantization_config(suite.tasks[phase.task].quantization)
+    threads = torch.get_num_threads()
     torch.set_num_threads(suite.threads)
+    try:  # the caller's thread count back afterwards (a test session or a notebook goes on in this process)
+        ran = _run_phases(suite, root, output_dir, progress, selected)
+    finally:
+        torch.set_num_threads(threads)
+    return ran
+
+
+def _run_phases(suite: SuiteSpec, root: Path, output_dir: Path, progress: bool, selected: Sequence[Phase]) -> list[str]:
     runs_dir = output_dir / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     tasks: dict[str, TaskData] = {}
