@@ -1276,6 +1276,32 @@ def test_records_name_the_source_commit_they_were_measured_with(monkeypatch) -> 
     versions_module.source_commit.cache_clear()
 
 
+def test_records_name_the_cpu_its_instruction_set_and_bitsandbytes(tmp_path: Path, monkeypatch) -> None:
+    """Two sessions a day apart ran the same NF4 code with the same recorded versions and rounded differently; the
+    records could not tell the machines apart (nor held the bitsandbytes version)."""
+    import importlib.metadata
+    import importlib.util
+    import platform
+
+    from giva.bench import versions as versions_module
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Processor\n"
+                       "stepping\t: 8\n\nprocessor\t: 1\nmodel name\t: another\n")
+    assert versions_module.cpu_model(cpuinfo) == "Intel(R) Xeon(R) Processor (family 6, model 143, stepping 8)"
+    assert versions_module.cpu_model(tmp_path / "missing") == (platform.processor() or "unknown")
+    found = versions_module.versions()
+    assert found["cpu"] == versions_module.cpu_model() and found["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        assert found["bitsandbytes"] == importlib.metadata.version("bitsandbytes")
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert "bitsandbytes" not in versions_module.versions()
+
+
 def test_records_name_the_last_commit_that_changed_the_source_and_match_only_that_code(monkeypatch) -> None:
     """code_commit is what the serve, sketch and scale suites resume by: committing results or docs leaves it as it
     is (HEAD would move with them), uncommitted source changes give it a digest of those changes, and a record of

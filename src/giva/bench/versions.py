@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -14,14 +15,15 @@ import torch
 
 
 def versions() -> dict[str, str]:
-    """Python, torch, transformers, PEFT and giva versions (with the source's git commit), the platform and torch's
-    CPU thread count."""
+    """Python, torch, transformers, PEFT, bitsandbytes (when installed) and giva versions (with the source's git
+    commit), the platform, the CPU (its model name and the instruction set torch's kernels dispatch to: the same
+    code on another CPU may round differently) and torch's CPU thread count."""
     import peft
     import transformers
 
     from .. import __version__
 
-    return {
+    found = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -29,8 +31,29 @@ def versions() -> dict[str, str]:
         "giva": __version__,
         "giva_commit": source_commit(),
         "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_threads": str(torch.get_num_threads()),
     }
+    try:  # read from its metadata: importing bitsandbytes prints a line and takes seconds
+        found["bitsandbytes"] = importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name with its family/model/stepping numbers (a cloud VM's name is often only "Intel(R) Xeon(R)
+    Processor"), from ``cpuinfo``; ``platform.processor()`` where there is none."""
+    try:
+        lines = cpuinfo.read_text(encoding="utf-8", errors="replace").split("\n\n")[0].splitlines()
+    except OSError:
+        return platform.processor() or "unknown"
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    name = fields.get("model name") or platform.processor() or "unknown"
+    numbers = [f"{key.replace('cpu ', '')} {fields[key]}" for key in ("cpu family", "model", "stepping") if key in fields]
+    return f"{name} ({', '.join(numbers)})" if numbers else name
 
 
 def _git(*args: str) -> str:
