@@ -60,6 +60,11 @@ def bitsandbytes_deferred() -> Iterator[None]:
     if "bitsandbytes" in sys.modules or "peft" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
         yield
         return
+    # transformers 4.x asks find_spec("bitsandbytes") (and its metadata) when its import_utils module is imported,
+    # which PEFT's import triggers: the finder below would make that raise. Importing it first lets it see the real
+    # spec; it does not import bitsandbytes itself, and PEFT imports transformers anyway (no extra import time).
+    import transformers.utils.import_utils  # noqa: F401
+
     finder = _RefuseBitsandbytes()
     sys.meta_path.insert(0, finder)
     try:
