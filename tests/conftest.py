@@ -1,7 +1,11 @@
+import os
+
 import pytest
 import torch
 
 from tiny_models import text_batches
+
+_MIXED_PRECISION = os.environ.get("ACCELERATE_MIXED_PRECISION")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -17,3 +21,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def batches() -> list[dict]:
     return text_batches()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_mixed_precision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers 4.x's TrainingArguments writes ACCELERATE_MIXED_PRECISION into os.environ (5.x only reads it), so
+    one bf16 run (TRL's configs default to bf16) made every later Trainer of the process autocast to bf16:
+    each test starts with the variable as the session found it and leaves it so."""
+    if _MIXED_PRECISION is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", _MIXED_PRECISION)

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import giva
 import giva.layer
 from giva import CheckpointError, GivaConfig
-from tiny_models import text_batches, tiny_bert, tiny_llama
+from tiny_models import TRANSFORMERS_4, text_batches, tiny_bert, tiny_llama
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -124,6 +124,8 @@ def test_a_base_model_of_another_depth_is_refused_by_transformers_load_adapter(s
     assert not getattr(base, "peft_config", {})
 
 
+@pytest.mark.skipif(TRANSFORMERS_4, reason="transformers 4.x load_adapter ignores adapter_kwargs' subfolder for a "
+                    "local folder (it reads the folder above)")
 def test_an_adapter_in_a_subfolder_loads_through_transformers_adapter_kwargs(saved, tmp_path):
     """transformers takes a subfolder as ``load_adapter(folder, adapter_kwargs={"subfolder": ...})``; GiVA's hook
     checked the folder above it and raised "holds no adapter_config.json", for a stock LoRA folder too. The folder is

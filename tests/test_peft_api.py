@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import giva
 from giva import GivaConfig
-from tiny_models import text_batches, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
+from tiny_models import TRANSFORMERS_4, text_batches, tiny_bert, tiny_gpt2, tiny_llama, tiny_vit
 
 
 def _logits(model, batch):
@@ -61,11 +61,13 @@ def test_wrapped_model_equals_base_at_init_and_trains(factory, targets, batch_ki
 
 
 def test_vit_image_classifier():
-    model = get_peft_model(tiny_vit(), GivaConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]))
+    targets = ["query", "value"] if TRANSFORMERS_4 else ["q_proj", "v_proj"]  # transformers 5 renamed ViT's layers
+    model = get_peft_model(tiny_vit(), GivaConfig(r=4, target_modules=targets, modules_to_save=["classifier"]))
     pixels = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     batch = {"pixel_values": pixels, "labels": torch.tensor([0, 1, 2, 0])}
     giva.initialize(model, [batch], num_batches=1, progress=False)
-    layer = model.base_model.model.vit.layers[0].attention.q_proj
+    vit = model.base_model.model.vit
+    layer = vit.encoder.layer[0].attention.attention.query if TRANSFORMERS_4 else vit.layers[0].attention.q_proj
     a = layer.giva_A["default"]
     assert torch.allclose(a @ a.mT, torch.eye(4), atol=1e-5)
 

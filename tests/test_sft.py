@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerFast
 import giva.sft
 from giva.cli import main
 from giva.sft import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
-from tiny_models import QUANTISABLE, tiny_llama
+from tiny_models import QUANTISABLE, TRANSFORMERS_4, tiny_llama
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from launch import TORCHRUN, run_torchrun  # noqa: E402
@@ -116,6 +116,15 @@ def cli(model, data, out, *extra) -> list[str]:
             "--max-steps", "4", "--batch-size", "4", "--r", "2", "--device", "cpu", "--no-progress", *extra]
 
 
+@pytest.mark.parametrize("on", [False, True])
+def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_transformers_name(tmp_path, on):
+    """--gradient-checkpointing sets TrainingArguments' activation_checkpointing (transformers 5) or, on 4.x,
+    gradient_checkpointing (4.x's SFTConfig refused the 5.x name with a TypeError); TRL's default of on is overridden."""
+    config = giva.sft.sft_config(options("m", "d", tmp_path / "out", gradient_checkpointing=on), "cpu",
+                                 str(tmp_path / "scratch"), train_rows=32)
+    assert getattr(config, "gradient_checkpointing" if TRANSFORMERS_4 else "activation_checkpointing") is on
+
+
 def test_sft_trains_reports_and_saves_an_adapter_that_reloads_bit_identically(chat_model, pc_jsonl, tmp_path):
     out = tmp_path / "out"
     result, model, tokenizer = train_sft(options(chat_model, pc_jsonl, out, export_lora=str(tmp_path / "lora")))
@@ -147,7 +156,9 @@ def test_the_training_loss_reported_is_the_mean_over_the_steps(chat_model, pc_js
     monkeypatch.setattr(giva.sft, "make_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
     result, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", lr=5e-2))
     losses = [entry["loss"] for entry in trainers[0].state.log_history if "loss" in entry]
-    assert len(losses) == result.steps == 4 and result.train_loss == pytest.approx(sum(losses) / 4, rel=1e-6)
+    # transformers 4.x's Trainer logs each loss rounded to 4 decimals (its training_loss is not rounded)
+    mean = pytest.approx(sum(losses) / 4, abs=5e-5) if TRANSFORMERS_4 else pytest.approx(sum(losses) / 4, rel=1e-6)
+    assert len(losses) == result.steps == 4 and result.train_loss == mean
     assert abs(losses[-1] - result.train_loss) > 1e-3  # the final step's loss is another number
     assert f"(mean training loss {result.train_loss:.4f})" in result.summary() and "final" not in result.summary()
 
@@ -321,6 +332,7 @@ def test_overwrite_drops_an_earlier_runs_tokenizer_files(chat_model, plain_model
     assert load_sft_adapter(str(out))[1].chat_template is None
 
 
+@pytest.mark.skipif(TRANSFORMERS_4, reason="transformers 4.x prints no LOAD REPORT (a 5.x log)")
 def test_no_progress_hides_the_transformers_load_report(chat_model, pc_jsonl, tmp_path, caplog):
     broken = tmp_path / "model"
     broken.mkdir()
@@ -751,7 +763,8 @@ def test_micro_batches_accumulate_to_the_same_optimizer_step(chat_model, varied_
             torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
         elif "lambda" in key:  # four AdamW steps on the same rows, float sums in another order (Adam amplifies them)
             torch.testing.assert_close(b[key], a[key], rtol=1e-2, atol=1e-4, msg=key)
-    assert split.train_loss == pytest.approx(whole.train_loss, rel=1e-6)  # the same loss at every step
+    # the same loss at every step, up to float sums: 3.6e-6 relative apart on transformers 4.57 (4.56.2: within 1e-6)
+    assert split.train_loss == pytest.approx(whole.train_loss, rel=1e-5 if TRANSFORMERS_4 else 1e-6)
     # (the validation loss is the Trainer's mean over evaluation batches of micro-batch size: not compared)
 
 

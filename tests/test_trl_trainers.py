@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerFast
 import giva
 from giva import GivaConfig
 from giva.init import GradientInitError, giva_layers
-from tiny_models import VOCAB, text_batches, tiny_llama
+from tiny_models import TRANSFORMERS_4, VOCAB, text_batches, tiny_llama
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
@@ -120,7 +120,8 @@ def test_dpo_reference_adapter_of_a_pretrained_giva_adapter_is_the_initial_polic
 
     trainer.train()
     first = next(h for h in trainer.state.log_history if "loss" in h)
-    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    # transformers 4.x's Trainer logs the loss rounded to 4 decimals
+    assert first["loss"] == pytest.approx(math.log(2), abs=5e-5 if TRANSFORMERS_4 else 1e-6)
     assert first["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
 
 

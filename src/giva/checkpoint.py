@@ -823,16 +823,20 @@ before the error propagates, so the model computes what it computed before the c
     adapter_name = arguments.get("adapter_name") or "default"
     existed = adapter_name in (getattr(model, "peft_config", None) or {})
     with checked_load(model_id, subfolder, model):
-        result = original(model, *args, **kwargs)
-        config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
-        if config is None or config.peft_type != GIVA_TYPE:
-            return result
-        folder = Path(os.path.expanduser(os.fspath(model_id)))
-        folder = folder / subfolder if subfolder else folder
         try:
+            # transformers 4.x loads the weights inside load_adapter through PEFT's set_peft_model_state_dict, so
+            # GiVA's load checks can raise in ``original`` already, after the adapter was injected: delete it then too
+            result = original(model, *args, **kwargs)
+            config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+            if config is None or config.peft_type != GIVA_TYPE:
+                return result
+            folder = Path(os.path.expanduser(os.fspath(model_id)))
+            folder = folder / subfolder if subfolder else folder
             _reload_through_peft(model, folder, adapter_name)
         except Exception:
-            if not existed:
+            # only a GiVA adapter this call injected (``original`` may also fail before injecting anything)
+            config = (getattr(model, "peft_config", None) or {}).get(adapter_name)
+            if not existed and config is not None and config.peft_type == GIVA_TYPE:
                 _delete_adapter(model, adapter_name)
             raise
     forget_checksum(model, adapter_name)

@@ -21,6 +21,11 @@ from packaging.version import Version
 # also lack BaseTunerLayer.get_base_weight. CI runs the PEFT API tests on exactly this version (tests/peft_min/).
 MIN_PEFT_VERSION = "0.21.0"
 
+# The oldest transformers GiVA is tested with: the floor of trl 1.16 (the sft extra), which also takes the ``dtype=``
+# GiVA passes to from_pretrained (older 4.x only knew torch_dtype=). CI runs the integration tests on exactly this
+# version (tests/transformers_min/); the 4.x differences are handled where they arise (grep "transformers 4.x").
+MIN_TRANSFORMERS_VERSION = "4.56.2"
+
 
 def check_peft_version(installed: Optional[str] = None) -> None:
     """Raise ``ImportError`` naming both versions if the installed PEFT is older than :data:`MIN_PEFT_VERSION`."""
@@ -60,6 +65,11 @@ def bitsandbytes_deferred() -> Iterator[None]:
     if "bitsandbytes" in sys.modules or "peft" in sys.modules or importlib.util.find_spec("bitsandbytes") is None:
         yield
         return
+    # transformers 4.x asks find_spec("bitsandbytes") (and its metadata) when its import_utils module is imported,
+    # which PEFT's import triggers: the finder below would make that raise. Importing it first lets it see the real
+    # spec; it does not import bitsandbytes itself, and PEFT imports transformers anyway (no extra import time).
+    import transformers.utils.import_utils  # noqa: F401
+
     finder = _RefuseBitsandbytes()
     sys.meta_path.insert(0, finder)
     try:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -522,6 +522,10 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
     optimizer, schedule, RNG states) into the checkpoint folder, else into ``scratch``, which the run deletes."""
     from trl import SFTConfig
 
+    # transformers 5 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing; 4.x knows only the
+    # old name (and SFTConfig refuses the new one with a TypeError)
+    names = {f.name for f in fields(SFTConfig)}
+    checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     micro, accumulation = options.batch_layout(launch()[1])
     steps = options.max_steps or math.ceil(math.ceil(train_rows / options.batch_size) * options.epochs)
     saving = options.save_steps is not None
@@ -539,7 +543,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
         completion_only_loss=True,
         bf16=options.bf16,
         fp16=options.fp16,
-        activation_checkpointing=options.gradient_checkpointing,  # TRL's SFTConfig defaults it to on
+        **{checkpointing: options.gradient_checkpointing},  # TRL's SFTConfig defaults it to on
         use_cpu=device == "cpu",
         seed=options.seed,
         data_seed=options.seed,
