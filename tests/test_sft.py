@@ -172,7 +172,10 @@ def test_a_bf16_run_reloads_bit_identically_through_the_same_forward(chat_model,
     from peft import get_peft_model_state_dict
 
     out = tmp_path / "out"
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
     _, model, tokenizer = train_sft(options(chat_model, pc_jsonl, out, bf16=True, lr=5e-2))
+    # transformers 4.x wrote "bf16" there for the rest of the process: a later fp32 run would autocast to bf16
+    assert os.environ.get("ACCELERATE_MIXED_PRECISION") == before
     saved, trained = adapter_tensors(out), get_peft_model_state_dict(model)
     assert saved.keys() == trained.keys()
     assert all(saved[k].dtype == trained[k].dtype and torch.equal(saved[k], trained[k]) for k in saved)

@@ -752,8 +752,23 @@ def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
     """:func:`run_sft`, also returning the trained PEFT model and the tokenizer."""
     device, path, tokenizer, data = preflight(options)
     options, resume_from = check_checkpoints(options, data)
-    with quiet_transformers(not options.progress):
+    with quiet_transformers(not options.progress), _accelerate_precision_kept():
         return _train(options, device, path, tokenizer, data, resume_from)
+
+
+@contextmanager
+def _accelerate_precision_kept() -> Iterator[None]:
+    """transformers 4.x's TrainingArguments writes ``ACCELERATE_MIXED_PRECISION`` into ``os.environ`` for a bf16/fp16
+    run and leaves it there (5.x only reads it): every later Trainer of the process, an fp32 ``train_sft`` among
+    them, would autocast to that dtype. The caller's value comes back afterwards."""
+    saved = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = saved
 
 
 def on_main_process(trainer: Any, work: Any) -> None:
