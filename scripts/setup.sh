@@ -31,10 +31,13 @@ fi
 # The oldest supported transformers (MIN_TRANSFORMERS_VERSION, same file) with the huggingface_hub, tokenizers and
 # datasets pip resolves for it beside torch 2.13 and trl 1.16 (the venv's are too new for it), for tests/transformers_min/.
 TRANSFORMERS_MIN=$(sed -n 's/^MIN_TRANSFORMERS_VERSION = "\(.*\)"$/\1/p' src/giva/peft_compat.py)
-if [ ! -d ".venv-transformers-min/transformers-$TRANSFORMERS_MIN.dist-info" ]; then
+TRANSFORMERS_MIN_PINS="transformers==$TRANSFORMERS_MIN huggingface_hub==0.36.2 tokenizers==0.22.2 datasets==5.0.1"
+# rebuilt when a pin changes or an install was cut short (the stamp is written only after pip succeeded)
+if [ "$(cat .venv-transformers-min/.giva-pins 2>/dev/null)" != "$TRANSFORMERS_MIN_PINS" ]; then
   rm -rf .venv-transformers-min
-  .venv/bin/pip install --quiet --no-deps --target .venv-transformers-min "transformers==$TRANSFORMERS_MIN" \
-    huggingface_hub==0.36.2 tokenizers==0.22.2 datasets==5.0.1
+  # shellcheck disable=SC2086  # the pins are separate arguments
+  .venv/bin/pip install --quiet --no-deps --target .venv-transformers-min $TRANSFORMERS_MIN_PINS
+  echo "$TRANSFORMERS_MIN_PINS" > .venv-transformers-min/.giva-pins
 fi
 # PEFT's generic tuner tests of the installed PEFT (its sdist, from PyPI) into ~/.cache/giva/peft-tests, never committed.
 .venv/bin/python tests/peft_upstream.py

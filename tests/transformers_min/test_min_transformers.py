@@ -44,7 +44,7 @@ def test_pyproject_declares_the_minimum():
 def _with_min_transformers() -> dict[str, str]:
     if not (MIN_DIR / f"transformers-{MIN_TRANSFORMERS_VERSION}.dist-info").is_dir():
         pytest.fail(f"transformers=={MIN_TRANSFORMERS_VERSION} is not installed in {MIN_DIR}: run scripts/setup.sh")
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(MIN_DIR), os.environ.get("PYTHONPATH", "")])}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(MIN_DIR), os.environ.get("PYTHONPATH")]))}
 
 
 def test_import_giva_on_the_minimum_transformers_leaves_bitsandbytes_unimported():
