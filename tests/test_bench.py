@@ -1290,6 +1290,10 @@ def test_records_name_the_cpu_its_instruction_set_and_bitsandbytes(tmp_path: Pat
                        "stepping\t: 8\n\nprocessor\t: 1\nmodel name\t: another\n")
     assert versions_module.cpu_model(cpuinfo) == "Intel(R) Xeon(R) Processor (family 6, model 143, stepping 8)"
     assert versions_module.cpu_model(tmp_path / "missing") == (platform.processor() or "unknown")
+    arm = tmp_path / "cpuinfo-arm"  # aarch64's /proc/cpuinfo has no model name
+    arm.write_text("processor\t: 0\nBogoMIPS\t: 2000.00\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+                   "CPU variant\t: 0x0\nCPU part\t: 0xd4f\nCPU revision\t: 0\n\nprocessor\t: 1\n")
+    assert versions_module.cpu_model(arm).endswith("CPU (implementer 0x41, part 0xd4f, variant 0x0, revision 0)")
     found = versions_module.versions()
     assert found["cpu"] == versions_module.cpu_model() and found["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if importlib.util.find_spec("bitsandbytes") is not None:

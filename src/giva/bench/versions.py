@@ -51,6 +51,10 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     except OSError:
         return platform.processor() or "unknown"
     fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    if "model name" not in fields and "CPU part" in fields:  # aarch64 (Grace, Graviton): no name, the ARM part ids
+        arm = [f"{key.replace('CPU ', '')} {fields[key]}" for key in ("CPU implementer", "CPU part", "CPU variant",
+                                                                       "CPU revision") if key in fields]
+        return f"{platform.machine() or 'ARM'} CPU ({', '.join(arm)})"
     name = fields.get("model name") or platform.processor() or "unknown"
     numbers = [f"{key.replace('cpu ', '')} {fields[key]}" for key in ("cpu family", "model", "stepping") if key in fields]
     return f"{name} ({', '.join(numbers)})" if numbers else name
