@@ -213,3 +213,22 @@ def test_the_4bit_base_is_loaded_on_the_cpu_also_on_a_cuda_host(tiny_dir: Path, 
     with pytest.raises(Loaded):
         ql.measure("qlora", ql.QloraSettings(model=str(tiny_dir)))
     assert seen == {"quantization_config": "nf4-config", "device_map": {"": "cpu"}}
+
+
+@needs_bnb
+def test_the_timed_step_leaves_out_the_memory_readings(tiny_dir: Path, monkeypatch) -> None:
+    """The two RssAnon readings of each step (a /proc read each) were inside the timed step: a reading made slow
+    (0.3 s) shows whether they still count."""
+    import time
+
+    import torch
+
+    real = ql.proc_status_bytes
+    monkeypatch.setattr(ql, "proc_status_bytes", lambda field: time.sleep(0.3 if field == "RssAnon" else 0) or real(field))
+    threads = torch.get_num_threads()
+    try:  # measure() is meant for a fresh process: it sets torch's thread count
+        record = ql.measure("qlora", tiny_settings(tiny_dir))
+    finally:
+        torch.set_num_threads(threads)
+    assert record["train_anon_sampled_max_bytes"] > 0 and len(record["step_seconds"]) == 2
+    assert max(record["step_seconds"]) < 0.3, record["step_seconds"]  # a tiny model's step takes milliseconds

@@ -49,6 +49,7 @@ from .names import QLORA_SUITE
 from .runner import (
     RunFailedError,
     peak_rss_bytes,
+    proc_status,
     proc_status_bytes,
     reset_peak_rss,
     write_json_atomically,
@@ -115,8 +116,13 @@ def release_freed_memory() -> str:
 def _memory() -> dict[str, int]:
     """The resident size now: total (VmRSS), anonymous (RssAnon: heap, tensors) and file-backed (RssFile: mapped
     files such as the checkpoint and libraries), in bytes (0 where /proc/self/status has no such field)."""
-    return {"rss": proc_status_bytes("VmRSS") or 0, "anon": proc_status_bytes("RssAnon") or 0,
-            "file": proc_status_bytes("RssFile") or 0}
+    rss, anon, file = proc_status("VmRSS", "RssAnon", "RssFile").values()
+    return {"rss": rss or 0, "anon": anon or 0, "file": file or 0}
+
+
+def _anon_bytes() -> int:
+    """``RssAnon`` now, in bytes (0 where /proc/self/status has none)."""
+    return proc_status_bytes("RssAnon") or 0
 
 
 def measure(method: str, settings: QloraSettings) -> dict[str, Any]:
@@ -175,12 +181,17 @@ def measure(method: str, settings: QloraSettings) -> dict[str, Any]:
         inputs = batch()
         start = time.perf_counter()
         model(**inputs).loss.backward()
-        anon.append(proc_status_bytes("RssAnon") or 0)  # activations' gradients freed, parameter gradients held
+        seconds = time.perf_counter() - start
+        anon.append(_anon_bytes())  # activations' gradients freed, parameter gradients held (not timed)
+        start = time.perf_counter()
         optimizer.step()
-        anon.append(proc_status_bytes("RssAnon") or 0)  # AdamW's state allocated
+        seconds += time.perf_counter() - start
+        anon.append(_anon_bytes())  # AdamW's state allocated (not timed)
+        start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - start
         if index >= settings.warmup_steps:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)  # the step alone: the two readings are not part of it
     train_peak = peak_rss_bytes()
     return {
         "method": method, "peft_kwargs": kwargs, "peak_bytes": max(peak_to_init, train_peak), "loaded_bytes": loaded["rss"],

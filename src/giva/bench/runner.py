@@ -182,22 +182,30 @@ def reset_peak_rss() -> str:
         return PEAK_RSS_FALLBACK
 
 
-def proc_status_bytes(field: str) -> Optional[int]:
-    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None where there is no such file or field."""
+def proc_status(*fields: str) -> dict[str, Optional[int]]:
+    """``kB`` fields of /proc/self/status (``VmRSS``, ``VmHWM``, ``RssAnon`` ...) in bytes, from one read of the file;
+    None for a field it does not have (every field where there is no such file)."""
+    found: dict[str, Optional[int]] = dict.fromkeys(fields)
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
+                key, _, value = line.partition(":")
+                if key in found:
+                    found[key] = int(value.split()[0]) * 1024
     except OSError:
         pass
-    return None
+    return found
+
+
+def proc_status_bytes(field: str) -> Optional[int]:
+    """One ``kB`` field of /proc/self/status in bytes (:func:`proc_status`); None where there is no such file or field."""
+    return proc_status(field)[field]
 
 
 def peak_rss_bytes() -> int:
     """VmHWM, or VmRSS where it is higher (Linux folds each thread's RSS updates in late, so the high-water mark can
     trail the current size), else ``ru_maxrss``."""
-    hwm, rss = proc_status_bytes("VmHWM"), proc_status_bytes("VmRSS")
+    hwm, rss = proc_status("VmHWM", "VmRSS").values()
     if hwm is None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return max(hwm, rss or 0)
