@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Optional, Union
 
-from . import load
+from . import __version__, load
 
 if TYPE_CHECKING:
     from .finetune import FinetuneResult
@@ -336,8 +336,37 @@ def _sft_seed(value: str) -> int:
     return number
 
 
+def version_line() -> str:
+    """``giva X (torch Y, transformers Z, peft W, ..., python V)``: what a bug report needs, read from the installed
+    packages' metadata (nothing is imported); TRL and bitsandbytes only where they are installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for name in ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes"):
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            if name in ("torch", "transformers", "peft"):
+                found.append(f"{name} not installed")
+    found.append(f"python {sys.version.split()[0]}")
+    return f"giva {__version__} ({', '.join(found)})"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: :func:`version_line`, formed only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print giva's version and those of the libraries it runs on, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object) -> NoReturn:
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="giva", description="GiVA adapters for Hugging Face PEFT")
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     ft = sub.add_parser("finetune", help="fine-tune a sequence classifier with GiVA (defaults: MiniLM on Pang & Lee)")
