@@ -219,6 +219,56 @@ def test_only_the_completion_carries_labels(model_name, data_name, expected_prom
         assert tokens == expected_prompt.format(p=prompt).split()
 
 
+def conversations_jsonl(path: Path, n: int) -> Path:
+    """``n`` chats, conversation i with i % 3 + 1 assistant replies ("good i.k" for reply k), the first after a system
+    message: each reply is a word the tiny tokenizer knows, tagged by where it stands."""
+    rows = []
+    for i in range(n):
+        messages = [{"role": "system", "content": "answer one word"}]
+        for k in range(i % 3 + 1):
+            messages += [{"role": "user", "content": f"the film is good . {i} {k}"},
+                         {"role": "assistant", "content": f"good {i} {k}"}]
+        rows.append({"messages": messages})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_every_assistant_reply_of_a_conversation_is_trained_with_its_own_context(tmp_path):
+    """A chat of n assistant replies gives n rows, reply k's prompt the conversation before it (only the last reply
+    was trained on before); the split and --max-train-samples count conversations, so none has turns on both sides."""
+    from giva.sft_data import load_sft_data
+
+    data = load_sft_data(str(conversations_jsonl(tmp_path / "chats.jsonl", 30)), 6, 0, max_train_samples=20, chat=True)
+    sides = {}
+    for split, rows in (("train", data.train), ("validation", data.validation)):
+        for row in rows:
+            _, i, k = row["completion"][0]["content"].split()
+            assert row["prompt"][-1] == {"role": "user", "content": f"the film is good . {i} {k}"}
+            assert len(row["prompt"]) == 2 * int(k) + 2  # the system message, then every turn before this reply
+            assert [m["content"] for m in row["prompt"][2::2]] == [f"good {i} {j}" for j in range(int(k))]
+            sides.setdefault(i, set()).add(split)
+    assert all(len(split) == 1 for split in sides.values())  # each conversation on one side
+    assert sorted(i for i, split in sides.items() if split == {"validation"}).__len__() == 6
+    assert sum(split == {"train"} for split in sides.values()) == 20
+    conversations = {int(i) for i, split in sides.items() if split == {"train"}}
+    assert len(data.train) == sum(i % 3 + 1 for i in conversations)  # every reply of every training conversation
+    assert "(assistant turn 2 of 3)" in " ".join(data.train_where + data.validation_where)
+
+
+def test_each_reply_of_a_conversation_carries_the_labels_of_its_row(chat_model, tmp_path):
+    """Through TRL: every row's unlabelled tokens are its own prefix of the conversation with the generation prompt,
+    its labelled ones the reply and <eos>; the conversations gave more rows than there are conversations."""
+    opts = options(chat_model, conversations_jsonl(tmp_path / "chats.jsonl", 12), tmp_path / "out", val_size=3)
+    device, path, tokenizer, sft_data = preflight(opts)
+    trainer = make_trainer(opts, device, path, tokenizer, sft_data, str(tmp_path / "scratch"))
+    assert len(trainer.train_dataset) == len(sft_data.train) > 9  # 9 training conversations
+    for row, source in enumerate(sft_data.train):
+        text, prompt_len = labelled_text(trainer, tokenizer, row)
+        assert text.split() == [*tokenizer.tokenize(source["completion"][0]["content"]), "<eos>"]
+        prompt = tokenizer.apply_chat_template(source["prompt"], add_generation_prompt=True, tokenize=False)
+        assert trainer.train_dataset[row]["input_ids"][:prompt_len] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 @pytest.mark.parametrize("think", [False, True])
 @pytest.mark.parametrize("stops", [True, False])
 def test_exact_match_scores_a_model_that_writes_its_trained_completion(chat_model, pc_jsonl, tmp_path, monkeypatch,

@@ -1,8 +1,10 @@
 """The rows `giva sft` trains on: prompt/completion or chat messages, checked line by line; no torch here.
 
 Every row becomes TRL's prompt/completion form (strings, or lists of ``{"role", "content"}`` messages),
-so that TRL's ``SFTTrainer`` masks the prompt out of the loss. A ``messages`` row is split before its last
-message, which must be the assistant's: the loss covers that reply only.
+so that TRL's ``SFTTrainer`` masks the prompt out of the loss. A ``messages`` record (which must end with the
+assistant's message) becomes one row per assistant message: the conversation up to it as the prompt, it as the
+completion, so that every assistant reply is trained on, each with the context it had. The records are split into
+training and validation before that, so the turns of one conversation stay on one side.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from .data import BUNDLED, DATA_SUFFIXES, DataError, _decode, _hub_datasets_modu
 
 Row = dict[str, Any]  # {"prompt": str | list[message], "completion": str | list[message]}
 Located = tuple[str, Row]  # (where the row came from, e.g. "my.jsonl:7"; the row)
+Record = list[Located]  # the rows of one record: one, or one per assistant message of a conversation
 T = TypeVar("T")
 
 # The instruction each bundled corpus becomes: the sentence in a question, the class name as a one-word answer.
@@ -87,15 +90,29 @@ def _text(value: Any, where: str, field: str) -> str:
     return value
 
 
-def parse_row(record: Any, where: str) -> Row:
-    """One record -> a prompt/completion row, or a :class:`DataError` naming ``where`` and the missing field."""
+def conversation_turns(messages: list[dict[str, str]], where: str) -> Record:
+    """A conversation as one row per assistant message after the first message: the messages before it as the
+    prompt, it as the completion (``where`` gains "assistant turn i of n" when there are several)."""
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant" and i > 0]
+    return [(where if len(turns) == 1 else f"{where} (assistant turn {n} of {len(turns)})",
+             {"prompt": messages[:i], "completion": [messages[i]]}) for n, i in enumerate(turns, start=1)]
+
+
+def parse_record(record: Any, where: str) -> Record:
+    """One record -> its prompt/completion rows (one per assistant message of a ``messages`` record), or a
+    :class:`DataError` naming ``where`` and the missing field."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object with {ROW_FIELDS}, got {type(record).__name__}")
     if "messages" in record:
         messages = _messages(record["messages"], where, "messages")
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise DataError(f"{where}: 'messages' must end with an assistant message that follows at least one other message")
-        return {"prompt": messages[:-1], "completion": messages[-1:]}
+        return conversation_turns(messages, where)
+    return [(where, parse_row(record, where))]
+
+
+def parse_row(record: dict[str, Any], where: str) -> Row:
+    """A prompt/completion record -> its row, or a :class:`DataError` naming ``where`` and the missing field."""
     if "prompt" not in record or "completion" not in record:
         raise DataError(
             f"{where}: needs {ROW_FIELDS}; the row has {sorted(record)}"
@@ -106,20 +123,20 @@ def parse_row(record: Any, where: str) -> Row:
     return {"prompt": _text(prompt, where, "prompt"), "completion": _text(completion, where, "completion")}
 
 
-def parse_rows(records: Iterable[tuple[str, Any]], source: str) -> list[Located]:
-    """Every (where, record) parsed into (where, row); all rows must be plain text or all chat messages."""
-    rows = [(where, parse_row(record, where)) for where, record in records]
-    if not rows:
+def parse_rows(records: Iterable[tuple[str, Any]], source: str) -> list[Record]:
+    """Every (where, record) parsed into its rows; all rows must be plain text or all chat messages."""
+    parsed = [parse_record(record, where) for where, record in records]
+    if not parsed:
         raise DataError(f"{source}: no rows found")
-    chat = [isinstance(row["prompt"], list) for _, row in rows]
+    chat = [isinstance(rows[0][1]["prompt"], list) for rows in parsed]
     if not all(chat) and any(chat):
-        where = rows[chat.index(not chat[0])][0]
+        where = parsed[chat.index(not chat[0])][0][0]
         raise DataError(f"{where}: a {'chat' if not chat[0] else 'plain-text'} row after {'plain-text' if not chat[0] else 'chat'} "
                         "rows; use one format for the whole file")
-    return rows
+    return parsed
 
 
-def read_file(path: Path) -> list[Located]:
+def read_file(path: Path) -> list[Record]:
     """A JSON Lines file (``.json``: also one array) of prompt/completion or messages rows."""
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
@@ -130,7 +147,7 @@ def read_file(path: Path) -> list[Located]:
     return parse_rows(_read_json_rows(path, _decode(path), ROW_FIELDS), str(path))
 
 
-def read_hub(name: str) -> list[Located]:
+def read_hub(name: str) -> list[Record]:
     """The ``train`` split of a `datasets` hub dataset with prompt/completion or messages columns."""
     datasets = _hub_datasets_module(name)
     ds = datasets.load_dataset(name, split="train")
@@ -139,10 +156,11 @@ def read_hub(name: str) -> list[Located]:
     return parse_rows(((f"dataset {name!r} row {i}", dict(record)) for i, record in enumerate(ds)), name)
 
 
-def read_rows(source: str) -> list[Located]:
-    """A bundled corpus name, a local JSONL path, or a `datasets` hub name, in that order; each row with its place."""
+def read_rows(source: str) -> list[Record]:
+    """A bundled corpus name, a local JSONL path, or a `datasets` hub name, in that order: each record's rows, each
+    row with its place."""
     if source in INSTRUCTIONS:
-        return bundled_rows(source)
+        return [[row] for row in bundled_rows(source)]
     path = Path(os.path.expanduser(source))
     if path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source):
         return read_file(path)
@@ -185,11 +203,15 @@ def split_rows(rows: list[T], val_size: int | float, seed: int, max_train_sample
 def load_sft_data(
     source: str, val_size: int | float, seed: int, max_train_samples: Optional[int] = None, chat: bool = False
 ) -> SFTData:
-    """Read, check and split ``source``; ``chat`` turns plain-text rows into chat turns."""
-    located = read_rows(source)
-    labels = label_set([row for _, row in located])
+    """Read, check and split ``source``; ``chat`` turns plain-text rows into chat turns. The records (a conversation
+    with all its assistant turns is one) are split, and ``max_train_samples`` counts them, so that no conversation
+    has turns on both sides."""
+    records = read_rows(source)
+    labels = label_set([row for rows in records for _, row in rows])
     if chat:
-        located = [(where, as_chat(row)) for where, row in located]
-    train, validation = split_rows(located, val_size, seed, max_train_samples)
+        records = [[(where, as_chat(row)) for where, row in rows] for rows in records]
+    train, validation = (
+        [located for rows in part for located in rows] for part in split_rows(records, val_size, seed, max_train_samples)
+    )
     return SFTData([row for _, row in train], [row for _, row in validation], source, labels,
                    [where for where, _ in train], [where for where, _ in validation])
