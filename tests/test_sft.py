@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -269,6 +270,35 @@ def test_each_reply_of_a_conversation_carries_the_labels_of_its_row(chat_model, 
         assert trainer.train_dataset[row]["input_ids"][:prompt_len] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
+@pytest.fixture
+def text_jsonl(tmp_path):
+    rng = random.Random(2)
+    path = tmp_path / "text.jsonl"
+    path.write_text("".join(json.dumps({"text": " ".join(review(rng))}) + "\n" for _ in range(40)))
+    return path
+
+
+def test_text_rows_put_the_loss_on_every_token_without_a_chat_template(chat_model, text_jsonl, tmp_path):
+    """TRL's language-modelling rows: the text as it is (no chat template, though the tokenizer has one) and its EOS,
+    every token labelled; no exact match (no completion to match)."""
+    opts = options(chat_model, text_jsonl, tmp_path / "out")
+    device, path, tokenizer, sft_data = preflight(opts)
+    assert sft_data.labels is None and all(set(row) == {"text"} for row in sft_data.train + sft_data.validation)
+    trainer = make_trainer(opts, device, path, tokenizer, sft_data, str(tmp_path / "scratch"))
+    for row, source in enumerate(sft_data.train):
+        example = trainer.train_dataset[row]
+        assert example["labels"] == example["input_ids"]
+        assert tokenizer.convert_ids_to_tokens(example["input_ids"]) == [*source["text"].split(), "<eos>"]
+
+
+def test_sft_trains_on_text_rows_and_reports_the_loss_over_every_token(chat_model, text_jsonl, tmp_path):
+    result, _, _ = train_sft(options(chat_model, text_jsonl, tmp_path / "out", max_steps=2))
+    assert result.exact_match_before is None and result.exact_match_after is None
+    assert result.loss_tokens == "every token" and "(every token)" in result.summary()
+    assert math.isfinite(result.val_loss_after) and result.steps == 2
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("think", [False, True])
 @pytest.mark.parametrize("stops", [True, False])
 def test_exact_match_scores_a_model_that_writes_its_trained_completion(chat_model, pc_jsonl, tmp_path, monkeypatch,
@@ -529,8 +559,11 @@ def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_pat
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('{"prompt": "a"}\n', "bad.jsonl:1: needs 'prompt' and 'completion', or 'messages'; the row has ['prompt']"),
-        ('{"prompt": "a", "completion": "b"}\n{"text": "c"}\n', "bad.jsonl:2: needs 'prompt' and 'completion'"),
+        ('{"prompt": "a"}\n', "bad.jsonl:1: needs 'prompt' and 'completion', 'messages', or 'text'; the row has ['prompt']"),
+        ('{"prompt": "a", "completion": "b"}\n{"text": "c"}\n', "bad.jsonl:2: a 'text' row after plain-text rows"),
+        ('{"text": "a"}\n{"prompt": "a", "completion": "b"}\n', "bad.jsonl:2: a plain-text row after 'text' rows"),
+        ('{"text": " "}\n', "bad.jsonl:1: 'text' must be a non-empty string"),
+        ('{"txt": "a"}\n', "bad.jsonl:1: needs 'prompt' and 'completion', 'messages', or 'text'; the row has ['txt']"),
         ('{"prompt": "a", "completion": ""}\n', "bad.jsonl:1: 'completion' must be a non-empty string"),
         ('{"prompt": "a", "completion": "b"}\nnot json\n', "bad.jsonl:2: not valid JSON"),
         ('{"messages": [{"role": "user", "content": "a"}]}\n', "bad.jsonl:1: 'messages' must end with an assistant message"),
@@ -539,7 +572,7 @@ def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_pat
          '{"role": "assistant", "content": "b"}]}\n', "bad.jsonl:2: a chat row after plain-text rows"),
         ("", "bad.jsonl: no rows found"),
         ('{"prompt": "a", "completion": "b"}\n["a", "b"]\n',  # was finetune's "with the text and label columns"
-         "bad.jsonl:2: expected a JSON object with 'prompt' and 'completion', or 'messages', got list"),
+         "bad.jsonl:2: expected a JSON object with 'prompt' and 'completion', 'messages', or 'text', got list"),
     ],
 )
 def test_bad_data_gets_one_line_naming_file_and_line(chat_model, tmp_path, capsys, no_model_loading, content, message):

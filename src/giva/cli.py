@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "SmolLM2 on Pang & Lee as questions)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sf.add_argument("--model", default="smollm2", help="alias 'smollm2' (offline SmolLM2-135M-Instruct), a local folder or a hub id")
     sf.add_argument("--data", default="pang-lee", help="'pang-lee' or 'conll2010-uncertainty' (bundled corpora as one-word "
-                    "questions), a JSONL file of prompt/completion or messages rows, or a datasets name")
+                    "questions), a JSONL file of prompt/completion, messages or text rows, or a datasets name")
     sf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
     precision = sf.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (CPU too; slower there on most CPUs)")

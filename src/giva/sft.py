@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data import DataError
-from .sft_data import SFTData, load_sft_data
+from .sft_data import SFTData, load_sft_data, row_format
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +189,7 @@ class SFTResult:
     versions: dict[str, str]
     processes: int = 1
     resumed_from: Optional[str] = None
+    loss_tokens: str = "completion tokens only"  # the tokens the losses cover: "every token" for 'text' rows
 
     def summary(self) -> str:
         em = ("" if self.exact_match_before is None else
@@ -197,7 +198,7 @@ class SFTResult:
             f"model              {self.model} ({self.device}, {self.precision}"
             f"{', ' + self.quantization if self.quantization else ''})\n"
             f"data               {self.data}: {self.train_rows} training rows, {self.validation_rows} validation rows\n"
-            f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} (completion tokens only){em}\n"
+            f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} ({self.loss_tokens}){em}\n"
             f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
             f"steps              {self.steps} "
             f"({'no step left to train' if self.train_loss is None else f'mean training loss {self.train_loss:.4f}'})"
@@ -442,7 +443,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     chat = getattr(tokenizer, "chat_template", None) is not None
     data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat)
     check_num_batches(options, len(data.train), launch()[1])
-    if not chat and isinstance(data.train[0]["prompt"], list):  # one format per file: the first row says which
+    if not chat and row_format(data.train[0]) == "chat":  # one format per file: the first row says which
         raise DataError(f"--data {options.data!r} has chat rows but the tokenizer of --model {options.model!r} has no "
                         "chat template; give a model whose tokenizer has one, or plain-text prompt/completion rows")
     if chat:
@@ -457,6 +458,8 @@ def check_chat_template(tokenizer: Any, data: SFTData, model: str) -> None:
     from jinja2.exceptions import TemplateError
 
     for where, row in data.located():
+        if row_format(row) == "text":  # TRL renders no template on a language-modelling row
+            return
         try:
             tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
             tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
@@ -829,7 +832,8 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         check_num_batches(options, len(trainer.train_dataset), trainer.args.world_size)  # the rows TRL kept
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
         peft_model = trainer.model
-        prompts, completions = prompt_ids(trainer.eval_dataset), completion_ids(trainer.eval_dataset)
+        if data.labels is not None:  # the reference answers of exact match
+            prompts, completions = prompt_ids(trainer.eval_dataset), completion_ids(trainer.eval_dataset)
 
         def evaluate() -> tuple[float, Optional[float]]:
             loss = trainer.evaluate()["eval_loss"]
@@ -864,6 +868,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         train_seconds=train_seconds, output_dir=options.output_dir, lora_dir=None,  # set once the export is written
         options=asdict(options), versions=_versions(), processes=trainer.args.world_size,
         resumed_from=resume_from,
+        loss_tokens="every token" if row_format(data.train[0]) == "text" else "completion tokens only",
     )
 
     from .checkpoint import atomic_file, json_text

@@ -1,7 +1,8 @@
 """The rows `giva sft` trains on: prompt/completion or chat messages, checked line by line; no torch here.
 
 Every row becomes TRL's prompt/completion form (strings, or lists of ``{"role", "content"}`` messages),
-so that TRL's ``SFTTrainer`` masks the prompt out of the loss. A ``messages`` record (which must end with the
+so that TRL's ``SFTTrainer`` masks the prompt out of the loss, or stays a ``{"text": ...}`` row (TRL's language
+modelling form: every token carries the loss, no chat template). A ``messages`` record (which must end with the
 assistant's message) becomes one row per assistant message: the conversation up to it as the prompt, it as the
 completion, so that every assistant reply is trained on, each with the context it had. The records are split into
 training and validation before that, so the turns of one conversation stay on one side.
@@ -19,7 +20,7 @@ from typing import Any, Optional, TypeVar
 from .checkpoint import looks_local
 from .data import BUNDLED, DATA_SUFFIXES, DataError, _decode, _hub_datasets_module, _read_json_rows, load_bundled
 
-Row = dict[str, Any]  # {"prompt": str | list[message], "completion": str | list[message]}
+Row = dict[str, Any]  # {"prompt": str | list[message], "completion": str | list[message]}, or {"text": str}
 Located = tuple[str, Row]  # (where the row came from, e.g. "my.jsonl:7"; the row)
 Record = list[Located]  # the rows of one record: one, or one per assistant message of a conversation
 T = TypeVar("T")
@@ -33,7 +34,7 @@ INSTRUCTIONS: dict[str, tuple[str, dict[str, str]]] = {
     ),
 }
 ROLES = ("system", "user", "assistant")
-ROW_FIELDS = "'prompt' and 'completion', or 'messages'"  # what a row holds, for the messages about one that does not
+ROW_FIELDS = "'prompt' and 'completion', 'messages', or 'text'"  # what a row holds, for the messages about one that does not
 # Completions count as single labels (scored by exact match) when every one is a short single line and few
 # distinct values repeat across the rows.
 MAX_LABEL_WORDS = 3
@@ -108,6 +109,8 @@ def parse_record(record: Any, where: str) -> Record:
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise DataError(f"{where}: 'messages' must end with an assistant message that follows at least one other message")
         return conversation_turns(messages, where)
+    if "text" in record and "prompt" not in record and "completion" not in record:
+        return [(where, {"text": _text(record["text"], where, "text")})]
     return [(where, parse_row(record, where))]
 
 
@@ -123,27 +126,33 @@ def parse_row(record: dict[str, Any], where: str) -> Row:
     return {"prompt": _text(prompt, where, "prompt"), "completion": _text(completion, where, "completion")}
 
 
+def row_format(row: Row) -> str:
+    """``"text"`` (language modelling), ``"chat"`` (messages) or ``"plain-text"`` (prompt/completion strings)."""
+    return "text" if "text" in row else "chat" if isinstance(row["prompt"], list) else "plain-text"
+
+
 def parse_rows(records: Iterable[tuple[str, Any]], source: str) -> list[Record]:
-    """Every (where, record) parsed into its rows; all rows must be plain text or all chat messages."""
+    """Every (where, record) parsed into its rows; all rows must have one format (:func:`row_format`)."""
     parsed = [parse_record(record, where) for where, record in records]
     if not parsed:
         raise DataError(f"{source}: no rows found")
-    chat = [isinstance(rows[0][1]["prompt"], list) for rows in parsed]
-    if not all(chat) and any(chat):
-        where = parsed[chat.index(not chat[0])][0][0]
-        raise DataError(f"{where}: a {'chat' if not chat[0] else 'plain-text'} row after {'plain-text' if not chat[0] else 'chat'} "
-                        "rows; use one format for the whole file")
+    formats = [row_format(rows[0][1]) for rows in parsed]
+    other = next((i for i, kind in enumerate(formats) if kind != formats[0]), None)
+    if other is not None:
+        name = {"text": "'text'", "chat": "chat", "plain-text": "plain-text"}
+        raise DataError(f"{parsed[other][0][0]}: a {name[formats[other]]} row after {name[formats[0]]} rows; use one "
+                        "format for the whole file")
     return parsed
 
 
 def read_file(path: Path) -> list[Record]:
-    """A JSON Lines file (``.json``: also one array) of prompt/completion or messages rows."""
+    """A JSON Lines file (``.json``: also one array) of prompt/completion, messages or text rows."""
     if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     if path.is_dir():
         raise DataError(f"data file {str(path)!r} is a folder; expected a JSONL file")
     if path.suffix not in (".jsonl", ".json"):
-        raise DataError(f"data file {str(path)!r}: expected JSON Lines (.jsonl or .json) with prompt/completion or messages")
+        raise DataError(f"data file {str(path)!r}: expected JSON Lines (.jsonl or .json) with prompt/completion, messages or text")
     return parse_rows(_read_json_rows(path, _decode(path), ROW_FIELDS), str(path))
 
 
@@ -151,8 +160,9 @@ def read_hub(name: str) -> list[Record]:
     """The ``train`` split of a `datasets` hub dataset with prompt/completion or messages columns."""
     datasets = _hub_datasets_module(name)
     ds = datasets.load_dataset(name, split="train")
-    if "messages" not in ds.column_names and not {"prompt", "completion"} <= set(ds.column_names):
-        raise DataError(f"dataset {name!r}: needs 'prompt' and 'completion' columns, or 'messages'; it has {sorted(ds.column_names)}")
+    if "messages" not in ds.column_names and "text" not in ds.column_names and not {"prompt", "completion"} <= set(ds.column_names):
+        raise DataError(f"dataset {name!r}: needs 'prompt' and 'completion' columns, 'messages' or 'text'; it has "
+                        f"{sorted(ds.column_names)}")
     return parse_rows(((f"dataset {name!r} row {i}", dict(record)) for i, record in enumerate(ds)), name)
 
 
@@ -170,7 +180,10 @@ def read_rows(source: str) -> list[Record]:
 
 
 def label_set(rows: list[Row]) -> Optional[list[str]]:
-    """The distinct completions when they are single labels (short single lines, few values), else None."""
+    """The distinct completions when they are single labels (short single lines, few values), else None (and for
+    ``text`` rows, which have no completion)."""
+    if any("text" in row for row in rows):
+        return None
     texts = [completion_text(row).strip() for row in rows]
     values = sorted(set(texts))
     if len(values) > min(MAX_LABELS, len(texts) // 2) or any("\n" in t or len(t.split()) > MAX_LABEL_WORDS for t in values):
@@ -179,8 +192,9 @@ def label_set(rows: list[Row]) -> Optional[list[str]]:
 
 
 def as_chat(row: Row) -> Row:
-    """A plain-text row as one user turn and one assistant turn (for a tokenizer with a chat template)."""
-    if isinstance(row["prompt"], list):
+    """A plain-text row as one user turn and one assistant turn (for a tokenizer with a chat template); chat and
+    ``text`` rows as they are (TRL applies no chat template to a language-modelling row)."""
+    if row_format(row) != "plain-text":
         return row
     return {"prompt": [{"role": "user", "content": row["prompt"]}],
             "completion": [{"role": "assistant", "content": row["completion"]}]}
