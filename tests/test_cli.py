@@ -462,3 +462,27 @@ def test_a_folder_named_like_a_hub_id_is_recorded_as_the_hub_id(model_dir, tmp_p
     assert resolve_model("./someorg/tiny-model") == str(tmp_path / "someorg" / "tiny-model")
     shutil.copytree(model_dir, tmp_path / "tiny-model")
     assert resolve_model("tiny-model") == str(tmp_path / "tiny-model")
+
+
+def test_a_command_prints_no_deprecation_notice_of_the_libraries_but_giva_s_own(monkeypatch, capsys, tmp_path):
+    """PEFT's call of transformers' deprecated is_gradient_checkpointing printed a FutureWarning in the middle of every
+    `giva finetune`; a command now leaves out the libraries' FutureWarning and DeprecationWarning, not giva's, and the
+    filter ends with the command."""
+    import warnings
+
+    import giva.data
+
+    def fetch(force=False):  # warnings attributed to a library module and to a giva module, as each would raise them
+        for module in ("transformers.modeling_utils", "peft.peft_model", "giva.finetune"):
+            exec(f"import warnings\nwarnings.warn('{module}', FutureWarning)\nwarnings.warn('{module}', DeprecationWarning)",
+                 {"__name__": module})
+        return tmp_path
+
+    monkeypatch.setattr(giva.data, "fetch_corpora", fetch)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["fetch-data"]) == 0
+        assert [(w.category, str(w.message)) for w in seen] == [(FutureWarning, "giva.finetune"),
+                                                               (DeprecationWarning, "giva.finetune")]
+        exec("import warnings\nwarnings.warn('after', FutureWarning)", {"__name__": "transformers.modeling_utils"})
+        assert len(seen) == 3  # outside the command the library's notice shows again
