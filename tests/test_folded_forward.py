@@ -685,13 +685,17 @@ def test_compiled_blocks_of_a_bf16_model_compile_once_while_training():
             model(**batch).loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            compiled_per_step.append([(m.co_name, m.recompile_reason) for m in get_compilation_metrics() if m.co_name])
+            # recompile_reason: torch 2.7 and later (its text names requires_grad from 2.9 on)
+            compiled_per_step.append([(m.co_name, getattr(m, "recompile_reason", None))
+                                      for m in get_compilation_metrics() if m.co_name])
             clear_compilation_metrics()
     finally:
         torch._dynamo.reset()
     first, *later = compiled_per_step
     assert later == [[], []], later
-    assert len(first) == 2 and "requires_grad" in str(first[1][1]), first
+    assert len(first) == 2, first
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 9):
+        assert "requires_grad" in str(first[1][1]), first
     assert not any(layer._giva_cast_bases for layer in layers)  # nothing cached while compiling
 
 

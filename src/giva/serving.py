@@ -366,7 +366,11 @@ def mixed_batch_forward(layer: Any, result: torch.Tensor, x: torch.Tensor, adapt
             layer.ensure_bases(name)  # `weight` adapters built for loading compute their bases at first use
     if len(unique) == 1:  # every row uses one adapter: the plain single-adapter forward
         return layer._add_adapter_output(result, x, present[0])
-    fp32 = next((name for name in present if layer.giva_compute_dtype.get(name, "input") == "float32"), None)
+    fp32 = None  # a loop, not next(generator, None), which dynamo before torch 2.9 does not trace (a graph break)
+    for name in present:
+        if layer.giva_compute_dtype.get(name, "input") == "float32":
+            fp32 = name
+            break
     if fp32 is not None:  # an adapter asks for fp32 adapter maths: the whole batch's run in it, under autocast too
         x = layer._compute_input(x, fp32)
         if autocast_enabled(x.device.type):
