@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,11 +28,17 @@ PACKAGE = ROOT / "src" / "giva"
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # built from a copy of what the build reads, so that setuptools' build/ and egg-info land there, not in the checkout
+    # (a stale build/lib there would also leak deleted modules into later wheels)
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy2(ROOT / name, source / name)
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
     # the venv's own setuptools when it is new enough for pyproject.toml (torch installs one), else pip's isolated
     # build, which fetches setuptools from PyPI
     isolation = [] if int(version("setuptools").split(".")[0]) < 77 else ["--no-build-isolation"]
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--no-cache-dir", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "--no-cache-dir", "-q", "-w", str(out), str(source)],
         capture_output=True, text=True, timeout=300,
     )
     assert built.returncode == 0, built.stderr
