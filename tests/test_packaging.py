@@ -69,6 +69,7 @@ def test_the_wheel_is_versioned_from_the_package(wheel):
 
 def test_the_installed_wheel_reads_its_flower_app(wheel, tmp_path):
     """The federated command's first step reads the app's declared run config from the installed package."""
+    pytest.importorskip("flwr", reason="the federated extra (flwr) is not installed")
     with zipfile.ZipFile(wheel) as archive:
         archive.extractall(tmp_path)
     probe = ("import giva; from giva.federated.local_deployment import APP_DIR, declared_config; "
