@@ -431,3 +431,44 @@ def test_the_sums_are_fp32_and_exact_under_the_callers_autocast(kind):
     for key, total in outside.sums.items():
         assert inside.sums[key].dtype == torch.float32
         torch.testing.assert_close(inside.sums[key], total, rtol=1e-5, atol=1e-6)
+
+
+class _Fp32Middle(torch.nn.Module):
+    """Two linear layers around a matmul kept in fp32 under autocast (as transformers' SDPA attention runs on CPU
+    under bf16 autocast on torch 2.6-2.8): the gradient reaching ``first`` goes through that matmul's backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+        self.register_buffer("mix", torch.randn(32, 32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        with torch.autocast("cpu", enabled=False):
+            h = h.float() @ self.mix
+        return self.second(h)
+
+
+def test_the_calibration_backward_runs_outside_the_callers_autocast():
+    """A backward run under the caller's autocast recasts the fp32 matmuls of the backward to bf16 (torch 2.6-2.8 did so
+    with transformers' attention: the sums of the test above were off by 2.4e-6). The gradient then differs from the one
+    a Trainer computes, whose backward runs outside autocast: here by about 1e-3 at ``first`` before the fix."""
+    peft_model = get_peft_model(_Fp32Middle(), GivaConfig(r=4, target_modules=["first", "second"]))
+    batches = [{"x": torch.randn(4, 16, generator=torch.Generator().manual_seed(i))} for i in range(2)]
+    items = {name: RequestItem(name, 0, layer.out_features, "dense") for name, layer in giva_layers(peft_model).items()}
+
+    def bf16_forward(model, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(**batch)
+        return out.float().square().mean()
+
+    def forward(model, batch):
+        return model(**batch).float().square().mean()
+
+    outside = accumulate(peft_model, batches, Request(0, 1, items), loss_fn=bf16_forward)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = accumulate(peft_model, batches, Request(0, 1, items), loss_fn=forward)
+    assert outside.sums.keys() == inside.sums.keys() and len(outside.sums) == 2
+    for key, total in outside.sums.items():
+        torch.testing.assert_close(inside.sums[key], total, rtol=0, atol=0)

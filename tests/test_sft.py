@@ -436,7 +436,8 @@ def test_no_progress_hides_the_transformers_load_report(chat_model, pc_jsonl, tm
     def deprecations(seen):  # the libraries' own notices, e.g. transformers' is_gradient_checkpointing as TRL calls it
         return [w for w in seen if issubclass(w.category, FutureWarning) and "deprecated" in str(w.message)]
 
-    assert not deprecations(quiet_warnings) and deprecations(loud_warnings)
+    # a giva command prints none, with or without --no-progress (test_cli's deprecation test shows the filter can fail)
+    assert not deprecations(quiet_warnings) and not deprecations(loud_warnings)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..layer import GivaLayer
+from ..precision import autocast_off
 from .session import REENTRANT_CAUSE, GradientInitError
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -254,7 +255,11 @@ class Capture:
         sees every hooked layer."""
         try:
             seed = None if scale == 1.0 else torch.full_like(loss, scale)
-            torch.autograd.grad(loss, self.probes, grad_outputs=seed, allow_unused=True)
+            # outside the caller's autocast, as a Trainer's backward runs (Accelerate wraps only the forward) and as
+            # PyTorch advises: under it the backward's fp32 matmuls (transformers' attention on CPU, torch 2.6-2.8)
+            # were recast to bf16. A checkpointed block's recomputation restores its forward's autocast state itself.
+            with autocast_off(loss.device):
+                torch.autograd.grad(loss, self.probes, grad_outputs=seed, allow_unused=True)
         except RuntimeError as exc:
             if "use_reentrant=True" in str(exc) or "incompatible with .grad()" in str(exc):
                 raise GradientInitError(
