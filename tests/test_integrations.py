@@ -147,6 +147,7 @@ def test_the_callback_leaves_the_vectors_dtype_to_fsdp_and_deepspeed(monkeypatch
 
 
 def test_trl_sft_trainer_takes_the_same_callback(tmp_path):
+    pytest.importorskip("trl", reason="TRL (the sft extra) is not installed")
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer

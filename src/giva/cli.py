@@ -531,18 +531,6 @@ def _quiet_libraries(enabled: bool) -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
 
 
-# The libraries whose deprecation notices a command's user cannot act on (PEFT's call of transformers'
-# is_gradient_checkpointing printed a FutureWarning in the middle of every `giva finetune`); giva's own still show.
-QUIET_DEPRECATIONS = r"(transformers|peft|trl|accelerate|datasets|torch|flwr|ray)(\.|$)"
-
-
-def _ignore_library_deprecations() -> None:
-    """Inside a command's ``warnings.catch_warnings()``: FutureWarning and DeprecationWarning raised from the code of
-    :data:`QUIET_DEPRECATIONS` are not printed (the library API, and giva's tests, see them as before)."""
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=QUIET_DEPRECATIONS)
-
-
 # What a user can get wrong: reported in one line. GIVA_TRACEBACK=1 shows the traceback instead.
 USER_ERRORS = (ValueError, OSError, ImportError)
 
@@ -560,8 +548,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         handler: Callable[[argparse.Namespace], int] = args.func
         load()  # torch, transformers, PEFT and GiVA's registration with PEFT: only now that a command runs
+        from .peft_compat import ignore_library_deprecations
+
         with _quiet_libraries(getattr(args, "no_progress", False)), warnings.catch_warnings():
-            _ignore_library_deprecations()
+            ignore_library_deprecations()
             return handler(args)
     except UsageError as err:
         print(err, file=sys.stderr)

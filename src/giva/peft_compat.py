@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Optional
@@ -83,6 +84,18 @@ def bitsandbytes_deferred() -> Iterator[None]:
 
 with bitsandbytes_deferred():
     from peft.utils.peft_types import PeftType, register_peft_method  # noqa: E402
+
+
+# The libraries whose deprecation notices a giva command's user cannot act on (PEFT's call of transformers'
+# is_gradient_checkpointing printed a FutureWarning in the middle of every `giva finetune`); giva's own still show.
+LIBRARY_MODULES = r"(transformers|peft|trl|accelerate|datasets|torch|flwr|ray)(\.|$)"
+
+
+def ignore_library_deprecations() -> None:
+    """Inside a caller's ``warnings.catch_warnings()`` (a CLI command, a federated run): FutureWarning and
+    DeprecationWarning raised from the code of :data:`LIBRARY_MODULES` are not printed."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=LIBRARY_MODULES)
 
 
 def _extend_peft_type(name: str) -> PeftType:

@@ -457,9 +457,9 @@ def check_chat_template(tokenizer: Any, data: SFTData, model: str) -> None:
     DataError naming the row's file and line, here rather than inside SFTTrainer after the model has loaded."""
     from jinja2.exceptions import TemplateError
 
+    if row_format(data.train[0]) == "text":  # one format per file; TRL renders no template on a language-modelling row
+        return
     for where, row in data.located():
-        if row_format(row) == "text":  # TRL renders no template on a language-modelling row
-            return
         try:
             tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=False)
             tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
@@ -832,14 +832,13 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         check_num_batches(options, len(trainer.train_dataset), trainer.args.world_size)  # the rows TRL kept
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
         peft_model = trainer.model
-        if data.labels is not None:  # the reference answers of exact match
-            prompts, completions = prompt_ids(trainer.eval_dataset), completion_ids(trainer.eval_dataset)
+        # the reference answers of exact match, where completions are single labels ('text' rows have none)
+        answers = None if data.labels is None else (prompt_ids(trainer.eval_dataset), completion_ids(trainer.eval_dataset))
 
         def evaluate() -> tuple[float, Optional[float]]:
             loss = trainer.evaluate()["eval_loss"]
-            em = None if data.labels is None else exact_match(
-                peft_model, tokenizer, prompts, completions, 4 * trainer.args.per_device_eval_batch_size,
-                options.progress)
+            em = None if answers is None else exact_match(
+                peft_model, tokenizer, *answers, 4 * trainer.args.per_device_eval_batch_size, options.progress)
             return loss, em
 
         with peft_model.disable_adapter():  # lambda_o = 0 makes the adapted model the base model; its bases are unset yet

@@ -30,6 +30,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from ..bases import cuda_indices, seed_devices
+from ..peft_compat import ignore_library_deprecations
 from . import messages
 from .client_app import TaskFactory, default_task, make_client_app
 from .files import write_checkpoint, write_json
@@ -176,9 +177,7 @@ def quiet_libraries() -> Iterator[None]:
         logging.getLogger("flwr").addFilter(_not_flower_deprecation)
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-        # Their deprecation notices (transformers' is_gradient_checkpointing, once per model) are not the user's to fix.
-        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(transformers|flwr|ray|peft)(\.|$)")
+        ignore_library_deprecations()  # transformers' is_gradient_checkpointing, once per model: not the user's to fix
         os.environ.setdefault("RAY_DEDUP_LOGS", "1")
         try:
             yield
