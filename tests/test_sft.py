@@ -392,6 +392,34 @@ def test_the_json_output_writes_a_non_finite_number_as_null(chat_model, pc_jsonl
     assert saved["val_loss_before"] is None and saved["val_loss_after"] is None
 
 
+def test_every_sft_option_is_a_flag_that_reaches_the_run(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """Each SFTOptions field is a `giva sft` flag of the same name (``progress``: --no-progress), and a flag given on
+    the command line is in the options the run gets (a flag the parser took but _sft left out would be lost)."""
+    from dataclasses import fields
+
+    from giva.cli import build_parser
+
+    sft_parser = build_parser()._subparsers._group_actions[0].choices["sft"]
+    flags = {action.dest for action in sft_parser._actions}
+    assert {f.name for f in fields(SFTOptions)} - {"progress"} <= flags
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def run_sft(options):
+        seen.append(options)
+        raise Seen
+
+    monkeypatch.setattr(giva.sft, "run_sft", run_sft)
+    with pytest.raises(Seen):
+        main(cli(chat_model, pc_jsonl, tmp_path / "out", "--packing", "--max-length", "64", "--gradient-checkpointing",
+                 "--attn-implementation", "eager"))
+    given = seen[0]
+    assert (given.packing, given.max_length, given.gradient_checkpointing, given.attn_implementation, given.progress) == (
+        True, 64, True, "eager", False)
+
+
 def test_json_is_all_a_fresh_process_prints_on_stdout(chat_model, pc_jsonl, tmp_path):
     """In a fresh process accelerate imports DeepSpeed during the run, whose logger wrote "Setting accelerator to
     CPU" to stdout, before the JSON."""
@@ -536,6 +564,28 @@ def test_devices_and_quantisation_that_are_not_there(chat_model, pc_jsonl, tmp_p
     monkeypatch.setitem(sys.modules, "trl", None)
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
     assert "giva sft needs trl: pip install 'giva[sft]'" in one_error_line(capsys)
+
+
+def test_a_flash_attention_without_its_gpu_or_package_is_refused_before_the_model_loads(
+        chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, monkeypatch):
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--attn-implementation", "flash_attention_2")) == 2
+    assert ("--attn-implementation flash_attention_2 runs on CUDA GPUs only, and this run's device is cpu; use sdpa"
+            in one_error_line(capsys))
+    monkeypatch.setattr(giva.sft, "resolve_device", lambda options: "cuda")  # a GPU without the package
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--attn-implementation", "flash_attention_3")) == 2
+    assert ("--attn-implementation flash_attention_3 needs flash-attn's hopper build (the module 'flash_attn_interface' "
+            "is not installed)" in one_error_line(capsys))
+    with pytest.raises(ValueError, match=r"SFTOptions.attn_implementation must be None or one of \('eager', 'sdpa'"):
+        SFTOptions(attn_implementation="flash")
+
+
+def test_the_attention_implementation_reaches_the_model(chat_model, pc_jsonl, tmp_path):
+    for implementation in ("eager", "sdpa"):
+        opts = options(chat_model, pc_jsonl, tmp_path / "out", attn_implementation=implementation)
+        device, path, tokenizer, data = preflight(opts)
+        trainer = make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
+        assert trainer.model.config._attn_implementation == implementation
 
 
 def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading, monkeypatch):
@@ -853,6 +903,55 @@ def test_micro_batches_accumulate_to_the_same_optimizer_step(chat_model, varied_
     # the same loss at every step, up to float sums: 3.6e-6 relative apart on transformers 4.57 (4.56.2: within 1e-6)
     assert split.train_loss == pytest.approx(whole.train_loss, rel=1e-5 if TRANSFORMERS_4 else 1e-6)
     # (the validation loss is the Trainer's mean over evaluation batches of micro-batch size: not compared)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_step_is_the_padded_step_over_the_same_rows(chat_model, varied_jsonl, tmp_path, attention):
+    """--packing lays rows end to end in one sequence, told apart by their position_ids (padding-free): transformers
+    masks attention between them, so one packed sequence of 8 rows gives the calibration gradient, the loss and the
+    update of a padded batch of the same 8 rows (equal up to float sums). Attention across the rows fails it."""
+    common = dict(max_train_samples=8, max_steps=None, num_batches=1, attn_implementation=attention)
+    padded, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "padded", batch_size=8, **common))
+    packed, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "packed", batch_size=1, packing=True, **common))
+    assert (padded.steps, packed.steps, padded.packed_sequences, packed.packed_sequences) == (1, 1, None, 1)
+    assert "8 training rows (packed into 1 sequences)" in packed.summary()
+    a, b = adapter_tensors(tmp_path / "padded"), adapter_tensors(tmp_path / "packed")
+    for key in a:
+        if "giva_A" in key:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+        elif "lambda" in key:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+    assert packed.train_loss == pytest.approx(padded.train_loss, rel=1e-5)
+    # (validation is not packed; its loss is the Trainer's mean over batches of --batch-size rows: not compared)
+
+
+def test_packing_sizes_the_schedule_and_the_calibration_check_by_sequences(chat_model, varied_jsonl, tmp_path):
+    """With --packing the loader's rows are the packed sequences: the warm-up, the logging cadence and the
+    --num-batches check count them (a --num-batches the rows allow but the sequences do not is refused)."""
+    opts = options(chat_model, varied_jsonl, tmp_path / "out", packing=True, max_length=64, batch_size=2, max_steps=None,
+                   epochs=10)
+    device, path, tokenizer, data = preflight(opts)
+    trainer = make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
+    sequences = len(trainer.train_dataset)
+    assert 1 < sequences < len(data.train) and sum(map(len, trainer.train_dataset["seq_lengths"])) == len(data.train)
+    steps = 10 * math.ceil(sequences / 2)
+    assert (trainer.args.warmup_steps, trainer.args.logging_steps) == (int(0.06 * steps), max(1, steps // 20))
+    too_many = math.ceil(sequences / 2) + 1  # within the 16 batches of 2 rows the preflight counts
+    with pytest.raises(ValueError, match=rf"its {sequences} packed sequences of --max-length 64 make "
+                                         rf"{too_many - 1} batch\(es\) of --batch-size 2"):
+        train_sft(replace(opts, num_batches=too_many))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_packed_row_whose_completion_the_max_length_cuts_off_counts_as_untrained():
+    """Packed, TRL keeps a row whose completion --max-length cut off (unpacked, it drops it): the truncation check
+    counts the rows that still carry a label."""
+    from datasets import Dataset
+
+    packed = Dataset.from_dict({"labels": [[-100, 5, -100, -100, -100, 7], [-100, -100]],
+                                "seq_lengths": [[2, 3, 1], [2]]})
+    assert giva.sft.trained_rows(packed) == 2  # rows 1 and 3 of the first sequence; the second and the last have none
+    assert giva.sft.trained_rows(Dataset.from_dict({"labels": [[1], [2], [3]]})) == 3
 
 
 class _Preempted(Exception):

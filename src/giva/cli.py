@@ -169,7 +169,8 @@ def _sft(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, device=args.device, bf16=args.bf16, fp16=args.fp16,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, gradient_checkpointing=args.gradient_checkpointing,
         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, max_length=args.max_length,
+        micro_batch_size=args.micro_batch_size, max_length=args.max_length, packing=args.packing,
+        attn_implementation=args.attn_implementation,
         val_size=args.val_size, max_train_samples=args.max_train_samples, r=args.r,
         target_modules=_target_modules(args.target_modules, "sft"), init_mode=args.init_mode, num_batches=args.num_batches,
         seed=args.seed, output_dir=args.output_dir, export_lora=args.export_lora, overwrite=args.overwrite,
@@ -427,6 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows per forward on each process; the rest of --batch-size is gradient accumulation "
                          "(default: --batch-size / processes)")
     sf.add_argument("--max-length", type=lambda v: _integer(v, 8), default=256, help="tokens per row (TRL truncates), >= 8")
+    sf.add_argument("--packing", action="store_true",
+                    help="pack training rows into sequences of --max-length tokens (TRL's best-fit decreasing, "
+                         "padding-free): --batch-size then counts sequences")
+    sf.add_argument("--attn-implementation", default=None, choices=["eager", "sdpa", "flash_attention_2", "flash_attention_3"],
+                    help="transformers' attention (default: the model's own choice, sdpa where it has it); flash "
+                         "kernels need a CUDA GPU and their package")
     sf.add_argument("--val-size", type=_count_or_fraction, default=200, help="validation rows (count, or fraction if < 1)")
     sf.add_argument("--max-train-samples", type=_positive_int, default=None, help="use only the first N training rows")
     sf.add_argument("--r", type=_positive_int, default=8, help="GiVA rank")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -33,17 +34,23 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INIT_MODES = ("auto", "sketch", "exact")
+# transformers' attention implementations giva sft offers, and the package each flash kernel needs (CUDA only)
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
+FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface",
+                  "flash-attn's hopper build")}
 RESULT_FILE = "sft_result.json"
 OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: the flags and rows --resume checks the new ones against
 # SFTTrainer refuses an adapter on the output layer (after the model has loaded): why, for the check before that
 TRL_LM_HEAD = ("the LM head, which TRL's SFTTrainer does not adapt: it computes the log-probabilities from the head's "
                "weight directly, so an adapter there would never be trained")
 MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no larger seed
-# Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device and the split of
-# a batch into micro-batches (same rows per optimizer step). Every other flag changes what is trained.
+# Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device, the attention
+# kernel and the split of a batch into micro-batches (same rows per optimizer step). Every other flag changes what is
+# trained.
 # (--data may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
-RESUMABLE_CHANGES = frozenset({"device", "gradient_checkpointing", "micro_batch_size", "output_dir", "export_lora",
-                               "overwrite", "progress", "save_steps", "checkpoint_dir", "resume", "data"})
+RESUMABLE_CHANGES = frozenset({"device", "attn_implementation", "gradient_checkpointing", "micro_batch_size",
+                               "output_dir", "export_lora", "overwrite", "progress", "save_steps", "checkpoint_dir",
+                               "resume", "data"})
 
 
 def _finite(name: str, value: Any, minimum: float, inclusive: bool = False) -> None:
@@ -75,6 +82,8 @@ class SFTOptions:
     batch_size: int = 8  # rows per optimizer step, over all processes of a torchrun launch
     micro_batch_size: Optional[int] = field(default=None, metadata={"help": "rows per forward on each process"})
     max_length: int = 256
+    packing: bool = field(default=False, metadata={"help": "rows packed into sequences of --max-length tokens"})
+    attn_implementation: Optional[str] = field(default=None, metadata={"help": "transformers' attention; None: the model's"})
     val_size: int | float = 200
     max_train_samples: Optional[int] = None
     r: int = 8
@@ -115,6 +124,9 @@ class SFTOptions:
             _whole("val_size", self.val_size, 1)
         if self.device not in DEVICES:
             raise ValueError(f"SFTOptions.device must be one of {DEVICES}, got {self.device!r}")
+        if self.attn_implementation is not None and self.attn_implementation not in ATTENTION:
+            raise ValueError(f"SFTOptions.attn_implementation must be None or one of {ATTENTION}, "
+                             f"got {self.attn_implementation!r}")
         if self.init_mode not in INIT_MODES:
             raise ValueError(f"SFTOptions.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
         if self.bf16 and self.fp16:
@@ -190,6 +202,7 @@ class SFTResult:
     processes: int = 1
     resumed_from: Optional[str] = None
     loss_tokens: str = "completion tokens only"  # the tokens the losses cover: "every token" for 'text' rows
+    packed_sequences: Optional[int] = None  # with --packing: the sequences of --max-length tokens the rows went into
 
     def summary(self) -> str:
         em = ("" if self.exact_match_before is None else
@@ -197,7 +210,9 @@ class SFTResult:
         return (
             f"model              {self.model} ({self.device}, {self.precision}"
             f"{', ' + self.quantization if self.quantization else ''})\n"
-            f"data               {self.data}: {self.train_rows} training rows, {self.validation_rows} validation rows\n"
+            f"data               {self.data}: {self.train_rows} training rows"
+            f"{'' if self.packed_sequences is None else f' (packed into {self.packed_sequences} sequences)'}, "
+            f"{self.validation_rows} validation rows\n"
             f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} ({self.loss_tokens}){em}\n"
             f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
             f"steps              {self.steps} "
@@ -248,6 +263,20 @@ def check_packages() -> None:
             raise ImportError(f"giva sft needs {package}: pip install 'giva[sft]' (TRL >= 1.16 and datasets)")
 
 
+def check_attention(options: SFTOptions, device: str) -> None:
+    """A flash attention kernel runs on CUDA GPUs only and needs its package: a clear error before the model loads
+    (transformers would raise only once it loads the weights)."""
+    if options.attn_implementation not in FLASH_PACKAGES:
+        return
+    module, package = FLASH_PACKAGES[options.attn_implementation]
+    if device != "cuda":
+        raise ValueError(f"--attn-implementation {options.attn_implementation} runs on CUDA GPUs only, and this run's "
+                         f"device is {device}; use sdpa (transformers' default) or eager")
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"--attn-implementation {options.attn_implementation} needs {package} (the module {module!r} "
+                          "is not installed); install it, or use sdpa (transformers' default)")
+
+
 def check_quantization(options: SFTOptions) -> None:
     if (options.load_in_4bit or options.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
         flag = "--load-in-4bit" if options.load_in_4bit else "--load-in-8bit"
@@ -280,10 +309,11 @@ def check_output_dirs(options: SFTOptions) -> None:
                                   "to replace it, or give another folder")
 
 
-def check_num_batches(options: SFTOptions, train_rows: int, world_size: int) -> None:
+def check_num_batches(options: SFTOptions, train_rows: int, world_size: int, unit: str = "training rows") -> None:
     """``--num-batches k`` has :class:`giva.GivaInitCallback` draw ``k`` x (gradient accumulation) micro-batches from the
     Trainer's loader on each process, which holds ``ceil(ceil(train_rows / micro) / processes)`` of them (Accelerate
-    gives every process the same count); a ValueError naming the flag if that is too few."""
+    gives every process the same count); a ValueError naming the flag if that is too few. With ``--packing`` the
+    loader's rows are the packed sequences (``unit``)."""
     if options.num_batches == "all":
         return
     micro, accumulation = options.batch_layout(world_size)
@@ -291,7 +321,7 @@ def check_num_batches(options: SFTOptions, train_rows: int, world_size: int) -> 
     if options.num_batches > available:
         fix = f"give --num-batches {available} or less, or 'all'" if available else "give --num-batches all"
         raise ValueError(f"--num-batches {options.num_batches} asks for more calibration batches than the training data "
-                         f"holds: its {train_rows} training rows make {available} batch(es) of --batch-size "
+                         f"holds: its {train_rows} {unit} make {available} batch(es) of --batch-size "
                          f"{options.batch_size}; {fix}")
 
 
@@ -429,6 +459,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     check_packages()
     options.batch_layout(launch()[1])
     device = resolve_device(options)
+    check_attention(options, device)
     check_quantization(options)
     check_output_dirs(options)
     path = resolve_model(options.model)
@@ -505,6 +536,8 @@ def _load_model(path: str, options: SFTOptions, device: str) -> Any:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if options.bf16 else torch.float32}
+    if options.attn_implementation is not None:
+        kwargs["attn_implementation"] = options.attn_implementation
     if options.load_in_4bit or options.load_in_8bit:
         compute = torch.bfloat16 if options.bf16 else torch.float16 if options.fp16 else torch.float32
         kwargs["quantization_config"] = (
@@ -530,7 +563,6 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
     names = {f.name for f in fields(SFTConfig)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     micro, accumulation = options.batch_layout(launch()[1])
-    steps = options.max_steps or math.ceil(math.ceil(train_rows / options.batch_size) * options.epochs)
     saving = options.save_steps is not None
     return SFTConfig(
         output_dir=options.checkpoints if saving else scratch,
@@ -538,11 +570,15 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
         num_train_epochs=options.epochs,
         learning_rate=options.lr,
         lr_scheduler_type="linear",
-        warmup_steps=int(0.06 * steps),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
         per_device_eval_batch_size=micro,
         max_length=options.max_length,
+        # best-fit decreasing: whole rows (cut at --max-length) into sequences of --max-length tokens, padding-free, the
+        # rows told apart by position_ids; validation stays a row per sequence (exact match reads its prompts)
+        packing=options.packing,
+        packing_strategy="bfd",
+        eval_packing=False,
         completion_only_loss=True,
         bf16=options.bf16,
         fp16=options.fp16,
@@ -550,7 +586,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
         use_cpu=device == "cpu",
         seed=options.seed,
         data_seed=options.seed,
-        logging_steps=max(1, steps // 20),
+        **schedule(options, train_rows),
         save_strategy="steps" if saving else "no",
         save_steps=options.save_steps or 500,
         save_total_limit=2,  # the newest, and the one before it in case the newest was cut off mid-write
@@ -560,6 +596,25 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
         disable_tqdm=not options.progress,
         dataset_num_proc=None,
     )
+
+
+def schedule(options: SFTOptions, train_rows: int) -> dict[str, int]:
+    """The warm-up (6 % of the optimizer steps) and logging cadence (20 logs) of a run over ``train_rows`` rows of the
+    Trainer's loader: the rows of the data, or with ``--packing`` the packed sequences."""
+    steps = options.max_steps or math.ceil(math.ceil(train_rows / options.batch_size) * options.epochs)
+    return {"warmup_steps": int(0.06 * steps), "logging_steps": max(1, steps // 20)}
+
+
+def trained_rows(dataset: Any) -> int:
+    """The rows of TRL's processed training set that carry a label. Unpacked, TRL has dropped those whose completion
+    ``--max-length`` cut off; packed (a ``seq_lengths`` column), they stay in their sequence and carry none."""
+    if "seq_lengths" not in dataset.column_names:
+        return len(dataset)
+    kept = 0
+    for labels, lengths in zip(dataset["labels"], dataset["seq_lengths"]):
+        ends = itertools.accumulate(lengths)
+        kept += sum(any(label != -100 for label in labels[end - n : end]) for n, end in zip(lengths, ends))
+    return kept
 
 
 def _first_label(labels: list[int]) -> int:
@@ -656,7 +711,7 @@ def check_truncation(options: SFTOptions, train_kept: int, train_rows: int, val_
         raise ValueError(f"--max-length {options.max_length} cuts off the whole completion of {lost} of the {total} "
                          f"{split} rows; raise --max-length")
     if train_kept < train_rows:
-        logger.warning("--max-length %d cuts off the whole completion of %d of the %d training rows; they are skipped",
+        logger.warning("--max-length %d cuts off the whole completion of %d of the %d training rows; they train nothing",
                        options.max_length, train_rows - train_kept, train_rows)
 
 
@@ -699,6 +754,9 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
         callbacks=[GivaInitCallback(num_batches=calibration, loss_fn=completion_token_loss, progress=options.progress,
                                     mode=options.init_mode)],
     )
+    if options.packing:  # the loader's rows are the packed sequences, known once TRL has packed them
+        for name, value in schedule(options, len(trainer.train_dataset)).items():
+            setattr(trainer.args, name, value)
     trainer.remove_callback(PrinterCallback)  # without a progress bar it prints every log dict to stdout
     trainer.add_callback(_save_cadence())
     trainer.add_callback(_divergence(options))
@@ -828,8 +886,10 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         trainer = make_trainer(options, device, path, tokenizer, data, scratch)
         if options.save_steps is not None and resume_from is None:
             on_main_process(trainer, lambda: _write_record(options, data))
-        check_truncation(options, len(trainer.train_dataset), len(data.train), len(trainer.eval_dataset), len(data.validation))
-        check_num_batches(options, len(trainer.train_dataset), trainer.args.world_size)  # the rows TRL kept
+        check_truncation(options, trained_rows(trainer.train_dataset), len(data.train), len(trainer.eval_dataset),
+                         len(data.validation))
+        unit = f"packed sequences of --max-length {options.max_length}" if options.packing else "training rows"
+        check_num_batches(options, len(trainer.train_dataset), trainer.args.world_size, unit)  # the rows TRL kept
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))
         peft_model = trainer.model
         # the reference answers of exact match, where completions are single labels ('text' rows have none)
@@ -868,6 +928,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         options=asdict(options), versions=_versions(), processes=trainer.args.world_size,
         resumed_from=resume_from,
         loss_tokens="every token" if row_format(data.train[0]) == "text" else "completion tokens only",
+        packed_sequences=len(trainer.train_dataset) if options.packing else None,
     )
 
     from .checkpoint import atomic_file, json_text
