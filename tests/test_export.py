@@ -655,6 +655,10 @@ def test_an_export_whose_base_model_cannot_be_found_is_refused_before_writing(tm
     assert not (tmp_path / "lora").exists()
 
 
+def no_network(*args, **kwargs):
+    raise AssertionError(f"a network lookup or connection {args!r}: the test runs offline")
+
+
 def test_an_in_memory_export_finds_the_base_model_the_model_was_loaded_from_or_named_by_its_name_or_path(
         tmp_path, monkeypatch):
     """export_lora / peft.save_as_lora refused every model whose adapter's base_model_name_or_path was not found
@@ -662,9 +666,15 @@ def test_an_in_memory_export_finds_the_base_model_the_model_was_loaded_from_or_n
     cache_dir= (whose hub id is not in the default cache), with a remedy that made the export record a local path.
     The folder the model was loaded from is now compared, and the remedy, the model's name_or_path, which only the
     check reads, works; the exports name the hub id, and a resized vocabulary is still refused."""
+    from huggingface_hub import constants
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # Offline as huggingface_hub reads it: it takes HF_HUB_OFFLINE once, at import, so the variable alone left every
+    # from_pretrained of the hub id to try the network first (94 s of timeouts here). A connection now fails the test.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("transformers.utils.hub._is_offline_mode", True, raising=False)  # transformers 4.x's copy
+    monkeypatch.setattr("socket.getaddrinfo", no_network)
+    monkeypatch.setattr("socket.socket.connect", no_network)
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "cache" / "models--giva-tests--tiny"  # a hub cache where the user keeps it (cache_dir=)
     tiny_llama().save_pretrained(repo / "snapshots" / commit)
