@@ -8,6 +8,7 @@ config object as ``"default"`` and copy the parameters whose names hold ``".defa
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 
@@ -312,6 +313,51 @@ def test_default_loss_leaves_out_kto_keys_for_a_model_without_kwargs():
     giva.initialize(reference, [{"input_ids": ids, "labels": ids.masked_fill(mask == 0, -100)}], num_batches=1, progress=False)
     for name, layer in giva_layers(model).items():
         torch.testing.assert_close(layer.giva_A["default"], giva_layers(reference)[name].giva_A["default"])
+
+
+def test_the_calibration_forward_builds_no_kv_cache():
+    """A decoder whose config turns the cache on gets use_cache=False from the default loss (a calibration never reads
+    a KV cache); a forward that takes no use_cache is not given one."""
+    base = tiny_llama()
+    assert base.config.use_cache
+    seen = []
+    forward = base.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("use_cache"))
+        return forward(*args, **kwargs)
+
+    base.forward = spy
+    base.forward.__signature__ = inspect.signature(forward)
+    giva.initialize(get_peft_model(base, GivaConfig(r=2, target_modules=TARGETS)), text_batches(n=1, labels="lm"),
+                    num_batches=1, progress=False)
+    assert seen == [False]
+
+
+@pytest.mark.parametrize("module", ["q_proj", "down_proj"])
+def test_padding_free_packed_rows_calibrate_as_the_same_rows_padded(module):
+    """TRL's padding-free batches (--packing): the rows of a micro-batch end to end in one row of tokens, told apart by
+    position_ids starting again at 0, no attention mask. transformers masks attention between the rows only without a
+    KV cache; the calibration forward built one (config.use_cache: transformers 5's Trainer turns it off, 4.x's and
+    a loop of one's own do not), the tokens attended across rows, and the bases were up to 0.79 off those of the
+    same rows padded (4.56.2 and 5.25; 1.5e-6 now)."""
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (5, 9, 7)]
+    width = max(map(len, rows))
+    padded = {"input_ids": torch.stack([torch.cat([r, r.new_zeros(width - len(r))]) for r in rows]),
+              "attention_mask": torch.stack([torch.arange(width) < len(r) for r in rows]).long()}
+    padded["labels"] = padded["input_ids"].masked_fill(padded["attention_mask"] == 0, -100)
+    labels = torch.cat([r.clone() for r in rows])
+    positions = torch.cat([torch.arange(len(r)) for r in rows])
+    labels[positions == 0] = -100  # as TRL's collator: no row's first token is scored as the previous row's next
+    packed = {"input_ids": torch.cat(rows)[None], "position_ids": positions[None], "labels": labels[None]}
+    bases = []
+    for batch in (padded, packed):
+        model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=[module]))
+        giva.initialize(model, [batch], num_batches=1, progress=False)
+        bases.append({name: layer.giva_A["default"] for name, layer in giva_layers(model).items()})
+    for name in bases[0]:
+        torch.testing.assert_close(bases[1][name], bases[0][name], rtol=0, atol=1e-5, msg=name)
 
 
 def test_batches_of_raw_rows_ask_for_a_loss_fn():

@@ -9,6 +9,7 @@ it was.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -68,8 +69,22 @@ RAW_ROWS_LOSS_FN = (
 )
 
 
+def _takes_use_cache(model: nn.Module) -> bool:
+    """The model (under a PEFT wrapper, its base model) is a transformers decoder whose forward names ``use_cache``
+    and whose config turns the cache on: a calibration forward would build a KV cache it never reads, and on
+    transformers 4.x a cache also switched off the attention mask of packed rows (padding-free batches, rows told
+    apart by ``position_ids``), so that their tokens attended across rows."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(getattr(base, "config", None), "use_cache", False):
+        return False
+    try:
+        return "use_cache" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``model(**batch).loss``. A dict batch with ``completion_mask`` and no ``labels`` (TRL's DPO / KTO convention) is
+    """``model(**batch).loss``, with ``use_cache=False`` for a decoder that would build a KV cache. A dict batch with ``completion_mask`` and no ``labels`` (TRL's DPO / KTO convention) is
     taken with ``labels = input_ids`` masked to the completion (-100 elsewhere; the model shifts them), the mask itself
     and TRL's other non-inputs (``label``, ``ref_*``, KTO's ``KL_*``) left out of the model call: the negative log-likelihood of the completions."""
     if not isinstance(batch, Mapping):
@@ -87,6 +102,8 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         inputs = {key: value for key, value in batch.items()
                   if key not in _TRL_NON_MODEL_KEYS and not key.startswith(_TRL_NON_MODEL_PREFIXES)}
         batch = {**inputs, "labels": labels}
+    if "use_cache" not in batch and _takes_use_cache(model):
+        batch = {**batch, "use_cache": False}
     loss = getattr(model(**batch), "loss", None)
     if loss is None:
         raise GradientInitError(
