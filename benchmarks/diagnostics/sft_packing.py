@@ -8,6 +8,7 @@ The two configurations train the same rows but not the same steps (a packed step
 are shown, not compared.
 
     python benchmarks/diagnostics/sft_packing.py [--repeats 5] [--rows 256] [--work DIR]
+    python benchmarks/diagnostics/sft_packing.py --from-json benchmarks/results/sft/packing.json   # the table again
 
 writes benchmarks/results/sft/packing.json and packing.md.
 """
@@ -51,8 +52,8 @@ def run(config: str, repeat: int, args: argparse.Namespace, work: Path) -> dict:
 
 def row_lengths(args: argparse.Namespace) -> dict:
     """The training rows as TRL tokenizes them (chat template, cut at --max-length): their lengths, and the share of
-    padding in batches of 8 consecutive rows padded to their longest (the loader shuffles; this is its expectation
-    for rows of these lengths to within the order's effect)."""
+    padding in batches of 8 consecutive rows, in the data's order, padded to their longest (the loader shuffles the
+    rows, which moves the share a little)."""
     from giva.sft import SFTOptions, make_trainer, preflight
 
     options = SFTOptions(device="cpu", max_train_samples=args.rows, val_size=args.val_size, max_length=256,
@@ -65,13 +66,13 @@ def row_lengths(args: argparse.Namespace) -> dict:
             "mean": sum(lengths) / len(lengths), "padding_share_batches_of_8": 1 - sum(lengths) / slots}
 
 
-def report(runs: list[dict], args: argparse.Namespace, lengths: dict) -> str:
+def report(runs: list[dict], args: argparse.Namespace, lengths: dict, commit: str) -> str:
     by = {c: sorted((r for r in runs if r["config"] == c), key=lambda r: r["repeat"]) for c in CONFIGS}
     lines = [
         "# `giva sft --packing` against unpacked rows, SmolLM2-135M, CPU",
         "",
         f"Made by `python benchmarks/diagnostics/sft_packing.py --repeats {args.repeats} --rows {args.rows}` at "
-        f"{source_commit()}: one epoch over {args.rows} training rows (Pang & Lee as one-word questions), "
+        f"{commit}: one epoch over {args.rows} training rows (Pang & Lee as one-word questions), "
         f"`--batch-size 8 --max-length 256 --init-mode exact`, fp32, {args.repeats} runs of each configuration "
         "interleaved, each in its own process. Times are medians over the runs; the training time is "
         "`trainer.train`'s, which holds the GiVA initialisation (one calibration batch: 8 rows unpacked, 8 packed "
@@ -79,8 +80,8 @@ def report(runs: list[dict], args: argparse.Namespace, lengths: dict) -> str:
         "",
         f"The {lengths['rows']} rows hold {lengths['tokens']} tokens, {lengths['min']} to {lengths['max']} per row "
         f"(mean {lengths['mean']:.1f}; SmolLM2's chat template, with its system prompt, is most of each row): padded "
-        f"batches of 8 rows spend {lengths['padding_share_batches_of_8']:.1%} of their tokens on padding, "
-        "the most packing can save.",
+        f"batches of 8 rows, taken in the data's order, spend {lengths['padding_share_batches_of_8']:.1%} of their "
+        "tokens on padding, about the most packing can save (the loader's shuffled batches differ a little).",
         "",
         "| | steps | sequences | training time (s) | of which init (s) | training after init (s) | val loss after | exact match after |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -111,7 +112,14 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=32)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/sft")
+    parser.add_argument("--from-json", type=Path, default=None, help="rewrite packing.md from a recorded packing.json")
     args = parser.parse_args()
+    if args.from_json:
+        record = json.loads(args.from_json.read_text())
+        args.repeats, args.rows = len({r["repeat"] for r in record["runs"]}), record["lengths"]["rows"]
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "packing.md").write_text(report(record["runs"], args, record["lengths"], record["commit"]))
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="giva-sft-packing-"))
     runs = []
     for repeat in range(args.repeats):
@@ -123,8 +131,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"commit": source_commit(), "lengths": lengths, "runs": runs}
     (args.out / "packing.json").write_text(json.dumps(record, indent=1) + "\n")
-    (args.out / "packing.md").write_text(report(runs, args, lengths))
-    print(report(runs, args, lengths))
+    (args.out / "packing.md").write_text(report(runs, args, lengths, record["commit"]))
+    print(report(runs, args, lengths, record["commit"]))
 
 
 if __name__ == "__main__":
