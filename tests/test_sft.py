@@ -952,6 +952,12 @@ def test_a_packed_row_whose_completion_the_max_length_cuts_off_counts_as_untrain
                                 "seq_lengths": [[2, 3, 1], [2]]})
     assert giva.sft.trained_rows(packed) == 2  # rows 1 and 3 of the first sequence; the second and the last have none
     assert giva.sft.trained_rows(Dataset.from_dict({"labels": [[1], [2], [3]]})) == 3
+    rng = random.Random(0)  # more sequences than one read of the set holds (it reads 1024 at a time)
+    lengths = [[rng.randint(1, 4) for _ in range(rng.randint(1, 5))] for _ in range(2500)]
+    labels = [[rng.choice([-100, -100, 3]) for _ in range(sum(row))] for row in lengths]
+    expected = sum(any(label != -100 for label in seq[sum(row[:i]):sum(row[: i + 1])])
+                   for seq, row in zip(labels, lengths) for i in range(len(row)))
+    assert giva.sft.trained_rows(Dataset.from_dict({"labels": labels, "seq_lengths": lengths})) == expected
 
 
 class _Preempted(Exception):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import itertools
 import json
 import logging
 import math
@@ -610,10 +609,13 @@ def trained_rows(dataset: Any) -> int:
     ``--max-length`` cut off; packed (a ``seq_lengths`` column), they stay in their sequence and carry none."""
     if "seq_lengths" not in dataset.column_names:
         return len(dataset)
+    import numpy as np
+
     kept = 0
-    for labels, lengths in zip(dataset["labels"], dataset["seq_lengths"]):
-        ends = itertools.accumulate(lengths)
-        kept += sum(any(label != -100 for label in labels[end - n : end]) for n, end in zip(lengths, ends))
+    for batch in dataset.select_columns(["labels", "seq_lengths"]).iter(batch_size=1024):  # bounded memory
+        for labels, lengths in zip(batch["labels"], batch["seq_lengths"]):
+            starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))  # every row holds at least one token
+            kept += int(np.count_nonzero(np.add.reduceat((np.asarray(labels) != -100).astype(np.int64), starts)))
     return kept
 
 
