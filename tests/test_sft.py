@@ -122,7 +122,7 @@ def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_transfor
     """--gradient-checkpointing sets TrainingArguments' activation_checkpointing (transformers 5) or, on 4.x,
     gradient_checkpointing (4.x's SFTConfig refused the 5.x name with a TypeError); TRL's default of on is overridden."""
     config = giva.sft.sft_config(options("m", "d", tmp_path / "out", gradient_checkpointing=on), "cpu",
-                                 str(tmp_path / "scratch"), train_rows=32)
+                                 str(tmp_path / "scratch"))
     assert getattr(config, "gradient_checkpointing" if TRANSFORMERS_4 else "activation_checkpointing") is on
 
 
@@ -936,6 +936,9 @@ def test_packing_sizes_the_schedule_and_the_calibration_check_by_sequences(chat_
     assert 1 < sequences < len(data.train) and sum(map(len, trainer.train_dataset["seq_lengths"])) == len(data.train)
     steps = 10 * math.ceil(sequences / 2)
     assert (trainer.args.warmup_steps, trainer.args.logging_steps) == (int(0.06 * steps), max(1, steps // 20))
+    unpacked = make_trainer(replace(opts, packing=False), device, path, tokenizer, data, str(tmp_path / "scratch"))
+    steps = 10 * math.ceil(len(data.train) / 2)  # unpacked, the rows
+    assert (unpacked.args.warmup_steps, unpacked.args.logging_steps) == (int(0.06 * steps), max(1, steps // 20))
     too_many = math.ceil(sequences / 2) + 1  # within the 16 batches of 2 rows the preflight counts
     with pytest.raises(ValueError, match=rf"its {sequences} packed sequences of --max-length 64 make "
                                          rf"{too_many - 1} batch\(es\) of --batch-size 2"):

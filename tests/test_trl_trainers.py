@@ -8,7 +8,6 @@ config object as ``"default"`` and copy the parameters whose names hold ``".defa
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import math
 
@@ -315,32 +314,37 @@ def test_default_loss_leaves_out_kto_keys_for_a_model_without_kwargs():
         torch.testing.assert_close(layer.giva_A["default"], giva_layers(reference)[name].giva_A["default"])
 
 
-def test_the_calibration_forward_builds_no_kv_cache():
-    """A decoder whose config turns the cache on gets use_cache=False from the default loss (a calibration never reads
-    a KV cache); a forward that takes no use_cache is not given one."""
+@pytest.mark.parametrize("loss_fn", [None, lambda m, batch: m(**batch).loss], ids=["default-loss", "own-loss"])
+def test_the_calibration_forward_builds_no_kv_cache(loss_fn):
+    """A decoder whose config turns the cache on builds none while it calibrates, whatever the loss function (a
+    calibration never reads a KV cache), and has the cache on again afterwards."""
     base = tiny_llama()
     assert base.config.use_cache
-    seen = []
+    caches = []
     forward = base.forward
 
     def spy(*args, **kwargs):
-        seen.append(kwargs.get("use_cache"))
-        return forward(*args, **kwargs)
+        output = forward(*args, **kwargs)
+        caches.append(output.past_key_values)
+        return output
 
     base.forward = spy
-    base.forward.__signature__ = inspect.signature(forward)
-    giva.initialize(get_peft_model(base, GivaConfig(r=2, target_modules=TARGETS)), text_batches(n=1, labels="lm"),
-                    num_batches=1, progress=False)
-    assert seen == [False]
+    model = get_peft_model(base, GivaConfig(r=2, target_modules=TARGETS))
+    giva.initialize(model, text_batches(n=1, labels="lm"), num_batches=1, loss_fn=loss_fn, progress=False)
+    assert caches == [None] and base.config.use_cache
+    with torch.no_grad():  # the check above can fail: the same forward outside the calibration builds one
+        model(**text_batches(n=1, labels="lm")[0])
+    assert caches[-1] is not None
 
 
-@pytest.mark.parametrize("module", ["q_proj", "down_proj"])
-def test_padding_free_packed_rows_calibrate_as_the_same_rows_padded(module):
+@pytest.mark.parametrize("module, loss_fn", [("q_proj", None), ("down_proj", lambda m, batch: m(**batch).loss)],
+                         ids=["q_proj-default-loss", "down_proj-own-loss"])
+def test_padding_free_packed_rows_calibrate_as_the_same_rows_padded(module, loss_fn):
     """TRL's padding-free batches (--packing): the rows of a micro-batch end to end in one row of tokens, told apart by
     position_ids starting again at 0, no attention mask. transformers masks attention between the rows only without a
     KV cache; the calibration forward built one (config.use_cache: transformers 5's Trainer turns it off, 4.x's and
     a loop of one's own do not), the tokens attended across rows, and the bases were up to 0.79 off those of the
-    same rows padded (4.56.2 and 5.25; 1.5e-6 now)."""
+    same rows padded (4.56.2 and 5.25; 1.5e-6 now). A loss function of one's own is covered alike."""
     generator = torch.Generator().manual_seed(0)
     rows = [torch.randint(0, VOCAB, (n,), generator=generator) for n in (5, 9, 7)]
     width = max(map(len, rows))
@@ -354,7 +358,7 @@ def test_padding_free_packed_rows_calibrate_as_the_same_rows_padded(module):
     bases = []
     for batch in (padded, packed):
         model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=[module]))
-        giva.initialize(model, [batch], num_batches=1, progress=False)
+        giva.initialize(model, [batch], num_batches=1, loss_fn=loss_fn, progress=False)
         bases.append({name: layer.giva_A["default"] for name, layer in giva_layers(model).items()})
     for name in bases[0]:
         torch.testing.assert_close(bases[1][name], bases[0][name], rtol=0, atol=1e-5, msg=name)

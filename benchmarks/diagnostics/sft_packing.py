@@ -56,11 +56,12 @@ def row_lengths(args: argparse.Namespace) -> dict:
     rows, which moves the share a little)."""
     from giva.sft import SFTOptions, make_trainer, preflight
 
-    options = SFTOptions(device="cpu", max_train_samples=args.rows, val_size=args.val_size, max_length=256,
-                         output_dir=str(Path(tempfile.mkdtemp()) / "out"), progress=False)
-    device, path, tokenizer, data = preflight(options)
-    trainer = make_trainer(options, device, path, tokenizer, data, tempfile.mkdtemp())
-    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    with tempfile.TemporaryDirectory(prefix="giva-sft-packing-") as scratch:
+        options = SFTOptions(device="cpu", max_train_samples=args.rows, val_size=args.val_size, max_length=256,
+                             output_dir=str(Path(scratch) / "out"), progress=False)
+        device, path, tokenizer, data = preflight(options)
+        trainer = make_trainer(options, device, path, tokenizer, data, scratch)
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
     slots = sum(8 * max(lengths[i : i + 8]) for i in range(0, len(lengths), 8))
     return {"rows": len(lengths), "tokens": sum(lengths), "min": min(lengths), "max": max(lengths),
             "mean": sum(lengths) / len(lengths), "padding_share_batches_of_8": 1 - sum(lengths) / slots}

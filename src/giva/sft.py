@@ -549,7 +549,7 @@ def _load_model(path: str, options: SFTOptions, device: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) -> Any:
+def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
     """TRL's SFTConfig for these options (TRL's own defaults of bf16 and gradient checkpointing overridden).
 
     ``--batch-size`` rows per optimizer step over every process: each process runs ``micro`` rows per forward and
@@ -585,7 +585,6 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
         use_cpu=device == "cpu",
         seed=options.seed,
         data_seed=options.seed,
-        **schedule(options, train_rows),
         save_strategy="steps" if saving else "no",
         save_steps=options.save_steps or 500,
         save_total_limit=2,  # the newest, and the one before it in case the newest was cut off mid-write
@@ -599,7 +598,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str, train_rows: int) 
 
 def schedule(options: SFTOptions, train_rows: int) -> dict[str, int]:
     """The warm-up (6 % of the optimizer steps) and logging cadence (20 logs) of a run over ``train_rows`` rows of the
-    Trainer's loader: the rows of the data, or with ``--packing`` the packed sequences."""
+    Trainer's loader: the rows TRL kept, or with ``--packing`` the packed sequences."""
     steps = options.max_steps or math.ceil(math.ceil(train_rows / options.batch_size) * options.epochs)
     return {"warmup_steps": int(0.06 * steps), "logging_steps": max(1, steps // 20)}
 
@@ -742,7 +741,7 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     from .integrations.trainer import GivaInitCallback
 
     giva_config = giva_config_of(options)
-    args = sft_config(options, device, scratch, len(data.train))
+    args = sft_config(options, device, scratch)
     # k calibration batches of --batch-size rows: k x accumulation micro-batches on each process, summed over them
     k = options.num_batches
     calibration = k if k == "all" else k * args.gradient_accumulation_steps
@@ -756,9 +755,9 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
         callbacks=[GivaInitCallback(num_batches=calibration, loss_fn=completion_token_loss, progress=options.progress,
                                     mode=options.init_mode)],
     )
-    if options.packing:  # the loader's rows are the packed sequences, known once TRL has packed them
-        for name, value in schedule(options, len(trainer.train_dataset)).items():
-            setattr(trainer.args, name, value)
+    # sized on the loader's rows, known once TRL has processed (and with --packing packed) them; read in train()
+    for name, value in schedule(options, len(trainer.train_dataset)).items():
+        setattr(trainer.args, name, value)
     trainer.remove_callback(PrinterCallback)  # without a progress bar it prints every log dict to stdout
     trainer.add_callback(_save_cadence())
     trainer.add_callback(_divergence(options))

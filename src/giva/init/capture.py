@@ -9,7 +9,6 @@ it was.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -69,22 +68,8 @@ RAW_ROWS_LOSS_FN = (
 )
 
 
-def _takes_use_cache(model: nn.Module) -> bool:
-    """The model (under a PEFT wrapper, its base model) is a transformers decoder whose forward names ``use_cache``
-    and whose config turns the cache on: a calibration forward would build a KV cache it never reads, and on
-    transformers 4.x a cache also switched off the attention mask of packed rows (padding-free batches, rows told
-    apart by ``position_ids``), so that their tokens attended across rows."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not getattr(getattr(base, "config", None), "use_cache", False):
-        return False
-    try:
-        return "use_cache" in inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
-    """``model(**batch).loss``, with ``use_cache=False`` for a decoder that would build a KV cache. A dict batch with ``completion_mask`` and no ``labels`` (TRL's DPO / KTO convention) is
+    """``model(**batch).loss``. A dict batch with ``completion_mask`` and no ``labels`` (TRL's DPO / KTO convention) is
     taken with ``labels = input_ids`` masked to the completion (-100 elsewhere; the model shifts them), the mask itself
     and TRL's other non-inputs (``label``, ``ref_*``, KTO's ``KL_*``) left out of the model call: the negative log-likelihood of the completions."""
     if not isinstance(batch, Mapping):
@@ -102,8 +87,6 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         inputs = {key: value for key, value in batch.items()
                   if key not in _TRL_NON_MODEL_KEYS and not key.startswith(_TRL_NON_MODEL_PREFIXES)}
         batch = {**inputs, "labels": labels}
-    if "use_cache" not in batch and _takes_use_cache(model):
-        batch = {**batch, "use_cache": False}
     loss = getattr(model(**batch), "loss", None)
     if loss is None:
         raise GradientInitError(
@@ -155,13 +138,19 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
     attributes, read in their forward, are zeroed meanwhile. Reentrant checkpointing
     (``use_reentrant=True``, which TRL asks for under DeepSpeed ZeRO-3) runs the first forward with
     autograd off and supports no ``torch.autograd.grad``: those layers checkpoint non-reentrantly
-    meanwhile, which keeps the same activations. Everything is restored afterwards.
+    meanwhile, which keeps the same activations. A transformers config that turns the KV cache on has it off
+    meanwhile, whatever the loss function: a calibration never reads a cache, and with one transformers drops the
+    attention mask of padding-free packed rows (TRL's ``padding_free`` / packing batches, told apart by
+    ``position_ids``), whose tokens then attended across rows. Everything is restored afterwards.
     """
     modes = {module: module.training for module in model.modules()}
+    caches = {id(c): c for m in modes if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
     rates: list[tuple[nn.Module, str, float]] = []
     functions: dict[nn.Module, Any] = {}
     for module in modes:  # the flags only, not model.eval(): a train() override has side effects of its own
         module.training = False  # (transformers' use_kernels would kernelize for inference, then calibrate through it)
+    for config in caches.values():
+        config.use_cache = False
     try:
         for module in model.modules():
             if getattr(module, "gradient_checkpointing", False) is True:
@@ -185,6 +174,8 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
             setattr(module, name, value)
         for module, training in modes.items():
             module.training = training
+        for config in caches.values():
+            config.use_cache = True
 
 
 class Capture:
