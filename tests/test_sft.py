@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import giva.sft
+import giva.sft_tracking
 from giva.cli import main
 from giva.sft import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
 from tiny_models import QUANTISABLE, TRANSFORMERS_4, tiny_llama
@@ -383,10 +384,8 @@ def test_the_json_output_writes_a_non_finite_number_as_null(chat_model, pc_jsonl
     record = json.loads(capsys.readouterr().out, **strict)  # stdout is the JSON alone
     assert record["val_loss_after"] is None and record["train_loss"] is None and record["steps"] == 1
     # The run's own sft_result.json as well (it was plain json.dumps: NaN). The Trainer's evaluation overflowing:
-    import trl
-
     monkeypatch.undo()
-    monkeypatch.setattr(trl.SFTTrainer, "evaluate", lambda self, *args, **kwargs: {"eval_loss": float("nan")})
+    monkeypatch.setattr(giva.sft, "validation_loss", lambda trainer, batch_size: float("nan"))
     train_sft(options(chat_model, pc_jsonl, tmp_path / "out3", max_steps=1))
     saved = json.loads((tmp_path / "out3" / "sft_result.json").read_text(), **strict)
     assert saved["val_loss_before"] is None and saved["val_loss_after"] is None
@@ -578,6 +577,69 @@ def test_a_flash_attention_without_its_gpu_or_package_is_refused_before_the_mode
             "is not installed)" in one_error_line(capsys))
     with pytest.raises(ValueError, match=r"SFTOptions.attn_implementation must be None or one of \('eager', 'sdpa'"):
         SFTOptions(attn_implementation="flash")
+
+
+def tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TensorBoard event files of ``folder``: tag -> [(step, value)], read record by record."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(Path(folder).glob("**/events.out.tfevents.*")):
+        data, at = path.read_bytes(), 0
+        while at < len(data):  # TFRecord: length (8 bytes), its CRC (4), the record, its CRC (4)
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = Event.FromString(data[at + 12 : at + 12 + length])
+            at += 16 + length
+            for value in event.summary.value:
+                if value.HasField("simple_value"):
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_report_to_tensorboard_logs_every_step_into_a_folder_of_its_own(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """--report-to tensorboard --logging-steps 1: the Trainer's training loss of each of the 4 steps is in the event
+    files of '<output-dir>-logs' (the Trainer's own choice, under its output_dir, is the scratch folder the run
+    deletes), and their mean is the mean training loss the run reports."""
+    pytest.importorskip("tensorboardX")
+    monkeypatch.chdir(tmp_path)
+    result = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", report_to="tensorboard", logging_steps=1))[0]
+    losses = tensorboard_scalars(tmp_path / "out-logs")["train/loss"]
+    assert [step for step, _ in losses] == [1, 2, 3, 4]
+    assert sum(v for _, v in losses) / 4 == pytest.approx(result.train_loss, rel=1e-5)
+    assert result.options["report_to"] == ["tensorboard"] and result.options["logging_steps"] == 1
+    assert not list(tmp_path.glob("out/**/events.out.tfevents.*")) and not (tmp_path / "runs").exists()
+    # --logging-dir elsewhere, and the default cadence (20 logs; 4 steps: every step)
+    train_sft(options(chat_model, pc_jsonl, tmp_path / "out2", report_to="tensorboard", logging_dir=str(tmp_path / "tb")))
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "tb")["train/loss"]] == [1, 2, 3, 4]
+    assert not (tmp_path / "out2-logs").exists()
+
+
+def test_report_to_refusals_come_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading,
+                                                         monkeypatch):
+    out = tmp_path / "out"
+    assert main(cli(chat_model, pc_jsonl, out, "--report-to", "tensorbored")) == 2
+    assert one_error_line(capsys).startswith("giva sft: error: --report-to tensorbored: 'tensorbored' is not one of "
+                                             "transformers' integrations (")
+    monkeypatch.setattr(giva.sft_tracking, "installed", lambda: ["tensorboard"])  # wandb's package missing
+    assert main(cli(chat_model, pc_jsonl, out, "--report-to", "tensorboard,wandb")) == 2
+    assert one_error_line(capsys) == ("giva sft: error: --report-to tensorboard,wandb: transformers finds no installed "
+                                      "package for 'wandb'; install it (pip install wandb), or leave it out")
+    assert main(cli(chat_model, pc_jsonl, out, "--logging-dir", str(tmp_path / "tb"))) == 2
+    assert one_error_line(capsys) == (f"giva sft: error: --logging-dir {str(tmp_path / 'tb')!r} is TensorBoard's folder; "
+                                      "give --report-to tensorboard with it, or drop it")
+    assert main(cli(chat_model, pc_jsonl, out, "--report-to", "tensorboard", "--logging-dir", str(out / "tb"))) == 2
+    assert one_error_line(capsys) == (f"giva sft: error: --logging-dir {str(out / 'tb')!r} and --output-dir {str(out)!r} "
+                                      "are the same folder or one holds the other; TensorBoard's logs need a folder of "
+                                      "their own")
+    for bad in (["all", "wandb"], [""], "none,"):
+        with pytest.raises(ValueError, match=r"^SFTOptions.report_to must be 'none', 'all' or integration names"):
+            SFTOptions(report_to=bad)
+    assert SFTOptions(report_to="none").report_to == [] == SFTOptions(report_to=["none"]).report_to
+    assert SFTOptions(report_to="wandb,tensorboard").report_to == ["wandb", "tensorboard"]
+    monkeypatch.setattr(giva.sft_tracking, "installed", lambda: ["trackio"])
+    assert giva.sft_tracking.resolve(["all"]) == ["trackio"]
 
 
 def test_the_attention_implementation_reaches_the_model(chat_model, pc_jsonl, tmp_path):
@@ -902,7 +964,41 @@ def test_micro_batches_accumulate_to_the_same_optimizer_step(chat_model, varied_
             torch.testing.assert_close(b[key], a[key], rtol=1e-2, atol=1e-4, msg=key)
     # the same loss at every step, up to float sums: 3.6e-6 relative apart on transformers 4.57 (4.56.2: within 1e-6)
     assert split.train_loss == pytest.approx(whole.train_loss, rel=1e-5 if TRANSFORMERS_4 else 1e-6)
-    # (the validation loss is the Trainer's mean over evaluation batches of micro-batch size: not compared)
+    # validation batches of 2 rows against 8: the loss per completion token of the same base model
+    assert split.val_loss_before == pytest.approx(whole.val_loss_before, rel=1e-6)
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "padding-free"])
+def test_the_validation_loss_is_the_mean_over_every_scored_token_whatever_the_batch(chat_model, varied_jsonl, tmp_path,
+                                                                                   packing):
+    """The validation loss is the completion tokens' losses summed over the whole split, over their count: the same
+    for 1, 3 or 8 rows per forward (padded, or padding-free as the collator gives them with --packing) and equal to
+    each row scored alone. The Trainer's eval_loss, which it replaced, averages each batch's mean over the rows, so
+    with completions of 1 to 3 words it moves with the batch size (checked, so that this test can fail)."""
+    from giva.sft_eval import validation_loss
+
+    opts = options(chat_model, varied_jsonl, tmp_path / "out", packing=packing)
+    device, path, tokenizer, data = giva.sft.preflight(opts)
+    trainer = giva.sft.make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
+    model = trainer.model.train()
+    with model.disable_adapter(), torch.no_grad():
+        losses = {size: validation_loss(trainer, size) for size in (1, 3, 8)}
+        assert model.training  # left as it was (scored in eval mode)
+        model.eval()
+        total = tokens = 0.0
+        for row in trainer.eval_dataset:  # each row alone, unpadded: the token losses summed by hand
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
+            logits = model(input_ids=ids).logits[0, :-1].double()
+            scored = labels[1:] != -100
+            total += torch.nn.functional.cross_entropy(logits[scored], labels[1:][scored], reduction="sum").item()
+            tokens += scored.sum().item()
+        trainers = {}
+        for size in (1, 8):
+            trainer.args.per_device_eval_batch_size = size
+            trainers[size] = trainer.evaluate()["eval_loss"]
+    assert losses[1] == pytest.approx(total / tokens, rel=1e-6)
+    assert losses[3] == pytest.approx(losses[1], rel=1e-6) and losses[8] == pytest.approx(losses[1], rel=1e-6)
+    assert abs(trainers[1] - trainers[8]) > 1e-3 * trainers[1]  # the Trainer's own figure does move
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -922,7 +1018,8 @@ def test_a_packed_step_is_the_padded_step_over_the_same_rows(chat_model, varied_
         elif "lambda" in key:
             torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
     assert packed.train_loss == pytest.approx(padded.train_loss, rel=1e-5)
-    # (validation is not packed; its loss is the Trainer's mean over batches of --batch-size rows: not compared)
+    # validation rows one at a time (--batch-size 1) against 8 at once, padding-free: the same loss per token
+    assert packed.val_loss_before == pytest.approx(padded.val_loss_before, rel=1e-6)
 
 
 def test_packing_sizes_the_schedule_and_the_calibration_check_by_sequences(chat_model, varied_jsonl, tmp_path):
@@ -1162,6 +1259,8 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     bases = [k for k in a if "giva_A" in k]
     assert bases and all(torch.allclose(b[k], a[k], rtol=0, atol=1e-5) for k in bases)
     assert [r["exact_match"] for r in records] == [records[0]["expected"]] * 2 == [4 / 7] * 2
+    # validation rows split over the two processes, 2 per forward, against 8 in one: the same loss per token
+    assert result["val_loss_before"] == pytest.approx(single.val_loss_before, rel=1e-6)
     assert records[0]["raised"] == "OSError: No space left on device"
     assert records[1]["raised"] == ("RuntimeError: the first process of the launch failed to write the results: "
                                     "OSError: No space left on device")

@@ -75,6 +75,14 @@ def _integer(value: str, minimum: int) -> int:
     return number
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's defaults in the help, except where the help already says its default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if "(default:" in text else super()._get_help_string(action)
+
+
 def _positive_int(value: str) -> int:
     return _integer(value, 1)
 
@@ -169,12 +177,13 @@ def _sft(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, device=args.device, bf16=args.bf16, fp16=args.fp16,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, gradient_checkpointing=args.gradient_checkpointing,
         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, max_length=args.max_length, packing=args.packing,
-        attn_implementation=args.attn_implementation,
+        micro_batch_size=args.micro_batch_size, eval_batch_size=args.eval_batch_size, max_length=args.max_length,
+        packing=args.packing, attn_implementation=args.attn_implementation,
         val_size=args.val_size, max_train_samples=args.max_train_samples, r=args.r,
         target_modules=_target_modules(args.target_modules, "sft"), init_mode=args.init_mode, num_batches=args.num_batches,
         seed=args.seed, output_dir=args.output_dir, export_lora=args.export_lora, overwrite=args.overwrite,
-        save_steps=args.save_steps, checkpoint_dir=args.checkpoint_dir, resume=args.resume, progress=not args.no_progress,
+        save_steps=args.save_steps, checkpoint_dir=args.checkpoint_dir, resume=args.resume, report_to=args.report_to,
+        logging_steps=args.logging_steps, logging_dir=args.logging_dir, progress=not args.no_progress,
     )
     import torch.distributed as dist
 
@@ -407,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=_finetune)
 
     sf = sub.add_parser("sft", help="supervised fine-tuning of a causal LM with GiVA through TRL's SFTTrainer (default: "
-                        "SmolLM2 on Pang & Lee as questions)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        "SmolLM2 on Pang & Lee as questions)", formatter_class=_DefaultsFormatter)
     sf.add_argument("--model", default="smollm2", help="alias 'smollm2' (offline SmolLM2-135M-Instruct), a local folder or a hub id")
     sf.add_argument("--data", default="pang-lee", help="'pang-lee' or 'conll2010-uncertainty' (bundled corpora as one-word "
                     "questions), a JSONL file of prompt/completion, messages or text rows, or a datasets name")
@@ -427,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--micro-batch-size", type=_positive_int, default=None,
                     help="rows per forward on each process; the rest of --batch-size is gradient accumulation "
                          "(default: --batch-size / processes)")
+    sf.add_argument("--eval-batch-size", type=_positive_int, default=None,
+                    help="validation rows per forward on each process (speed and memory only: the validation loss is "
+                         "per token over the whole split; exact match generates 4x as many at once) "
+                         "(default: --micro-batch-size)")
     sf.add_argument("--max-length", type=lambda v: _integer(v, 8), default=256, help="tokens per row (TRL truncates), >= 8")
     sf.add_argument("--packing", action="store_true",
                     help="pack training rows into sequences of --max-length tokens (TRL's best-fit decreasing, "
@@ -453,6 +466,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the checkpoints go (default: '<output-dir>-checkpoints')")
     sf.add_argument("--resume", action="store_true",
                     help="continue the run in --checkpoint-dir from its newest checkpoint (same flags)")
+    sf.add_argument("--report-to", default="none", metavar="NAMES",
+                    help="experiment tracking: 'none', 'all' (every one installed) or comma-separated transformers "
+                         "integrations (tensorboard, wandb, trackio, mlflow, ...); the Trainer's logs, from the first "
+                         "process")
+    sf.add_argument("--logging-steps", type=_positive_int, default=None, metavar="N",
+                    help="log the training loss every N optimizer steps (default: 1/20 of the steps)")
+    sf.add_argument("--logging-dir", default=None, metavar="DIR",
+                    help="TensorBoard's folder, with --report-to tensorboard (default: '<output-dir>-logs')")
     sf.add_argument("--no-progress", action="store_true", help="no progress bars, no transformers warnings")
     sf.add_argument("--json", action="store_true",
                     help="print the result as one JSON document on stdout (the summary and all logs go to stderr)")
@@ -483,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench)
 
     fl = sub.add_parser("federated", help="federated fine-tuning on Flower: GiVA vs LoRA / VeRA (needs giva[federated])",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        formatter_class=_DefaultsFormatter,
                         description="A rerun into the same --output-dir resumes each run from OUTPUT_DIR/.checkpoints.")
     fl.add_argument("--clients", type=int, default=4, help="simulated clients, each with a private shard")
     fl.add_argument("--rounds", type=int, default=10, help="training rounds after the setup round")

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from .data import DataError
 from .sft_data import SFTData, load_sft_data, row_format
+from .sft_eval import completion_ids, exact_match, prompt_ids, validation_loss
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +44,12 @@ OPTIONS_FILE = "giva_sft_options.json"  # in --checkpoint-dir: the flags and row
 TRL_LM_HEAD = ("the LM head, which TRL's SFTTrainer does not adapt: it computes the log-probabilities from the head's "
                "weight directly, so an adapter there would never be trained")
 MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no larger seed
-# Flags a resumed run may change: where things go, how it reports, the checkpoint cadence, the device, the attention
-# kernel and the split of a batch into micro-batches (same rows per optimizer step). Every other flag changes what is
-# trained.
+# Flags a resumed run may change: where things go, how it reports and logs, the checkpoint cadence, the device, the attention
+# kernel, the split of a batch into micro-batches (same rows per optimizer step) and the validation batch. Every other
+# flag changes what is trained.
 # (--data may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
 RESUMABLE_CHANGES = frozenset({"device", "attn_implementation", "gradient_checkpointing", "micro_batch_size",
+                               "eval_batch_size", "report_to", "logging_steps", "logging_dir",
                                "output_dir", "export_lora", "overwrite", "progress", "save_steps", "checkpoint_dir",
                                "resume", "data"})
 
@@ -80,6 +82,8 @@ class SFTOptions:
     lr: float = 1e-2  # the GiVA paper's learning rate for its LLM runs (GIVA_SPEC.md section 5)
     batch_size: int = 8  # rows per optimizer step, over all processes of a torchrun launch
     micro_batch_size: Optional[int] = field(default=None, metadata={"help": "rows per forward on each process"})
+    eval_batch_size: Optional[int] = field(default=None, metadata={"help": "validation rows per forward on each process; "
+                                                                         "None: the micro-batch size"})
     max_length: int = 256
     packing: bool = field(default=False, metadata={"help": "rows packed into sequences of --max-length tokens"})
     attn_implementation: Optional[str] = field(default=None, metadata={"help": "transformers' attention; None: the model's"})
@@ -96,6 +100,11 @@ class SFTOptions:
     save_steps: Optional[int] = field(default=None, metadata={"help": "a resumable checkpoint every N optimizer steps"})
     checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "default: '<output-dir>-checkpoints'"})
     resume: bool = field(default=False, metadata={"help": "continue from the newest checkpoint in checkpoint_dir"})
+    report_to: str | list[str] = field(default="none", metadata={"help": "transformers' integrations the Trainer "
+                                                                        "reports to: 'none', 'all' or a list of names"})
+    logging_steps: Optional[int] = field(default=None, metadata={"help": "log every N optimizer steps; None: 20 logs"})
+    logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard's folder; default "
+                                                                       "'<output-dir>-logs'"})
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -113,7 +122,16 @@ class SFTOptions:
         if self.seed > MAX_SEED:
             raise ValueError(f"SFTOptions.seed must be a whole number <= {MAX_SEED} (2**32 - 1: transformers seeds numpy "
                              f"with it), got {self.seed!r}")
-        for name in ("max_steps", "max_train_samples", "micro_batch_size", "save_steps"):
+        if isinstance(self.report_to, str):
+            self.report_to = [] if self.report_to == "none" else self.report_to.split(",")
+        if not isinstance(self.report_to, list) or not all(isinstance(n, str) and n for n in self.report_to) or (
+                len(self.report_to) > 1 and {"all", "none"} & set(self.report_to)):
+            raise ValueError(f"SFTOptions.report_to must be 'none', 'all' or integration names (comma-separated), got "
+                             f"{self.report_to!r}")
+        if self.report_to == ["none"]:
+            self.report_to = []
+        for name in ("max_steps", "max_train_samples", "micro_batch_size", "eval_batch_size", "save_steps",
+                     "logging_steps"):
             if getattr(self, name) is not None:
                 _whole(name, getattr(self, name), 1)
         _finite("epochs", self.epochs, 0)
@@ -145,6 +163,13 @@ class SFTOptions:
                 if other is not None and _overlap(self.checkpoints, other):
                     raise ValueError(f"--checkpoint-dir {self.checkpoints!r} and {flag} {other!r} are the same folder or "
                                      "one holds the other; checkpoints need a folder of their own")
+
+    @property
+    def logs(self) -> str:
+        """TensorBoard's folder, expanded: ``logging_dir``, else ``<output_dir>-logs`` beside the adapter's."""
+        if self.logging_dir is not None:
+            return os.path.abspath(os.path.expanduser(self.logging_dir))
+        return os.path.abspath(os.path.expanduser(self.output_dir)) + "-logs"
 
     @property
     def checkpoints(self) -> str:
@@ -308,6 +333,28 @@ def check_output_dirs(options: SFTOptions) -> None:
                                   "to replace it, or give another folder")
 
 
+def check_tracking(options: SFTOptions) -> None:
+    """``--report-to`` names integrations that are installed; TensorBoard's folder is one of its own (the adapter's
+    folder is replaced whole at the end, a checkpoint folder has its own rules)."""
+    from . import sft_tracking
+
+    names = sft_tracking.resolve(options.report_to)
+    if sft_tracking.TENSORBOARD not in names:
+        if options.logging_dir is not None:
+            raise ValueError(f"--logging-dir {options.logging_dir!r} is TensorBoard's folder; give --report-to "
+                             "tensorboard with it, or drop it")
+        return
+    folders = [("--output-dir", options.output_dir), ("--export-lora", options.export_lora)]
+    if options.save_steps is not None or options.resume:
+        folders.append(("--checkpoint-dir", options.checkpoints))
+    for flag, other in folders:
+        if other is not None and _overlap(options.logs, other):
+            raise ValueError(f"--logging-dir {options.logs!r} and {flag} {other!r} are the same folder or one holds "
+                             "the other; TensorBoard's logs need a folder of their own")
+    if Path(options.logs).exists() and not Path(options.logs).is_dir():
+        raise ValueError(f"--logging-dir {options.logs!r} is a file, not a folder")
+
+
 def check_num_batches(options: SFTOptions, train_rows: int, world_size: int, unit: str = "training rows") -> None:
     """``--num-batches k`` has :class:`giva.GivaInitCallback` draw ``k`` x (gradient accumulation) micro-batches from the
     Trainer's loader on each process, which holds ``ceil(ceil(train_rows / micro) / processes)`` of them (Accelerate
@@ -461,6 +508,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     check_attention(options, device)
     check_quantization(options)
     check_output_dirs(options)
+    check_tracking(options)
     path = resolve_model(options.model)
     # --target-modules against the model's module names and types, on a weightless skeleton (PEFT alone refuses only
     # when no name matches, and only once the weights have loaded)
@@ -557,6 +605,8 @@ def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
     optimizer, schedule, RNG states) into the checkpoint folder, else into ``scratch``, which the run deletes."""
     from trl import SFTConfig
 
+    from . import sft_tracking
+
     # transformers 5 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing; 4.x knows only the
     # old name (and SFTConfig refuses the new one with a TypeError)
     names = {f.name for f in fields(SFTConfig)}
@@ -571,7 +621,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
         lr_scheduler_type="linear",
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
-        per_device_eval_batch_size=micro,
+        per_device_eval_batch_size=options.eval_batch_size or micro,  # rows: validation is never packed
         max_length=options.max_length,
         # best-fit decreasing: whole rows (cut at --max-length) into sequences of --max-length tokens, padding-free, the
         # rows told apart by position_ids; validation stays a row per sequence (exact match reads its prompts)
@@ -589,7 +639,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
         save_steps=options.save_steps or 500,
         save_total_limit=2,  # the newest, and the one before it in case the newest was cut off mid-write
         eval_strategy="no",
-        report_to="none",
+        report_to=sft_tracking.trainer_report_to(sft_tracking.resolve(options.report_to)),
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (not the mean of the earlier ones): see _divergence
         disable_tqdm=not options.progress,
         dataset_num_proc=None,
@@ -597,10 +647,10 @@ def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
 
 
 def schedule(options: SFTOptions, train_rows: int) -> dict[str, int]:
-    """The warm-up (6 % of the optimizer steps) and logging cadence (20 logs) of a run over ``train_rows`` rows of the
+    """The warm-up (6 % of the optimizer steps) and logging cadence (``--logging-steps``, else 20 logs) of a run over ``train_rows`` rows of the
     Trainer's loader: the rows TRL kept, or with ``--packing`` the packed sequences."""
     steps = options.max_steps or math.ceil(math.ceil(train_rows / options.batch_size) * options.epochs)
-    return {"warmup_steps": int(0.06 * steps), "logging_steps": max(1, steps // 20)}
+    return {"warmup_steps": int(0.06 * steps), "logging_steps": options.logging_steps or max(1, steps // 20)}
 
 
 def trained_rows(dataset: Any) -> int:
@@ -616,76 +666,6 @@ def trained_rows(dataset: Any) -> int:
             starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))  # every row holds at least one token
             kept += int(np.count_nonzero(np.add.reduceat((np.asarray(labels) != -100).astype(np.int64), starts)))
     return kept
-
-
-def _first_label(labels: list[int]) -> int:
-    return next((i for i, label in enumerate(labels) if label != -100), len(labels))
-
-
-def prompt_ids(dataset: Any) -> list[list[int]]:
-    """The prompt of every row TRL processed: its ``input_ids`` up to the first token with a label (not -100)."""
-    return [ids[: _first_label(labels)] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
-
-
-def completion_ids(dataset: Any) -> list[list[int]]:
-    """The completion of every row as TRL tokenized it: its ``input_ids`` from the first token with a label on. With a
-    chat template that is the template's rendering of the assistant turn, with whatever it adds to the reply (Qwen3's
-    empty think block, ``<think>`` and ``</think>`` around blank lines, before it) and its end-of-turn tokens after it."""
-    return [ids[_first_label(labels):] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
-
-
-def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completions: list[list[int]], batch_size: int,
-                progress: bool = False) -> float:
-    """Share of greedy answers equal to the trained completion (:func:`completion_ids`), both decoded with special
-    tokens dropped and surrounding whitespace stripped; whatever the chat template adds to the reply is in the answer
-    and the reference alike. Each answer gets as many new tokens as the longest completion holds, its end-of-turn or
-    EOS token included, where generation stops (one more if it has no special token): a model that writes a completion
-    it was trained on has room for all of it, and one that does not stop after it is seen going on.
-
-    Under torchrun each process answers every ``world``-th prompt and the hits are summed over the processes."""
-    import torch
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    from .integrations.distributed import is_distributed
-
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    references = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
-    special = set(tokenizer.all_special_ids)
-    longest = max(len(ids) + all(t not in special for t in ids) for ids in completions)  # the same on every process
-    total = len(prompts)
-    prompts, references = prompts[rank::world], references[rank::world]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(p for p in model.parameters()).device
-    was_training, hits, error = model.training, 0, None
-    model.eval()
-    try:
-        bars = tqdm(range(0, len(prompts), batch_size), desc="exact match", disable=not progress or rank > 0, leave=False)
-        for start in bars:
-            batch = prompts[start : start + batch_size]
-            width = max(map(len, batch))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # left padding
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
-                                     pad_token_id=pad)
-            answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            hits += sum(a.strip() == r for a, r in zip(answers, references[start : start + batch_size]))
-    except Exception as err:  # under torchrun: to the sum first, so that no process waits for this one
-        if world == 1:
-            raise
-        error = err
-    finally:
-        model.train(was_training)
-    if world > 1:
-        summed = torch.tensor([hits, error is not None], device=device)
-        dist.all_reduce(summed)
-        if error is not None:
-            raise error
-        if summed[1]:
-            raise RuntimeError("exact match failed on another process of the launch; its error is in that process's log")
-        hits = int(summed[0].item())
-    return hits / total
 
 
 def _versions() -> dict[str, str]:
@@ -738,6 +718,7 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
+    from . import sft_tracking
     from .integrations.trainer import GivaInitCallback
 
     giva_config = giva_config_of(options)
@@ -753,7 +734,8 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
         processing_class=tokenizer,
         peft_config=giva_config,
         callbacks=[GivaInitCallback(num_batches=calibration, loss_fn=completion_token_loss, progress=options.progress,
-                                    mode=options.init_mode)],
+                                    mode=options.init_mode),
+                   *sft_tracking.callbacks(sft_tracking.resolve(options.report_to), options.logs)],
     )
     # sized on the loader's rows, known once TRL has processed (and with --packing packed) them; read in train()
     for name, value in schedule(options, len(trainer.train_dataset)).items():
@@ -897,7 +879,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         answers = None if data.labels is None else (prompt_ids(trainer.eval_dataset), completion_ids(trainer.eval_dataset))
 
         def evaluate() -> tuple[float, Optional[float]]:
-            loss = trainer.evaluate()["eval_loss"]
+            loss = validation_loss(trainer, trainer.args.per_device_eval_batch_size)
             em = None if answers is None else exact_match(
                 peft_model, tokenizer, *answers, 4 * trainer.args.per_device_eval_batch_size, options.progress)
             return loss, em

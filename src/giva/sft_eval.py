@@ -1,0 +1,143 @@
+"""The scores `giva sft` reports on its validation split, before and after training.
+
+:func:`validation_loss` is the loss per scored token over the whole split (the token losses summed, over their count);
+:func:`exact_match` the share of greedy answers equal to the trained completion. Under torchrun both give row ``i``
+to process ``i % world`` and sum over the processes, so every row counts once whatever the launch, and if one
+process fails, every process raises rather than wait for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+
+def _launch() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    from .integrations.distributed import is_distributed
+
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+
+
+def _summed(values: list[float], work: Callable[[], list[float]], device: Any, what: str) -> list[float]:
+    """``work()`` on this process, its numbers summed over the processes of a launch (float64). An error on any
+    process raises on every process after the sum, which all of them reach."""
+    import torch
+    import torch.distributed as dist
+
+    world = _launch()[1]
+    error: Optional[BaseException] = None
+    try:
+        values = work()
+    except Exception as err:  # under torchrun: to the sum first, so that no process waits for this one
+        if world == 1:
+            raise
+        error = err
+    if world == 1:
+        return values
+    summed = torch.tensor([*values, error is not None], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    if error is not None:
+        raise error
+    if summed[-1]:
+        raise RuntimeError(f"{what} failed on another process of the launch; its error is in that process's log")
+    return summed[:-1].tolist()
+
+
+def validation_loss(trainer: Any, batch_size: int) -> float:
+    """The mean loss per scored token over ``trainer.eval_dataset`` (TRL's processed validation rows): the model's
+    loss of each batch of ``batch_size`` rows times the tokens it scored, summed, over all the tokens scored. No
+    batch size, padding or number of processes changes it (the Trainer's ``eval_loss`` averages each batch's mean
+    over rows, so it moved with the batch size where rows differ in length). Runs in eval mode, under Accelerate's
+    autocast of the run's ``--bf16`` / ``--fp16`` (before training as after it, when the Trainer has patched the
+    model's forward with it), without a KV cache (with one, transformers drops the mask between padding-free rows)."""
+    import torch
+
+    model = trainer.model
+    rank, world = _launch()
+    rows = trainer.eval_dataset.select(range(rank, len(trainer.eval_dataset), world))
+    device = next(p for p in model.parameters()).device
+
+    def work() -> list[float]:
+        total, tokens = 0.0, 0
+        for start in range(0, len(rows), batch_size):
+            batch = trainer.data_collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            scored = int((batch["labels"][..., 1:] != -100).sum())  # the tokens the model's shifted loss averages
+            if not scored:
+                continue
+            with torch.no_grad(), trainer.accelerator.autocast():  # the training's mixed precision, before it too
+                loss = model(**batch, use_cache=False).loss
+            total += float(loss.double()) * scored
+            tokens += scored
+        return [total, float(tokens)]
+
+    was_training = model.training
+    model.eval()
+    try:
+        total, tokens = _summed([0.0, 0.0], work, device, "the validation loss")
+    finally:
+        model.train(was_training)
+    return total / tokens if tokens else float("nan")
+
+
+def _first_label(labels: list[int]) -> int:
+    return next((i for i, label in enumerate(labels) if label != -100), len(labels))
+
+
+def prompt_ids(dataset: Any) -> list[list[int]]:
+    """The prompt of every row TRL processed: its ``input_ids`` up to the first token with a label (not -100)."""
+    return [ids[: _first_label(labels)] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
+
+
+def completion_ids(dataset: Any) -> list[list[int]]:
+    """The completion of every row as TRL tokenized it: its ``input_ids`` from the first token with a label on. With a
+    chat template that is the template's rendering of the assistant turn, with whatever it adds to the reply (Qwen3's
+    empty think block, ``<think>`` and ``</think>`` around blank lines, before it) and its end-of-turn tokens after it."""
+    return [ids[_first_label(labels):] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
+
+
+def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completions: list[list[int]], batch_size: int,
+                progress: bool = False) -> float:
+    """Share of greedy answers equal to the trained completion (:func:`completion_ids`), both decoded with special
+    tokens dropped and surrounding whitespace stripped; whatever the chat template adds to the reply is in the answer
+    and the reference alike. Each answer gets as many new tokens as the longest completion holds, its end-of-turn or
+    EOS token included, where generation stops (one more if it has no special token): a model that writes a completion
+    it was trained on has room for all of it, and one that does not stop after it is seen going on.
+
+    Under torchrun each process answers every ``world``-th prompt and the hits are summed over the processes."""
+    import torch
+    from tqdm.auto import tqdm
+
+    rank, world = _launch()
+    references = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
+    special = set(tokenizer.all_special_ids)
+    longest = max(len(ids) + all(t not in special for t in ids) for ids in completions)  # the same on every process
+    total = len(prompts)
+    prompts, references = prompts[rank::world], references[rank::world]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(p for p in model.parameters()).device
+
+    def work() -> list[float]:
+        hits = 0
+        bars = tqdm(range(0, len(prompts), batch_size), desc="exact match", disable=not progress or rank > 0, leave=False)
+        for start in bars:
+            batch = prompts[start : start + batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
+                                     pad_token_id=pad)
+            answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+            hits += sum(a.strip() == r for a, r in zip(answers, references[start : start + batch_size]))
+        return [float(hits)]
+
+    was_training = model.training
+    model.eval()
+    try:
+        (hits,) = _summed([0.0], work, device, "exact match")
+    finally:
+        model.train(was_training)
+    return int(hits) / total
