@@ -1118,6 +1118,33 @@ def test_a_run_cut_off_after_a_checkpoint_resumes_to_the_same_adapter(chat_model
     assert resumed.val_loss_after == whole.val_loss_after
 
 
+def test_eval_steps_logs_a_validation_loss_curve_that_survives_a_resume(chat_model, varied_jsonl, tmp_path, monkeypatch):
+    """--eval-steps 2 over 6 steps: the validation loss after steps 2, 4 and 6, in sft_result.json, the summary and
+    TensorBoard; the last point is the loss scored after training (the same model, batches and eval mode). A run cut
+    off after step 3 and resumed from checkpoint-2 reports the same curve: the earlier points come from the
+    checkpoint's log history, the later ones from the same adapter states (bit-identical resumption)."""
+    pytest.importorskip("tensorboardX")
+    common = dict(max_steps=6, eval_steps=2, save_steps=2, eval_batch_size=3)
+    whole, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "whole", report_to="tensorboard", **common))
+    curve = whole.val_loss_curve
+    assert [step for step, _ in curve] == [2, 4, 6] and curve[-1][1] == whole.val_loss_after
+    assert len({loss for _, loss in curve}) == 3 and curve[0][1] != whole.val_loss_before
+    assert json.loads((tmp_path / "whole" / "sft_result.json").read_text())["val_loss_curve"] == curve
+    lowest = min(curve, key=lambda point: point[1])
+    assert f", lowest {lowest[1]:.4f} at step {lowest[0]}" in whole.summary()
+    logged = tensorboard_scalars(tmp_path / "whole-logs")["eval/loss"]
+    assert [step for step, _ in logged] == [2, 4, 6]
+    assert [v for _, v in logged] == pytest.approx([loss for _, loss in curve], rel=1e-6)  # float32 in the event file
+
+    cut_off_at(3, monkeypatch)
+    with pytest.raises(_Preempted):
+        train_sft(options(chat_model, varied_jsonl, tmp_path / "out", **common))
+    monkeypatch.undo()
+    resumed, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "out", resume=True, **common))
+    assert resumed.resumed_from.endswith("checkpoint-2") and resumed.val_loss_curve == curve
+    assert "lowest" not in replace(whole, val_loss_curve=None).summary()
+
+
 def test_a_save_steps_given_with_resume_replaces_the_stored_one(chat_model, pc_jsonl, tmp_path, monkeypatch):
     out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
     cut_off_at(3, monkeypatch)

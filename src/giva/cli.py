@@ -177,7 +177,8 @@ def _sft(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, device=args.device, bf16=args.bf16, fp16=args.fp16,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, gradient_checkpointing=args.gradient_checkpointing,
         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, eval_batch_size=args.eval_batch_size, max_length=args.max_length,
+        micro_batch_size=args.micro_batch_size, eval_steps=args.eval_steps, eval_batch_size=args.eval_batch_size,
+        max_length=args.max_length,
         packing=args.packing, attn_implementation=args.attn_implementation,
         val_size=args.val_size, max_train_samples=args.max_train_samples, r=args.r,
         target_modules=_target_modules(args.target_modules, "sft"), init_mode=args.init_mode, num_batches=args.num_batches,
@@ -436,6 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--micro-batch-size", type=_positive_int, default=None,
                     help="rows per forward on each process; the rest of --batch-size is gradient accumulation "
                          "(default: --batch-size / processes)")
+    sf.add_argument("--eval-steps", type=_positive_int, default=None, metavar="N",
+                    help="also the validation loss every N optimizer steps (logged as eval_loss, and to --report-to; "
+                         "sft_result.json's val_loss_curve)")
     sf.add_argument("--eval-batch-size", type=_positive_int, default=None,
                     help="validation rows per forward on each process (speed and memory only: the validation loss is "
                          "per token over the whole split; exact match generates 4x as many at once) "

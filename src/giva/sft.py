@@ -49,7 +49,7 @@ MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no large
 # flag changes what is trained.
 # (--data may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
 RESUMABLE_CHANGES = frozenset({"device", "attn_implementation", "gradient_checkpointing", "micro_batch_size",
-                               "eval_batch_size", "report_to", "logging_steps", "logging_dir",
+                               "eval_steps", "eval_batch_size", "report_to", "logging_steps", "logging_dir",
                                "output_dir", "export_lora", "overwrite", "progress", "save_steps", "checkpoint_dir",
                                "resume", "data"})
 
@@ -82,6 +82,7 @@ class SFTOptions:
     lr: float = 1e-2  # the GiVA paper's learning rate for its LLM runs (GIVA_SPEC.md section 5)
     batch_size: int = 8  # rows per optimizer step, over all processes of a torchrun launch
     micro_batch_size: Optional[int] = field(default=None, metadata={"help": "rows per forward on each process"})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "the validation loss every N optimizer steps"})
     eval_batch_size: Optional[int] = field(default=None, metadata={"help": "validation rows per forward on each process; "
                                                                          "None: the micro-batch size"})
     max_length: int = 256
@@ -130,7 +131,7 @@ class SFTOptions:
                              f"{self.report_to!r}")
         if self.report_to == ["none"]:
             self.report_to = []
-        for name in ("max_steps", "max_train_samples", "micro_batch_size", "eval_batch_size", "save_steps",
+        for name in ("max_steps", "max_train_samples", "micro_batch_size", "eval_steps", "eval_batch_size", "save_steps",
                      "logging_steps"):
             if getattr(self, name) is not None:
                 _whole(name, getattr(self, name), 1)
@@ -227,6 +228,14 @@ class SFTResult:
     resumed_from: Optional[str] = None
     loss_tokens: str = "completion tokens only"  # the tokens the losses cover: "every token" for 'text' rows
     packed_sequences: Optional[int] = None  # with --packing: the sequences of --max-length tokens the rows went into
+    # with --eval-steps: [step, validation loss] every N steps, those before a --resume included (the Trainer's log)
+    val_loss_curve: Optional[list[list[float]]] = None
+
+    def _lowest(self) -> str:
+        if not self.val_loss_curve:
+            return ""
+        step, loss = min(self.val_loss_curve, key=lambda point: point[1])
+        return f", lowest {loss:.4f} at step {int(step)}"
 
     def summary(self) -> str:
         em = ("" if self.exact_match_before is None else
@@ -237,7 +246,8 @@ class SFTResult:
             f"data               {self.data}: {self.train_rows} training rows"
             f"{'' if self.packed_sequences is None else f' (packed into {self.packed_sequences} sequences)'}, "
             f"{self.validation_rows} validation rows\n"
-            f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} ({self.loss_tokens}){em}\n"
+            f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} ({self.loss_tokens})"
+            f"{self._lowest()}{em}\n"
             f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
             f"steps              {self.steps} "
             f"({'no step left to train' if self.train_loss is None else f'mean training loss {self.train_loss:.4f}'})"
@@ -743,7 +753,28 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     trainer.remove_callback(PrinterCallback)  # without a progress bar it prints every log dict to stdout
     trainer.add_callback(_save_cadence())
     trainer.add_callback(_divergence(options))
+    if options.eval_steps is not None:
+        trainer.add_callback(_periodic_validation(trainer, options.eval_steps))
     return trainer
+
+
+def _periodic_validation(trainer: Any, every: int) -> Any:
+    """A callback: the validation loss (:func:`giva.sft_eval.validation_loss`) after every ``every``-th optimizer step,
+    logged as ``eval_loss`` through the Trainer (its log history, which a checkpoint keeps, and the ``--report-to``
+    integrations, as ``eval/loss``). Every process of a launch reaches it at the same step."""
+    from transformers import TrainerCallback
+
+    class PeriodicValidation(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step % every == 0:
+                trainer.log({"eval_loss": validation_loss(trainer, args.per_device_eval_batch_size)})
+
+    return PeriodicValidation()
+
+
+def loss_curve(trainer: Any) -> list[list[float]]:
+    """[step, validation loss] of every periodic validation in the Trainer's log history (a resumed run's too)."""
+    return [[entry["step"], entry["eval_loss"]] for entry in trainer.state.log_history if "eval_loss" in entry]
 
 
 def _save_cadence() -> Any:
@@ -912,6 +943,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         resumed_from=resume_from,
         loss_tokens="every token" if row_format(data.train[0]) == "text" else "completion tokens only",
         packed_sequences=len(trainer.train_dataset) if options.packing else None,
+        val_loss_curve=loss_curve(trainer) if options.eval_steps is not None else None,
     )
 
     from .checkpoint import atomic_file, json_text
