@@ -1274,7 +1274,7 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     flags = ("--batch-size", "8", "--micro-batch-size", "2", "--num-batches", "2")
     single, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "single", batch_size=8, num_batches=2))
     records = run_torchrun("sft_cli.py", tmp_path / "launch", args=cli(chat_model, varied_jsonl, tmp_path / "two",
-                                                                        *flags, "--json")).json()
+                                                                        *flags, "--eval-steps", "2", "--json")).json()
     assert [r["code"] for r in records] == [0, 0] and [r["group_left_open"] for r in records] == [False, False]
     assert [len(r["saves"]) for r in records] == [1, 0]
     assert records[1]["stdout"] == "" and "\nadapter " not in records[1]["stderr"]
@@ -1288,6 +1288,9 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     assert [r["exact_match"] for r in records] == [records[0]["expected"]] * 2 == [4 / 7] * 2
     # validation rows split over the two processes, 2 per forward, against 8 in one: the same loss per token
     assert result["val_loss_before"] == pytest.approx(single.val_loss_before, rel=1e-6)
+    # --eval-steps: both processes score their halves at steps 2 and 4 (a collective each time); the last is the after
+    assert [step for step, _ in result["val_loss_curve"]] == [2, 4]
+    assert result["val_loss_curve"][-1][1] == result["val_loss_after"]
     assert records[0]["raised"] == "OSError: No space left on device"
     assert records[1]["raised"] == ("RuntimeError: the first process of the launch failed to write the results: "
                                     "OSError: No space left on device")
