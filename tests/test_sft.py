@@ -413,10 +413,49 @@ def test_every_sft_option_is_a_flag_that_reaches_the_run(chat_model, pc_jsonl, t
     monkeypatch.setattr(giva.sft, "run_sft", run_sft)
     with pytest.raises(Seen):
         main(cli(chat_model, pc_jsonl, tmp_path / "out", "--packing", "--max-length", "64", "--gradient-checkpointing",
-                 "--attn-implementation", "eager"))
+                 "--attn-implementation", "eager", "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--weight-decay",
+                 "0.01", "--max-grad-norm", "0.5", "--dropout", "0.05", "--eval-steps", "3", "--eval-batch-size", "5",
+                 "--report-to", "tensorboard", "--logging-steps", "2", "--logging-dir", str(tmp_path / "tb")))
     given = seen[0]
     assert (given.packing, given.max_length, given.gradient_checkpointing, given.attn_implementation, given.progress) == (
         True, 64, True, "eager", False)
+    assert (given.lr_scheduler, given.warmup_ratio, given.weight_decay, given.max_grad_norm, given.dropout) == (
+        "cosine", 0.1, 0.01, 0.5, 0.05)
+    assert (given.eval_steps, given.eval_batch_size, given.report_to, given.logging_steps, given.logging_dir) == (
+        3, 5, ["tensorboard"], 2, str(tmp_path / "tb"))
+
+
+def test_the_training_recipe_flags_reach_the_trainer_and_the_adapter(chat_model, pc_jsonl, tmp_path):
+    """--lr-scheduler, --warmup-ratio, --weight-decay, --max-grad-norm and --dropout: in the Trainer's arguments and
+    the GiVA layers, and the learning rate of each of 8 steps is the cosine schedule's with 2 warm-up steps."""
+    from transformers import get_scheduler
+
+    pytest.importorskip("tensorboardX")
+    recipe = dict(lr_scheduler="cosine", warmup_ratio=0.25, weight_decay=0.01, max_grad_norm=0.5, dropout=0.05,
+                  max_steps=8)
+    opts = options(chat_model, pc_jsonl, tmp_path / "out", **recipe)
+    device, path, tokenizer, data = preflight(opts)
+    trainer = make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
+    args = trainer.args
+    assert (getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type), args.warmup_steps, args.weight_decay,
+            args.max_grad_norm) == ("cosine", 2, 0.01, 0.5)
+    dropouts = [m.giva_dropout["default"].p for m in trainer.model.modules() if hasattr(m, "giva_dropout")]
+    assert dropouts and set(dropouts) == {0.05}
+    train_sft(options(chat_model, pc_jsonl, tmp_path / "run", report_to="tensorboard", logging_steps=1, **recipe))
+    logged = tensorboard_scalars(tmp_path / "run-logs")["train/learning_rate"]
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=opts.lr)
+    schedule = get_scheduler("cosine", optimizer, num_warmup_steps=2, num_training_steps=8)
+    expected = []
+    for _ in range(8):  # the rate each step trained with (the Trainer logs it before the schedule moves on)
+        expected.append(schedule.get_last_lr()[0])
+        optimizer.step()
+        schedule.step()
+    assert [step for step, _ in logged] == list(range(1, 9))
+    assert [lr for _, lr in logged] == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"^SFTOptions.warmup_ratio must be a number in \[0, 1\), got 1.0$"):
+        SFTOptions(warmup_ratio=1.0)
+    with pytest.raises(ValueError, match=r"^SFTOptions.lr_scheduler must be one of \('linear', 'cosine'"):
+        SFTOptions(lr_scheduler="polynomial")
 
 
 def test_json_is_all_a_fresh_process_prints_on_stdout(chat_model, pc_jsonl, tmp_path):
@@ -518,6 +557,13 @@ def one_error_line(capsys) -> str:
         (["--micro-batch-size", "0"], "argument --micro-batch-size: must be >= 1"),
         (["--save-steps", "0"], "argument --save-steps: must be >= 1"),
         (["--checkpoint-dir", "ck"], "--checkpoint-dir 'ck' is used with --save-steps N or --resume; give one"),
+        (["--warmup-ratio", "1"], "argument --warmup-ratio: must be in [0, 1), got '1'"),
+        (["--dropout", "-0.1"], "argument --dropout: must be in [0, 1), got '-0.1'"),
+        (["--weight-decay", "nan"], "argument --weight-decay: must be a finite number, got 'nan'"),
+        (["--max-grad-norm", "-1"], "argument --max-grad-norm: must be >= 0, got '-1'"),
+        (["--lr-scheduler", "step"], "argument --lr-scheduler: invalid choice: 'step'"),
+        (["--eval-steps", "0"], "argument --eval-steps: must be >= 1"),
+        (["--eval-batch-size", "0"], "argument --eval-batch-size: must be >= 1"),
     ],
 )
 def test_bad_options_get_one_line_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading,
@@ -1202,6 +1248,13 @@ def test_resume_compares_what_changes_training_and_nothing_else(chat_model, tmp_
     assert check_checkpoints(given, data)[1] == checkpoint
     with pytest.raises(ValueError, match=r"--init-mode 'auto' -> 'exact'"):
         check_checkpoints(replace(given, init_mode="exact"), data)
+    # what only scores, logs or reports may change; the training recipe may not
+    watched = replace(given, eval_steps=3, eval_batch_size=5, logging_steps=7, report_to="all", logging_dir="tb")
+    assert check_checkpoints(watched, data)[1] == checkpoint
+    with pytest.raises(ValueError, match=r"--lr-scheduler 'linear' -> 'cosine'; --warmup-ratio 0.06 -> 0.1; "
+                                         r"--weight-decay 0.0 -> 0.01; --max-grad-norm 1.0 -> 0.5; --dropout 0.0 -> 0.05; resume"):
+        check_checkpoints(replace(given, lr_scheduler="cosine", warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.5,
+                                  dropout=0.05), data)
     (folder / "giva_sft_options.json").unlink()
     with pytest.raises(FileNotFoundError, match="holds checkpoints but no giva_sft_options.json"):
         check_checkpoints(given, data)

@@ -58,6 +58,13 @@ def _positive_float(value: str) -> float:
     return number
 
 
+def _non_negative_float(value: str) -> float:
+    number = _number(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value!r}")
+    return number
+
+
 def _unit_interval(value: str) -> float:
     number = _number(value)
     if not 0 <= number < 1:
@@ -176,7 +183,9 @@ def _sft(args: argparse.Namespace) -> int:
     options = SFTOptions(
         model=args.model, data=args.data, device=args.device, bf16=args.bf16, fp16=args.fp16,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, gradient_checkpointing=args.gradient_checkpointing,
-        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, lr_scheduler=args.lr_scheduler,
+        warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+        dropout=args.dropout, batch_size=args.batch_size,
         micro_batch_size=args.micro_batch_size, eval_steps=args.eval_steps, eval_batch_size=args.eval_batch_size,
         max_length=args.max_length,
         packing=args.packing, attn_implementation=args.attn_implementation,
@@ -431,7 +440,15 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     sf.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
     sf.add_argument("--epochs", type=_positive_float, default=1.0, help="may be fractional")
-    sf.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate (linear warmup 6%%, linear decay)")
+    sf.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate")
+    sf.add_argument("--lr-scheduler", default="linear", choices=["linear", "cosine", "constant_with_warmup"],
+                    help="the learning rate after the linear warm-up")
+    sf.add_argument("--warmup-ratio", type=_unit_interval, default=0.06,
+                    help="share of the optimizer steps that warm the learning rate up, in [0, 1)")
+    sf.add_argument("--weight-decay", type=_non_negative_float, default=0.0, help="AdamW's weight decay")
+    sf.add_argument("--max-grad-norm", type=_non_negative_float, default=1.0, help="gradient clipping; 0: none")
+    sf.add_argument("--dropout", type=_unit_interval, default=0.0,
+                    help="GiVA's dropout on the adapter's input, in [0, 1) (the paper's LLM runs: 0.05)")
     sf.add_argument("--batch-size", type=_positive_int, default=8,
                     help="rows per optimizer step (over all processes under torchrun)")
     sf.add_argument("--micro-batch-size", type=_positive_int, default=None,

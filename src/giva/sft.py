@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 INIT_MODES = ("auto", "sketch", "exact")
+LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")  # transformers' names; after the warm-up
 # transformers' attention implementations giva sft offers, and the package each flash kernel needs (CUDA only)
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3")
 FLASH_PACKAGES = {"flash_attention_2": ("flash_attn", "flash-attn"), "flash_attention_3": ("flash_attn_interface",
@@ -80,6 +81,11 @@ class SFTOptions:
     max_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps; overrides epochs"})
     epochs: float = 1.0
     lr: float = 1e-2  # the GiVA paper's learning rate for its LLM runs (GIVA_SPEC.md section 5)
+    lr_scheduler: str = field(default="linear", metadata={"help": "the LR schedule after the warm-up"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "share of the optimizer steps that warm the LR up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW's weight decay (on the vectors too)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm; 0: no clipping"})
+    dropout: float = field(default=0.0, metadata={"help": "GiVA's dropout on the adapter's input (the paper's LLM runs: 0.05)"})
     batch_size: int = 8  # rows per optimizer step, over all processes of a torchrun launch
     micro_batch_size: Optional[int] = field(default=None, metadata={"help": "rows per forward on each process"})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "the validation loss every N optimizer steps"})
@@ -137,6 +143,13 @@ class SFTOptions:
                 _whole(name, getattr(self, name), 1)
         _finite("epochs", self.epochs, 0)
         _finite("lr", self.lr, 0)
+        for name in ("weight_decay", "max_grad_norm", "warmup_ratio", "dropout"):
+            _finite(name, getattr(self, name), 0, inclusive=True)
+        for name in ("warmup_ratio", "dropout"):
+            if getattr(self, name) >= 1:
+                raise ValueError(f"SFTOptions.{name} must be a number in [0, 1), got {getattr(self, name)!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"SFTOptions.lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
         is_fraction = isinstance(self.val_size, float) and 0 < self.val_size < 1
         if not is_fraction:
             _whole("val_size", self.val_size, 1)
@@ -628,7 +641,9 @@ def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
         max_steps=options.max_steps or -1,
         num_train_epochs=options.epochs,
         learning_rate=options.lr,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=options.lr_scheduler,
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
         per_device_eval_batch_size=options.eval_batch_size or micro,  # rows: validation is never packed
@@ -657,10 +672,10 @@ def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
 
 
 def schedule(options: SFTOptions, train_rows: int) -> dict[str, int]:
-    """The warm-up (6 % of the optimizer steps) and logging cadence (``--logging-steps``, else 20 logs) of a run over ``train_rows`` rows of the
+    """The warm-up (``--warmup-ratio`` of the optimizer steps, rounded down) and logging cadence (``--logging-steps``, else 20 logs) of a run over ``train_rows`` rows of the
     Trainer's loader: the rows TRL kept, or with ``--packing`` the packed sequences."""
     steps = options.max_steps or math.ceil(math.ceil(train_rows / options.batch_size) * options.epochs)
-    return {"warmup_steps": int(0.06 * steps), "logging_steps": options.logging_steps or max(1, steps // 20)}
+    return {"warmup_steps": int(options.warmup_ratio * steps), "logging_steps": options.logging_steps or max(1, steps // 20)}
 
 
 def trained_rows(dataset: Any) -> int:
@@ -719,7 +734,8 @@ def giva_config_of(options: SFTOptions) -> Any:
     """The adapter's :class:`giva.GivaConfig` for these options."""
     from .config import GivaConfig
 
-    return GivaConfig(r=options.r, target_modules=options.target_modules, seed=options.seed, task_type="CAUSAL_LM")
+    return GivaConfig(r=options.r, target_modules=options.target_modules, seed=options.seed, task_type="CAUSAL_LM",
+                      giva_dropout=options.dropout)
 
 
 def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData, scratch: str) -> Any:
