@@ -740,6 +740,51 @@ def test_bad_data_gets_one_line_naming_file_and_line(chat_model, tmp_path, capsy
     assert message in one_error_line(capsys)
 
 
+def test_a_dataset_folder_and_its_split_give_the_rows_of_the_same_jsonl(chat_model, pc_jsonl, messages_jsonl, tmp_path,
+                                                                         capsys, no_model_loading):
+    """--data a folder that `datasets` wrote (save_to_disk: a DatasetDict or one Dataset) or laid out as the hub does
+    (data/<split>-00000-of-00001.parquet), --data-split naming the split: the same training and validation rows as
+    the JSONL file they came from. A split the folder lacks, a folder without data, and --data-split with a JSONL file
+    are one line before the model loads."""
+    from datasets import Dataset, DatasetDict
+
+    from giva.sft_data import load_sft_data
+
+    for jsonl in (pc_jsonl, messages_jsonl):
+        rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+        expected = load_sft_data(str(jsonl), 8, 0)
+        saved_dict, saved_one, hub = (tmp_path / jsonl.stem / name for name in ("dict", "one", "hub"))
+        DatasetDict({"train_sft": Dataset.from_list(rows), "test_sft": Dataset.from_list(rows[:3])}).save_to_disk(str(saved_dict))
+        Dataset.from_list(rows).save_to_disk(str(saved_one))
+        (hub / "data").mkdir(parents=True)
+        Dataset.from_list(rows).to_parquet(str(hub / "data" / "train_sft-00000-of-00001.parquet"))
+        Dataset.from_list(rows[:3]).to_parquet(str(hub / "data" / "test_sft-00000-of-00001.parquet"))
+        for folder, split in ((saved_dict, "train_sft"), (saved_one, "train"), (hub, "train_sft")):
+            data = load_sft_data(str(folder), 8, 0, split=split)
+            assert (data.train, data.validation, data.labels) == (expected.train, expected.validation, expected.labels)
+            assert data.train_where[0].startswith(f"dataset folder {str(folder)!r} row ")
+        assert len(load_sft_data(str(hub), 1, 0, split="test_sft").train) == 2
+    out = tmp_path / "out"
+    capsys.readouterr()  # datasets' bars above
+    assert main(cli(chat_model, saved_dict, out)) == 2  # the default split, 'train', is not there
+    assert one_error_line(capsys) == (f"giva sft: error: dataset folder {str(saved_dict)!r} has no split 'train'; it has "
+                                      "['test_sft', 'train_sft']: give --data-split")
+    assert main(cli(chat_model, hub, out, "--data-split", "validation")) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"giva sft: error: dataset folder {str(hub)!r} (--data-split 'validation', --data-config None): ")
+    assert "validation" in line.split("): ", 1)[1]  # datasets' own words on the unknown split
+    (tmp_path / "empty").mkdir()
+    assert main(cli(chat_model, tmp_path / "empty", out)) == 2
+    assert one_error_line(capsys).startswith(f"giva sft: error: dataset folder {str(tmp_path / 'empty')!r} (--data-split")
+    assert main(cli(chat_model, pc_jsonl, out, "--data-split", "test")) == 2
+    assert one_error_line(capsys) == (f"giva sft: error: --data-split 'test' is for a datasets name or a dataset folder; "
+                                      f"--data {str(pc_jsonl)!r} is a file")
+    assert main(cli(chat_model, "pang-lee", out, "--data-config", "plain")) == 2
+    assert one_error_line(capsys) == ("giva sft: error: --data-config 'plain' is for a datasets name or a dataset folder; "
+                                      "--data 'pang-lee' is a bundled set")
+    assert not out.exists()
+
+
 def test_chat_rows_need_a_tokenizer_with_a_chat_template(plain_model, messages_jsonl, tmp_path, capsys, no_model_loading):
     """TRL refused them only after the model loaded, naming neither the file nor the flag."""
     assert main(cli(plain_model, messages_jsonl, tmp_path / "out")) == 2

@@ -181,7 +181,7 @@ def _sft(args: argparse.Namespace) -> int:
     from .sft import SFTOptions, launch, run_sft
 
     options = SFTOptions(
-        model=args.model, data=args.data, device=args.device, bf16=args.bf16, fp16=args.fp16,
+        model=args.model, data=args.data, data_split=args.data_split, data_config=args.data_config, device=args.device, bf16=args.bf16, fp16=args.fp16,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, gradient_checkpointing=args.gradient_checkpointing,
         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, lr_scheduler=args.lr_scheduler,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
@@ -429,7 +429,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "SmolLM2 on Pang & Lee as questions)", formatter_class=_DefaultsFormatter)
     sf.add_argument("--model", default="smollm2", help="alias 'smollm2' (offline SmolLM2-135M-Instruct), a local folder or a hub id")
     sf.add_argument("--data", default="pang-lee", help="'pang-lee' or 'conll2010-uncertainty' (bundled corpora as one-word "
-                    "questions), a JSONL file of prompt/completion, messages or text rows, or a datasets name")
+                    "questions), a JSONL file of prompt/completion, messages or text rows, a dataset folder "
+                    "(save_to_disk, or data files) or a datasets name")
+    sf.add_argument("--data-split", default="train", metavar="SPLIT",
+                    help="the split of a dataset folder or datasets name that --val-size splits again")
+    sf.add_argument("--data-config", default=None, metavar="NAME", help="the configuration of a datasets name")
     sf.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="auto: cuda, else mps, else cpu")
     precision = sf.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true", help="bf16 weights and autocast (CPU too; slower there on most CPUs)")

@@ -48,11 +48,11 @@ MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no large
 # Flags a resumed run may change: where things go, how it reports and logs, the checkpoint cadence, the device, the attention
 # kernel, the split of a batch into micro-batches (same rows per optimizer step) and the validation batch. Every other
 # flag changes what is trained.
-# (--data may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
+# (--data, --data-split and --data-config may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
 RESUMABLE_CHANGES = frozenset({"device", "attn_implementation", "gradient_checkpointing", "micro_batch_size",
                                "eval_steps", "eval_batch_size", "report_to", "logging_steps", "logging_dir",
                                "output_dir", "export_lora", "overwrite", "progress", "save_steps", "checkpoint_dir",
-                               "resume", "data"})
+                               "resume", "data", "data_split", "data_config"})
 
 
 def _finite(name: str, value: Any, minimum: float, inclusive: bool = False) -> None:
@@ -71,7 +71,10 @@ class SFTOptions:
     """Everything `giva sft` takes; each field is one command-line flag of the same name."""
 
     model: str = field(default="smollm2", metadata={"help": "alias 'smollm2' (offline SmolLM2-135M-Instruct), a folder or a hub id"})
-    data: str = field(default="pang-lee", metadata={"help": "'pang-lee', 'conll2010-uncertainty', a JSONL file or a datasets name"})
+    data: str = field(default="pang-lee", metadata={"help": "'pang-lee', 'conll2010-uncertainty', a JSONL file, a dataset "
+                                                            "folder or a datasets name"})
+    data_split: str = field(default="train", metadata={"help": "the split of a datasets name or folder"})
+    data_config: Optional[str] = field(default=None, metadata={"help": "the configuration of a datasets name"})
     device: str = field(default="auto", metadata={"help": "auto: cuda, else mps, else cpu"})
     bf16: bool = field(default=False, metadata={"help": "bf16 weights and autocast (also on CPU, where torch supports it)"})
     fp16: bool = field(default=False, metadata={"help": "fp16 autocast with loss scaling (GPU only); weights stay fp32"})
@@ -153,6 +156,10 @@ class SFTOptions:
         is_fraction = isinstance(self.val_size, float) and 0 < self.val_size < 1
         if not is_fraction:
             _whole("val_size", self.val_size, 1)
+        if not isinstance(self.data_split, str) or not self.data_split:
+            raise ValueError(f"SFTOptions.data_split must be a split name, got {self.data_split!r}")
+        if self.data_config is not None and (not isinstance(self.data_config, str) or not self.data_config):
+            raise ValueError(f"SFTOptions.data_config must be None or a configuration name, got {self.data_config!r}")
         if self.device not in DEVICES:
             raise ValueError(f"SFTOptions.device must be one of {DEVICES}, got {self.device!r}")
         if self.attn_implementation is not None and self.attn_implementation not in ATTENTION:
@@ -542,7 +549,8 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     tokenizer = AutoTokenizer.from_pretrained(path)
     check_max_length(options.max_length, path, tokenizer)  # beyond GPT-2's learned positions: an IndexError in training
     chat = getattr(tokenizer, "chat_template", None) is not None
-    data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat)
+    data = load_sft_data(options.data, options.val_size, options.seed, options.max_train_samples, chat=chat,
+                         split=options.data_split, config=options.data_config)
     check_num_batches(options, len(data.train), launch()[1])
     if not chat and row_format(data.train[0]) == "chat":  # one format per file: the first row says which
         raise DataError(f"--data {options.data!r} has chat rows but the tokenizer of --model {options.model!r} has no "
@@ -841,9 +849,10 @@ def _divergence(options: SFTOptions) -> Any:
 
 def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
     """:func:`run_sft`, also returning the trained PEFT model and the tokenizer."""
-    device, path, tokenizer, data = preflight(options)
-    options, resume_from = check_checkpoints(options, data)
-    with quiet_transformers(not options.progress), _accelerate_precision_kept():
+    check_packages()  # before quiet_transformers imports datasets: a missing package is one line naming the extra
+    with quiet_transformers(not options.progress), _accelerate_precision_kept():  # datasets' bars in reading --data too
+        device, path, tokenizer, data = preflight(options)
+        options, resume_from = check_checkpoints(options, data)
         return _train(options, device, path, tokenizer, data, resume_from)
 
 

@@ -156,27 +156,58 @@ def read_file(path: Path) -> list[Record]:
     return parse_rows(_read_json_rows(path, _decode(path), ROW_FIELDS), str(path))
 
 
-def read_hub(name: str) -> list[Record]:
-    """The ``train`` split of a `datasets` hub dataset with prompt/completion or messages columns."""
-    datasets = _hub_datasets_module(name)
-    ds = datasets.load_dataset(name, split="train")
+def read_dataset(name: str, split: str = "train", config: Optional[str] = None, folder: Optional[Path] = None
+                 ) -> list[Record]:
+    """The ``split`` of a `datasets` dataset with prompt/completion, messages or text columns: a hub name (with its
+    ``config``), or a local ``folder``: one written by ``save_to_disk`` (a DatasetDict's split, or the one Dataset),
+    or a folder of data files (parquet, JSON Lines, CSV, arrow) that ``load_dataset`` reads, its splits named by the
+    files (``data/train_sft-00000-of-00001.parquet``, as the hub lays them out)."""
+    if folder is None:
+        datasets = _hub_datasets_module(name)
+    else:
+        import datasets
+    where = f"dataset folder {name!r}" if folder is not None else f"dataset {name!r}"
+    try:
+        if folder is not None and (folder / "dataset_dict.json").is_file():
+            saved = datasets.load_from_disk(str(folder))
+            if split not in saved:
+                raise DataError(f"{where} has no split {split!r}; it has {sorted(saved)}: give --data-split")
+            ds = saved[split]
+        elif folder is not None and (folder / "state.json").is_file():
+            ds = datasets.load_from_disk(str(folder))  # one Dataset: it is the split
+        else:
+            ds = datasets.load_dataset(str(folder) if folder is not None else name, config, split=split)
+    except DataError:
+        raise
+    except (ValueError, FileNotFoundError) as err:  # an unknown split or config, a folder without data files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{where} (--data-split {split!r}, --data-config {config!r}): {first}") from None
     if "messages" not in ds.column_names and "text" not in ds.column_names and not {"prompt", "completion"} <= set(ds.column_names):
-        raise DataError(f"dataset {name!r}: needs 'prompt' and 'completion' columns, 'messages' or 'text'; it has "
+        raise DataError(f"{where}: needs 'prompt' and 'completion' columns, 'messages' or 'text'; it has "
                         f"{sorted(ds.column_names)}")
-    return parse_rows(((f"dataset {name!r} row {i}", dict(record)) for i, record in enumerate(ds)), name)
+    return parse_rows(((f"{where} row {i}", dict(record)) for i, record in enumerate(ds)), name)
 
 
-def read_rows(source: str) -> list[Record]:
-    """A bundled corpus name, a local JSONL path, or a `datasets` hub name, in that order: each record's rows, each
-    row with its place."""
+def read_rows(source: str, split: str = "train", config: Optional[str] = None) -> list[Record]:
+    """A bundled corpus name, a local JSONL path or dataset folder, or a `datasets` hub name, in that order: each
+    record's rows, each row with its place. ``split`` and ``config`` are the dataset's (a JSONL file or a bundled
+    corpus has neither: a split or config other than the defaults is refused for them)."""
+    path = Path(os.path.expanduser(source))
+    dataset = source not in INSTRUCTIONS and (path.is_dir() or not (
+        path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source) or source in BUNDLED))
+    if not dataset and (split != "train" or config is not None):
+        flag = f"--data-split {split!r}" if split != "train" else f"--data-config {config!r}"
+        raise DataError(f"{flag} is for a datasets name or a dataset folder; --data {source!r} is "
+                        f"{'a bundled set' if source in INSTRUCTIONS or source in BUNDLED else 'a file'}")
     if source in INSTRUCTIONS:
         return [[row] for row in bundled_rows(source)]
-    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        return read_dataset(source, split, config, folder=path)
     if path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source):
         return read_file(path)
     if source in BUNDLED:
         raise DataError(f"corpus {source!r} has no instruction form; `giva sft` offers {list(INSTRUCTIONS)}")
-    return read_hub(source)
+    return read_dataset(source, split, config)
 
 
 def label_set(rows: list[Row]) -> Optional[list[str]]:
@@ -215,12 +246,13 @@ def split_rows(rows: list[T], val_size: int | float, seed: int, max_train_sample
 
 
 def load_sft_data(
-    source: str, val_size: int | float, seed: int, max_train_samples: Optional[int] = None, chat: bool = False
+    source: str, val_size: int | float, seed: int, max_train_samples: Optional[int] = None, chat: bool = False,
+    split: str = "train", config: Optional[str] = None,
 ) -> SFTData:
-    """Read, check and split ``source``; ``chat`` turns plain-text rows into chat turns. The records (a conversation
-    with all its assistant turns is one) are split, and ``max_train_samples`` counts them, so that no conversation
-    has turns on both sides."""
-    records = read_rows(source)
+    """Read, check and split ``source`` (a dataset's ``split`` and ``config``); ``chat`` turns plain-text rows into
+    chat turns. The records (a conversation with all its assistant turns is one) are split, and ``max_train_samples``
+    counts them, so that no conversation has turns on both sides."""
+    records = read_rows(source, split, config)
     labels = label_set([row for rows in records for _, row in rows])
     if chat:
         records = [[(where, as_chat(row)) for where, row in rows] for rows in records]
