@@ -385,6 +385,41 @@ def test_export_lora_cli_carries_tokenizer_labels_and_a_loading_snippet(saved_cl
     assert torch.allclose(_logits(lora, ids), _logits(model, ids), atol=1e-5)
 
 
+def test_giva_merge_of_a_classifier_keeps_its_head_and_class_names(saved_classifier, monkeypatch, capsys):
+    """The merged classifier is a plain BERT classifier: the trained head (modules_to_save), the class names of
+    labels.json in its config, the adapter's tokenizer files, and the GiVA model's logits (1e-5). A broken adapter
+    (a NaN vector) is one line before the base model loads, and nothing is written."""
+    from transformers import AutoModelForSequenceClassification
+
+    from giva.merge import merge_dir
+
+    model, root = saved_classifier
+    with torch.no_grad():  # a stronger adapter than the fixture's, so that its outputs differ plainly
+        for name, parameter in model.named_parameters():
+            if "giva_lambda_o" in name:
+                parameter.mul_(100)
+    model.save_pretrained(root / "giva")
+    ids = text_batches(batch=3)[0]["input_ids"]
+    base = AutoModelForSequenceClassification.from_pretrained(root / "base")
+    expected = _logits(PeftModel.from_pretrained(base, str(root / "giva")).eval(), ids)
+    record = merge_dir(root / "giva", root / "merged", base_model=str(root / "base"))
+    assert record["model_class"] == "BertForSequenceClassification" and record["tokenizer"] == "adapter"
+    merged = AutoModelForSequenceClassification.from_pretrained(root / "merged").eval()
+    assert merged.config.id2label == {0: "neg", 1: "pos"} and (root / "merged" / "vocab.txt").is_file()
+    assert not (root / "merged" / "labels.json").exists()
+    torch.testing.assert_close(_logits(merged, ids), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(_logits(tiny_bert(), ids), expected, atol=1e-3)  # the adapter does something
+
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "giva_lambda_o" in n).fill_(float("nan"))
+    model.save_pretrained(root / "giva")
+    capsys.readouterr()
+    assert main(["merge", str(root / "giva"), str(root / "nan"), "--base-model", str(root / "base")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"giva merge: {root / 'giva' / 'adapter_model.safetensors'}: ") and "holds NaN or inf" in line
+    assert not (root / "nan").exists()
+
+
 def test_re_exporting_into_a_lora_folder_drops_the_earlier_exports_labels_and_tokenizer(saved_classifier):
     """A new export replaces an earlier one's side files: a labels.json or tokenizer left from another adapter would
     describe the wrong model. Files no export writes (a user's notes) are kept."""

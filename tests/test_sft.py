@@ -374,6 +374,48 @@ def test_a_diverging_run_stops_and_saves_nothing(chat_model, pc_jsonl, tmp_path,
         assert all(torch.isfinite(t).all() for t in adapter_tensors(checkpoint).values()), checkpoint.name
 
 
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_giva_merge_writes_a_plain_model_that_gives_the_adapters_outputs(chat_model, pc_jsonl, tmp_path, capsys, dtype):
+    """giva sft, then giva merge: a transformers folder with the tokenizer, no adapter files, that AutoModelForCausalLM
+    loads alone and that gives the adapted model's logits (fp32: 1e-5; bf16 weights: bf16's rounding). An earlier
+    merge is replaced only with --overwrite, and wholly (no shard of it left); other folders are refused."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, merged = tmp_path / "out", tmp_path / "merged"
+    train_sft(options(chat_model, pc_jsonl, out, max_steps=2))
+    adapted, _ = load_sft_adapter(str(out))
+    ids = torch.tensor([[3, 5, 7, 9, 11, 4]])
+    with torch.no_grad():
+        expected = adapted(input_ids=ids).logits
+        base = adapted.get_base_model()
+    assert main(["merge", str(out), str(merged), "--dtype", dtype]) == 0
+    assert capsys.readouterr().out.startswith(f"merged model (LlamaForCausalLM, {'float32' if dtype == 'auto' else dtype})")
+    assert not (merged / "adapter_config.json").exists() and (merged / "giva_merge.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype="auto").eval()
+    assert model.dtype == (torch.float32 if dtype == "auto" else torch.bfloat16)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits.float()
+    atol = 1e-5 if dtype == "auto" else 2e-2
+    torch.testing.assert_close(got, expected, rtol=0, atol=atol)
+    del base
+    assert AutoTokenizer.from_pretrained(merged).chat_template == AutoTokenizer.from_pretrained(out).chat_template
+    record = json.loads((merged / "giva_merge.json").read_text())
+    assert (record["adapter"], record["tokenizer"]) == (str(out.absolute()), "adapter")
+
+    (merged / "model-00002-of-00002.safetensors").write_bytes(b"stale")  # as an earlier, sharded merge would leave
+    capsys.readouterr()
+    assert main(["merge", str(out), str(merged)]) == 2
+    assert capsys.readouterr().err.strip() == (f"giva merge: output folder {merged} holds an earlier merge; pass "
+                                               "--overwrite to replace it, or give another folder")
+    assert main(["merge", str(out), str(merged), "--overwrite"]) == 0
+    assert not (merged / "model-00002-of-00002.safetensors").exists()
+    for bad, message in ((out / "inside", "are the same folder or one holds the other"),
+                         (tmp_path, "are the same folder or one holds the other"),
+                         (chat_model, "is not empty and holds no earlier merge (giva_merge.json)")):
+        assert main(["merge", str(out), str(bad)]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_the_json_output_writes_a_non_finite_number_as_null(chat_model, pc_jsonl, tmp_path, capsys, monkeypatch):
     """A non-finite number in the result (a validation loss that overflowed) is null: json.dumps wrote NaN."""
     result = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", max_steps=1))[0]

@@ -246,6 +246,20 @@ def _export_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from .export import ExportError
+    from .merge import merge_dir
+
+    try:
+        record = merge_dir(args.adapter_dir, args.out_dir, base_model=args.base_model, dtype=args.dtype,
+                           overwrite=args.overwrite)
+    except ExportError as err:
+        print(f"giva merge: {err}", file=sys.stderr)
+        return 2
+    print(f"merged model ({record['model_class']}, {record['dtype']}) written to {args.out_dir}")
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench import plan_benchmark, run_benchmark
     from .bench.runner import RunFailedError
@@ -514,6 +528,21 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--base-model", default=None, help="base model folder or alias (default: the adapter config's base_model_name_or_path)")
     ex.add_argument("--rank", type=int, default=None, help="LoRA rank, >= the GiVA rank (default: the largest GiVA rank; smaller layers are zero-padded)")
     ex.set_defaults(func=_export_lora)
+
+    mg = sub.add_parser("merge", help="merge a saved GiVA adapter into its base model: a plain transformers model folder",
+                        formatter_class=_DefaultsFormatter,
+                        description="Loads the base model, merges the adapter in float32 (PEFT's merge_and_unload, "
+                                    "safe_merge) and writes the whole model, with the tokenizer, for servers and "
+                                    "converters that take a full model. To serve several adapters over one base, use "
+                                    "giva export-lora.")
+    mg.add_argument("adapter_dir", help="folder saved by save_pretrained / giva sft / giva finetune")
+    mg.add_argument("out_dir", help="folder to write the merged model into (new, empty, or an earlier merge)")
+    mg.add_argument("--base-model", default=None,
+                    help="base model folder or alias (default: the adapter config's base_model_name_or_path)")
+    mg.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="the merged weights' dtype; auto: the base checkpoint's")
+    mg.add_argument("--overwrite", action="store_true", help="replace an earlier merge in out_dir")
+    mg.set_defaults(func=_merge)
 
     bench = sub.add_parser("bench", help="run a benchmark suite (see benchmarks/)")
     bench.add_argument("--suite", default="quick", help=f"one of: {_bench_suites()}")

@@ -33,6 +33,7 @@ import os
 import shutil
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -686,14 +687,60 @@ def export_lora_dir(
     model defaults to ``base_model_name_or_path`` of the adapter's config; it must be a local folder or one of
     :data:`giva.assets.MODEL_ALIASES`.
     """
-    from transformers import AutoConfig
-
-    from .assets import MODEL_ALIASES, resolve_model
-
     adapter_dir, out = Path(adapter_dir), Path(out_dir)
     config = _read_adapter_config(adapter_dir)
     _check_exportable(config, str(adapter_dir / CONFIG_NAME))
     _check_output(out)
+    plan = plan_base(adapter_dir, config, base_model, rank)
+    peft_model = plan.load()
+    lora_config, state_dict = to_lora(peft_model, rank=rank)
+    state_dict.update(plan.embeddings)
+    lora_config.base_model_name_or_path = config.get("base_model_name_or_path") or plan.base_name
+    side_files = _side_files(adapter_dir)
+    readme = _loading_snippet(
+        out, lora_config, plan.model_class.__name__, plan.labels,
+        tokenizer=any(p.name != "labels.json" for p in side_files), num_labels=plan.head_classes,
+    )
+
+    def extras(tmp: Path) -> None:
+        for source in side_files:
+            shutil.copy2(source, tmp / source.name)
+        (tmp / "README.md").write_text(readme, encoding="utf-8")
+
+    _write_lora(out, lora_config, state_dict, extras, _auto_mapping(lora_config, type(peft_model.get_base_model())))
+    return lora_config
+
+
+@dataclass
+class BasePlan:
+    """What :func:`plan_base` checked of a saved adapter and its base model, before any weight loads."""
+
+    adapter_dir: Path
+    base_name: str  # as given, or the adapter config's base_model_name_or_path
+    path: str  # the base model's folder
+    model_class: Any  # the transformers class the adapter was trained on
+    load_kwargs: dict[str, Any]  # for model_class.from_pretrained: the classes of labels.json, a new head's size
+    labels: Optional[dict[str, Any]]
+    head_classes: Optional[int]  # the saved head's class count where the base checkpoint's config has another
+    embeddings: dict[str, torch.Tensor]  # embedding layers PEFT saved whole in the adapter folder
+
+    def load(self, **kwargs: Any) -> PeftModel:
+        """The base model (``kwargs``: more for ``from_pretrained``, a ``dtype``) with the adapter loaded onto it."""
+        model = self.model_class.from_pretrained(self.path, **self.load_kwargs, **kwargs)
+        return PeftModel.from_pretrained(model, str(self.adapter_dir))
+
+
+def plan_base(adapter_dir: Path, config: dict[str, Any], base_model: Optional[str] = None, rank: Optional[int] = None
+              ) -> BasePlan:
+    """Everything about the base model that can be checked before its weights load (``giva export-lora`` and
+    ``giva merge``): the base model (``base_model``, else the adapter config's ``base_model_name_or_path``: a local
+    folder or one of :data:`giva.assets.MODEL_ALIASES`), built on the ``meta`` device as the class the adapter was
+    trained on; the adapter's weights as loading checks them; ``rank``; that the base model has every adapted layer
+    in the saved shapes; and that ``labels.json`` names the saved classification head's class count."""
+    from transformers import AutoConfig
+
+    from .assets import MODEL_ALIASES, resolve_model
+
     labels = _labels(adapter_dir)
     base_name = base_model or config.get("base_model_name_or_path")
     if not base_name:
@@ -748,21 +795,4 @@ def export_lora_dir(
             extra["ignore_mismatched_sizes"] = True
             head_classes = classes
     del skeleton
-    model = auto.from_pretrained(path, **extra)
-    peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
-    lora_config, state_dict = to_lora(peft_model, rank=rank)
-    state_dict.update(embeddings)
-    lora_config.base_model_name_or_path = config.get("base_model_name_or_path") or base_name
-    side_files = _side_files(adapter_dir)
-    readme = _loading_snippet(
-        out, lora_config, auto.__name__, labels, tokenizer=any(p.name != "labels.json" for p in side_files),
-        num_labels=head_classes,
-    )
-
-    def extras(tmp: Path) -> None:
-        for source in side_files:
-            shutil.copy2(source, tmp / source.name)
-        (tmp / "README.md").write_text(readme, encoding="utf-8")
-
-    _write_lora(out, lora_config, state_dict, extras, _auto_mapping(lora_config, type(model)))
-    return lora_config
+    return BasePlan(adapter_dir, base_name, path, auto, extra, labels, head_classes, embeddings)
