@@ -251,8 +251,9 @@ def _merge(args: argparse.Namespace) -> int:
     from .merge import merge_dir
 
     try:
-        record = merge_dir(args.adapter_dir, args.out_dir, base_model=args.base_model, dtype=args.dtype,
-                           overwrite=args.overwrite)
+        with _library_output_to_stderr():  # stdout: the one line below
+            record = merge_dir(args.adapter_dir, args.out_dir, base_model=args.base_model, dtype=args.dtype,
+                               overwrite=args.overwrite)
     except ExportError as err:
         print(f"giva merge: {err}", file=sys.stderr)
         return 2
