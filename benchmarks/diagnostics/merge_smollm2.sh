@@ -12,7 +12,8 @@ mkdir -p "$WORK"
 FLAGS=(--max-steps 6 --batch-size 4 --val-size 16 --max-train-samples 64 --no-progress --device cpu)
 echo "giva sft ${FLAGS[*]}; giva merge OUT MERGED --dtype float32 (SmolLM2-135M-Instruct, giva $(git rev-parse --short HEAD))"
 "$GIVA" sft "${FLAGS[@]}" --output-dir "$WORK/out" > "$WORK/sft.log" 2>&1
-"$GIVA" merge "$WORK/out" "$WORK/merged" --dtype float32 > "$WORK/merge.log" 2>&1
+/usr/bin/time -f "giva merge: %e s wall, %M KB peak resident memory" -o "$WORK/merge.time" "$GIVA" merge "$WORK/out" "$WORK/merged" --dtype float32 > "$WORK/merge.log" 2>&1
+cat "$WORK/merge.time"
 "$PYTHON" - "$WORK" <<'PY' 2>/dev/null
 import sys
 
