@@ -357,12 +357,15 @@ def test_the_cli_prints_the_summary_and_json(chat_model, messages_jsonl, tmp_pat
     assert main(cli(chat_model, messages_jsonl, tmp_path / "out", "--overwrite")) == 0  # replaces its own adapter
 
 
-def test_a_diverging_run_stops_and_saves_nothing(chat_model, pc_jsonl, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [[], ["--eval-steps", "1"]], ids=["plain", "eval-steps"])
+def test_a_diverging_run_stops_and_saves_nothing(chat_model, pc_jsonl, tmp_path, capsys, extra):
     """--lr 1e30: the Trainer logged each NaN loss as the mean of the earlier ones (logging_nan_inf_filter), so the
     run exited 0 with a finite mean training loss and saved NaN vectors. It stops as giva finetune does, and the
-    checkpoints written before hold finite vectors."""
+    checkpoints written before hold finite vectors. With --eval-steps 1 too: the periodic validation's log call
+    dropped each step's training-loss log, and the run exited 0 with NaN checkpoints."""
     out = tmp_path / "out"
-    assert main(cli(chat_model, pc_jsonl, out, "--lr", "1e30", "--save-steps", "1", "--export-lora", str(tmp_path / "lora"))) == 2
+    assert main(cli(chat_model, pc_jsonl, out, "--lr", "1e30", "--save-steps", "1", "--export-lora", str(tmp_path / "lora"),
+                    *extra)) == 2
     error = re.fullmatch(r"giva sft: error: the training loss is (nan|inf) at step (\d+); nothing was saved\. Try a "
                          r"smaller learning rate \(--lr 1e\+30\)", one_error_line(capsys))
     assert error is not None
@@ -702,6 +705,61 @@ def test_report_to_tensorboard_logs_every_step_into_a_folder_of_its_own(chat_mod
     train_sft(options(chat_model, pc_jsonl, tmp_path / "out2", report_to="tensorboard", logging_dir=str(tmp_path / "tb")))
     assert [step for step, _ in tensorboard_scalars(tmp_path / "tb")["train/loss"]] == [1, 2, 3, 4]
     assert not (tmp_path / "out2-logs").exists()
+    # a fresh run over an earlier run's event files: refused before the model loads, or with --overwrite replaced
+    with pytest.raises(ValueError, match="holds TensorBoard event files of an earlier run; pass --overwrite"):
+        train_sft(options(chat_model, pc_jsonl, tmp_path / "out3", report_to="tensorboard", logging_dir=str(tmp_path / "tb")))
+    (tmp_path / "tb" / "notes.txt").write_text("mine")
+    train_sft(options(chat_model, pc_jsonl, tmp_path / "out2", report_to="tensorboard", logging_dir=str(tmp_path / "tb"),
+                      overwrite=True, max_steps=2))
+    assert [step for step, _ in tensorboard_scalars(tmp_path / "tb")["train/loss"]] == [1, 2]
+    assert (tmp_path / "tb" / "notes.txt").read_text() == "mine"
+
+
+def test_a_resumed_run_logs_at_its_own_cadence_and_purges_what_the_cut_off_run_logged_after_its_checkpoint(
+        chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """--resume with another --logging-steps: the Trainer took the checkpoint's cadence (every step) and ignored the
+    new one. The resumed run's TensorBoard writer purges from the step after its checkpoint (TensorBoard drops what
+    the cut-off run logged there, so no step is plotted twice)."""
+    pytest.importorskip("tensorboardX")
+    from tensorboardX.proto.event_pb2 import Event  # noqa: F401 - tensorboard_scalars reads with it
+
+    common = dict(max_steps=6, save_steps=2, report_to="tensorboard")
+    cut_off_at(3, monkeypatch)
+    with pytest.raises(_Preempted):
+        train_sft(options(chat_model, pc_jsonl, tmp_path / "out", logging_steps=1, **common))
+    monkeypatch.undo()
+    first = earlier = sorted((tmp_path / "out-logs").glob("events.out.tfevents.*"))  # (what a killed writer flushed)
+    resumed, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", resume=True, logging_steps=3, **common))
+    assert resumed.resumed_from.endswith("checkpoint-2")
+    newest = [path for path in sorted((tmp_path / "out-logs").glob("events.out.tfevents.*")) if path not in earlier]
+    assert len(newest) == 1 and first
+    steps = [step for step, _ in tensorboard_scalars_of(newest[0])["train/loss"]]
+    assert steps == [3, 4, 6]  # every 3rd step, and the checkpoint steps 4 and 6 (logged before each save)
+    assert purge_steps(newest[0]) == [3]
+
+
+def tensorboard_scalars_of(path) -> dict[str, list[tuple[int, float]]]:
+    """:func:`tensorboard_scalars` of one event file."""
+    folder = path.parent / f"only-{path.name}"
+    folder.mkdir()
+    shutil.copy2(path, folder / path.name)
+    return tensorboard_scalars(folder)
+
+
+def purge_steps(path) -> list[int]:
+    """The steps of the SessionLog START events in one event file (a writer made with purge_step writes one there)."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    data, at, steps = path.read_bytes(), 0, []
+    while at < len(data):
+        (length,) = struct.unpack("<Q", data[at : at + 8])
+        event = Event.FromString(data[at + 12 : at + 12 + length])
+        at += 16 + length
+        if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+            steps.append(event.step)
+    return steps
 
 
 def test_report_to_refusals_come_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading,
@@ -721,6 +779,10 @@ def test_report_to_refusals_come_before_the_model_loads(chat_model, pc_jsonl, tm
     assert one_error_line(capsys) == (f"giva sft: error: --logging-dir {str(out / 'tb')!r} and --output-dir {str(out)!r} "
                                       "are the same folder or one holds the other; TensorBoard's logs need a folder of "
                                       "their own")
+    (tmp_path / "file").write_text("")
+    assert main(cli(chat_model, pc_jsonl, out, "--report-to", "tensorboard", "--logging-dir", str(tmp_path / "file" / "tb"))) == 2
+    assert one_error_line(capsys) == (f"giva sft: error: --logging-dir: output_dir {str(tmp_path / 'file' / 'tb')!r} "
+                                      f"cannot be created: {str(tmp_path / 'file')!r} is a file")
     for bad in (["all", "wandb"], [""], "none,"):
         with pytest.raises(ValueError, match=r"^SFTOptions.report_to must be 'none', 'all' or integration names"):
             SFTOptions(report_to=bad)
@@ -815,6 +877,19 @@ def test_a_dataset_folder_and_its_split_give_the_rows_of_the_same_jsonl(chat_mod
     line = one_error_line(capsys)
     assert line.startswith(f"giva sft: error: dataset folder {str(hub)!r} (--data-split 'validation', --data-config None): ")
     assert "validation" in line.split("): ", 1)[1]  # datasets' own words on the unknown split
+    for folder, flags, message in (
+            (saved_one, ["--data-split", "test"], "holds one dataset written by save_to_disk, no split 'test'; drop "
+                                                  "--data-split"),
+            (saved_dict, ["--data-split", "train_sft", "--data-config", "x"], "was written by save_to_disk and has no "
+                                                                            "configurations; drop --data-config")):
+        assert main(cli(chat_model, folder, out, *flags)) == 2
+        assert one_error_line(capsys) == f"giva sft: error: dataset folder {str(folder)!r} {message}"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
+    assert main(cli(chat_model, broken, out)) == 2
+    assert one_error_line(capsys).startswith(f"giva sft: error: dataset folder {str(broken)!r} (--data-split 'train', "
+                                             "--data-config None): An error occurred while generating the dataset")
     (tmp_path / "empty").mkdir()
     assert main(cli(chat_model, tmp_path / "empty", out)) == 2
     assert one_error_line(capsys).startswith(f"giva sft: error: dataset folder {str(tmp_path / 'empty')!r} (--data-split")
@@ -1265,8 +1340,11 @@ def test_eval_steps_logs_a_validation_loss_curve_that_survives_a_resume(chat_mod
     assert json.loads((tmp_path / "whole" / "sft_result.json").read_text())["val_loss_curve"] == curve
     lowest = min(curve, key=lambda point: point[1])
     assert f", lowest {lowest[1]:.4f} at step {lowest[0]}" in whole.summary()
-    logged = tensorboard_scalars(tmp_path / "whole-logs")["eval/loss"]
+    scalars = tensorboard_scalars(tmp_path / "whole-logs")
+    logged = scalars["eval/loss"]
     assert [step for step, _ in logged] == [2, 4, 6]
+    # the training loss still logged at every step (20 logs over 6 steps), those that validated too
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4, 5, 6]
     assert [v for _, v in logged] == pytest.approx([loss for _, loss in curve], rel=1e-6)  # float32 in the event file
 
     cut_off_at(3, monkeypatch)
@@ -1291,15 +1369,16 @@ def test_a_save_steps_given_with_resume_replaces_the_stored_one(chat_model, pc_j
 
 def test_a_finished_run_whose_save_failed_is_saved_again_without_training(chat_model, pc_jsonl, tmp_path, capsys):
     out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
-    first, _, _ = train_sft(options(chat_model, pc_jsonl, out, save_steps=3))  # the Trainer saves the last step too
+    first, _, _ = train_sft(options(chat_model, pc_jsonl, out, save_steps=3, eval_steps=2))  # the last step saved too
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
     (tmp_path / "kept").mkdir()
     (out / "adapter_model.safetensors").rename(tmp_path / "kept" / "adapter_model.safetensors")
     for leftover in out.iterdir():  # as if the final save had failed
         leftover.unlink()
     out.rmdir()
-    again, _, _ = train_sft(options(chat_model, pc_jsonl, out, resume=True))
+    again, _, _ = train_sft(options(chat_model, pc_jsonl, out, resume=True, eval_steps=2))
     assert (again.steps, again.train_loss, again.resumed_from) == (4, None, str(checkpoints / "checkpoint-4"))
+    assert again.val_loss_curve == first.val_loss_curve and len(first.val_loss_curve) == 2  # from the checkpoint's log
     assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]  # no step 5
     a, b = adapter_tensors(tmp_path / "kept"), adapter_tensors(out)
     assert all(torch.equal(a[k], b[k]) for k in a) and again.val_loss_after == first.val_loss_after

@@ -381,8 +381,15 @@ def check_tracking(options: SFTOptions) -> None:
         if other is not None and _overlap(options.logs, other):
             raise ValueError(f"--logging-dir {options.logs!r} and {flag} {other!r} are the same folder or one holds "
                              "the other; TensorBoard's logs need a folder of their own")
-    if Path(options.logs).exists() and not Path(options.logs).is_dir():
-        raise ValueError(f"--logging-dir {options.logs!r} is a file, not a folder")
+    from .finetune import check_output_dir
+
+    try:
+        check_output_dir(options.logs)
+    except OSError as err:  # a file, a path under a file, a parent this process cannot write in
+        raise ValueError(f"--logging-dir: {err}") from None
+    if not options.resume and not options.overwrite and sft_tracking.earlier_events(options.logs):
+        raise ValueError(f"--logging-dir {options.logs!r} holds TensorBoard event files of an earlier run; pass "
+                         "--overwrite to replace them (once training begins), or give another --logging-dir")
 
 
 def check_num_batches(options: SFTOptions, train_rows: int, world_size: int, unit: str = "training rows") -> None:
@@ -746,8 +753,10 @@ def giva_config_of(options: SFTOptions) -> Any:
                       giva_dropout=options.dropout)
 
 
-def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData, scratch: str) -> Any:
-    """TRL's SFTTrainer over a freshly loaded model, with the GiVA config and :class:`giva.GivaInitCallback`."""
+def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData, scratch: str,
+                 resume_step: Optional[int] = None) -> Any:
+    """TRL's SFTTrainer over a freshly loaded model, with the GiVA config and :class:`giva.GivaInitCallback`
+    (``resume_step``: the step of the checkpoint a ``--resume`` continues from, for the TensorBoard log)."""
     from datasets import Dataset
     from transformers import PrinterCallback
     from trl import SFTTrainer
@@ -769,7 +778,8 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
         peft_config=giva_config,
         callbacks=[GivaInitCallback(num_batches=calibration, loss_fn=completion_token_loss, progress=options.progress,
                                     mode=options.init_mode),
-                   *sft_tracking.callbacks(sft_tracking.resolve(options.report_to), options.logs)],
+                   *sft_tracking.callbacks(sft_tracking.resolve(options.report_to), options.logs, resume_step,
+                                           replace=options.overwrite and not options.resume)],
     )
     # sized on the loader's rows, known once TRL has processed (and with --packing packed) them; read in train()
     for name, value in schedule(options, len(trainer.train_dataset)).items():
@@ -785,13 +795,22 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
 def _periodic_validation(trainer: Any, every: int) -> Any:
     """A callback: the validation loss (:func:`giva.sft_eval.validation_loss`) after every ``every``-th optimizer step,
     logged as ``eval_loss`` through the Trainer (its log history, which a checkpoint keeps, and the ``--report-to``
-    integrations, as ``eval/loss``). Every process of a launch reaches it at the same step."""
-    from transformers import TrainerCallback
+    integrations, as ``eval/loss``). Every process of a launch reaches it at the same step.
+
+    Through ``transformers.Trainer.log``, not TRL's override (which would move the training metrics it has gathered
+    since the last log, entropy and token accuracy, into this entry), and with the step's ``should_log`` put back: the
+    Trainer's log call clears it, which dropped the step's training-loss log, and with it the divergence check of
+    :func:`_divergence`, at every step that also validated (a diverging run with ``--eval-steps 1`` saved NaN
+    vectors and exited 0)."""
+    from transformers import Trainer, TrainerCallback
 
     class PeriodicValidation(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step % every == 0:
-                trainer.log({"eval_loss": validation_loss(trainer, args.per_device_eval_batch_size)})
+                loss = validation_loss(trainer, args.per_device_eval_batch_size)
+                should_log = control.should_log
+                Trainer.log(trainer, {"eval_loss": loss})
+                control.should_log = should_log
 
     return PeriodicValidation()
 
@@ -802,13 +821,14 @@ def loss_curve(trainer: Any) -> list[list[float]]:
 
 
 def _save_cadence() -> Any:
-    """A callback: a resumed Trainer takes ``save_steps`` from the checkpoint's ``trainer_state.json``, so a
-    ``--save-steps`` given with ``--resume`` would be ignored; this puts the run's own back."""
+    """A callback: a resumed Trainer takes ``save_steps`` and ``logging_steps`` from the checkpoint's
+    ``trainer_state.json``, so a ``--save-steps`` or ``--logging-steps`` given with ``--resume`` would be ignored;
+    this puts the run's own back."""
     from transformers import TrainerCallback
 
     class SaveCadence(TrainerCallback):
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            state.save_steps = args.save_steps
+            state.save_steps, state.logging_steps = args.save_steps, args.logging_steps
 
     return SaveCadence()
 
@@ -922,7 +942,8 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
     from .integrations.trainer import GivaInitCallback
 
     with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
-        trainer = make_trainer(options, device, path, tokenizer, data, scratch)
+        resumed = checkpoint_state(resume_from) if resume_from else {}
+        trainer = make_trainer(options, device, path, tokenizer, data, scratch, resumed.get("global_step"))
         if options.save_steps is not None and resume_from is None:
             on_main_process(trainer, lambda: _write_record(options, data))
         check_truncation(options, trained_rows(trainer.train_dataset), len(data.train), len(trainer.eval_dataset),
@@ -944,12 +965,13 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
             loss_before, em_before = evaluate()
         start = time.perf_counter()
         train_loss: Optional[float] = None
-        resumed = checkpoint_state(resume_from) if resume_from else {}
         if is_finished(resumed):  # trained to the end but not saved: no step left
             on_every_process(lambda: peft_model.load_adapter(
                 resume_from, adapter_name=peft_model.active_adapter, is_trainable=True),
                 f"--resume: loading the adapter of {resume_from} failed on a process of the launch")
-            trainer.state.global_step = resumed["global_step"]
+            from transformers import TrainerState
+
+            trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))  # its log too
         else:
             train_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss  # bases from the checkpoint
         train_seconds = time.perf_counter() - start

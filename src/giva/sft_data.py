@@ -166,22 +166,38 @@ def read_dataset(name: str, split: str = "train", config: Optional[str] = None, 
         datasets = _hub_datasets_module(name)
     else:
         import datasets
+    from datasets.exceptions import DatasetsError
+
     where = f"dataset folder {name!r}" if folder is not None else f"dataset {name!r}"
+    saved_dict = folder is not None and (folder / "dataset_dict.json").is_file()
+    saved_one = folder is not None and not saved_dict and (folder / "state.json").is_file()
+    if (saved_dict or saved_one) and config is not None:
+        raise DataError(f"{where} was written by save_to_disk and has no configurations; drop --data-config")
+    if saved_one and split != "train":
+        raise DataError(f"{where} holds one dataset written by save_to_disk, no split {split!r}; drop --data-split")
     try:
-        if folder is not None and (folder / "dataset_dict.json").is_file():
+        if saved_dict:
             saved = datasets.load_from_disk(str(folder))
             if split not in saved:
                 raise DataError(f"{where} has no split {split!r}; it has {sorted(saved)}: give --data-split")
             ds = saved[split]
-        elif folder is not None and (folder / "state.json").is_file():
+        elif saved_one:
             ds = datasets.load_from_disk(str(folder))  # one Dataset: it is the split
         else:
-            ds = datasets.load_dataset(str(folder) if folder is not None else name, config, split=split)
+            verbosity = datasets.logging.get_verbosity()
+            datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read: the one line below
+            try:
+                ds = datasets.load_dataset(str(folder) if folder is not None else name, config, split=split)
+            finally:
+                datasets.logging.set_verbosity(verbosity)
     except DataError:
         raise
-    except (ValueError, FileNotFoundError) as err:  # an unknown split or config, a folder without data files
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{where} (--data-split {split!r}, --data-config {config!r}): {first}") from None
+    # an unknown split or config, a folder without data files, a data file datasets cannot read (its cause named)
+    except (ValueError, FileNotFoundError, DatasetsError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        if err.__cause__ is not None and str(err.__cause__).strip():
+            reason += f" ({type(err.__cause__).__name__}: {' '.join(str(err.__cause__).split())[:300]})"
+        raise DataError(f"{where} (--data-split {split!r}, --data-config {config!r}): {reason}") from None
     if "messages" not in ds.column_names and "text" not in ds.column_names and not {"prompt", "completion"} <= set(ds.column_names):
         raise DataError(f"{where}: needs 'prompt' and 'completion' columns, 'messages' or 'text'; it has "
                         f"{sorted(ds.column_names)}")

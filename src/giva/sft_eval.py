@@ -30,7 +30,7 @@ def _summed(values: list[float], work: Callable[[], list[float]], device: Any, w
     error: Optional[BaseException] = None
     try:
         values = work()
-    except Exception as err:  # under torchrun: to the sum first, so that no process waits for this one
+    except BaseException as err:  # Ctrl-C too: under torchrun to the sum first, so that no process waits for this one
         if world == 1:
             raise
         error = err
