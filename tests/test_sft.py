@@ -390,7 +390,6 @@ def test_giva_merge_writes_a_plain_model_that_gives_the_adapters_outputs(chat_mo
     ids = torch.tensor([[3, 5, 7, 9, 11, 4]])
     with torch.no_grad():
         expected = adapted(input_ids=ids).logits
-        base = adapted.get_base_model()
     assert main(["merge", str(out), str(merged), "--dtype", dtype]) == 0
     assert capsys.readouterr().out.startswith(f"merged model (LlamaForCausalLM, {'float32' if dtype == 'auto' else dtype})")
     assert not (merged / "adapter_config.json").exists() and (merged / "giva_merge.json").is_file()
@@ -400,7 +399,6 @@ def test_giva_merge_writes_a_plain_model_that_gives_the_adapters_outputs(chat_mo
         got = model(input_ids=ids).logits.float()
     atol = 1e-5 if dtype == "auto" else 2e-2
     torch.testing.assert_close(got, expected, rtol=0, atol=atol)
-    del base
     assert AutoTokenizer.from_pretrained(merged).chat_template == AutoTokenizer.from_pretrained(out).chat_template
     record = json.loads((merged / "giva_merge.json").read_text())
     assert (record["adapter"], record["tokenizer"]) == (str(out.absolute()), "adapter")
@@ -414,7 +412,8 @@ def test_giva_merge_writes_a_plain_model_that_gives_the_adapters_outputs(chat_mo
     assert not (merged / "model-00002-of-00002.safetensors").exists()
     for bad, message in ((out / "inside", "are the same folder or one holds the other"),
                          (tmp_path, "are the same folder or one holds the other"),
-                         (chat_model, "is not empty and holds no earlier merge (giva_merge.json)")):
+                         (chat_model, "is not empty and holds no earlier merge (giva_merge.json)"),
+                         (pc_jsonl / "merged", f"cannot be created: {str(pc_jsonl)!r} is a file")):
         assert main(["merge", str(out), str(bad)]) == 2
         assert message in capsys.readouterr().err
 
@@ -721,18 +720,17 @@ def test_a_resumed_run_logs_at_its_own_cadence_and_purges_what_the_cut_off_run_l
     new one. The resumed run's TensorBoard writer purges from the step after its checkpoint (TensorBoard drops what
     the cut-off run logged there, so no step is plotted twice)."""
     pytest.importorskip("tensorboardX")
-    from tensorboardX.proto.event_pb2 import Event  # noqa: F401 - tensorboard_scalars reads with it
-
     common = dict(max_steps=6, save_steps=2, report_to="tensorboard")
     cut_off_at(3, monkeypatch)
     with pytest.raises(_Preempted):
         train_sft(options(chat_model, pc_jsonl, tmp_path / "out", logging_steps=1, **common))
     monkeypatch.undo()
-    first = earlier = sorted((tmp_path / "out-logs").glob("events.out.tfevents.*"))  # (what a killed writer flushed)
+    earlier = sorted((tmp_path / "out-logs").glob("events.out.tfevents.*"))  # the cut-off run's (what it flushed)
+    assert earlier
     resumed, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", resume=True, logging_steps=3, **common))
     assert resumed.resumed_from.endswith("checkpoint-2")
     newest = [path for path in sorted((tmp_path / "out-logs").glob("events.out.tfevents.*")) if path not in earlier]
-    assert len(newest) == 1 and first
+    assert len(newest) == 1
     steps = [step for step, _ in tensorboard_scalars_of(newest[0])["train/loss"]]
     assert steps == [3, 4, 6]  # every 3rd step, and the checkpoint steps 4 and 6 (logged before each save)
     assert purge_steps(newest[0]) == [3]

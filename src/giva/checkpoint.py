@@ -67,6 +67,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def nested_or_same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """``a`` and ``b`` are one folder, or one lies inside the other (``~`` expanded, relative to the working folder)."""
+    a, b = (Path(os.path.abspath(os.path.expanduser(os.fspath(x)))) for x in (a, b))
+    return a == b or a in b.parents or b in a.parents
+
+
 def looks_local(name: str | os.PathLike) -> bool:
     """True for a string that can only be a file-system path, never a hub id ("org/name" or "name")."""
     text = os.fspath(name)

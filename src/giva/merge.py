@@ -21,8 +21,9 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .checkpoint import atomic_directory
+from .checkpoint import atomic_directory, nested_or_same
 from .export import ExportError, _read_adapter_config, _side_files, plan_base
+from .finetune import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +33,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _check_output(out: Path, adapter_dir: Path, overwrite: bool) -> None:
     """``out`` may be new, empty (hidden entries aside), or an earlier merge (with ``overwrite``); never the adapter's
-    folder or one inside or around it, a file, or a folder of something else."""
-    a, b = out.absolute(), adapter_dir.absolute()
-    if a == b or a in b.parents or b in a.parents:
+    folder or one inside or around it, a file, a folder this process cannot create or write, or a folder of something
+    else."""
+    if nested_or_same(out, adapter_dir):
         raise ExportError(f"output folder {out} and the adapter folder {adapter_dir} are the same folder or one holds "
                           "the other; write the merged model to a folder of its own")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"output {out} exists and is not a folder")
+    try:
+        check_output_dir(out)  # a file, a path under a file, a parent this process cannot write in
+    except OSError as err:
+        raise ExportError(str(err)) from None
     if out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         if not (out / MERGE_RECORD).is_file():
             raise ExportError(f"output folder {out} is not empty and holds no earlier merge ({MERGE_RECORD}); write the "

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from .checkpoint import nested_or_same
 from .data import DataError
 from .sft_data import SFTData, load_sft_data, row_format
 from .sft_eval import completion_ids, exact_match, prompt_ids, validation_loss
@@ -173,7 +174,7 @@ class SFTOptions:
             raise ValueError("--load-in-4bit and --load-in-8bit exclude each other; pick one")
         if isinstance(self.target_modules, list) and (not self.target_modules or not all(self.target_modules)):
             raise ValueError(f"SFTOptions.target_modules has an empty module name: {self.target_modules!r}")
-        if self.export_lora is not None and _overlap(self.export_lora, self.output_dir):
+        if self.export_lora is not None and nested_or_same(self.export_lora, self.output_dir):
             raise ValueError(f"--export-lora {self.export_lora!r} and --output-dir {self.output_dir!r} are the same folder "
                              "or one holds the other; the LoRA export needs its own folder")
         if self.checkpoint_dir is not None and self.save_steps is None and not self.resume:
@@ -181,7 +182,7 @@ class SFTOptions:
                              "give one of them, or drop --checkpoint-dir")
         if self.save_steps is not None or self.resume:
             for flag, other in (("--output-dir", self.output_dir), ("--export-lora", self.export_lora)):
-                if other is not None and _overlap(self.checkpoints, other):
+                if other is not None and nested_or_same(self.checkpoints, other):
                     raise ValueError(f"--checkpoint-dir {self.checkpoints!r} and {flag} {other!r} are the same folder or "
                                      "one holds the other; checkpoints need a folder of their own")
 
@@ -212,12 +213,6 @@ class SFTOptions:
             raise ValueError(f"--batch-size {self.batch_size} is not a multiple of --micro-batch-size {micro}{over}; "
                              f"give a --micro-batch-size that divides {per_process}")
         return micro, per_process // micro
-
-
-def _overlap(a: str, b: str) -> bool:
-    """``a`` and ``b`` are one folder, or one lies inside the other."""
-    a, b = (Path(os.path.abspath(os.path.expanduser(x))) for x in (a, b))
-    return a == b or a in b.parents or b in a.parents
 
 
 @dataclass
@@ -378,7 +373,7 @@ def check_tracking(options: SFTOptions) -> None:
     if options.save_steps is not None or options.resume:
         folders.append(("--checkpoint-dir", options.checkpoints))
     for flag, other in folders:
-        if other is not None and _overlap(options.logs, other):
+        if other is not None and nested_or_same(options.logs, other):
             raise ValueError(f"--logging-dir {options.logs!r} and {flag} {other!r} are the same folder or one holds "
                              "the other; TensorBoard's logs need a folder of their own")
     from .finetune import check_output_dir

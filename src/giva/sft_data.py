@@ -209,21 +209,24 @@ def read_rows(source: str, split: str = "train", config: Optional[str] = None) -
     record's rows, each row with its place. ``split`` and ``config`` are the dataset's (a JSONL file or a bundled
     corpus has neither: a split or config other than the defaults is refused for them)."""
     path = Path(os.path.expanduser(source))
-    dataset = source not in INSTRUCTIONS and (path.is_dir() or not (
-        path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source) or source in BUNDLED))
-    if not dataset and (split != "train" or config is not None):
+    if source in INSTRUCTIONS:
+        kind = "a bundled set"
+    elif path.is_dir():
+        kind = "a dataset folder"
+    elif path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source):
+        kind = "a file"
+    else:
+        kind = "a bundled set" if source in BUNDLED else "a datasets name"
+    if kind in ("a bundled set", "a file") and (split != "train" or config is not None):
         flag = f"--data-split {split!r}" if split != "train" else f"--data-config {config!r}"
-        raise DataError(f"{flag} is for a datasets name or a dataset folder; --data {source!r} is "
-                        f"{'a bundled set' if source in INSTRUCTIONS or source in BUNDLED else 'a file'}")
+        raise DataError(f"{flag} is for a datasets name or a dataset folder; --data {source!r} is {kind}")
     if source in INSTRUCTIONS:
         return [[row] for row in bundled_rows(source)]
-    if path.is_dir():
-        return read_dataset(source, split, config, folder=path)
-    if path.exists() or Path(source).suffix in DATA_SUFFIXES or looks_local(source):
+    if kind == "a file":
         return read_file(path)
-    if source in BUNDLED:
+    if kind == "a bundled set":
         raise DataError(f"corpus {source!r} has no instruction form; `giva sft` offers {list(INSTRUCTIONS)}")
-    return read_dataset(source, split, config)
+    return read_dataset(source, split, config, folder=path if kind == "a dataset folder" else None)
 
 
 def label_set(rows: list[Row]) -> Optional[list[str]]:
