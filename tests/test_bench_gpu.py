@@ -333,6 +333,10 @@ def test_device_script_selects_every_cuda_test():
     assert any("test_nf4_on_cuda_with_bf16_compute" in t for t in selected)
     assert any("test_training_step_runs_nothing_per_token_but_matmuls" in t and "cuda" in t for t in selected)
     assert not any("test_training_step_runs_nothing_per_token_but_matmuls" in t and "cpu" in t for t in selected)
+    sft = [t for t in selected if t.startswith("tests/test_sft.py::")]
+    assert sorted(sft) == sorted([f"tests/test_sft.py::test_a_run_trains_on_its_device_and_reloads_as_it_was_trained[{r}-cuda]"
+                                  for r in ("fp32", "bf16", "nf4-bf16")]
+                                 + ["tests/test_sft.py::test_a_packed_step_is_the_padded_step_over_the_same_rows[sdpa-cuda]"])
 
 
 def test_a_cheap_initialisation_row_does_not_vouch_for_the_dear_ones():

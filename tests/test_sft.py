@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -25,6 +26,11 @@ import giva.sft_tracking
 from giva.cli import main
 from giva.sft import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
 from tiny_models import QUANTISABLE, TRANSFORMERS_4, tiny_llama
+
+cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py); the device script runs -m cuda
+# the GPU machine lacks TRL: the device script installs it from wheels it carries (benchmarks/gpu/run_on_device.sh)
+needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed (pip install 'giva[sft]')")
+ON_CUDA_TOO = ["cpu", pytest.param("cuda", marks=[cuda, needs_trl])]
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from launch import TORCHRUN, run_torchrun  # noqa: E402
@@ -120,11 +126,18 @@ def cli(model, data, out, *extra) -> list[str]:
 
 @pytest.mark.parametrize("on", [False, True])
 def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_transformers_name(tmp_path, on):
-    """--gradient-checkpointing sets TrainingArguments' activation_checkpointing (transformers 5) or, on 4.x,
-    gradient_checkpointing (4.x's SFTConfig refused the 5.x name with a TypeError); TRL's default of on is overridden."""
+    """--gradient-checkpointing sets TrainingArguments' activation_checkpointing (newer 5.x) or, on 4.x and older 5.x,
+    gradient_checkpointing (4.x's SFTConfig refused the new name with a TypeError); TRL's default of on is overridden."""
+    from dataclasses import fields
+
+    from trl import SFTConfig
+
     config = giva.sft.sft_config(options("m", "d", tmp_path / "out", gradient_checkpointing=on), "cpu",
                                  str(tmp_path / "scratch"))
-    assert getattr(config, "gradient_checkpointing" if TRANSFORMERS_4 else "activation_checkpointing") is on
+    # the rename came within 5.x (5.17, the GPU machine's, still has the old name): the field the installed one has
+    renamed = "activation_checkpointing" in {f.name for f in fields(SFTConfig)}
+    assert not (TRANSFORMERS_4 and renamed)
+    assert getattr(config, "activation_checkpointing" if renamed else "gradient_checkpointing") is on
 
 
 def test_sft_trains_reports_and_saves_an_adapter_that_reloads_bit_identically(chat_model, pc_jsonl, tmp_path):
@@ -886,8 +899,10 @@ def test_a_dataset_folder_and_its_split_give_the_rows_of_the_same_jsonl(chat_mod
     broken.mkdir()
     (broken / "train.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": \n')
     assert main(cli(chat_model, broken, out)) == 2
-    assert one_error_line(capsys).startswith(f"giva sft: error: dataset folder {str(broken)!r} (--data-split 'train', "
-                                             "--data-config None): An error occurred while generating the dataset")
+    # datasets' words for it differ by version: 5.x wraps the JSON error, 4.8 (the GPU machine's) raises it as it is
+    assert re.fullmatch(rf"giva sft: error: dataset folder {re.escape(repr(str(broken)))} \(--data-split 'train', "
+                        r"--data-config None\): (An error occurred while generating the dataset.*|Expected object or "
+                        r"value at position \d+)", one_error_line(capsys))
     (tmp_path / "empty").mkdir()
     assert main(cli(chat_model, tmp_path / "empty", out)) == 2
     assert one_error_line(capsys).startswith(f"giva sft: error: dataset folder {str(tmp_path / 'empty')!r} (--data-split")
@@ -1028,6 +1043,59 @@ def test_a_4bit_base_trains_through_sft(chat_model, pc_jsonl, tmp_path):
     assert torch.isfinite(torch.tensor(result.val_loss_after)) and result.val_loss_after != result.val_loss_before
     base_layer = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert isinstance(base_layer, Linear4bit) and (tmp_path / "out" / "adapter_config.json").exists()
+
+
+RUNS = {"fp32": {}, "bf16": dict(bf16=True), "nf4-bf16": dict(load_in_4bit=True, bf16=True, gradient_checkpointing=True)}
+
+
+@pytest.mark.parametrize("device", ON_CUDA_TOO)
+@pytest.mark.parametrize("run", RUNS)
+def test_a_run_trains_on_its_device_and_reloads_as_it_was_trained(chat_model, pc_jsonl, tmp_path, run, device):
+    """The user's path, on the CPU and (marked cuda) on a GPU: `giva sft` in fp32, bf16 and the QLoRA recipe (NF4 base,
+    bf16, gradient checkpointing) lowers the validation loss, and load_sft_adapter rebuilds the base as the run's
+    sft_result.json says it was loaded (bf16 weights, the NF4 base) with the trained model's logits: bit for bit on
+    the CPU, to the dtype's tolerance on a GPU. quantized=False puts the same adapter on the unquantised base."""
+    from accelerate.utils import extract_model_from_parallel
+
+    flags = RUNS[run]
+    if "load_in_4bit" in flags:
+        pytest.importorskip("bitsandbytes")
+    from peft import get_peft_model_state_dict
+
+    out = tmp_path / "out"
+    result, model, tokenizer = train_sft(options(chat_model, pc_jsonl, out, device=device, lr=5e-2, **flags))
+    assert result.device == device and {p.device.type for p in model.parameters()} == {device}
+    assert result.val_loss_after < result.val_loss_before, (result.val_loss_before, result.val_loss_after)
+    trained = extract_model_from_parallel(model, keep_fp32_wrapper=False).eval()
+    reloaded, _ = load_sft_adapter(str(out), device=device)
+    dtype = torch.bfloat16 if "bf16" in flags else torch.float32
+    assert {p.device.type for p in reloaded.parameters()} == {device}
+    assert reloaded.get_base_model().model.embed_tokens.weight.dtype == dtype  # the run's dtype, not the checkpoint's
+    layer = reloaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert type(layer).__name__ == ("Linear4bit" if "load_in_4bit" in flags else "Linear")
+    batch = tokenizer(["the film is good . positive or negative ?"], return_tensors="pt").to(device)
+    with torch.no_grad():
+        expected, got = trained(**batch).logits, reloaded(**batch).logits
+        with reloaded.disable_adapter():
+            base = reloaded(**batch).logits
+    assert got.dtype == expected.dtype == dtype
+    if device == "cpu":
+        assert torch.equal(got, expected)
+    else:
+        torch.testing.assert_close(got, expected)  # the dtype's default tolerance
+    assert not torch.allclose(got, base)  # the adapter is part of the comparison
+    if "load_in_4bit" in flags:
+        plain, _ = load_sft_adapter(str(out), device=device, quantized=False)
+        layer = plain.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+        assert type(layer).__name__ == "Linear" and layer.weight.dtype == torch.bfloat16
+        vectors, reloaded_vectors = get_peft_model_state_dict(plain), get_peft_model_state_dict(reloaded)
+        assert all(torch.equal(v, reloaded_vectors[k]) for k, v in vectors.items())
+        with torch.no_grad():
+            assert torch.isfinite(plain(**batch).logits).all()
+    else:
+        with pytest.raises(ValueError, match=r"quantized=True, but .* is not a run on a quantised base \(its "
+                                             r"sft_result\.json has neither load_in_4bit nor load_in_8bit\)"):
+            load_sft_adapter(str(out), quantized=True)
 
 
 def test_giva_vectors_on_a_4bit_base_stay_fp32_and_lambda_s_moves_at_a_qlora_learning_rate(chat_model, pc_jsonl, tmp_path,
@@ -1207,12 +1275,12 @@ def test_the_validation_loss_is_the_mean_over_every_scored_token_whatever_the_ba
     assert abs(trainers[1] - trainers[8]) > 1e-3 * trainers[1]  # the Trainer's own figure does move
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-def test_a_packed_step_is_the_padded_step_over_the_same_rows(chat_model, varied_jsonl, tmp_path, attention):
+@pytest.mark.parametrize(("attention", "device"), [("sdpa", "cpu"), ("eager", "cpu"), pytest.param("sdpa", "cuda", marks=[cuda, needs_trl])])
+def test_a_packed_step_is_the_padded_step_over_the_same_rows(chat_model, varied_jsonl, tmp_path, attention, device):
     """--packing lays rows end to end in one sequence, told apart by their position_ids (padding-free): transformers
     masks attention between them, so one packed sequence of 8 rows gives the calibration gradient, the loss and the
     update of a padded batch of the same 8 rows (equal up to float sums). Attention across the rows fails it."""
-    common = dict(max_train_samples=8, max_steps=None, num_batches=1, attn_implementation=attention)
+    common = dict(max_train_samples=8, max_steps=None, num_batches=1, attn_implementation=attention, device=device)
     padded, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "padded", batch_size=8, **common))
     packed, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "packed", batch_size=1, packing=True, **common))
     assert (padded.steps, packed.steps, padded.packed_sequences, packed.packed_sequences) == (1, 1, None, 1)

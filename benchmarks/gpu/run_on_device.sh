@@ -7,8 +7,11 @@
 #        python3 -m pip download --no-deps peft==0.21.2 -d benchmarks/gpu/wheels
 #        python3 -m pip download --no-deps bitsandbytes==0.50.2 --platform manylinux_2_24_x86_64 \
 #            --python-version 3.12 --only-binary=:all: -d benchmarks/gpu/wheels
-#    (bitsandbytes, 43 MB with its CUDA 13 library, is optional: without it the two 4-bit rows and the NF4 test
-#    are skipped with that reason). Then, before EVERY call, stamp the commit (the tree travels without .git):
+#        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d benchmarks/gpu/wheels/sft \
+#            trl==1.16.0 datasets==4.8.0 dill==0.4.0 multiprocess==0.70.18
+#    (bitsandbytes, 43 MB with its CUDA 13 library, is optional: without it the two 4-bit rows and the NF4 tests
+#    are skipped with that reason; so are TRL and the datasets it needs, 1.7 MB, which the machine lacks: without
+#    them `giva sft`'s CUDA tests are skipped). Then, before EVERY call, stamp the commit (the tree travels without .git):
 #        bash benchmarks/gpu/run_on_device.sh --stamp
 # 2. Through the device tool, from the repository root:
 #        run(command="bash benchmarks/gpu/run_on_device.sh", carry=["benchmarks/gpu/wheels"], timeout_s=450)
@@ -20,7 +23,7 @@
 #    gpu    python -m giva.bench.gpu: results.json, results.md and steps.png, rewritten after every row;
 #           limit GPU_TIMEOUT_S (default: what DEADLINE_S leaves after reserving the later stages' limits), the
 #           suite's row budget 25 s less
-#    tests  pytest -m cuda over $CUDA_TESTS (the image's pytest), into tests.log; limit TESTS_TIMEOUT_S (60)
+#    tests  pytest -m cuda over $CUDA_TESTS (the image's pytest), into tests.log; limit TESTS_TIMEOUT_S (75)
 #    serve  the accelerator serve benchmark, N = 1, 8, 32 adapters, into serve/; limit SERVE_TIMEOUT_S (90)
 # $OUT then holds results.json, results.md, steps.png, run.log, tests.log, serve/results.json and
 # serve/results.md (7 files; the tool returns 8 at most). Further arguments go to `python -m giva.bench.gpu`
@@ -90,8 +93,15 @@ if ! "${PIP[@]}" "${wheels[0]}" "${extra[@]}" . 2>&1 | tee -a "$LOG"; then
     "${PIP[@]}" "${wheels[0]}" "${extra[@]}" 2>&1 | tee -a "$LOG"
     SOURCE=":$PWD/src"
 fi
+# Optional: TRL and what it needs that the machine lacks (wheels/sft/), for giva sft's CUDA tests. A failed install
+# (a dry run on another Python than the wheels' 3.12) is logged and checked no further: those tests then skip.
+sft=("$WHEELS"/sft/*.whl)
+if [ "${#sft[@]}" -gt 0 ] && ! "${PIP[@]}" "${sft[@]}" 2>&1 | tee -a "$LOG"; then
+    log "the wheels in $WHEELS/sft did not install here; giva sft's CUDA tests use whatever TRL imports, or skip"
+    sft=()
+fi
 export PYTHONPATH="$SITE$SOURCE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-"$PYTHON" - "${wheels[0]}" "${extra[@]}" <<'PY' 2>&1 | tee -a "$LOG"
+"$PYTHON" - "${wheels[0]}" "${extra[@]}" "${sft[@]}" <<'PY' 2>&1 | tee -a "$LOG"
 import sys
 import giva, peft, torch, transformers
 try:
@@ -107,21 +117,24 @@ print(f"giva {giva.__file__}; peft {peft.__version__} ({peft.__file__}); torch {
       f"(CUDA {torch.version.cuda}, GPU {gpu}); transformers {transformers.__version__}; {tests}")
 if peft.__version__ != wanted:
     sys.exit(f"run_on_device.sh: imported PEFT {peft.__version__}, not the carried {wanted}")
-for wheel in sys.argv[2:]:  # a carried bitsandbytes must be the one imported (the suite imports it lazily)
-    import bitsandbytes
-    carried = wheel.split("/")[-1].split("-")[1]
-    print(f"bitsandbytes {bitsandbytes.__version__} ({bitsandbytes.__file__})")
-    if bitsandbytes.__version__ != carried:
-        sys.exit(f"run_on_device.sh: imported bitsandbytes {bitsandbytes.__version__}, not the carried {carried}")
+import importlib, importlib.metadata, os
+site = os.environ["PYTHONPATH"].split(":")[0]
+for wheel in sys.argv[2:]:  # each carried package must be the one imported (the suite imports bitsandbytes lazily)
+    name, carried = wheel.split("/")[-1].split("-")[:2]
+    module = importlib.import_module(name)
+    found = importlib.metadata.version(name)
+    print(f"{name} {found} ({module.__file__})")
+    if found != carried or not module.__file__.startswith(site):
+        sys.exit(f"run_on_device.sh: imported {name} {found} from {module.__file__}, not the carried {carried}")
 PY
 
 # The test files holding the tests marked `cuda` (tests/test_bench_gpu.py checks that no other file has one).
-CUDA_TESTS="tests/test_folded_forward.py tests/test_quant.py tests/test_serving.py"
+CUDA_TESTS="tests/test_folded_forward.py tests/test_quant.py tests/test_serving.py tests/test_sft.py"
 TINY=""
 for arg in "$@"; do [ "$arg" = "--tiny" ] && TINY="--tiny"; done
 STAGES=${STAGES:-gpu tests serve}
 own_limit() {  # a stage's own time limit (empty for gpu: the rest)
-    case "$1" in gpu) echo "${GPU_TIMEOUT_S:-}" ;; tests) echo "${TESTS_TIMEOUT_S:-60}" ;; serve) echo "${SERVE_TIMEOUT_S:-90}" ;; esac
+    case "$1" in gpu) echo "${GPU_TIMEOUT_S:-}" ;; tests) echo "${TESTS_TIMEOUT_S:-75}" ;; serve) echo "${SERVE_TIMEOUT_S:-90}" ;; esac
 }
 summary=()
 failed=0

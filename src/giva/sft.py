@@ -612,22 +612,33 @@ def quiet_transformers(enabled: bool) -> Iterator[None]:
 
 
 def _load_model(path: str, options: SFTOptions, device: str) -> Any:
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if options.bf16 else torch.float32}
-    if options.attn_implementation is not None:
-        kwargs["attn_implementation"] = options.attn_implementation
-    if options.load_in_4bit or options.load_in_8bit:
-        compute = torch.bfloat16 if options.bf16 else torch.float16 if options.fp16 else torch.float32
+    local = f"{device}:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device  # torchrun: its own GPU
+    return AutoModelForCausalLM.from_pretrained(path, **base_loading(
+        options.bf16, options.fp16, options.load_in_4bit, options.load_in_8bit, options.attn_implementation, local))
+
+
+def base_loading(bf16: bool, fp16: bool, load_in_4bit: bool, load_in_8bit: bool, attn_implementation: Optional[str],
+                 device: str, dtype: Any = None) -> dict[str, Any]:
+    """``from_pretrained``'s arguments for the base model of a run with these flags: its weights in bf16 with
+    ``--bf16``, else fp32 (``dtype`` overrides), and with ``--load-in-4bit`` the NF4 double-quantised base computing in
+    the run's precision, placed on ``device`` (a quantised model is placed as it loads; a plain one the Trainer moves)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    kwargs: dict[str, Any] = {"dtype": dtype or (torch.bfloat16 if bf16 else torch.float32)}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit or load_in_8bit:
+        compute = torch.bfloat16 if bf16 else torch.float16 if fp16 else torch.float32
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=compute)
-            if options.load_in_4bit else BitsAndBytesConfig(load_in_8bit=True)
+            if load_in_4bit else BitsAndBytesConfig(load_in_8bit=True)
         )
-        local = f"{device}:{os.environ.get('LOCAL_RANK', '0')}" if device == "cuda" else device  # torchrun: its own GPU
-        kwargs["device_map"] = {"": local}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        kwargs["device_map"] = {"": device}
+    return kwargs
 
 
 def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
@@ -1011,8 +1022,16 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
     return result, peft_model, tokenizer
 
 
-def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = None) -> tuple[Any, Any]:
-    """Reload what `giva sft` saved: (the causal LM with its GiVA adapter, in eval mode; the tokenizer)."""
+def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = None, device: Optional[str] = None,
+                     quantized: Optional[bool] = None) -> tuple[Any, Any]:
+    """Reload what `giva sft` saved, as it was trained: (the causal LM with its GiVA adapter, in eval mode; the tokenizer).
+
+    The run's ``sft_result.json`` says how its base was loaded: in bf16 after ``--bf16`` (else fp32), quantised after
+    ``--load-in-4bit`` / ``--load-in-8bit`` (the same bitsandbytes settings), with its ``--attn-implementation``.
+    ``dtype`` overrides the weights' dtype, ``quantized=False`` loads the unquantised base (an adapter trained on a
+    4-bit base served on its bf16 base, as QLoRA adapters are), ``model`` the base model (default: the adapter
+    config's), ``device`` where it goes (default the CPU). A folder without the file (a checkpoint, an adapter
+    written by other code) loads as an fp32 run's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -1021,5 +1040,16 @@ def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = 
     folder = Path(os.path.expanduser(output_dir))
     if model is None:
         model = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    base = AutoModelForCausalLM.from_pretrained(resolve_model(model or "smollm2"), **({"dtype": dtype} if dtype else {}))
+    run = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))["options"] if (folder / RESULT_FILE).is_file() else {}
+    flags = {key: bool(run.get(key)) for key in ("bf16", "fp16", "load_in_4bit", "load_in_8bit")}
+    if quantized is False:
+        flags.update(load_in_4bit=False, load_in_8bit=False)
+    elif quantized and not (flags["load_in_4bit"] or flags["load_in_8bit"]):
+        why = (f"its {RESULT_FILE} has neither load_in_4bit nor load_in_8bit" if run else f"it holds no {RESULT_FILE} "
+               "to say how its base was quantised")
+        raise ValueError(f"load_sft_adapter: quantized=True, but {folder} is not a run on a quantised base ({why})")
+    kwargs = base_loading(**flags, attn_implementation=run.get("attn_implementation"), device=device or "cpu", dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model(model or "smollm2"), **kwargs)
+    if device is not None and "device_map" not in kwargs:
+        base = base.to(device)
     return PeftModel.from_pretrained(base, str(folder)).eval(), AutoTokenizer.from_pretrained(folder)
