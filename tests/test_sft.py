@@ -830,6 +830,30 @@ def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_pat
     assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="auto")) == "cuda"
 
 
+def test_deepspeed_zero3_from_accelerate_launch_is_refused_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys,
+                                                                                   no_model_loading, monkeypatch):
+    """`accelerate launch` with a DeepSpeed ZeRO-3 configuration sets ACCELERATE_USE_DEEPSPEED, which the Trainer reads:
+    the model would load partitioned and giva sft's first validation failed with "'weight' must be 2-D" after the load
+    (seen under torchrun on 2 CPU processes). Stage 3 from the stage variable or a config file is refused; stage 2,
+    which partitions no weight, is not (by hand it gave the one-process run's losses and adapter, to 1e-5)."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    for variable, value in (("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"), ("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))):
+        with monkeypatch.context() as env:
+            env.setenv(variable, value)
+            assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
+            assert one_error_line(capsys) == (
+                "giva sft: error: DeepSpeed ZeRO-3 (accelerate launch's configuration: ACCELERATE_USE_DEEPSPEED, stage 3) "
+                "is not supported by giva sft, whose validation, exact-match scoring and adapter save read whole weights; "
+                "launch with torchrun, or ZeRO stage 1 or 2, or train through the Python API (giva.initialize under "
+                "DeepSpeed: docs/distributed.md)")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    preflight(options(chat_model, pc_jsonl, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(
     "content, message",
     [

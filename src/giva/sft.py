@@ -332,6 +332,23 @@ def check_quantization(options: SFTOptions) -> None:
         raise ImportError(f"{flag} needs bitsandbytes: pip install 'giva[quant]' (bitsandbytes >= 0.50)")
 
 
+def check_zero3() -> None:
+    """DeepSpeed ZeRO-3 from ``accelerate launch``'s configuration (``ACCELERATE_USE_DEEPSPEED``, which the Trainer
+    reads) is refused before the model loads: the Trainer would load it partitioned (``zero.Init``), and giva sft's own
+    validation before training, its exact-match generation (split over the processes) and its save of the adapter (on
+    the first process) read whole weights. Such a launch failed in the first validation with "'weight' must be 2-D"
+    once the model had loaded. ZeRO stages 1 and 2 partition no weights: they run as data parallelism does."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true", "yes", "on"):
+        return
+    from accelerate.utils import DeepSpeedPlugin
+
+    if DeepSpeedPlugin().zero_stage == 3:  # from ACCELERATE_DEEPSPEED_ZERO_STAGE or ACCELERATE_DEEPSPEED_CONFIG_FILE
+        raise ValueError("DeepSpeed ZeRO-3 (accelerate launch's configuration: ACCELERATE_USE_DEEPSPEED, stage 3) is not "
+                         "supported by giva sft, whose validation, exact-match scoring and adapter save read whole "
+                         "weights; launch with torchrun, or ZeRO stage 1 or 2, or train through the Python API "
+                         "(giva.initialize under DeepSpeed: docs/distributed.md)")
+
+
 def check_output_dirs(options: SFTOptions) -> None:
     """The adapter folder and the LoRA folder can be written, and hold nothing a run would lose: each may be new or
     empty, or hold an earlier run's adapter (the LoRA folder: a LoRA export), replaced only with ``--overwrite``."""
@@ -539,6 +556,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     device = resolve_device(options)
     check_attention(options, device)
     check_quantization(options)
+    check_zero3()
     check_output_dirs(options)
     check_tracking(options)
     path = resolve_model(options.model)
