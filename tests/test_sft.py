@@ -835,7 +835,8 @@ def test_deepspeed_zero3_from_accelerate_launch_is_refused_before_the_model_load
     """`accelerate launch` with a DeepSpeed ZeRO-3 configuration sets ACCELERATE_USE_DEEPSPEED, which the Trainer reads:
     the model would load partitioned and giva sft's first validation failed with "'weight' must be 2-D" after the load
     (seen under torchrun on 2 CPU processes). Stage 3 from the stage variable or a config file is refused; stage 2,
-    which partitions no weight, is not (by hand it gave the one-process run's losses and adapter, to 1e-5)."""
+    which partitions no weight, is not (benchmarks/diagnostics/sft_deepspeed.sh: on SmolLM2 the adapter of plain
+    torchrun, bit for bit)."""
     pytest.importorskip("deepspeed")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     config = tmp_path / "ds.json"
@@ -1120,6 +1121,39 @@ def test_a_run_trains_on_its_device_and_reloads_as_it_was_trained(chat_model, pc
         with pytest.raises(ValueError, match=r"quantized=True, but .* is not a run on a quantised base \(its "
                                              r"sft_result\.json has neither load_in_4bit nor load_in_8bit\)"):
             load_sft_adapter(str(out), quantized=True)
+
+
+def test_the_trl_example_trains_giva_on_a_4bit_base_and_its_adapter_reloads_onto_one(chat_model, pc_jsonl, tmp_path):
+    """examples/sft_qlora.py, the calls a user's own TRL script makes (an NF4 base in bf16, GivaConfig as TRL's
+    peft_config, GivaInitCallback, gradient checkpointing): the bases are set, the vectors train in fp32, and the
+    saved adapter, put on a fresh 4-bit base with PEFT's own PeftModel.from_pretrained, gives the trained logits."""
+    pytest.importorskip("bitsandbytes")
+    import importlib.util as loader
+
+    from accelerate.utils import extract_model_from_parallel
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    spec = loader.spec_from_file_location("sft_qlora", Path(__file__).parents[1] / "examples" / "sft_qlora.py")
+    example = loader.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = tmp_path / "out"
+    trainer = example.main(["--model", str(chat_model), "--data", str(pc_jsonl), "--output-dir", str(out),
+                            "--max-steps", "3"])
+    trained = extract_model_from_parallel(trainer.model, keep_fp32_wrapper=False).eval()
+    layers = [m for m in trained.modules() if isinstance(m, giva.GivaLayer)]
+    assert len(layers) == 14 and type(layers[0].base_layer).__name__ == "Linear4bit"
+    vectors = {n: p for n, p in trained.named_parameters() if "giva_lambda" in n}
+    assert {p.dtype for p in vectors.values()} == {torch.float32} and all(p.requires_grad for p in vectors.values())
+    assert all(p.abs().sum() > 0 for n, p in vectors.items() if "lambda_o" in n)  # from 0: they trained
+    basis = layers[0].giva_A["default"].float()
+    torch.testing.assert_close(basis @ basis.T, torch.eye(basis.shape[0]), atol=1e-5, rtol=0)  # set, orthonormal rows
+    base = AutoModelForCausalLM.from_pretrained(chat_model, quantization_config=example.quantisation(),
+                                                dtype=torch.bfloat16, device_map={"": "cpu"})
+    reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+    batch = trainer.processing_class(["the film is good . positive or negative ?"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).logits, trained(**batch).logits)
 
 
 def test_giva_vectors_on_a_4bit_base_stay_fp32_and_lambda_s_moves_at_a_qlora_learning_rate(chat_model, pc_jsonl, tmp_path,
