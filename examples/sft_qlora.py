@@ -5,8 +5,8 @@
     torchrun --nproc_per_node 8 -- examples/sft_qlora.py ...       # one process per GPU
 
 Three things differ from a LoRA script: the config is ``giva.GivaConfig``, ``giva.GivaInitCallback`` fills the
-bases from the trainer's first batch before the first step (and keeps the vectors in fp32, where TRL casts a
-quantised model's trainable parameters to bf16), and ``import giva`` registers GiVA with PEFT (in the process that
+bases from the trainer's first batches before the first step (k=4), and keeps the vectors in fp32 where TRL casts a
+quantised model's trainable parameters to bf16; and ``import giva`` registers GiVA with PEFT (in the process that
 reloads the adapter too). `giva sft` runs these same calls and adds the checks before loading, the validation and
 exact match, checkpoints and the atomic save (docs/sft.md).
 """
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> SFTTrainer:
         model=model,
         args=SFTConfig(output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
                        learning_rate=args.lr, bf16=True,
-                       gradient_checkpointing=True, logging_steps=5, save_strategy="no", report_to=[], use_cpu=not cuda),
+                       gradient_checkpointing=True,  # named activation_checkpointing in newer transformers, which warn here
+                       logging_steps=5, save_strategy="no", report_to=[], use_cpu=not cuda),
         train_dataset=rows(args.data),
         processing_class=AutoTokenizer.from_pretrained(path),
         peft_config=giva.GivaConfig(r=8, target_modules="all-linear"),  # TRL leaves the LM head out

@@ -335,7 +335,7 @@ def test_device_script_selects_every_cuda_test():
     assert not any("test_training_step_runs_nothing_per_token_but_matmuls" in t and "cpu" in t for t in selected)
     sft = [t for t in selected if t.startswith("tests/test_sft.py::")]
     assert sorted(sft) == sorted([f"tests/test_sft.py::test_a_run_trains_on_its_device_and_reloads_as_it_was_trained[{r}-cuda]"
-                                  for r in ("fp32", "bf16", "nf4-bf16")]
+                                  for r in ("fp32", "bf16", "nf4-bf16", "int8")]
                                  + ["tests/test_sft.py::test_a_packed_step_is_the_padded_step_over_the_same_rows[sdpa-cuda]"])
 
 

@@ -837,7 +837,6 @@ def test_deepspeed_zero3_from_accelerate_launch_is_refused_before_the_model_load
     (seen under torchrun on 2 CPU processes). Stage 3 from the stage variable or a config file is refused; stage 2,
     which partitions no weight, is not (benchmarks/diagnostics/sft_deepspeed.sh: on SmolLM2 the adapter of plain
     torchrun, bit for bit)."""
-    pytest.importorskip("deepspeed")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     config = tmp_path / "ds.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
@@ -1070,20 +1069,23 @@ def test_a_4bit_base_trains_through_sft(chat_model, pc_jsonl, tmp_path):
     assert isinstance(base_layer, Linear4bit) and (tmp_path / "out" / "adapter_config.json").exists()
 
 
-RUNS = {"fp32": {}, "bf16": dict(bf16=True), "nf4-bf16": dict(load_in_4bit=True, bf16=True, gradient_checkpointing=True)}
+RUNS = {"fp32": {}, "bf16": dict(bf16=True), "nf4-bf16": dict(load_in_4bit=True, bf16=True, gradient_checkpointing=True),
+        "int8": dict(load_in_8bit=True)}
+QUANTISED_LAYER = {"load_in_4bit": "Linear4bit", "load_in_8bit": "Linear8bitLt"}
 
 
 @pytest.mark.parametrize("device", ON_CUDA_TOO)
 @pytest.mark.parametrize("run", RUNS)
 def test_a_run_trains_on_its_device_and_reloads_as_it_was_trained(chat_model, pc_jsonl, tmp_path, run, device):
-    """The user's path, on the CPU and (marked cuda) on a GPU: `giva sft` in fp32, bf16 and the QLoRA recipe (NF4 base,
-    bf16, gradient checkpointing) lowers the validation loss, and load_sft_adapter rebuilds the base as the run's
-    sft_result.json says it was loaded (bf16 weights, the NF4 base) with the trained model's logits: bit for bit on
+    """The user's path, on the CPU and (marked cuda) on a GPU: `giva sft` in fp32, bf16, the QLoRA recipe (NF4 base,
+    bf16, gradient checkpointing) and on an int8 base lowers the validation loss, and load_sft_adapter rebuilds the
+    base as the run's sft_result.json says it was loaded (bf16 weights, the quantised base) with the trained logits: bit for bit on
     the CPU, to the dtype's tolerance on a GPU. quantized=False puts the same adapter on the unquantised base."""
     from accelerate.utils import extract_model_from_parallel
 
     flags = RUNS[run]
-    if "load_in_4bit" in flags:
+    quantised = next((QUANTISED_LAYER[k] for k in flags if k in QUANTISED_LAYER), None)
+    if quantised:
         pytest.importorskip("bitsandbytes")
     from peft import get_peft_model_state_dict
 
@@ -1097,7 +1099,7 @@ def test_a_run_trains_on_its_device_and_reloads_as_it_was_trained(chat_model, pc
     assert {p.device.type for p in reloaded.parameters()} == {device}
     assert reloaded.get_base_model().model.embed_tokens.weight.dtype == dtype  # the run's dtype, not the checkpoint's
     layer = reloaded.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-    assert type(layer).__name__ == ("Linear4bit" if "load_in_4bit" in flags else "Linear")
+    assert type(layer).__name__ == (quantised or "Linear")
     batch = tokenizer(["the film is good . positive or negative ?"], return_tensors="pt").to(device)
     with torch.no_grad():
         expected, got = trained(**batch).logits, reloaded(**batch).logits
@@ -1109,18 +1111,67 @@ def test_a_run_trains_on_its_device_and_reloads_as_it_was_trained(chat_model, pc
     else:
         torch.testing.assert_close(got, expected)  # the dtype's default tolerance
     assert not torch.allclose(got, base)  # the adapter is part of the comparison
-    if "load_in_4bit" in flags:
+    if quantised:
         plain, _ = load_sft_adapter(str(out), device=device, quantized=False)
         layer = plain.get_base_model().model.layers[0].self_attn.q_proj.base_layer
-        assert type(layer).__name__ == "Linear" and layer.weight.dtype == torch.bfloat16
+        assert type(layer).__name__ == "Linear" and layer.weight.dtype == dtype
         vectors, reloaded_vectors = get_peft_model_state_dict(plain), get_peft_model_state_dict(reloaded)
-        assert all(torch.equal(v, reloaded_vectors[k]) for k, v in vectors.items())
+        assert vectors and all(torch.equal(v, reloaded_vectors[k]) for k, v in vectors.items())
         with torch.no_grad():
             assert torch.isfinite(plain(**batch).logits).all()
     else:
         with pytest.raises(ValueError, match=r"quantized=True, but .* is not a run on a quantised base \(its "
                                              r"sft_result\.json has neither load_in_4bit nor load_in_8bit\)"):
             load_sft_adapter(str(out), quantized=True)
+
+
+def test_a_checkpoint_reloads_as_its_run_was_trained(chat_model, pc_jsonl, tmp_path):
+    """A checkpoint-N folder of --save-steps holds no sft_result.json: load_sft_adapter reads the run's record beside it
+    (giva_sft_options.json), so the checkpoint of a QLoRA run reloads onto the NF4 base in bf16, as the final adapter
+    does; it loaded as an fp32 run's before."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "out"
+    train_sft(options(chat_model, pc_jsonl, out, load_in_4bit=True, bf16=True, max_steps=2, save_steps=2))
+    checkpoint = Path(f"{out}-checkpoints") / "checkpoint-2"
+    assert not (checkpoint / "sft_result.json").exists()
+    (from_checkpoint, tokenizer), (final, _) = load_sft_adapter(str(checkpoint)), load_sft_adapter(str(out))
+    for model in (from_checkpoint, final):
+        base = model.get_base_model().model
+        assert type(base.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+        assert base.embed_tokens.weight.dtype == torch.bfloat16
+    batch = tokenizer(["the film is good . positive or negative ?"], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(from_checkpoint(**batch).logits, final(**batch).logits)  # step 2's adapter is the final one
+    elsewhere = tmp_path / "copy"  # the same files out of their run's folder: an fp32 run's, as documented
+    shutil.copytree(checkpoint, elsewhere)
+    assert load_sft_adapter(str(elsewhere))[0].get_base_model().model.embed_tokens.weight.dtype == torch.float32
+    find_spec = importlib.util.find_spec  # a machine without bitsandbytes: a clear error, not transformers' own
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else find_spec(name, *a))
+        with pytest.raises(ImportError, match=r"trained on a 4-bit base, which needs bitsandbytes: pip install "
+                                              r"'giva\[quant\]', or pass quantized=False"):
+            load_sft_adapter(str(out))
+        assert load_sft_adapter(str(out), quantized=False)[0].get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_reload_leaves_out_a_flash_kernel_it_cannot_run(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """A run trained with --attn-implementation flash_attention_2 reloads where the kernel cannot run (here: the CPU,
+    no flash-attn) with the model's own attention, which trains the same adapter; before, the reload raised after
+    transformers had tried to fetch a flash kernel from the hub. attn_implementation= overrides the run's choice."""
+    out = tmp_path / "out"
+    train_sft(options(chat_model, pc_jsonl, out, max_steps=1, attn_implementation="eager"))
+    record = json.loads((out / "sft_result.json").read_text())
+    expected, _ = load_sft_adapter(str(out))
+    assert expected.get_base_model().config._attn_implementation == "eager"  # the run's own choice
+    record["options"]["attn_implementation"] = "flash_attention_2"
+    (out / "sft_result.json").write_text(json.dumps(record))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    reloaded, tokenizer = load_sft_adapter(str(out))
+    assert reloaded.get_base_model().config._attn_implementation == "sdpa"  # the model's default
+    assert load_sft_adapter(str(out), attn_implementation="eager")[0].get_base_model().config._attn_implementation == "eager"
+    batch = tokenizer(["the film is good . positive or negative ?"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, expected(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_the_trl_example_trains_giva_on_a_4bit_base_and_its_adapter_reloads_onto_one(chat_model, pc_jsonl, tmp_path):
@@ -1344,14 +1395,18 @@ def test_a_packed_step_is_the_padded_step_over_the_same_rows(chat_model, varied_
     assert (padded.steps, packed.steps, padded.packed_sequences, packed.packed_sequences) == (1, 1, None, 1)
     assert "8 training rows (packed into 1 sequences)" in packed.summary()
     a, b = adapter_tensors(tmp_path / "padded"), adapter_tensors(tmp_path / "packed")
+    # on a GPU the two layouts take other kernels, whose float sums an SVD amplifies where singular values lie close
+    # (3.4e-4 between one and two processes on the CPU, docs/sft.md): looser there; attention across the rows moves
+    # the loss by far more than 1e-4
+    basis, vectors, loss = (1e-5, 1e-3, 1e-5) if device == "cpu" else (1e-3, 1e-2, 1e-4)
     for key in a:
         if "giva_A" in key:
-            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=basis, msg=key)
         elif "lambda" in key:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
-    assert packed.train_loss == pytest.approx(padded.train_loss, rel=1e-5)
+            torch.testing.assert_close(b[key], a[key], rtol=vectors, atol=1e-5, msg=key)
+    assert packed.train_loss == pytest.approx(padded.train_loss, rel=loss)
     # validation rows one at a time (--batch-size 1) against 8 at once, padding-free: the same loss per token
-    assert packed.val_loss_before == pytest.approx(padded.val_loss_before, rel=1e-6)
+    assert packed.val_loss_before == pytest.approx(padded.val_loss_before, rel=loss / 10)
 
 
 def test_packing_sizes_the_schedule_and_the_calibration_check_by_sequences(chat_model, varied_jsonl, tmp_path):

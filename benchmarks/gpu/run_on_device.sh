@@ -23,7 +23,7 @@
 #    gpu    python -m giva.bench.gpu: results.json, results.md and steps.png, rewritten after every row;
 #           limit GPU_TIMEOUT_S (default: what DEADLINE_S leaves after reserving the later stages' limits), the
 #           suite's row budget 25 s less
-#    tests  pytest -m cuda over $CUDA_TESTS (the image's pytest), into tests.log; limit TESTS_TIMEOUT_S (75)
+#    tests  pytest -m cuda over $CUDA_TESTS (the image's pytest), into tests.log; limit TESTS_TIMEOUT_S (90)
 #    serve  the accelerator serve benchmark, N = 1, 8, 32 adapters, into serve/; limit SERVE_TIMEOUT_S (90)
 # $OUT then holds results.json, results.md, steps.png, run.log, tests.log, serve/results.json and
 # serve/results.md (7 files; the tool returns 8 at most). Further arguments go to `python -m giva.bench.gpu`
@@ -121,11 +121,17 @@ import importlib, importlib.metadata, os
 site = os.environ["PYTHONPATH"].split(":")[0]
 for wheel in sys.argv[2:]:  # each carried package must be the one imported (the suite imports bitsandbytes lazily)
     name, carried = wheel.split("/")[-1].split("-")[:2]
-    module = importlib.import_module(name)
-    found = importlib.metadata.version(name)
-    print(f"{name} {found} ({module.__file__})")
-    if found != carried or not module.__file__.startswith(site):
-        sys.exit(f"run_on_device.sh: imported {name} {found} from {module.__file__}, not the carried {carried}")
+    try:
+        module = importlib.import_module(name)
+        found, where = importlib.metadata.version(name), module.__file__
+    except Exception as error:  # noqa: BLE001 - reported below
+        found, where = None, f"{type(error).__name__}: {error}"
+    print(f"{name} {found} ({where})")
+    if found != carried or not where.startswith(site):
+        problem = f"run_on_device.sh: imported {name} {found} from {where}, not the carried {carried}"
+        if name == "bitsandbytes":
+            sys.exit(problem)
+        print(f"{problem}; giva sft's CUDA tests may fail or skip (the other stages go on)")  # the optional sft wheels
 PY
 
 # The test files holding the tests marked `cuda` (tests/test_bench_gpu.py checks that no other file has one).
@@ -134,7 +140,7 @@ TINY=""
 for arg in "$@"; do [ "$arg" = "--tiny" ] && TINY="--tiny"; done
 STAGES=${STAGES:-gpu tests serve}
 own_limit() {  # a stage's own time limit (empty for gpu: the rest)
-    case "$1" in gpu) echo "${GPU_TIMEOUT_S:-}" ;; tests) echo "${TESTS_TIMEOUT_S:-75}" ;; serve) echo "${SERVE_TIMEOUT_S:-90}" ;; esac
+    case "$1" in gpu) echo "${GPU_TIMEOUT_S:-}" ;; tests) echo "${TESTS_TIMEOUT_S:-90}" ;; serve) echo "${SERVE_TIMEOUT_S:-90}" ;; esac
 }
 summary=()
 failed=0

@@ -338,9 +338,10 @@ def check_zero3() -> None:
     validation before training, its exact-match generation (split over the processes) and its save of the adapter (on
     the first process) read whole weights. Such a launch failed in the first validation with "'weight' must be 2-D"
     once the model had loaded. ZeRO stages 1 and 2 partition no weights: they run as data parallelism does."""
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true", "yes", "on"):
+    from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):  # accelerate's reading of it (transformers' is the same)
         return
-    from accelerate.utils import DeepSpeedPlugin
 
     if DeepSpeedPlugin().zero_stage == 3:  # from ACCELERATE_DEEPSPEED_ZERO_STAGE or ACCELERATE_DEEPSPEED_CONFIG_FILE
         raise ValueError("DeepSpeed ZeRO-3 (accelerate launch's configuration: ACCELERATE_USE_DEEPSPEED, stage 3) is not "
@@ -640,8 +641,9 @@ def _load_model(path: str, options: SFTOptions, device: str) -> Any:
 def base_loading(bf16: bool, fp16: bool, load_in_4bit: bool, load_in_8bit: bool, attn_implementation: Optional[str],
                  device: str, dtype: Any = None) -> dict[str, Any]:
     """``from_pretrained``'s arguments for the base model of a run with these flags: its weights in bf16 with
-    ``--bf16``, else fp32 (``dtype`` overrides), and with ``--load-in-4bit`` the NF4 double-quantised base computing in
-    the run's precision, placed on ``device`` (a quantised model is placed as it loads; a plain one the Trainer moves)."""
+    ``--bf16``, else fp32 (``dtype`` overrides); with ``--load-in-4bit`` the NF4 double-quantised base computing in the
+    run's precision, with ``--load-in-8bit`` the int8 base, either placed on ``device`` as it loads (a plain model is
+    moved later, by the Trainer or the caller)."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -1041,15 +1043,18 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
 
 
 def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = None, device: Optional[str] = None,
-                     quantized: Optional[bool] = None) -> tuple[Any, Any]:
+                     quantized: Optional[bool] = None, attn_implementation: Optional[str] = None) -> tuple[Any, Any]:
     """Reload what `giva sft` saved, as it was trained: (the causal LM with its GiVA adapter, in eval mode; the tokenizer).
 
     The run's ``sft_result.json`` says how its base was loaded: in bf16 after ``--bf16`` (else fp32), quantised after
-    ``--load-in-4bit`` / ``--load-in-8bit`` (the same bitsandbytes settings), with its ``--attn-implementation``.
-    ``dtype`` overrides the weights' dtype, ``quantized=False`` loads the unquantised base (an adapter trained on a
-    4-bit base served on its bf16 base, as QLoRA adapters are), ``model`` the base model (default: the adapter
-    config's), ``device`` where it goes (default the CPU). A folder without the file (a checkpoint, an adapter
-    written by other code) loads as an fp32 run's."""
+    ``--load-in-4bit`` / ``--load-in-8bit`` (the same bitsandbytes settings), with its ``--attn-implementation``
+    unless that is a flash kernel the reload cannot run (not on a CUDA device, or its package missing: the model's own
+    choice then; the kernel does not change what was trained). ``attn_implementation`` and ``dtype`` override the
+    run's, ``quantized=False`` loads the unquantised base (an adapter trained on a 4-bit base served on the full
+    base, as QLoRA adapters are), ``model`` the base model (default: the adapter
+    config's), ``device`` where it goes (default the CPU). A ``checkpoint-N`` folder of ``--save-steps`` is read
+    through its run's record beside it; a folder with neither (an adapter written by other code) loads as an fp32
+    run's."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -1058,16 +1063,29 @@ def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = 
     folder = Path(os.path.expanduser(output_dir))
     if model is None:
         model = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    run = json.loads((folder / RESULT_FILE).read_text(encoding="utf-8"))["options"] if (folder / RESULT_FILE).is_file() else {}
+    record = next((f for f in (folder / RESULT_FILE, folder.parent / OPTIONS_FILE)
+                   if f.is_file() and (f.name == RESULT_FILE or folder.name.removeprefix("checkpoint-").isdigit())), None)
+    run = json.loads(record.read_text(encoding="utf-8"))["options"] if record else {}
     flags = {key: bool(run.get(key)) for key in ("bf16", "fp16", "load_in_4bit", "load_in_8bit")}
     if quantized is False:
         flags.update(load_in_4bit=False, load_in_8bit=False)
     elif quantized and not (flags["load_in_4bit"] or flags["load_in_8bit"]):
-        why = (f"its {RESULT_FILE} has neither load_in_4bit nor load_in_8bit" if run else f"it holds no {RESULT_FILE} "
+        why = (f"its {record.name} has neither load_in_4bit nor load_in_8bit" if record else f"it holds no {RESULT_FILE} "
                "to say how its base was quantised")
         raise ValueError(f"load_sft_adapter: quantized=True, but {folder} is not a run on a quantised base ({why})")
-    kwargs = base_loading(**flags, attn_implementation=run.get("attn_implementation"), device=device or "cpu", dtype=dtype)
+    if (flags["load_in_4bit"] or flags["load_in_8bit"]) and importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"load_sft_adapter: the run in {folder} trained on a {'4' if flags['load_in_4bit'] else '8'}-bit "
+                          "base, which needs bitsandbytes: pip install 'giva[quant]', or pass quantized=False to put the "
+                          "adapter on the unquantised base")
+    device = device or "cpu"
+    attention = attn_implementation or run.get("attn_implementation")
+    if attn_implementation is None and attention in FLASH_PACKAGES and not (
+            device.startswith("cuda") and importlib.util.find_spec(FLASH_PACKAGES[attention][0]) is not None):
+        logger.info("load_sft_adapter: the run's %s does not run on %s here; the model's own attention instead",
+                    attention, device)
+        attention = None
+    kwargs = base_loading(**flags, attn_implementation=attention, device=device, dtype=dtype)
     base = AutoModelForCausalLM.from_pretrained(resolve_model(model or "smollm2"), **kwargs)
-    if device is not None and "device_map" not in kwargs:
+    if "device_map" not in kwargs:
         base = base.to(device)
     return PeftModel.from_pretrained(base, str(folder)).eval(), AutoTokenizer.from_pretrained(folder)
