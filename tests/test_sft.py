@@ -22,6 +22,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import giva.sft
+import giva.sft_checkpoints
 import giva.sft_tracking
 from giva.cli import main
 from giva.sft import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
@@ -1571,13 +1572,14 @@ def record_folder(tmp_path, chat_model, data, **stored_options) -> Path:
     folder = tmp_path / "out-checkpoints"
     (folder / "checkpoint-2").mkdir(parents=True)
     (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
-    record = giva.sft.run_record(options(chat_model, "rows.jsonl", tmp_path / "out", save_steps=2, **stored_options), data)
+    record = giva.sft_checkpoints.run_record(options(chat_model, "rows.jsonl", tmp_path / "out", save_steps=2, **stored_options), data)
     (folder / "giva_sft_options.json").write_text(json.dumps(record))
     return folder
 
 
 def test_resume_compares_what_changes_training_and_nothing_else(chat_model, tmp_path, monkeypatch):
-    from giva.sft import SFTData, check_checkpoints
+    from giva.sft_checkpoints import check_checkpoints
+    from giva.sft_data import SFTData
 
     data = SFTData(train=[{"prompt": "a", "completion": "b"}], validation=[{"prompt": "c", "completion": "d"}],
                    source="rows", labels=None)
@@ -1613,7 +1615,8 @@ def test_a_checkpoint_whose_trainer_state_is_empty_or_invalid_counts_as_cut_off(
     """A machine that went down while the Trainer wrote trainer_state.json (its last file) leaves it empty or half
     written: --resume failed on it with an unnamed JSON error; it warns, naming the file, and resumes from the
     checkpoint before."""
-    from giva.sft import SFTData, check_checkpoints
+    from giva.sft_checkpoints import check_checkpoints
+    from giva.sft_data import SFTData
 
     data = SFTData(train=[{"prompt": "a", "completion": "b"}], validation=[{"prompt": "c", "completion": "d"}],
                    source="rows", labels=None)

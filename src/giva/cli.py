@@ -367,7 +367,7 @@ def _seed(value: str) -> int:
 
 def _sft_seed(value: str) -> int:
     number = _seed(value)
-    if number > 2**32 - 1:  # giva.sft.MAX_SEED: transformers' set_seed seeds numpy with it
+    if number > 2**32 - 1:  # giva.sft_options.MAX_SEED: transformers' set_seed seeds numpy with it
         raise argparse.ArgumentTypeError(f"must be <= {2**32 - 1} (2**32 - 1: transformers seeds numpy with it), got {value!r}")
     return number
 
