@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import re
 import subprocess
@@ -313,6 +314,19 @@ def test_tiny_suite_end_to_end(tmp_path):
         assert f"| {gpu.ROW_LABELS[name]} |" in table
     assert f"torch {torch.__version__}" in table and f"PEFT {saved['environment']['peft']}" in table
     assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_device_script_fetches_the_versions_the_tests_here_run_with():
+    """`run_on_device.sh --fetch` downloads the wheels the GPU machine lacks: PEFT, bitsandbytes and TRL at the versions
+    installed here (what the CPU tests ran with), so that the device tests the same library; datasets is older on
+    purpose (the machine's pyarrow and huggingface-hub)."""
+    from importlib.metadata import version
+
+    script = (BENCH_SRC.parents[2] / "benchmarks/gpu/run_on_device.sh").read_text()
+    pins = dict(re.findall(r"\b([a-z]+)==([0-9][0-9.]*)", re.search(r"^PEFT_PIN=.*?^SFT_PINS=\(.*?\)", script, re.M | re.S).group(0)))
+    assert set(pins) == {"peft", "bitsandbytes", "trl", "datasets", "dill", "multiprocess"}
+    for package in ("peft", "trl") + (("bitsandbytes",) if importlib.util.find_spec("bitsandbytes") else ()):
+        assert pins[package] == version(package), package
 
 
 def test_device_script_selects_every_cuda_test():

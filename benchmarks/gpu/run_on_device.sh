@@ -3,12 +3,9 @@
 # 5.17, pytest, an older PEFT, nothing downloadable): the gpu suite, the CUDA tests and the accelerator serve
 # benchmark, each under its own time limit, results under $OUT as they are measured.
 #
-# 1. Here, once: the wheels the machine lacks (gitignored; they travel because `carry` names the folder):
-#        python3 -m pip download --no-deps peft==0.21.2 -d benchmarks/gpu/wheels
-#        python3 -m pip download --no-deps bitsandbytes==0.50.2 --platform manylinux_2_24_x86_64 \
-#            --python-version 3.12 --only-binary=:all: -d benchmarks/gpu/wheels
-#        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d benchmarks/gpu/wheels/sft \
-#            trl==1.16.0 datasets==4.8.0 dill==0.4.0 multiprocess==0.70.18
+# 1. Here, once: the wheels the machine lacks (gitignored; they travel because `carry` names the folder), the
+#    versions pinned below (PEFT the one the tests here run with; what the machine's Python 3.12 takes):
+#        bash benchmarks/gpu/run_on_device.sh --fetch
 #    (bitsandbytes, 43 MB with its CUDA 13 library, is optional: without it the two 4-bit rows and the NF4 tests
 #    are skipped with that reason; so are TRL and the datasets it needs, 1.7 MB, which the machine lacks: without
 #    them `giva sft`'s CUDA tests are skipped). Then, before EVERY call, stamp the commit (the tree travels without .git):
@@ -33,6 +30,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WHEELS=benchmarks/gpu/wheels
+PEFT_PIN=peft==0.21.2
+BNB_PIN=bitsandbytes==0.50.2
+SFT_PINS=(trl==1.16.0 datasets==4.8.0 dill==0.4.0 multiprocess==0.70.18)  # datasets 4.8: older pyarrow and hub
+if [ "${1:-}" = "--fetch" ]; then  # pip skips a wheel already in the folder
+    PIP_DOWNLOAD=("${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12)
+    "${PIP_DOWNLOAD[@]}" "$PEFT_PIN" -d "$WHEELS"
+    "${PIP_DOWNLOAD[@]}" --platform manylinux_2_24_x86_64 "$BNB_PIN" -d "$WHEELS"
+    "${PIP_DOWNLOAD[@]}" "${SFT_PINS[@]}" -d "$WHEELS/sft"
+    find "$WHEELS" -name '*.whl' | LC_ALL=C sort | sed 's/^/run_on_device.sh: /'
+    exit 0
+fi
 # The digest of src/ that --stamp records beside the commit, checked again where the tree arrives.
 source_digest() { find src -type f -name '*.py' | LC_ALL=C sort | xargs cat | sha256sum | cut -c1-16; }
 if [ "${1:-}" = "--stamp" ]; then
