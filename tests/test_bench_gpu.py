@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import re
 import subprocess
@@ -316,17 +315,27 @@ def test_tiny_suite_end_to_end(tmp_path):
     assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_the_device_script_fetches_the_versions_the_tests_here_run_with():
-    """`run_on_device.sh --fetch` downloads the wheels the GPU machine lacks: PEFT, bitsandbytes and TRL at the versions
-    installed here (what the CPU tests ran with), so that the device tests the same library; datasets is older on
-    purpose (the machine's pyarrow and huggingface-hub)."""
-    from importlib.metadata import version
+def test_the_device_script_fetches_pins_within_giva_s_requirements():
+    """`run_on_device.sh --fetch` downloads the wheels the GPU machine lacks at the pins at the top of the script: one
+    pin per package, PEFT, TRL and bitsandbytes within what giva requires (pyproject.toml, MIN_PEFT_VERSION), datasets
+    within what that TRL asks for. (Whether a pin is the version the tests here ran with, --fetch says when it runs:
+    a newer release installed here would otherwise fail this test.)"""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
 
-    script = (BENCH_SRC.parents[2] / "benchmarks/gpu/run_on_device.sh").read_text()
-    pins = dict(re.findall(r"\b([a-z]+)==([0-9][0-9.]*)", re.search(r"^PEFT_PIN=.*?^SFT_PINS=\(.*?\)", script, re.M | re.S).group(0)))
-    assert set(pins) == {"peft", "bitsandbytes", "trl", "datasets", "dill", "multiprocess"}
-    for package in ("peft", "trl") + (("bitsandbytes",) if importlib.util.find_spec("bitsandbytes") else ()):
-        assert pins[package] == version(package), package
+    from giva.peft_compat import MIN_PEFT_VERSION
+
+    root = BENCH_SRC.parents[2]
+    script = (root / "benchmarks/gpu/run_on_device.sh").read_text()
+    block = re.search(r"^PEFT_PIN=.*?^SFT_PINS=\(.*?\)", script, re.M | re.S).group(0)
+    pins = re.findall(r"\b([a-z]+)==([0-9][0-9.]*)", block)
+    assert sorted(name for name, _ in pins) == ["bitsandbytes", "datasets", "dill", "multiprocess", "peft", "trl"]
+    pins = {name: Version(version) for name, version in pins}
+    assert pins["peft"] >= Version(MIN_PEFT_VERSION)
+    extras = re.findall(r'"((?:trl|bitsandbytes|datasets)[<>=!~][^"]*)"', (root / "pyproject.toml").read_text())
+    for requirement in map(Requirement, extras):  # the sft and quant extras (and the test extra's looser ones)
+        assert pins[requirement.name] in requirement.specifier, requirement
+    assert pins["datasets"] >= Version("4.7")  # TRL 1.16's floor
 
 
 def test_device_script_selects_every_cuda_test():

@@ -33,11 +33,31 @@ WHEELS=benchmarks/gpu/wheels
 PEFT_PIN=peft==0.21.2
 BNB_PIN=bitsandbytes==0.50.2
 SFT_PINS=(trl==1.16.0 datasets==4.8.0 dill==0.4.0 multiprocess==0.70.18)  # datasets 4.8: older pyarrow and hub
-if [ "${1:-}" = "--fetch" ]; then  # pip skips a wheel already in the folder
-    PIP_DOWNLOAD=("${PYTHON:-python3}" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12)
+if [ "${1:-}" = "--fetch" ]; then  # pip skips a wheel already in the folder; one of an older pin is removed
+    PY=${PYTHON:-python3}
+    PIP_DOWNLOAD=("$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12)
+    stale() {  # FOLDER PIN...: remove the folder's wheels of these packages at another version than pinned
+        local folder=$1 pin; shift
+        for pin in "$@"; do
+            for wheel in "$folder/${pin%%==*}"-*.whl; do
+                [ -e "$wheel" ] && [[ "$(basename "$wheel")" != "${pin%%==*}-${pin##*==}-"* ]] && rm -v "$wheel"
+            done
+        done
+        return 0
+    }
+    mkdir -p "$WHEELS/sft"
+    stale "$WHEELS" "$PEFT_PIN" "$BNB_PIN"
+    stale "$WHEELS/sft" "${SFT_PINS[@]}"
     "${PIP_DOWNLOAD[@]}" "$PEFT_PIN" -d "$WHEELS"
-    "${PIP_DOWNLOAD[@]}" --platform manylinux_2_24_x86_64 "$BNB_PIN" -d "$WHEELS"
-    "${PIP_DOWNLOAD[@]}" "${SFT_PINS[@]}" -d "$WHEELS/sft"
+    # the optional ones: a failed download is said, and the rest still comes
+    "${PIP_DOWNLOAD[@]}" --platform manylinux_2_24_x86_64 "$BNB_PIN" -d "$WHEELS" \
+        || echo "run_on_device.sh: $BNB_PIN not fetched: the 4-bit rows and tests will be skipped" >&2
+    "${PIP_DOWNLOAD[@]}" "${SFT_PINS[@]}" -d "$WHEELS/sft" \
+        || echo "run_on_device.sh: ${SFT_PINS[*]} not fetched: giva sft's CUDA tests will be skipped" >&2
+    for pin in "$PEFT_PIN" "$BNB_PIN" "${SFT_PINS[0]}"; do  # the device should test what the tests here ran with
+        here=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "${pin%%==*}" 2>/dev/null) || continue
+        [ "$here" = "${pin##*==}" ] || echo "run_on_device.sh: $PY has ${pin%%==*} $here, the pin is $pin: update the pin?" >&2
+    done
     find "$WHEELS" -name '*.whl' | LC_ALL=C sort | sed 's/^/run_on_device.sh: /'
     exit 0
 fi
@@ -81,14 +101,14 @@ fi
 shopt -s nullglob
 wheels=("$WHEELS"/peft-*.whl)
 if [ "${#wheels[@]}" -ne 1 ]; then
-    log "expected one PEFT wheel in $WHEELS, found ${#wheels[@]}; fetch it first:" \
-        "python3 -m pip download --no-deps peft==0.21.2 -d $WHEELS" >&2
+    log "expected one PEFT wheel in $WHEELS, found ${#wheels[@]}: run bash benchmarks/gpu/run_on_device.sh --fetch" \
+        "here ($PEFT_PIN; it removes wheels of another version)" >&2
     exit 2
 fi
 # Optional: bitsandbytes (with it the 4-bit rows and the NF4 test run, without it they are skipped with the reason).
 extra=("$WHEELS"/bitsandbytes-*.whl)
 if [ "${#extra[@]}" -gt 1 ]; then
-    log "expected at most one bitsandbytes wheel in $WHEELS, found ${#extra[@]}" >&2
+    log "expected at most one bitsandbytes wheel in $WHEELS, found ${#extra[@]}: run --fetch here ($BNB_PIN)" >&2
     exit 2
 fi
 # PEFT (and bitsandbytes) from the carried wheels and giva from this checkout, without dependencies (the
