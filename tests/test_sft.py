@@ -470,7 +470,7 @@ def test_every_sft_option_is_a_flag_that_reaches_the_run(chat_model, pc_jsonl, t
 
     monkeypatch.setattr(giva.sft, "run_sft", run_sft)
     with pytest.raises(Seen):
-        main(cli(chat_model, pc_jsonl, tmp_path / "out", "--packing", "--max-length", "64", "--gradient-checkpointing",
+        main(cli(chat_model, pc_jsonl, tmp_path / "out", "--packing", "--max-length", "64", "--gradient-checkpointing", "--keep-best",
                  "--attn-implementation", "eager", "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--weight-decay",
                  "0.01", "--max-grad-norm", "0.5", "--dropout", "0.05", "--eval-steps", "3", "--eval-batch-size", "5",
                  "--report-to", "tensorboard", "--logging-steps", "2", "--logging-dir", str(tmp_path / "tb")))
@@ -481,6 +481,7 @@ def test_every_sft_option_is_a_flag_that_reaches_the_run(chat_model, pc_jsonl, t
         "cosine", 0.1, 0.01, 0.5, 0.05)
     assert (given.eval_steps, given.eval_batch_size, given.report_to, given.logging_steps, given.logging_dir) == (
         3, 5, ["tensorboard"], 2, str(tmp_path / "tb"))
+    assert given.keep_best is True
 
 
 def test_the_training_recipe_flags_reach_the_trainer_and_the_adapter(chat_model, pc_jsonl, tmp_path):
@@ -1452,13 +1453,18 @@ class _Preempted(Exception):
     pass
 
 
-def cut_off_at(step: int, monkeypatch) -> None:
-    """Make the next train_sft raise _Preempted at the end of optimizer step ``step`` (a job killed then)."""
+def cut_off_at(step: int, monkeypatch, after_checkpoint: bool = False) -> None:
+    """Make the next train_sft raise _Preempted at the end of optimizer step ``step`` (a job killed then), before the
+    Trainer writes that step's checkpoint, or, with ``after_checkpoint``, once it has written it."""
     from transformers import TrainerCallback
 
     class CutOff(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == step:
+            if state.global_step == step and not after_checkpoint:
+                raise _Preempted
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step and after_checkpoint:
                 raise _Preempted
 
     build = giva.sft.make_trainer
@@ -1675,7 +1681,8 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     flags = ("--batch-size", "8", "--micro-batch-size", "2", "--num-batches", "2")
     single, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "single", batch_size=8, num_batches=2))
     records = run_torchrun("sft_cli.py", tmp_path / "launch", args=cli(chat_model, varied_jsonl, tmp_path / "two",
-                                                                        *flags, "--eval-steps", "2", "--json")).json()
+                                                                        *flags, "--eval-steps", "2", "--keep-best",
+                                                                        "--json")).json()
     assert [r["code"] for r in records] == [0, 0] and [r["group_left_open"] for r in records] == [False, False]
     assert [len(r["saves"]) for r in records] == [1, 0]
     assert records[1]["stdout"] == "" and "\nadapter " not in records[1]["stderr"]
@@ -1689,9 +1696,12 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     assert [r["exact_match"] for r in records] == [records[0]["expected"]] * 2 == [4 / 7] * 2
     # validation rows split over the two processes, 2 per forward, against 8 in one: the same loss per token
     assert result["val_loss_before"] == pytest.approx(single.val_loss_before, rel=1e-6)
-    # --eval-steps: both processes score their halves at steps 2 and 4 (a collective each time); the last is the after
-    assert [step for step, _ in result["val_loss_curve"]] == [2, 4]
-    assert result["val_loss_curve"][-1][1] == result["val_loss_after"]
+    # --eval-steps: both processes score their halves at steps 2 and 4 (a collective each time); --keep-best keeps the
+    # lower (both processes restore it if it is step 2's), whose validation loss is then the after-training one
+    curve = result["val_loss_curve"]
+    assert [step for step, _ in curve] == [2, 4]
+    assert result["kept_step"] == min(curve, key=lambda point: point[1])[0]
+    assert result["val_loss_after"] == dict(curve)[result["kept_step"]]
     assert records[0]["raised"] == "OSError: No space left on device"
     assert records[1]["raised"] == ("RuntimeError: the first process of the launch failed to write the results: "
                                     "OSError: No space left on device")
@@ -1699,3 +1709,133 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     assert records[0]["raised_every"] == "RuntimeError: loading failed (process 1): KeyError: 'missing adapter weights'"
     reloaded, _ = load_sft_adapter(str(tmp_path / "two"))  # what rank 0 saved loads in one process
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "giva_lambda" in n) == result["trainable_parameters"]
+
+
+def scripted_validation(monkeypatch, scripted: dict[int, float]) -> dict[int, int]:
+    """giva sft's validation loss, scripted by optimizer step (step -> loss) for the periodic validations and the one
+    after training; the base model's (step 0), and any after a --keep-best restore, are the real ones. Returns the
+    number of calls at each step, as they happen."""
+    import giva.sft_best
+
+    real, calls, restored = giva.sft.validation_loss, {}, []
+    restore = giva.sft_best.BestAdapter.restore
+
+    def loss(trainer, batch_size):
+        step = trainer.state.global_step
+        calls[step] = calls.get(step, 0) + 1
+        return scripted[step] if step in scripted and not restored else real(trainer, batch_size)
+
+    monkeypatch.setattr(giva.sft, "validation_loss", loss)
+    monkeypatch.setattr(giva.sft_best.BestAdapter, "restore", lambda self, model: restored.append(1) or restore(self, model))
+    return calls
+
+
+KEEP_BEST = dict(lr=5e-2, lr_scheduler="constant_with_warmup", warmup_ratio=0.0, eval_steps=2)  # a constant LR: the
+# first 4 steps of a 6-step run are a 4-step run's
+
+
+@pytest.mark.parametrize(("scripted", "kept"), [({2: 0.5, 4: 0.3, 6: 0.4}, 4), ({2: 0.5, 4: 0.3, 6: 0.2}, 6)],
+                         ids=["earlier", "last"])
+def test_keep_best_saves_the_adapter_of_the_lowest_validation_and_reports_its_scores(chat_model, pc_jsonl, tmp_path,
+                                                                                     monkeypatch, scripted, kept):
+    """--keep-best: where the validation at step 4 scores lowest (scripted 0.5, 0.3, 0.4 at steps 2, 4, 6), the adapter
+    saved (and exported) is the one of step 4, bit for bit the adapter of the same run stopped at step 4, and the
+    scores after training are its own (its real validation loss and exact match). Where the last step scores lowest,
+    it is kept as it is, with no second evaluation."""
+    reference, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "ref", max_steps=kept, **KEEP_BEST))
+    calls = scripted_validation(monkeypatch, scripted)
+    result, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", max_steps=6, keep_best=True,
+                                     export_lora=str(tmp_path / "lora"), **KEEP_BEST))
+    assert (result.steps, result.kept_step) == (6, kept)
+    assert calls[6] == (3 if kept == 4 else 2)  # periodic, after training (and after the restore)
+    assert result.val_loss_curve == [[step, loss] for step, loss in scripted.items()]
+    if kept == 4:
+        assert result.val_loss_after == reference.val_loss_after
+        assert result.exact_match_after == reference.exact_match_after
+    else:
+        assert result.val_loss_after == 0.2
+    saved, ref = adapter_tensors(tmp_path / "out"), adapter_tensors(tmp_path / "ref")
+    assert saved.keys() == ref.keys() and all(torch.equal(saved[k], ref[k]) for k in saved)
+    assert f"kept adapter       step {kept} of 6 (--keep-best: the lowest validation loss" in result.summary()
+    assert json.loads((tmp_path / "out" / "sft_result.json").read_text())["kept_step"] == kept
+    exported = export_of(tmp_path / "ref", tmp_path / "ref-lora")
+    lora = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert lora.keys() == exported.keys() and all(torch.equal(lora[k], exported[k]) for k in lora)
+
+
+def export_of(adapter_dir, out):
+    """The LoRA export of a saved giva sft adapter."""
+    from giva.export import export_lora
+
+    model, _ = load_sft_adapter(str(adapter_dir))
+    export_lora(model, str(out))
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def test_keep_best_survives_a_resume(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """With checkpoints, each improvement is written (best-<step>.safetensors) before the checkpoint of its step. Cut
+    off after checkpoint 4, or after checkpoint 6 (no step left), the resumed run keeps step 4's adapter as the
+    uninterrupted run does, read from best-4; resumed from checkpoint 2, it forgets best-4 (it trains those steps
+    again, and validates step 4 anew)."""
+    scripted = {2: 0.5, 4: 0.3, 6: 0.4}
+    common = dict(max_steps=6, keep_best=True, save_steps=2, **KEEP_BEST)
+    scripted_validation(monkeypatch, scripted)
+    whole, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "whole", **common))
+    assert whole.kept_step == 4
+    assert sorted(p.name for p in (tmp_path / "whole-checkpoints").glob("best-*")) == ["best-2.safetensors",
+                                                                                       "best-4.safetensors"]
+    expected = adapter_tensors(tmp_path / "whole")
+    for name, cut, resumed_from, validations_at_4 in (("from2", lambda: cut_off_at(5, monkeypatch), "checkpoint-2", 1),
+                                                      ("from4", lambda: cut_off_at(5, monkeypatch), "checkpoint-4", 0),
+                                                      ("from6", lambda: cut_off_at(6, monkeypatch, after_checkpoint=True),
+                                                       "checkpoint-6", 0)):
+        monkeypatch.undo()
+        out, checkpoints = tmp_path / name, tmp_path / f"{name}-checkpoints"
+        scripted_validation(monkeypatch, scripted)
+        cut()
+        with pytest.raises(_Preempted):
+            train_sft(options(chat_model, pc_jsonl, out, **common))
+        monkeypatch.undo()
+        if name == "from2":  # as if killed while checkpoint-4 was written: best-4 is of steps trained again
+            shutil.rmtree(checkpoints / "checkpoint-4")
+            (checkpoints / "best-4.safetensors").write_bytes(b"not read")
+        calls = scripted_validation(monkeypatch, scripted)
+        resumed, _, _ = train_sft(options(chat_model, pc_jsonl, out, resume=True, **common))
+        assert resumed.resumed_from.endswith(resumed_from) and resumed.kept_step == 4, name
+        assert calls.get(4, 0) == validations_at_4, name
+        got = adapter_tensors(out)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), name
+        assert resumed.val_loss_after == whole.val_loss_after, name
+
+
+def test_keep_best_needs_eval_steps(chat_model, pc_jsonl, tmp_path, capsys):
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--keep-best")) == 2
+    assert one_error_line(capsys).startswith("giva sft: error: --keep-best needs --eval-steps N")
+
+
+def test_the_kept_adapter_on_disk_is_the_newest_up_to_the_resumed_step(tmp_path):
+    """BestAdapter.start on a resume at step 5 reads best-4 (each file beats every earlier one) and deletes best-6, of a
+    step the resumed run trains again; a fresh run deletes them all; a NaN loss is never kept; restoring into a model
+    with other trainable parameters is one clear error."""
+    from giva.sft_best import BestAdapter
+
+    model = torch.nn.Linear(2, 2)
+    best = BestAdapter(tmp_path, main_process=True)
+    for step, loss in ((2, 0.5), (4, 0.3), (5, float("nan")), (6, 0.2)):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        best.offer(model, step, loss)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-2.safetensors", "best-4.safetensors", "best-6.safetensors"]
+    resumed = BestAdapter(tmp_path, main_process=True)
+    resumed.start(5)
+    assert (resumed.step, resumed.loss) == (4, 0.3) and torch.equal(resumed.tensors["weight"], torch.full((2, 2), 4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-2.safetensors", "best-4.safetensors"]
+    other = BestAdapter(tmp_path, main_process=False)  # another process of the launch reads, deletes nothing
+    other.start(3)
+    assert other.step == 2 and len(list(tmp_path.iterdir())) == 2
+    resumed.restore(model)
+    assert torch.equal(model.weight, torch.full((2, 2), 4.0))
+    with pytest.raises(RuntimeError, match="the kept tensors do not match the model's trainable parameters"):
+        resumed.restore(torch.nn.Linear(2, 3, bias=False))
+    BestAdapter(tmp_path, main_process=True).start(None)  # a fresh run
+    assert list(tmp_path.iterdir()) == []

@@ -186,7 +186,8 @@ def _sft(args: argparse.Namespace) -> int:
         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, lr_scheduler=args.lr_scheduler,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         dropout=args.dropout, batch_size=args.batch_size,
-        micro_batch_size=args.micro_batch_size, eval_steps=args.eval_steps, eval_batch_size=args.eval_batch_size,
+        micro_batch_size=args.micro_batch_size, eval_steps=args.eval_steps, keep_best=args.keep_best,
+        eval_batch_size=args.eval_batch_size,
         max_length=args.max_length,
         packing=args.packing, attn_implementation=args.attn_implementation,
         val_size=args.val_size, max_train_samples=args.max_train_samples, r=args.r,
@@ -476,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--eval-steps", type=_positive_int, default=None, metavar="N",
                     help="also the validation loss every N optimizer steps (logged as eval_loss, and to --report-to; "
                          "sft_result.json's val_loss_curve)")
+    sf.add_argument("--keep-best", action="store_true",
+                    help="save the adapter of the --eval-steps validation with the lowest loss, or the last step's if "
+                         "lower (chosen on the validation split, whose after-training scores it then reports)")
     sf.add_argument("--eval-batch-size", type=_positive_int, default=None,
                     help="validation rows per forward on each process (speed and memory only: the validation loss is "
                          "per token over the whole split; exact match generates 4x as many at once) "

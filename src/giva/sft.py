@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data import DataError
+from .sft_best import BestAdapter
 from .sft_checkpoints import check_checkpoints, checkpoint_state, is_finished, write_record
 from .sft_checks import (
     check_attention,
@@ -77,6 +78,7 @@ class SFTResult:
     packed_sequences: Optional[int] = None  # with --packing: the sequences of --max-length tokens the rows went into
     # with --eval-steps: [step, validation loss] every N steps, those before a --resume included (the Trainer's log)
     val_loss_curve: Optional[list[list[float]]] = None
+    kept_step: Optional[int] = None  # with --keep-best: the step whose adapter was saved (the after scores are its)
 
     def _lowest(self) -> str:
         if not self.val_loss_curve:
@@ -95,7 +97,9 @@ class SFTResult:
             f"{self.validation_rows} validation rows\n"
             f"validation loss    {self.val_loss_before:.4f} -> {self.val_loss_after:.4f} ({self.loss_tokens})"
             f"{self._lowest()}{em}\n"
-            f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
+            + (f"kept adapter       step {self.kept_step} of {self.steps} (--keep-best: the lowest validation loss; the "
+               f"scores after training are its)\n" if self.kept_step is not None else "")
+            + f"trainable params   {self.trainable_parameters:,} of {self.total_parameters:,}\n"
             f"steps              {self.steps} "
             f"({'no step left to train' if self.train_loss is None else f'mean training loss {self.train_loss:.4f}'})"
             f"{f', resumed from {self.resumed_from}' if self.resumed_from else ''}"
@@ -322,7 +326,7 @@ def giva_config_of(options: SFTOptions) -> Any:
 
 
 def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData, scratch: str,
-                 resume_step: Optional[int] = None) -> Any:
+                 resume_step: Optional[int] = None, best: Optional[BestAdapter] = None) -> Any:
     """TRL's SFTTrainer over a freshly loaded model, with the GiVA config and :class:`giva.GivaInitCallback`
     (``resume_step``: the step of the checkpoint a ``--resume`` continues from, for the TensorBoard log)."""
     from datasets import Dataset
@@ -356,11 +360,11 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     trainer.add_callback(_save_cadence())
     trainer.add_callback(_divergence(options))
     if options.eval_steps is not None:
-        trainer.add_callback(_periodic_validation(trainer, options.eval_steps))
+        trainer.add_callback(_periodic_validation(trainer, options.eval_steps, best))
     return trainer
 
 
-def _periodic_validation(trainer: Any, every: int) -> Any:
+def _periodic_validation(trainer: Any, every: int, best: Optional[BestAdapter] = None) -> Any:
     """A callback: the validation loss (:func:`giva.sft_eval.validation_loss`) after every ``every``-th optimizer step,
     logged as ``eval_loss`` through the Trainer (its log history, which a checkpoint keeps, and the ``--report-to``
     integrations, as ``eval/loss``). Every process of a launch reaches it at the same step.
@@ -369,13 +373,15 @@ def _periodic_validation(trainer: Any, every: int) -> Any:
     since the last log, entropy and token accuracy, into this entry), and with the step's ``should_log`` put back: the
     Trainer's log call clears it, which dropped the step's training-loss log, and with it the divergence check of
     :func:`_divergence`, at every step that also validated (a diverging run with ``--eval-steps 1`` saved NaN
-    vectors and exited 0)."""
+    vectors and exited 0). With ``best`` (``--keep-best``) each validation offers the model's trainable tensors to it."""
     from transformers import Trainer, TrainerCallback
 
     class PeriodicValidation(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if state.global_step % every == 0:
                 loss = validation_loss(trainer, args.per_device_eval_batch_size)
+                if best is not None:  # before the Trainer's checkpoint of this step, which a resume starts from
+                    best.offer(trainer.model, state.global_step, loss)
                 should_log = control.should_log
                 Trainer.log(trainer, {"eval_loss": loss})
                 control.should_log = should_log
@@ -504,7 +510,12 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
 
     with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
         resumed = checkpoint_state(resume_from) if resume_from else {}
-        trainer = make_trainer(options, device, path, tokenizer, data, scratch, resumed.get("global_step"))
+        best = (BestAdapter(options.checkpoints if options.save_steps is not None else None, launch()[0] == 0)
+                if options.keep_best else None)
+        trainer = make_trainer(options, device, path, tokenizer, data, scratch, resumed.get("global_step"), best)
+        if best is not None:
+            on_every_process(lambda: best.start(resumed.get("global_step")),
+                             "--keep-best: reading the kept adapter of the checkpoint folder failed on a process of the launch")
         if options.save_steps is not None and resume_from is None:
             on_main_process(trainer, lambda: write_record(options, data))
         check_truncation(options, trained_rows(trainer.train_dataset), len(data.train), len(trainer.eval_dataset),
@@ -537,6 +548,14 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
             train_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss  # bases from the checkpoint
         train_seconds = time.perf_counter() - start
         loss_after, em_after = evaluate()
+        kept_step = None
+        if best is not None:  # the last step's adapter, unless a validation on the way scored lower
+            kept_step = trainer.state.global_step
+            if best.step is not None and best.loss < loss_after:
+                on_every_process(lambda: best.restore(peft_model),
+                                 "--keep-best: restoring the kept adapter failed on a process of the launch")
+                kept_step = best.step
+                loss_after, em_after = evaluate()
     trainable, total = peft_model.get_nb_trainable_parameters()
     result = SFTResult(
         model=options.model, data=data.source, device=device,
@@ -551,7 +570,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         resumed_from=resume_from,
         loss_tokens="every token" if row_format(data.train[0]) == "text" else "completion tokens only",
         packed_sequences=len(trainer.train_dataset) if options.packing else None,
-        val_loss_curve=loss_curve(trainer) if options.eval_steps is not None else None,
+        val_loss_curve=loss_curve(trainer) if options.eval_steps is not None else None, kept_step=kept_step,
     )
 
     from .checkpoint import atomic_file, json_text

@@ -92,6 +92,8 @@ class SFTOptions:
     batch_size: int = 8  # rows per optimizer step, over all processes of a torchrun launch
     micro_batch_size: Optional[int] = field(default=None, metadata={"help": "rows per forward on each process"})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "the validation loss every N optimizer steps"})
+    keep_best: bool = field(default=False, metadata={"help": "save the adapter of the --eval-steps validation with the "
+                                                             "lowest loss (or the last step's, if lower)"})
     eval_batch_size: Optional[int] = field(default=None, metadata={"help": "validation rows per forward on each process; "
                                                                          "None: the micro-batch size"})
     max_length: int = 256
@@ -144,6 +146,9 @@ class SFTOptions:
                      "logging_steps"):
             if getattr(self, name) is not None:
                 _whole(name, getattr(self, name), 1)
+        if self.keep_best and self.eval_steps is None:
+            raise ValueError("--keep-best needs --eval-steps N: the adapter is chosen among the validations every N "
+                             "optimizer steps (and the last step)")
         _finite("epochs", self.epochs, 0)
         _finite("lr", self.lr, 0)
         for name in ("weight_decay", "max_grad_norm", "warmup_ratio", "dropout"):

@@ -1,0 +1,84 @@
+"""`giva sft --keep-best`: the trainable tensors of the validation with the lowest loss so far.
+
+Every process keeps them in memory (the validation loss is summed over the processes, so all of them take the same
+decision). With checkpoints (``--save-steps``), each improvement is also written whole, as
+``best-<step>.safetensors`` in the checkpoint folder, before the Trainer's checkpoint of that step: a run resumed
+from step S takes the newest file of a step <= S (each improvement beats every earlier one) and deletes those of
+later steps, which the resumed run trains again. The tensors are the adapter's trainable ones (GiVA's vectors), a
+few megabytes; the bases do not change during training.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+PATTERN = re.compile(r"^best-(\d+)\.safetensors$")
+
+
+def _files(folder: Path) -> dict[int, Path]:
+    """The best-<step> files in ``folder``, by step."""
+    if not folder.is_dir():
+        return {}
+    return {int(m.group(1)): p for p in folder.iterdir() if (m := PATTERN.match(p.name))}
+
+
+class BestAdapter:
+    """The lowest validation loss seen, its step and the trainable tensors then (on the CPU); ``folder``: where
+    they are also written (None: in memory only)."""
+
+    def __init__(self, folder: Optional[str | Path], main_process: bool) -> None:
+        self.folder = None if folder is None else Path(folder)
+        self.main_process = main_process
+        self.step: Optional[int] = None
+        self.loss = math.inf
+        self.tensors: Optional[dict[str, Any]] = None
+
+    def offer(self, model: Any, step: int, loss: float) -> bool:
+        """Keep the model's trainable tensors if ``loss`` is below every earlier one (a tie keeps the earlier)."""
+        if not loss < self.loss:  # NaN too
+            return False
+        self.step, self.loss = step, loss
+        self.tensors = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
+        if self.folder is not None and self.main_process:
+            from safetensors.torch import save_file
+
+            from .checkpoint import atomic_file
+
+            with atomic_file(self.folder / f"best-{step}.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
+                          metadata={"step": str(step), "loss": repr(loss)})
+        return True
+
+    def start(self, resumed_step: Optional[int]) -> None:
+        """At the start of training: a fresh run forgets the files an earlier attempt left (it stopped before its first
+        checkpoint); a run resumed at ``resumed_step`` takes the newest file up to it and forgets the later ones."""
+        if self.folder is None:
+            return
+        files = _files(self.folder)
+        keep = max((step for step in files if resumed_step is not None and step <= resumed_step), default=None)
+        if self.main_process:
+            for step, path in files.items():
+                if keep is None or step > keep:
+                    path.unlink(missing_ok=True)
+        if keep is not None:
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(files[keep]), framework="pt") as handle:
+                metadata = handle.metadata()
+            self.step, self.loss, self.tensors = keep, float(metadata["loss"]), load_file(str(files[keep]))
+
+    def restore(self, model: Any) -> None:
+        """Put the kept tensors back into the model's trainable parameters (same names, shapes and dtypes)."""
+        import torch
+
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if self.tensors is None or params.keys() != self.tensors.keys():
+            raise RuntimeError("--keep-best: the kept tensors do not match the model's trainable parameters "
+                               f"({sorted(set(params) ^ set(self.tensors or {}))[:3]} differ)")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(self.tensors[name])
