@@ -1673,13 +1673,14 @@ def test_checkpoints_need_a_folder_of_their_own(chat_model, pc_jsonl, tmp_path, 
 
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
-def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_model, varied_jsonl, tmp_path):
+def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_model, varied_jsonl, tmp_path, monkeypatch):
     """Two gloo processes, 2 rows per forward: --batch-size stays the rows per optimizer step, the bases come from
     the same 16 rows as in one process (completion tokens weighed alike), only rank 0 prints and saves, a failed
     save makes both raise, so does a load that fails on rank 1 only, exact match sums both halves, and the process
     group is closed at the end."""
     flags = ("--batch-size", "8", "--micro-batch-size", "2", "--num-batches", "2")
     single, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "single", batch_size=8, num_batches=2))
+    monkeypatch.setenv("GIVA_TEST_WORSE_STEP", "4")  # step 4's validation loss raised by 1: --keep-best keeps step 2
     records = run_torchrun("sft_cli.py", tmp_path / "launch", args=cli(chat_model, varied_jsonl, tmp_path / "two",
                                                                         *flags, "--eval-steps", "2", "--keep-best",
                                                                         "--json")).json()
@@ -1696,12 +1697,11 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     assert [r["exact_match"] for r in records] == [records[0]["expected"]] * 2 == [4 / 7] * 2
     # validation rows split over the two processes, 2 per forward, against 8 in one: the same loss per token
     assert result["val_loss_before"] == pytest.approx(single.val_loss_before, rel=1e-6)
-    # --eval-steps: both processes score their halves at steps 2 and 4 (a collective each time); --keep-best keeps the
-    # lower (both processes restore it if it is step 2's), whose validation loss is then the after-training one
+    # --eval-steps: both processes score their halves at steps 2 and 4 (a collective each time); with step 4's loss
+    # raised, --keep-best keeps step 2 (both processes restore it, and score it again: the same loss as at step 2)
     curve = result["val_loss_curve"]
-    assert [step for step, _ in curve] == [2, 4]
-    assert result["kept_step"] == min(curve, key=lambda point: point[1])[0]
-    assert result["val_loss_after"] == dict(curve)[result["kept_step"]]
+    assert [step for step, _ in curve] == [2, 4] and curve[1][1] > curve[0][1]
+    assert result["kept_step"] == 2 and result["val_loss_after"] == curve[0][1]
     assert records[0]["raised"] == "OSError: No space left on device"
     assert records[1]["raised"] == ("RuntimeError: the first process of the launch failed to write the results: "
                                     "OSError: No space left on device")
@@ -1734,21 +1734,24 @@ KEEP_BEST = dict(lr=5e-2, lr_scheduler="constant_with_warmup", warmup_ratio=0.0,
 # first 4 steps of a 6-step run are a 4-step run's
 
 
-@pytest.mark.parametrize(("scripted", "kept"), [({2: 0.5, 4: 0.3, 6: 0.4}, 4), ({2: 0.5, 4: 0.3, 6: 0.2}, 6)],
-                         ids=["earlier", "last"])
+@pytest.mark.parametrize(("scripted", "kept"), [({2: 0.5, 4: 0.3, 6: 0.4}, 4), ({2: 0.5, 4: 0.3, 6: 0.2}, 6),
+                                                ({2: 0.5, 4: 0.3, 6: 0.3}, 4), ({2: 0.5, 4: 0.3, 6: math.nan}, 4)],
+                         ids=["earlier", "last", "tie", "nan-last"])
 def test_keep_best_saves_the_adapter_of_the_lowest_validation_and_reports_its_scores(chat_model, pc_jsonl, tmp_path,
                                                                                      monkeypatch, scripted, kept):
     """--keep-best: where the validation at step 4 scores lowest (scripted 0.5, 0.3, 0.4 at steps 2, 4, 6), the adapter
     saved (and exported) is the one of step 4, bit for bit the adapter of the same run stopped at step 4, and the
     scores after training are its own (its real validation loss and exact match). Where the last step scores lowest,
-    it is kept as it is, with no second evaluation."""
+    it is kept as it is, with no second evaluation; a last step that ties, or scores NaN, is not (the first version
+    kept both)."""
     reference, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "ref", max_steps=kept, **KEEP_BEST))
     calls = scripted_validation(monkeypatch, scripted)
     result, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", max_steps=6, keep_best=True,
                                      export_lora=str(tmp_path / "lora"), **KEEP_BEST))
     assert (result.steps, result.kept_step) == (6, kept)
     assert calls[6] == (3 if kept == 4 else 2)  # periodic, after training (and after the restore)
-    assert result.val_loss_curve == [[step, loss] for step, loss in scripted.items()]
+    assert [step for step, _ in result.val_loss_curve] == list(scripted)
+    assert [loss for _, loss in result.val_loss_curve] == pytest.approx(list(scripted.values()), nan_ok=True)
     if kept == 4:
         assert result.val_loss_after == reference.val_loss_after
         assert result.exact_match_after == reference.exact_match_after
@@ -1782,8 +1785,9 @@ def test_keep_best_survives_a_resume(chat_model, pc_jsonl, tmp_path, monkeypatch
     scripted_validation(monkeypatch, scripted)
     whole, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "whole", **common))
     assert whole.kept_step == 4
-    assert sorted(p.name for p in (tmp_path / "whole-checkpoints").glob("best-*")) == ["best-2.safetensors",
-                                                                                       "best-4.safetensors"]
+    # checkpoints 4 and 6 remain (the Trainer keeps two), and a resume from either reads best-4: best-2 went
+    assert sorted(p.name for p in (tmp_path / "whole-checkpoints").glob("*-*")) == [
+        "best-4.safetensors", "checkpoint-4", "checkpoint-6"]
     expected = adapter_tensors(tmp_path / "whole")
     for name, cut, resumed_from, validations_at_4 in (("from2", lambda: cut_off_at(5, monkeypatch), "checkpoint-2", 1),
                                                       ("from4", lambda: cut_off_at(5, monkeypatch), "checkpoint-4", 0),
@@ -1837,5 +1841,11 @@ def test_the_kept_adapter_on_disk_is_the_newest_up_to_the_resumed_step(tmp_path)
     assert torch.equal(model.weight, torch.full((2, 2), 4.0))
     with pytest.raises(RuntimeError, match="the kept tensors do not match the model's trainable parameters"):
         resumed.restore(torch.nn.Linear(2, 3, bias=False))
+    with pytest.raises(RuntimeError, match=r"\['weight'\] differ in name or shape"):
+        resumed.restore(torch.nn.Linear(3, 2))
+    for step in (6, 8):
+        best.offer(model, step, 0.1 / step)
+    best.prune([4, 6])  # a resume from 4 reads best-4, from 6 best-6; best-2 serves none; best-8 is after them
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best-4.safetensors", "best-6.safetensors", "best-8.safetensors"]
     BestAdapter(tmp_path, main_process=True).start(None)  # a fresh run
     assert list(tmp_path.iterdir()) == []

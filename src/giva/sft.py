@@ -361,6 +361,8 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     trainer.add_callback(_divergence(options))
     if options.eval_steps is not None:
         trainer.add_callback(_periodic_validation(trainer, options.eval_steps, best))
+    if best is not None and best.folder is not None:
+        trainer.add_callback(_prune_best(trainer, best))
     return trainer
 
 
@@ -387,6 +389,22 @@ def _periodic_validation(trainer: Any, every: int, best: Optional[BestAdapter] =
                 control.should_log = should_log
 
     return PeriodicValidation()
+
+
+def _prune_best(trainer: Any, best: BestAdapter) -> Any:
+    """A callback: after each checkpoint (and the Trainer's rotation of older ones), the first process deletes the
+    ``--keep-best`` files that no remaining checkpoint can resume to."""
+    from transformers import TrainerCallback
+
+    from .sft_checkpoints import finished_checkpoints
+
+    class PruneBest(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if trainer.is_world_process_zero():
+                steps = [int(p.name.removeprefix("checkpoint-")) for p in finished_checkpoints(Path(args.output_dir))]
+                best.prune(steps)
+
+    return PruneBest()
 
 
 def loss_curve(trainer: Any) -> list[list[float]]:
@@ -514,6 +532,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
                 if options.keep_best else None)
         trainer = make_trainer(options, device, path, tokenizer, data, scratch, resumed.get("global_step"), best)
         if best is not None:
+            best.on_main = lambda work: on_main_process(trainer, work)  # a failed write raises on every process
             on_every_process(lambda: best.start(resumed.get("global_step")),
                              "--keep-best: reading the kept adapter of the checkpoint folder failed on a process of the launch")
         if options.save_steps is not None and resume_from is None:
@@ -549,9 +568,12 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         train_seconds = time.perf_counter() - start
         loss_after, em_after = evaluate()
         kept_step = None
-        if best is not None:  # the last step's adapter, unless a validation on the way scored lower
+        if best is not None:  # the last step's adapter, unless it scores above (or ties, or is NaN) an earlier one
             kept_step = trainer.state.global_step
-            if best.step is not None and best.loss < loss_after:
+            if best.step is None:
+                logger.warning("--keep-best: no validation ran before the last step (--eval-steps %d, %d steps); the last "
+                               "step's adapter is kept", options.eval_steps, kept_step)
+            elif best.step != kept_step and not loss_after < best.loss:
                 on_every_process(lambda: best.restore(peft_model),
                                  "--keep-best: restoring the kept adapter failed on a process of the launch")
                 kept_step = best.step

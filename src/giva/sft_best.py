@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,11 +28,14 @@ def _files(folder: Path) -> dict[int, Path]:
 
 class BestAdapter:
     """The lowest validation loss seen, its step and the trainable tensors then (on the CPU); ``folder``: where
-    they are also written (None: in memory only)."""
+    they are also written (None: in memory only). ``on_main`` runs a write on the first process of a launch and
+    makes every process raise if it fails (default: on this process if ``main_process``)."""
 
-    def __init__(self, folder: Optional[str | Path], main_process: bool) -> None:
+    def __init__(self, folder: Optional[str | Path], main_process: bool,
+                 on_main: Optional[Callable[[Callable[[], None]], None]] = None) -> None:
         self.folder = None if folder is None else Path(folder)
         self.main_process = main_process
+        self.on_main = on_main or (lambda work: work() if main_process else None)
         self.step: Optional[int] = None
         self.loss = math.inf
         self.tensors: Optional[dict[str, Any]] = None
@@ -42,15 +46,32 @@ class BestAdapter:
             return False
         self.step, self.loss = step, loss
         self.tensors = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
-        if self.folder is not None and self.main_process:
-            from safetensors.torch import save_file
-
-            from .checkpoint import atomic_file
-
-            with atomic_file(self.folder / f"best-{step}.safetensors") as tmp:
-                save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
-                          metadata={"step": str(step), "loss": repr(loss)})
+        if self.folder is not None:
+            self.on_main(lambda: self._write(step, loss))
         return True
+
+    def _write(self, step: int, loss: float) -> None:
+        from safetensors.torch import save_file
+
+        from .checkpoint import atomic_file
+
+        assert self.folder is not None and self.tensors is not None
+        with atomic_file(self.folder / f"best-{step}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(tmp),
+                      metadata={"step": str(step), "loss": repr(loss)})
+
+    def prune(self, checkpoint_steps: list[int]) -> None:
+        """Delete the files no resume can read: a resume from checkpoint c reads the newest file of a step <= c, so
+        keep that one for each checkpoint still there (the Trainer keeps the newest two) and those after the newest
+        checkpoint. On the first process (the caller's business)."""
+        if self.folder is None:
+            return
+        files = _files(self.folder)
+        needed = {max((s for s in files if s <= c), default=None) for c in checkpoint_steps}
+        newest = max(checkpoint_steps, default=-1)
+        for step, path in files.items():
+            if step not in needed and step <= newest:
+                path.unlink(missing_ok=True)
 
     def start(self, resumed_step: Optional[int]) -> None:
         """At the start of training: a fresh run forgets the files an earlier attempt left (it stopped before its first
@@ -76,9 +97,11 @@ class BestAdapter:
         import torch
 
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        if self.tensors is None or params.keys() != self.tensors.keys():
-            raise RuntimeError("--keep-best: the kept tensors do not match the model's trainable parameters "
-                               f"({sorted(set(params) ^ set(self.tensors or {}))[:3]} differ)")
+        tensors = self.tensors or {}
+        differ = sorted(set(params) ^ set(tensors)) or [k for k, p in params.items() if p.shape != tensors[k].shape]
+        if self.tensors is None or differ:
+            raise RuntimeError(f"--keep-best: the kept tensors do not match the model's trainable parameters ({differ[:3]} "
+                               "differ in name or shape)")
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(self.tensors[name])

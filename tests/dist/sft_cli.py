@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist/sft_cli.py OUT_DIR SFT_ARGS...
 
-Each rank writes rank<r>.json: what ``giva.sft.exact_match`` reports for a stub model whose right answers are
+With GIVA_TEST_WORSE_STEP=S the validation loss of step S is raised by 1 (a --keep-best run then keeps an earlier
+step). Each rank writes rank<r>.json: what ``giva.sft.exact_match`` reports for a stub model whose right answers are
 known, what ``giva.sft.on_main_process`` raised on this rank when the first process failed and what
 ``giva.sft.on_every_process`` raised when only the second one did, then the CLI's exit
 code, what it printed, how many times this rank saved the adapter, and whether the process group was left open.
@@ -46,6 +47,24 @@ def _failing_save() -> None:
     raise OSError("No space left on device")
 
 
+def _raise_the_loss_of(step: int) -> None:
+    """Add 1 to the validation loss scored at optimizer ``step`` (0: none), until a --keep-best restore: so that an
+    earlier step is kept and both processes restore it."""
+    import giva.sft
+    import giva.sft_best
+
+    if not step:
+        return
+    real, restore, restored = giva.sft.validation_loss, giva.sft_best.BestAdapter.restore, []
+
+    def loss(trainer, batch_size):
+        value = real(trainer, batch_size)  # every process reaches the collective inside
+        return value + 1.0 if trainer.state.global_step == step and not restored else value
+
+    giva.sft.validation_loss = loss
+    giva.sft_best.BestAdapter.restore = lambda self, model: restored.append(1) or restore(self, model)
+
+
 def run() -> None:
     out, argv = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")  # the Trainer reuses it, as it would torchrun's own
@@ -81,6 +100,7 @@ def run() -> None:
         return real_save(*args, **kwargs)
 
     giva.finetune.save_atomically = counted_save
+    _raise_the_loss_of(int(os.environ.get("GIVA_TEST_WORSE_STEP", "0")))
     printed, logged = io.StringIO(), io.StringIO()
     with redirect_stdout(printed), redirect_stderr(logged):
         record["code"] = main(argv)
