@@ -333,6 +333,7 @@ def test_the_device_script_fetches_pins_within_giva_s_requirements():
     pins = {name: Version(version) for name, version in pins}
     assert pins["peft"] >= Version(MIN_PEFT_VERSION)
     extras = re.findall(r'"((?:trl|bitsandbytes|datasets)[<>=!~][^"]*)"', (root / "pyproject.toml").read_text())
+    assert {Requirement(r).name for r in extras} == {"trl", "bitsandbytes", "datasets"}  # the loop below checks each
     for requirement in map(Requirement, extras):  # the sft and quant extras (and the test extra's looser ones)
         assert pins[requirement.name] in requirement.specifier, requirement
     assert pins["datasets"] >= Version("4.7")  # TRL 1.16's floor

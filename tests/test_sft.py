@@ -1198,7 +1198,8 @@ def test_the_trl_example_trains_giva_on_a_4bit_base_and_its_adapter_reloads_onto
     assert len(layers) == 14 and type(layers[0].base_layer).__name__ == "Linear4bit"
     vectors = {n: p for n, p in trained.named_parameters() if "giva_lambda" in n}
     assert {p.dtype for p in vectors.values()} == {torch.float32} and all(p.requires_grad for p in vectors.values())
-    assert all(p.abs().sum() > 0 for n, p in vectors.items() if "lambda_o" in n)  # from 0: they trained
+    lambda_o = [p for n, p in vectors.items() if "lambda_o" in n]
+    assert len(lambda_o) == 14 and all(p.abs().sum() > 0 for p in lambda_o)  # from 0: they trained
     basis = layers[0].giva_A["default"].float()
     torch.testing.assert_close(basis @ basis.T, torch.eye(basis.shape[0]), atol=1e-5, rtol=0)  # set, orthonormal rows
     base = AutoModelForCausalLM.from_pretrained(chat_model, quantization_config=example.quantisation(),
@@ -1758,12 +1759,12 @@ def test_keep_best_saves_the_adapter_of_the_lowest_validation_and_reports_its_sc
     else:
         assert result.val_loss_after == 0.2
     saved, ref = adapter_tensors(tmp_path / "out"), adapter_tensors(tmp_path / "ref")
-    assert saved.keys() == ref.keys() and all(torch.equal(saved[k], ref[k]) for k in saved)
+    assert saved and saved.keys() == ref.keys() and all(torch.equal(saved[k], ref[k]) for k in saved)
     assert f"kept adapter       step {kept} of 6 (--keep-best: the lowest validation loss" in result.summary()
     assert json.loads((tmp_path / "out" / "sft_result.json").read_text())["kept_step"] == kept
     exported = export_of(tmp_path / "ref", tmp_path / "ref-lora")
     lora = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
-    assert lora.keys() == exported.keys() and all(torch.equal(lora[k], exported[k]) for k in lora)
+    assert lora and lora.keys() == exported.keys() and all(torch.equal(lora[k], exported[k]) for k in lora)
 
 
 def export_of(adapter_dir, out):
@@ -1808,7 +1809,7 @@ def test_keep_best_survives_a_resume(chat_model, pc_jsonl, tmp_path, monkeypatch
         assert resumed.resumed_from.endswith(resumed_from) and resumed.kept_step == 4, name
         assert calls.get(4, 0) == validations_at_4, name
         got = adapter_tensors(out)
-        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), name
+        assert got and got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), name
         assert resumed.val_loss_after == whole.val_loss_after, name
 
 

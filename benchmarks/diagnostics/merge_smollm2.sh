@@ -2,11 +2,7 @@
 # `giva sft` then `giva merge` on the real SmolLM2-135M (offline, `make setup` fetches it), CPU: the merged folder,
 # loaded by transformers alone, against the adapted model it came from (logits on one chat prompt, greedy answer).
 # Usage: bash benchmarks/diagnostics/merge_smollm2.sh [WORK_DIR] > benchmarks/results/diagnostics/merge_smollm2.txt
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-WORK=${1:-$(mktemp -d "${TMPDIR:-/tmp}/giva-merge.XXXXXX")}
-PYTHON=${PYTHON:-.venv/bin/python}
-GIVA=$(dirname "$PYTHON")/giva
+NAME=merge; source "$(dirname "$0")/common.sh" "$@"
 rm -rf "$WORK/out" "$WORK/merged"
 mkdir -p "$WORK"
 FLAGS=(--max-steps 6 --batch-size 4 --val-size 16 --max-train-samples 64 --no-progress --device cpu)

@@ -7,12 +7,7 @@
 #   3. the same under ZeRO-3: refused before the model loads (exit status and the line).
 # DeepSpeed JIT-compiles its CPU collective on first use (minutes; ~/.cache/torch_extensions).
 # Usage: bash benchmarks/diagnostics/sft_deepspeed.sh [WORK_DIR] > benchmarks/results/diagnostics/sft_deepspeed_smollm2.txt
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-WORK=${1:-$(mktemp -d "${TMPDIR:-/tmp}/giva-sft-deepspeed.XXXXXX")}
-PYTHON=${PYTHON:-.venv/bin/python}
-GIVA=$(dirname "$PYTHON")/giva
-TORCHRUN=$(dirname "$PYTHON")/torchrun
+NAME=sft-deepspeed; source "$(dirname "$0")/common.sh" "$@"
 FLAGS=(--max-steps 6 --batch-size 4 --val-size 8 --max-train-samples 48 --init-mode exact --no-progress --device cpu --json)
 rm -rf "$WORK"/ddp* "$WORK"/zero*
 mkdir -p "$WORK"

@@ -6,12 +6,7 @@
 #      every saved tensor of the two adapters is compared;
 #   3. the same command under torchrun on 2 processes: its bases against the one-process run's.
 # Usage: bash benchmarks/diagnostics/sft_resume.sh [WORK_DIR] > benchmarks/results/diagnostics/sft_resume_smollm2.txt
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-WORK=${1:-$(mktemp -d "${TMPDIR:-/tmp}/giva-sft-resume.XXXXXX")}
-PYTHON=${PYTHON:-.venv/bin/python}
-GIVA=$(dirname "$PYTHON")/giva
-TORCHRUN=$(dirname "$PYTHON")/torchrun
+NAME=sft-resume; source "$(dirname "$0")/common.sh" "$@"
 FLAGS=(--max-steps 6 --batch-size 4 --micro-batch-size 2 --val-size 8 --max-train-samples 48 --init-mode exact
        --save-steps 2 --no-progress --device cpu)
 rm -rf "$WORK"/whole* "$WORK"/cut* "$WORK"/two*

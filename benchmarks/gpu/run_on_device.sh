@@ -130,24 +130,20 @@ if [ "${#sft[@]}" -gt 0 ] && ! "${PIP[@]}" "${sft[@]}" 2>&1 | tee -a "$LOG"; the
 fi
 export PYTHONPATH="$SITE$SOURCE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 "$PYTHON" - "${wheels[0]}" "${extra[@]}" "${sft[@]}" <<'PY' 2>&1 | tee -a "$LOG"
-import sys
-import giva, peft, torch, transformers
+import importlib, importlib.metadata, os, sys
+import giva, torch, transformers
 try:
     import pytest  # the image's (the tests stage)
     tests = f"pytest {pytest.__version__}"
 except ImportError:
     tests = "no pytest: the tests stage will fail"
-wanted = sys.argv[1].split("/")[-1].split("-")[1]
 gpu = "none"
 if torch.cuda.is_available():
     gpu = f"{torch.cuda.get_device_name()}, {torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB"
-print(f"giva {giva.__file__}; peft {peft.__version__} ({peft.__file__}); torch {torch.__version__} "
-      f"(CUDA {torch.version.cuda}, GPU {gpu}); transformers {transformers.__version__}; {tests}")
-if peft.__version__ != wanted:
-    sys.exit(f"run_on_device.sh: imported PEFT {peft.__version__}, not the carried {wanted}")
-import importlib, importlib.metadata, os
+print(f"giva {giva.__file__}; torch {torch.__version__} (CUDA {torch.version.cuda}, GPU {gpu}); "
+      f"transformers {transformers.__version__}; {tests}")
 site = os.environ["PYTHONPATH"].split(":")[0]
-for wheel in sys.argv[2:]:  # each carried package must be the one imported (the suite imports bitsandbytes lazily)
+for wheel in sys.argv[1:]:  # each carried package must be the one imported (the suite imports bitsandbytes lazily)
     name, carried = wheel.split("/")[-1].split("-")[:2]
     try:
         module = importlib.import_module(name)
@@ -157,7 +153,7 @@ for wheel in sys.argv[2:]:  # each carried package must be the one imported (the
     print(f"{name} {found} ({where})")
     if found != carried or not where.startswith(site):
         problem = f"run_on_device.sh: imported {name} {found} from {where}, not the carried {carried}"
-        if name == "bitsandbytes":
+        if name in ("peft", "bitsandbytes"):
             sys.exit(problem)
         print(f"{problem}; giva sft's CUDA tests may fail or skip (the other stages go on)")  # the optional sft wheels
 PY

@@ -86,14 +86,14 @@ def merge_dir(adapter_dir: Union[str, Path], out_dir: Union[str, Path], base_mod
     except ValueError as err:  # PEFT's safe_merge: a merged weight that is not finite
         raise ExportError(f"merging {adapter_dir} into {plan.base_name!r} failed: {err}") from None
     side_files = _side_files(adapter_dir)
+    own_tokenizer = any(p.name != "labels.json" for p in side_files)
     tokenizer = None
-    if not any(p.name != "labels.json" for p in side_files):  # no tokenizer files of the adapter's own
+    if not own_tokenizer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(plan.path)
         except (OSError, ValueError, TypeError):  # a base folder without tokenizer files
             logger.warning("giva merge: neither %s nor the base model %s holds a tokenizer; the merged folder has "
                            "none", adapter_dir, plan.base_name)
-    own_tokenizer = any(p.name != "labels.json" for p in side_files)
     record = {"adapter": os.path.abspath(adapter_dir), "base_model": plan.base_name,
               "dtype": str(target).replace("torch.", ""), "model_class": type(merged).__name__, "giva": __version__,
               "tokenizer": "adapter" if own_tokenizer else "base model" if tokenizer is not None else None}

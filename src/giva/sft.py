@@ -28,7 +28,7 @@ from typing import Any, Optional
 
 from .data import DataError
 from .sft_best import BestAdapter
-from .sft_checkpoints import check_checkpoints, checkpoint_state, is_finished, write_record
+from .sft_checkpoints import check_checkpoints, checkpoint_state, finished_checkpoints, is_finished, write_record
 from .sft_checks import (
     check_attention,
     check_chat_template,
@@ -43,7 +43,7 @@ from .sft_checks import (
 )
 from .sft_data import SFTData, load_sft_data, row_format
 from .sft_eval import completion_ids, exact_match, prompt_ids, validation_loss
-from .sft_options import FLASH_PACKAGES, OPTIONS_FILE, RESULT_FILE, TRL_LM_HEAD, SFTOptions
+from .sft_options import OPTIONS_FILE, RESULT_FILE, TRL_LM_HEAD, SFTOptions
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     check_packages()
     options.batch_layout(launch()[1])
     device = resolve_device(options)
-    check_attention(options, device)
+    check_attention(options.attn_implementation, device)
     check_quantization(options)
     check_zero3()
     check_output_dirs(options)
@@ -361,8 +361,6 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     trainer.add_callback(_divergence(options))
     if options.eval_steps is not None:
         trainer.add_callback(_periodic_validation(trainer, options.eval_steps, best))
-    if best is not None and best.folder is not None:
-        trainer.add_callback(_prune_best(trainer, best))
     return trainer
 
 
@@ -375,7 +373,9 @@ def _periodic_validation(trainer: Any, every: int, best: Optional[BestAdapter] =
     since the last log, entropy and token accuracy, into this entry), and with the step's ``should_log`` put back: the
     Trainer's log call clears it, which dropped the step's training-loss log, and with it the divergence check of
     :func:`_divergence`, at every step that also validated (a diverging run with ``--eval-steps 1`` saved NaN
-    vectors and exited 0). With ``best`` (``--keep-best``) each validation offers the model's trainable tensors to it."""
+    vectors and exited 0). With ``best`` (``--keep-best``) each validation offers the model's trainable tensors to it,
+    and after each checkpoint (and the Trainer's rotation of older ones) the first process deletes the files of it
+    that no remaining checkpoint can resume to."""
     from transformers import Trainer, TrainerCallback
 
     class PeriodicValidation(TrainerCallback):
@@ -388,23 +388,11 @@ def _periodic_validation(trainer: Any, every: int, best: Optional[BestAdapter] =
                 Trainer.log(trainer, {"eval_loss": loss})
                 control.should_log = should_log
 
-    return PeriodicValidation()
-
-
-def _prune_best(trainer: Any, best: BestAdapter) -> Any:
-    """A callback: after each checkpoint (and the Trainer's rotation of older ones), the first process deletes the
-    ``--keep-best`` files that no remaining checkpoint can resume to."""
-    from transformers import TrainerCallback
-
-    from .sft_checkpoints import finished_checkpoints
-
-    class PruneBest(TrainerCallback):
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if trainer.is_world_process_zero():
-                steps = [int(p.name.removeprefix("checkpoint-")) for p in finished_checkpoints(Path(args.output_dir))]
-                best.prune(steps)
+            if best is not None and best.folder is not None and best.main_process:
+                best.prune([int(p.name.removeprefix("checkpoint-")) for p in finished_checkpoints(Path(args.output_dir))])
 
-    return PruneBest()
+    return PeriodicValidation()
 
 
 def loss_curve(trainer: Any) -> list[list[float]]:
@@ -528,11 +516,14 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
 
     with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
         resumed = checkpoint_state(resume_from) if resume_from else {}
-        best = (BestAdapter(options.checkpoints if options.save_steps is not None else None, launch()[0] == 0)
-                if options.keep_best else None)
+        best = None
+        if options.keep_best:
+            first = launch()[0] == 0
+            best = BestAdapter(options.checkpoints if options.save_steps is not None else None, first,
+                               on_main=lambda work: _agreed(work, first, "the first process failed to write the "
+                                                                       "--keep-best file"))  # every process raises
         trainer = make_trainer(options, device, path, tokenizer, data, scratch, resumed.get("global_step"), best)
         if best is not None:
-            best.on_main = lambda work: on_main_process(trainer, work)  # a failed write raises on every process
             on_every_process(lambda: best.start(resumed.get("global_step")),
                              "--keep-best: reading the kept adapter of the checkpoint folder failed on a process of the launch")
         if options.save_steps is not None and resume_from is None:
@@ -639,15 +630,17 @@ def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = 
     folder = Path(os.path.expanduser(output_dir))
     if model is None:
         model = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    record = next((f for f in (folder / RESULT_FILE, folder.parent / OPTIONS_FILE)
-                   if f.is_file() and (f.name == RESULT_FILE or folder.name.removeprefix("checkpoint-").isdigit())), None)
-    run = json.loads(record.read_text(encoding="utf-8"))["options"] if record else {}
+    record = folder / RESULT_FILE
+    if not record.is_file() and folder.name.removeprefix("checkpoint-").isdigit():  # a checkpoint: its run's record
+        record = folder.parent / OPTIONS_FILE
+    record_found = record.is_file()
+    run = json.loads(record.read_text(encoding="utf-8"))["options"] if record_found else {}
     flags = {key: bool(run.get(key)) for key in ("bf16", "fp16", "load_in_4bit", "load_in_8bit")}
     if quantized is False:
         flags.update(load_in_4bit=False, load_in_8bit=False)
     elif quantized and not (flags["load_in_4bit"] or flags["load_in_8bit"]):
-        why = (f"its {record.name} has neither load_in_4bit nor load_in_8bit" if record else f"it holds no {RESULT_FILE} "
-               "to say how its base was quantised")
+        why = (f"its {record.name} has neither load_in_4bit nor load_in_8bit" if record_found else f"it holds no "
+               f"{RESULT_FILE} to say how its base was quantised")
         raise ValueError(f"load_sft_adapter: quantized=True, but {folder} is not a run on a quantised base ({why})")
     if (flags["load_in_4bit"] or flags["load_in_8bit"]) and importlib.util.find_spec("bitsandbytes") is None:
         raise ImportError(f"load_sft_adapter: the run in {folder} trained on a {'4' if flags['load_in_4bit'] else '8'}-bit "
@@ -655,11 +648,12 @@ def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = 
                           "adapter on the unquantised base")
     device = device or "cpu"
     attention = attn_implementation or run.get("attn_implementation")
-    if attn_implementation is None and attention in FLASH_PACKAGES and not (
-            device.startswith("cuda") and importlib.util.find_spec(FLASH_PACKAGES[attention][0]) is not None):
-        logger.info("load_sft_adapter: the run's %s does not run on %s here; the model's own attention instead",
-                    attention, device)
-        attention = None
+    if attn_implementation is None:  # the run's kernel, if it runs here
+        try:
+            check_attention(attention, device)
+        except (ValueError, ImportError) as err:
+            logger.info("load_sft_adapter: %s; the model's own attention instead", err)
+            attention = None
     kwargs = base_loading(**flags, attn_implementation=attention, device=device, dtype=dtype)
     base = AutoModelForCausalLM.from_pretrained(resolve_model(model or "smollm2"), **kwargs)
     if "device_map" not in kwargs:

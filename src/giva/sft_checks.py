@@ -7,7 +7,7 @@ import importlib.util
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, Optional
 
 from .checkpoint import nested_or_same
 from .data import DataError
@@ -52,17 +52,17 @@ def check_packages() -> None:
             raise ImportError(f"giva sft needs {package}: pip install 'giva[sft]' (TRL >= 1.16 and datasets)")
 
 
-def check_attention(options: SFTOptions, device: str) -> None:
+def check_attention(attn_implementation: Optional[str], device: str) -> None:
     """A flash attention kernel runs on CUDA GPUs only and needs its package: a clear error before the model loads
-    (transformers would raise only once it loads the weights)."""
-    if options.attn_implementation not in FLASH_PACKAGES:
+    (transformers would raise only once it loads the weights). ``device``: ``cuda``, ``cuda:N``, ``cpu``, ..."""
+    if attn_implementation not in FLASH_PACKAGES:
         return
-    module, package = FLASH_PACKAGES[options.attn_implementation]
-    if device != "cuda":
-        raise ValueError(f"--attn-implementation {options.attn_implementation} runs on CUDA GPUs only, and this run's "
+    module, package = FLASH_PACKAGES[attn_implementation]
+    if device.split(":")[0] != "cuda":
+        raise ValueError(f"--attn-implementation {attn_implementation} runs on CUDA GPUs only, and this run's "
                          f"device is {device}; use sdpa (transformers' default) or eager")
     if importlib.util.find_spec(module) is None:
-        raise ImportError(f"--attn-implementation {options.attn_implementation} needs {package} (the module {module!r} "
+        raise ImportError(f"--attn-implementation {attn_implementation} needs {package} (the module {module!r} "
                           "is not installed); install it, or use sdpa (transformers' default)")
 
 
