@@ -423,11 +423,28 @@ def load_classifier(path: str, num_labels: int, **kwargs: Any) -> nn.Module:
 
     A classifier saved there for another class count keeps its body and gets a fresh head (transformers
     refuses such a checkpoint unless told to re-initialise the mismatched tensors, and only those differ).
+
+    transformers' weight-loading report (which lists a fresh head as MISSING on every run) is replaced by one check:
+    a weight missing outside the head, left at its random initialisation, is a warning naming it. A fresh head is
+    expected: it is trained with the adapter, or its trained copy comes from the adapter when one is loaded.
     """
     saved = AutoConfig.from_pretrained(path).num_labels
-    return AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=num_labels, ignore_mismatched_sizes=saved != num_labels, **kwargs
-    )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=num_labels, ignore_mismatched_sizes=saved != num_labels, output_loading_info=True, **kwargs
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    body = sorted(key for key in info.get("missing_keys", ()) if key.split(".")[0] not in HEAD_NAMES)
+    if body:
+        shown = ", ".join(body[:5]) + (f" and {len(body) - 5} more" if len(body) > 5 else "")
+        logger.warning(
+            "%s lacks %d weight(s) outside the classifier head, left at their random initialisation and frozen: %s",
+            path, len(body), shown,
+        )
+    return model
 
 
 def saved_head_classes(path: str) -> Optional[int]:
