@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+import giva.cli
 import giva.sft
 import giva.sft_checkpoints
 import giva.sft_tracking
@@ -139,6 +140,34 @@ def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_transfor
     renamed = "activation_checkpointing" in {f.name for f in fields(SFTConfig)}
     assert not (TRANSFORMERS_4 and renamed)
     assert getattr(config, "activation_checkpointing" if renamed else "gradient_checkpointing") is on
+
+
+def test_torch_compile_trains_a_compiled_model_to_the_eager_runs_adapter(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """--torch-compile: the Trainer's step runs a torch.compile'd model (dynamo captures graphs; none without the flag)
+    and the adapter it trains is the eager run's to float rounding (inductor fuses the element-wise maths; Adam turns a
+    rounding difference in a gradient near 0 into a step of up to 1e-5 in its vector, of values near 2e-2 here)."""
+    from torch._dynamo.utils import counters
+
+    argv = []
+    parse = giva.cli._sft
+    monkeypatch.setattr(giva.cli, "_sft", lambda args: argv.append(args.torch_compile) or parse(args))
+    runs = {}
+    for compiled in (False, True):
+        counters.clear()
+        out = tmp_path / f"compiled-{compiled}"
+        assert main(cli(chat_model, pc_jsonl, out, *(["--torch-compile"] if compiled else []))) == 0
+        runs[compiled] = (json.loads((out / "sft_result.json").read_text()), load_file(out / "adapter_model.safetensors"),
+                          counters["stats"]["unique_graphs"])
+    assert argv == [False, True]
+    (eager, eager_tensors, eager_graphs), (compiled, compiled_tensors, graphs) = runs[False], runs[True]
+    assert eager_graphs == 0 and graphs > 0  # the compiled model ran the steps
+    assert compiled["options"]["torch_compile"] is True and eager["options"]["torch_compile"] is False
+    assert compiled["val_loss_before"] == eager["val_loss_before"] != compiled["val_loss_after"]  # eager; trained
+    assert math.isclose(compiled["train_loss"], eager["train_loss"], rel_tol=1e-5)
+    assert math.isclose(compiled["val_loss_after"], eager["val_loss_after"], rel_tol=1e-5)
+    assert eager_tensors.keys() == compiled_tensors.keys() and eager_tensors
+    for name, tensor in eager_tensors.items():
+        torch.testing.assert_close(compiled_tensors[name], tensor, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_sft_trains_reports_and_saves_an_adapter_that_reloads_bit_identically(chat_model, pc_jsonl, tmp_path):

@@ -183,6 +183,7 @@ def _sft(args: argparse.Namespace) -> int:
     options = SFTOptions(
         model=args.model, data=args.data, data_split=args.data_split, data_config=args.data_config, device=args.device, bf16=args.bf16, fp16=args.fp16,
         load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, gradient_checkpointing=args.gradient_checkpointing,
+        torch_compile=args.torch_compile,
         max_steps=args.max_steps, epochs=args.epochs, lr=args.lr, lr_scheduler=args.lr_scheduler,
         warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
         dropout=args.dropout, batch_size=args.batch_size,
@@ -458,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     quantization.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights, double quantisation (bitsandbytes)")
     quantization.add_argument("--load-in-8bit", action="store_true", help="int8 base weights (bitsandbytes)")
     sf.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    sf.add_argument("--torch-compile", action="store_true",
+                    help="run the training step under torch.compile (inductor): the first steps are slower while it "
+                         "compiles; validation and exact match run eager")
     sf.add_argument("--max-steps", type=_positive_int, default=None, help="optimizer steps (overrides --epochs)")
     sf.add_argument("--epochs", type=_positive_float, default=1.0, help="may be fractional")
     sf.add_argument("--lr", type=_positive_float, default=1e-2, help="peak learning rate")

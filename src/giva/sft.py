@@ -256,6 +256,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
         bf16=options.bf16,
         fp16=options.fp16,
         **{checkpointing: options.gradient_checkpointing},  # TRL's SFTConfig defaults it to on
+        torch_compile=options.torch_compile,  # Accelerate compiles the model it wraps; trainer.model stays eager
         use_cpu=device == "cpu",
         seed=options.seed,
         data_seed=options.seed,

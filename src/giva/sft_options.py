@@ -46,10 +46,10 @@ MAX_SEED = 2**32 - 1  # transformers' set_seed seeds numpy, which takes no large
 
 
 # Flags a resumed run may change: where things go, how it reports and logs, the checkpoint cadence, the device, the attention
-# kernel, the split of a batch into micro-batches (same rows per optimizer step) and the validation batch. Every other
+# kernel, recomputation and compilation, the split of a batch into micro-batches (same rows per optimizer step) and the validation batch. Every other
 # flag changes what is trained.
 # (--data, --data-split and --data-config may name the same rows elsewhere: the rows' SHA-256 is compared instead.)
-RESUMABLE_CHANGES = frozenset({"device", "attn_implementation", "gradient_checkpointing", "micro_batch_size",
+RESUMABLE_CHANGES = frozenset({"device", "attn_implementation", "gradient_checkpointing", "torch_compile", "micro_batch_size",
                                "eval_steps", "eval_batch_size", "report_to", "logging_steps", "logging_dir",
                                "output_dir", "export_lora", "overwrite", "progress", "save_steps", "checkpoint_dir",
                                "resume", "data", "data_split", "data_config"})
@@ -81,6 +81,7 @@ class SFTOptions:
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 base weights with double quantisation (bitsandbytes)"})
     load_in_8bit: bool = field(default=False, metadata={"help": "int8 base weights (bitsandbytes)"})
     gradient_checkpointing: bool = False
+    torch_compile: bool = field(default=False, metadata={"help": "the training step under torch.compile (inductor)"})
     max_steps: Optional[int] = field(default=None, metadata={"help": "optimizer steps; overrides epochs"})
     epochs: float = 1.0
     lr: float = 1e-2  # the GiVA paper's learning rate for its LLM runs (GIVA_SPEC.md section 5)

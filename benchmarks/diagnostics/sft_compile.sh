@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# `giva sft --torch-compile` against eager on the real SmolLM2-135M (offline, `make setup` fetches it), CPU, fp32, one
+# process: each run for 10 and for 40 optimizer steps, so that (time of 40 - time of 10) / 30 is the step time once
+# compiled and the difference of the 10-step times is what compiling cost. Then the two 40-step adapters against each
+# other. train_seconds: the Trainer's loop (GiVA's initialisation, eager in both, is init_seconds).
+# (docs/sft.md, "Compiling the step")
+# Usage: bash benchmarks/diagnostics/sft_compile.sh [WORK_DIR] > benchmarks/results/diagnostics/sft_compile_smollm2.txt
+NAME=sft-compile; source "$(dirname "$0")/common.sh" "$@"
+FLAGS=(--batch-size 8 --val-size 16 --max-train-samples 320 --init-mode sketch --no-progress --device cpu --json)
+rm -rf "$WORK"/eager-* "$WORK"/compiled-*
+mkdir -p "$WORK"
+echo "giva sft ${FLAGS[*]} (SmolLM2-135M-Instruct, Pang & Lee as questions), $(nproc) CPUs, giva $(git rev-parse --short HEAD)"
+for steps in 10 40; do
+    "$GIVA" sft "${FLAGS[@]}" --max-steps "$steps" --output-dir "$WORK/eager-$steps" > "$WORK/eager-$steps.json" 2> "$WORK/eager-$steps.log"
+    "$GIVA" sft "${FLAGS[@]}" --max-steps "$steps" --torch-compile --output-dir "$WORK/compiled-$steps" \
+        > "$WORK/compiled-$steps.json" 2> "$WORK/compiled-$steps.log"
+done
+"$PYTHON" - "$WORK" <<'PY'
+import json
+import sys
+
+from safetensors.torch import load_file
+
+work = sys.argv[1]
+runs = {f"{kind}-{steps}": json.load(open(f"{work}/{kind}-{steps}.json")) for kind in ("eager", "compiled") for steps in (10, 40)}
+for name, run in runs.items():
+    print(f"{name:12s} train {run['train_seconds']:7.1f} s, validation loss {run['val_loss_before']:.6f} -> "
+          f"{run['val_loss_after']:.6f}, mean training loss {run['train_loss']:.6f}, versions {run['versions']['torch']}")
+step = {kind: (runs[f"{kind}-40"]["train_seconds"] - runs[f"{kind}-10"]["train_seconds"]) / 30 for kind in ("eager", "compiled")}
+print(f"step time over steps 11-40: eager {step['eager']:.3f} s, compiled {step['compiled']:.3f} s "
+      f"({step['compiled'] / step['eager']:.3f}x eager)")
+print(f"compiling cost (10-step runs, compiled - eager): {runs['compiled-10']['train_seconds'] - runs['eager-10']['train_seconds']:.1f} s")
+eager, compiled = (load_file(f"{work}/{kind}-40/adapter_model.safetensors") for kind in ("eager", "compiled"))
+assert eager.keys() == compiled.keys() and eager
+gap = max((eager[k].double() - compiled[k].double()).abs().max().item() for k in eager)
+size = max(eager[k].double().abs().max().item() for k in eager)
+print(f"40-step adapters: {len(eager)} tensors, largest difference {gap:.1e} (largest value {size:.1e})")
+PY
