@@ -2,7 +2,8 @@
 # `giva sft --torch-compile` against eager on the real SmolLM2-135M (offline, `make setup` fetches it), CPU, fp32, one
 # process: each run for 10 and for 40 optimizer steps, so that (time of 40 - time of 10) / 30 is the step time once
 # compiled and the difference of the 10-step times is what compiling cost. Then the two 40-step adapters against each
-# other. train_seconds: the Trainer's loop (GiVA's initialisation, eager in both, is init_seconds).
+# other. train_seconds: the Trainer's loop (GiVA's initialisation, eager in both, is init_seconds). Last, `giva generate`
+# with the eager 10-step adapter and without it (--base), on a review of the form the run trained on.
 # (docs/sft.md, "Compiling the step")
 # Usage: bash benchmarks/diagnostics/sft_compile.sh [WORK_DIR] > benchmarks/results/diagnostics/sft_compile_smollm2.txt
 NAME=sft-compile; source "$(dirname "$0")/common.sh" "$@"
@@ -36,3 +37,6 @@ gap = max((eager[k].double() - compiled[k].double()).abs().max().item() for k in
 size = max(eager[k].double().abs().max().item() for k in eager)
 print(f"40-step adapters: {len(eager)} tensors, largest difference {gap:.1e} (largest value {size:.1e})")
 PY
+echo "giva generate $WORK/eager-10 (review, greedy) --base:"
+"$GIVA" generate "$WORK/eager-10" "$(printf 'Review: a gorgeous, moving film.\nIs this review positive or negative? Answer with one word.')" \
+    --base --max-new-tokens 16 --device cpu --no-progress 2> "$WORK/generate.log"

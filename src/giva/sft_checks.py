@@ -17,6 +17,22 @@ from .sft_options import FLASH_PACKAGES, RESULT_FILE, SFTOptions
 logger = logging.getLogger("giva.sft")
 
 
+def available_device(device: str) -> str:
+    """``--device`` as a torch device type: ``auto`` is CUDA, else MPS, else the CPU; a device torch cannot see is a
+    ValueError naming the way out."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: no CUDA device is visible to torch {torch.__version__} "
+                         f"({'a CPU-only build' if torch.version.cuda is None else 'CUDA build'}); use --device cpu or auto")
+    if device == "mps" and not mps:
+        raise ValueError("--device mps: torch.backends.mps.is_available() is False; use --device cpu or auto")
+    return device
+
+
 def resolve_device(options: SFTOptions) -> str:
     """The device the run will use, or a ValueError if it, or the precision asked for, is not there, or if several
     GPUs would be driven by one process: outside torchrun (no ``LOCAL_RANK``, Accelerate's test) the Trainer wraps the
@@ -24,21 +40,13 @@ def resolve_device(options: SFTOptions) -> str:
     one GPU's rows."""
     import torch
 
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    device = options.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device cuda: no CUDA device is visible to torch {torch.__version__} "
-                         f"({'a CPU-only build' if torch.version.cuda is None else 'CUDA build'}); use --device cpu or auto")
+    device = available_device(options.device)
     gpus = torch.cuda.device_count() if device == "cuda" else 0
     if gpus > 1 and int(os.environ.get("LOCAL_RANK", "-1")) == -1:
         raise ValueError(f"--device {options.device}: {gpus} GPUs are visible and giva sft was not launched by torchrun, "
                          f"so the Trainer would run nn.DataParallel over them ({gpus} x --batch-size rows per step, the "
                          f"schedule sized for --batch-size); launch one process per GPU (torchrun --nproc_per_node "
                          f"{gpus} -- $(which giva) sft ...) or pick one GPU (CUDA_VISIBLE_DEVICES=0 giva sft ...)")
-    if device == "mps" and not mps:
-        raise ValueError("--device mps: torch.backends.mps.is_available() is False; use --device cpu or auto")
     if options.bf16 and device == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"--bf16: {torch.cuda.get_device_name()} has no bf16 support; use --fp16")
     if options.fp16 and device == "cpu":

@@ -107,9 +107,6 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completion
     it was trained on has room for all of it, and one that does not stop after it is seen going on.
 
     Under torchrun each process answers every ``world``-th prompt and the hits are summed over the processes."""
-    import torch
-    from tqdm.auto import tqdm
-
     rank, world = _launch()
     references = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in completions]
     special = set(tokenizer.all_special_ids)
@@ -120,19 +117,10 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completion
     device = next(p for p in model.parameters()).device
 
     def work() -> list[float]:
-        hits = 0
-        bars = tqdm(range(0, len(prompts), batch_size), desc="exact match", disable=not progress or rank > 0, leave=False)
-        for start in bars:
-            batch = prompts[start : start + batch_size]
-            width = max(map(len, batch))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # left padding
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, do_sample=False,
-                                     pad_token_id=pad)
-            answers = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-            hits += sum(a.strip() == r for a, r in zip(answers, references[start : start + batch_size]))
-        return [float(hits)]
+        new = generated(model, prompts, pad, batch_size, progress=progress and rank == 0, desc="exact match",
+                        max_new_tokens=longest, do_sample=False)
+        answers = tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [float(sum(a.strip() == r for a, r in zip(answers, references)))]
 
     was_training = model.training
     model.eval()
@@ -141,3 +129,24 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completion
     finally:
         model.train(was_training)
     return int(hits) / total
+
+
+def generated(model: Any, prompts: list[list[int]], pad: int, batch_size: int, progress: bool = False,
+              desc: str = "generate", **generation: Any) -> list[Any]:
+    """The tokens ``model.generate(**generation)`` writes after each prompt (token ids), ``batch_size`` prompts at a
+    time, left padded with ``pad``; after an end of sequence, ``pad`` to the batch's longest answer. The caller puts the
+    model in eval mode."""
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(p for p in model.parameters()).device
+    answers: list[Any] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
+        batch = prompts[start : start + batch_size]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **generation)
+        answers.extend(out[:, width:].cpu())
+    return answers

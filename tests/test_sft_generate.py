@@ -1,0 +1,134 @@
+"""`giva generate`: prompts tokenized as TRL tokenized the run's prompts, answers those of the trained model, bad
+input in one line before the model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_sft import chat_model, messages_jsonl, options, pc_jsonl, plain_model, text_jsonl  # noqa: F401  (fixtures)
+
+import giva.sft
+from giva.cli import main
+from giva.sft import make_trainer, preflight, train_sft
+from giva.sft_eval import prompt_ids as trl_prompt_ids
+from giva.sft_generate import prompt_ids, read_prompts
+
+PROMPT = "the film is good great . positive or negative ?"
+
+
+def _trl_rows(opts, tmp_path):
+    """(the validation rows giva sft gave TRL, TRL's tokenized prompts of them)."""
+    device, path, tokenizer, data = preflight(opts)
+    trainer = make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
+    return tokenizer, data.validation, trl_prompt_ids(trainer.eval_dataset)
+
+
+@pytest.mark.parametrize("case", ["text prompt, chat template", "messages, chat template", "text prompt, no template"])
+def test_prompts_become_the_tokens_trl_trained_on(chat_model, plain_model, pc_jsonl, messages_jsonl, tmp_path, case):  # noqa: F811
+    model = plain_model if "no template" in case else chat_model
+    data = messages_jsonl if case.startswith("messages") else pc_jsonl
+    tokenizer, rows, trl = _trl_rows(options(model, data, tmp_path / "out"), tmp_path)
+    assert len(rows) == len(trl) == 8
+    for row, expected in zip(rows, trl):
+        prompt = row["prompt"]
+        if case == "text prompt, chat template":  # giva sft made the text one user turn; generate gets the text
+            assert [m["role"] for m in prompt] == ["user"]
+            prompt = prompt[0]["content"]
+        assert isinstance(prompt, str) == case.startswith("text")
+        assert prompt_ids(tokenizer, prompt, text_run=False) == expected
+
+
+def test_a_text_run_continues_the_text_without_the_chat_template(chat_model, text_jsonl, tmp_path):  # noqa: F811
+    tokenizer, _, _ = _trl_rows(options(chat_model, text_jsonl, tmp_path / "out"), tmp_path)
+    assert prompt_ids(tokenizer, PROMPT, text_run=True) == tokenizer(PROMPT)["input_ids"]
+    assert prompt_ids(tokenizer, PROMPT, text_run=False) != tokenizer(PROMPT)["input_ids"]  # the template: not the same
+
+
+def test_generate_answers_as_the_trained_model_and_the_base_with_base(chat_model, pc_jsonl, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    _, model, tokenizer = train_sft(options(chat_model, pc_jsonl, out, lr=5e-2, max_steps=16))  # answers a word
+    capsys.readouterr()
+    prompts = tmp_path / "prompts.jsonl"
+    messages = [{"role": "user", "content": "the film is bad ."}, {"role": "assistant", "content": "negative"},
+                {"role": "user", "content": PROMPT}]
+    prompts.write_text(json.dumps({"prompt": "the plot is awful . positive or negative ?"}) + "\n"
+                       + json.dumps({"messages": messages}) + "\n")
+    assert main(["generate", str(out), PROMPT, "--prompts", str(prompts), "--base", "--max-new-tokens", "4",
+                 "--device", "cpu", "--no-progress", "--json"]) == 0
+    answers = json.loads(capsys.readouterr().out)
+    assert [a["prompt"] for a in answers] == [PROMPT, "the plot is awful . positive or negative ?", messages]
+
+    model.eval()
+    for entry in answers:  # what the model trained in memory writes, greedy, for the same tokens
+        ids = torch.tensor([prompt_ids(tokenizer, entry["prompt"], text_run=False)])
+        for key, adapter in (("answer", True), ("base_answer", False)):
+            with torch.no_grad():
+                if adapter:
+                    out_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+                else:
+                    with model.disable_adapter():
+                        out_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+            assert entry[key] == tokenizer.decode(out_ids[0, ids.shape[1]:], skip_special_tokens=True).strip(), key
+    assert any(a["answer"] for a in answers)  # the comparison above is not between empty answers only
+
+    assert main(["generate", str(out), PROMPT, "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"[1] {PROMPT}\n  giva: {answers[0]['answer']}") and "base:" not in text
+
+
+def test_sampling_is_seeded(chat_model, pc_jsonl, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    train_sft(options(chat_model, pc_jsonl, out, max_steps=1))
+    runs = []
+    for seed in (1, 1, 2):
+        assert main(["generate", str(out), PROMPT, PROMPT, "--temperature", "5", "--seed", str(seed),
+                     "--max-new-tokens", "8", "--device", "cpu", "--no-progress", "--json"]) == 0
+        runs.append([a["answer"] for a in json.loads(capsys.readouterr().out)])
+    assert runs[0] == runs[1] and runs[0] != runs[2]  # at temperature 5 over 8 tokens, two seeds differ
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in captured.err and not captured.out, captured.err
+    assert lines[0].startswith("giva generate: error: ")
+    return lines[0]
+
+
+@pytest.fixture
+def trained(chat_model, plain_model, pc_jsonl, tmp_path_factory):  # noqa: F811
+    runs = {}
+    for name, model in (("chat", chat_model), ("plain", plain_model)):
+        runs[name] = tmp_path_factory.mktemp(name) / "out"
+        train_sft(options(model, pc_jsonl, runs[name], max_steps=1))
+    return runs
+
+
+def test_bad_input_is_one_line_before_the_model_loads(trained, tmp_path, capsys, monkeypatch):
+    def loaded(*a, **k):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(giva.sft, "load_sft_adapter", loaded)
+    bad_row = tmp_path / "bad.jsonl"
+    bad_row.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"question": "no prompt"}) + "\n")
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": PROMPT}]}) + "\n")
+    cases = [
+        ([str(tmp_path / "nothing"), PROMPT], "holds no adapter_config.json"),
+        ([str(trained["chat"])], "no prompt to answer"),
+        ([str(trained["chat"]), "--prompts", str(bad_row)], f"{bad_row}:2: expected 'prompt'"),
+        ([str(trained["chat"]), "--prompts", str(tmp_path / "missing.txt")], "missing.txt' : no such file".replace(" :", ":")),
+        ([str(trained["plain"]), "--prompts", str(chat)], "prompt 1 is a list of messages, but the run has no chat template"),
+        ([str(trained["chat"]), PROMPT, "--top-p", "0"], "--top-p in (0, 1]"),
+    ]
+    for argv, expected in cases:
+        assert main(["generate", *argv, "--device", "cpu", "--no-progress"]) == 2, argv
+        assert expected in one_error_line(capsys), argv
+
+
+def test_a_prompt_file_of_lines(tmp_path):
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("first prompt\n\n  \nsecond prompt\n")
+    assert read_prompts(str(lines)) == ["first prompt", "second prompt"]
