@@ -13,7 +13,7 @@ import giva.sft
 from giva.cli import main
 from giva.sft import make_trainer, preflight, train_sft
 from giva.sft_eval import prompt_ids as trl_prompt_ids
-from giva.sft_generate import prompt_ids, read_prompts
+from giva.sft_generate import prompt_ids, read_prompts, text_run
 
 PROMPT = "the film is good great . positive or negative ?"
 
@@ -44,6 +44,16 @@ def test_a_text_run_continues_the_text_without_the_chat_template(chat_model, tex
     tokenizer, _, _ = _trl_rows(options(chat_model, text_jsonl, tmp_path / "out"), tmp_path)
     assert prompt_ids(tokenizer, PROMPT, text_run=True) == tokenizer(PROMPT)["input_ids"]
     assert prompt_ids(tokenizer, PROMPT, text_run=False) != tokenizer(PROMPT)["input_ids"]  # the template: not the same
+
+
+def test_a_text_runs_checkpoint_is_continued_as_text_too(chat_model, pc_jsonl, text_jsonl, tmp_path):  # noqa: F811
+    """A checkpoint-N folder holds no sft_result.json: the run's record beside it says the rows were text."""
+    for name, data in (("text", text_jsonl), ("pc", pc_jsonl)):
+        train_sft(options(chat_model, data, tmp_path / name, save_steps=2))
+        checkpoint = tmp_path / f"{name}-checkpoints" / "checkpoint-2"
+        assert (checkpoint / "adapter_config.json").is_file() and not (checkpoint / "sft_result.json").exists()
+        assert text_run(str(checkpoint)) is text_run(str(tmp_path / name)) is (name == "text")
+    assert text_run(str(tmp_path)) is False  # neither record
 
 
 def test_generate_answers_as_the_trained_model_and_the_base_with_base(chat_model, pc_jsonl, tmp_path, capsys):  # noqa: F811

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `giva sft --torch-compile` against eager on the real SmolLM2-135M (offline, `make setup` fetches it), CPU, fp32, one
 # process: each run for 10 and for 40 optimizer steps, so that (time of 40 - time of 10) / 30 is the step time once
-# compiled and the difference of the 10-step times is what compiling cost. Then the two 40-step adapters against each
-# other. train_seconds: the Trainer's loop (GiVA's initialisation, eager in both, is init_seconds). Last, `giva generate`
+# compiled and the difference of the 10-step times is what compiling cost. Each compiled run starts from an empty
+# inductor cache of its own (TORCHINDUCTOR_CACHE_DIR): with the first run's cache the second compiled in less time,
+# and the difference meant nothing. Then the two 40-step adapters against each other. train_seconds: the Trainer's loop (GiVA's initialisation, eager in both, is init_seconds). Last, `giva generate`
 # with the eager 10-step adapter and without it (--base), on a review of the form the run trained on.
 # (docs/sft.md, "Compiling the step")
 # Usage: bash benchmarks/diagnostics/sft_compile.sh [WORK_DIR] > benchmarks/results/diagnostics/sft_compile_smollm2.txt
@@ -13,8 +14,9 @@ mkdir -p "$WORK"
 echo "giva sft ${FLAGS[*]} (SmolLM2-135M-Instruct, Pang & Lee as questions), $(nproc) CPUs, giva $(git rev-parse --short HEAD)"
 for steps in 10 40; do
     "$GIVA" sft "${FLAGS[@]}" --max-steps "$steps" --output-dir "$WORK/eager-$steps" > "$WORK/eager-$steps.json" 2> "$WORK/eager-$steps.log"
-    "$GIVA" sft "${FLAGS[@]}" --max-steps "$steps" --torch-compile --output-dir "$WORK/compiled-$steps" \
-        > "$WORK/compiled-$steps.json" 2> "$WORK/compiled-$steps.log"
+    rm -rf "$WORK/inductor-$steps"
+    TORCHINDUCTOR_CACHE_DIR="$WORK/inductor-$steps" "$GIVA" sft "${FLAGS[@]}" --max-steps "$steps" --torch-compile \
+        --output-dir "$WORK/compiled-$steps" > "$WORK/compiled-$steps.json" 2> "$WORK/compiled-$steps.log"
 done
 "$PYTHON" - "$WORK" <<'PY'
 import json
@@ -33,9 +35,12 @@ print(f"step time over steps 11-40: eager {step['eager']:.3f} s, compiled {step[
 print(f"compiling cost (10-step runs, compiled - eager): {runs['compiled-10']['train_seconds'] - runs['eager-10']['train_seconds']:.1f} s")
 eager, compiled = (load_file(f"{work}/{kind}-40/adapter_model.safetensors") for kind in ("eager", "compiled"))
 assert eager.keys() == compiled.keys() and eager
-gap = max((eager[k].double() - compiled[k].double()).abs().max().item() for k in eager)
-size = max(eager[k].double().abs().max().item() for k in eager)
-print(f"40-step adapters: {len(eager)} tensors, largest difference {gap:.1e} (largest value {size:.1e})")
+same = [k for k in eager if not eager[k].is_floating_point() or k.endswith(".giva_A")]  # checksums; the bases
+trained = [k for k in eager if k not in same]
+print(f"40-step adapters: {len(eager)} tensors; the {len(same)} bases and checksums "
+      f"{'identical' if all(eager[k].equal(compiled[k]) for k in same) else 'NOT identical'}; the {len(trained)} trained "
+      "vectors' largest difference, over the tensor's largest entry: "
+      f"{max(((eager[k] - compiled[k]).abs().max() / eager[k].abs().max()).item() for k in trained):.1e}")
 PY
 echo "giva generate $WORK/eager-10 (review, greedy) --base:"
 "$GIVA" generate "$WORK/eager-10" "$(printf 'Review: a gorgeous, moving film.\nIs this review positive or negative? Answer with one word.')" \

@@ -37,6 +37,8 @@ class UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad option in one line (no usage block) through :class:`UsageError`."""
 
+    sft_parser: argparse.ArgumentParser  # the top parser's `giva sft` (set by build_parser)
+
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{self.prog}: error: {message}")
 
@@ -549,7 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     sf.add_argument("--no-progress", action="store_true", help="no progress bars, no transformers warnings")
     sf.add_argument("--json", action="store_true",
                     help="print the result as one JSON document on stdout (the summary and all logs go to stderr)")
+    sf.add_argument("--config", default=None, metavar="FILE",
+                    help="a recipe: YAML or JSON of these flags (underscores or dashes; the flags given beside it "
+                         "override it), or a run's sft_result.json to run it again")
     sf.set_defaults(func=_sft)
+    parser.sft_parser = sf  # its flags, for a --config recipe
 
     gen = sub.add_parser("generate", help="answer prompts with an adapter saved by giva sft (formatted as its rows were)",
                          formatter_class=_DefaultsFormatter,
@@ -681,10 +687,26 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return USER_ERRORS + ((session.GradientInitError,) if session is not None else ())
 
 
+def _with_recipe(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
+    """``giva sft --config FILE``: the recipe's flags first, then the command line's (argparse keeps the last value
+    of a flag given twice, so the command line overrides the recipe). A bad value in the recipe names the file."""
+    from .sft_recipe import recipe_flags
+
+    parser = build_parser()
+    words = recipe_flags(args.config, {action.dest: action for action in parser.sft_parser._actions})
+    try:
+        parser.parse_args(["sft", *words])
+    except UsageError as err:
+        raise UsageError(f"{err} (in --config {args.config})") from None
+    return parser.parse_args([argv[0], *words, *argv[1:]])
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         args = build_parser().parse_args(argv)
+        if getattr(args, "config", None) is not None:
+            args = _with_recipe(args, sys.argv[1:] if argv is None else list(argv))
         handler: Callable[[argparse.Namespace], int] = args.func
         load()  # torch, transformers, PEFT and GiVA's registration with PEFT: only now that a command runs
         from .peft_compat import ignore_library_deprecations

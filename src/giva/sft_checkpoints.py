@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .sft_data import SFTData
+from .sft_data import SFTData, row_format
 from .sft_options import OPTIONS_FILE, RESULT_FILE, RESUMABLE_CHANGES, SFTOptions
 
 logger = logging.getLogger("giva.sft")
@@ -20,10 +20,11 @@ logger = logging.getLogger("giva.sft")
 
 def run_record(options: SFTOptions, data: SFTData) -> dict[str, Any]:
     """What a run's checkpoint folder keeps of it for ``--resume`` to compare: the flags, and a SHA-256 of the rows
-    (a data file edited in place between the two runs changes it). Tuples become lists, as in the stored file."""
+    (a data file edited in place between the two runs changes it), and the rows' format (``giva generate`` reads it
+    for a ``checkpoint-N`` folder). Tuples become lists, as in the stored file."""
     rows = json.dumps([data.train, data.validation], sort_keys=True, ensure_ascii=False).encode("utf-8")
     flags = {key: _compared(key, value) for key, value in json.loads(json.dumps(asdict(options))).items()}
-    return {"options": flags, "data_sha256": hashlib.sha256(rows).hexdigest()}
+    return {"options": flags, "data_sha256": hashlib.sha256(rows).hexdigest(), "rows": row_format(data.train[0])}
 
 
 def flag_changes(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data import DataError, _decode, _read_json_rows
-from .sft_options import RESULT_FILE
+from .sft_options import OPTIONS_FILE, RESULT_FILE
 
 Prompt = str | list[dict[str, str]]  # a text, or messages ({"role", "content"}) ending where the answer starts
 
@@ -74,11 +74,17 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, text_run: bool, where: str = "the
                                               return_dict=True)["input_ids"])
 
 
-def text_run(output_dir: str) -> bool:
-    """Whether the run in ``output_dir`` trained on ``text`` rows (its ``sft_result.json`` says every token carried
-    the loss); False for prompt/completion and chat runs, and for a folder without the record."""
-    record = Path(output_dir).expanduser() / RESULT_FILE
-    return record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("loss_tokens") == "every token"
+def text_run(adapter_dir: str) -> bool:
+    """Whether the adapter in ``adapter_dir`` was trained on ``text`` rows: its ``sft_result.json`` says every token
+    carried the loss, or for a ``checkpoint-N`` folder the run's record beside it says so. False for prompt/completion
+    and chat runs, and for a folder with neither record."""
+    folder = Path(adapter_dir).expanduser()
+    if (folder / RESULT_FILE).is_file():
+        return json.loads((folder / RESULT_FILE).read_text(encoding="utf-8")).get("loss_tokens") == "every token"
+    record = folder.parent / OPTIONS_FILE
+    if folder.name.removeprefix("checkpoint-").isdigit() and record.is_file():
+        return json.loads(record.read_text(encoding="utf-8")).get("rows") == "text"
+    return False
 
 
 def generate(output_dir: str, prompts: list[Prompt], max_new_tokens: int = 256, temperature: float = 0.0,
