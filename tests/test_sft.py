@@ -145,20 +145,24 @@ def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_transfor
 def test_torch_compile_trains_a_compiled_model_to_the_eager_runs_adapter(chat_model, pc_jsonl, tmp_path, monkeypatch):
     """--torch-compile: the Trainer's step runs a torch.compile'd model (dynamo captures graphs; none without the flag)
     and the adapter it trains is the eager run's to float rounding (inductor fuses the element-wise maths; Adam turns a
-    rounding difference in a gradient near 0 into a step of up to 1e-5 in its vector, of values near 2e-2 here)."""
+    rounding difference in a gradient near 0 into a step of up to 1e-5 in its vector, of values near 2e-2 here).
+    The eager run comes second: transformers 4.x's TrainingArguments left ACCELERATE_DYNAMO_BACKEND=inductor in
+    os.environ, and every later Trainer of the process (and every process it started) compiled its model too."""
     from torch._dynamo.utils import counters
 
     argv = []
     parse = giva.cli._sft
     monkeypatch.setattr(giva.cli, "_sft", lambda args: argv.append(args.torch_compile) or parse(args))
+    before = os.environ.get("ACCELERATE_DYNAMO_BACKEND")
     runs = {}
-    for compiled in (False, True):
+    for compiled in (True, False):
         counters.clear()
         out = tmp_path / f"compiled-{compiled}"
         assert main(cli(chat_model, pc_jsonl, out, *(["--torch-compile"] if compiled else []))) == 0
         runs[compiled] = (json.loads((out / "sft_result.json").read_text()), load_file(out / "adapter_model.safetensors"),
                           counters["stats"]["unique_graphs"])
-    assert argv == [False, True]
+        assert os.environ.get("ACCELERATE_DYNAMO_BACKEND") == before
+    assert argv == [True, False]
     (eager, eager_tensors, eager_graphs), (compiled, compiled_tensors, graphs) = runs[False], runs[True]
     assert eager_graphs == 0 and graphs > 0  # the compiled model ran the steps
     assert compiled["options"]["torch_compile"] is True and eager["options"]["torch_compile"] is False

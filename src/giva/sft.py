@@ -457,19 +457,25 @@ def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
         return _train(options, device, path, tokenizer, data, resume_from)
 
 
+# What transformers 4.x's TrainingArguments writes into os.environ and leaves there (5.x only reads them)
+ACCELERATE_LEFTOVERS = ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_DYNAMO_BACKEND", "ACCELERATE_DYNAMO_MODE")
+
+
 @contextmanager
 def _accelerate_precision_kept() -> Iterator[None]:
     """transformers 4.x's TrainingArguments writes ``ACCELERATE_MIXED_PRECISION`` into ``os.environ`` for a bf16/fp16
-    run and leaves it there (5.x only reads it): every later Trainer of the process, an fp32 ``train_sft`` among
-    them, would autocast to that dtype. The caller's value comes back afterwards."""
-    saved = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    run, and ``ACCELERATE_DYNAMO_BACKEND`` for a ``--torch-compile`` one, and leaves them there (5.x only reads them):
+    every later Trainer of the process, an fp32 or eager ``train_sft`` among them, would autocast to that dtype or
+    compile its model, and so would the processes it starts. The caller's values come back afterwards."""
+    saved = {name: os.environ.get(name) for name in ACCELERATE_LEFTOVERS}
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
-        else:
-            os.environ["ACCELERATE_MIXED_PRECISION"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def on_main_process(trainer: Any, work: Any) -> None:
