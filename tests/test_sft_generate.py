@@ -19,17 +19,18 @@ PROMPT = "the film is good great . positive or negative ?"
 
 
 def _trl_rows(opts, tmp_path):
-    """(the validation rows giva sft gave TRL, TRL's tokenized prompts of them)."""
+    """(the tokenizer, the validation rows giva sft gave TRL, TRL's processed rows of them)."""
     device, path, tokenizer, data = preflight(opts)
     trainer = make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
-    return tokenizer, data.validation, trl_prompt_ids(trainer.eval_dataset)
+    return tokenizer, data.validation, trainer.eval_dataset
 
 
 @pytest.mark.parametrize("case", ["text prompt, chat template", "messages, chat template", "text prompt, no template"])
 def test_prompts_become_the_tokens_trl_trained_on(chat_model, plain_model, pc_jsonl, messages_jsonl, tmp_path, case):  # noqa: F811
     model = plain_model if "no template" in case else chat_model
     data = messages_jsonl if case.startswith("messages") else pc_jsonl
-    tokenizer, rows, trl = _trl_rows(options(model, data, tmp_path / "out"), tmp_path)
+    tokenizer, rows, processed = _trl_rows(options(model, data, tmp_path / "out"), tmp_path)
+    trl = trl_prompt_ids(processed)
     assert len(rows) == len(trl) == 8
     for row, expected in zip(rows, trl):
         prompt = row["prompt"]
@@ -41,9 +42,13 @@ def test_prompts_become_the_tokens_trl_trained_on(chat_model, plain_model, pc_js
 
 
 def test_a_text_run_continues_the_text_without_the_chat_template(chat_model, text_jsonl, tmp_path):  # noqa: F811
-    tokenizer, _, _ = _trl_rows(options(chat_model, text_jsonl, tmp_path / "out"), tmp_path)
-    assert prompt_ids(tokenizer, PROMPT, text_run=True) == tokenizer(PROMPT)["input_ids"]
-    assert prompt_ids(tokenizer, PROMPT, text_run=False) != tokenizer(PROMPT)["input_ids"]  # the template: not the same
+    """A run on text rows (the tokenizer has a chat template, which TRL leaves out for them): a row's text becomes
+    the tokens TRL trained on, up to the EOS TRL appends; with the template it would not."""
+    tokenizer, rows, processed = _trl_rows(options(chat_model, text_jsonl, tmp_path / "out"), tmp_path)
+    assert len(rows) == len(processed) == 8
+    for row, trained in zip(rows, processed["input_ids"]):
+        assert prompt_ids(tokenizer, row["text"], text_run=True) + [tokenizer.eos_token_id] == trained
+        assert prompt_ids(tokenizer, row["text"], text_run=False) != trained[:-1]
 
 
 def test_a_text_runs_checkpoint_is_continued_as_text_too(chat_model, pc_jsonl, text_jsonl, tmp_path):  # noqa: F811
@@ -85,7 +90,9 @@ def test_generate_answers_as_the_trained_model_and_the_base_with_base(chat_model
 
     assert main(["generate", str(out), PROMPT, "--max-new-tokens", "4", "--device", "cpu", "--no-progress"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"[1] {PROMPT}\n  giva: {answers[0]['answer']}") and "base:" not in text
+    assert text == f"[1] {PROMPT}\n  giva: {answers[0]['answer']}\n"  # no base line without --base
+    assert main(["generate", str(out), PROMPT, "--max-new-tokens", "4", "--device", "cpu", "--no-progress", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"prompt": PROMPT, "answer": answers[0]["answer"]}]
 
 
 def test_sampling_is_seeded(chat_model, pc_jsonl, tmp_path, capsys):  # noqa: F811

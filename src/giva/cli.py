@@ -9,7 +9,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import AbstractContextManager, contextmanager, nullcontext, redirect_stdout
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, Optional, Union
@@ -250,15 +250,13 @@ def _generate(args: argparse.Namespace) -> int:
     if args.json:
         from .checkpoint import json_text
 
-        print(json_text([{k: v for k, v in asdict(a).items() if v is not None or k != "base_answer"} for a in answers]))
+        fields = ("prompt", "answer", "base_answer") if args.base else ("prompt", "answer")
+        print(json_text([{name: getattr(a, name) for name in fields} for a in answers]))
         return 0
-    def indented(text: str) -> str:
-        return text.replace("\n", "\n        ")
-
     for i, a in enumerate(answers, start=1):
         shown = a.prompt if isinstance(a.prompt, str) else " | ".join(f"{m['role']}: {m['content']}" for m in a.prompt)
-        print(f"[{i}] {indented(shown)}\n  giva: {indented(a.answer)}"
-              + (f"\n  base: {indented(a.base_answer or '')}" if args.base else ""))
+        lines = [f"[{i}] {shown}", f"  giva: {a.answer}", *([f"  base: {a.base_answer}"] if args.base else [])]
+        print("\n".join(line.replace("\n", "\n        ") for line in lines))  # a multi-line text indented under its tag
     return 0
 
 
@@ -660,20 +658,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextmanager
-def _quiet_libraries(enabled: bool) -> Iterator[None]:
+def _quiet_libraries(enabled: bool) -> AbstractContextManager[None]:
     """``--no-progress``: transformers' warnings (its weight-loading report among them) off for the command."""
-    if not enabled:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
+    from .peft_compat import transformers_errors_only
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    return transformers_errors_only() if enabled else nullcontext()
 
 
 # What a user can get wrong: reported in one line. GIVA_TRACEBACK=1 shows the traceback instead.

@@ -34,6 +34,7 @@ from .data import BUNDLED, TextDataset, deduplicate, load_text_classification, s
 from .init import NumBatches, initialize
 from .init.accumulate import check_num_batches
 from .model import check_targets_before_loading
+from .peft_compat import transformers_errors_only
 
 logger = logging.getLogger(__name__)
 
@@ -429,14 +430,10 @@ def load_classifier(path: str, num_labels: int, **kwargs: Any) -> nn.Module:
     expected: it is trained with the adapter, or its trained copy comes from the adapter when one is loaded.
     """
     saved = AutoConfig.from_pretrained(path).num_labels
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
+    with transformers_errors_only():
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=num_labels, ignore_mismatched_sizes=saved != num_labels, output_loading_info=True, **kwargs
         )
-    finally:
-        hf_logging.set_verbosity(verbosity)
     body = sorted(key for key in info.get("missing_keys", ()) if key.split(".")[0] not in HEAD_NAMES)
     if body:
         shown = ", ".join(body[:5]) + (f" and {len(body) - 5} more" if len(body) > 5 else "")

@@ -91,6 +91,20 @@ with bitsandbytes_deferred():
 LIBRARY_MODULES = r"(transformers|peft|trl|accelerate|datasets|torch|flwr|ray)(\.|$)"
 
 
+@contextmanager
+def transformers_errors_only() -> Iterator[None]:
+    """transformers' own log at ERROR for the block (its warnings, its weight-loading report among them, off), then
+    the caller's verbosity back."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def ignore_library_deprecations() -> None:
     """Inside a caller's ``warnings.catch_warnings()`` (a CLI command, a federated run): FutureWarning and
     DeprecationWarning raised from the code of :data:`LIBRARY_MODULES` are not printed."""

@@ -28,7 +28,14 @@ from typing import Any, Optional
 
 from .data import DataError
 from .sft_best import BestAdapter
-from .sft_checkpoints import check_checkpoints, checkpoint_state, finished_checkpoints, is_finished, write_record
+from .sft_checkpoints import (
+    check_checkpoints,
+    checkpoint_state,
+    finished_checkpoints,
+    is_finished,
+    saved_run,
+    write_record,
+)
 from .sft_checks import (
     check_attention,
     check_chat_template,
@@ -43,7 +50,7 @@ from .sft_checks import (
 )
 from .sft_data import SFTData, load_sft_data, row_format
 from .sft_eval import completion_ids, exact_match, prompt_ids, validation_loss
-from .sft_options import OPTIONS_FILE, RESULT_FILE, TRL_LM_HEAD, SFTOptions
+from .sft_options import RESULT_FILE, TRL_LM_HEAD, SFTOptions
 
 logger = logging.getLogger(__name__)
 
@@ -637,16 +644,13 @@ def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = 
     folder = Path(os.path.expanduser(output_dir))
     if model is None:
         model = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    record = folder / RESULT_FILE
-    if not record.is_file() and folder.name.removeprefix("checkpoint-").isdigit():  # a checkpoint: its run's record
-        record = folder.parent / OPTIONS_FILE
-    record_found = record.is_file()
-    run = json.loads(record.read_text(encoding="utf-8"))["options"] if record_found else {}
+    record, saved = saved_run(folder)
+    run = saved.get("options", {})
     flags = {key: bool(run.get(key)) for key in ("bf16", "fp16", "load_in_4bit", "load_in_8bit")}
     if quantized is False:
         flags.update(load_in_4bit=False, load_in_8bit=False)
     elif quantized and not (flags["load_in_4bit"] or flags["load_in_8bit"]):
-        why = (f"its {record.name} has neither load_in_4bit nor load_in_8bit" if record_found else f"it holds no "
+        why = (f"its {record.name} has neither load_in_4bit nor load_in_8bit" if record is not None else f"it holds no "
                f"{RESULT_FILE} to say how its base was quantised")
         raise ValueError(f"load_sft_adapter: quantized=True, but {folder} is not a run on a quantised base ({why})")
     if (flags["load_in_4bit"] or flags["load_in_8bit"]) and importlib.util.find_spec("bitsandbytes") is None:

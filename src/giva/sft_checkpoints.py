@@ -27,6 +27,18 @@ def run_record(options: SFTOptions, data: SFTData) -> dict[str, Any]:
     return {"options": flags, "data_sha256": hashlib.sha256(rows).hexdigest(), "rows": row_format(data.train[0])}
 
 
+def saved_run(folder: Path) -> tuple[Optional[Path], dict[str, Any]]:
+    """The record of the run whose adapter is in ``folder``: its ``sft_result.json``, or for a ``checkpoint-N`` folder
+    the run's ``giva_sft_options.json`` beside it; (its path, its contents), or (None, {}) when there is neither (an
+    adapter saved by other code)."""
+    record = folder / RESULT_FILE
+    if not record.is_file() and folder.name.removeprefix("checkpoint-").isdigit():
+        record = folder.parent / OPTIONS_FILE
+    if not record.is_file():
+        return None, {}
+    return record, json.loads(record.read_text(encoding="utf-8"))
+
+
 def flag_changes(stored: dict[str, Any], given: dict[str, Any]) -> list[str]:
     """``--flag stored -> given`` for each flag that changes what is trained (a flag the stored record lacks, from an
     older version, compares as its default)."""

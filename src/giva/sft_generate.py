@@ -10,14 +10,12 @@ answered with the adapter switched off, which shows what the fine-tuning changed
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from .data import DataError, _decode, _read_json_rows
-from .sft_options import OPTIONS_FILE, RESULT_FILE
 
 Prompt = str | list[dict[str, str]]  # a text, or messages ({"role", "content"}) ending where the answer starts
 
@@ -75,16 +73,13 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, text_run: bool, where: str = "the
 
 
 def text_run(adapter_dir: str) -> bool:
-    """Whether the adapter in ``adapter_dir`` was trained on ``text`` rows: its ``sft_result.json`` says every token
-    carried the loss, or for a ``checkpoint-N`` folder the run's record beside it says so. False for prompt/completion
-    and chat runs, and for a folder with neither record."""
-    folder = Path(adapter_dir).expanduser()
-    if (folder / RESULT_FILE).is_file():
-        return json.loads((folder / RESULT_FILE).read_text(encoding="utf-8")).get("loss_tokens") == "every token"
-    record = folder.parent / OPTIONS_FILE
-    if folder.name.removeprefix("checkpoint-").isdigit() and record.is_file():
-        return json.loads(record.read_text(encoding="utf-8")).get("rows") == "text"
-    return False
+    """Whether the adapter in ``adapter_dir`` was trained on ``text`` rows, as its run's record says
+    (:func:`giva.sft_checkpoints.saved_run`: ``sft_result.json``, or beside a ``checkpoint-N`` folder the run's
+    options file); False for prompt/completion and chat runs, and for a folder with neither record."""
+    from .sft_checkpoints import saved_run
+
+    _, record = saved_run(Path(adapter_dir).expanduser())
+    return record.get("loss_tokens") == "every token" or record.get("rows") == "text"
 
 
 def generate(output_dir: str, prompts: list[Prompt], max_new_tokens: int = 256, temperature: float = 0.0,
