@@ -865,27 +865,44 @@ def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_pat
     assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="auto")) == "cuda"
 
 
-def test_deepspeed_zero3_from_accelerate_launch_is_refused_before_the_model_loads(chat_model, pc_jsonl, tmp_path, capsys,
-                                                                                   no_model_loading, monkeypatch):
-    """`accelerate launch` with a DeepSpeed ZeRO-3 configuration sets ACCELERATE_USE_DEEPSPEED, which the Trainer reads:
-    the model would load partitioned and giva sft's first validation failed with "'weight' must be 2-D" after the load
-    (seen under torchrun on 2 CPU processes). Stage 3 from the stage variable or a config file is refused; stage 2,
-    which partitions no weight, is not (benchmarks/diagnostics/sft_deepspeed.sh: on SmolLM2 the adapter of plain
-    torchrun, bit for bit)."""
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
-    for variable, value in (("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"), ("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(config))):
-        with monkeypatch.context() as env:
-            env.setenv(variable, value)
-            assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
-            assert one_error_line(capsys) == (
-                "giva sft: error: DeepSpeed ZeRO-3 (accelerate launch's configuration: ACCELERATE_USE_DEEPSPEED, stage 3) "
-                "is not supported by giva sft, whose validation, exact-match scoring and adapter save read whole weights; "
-                "launch with torchrun, or ZeRO stage 1 or 2, or train through the Python API (giva.initialize under "
-                "DeepSpeed: docs/distributed.md)")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
-    preflight(options(chat_model, pc_jsonl, tmp_path / "out"))
+INSTEAD = ("launch with torchrun (data parallelism: GiVA's gradients and optimizer state are two vectors per layer, so "
+           "sharding them saves next to nothing), or load the base in 4 bits (--load-in-4bit), or train through the "
+           "Python API")
+ZERO3_REFUSED = ("DeepSpeed ZeRO-3 (accelerate launch's configuration: ACCELERATE_USE_DEEPSPEED, stage 3) is not supported "
+                 "by giva sft, whose validation, exact-match scoring and adapter save read whole weights; use ZeRO stage 1 "
+                 f"or 2, or {INSTEAD} (giva.initialize under DeepSpeed: docs/distributed.md)")
+FSDP_REFUSED = ("FSDP (accelerate launch's configuration: ACCELERATE_USE_FSDP) is not supported by giva sft, whose "
+                f"validation, exact-match scoring and adapter save read whole weights; {INSTEAD} (giva.initialize under "
+                "FSDP2: docs/distributed.md)")
+
+
+@pytest.mark.parametrize("launch, message", [
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ZERO3_REFUSED),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, ZERO3_REFUSED),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None),
+    ({"ACCELERATE_USE_FSDP": "true"}, FSDP_REFUSED),
+    ({"ACCELERATE_USE_FSDP": "1"}, FSDP_REFUSED),
+    ({"ACCELERATE_USE_FSDP": "yes"}, FSDP_REFUSED),
+    ({"ACCELERATE_USE_FSDP": "false"}, None),
+], ids=["zero3-stage", "zero3-config-file", "zero2", "fsdp-true", "fsdp-1", "fsdp-yes", "fsdp-false"])
+def test_a_launch_that_shards_the_weights_is_refused_before_the_model_loads(launch, message, chat_model, pc_jsonl,
+                                                                           tmp_path, capsys, no_model_loading,
+                                                                           monkeypatch):
+    """`accelerate launch` sets the variables the Trainer reads. With DeepSpeed ZeRO-3 the model would load partitioned
+    and giva sft's first validation failed with "'weight' must be 2-D" after the load (seen under torchrun on 2 CPU
+    processes); with FSDP the Trainer would shard the weights on GPUs, and on CPUs Accelerate ignores the variable and
+    runs DDP (seen the same way: the run went through as DDP, and nothing said so). Both are refused, from the stage
+    variable or a config file, in accelerate's spellings of true; ZeRO-2, which partitions no weight, is not
+    (benchmarks/diagnostics/sft_deepspeed.sh: on SmolLM2 the adapter of plain torchrun, bit for bit), nor FSDP off."""
+    monkeypatch.chdir(tmp_path)
+    Path("ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    for variable, value in launch.items():
+        monkeypatch.setenv(variable, value)
+    if message is None:
+        preflight(options(chat_model, pc_jsonl, tmp_path / "out"))
+    else:
+        assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
+        assert one_error_line(capsys) == f"giva sft: error: {message}"
     assert not (tmp_path / "out").exists()
 
 

@@ -4,12 +4,14 @@
 # which the Trainer reads, under torchrun. (docs/sft.md, "Batches, gradient accumulation and torchrun")
 #   1. plain torchrun (DDP);
 #   2. the same under ZeRO-2: its losses and every saved tensor against run 1;
-#   3. the same under ZeRO-3: refused before the model loads (exit status and the line).
+#   3. the same under ZeRO-3: refused before the model loads (exit status and the line);
+#   4. the same with accelerate launch's FSDP variable (ACCELERATE_USE_FSDP), which Accelerate ignores on CPUs: refused
+#      before the model loads too.
 # DeepSpeed JIT-compiles its CPU collective on first use (minutes; ~/.cache/torch_extensions).
 # Usage: bash benchmarks/diagnostics/sft_deepspeed.sh [WORK_DIR] > benchmarks/results/diagnostics/sft_deepspeed_smollm2.txt
 NAME=sft-deepspeed; source "$(dirname "$0")/common.sh" "$@"
 FLAGS=(--max-steps 6 --batch-size 4 --val-size 8 --max-train-samples 48 --init-mode exact --no-progress --device cpu --json)
-rm -rf "$WORK"/ddp* "$WORK"/zero*
+rm -rf "$WORK"/ddp* "$WORK"/zero* "$WORK"/fsdp*
 mkdir -p "$WORK"
 echo "giva sft ${FLAGS[*]} (SmolLM2-135M-Instruct, Pang & Lee as questions), torchrun on 2 processes, giva $(git rev-parse --short HEAD)"
 launch() {  # OUT, then environment assignments
@@ -25,6 +27,12 @@ status=$?
 set -e
 echo "3. ZeRO-3: torchrun exit status $status, output folder $([ -e "$WORK/zero3" ] && echo present || echo absent); each process printed:"
 grep -h "^giva sft: error" "$WORK/zero3.log" | sed 's/^/   /'
+set +e
+launch fsdp ACCELERATE_USE_FSDP=true
+status=$?
+set -e
+echo "4. FSDP: torchrun exit status $status, output folder $([ -e "$WORK/fsdp" ] && echo present || echo absent); each process printed:"
+grep -h "^giva sft: error" "$WORK/fsdp.log" | sed 's/^/   /'
 "$PYTHON" - "$WORK" <<'PY'
 import json
 import sys

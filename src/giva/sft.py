@@ -43,9 +43,9 @@ from .sft_checks import (
     check_output_dirs,
     check_packages,
     check_quantization,
+    check_sharding,
     check_tracking,
     check_truncation,
-    check_zero3,
     resolve_device,
 )
 from .sft_data import SFTData, load_sft_data, row_format
@@ -138,7 +138,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     device = resolve_device(options)
     check_attention(options.attn_implementation, device)
     check_quantization(options)
-    check_zero3()
+    check_sharding()
     check_output_dirs(options)
     check_tracking(options)
     path = resolve_model(options.model)
