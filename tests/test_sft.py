@@ -865,43 +865,55 @@ def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_pat
     assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="auto")) == "cuda"
 
 
-INSTEAD = ("launch with torchrun (data parallelism: GiVA's gradients and optimizer state are two vectors per layer, so "
-           "sharding them saves next to nothing), or load the base in 4 bits (--load-in-4bit), or train through the "
-           "Python API")
-ZERO3_REFUSED = ("DeepSpeed ZeRO-3 (accelerate launch's configuration: ACCELERATE_USE_DEEPSPEED, stage 3) is not supported "
-                 "by giva sft, whose validation, exact-match scoring and adapter save read whole weights; use ZeRO stage 1 "
-                 f"or 2, or {INSTEAD} (giva.initialize under DeepSpeed: docs/distributed.md)")
 FSDP_REFUSED = ("FSDP (accelerate launch's configuration: ACCELERATE_USE_FSDP) is not supported by giva sft, whose "
-                f"validation, exact-match scoring and adapter save read whole weights; {INSTEAD} (giva.initialize under "
-                "FSDP2: docs/distributed.md)")
+                "validation, exact-match scoring and adapter save read whole weights; launch with DeepSpeed ZeRO-3 to "
+                "shard the base (docs/sft.md), or with torchrun (data parallelism: GiVA's gradients and optimizer state "
+                "are two vectors per layer, so sharding them saves next to nothing), or load the base in 4 bits "
+                "(--load-in-4bit), or train through the Python API (giva.initialize under FSDP2: docs/distributed.md)")
+ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
 
 
-@pytest.mark.parametrize("launch, message", [
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, ZERO3_REFUSED),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, ZERO3_REFUSED),
-    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, None),
-    ({"ACCELERATE_USE_FSDP": "true"}, FSDP_REFUSED),
-    ({"ACCELERATE_USE_FSDP": "1"}, FSDP_REFUSED),
-    ({"ACCELERATE_USE_FSDP": "yes"}, FSDP_REFUSED),
-    ({"ACCELERATE_USE_FSDP": "false"}, None),
-], ids=["zero3-stage", "zero3-config-file", "zero2", "fsdp-true", "fsdp-1", "fsdp-yes", "fsdp-false"])
-def test_a_launch_that_shards_the_weights_is_refused_before_the_model_loads(launch, message, chat_model, pc_jsonl,
+def zero3_refuses(flag: str, why: str) -> str:
+    return (f"{flag} is not supported under DeepSpeed ZeRO-3 (accelerate launch's configuration: ACCELERATE_USE_DEEPSPEED, "
+            f"stage 3): {why}; leave it out, or launch with torchrun or ZeRO stage 1 or 2")
+
+
+@pytest.mark.parametrize("launch, flags, message", [
+    ({"ACCELERATE_USE_FSDP": "true"}, (), FSDP_REFUSED),
+    ({"ACCELERATE_USE_FSDP": "1"}, (), FSDP_REFUSED),
+    ({"ACCELERATE_USE_FSDP": "yes"}, (), FSDP_REFUSED),
+    ({"ACCELERATE_USE_FSDP": "false"}, (), None),
+    (ZERO3, (), None),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, ("--load-in-4bit",),
+     zero3_refuses("--load-in-4bit", "bitsandbytes' quantised weights are not partitioned by ZeRO-3")),
+    (ZERO3, ("--load-in-8bit",), zero3_refuses("--load-in-8bit", "bitsandbytes' quantised weights are not partitioned "
+                                                                 "by ZeRO-3")),
+    (ZERO3, ("--save-steps", "2"), zero3_refuses("--save-steps", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, "
+                                                                 "which --resume does not read")),
+    (ZERO3, ("--resume",), zero3_refuses("--resume", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume "
+                                                     "does not read")),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, ("--load-in-4bit", "--save-steps", "2"),
+     None),
+], ids=["fsdp-true", "fsdp-1", "fsdp-yes", "fsdp-false", "zero3", "zero3-config-file-4bit", "zero3-8bit",
+        "zero3-save-steps", "zero3-resume", "zero2-all-flags"])
+def test_a_launch_that_shards_the_weights_is_refused_before_the_model_loads(launch, flags, message, chat_model, pc_jsonl,
                                                                            tmp_path, capsys, no_model_loading,
                                                                            monkeypatch):
-    """`accelerate launch` sets the variables the Trainer reads. With DeepSpeed ZeRO-3 the model would load partitioned
-    and giva sft's first validation failed with "'weight' must be 2-D" after the load (seen under torchrun on 2 CPU
-    processes); with FSDP the Trainer would shard the weights on GPUs, and on CPUs Accelerate ignores the variable and
-    runs DDP (seen the same way: the run went through as DDP, and nothing said so). Both are refused, from the stage
-    variable or a config file, in accelerate's spellings of true; ZeRO-2, which partitions no weight, is not
-    (benchmarks/diagnostics/sft_deepspeed.sh: on SmolLM2 the adapter of plain torchrun, bit for bit), nor FSDP off."""
+    """`accelerate launch` sets the variables the Trainer reads. With FSDP the Trainer would shard the weights on GPUs,
+    which giva sft's validation, exact match and save read whole, and on CPUs Accelerate ignores the variable and runs
+    DDP (seen under torchrun on 2 CPU processes: the run went through as DDP, and nothing said so): refused, in
+    accelerate's spellings of true. DeepSpeed ZeRO-3 runs (test_under_deepspeed_zero3_the_run_matches_data_parallelism)
+    but refuses the flags that read or write whole weights outside its engine, from the stage variable or a config file;
+    under ZeRO-2, which partitions no weight, they are allowed."""
     monkeypatch.chdir(tmp_path)
     Path("ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
     for variable, value in launch.items():
         monkeypatch.setenv(variable, value)
     if message is None:
-        preflight(options(chat_model, pc_jsonl, tmp_path / "out"))
+        preflight(options(chat_model, pc_jsonl, tmp_path / "out", **dict(
+            load_in_4bit="--load-in-4bit" in flags, save_steps=2 if "--save-steps" in flags else None)))
     else:
-        assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
+        assert main(cli(chat_model, pc_jsonl, tmp_path / "out", *flags)) == 2
         assert one_error_line(capsys) == f"giva sft: error: {message}"
     assert not (tmp_path / "out").exists()
 
@@ -1760,6 +1772,53 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
     assert records[0]["raised_every"] == "RuntimeError: loading failed (process 1): KeyError: 'missing adapter weights'"
     reloaded, _ = load_sft_adapter(str(tmp_path / "two"))  # what rank 0 saved loads in one process
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "giva_lambda" in n) == result["trainable_parameters"]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (extra 'distributed')")
+def test_under_deepspeed_zero3_the_run_matches_data_parallelism(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """`accelerate launch` with ZeRO-3 (its variables, under torchrun): the model loads partitioned, the base model is
+    scored once the engine exists, validation (9 rows, one per forward: 5 and 4 per process) and exact match (4
+prompts per call: 2 and 1 calls) run in lockstep, the second process forwarding a filler each time, a worse
+    step 4 makes --keep-best write step 2's vectors back into the partitioned parameters, and the adapter and its LoRA
+    export are gathered whole to be written. Everything against plain torchrun (DDP) with the same flags: the same
+    scores, the same kept step, the same adapter up to float sums (before, the launch was refused; without the gather
+    the saved vectors were empty)."""
+    monkeypatch.setenv("GIVA_TEST_WORSE_STEP", "4")
+    flags = ("--val-size", "9", "--eval-batch-size", "1", "--eval-steps", "2", "--keep-best", "--json")
+    runs = {}
+    for name in ("ddp", "zero3"):
+        with monkeypatch.context() as env:
+            if name == "zero3":
+                for variable, value in (("ACCELERATE_USE_DEEPSPEED", "true"), ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"),
+                                        ("DS_ACCELERATOR", "cpu")):
+                    env.setenv(variable, value)
+            records = run_torchrun("sft_cli.py", tmp_path / f"launch-{name}", args=cli(
+                chat_model, pc_jsonl, tmp_path / name, *flags, "--export-lora", str(tmp_path / f"{name}-lora"))).json()
+        assert [r["code"] for r in records] == [0, 0], records[0]["stderr"][-2000:]
+        assert [any(r["partitioned"]) for r in records] == [name == "zero3"] * 2
+        runs[name] = json.loads(records[0]["stdout"])
+        assert ("2 processes, the base partitioned by DeepSpeed ZeRO-3\n" in records[0]["stderr"]) == (name == "zero3")
+    ddp, zero3 = runs["ddp"], runs["zero3"]
+    assert zero3["processes"] == 2 and zero3["kept_step"] == ddp["kept_step"] == 2
+    assert (zero3["zero3"], ddp["zero3"]) == (True, False)
+    assert zero3["val_loss_before"] == pytest.approx(ddp["val_loss_before"], rel=1e-6)
+    assert [s for s, _ in zero3["val_loss_curve"]] == [2, 4]
+    assert [v for _, v in zero3["val_loss_curve"]] == pytest.approx([v for _, v in ddp["val_loss_curve"]], rel=1e-5)
+    assert zero3["val_loss_after"] == pytest.approx(ddp["val_loss_after"], rel=1e-5)
+    # step 2's vectors written back into the partitioned parameters: scored again, step 2's loss, not step 4's
+    (_, second), (_, fourth) = zero3["val_loss_curve"]
+    assert zero3["val_loss_after"] == pytest.approx(second, rel=1e-6) and abs(fourth - 1 - second) > 1e-4
+    assert (zero3["exact_match_before"], zero3["exact_match_after"]) == (ddp["exact_match_before"], ddp["exact_match_after"])
+    assert zero3["trainable_parameters"] == ddp["trainable_parameters"]
+    for folder in ("{}", "{}-lora"):
+        a, b = adapter_tensors(tmp_path / folder.format("zero3")), adapter_tensors(tmp_path / folder.format("ddp"))
+        assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+        assert all(torch.allclose(a[k].double(), b[k].double(), rtol=0, atol=1e-4) for k in a)
+    trained = adapter_tensors(tmp_path / "zero3")  # lambda_o starts at 0: step 2's vectors, not the initial ones
+    assert all(trained[k].abs().max() > 0 for k in trained if "giva_lambda_o" in k)
+    reloaded, _ = load_sft_adapter(str(tmp_path / "zero3"))  # written whole: it loads in one process
+    assert sum(p.numel() for n, p in reloaded.named_parameters() if "giva_lambda" in n) == ddp["trainable_parameters"]
 
 
 def scripted_validation(monkeypatch, scripted: dict[int, float]) -> dict[int, int]:

@@ -600,9 +600,10 @@ def _check_vocabulary(tensors: dict[str, torch.Tensor], skeleton: nn.Module, bas
     shapes = {name: tuple(param.shape) for name, param in skeleton.named_parameters(remove_duplicate=False)}
     for key, value in tensors.items():
         name = embedding_parameter(key, embeddings)  # lm_head.weight also for lm_head.base_layer.weight, not lm_head.giva_A
-        if name is not None and shapes[name] != tuple(value.shape):
+        shape = tuple(getattr(value, "ds_shape", value.shape))  # a ZeRO-3 partitioned weight is empty: its full shape
+        if name is not None and shapes[name] != shape:
             raise ExportError(
-                f"the adapter holds the embedding layer {name!r} of shape {tuple(value.shape)}, but base model "
+                f"the adapter holds the embedding layer {name!r} of shape {shape}, but base model "
                 f"{base_name!r} has {shapes[name]}: the vocabulary was resized (resize_token_embeddings) for training, "
                 "which a LoRA export cannot carry; serve the GiVA adapter itself"
             )

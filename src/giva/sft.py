@@ -51,6 +51,7 @@ from .sft_checks import (
 from .sft_data import SFTData, load_sft_data, row_format
 from .sft_eval import completion_ids, exact_match, prompt_ids, validation_loss
 from .sft_options import RESULT_FILE, TRL_LM_HEAD, SFTOptions
+from .sft_zero3 import gathered, on_train_begin, partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class SFTResult:
     # with --eval-steps: [step, validation loss] every N steps, those before a --resume included (the Trainer's log)
     val_loss_curve: Optional[list[list[float]]] = None
     kept_step: Optional[int] = None  # with --keep-best: the step whose adapter was saved (the after scores are its)
+    zero3: bool = False  # the base was partitioned over the processes by DeepSpeed ZeRO-3
 
     def _lowest(self) -> str:
         if not self.val_loss_curve:
@@ -110,7 +112,8 @@ class SFTResult:
             f"steps              {self.steps} "
             f"({'no step left to train' if self.train_loss is None else f'mean training loss {self.train_loss:.4f}'})"
             f"{f', resumed from {self.resumed_from}' if self.resumed_from else ''}"
-            f"{f', {self.processes} processes' if self.processes > 1 else ''}\n"
+            f"{f', {self.processes} processes' if self.processes > 1 else ''}"
+            f"{', the base partitioned by DeepSpeed ZeRO-3' if self.zero3 else ''}\n"
             f"init / train time  {self.init_seconds:.1f} s / {self.train_seconds:.1f} s\n"
             f"adapter            {self.adapter_bytes / 1024:.1f} KiB in {self.output_dir}"
             + (f"\nLoRA export        {self.lora_dir}" if self.lora_dir else "")
@@ -138,7 +141,7 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     device = resolve_device(options)
     check_attention(options.attn_implementation, device)
     check_quantization(options)
-    check_sharding()
+    check_sharding(options)
     check_output_dirs(options)
     check_tracking(options)
     path = resolve_model(options.model)
@@ -391,7 +394,8 @@ def _periodic_validation(trainer: Any, every: int, best: Optional[BestAdapter] =
             if state.global_step % every == 0:
                 loss = validation_loss(trainer, args.per_device_eval_batch_size)
                 if best is not None:  # before the Trainer's checkpoint of this step, which a resume starts from
-                    best.offer(trainer.model, state.global_step, loss)
+                    with gathered(trainer.model):
+                        best.offer(trainer.model, state.global_step, loss)
                 should_log = control.should_log
                 Trainer.log(trainer, {"eval_loss": loss})
                 control.should_log = should_log
@@ -557,8 +561,17 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
                 peft_model, tokenizer, *answers, 4 * trainer.args.per_device_eval_batch_size, options.progress)
             return loss, em
 
-        with peft_model.disable_adapter():  # lambda_o = 0 makes the adapted model the base model; its bases are unset yet
-            loss_before, em_before = evaluate()
+        scores_before: list[Any] = []
+
+        def score_base_model() -> None:
+            with peft_model.disable_adapter():  # lambda_o = 0 makes the adapted model the base model
+                scores_before.extend(evaluate())
+
+        zero3 = partitioned(peft_model)
+        if zero3:  # ZeRO-3 loaded it partitioned: a forward needs the engine, which train() builds
+            trainer.add_callback(on_train_begin(score_base_model))
+        else:
+            score_base_model()
         start = time.perf_counter()
         train_loss: Optional[float] = None
         if is_finished(resumed):  # trained to the end but not saved: no step left
@@ -571,6 +584,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         else:
             train_loss = trainer.train(resume_from_checkpoint=resume_from).training_loss  # bases from the checkpoint
         train_seconds = time.perf_counter() - start
+        loss_before, em_before = scores_before
         loss_after, em_after = evaluate()
         kept_step = None
         if best is not None:  # the last step's adapter, unless it scores above (or ties, or is NaN) an earlier one
@@ -579,8 +593,9 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
                 logger.warning("--keep-best: no validation ran before the last step (--eval-steps %d, %d steps); the last "
                                "step's adapter is kept", options.eval_steps, kept_step)
             elif best.step != kept_step and not loss_after < best.loss:
-                on_every_process(lambda: best.restore(peft_model),
-                                 "--keep-best: restoring the kept adapter failed on a process of the launch")
+                with gathered(peft_model, modify=True):  # ZeRO-3: written whole, partitioned again after
+                    on_every_process(lambda: best.restore(peft_model),
+                                     "--keep-best: restoring the kept adapter failed on a process of the launch")
                 kept_step = best.step
                 loss_after, em_after = evaluate()
     trainable, total = peft_model.get_nb_trainable_parameters()
@@ -598,6 +613,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         loss_tokens="every token" if row_format(data.train[0]) == "text" else "completion tokens only",
         packed_sequences=len(trainer.train_dataset) if options.packing else None,
         val_loss_curve=loss_curve(trainer) if options.eval_steps is not None else None, kept_step=kept_step,
+        zero3=zero3,
     )
 
     from .checkpoint import atomic_file, json_text
@@ -618,7 +634,8 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
             with atomic_file(Path(options.output_dir).expanduser() / RESULT_FILE) as tmp:
                 tmp.write_text(json_text(asdict(result)) + "\n", encoding="utf-8")
 
-    on_main_process(trainer, write_all)
+    with gathered(peft_model):  # ZeRO-3: the adapter whole on every process while the first one writes it
+        on_main_process(trainer, write_all)
     result.lora_dir = options.export_lora  # every process: on_main_process raised on all of them if the export failed
     return result, peft_model, tokenizer
 

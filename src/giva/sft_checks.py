@@ -80,35 +80,25 @@ def check_quantization(options: SFTOptions) -> None:
         raise ImportError(f"{flag} needs bitsandbytes: pip install 'giva[quant]' (bitsandbytes >= 0.50)")
 
 
-def check_sharding() -> None:
-    """A launch that shards the frozen weights over the processes is refused before the model loads: giva sft's own
-    validation before training, its exact-match generation (split over the processes) and its save of the adapter (on
-    the first process) read whole weights.
+def check_sharding(options: SFTOptions) -> None:
+    """FSDP from ``accelerate launch``'s configuration (``ACCELERATE_USE_FSDP``) is refused before the model loads: on
+    GPUs the Trainer would shard the model when training starts, and giva sft's own validation, exact-match generation
+    and save of the adapter read whole weights outside it; on CPUs Accelerate ignores the variable and runs data
+    parallelism, so the user who asked for FSDP would silently get DDP. DeepSpeed ZeRO-3 runs
+    (:mod:`giva.sft_zero3`), without the flags it refuses."""
+    from accelerate.utils import parse_flag_from_env
 
-    - DeepSpeed ZeRO-3 from ``accelerate launch``'s configuration (``ACCELERATE_USE_DEEPSPEED``, which the Trainer
-      reads): the Trainer would load the model partitioned (``zero.Init``); such a launch failed in the first validation
-      with "'weight' must be 2-D" once the model had loaded. ZeRO stages 1 and 2 partition no weights: they run as data
-      parallelism does.
-    - FSDP from ``accelerate launch``'s configuration (``ACCELERATE_USE_FSDP``): on GPUs the Trainer would shard the
-      model when training starts; on CPUs Accelerate ignores the variable and runs data parallelism, so the user who
-      asked for FSDP would silently get DDP."""
-    from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
+    from .sft_zero3 import check_zero3_flags, zero3_launch
 
-    instead = ("launch with torchrun (data parallelism: GiVA's gradients and optimizer state are two vectors per layer, "
-               "so sharding them saves next to nothing), or load the base in 4 bits (--load-in-4bit), or train through "
-               "the Python API")
-    # accelerate's reading of the variables (transformers' is the same)
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # accelerate's reading of it (transformers' is the same)
         raise ValueError("FSDP (accelerate launch's configuration: ACCELERATE_USE_FSDP) is not supported by giva sft, "
-                         "whose validation, exact-match scoring and adapter save read whole weights; "
-                         f"{instead} (giva.initialize under FSDP2: docs/distributed.md)")
-    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        return
-    if DeepSpeedPlugin().zero_stage == 3:  # from ACCELERATE_DEEPSPEED_ZERO_STAGE or ACCELERATE_DEEPSPEED_CONFIG_FILE
-        raise ValueError("DeepSpeed ZeRO-3 (accelerate launch's configuration: ACCELERATE_USE_DEEPSPEED, stage 3) is not "
-                         "supported by giva sft, whose validation, exact-match scoring and adapter save read whole "
-                         f"weights; use ZeRO stage 1 or 2, or {instead} (giva.initialize under DeepSpeed: "
-                         "docs/distributed.md)")
+                         "whose validation, exact-match scoring and adapter save read whole weights; launch with "
+                         "DeepSpeed ZeRO-3 to shard the base (docs/sft.md), or with torchrun (data parallelism: GiVA's "
+                         "gradients and optimizer state are two vectors per layer, so sharding them saves next to "
+                         "nothing), or load the base in 4 bits (--load-in-4bit), or train through the Python API "
+                         "(giva.initialize under FSDP2: docs/distributed.md)")
+    if zero3_launch():
+        check_zero3_flags(options)
 
 
 def check_output_dirs(options: SFTOptions) -> None:

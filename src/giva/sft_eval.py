@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
+from .sft_zero3 import lockstep
+
 
 def _launch() -> tuple[int, int]:
     import torch.distributed as dist
@@ -54,32 +56,45 @@ def validation_loss(trainer: Any, batch_size: int) -> float:
     model's forward with it), without a KV cache (with one, transformers drops the mask between padding-free rows)."""
     import torch
 
+    from .init.distributed import zero3_trace_reset
+
     model = trainer.model
     rank, world = _launch()
-    rows = trainer.eval_dataset.select(range(rank, len(trainer.eval_dataset), world))
+    dataset = trainer.eval_dataset
+    rows = dataset.select(range(rank, len(dataset), world))
     device = next(p for p in model.parameters()).device
+    batches = [list(range(start, min(start + batch_size, len(rows)))) for start in range(0, len(rows), batch_size)]
+    synced = lockstep(model)  # every process runs as many forwards as the one with the most rows
+    if synced:  # the others forward the first row again, not counted
+        batches += [[]] * (_ceil(_ceil(len(dataset), world), batch_size) - len(batches))
 
     def work() -> list[float]:
         total, tokens = 0.0, 0
-        for start in range(0, len(rows), batch_size):
-            batch = trainer.data_collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        for indices in batches:
+            batch = trainer.data_collator([rows[i] for i in indices] if indices else [dataset[0]])
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            scored = int((batch["labels"][..., 1:] != -100).sum())  # the tokens the model's shifted loss averages
-            if not scored:
+            scored = int((batch["labels"][..., 1:] != -100).sum()) if indices else 0  # what the shifted loss averages
+            if not scored and not synced:
                 continue
             with torch.no_grad(), trainer.accelerator.autocast():  # the training's mixed precision, before it too
                 loss = model(**batch, use_cache=False).loss
-            total += float(loss.double()) * scored
-            tokens += scored
+            if scored:
+                total += float(loss.double()) * scored
+                tokens += scored
         return [total, float(tokens)]
 
     was_training = model.training
     model.eval()
     try:
-        total, tokens = _summed([0.0, 0.0], work, device, "the validation loss")
+        with zero3_trace_reset(model):  # not the order the training steps fetch ZeRO-3's weights in
+            total, tokens = _summed([0.0, 0.0], work, device, "the validation loss")
     finally:
         model.train(was_training)
     return total / tokens if tokens else float("nan")
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _first_label(labels: list[int]) -> int:
@@ -112,20 +127,25 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completion
     special = set(tokenizer.all_special_ids)
     longest = max(len(ids) + all(t not in special for t in ids) for ids in completions)  # the same on every process
     total = len(prompts)
-    prompts, references = prompts[rank::world], references[rank::world]
+    first, prompts, references = prompts[0], prompts[rank::world], references[rank::world]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(p for p in model.parameters()).device
+    synced = lockstep(model)  # as many generate calls as the process with the most prompts, each in step
+    asked = prompts + [first] * (_ceil(total, world) - len(prompts)) if synced else prompts
 
     def work() -> list[float]:
-        new = generated(model, prompts, pad, batch_size, progress=progress and rank == 0, desc="exact match",
-                        max_new_tokens=longest, do_sample=False)
-        answers = tokenizer.batch_decode(new, skip_special_tokens=True)
+        new = generated(model, asked, pad, batch_size, progress=progress and rank == 0, desc="exact match",
+                        max_new_tokens=longest, do_sample=False, **({"synced_gpus": True} if synced else {}))
+        answers = tokenizer.batch_decode(new[: len(prompts)], skip_special_tokens=True)
         return [float(sum(a.strip() == r for a, r in zip(answers, references)))]
+
+    from .init.distributed import zero3_trace_reset
 
     was_training = model.training
     model.eval()
     try:
-        (hits,) = _summed([0.0], work, device, "exact match")
+        with zero3_trace_reset(model):
+            (hits,) = _summed([0.0], work, device, "exact match")
     finally:
         model.train(was_training)
     return int(hits) / total

@@ -6,7 +6,8 @@ With GIVA_TEST_WORSE_STEP=S the validation loss of step S is raised by 1 (a --ke
 step). Each rank writes rank<r>.json: what ``giva.sft.exact_match`` reports for a stub model whose right answers are
 known, what ``giva.sft.on_main_process`` raised on this rank when the first process failed and what
 ``giva.sft.on_every_process`` raised when only the second one did, then the CLI's exit
-code, what it printed, how many times this rank saved the adapter, and whether the process group was left open.
+code, what it printed, how many times this rank saved the adapter, whether the process group was left open, and
+whether the model was partitioned when it loaded (DeepSpeed ZeRO-3).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 import giva.finetune
+import giva.sft
 from giva.cli import main
 from giva.sft import exact_match, on_every_process, on_main_process
 
@@ -100,11 +102,14 @@ def run() -> None:
         return real_save(*args, **kwargs)
 
     giva.finetune.save_atomically = counted_save
+    found, real_partitioned = [], giva.sft.partitioned
+    giva.sft.partitioned = lambda model: found.append(real_partitioned(model)) or found[-1]  # ZeRO-3 loaded it so
     _raise_the_loss_of(int(os.environ.get("GIVA_TEST_WORSE_STEP", "0")))
     printed, logged = io.StringIO(), io.StringIO()
     with redirect_stdout(printed), redirect_stderr(logged):
         record["code"] = main(argv)
-    record.update(stdout=printed.getvalue(), stderr=logged.getvalue(), saves=saves, group_left_open=dist.is_initialized())
+    record.update(stdout=printed.getvalue(), stderr=logged.getvalue(), saves=saves, group_left_open=dist.is_initialized(),
+                  partitioned=found)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,97 @@
+"""`giva sft` under DeepSpeed ZeRO-3 (``accelerate launch`` with a stage-3 configuration): the frozen weights are
+partitioned over the processes, each holding 1/N of them, for a base that does not fit one device.
+
+The model loads partitioned (``zero.Init``, which the Trainer's arguments switch on) and its forward fetches each
+layer's weights from every process (the engine's hooks, installed when training starts), so:
+
+- every process runs the same number of forwards and ``generate`` calls in the validation and exact match
+  (:func:`lockstep`; a process with fewer rows runs filler batches whose results it drops) and generates with
+  ``synced_gpus``;
+- the adapter is read whole (saved, exported, kept by ``--keep-best``) inside :func:`gathered`, which every process
+  enters;
+- the scores of the base model are taken when training starts, once the engine exists (:func:`on_train_begin`).
+
+Outside ZeRO-3 each of these is a no-op, so the plain and data-parallel runs are unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from .sft_options import SFTOptions
+
+
+def zero3_launch() -> bool:
+    """``accelerate launch``'s configuration asks for DeepSpeed ZeRO stage 3 (``ACCELERATE_USE_DEEPSPEED`` with the stage
+    from ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` or the config file), read as Accelerate and the Trainer read it."""
+    from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and DeepSpeedPlugin().zero_stage == 3
+
+
+# flags whose machinery reads or writes whole weights outside the engine: (flag, why), checked before the model loads
+_NOT_UNDER_ZERO3 = (
+    ("load_in_4bit", "--load-in-4bit", "bitsandbytes' quantised weights are not partitioned by ZeRO-3"),
+    ("load_in_8bit", "--load-in-8bit", "bitsandbytes' quantised weights are not partitioned by ZeRO-3"),
+    ("save_steps", "--save-steps", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume does not read"),
+    ("resume", "--resume", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume does not read"),
+)
+
+
+def check_zero3_flags(options: SFTOptions) -> None:
+    """Under a ZeRO-3 launch, a flag that does not work there is one ValueError naming it (before the model loads)."""
+    for field, flag, why in _NOT_UNDER_ZERO3:
+        value = getattr(options, field)
+        if value is not None and value is not False:
+            raise ValueError(f"{flag} is not supported under DeepSpeed ZeRO-3 (accelerate launch's configuration: "
+                             f"ACCELERATE_USE_DEEPSPEED, stage 3): {why}; leave it out, or launch with torchrun or ZeRO "
+                             "stage 1 or 2")
+
+
+def partitioned(model: Any) -> bool:
+    """The model holds ZeRO-3 partitioned parameters (DeepSpeed's ``ds_tensor``)."""
+    return any(hasattr(p, "ds_tensor") for p in model.parameters())
+
+
+def lockstep(model: Any) -> bool:
+    """Every process must run the same forwards: the model is partitioned and the launch has several processes."""
+    from .integrations.distributed import is_distributed
+
+    if not is_distributed():
+        return False
+    import torch.distributed as dist
+
+    return dist.get_world_size() > 1 and partitioned(model)
+
+
+@contextmanager
+def gathered(model: Any, modify: bool = False) -> Iterator[None]:
+    """The adapter's parameters (GiVA's, every trainable one) whole on every process inside the block, which every
+    process of the launch enters: a collective. With ``modify`` the first process's values are partitioned back on
+    leaving (what it wrote into them). A no-op for a model that is not partitioned."""
+    params = [p for name, p in model.named_parameters() if hasattr(p, "ds_tensor") and (p.requires_grad or "giva_" in name)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+def on_train_begin(work: Callable[[], None]) -> Any:
+    """A callback that runs ``work`` once when training starts: under ZeRO-3 the engine, whose hooks fetch the
+    partitioned weights for a forward, exists from then on (the Trainer builds it in ``train``)."""
+    from transformers import TrainerCallback
+
+    class WhenTrainingStarts(TrainerCallback):
+        done = False
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not self.done:
+                self.done = True
+                work()
+
+    return WhenTrainingStarts()
