@@ -892,10 +892,13 @@ def zero3_refuses(flag: str, why: str) -> str:
                                                                  "which --resume does not read")),
     (ZERO3, ("--resume",), zero3_refuses("--resume", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume "
                                                      "does not read")),
+    (ZERO3, ("--torch-compile",), zero3_refuses("--torch-compile", "the compiled step's first backward failed there (an "
+                                                                   "in-place change that autograd refused, in TRL's "
+                                                                   "chunked log-probabilities)")),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, ("--load-in-4bit", "--save-steps", "2"),
      None),
 ], ids=["fsdp-true", "fsdp-1", "fsdp-yes", "fsdp-false", "zero3", "zero3-config-file-4bit", "zero3-8bit",
-        "zero3-save-steps", "zero3-resume", "zero2-all-flags"])
+        "zero3-save-steps", "zero3-resume", "zero3-compile", "zero2-all-flags"])
 def test_a_launch_that_shards_the_weights_is_refused_before_the_model_loads(launch, flags, message, chat_model, pc_jsonl,
                                                                            tmp_path, capsys, no_model_loading,
                                                                            monkeypatch):

@@ -4,7 +4,9 @@
 # which the Trainer reads, under torchrun. (docs/sft.md, "Sharding the base: DeepSpeed ZeRO-3")
 #   1. plain torchrun (DDP);
 #   2. the same under ZeRO-2;
-#   3. the same under ZeRO-3 (the base loaded partitioned, half of it on each process);
+#   3. the same under ZeRO-3 (the base loaded partitioned, half of it on each process), with DeepSpeed's defaults, and
+#      again from a DeepSpeed config file that keeps at most 1e7 gathered parameters live (stage3_max_live_parameters;
+#      the default, 1e9, holds all of a 135M model gathered once fetched) and partitions every parameter;
 #   4. the same with accelerate launch's FSDP variable (ACCELERATE_USE_FSDP), which Accelerate ignores on CPUs: refused
 #      before the model loads (exit status and the line).
 # Runs 2 and 3 are compared with run 1: losses, exact match, every saved tensor. Each process's peak resident memory
@@ -25,6 +27,13 @@ launch() {  # OUT, then environment assignments; each process under GNU time, it
 launch ddp
 launch zero2 ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_ZERO_STAGE=2
 launch zero3 ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_ZERO_STAGE=3
+cat > "$WORK/zero3-live.json" <<'JSON'
+{"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e7, "stage3_prefetch_bucket_size": 1e7,
+                       "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 1e7},
+ "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+ "gradient_clipping": "auto"}
+JSON
+launch zero3-live ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_CONFIG_FILE="$WORK/zero3-live.json"
 set +e
 launch fsdp ACCELERATE_USE_FSDP=true
 status=$?
@@ -39,7 +48,7 @@ import torch
 from safetensors.torch import load_file
 
 work = sys.argv[1]
-names = ("ddp", "zero2", "zero3")
+names = ("ddp", "zero2", "zero3", "zero3-live")
 runs = {name: json.load(open(f"{work}/{name}.json")) for name in names}
 for name, run in runs.items():
     rss = [int(open(f"{work}/{name}.rss.{rank}").read().split()[-1]) / 1024 for rank in (0, 1)]
@@ -50,7 +59,11 @@ ddp = load_file(f"{work}/ddp/adapter_model.safetensors")
 for name in names[1:]:
     other = load_file(f"{work}/{name}/adapter_model.safetensors")
     assert ddp.keys() == other.keys() and all(ddp[k].shape == other[k].shape for k in ddp)
-    gap = max((ddp[k].double() - other[k].double()).abs().max().item() for k in ddp)
+    gaps = {}
+    for key in ddp:
+        kind = key.rsplit(".", 1)[-1]
+        gaps[kind] = max(gaps.get(kind, 0.0), (ddp[key].double() - other[key].double()).abs().max().item())
     top = max(ddp[k].double().abs().max().item() for k in ddp if "giva_lambda" in k)
-    print(f"{name} against DDP: {len(ddp)} tensors, largest difference {gap:.1e} (largest |vector entry| {top:.2f})")
+    print(f"{name} against DDP: {len(ddp)} tensors, largest difference "
+          + ", ".join(f"{kind} {gap:.1e}" for kind, gap in sorted(gaps.items())) + f" (largest |vector entry| {top:.2f})")
 PY

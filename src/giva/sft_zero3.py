@@ -37,6 +37,8 @@ _NOT_UNDER_ZERO3 = (
     ("load_in_8bit", "--load-in-8bit", "bitsandbytes' quantised weights are not partitioned by ZeRO-3"),
     ("save_steps", "--save-steps", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume does not read"),
     ("resume", "--resume", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume does not read"),
+    ("torch_compile", "--torch-compile", "the compiled step's first backward failed there (an in-place change that "
+                                         "autograd refused, in TRL's chunked log-probabilities)"),
 )
 
 
