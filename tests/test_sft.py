@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -873,7 +874,14 @@ FSDP_REFUSED = ("FSDP (accelerate launch's configuration: ACCELERATE_USE_FSDP) i
 ZERO3 = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
 
 
+ZERO3_ON_4 = (f"giva sft under DeepSpeed ZeRO-3 needs transformers >= 5 (with {transformers.__version__} the first step "
+              "failed in the Trainer's learning-rate scheduler); upgrade transformers, or launch with torchrun or ZeRO "
+              "stage 1 or 2")
+
+
 def zero3_refuses(flag: str, why: str) -> str:
+    if TRANSFORMERS_4:
+        return ZERO3_ON_4
     return (f"{flag} is not supported under DeepSpeed ZeRO-3 (accelerate launch's configuration: ACCELERATE_USE_DEEPSPEED, "
             f"stage 3): {why}; leave it out, or launch with torchrun or ZeRO stage 1 or 2")
 
@@ -883,7 +891,7 @@ def zero3_refuses(flag: str, why: str) -> str:
     ({"ACCELERATE_USE_FSDP": "1"}, (), FSDP_REFUSED),
     ({"ACCELERATE_USE_FSDP": "yes"}, (), FSDP_REFUSED),
     ({"ACCELERATE_USE_FSDP": "false"}, (), None),
-    (ZERO3, (), None),
+    (ZERO3, (), ZERO3_ON_4 if TRANSFORMERS_4 else None),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"}, ("--load-in-4bit",),
      zero3_refuses("--load-in-4bit", "bitsandbytes' quantised weights are not partitioned by ZeRO-3")),
     (ZERO3, ("--load-in-8bit",), zero3_refuses("--load-in-8bit", "bitsandbytes' quantised weights are not partitioned "
@@ -892,13 +900,15 @@ def zero3_refuses(flag: str, why: str) -> str:
                                                                  "which --resume does not read")),
     (ZERO3, ("--resume",), zero3_refuses("--resume", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume "
                                                      "does not read")),
+    ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "empty.json"}, (),
+     "ACCELERATE_DEEPSPEED_CONFIG_FILE 'empty.json': JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
     (ZERO3, ("--torch-compile",), zero3_refuses("--torch-compile", "the compiled step's first backward failed there (an "
                                                                    "in-place change that autograd refused, in TRL's "
                                                                    "chunked log-probabilities)")),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, ("--load-in-4bit", "--save-steps", "2"),
      None),
 ], ids=["fsdp-true", "fsdp-1", "fsdp-yes", "fsdp-false", "zero3", "zero3-config-file-4bit", "zero3-8bit",
-        "zero3-save-steps", "zero3-resume", "zero3-compile", "zero2-all-flags"])
+        "zero3-save-steps", "zero3-resume", "zero3-empty-config-file", "zero3-compile", "zero2-all-flags"])
 def test_a_launch_that_shards_the_weights_is_refused_before_the_model_loads(launch, flags, message, chat_model, pc_jsonl,
                                                                            tmp_path, capsys, no_model_loading,
                                                                            monkeypatch):
@@ -910,6 +920,7 @@ def test_a_launch_that_shards_the_weights_is_refused_before_the_model_loads(laun
     under ZeRO-2, which partitions no weight, they are allowed."""
     monkeypatch.chdir(tmp_path)
     Path("ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
+    Path("empty.json").write_text("")  # a config file DeepSpeed cannot read: named with json's error
     for variable, value in launch.items():
         monkeypatch.setenv(variable, value)
     if message is None:
@@ -1787,6 +1798,8 @@ prompts per call: 2 and 1 calls) run in lockstep, the second process forwarding 
     export are gathered whole to be written. Everything against plain torchrun (DDP) with the same flags: the same
     scores, the same kept step, the same adapter up to float sums (before, the launch was refused; without the gather
     the saved vectors were empty)."""
+    if TRANSFORMERS_4:  # refused before the model loads (test_a_launch_that_shards_the_weights_is_refused_...)
+        pytest.skip("giva sft under ZeRO-3 needs transformers >= 5")
     monkeypatch.setenv("GIVA_TEST_WORSE_STEP", "4")
     flags = ("--val-size", "9", "--eval-batch-size", "1", "--eval-steps", "2", "--keep-best", "--json")
     runs = {}

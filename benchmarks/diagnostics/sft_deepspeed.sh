@@ -27,13 +27,13 @@ launch() {  # OUT, then environment assignments; each process under GNU time, it
 launch ddp
 launch zero2 ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_ZERO_STAGE=2
 launch zero3 ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_ZERO_STAGE=3
-cat > "$WORK/zero3-live.json" <<'JSON'
+cat > "$WORK/zero3-live.ds.json" <<'JSON'
 {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 1e7, "stage3_prefetch_bucket_size": 1e7,
                        "stage3_param_persistence_threshold": 0, "reduce_bucket_size": 1e7},
  "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
  "gradient_clipping": "auto"}
 JSON
-launch zero3-live ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_CONFIG_FILE="$WORK/zero3-live.json"
+launch zero3-live ACCELERATE_USE_DEEPSPEED=true ACCELERATE_DEEPSPEED_CONFIG_FILE="$WORK/zero3-live.ds.json"
 set +e
 launch fsdp ACCELERATE_USE_FSDP=true
 status=$?

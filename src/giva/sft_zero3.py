@@ -26,9 +26,18 @@ from .sft_options import SFTOptions
 def zero3_launch() -> bool:
     """``accelerate launch``'s configuration asks for DeepSpeed ZeRO stage 3 (``ACCELERATE_USE_DEEPSPEED`` with the stage
     from ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` or the config file), read as Accelerate and the Trainer read it."""
+    import os
+
     from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
 
-    return parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") and DeepSpeedPlugin().zero_stage == 3
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return False
+    try:
+        return DeepSpeedPlugin().zero_stage == 3
+    except Exception as err:  # a config file DeepSpeed cannot read: json's or accelerate's error, without the file
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        where = f"ACCELERATE_DEEPSPEED_CONFIG_FILE {path!r}" if path else "accelerate launch's DeepSpeed configuration"
+        raise ValueError(f"{where}: {type(err).__name__}: {err}") from err
 
 
 # flags whose machinery reads or writes whole weights outside the engine: (flag, why), checked before the model loads
@@ -43,7 +52,15 @@ _NOT_UNDER_ZERO3 = (
 
 
 def check_zero3_flags(options: SFTOptions) -> None:
-    """Under a ZeRO-3 launch, a flag that does not work there is one ValueError naming it (before the model loads)."""
+    """Under a ZeRO-3 launch, a flag that does not work there is one ValueError naming it (before the model loads), and
+    so is transformers 4.x, under which the first step failed in the Trainer's learning-rate scheduler (``zip()
+    argument 2 is longer than argument 1``; transformers 4.56.2, DeepSpeed 0.19.8)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        raise ValueError(f"giva sft under DeepSpeed ZeRO-3 needs transformers >= 5 (with {transformers.__version__} the "
+                         "first step failed in the Trainer's learning-rate scheduler); upgrade transformers, or launch "
+                         "with torchrun or ZeRO stage 1 or 2")
     for field, flag, why in _NOT_UNDER_ZERO3:
         value = getattr(options, field)
         if value is not None and value is not False:
