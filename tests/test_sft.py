@@ -896,10 +896,6 @@ def zero3_refuses(flag: str, why: str) -> str:
      zero3_refuses("--load-in-4bit", "bitsandbytes' quantised weights are not partitioned by ZeRO-3")),
     (ZERO3, ("--load-in-8bit",), zero3_refuses("--load-in-8bit", "bitsandbytes' quantised weights are not partitioned "
                                                                  "by ZeRO-3")),
-    (ZERO3, ("--save-steps", "2"), zero3_refuses("--save-steps", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, "
-                                                                 "which --resume does not read")),
-    (ZERO3, ("--resume",), zero3_refuses("--resume", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume "
-                                                     "does not read")),
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": "empty.json"}, (),
      "ACCELERATE_DEEPSPEED_CONFIG_FILE 'empty.json': JSONDecodeError: Expecting value: line 1 column 1 (char 0)"),
     (ZERO3, ("--torch-compile",), zero3_refuses("--torch-compile", "the compiled step's first backward failed there (an "
@@ -908,14 +904,14 @@ def zero3_refuses(flag: str, why: str) -> str:
     ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, ("--load-in-4bit", "--save-steps", "2"),
      None),
 ], ids=["fsdp-true", "fsdp-1", "fsdp-yes", "fsdp-false", "zero3", "zero3-config-file-4bit", "zero3-8bit",
-        "zero3-save-steps", "zero3-resume", "zero3-empty-config-file", "zero3-compile", "zero2-all-flags"])
+        "zero3-empty-config-file", "zero3-compile", "zero2-all-flags"])
 def test_a_launch_that_shards_the_weights_is_refused_before_the_model_loads(launch, flags, message, chat_model, pc_jsonl,
                                                                            tmp_path, capsys, no_model_loading,
                                                                            monkeypatch):
     """`accelerate launch` sets the variables the Trainer reads. With FSDP the Trainer would shard the weights on GPUs,
     which giva sft's validation, exact match and save read whole, and on CPUs Accelerate ignores the variable and runs
     DDP (seen under torchrun on 2 CPU processes: the run went through as DDP, and nothing said so): refused, in
-    accelerate's spellings of true. DeepSpeed ZeRO-3 runs (test_under_deepspeed_zero3_the_run_matches_data_parallelism)
+    accelerate's spellings of true. DeepSpeed ZeRO-3 runs (test_under_deepspeed_zero3_the_run_matches_data_parallelism_and_resumes)
     but refuses the flags that read or write whole weights outside its engine, from the stage variable or a config file;
     under ZeRO-2, which partitions no weight, they are allowed."""
     monkeypatch.chdir(tmp_path)
@@ -1790,24 +1786,28 @@ def test_under_torchrun_one_process_writes_and_the_bases_match_one_process(chat_
 
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (extra 'distributed')")
-def test_under_deepspeed_zero3_the_run_matches_data_parallelism(chat_model, pc_jsonl, tmp_path, monkeypatch):
+def test_under_deepspeed_zero3_the_run_matches_data_parallelism_and_resumes(chat_model, pc_jsonl, tmp_path, monkeypatch,
+                                                                             capsys):
     """`accelerate launch` with ZeRO-3 (its variables, under torchrun): the model loads partitioned, the base model is
     scored once the engine exists, validation (9 rows, one per forward: 5 and 4 per process) and exact match (4
-prompts per call: 2 and 1 calls) run in lockstep, the second process forwarding a filler each time, a worse
+    prompts per call: 2 and 1 calls) run in lockstep, the second process forwarding a filler each time, a worse
     step 4 makes --keep-best write step 2's vectors back into the partitioned parameters, and the adapter and its LoRA
     export are gathered whole to be written. Everything against plain torchrun (DDP) with the same flags: the same
     scores, the same kept step, the same adapter up to float sums (before, the launch was refused; without the gather
-    the saved vectors were empty)."""
+    the saved vectors were empty). Cut off after checkpoint-2, the run resumes under ZeRO-3 from DeepSpeed's
+    checkpoint to the same adapter bit for bit; a launch without DeepSpeed is refused that checkpoint (it went on
+    with a fresh optimizer, to another adapter, and exit 0)."""
     if TRANSFORMERS_4:  # refused before the model loads (test_a_launch_that_shards_the_weights_is_refused_...)
         pytest.skip("giva sft under ZeRO-3 needs transformers >= 5")
     monkeypatch.setenv("GIVA_TEST_WORSE_STEP", "4")
-    flags = ("--val-size", "9", "--eval-batch-size", "1", "--eval-steps", "2", "--keep-best", "--json")
+    flags = ("--val-size", "9", "--eval-batch-size", "1", "--eval-steps", "2", "--keep-best", "--save-steps", "2",
+             "--json")
+    zero3_launch = (("ACCELERATE_USE_DEEPSPEED", "true"), ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"), ("DS_ACCELERATOR", "cpu"))
     runs = {}
     for name in ("ddp", "zero3"):
         with monkeypatch.context() as env:
             if name == "zero3":
-                for variable, value in (("ACCELERATE_USE_DEEPSPEED", "true"), ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"),
-                                        ("DS_ACCELERATOR", "cpu")):
+                for variable, value in zero3_launch:
                     env.setenv(variable, value)
             records = run_torchrun("sft_cli.py", tmp_path / f"launch-{name}", args=cli(
                 chat_model, pc_jsonl, tmp_path / name, *flags, "--export-lora", str(tmp_path / f"{name}-lora"))).json()
@@ -1835,6 +1835,75 @@ prompts per call: 2 and 1 calls) run in lockstep, the second process forwarding 
     assert all(trained[k].abs().max() > 0 for k in trained if "giva_lambda_o" in k)
     reloaded, _ = load_sft_adapter(str(tmp_path / "zero3"))  # written whole: it loads in one process
     assert sum(p.numel() for n, p in reloaded.named_parameters() if "giva_lambda" in n) == ddp["trainable_parameters"]
+
+    shutil.rmtree(tmp_path / "zero3")  # cut off after checkpoint-2
+    shutil.rmtree(tmp_path / "zero3-checkpoints" / "checkpoint-4")
+    capsys.readouterr()
+    assert main(cli(chat_model, pc_jsonl, tmp_path / "zero3", *flags, "--resume")) == 2  # without DeepSpeed
+    assert one_error_line(capsys) == (
+        f"giva sft: error: --resume: {tmp_path / 'zero3-checkpoints' / 'checkpoint-2'} was written under ZeRO-3 on 2 "
+        "processes, and this is a launch without DeepSpeed: resume it under the launch that wrote it (the optimizer "
+        "state is in its format)")
+    with monkeypatch.context() as env:
+        for variable, value in zero3_launch:
+            env.setenv(variable, value)
+        records = run_torchrun("sft_cli.py", tmp_path / "launch-resumed", args=cli(
+            chat_model, pc_jsonl, tmp_path / "zero3", *flags, "--resume")).json()
+    assert [r["code"] for r in records] == [0, 0], records[0]["stderr"][-2000:]
+    resumed = json.loads(records[0]["stdout"])
+    assert resumed["resumed_from"] == str(tmp_path / "zero3-checkpoints" / "checkpoint-2")
+    assert (resumed["steps"], resumed["kept_step"], resumed["init_seconds"]) == (4, 2, 0.0)  # bases from the checkpoint
+    again = adapter_tensors(tmp_path / "zero3")
+    assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+def deepspeed_checkpoint(folder: Path, stage: int, processes: int) -> Path:
+    """A Trainer checkpoint folder with the files DeepSpeed writes at step 2 (names only) under ZeRO ``stage``."""
+    (folder / "global_step2").mkdir(parents=True)
+    (folder / "latest").write_text("global_step2")
+    names = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(processes) if stage]
+    names += ([f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(processes)] if stage == 3
+              else ["mp_rank_00_model_states.pt"])
+    for name in names:
+        (folder / "global_step2" / name).write_bytes(b"")
+    return folder
+
+
+@pytest.mark.parametrize("written, launch, processes, message", [
+    (None, {}, 1, None),
+    ((3, 2), ZERO3, 2, None),
+    ((2, 2), {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}, 2, None),
+    ((3, 2), {}, 2, "was written under ZeRO-3 on 2 processes, and this is a launch without DeepSpeed: resume it under "
+                    "the launch that wrote it (the optimizer state is in its format)"),
+    ((2, 2), {}, 2, "was written under ZeRO stage 1 or 2 on 2 processes, and this is a launch without DeepSpeed: "),
+    (None, ZERO3, 2, "was written under a launch without DeepSpeed, and this is ZeRO-3: resume it under the launch "),
+    ((2, 2), ZERO3, 2, "was written under ZeRO stage 1 or 2 on 2 processes, and this is ZeRO-3: "),
+    ((3, 2), ZERO3, 1, "was written under ZeRO-3 on 2 processes, and this launch has 1: DeepSpeed reads its partitioned "
+                       "optimizer state with as many processes; launch 2"),
+    ((0, 1), {}, 1, "was written under DeepSpeed without ZeRO, and this is a launch without DeepSpeed: "),
+], ids=["plain", "zero3", "zero2", "zero3-plain", "zero2-plain", "plain-zero3", "zero2-zero3", "zero3-fewer", "ds-plain"])
+def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(written, launch, processes, message, tmp_path,
+                                                                  monkeypatch):
+    """The Trainer reads DeepSpeed's optimizer state only under DeepSpeed: a ZeRO-3 checkpoint resumed by plain
+    torchrun went on with a fresh optimizer (another adapter, exit 0); a plain one under ZeRO-3 failed once the model
+    had loaded ("Can't find a valid checkpoint"); a 2-process ZeRO-3 checkpoint under 1 process exited 1 with no
+    message. Each is refused, from the files in the checkpoint, naming what wrote it."""
+    from giva.sft_zero3 import check_resume_launch
+
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    if written is not None:
+        deepspeed_checkpoint(checkpoint, *written)
+    for variable in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in launch.items():
+        monkeypatch.setenv(variable, value)
+    if message is None:
+        check_resume_launch(str(checkpoint), processes)
+        return
+    with pytest.raises(ValueError) as refused:
+        check_resume_launch(str(checkpoint), processes)
+    assert str(refused.value).startswith(f"--resume: {checkpoint} {message}")
 
 
 def scripted_validation(monkeypatch, scripted: dict[int, float]) -> dict[int, int]:

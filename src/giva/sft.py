@@ -51,7 +51,7 @@ from .sft_checks import (
 from .sft_data import SFTData, load_sft_data, row_format
 from .sft_eval import completion_ids, exact_match, prompt_ids, validation_loss
 from .sft_options import RESULT_FILE, TRL_LM_HEAD, SFTOptions
-from .sft_zero3 import gathered, on_train_begin, partitioned
+from .sft_zero3 import check_resume_launch, check_zero3_finished, gathered, on_train_begin, partitioned
 
 logger = logging.getLogger(__name__)
 
@@ -465,6 +465,11 @@ def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
     with quiet_transformers(not options.progress), _accelerate_precision_kept():  # datasets' bars in reading --data too
         device, path, tokenizer, data = preflight(options)
         options, resume_from = check_checkpoints(options, data)
+        if resume_from is not None:  # the adapter of a finished checkpoint is read, else the Trainer resumes it
+            if is_finished(checkpoint_state(resume_from)):
+                check_zero3_finished(resume_from)
+            else:
+                check_resume_launch(resume_from, launch()[1])
         return _train(options, device, path, tokenizer, data, resume_from)
 
 

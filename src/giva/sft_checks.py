@@ -88,7 +88,7 @@ def check_sharding(options: SFTOptions) -> None:
     (:mod:`giva.sft_zero3`), without the flags it refuses."""
     from accelerate.utils import parse_flag_from_env
 
-    from .sft_zero3 import check_zero3_flags, zero3_launch
+    from .sft_zero3 import check_zero3_run, zero3_launch
 
     if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # accelerate's reading of it (transformers' is the same)
         raise ValueError("FSDP (accelerate launch's configuration: ACCELERATE_USE_FSDP) is not supported by giva sft, "
@@ -98,7 +98,7 @@ def check_sharding(options: SFTOptions) -> None:
                          "nothing), or load the base in 4 bits (--load-in-4bit), or train through the Python API "
                          "(giva.initialize under FSDP2: docs/distributed.md)")
     if zero3_launch():
-        check_zero3_flags(options)
+        check_zero3_run(options)
 
 
 def check_output_dirs(options: SFTOptions) -> None:

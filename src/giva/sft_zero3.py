@@ -9,7 +9,9 @@ layer's weights from every process (the engine's hooks, installed when training 
   ``synced_gpus``;
 - the adapter is read whole (saved, exported, kept by ``--keep-best``) inside :func:`gathered`, which every process
   enters;
-- the scores of the base model are taken when training starts, once the engine exists (:func:`on_train_begin`).
+- the scores of the base model are taken when training starts, once the engine exists (:func:`on_train_begin`);
+- a checkpoint resumes under the launch that wrote it (:func:`check_resume_launch`): the Trainer writes and reads
+  DeepSpeed's optimizer state only under DeepSpeed.
 
 Outside ZeRO-3 each of these is a no-op, so the plain and data-parallel runs are unchanged.
 """
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 from .sft_options import SFTOptions
 
@@ -40,18 +43,16 @@ def zero3_launch() -> bool:
         raise ValueError(f"{where}: {type(err).__name__}: {err}") from err
 
 
-# flags whose machinery reads or writes whole weights outside the engine: (flag, why), checked before the model loads
+# the flags refused under ZeRO-3, before the model loads: (SFTOptions field, flag, why)
 _NOT_UNDER_ZERO3 = (
     ("load_in_4bit", "--load-in-4bit", "bitsandbytes' quantised weights are not partitioned by ZeRO-3"),
     ("load_in_8bit", "--load-in-8bit", "bitsandbytes' quantised weights are not partitioned by ZeRO-3"),
-    ("save_steps", "--save-steps", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume does not read"),
-    ("resume", "--resume", "the Trainer's ZeRO-3 checkpoints are DeepSpeed's own, which --resume does not read"),
     ("torch_compile", "--torch-compile", "the compiled step's first backward failed there (an in-place change that "
                                          "autograd refused, in TRL's chunked log-probabilities)"),
 )
 
 
-def check_zero3_flags(options: SFTOptions) -> None:
+def check_zero3_run(options: SFTOptions) -> None:
     """Under a ZeRO-3 launch, a flag that does not work there is one ValueError naming it (before the model loads), and
     so is transformers 4.x, under which the first step failed in the Trainer's learning-rate scheduler (``zip()
     argument 2 is longer than argument 1``; transformers 4.56.2, DeepSpeed 0.19.8)."""
@@ -67,6 +68,62 @@ def check_zero3_flags(options: SFTOptions) -> None:
             raise ValueError(f"{flag} is not supported under DeepSpeed ZeRO-3 (accelerate launch's configuration: "
                              f"ACCELERATE_USE_DEEPSPEED, stage 3): {why}; leave it out, or launch with torchrun or ZeRO "
                              "stage 1 or 2")
+
+
+def deepspeed_launch() -> Optional[str]:
+    """What ``accelerate launch``'s configuration runs, as :func:`checkpoint_launch` names a checkpoint's writer:
+    ``"ZeRO-3"``, ``"ZeRO stage 1 or 2"``, ``"DeepSpeed without ZeRO"``, or None without DeepSpeed."""
+    from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
+
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    if zero3_launch():
+        return "ZeRO-3"
+    return "ZeRO stage 1 or 2" if DeepSpeedPlugin().zero_stage in (1, 2) else "DeepSpeed without ZeRO"
+
+
+def checkpoint_launch(checkpoint: Path) -> tuple[Optional[str], int]:
+    """(what wrote the Trainer checkpoint ``checkpoint``, how many processes) from DeepSpeed's files in it: the folder
+    its ``latest`` file names holds one model-states file per process under ZeRO-3, one in all under stages 1 and 2,
+    and one optimizer-states file per process under both. (None, 0) for a checkpoint without DeepSpeed's files."""
+    latest = checkpoint / "latest"
+    tag = latest.read_text(encoding="utf-8").strip() if latest.is_file() else ""
+    folder = checkpoint / tag
+    if not tag or not folder.is_dir():
+        return None, 0
+    processes = len(list(folder.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt")))
+    if any(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        return "ZeRO-3", processes
+    return ("ZeRO stage 1 or 2" if processes else "DeepSpeed without ZeRO"), processes
+
+
+def check_resume_launch(checkpoint: str, processes: int) -> None:
+    """A checkpoint is resumed by a launch like the one that wrote it: the Trainer reads DeepSpeed's optimizer state
+    only under DeepSpeed (a plain launch went on with a fresh optimizer and nothing said: another adapter), a plain
+    checkpoint only without it (DeepSpeed: "Can't find a valid checkpoint" once the model had loaded), and ZeRO's
+    partitioned state only with as many processes (a 2-process ZeRO-3 checkpoint under 1 process: exit 1 with no
+    message). A ValueError naming what wrote it, before the model loads."""
+    wrote, written_by = checkpoint_launch(Path(checkpoint))
+    launch = deepspeed_launch()
+    writer = f"{wrote} on {written_by} processes" if wrote and written_by else wrote or "a launch without DeepSpeed"
+    if wrote != launch:
+        this = launch or "a launch without DeepSpeed"
+        raise ValueError(f"--resume: {checkpoint} was written under {writer}, and this is {this}: resume it under the "
+                         "launch that wrote it (the optimizer state is in its format)")
+    if written_by and written_by != processes:
+        raise ValueError(f"--resume: {checkpoint} was written under {writer}, and this launch has {processes}: "
+                         f"DeepSpeed reads its partitioned optimizer state with as many processes; launch {written_by}")
+
+
+def check_zero3_finished(checkpoint: str) -> None:
+    """A ``--resume`` whose newest checkpoint is at ``--max-steps`` (training finished, the save did not) loads that
+    checkpoint's adapter into the model and scores it without training; under ZeRO-3 the model is partitioned and only
+    the engine that training builds can run it, so such a run is refused, before the model loads, with the ways out."""
+    if zero3_launch():
+        raise ValueError(f"--resume: the newest checkpoint, {checkpoint}, is at --max-steps (training finished, the save "
+                         "did not), and under DeepSpeed ZeRO-3 giva sft scores and saves only after training steps; its "
+                         "adapter is in that folder (giva generate and load_sft_adapter read it), or resume once without "
+                         "ZeRO-3 (torchrun, or one process) to score and save it")
 
 
 def partitioned(model: Any) -> bool:
@@ -114,3 +171,4 @@ def on_train_begin(work: Callable[[], None]) -> Any:
                 work()
 
     return WhenTrainingStarts()
+
