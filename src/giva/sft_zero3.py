@@ -10,10 +10,11 @@ layer's weights from every process (the engine's hooks, installed when training 
 - the adapter is read whole (saved, exported, kept by ``--keep-best``) inside :func:`gathered`, which every process
   enters;
 - the scores of the base model are taken when training starts, once the engine exists (:func:`on_train_begin`);
-- a checkpoint resumes under the launch that wrote it (:func:`check_resume_launch`): the Trainer writes and reads
-  DeepSpeed's optimizer state only under DeepSpeed.
+- a run whose training finished but whose save did not is refused (:func:`check_zero3_finished`).
 
-Outside ZeRO-3 each of these is a no-op, so the plain and data-parallel runs are unchanged.
+Outside ZeRO-3 each of these is a no-op, so the plain and data-parallel runs are unchanged. For every launch, a
+checkpoint resumes only under the launch that wrote it (:func:`check_resume_launch`): the Trainer writes and reads
+DeepSpeed's optimizer state only under DeepSpeed, and ZeRO's partitioned state only with as many processes.
 """
 
 from __future__ import annotations
