@@ -36,7 +36,7 @@ needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="
 ON_CUDA_TOO = ["cpu", pytest.param("cuda", marks=[cuda, needs_trl])]
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from launch import TORCHRUN, run_torchrun  # noqa: E402
+from launch import TORCHRUN, run_launcher, run_torchrun  # noqa: E402
 
 WORDS = "the film plot is good great bad awful . review positive or negative ? answer one word".split()
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<system>", "<user>", "<assistant>"]
@@ -1855,6 +1855,35 @@ def test_under_deepspeed_zero3_the_run_matches_data_parallelism_and_resumes(chat
     assert (resumed["steps"], resumed["kept_step"], resumed["init_seconds"]) == (4, 2, 0.0)  # bases from the checkpoint
     again = adapter_tensors(tmp_path / "zero3")
     assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = Path(sys.executable).parent / "accelerate"
+
+
+@pytest.mark.skipif(not ACCELERATE.exists(), reason="accelerate's launcher not installed next to the interpreter")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (extra 'distributed')")
+@pytest.mark.skipif(TRANSFORMERS_4, reason="giva sft under ZeRO-3 needs transformers >= 5")
+def test_accelerate_launch_with_the_example_zero3_config(chat_model, pc_jsonl, tmp_path):
+    """The documented command, `accelerate launch --config_file examples/accelerate_zero3.yaml $(which giva) sft ...`,
+    with the example's settings on 2 CPU processes (use_cpu, num_processes 2): the base is partitioned on both
+    processes, and the base model's validation loss, scored in lockstep over both, is the one-process run's."""
+    import yaml
+
+    config = yaml.safe_load((REPO / "examples" / "accelerate_zero3.yaml").read_text())
+    assert (config["distributed_type"], config["deepspeed_config"]["zero_stage"]) == ("DEEPSPEED", 3)
+    (tmp_path / "cpu.yaml").write_text(yaml.safe_dump({**config, "use_cpu": True, "num_processes": 2}))
+    giva_cli = Path(sys.executable).parent / "giva"
+    code, output = run_launcher([str(ACCELERATE), "launch", "--config_file", str(tmp_path / "cpu.yaml"), str(giva_cli),
+                                 *cli(chat_model, pc_jsonl, tmp_path / "out", "--json")], env={"DS_ACCELERATOR": "cpu"})
+    assert code == 0, output[-3000:]
+    assert output.count("2 processes, the base partitioned by DeepSpeed ZeRO-3\n") == 1  # the first process's summary
+    result = json.loads((tmp_path / "out" / "sft_result.json").read_text())
+    assert (result["processes"], result["zero3"]) == (2, True)
+    single, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "single", max_steps=1))
+    assert result["val_loss_before"] == pytest.approx(single.val_loss_before, rel=1e-6)
+    reloaded, _ = load_sft_adapter(str(tmp_path / "out"))
+    assert sum(p.numel() for n, p in reloaded.named_parameters() if "giva_lambda" in n) == result["trainable_parameters"]
 
 
 def deepspeed_checkpoint(folder: Path, stage: int, processes: int) -> Path:

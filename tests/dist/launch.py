@@ -13,10 +13,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import psutil  # an Accelerate dependency
 import torch
@@ -62,12 +62,7 @@ def run_torchrun(
     """
     path = Path(script) if Path(script).is_absolute() else DIST / script
     out.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(DIST), os.environ.get("PYTHONPATH", "")]),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = {"PYTHONPATH": os.pathsep.join([str(DIST), os.environ.get("PYTHONPATH", "")])}
     # --standalone picks a free port, so parallel or leftover runs cannot collide; --redirects 3 keeps
     # each rank's stdout and stderr in its own file under the log folder; "--" keeps the script's flags from
     # torchrun's parser, which matches prefixes (`giva sft --r 8` is otherwise "ambiguous option: --r").
@@ -75,21 +70,36 @@ def run_torchrun(
         str(TORCHRUN), "--standalone", "--nproc_per_node", str(nproc), "--log-dir", str(out / LOG_DIR), "--redirects", "3",
         "--", str(path), str(out), *args,
     ]
+    code, output = run_launcher(cmd, env=env, timeout_s=timeout_s,
+                                what=lambda output: f"{path.name} did not finish in {timeout_s:.0f}s (torchrun and its "
+                                                    f"ranks killed)\n{_report(out, output)}")
+    if code != 0:
+        raise TorchrunFailed(f"{path.name} failed (torchrun exit code {code})\n{_report(out, output)}")
+    return Ranks(out, nproc)
+
+
+def run_launcher(cmd: Sequence[str], *, env: dict[str, str], timeout_s: float = TIMEOUT_S,
+                 what: Optional[Callable[[str], str]] = None) -> tuple[int, str]:
+    """Run a launcher's command line (torchrun, ``accelerate launch``) in a session of its own, with one OpenMP thread
+    per process and ``env`` over this process's environment; (its exit code, its stdout and stderr). Past ``timeout_s``
+    it and every process below it are killed and :class:`TorchrunFailed` says so (``what(output)``, or the output's
+    tail); an interrupt (Ctrl-C in pytest) kills them too, leaving nothing running."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **env}
     # Own session, so that killing its group cannot reach pytest itself.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(list(cmd), env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         output, _ = proc.communicate()
-        raise TorchrunFailed(f"{path.name} did not finish in {timeout_s:.0f}s (torchrun and its ranks killed)\n{_report(out, output)}") from None
+        message = what(output) if what else f"{cmd[0]} did not finish in {timeout_s:.0f}s (killed)\n{output[-TAIL_CHARS:]}"
+        raise TorchrunFailed(message) from None
     finally:
-        if proc.poll() is None:  # interrupted (Ctrl-C in pytest): leave nothing running
+        if proc.poll() is None:
             _kill_group(proc)
             proc.wait()
-    if proc.returncode != 0:
-        raise TorchrunFailed(f"{path.name} failed (torchrun exit code {proc.returncode})\n{_report(out, output)}")
-    return Ranks(out, nproc)
+    return proc.returncode, output
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
