@@ -36,7 +36,7 @@ needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="
 ON_CUDA_TOO = ["cpu", pytest.param("cuda", marks=[cuda, needs_trl])]
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from launch import TORCHRUN, run_launcher, run_torchrun  # noqa: E402
+from launch import TORCHRUN, TorchrunFailed, run_launcher, run_torchrun  # noqa: E402
 
 WORDS = "the film plot is good great bad awful . review positive or negative ? answer one word".split()
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<system>", "<user>", "<assistant>"]
@@ -1855,6 +1855,29 @@ def test_under_deepspeed_zero3_the_run_matches_data_parallelism_and_resumes(chat
     assert (resumed["steps"], resumed["kept_step"], resumed["init_seconds"]) == (4, 2, 0.0)  # bases from the checkpoint
     again = adapter_tensors(tmp_path / "zero3")
     assert again.keys() == trained.keys() and all(torch.equal(again[k], trained[k]) for k in trained)
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed next to the interpreter")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (extra 'distributed')")
+@pytest.mark.skipif(TRANSFORMERS_4, reason="giva sft under ZeRO-3 needs transformers >= 5")
+def test_a_failure_while_scoring_under_zero3_stops_every_process(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """Under ZeRO-3 every forward waits for all processes: process 1 failing at its second validation batch (before
+    the forward process 0 is already in) left process 0 waiting in the weights' all-gather until the group's timeout.
+    The failure now goes through the process group's store and the group is aborted: both processes stop at once, and
+    both logs name process 1 and its error."""
+    for variable, value in (("ACCELERATE_USE_DEEPSPEED", "true"), ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"),
+                            ("DS_ACCELERATOR", "cpu"), ("GIVA_TEST_FAIL_SCORING", "1")):
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(TorchrunFailed) as failed:
+        run_torchrun("sft_cli.py", tmp_path / "launch", timeout_s=150,
+                     args=cli(chat_model, pc_jsonl, tmp_path / "out", "--val-size", "9", "--eval-batch-size", "1"))
+    assert "did not finish" not in str(failed.value)
+    logs = sorted((tmp_path / "launch").glob("**/attempt_*/*/stderr.log"))
+    assert len(logs) == 2
+    for log in logs:
+        assert ("the validation loss failed on process 1 of 2: MemoryError: injected at the second validation batch"
+                in log.read_text())
+    assert not (tmp_path / "out").exists()
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,18 +22,24 @@ def _launch() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
 
-def _summed(values: list[float], work: Callable[[], list[float]], device: Any, what: str) -> list[float]:
+def _summed(values: list[float], work: Callable[[], list[float]], device: Any, what: str,
+            sharded: bool = False) -> list[float]:
     """``work()`` on this process, its numbers summed over the processes of a launch (float64). An error on any
-    process raises on every process after the sum, which all of them reach."""
+    process raises on every process after the sum, which all of them reach.
+
+    ``sharded``: ``work`` runs a ZeRO-3 model in lockstep, whose every forward waits for all processes, so a process
+    that failed in the middle would leave the others waiting in a forward. Its failure goes through the process
+    group's store instead, and the group is aborted (as :func:`giva.initialize` does for sharded models): every process
+    raises at once, naming the failed one, and the group is unusable after that."""
     import torch
     import torch.distributed as dist
 
     world = _launch()[1]
     error: Optional[BaseException] = None
     try:
-        values = work()
+        values = _through_the_store(work, device, what) if sharded and world > 1 else work()
     except BaseException as err:  # Ctrl-C too: under torchrun to the sum first, so that no process waits for this one
-        if world == 1:
+        if world == 1 or isinstance(err, _FailedInLockstep):
             raise
         error = err
     if world == 1:
@@ -45,6 +51,21 @@ def _summed(values: list[float], work: Callable[[], list[float]], device: Any, w
     if summed[-1]:
         raise RuntimeError(f"{what} failed on another process of the launch; its error is in that process's log")
     return summed[:-1].tolist()
+
+
+class _FailedInLockstep(RuntimeError):
+    """Scoring a sharded model failed on a process of the launch; every process raises this at once."""
+
+
+def _through_the_store(work: Callable[[], list[float]], device: Any, what: str) -> list[float]:
+    from .init.distributed import DistributedInitError, TorchCollective
+
+    collective = TorchCollective(device, sharded=True)
+    try:
+        with collective.watching(), collective.computing():
+            return work()
+    except DistributedInitError as err:  # the process that failed, or one whose forward the abort interrupted
+        raise _FailedInLockstep(f"{what} failed on process {err.rank} of {err.world}: {err.reason}") from err
 
 
 def validation_loss(trainer: Any, batch_size: int) -> float:
@@ -87,7 +108,7 @@ def validation_loss(trainer: Any, batch_size: int) -> float:
     model.eval()
     try:
         with zero3_trace_reset(model):  # not the order the training steps fetch ZeRO-3's weights in
-            total, tokens = _summed([0.0, 0.0], work, device, "the validation loss")
+            total, tokens = _summed([0.0, 0.0], work, device, "the validation loss", sharded=synced)
     finally:
         model.train(was_training)
     return total / tokens if tokens else float("nan")
@@ -145,7 +166,7 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completion
     model.eval()
     try:
         with zero3_trace_reset(model):
-            (hits,) = _summed([0.0], work, device, "exact match")
+            (hits,) = _summed([0.0], work, device, "exact match", sharded=synced)
     finally:
         model.train(was_training)
     return int(hits) / total

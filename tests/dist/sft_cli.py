@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist/sft_cli.py OUT_DIR SFT_ARGS...
 
 With GIVA_TEST_WORSE_STEP=S the validation loss of step S is raised by 1 (a --keep-best run then keeps an earlier
-step). Each rank writes rank<r>.json: what ``giva.sft.exact_match`` reports for a stub model whose right answers are
+step); with GIVA_TEST_FAIL_SCORING=R the validation fails on process R at its second batch. Each rank writes rank<r>.json: what ``giva.sft.exact_match`` reports for a stub model whose right answers are
 known, what ``giva.sft.on_main_process`` raised on this rank when the first process failed and what
 ``giva.sft.on_every_process`` raised when only the second one did, then the CLI's exit
 code, what it printed, how many times this rank saved the adapter, whether the process group was left open, and
@@ -67,6 +67,31 @@ def _raise_the_loss_of(step: int) -> None:
     giva.sft_best.BestAdapter.restore = lambda self, model: restored.append(1) or restore(self, model)
 
 
+def _fail_scoring_on(rank: int) -> None:
+    """On process ``rank``, the validation loss fails at its second batch (an OOM's stand-in, before the forward that
+    the other processes of a ZeRO-3 launch are waiting in)."""
+    if rank < 0 or dist.get_rank() != rank:
+        return
+    real = giva.sft.validation_loss
+
+    def loss(trainer, batch_size):
+        collator, calls = trainer.data_collator, []
+
+        def failing(rows):
+            calls.append(len(rows))
+            if len(calls) == 2:
+                raise MemoryError("injected at the second validation batch")
+            return collator(rows)
+
+        trainer.data_collator = failing
+        try:
+            return real(trainer, batch_size)
+        finally:
+            trainer.data_collator = collator
+
+    giva.sft.validation_loss = loss
+
+
 def run() -> None:
     out, argv = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")  # the Trainer reuses it, as it would torchrun's own
@@ -105,6 +130,7 @@ def run() -> None:
     found, real_partitioned = [], giva.sft.partitioned
     giva.sft.partitioned = lambda model: found.append(real_partitioned(model)) or found[-1]  # ZeRO-3 loaded it so
     _raise_the_loss_of(int(os.environ.get("GIVA_TEST_WORSE_STEP", "0")))
+    _fail_scoring_on(int(os.environ.get("GIVA_TEST_FAIL_SCORING", "-1")))
     printed, logged = io.StringIO(), io.StringIO()
     with redirect_stdout(printed), redirect_stderr(logged):
         record["code"] = main(argv)
