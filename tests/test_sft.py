@@ -1863,20 +1863,20 @@ def test_under_deepspeed_zero3_the_run_matches_data_parallelism_and_resumes(chat
 def test_a_failure_while_scoring_under_zero3_stops_every_process(chat_model, pc_jsonl, tmp_path, monkeypatch):
     """Under ZeRO-3 every forward waits for all processes: process 1 failing at its second validation batch (before
     the forward process 0 is already in) left process 0 waiting in the weights' all-gather until the group's timeout.
-    The failure now goes through the process group's store and the group is aborted: both processes stop at once, and
-    both logs name process 1 and its error."""
+    The failure now goes through the process group's store and the group is aborted: process 1 stops at once, naming
+    its error, and process 0 either raises the same or is stopped by torchrun when process 1 exits (which comes first
+    depends on timing: on CI its log was empty)."""
     for variable, value in (("ACCELERATE_USE_DEEPSPEED", "true"), ("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3"),
                             ("DS_ACCELERATOR", "cpu"), ("GIVA_TEST_FAIL_SCORING", "1")):
         monkeypatch.setenv(variable, value)
     with pytest.raises(TorchrunFailed) as failed:
         run_torchrun("sft_cli.py", tmp_path / "launch", timeout_s=150,
                      args=cli(chat_model, pc_jsonl, tmp_path / "out", "--val-size", "9", "--eval-batch-size", "1"))
-    assert "did not finish" not in str(failed.value)
-    logs = sorted((tmp_path / "launch").glob("**/attempt_*/*/stderr.log"))
-    assert len(logs) == 2
-    for log in logs:
-        assert ("the validation loss failed on process 1 of 2: MemoryError: injected at the second validation batch"
-                in log.read_text())
+    assert "did not finish" not in str(failed.value)  # before: still waiting when killed
+    named = "the validation loss failed on process 1 of 2: MemoryError: injected at the second validation batch"
+    logs = {log.parent.name: log.read_text() for log in (tmp_path / "launch").glob("**/attempt_*/*/stderr.log")}
+    assert sorted(logs) == ["0", "1"] and named in logs["1"]
+    assert named in logs["0"] or "failed on process" not in logs["0"]  # raised the same, or stopped before it could
     assert not (tmp_path / "out").exists()
 
 
