@@ -1813,6 +1813,8 @@ def test_under_deepspeed_zero3_the_run_matches_data_parallelism_and_resumes(chat
                 chat_model, pc_jsonl, tmp_path / name, *flags, "--export-lora", str(tmp_path / f"{name}-lora"))).json()
         assert [r["code"] for r in records] == [0, 0], records[0]["stderr"][-2000:]
         assert [any(r["partitioned"]) for r in records] == [name == "zero3"] * 2
+        # each process's own bases, compared before anything could broadcast them (ZeRO-3 broadcasts no buffer)
+        assert records[0]["bases"] is not None and records[0]["bases"] == records[1]["bases"]
         runs[name] = json.loads(records[0]["stdout"])
         assert ("2 processes, the base partitioned by DeepSpeed ZeRO-3\n" in records[0]["stderr"]) == (name == "zero3")
     ddp, zero3 = runs["ddp"], runs["zero3"]

@@ -465,11 +465,6 @@ def train_sft(options: SFTOptions) -> tuple[SFTResult, Any, Any]:
     with quiet_transformers(not options.progress), _accelerate_precision_kept():  # datasets' bars in reading --data too
         device, path, tokenizer, data = preflight(options)
         options, resume_from = check_checkpoints(options, data)
-        if resume_from is not None:  # the adapter of a finished checkpoint is read, else the Trainer resumes it
-            if is_finished(checkpoint_state(resume_from)):
-                check_zero3_finished(resume_from)
-            else:
-                check_resume_launch(resume_from, launch()[1])
         return _train(options, device, path, tokenizer, data, resume_from)
 
 
@@ -539,6 +534,11 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
 
     with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
         resumed = checkpoint_state(resume_from) if resume_from else {}
+        if resume_from is not None:  # before the model loads: the adapter of a finished checkpoint is read, else the
+            if is_finished(resumed):  # Trainer resumes the checkpoint in the format of the launch that wrote it
+                check_zero3_finished(resume_from)
+            else:
+                check_resume_launch(resume_from, launch()[1])
         best = None
         if options.keep_best:
             first = launch()[0] == 0

@@ -27,21 +27,26 @@ from typing import Any, Optional
 from .sft_options import SFTOptions
 
 
-def zero3_launch() -> bool:
-    """``accelerate launch``'s configuration asks for DeepSpeed ZeRO stage 3 (``ACCELERATE_USE_DEEPSPEED`` with the stage
-    from ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` or the config file), read as Accelerate and the Trainer read it."""
+def deepspeed_stage() -> Optional[int]:
+    """The ZeRO stage ``accelerate launch``'s configuration asks for (``ACCELERATE_USE_DEEPSPEED`` with the stage from
+    ``ACCELERATE_DEEPSPEED_ZERO_STAGE`` or the config file, read as Accelerate and the Trainer read it); None without
+    DeepSpeed. A config file DeepSpeed cannot read is a ValueError naming it."""
     import os
 
     from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
 
     if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        return False
+        return None
     try:
-        return DeepSpeedPlugin().zero_stage == 3
-    except Exception as err:  # a config file DeepSpeed cannot read: json's or accelerate's error, without the file
+        return DeepSpeedPlugin().zero_stage
+    except Exception as err:  # json's or accelerate's error, without the file
         path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
         where = f"ACCELERATE_DEEPSPEED_CONFIG_FILE {path!r}" if path else "accelerate launch's DeepSpeed configuration"
         raise ValueError(f"{where}: {type(err).__name__}: {err}") from err
+
+
+def zero3_launch() -> bool:
+    return deepspeed_stage() == 3
 
 
 # the flags refused under ZeRO-3, before the model loads: (SFTOptions field, flag, why)
@@ -64,8 +69,7 @@ def check_zero3_run(options: SFTOptions) -> None:
                          "first step failed in the Trainer's learning-rate scheduler); upgrade transformers, or launch "
                          "with torchrun or ZeRO stage 1 or 2")
     for field, flag, why in _NOT_UNDER_ZERO3:
-        value = getattr(options, field)
-        if value is not None and value is not False:
+        if getattr(options, field):
             raise ValueError(f"{flag} is not supported under DeepSpeed ZeRO-3 (accelerate launch's configuration: "
                              f"ACCELERATE_USE_DEEPSPEED, stage 3): {why}; leave it out, or launch with torchrun or ZeRO "
                              "stage 1 or 2")
@@ -74,13 +78,10 @@ def check_zero3_run(options: SFTOptions) -> None:
 def deepspeed_launch() -> Optional[str]:
     """What ``accelerate launch``'s configuration runs, as :func:`checkpoint_launch` names a checkpoint's writer:
     ``"ZeRO-3"``, ``"ZeRO stage 1 or 2"``, ``"DeepSpeed without ZeRO"``, or None without DeepSpeed."""
-    from accelerate.utils import DeepSpeedPlugin, parse_flag_from_env
-
-    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+    stage = deepspeed_stage()
+    if stage is None:
         return None
-    if zero3_launch():
-        return "ZeRO-3"
-    return "ZeRO stage 1 or 2" if DeepSpeedPlugin().zero_stage in (1, 2) else "DeepSpeed without ZeRO"
+    return "ZeRO-3" if stage == 3 else "ZeRO stage 1 or 2" if stage in (1, 2) else "DeepSpeed without ZeRO"
 
 
 def checkpoint_launch(checkpoint: Path) -> tuple[Optional[str], int]:
@@ -159,17 +160,14 @@ def gathered(model: Any, modify: bool = False) -> Iterator[None]:
 
 
 def on_train_begin(work: Callable[[], None]) -> Any:
-    """A callback that runs ``work`` once when training starts: under ZeRO-3 the engine, whose hooks fetch the
-    partitioned weights for a forward, exists from then on (the Trainer builds it in ``train``)."""
+    """A callback that runs ``work`` when training starts: under ZeRO-3 the engine, whose hooks fetch the
+    partitioned weights for a forward, exists from then on (the Trainer builds it in ``train``, which giva sft calls
+    once)."""
     from transformers import TrainerCallback
 
     class WhenTrainingStarts(TrainerCallback):
-        done = False
-
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if not self.done:
-                self.done = True
-                work()
+            work()
 
     return WhenTrainingStarts()
 

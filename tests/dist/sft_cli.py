@@ -7,11 +7,12 @@ step); with GIVA_TEST_FAIL_SCORING=R the validation fails on process R at its se
 known, what ``giva.sft.on_main_process`` raised on this rank when the first process failed and what
 ``giva.sft.on_every_process`` raised when only the second one did, then the CLI's exit
 code, what it printed, how many times this rank saved the adapter, whether the process group was left open, and
-whether the model was partitioned when it loaded (DeepSpeed ZeRO-3).
+whether the model was partitioned when it loaded (DeepSpeed ZeRO-3), and a digest of its GiVA bases.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -92,6 +93,15 @@ def _fail_scoring_on(rank: int) -> None:
     giva.sft.validation_loss = loss
 
 
+def _bases_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of this process's own GiVA bases (buffers: neither partitioned by ZeRO-3 nor broadcast by it)."""
+    digest = hashlib.sha256()
+    for name, buffer in sorted(model.named_buffers()):
+        if ".giva_A." in name or ".giva_B." in name:
+            digest.update(name.encode() + buffer.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def run() -> None:
     out, argv = Path(sys.argv[1]), sys.argv[2:]
     dist.init_process_group("gloo")  # the Trainer reuses it, as it would torchrun's own
@@ -129,13 +139,15 @@ def run() -> None:
     giva.finetune.save_atomically = counted_save
     found, real_partitioned = [], giva.sft.partitioned
     giva.sft.partitioned = lambda model: found.append(real_partitioned(model)) or found[-1]  # ZeRO-3 loaded it so
+    trainers, real_make_trainer = [], giva.sft.make_trainer
+    giva.sft.make_trainer = lambda *a, **k: trainers.append(real_make_trainer(*a, **k)) or trainers[-1]
     _raise_the_loss_of(int(os.environ.get("GIVA_TEST_WORSE_STEP", "0")))
     _fail_scoring_on(int(os.environ.get("GIVA_TEST_FAIL_SCORING", "-1")))
     printed, logged = io.StringIO(), io.StringIO()
     with redirect_stdout(printed), redirect_stderr(logged):
         record["code"] = main(argv)
     record.update(stdout=printed.getvalue(), stderr=logged.getvalue(), saves=saves, group_left_open=dist.is_initialized(),
-                  partitioned=found)
+                  partitioned=found, bases=_bases_digest(trainers[-1].model) if trainers else None)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     sys.stdout.flush()
     sys.stderr.flush()
