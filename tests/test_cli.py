@@ -404,21 +404,36 @@ def test_federated_dtype_options_reach_the_config_and_bad_ones_fail_before_any_w
 HEAVY = ("torch", "peft", "transformers")
 
 
+def checkout_env() -> dict[str, str]:
+    """The environment of a fresh interpreter that imports giva from this checkout."""
+    src = str(Path(giva.finetune.__file__).parents[1])
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+
+
 def python_c(code: str) -> str:
     """Run ``code`` in a fresh interpreter that imports giva from this checkout; its stdout."""
-    src = str(Path(giva.finetune.__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=checkout_env()).stdout
 
 
 def test_help_imports_neither_torch_nor_peft():
-    code = ("import sys, giva.cli; giva.cli.build_parser(); print(sorted(m for m in {heavy} if m in sys.modules))\n"
-            "try:\n    giva.cli.main(['sft', '--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in {heavy} if m in sys.modules))").format(heavy=HEAVY)
-    out = python_c(code).splitlines()
-    assert out[0] == "[]" and out[-1] == "[]" and "--load-in-4bit" in "\n".join(out)
-    # any other import of giva still loads everything and registers GiVA with PEFT, as before
-    assert python_c("import giva, peft.mapping as m; print(m.PEFT_TYPE_TO_CONFIG_MAPPING['GIVA'].__name__)").strip() == "GivaConfig"
+    """The ``giva`` console script (what `pip install` writes beside the interpreter) prints its help, and a
+    command's, without importing torch, PEFT or transformers (``-X importtime`` lists every module imported)."""
+    script = Path(sys.executable).with_name("giva")
+    assert script.is_file(), f"{script}: the giva command is installed beside the interpreter (pip install -e .)"
+    for argv in (["--help"], ["sft", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", str(script), *argv], capture_output=True, text=True,
+                              check=True, env=checkout_env())
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        assert "giva.cli" in imported and not imported & set(HEAVY), argv
+    assert "--load-in-4bit" in done.stdout
+
+
+@pytest.mark.parametrize("imports", ["giva", "giva.cli, giva", "giva.cli"])
+def test_any_import_but_the_commands_registers_giva_with_peft(imports):
+    """Only the ``giva`` command defers loading; ``import giva.cli`` from Python left GiVA unregistered with PEFT
+    (``PEFT_TYPE_TO_CONFIG_MAPPING`` had no 'GIVA', so a GiVA adapter did not load) until a command ran."""
+    out = python_c(f"import {imports}, peft.mapping as m; print(m.PEFT_TYPE_TO_CONFIG_MAPPING['GIVA'].__name__)")
+    assert out.strip() == "GivaConfig"
 
 
 def test_cli_defaults_mirror_the_library():

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -44,8 +45,8 @@ if TYPE_CHECKING:
 def load() -> None:
     """Import the library (torch, transformers, PEFT) and register GiVA with PEFT; idempotent.
 
-    ``import giva`` calls it, except when the package is imported for its command line (``giva.cli``), which
-    calls it once a command, not ``--help``, runs.
+    ``import giva`` calls it, except when the ``giva`` command imports the package for its command line
+    (``giva.cli``), which calls it once a command, not ``--help``, runs.
     """
     # peft_compat first, by name so that no import sorter can move it: it refuses a too-old PEFT before anything
     # imports PEFT's internals, and imports PEFT with bitsandbytes deferred (export imports PEFT too).
@@ -82,11 +83,15 @@ def __getattr__(name: str) -> Any:
 
 
 def _imported_for_cli() -> bool:
-    """True when this package is being imported as the parent of ``giva.cli`` (``from giva.cli import main``).
+    """True when this package is being imported by the ``giva`` command for its command line: the program is the
+    ``giva`` console script (``sys.argv[0]``), and the import system's own frames name ``giva.cli``.
 
-    The import system's own frames name the module being imported; any other import of ``giva`` (or an
-    interpreter whose import system looks different) loads everything at once, as before.
+    Any other import of ``giva`` loads everything at once and registers GiVA with PEFT, ``import giva.cli`` from
+    Python included (it left GiVA unregistered until a command ran: a GiVA adapter then failed to load in PEFT).
     """
+    program = os.path.basename(getattr(sys, "argv", None) and sys.argv[0] or "")
+    if program.removesuffix(".exe").removesuffix("-script.py") != "giva":
+        return False
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_filename.startswith("<frozen importlib") and frame.f_locals.get("name") == "giva.cli":
