@@ -145,6 +145,17 @@ def test_bad_input_is_one_line_before_the_model_loads(trained, tmp_path, capsys,
         assert expected in one_error_line(capsys), argv
 
 
+def test_generate_reads_the_saved_tokenizer_once(trained, capsys, monkeypatch):
+    """The prompts are tokenized before the model loads, with the tokenizer saved beside the adapter; the reload
+    takes that one (it read the folder's tokenizer a second time)."""
+    from transformers import AutoTokenizer
+
+    read, load = [], AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: read.append(a) or load(*a, **k))
+    assert main(["generate", str(trained["chat"]), PROMPT, "--max-new-tokens", "2", "--device", "cpu", "--no-progress"]) == 0
+    assert capsys.readouterr().out.startswith(f"[1] {PROMPT}\n  giva: ") and len(read) == 1
+
+
 def test_a_prompt_file_of_lines(tmp_path):
     lines = tmp_path / "prompts.txt"
     lines.write_text("first prompt\n\n  \nsecond prompt\n")

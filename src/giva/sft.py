@@ -646,7 +646,8 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
 
 
 def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = None, device: Optional[str] = None,
-                     quantized: Optional[bool] = None, attn_implementation: Optional[str] = None) -> tuple[Any, Any]:
+                     quantized: Optional[bool] = None, attn_implementation: Optional[str] = None,
+                     tokenizer: Any = None) -> tuple[Any, Any]:
     """Reload what `giva sft` saved, as it was trained: (the causal LM with its GiVA adapter, in eval mode; the tokenizer).
 
     The run's ``sft_result.json`` says how its base was loaded: in bf16 after ``--bf16`` (else fp32), quantised after
@@ -655,7 +656,8 @@ def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = 
     choice then; the kernel does not change what was trained). ``attn_implementation`` and ``dtype`` override the
     run's, ``quantized=False`` loads the unquantised base (an adapter trained on a 4-bit base served on the full
     base, as QLoRA adapters are), ``model`` the base model (default: the adapter
-    config's), ``device`` where it goes (default the CPU). A ``checkpoint-N`` folder of ``--save-steps`` is read
+    config's), ``device`` where it goes (default the CPU), ``tokenizer`` the one saved beside the adapter when the
+    caller has loaded it already (else it is loaded from there). A ``checkpoint-N`` folder of ``--save-steps`` is read
     through its run's record beside it; a folder with neither (an adapter written by other code) loads as an fp32
     run's."""
     from peft import PeftModel
@@ -691,4 +693,4 @@ def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = 
     base = AutoModelForCausalLM.from_pretrained(resolve_model(model or "smollm2"), **kwargs)
     if "device_map" not in kwargs:
         base = base.to(device)
-    return PeftModel.from_pretrained(base, str(folder)).eval(), AutoTokenizer.from_pretrained(folder)
+    return PeftModel.from_pretrained(base, str(folder)).eval(), tokenizer or AutoTokenizer.from_pretrained(folder)

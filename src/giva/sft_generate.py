@@ -108,7 +108,7 @@ def generate(output_dir: str, prompts: list[Prompt], max_new_tokens: int = 256, 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     text = text_run(str(folder))
     ids = [prompt_ids(tokenizer, p, text, f"prompt {i + 1}") for i, p in enumerate(prompts)]
-    model, tokenizer = load_sft_adapter(str(folder), device=available_device(device), quantized=quantized)
+    model, _ = load_sft_adapter(str(folder), device=available_device(device), quantized=quantized, tokenizer=tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = ({"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else
                 {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})  # not the model's defaults
