@@ -420,6 +420,23 @@ def test_giva_merge_of_a_classifier_keeps_its_head_and_class_names(saved_classif
     assert not (root / "nan").exists()
 
 
+def test_giva_merge_refuses_finite_vectors_whose_merged_weight_overflows(saved_classifier, capsys):
+    """Vectors that are finite but whose delta overflows float32 pass the file's NaN/inf check; PEFT's
+    ``safe_merge`` then refuses the merged weight: one line naming the adapter and the layer, nothing written."""
+    model, root = saved_classifier
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "giva_lambda" in name:  # lambda_o and lambda_s: entries near 1e38 x 1e6 x B x A
+                parameter.fill_(3e38 if "giva_lambda_o" in name else 1e6)
+    model.save_pretrained(root / "giva")
+    capsys.readouterr()
+    assert main(["merge", str(root / "giva"), str(root / "inf"), "--base-model", str(root / "base")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"giva merge: merging {root / 'giva'} into {str(root / 'base')!r} failed: NaNs detected in "
+                           "the merged weights of layer "), line
+    assert not (root / "inf").exists() and not list(root.glob(".giva-*")) and not list(root.glob("*.tmp*"))
+
+
 def test_re_exporting_into_a_lora_folder_drops_the_earlier_exports_labels_and_tokenizer(saved_classifier):
     """A new export replaces an earlier one's side files: a labels.json or tokenizer left from another adapter would
     describe the wrong model. Files no export writes (a user's notes) are kept."""
