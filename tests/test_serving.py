@@ -933,6 +933,29 @@ def test_mixed_batch_names_an_adapter_the_model_does_not_have():
     _logits(model, ids, adapter_names=["default", "other", "__base__"])  # adapters on disjoint layers are all known
 
 
+def test_an_adapter_may_not_be_named_as_the_base_model_rows(tmp_path):
+    """``"__base__"`` names the rows of a mixed batch that get no adapter; an adapter of that name was accepted, and
+    those rows then got it. Refused wherever an adapter is made, leaving the model as it was."""
+    model = get_peft_model(tiny_llama(), GivaConfig(r=2, init_weights=False, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path / "saved")
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    match = "adapter name '__base__' is PEFT's name for the base model in mixed batches"
+    with pytest.raises(ValueError, match=match):
+        model.add_adapter("__base__", GivaConfig(r=2, init_weights=False, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=match):
+        model.load_adapter(str(tmp_path / "saved"), adapter_name="__base__")
+    with pytest.raises(ValueError, match=match):
+        get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"]), adapter_name="__base__")
+    assert list(model.peft_config) == ["default"] and model.active_adapters == ["default"]
+    assert {name: p for name, p in model.named_parameters()}.keys() == before.keys()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    model.eval()
+    ids = torch.randint(0, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    with model.disable_adapter():
+        base = _logits(model, ids)
+    assert torch.equal(_logits(model, ids, adapter_names=["__base__", "default"])[0], base[0])
+
+
 @pytest.mark.parametrize("layout", ["shared B", "ranks and B differ"])
 def test_a_mixed_batch_under_inference_mode_leaves_the_caches_usable_for_training(layout):
     """The per-row index tensors are cached across forwards: built under ``torch.inference_mode()`` (a serving

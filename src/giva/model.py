@@ -20,7 +20,7 @@ from .bases import SEEDED_B_VARIANTS
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .layer import GivaLayer, Linear, values_crc32
 from .quant import QuantLinear, keep_4bit_layers_trainable, quantization_backend
-from .serving import generation_rows_per_input, mixed_batch_hooks
+from .serving import BASE_ADAPTER_NAME, generation_rows_per_input, mixed_batch_hooks
 
 # Fused projections recognised without `block_sizes` (name -> how to split the outputs).
 _EQUAL_SPLIT_FUSED = {"gate_up_proj": 2}
@@ -326,6 +326,9 @@ class GivaModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        if adapter_name == BASE_ADAPTER_NAME:  # its rows of a mixed batch would get this adapter, not the base model
+            raise ValueError(f"adapter name {BASE_ADAPTER_NAME!r} is PEFT's name for the base model in mixed batches "
+                             "(adapter_names=[...]); give the adapter another name")
         existing = {id(module) for module in model.modules() if isinstance(module, GivaLayer)}
         # PEFT wraps modules_to_save / trainable tokens last and may still refuse there (a missing token target).
         wrappers = {id(module): list(module.active_adapters)
