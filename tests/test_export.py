@@ -420,6 +420,44 @@ def test_giva_merge_of_a_classifier_keeps_its_head_and_class_names(saved_classif
     assert not (root / "nan").exists()
 
 
+def test_giva_merge_of_a_tied_output_layer_gives_it_its_own_merged_weight(tmp_path, caplog):
+    """GPT-2's lm_head is tied to its input embeddings. Merging an adapter on it changed both (PEFT only warns), so
+    the merged model exited 0 with outputs unlike the adapter's. The merged model has its own lm_head, untied in its
+    config, the embeddings of the base, and the adapter's logits."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_gpt2().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert base.lm_head.weight is base.transformer.wte.weight
+    model = _random_adapter(lambda: base, target_modules=["c_attn", "lm_head"])
+    model.save_pretrained(tmp_path / "giva")
+    ids = text_batches(batch=3)[0]["input_ids"]
+    expected = _logits(model, ids)
+    with caplog.at_level("WARNING", logger="giva.merge"):
+        assert main(["merge", str(tmp_path / "giva"), str(tmp_path / "merged")]) == 0
+    assert "giva merge: lm_head was tied to the input embeddings" in caplog.text
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not merged.config.tie_word_embeddings and merged.lm_head.weight is not merged.transformer.wte.weight
+    assert torch.equal(merged.transformer.wte.weight, tiny_gpt2().transformer.wte.weight)
+    torch.testing.assert_close(_logits(merged, ids), expected, rtol=0, atol=1e-5)
+    record = json.loads((tmp_path / "merged" / "giva_merge.json").read_text())
+    assert record["untied"] == ["lm_head"]
+
+
+def test_giva_merge_refuses_a_layer_tied_to_anything_but_the_input_embeddings():
+    """A tie merge cannot undo in the saved model (two adapted projections sharing one weight) is refused."""
+    from giva.merge import _untie_adapted_weights
+
+    llama = tiny_llama()
+    layers = llama.model.layers
+    layers[1].self_attn.q_proj.weight = layers[0].self_attn.q_proj.weight
+    model = get_peft_model(llama, GivaConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ExportError, match=r"the adapted layer 'model.layers.0.self_attn.q_proj' shares its weight with "
+                                          r"'model.layers.1.self_attn.q_proj.base_layer.weight'; merging would change both"):
+        _untie_adapted_weights(model, "adapter")
+    assert _untie_adapted_weights(get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"])), "a") == []
+
+
 def test_giva_merge_refuses_finite_vectors_whose_merged_weight_overflows(saved_classifier, capsys):
     """Vectors that are finite but whose delta overflows float32 pass the file's NaN/inf check; PEFT's
     ``safe_merge`` then refuses the merged weight: one line naming the adapter and the layer, nothing written."""

@@ -24,6 +24,7 @@ import torch
 from .checkpoint import atomic_directory, nested_or_same
 from .export import ExportError, _read_adapter_config, _side_files, plan_base
 from .finetune import check_output_dir
+from .layer import GivaLayer
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,33 @@ def _saved_dtype(model_config: Any) -> torch.dtype:
     return saved if isinstance(saved, torch.dtype) and saved in DTYPES.values() else torch.float32
 
 
+def _untie_adapted_weights(peft_model: Any, adapter_dir: Path) -> list[str]:
+    """Give each adapted layer whose weight is tied to the input embeddings (``tie_word_embeddings``: the output
+    layer, ``lm_head``) a copy of its own, so that the merge changes that layer alone and not the embeddings with it
+    (PEFT's ``merge_and_unload`` only warns: the merged model's outputs were not the adapter's). Returns their names.
+    A layer tied to any other parameter is refused: its tie would not come undone in the saved model."""
+    base = peft_model.get_base_model()
+    holders: dict[int, list[str]] = {}
+    for name, param in base.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    embeddings = base.get_input_embeddings()
+    untied = []
+    for name, module in base.named_modules():
+        if not isinstance(module, GivaLayer):
+            continue
+        layer = module.get_base_layer()
+        weight = getattr(layer, "weight", None)
+        others = [n for n in holders.get(id(weight), []) if not n.startswith(f"{name}.")]
+        if not others:
+            continue
+        if embeddings is None or weight is not getattr(embeddings, "weight", None):
+            raise ExportError(f"{adapter_dir}: the adapted layer {name!r} shares its weight with {others[0]!r}; merging "
+                              "would change both. Serve the adapter itself, or its LoRA export (giva export-lora)")
+        layer.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+        untied.append(name)
+    return untied
+
+
 def merge_dir(adapter_dir: Union[str, Path], out_dir: Union[str, Path], base_model: Optional[str] = None,
               dtype: str = "auto", overwrite: bool = False) -> dict[str, Any]:
     """Merge the GiVA adapter saved in ``adapter_dir`` into its base model and write the whole model to ``out_dir``.
@@ -81,10 +109,16 @@ def merge_dir(adapter_dir: Union[str, Path], out_dir: Union[str, Path], base_mod
     plan = plan_base(adapter_dir, config, base_model)
     target = _saved_dtype(AutoConfig.from_pretrained(plan.path)) if dtype == "auto" else DTYPES[dtype]
     peft_model = plan.load(dtype=torch.float32)
+    untied = _untie_adapted_weights(peft_model, adapter_dir)
     try:
         merged = peft_model.merge_and_unload(safe_merge=True).to(target)
     except ValueError as err:  # PEFT's safe_merge: a merged weight that is not finite
         raise ExportError(f"merging {adapter_dir} into {plan.base_name!r} failed: {err}") from None
+    if untied:  # saved as two matrices, and loaded so: not tied again on load (transformers 4 would tie them)
+        for config in {id(c): c for c in (merged.config, merged.config.get_text_config(decoder=True))}.values():
+            config.tie_word_embeddings = False
+        logger.warning("giva merge: %s was tied to the input embeddings; the merged model has its own (merged) copy of "
+                       "it, and tie_word_embeddings=False in its config.json", ", ".join(untied))
     side_files = _side_files(adapter_dir)
     own_tokenizer = any(p.name != "labels.json" for p in side_files)
     tokenizer = None
@@ -96,7 +130,8 @@ def merge_dir(adapter_dir: Union[str, Path], out_dir: Union[str, Path], base_mod
                            "none", adapter_dir, plan.base_name)
     record = {"adapter": os.path.abspath(adapter_dir), "base_model": plan.base_name,
               "dtype": str(target).replace("torch.", ""), "model_class": type(merged).__name__, "giva": __version__,
-              "tokenizer": "adapter" if own_tokenizer else "base model" if tokenizer is not None else None}
+              "tokenizer": "adapter" if own_tokenizer else "base model" if tokenizer is not None else None,
+              "untied": untied}
     # everything an earlier merge wrote goes (its weight shards and index among them); hidden entries stay
     with atomic_directory(out, replaced=lambda name: not name.startswith(".")) as tmp:
         merged.save_pretrained(str(tmp))
