@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import warnings
@@ -105,6 +106,30 @@ def test_giva_commands_never_import_bitsandbytes() -> None:
     before = done.stderr.split("-- now importing it --")[0]
     assert "-- now importing it --" in done.stderr
     assert "Failed to load CPU gemm_4bit_forward" not in done.stdout + before
+
+
+@needs_bnb
+def test_refusing_a_target_of_a_plain_model_imports_no_quantisation_library() -> None:
+    """A target GiVA cannot adapt (an embedding) on a model without quantised layers: PEFT's backend resolution
+    imported bitsandbytes only to find no backend, and its CPU-kernel line came before giva's one-line error."""
+    code = (
+        "import sys\n"
+        "import giva\n"
+        "from peft import get_peft_model\n"
+        "from tiny_models import tiny_llama\n"
+        "try:\n"
+        "    get_peft_model(tiny_llama(), giva.GivaConfig(r=2, target_modules=['embed_tokens']))\n"
+        "except TypeError as err:\n"
+        "    print('refused:', err)\n"
+        "print('bitsandbytes imported:', 'bitsandbytes' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused: GiVA cannot adapt layer 'model.embed_tokens': it is a torch.nn.modules.sparse.Embedding and no " \
+           "backend of PEFT's resolve_quantization_backend covers it" in done.stdout
+    assert "bitsandbytes imported: False" in done.stdout
+    assert "gemm_4bit_forward" not in done.stderr
 
 
 @needs_bnb

@@ -6,7 +6,8 @@ layer's in/out sizes. Only reading W (the `weight` variant's SVD) and writing it
 layer's :class:`peft.utils.quantization_utils.QuantizationBackend`, which dequantises and re-quantises.
 
 This module never imports bitsandbytes itself: PEFT's backend does, and only for a layer that is not a plain
-``nn.Linear`` / ``Conv1D`` (so a model without quantised layers never loads it).
+``nn.Linear`` / ``Conv1D`` whose class (or its weight's) comes from a quantisation package (so a model without
+quantised layers never loads it, not even to refuse a target such as an embedding).
 """
 
 from __future__ import annotations
@@ -30,6 +31,19 @@ SUPPORTED_BACKENDS = (
 )
 
 
+# The packages whose layer classes (torchao: weight tensor classes) PEFT's resolve_quantization_backend looks for,
+# importing each installed one to look, bitsandbytes first.
+QUANTISATION_PACKAGES = ("bitsandbytes", "hqq", "torchao", "aqlm", "eetq", "gptqmodel", "neural_compressor",
+                         "transformer_engine")
+
+
+def _from_quantisation_package(base_layer: nn.Module) -> bool:
+    """Whether the layer's class, or its weight's, comes from one of :data:`QUANTISATION_PACKAGES`: the only layers for
+    which PEFT's resolution can find a backend (so none is asked, and nothing imported, for an embedding)."""
+    classes = (*type(base_layer).__mro__, *type(getattr(base_layer, "weight", None)).__mro__)
+    return any(cls.__module__.split(".")[0] in QUANTISATION_PACKAGES for cls in classes)
+
+
 def _is_plain(base_layer: nn.Module) -> bool:
     """An unquantised ``nn.Linear`` / ``Conv1D`` with an ordinary weight: no need to ask PEFT (nor to import
     bitsandbytes, which PEFT's resolution does first). torchao keeps the ``nn.Linear`` and swaps its weight for a
@@ -48,8 +62,10 @@ def quantization_backend(
     """
     if _is_plain(base_layer):
         return None
-    kwargs: dict[str, Any] = get_quantization_kwargs(model) if model is not None else {}
-    backend = resolve_quantization_backend(base_layer, **kwargs)
+    backend = None
+    if _from_quantisation_package(base_layer):  # else PEFT would import bitsandbytes and the rest to find none
+        kwargs: dict[str, Any] = get_quantization_kwargs(model) if model is not None else {}
+        backend = resolve_quantization_backend(base_layer, **kwargs)
     if backend is None and isinstance(base_layer, (nn.Linear, Conv1D)):
         return None  # a subclass of nn.Linear that is not quantised (e.g. MultiheadAttention's out_proj)
     if backend is None or backend.layer_type != "linear":
