@@ -1574,6 +1574,12 @@ def test_a_run_cut_off_after_a_checkpoint_resumes_to_the_same_adapter(chat_model
     assert main(cli(chat_model, edited, out, "--resume")) == 2
     assert "are not those of the run in" in one_error_line(capsys) and not out.exists()
 
+    for name in ("optimizer.pt", "scheduler.pt"):  # deleted to save space: the Trainer restarted both, silently
+        (checkpoints / "checkpoint-2" / name).rename(tmp_path / name)
+        assert main(cli(chat_model, pc_jsonl, out, "--resume")) == 2
+        assert f"checkpoint-2 has no {name}, which the Trainer resumes the optimizer" in one_error_line(capsys)
+        (tmp_path / name).rename(checkpoints / "checkpoint-2" / name)
+
     moved = tmp_path / "moved.jsonl"  # the same rows elsewhere: --data may change
     moved.write_bytes(pc_jsonl.read_bytes())
     resumed, _, _ = train_sft(options(chat_model, moved, out, resume=True))  # --save-steps kept from the run
@@ -1651,6 +1657,8 @@ def record_folder(tmp_path, chat_model, data, **stored_options) -> Path:
     folder = tmp_path / "out-checkpoints"
     (folder / "checkpoint-2").mkdir(parents=True)
     (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (folder / "checkpoint-2" / name).write_bytes(b"")
     record = giva.sft_checkpoints.run_record(options(chat_model, "rows.jsonl", tmp_path / "out", save_steps=2, **stored_options), data)
     (folder / "giva_sft_options.json").write_text(json.dumps(record))
     return folder
@@ -1706,6 +1714,24 @@ def test_a_checkpoint_whose_trainer_state_is_empty_or_invalid_counts_as_cut_off(
     assert checkpoint == str(folder / "checkpoint-2")
     assert (f"--resume: {folder / 'checkpoint-4' / 'trainer_state.json'} is empty or invalid (cut off while being "
             "written); resuming from checkpoint-2") in caplog.text
+
+
+def test_a_checkpoint_without_its_optimizer_or_schedule_is_refused_unless_training_is_over(chat_model, tmp_path):
+    from giva.sft_checkpoints import check_checkpoints
+    from giva.sft_data import SFTData
+
+    data = SFTData(train=[{"prompt": "a", "completion": "b"}], validation=[{"prompt": "c", "completion": "d"}],
+                   source="rows", labels=None)
+    folder = record_folder(tmp_path, chat_model, data)
+    given = options(chat_model, "rows.jsonl", tmp_path / "out", resume=True)
+    (folder / "checkpoint-2" / "optimizer.pt").rename(folder / "checkpoint-2" / "optimizer.bin")  # the other name
+    assert check_checkpoints(given, data)[1] == str(folder / "checkpoint-2")
+    (folder / "checkpoint-2" / "optimizer.bin").unlink()
+    (folder / "checkpoint-2" / "scheduler.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="checkpoint-2 has no optimizer.pt and no scheduler.pt, which the Trainer"):
+        check_checkpoints(given, data)
+    (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 4, "max_steps": 4}))
+    assert check_checkpoints(given, data)[1] == str(folder / "checkpoint-2")  # trained to the end: only scored
 
 
 def test_a_run_cut_off_before_its_first_checkpoint_starts_again(chat_model, pc_jsonl, tmp_path, monkeypatch, caplog):

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from .sft_data import SFTData, row_format
 from .sft_options import OPTIONS_FILE, RESULT_FILE, RESUMABLE_CHANGES, SFTOptions
+from .sft_zero3 import checkpoint_launch
 
 logger = logging.getLogger("giva.sft")
 
@@ -64,6 +65,18 @@ def finished(checkpoint: Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(state, dict) and isinstance(state.get("global_step"), int)
+
+
+def missing_training_state(checkpoint: Path) -> list[str]:
+    """The files of ``checkpoint`` that the Trainer resumes the optimizer and the LR schedule from and that are not
+    there (transformers' ``optimizer.pt``, or ``optimizer.bin``, and ``scheduler.pt``). Without either, it starts
+    both afresh and says nothing: another adapter than the uninterrupted run's. A DeepSpeed checkpoint keeps its
+    optimizer in DeepSpeed's files (:func:`giva.sft_zero3.check_resume_launch`): none listed."""
+    if checkpoint_launch(checkpoint)[0] is not None:
+        return []
+    optimizer = any((checkpoint / name).is_file() for name in ("optimizer.pt", "optimizer.bin"))
+    return [name for name, there in (("optimizer.pt", optimizer), ("scheduler.pt", (checkpoint / "scheduler.pt").is_file()))
+            if not there]
 
 
 def finished_checkpoints(folder: Path) -> list[Path]:
@@ -142,6 +155,12 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
             saved.get("options", {}), now["options"]):
         raise ValueError(f"--resume: the run in {options.checkpoints!r} finished (step {state['global_step']}) and its "
                          f"adapter is in --output-dir {options.output_dir!r}; nothing to resume")
+    missing = [] if is_finished(state) else missing_training_state(done[-1])  # a finished run trains no more
+    if missing:
+        raise FileNotFoundError(f"--resume: {done[-1]} has no {' and no '.join(missing)}, which the Trainer resumes the "
+                                "optimizer and the learning-rate schedule from (without them it starts both afresh, and "
+                                "trains another adapter than the run it continues); remove that checkpoint folder to "
+                                "resume from the one before, or start a new run with another --checkpoint-dir")
     for cut in sorted(p for p in folder.glob("checkpoint-*") if p.is_dir() and p not in done):
         state_file = cut / "trainer_state.json"
         what = f"{state_file} is empty or invalid" if state_file.exists() else f"{cut.name} has no trainer_state.json"
