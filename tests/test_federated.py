@@ -12,6 +12,7 @@ import math
 import os
 import sys
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -44,12 +45,14 @@ from giva.federated.task import (  # noqa: E402
     FederatedConfig,
     accuracy,
     build_model,
+    client_seed,
     fedavg,
+    local_train,
     peft_config,
     shard_indices,
     trainable_state,
 )
-from giva.init import initialize  # noqa: E402
+from giva.init import GradientInitError, initialize  # noqa: E402
 from giva.init.accumulate import GROWTH_INTERVAL  # noqa: E402
 from tiny_models import VOCAB, text_batches, tiny_bert, tiny_llama  # noqa: E402
 
@@ -301,6 +304,67 @@ def test_a_killed_run_resumes_from_its_checkpoint_to_the_same_result(method, tmp
         run_inprocess(config(method=method, rounds=4, local_steps=1, init_mode="dense"), TinyTask, checkpoint=checkpoint)
 
 
+class ZeroHeadTask(TinyTask):
+    """A zero classifier head: no adapted layer's weight affects the loss, every gradient is zero."""
+
+    def base_model(self) -> torch.nn.Module:
+        model = super().base_model()
+        with torch.no_grad():
+            model.classifier.weight.zero_()
+        return model
+
+
+@pytest.mark.parametrize("init_mode", ["dense", "sketch"])
+def test_a_setup_whose_gradient_is_all_zero_is_refused_in_both_modes(init_mode):
+    """As one process's initialisation refuses it; the dense setup took the SVD of the zero matrix (bases: rows of
+    the identity) and trained on."""
+    with pytest.raises(GradientInitError, match=r"GiVA layer '.*' \(block 0\) received an all-zero gradient; it does "
+                                                 "not affect the loss on the calibration data"):
+        run_inprocess(config(init_mode=init_mode, rounds=1, local_steps=1, sketch_dtype="float32"), ZeroHeadTask)
+
+
+def test_a_reply_with_non_finite_values_stops_the_round_before_it_is_averaged(tmp_path, monkeypatch):
+    """A client whose tensors went NaN with a finite loss: its reply was averaged into the global state, which the
+    run scored, checkpointed and went on from. The round stops before the average; the checkpoint keeps the round
+    before, and a resume gives the uninterrupted run."""
+    import giva.federated.client_app as client_app
+
+    cfg = config(rounds=3, local_steps=1, init_mode="dense")
+    whole, _ = run_inprocess(cfg, TinyTask)
+    trained = client_app.local_train
+
+    def poisoned(model, batches, steps, lr, seed):  # client 2 in round 2, past its own check
+        losses = trained(model, batches, steps, lr, seed)
+        if seed == client_seed(cfg.seed, 2, 2):
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "giva_lambda_o" in n).fill_(float("nan"))
+        return losses
+
+    monkeypatch.setattr(client_app, "local_train", poisoned)
+    checkpoint = str(tmp_path / "run.pt")
+    with pytest.raises(RuntimeError, match=r"round 2: non-finite values in the replies of 1 client\(s\) \(node \d+: "
+                                           r".*giva_lambda_o.*\); nothing of the round was averaged or checkpointed "
+                                           r"\(the checkpoint holds round 1\)"):
+        run_inprocess(cfg, TinyTask, checkpoint=checkpoint)
+    saved = torch.load(checkpoint, weights_only=False)
+    assert len(saved["rounds"]) == 2 and all(torch.isfinite(t).all() for t in saved["trainable"].values())
+    monkeypatch.undo()
+    resumed, _ = run_inprocess(cfg, TinyTask, checkpoint=checkpoint)
+    assert [r["accuracy"] for r in resumed["rounds"]] == [r["accuracy"] for r in whole["rounds"]]
+    assert [r["train_loss"] for r in resumed["rounds"]] == [r["train_loss"] for r in whole["rounds"]]
+
+
+def test_local_training_refuses_to_send_tensors_that_went_non_finite():
+    """An inf gradient at a finite loss: clipping makes it NaN and the step writes NaN into the vectors."""
+    cfg = config(init_mode="dense")
+    model = build_model(TinyTask(cfg), cfg)
+    initialize(model, union_batches(cfg, [0]), num_batches=2, progress=False, mode="exact")
+    vector = next(p for n, p in model.named_parameters() if "giva_lambda_o" in n)
+    vector.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(FloatingPointError, match=r"local training diverged: non-finite values in \[.*giva_lambda"):
+        local_train(model, iter(union_batches(cfg, [0])), 1, 1e-2, seed=0)
+
+
 @pytest.mark.parametrize("method,node_config,problems", [
     ("giva", {1002: {"partition-id": 0}},  # `--node-config "partition-id=0 ..."` typed for two SuperNodes
      "partition-id 0 is held by nodes [1000, 1002]; no node holds partition-id(s) [2] (1000 holds 0 of 3, 1001 "
@@ -460,7 +524,9 @@ def test_label_skew_shards_are_disjoint_equal_and_skewed():
     "field,value,match",
     [("split", "dirichlet", "split"), ("method", "adapter", "method"), ("clients", 0, "clients"),
      ("init_mode", "exact", "init_mode"), ("skew", 1.5, "skew"), ("sketch_dtype", "float16", "sketch_dtype"),
-     ("oversample", -2, "oversample"), ("val_size", -1, "val_size"), ("bases_dtype", "float16", "bases_dtype")],
+     ("oversample", -2, "oversample"), ("val_size", -1, "val_size"), ("bases_dtype", "float16", "bases_dtype"),
+     ("vera_projections", "False", r"vera_projections must be true or false, got 'False'"), ("skew", True, "skew"),
+     ("max_train_samples", True, r"max_train_samples must be an integer or None, got True")],
 )
 def test_bad_config_names_the_field(field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -524,6 +590,26 @@ def test_causal_lm_variant_runs_setup_and_a_round_sending_only_the_vectors():
     assert len(results["rounds"]) == 2 and 0.0 <= results["rounds"][-1]["accuracy"] <= 1.0
     sent = [m for m, _ in grid.log if m.metadata.message_type == messages.TRAIN][0]
     assert messages.payload_bytes(sent) == 4 * sum(torch.Size(s).numel() for _, s in messages.layout_of(trainable_state(model)))
+
+
+@pytest.mark.real
+def test_the_causal_lm_task_truncates_a_long_sentence_never_its_cue_or_label_word():
+    """With SmolLM2's tokenizer and the bundled Pang & Lee rows (no model loaded): every training row ends with
+    " Sentiment: <label word>" and every test prompt with " Sentiment:", however short max_length is (at the
+    default 64, 7 training rows lost their label word and 2 test prompts their cue)."""
+    from giva.federated.task import LABEL_WORDS, CausalLMTask
+
+    task = CausalLMTask(config(task="causal-lm", model="smollm2", data="pang-lee", max_length=12, clients=2))
+    encode = partial(task.tokenizer, add_special_tokens=False)
+    words = LABEL_WORDS["pang-lee"]
+    ends = [encode(f" Sentiment: {word}")["input_ids"] for word in words]
+    rows = task._encoded["input_ids"]
+    assert len(rows) == len(task.train_set.labels) and max(map(len, rows)) == 12
+    assert all(ids[-len(ends[label]):] == ends[label] for ids, label in zip(rows, task.train_set.labels))
+    cue = encode(" Sentiment:")["input_ids"]
+    prompts = [ids[mask.bool()].tolist() for batch in task.test_batches()
+               for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert len(prompts) == len(task.test_set.labels) and all(p[-len(cue):] == cue for p in prompts)
 
 
 class HalfCausalTask(TinyCausalTask):
@@ -604,6 +690,8 @@ def test_local_deployment_stops_every_process_it_started_even_in_their_own_sessi
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
     assert parse_overrides(["rounds=2", "lr=0.5", "method=lora", "vera-projections=false"]) == {
         "rounds": 2, "lr": 0.5, "method": "lora", "vera-projections": False}
+    assert parse_overrides(["vera-projections=False", "init-mode=TRUE"]) == {  # was: the text 'False', taken as true
+        "vera-projections": False, "init-mode": True}
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["rounds"])
 
@@ -707,12 +795,13 @@ def no_deployment(monkeypatch, tmp_path):
     (["out", "round=2"], "unknown run-config key(s) ['round']; "),
     (["out", "rounds"], "run-config overrides are key=value, got 'rounds'"),
     (["out", "clients=0"], "FederatedConfig.clients must be a positive integer, got 0"),
+    (["out", "vera-projections=off"], "FederatedConfig.vera_projections must be true or false, got 'off'"),
     (["out", "clients=3", "max-train-samples=2"],
      "FederatedConfig.max_train_samples (2) leaves fewer sentences than clients (3)"),
     (["out", "clients=3", "num-batches=5", "batch-size=4"],  # TinyTask's smallest shard: 16 sentences
      "data 'pang-lee' split over 3 clients gives a client 16 training sentences, fewer than its 5 calibration batches "
      "of 4 (20); use fewer clients, more training data, or a smaller num-batches= / batch-size="),
-], ids=["nothing", "no-output-dir", "option", "typo", "no-value", "bad-value", "samples", "data"])
+], ids=["nothing", "no-output-dir", "option", "typo", "no-value", "bad-value", "bad-switch", "samples", "data"])
 def test_local_deployment_refuses_bad_input_in_one_line_before_starting_anything(no_deployment, capsys, tmp_path,
                                                                                  argv, message):
     """Bad input once came back after ~24 s of starting a SuperLink and SuperNodes, as ~47 lines of nested traceback

@@ -194,7 +194,7 @@ def stop(processes: Sequence[subprocess.Popen], grace: float = 10.0) -> None:
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``key=value`` strings as a dict; values read as int, float, true / false, else text."""
+    """``key=value`` strings as a dict; values read as int, float, true / false (in any case), else text."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -207,7 +207,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             except ValueError:
                 continue
         else:
-            out[key] = {"true": True, "false": False}.get(value, value)
+            out[key] = {"true": True, "false": False}.get(value.lower(), value)
     return out
 
 

@@ -23,6 +23,7 @@ mean (FedAvg) and evaluates on the held-out split. Every message's serialized si
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -101,6 +102,18 @@ def exchange(
     ordered = [replies[node] for node in nodes]
     traffic.up = [messages.message_bytes(r) for r in ordered]
     return ordered, traffic
+
+
+def check_replies(nodes: list[int], states: list[dict[str, torch.Tensor]], losses: list[float], round_index: int) -> None:
+    """A RuntimeError naming the nodes whose round ``round_index`` reply holds a non-finite tensor or loss: averaged
+    in, it made the global state NaN, which the run then scored, checkpointed and went on from."""
+    named_by_node = {node: [name for name, t in state.items() if not bool(torch.isfinite(t).all())]
+                     + ([] if math.isfinite(loss) else ["train-loss"]) for node, state, loss in zip(nodes, states, losses)}
+    bad = {node: names for node, names in named_by_node.items() if names}
+    if bad:
+        named = "; ".join(f"node {node}: {', '.join(names[:3])}" for node, names in bad.items())
+        raise RuntimeError(f"round {round_index}: non-finite values in the replies of {len(bad)} client(s) ({named}); "
+                           f"nothing of the round was averaged or checkpointed (the checkpoint holds round {round_index - 1})")
 
 
 def check_partitions(held: dict[int, tuple[int, int]], clients: int) -> None:
@@ -267,8 +280,9 @@ def run_server(
         layout = messages.layout_of(trainable_state(model))
         states = [messages.record_tensors(reply.content[messages.ARRAYS], layout) for reply in replies]
         weights = [int(reply.content[messages.METRICS]["num-examples"]) for reply in replies]
-        load_trainable_state(model, fedavg(states, weights))
         losses = [float(reply.content[messages.METRICS]["train-loss"]) for reply in replies]
+        check_replies(nodes, states, losses, r)  # before the average and the checkpoint: a resume starts clean
+        load_trainable_state(model, fedavg(states, weights))
         rounds.append({
             "round": r,
             "accuracy": accuracy(model, test),

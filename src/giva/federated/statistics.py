@@ -38,6 +38,7 @@ from ..init import (
     Partial,
     Request,
     RequestItem,
+    check_gradient_sum,
     compute_gradients,
     giva_configs,
     giva_layers,
@@ -159,6 +160,7 @@ def dense_bases(
     _check_seeded(config)
     bases: dict[str, torch.Tensor] = {}
     for key, spec in specs.items():
+        check_gradient_sum(statistics[key], spec.layer_name, spec.block.index)  # as one process's exact mode does
         gradient = (statistics[key] / count).float()  # out x in: the mean-loss gradient over the union
         generator = layer_generator(config.seed, spec.layer_name, spec.block.index)
         bases[key], _ = bases_from_gradient(

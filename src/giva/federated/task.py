@@ -124,8 +124,10 @@ class FederatedConfig:
             raise ValueError(f"FederatedConfig.method must be one of {METHODS}, got {self.method!r}")
         if self.init_mode not in INIT_MODES:
             raise ValueError(f"FederatedConfig.init_mode must be one of {INIT_MODES}, got {self.init_mode!r}")
-        if not 0.0 < self.skew <= 1.0:
-            raise ValueError(f"FederatedConfig.skew must be in (0, 1], got {self.skew!r}")
+        if isinstance(self.skew, bool) or not isinstance(self.skew, (int, float)) or not 0.0 < self.skew <= 1.0:
+            raise ValueError(f"FederatedConfig.skew must be a number in (0, 1], got {self.skew!r}")
+        if not isinstance(self.vera_projections, bool):  # a text 'False' is true, and sent the projections
+            raise ValueError(f"FederatedConfig.vera_projections must be true or false, got {self.vera_projections!r}")
         if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                                     or not math.isfinite(self.lr) or self.lr <= 0):
             raise ValueError(f"FederatedConfig.lr must be a finite number > 0 or None, got {self.lr!r}")
@@ -134,6 +136,9 @@ class FederatedConfig:
         for name in ("text_column", "label_column"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"FederatedConfig.{name} must be a non-empty column name, got {getattr(self, name)!r}")
+        if self.max_train_samples is not None and (isinstance(self.max_train_samples, bool)
+                                                   or not isinstance(self.max_train_samples, int)):
+            raise ValueError(f"FederatedConfig.max_train_samples must be an integer or None, got {self.max_train_samples!r}")
         if self.max_train_samples is not None and self.max_train_samples < self.clients:
             raise ValueError(
                 f"FederatedConfig.max_train_samples ({self.max_train_samples}) leaves fewer sentences than clients "
@@ -357,6 +362,9 @@ class CausalLMTask(TextClassificationTask):
         super().__init__(config)
         ensure_pad_token(self.tokenizer, where=config.model)
         self.tokenizer.padding_side = "right"
+        # A sentence too long for max_length loses its start, not the " Sentiment: <word>" its row ends with (cut
+        # from the right, a training row lost its label word and a test prompt was scored mid-sentence).
+        self.tokenizer.truncation_side = "left"
         words = LABEL_WORDS.get(config.data, tuple(str(i) for i in range(self.num_labels)))
         self.candidates = torch.tensor([self.tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in words])
         if len(set(self.candidates.tolist())) != len(words):
@@ -499,6 +507,9 @@ def local_train(
                 losses.append(loss.item())
         finally:
             model.eval()
+    broken = [name for name, p in model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+    if broken:  # a finite loss, then an inf gradient clipped to NaN: the reply would poison the server's average
+        raise FloatingPointError(f"local training diverged: non-finite values in {broken[:3]} after {steps} steps")
     return losses
 
 

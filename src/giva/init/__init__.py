@@ -36,6 +36,7 @@ from .session import (
     RequestItem,
     Statistic,
     Target,
+    check_gradient_sum,
     check_statistic,
 )
 from .sketch import DEFAULT_OVERSAMPLING, DEFAULT_PASSES
@@ -77,6 +78,7 @@ __all__ = [
     "Target",
     "accumulate",
     "bases_initialized",
+    "check_gradient_sum",
     "choose_mode",
     "compute_gradients",
     "giva_configs",

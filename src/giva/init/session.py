@@ -59,6 +59,22 @@ class GradientInitError(RuntimeError):
     """The calibration pass could not produce usable gradients (no loss, NaN loss, a layer off the loss path)."""
 
 
+def check_gradient_sum(total: torch.Tensor, layer: str, block: int) -> None:
+    """Raise :class:`GradientInitError` naming the layer and block if a summed gradient statistic is non-finite or
+    all zero (a layer the calibration loss does not depend on: its SVD would give arbitrary bases)."""
+    # One reduction, no temporary the size of the sums (a dense exact-mode sum is out x in): min and max are NaN if
+    # any entry is, +-inf if any entry is, both 0 only if every entry is 0, and never overflow. (Tensor.any on
+    # floats takes several times longer on CPU.)
+    low, high = torch.aminmax(total)
+    if not bool(torch.isfinite(low) & torch.isfinite(high)):
+        raise GradientInitError(f"GiVA layer {layer!r} (block {block}) has a non-finite gradient sum")
+    if low == 0 and high == 0:
+        raise GradientInitError(
+            f"GiVA layer {layer!r} (block {block}) received an all-zero gradient; "
+            "it does not affect the loss on the calibration data"
+        )
+
+
 @dataclass(frozen=True)
 class Target:
     """One block of output rows of one layer whose bases one adapter needs.
@@ -257,18 +273,7 @@ class InitSession:
                 "loss's path, remove them from target_modules"
             )
         for key, total in partial.sums.items():
-            t = self.targets[key]
-            # One reduction, no temporary the size of the sums (a dense exact-mode sum is out x in): min and
-            # max are NaN if any entry is, +-inf if any entry is, both 0 only if every entry is 0, and never
-            # overflow. (Tensor.any on floats takes several times longer on CPU.)
-            low, high = torch.aminmax(total)
-            if not bool(torch.isfinite(low) & torch.isfinite(high)):
-                raise GradientInitError(f"GiVA layer {t.layer!r} (block {t.block}) has a non-finite gradient sum")
-            if low == 0 and high == 0:
-                raise GradientInitError(
-                    f"GiVA layer {t.layer!r} (block {t.block}) received an all-zero gradient; "
-                    "it does not affect the loss on the calibration data"
-                )
+            check_gradient_sum(total, self.targets[key].layer, self.targets[key].block)
 
     def receive(self, partial: Partial, keys: Optional[Iterable[str]] = None) -> None:
         """Take the sums of the current pass (over every process) and compute the next state.
