@@ -256,6 +256,26 @@ def test_a_load_into_an_adapter_built_with_another_config_names_the_difference(t
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def test_a_load_into_an_adapter_that_stores_bases_in_a_narrower_dtype_is_refused_before_anything_loads(tmp_path):
+    """A float32 checkpoint loaded into an existing bfloat16-bases adapter (the Trainer's resume_from_checkpoint
+    into the model the user built) rounded A with nothing said, and every later save kept the rounded one. The
+    other way, bfloat16 saved into a float32 adapter, is exact and loads."""
+    config = {"r": 2, "variant": "weight", "target_modules": ["q_proj", "v_proj"]}
+    source = get_peft_model(tiny_llama(), GivaConfig(**config))
+    source.save_pretrained(str(tmp_path / "float32"))
+    model = get_peft_model(tiny_llama(), GivaConfig(**config, bases_dtype="bfloat16"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=f"^loading {tmp_path / 'float32'} into the existing adapter 'default' would "
+                                         "round its bases: bases_dtype='bfloat16' here, 'float32' in the checkpoint; "):
+        model.load_adapter(str(tmp_path / "float32"), adapter_name="default", is_trainable=True)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    model.save_pretrained(str(tmp_path / "bfloat16"))
+    wide = get_peft_model(tiny_llama(), GivaConfig(**config))
+    wide.load_adapter(str(tmp_path / "bfloat16"), adapter_name="default")
+    assert torch.equal(_logits(wide), _logits(model))
+
+
 @pytest.mark.parametrize("raised", [KeyboardInterrupt, RuntimeError])
 def test_a_load_into_an_existing_adapter_cut_off_by_other_than_a_refusal_reads_no_config(tmp_path, monkeypatch, raised):
     """Only a ValueError (a refusal) of a load into an existing adapter gets the config differences appended; the

@@ -63,7 +63,7 @@ def load() -> None:
     peft_compat.register(GivaConfig, GivaModel)
     peft_compat.install_checkpoint_hooks(
         checkpoint.save_pretrained, checkpoint.checked_load, checkpoint.forget_checksum, checkpoint.load_peft_weights,
-        checkpoint.config_differences,
+        checkpoint.config_differences, checkpoint.check_load_into_existing,
     )
     peft_compat.install_transformers_load_hook(checkpoint.transformers_load_adapter)
     peft_compat.install_lora_conversion(export.convert_module, export.convert_to_lora, export.save_as_lora)

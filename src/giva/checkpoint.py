@@ -790,6 +790,33 @@ def config_differences(model: Any, model_id: Any, subfolder: Optional[str], adap
             f"(GivaConfig.from_pretrained of the folder), or load the folder with PeftModel.from_pretrained.")
 
 
+# Storage dtypes of the bases (GivaConfig.bases_dtype), widest first: loading into a narrower one rounds.
+_BASES_DTYPE_ORDER = ("float32", "bfloat16")
+
+
+def check_load_into_existing(model: Any, model_id: Any, subfolder: Optional[str], adapter_name: str) -> None:
+    """Refuse, before anything loads, a local GiVA folder loaded into the *existing* adapter ``adapter_name`` (the
+    Trainer's ``resume_from_checkpoint`` does that) whose bases would not keep the checkpoint's values: an adapter
+    storing them in a narrower ``bases_dtype`` (``bfloat16`` here, ``float32`` saved) rounded the saved ``A`` with
+    nothing said, and every later save kept the rounded one. A folder this cannot read is left to the load's checks."""
+    own = getattr(model, "peft_config", {}).get(adapter_name)
+    if getattr(own, "peft_type", None) != GIVA_TYPE or not looks_local(model_id):
+        return
+    folder = Path(os.path.expanduser(os.fspath(model_id)))
+    config_file = (folder / subfolder if subfolder else folder) / CONFIG_NAME
+    try:
+        saved = _read_config(config_file).get("bases_dtype", "float32")
+    except (OSError, CheckpointError):
+        return
+    here = own.bases_dtype
+    if here in _BASES_DTYPE_ORDER and saved in _BASES_DTYPE_ORDER and _BASES_DTYPE_ORDER.index(here) > _BASES_DTYPE_ORDER.index(saved):
+        raise ValueError(
+            f"loading {config_file.parent} into the existing adapter {adapter_name!r} would round its bases: "
+            f"bases_dtype={here!r} here, {saved!r} in the checkpoint; build the model with the checkpoint's config "
+            "(GivaConfig.from_pretrained of the folder), or load the folder with PeftModel.from_pretrained"
+        )
+
+
 def forget_checksum(model: Any, adapter_name: str) -> None:
     """The checksum describes the files, not the model in memory; a later save writes a fresh one."""
     config = getattr(model, "peft_config", {}).get(adapter_name)

@@ -146,6 +146,7 @@ def install_checkpoint_hooks(
     forget_checksum: Callable[[Any, str], None],
     load_weights: Callable[..., dict],
     config_differences: Callable[[Any, Any, Optional[str], str], Optional[str]],
+    check_existing: Callable[[Any, Any, Optional[str], str], None],
 ) -> None:
     """Route ``PeftModel`` saving and loading of GiVA adapters through :mod:`giva.checkpoint` (idempotent).
 
@@ -154,7 +155,9 @@ def install_checkpoint_hooks(
     inside ``checked_load(model_id, subfolder, base_model)``, which only acts on local folders and GiVA configs;
     PEFT's ``load_peft_weights`` there is ``load_weights(original, model_id, ...)`` (it picks the checked file).
     A ``ValueError`` of a load into an adapter that already existed gets ``config_differences(model, model_id,
-    subfolder, adapter_name)`` appended, where that names a difference.
+    subfolder, adapter_name)`` appended, where that names a difference; a load into an existing adapter first runs
+    ``check_existing(model, model_id, subfolder, adapter_name)``, which refuses one that would change the checkpoint's
+    values, before anything is loaded.
     """
     from peft import PeftModel, peft_model
 
@@ -180,6 +183,8 @@ def install_checkpoint_hooks(
     @functools.wraps(original_load_adapter)
     def load_adapter(self: PeftModel, model_id: Any, adapter_name: str, *args: Any, **kwargs: Any):
         added = adapter_name not in self.peft_config
+        if not added:
+            check_existing(self, model_id, kwargs.get("subfolder"), adapter_name)
         try:
             with checked_load(model_id, kwargs.get("subfolder"), self.get_base_model()):
                 result = original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
