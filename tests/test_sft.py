@@ -26,6 +26,7 @@ import giva.cli
 import giva.sft
 import giva.sft_checkpoints
 import giva.sft_tracking
+from giva.checkpoint import is_side_file
 from giva.cli import main
 from giva.sft import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
 from tiny_models import QUANTISABLE, TRANSFORMERS_4, tiny_llama
@@ -187,6 +188,13 @@ def test_sft_trains_reports_and_saves_an_adapter_that_reloads_bit_identically(ch
     assert saved["val_loss_after"] == result.val_loss_after and saved["options"]["r"] == 2
     assert saved["lora_dir"] == result.lora_dir == str(tmp_path / "lora") and saved["adapter_bytes"] > 0
     assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    # the run's tokenizer, chat template included, beside the LoRA, as giva export-lora copies it from --output-dir
+    # (it wrote the LoRA without them)
+    assert main(["export-lora", str(out), str(tmp_path / "lora-again")]) == 0
+    carried = sorted(p.name for p in (tmp_path / "lora-again").iterdir() if is_side_file(p.name))
+    assert "tokenizer_config.json" in carried and sorted(p.name for p in (tmp_path / "lora").iterdir() if is_side_file(p.name)) == carried
+    assert all((tmp_path / "lora" / name).read_bytes() == (out / name).read_bytes() for name in carried)
+    assert "AutoTokenizer.from_pretrained" in (tmp_path / "lora" / "README.md").read_text()
 
     reloaded, _ = load_sft_adapter(str(out))
     batch = tokenizer(["the film is good . positive or negative ?"], return_tensors="pt")

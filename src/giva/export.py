@@ -388,9 +388,11 @@ def _write_lora(
     logger.info("exported LoRA r=%d (%d layers) to %s", lora_config.r, sum(k.endswith(".lora_A.weight") for k in state_dict), out)
 
 
-def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str = "default", rank: Optional[int] = None) -> LoraConfig:
+def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str = "default", rank: Optional[int] = None,
+                tokenizer: Any = None) -> LoraConfig:
     """Write GiVA adapter ``adapter_name`` as a stock PEFT LoRA folder (``adapter_config.json`` + safetensors +
-    a ``README.md`` with the loading code).
+    a ``README.md`` with the loading code), with ``tokenizer``'s files when one is given (its chat template among
+    them), as ``giva export-lora`` copies an adapter folder's.
 
     ``out_dir`` is created if needed; it may hold an earlier LoRA export (replaced), never another adapter. A model
     whose vocabulary was resized is refused (:func:`_check_model_vocabulary`).
@@ -399,7 +401,7 @@ def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str =
     _check_output(out)
     base_config = _check_model_vocabulary(model, adapter_name)
     lora_config, state_dict = to_lora(model, adapter_name, rank)
-    _write_model_export(out, model, lora_config, state_dict, base_config)
+    _write_model_export(out, model, lora_config, state_dict, base_config, tokenizer)
     return lora_config
 
 
@@ -413,22 +415,24 @@ def _model_labels(config: Any) -> Optional[dict[str, Any]]:
 
 
 def _write_model_export(out: Path, model: nn.Module, lora_config: LoraConfig, state_dict: dict[str, torch.Tensor],
-                        base_config: Optional[Any] = None) -> None:
+                        base_config: Optional[Any] = None, tokenizer: Any = None) -> None:
     """Write the export of a model in memory with its README.md (the loading code, and the mark of an export that a
     later export may replace) and, without ``task_type``, the base model's class in ``auto_mapping``. A SEQ_CLS
     model whose class count is not that of its base checkpoint's config (``base_config``; a 2-class classifier
     fine-tuned to 3 by :func:`giva.finetune.load_classifier`) gets loading code that names its class count, and
     one with class names of its own (``id2label`` not transformers' ``LABEL_i``) a ``labels.json`` that the
     loading code passes on, so that the loaded model predicts the same named labels; both as ``giva export-lora``
-    writes them."""
+    writes them; with a ``tokenizer``, its files and the loading code's tokenizer line."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     classes = getattr(getattr(base, "config", None), "num_labels", None)
     head = lora_config.task_type == "SEQ_CLS" and base_config is not None and classes != base_config.num_labels
     labels = _model_labels(getattr(base, "config", None)) if lora_config.task_type == "SEQ_CLS" else None
     readme = _loading_snippet(out, lora_config, _base_class_name(lora_config.task_type, type(base)), labels,
-                              num_labels=classes if head else None)
+                              tokenizer=tokenizer is not None, num_labels=classes if head else None)
 
     def extras(tmp: Path) -> None:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(readme, encoding="utf-8")
         if labels is not None:
             (tmp / "labels.json").write_text(json.dumps(labels, indent=2) + "\n", encoding="utf-8")

@@ -634,7 +634,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         if options.export_lora is not None:  # the adapter first: a failed export loses no training
             from .export import export_lora
 
-            export_lora(peft_model, options.export_lora)
+            export_lora(peft_model, options.export_lora, tokenizer=tokenizer)  # its chat template, as giva export-lora
             result.lora_dir = options.export_lora
             with atomic_file(Path(options.output_dir).expanduser() / RESULT_FILE) as tmp:
                 tmp.write_text(json_text(asdict(result)) + "\n", encoding="utf-8")
