@@ -456,6 +456,8 @@ def test_bench_help_lists_the_suites(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     suites = sorted(p.stem for p in (Path(__file__).parents[1] / "benchmarks" / "suites").glob("*.json"))
     assert suites and f"one of: {', '.join([*suites, *CODE_SUITES])}" in help_text
+    # every suite, the built-in ones too, needs a checkout's benchmarks/ (the help once suggested they did not)
+    assert "the benchmarks/ folder of a source checkout: run from inside one, or set GIVA_BENCH_DIR" in help_text
 
 
 def test_sft_help_says_what_overwrite_replaces(capsys):

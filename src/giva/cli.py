@@ -377,7 +377,7 @@ def _bench_suites() -> str:
         (folder / "benchmarks" for folder in (Path.cwd(), *Path.cwd().parents) if (folder / "benchmarks" / "suites").is_dir()),
         None)
     files = sorted(p.stem for p in (root / "suites").glob("*.json")) if root is not None else []
-    listed = ", ".join(files) if files else "the suites of benchmarks/suites/*.json (run from a source checkout)"
+    listed = ", ".join(files) if files else "the suites of benchmarks/suites/*.json"
     return f"{listed}, {', '.join(CODE_SUITES)}"
 
 
@@ -605,7 +605,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--overwrite", action="store_true", help="replace an earlier merge in out_dir")
     mg.set_defaults(func=_merge)
 
-    bench = sub.add_parser("bench", help="run a benchmark suite (see benchmarks/)")
+    bench = sub.add_parser("bench", help="run a benchmark suite (see benchmarks/)",
+                           description="Every suite reads its settings from, and writes its results under, the "
+                                       "benchmarks/ folder of a source checkout: run from inside one, or set "
+                                       "GIVA_BENCH_DIR to its benchmarks/ folder.")
     bench.add_argument("--suite", default="quick", help=f"one of: {_bench_suites()}")
     bench.add_argument("--quick", action="store_true", help="tiny run that checks the outputs (used by CI)")
     bench.add_argument("--output-dir", default=None)
