@@ -2086,6 +2086,12 @@ def test_keep_best_survives_a_resume(chat_model, pc_jsonl, tmp_path, monkeypatch
         if name == "from2":  # as if killed while checkpoint-4 was written: best-4 is of steps trained again
             shutil.rmtree(checkpoints / "checkpoint-4")
             (checkpoints / "best-4.safetensors").write_bytes(b"not read")
+        if name == "from4":  # best-4 deleted: the resumed run forgot it and kept step 6 (loss 0.4), exit 0
+            (checkpoints / "best-4.safetensors").rename(tmp_path / "best-4")
+            with pytest.raises(FileNotFoundError, match=r"best-4.safetensors is missing: it holds the adapter of the "
+                                                        r"lowest validation loss up to step 4 \(0.3, at step 4\)"):
+                train_sft(options(chat_model, pc_jsonl, out, resume=True, **common))
+            (tmp_path / "best-4").rename(checkpoints / "best-4.safetensors")
         calls = scripted_validation(monkeypatch, scripted)
         resumed, _, _ = train_sft(options(chat_model, pc_jsonl, out, resume=True, **common))
         assert resumed.resumed_from.endswith(resumed_from) and resumed.kept_step == 4, name
@@ -2098,6 +2104,25 @@ def test_keep_best_survives_a_resume(chat_model, pc_jsonl, tmp_path, monkeypatch
 def test_keep_best_needs_eval_steps(chat_model, pc_jsonl, tmp_path, capsys):
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--keep-best")) == 2
     assert one_error_line(capsys).startswith("giva sft: error: --keep-best needs --eval-steps N")
+
+
+def test_a_resume_checks_the_kept_file_against_the_logged_validation_losses(tmp_path):
+    from safetensors.torch import save_file
+
+    from giva.sft_best import check_kept_file
+
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 0.5}, {"step": 4, "eval_loss": float("nan")},
+               {"step": 6, "eval_loss": 0.5}, {"step": 8, "eval_loss": 0.2}]
+    check_kept_file(tmp_path, history[:1], 1)  # nothing validated yet: nothing to read
+    with pytest.raises(FileNotFoundError, match=r"best-2.safetensors is missing: .* up to step 6 \(0.5, at step 2\)"):
+        check_kept_file(tmp_path, history, 6)  # a tie keeps the earlier, a NaN never
+    save_file({"v": torch.zeros(1)}, str(tmp_path / "best-2.safetensors"), metadata={"step": "2", "loss": repr(0.25)})
+    with pytest.raises(ValueError, match=r"best-2.safetensors holds validation loss 0.25, but the run logged 0.5 at step 2"):
+        check_kept_file(tmp_path, history, 6)
+    save_file({"v": torch.zeros(1)}, str(tmp_path / "best-2.safetensors"), metadata={"step": "2", "loss": repr(0.5)})
+    check_kept_file(tmp_path, history, 6)
+    with pytest.raises(FileNotFoundError, match="best-8.safetensors is missing"):
+        check_kept_file(tmp_path, history, 8)
 
 
 def test_the_kept_adapter_on_disk_is_the_newest_up_to_the_resumed_step(tmp_path):

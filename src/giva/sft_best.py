@@ -26,6 +26,32 @@ def _files(folder: Path) -> dict[int, Path]:
     return {int(m.group(1)): p for p in folder.iterdir() if (m := PATTERN.match(p.name))}
 
 
+def check_kept_file(folder: Path, log_history: list[dict[str, Any]], step: int) -> None:
+    """Before a ``--keep-best`` run resumes at ``step``: the file of the lowest validation loss logged up to that
+    step (``log_history`` of the checkpoint's ``trainer_state.json``; the earliest of a tie, never a NaN, as
+    :meth:`BestAdapter.offer` keeps them) must be in ``folder``, holding that loss. Deleted, the run forgot it and
+    kept a later, worse step with nothing said; a file of another loss is not the one this run wrote."""
+    kept: Optional[tuple[int, float]] = None
+    for entry in log_history:
+        loss = entry.get("eval_loss")
+        if loss is not None and entry.get("step", 0) <= step and loss < (kept[1] if kept else math.inf):
+            kept = (entry["step"], loss)
+    if kept is None:
+        return
+    path = folder / f"best-{kept[0]}.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"--keep-best: {path} is missing: it holds the adapter of the lowest validation loss "
+                                f"up to step {step} ({kept[1]:.6g}, at step {kept[0]}), without which the resumed run "
+                                "would keep a later, worse step; put it back, or start the run again")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        stored = (handle.metadata() or {}).get("loss")
+    if stored is None or float(stored) != kept[1]:
+        raise ValueError(f"--keep-best: {path} holds validation loss {stored}, but the run logged {kept[1]!r} at step "
+                         f"{kept[0]}: not the file this run wrote; put the run's own back, or start the run again")
+
+
 class BestAdapter:
     """The lowest validation loss seen, its step and the trainable tensors then (on the CPU); ``folder``: where
     they are also written (None: in memory only). ``on_main`` runs a write on the first process of a launch and

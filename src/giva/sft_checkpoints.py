@@ -12,6 +12,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from .sft_best import check_kept_file
 from .sft_data import SFTData, row_format
 from .sft_options import OPTIONS_FILE, RESULT_FILE, RESUMABLE_CHANGES, SFTOptions
 from .sft_zero3 import checkpoint_launch
@@ -161,6 +162,8 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
                                 "optimizer and the learning-rate schedule from (without them it starts both afresh, and "
                                 "trains another adapter than the run it continues); remove that checkpoint folder to "
                                 "resume from the one before, or start a new run with another --checkpoint-dir")
+    if options.keep_best:
+        check_kept_file(folder, state.get("log_history", []), state["global_step"])
     for cut in sorted(p for p in folder.glob("checkpoint-*") if p.is_dir() and p not in done):
         state_file = cut / "trainer_state.json"
         what = f"{state_file} is empty or invalid" if state_file.exists() else f"{cut.name} has no trainer_state.json"
