@@ -1413,6 +1413,49 @@ def varied_jsonl(tmp_path):
     return path
 
 
+def test_exact_match_stops_each_answer_at_the_end_token_trl_trained(chat_model, varied_jsonl, tmp_path, monkeypatch):
+    """The real generate, its logits forced to write each row's trained completion (ending with the tokenizer's EOS,
+    which TRL appends) and then more words. The tiny model's generation config names another end token (as a base
+    model given a chat template does), so the answers ran on past the trained reply to the longest completion's
+    length: every shorter completion scored a miss."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    build, seen = giva.sft.make_trainer, []
+
+    def with_oracle(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        prompts = giva.sft.prompt_ids(trainer.eval_dataset)
+        gold = [ids[len(prompt):] for ids, prompt in zip(trainer.eval_dataset["input_ids"], prompts)]
+        tokenizer = trainer.processing_class
+        assert trainer.model.generation_config.eos_token_id != tokenizer.eos_token_id  # the case this is about
+        word, generate = tokenizer.convert_tokens_to_ids("good"), trainer.model.generate
+
+        def forced(input_ids, attention_mask, **kwargs):
+            answers = [gold[prompts.index([t for t, m in zip(row, mask) if m])]
+                       for row, mask in zip(input_ids.tolist(), attention_mask.tolist())]
+            width = input_ids.shape[1]
+            seen.append(sorted({len(a) for a in answers}))
+
+            class Oracle(LogitsProcessor):
+                def __call__(self, ids, scores):
+                    forced_scores = torch.full_like(scores, -1e9)
+                    for b, row in enumerate(ids.tolist()):
+                        k = len(row) - width
+                        forced_scores[b, answers[b][k] if k < len(answers[b]) else word] = 0
+                    return forced_scores
+
+            return generate(input_ids=input_ids, attention_mask=attention_mask,
+                            logits_processor=LogitsProcessorList([Oracle()]), **kwargs)
+
+        trainer.model.generate = forced
+        return trainer
+
+    monkeypatch.setattr(giva.sft, "make_trainer", with_oracle)
+    result, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "out", max_steps=1))
+    assert any(len(lengths) > 1 for lengths in seen)  # completions of several lengths in one batch
+    assert result.exact_match_before == result.exact_match_after == 1.0
+
+
 def test_micro_batches_accumulate_to_the_same_optimizer_step(chat_model, varied_jsonl, tmp_path):
     """--micro-batch-size splits each --batch-size step into accumulated forwards: the calibration still reads
     --num-batches batches of --batch-size rows (every completion token weighed alike), and training takes the same

@@ -13,6 +13,7 @@ import giva.sft
 from giva.cli import main
 from giva.sft import make_trainer, preflight, train_sft
 from giva.sft_eval import prompt_ids as trl_prompt_ids
+from giva.sft_eval import stop_tokens
 from giva.sft_generate import prompt_ids, read_prompts, text_run
 
 PROMPT = "the film is good great . positive or negative ?"
@@ -80,11 +81,12 @@ def test_generate_answers_as_the_trained_model_and_the_base_with_base(chat_model
         ids = torch.tensor([prompt_ids(tokenizer, entry["prompt"], text_run=False)])
         for key, adapter in (("answer", True), ("base_answer", False)):
             with torch.no_grad():
+                stop = stop_tokens(model, tokenizer)  # the model's end token and the tokenizer's EOS TRL trained
                 if adapter:
-                    out_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+                    out_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, eos_token_id=stop)
                 else:
                     with model.disable_adapter():
-                        out_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False)
+                        out_ids = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, eos_token_id=stop)
             assert entry[key] == tokenizer.decode(out_ids[0, ids.shape[1]:], skip_special_tokens=True).strip(), key
     assert any(a["answer"] for a in answers)  # the comparison above is not between empty answers only
 

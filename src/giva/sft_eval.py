@@ -156,7 +156,8 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completion
 
     def work() -> list[float]:
         new = generated(model, asked, pad, batch_size, progress=progress and rank == 0, desc="exact match",
-                        max_new_tokens=longest, do_sample=False, **({"synced_gpus": True} if synced else {}))
+                        max_new_tokens=longest, do_sample=False, eos_token_id=stop_tokens(model, tokenizer),
+                        **({"synced_gpus": True} if synced else {}))
         answers = tokenizer.batch_decode(new[: len(prompts)], skip_special_tokens=True)
         return [float(sum(a.strip() == r for a, r in zip(answers, references)))]
 
@@ -170,6 +171,17 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completion
     finally:
         model.train(was_training)
     return int(hits) / total
+
+
+def stop_tokens(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens generation stops at: the model's own end of sequence (its generation config) and the tokenizer's
+    EOS, which TRL appends to every trained completion and a chat template's turn usually ends with. A base model given
+    a chat template stops at the template's end of turn only through the second (the tiny test model's generation
+    config names another token): without it an answer ran on past the trained reply."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [] if configured is None else [configured] if isinstance(configured, int) else list(configured)
+    eos = tokenizer.eos_token_id
+    return ids + ([eos] if eos is not None and eos not in ids else [])
 
 
 def generated(model: Any, prompts: list[list[int]], pad: int, batch_size: int, progress: bool = False,

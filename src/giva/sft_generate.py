@@ -92,7 +92,7 @@ def generate(output_dir: str, prompts: list[Prompt], max_new_tokens: int = 256, 
 
     from .sft import load_sft_adapter
     from .sft_checks import available_device
-    from .sft_eval import generated
+    from .sft_eval import generated, stop_tokens
 
     if not prompts:
         raise ValueError("no prompt to answer: give prompts as arguments or --prompts FILE")
@@ -116,7 +116,7 @@ def generate(output_dir: str, prompts: list[Prompt], max_new_tokens: int = 256, 
     def answers(desc: str) -> list[str]:
         torch.manual_seed(seed)
         new = generated(model, ids, pad, batch_size, progress=progress, desc=desc, max_new_tokens=max_new_tokens,
-                        **sampling)
+                        eos_token_id=stop_tokens(model, tokenizer), **sampling)
         return [a.strip() for a in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
     tuned = answers("generate")
