@@ -948,6 +948,15 @@ def test_a_launch_that_shards_the_weights_is_refused_before_the_model_loads(laun
         ('{"prompt": "a", "completion": "b"}\nnot json\n', "bad.jsonl:2: not valid JSON"),
         ('{"messages": [{"role": "user", "content": "a"}]}\n', "bad.jsonl:1: 'messages' must end with an assistant message"),
         ('{"messages": [{"role": "bot", "content": "a"}]}\n', "bad.jsonl:1: messages[0] must be {\"role\": one of"),
+        # an empty reply was trained as the label "" (a plain-text empty completion was refused), and a user message
+        # in a completion carried the loss
+        ('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " \\n"}]}\n',
+         "bad.jsonl:1: messages[1] is an assistant message with empty content, which would be trained as a reply"),
+        ('{"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": ""}]}\n',
+         "bad.jsonl:1: completion[0] is an assistant message with empty content"),
+        ('{"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "user", "content": "b"}, '
+         '{"role": "assistant", "content": "c"}]}\n', "bad.jsonl:1: completion[0] is a 'user' message; the completion "
+         "holds the assistant's reply only (every message of it carries the loss): move the others into the prompt"),
         ('{"prompt": "a", "completion": "b"}\n{"messages": [{"role": "user", "content": "a"}, '
          '{"role": "assistant", "content": "b"}]}\n', "bad.jsonl:2: a chat row after plain-text rows"),
         ("", "bad.jsonl: no rows found"),

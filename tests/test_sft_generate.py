@@ -158,6 +158,22 @@ def test_generate_reads_the_saved_tokenizer_once(trained, capsys, monkeypatch):
     assert capsys.readouterr().out.startswith(f"[1] {PROMPT}\n  giva: ") and len(read) == 1
 
 
+def test_a_conversation_ending_with_its_reply_is_answered_from_the_messages_before_it(tmp_path):
+    """A row of giva sft's messages form ends with the assistant's reference reply: it was kept in the prompt (the
+    answer given away, and the model asked to reply again); a role giva sft refuses is refused here too."""
+    from giva.data import DataError
+
+    user = {"role": "user", "content": PROMPT}
+    rows = tmp_path / "val.jsonl"
+    rows.write_text(json.dumps({"messages": [user, {"role": "assistant", "content": "positive"}]}) + "\n"
+                    + json.dumps({"prompt": [user]}) + "\n")
+    assert read_prompts(str(rows)) == [[user], [user]]
+    for bad in ([{"role": "bot", "content": "hi"}], [{"role": "assistant", "content": "positive"}]):
+        rows.write_text(json.dumps({"messages": bad}) + "\n")
+        with pytest.raises(DataError, match=f"{rows}:1: expected 'prompt' "):
+            read_prompts(str(rows))
+
+
 def test_a_prompt_file_of_lines(tmp_path):
     lines = tmp_path / "prompts.txt"
     lines.write_text("first prompt\n\n  \nsecond prompt\n")

@@ -85,6 +85,14 @@ def _messages(value: Any, where: str, field: str) -> list[dict[str, str]]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def _replies(messages: list[dict[str, str]], where: str, field: str, start: int = 0) -> None:
+    """Every assistant message from ``start`` on is a reply that carries the loss: it must say something."""
+    for i, message in enumerate(messages[start:], start=start):
+        if message["role"] == "assistant" and not message["content"].strip():
+            raise DataError(f"{where}: {field}[{i}] is an assistant message with empty content, which would be trained "
+                            "as a reply; give it its text, or leave the turn out")
+
+
 def _text(value: Any, where: str, field: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: {field!r} must be a non-empty string (or a list of messages), got {value!r:.80}")
@@ -108,6 +116,7 @@ def parse_record(record: Any, where: str) -> Record:
         messages = _messages(record["messages"], where, "messages")
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise DataError(f"{where}: 'messages' must end with an assistant message that follows at least one other message")
+        _replies(messages, where, "messages", start=1)  # each assistant message after the first is a completion
         return conversation_turns(messages, where)
     if "text" in record and "prompt" not in record and "completion" not in record:
         return [(where, {"text": _text(record["text"], where, "text")})]
@@ -122,7 +131,14 @@ def parse_row(record: dict[str, Any], where: str) -> Row:
         )
     prompt, completion = record["prompt"], record["completion"]
     if isinstance(prompt, list) or isinstance(completion, list):
-        return {"prompt": _messages(prompt, where, "prompt"), "completion": _messages(completion, where, "completion")}
+        prompt, completion = _messages(prompt, where, "prompt"), _messages(completion, where, "completion")
+        other = next((i for i, m in enumerate(completion) if m["role"] != "assistant"), None)
+        if other is not None:  # TRL puts the loss on every message of the completion
+            raise DataError(f"{where}: completion[{other}] is a {completion[other]['role']!r} message; the completion holds "
+                            "the assistant's reply only (every message of it carries the loss): move the others into "
+                            "the prompt")
+        _replies(completion, where, "completion")
+        return {"prompt": prompt, "completion": completion}
     return {"prompt": _text(prompt, where, "prompt"), "completion": _text(completion, where, "completion")}
 
 

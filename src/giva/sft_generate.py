@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data import DataError, _decode, _read_json_rows
+from .sft_data import ROLES
 
 Prompt = str | list[dict[str, str]]  # a text, or messages ({"role", "content"}) ending where the answer starts
 
@@ -29,7 +30,9 @@ class Answer:
 
 def read_prompts(path: str) -> list[Prompt]:
     """The prompts of a file: JSON Lines (``.jsonl``, or ``.json`` also as one array) whose rows hold ``prompt`` (a
-    text or a list of messages) or ``messages``; any other file (``-``: standard input) one prompt per non-empty line."""
+    text or a list of messages) or ``messages``; any other file (``-``: standard input) one prompt per non-empty line.
+    A conversation that ends with an assistant message (a row of `giva sft`'s ``messages`` form, its reference reply
+    last) is answered from the messages before that reply, which would otherwise be given away in the prompt."""
     if path == "-":
         return [line for line in sys.stdin.read().splitlines() if line.strip()]
     file = Path(path).expanduser()
@@ -44,12 +47,15 @@ def read_prompts(path: str) -> list[Prompt]:
         if isinstance(value, str) and value.strip():
             prompts.append(value)
         elif isinstance(value, list) and value and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-        ):
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
+        ) and (value[-1]["role"] != "assistant" or len(value) > 1):
+            if value[-1]["role"] == "assistant":
+                value = value[:-1]
             prompts.append([{"role": m["role"], "content": m["content"]} for m in value])
         else:
-            raise DataError(f"{where}: expected 'prompt' (a non-empty text or a list of {{\"role\", \"content\"}} "
-                            f"messages) or 'messages', got {row!r:.80}")
+            raise DataError(f"{where}: expected 'prompt' (a non-empty text or a list of {{\"role\": one of "
+                            f"{list(ROLES)}, \"content\"}} messages, not a lone assistant message) or 'messages', "
+                            f"got {row!r:.80}")
     if not prompts:
         raise DataError(f"--prompts {path!r} holds no prompt")
     return prompts
