@@ -1324,6 +1324,28 @@ def test_a_max_length_that_cuts_off_every_completion_is_refused(chat_model, pc_j
     assert not (tmp_path / "out").exists()
 
 
+def test_a_max_length_that_cuts_a_validation_reply_partway_is_refused_when_exact_match_scores_it(chat_model, tmp_path,
+                                                                                                  capsys):
+    """Replies of 1 and 3 words: at the --max-length where the 1-word rows just fit, TRL cuts the 3-word replies
+    after their first words, and exact match compared the answers with those cut replies, exit 0. Rows that fit
+    exactly, end token included, are not cut."""
+    rng = random.Random(3)
+    data = tmp_path / "replies.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": "the film is good . positive or negative ?"},
+                                                     {"role": "assistant", "content": rng.choice(["good", "bad awful great"])}]})
+                            + "\n" for _ in range(40)))
+    opts = options(chat_model, data, tmp_path / "probe")
+    device, path, tokenizer, rows = preflight(opts)
+    lengths = sorted({len(ids) for ids in make_trainer(opts, device, path, tokenizer, rows, str(tmp_path / "s")).eval_dataset["input_ids"]})
+    assert len(lengths) == 2 and lengths[1] == lengths[0] + 2
+    capsys.readouterr()
+    assert main(cli(chat_model, data, tmp_path / "out", "--max-length", str(lengths[0]))) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the datasets progress bars the probe turned on
+    assert re.search(rf"--max-length {lengths[0]} cuts the end off the completion of \d+ of the 8 validation rows, and "
+                     "exact match would compare the answers with the cut replies; raise --max-length", line), line
+    assert main(cli(chat_model, data, tmp_path / "out", "--max-length", str(lengths[1]))) == 0  # every row fits exactly
+
+
 def test_a_max_length_beyond_the_models_positions_is_refused_before_the_model_loads(gpt2_model, tmp_path, capsys,
                                                                                      no_model_loading):
     """GPT-2 learns its 64 positions: a row TRL cut at --max-length 128 failed in training with an IndexError after

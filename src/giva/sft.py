@@ -49,7 +49,7 @@ from .sft_checks import (
     resolve_device,
 )
 from .sft_data import SFTData, load_sft_data, row_format
-from .sft_eval import completion_ids, exact_match, prompt_ids, validation_loss
+from .sft_eval import completion_ids, cut_completions, exact_match, prompt_ids, validation_loss
 from .sft_options import RESULT_FILE, TRL_LM_HEAD, SFTOptions
 from .sft_zero3 import check_resume_launch, check_zero3_finished, gathered, on_train_begin, partitioned
 
@@ -552,7 +552,8 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         if options.save_steps is not None and resume_from is None:
             on_main_process(trainer, lambda: write_record(options, data))
         check_truncation(options, trained_rows(trainer.train_dataset), len(data.train), len(trainer.eval_dataset),
-                         len(data.validation))
+                         len(data.validation), cut_completions(trainer.eval_dataset, options.max_length,
+                                                               set(tokenizer.all_special_ids)), data.labels is not None)
         unit = f"packed sequences of --max-length {options.max_length}" if options.packing else "training rows"
         check_num_batches(options, len(trainer.train_dataset), trainer.args.world_size, unit)  # the rows TRL kept
         callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, GivaInitCallback))

@@ -188,13 +188,23 @@ def check_chat_template(tokenizer: Any, data: SFTData, model: str) -> None:
             raise DataError(f"{where}: the chat template of --model {model!r} fails on this row: {err}") from None
 
 
-def check_truncation(options: SFTOptions, train_kept: int, train_rows: int, val_kept: int, val_rows: int) -> None:
+def check_truncation(options: SFTOptions, train_kept: int, train_rows: int, val_kept: int, val_rows: int,
+                     val_cut: int = 0, exact_match: bool = False) -> None:
     """TRL drops the rows whose completion ``--max-length`` cuts off entirely: refuse if that empties training or
-    touches the validation split (its scores would then cover other rows than the reference answers)."""
+    touches the validation split (its scores would then cover other rows than the reference answers). ``val_cut``
+    validation rows lost the end of their completion: with ``exact_match`` scored that is refused too (the answer
+    would be compared with the cut reply, not the row's), else said in a warning."""
     if val_kept < val_rows or train_kept == 0:
         split, lost, total = ("validation", val_rows - val_kept, val_rows) if val_kept < val_rows else ("training", train_rows, train_rows)
         raise ValueError(f"--max-length {options.max_length} cuts off the whole completion of {lost} of the {total} "
                          f"{split} rows; raise --max-length")
+    if val_cut and exact_match:
+        raise ValueError(f"--max-length {options.max_length} cuts the end off the completion of {val_cut} of the "
+                         f"{val_rows} validation rows, and exact match would compare the answers with the cut replies; "
+                         "raise --max-length")
+    if val_cut:
+        logger.warning("--max-length %d cuts the end off the completion of %d of the %d validation rows; their loss "
+                       "covers the tokens kept", options.max_length, val_cut, val_rows)
     if train_kept < train_rows:
         logger.warning("--max-length %d cuts off the whole completion of %d of the %d training rows; they train nothing",
                        options.max_length, train_rows - train_kept, train_rows)

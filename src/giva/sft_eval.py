@@ -134,6 +134,14 @@ def completion_ids(dataset: Any) -> list[list[int]]:
     return [ids[_first_label(labels):] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
 
 
+def cut_completions(dataset: Any, max_length: int, special_ids: set[int]) -> int:
+    """How many of TRL's processed rows ``--max-length`` cut inside their completion: the row fills ``max_length``
+    and its completion holds no special token (a whole completion ends with the EOS TRL appends, or the chat
+    template's end-of-turn token; a cut one lost them)."""
+    return sum(len(ids) >= max_length and not any(t in special_ids for t in ids[_first_label(labels):])
+               for ids, labels in zip(dataset["input_ids"], dataset["labels"]))
+
+
 def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completions: list[list[int]], batch_size: int,
                 progress: bool = False) -> float:
     """Share of greedy answers equal to the trained completion (:func:`completion_ids`), both decoded with special
