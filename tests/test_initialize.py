@@ -486,6 +486,74 @@ def test_calibration_keeps_activation_checkpointing(batches, reentrant):
         torch.testing.assert_close(layer.giva_A["default"], giva_layers(plain)[name].giva_A["default"], atol=1e-5, rtol=0)
 
 
+def test_calibration_under_checkpointing_turns_off_layerdrop_too():
+    """BART's encoder (LayerDrop 0.5, its own `layerdrop`) and wav2vec2's (`config.layerdrop`) check point their
+    layers, so they stay in training mode, and skipped layers at random: bases changed from run to run and the
+    caller's RNG moved. They equal the bases without checkpointing, the RNG is untouched, the rates come back."""
+    from transformers import (
+        BartConfig,
+        BartForSequenceClassification,
+        Wav2Vec2Config,
+        Wav2Vec2ForSequenceClassification,
+    )
+
+    bart = BartConfig(vocab_size=100, d_model=32, encoder_layers=4, decoder_layers=1, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                      encoder_layerdrop=0.5, num_labels=2, pad_token_id=1, bos_token_id=0, eos_token_id=2)
+    wav2vec2 = Wav2Vec2Config(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+                              conv_dim=(16, 16), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16,
+                              num_conv_pos_embedding_groups=4, layerdrop=0.5, num_labels=2, mask_time_prob=0.0)
+    generator = torch.Generator().manual_seed(3)
+    tokens = [{"input_ids": torch.cat([torch.randint(3, 100, (4, 9), generator=generator), torch.full((4, 1), 2)], 1),
+               "labels": torch.randint(0, 2, (4,), generator=generator)} for _ in range(4)]
+    audio = [{"input_values": torch.randn(4, 400, generator=generator), "labels": torch.randint(0, 2, (4,), generator=generator)}
+             for _ in range(4)]
+    for model_class, config, targets, data in ((BartForSequenceClassification, bart, ["fc1"], tokens),
+                                               (Wav2Vec2ForSequenceClassification, wav2vec2, ["feed_forward.intermediate_dense"], audio)):
+        bases = []
+        for checkpointing in (False, True, True):
+            torch.manual_seed(0)
+            base = model_class(config)
+            if checkpointing:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            rates = {(n, k): v for n, m in base.named_modules() for k, v in vars(m).items() if k.endswith("layerdrop")}
+            model = get_peft_model(base, GivaConfig(r=2, target_modules=targets, task_type="SEQ_CLS"))
+            model.train()
+            torch.manual_seed(1)
+            rng = torch.get_rng_state()
+            giva.initialize(model, data, num_batches=4, progress=False, mode="exact")
+            assert torch.equal(torch.get_rng_state(), rng), model_class.__name__
+            assert {(n, k): v for n, m in base.named_modules() for k, v in vars(m).items() if k.endswith("layerdrop")} == rates
+            assert getattr(base.config, "layerdrop", None) == getattr(config, "layerdrop", None)
+            bases.append(torch.cat([layer.giva_A["default"] for layer in giva_layers(model).values()]))
+        for other in bases[1:]:
+            torch.testing.assert_close(other, bases[0], atol=1e-5, rtol=0, msg=model_class.__name__)
+
+
+def test_initialize_refuses_a_model_with_merged_adapters_before_any_batch(batches):
+    """Calibration disables the adapters, and a disabled GiVA layer unmerges itself: a merged adapter came back
+    unmerged (on a bf16 or quantised base, W rounded). Refused before any batch runs; the merge stays."""
+    model = get_peft_model(tiny_bert(), GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"),
+                           adapter_name="a")
+    giva.initialize(model, batches, num_batches=2, progress=False)
+    model.add_adapter("b", GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model.merge_adapter(adapter_names=["a"])  # (PEFT's add_adapter and set_adapter unmerge first)
+    weights = {n: p.clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
+    with pytest.raises(ValueError, match=r"GiVA adapter\(s\) \['a'\] are merged into the base weights; .* call "
+                                         r"model.unmerge_adapter\(\) first"):
+        giva.initialize(model, _counting(batches, calls := []), num_batches=2, progress=False, adapter_name="b")
+    assert not calls and all(layer.merged for layer in giva_layers(model).values())
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters() if n in weights)
+    model.unmerge_adapter()
+    giva.initialize(model, batches, num_batches=2, progress=False, adapter_name="b")
+
+
+def _counting(batches, calls):
+    for batch in batches:
+        calls.append(1)
+        yield batch
+
+
 def test_a_layer_run_without_autograd_in_calibration_is_a_clear_error():
     """Checkpointing giva cannot switch (a model's own torch.utils.checkpoint(use_reentrant=True)) runs the
     first forward with autograd off: that forward is skipped (a no_grad forward contributes no gradient), so the

@@ -297,6 +297,11 @@ def initialize(
         trained = [] if force else _already_initialised(model, to_init)
         if trained:
             raise ValueError(_already_initialised_message(trained, to_init, adapter_name))
+        merged = sorted({name for layer in giva_layers(model).values() for name in layer.merged_adapters})
+        if merged:  # the gradient is taken with the adapters disabled, and a disabled GiVA layer unmerges itself
+            raise ValueError(f"GiVA adapter(s) {merged} are merged into the base weights; initialize takes the gradient "
+                             "with the adapters off, which would unmerge them and leave them so (rounding a bf16 or "
+                             "quantised weight): call model.unmerge_adapter() first, and merge again afterwards")
     except (ValueError, RuntimeError) as exc:
         error = exc
     report = InitReport(adapters=sorted(to_init), layers=len({t.layer for t in targets}), num_batches=0)

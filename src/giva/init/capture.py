@@ -128,14 +128,20 @@ def _reentrant(function: partial) -> bool:
     return reentrant is True or (reentrant is None and function.func is torch.utils.checkpoint.checkpoint)
 
 
+# Name endings of the float rates a module reads in its forward when training (dropout, LayerDrop's layer skipping).
+TRAINING_RATES = ("dropout", "layerdrop", "pdrop", "drop_prob")
+
+
 @contextmanager
 def calibration_mode(model: nn.Module) -> Iterator[None]:
     """Deterministic calibration that keeps the model's activation checkpointing.
 
     Every module goes to eval mode (no dropout; its ``training`` flag, as ``nn.Module.train`` sets it, without any
     override's side effects, and restored the same way) except those with activation checkpointing on
-    (transformers only checkpoints layers in training mode); their own float ``*dropout``
-    attributes, read in their forward, are zeroed meanwhile. Reentrant checkpointing
+    (transformers only checkpoints layers in training mode); the float rates that their forward reads in training
+    mode, their own and their config's (:data:`TRAINING_RATES`: ``*dropout``, LayerDrop's ``*layerdrop``, ``*pdrop``,
+    ``*drop_prob``), are zeroed meanwhile (a BART encoder or wav2vec2 left its LayerDrop on: layers skipped at random,
+    the bases changed from run to run and the caller's RNG moved). Reentrant checkpointing
     (``use_reentrant=True``, which TRL asks for under DeepSpeed ZeRO-3) runs the first forward with
     autograd off and supports no ``torch.autograd.grad``: those layers checkpoint non-reentrantly
     meanwhile, which keeps the same activations. A transformers config that turns the KV cache on has it off
@@ -145,7 +151,7 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
     """
     modes = {module: module.training for module in model.modules()}
     caches = {id(c): c for m in modes if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
-    rates: list[tuple[nn.Module, str, float]] = []
+    rates: list[tuple[Any, str, float]] = []  # (a module or its config, attribute, rate)
     functions: dict[nn.Module, Any] = {}
     for module in modes:  # the flags only, not model.eval(): a train() override has side effects of its own
         module.training = False  # (transformers' use_kernels would kernelize for inference, then calibrate through it)
@@ -155,9 +161,12 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
         for module in model.modules():
             if getattr(module, "gradient_checkpointing", False) is True:
                 module.training = True
-                for name, value in vars(module).items():
-                    if name.endswith("dropout") and isinstance(value, float) and value > 0:
-                        rates.append((module, name, value))
+                config = getattr(module, "config", None)
+                for owner in (module, *([config] if config is not None else [])):
+                    for name, value in vars(owner).items():
+                        if name.endswith(TRAINING_RATES) and isinstance(value, float) and value > 0 and all(
+                                o is not owner or n != name for o, n, _ in rates):
+                            rates.append((owner, name, value))
                 function = getattr(module, "_gradient_checkpointing_func", None)
                 if isinstance(function, partial) and _reentrant(function):
                     functions[module] = function
