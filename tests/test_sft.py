@@ -1116,7 +1116,7 @@ def test_a_failed_lora_export_keeps_the_adapter_and_names_no_export(chat_model, 
     result names the export only once it is written."""
     import giva.export
 
-    def fails(model, folder):
+    def fails(model, folder, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(giva.export, "export_lora", fails)
