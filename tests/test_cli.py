@@ -503,3 +503,30 @@ def test_a_command_prints_no_deprecation_notice_of_the_libraries_but_giva_s_own(
                                                                (DeprecationWarning, "giva.finetune")]
         exec("import warnings\nwarnings.warn('after', FutureWarning)", {"__name__": "transformers.modeling_utils"})
         assert len(seen) == 3  # outside the command the library's notice shows again
+
+
+@pytest.mark.real
+def test_the_bundled_smollm2_tokenizer_loads_under_every_supported_transformers(tmp_path, monkeypatch):
+    """The converted SmolLM2 folder (giva sft's default model) named its tokenizer class as transformers 5 writes it,
+    TokenizersBackend, which transformers 4.x does not know: the default giva sft failed there. This runs under
+    both (tests/transformers_min runs this file on 4.56.2); a copy converted before the fix is repaired in place."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    import giva.assets
+
+    folder = Path(giva.assets.smollm2_path())
+    assert json.loads((folder / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    chat = [{"role": "user", "content": "Review: great film\nIs this positive?"}, {"role": "assistant", "content": "positive"}]
+    ids = tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    assert (tokenizer.eos_token, len(tokenizer), ids[:8], sum(ids)) == (
+        "<|im_end|>", 49152, [1, 9690, 198, 2683, 359, 253, 5356, 5646], 179143)
+    old = tmp_path / "giva-models" / "smollm2-135m-instruct"  # an earlier conversion, in a cache of its own
+    shutil.copytree(folder, old, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((old / "tokenizer_config.json").read_text())
+    (old / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "TokenizersBackend"}))
+    monkeypatch.setattr(giva.assets, "models_cache_dir", lambda: tmp_path / "giva-models")
+    assert giva.assets.smollm2_path() == str(old)
+    assert json.loads((old / "tokenizer_config.json").read_text()) == config

@@ -15,7 +15,7 @@ from torch import nn
 import giva
 from giva import GivaConfig
 from giva.init import GradientInitError, compute_gradients, giva_layers
-from tiny_models import text_batches, tiny_bert, tiny_gpt2, tiny_llama
+from tiny_models import TRANSFORMERS_4, text_batches, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _autograd_weight_gradients(model: nn.Module, batches: list[dict], names: list[str]) -> dict[str, torch.Tensor]:
@@ -508,8 +508,10 @@ def test_calibration_under_checkpointing_turns_off_layerdrop_too():
                "labels": torch.randint(0, 2, (4,), generator=generator)} for _ in range(4)]
     audio = [{"input_values": torch.randn(4, 400, generator=generator), "labels": torch.randint(0, 2, (4,), generator=generator)}
              for _ in range(4)]
-    for model_class, config, targets, data in ((BartForSequenceClassification, bart, ["fc1"], tokens),
-                                               (Wav2Vec2ForSequenceClassification, wav2vec2, ["feed_forward.intermediate_dense"], audio)):
+    cases = [(BartForSequenceClassification, bart, ["fc1"], tokens),
+             (Wav2Vec2ForSequenceClassification, wav2vec2, ["feed_forward.intermediate_dense"], audio)]
+    # transformers 4.x: PEFT's checkpointing preparation calls wav2vec2's get_input_embeddings, which it lacks there
+    for model_class, config, targets, data in cases[:1] if TRANSFORMERS_4 else cases:
         bases = []
         for checkpointing in (False, True, True):
             torch.manual_seed(0)
@@ -517,7 +519,7 @@ def test_calibration_under_checkpointing_turns_off_layerdrop_too():
             if checkpointing:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             rates = {(n, k): v for n, m in base.named_modules() for k, v in vars(m).items() if k.endswith("layerdrop")}
-            model = get_peft_model(base, GivaConfig(r=2, target_modules=targets, task_type="SEQ_CLS"))
+            model = get_peft_model(base, GivaConfig(r=2, target_modules=targets))  # no task: wav2vec2 takes no input_ids
             model.train()
             torch.manual_seed(1)
             rng = torch.get_rng_state()
@@ -528,6 +530,21 @@ def test_calibration_under_checkpointing_turns_off_layerdrop_too():
             bases.append(torch.cat([layer.giva_A["default"] for layer in giva_layers(model).values()]))
         for other in bases[1:]:
             torch.testing.assert_close(other, bases[0], atol=1e-5, rtol=0, msg=model_class.__name__)
+
+
+def test_initialize_leaves_the_callers_rng_as_it_was_with_a_dataloader():
+    """A DataLoader without a generator of its own (the Trainer's) draws its base seed from torch's global RNG at
+    every pass: a Trainer's run after GivaInitCallback drew other dropout masks than one with the same bases set
+    beforehand."""
+    data = text_batches(n=4, labels="lm")
+    rows = [{k: v[i] for k, v in batch.items()} for batch in data for i in range(len(batch["input_ids"]))]
+    loader = torch.utils.data.DataLoader(rows, batch_size=2)
+    for mode in ("exact", "sketch"):
+        model = get_peft_model(tiny_llama(), GivaConfig(r=2, target_modules=["q_proj"]))
+        torch.manual_seed(5)
+        state = torch.get_rng_state()
+        giva.initialize(model, loader, num_batches=2, progress=False, mode=mode)
+        assert torch.equal(torch.get_rng_state(), state), mode
 
 
 def test_initialize_refuses_a_model_with_merged_adapters_before_any_batch(batches):

@@ -52,6 +52,7 @@ def smollm2_path() -> str:
     """
     target = models_cache_dir() / "smollm2-135m-instruct"
     if (target / "config.json").exists():
+        _portable_tokenizer_class(target)  # a copy converted before this fix
         return str(target)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -69,9 +70,25 @@ def smollm2_path() -> str:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".smollm2.") as tmp:
         fresh.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_class(Path(tmp))
         shutil.move(tmp, target)  # rename: a half-converted copy is never seen
         Path(tmp).mkdir()  # so TemporaryDirectory's cleanup finds its folder
     return str(target)
+
+
+def _portable_tokenizer_class(folder: Path) -> None:
+    """Name the saved tokenizer's class as every supported transformers reads it: transformers 5 writes
+    ``TokenizersBackend``, which 4.x does not know ("Tokenizer class TokenizersBackend does not exist": `giva sft`'s
+    default model failed there), and reads ``PreTrainedTokenizerFast`` as that same class."""
+    import json
+
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        partial = config_file.with_name(config_file.name + ".tmp")
+        partial.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(partial, config_file)
 
 
 def mpnet_path() -> str:

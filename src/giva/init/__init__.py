@@ -318,7 +318,11 @@ def initialize(
     report.passes = session.passes
     sources = _batches(dataloader, num_batches, keep=session.passes > 1)
     scale = LossScale()  # fp16: where one pass leaves the scale (and its count of clean batches) the next starts
-    with zero3_trace_reset(peft_model):  # training must not prefetch by the calibration's parameter order
+    # training must not prefetch by the calibration's parameter order; the caller's RNG is left as it was (a
+    # DataLoader without a generator of its own draws its seed from it at every pass, transformers 4's LayerDrop a
+    # number at every layer in training mode: a Trainer's run after GivaInitCallback drew other dropout masks)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with zero3_trace_reset(peft_model), torch.random.fork_rng(devices=cuda):
         while not session.done:
             start = time.perf_counter()
             partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress, scale)
