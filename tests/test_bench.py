@@ -472,6 +472,15 @@ def test_deduplicate_keeps_the_first_copy_of_each_normalised_sentence() -> None:
     assert normalise_text(" A\tgood  FILM ") == "a good film"
 
 
+def test_deduplicate_warns_when_a_dropped_repeat_was_labelled_otherwise(caplog) -> None:
+    """A repeat with another label is a labelling question: it was dropped with an info-level line only."""
+    with caplog.at_level("INFO", logger="giva.data"):
+        deduplicate(TextDataset(["good film", "bad", "Good Film"], [1, 0, 0], ["0", "1"]))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+        "WARNING", "dropped 1 repeated sentences of 3, 1 of them labelled otherwise than the first occurrence, which is "
+        "kept (sentences compare ignoring case and spacing)")]
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("corpus", ["pang-lee", "conll2010-uncertainty"])
 def test_no_test_sentence_is_in_the_training_or_validation_split(corpus: str) -> None:

@@ -164,6 +164,15 @@ def test_non_utf8_names_the_line(tmp_path):
 def test_tsv_json_array_and_files_without_extension(tmp_path):
     (tmp_path / "d.tsv").write_text("text\tlabel\na, b\tx\nc\ty\n")
     assert load_file(tmp_path / "d.tsv").texts == ["a, b", "c"]
+    # a text's own quotes, one unmatched: read with CSV quoting, the rows up to the next quote became one text
+    (tmp_path / "q.tsv").write_text('text\tlabel\n"Titanic" is overrated\tneg\nhe said "wow\tpos\nboring plot\tneg\n'
+                                     'best film ever\tpos\n')
+    loaded = load_file(tmp_path / "q.tsv")
+    assert loaded.texts == ['"Titanic" is overrated', 'he said "wow', "boring plot", "best film ever"]
+    (tmp_path / "tab.tsv").write_text("text\tlabel\na\tb\tx\n")
+    with pytest.raises(DataError, match=r"tab.tsv:2: 3 cells but the header has 2 \(text, label\); a .tsv row holds one "
+                                        r"tab between cells and none in a text"):
+        load_file(tmp_path / "tab.tsv")
     (tmp_path / "d.json").write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]))
     assert load_file(tmp_path / "d.json").label_names == ["x", "y"]
     (tmp_path / "noext").write_text("text,label\na,x\nb,y\n")
@@ -196,3 +205,19 @@ def test_a_hub_name_offline_says_so_at_once(monkeypatch):
     with pytest.raises(DataError, match="HF_HUB_OFFLINE is set"):
         load_text_classification("someone/some-dataset")
     assert time.perf_counter() - start < 2
+
+
+def test_a_hub_datasets_class_names_are_its_classes(monkeypatch):
+    """A ClassLabel column holds integer ids of named classes: labels.json recorded "0", "1", "2"."""
+    datasets = pytest.importorskip("datasets")
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    import giva.data as data_module
+
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "neutral", "positive"])})
+    table = Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, 1, 2, 1]}, features=features)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: table)
+    monkeypatch.setattr(data_module, "hub_unreachable", lambda: None)
+    loaded = data_module.load_text_classification("someorg/sentiment")
+    assert loaded.label_names == ["negative", "neutral", "positive"]
+    assert [loaded.label_names[i] for i in loaded.labels] == ["negative", "neutral", "positive", "neutral"]

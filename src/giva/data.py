@@ -236,7 +236,12 @@ def _csv_fields_up_to(size: int) -> Iterator[None]:
 
 
 def _read_csv_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    """A CSV with quoting; a ``.tsv`` as tab-separated values are written (GLUE's, IANA's text/tab-separated-values):
+    no quoting, one row per line, so a text's quotes are its own (read as CSV quoting, one unmatched quote joined the
+    rows up to the next one into a single text and the run went on with fewer rows)."""
+    tsv = path.suffix == ".tsv"
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                        **({"quoting": csv.QUOTE_NONE} if tsv else {}))
     rows: list[tuple[str, dict[str, Any]]] = []
     line_number = 1  # where the row being read starts
     with _csv_fields_up_to(len(text)):  # no field is longer than the file
@@ -252,8 +257,9 @@ def _read_csv_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
                     continue
                 if len(cells) != len(header):
                     raise DataError(
-                        f"{where}: {len(cells)} cells but the header has {len(header)} ({', '.join(header)}); quote a "
-                        "text that holds the delimiter"
+                        f"{where}: {len(cells)} cells but the header has {len(header)} ({', '.join(header)}); "
+                        + ("a .tsv row holds one tab between cells and none in a text" if tsv else
+                           "quote a text that holds the delimiter")
                     )
                 rows.append((where, dict(zip(header, cells))))
         except csv.Error as err:
@@ -303,8 +309,12 @@ def load_hub(name: str, text_column: str, label_column: str, split: str = "train
     for column in (text_column, label_column):
         if column not in ds.column_names:
             raise DataError(f"dataset {name!r}: no column {column!r}; the columns are {sorted(ds.column_names)}")
+    labels = ds[label_column]
+    classes = getattr(ds.features[label_column], "names", None)  # a ClassLabel: integer ids of named classes
+    if classes:  # their names are the classes (labels.json recorded "0", "1", "2" where the dataset names them)
+        labels = [classes[v] if isinstance(v, int) and 0 <= v < len(classes) else v for v in labels]
     return _encode_labels(
-        [(f"dataset {name!r} row {i}", t, v) for i, (t, v) in enumerate(zip(ds[text_column], ds[label_column]))], name
+        [(f"dataset {name!r} row {i}", t, v) for i, (t, v) in enumerate(zip(ds[text_column], labels))], name
     )
 
 
@@ -356,14 +366,20 @@ def deduplicate(data: TextDataset) -> TextDataset:
     Split after this, so that no sentence can sit in both the training and the test split (CoNLL-2010
     holds 43 such repeats; Pang & Lee none).
     """
-    seen: set[str] = set()
-    keep = []
+    seen: dict[str, int] = {}  # the kept sentence's label
+    keep, conflicting = [], 0
     for i, text in enumerate(data.texts):
         key = normalise_text(text)
         if key not in seen:
-            seen.add(key)
+            seen[key] = data.labels[i]
             keep.append(i)
-    if len(keep) < len(data):
+        elif seen[key] != data.labels[i]:
+            conflicting += 1
+    if conflicting:  # a repeat labelled otherwise is a labelling question, not a copy: say so
+        logger.warning("dropped %d repeated sentences of %d, %d of them labelled otherwise than the first occurrence, "
+                       "which is kept (sentences compare ignoring case and spacing)", len(data) - len(keep), len(data),
+                       conflicting)
+    elif len(keep) < len(data):
         logger.info("dropped %d repeated sentences of %d", len(data) - len(keep), len(data))
     return data.subset(keep)
 
