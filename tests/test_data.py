@@ -164,15 +164,18 @@ def test_non_utf8_names_the_line(tmp_path):
 def test_tsv_json_array_and_files_without_extension(tmp_path):
     (tmp_path / "d.tsv").write_text("text\tlabel\na, b\tx\nc\ty\n")
     assert load_file(tmp_path / "d.tsv").texts == ["a, b", "c"]
-    # a text's own quotes, one unmatched: read with CSV quoting, the rows up to the next quote became one text
-    (tmp_path / "q.tsv").write_text('text\tlabel\n"Titanic" is overrated\tneg\nhe said "wow\tpos\nboring plot\tneg\n'
-                                     'best film ever\tpos\n')
-    loaded = load_file(tmp_path / "q.tsv")
-    assert loaded.texts == ['"Titanic" is overrated', 'he said "wow', "boring plot", "best film ever"]
-    (tmp_path / "tab.tsv").write_text("text\tlabel\na\tb\tx\n")
-    with pytest.raises(DataError, match=r"tab.tsv:2: 3 cells but the header has 2 \(text, label\); a .tsv row holds one "
-                                        r"tab between cells and none in a text"):
-        load_file(tmp_path / "tab.tsv")
+    # one unmatched quote in a file written without quoting: the rows up to the next quote became one text, exit 0
+    (tmp_path / "q.tsv").write_text('text\tlabel\nI loved it\tpos\n"boring plot\tneg\nbest film ever\tpos\n'
+                                     'the "Titanic" is overrated\tneg\n')
+    with pytest.raises(DataError, match=r"q.tsv:3: a cell runs over several lines and holds tabs: a quote"):
+        load_file(tmp_path / "q.tsv")
+    # quotes as csv and pandas write them, a line break in a quoted text: read as written
+    import csv
+
+    texts = ['He said "great film" twice', "two\nlines", "plain"]
+    with open(tmp_path / "w.tsv", "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([["text", "label"], *[[t, label] for t, label in zip(texts, "xyx")]])
+    assert load_file(tmp_path / "w.tsv").texts == texts
     (tmp_path / "d.json").write_text(json.dumps([{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]))
     assert load_file(tmp_path / "d.json").label_names == ["x", "y"]
     (tmp_path / "noext").write_text("text,label\na,x\nb,y\n")
@@ -216,8 +219,17 @@ def test_a_hub_datasets_class_names_are_its_classes(monkeypatch):
 
     features = Features({"text": Value("string"), "label": ClassLabel(names=["negative", "neutral", "positive"])})
     table = Dataset.from_dict({"text": ["a", "b", "c", "d"], "label": [0, 1, 2, 1]}, features=features)
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: table)
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: table)  # the table of the moment
     monkeypatch.setattr(data_module, "hub_unreachable", lambda: None)
     loaded = data_module.load_text_classification("someorg/sentiment")
     assert loaded.label_names == ["negative", "neutral", "positive"]
     assert [loaded.label_names[i] for i in loaded.labels] == ["negative", "neutral", "positive", "neutral"]
+    # the dataset's order, not sorted names, and every class (a head trained on it keeps its outputs); -1: refused
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["World", "Sports", "Business", "Sci/Tech"])})
+    table = Dataset.from_dict({"text": ["a", "b", "c"], "label": [3, 0, 3]}, features=features)
+    loaded = data_module.load_text_classification("someorg/news")
+    assert loaded.label_names == ["World", "Sports", "Business", "Sci/Tech"] and loaded.labels == [3, 0, 3]
+    table = Dataset.from_dict({"text": ["a", "b"], "label": [-1, 0]}, features=features)
+    with pytest.raises(DataError, match=r"dataset 'someorg/news' row 0: label -1 is not one of the 4 classes of its "
+                                        r"ClassLabel column \(World, Sports, Business, Sci/Tech\)"):
+        data_module.load_text_classification("someorg/news")

@@ -158,6 +158,39 @@ def test_generate_reads_the_saved_tokenizer_once(trained, capsys, monkeypatch):
     assert capsys.readouterr().out.startswith(f"[1] {PROMPT}\n  giva: ") and len(read) == 1
 
 
+def test_generate_stops_at_the_tokenizers_eos(trained, capsys, monkeypatch):
+    """The answer ends where TRL ended every trained completion, at the tokenizer's EOS, although the tiny model's
+    generation config names another end token: forced to write "good", EOS, then more words, it answered them all."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    load = giva.sft.load_sft_adapter
+
+    def forcing(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        assert model.generation_config.eos_token_id != tokenizer.eos_token_id  # the case this is about
+        script = [tokenizer.convert_tokens_to_ids("good"), tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids("bad")] * 4
+        generate = model.generate
+
+        def forced(input_ids, **generation):
+            width = input_ids.shape[1]
+
+            class Script(LogitsProcessor):
+                def __call__(self, ids, scores):
+                    out = torch.full_like(scores, -1e9)
+                    out[:, script[ids.shape[1] - width]] = 0
+                    return out
+
+            return generate(input_ids=input_ids, logits_processor=LogitsProcessorList([Script()]), **generation)
+
+        model.generate = forced
+        return model, tokenizer
+
+    monkeypatch.setattr(giva.sft, "load_sft_adapter", forcing)
+    assert main(["generate", str(trained["chat"]), PROMPT, "--max-new-tokens", "5", "--device", "cpu", "--no-progress",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"prompt": PROMPT, "answer": "good"}]
+
+
 def test_a_conversation_ending_with_its_reply_is_answered_from_the_messages_before_it(tmp_path):
     """A row of giva sft's messages form ends with the assistant's reference reply: it was kept in the prompt (the
     answer given away, and the model asked to reply again); a role giva sft refuses is refused here too."""
@@ -165,9 +198,10 @@ def test_a_conversation_ending_with_its_reply_is_answered_from_the_messages_befo
 
     user = {"role": "user", "content": PROMPT}
     rows = tmp_path / "val.jsonl"
-    rows.write_text(json.dumps({"messages": [user, {"role": "assistant", "content": "positive"}]}) + "\n"
-                    + json.dumps({"prompt": [user]}) + "\n")
-    assert read_prompts(str(rows)) == [[user], [user]]
+    reply = {"role": "assistant", "content": "positive"}
+    rows.write_text(json.dumps({"messages": [user, reply]}) + "\n" + json.dumps({"prompt": [user]}) + "\n"
+                    + json.dumps({"prompt": [user, reply]}) + "\n")  # a prompt is taken whole, as giva sft trains it
+    assert read_prompts(str(rows)) == [[user], [user], [user, reply]]
     for bad in ([{"role": "bot", "content": "hi"}], [{"role": "assistant", "content": "positive"}]):
         rows.write_text(json.dumps({"messages": bad}) + "\n")
         with pytest.raises(DataError, match=f"{rows}:1: expected 'prompt' "):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from .checkpoint import looks_local
+from .checkpoint import atomic_file, looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,11 @@ def _portable_tokenizer_class(folder: Path) -> None:
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        partial = config_file.with_name(config_file.name + ".tmp")
-        partial.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(partial, config_file)
+        try:
+            with atomic_file(config_file) as tmp:  # a temporary of its own, then a rename: processes may race here
+                tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        except OSError as err:  # a read-only shared cache: transformers 5 reads it as it is
+            logger.warning("could not name the tokenizer class in %s for transformers 4 (%s)", config_file, err)
 
 
 def mpnet_path() -> str:

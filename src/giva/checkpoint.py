@@ -790,10 +790,6 @@ def config_differences(model: Any, model_id: Any, subfolder: Optional[str], adap
             f"(GivaConfig.from_pretrained of the folder), or load the folder with PeftModel.from_pretrained.")
 
 
-# Storage dtypes of the bases (GivaConfig.bases_dtype), widest first: loading into a narrower one rounds.
-_BASES_DTYPE_ORDER = ("float32", "bfloat16")
-
-
 def check_load_into_existing(model: Any, model_id: Any, subfolder: Optional[str], adapter_name: str) -> None:
     """Refuse, before anything loads, a local GiVA folder loaded into the *existing* adapter ``adapter_name`` (the
     Trainer's ``resume_from_checkpoint`` does that) whose bases would not keep the checkpoint's values: an adapter
@@ -808,8 +804,10 @@ def check_load_into_existing(model: Any, model_id: Any, subfolder: Optional[str]
         saved = _read_config(config_file).get("bases_dtype", "float32")
     except (OSError, CheckpointError):
         return
+    from .serving import BASES_DTYPES
+
     here = own.bases_dtype
-    if here in _BASES_DTYPE_ORDER and saved in _BASES_DTYPE_ORDER and _BASES_DTYPE_ORDER.index(here) > _BASES_DTYPE_ORDER.index(saved):
+    if here in BASES_DTYPES and saved in BASES_DTYPES and BASES_DTYPES[here].itemsize < BASES_DTYPES[saved].itemsize:
         raise ValueError(
             f"loading {config_file.parent} into the existing adapter {adapter_name!r} would round its bases: "
             f"bases_dtype={here!r} here, {saved!r} in the checkpoint; build the model with the checkpoint's config "

@@ -236,12 +236,11 @@ def _csv_fields_up_to(size: int) -> Iterator[None]:
 
 
 def _read_csv_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
-    """A CSV with quoting; a ``.tsv`` as tab-separated values are written (GLUE's, IANA's text/tab-separated-values):
-    no quoting, one row per line, so a text's quotes are its own (read as CSV quoting, one unmatched quote joined the
-    rows up to the next one into a single text and the run went on with fewer rows)."""
+    """A CSV, or a ``.tsv`` (tab-separated), with CSV quoting (as Python's csv module and pandas write either). In a
+    ``.tsv`` a text that holds both a line break and a tab is refused: that is what one unmatched quote in a text of a
+    file written without quoting (GLUE's) makes of the rows up to the next quote, which were read as one text."""
     tsv = path.suffix == ".tsv"
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
-                        **({"quoting": csv.QUOTE_NONE} if tsv else {}))
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",")
     rows: list[tuple[str, dict[str, Any]]] = []
     line_number = 1  # where the row being read starts
     with _csv_fields_up_to(len(text)):  # no field is longer than the file
@@ -257,9 +256,14 @@ def _read_csv_rows(path: Path, text: str) -> list[tuple[str, dict[str, Any]]]:
                     continue
                 if len(cells) != len(header):
                     raise DataError(
-                        f"{where}: {len(cells)} cells but the header has {len(header)} ({', '.join(header)}); "
-                        + ("a .tsv row holds one tab between cells and none in a text" if tsv else
-                           "quote a text that holds the delimiter")
+                        f"{where}: {len(cells)} cells but the header has {len(header)} ({', '.join(header)}); quote a "
+                        "text that holds the delimiter"
+                    )
+                if tsv and any("\t" in cell and "\n" in cell for cell in cells):
+                    raise DataError(
+                        f"{where}: a cell runs over several lines and holds tabs: a quote (\") opens it that nothing "
+                        "closes before the next rows; in a .tsv a quote that is part of a text must be doubled inside "
+                        "a quoted cell (as csv and pandas write them), or the file written with quoting"
                     )
                 rows.append((where, dict(zip(header, cells))))
         except csv.Error as err:
@@ -309,13 +313,23 @@ def load_hub(name: str, text_column: str, label_column: str, split: str = "train
     for column in (text_column, label_column):
         if column not in ds.column_names:
             raise DataError(f"dataset {name!r}: no column {column!r}; the columns are {sorted(ds.column_names)}")
-    labels = ds[label_column]
+    rows = [(f"dataset {name!r} row {i}", t, v) for i, (t, v) in enumerate(zip(ds[text_column], ds[label_column]))]
     classes = getattr(ds.features[label_column], "names", None)  # a ClassLabel: integer ids of named classes
-    if classes:  # their names are the classes (labels.json recorded "0", "1", "2" where the dataset names them)
-        labels = [classes[v] if isinstance(v, int) and 0 <= v < len(classes) else v for v in labels]
-    return _encode_labels(
-        [(f"dataset {name!r} row {i}", t, v) for i, (t, v) in enumerate(zip(ds[text_column], labels))], name
-    )
+    if classes:  # its names, in its order, are the classes (labels.json recorded "0", "1", "2")
+        return _class_label_rows(rows, list(classes), name)
+    return _encode_labels(rows, name)
+
+
+def _class_label_rows(rows: list[tuple[str, Any, Any]], classes: list[str], source: str) -> TextDataset:
+    """Rows whose labels are the ids of a ``datasets.ClassLabel`` with ``classes``: the dataset's own classes and
+    order (a head trained on it keeps its outputs), every one of them, seen in the rows or not."""
+    for where, _, label in rows:
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(classes):
+            raise DataError(f"{where}: label {label!r} is not one of the {len(classes)} classes of its ClassLabel column "
+                            f"({', '.join(classes)}); an unlabelled split (-1) cannot be trained on")
+    if len({label for _, _, label in rows}) < 2:
+        raise DataError(f"{source}: the label column has a single value; need at least two classes")
+    return TextDataset([_text(text, where) for where, text, _ in rows], [label for _, _, label in rows], classes)
 
 
 def _hub_datasets_module(name: str) -> Any:

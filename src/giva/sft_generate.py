@@ -31,8 +31,9 @@ class Answer:
 def read_prompts(path: str) -> list[Prompt]:
     """The prompts of a file: JSON Lines (``.jsonl``, or ``.json`` also as one array) whose rows hold ``prompt`` (a
     text or a list of messages) or ``messages``; any other file (``-``: standard input) one prompt per non-empty line.
-    A conversation that ends with an assistant message (a row of `giva sft`'s ``messages`` form, its reference reply
-    last) is answered from the messages before that reply, which would otherwise be given away in the prompt."""
+    A ``messages`` row that ends with an assistant message (`giva sft`'s form, its reference reply last) is answered
+    from the messages before that reply, which would otherwise be given away in the prompt; a ``prompt`` is taken
+    whole, as `giva sft` trains on it."""
     if path == "-":
         return [line for line in sys.stdin.read().splitlines() if line.strip()]
     file = Path(path).expanduser()
@@ -49,7 +50,7 @@ def read_prompts(path: str) -> list[Prompt]:
         elif isinstance(value, list) and value and all(
             isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
         ) and (value[-1]["role"] != "assistant" or len(value) > 1):
-            if value[-1]["role"] == "assistant":
+            if value[-1]["role"] == "assistant" and "prompt" not in row:  # a giva sft messages row: its reference reply
                 value = value[:-1]
             prompts.append([{"role": m["role"], "content": m["content"]} for m in value])
         else:
