@@ -202,9 +202,10 @@ def test_a_conversation_ending_with_its_reply_is_answered_from_the_messages_befo
     rows.write_text(json.dumps({"messages": [user, reply]}) + "\n" + json.dumps({"prompt": [user]}) + "\n"
                     + json.dumps({"prompt": [user, reply]}) + "\n")  # a prompt is taken whole, as giva sft trains it
     assert read_prompts(str(rows)) == [[user], [user], [user, reply]]
-    for bad in ([{"role": "bot", "content": "hi"}], [{"role": "assistant", "content": "positive"}]):
+    for bad, message in (([{"role": "bot", "content": "hi"}], "messages\\[0\\] must be {\"role\": one of \\['system', "),
+                         ([reply], "'messages' holds only the assistant's reply; give the conversation before it")):
         rows.write_text(json.dumps({"messages": bad}) + "\n")
-        with pytest.raises(DataError, match=f"{rows}:1: expected 'prompt' "):
+        with pytest.raises(DataError, match=f"{rows}:1: {message}"):
             read_prompts(str(rows))
 
 

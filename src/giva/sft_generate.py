@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .data import DataError, _decode, _read_json_rows
-from .sft_data import ROLES
+from .sft_data import _messages
 
 Prompt = str | list[dict[str, str]]  # a text, or messages ({"role", "content"}) ending where the answer starts
 
@@ -44,19 +44,20 @@ def read_prompts(path: str) -> list[Prompt]:
         return [line for line in text.splitlines() if line.strip()]
     prompts: list[Prompt] = []
     for where, row in _read_json_rows(file, text, "'prompt' (a text or a list of messages) or 'messages'"):
-        value = row.get("prompt", row.get("messages"))
+        field = "prompt" if "prompt" in row else "messages"
+        value = row.get(field)
         if isinstance(value, str) and value.strip():
             prompts.append(value)
-        elif isinstance(value, list) and value and all(
-            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
-        ) and (value[-1]["role"] != "assistant" or len(value) > 1):
-            if value[-1]["role"] == "assistant" and "prompt" not in row:  # a giva sft messages row: its reference reply
-                value = value[:-1]
-            prompts.append([{"role": m["role"], "content": m["content"]} for m in value])
+        elif isinstance(value, list):
+            messages = _messages(value, where, field)  # as giva sft checks them: one line naming the message
+            if field == "messages" and messages[-1]["role"] == "assistant":  # a giva sft row: its reference reply
+                messages = messages[:-1]
+            if not messages:
+                raise DataError(f"{where}: 'messages' holds only the assistant's reply; give the conversation before it")
+            prompts.append(messages)
         else:
-            raise DataError(f"{where}: expected 'prompt' (a non-empty text or a list of {{\"role\": one of "
-                            f"{list(ROLES)}, \"content\"}} messages, not a lone assistant message) or 'messages', "
-                            f"got {row!r:.80}")
+            raise DataError(f"{where}: expected 'prompt' (a non-empty text or a list of {{\"role\", \"content\"}} "
+                            f"messages) or 'messages', got {row!r:.80}")
     if not prompts:
         raise DataError(f"--prompts {path!r} holds no prompt")
     return prompts

@@ -151,25 +151,25 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
     """
     modes = {module: module.training for module in model.modules()}
     caches = {id(c): c for m in modes if getattr(c := getattr(m, "config", None), "use_cache", None) is True}
-    rates: list[tuple[Any, str, float]] = []  # (a module or its config, attribute, rate)
+    rates: list[tuple[Any, str, float]] = []  # (a module or its config, attribute, rate), zeroed meanwhile
     functions: dict[nn.Module, Any] = {}
     for module in modes:  # the flags only, not model.eval(): a train() override has side effects of its own
         module.training = False  # (transformers' use_kernels would kernelize for inference, then calibrate through it)
     for config in caches.values():
         config.use_cache = False
     try:
+        owners: dict[int, Any] = {}  # the checkpointing modules and their configs (a config shared by many, once)
         for module in model.modules():
             if getattr(module, "gradient_checkpointing", False) is True:
                 module.training = True
-                config = getattr(module, "config", None)
-                for owner in (module, *([config] if config is not None else [])):
-                    for name, value in vars(owner).items():
-                        if name.endswith(TRAINING_RATES) and isinstance(value, float) and value > 0 and all(
-                                o is not owner or n != name for o, n, _ in rates):
-                            rates.append((owner, name, value))
+                for owner in (module, getattr(module, "config", None)):
+                    if owner is not None:
+                        owners[id(owner)] = owner
                 function = getattr(module, "_gradient_checkpointing_func", None)
                 if isinstance(function, partial) and _reentrant(function):
                     functions[module] = function
+        rates = [(owner, name, value) for owner in owners.values() for name, value in vars(owner).items()
+                 if name.endswith(TRAINING_RATES) and isinstance(value, float) and value > 0]
         for module, name, _ in rates:
             setattr(module, name, 0.0)
         for module, function in functions.items():
