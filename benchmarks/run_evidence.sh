@@ -38,7 +38,8 @@ committer() {
 }
 
 if [ "$COMMIT_EVERY" -gt 0 ]; then committer & COMMITTER=$!; fi
-phases=$(.venv/bin/python -c "import json; print(' '.join(p['name'] for p in json.load(open('benchmarks/suites/evidence.json'))['phases']))")
+# PHASES="runner-up-r8 runner-up-task2" runs those phases only (default: every phase, in suite order).
+phases=${PHASES:-$(.venv/bin/python -c "import json; print(' '.join(p['name'] for p in json.load(open('benchmarks/suites/evidence.json'))['phases']))")}
 for phase in $phases; do
     case " ${SKIP_PHASES:-} " in *" $phase "*) echo "=== phase $phase skipped (SKIP_PHASES)"; continue;; esac
     echo "=== phase $phase ($(date -u +%H:%M))"

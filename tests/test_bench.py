@@ -33,6 +33,7 @@ from giva.bench.runner import (
     choose_lr,
     dry_run,
     expand_phase,
+    lr_key,
     pending_runs,
     select_phases,
     settled_lr,
@@ -582,6 +583,50 @@ def test_adaptive_suite_settles_shares_the_probe_head_lr_and_its_dry_run_ends_em
     assert all("__h0.12__" in run_id for run_id in ran if "probe" not in run_id)
     assert {r["seed"] for r in runs if r["method"]["name"] == "giva-r8" and r["lr"] == 0.08} == {0, 1, 2, 3, 4}
     assert dry_run(suite, BENCH, tmp_path) == {"runs": [], "waiting": [], "estimate": {}}
+
+
+def test_a_runner_up_phase_runs_each_rows_runner_up_lr_on_the_claim_seeds_without_moving_the_choice(tmp_path: Path) -> None:
+    suite = _simulated_suite()
+    runner_up = Phase("runner-up", "t", ("giva-r8", "lora-r8"), lr="runner-up", seeds=(0, 1, 2, 3, 4))
+    suite = replace(suite, phases=(*suite.phases, runner_up))
+    assert pending_runs(suite, BENCH, runner_up, [])[0] == []  # nothing settled yet: every row waits
+    assert any("has not settled" in w or "probe" in w for w in pending_runs(suite, BENCH, runner_up, [])[1])
+    _simulate(suite, tmp_path, {"probe": 0.12, "giva-r8": 0.08, "lora-r8": 1.25e-4})
+    runs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert settled_lr(suite, BENCH, runs, "t", "giva-r8") == 0.08  # as without the phase: the choice did not move
+    rows = {r["method"]: r for r in aggregate(runs, probe_rule=True)}
+    assert rows["giva-r8"]["lr"] == 0.08 and rows["giva-r8"]["lr_chosen_on_seeds"] == [0, 1]
+    for method in ("giva-r8", "lora-r8"):
+        up = float(rows[method]["runner_up_lr"])
+        seeds = {r["seed"] for r in runs if r["method"]["name"] == method and r["lr"] == up and r["phase"] == "runner-up"}
+        assert seeds == {2, 3, 4}  # 0 and 1 ran in the sweep
+        others = {r["lr"] for r in runs if r["method"]["name"] == method} - {rows[method]["lr"], up}
+        assert others and all({r["seed"] for r in runs if r["method"]["name"] == method and r["lr"] == lr} == {0, 1}
+                              for lr in others)
+    rng = np.random.default_rng(0)
+    for r in runs:  # per-example test answers, as real runs keep them, so that the pairs get intervals
+        r["metrics"]["test_correct"] = "".join("1" if x else "0" for x in rng.random(200) < 0.8)
+        r["data"]["test_sha256"] = "x"
+    pair = evaluate_claims([{"claim": "c", "test": "non-inferior", "pairs": [["t/giva-r8", "t/lora-r8"]]}],
+                           aggregate(runs, probe_rule=True), [])[0]["pairs"][0]
+    assert [v["n_seeds"] for v in pair["lr_variants"]] == [5, 5] and "pending" not in {v["verdict"] for v in pair["lr_variants"]}
+    assert dry_run(suite, BENCH, tmp_path) == {"runs": [], "waiting": [], "estimate": {}}
+
+
+def test_a_runner_up_phase_refuses_seeds_that_would_enter_the_lr_choice(tmp_path: Path) -> None:
+    # A row of two LRs: its runner-up's extra seeds would be seeds every LR ran, and the choice would change with them.
+    task = TaskSpec(name="t", model="minilm", data="pang-lee")
+    sweep = Phase("grid", "t", ("giva-r8",), lr="adaptive", lr_factors=(1.0, 2.0), sweep_seeds=(0, 1), seeds=(0, 1, 2),
+                  max_lr_extensions=0)
+    runner_up = Phase("runner-up", "t", ("giva-r8",), lr="runner-up", seeds=(2,))
+    suite = SuiteSpec("sim", 1, "", {"t": task}, {"epochs": 1}, (sweep, runner_up), "t")
+    lr = load_method(BENCH, "giva-r8").lr
+    runs = [fake_run("giva-r8", "giva", lr_key(lr * f), s, 0.8 if f == 1.0 else 0.7, 0.5) for f in (1.0, 2.0) for s in (0, 1)]
+    runs += [fake_run("giva-r8", "giva", lr_key(lr), 2, 0.8, 0.5)]
+    todo, waiting = pending_runs(suite, BENCH, runner_up, runs)
+    assert todo == [] and len(waiting) == 1 and "would enter the LR choice" in waiting[0] and "t/giva-r8" in waiting[0]
+    assert pending_runs(suite, BENCH, replace(runner_up, methods=("lora-r8",)), runs)[0] == []
+    assert "no 'adaptive' phase of the suite sweeps t/lora-r8" in pending_runs(suite, BENCH, replace(runner_up, methods=("lora-r8",)), runs)[1][0]
 
 
 def test_dry_run_estimates_the_listed_runs_from_the_median_time_of_finished_runs(tmp_path: Path) -> None:

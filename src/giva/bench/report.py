@@ -22,8 +22,8 @@ from .runner import (
     choose_lr,
     load_runs,
     lr_key,
-    mean_validation,
     probe_rule_applies,
+    runner_up_lr,
     validation_by_lr,
     write_json_atomically,
 )
@@ -95,7 +95,7 @@ def aggregate(runs: list[dict[str, Any]], probe_rule: bool = False) -> list[dict
         if lr is None:  # no seed common to the LRs and no seed 0: take the LR the group ran at
             lr = group[0]["lr"]
         common = sorted(set.intersection(*(set(v) for v in vals.values())))
-        runner_up = _runner_up(vals, lr)
+        runner_up = runner_up_lr(vals, lr)
         chosen = sorted((r for r in group if lr_key(r["lr"]) == lr_key(lr)), key=lambda r: r["seed"])
         tests = [r["metrics"]["test_accuracy"] for r in chosen]
         mean, std = mean_std(tests)
@@ -146,16 +146,6 @@ def aggregate(runs: list[dict[str, Any]], probe_rule: bool = False) -> list[dict
         })
     rows.sort(key=lambda row: (row["task"], row["ablation"] is not None, row["family"], row["method"], row["ablation"] or ""))
     return rows
-
-
-def _runner_up(vals: dict[float, dict[int, float]], chosen: float) -> Optional[float]:
-    """The LR that the choice ranks second (the same rule as ``choose_lr``: mean validation over the seeds every
-    LR ran, seed 0 without such seeds; ties: the smaller LR); None with a single LR."""
-    common = set.intersection(*(set(v) for v in vals.values())) if vals else set()
-    if not common:
-        vals, common = {x: v for x, v in vals.items() if 0 in v}, {0}
-    others = [x for x in vals if f"{x:g}" != f"{chosen:g}"]
-    return max(others, key=lambda x: (mean_validation(vals[x], common), -x)) if others else None
 
 
 def _by_lr(group: list[dict[str, Any]], value: Any) -> dict[str, dict[int, Any]]:

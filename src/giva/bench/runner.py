@@ -126,6 +126,16 @@ def choose_lr(vals: dict[float, dict[int, float]]) -> Optional[float]:
     return max(vals, key=lambda lr: (mean_validation(vals[lr], common), -lr))
 
 
+def runner_up_lr(vals: dict[float, dict[int, float]], chosen: float) -> Optional[float]:
+    """The LR that the choice ranks second (the same rule as :func:`choose_lr`: mean validation over the seeds every
+    LR ran, seed 0 without such seeds; ties: the smaller LR); None with a single LR."""
+    common = set.intersection(*(set(v) for v in vals.values())) if vals else set()
+    if not common:
+        vals, common = {x: v for x, v in vals.items() if 0 in v}, {0}
+    others = [x for x in vals if f"{x:g}" != f"{chosen:g}"]
+    return max(others, key=lambda x: (mean_validation(vals[x], common), -x)) if others else None
+
+
 def adaptive_plan(
     initial: Sequence[float], sweep_seeds: Sequence[int], seeds: Sequence[int], vals: dict[float, dict[int, float]],
     step: float = 2.0, max_extensions: int = 4,
@@ -464,6 +474,43 @@ def adaptive_row(
     return [RunSpec(phase.name, phase.task, method_name, s, lr, ablation, head_lr) for lr, s in todo], chosen, ""
 
 
+def runner_up_row(
+    suite: SuiteSpec, root: Path, phase: Phase, runs: list[dict[str, Any]], method_name: str, ablation: Optional[Ablation],
+) -> tuple[list[RunSpec], str]:
+    """One row of a 'runner-up' phase: (its runner-up validation LR on every seed of ``phase.seeds`` it has not run,
+    why it cannot be planned yet or '').
+
+    The row is the one an 'adaptive' phase of the suite settles on ``phase.task`` (same method, same ablation tag); its
+    runner-up is :func:`runner_up_lr` of its finished runs. These runs give the report's runner-up variants
+    (:func:`giva.bench.stats.lr_variants`) the seeds a verdict needs; they must not move the choice they test, so
+    every added seed must be one that some third LR of the row has not run (``choose_lr`` and ``runner_up_lr`` rank
+    LRs on the seeds every LR ran): a row of two LRs gets no runs, and says so.
+    """
+    tag = ablation.tag if ablation else None
+    row = f"{phase.task}/{method_name}" + (f":{tag}" if tag else "")
+    sweep = next((p for p in suite.phases if p.lr == "adaptive" and p.task == phase.task and method_name in p.methods
+                  and tag in ({a.tag for a in p.ablations} if p.ablations else {None})), None)
+    if sweep is None:
+        return [], f"no 'adaptive' phase of the suite sweeps {row}"
+    _, chosen, why = adaptive_row(suite, root, sweep, runs, method_name, ablation)
+    if why or chosen is None:
+        return [], why or f"the LR sweep of {row} (phase {sweep.name!r}) has not settled"
+    head_lr, _ = shared_head_lr(suite, root, runs, phase.task, load_method(root, method_name))
+    group = _row_runs(runs, phase.task, method_name, tag)
+    if head_lr is not None:
+        group = [r for r in group if lr_key(r["head_lr"]) == head_lr]
+    vals = validation_by_lr(group)
+    runner_up = runner_up_lr(vals, chosen)
+    if runner_up is None:
+        return [], f"{row} ran a single LR: it has no runner-up"
+    seeds = [s for s in phase.seeds if s not in vals[runner_up]]
+    others = [lr for lr in vals if lr not in (lr_key(chosen), runner_up)]
+    if not all(any(s not in vals[lr] for lr in others) for s in seeds):
+        return [], (f"{row}: more seeds at its runner-up LR {runner_up:g} would enter the LR choice (no third LR lacks "
+                    f"them), so they are not run")
+    return [RunSpec(phase.name, phase.task, method_name, s, runner_up, ablation, head_lr) for s in seeds], ""
+
+
 def settled_lr(suite: SuiteSpec, root: Path, runs: list[dict[str, Any]], task: str, method: str) -> Optional[float]:
     """The LR the suite's 'adaptive' phase of ``method`` on ``task`` settled on (no ablation); None while open."""
     for phase in suite.phases:
@@ -480,7 +527,7 @@ def pending_runs(
     done = {r["run_id"] for r in runs}
     specs: list[RunSpec] = []
     waiting: list[str] = []
-    if phase.lr != "adaptive":
+    if phase.lr not in ("adaptive", "runner-up"):
         for spec in expand_phase(phase, root, runs):
             head_lr, why = shared_head_lr(suite, root, runs, phase.task, load_method(root, spec.method))
             if why:
@@ -490,7 +537,10 @@ def pending_runs(
         return specs, list(dict.fromkeys(waiting))
     for method in phase.methods:
         for ablation in phase.ablations or (None,):
-            todo, _, why = adaptive_row(suite, root, phase, runs, method, ablation)
+            if phase.lr == "runner-up":
+                todo, why = runner_up_row(suite, root, phase, runs, method, ablation)
+            else:
+                todo, _, why = adaptive_row(suite, root, phase, runs, method, ablation)
             specs += [s for s in todo if s.run_id not in done]
             if why:
                 waiting.append(f"{phase.name}/{method}: waits: {why}")

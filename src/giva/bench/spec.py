@@ -24,7 +24,7 @@ from .stats import CONFIDENCE, MIN_SEEDS, claim_test, split_ref
 METHOD_KINDS = ("none", "floor", "probe", "full", "peft", "osora")
 UNTRAINED_KINDS = ("none", "floor")
 PHASE_KINDS = ("train", "speed")
-LR_RULES = ("sweep", "best", "default", "adaptive")
+LR_RULES = ("sweep", "best", "default", "adaptive", "runner-up")
 # GiVA's gradient: taken on the model as the task loads it, or ("unquantised") on the same weights loaded without
 # the task's quantisation, the bases then copied onto the quantised model that trains
 BASES_FROM = ("task", "unquantised")
@@ -171,7 +171,9 @@ class Phase:
     'adaptive': each row sweeps ``centre x lr_factors`` on ``sweep_seeds`` (centre: the method's LR, or
     the LR chosen on ``lr_from_task``), keeps adding ``centre / lr_step`` or ``x lr_step`` while the best
     mean validation accuracy sits strictly at an edge (at most ``max_lr_extensions`` times), then runs
-    the chosen LR on every seed of ``seeds``.
+    the chosen LR on every seed of ``seeds``. 'runner-up': each row (settled by the suite's 'adaptive' phase of that
+    task, method and ablation) runs its runner-up validation LR on every seed of ``seeds``, so that the report's
+    runner-up variants of a claim pair get the seeds a verdict needs (:func:`giva.bench.runner.runner_up_row`).
     """
 
     name: str
