@@ -74,7 +74,10 @@ _DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, r
 )
 def test_two_rank_training_keeps_replicas_identical_and_reloads(script, tmp_path):
     out = tmp_path / script.removesuffix(".py")
-    reloaded = _check(run_torchrun(script, out).json(), out)
+    records = run_torchrun(script, out).json()
+    reloaded = _check(records, out)
+    if script == "train_deepspeed.py":  # full_state_dict gathered the partitioned vectors (it read them empty)
+        assert [r["empty_before_training"] for r in records] == [[], []]
     if script == "train_trainer.py":
         return  # the Trainer shuffles its rows: no hand-made reference batches to compare with
     # Data parallelism averaged the ranks' gradients (DDP, FSDP2's reduce-scatter, ZeRO-3's partitioned
@@ -84,6 +87,16 @@ def test_two_rank_training_keeps_replicas_identical_and_reloads(script, tmp_path
     assert trained.keys() == reference.keys() and len(trained) > 0
     for name, value in reference.items():
         torch.testing.assert_close(trained[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_trainer_callback_raises_on_every_rank_when_the_ranks_disagree_on_which_adapters_need_bases(tmp_path):
+    """Rank 0's adapter has bases when training begins (a checkpoint only its node holds, loaded after the wrap as under
+    FSDP or ZeRO-3), rank 1's has not: before, only rank 1 entered initialize's collectives, pairing them with rank 0's
+    gradient all-reduces."""
+    records = run_torchrun("init_disagree.py", tmp_path, timeout_s=180).json()
+    for record in records:
+        assert record["error"] is not None and "disagree on which adapters still need bases" in record["error"]
+        assert "process 0: none" in record["error"] and "process 1: ['default']" in record["error"]
 
 
 def _differing(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> list[str]:
@@ -128,6 +141,37 @@ def test_one_process_helpers_keep_giva_tensors_only_and_find_no_mismatch():
     assert state and all("giva_" in name for name in state)
     assert replication_mismatches(model) == []
     assert unwrap_model(torch.compile(model)) is model  # compiling is lazy: nothing runs here
+
+
+def test_full_state_dict_of_an_fsdp1_model_keeps_its_trained_head(tmp_path):
+    """FSDP1 (``use_orig_params=True``, the Trainer's and Accelerate's default) puts ``_fsdp_wrapped_module.`` into
+    module names but not into state-dict keys: the head's keys did not match, and the documented save raised
+    ``KeyError: 'modules_to_save.default.weight'`` after training. A one-rank process group is enough to wrap."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from giva.integrations.distributed import full_state_dict, unwrap_model
+
+    torch.manual_seed(0)
+    config = giva.GivaConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_weights=False)
+    model = get_peft_model(tiny_bert(), config)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.normal_()
+    plain = full_state_dict(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        wrapped = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+        state = full_state_dict(wrapped)
+        assert state.keys() == plain.keys()
+        unwrap_model(wrapped).save_pretrained(str(tmp_path / "adapter"), state_dict=state)
+    finally:
+        dist.destroy_process_group()
+    reloaded = PeftModel.from_pretrained(tiny_bert(), str(tmp_path / "adapter")).eval()
+    probe = text_batches(n=1)[0]["input_ids"]
+    expected = get_peft_model(tiny_bert(), config)
+    expected.load_state_dict(plain, strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=probe).logits, expected.eval()(input_ids=probe).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("bias", ["none", "giva_only", "all"])

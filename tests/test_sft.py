@@ -14,6 +14,7 @@ import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -33,7 +34,19 @@ from tiny_models import QUANTISABLE, TRANSFORMERS_4, tiny_llama
 
 cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py); the device script runs -m cuda
 # the GPU machine lacks TRL: the device script installs it from wheels it carries (benchmarks/gpu/run_on_device.sh)
-needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL is not installed (pip install 'giva[sft]')")
+def _trl_error() -> Optional[str]:
+    """Why TRL's SFTTrainer cannot be imported (not installed, or a carried wheel that does not import there), or None."""
+    if importlib.util.find_spec("trl") is None:
+        return "TRL is not installed (pip install 'giva[sft]')"
+    try:
+        from trl import SFTTrainer  # noqa: F401
+    except Exception as error:  # e.g. its datasets against another pyarrow: skipped, named, not five errors
+        return f"TRL does not import here: {type(error).__name__}: {error}"
+    return None
+
+
+_TRL_ERROR = _trl_error()
+needs_trl = pytest.mark.skipif(_TRL_ERROR is not None, reason=_TRL_ERROR or "")
 ON_CUDA_TOO = ["cpu", pytest.param("cuda", marks=[cuda, needs_trl])]
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
@@ -2197,6 +2210,17 @@ def test_a_resume_checks_the_kept_file_against_the_logged_validation_losses(tmp_
     check_kept_file(tmp_path, history, 6)
     with pytest.raises(FileNotFoundError, match="best-8.safetensors is missing"):
         check_kept_file(tmp_path, history, 8)
+
+
+def test_processes_that_found_different_checkpoints_all_refuse_to_resume():
+    from giva.sft_checkpoints import check_same_resume
+
+    check_same_resume([None, None], "ck")  # a fresh start everywhere
+    check_same_resume([4, 4], "ck")
+    for steps, seen in (([4, None], "process 0: step 4, process 1: a fresh start"),
+                        ([2, 4], "process 0: step 2, process 1: step 4")):
+        with pytest.raises(RuntimeError, match=rf"found different checkpoints in --checkpoint-dir 'ck' \({seen}\)"):
+            check_same_resume(steps, "ck")
 
 
 def test_the_kept_adapter_on_disk_is_the_newest_up_to_the_resumed_step(tmp_path):

@@ -30,6 +30,7 @@ from .data import DataError
 from .sft_best import BestAdapter
 from .sft_checkpoints import (
     check_checkpoints,
+    check_same_resume,
     checkpoint_state,
     finished_checkpoints,
     is_finished,
@@ -530,6 +531,7 @@ def _agreed(work: Any, run_here: bool, what: str) -> None:
 def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData,
            resume_from: Optional[str] = None) -> tuple[SFTResult, Any, Any]:
     from .finetune import directory_bytes, save_atomically
+    from .integrations.distributed import every_rank
     from .integrations.trainer import GivaInitCallback
 
     with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
@@ -546,6 +548,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
                                on_main=lambda work: _agreed(work, first, "the first process failed to write the "
                                                                        "--keep-best file"))  # every process raises
         trainer = make_trainer(options, device, path, tokenizer, data, scratch, resumed.get("global_step"), best)
+        check_same_resume(every_rank(resumed.get("global_step")), options.checkpoints)  # the launch's group exists now
         if best is not None:
             on_every_process(lambda: best.start(resumed.get("global_step")),
                              "--keep-best: reading the kept adapter of the checkpoint folder failed on a process of the launch")

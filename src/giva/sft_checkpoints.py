@@ -171,6 +171,18 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
     return options, str(done[-1])
 
 
+def check_same_resume(steps: list[Optional[int]], folder: str) -> None:
+    """Raise unless every process of a launch resumes from the same step (``steps``: each process's, None for a fresh
+    start, rank 0 first). Each process reads --checkpoint-dir on its own, so on a disk that only some nodes see they
+    would train from different steps, their collectives paired with unrelated ones; every process holds the same list,
+    so every process raises."""
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"process {rank}: {'a fresh start' if step is None else f'step {step}'}"
+                         for rank, step in enumerate(steps))
+        raise RuntimeError(f"--resume: the processes of the launch found different checkpoints in --checkpoint-dir "
+                           f"{folder!r} ({seen}); give every process the same folder (on a disk every node reads)")
+
+
 def write_record(options: SFTOptions, data: SFTData) -> None:
     from .checkpoint import atomic_file
 

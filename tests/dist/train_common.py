@@ -13,9 +13,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -97,21 +95,15 @@ def probe_batch() -> dict:
     return text_batches(n=1, batch=2, length=12, labels="lm", seed=PROBE_SEED)[0]
 
 
-def finish(
-    model: nn.Module, losses: list[float], extra: dict | None = None, gathered: Callable[[], Any] = nullcontext,
-) -> None:
-    """Check replication, save rank 0's adapter + probe logits, write this rank's JSON (all ranks call it).
-
-    ``gathered`` is a context in which every parameter is whole (DeepSpeed ZeRO-3 partitions them).
-    """
+def finish(model: nn.Module, losses: list[float], extra: dict | None = None) -> None:
+    """Check replication, save rank 0's adapter + probe logits, write this rank's JSON (all ranks call it)."""
     out = out_dir()
     rank, world = dist.get_rank(), dist.get_world_size()
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=probe_batch()["input_ids"]).logits  # a collective under FSDP2 / ZeRO-3
-    with gathered():
-        mismatches = replication_mismatches(model)
-        state = {k: v.clone() for k, v in full_state_dict(model).items()}  # a collective under FSDP2
+    mismatches = replication_mismatches(model)
+    state = full_state_dict(model)  # a collective under FSDP2 and ZeRO-3
     inner = unwrap_model(model)
     if rank == 0:
         inner.save_pretrained(str(out / "adapter"), state_dict=state)

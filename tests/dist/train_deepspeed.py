@@ -16,11 +16,15 @@ import teardown  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from train_common import LR, finish, initialized_model, train  # noqa: E402
 
+from giva.integrations.distributed import full_state_dict  # noqa: E402
+
 CONFIG = {
     "train_micro_batch_size_per_gpu": 4,
     "gradient_accumulation_steps": 1,
     "optimizer": {"type": "AdamW", "params": {"lr": LR, "torch_adam": True}},
-    "zero_optimization": {"stage": 3},
+    # Threshold 0: every parameter partitioned, the vectors too (below the default 1e5 elements ZeRO-3 keeps a
+    # parameter whole on every rank after its first fetch, which hid partitioned reads).
+    "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
     "steps_per_print": 1000,
 }
 
@@ -34,12 +38,14 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=CONFIG
     )
+    # Before the first forward every vector is partitioned: full_state_dict read each as an empty tensor (an adapter
+    # of empty vectors saved without an error) until it gathered them itself.
+    empty = sorted(name for name, tensor in full_state_dict(engine).items() if tensor.numel() == 0)
     losses = train(engine, batches, engine.step, backward=engine.backward)
-    params = list(engine.module.parameters())
-    finish(
-        engine, losses, {"calibration_loss": report.losses, "zero_stage": engine.zero_optimization_stage()},
-        gathered=lambda: deepspeed.zero.GatheredParameters(params, modifier_rank=None),
-    )
+    # No GatheredParameters here: full_state_dict and replication_mismatches gather the partitioned vectors themselves
+    # (they read them as empty tensors before, and saved an adapter of empty vectors).
+    finish(engine, losses, {"calibration_loss": report.losses, "zero_stage": engine.zero_optimization_stage(),
+                                "empty_before_training": empty})
     teardown.end()  # every output is written: leave without finalisation (see teardown.py)
 
 

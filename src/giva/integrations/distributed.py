@@ -41,6 +41,16 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def every_rank(value: object) -> list:
+    """``value`` as each rank of the process group has it, rank 0 first (a collective: every rank calls it);
+    ``[value]`` outside a process group of more than one rank. For small picklable values (names, steps)."""
+    if not is_distributed():
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP (``.module``), ``torch.compile`` (``._orig_mod``) and similar wrappers.
 
@@ -68,7 +78,8 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def full_state_dict(model: nn.Module, prefix: Optional[str] = GIVA_PREFIX) -> dict[str, torch.Tensor]:
-    """The state dict with every DTensor gathered (every rank must call this; all get the same dict).
+    """The state dict with every DTensor gathered, and every DeepSpeed ZeRO-3 partitioned parameter (every rank must
+    call this; all get the same dict).
 
     ``prefix`` keeps the keys with that name part, and the other tensors PEFT's save of the adapters
     reads (see :func:`_trained_besides`): by default GiVA's tensors and those, enough for
@@ -78,11 +89,27 @@ def full_state_dict(model: nn.Module, prefix: Optional[str] = GIVA_PREFIX) -> di
     inner = unwrap_model(model)
     state = inner.state_dict()
     besides = _trained_besides(inner, state) if prefix is not None else set()
-    return {
-        name: _local(tensor).cpu()
-        for name, tensor in state.items()
-        if prefix is None or prefix in name or name in besides
-    }
+    kept = [name for name in state if prefix is None or prefix in name or name in besides]
+    partitioned = _zero3_partitioned(inner, set(kept))
+    if not partitioned:
+        return {name: _local(state[name]).cpu() for name in kept}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):  # a collective, like FSDP2's gather
+        state = inner.state_dict()  # the whole values, copied: leaving the block partitions them again
+        return {name: _local(state[name]).cpu().clone() for name in kept}
+
+
+def _zero3_partitioned(model: nn.Module, names: set[str]) -> list[nn.Parameter]:
+    """The parameters among ``names`` that DeepSpeed ZeRO-3 holds partitioned right now (outside a gather each rank
+    has only its slice, and ``state_dict()`` gives empty tensors for them); none without ZeRO-3 or inside a
+    ``GatheredParameters`` block of the caller's, which this must not end early."""
+    found = [p for name, p in model.named_parameters() if name in names and hasattr(p, "ds_tensor")]
+    if not found:
+        return []
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    return [p for p in found if p.ds_status != ZeroParamStatus.AVAILABLE]
 
 
 def _trained_besides(model: nn.Module, state: dict[str, torch.Tensor]) -> set[str]:
@@ -95,7 +122,7 @@ def _trained_besides(model: nn.Module, state: dict[str, torch.Tensor]) -> set[st
     """
     configs = getattr(model, "peft_config", None) or {}
     keys = {
-        f"{module_name}.{key}"
+        f"{_clean(module_name)}.{key}"
         for module_name, module in model.named_modules()
         if isinstance(module, AuxiliaryTrainingWrapper)
         for adapter_name in configs
@@ -104,6 +131,17 @@ def _trained_besides(model: nn.Module, state: dict[str, torch.Tensor]) -> set[st
     if any(getattr(config, "bias", "none") != "none" for config in configs.values()):
         keys.update(name for name in state if name.endswith(".bias"))
     return keys
+
+
+WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP1's and activation checkpointing's
+
+
+def _clean(module_name: str) -> str:
+    """A module name as the state dict's keys give it: FSDP1 and checkpoint wrappers add a name part to the module
+    path that ``state_dict()`` leaves out (FSDP1's full state dict, ``use_orig_params=True``, the Trainer default)."""
+    for part in WRAPPER_NAMES:
+        module_name = module_name.replace(part, "")
+    return module_name
 
 
 def replication_mismatches(model: nn.Module, prefix: str = GIVA_PREFIX) -> list[str]:

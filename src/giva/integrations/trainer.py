@@ -24,7 +24,7 @@ from ..init import (
 from ..init.accumulate import check_num_batches
 from ..init.capture import LossFn, half_precision_vectors, unwrap
 from ..init.session import check_statistic
-from .distributed import launcher_mismatch
+from .distributed import every_rank, launcher_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,13 @@ class GivaInitCallback(TrainerCallback):
             logger.info("GiVA: %s copied from %s when added (TRL's reference adapter): not initialised here",
                         sorted(mirrors), sorted(set(mirrors.values())))
         pending = [name for name in giva_configs(model) if name not in mirrors and not bases_initialized(model, name)]
+        views = every_rank(pending)  # initialize is a collective: a rank that skips it would leave the others waiting
+        if any(view != pending for view in views):
+            seen = ", ".join(f"process {rank}: {view or 'none'}" for rank, view in enumerate(views))
+            raise RuntimeError(
+                f"GivaInitCallback: the processes disagree on which adapters still need bases ({seen}); some resumed "
+                "from a checkpoint that the others did not (a resume_from_checkpoint or --checkpoint-dir on a disk "
+                "that only some nodes see?): give every process the same checkpoint, or none")
         for name in pending:
             self.report = initialize(
                 model, train_dataloader, self.num_batches, self.loss_fn, adapter_name=name, progress=self.progress,
