@@ -40,7 +40,7 @@ from giva.bench.runner import (
     write_json_atomically,
 )
 from giva.bench.schema import RUN_SCHEMA
-from giva.bench.spec import Phase, SecondLook, SuiteSpec, TaskSpec, load_method, load_suite
+from giva.bench.spec import Ablation, Phase, SecondLook, SuiteSpec, TaskSpec, load_method, load_suite
 from giva.bench.stats import (
     MIN_SEEDS,
     RULES,
@@ -625,6 +625,18 @@ def test_a_runner_up_phase_refuses_seeds_that_would_enter_the_lr_choice(tmp_path
     runs += [fake_run("giva-r8", "giva", lr_key(lr), 2, 0.8, 0.5)]
     todo, waiting = pending_runs(suite, BENCH, runner_up, runs)
     assert todo == [] and len(waiting) == 1 and "would enter the LR choice" in waiting[0] and "t/giva-r8" in waiting[0]
+    # Three LRs, an ablation row: the runs take the sweep's definition of the tag (a runner-up phase naming the tag
+    # alone trained without its overrides, stored under its row), at the runner-up of the report's choice.
+    r32 = Ablation("r32", peft={"r": 32})
+    sweep3 = replace(sweep, lr_factors=(0.5, 1.0, 2.0), ablations=(r32,))
+    bare = replace(runner_up, ablations=(Ablation("r32"),), seeds=(0, 1, 2))
+    row = [fake_run("giva-r8", "giva", lr_key(lr * f), s, {0.5: 0.7, 1.0: 0.8, 2.0: 0.75}[f], 0.5)
+           for f in (0.5, 1.0, 2.0) for s in (0, 1)] + [fake_run("giva-r8", "giva", lr_key(lr), 2, 0.8, 0.5)]
+    for r in row:
+        r["ablation"] = "r32"
+    suite3 = replace(suite, phases=(sweep3, bare))
+    (spec,) = pending_runs(suite3, BENCH, bare, row)[0]
+    assert (spec.lr, spec.seed, spec.ablation) == (lr_key(lr * 2.0), 2, r32)
     assert pending_runs(suite, BENCH, replace(runner_up, methods=("lora-r8",)), runs)[0] == []
     assert "no 'adaptive' phase of the suite sweeps t/lora-r8" in pending_runs(suite, BENCH, replace(runner_up, methods=("lora-r8",)), runs)[1][0]
 

@@ -78,6 +78,7 @@ def test_two_rank_training_keeps_replicas_identical_and_reloads(script, tmp_path
     reloaded = _check(records, out)
     if script == "train_deepspeed.py":  # full_state_dict gathered the partitioned vectors (it read them empty)
         assert [r["empty_before_training"] for r in records] == [[], []]
+        assert [r["same_inside_a_gather"] for r in records] == [True, True]
     if script == "train_trainer.py":
         return  # the Trainer shuffles its rows: no hand-made reference batches to compare with
     # Data parallelism averaged the ranks' gradients (DDP, FSDP2's reduce-scatter, ZeRO-3's partitioned

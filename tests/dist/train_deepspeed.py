@@ -13,6 +13,7 @@ import sys  # noqa: E402
 
 import deepspeed  # noqa: E402
 import teardown  # noqa: E402
+import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from train_common import LR, finish, initialized_model, train  # noqa: E402
 
@@ -42,10 +43,16 @@ def main() -> None:
     # of empty vectors saved without an error) until it gathered them itself.
     empty = sorted(name for name, tensor in full_state_dict(engine).items() if tensor.numel() == 0)
     losses = train(engine, batches, engine.step, backward=engine.backward)
+    # Inside a GatheredParameters block of the caller's it gathers nothing more (DeepSpeed refuses a nested gather of
+    # the same parameters) and reads what it reads outside.
+    outside = full_state_dict(engine)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        inside = full_state_dict(engine)
+    same_inside = inside.keys() == outside.keys() and all(torch.equal(inside[k], outside[k]) for k in inside)
     # No GatheredParameters here: full_state_dict and replication_mismatches gather the partitioned vectors themselves
     # (they read them as empty tensors before, and saved an adapter of empty vectors).
     finish(engine, losses, {"calibration_loss": report.losses, "zero_stage": engine.zero_optimization_stage(),
-                                "empty_before_training": empty})
+                                "empty_before_training": empty, "same_inside_a_gather": same_inside})
     teardown.end()  # every output is written: leave without finalisation (see teardown.py)
 
 

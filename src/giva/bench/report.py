@@ -348,8 +348,9 @@ def lr_variants_markdown(claims: list[dict[str, Any]]) -> list[str]:
     return ["## Claims at the runner-up LR", "",
             "Each decided accuracy pair again, with one of its rows at the LR that its validation choice ranked second "
             "(mean validation over the sweep seeds; ties go to the smaller LR, so a tied LR is the runner-up), the other "
-            "at its chosen LR, over the seeds both ran: a runner-up LR usually ran only the 2 sweep seeds (0 and 1), so "
-            f"its interval is wider for that alone, and below {MIN_SEEDS} paired seeds it is shown without a verdict "
+            "at its chosen LR, over the seeds both ran: a runner-up LR ran the 2 sweep seeds (0 and 1), and the claim "
+            "seeds too where a 'runner-up' phase ran them; over 2 seeds its interval is wider for that alone, and below "
+            f"{MIN_SEEDS} paired seeds it is shown without a verdict "
             "('pending', as for a pair): 2 seeds say too little of the seed-to-seed spread to decide. With "
             f"{MIN_SEEDS} seeds, a verdict that turns over (supported against contradicted) is what the LR choice decides. The run JSONs hold "
             "validation accuracy, not per-example validation answers, so an interval that redoes the choice on "

@@ -492,14 +492,19 @@ def runner_up_row(
                   and tag in ({a.tag for a in p.ablations} if p.ablations else {None})), None)
     if sweep is None:
         return [], f"no 'adaptive' phase of the suite sweeps {row}"
-    _, chosen, why = adaptive_row(suite, root, sweep, runs, method_name, ablation)
-    if why or chosen is None:
+    ablation = next((a for a in sweep.ablations if a.tag == tag), None)  # the row's own definition, not a namesake's
+    _, settled, why = adaptive_row(suite, root, sweep, runs, method_name, ablation)
+    if why or settled is None:
         return [], why or f"the LR sweep of {row} (phase {sweep.name!r}) has not settled"
     head_lr, _ = shared_head_lr(suite, root, runs, phase.task, load_method(root, method_name))
     group = _row_runs(runs, phase.task, method_name, tag)
     if head_lr is not None:
         group = [r for r in group if lr_key(r["head_lr"]) == head_lr]
     vals = validation_by_lr(group)
+    chosen = choose_lr(vals)  # the report's choice (every LR the row ran), which the sweep's must be
+    if chosen is None or lr_key(chosen) != lr_key(settled):
+        return [], (f"{row}: the report would choose LR {chosen} from the row's runs, its sweep settled on {settled:g} "
+                    "(runs at LRs outside its sweep?): no runner-up runs until they agree")
     runner_up = runner_up_lr(vals, chosen)
     if runner_up is None:
         return [], f"{row} ran a single LR: it has no runner-up"

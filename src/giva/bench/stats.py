@@ -262,8 +262,8 @@ def _at_lr(row: dict[str, Any], lr: str) -> tuple[dict, dict]:
 
 def lr_variants(test: str, a_row: dict[str, Any], b_row: dict[str, Any]) -> list[dict[str, Any]]:
     """The pair again with one row at its runner-up validation LR (the other at its chosen one): how much of a
-    verdict rests on the LR choice. A runner-up LR usually ran only the sweep seeds, so these intervals are
-    over fewer seeds than the declared pair's; like a pair, a variant below MIN_SEEDS paired seeds gets no verdict
+    verdict rests on the LR choice. A runner-up LR ran the sweep seeds, and the claim seeds only where a 'runner-up'
+    phase ran them (otherwise these intervals are over fewer seeds than the declared pair's); like a pair, a variant below MIN_SEEDS paired seeds gets no verdict
     ('pending', its interval kept) and does not count towards the pair's LR robustness (:func:`lr_robust`)."""
     out = []
     for side, row in (("a", a_row), ("b", b_row)):
