@@ -15,6 +15,9 @@ fi
 "$PY312" -m venv "$VENV"
 # and what the image has of TRL's and datasets' needs (KINDS.md's package list), without TRL, datasets, dill and
 # multiprocess, which travel as wheels (benchmarks/gpu/wheels/sft)
-"$VENV/bin/python" -m pip install -q "torch==2.11.0" "transformers==5.17.0" "huggingface-hub==1.33.0" accelerate pytest \
-    "peft==0.17.0" safetensors numpy pandas pyarrow xxhash fsspec httpx requests tqdm pyyaml psutil jinja2
+# (versions as the device's pip list gives them, KINDS.md: accelerate 1.15.0, tokenizers 0.23.2, safetensors 0.8.0; and
+# setuptools, which the image has and a fresh venv lacks, so that the script's `pip install .` path runs here too)
+"$VENV/bin/python" -m pip install -q "torch==2.11.0" "transformers==5.17.0" "huggingface-hub==1.33.0" \
+    "accelerate==1.15.0" "tokenizers==0.23.2" "safetensors==0.8.0" "setuptools>=77" pytest \
+    "peft==0.17.0" numpy pandas pyarrow xxhash fsspec httpx requests tqdm pyyaml psutil jinja2
 "$VENV/bin/python" -c 'import torch, transformers; print(f"device_env.sh: {torch.__version__}, transformers {transformers.__version__}")'
