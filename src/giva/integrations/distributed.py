@@ -109,7 +109,8 @@ def _zero3_partitioned(model: nn.Module, names: set[str]) -> list[nn.Parameter]:
         return []
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    if any(p.ds_status == ZeroParamStatus.INFLIGHT for p in found):  # half fetched: inside a forward, or a hook
+    # half fetched (inside a forward, or a hook) on any rank: every rank raises, none is left waiting in the gather
+    if any(every_rank(any(p.ds_status == ZeroParamStatus.INFLIGHT for p in found))):
         raise RuntimeError("full_state_dict: DeepSpeed ZeRO-3 is still fetching some of the adapter's parameters "
                            "(called from inside a forward or a hook?); call it between training steps")
     return [p for p in found if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
