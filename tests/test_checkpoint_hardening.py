@@ -12,9 +12,11 @@ import warnings
 import zlib
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from ckpt_child import adapter_model
+from packaging.version import Version
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -466,3 +468,60 @@ def test_a_checkpoint_of_an_older_giva_that_lost_a_written_basis_names_that_caus
     folder = _edited(tmp_path / "adapter", tmp_path, tensors=as_older_giva_saved_it)
     with pytest.raises(ValueError, match=r"regenerate differently.*saved by an older giva from an adapter whose seeded basis was modified after creation"):
         PeftModel.from_pretrained(_fresh_base(), str(folder))
+
+
+def test_a_save_over_a_folder_named_like_a_file_it_writes_raises_and_keeps_the_folder(tmp_path):
+    """PEFT's save fails writing ``adapter_config.json`` where a folder has that name; the atomic swap would
+    instead drop the folder with what it holds. It raises before the swap and the target stays as it was."""
+    model = get_peft_model(tiny_bert(), GivaConfig(r=2, variant="random"))
+    in_the_way = tmp_path / "out" / "adapter_config.json"
+    in_the_way.mkdir(parents=True)
+    (in_the_way / "notes.txt").write_text("mine")
+    with pytest.raises(IsADirectoryError, match="adapter_config.json there is a folder, where the save writes a file"):
+        model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["adapter_config.json", "notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left behind
+    model.save_pretrained(tmp_path / "elsewhere")
+    assert torch.equal(load(tmp_path / "elsewhere"), logits(model.eval()))
+
+
+# ------------------------------------------------- a model wrapped by activation checkpointing (or FSDP1)
+
+
+@pytest.mark.skipif(
+    Version(peft.__version__) < Version("0.22"),
+    reason="PEFT < 0.22 itself drops the tensors of wrapped layers from the save, for every method (PEFT #3876)",
+)
+@pytest.mark.parametrize("variant", ["random", "VrUr", "weight"])
+def test_a_save_of_an_activation_checkpointed_model_is_the_unwrapped_save(tmp_path, variant):
+    """torch's ``checkpoint_wrapper`` (accelerate's FSDP activation checkpointing) adds ``_checkpoint_wrapped_module``
+    to ``named_modules()`` names but not to ``state_dict()`` keys: the extra keys GiVA writes (seeded-basis checksums,
+    the bases of a deferred ``weight`` SVD) must carry the keys' names, or the save holds a checksum for a layer no
+    model has and a reload cannot check what it regenerates."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    def wrapped_and_plain() -> tuple[torch.nn.Module, torch.nn.Module]:
+        models = []
+        for _ in range(2):
+            model = get_peft_model(tiny_bert(), GivaConfig(r=2, variant=variant, init_weights=False)).eval()
+            torch.manual_seed(1)
+            for name, param in model.named_parameters():
+                if "giva_lambda" in name:
+                    param.data.normal_()
+            models.append(model)
+        return models[0], models[1]
+
+    wrapped, plain = wrapped_and_plain()
+    apply_activation_checkpointing(wrapped, check_fn=lambda module: isinstance(module, BertLayer))
+    assert any("_checkpoint_wrapped_module" in name for name, _ in wrapped.named_modules())
+    wrapped.save_pretrained(tmp_path / "wrapped")
+    plain.save_pretrained(tmp_path / "plain")
+    saved = load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
+    expected = load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    assert sorted(saved) == sorted(expected)
+    for key in expected:
+        assert torch.equal(saved[key], expected[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "records no checksum of its seeded bases" warning
+        assert torch.equal(load(tmp_path / "wrapped"), logits(plain))

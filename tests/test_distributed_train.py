@@ -79,6 +79,11 @@ def test_two_rank_training_keeps_replicas_identical_and_reloads(script, tmp_path
     if script == "train_deepspeed.py":  # full_state_dict gathered the partitioned vectors (it read them empty)
         assert [r["empty_before_training"] for r in records] == [[], []]
         assert [r["same_inside_a_gather"] for r in records] == [True, True]
+    if script == "train_fsdp2.py":  # merge_adapter after a forward reached every rank's shards, and unmerge undid it
+        for record in records:
+            assert record["merged_weights_changed"] == record["base_weights"] > 0
+            assert record["merged_logits_max_diff"] < 1e-4 and record["unmerged_logits_max_diff"] < 1e-4
+            assert record["unmerged_weights_max_diff"] < 1e-6
     if script == "train_trainer.py":
         return  # the Trainer shuffles its rows: no hand-made reference batches to compare with
     # Data parallelism averaged the ranks' gradients (DDP, FSDP2's reduce-scatter, ZeRO-3's partitioned

@@ -61,6 +61,20 @@ def test_casting_the_wrapped_model_keeps_fp32_orthonormal_bases(batches, cast):
     assert _logits(model, batches[0]).dtype == dtype  # bases cast at use
 
 
+def test_a_cast_that_loses_nothing_reaches_the_bases_and_one_back_keeps_them_exact():
+    """``model.to(torch.float64)`` casts every float tensor, the bases too (PEFT's generic tests ask it after a merge);
+    casting back to fp32 gives the fp32 values again, and a bf16 cast after it still leaves the bases unrounded."""
+    model = get_peft_model(_bert(), _config(variant="random"))
+    before = {name: layer.giva_A["default"].clone() for name, layer in _layers(model).items()}
+    model.to(torch.float64)
+    assert all(layer.giva_A["default"].dtype == torch.float64 for layer in _layers(model).values())
+    model.to(torch.float32)
+    for name, layer in _layers(model).items():
+        assert torch.equal(layer.giva_A["default"], before[name]), name
+    model.to(torch.bfloat16)
+    assert all(torch.equal(layer.giva_A["default"], before[name]) for name, layer in _layers(model).items())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # 3. Loading: missing basis tensors, other depths
 
@@ -272,7 +286,8 @@ def test_eval_mode_training_before_initialize_raises_but_inference_is_allowed(ba
         ({"layers_to_transform": [-1]}, r"GivaConfig.layers_to_transform must be a layer index or a non-empty list"),
         ({"layers_to_transform": [True]}, r"GivaConfig.layers_to_transform must be"),
         ({"layers_to_transform": "1"}, r"GivaConfig.layers_to_transform must be"),
-        ({"layers_to_transform": [0], "target_modules": ".*query"}, r"cannot be used when target_modules is a regex"),
+        ({"layers_to_transform": [0], "target_modules": ".*query"}, r"cannot be used when target_modules is a string"),
+        ({"layers_to_transform": [0], "target_modules": "all-linear"}, r"leave target_modules None"),
         ({"layers_pattern": 3, "layers_to_transform": [0]}, r"GivaConfig.layers_pattern must be a string"),
         ({"block_sizes": None}, r"GivaConfig.block_sizes must be a dict"),
         ({"block_sizes": {"c_attn": [16, True]}}, r"GivaConfig.block_sizes\['c_attn'\] must be"),

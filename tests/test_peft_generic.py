@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from _pytest.fixtures import FixtureFunctionDefinition
 from peft import get_peft_model
 
 import giva
@@ -29,6 +30,8 @@ from giva import GivaConfig
 from peft_upstream import load
 
 upstream = load()
+# Module-level fixtures the upstream classes use by name (PEFT 0.22's ``fsdp_process_group``): visible here too.
+globals().update({name: obj for name, obj in vars(upstream).items() if isinstance(obj, FixtureFunctionDefinition)})
 
 # "Vanilla MLP" (lin0: 10 -> 20, lin1: 20 -> 2) and "Embedding + Conv1D" (conv1d: 5 -> 1) cases, as for VeRA,
 # plus one case per data-free variant, a gradient variant with its own B, and a fused layer split into blocks.
@@ -111,6 +114,17 @@ GIVA_ROWS_BY_TEST: dict[str, list[Any]] = {
     "test_multiple_adapters_mixed_modules_to_save": [partial(GivaConfig, variant="random")],
     "test_multiple_adapters_mixed_modules_to_save_order_switched": [partial(GivaConfig, variant="random")],
     "test_adapter_name_makes_no_difference": [GivaConfig(target_modules=["lin0"], init_weights=False)],
+    # PEFT >= 0.22: merges, unmerges and disable_adapter under FSDP2 after a forward left the parameters unsharded.
+    "test_merge_and_unmerge_reach_shards": [
+        (lambda: GivaConfig(target_modules=["lin0", "lin1"], r=2, init_weights=False), safe_merge)
+        for safe_merge in (False, True)
+    ],
+    "test_merge_reaches_shards_embedding_and_conv": [
+        (upstream.ModelEmbConv1D, "conv1d", GivaConfig(target_modules=["conv1d", "lin0"], init_weights=False), torch.arange(90).view(9, 10))
+    ] if hasattr(upstream, "ModelEmbConv1D") else [],
+    "test_disable_adapter_unmerges_merged_layers": [
+        lambda: GivaConfig(target_modules=["lin0", "lin1"], r=2, init_weights=False)
+    ],
 }
 
 # The case lists of the upstream module, by identity, and GiVA's replacement for each.
@@ -155,6 +169,8 @@ def _get_peft_model_then_initialize(model: torch.nn.Module, peft_config: Any, *a
 def _initialise_gradient_bases(monkeypatch: pytest.MonkeyPatch) -> None:
     for module in (upstream, importlib.import_module(upstream.__package__ + ".testing_common")):
         monkeypatch.setattr(module, "get_peft_model", _get_peft_model_then_initialize)
+    # Tests parametrised over config classes pick "a representative case" from TEST_CASES in their body.
+    monkeypatch.setattr(upstream, "TEST_CASES", GIVA_TEST_CASES)
 
 
 def _with_giva_rows(test: Callable) -> Callable | None:
@@ -209,6 +225,16 @@ TestGivaMixedAdapterBatches = type(
 TestGivaFsdpStateDict = type(
     "TestGivaFsdpStateDict", (upstream.TestPeftFsdpStateDict,), _giva_class(upstream.TestPeftFsdpStateDict)
 )
+if hasattr(upstream, "TestFsdp2UnshardedParams"):  # PEFT >= 0.22
+    TestGivaFsdp2UnshardedParams = type(
+        "TestGivaFsdp2UnshardedParams", (upstream.TestFsdp2UnshardedParams,), _giva_class(upstream.TestFsdp2UnshardedParams)
+    )
+if hasattr(upstream, "TestPeftCheckpointWrapperStateDict"):  # PEFT >= 0.22: activation-checkpointed models
+    TestGivaCheckpointWrapperStateDict = type(
+        "TestGivaCheckpointWrapperStateDict",
+        (upstream.TestPeftCheckpointWrapperStateDict,),
+        _giva_class(upstream.TestPeftCheckpointWrapperStateDict),
+    )
 
 
 class TestGivaRequiresGrad(upstream.TestRequiresGrad):

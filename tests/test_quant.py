@@ -126,7 +126,8 @@ def test_refusing_a_target_of_a_plain_model_imports_no_quantisation_library() ->
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "refused: GiVA cannot adapt layer 'model.embed_tokens': it is a torch.nn.modules.sparse.Embedding and no " \
+    assert "refused: Target module 'model.embed_tokens' is not supported by GiVA: it is a " \
+           "torch.nn.modules.sparse.Embedding and no " \
            "backend of PEFT's resolve_quantization_backend covers it" in done.stdout
     assert "bitsandbytes imported: False" in done.stdout
     assert "gemm_4bit_forward" not in done.stderr
@@ -347,7 +348,8 @@ def test_a_quantised_layer_no_backend_covers_is_refused_by_name() -> None:
     with pytest.raises(TypeError) as raised:
         get_peft_model(model, giva.GivaConfig(r=4, target_modules=["q_proj"]))
     assert str(raised.value) == (
-        "GiVA cannot adapt layer 'model.layers.0.self_attn.q_proj': it is a test_quant.UnknownQuantLinear and no "
+        "Target module 'model.layers.0.self_attn.q_proj' is not supported by GiVA: it is a test_quant.UnknownQuantLinear "
+        "and no "
         "backend of PEFT's resolve_quantization_backend covers it. GiVA adapts torch.nn.Linear, transformers Conv1D "
         f"and the quantised linear layers of these backends: {SUPPORTED_BACKENDS}. Adjust target_modules."
     )

@@ -377,6 +377,7 @@ def atomic_directory(target: str | os.PathLike, replaced: Optional[Callable[[str
     try:
         yield tmp
         written = _files(tmp)
+        _refuse_folders_in_the_way(target, written)
         if in_place:
             _replace_in_place(tmp, written, target, replaced)
         else:
@@ -386,6 +387,18 @@ def atomic_directory(target: str | os.PathLike, replaced: Optional[Callable[[str
             _swap_or_replace(tmp, written, target, replaced)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _refuse_folders_in_the_way(target: Path, written: list[Path]) -> None:
+    """Raise ``IsADirectoryError`` (``target`` untouched) where the save writes a file whose name is a folder in
+    ``target``: the swap would drop that folder and what it holds, where PEFT's own save fails writing the file."""
+    for relative in written:
+        there = target / relative
+        if there.is_dir() and not there.is_symlink():
+            raise IsADirectoryError(
+                errno.EISDIR, f"cannot save into {target}: {relative} there is a folder, where the save writes a file",
+                str(there),
+            )
 
 
 def _swap_or_replace(tmp: Path, written: list[Path], target: Path, replaced: Optional[Callable[[str], bool]]) -> None:

@@ -187,6 +187,14 @@ class GivaConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str) and getattr(self, "layers_to_transform", None) is not None:
+            # PEFT's rule (its own check from 0.22, before this one could run): a string target (a regex, matched as a
+            # whole, or 'all-linear') would make the layer filter be ignored.
+            raise ValueError(
+                "GivaConfig.layers_to_transform cannot be used when target_modules is a string "
+                f"({self.target_modules!r}: a regex or 'all-linear'); list the module names, or leave target_modules "
+                "None (every linear layer)"
+            )
         super().__post_init__()
         self.peft_type = GIVA_PEFT_TYPE
         _check_modules("target_modules", self.target_modules)
@@ -242,12 +250,6 @@ class GivaConfig(PeftConfig):
                 raise ValueError(
                     f"GivaConfig.layers_to_transform must be a layer index or a non-empty list of layer indices (ints >= 0), "
                     f"got {layers!r} (None adapts every layer)"
-                )
-            if isinstance(self.target_modules, str) and self.target_modules != DEFAULT_TARGET_MODULES:
-                # As LoRA: a regex target is matched as a whole, so the layer filter would be ignored.
-                raise ValueError(
-                    "GivaConfig.layers_to_transform cannot be used when target_modules is a regex string "
-                    f"({self.target_modules!r}); list the module names instead"
                 )
         pattern = self.layers_pattern
         if pattern is not None and not (

@@ -29,6 +29,11 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
+try:  # FSDP2's sharded tensors; a torch built without torch.distributed has none (isinstance(x, ()) is False)
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover
+    DTensor = ()  # type: ignore[assignment,misc]
+
 from .bases import (
     bases_from_weight,
     layer_generator,
@@ -54,6 +59,27 @@ def values_crc32(tensor: torch.Tensor, crc: int = 0) -> int:
     ``crc``: a checkpoint's checksum of the seeded bases it omits (in fp32, whatever their storage dtype), and what
     :meth:`GivaLayer.unmodified_seeded_bases` remembers of them."""
     return zlib.crc32(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), crc)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` whole: a ``DTensor`` (a vector FSDP2 shards between forwards) gathered (a collective: merges run
+    on every rank), anything else as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def _shaped_like(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``delta`` (whole, the same on every rank) laid out as ``weight``: this rank's shard where FSDP2 shards
+    ``weight`` (a ``DTensor``; a collective, as every rank merges), ``delta`` itself otherwise."""
+    if not isinstance(weight, DTensor):
+        return delta
+    return distribute_tensor(delta, weight.device_mesh, weight.placements)
+
+
+def _rounds(new: torch.dtype, old: torch.dtype) -> bool:
+    """Whether casting a tensor of dtype ``old`` to ``new`` can round its values (a float type of less precision)."""
+    if not (new.is_floating_point and old.is_floating_point):
+        return new != old
+    return torch.finfo(new).eps > torch.finfo(old).eps or torch.finfo(new).max < torch.finfo(old).max
 
 
 def _tensor_state(tensor: torch.Tensor) -> Optional[tuple]:
@@ -422,12 +448,13 @@ class GivaLayer(BaseTunerLayer):
         self._bases_verified.add(adapter_name)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
-        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()``...) that moves the bases but keeps their dtype.
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()``...) that moves the bases but never rounds them.
 
         Casting the model (``model.to(torch.bfloat16)``, DeepSpeed / accelerate half precision) must not round
-        the bases: rows rounded through bf16 are no longer orthonormal (2e-3 instead of 5e-7). A basis whose
-        dtype the cast changed is replaced by its original tensor moved to the new device; the forward casts
-        the bases to the input's dtype at use. Each distinct tensor is converted once, so shared bases stay shared.
+        the bases: rows rounded through bf16 are no longer orthonormal (2e-3 instead of 5e-7). A basis that
+        the cast rounded (to a dtype of less precision) is replaced by its original tensor moved to the new
+        device; the forward casts the bases to the input's dtype at use. A cast that loses nothing (fp32 to
+        fp64) applies, as to every other tensor. Each distinct tensor is converted once, so shared bases stay shared.
         """
         before = {name: dict(getattr(self, name)._buffers) for name in self.basis_names}
         self._giva_cast_bases.clear()
@@ -437,7 +464,7 @@ class GivaLayer(BaseTunerLayer):
             buffers = getattr(self, name)
             for key, old in entries.items():
                 new = buffers._buffers.get(key)
-                if old is None or new is None or new.dtype == old.dtype:
+                if old is None or new is None or new.dtype == old.dtype or not _rounds(new.dtype, old.dtype):
                     continue
                 if id(old) not in kept:
                     kept[id(old)] = old.to(device=new.device)
@@ -468,13 +495,13 @@ class GivaLayer(BaseTunerLayer):
         b = self.giva_B._buffers[adapter_name]
         b = _as_float32(b, device) if dtype == torch.float32 else b.to(device=device, dtype=dtype)
         core = self.giva_core._parameters.get(adapter_name)
-        return b if core is None else b @ core.to(dtype)  # O x R
+        return b if core is None else b @ _whole(core).to(dtype)  # O x R
 
     def output_factor(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``B' = diag(lambda_o) B C`` (``O x R``, float32 or ``dtype``, under ``torch.autocast`` too): everything of
         delta_W after ``diag(lambda_s) A``, for merge, export and mixed batches (the forward folds ``lambda_s`` in too:
         :meth:`adapter_factor`)."""
-        lambda_o = self.giva_lambda_o[adapter_name]
+        lambda_o = _whole(self.giva_lambda_o[adapter_name])
         with outside_autocast(lambda_o.device.type):  # B C is a matmul: autocast would run it in bf16
             return lambda_o.to(dtype).unsqueeze(1) * self._output_basis(adapter_name, lambda_o.device, dtype)
 
@@ -511,7 +538,7 @@ class GivaLayer(BaseTunerLayer):
         self.ensure_bases(adapter_name)
         dtype = self._merge_dtype()
         a = self.giva_A[adapter_name].to(dtype)  # R x in
-        lambda_s = self.giva_lambda_s[adapter_name].to(device=a.device, dtype=dtype)
+        lambda_s = _whole(self.giva_lambda_s[adapter_name]).to(device=a.device, dtype=dtype)
         with outside_autocast(a.device.type):
             delta = self.output_factor(adapter_name, dtype).to(a.device) @ (lambda_s[:, None] * a)  # O x in
         if adapter_name in self.giva_out_index:
@@ -526,6 +553,12 @@ class GivaLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """PEFT's name for :meth:`delta_weight`, in the base weight's dtype."""
         return self.delta_weight(adapter_name).to(self.get_base_weight().dtype)
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        """``W' - W`` for PEFT >= 0.22's ``get_additive_delta`` (which refuses while adapters are merged): GiVA is
+        additive, so :meth:`delta_weight`, in the adapter's dtype (its vectors', fp32 by default) as PEFT asks, not
+        the base weight's (a quantised weight's is no float type)."""
+        return self.delta_weight(adapter_name).to(self.giva_lambda_s[adapter_name].dtype)
 
     def _check_mergeable(self, action: str) -> None:
         """Refuse a merge PEFT's quantisation backend cannot do; warn, as PEFT's LoRA does, that it rounds."""
@@ -555,11 +588,20 @@ class GivaLayer(BaseTunerLayer):
         for name in names:
             weight = self.get_base_weight()
             dtype = self._merge_dtype()
-            merged = (weight.to(dtype) + self.delta_weight(name).to(weight.device, dtype)).to(weight.dtype)
-            if safe_merge and not torch.isfinite(merged).all():  # after the cast: an fp16 weight can overflow in it
+            merged = (weight.to(dtype) + _shaped_like(self.delta_weight(name).to(weight.device, dtype), weight)).to(weight.dtype)
+            # after the cast: an fp16 weight can overflow in it
+            if safe_merge and not _whole(torch.isfinite(merged).all()):
                 raise ValueError(f"NaNs detected in the merged weights of layer {self.layer_name!r}: adapter {name!r} seems broken")
-            self.set_base_weight(merged)
+            self._write_base_weight(merged)
             self.merged_adapters.append(name)
+
+    def _write_base_weight(self, weight: torch.Tensor) -> None:
+        """``set_base_weight``; an FSDP2-sharded weight is written in place, into the shard FSDP2 gathers from."""
+        current = self.get_base_weight()
+        if isinstance(current, DTensor):
+            current.data.copy_(weight)
+        else:
+            self.set_base_weight(weight)
 
     def unmerge(self) -> None:
         if not self.merged:
@@ -571,7 +613,8 @@ class GivaLayer(BaseTunerLayer):
             if name in self.giva_lambda_o:
                 weight = self.get_base_weight()
                 dtype = self._merge_dtype()
-                self.set_base_weight((weight.to(dtype) - self.delta_weight(name).to(weight.device, dtype)).to(weight.dtype))
+                delta = _shaped_like(self.delta_weight(name).to(weight.device, dtype), weight)
+                self._write_base_weight((weight.to(dtype) - delta).to(weight.dtype))
             self.merged_adapters.pop()  # only once W no longer holds it: a failure above leaves the record true
 
     def _forget_cast_bases(self, adapter_name: Optional[str] = None) -> None:

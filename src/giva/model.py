@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_target_module_exists
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
+from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -19,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from .bases import SEEDED_B_VARIANTS
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .layer import GivaLayer, Linear, values_crc32
+from .peft_compat import state_dict_name
 from .quant import QuantLinear, keep_4bit_layers_trainable, quantization_backend
 from .serving import BASE_ADAPTER_NAME, generation_rows_per_input, mixed_batch_hooks
 
@@ -134,6 +136,14 @@ def _wanted_layers(config: GivaConfig) -> list[int]:
     return [] if layers is None else [layers] if isinstance(layers, int) else list(layers)
 
 
+def _giva_layers(model: nn.Module) -> Iterator[tuple[str, GivaLayer]]:
+    """The GiVA layers of ``model`` under the names their state-dict keys carry (without FSDP1's or activation
+    checkpointing's wrapper parts, which ``named_modules()`` shows and ``state_dict()`` leaves out)."""
+    for name, module in model.named_modules():
+        if isinstance(module, GivaLayer):
+            yield state_dict_name(name), module
+
+
 def _checkpoint_layer(key: str) -> str:
     """The base-model module name in a state-dict key of a GiVA tensor (for error messages)."""
     return key.removeprefix("base_model.model.").split(".giva_", 1)[0]
@@ -198,14 +208,15 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module, refused:
                 + (f" under {config.layers_pattern!r}" if config.layers_pattern else "")
                 + ")"
             )
-    candidates = [key for key, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D, GivaLayer))]
-    if not isinstance(targets, str):  # a regex or 'all-linear' is resolved later
-        candidates = [key for key in candidates if GivaModel._check_target_module_exists(config, key)]
+    if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # resolved by PEFT later: every linear layer but the output one
+        candidates = [key for key, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D, GivaLayer))]
+    else:  # a targeted module of a type GiVA cannot adapt is refused, with its type, once PEFT reaches it
+        candidates = [key for key in keys if GivaModel._check_target_module_exists(config, key)]
     for option in ("block_sizes", "adapt_blocks"):
         unknown = [name for name in getattr(config, option) if not any(key == name or key.endswith("." + name) for key in candidates)]
         if unknown:
             raise ValueError(
-                f"GivaConfig.{option} names module(s) {unknown} that match no targeted linear layer of this model; "
+                f"GivaConfig.{option} names module(s) {unknown} that match no targeted module of this model; "
                 "keys are module names or their dotted suffixes (e.g. 'c_attn' or 'h.0.attn.c_attn')"
             )
 
@@ -453,8 +464,8 @@ class GivaModel(BaseTuner):
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         if config.variant == "weight":
             # An adapter built for loading defers its SVD to first use; saving before that must not write zeros.
-            for name, module in model.named_modules():
-                if isinstance(module, GivaLayer) and adapter_name in module.giva_A:
+            for name, module in _giva_layers(model):
+                if adapter_name in module.giva_A:
                     module.ensure_bases(adapter_name)
                     for basis in module.basis_names:
                         key = f"{name}.{basis}.{adapter_name}"
@@ -464,8 +475,8 @@ class GivaModel(BaseTuner):
         if regenerable:
             # A seeded basis is omitted (and its CRC32 recorded) only where it still is what regeneration gives: one
             # written since (set_block_bases, a state-dict load) is saved like a data-dependent one, and a load uses it.
-            for name, module in model.named_modules():
-                if isinstance(module, GivaLayer) and adapter_name in module.giva_A:
+            for name, module in _giva_layers(model):
+                if adapter_name in module.giva_A:
                     omitted, crc = module.unmodified_seeded_bases(adapter_name, config, regenerable)
                     for basis in omitted:
                         to_return.pop(f"{name}.{basis}.{adapter_name}", None)
@@ -496,8 +507,8 @@ class GivaModel(BaseTuner):
         regenerable = cls._regenerable_bases(config)
         omitted = {
             name: (module, tuple(basis for basis in regenerable if f"{name}.{basis}.{adapter_name}" not in remapped))
-            for name, module in model.named_modules()
-            if isinstance(module, GivaLayer) and adapter_name in module.giva_A
+            for name, module in _giva_layers(model)
+            if adapter_name in module.giva_A
         }
         regenerated = tuple(f".{name}.{adapter_name}" for name in regenerable)
         for key, value in own.items():
@@ -549,7 +560,7 @@ class GivaModel(BaseTuner):
             )
         unadapted = sorted(
             key.removeprefix("base_model.model.")
-            for key, module in model.named_modules()
+            for key, module in ((state_dict_name(name), module) for name, module in model.named_modules())
             if isinstance(module, (nn.Linear, Conv1D))
             and not isinstance(module, GivaLayer)
             and not key.endswith(".base_layer")
@@ -581,8 +592,8 @@ class GivaModel(BaseTuner):
         if omitted is None:
             omitted = {
                 name: (module, regenerable)
-                for name, module in model.named_modules()
-                if isinstance(module, GivaLayer) and adapter_name in module.giva_A
+                for name, module in _giva_layers(model)
+                if adapter_name in module.giva_A
             }
         layers = {name.removeprefix("base_model.model."): entry for name, entry in omitted.items() if entry[1]}
         if not layers:

@@ -249,6 +249,16 @@ def install_transformers_load_hook(load_adapter: Callable[..., Any]) -> None:
     PeftAdapterMixin.load_adapter = hooked
 
 
+# The name parts torch's FSDP1 and activation-checkpointing wrappers add to ``named_modules()`` (at any depth) and
+# that ``state_dict()`` keys leave out. PEFT >= 0.22 strips them itself (``remove_torch_wrapper_names``).
+WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def state_dict_name(module_name: str) -> str:
+    """A module's name as the keys of ``state_dict()`` give it: ``module_name`` without torch's wrapper parts."""
+    return ".".join(part for part in module_name.split(".") if part not in WRAPPER_NAMES)
+
+
 def install_lora_conversion(
     convert: Callable[[Any, Any, str], Optional[tuple]],
     convert_model: Callable[..., tuple],

@@ -75,7 +75,8 @@ def quantization_backend(
             else f"PEFT's {backend.backend_name!r} backend for it handles {backend.layer_type} layers"
         )
         raise TypeError(
-            f"GiVA cannot adapt layer {layer_name!r}: it is a {type(base_layer).__module__}.{type(base_layer).__name__} "
+            f"Target module {layer_name!r} is not supported by GiVA: it is a "
+            f"{type(base_layer).__module__}.{type(base_layer).__name__} "
             f"and {why}. GiVA adapts torch.nn.Linear, transformers Conv1D and the quantised linear layers of these "
             f"backends: {SUPPORTED_BACKENDS}. Adjust target_modules."
         )

@@ -6,9 +6,34 @@
 from __future__ import annotations
 
 import teardown
+import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
-from train_common import adamw, finish, initialized_model, optimizer_step, train
+from train_common import adamw, finish, initialized_model, optimizer_step, probe_batch, train
+
+
+def merge_round_trip(model) -> dict:
+    """Merge and unmerge the trained adapter under FSDP2 after a forward (the sharded vectors are gathered, the delta
+    written into each rank's shard of the weights): the merged model's logits, the base weights while merged and
+    after the unmerge, as gathered full tensors."""
+    def base_weights() -> dict:
+        return {n: p.full_tensor().clone() for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+
+    probe = probe_batch()["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        before, weights = model(input_ids=probe).logits, base_weights()
+        model.merge_adapter()
+        merged, merged_weights = model(input_ids=probe).logits, base_weights()
+        model.unmerge_adapter()
+        after, restored = model(input_ids=probe).logits, base_weights()
+    return {
+        "merged_logits_max_diff": float((merged - before).abs().max()),
+        "merged_weights_changed": sum(not torch.equal(merged_weights[n], w) for n, w in weights.items()),
+        "base_weights": len(weights),
+        "unmerged_weights_max_diff": max(float((restored[n] - w).abs().max()) for n, w in weights.items()),
+        "unmerged_logits_max_diff": float((after - before).abs().max()),
+    }
 
 
 def main() -> None:
@@ -20,7 +45,8 @@ def main() -> None:
     fully_shard(model)
     sharded = sum(1 for p in model.parameters() if type(p.data).__name__ == "DTensor")
     losses = train(model, batches, optimizer_step(adamw(model)))
-    finish(model, losses, {"calibration_loss": report.losses, "dtensor_parameters": sharded})
+    merge = merge_round_trip(model)
+    finish(model, losses, {"calibration_loss": report.losses, "dtensor_parameters": sharded, **merge})
     teardown.end()  # every output is written: leave without finalisation (see teardown.py)
 
 

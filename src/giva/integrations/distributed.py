@@ -30,6 +30,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..init.distributed import collective_device, gather_bytes
+from ..peft_compat import state_dict_name
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _trained_besides(model: nn.Module, state: dict[str, torch.Tensor]) -> set[st
     """
     configs = getattr(model, "peft_config", None) or {}
     keys = {
-        f"{_clean(module_name)}.{key}"
+        f"{state_dict_name(module_name)}.{key}"
         for module_name, module in model.named_modules()
         if isinstance(module, AuxiliaryTrainingWrapper)
         for adapter_name in configs
@@ -135,17 +136,6 @@ def _trained_besides(model: nn.Module, state: dict[str, torch.Tensor]) -> set[st
     if any(getattr(config, "bias", "none") != "none" for config in configs.values()):
         keys.update(name for name in state if name.endswith(".bias"))
     return keys
-
-
-WRAPPER_NAMES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")  # FSDP1's and activation checkpointing's
-
-
-def _clean(module_name: str) -> str:
-    """A module name as the state dict's keys give it: FSDP1 and checkpoint wrappers add a name part to the module
-    path that ``state_dict()`` leaves out (FSDP1's full state dict, ``use_orig_params=True``, the Trainer default)."""
-    for part in WRAPPER_NAMES:
-        module_name = module_name.replace(part, "")
-    return module_name
 
 
 def replication_mismatches(model: nn.Module, prefix: str = GIVA_PREFIX) -> list[str]:
