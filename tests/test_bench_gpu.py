@@ -332,6 +332,8 @@ def test_the_device_script_fetches_pins_within_giva_s_requirements():
     assert sorted(name for name, _ in pins) == ["bitsandbytes", "datasets", "dill", "multiprocess", "peft", "trl"]
     pins = {name: Version(version) for name, version in pins}
     assert pins["peft"] >= Version(MIN_PEFT_VERSION)
+    (peft_requirement,) = re.findall(r'"(peft[<>=!~][^"]*)"', (root / "pyproject.toml").read_text())
+    assert pins["peft"] in Requirement(peft_requirement).specifier, peft_requirement
     extras = re.findall(r'"((?:trl|bitsandbytes|datasets)[<>=!~][^"]*)"', (root / "pyproject.toml").read_text())
     assert {Requirement(r).name for r in extras} == {"trl", "bitsandbytes", "datasets"}  # the loop below checks each
     for requirement in map(Requirement, extras):  # the sft and quant extras (and the test extra's looser ones)

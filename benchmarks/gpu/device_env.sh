@@ -2,7 +2,7 @@
 # A CPU stand-in for the device machine's Python, to dry-run benchmarks/gpu/run_on_device.sh against the versions it
 # will meet there (docs/gpu.md, "The CPU dry run"): Python 3.12, torch 2.11 (the CUDA 13 build from PyPI, which runs
 # on a machine without a GPU: about 3.5 GB with its nvidia-* libraries), transformers 5.17.0 with huggingface-hub
-# 1.33.0, accelerate, pytest, and an older PEFT (0.17.0, which the carried 0.21.2 must shadow), no matplotlib, no TRL.
+# 1.33.0, accelerate, pytest, and an older PEFT (0.17.0, which the carried 0.22.0 must shadow), no matplotlib, no TRL.
 #     bash benchmarks/gpu/device_env.sh [VENV]        # default /tmp/giva-device-env; then, from the repository root:
 #     OUT=/tmp/gpu-dry PYTHON=/tmp/giva-device-env/bin/python bash benchmarks/gpu/run_on_device.sh --tiny
 set -euo pipefail

@@ -30,7 +30,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WHEELS=benchmarks/gpu/wheels
-PEFT_PIN=peft==0.21.2
+PEFT_PIN=peft==0.22.0
 BNB_PIN=bitsandbytes==0.50.2
 SFT_PINS=(trl==1.16.0 datasets==4.8.0 dill==0.4.0 multiprocess==0.70.18)  # datasets 4.8: older pyarrow and hub
 if [ "${1:-}" = "--fetch" ]; then  # pip skips a wheel already in the folder; one of an older pin is removed
