@@ -503,9 +503,7 @@ def on_every_process(work: Any, what: str) -> None:
 
 
 def _agreed(work: Any, run_here: bool, what: str) -> None:
-    import torch.distributed as dist
-
-    from .integrations.distributed import is_distributed
+    from .integrations.distributed import every_rank, is_distributed
 
     if not is_distributed():
         work()
@@ -517,8 +515,7 @@ def _agreed(work: Any, run_here: bool, what: str) -> None:
             work()
         except BaseException as err:  # Ctrl-C or a kill's SystemExit too: the others must not wait for this one
             error, failure = err, f"{type(err).__name__}: {err}"
-    failures: list[Optional[str]] = [None] * dist.get_world_size()
-    dist.all_gather_object(failures, failure)
+    failures: list[Optional[str]] = every_rank(failure)
     if error is not None:
         raise error
     failed = [(rank, message) for rank, message in enumerate(failures) if message is not None]
