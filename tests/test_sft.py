@@ -1617,6 +1617,24 @@ def test_a_packed_row_whose_completion_the_max_length_cuts_off_counts_as_untrain
     assert giva.sft.trained_rows(Dataset.from_dict({"labels": labels, "seq_lengths": lengths})) == expected
 
 
+def test_a_cut_in_the_last_assistant_turn_of_a_conversation_counts_as_a_cut_completion():
+    """A row cut inside its completion fills --max-length and its completion lost its end-of-turn token. With several
+    assistant turns the earlier turns keep theirs: only the last labelled run is the one --max-length can cut."""
+    from giva.sft_eval import cut_completions
+
+    end = 9  # the chat template's end-of-turn token
+    rows = {
+        "input_ids": [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, end], [1, 3, end, 2, 4, 5], [1, 3, end, 2, 4, end, 2],
+                      [1, 3, end, 2, 2, 2]],
+        "labels": [[-100, -100, 3, 4, 5, 6], [-100, -100, 3, 4, 5, end], [-100, 3, end, -100, 4, 5],
+                   [-100, 3, end, -100, 4, end, -100], [-100, 3, end, -100, -100, -100]],
+    }
+    # single turn cut; single turn whole; second turn cut (was missed: the first turn's end token counted);
+    # second turn whole; cut in the user's second turn after a whole first reply (no completion cut)
+    assert [cut_completions({k: [v[i]] for k, v in rows.items()}, 6, {end}) for i in range(5)] == [1, 0, 1, 0, 0]
+    assert cut_completions(rows, 6, {end}) == 2
+
+
 class _Preempted(Exception):
     pass
 

@@ -134,11 +134,21 @@ def completion_ids(dataset: Any) -> list[list[int]]:
     return [ids[_first_label(labels):] for ids, labels in zip(dataset["input_ids"], dataset["labels"])]
 
 
+def _last_run(labels: list[int]) -> int:
+    """Where the last run of labelled tokens (not -100) starts: the last assistant turn of a conversation."""
+    end = next((i + 1 for i in range(len(labels) - 1, -1, -1) if labels[i] != -100), 0)
+    start = end
+    while start > 0 and labels[start - 1] != -100:
+        start -= 1
+    return start
+
+
 def cut_completions(dataset: Any, max_length: int, special_ids: set[int]) -> int:
     """How many of TRL's processed rows ``--max-length`` cut inside their completion: the row fills ``max_length``
-    and its completion holds no special token (a whole completion ends with the EOS TRL appends, or the chat
-    template's end-of-turn token; a cut one lost them)."""
-    return sum(len(ids) >= max_length and not any(t in special_ids for t in ids[_first_label(labels):])
+    and its last labelled run (the reply, or a conversation's last assistant turn; the earlier turns keep their
+    ends) holds no special token (a whole completion ends with the EOS TRL appends, or the chat template's
+    end-of-turn token; a cut one lost them)."""
+    return sum(len(ids) >= max_length and not any(t in special_ids for t in ids[_last_run(labels):])
                for ids, labels in zip(dataset["input_ids"], dataset["labels"]))
 
 
