@@ -428,6 +428,21 @@ def test_help_imports_neither_torch_nor_peft():
     assert "--load-in-4bit" in done.stdout
 
 
+@pytest.mark.parametrize("module", ["giva", "giva.cli"])
+def test_python_dash_m_giva_is_the_command_and_its_help_stays_light(module):
+    """``python -m giva`` (where the console script is not on PATH) runs the same command line; its help imports
+    neither torch nor PEFT (it imported them all, 10 s here, before a line of help), and a command still loads them."""
+    for argv in (["--help"], ["sft", "--help"]):
+        done = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *argv], capture_output=True, text=True,
+                              check=True, env=checkout_env())
+        imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        assert not imported & set(HEAVY), argv
+    assert "--load-in-4bit" in done.stdout
+    done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True, text=True, check=True,
+                          env=checkout_env())
+    assert done.stdout.startswith(f"giva {giva.__version__} (torch ")
+
+
 @pytest.mark.parametrize("imports", ["giva", "giva.cli, giva", "giva.cli"])
 def test_any_import_but_the_commands_registers_giva_with_peft(imports):
     """Only the ``giva`` command defers loading; ``import giva.cli`` from Python left GiVA unregistered with PEFT

@@ -82,13 +82,22 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'giva' has no attribute {name!r}")
 
 
+def _run_as_module() -> bool:
+    """The interpreter was started as ``python [options] -m giva`` (``giva/__main__.py``) or ``-m giva.cli``."""
+    argv = list(getattr(sys, "orig_argv", ()))
+    return "-m" in argv[1:-1] and argv[argv.index("-m", 1) + 1] in ("giva", "giva.cli")
+
+
 def _imported_for_cli() -> bool:
     """True when this package is being imported by the ``giva`` command for its command line: the program is the
-    ``giva`` console script (``sys.argv[0]``), and the import system's own frames name ``giva.cli``.
+    ``giva`` console script (``sys.argv[0]``), and the import system's own frames name ``giva.cli``; or the
+    interpreter runs the command as a module (``python -m giva``, :func:`_run_as_module`).
 
     Any other import of ``giva`` loads everything at once and registers GiVA with PEFT, ``import giva.cli`` from
     Python included (it left GiVA unregistered until a command ran: a GiVA adapter then failed to load in PEFT).
     """
+    if _run_as_module():
+        return True
     program = os.path.basename(getattr(sys, "argv", None) and sys.argv[0] or "")
     if program.removesuffix(".exe").removesuffix("-script.py") != "giva":
         return False
