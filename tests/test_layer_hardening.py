@@ -471,3 +471,37 @@ def test_merge_and_unmerge_of_a_float64_model_keep_float64_precision(core):
         torch.testing.assert_close(model(x), unmerged, rtol=0, atol=1e-5)
     model.base_model.unmerge_adapter()
     assert (layer.get_base_layer().weight.detach() - w0).abs().max().item() < 1e-15
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FSDP2-sharded vectors outside a merge
+
+
+@pytest.fixture
+def one_rank_group():
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_delta_of_sharded_vectors_outside_a_merge_raises_instead_of_waiting_for_the_other_ranks(one_rank_group):
+    """Gathering FSDP2-sharded vectors is a collective: a merge runs on every rank and may gather them, but an export
+    or ``get_delta_weight`` called on one rank would wait for the others forever; it says what to do instead."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = get_peft_model(_bert(), _config(variant="random", init_weights=False)).eval()
+    layer = _layers(model)["bert.encoder.layer.0.attention.self.query"]
+    expected = layer.get_delta_weight("default")
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    assert type(layer.giva_lambda_o["default"].data).__name__ == "DTensor"
+    with pytest.raises(RuntimeError, match=r"sharded by FSDP2 \(DTensor\).*full_state_dict"):
+        layer.get_delta_weight("default")
+    model.merge_adapter()  # every rank merges: gathered there
+    merged = layer.get_base_layer().weight.full_tensor().clone()  # one rank: full_tensor may be the shard itself
+    model.unmerge_adapter()
+    torch.testing.assert_close(merged - layer.get_base_layer().weight.full_tensor(), expected, rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ they occupy in ``W``.
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import itertools
 import warnings
@@ -61,10 +62,23 @@ def values_crc32(tensor: torch.Tensor, crc: int = 0) -> int:
     return zlib.crc32(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes(), crc)
 
 
+_GATHERING = contextvars.ContextVar("giva_gathering_sharded_vectors", default=False)
+
+
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` whole: a ``DTensor`` (a vector FSDP2 shards between forwards) gathered (a collective: merges run
-    on every rank), anything else as it is."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    """``tensor`` whole: a ``DTensor`` (a vector FSDP2 shards between forwards) gathered inside a merge or unmerge
+    (a collective: every rank merges), anything else as it is. Elsewhere (an export, ``get_delta_weight`` called on one
+    rank) a gather would wait for the other ranks forever: it raises instead."""
+    if not isinstance(tensor, DTensor):
+        return tensor
+    if not _GATHERING.get():
+        raise RuntimeError(
+            "GiVA's vectors are sharded by FSDP2 (DTensor) here, and gathering them is a collective: merge_adapter / "
+            "unmerge_adapter gather them on every rank; for an export or a delta weight take the adapter's state with "
+            "giva.integrations.distributed.full_state_dict(model) on every rank, and save or load it into an unsharded "
+            "model"
+        )
+    return tensor.full_tensor()
 
 
 def _shaped_like(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -72,7 +86,7 @@ def _shaped_like(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     ``weight`` (a ``DTensor``; a collective, as every rank merges), ``delta`` itself otherwise."""
     if not isinstance(weight, DTensor):
         return delta
-    return distribute_tensor(delta, weight.device_mesh, weight.placements)
+    return distribute_tensor(delta.detach(), weight.device_mesh, weight.placements)  # a leaf: merges need no gradient
 
 
 def _rounds(new: torch.dtype, old: torch.dtype) -> bool:
@@ -585,6 +599,13 @@ class GivaLayer(BaseTunerLayer):
         names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.giva_lambda_o]
         if names:
             self._check_mergeable("merge")
+        token = _GATHERING.set(True)  # every rank merges: sharded vectors may be gathered
+        try:
+            self._merge(names, safe_merge)
+        finally:
+            _GATHERING.reset(token)
+
+    def _merge(self, names: list[str], safe_merge: bool) -> None:
         for name in names:
             weight = self.get_base_weight()
             dtype = self._merge_dtype()
@@ -608,6 +629,13 @@ class GivaLayer(BaseTunerLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         self._check_mergeable("unmerge")
+        token = _GATHERING.set(True)
+        try:
+            self._unmerge()
+        finally:
+            _GATHERING.reset(token)
+
+    def _unmerge(self) -> None:
         while self.merged_adapters:
             name = self.merged_adapters[-1]
             if name in self.giva_lambda_o:
