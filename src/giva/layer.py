@@ -89,13 +89,6 @@ def _shaped_like(delta: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return distribute_tensor(delta.detach(), weight.device_mesh, weight.placements)  # a leaf: merges need no gradient
 
 
-def _rounds(new: torch.dtype, old: torch.dtype) -> bool:
-    """Whether casting a tensor of dtype ``old`` to ``new`` can round its values (a float type of less precision)."""
-    if not (new.is_floating_point and old.is_floating_point):
-        return new != old
-    return torch.finfo(new).eps > torch.finfo(old).eps or torch.finfo(new).max < torch.finfo(old).max
-
-
 def _tensor_state(tensor: torch.Tensor) -> Optional[tuple]:
     """What changes when a tensor's values are replaced or written in place (None: untracked, an inference tensor)."""
     try:
@@ -462,13 +455,14 @@ class GivaLayer(BaseTunerLayer):
         self._bases_verified.add(adapter_name)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
-        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()``...) that moves the bases but never rounds them.
+        """``nn.Module._apply`` (``.to()``, ``.half()``, ``.cuda()``...) that moves the bases but keeps their dtype.
 
         Casting the model (``model.to(torch.bfloat16)``, DeepSpeed / accelerate half precision) must not round
-        the bases: rows rounded through bf16 are no longer orthonormal (2e-3 instead of 5e-7). A basis that
-        the cast rounded (to a dtype of less precision) is replaced by its original tensor moved to the new
-        device; the forward casts the bases to the input's dtype at use. A cast that loses nothing (fp32 to
-        fp64) applies, as to every other tensor. Each distinct tensor is converted once, so shared bases stay shared.
+        the bases: rows rounded through bf16 are no longer orthonormal (2e-3 instead of 5e-7). A basis whose
+        dtype the cast changed is replaced by its original tensor moved to the new device; the forward casts
+        the bases to the input's dtype at use. A widening cast (``model.to(torch.float64)``) leaves them too: their
+        dtype is the config's ``bases_dtype``, which a checkpoint records and a load checks. Each distinct tensor is
+        converted once, so shared bases stay shared.
         """
         before = {name: dict(getattr(self, name)._buffers) for name in self.basis_names}
         self._giva_cast_bases.clear()
@@ -478,7 +472,7 @@ class GivaLayer(BaseTunerLayer):
             buffers = getattr(self, name)
             for key, old in entries.items():
                 new = buffers._buffers.get(key)
-                if old is None or new is None or new.dtype == old.dtype or not _rounds(new.dtype, old.dtype):
+                if old is None or new is None or new.dtype == old.dtype:
                     continue
                 if id(old) not in kept:
                     kept[id(old)] = old.to(device=new.device)
