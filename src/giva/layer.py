@@ -14,12 +14,14 @@ they occupy in ``W``.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import copy
 import itertools
 import warnings
 import weakref
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -63,6 +65,16 @@ def values_crc32(tensor: torch.Tensor, crc: int = 0) -> int:
 
 
 _GATHERING = contextvars.ContextVar("giva_gathering_sharded_vectors", default=False)
+
+
+@contextlib.contextmanager
+def _gathering_sharded_vectors() -> Iterator[None]:
+    """Inside: :func:`_whole` may gather sharded vectors (a merge or unmerge, which every rank runs)."""
+    token = _GATHERING.set(True)
+    try:
+        yield
+    finally:
+        _GATHERING.reset(token)
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
@@ -593,51 +605,41 @@ class GivaLayer(BaseTunerLayer):
         names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.giva_lambda_o]
         if names:
             self._check_mergeable("merge")
-        token = _GATHERING.set(True)  # every rank merges: sharded vectors may be gathered
-        try:
-            self._merge(names, safe_merge)
-        finally:
-            _GATHERING.reset(token)
+        with _gathering_sharded_vectors():
+            for name in names:
+                weight = self.get_base_weight()
+                dtype = self._merge_dtype()
+                delta = _shaped_like(self.delta_weight(name).to(weight.device, dtype), weight)
+                merged = (weight.to(dtype) + delta).to(weight.dtype)
+                # after the cast: an fp16 weight can overflow in it
+                if safe_merge and not _whole(torch.isfinite(merged).all()):
+                    raise ValueError(f"NaNs detected in the merged weights of layer {self.layer_name!r}: adapter {name!r} seems broken")
+                self.set_base_weight(merged)
+                self.merged_adapters.append(name)
 
-    def _merge(self, names: list[str], safe_merge: bool) -> None:
-        for name in names:
-            weight = self.get_base_weight()
-            dtype = self._merge_dtype()
-            merged = (weight.to(dtype) + _shaped_like(self.delta_weight(name).to(weight.device, dtype), weight)).to(weight.dtype)
-            # after the cast: an fp16 weight can overflow in it
-            if safe_merge and not _whole(torch.isfinite(merged).all()):
-                raise ValueError(f"NaNs detected in the merged weights of layer {self.layer_name!r}: adapter {name!r} seems broken")
-            self._write_base_weight(merged)
-            self.merged_adapters.append(name)
-
-    def _write_base_weight(self, weight: torch.Tensor) -> None:
-        """``set_base_weight``; an FSDP2-sharded weight is written in place, into the shard FSDP2 gathers from."""
+    def set_base_weight(self, weight_data: torch.Tensor) -> None:
+        """PEFT's ``set_base_weight``; an FSDP2-sharded weight is written in place, into the shard FSDP2 gathers
+        from (replacing ``.data`` would leave FSDP2 gathering the old values). Quantised layers override this."""
         current = self.get_base_weight()
         if isinstance(current, DTensor):
-            current.data.copy_(weight)
+            current.data.copy_(weight_data)
         else:
-            self.set_base_weight(weight)
+            super().set_base_weight(weight_data)
 
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         self._check_mergeable("unmerge")
-        token = _GATHERING.set(True)
-        try:
-            self._unmerge()
-        finally:
-            _GATHERING.reset(token)
-
-    def _unmerge(self) -> None:
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            if name in self.giva_lambda_o:
-                weight = self.get_base_weight()
-                dtype = self._merge_dtype()
-                delta = _shaped_like(self.delta_weight(name).to(weight.device, dtype), weight)
-                self._write_base_weight((weight.to(dtype) - delta).to(weight.dtype))
-            self.merged_adapters.pop()  # only once W no longer holds it: a failure above leaves the record true
+        with _gathering_sharded_vectors():
+            while self.merged_adapters:
+                name = self.merged_adapters[-1]
+                if name in self.giva_lambda_o:
+                    weight = self.get_base_weight()
+                    dtype = self._merge_dtype()
+                    delta = _shaped_like(self.delta_weight(name).to(weight.device, dtype), weight)
+                    self.set_base_weight((weight.to(dtype) - delta).to(weight.dtype))
+                self.merged_adapters.pop()  # only once W no longer holds it: a failure above leaves the record true
 
     def _forget_cast_bases(self, adapter_name: Optional[str] = None) -> None:
         """Drop the cast copies of ``A`` (of one adapter, or all): its values, dtype or device changed."""
