@@ -1864,6 +1864,33 @@ def test_a_run_cut_off_before_its_first_checkpoint_starts_again(chat_model, pc_j
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_that_another_process_sees_as_a_fresh_start_is_refused(chat_model, pc_jsonl, tmp_path, monkeypatch):
+    """The wiring of check_same_resume: each process's resumed step goes through the launch's all-gather before any
+    training, and a process that found no checkpoint (a --checkpoint-dir on a disk only some nodes see) stops the
+    resume; the checkpoint stays as it was and no adapter is written."""
+    import giva.integrations.distributed
+
+    out, checkpoints = tmp_path / "out", tmp_path / "out-checkpoints"
+    cut_off_at(3, monkeypatch)
+    with pytest.raises(_Preempted):
+        train_sft(options(chat_model, pc_jsonl, out, save_steps=2))
+    monkeypatch.undo()
+    before = adapter_tensors(checkpoints / "checkpoint-2")
+    gathered = []
+
+    def two_processes(value):  # process 1 of a pretended launch found the folder empty
+        gathered.append(value)
+        return [value, None] if len(gathered) == 1 else [value, value]
+
+    monkeypatch.setattr(giva.integrations.distributed, "every_rank", two_processes)
+    with pytest.raises(RuntimeError, match=r"different checkpoints in --checkpoint-dir '.*out-checkpoints' \(process 0: "
+                                           r"step 2, process 1: a fresh start\)"):
+        train_sft(options(chat_model, pc_jsonl, out, resume=True))
+    assert gathered == [2] and not out.exists()
+    after = adapter_tensors(checkpoints / "checkpoint-2")
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
 def test_checkpoints_need_a_folder_of_their_own(chat_model, pc_jsonl, tmp_path, capsys, no_model_loading):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
