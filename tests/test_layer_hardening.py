@@ -507,3 +507,25 @@ def test_a_delta_of_sharded_vectors_outside_a_merge_raises_instead_of_waiting_fo
     merged = layer.get_base_layer().weight.full_tensor().clone()  # one rank: full_tensor may be the shard itself
     model.unmerge_adapter()
     torch.testing.assert_close(merged - layer.get_base_layer().weight.full_tensor(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_and_unload_under_fsdp2_after_a_forward_reaches_the_shards_once_resharded(one_rank_group):
+    """After a forward FSDP2's root leaves its parameters unsharded: a merge then writes into that temporary copy,
+    which the next reshard drops (PEFT's ``PeftModel.merge_adapter`` reshards first from 0.22 on; ``merge_and_unload``
+    does not, for any PEFT method). The documented recipe, ``model.reshard()`` on every rank first, puts delta_W into
+    the shards that FSDP2 keeps and a state dict reads."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = get_peft_model(_bert(), _config(variant="random", init_weights=False)).eval()
+    layer = _layers(model)["bert.encoder.layer.0.attention.self.query"]
+    w0, expected = layer.get_base_layer().weight.detach().clone(), layer.get_delta_weight("default").detach()
+    fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0)))
+    assert type(layer.get_base_layer().weight.data).__name__ != "DTensor"  # the unsharded copy, until a reshard
+    model.reshard()
+    base = model.merge_and_unload()
+    weight = base.bert.encoder.layer[0].attention.self.query.weight
+    assert type(weight.data).__name__ == "DTensor"
+    torch.testing.assert_close(weight.full_tensor() - w0, expected, rtol=1e-5, atol=1e-6)

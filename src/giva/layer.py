@@ -619,7 +619,10 @@ class GivaLayer(BaseTunerLayer):
 
     def set_base_weight(self, weight_data: torch.Tensor) -> None:
         """PEFT's ``set_base_weight``; an FSDP2-sharded weight is written in place, into the shard FSDP2 gathers
-        from (replacing ``.data`` would leave FSDP2 gathering the old values). Quantised layers override this."""
+        from (replacing ``.data`` would leave FSDP2 gathering the old values). A weight that FSDP2 left unsharded
+        after a forward is its temporary copy, which the next reshard drops with what was written into it: a merge
+        must come after a reshard (``PeftModel.merge_adapter`` reshards first from PEFT 0.22 on; before
+        ``merge_and_unload``, call the FSDP2 root's ``reshard()`` on every rank). Quantised layers override this."""
         current = self.get_base_weight()
         if isinstance(current, DTensor):
             current.data.copy_(weight_data)
