@@ -15,14 +15,13 @@ from reruns import BENCH, rerun_table
 from giva.bench.runner import RunSpec
 
 OUT = BENCH / "results" / "diagnostics" / "rerun_versions.md"
-# (phase, task, method, seed, LR), head LR
-RERUNS = ((("gap", "sst", "giva-core-r8", 0, 0.04), 0.24), (("headline-r8", "sst", "lora-r8-all", 0, 0.001), 0.24))
+RERUNS = [RunSpec("gap", "sst", "giva-core-r8", 0, 0.04, head_lr=0.24),
+          RunSpec("headline-r8", "sst", "lora-r8-all", 0, 0.001, head_lr=0.24)]
 
 
 def main() -> int:
     same = rerun_table(
-        "Evidence runs rerun with today's code and libraries", "rerun_versions.py",
-        [RunSpec(*run, head_lr=head_lr) for run, head_lr in RERUNS],
+        "Evidence runs rerun with today's code and libraries", "rerun_versions.py", RERUNS,
         lambda old: f"PEFT {old['versions'].get('peft')}, transformers {old['versions'].get('transformers')}",
         "runs before and after the upgrade did not run the same numerics.", OUT)
     return 0 if same else 1

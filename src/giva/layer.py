@@ -607,15 +607,19 @@ class GivaLayer(BaseTunerLayer):
             self._check_mergeable("merge")
         with _gathering_sharded_vectors():
             for name in names:
-                weight = self.get_base_weight()
-                dtype = self._merge_dtype()
-                delta = _shaped_like(self.delta_weight(name).to(weight.device, dtype), weight)
-                merged = (weight.to(dtype) + delta).to(weight.dtype)
+                weight, delta = self._weight_and_delta(name)
+                merged = (weight.to(delta.dtype) + delta).to(weight.dtype)
                 # after the cast: an fp16 weight can overflow in it
                 if safe_merge and not _whole(torch.isfinite(merged).all()):
                     raise ValueError(f"NaNs detected in the merged weights of layer {self.layer_name!r}: adapter {name!r} seems broken")
                 self.set_base_weight(merged)
                 self.merged_adapters.append(name)
+
+    def _weight_and_delta(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``W`` as :meth:`get_base_weight` reads it, and ``delta_W`` of adapter ``name`` in the merge dtype
+        (:meth:`delta_weight`'s) on W's device, laid out like W (this rank's shard of it for an FSDP2-sharded W)."""
+        weight = self.get_base_weight()
+        return weight, _shaped_like(self.delta_weight(name).to(weight.device), weight)
 
     def set_base_weight(self, weight_data: torch.Tensor) -> None:
         """PEFT's ``set_base_weight``; an FSDP2-sharded weight is written in place, into the shard FSDP2 gathers
@@ -638,10 +642,8 @@ class GivaLayer(BaseTunerLayer):
             while self.merged_adapters:
                 name = self.merged_adapters[-1]
                 if name in self.giva_lambda_o:
-                    weight = self.get_base_weight()
-                    dtype = self._merge_dtype()
-                    delta = _shaped_like(self.delta_weight(name).to(weight.device, dtype), weight)
-                    self.set_base_weight((weight.to(dtype) - delta).to(weight.dtype))
+                    weight, delta = self._weight_and_delta(name)
+                    self.set_base_weight((weight.to(delta.dtype) - delta).to(weight.dtype))
                 self.merged_adapters.pop()  # only once W no longer holds it: a failure above leaves the record true
 
     def _forget_cast_bases(self, adapter_name: Optional[str] = None) -> None:
