@@ -199,10 +199,17 @@ class GivaConfig(PeftConfig):
         self.peft_type = GIVA_PEFT_TYPE
         _check_modules("target_modules", self.target_modules)
         _check_modules("exclude_modules", self.exclude_modules)
-        if isinstance(self.target_modules, list):
+        # a tuple as a list: PEFT filters only a set or list by layers_to_transform (a tuple adapted every layer)
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
-        if isinstance(self.exclude_modules, list):
+        if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
+        saved = self.modules_to_save
+        if saved is not None and (
+            isinstance(saved, str) or not isinstance(saved, (list, tuple)) or not all(isinstance(n, str) and n for n in saved)
+        ):
+            hint = f": modules_to_save=[{saved!r}]" if isinstance(saved, str) else ""
+            raise ValueError(f"GivaConfig.modules_to_save must be a list of module names, got {saved!r}{hint}")
         if not _is_int(self.r) or self.r < 1:
             raise ValueError(f"GivaConfig.r must be a positive integer, got {self.r!r}")
         if not _is_int(self.seed) or not -(2**63) <= self.seed < 2**63:  # the SVD's generator takes a signed 64-bit seed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import warnings
@@ -10,7 +11,13 @@ from contextlib import contextmanager
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _get_in_out_features,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from peft.utils import TRANSFORMERS_MODELS_TO_VERA_TARGET_MODULES_MAPPING
 from peft.utils.constants import INCLUDE_LINEAR_LAYERS_SHORTHAND
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -29,7 +36,7 @@ _EQUAL_SPLIT_FUSED = {"gate_up_proj": 2}
 # Module-name parts of PEFT's wrappers (a wrapped layer's base, a head's copies), not names a user targets.
 _WRAPPER_PARTS = {"base_layer", "original_module", "modules_to_save"}
 # Every tensor a GiVA layer saves, per adapter.
-_GIVA_TENSORS = ("giva_A", "giva_B", "giva_lambda_s", "giva_lambda_o")
+_GIVA_TENSORS = ("giva_A", "giva_B", "giva_lambda_s", "giva_lambda_o", "giva_core")
 # Checkpoint entry (one int64 per layer) holding the CRC32 of the bases a checkpoint omits because they are
 # regenerated from (seed, layer name): a different regeneration is caught at load instead of changing outputs.
 SEEDED_CHECKSUM = "giva_seeded_crc32"
@@ -41,11 +48,16 @@ logger = logging.getLogger(__name__)
 
 
 def _lookup(mapping: dict[str, Any], module_key: str) -> Optional[Any]:
-    """The entry of ``mapping`` whose key equals ``module_key`` or is a dotted suffix of it."""
-    for name, value in mapping.items():
-        if module_key == name or module_key.endswith("." + name):
-            return value
-    return None
+    """The entry of ``mapping`` whose key equals ``module_key`` or is a dotted suffix of it; of several, the most
+    specific (longest) key, whatever the dict's order: ``{'c_attn': [0, 2], 'h.1.attn.c_attn': [0]}`` gives layer 1
+    ``[0]``."""
+    matches = [name for name in mapping if module_key == name or module_key.endswith("." + name)]
+    return mapping[max(matches, key=len)] if matches else None
+
+
+def _is_wrapper_name(name: str) -> bool:
+    """A module name inside one of PEFT's wrappers (a head's ``modules_to_save`` copies, a wrapped layer's base)."""
+    return bool(_WRAPPER_PARTS & set(name.split(".")))
 
 
 def _block_sizes_hint(module_key: str) -> str:
@@ -149,6 +161,13 @@ def _checkpoint_layer(key: str) -> str:
     return key.removeprefix("base_model.model.").split(".giva_", 1)[0]
 
 
+def _giva_tensor(key: str) -> Optional[tuple[str, str]]:
+    """(layer, tensor name) of a state-dict key holding a GiVA tensor, with or without the adapter name after it."""
+    parts = key.split(".")
+    index = next((i for i, part in enumerate(parts) if part in _GIVA_TENSORS), None)
+    return None if index is None else (".".join(parts[:index]).removeprefix("base_model.model."), parts[index])
+
+
 def _summarise(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -169,7 +188,7 @@ def _linear_names(model: nn.Module, refused: Mapping[str, str]) -> str:
         {
             key.rsplit(".", 1)[-1]
             for key, module in model.named_modules()
-            if isinstance(module, (nn.Linear, Conv1D)) and not _WRAPPER_PARTS & set(key.split(".")) and key not in refused
+            if isinstance(module, (nn.Linear, Conv1D)) and not _is_wrapper_name(key) and key not in refused
         }
     )
     return _summarise(leaves, 12)
@@ -180,16 +199,20 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module, refused:
 
     Every name of a listed ``target_modules`` matches a module (PEFT's rule: the module's name or a dotted suffix
     of it; PEFT itself only refuses when no name matches); ``layers_to_transform`` names layers the model has;
-    every key of ``block_sizes`` / ``adapt_blocks`` names a module that can be targeted. A regex string or
-    'all-linear' is not checked name by name. ``model`` may be a skeleton on the meta device (no weights loaded).
-    ``refused`` names modules the caller cannot adapt (:func:`check_targets_before_loading` refuses them): they are
-    not offered among the linear layers.
+    every key of ``block_sizes`` / ``adapt_blocks`` names a module the adapter will adapt ('all-linear' as PEFT
+    expands it: not the output layer, an excluded module or one inside PEFT's wrappers), and the blocks they give
+    add up to the layer's outputs and exist. A regex string is not checked name by name. ``model`` may be a
+    skeleton on the meta device (no weights loaded). ``refused`` names modules the caller cannot adapt
+    (:func:`check_targets_before_loading` refuses them): they are not offered among the linear layers.
     """
     refused = refused or {}
     keys = [key for key, _ in model.named_modules()]
     targets = DEFAULT_TARGET_MODULES if config.target_modules is None else config.target_modules
     if targets is not None and not isinstance(targets, str):
-        unmatched = sorted(name for name in targets if not any(key == name or key.endswith("." + name) for key in keys))
+        # PEFT's 'all-linear' of a second adapter lists the first one's wrapper parts (a head's modules_to_save copies),
+        # which a fresh base model does not have and PEFT never adapts: not names the user gave
+        unmatched = sorted(name for name in targets if not _is_wrapper_name(name)
+                           and not any(key == name or key.endswith("." + name) for key in keys))
         if unmatched:
             raise ValueError(
                 f"GivaConfig.target_modules names module(s) {unmatched} that match no module of this model (a name "
@@ -208,17 +231,51 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module, refused:
                 + (f" under {config.layers_pattern!r}" if config.layers_pattern else "")
                 + ")"
             )
-    if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # resolved by PEFT later: every linear layer but the output one
-        candidates = [key for key, module in model.named_modules() if isinstance(module, (nn.Linear, Conv1D, GivaLayer))]
+    if not config.block_sizes and not config.adapt_blocks:
+        return
+    if targets == INCLUDE_LINEAR_LAYERS_SHORTHAND:  # PEFT's own expansion: every linear layer but the output one
+        expanded = copy.copy(config)
+        expanded.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND  # also where it is unset (None)
+        expanded = _maybe_include_all_linear_layers(expanded, model)
+        expanded.target_modules = {name for name in expanded.target_modules if not _is_wrapper_name(name)}
+        candidates = [key for key in keys if key and GivaModel._check_target_module_exists(expanded, key)]
     else:  # a targeted module of a type GiVA cannot adapt is refused, with its type, once PEFT reaches it
-        candidates = [key for key in keys if GivaModel._check_target_module_exists(config, key)]
+        candidates = [key for key in keys if key and GivaModel._check_target_module_exists(config, key)]
     for option in ("block_sizes", "adapt_blocks"):
         unknown = [name for name in getattr(config, option) if not any(key == name or key.endswith("." + name) for key in candidates)]
         if unknown:
             raise ValueError(
-                f"GivaConfig.{option} names module(s) {unknown} that match no targeted module of this model; "
-                "keys are module names or their dotted suffixes (e.g. 'c_attn' or 'h.0.attn.c_attn')"
+                f"GivaConfig.{option} names module(s) {unknown} that match no targeted module of this model; keys "
+                "are module names or their dotted suffixes (e.g. 'c_attn' or 'h.0.attn.c_attn'), and 'all-linear' "
+                "leaves out the output layer, the classifier head and excluded modules"
             )
+    for key in candidates:
+        _check_blocks(config, model, key)
+
+
+def _check_blocks(config: GivaConfig, model: nn.Module, key: str) -> None:
+    """The blocks ``block_sizes`` / ``adapt_blocks`` give layer ``key`` add up to its outputs and exist: refused
+    here, before any layer is built (a `weight` adapter would otherwise take an SVD of W per layer first)."""
+    explicit = _lookup(config.adapt_blocks, key)
+    if explicit is None and _lookup(config.block_sizes, key) is None:
+        return
+    module = model.get_submodule(key)
+    base_layer = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    if not isinstance(base_layer, (nn.Linear, Conv1D)):
+        return  # refused with its type once PEFT reaches it (or a quantised layer: checked as it is built)
+    _, out_features = _get_in_out_features(base_layer)
+    parent = model.get_submodule(key.rpartition(".")[0])
+    sizes = fused_block_sizes(key, base_layer, out_features, config, getattr(model, "config", None), parent)
+    if sum(sizes) != out_features:
+        raise ValueError(
+            f"GivaConfig.block_sizes gives layer {key!r} blocks {sizes}, which sum to {sum(sizes)}, but the layer has "
+            f"{out_features} outputs; " + _block_sizes_hint(key)
+        )
+    if explicit is not None and max(explicit) >= len(sizes):
+        raise ValueError(
+            f"GivaConfig.adapt_blocks gives layer {key!r} blocks {list(explicit)}, but it has {len(sizes)} block(s) "
+            f"(sizes {sizes}): indices run from 0 to {len(sizes) - 1}"
+        )
 
 
 def check_targets_before_loading(config: GivaConfig, skeleton: nn.Module, refused: Optional[Mapping[str, str]] = None) -> None:
@@ -348,11 +405,21 @@ class GivaModel(BaseTuner):
         trainable = [(param, param.requires_grad) for param in model.parameters()]
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
+            self._drop_wrapper_targets(adapter_name)
             self._mirror_reference_adapter(adapter_name)
         except Exception:
             self._withdraw_failed_adapter(model, adapter_name, existing, trainable, wrappers)
             self.targeted_module_names[:] = targeted
             raise
+
+    def _drop_wrapper_targets(self, adapter_name: str) -> None:
+        """PEFT's 'all-linear' of a second adapter lists the modules inside the first one's wrappers (a head's
+        ``modules_to_save`` copies), which it never adapts: kept in the config, they were saved, and a fresh base
+        model has no such module (:func:`check_options_match_the_model` refused the folder)."""
+        config = self.peft_config.get(adapter_name)
+        targets = getattr(config, "target_modules", None)
+        if isinstance(targets, set) and any(_is_wrapper_name(name) for name in targets):
+            config.target_modules = {name for name in targets if not _is_wrapper_name(name)}
 
     @staticmethod
     def _withdraw_failed_adapter(
@@ -535,13 +602,18 @@ class GivaModel(BaseTuner):
         expected = [
             key for key in own if key.count(".") >= 2 and key.rsplit(".", 2)[1] in stored and key.endswith("." + adapter_name)
         ]
-        extra = sorted(
-            {
-                _checkpoint_layer(key)
-                for key in remapped
-                if key not in own and any(f".{name}" in key for name in _GIVA_TENSORS)
-            }
-        )
+        # checkpoint tensors this model has no place for (PEFT 0.22 leaves their keys without the adapter name)
+        unknown = [(key, named) for key in remapped if key not in own and (named := _giva_tensor(key))]
+        layers = {_checkpoint_layer(key) for key in own if key.endswith("." + adapter_name)}
+        # a tensor of a layer the adapter has, which its config does not make: the r x r core of GivaConfig(core=True)
+        unmade = sorted({name for _, (layer, name) in unknown if layer in layers})
+        if unmade:
+            made_by = " (the r x r core of GivaConfig(core=True))" if unmade == ["giva_core"] else ""
+            raise ValueError(
+                f"GiVA checkpoint of adapter {adapter_name!r} holds {', '.join(unmade)}{made_by}, which this adapter's "
+                f"config does not make (core={config.core}): it was saved with another GivaConfig, the one beside it"
+            )
+        extra = sorted({layer for _, (layer, _) in unknown})
         if extra:
             raise ValueError(
                 f"GiVA checkpoint of adapter {adapter_name!r} holds tensors for layer(s) this model does not have: "
