@@ -7,7 +7,7 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -46,13 +46,14 @@ def test_bench_modules_have_no_import_cycle():
     assert cycles == []
 
 
-def test_plan_runs_the_key_numbers_first_and_the_compile_rows_after_the_cheap_ones():
+def test_plan_runs_the_key_numbers_first_then_the_compiled_1b_step_then_the_cheap_rows():
     assert plan(FULL) == [
         ("8B", "floor"), ("8B", "lora"), ("8B", "lora-bf16"), ("8B", "giva"),
         ("1B", "floor"), ("1B", "lora"), ("1B", "lora-bf16"), ("1B", "giva"),
+        ("1B", "giva-compiled"),  # 1B's targets are "compiled or eager"
         ("1B", "init-sketch"), ("8B", "init-sketch"),
         ("1B", "qlora-4bit"), ("1B", "giva-4bit"),  # 4-bit rows: the 1B base only
-        ("1B", "giva-compiled"), ("1B", "init-exact"), ("1B", "loraga"),
+        ("1B", "init-exact"), ("1B", "loraga"),
         ("8B", "giva-compiled"),
         ("8B", "vera"), ("1B", "vera"),
         ("8B", "init-exact"), ("8B", "loraga"),
@@ -72,8 +73,9 @@ def test_count_launches_counts_runtime_launch_calls_and_kernels():
     events = [("aten::mm", DeviceType.CPU), ("cudaLaunchKernel", DeviceType.CPU), ("cuLaunchKernelEx", DeviceType.CPU),
               ("cudaMemcpyAsync", DeviceType.CPU), ("cudaLaunchKernelExC_v11060", DeviceType.CPU),
               ("cudaLaunchHostFunc", DeviceType.CPU), ("aten::add_", DeviceType.CPU),
-              ("sm90_xmma_gemm", DeviceType.CUDA), ("elementwise_kernel", DeviceType.CUDA)]
-    assert count_launches(events) == {"kernel_launches": 3, "gpu_kernels": 2, "aten_ops": 2}
+              ("sm90_xmma_gemm", DeviceType.CUDA), ("elementwise_kernel", DeviceType.CUDA),
+              ("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA), ("Memset (Device)", DeviceType.CUDA)]
+    assert count_launches(events) == {"kernel_launches": 3, "gpu_kernels": 2, "aten_ops": 2}  # copies are no kernels
     assert count_launches([("aten::mm", DeviceType.CPU)]) == {"kernel_launches": None, "gpu_kernels": None, "aten_ops": 1}
 
 
@@ -376,3 +378,34 @@ def test_a_cheap_initialisation_row_does_not_vouch_for_the_dear_ones():
     assert expected_seconds(FULL, "8B", "init-sketch", done) == 30.0  # never below its own guess either
     slow = [{"shape": "8B", "row": "init-exact", "status": "ok", "row_seconds": 80.0}]
     assert expected_seconds(FULL, "8B", "loraga", slow) == 80.0  # a measured row of the group above the guess wins
+
+
+def test_a_measured_step_or_4bit_row_replaces_its_groups_guess():
+    """Step rows cost alike: a guess kept as a floor (30 s at 8B) over a measured 12 s skipped rows that would fit."""
+    from giva.bench.gpu import FULL, expected_seconds
+
+    done = [{"shape": "8B", "row": "floor", "status": "ok", "row_seconds": 12.0},
+            {"shape": "8B", "row": "lora", "status": "ok", "row_seconds": 14.0},
+            {"shape": "1B", "row": "qlora-4bit", "status": "ok", "row_seconds": 9.0},
+            {"shape": "8B", "row": "lora-bf16", "status": "failed", "row_seconds": 99.0}]
+    assert expected_seconds(FULL, "8B", "giva", []) == 30.0
+    assert expected_seconds(FULL, "8B", "giva", done) == 14.0
+    assert expected_seconds(FULL, "1B", "giva", done) == 15.0  # another shape's rows say nothing
+    assert expected_seconds(FULL, "1B", "giva-4bit", done) == 9.0
+    assert expected_seconds(FULL, "8B", "giva-compiled", done) == 130.0  # the compile guess stays
+
+
+def test_on_a_gpu_a_missing_launch_count_is_not_filled_with_aten_operators(tmp_path):
+    from giva.bench.gpu import write_report
+
+    env = {"gpu": "NVIDIA H100", "device": "cuda:0", "torch": "2.11", "cuda": "13.0", "transformers": "5.17",
+           "peft": "0.22.0", "giva": "x", "bitsandbytes": None, "python": "3.12"}
+    record = {"shape": "1B", "row": "giva", "label": "", "status": "ok", "median_step_seconds": 0.1,
+              "peak_bytes": 2e9, "kernel_launches": None, "aten_ops": 1234}
+    results = {"environment": env, "settings": asdict(replace(FULL, shapes=FULL.shapes[:1])), "rows": [record],
+               "ratios": {}, "command": "c", "elapsed_seconds": 1.0, "complete": True}
+    write_report(tmp_path, results)
+    row = next(line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| GiVA r=8, eager"))
+    assert row.split(" | ")[1:] == ["100.0", "2.00", "- |"] and "1234" not in row
+    write_report(tmp_path, {**results, "environment": {**env, "gpu": None, "device": "cpu"}})
+    assert "| 1234 |" in (tmp_path / "results.md").read_text()  # on CPU the aten operators stand in

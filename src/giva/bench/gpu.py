@@ -40,8 +40,11 @@ import argparse
 import gc
 import importlib.util
 import logging
+import os
+import shutil
 import statistics
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -164,20 +167,22 @@ def plan(settings: GpuSettings) -> list[tuple[str, str]]:
     """(shape, row) in priority order, so that a run cut short has the issue's key numbers first:
 
     1. floor, LoRA (default and bf16) and eager GiVA, largest shape first: the step ratios (8B's overhead target);
-    2. ``init-sketch``, smallest shape first: GiVA's initialisation peak against a step (a few seconds);
-    3. the 4-bit pair: GiVA's peak against QLoRA's (tens of seconds);
-    4. ``giva-compiled`` on the smallest shape, whose step is bound by launches (where compiling should pay; a
-       minute or more of compilation), then ``init-exact`` and ``loraga`` there;
-    5. ``giva-compiled`` on the other shapes, VeRA, then the other shapes' ``init-exact`` and ``loraga`` (the
+    2. ``giva-compiled`` on the smallest shape, whose step is bound by launches (the issue's targets there are
+       "compiled or eager"; a minute or more of compilation);
+    3. ``init-sketch``, smallest shape first: GiVA's initialisation peak against a step (a few seconds);
+    4. the 4-bit pair: GiVA's peak against QLoRA's (tens of seconds);
+    5. ``init-exact`` and ``loraga`` on the smallest shape;
+    6. ``giva-compiled`` on the other shapes, VeRA, then the other shapes' ``init-exact`` and ``loraga`` (the
        largest memory, guarded by the free memory).
     """
     by_size = sorted(settings.shapes, key=lambda s: shape_parameters(s)[1], reverse=True)
     smallest, others = by_size[-1:], by_size[:-1]
     phases: list[tuple[list[GpuShape], tuple[str, ...]]] = [
         (by_size, KEY_ROWS),
+        (smallest, ("giva-compiled",)),
         (by_size[::-1], ("init-sketch",)),
         ([s for s in settings.shapes if s.name in settings.quant_shapes], QUANT_ROWS),
-        (smallest, ("giva-compiled", "init-exact", "loraga")),
+        (smallest, ("init-exact", "loraga")),
         (others, ("giva-compiled",)),
         (by_size, ("vera",)),
         (others[::-1], ("init-exact", "loraga")),
@@ -189,14 +194,22 @@ def plan(settings: GpuSettings) -> list[tuple[str, str]]:
     return order
 
 
+# Row groups whose rows cost alike (a build, warm-up, timed and profiled steps): once one has run on a shape, the
+# longest measured one replaces the guess. In the others a cheap row measured first (``init-sketch``) must not vouch
+# for the dearer ones (``init-exact``, ``loraga``: dense gradients, an SVD each), so the guess stays a floor.
+MEASURED_REPLACES_GUESS = ("step", "quant")
+
+
 def expected_seconds(settings: GpuSettings, shape: str, row: str, done: Sequence[dict[str, Any]]) -> float:
-    """What the row is expected to cost: the longer of the settings' guess for its group (0 when it has none) and
-    the longest measured row of its group on the shape. Never below the guess: a group's cheap row measured first
-    (``init-sketch``) must not vouch for its dearer ones (``init-exact``, ``loraga``: dense gradients, an SVD each)."""
+    """What the row is expected to cost: the settings' guess for its group (0 when it has none), or the longest
+    measured row of its group on the shape, replacing the guess in :data:`MEASURED_REPLACES_GUESS`' groups and
+    never below it in the others."""
     group = ROW_GROUPS[row]
     measured = [r["row_seconds"] for r in done
                 if r["shape"] == shape and ROW_GROUPS[r["row"]] == group and r["status"] == "ok"]
     guess = next((t for s, g, t in settings.expected_seconds if s == shape and g == group), 0.0)
+    if measured and group in MEASURED_REPLACES_GUESS:
+        return max(measured)
     return max([guess, *measured])
 
 
@@ -292,7 +305,8 @@ def count_launches(events: Sequence[tuple[str, Any]]) -> dict[str, Optional[int]
     launches = sum(1 for name, _ in events if name.startswith(LAUNCH_PREFIXES))
     return {
         "kernel_launches": launches if cuda or launches else None,
-        "gpu_kernels": len(cuda) if cuda else None,
+        # device activity that is a kernel: copies and fills (Memcpy HtoD, Memset) are recorded there too
+        "gpu_kernels": sum(1 for name in cuda if not name.startswith(("Memcpy", "Memset"))) if cuda else None,
         "aten_ops": sum(1 for name, _ in events if name.startswith("aten::")),
     }
 
@@ -543,7 +557,11 @@ def run_row(row: str, shape: GpuShape, settings: GpuSettings, device: torch.devi
     model = adapt(row, base, settings)
     batch = make_batches(shape, settings, device, 1)[0]
     backend = settings.compile_backend if row in COMPILE_ROWS else None
-    return measure_step(row, model, batch, settings, device, compile_backend=backend)
+    try:
+        return measure_step(row, model, batch, settings, device, compile_backend=backend)
+    finally:
+        if backend is not None:  # dynamo's caches would keep this model's weights alive into the next rows' peaks
+            torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,6 +607,10 @@ def environment(device: torch.device) -> dict[str, Any]:
     env["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     env["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32  # torch's default (False) is left alone: as a user runs
+    env["teardown_cupti"] = os.environ.get("TEARDOWN_CUPTI")  # "1": no profiler callbacks left on after a profiled step
+    # what inductor's Triton needs to build its launchers (a compiled row failing without them says why)
+    env["c_compiler"] = next(filter(None, (shutil.which(c) for c in (os.environ.get("CC", ""), "cc", "gcc", "clang") if c)), None)
+    env["python_h"] = Path(sysconfig.get_paths()["include"], "Python.h").is_file()
     try:
         from importlib.metadata import version
 
@@ -643,7 +665,8 @@ def write_report(output_dir: Path, results: dict[str, Any]) -> None:
         for s in shapes:
             r = by_shape[s].get(row, {})
             ok = r.get("status") == "ok"
-            launches = r.get("kernel_launches") if r.get("kernel_launches") is not None else r.get("aten_ops")
+            # aten operators stand in on CPU only: on a GPU a missing count stays missing
+            launches = r.get("kernel_launches") if env["gpu"] else r.get("aten_ops")
             cells.append(f"{_ms(r.get('median_step_seconds')) if ok else r.get('status', '-')} | "
                          f"{_gb(r.get('peak_bytes')) if ok else '-'} | {launches if ok and launches is not None else '-'}")
         lines.append(f"| {ROW_LABELS[row]} | " + " | ".join(cells) + " |")
@@ -731,6 +754,10 @@ def run_gpu(output_dir: Path, settings: Optional[GpuSettings] = None, device: Op
         dev = torch.device("cuda", torch.cuda.current_device())
     if dev.type == "cpu" and not settings.tiny:
         raise ValueError("the gpu suite's full shapes (1B and 8B) need a CUDA device; on CPU run the tiny shapes (--tiny, or giva bench --suite gpu --quick)")
+    if dev.type == "cuda":
+        # Kineto leaves CUPTI's callbacks on after a profile unless told to tear them down (pytorch#144455): every row
+        # timed after the first profiled step would pay for them (10-20 % of a step, pytorch#146604)
+        os.environ.setdefault("TEARDOWN_CUPTI", "1")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     shapes = {s.name: s for s in settings.shapes}
@@ -779,6 +806,8 @@ def run_gpu(output_dir: Path, settings: Optional[GpuSettings] = None, device: Op
                 else:
                     logger.info("gpu suite: %s / %s (%.0f s so far, about %.0f s expected)", shape_name, row, elapsed, expected)
                     record["expected_seconds"] = round(expected, 1)  # against row_seconds: how good the guesses are
+                    if dev.type == "cuda":  # about 0: an earlier row's tensors still alive would be in this row's peak
+                        record["allocated_bytes_before"] = torch.cuda.memory_allocated(dev)
                     row_start = time.perf_counter()
                     try:
                         record.update(run_row(row, shapes[shape_name], settings, dev, Path(scratch)), status="ok")
