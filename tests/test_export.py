@@ -475,6 +475,25 @@ def test_giva_merge_refuses_finite_vectors_whose_merged_weight_overflows(saved_c
     assert not (root / "inf").exists() and not list(root.glob(".giva-*")) and not list(root.glob("*.tmp*"))
 
 
+def test_giva_merge_refuses_a_base_saved_quantised_before_loading_it(tmp_path, capsys, monkeypatch):
+    """A `*-bnb-4bit` folder (config.json with quantization_config) loaded quantised, merged, and then failed to cast
+    ("You cannot cast a bitsandbytes model"), reported as a failed merge, for every --dtype."""
+    base = tmp_path / "base-bnb-4bit"
+    tiny_llama().save_pretrained(base)
+    config = json.loads((base / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    (base / "config.json").write_text(json.dumps(config))
+    _random_adapter(tiny_llama, target_modules=["q_proj"]).save_pretrained(tmp_path / "giva")
+    monkeypatch.setattr("giva.export.BasePlan.load", lambda *a, **k: pytest.fail("the base model was loaded"))
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "giva"), str(tmp_path / "merged"), "--base-model", str(base)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == (f"giva merge: the base model {str(base)!r} is saved quantised (bitsandbytes; config.json's "
+                    "quantization_config): giva merge writes a plain model, so merge into the unquantised model it was "
+                    "quantised from (--base-model FOLDER), as QLoRA adapters are merged"), line
+    assert not (tmp_path / "merged").exists()
+
+
 def test_re_exporting_into_a_lora_folder_drops_the_earlier_exports_labels_and_tokenizer(saved_classifier):
     """A new export replaces an earlier one's side files: a labels.json or tokenizer left from another adapter would
     describe the wrong model. Files no export writes (a user's notes) are kept."""

@@ -373,6 +373,54 @@ def test_merge_on_a_forward_only_backend_is_refused_before_touching_w() -> None:
                     backend=ForwardOnlyQuantizationBackend("gptq"))
 
 
+class PackedQuantLinear(nn.Module):
+    """A GPTQ-style layer: its weight stored packed in an int32 ``qweight``, a float forward."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.register_buffer("qweight", torch.zeros(base.out_features, base.in_features // 8, dtype=torch.int32))
+        self.unpacked = base.weight.detach().clone()  # not a stored tensor: what the kernels would compute with
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.unpacked.T
+
+
+def test_get_delta_weight_of_a_packed_base_is_the_float_delta() -> None:
+    """PEFT's get_delta_weight cast the delta to the packed weight's int32: zeros, no error."""
+    torch.manual_seed(0)
+    layer = QuantLinear(PackedQuantLinear(nn.Linear(32, 16)), "default", "proj", [16], [0],
+                        giva.GivaConfig(r=4, init_weights=False), backend=ForwardOnlyQuantizationBackend("gptq"))
+    assert layer._base_tensor().dtype == torch.int32
+    delta = layer.get_delta_weight("default")
+    assert delta.dtype == torch.float32 and delta.abs().max() > 0
+    torch.testing.assert_close(delta, layer.delta_weight("default"), rtol=0, atol=0)
+
+
+@needs_bnb
+@pytest.mark.parametrize("adapt_blocks", [None, {"c_attn": [0]}], ids=["qkv", "q only"])
+def test_a_4bit_gpt2_splits_c_attn_into_q_k_v_as_the_unquantised_one_does(tmp_path: Path, adapt_blocks) -> None:
+    """transformers quantises GPT-2's Conv1D c_attn into a Linear4bit (naming Conv1D as its source_cls): it was
+    adapted as one block (adapt_blocks={'c_attn': [0]} adapted Q, K and V) and its adapter did not load onto the
+    unquantised GPT-2 ("does not fit this base model")."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)).save_pretrained(tmp_path / "gpt2")
+    config = dict(r=4, target_modules=["c_attn"], init_weights=False, adapt_blocks=adapt_blocks or {})
+    quantised = get_peft_model(load(tmp_path / "gpt2", "nf4"), giva.GivaConfig(**config))
+    plain = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.float32).eval(),
+                           giva.GivaConfig(**config))
+    for model in (quantised, plain):
+        layer = giva_layers(model)["transformer.h.0.attn.c_attn"]
+        assert [(block.index, block.out_size) for block in layer.blocks["default"]] == (
+            [(0, 64), (1, 64), (2, 64)] if adapt_blocks is None else [(0, 64)])
+    quantised.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2", dtype=torch.float32),
+                                         tmp_path / "adapter")
+    assert set(giva_layers(reloaded)) == set(giva_layers(quantised))
+
+
 @needs_bnb
 @pytest.mark.real
 def test_smollm2_4bit_initialise_train_and_merge() -> None:

@@ -571,8 +571,14 @@ class GivaLayer(BaseTunerLayer):
         return True
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """PEFT's name for :meth:`delta_weight`, in the base weight's dtype."""
-        return self.delta_weight(adapter_name).to(self.get_base_weight().dtype)
+        """PEFT's name for :meth:`delta_weight`, in the base weight's dtype; on a quantised base layer in the dtype
+        merges compute in (fp32), as PEFT LoRA's quantised layers give theirs in the adapter's: its stored weight is
+        packed (a GPTQ layer's int32 ``qweight`` made every delta 0), and dequantising W only to read a dtype costs a
+        copy of W."""
+        tensor = self._base_tensor()
+        if self.quantization_backend is not None or tensor is None or not tensor.is_floating_point():
+            return self.delta_weight(adapter_name)
+        return self.delta_weight(adapter_name).to(tensor.dtype)
 
     def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
         """``W' - W`` for PEFT >= 0.22's ``get_additive_delta`` (which refuses while adapters are merged): GiVA is

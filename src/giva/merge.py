@@ -107,7 +107,14 @@ def merge_dir(adapter_dir: Union[str, Path], out_dir: Union[str, Path], base_mod
     config = _read_adapter_config(adapter_dir)
     _check_output(out, adapter_dir, overwrite)
     plan = plan_base(adapter_dir, config, base_model)
-    target = _saved_dtype(AutoConfig.from_pretrained(plan.path)) if dtype == "auto" else DTYPES[dtype]
+    base_config = AutoConfig.from_pretrained(plan.path)
+    quantization = getattr(base_config, "quantization_config", None)
+    if quantization:  # transformers loads it quantised, and a quantised model cannot be cast or saved as a plain one
+        method = quantization.get("quant_method", "?") if isinstance(quantization, dict) else type(quantization).__name__
+        raise ExportError(f"the base model {plan.base_name!r} is saved quantised ({method}; config.json's "
+                          "quantization_config): giva merge writes a plain model, so merge into the unquantised "
+                          "model it was quantised from (--base-model FOLDER), as QLoRA adapters are merged")
+    target = _saved_dtype(base_config) if dtype == "auto" else DTYPES[dtype]
     peft_model = plan.load(dtype=torch.float32)
     untied = _untie_adapted_weights(peft_model, adapter_dir)
     try:

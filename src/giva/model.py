@@ -107,9 +107,11 @@ def fused_block_sizes(
     if isinstance(explicit, int):
         return _equal_blocks(explicit, out_features, module_key)
     leaf = module_key.rsplit(".", 1)[-1]
-    if leaf == "c_attn" and isinstance(base_layer, Conv1D):
+    # a Conv1D quantised by transformers (bitsandbytes, HQQ) is a quantised linear layer that names it as source_cls
+    was_conv1d = isinstance(base_layer, Conv1D) or _is_subclass(getattr(base_layer, "source_cls", None), Conv1D)
+    if leaf == "c_attn" and was_conv1d:
         # GPT-2: self-attention's c_attn stacks Q, K, V; cross-attention's (is_cross_attention) only K, V, its Q
-        # being the separate q_attn.
+        # being the separate q_attn. The same split on a 4-bit GPT-2, so that its adapter fits the unquantised one.
         n_blocks = 2 if getattr(parent, "is_cross_attention", False) else 3
         in_features = _get_in_out_features(base_layer)[0]
         if out_features != n_blocks * in_features:
@@ -130,6 +132,10 @@ def fused_block_sizes(
             )
         return sizes
     return [out_features]
+
+
+def _is_subclass(cls: Any, parent: type) -> bool:
+    return isinstance(cls, type) and issubclass(cls, parent)
 
 
 def _layer_index(key: str, layers_pattern: Any) -> Optional[int]:
