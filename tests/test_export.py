@@ -1053,3 +1053,90 @@ def test_an_export_into_a_folder_that_cannot_be_swapped_replaces_its_files(tmp_p
     usual = _logits(PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "usual")).eval(), ids)
     assert torch.equal(_logits(PeftModel.from_pretrained(tiny_llama(), str(out)).eval(), ids), usual)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def _export_reproduces(model, make_base, tmp_path, export="export_lora", **inputs_kw) -> list[str]:
+    """Export ``model``'s adapter, load the LoRA onto ``make_base()`` with PEFT, and assert the outputs match GiVA's;
+    returns the warnings of the load (a LoRA layer the file lacks shows as PEFT's missing-keys warning)."""
+    import warnings
+
+    ids = text_batches(n=1, batch=2, length=9, labels="lm")[0]["input_ids"]
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    out = tmp_path / "lora"
+    if export == "export_lora":
+        export_lora(model, out)
+    else:
+        peft.save_as_lora(str(out), model, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lora = PeftModel.from_pretrained(make_base(), str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+        assert (expected - make_base()(input_ids=ids).logits).abs().max() > 1e-2  # the adapter does something
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("export", ["export_lora", "save_as_lora"])
+def test_a_compiled_model_exports_the_lora_of_its_adapter(tmp_path, export):
+    """torch.compile's wrapper put _orig_mod. before every key: PEFT loaded the LoRA as a no-op, with a warning."""
+    model = _random_adapter(tiny_llama, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    warned = _export_reproduces(torch.compile(model), tiny_llama, tmp_path, export)
+    assert not any("missing adapter keys" in w for w in warned), warned
+
+
+def test_a_model_with_activation_checkpointing_wrappers_exports_plain_names(tmp_path):
+    """apply_activation_checkpointing's _checkpoint_wrapped_module went into target_modules: the load found no layer."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = _random_adapter(tiny_llama, target_modules=["q_proj", "v_proj"], layers_to_transform=[1])
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "LlamaDecoderLayer")
+    assert any("_checkpoint_wrapped_module" in name for name, _ in model.named_modules())
+    _export_reproduces(model, tiny_llama, tmp_path)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+
+
+@pytest.mark.parametrize("export", ["export_lora", "save_as_lora"])
+def test_adapters_injected_without_a_peft_model_export_with_peft_s_key_prefix(tmp_path, export):
+    """peft.inject_adapter_in_model (transformers' own adapter loading) gives keys without base_model.model.: the LoRA
+    loaded as a no-op, with a warning."""
+    torch.manual_seed(1)
+    model = peft.inject_adapter_in_model(GivaConfig(r=4, init_weights=False, target_modules=["q_proj", "v_proj"]),
+                                         tiny_llama()).eval()
+    _export_reproduces(model, tiny_llama, tmp_path, export)
+
+
+class _ConvAndLinearProj(torch.nn.Module):
+    """A `proj` that is a Conv1d (a vision tower's patch embedding) beside linear `proj` layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(128, 16)
+        self.patch = torch.nn.Module()
+        self.patch.proj = torch.nn.Conv1d(16, 16, 1)
+        self.blocks = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
+        for block in self.blocks:
+            block.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, input_ids):
+        x = self.patch.proj(self.embed(input_ids).transpose(1, 2)).transpose(1, 2)
+        for block in self.blocks:
+            x = block.proj(x)
+        return type("Out", (), {"logits": x})()
+
+
+@pytest.mark.parametrize("export", ["export_lora", "save_as_lora"])
+def test_leaf_names_that_would_also_select_another_layer_are_written_in_full(tmp_path, export):
+    """A leaf name selects modules of any type in PEFT's LoRA: 'proj' also wrapped the Conv1d, a layer the file lacks
+    (missing-keys warning). So did GiVA's exclude_modules, dropped by peft.save_as_lora."""
+    torch.manual_seed(1)
+    model = get_peft_model(_ConvAndLinearProj(), GivaConfig(r=4, init_weights=False,
+                                                             target_modules=["blocks.0.proj", "blocks.1.proj"])).eval()
+    warned = _export_reproduces(model, _ConvAndLinearProj, tmp_path, export)
+    assert not any("missing adapter keys" in w for w in warned), warned
+    excluded = _random_adapter(tiny_llama, target_modules=["q_proj", "v_proj"],
+                               exclude_modules=["model.layers.1.self_attn.q_proj"])
+    warned = _export_reproduces(excluded, tiny_llama, tmp_path / "excluded", export)
+    assert not any("missing adapter keys" in w for w in warned), warned

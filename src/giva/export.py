@@ -56,6 +56,7 @@ from .checkpoint import (
     is_side_file,
 )
 from .layer import GivaLayer
+from .peft_compat import state_dict_name, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -116,24 +117,40 @@ def convert_module(module: nn.Module, rank: Union[int, float], adapter_name: str
 
 
 def _giva_layers(model: nn.Module, adapter_name: str) -> dict[str, GivaLayer]:
-    """The GiVA layers holding ``adapter_name``, keyed by their name in the base model."""
+    """The GiVA layers holding ``adapter_name``, keyed by their name in the base model (as its ``state_dict()`` keys
+    give it: without FSDP1's or activation checkpointing's wrapper parts)."""
     layers = {}
     for name, module in model.named_modules():
         if isinstance(module, GivaLayer) and adapter_name in module.giva_lambda_o:
-            layers[name.removeprefix(PEFT_PREFIX)] = module
+            layers[state_dict_name(name).removeprefix(PEFT_PREFIX)] = module
     return layers
 
 
 def _target_modules(model: nn.Module, exported: set[str]) -> list[str]:
-    """Leaf names (``q_proj``...) when they select exactly the exported layers, else the full module names."""
+    """Leaf names (``q_proj``...) when they select exactly the exported layers, else the full module names.
+
+    A leaf name selects every module of the base model so named, of any type, as PEFT's LoRA matches it (a vision
+    tower's ``Conv3d`` ``proj`` beside the adapted linear ``proj`` was loaded as a LoRA layer the file lacks):
+    the modules are read as a fresh base model has them, without PEFT's wrappers (a GiVA layer's ``base_layer``, a
+    head's ``modules_to_save`` copies) or torch's."""
     leaves = {name.rsplit(".", 1)[-1] for name in exported}
     base = model.get_base_model() if isinstance(model, PeftModel) else model
-    selected = {
-        name
-        for name, module in base.named_modules()
-        if name.rsplit(".", 1)[-1] in leaves and (isinstance(module, (nn.Linear, Conv1D, GivaLayer)))
-    }
+    selected = set()
+    for name, _ in base.named_modules():
+        parts = state_dict_name(name).split(".")
+        if not name or parts[-1] not in leaves or {"base_layer", "modules_to_save"} & set(parts):
+            continue
+        selected.add(".".join(part for part in parts if part != "original_module"))
     return sorted(leaves) if selected == exported else sorted(exported)
+
+
+def _peft_keys(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict``'s keys as a ``PeftModel`` saves them: without torch's wrapper parts (activation checkpointing),
+    and with PEFT's ``base_model.model.`` prefix for a model whose adapters were injected without a ``PeftModel``
+    (``peft.inject_adapter_in_model``, transformers' ``load_adapter``), whose keys PEFT's LoRA loader would not find
+    (every LoRA layer left at zero, with a missing-keys warning)."""
+    prefix = "" if isinstance(model, PeftModel) else PEFT_PREFIX
+    return {prefix + state_dict_name(key): value for key, value in state_dict.items()}
 
 
 def _holds_giva(model: nn.Module) -> bool:
@@ -173,7 +190,7 @@ def _heads(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         if isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for key, value in module.modules_to_save[adapter_name].state_dict().items():
                 heads[f"{name}.{key}"] = value.detach()
-    return heads
+    return _peft_keys(model, heads)
 
 
 def convert_to_lora(
@@ -192,7 +209,8 @@ def convert_to_lora(
     """
     if not _holds_giva(model):
         return original(model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs)
-    _check_adapter(model, adapter_name)
+    model = unwrap_model(model)  # torch.compile's keys all began with _orig_mod.: a LoRA PEFT loads as a no-op
+    layers = _check_adapter(model, adapter_name)
     if isinstance(rank, bool) or not isinstance(rank, (int, float)) or not (rank >= 1 if isinstance(rank, int) else 0 < rank <= 1):
         raise ExportError(f"rank must be an int >= 1 or a float in (0, 1] (an energy threshold), got {rank!r}")
     config = getattr(model, "peft_config", {}).get(adapter_name)
@@ -201,9 +219,12 @@ def convert_to_lora(
     lora_config, state_dict = original(
         model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs
     )
-    state_dict = {k: v for k, v in state_dict.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))}
+    state_dict = _peft_keys(model, {k: v for k, v in state_dict.items() if k.endswith((".lora_A.weight", ".lora_B.weight"))})
     heads = _heads(model, adapter_name)
     state_dict.update(heads)
+    # the layers exported, named as a fresh base model has them (PEFT's names keep torch's wrapper parts, and its leaf
+    # names dropped GiVA's exclude_modules: an excluded layer got a LoRA the file lacks)
+    lora_config.target_modules = _target_modules(model, set(layers))
     lora_config.modules_to_save = list(config.modules_to_save or []) if heads and config is not None else None
     if config is not None:
         lora_config.task_type = config.task_type
@@ -248,11 +269,11 @@ def to_lora(model: PeftModel, adapter_name: str = "default", rank: Optional[int]
     ``rank`` defaults to the largest per-layer GiVA rank (``r``, or ``sum r_j`` on fused layers); every layer is
     zero-padded to it, so servers that take a single rank (vLLM's ``max_lora_rank``) accept the result.
     """
+    model = unwrap_model(model)
     layers = _check_adapter(model, adapter_name)
     needed = max(layer.giva_A[adapter_name].shape[0] for layer in layers.values())
     rank = _check_rank(needed if rank is None else rank, needed, adapter_name)
     lora_config, state_dict = _peft_convert_to_lora(model, rank, adapter_name)
-    lora_config.target_modules = _target_modules(model, set(layers))
     lora_config.rank_pattern, lora_config.alpha_pattern = {}, {}
     lora_config.layers_to_transform, lora_config.layers_pattern = None, None
     lora_config.exclude_modules = None
@@ -399,6 +420,7 @@ def export_lora(model: PeftModel, out_dir: Union[str, Path], adapter_name: str =
     """
     out = Path(out_dir)
     _check_output(out)
+    model = unwrap_model(model)
     base_config = _check_model_vocabulary(model, adapter_name)
     lora_config, state_dict = to_lora(model, adapter_name, rank)
     _write_model_export(out, model, lora_config, state_dict, base_config, tokenizer)
@@ -456,6 +478,7 @@ def save_as_lora(
         return original(path, model, rank, adapter_name=adapter_name, progressbar=progressbar, compile_kwargs=compile_kwargs)
     out = Path(path)
     _check_output(out)
+    model = unwrap_model(model)
     base_config = _check_model_vocabulary(model, adapter_name)
     from peft.tuners.lora import conversion
 

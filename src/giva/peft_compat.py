@@ -13,9 +13,12 @@ import types
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from packaging.version import Version
+
+if TYPE_CHECKING:
+    from torch import nn
 
 # The oldest PEFT that GiVA works with: 0.21 added the tuner hooks GiVA's checkpoints go through
 # (BaseTuner._get_adapter_state_dict / _remap_adapter_state_dict_for_load, absent in 0.20), and 0.18 / 0.19
@@ -257,6 +260,26 @@ WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 def state_dict_name(module_name: str) -> str:
     """A module's name as the keys of ``state_dict()`` give it: ``module_name`` without torch's wrapper parts."""
     return ".".join(part for part in module_name.split(".") if part not in WRAPPER_NAMES)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP (``.module``), ``torch.compile`` (``._orig_mod``) and similar wrappers.
+
+    FSDP2 (``fully_shard``) does not wrap: it changes the module's class in place, so the model is
+    returned as it is.
+    """
+    from torch import nn  # here: importing this module stays free of torch
+
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
+            "DataParallel", "DeepSpeedEngine",
+        ):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+    return model
 
 
 def install_lora_conversion(

@@ -30,7 +30,7 @@ from peft.utils import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..init.distributed import collective_device, gather_bytes
-from ..peft_compat import state_dict_name
+from ..peft_compat import state_dict_name, unwrap_model  # noqa: F401 - unwrap_model: this module's name for it
 
 logger = logging.getLogger(__name__)
 
@@ -50,24 +50,6 @@ def every_rank(value: object) -> list:
     values: list = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model inside DDP (``.module``), ``torch.compile`` (``._orig_mod``) and similar wrappers.
-
-    FSDP2 (``fully_shard``) does not wrap: it changes the module's class in place, so the model is
-    returned as it is.
-    """
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if isinstance(model, nn.parallel.DistributedDataParallel) or type(model).__name__ in (
-            "DataParallel", "DeepSpeedEngine",
-        ):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-    return model
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
