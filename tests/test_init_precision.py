@@ -242,7 +242,8 @@ def test_the_fp16_loss_scale_grows_back_after_one_overflowing_batch(monkeypatch)
     monkeypatch.setattr(init, "LossScale", lambda: scales.append(LossScale()) or scales[-1])
     used: list = []
     real_run_pass = init.run_pass
-    monkeypatch.setattr(init, "run_pass", lambda *args: used.append(args[-1]) or real_run_pass(*args))
+    # run_pass(model, batches, request, num_batches, loss_fn, comm, progress, scale, rng)
+    monkeypatch.setattr(init, "run_pass", lambda *args: used.append(args[7]) or real_run_pass(*args))
     calls = []
     _initialised(tiny_llama().to(torch.float16), recovering, mode="exact", loss_fn=_spiked_loss(batches[0], calls))
     assert [s.value for s in scales] == [LOSS_SCALE] and used == scales  # the one scale, handed to the pass

@@ -690,3 +690,63 @@ def test_the_sketch_keeps_the_loaders_batches_until_its_last_pass_and_exact_keep
     assert max(seen) == held
     gc.collect()
     assert all(ref() is None for ref in alive)
+
+
+def _bases(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: layer.giva_A["default"].clone() for name, layer in giva_layers(model).items()}
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_initialize_leaves_the_rest_of_a_generator_to_the_training_loop(mode):
+    """`yield from` over the caller's generator closed it once the calibration batches were taken: the training
+    loop after initialize got no batch, silently."""
+    model = get_peft_model(tiny_bert(), GivaConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    stream = (batch for batch in text_batches(8))
+    giva.initialize(model, stream, num_batches=2, progress=False, mode=mode)
+    assert sum(1 for _ in stream) == 6
+
+
+def test_every_sketch_pass_draws_what_the_first_drew_at_each_batch():
+    """A loss that draws random numbers (a diffusion loss's noise, masking inside loss_fn) saw other draws in every
+    sketch pass, whose power iteration needs one gradient. The caller's RNG is still left as it was."""
+    model = get_peft_model(tiny_bert(), GivaConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    draws = []
+
+    def noisy_loss(model, batch):
+        noise = torch.rand(())
+        draws.append(noise.item())
+        return model(**batch).loss * (1 + noise)
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    giva.initialize(model, text_batches(2), num_batches=2, progress=False, mode="sketch", passes=3, loss_fn=noisy_loss)
+    assert len(draws) == 6 and len(set(draws)) == 2
+    assert draws == draws[:2] * 3
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_namedtuple_and_batch_encoding_batches_reach_the_loss_fn_as_they_were_given():
+    """to_device rebuilt a namedtuple from a generator (TypeError naming a missing field) and a BatchEncoding as a
+    plain dict (a loss_fn's batch.input_ids raised AttributeError)."""
+    from collections import namedtuple
+
+    from transformers import BatchEncoding
+
+    Batch = namedtuple("Batch", "input_ids labels")
+    batches = text_batches(2)
+    reference = get_peft_model(tiny_bert(), GivaConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    giva.initialize(reference, batches, num_batches=2, progress=False, mode="exact")
+    for wrap in (lambda b: Batch(b["input_ids"], b["labels"]), BatchEncoding):
+        model = get_peft_model(tiny_bert(), GivaConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+        giva.initialize(model, [wrap(b) for b in batches], num_batches=2, progress=False, mode="exact",
+                        loss_fn=lambda m, b: m(input_ids=b.input_ids, labels=b.labels).loss)
+        for name, a in _bases(model).items():
+            torch.testing.assert_close(a, _bases(reference)[name], rtol=0, atol=0)
+
+
+def test_a_model_returning_tuples_is_told_so():
+    model = get_peft_model(tiny_bert(), GivaConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    model.config.return_dict = False
+    with pytest.raises(GradientInitError, match=r"the model returned a tuple, not an output with \.loss "
+                                                r"\(return_dict=False in its config or the batch\)"):
+        giva.initialize(model, text_batches(1), num_batches=1, progress=False)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..bases import GRADIENT_VARIANTS
 from ..config import GivaConfig
-from .accumulate import LossScale, accumulate, check_num_batches, loader_length, run_pass
+from .accumulate import BatchRng, LossScale, accumulate, check_num_batches, loader_length, run_pass
 from .capture import LossFn, giva_layers, half_precision_vectors, unwrap
 from .distributed import Collective, DistributedInitError, DistributedValueError, collective, zero3_trace_reset
 from .session import (
@@ -203,7 +203,10 @@ def _batches(dataloader: Iterable[Any], num_batches: int, keep: bool) -> Iterato
     """An iterator over the same ``num_batches`` batches for every pass (kept after the first if ``keep``: the batch
     objects as the loader gave them, all of them until the last pass)."""
     def lazy() -> Iterator[Any]:  # iter() runs at the first next(), where run_pass catches a failing loader
-        yield from dataloader
+        # not `yield from`: closing this generator once its batches are taken would close the caller's generator
+        # with it, and the training loop after initialize would get no batch, silently
+        for batch in dataloader:
+            yield batch
 
     if not keep:
         yield lazy()
@@ -322,10 +325,12 @@ def initialize(
     # DataLoader without a generator of its own draws its seed from it at every pass, transformers 4's LayerDrop a
     # number at every layer in training mode: a Trainer's run after GivaInitCallback drew other dropout masks)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    rng = BatchRng(cuda) if session.passes > 1 else None  # every sketch pass draws what the first drew at each batch
     with zero3_trace_reset(peft_model), torch.random.fork_rng(devices=cuda):
         while not session.done:
             start = time.perf_counter()
-            partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress, scale)
+            partial = run_pass(model, next(sources), session.next_request(), num_batches, loss_fn, comm, progress, scale,
+                               rng)
             report.losses = report.losses or partial.losses
             report.sums_bytes = max(report.sums_bytes, partial.nbytes())
             partial = comm.sum_partial(partial, session)

@@ -172,6 +172,27 @@ class _Sums:
         self.done.clear()
 
 
+class BatchRng:
+    """torch's RNG state (CPU and the given CUDA devices) at each calibration batch of the first pass, set again at the
+    same batch of every later pass. A loss that draws random numbers (a diffusion loss's noise and timesteps, masking
+    inside ``loss_fn``, dropout left on in training mode) then gives the same gradient in every sketch pass, as the
+    power iteration needs: with the draws running on from pass to pass, the sketch mixed the subspaces of different
+    gradients."""
+
+    def __init__(self, cuda_devices: list[int]) -> None:
+        self.devices = cuda_devices
+        self.states: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
+
+    def at_batch(self, pass_index: int, index: int) -> None:
+        if pass_index == 0:
+            self.states.append((torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self.devices]))
+            return
+        cpu, cuda = self.states[index]
+        torch.set_rng_state(cpu)
+        for device, state in zip(self.devices, cuda):
+            torch.cuda.set_rng_state(state, device)
+
+
 def run_pass(
     model: nn.Module,
     batches: Iterator[Any],
@@ -181,11 +202,13 @@ def run_pass(
     comm: Collective,
     progress: bool = False,
     scale: Optional[LossScale] = None,
+    rng: Optional[BatchRng] = None,
 ) -> Partial:
     """Sums over the next ``num_batches`` batches (all of them if None) of what ``request`` asks for.
 
     ``scale``: the fp16 loss scale to start from, left where the pass ended it (the passes of one session share one);
-    default a fresh one.
+    default a fresh one. ``rng``: where each batch's random draws start (:class:`BatchRng`), for passes over kept
+    batches.
 
     Ranks agree after fetching each batch (a loader that ran out or raised), after its forward and after its
     backward, so that all stop together; see :mod:`giva.init.distributed` for failures inside a sharded model.
@@ -218,6 +241,8 @@ def run_pass(
                     error.__cause__ = exc
             comm.agree(error)
             sums.next_batch()
+            if rng is not None:
+                rng.at_batch(request.pass_index, index)
             # Three agreement points per attempt at a batch (after the loader, the forward and the backward): no
             # rank starts a backward, whose collectives a sharded model needs every rank to join, after another
             # rank's forward failed. A failure inside a sharded forward/backward goes through comm.computing. The

@@ -48,10 +48,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with its tensors on ``device``, of its own type: a mapping type that rebuilds from a dict stays that
+    type (transformers' ``BatchEncoding``, whose attribute access a ``loss_fn`` may use, came back a plain dict), and a
+    namedtuple a namedtuple (rebuilt from a generator it raised a ``TypeError`` naming a missing field)."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        if type(batch) is dict:
+            return moved
+        try:
+            return type(batch)(moved)
+        except Exception:  # noqa: BLE001 - a mapping that does not rebuild from a dict (defaultdict): a plain dict
+            return moved
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
@@ -87,8 +98,14 @@ def default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
         inputs = {key: value for key, value in batch.items()
                   if key not in _TRL_NON_MODEL_KEYS and not key.startswith(_TRL_NON_MODEL_PREFIXES)}
         batch = {**inputs, "labels": labels}
-    loss = getattr(model(**batch), "loss", None)
+    outputs = model(**batch)
+    loss = getattr(outputs, "loss", None)
     if loss is None:
+        if isinstance(outputs, tuple):
+            raise GradientInitError(
+                "the model returned a tuple, not an output with .loss (return_dict=False in its config or the batch): "
+                "set return_dict=True, or pass loss_fn(model, batch) -> loss"
+            )
         raise GradientInitError(
             "the model returned no .loss: include labels in the batches or pass loss_fn(model, batch) -> loss"
         )
