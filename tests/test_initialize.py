@@ -750,3 +750,12 @@ def test_a_model_returning_tuples_is_told_so():
     with pytest.raises(GradientInitError, match=r"the model returned a tuple, not an output with \.loss "
                                                 r"\(return_dict=False in its config or the batch\)"):
         giva.initialize(model, text_batches(1), num_batches=1, progress=False)
+
+
+def test_sketch_settings_that_auto_does_not_use_are_said():
+    """mode='auto' choosing exact ignored passes= and oversampling= without a word (mode='exact' refuses them)."""
+    model = get_peft_model(tiny_bert(), GivaConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    with pytest.warns(UserWarning, match=r"passes=5 and oversampling=None set the sketch, but mode='auto' chose 'exact' "
+                                         r"\(the dense gradients fit in 256 MiB\): they are unused"):
+        report = giva.initialize(model, text_batches(1), num_batches=1, progress=False, passes=5, oversampling=None)
+    assert report.mode == "exact"

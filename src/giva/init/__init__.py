@@ -317,6 +317,13 @@ def initialize(
     _warn_half_precision_vectors(model, to_init)
     num_batches = report.num_batches = _calibration_count(comm, num_batches, dataloader)
     report.mode = choose_mode(mode, targets, statistic)
+    if report.mode == "exact" and (passes != DEFAULT_PASSES or oversampling != DEFAULT_OVERSAMPLING):
+        warnings.warn(  # mode='exact' given with them is refused before anything runs (_check_arguments)
+            f"passes={passes!r} and oversampling={oversampling!r} set the sketch, but mode='auto' chose 'exact' (the "
+            f"dense gradients fit in {AUTO_EXACT_MAX_BYTES / 2**20:.0f} MiB): they are unused; pass mode='sketch' to "
+            "use them",
+            stacklevel=2,
+        )
     session = InitSession(targets, report.mode, passes, oversampling, statistic)
     report.passes = session.passes
     sources = _batches(dataloader, num_batches, keep=session.passes > 1)
