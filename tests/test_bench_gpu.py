@@ -409,3 +409,20 @@ def test_on_a_gpu_a_missing_launch_count_is_not_filled_with_aten_operators(tmp_p
     assert row.split(" | ")[1:] == ["100.0", "2.00", "- |"] and "1234" not in row
     write_report(tmp_path, {**results, "environment": {**env, "gpu": None, "device": "cpu"}})
     assert "| 1234 |" in (tmp_path / "results.md").read_text()  # on CPU the aten operators stand in
+
+
+@pytest.mark.parametrize("row", ["giva", "giva-compiled"])
+def test_a_rows_model_is_freed_when_the_row_ends(tmp_path, monkeypatch, row):
+    """Nothing of a row (dynamo's caches of the compiled one included) keeps its model alive into the next row's
+    peak memory; on a GPU each record's allocated_bytes_before shows the same."""
+    import gc
+    import weakref
+
+    settings = replace(TINY, shapes=TINY.shapes[:1], steps=1)
+    bases = []
+    adapt = gpu.adapt
+    monkeypatch.setattr(gpu, "adapt", lambda r, base, s: bases.append(weakref.ref(base)) or adapt(r, base, s))
+    record = gpu.run_row(row, settings.shapes[0], settings, torch.device("cpu"), tmp_path)
+    assert record["median_step_seconds"] > 0
+    gc.collect()
+    assert len(bases) == 1 and bases[0]() is None

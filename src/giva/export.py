@@ -56,7 +56,7 @@ from .checkpoint import (
     is_side_file,
 )
 from .layer import GivaLayer
-from .peft_compat import state_dict_name, unwrap_model
+from .peft_compat import is_peft_wrapper_name, state_dict_name, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +137,9 @@ def _target_modules(model: nn.Module, exported: set[str]) -> list[str]:
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     selected = set()
     for name, _ in base.named_modules():
-        parts = state_dict_name(name).split(".")
-        if not name or parts[-1] not in leaves or {"base_layer", "modules_to_save"} & set(parts):
-            continue
-        selected.add(".".join(part for part in parts if part != "original_module"))
+        fresh = ".".join(part for part in state_dict_name(name).split(".") if part != "original_module")
+        if name and fresh.rsplit(".", 1)[-1] in leaves and not is_peft_wrapper_name(fresh):  # a GiVA layer's base, a head copy
+            selected.add(fresh)
     return sorted(leaves) if selected == exported else sorted(exported)
 
 

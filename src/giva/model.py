@@ -27,14 +27,12 @@ from transformers.pytorch_utils import Conv1D
 from .bases import SEEDED_B_VARIANTS
 from .config import DEFAULT_TARGET_MODULES, GivaConfig
 from .layer import GivaLayer, Linear, values_crc32
-from .peft_compat import state_dict_name
+from .peft_compat import is_peft_wrapper_name, state_dict_name
 from .quant import QuantLinear, keep_4bit_layers_trainable, quantization_backend
 from .serving import BASE_ADAPTER_NAME, generation_rows_per_input, mixed_batch_hooks
 
 # Fused projections recognised without `block_sizes` (name -> how to split the outputs).
 _EQUAL_SPLIT_FUSED = {"gate_up_proj": 2}
-# Module-name parts of PEFT's wrappers (a wrapped layer's base, a head's copies), not names a user targets.
-_WRAPPER_PARTS = {"base_layer", "original_module", "modules_to_save"}
 # Every tensor a GiVA layer saves, per adapter.
 _GIVA_TENSORS = ("giva_A", "giva_B", "giva_lambda_s", "giva_lambda_o", "giva_core")
 # Checkpoint entry (one int64 per layer) holding the CRC32 of the bases a checkpoint omits because they are
@@ -53,11 +51,6 @@ def _lookup(mapping: dict[str, Any], module_key: str) -> Optional[Any]:
     ``[0]``."""
     matches = [name for name in mapping if module_key == name or module_key.endswith("." + name)]
     return mapping[max(matches, key=len)] if matches else None
-
-
-def _is_wrapper_name(name: str) -> bool:
-    """A module name inside one of PEFT's wrappers (a head's ``modules_to_save`` copies, a wrapped layer's base)."""
-    return bool(_WRAPPER_PARTS & set(name.split(".")))
 
 
 def _block_sizes_hint(module_key: str) -> str:
@@ -162,11 +155,6 @@ def _giva_layers(model: nn.Module) -> Iterator[tuple[str, GivaLayer]]:
             yield state_dict_name(name), module
 
 
-def _checkpoint_layer(key: str) -> str:
-    """The base-model module name in a state-dict key of a GiVA tensor (for error messages)."""
-    return key.removeprefix("base_model.model.").split(".giva_", 1)[0]
-
-
 def _giva_tensor(key: str) -> Optional[tuple[str, str]]:
     """(layer, tensor name) of a state-dict key holding a GiVA tensor, with or without the adapter name after it."""
     parts = key.split(".")
@@ -194,7 +182,7 @@ def _linear_names(model: nn.Module, refused: Mapping[str, str]) -> str:
         {
             key.rsplit(".", 1)[-1]
             for key, module in model.named_modules()
-            if isinstance(module, (nn.Linear, Conv1D)) and not _is_wrapper_name(key) and key not in refused
+            if isinstance(module, (nn.Linear, Conv1D)) and not is_peft_wrapper_name(key) and key not in refused
         }
     )
     return _summarise(leaves, 12)
@@ -217,7 +205,7 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module, refused:
     if targets is not None and not isinstance(targets, str):
         # PEFT's 'all-linear' of a second adapter lists the first one's wrapper parts (a head's modules_to_save copies),
         # which a fresh base model does not have and PEFT never adapts: not names the user gave
-        unmatched = sorted(name for name in targets if not _is_wrapper_name(name)
+        unmatched = sorted(name for name in targets if not is_peft_wrapper_name(name)
                            and not any(key == name or key.endswith("." + name) for key in keys))
         if unmatched:
             raise ValueError(
@@ -243,7 +231,7 @@ def check_options_match_the_model(config: GivaConfig, model: nn.Module, refused:
         expanded = copy.copy(config)
         expanded.target_modules = INCLUDE_LINEAR_LAYERS_SHORTHAND  # also where it is unset (None)
         expanded = _maybe_include_all_linear_layers(expanded, model)
-        expanded.target_modules = {name for name in expanded.target_modules if not _is_wrapper_name(name)}
+        expanded.target_modules = {name for name in expanded.target_modules if not is_peft_wrapper_name(name)}
         candidates = [key for key in keys if key and GivaModel._check_target_module_exists(expanded, key)]
     else:  # a targeted module of a type GiVA cannot adapt is refused, with its type, once PEFT reaches it
         candidates = [key for key in keys if key and GivaModel._check_target_module_exists(config, key)]
@@ -424,8 +412,8 @@ class GivaModel(BaseTuner):
         model has no such module (:func:`check_options_match_the_model` refused the folder)."""
         config = self.peft_config.get(adapter_name)
         targets = getattr(config, "target_modules", None)
-        if isinstance(targets, set) and any(_is_wrapper_name(name) for name in targets):
-            config.target_modules = {name for name in targets if not _is_wrapper_name(name)}
+        if isinstance(targets, set) and any(is_peft_wrapper_name(name) for name in targets):
+            config.target_modules = {name for name in targets if not is_peft_wrapper_name(name)}
 
     @staticmethod
     def _withdraw_failed_adapter(
@@ -605,12 +593,12 @@ class GivaModel(BaseTuner):
         unexpected ones (an adapter for a deeper model loads into a shallower one, silently).
         """
         stored = tuple(name for name in _GIVA_TENSORS if name not in cls._regenerable_bases(config))
-        expected = [
-            key for key in own if key.count(".") >= 2 and key.rsplit(".", 2)[1] in stored and key.endswith("." + adapter_name)
-        ]
+        # this adapter's GiVA tensors in the model: key -> (layer, tensor name)
+        mine = {key: named for key in own if key.endswith("." + adapter_name) and (named := _giva_tensor(key))}
+        expected = [key for key, (_, name) in mine.items() if name in stored]
         # checkpoint tensors this model has no place for (PEFT 0.22 leaves their keys without the adapter name)
         unknown = [(key, named) for key in remapped if key not in own and (named := _giva_tensor(key))]
-        layers = {_checkpoint_layer(key) for key in own if key.endswith("." + adapter_name)}
+        layers = {layer for layer, _ in mine.values()}
         # a tensor of a layer the adapter has, which its config does not make: the r x r core of GivaConfig(core=True)
         unmade = sorted({name for _, (layer, name) in unknown if layer in layers})
         if unmade:
@@ -630,7 +618,8 @@ class GivaModel(BaseTuner):
         if missing:
             by_layer: dict[str, list[str]] = {}
             for key in missing:
-                by_layer.setdefault(_checkpoint_layer(key), []).append(key.rsplit(".", 2)[-2])
+                layer, name = mine[key]
+                by_layer.setdefault(layer, []).append(name)
             described = [f"{layer} ({', '.join(names)})" for layer, names in by_layer.items()]
             raise ValueError(
                 f"GiVA checkpoint of adapter {adapter_name!r} lacks tensors this model needs: {_summarise(described)}. "

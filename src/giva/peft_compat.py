@@ -257,6 +257,16 @@ def install_transformers_load_hook(load_adapter: Callable[..., Any]) -> None:
 WRAPPER_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
+# Module-name parts of PEFT's own wrappers: a tuner layer's ``base_layer``, a ``modules_to_save`` head's
+# ``original_module`` and ``modules_to_save.<adapter>`` copies. Not names a user targets, nor a fresh base model has.
+PEFT_WRAPPER_PARTS = frozenset({"base_layer", "original_module", "modules_to_save"})
+
+
+def is_peft_wrapper_name(name: str) -> bool:
+    """A module name inside one of PEFT's wrappers (:data:`PEFT_WRAPPER_PARTS`)."""
+    return bool(PEFT_WRAPPER_PARTS & set(name.split(".")))
+
+
 def state_dict_name(module_name: str) -> str:
     """A module's name as the keys of ``state_dict()`` give it: ``module_name`` without torch's wrapper parts."""
     return ".".join(part for part in module_name.split(".") if part not in WRAPPER_NAMES)

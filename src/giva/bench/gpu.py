@@ -557,11 +557,7 @@ def run_row(row: str, shape: GpuShape, settings: GpuSettings, device: torch.devi
     model = adapt(row, base, settings)
     batch = make_batches(shape, settings, device, 1)[0]
     backend = settings.compile_backend if row in COMPILE_ROWS else None
-    try:
-        return measure_step(row, model, batch, settings, device, compile_backend=backend)
-    finally:
-        if backend is not None:  # dynamo's caches would keep this model's weights alive into the next rows' peaks
-            torch._dynamo.reset()
+    return measure_step(row, model, batch, settings, device, compile_backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,7 +605,8 @@ def environment(device: torch.device) -> dict[str, Any]:
     env["allow_tf32"] = torch.backends.cuda.matmul.allow_tf32  # torch's default (False) is left alone: as a user runs
     env["teardown_cupti"] = os.environ.get("TEARDOWN_CUPTI")  # "1": no profiler callbacks left on after a profiled step
     # what inductor's Triton needs to build its launchers (a compiled row failing without them says why)
-    env["c_compiler"] = next(filter(None, (shutil.which(c) for c in (os.environ.get("CC", ""), "cc", "gcc", "clang") if c)), None)
+    compilers = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "clang"]  # the order Triton looks them up in
+    env["c_compiler"] = next((path for path in map(shutil.which, compilers) if path), None)
     env["python_h"] = Path(sysconfig.get_paths()["include"], "Python.h").is_file()
     try:
         from importlib.metadata import version
