@@ -1,8 +1,9 @@
 """Hooks that hand ``(layer, x, dL/dy)`` of the GiVA-targeted layers to a sink, batch by batch; no maths.
 
-For ``y = W x`` the weight gradient is ``sum over tokens of (dL/dy)^T x``, so a forward hook (``x``)
-and a tensor hook on the layer's output (``dL/dy``) are all that is needed: no weight needs
-``requires_grad`` and no weight gradient is ever materialised. Also here: the contexts that put a
+For ``y = W x`` the weight gradient is ``sum over tokens of (dL/dy)^T x``, so a forward hook that passes the
+layer's output through an identity autograd Function saving ``x`` (:class:`_Tap`, whose backward receives ``dL/dy``)
+is all that is needed: no weight needs ``requires_grad``, no weight gradient is ever materialised, and activation
+checkpointing frees and recomputes ``x`` as it does the model's own activations. Also here: the contexts that put a
 model in its calibration state (adapters off, dropout off, checkpointing kept) and give it back as
 it was.
 """
@@ -204,6 +205,30 @@ def calibration_mode(model: nn.Module) -> Iterator[None]:
             config.use_cache = True
 
 
+class _Tap(torch.autograd.Function):
+    """``output + probe`` (a zero) whose backward hands ``(name, x, dL/dy)`` to a sink, ``x`` and ``dL/dy`` as 2-D ``T x in`` and
+    ``T x out``.
+
+    ``x`` is a saved tensor of the graph (not held by a hook's closure), so activation checkpointing frees it after
+    the forward and recomputes it for the backward as it does the model's own activations: a calibration keeps what a
+    checkpointed training step keeps. The recomputed forward taps again, off the backward graph: that tap's backward
+    never runs, so each batch reaches the sink once per layer. The output is a new tensor, not a view, so a model may
+    modify it in place.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, output: torch.Tensor, probe: torch.Tensor, x: torch.Tensor, sink: Sink, name: str) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        ctx.sink, ctx.name = sink, name
+        return output + probe
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None, None, None]:
+        (x,) = ctx.saved_tensors
+        ctx.sink(ctx.name, x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1]))
+        return (grad_y if ctx.needs_input_grad[0] else None), None, None, None, None
+
+
 class Capture:
     """While attached, each backward through a hooked layer calls ``sink(layer_name, x, dL/dy)``."""
 
@@ -223,19 +248,11 @@ class Capture:
             self.skipped.add(name)
             return output
         self.hooked.add(name)
-        x = args[0].detach()
-        # The zero probe makes the output part of the graph even when nothing upstream requires grad
-        # (frozen model, adapters disabled); autograd.grad over the probes then reaches every target.
-        # Under activation checkpointing the recomputed forward adds probes off the backward graph:
-        # their hooks never fire, so each batch reaches the sink once per layer.
+        # The zero probe puts the output on the graph even when nothing upstream requires grad (frozen model,
+        # adapters disabled); autograd.grad over the probes then reaches every target.
         probe = torch.zeros((), device=output.device, dtype=output.dtype, requires_grad=True)
         self.probes.append(probe)
-        output = output + probe
-        output.register_hook(partial(self._backward_hook, name, x))
-        return output
-
-    def _backward_hook(self, name: str, x: torch.Tensor, grad_y: torch.Tensor) -> None:
-        self.sink(name, x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1]))
+        return _Tap.apply(output, probe, args[0].detach(), self.sink, name)
 
     @contextmanager
     def attached(self) -> Iterator["Capture"]:
