@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -329,6 +330,42 @@ def test_second_moment_statistic_takes_a_from_the_per_batch_autograd_gradients(b
         assert principal_cosines(a, expected).min() > (0.9999 if mode == "exact" else 0.999), name
         assert torch.equal(layer.giva_B["default"], mean_layers[name].giva_B["default"])  # the seeded B
         assert principal_cosines(a, mean_layers[name].giva_A["default"]).min() < 0.99  # not the mean's A
+
+
+@pytest.mark.parametrize(("mode", "statistic"), [("exact", "mean"), ("sketch", "mean"), ("exact", "second-moment"),
+                                                 ("sketch", "second-moment")])
+def test_a_gradient_of_lower_rank_than_r_is_a_warning_naming_the_layer(mode, statistic):
+    """Three calibration tokens give each layer a gradient of rank at most 3: with r=8, five rows of A were arbitrary
+    directions, silently. A warning names the layers and what was found; the report lists them. Enough tokens: none."""
+    model = get_peft_model(tiny_llama(), GivaConfig(r=8, target_modules=["q_proj", "down_proj"], variant="Vr"))
+    few = [{"input_ids": torch.tensor([[5, 17, 42]]), "labels": torch.tensor([[5, 17, 42]])}]
+    extra = {"passes": 3} if mode == "sketch" else {}
+    with pytest.warns(UserWarning, match=r"'model.layers.0.self_attn.q_proj' \(block 0: [1-3] of 8\).*fewer non-zero "
+                                         r"singular values.*calibrate on more data") as caught:
+        report = giva.initialize(model, few, num_batches=1, progress=False, mode=mode, statistic=statistic, **extra)
+    assert len([w for w in caught if "non-zero singular values" in str(w.message)]) == 1
+    assert len(report.rank_deficient) == 4  # 2 layers x (q_proj, down_proj)
+    assert all(1 <= found <= 3 and needed == 8 for found, needed in report.rank_deficient.values())
+
+    model = get_peft_model(tiny_llama(), GivaConfig(r=8, target_modules=["q_proj", "down_proj"], variant="Vr"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        report = giva.initialize(model, text_batches(n=2, labels="lm"), num_batches=2, progress=False, mode=mode,
+                                 statistic=statistic, **extra)
+    assert report.rank_deficient == {}
+
+
+def test_numerical_rank_counts_the_singular_values_above_rounding():
+    from giva.bases import numerical_rank, top_singular_vectors
+
+    generator = torch.Generator().manual_seed(0)
+    low = torch.randn(64, 3, generator=generator) @ torch.randn(3, 32, generator=generator)
+    full = torch.randn(64, 32, generator=generator)
+    assert numerical_rank(top_singular_vectors(low, 8, method="exact")[1], (64, 32)) == 3
+    assert numerical_rank(top_singular_vectors(full, 8, method="exact")[1], (64, 32)) == 8
+    eigenvalues = torch.linalg.eigvalsh((low.mT @ low).double()).flip(0)[:8]  # of an fp32 second moment
+    assert numerical_rank(eigenvalues, (32, 32)) == 3
+    assert numerical_rank(torch.zeros(8), (64, 32)) == 0
 
 
 class _SharedLayer(torch.nn.Module):

@@ -229,13 +229,31 @@ def bases_from_input_vectors(
     return v[:, :r].mT.contiguous().cpu(), seeded_output_basis(variant, out_features, r, generator).contiguous().cpu()
 
 
-def top_eigenvectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-``k`` eigenvectors (``n x k``, fp32, canonical signs) of a symmetric ``n x n`` matrix (exact ``eigh``, float64)."""
+def top_eigenpairs(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenvalues (descending) and eigenvectors (``n x k``, canonical signs) of a symmetric ``n x n``
+    matrix, fp32 (exact ``eigh``, float64)."""
     if k > matrix.shape[0]:
         raise ValueError(f"cannot take {k} eigenvectors of a {tuple(matrix.shape)} matrix")
     symmetric = matrix.detach().double()
-    _, vectors = torch.linalg.eigh((symmetric + symmetric.mT) / 2)  # ascending eigenvalues
-    return canonical_column_signs(vectors[:, -k:].flip(-1).float())
+    values, vectors = torch.linalg.eigh((symmetric + symmetric.mT) / 2)  # ascending eigenvalues
+    return values[-k:].flip(-1).float(), canonical_column_signs(vectors[:, -k:].flip(-1).float())
+
+
+def top_eigenvectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-``k`` eigenvectors (``n x k``, fp32, canonical signs) of a symmetric ``n x n`` matrix (exact ``eigh``, float64)."""
+    return top_eigenpairs(matrix, k)[1]
+
+
+def numerical_rank(values: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many of ``values`` stand above rounding: the top singular values (descending) of an fp32 matrix of ``shape``,
+    or the top eigenvalues of an fp32 symmetric one (a second moment ``sum_b G_b^T G_b``, whose own rounding is
+    relative to its largest eigenvalue too); above the largest times ``max(shape)`` fp32 epsilons, numpy's
+    ``matrix_rank`` rule. A gradient summed over ``T`` tokens has rank at most ``T``: singular vectors past its rank
+    are arbitrary directions the loss never reached."""
+    values = values.detach().double().abs().cpu()
+    if values.numel() == 0 or values[0] == 0:
+        return 0
+    return int((values > values[0] * max(shape) * torch.finfo(torch.float32).eps).sum())
 
 
 def random_bases(out_features: int, in_features: int, r: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

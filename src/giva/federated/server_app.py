@@ -191,6 +191,8 @@ def setup_giva(grid: Grid, nodes: list[int], model: Any, cfg: FederatedConfig) -
             count = sum(int(r.content[messages.METRICS]["num-examples"]) for r in replies)
             session.receive(add_partials(parts))
         write_bases(model, session)
+        if (message := session.rank_message()) is not None:
+            logger.warning(message)
         record_bases_info(model)
         bases = read_bases(model)  # A as the model stores it (GivaConfig.bases_dtype): what travels
     _, t = exchange(grid, nodes, messages.BASES, messages.make_content(bases), f"setup-{len(traffic) + 1}")

@@ -102,6 +102,9 @@ class InitReport:
     mode: str = "exact"
     passes: int = 1
     sums_bytes: int = 0  # per pass: what each process holds and all-reduces (dense G in exact mode)
+    # Targets (``adapter:layer#block``) this process computed whose gradient had fewer non-zero singular values than
+    # the bases need: (found, needed). A warning names them.
+    rank_deficient: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def total_seconds(self) -> float:
@@ -346,6 +349,9 @@ def initialize(
             report.gradient_seconds += middle - start
             report.svd_seconds += time.perf_counter() - middle
     write_bases(model, session)
+    report.rank_deficient = dict(session.rank_deficient)
+    if (message := session.rank_message()) is not None:
+        warnings.warn(message, stacklevel=2)
     for name, cfg in to_init.items():
         cfg = _own_config(model, name, cfg)
         cfg.bases_info = {

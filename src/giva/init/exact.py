@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..bases import bases_from_gradient
+from ..bases import bases_from_singular_vectors, top_singular_vectors
 
 
 def accumulate_dense(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -42,6 +42,9 @@ def accumulate_gram(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor
 
 def bases_from_dense(
     gradient: torch.Tensor, rank: int, variant: str, generator: torch.Generator, svd: str, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(A, B)`` from the block gradient (``out x in``; any positive multiple: a sum or a mean) by its SVD (``svd``: GivaConfig.svd)."""
-    return bases_from_gradient(gradient, rank, variant, generator, svd=svd, svd_seed=seed)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A, B, S)`` from the block gradient (``out x in``; any positive multiple: a sum or a mean) by its SVD (``svd``:
+    GivaConfig.svd); ``S``: the singular values used (r, or 2r for ``VrU2r``), descending."""
+    k = 2 * rank if variant == "VrU2r" else rank
+    u, values, v = top_singular_vectors(gradient, k, method=svd, seed=seed)
+    return (*bases_from_singular_vectors(u, v, rank, variant, generator), values)

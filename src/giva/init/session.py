@@ -34,7 +34,8 @@ from ..bases import (
     bases_from_singular_vectors,
     layer_generator,
     max_rank,
-    top_eigenvectors,
+    numerical_rank,
+    top_eigenpairs,
 )
 from ..precision import autocast_off
 from . import exact, sketch
@@ -212,6 +213,9 @@ class InitSession:
         self.oversampling = oversampling
         self.pass_index = 0
         self.batches = 0
+        # Targets this process computed whose statistic has fewer non-zero singular values than the bases need:
+        # {key: (found, needed)}; the bases' directions past ``found`` are arbitrary (:func:`~giva.bases.numerical_rank`).
+        self.rank_deficient: dict[str, tuple[int, int]] = {}
         # Per target: the test matrix of the next pass (sketch), then (A, B) after the last pass.
         self._state: dict[str, Optional[tuple[torch.Tensor, ...]]] = {}
         for key, t in self.targets.items():
@@ -298,21 +302,47 @@ class InitSession:
 
     def _advance(self, t: Target, total: torch.Tensor, final: bool) -> tuple[torch.Tensor, ...]:
         generator = layer_generator(t.seed, t.layer, t.block)
+        shape = (t.out_size, t.in_features)
         if self.statistic == "second-moment":
             if self.mode == "exact":
-                v = top_eigenvectors(total, t.rank)
+                values, v = top_eigenpairs(total, t.rank)
             elif not final:
                 return (sketch.orthonormal_columns(total),)
             else:
-                v = sketch.eigenvectors_from_sketch(total, self._state[t.key][0].to(total.device), t.rank)
+                values, v = sketch.eigenvectors_from_sketch(total, self._state[t.key][0].to(total.device), t.rank)
+            self._note_rank(t, numerical_rank(values, shape))
             return bases_from_input_vectors(v, t.out_size, t.rank, t.variant, generator)
         if self.mode == "exact":
-            return exact.bases_from_dense(total, t.rank, t.variant, generator, t.svd, t.seed)
+            a, b, values = exact.bases_from_dense(total, t.rank, t.variant, generator, t.svd, t.seed)
+            self._note_rank(t, numerical_rank(values, shape))
+            return a, b
         if not final:
             return (sketch.orthonormal_columns(total),)
         product_is_gt = self.pass_index % 2 == 0
-        u, v = sketch.singular_vectors_from_sketch(total, self._state[t.key][0].to(total.device), product_is_gt, t.singular_vectors)
+        u, values, v = sketch.singular_vectors_from_sketch(total, self._state[t.key][0].to(total.device), product_is_gt,
+                                                           t.singular_vectors)
+        self._note_rank(t, numerical_rank(values, shape))
         return bases_from_singular_vectors(u, v, t.rank, t.variant, generator)
+
+    def _note_rank(self, t: Target, found: int) -> None:
+        needed = t.singular_vectors if self.statistic == "mean" else t.rank
+        if found < needed:
+            self.rank_deficient[t.key] = (found, needed)
+
+    def rank_message(self) -> Optional[str]:
+        """A warning naming the targets of :attr:`rank_deficient` (None if there are none)."""
+        if not self.rank_deficient:
+            return None
+        named = [f"{self.targets[key].layer!r} (block {self.targets[key].block}: {found} of {needed})"
+                 for key, (found, needed) in self.rank_deficient.items()]
+        more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+        return (
+            f"GiVA layer(s) {', '.join(named[:5])}{more}: the calibration statistic has fewer non-zero singular values "
+            "than the bases need, so their directions past those are arbitrary ones the loss did not reach. A gradient "
+            "summed over T tokens has rank at most T (a layer the loss reaches through one token per sequence, as a "
+            "classifier's first token, at most the number of sequences): calibrate on more data (num_batches, batch "
+            "size) or use a smaller r"
+        )
 
     def state_shapes(self, key: str) -> list[tuple[int, ...]]:
         """Shapes of the state :meth:`receive` computes for ``key`` (to receive it from another process)."""

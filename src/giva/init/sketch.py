@@ -24,7 +24,7 @@ import zlib
 
 import torch
 
-from ..bases import _canonical_signs, canonical_column_signs, top_eigenvectors
+from ..bases import _canonical_signs, canonical_column_signs, top_eigenpairs
 
 # Default settings: 3 passes (range, co-range, one power iteration) and l = k + max(2k, 32)
 # columns. Real gradients have flat spectra (sigma_8 / sigma_9 ~ 1.02-1.3 on MiniLM), so the
@@ -91,8 +91,9 @@ def orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
 
 def singular_vectors_from_sketch(
     product: torch.Tensor, test_matrix: torch.Tensor, product_is_gt: bool, k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` ``(U: out x k, V: in x k)`` of ``G`` from the last pass, canonical signs.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``k`` ``(U: out x k, S: k, V: in x k)`` of ``G`` from the last pass, canonical signs (``S``: the singular
+    values of ``G`` projected on the sketch's span, descending).
 
     ``product_is_gt``: ``product = G^T M`` (``in x l``, M ``out x l``) else ``product = G M`` (``out x l``,
     M ``in x l``). The SVD is exact, of an ``l``-column matrix.
@@ -107,16 +108,18 @@ def singular_vectors_from_sketch(
     q, r = torch.linalg.qr(test_matrix.float())
     test_matrix = q
     product = torch.linalg.solve_triangular(r, product.float(), upper=True, left=False)  # product R^-1
-    left, _, right_h = torch.linalg.svd(product, full_matrices=False)
+    left, values, right_h = torch.linalg.svd(product, full_matrices=False)
     if product_is_gt:  # G ~ M Y^T = M (Uy S Vy^T)^T: V = Uy, U = M Vy
         u, v = test_matrix @ right_h.mT[:, :k], left[:, :k]
     else:  # G ~ Z M^T = Uz S (M Vz)^T: U = Uz, V = M Vz
         u, v = left[:, :k], test_matrix @ right_h.mT[:, :k]
-    return _canonical_signs(u, v)
+    u, v = _canonical_signs(u, v)
+    return u, values[:k], v
 
 
-def eigenvectors_from_sketch(product: torch.Tensor, test_matrix: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-``k`` eigenvectors (``in x k``, canonical signs) of a symmetric PSD ``S`` from ``product = S M``.
+def eigenvectors_from_sketch(product: torch.Tensor, test_matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenvalues (descending) and eigenvectors (``in x k``, canonical signs) of a symmetric PSD ``S`` from
+    ``product = S M``.
 
     ``M = Q R`` (fp32 QR, as in :func:`singular_vectors_from_sketch`, so an ``M`` that travelled in bfloat16 is
     handled): ``S Q = (S M) R^-1``, and the eigenvectors of the small ``Q^T S Q`` (``l x l``, symmetrised, :func:`~giva.bases.top_eigenvectors`), mapped
@@ -126,7 +129,8 @@ def eigenvectors_from_sketch(product: torch.Tensor, test_matrix: torch.Tensor, k
         raise ValueError(f"a sketch of width {product.shape[1]} cannot give {k} eigenvectors")
     q, r = torch.linalg.qr(test_matrix.float())
     product = torch.linalg.solve_triangular(r, product.float(), upper=True, left=False)
-    return canonical_column_signs(q @ top_eigenvectors(q.mT @ product, k))
+    values, vectors = top_eigenpairs(q.mT @ product, k)
+    return values, canonical_column_signs(q @ vectors)
 
 
 def principal_cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
