@@ -23,7 +23,7 @@ from trl import SFTConfig, SFTTrainer
 
 import giva
 from giva.assets import resolve_model
-from giva.sft_data import load_sft_data
+from giva.sft.data import load_sft_data
 
 
 def quantisation() -> BitsAndBytesConfig:

@@ -24,12 +24,12 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import giva.cli
-import giva.sft
-import giva.sft_checkpoints
-import giva.sft_tracking
+import giva.sft.checkpoints
+import giva.sft.run
+import giva.sft.tracking
 from giva.checkpoint import is_side_file
 from giva.cli import main
-from giva.sft import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
+from giva.sft.run import SFTOptions, load_sft_adapter, make_trainer, preflight, train_sft
 from tiny_models import QUANTISABLE, TRANSFORMERS_4, tiny_llama
 
 cuda = pytest.mark.cuda  # skipped without a CUDA device (conftest.py); the device script runs -m cuda
@@ -149,7 +149,7 @@ def test_gradient_checkpointing_reaches_the_trainer_under_the_installed_transfor
 
     from trl import SFTConfig
 
-    config = giva.sft.sft_config(options("m", "d", tmp_path / "out", gradient_checkpointing=on), "cpu",
+    config = giva.sft.run.sft_config(options("m", "d", tmp_path / "out", gradient_checkpointing=on), "cpu",
                                  str(tmp_path / "scratch"))
     # the rename came within 5.x (5.17, the GPU machine's, still has the old name): the field the installed one has
     renamed = "activation_checkpointing" in {f.name for f in fields(SFTConfig)}
@@ -223,8 +223,8 @@ def test_the_training_loss_reported_is_the_mean_over_the_steps(chat_model, pc_js
     """train_loss is the Trainer's training_loss, the mean of the per-step losses (4 steps, each one logged); the
     summary called it the final training loss, which differs."""
     trainers = []
-    build = giva.sft.make_trainer
-    monkeypatch.setattr(giva.sft, "make_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
+    build = giva.sft.run.make_trainer
+    monkeypatch.setattr(giva.sft.run, "make_trainer", lambda *a, **k: trainers.append(build(*a, **k)) or trainers[-1])
     result, _, _ = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", lr=5e-2))
     losses = [entry["loss"] for entry in trainers[0].state.log_history if "loss" in entry]
     # transformers 4.x's Trainer logs each loss rounded to 4 decimals (its training_loss is not rounded)
@@ -307,7 +307,7 @@ def conversations_jsonl(path: Path, n: int) -> Path:
 def test_every_assistant_reply_of_a_conversation_is_trained_with_its_own_context(tmp_path):
     """A chat of n assistant replies gives n rows, reply k's prompt the conversation before it (only the last reply
     was trained on before); the split and --max-train-samples count conversations, so none has turns on both sides."""
-    from giva.sft_data import load_sft_data
+    from giva.sft.data import load_sft_data
 
     data = load_sft_data(str(conversations_jsonl(tmp_path / "chats.jsonl", 30)), 6, 0, max_train_samples=20, chat=True)
     sides = {}
@@ -385,12 +385,12 @@ def test_exact_match_scores_a_model_that_writes_its_trained_completion(chat_mode
         tokenizer.chat_template = CHAT_TEMPLATE.replace(
             "'> ' + m['content']", "'> ' + ('<think> </think> ' if m['role'] == 'assistant' else '') + m['content']")
         tokenizer.save_pretrained(model)
-    build = giva.sft.make_trainer
+    build = giva.sft.run.make_trainer
     completions = []
 
     def with_oracle(*args, **kwargs):  # greedy answers: the labelled tokens TRL built for the prompt
         trainer = build(*args, **kwargs)
-        prompts = giva.sft.prompt_ids(trainer.eval_dataset)
+        prompts = giva.sft.run.prompt_ids(trainer.eval_dataset)
         gold = [ids[len(prompt):] for ids, prompt in zip(trainer.eval_dataset["input_ids"], prompts)]
         completions.extend(gold)
         word = trainer.processing_class.convert_tokens_to_ids("good")
@@ -406,7 +406,7 @@ def test_exact_match_scores_a_model_that_writes_its_trained_completion(chat_mode
         trainer.model.generate = generate
         return trainer
 
-    monkeypatch.setattr(giva.sft, "make_trainer", with_oracle)
+    monkeypatch.setattr(giva.sft.run, "make_trainer", with_oracle)
     result, _, tokenizer = train_sft(options(model, pc_jsonl, tmp_path / "out", max_steps=1))
     assert tokenizer.decode(completions[0]).startswith("<think> </think> ") == think
     assert result.exact_match_before == result.exact_match_after == (1.0 if stops else 0.0)
@@ -490,7 +490,7 @@ def test_giva_merge_writes_a_plain_model_that_gives_the_adapters_outputs(chat_mo
 def test_the_json_output_writes_a_non_finite_number_as_null(chat_model, pc_jsonl, tmp_path, capsys, monkeypatch):
     """A non-finite number in the result (a validation loss that overflowed) is null: json.dumps wrote NaN."""
     result = train_sft(options(chat_model, pc_jsonl, tmp_path / "out", max_steps=1))[0]
-    monkeypatch.setattr(giva.sft, "run_sft", lambda options: replace(result, val_loss_after=float("nan"),
+    monkeypatch.setattr(giva.sft.run, "run_sft", lambda options: replace(result, val_loss_after=float("nan"),
                                                                       train_loss=float("inf")))
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out2", "--json")) == 0
     strict = {"parse_constant": lambda name: pytest.fail(f"{name} in the JSON")}
@@ -498,7 +498,7 @@ def test_the_json_output_writes_a_non_finite_number_as_null(chat_model, pc_jsonl
     assert record["val_loss_after"] is None and record["train_loss"] is None and record["steps"] == 1
     # The run's own sft_result.json as well (it was plain json.dumps: NaN). The Trainer's evaluation overflowing:
     monkeypatch.undo()
-    monkeypatch.setattr(giva.sft, "validation_loss", lambda trainer, batch_size: float("nan"))
+    monkeypatch.setattr(giva.sft.run, "validation_loss", lambda trainer, batch_size: float("nan"))
     train_sft(options(chat_model, pc_jsonl, tmp_path / "out3", max_steps=1))
     saved = json.loads((tmp_path / "out3" / "sft_result.json").read_text(), **strict)
     assert saved["val_loss_before"] is None and saved["val_loss_after"] is None
@@ -523,7 +523,7 @@ def test_every_sft_option_is_a_flag_that_reaches_the_run(chat_model, pc_jsonl, t
         seen.append(options)
         raise Seen
 
-    monkeypatch.setattr(giva.sft, "run_sft", run_sft)
+    monkeypatch.setattr(giva.sft.run, "run_sft", run_sft)
     with pytest.raises(Seen):
         main(cli(chat_model, pc_jsonl, tmp_path / "out", "--packing", "--max-length", "64", "--gradient-checkpointing", "--keep-best",
                  "--attn-implementation", "eager", "--lr-scheduler", "cosine", "--warmup-ratio", "0.1", "--weight-decay",
@@ -575,7 +575,7 @@ def test_the_training_recipe_flags_reach_the_trainer_and_the_adapter(chat_model,
 def test_json_is_all_a_fresh_process_prints_on_stdout(chat_model, pc_jsonl, tmp_path):
     """In a fresh process accelerate imports DeepSpeed during the run, whose logger wrote "Setting accelerator to
     CPU" to stdout, before the JSON."""
-    src = str(Path(giva.sft.__file__).parents[1])
+    src = str(Path(giva.sft.run.__file__).parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     argv = cli(chat_model, pc_jsonl, tmp_path / "out", "--json", "--max-steps", "1")
     done = subprocess.run([sys.executable, "-m", "giva.cli", *argv], capture_output=True, text=True, env=env, timeout=300)
@@ -625,7 +625,7 @@ def no_model_loading(monkeypatch):
     def loaded(*a, **k):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(giva.sft, "_load_model", loaded)
+    monkeypatch.setattr(giva.sft.run, "_load_model", loaded)
 
 
 def one_error_line(capsys) -> str:
@@ -730,7 +730,7 @@ def test_a_flash_attention_without_its_gpu_or_package_is_refused_before_the_mode
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--attn-implementation", "flash_attention_2")) == 2
     assert ("--attn-implementation flash_attention_2 runs on CUDA GPUs only, and this run's device is cpu; use sdpa"
             in one_error_line(capsys))
-    monkeypatch.setattr(giva.sft, "resolve_device", lambda options: "cuda")  # a GPU without the package
+    monkeypatch.setattr(giva.sft.run, "resolve_device", lambda options: "cuda")  # a GPU without the package
     monkeypatch.setitem(sys.modules, "flash_attn_interface", None)
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out", "--attn-implementation", "flash_attention_3")) == 2
     assert ("--attn-implementation flash_attention_3 needs flash-attn's hopper build (the module 'flash_attn_interface' "
@@ -836,7 +836,7 @@ def test_report_to_refusals_come_before_the_model_loads(chat_model, pc_jsonl, tm
     assert main(cli(chat_model, pc_jsonl, out, "--report-to", "tensorbored")) == 2
     assert one_error_line(capsys).startswith("giva sft: error: --report-to tensorbored: 'tensorbored' is not one of "
                                              "transformers' integrations (")
-    monkeypatch.setattr(giva.sft_tracking, "installed", lambda: ["tensorboard"])  # wandb's package missing
+    monkeypatch.setattr(giva.sft.tracking, "installed", lambda: ["tensorboard"])  # wandb's package missing
     assert main(cli(chat_model, pc_jsonl, out, "--report-to", "tensorboard,wandb")) == 2
     assert one_error_line(capsys) == ("giva sft: error: --report-to tensorboard,wandb: transformers finds no installed "
                                       "package for 'wandb'; install it (pip install wandb), or leave it out")
@@ -856,8 +856,8 @@ def test_report_to_refusals_come_before_the_model_loads(chat_model, pc_jsonl, tm
             SFTOptions(report_to=bad)
     assert SFTOptions(report_to="none").report_to == [] == SFTOptions(report_to=["none"]).report_to
     assert SFTOptions(report_to="wandb,tensorboard").report_to == ["wandb", "tensorboard"]
-    monkeypatch.setattr(giva.sft_tracking, "installed", lambda: ["trackio"])
-    assert giva.sft_tracking.resolve(["all"]) == ["trackio"]
+    monkeypatch.setattr(giva.sft.tracking, "installed", lambda: ["trackio"])
+    assert giva.sft.tracking.resolve(["all"]) == ["trackio"]
 
 
 def test_the_attention_implementation_reaches_the_model(chat_model, pc_jsonl, tmp_path):
@@ -879,12 +879,12 @@ def test_several_gpus_without_torchrun_are_refused(chat_model, pc_jsonl, tmp_pat
         line = one_error_line(capsys)
         assert f"--device {device}: 2 GPUs are visible and giva sft was not launched by torchrun" in line
         assert "torchrun --nproc_per_node 2" in line and "CUDA_VISIBLE_DEVICES=0" in line
-    assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="cpu")) == "cpu"
+    assert giva.sft.run.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="cpu")) == "cpu"
     monkeypatch.setenv("LOCAL_RANK", "1")  # one process per GPU: each drives its own
-    assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="cuda")) == "cuda"
+    assert giva.sft.run.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="cuda")) == "cuda"
     monkeypatch.delenv("LOCAL_RANK")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    assert giva.sft.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="auto")) == "cuda"
+    assert giva.sft.run.resolve_device(options(chat_model, pc_jsonl, tmp_path / "out", device="auto")) == "cuda"
 
 
 FSDP_REFUSED = ("FSDP (accelerate launch's configuration: ACCELERATE_USE_FSDP) is not supported by giva sft, whose "
@@ -991,7 +991,7 @@ def test_a_dataset_folder_and_its_split_give_the_rows_of_the_same_jsonl(chat_mod
     are one line before the model loads."""
     from datasets import Dataset, DatasetDict
 
-    from giva.sft_data import load_sft_data
+    from giva.sft.data import load_sft_data
 
     for jsonl in (pc_jsonl, messages_jsonl):
         rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
@@ -1069,7 +1069,7 @@ def test_a_chat_template_that_refuses_a_row_is_named_with_file_and_line(chat_mod
     assert match, line
     named = json.loads(messages_jsonl.read_text().splitlines()[int(match.group(1)) - 1])
     assert named["messages"][0]["role"] == "system"  # the line named is one the template refuses
-    giva.sft.preflight(options(strict, pc_jsonl, tmp_path / "out"))  # rows it renders pass
+    giva.sft.run.preflight(options(strict, pc_jsonl, tmp_path / "out"))  # rows it renders pass
     assert not (tmp_path / "out").exists()
 
 
@@ -1077,7 +1077,7 @@ def test_the_bundled_corpora_become_one_word_questions(tmp_path, monkeypatch):
     """Both corpora label their rows 1 and -1 (the CoNLL-2010 file: 1 certain, -1 uncertain, as pattern's own test and
     the evidence suite's label words read it); the CoNLL-2010 instruction mapped '0' and '1' and failed on '-1'."""
     from giva.data import BUNDLED
-    from giva.sft_data import INSTRUCTIONS, load_sft_data
+    from giva.sft.data import INSTRUCTIONS, load_sft_data
 
     monkeypatch.setenv("GIVA_DATA_DIR", str(tmp_path))
     for name, file in BUNDLED.items():
@@ -1406,18 +1406,18 @@ def test_the_num_batches_check_counts_the_batches_the_callback_draws(chat_model,
         device, path, tokenizer, data = preflight(opts)
         trainer = make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
         drawn = len(trainer.get_train_dataloader()) // trainer.args.gradient_accumulation_steps
-        giva.sft.check_num_batches(replace(opts, num_batches=drawn), 30, 1)
+        giva.sft.run.check_num_batches(replace(opts, num_batches=drawn), 30, 1)
         with pytest.raises(ValueError, match=f"make {drawn} batch"):
-            giva.sft.check_num_batches(replace(opts, num_batches=drawn + 1), 30, 1)
+            giva.sft.run.check_num_batches(replace(opts, num_batches=drawn + 1), 30, 1)
     for rows, micro, world, accumulation in ((30, 2, 2, 1), (31, 1, 4, 1), (7, 2, 2, 1), (30, 2, 2, 2)):
         opts = SFTOptions(batch_size=micro * world * accumulation, micro_batch_size=micro)
         shares = {len(BatchSamplerShard(BatchSampler(range(rows), micro, drop_last=False), world, rank))
                   for rank in range(world)}
         assert len(shares) == 1  # every process draws as many
         drawn = shares.pop() // accumulation
-        giva.sft.check_num_batches(replace(opts, num_batches=drawn), rows, world)
+        giva.sft.run.check_num_batches(replace(opts, num_batches=drawn), rows, world)
         with pytest.raises(ValueError, match=f"make {drawn} batch"):
-            giva.sft.check_num_batches(replace(opts, num_batches=drawn + 1), rows, world)
+            giva.sft.run.check_num_batches(replace(opts, num_batches=drawn + 1), rows, world)
 
 
 def test_a_gradient_init_error_is_one_line(chat_model, pc_jsonl, tmp_path, capsys, monkeypatch):
@@ -1426,7 +1426,7 @@ def test_a_gradient_init_error_is_one_line(chat_model, pc_jsonl, tmp_path, capsy
     def fails(options):
         raise GradientInitError("the dataloader gave 3 batches but num_batches=4 were asked for")
 
-    monkeypatch.setattr(giva.sft, "run_sft", fails)
+    monkeypatch.setattr(giva.sft.run, "run_sft", fails)
     assert main(cli(chat_model, pc_jsonl, tmp_path / "out")) == 2
     assert one_error_line(capsys) == "giva sft: error: the dataloader gave 3 batches but num_batches=4 were asked for"
 
@@ -1464,11 +1464,11 @@ def test_exact_match_stops_each_answer_at_the_end_token_trl_trained(chat_model, 
     length: every shorter completion scored a miss."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    build, seen = giva.sft.make_trainer, []
+    build, seen = giva.sft.run.make_trainer, []
 
     def with_oracle(*args, **kwargs):
         trainer = build(*args, **kwargs)
-        prompts = giva.sft.prompt_ids(trainer.eval_dataset)
+        prompts = giva.sft.run.prompt_ids(trainer.eval_dataset)
         gold = [ids[len(prompt):] for ids, prompt in zip(trainer.eval_dataset["input_ids"], prompts)]
         tokenizer = trainer.processing_class
         assert trainer.model.generation_config.eos_token_id != tokenizer.eos_token_id  # the case this is about
@@ -1494,7 +1494,7 @@ def test_exact_match_stops_each_answer_at_the_end_token_trl_trained(chat_model, 
         trainer.model.generate = forced
         return trainer
 
-    monkeypatch.setattr(giva.sft, "make_trainer", with_oracle)
+    monkeypatch.setattr(giva.sft.run, "make_trainer", with_oracle)
     result, _, _ = train_sft(options(chat_model, varied_jsonl, tmp_path / "out", max_steps=1))
     assert any(len(lengths) > 1 for lengths in seen)  # completions of several lengths in one batch
     assert result.exact_match_before == result.exact_match_after == 1.0
@@ -1528,11 +1528,11 @@ def test_the_validation_loss_is_the_mean_over_every_scored_token_whatever_the_ba
     for 1, 3 or 8 rows per forward (padded, or padding-free as the collator gives them with --packing) and equal to
     each row scored alone. The Trainer's eval_loss, which it replaced, averages each batch's mean over the rows, so
     with completions of 1 to 3 words it moves with the batch size (checked, so that this test can fail)."""
-    from giva.sft_eval import validation_loss
+    from giva.sft.evaluation import validation_loss
 
     opts = options(chat_model, varied_jsonl, tmp_path / "out", packing=packing)
-    device, path, tokenizer, data = giva.sft.preflight(opts)
-    trainer = giva.sft.make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
+    device, path, tokenizer, data = giva.sft.run.preflight(opts)
+    trainer = giva.sft.run.make_trainer(opts, device, path, tokenizer, data, str(tmp_path / "scratch"))
     model = trainer.model.train()
     with model.disable_adapter(), torch.no_grad():
         losses = {size: validation_loss(trainer, size) for size in (1, 3, 8)}
@@ -1607,20 +1607,20 @@ def test_a_packed_row_whose_completion_the_max_length_cuts_off_counts_as_untrain
 
     packed = Dataset.from_dict({"labels": [[-100, 5, -100, -100, -100, 7], [-100, -100]],
                                 "seq_lengths": [[2, 3, 1], [2]]})
-    assert giva.sft.trained_rows(packed) == 2  # rows 1 and 3 of the first sequence; the second and the last have none
-    assert giva.sft.trained_rows(Dataset.from_dict({"labels": [[1], [2], [3]]})) == 3
+    assert giva.sft.run.trained_rows(packed) == 2  # rows 1 and 3 of the first sequence; the second and the last have none
+    assert giva.sft.run.trained_rows(Dataset.from_dict({"labels": [[1], [2], [3]]})) == 3
     rng = random.Random(0)  # more sequences than one read of the set holds (it reads 1024 at a time)
     lengths = [[rng.randint(1, 4) for _ in range(rng.randint(1, 5))] for _ in range(2500)]
     labels = [[rng.choice([-100, -100, 3]) for _ in range(sum(row))] for row in lengths]
     expected = sum(any(label != -100 for label in seq[sum(row[:i]):sum(row[: i + 1])])
                    for seq, row in zip(labels, lengths) for i in range(len(row)))
-    assert giva.sft.trained_rows(Dataset.from_dict({"labels": labels, "seq_lengths": lengths})) == expected
+    assert giva.sft.run.trained_rows(Dataset.from_dict({"labels": labels, "seq_lengths": lengths})) == expected
 
 
 def test_a_cut_in_the_last_assistant_turn_of_a_conversation_counts_as_a_cut_completion():
     """A row cut inside its completion fills --max-length and its completion lost its end-of-turn token. With several
     assistant turns the earlier turns keep theirs: only the last labelled run is the one --max-length can cut."""
-    from giva.sft_eval import cut_completions
+    from giva.sft.evaluation import cut_completions
 
     end = 9  # the chat template's end-of-turn token
     rows = {
@@ -1653,14 +1653,14 @@ def cut_off_at(step: int, monkeypatch, after_checkpoint: bool = False) -> None:
             if state.global_step == step and after_checkpoint:
                 raise _Preempted
 
-    build = giva.sft.make_trainer
+    build = giva.sft.run.make_trainer
 
     def preempted(*args, **kwargs):
         trainer = build(*args, **kwargs)
         trainer.add_callback(CutOff())
         return trainer
 
-    monkeypatch.setattr(giva.sft, "make_trainer", preempted)
+    monkeypatch.setattr(giva.sft.run, "make_trainer", preempted)
 
 
 def test_a_run_cut_off_after_a_checkpoint_resumes_to_the_same_adapter(chat_model, pc_jsonl, tmp_path, monkeypatch, capsys,
@@ -1772,14 +1772,14 @@ def record_folder(tmp_path, chat_model, data, **stored_options) -> Path:
     (folder / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2, "max_steps": 4}))
     for name in ("optimizer.pt", "scheduler.pt"):
         (folder / "checkpoint-2" / name).write_bytes(b"")
-    record = giva.sft_checkpoints.run_record(options(chat_model, "rows.jsonl", tmp_path / "out", save_steps=2, **stored_options), data)
+    record = giva.sft.checkpoints.run_record(options(chat_model, "rows.jsonl", tmp_path / "out", save_steps=2, **stored_options), data)
     (folder / "giva_sft_options.json").write_text(json.dumps(record))
     return folder
 
 
 def test_resume_compares_what_changes_training_and_nothing_else(chat_model, tmp_path, monkeypatch):
-    from giva.sft_checkpoints import check_checkpoints
-    from giva.sft_data import SFTData
+    from giva.sft.checkpoints import check_checkpoints
+    from giva.sft.data import SFTData
 
     data = SFTData(train=[{"prompt": "a", "completion": "b"}], validation=[{"prompt": "c", "completion": "d"}],
                    source="rows", labels=None)
@@ -1815,8 +1815,8 @@ def test_a_checkpoint_whose_trainer_state_is_empty_or_invalid_counts_as_cut_off(
     """A machine that went down while the Trainer wrote trainer_state.json (its last file) leaves it empty or half
     written: --resume failed on it with an unnamed JSON error; it warns, naming the file, and resumes from the
     checkpoint before."""
-    from giva.sft_checkpoints import check_checkpoints
-    from giva.sft_data import SFTData
+    from giva.sft.checkpoints import check_checkpoints
+    from giva.sft.data import SFTData
 
     data = SFTData(train=[{"prompt": "a", "completion": "b"}], validation=[{"prompt": "c", "completion": "d"}],
                    source="rows", labels=None)
@@ -1830,8 +1830,8 @@ def test_a_checkpoint_whose_trainer_state_is_empty_or_invalid_counts_as_cut_off(
 
 
 def test_a_checkpoint_without_its_optimizer_or_schedule_is_refused_unless_training_is_over(chat_model, tmp_path):
-    from giva.sft_checkpoints import check_checkpoints
-    from giva.sft_data import SFTData
+    from giva.sft.checkpoints import check_checkpoints
+    from giva.sft.data import SFTData
 
     data = SFTData(train=[{"prompt": "a", "completion": "b"}], validation=[{"prompt": "c", "completion": "d"}],
                    source="rows", labels=None)
@@ -2108,7 +2108,7 @@ def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(written, launc
     torchrun went on with a fresh optimizer (another adapter, exit 0); a plain one under ZeRO-3 failed once the model
     had loaded ("Can't find a valid checkpoint"); a 2-process ZeRO-3 checkpoint under 1 process exited 1 with no
     message. Each is refused, from the files in the checkpoint, naming what wrote it."""
-    from giva.sft_zero3 import check_resume_launch
+    from giva.sft.zero3 import check_resume_launch
 
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
@@ -2130,18 +2130,18 @@ def scripted_validation(monkeypatch, scripted: dict[int, float]) -> dict[int, in
     """giva sft's validation loss, scripted by optimizer step (step -> loss) for the periodic validations and the one
     after training; the base model's (step 0), and any after a --keep-best restore, are the real ones. Returns the
     number of calls at each step, as they happen."""
-    import giva.sft_best
+    import giva.sft.best
 
-    real, calls, restored = giva.sft.validation_loss, {}, []
-    restore = giva.sft_best.BestAdapter.restore
+    real, calls, restored = giva.sft.run.validation_loss, {}, []
+    restore = giva.sft.best.BestAdapter.restore
 
     def loss(trainer, batch_size):
         step = trainer.state.global_step
         calls[step] = calls.get(step, 0) + 1
         return scripted[step] if step in scripted and not restored else real(trainer, batch_size)
 
-    monkeypatch.setattr(giva.sft, "validation_loss", loss)
-    monkeypatch.setattr(giva.sft_best.BestAdapter, "restore", lambda self, model: restored.append(1) or restore(self, model))
+    monkeypatch.setattr(giva.sft.run, "validation_loss", loss)
+    monkeypatch.setattr(giva.sft.best.BestAdapter, "restore", lambda self, model: restored.append(1) or restore(self, model))
     return calls
 
 
@@ -2241,7 +2241,7 @@ def test_keep_best_needs_eval_steps(chat_model, pc_jsonl, tmp_path, capsys):
 def test_a_resume_checks_the_kept_file_against_the_logged_validation_losses(tmp_path):
     from safetensors.torch import save_file
 
-    from giva.sft_best import check_kept_file
+    from giva.sft.best import check_kept_file
 
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "eval_loss": 0.5}, {"step": 4, "eval_loss": float("nan")},
                {"step": 6, "eval_loss": 0.5}, {"step": 8, "eval_loss": 0.2}]
@@ -2258,7 +2258,7 @@ def test_a_resume_checks_the_kept_file_against_the_logged_validation_losses(tmp_
 
 
 def test_processes_that_found_different_checkpoints_all_refuse_to_resume():
-    from giva.sft_checkpoints import check_same_resume
+    from giva.sft.checkpoints import check_same_resume
 
     check_same_resume([None, None], "ck")  # a fresh start everywhere
     check_same_resume([4, 4], "ck")
@@ -2272,7 +2272,7 @@ def test_the_kept_adapter_on_disk_is_the_newest_up_to_the_resumed_step(tmp_path)
     """BestAdapter.start on a resume at step 5 reads best-4 (each file beats every earlier one) and deletes best-6, of a
     step the resumed run trains again; a fresh run deletes them all; a NaN loss is never kept; restoring into a model
     with other trainable parameters is one clear error."""
-    from giva.sft_best import BestAdapter
+    from giva.sft.best import BestAdapter
 
     model = torch.nn.Linear(2, 2)
     best = BestAdapter(tmp_path, main_process=True)

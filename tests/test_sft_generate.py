@@ -9,12 +9,12 @@ import pytest
 import torch
 from test_sft import chat_model, messages_jsonl, options, pc_jsonl, plain_model, text_jsonl  # noqa: F401  (fixtures)
 
-import giva.sft
+import giva.sft.run
 from giva.cli import main
-from giva.sft import make_trainer, preflight, train_sft
-from giva.sft_eval import prompt_ids as trl_prompt_ids
-from giva.sft_eval import stop_tokens
-from giva.sft_generate import prompt_ids, read_prompts, text_run
+from giva.sft.evaluation import prompt_ids as trl_prompt_ids
+from giva.sft.evaluation import stop_tokens
+from giva.sft.generate import prompt_ids, read_prompts, text_run
+from giva.sft.run import make_trainer, preflight, train_sft
 
 PROMPT = "the film is good great . positive or negative ?"
 
@@ -129,7 +129,7 @@ def test_bad_input_is_one_line_before_the_model_loads(trained, tmp_path, capsys,
     def loaded(*a, **k):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(giva.sft, "load_sft_adapter", loaded)
+    monkeypatch.setattr(giva.sft.run, "load_sft_adapter", loaded)
     bad_row = tmp_path / "bad.jsonl"
     bad_row.write_text(json.dumps({"prompt": "fine"}) + "\n" + json.dumps({"question": "no prompt"}) + "\n")
     chat = tmp_path / "chat.jsonl"
@@ -163,7 +163,7 @@ def test_generate_stops_at_the_tokenizers_eos(trained, capsys, monkeypatch):
     generation config names another end token: forced to write "good", EOS, then more words, it answered them all."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
-    load = giva.sft.load_sft_adapter
+    load = giva.sft.run.load_sft_adapter
 
     def forcing(*args, **kwargs):
         model, tokenizer = load(*args, **kwargs)
@@ -185,7 +185,7 @@ def test_generate_stops_at_the_tokenizers_eos(trained, capsys, monkeypatch):
         model.generate = forced
         return model, tokenizer
 
-    monkeypatch.setattr(giva.sft, "load_sft_adapter", forcing)
+    monkeypatch.setattr(giva.sft.run, "load_sft_adapter", forcing)
     assert main(["generate", str(trained["chat"]), PROMPT, "--max-new-tokens", "5", "--device", "cpu", "--no-progress",
                  "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"prompt": PROMPT, "answer": "good"}]

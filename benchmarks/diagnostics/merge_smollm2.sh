@@ -16,7 +16,7 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from giva.sft import load_sft_adapter
+from giva.sft.run import load_sft_adapter
 
 work = sys.argv[1]
 adapted, tok = load_sft_adapter(f"{work}/out")

@@ -54,7 +54,7 @@ def row_lengths(args: argparse.Namespace) -> dict:
     """The training rows as TRL tokenizes them (chat template, cut at --max-length): their lengths, and the share of
     padding in batches of 8 consecutive rows, in the data's order, padded to their longest (the loader shuffles the
     rows, which moves the share a little)."""
-    from giva.sft import SFTOptions, make_trainer, preflight
+    from giva.sft.run import SFTOptions, make_trainer, preflight
 
     with tempfile.TemporaryDirectory(prefix="giva-sft-packing-") as scratch:
         options = SFTOptions(device="cpu", max_train_samples=args.rows, val_size=args.val_size, max_length=256,

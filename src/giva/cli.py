@@ -18,7 +18,7 @@ from . import __version__, load
 
 if TYPE_CHECKING:
     from .finetune import FinetuneResult
-    from .sft import SFTResult
+    from .sft.run import SFTResult
 
 # Nothing heavy is imported here: torch, transformers and peft load inside the command that needs them, so that
 # `giva --help` and `giva <command> --help` answer at once. The defaults below mirror the library's (tests/test_cli.py
@@ -180,7 +180,7 @@ def _print_result(result: Union[FinetuneResult, SFTResult], as_json: bool) -> No
 
 
 def _sft(args: argparse.Namespace) -> int:
-    from .sft import SFTOptions, launch, run_sft
+    from .sft.run import SFTOptions, launch, run_sft
 
     options = SFTOptions(
         model=args.model, data=args.data, data_split=args.data_split, data_config=args.data_config, device=args.device, bf16=args.bf16, fp16=args.fp16,
@@ -239,7 +239,7 @@ def _fetch_data(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .sft_generate import generate, read_prompts
+    from .sft.generate import generate, read_prompts
 
     prompts = [*args.prompts, *(read_prompts(args.prompts_file) if args.prompts_file else [])]
     with _library_output_to_stderr():  # stdout: the answers alone
@@ -393,7 +393,7 @@ def _seed(value: str) -> int:
 
 def _sft_seed(value: str) -> int:
     number = _seed(value)
-    if number > 2**32 - 1:  # giva.sft_options.MAX_SEED: transformers' set_seed seeds numpy with it
+    if number > 2**32 - 1:  # giva.sft.options.MAX_SEED: transformers' set_seed seeds numpy with it
         raise argparse.ArgumentTypeError(f"must be <= {2**32 - 1} (2**32 - 1: transformers seeds numpy with it), got {value!r}")
     return number
 
@@ -682,7 +682,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 def _with_recipe(args: argparse.Namespace, argv: list[str]) -> argparse.Namespace:
     """``giva sft --config FILE``: the recipe's flags first, then the command line's (argparse keeps the last value
     of a flag given twice, so the command line overrides the recipe). A bad value in the recipe names the file."""
-    from .sft_recipe import recipe_flags
+    from .sft.recipe import recipe_flags
 
     parser = build_parser()
     words = recipe_flags(args.config, {action.dest: action for action in parser.sft_parser._actions})

@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 torchrun --nproc_per_node 2 tests/dist/sft_cli.py OUT_DIR SFT_ARGS...
 
 With GIVA_TEST_WORSE_STEP=S the validation loss of step S is raised by 1 (a --keep-best run then keeps an earlier
-step); with GIVA_TEST_FAIL_SCORING=R the validation fails on process R at its second batch. Each rank writes rank<r>.json: what ``giva.sft.exact_match`` reports for a stub model whose right answers are
-known, what ``giva.sft.on_main_process`` raised on this rank when the first process failed and what
-``giva.sft.on_every_process`` raised when only the second one did, then the CLI's exit
+step); with GIVA_TEST_FAIL_SCORING=R the validation fails on process R at its second batch. Each rank writes rank<r>.json: what ``giva.sft.run.exact_match`` reports for a stub model whose right answers are
+known, what ``giva.sft.run.on_main_process`` raised on this rank when the first process failed and what
+``giva.sft.run.on_every_process`` raised when only the second one did, then the CLI's exit
 code, what it printed, how many times this rank saved the adapter, whether the process group was left open, and
 whether the model was partitioned when it loaded (DeepSpeed ZeRO-3), and a digest of its GiVA bases.
 """
@@ -25,9 +25,9 @@ import torch.distributed as dist
 from transformers import AutoTokenizer
 
 import giva.finetune
-import giva.sft
+import giva.sft.run
 from giva.cli import main
-from giva.sft import exact_match, on_every_process, on_main_process
+from giva.sft.run import exact_match, on_every_process, on_main_process
 
 
 class _Echo(torch.nn.Module):
@@ -53,19 +53,19 @@ def _failing_save() -> None:
 def _raise_the_loss_of(step: int) -> None:
     """Add 1 to the validation loss scored at optimizer ``step`` (0: none), until a --keep-best restore: so that an
     earlier step is kept and both processes restore it."""
-    import giva.sft
-    import giva.sft_best
+    import giva.sft.run
+    import giva.sft.best
 
     if not step:
         return
-    real, restore, restored = giva.sft.validation_loss, giva.sft_best.BestAdapter.restore, []
+    real, restore, restored = giva.sft.run.validation_loss, giva.sft.best.BestAdapter.restore, []
 
     def loss(trainer, batch_size):
         value = real(trainer, batch_size)  # every process reaches the collective inside
         return value + 1.0 if trainer.state.global_step == step and not restored else value
 
-    giva.sft.validation_loss = loss
-    giva.sft_best.BestAdapter.restore = lambda self, model: restored.append(1) or restore(self, model)
+    giva.sft.run.validation_loss = loss
+    giva.sft.best.BestAdapter.restore = lambda self, model: restored.append(1) or restore(self, model)
 
 
 def _fail_scoring_on(rank: int) -> None:
@@ -73,7 +73,7 @@ def _fail_scoring_on(rank: int) -> None:
     the other processes of a ZeRO-3 launch are waiting in)."""
     if rank < 0 or dist.get_rank() != rank:
         return
-    real = giva.sft.validation_loss
+    real = giva.sft.run.validation_loss
 
     def loss(trainer, batch_size):
         collator, calls = trainer.data_collator, []
@@ -90,7 +90,7 @@ def _fail_scoring_on(rank: int) -> None:
         finally:
             trainer.data_collator = collator
 
-    giva.sft.validation_loss = loss
+    giva.sft.run.validation_loss = loss
 
 
 def _bases_digest(model: torch.nn.Module) -> str:
@@ -137,10 +137,10 @@ def run() -> None:
         return real_save(*args, **kwargs)
 
     giva.finetune.save_atomically = counted_save
-    found, real_partitioned = [], giva.sft.partitioned
-    giva.sft.partitioned = lambda model: found.append(real_partitioned(model)) or found[-1]  # ZeRO-3 loaded it so
-    trainers, real_make_trainer = [], giva.sft.make_trainer
-    giva.sft.make_trainer = lambda *a, **k: trainers.append(real_make_trainer(*a, **k)) or trainers[-1]
+    found, real_partitioned = [], giva.sft.run.partitioned
+    giva.sft.run.partitioned = lambda model: found.append(real_partitioned(model)) or found[-1]  # ZeRO-3 loaded it so
+    trainers, real_make_trainer = [], giva.sft.run.make_trainer
+    giva.sft.run.make_trainer = lambda *a, **k: trainers.append(real_make_trainer(*a, **k)) or trainers[-1]
     _raise_the_loss_of(int(os.environ.get("GIVA_TEST_WORSE_STEP", "0")))
     _fail_scoring_on(int(os.environ.get("GIVA_TEST_FAIL_SCORING", "-1")))
     printed, logged = io.StringIO(), io.StringIO()

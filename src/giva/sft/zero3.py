@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
-from .sft_options import SFTOptions
+from .options import SFTOptions
 
 
 def deepspeed_stage() -> Optional[int]:
@@ -135,7 +135,7 @@ def partitioned(model: Any) -> bool:
 
 def lockstep(model: Any) -> bool:
     """Every process must run the same forwards: the model is partitioned and the launch has several processes."""
-    from .integrations.distributed import is_distributed
+    from ..integrations.distributed import is_distributed
 
     if not is_distributed():
         return False

@@ -12,10 +12,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .sft_best import check_kept_file
-from .sft_data import SFTData, row_format
-from .sft_options import OPTIONS_FILE, RESULT_FILE, RESUMABLE_CHANGES, SFTOptions
-from .sft_zero3 import checkpoint_launch
+from .best import check_kept_file
+from .data import SFTData, row_format
+from .options import OPTIONS_FILE, RESULT_FILE, RESUMABLE_CHANGES, SFTOptions
+from .zero3 import checkpoint_launch
 
 logger = logging.getLogger("giva.sft")
 
@@ -72,7 +72,7 @@ def missing_training_state(checkpoint: Path) -> list[str]:
     """The files of ``checkpoint`` that the Trainer resumes the optimizer and the LR schedule from and that are not
     there (transformers' ``optimizer.pt``, or ``optimizer.bin``, and ``scheduler.pt``). Without either, it starts
     both afresh and says nothing: another adapter than the uninterrupted run's. A DeepSpeed checkpoint keeps its
-    optimizer in DeepSpeed's files (:func:`giva.sft_zero3.check_resume_launch`): none listed."""
+    optimizer in DeepSpeed's files (:func:`giva.sft.zero3.check_resume_launch`): none listed."""
     if checkpoint_launch(checkpoint)[0] is not None:
         return []
     optimizer = any((checkpoint / name).is_file() for name in ("optimizer.pt", "optimizer.bin"))
@@ -104,7 +104,7 @@ def check_checkpoints(options: SFTOptions, data: SFTData) -> tuple[SFTOptions, O
     checkpoint the Trainer finished writing, after checking that the flags (those in :data:`RESUMABLE_CHANGES` may
     change) and the rows are the stored run's; with nothing to resume yet it starts the run (so a job script can
     always pass it), and without ``--save-steps`` it keeps the stored cadence."""
-    from .finetune import check_output_dir
+    from ..finetune import check_output_dir
 
     folder = Path(options.checkpoints)
     if options.save_steps is None and not options.resume:
@@ -184,7 +184,7 @@ def check_same_resume(steps: list[Optional[int]], folder: str) -> None:
 
 
 def write_record(options: SFTOptions, data: SFTData) -> None:
-    from .checkpoint import atomic_file
+    from ..checkpoint import atomic_file
 
     with atomic_file(Path(options.checkpoints) / OPTIONS_FILE) as tmp:
         tmp.write_text(json.dumps(run_record(options, data), indent=2) + "\n", encoding="utf-8")

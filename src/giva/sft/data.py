@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TypeVar
 
-from .checkpoint import looks_local
-from .data import BUNDLED, DATA_SUFFIXES, DataError, _decode, _hub_datasets_module, _read_json_rows, load_bundled
+from ..checkpoint import looks_local
+from ..data import BUNDLED, DATA_SUFFIXES, DataError, _decode, _hub_datasets_module, _read_json_rows, load_bundled
 
 Row = dict[str, Any]  # {"prompt": str | list[message], "completion": str | list[message]}, or {"text": str}
 Located = tuple[str, Row]  # (where the row came from, e.g. "my.jsonl:7"; the row)

@@ -4,10 +4,10 @@ A thin layer: :class:`SFTOptions` (the command's flags, checked in ``__post_init
 :class:`giva.GivaConfig` and a TRL ``SFTConfig``; both go to ``SFTTrainer`` with
 :class:`giva.GivaInitCallback`, which fills the bases from the trainer's own first batches. TRL owns the
 data formatting (prompt/completion rows, chat templates, the completion-only loss mask); this module runs the
-checks that come before the model loads (:mod:`giva.sft_checks`), the before/after validation
-(:mod:`giva.sft_eval`), the atomic save, resumable checkpoints (``--save-steps``, ``--resume``: the Trainer's own,
-:mod:`giva.sft_checkpoints`) and the bookkeeping of a torchrun launch (one process writes, the exact-match scoring
-is split over the processes). The flags are :class:`giva.sft_options.SFTOptions`.
+checks that come before the model loads (:mod:`giva.sft.checks`), the before/after validation
+(:mod:`giva.sft.evaluation`), the atomic save, resumable checkpoints (``--save-steps``, ``--resume``: the Trainer's own,
+:mod:`giva.sft.checkpoints`) and the bookkeeping of a torchrun launch (one process writes, the exact-match scoring
+is split over the processes). The flags are :class:`giva.sft.options.SFTOptions`.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import DataError
-from .sft_best import BestAdapter
-from .sft_checkpoints import (
+from ..data import DataError
+from .best import BestAdapter
+from .checkpoints import (
     check_checkpoints,
     check_same_resume,
     checkpoint_state,
@@ -37,7 +37,7 @@ from .sft_checkpoints import (
     saved_run,
     write_record,
 )
-from .sft_checks import (
+from .checks import (
     check_attention,
     check_chat_template,
     check_num_batches,
@@ -49,12 +49,12 @@ from .sft_checks import (
     check_truncation,
     resolve_device,
 )
-from .sft_data import SFTData, load_sft_data, row_format
-from .sft_eval import completion_ids, cut_completions, exact_match, prompt_ids, validation_loss
-from .sft_options import RESULT_FILE, TRL_LM_HEAD, SFTOptions
-from .sft_zero3 import check_resume_launch, check_zero3_finished, gathered, on_train_begin, partitioned
+from .data import SFTData, load_sft_data, row_format
+from .evaluation import completion_ids, cut_completions, exact_match, prompt_ids, validation_loss
+from .options import RESULT_FILE, TRL_LM_HEAD, SFTOptions
+from .zero3 import check_resume_launch, check_zero3_finished, gathered, on_train_begin, partitioned
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("giva.sft")  # the name its sibling modules log under too
 
 
 @dataclass
@@ -133,9 +133,9 @@ def preflight(options: SFTOptions) -> tuple[str, str, Any, SFTData]:
     """Every check that needs no model weights: (device, model path, tokenizer, data). Loads nothing big."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import resolve_model
-    from .finetune import check_max_length, model_skeleton
-    from .model import check_targets_before_loading
+    from ..assets import resolve_model
+    from ..finetune import check_max_length, model_skeleton
+    from ..model import check_targets_before_loading
 
     check_packages()
     options.batch_layout(launch()[1])
@@ -238,7 +238,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
     optimizer, schedule, RNG states) into the checkpoint folder, else into ``scratch``, which the run deletes."""
     from trl import SFTConfig
 
-    from . import sft_tracking
+    from . import tracking
 
     # transformers 5 renamed TrainingArguments.gradient_checkpointing to activation_checkpointing; 4.x knows only the
     # old name (and SFTConfig refuses the new one with a TypeError)
@@ -275,7 +275,7 @@ def sft_config(options: SFTOptions, device: str, scratch: str) -> Any:
         save_steps=options.save_steps or 500,
         save_total_limit=2,  # the newest, and the one before it in case the newest was cut off mid-write
         eval_strategy="no",
-        report_to=sft_tracking.trainer_report_to(sft_tracking.resolve(options.report_to)),
+        report_to=tracking.trainer_report_to(tracking.resolve(options.report_to)),
         logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (not the mean of the earlier ones): see _divergence
         disable_tqdm=not options.progress,
         dataset_num_proc=None,
@@ -324,14 +324,14 @@ def completion_token_loss(model: Any, batch: Any) -> Any:
     """The calibration loss summed over the completion tokens (the model's mean times their count): every token
     weighs the same in the gradient however the rows are split into micro-batches and processes. The bases do not
     depend on the gradient's scale, so with one batch they are those of the mean loss."""
-    from .init.capture import default_loss
+    from ..init.capture import default_loss
 
     return default_loss(model, batch) * (batch["labels"][..., 1:] != -100).sum()  # the tokens the model's shift scores
 
 
 def giva_config_of(options: SFTOptions) -> Any:
     """The adapter's :class:`giva.GivaConfig` for these options."""
-    from .config import GivaConfig
+    from ..config import GivaConfig
 
     return GivaConfig(r=options.r, target_modules=options.target_modules, seed=options.seed, task_type="CAUSAL_LM",
                       giva_dropout=options.dropout)
@@ -345,8 +345,8 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
     from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    from . import sft_tracking
-    from .integrations.trainer import GivaInitCallback
+    from ..integrations.trainer import GivaInitCallback
+    from . import tracking
 
     giva_config = giva_config_of(options)
     args = sft_config(options, device, scratch)
@@ -362,7 +362,7 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
         peft_config=giva_config,
         callbacks=[GivaInitCallback(num_batches=calibration, loss_fn=completion_token_loss, progress=options.progress,
                                     mode=options.init_mode),
-                   *sft_tracking.callbacks(sft_tracking.resolve(options.report_to), options.logs, resume_step,
+                   *tracking.callbacks(tracking.resolve(options.report_to), options.logs, resume_step,
                                            replace=options.overwrite and not options.resume)],
     )
     # sized on the loader's rows, known once TRL has processed (and with --packing packed) them; read in train()
@@ -377,7 +377,7 @@ def make_trainer(options: SFTOptions, device: str, path: str, tokenizer: Any, da
 
 
 def _periodic_validation(trainer: Any, every: int, best: Optional[BestAdapter] = None) -> Any:
-    """A callback: the validation loss (:func:`giva.sft_eval.validation_loss`) after every ``every``-th optimizer step,
+    """A callback: the validation loss (:func:`giva.sft.evaluation.validation_loss`) after every ``every``-th optimizer step,
     logged as ``eval_loss`` through the Trainer (its log history, which a checkpoint keeps, and the ``--report-to``
     integrations, as ``eval/loss``). Every process of a launch reaches it at the same step.
 
@@ -433,7 +433,7 @@ def _divergence(options: SFTOptions) -> Any:
     loss is gathered over the processes of a launch, so all of them stop together."""
     from transformers import TrainerCallback
 
-    from .finetune import TrainingDiverged
+    from ..finetune import TrainingDiverged
 
     class StopOnDivergence(TrainerCallback):
         logged = 0  # the last step logged
@@ -503,7 +503,7 @@ def on_every_process(work: Any, what: str) -> None:
 
 
 def _agreed(work: Any, run_here: bool, what: str) -> None:
-    from .integrations.distributed import every_rank, is_distributed
+    from ..integrations.distributed import every_rank, is_distributed
 
     if not is_distributed():
         work()
@@ -527,9 +527,9 @@ def _agreed(work: Any, run_here: bool, what: str) -> None:
 
 def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SFTData,
            resume_from: Optional[str] = None) -> tuple[SFTResult, Any, Any]:
-    from .finetune import directory_bytes, save_atomically
-    from .integrations.distributed import every_rank
-    from .integrations.trainer import GivaInitCallback
+    from ..finetune import directory_bytes, save_atomically
+    from ..integrations.distributed import every_rank
+    from ..integrations.trainer import GivaInitCallback
 
     with tempfile.TemporaryDirectory(prefix="giva-sft-") as scratch:
         resumed = checkpoint_state(resume_from) if resume_from else {}
@@ -622,7 +622,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
         zero3=zero3,
     )
 
-    from .checkpoint import atomic_file, json_text
+    from ..checkpoint import atomic_file, json_text
 
     def write(folder: str) -> None:
         peft_model.save_pretrained(folder)
@@ -633,7 +633,7 @@ def _train(options: SFTOptions, device: str, path: str, tokenizer: Any, data: SF
     def write_all() -> None:
         save_atomically(options.output_dir, write)  # an earlier run's chat template goes
         if options.export_lora is not None:  # the adapter first: a failed export loses no training
-            from .export import export_lora
+            from ..export import export_lora
 
             export_lora(peft_model, options.export_lora, tokenizer=tokenizer)  # its chat template, as giva export-lora
             result.lora_dir = options.export_lora
@@ -664,7 +664,7 @@ def load_sft_adapter(output_dir: str, model: Optional[str] = None, dtype: Any = 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .assets import resolve_model
+    from ..assets import resolve_model
 
     folder = Path(os.path.expanduser(output_dir))
     if model is None:

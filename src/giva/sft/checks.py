@@ -9,10 +9,10 @@ import math
 import os
 from typing import Any, Optional
 
-from .checkpoint import nested_or_same
-from .data import DataError
-from .sft_data import SFTData, row_format
-from .sft_options import FLASH_PACKAGES, RESULT_FILE, SFTOptions
+from ..checkpoint import nested_or_same
+from ..data import DataError
+from .data import SFTData, row_format
+from .options import FLASH_PACKAGES, RESULT_FILE, SFTOptions
 
 logger = logging.getLogger("giva.sft")
 
@@ -85,10 +85,10 @@ def check_sharding(options: SFTOptions) -> None:
     GPUs the Trainer would shard the model when training starts, and giva sft's own validation, exact-match generation
     and save of the adapter read whole weights outside it; on CPUs Accelerate ignores the variable and runs data
     parallelism, so the user who asked for FSDP would silently get DDP. DeepSpeed ZeRO-3 runs
-    (:mod:`giva.sft_zero3`), without the flags it refuses."""
+    (:mod:`giva.sft.zero3`), without the flags it refuses."""
     from accelerate.utils import parse_flag_from_env
 
-    from .sft_zero3 import check_zero3_run, zero3_launch
+    from .zero3 import check_zero3_run, zero3_launch
 
     if parse_flag_from_env("ACCELERATE_USE_FSDP"):  # accelerate's reading of it (transformers' is the same)
         raise ValueError("FSDP (accelerate launch's configuration: ACCELERATE_USE_FSDP) is not supported by giva sft, "
@@ -104,7 +104,7 @@ def check_sharding(options: SFTOptions) -> None:
 def check_output_dirs(options: SFTOptions) -> None:
     """The adapter folder and the LoRA folder can be written, and hold nothing a run would lose: each may be new or
     empty, or hold an earlier run's adapter (the LoRA folder: a LoRA export), replaced only with ``--overwrite``."""
-    from .finetune import check_output_dir
+    from ..finetune import check_output_dir
 
     out = check_output_dir(options.output_dir)
     if out.is_dir() and any(out.iterdir()):
@@ -115,7 +115,7 @@ def check_output_dirs(options: SFTOptions) -> None:
             raise FileExistsError(f"--output-dir {options.output_dir!r} already holds an adapter; pass --overwrite to "
                                   "replace it, or give another folder")
     if options.export_lora is not None:
-        from .export import ExportError, _check_output
+        from ..export import ExportError, _check_output
 
         lora = check_output_dir(options.export_lora)
         try:
@@ -130,10 +130,10 @@ def check_output_dirs(options: SFTOptions) -> None:
 def check_tracking(options: SFTOptions) -> None:
     """``--report-to`` names integrations that are installed; TensorBoard's folder is one of its own (the adapter's
     folder is replaced whole at the end, a checkpoint folder has its own rules)."""
-    from . import sft_tracking
+    from . import tracking
 
-    names = sft_tracking.resolve(options.report_to)
-    if sft_tracking.TENSORBOARD not in names:
+    names = tracking.resolve(options.report_to)
+    if tracking.TENSORBOARD not in names:
         if options.logging_dir is not None:
             raise ValueError(f"--logging-dir {options.logging_dir!r} is TensorBoard's folder; give --report-to "
                              "tensorboard with it, or drop it")
@@ -145,13 +145,13 @@ def check_tracking(options: SFTOptions) -> None:
         if other is not None and nested_or_same(options.logs, other):
             raise ValueError(f"--logging-dir {options.logs!r} and {flag} {other!r} are the same folder or one holds "
                              "the other; TensorBoard's logs need a folder of their own")
-    from .finetune import check_output_dir
+    from ..finetune import check_output_dir
 
     try:
         check_output_dir(options.logs)
     except OSError as err:  # a file, a path under a file, a parent this process cannot write in
         raise ValueError(f"--logging-dir: {err}") from None
-    if not options.resume and not options.overwrite and sft_tracking.earlier_events(options.logs):
+    if not options.resume and not options.overwrite and tracking.earlier_events(options.logs):
         raise ValueError(f"--logging-dir {options.logs!r} holds TensorBoard event files of an earlier run; pass "
                          "--overwrite to replace them (once training begins), or give another --logging-dir")
 

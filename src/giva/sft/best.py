@@ -79,7 +79,7 @@ class BestAdapter:
     def _write(self, step: int, loss: float) -> None:
         from safetensors.torch import save_file
 
-        from .checkpoint import atomic_file
+        from ..checkpoint import atomic_file
 
         assert self.folder is not None and self.tensors is not None
         with atomic_file(self.folder / f"best-{step}.safetensors") as tmp:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
-from .sft_zero3 import lockstep
+from .zero3 import lockstep
 
 
 def _launch() -> tuple[int, int]:
     import torch.distributed as dist
 
-    from .integrations.distributed import is_distributed
+    from ..integrations.distributed import is_distributed
 
     return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
 
@@ -58,7 +58,7 @@ class _FailedInLockstep(RuntimeError):
 
 
 def _through_the_store(work: Callable[[], list[float]], device: Any, what: str) -> list[float]:
-    from .init.distributed import DistributedInitError, TorchCollective
+    from ..init.distributed import DistributedInitError, TorchCollective
 
     collective = TorchCollective(device, sharded=True)
     try:
@@ -77,7 +77,7 @@ def validation_loss(trainer: Any, batch_size: int) -> float:
     model's forward with it), without a KV cache (with one, transformers drops the mask between padding-free rows)."""
     import torch
 
-    from .init.distributed import zero3_trace_reset
+    from ..init.distributed import zero3_trace_reset
 
     model = trainer.model
     rank, world = _launch()
@@ -179,7 +179,7 @@ def exact_match(model: Any, tokenizer: Any, prompts: list[list[int]], completion
         answers = tokenizer.batch_decode(new[: len(prompts)], skip_special_tokens=True)
         return [float(sum(a.strip() == r for a, r in zip(answers, references)))]
 
-    from .init.distributed import zero3_trace_reset
+    from ..init.distributed import zero3_trace_reset
 
     was_training = model.training
     model.eval()

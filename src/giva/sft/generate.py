@@ -4,7 +4,7 @@ A prompt becomes tokens as TRL made the prompts of the run's rows: with a chat t
 beside the adapter), a plain-text prompt is one user turn and a list of messages is the conversation so far, both
 rendered with the generation prompt; without one, or after a run on ``text`` rows (no template, every token trained),
 the text is tokenized as it is and continued. The model is reloaded as it was trained
-(:func:`giva.sft.load_sft_adapter`: the run's precision and quantisation). With ``base=True`` each prompt is also
+(:func:`giva.sft.run.load_sft_adapter`: the run's precision and quantisation). With ``base=True`` each prompt is also
 answered with the adapter switched off, which shows what the fine-tuning changed.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from .data import DataError, _decode, _read_json_rows
-from .sft_data import _messages
+from ..data import DataError, _decode, _read_json_rows
+from .data import _messages
 
 Prompt = str | list[dict[str, str]]  # a text, or messages ({"role", "content"}) ending where the answer starts
 
@@ -82,9 +82,9 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, text_run: bool, where: str = "the
 
 def text_run(adapter_dir: str) -> bool:
     """Whether the adapter in ``adapter_dir`` was trained on ``text`` rows, as its run's record says
-    (:func:`giva.sft_checkpoints.saved_run`: ``sft_result.json``, or beside a ``checkpoint-N`` folder the run's
+    (:func:`giva.sft.checkpoints.saved_run`: ``sft_result.json``, or beside a ``checkpoint-N`` folder the run's
     options file); False for prompt/completion and chat runs, and for a folder with neither record."""
-    from .sft_checkpoints import saved_run
+    from .checkpoints import saved_run
 
     _, record = saved_run(Path(adapter_dir).expanduser())
     return record.get("loss_tokens") == "every token" or record.get("rows") == "text"
@@ -98,9 +98,9 @@ def generate(output_dir: str, prompts: list[Prompt], max_new_tokens: int = 256, 
     model's. Prompts are checked before the model loads."""
     import torch
 
-    from .sft import load_sft_adapter
-    from .sft_checks import available_device
-    from .sft_eval import generated, stop_tokens
+    from .checks import available_device
+    from .evaluation import generated, stop_tokens
+    from .run import load_sft_adapter
 
     if not prompts:
         raise ValueError("no prompt to answer: give prompts as arguments or --prompts FILE")

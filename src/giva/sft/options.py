@@ -1,8 +1,8 @@
 """The options of `giva sft`: :class:`SFTOptions` (one field per command-line flag, checked as it is built), the
 choices its flags take, the flags ``--resume`` lets change, and the files a run writes.
 
-The CLI reads it to build its parser, :mod:`giva.sft_checks` and :mod:`giva.sft_checkpoints` read it, and
-:mod:`giva.sft` runs it.
+The CLI reads it to build its parser, :mod:`giva.sft.checks` and :mod:`giva.sft.checkpoints` read it, and
+:mod:`giva.sft.run` runs it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .checkpoint import nested_or_same
+from ..checkpoint import nested_or_same
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
