@@ -2300,3 +2300,18 @@ def test_the_kept_adapter_on_disk_is_the_newest_up_to_the_resumed_step(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-4.safetensors", "best-6.safetensors", "best-8.safetensors"]
     BestAdapter(tmp_path, main_process=True).start(None)  # a fresh run
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_sft_package_names_its_api_and_loads_a_module_only_when_used():
+    """``giva.sft``'s public names are those of their modules; reading the options (as the CLI's parser does) does
+    not import the run, TRL's side of the command."""
+    import giva.sft.options
+
+    assert giva.sft.load_sft_adapter is giva.sft.run.load_sft_adapter and giva.sft.run_sft is giva.sft.run.run_sft
+    assert giva.sft.SFTOptions is giva.sft.options.SFTOptions
+    with pytest.raises(AttributeError, match="module 'giva.sft' has no attribute 'nothing'"):
+        giva.sft.nothing  # noqa: B018
+    code = "import sys, giva.sft.options, giva.sft.recipe; print('giva.sft.run' in sys.modules, 'trl' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]

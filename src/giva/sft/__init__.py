@@ -14,8 +14,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# (``generate``, the function, is not among them: its module's name would replace it once imported.)
 _PUBLIC = {"SFTOptions": "options", "SFTResult": "run", "run_sft": "run", "load_sft_adapter": "run",
-           "generate": "generate", "load_sft_data": "data"}
+           "load_sft_data": "data"}
 __all__ = sorted(_PUBLIC)
 
 
