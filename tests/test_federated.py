@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import asdict, replace
 from functools import partial
@@ -1239,3 +1240,22 @@ def test_report_of_a_folder_without_a_runs_checkpoint_is_one_line(tmp_path, caps
     (tmp_path / ".checkpoints" / "notes.pt").write_bytes(b"")  # a .pt file that is no run's checkpoint
     assert _main(["report", str(tmp_path)]) == 2
     assert "no checkpoints in" in capsys.readouterr().err
+
+
+def test_the_dense_setup_warns_of_a_gradient_of_lower_rank_than_r(caplog):
+    """The federated dense setup takes the SVD of the summed gradient itself: three tokens give rank 3 at most (1 for
+    the first layer's q_proj: the first token attends to itself alone, the last has no label), and its log says so
+    for each such layer, as giva.initialize warns (it logged nothing)."""
+    import logging
+
+    from peft import get_peft_model
+
+    from giva import GivaConfig
+
+    config = GivaConfig(r=8, target_modules=["q_proj"], variant="Vr")
+    model = get_peft_model(tiny_llama(), config)
+    few = [{"input_ids": torch.tensor([[5, 17, 42]]), "labels": torch.tensor([[5, 17, 42]])}]
+    with caplog.at_level(logging.WARNING, logger="giva.federated.statistics"):
+        one_process_dense_bases(model, few, config)
+    assert re.search(r"'model.layers.0.self_attn.q_proj' \(block 0: [1-3] of 8\).*fewer non-zero singular values",
+                     caplog.text)

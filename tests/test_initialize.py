@@ -364,8 +364,43 @@ def test_numerical_rank_counts_the_singular_values_above_rounding():
     assert numerical_rank(top_singular_vectors(low, 8, method="exact")[1], (64, 32)) == 3
     assert numerical_rank(top_singular_vectors(full, 8, method="exact")[1], (64, 32)) == 8
     eigenvalues = torch.linalg.eigvalsh((low.mT @ low).double()).flip(0)[:8]  # of an fp32 second moment
-    assert numerical_rank(eigenvalues, (32, 32)) == 3
+    assert numerical_rank(eigenvalues, (32, 32), gram=True) == 3
     assert numerical_rank(torch.zeros(8), (64, 32)) == 0
+    # A full-rank gradient with a steep spectrum (one direction, the rest at 0.008 of it): its second moment's
+    # eigenvalues (0.008 squared) are far above rounding; the singular-value rule applied to them counted 1 of 8.
+    n = 1024
+    u, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    spectrum = torch.cat([torch.ones(1, dtype=torch.float64), torch.linspace(0.008, 0.004, n - 1, dtype=torch.float64)])
+    steep = ((u * spectrum) @ v.T).float()
+    eigenvalues = torch.linalg.eigvalsh((steep.mT @ steep).double()).flip(0)[:8]
+    assert numerical_rank(eigenvalues, (n, n), gram=True) == 8
+    assert numerical_rank(top_singular_vectors(steep, 8, method="exact")[1], (n, n)) == 8
+
+
+def test_a_targets_input_changed_in_place_after_the_layer_ran_is_an_error_naming_the_layer():
+    """The layer input is a saved tensor of the graph, which autograd's version check guards: a model that changes it
+    in place after the layer read it (a residual accumulated into it) gets a GradientInitError naming the layer. Before,
+    the hook read the changed values, and the gradient was not the layer's, silently."""
+
+    class InPlace(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.emb, self.fc, self.out = torch.nn.Linear(16, 32), torch.nn.Linear(32, 32), torch.nn.Linear(32, 1)
+
+        def forward(self, x, y):
+            h = torch.tanh(self.emb(x))
+            z = self.fc(h)
+            h.mul_(2.0)
+            return ((self.out(z + h).squeeze(-1) - y) ** 2).mean()
+
+    generator = torch.Generator().manual_seed(1)
+    data = [{"x": torch.randn(64, 16, generator=generator), "y": torch.randn(64, generator=generator)}]
+    model = get_peft_model(InPlace(), GivaConfig(r=2, target_modules=["fc"]))
+    with pytest.raises(GradientInitError, match=r"the input of GiVA layer 'fc' was modified in place after the layer ran"):
+        giva.initialize(model, data, num_batches=1, loss_fn=lambda m, batch: m(**batch), progress=False)
+    assert not giva.bases_initialized(model)
 
 
 class _SharedLayer(torch.nn.Module):

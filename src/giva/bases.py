@@ -244,16 +244,19 @@ def top_eigenvectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return top_eigenpairs(matrix, k)[1]
 
 
-def numerical_rank(values: torch.Tensor, shape: tuple[int, int]) -> int:
-    """How many of ``values`` stand above rounding: the top singular values (descending) of an fp32 matrix of ``shape``,
-    or the top eigenvalues of an fp32 symmetric one (a second moment ``sum_b G_b^T G_b``, whose own rounding is
-    relative to its largest eigenvalue too); above the largest times ``max(shape)`` fp32 epsilons, numpy's
-    ``matrix_rank`` rule. A gradient summed over ``T`` tokens has rank at most ``T``: singular vectors past its rank
-    are arbitrary directions the loss never reached."""
+def numerical_rank(values: torch.Tensor, shape: tuple[int, int], gram: bool = False) -> int:
+    """How many of ``values`` stand above rounding. ``values``: the top singular values (descending) of an fp32 matrix
+    of ``shape``, counted above the largest times ``max(shape)`` fp32 epsilons (numpy's ``matrix_rank`` rule); with
+    ``gram``, the top eigenvalues of an fp32 ``n x n`` second moment ``sum_b G_b^T G_b`` (``shape = (n, n)``), counted
+    above the largest times ``sqrt(n)`` epsilons: its rounding leaves eigenvalues under one epsilon of the largest
+    (measured), and the singular-value rule on eigenvalues (``n`` epsilons, as squared singular values a ratio of
+    ``sqrt(n * eps)``, 0.011 at n = 1024) called steep but full-rank gradients deficient. A gradient summed over ``T``
+    tokens has rank at most ``T``: singular vectors past its rank are arbitrary directions the loss never reached."""
     values = values.detach().double().abs().cpu()
     if values.numel() == 0 or values[0] == 0:
         return 0
-    return int((values > values[0] * max(shape) * torch.finfo(torch.float32).eps).sum())
+    factor = max(shape) ** 0.5 if gram else max(shape)
+    return int((values > values[0] * factor * torch.finfo(torch.float32).eps).sum())
 
 
 def random_bases(out_features: int, in_features: int, r: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

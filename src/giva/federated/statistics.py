@@ -23,6 +23,7 @@ union of the shards:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..bases import SEEDED_B_VARIANTS, bases_from_gradient, layer_generator
+from ..bases import SEEDED_B_VARIANTS, layer_generator, numerical_rank
 from ..config import GivaConfig
 from ..init import (
     InitSession,
@@ -44,7 +45,11 @@ from ..init import (
     giva_layers,
     targets_of,
 )
+from ..init.exact import bases_from_dense
+from ..init.session import rank_message
 from ..layer import Block, GivaLayer
+
+logger = logging.getLogger(__name__)
 
 Mode = Literal["sketch", "dense"]
 MODES: tuple[str, ...] = ("sketch", "dense")
@@ -156,16 +161,21 @@ def _check_seeded(config: GivaConfig) -> None:
 def dense_bases(
     specs: dict[str, BlockSpec], statistics: dict[str, torch.Tensor], count: int, config: GivaConfig
 ) -> dict[str, torch.Tensor]:
-    """The input basis ``A_j`` (``r x in``, float32) of every block from the summed dense statistics."""
+    """The input basis ``A_j`` (``r x in``, float32) of every block from the summed dense statistics; a block whose
+    gradient has fewer non-zero singular values than its rank is logged as a warning (as ``giva.initialize`` warns)."""
     _check_seeded(config)
     bases: dict[str, torch.Tensor] = {}
+    deficient: dict[tuple[str, int], tuple[int, int]] = {}
     for key, spec in specs.items():
         check_gradient_sum(statistics[key], spec.layer_name, spec.block.index)  # as one process's exact mode does
         gradient = (statistics[key] / count).float()  # out x in: the mean-loss gradient over the union
         generator = layer_generator(config.seed, spec.layer_name, spec.block.index)
-        bases[key], _ = bases_from_gradient(
-            gradient, spec.block.rank, config.variant, generator, svd=config.svd, svd_seed=config.seed
-        )
+        bases[key], _, values = bases_from_dense(gradient, spec.block.rank, config.variant, generator, config.svd, config.seed)
+        found = numerical_rank(values, tuple(gradient.shape))
+        if found < spec.block.rank:
+            deficient[(spec.layer_name, spec.block.index)] = (found, spec.block.rank)
+    if (message := rank_message(deficient)) is not None:
+        logger.warning(message)
     return bases
 
 

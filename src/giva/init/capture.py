@@ -224,7 +224,16 @@ class _Tap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None, None, None]:
-        (x,) = ctx.saved_tensors
+        try:
+            (x,) = ctx.saved_tensors
+        except RuntimeError as exc:  # autograd's version check: the input changed after the layer read it
+            if "modified by an inplace operation" not in str(exc):
+                raise
+            raise GradientInitError(
+                f"the input of GiVA layer {ctx.name!r} was modified in place after the layer ran (an in-place op "
+                "such as h.mul_() or h += ... on the tensor the layer took): its gradient dL/dW needs that input as the "
+                "layer saw it; make the operation out of place, or leave this layer out of target_modules"
+            ) from exc
         ctx.sink(ctx.name, x.reshape(-1, x.shape[-1]), grad_y.reshape(-1, grad_y.shape[-1]))
         return (grad_y if ctx.needs_input_grad[0] else None), None, None, None, None
 

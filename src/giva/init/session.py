@@ -76,6 +76,22 @@ def check_gradient_sum(total: torch.Tensor, layer: str, block: int) -> None:
         )
 
 
+def rank_message(deficient: dict[tuple[str, int], tuple[int, int]]) -> Optional[str]:
+    """A warning naming the blocks ``{(layer, block): (found, needed)}`` whose calibration statistic has fewer
+    non-zero singular values than their bases need (None if there are none)."""
+    if not deficient:
+        return None
+    named = [f"{layer!r} (block {block}: {found} of {needed})" for (layer, block), (found, needed) in deficient.items()]
+    more = f" and {len(named) - 5} more" if len(named) > 5 else ""
+    return (
+        f"GiVA layer(s) {', '.join(named[:5])}{more}: the calibration statistic has fewer non-zero singular values "
+        "than the bases need, so their directions past those are arbitrary ones the loss did not reach. A gradient "
+        "summed over T tokens has rank at most T (a layer the loss reaches through one token per sequence, as a "
+        "classifier's first token, at most the number of sequences): calibrate on more data (num_batches, batch "
+        "size) or use a smaller r"
+    )
+
+
 @dataclass(frozen=True)
 class Target:
     """One block of output rows of one layer whose bases one adapter needs.
@@ -304,13 +320,14 @@ class InitSession:
         generator = layer_generator(t.seed, t.layer, t.block)
         shape = (t.out_size, t.in_features)
         if self.statistic == "second-moment":
+            shape = (t.in_features, t.in_features)
             if self.mode == "exact":
                 values, v = top_eigenpairs(total, t.rank)
             elif not final:
                 return (sketch.orthonormal_columns(total),)
             else:
                 values, v = sketch.eigenvectors_from_sketch(total, self._state[t.key][0].to(total.device), t.rank)
-            self._note_rank(t, numerical_rank(values, shape))
+            self._note_rank(t, numerical_rank(values, shape, gram=True))
             return bases_from_input_vectors(v, t.out_size, t.rank, t.variant, generator)
         if self.mode == "exact":
             a, b, values = exact.bases_from_dense(total, t.rank, t.variant, generator, t.svd, t.seed)
@@ -331,18 +348,8 @@ class InitSession:
 
     def rank_message(self) -> Optional[str]:
         """A warning naming the targets of :attr:`rank_deficient` (None if there are none)."""
-        if not self.rank_deficient:
-            return None
-        named = [f"{self.targets[key].layer!r} (block {self.targets[key].block}: {found} of {needed})"
-                 for key, (found, needed) in self.rank_deficient.items()]
-        more = f" and {len(named) - 5} more" if len(named) > 5 else ""
-        return (
-            f"GiVA layer(s) {', '.join(named[:5])}{more}: the calibration statistic has fewer non-zero singular values "
-            "than the bases need, so their directions past those are arbitrary ones the loss did not reach. A gradient "
-            "summed over T tokens has rank at most T (a layer the loss reaches through one token per sequence, as a "
-            "classifier's first token, at most the number of sequences): calibrate on more data (num_batches, batch "
-            "size) or use a smaller r"
-        )
+        return rank_message({(self.targets[key].layer, self.targets[key].block): counts
+                             for key, counts in self.rank_deficient.items()})
 
     def state_shapes(self, key: str) -> list[tuple[int, ...]]:
         """Shapes of the state :meth:`receive` computes for ``key`` (to receive it from another process)."""
