@@ -186,6 +186,15 @@ def bases_from_gradient(
     ``A = V[:, :r]^T`` for every variant; B is seeded random orthonormal (`Vr`), ``U[:, :r]``
     (`VrUr`), ``U[:, r:2r]`` (`VrU2r`, as in LoRA-GA) or seeded unnormalised Gaussian (`VrUrand`).
     """
+    a, b, _ = gradient_bases(gradient, r, variant, generator, svd, svd_seed)
+    return a, b
+
+
+def gradient_bases(
+    gradient: torch.Tensor, r: int, variant: str, generator: torch.Generator, svd: str = "auto", svd_seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`bases_from_gradient` and the singular values it used (``r``, or ``2r`` for `VrU2r`, descending), for
+    :func:`numerical_rank`. ``gradient``: any positive multiple of ``G`` (a sum or a mean)."""
     if variant not in GRADIENT_VARIANTS:
         raise ValueError(f"variant must be one of {GRADIENT_VARIANTS} for gradient bases, got {variant!r}")
     out_features, in_features = gradient.shape
@@ -195,8 +204,8 @@ def bases_from_gradient(
             f"and a {out_features} x {in_features} gradient"
         )
     k = 2 * r if variant == "VrU2r" else r
-    u, _, v = top_singular_vectors(gradient, k, method=svd, seed=svd_seed)
-    return bases_from_singular_vectors(u, v, r, variant, generator)
+    u, values, v = top_singular_vectors(gradient, k, method=svd, seed=svd_seed)
+    return (*bases_from_singular_vectors(u, v, r, variant, generator), values)
 
 
 def bases_from_singular_vectors(

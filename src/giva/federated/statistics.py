@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..bases import SEEDED_B_VARIANTS, layer_generator, numerical_rank
+from ..bases import SEEDED_B_VARIANTS, gradient_bases, layer_generator, numerical_rank
 from ..config import GivaConfig
 from ..init import (
     InitSession,
@@ -45,7 +45,6 @@ from ..init import (
     giva_layers,
     targets_of,
 )
-from ..init.exact import bases_from_dense
 from ..init.session import rank_message
 from ..layer import Block, GivaLayer
 
@@ -170,7 +169,7 @@ def dense_bases(
         check_gradient_sum(statistics[key], spec.layer_name, spec.block.index)  # as one process's exact mode does
         gradient = (statistics[key] / count).float()  # out x in: the mean-loss gradient over the union
         generator = layer_generator(config.seed, spec.layer_name, spec.block.index)
-        bases[key], _, values = bases_from_dense(gradient, spec.block.rank, config.variant, generator, config.svd, config.seed)
+        bases[key], _, values = gradient_bases(gradient, spec.block.rank, config.variant, generator, config.svd, config.seed)
         found = numerical_rank(values, tuple(gradient.shape))
         if found < spec.block.rank:
             deficient[(spec.layer_name, spec.block.index)] = (found, spec.block.rank)

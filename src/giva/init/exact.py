@@ -1,4 +1,5 @@
-"""The exact path: accumulate the dense block gradient ``G = sum_t g_t x_t^T`` (``out x in``, fp32), then SVD.
+"""The exact path: accumulate the dense block gradient ``G = sum_t g_t x_t^T`` (``out x in``, fp32); the session
+takes its SVD (:func:`giva.bases.gradient_bases`).
 
 Memory is 4 bytes per targeted weight (held for every target at once, independent of the number
 of batches); one pass over the calibration batches. ``mode="sketch"`` (``sketch.py``) avoids the
@@ -8,8 +9,6 @@ dense matrix for large models.
 from __future__ import annotations
 
 import torch
-
-from ..bases import bases_from_singular_vectors, top_singular_vectors
 
 
 def accumulate_dense(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -39,12 +38,3 @@ def accumulate_gram(total: torch.Tensor | None, x: torch.Tensor, g: torch.Tensor
         return batch.mT @ batch
     return total.addmm_(batch.mT, batch)
 
-
-def bases_from_dense(
-    gradient: torch.Tensor, rank: int, variant: str, generator: torch.Generator, svd: str, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(A, B, S)`` from the block gradient (``out x in``; any positive multiple: a sum or a mean) by its SVD (``svd``:
-    GivaConfig.svd); ``S``: the singular values used (r, or 2r for ``VrU2r``), descending."""
-    k = 2 * rank if variant == "VrU2r" else rank
-    u, values, v = top_singular_vectors(gradient, k, method=svd, seed=seed)
-    return (*bases_from_singular_vectors(u, v, rank, variant, generator), values)

@@ -32,13 +32,14 @@ from ..bases import (
     SEEDED_B_VARIANTS,
     bases_from_input_vectors,
     bases_from_singular_vectors,
+    gradient_bases,
     layer_generator,
     max_rank,
     numerical_rank,
     top_eigenpairs,
 )
 from ..precision import autocast_off
-from . import exact, sketch
+from . import sketch
 
 # Why a layer can receive no gradient besides being off the loss's path (named in GradientInitError).
 REENTRANT_CAUSE = (
@@ -318,7 +319,6 @@ class InitSession:
 
     def _advance(self, t: Target, total: torch.Tensor, final: bool) -> tuple[torch.Tensor, ...]:
         generator = layer_generator(t.seed, t.layer, t.block)
-        shape = (t.out_size, t.in_features)
         if self.statistic == "second-moment":
             shape = (t.in_features, t.in_features)
             if self.mode == "exact":
@@ -329,8 +329,9 @@ class InitSession:
                 values, v = sketch.eigenvectors_from_sketch(total, self._state[t.key][0].to(total.device), t.rank)
             self._note_rank(t, numerical_rank(values, shape, gram=True))
             return bases_from_input_vectors(v, t.out_size, t.rank, t.variant, generator)
+        shape = (t.out_size, t.in_features)
         if self.mode == "exact":
-            a, b, values = exact.bases_from_dense(total, t.rank, t.variant, generator, t.svd, t.seed)
+            a, b, values = gradient_bases(total, t.rank, t.variant, generator, t.svd, t.seed)
             self._note_rank(t, numerical_rank(values, shape))
             return a, b
         if not final:
