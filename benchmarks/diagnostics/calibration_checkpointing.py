@@ -93,12 +93,13 @@ def main() -> int:
             records.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(records[-1])
     peak = {(r["kind"], r["checkpointing"]): r["peak_rss"] - r["rss_before"] for r in records}
+    mib = {f"{kind}_{'checkpointed' if on else 'plain'}": round(value / 2**20) for (kind, on), value in peak.items()}
     ratios = {f"init_over_step_{'checkpointed' if on else 'plain'}": peak[("init", on)] / peak[("step", on)]
               for on in (True, False)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"shape": SHAPE, "malloc_mmap_threshold": env["MALLOC_MMAP_THRESHOLD_"], "records": records,
-                               "ratios_of_peak_above_rss_before": ratios}, indent=1) + "\n")
-    print(json.dumps(ratios))
+                               "peak_above_rss_before_mib": mib, "ratios_of_peak_above_rss_before": ratios}, indent=1) + "\n")
+    print(json.dumps({**mib, **ratios}))
     return 0
 
 
